@@ -1,0 +1,200 @@
+"""`.attn` text -> AST. Syntax errors become SpecError with file:line:column."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import lark
+
+from ..errors import Loc, SpecError
+from . import ast
+
+_GRAMMAR = Path(__file__).with_name("grammar.lark")
+
+# Human names for the grammar's terminals, used in "expected ..." messages.
+_TOKEN_NAMES = {
+    "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": 'a "string"',
+    "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
+    "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
+    "SLASH": "'/'", "AT": "'@'", "DOT": "'.'", "STAGE": "a stage (intra, inter, merge)",
+    "TRANSPOSE": "'T'", "NONE": "'None'", "__ANON_0": "'**'", "$END": "end of file",
+    "SPEC": "'spec'", "IMPORT": "'import'", "DEF": "'def'", "INPUT": "'input'", "OUTPUT": "'output'",
+    "STATE": "'state'", "PARAM": "'param'", "CHUNK": "'chunk'", "EXTENDS": "'extends'",
+}
+
+
+@lru_cache(maxsize=1)
+def _lark() -> lark.Lark:
+    return lark.Lark(_GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _expected(tokens) -> str:
+    names = sorted({_TOKEN_NAMES.get(t, f"'{t.lower()}'" if t.isupper() else t) for t in tokens})
+    return ", ".join(names)
+
+
+class _Builder(lark.Transformer):
+    def __init__(self, file: str, lines: list[str]):
+        super().__init__()
+        self.file, self.lines = file, lines
+
+    def _loc(self, meta_or_tok) -> Loc:
+        line = getattr(meta_or_tok, "line", 0) or 0
+        col = getattr(meta_or_tok, "column", 0) or 0
+        text = self.lines[line - 1] if 0 < line <= len(self.lines) else ""
+        return Loc(self.file, line, col, text)
+
+    # expressions
+    @lark.v_args(meta=True)
+    def number(self, meta, c):
+        return ast.Number(float(c[0]), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def name(self, meta, c):
+        return ast.Name(str(c[0]), self._loc(meta))
+
+    def _bin(op):  # noqa: N805 - a rule factory
+        @lark.v_args(meta=True)
+        def rule(self, meta, c):
+            return ast.BinOp(op, c[0], c[1], self._loc(meta))
+        return rule
+
+    add, sub, mul, div, matmul, pow = _bin("add"), _bin("sub"), _bin("mul"), _bin("div"), _bin("matmul"), _bin("pow")
+
+    @lark.v_args(meta=True)
+    def neg(self, meta, c):
+        return ast.Neg(c[0], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def transpose(self, meta, c):
+        return ast.Transpose(c[0], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def subscript(self, meta, c):
+        return ast.Subscript(c[0], tuple(str(i.children[0]) for i in c[1:]), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def call(self, meta, c):
+        args = tuple(a for a in c[1:] if a is not None)
+        return ast.Call(str(c[0]), args, self._loc(meta))
+
+    # declarations
+    def shape(self, c):
+        return tuple(str(t) for t in c if t is not None)
+
+    def annotation(self, c):
+        return str(c[0])
+
+    @lark.v_args(meta=True)
+    def input_decl(self, meta, c):
+        return ast.Decl("input", str(c[0]), c[1], tuple(c[2:]), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def output_decl(self, meta, c):
+        return ast.Decl("output", str(c[0]), c[1], (), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def state_decl(self, meta, c):
+        return ast.Decl("state", str(c[0]), c[1], (), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def param_decl(self, meta, c):
+        return ast.Param(str(c[0]), c[1], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def chunk_decl(self, meta, c):
+        return ("chunk", int(c[0]), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def assign(self, meta, c):
+        return ast.Assign(str(c[0]), c[1], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def stage(self, meta, c):
+        return ast.Stage(str(c[0]), tuple(c[1:]), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def spec(self, meta, c):
+        name, extends, members = str(c[0]), (str(c[1]) if c[1] is not None else None), c[2:]
+        decls = tuple(m for m in members if isinstance(m, ast.Decl))
+        params = tuple(m for m in members if isinstance(m, ast.Param))
+        stages = tuple(m for m in members if isinstance(m, ast.Stage))
+        chunks = [m for m in members if isinstance(m, tuple)]
+        if len(chunks) > 1:
+            raise SpecError("chunk size declared twice", chunks[1][2], "one 'chunk N' line per spec")
+        chunk = chunks[0][1] if chunks else None
+        return ast.SpecDef(name, decls, params, chunk, stages, extends, self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def def_stmt(self, meta, c):
+        params = tuple(str(p) for p in c[1:-1] if p is not None)
+        return ast.FuncDef(str(c[0]), params, c[-1], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def import_stmt(self, meta, c):
+        return ("import", str(c[0])[1:-1], self._loc(meta))
+
+    def start(self, c):
+        return list(c)
+
+
+def _syntax_error(e: lark.exceptions.LarkError, file: str, lines: list[str]) -> SpecError:
+    line, col = getattr(e, "line", 0), getattr(e, "column", 0)
+    loc = Loc(file, line, col, lines[line - 1] if 0 < line <= len(lines) else "")
+    if isinstance(e, lark.UnexpectedToken):
+        tok = "end of file" if e.token.type == "$END" else f"'{e.token}'"
+        return SpecError(f"unexpected {tok}", loc, _expected(e.accepts or e.expected))
+    if isinstance(e, lark.UnexpectedCharacters):
+        return SpecError(f"unexpected character {lines[line - 1][col - 1]!r}", loc, _expected(e.allowed))
+    if isinstance(e, lark.UnexpectedEOF):
+        return SpecError("unexpected end of file", loc, _expected(e.expected))
+    if isinstance(e, lark.exceptions.VisitError) and isinstance(e.orig_exc, SpecError):
+        return e.orig_exc
+    return SpecError(str(e), loc)
+
+
+def parse(text: str, file: str = "<string>", _seen: frozenset[str] = frozenset()) -> ast.Module:
+    """Parse `.attn` source; `import "x.attn"` is resolved relative to `file`, then the library."""
+    lines = text.splitlines()
+    try:
+        items = _Builder(file, lines).transform(_lark().parse(text))
+    except lark.exceptions.VisitError as e:
+        if isinstance(e.orig_exc, SpecError):
+            raise e.orig_exc from None
+        raise
+    except lark.exceptions.LarkError as e:
+        raise _syntax_error(e, file, lines) from None
+    funcs: list[ast.FuncDef] = []
+    specs: list[ast.SpecDef] = []
+    for item in items:
+        if isinstance(item, tuple):  # import
+            imported = _import(item[1], item[2], file, _seen)
+            funcs += imported.funcs
+            specs += imported.specs
+        elif isinstance(item, ast.FuncDef):
+            funcs.append(item)
+        else:
+            specs.append(item)
+    local = tuple(i.name for i in items if isinstance(i, ast.SpecDef))
+    return ast.Module(tuple(funcs), tuple(specs), file, local)
+
+
+def _import(target: str, loc: Loc, file: str, seen: frozenset[str]) -> ast.Module:
+    from ..library import LIBRARY_DIR
+
+    candidates = [Path(file).parent / target, LIBRARY_DIR / target]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise SpecError(f'cannot import "{target}": no such file', loc,
+                        f"a path relative to {Path(file).parent} or a library file")
+    key = str(path.resolve())
+    if key in seen:
+        raise SpecError(f'import cycle through "{target}"', loc, "imports that form no cycle")
+    return parse(path.read_text(), str(path), seen | {key, str(Path(file).resolve())})
+
+
+def parse_file(path: str | Path) -> ast.Module:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"no such spec file: {path}")
+    return parse(path.read_text(), str(path), frozenset({str(path.resolve())}))

@@ -1,0 +1,37 @@
+"""Errors that point at the spec text: file, line, column, the offending text, what was expected."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Loc:
+    """A span in a spec source. Excluded from IR equality (see ir.nodes)."""
+
+    file: str
+    line: int
+    column: int
+    text: str = ""  # the whole source line, for the caret display
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+class SpecError(Exception):
+    """A problem in a spec, reported at its source location."""
+
+    def __init__(self, message: str, loc: Loc | None = None, expected: str | None = None):
+        self.message, self.loc, self.expected = message, loc, expected
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        head = f"{self.loc}: error: {self.message}" if self.loc else f"error: {self.message}"
+        if self.expected:
+            head += f"\n  expected: {self.expected}"
+        if self.loc and self.loc.text:
+            head += f"\n  {self.loc.text}\n  {' ' * (self.loc.column - 1)}^"
+        return head
+
+
+class ArgumentError(ValueError):
+    """A tensor argument of the wrong shape, dtype or device."""

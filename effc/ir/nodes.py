@@ -1,0 +1,115 @@
+"""IR values: small, immutable, structurally comparable. Locations never take part in equality."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import sympy
+
+from ..errors import Loc
+
+_NOLOC = Loc("<unknown>", 0, 0)
+C = sympy.Symbol("C", positive=True, integer=True)  # the chunk length
+
+
+def dim(name: str) -> sympy.Symbol:
+    return sympy.Symbol(name, positive=True, integer=True)
+
+
+@dataclass(frozen=True)
+class TileType:
+    """Shape of one chunk-level tile (fp32 in the math; storage dtypes live in the plan)."""
+
+    shape: tuple[sympy.Expr, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def __str__(self) -> str:
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
+
+
+@dataclass(frozen=True)
+class Op:
+    """`out = kind(args...)`. An arg is a value name (str) or a float constant."""
+
+    out: str
+    kind: str
+    args: tuple[str | float, ...]
+    type: TileType | None = None
+    loc: Loc = field(default=_NOLOC, compare=False, repr=False)
+
+    def typed(self, t: TileType) -> "Op":
+        return replace(self, type=t)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    ops: tuple[Op, ...]
+
+
+@dataclass(frozen=True)
+class TensorDecl:
+    """An input, output or state. `dims` are names: B, T, H reserved; others are feature dims."""
+
+    name: str
+    role: str  # input output state
+    dims: tuple[str, ...]
+    annotations: tuple[str, ...] = ()
+    loc: Loc = field(default=_NOLOC, compare=False, repr=False)
+
+    @property
+    def feature_dims(self) -> tuple[str, ...]:
+        return tuple(d for d in self.dims if d not in ("B", "T", "H"))
+
+    @property
+    def tile(self) -> TileType:
+        per_token = ("C",) if "T" in self.dims else ()
+        return TileType(tuple(C if d == "C" else dim(d) for d in per_token + self.feature_dims))
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    """A runtime scalar with a default written over the feature dims (e.g. K**-0.5)."""
+
+    name: str
+    default: sympy.Expr
+    loc: Loc = field(default=_NOLOC, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    inputs: tuple[TensorDecl, ...]
+    outputs: tuple[TensorDecl, ...]
+    states: tuple[TensorDecl, ...]
+    params: tuple[ParamDecl, ...]
+    chunk: int
+    intra: Stage
+    merge: Stage
+    inter: Stage
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """In evaluation order for one chunk: merge reads the incoming state, inter writes the next."""
+        return (self.intra, self.merge, self.inter)
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        seen: dict[str, None] = {}
+        for d in self.inputs + self.outputs + self.states:
+            for n in d.feature_dims:
+                seen[n] = None
+        return tuple(seen)
+
+    def decl(self, name: str) -> TensorDecl | ParamDecl | None:
+        for d in self.inputs + self.outputs + self.states + self.params:
+            if d.name == name:
+                return d
+        return None
+
+
+def next_state_name(state: str) -> str:
+    """The SSA name of a state's value leaving the chunk (assigned in `inter`)."""
+    return f"{state}_next_"

@@ -1,0 +1,29 @@
+"""A readable text form of the IR, used by `effc show --stage ir` and the golden pass tests."""
+from __future__ import annotations
+
+from .nodes import Op, Spec
+
+
+def _arg(a) -> str:
+    return repr(a) if isinstance(a, float) else a
+
+
+def print_op(op: Op) -> str:
+    t = f" : {op.type}" if op.type is not None else ""
+    args = [_arg(a) for a in op.args]
+    if op.kind == "expand":  # show the subscript pattern as written
+        args = [args[0], "[" + ", ".join("None" if a == 1.0 else ":" for a in op.args[1:]) + "]"]
+    return f"{op.out}{t} = {op.kind}({', '.join(args)})"
+
+
+def print_spec(spec: Spec) -> str:
+    lines = [f"spec {spec.name} (chunk {spec.chunk})"]
+    for d in spec.inputs + spec.outputs + spec.states:
+        ann = f" {' '.join(d.annotations)}" if d.annotations else ""
+        lines.append(f"  {d.role} {d.name}[{', '.join(d.dims)}]{ann} tile {d.tile}")
+    for p in spec.params:
+        lines.append(f"  param {p.name} = {p.default}")
+    for stage in spec.stages:
+        lines.append(f"  {stage.name}:")
+        lines += [f"    {print_op(op)}" for op in stage.ops]
+    return "\n".join(lines)

@@ -1,0 +1,284 @@
+"""AST -> IR: resolve `extends` and `def` macros, check names and scopes, flatten to SSA."""
+from __future__ import annotations
+
+import difflib
+
+import sympy
+
+from ..dsl import ast
+from ..errors import Loc, SpecError
+from ..ir import ops as O
+from ..ir.nodes import Op, ParamDecl, Spec, Stage, TensorDecl, dim, next_state_name
+
+_ANNOTATIONS = {
+    "logdecay": "a log-space decay, <= 0 (padding value 0 is the identity)",
+    "positive": "a positive value",
+    "unit": "a value in (0, 1)",
+}
+_DEFAULT_CHUNK = 64
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def _merge_parent(child: ast.SpecDef, specs: dict[str, ast.SpecDef], seen=()) -> ast.SpecDef:
+    if child.extends is None:
+        return child
+    if child.extends not in specs:
+        raise SpecError(f"spec '{child.name}' extends unknown spec '{child.extends}'", child.loc,
+                        "the name of a spec defined or imported earlier" + _suggest(child.extends, specs))
+    if child.name in seen:
+        raise SpecError(f"spec '{child.name}' extends itself", child.loc, "a spec that does not extend itself")
+    parent = _merge_parent(specs[child.extends], specs, seen + (child.name,))
+
+    def by_name(parent_items, child_items, key):
+        merged = {key(x): x for x in parent_items}
+        merged.update({key(x): x for x in child_items})
+        return tuple(merged.values())
+
+    return ast.SpecDef(
+        child.name,
+        by_name(parent.decls, child.decls, lambda d: d.name),
+        by_name(parent.params, child.params, lambda p: p.name),
+        child.chunk if child.chunk is not None else parent.chunk,
+        by_name(parent.stages, child.stages, lambda s: s.name),
+        None, child.loc)
+
+
+def _param_default(expr: ast.Expr, dims: set[str], params: dict[str, sympy.Expr]) -> sympy.Expr:
+    """Param defaults are arithmetic over numbers, feature dims and earlier params."""
+    if isinstance(expr, ast.Number):
+        return sympy.nsimplify(expr.value)
+    if isinstance(expr, ast.Name):
+        if expr.id in dims:
+            return dim(expr.id)
+        if expr.id in params:
+            return params[expr.id]
+        raise SpecError(f"unknown name '{expr.id}' in a param default", expr.loc,
+                        "numbers, feature dims (" + ", ".join(sorted(dims)) + ") or earlier params")
+    if isinstance(expr, ast.Neg):
+        return -_param_default(expr.operand, dims, params)
+    if isinstance(expr, ast.BinOp) and expr.op in ("add", "sub", "mul", "div", "pow"):
+        a, b = _param_default(expr.left, dims, params), _param_default(expr.right, dims, params)
+        return {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b, "pow": a ** b}[expr.op]
+    raise SpecError("a param default must be arithmetic (+ - * / **) over numbers and dims",
+                    getattr(expr, "loc", None), "e.g. K ** -0.5")
+
+
+class _StageLowering:
+    """Flattens one stage's assignments into SSA ops, checking that every name is visible."""
+
+    def __init__(self, stage: str, visible: dict[str, str], funcs: dict[str, ast.FuncDef], counter):
+        self.stage, self.visible, self.funcs, self.counter = stage, dict(visible), funcs, counter
+        self.ops: list[Op] = []
+        self.current: dict[str, str] = {}  # user name -> its latest SSA name in this stage
+
+    def fresh(self) -> str:
+        self.counter[0] += 1
+        return f"_{self.counter[0]}"
+
+    def emit(self, kind: str, args, loc: Loc, out: str | None = None) -> str:
+        out = out or self.fresh()
+        self.ops.append(Op(out, kind, tuple(args), None, loc))
+        return out
+
+    def resolve(self, node: ast.Name) -> str | float:
+        if node.id in self.current:
+            return self.current[node.id]
+        what = self.visible.get(node.id)
+        if what is None:
+            raise SpecError(f"unknown name '{node.id}'", node.loc,
+                            "a declared input, state, param, feature dim, builtin (idx, head, inf) "
+                            "or an earlier assignment" + _suggest(node.id, list(self.visible) + list(self.current)))
+        if what.startswith("hidden:"):
+            raise SpecError(f"'{node.id}' is not visible in {self.stage}: {what[7:]}", node.loc,
+                            f"names visible in {self.stage}")
+        return node.id
+
+    def expr(self, node: ast.Expr, subst: dict[str, str | float] | None = None, depth: int = 0) -> str | float:
+        subst = subst or {}
+        if isinstance(node, ast.Number):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            return subst[node.id] if node.id in subst else self.resolve(node)
+        rec = lambda n: self.expr(n, subst, depth)  # noqa: E731
+        if isinstance(node, ast.Neg):
+            return self.emit("neg", [rec(node.operand)], node.loc)
+        if isinstance(node, ast.BinOp):
+            return self.emit(node.op, [rec(node.left), rec(node.right)], node.loc)
+        if isinstance(node, ast.Transpose):
+            return self.emit("transpose", [rec(node.operand)], node.loc)
+        if isinstance(node, ast.Subscript):
+            if node.indices.count(":") < 1:
+                raise SpecError("a subscript must keep at least one axis", node.loc, "x[:, None] or x[None, :]")
+            out = self.emit("expand", [rec(node.operand)], node.loc)
+            self.ops[-1] = Op(out, "expand", self.ops[-1].args + tuple(float(i == "None") for i in node.indices),
+                              None, node.loc)
+            return out
+        if isinstance(node, ast.Call):
+            return self.call(node, subst, depth)
+        raise SpecError(f"unsupported expression {type(node).__name__}", getattr(node, "loc", None))
+
+    def call(self, node: ast.Call, subst, depth) -> str | float:
+        if node.func in self.funcs:
+            f = self.funcs[node.func]
+            if len(node.args) != len(f.params):
+                raise SpecError(f"'{node.func}' takes {len(f.params)} argument(s), got {len(node.args)}",
+                                node.loc, f"{node.func}({', '.join(f.params)})")
+            if depth > 32:
+                raise SpecError(f"'{node.func}' expands recursively", node.loc, "non-recursive defs")
+            args = {p: self.expr(a, subst, depth) for p, a in zip(f.params, node.args)}
+            return self.expr(f.body, args, depth + 1)
+        if node.func not in O.CALLABLE:
+            raise SpecError(f"unknown function '{node.func}'", node.loc,
+                            "a tile operation or a def" + _suggest(node.func, list(O.CALLABLE) + list(self.funcs)))
+        lo, hi = O.CALLABLE[node.func]
+        if not lo <= len(node.args) <= hi:
+            n = f"{lo}" if lo == hi else f"{lo} or {hi}"
+            raise SpecError(f"'{node.func}' takes {n} argument(s), got {len(node.args)}", node.loc,
+                            f"{n} argument(s)")
+        return self.emit(node.func, [self.expr(a, subst, depth) for a in node.args], node.loc)
+
+    def assign(self, a: ast.Assign, out: str | None = None) -> None:
+        value = self.expr(a.value)
+        if out is None and a.target in self.current:
+            out = f"{a.target}_{self.fresh()[1:]}"  # re-assignment: a new SSA name
+        out = out or a.target
+        last = self.ops[-1] if self.ops else None
+        if isinstance(value, str) and last is not None and last.out == value and value.startswith("_"):
+            self.ops[-1] = Op(out, last.kind, last.args, None, a.loc)  # name the temporary directly
+        else:
+            self.emit("copy", [value], a.loc, out)
+        self.current[a.target] = out
+
+
+def lower(module: ast.Module, name: str | None = None) -> Spec:
+    """Lower one spec of a parsed module (the only one, or the one called `name`)."""
+    specs = {s.name: s for s in module.specs}
+    if not specs:
+        raise SpecError(f"{module.file} defines no spec", None, "at least one 'spec NAME { ... }'")
+    if name is None:
+        local = module.local or tuple(specs)
+        if len(local) > 1:
+            raise SpecError(f"{module.file} defines several specs ({', '.join(local)}); name one", None,
+                            "FILE:SPEC, e.g. " + f"{module.file}:{local[0]}")
+        name = local[0]
+    if name not in specs:
+        raise SpecError(f"no spec named '{name}' in {module.file}", None, "one of " + ", ".join(specs))
+    sdef = _merge_parent(specs[name], specs)
+    funcs = {f.name: f for f in module.funcs}
+
+    # declarations
+    seen: dict[str, Loc] = {}
+    for item in sdef.decls + sdef.params:
+        if item.name in seen:
+            raise SpecError(f"'{item.name}' is declared twice (first at {seen[item.name]})", item.loc,
+                            "one declaration per name")
+        if item.name.startswith("_") or item.name in O.BUILTINS or item.name in O.RESERVED_DIMS:
+            raise SpecError(f"'{item.name}' is a reserved name", item.loc, "a name not starting with '_', "
+                            "not a builtin (idx, head, inf) and not B, T or H")
+        seen[item.name] = item.loc
+    decls = []
+    for d in sdef.decls:
+        _check_shape(d)
+        for a in d.annotations:
+            if a not in _ANNOTATIONS:
+                raise SpecError(f"unknown annotation '{a}' on '{d.name}'", d.loc,
+                                "one of: " + ", ".join(f"{k} ({v})" for k, v in _ANNOTATIONS.items()))
+        decls.append(TensorDecl(d.name, d.kind, d.shape, d.annotations, d.loc))
+    inputs = tuple(d for d in decls if d.role == "input")
+    outputs = tuple(d for d in decls if d.role == "output")
+    states = tuple(d for d in decls if d.role == "state")
+    if not outputs:
+        raise SpecError(f"spec '{sdef.name}' declares no output", sdef.loc, "an 'output o: [B, T, H, V]' line")
+    feature_dims = {n for d in decls for n in d.feature_dims}
+    for s in states:
+        for n in s.feature_dims:
+            if n not in {m for i in inputs for m in i.feature_dims}:
+                raise SpecError(f"state '{s.name}' uses dim '{n}' that no input has", s.loc,
+                                "state dims taken from the inputs' feature dims")
+    params: dict[str, sympy.Expr] = {}
+    for p in sdef.params:
+        params[p.name] = _param_default(p.default, feature_dims, params)
+    chunk = sdef.chunk if sdef.chunk is not None else _DEFAULT_CHUNK
+    if chunk < 16 or chunk & (chunk - 1):
+        raise SpecError(f"chunk {chunk} is not a power of two >= 16", sdef.loc, "16, 32, 64, 128 or 256")
+
+    # stages and scopes
+    stages = {s.name: s for s in sdef.stages}
+    for s in sdef.stages:
+        if sum(x.name == s.name for x in sdef.stages) > 1:
+            raise SpecError(f"stage '{s.name}' appears twice", s.loc, "each of intra, merge, inter at most once")
+    if "merge" not in stages:
+        raise SpecError(f"spec '{sdef.name}' has no merge stage", sdef.loc, "a 'merge { o = ... }' block")
+    if states and "inter" not in stages:
+        raise SpecError(f"spec '{sdef.name}' declares state but has no inter stage", sdef.loc,
+                        "an 'inter { S = ... }' block")
+    if not states and "inter" in stages:
+        raise SpecError("an inter stage needs a declared state", stages["inter"].loc, "a 'state S: [K, V]' line")
+
+    base = {d.name: "input" for d in inputs}
+    base.update({p: "param" for p in params})
+    base.update({n: "dim" for n in feature_dims | {"H"}})
+    base.update({b: "builtin" for b in O.BUILTINS})
+    for o in outputs:
+        base[o.name] = "hidden:outputs are written by merge, not read"
+    counter = [0]
+
+    intra_vis = dict(base)
+    intra_vis.update({s.name: "hidden:intra sees only the chunk's own tokens; read states in merge or inter"
+                      for s in states})
+    intra = _lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {})
+    after_intra = dict(base)
+    after_intra.update({s.name: "state" for s in states})
+    after_intra.update({op.out: "local" for op in intra.ops})
+    merge = _lower_stage(stages["merge"], "merge", after_intra, funcs, counter, {o.name: o for o in outputs})
+    inter = _lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, {s.name: s for s in states})
+    return Spec(sdef.name, inputs, outputs, states,
+                tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter)
+
+
+def _check_shape(d: ast.Decl) -> None:
+    dims = d.shape
+    if len(set(dims)) != len(dims):
+        raise SpecError(f"'{d.name}' repeats a dim in {list(dims)}", d.loc, "distinct dim names")
+    features = [n for n in dims if n not in O.RESERVED_DIMS]
+    if d.kind == "state":
+        if any(n in O.RESERVED_DIMS for n in dims) or len(dims) > 2:
+            raise SpecError(f"state '{d.name}' has shape {list(dims)}", d.loc,
+                            "feature dims only, at most two: [], [K] or [K, V]")
+        return
+    if tuple(dims[:3]) != ("B", "T", "H") or len(features) > 1:
+        raise SpecError(f"{d.kind} '{d.name}' has shape {list(dims)}", d.loc,
+                        "[B, T, H] (one value per token and head) or [B, T, H, D] (a vector per token)")
+
+
+def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, targets) -> Stage:
+    """`targets` are the names this stage must assign (outputs in merge, states in inter)."""
+    if stage is None:
+        return Stage(name, ())
+    low = _StageLowering(name, visible, funcs, counter)
+    assigned: dict[str, Loc] = {}
+    for a in stage.body:
+        kind = visible.get(a.target, "")
+        if a.target in targets:
+            if a.target in assigned:
+                raise SpecError(f"'{a.target}' is assigned twice in {name}", a.loc,
+                                f"one assignment of '{a.target}' (first at {assigned[a.target]})")
+            assigned[a.target] = a.loc
+            low.assign(a, out=next_state_name(a.target) if name == "inter" else a.target)
+            low.current.pop(a.target)  # outputs are write-only; states read as incoming
+            continue
+        if kind in ("input", "param", "dim", "builtin", "state") or kind.startswith("hidden:"):
+            raise SpecError(f"cannot assign to {kind.split(':')[0]} '{a.target}' in {name}", a.loc,
+                            f"a new local name" + (f" or one of {', '.join(targets)}" if targets else ""))
+        if a.target.startswith("_"):
+            raise SpecError(f"'{a.target}': names starting with '_' are reserved", a.loc, "a name without '_' prefix")
+        low.assign(a)
+    missing = [t for t in targets if t not in assigned]
+    if missing:
+        raise SpecError(f"{name} does not assign {', '.join(missing)}", stage.loc,
+                        f"an assignment '{missing[0]} = ...' in {name}")
+    return Stage(name, tuple(low.ops))
