@@ -1,0 +1,1 @@
+from .emit import emit_module  # noqa: F401

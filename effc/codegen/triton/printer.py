@@ -1,0 +1,96 @@
+"""One Triton expression per IR op. Values are fp32 tiles; matmul operands are cast to
+DOT_DTYPE (the input dtype on a GPU, fp32 under the interpreter)."""
+from __future__ import annotations
+
+import sympy
+
+from ...ir import ops as O
+from ...ir.nodes import Op, Spec
+
+_UNARY = {
+    "neg": "-({0})", "exp": "tl.exp({0})", "exp2": "tl.exp2({0})", "log": "tl.log({0})",
+    "log2": "tl.log2({0})", "sigmoid": "tl.sigmoid({0})", "sqrt": "tl.sqrt({0})", "rsqrt": "tl.rsqrt({0})",
+    "abs": "tl.abs({0})", "relu": "tl.maximum({0}, 0.0)", "silu": "(({0}) * tl.sigmoid({0}))",
+    "tanh": "(2.0 * tl.sigmoid(2.0 * ({0})) - 1.0)",
+    # stable forms: log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
+    "softplus": "(tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))",
+    "logsigmoid": "(tl.minimum({0}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({0}))))",
+}
+_BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
+           "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})"}
+_ONE = sympy.Integer(1)
+
+
+class TritonPrinter:
+    def __init__(self, spec: Spec, types):
+        self.spec, self.types = spec, types
+        self.inputs = {d.name for d in spec.inputs}
+        self.states = {d.name for d in spec.states}
+        self.params = {p.name for p in spec.params}
+        self.dims = set(spec.dims) | {"H"}
+
+    def ref(self, a) -> str:
+        if isinstance(a, float):
+            return 'float("inf")' if a == float("inf") else repr(a)
+        if a in self.params:
+            return f"p_{a}"
+        if a in self.dims:
+            return f"({a} * 1.0)"
+        if a == "idx":
+            return "r_C.to(tl.float32)"
+        if a == "head":
+            return "i_h.to(tl.float32)"
+        if a == "inf":
+            return 'float("inf")'
+        return f"v_{a}"
+
+    def expr(self, op: Op) -> str:
+        k = op.kind
+        n_args = 1 if k == "expand" else len(op.args)
+        a = [self.ref(x) for x in op.args[:n_args]]
+        if k == "copy":
+            return a[0]
+        if k in _UNARY:
+            return _UNARY[k].format(*a)
+        if k in _BINARY:
+            return _BINARY[k].format(*a)
+        if k == "pow":
+            return self._pow(a[0], op.args[1])
+        if k == "matmul":
+            return self._matmul(op, a)
+        if k == "transpose":
+            return f"tl.trans({a[0]})"
+        if k in O.MASKS:
+            cmp = ">=" if k == "causal" else ">"
+            fill = a[1] if len(a) > 1 else "0.0"
+            return f"tl.where(r_C[:, None] {cmp} r_C[None, :], {a[0]}, {fill})"
+        if k == "cumsum":
+            return f"tl.cumsum({a[0]}, axis=0)"
+        if k == "revcumsum":
+            return f"tl.cumsum({a[0]}, axis=0, reverse=True)"
+        if k == "last":
+            sel = "(r_C == n_valid - 1)" + ("[:, None]" if self.types[op.args[0]].rank == 2 else "")
+            return f"tl.sum(tl.where({sel}, {a[0]}, 0.0), axis=0)"
+        if k in O.REDUCTIONS:
+            axis, how = O.REDUCTIONS[k]
+            return f"tl.{how}({a[0]}, axis={axis})"
+        if k == "expand":
+            return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
+        raise NotImplementedError(f"the Triton backend cannot emit tile op '{k}'")
+
+    def _pow(self, base: str, exponent) -> str:
+        if isinstance(exponent, float) and exponent.is_integer() and 1 <= exponent <= 4:
+            return "(" + " * ".join([base] * int(exponent)) + ")"
+        if exponent == 0.5:
+            return f"tl.sqrt({base})"
+        if exponent == -0.5:
+            return f"tl.rsqrt({base})"
+        return f"tl.exp2({self.ref(exponent)} * tl.log2({base}))"  # positive bases only
+
+    def _matmul(self, op: Op, a: list[str]) -> str:
+        (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
+        if kk == _ONE:  # an outer product
+            return f"({a[0]} * {a[1]})"
+        if m == _ONE or n == _ONE:  # tl.dot needs 16 rows and columns: reduce a broadcast product instead
+            return f"tl.sum({a[0]}[:, :, None] * {a[1]}[None, :, :], axis=1)"
+        return f"tl.dot({a[0]}.to(DOT_DTYPE), {a[1]}.to(DOT_DTYPE), input_precision=PRECISION)"

@@ -1,0 +1,59 @@
+"""Fusion: which stages share a kernel, and which ops each kernel keeps.
+
+- `walk`: intra + merge + inter fused; one program per (split block, batch*head, segment)
+  walks its chunks in order, keeps the state on chip and writes outputs as it goes.
+- `summary` (only for segmentable specs): intra + inter from a zero state over one segment,
+  accumulating the product of the decays; the walk folds these summaries in to start each
+  segment from the right state. Merge is dead here and dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir.nodes import Op, Spec, next_state_name
+from ..ir.printer import print_op
+from .legality import Legality
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    name: str
+    stages: tuple[str, ...]
+    ops: tuple[Op, ...]
+    roots: tuple[str, ...]
+
+    def __str__(self) -> str:
+        body = "\n".join(f"    {print_op(op)}" for op in self.ops)
+        return f"  kernel {self.name} [{' + '.join(self.stages)}] -> {', '.join(self.roots)}\n{body}"
+
+
+@dataclass(frozen=True)
+class Fused:
+    kernels: tuple[FusedKernel, ...]
+
+    def __str__(self) -> str:
+        return "fused:\n" + "\n".join(str(k) for k in self.kernels)
+
+
+def live_ops(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
+    """Dead-code elimination: the ops that `roots` need, in their original order."""
+    need = set(roots)
+    keep = []
+    for op in reversed(ops):
+        if op.out in need:
+            keep.append(op)
+            need.update(a for a in op.args if isinstance(a, str))
+    return tuple(reversed(keep))
+
+
+def fuse(spec: Spec, legality: Legality) -> Fused:
+    all_ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
+    nexts = tuple(next_state_name(s.name) for s in spec.states)
+    walk_roots = tuple(o.name for o in spec.outputs) + nexts
+    kernels = [FusedKernel("walk", ("intra", "merge", "inter"), live_ops(all_ops, walk_roots), walk_roots)]
+    if legality.segmentable:
+        decays = tuple(t.decay for t in legality.transitions if isinstance(t.decay, str))
+        roots = nexts + decays
+        kernels.insert(0, FusedKernel("summary", ("intra", "inter"), live_ops(spec.intra.ops + spec.inter.ops, roots),
+                                      roots))
+    return Fused(tuple(kernels))

@@ -1,0 +1,126 @@
+"""Legality: which schedules the spec admits, computed from its inter and merge stages.
+
+- Every spec here is a chunked scan, so the *walk* (one program carries the state over the
+  chunks in order, on chip) is always legal.
+- The walk can be cut into independent *segments* (run in parallel, then stitched) when each
+  state's update is diagonal-affine, S_next = S * D + W, with D and W free of every state:
+  then a segment is summarised by (prod D, W from a zero state) and segments compose.
+- A feature dim can be split across programs when no op contracts or reduces over it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import ops as O
+from ..ir.nodes import Op, Spec, next_state_name
+from .shapes import value_types
+
+
+@dataclass(frozen=True)
+class Transition:
+    """How a state is updated: S_next = S * decay + write (names of values in the spec, or None)."""
+
+    state: str
+    decay: str | float | None  # None: identity (D = 1)
+    write: str | None  # None: no write
+    diagonal_affine: bool
+    why: str
+
+
+@dataclass(frozen=True)
+class Legality:
+    transitions: tuple[Transition, ...]
+    segmentable: bool
+    split_dims: tuple[str, ...]
+    reasons: tuple[str, ...]
+
+    def __str__(self) -> str:
+        lines = ["legality:"]
+        for t in self.transitions:
+            form = f"{t.state}' = {t.state} * {t.decay or 1} + {t.write or 0}" if t.diagonal_affine else "general"
+            lines.append(f"  state {t.state}: {form} ({t.why})")
+        lines.append(f"  schedules: walk{' + segmented walk' if self.segmentable else ''}")
+        lines.append(f"  split across programs: {', '.join(self.split_dims) or 'none'}")
+        lines += [f"  - {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+
+def _depends(spec: Spec) -> dict[str, frozenset[str]]:
+    """For every value, the set of states it depends on."""
+    dep: dict[str, frozenset[str]] = {s.name: frozenset({s.name}) for s in spec.states}
+    for stage in spec.stages:
+        for op in stage.ops:
+            dep[op.out] = frozenset().union(*(dep.get(a, frozenset()) for a in op.args if isinstance(a, str)))
+    return dep
+
+
+def _transition(spec: Spec, state: str, ops: dict[str, Op], dep) -> Transition:
+    def free(x) -> bool:
+        return not isinstance(x, str) or not dep.get(x)
+
+    def scaled(x):  # x == S * D with D state-free -> D ; x == S -> 1.0
+        if x == state:
+            return 1.0
+        op = ops.get(x)
+        if op is None:
+            return None
+        if op.kind == "copy":
+            return scaled(op.args[0])
+        if op.kind == "mul":
+            a, b = op.args
+            if a == state and free(b):
+                return b
+            if b == state and free(a):
+                return a
+        return None
+
+    root = ops[next_state_name(state)]
+    if root.kind == "copy":
+        root = ops.get(root.args[0], root)
+    d = scaled(root.out)
+    if d is not None:
+        return Transition(state, None if d == 1.0 else d, None, True, "decay only")
+    if root.kind == "add":
+        for x, w in (root.args, root.args[::-1]):
+            d = scaled(x)
+            if d is not None and free(w):
+                return Transition(state, None if d == 1.0 else d, w, True, "decay times state plus a state-free write")
+    reads = sorted(dep.get(root.out, ()))
+    return Transition(state, None, None, False,
+                      f"update is not S * D + W with state-free D, W (depends on {', '.join(reads)})")
+
+
+def _contracted_dims(spec: Spec) -> set[str]:
+    """Dims that some op sums over: a matmul's inner dim, a reduction's axis."""
+    types = value_types(spec)
+    out: set[str] = set()
+    for stage in spec.stages:
+        for op in stage.ops:
+            if op.kind == "matmul":
+                out.add(str(types[op.args[0]].shape[1]))
+            elif op.kind in O.REDUCTIONS:
+                out.add(str(types[op.args[0]].shape[O.REDUCTIONS[op.kind][0]]))
+    return out
+
+
+def analyze(spec: Spec) -> Legality:
+    """`spec` must be shape-checked (passes.shapes.infer_shapes)."""
+    dep = _depends(spec)
+    ops = {op.out: op for op in spec.inter.ops}
+    transitions = tuple(_transition(spec, s.name, ops, dep) for s in spec.states)
+    segmentable = bool(transitions) and all(t.diagonal_affine for t in transitions)
+    reasons = []
+    if not transitions:
+        reasons.append("no state: every chunk is independent")
+    elif segmentable:
+        reasons.append("every state update is diagonal-affine, so segments of the walk compose")
+    else:
+        bad = [t.state for t in transitions if not t.diagonal_affine]
+        reasons.append(f"state(s) {', '.join(bad)} have a general transition: one program walks all chunks")
+    contracted = _contracted_dims(spec)
+    out_dims = [d for o in spec.outputs for d in o.feature_dims]
+    split = tuple(d for d in dict.fromkeys(out_dims) if d not in contracted)
+    for d in dict.fromkeys(out_dims):
+        if d in contracted:
+            reasons.append(f"dim {d} is contracted or reduced, so it cannot be split across programs")
+    return Legality(transitions, segmentable, split[:1], tuple(reasons))

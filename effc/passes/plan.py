@@ -1,0 +1,76 @@
+"""Lowering to a kernel plan: per kernel, its tensor arguments, per-chunk loads and stores,
+the ops of its body and how each state is carried. Both backends consume this."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
+from ..ir.printer import print_op
+from .fusion import Fused
+from .legality import Legality
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    name: str
+    dims: tuple[str, ...]
+    next: str  # SSA name of the value leaving the chunk
+    decay: str | None  # SSA name of the diagonal decay (segmentable specs), None for identity
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    name: str  # walk | summary
+    loads: tuple[TensorDecl, ...]  # inputs read per chunk
+    ops: tuple[Op, ...]
+    stores: tuple[TensorDecl, ...]  # outputs written per chunk
+    states: tuple[StatePlan, ...]
+    params: tuple[str, ...]
+    grid: str
+
+    def __str__(self) -> str:
+        lines = [f"  kernel {self.name}  grid={self.grid}",
+                 f"    per chunk: load {', '.join(d.name for d in self.loads) or '-'}; "
+                 f"store {', '.join(d.name for d in self.stores) or '-'}",
+                 f"    carry {', '.join(f'{s.name}[{chr(44).join(s.dims)}]' for s in self.states) or '-'} on chip"]
+        lines += [f"    {print_op(op)}" for op in self.ops]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: Spec
+    split_dim: str | None
+    kernels: tuple[KernelPlan, ...]
+
+    @property
+    def segmentable(self) -> bool:
+        return any(k.name == "summary" for k in self.kernels)
+
+    def kernel(self, name: str) -> KernelPlan:
+        return next(k for k in self.kernels if k.name == name)
+
+    def __str__(self) -> str:
+        head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; "
+                + ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")]
+        return "\n".join(head + [str(k) for k in self.kernels])
+
+
+def _used(ops, names) -> tuple[str, ...]:
+    read = {a for op in ops for a in op.args if isinstance(a, str)}
+    return tuple(n for n in names if n in read)
+
+
+def plan(spec: Spec, legality: Legality, fused: Fused) -> Plan:
+    decays = {t.state: (t.decay if isinstance(t.decay, str) else None) for t in legality.transitions}
+    split = legality.split_dims[0] if legality.split_dims else None
+    kernels = []
+    for fk in fused.kernels:
+        loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
+        states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name), decays.get(s.name)) for s in spec.states)
+        stores = spec.outputs if fk.name == "walk" else ()
+        grid = f"(cdiv({split}, BLOCK), B*H, {'P' if fk.name == 'walk' else 'P-1'})" if split else \
+            f"(1, B*H, {'P' if fk.name == 'walk' else 'P-1'})"
+        params = _used(fk.ops, [p.name for p in spec.params])
+        kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid))
+    return Plan(spec, split, tuple(kernels))

@@ -1,0 +1,152 @@
+"""Tiling: chunk length, the block of the split dim, segments of the walk, warps.
+
+The tile sizes are symbols with constraints (sympy); `choose` substitutes a concrete call
+shape, picks values by an occupancy and register model, and checks every constraint,
+saying which one fails. The choices are launch-time: one generated source serves them all.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import sympy
+
+from ..errors import SpecError
+from ..ir.nodes import C, Spec, dim
+from .legality import Legality
+
+BLOCK = sympy.Symbol("BLOCK", positive=True, integer=True)  # block of the split dim
+SEGMENTS = sympy.Symbol("P", positive=True, integer=True)
+TARGET_PROGRAMS_PER_SM = 2
+REGISTER_BUDGET = 160  # fp32 registers per thread we let live tiles take (of 255)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A concrete call: batch, tokens, heads, feature dims; the GPU's multiprocessor count."""
+
+    B: int
+    T: int
+    H: int
+    dims: tuple[tuple[str, int], ...]
+    sm_count: int = 132
+
+    def size(self, name: str) -> int:
+        return dict(self.dims)[name]
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    chunk: int
+    block: int  # block of the split dim (its full size when nothing is split)
+    segments: int
+    num_warps: int
+    num_stages: int
+    reasons: tuple[str, ...] = field(default=(), compare=False)
+
+    def __str__(self) -> str:
+        head = (f"chunk={self.chunk} block={self.block} segments={self.segments} "
+                f"warps={self.num_warps} stages={self.num_stages}")
+        return head + "".join(f"\n  - {r}" for r in self.reasons)
+
+
+@dataclass(frozen=True)
+class TilingSpace:
+    """The symbolic tiling of a spec: which dim is split, and the constraints on the symbols."""
+
+    split_dim: str | None
+    constraints: tuple[tuple[sympy.Basic, str], ...]
+    live_fp32: sympy.Expr  # fp32 values a program keeps live, for the register model
+
+    def __str__(self) -> str:
+        lines = [f"tiling: chunk C, split dim {self.split_dim or '-'} in blocks of BLOCK, P segments"]
+        lines += [f"  require {c}   # {why}" for c, why in self.constraints]
+        lines.append(f"  live fp32 per program ~ {self.live_fp32}")
+        return "\n".join(lines)
+
+
+class IsPow2(sympy.Function):
+    """True for a positive integer power of two; stays symbolic until its argument is a number."""
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Integer:
+            v = int(x)
+            return sympy.true if v > 0 and v & (v - 1) == 0 else sympy.false
+        return None
+
+
+_pow2 = IsPow2
+
+
+def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
+    split = legality.split_dims[0] if legality.split_dims else None
+    feature = [dim(d) for d in spec.dims]
+    cons: list[tuple[sympy.Basic, str]] = [
+        (sympy.Ge(C, 16), "tl.dot needs tiles of at least 16"),
+        (_pow2(C), "block shapes are powers of two"),
+    ]
+    for d in feature:
+        cons.append((sympy.Ge(d, 16), f"{d} is a matmul operand dim (>= 16)"))
+        cons.append((_pow2(d), f"{d} is loaded as one block (power of two; padding not implemented)"))
+    if split:
+        s = dim(split)
+        cons += [(sympy.Ge(BLOCK, 16), "BLOCK is a matmul dim"), (_pow2(BLOCK), "BLOCK is a power of two"),
+                 (sympy.Eq(sympy.Mod(s, BLOCK), 0), f"BLOCK divides {split}")]
+    sub = {dim(split): BLOCK} if split else {}
+    live = sum((sympy.Mul(*(x.subs(sub) for x in st.tile.shape)) for st in spec.states), sympy.Integer(0))
+    live += sum((sympy.Mul(*(x.subs(sub) for x in i.tile.shape)) for i in spec.inputs), sympy.Integer(0))
+    live += C * C
+    return TilingSpace(split, tuple(cons), sympy.simplify(live))
+
+
+def _check(space: TilingSpace, values: dict) -> None:
+    for c, why in space.constraints:
+        ok = c.subs(values)
+        if ok is not sympy.true:
+            raise SpecError(f"tiling constraint {c} fails for {', '.join(f'{k}={v}' for k, v in values.items())}: {why}")
+
+
+def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | None = None,
+           block: int | None = None, segments: int | None = None, num_warps: int | None = None,
+           num_stages: int = 1) -> TileConfig:
+    """Pick a configuration for `problem`; explicit arguments override the model."""
+    space = tiling_space(spec, legality)
+    reasons = []
+    c = chunk or spec.chunk
+    n_chunks = max(1, math.ceil(problem.T / c))
+    split_size = problem.size(space.split_dim) if space.split_dim else 1
+    if block is None:
+        block = min(split_size, 64) if space.split_dim else 1
+        reasons.append(f"block {block} of {space.split_dim}: keeps the state tile at most 64 columns wide"
+                       if space.split_dim else "nothing to split")
+    n_split = split_size // block
+    programs = n_split * problem.B * problem.H
+    if segments is None:
+        target = TARGET_PROGRAMS_PER_SM * problem.sm_count
+        if legality.segmentable and programs < target and n_chunks >= 4:
+            want = math.ceil(target / programs)
+            per = max(2, math.ceil(n_chunks / want))
+            segments = math.ceil(n_chunks / per)
+            reasons.append(f"{programs} programs fill {problem.sm_count} SMs poorly: {segments} segments of "
+                           f"{per} chunks run in parallel, stitched through per-segment summaries")
+        else:
+            segments = 1
+            why = ("a general transition cannot be segmented" if not legality.segmentable
+                   else f"{programs} programs already fill the GPU" if programs >= target else "few chunks")
+            reasons.append(f"one fused walk over all chunks: {why}; the state never leaves the chip")
+    segments = max(1, min(segments, n_chunks))
+    if segments > 1 and not legality.segmentable:
+        raise SpecError(f"spec '{spec.name}' cannot run in {segments} segments: "
+                        + "; ".join(t.why for t in legality.transitions if not t.diagonal_affine))
+    values = {C: c, **{dim(d): problem.size(d) for d in spec.dims}}
+    if space.split_dim:
+        values[BLOCK] = block
+    _check(space, values)
+    live = int(space.live_fp32.subs(values))
+    if num_warps is None:
+        num_warps = 4
+        while num_warps < 8 and live / (32 * num_warps) > REGISTER_BUDGET:
+            num_warps *= 2
+        reasons.append(f"{num_warps} warps: ~{live} live fp32 values, {live // (32 * num_warps)} per thread")
+    return TileConfig(c, block, segments, num_warps, num_stages, tuple(reasons))

@@ -1,0 +1,78 @@
+"""Argument checks at the op boundary: every message names the argument and what was expected."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import ArgumentError
+from ..ir.nodes import Spec
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[int, int, int, dict[str, int]]:
+    """Returns (B, T, H, feature dim sizes)."""
+    names = [d.name for d in spec.inputs]
+    if len(tensors) != len(names):
+        raise ArgumentError(f"{spec.name} takes {len(names)} tensors ({', '.join(names)}), got {len(tensors)}")
+    sizes: dict[str, tuple[int, str]] = {}
+    device = None
+    for d, x in zip(spec.inputs, tensors):
+        want = "(" + ", ".join(d.dims) + ")"
+        if not isinstance(x, torch.Tensor):
+            raise ArgumentError(f"argument '{d.name}' must be a torch.Tensor of shape {want}, got {type(x).__name__}")
+        if x.dim() != len(d.dims):
+            raise ArgumentError(f"argument '{d.name}' must have shape {want}, got {tuple(x.shape)}")
+        if x.dtype not in DTYPES:
+            raise ArgumentError(f"argument '{d.name}' has dtype {x.dtype}; expected float32, bfloat16 or float16")
+        if device is None:
+            device = x.device
+        elif x.device != device:
+            raise ArgumentError(f"argument '{d.name}' is on {x.device}, but '{spec.inputs[0].name}' is on {device}")
+        for n, s in zip(d.dims, x.shape):
+            if n in sizes and sizes[n][0] != s:
+                raise ArgumentError(f"argument '{d.name}' has {n}={s} but '{sizes[n][1]}' has {n}={sizes[n][0]}; "
+                                    f"expected shape {want} with {n}={sizes[n][0]}")
+            sizes.setdefault(n, (s, d.name))
+    if for_kernels and device.type == "cpu" and not interpreting():
+        raise ArgumentError("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter); move the inputs to a CUDA "
+                            "device, or call op.reference(...) for the PyTorch oracle")
+    B, T, H = (sizes[n][0] for n in ("B", "T", "H"))
+    return B, T, H, {n: s for n, (s, _) in sizes.items() if n not in ("B", "T", "H")}
+
+
+def check_state(spec: Spec, initial_state, B: int, H: int, dims: dict[str, int], device) -> dict[str, torch.Tensor]:
+    if initial_state is None:
+        return {}
+    states = spec.states
+    if isinstance(initial_state, torch.Tensor):
+        initial_state = (initial_state,)
+    if isinstance(initial_state, dict):
+        unknown = set(initial_state) - {s.name for s in states}
+        if unknown:
+            raise ArgumentError(f"initial_state has unknown state(s) {sorted(unknown)}; "
+                                f"{spec.name} has {[s.name for s in states]}")
+        given = initial_state
+    else:
+        if len(initial_state) != len(states):
+            raise ArgumentError(f"initial_state must hold {len(states)} tensor(s) "
+                                f"({', '.join(s.name for s in states)}), got {len(initial_state)}")
+        given = {s.name: x for s, x in zip(states, initial_state)}
+    out = {}
+    for s in states:
+        x = given.get(s.name)
+        if x is None:
+            continue
+        want = (B, H) + tuple(dims[n] for n in s.dims)
+        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ArgumentError(f"initial_state '{s.name}' must have shape {want} (B, H, {', '.join(s.dims)}), got {got}")
+        if x.device != device:
+            raise ArgumentError(f"initial_state '{s.name}' is on {x.device}; the inputs are on {device}")
+        out[s.name] = x.float().contiguous()
+    return out

@@ -1,0 +1,74 @@
+"""The pipeline driver: text -> AST -> IR -> passes -> plan -> source, each stage kept for `effc show`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from ..dsl import ast, parse, parse_file
+from ..ir.nodes import Spec
+from ..library import LIBRARY_DIR
+from ..passes.fusion import Fused, fuse
+from ..passes.legality import Legality, analyze
+from ..passes.lower import lower
+from ..passes.plan import Plan, plan
+from ..passes.shapes import infer_shapes
+
+BACKENDS = ("triton",)
+
+
+def resolve_spec_path(ref: str) -> tuple[Path, str | None]:
+    """'gla', 'library/gla.attn', 'my.attn' or 'my.attn:name' -> (path, spec name or None)."""
+    name = None
+    if ":" in ref and not Path(ref).exists():
+        ref, name = ref.rsplit(":", 1)
+    p = Path(ref)
+    if p.is_file():
+        return p, name
+    lib = LIBRARY_DIR / (ref if ref.endswith(".attn") else f"{ref}.attn")
+    if lib.is_file():
+        return lib, name
+    return p, name  # parse_file reports the missing file
+
+
+@dataclass
+class Compilation:
+    """All stages of compiling one spec; each computed on first use."""
+
+    module: ast.Module
+    name: str | None = None
+
+    @cached_property
+    def ir(self) -> Spec:
+        return lower(self.module, self.name)
+
+    @cached_property
+    def typed(self) -> Spec:
+        return infer_shapes(self.ir)
+
+    @cached_property
+    def legality(self) -> Legality:
+        return analyze(self.typed)
+
+    @cached_property
+    def fused(self) -> Fused:
+        return fuse(self.typed, self.legality)
+
+    @cached_property
+    def plan(self) -> Plan:
+        return plan(self.typed, self.legality, self.fused)
+
+    def source(self, backend: str = "triton") -> str:
+        if backend != "triton":
+            raise NotImplementedError(f"backend '{backend}' is not implemented yet; available: {', '.join(BACKENDS)}")
+        from ..codegen.triton import emit_module
+        return emit_module(self.plan)
+
+
+def compile_file(ref: str | Path, name: str | None = None) -> Compilation:
+    path, n = resolve_spec_path(str(ref))
+    return Compilation(parse_file(path), name or n)
+
+
+def compile_text(text: str, name: str | None = None, file: str = "<string>") -> Compilation:
+    return Compilation(parse(text, file), name)
