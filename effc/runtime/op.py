@@ -124,12 +124,12 @@ class AttentionOp:
 
     # -- the oracle ---------------------------------------------------------------------------
     def reference(self, *tensors, initial_state=None, output_final_state: bool = False, chunk: int | None = None,
-                  dtype=torch.float64, **params):
+                  dtype=torch.float64, matmul_dtype=None, **params):
         """The spec evaluated with PyTorch ops (chunk=1 gives the token-by-token recurrence)."""
         B, T, H, dims, pvals = self._split(*tensors, params=params, for_kernels=False)
         init = check_state(self.spec, initial_state, B, H, dims, tensors[0].device)
         outs, states = evaluate(self.spec, {d.name: x for d, x in zip(self.spec.inputs, tensors)}, pvals,
-                                chunk or self.spec.chunk, init, dtype)
+                                chunk or self.spec.chunk, init, dtype, matmul_dtype)
         o = outs[self.spec.outputs[0].name] if len(outs) == 1 else tuple(outs.values())
         if not output_final_state:
             return o, None

@@ -33,7 +33,7 @@ def _align(x, rank: int):
     return x
 
 
-def _eval_op(op: Op, args: list, n_valid: int):
+def _eval_op(op: Op, args: list, n_valid: int, matmul_dtype=None):
     k = op.kind
     if k == "copy":
         return args[0]
@@ -52,6 +52,8 @@ def _eval_op(op: Op, args: list, n_valid: int):
             a = torch.tensor(a, dtype=b.dtype)
         return _BINARY[k](a, b)
     if k == "matmul":
+        if matmul_dtype is not None:  # round the operands like a tensor-core matmul does
+            return (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
         return args[0] @ args[1]
     if k == "transpose":
         return args[0].transpose(-1, -2)
@@ -80,8 +82,11 @@ def _eval_op(op: Op, args: list, n_valid: int):
 
 
 def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, float], chunk: int,
-             initial_state: dict[str, torch.Tensor] | None = None, dtype=torch.float64):
-    """Run the spec on (B, T, H, ...) tensors. Returns ({output: (B, T, H, ...)}, {state: (B, H, ...)})."""
+             initial_state: dict[str, torch.Tensor] | None = None, dtype=torch.float64, matmul_dtype=None):
+    """Run the spec on (B, T, H, ...) tensors. Returns ({output: (B, T, H, ...)}, {state: (B, H, ...)}).
+
+    `dtype` is the precision of every op; `matmul_dtype` (e.g. bfloat16) rounds matmul operands
+    to it, which makes the low-precision PyTorch reference of the tolerance policy."""
     first = tensors[spec.inputs[0].name]
     B, T, H = first.shape[:3]
     dev = first.device
@@ -119,7 +124,7 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
             for op in stage.ops:
                 n_args = 1 if op.kind == "expand" else len(op.args)
                 args = [a if isinstance(a, float) else env[a] for a in op.args[:n_args]]
-                env[op.out] = _eval_op(op, args, n_valid)
+                env[op.out] = _eval_op(op, args, n_valid, matmul_dtype)
         for o in spec.outputs:
             y = _align(env[o.name], o.tile.rank).expand((B, H) + tuple(env[o.name].shape[2:]))
             outs[o.name].append(y.permute(0, 2, 1, *range(3, y.dim())))

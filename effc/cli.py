@@ -1,0 +1,185 @@
+"""`effc compile | check | show | library | bench`."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+from .errors import ArgumentError, SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Compile declarative attention specs (.attn) into fused Triton kernels.")
+
+STAGES = ("ast", "ir", "typed", "legality", "tiled", "fused", "plan", "source")
+SPEC_HELP = "a library spec name (see `effc library`), a path to a .attn file, or PATH:SPEC"
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(str(e) if isinstance(e, SpecError) else f"error: {e}", err=True)
+    raise typer.Exit(1)
+
+
+def _parse_dims(text: str) -> dict[str, int]:
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        if not value.isdigit():
+            raise typer.BadParameter(f"'{part}': expected NAME=INT, e.g. K=64,V=64")
+        out[name.strip()] = int(value)
+    return out
+
+
+def _use_interpreter_without_gpu() -> bool:
+    """Without a GPU, generated kernels run under Triton's interpreter (set before triton loads)."""
+    import torch
+    if torch.cuda.is_available():
+        return False
+    os.environ["TRITON_INTERPRET"] = "1"
+    return True
+
+
+def _compilation(spec: str):
+    from .runtime.compiler import compile_file
+    return compile_file(spec)
+
+
+@app.command()
+def library():
+    """List the library specs with the paper each implements."""
+    from .library import library_files
+    for p in library_files():
+        lines = [ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")]
+        typer.echo(f"{p.stem:14s} {lines[0] if lines else ''}")
+
+
+@app.command()
+def show(spec: str = typer.Argument(..., help=SPEC_HELP),
+         stage: str = typer.Option("plan", help="one of: " + ", ".join(STAGES)),
+         shape: str = typer.Option("2,8192,16", help="B,T,H used by --stage tiled"),
+         dims: str = typer.Option("", help="feature dims for --stage tiled, e.g. K=128,V=128 (default 128 each)")):
+    """Print one stage of the pipeline: text -> AST -> IR -> passes -> plan -> source."""
+    from .ir import print_spec
+    from .passes.tiling import Problem, choose, tiling_space
+    try:
+        comp = _compilation(spec)
+        if stage not in STAGES:
+            raise typer.BadParameter(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
+        if stage == "ast":
+            typer.echo("\n".join(repr(s) for s in comp.module.specs))
+        elif stage == "ir":
+            typer.echo(print_spec(comp.ir))
+        elif stage == "typed":
+            typer.echo(print_spec(comp.typed))
+        elif stage == "legality":
+            typer.echo(str(comp.legality))
+        elif stage == "tiled":
+            B, T, H = (int(x) for x in shape.split(","))
+            sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
+            typer.echo(str(tiling_space(comp.typed, comp.legality)))
+            cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
+            typer.echo(f"for B={B} T={T} H={H} {sizes}: {cfg}")
+        elif stage == "fused":
+            typer.echo(str(comp.fused))
+        elif stage == "plan":
+            typer.echo(str(comp.plan))
+        else:
+            typer.echo(comp.source())
+    except (SpecError, NotImplementedError) as e:
+        _fail(e)
+
+
+@app.command("compile")
+def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
+             output: Path = typer.Option(None, "-o", "--output", help="directory for the generated module"),
+             backend: str = typer.Option("triton", help="code generator (triton)"),
+             shape: str = typer.Option("2,8192,16", help="B,T,H to explain the tiling choice for"),
+             dims: str = typer.Option("", help="feature dims, e.g. K=128,V=128 (default 128 each)")):
+    """Compile a spec; write the generated module and say what the compiler chose and why."""
+    from .passes.tiling import Problem, choose
+    try:
+        comp = _compilation(spec)
+        source = comp.source(backend)
+        B, T, H = (int(x) for x in shape.split(","))
+        sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
+        cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
+    except (SpecError, NotImplementedError) as e:
+        _fail(e)
+    out_dir = output or Path("effc_out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{comp.typed.name}_{backend}.py"
+    path.write_text(source)
+    typer.echo(f"spec {comp.typed.name}: schedule chunked-state scan")
+    typer.echo(str(comp.legality))
+    typer.echo("fused stages: " + "; ".join(f"{k.name} = {' + '.join(k.stages)}" for k in comp.fused.kernels))
+    typer.echo(f"tiling for B={B} T={T} H={H} {sizes}: {cfg}")
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def check(spec: str = typer.Argument(..., help=SPEC_HELP),
+          shape: str = typer.Option("2,100,2", help="B,T,H"),
+          dims: str = typer.Option("", help="feature dims, e.g. K=32,V=32 (default 32 each)"),
+          chunk: int = typer.Option(None, help="chunk size (default: the spec's)"),
+          segments: int = typer.Option(None, help="segments of the walk (default: the model's)"),
+          dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (low precision needs a GPU)"),
+          seed: int = typer.Option(0)):
+    """Parse, validate, and run the kernel against the oracle on random inputs; print the error."""
+    interp = _use_interpreter_without_gpu()
+    import torch
+
+    from .runtime.op import AttentionOp
+    from .runtime.verify import judge_fp32, judge_low_precision, random_inputs, random_state
+    try:
+        op = AttentionOp(_compilation(spec))
+        B, T, H = (int(x) for x in shape.split(","))
+        sizes = {d: 32 for d in op.spec.dims} | _parse_dims(dims)
+        dt = getattr(torch, dtype)
+        if interp and dt != torch.float32:
+            raise ArgumentError("low-precision checks need a GPU: Triton's interpreter computes bf16 dots wrongly")
+        device = "cpu" if interp else "cuda"
+        xs = random_inputs(op.spec, B, T, H, sizes, dt, device, seed)
+        s0 = random_state(op.spec, B, H, sizes, device)
+        o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=chunk, segments=segments)
+        ref, ref_s = op.reference(*xs, initial_state=s0, output_final_state=True)
+        rec, _ = op.recurrent_reference(*xs, initial_state=s0, output_final_state=True)
+    except (SpecError, ArgumentError, NotImplementedError) as e:
+        _fail(e)
+    where = "Triton interpreter (CPU)" if interp else torch.cuda.get_device_name()
+    typer.echo(f"{op.name}: B={B} T={T} H={H} {sizes} {dtype} on {where}; {op.last_config}".rstrip())
+    typer.echo(f"  oracle chunked vs recurrent: max abs {(ref - rec).abs().max().item():.2e}")
+    if dt == torch.float32:
+        verdicts = [("output", judge_fp32(o, ref)), ("final state", judge_fp32(s if torch.is_tensor(s) else s[0],
+                                                                               ref_s if torch.is_tensor(ref_s) else ref_s[0]))]
+    else:
+        low, _ = op.reference(*xs, initial_state=s0, dtype=torch.float32, matmul_dtype=dt)
+        verdicts = [("output", judge_low_precision(o, ref, low))]
+    for what, v in verdicts:
+        typer.echo(f"  kernel vs oracle, {what}: {v}")
+    if not all(v.ok for _, v in verdicts):
+        raise typer.Exit(1)
+
+
+@app.command()
+def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-separated specs"),
+          shapes: str = typer.Option("8x2048,2x8192,1x32768", help="BxT list"),
+          heads: int = typer.Option(16, "--heads"), head_dim: int = typer.Option(128, "--head-dim"),
+          peers: bool = typer.Option(True, help="time the installed peers (flash-linear-attention) beside effc"),
+          peer_timeout: float = typer.Option(240.0, help="seconds a peer may take (its first call autotunes)"),
+          json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON")):
+    """Time effc's kernels and the peers on identical bf16 inputs, one GPU, one run; print ratios."""
+    from .bench import run_bench
+    try:
+        run_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")],
+                  heads, head_dim, peers, peer_timeout, json_out)
+    except (SpecError, ArgumentError, RuntimeError) as e:
+        _fail(e)
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
