@@ -6,6 +6,7 @@
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EFFC_CACHE_DIR=/tmp/effc-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+[ "${1:-}" != setup ] && ! python3 -c "import lark, fla" 2>/dev/null && bash "$0" setup
 case "${1:-}" in
   setup)
     for w in .device/wheels-a .device/wheels-c .device/wheels-b; do
@@ -14,7 +15,9 @@ case "${1:-}" in
     python3 -c "import torch, triton, fla, lark, typer; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" ;;
   test)
     shift; python3 -m pytest -q -s tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
-  bench)
-    shift; python3 -m effc.cli bench --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" ;;
+  bench)  # SPECS SHAPES PEERS(0/1); typer on the GPU machine would need pydantic, so call run_bench directly
+    python3 -c "import sys; from effc.bench import run_bench; run_bench(sys.argv[1].split(','),
+      [tuple(map(int, s.split('x'))) for s in sys.argv[2].split(',')], 16, 128, sys.argv[3] == '1', 300,
+      '$OUT/bench.json')" "${2:-retention,simple_gla,gla}" "${3:-8x2048,2x8192,1x32768}" "${4:-1}" 2>&1 | tee -a "$OUT/bench.log" ;;
   *) echo "usage: scripts/gpu.sh setup|test|bench"; exit 2 ;;
 esac

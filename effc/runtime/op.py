@@ -31,6 +31,9 @@ class AttentionOp:
         self.name = self.spec.name
         self._module = None
         self.last_config: TileConfig | None = None
+        # sympy is slow: tiling choices and param defaults are memoised per call shape
+        self._configs: dict[tuple, TileConfig] = {}
+        self._defaults: dict[tuple, dict[str, float]] = {}
 
     def __repr__(self) -> str:
         args = ", ".join(d.name for d in self.spec.inputs)
@@ -48,20 +51,22 @@ class AttentionOp:
         unknown = set(given) - known
         if unknown:
             raise ArgumentError(f"{self.name} has no parameter(s) {sorted(unknown)}; its params: {sorted(known)}")
-        subs = {dim(n): v for n, v in dims.items()}
-        values = {}
-        for p in self.spec.params:
-            v = given.get(p.name)
-            values[p.name] = float(p.default.subs(subs)) if v is None else float(v)
-        return values
+        key = tuple(sorted(dims.items()))
+        if key not in self._defaults:
+            subs = {dim(n): v for n, v in dims.items()}
+            self._defaults[key] = {p.name: float(p.default.subs(subs)) for p in self.spec.params}
+        return {**self._defaults[key], **{k: float(v) for k, v in given.items()}}
 
     def _split(self, *tensors, params, for_kernels=True):
         B, T, H, dims = check_inputs(self.spec, tensors, for_kernels)
         return B, T, H, dims, self.param_values(dims, {k: v for k, v in params.items() if v is not None})
 
     def config(self, B: int, T: int, H: int, dims: dict[str, int], device, **overrides) -> TileConfig:
-        problem = Problem(B, T, H, tuple(sorted(dims.items())), _sm_count(device))
-        return choose(self.spec, self.comp.legality, problem, **overrides)
+        key = (B, T, H, tuple(sorted(dims.items())), str(device), tuple(sorted(overrides.items())))
+        if key not in self._configs:
+            problem = Problem(B, T, H, key[3], _sm_count(device))
+            self._configs[key] = choose(self.spec, self.comp.legality, problem, **overrides)
+        return self._configs[key]
 
     # -- the kernels ----------------------------------------------------------------------------
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, chunk: int | None = None,
