@@ -17,8 +17,9 @@ into the same `dsl.ast` that the `.attn` text gives. The two forms map line for 
     }
 
 - The spec's name is the function's name. Parameters are the inputs, in order; each is annotated
-  `Input(*dims, *annotations)`, where trailing strings naming an annotation (logdecay, positive,
-  unit) are annotations, everything before them dims.
+  `Input(*dims, *annotations)`: trailing strings that name an annotation (logdecay, positive,
+  unit) are annotations, the strings before them dims. A dim that looks like a misspelt annotation
+  and appears in no other declaration is reported, as .attn would report the unknown annotation.
 - The return annotation `Output(name, *dims)` (or a tuple of them) declares the output(s).
 - The body holds, in any order, `NAME = State(*dims)`, `NAME = Param(expr)` and the
   `with intra:` / `with merge:` / `with inter:` stages, whose statements are `name = expr`
@@ -31,6 +32,7 @@ into the same `dsl.ast` that the `.attn` text gives. The two forms map line for 
 from __future__ import annotations
 
 import ast as py
+import difflib
 import inspect
 import textwrap
 
@@ -100,6 +102,7 @@ def _describe(node: py.AST) -> str:
 class _Reader:
     def __init__(self, file: str, lines: list[str], first_line: int, margin: int):
         self.file, self.lines, self.first_line, self.margin = file, lines, first_line, margin
+        self.input_calls: dict[str, py.Call] = {}
 
     def loc(self, node: py.AST) -> Loc:
         text = self.lines[node.lineno - 1].rstrip("\n")
@@ -153,6 +156,8 @@ class _Reader:
 
     def call(self, n: py.Call, loc: Loc) -> ast.Call:
         if not isinstance(n.func, py.Name):
+            if not isinstance(n.func, py.Attribute):
+                self.expr(n.func)  # a lambda or the like gets its own, more precise error
             raise self.fail(n, f"call of '{py.unparse(n.func)}' is not supported",
                             "a tile operation or def called by its bare name, e.g. exp(x)")
         if n.keywords:
@@ -183,6 +188,7 @@ class _Reader:
                             f'{arg.arg}: Input("B", "T", "H", "K"); params go in the body as '
                             f"{arg.arg} = Param(expr)")
         words = self.strings(call, "Input")
+        self.input_calls[arg.arg] = call
         n_dims = len(words)
         while n_dims and words[n_dims - 1] in _ANNOTATIONS:
             n_dims -= 1
@@ -221,6 +227,17 @@ class _Reader:
             body.append(ast.Assign(s.targets[0].id, self.expr(s.value), self.loc(s)))
         return ast.Stage(name, tuple(body), self.loc(w))
 
+    def check_annotation_typos(self, decls: list[ast.Decl]) -> None:
+        """A misspelt annotation would silently read as an extra dim; .attn would reject it."""
+        uses = [n for d in decls for n in set(d.shape)]
+        for d in decls:
+            for name, a in zip(d.shape, self.input_calls.get(d.name).args if d.kind == "input" else ()):
+                close = difflib.get_close_matches(name, list(_ANNOTATIONS), n=1, cutoff=0.75)
+                if close and uses.count(name) == 1:
+                    raise self.fail(a, f"unknown annotation '{name}' on '{d.name}' (did you mean {close[0]}?)",
+                                    "one of: " + ", ".join(_ANNOTATIONS) + "; or, if it is a dim, "
+                                    "a name that also appears in another declaration")
+
     def spec(self, node: py.FunctionDef, chunk: int | None) -> ast.SpecDef:
         a = node.args
         for stars, extra in (("*", a.vararg), ("**", a.kwarg)):
@@ -236,7 +253,7 @@ class _Reader:
         decls += self.output_decls(node)
         params, stages = [], []
         for i, s in enumerate(node.body):
-            if i == 0 and isinstance(s, py.Expr) and isinstance(s.value, py.Constant) and isinstance(s.value.value, str):
+            if i == 0 and isinstance(s, py.Expr) and isinstance(getattr(s.value, "value", None), str):
                 continue  # docstring
             if isinstance(s, py.With):
                 stages.append(self.stage(s))
@@ -255,6 +272,7 @@ class _Reader:
                 raise self.fail(s, f"assignment to '{target}' outside a stage",
                                 f"{_BODY_EXPECTED}; computations go inside a stage")
             raise self.unsupported(s, "in a spec body", _BODY_EXPECTED)
+        self.check_annotation_typos(decls)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)):
             raise self.fail(node, f"chunk={chunk!r} is not an integer", "chunk=16, 32, 64, 128 or 256")
         return ast.SpecDef(node.name, tuple(decls), tuple(params), chunk, tuple(stages), None, self.loc(node))
@@ -272,7 +290,11 @@ def parse_function(fn, chunk: int | None = None) -> ast.Module:
     dedented = textwrap.dedent(source)
     first = next(i for i, l in enumerate(source.splitlines()) if l.strip())
     margin = len(source.splitlines()[first]) - len(dedented.splitlines()[first])
-    tree = py.parse(dedented)
+    try:
+        tree = py.parse(dedented)
+    except SyntaxError as e:  # e.g. a nested def whose string literals break out of its indentation
+        raise SpecError(f"cannot parse the source of {fn.__name__!r}: {e.msg}", None,
+                        "a def at module level or consistently indented") from None
     node = tree.body[0]
     reader = _Reader(file, lines, first_line, margin)
     if not isinstance(node, py.FunctionDef):

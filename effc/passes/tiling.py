@@ -109,7 +109,7 @@ def _check(space: TilingSpace, values: dict) -> None:
 
 def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | None = None,
            block: int | None = None, segments: int | None = None, num_warps: int | None = None,
-           num_stages: int = 1) -> TileConfig:
+           num_stages: int | None = None) -> TileConfig:
     """Pick a configuration for `problem`; explicit arguments override the model."""
     space = tiling_space(spec, legality)
     reasons = []
@@ -149,4 +149,4 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         while num_warps < 8 and live / (32 * num_warps) > REGISTER_BUDGET:
             num_warps *= 2
         reasons.append(f"{num_warps} warps: ~{live} live fp32 values, {live // (32 * num_warps)} per thread")
-    return TileConfig(c, block, segments, num_warps, num_stages, tuple(reasons))
+    return TileConfig(c, block, segments, num_warps, num_stages or 1, tuple(reasons))

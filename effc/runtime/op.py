@@ -70,11 +70,13 @@ class AttentionOp:
 
     # -- the kernels ----------------------------------------------------------------------------
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, chunk: int | None = None,
-                 block: int | None = None, segments: int | None = None, num_warps: int | None = None, **params):
+                 block: int | None = None, segments: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None, **params):
         B, T, H, dims, pvals = self._split(*tensors, params=params)
         device = tensors[0].device
         init = check_state(self.spec, initial_state, B, H, dims, device)
-        cfg = self.config(B, T, H, dims, device, chunk=chunk, block=block, segments=segments, num_warps=num_warps)
+        cfg = self.config(B, T, H, dims, device, chunk=chunk, block=block, segments=segments, num_warps=num_warps,
+                          num_stages=num_stages)
         self.last_config = cfg
         if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
             return _NoBackward.apply(self, cfg, pvals, init, output_final_state, *tensors)
