@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 
 import sympy
 
@@ -27,10 +28,12 @@ def _merge_parent(child: ast.SpecDef, specs: dict[str, ast.SpecDef], seen=()) ->
     if child.extends is None:
         return child
     if child.extends not in specs:
-        raise SpecError(f"spec '{child.name}' extends unknown spec '{child.extends}'", child.loc,
+        raise SpecError(f"spec '{child.name}' extends unknown spec '{child.extends}'", child.extends_loc,
                         "the name of a spec defined or imported earlier" + _suggest(child.extends, specs))
     if child.name in seen:
-        raise SpecError(f"spec '{child.name}' extends itself", child.loc, "a spec that does not extend itself")
+        cycle = " -> ".join(seen[seen.index(child.name):] + (child.name,))
+        raise SpecError(f"spec '{child.name}' extends itself ({cycle})", child.extends_loc,
+                        "a spec that does not extend itself")
     parent = _merge_parent(specs[child.extends], specs, seen + (child.name,))
 
     def by_name(parent_items, child_items, key):
@@ -44,7 +47,7 @@ def _merge_parent(child: ast.SpecDef, specs: dict[str, ast.SpecDef], seen=()) ->
         by_name(parent.params, child.params, lambda p: p.name),
         child.chunk if child.chunk is not None else parent.chunk,
         by_name(parent.stages, child.stages, lambda s: s.name),
-        None, child.loc)
+        None, child.loc, child.chunk_loc if child.chunk is not None else parent.chunk_loc)
 
 
 def _param_default(expr: ast.Expr, dims: set[str], params: dict[str, sympy.Expr]) -> sympy.Expr:
@@ -57,7 +60,8 @@ def _param_default(expr: ast.Expr, dims: set[str], params: dict[str, sympy.Expr]
         if expr.id in params:
             return params[expr.id]
         raise SpecError(f"unknown name '{expr.id}' in a param default", expr.loc,
-                        "numbers, feature dims (" + ", ".join(sorted(dims)) + ") or earlier params")
+                        "numbers, feature dims (" + ", ".join(sorted(dims)) + ") or earlier params"
+                        + _suggest(expr.id, list(dims) + list(params)))
     if isinstance(expr, ast.Neg):
         return -_param_default(expr.operand, dims, params)
     if isinstance(expr, ast.BinOp) and expr.op in ("add", "sub", "mul", "div", "pow"):
@@ -130,7 +134,18 @@ class _StageLowering:
             if depth > 32:
                 raise SpecError(f"'{node.func}' expands recursively", node.loc, "non-recursive defs")
             args = {p: self.expr(a, subst, depth) for p, a in zip(f.params, node.args)}
-            return self.expr(f.body, args, depth + 1)
+            if depth:
+                return self.expr(f.body, args, depth + 1)
+            # a def called from a stage: errors in its body also name this call site
+            start = len(self.ops)
+            try:
+                out = self.expr(f.body, args, depth + 1)
+            except SpecError as e:
+                if e.loc is None or e.loc.via is not None:
+                    raise
+                raise SpecError(e.message, replace(e.loc, via=node.loc), e.expected) from None
+            self.ops[start:] = [replace(op, loc=replace(op.loc, via=node.loc)) for op in self.ops[start:]]
+            return out
         if node.func not in O.CALLABLE:
             raise SpecError(f"unknown function '{node.func}'", node.loc,
                             "a tile operation or a def" + _suggest(node.func, list(O.CALLABLE) + list(self.funcs)))
@@ -148,7 +163,8 @@ class _StageLowering:
         out = out or a.target
         last = self.ops[-1] if self.ops else None
         if isinstance(value, str) and last is not None and last.out == value and value.startswith("_"):
-            self.ops[-1] = Op(out, last.kind, last.args, None, a.loc)  # name the temporary directly
+            # name the temporary directly; it keeps the location of its expression, for shape errors
+            self.ops[-1] = Op(out, last.kind, last.args, None, a.value.loc)
         else:
             self.emit("copy", [value], a.loc, out)
         self.current[a.target] = out
@@ -157,16 +173,18 @@ class _StageLowering:
 def lower(module: ast.Module, name: str | None = None) -> Spec:
     """Lower one spec of a parsed module (the only one, or the one called `name`)."""
     specs = {s.name: s for s in module.specs}
+    file_loc = Loc(module.file, 1, 1)  # for problems of the whole file
     if not specs:
-        raise SpecError(f"{module.file} defines no spec", None, "at least one 'spec NAME { ... }'")
+        raise SpecError(f"{module.file} defines no spec", file_loc, "at least one 'spec NAME { ... }'")
     if name is None:
         local = module.local or tuple(specs)
         if len(local) > 1:
-            raise SpecError(f"{module.file} defines several specs ({', '.join(local)}); name one", None,
-                            "FILE:SPEC, e.g. " + f"{module.file}:{local[0]}")
+            raise SpecError(f"{module.file} defines several specs ({', '.join(local)}); name one",
+                            specs[local[1]].loc, "FILE:SPEC, e.g. " + f"{module.file}:{local[0]}")
         name = local[0]
     if name not in specs:
-        raise SpecError(f"no spec named '{name}' in {module.file}", None, "one of " + ", ".join(specs))
+        raise SpecError(f"no spec named '{name}' in {module.file}", file_loc,
+                        "one of " + ", ".join(specs) + _suggest(name, specs))
     sdef = _merge_parent(specs[name], specs)
     funcs = {f.name: f for f in module.funcs}
 
@@ -185,7 +203,7 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
         _check_shape(d)
         for a in d.annotations:
             if a not in _ANNOTATIONS:
-                raise SpecError(f"unknown annotation '{a}' on '{d.name}'", d.loc,
+                raise SpecError(f"unknown annotation '{a}' on '{d.name}'" + _suggest(a, _ANNOTATIONS), d.loc,
                                 "one of: " + ", ".join(f"{k} ({v})" for k, v in _ANNOTATIONS.items()))
         decls.append(TensorDecl(d.name, d.kind, d.shape, d.annotations, d.loc))
     inputs = tuple(d for d in decls if d.role == "input")
@@ -204,7 +222,8 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
         params[p.name] = _param_default(p.default, feature_dims, params)
     chunk = sdef.chunk if sdef.chunk is not None else _DEFAULT_CHUNK
     if chunk < 16 or chunk & (chunk - 1):
-        raise SpecError(f"chunk {chunk} is not a power of two >= 16", sdef.loc, "16, 32, 64, 128 or 256")
+        raise SpecError(f"chunk {chunk} is not a power of two >= 16",
+                        sdef.chunk_loc if sdef.chunk_loc.line else sdef.loc, "16, 32, 64, 128 or 256")
 
     # stages and scopes
     stages = {s.name: s for s in sdef.stages}
@@ -214,8 +233,8 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
     if "merge" not in stages:
         raise SpecError(f"spec '{sdef.name}' has no merge stage", sdef.loc, "a 'merge { o = ... }' block")
     if states and "inter" not in stages:
-        raise SpecError(f"spec '{sdef.name}' declares state but has no inter stage", sdef.loc,
-                        "an 'inter { S = ... }' block")
+        raise SpecError(f"spec '{sdef.name}' declares state '{states[0].name}' but has no inter stage",
+                        states[0].loc, f"an 'inter {{ {states[0].name} = ... }}' block")
     if not states and "inter" in stages:
         raise SpecError("an inter stage needs a declared state", stages["inter"].loc, "a 'state S: [K, V]' line")
 
@@ -230,33 +249,36 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
     intra_vis = dict(base)
     intra_vis.update({s.name: "hidden:intra sees only the chunk's own tokens; read states in merge or inter"
                       for s in states})
-    intra = _lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {})
+    roles = {d.name: d.role for d in decls}
+    intra = _lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {}, roles)
     after_intra = dict(base)
     after_intra.update({s.name: "state" for s in states})
     after_intra.update({op.out: "local" for op in intra.ops})
-    merge = _lower_stage(stages["merge"], "merge", after_intra, funcs, counter, {o.name: o for o in outputs})
-    inter = _lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, {s.name: s for s in states})
+    merge = _lower_stage(stages["merge"], "merge", after_intra, funcs, counter, {o.name: o for o in outputs}, roles)
+    inter = _lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, {s.name: s for s in states}, roles)
     return Spec(sdef.name, inputs, outputs, states,
                 tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter)
 
 
 def _check_shape(d: ast.Decl) -> None:
     dims = d.shape
+    shown = "[" + ", ".join(dims) + "]"
     if len(set(dims)) != len(dims):
-        raise SpecError(f"'{d.name}' repeats a dim in {list(dims)}", d.loc, "distinct dim names")
+        raise SpecError(f"'{d.name}' repeats a dim in {shown}", d.loc, "distinct dim names")
     features = [n for n in dims if n not in O.RESERVED_DIMS]
     if d.kind == "state":
         if any(n in O.RESERVED_DIMS for n in dims) or len(dims) > 2:
-            raise SpecError(f"state '{d.name}' has shape {list(dims)}", d.loc,
+            raise SpecError(f"state '{d.name}' has shape {shown}", d.loc,
                             "feature dims only, at most two: [], [K] or [K, V]")
         return
     if tuple(dims[:3]) != ("B", "T", "H") or len(features) > 1:
-        raise SpecError(f"{d.kind} '{d.name}' has shape {list(dims)}", d.loc,
+        raise SpecError(f"{d.kind} '{d.name}' has shape {shown}", d.loc,
                         "[B, T, H] (one value per token and head) or [B, T, H, D] (a vector per token)")
 
 
-def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, targets) -> Stage:
-    """`targets` are the names this stage must assign (outputs in merge, states in inter)."""
+def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, targets, roles) -> Stage:
+    """`targets` are the names this stage must assign (outputs in merge, states in inter);
+    `roles` maps declared names to input/output/state."""
     if stage is None:
         return Stage(name, ())
     low = _StageLowering(name, visible, funcs, counter)
@@ -272,8 +294,11 @@ def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, ta
             low.current.pop(a.target)  # outputs are write-only; states read as incoming
             continue
         if kind in ("input", "param", "dim", "builtin", "state") or kind.startswith("hidden:"):
-            raise SpecError(f"cannot assign to {kind.split(':')[0]} '{a.target}' in {name}", a.loc,
-                            f"a new local name" + (f" or one of {', '.join(targets)}" if targets else ""))
+            role = roles.get(a.target, kind)
+            where = {"output": " (outputs are assigned in merge)", "state": " (states are updated in inter)"}
+            raise SpecError(f"cannot assign to {role} '{a.target}' in {name}", a.loc,
+                            f"a new local name" + (f" or one of {', '.join(targets)}" if targets else "")
+                            + where.get(role, ""))
         if a.target.startswith("_"):
             raise SpecError(f"'{a.target}': names starting with '_' are reserved", a.loc, "a name without '_' prefix")
         low.assign(a)

@@ -21,6 +21,9 @@ def leaf_types(spec: Spec) -> dict[str, TileType]:
     return env
 
 
+_SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}
+
+
 def _fmt(t: TileType) -> str:
     return "scalar" if t.rank == 0 else f"{t}"
 
@@ -36,7 +39,8 @@ def _broadcast(a: TileType, b: TileType, op: Op) -> TileType:
         elif x == _ONE:
             out.append(y)
         else:
-            raise SpecError(f"cannot broadcast {_fmt(a)} with {_fmt(b)} in '{op.kind}'", op.loc,
+            raise SpecError(f"cannot broadcast {_fmt(a)} with {_fmt(b)} in '{_SYMBOLS.get(op.kind, op.kind)}'",
+                            op.loc,
                             "shapes equal or 1 per axis, aligned from the right (add [:, None] to make a column)")
     return TileType(tuple(out))
 
@@ -98,7 +102,7 @@ def infer_shapes(spec: Spec) -> Spec:
             args = [SCALAR if isinstance(a, float) else env[a] for a in op.args[:n_args]]
             t = op_type(op, args)
             if t.rank > 2:
-                raise SpecError(f"'{op.out}' would have 3 or more axes ({t})", op.loc, "tiles of at most 2 axes")
+                raise SpecError(f"this expression would have 3 or more axes ({t})", op.loc, "tiles of at most 2 axes")
             env[op.out] = t
             ops.append(op.typed(t))
         stages.append(Stage(stage.name, tuple(ops)))

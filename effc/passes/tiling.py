@@ -17,8 +17,9 @@ from .legality import Legality
 
 BLOCK = sympy.Symbol("BLOCK", positive=True, integer=True)  # block of the split dim
 SEGMENTS = sympy.Symbol("P", positive=True, integer=True)
-TARGET_PROGRAMS_PER_SM = 2
-REGISTER_BUDGET = 160  # fp32 registers per thread we let live tiles take (of 255)
+PROGRAMS_PER_SM = 2  # 4-warp programs near 255 registers: two fit an SM's register file
+SUMMARY_COST = 0.5  # a summary chunk step costs about half a walk chunk step (no q, no output)
+FOLD_COST = 0.25  # folding one earlier segment's summary (two state-sized loads) vs a walk chunk step
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,26 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
     return TilingSpace(split, tuple(cons), sympy.simplify(live))
 
 
+def _segments(legality: Legality, programs: int, n_chunks: int, slots: int) -> tuple[int, str]:
+    """Cut the walk into P segments to fill the GPU. A wave of `slots` programs runs at once;
+    time ~ waves(walk) * (chunks per segment + FOLD_COST * (P - 1))
+           + SUMMARY_COST * waves(summary) * chunks per segment."""
+    if not legality.segmentable:
+        return 1, "one fused walk over all chunks: a general transition cannot be segmented"
+
+    def cost(p: int) -> float:
+        per = math.ceil(n_chunks / p)
+        summary = SUMMARY_COST * math.ceil(programs * (p - 1) / slots) * per if p > 1 else 0.0
+        return math.ceil(programs * p / slots) * (per + FOLD_COST * (p - 1)) + summary
+
+    best = min(range(1, min(n_chunks, 64) + 1), key=lambda p: (cost(p), p))
+    if best == 1:
+        return 1, f"one fused walk over all chunks: {programs} programs for {slots} slots; the state never leaves the chip"
+    per = math.ceil(n_chunks / best)
+    return best, (f"{programs} programs for {slots} slots: {best} segments of {per} chunks run in parallel, "
+                  f"stitched through per-segment summaries (wave model cost {cost(best):.0f} vs {cost(1):.0f} unsegmented)")
+
+
 def _check(space: TilingSpace, values: dict) -> None:
     for c, why in space.constraints:
         ok = c.subs(values)
@@ -123,18 +144,8 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     n_split = split_size // block
     programs = n_split * problem.B * problem.H
     if segments is None:
-        target = TARGET_PROGRAMS_PER_SM * problem.sm_count
-        if legality.segmentable and programs < target and n_chunks >= 4:
-            want = math.ceil(target / programs)
-            per = max(2, math.ceil(n_chunks / want))
-            segments = math.ceil(n_chunks / per)
-            reasons.append(f"{programs} programs fill {problem.sm_count} SMs poorly: {segments} segments of "
-                           f"{per} chunks run in parallel, stitched through per-segment summaries")
-        else:
-            segments = 1
-            why = ("a general transition cannot be segmented" if not legality.segmentable
-                   else f"{programs} programs already fill the GPU" if programs >= target else "few chunks")
-            reasons.append(f"one fused walk over all chunks: {why}; the state never leaves the chip")
+        segments, why = _segments(legality, programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
+        reasons.append(why)
     segments = max(1, min(segments, n_chunks))
     if segments > 1 and not legality.segmentable:
         raise SpecError(f"spec '{spec.name}' cannot run in {segments} segments: "
@@ -143,10 +154,8 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     if space.split_dim:
         values[BLOCK] = block
     _check(space, values)
-    live = int(space.live_fp32.subs(values))
     if num_warps is None:
         num_warps = 4
-        while num_warps < 8 and live / (32 * num_warps) > REGISTER_BUDGET:
-            num_warps *= 2
-        reasons.append(f"{num_warps} warps: ~{live} live fp32 values, {live // (32 * num_warps)} per thread")
+        live = int(space.live_fp32.subs(values))
+        reasons.append(f"4 warps, ~{live // 128} live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)")
     return TileConfig(c, block, segments, num_warps, num_stages or 1, tuple(reasons))
