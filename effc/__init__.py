@@ -21,7 +21,8 @@ def loads(text: str, name: str | None = None, backend: str = "triton"):
     return AttentionOp(compile_text(text, name), backend)
 
 
-def library() -> list[str]:
+def library_names() -> list[str]:
+    """Names of the specs in the library (`effc.load(name)` compiles one)."""
     from .library import library_files
     return [p.stem for p in library_files()]
 

@@ -12,9 +12,15 @@ class Loc:
     line: int
     column: int
     text: str = ""  # the whole source line, for the caret display
+    via: "Loc | None" = None  # inside a def's body: where the stage called that def
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.column}"
+
+    def caret(self) -> str:
+        """The source line and a caret under the column (tabs kept, so the caret lines up)."""
+        pad = "".join(c if c == "\t" else " " for c in self.text[:self.column - 1])
+        return f"\n  {self.text}\n  {pad}^"
 
 
 class SpecError(Exception):
@@ -29,7 +35,10 @@ class SpecError(Exception):
         if self.expected:
             head += f"\n  expected: {self.expected}"
         if self.loc and self.loc.text:
-            head += f"\n  {self.loc.text}\n  {' ' * (self.loc.column - 1)}^"
+            head += self.loc.caret()
+        if self.loc and self.loc.via:
+            head += f"\n  note: in the def called at {self.loc.via}"
+            head += self.loc.via.caret() if self.loc.via.text else ""
         return head
 
 

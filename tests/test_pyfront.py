@@ -20,7 +20,7 @@ from effc.runtime.checks import interpreting
 HERE = Path(__file__)
 
 
-@attention_spec(chunk=64)
+@attention_spec(chunk=32)
 def gla(q: Input("B", "T", "H", "K"), k: Input("B", "T", "H", "K"), v: Input("B", "T", "H", "V"),
         g: Input("B", "T", "H", "K", "logdecay")) -> Output("o", "B", "T", "H", "V"):
     S = State("K", "V")

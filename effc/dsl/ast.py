@@ -108,6 +108,8 @@ class SpecDef:
     stages: tuple[Stage, ...]
     extends: str | None = None
     loc: Loc = _loc()
+    chunk_loc: Loc = _loc()  # the 'chunk N' line, for errors (the spec's own loc when absent)
+    extends_loc: Loc = _loc()  # the name after 'extends', for errors
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ _TOKEN_NAMES = {
     "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
     "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
     "SLASH": "'/'", "AT": "'@'", "DOT": "'.'", "STAGE": "a stage (intra, inter, merge)",
-    "TRANSPOSE": "'T'", "NONE": "'None'", "__ANON_0": "'**'", "$END": "end of file",
+    "TRANSPOSE": "'T'", "NONE": "'None'", "$END": "end of file",
     "SPEC": "'spec'", "IMPORT": "'import'", "DEF": "'def'", "INPUT": "'input'", "OUTPUT": "'output'",
     "STATE": "'state'", "PARAM": "'param'", "CHUNK": "'chunk'", "EXTENDS": "'extends'",
 }
@@ -28,9 +28,29 @@ def _lark() -> lark.Lark:
     return lark.Lark(_GRAMMAR.read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
+# Terminals spelled like names: using one where a name is expected gets a hint.
+_KEYWORDS = {"SPEC", "IMPORT", "DEF", "EXTENDS", "INPUT", "OUTPUT", "STATE", "PARAM", "CHUNK", "NONE", "STAGE"}
+
+
+def _token_name(t: str) -> str:
+    if t in _TOKEN_NAMES:
+        return _TOKEN_NAMES[t]
+    term = next((x for x in _lark().terminals if x.name == t), None)
+    if term is not None and isinstance(term.pattern, lark.lexer.PatternStr):  # anonymous, e.g. __ANON_0 for '**'
+        return f"'{term.pattern.value}'"
+    return f"'{t.lower()}'" if t.isupper() else t
+
+
 def _expected(tokens) -> str:
-    names = sorted({_TOKEN_NAMES.get(t, f"'{t.lower()}'" if t.isupper() else t) for t in tokens})
-    return ", ".join(names)
+    return ", ".join(sorted({_token_name(t) for t in tokens}))
+
+
+def _accepts(e: lark.exceptions.UnexpectedInput, fallback) -> set[str]:
+    """The terminals the parser could take where it stopped (the lexer's `allowed` over-approximates)."""
+    try:
+        return e.interactive_parser.accepts() or set(fallback)
+    except Exception:  # noqa: BLE001 - only a nicer "expected" list is lost
+        return set(fallback)
 
 
 class _Builder(lark.Transformer):
@@ -116,14 +136,15 @@ class _Builder(lark.Transformer):
     @lark.v_args(meta=True)
     def spec(self, meta, c):
         name, extends, members = str(c[0]), (str(c[1]) if c[1] is not None else None), c[2:]
+        extends_loc = self._loc(c[1]) if c[1] is not None else self._loc(meta)
         decls = tuple(m for m in members if isinstance(m, ast.Decl))
         params = tuple(m for m in members if isinstance(m, ast.Param))
         stages = tuple(m for m in members if isinstance(m, ast.Stage))
         chunks = [m for m in members if isinstance(m, tuple)]
         if len(chunks) > 1:
             raise SpecError("chunk size declared twice", chunks[1][2], "one 'chunk N' line per spec")
-        chunk = chunks[0][1] if chunks else None
-        return ast.SpecDef(name, decls, params, chunk, stages, extends, self._loc(meta))
+        chunk, chunk_loc = (chunks[0][1], chunks[0][2]) if chunks else (None, self._loc(meta))
+        return ast.SpecDef(name, decls, params, chunk, stages, extends, self._loc(meta), chunk_loc, extends_loc)
 
     @lark.v_args(meta=True)
     def def_stmt(self, meta, c):
@@ -132,7 +153,7 @@ class _Builder(lark.Transformer):
 
     @lark.v_args(meta=True)
     def import_stmt(self, meta, c):
-        return ("import", str(c[0])[1:-1], self._loc(meta))
+        return ("import", str(c[0])[1:-1], self._loc(c[0]))  # point at the file name
 
     def start(self, c):
         return list(c)
@@ -140,12 +161,21 @@ class _Builder(lark.Transformer):
 
 def _syntax_error(e: lark.exceptions.LarkError, file: str, lines: list[str]) -> SpecError:
     line, col = getattr(e, "line", 0), getattr(e, "column", 0)
+    if isinstance(e, lark.UnexpectedToken) and e.token.type == "$END":  # just after the last token
+        line, col = getattr(e.token, "end_line", None) or line, getattr(e.token, "end_column", None) or col
+    if not isinstance(line, int) or not isinstance(col, int):  # lark uses '?' when it has no position
+        line, col = 0, 0
     loc = Loc(file, line, col, lines[line - 1] if 0 < line <= len(lines) else "")
     if isinstance(e, lark.UnexpectedToken):
-        tok = "end of file" if e.token.type == "$END" else f"'{e.token}'"
-        return SpecError(f"unexpected {tok}", loc, _expected(e.accepts or e.expected))
+        expected = _accepts(e, e.expected)
+        if e.token.type == "$END":
+            return SpecError("unexpected end of file", loc, _expected(expected))
+        hint = " (a keyword, not usable as a name)" if e.token.type in _KEYWORDS and "NAME" in expected else ""
+        return SpecError(f"unexpected '{e.token}'{hint}", loc, _expected(expected))
     if isinstance(e, lark.UnexpectedCharacters):
-        return SpecError(f"unexpected character {lines[line - 1][col - 1]!r}", loc, _expected(e.allowed))
+        if e.char == '"' and "STRING" in e.allowed:
+            return SpecError("unterminated string", loc, 'a closing " on the same line')
+        return SpecError(f"unexpected character {e.char!r}", loc, _expected(_accepts(e, e.allowed)))
     if isinstance(e, lark.UnexpectedEOF):
         return SpecError("unexpected end of file", loc, _expected(e.expected))
     if isinstance(e, lark.exceptions.VisitError) and isinstance(e.orig_exc, SpecError):
@@ -176,7 +206,18 @@ def parse(text: str, file: str = "<string>", _seen: frozenset[str] = frozenset()
         else:
             specs.append(item)
     local = tuple(i.name for i in items if isinstance(i, ast.SpecDef))
+    _check_unique([i for i in items if isinstance(i, ast.SpecDef)], "spec")
+    _check_unique([i for i in items if isinstance(i, ast.FuncDef)], "def")
     return ast.Module(tuple(funcs), tuple(specs), file, local)
+
+
+def _check_unique(items, what: str) -> None:
+    first: dict[str, Loc] = {}
+    for i in items:
+        if i.name in first:
+            raise SpecError(f"{what} '{i.name}' is defined twice (first at {first[i.name]})", i.loc,
+                            f"one {what} per name in a file")
+        first[i.name] = i.loc
 
 
 def _import(target: str, loc: Loc, file: str, seen: frozenset[str]) -> ast.Module:
