@@ -5,7 +5,7 @@ from __future__ import annotations
 import sympy
 
 from ...ir import ops as O
-from ...ir.nodes import Op, Spec
+from ...ir.nodes import C, Op, Spec
 
 _UNARY = {
     "neg": "-({0})", "exp": "tl.exp({0})", "exp2": "tl.exp2({0})", "log": "tl.log({0})",
@@ -67,12 +67,16 @@ class TritonPrinter:
         if k == "cumsum":
             return f"tl.cumsum({a[0]}, axis=0)"
         if k == "revcumsum":
-            return f"tl.cumsum({a[0]}, axis=0, reverse=True)"
+            mask = "tv" + ("[:, None]" if self.types[op.args[0]].rank == 2 else "")
+            return f"tl.cumsum(tl.where({mask}, {a[0]}, 0.0), axis=0, reverse=True)"
         if k == "last":
             sel = "(r_C == n_valid - 1)" + ("[:, None]" if self.types[op.args[0]].rank == 2 else "")
             return f"tl.sum(tl.where({sel}, {a[0]}, 0.0), axis=0)"
         if k in O.REDUCTIONS:
             axis, how = O.REDUCTIONS[k]
+            if axis == 0:  # over tokens: padded rows do not exist
+                fill = "0.0" if how == "sum" else '-float("inf")'
+                a[0] = f"tl.where(tv[:, None], {a[0]}, {fill})"
             return f"tl.{how}({a[0]}, axis={axis})"
         if k == "expand":
             return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
@@ -91,6 +95,8 @@ class TritonPrinter:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
         if kk == _ONE:  # an outer product
             return f"({a[0]} * {a[1]})"
+        if kk == C:  # contracting over tokens: padded rows do not exist
+            a = [a[0], f"tl.where(tv[:, None], {a[1]}, 0.0)"]
         if m == _ONE or n == _ONE:  # tl.dot needs 16 rows and columns: reduce a broadcast product instead
             return f"tl.sum({a[0]}[:, :, None] * {a[1]}[None, :, :], axis=1)"
         return f"tl.dot({a[0]}.to(DOT_DTYPE), {a[1]}.to(DOT_DTYPE), input_precision=PRECISION)"

@@ -1,0 +1,57 @@
+"""Independent references, written by hand from the papers, token by token (float64).
+They share nothing with effc's oracle: that is the point."""
+import math
+
+import torch
+
+
+def diagonal_recurrence(q, k, v, decay, scale, initial_state=None):
+    """S_t = diag(decay_t) S_{t-1} + k_t v_t^T ; o_t = scale * q_t^T S_t.
+    q, k, decay: (B, T, H, K); v: (B, T, H, V)."""
+    q, k, v, decay = (x.double() for x in (q, k, v, decay))
+    B, T, H, K = q.shape
+    S = initial_state.double().clone() if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1])
+    out = []
+    for t in range(T):
+        S = decay[:, t, :, :, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(out, 1), S
+
+
+def _per_head(values, like):
+    B, T, H, K = like.shape
+    return values.double().reshape(1, 1, H, 1).expand(B, T, H, K)
+
+
+def linear_attn(q, k, v, initial_state=None):
+    return diagonal_recurrence(q, k, v, torch.ones_like(q), q.shape[-1] ** -0.5, initial_state)
+
+
+def retention(q, k, v, initial_state=None):
+    H = q.shape[2]
+    gamma = torch.tensor([1 - 2.0 ** (-5 - h) for h in range(H)], dtype=torch.float64)
+    return diagonal_recurrence(q, k, v, _per_head(gamma, q), q.shape[-1] ** -0.5, initial_state)
+
+
+def lightning(q, k, v, initial_state=None):
+    H = q.shape[2]
+    gamma = torch.tensor([math.exp(-(2.0 ** (-8 * (h + 1) / H))) for h in range(H)], dtype=torch.float64)
+    return diagonal_recurrence(q, k, v, _per_head(gamma, q), q.shape[-1] ** -0.5, initial_state)
+
+
+def simple_gla(q, k, v, g, initial_state=None):
+    return diagonal_recurrence(q, k, v, g.double().exp()[..., None].expand_as(q.double()), q.shape[-1] ** -0.5,
+                               initial_state)
+
+
+def gla(q, k, v, g, initial_state=None):
+    return diagonal_recurrence(q, k, v, g.double().exp(), q.shape[-1] ** -0.5, initial_state)
+
+
+def hgrn2(q, v, g, initial_state=None):
+    f = g.double().exp()
+    return diagonal_recurrence(q, 1 - f, v, f, 1.0, initial_state)
+
+
+NAIVE = {"linear_attn": linear_attn, "retention": retention, "lightning": lightning,
+         "simple_gla": simple_gla, "gla": gla, "hgrn2": hgrn2}

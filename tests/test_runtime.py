@@ -1,0 +1,65 @@
+"""The op boundary: bad tensors get errors that name the argument and the expected shape;
+the generated module is cached on disk by a hash of its source."""
+import pytest
+import torch
+
+import effc
+from effc.errors import ArgumentError
+from effc.runtime.verify import random_inputs
+
+OP = effc.load("gla")
+GOOD = random_inputs(OP.spec, 1, 20, 2, {"K": 16, "V": 16})
+
+
+def _call(*xs, **kw):
+    return OP(*xs, chunk=16, **kw)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda q, k, v, g: (q, k, v), "gla takes 4 tensors (q, k, v, g), got 3"),
+    (lambda q, k, v, g: (q[0], k, v, g), "argument 'q' must have shape (B, T, H, K), got (20, 2, 16)"),
+    (lambda q, k, v, g: (q, k[:, :10], v, g), "argument 'k' has T=10 but 'q' has T=20"),
+    (lambda q, k, v, g: (q, k, v, g[..., :8]), "argument 'g' has K=8 but 'q' has K=16"),
+    (lambda q, k, v, g: (q, k, v.to(torch.int32), g), "argument 'v' has dtype torch.int32"),
+    (lambda q, k, v, g: (q, k, v.numpy(), g), "argument 'v' must be a torch.Tensor of shape (B, T, H, V)"),
+])
+def test_bad_tensors_are_named(mutate, message):
+    with pytest.raises(ArgumentError) as e:
+        _call(*mutate(*GOOD))
+    assert message in str(e.value)
+
+
+def test_bad_initial_state():
+    with pytest.raises(ArgumentError, match=r"initial_state 'S' must have shape \(1, 2, 16, 16\) \(B, H, K, V\)"):
+        _call(*GOOD, initial_state=torch.zeros(1, 2, 16))
+    with pytest.raises(ArgumentError, match="initial_state must hold 1 tensor"):
+        _call(*GOOD, initial_state=(torch.zeros(1, 2, 16, 16),) * 2)
+
+
+def test_unknown_param_and_bad_tiling():
+    with pytest.raises(ArgumentError, match=r"gla has no parameter\(s\) \['temperature'\]"):
+        _call(*GOOD, temperature=2.0)
+    with pytest.raises(effc.SpecError, match="tiling constraint BLOCK >= 16 fails"):
+        _call(*GOOD, block=12)
+
+
+def test_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ArgumentError, match="CPU tensors need TRITON_INTERPRET=1"):
+        _call(*GOOD)
+
+
+def test_backward_not_derived_yet_is_explicit():
+    xs = [x.clone().requires_grad_() for x in GOOD]
+    o, _ = _call(*xs)
+    with pytest.raises(NotImplementedError, match="backward of 'gla'"):
+        o.sum().backward()
+
+
+def test_module_cached_on_disk_by_source_hash(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path))
+    op = effc.load("retention")
+    op.module  # noqa: B018 - compiles and caches
+    files = list((tmp_path / "kernels").glob("effc_gen_retention_*.py"))
+    assert len(files) == 1 and files[0].read_text() == op.comp.source()
+    assert effc.load("retention").module is op.module  # same source, same module
