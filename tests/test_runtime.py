@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import effc
+import effc.library
 from effc.errors import ArgumentError
 from effc.runtime.verify import random_inputs
 
@@ -58,8 +59,9 @@ def test_backward_not_derived_yet_is_explicit():
 
 def test_module_cached_on_disk_by_source_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path))
-    op = effc.load("retention")
+    text = (effc.library.LIBRARY_DIR / "linear_attn.attn").read_text().replace("linear_attn", "cache_probe")
+    op = effc.loads(text)
     op.module  # noqa: B018 - compiles and caches
-    files = list((tmp_path / "kernels").glob("effc_gen_retention_*.py"))
+    files = list((tmp_path / "kernels").glob("effc_gen_cache_probe_*.py"))
     assert len(files) == 1 and files[0].read_text() == op.comp.source()
-    assert effc.load("retention").module is op.module  # same source, same module
+    assert effc.loads(text).module is op.module  # same source, same module
