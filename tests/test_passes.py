@@ -127,14 +127,15 @@ def test_lower_later_stages_read_the_latest_value_of_a_reassigned_local():
 
 @pytest.mark.xfail(strict=True, reason="lower: SSA names are not unique: merge re-assigning an intra local reuses "
                                        "its name (the walk kernel's inter then reads merge's value, the summary "
-                                       "kernel intra's); a generated name a_N can collide with a user's a_N")
-@pytest.mark.parametrize("stages", [
-    "intra { a = q * 2 }\n merge {\n a = a + 1\n o = a @ S }",
-    "intra {\n a_4 = q * 3\n a = q * 2\n a = a + 1\n }\n merge { o = a_4 @ S }",
-])
-def test_lower_defines_each_ssa_name_once(stages):
+                                       "kernel intra's); generated names (a_N, S_next_) can collide with a user's")
+@pytest.mark.parametrize("old, new", [
+    ("merge { o = q @ S }", "intra { a = q * 2 }\n merge {\n a = a + 1\n o = a @ S }"),
+    ("merge { o = q @ S }", "intra {\n a_4 = q * 3\n a = q * 2\n a = a + 1\n }\n merge { o = a_4 @ S }"),
+    ("S = S * gamma + k.T @ v", "S_next_ = k.T @ v\n S = S * gamma + S_next_"),
+], ids=["merge-reassigns-intra-local", "user-a_4-vs-generated-a_4", "user-S_next_"])
+def test_lower_defines_each_ssa_name_once(old, new):
     try:
-        spec = compile_text(edit(LA, "merge { o = q @ S }", stages)).ir
+        spec = compile_text(edit(LA, old, new)).ir
     except SpecError:
         return  # rejecting the spec is fine too
     outs = [op.out for st in spec.stages for op in st.ops]
