@@ -31,6 +31,16 @@ def _parse_dims(text: str) -> dict[str, int]:
     return out
 
 
+def _parse_shape(text: str) -> tuple[int, int, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise typer.BadParameter(f"'{text}': expected B,T,H as three integers, e.g. 2,100,2", param_hint="--shape")
+    return tuple(int(p) for p in parts)
+
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def _use_interpreter_without_gpu() -> bool:
     """Without a GPU, generated kernels run under Triton's interpreter (set before triton loads)."""
     import torch
@@ -75,7 +85,7 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
         elif stage == "legality":
             typer.echo(str(comp.legality))
         elif stage == "tiled":
-            B, T, H = (int(x) for x in shape.split(","))
+            B, T, H = _parse_shape(shape)
             sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
             typer.echo(str(tiling_space(comp.typed, comp.legality)))
             cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
@@ -101,7 +111,7 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
     try:
         comp = _compilation(spec)
         source = comp.source(backend)
-        B, T, H = (int(x) for x in shape.split(","))
+        B, T, H = _parse_shape(shape)
         sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
         cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
     except (SpecError, NotImplementedError) as e:
@@ -133,8 +143,10 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
     from .runtime.verify import judge_fp32, judge_low_precision, random_inputs, random_state
     try:
         op = AttentionOp(_compilation(spec))
-        B, T, H = (int(x) for x in shape.split(","))
+        B, T, H = _parse_shape(shape)
         sizes = {d: 32 for d in op.spec.dims} | _parse_dims(dims)
+        if dtype not in _DTYPES:
+            raise typer.BadParameter(f"'{dtype}': expected one of {', '.join(_DTYPES)}", param_hint="--dtype")
         dt = getattr(torch, dtype)
         if interp and dt != torch.float32:
             raise ArgumentError("low-precision checks need a GPU: Triton's interpreter computes bf16 dots wrongly")

@@ -94,7 +94,7 @@ def test_lower_inlines_defs_merges_extends_and_renames():
     }
     """
     # merge comes from base with sq inlined; chunk, param and inter from child; the second
-    # `w` gets a fresh SSA name; the new state value is S_next_; temporaries are _N
+    # `w` gets a fresh SSA name; the new state value is _next_S; temporaries are _N
     golden(print_spec(compile_text(src, "child").ir), """
         spec child (chunk 32)
           input k[B, T, H, K] tile [C, K]
@@ -108,16 +108,14 @@ def test_lower_inlines_defs_merges_extends_and_renames():
             o = matmul(_1, S)
           inter:
             w = mul(k, 0.5)
-            w_5 = add(w, 1.0)
+            _w_5 = add(w, 1.0)
             _6 = mul(S, gamma)
-            _7 = transpose(w_5)
+            _7 = transpose(_w_5)
             _8 = matmul(_7, v)
-            S_next_ = add(_6, _8)
+            _next_S = add(_6, _8)
     """)
 
 
-@pytest.mark.xfail(strict=True, reason="lower: a local re-assigned in intra is read in merge/inter at its FIRST "
-                                       "SSA value (merge sees 'a', not 'a_3')")
 def test_lower_later_stages_read_the_latest_value_of_a_reassigned_local():
     reassigned = effc.loads(edit(LA, "merge { o = q @ S }", "intra {\n a = q * 2\n a = a + 1\n }\n merge { o = a @ S }"))
     inline = effc.loads(edit(LA, "merge { o = q @ S }", "intra { a = q * 2 + 1 }\n merge { o = a @ S }"))
@@ -125,14 +123,11 @@ def test_lower_later_stages_read_the_latest_value_of_a_reassigned_local():
     assert max_err(reassigned.reference(*xs)[0], inline.reference(*xs)[0]) < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason="lower: SSA names are not unique: merge re-assigning an intra local reuses "
-                                       "its name (the walk kernel's inter then reads merge's value, the summary "
-                                       "kernel intra's); generated names (a_N, S_next_) can collide with a user's")
 @pytest.mark.parametrize("old, new", [
     ("merge { o = q @ S }", "intra { a = q * 2 }\n merge {\n a = a + 1\n o = a @ S }"),
     ("merge { o = q @ S }", "intra {\n a_4 = q * 3\n a = q * 2\n a = a + 1\n }\n merge { o = a_4 @ S }"),
-    ("S = S * gamma + k.T @ v", "S_next_ = k.T @ v\n S = S * gamma + S_next_"),
-], ids=["merge-reassigns-intra-local", "user-a_4-vs-generated-a_4", "user-S_next_"])
+    ("S = S * gamma + k.T @ v", "_next_S = k.T @ v\n S = S * gamma + _next_S"),
+], ids=["merge-reassigns-intra-local", "user-a_4-vs-generated-a_4", "user-_next_S"])
 def test_lower_defines_each_ssa_name_once(old, new):
     try:
         spec = compile_text(edit(LA, old, new)).ir
@@ -170,7 +165,7 @@ def test_infer_shapes_types_every_op_with_broadcasting():
             _12 : [C, K] = mul(k, _11)
             _13 : [K, C] = transpose(_12)
             _14 : [K, V] = matmul(_13, v)
-            S_next_ : [K, V] = add(_8, _14)
+            _next_S : [K, V] = add(_8, _14)
     """)
 
 
@@ -283,7 +278,7 @@ def test_fuse_summary_drops_merge_and_dead_code():
     # and also returns the decay _8, whose product over a segment it accumulates
     golden(str(fuse(spec, analyze(spec))), """
         fused:
-          kernel summary [intra + inter] -> S_next_, _8
+          kernel summary [intra + inter] -> _next_S, _8
             b : [C] = cumsum(g)
             bl : [] = last(b)
             _8 : [] = exp(bl)
@@ -294,8 +289,8 @@ def test_fuse_summary_drops_merge_and_dead_code():
             _13 : [C, K] = mul(k, _12)
             _14 : [K, C] = transpose(_13)
             _15 : [K, V] = matmul(_14, v)
-            S_next_ : [K, V] = add(_9, _15)
-          kernel walk [intra + merge + inter] -> o, S_next_
+            _next_S : [K, V] = add(_9, _15)
+          kernel walk [intra + merge + inter] -> o, _next_S
             b : [C] = cumsum(g)
             _3 : [C] = exp(b)
             _4 : [C, 1] = expand(_3, [:, None])
@@ -310,7 +305,7 @@ def test_fuse_summary_drops_merge_and_dead_code():
             _13 : [C, K] = mul(k, _12)
             _14 : [K, C] = transpose(_13)
             _15 : [K, V] = matmul(_14, v)
-            S_next_ : [K, V] = add(_9, _15)
+            _next_S : [K, V] = add(_9, _15)
     """)
 
 
@@ -340,7 +335,7 @@ def test_plan_loads_only_what_each_kernel_reads():
             _12 : [C, K] = mul(k, _11)
             _13 : [K, C] = transpose(_12)
             _14 : [K, V] = matmul(_13, v)
-            S_next_ : [K, V] = add(_8, _14)
+            _next_S : [K, V] = add(_8, _14)
           kernel walk  grid=(cdiv(V, BLOCK), B*H, P)
             per chunk: load q, k, v, g; store o
             carry S[K,V] on chip
@@ -358,7 +353,7 @@ def test_plan_loads_only_what_each_kernel_reads():
             _12 : [C, K] = mul(k, _11)
             _13 : [K, C] = transpose(_12)
             _14 : [K, V] = matmul(_13, v)
-            S_next_ : [K, V] = add(_8, _14)
+            _next_S : [K, V] = add(_8, _14)
     """)
 
 
@@ -377,7 +372,7 @@ def test_emit_module_key_lines_and_valid_python():
         "for seg in tl.range(0, pid_p):  # fold the summaries of earlier segments",
         "v_S = v_S * tl.load(S_segd_ptr + seg_offs) + tl.load(S_segw_ptr + seg_offs)",
         "d_S = d_S * v__7",  # the summary accumulates the decay
-        "v_S = v_S_next_",
+        "v_S = v__next_S",
     ]:
         assert line in src, line
     compile(src, "gated_triton.py", "exec")
@@ -394,13 +389,9 @@ def _segmented_vs_oracle(text: str):
     return max_err(o, ref), max_err(s, ref_s)
 
 
-@pytest.mark.xfail(strict=True, reason="codegen: a param decay (S * gamma) is emitted as v_gamma in the summary "
-                                       "kernel (params are p_gamma): NameError whenever segments > 1")
 def test_segmented_walk_with_a_param_decay_matches_the_oracle():
     assert max(_segmented_vs_oracle(LA)) < 1e-3
 
 
-@pytest.mark.xfail(strict=True, reason="fusion/plan: a constant decay (S * 0.5) is not a str, so the summary "
-                                       "kernel never multiplies it into d_S; segments > 1 give wrong results")
 def test_segmented_walk_with_a_constant_decay_matches_the_oracle():
     assert max(_segmented_vs_oracle(edit(LA, "S * gamma", "S * 0.5"))) < 1e-3

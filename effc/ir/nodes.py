@@ -112,4 +112,4 @@ class Spec:
 
 def next_state_name(state: str) -> str:
     """The SSA name of a state's value leaving the chunk (assigned in `inter`)."""
-    return f"{state}_next_"
+    return f"_next_{state}"

@@ -52,7 +52,8 @@ def fuse(spec: Spec, legality: Legality) -> Fused:
     walk_roots = tuple(o.name for o in spec.outputs) + nexts
     kernels = [FusedKernel("walk", ("intra", "merge", "inter"), live_ops(all_ops, walk_roots), walk_roots)]
     if legality.segmentable:
-        decays = tuple(t.decay for t in legality.transitions if isinstance(t.decay, str))
+        computed = {op.out for op in all_ops}  # a decay may also be a param, an input or a constant
+        decays = tuple(t.decay for t in legality.transitions if t.decay in computed)
         roots = nexts + decays
         kernels.insert(0, FusedKernel("summary", ("intra", "inter"), live_ops(spec.intra.ops + spec.inter.ops, roots),
                                       roots))

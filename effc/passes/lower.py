@@ -74,10 +74,12 @@ def _param_default(expr: ast.Expr, dims: set[str], params: dict[str, sympy.Expr]
 class _StageLowering:
     """Flattens one stage's assignments into SSA ops, checking that every name is visible."""
 
-    def __init__(self, stage: str, visible: dict[str, str], funcs: dict[str, ast.FuncDef], counter):
+    def __init__(self, stage: str, visible: dict[str, str], funcs: dict[str, ast.FuncDef], counter,
+                 inherited: dict[str, str], taken: set[str]):
         self.stage, self.visible, self.funcs, self.counter = stage, dict(visible), funcs, counter
         self.ops: list[Op] = []
-        self.current: dict[str, str] = {}  # user name -> its latest SSA name in this stage
+        self.current: dict[str, str] = dict(inherited)  # user name -> its latest SSA name
+        self.taken = taken  # SSA names defined in any stage so far
 
     def fresh(self) -> str:
         self.counter[0] += 1
@@ -85,6 +87,7 @@ class _StageLowering:
 
     def emit(self, kind: str, args, loc: Loc, out: str | None = None) -> str:
         out = out or self.fresh()
+        self.taken.add(out)
         self.ops.append(Op(out, kind, tuple(args), None, loc))
         return out
 
@@ -158,13 +161,14 @@ class _StageLowering:
 
     def assign(self, a: ast.Assign, out: str | None = None) -> None:
         value = self.expr(a.value)
-        if out is None and a.target in self.current:
-            out = f"{a.target}_{self.fresh()[1:]}"  # re-assignment: a new SSA name
+        if out is None and (a.target in self.current or a.target in self.taken):
+            out = f"_{a.target}{self.fresh()}"  # re-assignment: a new SSA name ('_' is never a user's)
         out = out or a.target
         last = self.ops[-1] if self.ops else None
         if isinstance(value, str) and last is not None and last.out == value and value.startswith("_"):
             # name the temporary directly; it keeps the location of its expression, for shape errors
             self.ops[-1] = Op(out, last.kind, last.args, None, a.value.loc)
+            self.taken.add(out)
         else:
             self.emit("copy", [value], a.loc, out)
         self.current[a.target] = out
@@ -245,17 +249,20 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
     for o in outputs:
         base[o.name] = "hidden:outputs are written by merge, not read"
     counter = [0]
+    taken: set[str] = set()
 
     intra_vis = dict(base)
     intra_vis.update({s.name: "hidden:intra sees only the chunk's own tokens; read states in merge or inter"
                       for s in states})
     roles = {d.name: d.role for d in decls}
-    intra = _lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {}, roles)
+    intra, intra_names = _lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {}, roles, {}, taken)
     after_intra = dict(base)
     after_intra.update({s.name: "state" for s in states})
     after_intra.update({op.out: "local" for op in intra.ops})
-    merge = _lower_stage(stages["merge"], "merge", after_intra, funcs, counter, {o.name: o for o in outputs}, roles)
-    inter = _lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, {s.name: s for s in states}, roles)
+    merge, _ = _lower_stage(stages["merge"], "merge", after_intra, funcs, counter, {o.name: o for o in outputs}, roles,
+                            intra_names, taken)
+    inter, _ = _lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, {s.name: s for s in states},
+                            roles, intra_names, taken)
     return Spec(sdef.name, inputs, outputs, states,
                 tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter)
 
@@ -276,12 +283,14 @@ def _check_shape(d: ast.Decl) -> None:
                         "[B, T, H] (one value per token and head) or [B, T, H, D] (a vector per token)")
 
 
-def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, targets, roles) -> Stage:
+def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, targets, roles, inherited,
+                 taken) -> tuple[Stage, dict[str, str]]:
     """`targets` are the names this stage must assign (outputs in merge, states in inter);
-    `roles` maps declared names to input/output/state."""
+    `roles` maps declared names to input/output/state; `inherited` maps the user names of
+    earlier stages to their SSA names. Returns the stage and its final user -> SSA names."""
     if stage is None:
-        return Stage(name, ())
-    low = _StageLowering(name, visible, funcs, counter)
+        return Stage(name, ()), dict(inherited)
+    low = _StageLowering(name, visible, funcs, counter, inherited, taken)
     assigned: dict[str, Loc] = {}
     for a in stage.body:
         kind = visible.get(a.target, "")
@@ -306,4 +315,4 @@ def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, ta
     if missing:
         raise SpecError(f"{name} does not assign {', '.join(missing)}", stage.loc,
                         f"an assignment '{missing[0]} = ...' in {name}")
-    return Stage(name, tuple(low.ops))
+    return Stage(name, tuple(low.ops)), low.current

@@ -15,7 +15,7 @@ class StatePlan:
     name: str
     dims: tuple[str, ...]
     next: str  # SSA name of the value leaving the chunk
-    decay: str | None  # SSA name of the diagonal decay (segmentable specs), None for identity
+    decay: str | float | None  # the diagonal decay: a value name or a constant (segmentable specs); None: 1
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _used(ops, names) -> tuple[str, ...]:
 
 
 def plan(spec: Spec, legality: Legality, fused: Fused) -> Plan:
-    decays = {t.state: (t.decay if isinstance(t.decay, str) else None) for t in legality.transitions}
+    decays = {t.state: t.decay for t in legality.transitions}
     split = legality.split_dims[0] if legality.split_dims else None
     kernels = []
     for fk in fused.kernels:

@@ -55,6 +55,7 @@ class _KernelView:
     state_offs: dict[str, str]
     seg_offs: dict[str, str]
     state_block: dict[str, str]
+    decay: dict[str, str]  # the expression of each state's diagonal decay (summary kernel)
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -74,7 +75,8 @@ def emit_module(plan: Plan) -> str:
             state_offs={s.name: _row_major("i_bh", s.dims) for s in kp.states},
             seg_offs={s.name: _row_major("i_bh * n_segments + seg", s.dims) for s in kp.states},
             state_block={s.name: "[" + ", ".join("BLOCK" if d == plan.split_dim else d for d in s.dims) + "]"
-                         for s in kp.states}))
+                         for s in kp.states},
+            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None}))
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {plan.split_dim or '-'}")
     return _template().render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
                               split=plan.split_dim, summary=summary)
