@@ -125,6 +125,15 @@ def _check_targets(spec: Spec, env) -> None:
                             f"a {want} value")
 
 
+def reduces_tokens(op: Op, types: dict[str, TileType]) -> bool:
+    """Does `op` sum or max over the token axis? Then padded tokens must be masked out of it."""
+    if op.kind == "matmul":
+        return types[op.args[0]].shape[1] == C
+    if op.kind in O.REDUCTIONS:
+        return types[op.args[0]].shape[O.REDUCTIONS[op.kind][0]] == C
+    return op.kind == "revcumsum"
+
+
 def value_types(spec: Spec) -> dict[str, TileType]:
     """Every name's tile type in a shape-checked spec."""
     env = leaf_types(spec)

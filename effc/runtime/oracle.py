@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import ops as O
-from ..ir.nodes import C, Op, Spec, next_state_name
-from ..passes.shapes import value_types
+from ..ir.nodes import Op, Spec, next_state_name
+from ..passes.shapes import reduces_tokens, value_types
 
 _UNARY = {
     "neg": torch.neg, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
@@ -42,7 +42,7 @@ def _valid_rows(x, n_valid: int, axis: int, fill: float = 0.0):
     return torch.where(rows.reshape(shape), x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
 
-def _eval_op(op: Op, args: list, n_valid: int, matmul_dtype=None, token_inner: bool = False):
+def _eval_op(op: Op, args: list, n_valid: int, matmul_dtype=None, over_tokens: bool = False):
     k = op.kind
     if k == "copy":
         return args[0]
@@ -61,7 +61,7 @@ def _eval_op(op: Op, args: list, n_valid: int, matmul_dtype=None, token_inner: b
             a = torch.tensor(a, dtype=b.dtype)
         return _BINARY[k](a, b)
     if k == "matmul":
-        if token_inner:
+        if over_tokens:
             args = [args[0], _valid_rows(args[1], n_valid, -2)]
         if matmul_dtype is not None:  # round the operands like a tensor-core matmul does
             return (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
@@ -83,8 +83,8 @@ def _eval_op(op: Op, args: list, n_valid: int, matmul_dtype=None, token_inner: b
     if k in O.REDUCTIONS:
         axis, how = O.REDUCTIONS[k]
         x = args[0]
-        if axis == 0:  # over the token axis
-            x = _valid_rows(x, n_valid, 2, 0.0 if how == "sum" else -math.inf)
+        if over_tokens:
+            x = _valid_rows(x, n_valid, 2 + axis, 0.0 if how == "sum" else -math.inf)
         return x.sum(2 + axis) if how == "sum" else x.amax(2 + axis)
     if k == "expand":
         x = args[0]
@@ -127,8 +127,7 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
     base["head"] = torch.arange(H, dtype=dtype, device=dev).reshape(1, H)
     base["inf"] = math.inf
     types = value_types(spec)
-    token_inner = {op.out for st in spec.stages for op in st.ops
-                   if op.kind == "matmul" and types[op.args[0]].shape[1] == C}
+    over_tokens = {op.out for st in spec.stages for op in st.ops if reduces_tokens(op, types)}
     outs = {o.name: [] for o in spec.outputs}
     for n in range(n_chunks):
         n_valid = min(chunk, T - n * chunk)
@@ -141,7 +140,7 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
             for op in stage.ops:
                 n_args = 1 if op.kind == "expand" else len(op.args)
                 args = [a if isinstance(a, float) else env[a] for a in op.args[:n_args]]
-                env[op.out] = _eval_op(op, args, n_valid, matmul_dtype, op.out in token_inner)
+                env[op.out] = _eval_op(op, args, n_valid, matmul_dtype, op.out in over_tokens)
         for o in spec.outputs:
             y = _align(env[o.name], o.tile.rank).expand((B, H) + tuple(env[o.name].shape[2:]))
             outs[o.name].append(y.permute(0, 2, 1, *range(3, y.dim())))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sympy
 
 from ...ir import ops as O
-from ...ir.nodes import C, Op, Spec
+from ...ir.nodes import Op, Spec
+from ...passes.shapes import reduces_tokens
 
 _UNARY = {
     "neg": "-({0})", "exp": "tl.exp({0})", "exp2": "tl.exp2({0})", "log": "tl.log({0})",
@@ -74,9 +75,9 @@ class TritonPrinter:
             return f"tl.sum(tl.where({sel}, {a[0]}, 0.0), axis=0)"
         if k in O.REDUCTIONS:
             axis, how = O.REDUCTIONS[k]
-            if axis == 0:  # over tokens: padded rows do not exist
+            if reduces_tokens(op, self.types):  # padded tokens do not exist
                 fill = "0.0" if how == "sum" else '-float("inf")'
-                a[0] = f"tl.where(tv[:, None], {a[0]}, {fill})"
+                a[0] = f"tl.where({'tv[:, None]' if axis == 0 else 'tv[None, :]'}, {a[0]}, {fill})"
             return f"tl.{how}({a[0]}, axis={axis})"
         if k == "expand":
             return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
@@ -95,7 +96,7 @@ class TritonPrinter:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
         if kk == _ONE:  # an outer product
             return f"({a[0]} * {a[1]})"
-        if kk == C:  # contracting over tokens: padded rows do not exist
+        if reduces_tokens(op, self.types):  # contracting over tokens: padded rows do not exist
             a = [a[0], f"tl.where(tv[:, None], {a[1]}, 0.0)"]
         if m == _ONE or n == _ONE:  # tl.dot needs 16 rows and columns: reduce a broadcast product instead
             return f"tl.sum({a[0]}[:, :, None] * {a[1]}[None, :, :], axis=1)"
