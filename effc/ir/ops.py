@@ -11,8 +11,14 @@ MASKS = ("causal", "strict")
 REDUCTIONS = {"rowsum": (1, "sum"), "rowmax": (1, "max"), "colsum": (0, "sum"), "colmax": (0, "max")}
 SCANS = ("cumsum", "revcumsum")  # along the chunk (token) axis, inclusive
 OTHER = ("matmul", "transpose", "last", "expand", "copy")
+# made by the autodiff pass, not callable from specs:
+#   unlast(x): a [C, ...] tile holding x at the last real token, 0 elsewhere (adjoint of last)
+#   total(x): the sum of every element (adjoint of a broadcast from a scalar)
+#   gtz(x), sign(x), ge(a, b): 1.0 / 0.0 (or -1.0) indicator tiles for relu, abs, max/min
+#   bcast(x, like): x broadcast to the shape of `like`
+INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast")
 
-ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + OTHER)
+ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + OTHER + INTERNAL)
 
 # name -> number of arguments for the functions callable in spec text
 CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},

@@ -89,6 +89,16 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
                             f"one ':' per axis of {_fmt(args[0])}")
         it = iter(args[0].shape)
         return TileType(tuple(_ONE if p == 1.0 else next(it) for p in pattern))
+    if k in ("gtz", "sign"):
+        return args[0]
+    if k == "ge":
+        return _broadcast(args[0], args[1], op)
+    if k == "unlast":
+        return TileType((C,) + args[0].shape)
+    if k == "total":
+        return SCALAR
+    if k == "bcast":
+        return args[1]
     raise SpecError(f"no shape rule for '{k}'", op.loc)
 
 

@@ -42,7 +42,7 @@ def _valid_rows(x, n_valid: int, axis: int, fill: float = 0.0):
     return torch.where(rows.reshape(shape), x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
 
-def _eval_op(op: Op, args: list, n_valid: int, matmul_dtype=None, over_tokens: bool = False):
+def _eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, over_tokens: bool = False):
     k = op.kind
     if k == "copy":
         return args[0]
@@ -92,57 +92,136 @@ def _eval_op(op: Op, args: list, n_valid: int, matmul_dtype=None, over_tokens: b
             if new == 1.0:
                 x = x.unsqueeze(2 + pos)
         return x
+    if k == "gtz":
+        return (args[0] > 0).to(args[0].dtype)
+    if k == "sign":
+        return torch.sign(args[0])
+    if k == "ge":
+        a, b = (x if isinstance(x, float) else _align(x, op.type.rank) for x in args)
+        return torch.as_tensor(a >= b).to(a.dtype if torch.is_tensor(a) else b.dtype)
+    if k == "unlast":
+        x = args[0]
+        out = torch.zeros(x.shape[:2] + (chunk,) + x.shape[2:], dtype=x.dtype, device=x.device)
+        out[:, :, n_valid - 1] = x
+        return out
+    if k == "total":
+        return args[0].sum(dim=tuple(range(2, args[0].dim())))
+    if k == "bcast":
+        return torch.zeros_like(args[1]) + _align(args[0], args[1].dim() - 2)
     raise NotImplementedError(f"oracle has no rule for tile op '{k}'")
 
 
+class _Evaluator:
+    """Per-chunk evaluation of IR ops on (B, H, *tile) tensors, shared by forward and backward."""
+
+    def __init__(self, spec: Spec, tensors, params, chunk: int, dtype, matmul_dtype):
+        first = tensors[spec.inputs[0].name]
+        self.B, self.T, self.H = first.shape[:3]
+        self.spec, self.chunk, self.dtype, self.matmul_dtype = spec, chunk, dtype, matmul_dtype
+        dev = self.device = first.device
+        self.dims = {"H": self.H}
+        for d in spec.inputs:
+            self.dims.update(zip(d.dims[3:], tensors[d.name].shape[3:]))
+        self.n_chunks = max(1, math.ceil(self.T / chunk))
+        self.seqs = {d.name: self.padded(tensors[d.name]) for d in spec.inputs}
+        base = {p: torch.full((1, 1), float(v), dtype=dtype, device=dev) for p, v in params.items()}
+        base.update({n: torch.full((1, 1), float(v), dtype=dtype, device=dev) for n, v in self.dims.items()})
+        base["idx"] = torch.arange(chunk, dtype=dtype, device=dev).reshape(1, 1, chunk)
+        base["head"] = torch.arange(self.H, dtype=dtype, device=dev).reshape(1, self.H)
+        base["inf"] = math.inf
+        self.base = base
+        self.types = value_types(spec)
+
+    def padded(self, x):  # padded tokens read as zeros; the ops mask them out of token reductions
+        Tp = self.n_chunks * self.chunk
+        x = x.to(self.dtype)
+        return torch.cat([x, x.new_zeros((x.shape[0], Tp - self.T) + x.shape[2:])], 1) if Tp > self.T else x
+
+    def tile(self, x, n: int):
+        t = x[:, n * self.chunk:(n + 1) * self.chunk]
+        return t.permute(0, 2, 1, *range(3, t.dim()))  # (B, H, C, ...)
+
+    def untile(self, y, rank: int):
+        y = _align(y, rank).expand((self.B, self.H) + tuple(y.shape[2:]))
+        return y.permute(0, 2, 1, *range(3, y.dim()))
+
+    def chunk_env(self, n: int) -> dict:
+        env = dict(self.base)
+        env.update({name: self.tile(x, n) for name, x in self.seqs.items()})
+        return env
+
+    def n_valid(self, n: int) -> int:
+        return min(self.chunk, self.T - n * self.chunk)
+
+    def run(self, ops, env: dict, n: int, types=None) -> None:
+        types = types or self.types
+        for op in ops:
+            n_args = 1 if op.kind == "expand" else len(op.args)
+            args = [a if isinstance(a, float) else env[a] for a in op.args[:n_args]]
+            env[op.out] = _eval_op(op, args, self.n_valid(n), self.chunk, self.matmul_dtype,
+                                   reduces_tokens(op, types))
+
+    def initial(self, initial_state) -> dict:
+        states = {}
+        for s in self.spec.states:
+            shape = (self.B, self.H) + tuple(self.dims[n] for n in s.dims)
+            init = (initial_state or {}).get(s.name)
+            states[s.name] = (init.to(self.dtype).clone() if init is not None
+                              else torch.zeros(shape, dtype=self.dtype, device=self.device))
+        return states
+
+
 def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, float], chunk: int,
-             initial_state: dict[str, torch.Tensor] | None = None, dtype=torch.float64, matmul_dtype=None):
+             initial_state: dict[str, torch.Tensor] | None = None, dtype=torch.float64, matmul_dtype=None,
+             history: list | None = None):
     """Run the spec on (B, T, H, ...) tensors. Returns ({output: (B, T, H, ...)}, {state: (B, H, ...)}).
 
     `dtype` is the precision of every op; `matmul_dtype` (e.g. bfloat16) rounds matmul operands
-    to it, which makes the low-precision PyTorch reference of the tolerance policy."""
-    first = tensors[spec.inputs[0].name]
-    B, T, H = first.shape[:3]
-    dev = first.device
-    dims = {"H": H}
-    for d in spec.inputs:
-        for name, size in zip(d.dims[3:], tensors[d.name].shape[3:]):
-            dims[name] = size
-    n_chunks = max(1, math.ceil(T / chunk))
-    Tp = n_chunks * chunk
-
-    def padded(x):  # zero padding is the identity the language promises (log-space gates)
-        x = x.to(dtype)
-        return torch.cat([x, x.new_zeros((B, Tp - T) + x.shape[2:])], 1) if Tp > T else x
-
-    seqs = {d.name: padded(tensors[d.name]) for d in spec.inputs}
-    states = {}
-    for s in spec.states:
-        shape = (B, H) + tuple(dims[n] for n in s.dims)
-        init = (initial_state or {}).get(s.name)
-        states[s.name] = init.to(dtype).clone() if init is not None else torch.zeros(shape, dtype=dtype, device=dev)
-    base = {p: torch.full((1, 1), float(v), dtype=dtype, device=dev) for p, v in params.items()}
-    base.update({n: torch.full((1, 1), float(v), dtype=dtype, device=dev) for n, v in dims.items()})
-    base["idx"] = torch.arange(chunk, dtype=dtype, device=dev).reshape(1, 1, chunk)
-    base["head"] = torch.arange(H, dtype=dtype, device=dev).reshape(1, H)
-    base["inf"] = math.inf
-    types = value_types(spec)
-    over_tokens = {op.out for st in spec.stages for op in st.ops if reduces_tokens(op, types)}
+    to it, which makes the low-precision PyTorch reference of the tolerance policy. If given,
+    `history` receives the states entering each chunk."""
+    ev = _Evaluator(spec, tensors, params, chunk, dtype, matmul_dtype)
+    states = ev.initial(initial_state)
+    ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
     outs = {o.name: [] for o in spec.outputs}
-    for n in range(n_chunks):
-        n_valid = min(chunk, T - n * chunk)
-        env = dict(base)
+    for n in range(ev.n_chunks):
+        if history is not None:
+            history.append(states)
+        env = ev.chunk_env(n)
         env.update(states)
-        for name, x in seqs.items():
-            tile = x[:, n * chunk:(n + 1) * chunk]
-            env[name] = tile.permute(0, 2, 1, *range(3, tile.dim()))  # (B, H, C, ...)
-        for stage in spec.stages:
-            for op in stage.ops:
-                n_args = 1 if op.kind == "expand" else len(op.args)
-                args = [a if isinstance(a, float) else env[a] for a in op.args[:n_args]]
-                env[op.out] = _eval_op(op, args, n_valid, matmul_dtype, op.out in over_tokens)
+        ev.run(ops, env, n)
         for o in spec.outputs:
-            y = _align(env[o.name], o.tile.rank).expand((B, H) + tuple(env[o.name].shape[2:]))
-            outs[o.name].append(y.permute(0, 2, 1, *range(3, y.dim())))
+            outs[o.name].append(ev.untile(env[o.name], o.tile.rank))
         states = {s.name: env[next_state_name(s.name)].expand_as(states[s.name]) for s in spec.states}
-    return {k: torch.cat(v, 1)[:, :T] for k, v in outs.items()}, states
+    return {k: torch.cat(v, 1)[:, :ev.T] for k, v in outs.items()}, states
+
+
+def evaluate_backward(spec: Spec, backward, tensors, params, chunk: int, initial_state=None,
+                      grad_outputs: dict | None = None, grad_final: dict | None = None, dtype=torch.float64):
+    """The derived backward (passes.autodiff) run chunk by chunk in reverse, in PyTorch.
+    Returns ({input: grad (B, T, H, ...)}, {state: grad of its initial value (B, H, ...)})."""
+    from ..passes.autodiff import seed_name
+
+    history: list = []
+    evaluate(spec, tensors, params, chunk, initial_state, dtype, history=history)
+    ev = _Evaluator(spec, tensors, params, chunk, dtype, None)
+    types = dict(ev.types)
+    types.update({op.out: op.type for op in backward.ops})
+    for seed, target in backward.seeds:
+        types[seed] = ev.types[target] if target in ev.types else next(d.tile for d in spec.states if d.name == target)
+    g_out = {o.name: ev.padded((grad_outputs or {}).get(o.name, torch.zeros(1)).expand(
+        (ev.B, ev.T, ev.H) + tuple(ev.dims[n] for n in o.feature_dims))) for o in spec.outputs}
+    carried = {s.name: ((grad_final or {}).get(s.name) if (grad_final or {}).get(s.name) is not None
+                        else torch.zeros_like(history[0][s.name])).to(dtype) for s in spec.states}
+    grads = {d.name: [] for d in spec.inputs}
+    for n in reversed(range(ev.n_chunks)):
+        env = ev.chunk_env(n)
+        env.update(history[n])
+        env.update({seed_name(o.name): ev.tile(g_out[o.name], n) for o in spec.outputs})
+        env.update({seed_name(next_state_name(s.name)): carried[s.name] for s in spec.states})
+        ev.run(backward.ops, env, n, types)
+        for d, g in backward.input_grads:
+            tile = env[g] if g is not None else torch.zeros_like(env[d])
+            grads[d].insert(0, ev.untile(tile, next(x.tile.rank for x in spec.inputs if x.name == d)))
+        carried = {s: (env[g].expand_as(carried[s]) if g is not None else torch.zeros_like(carried[s]))
+                   for s, g in backward.state_grads}
+    return {k: torch.cat(v, 1)[:, :ev.T] for k, v in grads.items()}, carried

@@ -81,6 +81,21 @@ class TritonPrinter:
             return f"tl.{how}({a[0]}, axis={axis})"
         if k == "expand":
             return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
+        if k == "gtz":
+            return f"tl.where({a[0]} > 0.0, 1.0, 0.0)"
+        if k == "sign":
+            return f"tl.where({a[0]} > 0.0, 1.0, tl.where({a[0]} < 0.0, -1.0, 0.0))"
+        if k == "ge":
+            return f"tl.where({a[0]} >= {a[1]}, 1.0, 0.0)"
+        if k == "unlast":
+            rank = self.types[op.args[0]].rank
+            sel = "(r_C == n_valid - 1)" + ("[:, None]" if rank == 1 else "")
+            return f"tl.where({sel}, {a[0]}{'[None, :]' if rank == 1 else ''}, 0.0)"
+        if k == "total":
+            rank = self.types[op.args[0]].rank
+            return f"tl.sum(tl.sum({a[0]}, axis=1), axis=0)" if rank == 2 else f"tl.sum({a[0]}, axis=0)"
+        if k == "bcast":
+            return f"(tl.zeros_like({a[1]}) + {a[0]})"
         raise NotImplementedError(f"the Triton backend cannot emit tile op '{k}'")
 
     def _pow(self, base: str, exponent) -> str:
