@@ -18,11 +18,13 @@ for name in sys.argv[1:]:
     op = effc.load(name)
     for kp in op.comp.plan.kernels:
         fn = getattr(op.module, f"{name}_{kp.name}_kernel")
-        inputs = {f"{d.name}_ptr" for d in kp.loads + kp.stores}
-        sig = {n: ("*bf16" if n in inputs else "*fp32" if n.endswith("_ptr") else "fp32" if n.startswith("p_")
-                   else "i32") for n in fn.arg_names}
-        const = dict(H=16, C=op.spec.chunk, BLOCK=64, HAS_INIT=True, STORE_FINAL=True, DOT_DTYPE=tl.bfloat16,
-                     PRECISION="tf32", **{d: 128 for d in op.spec.dims})
+        inputs = {f"{d.name}_ptr" for d in kp.loads + kp.stores} | {f"{o.name}_grad_ptr" for o in op.spec.outputs}
+        sig = {n: ("*bf16" if n in inputs else "*i32" if n in ("cu_ptr", "chunk_off_ptr") else "*fp32"
+                   if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
+        const = dict(H=16, C=op.spec.chunk, BLOCK=64, HAS_INIT=True, STORE_FINAL=True, STORE_HISTORY=True,
+                     HAS_DFINAL=True, IS_VARLEN=False, DOT_DTYPE=tl.bfloat16, PRECISION="tf32",
+                     **{d: 128 for d in op.spec.dims}, **{f"HX_{d.name}": 16 for d in op.spec.inputs})
+        const = {c: v for c, v in const.items() if c in fn.arg_names}
         sig.update({c: "constexpr" for c in const})
         k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
@@ -39,7 +41,7 @@ def test_library_kernels_compile_for_sm90(tmp_path):
     p = subprocess.run([sys.executable, "-c", SCRIPT, *names], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(p.stdout.split("AOT ", 1)[1])
-    assert set(results) == {f"{n}.{k}" for n in names for k in ("summary", "walk")}
+    assert set(results) == {f"{n}.{k}" for n in names for k in ("summary", "walk", "backward")}
     for kernel, r in results.items():
         assert r["wgmma"], f"{kernel}: no wgmma in the PTX (Hopper tensor cores unused)"
         assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"

@@ -364,8 +364,11 @@ def test_emit_module_key_lines_and_valid_python():
     for line in [
         "def gated_summary_kernel(k_ptr, v_ptr, g_ptr, S_segw_ptr, S_segd_ptr,",  # no q, no o
         "def gated_walk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, S_init_ptr, S_final_ptr,",
-        "v_g = tl.load(g_ptr + (i_b * T + tok) * H + i_h, mask=tv, other=0.0).to(tl.float32)",
-        "v_q = tl.load(q_ptr + ((i_b * T + tok[:, None]) * H + i_h) * K + r_K[None, :], mask=tv[:, None], other=0.0)",
+        "v_g = tl.load(g_ptr + (bos + tok) * HX_g + i_h // (H // HX_g), mask=tv, other=0.0).to(tl.float32)",
+        "v_q = tl.load(q_ptr + ((bos + tok)[:, None] * HX_q + i_h // (H // HX_q)) * K + r_K[None, :], mask=tv[:, None], "
+        "other=0.0)",
+        "for j in tl.range(0, n_chunks_seq):  # the reverse scan",  # the backward kernel
+        "v__seed__next_S = v_dS",
         "r_V = pid_s * BLOCK + tl.arange(0, BLOCK)",  # V is split
         "v_b = tl.cumsum(v_g, axis=0)",
         "v_o = tl.dot(v__4.to(DOT_DTYPE), v_S.to(DOT_DTYPE), input_precision=PRECISION)",

@@ -30,6 +30,11 @@ class Backward:
     seeds: tuple[tuple[str, str], ...]  # (seed value name, output or state it is the gradient of)
     input_grads: tuple[tuple[str, str | None], ...]  # input -> its adjoint value (None: no dependence)
     state_grads: tuple[tuple[str, str | None], ...]  # state -> adjoint of the state entering the chunk
+    seed_types: tuple[tuple[str, TileType], ...] = ()
+
+    def types(self, spec: Spec) -> dict[str, TileType]:
+        """Tile types of every value the backward ops read or write."""
+        return {**value_types(spec), **dict(self.seed_types), **{op.out: op.type for op in self.ops}}
 
     def __str__(self) -> str:
         lines = ["backward (one chunk, run in reverse chunk order):",
@@ -201,7 +206,7 @@ def differentiate(spec: Spec) -> Backward:
     for s in spec.states:
         seeds.append((seed_name(next_state_name(s.name)), s.name))
     for seed, target in seeds:
-        a.types[seed] = types[target] if target in {o.name for o in spec.outputs} else types[target]
+        a.types[seed] = types[target]
     for o in spec.outputs:
         a.grad[o.name] = seed_name(o.name)
     for s in spec.states:
@@ -219,4 +224,5 @@ def differentiate(spec: Spec) -> Backward:
     adjoint = live_ops(tuple(a.ops), roots)
     needed = {x for op in adjoint for x in op.args if isinstance(x, str)}
     recompute = live_ops(forward, tuple(v for v in needed if v in {op.out for op in forward}))
-    return Backward(recompute + adjoint, tuple(seeds), input_grads, state_grads)
+    return Backward(recompute + adjoint, tuple(seeds), input_grads, state_grads,
+                    tuple((seed, a.types[seed]) for seed, _ in seeds))

@@ -46,7 +46,9 @@ def live_ops(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
     return tuple(reversed(keep))
 
 
-def fuse(spec: Spec, legality: Legality) -> Fused:
+def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
+    """`backward` (passes.autodiff.Backward) adds the reverse walk: recomputation and adjoints fused,
+    the state adjoint carried on chip from the last chunk to the first."""
     all_ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
     nexts = tuple(next_state_name(s.name) for s in spec.states)
     walk_roots = tuple(o.name for o in spec.outputs) + nexts
@@ -57,4 +59,7 @@ def fuse(spec: Spec, legality: Legality) -> Fused:
         roots = nexts + decays
         kernels.insert(0, FusedKernel("summary", ("intra", "inter"), live_ops(spec.intra.ops + spec.inter.ops, roots),
                                       roots))
+    if backward is not None:
+        roots = tuple(g for _, g in backward.input_grads + backward.state_grads if g is not None)
+        kernels.append(FusedKernel("backward", ("inter", "merge", "intra"), backward.ops, roots))
     return Fused(tuple(kernels))

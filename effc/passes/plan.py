@@ -8,6 +8,7 @@ from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
 from .fusion import Fused
 from .legality import Legality
+from .shapes import value_types
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class KernelPlan:
     states: tuple[StatePlan, ...]
     params: tuple[str, ...]
     grid: str
+    grads: tuple[tuple[TensorDecl, str | None], ...] = ()  # backward: input -> its gradient value
+    state_grads: tuple[tuple[str, str | None], ...] = ()  # backward: state -> adjoint entering the chunk
+    leaf_types: tuple = ()  # types of values the kernel reads but no op defines (the backward's seeds)
+
+    def types(self, spec: Spec) -> dict:
+        return {**value_types(spec), **dict(self.leaf_types), **{op.out: op.type for op in self.ops}}
 
     def __str__(self) -> str:
         lines = [f"  kernel {self.name}  grid={self.grid}",
@@ -61,7 +68,7 @@ def _used(ops, names) -> tuple[str, ...]:
     return tuple(n for n in names if n in read)
 
 
-def plan(spec: Spec, legality: Legality, fused: Fused) -> Plan:
+def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     decays = {t.state: t.decay for t in legality.transitions}
     split = legality.split_dims[0] if legality.split_dims else None
     kernels = []
@@ -69,8 +76,12 @@ def plan(spec: Spec, legality: Legality, fused: Fused) -> Plan:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
         states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name), decays.get(s.name)) for s in spec.states)
         stores = spec.outputs if fk.name == "walk" else ()
-        grid = f"(cdiv({split}, BLOCK), B*H, {'P' if fk.name == 'walk' else 'P-1'})" if split else \
-            f"(1, B*H, {'P' if fk.name == 'walk' else 'P-1'})"
+        segs = {"walk": "P", "summary": "P-1", "backward": "1"}[fk.name]
+        grid = f"({f'cdiv({split}, BLOCK)' if split else '1'}, B*H, {segs})"
         params = _used(fk.ops, [p.name for p in spec.params])
-        kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid))
+        grads = state_grads = leaves = ()
+        if fk.name == "backward":
+            grads = tuple((d, dict(backward.input_grads)[d.name]) for d in spec.inputs)
+            state_grads, leaves = backward.state_grads, backward.seed_types
+        kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid, grads, state_grads, leaves))
     return Plan(spec, split, tuple(kernels))

@@ -141,6 +141,8 @@ def reduces_tokens(op: Op, types: dict[str, TileType]) -> bool:
         return types[op.args[0]].shape[1] == C
     if op.kind in O.REDUCTIONS:
         return types[op.args[0]].shape[O.REDUCTIONS[op.kind][0]] == C
+    if op.kind == "total":
+        return types[op.args[0]].rank > 0 and types[op.args[0]].shape[0] == C
     return op.kind == "revcumsum"
 
 

@@ -14,6 +14,7 @@ import sympy
 from ..errors import SpecError
 from ..ir.nodes import C, Spec, dim
 from .legality import Legality
+from .shapes import value_types
 
 BLOCK = sympy.Symbol("BLOCK", positive=True, integer=True)  # block of the split dim
 SEGMENTS = sympy.Symbol("P", positive=True, integer=True)
@@ -58,6 +59,10 @@ class TilingSpace:
     split_dim: str | None
     constraints: tuple[tuple[sympy.Basic, str], ...]
     live_fp32: sympy.Expr  # fp32 values a program keeps live, for the register model
+    # for the shared-memory model (passes.search): elements of the input tiles one chunk step loads,
+    # and of the two operand tiles of each matmul
+    loaded: sympy.Expr = sympy.Integer(0)
+    dot_operands: tuple[sympy.Expr, ...] = ()
 
     def __str__(self) -> str:
         lines = [f"tiling: chunk C, split dim {self.split_dim or '-'} in blocks of BLOCK, P segments"]
@@ -95,10 +100,16 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
         cons += [(sympy.Ge(BLOCK, 16), "BLOCK is a matmul dim"), (_pow2(BLOCK), "BLOCK is a power of two"),
                  (sympy.Eq(sympy.Mod(s, BLOCK), 0), f"BLOCK divides {split}")]
     sub = {dim(split): BLOCK} if split else {}
-    live = sum((sympy.Mul(*(x.subs(sub) for x in st.tile.shape)) for st in spec.states), sympy.Integer(0))
-    live += sum((sympy.Mul(*(x.subs(sub) for x in i.tile.shape)) for i in spec.inputs), sympy.Integer(0))
-    live += C * C
-    return TilingSpace(split, tuple(cons), sympy.simplify(live))
+
+    def elements(shape) -> sympy.Expr:
+        return sympy.Mul(*(x.subs(sub) for x in shape))
+
+    loaded = sum((elements(i.tile.shape) for i in spec.inputs), sympy.Integer(0))
+    live = sum((elements(st.tile.shape) for st in spec.states), sympy.Integer(0)) + loaded + C * C
+    types = value_types(spec)
+    dots = tuple(sum((elements(types[a].shape) for a in op.args), sympy.Integer(0))
+                 for st in spec.stages for op in st.ops if op.kind == "matmul")
+    return TilingSpace(split, tuple(cons), sympy.simplify(live), sympy.expand(loaded), dots)
 
 
 def _segments(legality: Legality, programs: int, n_chunks: int, slots: int) -> tuple[int, str]:
@@ -159,3 +170,16 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         live = int(space.live_fp32.subs(values))
         reasons.append(f"4 warps, ~{live // 128} live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)")
     return TileConfig(c, block, segments, num_warps, num_stages or 1, tuple(reasons))
+
+
+HISTORY_FACTOR = 2.0
+
+
+def history_policy(history_bytes: int, input_bytes: int) -> tuple[bool, str]:
+    """Keep the per-chunk states from the forward for the backward, or recompute them there?
+    Keeping costs `history_bytes` of memory between forward and backward; recomputing costs one
+    more forward walk in the backward. Keep when the history is at most HISTORY_FACTOR x the inputs."""
+    keep = history_bytes <= HISTORY_FACTOR * input_bytes
+    ratio = history_bytes / max(1, input_bytes)
+    return keep, (f"per-chunk states are {ratio:.1f}x the inputs: "
+                  + ("kept from the forward" if keep else f"recomputed in the backward (> {HISTORY_FACTOR:g}x)"))

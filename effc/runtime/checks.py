@@ -11,6 +11,29 @@ from ..ir.nodes import Spec
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+class TensorInfo:
+    """What the checks need of a tensor: its metadata, so they can run outside a torch.compile graph."""
+
+    def __init__(self, shape, dtype, device):
+        self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def describe(x):
+    """A hashable, compile-time-constant description of an argument (tensors by metadata)."""
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), str(x.dtype), str(x.device))
+    return ("other", type(x).__name__)
+
+
+def rebuild(desc):
+    if desc[0] == "tensor":
+        return TensorInfo(desc[1], getattr(torch, desc[2].split(".")[-1]), desc[3])
+    return type(desc[1], (), {})()  # a stand-in of the right type name, for the error message
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -24,7 +47,7 @@ def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[
     device = None
     for d, x in zip(spec.inputs, tensors):
         want = "(" + ", ".join(d.dims) + ")"
-        if not isinstance(x, torch.Tensor):
+        if not isinstance(x, (torch.Tensor, TensorInfo)):
             raise ArgumentError(f"argument '{d.name}' must be a torch.Tensor of shape {want}, got {type(x).__name__}")
         if x.dim() != len(d.dims):
             raise ArgumentError(f"argument '{d.name}' must have shape {want}, got {tuple(x.shape)}")
@@ -35,6 +58,11 @@ def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[
         elif x.device != device:
             raise ArgumentError(f"argument '{d.name}' is on {x.device}, but '{spec.inputs[0].name}' is on {device}")
         for n, s in zip(d.dims, x.shape):
+            if n == "H" and n in sizes and sizes[n][0] != s:
+                if s == 0 or sizes[n][0] % s:
+                    raise ArgumentError(f"argument '{d.name}' has H={s} heads, which does not divide the "
+                                        f"{sizes[n][0]} heads of '{sizes[n][1]}' (grouped heads need H % {s} == 0)")
+                continue  # grouped-query: this input is shared by H // s heads
             if n in sizes and sizes[n][0] != s:
                 raise ArgumentError(f"argument '{d.name}' has {n}={s} but '{sizes[n][1]}' has {n}={sizes[n][0]}; "
                                     f"expected shape {want} with {n}={sizes[n][0]}")
@@ -50,7 +78,7 @@ def check_state(spec: Spec, initial_state, B: int, H: int, dims: dict[str, int],
     if initial_state is None:
         return {}
     states = spec.states
-    if isinstance(initial_state, torch.Tensor):
+    if isinstance(initial_state, (torch.Tensor, TensorInfo)):
         initial_state = (initial_state,)
     if isinstance(initial_state, dict):
         unknown = set(initial_state) - {s.name for s in states}
@@ -69,10 +97,28 @@ def check_state(spec: Spec, initial_state, B: int, H: int, dims: dict[str, int],
         if x is None:
             continue
         want = (B, H) + tuple(dims[n] for n in s.dims)
-        if not isinstance(x, torch.Tensor) or tuple(x.shape) != want:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if not isinstance(x, (torch.Tensor, TensorInfo)) or tuple(x.shape) != want:
+            got = tuple(x.shape) if isinstance(x, (torch.Tensor, TensorInfo)) else type(x).__name__
             raise ArgumentError(f"initial_state '{s.name}' must have shape {want} (B, H, {', '.join(s.dims)}), got {got}")
         if x.device != device:
             raise ArgumentError(f"initial_state '{s.name}' is on {x.device}; the inputs are on {device}")
-        out[s.name] = x.float().contiguous()
+        out[s.name] = x
     return out
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> int:
+    """Packed variable-length batches: returns the number of sequences."""
+    if cu_seqlens is None:
+        return B
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (
+            torch.int32, torch.int64) or cu_seqlens.numel() < 2:
+        raise ArgumentError("cu_seqlens must be a 1-D int32/int64 tensor [0, end_1, ..., total_T] of sequence ends")
+    if B != 1:
+        raise ArgumentError(f"with cu_seqlens the inputs are packed as (1, total_T, H, D); got B={B}")
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
+        raise ArgumentError(f"cu_seqlens must start at 0, not decrease and end at total_T={T}; got {c[:8]}"
+                            + ("..." if len(c) > 8 else ""))
+    if cu_seqlens.device != device:
+        raise ArgumentError(f"cu_seqlens is on {cu_seqlens.device}; the inputs are on {device}")
+    return len(c) - 1

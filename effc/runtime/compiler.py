@@ -8,6 +8,7 @@ from pathlib import Path
 from ..dsl import ast, parse, parse_file
 from ..ir.nodes import Spec
 from ..library import LIBRARY_DIR
+from ..passes.autodiff import Backward, differentiate
 from ..passes.fusion import Fused, fuse
 from ..passes.legality import Legality, analyze
 from ..passes.lower import lower
@@ -51,12 +52,16 @@ class Compilation:
         return analyze(self.typed)
 
     @cached_property
+    def backward(self) -> Backward:
+        return differentiate(self.typed)
+
+    @cached_property
     def fused(self) -> Fused:
-        return fuse(self.typed, self.legality)
+        return fuse(self.typed, self.legality, self.backward)
 
     @cached_property
     def plan(self) -> Plan:
-        return plan(self.typed, self.legality, self.fused)
+        return plan(self.typed, self.legality, self.fused, self.backward)
 
     def source(self, backend: str = "triton") -> str:
         if backend != "triton":

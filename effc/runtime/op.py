@@ -9,19 +9,29 @@ import torch
 
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
-from ..passes.tiling import Problem, TileConfig, choose
+from ..passes.tiling import Problem, TileConfig, choose, history_policy
 from .cache import load_module
-from .checks import check_inputs, check_state, interpreting
+from .checks import check_cu_seqlens, check_inputs, check_state, describe, rebuild
+from .tuning import lookup
+from .torch_op import torch_ops
 from .compiler import Compilation
 from .oracle import evaluate
 
-_DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # model an H100 when interpreting
+
+
+_LIVE: dict[int, "AttentionOp"] = {}
+
+
+@torch.compiler.assume_constant_result
+def _host_plan(op_id: int, *args):
+    """Checks and tile choices for one call, from its argument descriptions (constants under compile)."""
+    return _LIVE[op_id]._plan_call(*args)
 
 
 class AttentionOp:
@@ -34,6 +44,8 @@ class AttentionOp:
         # sympy is slow: tiling choices and param defaults are memoised per call shape
         self._configs: dict[tuple, TileConfig] = {}
         self._defaults: dict[tuple, dict[str, float]] = {}
+        _LIVE[id(self)] = self
+        self._torch_ops = torch_ops(self)
 
     def __repr__(self) -> str:
         args = ", ".join(d.name for d in self.spec.inputs)
@@ -61,101 +73,118 @@ class AttentionOp:
         B, T, H, dims = check_inputs(self.spec, tensors, for_kernels)
         return B, T, H, dims, self.param_values(dims, {k: v for k, v in params.items() if v is not None})
 
-    def config(self, B: int, T: int, H: int, dims: dict[str, int], device, **overrides) -> TileConfig:
-        key = (B, T, H, tuple(sorted(dims.items())), str(device), tuple(sorted(overrides.items())))
+    def config(self, B: int, T: int, H: int, dims: dict[str, int], device, dtype=None, **overrides) -> TileConfig:
+        key = (B, T, H, tuple(sorted(dims.items())), str(device), dtype, tuple(sorted(overrides.items())))
         if key not in self._configs:
             problem = Problem(B, T, H, key[3], _sm_count(device))
-            self._configs[key] = choose(self.spec, self.comp.legality, problem, **overrides)
+            self._configs[key] = (lookup(self, problem, device, dtype, overrides)  # `effc tune`'s entry, if any
+                                  or choose(self.spec, self.comp.legality, problem, **overrides))
         return self._configs[key]
 
     # -- the kernels ----------------------------------------------------------------------------
-    def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, chunk: int | None = None,
-                 block: int | None = None, segments: int | None = None, num_warps: int | None = None,
-                 num_stages: int | None = None, **params):
-        B, T, H, dims, pvals = self._split(*tensors, params=params)
-        device = tensors[0].device
-        init = check_state(self.spec, initial_state, B, H, dims, device)
-        cfg = self.config(B, T, H, dims, device, chunk=chunk, block=block, segments=segments, num_warps=num_warps,
-                          num_stages=num_stages)
-        self.last_config = cfg
-        if any(t.requires_grad for t in tensors) and torch.is_grad_enabled():
-            return _NoBackward.apply(self, cfg, pvals, init, output_final_state, *tensors)
-        return self._forward(cfg, pvals, init, output_final_state, tensors)
-
-    def _forward(self, cfg: TileConfig, pvals, init, output_final_state, tensors):
-        import triton.language as tl
-
-        spec, plan = self.spec, self.comp.plan
-        B, T, H = tensors[0].shape[:3]
-        dims = {n: s for d, x in zip(spec.inputs, tensors) for n, s in zip(d.dims[3:], x.shape[3:])}
-        xs = {d.name: x.contiguous() for d, x in zip(spec.inputs, tensors)}
-        dtype, device = tensors[0].dtype, tensors[0].device
-        outs = {o.name: torch.empty((B, T, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
-                for o in spec.outputs}
-        n_chunks = max(1, math.ceil(T / cfg.chunk))
-        P = cfg.segments
-        per_seg = math.ceil(n_chunks / P)
-        P = math.ceil(n_chunks / per_seg)
-        state_shape = {s.name: tuple(dims[n] for n in s.dims) for s in spec.states}
-        finals = {s: torch.empty((B, H) + shp, dtype=torch.float32, device=device) for s, shp in state_shape.items()}
-        dummy = torch.empty(1, dtype=torch.float32, device=device)
-        segw = {s: torch.empty((B * H, P) + shp, dtype=torch.float32, device=device) if P > 1 else dummy
-                for s, shp in state_shape.items()}
-        segd = {s: torch.empty_like(w) if P > 1 else dummy for s, w in segw.items()}
-        split = plan.split_dim
-        n_split = dims[split] // cfg.block if split else 1
-        interp = interpreting()
-        meta = dict(H=H, **dims, C=cfg.chunk, BLOCK=cfg.block if split else 1,
-                    HAS_INIT=bool(init), STORE_FINAL=bool(output_final_state),
-                    DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
-                    PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32")
-        runtime = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if not interp else {}
-        for kp in plan.kernels:
-            if kp.name == "summary" and P == 1:
-                continue
-            fn = getattr(self.module, f"{spec.name}_{kp.name}_kernel")
-            args = [xs[d.name] for d in kp.loads] + [outs[o.name] for o in kp.stores]
-            for s in kp.states:
-                if kp.name == "walk":
-                    args += [init.get(s.name, dummy), finals[s.name]]
-                args += [segw[s.name], segd[s.name]]
-            args += [pvals[p] for p in kp.params]
-            args += [T, n_chunks, per_seg, P]
-            grid = (n_split, B * H, P if kp.name == "walk" else P - 1)
-            fn[grid](*args, **meta, **runtime)
-        o = outs[spec.outputs[0].name] if len(spec.outputs) == 1 else tuple(outs.values())
-        final = None
-        if output_final_state:
-            final = finals[spec.states[0].name] if len(spec.states) == 1 else tuple(finals.values())
-        return o, final
-
-    # -- the oracle ---------------------------------------------------------------------------
-    def reference(self, *tensors, initial_state=None, output_final_state: bool = False, chunk: int | None = None,
-                  dtype=torch.float64, matmul_dtype=None, **params):
-        """The spec evaluated with PyTorch ops (chunk=1 gives the token-by-token recurrence)."""
-        B, T, H, dims, pvals = self._split(*tensors, params=params, for_kernels=False)
-        init = check_state(self.spec, initial_state, B, H, dims, tensors[0].device)
-        outs, states = evaluate(self.spec, {d.name: x for d, x in zip(self.spec.inputs, tensors)}, pvals,
-                                chunk or self.spec.chunk, init, dtype, matmul_dtype)
-        o = outs[self.spec.outputs[0].name] if len(outs) == 1 else tuple(outs.values())
+    def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
+                 chunk: int | None = None, block: int | None = None, segments: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
+                 **params):
+        """(o, final_state) for (B, T, H, D) inputs; with `cu_seqlens`, packed (1, total_T, H, D) sequences.
+        Differentiable: gradients reach every input and the initial state. Works under torch.compile:
+        the host-side checks and choices are compile-time constants of the call's shapes."""
+        init = self._state_list(initial_state)
+        longest = None
+        if cu_seqlens is not None and not torch.compiler.is_compiling():
+            check_cu_seqlens(cu_seqlens, tensors[0].shape[0] if torch.is_tensor(tensors[0]) else 0,
+                             tensors[0].shape[1] if torch.is_tensor(tensors[0]) else 0, tensors[0].device)
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
+        overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
+                     ("num_stages", num_stages))
+        n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        ints, pvals = _host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
+                                 n_seq, longest, bool(output_final_state), grad, save_states, overrides,
+                                 tuple(sorted(params.items())))
+        res = self._torch_ops.forward(list(tensors), init, cu_seqlens, list(ints), list(pvals))
+        n_out, n_state = len(self.spec.outputs), len(self.spec.states)
+        outs, finals = res[:n_out], res[n_out:n_out + n_state]
+        o = outs[0] if n_out == 1 else tuple(outs)
         if not output_final_state:
             return o, None
-        return o, (states[self.spec.states[0].name] if len(states) == 1 else tuple(states.values()))
+        return o, (finals[0] if n_state == 1 else tuple(finals))
+
+    def _state_list(self, initial_state) -> list:
+        """initial_state (a tensor, a sequence, or a dict by state name) as a list in declaration order."""
+        states = [s.name for s in self.spec.states]
+        if initial_state is None:
+            return []
+        if isinstance(initial_state, dict):
+            unknown = sorted(set(initial_state) - set(states))
+            if unknown or set(initial_state) != set(states):
+                raise ArgumentError(f"initial_state must give every state of {self.name} ({', '.join(states)}); "
+                                    f"got {sorted(initial_state)}")
+            return [initial_state[n] for n in states]
+        given = [initial_state] if not isinstance(initial_state, (tuple, list)) else list(initial_state)
+        if len(given) != len(states):
+            raise ArgumentError(f"initial_state must hold {len(states)} tensor(s) ({', '.join(states)}), got {len(given)}")
+        return given
+
+    def _plan_call(self, descs, init_descs, n_seq, longest, output_final_state, grad, save_states, overrides,
+                   params) -> tuple[tuple, tuple]:
+        tensors = [rebuild(d) for d in descs]
+        B, T, H, dims, pvals = self._split(*tensors, params=dict(params))
+        n_seq = B if n_seq is None else n_seq
+        init = [rebuild(d) for d in init_descs]
+        check_state(self.spec, init or None, n_seq, H, dims, tensors[0].device)
+        longest = longest or T
+        cfg = self.config(n_seq, longest, H, dims, tensors[0].device, dtype=tensors[0].dtype, **dict(overrides))
+        self.last_config = cfg
+        keep = False
+        if grad:
+            keep, self.last_history_reason = self._history(save_states, tensors, n_seq, longest, H, dims, cfg)
+        ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(output_final_state), int(keep))
+        return ints, tuple(pvals[p.name] for p in self.spec.params)
+
+    def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[bool, str]:
+        chunks = n_seq * math.ceil(longest / cfg.chunk)
+        history = sum(chunks * H * math.prod(dims[n] for n in s.dims) * 4 for s in self.spec.states)
+        keep, why = history_policy(history, sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors))
+        if save_states is not None:
+            return save_states, f"{'kept' if save_states else 'recomputed'} as asked (save_states={save_states})"
+        return keep, why
+
+    # -- decoding ---------------------------------------------------------------------------------
+    def step(self, *tokens, state, **params):
+        """One decoding step: `tokens` are (B, H, D) (or (B, H) gates), `state` the carried state(s).
+        Returns (o_t, next state). Runs the generated walk kernel on a single token."""
+        if not isinstance(state, (torch.Tensor, tuple, list, dict)):
+            raise ArgumentError("step needs state=: the state(s) carried from the previous step")
+        o, nxt = self(*(x.unsqueeze(1) for x in tokens), initial_state=state, output_final_state=True,
+                      segments=1, **params)
+        return (o[:, 0] if torch.is_tensor(o) else tuple(x[:, 0] for x in o)), nxt
+
+    # -- the oracle ---------------------------------------------------------------------------
+    def reference(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
+                  chunk: int | None = None, dtype=torch.float64, matmul_dtype=None, **params):
+        """The spec evaluated with PyTorch ops (chunk=1 gives the token-by-token recurrence).
+        Differentiable with torch.autograd; grouped inputs are repeated to all heads; packed
+        sequences (`cu_seqlens`) are evaluated one by one."""
+        B, T, H, dims, pvals = self._split(*tensors, params=params, for_kernels=False)
+        n_seq = check_cu_seqlens(cu_seqlens, B, T, tensors[0].device)
+        init = check_state(self.spec, initial_state, n_seq, H, dims, tensors[0].device)
+        full = [x.repeat_interleave(H // x.shape[2], dim=2) if x.shape[2] != H else x for x in tensors]
+        if cu_seqlens is None:
+            pieces = [(full, init)]
+        else:
+            c = cu_seqlens.tolist()
+            pieces = [([x[:, a:b] for x in full], {k: v[i:i + 1] for k, v in init.items()})
+                      for i, (a, b) in enumerate(zip(c, c[1:]))]
+        results = [evaluate(self.spec, {d.name: x for d, x in zip(self.spec.inputs, xs)}, pvals,
+                            chunk or self.spec.chunk, st, dtype, matmul_dtype) for xs, st in pieces]
+        names = [o.name for o in self.spec.outputs]
+        outs = [torch.cat([r[0][n] for r in results], 1) for n in names]
+        states = [torch.cat([r[1][s.name] for r in results], 0) for s in self.spec.states]
+        o = outs[0] if len(outs) == 1 else tuple(outs)
+        if not output_final_state:
+            return o, None
+        return o, (states[0] if len(states) == 1 else tuple(states))
 
     def recurrent_reference(self, *tensors, **kw):
         return self.reference(*tensors, chunk=1, **kw)
-
-
-class _NoBackward(torch.autograd.Function):
-    """Forward through the kernels; the derived backward is not generated yet."""
-
-    @staticmethod
-    def forward(ctx, op, cfg, pvals, init, output_final_state, *tensors):
-        ctx.op_name = op.name
-        o, final = op._forward(cfg, pvals, init, output_final_state, tensors)
-        return o, final
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError(f"backward of '{ctx.op_name}': the autodiff pass (derived backward kernels) "
-                                  "is not implemented yet; use op.reference(...) to differentiate the oracle")

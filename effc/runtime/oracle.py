@@ -105,7 +105,8 @@ def _eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ov
         out[:, :, n_valid - 1] = x
         return out
     if k == "total":
-        return args[0].sum(dim=tuple(range(2, args[0].dim())))
+        x = _valid_rows(args[0], n_valid, 2) if over_tokens else args[0]
+        return x.sum(dim=tuple(range(2, x.dim())))
     if k == "bcast":
         return torch.zeros_like(args[1]) + _align(args[0], args[1].dim() - 2)
     raise NotImplementedError(f"oracle has no rule for tile op '{k}'")
@@ -204,10 +205,7 @@ def evaluate_backward(spec: Spec, backward, tensors, params, chunk: int, initial
     history: list = []
     evaluate(spec, tensors, params, chunk, initial_state, dtype, history=history)
     ev = _Evaluator(spec, tensors, params, chunk, dtype, None)
-    types = dict(ev.types)
-    types.update({op.out: op.type for op in backward.ops})
-    for seed, target in backward.seeds:
-        types[seed] = ev.types[target] if target in ev.types else next(d.tile for d in spec.states if d.name == target)
+    types = backward.types(spec)
     g_out = {o.name: ev.padded((grad_outputs or {}).get(o.name, torch.zeros(1)).expand(
         (ev.B, ev.T, ev.H) + tuple(ev.dims[n] for n in o.feature_dims))) for o in spec.outputs}
     carried = {s.name: ((grad_final or {}).get(s.name) if (grad_final or {}).get(s.name) is not None

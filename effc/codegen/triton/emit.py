@@ -2,7 +2,7 @@
 tensor's declared dims; the body is one printed line per IR op."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -11,7 +11,6 @@ import jinja2
 from ... import __version__
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan
-from ...passes.shapes import value_types
 from .printer import TritonPrinter
 
 
@@ -35,11 +34,13 @@ def _row_major(base: str, dims: tuple[str, ...]) -> str:
     return expr
 
 
-def _token_offsets(d: TensorDecl) -> tuple[str, str]:
+def _token_offsets(d: TensorDecl, heads: str = "H", base: str = "bos + tok") -> tuple[str, str]:
+    """Offsets and mask of a per-token tile of `d` in a (tokens, heads, features) tensor.
+    `heads` is the tensor's head count: inputs with fewer heads (GQA) are shared by a group."""
     feats = d.feature_dims
-    tok = "tok" + ("[:, None]" if feats else "")
-    base = f"(i_b * T + {tok}) * H + i_h"
-    expr = base
+    tok = f"({base})" + ("[:, None]" if feats else "")
+    head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
+    expr = f"{tok} * {heads} + {head}"
     for f in feats:
         expr = f"({expr}) * {f} + r_{f}[None, :]"
     return expr, "tv" + ("[:, None]" if feats else "")
@@ -54,8 +55,12 @@ class _KernelView:
     tok_mask: dict[str, str]
     state_offs: dict[str, str]
     seg_offs: dict[str, str]
+    hist_offs: dict[str, str]
     state_block: dict[str, str]
     decay: dict[str, str]  # the expression of each state's diagonal decay (summary kernel)
+    grad_offs: dict[str, str] = field(default_factory=dict)
+    grad_value: dict[str, str] = field(default_factory=dict)
+    dinit_offs: dict[str, str] = field(default_factory=dict)
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -64,19 +69,32 @@ def kernel_name(spec_name: str, kernel: str) -> str:
 
 def emit_module(plan: Plan) -> str:
     spec = plan.spec
-    printer = TritonPrinter(spec, value_types(spec))
+    split = plan.split_dim
     views = []
     for kp in plan.kernels:
-        toks = {d.name: _token_offsets(d) for d in kp.loads + kp.stores}
-        views.append(_KernelView(
+        printer = TritonPrinter(spec, kp.types(spec))
+        toks = {d.name: _token_offsets(d, f"HX_{d.name}") for d in kp.loads}
+        toks.update({d.name: _token_offsets(d) for d in kp.stores + (spec.outputs if kp.name == "backward" else ())})
+        view = _KernelView(
             fn=kernel_name(spec.name, kp.name), plan=kp,
             body=[f"v_{op.out} = {printer.expr(op)}" for op in kp.ops],
             tok_offs={n: t[0] for n, t in toks.items()}, tok_mask={n: t[1] for n, t in toks.items()},
             state_offs={s.name: _row_major("i_bh", s.dims) for s in kp.states},
             seg_offs={s.name: _row_major("i_bh * n_segments + seg", s.dims) for s in kp.states},
-            state_block={s.name: "[" + ", ".join("BLOCK" if d == plan.split_dim else d for d in s.dims) + "]"
+            hist_offs={s.name: _row_major("(c_base + i_c) * H + i_h", s.dims) for s in kp.states},
+            state_block={s.name: "[" + ", ".join("BLOCK" if d == split else d for d in s.dims) + "]"
                          for s in kp.states},
-            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None}))
-    summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {plan.split_dim or '-'}")
+            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None})
+        for x, g in kp.grads:
+            # a gradient without the split dim is summed over the split blocks: each block writes a partial
+            partial = split not in x.feature_dims
+            offs, mask = _token_offsets(x, "H", "pid_s * T_total + bos + tok" if partial else "bos + tok")
+            view.grad_offs[x.name] = offs
+            view.tok_mask[x.name] = mask
+            view.grad_value[x.name] = f"v_{g}" if g else "0.0"
+        for s in kp.states:
+            view.dinit_offs[s.name] = _row_major("i_bh" if split in s.dims else "pid_s * n_bh + i_bh", s.dims)
+        views.append(view)
+    summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return _template().render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
-                              split=plan.split_dim, summary=summary)
+                              split=split, summary=summary)

@@ -93,6 +93,8 @@ class TritonPrinter:
             return f"tl.where({sel}, {a[0]}{'[None, :]' if rank == 1 else ''}, 0.0)"
         if k == "total":
             rank = self.types[op.args[0]].rank
+            if reduces_tokens(op, self.types):
+                a[0] = f"tl.where(tv{'[:, None]' if rank == 2 else ''}, {a[0]}, 0.0)"
             return f"tl.sum(tl.sum({a[0]}, axis=1), axis=0)" if rank == 2 else f"tl.sum({a[0]}, axis=0)"
         if k == "bcast":
             return f"(tl.zeros_like({a[1]}) + {a[0]})"

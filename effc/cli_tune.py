@@ -1,0 +1,152 @@
+"""`effc tune` and `effc cache ls | clear` (registered on the app of effc.cli)."""
+from __future__ import annotations
+
+import time
+
+import typer
+
+from .cli import SPEC_HELP, _fail, _parse_dims, app
+from .errors import ArgumentError, SpecError
+
+cache_app = typer.Typer(no_args_is_help=True, help="The tuning cache that `effc tune` fills and ops read.")
+app.add_typer(cache_app, name="cache")
+
+
+def _space(spec: str, shapes, heads: int, sizes: dict, dtype: str, smem_limit: int | None):
+    import effc
+    from .passes.search import H100_SHARED_BYTES, search_space
+    from .passes.tiling import Problem
+    from .tune import DTYPE_BYTES
+
+    op = effc.load(spec)
+    sizes = {d: 128 for d in op.spec.dims} | sizes
+    for B, T in shapes:
+        problem = Problem(B, T, heads, tuple(sorted(sizes.items())))
+        yield search_space(op.spec, op.comp.legality, problem, dtype_bytes=DTYPE_BYTES[dtype],
+                           smem_limit=smem_limit or H100_SHARED_BYTES)
+
+
+def _print_result(console, r) -> None:
+    from rich.table import Table
+
+    from .tune import ranking, rejections, summary
+
+    table = Table(title=f"{r.key.spec} {r.key.bucket} {r.key.dtype}")
+    for col in ("config", "short ms", "full ms", "vs default", ""):
+        table.add_column(col)
+    for row in ranking(r):
+        table.add_row(*row)
+    console.print(table)
+    for line in rejections(r):
+        console.print(f"  rejected {line}", highlight=False)
+    console.print(summary(r), highlight=False)
+    console.print(f"  stored {r.path}", highlight=False)
+
+
+@app.command()
+def tune(spec: str = typer.Argument(..., help=SPEC_HELP),
+         shapes: str = typer.Option("2x8192,1x32768", help="BxT list to tune for"),
+         heads: int = typer.Option(16, "--heads"),
+         dims: str = typer.Option("", help="feature dims, e.g. K=128,V=128 (default 128 each)"),
+         dtype: str = typer.Option("bfloat16", help="bfloat16, float16 or float32"),
+         budget: float = typer.Option(300.0, help="seconds for the whole run, all shapes; it stops there"),
+         workers: int = typer.Option(None, help="compile processes (default: min(8, CPU count); 0: compile here)"),
+         smem_limit: int = typer.Option(None, help="shared memory per block for --dry-run's model (default 232448, "
+                                                  "the H100's; a GPU run reads the device's)"),
+         dry_run: bool = typer.Option(False, "--dry-run", help="print the pruned search space; no GPU needed")):
+    """Time the pruned search space on this GPU and record the fastest config per shape bucket.
+
+    Entries are keyed by spec, backend, GPU, dtype and shape bucket: B*H and T rounded up to a power of
+    two, with the feature dims exact (2x8192 at 16 heads: BH32-T8192-K128-V128). Ops read them on their
+    next call with a matching shape; explicit op arguments (chunk=..., num_warps=...) still win."""
+    from .tune import DTYPE_BYTES, parse_shapes
+    try:
+        bt = parse_shapes(shapes)
+        sizes = _parse_dims(dims)
+        if dtype not in DTYPE_BYTES:
+            raise typer.BadParameter(f"'{dtype}': expected one of {', '.join(DTYPE_BYTES)}", param_hint="--dtype")
+        if workers is not None and workers < 0:
+            raise typer.BadParameter(f"{workers}: expected 0 or more processes", param_hint="--workers")
+        if dry_run:
+            for space in _space(spec, bt, heads, sizes, dtype, smem_limit):
+                typer.echo(str(space))
+            return
+        import torch
+        if not torch.cuda.is_available():
+            raise ArgumentError("effc tune needs a CUDA GPU: it compiles and times candidates on the device "
+                                "(`effc tune SPEC --dry-run` prints the search space without one)")
+        from rich.console import Console
+
+        from .tune import tune as run_tune
+        console = Console()
+        t0 = time.monotonic()
+        run_tune(spec, bt, heads=heads, dims=sizes, dtype=dtype, budget=budget, workers=workers,
+                 reporter_factory=lambda: RichReporter(console), on_result=lambda r: _print_result(console, r))
+        console.print(f"done in {time.monotonic() - t0:.0f} s of a {budget:.0f} s budget", highlight=False)
+    except (SpecError, ArgumentError, NotImplementedError, ValueError, RuntimeError) as e:
+        _fail(e)
+
+
+class RichReporter:
+    def __init__(self, console):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[best]}"), console=console)
+
+    def start(self, label: str, total: int):
+        self.progress.start()
+        self.task = self.progress.add_task(label, total=total, best="")
+
+    def grow(self, n: int):
+        self.progress.update(self.task, total=self.progress.tasks[0].total + n)
+
+    def advance(self, best: str):
+        self.progress.update(self.task, advance=1, best=best)
+
+    def stop(self):
+        self.progress.stop()
+
+
+@cache_app.command("ls")
+def cache_ls():
+    """List the tuned configurations (stale: recorded by another codegen version; ignored by ops)."""
+    from .runtime.tuning import entries, is_current, tuning_dir
+    rows = entries()
+    if not rows:
+        typer.echo(f"no tuning entries in {tuning_dir()}")
+        return
+    typer.echo(f"{'spec':12s} {'bucket':24s} {'dtype':9s} {'gpu':24s} {'config':36s} {'ms':>7s} {'default':>7s} "
+               f"{'gain':>6s}  status")
+    for path, e in rows:
+        if e is None:
+            typer.echo(f"{'?':12s} {'?':24s} {'?':9s} {'?':24s} {'?':36s} {'-':>7s} {'-':>7s} {'-':>6s}  "
+                       f"corrupt: {path.name} (ignored; rebuilt by effc tune)")
+            continue
+        c = e.config
+        cfg = f"C={c['chunk']} block={c['block']} P={c['segments']} warps={c['num_warps']} stages={c['num_stages']}"
+        status = "ok" if is_current(e) else f"stale (codegen {e.key.codegen})"
+        typer.echo(f"{e.key.spec:12s} {e.key.bucket:24s} {e.key.dtype:9s} {e.key.gpu[:24]:24s} {cfg:36s} "
+                   f"{e.ms:7.3f} {e.default_ms:7.3f} {e.default_ms / e.ms:5.2f}x  {status}")
+    typer.echo(f"{len(rows)} entries in {tuning_dir()}")
+
+
+@cache_app.command("clear")
+def cache_clear(stale: bool = typer.Option(False, "--stale", help="only entries ops ignore (stale or corrupt)"),
+                kernels: bool = typer.Option(False, "--kernels", help="also the generated kernel modules")):
+    """Delete tuning entries (and with --kernels the generated modules; they are rebuilt on next use)."""
+    from .runtime.cache import cache_dir
+    from .runtime.tuning import entries, is_current, tuning_dir
+    removed = 0
+    for path, e in entries():
+        if stale and e is not None and is_current(e):
+            continue
+        path.unlink(missing_ok=True)
+        removed += 1
+    for tmp in tuning_dir().glob("*.tmp") if tuning_dir().is_dir() else ():
+        tmp.unlink(missing_ok=True)  # left by a writer that died mid-write
+    typer.echo(f"removed {removed} tuning entr{'y' if removed == 1 else 'ies'} from {tuning_dir()}")
+    if kernels:
+        mods = list((cache_dir() / "kernels").glob("*.py")) if (cache_dir() / "kernels").is_dir() else []
+        for m in mods:
+            m.unlink(missing_ok=True)
+        typer.echo(f"removed {len(mods)} generated kernel module(s) from {cache_dir() / 'kernels'}")

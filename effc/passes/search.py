@@ -1,0 +1,189 @@
+"""The search space of tile configurations for one call shape, pruned before anything is compiled.
+
+Knobs: chunk C, the block of the split dim, segments P, warps and pipeline stages. A candidate
+must satisfy the tiling constraints proved on the symbolic shapes (`TilingSpace`), and fit a
+resource model evaluated on those symbolic tile sizes:
+
+- shared memory per program ~ num_stages x (bytes of the input tiles one chunk step loads)
+  + (bytes of the largest matmul's two operand tiles), in the input dtype, against the device's
+  per-block limit (H100: 232448 B). The stage term is an upper bound: Triton keeps one buffer per
+  stage for each load its pipeliner stages (Triton 3.6 stages none of the walk's masked loads: AOT
+  for sm_90, gla's walk takes 32 KB at 1 and 3 stages alike). Only the largest matmul counts
+  because the allocator reuses the buffers of operands that are not live together (gla at C=64,
+  BLOCK=64 measures exactly its largest matmul's 32768 B).
+- registers per thread ~ live fp32 values of a program (`TilingSpace.live_fp32`) / (32 x warps),
+  against 255. Past that ptxas spills: AOT for sm_90, every gla config over it spilled (C=64 at
+  4 warps: 1184 B of spill stores); those under it spilled at most 248 B.
+
+`choose` (the model's best guess) is always a candidate, first, even where the resource model
+would prune it: it is what every other candidate is checked and timed against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from ..errors import SpecError
+from ..ir.nodes import C, Spec, dim
+from .legality import Legality
+from .tiling import BLOCK, PROGRAMS_PER_SM, Problem, TileConfig, TilingSpace, _check, _segments, choose, tiling_space
+
+H100_SHARED_BYTES = 232448  # per block, opt-in maximum (also the H200's: same SM)
+MAX_REGISTERS = 255  # per thread
+CHUNKS = (16, 32, 64, 128)
+WARPS = (4, 8)  # 4 warps make one warpgroup, which Hopper's wgmma needs; fewer fall back to mma
+STAGES = (1, 2, 3)
+MAX_SEGMENTS = 64  # as in the wave model of `choose`
+
+
+@dataclass(frozen=True, order=True)
+class Candidate:
+    chunk: int
+    block: int
+    segments: int
+    num_warps: int
+    num_stages: int
+
+    @classmethod
+    def of(cls, cfg: TileConfig) -> "Candidate":
+        return cls(cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages)
+
+    def overrides(self) -> dict[str, int]:
+        """Keyword arguments of the op (and of `choose`) that pin this configuration."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def variant(self) -> tuple[int, int, int, int]:
+        """What a compiled kernel depends on; P is a launch argument (up to Triton's specialisation)."""
+        return self.chunk, self.block, self.num_warps, self.num_stages
+
+    def __str__(self) -> str:
+        return (f"C={self.chunk} block={self.block} P={self.segments} "
+                f"warps={self.num_warps} stages={self.num_stages}")
+
+
+@dataclass(frozen=True)
+class Resources:
+    shared: int  # bytes per program
+    staged: int  # bytes of input tiles loaded per chunk step (one stage)
+    dots: int  # bytes of the largest matmul's operand tiles
+    live: int  # fp32 values a program keeps live
+    registers: int  # per thread
+
+    def over(self, num_warps: int, num_stages: int, smem_limit: int, max_registers: int = MAX_REGISTERS) -> list[str]:
+        """Why the configuration does not fit, one reason per exceeded limit."""
+        why = []
+        if self.shared > smem_limit:
+            why.append(f"shared memory {self.shared} B > {smem_limit} B per block ({num_stages} stages x "
+                       f"{self.staged} B of input tiles per chunk + {self.dots} B of the largest matmul's operands)")
+        if self.registers > max_registers:
+            why.append(f"registers: ~{self.registers} live fp32 values per thread > {max_registers} "
+                       f"({self.live} per program / (32 x {num_warps} warps))")
+        return why
+
+
+def resources(space: TilingSpace, values: dict, num_warps: int, num_stages: int, dtype_bytes: int) -> Resources:
+    staged = int(space.loaded.subs(values)) * dtype_bytes
+    dots = max((int(d.subs(values)) for d in space.dot_operands), default=0) * dtype_bytes
+    live = int(space.live_fp32.subs(values))
+    return Resources(num_stages * staged + dots, staged, dots, live, math.ceil(live / (32 * num_warps)))
+
+
+@dataclass(frozen=True)
+class Pruned:
+    candidate: Candidate
+    reason: str
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    problem: Problem
+    default: Candidate
+    candidates: tuple[Candidate, ...]  # the default first, then by how many knobs differ from it
+    pruned: tuple[Pruned, ...]
+
+    def reason(self, cand: Candidate) -> str | None:
+        """Why `cand` was pruned, or None when it is a candidate (or was never generated)."""
+        return next((p.reason for p in self.pruned if p.candidate == cand), None)
+
+    def groups(self) -> list[list[Candidate]]:
+        """Candidates sharing compiled kernels (they differ in P only), in candidate order; each group's
+        first candidate has the wave model's P for its chunk and block."""
+        out: dict[tuple, list[Candidate]] = {}
+        for c in self.candidates:
+            out.setdefault(c.variant, []).append(c)
+        return list(out.values())
+
+    def __str__(self) -> str:
+        p = self.problem
+        lines = [f"search space for B={p.B} T={p.T} H={p.H} {dict(p.dims)}: {len(self.candidates)} candidates "
+                 f"in {len(self.groups())} compiled variants, {len(self.pruned)} pruned",
+                 f"  model default: {self.default}"]
+        lines += [f"  candidate {c}" for c in self.candidates]
+        lines += [f"  pruned {x.candidate}: {x.reason}" for x in self.pruned]
+        return "\n".join(lines)
+
+
+def _pow2_upto(lo: int, hi: int) -> list[int]:
+    return [1 << i for i in range(lo.bit_length() - 1, hi.bit_length()) if lo <= 1 << i <= hi]
+
+
+def search_space(spec: Spec, legality: Legality, problem: Problem, *, dtype_bytes: int = 2,
+                 smem_limit: int = H100_SHARED_BYTES, max_registers: int = MAX_REGISTERS,
+                 chunks=CHUNKS, warps=WARPS, stages=STAGES) -> SearchSpace:
+    """All configurations worth compiling for `problem`, and the pruned ones with the reason."""
+    if dtype_bytes not in (2, 4):
+        raise ValueError(f"dtype_bytes must be 2 (bfloat16, float16) or 4 (float32), got {dtype_bytes}")
+    if smem_limit <= 0:
+        raise ValueError(f"smem_limit must be a positive number of bytes, got {smem_limit}")
+    space = tiling_space(spec, legality)
+    default_cfg = choose(spec, legality, problem)
+    default = Candidate.of(default_cfg)
+    split = space.split_dim
+    split_size = problem.size(split) if split else 1
+    blocks = _pow2_upto(16, split_size) if split else [1]
+    t_pow2 = 1 << max(0, problem.T - 1).bit_length()
+    chunk_set = sorted({c for c in chunks if c <= max(t_pow2, 16)} | {default.chunk})
+    slots = problem.sm_count * PROGRAMS_PER_SM
+    keep: list[Candidate] = []
+    pruned: list[Pruned] = []
+    wave: dict[tuple[int, int], int] = {}  # the wave model's segments for each (chunk, block)
+    for c in chunk_set:
+        for b in blocks:
+            values = {C: c, **{dim(d): problem.size(d) for d in spec.dims}}
+            if split:
+                values[BLOCK] = b
+            n_chunks = max(1, math.ceil(problem.T / c))
+            programs = (split_size // b) * problem.B * problem.H
+            best, _ = _segments(legality, programs, n_chunks, slots)
+            wave[c, b] = best
+            ps = {1}
+            if legality.segmentable:
+                ps |= {p for p in (best // 2, best, best * 2) if 1 <= p <= min(n_chunks, MAX_SEGMENTS)}
+            if (c, b) == (default.chunk, default.block):
+                ps.add(default.segments)
+            try:
+                _check(space, values)
+                bad = None
+            except SpecError as e:
+                bad = str(e).removeprefix("error: ")
+            for w in warps:
+                for s in stages:
+                    why = [bad] if bad else resources(space, values, w, s, dtype_bytes).over(w, s, smem_limit,
+                                                                                              max_registers)
+                    for p in sorted(ps):
+                        cand = Candidate(c, b, p, w, s)
+                        if cand == default:
+                            continue
+                        if why:
+                            pruned.append(Pruned(cand, "; ".join(why)))
+                        else:
+                            keep.append(cand)
+
+    def distance(x: Candidate) -> tuple:
+        # a compiled variant's first candidate takes the wave model's P: it stands for its variant
+        knobs = sum(getattr(x, k) != getattr(default, k) for k in ("chunk", "block", "num_warps", "num_stages"))
+        far = abs(math.log2(x.chunk / default.chunk)) + abs(math.log2(x.block / default.block))
+        return knobs, x.segments != wave[x.chunk, x.block], far, x
+
+    return SearchSpace(problem, default, (default, *sorted(keep, key=distance)), tuple(pruned))

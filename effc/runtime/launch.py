@@ -1,0 +1,158 @@
+"""Launching the generated Triton kernels of a plan: buffers, grids and arguments.
+
+A call is described by a `Layout`: padded batches (B sequences of T tokens) and packed
+variable-length batches (`cu_seqlens`, B = 1) differ only in where each sequence starts,
+which the kernels read from `cu_ptr` / `chunk_off_ptr`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.nodes import Spec
+from ..passes.plan import Plan
+from ..passes.tiling import TileConfig
+from .checks import interpreting
+
+_DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@dataclass(frozen=True)
+class Layout:
+    n_seq: int  # sequences: B, or len(cu_seqlens) - 1
+    T: int  # tokens per sequence (padded layout) or the packed total
+    H: int  # heads of the output (the first input's)
+    heads: dict  # heads of each input (fewer than H: grouped, GQA)
+    dims: dict  # feature dim sizes
+    cu: torch.Tensor | None = None
+    chunk_off: torch.Tensor | None = None  # first chunk of each sequence, for the state history
+
+    @property
+    def tokens(self) -> int:
+        return self.T if self.cu is not None else self.n_seq * self.T
+
+    def chunks(self, chunk: int) -> tuple[int, int]:
+        """(total chunks over all sequences, chunks of the longest sequence)."""
+        if self.cu is None:
+            n = max(1, math.ceil(self.T / chunk))
+            return self.n_seq * n, n
+        lengths = (self.cu[1:] - self.cu[:-1]).tolist()
+        per = [max(1, math.ceil(n / chunk)) for n in lengths]
+        return sum(per), max(per)
+
+
+def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int) -> Layout:
+    heads = {d.name: x.shape[2] for d, x in zip(spec.inputs, tensors)}
+    B, T = tensors[0].shape[:2]
+    if cu_seqlens is None:
+        return Layout(B, T, H, heads, dims)
+    cu = cu_seqlens.to(device=tensors[0].device, dtype=torch.int32)
+    lengths = (cu[1:] - cu[:-1]).clamp_min(1)
+    per = (lengths + chunk - 1) // chunk
+    chunk_off = torch.cat([per.new_zeros(1), per.cumsum(0)]).to(torch.int32)
+    return Layout(len(cu) - 1, T, H, heads, dims, cu, chunk_off)
+
+
+class Launcher:
+    def __init__(self, spec: Spec, plan: Plan, module):
+        self.spec, self.plan, self.module = spec, plan, module
+
+    def _fn(self, kernel: str):
+        return getattr(self.module, f"{self.spec.name}_{kernel}_kernel")
+
+    def _meta(self, cfg: TileConfig, lay: Layout, dtype, kernel) -> dict:
+        import triton.language as tl
+
+        interp = interpreting()
+        meta = dict(H=lay.H, **{f"HX_{d.name}": lay.heads[d.name] for d in kernel.loads}, **lay.dims,
+                    C=cfg.chunk, BLOCK=cfg.block if self.plan.split_dim else 1, IS_VARLEN=lay.cu is not None,
+                    DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
+                    PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32")
+        if not interp:
+            meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return meta
+
+    def _common(self, cfg: TileConfig, lay: Layout, per_seg: int, P: int, dummy) -> list:
+        cu = lay.cu if lay.cu is not None else dummy
+        off = lay.chunk_off if lay.chunk_off is not None else dummy
+        return [lay.T, per_seg, P, lay.tokens, lay.n_seq * lay.H, cu, off]
+
+    def _n_split(self, cfg: TileConfig, lay: Layout) -> int:
+        return lay.dims[self.plan.split_dim] // cfg.block if self.plan.split_dim else 1
+
+    def _state_shape(self, lay: Layout, s) -> tuple:
+        return tuple(lay.dims[n] for n in s.dims)
+
+    def forward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, init: dict, store_final: bool,
+                store_history: bool):
+        """Returns (outputs, final states, state history). Outputs are (B, T, H, ...) in the first input's dtype."""
+        spec = self.spec
+        first = xs[spec.inputs[0].name]
+        dtype, device = first.dtype, first.device
+        total_chunks, max_chunks = lay.chunks(cfg.chunk)
+        P = max(1, min(cfg.segments, max_chunks))
+        per_seg = math.ceil(max_chunks / P)
+        P = math.ceil(max_chunks / per_seg)
+        f32 = dict(dtype=torch.float32, device=device)
+        dummy = torch.empty(1, **f32)
+        outs = {o.name: torch.empty(first.shape[:2] + (lay.H,) + tuple(lay.dims[n] for n in o.feature_dims),
+                                    dtype=dtype, device=device) for o in spec.outputs}
+        n_bh = lay.n_seq * lay.H
+        finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
+        hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s), **f32) if store_history
+                         else dummy) for s in spec.states}
+        segw = {s.name: torch.empty((n_bh, P) + self._state_shape(lay, s), **f32) if P > 1 else dummy
+                for s in spec.states}
+        segd = {n: torch.empty_like(w) if P > 1 else dummy for n, w in segw.items()}
+        n_split = self._n_split(cfg, lay)
+        for kp in self.plan.kernels:
+            if kp.name == "backward" or (kp.name == "summary" and P == 1):
+                continue
+            args = [xs[d.name] for d in kp.loads] + [outs[o.name] for o in kp.stores]
+            for s in kp.states:
+                if kp.name == "walk":
+                    args += [init.get(s.name, dummy), finals[s.name], hist[s.name]]
+                args += [segw[s.name], segd[s.name]]
+            args += [pvals[p] for p in kp.params] + self._common(cfg, lay, per_seg, P, dummy)
+            grid = (n_split, n_bh, P if kp.name == "walk" else P - 1)
+            self._fn(kp.name)[grid](*args, **self._meta(cfg, lay, dtype, kp), HAS_INIT=bool(init),
+                                    STORE_FINAL=store_final, STORE_HISTORY=store_history)
+        return outs, (finals if store_final else {}), (hist if store_history else {})
+
+    def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,
+                 d_finals: dict):
+        """Reverse walk: returns (gradients of the inputs, gradients of the initial states), fp32."""
+        spec, split = self.spec, self.plan.split_dim
+        kp = self.plan.kernel("backward")
+        first = xs[spec.inputs[0].name]
+        device = first.device
+        f32 = dict(dtype=torch.float32, device=device)
+        dummy = torch.empty(1, **f32)
+        n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H
+        feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
+        # inputs without the split dim get one partial gradient per split block, summed below
+        dx = {d.name: torch.empty(((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,)
+                                  + feat[d.name], **f32) for d in spec.inputs}
+        dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
+                                     **f32) for s in spec.states}
+        args = [xs[d.name] for d in kp.loads]
+        args += [d_outs[o.name].contiguous() for o in spec.outputs]
+        args += [dx[d.name] for d, _ in kp.grads]
+        for s in kp.states:
+            args += [hist[s.name], d_finals.get(s.name, dummy), dinit[s.name]]
+        args += [pvals[p] for p in kp.params] + self._common(cfg, lay, 1, 1, dummy)
+        self._fn("backward")[(n_split, n_bh, 1)](*args, **self._meta(cfg, lay, first.dtype, kp),
+                                                  HAS_DFINAL=bool(d_finals))
+        grads = {}
+        for d in spec.inputs:
+            g = dx[d.name].sum(0) if split not in d.feature_dims else dx[d.name]
+            hx = lay.heads[d.name]
+            if hx != lay.H:  # a grouped input's gradient is the sum over its group of heads
+                g = g.reshape(g.shape[:2] + (hx, lay.H // hx) + g.shape[3:]).sum(3)
+            grads[d.name] = g
+        states = {}
+        for s in spec.states:
+            g = dinit[s.name].sum(0) if split not in s.dims else dinit[s.name]
+            states[s.name] = g.reshape((lay.n_seq, lay.H) + g.shape[1:])
+        return grads, states

@@ -1,0 +1,131 @@
+"""Each compiled spec becomes a pair of `torch.library` custom ops (forward, backward) with fake
+implementations and an autograd formula, so calls work under autograd and `torch.compile`
+(fullgraph) alike. The autograd formula runs the derived backward kernel; when the forward did
+not keep the per-chunk states (the memory rule in passes.tiling.history_policy), it recomputes
+them first with one more forward walk."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..passes.tiling import TileConfig
+from .launch import Launcher, make_layout
+
+# ints passed to the ops: the tile configuration, then flags
+_CFG = ("chunk", "block", "segments", "num_warps", "num_stages")
+_REGISTERED: dict[str, "TorchOps"] = {}
+
+
+@dataclass
+class TorchOps:
+    forward: object
+    backward: object
+
+
+def _config(ints) -> TileConfig:
+    return TileConfig(*ints[:5])
+
+
+def torch_ops(op) -> TorchOps:
+    """The custom ops of an AttentionOp, registered once per generated source."""
+    key = f"{op.name}_{hashlib.sha256(op.comp.source().encode()).hexdigest()[:10]}"
+    if key in _REGISTERED:
+        return _REGISTERED[key]
+    spec = op.spec
+    n_out, n_state = len(spec.outputs), len(spec.states)
+
+    def launcher() -> Launcher:
+        return Launcher(spec, op.comp.plan, op.module)
+
+    def layout(xs, cu, chunk):
+        dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+        return make_layout(spec, xs, xs[0].shape[2], dims, cu, chunk)
+
+    @torch.library.custom_op(f"effc::{key}_fwd", mutates_args=())
+    def fwd(xs: list[torch.Tensor], init: list[torch.Tensor], cu: Optional[torch.Tensor], ints: list[int],
+            params: list[float]) -> list[torch.Tensor]:
+        cfg, (store_final, store_history) = _config(ints), ints[5:7]
+        lay = layout(xs, cu, cfg.chunk)
+        named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
+        pvals = dict(zip((p.name for p in spec.params), params))
+        inits = {s.name: x.float().contiguous() for s, x in zip(spec.states, init)}
+        outs, finals, hist = launcher().forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history))
+        def empty():  # a distinct tensor each: custom-op outputs must not alias
+            return xs[0].new_empty(0, dtype=torch.float32)
+        return ([outs[o.name] for o in spec.outputs] + [finals.get(s.name, empty()) for s in spec.states]
+                + [hist.get(s.name, empty()) for s in spec.states])
+
+    @fwd.register_fake
+    def _(xs, init, cu, ints, params):
+        cfg, (store_final, store_history) = _config(ints), ints[5:7]
+        x0 = xs[0]
+        B, T, H = x0.shape[:3]
+        dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+        n_seq = B if cu is None else cu.shape[0] - 1
+        outs = [x0.new_empty((B, T, H) + tuple(dims[n] for n in o.feature_dims)) for o in spec.outputs]
+        f32 = dict(dtype=torch.float32)
+        finals = [x0.new_empty((n_seq, H) + tuple(dims[n] for n in s.dims), **f32) if store_final
+                  else x0.new_empty(0, **f32) for s in spec.states]
+        if store_history:
+            chunks = B * -(-T // cfg.chunk) if cu is None else torch.library.get_ctx().new_dynamic_size()
+            hist = [x0.new_empty((chunks, H) + tuple(dims[n] for n in s.dims), **f32) for s in spec.states]
+        else:
+            hist = [x0.new_empty(0, **f32) for _ in spec.states]
+        return outs + finals + hist
+
+    @torch.library.custom_op(f"effc::{key}_bwd", mutates_args=())
+    def bwd(xs: list[torch.Tensor], hist: list[torch.Tensor], cu: Optional[torch.Tensor], d_outs: list[torch.Tensor],
+            d_finals: list[torch.Tensor], ints: list[int], params: list[float]) -> list[torch.Tensor]:
+        cfg = _config(ints)
+        lay = layout(xs, cu, cfg.chunk)
+        named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
+        pvals = dict(zip((p.name for p in spec.params), params))
+        d_out = {o.name: g for o, g in zip(spec.outputs, d_outs)}
+        d_fin = {s.name: g.float().contiguous() for s, g in zip(spec.states, d_finals) if g.numel()}
+        grads, dinit = launcher().backward(cfg, lay, named, pvals, dict(zip((s.name for s in spec.states), hist)),
+                                           d_out, d_fin)
+        return [grads[d.name].to(x.dtype) for d, x in zip(spec.inputs, xs)] + [dinit[s.name] for s in spec.states]
+
+    @bwd.register_fake
+    def _(xs, hist, cu, d_outs, d_finals, ints, params):
+        B, T, H = xs[0].shape[:3]
+        n_seq = B if cu is None else cu.shape[0] - 1
+        dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+        return ([torch.empty_like(x) for x in xs]
+                + [xs[0].new_empty((n_seq, H) + tuple(dims[n] for n in s.dims), dtype=torch.float32)
+                   for s in spec.states])
+
+    def setup_context(ctx, inputs, output):
+        xs, init, cu, ints, params = inputs
+        kept = output[n_out + n_state:] if ints[6] else []
+        ctx.save_for_backward(*xs, *init, *kept, *((cu,) if cu is not None else ()))
+        ctx.n_x, ctx.n_init, ctx.has_cu = len(xs), len(init), cu is not None
+        ctx.ints, ctx.params = list(ints), list(params)
+
+    def backward(ctx, grads):
+        saved = list(ctx.saved_tensors)
+        cu = saved.pop() if ctx.has_cu else None
+        xs, init, kept = saved[:ctx.n_x], saved[ctx.n_x:ctx.n_x + ctx.n_init], saved[ctx.n_x + ctx.n_init:]
+        ints, params = ctx.ints, ctx.params
+        if kept:
+            hist = kept
+        else:  # recompute the per-chunk states: one more forward walk, keeping only the history
+            hist = fwd(xs, init, cu, ints[:5] + [0, 1], params)[n_out + n_state:]
+        dims = _dims(xs)
+        B, T, H = xs[0].shape[:3]
+        d_outs = [g if g is not None else xs[0].new_zeros((B, T, H) + tuple(dims[n] for n in o.feature_dims))
+                  for o, g in zip(spec.outputs, grads[:n_out])]
+        d_finals = [g if (g is not None and ints[5]) else xs[0].new_empty(0, dtype=torch.float32)
+                    for g in grads[n_out:n_out + n_state]]
+        res = bwd(xs, hist, cu, d_outs, d_finals, ints, params)
+        return list(res[:ctx.n_x]), list(res[ctx.n_x:]) if ctx.n_init else [], None, None, None
+
+    def _dims(xs):
+        return {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    ops = _REGISTERED[key] = TorchOps(fwd, bwd)
+    return ops

@@ -1,0 +1,169 @@
+"""The persistent tuning cache: `effc tune` writes the fastest tile configuration it measured; the op
+reads it (`lookup`) before falling back to the model's choice. Nothing here ever times or compiles.
+
+Key: (spec hash, backend, GPU name, shape bucket, dtype), plus effc's CODEGEN_VERSION.
+- spec hash: sha256 of the typed IR's printed form, so edits to comments or formatting keep entries
+  and any change to what the spec computes drops them.
+- shape bucket: `BH{B*H}-T{T rounded up to a power of two}-{dim}{size}...`, e.g. BH32-T8192-K128-V128.
+  B*H is the number of programs per split block (what the wave model fills the GPU with); T picks how
+  many chunks each walks, and configurations tuned at 8192 serve 4097..8192. The feature dims are
+  exact: they fix the tile shapes.
+- an entry whose codegen version differs from the running effc's is ignored (and rewritten by the
+  next `effc tune`): the kernels it was measured on no longer exist.
+
+One JSON file per key under `$EFFC_CACHE_DIR/tuning/`, written atomically (temp file + rename), so
+concurrent tuners never leave a half-written entry; the last writer of a key wins. A file that does
+not parse is ignored with a warning naming it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .. import codegen
+from ..errors import SpecError
+from ..ir.printer import print_spec
+from ..passes.tiling import Problem, TileConfig, choose
+from .cache import cache_dir, write_atomic
+
+FORMAT = 1
+KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages")
+
+
+def tuning_dir() -> Path:
+    return cache_dir() / "tuning"
+
+
+def shape_bucket(B: int, T: int, H: int, dims) -> str:
+    t = 1 << max(0, T - 1).bit_length()
+    return f"BH{B * H}-T{t}-" + "-".join(f"{n}{v}" for n, v in sorted(dict(dims).items()))
+
+
+def spec_hash(comp) -> str:
+    return hashlib.sha256(print_spec(comp.typed).encode()).hexdigest()[:16]
+
+
+def device_name(device) -> str:
+    """The GPU's name as the cache keys it; CPU tensors (Triton's interpreter) are 'cpu'."""
+    import torch
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TuningKey:
+    spec: str
+    spec_hash: str
+    backend: str
+    gpu: str
+    bucket: str
+    dtype: str
+    codegen: int
+
+    @classmethod
+    def of(cls, op, problem: Problem, gpu: str, dtype) -> "TuningKey":
+        return cls(op.name, spec_hash(op.comp), op.backend, gpu, shape_bucket(problem.B, problem.T, problem.H,
+                                                                             problem.dims),
+                   dtype_name(dtype), codegen.CODEGEN_VERSION)
+
+    @property
+    def path(self) -> Path:
+        # the codegen version stays out of the name, so a newer effc's `effc tune` replaces the stale file
+        ident = json.dumps([self.spec_hash, self.backend, self.gpu, self.bucket, self.dtype])
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+        return tuning_dir() / f"{self.spec}-{self.bucket}-{self.dtype}-{digest}.json"
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: TuningKey
+    config: dict  # the KNOBS
+    ms: float  # the winner's time when tuned
+    default: dict  # the model's choice it was measured against
+    default_ms: float
+    shape: dict  # the call shape it was tuned at (B, T, H, dims)
+    tried: int = 0  # candidates timed
+    tuned_at: float = 0.0
+
+
+def _parse(text: str) -> Entry:
+    raw = json.loads(text)
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ValueError(f"not an effc tuning entry of format {FORMAT}")
+    key = TuningKey(**raw["key"])
+    for part in ("config", "default"):
+        knobs = raw[part]
+        if set(knobs) != set(KNOBS) or not all(isinstance(v, int) and v > 0 for v in knobs.values()):
+            raise ValueError(f"'{part}' must give positive integers for {', '.join(KNOBS)}, got {knobs}")
+    return Entry(key, raw["config"], float(raw["ms"]), raw["default"], float(raw["default_ms"]), raw["shape"],
+                 int(raw.get("tried", 0)), float(raw.get("tuned_at", 0.0)))
+
+
+def read_entry(path: Path) -> Entry | None:
+    """The entry in `path`; None when there is none, or (with a warning) when it does not parse."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        return _parse(text)
+    except (ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"effc tuning cache: ignoring unreadable entry {path} ({type(e).__name__}: {e}); "
+                      "`effc tune` rebuilds it", stacklevel=2)
+        return None
+
+
+def store(key: TuningKey, config: dict, ms: float, default: dict, default_ms: float, shape: dict,
+          tried: int = 0) -> Path:
+    entry = {"format": FORMAT, "key": asdict(key), "config": {k: int(config[k]) for k in KNOBS}, "ms": ms,
+             "default": {k: int(default[k]) for k in KNOBS}, "default_ms": default_ms, "shape": shape,
+             "tried": tried, "tuned_at": time.time()}
+    write_atomic(key.path, json.dumps(entry, indent=1))
+    return key.path
+
+
+def entries() -> list[tuple[Path, Entry | None]]:
+    """Every file of the tuning cache with its entry (None: unreadable), for `effc cache ls`."""
+    d = tuning_dir()
+    if not d.is_dir():
+        return []
+    out = []
+    for path in sorted(d.glob("*.json")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out.append((path, read_entry(path)))
+    return out
+
+
+def is_current(entry: Entry) -> bool:
+    return entry.key.codegen == codegen.CODEGEN_VERSION
+
+
+def lookup(op, problem: Problem, device, dtype, overrides: dict) -> TileConfig | None:
+    """The tuned configuration for this call, with `overrides` (the op's explicit arguments) winning
+    over tuned values; None when nothing current is recorded (the op then asks the model)."""
+    if dtype is None:
+        return None
+    key = TuningKey.of(op, problem, device_name(device), dtype)
+    entry = read_entry(key.path)
+    if entry is None or entry.key != key:
+        return None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        cfg = choose(op.spec, op.comp.legality, problem, **{**entry.config, **given})
+    except SpecError as e:
+        warnings.warn(f"effc tuning cache: ignoring entry {key.path}: {e}", stacklevel=2)
+        return None
+    why = (f"tuned for {key.bucket} {key.dtype} on {key.gpu}: {entry.ms:.3f} ms vs the model's "
+           f"{entry.default_ms:.3f} ms ({key.path.name})")
+    if given:
+        why += f"; given: {', '.join(f'{k}={v}' for k, v in given.items())}"
+    return replace(cfg, reasons=(why,) + cfg.reasons)
