@@ -2,7 +2,8 @@
 
 Each peer runs in its own subprocess (its first call may autotune for minutes, or crash).
 FLOPs and bytes come from the spec itself: every matmul of the walk kernel, per chunk, and
-every input and output read or written once."""
+every input and output read or written once. Achieved rates are reported against the GPU's peaks
+(`PEAKS`), and `--plot` draws time against sequence length, effc beside each peer."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,24 @@ from pathlib import Path
 
 import sympy
 
+from .errors import SpecError
 from .ir.nodes import C, dim
 from .passes.shapes import value_types
 from .peers import PEERS
+
+# Machine limits per GPU name (substring match), measured on the lent H100 with the same software
+# (../shared/ANCHORS.md: device-to-device copy ~3.0 TB/s, bf16 matmul 785-815 TFLOP/s). Other GPUs
+# are compared with the H100's numbers, and the row says so.
+PEAKS = {"H100": {"TB/s": 3.0, "TFLOP/s": 790.0}}
+DEFAULT_PEAK = "H100"
+
+
+def peaks(gpu: str) -> tuple[dict, str]:
+    """(peak rates, which GPU's measurements they are) for a device name."""
+    for name, p in PEAKS.items():
+        if name in gpu:
+            return p, name
+    return PEAKS[DEFAULT_PEAK], f"{DEFAULT_PEAK} (no measured peaks for {gpu})"
 
 
 def spec_flops(op, B: int, T: int, H: int, dims: dict[str, int], chunk: int) -> float:
@@ -34,8 +50,8 @@ def io_bytes(xs, out) -> int:
     return sum(x.numel() * x.element_size() for x in xs) + out.numel() * out.element_size()
 
 
-def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "effc.peers", spec, str(B), str(T), str(H), str(D)]
+def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float, index: int = 0) -> dict:
+    cmd = [sys.executable, "-m", "effc.peers", spec, str(B), str(T), str(H), str(D), str(index)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -46,7 +62,14 @@ def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float) -> dict:
     return {"error": f"peer process exited {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:200]}"}
 
 
-def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, json_out: Path | None):
+def _missing(name: str, error: SpecError) -> dict:
+    waiting = ", ".join(p.label for p in PEERS.get(name, ()))
+    why = str(error).removeprefix("error: ").splitlines()[0]
+    return {"spec": name, "skipped": f"{why}" + (f"; its peers ({waiting}) run once it exists" if waiting else "")}
+
+
+def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, json_out: Path | None, *,
+              plot: Path | None = None):
     import torch
     from triton.testing import do_bench
 
@@ -55,10 +78,18 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
 
     if not torch.cuda.is_available():
         raise RuntimeError("effc bench needs a CUDA GPU (timings under the interpreter mean nothing)")
+    if plot:
+        _need_matplotlib()
     gpu = torch.cuda.get_device_name()
+    peak, peak_of = peaks(gpu)
     rows = []
     for name in specs:
-        op = effc.load(name)
+        try:
+            op = effc.load(name)
+        except SpecError as e:
+            rows.append(_missing(name, e))
+            _print_row(rows[-1])
+            continue
         for B, T in shapes:
             dims = {d: D for d in op.spec.dims}
             xs = random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda")
@@ -68,14 +99,25 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
             first = time.time() - t0
             ms = do_bench(lambda: op(*xs), warmup=25, rep=100, return_mode="median")
             cfg = op.last_config
+            tuned = any(r.startswith("tuned") for r in cfg.reasons)
+            tbs = io_bytes(xs, out) / ms / 1e9
+            tflops = spec_flops(op, B, T, H, dims, cfg.chunk) / ms / 1e9
             row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
-                   "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}",
-                   "TB/s": io_bytes(xs, out) / ms / 1e9, "TFLOP/s": spec_flops(op, B, T, H, dims, cfg.chunk) / ms / 1e9}
+                   "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
+                             + (" (tuned)" if tuned else ""),
+                   "TB/s": tbs, "TFLOP/s": tflops, "bw_frac": tbs / peak["TB/s"],
+                   "flop_frac": tflops / peak["TFLOP/s"], "peak": {**peak, "of": peak_of}}
             if peers and name in PEERS:
-                res = _peer(name, B, T, H, D, peer_timeout)
-                row.update({f"peer_{k}": v for k, v in res.items()})
-                if "ms" in res:
-                    row["speedup"] = res["ms"] / ms
+                row["peers"] = []
+                for i, p in enumerate(PEERS[name]):
+                    res = {"peer": p.label, **_peer(name, B, T, H, D, peer_timeout, i)}
+                    if "ms" in res:
+                        res["speedup"] = res["ms"] / ms
+                    row["peers"].append(res)
+                first_peer = row["peers"][0]  # flat keys: the layout of earlier JSON files
+                row.update({f"peer_{k}": v for k, v in first_peer.items() if k != "speedup"})
+                if "speedup" in first_peer:
+                    row["speedup"] = first_peer["speedup"]
             rows.append(row)
             _print_row(row)
             del xs, out
@@ -83,7 +125,51 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
     _print_table(rows)
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=1))
+    if plot:
+        plot_rows(rows, plot)
+        print(f"plot: {plot}")
     return rows
+
+
+def _need_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise RuntimeError("--plot needs matplotlib: pip install 'effc[bench]'") from None
+
+
+def plot_rows(rows, path) -> None:
+    """One panel per spec: forward time against sequence length, effc and each peer, log axes."""
+    _need_matplotlib()
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if "effc_ms" in r]
+    specs = list(dict.fromkeys(r["spec"] for r in timed))
+    if not specs:
+        raise RuntimeError("nothing to plot: no spec was timed")
+    fig, axes = plt.subplots(1, len(specs), figsize=(5 * len(specs), 4), squeeze=False)
+    for ax, spec in zip(axes[0], specs):
+        rs = sorted((r for r in timed if r["spec"] == spec), key=lambda r: (r["T"], r["B"]))
+        ts = [r["T"] for r in rs]
+        ax.plot(ts, [r["effc_ms"] for r in rs], "o-", label="effc")
+        labels = dict.fromkeys(p["peer"] for r in rs for p in r.get("peers", ()) if "ms" in p)
+        for label in labels:
+            pts = [(r["T"], p["ms"]) for r in rs for p in r.get("peers", ()) if p.get("peer") == label and "ms" in p]
+            ax.plot([t for t, _ in pts], [m for _, m in pts], "s--", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(ts, [f"{r['B']}x{r['T']}" for r in rs])
+        ax.set_xlabel("B x T (sequence length T)")
+        ax.set_ylabel("forward ms (median)")
+        ax.set_title(f"{spec}  H={rs[0]['H']} D={rs[0]['D']} bf16")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(timed[0].get("gpu", ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _print_row(r):
@@ -91,14 +177,25 @@ def _print_row(r):
 
 
 def _print_table(rows):
-    head = f"{'spec':12s} {'BxT':>9s} {'effc ms':>8s} {'TB/s':>5s} {'TFLOP/s':>7s} {'peer':22s} {'peer ms':>8s} {'speedup':>7s} {'diff':>8s}  config"
+    head = (f"{'spec':12s} {'BxT':>9s} {'effc ms':>8s} {'TB/s':>5s} {'%bw':>4s} {'TFLOP/s':>7s} {'%flop':>5s} "
+            f"{'peer':22s} {'peer ms':>8s} {'speedup':>7s} {'diff':>8s}  config")
     print(head)
     for r in rows:
-        peer = r.get("peer_peer", "-") if "peer_error" not in r else "error"
-        pms = f"{r['peer_ms']:.3f}" if "peer_ms" in r else "-"
-        sp = f"{r['speedup']:.2f}x" if "speedup" in r else "-"
-        diff = f"{r['peer_rel_diff_vs_effc']:.1e}" if "peer_rel_diff_vs_effc" in r else "-"
-        print(f"{r['spec']:12s} {str(r['B']) + 'x' + str(r['T']):>9s} {r['effc_ms']:8.3f} {r['TB/s']:5.2f} "
-              f"{r['TFLOP/s']:7.1f} {peer:22s} {pms:>8s} {sp:>7s} {diff:>8s}  {r['config']}")
-        if "peer_error" in r:
-            print(f"    peer: {r['peer_error']}")
+        if "skipped" in r:
+            print(f"{r['spec']:12s} skipped: {r['skipped']}")
+            continue
+        peers = r.get("peers") or [{}]
+        for i, p in enumerate(peers):
+            peer = p.get("peer", "-") if "error" not in p else "error"
+            pms = f"{p['ms']:.3f}" if "ms" in p else "-"
+            sp = f"{p['speedup']:.2f}x" if "speedup" in p else "-"
+            diff = f"{p['rel_diff_vs_effc']:.1e}" if "rel_diff_vs_effc" in p else "-"
+            lead = (f"{r['spec']:12s} {str(r['B']) + 'x' + str(r['T']):>9s} {r['effc_ms']:8.3f} {r['TB/s']:5.2f} "
+                    f"{100 * r['bw_frac']:3.0f}% {r['TFLOP/s']:7.1f} {100 * r['flop_frac']:4.0f}%")
+            lead = lead if i == 0 else " " * len(lead)  # further peers of the row: their own lines
+            print(f"{lead} {peer:22s} {pms:>8s} {sp:>7s} {diff:>8s}  {r['config'] if i == 0 else ''}".rstrip())
+            if "error" in p:
+                print(f"    peer {p.get('peer', '')}: {p['error']}")
+    pk = next((r["peak"] for r in rows if "peak" in r), None)
+    if pk:
+        print(f"%bw, %flop: of {pk['TB/s']} TB/s and {pk['TFLOP/s']} TFLOP/s measured on the {pk['of']}")

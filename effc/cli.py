@@ -1,4 +1,4 @@
-"""`effc compile | check | show | library | bench`."""
+"""`effc compile | check | show | library | bench | tune | cache`."""
 from __future__ import annotations
 
 import os
@@ -179,14 +179,18 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
           heads: int = typer.Option(16, "--heads"), head_dim: int = typer.Option(128, "--head-dim"),
           peers: bool = typer.Option(True, help="time the installed peers (flash-linear-attention) beside effc"),
           peer_timeout: float = typer.Option(240.0, help="seconds a peer may take (its first call autotunes)"),
-          json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON")):
+          json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
+          plot: Path = typer.Option(None, "--plot", help="also plot time vs sequence length to this PNG (matplotlib)")):
     """Time effc's kernels and the peers on identical bf16 inputs, one GPU, one run; print ratios."""
     from .bench import run_bench
     try:
         run_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")],
-                  heads, head_dim, peers, peer_timeout, json_out)
+                  heads, head_dim, peers, peer_timeout, json_out, plot=plot)
     except (SpecError, ArgumentError, RuntimeError) as e:
         _fail(e)
+
+
+from . import cli_tune  # noqa: E402,F401  (registers `tune` and `cache` on the app above)
 
 
 def main():

@@ -98,7 +98,8 @@ class RichReporter:
         self.task = self.progress.add_task(label, total=total, best="")
 
     def grow(self, n: int):
-        self.progress.update(self.task, total=self.progress.tasks[0].total + n)
+        task = next(t for t in self.progress.tasks if t.id == self.task)
+        self.progress.update(self.task, total=task.total + n)
 
     def advance(self, best: str):
         self.progress.update(self.task, advance=1, best=best)
@@ -143,7 +144,8 @@ def cache_clear(stale: bool = typer.Option(False, "--stale", help="only entries 
         path.unlink(missing_ok=True)
         removed += 1
     for tmp in tuning_dir().glob("*.tmp") if tuning_dir().is_dir() else ():
-        tmp.unlink(missing_ok=True)  # left by a writer that died mid-write
+        if time.time() - tmp.stat().st_mtime > 600:  # left by a writer that died; a live one renames within ms
+            tmp.unlink(missing_ok=True)
     typer.echo(f"removed {removed} tuning entr{'y' if removed == 1 else 'ies'} from {tuning_dir()}")
     if kernels:
         mods = list((cache_dir() / "kernels").glob("*.py")) if (cache_dir() / "kernels").is_dir() else []

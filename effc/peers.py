@@ -6,43 +6,100 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-# spec name -> (label, module, function, names of the spec inputs it takes, in order)
-PEERS = {
-    "retention": ("fla chunk_retention", "fla.ops.retention", "chunk_retention", ("q", "k", "v")),
-    "simple_gla": ("fla chunk_simple_gla", "fla.ops.simple_gla", "chunk_simple_gla", ("q", "k", "v", "g")),
-    "gla": ("fla chunk_gla", "fla.ops.gla", "chunk_gla", ("q", "k", "v", "g")),
+
+@dataclass(frozen=True)
+class Peer:
+    label: str
+    inputs: tuple[str, ...]  # names of the spec inputs it takes, in this order
+    make: Callable  # (B, T, H, D) -> fn(*inputs, scale=) -> output (B, T, H, D); set-up (masks, compiles) here
+
+
+def _fla(module: str, fn_name: str):
+    def make(B, T, H, D):
+        import importlib
+        fn = getattr(importlib.import_module(module), fn_name)
+        return lambda *xs, scale: fn(*xs, scale=scale)[0]
+    return make
+
+
+def _bhtd(x):  # effc's (B, T, H, D) as the (B, H, T, D) that SDPA and FlexAttention take, a view
+    return x.transpose(1, 2)
+
+
+def _sdpa_causal(B, T, H, D):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run(q, k, v, scale):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            o = F.scaled_dot_product_attention(_bhtd(q), _bhtd(k), _bhtd(v), is_causal=True, scale=scale)
+            return o.transpose(1, 2)
+    return run
+
+
+def _flex(window: int | None = None):
+    def make(B, T, H, D):
+        import torch
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask(b, h, i, j):
+            return (j <= i) & (i - j < window) if window else j <= i
+
+        block_mask = create_block_mask(mask, None, None, T, T, device="cuda")
+        fn = torch.compile(flex_attention)
+        return lambda q, k, v, scale: fn(_bhtd(q), _bhtd(k), _bhtd(v), block_mask=block_mask,
+                                         scale=scale).transpose(1, 2)
+    return make
+
+
+# spec name -> the peers computing the same thing. Names of specs not in the library yet are harmless:
+# `effc bench` says the spec is missing and skips its row.
+PEERS: dict[str, tuple[Peer, ...]] = {
+    "retention": (Peer("fla chunk_retention", ("q", "k", "v"), _fla("fla.ops.retention", "chunk_retention")),),
+    "simple_gla": (Peer("fla chunk_simple_gla", ("q", "k", "v", "g"),
+                        _fla("fla.ops.simple_gla", "chunk_simple_gla")),),
+    "gla": (Peer("fla chunk_gla", ("q", "k", "v", "g"), _fla("fla.ops.gla", "chunk_gla")),),
+    "softmax_attn": (Peer("torch SDPA flash causal", ("q", "k", "v"), _sdpa_causal),
+                     Peer("FlexAttention causal", ("q", "k", "v"), _flex())),
+    "sliding_window": (Peer("FlexAttention sliding window 1024", ("q", "k", "v"), _flex(1024)),),  # the spec's window
 }
 
 
-def peer_main(spec: str, B: int, T: int, H: int, D: int) -> dict:
+def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0) -> dict:
     """Time the peer on the inputs `effc bench` builds, and check it agrees with effc's kernel."""
-    import importlib
-
     import torch
     from triton.testing import do_bench
 
     import effc
     from effc.runtime.verify import random_inputs, rel_err
 
-    label, module, fn_name, names = PEERS[spec]
-    fn = getattr(importlib.import_module(module), fn_name)
+    peer = PEERS[spec][index]
     op = effc.load(spec)
     xs = random_inputs(op.spec, B, T, H, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda")
-    args = [x for d, x in zip(op.spec.inputs, xs) if d.name in names]
+    by_name = {d.name: x for d, x in zip(op.spec.inputs, xs)}
+    missing = [n for n in peer.inputs if n not in by_name]
+    if missing:
+        raise KeyError(f"{peer.label} takes input(s) {missing} that spec '{spec}' does not have "
+                       f"(its inputs: {', '.join(by_name)})")
+    args = [by_name[n] for n in peer.inputs]
     t0 = time.time()
-    out = fn(*args, scale=D ** -0.5)[0]
+    fn = peer.make(B, T, H, D)
+    out = fn(*args, scale=D ** -0.5)
     torch.cuda.synchronize()
     first = time.time() - t0
     ms = do_bench(lambda: fn(*args, scale=D ** -0.5), warmup=25, rep=100, return_mode="median")
     mine, _ = op(*xs)
-    return {"peer": label, "ms": ms, "first_call_s": first, "rel_diff_vs_effc": rel_err(out.float(), mine.float())}
+    return {"peer": peer.label, "ms": ms, "first_call_s": first, "rel_diff_vs_effc": rel_err(out.float(), mine.float())}
 
 
 if __name__ == "__main__":
     spec, B, T, H, D = sys.argv[1], *map(int, sys.argv[2:6])
+    index = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     try:
-        result = peer_main(spec, B, T, H, D)
+        result = peer_main(spec, B, T, H, D, index)
     except Exception as e:  # reported as the row's result, never hidden
         result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     print("EFFC_PEER_RESULT " + json.dumps(result), flush=True)

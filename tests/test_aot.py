@@ -41,7 +41,7 @@ def test_library_kernels_compile_for_sm90(tmp_path):
     p = subprocess.run([sys.executable, "-c", SCRIPT, *names], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     results = json.loads(p.stdout.split("AOT ", 1)[1])
-    assert set(results) == {f"{n}.{k}" for n in names for k in ("summary", "walk", "backward")}
+    assert set(results) == {f"{n}.{k}" for n in names for k in ("summary", "walk", "bwd_scan", "bwd_chunks")}
     for kernel, r in results.items():
         assert r["wgmma"], f"{kernel}: no wgmma in the PTX (Hopper tensor cores unused)"
         assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"

@@ -367,7 +367,7 @@ def test_emit_module_key_lines_and_valid_python():
         "v_g = tl.load(g_ptr + (bos + tok) * HX_g + i_h // (H // HX_g), mask=tv, other=0.0).to(tl.float32)",
         "v_q = tl.load(q_ptr + ((bos + tok)[:, None] * HX_q + i_h // (H // HX_q)) * K + r_K[None, :], mask=tv[:, None], "
         "other=0.0)",
-        "for j in tl.range(0, n_chunks_seq):  # the reverse scan",  # the backward kernel
+        "for j in tl.range(0, n_chunks_seq):  # the reverse scan of the state adjoints",
         "v__seed__next_S = v_dS",
         "r_V = pid_s * BLOCK + tl.arange(0, BLOCK)",  # V is split
         "v_b = tl.cumsum(v_g, axis=0)",

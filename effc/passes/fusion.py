@@ -60,6 +60,11 @@ def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
         kernels.insert(0, FusedKernel("summary", ("intra", "inter"), live_ops(spec.intra.ops + spec.inter.ops, roots),
                                       roots))
     if backward is not None:
-        roots = tuple(g for _, g in backward.input_grads + backward.state_grads if g is not None)
-        kernels.append(FusedKernel("backward", ("inter", "merge", "intra"), backward.ops, roots))
+        # the reverse scan carries only the state adjoints (and keeps each chunk's for the next kernel);
+        # then every chunk's input gradients are independent and run in parallel
+        state_roots = tuple(g for _, g in backward.state_grads if g is not None)
+        input_roots = tuple(g for _, g in backward.input_grads if g is not None)
+        kernels.append(FusedKernel("bwd_scan", ("inter", "merge"), live_ops(backward.ops, state_roots), state_roots))
+        kernels.append(FusedKernel("bwd_chunks", ("inter", "merge", "intra"), live_ops(backward.ops, input_roots),
+                                   input_roots))
     return Fused(tuple(kernels))

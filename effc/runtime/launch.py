@@ -107,7 +107,7 @@ class Launcher:
         segd = {n: torch.empty_like(w) if P > 1 else dummy for n, w in segw.items()}
         n_split = self._n_split(cfg, lay)
         for kp in self.plan.kernels:
-            if kp.name == "backward" or (kp.name == "summary" and P == 1):
+            if kp.name.startswith("bwd") or (kp.name == "summary" and P == 1):
                 continue
             args = [xs[d.name] for d in kp.loads] + [outs[o.name] for o in kp.stores]
             for s in kp.states:
@@ -122,28 +122,35 @@ class Launcher:
 
     def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,
                  d_finals: dict):
-        """Reverse walk: returns (gradients of the inputs, gradients of the initial states), fp32."""
+        """The reverse scan of the state adjoints, then every chunk's input gradients in parallel.
+        Returns (gradients of the inputs, gradients of the initial states), fp32."""
         spec, split = self.spec, self.plan.split_dim
-        kp = self.plan.kernel("backward")
         first = xs[spec.inputs[0].name]
         device = first.device
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
         n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H
+        _, max_chunks = lay.chunks(cfg.chunk)
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
         # inputs without the split dim get one partial gradient per split block, summed below
         dx = {d.name: torch.empty(((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,)
                                   + feat[d.name], **f32) for d in spec.inputs}
         dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
                                      **f32) for s in spec.states}
-        args = [xs[d.name] for d in kp.loads]
-        args += [d_outs[o.name].contiguous() for o in spec.outputs]
-        args += [dx[d.name] for d, _ in kp.grads]
-        for s in kp.states:
-            args += [hist[s.name], d_finals.get(s.name, dummy), dinit[s.name]]
-        args += [pvals[p] for p in kp.params] + self._common(cfg, lay, 1, 1, dummy)
-        self._fn("backward")[(n_split, n_bh, 1)](*args, **self._meta(cfg, lay, first.dtype, kp),
+        dhist = {s.name: torch.empty_like(hist[s.name]) for s in spec.states}
+        d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
+        scan, chunks = self.plan.kernel("bwd_scan"), self.plan.kernel("bwd_chunks")
+        args = [xs[d.name] for d in scan.loads] + d_o
+        for s in scan.states:
+            args += [hist[s.name], dhist[s.name], d_finals.get(s.name, dummy), dinit[s.name]]
+        args += [pvals[p] for p in scan.params] + self._common(cfg, lay, 1, 1, dummy)
+        self._fn("bwd_scan")[(n_split, n_bh, 1)](*args, **self._meta(cfg, lay, first.dtype, scan),
                                                   HAS_DFINAL=bool(d_finals))
+        args = [xs[d.name] for d in chunks.loads] + d_o + [dx[d.name] for d, _ in chunks.grads]
+        for s in chunks.states:
+            args += [hist[s.name], dhist[s.name]]
+        args += [pvals[p] for p in chunks.params] + self._common(cfg, lay, 1, 1, dummy)
+        self._fn("bwd_chunks")[(n_split, n_bh, max_chunks)](*args, **self._meta(cfg, lay, first.dtype, chunks))
         grads = {}
         for d in spec.inputs:
             g = dx[d.name].sum(0) if split not in d.feature_dims else dx[d.name]

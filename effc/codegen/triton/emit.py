@@ -74,7 +74,7 @@ def emit_module(plan: Plan) -> str:
     for kp in plan.kernels:
         printer = TritonPrinter(spec, kp.types(spec))
         toks = {d.name: _token_offsets(d, f"HX_{d.name}") for d in kp.loads}
-        toks.update({d.name: _token_offsets(d) for d in kp.stores + (spec.outputs if kp.name == "backward" else ())})
+        toks.update({d.name: _token_offsets(d) for d in kp.stores + (spec.outputs if kp.name.startswith("bwd") else ())})
         view = _KernelView(
             fn=kernel_name(spec.name, kp.name), plan=kp,
             body=[f"v_{op.out} = {printer.expr(op)}" for op in kp.ops],

@@ -1,0 +1,217 @@
+"""The statements of one TileLang kernel: buffers, T.Parallel loops, and how a value is read.
+
+TileLang distributes a fragment (registers) over the threads with a layout that its passes infer
+from the loops and gemms that touch it; a T.Parallel loop can read a fragment only where each
+thread already holds the element: the loop's own index over the fragment's own shape. Any other
+read (a broadcast, a transpose, `last`) goes through a shared-memory mirror, copied once per chunk
+before the loop that needs it. Shared memory can be read at any index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from ...ir.nodes import C
+from .printer import TileLangPrinter, token_ok
+from .schedule import KernelSchedule
+
+F32 = '"float32"'
+IN = "dtype"  # the factory's input dtype: loads, stores and gemm operands
+SPILL_CHARS = 1200  # an inline expression longer than this is computed once into shared memory
+_ONE = sympy.Integer(1)
+
+
+@dataclass(frozen=True)
+class Buffer:
+    name: str
+    shape: tuple[str, ...]  # extents as printed: C, a dim, BLOCK, 1
+    scope: str  # shared | fragment
+    dtype: str  # a dtype expression: "float32" or dtype
+
+
+@dataclass
+class _Loop:
+    shape: tuple[str, ...]
+    vars: tuple[str, ...]
+
+
+@dataclass
+class Body:
+    printer: TileLangPrinter
+    sched: KernelSchedule
+    split: str | None
+    allocs: list[str] = field(default_factory=list)
+    where: dict[str, Buffer] = field(default_factory=dict)  # value -> the buffer holding it
+    loads: set[str] = field(default_factory=set)  # raw inputs: zero past T, in the input dtype
+    lines: list[str] = field(default_factory=list)
+    _names: set[str] = field(default_factory=set)
+    _loops: list[_Loop] = field(default_factory=list)
+    _mirrors: dict[str, Buffer] = field(default_factory=dict)
+    _fresh: set[str] = field(default_factory=set)  # fragments whose mirror holds their current value
+    _staged: dict[tuple, str] = field(default_factory=dict)
+    _reads: list[tuple[str, bool]] = field(default_factory=list)  # (buffer, at the loop's own index)
+
+    # -- shapes and buffers -------------------------------------------------------------------
+    def extents(self, shape) -> tuple[str, ...]:
+        out = []
+        for d in shape:
+            if d == _ONE:
+                out.append("1")
+            elif d == C:
+                out.append("C")
+            else:
+                out.append("BLOCK" if str(d) == self.split else str(d))
+        return tuple(out) or ("1",)
+
+    def alloc(self, base: str, shape: tuple[str, ...], scope: str, dtype: str) -> Buffer:
+        name, n = base, 1
+        while name in self._names:
+            n += 1
+            name = f"{base}_{n}"
+        self._names.add(name)
+        call = "T.alloc_fragment" if scope == "fragment" else "T.alloc_shared"
+        self.allocs.append(f"{name} = {call}(({', '.join(shape)},), {dtype})")
+        return Buffer(name, shape, scope, dtype)
+
+    def fragment(self, value: str, shape) -> str:
+        buf = self.alloc(f"f_{value}", self.extents(shape), "fragment", F32)
+        self.where[value] = buf
+        return buf.name
+
+    def shared(self, value: str, shape) -> str:
+        buf = self.alloc(f"s_{value}", self.extents(shape), "shared", F32)
+        self.where[value] = buf
+        return buf.name
+
+    # -- statements -----------------------------------------------------------------------------
+    def section(self) -> list[str]:
+        """Start a new run of statements (the chunk body, a prologue, ...); mirrors do not carry over."""
+        self.lines = []
+        self._fresh = set()
+        return self.lines
+
+    def stmt(self, line: str) -> None:
+        self.lines.append(line)
+
+    def wrote(self, buf_name: str) -> None:
+        self._fresh.discard(buf_name)
+
+    def loop(self, shape: tuple[str, ...], lvalue, value, guard: str | None = None, dtype: str = F32) -> list:
+        """`for i.. in T.Parallel(shape): lvalue(i) = value(i)`; returns the buffers read and how."""
+        ivars = tuple(f"i{k}" for k in range(len(shape)))
+        self._loops.append(_Loop(shape, ivars))
+        outer_reads, self._reads = self._reads, []
+        try:
+            text = value(ivars)
+        finally:
+            self._loops.pop()
+            reads, self._reads = self._reads, outer_reads
+        if dtype != F32:
+            text = f"T.Cast({dtype}, {text})"
+        self.stmt(f"for {', '.join(ivars)} in T.Parallel({', '.join(shape)}):")
+        if guard is not None:
+            self.stmt(f"    if {guard(ivars)}:")
+            self.stmt(f"        {lvalue(ivars)} = {text}")
+        else:
+            self.stmt(f"    {lvalue(ivars)} = {text}")
+        return reads
+
+    def fill(self, buf: Buffer, value_fn, mask_axes=(), fill: str = "0.0") -> list:
+        def value(ivars):
+            text = value_fn(ivars)
+            for ax in mask_axes:
+                text = f"T.if_then_else({token_ok(ivars[ax])}, {text}, {fill})"
+            return text
+
+        reads = self.loop(buf.shape, lambda iv: f"{buf.name}[{', '.join(iv)}]", value, dtype=buf.dtype)
+        self.wrote(buf.name)
+        return reads
+
+    def assign(self, buf: Buffer, value, mask_axes=(), fill: str = "0.0") -> list:
+        """buf = value, elementwise over buf's shape (the value's tile shape)."""
+        return self.fill(buf, lambda iv: self.read(value, iv), mask_axes, fill)
+
+    # -- reading values ---------------------------------------------------------------------------
+    def read(self, a, idx) -> str:
+        idx = tuple(idx)
+        leaf = self.printer.leaf(a, idx)
+        if leaf is not None:
+            return leaf
+        buf = self.where.get(a)
+        if buf is not None:
+            return self.load(buf, idx)
+        op = self.sched.defs.get(a)
+        if op is None:
+            raise KeyError(f"TileLang backend: no buffer or op defines '{a}'")
+        text = self.printer.expr(op, idx, self.read)
+        if len(text) > SPILL_CHARS and op.type.rank > 0:
+            buf = self.alloc(f"s_{a}", self.extents(op.type.shape), "shared", F32)
+            self.fill(buf, lambda iv: self.printer.expr(op, iv, self.read))
+            self.where[a] = buf
+            return self.load(buf, idx)
+        return text
+
+    def load(self, buf: Buffer, idx) -> str:
+        idx = tuple(idx) or ("0",)
+        loop = self._loops[-1] if self._loops else None
+        own = loop is not None and loop.shape == buf.shape and idx == loop.vars
+        self._reads.append((buf.name, own))
+        if buf.scope == "fragment" and not own:
+            buf = self.mirror(buf)
+        text = f"{buf.name}[{', '.join(idx)}]"
+        return text if buf.dtype == F32 else f'T.Cast("float32", {text})'
+
+    def mirror(self, frag: Buffer) -> Buffer:
+        m = self._mirrors.get(frag.name)
+        if m is None:
+            m = self._mirrors[frag.name] = self.alloc(f"{frag.name}_sh", frag.shape, "shared", F32)
+        if frag.name not in self._fresh:
+            self.stmt(f"T.copy({frag.name}, {m.name})")
+            self._fresh.add(frag.name)
+        return m
+
+    # -- operands for anchors ---------------------------------------------------------------------
+    def _tile(self, value) -> tuple[str, ...]:
+        return self.extents(self.printer.types[value].shape)
+
+    def gemm_operand(self, value: str, contract_axis: int, tokens: bool) -> tuple[str, bool]:
+        """A shared buffer in the input dtype holding `value` (or the tile it transposes), and
+        whether T.gemm must transpose it. Rows of padded tokens are zeroed when the gemm sums
+        over tokens; raw loads are zero there already."""
+        op = self.sched.defs.get(value)
+        transposed = op is not None and op.kind == "transpose" and self.sched.is_inline(value)
+        base = op.args[0] if transposed else value
+        axis = 1 - contract_axis if transposed else contract_axis
+        if base in self.loads:
+            return self.where[base].name, transposed
+        key = ("gemm", base, axis if tokens else None)
+        if key not in self._staged:
+            buf = self.alloc(f"g_{base}", self._tile(base), "shared", IN)
+            self.assign(buf, base, mask_axes=(axis,) if tokens else ())
+            self._staged[key] = buf.name
+        return self._staged[key], transposed
+
+    def stage_shared(self, value: str, mask_axes=()) -> str:
+        buf = self.where.get(value)
+        if buf is not None and buf.scope == "shared" and buf.dtype == F32 and not mask_axes:
+            return buf.name
+        key = ("shared", value, tuple(mask_axes))
+        if key not in self._staged:
+            b = self.alloc(f"t_{value}", self._tile(value), "shared", F32)
+            self.assign(b, value, mask_axes)
+            self._staged[key] = b.name
+        return self._staged[key]
+
+    def stage_fragment(self, value: str, mask_axes=(), fill: str = "0.0") -> str:
+        buf = self.where.get(value)
+        if buf is not None and buf.scope == "fragment" and not mask_axes:
+            return buf.name
+        b = self.alloc(f"r_{value}", self._tile(value), "fragment", F32)
+        self.assign(b, value, mask_axes, fill)
+        return b.name
+
+    def fill_fragment(self, base: str, shape, term, mask_axes=()) -> str:
+        b = self.alloc(f"f_{base}", self.extents(shape), "fragment", F32)
+        self.fill(b, term, mask_axes)
+        return b.name

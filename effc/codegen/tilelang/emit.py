@@ -1,0 +1,284 @@
+"""Kernel plan -> a TileLang module (source text): per plan kernel, a factory that takes the
+compile-time sizes and returns its `@T.prim_func`. The kernels have the Triton backend's
+semantics and arguments (see codegen/triton/kernels.py.j2); statements come from body.py and
+printer.py, one printer method per IR op."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+
+from ... import __version__
+from ...ir.nodes import TensorDecl
+from ...passes.plan import KernelPlan, Plan, StatePlan
+from .body import F32, IN, Body, Buffer
+from .printer import TileLangPrinter, broadcast_index, token_ok
+from .schedule import leaves, schedule
+
+_RESERVED = ("T", "tilelang", "H", "C", "BLOCK", "dtype", "threads", "num_stages", "is_varlen", "has_init",
+             "store_final", "store_history", "pid_s", "pid_p", "i_bh", "i_b", "i_h", "i_c", "c_lo", "c_hi",
+             "n_valid", "bos", "T_seq", "c_base", "n_chunks_seq", "T_total", "T_pad", "seg", "cu", "chunk_off",
+             "chunks_per_seg", "n_segments", "n_bh", "i0", "i1", "i2")
+# arguments after the params, as the Triton kernels take them (minus what a shape carries)
+COMMON = ("T_pad", "chunks_per_seg", "n_segments", "n_bh", "cu", "chunk_off")
+
+
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    return env.get_template("kernels.py.j2")
+
+
+def factory_name(spec_name: str, kernel: str) -> str:
+    return f"{spec_name}_{kernel}"
+
+
+@dataclass
+class _KernelView:
+    factory: str
+    fn: str
+    plan: KernelPlan
+    dynamic: list[str]  # symbolic sizes bound from the tensors' shapes
+    params: list[str]  # the prim_func's arguments, in the order the runtime passes them
+    grid: str
+    allocs: list[str]
+    init: dict[str, tuple[list[str], list[str]]]  # walk: state -> (lines with an initial state, without)
+    prologue: list[str]  # walk: fold earlier segments; summary: zero state, unit decay
+    history: list[str]  # walk: store the state entering the chunk
+    loads: list[str]
+    body: list[str]
+    stores: list[str]
+    carry: list[str]
+    epilogue: list[str]
+
+
+def state_roles(kp: KernelPlan) -> tuple[str, ...]:
+    return (("init", "final", "hist") if kp.name == "walk" else ()) + ("segw", "segd")
+
+
+def kernel_params(spec, kp: KernelPlan) -> list[str]:
+    """Argument names of a kernel, in call order (the runtime passes them in this order)."""
+    names = [f"{d.name}_in" for d in kp.loads] + [f"{o.name}_out" for o in kp.stores]
+    names += [f"{s.name}_{role}" for s in kp.states for role in state_roles(kp)]
+    return names + [f"p_{p}" for p in kp.params] + list(COMMON)
+
+
+class _Kernel:
+    def __init__(self, plan: Plan, kp: KernelPlan, printer: TileLangPrinter):
+        self.plan, self.kp, self.spec = plan, kp, plan.spec
+        self.split = plan.split_dim
+        self.sched = schedule(kp, printer.types)
+        self.body = Body(printer, self.sched, self.split)
+        self.body._names.update(_RESERVED + tuple(kernel_params(self.spec, kp)) + tuple(self.spec.dims))
+        self.state_buf: dict[str, Buffer] = {}
+        self.decay_buf: dict[str, Buffer] = {}
+
+    # -- indexing -------------------------------------------------------------------------------
+    def _feat(self, dims, ivars) -> list[str]:
+        return [f"pid_s * BLOCK + {i}" if d == self.split else i for d, i in zip(dims, ivars)]
+
+    def _state_index(self, s: StatePlan, lead: str, ivars) -> str:
+        return f"[{', '.join([lead] + self._feat(s.dims, ivars))}]"
+
+    # -- sections ---------------------------------------------------------------------------------
+    def _declare_states(self) -> None:
+        b = self.body
+        for s in self.kp.states:
+            decl = next(d for d in self.spec.states if d.name == s.name)
+            shape = b.extents(decl.tile.shape)
+            scope = "fragment" if len(s.dims) == 2 else "shared"  # vectors and scalars: readable anywhere
+            self.state_buf[s.name] = b.where[s.name] = b.alloc(f"st_{s.name}", shape, scope, F32)
+            if self.kp.name == "summary":
+                self.decay_buf[s.name] = b.alloc(f"d_{s.name}", shape, "fragment", F32)
+
+    def _state_loop(self, buf: Buffer, lvalue, value) -> None:
+        self.body.loop(buf.shape, lvalue, value)
+        self.body.wrote(buf.name)
+
+    def _walk_init(self, s: StatePlan) -> tuple[list[str], list[str]]:
+        buf, b = self.state_buf[s.name], self.body
+        with_init = b.section()
+        self._state_loop(buf, lambda iv: f"{buf.name}[{', '.join(iv)}]",
+                         lambda iv: f"{s.name}_init{self._state_index(s, 'i_b, i_h', iv)}")
+        without = b.section()
+        b.stmt(f"T.clear({buf.name})")
+        return with_init, without
+
+    def _prologue(self) -> list[str]:
+        b = self.body
+        lines = b.section()
+        for s in self.kp.states:
+            buf = self.state_buf[s.name]
+            if self.kp.name == "walk":
+                b.stmt("for seg in T.serial(pid_p):  # fold the summaries of earlier segments")
+                start = len(lines)
+                self._state_loop(buf, lambda iv: f"{buf.name}[{', '.join(iv)}]",
+                                 lambda iv: (f"{b.load(buf, iv)} * {s.name}_segd{self._state_index(s, 'i_bh, seg', iv)}"
+                                             f" + {s.name}_segw{self._state_index(s, 'i_bh, seg', iv)}"))
+                lines[start:] = ["    " + ln for ln in lines[start:]]
+            else:
+                b.stmt(f"T.clear({buf.name})")
+                b.stmt(f"T.fill({self.decay_buf[s.name].name}, 1.0)")
+        return lines
+
+    def _history(self) -> list[str]:
+        lines = self.body.section()
+        for s in self.kp.states:  # the state entering each chunk, for the backward
+            buf = self.state_buf[s.name]
+            self._store_state(buf, lambda iv, s=s: f"{s.name}_hist{self._state_index(s, 'c_base + i_c, i_h', iv)}")
+        return lines
+
+    def _loads(self) -> list[str]:
+        """Masked loads: rows past the sequence's end read 0 (in a packed batch they belong to the next one)."""
+        b = self.body
+        lines = b.section()
+        for d in self.kp.loads:
+            buf = b.alloc(f"x_{d.name}", b.extents(d.tile.shape), "shared", IN)
+            b.where[d.name] = buf
+            b.loads.add(d.name)
+            head = f"i_h // (H // HX_{d.name})"
+
+            def src(iv, d=d, head=head):
+                index = ", ".join([f"bos + i_c * C + {iv[0]}", head] + self._feat(d.feature_dims, iv[1:]))
+                return f"T.if_then_else({token_ok(iv[0])}, {d.name}_in[{index}], T.Cast(dtype, 0))"
+            b.loop(buf.shape, lambda iv, buf=buf: f"{buf.name}[{', '.join(iv)}]", src)
+        return lines
+
+    def _body(self) -> list[str]:
+        b, sched = self.body, self.sched
+        lines = b.section()
+        for op in self.kp.ops:
+            if op.out in sched.deferred or op.out not in sched.anchors:
+                continue
+            if op.out in sched.accumulate:
+                self._accumulate(op)
+            else:
+                b.printer.emit(op, b)
+        return lines
+
+    def _accumulate(self, op) -> None:
+        b, sched = self.body, self.sched
+        acc = sched.accumulate[op.out]
+        if op.out in sched.in_place:
+            target = self.state_buf[sched.in_place[op.out]]
+        elif op.out in sched.reuse:
+            target = b.where[sched.reuse[op.out]]
+        else:
+            target = b.alloc(f"f_{op.out}", b.extents(op.type.shape), "fragment", F32)
+
+        def start() -> str:  # after the gemm's operands are staged: they may read the entering state
+            if b.where.get(acc.other) is not target:
+                b.assign(target, acc.other)
+            return target.name
+
+        b.printer.emit_matmul(acc.matmul, b, into=start, clear=False)
+        b.where[op.out] = target
+
+    def _stores(self) -> list[str]:
+        b = self.body
+        lines = b.section()
+        for o in self.kp.stores:
+            shape = b.extents(o.tile.shape)
+            lvalue = (lambda iv, o=o: f"{o.name}_out[{', '.join([f'bos + i_c * C + {iv[0]}', 'i_h'] + self._feat(o.feature_dims, iv[1:]))}]")
+            b.loop(shape, lvalue, lambda iv, o=o: b.read(o.name, iv), guard=lambda iv: token_ok(iv[0]), dtype=IN)
+        return lines
+
+    def _carry(self) -> list[str]:
+        b, sched, states = self.body, self.sched, self.kp.states
+        lines = b.section()
+        types = b.printer.types
+        for s in states:  # the summary's product of decays over its chunks
+            if self.kp.name == "summary" and s.decay is not None:
+                d = self.decay_buf[s.name]
+                shape = types[s.name].shape
+                value = (lambda iv, d=d, s=s: f"{b.load(d, iv)} * "
+                         + (b.printer.const(s.decay) if isinstance(s.decay, float)
+                            else b.read(s.decay, broadcast_index(shape, types[s.decay].shape, iv))))
+                b.loop(d.shape, lambda iv, d=d: f"{d.name}[{', '.join(iv)}]", value)
+        pending = []
+        for i, s in enumerate(states):
+            buf = self.state_buf[s.name]
+            if b.where.get(s.next) is buf:
+                continue  # accumulated in place
+            later = any(s.name in leaves(sched, t.next) for t in states[i + 1:])
+            selfref = buf.scope == "shared" and s.name in leaves(sched, s.next)
+            target = buf
+            if later or selfref:  # others still read the entering value
+                target = b.alloc(f"n_{s.name}", buf.shape, buf.scope, F32)
+                pending.append((target, buf))
+            b.assign(target, s.next)
+        for tmp, buf in pending:
+            b.fill(buf, lambda iv, tmp=tmp: b.load(tmp, iv))
+        return lines
+
+    def _epilogue(self) -> list[str]:
+        b = self.body
+        lines = b.section()
+        for s in self.kp.states:
+            buf = self.state_buf[s.name]
+            if self.kp.name == "walk":
+                lead = "i_b, i_h"
+                self._store_state(buf, lambda iv, s=s: f"{s.name}_final{self._state_index(s, lead, iv)}")
+            else:
+                d = self.decay_buf[s.name]
+                self._store_state(buf, lambda iv, s=s: f"{s.name}_segw{self._state_index(s, 'i_bh, pid_p', iv)}")
+                self._store_state(d, lambda iv, s=s: f"{s.name}_segd{self._state_index(s, 'i_bh, pid_p', iv)}")
+        return lines
+
+    def _store_state(self, buf: Buffer, lvalue) -> None:
+        self.body.loop(buf.shape, lvalue, lambda iv: self.body.load(buf, iv))
+
+    # -- the kernel -------------------------------------------------------------------------------
+    def view(self) -> _KernelView:
+        kp, spec = self.kp, self.spec
+        self._declare_states()
+        init = {s.name: self._walk_init(s) for s in kp.states} if kp.name == "walk" else {}
+        prologue = self._prologue()
+        history = self._history() if kp.name == "walk" else []
+        loads = self._loads()
+        body = self._body()
+        stores = self._stores()
+        carry = self._carry()
+        epilogue = self._epilogue()
+        # a tensor's leading sizes are symbols of its own: an unused one is passed as a small dummy
+        dynamic, params = ["T_total", "cu_n", "chunk_off_n"], []
+        for d in kp.loads:
+            params.append(f"{d.name}_in: T.Tensor({_shape(d, f'HX_{d.name}')}, dtype)")
+        for o in kp.stores:
+            params.append(f"{o.name}_out: T.Tensor({_shape(o, 'H')}, dtype)")
+        for s in kp.states:
+            for role in state_roles(kp):
+                n0, n1 = f"{s.name}_{role}_n0", f"{s.name}_{role}_n1"
+                dynamic += [n0, n1]
+                params.append(f"{s.name}_{role}: T.Tensor(({', '.join((n0, n1) + s.dims)},), \"float32\")")
+        params += [f"p_{p}: T.float32" for p in kp.params]
+        params += ["T_pad: T.int32", "chunks_per_seg: T.int32", "n_segments: T.int32", "n_bh: T.int32",
+                   "cu: T.Tensor((cu_n,), \"int32\")", "chunk_off: T.Tensor((chunk_off_n,), \"int32\")"]
+        n_split = f"{self.split} // BLOCK" if self.split else "1"
+        programs = "n_segments" if kp.name == "walk" else "n_segments - 1"
+        return _KernelView(
+            factory=factory_name(spec.name, kp.name), fn=f"{spec.name}_{kp.name}_kernel", plan=kp,
+            dynamic=dynamic, params=params, grid=f"{n_split}, n_bh, {programs}", allocs=self.body.allocs,
+            init=init, prologue=prologue, history=history, loads=loads, body=body, stores=stores, carry=carry,
+            epilogue=epilogue)
+
+
+def _shape(d: TensorDecl, heads: str) -> str:
+    """Tokens of all sequences on one axis, as the Triton kernels index them."""
+    return "(" + ", ".join(["T_total", heads, *d.feature_dims]) + ",)"
+
+
+FORWARD = ("summary", "walk")  # the derived backward kernel is Triton-only for now
+
+
+def emit_module(plan: Plan) -> str:
+    spec = plan.spec
+    views = [_Kernel(plan, kp, TileLangPrinter(spec, kp.types(spec))).view()
+             for kp in plan.kernels if kp.name in FORWARD]
+    summary = (f"kernels: {', '.join(v.plan.name for v in views)} (the backward runs on Triton); "
+               f"split dim: {plan.split_dim or '-'}")
+    return _template().render(version=__version__, spec=spec, kernels=views, dims=spec.dims, split=plan.split_dim,
+                              summary=summary)

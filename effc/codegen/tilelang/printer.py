@@ -1,0 +1,193 @@
+"""One TileLang printer method per IR tile op.
+
+Elementwise ops print as an expression at one element of their output: `expr(op, idx, arg)` gets
+the output's index (one string per axis, "0" on a broadcast axis of size 1) and `arg(name, idx)`,
+which prints an argument at an index of *its* shape. Anchor ops (matmul, scans, reductions) print
+statements through the `Body` they are given (see body.py): they stage operands into buffers and
+call T.gemm / T.cumsum / T.reduce_*. Values are fp32; gemm operands are staged in the input dtype.
+"""
+from __future__ import annotations
+
+import sympy
+
+from ...ir import ops as O
+from ...ir.nodes import C, Op, Spec
+from .schedule import contracts_tokens, matmul_form
+
+_UNARY = {
+    "neg": "(-({0}))", "exp": "T.exp({0})", "exp2": "T.exp2({0})", "log": "T.log({0})", "log2": "T.log2({0})",
+    "sqrt": "T.sqrt({0})", "rsqrt": "T.rsqrt({0})", "abs": "T.abs({0})", "relu": "T.max({0}, 0.0)",
+    "sigmoid": "(1.0 / (1.0 + T.exp(-({0}))))",
+    "silu": "(({0}) / (1.0 + T.exp(-({0}))))",
+    "tanh": "(2.0 / (1.0 + T.exp(-2.0 * ({0}))) - 1.0)",
+    # stable forms, as in the Triton backend: log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
+    "softplus": "(T.max({0}, 0.0) + T.log(1.0 + T.exp(-T.abs({0}))))",
+    "logsigmoid": "(T.min({0}, 0.0) - T.log(1.0 + T.exp(-T.abs({0}))))",
+}
+_BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
+           "maximum": "T.max({0}, {1})", "minimum": "T.min({0}, {1})"}
+INF = 'T.infinity("float32")'
+_ONE = sympy.Integer(1)
+
+
+def token_ok(i: str) -> str:
+    """Row i of the chunk is a real token (padded rows past T do not exist)."""
+    return f"(i_c * C + {i} < T_seq)"
+
+
+def broadcast_index(out_shape, arg_shape, idx) -> tuple[str, ...]:
+    """NumPy broadcasting, aligned from the right: an axis of size 1 in the argument reads element 0."""
+    lead = len(out_shape) - len(arg_shape)
+    return tuple("0" if d == _ONE else idx[lead + i] for i, d in enumerate(arg_shape))
+
+
+class TileLangPrinter:
+    def __init__(self, spec: Spec, types):
+        self.spec, self.types = spec, types
+        self.params = {p.name for p in spec.params}
+        self.dims = set(spec.dims) | {"H"}
+
+    # -- leaves -----------------------------------------------------------------------------------
+    def const(self, a: float) -> str:
+        if a == float("inf"):
+            return INF
+        if a == float("-inf"):
+            return f"(-{INF})"
+        return repr(float(a))
+
+    def leaf(self, a, idx) -> str | None:
+        """A name that is no buffer and no op: a param, a dim, idx, head, inf; None otherwise."""
+        if isinstance(a, float):
+            return self.const(a)
+        if a in self.params:
+            return f"p_{a}"
+        if a in self.dims:
+            return f"T.float32({a})"
+        if a == "idx":
+            return f'T.Cast("float32", {idx[0]})'
+        if a == "head":
+            return 'T.Cast("float32", i_h)'
+        if a == "inf":
+            return INF
+        return None
+
+    # -- elementwise ops: an expression at one element ---------------------------------------------
+    def expr(self, op: Op, idx, arg) -> str:
+        method = getattr(self, f"op_{op.kind}", None)
+        if op.kind in _UNARY:
+            method = self.op_unary
+        elif op.kind in _BINARY:
+            method = self.op_binary
+        if method is None:
+            raise NotImplementedError(f"the TileLang backend cannot emit tile op '{op.kind}' as an expression")
+        return method(op, idx, arg)
+
+    def _arg(self, op: Op, i: int, idx, arg) -> str:
+        a = op.args[i]
+        if isinstance(a, float):
+            return self.const(a)
+        return arg(a, broadcast_index(op.type.shape, self.types[a].shape, idx))
+
+    def op_unary(self, op, idx, arg):
+        return _UNARY[op.kind].format(self._arg(op, 0, idx, arg))
+
+    def op_binary(self, op, idx, arg):
+        return _BINARY[op.kind].format(self._arg(op, 0, idx, arg), self._arg(op, 1, idx, arg))
+
+    def op_copy(self, op, idx, arg):
+        return self._arg(op, 0, idx, arg)
+
+    def op_pow(self, op, idx, arg):
+        base, e = self._arg(op, 0, idx, arg), op.args[1]
+        if isinstance(e, float) and e.is_integer() and 1 <= e <= 4:
+            return "(" + " * ".join([base] * int(e)) + ")"
+        if e == 0.5:
+            return f"T.sqrt({base})"
+        if e == -0.5:
+            return f"T.rsqrt({base})"
+        return f"T.exp2({self._arg(op, 1, idx, arg)} * T.log2({base}))"  # positive bases only
+
+    def op_transpose(self, op, idx, arg):
+        return arg(op.args[0], tuple(reversed(idx)))
+
+    def op_expand(self, op, idx, arg):
+        return arg(op.args[0], tuple(i for i, p in zip(idx, op.args[1:]) if p != 1.0))
+
+    def _mask(self, op, idx, arg, cmp):
+        fill = self._arg(op, 1, idx, arg) if len(op.args) > 1 else "0.0"
+        return f"T.if_then_else({idx[0]} {cmp} {idx[1]}, {self._arg(op, 0, idx, arg)}, {fill})"
+
+    def op_causal(self, op, idx, arg):
+        return self._mask(op, idx, arg, ">=")
+
+    def op_strict(self, op, idx, arg):
+        return self._mask(op, idx, arg, ">")
+
+    def op_last(self, op, idx, arg):
+        return arg(op.args[0], ("n_valid - 1",) + tuple(idx))
+
+    def op_matmul(self, op, idx, arg):
+        if matmul_form(op, self.types) != "outer":
+            raise NotImplementedError("the TileLang backend emits matmul through T.gemm, not as an expression")
+        return f"({arg(op.args[0], (idx[0], '0'))} * {arg(op.args[1], ('0', idx[1]))})"
+
+    # -- anchors: statements ------------------------------------------------------------------------
+    def emit(self, op: Op, body) -> None:
+        if op.kind == "matmul":
+            return self.emit_matmul(op, body)
+        if op.kind in O.SCANS:
+            return self.emit_scan(op, body)
+        if op.kind in O.REDUCTIONS:
+            return self.emit_reduction(op, body)
+        raise NotImplementedError(f"the TileLang backend cannot emit tile op '{op.kind}'")
+
+    def emit_matmul(self, op: Op, body, into=None, clear: bool = True) -> None:
+        """`into`: for an add fused with this matmul, a function that fills the accumulator with the
+        addend and names it; it runs after the operands are staged, since they may read the buffer."""
+        tokens = contracts_tokens(op, self.types)
+        if matmul_form(op, self.types) == "matvec":
+            return self._emit_matvec(op, body, tokens)
+        a, ta = body.gemm_operand(op.args[0], 1, tokens)
+        b, tb = body.gemm_operand(op.args[1], 0, tokens)
+        out = into() if into is not None else body.fragment(op.out, self.types[op.out].shape)
+        body.stmt(f"T.gemm({a}, {b}, {out}, transpose_A={ta}, transpose_B={tb}, clear_accum={clear})")
+        body.wrote(out)
+
+    def _emit_matvec(self, op: Op, body, tokens: bool) -> None:
+        # T.gemm needs 16+ rows and columns: reduce a broadcast product over k, as Triton's backend does
+        (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
+        a, b = op.args
+        if n == _ONE:  # [m, k] @ [k, 1]: product [m, k], reduce axis 1 to [m, 1]
+            shape, dim = (m, kk), 1
+
+            def term(i):
+                return f"({body.read(a, (i[0], i[1]))} * {body.read(b, (i[1], '0')) })"
+            k_axis = 1
+        else:  # [1, k] @ [k, n]: product [k, n], reduce axis 0 to [1, n]
+            shape, dim = (kk, n), 0
+
+            def term(i):
+                return f"({body.read(a, ('0', i[0]))} * {body.read(b, (i[0], i[1]))})"
+            k_axis = 0
+        prod = body.fill_fragment(f"{op.out}_terms", shape, term, mask_axes=(k_axis,) if tokens else ())
+        out = body.fragment(op.out, self.types[op.out].shape)
+        body.stmt(f"T.reduce_sum({prod}, {out}, dim={dim}, clear=True)")
+        body.wrote(out)
+
+    def emit_scan(self, op: Op, body) -> None:
+        # padded rows come after every real one, so only the reverse scan must drop them
+        reverse = op.kind == "revcumsum"
+        src = body.stage_shared(op.args[0], mask_axes=(0,) if reverse else ())
+        out = body.shared(op.out, self.types[op.out].shape)
+        body.stmt(f"T.cumsum({src}, {out}, dim=0, reverse={reverse})")
+        body.wrote(out)
+
+    def emit_reduction(self, op: Op, body) -> None:
+        axis, how = O.REDUCTIONS[op.kind]
+        src_t = self.types[op.args[0]]
+        over_tokens = src_t.shape[axis] == C  # padded rows do not exist
+        fill = "0.0" if how == "sum" else f"(-{INF})"
+        src = body.stage_fragment(op.args[0], mask_axes=(axis,) if over_tokens else (), fill=fill)
+        out = body.fragment(op.out, self.types[op.out].shape)
+        body.stmt(f"T.reduce_{how}({src}, {out}, dim={axis}, clear=True)")
+        body.wrote(out)

@@ -1,0 +1,415 @@
+"""Autotuning without a GPU: the pruned search space, the ranking and budget logic (a fake timer),
+the tuning cache (atomic entries, corruption, codegen versions, concurrent writers), the op reading
+it, `effc tune` / `effc cache`, and the pieces of `effc bench` that need no GPU."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import effc
+from effc import codegen
+from effc.cli import app
+from effc.passes.search import H100_SHARED_BYTES, Candidate, search_space
+from effc.passes.tiling import Problem, choose
+from effc.runtime.tuning import TuningKey, read_entry, shape_bucket, store
+from effc.tune import MARGIN, tune_problem
+from tuning_fakes import FakeClock, FakeRunner
+
+KV128 = (("K", 128), ("V", 128))
+KV64 = (("K", 64), ("V", 64))
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def gla():
+    return effc.load("gla")
+
+
+@pytest.fixture(scope="module")
+def retention():
+    return effc.load("retention")
+
+
+def space_of(op, problem, **kw):
+    return search_space(op.spec, op.comp.legality, problem, **kw)
+
+
+# ---- the search space ---------------------------------------------------------------------------
+
+def test_search_space_starts_at_the_model_default(gla):
+    problem = Problem(2, 8192, 16, KV128)
+    space = space_of(gla, problem)
+    assert space.default == Candidate.of(choose(gla.spec, gla.comp.legality, problem))
+    assert space.candidates[0] == space.default == Candidate(32, 64, 4, 4, 1)
+    assert len(set(space.candidates)) == len(space.candidates)
+    assert not {p.candidate for p in space.pruned} & set(space.candidates)
+    groups = space.groups()
+    assert groups[0][0] == space.default
+    assert all(len({c.variant for c in g}) == 1 for g in groups)
+
+
+def test_search_space_prunes_registers(gla):
+    space = space_of(gla, Problem(2, 8192, 16, KV128))
+    assert space.reason(Candidate(64, 64, 4, 4, 1)) == (
+        "registers: ~320 live fp32 values per thread > 255 (40960 per program / (32 x 4 warps))")
+    assert Candidate(64, 64, 4, 8, 1) in space.candidates  # 8 warps halve the values per thread: 160
+    assert space.reason(Candidate(64, 64, 4, 8, 1)) is None
+
+
+def test_search_space_prunes_shared_memory(gla):
+    space = space_of(gla, Problem(2, 8192, 16, KV64), stages=(1, 2, 3, 4))
+    # registers fit (208 per thread); the staged input tiles do not
+    assert space.reason(Candidate(128, 64, 1, 8, 3)) == (
+        "shared memory 245760 B > 232448 B per block "
+        "(3 stages x 65536 B of input tiles per chunk + 49152 B of the largest matmul's operands)")
+    assert space.reason(Candidate(128, 64, 1, 8, 4)).startswith("shared memory 311296 B > 232448 B")
+    assert Candidate(128, 64, 1, 8, 2) in space.candidates
+
+
+def test_shared_memory_limit_is_a_parameter(gla):
+    problem = Problem(2, 8192, 16, KV128)
+    cand = Candidate(64, 64, 4, 8, 2)  # 2 x 57344 B + 32768 B = 147456 B
+    assert cand in space_of(gla, problem, smem_limit=H100_SHARED_BYTES).candidates
+    small = space_of(gla, problem, smem_limit=101376)
+    assert small.reason(cand) == ("shared memory 147456 B > 101376 B per block "
+                                  "(2 stages x 57344 B of input tiles per chunk + 32768 B of the largest matmul's "
+                                  "operands)")
+
+
+def test_both_limits_in_one_reason(gla):
+    space = space_of(gla, Problem(2, 8192, 16, KV128))
+    assert space.reason(Candidate(128, 64, 4, 8, 3)) == (
+        "shared memory 409600 B > 232448 B per block (3 stages x 114688 B of input tiles per chunk + 65536 B of the "
+        "largest matmul's operands); registers: ~320 live fp32 values per thread > 255 "
+        "(81920 per program / (32 x 8 warps))")
+
+
+def test_the_default_is_kept_even_over_the_model(gla):
+    space = space_of(gla, Problem(2, 8192, 16, KV128), smem_limit=1024)
+    assert space.candidates == (space.default,)
+    assert all(p.reason.startswith("shared memory") for p in space.pruned)
+
+
+def test_segments_only_for_segmentable_specs():
+    op = effc.loads("""
+spec la {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K]
+  input v: [B, T, H, V]
+  output o: [B, T, H, V]
+  state S: [K, V]
+  chunk 16
+  merge { o = q @ S }
+  inter { S = (k.T @ k) @ S + k.T @ v }
+}
+""")
+    space = space_of(op, Problem(1, 4096, 1, KV64))
+    assert {c.segments for c in space.candidates} == {1}
+    seg = space_of(effc.load("retention"), Problem(1, 4096, 1, KV64))
+    assert max(c.segments for c in seg.candidates) > 1
+
+
+def test_bad_model_arguments_name_the_argument(gla):
+    with pytest.raises(ValueError, match="dtype_bytes must be 2"):
+        space_of(gla, Problem(1, 64, 1, KV64), dtype_bytes=3)
+    with pytest.raises(ValueError, match="smem_limit must be a positive"):
+        space_of(gla, Problem(1, 64, 1, KV64), smem_limit=0)
+
+
+# ---- ranking and budget (fake timer) ------------------------------------------------------------
+
+PROBLEM = Problem(2, 8192, 16, KV128)
+
+
+def run(op, runner, deadline=1e9, clock=None, **kw):
+    return tune_problem(op, PROBLEM, "bfloat16", runner, deadline=deadline, clock=clock or FakeClock(), **kw)
+
+
+def test_fastest_correct_candidate_wins(gla, cache):
+    space = space_of(gla, PROBLEM)
+    good, wrong, broken = space.groups()[1][0], space.groups()[2][0], space.groups()[3][0]
+    speed = {good: 0.5, wrong: 0.1, broken: 0.2}
+    runner = FakeRunner(lambda c: speed.get(c, 1.0), wrong={wrong}, broken={broken})
+    r = run(gla, runner)
+    assert r.winner == good and r.winner_ms == 0.5 and r.default_ms == 1.0
+    assert r.trials[wrong].error.startswith("wrong output") and r.trials[wrong].ms is None
+    assert r.trials[broken].error == "compile: CompilationError: boom"
+    assert any(final for c, final in runner.timed if c == good)  # re-timed with the full do_bench
+    entry = read_entry(r.path)
+    assert entry.config == good.overrides() and entry.default == space.default.overrides()
+    assert entry.key == TuningKey.of(gla, PROBLEM, "FakeGPU 80GB", torch.bfloat16)
+
+
+def test_other_segment_counts_of_the_best_variants_are_refined(gla, cache):
+    space = space_of(gla, PROBLEM)
+    group = space.groups()[1]
+    hidden = group[-1]  # not the variant's representative: reached only by refinement
+    r = run(gla, FakeRunner(lambda c: 0.3 if c == hidden else 0.8 if c == group[0] else 1.0))
+    assert r.winner == hidden
+    assert not r.budget_hit
+
+
+def test_default_kept_unless_clearly_faster(gla, cache):
+    near = space_of(gla, PROBLEM).groups()[1][0]
+    r = run(gla, FakeRunner(lambda c: 1.0 - MARGIN / 2 if c == near else 1.0))
+    assert r.winner == r.default
+    assert read_entry(r.path).config == r.default.overrides()
+    r = run(gla, FakeRunner(lambda c: 0.5 if c == r.default else 1.0))
+    assert r.winner == r.default and r.winner_ms == 0.5
+
+
+def test_tuning_stops_at_the_budget(gla, cache):
+    clock = FakeClock()
+    runner = FakeRunner(lambda c: 1.0 + c.chunk / 1000, clock=clock, cost=1.0)  # every timing takes 1 s
+    r = run(gla, runner, deadline=20.0, clock=clock)
+    assert r.budget_hit
+    assert r.elapsed <= 20.0
+    assert len(r.trials) < len(r.space.candidates)
+    assert r.path is not None and read_entry(r.path) is not None
+
+
+# ---- the cache ----------------------------------------------------------------------------------
+
+def test_shape_bucket_rule():
+    assert shape_bucket(2, 8192, 16, KV128) == "BH32-T8192-K128-V128"
+    assert shape_bucket(4, 4097, 8, KV128) == "BH32-T8192-K128-V128"  # T rounds up to a power of two
+    assert shape_bucket(4, 4096, 8, KV128) == "BH32-T4096-K128-V128"
+    assert shape_bucket(1, 1, 1, (("V", 64), ("K", 32))) == "BH1-T1-K32-V64"
+
+
+def _tune_entry(op, problem, config, dtype=torch.float32, gpu="cpu"):
+    key = TuningKey.of(op, problem, gpu, dtype)
+    return store(key, config, 0.5, config, 1.0, {"B": problem.B, "T": problem.T, "H": problem.H}, tried=3)
+
+
+TUNED = {"chunk": 16, "block": 16, "segments": 2, "num_warps": 8, "num_stages": 2}
+DIMS16 = {"K": 16, "V": 16}
+CPU = torch.device("cpu")
+SMALL = Problem(2, 40, 2, tuple(DIMS16.items()))
+
+
+def test_op_uses_the_tuned_config(retention, cache):
+    _tune_entry(retention, SMALL, TUNED)
+    op = effc.load("retention")
+    cfg = op.config(2, 40, 2, DIMS16, CPU, dtype=torch.float32)
+    assert (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages) == (16, 16, 2, 8, 2)
+    assert cfg.reasons[0].startswith("tuned for BH4-T64-K16-V16 float32 on cpu: 0.500 ms vs the model's 1.000 ms")
+    assert op.config(2, 64, 2, DIMS16, CPU, dtype=torch.float32).segments == 2  # same bucket
+    untuned = choose(op.spec, op.comp.legality, Problem(2, 200, 2, tuple(DIMS16.items())))
+    assert op.config(2, 200, 2, DIMS16, CPU, dtype=torch.float32) == untuned  # another bucket: the model
+    assert op.config(2, 40, 2, DIMS16, CPU, dtype=torch.float16).num_warps == 4  # another dtype
+    # explicit arguments win over the entry; the entry fills the rest
+    over = op.config(2, 40, 2, DIMS16, CPU, dtype=torch.float32, segments=1, num_warps=4)
+    assert (over.chunk, over.segments, over.num_warps, over.num_stages) == (16, 1, 4, 2)
+    # and a call runs it
+    from effc.runtime.verify import judge_fp32, random_inputs
+    xs = random_inputs(op.spec, 2, 40, 2, DIMS16)
+    o, _ = op(*xs)
+    assert op.last_config.segments == 2 and op.last_config.reasons[0].startswith("tuned")
+    assert judge_fp32(o, op.reference(*xs)[0]).ok
+
+
+def test_codegen_version_change_invalidates(retention, cache, monkeypatch):
+    _tune_entry(retention, SMALL, TUNED)
+    monkeypatch.setattr(codegen, "CODEGEN_VERSION", codegen.CODEGEN_VERSION + 1)
+    op = effc.load("retention")
+    cfg = op.config(2, 40, 2, DIMS16, CPU, dtype=torch.float32)
+    assert cfg == choose(op.spec, op.comp.legality, SMALL) and not cfg.reasons[0].startswith("tuned")
+    path = _tune_entry(retention, SMALL, TUNED)  # re-tuning replaces the stale file: one file per key
+    assert len(list((cache / "tuning").glob("*.json"))) == 1 and read_entry(path).key.codegen == 2
+    assert effc.load("retention").config(2, 40, 2, DIMS16, CPU, dtype=torch.float32).num_warps == 8
+
+
+def test_truncated_entry_warns_and_is_rebuilt(gla, cache):
+    best = space_of(gla, PROBLEM).groups()[1][0]
+    r = run(gla, FakeRunner(lambda c: 0.5 if c == best else 1.0))
+    text = r.path.read_text()
+    r.path.write_text(text[: len(text) // 2])
+    with pytest.warns(UserWarning, match=f"ignoring unreadable entry {r.path}"):
+        assert read_entry(r.path) is None
+    r2 = run(gla, FakeRunner(lambda c: 0.5 if c == best else 1.0))
+    assert r2.path == r.path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_entry(r.path).config == r2.winner.overrides()
+
+
+def test_lookup_warns_about_a_corrupt_entry_and_falls_back(retention, cache):
+    path = _tune_entry(retention, SMALL, TUNED)
+    path.write_text('{"format": 1, "key": ')
+    op = effc.load("retention")
+    with pytest.warns(UserWarning, match=path.name):
+        cfg = op.config(2, 40, 2, DIMS16, CPU, dtype=torch.float32)
+    assert cfg == choose(op.spec, op.comp.legality, SMALL)
+
+
+WRITER = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import effc
+from effc.passes.search import search_space
+from effc.passes.tiling import Problem
+from effc.runtime.tuning import TuningKey, store
+from effc.tune import tune_problem
+from tuning_fakes import FakeClock, FakeRunner
+me = int(sys.argv[2])
+op = effc.load("retention")
+for T in (1024, 2048, 4096, 1024, 2048, 4096):
+    problem = Problem(2, T, 16, (("K", 64), ("V", 64)))
+    best = search_space(op.spec, op.comp.legality, problem).groups()[me + 1][0]
+    tune_problem(op, problem, "bfloat16", FakeRunner(lambda c: 0.5 if c == best else 1.0),
+                 deadline=1e9, clock=FakeClock())
+key = TuningKey.of(op, Problem(1, 512, 1, (("K", 64), ("V", 64))), "FakeGPU 80GB", torch.bfloat16)
+cfg = {"chunk": 64, "block": 64, "segments": 1, "num_warps": 4, "num_stages": 1}
+for i in range(300):  # both processes hammer one key
+    store(key, cfg, 1.0 + me + i / 1000, cfg, 2.0, {"writer": me})
+print("ok")
+"""
+
+
+def test_concurrent_tuners_leave_a_valid_cache(retention, cache):
+    env = {**os.environ, "EFFC_CACHE_DIR": str(cache)}
+    tests_dir = str(Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, tests_dir, str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    files = sorted((cache / "tuning").glob("*"))
+    assert len(files) == 4 and all(f.suffix == ".json" for f in files)  # 3 buckets + the hammered key; no temp files
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entries = [read_entry(f) for f in files]
+    assert {e.key.bucket for e in entries} == {"BH32-T1024-K64-V64", "BH32-T2048-K64-V64", "BH32-T4096-K64-V64",
+                                               "BH1-T512-K64-V64"}
+    space = search_space(retention.spec, retention.comp.legality, Problem(2, 1024, 16, KV64))
+    tuned = next(e for e in entries if e.key.bucket == "BH32-T1024-K64-V64")
+    assert tuned.config in (space.groups()[1][0].overrides(), space.groups()[2][0].overrides())  # one writer's
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cache_ls_and_clear(retention, cache):
+    r = runner.invoke(app, ["cache", "ls"])
+    assert r.exit_code == 0 and "no tuning entries in" in r.output
+    _tune_entry(retention, SMALL, TUNED)
+    stale = _tune_entry(retention, Problem(1, 4096, 4, tuple(DIMS16.items())), TUNED)
+    raw = json.loads(stale.read_text())
+    raw["key"]["codegen"] = 0
+    stale.write_text(json.dumps(raw))
+    (cache / "tuning" / "gla-broken.json").write_text("{")
+    r = runner.invoke(app, ["cache", "ls"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert any(ln.startswith("retention") and "BH4-T64-K16-V16" in ln and "C=16 block=16 P=2 warps=8 stages=2" in ln
+               and ln.endswith("2.00x  ok") for ln in lines), r.output
+    assert any("BH4-T4096-K16-V16" in ln and ln.endswith("stale (codegen 0)") for ln in lines), r.output
+    assert any("corrupt: gla-broken.json" in ln for ln in lines), r.output
+    assert "3 entries in" in r.output
+    r = runner.invoke(app, ["cache", "clear", "--stale"])
+    assert r.exit_code == 0 and "removed 2 tuning entries" in r.output
+    assert "1 entries in" in runner.invoke(app, ["cache", "ls"]).output
+    r = runner.invoke(app, ["cache", "clear"])
+    assert r.exit_code == 0 and "removed 1 tuning entry" in r.output
+    assert "no tuning entries" in runner.invoke(app, ["cache", "ls"]).output
+
+
+@no_cuda
+def test_tune_needs_cuda(cache):
+    r = runner.invoke(app, ["tune", "gla", "--shapes", "2x8192", "--budget", "10"])
+    assert r.exit_code == 1
+    assert "error: effc tune needs a CUDA GPU" in r.output
+    assert not (cache / "tuning").exists()
+
+
+def test_tune_dry_run_prints_the_space(cache):
+    r = runner.invoke(app, ["tune", "gla", "--shapes", "2x8192", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "search space for B=2 T=8192 H=16 {'K': 128, 'V': 128}:" in r.output
+    assert "model default: C=32 block=64 P=4 warps=4 stages=1" in r.output
+    assert ("pruned C=64 block=64 P=4 warps=4 stages=1: registers: ~320 live fp32 values per thread > 255"
+            in r.output)
+
+
+@pytest.mark.parametrize("args, text", [
+    (["--shapes", "2x"], "--shapes: '2x' is not BxT"),
+    (["--dtype", "int8"], "'int8': expected one of bfloat16, float16, float32"),
+    (["--workers", "-1"], "expected 0 or more processes"),
+], ids=["shapes", "dtype", "workers"])
+def test_tune_argument_errors(args, text):
+    r = runner.invoke(app, ["tune", "gla", "--dry-run", *args])
+    assert r.exit_code != 0
+    assert text in " ".join(re.sub(r"[│╭╮╰╯─]", " ", r.output).split()), r.output
+
+
+# ---- effc bench without a GPU -------------------------------------------------------------------
+
+def test_peers_registered_for_softmax_specs():
+    from effc.peers import PEERS
+    assert [p.label for p in PEERS["softmax_attn"]] == ["torch SDPA flash causal", "FlexAttention causal"]
+    assert [p.label for p in PEERS["sliding_window"]] == ["FlexAttention sliding window 1024"]
+    assert PEERS["gla"][0].inputs == ("q", "k", "v", "g")
+
+
+def test_bench_explains_a_missing_spec_and_prints_peaks(capsys):
+    from effc import bench
+    try:
+        effc.load("softmax_attn")
+        pytest.skip("softmax_attn exists now")
+    except effc.SpecError as e:
+        row = bench._missing("softmax_attn", e)
+    assert row["skipped"] == ("no such spec file: softmax_attn; its peers (torch SDPA flash causal, "
+                              "FlexAttention causal) run once it exists")
+    assert bench.peaks("NVIDIA H100 80GB HBM3") == ({"TB/s": 3.0, "TFLOP/s": 790.0}, "H100")
+    assert bench.peaks("NVIDIA H200")[1] == "H100 (no measured peaks for NVIDIA H200)"
+    bench._print_table([row] + FAKE_ROWS)
+    out = capsys.readouterr().out
+    assert "softmax_attn skipped: no such spec file" in out
+    assert "gla             2x8192    0.700  1.20  40%    30.0    4% fla chunk_gla" in out
+    assert "%bw, %flop: of 3.0 TB/s and 790.0 TFLOP/s measured on the H100" in out
+
+
+FAKE_ROWS = [
+    {"spec": "gla", "B": B, "T": T, "H": 16, "D": 128, "gpu": "NVIDIA H100 80GB HBM3", "effc_ms": ms,
+     "config": "C=32 block=64 P=4 warps=4 (tuned)", "TB/s": 1.2, "TFLOP/s": 30.0, "bw_frac": 0.4, "flop_frac": 0.038,
+     "peak": {"TB/s": 3.0, "TFLOP/s": 790.0, "of": "H100"},
+     "peers": [{"peer": "fla chunk_gla", "ms": 2 * ms, "speedup": 2.0, "rel_diff_vs_effc": 1e-3},
+               {"peer": "other", "error": "RuntimeError: no"}]}
+    for B, T, ms in ((8, 2048, 0.5), (2, 8192, 0.7), (1, 32768, 1.4))
+]
+
+
+def test_bench_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from effc.bench import plot_rows
+    out = tmp_path / "bench.png"
+    plot_rows(FAKE_ROWS, out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_bench_keeps_its_positional_signature():
+    import inspect
+
+    from effc.bench import run_bench
+    params = list(inspect.signature(run_bench).parameters.values())
+    assert [p.name for p in params[:7]] == ["specs", "shapes", "H", "D", "peers", "peer_timeout", "json_out"]
+    assert all(p.default is not inspect.Parameter.empty for p in params[7:])
+
