@@ -76,12 +76,13 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
         states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name), decays.get(s.name)) for s in spec.states)
         stores = spec.outputs if fk.name == "walk" else ()
-        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "1", "bwd_chunks": "chunks"}[fk.name]
+        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "1"}.get(fk.name, "chunks")
         grid = f"({f'cdiv({split}, BLOCK)' if split else '1'}, B*H, {segs})"
         params = _used(fk.ops, [p.name for p in spec.params])
         grads = state_grads = leaves = ()
-        if fk.name == "bwd_chunks":
-            grads, leaves = tuple((d, dict(backward.input_grads)[d.name]) for d in spec.inputs), backward.seed_types
+        if fk.name.startswith("bwd_chunks"):
+            grads = tuple((d, g) for d, (_, g) in zip(spec.inputs, backward.input_grads) if g in fk.roots)
+            leaves = backward.seed_types
         if fk.name == "bwd_scan":
             state_grads, leaves = backward.state_grads, backward.seed_types
         kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid, grads, state_grads, leaves))

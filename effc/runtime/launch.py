@@ -100,8 +100,10 @@ class Launcher:
                                     dtype=dtype, device=device) for o in spec.outputs}
         n_bh = lay.n_seq * lay.H
         finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
-        hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s), **f32) if store_history
-                         else dummy) for s in spec.states}
+        # the per-chunk states are matmul operands in the input's precision, so keep them in it
+        hist_dtype = dtype if dtype in (torch.bfloat16, torch.float16) and not interpreting() else torch.float32
+        hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s), dtype=hist_dtype,
+                                     device=device) if store_history else dummy) for s in spec.states}
         segw = {s.name: torch.empty((n_bh, P) + self._state_shape(lay, s), **f32) if P > 1 else dummy
                 for s in spec.states}
         segd = {n: torch.empty_like(w) if P > 1 else dummy for n, w in segw.items()}
@@ -133,24 +135,31 @@ class Launcher:
         _, max_chunks = lay.chunks(cfg.chunk)
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
         # inputs without the split dim get one partial gradient per split block, summed below
-        dx = {d.name: torch.empty(((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,)
-                                  + feat[d.name], **f32) for d in spec.inputs}
+        has_grad = {d.name for kp in self.plan.kernels for d, _ in kp.grads}
+        dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
+            ((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,) + feat[d.name], **f32)
+            for d in spec.inputs}
         dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
                                      **f32) for s in spec.states}
         dhist = {s.name: torch.empty_like(hist[s.name]) for s in spec.states}
+        bwd_warps = {"num_warps": max(8, cfg.num_warps)} if not interpreting() else {}  # sm_90: 4 warps spill
         d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
-        scan, chunks = self.plan.kernel("bwd_scan"), self.plan.kernel("bwd_chunks")
+        scan = self.plan.kernel("bwd_scan")
         args = [xs[d.name] for d in scan.loads] + d_o
         for s in scan.states:
             args += [hist[s.name], dhist[s.name], d_finals.get(s.name, dummy), dinit[s.name]]
         args += [pvals[p] for p in scan.params] + self._common(cfg, lay, 1, 1, dummy)
-        self._fn("bwd_scan")[(n_split, n_bh, 1)](*args, **self._meta(cfg, lay, first.dtype, scan),
+        self._fn("bwd_scan")[(n_split, n_bh, 1)](*args, **{**self._meta(cfg, lay, first.dtype, scan), **bwd_warps},
                                                   HAS_DFINAL=bool(d_finals))
-        args = [xs[d.name] for d in chunks.loads] + d_o + [dx[d.name] for d, _ in chunks.grads]
-        for s in chunks.states:
-            args += [hist[s.name], dhist[s.name]]
-        args += [pvals[p] for p in chunks.params] + self._common(cfg, lay, 1, 1, dummy)
-        self._fn("bwd_chunks")[(n_split, n_bh, max_chunks)](*args, **self._meta(cfg, lay, first.dtype, chunks))
+        for chunks in self.plan.kernels:
+            if not chunks.name.startswith("bwd_chunks"):
+                continue
+            args = [xs[d.name] for d in chunks.loads] + d_o + [dx[d.name] for d, _ in chunks.grads]
+            for s in chunks.states:
+                args += [hist[s.name], dhist[s.name]]
+            args += [pvals[p] for p in chunks.params] + self._common(cfg, lay, 1, 1, dummy)
+            self._fn(chunks.name)[(n_split, n_bh, max_chunks)](
+                *args, **{**self._meta(cfg, lay, first.dtype, chunks), **bwd_warps})
         grads = {}
         for d in spec.inputs:
             g = dx[d.name].sum(0) if split not in d.feature_dims else dx[d.name]
