@@ -18,14 +18,16 @@ import effc
 from effc.peers import PEERS
 from effc.runtime.verify import random_inputs
 spec, B, T = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-label, module, fn_name, names = PEERS[spec]
-fn = getattr(importlib.import_module(module), fn_name)
+peer = PEERS[spec][0]
+label = peer.label
+fn = peer.make(B, T, 16, 128)
 op = effc.load(spec)
 xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, 16, {d: 128 for d in op.spec.dims}, torch.bfloat16, "cuda")]
-args = [x for d, x in zip(op.spec.inputs, xs) if d.name in names]
+named = {d.name: x for d, x in zip(op.spec.inputs, xs)}
+args = [named[n] for n in peer.inputs]
 do = torch.randn(B, T, 16, 128, device="cuda", dtype=torch.bfloat16)
 def step():
-    o = fn(*args, scale=128 ** -0.5)[0]
+    o = fn(*args, scale=128 ** -0.5)
     o.backward(do)
 try:
     t0 = time.time(); step(); torch.cuda.synchronize(); first = time.time() - t0
