@@ -12,7 +12,7 @@ from .errors import ArgumentError, SpecError
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compile declarative attention specs (.attn) into fused Triton kernels.")
 
-STAGES = ("ast", "ir", "typed", "legality", "tiled", "fused", "plan", "source")
+STAGES = ("ast", "ir", "typed", "legality", "backward", "tiled", "fused", "plan", "source")
 SPEC_HELP = "a library spec name (see `effc library`), a path to a .attn file, or PATH:SPEC"
 
 
@@ -90,6 +90,8 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
             typer.echo(str(tiling_space(comp.typed, comp.legality)))
             cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
             typer.echo(f"for B={B} T={T} H={H} {sizes}: {cfg}")
+        elif stage == "backward":
+            typer.echo(str(comp.backward))
         elif stage == "fused":
             typer.echo(str(comp.fused))
         elif stage == "plan":
@@ -190,7 +192,9 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
         _fail(e)
 
 
-from . import cli_tune  # noqa: E402,F401  (registers `tune` and `cache` on the app above)
+from .cli_tune import register  # noqa: E402
+
+register(app, _fail, _parse_dims)  # `tune` and `cache`
 
 
 def main():

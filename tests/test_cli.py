@@ -38,6 +38,7 @@ CHARACTERISTIC = {
     "ir": "_next_S = add(",
     "typed": "_next_S : [K, V] = add(",
     "legality": "schedules: walk + segmented walk",
+    "backward": "backward (one chunk, run in reverse chunk order):",
     "tiled": "for B=2 T=8192 H=16 {'K': 128, 'V': 128}: chunk=32",
     "fused": "kernel summary [intra + inter]",
     "plan": "plan gla: split V",

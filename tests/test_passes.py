@@ -398,3 +398,58 @@ def test_segmented_walk_with_a_param_decay_matches_the_oracle():
 
 def test_segmented_walk_with_a_constant_decay_matches_the_oracle():
     assert max(_segmented_vs_oracle(edit(LA, "S * gamma", "S * 0.5"))) < 1e-3
+
+
+# ---- autodiff: the backward of one chunk step ---------------------------------------------------
+
+TINY = """
+spec tiny {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K]
+  input v: [B, T, H, V]
+  input g: [B, T, H] logdecay
+  output o: [B, T, H, V]
+  state S: [K, V]
+  chunk 16
+  merge { o = (q * exp(g)[:, None]) @ S }
+  inter { S = S * exp(last(g)) + k.T @ v }
+}
+"""
+
+
+def test_differentiate_one_chunk_step():
+    """dq = dO S^T exp(g); dk = v dS^T; dv = k dS; dg from both exp(g) and exp(last(g));
+    the state adjoint entering the chunk is dS exp(last g) + (q exp(g))^T dO."""
+    from effc.passes.autodiff import differentiate
+    golden(str(differentiate(compile_text(TINY).typed)), """
+        backward (one chunk, run in reverse chunk order):
+          seeds: _seed_o = do, _seed__next_S = dS
+            _1 : [C] = exp(g)
+            _2 : [C, 1] = expand(_1, [:, None])
+            _3 : [C, K] = mul(q, _2)
+            _5 : [] = last(g)
+            _6 : [] = exp(_5)
+            _8 : [K, C] = transpose(k)
+            _d1 : [V, C] = transpose(v)
+            _d2 : [K, C] = matmul(_seed__next_S, _d1)
+            _d3 : [C, K] = transpose(_8)
+            _d4 : [C, V] = matmul(_d3, _seed__next_S)
+            _d5 : [C, K] = transpose(_d2)
+            _d6 : [K, V] = mul(_seed__next_S, _6)
+            _d7 : [K, V] = mul(_seed__next_S, S)
+            _d8 : [V] = colsum(_d7)
+            _d9 : [] = total(_d8)
+            _d10 : [] = mul(_d9, _6)
+            _d11 : [C] = unlast(_d10)
+            _d12 : [V, K] = transpose(S)
+            _d13 : [C, K] = matmul(_seed_o, _d12)
+            _d14 : [K, C] = transpose(_3)
+            _d15 : [K, V] = matmul(_d14, _seed_o)
+            _d16 : [K, V] = add(_d6, _d15)
+            _d17 : [C, K] = mul(_d13, _2)
+            _d18 : [C, K] = mul(_d13, q)
+            _d19 : [C] = rowsum(_d18)
+            _d21 : [C] = mul(_d19, _1)
+            _d22 : [C] = add(_d11, _d21)
+          gradients: dq = _d17, dk = _d5, dv = _d4, dg = _d22, dS = _d16
+    """)

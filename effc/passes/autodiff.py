@@ -53,9 +53,16 @@ class _Adjoints:
         self.types = dict(types)
         self.ops: list[Op] = []
         self.grad: dict[str, str] = {}
+        self.made: dict[str, Op] = {}
         self.n = 0
 
     def emit(self, kind: str, *args) -> str:
+        src = self.made.get(args[0]) if args and isinstance(args[0], str) else None
+        if kind in ("rowsum", "colsum") and src is not None and src.kind == "expand":
+            # summing away the axis an expand just inserted gives back its input
+            inserted = [i for i, p in enumerate(src.args[1:]) if p == 1.0]
+            if inserted == [1 if kind == "rowsum" else 0]:
+                return src.args[0]
         self.n += 1
         out = f"_d{self.n}"
         n_args = 1 if kind == "expand" else len(args)
@@ -64,6 +71,7 @@ class _Adjoints:
         t = op_type(op, arg_types)
         self.types[out] = t
         self.ops.append(op.typed(t))
+        self.made[out] = op
         return out
 
     def shape(self, x) -> tuple:
