@@ -1,15 +1,23 @@
-"""`effc tune` and `effc cache ls | clear` (registered on the app of effc.cli)."""
+"""`effc tune` and `effc cache ls | clear`, added to effc.cli's app by `register`."""
 from __future__ import annotations
 
 import time
 
 import typer
 
-from .cli import SPEC_HELP, _fail, _parse_dims, app
 from .errors import ArgumentError, SpecError
 
+SPEC_HELP = "a library spec name (see `effc library`), a path to a .attn file, or PATH:SPEC"
 cache_app = typer.Typer(no_args_is_help=True, help="The tuning cache that `effc tune` fills and ops read.")
-app.add_typer(cache_app, name="cache")
+_cli: dict = {}  # effc.cli's error and --dims helpers
+
+
+def register(app, fail, parse_dims) -> None:
+    """Add the commands to effc.cli's app. The app and helpers are passed in, not imported: under
+    `python -m effc.cli` that module is __main__, and importing effc.cli here would build a second app."""
+    _cli.update(fail=fail, parse_dims=parse_dims)
+    app.command()(tune)
+    app.add_typer(cache_app, name="cache")
 
 
 def _space(spec: str, shapes, heads: int, sizes: dict, dtype: str, smem_limit: int | None):
@@ -43,7 +51,6 @@ def _print_result(console, r) -> None:
     console.print(f"  stored {r.path}", highlight=False)
 
 
-@app.command()
 def tune(spec: str = typer.Argument(..., help=SPEC_HELP),
          shapes: str = typer.Option("2x8192,1x32768", help="BxT list to tune for"),
          heads: int = typer.Option(16, "--heads"),
@@ -59,10 +66,11 @@ def tune(spec: str = typer.Argument(..., help=SPEC_HELP),
     Entries are keyed by spec, backend, GPU, dtype and shape bucket: B*H and T rounded up to a power of
     two, with the feature dims exact (2x8192 at 16 heads: BH32-T8192-K128-V128). Ops read them on their
     next call with a matching shape; explicit op arguments (chunk=..., num_warps=...) still win."""
+    t0 = time.monotonic()  # the budget covers everything from here, imports and worker start-up included
     from .tune import DTYPE_BYTES, parse_shapes
     try:
         bt = parse_shapes(shapes)
-        sizes = _parse_dims(dims)
+        sizes = _cli["parse_dims"](dims)
         if dtype not in DTYPE_BYTES:
             raise typer.BadParameter(f"'{dtype}': expected one of {', '.join(DTYPE_BYTES)}", param_hint="--dtype")
         if workers is not None and workers < 0:
@@ -79,12 +87,11 @@ def tune(spec: str = typer.Argument(..., help=SPEC_HELP),
 
         from .tune import tune as run_tune
         console = Console()
-        t0 = time.monotonic()
-        run_tune(spec, bt, heads=heads, dims=sizes, dtype=dtype, budget=budget, workers=workers,
+        run_tune(spec, bt, heads=heads, dims=sizes, dtype=dtype, budget=budget, workers=workers, started=t0,
                  reporter_factory=lambda: RichReporter(console), on_result=lambda r: _print_result(console, r))
         console.print(f"done in {time.monotonic() - t0:.0f} s of a {budget:.0f} s budget", highlight=False)
     except (SpecError, ArgumentError, NotImplementedError, ValueError, RuntimeError) as e:
-        _fail(e)
+        _cli["fail"](e)
 
 
 class RichReporter:

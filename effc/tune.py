@@ -26,7 +26,7 @@ from .passes.search import H100_SHARED_BYTES, Candidate, SearchSpace, search_spa
 from .passes.tiling import Problem
 from .runtime.tuning import TuningKey, dtype_name, store
 
-MARGIN = 0.01  # a candidate must beat the default by more than timing noise (~1% for do_bench medians)
+MARGIN = 0.02  # a candidate must beat the default by more than timing noise (~1% between do_bench medians)
 REFINE = 3  # variants whose other segment counts are timed
 FINALISTS = 4  # re-timed with a full do_bench, beside the default
 FINAL_ROUNDS = 2
@@ -110,8 +110,8 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
                 t.error = _short(e)
         timed = [x.ms for x in trials.values() if x.ms is not None]
         d = trials.get(default)
-        reporter.advance(f"best {min(timed):.3f} ms" + (f", default {d.ms:.3f}" if d and d.ms else "")
-                         if timed else "")
+        note = f"best {min(timed):.3f} ms" if timed else ""
+        reporter.advance(note + (f", default {d.ms:.3f} ms" if d and d.ms is not None else ""))
 
     reporter.start(label or f"{op.name} {problem.B}x{problem.T}", len(groups))
     for g in groups:
@@ -135,6 +135,8 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
                     break
                 evaluate(c, None if c == default else errors.get(c))  # the default already ran here
     budget_hit = runner.pending() > 0 or not refined
+    if default not in trials:  # a budget too short to reach it in the queue; it is compiled (it ran in prepare)
+        evaluate(default, None)
 
     ranked = sorted((t for t in trials.values() if t.ms is not None), key=lambda t: t.ms)
     finalists = [default] + [t.candidate for t in ranked if t.candidate != default][:FINALISTS]
@@ -211,6 +213,8 @@ def _worker_compile(shape: tuple, unit: list[Candidate]) -> tuple[tuple, dict, f
 class GpuRunner:
     """Compiles in a pool of worker processes, checks and times in this process on the current GPU."""
 
+    compile_task = staticmethod(_worker_compile)  # what a worker runs for a unit (module-level: it is pickled)
+
     def __init__(self, spec_ref: str, name: str | None = None, backend: str = "triton", workers: int | None = None):
         import torch
 
@@ -272,7 +276,8 @@ class GpuRunner:
         while True:
             while self._queue and len(self._inflight) < self.workers:
                 unit = self._queue.popleft()
-                self._inflight.append((self._shape, unit, self._pool.apply_async(_worker_compile, (self._shape, unit))))
+                task = self._pool.apply_async(self.compile_task, (self._shape, unit))
+                self._inflight.append((self._shape, unit, task))
             done = [x for x in self._inflight if x[2].ready()]
             if done or time.monotonic() >= end:
                 break
@@ -331,15 +336,16 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def tune(spec_ref: str, shapes: list[tuple[int, int]], *, heads: int = 16, dims: dict[str, int] | None = None,
          dtype: str = "bfloat16", budget: float = 300.0, workers: int | None = None, reporter_factory=None,
-         on_result=None) -> list[TuneResult]:
-    """Tune `spec_ref` for each (B, T) in `shapes` on the current GPU within `budget` seconds in all."""
+         on_result=None, started: float | None = None) -> list[TuneResult]:
+    """Tune `spec_ref` for each (B, T) in `shapes` on the current GPU, all within `budget` seconds from
+    `started` (a time.monotonic() value; default now). A shape that fails does not stop the others."""
     import effc
 
+    start = time.monotonic() if started is None else started
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"--dtype: '{dtype}' is not one of {', '.join(DTYPE_BYTES)}")
     if budget <= 0:
         raise ValueError(f"--budget: must be a positive number of seconds, got {budget}")
-    start = time.monotonic()
     deadline = start + budget
     op = effc.load(spec_ref)
     sizes = {d: 128 for d in op.spec.dims} | dict(dims or {})
@@ -347,31 +353,41 @@ def tune(spec_ref: str, shapes: list[tuple[int, int]], *, heads: int = 16, dims:
     if unknown:
         raise ValueError(f"--dims: {op.name} has no dim(s) {sorted(unknown)}; its dims: {', '.join(op.spec.dims)}")
     runner = GpuRunner(spec_ref, workers=workers)
-    results = []
+    results, failed = [], []
     try:
         for i, (B, T) in enumerate(shapes):
             share = (deadline - time.monotonic()) / (len(shapes) - i)
             problem = Problem(B, T, heads, tuple(sorted(sizes.items())), runner.sm_count)
             reporter = reporter_factory() if reporter_factory else None
-            r = tune_problem(op, problem, dtype_name(dtype), runner, deadline=time.monotonic() + share,
-                             reporter=reporter, label=f"{op.name} {B}x{T}")
+            try:
+                r = tune_problem(op, problem, dtype_name(dtype), runner, deadline=time.monotonic() + share,
+                                 reporter=reporter, label=f"{op.name} {B}x{T}")
+            except Exception as e:
+                if reporter:
+                    reporter.stop()
+                failed.append(f"{B}x{T}: {_short(e)}")
+                continue
             results.append(r)
             if on_result:
                 on_result(r)
     finally:
         runner.close()
+    if failed:
+        stored = f" (tuned and stored: {', '.join(r.key.bucket for r in results)})" if results else ""
+        raise RuntimeError(f"tuning {op.name} failed for " + "; ".join(failed) + stored)
     return results
 
 
 def summary(r: TuneResult) -> str:
     timed = sum(t.ms is not None for t in r.trials.values())
     failed = sum(t.error is not None for t in r.trials.values())
+    unreached = sum(g[0] not in r.trials for g in r.space.groups())
     verdict = ("the model's default is fastest" if r.winner == r.default
                else f"{r.speedup:.2f}x over the model's default {r.default} ({r.default_ms:.3f} ms)")
     return (f"{r.key.spec} {r.key.bucket} {r.key.dtype} on {r.key.gpu}: {r.winner} {r.winner_ms:.3f} ms, {verdict}; "
-            f"{timed} timed, {failed} rejected, {len(r.space.pruned)} pruned by the model, "
-            f"{len(r.space.candidates) - len(r.trials)} not reached{' (budget)' if r.budget_hit else ''}; "
-            f"{r.elapsed:.0f} s")
+            f"{timed} timed, {failed} rejected, {len(r.space.pruned)} pruned by the model before compiling"
+            + (f", {unreached} compiled variants not reached within the budget" if unreached else "")
+            + f"; {r.elapsed:.0f} s")
 
 
 def ranking(r: TuneResult, top: int = 8) -> list[tuple[str, str, str, str, str]]:

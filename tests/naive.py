@@ -55,3 +55,29 @@ def hgrn2(q, v, g, initial_state=None):
 
 NAIVE = {"linear_attn": linear_attn, "retention": retention, "lightning": lightning,
          "simple_gla": simple_gla, "gla": gla, "hgrn2": hgrn2}
+
+
+def _l2norm(x):
+    return x / (x.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+
+
+def gated_delta_rule(q, k, v, g, beta, initial_state=None):
+    """S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T ; o_t = q_t^T S_t (q, k L2-normalised)."""
+    q, k = _l2norm(q.double()) * q.shape[-1] ** -0.5, _l2norm(k.double())
+    v, g, beta = v.double(), g.double(), beta.double()
+    B, T, H, K = q.shape
+    S = initial_state.double().clone() if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1])
+    out = []
+    for t in range(T):
+        kt, bt = k[:, t], beta[:, t, :, None, None]
+        S = g[:, t, :, None, None].exp() * (S - bt * kt[..., :, None] * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :])
+        S = S + bt * kt[..., :, None] * v[:, t, :, None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(out, 1), S
+
+
+def delta_net(q, k, v, beta, initial_state=None):
+    return gated_delta_rule(q, k, v, torch.zeros_like(beta), beta, initial_state)
+
+
+NAIVE.update({"delta_net": delta_net, "gated_delta_net": gated_delta_rule})

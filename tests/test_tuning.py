@@ -101,8 +101,20 @@ def test_both_limits_in_one_reason(gla):
 
 def test_the_default_is_kept_even_over_the_model(gla):
     space = space_of(gla, Problem(2, 8192, 16, KV128), smem_limit=1024)
-    assert space.candidates == (space.default,)
+    assert space.candidates[0] == space.default
+    assert all(c.variant == space.default.variant for c in space.candidates)
+    assert space.default_over_model.startswith("shared memory 53248 B > 1024 B per block")
     assert all(p.reason.startswith("shared memory") for p in space.pruned)
+
+
+def test_a_default_over_the_model_keeps_its_segment_counts():
+    op = effc.load("simple_gla")
+    space = space_of(op, Problem(1, 32768, 16, KV128))
+    assert space.default == Candidate(64, 64, 8, 4, 1)
+    assert space.default_over_model == (
+        "registers: ~257 live fp32 values per thread > 255 (32832 per program / (32 x 4 warps))")
+    assert {c.segments for c in space.groups()[0]} == {1, 4, 8, 16}  # the same kernels at other P
+    assert space.reason(Candidate(64, 64, 8, 4, 2)) == space.default_over_model  # other kernels: pruned
 
 
 def test_segments_only_for_segmentable_specs():
@@ -181,6 +193,13 @@ def test_tuning_stops_at_the_budget(gla, cache):
     assert r.elapsed <= 20.0
     assert len(r.trials) < len(r.space.candidates)
     assert r.path is not None and read_entry(r.path) is not None
+
+
+def test_a_budget_too_short_still_records_the_default(gla, cache):
+    clock = FakeClock()
+    r = run(gla, FakeRunner(lambda c: 1.0, clock=clock, cost=1.0), deadline=2.0, clock=clock)
+    assert r.winner == r.default and r.budget_hit
+    assert read_entry(r.path).config == r.default.overrides()
 
 
 # ---- the cache ----------------------------------------------------------------------------------
@@ -347,6 +366,13 @@ def test_tune_dry_run_prints_the_space(cache):
     assert "model default: C=32 block=64 P=4 warps=4 stages=1" in r.output
     assert ("pruned C=64 block=64 P=4 warps=4 stages=1: registers: ~320 live fp32 values per thread > 255"
             in r.output)
+
+
+def test_python_dash_m_has_the_commands():
+    # under -m, effc.cli is __main__: the commands must land on that app, not on a second import's
+    p = subprocess.run([sys.executable, "-m", "effc.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert " tune " in p.stdout and " cache " in p.stdout
 
 
 @pytest.mark.parametrize("args, text", [

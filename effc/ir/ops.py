@@ -10,6 +10,9 @@ MASKS = ("causal", "strict")
 # reductions: name -> (axis reduced, combine)
 REDUCTIONS = {"rowsum": (1, "sum"), "rowmax": (1, "max"), "colsum": (0, "sum"), "colmax": (0, "max")}
 SCANS = ("cumsum", "revcumsum")  # along the chunk (token) axis, inclusive
+# unit_lower_inv(A): (I + strict lower part of A)^-1 for a [C, C] tile: the UT / WY transform that
+# chunks transitions of the form I - b k k^T (the delta rule)
+SOLVES = ("unit_lower_inv",)
 OTHER = ("matmul", "transpose", "last", "expand", "copy")
 # made by the autodiff pass, not callable from specs:
 #   unlast(x): a [C, ...] tile holding x at the last real token, 0 elsewhere (adjoint of last)
@@ -18,7 +21,16 @@ OTHER = ("matmul", "transpose", "last", "expand", "copy")
 #   bcast(x, like): x broadcast to the shape of `like`
 INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast")
 
-ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + OTHER + INTERNAL)
+# comparisons and boolean logic give 1.0 / 0.0 tiles (`ge` is also made by the autodiff pass)
+COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
+LOGIC = ("and", "or", "not")
+# the softmax family (passes.softmax): `key(x)` is the key-block tile of a per-token value x;
+# softmax(s) and logsumexp(s) run over every key that the score stage's masks keep
+# and `query(x)` its query-block tile; in score a per-token scalar is oriented against the [C, CK]
+# pair tile: query side a column [C, 1], key side a row [1, CK]
+SOFTMAX = ("where", "key", "query", "softmax", "logsumexp")
+
+ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + OTHER + INTERNAL + COMPARE + LOGIC + SOFTMAX)
 
 # name -> number of arguments for the functions callable in spec text
 CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
@@ -26,7 +38,9 @@ CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
             **{m: (1, 2) for m in MASKS},
             **{r: (1, 1) for r in REDUCTIONS},
             **{s: (1, 1) for s in SCANS},
-            "last": (1, 1)}
+            "unit_lower_inv": (1, 1),
+            "last": (1, 1),
+            "where": (3, 3), "not": (1, 1), "key": (1, 1), "query": (1, 1), "softmax": (1, 1), "logsumexp": (1, 1)}
 
 # names a spec can read without declaring them
 BUILTINS = {
@@ -35,3 +49,8 @@ BUILTINS = {
     "inf": "positive infinity (use -inf as a mask fill)",
 }
 RESERVED_DIMS = ("B", "T", "H")
+# builtins of the score stage (softmax family): absolute positions oriented against the [C, CK] pair tile
+PAIR_BUILTINS = {
+    "qpos": "absolute position of each query token in its sequence, a column (C, 1)",
+    "kpos": "absolute position of each key token in its sequence, a row (1, CK)",
+}

@@ -174,6 +174,9 @@ def _vjp(op: Op, gy: str, a: _Adjoints, differentiable) -> None:
         a.add(x, a.emit("transpose", gy))
     elif k in O.MASKS:
         a.add(x, a.emit(k, gy, 0.0))
+    elif k == "unit_lower_inv":  # Y = (I + L)^-1: dL = -Y^T dY Y^T on the strict lower part
+        yt = a.emit("transpose", y)
+        a.add(x, a.emit("neg", a.emit("strict", a.emit("matmul", a.emit("matmul", yt, gy), yt), 0.0)))
     elif k == "cumsum":
         a.add(x, a.emit("revcumsum", gy))
     elif k == "revcumsum":

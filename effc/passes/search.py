@@ -16,7 +16,9 @@ resource model evaluated on those symbolic tile sizes:
   4 warps: 1184 B of spill stores); those under it spilled at most 248 B.
 
 `choose` (the model's best guess) is always a candidate, first, even where the resource model
-would prune it: it is what every other candidate is checked and timed against.
+would prune it: it is what every other candidate is checked and timed against, and its kernels run
+(retention and simple_gla's defaults, C=64 with 4 warps, are a value or two per thread over 255, and
+are what the H100 sweeps picked), so its other segment counts, which run the same kernels, stay too.
 """
 from __future__ import annotations
 
@@ -101,6 +103,7 @@ class SearchSpace:
     default: Candidate
     candidates: tuple[Candidate, ...]  # the default first, then by how many knobs differ from it
     pruned: tuple[Pruned, ...]
+    default_over_model: str = ""  # what the resource model says of the default (kept regardless)
 
     def reason(self, cand: Candidate) -> str | None:
         """Why `cand` was pruned, or None when it is a candidate (or was never generated)."""
@@ -118,7 +121,9 @@ class SearchSpace:
         p = self.problem
         lines = [f"search space for B={p.B} T={p.T} H={p.H} {dict(p.dims)}: {len(self.candidates)} candidates "
                  f"in {len(self.groups())} compiled variants, {len(self.pruned)} pruned",
-                 f"  model default: {self.default}"]
+                 f"  model default: {self.default}"
+                 + (f" (kept with its other P, though over the resource model: {self.default_over_model})"
+                    if self.default_over_model else "")]
         lines += [f"  candidate {c}" for c in self.candidates]
         lines += [f"  pruned {x.candidate}: {x.reason}" for x in self.pruned]
         return "\n".join(lines)
@@ -147,6 +152,7 @@ def search_space(spec: Spec, legality: Legality, problem: Problem, *, dtype_byte
     slots = problem.sm_count * PROGRAMS_PER_SM
     keep: list[Candidate] = []
     pruned: list[Pruned] = []
+    over_model = ""
     wave: dict[tuple[int, int], int] = {}  # the wave model's segments for each (chunk, block)
     for c in chunk_set:
         for b in blocks:
@@ -171,6 +177,9 @@ def search_space(spec: Spec, legality: Legality, problem: Problem, *, dtype_byte
                 for s in stages:
                     why = [bad] if bad else resources(space, values, w, s, dtype_bytes).over(w, s, smem_limit,
                                                                                               max_registers)
+                    if why and (c, b, w, s) == default.variant:
+                        over_model = "; ".join(why)
+                        why = []  # the default's kernels run whatever the model says; so do its other P
                     for p in sorted(ps):
                         cand = Candidate(c, b, p, w, s)
                         if cand == default:
@@ -186,4 +195,4 @@ def search_space(spec: Spec, legality: Legality, problem: Problem, *, dtype_byte
         far = abs(math.log2(x.chunk / default.chunk)) + abs(math.log2(x.block / default.block))
         return knobs, x.segments != wave[x.chunk, x.block], far, x
 
-    return SearchSpace(problem, default, (default, *sorted(keep, key=distance)), tuple(pruned))
+    return SearchSpace(problem, default, (default, *sorted(keep, key=distance)), tuple(pruned), over_model)

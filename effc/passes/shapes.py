@@ -65,7 +65,7 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
         if args[0].rank != 2:
             raise SpecError(f"'.T' needs a 2-D tile, got {_fmt(args[0])}", op.loc, "a 2-D tile")
         return TileType(args[0].shape[::-1])
-    if k in O.MASKS:
+    if k in O.MASKS or k in O.SOLVES:
         if args[0].shape != (C, C):
             raise SpecError(f"'{k}' masks a [C, C] score tile, got {_fmt(args[0])}", op.loc, "a [C, C] tile")
         if len(args) > 1 and args[1].rank:
@@ -99,6 +99,9 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
         return SCALAR
     if k == "bcast":
         return args[1]
+    if k in O.COMPARE + O.LOGIC + O.SOFTMAX:  # typed by passes.softmax, for specs with a score stage
+        raise SpecError(f"'{k}' belongs to the softmax family: it needs a 'score {{ ... }}' stage", op.loc,
+                        "tile operations of the chunked-state family (see the README's language table)")
     raise SpecError(f"no shape rule for '{k}'", op.loc)
 
 

@@ -92,6 +92,10 @@ def _eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ov
             if new == 1.0:
                 x = x.unsqueeze(2 + pos)
         return x
+    if k == "unit_lower_inv":
+        x = args[0]
+        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+        return torch.linalg.solve_triangular(eye + x.tril(-1), eye.expand_as(x), upper=False, unitriangular=True)
     if k == "gtz":
         return (args[0] > 0).to(args[0].dtype)
     if k == "sign":

@@ -110,12 +110,10 @@ def _parse(text: str) -> Entry:
 def read_entry(path: Path) -> Entry | None:
     """The entry in `path`; None when there is none, or (with a warning) when it does not parse."""
     try:
-        text = path.read_text()
+        return _parse(path.read_text())
     except FileNotFoundError:
         return None
-    try:
-        return _parse(text)
-    except (ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError covers bad JSON and bad UTF-8
         warnings.warn(f"effc tuning cache: ignoring unreadable entry {path} ({type(e).__name__}: {e}); "
                       "`effc tune` rebuilds it", stacklevel=2)
         return None

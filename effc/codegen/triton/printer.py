@@ -81,6 +81,8 @@ class TritonPrinter:
             return f"tl.{how}({a[0]}, axis={axis})"
         if k == "expand":
             return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
+        if k == "unit_lower_inv":
+            return f"_unit_lower_inv({a[0]}, r_C, C)"
         if k == "gtz":
             return f"tl.where({a[0]} > 0.0, 1.0, 0.0)"
         if k == "sign":
