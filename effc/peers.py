@@ -17,11 +17,11 @@ class Peer:
     make: Callable  # (B, T, H, D) -> fn(*inputs, scale=) -> output (B, T, H, D); set-up (masks, compiles) here
 
 
-def _fla(module: str, fn_name: str):
+def _fla(module: str, fn_name: str, **options):
     def make(B, T, H, D):
         import importlib
         fn = getattr(importlib.import_module(module), fn_name)
-        return lambda *xs, scale: fn(*xs, scale=scale)[0]
+        return lambda *xs, scale: fn(*xs, scale=scale, **options)[0]
     return make
 
 
@@ -62,6 +62,12 @@ PEERS: dict[str, tuple[Peer, ...]] = {
     "simple_gla": (Peer("fla chunk_simple_gla", ("q", "k", "v", "g"),
                         _fla("fla.ops.simple_gla", "chunk_simple_gla")),),
     "gla": (Peer("fla chunk_gla", ("q", "k", "v", "g"), _fla("fla.ops.gla", "chunk_gla")),),
+    # the effc specs normalise q and k themselves; fla does it in its kernel when asked
+    "delta_net": (Peer("fla chunk_delta_rule", ("q", "k", "v", "beta"),
+                       _fla("fla.ops.delta_rule", "chunk_delta_rule", use_qk_l2norm_in_kernel=True)),),
+    "gated_delta_net": (Peer("fla chunk_gated_delta_rule", ("q", "k", "v", "g", "beta"),
+                             _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
+                                  use_qk_l2norm_in_kernel=True)),),
     "softmax_attn": (Peer("torch SDPA flash causal", ("q", "k", "v"), _sdpa_causal),
                      Peer("FlexAttention causal", ("q", "k", "v"), _flex())),
     "sliding_window": (Peer("FlexAttention sliding window 1024", ("q", "k", "v"), _flex(1024)),),  # the spec's window
