@@ -18,7 +18,7 @@ import sympy
 from .errors import SpecError
 from .ir.nodes import C, dim
 from .passes.shapes import value_types
-from .peers import PEERS
+from .peers import PEERS, time_training_step
 
 # Machine limits per GPU name (substring match), measured on the lent H100 with the same software
 # (../shared/ANCHORS.md: device-to-device copy ~3.0 TB/s, bf16 matmul 785-815 TFLOP/s). Other GPUs
@@ -50,8 +50,9 @@ def io_bytes(xs, out) -> int:
     return sum(x.numel() * x.element_size() for x in xs) + out.numel() * out.element_size()
 
 
-def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float, index: int = 0) -> dict:
+def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float, index: int = 0, backward: bool = False) -> dict:
     cmd = [sys.executable, "-m", "effc.peers", spec, str(B), str(T), str(H), str(D), str(index)]
+    cmd += ["bwd"] if backward else []
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -69,7 +70,8 @@ def _missing(name: str, error: SpecError) -> dict:
 
 
 def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, json_out: Path | None, *,
-              plot: Path | None = None):
+              plot: Path | None = None, backward: bool = False):
+    """`backward`: also time forward + backward and record its peak memory, effc's and each peer's."""
     import torch
     from triton.testing import do_bench
 
@@ -107,12 +109,19 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
                              + (" (tuned)" if tuned else ""),
                    "TB/s": tbs, "TFLOP/s": tflops, "bw_frac": tbs / peak["TB/s"],
                    "flop_frac": tflops / peak["TFLOP/s"], "peak": {**peak, "of": peak_of}}
+            if backward:
+                leaves = [x.requires_grad_() for x in xs]
+                grad = torch.randn_like(out)
+                row["effc_fwdbwd_ms"], row["effc_peak_mib"] = time_training_step(lambda: op(*leaves)[0], leaves, grad)
+                row["history"] = getattr(op, "last_history_reason", "")
             if peers and name in PEERS:
                 row["peers"] = []
                 for i, p in enumerate(PEERS[name]):
-                    res = {"peer": p.label, **_peer(name, B, T, H, D, peer_timeout, i)}
+                    res = {"peer": p.label, **_peer(name, B, T, H, D, peer_timeout, i, backward)}
                     if "ms" in res:
                         res["speedup"] = res["ms"] / ms
+                    if "fwdbwd_ms" in res and "effc_fwdbwd_ms" in row:
+                        res["speedup_fwdbwd"] = res["fwdbwd_ms"] / row["effc_fwdbwd_ms"]
                     row["peers"].append(res)
                 first_peer = row["peers"][0]  # flat keys: the layout of earlier JSON files
                 row.update({f"peer_{k}": v for k, v in first_peer.items() if k != "speedup"})
@@ -196,6 +205,11 @@ def _print_table(rows):
             print(f"{lead} {peer:22s} {pms:>8s} {sp:>7s} {diff:>8s}  {r['config'] if i == 0 else ''}".rstrip())
             if "error" in p:
                 print(f"    peer {p.get('peer', '')}: {p['error']}")
+            if "effc_fwdbwd_ms" in r and i == 0:
+                print(f"    fwd+bwd: effc {r['effc_fwdbwd_ms']:.3f} ms, peak {r['effc_peak_mib']:.0f} MiB; {r['history']}")
+            if "fwdbwd_ms" in p:
+                print(f"    fwd+bwd: {p['peer']} {p['fwdbwd_ms']:.3f} ms, peak {p['peak_mib']:.0f} MiB "
+                      f"-> {p['speedup_fwdbwd']:.2f}x")
     pk = next((r["peak"] for r in rows if "peak" in r), None)
     if pk:
         print(f"%bw, %flop: of {pk['TB/s']} TB/s and {pk['TFLOP/s']} TFLOP/s measured on the {pk['of']}")

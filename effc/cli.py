@@ -84,6 +84,10 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
             typer.echo(print_spec(comp.typed))
         elif stage == "legality":
             typer.echo(str(comp.legality))
+        elif stage == "tiled" and comp.typed.score.ops:  # the softmax family
+            from .passes.softmax import choose_softmax_tiles
+            sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
+            typer.echo(f"for {sizes}: {choose_softmax_tiles(comp.typed, sizes, interpreting=False)}")
         elif stage == "tiled":
             B, T, H = _parse_shape(shape)
             sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
@@ -115,14 +119,18 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
         source = comp.source(backend)
         B, T, H = _parse_shape(shape)
         sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
-        cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
+        if comp.typed.score.ops:  # the softmax family: blocks of the key-block walk
+            from .passes.softmax import choose_softmax_tiles
+            cfg = choose_softmax_tiles(comp.typed, sizes, interpreting=False)
+        else:
+            cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
     except (SpecError, NotImplementedError) as e:
         _fail(e)
     out_dir = output or Path("effc_out")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{comp.typed.name}_{backend}.py"
     path.write_text(source)
-    typer.echo(f"spec {comp.typed.name}: schedule chunked-state scan")
+    typer.echo(f"spec {comp.typed.name}: schedule {getattr(comp, 'schedule_name', 'chunked-state scan')}")
     typer.echo(str(comp.legality))
     typer.echo("fused stages: " + "; ".join(f"{k.name} = {' + '.join(k.stages)}" for k in comp.fused.kernels))
     typer.echo(f"tiling for B={B} T={T} H={H} {sizes}: {cfg}")
@@ -144,7 +152,22 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
     from .runtime.op import AttentionOp
     from .runtime.verify import judge_fp32, judge_low_precision, random_inputs, random_state
     try:
-        op = AttentionOp(_compilation(spec))
+        comp = _compilation(spec)
+        if comp.typed.score.ops:  # the softmax family: kernels and gradients against the oracle
+            from .runtime.softmax_op import SoftmaxOp, check_softmax
+            B, T, H = _parse_shape(shape)
+            dt = getattr(torch, dtype) if dtype in _DTYPES else None
+            if dt is None:
+                raise typer.BadParameter(f"'{dtype}': expected one of {', '.join(_DTYPES)}", param_hint="--dtype")
+            if interp and dt != torch.float32:
+                raise ArgumentError("low-precision checks need a GPU: Triton's interpreter computes bf16 dots wrongly")
+            lines, ok = check_softmax(SoftmaxOp(comp), B, T, H, _parse_dims(dims), dt, "cpu" if interp else "cuda",
+                                      seed, chunk, "Triton interpreter (CPU)" if interp else torch.cuda.get_device_name())
+            typer.echo("\n".join(lines))
+            if not ok:
+                raise typer.Exit(1)
+            return
+        op = AttentionOp(comp)
         B, T, H = _parse_shape(shape)
         sizes = {d: 32 for d in op.spec.dims} | _parse_dims(dims)
         if dtype not in _DTYPES:
@@ -182,12 +205,13 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
           peers: bool = typer.Option(True, help="time the installed peers (flash-linear-attention) beside effc"),
           peer_timeout: float = typer.Option(240.0, help="seconds a peer may take (its first call autotunes)"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
-          plot: Path = typer.Option(None, "--plot", help="also plot time vs sequence length to this PNG (matplotlib)")):
+          plot: Path = typer.Option(None, "--plot", help="also plot time vs sequence length to this PNG (matplotlib)"),
+          backward: bool = typer.Option(False, "--backward", help="also time forward+backward, with peak memory")):
     """Time effc's kernels and the peers on identical bf16 inputs, one GPU, one run; print ratios."""
     from .bench import run_bench
     try:
         run_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")],
-                  heads, head_dim, peers, peer_timeout, json_out, plot=plot)
+                  heads, head_dim, peers, peer_timeout, json_out, plot=plot, backward=backward)
     except (SpecError, ArgumentError, RuntimeError) as e:
         _fail(e)
 

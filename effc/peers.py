@@ -74,7 +74,27 @@ PEERS: dict[str, tuple[Peer, ...]] = {
 }
 
 
-def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0) -> dict:
+def time_training_step(forward, leaves, grad_out) -> tuple[float, float]:
+    """Median ms of forward + backward, and the peak memory (MiB) one step allocates beyond what was live.
+    Used for effc and its peers alike."""
+    import torch
+    from triton.testing import do_bench
+
+    def step():
+        forward().backward(grad_out)
+    step()
+    ms = do_bench(step, warmup=10, rep=50, return_mode="median", grad_to_none=leaves)
+    for x in leaves:
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backward: bool = False) -> dict:
     """Time the peer on the inputs `effc bench` builds, and check it agrees with effc's kernel."""
     import torch
     from triton.testing import do_bench
@@ -98,14 +118,21 @@ def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0) -> dict
     first = time.time() - t0
     ms = do_bench(lambda: fn(*args, scale=D ** -0.5), warmup=25, rep=100, return_mode="median")
     mine, _ = op(*xs)
-    return {"peer": peer.label, "ms": ms, "first_call_s": first, "rel_diff_vs_effc": rel_err(out.float(), mine.float())}
+    result = {"peer": peer.label, "ms": ms, "first_call_s": first,
+              "rel_diff_vs_effc": rel_err(out.float(), mine.float())}
+    if backward:
+        for x in args:
+            x.requires_grad_()
+        grad = torch.randn_like(out)
+        result["fwdbwd_ms"], result["peak_mib"] = time_training_step(lambda: fn(*args, scale=D ** -0.5), args, grad)
+    return result
 
 
 if __name__ == "__main__":
     spec, B, T, H, D = sys.argv[1], *map(int, sys.argv[2:6])
     index = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     try:
-        result = peer_main(spec, B, T, H, D, index)
+        result = peer_main(spec, B, T, H, D, index, backward=sys.argv[7:8] == ["bwd"])
     except Exception as e:  # reported as the row's result, never hidden
         result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     print("EFFC_PEER_RESULT " + json.dumps(result), flush=True)

@@ -19,7 +19,7 @@ case "${1:-}" in
   bench)  # SPECS SHAPES PEERS(0/1); typer on the GPU machine would need pydantic, so call run_bench directly
     python3 -c "import sys; from effc.bench import run_bench; run_bench(sys.argv[1].split(','),
       [tuple(map(int, s.split('x'))) for s in sys.argv[2].split(',')], 16, 128, sys.argv[3] == '1', float('${PEER_TIMEOUT:-300}'),
-      '$OUT/bench.json')" "${2:-retention,simple_gla,gla}" "${3:-8x2048,2x8192,1x32768}" "${4:-1}" 2>&1 | tee -a "$OUT/bench.log" ;;
+      '$OUT/bench.json', backward='${BACKWARD:-0}' == '1')" "${2:-retention,simple_gla,gla}" "${3:-8x2048,2x8192,1x32768}" "${4:-1}" 2>&1 | tee -a "$OUT/bench.log" ;;
   tune-check)
     shift; python3 scripts/tune_check.py "$@" 2>&1 | tee "$OUT/tune_check.log"; exit "${PIPESTATUS[0]}" ;;
   *) echo "usage: scripts/gpu.sh setup|test|bench|tune-check"; exit 2 ;;
