@@ -10,21 +10,22 @@ __version__ = "0.1.0"
 def load(ref, name: str | None = None, backend: str = "triton"):
     """Compile a spec (library name, `path.attn` or `path.attn:spec`) into a callable op."""
     from .runtime.compiler import compile_file
-    from .runtime.op import AttentionOp
-    return AttentionOp(compile_file(ref, name), backend)
+    from .runtime.softmax_op import make_op  # AttentionOp, or SoftmaxOp for specs with a score stage
+    return make_op(compile_file(ref, name), backend)
 
 
 def loads(text: str, name: str | None = None, backend: str = "triton"):
     """Compile spec source text into a callable op."""
     from .runtime.compiler import compile_text
-    from .runtime.op import AttentionOp
-    return AttentionOp(compile_text(text, name), backend)
+    from .runtime.softmax_op import make_op
+    return make_op(compile_text(text, name), backend)
 
 
-def library_names() -> list[str]:
-    """Names of the specs in the library (`effc.load(name)` compiles one)."""
-    from .library import library_files
-    return [p.stem for p in library_files()]
+def library_names(family: str | None = None) -> list[str]:
+    """Names of the specs in the library (`effc.load(name)` compiles one); `family` keeps only the
+    'linear' (chunked state), 'softmax' (score stage) or 'hybrid' ones."""
+    from .library import library_family, library_files
+    return [p.stem for p in library_files() if family is None or library_family(p) == family]
 
 
 def __getattr__(name):  # lazy, so `import effc` stays cheap

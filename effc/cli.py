@@ -149,11 +149,11 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
     interp = _use_interpreter_without_gpu()
     import torch
 
-    from .runtime.op import AttentionOp
+    from .runtime.softmax_op import make_op
     from .runtime.verify import judge_fp32, judge_low_precision, random_inputs, random_state
     try:
         comp = _compilation(spec)
-        if comp.typed.score.ops:  # the softmax family: kernels and gradients against the oracle
+        if comp.typed.score.ops and not comp.typed.states:  # the softmax family: kernels and gradients
             from .runtime.softmax_op import SoftmaxOp, check_softmax
             B, T, H = _parse_shape(shape)
             dt = getattr(torch, dtype) if dtype in _DTYPES else None
@@ -167,7 +167,7 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
             if not ok:
                 raise typer.Exit(1)
             return
-        op = AttentionOp(comp)
+        op = make_op(comp)  # AttentionOp, or a hybrid's op (a state and a softmax branch)
         B, T, H = _parse_shape(shape)
         sizes = {d: 32 for d in op.spec.dims} | _parse_dims(dims)
         if dtype not in _DTYPES:

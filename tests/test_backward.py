@@ -6,7 +6,7 @@ import torch
 import effc
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
-LIBRARY = effc.library_names()
+LIBRARY = effc.library_names("linear")
 DIMS = {"K": 16, "V": 32}
 
 

@@ -182,7 +182,7 @@ def _marked(name: str) -> tuple[int, str]:
 @pytest.mark.parametrize("fn, message, at", [
     (bad_if, "an if statement (if True:) is not supported in the merge stage", "if True"),
     (bad_keyword, "keyword argument 'fill=-inf' in a call of 'causal' is not supported", "fill="),
-    (bad_compare, "a comparison (q > 0) is not supported in a spec expression", "q > 0"),
+    (bad_compare, "'gt' belongs to the softmax family: it needs a 'score { ... }' stage", "q > 0"),
     (bad_attribute, "attribute .sum is not supported (q.sum)", "q.sum"),
     (bad_slice, "index '1:' is not supported in a subscript", "1:"),
     (bad_lambda, "a lambda (lambda x: x) is not supported in a spec expression", "lambda"),

@@ -31,7 +31,7 @@ class Name:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: str  # add sub mul div matmul pow
+    op: str  # add sub mul div matmul pow; lt le gt ge eq ne and or (1.0 / 0.0 values)
     left: "Expr"
     right: "Expr"
     loc: Loc = _loc()
@@ -93,9 +93,17 @@ class Assign:
 
 
 @dataclass(frozen=True)
+class Mask:
+    """`mask pred` in a score stage: the (query, key) pairs where pred is false do not exist."""
+
+    predicate: "Expr"
+    loc: Loc = _loc()
+
+
+@dataclass(frozen=True)
 class Stage:
-    name: str  # intra inter merge
-    body: tuple[Assign, ...]
+    name: str  # intra inter merge score prefix
+    body: tuple[Assign | Mask, ...]
     loc: Loc = _loc()
 
 

@@ -16,7 +16,8 @@ _TOKEN_NAMES = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": 'a "string"',
     "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
     "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
-    "SLASH": "'/'", "AT": "'@'", "DOT": "'.'", "STAGE": "a stage (intra, inter, merge)",
+    "SLASH": "'/'", "AT": "'@'", "DOT": "'.'", "STAGE": "a stage (intra, inter, merge), or score, prefix (the softmax family)",
+    "COMPARE": "a comparison (< <= > >= == !=)", "MASK": "'mask'", "AND": "'and'", "OR": "'or'", "NOT": "'not'",
     "TRANSPOSE": "'T'", "NONE": "'None'", "$END": "end of file",
     "SPEC": "'spec'", "IMPORT": "'import'", "DEF": "'def'", "INPUT": "'input'", "OUTPUT": "'output'",
     "STATE": "'state'", "PARAM": "'param'", "CHUNK": "'chunk'", "EXTENDS": "'extends'",
@@ -29,7 +30,8 @@ def _lark() -> lark.Lark:
 
 
 # Terminals spelled like names: using one where a name is expected gets a hint.
-_KEYWORDS = {"SPEC", "IMPORT", "DEF", "EXTENDS", "INPUT", "OUTPUT", "STATE", "PARAM", "CHUNK", "NONE", "STAGE"}
+_KEYWORDS = {"SPEC", "IMPORT", "DEF", "EXTENDS", "INPUT", "OUTPUT", "STATE", "PARAM", "CHUNK", "NONE", "STAGE",
+             "MASK", "AND", "OR", "NOT"}
 
 
 def _token_name(t: str) -> str:
@@ -80,6 +82,34 @@ class _Builder(lark.Transformer):
         return rule
 
     add, sub, mul, div, matmul, pow = _bin("add"), _bin("sub"), _bin("mul"), _bin("div"), _bin("matmul"), _bin("pow")
+
+    @lark.v_args(meta=True)
+    def and_(self, meta, c):
+        return ast.BinOp("and", c[0], c[1], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def or_(self, meta, c):
+        return ast.BinOp("or", c[0], c[1], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def not_(self, meta, c):
+        return ast.Call("not", (c[0],), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def compare(self, meta, c):
+        """a < b <= c is (a < b) and (b <= c), as in Python."""
+        names = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
+        operands, ops = c[0::2], [str(t) for t in c[1::2]]
+        out = None
+        for i, op in enumerate(ops):
+            loc = self._loc(c[2 * i + 1])  # at the comparison operator
+            term = ast.BinOp(names[op], operands[i], operands[i + 1], loc)
+            out = term if out is None else ast.BinOp("and", out, term, loc)
+        return out
+
+    @lark.v_args(meta=True)
+    def mask_stmt(self, meta, c):
+        return ast.Mask(c[0], self._loc(meta))
 
     @lark.v_args(meta=True)
     def neg(self, meta, c):

@@ -40,7 +40,8 @@ from ..errors import Loc, SpecError
 from ..passes.lower import _ANNOTATIONS
 from . import ast
 
-__all__ = ["attention_spec", "parse_function", "Input", "Output", "State", "Param", "intra", "merge", "inter"]
+__all__ = ["attention_spec", "parse_function", "Input", "Output", "State", "Param", "intra", "merge", "inter",
+           "score", "prefix", "mask"]
 
 
 # ---- markers: imported so names resolve; only the source text that uses them is read -------------
@@ -72,9 +73,16 @@ class _StageMarker:
 
 
 intra, merge, inter = _StageMarker("intra"), _StageMarker("merge"), _StageMarker("inter")
+# the softmax family: `with score:` (with `mask(pred)` lines, as .attn's `mask pred`) and `with prefix:`
+score, prefix = _StageMarker("score"), _StageMarker("prefix")
+
+
+def mask(predicate) -> None:
+    """`mask(kpos <= qpos)` inside `with score:`: the (query, key) pairs that exist. Never executed."""
 
 # ---- the translation ------------------------------------------------------------------------------
 _BINOPS = {py.Add: "add", py.Sub: "sub", py.Mult: "mul", py.Div: "div", py.MatMult: "matmul", py.Pow: "pow"}
+_COMPARE = {py.Lt: "lt", py.LtE: "le", py.Gt: "gt", py.GtE: "ge", py.Eq: "eq", py.NotEq: "ne"}
 _OP_SYMBOLS = {py.FloorDiv: "//", py.Mod: "%", py.LShift: "<<", py.RShift: ">>", py.BitOr: "|",
                py.BitXor: "^", py.BitAnd: "&", py.UAdd: "unary +", py.Not: "not", py.Invert: "~"}
 _CONSTRUCTS = {
@@ -127,6 +135,20 @@ class _Reader:
             return ast.BinOp(_BINOPS[type(n.op)], self.expr(n.left), self.expr(n.right), loc)
         if isinstance(n, py.UnaryOp) and isinstance(n.op, py.USub):
             return ast.Neg(self.expr(n.operand), loc)  # -5 too: .attn also reads it as neg(5)
+        if isinstance(n, py.UnaryOp) and isinstance(n.op, py.Not):
+            return ast.Call("not", (self.expr(n.operand),), loc)
+        if isinstance(n, py.BoolOp):  # a and b and c: left to right, as the .attn grammar reads it
+            out = self.expr(n.values[0])
+            for v in n.values[1:]:
+                out = ast.BinOp("and" if isinstance(n.op, py.And) else "or", out, self.expr(v), loc)
+            return out
+        if isinstance(n, py.Compare) and all(type(o) in _COMPARE for o in n.ops):
+            operands = [n.left] + list(n.comparators)
+            out = None
+            for i, o in enumerate(n.ops):
+                term = ast.BinOp(_COMPARE[type(o)], self.expr(operands[i]), self.expr(operands[i + 1]), loc)
+                out = term if out is None else ast.BinOp("and", out, term, loc)
+            return out
         if isinstance(n, (py.BinOp, py.UnaryOp)):
             sym = _OP_SYMBOLS.get(type(n.op), type(n.op).__name__)
             raise self.fail(n, f"operator {sym} is not supported in a spec expression ({py.unparse(n)})",
@@ -215,12 +237,17 @@ class _Reader:
     def stage(self, w: py.With) -> ast.Stage:
         item = w.items[0]
         name = item.context_expr.id if isinstance(item.context_expr, py.Name) else None
-        if len(w.items) != 1 or item.optional_vars is not None or name not in ("intra", "merge", "inter"):
+        if len(w.items) != 1 or item.optional_vars is not None or name not in ("intra", "merge", "inter", "score",
+                                                                                "prefix"):
             raise self.fail(w, f"'with {', '.join(py.unparse(i) for i in w.items)}' is not a stage",
-                            "with intra:, with merge: or with inter:")
+                            "with intra:, with merge: or with inter: (softmax family: with score:, with prefix:)")
         body = []
         for s in w.body:
             if isinstance(s, py.Pass):
+                continue
+            if (isinstance(s, py.Expr) and (call := self.marker(s.value, "mask")) is not None
+                    and len(call.args) == 1):  # mask(pred): .attn's `mask pred`
+                body.append(ast.Mask(self.expr(call.args[0]), self.loc(s)))
                 continue
             if not (isinstance(s, py.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], py.Name)):
                 raise self.unsupported(s, f"in the {name} stage", _STAGE_EXPECTED)
@@ -309,6 +336,6 @@ def attention_spec(fn=None, *, chunk: int | None = None, backend: str = "triton"
         return lambda f: attention_spec(f, chunk=chunk, backend=backend)
     if not callable(fn):
         raise TypeError(f"@attention_spec takes a function, got {fn!r}; write @attention_spec(chunk=...)")
-    from ..runtime.compiler import Compilation
-    from ..runtime.op import AttentionOp
-    return AttentionOp(Compilation(parse_function(fn, chunk)), backend)
+    from ..runtime.compiler import _compilation
+    from ..runtime.softmax_op import make_op  # AttentionOp, or the softmax family's op for a score stage
+    return make_op(_compilation(parse_function(fn, chunk), None), backend)

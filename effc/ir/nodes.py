@@ -8,7 +8,8 @@ import sympy
 from ..errors import Loc
 
 _NOLOC = Loc("<unknown>", 0, 0)
-C = sympy.Symbol("C", positive=True, integer=True)  # the chunk length
+C = sympy.Symbol("C", positive=True, integer=True)  # the chunk length (softmax family: the query block)
+CK = sympy.Symbol("CK", positive=True, integer=True)  # softmax family: the key block
 
 
 def dim(name: str) -> sympy.Symbol:
@@ -89,6 +90,19 @@ class Spec:
     intra: Stage
     merge: Stage
     inter: Stage
+    # the softmax family (passes.softmax): `prefix` runs over whole sequences before the scan (its cumsum
+    # is over the sequence); `score` runs per (query block, key block) pair; `masks` are the score-stage
+    # predicates whose pairs exist. Empty for the linear family.
+    prefix: Stage = Stage("prefix", ())
+    score: Stage = Stage("score", ())
+    masks: tuple[str, ...] = ()
+
+    @property
+    def family(self) -> str:
+        """'linear' (a chunked state), 'softmax' (a score walked over key blocks) or 'hybrid' (both)."""
+        if not self.score.ops:
+            return "linear"
+        return "hybrid" if self.states else "softmax"
 
     @property
     def stages(self) -> tuple[Stage, ...]:

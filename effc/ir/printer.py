@@ -23,7 +23,10 @@ def print_spec(spec: Spec) -> str:
         lines.append(f"  {d.role} {d.name}[{', '.join(d.dims)}]{ann} tile {d.tile}")
     for p in spec.params:
         lines.append(f"  param {p.name} = {p.default}")
-    for stage in spec.stages:
+    extra = tuple(s for s in (spec.prefix, spec.score) if s.ops)  # the softmax family's stages
+    for stage in extra + spec.stages:
         lines.append(f"  {stage.name}:")
         lines += [f"    {print_op(op)}" for op in stage.ops]
+        if stage.name == "score" and spec.masks:
+            lines.append(f"    masks: {', '.join(spec.masks)}")
     return "\n".join(lines)

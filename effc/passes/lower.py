@@ -15,6 +15,7 @@ _ANNOTATIONS = {
     "logdecay": "a log-space decay, <= 0 (padding value 0 is the identity)",
     "positive": "a positive value",
     "unit": "a value in (0, 1)",
+    "key": "read on the key side by score and softmax reductions (softmax family)",
 }
 _DEFAULT_CHUNK = 64
 
@@ -198,9 +199,10 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
         if item.name in seen:
             raise SpecError(f"'{item.name}' is declared twice (first at {seen[item.name]})", item.loc,
                             "one declaration per name")
-        if item.name.startswith("_") or item.name in O.BUILTINS or item.name in O.RESERVED_DIMS:
+        if item.name.startswith("_") or item.name in O.BUILTINS or item.name in O.RESERVED_DIMS \
+                or item.name in O.PAIR_BUILTINS:
             raise SpecError(f"'{item.name}' is a reserved name", item.loc, "a name not starting with '_', "
-                            "not a builtin (idx, head, inf) and not B, T or H")
+                            "not a builtin (idx, head, inf) and not B, T or H (nor qpos, kpos)")
         seen[item.name] = item.loc
     decls = []
     for d in sdef.decls:
@@ -236,6 +238,9 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
             raise SpecError(f"stage '{s.name}' appears twice", s.loc, "each of intra, merge, inter at most once")
     if "merge" not in stages:
         raise SpecError(f"spec '{sdef.name}' has no merge stage", sdef.loc, "a 'merge { o = ... }' block")
+    if "score" in stages or "prefix" in stages:  # the softmax family: passes.lower_softmax
+        from .lower_softmax import lower_softmax
+        return lower_softmax(sdef, inputs, outputs, states, params, chunk, funcs, stages)
     if states and "inter" not in stages:
         raise SpecError(f"spec '{sdef.name}' declares state '{states[0].name}' but has no inter stage",
                         states[0].loc, f"an 'inter {{ {states[0].name} = ... }}' block")
@@ -293,6 +298,9 @@ def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, ta
     low = _StageLowering(name, visible, funcs, counter, inherited, taken)
     assigned: dict[str, Loc] = {}
     for a in stage.body:
+        if isinstance(a, ast.Mask):
+            raise SpecError(f"'mask' in {name}: masks select the (query, key) pairs of a score stage", a.loc,
+                            "a 'mask PREDICATE' line inside 'score { ... }'")
         kind = visible.get(a.target, "")
         if a.target in targets:
             if a.target in assigned:

@@ -70,10 +70,31 @@ class Compilation:
         return emit_module(self.plan)
 
 
+def _has_score(module: ast.Module, name: str | None) -> bool:
+    """Does the spec (or a spec it extends) have a score stage? Then it is of the softmax family."""
+    specs = {s.name: s for s in module.specs}
+    local = module.local or tuple(specs)
+    s = specs.get(name) if name else (specs.get(local[0]) if len(local) == 1 else None)
+    seen = set()
+    while s is not None and s.name not in seen:
+        seen.add(s.name)
+        if any(st.name in ("score", "prefix") for st in s.stages):
+            return True
+        s = specs.get(s.extends) if s.extends else None
+    return False
+
+
+def _compilation(module: ast.Module, name: str | None) -> Compilation:
+    if _has_score(module, name):  # the softmax family: runtime.softmax_compiler
+        from .softmax_compiler import SoftmaxCompilation
+        return SoftmaxCompilation(module, name)
+    return Compilation(module, name)
+
+
 def compile_file(ref: str | Path, name: str | None = None) -> Compilation:
     path, n = resolve_spec_path(str(ref))
-    return Compilation(parse_file(path), name or n)
+    return _compilation(parse_file(path), name or n)
 
 
 def compile_text(text: str, name: str | None = None, file: str = "<string>") -> Compilation:
-    return Compilation(parse(text, file), name)
+    return _compilation(parse(text, file), name)

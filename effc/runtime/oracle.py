@@ -183,7 +183,12 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
 
     `dtype` is the precision of every op; `matmul_dtype` (e.g. bfloat16) rounds matmul operands
     to it, which makes the low-precision PyTorch reference of the tolerance policy. If given,
-    `history` receives the states entering each chunk."""
+    `history` receives the states entering each chunk. A spec with a score stage (the softmax family)
+    is evaluated on whole [T, T] score matrices by runtime.softmax_oracle (`chunk` does not apply)."""
+    if spec.score.ops and not spec.states:
+        from .softmax_oracle import evaluate_softmax
+        dims = {n: s for d in spec.inputs for n, s in zip(d.dims[3:], tensors[d.name].shape[3:])}
+        return evaluate_softmax(spec, tensors, params, dims, dtype, matmul_dtype), {}
     ev = _Evaluator(spec, tensors, params, chunk, dtype, matmul_dtype)
     states = ev.initial(initial_state)
     ops = spec.intra.ops + spec.merge.ops + spec.inter.ops

@@ -45,12 +45,15 @@ class Body:
     where: dict[str, Buffer] = field(default_factory=dict)  # value -> the buffer holding it
     loads: set[str] = field(default_factory=set)  # raw inputs: zero past T, in the input dtype
     lines: list[str] = field(default_factory=list)
+    gemm_shapes: list[tuple[str, ...]] = field(default_factory=list)  # (M, N) of each T.gemm
+    pass_configs: dict[str, bool] = field(default_factory=dict)  # for tilelang.compile
     _names: set[str] = field(default_factory=set)
     _loops: list[_Loop] = field(default_factory=list)
     _mirrors: dict[str, Buffer] = field(default_factory=dict)
     _fresh: set[str] = field(default_factory=set)  # fragments whose mirror holds their current value
-    _staged: dict[tuple, str] = field(default_factory=dict)
-    _reads: list[tuple[str, bool]] = field(default_factory=list)  # (buffer, at the loop's own index)
+    _staged: dict[tuple, str] = field(default_factory=dict)  # (purpose, value, mask) -> its buffer
+    prelude: list[str] = field(default_factory=list)  # scalars bound once per program, before the chunk loop
+    _scalars: dict[str, str] = field(default_factory=dict)
 
     # -- shapes and buffers -------------------------------------------------------------------
     def extents(self, shape) -> tuple[str, ...]:
@@ -64,12 +67,20 @@ class Body:
                 out.append("BLOCK" if str(d) == self.split else str(d))
         return tuple(out) or ("1",)
 
-    def alloc(self, base: str, shape: tuple[str, ...], scope: str, dtype: str) -> Buffer:
+    def reserve(self, names) -> None:
+        """Names the kernel uses otherwise (arguments, sizes, loop variables): no buffer takes them."""
+        self._names.update(names)
+
+    def _fresh_name(self, base: str) -> str:
         name, n = base, 1
         while name in self._names:
             n += 1
             name = f"{base}_{n}"
         self._names.add(name)
+        return name
+
+    def alloc(self, base: str, shape: tuple[str, ...], scope: str, dtype: str) -> Buffer:
+        name = self._fresh_name(base)
         call = "T.alloc_fragment" if scope == "fragment" else "T.alloc_shared"
         self.allocs.append(f"{name} = {call}(({', '.join(shape)},), {dtype})")
         return Buffer(name, shape, scope, dtype)
@@ -86,9 +97,11 @@ class Body:
 
     # -- statements -----------------------------------------------------------------------------
     def section(self) -> list[str]:
-        """Start a new run of statements (the chunk body, a prologue, ...); mirrors do not carry over."""
+        """Start a new run of statements (the chunk body, a prologue, ...); mirrors and staged operands
+        do not carry over (a state may have changed in between)."""
         self.lines = []
         self._fresh = set()
+        self._staged = {}
         return self.lines
 
     def stmt(self, line: str) -> None:
@@ -97,16 +110,15 @@ class Body:
     def wrote(self, buf_name: str) -> None:
         self._fresh.discard(buf_name)
 
-    def loop(self, shape: tuple[str, ...], lvalue, value, guard: str | None = None, dtype: str = F32) -> list:
-        """`for i.. in T.Parallel(shape): lvalue(i) = value(i)`; returns the buffers read and how."""
+    def loop(self, shape: tuple[str, ...], lvalue, value, guard=None, dtype: str = F32) -> None:
+        """`for i.. in T.Parallel(shape): [if guard(i):] lvalue(i) = value(i)`. Printing the value first lets
+        mirrors and spills it needs land before the loop."""
         ivars = tuple(f"i{k}" for k in range(len(shape)))
         self._loops.append(_Loop(shape, ivars))
-        outer_reads, self._reads = self._reads, []
         try:
             text = value(ivars)
         finally:
             self._loops.pop()
-            reads, self._reads = self._reads, outer_reads
         if dtype != F32:
             text = f"T.Cast({dtype}, {text})"
         self.stmt(f"for {', '.join(ivars)} in T.Parallel({', '.join(shape)}):")
@@ -115,22 +127,21 @@ class Body:
             self.stmt(f"        {lvalue(ivars)} = {text}")
         else:
             self.stmt(f"    {lvalue(ivars)} = {text}")
-        return reads
 
-    def fill(self, buf: Buffer, value_fn, mask_axes=(), fill: str = "0.0") -> list:
+    def fill(self, buf: Buffer, value_fn, mask_axes=(), fill: str = "0.0") -> None:
+        """buf = value_fn(i) elementwise; rows of padded tokens on `mask_axes` get `fill`."""
         def value(ivars):
             text = value_fn(ivars)
             for ax in mask_axes:
                 text = f"T.if_then_else({token_ok(ivars[ax])}, {text}, {fill})"
             return text
 
-        reads = self.loop(buf.shape, lambda iv: f"{buf.name}[{', '.join(iv)}]", value, dtype=buf.dtype)
+        self.loop(buf.shape, lambda iv: f"{buf.name}[{', '.join(iv)}]", value, dtype=buf.dtype)
         self.wrote(buf.name)
-        return reads
 
-    def assign(self, buf: Buffer, value, mask_axes=(), fill: str = "0.0") -> list:
+    def assign(self, buf: Buffer, value, mask_axes=(), fill: str = "0.0") -> None:
         """buf = value, elementwise over buf's shape (the value's tile shape)."""
-        return self.fill(buf, lambda iv: self.read(value, iv), mask_axes, fill)
+        self.fill(buf, lambda iv: self.read(value, iv), mask_axes, fill)
 
     # -- reading values ---------------------------------------------------------------------------
     def read(self, a, idx) -> str:
@@ -144,7 +155,17 @@ class Body:
         op = self.sched.defs.get(a)
         if op is None:
             raise KeyError(f"TileLang backend: no buffer or op defines '{a}'")
+        if op.type.rank == 0 and a in self._scalars:
+            return self._scalars[a]
         text = self.printer.expr(op, idx, self.read)
+        if op.type.rank == 0 and "T." in text and "[" not in text and "n_valid" not in text:
+            # a per-program constant (of the head, params, sizes): computed once, not once per element of
+            # every loop that reads it. Not chunk values: a binding inside T.Pipelined does not survive
+            # its stage split
+            name = self._fresh_name(f"c_{a}")
+            self.prelude.append(f"{name} = {text}")
+            self._scalars[a] = name
+            return name
         if len(text) > SPILL_CHARS and op.type.rank > 0:
             buf = self.alloc(f"s_{a}", self.extents(op.type.shape), "shared", F32)
             self.fill(buf, lambda iv: self.printer.expr(op, iv, self.read))
@@ -156,7 +177,6 @@ class Body:
         idx = tuple(idx) or ("0",)
         loop = self._loops[-1] if self._loops else None
         own = loop is not None and loop.shape == buf.shape and idx == loop.vars
-        self._reads.append((buf.name, own))
         if buf.scope == "fragment" and not own:
             buf = self.mirror(buf)
         text = f"{buf.name}[{', '.join(idx)}]"

@@ -44,7 +44,10 @@ class _KernelView:
     dynamic: list[str]  # symbolic sizes bound from the tensors' shapes
     params: list[str]  # the prim_func's arguments, in the order the runtime passes them
     grid: str
+    gemms: str  # the (M, N) of its gemms, as a Python expression over the sizes
+    pass_configs: dict
     allocs: list[str]
+    prelude: list[str]  # per-program scalars
     init: dict[str, tuple[list[str], list[str]]]  # walk: state -> (lines with an initial state, without)
     prologue: list[str]  # walk: fold earlier segments; summary: zero state, unit decay
     history: list[str]  # walk: store the state entering the chunk
@@ -72,7 +75,7 @@ class _Kernel:
         self.split = plan.split_dim
         self.sched = schedule(kp, printer.types)
         self.body = Body(printer, self.sched, self.split)
-        self.body._names.update(_RESERVED + tuple(kernel_params(self.spec, kp)) + tuple(self.spec.dims))
+        self.body.reserve(_RESERVED + tuple(kernel_params(self.spec, kp)) + tuple(self.spec.dims))
         self.state_buf: dict[str, Buffer] = {}
         self.decay_buf: dict[str, Buffer] = {}
 
@@ -128,24 +131,39 @@ class _Kernel:
         lines = self.body.section()
         for s in self.kp.states:  # the state entering each chunk, for the backward
             buf = self.state_buf[s.name]
-            self._store_state(buf, lambda iv, s=s: f"{s.name}_hist{self._state_index(s, 'c_base + i_c, i_h', iv)}")
+            self._store_state(buf, lambda iv, s=s: f"{s.name}_hist{self._state_index(s, 'c_base + i_c, i_h', iv)}",
+                              dtype="hist_dtype")
         return lines
 
     def _loads(self) -> list[str]:
-        """Masked loads: rows past the sequence's end read 0 (in a packed batch they belong to the next one)."""
+        """Per-chunk tiles of the inputs. Rows past the sequence's end read 0 (in a batch they belong to
+        the next sequence); when every chunk is whole (`aligned`), bulk copies that TileLang can pipeline."""
         b = self.body
         lines = b.section()
+        b.stmt("if aligned:")
+        bufs = []
         for d in self.kp.loads:
             buf = b.alloc(f"x_{d.name}", b.extents(d.tile.shape), "shared", IN)
             b.where[d.name] = buf
             b.loads.add(d.name)
-            head = f"i_h // (H // HX_{d.name})"
-
-            def src(iv, d=d, head=head):
-                index = ", ".join([f"bos + i_c * C + {iv[0]}", head] + self._feat(d.feature_dims, iv[1:]))
+            bufs.append((d, buf))
+            feats = [f"pid_s * BLOCK:(pid_s + 1) * BLOCK" if f == self.split else f"0:{f}" for f in d.feature_dims]
+            region = ", ".join([f"bos + i_c * C:bos + (i_c + 1) * C", self._head(d)] + feats)
+            b.stmt(f"    T.copy({d.name}_in[{region}], {buf.name})")
+        b.stmt("else:")
+        start = len(lines)
+        for d, buf in bufs:
+            def src(iv, d=d):
+                index = ", ".join([f"bos + i_c * C + {iv[0]}", self._head(d)] + self._feat(d.feature_dims, iv[1:]))
                 return f"T.if_then_else({token_ok(iv[0])}, {d.name}_in[{index}], T.Cast(dtype, 0))"
             b.loop(buf.shape, lambda iv, buf=buf: f"{buf.name}[{', '.join(iv)}]", src)
+        lines[start:] = ["    " + ln for ln in lines[start:]]
+        if not bufs:
+            lines.clear()
         return lines
+
+    def _head(self, d) -> str:
+        return f"i_h // (H // HX_{d.name})"
 
     def _body(self) -> list[str]:
         b, sched = self.body, self.sched
@@ -228,8 +246,8 @@ class _Kernel:
                 self._store_state(d, lambda iv, s=s: f"{s.name}_segd{self._state_index(s, 'i_bh, pid_p', iv)}")
         return lines
 
-    def _store_state(self, buf: Buffer, lvalue) -> None:
-        self.body.loop(buf.shape, lvalue, lambda iv: self.body.load(buf, iv))
+    def _store_state(self, buf: Buffer, lvalue, dtype: str = F32) -> None:
+        self.body.loop(buf.shape, lvalue, lambda iv: self.body.load(buf, iv), dtype=dtype)
 
     # -- the kernel -------------------------------------------------------------------------------
     def view(self) -> _KernelView:
@@ -253,7 +271,8 @@ class _Kernel:
             for role in state_roles(kp):
                 n0, n1 = f"{s.name}_{role}_n0", f"{s.name}_{role}_n1"
                 dynamic += [n0, n1]
-                params.append(f"{s.name}_{role}: T.Tensor(({', '.join((n0, n1) + s.dims)},), \"float32\")")
+                dtype = "hist_dtype" if role == "hist" else '"float32"'  # the history may be kept in bf16
+                params.append(f"{s.name}_{role}: T.Tensor(({', '.join((n0, n1) + s.dims)},), {dtype})")
         params += [f"p_{p}: T.float32" for p in kp.params]
         params += ["T_pad: T.int32", "chunks_per_seg: T.int32", "n_segments: T.int32", "n_bh: T.int32",
                    "cu: T.Tensor((cu_n,), \"int32\")", "chunk_off: T.Tensor((chunk_off_n,), \"int32\")"]
@@ -261,7 +280,10 @@ class _Kernel:
         programs = "n_segments" if kp.name == "walk" else "n_segments - 1"
         return _KernelView(
             factory=factory_name(spec.name, kp.name), fn=f"{spec.name}_{kp.name}_kernel", plan=kp,
-            dynamic=dynamic, params=params, grid=f"{n_split}, n_bh, {programs}", allocs=self.body.allocs,
+            dynamic=dynamic, params=params, grid=f"{n_split}, n_bh, {programs}",
+            gemms="[" + ", ".join(f"({m}, {n})" for m, n in dict.fromkeys(self.body.gemm_shapes)) + "]",
+            pass_configs=dict(sorted(self.body.pass_configs.items())), allocs=self.body.allocs,
+            prelude=self.body.prelude,
             init=init, prologue=prologue, history=history, loads=loads, body=body, stores=stores, carry=carry,
             epilogue=epilogue)
 

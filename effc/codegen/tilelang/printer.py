@@ -27,6 +27,11 @@ _UNARY = {
 _BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
            "maximum": "T.max({0}, {1})", "minimum": "T.min({0}, {1})"}
 INF = 'T.infinity("float32")'
+# ops this backend refuses, and why (the error names the op and the backend)
+UNSUPPORTED = {
+    "unit_lower_inv": "the Triton backend inverts I + L by fp32 (IEEE) matmul squarings; T.gemm on fp32 tiles "
+                      "runs in tf32 in TileLang 0.1.x, which is too coarse for the inverse",
+}
 _ONE = sympy.Integer(1)
 
 
@@ -72,6 +77,11 @@ class TileLangPrinter:
         return None
 
     # -- elementwise ops: an expression at one element ---------------------------------------------
+    def refuse(self, op: Op, how: str = "") -> NotImplementedError:
+        why = UNSUPPORTED.get(op.kind)
+        return NotImplementedError(f"the TileLang backend cannot emit tile op '{op.kind}'{how}"
+                                   + (f": {why}" if why else "") + "; the Triton backend can")
+
     def expr(self, op: Op, idx, arg) -> str:
         method = getattr(self, f"op_{op.kind}", None)
         if op.kind in _UNARY:
@@ -79,7 +89,7 @@ class TileLangPrinter:
         elif op.kind in _BINARY:
             method = self.op_binary
         if method is None:
-            raise NotImplementedError(f"the TileLang backend cannot emit tile op '{op.kind}' as an expression")
+            raise self.refuse(op, " as an expression")
         return method(op, idx, arg)
 
     def _arg(self, op: Op, i: int, idx, arg) -> str:
@@ -139,7 +149,7 @@ class TileLangPrinter:
             return self.emit_scan(op, body)
         if op.kind in O.REDUCTIONS:
             return self.emit_reduction(op, body)
-        raise NotImplementedError(f"the TileLang backend cannot emit tile op '{op.kind}'")
+        raise self.refuse(op)
 
     def emit_matmul(self, op: Op, body, into=None, clear: bool = True) -> None:
         """`into`: for an add fused with this matmul, a function that fills the accumulator with the
@@ -151,28 +161,30 @@ class TileLangPrinter:
         b, tb = body.gemm_operand(op.args[1], 0, tokens)
         out = into() if into is not None else body.fragment(op.out, self.types[op.out].shape)
         body.stmt(f"T.gemm({a}, {b}, {out}, transpose_A={ta}, transpose_B={tb}, clear_accum={clear})")
+        body.gemm_shapes.append(body.extents(self.types[op.out].shape))
         body.wrote(out)
 
     def _emit_matvec(self, op: Op, body, tokens: bool) -> None:
-        # T.gemm needs 16+ rows and columns: reduce a broadcast product over k, as Triton's backend does
+        # T.gemm needs 16+ rows and columns: sum a broadcast product over k, as Triton's backend does
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
         a, b = op.args
-        if n == _ONE:  # [m, k] @ [k, 1]: product [m, k], reduce axis 1 to [m, 1]
+        if n == _ONE:  # [m, k] @ [k, 1]: terms [m, k], summed over axis 1
             shape, dim = (m, kk), 1
 
             def term(i):
-                return f"({body.read(a, (i[0], i[1]))} * {body.read(b, (i[1], '0')) })"
-            k_axis = 1
-        else:  # [1, k] @ [k, n]: product [k, n], reduce axis 0 to [1, n]
+                return f"({body.read(a, i)} * {body.read(b, (i[1], '0'))})"
+        else:  # [1, k] @ [k, n]: terms [k, n], summed over axis 0
             shape, dim = (kk, n), 0
 
             def term(i):
-                return f"({body.read(a, ('0', i[0]))} * {body.read(b, (i[0], i[1]))})"
-            k_axis = 0
-        prod = body.fill_fragment(f"{op.out}_terms", shape, term, mask_axes=(k_axis,) if tokens else ())
-        out = body.fragment(op.out, self.types[op.out].shape)
-        body.stmt(f"T.reduce_sum({prod}, {out}, dim={dim}, clear=True)")
-        body.wrote(out)
+                return f"({body.read(a, ('0', i[0]))} * {body.read(b, i)})"
+        terms = body.fill_fragment(f"{op.out}_terms", shape, term, mask_axes=(dim,) if tokens else ())
+        # T.reduce keeps no unit axis in a fragment: sum into a vector, then widen it into the [m, 1] / [1, n] tile
+        sums = body.alloc(f"f_{op.out}_sum", (body.extents(shape)[1 - dim],), "fragment", '"float32"')
+        body.stmt(f"T.reduce_sum({terms}, {sums.name}, dim={dim}, clear=True)")
+        body.wrote(sums.name)
+        body.shared(op.out, self.types[op.out].shape)
+        body.fill(body.where[op.out], lambda iv: body.load(sums, (iv[1 - dim],)))
 
     def emit_scan(self, op: Op, body) -> None:
         # padded rows come after every real one, so only the reverse scan must drop them
@@ -180,6 +192,9 @@ class TileLangPrinter:
         src = body.stage_shared(op.args[0], mask_axes=(0,) if reverse else ())
         out = body.shared(op.out, self.types[op.out].shape)
         body.stmt(f"T.cumsum({src}, {out}, dim=0, reverse={reverse})")
+        # TileLang 0.1.15's scan templates take threadIdx.x as the lane; warp specialization moves the
+        # compute threads to 128..255, where they skip the scan (the output stays garbage)
+        body.pass_configs["tl.disable_warp_specialized"] = True
         body.wrote(out)
 
     def emit_reduction(self, op: Op, body) -> None:

@@ -1,0 +1,451 @@
+"""The softmax family's schedule -> a Triton module: forward (FlashAttention-2: walk over the visible key
+blocks with a running max and sum, exp2 with log2(e) folded into the score's scalar factor, the
+epilogue fused) and backward (preprocess, dQ walk, dK/dV walk). The kernel bodies are printed one line
+per IR op; the template holds only the loops, loads and stores, which are the same for every spec."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
+import sympy
+
+from ... import __version__
+from ...ir import ops as O
+from ...ir.nodes import C, CK, Op
+from ...passes.blocksparse import NEG, POS, Range, triton_expr
+from ...passes.softmax import SoftmaxSchedule
+from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p_name
+from .printer import _BINARY, _UNARY
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_ONE = sympy.Integer(1)
+
+
+@lru_cache(maxsize=1)
+def _template() -> jinja2.Template:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    return env.get_template("softmax.py.j2")
+
+
+def kernel_name(spec_name: str, kernel: str) -> str:
+    return f"{spec_name}_{kernel}_kernel"
+
+
+def _dimname(d) -> str:
+    if d == C:
+        return "BM"
+    if d == CK:
+        return "BN"
+    return str(d)
+
+
+class SoftmaxPrinter:
+    """One Triton expression per IR op. `masked`: inside a partially masked block, where every sum over
+    a pair tile must skip the pairs the masks drop (their values may be inf or nan)."""
+
+    def __init__(self, sched: SoftmaxSchedule, types, masked: bool = False):
+        self.sched, self.types, self.masked = sched, types, masked
+        spec = sched.spec
+        self.params = {p.name for p in spec.params}
+        self.dims = set(spec.dims) | {"H"}
+        self.leaves = set(sched.leaves)
+        self.raw: dict[str, str] = {}  # values that are a loaded tile unchanged: print dots from the stored dtype
+        self.keep_t = False
+
+    def ref(self, a) -> str:
+        if isinstance(a, float):
+            return 'float("inf")' if a == float("inf") else ('-float("inf")' if a == -float("inf") else repr(a))
+        if a in self.params:
+            return f"p_{a}"
+        if a in self.dims:
+            return f"({a} * 1.0)"
+        if a == "head":
+            return "i_hf"
+        if a == "inf":
+            return 'float("inf")'
+        if a == "qpos":
+            return "qpos_f"
+        if a == "kpos":
+            return "kpos_f"
+        if a in self.leaves:
+            return f"lq_{a}"
+        return f"v_{a}"
+
+    def _pair(self, a) -> str | None:
+        if isinstance(a, float) or a not in self.types:
+            return None
+        s = self.types[a].shape
+        return "keep" if s == (C, CK) else ("keep_t" if s == (CK, C) else None)
+
+    def _safe(self, a, text: str) -> str:
+        """Inside a masked block, a pair tile entering a sum: zero at the dropped pairs."""
+        k = self._pair(a) if self.masked else None
+        if k is None:
+            return text
+        self.keep_t |= k == "keep_t"
+        return f"tl.where({k}, {text}, 0.0)"
+
+    def expr(self, op: Op) -> str:
+        k = op.kind
+        n_args = 1 if k == "expand" else len(op.args)
+        a = [self.ref(x) for x in op.args[:n_args]]
+        if k == "query" or k == "key":
+            side = "lq" if k == "query" else "lk"
+            leaf = op.args[0]
+            if self.types[leaf].rank == 1:
+                return f"{side}_{leaf}" + ("[:, None]" if k == "query" else "[None, :]")
+            self.raw[op.out] = f"{side}_{leaf}_raw"
+            return f"{side}_{leaf}"
+        if k == "copy":
+            return a[0]
+        if k in _UNARY:
+            return _UNARY[k].format(*a)
+        if k in _BINARY:
+            return _BINARY[k].format(*a)
+        if k in O.COMPARE:
+            sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[k]
+            return f"tl.where({a[0]} {sym} {a[1]}, 1.0, 0.0)"
+        if k == "and":
+            return f"({a[0]} * {a[1]})"
+        if k == "or":
+            return f"tl.maximum({a[0]}, {a[1]})"
+        if k == "not":
+            return f"(1.0 - {a[0]})"
+        if k == "where":
+            return f"tl.where({a[0]} != 0.0, {a[1]}, {a[2]})"
+        if k == "pow":
+            return self._pow(a[0], op.args[1])
+        if k == "matmul":
+            return self._matmul(op, a)
+        if k == "transpose":
+            if op.args[0] in self.raw:
+                self.raw[op.out] = f"tl.trans({self.raw[op.args[0]]})"
+            return f"tl.trans({a[0]})"
+        if k in O.REDUCTIONS:
+            axis, how = O.REDUCTIONS[k]
+            return f"tl.{how}({self._safe(op.args[0], a[0])}, axis={axis})"
+        if k == "total":
+            x = self._safe(op.args[0], a[0])
+            rank = self.types[op.args[0]].rank
+            return f"tl.sum(tl.sum({x}, axis=1), axis=0)" if rank == 2 else (f"tl.sum({x}, axis=0)" if rank else x)
+        if k == "expand":
+            return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
+        if k == "gtz":
+            return f"tl.where({a[0]} > 0.0, 1.0, 0.0)"
+        if k == "sign":
+            return f"tl.where({a[0]} > 0.0, 1.0, tl.where({a[0]} < 0.0, -1.0, 0.0))"
+        if k == "bcast":
+            return f"(tl.zeros_like({a[1]}) + {a[0]})"
+        raise NotImplementedError(f"the Triton backend cannot emit tile op '{k}' in a score spec")
+
+    def _pow(self, base: str, exponent) -> str:
+        if isinstance(exponent, float) and exponent.is_integer() and 1 <= exponent <= 4:
+            return "(" + " * ".join([base] * int(exponent)) + ")"
+        if exponent == 0.5:
+            return f"tl.sqrt({base})"
+        if exponent == -0.5:
+            return f"tl.rsqrt({base})"
+        return f"tl.exp2({self.ref(exponent)} * tl.log2({base}))"  # positive bases only
+
+    def _matmul(self, op: Op, a: list[str]) -> str:
+        (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
+        x = [self._safe(op.args[i], self.raw.get(op.args[i], a[i])) for i in range(2)]
+        if kk == _ONE:  # an outer product
+            return f"({x[0]} * {x[1]})"
+        if m == _ONE or n == _ONE:
+            return f"tl.sum({x[0]}[:, :, None] * {x[1]}[None, :, :], axis=1)"
+        return f"tl.dot({x[0]}.to(DOT_DTYPE), {x[1]}.to(DOT_DTYPE), input_precision=PRECISION)"
+
+    def lines(self, ops) -> list[str]:
+        return [f"v_{op.out} = {self.expr(op)}" for op in ops]
+
+
+def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str) -> str:
+    """Offsets of a per-token tile, rows being token indices within the sequence: the (sequence, head)
+    base is a 64-bit scalar (hoisted out of the walk), the per-row part 32-bit."""
+    head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
+    assert len(feats) <= 1, feats
+    if not feats:
+        return f"(bos * {heads} + {head}) + {rows} * {heads}"
+    f = feats[0]
+    return f"((bos * {heads} + {head}) * {f}) + {rows}[:, None] * ({heads} * {f}) + r_{f}[None, :]"
+
+
+@dataclass
+class Leaf:
+    name: str
+    feats: tuple[str, ...]
+
+    def load(self, side: str, masked: bool = True) -> str:
+        """masked=False: a block wholly inside the sequence (the walk's mask-free blocks) loads unmasked."""
+        rows, valid = ("r_M", "qv") if side == "lq" else ("r_N", "kv")
+        offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows)
+        mask = f", mask={valid}{'[:, None]' if self.feats else ''}, other=0.0" if masked else ""
+        return (f"{side}_{self.name}_raw = tl.load({self.name}_ptr + {offs}{mask})\n"
+                f"{side}_{self.name} = {side}_{self.name}_raw.to(tl.float32)")
+
+
+@dataclass
+class Store:
+    ptr: str
+    value: str
+    feats: tuple[str, ...]
+    side: str = "q"  # q: rows r_M; k: rows r_N
+    cast: bool = False
+
+    def line(self) -> str:
+        rows, valid = ("r_M", "qv") if self.side == "q" else ("r_N", "kv")
+        offs = _offsets("", self.feats, "H", rows)
+        mask = valid + ("[:, None]" if self.feats else "")
+        v = f"{self.value}.to({self.ptr}.dtype.element_ty)" if self.cast else self.value
+        return f"tl.store({self.ptr} + {offs}, {v}, mask={mask})"
+
+
+@dataclass
+class KernelView:
+    name: str
+    fn: str
+    args: list[str]  # pointer and scalar arguments before the common ones
+    outer: str  # "q" (program per query block) or "k"
+    pre_lines: list[str] = field(default_factory=list)  # after the prologue, before the walk
+    body: dict = field(default_factory=dict)  # masked (bool) -> lines of one walk step
+    post_lines: list[str] = field(default_factory=list)
+    walk: bool = True
+    bounds: list[str] = field(default_factory=list)
+
+
+def _feats(sched: SoftmaxSchedule, x: str) -> tuple[str, ...]:
+    t = sched.types[x]
+    return tuple(str(d) for d in t.shape[1:])
+
+
+def _bounds(r: Range, outer: str) -> list[str]:
+    """Block ranges of the walk from the masks' ranges. outer q: key blocks for the query block
+    [i0, i1]; outer k: query blocks for the key block [j0, j1]."""
+    names = {"i0": "o_lo", "i1": "o_hi", "j0": "o_lo", "j1": "o_hi", "head": "i_hf"}
+
+    def names_for(x):
+        out = dict(names)
+        out.update({s.name: s.name for s in x.free_symbols if s.name.startswith("p_")})
+        for s in x.free_symbols:
+            if s.name not in out:
+                out[s.name] = f"({s.name} * 1.0)"
+        return out
+
+    def e(x):
+        return triton_expr(x, names_for(x))
+
+    B = "BN" if outer == "q" else "BM"
+    lines = [f"n_blk = tl.cdiv(T_seq, {B})", f"n_full = T_seq // {B}"]
+    lines.append("b_lo = 0" if r.lo == NEG else f"b_lo = tl.maximum(tl.floor({e(r.lo)} / {B}).to(tl.int32), 0)")
+    lines.append("b_hi = n_blk" if r.hi == POS else
+                 f"b_hi = tl.minimum(tl.floor({e(r.hi)} / {B}).to(tl.int32) + 1, n_blk)")
+    lines.append("b_hi = tl.maximum(b_hi, b_lo)")
+    if not r.has_full:
+        lines += ["f_lo = b_hi", "f_hi = b_hi"]
+    else:
+        lines.append("f_lo = b_lo" if r.flo == NEG else f"f_lo = tl.ceil({e(r.flo)} / {B}).to(tl.int32)")
+        lines.append("f_hi = n_full" if r.fhi == POS else f"f_hi = tl.floor(({e(r.fhi)} + 1.0) / {B}).to(tl.int32)")
+        lines += ["f_lo = tl.minimum(tl.maximum(f_lo, b_lo), b_hi)",
+                  "f_hi = tl.minimum(tl.maximum(f_hi, f_lo), tl.minimum(b_hi, n_full))",
+                  "f_hi = tl.maximum(f_hi, f_lo)"]
+    return lines
+
+
+def _keep(sched: SoftmaxSchedule) -> str:
+    parts = ["qv[:, None]", "kv[None, :]"] + [f"(v_{m} != 0.0)" for m in sched.masks]
+    return "keep = " + " & ".join(parts)
+
+
+def _score2(sched: SoftmaxSchedule, gi: int) -> str:
+    """The score in log2 units."""
+    g = sched.groups[gi]
+    if g.fold is not None:
+        base, c = g.fold
+        factor = repr(c * LOG2E) if isinstance(c, float) else f"({SoftmaxPrinter(sched, {}).ref(c)} * {LOG2E})"
+        return f"v_{base} * {factor}"
+    return f"v_{g.score} * {LOG2E}"
+
+
+def _fwd(sched: SoftmaxSchedule) -> KernelView:
+    spec = sched.spec
+    types = sched.types
+    outputs = {o.name for o in spec.outputs}
+    kv = KernelView("fwd", kernel_name(spec.name, "fwd"), [], "q")
+    pr = SoftmaxPrinter(sched, types)
+    pre = pr.lines(sched.c_ops)
+    q_lines = pr.lines(sched.q_ops)
+    kv.pre_lines = pre + q_lines
+    for gi, g in enumerate(sched.groups):
+        kv.pre_lines += [f"m{gi} = tl.full([BM], -float(\"inf\"), tl.float32)", f"l{gi} = tl.zeros([BM], tl.float32)"]
+        for r in g.reductions:
+            shape = ", ".join(_dimname(d) for d in types[r.out].shape)
+            kv.pre_lines.append(f"acc_{r.out} = tl.zeros([{shape}], tl.float32)")
+    for masked in (True, False):
+        p = SoftmaxPrinter(sched, types, masked)
+        p.raw.update(pr.raw)
+        body = p.lines(sched.k_ops) + p.lines(sched.p_ops)
+        if masked:
+            body.append(_keep(sched))
+        for gi, g in enumerate(sched.groups):
+            body.append(f"s2 = {_score2(sched, gi)}")
+            if masked:
+                body.append('s2 = tl.where(keep, s2, -float("inf"))')
+            body += [f"m_new = tl.maximum(m{gi}, tl.max(s2, 1))",
+                     'm_use = tl.where(m_new == -float("inf"), 0.0, m_new)',
+                     f"alpha = tl.exp2(m{gi} - m_use)",
+                     "p = tl.exp2(s2 - m_use[:, None])",
+                     f"l{gi} = l{gi} * alpha + tl.sum(p, 1)"]
+            for r in g.reductions:
+                x = p.raw.get(r.x, f"v_{r.x}")
+                body.append(f"acc_{r.out} = acc_{r.out} * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), "
+                            f"{x}.to(DOT_DTYPE), input_precision=PRECISION)")
+            body.append(f"m{gi} = m_new")
+        kv.body[masked] = body
+    post = []
+    for gi, g in enumerate(sched.groups):
+        post.append(f"l_safe = tl.where(l{gi} == 0.0, 1.0, l{gi})")
+        for r in g.reductions:
+            post.append(f"v_{r.out} = acc_{r.out} / l_safe[:, None]")
+        post.append(f'lse{gi} = tl.where(l{gi} == 0.0, -float("inf"), (m{gi} + tl.log2(l_safe)) * {LN2})')
+        for x in g.lse:
+            post.append(f"v_{x} = lse{gi}")
+    post += pr.lines(sched.post_ops)
+    for o in spec.outputs:
+        post.append(Store(f"{o.name}_ptr", f"v_{o.name}", o.feature_dims, cast=True).line())
+        kv.args.append(f"{o.name}_ptr")
+    post.append("if SAVE:")
+    for gi, g in enumerate(sched.groups):
+        post.append("    " + Store(f"lse{gi}_ptr", f"lse{gi}", ()).line())
+        kv.args.append(f"lse{gi}_ptr")
+        for r in g.reductions:
+            if r.out not in outputs:
+                post.append("    " + Store(f"{r.out}_save_ptr", f"v_{r.out}", _feats(sched, r.out)).line())
+                kv.args.append(f"{r.out}_save_ptr")
+    post.append("    pass")
+    kv.post_lines = post
+    kv.bounds = _bounds(sched.sparsity.keys, "q")
+    return kv
+
+
+def _leaf_loads(sched: SoftmaxSchedule, lines: list[str]) -> tuple[list[str], list[str]]:
+    """Which leaves the printed lines read on the query side (lq_) and the key side (lk_)."""
+    text = "\n".join(lines)
+    q = [x for x in sched.leaves if re.search(rf"\blq_{x}(_raw)?\b", text)]
+    k = [x for x in sched.leaves if re.search(rf"\blk_{x}(_raw)?\b", text)]
+    return q, k
+
+
+def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
+    spec = sched.spec
+    kp = bwd.pre
+    outputs = {o.name for o in spec.outputs}
+    kv = KernelView("bwd_pre", kernel_name(spec.name, "bwd_pre"), [], "q", walk=False)
+    pr = SoftmaxPrinter(sched, kp.types)
+    lines = []
+    for o in spec.outputs:
+        lines.append(f"v__seed_{o.name} = tl.load({o.name}_grad_ptr + {_offsets('', o.feature_dims, 'H', 'r_M')}, "
+                     f"mask=qv{'[:, None]' if o.feature_dims else ''}, other=0.0).to(tl.float32)")
+        kv.args.append(f"{o.name}_grad_ptr")
+    for gi, g in enumerate(sched.groups):
+        lines.append(f"lse{gi} = tl.load(lse{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0)")
+        kv.args.append(f"lse{gi}_ptr")
+        for x in g.lse:
+            lines.append(f"v_{x} = lse{gi}")
+        for r in g.reductions:
+            ptr = f"{r.out}_ptr" if r.out in outputs else f"{r.out}_save_ptr"
+            if r.out not in outputs:
+                kv.args.append(ptr)
+            feats = _feats(sched, r.out)
+            lines.append(f"v_{r.out} = tl.load({ptr} + {_offsets('', feats, 'H', 'r_M')}, "
+                         f"mask=qv{'[:, None]' if feats else ''}, other=0.0).to(tl.float32)")
+    kv.args += [f"{o.name}_ptr" for o in spec.outputs]
+    lines += pr.lines(kp.outer_ops) + pr.lines(kp.post_vjp)
+    for r, g in bwd.d_reduction:
+        feats = _feats(sched, r)
+        val = f"v_{g}" if g else "0.0"
+        lines.append(Store(f"{r}_dr_ptr", val, feats).line())
+        kv.args.append(f"{r}_dr_ptr")
+    for gi, d in enumerate(bwd.d_group):
+        lines.append(Store(f"D{gi}_ptr", f"v_{d}", ()).line())
+        kv.args.append(f"D{gi}_ptr")
+    for x, g in kp.leaf_grads:
+        lines.append(Store(f"{x}_dpre_ptr", f"v_{g}", _feats(sched, x)).line())
+        kv.args.append(f"{x}_dpre_ptr")
+    kv.pre_lines = lines
+    return kv
+
+
+def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
+    spec = sched.spec
+    types = kp.types
+    kv = KernelView(kp.name, kernel_name(spec.name, kp.name), [], outer)
+    pr = SoftmaxPrinter(sched, types)
+    pre = pr.lines(kp.outer_ops)
+    gl = []  # per query block: lse, D and dR of the groups
+    for gi, g in enumerate(sched.groups):
+        gl.append(f"lse2_{gi} = tl.load(lse{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0) * {LOG2E}")
+        gl.append(f'lse2_{gi} = tl.where(lse2_{gi} == -float("inf"), float("inf"), lse2_{gi})')
+        gl.append(f"v_{dd_name(gi)} = tl.load(D{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0)")
+        kv.args += [f"lse{gi}_ptr", f"D{gi}_ptr"]
+        for r in g.reductions:
+            feats = _feats(sched, r.out)
+            gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', 'r_M')}, "
+                      f"mask=qv{'[:, None]' if feats else ''}, other=0.0)")
+            kv.args.append(f"{r.out}_dr_ptr")
+    for x, _ in kp.accumulators:
+        shape = ", ".join(_dimname(d) for d in types[x].shape)
+        pre.append(f"v_{acc_name(x)} = tl.zeros([{shape}], tl.float32)" if shape else f"v_{acc_name(x)} = 0.0")
+    if outer == "q":
+        kv.pre_lines = pre + gl
+    else:
+        kv.pre_lines = pre
+    for masked in (True, False):
+        p = SoftmaxPrinter(sched, types, masked)
+        p.raw.update(pr.raw)
+        body = (gl if outer == "k" else []) + p.lines(kp.loop_fwd)
+        if masked:
+            body.append(_keep(sched))
+        for gi in range(len(sched.groups)):
+            body.append(f"s2 = {_score2(sched, gi)}")
+            body.append(f"v_{p_name(gi)} = tl.exp2(s2 - lse2_{gi}[:, None])")
+            if masked:
+                body.append(f"v_{p_name(gi)} = tl.where(keep, v_{p_name(gi)}, 0.0)")
+        body += p.lines(kp.loop_vjp)
+        for x, c in kp.accumulators:
+            body.append(f"v_{acc_name(x)} = v_{acc_name(x)} + v_{c}")
+        if p.keep_t:
+            body.insert(body.index(_keep(sched)) + 1, "keep_t = tl.trans(tl.where(keep, 1.0, 0.0)) != 0.0")
+        kv.body[masked] = body
+    post = pr.lines(kp.post_vjp)
+    for x, g in kp.leaf_grads:
+        post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer).line())
+        kv.args.append(f"{x}_d{outer}_ptr")
+    kv.post_lines = post
+    kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer)
+    return kv
+
+
+def emit_softmax_module(sched: SoftmaxSchedule, bwd: SoftmaxBackward | None) -> str:
+    spec = sched.spec
+    kernels = [_fwd(sched)]
+    if bwd is not None:
+        kernels += [_bwd_pre(sched, bwd), _bwd_walk(sched, bwd.dq, "q"), _bwd_walk(sched, bwd.dkv, "k")]
+    for k in kernels:
+        text = "\n".join(k.pre_lines + k.body.get(True, []) + k.body.get(False, []) + k.post_lines)
+        q, kk = _leaf_loads(sched, [text])
+        k.q_loads = [Leaf(x, _feats(sched, x)).load("lq") for x in q]
+        k.k_loads = [Leaf(x, _feats(sched, x)).load("lk") for x in kk]
+        k.q_loads_full = [Leaf(x, _feats(sched, x)).load("lq", False) for x in q]
+        k.k_loads_full = [Leaf(x, _feats(sched, x)).load("lk", False) for x in kk]
+        k.leaf_args = [f"{x}_ptr" for x in sched.leaves if x in q or x in kk]
+        k.params = [f"p_{p.name}" for p in spec.params if f"p_{p.name}" in text or any(
+            f"p_{p.name}" in b for b in k.bounds)]
+        k.heads = [f"HX_{x}" for x in sched.leaves if x in q or x in kk]
+    return _template().render(version=__version__, spec=spec, kernels=kernels, dims=spec.dims,
+                              leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}))

@@ -1,0 +1,175 @@
+"""AST -> IR for the softmax family: specs with a `score` stage (and optionally a `prefix` stage).
+
+Stages and what each sees:
+
+- `prefix` (optional): per-token values computed over each whole sequence before the scan; its
+  `cumsum` runs over the sequence, not a chunk. Sees inputs, params, dims, `head`.
+- `score`: one (query block, key block) tile pair. Per-token names are read on the query side,
+  except inputs annotated `key`; `key(x)` / `query(x)` pick a side explicitly. A per-token scalar is
+  oriented against the [C, CK] pair tile (query side a column [C, 1], key side a row [1, CK]);
+  `qpos` [C, 1] and `kpos` [1, CK] are absolute positions. `mask PRED` lines select the pairs that
+  exist (all must hold).
+- `merge`: per query block, after the walk over key blocks: reads `softmax(s) @ x` (x key side) and
+  `logsumexp(s)`, the query block's own tiles, and (hybrids) the states; assigns every output.
+- `intra` / `inter` (hybrids only): the chunked-state stages of the linear family.
+
+Every side tile is an explicit `key(x)` / `query(x)` op in the IR, so later passes read the side of
+any value off its dependencies (passes.softmax).
+"""
+from __future__ import annotations
+
+from ..dsl import ast
+from ..errors import Loc, SpecError
+from ..ir import ops as O
+from ..ir.nodes import ParamDecl, Spec, Stage
+from .lower import _StageLowering, _lower_stage
+
+
+class _SideLowering(_StageLowering):
+    """Stage lowering that reads per-token leaves through explicit key()/query() ops."""
+
+    def __init__(self, stage, visible, funcs, counter, inherited, taken, key_inputs, leaves):
+        super().__init__(stage, visible, funcs, counter, inherited, taken)
+        self.key_inputs = key_inputs  # inputs declared `key`
+        self.leaves = leaves  # per-token leaves: input names and prefix values (SSA names)
+        self.memo: dict[tuple[str, str], str] = {}
+        self.masks: list[str] = []
+
+    def side(self, kind: str, leaf: str, loc: Loc) -> str:
+        if (kind, leaf) not in self.memo:
+            self.memo[(kind, leaf)] = self.emit(kind, [leaf], loc)
+        return self.memo[(kind, leaf)]
+
+    def resolve(self, node: ast.Name):
+        name = super().resolve(node)
+        if self.stage in ("score", "merge") and name in self.key_inputs:
+            return self.side("key", name, node.loc)
+        if self.stage == "score" and name in self.leaves:
+            return self.side("query", name, node.loc)
+        return name
+
+    def call(self, node: ast.Call, subst, depth):
+        if node.func in ("key", "query") and node.func not in self.funcs:
+            if self.stage not in ("score", "merge"):
+                raise SpecError(f"'{node.func}(...)' picks a side of the score tile pair; {self.stage} has no sides",
+                                node.loc, "key(x) / query(x) inside score or merge")
+            arg = node.args[0] if len(node.args) == 1 else None
+            name = None
+            if isinstance(arg, ast.Name):
+                name = subst.get(arg.id) if subst and arg.id in subst else _StageLowering.resolve(self, arg)
+            if not isinstance(name, str) or name not in self.leaves:
+                raise SpecError(f"'{node.func}(...)' takes the name of a per-token input or prefix value",
+                                getattr(arg, "loc", node.loc),
+                                "an input declared [B, T, H] or [B, T, H, D], or a value assigned in prefix")
+            return self.side(node.func, name, node.loc)
+        if node.func in ("softmax", "logsumexp") and node.func not in self.funcs and self.stage != "merge":
+            raise SpecError(f"'{node.func}' runs over every key of a query: it belongs in merge", node.loc,
+                            f"'{node.func}(s)' in merge, with s a score assigned in score")
+        return super().call(node, subst, depth)
+
+
+def _lower(stage: ast.Stage | None, name: str, visible, funcs, counter, inherited, taken, key_inputs, leaves,
+           targets=()) -> tuple[Stage, dict[str, str], list[str]]:
+    if stage is None:
+        return Stage(name, ()), dict(inherited), []
+    low = _SideLowering(name, visible, funcs, counter, inherited, taken, key_inputs, leaves)
+    assigned: dict[str, Loc] = {}
+    for a in stage.body:
+        if isinstance(a, ast.Mask):
+            if name != "score":
+                raise SpecError(f"'mask' in {name}: masks select the (query, key) pairs of a score stage", a.loc,
+                                "a 'mask PREDICATE' line inside 'score { ... }'")
+            value = low.expr(a.predicate)
+            if not (isinstance(value, str) and any(op.out == value for op in low.ops)):
+                value = low.emit("copy", [value], a.loc)  # a constant or a leaf: give the predicate an op
+            low.masks.append(value)
+            continue
+        kind = visible.get(a.target, "")
+        if a.target in targets:
+            if a.target in assigned:
+                raise SpecError(f"'{a.target}' is assigned twice in {name}", a.loc,
+                                f"one assignment of '{a.target}' (first at {assigned[a.target]})")
+            assigned[a.target] = a.loc
+            low.assign(a, out=a.target)
+            low.current.pop(a.target)
+            continue
+        if kind in ("input", "param", "dim", "builtin", "state") or kind.startswith("hidden:"):
+            role = {"hidden:outputs are written by merge, not read": "output"}.get(kind, kind)
+            raise SpecError(f"cannot assign to {role} '{a.target}' in {name}", a.loc,
+                            "a new local name" + (f" or one of {', '.join(targets)}" if targets else ""))
+        if a.target.startswith("_"):
+            raise SpecError(f"'{a.target}': names starting with '_' are reserved", a.loc, "a name without '_' prefix")
+        low.assign(a)
+    missing = [t for t in targets if t not in assigned]
+    if missing:
+        raise SpecError(f"{name} does not assign {', '.join(missing)}", stage.loc,
+                        f"an assignment '{missing[0]} = ...' in {name}")
+    return Stage(name, tuple(low.ops)), low.current, low.masks
+
+
+def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, funcs, stages) -> Spec:
+    """The second half of passes.lower.lower for specs with a score (or prefix) stage."""
+    if "score" not in stages:
+        raise SpecError("a prefix stage computes per-token values for a score stage, but there is none",
+                        stages["prefix"].loc, "a 'score { s = ... }' block")
+    if states and "inter" not in stages:
+        raise SpecError(f"spec '{sdef.name}' declares state '{states[0].name}' but has no inter stage",
+                        states[0].loc, f"an 'inter {{ {states[0].name} = ... }}' block")
+    for st in ("intra", "inter"):
+        if st in stages and not states:
+            raise SpecError(f"an {st} stage needs a declared state (a hybrid of a state and a softmax branch)",
+                            stages[st].loc, "a 'state S: [K, V]' line, or no intra/inter stage")
+    key_inputs = {d.name for d in inputs if "key" in d.annotations}
+    leaves = {d.name for d in inputs}
+    feature_dims = {n for d in inputs + outputs + states for n in d.feature_dims}
+
+    base = {d.name: "input" for d in inputs}
+    base.update({p: "param" for p in params})
+    base.update({n: "dim" for n in feature_dims | {"H"}})
+    base.update({b: "builtin" for b in O.BUILTINS})
+    for o in outputs:
+        base[o.name] = "hidden:outputs are written by merge, not read"
+    pair_hidden = {b: f"hidden:{b} is a position in the score tile pair; it is visible in score" for b in O.PAIR_BUILTINS}
+    state_hidden = {s.name: "hidden:states are read in merge and updated in inter" for s in states}
+    counter = [0]
+    taken: set[str] = set()
+
+    # prefix: per-token, whole sequence
+    vis = {**base, **pair_hidden, **state_hidden,
+           "idx": "hidden:prefix runs over whole sequences; idx (the position in a chunk) has no meaning there"}
+    prefix, prefix_names, _ = _lower(stages.get("prefix"), "prefix", vis, funcs, counter, {}, taken, set(), set())
+    leaves |= {v for k, v in prefix_names.items()}
+
+    # score: one (query block, key block) pair
+    vis = {**base, **state_hidden, **{b: "builtin" for b in O.PAIR_BUILTINS},
+           "idx": "hidden:idx is a position inside a chunk; the score tile uses qpos and kpos"}
+    score, score_names, masks = _lower(stages["score"], "score", vis, funcs, counter, prefix_names, taken,
+                                       key_inputs, leaves)
+
+    # intra (hybrids): the linear family's chunk-local stage; sees prefix values, not scores
+    roles = {d.name: d.role for d in inputs + outputs + states}
+    intra_vis = {**base, **pair_hidden, **{s.name: "hidden:intra sees only the chunk's own tokens; read states in "
+                                           "merge or inter" for s in states}}
+    score_only = {k: v for k, v in score_names.items() if k not in prefix_names or prefix_names[k] != v}
+    intra_vis.update({k: "hidden:score values are (query, key) pairs; merge reads them through softmax"
+                      for k in score_only})
+    inherited = {k: v for k, v in prefix_names.items()}
+    intra, intra_names = _lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {}, roles, inherited,
+                                      taken) if "intra" in stages else (Stage("intra", ()), dict(inherited))
+
+    # merge: after the walk over key blocks
+    merge_vis = {**base, **pair_hidden, **{s.name: "state" for s in states}}
+    merge_vis.update({op.out: "local" for op in score.ops + intra.ops + prefix.ops})
+    merge, _, _ = _lower(stages["merge"], "merge", merge_vis, funcs, counter, {**score_names, **intra_names}, taken,
+                         key_inputs, leaves, targets=tuple(o.name for o in outputs))
+
+    inter = Stage("inter", ())
+    if states:
+        after = {**base, **pair_hidden, **{s.name: "state" for s in states}}
+        after.update({op.out: "local" for op in intra.ops + prefix.ops})
+        inter, _ = _lower_stage(stages.get("inter"), "inter", after, funcs, counter, {s.name: s for s in states},
+                                roles, intra_names, taken)
+    return Spec(sdef.name, inputs, outputs, states,
+                tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter,
+                prefix=prefix, score=score, masks=tuple(masks))
+

@@ -1,0 +1,450 @@
+"""The softmax family: shapes, sides, legality and the schedule of a spec with a score stage.
+
+Softmax attention is the chunked scan whose "inter" walks earlier key blocks: per query block the
+state is the running (max, sum, accumulator) of online softmax, and each key block is merged into
+it by a log-sum-exp rescale. This pass
+
+1. types the prefix/score/merge stages (a score tile is [C, CK]: C queries, CK keys);
+2. gives every value a *side*: C (constant over tokens: params, head), Q (one per query token:
+   hoisted out of the walk over key blocks), K (one per key token: computed per key block), P (one
+   per (query, key) pair), R (a reduction over every key: softmax(s) @ x, logsumexp(s));
+3. proves the schedule: a reduction softmax(s) @ x / logsumexp(s) over keys admits the online-softmax
+   walk (it is associative under the log-sum-exp merge); any other sum over keys of a pair value is
+   rejected here, with the chunked-state schedule named when the pair value factors into a query part
+   times a key part;
+4. derives block sparsity from the masks (passes.blocksparse).
+
+Nothing here knows a mechanism: only tile ops, sides and the masks' formulas.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import sympy
+
+from ..errors import SpecError
+from ..ir import ops as O
+from ..ir.nodes import C, CK, Op, Spec, Stage, TileType
+from ..ir.printer import print_op
+from .blocksparse import BlockSparsity, derive
+from .fusion import live_ops
+from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
+
+_ONE = sympy.Integer(1)
+
+
+# ---- shapes ----------------------------------------------------------------------------------------
+def softmax_op_type(op: Op, args: list[TileType]) -> TileType:
+    k = op.kind
+    if k in ("query", "key"):
+        t = args[0]
+        if t.rank == 0 or t.shape[0] != C:
+            raise SpecError(f"'{k}(...)' takes a per-token value, got {_fmt(t)}", op.loc, "a [C] or [C, D] tile")
+        if k == "query":
+            return TileType((C, _ONE)) if t.rank == 1 else t
+        return TileType((_ONE, CK)) if t.rank == 1 else TileType((CK,) + t.shape[1:])
+    if k in O.COMPARE or k in ("and", "or"):
+        return _broadcast(args[0], args[1], op)
+    if k == "not":
+        return args[0]
+    if k == "where":
+        return _broadcast(_broadcast(args[1], args[2], op), args[0], op)
+    if k in ("softmax", "logsumexp"):
+        if args[0].shape != (C, CK):
+            raise SpecError(f"'{k}' runs over the keys of a [C, CK] score tile, got {_fmt(args[0])}", op.loc,
+                            "a score: one value per (query, key) pair, e.g. q @ k.T")
+        return args[0] if k == "softmax" else TileType((C,))
+    return op_type(op, args)
+
+
+def type_ops(ops, env: dict[str, TileType], pair_stage: bool = False) -> tuple[Op, ...]:
+    out = []
+    for op in ops:
+        if pair_stage and op.kind in O.MASKS:
+            raise SpecError(f"'{op.kind}(...)' masks a chunk's own [C, C] tile; a score tile pairs two blocks",
+                            op.loc, "a mask line in score, e.g. 'mask kpos <= qpos'")
+        n_args = 1 if op.kind == "expand" else len(op.args)
+        t = softmax_op_type(op, [SCALAR if isinstance(a, float) else env[a] for a in op.args[:n_args]])
+        if t.rank > 2:
+            raise SpecError(f"this expression would have 3 or more axes ({t})", op.loc, "tiles of at most 2 axes")
+        env[op.out] = t
+        out.append(op.typed(t))
+    return tuple(out)
+
+
+def softmax_leaf_types(spec: Spec) -> dict[str, TileType]:
+    env = leaf_types(spec)
+    env.update({"qpos": TileType((C, _ONE)), "kpos": TileType((_ONE, CK))})
+    return env
+
+
+def infer_softmax_shapes(spec: Spec) -> Spec:
+    env = softmax_leaf_types(spec)
+    stages = {}
+    for st in (spec.prefix, spec.score, spec.intra, spec.merge, spec.inter):
+        stages[st.name] = Stage(st.name, type_ops(st.ops, env, st.name in ("score", "merge")))
+    _check_targets(replace(spec, merge=stages["merge"], inter=stages["inter"]), env)
+    return replace(spec, **stages)
+
+
+def softmax_value_types(spec: Spec) -> dict[str, TileType]:
+    env = softmax_leaf_types(spec)
+    env.update({op.out: op.type for st in (spec.prefix, spec.score, spec.intra, spec.merge, spec.inter)
+                for op in st.ops})
+    return env
+
+
+# ---- sides and the schedule ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reduction:
+    out: str  # the value softmax(s) @ x (side R)
+    x: str  # the key-side operand
+
+
+@dataclass(frozen=True)
+class Group:
+    """One online softmax: a score, its reductions and its log-sum-exp values."""
+
+    score: str
+    reductions: tuple[Reduction, ...]
+    lse: tuple[str, ...]  # logsumexp(score) values read by merge
+    fold: tuple[str, str | float] | None = None  # score = base * scalar: fold scalar * log2(e) into exp2
+
+
+@dataclass(frozen=True)
+class SoftmaxSchedule:
+    spec: Spec
+    sides: dict = field(compare=False, repr=False)
+    types: dict = field(compare=False, repr=False)
+    c_ops: tuple[Op, ...]  # constant over tokens: once per program
+    q_ops: tuple[Op, ...]  # per query block, needed by the walk
+    k_ops: tuple[Op, ...]  # per key block
+    p_ops: tuple[Op, ...]  # per (query block, key block)
+    post_ops: tuple[Op, ...]  # the epilogue: after the walk, per query block
+    groups: tuple[Group, ...]
+    masks: tuple[str, ...]
+    sparsity: BlockSparsity
+    reasons: tuple[str, ...]
+
+    @property
+    def leaves(self) -> tuple[str, ...]:
+        """Per-token tensors the kernels read: inputs and prefix values."""
+        return tuple(d.name for d in self.spec.inputs) + tuple(op.out for op in self.spec.prefix.ops)
+
+    def __str__(self) -> str:
+        lines = ["schedule: online softmax (FlashAttention-2 walk over key blocks)"]
+        lines += [f"  - {r}" for r in self.reasons]
+        ops = {op.out: op for op in self.spec.score.ops + self.spec.merge.ops}
+
+        def show(x):  # key(v) rather than its SSA name
+            op = ops.get(x)
+            return f"{op.kind}({op.args[0]})" if op is not None and op.kind in ("key", "query") else x
+
+        for g in self.groups:
+            red = ", ".join(f"{r.out} = softmax({g.score}) @ {show(r.x)}" for r in g.reductions)
+            lse = ", ".join(f"{x} = logsumexp({g.score})" for x in g.lse)
+            lines.append(f"  group {g.score}: running (max, sum) per query; {'; '.join(x for x in (red, lse) if x)}")
+            if g.fold:
+                lines.append(f"    exp2 with log2(e) folded into the scalar factor {g.fold[1]} of {g.score}")
+        lines.append("  block sparsity from the masks:")
+        lines += [f"    {x}" for x in self.sparsity.describe()]
+        for name, ops in (("once per program", self.c_ops), ("per query block", self.q_ops),
+                          ("per key block", self.k_ops), ("per (query, key) block pair", self.p_ops),
+                          ("epilogue, per query block", self.post_ops)):
+            if ops:
+                lines.append(f"  {name}:")
+                lines += [f"    {print_op(op)}" for op in ops]
+        return "\n".join(lines)
+
+
+_JOIN_ORDER = ("C", "Q", "K", "P")
+
+
+def _join(sides: list[str]) -> str:
+    s = set(sides) - {"C"}
+    if not s:
+        return "C"
+    if "L" in s:
+        return "L"
+    if "R" in s:
+        return "R" if s <= {"Q", "R"} else "X"
+    if s == {"Q"}:
+        return "Q"
+    if s == {"K"}:
+        return "K"
+    return "P"
+
+
+def _factorises(x: str, ops: dict[str, Op], sides: dict[str, str]) -> bool:
+    """Is the pair value x a product of a query part and a key part (f(q) @ g(k).T, times
+    per-query / per-key / constant factors)?"""
+    op = ops.get(x)
+    if op is None:
+        return False
+    if op.kind == "matmul":
+        return {sides.get(a, "C") for a in op.args} <= {"Q", "K", "C"}
+    if op.kind in ("copy", "neg"):
+        return _factorises(op.args[0], ops, sides)
+    if op.kind in ("add", "sub"):  # a per-query or per-key term is itself rank one
+        return all(_factorises(a, ops, sides) or (isinstance(a, float) or sides.get(a, "C") in ("Q", "K", "C"))
+                   for a in op.args)
+    if op.kind in ("mul", "div"):
+        a, b = op.args
+        sa = sides.get(a, "C") if isinstance(a, str) else "C"
+        sb = sides.get(b, "C") if isinstance(b, str) else "C"
+        if sa == "P" and sb != "P":
+            return _factorises(a, ops, sides)
+        if sb == "P" and sa != "P" and op.kind == "mul":
+            return _factorises(b, ops, sides)
+    return False
+
+
+def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
+    """`spec` must be typed (infer_softmax_shapes)."""
+    types = softmax_value_types(spec)
+    sides: dict[str, str] = {}
+    for d in spec.inputs:
+        sides[d.name] = "Q"
+    for op in spec.prefix.ops:
+        sides[op.out] = "Q"  # a per-token tensor, like an input
+    sides.update({"qpos": "Q", "kpos": "K"})
+    for s in spec.states:
+        sides[s.name] = "L"
+    for op in spec.intra.ops + spec.inter.ops:
+        sides[op.out] = "L"
+    if spec.states:
+        raise NotImplementedError(f"spec '{spec.name}' is a hybrid (a state and a score stage): passes.hybrid "
+                                  "splits it into a softmax branch and a state branch, each analysed on its own")
+
+    ops = {op.out: op for op in spec.score.ops + spec.merge.ops}
+    groups: dict[str, dict] = {}
+    sm_of: dict[str, str] = {}  # softmax op -> its score
+    _check_prefix(spec, types)
+
+    def side(a) -> str:
+        return "C" if isinstance(a, float) else sides.get(a, "C")
+
+    for stage in (spec.score, spec.merge):
+        for op in stage.ops:
+            k = op.kind
+            arg_sides = [side(a) for a in op.args[:1 if k == "expand" else len(op.args)]]
+            if k == "query":
+                sides[op.out] = "Q"
+                continue
+            if k == "key":
+                sides[op.out] = "K"
+                continue
+            if k in O.SCANS or k in ("last", "unlast"):
+                raise SpecError(f"'{k}' runs along the token axis of a whole sequence; in {stage.name} a block "
+                                "sees only some of the tokens", op.loc, f"'{k}' in a prefix stage")
+            if k in O.MASKS:
+                raise SpecError(f"'{k}(...)' masks a chunk's own [C, C] tile; a score tile pairs two blocks",
+                                op.loc, "a mask line in score, e.g. 'mask kpos <= qpos'")
+            if "SM" in arg_sides:
+                if k == "matmul" and arg_sides[0] == "SM" and arg_sides[1] in ("K", "C"):
+                    sides[op.out] = "R"
+                    groups[sm_of[op.args[0]]]["reductions"].append(Reduction(op.out, op.args[1]))
+                    continue
+                sm = op.args[arg_sides.index("SM")]
+                raise SpecError(f"softmax({sm_of[sm]}) is a distribution over every key; it can only be "
+                                f"contracted with a key-side value", op.loc,
+                                f"softmax({sm_of[sm]}) @ x with x a key-side tile [CK, D], e.g. softmax(s) @ v")
+            if k in ("softmax", "logsumexp"):
+                if arg_sides[0] not in ("P", "K"):
+                    raise SpecError(f"'{k}' runs over keys, but its argument does not depend on the key block",
+                                    op.loc, "a score: one value per (query, key) pair, e.g. q @ k.T")
+                g = groups.setdefault(op.args[0], {"reductions": [], "lse": [], "loc": op.loc})
+                if k == "softmax":
+                    sides[op.out] = "SM"
+                    sm_of[op.out] = op.args[0]
+                else:
+                    sides[op.out] = "R"
+                    g["lse"].append(op.out)
+                continue
+            s = _join(arg_sides)
+            if s == "X":
+                raise SpecError("a reduction over keys (softmax(s) @ x, logsumexp(s)) is per query; it cannot be "
+                                "combined with a key-side or pair value", op.loc,
+                                "reductions combined with query-side values in merge")
+            if stage.name == "merge" and "P" in arg_sides:
+                red = _key_sum(op, types)
+                p = op.args[arg_sides.index("P")]
+                if red:
+                    form = ("the pair value factors into a query part times a key part, so this sum over keys "
+                            "admits the chunked-state (linear) schedule: write it with a state, e.g. "
+                            "'state S: [K, V]', inter { S = S + k.T @ v }, merge { o = q @ S }"
+                            if _factorises(p, ops, sides) else
+                            "it is neither softmax nor factorisable into query and key parts")
+                    what = "a pair value" if p.startswith("_") else f"'{p}'"
+                    raise SpecError(f"a sum over keys of {what} without softmax: {form}", op.loc,
+                                    "softmax(s) @ x or logsumexp(s) (the online-softmax schedule)")
+                if op.kind in O.REDUCTIONS or op.kind == "matmul":
+                    raise SpecError(f"'{p}' holds one value per (query, key) pair; merge reads pairs only through "
+                                    "softmax over keys", op.loc, f"softmax({p}) @ x or logsumexp({p})")
+            if stage.name == "score" and s in ("P", "Q", "K") and _reduces_block(op, types):
+                raise SpecError("a sum or max over the tokens of a block: the score stage sees one query block and "
+                                "one key block, so it has no meaning there", op.loc,
+                                "elementwise pair expressions in score; sums over keys in merge as softmax(s) @ x")
+            sides[op.out] = s
+
+    if not groups:
+        raise SpecError(f"spec '{spec.name}' has a score stage but merge reads no softmax over keys",
+                        ops[spec.outputs[0].name].loc,
+                        "an output built from softmax(s) @ v (and/or logsumexp(s)) in merge")
+    for o in spec.outputs:
+        if sides.get(o.name) in ("K", "P", "SM"):
+            op = ops[o.name]
+            raise SpecError(f"output '{o.name}' depends on the key block", op.loc,
+                            "an output built from reductions over keys and query-side values")
+    for m in spec.masks:
+        if sides.get(m) in ("R", "SM"):
+            raise SpecError("a mask selects (query, key) pairs from positions and tiles of score", ops[m].loc,
+                            "a predicate over qpos, kpos and the score stage's values")
+
+    group_objs = []
+    for score, g in groups.items():
+        group_objs.append(Group(score, tuple(g["reductions"]), tuple(g["lse"]), _fold(score, ops, sides, spec)))
+    groups_t = tuple(group_objs)
+
+    # partition the ops by side; keep only what the walk or the outputs need
+    all_ops = spec.score.ops + spec.merge.ops
+    loop_roots = tuple(g.score for g in groups_t) + spec.masks + tuple(r.x for g in groups_t for r in g.reductions)
+    loop_live = live_ops(all_ops, loop_roots)
+    reduced = {r.out for g in groups_t for r in g.reductions} | {x for g in groups_t for x in g.lse}
+    post_live = live_ops(tuple(op for op in all_ops if op.out not in reduced and sides.get(op.out) != "SM"),
+                         tuple(o.name for o in spec.outputs))
+    loop_names = {op.out for op in loop_live}
+    c_ops = tuple(op for op in all_ops if sides[op.out] == "C" and (op in loop_live or op in post_live))
+    q_ops = tuple(op for op in loop_live if sides[op.out] == "Q")
+    k_ops = tuple(op for op in loop_live if sides[op.out] == "K")
+    p_ops = tuple(op for op in loop_live if sides[op.out] == "P")
+    post_ops = tuple(op for op in post_live if sides[op.out] in ("Q", "R") and op.out not in loop_names)
+
+    params = {p.name for p in spec.params}
+    sparsity = derive(spec.masks, {op.out: op for op in spec.score.ops}, params)
+    reasons = [
+        "merge reads " + ", ".join(f"softmax({g.score})" for g in groups_t) + " over keys: exp of a pair-dependent "
+        "score does not factor into f(q)·g(k), so no fixed-size state carries it; the online-softmax walk is legal "
+        "because (max, sum, acc) partial results over key blocks merge associatively by a log-sum-exp rescale",
+        f"values per side: {len(q_ops)} query-side (hoisted out of the walk), {len(k_ops)} key-side, "
+        f"{len(p_ops)} per pair, {len(post_ops)} in the fused epilogue",
+        ("key blocks outside the masks' visible range are never loaded; blocks in the mask-free range skip "
+         "the elementwise mask" if sparsity.skips else
+         ("no mask: every key block is visible" if not spec.masks else
+          "the masks are not position formulas: every key block is loaded and masked elementwise")),
+    ]
+    return SoftmaxSchedule(spec, sides, types, c_ops, q_ops, k_ops, p_ops, post_ops, groups_t, spec.masks,
+                           sparsity, tuple(reasons))
+
+
+def _key_sum(op: Op, types) -> bool:
+    """Does op contract or reduce the key axis of a pair tile?"""
+    if op.kind == "matmul":
+        return types[op.args[0]].shape[-1] == CK if isinstance(op.args[0], str) else False
+    if op.kind in O.REDUCTIONS:
+        axis, how = O.REDUCTIONS[op.kind]
+        return how == "sum" and types[op.args[0]].shape[axis] == CK
+    return False
+
+
+def _reduces_block(op: Op, types) -> bool:
+    if op.kind == "matmul":
+        return types[op.args[0]].shape[-1] in (C, CK)
+    if op.kind in O.REDUCTIONS:
+        return types[op.args[0]].shape[O.REDUCTIONS[op.kind][0]] in (C, CK)
+    return False
+
+
+def _fold(score: str, ops, sides, spec: Spec):
+    """score = base * c with c a constant-side scalar: exp2(score * log2e) = exp2(base * (c * log2e))."""
+    op = ops.get(score)
+    if op is None or op.kind != "mul":
+        return None
+    consumers = [o for st in (spec.score, spec.merge) for o in st.ops if score in o.args]
+    if any(o.kind not in ("softmax", "logsumexp") for o in consumers) or score in spec.masks:
+        return None
+    a, b = op.args
+    for base, c in ((a, b), (b, a)):
+        if isinstance(base, str) and sides.get(base) in ("P", "K") and (
+                isinstance(c, float) or sides.get(c, "C") == "C"):
+            return (base, c)
+    return None
+
+
+def _check_prefix(spec: Spec, types) -> None:
+    allowed = set(O.UNARY) | set(O.BINARY) | set(O.COMPARE) | set(O.LOGIC) | {"where", "copy", "expand",
+                                                                              "cumsum", "revcumsum"}
+    for op in spec.prefix.ops:
+        if op.kind in O.REDUCTIONS and op.type.rank == 1 and O.REDUCTIONS[op.kind][0] == 1:
+            continue  # over a feature axis: per token
+        if op.kind not in allowed:
+            raise SpecError(f"'{op.kind}' in prefix: prefix values are per token (elementwise, cumsum and "
+                            "revcumsum over the sequence)", op.loc,
+                            "elementwise ops, cumsum, revcumsum, rowsum/rowmax over a feature axis")
+        if op.type.rank == 0 or op.type.shape[0] != C:
+            raise SpecError(f"a prefix value must be per token, got {_fmt(op.type)}", op.loc,
+                            "a [C] or [C, D] value (one per token)")
+
+
+# ---- tiling ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SoftmaxTiles:
+    """Blocks of each kernel: (query block BM, key block BN, warps, stages)."""
+
+    fwd: tuple[int, int, int, int]
+    dq: tuple[int, int, int, int]
+    dkv: tuple[int, int, int, int]
+    pre: tuple[int, int, int, int]
+    reasons: tuple[str, ...] = field(default=(), compare=False)
+
+    # the names `effc bench` prints for the linear family's configs
+    @property
+    def chunk(self) -> int:
+        return self.fwd[0]
+
+    @property
+    def block(self) -> int:
+        return self.fwd[1]
+
+    segments = 1
+
+    @property
+    def num_warps(self) -> int:
+        return self.fwd[2]
+
+    def __str__(self) -> str:
+        head = (f"fwd BM={self.fwd[0]} BN={self.fwd[1]} warps={self.fwd[2]} stages={self.fwd[3]}; "
+                f"dq BM={self.dq[0]} BN={self.dq[1]}; dkv BM={self.dkv[0]} BN={self.dkv[1]}")
+        return head + "".join(f"\n  - {r}" for r in self.reasons)
+
+
+def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *, chunk: int | None = None,
+                         block: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None) -> SoftmaxTiles:
+    """Block sizes by a simple register / shared-memory rule for Hopper (and small blocks under the
+    interpreter); `chunk` (query block) and `block` (key block) override it for every kernel."""
+    for d, v in dims.items():
+        if v < 16 or v & (v - 1):
+            raise SpecError(f"feature dim {d}={v}: tiles are loaded whole and feed tl.dot, so each feature dim "
+                            "must be a power of two >= 16")
+    widest = max(dims.values()) if dims else 64
+    reasons = []
+    if interpreting:
+        bm = chunk or min(spec.chunk, 16)
+        bn = block or min(bm, 16)
+        reasons.append(f"interpreter: BM={bm} BN={bn} (small blocks exercise the walk and the masks)")
+        t = (bm, bn, num_warps or 4, num_stages or 1)
+        return SoftmaxTiles(t, t, t, t, tuple(reasons))
+    if widest <= 64:
+        fwd, dq, dkv = (128, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2)
+    elif widest <= 128:
+        fwd, dq, dkv = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2)
+    else:
+        fwd, dq, dkv = (64, 32, 8, 2), (64, 32, 8, 1), (32, 64, 8, 1)
+    reasons.append(f"widest feature dim {widest}: forward BM={fwd[0]} BN={fwd[1]} keeps the query tile and the "
+                   f"accumulators in registers and {fwd[3]} key/value stages in shared memory")
+
+    def override(t):
+        return (chunk or t[0], block or t[1], num_warps or t[2], num_stages or t[3])
+    fwd, dq, dkv = override(fwd), override(dq), override(dkv)
+    return SoftmaxTiles(fwd, dq, dkv, (64, 64, 4, 1), tuple(reasons))

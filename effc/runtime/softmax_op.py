@@ -1,0 +1,340 @@
+"""The user-facing op of the softmax family: `op(q, k, v, *more, cu_seqlens=None, **params)` -> `(o, None)`
+(a tuple of outputs when the spec declares several, e.g. (o, lse)); inputs (B, T, H, D), keys and values
+may have fewer heads (grouped-query attention). Differentiable through the generated backward kernels.
+
+A call: prefix values (PyTorch, over whole sequences, differentiated by autograd) -> forward kernel
+-> (backward) preprocess, dQ and dK/dV kernels. `cu_seqlens` packs sequences as (1, total_T, H, D);
+attention never crosses a sequence boundary (document masking), and positions restart per sequence."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import ArgumentError
+from ..ir.nodes import Spec, dim
+from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
+from .cache import load_module
+from .checks import check_cu_seqlens, check_inputs, interpreting
+from .softmax_compiler import SoftmaxCompilation
+from .softmax_oracle import evaluate_softmax, prefix_values
+
+_DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def make_op(comp, backend: str = "triton"):
+    """The op for a compilation: SoftmaxOp for the softmax family, HybridOp for a spec with a state and a
+    score stage, AttentionOp otherwise."""
+    if isinstance(comp, SoftmaxCompilation):
+        return HybridOp(comp, backend) if comp.split else SoftmaxOp(comp, backend)
+    from .op import AttentionOp
+    return AttentionOp(comp, backend)
+
+
+class SoftmaxOp:
+    def __init__(self, comp: SoftmaxCompilation, backend: str = "triton"):
+        self.comp, self.backend = comp, backend
+        self.spec: Spec = comp.typed
+        self.sched = comp.legality
+        self.name = self.spec.name
+        self._module = None
+        self.last_config: SoftmaxTiles | None = None
+        self._defaults: dict[tuple, dict[str, float]] = {}
+
+    def __repr__(self) -> str:
+        return f"<effc softmax op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
+
+    @property
+    def module(self):
+        if self._module is None:
+            self._module, self.source_path = load_module(self.name, self.comp.source(self.backend))
+        return self._module
+
+    def param_values(self, dims: dict[str, int], given: dict) -> dict[str, float]:
+        known = {p.name for p in self.spec.params}
+        unknown = set(given) - known
+        if unknown:
+            raise ArgumentError(f"{self.name} has no parameter(s) {sorted(unknown)}; its params: {sorted(known)}")
+        key = tuple(sorted(dims.items()))
+        if key not in self._defaults:
+            subs = {dim(n): v for n, v in dims.items()}
+            self._defaults[key] = {p.name: float(p.default.subs(subs)) for p in self.spec.params}
+        return {**self._defaults[key], **{k: float(v) for k, v in given.items() if v is not None}}
+
+    def _check(self, tensors, params, for_kernels, initial_state=None, output_final_state=False):
+        if initial_state is not None or output_final_state:
+            raise ArgumentError(f"{self.name} is a softmax spec: it carries no state (initial_state / "
+                                "output_final_state are for specs with a state)")
+        B, T, H, dims = check_inputs(self.spec, tensors, for_kernels)
+        if tensors[0].shape[2] != H:
+            raise ArgumentError(f"argument '{self.spec.inputs[0].name}' sets the heads of the output; the other "
+                                f"inputs may have fewer (grouped-query attention)")
+        return B, T, H, dims, self.param_values(dims, params)
+
+    # -- the kernels ------------------------------------------------------------------------------------
+    def __call__(self, *tensors, cu_seqlens=None, chunk: int | None = None, block: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, initial_state=None,
+                 output_final_state: bool = False, **params):
+        B, T, H, dims, pvals = self._check(tensors, params, True, initial_state, output_final_state)
+        n_seq = check_cu_seqlens(cu_seqlens, B, T, tensors[0].device)
+        cfg = choose_softmax_tiles(self.spec, dims, interpreting(), chunk=chunk, block=block, num_warps=num_warps,
+                                   num_stages=num_stages)
+        self.last_config = cfg
+        named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
+        pre = prefix_values(self.spec, named, pvals, H, torch.float32, cu_seqlens)
+        leaves = [named[x] if x in named else pre[x] for x in self.sched.leaves]
+        outs = _SoftmaxFunction.apply(self, cfg, pvals, cu_seqlens, n_seq, dims, *leaves)
+        return (outs[0] if len(outs) == 1 else tuple(outs)), None
+
+    def _layout(self, leaves, n_seq, cu):
+        first = leaves[0]
+        B, T, H = first.shape[:3]
+        longest = T if cu is None else int((cu[1:] - cu[:-1]).max())
+        return B, T, H, longest, {x: t.shape[2] for x, t in zip(self.sched.leaves, leaves)}
+
+    def _meta(self, cfg_k, H, heads, dims, cu, dtype, save=False) -> dict:
+        import triton.language as tl
+        interp = interpreting()
+        meta = dict(H=H, **{f"HX_{x}": h for x, h in heads.items()}, **dims, BM=cfg_k[0], BN=cfg_k[1],
+                    IS_VARLEN=cu is not None, DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
+                    PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32", SAVE=save)
+        if not interp:
+            meta.update(num_warps=cfg_k[2], num_stages=cfg_k[3])
+        return meta
+
+    def _launch(self, kernel: str, cfg_k, grid0: int, n_bh: int, named: dict, meta: dict):
+        fn = getattr(self.module, f"{self.name}_{kernel}_kernel")
+        args = {a: named[a] for a in fn.arg_names if a in named}
+        missing = [a for a in fn.arg_names if a not in named and a not in meta]
+        if missing:
+            raise RuntimeError(f"effc: no value for kernel argument(s) {missing} of {kernel}")
+        fn[(grid0, n_bh)](**args, **meta)
+
+    def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool):
+        spec, sched = self.spec, self.sched
+        B, T, H, longest, heads = self._layout(leaves, n_seq, cu)
+        first = leaves[0]
+        dtype, device = first.dtype, first.device
+        f32 = dict(dtype=torch.float32, device=device)
+        named = {f"{x}_ptr": t.contiguous() for x, t in zip(sched.leaves, leaves)}
+        outs = {o.name: torch.empty((B, T, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
+                for o in spec.outputs}
+        named.update({f"{o}_ptr": t for o, t in outs.items()})
+        out_names = set(outs)
+        saved = {}
+        dummy = torch.empty(1, **f32)
+        for gi, g in enumerate(sched.groups):
+            saved[f"lse{gi}"] = torch.empty((B, T, H), **f32) if save else dummy
+            for r in g.reductions:
+                if r.out not in out_names:
+                    feats = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
+                    saved[f"{r.out}_save"] = torch.empty((B, T, H) + feats, **f32) if save else dummy
+        named.update({f"{k}_ptr": v for k, v in saved.items()})
+        named.update({f"p_{k}": v for k, v in pvals.items()})
+        named.update(T=T, cu_ptr=cu.to(torch.int32) if cu is not None else dummy)
+        c = cfg.fwd
+        self._launch("fwd", c, math.ceil(longest / c[0]), n_seq * H, named,
+                     self._meta(c, H, heads, dims, cu, dtype, save))
+        return [outs[o.name] for o in spec.outputs], saved
+
+    def _backward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, outs, saved, d_outs):
+        spec, sched, bwd = self.spec, self.sched, self.comp.backward
+        B, T, H, longest, heads = self._layout(leaves, n_seq, cu)
+        first = leaves[0]
+        dtype, device = first.dtype, first.device
+        f32 = dict(dtype=torch.float32, device=device)
+        named = {f"{x}_ptr": t.contiguous() for x, t in zip(sched.leaves, leaves)}
+        named.update({f"{o.name}_ptr": t for o, t in zip(spec.outputs, outs)})
+        named.update({f"{o.name}_grad_ptr": (g if g is not None else torch.zeros_like(t)).contiguous()
+                      for o, t, g in zip(spec.outputs, outs, d_outs)})
+        named.update({f"{k}_ptr": v for k, v in saved.items()})
+        named.update({f"p_{k}": v for k, v in pvals.items()})
+        named.update(T=T, cu_ptr=cu.to(torch.int32) if cu is not None else torch.empty(1, **f32))
+        feats = {x: tuple(int(dims[str(d)]) for d in sched.types[x].shape[1:]) for x in sched.leaves}
+        for gi, g in enumerate(sched.groups):
+            named[f"D{gi}_ptr"] = torch.empty((B, T, H), **f32)
+            for r in g.reductions:
+                rf = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
+                named[f"{r.out}_dr_ptr"] = torch.empty((B, T, H) + rf, **f32)
+        parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
+        for kernel, tag in ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk")):
+            for x, _ in kernel.leaf_grads:
+                buf = torch.empty((B, T, H) + feats[x], **f32)
+                named[f"{x}_{tag}_ptr"] = buf
+                parts[x].append(buf)
+        for kernel, c, grid0 in (("bwd_pre", cfg.pre, math.ceil(longest / cfg.pre[0])),
+                                 ("bwd_dq", cfg.dq, math.ceil(longest / cfg.dq[0])),
+                                 ("bwd_dkv", cfg.dkv, math.ceil(longest / cfg.dkv[1]))):
+            self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
+        grads = []
+        for x, t in zip(sched.leaves, leaves):
+            if not parts[x]:
+                grads.append(None)
+                continue
+            g = parts[x][0]
+            for more in parts[x][1:]:
+                g = g + more
+            hx = t.shape[2]
+            if hx != H:  # a grouped input's gradient: the sum over the heads sharing it
+                g = g.reshape(g.shape[:2] + (hx, H // hx) + g.shape[3:]).sum(3)
+            grads.append(g.to(t.dtype))
+        return grads
+
+    # -- the oracle -----------------------------------------------------------------------------------
+    def reference(self, *tensors, cu_seqlens=None, dtype=torch.float64, matmul_dtype=None, initial_state=None,
+                  output_final_state: bool = False, chunk=None, **params):
+        """The spec evaluated with PyTorch ops on whole [T, T] score matrices (differentiable; float64
+        inputs are accepted, for gradient checks)."""
+        shown = [x.detach().float() if torch.is_tensor(x) and x.dtype == torch.float64 else x for x in tensors]
+        B, T, H, dims, pvals = self._check(shown, params, False, initial_state, output_final_state)
+        outs = evaluate_softmax(self.spec, {d.name: x for d, x in zip(self.spec.inputs, tensors)}, pvals, dims,
+                                dtype, matmul_dtype, cu_seqlens)
+        o = [outs[o.name] for o in self.spec.outputs]
+        return (o[0] if len(o) == 1 else tuple(o)), None
+
+    def recurrent_reference(self, *tensors, **kw):
+        """The softmax family has no recurrent form with a fixed state: the same as `reference`."""
+        return self.reference(*tensors, **kw)
+
+    # -- accounting ------------------------------------------------------------------------------------
+    def visible_pairs(self, T: int, **params) -> int:
+        """(query, key) pairs the masks keep in one sequence of T tokens, counted on the masks themselves
+        (every pair when a mask reads per-token inputs)."""
+        from ..passes.fusion import live_ops
+        from .softmax_oracle import _base, _eval
+        ops = live_ops(self.spec.score.ops, self.spec.masks)
+        leaves = set(self.sched.leaves)
+        if any(isinstance(a, str) and a in leaves for op in ops for a in op.args):
+            return T * T
+        dims = {d: 16 for d in self.spec.dims}
+        env = _base(self.spec, self.param_values(dims, params), 1, torch.float64, "cpu", T)
+        env.update({d: torch.full((1, 1), 16.0, dtype=torch.float64) for d in dims})
+        for op in ops:
+            args = [a if isinstance(a, float) else env[a] for a in op.args[:1 if op.kind == "expand" else len(op.args)]]
+            env[op.out] = _eval(op, args, T, None)
+        keep = torch.ones(T, T, dtype=torch.bool)
+        for m in self.spec.masks:
+            v = torch.as_tensor(env[m])
+            keep &= (v.reshape(v.shape[-2:] if v.dim() >= 2 else ()) != 0)
+        return int(keep.sum())
+
+    def flops(self, B: int, T: int, H: int, dims: dict[str, int], backward: bool = False, **params) -> float:
+        """Matmul FLOPs over the visible pairs: per pair 2*D for each score matmul and for each
+        softmax(s) @ x; with the backward 3.5x the forward (FlashAttention's count: the backward does
+        2.5x the forward's matmul work)."""
+        subs = {dim(d): v for d, v in dims.items()}
+        per_pair = 0
+        for op in self.sched.p_ops:
+            if op.kind == "matmul":
+                per_pair += 2 * int(self.sched.types[op.args[0]].shape[1].subs(subs))
+        for g in self.sched.groups:
+            for r in g.reductions:
+                per_pair += 2 * math.prod(int(d.subs(subs)) for d in self.sched.types[r.out].shape[1:])
+        return float(self.visible_pairs(T, **params) * B * H * per_pair) * (3.5 if backward else 1.0)
+
+
+class _SoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op: SoftmaxOp, cfg, pvals, cu, n_seq, dims, *leaves):
+        save = any(ctx.needs_input_grad[6:])
+        outs, saved = op._forward(cfg, pvals, cu, n_seq, dims, leaves, save)
+        ctx.op, ctx.cfg, ctx.pvals, ctx.cu, ctx.n_seq, ctx.dims = op, cfg, pvals, cu, n_seq, dims
+        ctx.saved_names = list(saved)
+        ctx.n_leaves, ctx.n_outs = len(leaves), len(outs)
+        ctx.save_for_backward(*leaves, *outs, *saved.values())
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *d_outs):
+        saved_t = ctx.saved_tensors
+        leaves = saved_t[:ctx.n_leaves]
+        outs = saved_t[ctx.n_leaves:ctx.n_leaves + ctx.n_outs]
+        saved = dict(zip(ctx.saved_names, saved_t[ctx.n_leaves + ctx.n_outs:]))
+        grads = ctx.op._backward(ctx.cfg, ctx.pvals, ctx.cu, ctx.n_seq, ctx.dims, leaves, outs, saved, d_outs)
+        return (None, None, None, None, None, None, *grads)
+
+
+def check_softmax(op: SoftmaxOp, B: int, T: int, H: int, dims: dict, dtype, device, seed: int, chunk, where: str):
+    """`effc check` for the softmax family: output and input gradients against the oracle."""
+    from .verify import judge_fp32, judge_low_precision, random_inputs
+    sizes = {d: 32 for d in op.spec.dims} | dims
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, sizes, dtype, device, seed)]
+    o, _ = op(*xs, chunk=chunk)
+    outs = o if isinstance(o, tuple) else (o,)
+    seeds = [torch.randn_like(x) for x in outs]
+    grads = torch.autograd.grad(outs, xs, seeds)
+    leaves = [x.detach().double().requires_grad_() for x in xs]
+    ref, _ = op.reference(*leaves)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    ref_grads = torch.autograd.grad(refs, leaves, [s.double() for s in seeds])
+    lines = [f"{op.name}: B={B} T={T} H={H} {sizes} {str(dtype).replace('torch.', '')} on {where}; {op.last_config}"]
+    verdicts = []
+    if dtype == torch.float32:
+        verdicts += [(f"output {s.name}", judge_fp32(a, b)) for s, a, b in zip(op.spec.outputs, outs, refs)]
+        verdicts += [(f"d{d.name}", judge_fp32(a, b)) for d, a, b in zip(op.spec.inputs, grads, ref_grads)]
+    else:
+        low, _ = op.reference(*[x.detach() for x in xs], dtype=torch.float32, matmul_dtype=dtype)
+        lows = low if isinstance(low, tuple) else (low,)
+        verdicts += [(f"output {s.name}", judge_low_precision(a, b, c))
+                     for s, a, b, c in zip(op.spec.outputs, outs, refs, lows)]
+    lines += [f"  kernel vs oracle, {what}: {v}" for what, v in verdicts]
+    return lines, all(v.ok for _, v in verdicts)
+
+
+class HybridOp:
+    """A state and a softmax branch (passes.hybrid): the softmax branch's kernels write its reductions per
+    token, the state branch's scan reads them in merge. Call like the linear family's ops:
+    `op(*inputs, initial_state=None, output_final_state=False, cu_seqlens=None, **params)` -> (o, final)."""
+
+    def __init__(self, comp: SoftmaxCompilation, backend: str = "triton"):
+        from .op import AttentionOp
+        self.comp, self.backend = comp, backend
+        self.spec = comp.typed
+        self.name = self.spec.name
+        self.split = comp.split
+        self.softmax = SoftmaxOp(comp.softmax_part, backend)
+        self.linear = AttentionOp(comp.linear_part, backend)
+        self.last_config = None
+
+    def __repr__(self) -> str:
+        return f"<effc hybrid op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
+
+    def _extras(self, tensors, params, cu_seqlens, reference: bool, dtype=torch.float64, matmul_dtype=None,
+                chunk=None, block=None):
+        named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
+        if reference:
+            r, _ = self.softmax.reference(*tensors, cu_seqlens=cu_seqlens, dtype=dtype, matmul_dtype=matmul_dtype,
+                                          **params)
+        else:
+            r, _ = self.softmax(*tensors, cu_seqlens=cu_seqlens, chunk=chunk, block=block, **params)
+        r = r if isinstance(r, tuple) else (r,)
+        extra = list(r)
+        if self.split.prefix_inputs:
+            B, T, H = tensors[0].shape[:3]
+            dims = {n: s for d, x in zip(self.spec.inputs, tensors) for n, s in zip(d.dims[3:], x.shape[3:])}
+            pre = prefix_values(self.spec, named, self.softmax.param_values(dims, params), H,
+                                dtype if reference else torch.float32, cu_seqlens)
+            extra += [pre[x] for x in self.split.prefix_inputs]
+        return extra
+
+    def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
+                 chunk: int | None = None, block: int | None = None, segments: int | None = None, **params):
+        """`chunk` is the state branch's chunk and the softmax branch's query block; `block` its key block."""
+        extra = self._extras(tensors, params, cu_seqlens, False, chunk=chunk, block=block)
+        dtype = tensors[0].dtype
+        out = self.linear(*tensors, *[x.to(dtype) for x in extra], initial_state=initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk=chunk,
+                          segments=segments, **params)
+        self.last_config = self.linear.last_config
+        return out
+
+    def reference(self, *tensors, initial_state=None, output_final_state: bool = False, chunk=None,
+                  dtype=torch.float64, matmul_dtype=None, **params):
+        # the state branch's argument checks take float32 / bf16 / fp16: its oracle computes in `dtype` again
+        extra = [x.to(tensors[0].dtype) for x in self._extras(tensors, params, None, True, dtype, matmul_dtype)]
+        return self.linear.reference(*tensors, *extra, initial_state=initial_state,
+                                     output_final_state=output_final_state, chunk=chunk, dtype=dtype,
+                                     matmul_dtype=matmul_dtype, **params)
+
+    def recurrent_reference(self, *tensors, **kw):
+        return self.reference(*tensors, chunk=1, **kw)

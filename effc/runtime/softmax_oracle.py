@@ -1,0 +1,153 @@
+"""The oracle of the softmax family: the spec evaluated with plain PyTorch ops on whole sequences.
+
+A score tile becomes the full [T, T] matrix of every (query, key) pair; the masks select the pairs;
+softmax and logsumexp run over all kept keys (a query that keeps no key reads 0 and has log-sum-exp
+-inf). Differentiable: gradients come from torch.autograd. Prefix values are computed here over the
+whole sequence, exactly as the kernels' pre-pass does (`prefix_values`, shared with the runtime).
+Heads are evaluated in groups to bound the memory of the [T, T] tiles.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ir.nodes import Op, Spec
+from .oracle import _align, _eval_op
+
+_CMP = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne}
+
+
+def _aligned(args, rank):
+    out = []
+    for a in args:
+        out.append(a if isinstance(a, float) else _align(a, rank))
+    ref = next((a for a in out if torch.is_tensor(a)), None)
+    return [torch.tensor(a, dtype=ref.dtype, device=ref.device) if isinstance(a, float) and ref is not None else a
+            for a in out]
+
+
+def _eval(op: Op, args, T: int, keep):
+    k = op.kind
+    if k == "query":
+        return args[0].unsqueeze(-1) if op.type.rank == 2 and args[0].dim() == 3 else args[0]
+    if k == "key":
+        return args[0].unsqueeze(-2) if args[0].dim() == 3 else args[0]
+    if k in _CMP:
+        a, b = _aligned(args, op.type.rank)
+        return _CMP[k](a, b).to(a.dtype if torch.is_tensor(a) else b.dtype) if (torch.is_tensor(a) or torch.is_tensor(b)) \
+            else float(_CMP[k](torch.tensor(a), torch.tensor(b)))
+    if k in ("and", "or", "not"):
+        if k == "not":
+            return 1.0 - args[0]
+        a, b = _aligned(args, op.type.rank)
+        return a * b if k == "and" else torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    if k == "where":
+        c, a, b = _aligned(args, op.type.rank)
+        return torch.where(torch.as_tensor(c) != 0, a, b)
+    if k in ("maximum", "minimum") and any(isinstance(a, float) for a in args):
+        a, b = _aligned(args, op.type.rank)
+        if not torch.is_tensor(a):
+            a, b = b, a
+        return getattr(torch, k)(a, torch.as_tensor(b, dtype=a.dtype, device=a.device))
+    if k in ("softmax", "logsumexp"):
+        s = args[0]
+        s = torch.where(keep, s, torch.tensor(-math.inf, dtype=s.dtype, device=s.device))
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
+        p = torch.exp(s - m)
+        l = p.sum(-1, keepdim=True)
+        if k == "softmax":
+            return p / torch.where(l == 0, torch.ones_like(l), l)
+        return torch.where(l[..., 0] == 0, torch.full_like(l[..., 0], -math.inf), (m + torch.log(l))[..., 0])
+    return _eval_op(op, args, T, T)
+
+
+def _heads(x: torch.Tensor, H: int) -> torch.Tensor:
+    """(B, T, Hx, ...) with Hx dividing H -> (B, T, H, ...): grouped heads shared, as the kernels read them."""
+    hx = x.shape[2]
+    return x if hx == H else x.repeat_interleave(H // hx, dim=2)
+
+
+def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seqlens=None) -> dict:
+    """The prefix stage over whole sequences: {value name: (B, T, H, ...)} for every prefix op."""
+    if not spec.prefix.ops:
+        return {}
+    first = tensors[spec.inputs[0].name]
+    B, T = first.shape[:2]
+    bounds = [(0, T)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
+    per_seq = []
+    for a, b in bounds:
+        env = _base(spec, params, H, dtype, first.device, b - a)
+        env.update({d.name: _tile(_heads(tensors[d.name][:, a:b], H).to(dtype)) for d in spec.inputs})
+        for op in spec.prefix.ops:
+            n_args = 1 if op.kind == "expand" else len(op.args)
+            env[op.out] = _eval(op, [x if isinstance(x, float) else env[x] for x in op.args[:n_args]], b - a, None)
+        per_seq.append({op.out: _untile(env[op.out], op.type.rank, B, H) for op in spec.prefix.ops})
+    return {op.out: torch.cat([p[op.out] for p in per_seq], 1) for op in spec.prefix.ops}
+
+
+def _tile(x):
+    return x.permute(0, 2, 1, *range(3, x.dim()))  # (B, H, T, ...)
+
+
+def _untile(y, rank, B, H):
+    y = _align(y, rank).expand((B, H) + tuple(y.shape[2:]))
+    return y.permute(0, 2, 1, *range(3, y.dim()))
+
+
+def _base(spec: Spec, params: dict, H: int, dtype, device, T: int, heads=None) -> dict:
+    heads = heads if heads is not None else torch.arange(H)
+    base = {p: torch.full((1, 1), float(v), dtype=dtype, device=device) for p, v in params.items()}
+    base["head"] = heads.to(dtype=dtype, device=device).reshape(1, -1)
+    base["H"] = torch.full((1, 1), float(H), dtype=dtype, device=device)
+    base["inf"] = math.inf
+    base["qpos"] = torch.arange(T, dtype=dtype, device=device).reshape(1, 1, T, 1)
+    base["kpos"] = torch.arange(T, dtype=dtype, device=device).reshape(1, 1, 1, T)
+    return base
+
+
+def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=torch.float64, matmul_dtype=None,
+                     cu_seqlens=None, head_group: int | None = None):
+    """({output: (B, T, H, ...)}) for (B, T, Hx, ...) inputs; `dims` are the feature dim sizes."""
+    first = tensors[spec.inputs[0].name]
+    B, T, H = first.shape[:3]
+    device = first.device
+    full = dict(tensors)
+    full.update(prefix_values(spec, tensors, params, H, dtype, cu_seqlens))
+    bounds = [(0, T)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
+    outs = {o.name: [] for o in spec.outputs}
+    for a, b in bounds:
+        n = b - a
+        per_head = {o.name: [] for o in spec.outputs}
+        group = head_group or max(1, min(H, 2 ** 27 // max(1, B * n * n)))  # ~2^27 elements per [T, T] tile
+        for h0 in range(0, H, group):
+            h1 = min(H, h0 + group)
+            env = _base(spec, params, H, dtype, device, n, torch.arange(h0, h1))
+            env.update({k: torch.full((1, 1), float(v), dtype=dtype, device=device) for k, v in dims.items()})
+            for name, x in full.items():
+                env[name] = _tile(_heads(x[:, a:b], H)[:, :, h0:h1].to(dtype))
+            for op in spec.score.ops:
+                _run(op, env, n, None, matmul_dtype)
+            keep = torch.ones((1, 1, n, n), dtype=torch.bool, device=device)
+            for m in spec.masks:
+                mv = env[m]
+                mv = _align(mv, 2) if torch.is_tensor(mv) else torch.tensor(mv)
+                keep = keep & (mv != 0)
+            for op in spec.merge.ops:
+                _run(op, env, n, keep, matmul_dtype)
+            for o in spec.outputs:
+                per_head[o.name].append(_untile(env[o.name], o.tile.rank, B, h1 - h0))
+        for o in spec.outputs:
+            outs[o.name].append(torch.cat(per_head[o.name], 2))
+    return {k: torch.cat(v, 1) for k, v in outs.items()}
+
+
+def _run(op: Op, env: dict, n: int, keep, matmul_dtype) -> None:
+    n_args = 1 if op.kind == "expand" else len(op.args)
+    args = [x if isinstance(x, float) else env[x] for x in op.args[:n_args]]
+    if op.kind == "matmul" and matmul_dtype is not None and all(torch.is_tensor(a) for a in args):
+        env[op.out] = (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
+        return
+    env[op.out] = _eval(op, args, n, keep)
+

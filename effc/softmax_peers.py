@@ -1,0 +1,153 @@
+"""Peers of the softmax-family library specs for benchmarking: the same computation through torch's
+scaled_dot_product_attention (SDPA: FlashAttention-2 / cuDNN / efficient backends) and FlexAttention
+(torch.nn.attention.flex_attention, compiled), on the inputs `effc bench` builds
+(`effc.runtime.verify.random_inputs`: (B, T, H, D) tensors, in the spec's input order).
+
+    PEERS_SOFTMAX[spec] -> [(label, build)]   with build(xs, params) -> a zero-argument callable
+                                                returning the output (B, T, H, V)
+
+This table belongs to benchmarking (like effc/peers.py); the compiler never sees it. Params are the
+spec's defaults unless given (e.g. {"window": 512}).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _bhtd(x):
+    return x.transpose(1, 2)
+
+
+def _sdpa(causal: bool, gate: bool = False):
+    def build(xs, params):
+        q, k, v = (_bhtd(x) for x in xs[:3])
+        gqa = q.shape[1] != k.shape[1]
+        scale = params.get("scale", q.shape[-1] ** -0.5)
+        g = torch.sigmoid(xs[3]) if gate else None
+
+        def run():
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                                  enable_gqa=gqa).transpose(1, 2)
+            return o * g if gate else o
+        return run
+    return build
+
+
+_FLEX_CACHE: dict = {}
+
+
+def _flex(score_mod_for=None, mask_for=None, gate: bool = False):
+    """score_mod_for(xs, params, H) -> score_mod or None; mask_for(params) -> mask_mod or None."""
+    def build(xs, params):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        q, k, v = (_bhtd(x) for x in xs[:3])
+        B, H, T, _ = q.shape
+        scale = params.get("scale", q.shape[-1] ** -0.5)
+        mask_mod = mask_for(params) if mask_for else None
+        block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device) if mask_mod else None
+        score_mod = score_mod_for(xs, params, H) if score_mod_for else None
+        fn = _FLEX_CACHE.setdefault("flex", torch.compile(flex_attention, dynamic=False))
+        g = torch.sigmoid(xs[3]) if gate else None
+        gqa = q.shape[1] != k.shape[1]
+
+        def run():
+            o = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa).transpose(1, 2)
+            return o * g if gate else o
+        return run
+    return build
+
+
+def _causal(params):
+    return lambda b, h, q_idx, kv_idx: kv_idx <= q_idx
+
+
+def _window(params):
+    w = int(params.get("window", 1024))
+    return lambda b, h, q_idx, kv_idx: (kv_idx <= q_idx) & (q_idx - kv_idx < w)
+
+
+def _alibi(xs, params, H):
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=xs[0].device)
+    return lambda score, b, h, q_idx, kv_idx: score - slopes[h] * (q_idx - kv_idx)
+
+
+def _softcap(xs, params, H):
+    cap = float(params.get("cap", 50.0))
+    return lambda score, b, h, q_idx, kv_idx: cap * torch.tanh(score / cap)
+
+
+def _fox(xs, params, H):
+    F = xs[3].float().cumsum(1).transpose(1, 2).contiguous()  # (B, H, T): the cumulative log forget gate
+    return lambda score, b, h, q_idx, kv_idx: score + F[b, h, q_idx] - F[b, h, kv_idx]
+
+
+def _scale_invariant(xs, params, H):
+    tau = float(params.get("tau", 10.0))
+
+    def mod(score, b, h, q_idx, kv_idx):
+        lt = torch.log1p(torch.clamp(q_idx - kv_idx, min=0).to(torch.float32) / tau)
+        return torch.sqrt(2 * lt + 1) * score - lt
+    return mod
+
+
+PEERS_SOFTMAX = {
+    "softmax_attn": [("torch SDPA causal", _sdpa(True)), ("FlexAttention causal", _flex(mask_for=_causal))],
+    "softmax_full": [("torch SDPA", _sdpa(False)), ("FlexAttention", _flex())],
+    "sliding_window": [("FlexAttention window", _flex(mask_for=_window))],
+    "alibi": [("FlexAttention alibi", _flex(_alibi, _causal))],
+    "softcap": [("FlexAttention softcap", _flex(_softcap, _causal))],
+    "forgetting_transformer": [("FlexAttention FoX", _flex(_fox, _causal))],
+    "scale_invariant": [("FlexAttention scale-inv.", _flex(_scale_invariant, _causal))],
+    "gated_attention": [("torch SDPA causal + gate", _sdpa(True, gate=True)),
+                        ("FlexAttention causal + gate", _flex(mask_for=_causal, gate=True))],
+}
+
+
+def bench_softmax(specs, shapes, H: int = 16, D: int = 128, backward: bool = False, peers: bool = True,
+                  params: dict | None = None):
+    """Time effc and the peers on identical bf16 inputs (median of do_bench), print one row per case.
+    Used by scripts/softmax_bench.py until `effc bench` maps these peers."""
+    from triton.testing import do_bench
+
+    import effc
+    from .runtime.verify import random_inputs, rel_err
+
+    rows = []
+    for name in specs:
+        op = effc.load(name)
+        p = dict((params or {}).get(name, {}))
+        for B, T in shapes:
+            dims = {d: D for d in op.spec.dims}
+            xs = random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda")
+            if backward:
+                xs = [x.requires_grad_() for x in xs]
+            grad = None
+
+            def effc_call():
+                o, _ = op(*xs, **p)
+                if backward:
+                    torch.autograd.grad(o, xs, grad)
+                return o
+
+            o, _ = op(*xs, **p)
+            grad = torch.randn_like(o) if backward else None
+            ms = do_bench(effc_call, warmup=25, rep=100, return_mode="median")
+            flops = op.flops(B, T, H, dims, backward=backward, **p)
+            row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "pass": "fwd+bwd" if backward else "fwd",
+                   "effc_ms": ms, "effc_TFLOPs": flops / ms / 1e9, "config": str(op.last_config).split("\n")[0]}
+            for label, build in (PEERS_SOFTMAX.get(name, []) if peers else []):
+                try:
+                    fn = build(xs, p)
+                    out = fn()
+                    call = (lambda fn=fn: torch.autograd.grad(fn(), xs, grad, allow_unused=True, retain_graph=True)
+                            ) if backward else fn
+                    pms = do_bench(call, warmup=25, rep=100, return_mode="median")
+                    row[label] = {"ms": pms, "speedup": pms / ms, "rel_diff": rel_err(out.float(), o.float())}
+                except Exception as e:  # noqa: BLE001 - a peer's failure is its row's result
+                    row[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+            rows.append(row)
+            print(row, flush=True)
+            del xs
+            torch.cuda.empty_cache()
+    return rows
+

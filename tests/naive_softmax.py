@@ -1,0 +1,103 @@
+"""Independent references for the softmax family, written by hand from the papers: plain PyTorch
+softmax over an explicit [T, T] mask, float64. They share nothing with effc's oracle."""
+import torch
+
+
+def attend(q, k, v, mask, bias=None, scale=None, cap=None, logit_map=None):
+    """softmax(q k^T * scale (+ bias), masked) v for (B, T, H, D) tensors; k, v may have fewer heads."""
+    q, k, v = (x.double() for x in (q, k, v))
+    H = q.shape[2]
+    k = k.repeat_interleave(H // k.shape[2], dim=2)
+    v = v.repeat_interleave(H // v.shape[2], dim=2)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    if cap is not None:
+        s = cap * torch.tanh(s / cap)
+    if logit_map is not None:
+        s = logit_map(s)
+    if bias is not None:
+        s = s + bias
+    s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a query that sees no key reads 0
+    return torch.einsum("bhij,bjhd->bihd", p, v), torch.logsumexp(s, dim=-1).transpose(1, 2)
+
+
+def positions(T):
+    i = torch.arange(T).reshape(T, 1)
+    j = torch.arange(T).reshape(1, T)
+    return i, j
+
+
+def causal(T):
+    i, j = positions(T)
+    return j <= i
+
+
+def softmax_attn(q, k, v):
+    return attend(q, k, v, causal(q.shape[1]))[0]
+
+
+def softmax_full(q, k, v):
+    T = q.shape[1]
+    return attend(q, k, v, torch.ones(T, T, dtype=torch.bool))[0]
+
+
+def sliding_window(q, k, v, window=1024):
+    i, j = positions(q.shape[1])
+    return attend(q, k, v, (j <= i) & (i - j < window))[0]
+
+
+def alibi(q, k, v):
+    T, H = q.shape[1], q.shape[2]
+    i, j = positions(T)
+    slopes = torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    bias = -slopes.reshape(1, H, 1, 1) * (i - j).double()
+    return attend(q, k, v, j <= i, bias=bias)[0]
+
+
+def softcap(q, k, v, cap=50.0):
+    return attend(q, k, v, causal(q.shape[1]), cap=cap)[0]
+
+
+def forgetting_transformer(q, k, v, f):
+    F = f.double().cumsum(1).transpose(1, 2)  # (B, H, T)
+    bias = F[..., :, None] - F[..., None, :]
+    return attend(q, k, v, causal(q.shape[1]), bias=bias)[0]
+
+
+def scale_invariant(q, k, v, tau=10.0):
+    i, j = positions(q.shape[1])
+    t = (i - j).clamp_min(0).double()
+    lt = torch.log1p(t / tau)
+    return attend(q, k, v, j <= i, logit_map=lambda s: torch.sqrt(2 * lt + 1) * s - lt)[0]
+
+
+def gated_attention(q, k, v, g):
+    return softmax_attn(q, k, v) * torch.sigmoid(g.double())
+
+
+def swax(q, k, v, g, window=512, initial_state=None):
+    """Sliding-window softmax plus a scalar-decay linear attention state (token by token)."""
+    from naive import diagonal_recurrence
+    i, j = positions(q.shape[1])
+    local = attend(q, k, v, (j <= i) & (i - j < window))[0]
+    decay = g.double().exp()[..., None].expand(q.shape)
+    lin, state = diagonal_recurrence(q, k, v, decay, q.shape[-1] ** -0.5, initial_state)
+    return local + lin, state
+
+
+def based_pair_form(q, k, v, window=64):
+    """Based: normalised Taylor-kernel linear attention (1 + s + s^2/2) plus a sliding-window softmax."""
+    q, k, v = (x.double() for x in (q, k, v))
+    i, j = positions(q.shape[1])
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
+    w = (1 + s + 0.5 * s * s) * (j <= i)
+    linear = torch.einsum("bhij,bjhd->bihd", w / w.sum(-1, keepdim=True), v)
+    return linear + attend(q, k, v, (j <= i) & (i - j < window))[0]
+
+
+NAIVE_SOFTMAX = {
+    "softmax_attn": softmax_attn, "softmax_full": softmax_full, "sliding_window": sliding_window,
+    "alibi": alibi, "softcap": softcap, "forgetting_transformer": forgetting_transformer,
+    "scale_invariant": scale_invariant, "gated_attention": gated_attention,
+}
