@@ -70,8 +70,9 @@ def _missing(name: str, error: SpecError) -> dict:
 
 
 def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, json_out: Path | None, *,
-              plot: Path | None = None, backward: bool = False):
-    """`backward`: also time forward + backward and record its peak memory, effc's and each peer's."""
+              plot: Path | None = None, backward: bool = False, backends: tuple = ("triton",)):
+    """`backward`: also time forward + backward and record its peak memory, effc's and each peer's.
+    `backends`: the first is the row's effc time; the others are timed beside it (`effc_ms_<backend>`)."""
     import torch
     from triton.testing import do_bench
 
@@ -87,7 +88,8 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
     rows = []
     for name in specs:
         try:
-            op = effc.load(name)
+            op = effc.load(name, backend=backends[0])
+            others = [effc.load(name, backend=b) for b in backends[1:]]
         except SpecError as e:
             rows.append(_missing(name, e))
             _print_row(rows[-1])
@@ -109,6 +111,8 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
                              + (" (tuned)" if tuned else ""),
                    "TB/s": tbs, "TFLOP/s": tflops, "bw_frac": tbs / peak["TB/s"],
                    "flop_frac": tflops / peak["TFLOP/s"], "peak": {**peak, "of": peak_of}}
+            for other in others:
+                row[f"effc_ms_{other.backend}"] = do_bench(lambda: other(*xs), warmup=25, rep=100, return_mode="median")
             if backward:
                 leaves = [x.requires_grad_() for x in xs]
                 grad = torch.randn_like(out)

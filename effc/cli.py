@@ -68,7 +68,8 @@ def library():
 def show(spec: str = typer.Argument(..., help=SPEC_HELP),
          stage: str = typer.Option("plan", help="one of: " + ", ".join(STAGES)),
          shape: str = typer.Option("2,8192,16", help="B,T,H used by --stage tiled"),
-         dims: str = typer.Option("", help="feature dims for --stage tiled, e.g. K=128,V=128 (default 128 each)")):
+         dims: str = typer.Option("", help="feature dims for --stage tiled, e.g. K=128,V=128 (default 128 each)"),
+         backend: str = typer.Option("triton", help="the code generator for --stage source: triton or tilelang")):
     """Print one stage of the pipeline: text -> AST -> IR -> passes -> plan -> source."""
     from .ir import print_spec
     from .passes.tiling import Problem, choose, tiling_space
@@ -101,7 +102,7 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
         elif stage == "plan":
             typer.echo(str(comp.plan))
         else:
-            typer.echo(comp.source())
+            typer.echo(comp.source(backend))
     except (SpecError, NotImplementedError) as e:
         _fail(e)
 
@@ -109,7 +110,7 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
 @app.command("compile")
 def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
              output: Path = typer.Option(None, "-o", "--output", help="directory for the generated module"),
-             backend: str = typer.Option("triton", help="code generator (triton)"),
+             backend: str = typer.Option("triton", help="code generator: triton or tilelang"),
              shape: str = typer.Option("2,8192,16", help="B,T,H to explain the tiling choice for"),
              dims: str = typer.Option("", help="feature dims, e.g. K=128,V=128 (default 128 each)")):
     """Compile a spec; write the generated module and say what the compiler chose and why."""
@@ -144,7 +145,8 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
           chunk: int = typer.Option(None, help="chunk size (default: the spec's)"),
           segments: int = typer.Option(None, help="segments of the walk (default: the model's)"),
           dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (low precision needs a GPU)"),
-          seed: int = typer.Option(0)):
+          seed: int = typer.Option(0),
+          backend: str = typer.Option("triton", help="triton or tilelang (tilelang: forward only, needs a GPU)")):
     """Parse, validate, and run the kernel against the oracle on random inputs; print the error."""
     interp = _use_interpreter_without_gpu()
     import torch
@@ -167,7 +169,10 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
             if not ok:
                 raise typer.Exit(1)
             return
-        op = make_op(comp)  # AttentionOp, or a hybrid's op (a state and a softmax branch)
+        op = make_op(comp, backend)  # AttentionOp, or a hybrid's op (a state and a softmax branch)
+        if interp and backend != "triton":
+            raise ArgumentError(f"the {backend} backend needs a GPU; without one, `effc show --stage source "
+                                f"--backend {backend}` prints its program")
         B, T, H = _parse_shape(shape)
         sizes = {d: 32 for d in op.spec.dims} | _parse_dims(dims)
         if dtype not in _DTYPES:
@@ -206,12 +211,14 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
           peer_timeout: float = typer.Option(240.0, help="seconds a peer may take (its first call autotunes)"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
           plot: Path = typer.Option(None, "--plot", help="also plot time vs sequence length to this PNG (matplotlib)"),
-          backward: bool = typer.Option(False, "--backward", help="also time forward+backward, with peak memory")):
+          backward: bool = typer.Option(False, "--backward", help="also time forward+backward, with peak memory"),
+          backend: str = typer.Option("triton", help="comma-separated code generators to time: triton,tilelang")):
     """Time effc's kernels and the peers on identical bf16 inputs, one GPU, one run; print ratios."""
     from .bench import run_bench
     try:
         run_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")],
-                  heads, head_dim, peers, peer_timeout, json_out, plot=plot, backward=backward)
+                  heads, head_dim, peers, peer_timeout, json_out, plot=plot, backward=backward,
+                  backends=tuple(b for b in backend.split(",") if b))
     except (SpecError, ArgumentError, RuntimeError) as e:
         _fail(e)
 

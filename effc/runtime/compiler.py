@@ -15,7 +15,7 @@ from ..passes.lower import lower
 from ..passes.plan import Plan, plan
 from ..passes.shapes import infer_shapes
 
-BACKENDS = ("triton",)
+BACKENDS = ("triton", "tilelang")
 
 
 def resolve_spec_path(ref: str) -> tuple[Path, str | None]:
@@ -64,8 +64,11 @@ class Compilation:
         return plan(self.typed, self.legality, self.fused, self.backward)
 
     def source(self, backend: str = "triton") -> str:
-        if backend != "triton":
-            raise NotImplementedError(f"backend '{backend}' is not implemented yet; available: {', '.join(BACKENDS)}")
+        if backend not in BACKENDS:
+            raise NotImplementedError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+        if backend == "tilelang":
+            from ..codegen.tilelang import emit_module as emit_tilelang
+            return emit_tilelang(self.plan)
         from ..codegen.triton import emit_module
         return emit_module(self.plan)
 

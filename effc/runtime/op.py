@@ -36,6 +36,9 @@ def _host_plan(op_id: int, *args):
 
 class AttentionOp:
     def __init__(self, comp: Compilation, backend: str = "triton"):
+        from .compiler import BACKENDS
+        if backend not in BACKENDS:
+            raise ArgumentError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}")
         self.comp, self.backend = comp, backend
         self.spec: Spec = comp.typed
         self.name = self.spec.name
@@ -54,7 +57,8 @@ class AttentionOp:
     @property
     def module(self):
         if self._module is None:
-            self._module, self.source_path = load_module(self.name, self.comp.source(self.backend))
+            # the Triton module always loads: the backward runs on Triton for every backend
+            self._module, self.source_path = load_module(self.name, self.comp.source("triton"))
         return self._module
 
     # -- parameters ---------------------------------------------------------------------------

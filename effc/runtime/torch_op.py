@@ -31,7 +31,7 @@ def _config(ints) -> TileConfig:
 
 def torch_ops(op) -> TorchOps:
     """The custom ops of an AttentionOp, registered once per generated source."""
-    key = f"{op.name}_{hashlib.sha256(op.comp.source().encode()).hexdigest()[:10]}"
+    key = f"{op.name}_{op.backend}_{hashlib.sha256(op.comp.source().encode()).hexdigest()[:10]}"
     if key in _REGISTERED:
         return _REGISTERED[key]
     spec = op.spec
@@ -39,6 +39,13 @@ def torch_ops(op) -> TorchOps:
 
     def launcher() -> Launcher:
         return Launcher(spec, op.comp.plan, op.module)
+
+    def forward_launcher():
+        """The forward runs on the op's backend; the backward always on Triton (it reads the same history)."""
+        if op.backend == "tilelang":
+            from .tilelang_backend import launcher as tilelang_launcher
+            return tilelang_launcher(op.comp.plan)
+        return launcher()
 
     def layout(xs, cu, chunk):
         dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
@@ -52,7 +59,7 @@ def torch_ops(op) -> TorchOps:
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
         pvals = dict(zip((p.name for p in spec.params), params))
         inits = {s.name: x.float().contiguous() for s, x in zip(spec.states, init)}
-        outs, finals, hist = launcher().forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history))
+        outs, finals, hist = forward_launcher().forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history))
         def empty():  # a distinct tensor each: custom-op outputs must not alias
             return xs[0].new_empty(0, dtype=torch.float32)
         return ([outs[o.name] for o in spec.outputs] + [finals.get(s.name, empty()) for s in spec.states]
