@@ -18,7 +18,7 @@ from ...ir.nodes import C, CK, Op
 from ...passes.blocksparse import NEG, POS, Range, triton_expr
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p_name
-from .printer import _BINARY, _UNARY
+from .printer import TritonPrinter
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -44,15 +44,14 @@ def _dimname(d) -> str:
     return str(d)
 
 
-class SoftmaxPrinter:
-    """One Triton expression per IR op. `masked`: inside a partially masked block, where every sum over
-    a pair tile must skip the pairs the masks drop (their values may be inf or nan)."""
+class SoftmaxPrinter(TritonPrinter):
+    """The Triton printer for score specs: leaves live on a query or key side, and `masked` (inside a
+    partially masked block) makes every sum over a pair tile skip the pairs the masks drop (their values
+    may be inf or nan). Ops it does not override print as in the chunked-scan kernels."""
 
     def __init__(self, sched: SoftmaxSchedule, types, masked: bool = False):
-        self.sched, self.types, self.masked = sched, types, masked
-        spec = sched.spec
-        self.params = {p.name for p in spec.params}
-        self.dims = set(spec.dims) | {"H"}
+        super().__init__(sched.spec, types)
+        self.sched, self.masked = sched, masked
         self.leaves = set(sched.leaves)
         self.raw: dict[str, str] = {}  # values that are a loaded tile unchanged: print dots from the stored dtype
         self.keep_t = False
@@ -101,12 +100,6 @@ class SoftmaxPrinter:
                 return f"{side}_{leaf}" + ("[:, None]" if k == "query" else "[None, :]")
             self.raw[op.out] = f"{side}_{leaf}_raw"
             return f"{side}_{leaf}"
-        if k == "copy":
-            return a[0]
-        if k in _UNARY:
-            return _UNARY[k].format(*a)
-        if k in _BINARY:
-            return _BINARY[k].format(*a)
         if k in O.COMPARE:
             sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[k]
             return f"tl.where({a[0]} {sym} {a[1]}, 1.0, 0.0)"
@@ -118,10 +111,6 @@ class SoftmaxPrinter:
             return f"(1.0 - {a[0]})"
         if k == "where":
             return f"tl.where({a[0]} != 0.0, {a[1]}, {a[2]})"
-        if k == "pow":
-            return self._pow(a[0], op.args[1])
-        if k == "matmul":
-            return self._matmul(op, a)
         if k == "transpose":
             if op.args[0] in self.raw:
                 self.raw[op.out] = f"tl.trans({self.raw[op.args[0]]})"
@@ -133,24 +122,7 @@ class SoftmaxPrinter:
             x = self._safe(op.args[0], a[0])
             rank = self.types[op.args[0]].rank
             return f"tl.sum(tl.sum({x}, axis=1), axis=0)" if rank == 2 else (f"tl.sum({x}, axis=0)" if rank else x)
-        if k == "expand":
-            return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
-        if k == "gtz":
-            return f"tl.where({a[0]} > 0.0, 1.0, 0.0)"
-        if k == "sign":
-            return f"tl.where({a[0]} > 0.0, 1.0, tl.where({a[0]} < 0.0, -1.0, 0.0))"
-        if k == "bcast":
-            return f"(tl.zeros_like({a[1]}) + {a[0]})"
-        raise NotImplementedError(f"the Triton backend cannot emit tile op '{k}' in a score spec")
-
-    def _pow(self, base: str, exponent) -> str:
-        if isinstance(exponent, float) and exponent.is_integer() and 1 <= exponent <= 4:
-            return "(" + " * ".join([base] * int(exponent)) + ")"
-        if exponent == 0.5:
-            return f"tl.sqrt({base})"
-        if exponent == -0.5:
-            return f"tl.rsqrt({base})"
-        return f"tl.exp2({self.ref(exponent)} * tl.log2({base}))"  # positive bases only
+        return super().expr(op)
 
     def _matmul(self, op: Op, a: list[str]) -> str:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
