@@ -122,3 +122,19 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> int:
     if cu_seqlens.device != device:
         raise ArgumentError(f"cu_seqlens is on {cu_seqlens.device}; the inputs are on {device}")
     return len(c) - 1
+
+
+def param_values(spec: Spec, cache: dict, dims: dict[str, int], given: dict) -> dict[str, float]:
+    """Every param of `spec` for these feature dims: given values over defaults (memoised in `cache`,
+    since evaluating sympy defaults is slow on a hot path)."""
+    from ..ir.nodes import dim
+    given = {k: v for k, v in given.items() if v is not None}
+    known = {p.name for p in spec.params}
+    unknown = set(given) - known
+    if unknown:
+        raise ArgumentError(f"{spec.name} has no parameter(s) {sorted(unknown)}; its params: {sorted(known)}")
+    key = tuple(sorted(dims.items()))
+    if key not in cache:
+        subs = {dim(n): v for n, v in dims.items()}
+        cache[key] = {p.name: float(p.default.subs(subs)) for p in spec.params}
+    return {**cache[key], **{k: float(v) for k, v in given.items()}}

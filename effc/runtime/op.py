@@ -8,10 +8,10 @@ import sympy
 import torch
 
 from ..errors import ArgumentError
-from ..ir.nodes import Spec, dim
+from ..ir.nodes import Spec
 from ..passes.tiling import Problem, TileConfig, choose, history_policy
 from .cache import load_module
-from .checks import check_cu_seqlens, check_inputs, check_state, describe, rebuild
+from .checks import check_cu_seqlens, check_inputs, check_state, describe, param_values, rebuild
 from .tuning import lookup
 from .torch_op import torch_ops
 from .compiler import Compilation
@@ -63,15 +63,7 @@ class AttentionOp:
 
     # -- parameters ---------------------------------------------------------------------------
     def param_values(self, dims: dict[str, int], given: dict) -> dict[str, float]:
-        known = {p.name for p in self.spec.params}
-        unknown = set(given) - known
-        if unknown:
-            raise ArgumentError(f"{self.name} has no parameter(s) {sorted(unknown)}; its params: {sorted(known)}")
-        key = tuple(sorted(dims.items()))
-        if key not in self._defaults:
-            subs = {dim(n): v for n, v in dims.items()}
-            self._defaults[key] = {p.name: float(p.default.subs(subs)) for p in self.spec.params}
-        return {**self._defaults[key], **{k: float(v) for k, v in given.items()}}
+        return param_values(self.spec, self._defaults, dims, given)
 
     def _split(self, *tensors, params, for_kernels=True):
         B, T, H, dims = check_inputs(self.spec, tensors, for_kernels)

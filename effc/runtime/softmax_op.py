@@ -15,7 +15,7 @@ from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from .cache import load_module
-from .checks import check_cu_seqlens, check_inputs, interpreting
+from .checks import check_cu_seqlens, check_inputs, interpreting, param_values
 from .softmax_compiler import SoftmaxCompilation
 from .softmax_oracle import evaluate_softmax, prefix_values
 
@@ -51,15 +51,7 @@ class SoftmaxOp:
         return self._module
 
     def param_values(self, dims: dict[str, int], given: dict) -> dict[str, float]:
-        known = {p.name for p in self.spec.params}
-        unknown = set(given) - known
-        if unknown:
-            raise ArgumentError(f"{self.name} has no parameter(s) {sorted(unknown)}; its params: {sorted(known)}")
-        key = tuple(sorted(dims.items()))
-        if key not in self._defaults:
-            subs = {dim(n): v for n, v in dims.items()}
-            self._defaults[key] = {p.name: float(p.default.subs(subs)) for p in self.spec.params}
-        return {**self._defaults[key], **{k: float(v) for k, v in given.items() if v is not None}}
+        return param_values(self.spec, self._defaults, dims, given)
 
     def _check(self, tensors, params, for_kernels, initial_state=None, output_final_state=False):
         if initial_state is not None or output_final_state:
