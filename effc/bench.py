@@ -105,7 +105,8 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
             cfg = op.last_config
             tuned = any(r.startswith("tuned") for r in cfg.reasons)
             tbs = io_bytes(xs, out) / ms / 1e9
-            tflops = spec_flops(op, B, T, H, dims, cfg.chunk) / ms / 1e9
+            flops = op.flops(B, T, H, dims) if hasattr(op, "flops") else spec_flops(op, B, T, H, dims, cfg.chunk)
+            tflops = flops / ms / 1e9
             row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
                    "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
                              + (" (tuned)" if tuned else ""),

@@ -3,11 +3,11 @@ scaled_dot_product_attention (SDPA: FlashAttention-2 / cuDNN / efficient backend
 (torch.nn.attention.flex_attention, compiled), on the inputs `effc bench` builds
 (`effc.runtime.verify.random_inputs`: (B, T, H, D) tensors, in the spec's input order).
 
-    PEERS_SOFTMAX[spec] -> [(label, build)]   with build(xs, params) -> a zero-argument callable
-                                                returning the output (B, T, H, V)
+    PEERS_SOFTMAX[spec] -> [(label, inputs, build)]   with build(xs, params) -> a zero-argument callable
+                                                        returning the output (B, T, H, V)
 
-This table belongs to benchmarking (like effc/peers.py); the compiler never sees it. Params are the
-spec's defaults unless given (e.g. {"window": 512}).
+effc/peers.py puts them in the one peer table `effc bench` reads; the compiler never sees them.
+Params are the spec's defaults unless given (e.g. {"window": 512}).
 """
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ def _sdpa(causal: bool, gate: bool = False):
         g = torch.sigmoid(xs[3]) if gate else None
 
         def run():
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                                                  enable_gqa=gqa).transpose(1, 2)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):  # flash where it can
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                                      enable_gqa=gqa).transpose(1, 2)
             return o * g if gate else o
         return run
     return build
@@ -90,64 +92,15 @@ def _scale_invariant(xs, params, H):
     return mod
 
 
+_QKV = ("q", "k", "v")
 PEERS_SOFTMAX = {
-    "softmax_attn": [("torch SDPA causal", _sdpa(True)), ("FlexAttention causal", _flex(mask_for=_causal))],
-    "softmax_full": [("torch SDPA", _sdpa(False)), ("FlexAttention", _flex())],
-    "sliding_window": [("FlexAttention window", _flex(mask_for=_window))],
-    "alibi": [("FlexAttention alibi", _flex(_alibi, _causal))],
-    "softcap": [("FlexAttention softcap", _flex(_softcap, _causal))],
-    "forgetting_transformer": [("FlexAttention FoX", _flex(_fox, _causal))],
-    "scale_invariant": [("FlexAttention scale-inv.", _flex(_scale_invariant, _causal))],
-    "gated_attention": [("torch SDPA causal + gate", _sdpa(True, gate=True)),
-                        ("FlexAttention causal + gate", _flex(mask_for=_causal, gate=True))],
+    "softmax_attn": [("torch SDPA causal", _QKV, _sdpa(True)), ("FlexAttention causal", _QKV, _flex(mask_for=_causal))],
+    "softmax_full": [("torch SDPA", _QKV, _sdpa(False)), ("FlexAttention", _QKV, _flex())],
+    "sliding_window": [("FlexAttention window 1024", _QKV, _flex(mask_for=_window))],
+    "alibi": [("FlexAttention alibi", _QKV, _flex(_alibi, _causal))],
+    "softcap": [("FlexAttention softcap", _QKV, _flex(_softcap, _causal))],
+    "forgetting_transformer": [("FlexAttention FoX", _QKV + ("f",), _flex(_fox, _causal))],
+    "scale_invariant": [("FlexAttention scale-inv.", _QKV, _flex(_scale_invariant, _causal))],
+    "gated_attention": [("torch SDPA causal + gate", _QKV + ("g",), _sdpa(True, gate=True)),
+                        ("FlexAttention causal + gate", _QKV + ("g",), _flex(mask_for=_causal, gate=True))],
 }
-
-
-def bench_softmax(specs, shapes, H: int = 16, D: int = 128, backward: bool = False, peers: bool = True,
-                  params: dict | None = None):
-    """Time effc and the peers on identical bf16 inputs (median of do_bench), print one row per case.
-    Used by scripts/softmax_bench.py until `effc bench` maps these peers."""
-    from triton.testing import do_bench
-
-    import effc
-    from .runtime.verify import random_inputs, rel_err
-
-    rows = []
-    for name in specs:
-        op = effc.load(name)
-        p = dict((params or {}).get(name, {}))
-        for B, T in shapes:
-            dims = {d: D for d in op.spec.dims}
-            xs = random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda")
-            if backward:
-                xs = [x.requires_grad_() for x in xs]
-            grad = None
-
-            def effc_call():
-                o, _ = op(*xs, **p)
-                if backward:
-                    torch.autograd.grad(o, xs, grad)
-                return o
-
-            o, _ = op(*xs, **p)
-            grad = torch.randn_like(o) if backward else None
-            ms = do_bench(effc_call, warmup=25, rep=100, return_mode="median")
-            flops = op.flops(B, T, H, dims, backward=backward, **p)
-            row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "pass": "fwd+bwd" if backward else "fwd",
-                   "effc_ms": ms, "effc_TFLOPs": flops / ms / 1e9, "config": str(op.last_config).split("\n")[0]}
-            for label, build in (PEERS_SOFTMAX.get(name, []) if peers else []):
-                try:
-                    fn = build(xs, p)
-                    out = fn()
-                    call = (lambda fn=fn: torch.autograd.grad(fn(), xs, grad, allow_unused=True, retain_graph=True)
-                            ) if backward else fn
-                    pms = do_bench(call, warmup=25, rep=100, return_mode="median")
-                    row[label] = {"ms": pms, "speedup": pms / ms, "rel_diff": rel_err(out.float(), o.float())}
-                except Exception as e:  # noqa: BLE001 - a peer's failure is its row's result
-                    row[label] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
-            rows.append(row)
-            print(row, flush=True)
-            del xs
-            torch.cuda.empty_cache()
-    return rows
-
