@@ -146,7 +146,7 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
           segments: int = typer.Option(None, help="segments of the walk (default: the model's)"),
           dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (low precision needs a GPU)"),
           seed: int = typer.Option(0),
-          backend: str = typer.Option("triton", help="triton or tilelang (tilelang: forward only, needs a GPU)")):
+          backend: str = typer.Option("triton", help="triton, tilelang (forward; needs a GPU) or auto")):
     """Parse, validate, and run the kernel against the oracle on random inputs; print the error."""
     interp = _use_interpreter_without_gpu()
     import torch

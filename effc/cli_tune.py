@@ -60,7 +60,8 @@ def tune(spec: str = typer.Argument(..., help=SPEC_HELP),
          workers: int = typer.Option(None, help="compile processes (default: min(8, CPU count); 0: compile here)"),
          smem_limit: int = typer.Option(None, help="shared memory per block for --dry-run's model (default 232448, "
                                                   "the H100's; a GPU run reads the device's)"),
-         dry_run: bool = typer.Option(False, "--dry-run", help="print the pruned search space; no GPU needed")):
+         dry_run: bool = typer.Option(False, "--dry-run", help="print the pruned search space; no GPU needed"),
+         backend: str = typer.Option("triton", help="triton or tilelang; tune both for backend='auto' to choose")):
     """Time the pruned search space on this GPU and record the fastest config per shape bucket.
 
     Entries are keyed by spec, backend, GPU, dtype and shape bucket: B*H and T rounded up to a power of
@@ -87,7 +88,10 @@ def tune(spec: str = typer.Argument(..., help=SPEC_HELP),
 
         from .tune import tune as run_tune
         console = Console()
+        if backend not in ("triton", "tilelang"):
+            raise typer.BadParameter(f"'{backend}': expected triton or tilelang", param_hint="--backend")
         run_tune(spec, bt, heads=heads, dims=sizes, dtype=dtype, budget=budget, workers=workers, started=t0,
+                 backend=backend,
                  reporter_factory=lambda: RichReporter(console), on_result=lambda r: _print_result(console, r))
         console.print(f"done in {time.monotonic() - t0:.0f} s of a {budget:.0f} s budget", highlight=False)
     except (SpecError, ArgumentError, NotImplementedError, ValueError, RuntimeError) as e:

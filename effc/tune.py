@@ -336,7 +336,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 def tune(spec_ref: str, shapes: list[tuple[int, int]], *, heads: int = 16, dims: dict[str, int] | None = None,
          dtype: str = "bfloat16", budget: float = 300.0, workers: int | None = None, reporter_factory=None,
-         on_result=None, started: float | None = None) -> list[TuneResult]:
+         on_result=None, started: float | None = None, backend: str = "triton") -> list[TuneResult]:
     """Tune `spec_ref` for each (B, T) in `shapes` on the current GPU, all within `budget` seconds from
     `started` (a time.monotonic() value; default now). A shape that fails does not stop the others."""
     import effc
@@ -347,12 +347,12 @@ def tune(spec_ref: str, shapes: list[tuple[int, int]], *, heads: int = 16, dims:
     if budget <= 0:
         raise ValueError(f"--budget: must be a positive number of seconds, got {budget}")
     deadline = start + budget
-    op = effc.load(spec_ref)
+    op = effc.load(spec_ref, backend=backend)
     sizes = {d: 128 for d in op.spec.dims} | dict(dims or {})
     unknown = set(sizes) - set(op.spec.dims)
     if unknown:
         raise ValueError(f"--dims: {op.name} has no dim(s) {sorted(unknown)}; its dims: {', '.join(op.spec.dims)}")
-    runner = GpuRunner(spec_ref, workers=workers)
+    runner = GpuRunner(spec_ref, backend=backend, workers=workers)
     results, failed = [], []
     try:
         for i, (B, T) in enumerate(shapes):

@@ -440,3 +440,18 @@ def test_run_bench_keeps_its_positional_signature():
     assert [p.name for p in params[:7]] == ["specs", "shapes", "H", "D", "peers", "peer_timeout", "json_out"]
     assert all(p.default is not inspect.Parameter.empty for p in params[7:])
 
+
+
+def test_auto_backend_follows_the_tuned_times(cache):
+    auto = effc.load("retention", backend="auto")
+    from effc.runtime.verify import random_inputs
+    xs = random_inputs(auto.spec, 2, 40, 2, DIMS16)
+    assert auto.pick(*xs) == "triton" and "no tuning entry" in auto.last_backend_reason
+    for backend, ms in (("triton", 0.9), ("tilelang", 0.4)):
+        key = TuningKey.of(auto.ops[backend], SMALL, "cpu", torch.float32)
+        store(key, TUNED, ms, TUNED, 1.0, {"B": 2, "T": 40, "H": 2})
+    fresh = effc.load("retention", backend="auto")
+    assert fresh.pick(*xs) == "tilelang"
+    assert fresh.last_backend_reason == "tilelang: tuned times triton 0.900 ms, tilelang 0.400 ms"
+    o, _ = effc.load("retention", backend="auto").ops["triton"](*xs)  # the Triton half still runs here
+    assert o.shape == (2, 40, 2, 16)

@@ -184,3 +184,47 @@ class AttentionOp:
 
     def recurrent_reference(self, *tensors, **kw):
         return self.reference(*tensors, chunk=1, **kw)
+
+
+class AutoBackendOp:
+    """backend="auto": for each call shape, the backend whose `effc tune` entry is faster (the tuning
+    cache records each backend's best time per shape bucket); Triton where nothing is recorded.
+    Everything but the call (reference, step, config, ...) is the Triton op's."""
+
+    backend = "auto"
+
+    def __init__(self, comp: Compilation):
+        from .compiler import BACKENDS
+        self.ops = {b: AttentionOp(comp, b) for b in BACKENDS}
+        self.comp, self.spec, self.name = comp, comp.typed, comp.typed.name
+        self._choice: dict[tuple, str] = {}
+        self.last_backend_reason = ""
+
+    def __repr__(self) -> str:
+        return f"<effc op {self.name} backend=auto ({', '.join(self.ops)})>"
+
+    def __getattr__(self, name):
+        return getattr(self.ops["triton"], name)
+
+    def pick(self, *tensors, cu_seqlens=None) -> str:
+        from .tuning import TuningKey, device_name, read_entry
+        x = tensors[0]
+        B, T, H = x.shape[:3]
+        n_seq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        dims = {n: s for d, t in zip(self.spec.inputs, tensors) for n, s in zip(d.dims[3:], t.shape[3:])}
+        problem = Problem(n_seq, T, H, tuple(sorted(dims.items())), _sm_count(x.device))
+        key = (problem, str(x.device), x.dtype)
+        if key not in self._choice:
+            timed = {}
+            for b, op in self.ops.items():
+                entry = read_entry(TuningKey.of(op, problem, device_name(x.device), x.dtype).path)
+                if entry is not None and entry.key == TuningKey.of(op, problem, device_name(x.device), x.dtype):
+                    timed[b] = entry.ms
+            best = min(timed, key=timed.get) if timed else "triton"
+            self._choice[key] = best
+            self.last_backend_reason = (f"{best}: tuned times {', '.join(f'{b} {ms:.3f} ms' for b, ms in timed.items())}"
+                                        if timed else "triton: no tuning entry for this shape (run `effc tune`)")
+        return self._choice[key]
+
+    def __call__(self, *tensors, cu_seqlens=None, **kw):
+        return self.ops[self.pick(*tensors, cu_seqlens=cu_seqlens)](*tensors, cu_seqlens=cu_seqlens, **kw)

@@ -26,9 +26,10 @@ def make_op(comp, backend: str = "triton"):
     """The op for a compilation: SoftmaxOp for the softmax family, HybridOp for a spec with a state and a
     score stage, AttentionOp otherwise."""
     if isinstance(comp, SoftmaxCompilation):
+        backend = "triton" if backend == "auto" else backend  # the softmax family has one backend
         return HybridOp(comp, backend) if comp.split else SoftmaxOp(comp, backend)
-    from .op import AttentionOp
-    return AttentionOp(comp, backend)
+    from .op import AttentionOp, AutoBackendOp
+    return AutoBackendOp(comp) if backend == "auto" else AttentionOp(comp, backend)
 
 
 class SoftmaxOp:
