@@ -129,3 +129,15 @@ def test_python_dash_m_help():
     assert p.returncode == 0, p.stderr
     for command in ("library", "show", "compile", "check", "bench"):
         assert command in p.stdout
+
+
+def test_tilelang_backend_from_the_cli():
+    pytest.importorskip("tilelang")
+    r = invoke("show", "retention", "--stage", "source", "--backend", "tilelang")
+    assert r.exit_code == 0, r.output
+    assert "T.prim_func" in r.output and "T.gemm" in r.output
+    if not torch.cuda.is_available():
+        r = invoke("check", "retention", "--backend", "tilelang")
+        assert r.exit_code == 1 and "the tilelang backend needs a GPU" in flat(r.output)
+    r = invoke("show", "retention", "--stage", "source", "--backend", "cuda")
+    assert r.exit_code == 1 and "unknown backend 'cuda'" in flat(r.output)
