@@ -81,3 +81,29 @@ def delta_net(q, k, v, beta, initial_state=None):
 
 
 NAIVE.update({"delta_net": delta_net, "gated_delta_net": gated_delta_rule})
+
+
+def mlstm(q, k, v, i, f, initial_state=None):
+    """The stabilised mLSTM recurrence of xLSTM (Beck et al. 2024, eqs. 19-27), q scaled by K^-1/2."""
+    q, k, v, i = (x.double() for x in (q, k, v, i))
+    lf = torch.nn.functional.logsigmoid(f.double())
+    B, T, H, K = q.shape
+    if initial_state is None:
+        C, n, m = q.new_zeros(B, H, K, v.shape[-1]), q.new_zeros(B, H, K), q.new_zeros(B, H)
+    else:
+        C, n, m = (x.double().clone() for x in initial_state)
+    out = []
+    for t in range(T):
+        m_new = torch.maximum(lf[:, t] + m, i[:, t])
+        a, e = (lf[:, t] + m - m_new).exp(), (i[:, t] - m_new).exp()
+        C = a[..., None, None] * C + e[..., None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
+        n = a[..., None] * n + e[..., None] * k[:, t]
+        m = m_new
+        qs = q[:, t] * K ** -0.5
+        num = torch.einsum("bhk,bhkv->bhv", qs, C)
+        den = torch.maximum(torch.einsum("bhk,bhk->bh", qs, n).abs(), (-m).exp())
+        out.append(num / den[..., None])
+    return torch.stack(out, 1), (C, n, m)
+
+
+NAIVE["mlstm"] = mlstm

@@ -13,6 +13,8 @@ SCANS = ("cumsum", "revcumsum")  # along the chunk (token) axis, inclusive
 # unit_lower_inv(A): (I + strict lower part of A)^-1 for a [C, C] tile: the UT / WY transform that
 # chunks transitions of the form I - b k k^T (the delta rule)
 SOLVES = ("unit_lower_inv",)
+# maxall(x): the largest element of a tile, a scalar (running maxima of stabilised exponential gates)
+WHOLE = ("maxall",)
 OTHER = ("matmul", "transpose", "last", "expand", "copy")
 # made by the autodiff pass, not callable from specs:
 #   unlast(x): a [C, ...] tile holding x at the last real token, 0 elsewhere (adjoint of last)
@@ -30,7 +32,7 @@ LOGIC = ("and", "or", "not")
 # pair tile: query side a column [C, 1], key side a row [1, CK]
 SOFTMAX = ("where", "key", "query", "softmax", "logsumexp")
 
-ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + OTHER + INTERNAL + COMPARE + LOGIC + SOFTMAX)
+ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + WHOLE + OTHER + INTERNAL + COMPARE + LOGIC + SOFTMAX)
 
 # name -> number of arguments for the functions callable in spec text
 CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
@@ -39,6 +41,7 @@ CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
             **{r: (1, 1) for r in REDUCTIONS},
             **{s: (1, 1) for s in SCANS},
             "unit_lower_inv": (1, 1),
+            "maxall": (1, 1),
             "last": (1, 1),
             "where": (3, 3), "not": (1, 1), "key": (1, 1), "query": (1, 1), "softmax": (1, 1), "logsumexp": (1, 1)}
 

@@ -189,6 +189,8 @@ def _vjp(op: Op, gy: str, a: _Adjoints, differentiable) -> None:
         if how == "max":  # the gradient goes to the maximal entries
             g = a.emit("mul", g, a.emit("ge", x, a.emit("expand", y, *((0.0, 1.0) if axis == 1 else (1.0, 0.0)))))
         a.add(x, a.emit("bcast", g, x))
+    elif k == "maxall":  # the gradient goes to the maximal entries
+        a.add(x, a.emit("mul", a.emit("bcast", gy, x), a.emit("ge", x, y)))
     elif k == "expand":
         g = gy
         for axis in reversed([i for i, p in enumerate(args[1:]) if p == 1.0]):

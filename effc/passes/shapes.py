@@ -95,7 +95,7 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
         return _broadcast(args[0], args[1], op)
     if k == "unlast":
         return TileType((C,) + args[0].shape)
-    if k == "total":
+    if k in ("total", "maxall"):
         return SCALAR
     if k == "bcast":
         return args[1]
@@ -144,7 +144,7 @@ def reduces_tokens(op: Op, types: dict[str, TileType]) -> bool:
         return types[op.args[0]].shape[1] == C
     if op.kind in O.REDUCTIONS:
         return types[op.args[0]].shape[O.REDUCTIONS[op.kind][0]] == C
-    if op.kind == "total":
+    if op.kind in ("total", "maxall"):
         return types[op.args[0]].rank > 0 and types[op.args[0]].shape[0] == C
     return op.kind == "revcumsum"
 

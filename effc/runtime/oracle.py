@@ -108,9 +108,10 @@ def _eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ov
         out = torch.zeros(x.shape[:2] + (chunk,) + x.shape[2:], dtype=x.dtype, device=x.device)
         out[:, :, n_valid - 1] = x
         return out
-    if k == "total":
-        x = _valid_rows(args[0], n_valid, 2) if over_tokens else args[0]
-        return x.sum(dim=tuple(range(2, x.dim())))
+    if k in ("total", "maxall"):
+        x = _valid_rows(args[0], n_valid, 2, 0.0 if k == "total" else -math.inf) if over_tokens else args[0]
+        dims = tuple(range(2, x.dim()))
+        return (x.sum(dim=dims) if k == "total" else x.amax(dim=dims)) if dims else x
     if k == "bcast":
         return torch.zeros_like(args[1]) + _align(args[0], args[1].dim() - 2)
     raise NotImplementedError(f"oracle has no rule for tile op '{k}'")

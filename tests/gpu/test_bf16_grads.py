@@ -9,9 +9,13 @@ from effc.runtime.verify import judge_low_precision, random_inputs, random_state
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+def _tuple(s) -> tuple:
+    return s if isinstance(s, tuple) else (s,)
+
+
 def _grads(fn, leaves, d_o, d_s):
     o, s = fn()
-    torch.autograd.backward([o, s], [d_o.to(o.dtype), d_s.to(s.dtype)])
+    torch.autograd.backward([o, *_tuple(s)], [d_o.to(o.dtype), *(d.to(x.dtype) for d, x in zip(d_s, _tuple(s)))])
     g = [x.grad.clone() for x in leaves]
     for x in leaves:
         x.grad = None
@@ -24,16 +28,16 @@ def test_bf16_gradients(name):
     B, T, H, D = 2, 2048, 16, 128
     dims = {d: D for d in op.spec.dims}
     xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda", seed=7)]
-    s0 = random_state(op.spec, B, H, dims, "cuda").requires_grad_()
+    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, B, H, dims, "cuda")))
     gen = torch.Generator(device="cpu").manual_seed(11)
     d_o = torch.randn((B, T, H, D), generator=gen).cuda()
-    d_s = torch.randn(s0.shape, generator=gen).cuda()
-    leaves = xs + [s0]
+    d_s = tuple(torch.randn(x.shape, generator=gen).cuda() for x in s0)
+    leaves = xs + list(s0)
     got = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True), leaves, d_o.bfloat16(), d_s)
     ref = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, d_s)
     low = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True, dtype=torch.float32,
                                       matmul_dtype=torch.bfloat16), leaves, d_o, d_s)
-    names = [d.name for d in op.spec.inputs] + ["initial_state"]
+    names = [d.name for d in op.spec.inputs] + [f"initial {s.name}" for s in op.spec.states]
     for n, a, b, c in zip(names, got, ref, low):
         v = judge_low_precision(a.float(), b, c)
         print(f"{name} d{n}: {v}")

@@ -31,6 +31,7 @@ INF = 'T.infinity("float32")'
 UNSUPPORTED = {
     "unit_lower_inv": "the Triton backend inverts I + L by fp32 (IEEE) matmul squarings; T.gemm on fp32 tiles "
                       "runs in tf32 in TileLang 0.1.x, which is too coarse for the inverse",
+    "maxall": "a whole-tile max to a scalar (the mLSTM stabiliser) has no TileLang lowering here yet",
 }
 _ONE = sympy.Integer(1)
 

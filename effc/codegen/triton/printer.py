@@ -93,11 +93,14 @@ class TritonPrinter:
             rank = self.types[op.args[0]].rank
             sel = "(r_C == n_valid - 1)" + ("[:, None]" if rank == 1 else "")
             return f"tl.where({sel}, {a[0]}{'[None, :]' if rank == 1 else ''}, 0.0)"
-        if k == "total":
-            rank = self.types[op.args[0]].rank
+        if k in ("total", "maxall"):
+            rank, how = self.types[op.args[0]].rank, "sum" if k == "total" else "max"
             if reduces_tokens(op, self.types):
-                a[0] = f"tl.where(tv{'[:, None]' if rank == 2 else ''}, {a[0]}, 0.0)"
-            return f"tl.sum(tl.sum({a[0]}, axis=1), axis=0)" if rank == 2 else f"tl.sum({a[0]}, axis=0)"
+                fill = "0.0" if how == "sum" else '-float("inf")'
+                a[0] = f"tl.where(tv{'[:, None]' if rank == 2 else ''}, {a[0]}, {fill})"
+            if rank == 0:
+                return a[0]
+            return f"tl.{how}(tl.{how}({a[0]}, axis=1), axis=0)" if rank == 2 else f"tl.{how}({a[0]}, axis=0)"
         if k == "bcast":
             return f"(tl.zeros_like({a[1]}) + {a[0]})"
         raise NotImplementedError(f"the Triton backend cannot emit tile op '{k}'")
