@@ -288,6 +288,36 @@ def _check_shape(d: ast.Decl) -> None:
                         "[B, T, H] (one value per token and head) or [B, T, H, D] (a vector per token)")
 
 
+def assign_statement(low: _StageLowering, a: ast.Assign, visible, targets, assigned: dict, roles, out: str) -> None:
+    """One `name = expr` of a stage, checked: a target (output or state) once, as `out`; never a
+    declared or reserved name; otherwise a local (re-assignment gets a new SSA name)."""
+    name, kind = low.stage, visible.get(a.target, "")
+    if a.target in targets:
+        if a.target in assigned:
+            raise SpecError(f"'{a.target}' is assigned twice in {name}", a.loc,
+                            f"one assignment of '{a.target}' (first at {assigned[a.target]})")
+        assigned[a.target] = a.loc
+        low.assign(a, out=out)
+        low.current.pop(a.target)  # outputs are write-only; states read as incoming
+        return
+    if kind in ("input", "param", "dim", "builtin", "state") or kind.startswith("hidden:"):
+        role = roles.get(a.target, "output" if kind.startswith("hidden:outputs") else kind)
+        where = {"output": " (outputs are assigned in merge)", "state": " (states are updated in inter)"}
+        raise SpecError(f"cannot assign to {role} '{a.target}' in {name}", a.loc,
+                        "a new local name" + (f" or one of {', '.join(targets)}" if targets else "")
+                        + where.get(role, ""))
+    if a.target.startswith("_"):
+        raise SpecError(f"'{a.target}': names starting with '_' are reserved", a.loc, "a name without '_' prefix")
+    low.assign(a)
+
+
+def require_assigned(stage: ast.Stage, targets, assigned) -> None:
+    missing = [t for t in targets if t not in assigned]
+    if missing:
+        raise SpecError(f"{stage.name} does not assign {', '.join(missing)}", stage.loc,
+                        f"an assignment '{missing[0]} = ...' in {stage.name}")
+
+
 def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, targets, roles, inherited,
                  taken) -> tuple[Stage, dict[str, str]]:
     """`targets` are the names this stage must assign (outputs in merge, states in inter);
@@ -301,26 +331,7 @@ def _lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, ta
         if isinstance(a, ast.Mask):
             raise SpecError(f"'mask' in {name}: masks select the (query, key) pairs of a score stage", a.loc,
                             "a 'mask PREDICATE' line inside 'score { ... }'")
-        kind = visible.get(a.target, "")
-        if a.target in targets:
-            if a.target in assigned:
-                raise SpecError(f"'{a.target}' is assigned twice in {name}", a.loc,
-                                f"one assignment of '{a.target}' (first at {assigned[a.target]})")
-            assigned[a.target] = a.loc
-            low.assign(a, out=next_state_name(a.target) if name == "inter" else a.target)
-            low.current.pop(a.target)  # outputs are write-only; states read as incoming
-            continue
-        if kind in ("input", "param", "dim", "builtin", "state") or kind.startswith("hidden:"):
-            role = roles.get(a.target, kind)
-            where = {"output": " (outputs are assigned in merge)", "state": " (states are updated in inter)"}
-            raise SpecError(f"cannot assign to {role} '{a.target}' in {name}", a.loc,
-                            f"a new local name" + (f" or one of {', '.join(targets)}" if targets else "")
-                            + where.get(role, ""))
-        if a.target.startswith("_"):
-            raise SpecError(f"'{a.target}': names starting with '_' are reserved", a.loc, "a name without '_' prefix")
-        low.assign(a)
-    missing = [t for t in targets if t not in assigned]
-    if missing:
-        raise SpecError(f"{name} does not assign {', '.join(missing)}", stage.loc,
-                        f"an assignment '{missing[0]} = ...' in {name}")
+        assign_statement(low, a, visible, targets, assigned, roles,
+                         next_state_name(a.target) if name == "inter" else a.target)
+    require_assigned(stage, targets, assigned)
     return Stage(name, tuple(low.ops)), low.current

@@ -22,7 +22,7 @@ from ..dsl import ast
 from ..errors import Loc, SpecError
 from ..ir import ops as O
 from ..ir.nodes import ParamDecl, Spec, Stage
-from .lower import _StageLowering, _lower_stage
+from .lower import _StageLowering, _lower_stage, assign_statement, require_assigned
 
 
 class _SideLowering(_StageLowering):
@@ -84,26 +84,8 @@ def _lower(stage: ast.Stage | None, name: str, visible, funcs, counter, inherite
                 value = low.emit("copy", [value], a.loc)  # a constant or a leaf: give the predicate an op
             low.masks.append(value)
             continue
-        kind = visible.get(a.target, "")
-        if a.target in targets:
-            if a.target in assigned:
-                raise SpecError(f"'{a.target}' is assigned twice in {name}", a.loc,
-                                f"one assignment of '{a.target}' (first at {assigned[a.target]})")
-            assigned[a.target] = a.loc
-            low.assign(a, out=a.target)
-            low.current.pop(a.target)
-            continue
-        if kind in ("input", "param", "dim", "builtin", "state") or kind.startswith("hidden:"):
-            role = {"hidden:outputs are written by merge, not read": "output"}.get(kind, kind)
-            raise SpecError(f"cannot assign to {role} '{a.target}' in {name}", a.loc,
-                            "a new local name" + (f" or one of {', '.join(targets)}" if targets else ""))
-        if a.target.startswith("_"):
-            raise SpecError(f"'{a.target}': names starting with '_' are reserved", a.loc, "a name without '_' prefix")
-        low.assign(a)
-    missing = [t for t in targets if t not in assigned]
-    if missing:
-        raise SpecError(f"{name} does not assign {', '.join(missing)}", stage.loc,
-                        f"an assignment '{missing[0]} = ...' in {name}")
+        assign_statement(low, a, visible, targets, assigned, {}, a.target)
+    require_assigned(stage, targets, assigned)
     return Stage(name, tuple(low.ops)), low.current, low.masks
 
 
