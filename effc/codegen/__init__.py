@@ -1,6 +1,18 @@
 """Kernel plan -> source. One printer per backend; none knows a mechanism, only tile ops."""
+from functools import lru_cache
+from pathlib import Path
+
+import jinja2
 
 # Bump when generated kernels change in a way that can change which tile configuration is fastest
 # (loop structure, what is kept on chip, how loads are issued): tuned configurations recorded under an
 # older version are then ignored, and `effc tune` records new ones.
 CODEGEN_VERSION = 1
+
+
+@lru_cache(maxsize=None)
+def template(module_file: str, name: str) -> jinja2.Template:
+    """The Jinja template `name` beside the module `module_file` (pass `__file__`), loaded once."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(module_file).parent),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.get_template(name)

@@ -148,8 +148,8 @@ class SoftmaxCompilation(Compilation):
         return emit_softmax_module(self.legality, self.backward)
 
 
-class _FromSpecSoftmax(SoftmaxCompilation):
-    """A compilation that starts from IR (a hybrid's branch) rather than text."""
+class _FromSpec:
+    """Mixed into a compilation that starts from IR (a hybrid's branch) rather than text."""
 
     ir = property(lambda self: self._spec)
 
@@ -160,11 +160,9 @@ class _FromSpecSoftmax(SoftmaxCompilation):
         return c
 
 
-class _FromSpecLinear(Compilation):
-    ir = property(lambda self: self._spec)
+class _FromSpecSoftmax(_FromSpec, SoftmaxCompilation):
+    pass
 
-    @classmethod
-    def of(cls, spec: Spec):
-        c = cls(None, spec.name)
-        c._spec = spec
-        return c
+
+class _FromSpecLinear(_FromSpec, Compilation):
+    pass

@@ -5,12 +5,10 @@ printer.py, one printer method per IR op."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 
-import jinja2
 
 from ... import __version__
+from .. import template
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan, StatePlan
 from .body import F32, IN, Body, Buffer
@@ -23,13 +21,6 @@ _RESERVED = ("T", "tilelang", "H", "C", "BLOCK", "dtype", "threads", "num_stages
              "chunks_per_seg", "n_segments", "n_bh", "i0", "i1", "i2")
 # arguments after the params, as the Triton kernels take them (minus what a shape carries)
 COMMON = ("T_pad", "chunks_per_seg", "n_segments", "n_bh", "cu", "chunk_off")
-
-
-@lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True)
-    return env.get_template("kernels.py.j2")
 
 
 def factory_name(spec_name: str, kernel: str) -> str:
@@ -302,5 +293,5 @@ def emit_module(plan: Plan) -> str:
              for kp in plan.kernels if kp.name in FORWARD]
     summary = (f"kernels: {', '.join(v.plan.name for v in views)} (the backward runs on Triton); "
                f"split dim: {plan.split_dim or '-'}")
-    return _template().render(version=__version__, spec=spec, kernels=views, dims=spec.dims, split=plan.split_dim,
+    return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims, split=plan.split_dim,
                               summary=summary)

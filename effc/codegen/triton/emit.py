@@ -3,22 +3,13 @@ tensor's declared dims; the body is one printed line per IR op."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
-import jinja2
 
 from ... import __version__
+from .. import template
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan
 from .printer import TritonPrinter
-
-
-@lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True)
-    return env.get_template("kernels.py.j2")
 
 
 def _axes(n: int, i: int) -> str:
@@ -96,5 +87,5 @@ def emit_module(plan: Plan) -> str:
             view.dinit_offs[s.name] = _row_major("i_bh" if split in s.dims else "pid_s * n_bh + i_bh", s.dims)
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
-    return _template().render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
+    return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
                               split=split, summary=summary)

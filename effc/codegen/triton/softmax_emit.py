@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
-import jinja2
 import sympy
 
 from ... import __version__
+from .. import template
 from ...ir import ops as O
 from ...ir.nodes import C, CK, Op
 from ...passes.blocksparse import NEG, POS, Range, triton_expr
@@ -23,13 +21,6 @@ from .printer import TritonPrinter
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _ONE = sympy.Integer(1)
-
-
-@lru_cache(maxsize=1)
-def _template() -> jinja2.Template:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True)
-    return env.get_template("softmax.py.j2")
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -419,5 +410,5 @@ def emit_softmax_module(sched: SoftmaxSchedule, bwd: SoftmaxBackward | None) -> 
         k.params = [f"p_{p.name}" for p in spec.params if f"p_{p.name}" in text or any(
             f"p_{p.name}" in b for b in k.bounds)]
         k.heads = [f"HX_{x}" for x in sched.leaves if x in q or x in kk]
-    return _template().render(version=__version__, spec=spec, kernels=kernels, dims=spec.dims,
+    return template(__file__, "softmax.py.j2").render(version=__version__, spec=spec, kernels=kernels, dims=spec.dims,
                               leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}))
