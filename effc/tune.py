@@ -2,7 +2,8 @@
 configuration per (spec, backend, GPU, shape bucket, dtype) in the tuning cache (runtime.tuning).
 
 For each call shape, within its share of the budget:
-1. the model's choice (`choose`) runs first: its output is what every candidate must reproduce;
+1. the model's choice (`model_default`: `choose`, or `choose_softmax_tiles` for the softmax family) runs
+   first: its output is what every candidate must reproduce;
 2. worker processes compile candidates (one Triton compile is single-threaded, so processes are what
    parallelise it). In the workers a launch only compiles, into Triton's on-disk cache, so they never
    disturb the timings here, and this process finds each kernel compiled when it first runs it;
@@ -10,6 +11,9 @@ For each call shape, within its share of the budget:
    model's segment count), then the other segment counts of the best variants;
 4. the best few and the default are re-timed with a full do_bench, interleaved. A candidate replaces the
    default only when faster by more than MARGIN: the tuned config is never slower than the model's.
+
+The softmax family tunes its forward kernel the same way: C and block are its query and key blocks, P is
+always 1, so every candidate is a compiled variant of its own; its backward kernels keep the model's tiles.
 
 The timing, checking and compiling live behind a runner (`GpuRunner` here; tests pass a fake one), so
 the ranking, budget and cache logic run without a GPU.
@@ -252,7 +256,7 @@ class GpuRunner:
 
         out = self.op(*self.xs, **c.overrides())[0]
         torch.cuda.synchronize()
-        return out
+        return out[0] if isinstance(out, tuple) else out  # a spec with several outputs: the first
 
     def submit(self, unit: list[Candidate]) -> None:
         self._queue.append(list(unit))

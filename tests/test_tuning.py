@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 import effc
 from effc import codegen
 from effc.cli import app
-from effc.passes.search import H100_SHARED_BYTES, Candidate, search_space
+from effc.passes.search import H100_SHARED_BYTES, SOFTMAX_STAGES, Candidate, model_default, search_space
+from effc.passes.softmax import choose_softmax_tiles
 from effc.passes.tiling import Problem, choose
 from effc.runtime.tuning import TuningKey, read_entry, shape_bucket, store
 from effc.tune import MARGIN, tune_problem
@@ -321,6 +322,144 @@ def test_concurrent_tuners_leave_a_valid_cache(retention, cache):
     assert tuned.config in (space.groups()[1][0].overrides(), space.groups()[2][0].overrides())  # one writer's
 
 
+# ---- the softmax family -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def softmax():
+    return effc.load("softmax_attn")
+
+
+def test_softmax_search_space_starts_at_the_model_default(softmax):
+    space = space_of(softmax, PROBLEM)
+    assert space.default == model_default(softmax.spec, softmax.comp.legality, PROBLEM) == Candidate(128, 64, 1, 8, 3)
+    assert space.default == Candidate.of(choose_softmax_tiles(softmax.spec, dict(KV128), False))
+    assert space.candidates[0] == space.default and len(set(space.candidates)) == len(space.candidates)
+    assert {c.segments for c in space.candidates} == {1}  # one walk per query block
+    assert len(space.groups()) == len(space.candidates)  # every candidate compiles its own kernel
+    assert {c.num_stages for c in space.candidates} == set(SOFTMAX_STAGES)
+    assert space.knobs.startswith("C = query block BM, block = key block BN")
+    short = space_of(softmax, Problem(2, 40, 16, KV128))  # blocks past T rounded up to 64 only pad; the default stays
+    assert {c.chunk for c in short.candidates} == {16, 32, 64, 128} and {c.block for c in short.candidates} <= {16, 32, 64}
+
+
+def test_softmax_search_space_prunes_shared_memory(softmax):
+    space = space_of(softmax, PROBLEM)
+    # key and value blocks of 128 x 128 bf16 per stage; q [128, 128] and k.T [128, 128] for the score matmul
+    assert space.reason(Candidate(128, 128, 1, 8, 3)) == (
+        "shared memory 262144 B > 232448 B per block (3 stages x 65536 B of key-side tiles per key block + "
+        "65536 B of the largest matmul's operands)")
+    assert Candidate(128, 128, 1, 8, 2) in space.candidates  # 2 x 65536 B + 65536 B = 196608 B
+    assert space_of(softmax, PROBLEM, smem_limit=101376).reason(Candidate(128, 64, 1, 8, 2)) == (
+        "shared memory 114688 B > 101376 B per block (2 stages x 32768 B of key-side tiles per key block + "
+        "49152 B of the largest matmul's operands)")
+
+
+def test_softmax_search_space_prunes_registers(softmax):
+    space = space_of(softmax, PROBLEM)
+    # q tile, accumulator, score tile and the running (max, sum): 41216 fp32 values over 4 warps
+    assert space.reason(Candidate(128, 64, 1, 4, 3)) == (
+        "registers: ~322 live fp32 values per thread > 255 (41216 per program / (32 x 4 warps))")
+    assert Candidate(64, 64, 1, 4, 3) in space.candidates  # half the query block: ~161 per thread
+    fp32 = space_of(softmax, PROBLEM, dtype_bytes=4)  # twice the bytes: the default is over the model, kept
+    assert fp32.candidates[0] == fp32.default
+    assert fp32.default_over_model == (
+        "shared memory 294912 B > 232448 B per block (3 stages x 65536 B of key-side tiles per key block + "
+        "98304 B of the largest matmul's operands)")
+
+
+@pytest.mark.parametrize("name", ["sliding_window", "alibi", "gated_attention", "forgetting_transformer"])
+def test_softmax_family_spaces(name):
+    op = effc.load(name)
+    space = space_of(op, PROBLEM)
+    assert space.candidates[0] == space.default == Candidate(128, 64, 1, 8, 3)
+    assert space.reason(Candidate(128, 128, 1, 8, 4)).startswith("shared memory")
+
+
+def test_a_hybrid_is_refused_with_a_reason():
+    op = effc.load("swax")
+    with pytest.raises(NotImplementedError, match="'swax' is a hybrid"):
+        space_of(op, PROBLEM)
+
+
+def test_softmax_fake_timer_stores_the_winner(softmax, cache):
+    space = space_of(softmax, PROBLEM)
+    good, wrong = space.candidates[3], space.candidates[1]
+    runner = FakeRunner(lambda c: {good: 0.6, wrong: 0.2}.get(c, 1.0), wrong={wrong})
+    r = run(softmax, runner)
+    assert r.winner == good and r.winner_ms == 0.6 and r.default_ms == 1.0
+    assert r.trials[wrong].error.startswith("wrong output")
+    entry = read_entry(r.path)
+    assert entry.key == TuningKey.of(softmax, PROBLEM, "FakeGPU 80GB", torch.bfloat16)
+    assert entry.key.spec == "softmax_attn" and entry.key.bucket == "BH32-T8192-K128-V128"
+    assert entry.config == good.overrides() and entry.config["segments"] == 1
+    assert entry.default == {"chunk": 128, "block": 64, "segments": 1, "num_warps": 8, "num_stages": 3}
+
+
+SOFTMAX_TUNED = {"chunk": 32, "block": 32, "segments": 1, "num_warps": 8, "num_stages": 2}
+
+
+@no_cuda  # the kernels run in Triton's interpreter on CPU tensors
+def test_softmax_op_uses_the_tuned_config(softmax, cache):
+    from effc.runtime.verify import random_inputs
+    xs = [x.requires_grad_() for x in random_inputs(softmax.spec, 2, 40, 2, DIMS16)]
+    untuned = effc.load("softmax_attn")
+    o, _ = untuned(*xs)
+    base = untuned.last_config
+    assert not base.reasons[0].startswith("tuned") and base.fwd == (16, 16, 4, 1)
+    seed = torch.randn_like(o)
+    grads = torch.autograd.grad(o, xs, seed)
+    _tune_entry(softmax, SMALL, SOFTMAX_TUNED)
+    op = effc.load("softmax_attn")
+    o2, _ = op(*xs)
+    cfg = op.last_config
+    assert cfg.fwd == (32, 32, 8, 2)
+    assert (cfg.dq, cfg.dkv, cfg.pre) == (base.dq, base.dkv, base.pre)  # the backward keeps the model's tiles
+    assert cfg.reasons[0].startswith("tuned for BH4-T64-K16-V16 float32 on cpu: 0.500 ms vs the model's 1.000 ms")
+    assert Candidate.of(cfg) == Candidate(32, 32, 1, 8, 2)
+    torch.testing.assert_close(o2, o, rtol=1e-5, atol=1e-5)
+    for g2, g in zip(torch.autograd.grad(o2, xs, seed), grads):  # the backward after a tuned forward
+        torch.testing.assert_close(g2, g, rtol=1e-5, atol=1e-5)
+    # explicit arguments win over the entry (for every kernel); another bucket gets the model
+    op(*xs, chunk=16)
+    assert op.last_config.fwd == (16, 32, 8, 2) and op.last_config.dq[0] == 16
+    assert "given: chunk=16" in op.last_config.reasons[0]
+    longer = random_inputs(softmax.spec, 2, 200, 2, DIMS16)
+    op(*longer)
+    assert op.last_config == base and not op.last_config.reasons[0].startswith("tuned")
+    with pytest.raises(effc.ArgumentError, match="segments=2"):
+        op(*xs, segments=2)
+
+
+@no_cuda
+def test_softmax_op_ignores_an_entry_it_cannot_run(softmax, cache):
+    from effc.runtime.verify import random_inputs
+    _tune_entry(softmax, SMALL, {**SOFTMAX_TUNED, "block": 24})
+    op = effc.load("softmax_attn")
+    with pytest.warns(UserWarning, match="ignoring entry .*powers of two"):
+        op(*random_inputs(softmax.spec, 2, 40, 2, DIMS16))
+    assert op.last_config.fwd == (16, 16, 4, 1)
+
+
+def _tune_check():
+    import importlib.util
+    path = Path(__file__).parent.parent / "scripts" / "tune_check.py"
+    spec = importlib.util.spec_from_file_location("tune_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tune_check_races_the_model_default_of_either_family(softmax, gla):
+    tc = _tune_check()
+    assert tc.default_candidate(softmax, 2, 8192, 16, 128, 132) == Candidate(128, 64, 1, 8, 3)
+    assert tc.default_candidate(gla, 2, 8192, 16, 128, 132) == space_of(gla, PROBLEM).default
+    # the child reads the tuned config off the op: a SoftmaxTiles gives the forward's knobs
+    tiles = choose_softmax_tiles(softmax.spec, dict(KV128), False, tuned=SOFTMAX_TUNED)
+    assert Candidate.of(tiles).overrides() == SOFTMAX_TUNED
+    o = torch.zeros(1)
+    assert tc.first_output(o) is o and tc.first_output((o, torch.ones(1))) is o
+
+
 # ---- the command line ---------------------------------------------------------------------------
 
 runner = CliRunner()
@@ -366,6 +505,18 @@ def test_tune_dry_run_prints_the_space(cache):
     assert "model default: C=32 block=64 P=4 warps=4 stages=1" in r.output
     assert ("pruned C=64 block=64 P=4 warps=4 stages=1: registers: ~320 live fp32 values per thread > 255"
             in r.output)
+
+
+def test_tune_dry_run_prints_a_softmax_space(cache):
+    r = runner.invoke(app, ["tune", "softmax_attn", "--shapes", "2x256", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "search space for B=2 T=256 H=16 {'K': 128, 'V': 128}:" in r.output
+    assert "knobs: C = query block BM, block = key block BN of the forward kernel" in r.output
+    assert "model default: C=128 block=64 P=1 warps=8 stages=3" in r.output
+    assert ("pruned C=128 block=128 P=1 warps=8 stages=3: shared memory 262144 B > 232448 B per block "
+            "(3 stages x 65536 B of key-side tiles per key block" in r.output)
+    r = runner.invoke(app, ["tune", "swax", "--shapes", "2x256", "--dry-run"])
+    assert r.exit_code == 1 and "'swax' is a hybrid" in r.output
 
 
 def test_python_dash_m_has_the_commands():

@@ -15,10 +15,16 @@ resource model evaluated on those symbolic tile sizes:
   against 255. Past that ptxas spills: AOT for sm_90, every gla config over it spilled (C=64 at
   4 warps: 1184 B of spill stores); those under it spilled at most 248 B.
 
-`choose` (the model's best guess) is always a candidate, first, even where the resource model
-would prune it: it is what every other candidate is checked and timed against, and its kernels run
-(retention and simple_gla's defaults, C=64 with 4 warps, are a value or two per thread over 255, and
-are what the H100 sweeps picked), so its other segment counts, which run the same kernels, stay too.
+The softmax family (passes.softmax) has the same knobs on its forward kernel: C is the query block BM,
+block the key block BN, P always 1 (one walk per query block); a stage holds one key block's
+key-side tiles (K, V), and the live values are the query tile, the accumulators and the score tile
+(`softmax_tiling_space`). Its backward kernels keep the model's tiles whatever the forward's.
+
+`model_default` (the model's best guess: `choose`, `choose_softmax_tiles`) is always a candidate,
+first, even where the resource model would prune it: it is what every other candidate is checked and
+timed against, and its kernels run (retention and simple_gla's defaults, C=64 with 4 warps, are a
+value or two per thread over 255, and are what the H100 sweeps picked), so its other segment counts,
+which run the same kernels, stay too.
 """
 from __future__ import annotations
 
@@ -26,8 +32,9 @@ import math
 from dataclasses import dataclass, fields
 
 from ..errors import SpecError
-from ..ir.nodes import C, Spec, dim
+from ..ir.nodes import C, CK, Spec, dim
 from .legality import Legality
+from .softmax import SoftmaxSchedule, choose_softmax_tiles, softmax_tiling_space
 from .tiling import BLOCK, PROGRAMS_PER_SM, Problem, TileConfig, TilingSpace, _check, _segments, choose, tiling_space
 
 H100_SHARED_BYTES = 232448  # per block, opt-in maximum (also the H200's: same SM)
@@ -35,6 +42,7 @@ MAX_REGISTERS = 255  # per thread
 CHUNKS = (16, 32, 64, 128)
 WARPS = (4, 8)  # 4 warps make one warpgroup, which Hopper's wgmma needs; fewer fall back to mma
 STAGES = (1, 2, 3)
+SOFTMAX_STAGES = (2, 3, 4)  # the forward's key/value loads want pipelining (the model picks 2 or 3)
 MAX_SEGMENTS = 64  # as in the wave model of `choose`
 
 
@@ -71,13 +79,14 @@ class Resources:
     dots: int  # bytes of the largest matmul's operand tiles
     live: int  # fp32 values a program keeps live
     registers: int  # per thread
+    what: str = "input tiles per chunk"  # what one stage holds (TilingSpace.staged)
 
     def over(self, num_warps: int, num_stages: int, smem_limit: int, max_registers: int = MAX_REGISTERS) -> list[str]:
         """Why the configuration does not fit, one reason per exceeded limit."""
         why = []
         if self.shared > smem_limit:
             why.append(f"shared memory {self.shared} B > {smem_limit} B per block ({num_stages} stages x "
-                       f"{self.staged} B of input tiles per chunk + {self.dots} B of the largest matmul's operands)")
+                       f"{self.staged} B of {self.what} + {self.dots} B of the largest matmul's operands)")
         if self.registers > max_registers:
             why.append(f"registers: ~{self.registers} live fp32 values per thread > {max_registers} "
                        f"({self.live} per program / (32 x {num_warps} warps))")
@@ -88,7 +97,7 @@ def resources(space: TilingSpace, values: dict, num_warps: int, num_stages: int,
     staged = int(space.loaded.subs(values)) * dtype_bytes
     dots = max((int(d.subs(values)) for d in space.dot_operands), default=0) * dtype_bytes
     live = int(space.live_fp32.subs(values))
-    return Resources(num_stages * staged + dots, staged, dots, live, math.ceil(live / (32 * num_warps)))
+    return Resources(num_stages * staged + dots, staged, dots, live, math.ceil(live / (32 * num_warps)), space.staged)
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,7 @@ class SearchSpace:
     candidates: tuple[Candidate, ...]  # the default first, then by how many knobs differ from it
     pruned: tuple[Pruned, ...]
     default_over_model: str = ""  # what the resource model says of the default (kept regardless)
+    knobs: str = ""  # what the candidates' C, block and P are (TilingSpace.knobs)
 
     def reason(self, cand: Candidate) -> str | None:
         """Why `cand` was pruned, or None when it is a candidate (or was never generated)."""
@@ -120,10 +130,12 @@ class SearchSpace:
     def __str__(self) -> str:
         p = self.problem
         lines = [f"search space for B={p.B} T={p.T} H={p.H} {dict(p.dims)}: {len(self.candidates)} candidates "
-                 f"in {len(self.groups())} compiled variants, {len(self.pruned)} pruned",
-                 f"  model default: {self.default}"
-                 + (f" (kept with its other P, though over the resource model: {self.default_over_model})"
-                    if self.default_over_model else "")]
+                 f"in {len(self.groups())} compiled variants, {len(self.pruned)} pruned"]
+        if self.knobs:
+            lines.append(f"  knobs: {self.knobs}")
+        lines.append(f"  model default: {self.default}"
+                     + (f" (kept with its other P, though over the resource model: {self.default_over_model})"
+                        if self.default_over_model else ""))
         lines += [f"  candidate {c}" for c in self.candidates]
         lines += [f"  pruned {x.candidate}: {x.reason}" for x in self.pruned]
         return "\n".join(lines)
@@ -133,27 +145,38 @@ def _pow2_upto(lo: int, hi: int) -> list[int]:
     return [1 << i for i in range(lo.bit_length() - 1, hi.bit_length()) if lo <= 1 << i <= hi]
 
 
-def search_space(spec: Spec, legality: Legality, problem: Problem, *, dtype_bytes: int = 2,
-                 smem_limit: int = H100_SHARED_BYTES, max_registers: int = MAX_REGISTERS,
-                 chunks=CHUNKS, warps=WARPS, stages=STAGES) -> SearchSpace:
-    """All configurations worth compiling for `problem`, and the pruned ones with the reason."""
-    if dtype_bytes not in (2, 4):
-        raise ValueError(f"dtype_bytes must be 2 (bfloat16, float16) or 4 (float32), got {dtype_bytes}")
-    if smem_limit <= 0:
-        raise ValueError(f"smem_limit must be a positive number of bytes, got {smem_limit}")
+def model_default(spec: Spec, legality, problem: Problem) -> Candidate:
+    """The model's choice for `problem` as a candidate: what `effc tune` times every other against (and
+    what an op runs when no tuning entry is recorded), for either family."""
+    if isinstance(legality, SoftmaxSchedule):
+        return Candidate.of(choose_softmax_tiles(spec, dict(problem.dims), interpreting=False))
+    if not isinstance(legality, Legality):
+        raise NotImplementedError(f"spec '{spec.name}' is a hybrid (a state and a score stage): `effc tune` covers "
+                                  "the chunked-scan and the softmax family, not a hybrid's two branches yet")
+    return Candidate.of(choose(spec, legality, problem))
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """One (chunk, block) of the grid: the symbol values, the segment counts worth trying, the wave model's."""
+
+    chunk: int
+    block: int
+    values: dict
+    segments: tuple[int, ...]
+    wave: int
+
+
+def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candidate, chunks) -> list[_Tile]:
+    """Chunk C x block of the split dim, with segment counts around the wave model's."""
     space = tiling_space(spec, legality)
-    default_cfg = choose(spec, legality, problem)
-    default = Candidate.of(default_cfg)
     split = space.split_dim
     split_size = problem.size(split) if split else 1
     blocks = _pow2_upto(16, split_size) if split else [1]
     t_pow2 = 1 << max(0, problem.T - 1).bit_length()
     chunk_set = sorted({c for c in chunks if c <= max(t_pow2, 16)} | {default.chunk})
     slots = problem.sm_count * PROGRAMS_PER_SM
-    keep: list[Candidate] = []
-    pruned: list[Pruned] = []
-    over_model = ""
-    wave: dict[tuple[int, int], int] = {}  # the wave model's segments for each (chunk, block)
+    out = []
     for c in chunk_set:
         for b in blocks:
             values = {C: c, **{dim(d): problem.size(d) for d in spec.dims}}
@@ -162,32 +185,67 @@ def search_space(spec: Spec, legality: Legality, problem: Problem, *, dtype_byte
             n_chunks = max(1, math.ceil(problem.T / c))
             programs = (split_size // b) * problem.B * problem.H
             best, _ = _segments(legality, programs, n_chunks, slots)
-            wave[c, b] = best
             ps = {1}
             if legality.segmentable:
                 ps |= {p for p in (best // 2, best, best * 2) if 1 <= p <= min(n_chunks, MAX_SEGMENTS)}
             if (c, b) == (default.chunk, default.block):
                 ps.add(default.segments)
-            try:
-                _check(space, values)
-                bad = None
-            except SpecError as e:
-                bad = str(e).removeprefix("error: ")
-            for w in warps:
-                for s in stages:
-                    why = [bad] if bad else resources(space, values, w, s, dtype_bytes).over(w, s, smem_limit,
-                                                                                              max_registers)
-                    if why and (c, b, w, s) == default.variant:
-                        over_model = "; ".join(why)
-                        why = []  # the default's kernels run whatever the model says; so do its other P
-                    for p in sorted(ps):
-                        cand = Candidate(c, b, p, w, s)
-                        if cand == default:
-                            continue
-                        if why:
-                            pruned.append(Pruned(cand, "; ".join(why)))
-                        else:
-                            keep.append(cand)
+            out.append(_Tile(c, b, values, tuple(sorted(ps)), best))
+    return out
+
+
+def _softmax_grid(spec: Spec, problem: Problem, default: Candidate, blocks) -> list[_Tile]:
+    """Query block BM x key block BN of the forward kernel (one segment: a walk per query block); blocks
+    past T (rounded up to a power of two) only pad."""
+    t_pow2 = max(1 << max(0, problem.T - 1).bit_length(), 16)
+    sizes = sorted({b for b in blocks if b <= t_pow2})
+    dims = {dim(d): problem.size(d) for d in spec.dims}
+    return [_Tile(bm, bn, {C: bm, CK: bn, **dims}, (1,), 1)
+            for bm in sorted(set(sizes) | {default.chunk}) for bn in sorted(set(sizes) | {default.block})]
+
+
+def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2,
+                 smem_limit: int = H100_SHARED_BYTES, max_registers: int = MAX_REGISTERS,
+                 chunks=CHUNKS, warps=WARPS, stages=None) -> SearchSpace:
+    """All configurations worth compiling for `problem`, and the pruned ones with the reason. `legality` is
+    a chunked scan's (passes.legality) or a softmax spec's schedule (passes.softmax); `chunks` are the
+    chunk lengths, or the query and key blocks; `stages` default to STAGES, SOFTMAX_STAGES."""
+    if dtype_bytes not in (2, 4):
+        raise ValueError(f"dtype_bytes must be 2 (bfloat16, float16) or 4 (float32), got {dtype_bytes}")
+    if smem_limit <= 0:
+        raise ValueError(f"smem_limit must be a positive number of bytes, got {smem_limit}")
+    default = model_default(spec, legality, problem)
+    if isinstance(legality, SoftmaxSchedule):
+        space, grid = softmax_tiling_space(legality), _softmax_grid(spec, problem, default, chunks)
+        stages = stages or SOFTMAX_STAGES
+    else:
+        space, grid = tiling_space(spec, legality), _scan_grid(spec, legality, problem, default, chunks)
+        stages = stages or STAGES
+    keep: list[Candidate] = []
+    pruned: list[Pruned] = []
+    over_model = ""
+    wave = {(t.chunk, t.block): t.wave for t in grid}
+    for t in grid:
+        try:
+            _check(space, t.values)
+            bad = None
+        except SpecError as e:
+            bad = str(e).removeprefix("error: ")
+        for w in warps:
+            for s in stages:
+                why = [bad] if bad else resources(space, t.values, w, s, dtype_bytes).over(w, s, smem_limit,
+                                                                                            max_registers)
+                if why and (t.chunk, t.block, w, s) == default.variant:
+                    over_model = "; ".join(why)
+                    why = []  # the default's kernels run whatever the model says; so do its other P
+                for p in t.segments:
+                    cand = Candidate(t.chunk, t.block, p, w, s)
+                    if cand == default:
+                        continue
+                    if why:
+                        pruned.append(Pruned(cand, "; ".join(why)))
+                    else:
+                        keep.append(cand)
 
     def distance(x: Candidate) -> tuple:
         # a compiled variant's first candidate takes the wave model's P: it stands for its variant
@@ -195,4 +253,5 @@ def search_space(spec: Spec, legality: Legality, problem: Problem, *, dtype_byte
         far = abs(math.log2(x.chunk / default.chunk)) + abs(math.log2(x.block / default.block))
         return knobs, x.segments != wave[x.chunk, x.block], far, x
 
-    return SearchSpace(problem, default, (default, *sorted(keep, key=distance)), tuple(pruned), over_model)
+    return SearchSpace(problem, default, (default, *sorted(keep, key=distance)), tuple(pruned), over_model,
+                       space.knobs)

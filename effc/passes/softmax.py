@@ -29,6 +29,7 @@ from ..ir.printer import print_op
 from .blocksparse import BlockSparsity, derive
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
+from .tiling import IsPow2, TilingSpace
 
 _ONE = sympy.Integer(1)
 
@@ -397,7 +398,7 @@ class SoftmaxTiles:
     pre: tuple[int, int, int, int]
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
-    # the names `effc bench` prints for the linear family's configs
+    # the knobs of the linear family's configs (`effc bench`, `effc tune`): the forward kernel's
     @property
     def chunk(self) -> int:
         return self.fwd[0]
@@ -406,11 +407,15 @@ class SoftmaxTiles:
     def block(self) -> int:
         return self.fwd[1]
 
-    segments = 1
+    segments = 1  # one walk per query block: the key-block walk is never segmented
 
     @property
     def num_warps(self) -> int:
         return self.fwd[2]
+
+    @property
+    def num_stages(self) -> int:
+        return self.fwd[3]
 
     def __str__(self) -> str:
         head = (f"fwd BM={self.fwd[0]} BN={self.fwd[1]} warps={self.fwd[2]} stages={self.fwd[3]}; "
@@ -419,14 +424,26 @@ class SoftmaxTiles:
 
 
 def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *, chunk: int | None = None,
-                         block: int | None = None, num_warps: int | None = None,
-                         num_stages: int | None = None) -> SoftmaxTiles:
+                         block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                         segments: int | None = None, tuned: dict | None = None) -> SoftmaxTiles:
     """Block sizes by a simple register / shared-memory rule for Hopper (and small blocks under the
-    interpreter); `chunk` (query block) and `block` (key block) override it for every kernel."""
+    interpreter); `chunk` (query block) and `block` (key block) override it for every kernel.
+    `tuned` (the knobs of an `effc tune` entry: chunk, block, num_warps, num_stages) sets the forward
+    kernel's tiles, the explicit arguments still winning; the backward kernels keep the model's (they
+    read only per-token values the forward saved, so any forward tiling serves them)."""
     for d, v in dims.items():
         if v < 16 or v & (v - 1):
             raise SpecError(f"feature dim {d}={v}: tiles are loaded whole and feed tl.dot, so each feature dim "
                             "must be a power of two >= 16")
+    if segments not in (None, 1):
+        raise SpecError(f"segments={segments}: the softmax family walks the key blocks in one program per query "
+                        "block (segments=1)")
+    if tuned is not None:
+        bad = {k: tuned.get(k) for k in ("chunk", "block")
+               if not isinstance(tuned.get(k), int) or tuned[k] < 16 or tuned[k] & (tuned[k] - 1)}
+        if bad or tuned.get("segments", 1) != 1:
+            raise SpecError(f"tuned tiles {tuned}: the query and key blocks must be powers of two >= 16 "
+                            "(tl.dot tiles) and segments 1")
     widest = max(dims.values()) if dims else 64
     reasons = []
     if interpreting:
@@ -434,17 +451,64 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
         bn = block or min(bm, 16)
         reasons.append(f"interpreter: BM={bm} BN={bn} (small blocks exercise the walk and the masks)")
         t = (bm, bn, num_warps or 4, num_stages or 1)
-        return SoftmaxTiles(t, t, t, t, tuple(reasons))
-    if widest <= 64:
-        fwd, dq, dkv = (128, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2)
-    elif widest <= 128:
-        fwd, dq, dkv = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2)
+        fwd, dq, dkv, pre = t, t, t, t
     else:
-        fwd, dq, dkv = (64, 32, 8, 2), (64, 32, 8, 1), (32, 64, 8, 1)
-    reasons.append(f"widest feature dim {widest}: forward BM={fwd[0]} BN={fwd[1]} keeps the query tile and the "
-                   f"accumulators in registers and {fwd[3]} key/value stages in shared memory")
+        if widest <= 64:
+            fwd, dq, dkv = (128, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2)
+        elif widest <= 128:
+            fwd, dq, dkv = (128, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2)
+        else:
+            fwd, dq, dkv = (64, 32, 8, 2), (64, 32, 8, 1), (32, 64, 8, 1)
+        reasons.append(f"widest feature dim {widest}: forward BM={fwd[0]} BN={fwd[1]} keeps the query tile and the "
+                       f"accumulators in registers and {fwd[3]} key/value stages in shared memory")
 
-    def override(t):
-        return (chunk or t[0], block or t[1], num_warps or t[2], num_stages or t[3])
-    fwd, dq, dkv = override(fwd), override(dq), override(dkv)
-    return SoftmaxTiles(fwd, dq, dkv, (64, 64, 4, 1), tuple(reasons))
+        def override(t):
+            return (chunk or t[0], block or t[1], num_warps or t[2], num_stages or t[3])
+        fwd, dq, dkv, pre = override(fwd), override(dq), override(dkv), (64, 64, 4, 1)
+    if tuned is not None:
+        fwd = (chunk or tuned["chunk"], block or tuned["block"], num_warps or tuned["num_warps"],
+               num_stages or tuned["num_stages"])
+        reasons.append(f"forward BM={fwd[0]} BN={fwd[1]} warps={fwd[2]} stages={fwd[3]} from the tuning entry; "
+                       "the backward kernels keep the model's tiles")
+    return SoftmaxTiles(fwd, dq, dkv, pre, tuple(reasons))
+
+
+def softmax_tiling_space(sched: SoftmaxSchedule) -> TilingSpace:
+    """The forward kernel's tiling as symbols (C: the query block BM, CK: the key block BN) with its
+    constraints and the element counts of the resource model in passes.search:
+
+    - loaded per walk step: the key-side tiles of one key block (K, V, per-key values), which the
+      pipeliner stages in shared memory;
+    - matmul operands: q-side x key-side score matmuls, and P [C, CK] @ x [CK, D] for each reduction;
+    - live fp32 per program: the query-side tiles held across the walk, the accumulators of the
+      reductions, and per softmax its score tile [C, CK] and running (max, sum). The key-side tiles
+      feed tl.dot from shared memory and count there, not here."""
+    types = sched.types
+    feature = sorted({d for t in types.values() for d in t.shape if d not in (C, CK, _ONE)}, key=str)
+    cons: list[tuple[sympy.Basic, str]] = [
+        (sympy.Ge(C, 16), "the query block BM is a tl.dot dim (>= 16)"),
+        (IsPow2(C), "the query block BM is a power of two"),
+        (sympy.Ge(CK, 16), "the key block BN is a tl.dot dim (>= 16)"),
+        (IsPow2(CK), "the key block BN is a power of two"),
+    ]
+    for d in feature:
+        cons.append((sympy.Ge(d, 16), f"{d} is a matmul operand dim (>= 16)"))
+        cons.append((IsPow2(d), f"{d} is loaded as one block (power of two; padding not implemented)"))
+
+    def elements(x) -> sympy.Expr:
+        return sympy.Mul(*types[x].shape) if isinstance(x, str) and x in types else sympy.Integer(0)
+
+    walk = sched.k_ops + sched.p_ops
+    key_leaves = {op.args[0]: op.out for op in walk if op.kind == "key"}  # a leaf is loaded once per key block
+    loaded = sum((elements(out) for out in key_leaves.values()), sympy.Integer(0))
+    query = {op.args[0]: op.out for op in sched.q_ops if op.kind == "query"}
+    dots = [sum((elements(a) for a in op.args), sympy.Integer(0))
+            for op in sched.q_ops + walk if op.kind == "matmul"]
+    dots += [C * CK + elements(r.x) for g in sched.groups for r in g.reductions]
+    live = (sum((elements(out) for out in query.values()), sympy.Integer(0))
+            + sum((elements(r.out) for g in sched.groups for r in g.reductions), sympy.Integer(0))
+            + len(sched.groups) * (C * CK + 2 * C))
+    return TilingSpace(None, tuple(cons), sympy.expand(live), sympy.expand(loaded), tuple(dots),
+                       staged="key-side tiles per key block",
+                       knobs="C = query block BM, block = key block BN of the forward kernel; P = 1 (one walk "
+                             "per query block); the backward kernels keep the model's tiles")

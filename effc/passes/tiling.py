@@ -63,6 +63,8 @@ class TilingSpace:
     # and of the two operand tiles of each matmul
     loaded: sympy.Expr = sympy.Integer(0)
     dot_operands: tuple[sympy.Expr, ...] = ()
+    staged: str = "input tiles per chunk"  # what `loaded` is, for the shared-memory model's reasons
+    knobs: str = "C = chunk, block = block of the split dim, P = segments of the walk"  # the candidates' names
 
     def __str__(self) -> str:
         lines = [f"tiling: chunk C, split dim {self.split_dim or '-'} in blocks of BLOCK, P segments"]
@@ -109,7 +111,9 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
     types = value_types(spec)
     dots = tuple(sum((elements(types[a].shape) for a in op.args), sympy.Integer(0))
                  for st in spec.stages for op in st.ops if op.kind == "matmul")
-    return TilingSpace(split, tuple(cons), sympy.simplify(live), sympy.expand(loaded), dots)
+    knobs = (f"C = chunk, block = block of {split} (BLOCK), P = segments of the walk" if split
+             else "C = chunk, block = 1 (no dim is split), P = segments of the walk")
+    return TilingSpace(split, tuple(cons), sympy.simplify(live), sympy.expand(loaded), dots, knobs=knobs)
 
 
 def _segments(legality: Legality, programs: int, n_chunks: int, slots: int) -> tuple[int, str]:

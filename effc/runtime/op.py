@@ -12,17 +12,11 @@ from ..ir.nodes import Spec
 from ..passes.tiling import Problem, TileConfig, choose, history_policy
 from .cache import load_module
 from .checks import check_cu_seqlens, check_inputs, check_state, describe, param_values, rebuild
-from .tuning import lookup
+from .tuning import Tuned, sm_count as _sm_count
 from .torch_op import torch_ops
 from .compiler import Compilation
 from .oracle import evaluate
 
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # model an H100 when interpreting
 
 
 _LIVE: dict[int, "AttentionOp"] = {}
@@ -34,7 +28,7 @@ def _host_plan(op_id: int, *args):
     return _LIVE[op_id]._plan_call(*args)
 
 
-class AttentionOp:
+class AttentionOp(Tuned):
     def __init__(self, comp: Compilation, backend: str = "triton"):
         from .compiler import BACKENDS
         if backend not in BACKENDS:
@@ -44,7 +38,7 @@ class AttentionOp:
         self.name = self.spec.name
         self._module = None
         self.last_config: TileConfig | None = None
-        # sympy is slow: tiling choices and param defaults are memoised per call shape
+        # sympy is slow: tiling choices (Tuned.config) and param defaults are memoised per call shape
         self._configs: dict[tuple, TileConfig] = {}
         self._defaults: dict[tuple, dict[str, float]] = {}
         _LIVE[id(self)] = self
@@ -69,13 +63,10 @@ class AttentionOp:
         B, T, H, dims = check_inputs(self.spec, tensors, for_kernels)
         return B, T, H, dims, self.param_values(dims, {k: v for k, v in params.items() if v is not None})
 
-    def config(self, B: int, T: int, H: int, dims: dict[str, int], device, dtype=None, **overrides) -> TileConfig:
-        key = (B, T, H, tuple(sorted(dims.items())), str(device), dtype, tuple(sorted(overrides.items())))
-        if key not in self._configs:
-            problem = Problem(B, T, H, key[3], _sm_count(device))
-            self._configs[key] = (lookup(self, problem, device, dtype, overrides)  # `effc tune`'s entry, if any
-                                  or choose(self.spec, self.comp.legality, problem, **overrides))
-        return self._configs[key]
+    def tiles(self, problem: Problem, tuned: dict | None = None, **given) -> TileConfig:
+        """The configuration for `problem`: the tuned knobs (None: the model's), explicit arguments winning."""
+        return choose(self.spec, self.comp.legality, problem,
+                      **{**(tuned or {}), **{k: v for k, v in given.items() if v is not None}})
 
     # -- the kernels ----------------------------------------------------------------------------
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,

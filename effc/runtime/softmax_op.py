@@ -14,12 +14,15 @@ import torch
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
+from ..passes.tiling import Problem
 from .cache import load_module
 from .checks import check_cu_seqlens, check_inputs, interpreting, param_values
 from .softmax_compiler import SoftmaxCompilation
 from .softmax_oracle import evaluate_softmax, prefix_values
+from .tuning import Tuned
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 def make_op(comp, backend: str = "triton"):
@@ -32,7 +35,7 @@ def make_op(comp, backend: str = "triton"):
     return AutoBackendOp(comp) if backend == "auto" else AttentionOp(comp, backend)
 
 
-class SoftmaxOp:
+class SoftmaxOp(Tuned):
     def __init__(self, comp: SoftmaxCompilation, backend: str = "triton"):
         self.comp, self.backend = comp, backend
         self.spec: Spec = comp.typed
@@ -40,6 +43,7 @@ class SoftmaxOp:
         self.name = self.spec.name
         self._module = None
         self.last_config: SoftmaxTiles | None = None
+        self._configs: dict[tuple, SoftmaxTiles] = {}  # per call shape (Tuned.config)
         self._defaults: dict[tuple, dict[str, float]] = {}
 
     def __repr__(self) -> str:
@@ -64,14 +68,26 @@ class SoftmaxOp:
                                 f"inputs may have fewer (grouped-query attention)")
         return B, T, H, dims, self.param_values(dims, params)
 
+    def tiles(self, problem: Problem, tuned: dict | None = None, **given) -> SoftmaxTiles:
+        """The kernels' tiles for `problem`: the forward's from the tuned knobs (None: the model's), the
+        backward's from the model; explicit arguments win for every kernel."""
+        return choose_softmax_tiles(self.spec, dict(problem.dims), interpreting(), tuned=tuned, **given)
+
     # -- the kernels ------------------------------------------------------------------------------------
     def __call__(self, *tensors, cu_seqlens=None, chunk: int | None = None, block: int | None = None,
-                 num_warps: int | None = None, num_stages: int | None = None, initial_state=None,
-                 output_final_state: bool = False, **params):
+                 num_warps: int | None = None, num_stages: int | None = None, segments: int | None = None,
+                 initial_state=None, output_final_state: bool = False, **params):
+        """`chunk` (query block) and `block` (key block), `num_warps` and `num_stages` pin every kernel's
+        tiles; otherwise the forward's come from `effc tune`'s entry for the call shape, or the model.
+        `segments` is accepted for the linear family's knobs, and must be 1."""
+        if segments not in (None, 1):
+            raise ArgumentError(f"segments={segments}: {self.name} is a softmax spec, its forward walks the key "
+                                "blocks in one program per query block (segments=1)")
         B, T, H, dims, pvals = self._check(tensors, params, True, initial_state, output_final_state)
         n_seq = check_cu_seqlens(cu_seqlens, B, T, tensors[0].device)
-        cfg = choose_softmax_tiles(self.spec, dims, interpreting(), chunk=chunk, block=block, num_warps=num_warps,
-                                   num_stages=num_stages)
+        longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        cfg = self.config(n_seq, longest, H, dims, tensors[0].device, dtype=tensors[0].dtype, chunk=chunk,
+                          block=block, segments=segments, num_warps=num_warps, num_stages=num_stages)
         self.last_config = cfg
         named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
         pre = prefix_values(self.spec, named, pvals, H, torch.float32, cu_seqlens)
@@ -101,6 +117,12 @@ class SoftmaxOp:
         missing = [a for a in fn.arg_names if a not in named and a not in meta]
         if missing:
             raise RuntimeError(f"effc: no value for kernel argument(s) {missing} of {kernel}")
+        # a kernel declares the head counts of the leaves it loads only; the compiled launcher rejects
+        # any other keyword (the interpreter does not), so check here in both modes
+        meta = {k: v for k, v in meta.items() if not k.startswith("HX_") or k in fn.arg_names}
+        unknown = [k for k in meta if k not in fn.arg_names and k not in _LAUNCH_OPTIONS]
+        if unknown:
+            raise RuntimeError(f"effc: kernel {kernel} takes no argument(s) {unknown}")
         fn[(grid0, n_bh)](**args, **meta)
 
     def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool):

@@ -1,5 +1,6 @@
 """The persistent tuning cache: `effc tune` writes the fastest tile configuration it measured; the op
-reads it (`lookup`) before falling back to the model's choice. Nothing here ever times or compiles.
+reads it (`lookup`, through the `Tuned` mixin of both op families) before falling back to the model's
+choice. Nothing here ever times or compiles.
 
 Key: (spec hash, backend, GPU name, shape bucket, dtype), plus effc's CODEGEN_VERSION.
 - spec hash: sha256 of the typed IR's printed form, so edits to comments or formatting keep entries
@@ -27,7 +28,7 @@ from pathlib import Path
 from .. import codegen
 from ..errors import SpecError
 from ..ir.printer import print_spec
-from ..passes.tiling import Problem, TileConfig, choose
+from ..passes.tiling import Problem
 from .cache import cache_dir, write_atomic
 
 FORMAT = 1
@@ -145,9 +146,10 @@ def is_current(entry: Entry) -> bool:
     return entry.key.codegen == codegen.CODEGEN_VERSION
 
 
-def lookup(op, problem: Problem, device, dtype, overrides: dict) -> TileConfig | None:
+def lookup(op, problem: Problem, device, dtype, overrides: dict):
     """The tuned configuration for this call, with `overrides` (the op's explicit arguments) winning
-    over tuned values; None when nothing current is recorded (the op then asks the model)."""
+    over tuned values; None when nothing current is recorded (the op then asks the model). The op
+    builds the configuration from the entry's knobs (`op.tiles`)."""
     if dtype is None:
         return None
     key = TuningKey.of(op, problem, device_name(device), dtype)
@@ -156,7 +158,7 @@ def lookup(op, problem: Problem, device, dtype, overrides: dict) -> TileConfig |
         return None
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        cfg = choose(op.spec, op.comp.legality, problem, **{**entry.config, **given})
+        cfg = op.tiles(problem, entry.config, **given)
     except SpecError as e:
         warnings.warn(f"effc tuning cache: ignoring entry {key.path}: {e}", stacklevel=2)
         return None
@@ -165,3 +167,29 @@ def lookup(op, problem: Problem, device, dtype, overrides: dict) -> TileConfig |
     if given:
         why += f"; given: {', '.join(f'{k}={v}' for k, v in given.items())}"
     return replace(cfg, reasons=(why,) + cfg.reasons)
+
+
+def sm_count(device) -> int:
+    import torch
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # model an H100 when interpreting
+
+
+class Tuned:
+    """Mixed into an op (AttentionOp, SoftmaxOp): its tile configuration per call shape, from `effc tune`'s
+    entry when one is recorded for the shape's bucket, else from the model. The op supplies
+    `tiles(problem, tuned, **given)`: its configuration from the tuned knobs (None: the model's) with the
+    explicit arguments winning. Memoised per call shape in the op's `_configs`: sympy and the cache read
+    are slow."""
+
+    _configs: dict
+
+    def config(self, B: int, T: int, H: int, dims: dict[str, int], device, dtype=None, **overrides):
+        key = (B, T, H, tuple(sorted(dims.items())), str(device), dtype, tuple(sorted(overrides.items())))
+        if key not in self._configs:
+            problem = Problem(B, T, H, key[3], sm_count(device))
+            self._configs[key] = (lookup(self, problem, device, dtype, overrides)  # `effc tune`'s entry, if any
+                                  or self.tiles(problem, None, **overrides))
+        return self._configs[key]
