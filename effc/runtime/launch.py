@@ -100,10 +100,12 @@ class Launcher:
                                     dtype=dtype, device=device) for o in spec.outputs}
         n_bh = lay.n_seq * lay.H
         finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
-        # the per-chunk states are matmul operands in the input's precision, so keep them in it
-        hist_dtype = dtype if dtype in (torch.bfloat16, torch.float16) and not interpreting() else torch.float32
-        hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s), dtype=hist_dtype,
-                                     device=device) if store_history else dummy) for s in spec.states}
+        # matrix states are matmul operands in the input's precision, so keep them in it; vector and scalar
+        # states (normalisers, log-space stabilisers that enter exp) are small: fp32
+        low = dtype if dtype in (torch.bfloat16, torch.float16) and not interpreting() else torch.float32
+        hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s),
+                                     dtype=low if len(s.dims) >= 2 else torch.float32, device=device)
+                         if store_history else dummy) for s in spec.states}
         segw = {s.name: torch.empty((n_bh, P) + self._state_shape(lay, s), **f32) if P > 1 else dummy
                 for s in spec.states}
         segd = {n: torch.empty_like(w) if P > 1 else dummy for n, w in segw.items()}
@@ -141,7 +143,10 @@ class Launcher:
             for d in spec.inputs}
         dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
                                      **f32) for s in spec.states}
-        dhist = {s.name: torch.empty_like(hist[s.name]) for s in spec.states}
+        # a state without the split dim: one adjoint per split block, the block index innermost but the state's
+        dhist = {s.name: torch.empty(hist[s.name].shape[:2] + ((n_split,) if split and split not in s.dims else ())
+                                     + hist[s.name].shape[2:], dtype=hist[s.name].dtype, device=device)
+                 if hist[s.name].dim() > 1 else dummy for s in spec.states}
         bwd_warps = {"num_warps": max(8, cfg.num_warps)} if not interpreting() else {}  # sm_90: 4 warps spill
         d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
         scan = self.plan.kernel("bwd_scan")

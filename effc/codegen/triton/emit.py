@@ -52,6 +52,8 @@ class _KernelView:
     grad_offs: dict[str, str] = field(default_factory=dict)
     grad_value: dict[str, str] = field(default_factory=dict)
     dinit_offs: dict[str, str] = field(default_factory=dict)
+    dhist_offs: dict[str, str] = field(default_factory=dict)
+    partial_state: dict[str, bool] = field(default_factory=dict)
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -84,7 +86,14 @@ def emit_module(plan: Plan) -> str:
             view.tok_mask[x.name] = mask
             view.grad_value[x.name] = f"v_{g}" if g else "0.0"
         for s in kp.states:
-            view.dinit_offs[s.name] = _row_major("i_bh" if split in s.dims else "pid_s * n_bh + i_bh", s.dims)
+            # a state without the split dim has one partial adjoint per split block: each block's share of
+            # the cotangents, summed over the blocks through the input gradients and dinit
+            partial = split is not None and split not in s.dims
+            view.partial_state[s.name] = partial
+            view.dinit_offs[s.name] = _row_major("pid_s * n_bh + i_bh" if partial else "i_bh", s.dims)
+            view.dhist_offs[s.name] = _row_major(
+                f"((c_base + i_c) * H + i_h) * ({split} // BLOCK) + pid_s" if partial else "(c_base + i_c) * H + i_h",
+                s.dims)
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
