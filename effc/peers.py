@@ -27,6 +27,38 @@ def _fla(module: str, fn_name: str, **options):
     return make
 
 
+def _mlstm_kernels(name: str, **options):
+    """A kernel of NX-AI's mlstm_kernels (`mlstm_kernels.torch.get_mlstm_kernel(name)`): q, k, v (B, H, T, D) and
+    the gate pre-activations i, f (B, H, T) in the order of the mlstm specs' inputs q, k, v, i, f, so ours are
+    transposed from (B, T, H, ...) and its output back. It always scales q k^T by DHQK^-0.5."""
+    def make(B, T, H, D):
+        import torch
+        from mlstm_kernels.torch import get_mlstm_kernel
+        fn = get_mlstm_kernel(name)
+
+        def run(q, k, v, i, f, *, scale):
+            if abs(scale - q.shape[-1] ** -0.5) > 1e-9:
+                raise ValueError(f"mlstm_kernels' {name} scales by DHQK^-0.5 only, asked for scale={scale}")
+            qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+            ih, fh = (x.transpose(1, 2).contiguous() for x in (i, f))
+            h = fn(qh, kh, vh, ih, fh, return_last_states=False, autocast_kernel_dtype=torch.bfloat16, **options)
+            return h.transpose(1, 2)
+        return run
+    return make
+
+
+def _fla_rwkv7(B, T, H, D):
+    """fla's chunk_rwkv7 for the rwkv7 spec: its DPLR a, b are -kappa_n and kappa_n * a, kappa_n the
+    L2-normalised removal key (the spec normalises kappa itself; this wrapper does it for fla)."""
+    import torch.nn.functional as F
+    from fla.ops.rwkv7 import chunk_rwkv7
+
+    def run(r, w, k, v, kappa, a, *, scale):
+        kn = F.normalize(kappa.float(), dim=-1, eps=1e-3).to(kappa.dtype)
+        return chunk_rwkv7(r, w, k, v, -kn, kn * a, scale=scale)[0]
+    return run
+
+
 def _softmax_peer(build):
     """A softmax-family peer (effc/softmax_peers.py) in this table's form; its set-up (block masks,
     compiled FlexAttention) runs once per input set, outside the timed calls."""
@@ -34,7 +66,7 @@ def _softmax_peer(build):
         built: dict = {}
 
         def run(*xs, scale):
-            key = tuple(id(x) for x in xs) + (scale,)
+            key = tuple((id(x), x.requires_grad) for x in xs) + (scale,)  # a backward timing rebuilds
             if key not in built:
                 built.clear()
                 built[key] = build(list(xs), {"scale": scale})
@@ -58,6 +90,17 @@ PEERS: dict[str, tuple[Peer, ...]] = {
     "gated_delta_net": (Peer("fla chunk_gated_delta_rule", ("q", "k", "v", "g", "beta"),
                              _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
                                   use_qk_l2norm_in_kernel=True)),),
+    # mlstm: i is the log input gate (exponential gate), f the forget-gate pre-activation (logsigmoid), as
+    # mlstm_kernels reads vecI and vecF. TFLA's xl_chunk aborts the process on triton 3.6 (an LLVM assertion):
+    # its subprocess dies and `effc bench` reports that as the row's error.
+    "mlstm": (Peer("mlstm_kernels chunkwise--triton_xl_chunk", ("q", "k", "v", "i", "f"),
+                   _mlstm_kernels("chunkwise--triton_xl_chunk")),
+              Peer("mlstm_kernels chunkwise--triton_limit_chunk", ("q", "k", "v", "i", "f"),
+                   _mlstm_kernels("chunkwise--triton_limit_chunk"))),
+    # mlstm_sig: both gates are pre-activations through logsigmoid; the same eps (1e-6) in the denominator
+    "mlstm_sig": (Peer("mlstm_kernels chunkwise--triton_xl_chunk_siging", ("q", "k", "v", "i", "f"),
+                       _mlstm_kernels("chunkwise--triton_xl_chunk_siging", normalize=True, eps=1e-6)),),
+    "rwkv7": (Peer("fla chunk_rwkv7", ("r", "w", "k", "v", "kappa", "a"), _fla_rwkv7),),
 }
 
 
@@ -81,6 +124,13 @@ def time_training_step(forward, leaves, grad_out) -> tuple[float, float]:
     return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def peer_scale(op, D: int) -> float:
+    """The scale a peer is called with: the spec's own `scale` default at feature dims D (D^-1/2 without one)."""
+    if not any(p.name == "scale" for p in op.spec.params):
+        return D ** -0.5
+    return float(op.param_values({d: D for d in op.spec.dims}, {})["scale"])
+
+
 def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backward: bool = False) -> dict:
     """Time the peer on the inputs `effc bench` builds, and check it agrees with effc's kernel."""
     import torch
@@ -98,12 +148,13 @@ def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backwar
         raise KeyError(f"{peer.label} takes input(s) {missing} that spec '{spec}' does not have "
                        f"(its inputs: {', '.join(by_name)})")
     args = [by_name[n] for n in peer.inputs]
+    scale = peer_scale(op, D)
     t0 = time.time()
     fn = peer.make(B, T, H, D)
-    out = fn(*args, scale=D ** -0.5)
+    out = fn(*args, scale=scale)
     torch.cuda.synchronize()
     first = time.time() - t0
-    ms = do_bench(lambda: fn(*args, scale=D ** -0.5), warmup=25, rep=100, return_mode="median")
+    ms = do_bench(lambda: fn(*args, scale=scale), warmup=25, rep=100, return_mode="median")
     mine, _ = op(*xs)
     result = {"peer": peer.label, "ms": ms, "first_call_s": first,
               "rel_diff_vs_effc": rel_err(out.float(), mine.float())}
@@ -111,7 +162,7 @@ def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backwar
         for x in args:
             x.requires_grad_()
         grad = torch.randn_like(out)
-        result["fwdbwd_ms"], result["peak_mib"] = time_training_step(lambda: fn(*args, scale=D ** -0.5), args, grad)
+        result["fwdbwd_ms"], result["peak_mib"] = time_training_step(lambda: fn(*args, scale=scale), args, grad)
     return result
 
 

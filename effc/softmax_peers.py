@@ -15,7 +15,16 @@ import torch
 
 
 def _bhtd(x):
-    return x.transpose(1, 2)
+    """The peers' own layout, (B, H, T, D) contiguous, made once outside the timed calls (their kernels
+    are fastest on it). For a backward timing the copy is a leaf of its own: see `_fresh`."""
+    return x.transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad)
+
+
+def _fresh(*leaves):
+    """Each timed step starts with no gradient on the copies, as `do_bench(grad_to_none=...)` does for the
+    originals, so no step pays for accumulating into the previous one's."""
+    for t in leaves:
+        t.grad = None
 
 
 def _sdpa(causal: bool, gate: bool = False):
@@ -23,14 +32,14 @@ def _sdpa(causal: bool, gate: bool = False):
         q, k, v = (_bhtd(x) for x in xs[:3])
         gqa = q.shape[1] != k.shape[1]
         scale = params.get("scale", q.shape[-1] ** -0.5)
-        g = torch.sigmoid(xs[3]) if gate else None
 
         def run():
             from torch.nn.attention import SDPBackend, sdpa_kernel
+            _fresh(q, k, v)
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):  # flash where it can
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                                                       enable_gqa=gqa).transpose(1, 2)
-            return o * g if gate else o
+            return o * torch.sigmoid(xs[3]) if gate else o
         return run
     return build
 
@@ -49,12 +58,12 @@ def _flex(score_mod_for=None, mask_for=None, gate: bool = False):
         block_mask = create_block_mask(mask_mod, None, None, T, T, device=q.device) if mask_mod else None
         score_mod = score_mod_for(xs, params, H) if score_mod_for else None
         fn = _FLEX_CACHE.setdefault("flex", torch.compile(flex_attention, dynamic=False))
-        g = torch.sigmoid(xs[3]) if gate else None
         gqa = q.shape[1] != k.shape[1]
 
         def run():
+            _fresh(q, k, v)
             o = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa).transpose(1, 2)
-            return o * g if gate else o
+            return o * torch.sigmoid(xs[3]) if gate else o
         return run
     return build
 

@@ -166,11 +166,13 @@ class SoftmaxOp(Tuned):
         named.update({f"p_{k}": v for k, v in pvals.items()})
         named.update(T=T, cu_ptr=cu.to(torch.int32) if cu is not None else torch.empty(1, **f32))
         feats = {x: tuple(int(dims[str(d)]) for d in sched.types[x].shape[1:]) for x in sched.leaves}
+        # the cotangents of the reductions are matmul operands of both walks: kept in the 16-bit input dtype
+        dr_dtype = dtype if dtype in (torch.bfloat16, torch.float16) and not interpreting() else torch.float32
         for gi, g in enumerate(sched.groups):
             named[f"D{gi}_ptr"] = torch.empty((B, T, H), **f32)
             for r in g.reductions:
                 rf = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
-                named[f"{r.out}_dr_ptr"] = torch.empty((B, T, H) + rf, **f32)
+                named[f"{r.out}_dr_ptr"] = torch.empty((B, T, H) + rf, dtype=dr_dtype, device=device)
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
         for kernel, tag in ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk")):
             for x, _ in kernel.leaf_grads:

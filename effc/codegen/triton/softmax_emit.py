@@ -332,7 +332,7 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
     for r, g in bwd.d_reduction:
         feats = _feats(sched, r)
         val = f"v_{g}" if g else "0.0"
-        lines.append(Store(f"{r}_dr_ptr", val, feats).line())
+        lines.append(Store(f"{r}_dr_ptr", val, feats, cast=True).line())  # a matmul operand: the input's precision
         kv.args.append(f"{r}_dr_ptr")
     for gi, d in enumerate(bwd.d_group):
         lines.append(Store(f"D{gi}_ptr", f"v_{d}", ()).line())
