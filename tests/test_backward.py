@@ -122,3 +122,12 @@ def test_torch_compile_fullgraph():
     ((o * 2).sum() + s.sum()).backward()
     for a, x in zip(g, xs):
         assert judge_fp32(a, x.grad).ok
+
+
+def test_host_plan_is_marked_constant_as_dynamo_marks_it():
+    """effc marks its host-side planning constant for torch.compile without importing dynamo; the flag must
+    be the one the installed torch's decorator sets."""
+    from effc.runtime.op import _host_plan
+    marked = torch.compiler.assume_constant_result(lambda: 0)
+    flags = [a for a in vars(marked) if "constant" in a]
+    assert flags and all(getattr(_host_plan, a, None) == getattr(marked, a) for a in flags)

@@ -3,6 +3,7 @@ output_final_state=False)` -> `(o, final_state)`, inputs (B, T, H, D)."""
 from __future__ import annotations
 
 import math
+import sys
 
 import sympy
 import torch
@@ -22,7 +23,17 @@ from .oracle import evaluate
 _LIVE: dict[int, "AttentionOp"] = {}
 
 
-@torch.compiler.assume_constant_result
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result, without importing all of dynamo (~1 s of a process's first
+    op call) when the process has not: the decorator only sets this flag, which dynamo reads when it traces
+    (tests/test_backward.py checks the flag's name against the installed torch)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
 def _host_plan(op_id: int, *args):
     """Checks and tile choices for one call, from its argument descriptions (constants under compile)."""
     return _LIVE[op_id]._plan_call(*args)
