@@ -27,7 +27,9 @@ def _fresh(*leaves):
         t.grad = None
 
 
-def _sdpa(causal: bool, gate: bool = False):
+def _sdpa(causal: bool, gate: bool = False, backend: str = "FLASH_ATTENTION"):
+    """SDPA restricted to one backend (a row of its own: FlashAttention-2 and cuDNN differ by ~1.5x on Hopper);
+    a backend that cannot run the inputs fails its row with torch's reason."""
     def build(xs, params):
         q, k, v = (_bhtd(x) for x in xs[:3])
         gqa = q.shape[1] != k.shape[1]
@@ -36,7 +38,7 @@ def _sdpa(causal: bool, gate: bool = False):
         def run():
             from torch.nn.attention import SDPBackend, sdpa_kernel
             _fresh(q, k, v)
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):  # flash where it can
+            with sdpa_kernel([getattr(SDPBackend, backend)]):
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                                                       enable_gqa=gqa).transpose(1, 2)
             return o * torch.sigmoid(xs[3]) if gate else o
@@ -103,13 +105,15 @@ def _scale_invariant(xs, params, H):
 
 _QKV = ("q", "k", "v")
 PEERS_SOFTMAX = {
-    "softmax_attn": [("torch SDPA causal", _QKV, _sdpa(True)), ("FlexAttention causal", _QKV, _flex(mask_for=_causal))],
-    "softmax_full": [("torch SDPA", _QKV, _sdpa(False)), ("FlexAttention", _QKV, _flex())],
+    "softmax_attn": [("torch SDPA causal (flash)", _QKV, _sdpa(True)),
+                     ("torch SDPA causal (cuDNN)", _QKV, _sdpa(True, backend="CUDNN_ATTENTION")),
+                     ("FlexAttention causal", _QKV, _flex(mask_for=_causal))],
+    "softmax_full": [("torch SDPA (flash)", _QKV, _sdpa(False)), ("FlexAttention", _QKV, _flex())],
     "sliding_window": [("FlexAttention window 1024", _QKV, _flex(mask_for=_window))],
     "alibi": [("FlexAttention alibi", _QKV, _flex(_alibi, _causal))],
     "softcap": [("FlexAttention softcap", _QKV, _flex(_softcap, _causal))],
     "forgetting_transformer": [("FlexAttention FoX", _QKV + ("f",), _flex(_fox, _causal))],
     "scale_invariant": [("FlexAttention scale-inv.", _QKV, _flex(_scale_invariant, _causal))],
-    "gated_attention": [("torch SDPA causal + gate", _QKV + ("g",), _sdpa(True, gate=True)),
+    "gated_attention": [("torch SDPA causal (flash) + gate", _QKV + ("g",), _sdpa(True, gate=True)),
                         ("FlexAttention causal + gate", _QKV + ("g",), _flex(mask_for=_causal, gate=True))],
 }

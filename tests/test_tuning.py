@@ -541,7 +541,8 @@ def test_tune_argument_errors(args, text):
 
 def test_peers_registered_for_softmax_specs():
     from effc.peers import PEERS
-    assert [p.label for p in PEERS["softmax_attn"]] == ["torch SDPA causal", "FlexAttention causal"]
+    assert [p.label for p in PEERS["softmax_attn"]] == ["torch SDPA causal (flash)", "torch SDPA causal (cuDNN)",
+                                                      "FlexAttention causal"]
     assert [p.label for p in PEERS["sliding_window"]] == ["FlexAttention window 1024"]
     assert set(effc.library_names("softmax")) <= set(PEERS)  # every softmax spec has a peer to race
     assert PEERS["gla"][0].inputs == ("q", "k", "v", "g")
