@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +54,13 @@ def io_bytes(xs, out) -> int:
 def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float, index: int = 0, backward: bool = False) -> dict:
     cmd = [sys.executable, "-m", "effc.peers", spec, str(B), str(T), str(H), str(D), str(index)]
     cmd += ["bwd"] if backward else []
+    return run_peer_process(cmd, timeout)
+
+
+def run_peer_process(cmd: list[str], timeout: float) -> dict:
+    """Run one peer's process and read its result line. A process that dies without one (a crash, or an
+    abort such as an LLVM assertion inside Triton's compiler) gives the row an error naming the signal
+    and the most telling line of its stderr; the bench goes on."""
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -60,7 +68,16 @@ def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float, index: int 
     for line in p.stdout.splitlines():
         if line.startswith("EFFC_PEER_RESULT "):
             return json.loads(line.split(" ", 1)[1])
-    return {"error": f"peer process exited {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:200]}"}
+    lines = [x.strip() for x in p.stderr.splitlines() if x.strip()]
+    telling = [x for x in lines if "Assertion" in x or "error" in x.lower()]
+    detail = (telling or lines or [""])[-1][:200]
+    if p.returncode < 0:
+        try:
+            how = f"killed by {signal.Signals(-p.returncode).name}"
+        except ValueError:
+            how = f"killed by signal {-p.returncode}"
+        return {"error": f"peer process {how}: {detail}"}
+    return {"error": f"peer process exited {p.returncode}: {detail}"}
 
 
 def _missing(name: str, error: SpecError) -> dict:

@@ -107,3 +107,59 @@ def mlstm(q, k, v, i, f, initial_state=None):
 
 
 NAIVE["mlstm"] = mlstm
+
+
+def mlstm_sig(q, k, v, i, f, initial_state=None, eps=1e-6):
+    """mLSTM with a sigmoid input gate (TFLA, Beck et al. 2025; mlstm_kernels' *_siging kernels): no
+    max-stabiliser, h_t = C_t^T q_t / (max(|n_t . q_t|, 1) + eps), q scaled by K^-1/2."""
+    q, k, v = (x.double() for x in (q, k, v))
+    ig, fg = torch.sigmoid(i.double()), torch.sigmoid(f.double())
+    B, T, H, K = q.shape
+    if initial_state is None:
+        C, n = q.new_zeros(B, H, K, v.shape[-1]), q.new_zeros(B, H, K)
+    else:
+        C, n = (x.double().clone() for x in initial_state)
+    out = []
+    for t in range(T):
+        C = fg[:, t, :, None, None] * C + ig[:, t, :, None, None] * k[:, t, :, :, None] * v[:, t, :, None, :]
+        n = fg[:, t, :, None] * n + ig[:, t, :, None] * k[:, t]
+        qs = q[:, t] * K ** -0.5
+        den = torch.einsum("bhk,bhk->bh", qs, n).abs().clamp_min(1.0) + eps
+        out.append(torch.einsum("bhk,bhkv->bhv", qs, C) / den[..., None])
+    return torch.stack(out, 1), (C, n)
+
+
+def hdla(q, k, v, g, u, initial_state=None):
+    """S_t = H_t diag(exp(g_t)) H_t S_{t-1} + k_t v_t^T, H_t = I - 2 u_t u_t^T (u_t normalised), with the
+    K x K transition built explicitly; o_t = K^-1/2 S_t^T q_t."""
+    q, k, v, g = (x.double() for x in (q, k, v, g))
+    un = _l2norm(u.double())
+    B, T, H, K = q.shape
+    S = initial_state.double().clone() if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1])
+    eye = torch.eye(K, dtype=torch.float64)
+    out = []
+    for t in range(T):
+        refl = eye - 2 * un[:, t, :, :, None] * un[:, t, :, None, :]
+        S = refl @ torch.diag_embed(g[:, t].exp()) @ refl @ S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S))
+    return torch.stack(out, 1), S
+
+
+def rwkv7(r, w, k, v, kappa, a, initial_state=None):
+    """RWKV-7 (Peng et al. 2025, arXiv:2503.14456) in the paper's [V, K] state:
+    S_t = S_{t-1} (diag(w_t) - kappa_t^T (a_t * kappa_t)) + v_t^T k_t, o_t = S_t r_t, w_t = exp(log decay).
+    States in and out in effc's [K, V] layout (the transpose)."""
+    r, w, k, v, a = (x.double() for x in (r, w, k, v, a))
+    kn = _l2norm(kappa.double())
+    B, T, H, K = r.shape
+    S = (initial_state.double().transpose(-1, -2).clone() if initial_state is not None
+         else r.new_zeros(B, H, v.shape[-1], K))
+    out = []
+    for t in range(T):
+        trans = torch.diag_embed(w[:, t].exp()) - kn[:, t, :, :, None] * (a[:, t] * kn[:, t])[:, :, None, :]
+        S = S @ trans + v[:, t, :, :, None] * k[:, t, :, None, :]
+        out.append(torch.einsum("bhvk,bhk->bhv", S, r[:, t]))
+    return torch.stack(out, 1), S.transpose(-1, -2)
+
+
+NAIVE.update({"mlstm_sig": mlstm_sig, "hdla": hdla, "rwkv7": rwkv7})

@@ -58,11 +58,13 @@ def _eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ov
         a = a if isinstance(a, float) else _align(a, rank)
         b = b if isinstance(b, float) else _align(b, rank)
         if isinstance(a, float):
-            a = torch.tensor(a, dtype=b.dtype)
+            a = torch.tensor(a, dtype=b.dtype, device=b.device)
+        if isinstance(b, float):  # torch.maximum / minimum take no Python number
+            b = torch.tensor(b, dtype=a.dtype, device=a.device)
         return _BINARY[k](a, b)
     if k == "matmul":
-        if over_tokens:
-            args = [args[0], _valid_rows(args[1], n_valid, -2)]
+        if over_tokens:  # padded tokens do not exist on either side
+            args = [_valid_rows(args[0], n_valid, -1), _valid_rows(args[1], n_valid, -2)]
         if matmul_dtype is not None:  # round the operands like a tensor-core matmul does
             return (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
         return args[0] @ args[1]

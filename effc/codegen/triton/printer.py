@@ -118,8 +118,9 @@ class TritonPrinter:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
         if kk == _ONE:  # an outer product
             return f"({a[0]} * {a[1]})"
-        if reduces_tokens(op, self.types):  # contracting over tokens: padded rows do not exist
-            a = [a[0], f"tl.where(tv[:, None], {a[1]}, 0.0)"]
+        if reduces_tokens(op, self.types):  # contracting over tokens: padded tokens do not exist on either side
+            # (a gate computed there may overflow, e.g. exp(last(b) - b) past the last token: 0 * inf)
+            a = [f"tl.where(tv[None, :], {a[0]}, 0.0)", f"tl.where(tv[:, None], {a[1]}, 0.0)"]
         if m == _ONE or n == _ONE:  # tl.dot needs 16 rows and columns: reduce a broadcast product instead
             return f"tl.sum({a[0]}[:, :, None] * {a[1]}[None, :, :], axis=1)"
         return f"tl.dot({a[0]}.to(DOT_DTYPE), {a[1]}.to(DOT_DTYPE), input_precision=PRECISION)"

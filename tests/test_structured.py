@@ -1,0 +1,233 @@
+"""Structured transitions and the mLSTM variants (interpreter, fp32): packed sequences and states for the specs
+whose transition is diagonal plus low rank (rwkv7: rank 1, hdla: rank 2) and for mlstm_sig; mLSTM chunk sizes
+as a tuning parameter; their benchmark peers. The generic checks (oracle == recurrence == naive reference,
+kernel == oracle, gradients, AOT for sm_90) run over every library spec in test_kernels, test_backward, test_aot."""
+import sys
+
+import pytest
+import torch
+
+import effc
+from effc.runtime.verify import judge_fp32, random_inputs, random_state
+
+NEW = ["mlstm_sig", "hdla", "rwkv7"]
+DIMS = {"K": 16, "V": 32}
+
+
+def _tuple(s) -> tuple:
+    return s if isinstance(s, tuple) else (s,)
+
+
+def _setup(name, B, T, H, seed=0, n_states=None):
+    op = effc.load(name)
+    dims = {d: DIMS[d] for d in op.spec.dims}
+    xs = random_inputs(op.spec, B, T, H, dims, seed=seed)
+    s0 = _tuple(random_state(op.spec, n_states or B, H, dims))
+    return op, xs, s0
+
+
+def _grads(fn, leaves, d_o, d_s):
+    o, s = fn()
+    torch.autograd.backward([o, *_tuple(s)], [d_o, *d_s])
+    g = [x.grad.clone() for x in leaves]
+    for x in leaves:
+        x.grad = None
+    return o.detach(), _tuple(s), g
+
+
+def test_the_new_specs_are_in_the_linear_family():
+    assert set(NEW) <= set(effc.library_names("linear"))
+    assert not set(NEW) & set(effc.library_names("softmax") + effc.library_names("hybrid"))
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_varlen_forward_backward_and_one_by_one(name):
+    """Packed sequences of 1, 7, 16 and 23 tokens (chunk 16): outputs, final states and every gradient against
+    the oracle, and each sequence alone through the kernels."""
+    lengths = [1, 7, 16, 23]
+    cu = torch.tensor([0, 1, 8, 24, 47], dtype=torch.int32)
+    op, xs, s0 = _setup(name, 1, sum(lengths), 2, seed=3, n_states=len(lengths))
+    xs = [x.requires_grad_() for x in xs]
+    s0 = tuple(s.requires_grad_() for s in s0)
+    d_o = torch.randn(1, sum(lengths), 2, DIMS["V"])
+    d_s = tuple(torch.randn(s.shape) for s in s0)
+    leaves = xs + list(s0)
+    out, fin, g = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu, chunk=16),
+                         leaves, d_o, d_s)
+    ref, ref_fin, ref_g = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True,
+                                                      cu_seqlens=cu), leaves, d_o.double(),
+                                 tuple(d.double() for d in d_s))
+    assert judge_fp32(out, ref).ok
+    for a, b in zip(fin, ref_fin):
+        assert a.shape[0] == len(lengths) and judge_fp32(a.detach(), b.detach()).ok
+    names = [d.name for d in op.spec.inputs] + [f"initial {s.name}" for s in op.spec.states]
+    for n, a, b in zip(names, g, ref_g):
+        assert judge_fp32(a, b).ok, f"{name} d{n}: {judge_fp32(a, b)}"
+    for i, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        o_i, f_i = op(*[x[:, a:b].detach() for x in xs], initial_state=tuple(s[i:i + 1].detach() for s in s0),
+                      output_final_state=True, chunk=16)
+        assert judge_fp32(out[:, a:b], o_i).ok
+        for x, y in zip(_tuple(f_i), fin):
+            assert judge_fp32(x, y[i:i + 1].detach()).ok
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_final_state_continues_the_sequence(name):
+    """[0:T1] then [T1:T] from its final state equals one run over [0:T]; the split is inside a chunk."""
+    op, xs, s0 = _setup(name, 2, 50, 2)
+    o_full, s_full = op(*xs, initial_state=s0, output_final_state=True, chunk=16)
+    o1, s1 = op(*[x[:, :21] for x in xs], initial_state=s0, output_final_state=True, chunk=16)
+    o2, s2 = op(*[x[:, 21:] for x in xs], initial_state=s1, output_final_state=True, chunk=16)
+    assert judge_fp32(torch.cat([o1, o2], 1), o_full).ok
+    for a, b in zip(_tuple(s2), _tuple(s_full)):
+        assert judge_fp32(a, b).ok
+
+
+@pytest.mark.parametrize("name", ["mlstm_sig", "rwkv7"])
+def test_step_equals_the_chunked_forward(name):
+    op, xs, s0 = _setup(name, 2, 12, 2)
+    full, final = op(*xs, initial_state=s0, output_final_state=True)
+    state = s0
+    for t in range(12):
+        o_t, state = op.step(*(x[:, t] for x in xs), state=state)
+        assert judge_fp32(o_t, full[:, t]).ok
+    for a, b in zip(_tuple(state), _tuple(final)):
+        assert judge_fp32(a, b).ok
+
+
+def test_hdla_without_decay_is_linear_attention():
+    """With a = 1 the transition H H is the identity (a reflection squared): hdla is linear attention."""
+    from naive import linear_attn
+    op, (q, k, v, g, u), _ = _setup("hdla", 2, 40, 2)
+    o, s = op.reference(q, k, v, torch.zeros_like(g), u, output_final_state=True)
+    n, ns = linear_attn(q, k, v)
+    # up to the 1e-6 inside the normalisation of u (H H = I - 4e-6 u u^T / |u|^2 per step)
+    assert (o - n).abs().max() < 1e-5 * n.abs().max() and (s - ns).abs().max() < 1e-5 * ns.abs().max()
+    # and with a decay the reflection matters: a different u changes the output
+    o1, _ = op.reference(q, k, v, g, u)
+    o2, _ = op.reference(q, k, v, g, u.flip(-1))
+    assert (o1 - o2).abs().max() > 1e-3
+
+
+def test_mlstm_variants_match_mlstm_kernels_native_references():
+    """Our oracles against mlstm_kernels' own PyTorch parallel forms (when that package is installed):
+    mlstm (exponential input gate: i is its log) and mlstm_sig (sigmoid input gate, eps 1e-6)."""
+    fw = pytest.importorskip("mlstm_kernels.torch.parallel.native.fw")
+    sig = pytest.importorskip("mlstm_kernels.torch.parallel.native_siging.fw")
+    for name, ref in (("mlstm", lambda *a: fw.mlstm_parallel_fw(*a, eps=0.0)[0]),
+                      ("mlstm_sig", lambda *a: sig.mlstm_siging_parallel_fw(*a, eps=1e-6)[0])):
+        op, xs, _ = _setup(name, 2, 100, 3, seed=3)
+        o, _ = op.reference(*xs)
+        h = ref(*(x.transpose(1, 2).double() for x in xs)).transpose(1, 2)
+        assert (o - h).abs().max() < 1e-9 * max(1.0, h.abs().max().item())
+
+
+# ---- mLSTM: the chunk size is a tuning parameter -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["mlstm", "mlstm_sig"])
+@pytest.mark.parametrize("chunk", [128, 256])
+def test_mlstm_large_chunks(name, chunk, monkeypatch):
+    """chunk=128 and 256 (the `chunk` knob of effc tune's Candidate.overrides) run the fused walk: T=300 gives a
+    partial last chunk, the initial and final states pass through, and without gradients (or with
+    save_states=False) the forward writes no per-chunk states."""
+    from effc.runtime.launch import Launcher
+    stored = []
+    forward = Launcher.forward
+
+    def spy(self, cfg, lay, xs, pvals, init, store_final, store_history):
+        stored.append((cfg.chunk, store_history))
+        return forward(self, cfg, lay, xs, pvals, init, store_final, store_history)
+    monkeypatch.setattr(Launcher, "forward", spy)
+    op, xs, s0 = _setup(name, 1, 300, 1)
+    o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=chunk)
+    assert op.last_config.chunk == chunk and stored == [(chunk, False)]
+    ref, ref_s = op.reference(*xs, initial_state=s0, output_final_state=True)
+    assert judge_fp32(o, ref).ok, judge_fp32(o, ref)
+    for a, b in zip(_tuple(s), _tuple(ref_s)):
+        assert judge_fp32(a, b).ok
+    # the backward at a large chunk too, recomputing the states instead of keeping them
+    leaves = [x.requires_grad_() for x in xs]
+    d_o = torch.randn_like(ref)
+    o = op(*leaves, chunk=chunk, save_states=False)[0]
+    assert stored[-1] == (chunk, False)  # the forward keeps none; the backward's own walk recomputes them
+    g = torch.autograd.grad(o, leaves, d_o.float())
+    ref_g = torch.autograd.grad(op.reference(*leaves)[0], leaves, d_o)
+    for d, a, b in zip(op.spec.inputs, g, ref_g):
+        assert judge_fp32(a, b).ok, f"d{d.name}: {judge_fp32(a, b)}"
+
+
+def test_mlstm_chunk_256_is_pruned_by_the_register_model():
+    """What `effc tune mlstm --dry-run` says of C=256 when asked for it: every configuration is over the
+    register model (it counts a whole [C, C] fp32 tile live per program: no inner tiling of a chunk yet);
+    C=64 and C=128 stay candidates."""
+    from effc.passes.search import search_space
+    from effc.passes.tiling import Problem
+    op = effc.load("mlstm")
+    space = search_space(op.spec, op.comp.legality, Problem(2, 8192, 16, (("K", 128), ("V", 128))),
+                         chunks=(64, 128, 256))
+    chunks = {c.chunk for c in space.candidates}
+    assert {64, 128} <= chunks and 256 not in chunks
+    at_256 = [p for p in space.pruned if p.candidate.chunk == 256]
+    assert at_256 and all("registers:" in p.reason for p in at_256)
+
+
+# ---- benchmark peers --------------------------------------------------------------------------------------
+
+def test_peers_take_inputs_their_spec_has():
+    from effc.peers import PEERS, peer_scale
+    library = set(effc.library_names())
+    for spec, peers in PEERS.items():
+        if spec not in library:
+            continue
+        inputs = [d.name for d in effc.load(spec).spec.inputs]
+        for p in peers:
+            assert set(p.inputs) <= set(inputs), f"{p.label}: {p.inputs} not all inputs of {spec} ({inputs})"
+    assert [p.label for p in PEERS["mlstm"]] == ["mlstm_kernels chunkwise--triton_xl_chunk",
+                                                 "mlstm_kernels chunkwise--triton_limit_chunk"]
+    # mlstm_kernels reads q, k, v, then the input gate (i) before the forget gate (f)
+    assert all(p.inputs == ("q", "k", "v", "i", "f") for p in PEERS["mlstm"] + PEERS["mlstm_sig"])
+    assert peer_scale(effc.load("mlstm"), 128) == 128 ** -0.5
+    assert peer_scale(effc.load("rwkv7"), 128) == 1.0  # RWKV-7 does not scale r k^T
+
+
+def test_a_peer_process_that_aborts_is_the_rows_error():
+    """TFLA's xl_chunk kernel aborts its process on triton 3.6 (an LLVM assertion): the row records it."""
+    from effc.bench import run_peer_process
+    crash = ("import os, sys; sys.stderr.write(\"python: SIRemoveRegisters.cpp:99: void f(): Assertion "
+             "`isReg' failed.\\n\"); sys.stderr.flush(); os.abort()")
+    res = run_peer_process([sys.executable, "-c", crash], timeout=60)
+    assert res["error"].startswith("peer process killed by SIGABRT: ") and "Assertion `isReg' failed" in res["error"]
+    res = run_peer_process([sys.executable, "-c", "import sys; print('x'); sys.exit(3)"], timeout=60)
+    assert res == {"error": "peer process exited 3: "}
+    res = run_peer_process([sys.executable, "-c", "print('EFFC_PEER_RESULT {\"ms\": 1.5}')"], timeout=60)
+    assert res == {"ms": 1.5}
+
+
+FAST_FORGET = """
+spec fast_forget {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K]
+  input v: [B, T, H, V]
+  input f: [B, T, H]
+  output o: [B, T, H, V]
+  state S: [K, V]
+  chunk 16
+  intra {
+    b = cumsum(logsigmoid(f) - 8.0)      # padded tokens (f = 0) keep lowering b: exp(last(b) - b) overflows there
+    qd = q * exp(b)[:, None]
+  }
+  merge { o = qd @ S + (causal(q @ k.T) * exp(causal(b[:, None] - b[None, :], -inf))) @ v }
+  inter { S = S * exp(last(b)) + (k * exp(last(b) - b)[:, None]).T @ v }
+}
+"""
+
+
+def test_a_gate_that_overflows_on_padded_tokens_does_not_reach_the_state():
+    """Padded tokens do not exist on either side of a matmul over tokens: the kernel zeroes both operands'
+    padded rows (the left one's inf * 0 = nan otherwise), as the TileLang backend does."""
+    op = effc.loads(FAST_FORGET)
+    xs = random_inputs(op.spec, 1, 17, 2, DIMS)  # one real token in the second chunk, 15 padded ones
+    s0 = random_state(op.spec, 1, 2, DIMS)
+    o, s = op(*xs, initial_state=s0, output_final_state=True)
+    ref, ref_s = op.reference(*xs, initial_state=s0, output_final_state=True)
+    assert torch.isfinite(s).all() and judge_fp32(o, ref).ok and judge_fp32(s, ref_s).ok
