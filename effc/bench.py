@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -61,14 +62,19 @@ def run_peer_process(cmd: list[str], timeout: float) -> dict:
     """Run one peer's process and read its result line. A process that dies without one (a crash, or an
     abort such as an LLVM assertion inside Triton's compiler) gives the row an error naming the signal
     and the most telling line of its stderr; the bench goes on."""
+    # a session of its own, so a timeout kills the peer's whole process group: nothing it started keeps the
+    # GPU busy under the next rows' timings
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
         return {"error": f"no result within {timeout:.0f} s (first call autotuning)"}
-    for line in p.stdout.splitlines():
+    for line in out.splitlines():
         if line.startswith("EFFC_PEER_RESULT "):
             return json.loads(line.split(" ", 1)[1])
-    lines = [x.strip() for x in p.stderr.splitlines() if x.strip()]
+    lines = [x.strip() for x in err.splitlines() if x.strip()]
     telling = [x for x in lines if "Assertion" in x or "error" in x.lower()]
     detail = (telling or lines or [""])[-1][:200]
     if p.returncode < 0:

@@ -223,11 +223,39 @@ spec fast_forget {
 
 
 def test_a_gate_that_overflows_on_padded_tokens_does_not_reach_the_state():
-    """Padded tokens do not exist on either side of a matmul over tokens: the kernel zeroes both operands'
-    padded rows (the left one's inf * 0 = nan otherwise), as the TileLang backend does."""
+    """A gate that overflows on padded tokens (exp(last(b) - b) past the last one) must not reach the state:
+    the Triton printer gives such ops 0 on padded rows (inf * 0 = nan in the matmul over tokens otherwise)."""
     op = effc.loads(FAST_FORGET)
     xs = random_inputs(op.spec, 1, 17, 2, DIMS)  # one real token in the second chunk, 15 padded ones
     s0 = random_state(op.spec, 1, 2, DIMS)
     o, s = op(*xs, initial_state=s0, output_final_state=True)
     ref, ref_s = op.reference(*xs, initial_state=s0, output_final_state=True)
     assert torch.isfinite(s).all() and judge_fp32(o, ref).ok and judge_fp32(s, ref_s).ok
+
+
+def test_a_peer_past_its_time_is_killed_with_what_it_started(tmp_path):
+    """A timed-out peer's children (compile workers, a GPU process) must not outlive it into later rows."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from effc.bench import run_peer_process
+    pidfile = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+              f"open({str(pidfile)!r}, 'w').write(str(c.pid)); time.sleep(60)")
+    res = run_peer_process([sys.executable, "-c", script], timeout=3)
+    assert res["error"].startswith("no result within 3 s")
+    child = int(pidfile.read_text())
+    for _ in range(50):  # reaped by init shortly after the kill
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{child}/stat") as f:
+            if f.read().split()[2] == "Z":
+                break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        raise AssertionError("the peer's child outlived the timeout")

@@ -39,6 +39,7 @@ class SoftmaxPrinter(TritonPrinter):
     """The Triton printer for score specs: leaves live on a query or key side, and `masked` (inside a
     partially masked block) makes every sum over a pair tile skip the pairs the masks drop (their values
     may be inf or nan). Ops it does not override print as in the chunked-scan kernels."""
+    token_valid = None  # padded queries and keys are masked by the walk's own masks (qv, kv, keep)
 
     def __init__(self, sched: SoftmaxSchedule, types, masked: bool = False):
         super().__init__(sched.spec, types)
