@@ -175,6 +175,17 @@ class _StageLowering:
         self.current[a.target] = out
 
 
+def base_visibility(inputs, outputs, params, feature_dims) -> dict[str, str]:
+    """What every stage sees by name (inputs, params, dims, builtins) and the outputs it may not read."""
+    base = {d.name: "input" for d in inputs}
+    base.update({p: "param" for p in params})
+    base.update({n: "dim" for n in feature_dims | {"H"}})
+    base.update({b: "builtin" for b in O.BUILTINS})
+    for o in outputs:
+        base[o.name] = "hidden:outputs are written by merge, not read"
+    return base
+
+
 def lower(module: ast.Module, name: str | None = None) -> Spec:
     """Lower one spec of a parsed module (the only one, or the one called `name`)."""
     specs = {s.name: s for s in module.specs}
@@ -238,21 +249,16 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
             raise SpecError(f"stage '{s.name}' appears twice", s.loc, "each of intra, merge, inter at most once")
     if "merge" not in stages:
         raise SpecError(f"spec '{sdef.name}' has no merge stage", sdef.loc, "a 'merge { o = ... }' block")
-    if "score" in stages or "prefix" in stages:  # the softmax family: passes.lower_softmax
-        from .lower_softmax import lower_softmax
-        return lower_softmax(sdef, inputs, outputs, states, params, chunk, funcs, stages)
     if states and "inter" not in stages:
         raise SpecError(f"spec '{sdef.name}' declares state '{states[0].name}' but has no inter stage",
                         states[0].loc, f"an 'inter {{ {states[0].name} = ... }}' block")
+    if "score" in stages or "prefix" in stages:  # the softmax family: passes.lower_softmax
+        from .lower_softmax import lower_softmax
+        return lower_softmax(sdef, inputs, outputs, states, params, chunk, funcs, stages)
     if not states and "inter" in stages:
         raise SpecError("an inter stage needs a declared state", stages["inter"].loc, "a 'state S: [K, V]' line")
 
-    base = {d.name: "input" for d in inputs}
-    base.update({p: "param" for p in params})
-    base.update({n: "dim" for n in feature_dims | {"H"}})
-    base.update({b: "builtin" for b in O.BUILTINS})
-    for o in outputs:
-        base[o.name] = "hidden:outputs are written by merge, not read"
+    base = base_visibility(inputs, outputs, params, feature_dims)
     counter = [0]
     taken: set[str] = set()
 

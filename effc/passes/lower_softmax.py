@@ -22,7 +22,7 @@ from ..dsl import ast
 from ..errors import Loc, SpecError
 from ..ir import ops as O
 from ..ir.nodes import ParamDecl, Spec, Stage
-from .lower import _StageLowering, _lower_stage, assign_statement, require_assigned
+from .lower import _StageLowering, _lower_stage, assign_statement, base_visibility, require_assigned
 
 
 class _SideLowering(_StageLowering):
@@ -94,9 +94,6 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
     if "score" not in stages:
         raise SpecError("a prefix stage computes per-token values for a score stage, but there is none",
                         stages["prefix"].loc, "a 'score { s = ... }' block")
-    if states and "inter" not in stages:
-        raise SpecError(f"spec '{sdef.name}' declares state '{states[0].name}' but has no inter stage",
-                        states[0].loc, f"an 'inter {{ {states[0].name} = ... }}' block")
     for st in ("intra", "inter"):
         if st in stages and not states:
             raise SpecError(f"an {st} stage needs a declared state (a hybrid of a state and a softmax branch)",
@@ -105,12 +102,7 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
     leaves = {d.name for d in inputs}
     feature_dims = {n for d in inputs + outputs + states for n in d.feature_dims}
 
-    base = {d.name: "input" for d in inputs}
-    base.update({p: "param" for p in params})
-    base.update({n: "dim" for n in feature_dims | {"H"}})
-    base.update({b: "builtin" for b in O.BUILTINS})
-    for o in outputs:
-        base[o.name] = "hidden:outputs are written by merge, not read"
+    base = base_visibility(inputs, outputs, params, feature_dims)
     pair_hidden = {b: f"hidden:{b} is a position in the score tile pair; it is visible in score" for b in O.PAIR_BUILTINS}
     state_hidden = {s.name: "hidden:states are read in merge and updated in inter" for s in states}
     counter = [0]
