@@ -16,3 +16,15 @@ def template(module_file: str, name: str) -> jinja2.Template:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(module_file).parent),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     return env.get_template(name)
+
+
+def power(base: str, exponent, lib: str, exponent_text: str) -> str:
+    """`base ** exponent` in a backend's math namespace `lib` (tl, T): products for small integer
+    exponents, sqrt and rsqrt for +-1/2, else exp2(exponent * log2(base)), which needs a positive base."""
+    if isinstance(exponent, float) and exponent.is_integer() and 1 <= exponent <= 4:
+        return "(" + " * ".join([base] * int(exponent)) + ")"
+    if exponent == 0.5:
+        return f"{lib}.sqrt({base})"
+    if exponent == -0.5:
+        return f"{lib}.rsqrt({base})"
+    return f"{lib}.exp2({exponent_text} * {lib}.log2({base}))"

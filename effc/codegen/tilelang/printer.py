@@ -12,6 +12,7 @@ import sympy
 
 from ...ir import ops as O
 from ...ir.nodes import C, Op, Spec
+from .. import power
 from .schedule import contracts_tokens, matmul_form
 
 _UNARY = {
@@ -109,14 +110,7 @@ class TileLangPrinter:
         return self._arg(op, 0, idx, arg)
 
     def op_pow(self, op, idx, arg):
-        base, e = self._arg(op, 0, idx, arg), op.args[1]
-        if isinstance(e, float) and e.is_integer() and 1 <= e <= 4:
-            return "(" + " * ".join([base] * int(e)) + ")"
-        if e == 0.5:
-            return f"T.sqrt({base})"
-        if e == -0.5:
-            return f"T.rsqrt({base})"
-        return f"T.exp2({self._arg(op, 1, idx, arg)} * T.log2({base}))"  # positive bases only
+        return power(self._arg(op, 0, idx, arg), op.args[1], "T", self._arg(op, 1, idx, arg))
 
     def op_transpose(self, op, idx, arg):
         return arg(op.args[0], tuple(reversed(idx)))

@@ -7,6 +7,7 @@ import sympy
 from ...ir import ops as O
 from ...ir.nodes import C, Op, Spec
 from ...passes.shapes import reduces_tokens
+from .. import power
 
 _UNARY = {
     "neg": "-({0})", "exp": "tl.exp({0})", "exp2": "tl.exp2({0})", "log": "tl.log({0})",
@@ -61,7 +62,7 @@ class TritonPrinter:
         if k in _BINARY:
             return self._finite_on_padding(op, _BINARY[k].format(*a))
         if k == "pow":
-            return self._finite_on_padding(op, self._pow(a[0], op.args[1]))
+            return self._finite_on_padding(op, power(a[0], op.args[1], "tl", self.ref(op.args[1])))
         if k == "matmul":
             return self._matmul(op, a)
         if k == "transpose":
@@ -119,15 +120,6 @@ class TritonPrinter:
         if self.token_valid is None or op.kind not in _LEAVES_FINITE_RANGE or not shape or shape[0] != C:
             return text
         return f"tl.where({self.token_valid}{'[:, None]' if len(shape) == 2 else ''}, {text}, 0.0)"
-
-    def _pow(self, base: str, exponent) -> str:
-        if isinstance(exponent, float) and exponent.is_integer() and 1 <= exponent <= 4:
-            return "(" + " * ".join([base] * int(exponent)) + ")"
-        if exponent == 0.5:
-            return f"tl.sqrt({base})"
-        if exponent == -0.5:
-            return f"tl.rsqrt({base})"
-        return f"tl.exp2({self.ref(exponent)} * tl.log2({base}))"  # positive bases only
 
     def _matmul(self, op: Op, a: list[str]) -> str:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
