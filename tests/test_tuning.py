@@ -251,7 +251,7 @@ def test_codegen_version_change_invalidates(retention, cache, monkeypatch):
     cfg = op.config(2, 40, 2, DIMS16, CPU, dtype=torch.float32)
     assert cfg == choose(op.spec, op.comp.legality, SMALL) and not cfg.reasons[0].startswith("tuned")
     path = _tune_entry(retention, SMALL, TUNED)  # re-tuning replaces the stale file: one file per key
-    assert len(list((cache / "tuning").glob("*.json"))) == 1 and read_entry(path).key.codegen == 2
+    assert len(list((cache / "tuning").glob("*.json"))) == 1 and read_entry(path).key.codegen == codegen.CODEGEN_VERSION
     assert effc.load("retention").config(2, 40, 2, DIMS16, CPU, dtype=torch.float32).num_warps == 8
 
 
