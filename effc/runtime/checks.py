@@ -38,6 +38,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def operand_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a tensor that one kernel writes and another reads as a matmul operand: the input's
+    16-bit dtype on a GPU (tl.dot's operands are cast to it anyway), fp32 otherwise and under the
+    interpreter (whose 16-bit tl.dot is wrong)."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) and not interpreting() else torch.float32
+
+
+def history_dtype(state, dtype: torch.dtype) -> torch.dtype:
+    """Per-chunk states: matrix states are matmul operands (operand_dtype); vector and scalar states
+    (normalisers, log-space stabilisers that enter exp) are small and precision-critical: fp32."""
+    return operand_dtype(dtype) if len(state.dims) >= 2 else torch.float32
+
+
 def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[int, int, int, dict[str, int]]:
     """Returns (B, T, H, feature dim sizes)."""
     names = [d.name for d in spec.inputs]

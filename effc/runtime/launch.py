@@ -13,7 +13,7 @@ import torch
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..passes.tiling import TileConfig
-from .checks import interpreting
+from .checks import history_dtype, interpreting
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -100,11 +100,8 @@ class Launcher:
                                     dtype=dtype, device=device) for o in spec.outputs}
         n_bh = lay.n_seq * lay.H
         finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
-        # matrix states are matmul operands in the input's precision, so keep them in it; vector and scalar
-        # states (normalisers, log-space stabilisers that enter exp) are small: fp32
-        low = dtype if dtype in (torch.bfloat16, torch.float16) and not interpreting() else torch.float32
         hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s),
-                                     dtype=low if len(s.dims) >= 2 else torch.float32, device=device)
+                                     dtype=history_dtype(s, dtype), device=device)
                          if store_history else dummy) for s in spec.states}
         segw = {s.name: torch.empty((n_bh, P) + self._state_shape(lay, s), **f32) if P > 1 else dummy
                 for s in spec.states}

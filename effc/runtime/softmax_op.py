@@ -16,7 +16,7 @@ from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..passes.tiling import Problem
 from .cache import load_module
-from .checks import check_cu_seqlens, check_inputs, interpreting, param_values
+from .checks import check_cu_seqlens, check_inputs, interpreting, operand_dtype, param_values
 from .softmax_compiler import SoftmaxCompilation
 from .softmax_oracle import evaluate_softmax, prefix_values
 from .tuning import Tuned
@@ -166,8 +166,7 @@ class SoftmaxOp(Tuned):
         named.update({f"p_{k}": v for k, v in pvals.items()})
         named.update(T=T, cu_ptr=cu.to(torch.int32) if cu is not None else torch.empty(1, **f32))
         feats = {x: tuple(int(dims[str(d)]) for d in sched.types[x].shape[1:]) for x in sched.leaves}
-        # the cotangents of the reductions are matmul operands of both walks: kept in the 16-bit input dtype
-        dr_dtype = dtype if dtype in (torch.bfloat16, torch.float16) and not interpreting() else torch.float32
+        dr_dtype = operand_dtype(dtype)  # the reductions' cotangents are matmul operands of both walks
         for gi, g in enumerate(sched.groups):
             named[f"D{gi}_ptr"] = torch.empty((B, T, H), **f32)
             for r in g.reductions:

@@ -18,6 +18,7 @@ from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..passes.tiling import TileConfig
 from .cache import load_module
+from .checks import history_dtype, operand_dtype
 from .launch import Layout, make_layout
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -94,10 +95,9 @@ class TileLangLauncher:
         outs = {o.name: torch.empty(first.shape[:2] + (lay.H,) + tuple(lay.dims[n] for n in o.feature_dims),
                                     dtype=dtype, device=device) for o in spec.outputs}
         finals = {n: torch.empty((lay.n_seq, lay.H) + shp, **f32) for n, shp in shape.items()}
-        # as launch.Launcher keeps it: the history in the input dtype when that is 16-bit
-        hist_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
-        hist = ({n: torch.empty((total_chunks, lay.H) + shp, dtype=hist_dtype, device=device) for n, shp in shape.items()}
-                if store_history else {})
+        hist_dtypes = {s.name: history_dtype(s, dtype) for s in spec.states}
+        hist = ({n: torch.empty((total_chunks, lay.H) + shp, dtype=hist_dtypes[n], device=device)
+                 for n, shp in shape.items()} if store_history else {})
         segw = {n: torch.empty((n_bh, P) + shp, **f32) for n, shp in shape.items()} if P > 1 else {}
         segd = {n: torch.empty_like(w) for n, w in segw.items()}
         i32 = self._dummy((1,), torch.int32, device)
@@ -111,7 +111,7 @@ class TileLangLauncher:
         tensors = {f"{d.name}_in": x.flatten(0, 1) for d, x in ((d, xs[d.name]) for d in spec.inputs)}
         tensors.update({f"{n}_out": o.flatten(0, 1) for n, o in outs.items()})
         for n in shape:
-            tensors.update({f"{n}_init": state(init, n), f"{n}_final": finals[n], f"{n}_hist": state(hist, n, hist_dtype),
+            tensors.update({f"{n}_init": state(init, n), f"{n}_final": finals[n], f"{n}_hist": state(hist, n, hist_dtypes[n]),
                             f"{n}_segw": state(segw, n), f"{n}_segd": state(segd, n)})
         tensors.update({f"p_{p}": float(v) for p, v in pvals.items()})
         tensors.update(T_pad=lay.T, chunks_per_seg=per_seg, n_segments=P, n_bh=n_bh, cu=cu, chunk_off=chunk_off)
@@ -124,7 +124,7 @@ class TileLangLauncher:
             sizes = dict(base, **{f"HX_{d.name}": lay.heads[d.name] for d in kp.loads})
             if kp.name == "walk":
                 sizes.update(has_init=bool(init), store_final=store_final, store_history=store_history,
-                             hist_dtype=_DTYPES[hist_dtype])
+                             hist_dtype=_DTYPES[operand_dtype(dtype)])  # the matrix states' (history_dtype)
             self.kernel(kp.name, sizes, device)(*(tensors[n] for n in kernel_params(spec, kp)))
         return outs, (finals if store_final else {}), hist
 

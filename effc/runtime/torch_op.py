@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ..passes.tiling import TileConfig
+from .checks import history_dtype
 from .launch import Launcher, make_layout
 
 # ints passed to the ops: the tile configuration, then flags
@@ -78,7 +79,8 @@ def torch_ops(op) -> TorchOps:
                   else x0.new_empty(0, **f32) for s in spec.states]
         if store_history:
             chunks = B * -(-T // cfg.chunk) if cu is None else torch.library.get_ctx().new_dynamic_size()
-            hist = [x0.new_empty((chunks, H) + tuple(dims[n] for n in s.dims), **f32) for s in spec.states]
+            hist = [x0.new_empty((chunks, H) + tuple(dims[n] for n in s.dims), dtype=history_dtype(s, x0.dtype))
+                    for s in spec.states]
         else:
             hist = [x0.new_empty(0, **f32) for _ in spec.states]
         return outs + finals + hist

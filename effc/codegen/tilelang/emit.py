@@ -23,6 +23,12 @@ _RESERVED = ("T", "tilelang", "H", "C", "BLOCK", "dtype", "threads", "num_stages
 COMMON = ("T_pad", "chunks_per_seg", "n_segments", "n_bh", "cu", "chunk_off")
 
 
+def _history_dtype(state) -> str:
+    """As runtime.checks.history_dtype: matrix states in the kernel's `hist_dtype` (16-bit on a GPU),
+    vector and scalar states in fp32."""
+    return "hist_dtype" if len(state.dims) >= 2 else '"float32"'
+
+
 def factory_name(spec_name: str, kernel: str) -> str:
     return f"{spec_name}_{kernel}"
 
@@ -123,7 +129,7 @@ class _Kernel:
         for s in self.kp.states:  # the state entering each chunk, for the backward
             buf = self.state_buf[s.name]
             self._store_state(buf, lambda iv, s=s: f"{s.name}_hist{self._state_index(s, 'c_base + i_c, i_h', iv)}",
-                              dtype="hist_dtype")
+                              dtype=_history_dtype(s))
         return lines
 
     def _loads(self) -> list[str]:
@@ -262,7 +268,7 @@ class _Kernel:
             for role in state_roles(kp):
                 n0, n1 = f"{s.name}_{role}_n0", f"{s.name}_{role}_n1"
                 dynamic += [n0, n1]
-                dtype = "hist_dtype" if role == "hist" else '"float32"'  # the history may be kept in bf16
+                dtype = _history_dtype(s) if role == "hist" else '"float32"'
                 params.append(f"{s.name}_{role}: T.Tensor(({', '.join((n0, n1) + s.dims)},), {dtype})")
         params += [f"p_{p}: T.float32" for p in kp.params]
         params += ["T_pad: T.int32", "chunks_per_seg: T.int32", "n_segments: T.int32", "n_bh: T.int32",
