@@ -141,9 +141,8 @@ class Launcher:
         dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
                                      **f32) for s in spec.states}
         # a state without the split dim: one adjoint per split block, the block index innermost but the state's
-        dhist = {s.name: torch.empty(hist[s.name].shape[:2] + ((n_split,) if split and split not in s.dims else ())
-                                     + hist[s.name].shape[2:], dtype=hist[s.name].dtype, device=device)
-                 if hist[s.name].dim() > 1 else dummy for s in spec.states}
+        blocks = {s.name: (n_split,) if split and split not in s.dims else () for s in spec.states}
+        dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
         bwd_warps = {"num_warps": max(8, cfg.num_warps)} if not interpreting() else {}  # sm_90: 4 warps spill
         d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
         scan = self.plan.kernel("bwd_scan")
