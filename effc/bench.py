@@ -48,6 +48,14 @@ def spec_flops(op, B: int, T: int, H: int, dims: dict[str, int], chunk: int) -> 
     return float(per_chunk.subs(subs)) * math.ceil(T / chunk) * B * H
 
 
+def training_flops(op, forward_flops: float, B: int, T: int, H: int, dims: dict[str, int]) -> float:
+    """FLOPs of forward + backward: the op's own count where it has one (softmax: FlashAttention's 3.5x,
+    the backward recomputes the scores), else 3x the forward (each forward matmul has two in the backward)."""
+    if hasattr(op, "flops"):
+        return op.flops(B, T, H, dims, backward=True)
+    return 3.0 * forward_flops
+
+
 def io_bytes(xs, out) -> int:
     return sum(x.numel() * x.element_size() for x in xs) + out.numel() * out.element_size()
 
@@ -141,6 +149,7 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
                 leaves = [x.requires_grad_() for x in xs]
                 grad = torch.randn_like(out)
                 row["effc_fwdbwd_ms"], row["effc_peak_mib"] = time_training_step(lambda: op(*leaves)[0], leaves, grad)
+                row["fwdbwd_TFLOP/s"] = training_flops(op, flops, B, T, H, dims) / row["effc_fwdbwd_ms"] / 1e9
                 row["history"] = getattr(op, "last_history_reason", "")
             if peers and name in PEERS:
                 row["peers"] = []
@@ -175,8 +184,13 @@ def _need_matplotlib():
         raise RuntimeError("--plot needs matplotlib: pip install 'effc[bench]'") from None
 
 
+# (what is plotted, effc's key, a peer's key): forward, and forward+backward where the bench timed it
+PLOTTED = (("forward", "effc_ms", "ms"), ("forward+backward", "effc_fwdbwd_ms", "fwdbwd_ms"))
+
+
 def plot_rows(rows, path) -> None:
-    """One panel per spec: forward time against sequence length, effc and each peer, log axes."""
+    """One panel per spec and timing (forward; forward+backward when timed): time against sequence length,
+    effc beside each peer, log axes."""
     _need_matplotlib()
     import matplotlib
     matplotlib.use("Agg")
@@ -186,27 +200,41 @@ def plot_rows(rows, path) -> None:
     specs = list(dict.fromkeys(r["spec"] for r in timed))
     if not specs:
         raise RuntimeError("nothing to plot: no spec was timed")
-    fig, axes = plt.subplots(1, len(specs), figsize=(5 * len(specs), 4), squeeze=False)
-    for ax, spec in zip(axes[0], specs):
-        rs = sorted((r for r in timed if r["spec"] == spec), key=lambda r: (r["T"], r["B"]))
-        ts = [r["T"] for r in rs]
-        ax.plot(ts, [r["effc_ms"] for r in rs], "o-", label="effc")
-        labels = dict.fromkeys(p["peer"] for r in rs for p in r.get("peers", ()) if "ms" in p)
-        for label in labels:
-            pts = [(r["T"], p["ms"]) for r in rs for p in r.get("peers", ()) if p.get("peer") == label and "ms" in p]
-            ax.plot([t for t, _ in pts], [m for _, m in pts], "s--", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(ts, [f"{r['B']}x{r['T']}" for r in rs])
-        ax.set_xlabel("B x T (sequence length T)")
-        ax.set_ylabel("forward ms (median)")
-        ax.set_title(f"{spec}  H={rs[0]['H']} D={rs[0]['D']} bf16")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+    kinds = [k for k in PLOTTED if any(k[1] in r for r in timed)]
+    fig, axes = plt.subplots(len(kinds), len(specs), figsize=(5 * len(specs), 4 * len(kinds)), squeeze=False)
+    for row_axes, (what, effc_key, peer_key) in zip(axes, kinds):
+        for ax, spec in zip(row_axes, specs):
+            rs = sorted((r for r in timed if r["spec"] == spec and effc_key in r), key=lambda r: (r["T"], r["B"]))
+            ts = [r["T"] for r in rs]
+            ax.plot(ts, [r[effc_key] for r in rs], "o-", label="effc")
+            labels = dict.fromkeys(p["peer"] for r in rs for p in r.get("peers", ()) if peer_key in p)
+            for label in labels:
+                pts = [(r["T"], p[peer_key]) for r in rs for p in r.get("peers", ())
+                       if p.get("peer") == label and peer_key in p]
+                ax.plot([t for t, _ in pts], [m for _, m in pts], "s--", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(ts, [f"{r['B']}x{r['T']}" for r in rs])
+            ax.set_xlabel("B x T (sequence length T)")
+            ax.set_ylabel(f"{what} ms (median)")
+            ax.set_title(f"{spec} {what}  H={rs[0]['H'] if rs else '?'} D={rs[0]['D'] if rs else '?'} bf16")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
     fig.suptitle(timed[0].get("gpu", ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def show_saved(json_in: Path, plot: Path | None = None) -> list[dict]:
+    """The table (and plot) of rows an earlier `effc bench --json` wrote: a GPU machine without matplotlib
+    times, any machine draws."""
+    rows = json.loads(Path(json_in).read_text())
+    _print_table(rows)
+    if plot:
+        plot_rows(rows, plot)
+        print(f"plot: {plot}")
+    return rows
 
 
 def _print_row(r):
@@ -234,7 +262,8 @@ def _print_table(rows):
             if "error" in p:
                 print(f"    peer {p.get('peer', '')}: {p['error']}")
             if "effc_fwdbwd_ms" in r and i == 0:
-                print(f"    fwd+bwd: effc {r['effc_fwdbwd_ms']:.3f} ms, peak {r['effc_peak_mib']:.0f} MiB; {r['history']}")
+                print(f"    fwd+bwd: effc {r['effc_fwdbwd_ms']:.3f} ms, {r['fwdbwd_TFLOP/s']:.1f} TFLOP/s, "
+                      f"peak {r['effc_peak_mib']:.0f} MiB; {r['history']}")
             if "fwdbwd_ms" in p:
                 print(f"    fwd+bwd: {p['peer']} {p['fwdbwd_ms']:.3f} ms, peak {p['peak_mib']:.0f} MiB "
                       f"-> {p['speedup_fwdbwd']:.2f}x")

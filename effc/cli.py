@@ -212,10 +212,15 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
           json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
           plot: Path = typer.Option(None, "--plot", help="also plot time vs sequence length to this PNG (matplotlib)"),
           backward: bool = typer.Option(False, "--backward", help="also time forward+backward, with peak memory"),
-          backend: str = typer.Option("triton", help="comma-separated code generators to time: triton,tilelang")):
+          backend: str = typer.Option("triton", help="comma-separated code generators to time: triton,tilelang"),
+          from_json: Path = typer.Option(None, "--from-json",
+                                         help="time nothing: print (and --plot) the rows an earlier --json wrote")):
     """Time effc's kernels and the peers on identical bf16 inputs, one GPU, one run; print ratios."""
-    from .bench import run_bench
+    from .bench import run_bench, show_saved
     try:
+        if from_json:
+            show_saved(from_json, plot)
+            return
         run_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")],
                   heads, head_dim, peers, peer_timeout, json_out, plot=plot, backward=backward,
                   backends=tuple(b for b in backend.split(",") if b))

@@ -584,6 +584,25 @@ def test_bench_plot(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_from_json_prints_and_plots_saved_rows(tmp_path):
+    """A GPU machine without matplotlib writes --json; any machine draws the table and the plot from it,
+    a forward+backward panel beside the forward one when the rows have training times."""
+    pytest.importorskip("matplotlib")
+    from typer.testing import CliRunner
+
+    from effc.cli import app
+    rows = [{**r, "effc_fwdbwd_ms": 3 * r["effc_ms"], "effc_peak_mib": 100.0, "fwdbwd_TFLOP/s": 12.5,
+             "history": "kept", "peers": [{**r["peers"][0], "fwdbwd_ms": 4 * r["effc_ms"], "peak_mib": 90.0,
+                                           "speedup_fwdbwd": 4 / 3}]} for r in FAKE_ROWS]
+    saved, png = tmp_path / "rows.json", tmp_path / "bench.png"
+    saved.write_text(json.dumps(rows))
+    res = CliRunner().invoke(app, ["bench", "--from-json", str(saved), "--plot", str(png)])
+    assert res.exit_code == 0, res.output
+    assert "fwd+bwd: effc 2.100 ms, 12.5 TFLOP/s, peak 100 MiB; kept" in res.output
+    assert "fwd+bwd: fla chunk_gla 2.800 ms, peak 90 MiB -> 1.33x" in res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_run_bench_keeps_its_positional_signature():
     import inspect
 
