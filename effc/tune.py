@@ -85,6 +85,10 @@ class Silent:
     def stop(self): pass
 
 
+# CUDA errors after which the context is unusable: every later launch in the process fails
+CONTEXT_LOST = ("illegal memory access", "unspecified launch failure", "misaligned address", "illegal instruction")
+
+
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160] if text else ''}"
@@ -107,6 +111,11 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
         t = trials[c] = Trial(c, error=f"compile: {compile_error}" if compile_error else None)
         if t.error is None:
             t.error = runner.check(c)
+        if t.error and any(f in t.error for f in CONTEXT_LOST):
+            # every later launch of this process fails the same way: name the culprit, not the next candidate
+            raise RuntimeError(f"{op.name} {problem.B}x{problem.T}: candidate {c} faulted on the GPU ({t.error}); "
+                               "the process's CUDA context is lost, so tuning stops. This is a code generation "
+                               "bug: please report it with the candidate")
         if t.error is None:
             try:
                 t.ms = runner.time(c, final=False)

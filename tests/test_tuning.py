@@ -105,7 +105,7 @@ def test_the_default_is_kept_even_over_the_model(gla):
     assert space.candidates[0] == space.default
     assert all(c.variant == space.default.variant for c in space.candidates)
     assert space.default_over_model.startswith("shared memory 53248 B > 1024 B per block")
-    assert all(p.reason.startswith("shared memory") for p in space.pruned)
+    assert all(p.reason.startswith(("shared memory", "Triton 3.6 miscompiles")) for p in space.pruned)
 
 
 def test_a_default_over_the_model_keeps_its_segment_counts():
@@ -166,6 +166,23 @@ def test_fastest_correct_candidate_wins(gla, cache):
     entry = read_entry(r.path)
     assert entry.config == good.overrides() and entry.default == space.default.overrides()
     assert entry.key == TuningKey.of(gla, PROBLEM, "FakeGPU 80GB", torch.bfloat16)
+
+
+def test_a_candidate_that_faults_stops_tuning_and_is_named(gla, cache):
+    """An illegal memory access loses the process's CUDA context: every later launch would fail, so the
+    tuner stops at the culprit instead of blaming the candidates (or the default) after it."""
+    faulty = space_of(gla, PROBLEM).groups()[2][0]
+    with pytest.raises(RuntimeError, match=re.escape(f"candidate {faulty} faulted on the GPU")):
+        run(gla, FakeRunner(lambda c: 1.0, faulty={faulty}))
+
+
+def test_configs_triton_miscompiles_are_pruned_before_compiling(gla):
+    from effc.passes.search import compiler_fault
+    space = space_of(gla, PROBLEM)
+    assert not [c for c in space.candidates if c.chunk >= 64 and c.block < 32]
+    reasons = {p.reason for p in space.pruned if p.candidate.chunk == 64 and p.candidate.block == 16}
+    assert reasons == {"Triton 3.6 miscompiles C=64 with block 16 < 32 on Hopper (wrong output or a fault)"}
+    assert compiler_fault(32, 16) is None and compiler_fault(64, 32) is None
 
 
 def test_other_segment_counts_of_the_best_variants_are_refined(gla, cache):

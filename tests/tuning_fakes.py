@@ -18,8 +18,8 @@ class FakeRunner:
     sm_count = 132
     smem_limit = 232448
 
-    def __init__(self, ms, wrong=(), broken=(), clock=None, cost=0.0):
-        self.ms, self.wrong, self.broken = ms, set(wrong), set(broken)
+    def __init__(self, ms, wrong=(), broken=(), clock=None, cost=0.0, faulty=()):
+        self.ms, self.wrong, self.broken, self.faulty = ms, set(wrong), set(broken), set(faulty)
         self.clock, self.cost = clock, cost
         self.queue: deque = deque()
         self.timed: list = []
@@ -41,6 +41,8 @@ class FakeRunner:
         return [(unit, {c: "CompilationError: boom" for c in unit if c in self.broken})]
 
     def check(self, c):
+        if c in self.faulty:
+            return "AcceleratorError: CUDA error: an illegal memory access was encountered"
         return "wrong output: normwise distance 1.00e+00 to the default's (allowed 0.02)" if c in self.wrong else None
 
     def time(self, c, final):

@@ -46,6 +46,16 @@ SOFTMAX_STAGES = (2, 3, 4)  # the forward's key/value loads want pipelining (the
 MAX_SEGMENTS = 64  # as in the wave model of `choose`
 
 
+def compiler_fault(chunk: int, block: int) -> str | None:
+    """Configs that Triton 3.6 miscompiles on Hopper, whatever the resource model says: the chunked scan's
+    walk at C >= 64 with a 16-wide block of the split dim (gla 2x8192 on the H100: wrong outputs at 1 stage,
+    an illegal memory access at 2, which loses the process's CUDA context; triton-lang/triton#11366 reports
+    the same class of wgmma fault for small blocks beside several dots)."""
+    if chunk >= 64 and block < 32:
+        return f"Triton 3.6 miscompiles C={chunk} with block {block} < 32 on Hopper (wrong output or a fault)"
+    return None
+
+
 @dataclass(frozen=True, order=True)
 class Candidate:
     chunk: int
@@ -231,6 +241,8 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
             bad = None
         except SpecError as e:
             bad = str(e).removeprefix("error: ")
+        fault = None if isinstance(legality, SoftmaxSchedule) else compiler_fault(t.chunk, t.block)
+        bad = bad or fault
         for w in warps:
             for s in stages:
                 why = [bad] if bad else resources(space, t.values, w, s, dtype_bytes).over(w, s, smem_limit,
