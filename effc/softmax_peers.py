@@ -103,6 +103,19 @@ def _scale_invariant(xs, params, H):
     return mod
 
 
+def _taylor(xs, params, H):
+    # log of Based's Taylor kernel: Flex's softmax then normalises 1 + s + s^2/2
+    return lambda score, b, h, q_idx, kv_idx: torch.log(1 + score + 0.5 * score * score)
+
+
+def _sum(*builds):
+    """Several attention calls on the same inputs, summed (Based's two branches)."""
+    def build(xs, params):
+        runs = [b(xs, params) for b in builds]
+        return lambda: sum(run() for run in runs)
+    return build
+
+
 _QKV = ("q", "k", "v")
 PEERS_SOFTMAX = {
     "softmax_attn": [("torch SDPA causal (flash)", _QKV, _sdpa(True)),
@@ -116,4 +129,6 @@ PEERS_SOFTMAX = {
     "scale_invariant": [("FlexAttention scale-inv.", _QKV, _flex(_scale_invariant, _causal))],
     "gated_attention": [("torch SDPA causal (flash) + gate", _QKV + ("g",), _sdpa(True, gate=True)),
                         ("FlexAttention causal + gate", _QKV + ("g",), _flex(mask_for=_causal, gate=True))],
+    "based": [("FlexAttention Taylor + window 64", _QKV,
+               _sum(_flex(_taylor, _causal), _flex(mask_for=lambda p: _window({"window": p.get("window", 64)}))))],
 }

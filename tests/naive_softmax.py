@@ -86,18 +86,33 @@ def swax(q, k, v, g, window=512, initial_state=None):
     return local + lin, state
 
 
-def based_pair_form(q, k, v, window=64):
-    """Based: normalised Taylor-kernel linear attention (1 + s + s^2/2) plus a sliding-window softmax."""
+def based(q, k, v, window=64):
+    """Based as its paper writes it: the Taylor feature map phi(x) = [1, x, vec(x x^T) / sqrt(2)] of
+    x * scale^(1/2), a token-by-token recurrence of the state sum phi(k) v^T and normaliser sum phi(k),
+    plus a sliding-window softmax."""
     q, k, v = (x.double() for x in (q, k, v))
-    i, j = positions(q.shape[1])
-    s = torch.einsum("bihd,bjhd->bhij", q, k) * q.shape[-1] ** -0.5
-    w = (1 + s + 0.5 * s * s) * (j <= i)
-    linear = torch.einsum("bhij,bjhd->bihd", w / w.sum(-1, keepdim=True), v)
+    B, T, H, K = q.shape
+    root = K ** -0.25  # phi(q).phi(k) then expands 1 + s + s^2/2 with s = q.k / sqrt(K)
+
+    def phi(x):
+        x = x * root
+        outer = (x[..., :, None] * x[..., None, :]).flatten(-2) / 2 ** 0.5
+        return torch.cat([torch.ones_like(x[..., :1]), x, outer], dim=-1)
+
+    S = q.new_zeros(B, H, 1 + K + K * K, v.shape[-1])
+    z = q.new_zeros(B, H, 1 + K + K * K)
+    linear = torch.empty_like(v)
+    for t in range(T):
+        fk, fq = phi(k[:, t]), phi(q[:, t])
+        S = S + fk[..., :, None] * v[:, t, :, None, :]
+        z = z + fk
+        linear[:, t] = torch.einsum("bhf,bhfd->bhd", fq, S) / torch.einsum("bhf,bhf->bh", fq, z)[..., None]
+    i, j = positions(T)
     return linear + attend(q, k, v, (j <= i) & (i - j < window))[0]
 
 
 NAIVE_SOFTMAX = {
     "softmax_attn": softmax_attn, "softmax_full": softmax_full, "sliding_window": sliding_window,
     "alibi": alibi, "softcap": softcap, "forgetting_transformer": forgetting_transformer,
-    "scale_invariant": scale_invariant, "gated_attention": gated_attention,
+    "scale_invariant": scale_invariant, "gated_attention": gated_attention, "based": based,
 }

@@ -23,7 +23,7 @@ from naive_softmax import NAIVE_SOFTMAX, attend, positions
 SOFTMAX = effc.library_names("softmax")
 DIMS = {"K": 16, "V": 16}
 # params that make the masks bite at test lengths (the library defaults suit long sequences)
-SMALL = {"sliding_window": {"window": 20}, "softcap": {"cap": 2.0}, "scale_invariant": {"tau": 3.0}}
+SMALL = {"sliding_window": {"window": 20}, "based": {"window": 6}, "softcap": {"cap": 2.0}, "scale_invariant": {"tau": 3.0}}
 
 
 def _naive(name, xs, params):
@@ -406,19 +406,18 @@ def test_hybrid_swax_state_and_softmax_branch():
 
 
 def test_two_softmax_groups_and_where_minus_inf():
-    """Based in exact pair form (tests/based_pair_form.attn): two online softmaxes in one walk, one of
-    them windowed by where(..., -inf) rather than a mask."""
-    from pathlib import Path
-    from naive_softmax import based_pair_form
-    op = effc.load(str(Path(__file__).with_name("based_pair_form.attn")))
+    """Based in exact pair form (library/based.attn): two online softmaxes in one walk, one of them
+    windowed by where(..., -inf) rather than a mask; against Based's feature-map form written in the test."""
+    from naive_softmax import based
+    op = effc.load("based")
     assert len(op.sched.groups) == 2
     xs = [x.requires_grad_() for x in _inputs(op, 2, 45, 2)]
     o, _ = op(*xs, chunk=16, window=6)
-    assert judge_fp32(o, based_pair_form(*[x.detach() for x in xs], window=6)).ok
+    assert judge_fp32(o, based(*[x.detach() for x in xs], window=6)).ok
     g = torch.randn_like(o)
     grads = torch.autograd.grad(o, xs, g)
     leaves = [x.detach().double().requires_grad_() for x in xs]
-    for a, b in zip(grads, torch.autograd.grad(based_pair_form(*leaves, window=6), leaves, g.double())):
+    for a, b in zip(grads, torch.autograd.grad(based(*leaves, window=6), leaves, g.double())):
         assert judge_fp32(a, b).ok, judge_fp32(a, b)
 
 
