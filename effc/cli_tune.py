@@ -1,6 +1,8 @@
 """`effc tune` and `effc cache ls | clear`, added to effc.cli's app by `register`."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import typer
@@ -86,16 +88,39 @@ def tune(spec: str = typer.Argument(..., help=SPEC_HELP),
                                 "(`effc tune SPEC --dry-run` prints the search space without one)")
         from rich.console import Console
 
+        from .tune import CandidateFault
         from .tune import tune as run_tune
         console = Console()
         if backend not in ("triton", "tilelang"):
             raise typer.BadParameter(f"'{backend}': expected triton or tilelang", param_hint="--backend")
-        run_tune(spec, bt, heads=heads, dims=sizes, dtype=dtype, budget=budget, workers=workers, started=t0,
-                 backend=backend,
-                 reporter_factory=lambda: RichReporter(console), on_result=lambda r: _print_result(console, r))
+        try:
+            run_tune(spec, bt, heads=heads, dims=sizes, dtype=dtype, budget=budget, workers=workers, started=t0,
+                     backend=backend,
+                     reporter_factory=lambda: RichReporter(console), on_result=lambda r: _print_result(console, r))
+        except CandidateFault as e:
+            left = budget - (time.monotonic() - t0)
+            restarts = int(os.environ.get(RESTARTS_VAR, "0"))
+            if restarts >= MAX_RESTARTS or left < 5:
+                raise RuntimeError(f"{e} ({restarts} restarts, {left:.0f} s left: giving up)") from None
+            console.print(f"{e}\ngoing on in a fresh process with {left:.0f} s left", highlight=False)
+            os.environ[RESTARTS_VAR] = str(restarts + 1)
+            argv = restart_argv(spec, e.left, heads, dims, dtype, left, workers, backend)
+            os.execv(argv[0], argv)
         console.print(f"done in {time.monotonic() - t0:.0f} s of a {budget:.0f} s budget", highlight=False)
     except (SpecError, ArgumentError, NotImplementedError, ValueError, RuntimeError) as e:
         _cli["fail"](e)
+
+
+RESTARTS_VAR, MAX_RESTARTS = "EFFC_TUNE_RESTARTS", 8
+
+
+def restart_argv(spec: str, shapes: list[tuple[int, int]], heads: int, dims: str, dtype: str, budget: float,
+                 workers: int | None, backend: str) -> list[str]:
+    """The `effc tune` command that goes on after a fault: the shapes not yet tuned, the budget left."""
+    argv = [sys.executable, "-m", "effc.cli", "tune", spec, "--shapes", ",".join(f"{b}x{t}" for b, t in shapes),
+            "--heads", str(heads), "--dtype", dtype, "--budget", f"{budget:.1f}", "--backend", backend]
+    argv += ["--dims", dims] if dims else []
+    return argv + (["--workers", str(workers)] if workers is not None else [])
 
 
 class RichReporter:
@@ -157,7 +182,11 @@ def cache_clear(stale: bool = typer.Option(False, "--stale", help="only entries 
     for tmp in tuning_dir().glob("*.tmp") if tuning_dir().is_dir() else ():
         if time.time() - tmp.stat().st_mtime > 600:  # left by a writer that died; a live one renames within ms
             tmp.unlink(missing_ok=True)
-    typer.echo(f"removed {removed} tuning entr{'y' if removed == 1 else 'ies'} from {tuning_dir()}")
+    faults = [] if stale or not (tuning_dir() / "faults").is_dir() else list((tuning_dir() / "faults").rglob("*.json"))
+    for f in faults:  # a Triton upgrade may have fixed them: the next tune finds any that remain
+        f.unlink(missing_ok=True)
+    typer.echo(f"removed {removed} tuning entr{'y' if removed == 1 else 'ies'}"
+               + (f" and {len(faults)} fault record(s)" if faults else "") + f" from {tuning_dir()}")
     if kernels:
         mods = list((cache_dir() / "kernels").glob("*.py")) if (cache_dir() / "kernels").is_dir() else []
         for m in mods:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from .passes.search import H100_SHARED_BYTES, Candidate, SearchSpace, search_space
 from .passes.tiling import Problem
-from .runtime.tuning import TuningKey, dtype_name, store
+from .runtime.tuning import TuningKey, dtype_name, known_faults, record_fault, store
 
 MARGIN = 0.02  # a candidate must beat the default by more than timing noise (~1% between do_bench medians)
 REFINE = 3  # variants whose other segment counts are timed
@@ -89,6 +89,14 @@ class Silent:
 CONTEXT_LOST = ("illegal memory access", "unspecified launch failure", "misaligned address", "illegal instruction")
 
 
+class CandidateFault(RuntimeError):
+    """A candidate lost the process's CUDA context. `tune` adds what it finished and which shapes are left;
+    `effc tune` goes on in a fresh process."""
+
+    done: list = []
+    left: list = []
+
+
 def _short(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160] if text else ''}"
@@ -100,7 +108,7 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
     reporter = reporter or Silent()
     start = clock()
     space = search_space(op.spec, op.comp.legality, problem, dtype_bytes=DTYPE_BYTES[dtype],
-                         smem_limit=runner.smem_limit)
+                         smem_limit=runner.smem_limit, faulty=known_faults(op, runner.gpu))
     default = space.default
     screen_deadline = deadline - min(max(FINAL_MIN_S, FINAL_SHARE * (deadline - start)), 0.5 * (deadline - start))
     runner.prepare(op, problem, dtype, default)
@@ -112,10 +120,14 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
         if t.error is None:
             t.error = runner.check(c)
         if t.error and any(f in t.error for f in CONTEXT_LOST):
-            # every later launch of this process fails the same way: name the culprit, not the next candidate
-            raise RuntimeError(f"{op.name} {problem.B}x{problem.T}: candidate {c} faulted on the GPU ({t.error}); "
-                               "the process's CUDA context is lost, so tuning stops. This is a code generation "
-                               "bug: please report it with the candidate")
+            # every later launch of this process fails the same way: remember the culprit (a fresh process
+            # prunes it) and stop, rather than blame the candidates after it
+            if c == default:
+                raise RuntimeError(f"{op.name} {problem.B}x{problem.T}: the model's default {c} faulted on the GPU "
+                                   f"({t.error}): a code generation bug, please report it")
+            record_fault(op, runner.gpu, c.variant, t.error)
+            raise CandidateFault(f"{op.name} {problem.B}x{problem.T}: candidate {c} faulted on the GPU ({t.error}); "
+                                 "recorded, so later tunes prune it")
         if t.error is None:
             try:
                 t.ms = runner.time(c, final=False)
@@ -375,6 +387,11 @@ def tune(spec_ref: str, shapes: list[tuple[int, int]], *, heads: int = 16, dims:
             try:
                 r = tune_problem(op, problem, dtype_name(dtype), runner, deadline=time.monotonic() + share,
                                  reporter=reporter, label=f"{op.name} {B}x{T}")
+            except CandidateFault as e:  # nothing more runs in this process
+                if reporter:
+                    reporter.stop()
+                e.done, e.left = results, list(shapes[i:])
+                raise
             except Exception as e:
                 if reporter:
                     reporter.stop()

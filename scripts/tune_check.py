@@ -43,6 +43,22 @@ def first_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _count_compiles() -> list:
+    """Record every kernel Triton's JIT compiles or loads from its cache in this process, with the seconds
+    it took (a cache miss takes seconds, a hit milliseconds): why a first call is slow, if it is."""
+    import triton.compiler as tc
+
+    seen, compile = [], tc.compile
+
+    def counted(src, *args, **kwargs):
+        t = time.monotonic()
+        out = compile(src, *args, **kwargs)
+        seen.append((getattr(src, "name", str(src))[:60], round(time.monotonic() - t, 3)))
+        return out
+    tc.compile = counted
+    return seen
+
+
 def child(spec: str, B: int, T: int, H: int, D: int) -> dict:
     """A second process using the tuned op: time to first result, then tuned vs default."""
     import torch
@@ -53,6 +69,7 @@ def child(spec: str, B: int, T: int, H: int, D: int) -> dict:
     from effc.passes.search import Candidate
     from effc.runtime.verify import random_inputs, rel_err
 
+    compiles = _count_compiles()
     torch.zeros(1, device="cuda")
     torch.cuda.synchronize()  # the CUDA context exists before the clock starts: any process pays it
     t0 = time.monotonic()
@@ -60,11 +77,24 @@ def child(spec: str, B: int, T: int, H: int, D: int) -> dict:
     t_load = time.monotonic() - t0
     xs = random_inputs(op.spec, B, T, H, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda")
     torch.cuda.synchronize()  # making random inputs is the caller's business: not counted
+    profile = None
+    if os.environ.get("TUNE_CHECK_PROFILE"):  # where a slow first call spends its time
+        import cProfile
+        profile = cProfile.Profile()
+        profile.enable()
     t1 = time.monotonic()
     out, _ = op(*xs)
     torch.cuda.synchronize()
     t2 = time.monotonic()
+    if profile:
+        import io
+        import pstats
+        profile.disable()
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(30)
+        print(text.getvalue(), file=sys.stderr)
     first = t_load + t2 - t1
+    first_compiles = list(compiles)
     tuned_cfg = op.last_config
     is_tuned = bool(tuned_cfg.reasons) and tuned_cfg.reasons[0].startswith("tuned")
     sm = torch.cuda.get_device_properties(0).multi_processor_count
@@ -80,6 +110,7 @@ def child(spec: str, B: int, T: int, H: int, D: int) -> dict:
             "process_start_to_first_result_s": t2 - T_PROCESS - (t1 - t0 - t_load), "imports_s": t_imports,
             "from_entry": is_tuned, "tuned": str(tuned), "default": str(default), "tuned_ms": t, "default_ms": d,
             "tuned_vs_default": t / d, "same_config": tuned == default,
+            "first_call_kernels": first_compiles,  # (kernel, seconds in triton.compile: ~0.01 on a cache hit)
             "rel_diff_vs_default": rel_err(first_output(out).float(), first_output(ref).float())}
 
 
@@ -133,6 +164,8 @@ def main() -> int:
         for B, T in shapes:
             p = subprocess.run([sys.executable, __file__, "--child", spec, str(B), str(T), str(a.heads), str(a.dim)],
                                env=env, capture_output=True, text=True)
+            if env.get("TUNE_CHECK_PROFILE"):
+                print(p.stderr[-12000:], flush=True)
             line = next((ln for ln in p.stdout.splitlines() if ln.startswith("TUNE_CHILD ")), None)
             checks.append(json.loads(line.split(" ", 1)[1]) if line else
                           {"spec": spec, "B": B, "T": T, "error": (p.stderr.strip().splitlines() or ["?"])[-1]})

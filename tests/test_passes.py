@@ -309,6 +309,26 @@ def test_fuse_summary_drops_merge_and_dead_code():
     """)
 
 
+def test_cse_merges_what_merge_and_inter_both_compute():
+    """The delta rule's correction `u - k @ S` written in merge and in inter: one matmul, one sub; the
+    transpose of k, taken twice, once. A root (the next state) keeps its name."""
+    spec = typed(edit(LA, "merge { o = q @ S }\n  inter { S = S * gamma + k.T @ v }",
+                      "merge { o = q @ S + (q @ k.T) @ (v - k @ S) }\n  inter { S = S + k.T @ (v - k @ S) }"))
+    walk = fuse(spec, analyze(spec)).kernels[0]
+    golden(textwrap.dedent(str(walk)), """
+          kernel walk [intra + merge + inter] -> o, _next_S
+            _1 : [C, V] = matmul(q, S)
+            _2 : [K, C] = transpose(k)
+            _3 : [C, C] = matmul(q, _2)
+            _4 : [C, V] = matmul(k, S)
+            _5 : [C, V] = sub(v, _4)
+            _6 : [C, V] = matmul(_3, _5)
+            o : [C, V] = add(_1, _6)
+            _11 : [K, V] = matmul(_2, _5)
+            _next_S : [K, V] = add(S, _11)
+    """)
+
+
 def test_fuse_general_transition_has_only_the_walk():
     spec = typed(edit(LA, "S = S * gamma + k.T @ v", "S = (k.T @ k) @ S + k.T @ v"))
     assert [k.name for k in fuse(spec, analyze(spec)).kernels] == ["walk"]

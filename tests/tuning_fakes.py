@@ -40,9 +40,11 @@ class FakeRunner:
         unit = self.queue.popleft()
         return [(unit, {c: "CompilationError: boom" for c in unit if c in self.broken})]
 
+    FAULT = "AcceleratorError: CUDA error: an illegal memory access was encountered"
+
     def check(self, c):
         if c in self.faulty:
-            return "AcceleratorError: CUDA error: an illegal memory access was encountered"
+            return self.FAULT
         return "wrong output: normwise distance 1.00e+00 to the default's (allowed 0.02)" if c in self.wrong else None
 
     def time(self, c, final):

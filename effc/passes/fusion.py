@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..ir.nodes import Op, Spec, next_state_name
 from ..ir.printer import print_op
+from .cse import cse
 from .legality import Legality
 
 
@@ -37,6 +38,10 @@ class Fused:
 
 def live_ops(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
     """Dead-code elimination: the ops that `roots` need, in their original order."""
+    return _needed(cse(ops, roots), roots)
+
+
+def _needed(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
     need = set(roots)
     keep = []
     for op in reversed(ops):

@@ -48,9 +48,11 @@ MAX_SEGMENTS = 64  # as in the wave model of `choose`
 
 def compiler_fault(chunk: int, block: int) -> str | None:
     """Configs that Triton 3.6 miscompiles on Hopper, whatever the resource model says: the chunked scan's
-    walk at C >= 64 with a 16-wide block of the split dim (gla 2x8192 on the H100: wrong outputs at 1 stage,
-    an illegal memory access at 2, which loses the process's CUDA context; triton-lang/triton#11366 reports
-    the same class of wgmma fault for small blocks beside several dots)."""
+    walk at C >= 64 with a 16-wide block of the split dim (gla 2x8192 on the H100: wrong outputs at 1
+    stage, an illegal memory access at 2, which loses the process's CUDA context; triton-lang/triton#11366
+    reports the same class of wgmma fault for narrow blocks beside several dots). Faults that depend on
+    the spec (delta_net faults at C=64, block 32; gla runs it) are found by `effc tune` and remembered
+    per spec and GPU (`runtime.tuning.record_fault`)."""
     if chunk >= 64 and block < 32:
         return f"Triton 3.6 miscompiles C={chunk} with block {block} < 32 on Hopper (wrong output or a fault)"
     return None
@@ -216,10 +218,12 @@ def _softmax_grid(spec: Spec, problem: Problem, default: Candidate, blocks) -> l
 
 def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2,
                  smem_limit: int = H100_SHARED_BYTES, max_registers: int = MAX_REGISTERS,
-                 chunks=CHUNKS, warps=WARPS, stages=None) -> SearchSpace:
+                 chunks=CHUNKS, warps=WARPS, stages=None, faulty: dict | None = None) -> SearchSpace:
     """All configurations worth compiling for `problem`, and the pruned ones with the reason. `legality` is
     a chunked scan's (passes.legality) or a softmax spec's schedule (passes.softmax); `chunks` are the
-    chunk lengths, or the query and key blocks; `stages` default to STAGES, SOFTMAX_STAGES."""
+    chunk lengths, or the query and key blocks; `stages` default to STAGES, SOFTMAX_STAGES. `faulty` maps
+    compiled variants (chunk, block, warps, stages) that faulted on this GPU before to the GPU's error."""
+    faulty = faulty or {}
     if dtype_bytes not in (2, 4):
         raise ValueError(f"dtype_bytes must be 2 (bfloat16, float16) or 4 (float32), got {dtype_bytes}")
     if smem_limit <= 0:
@@ -242,11 +246,13 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
         except SpecError as e:
             bad = str(e).removeprefix("error: ")
         fault = None if isinstance(legality, SoftmaxSchedule) else compiler_fault(t.chunk, t.block)
-        bad = bad or fault
         for w in warps:
             for s in stages:
                 why = [bad] if bad else resources(space, t.values, w, s, dtype_bytes).over(w, s, smem_limit,
                                                                                             max_registers)
+                why = why + [fault] if fault else why
+                if (t.chunk, t.block, w, s) in faulty:
+                    why = why + [f"faulted on this GPU in an earlier tune ({faulty[t.chunk, t.block, w, s]})"]
                 if why and (t.chunk, t.block, w, s) == default.variant:
                     over_model = "; ".join(why)
                     why = []  # the default's kernels run whatever the model says; so do its other P

@@ -129,6 +129,36 @@ def store(key: TuningKey, config: dict, ms: float, default: dict, default_ms: fl
     return key.path
 
 
+# -- compiled variants that faulted on a GPU ---------------------------------------------------------
+# A kernel that faults (an illegal memory access: a Triton miscompile) loses its process's CUDA context,
+# so `effc tune` records it here and goes on in a fresh process, which prunes it. One file per
+# (spec, backend, GPU, variant): concurrent tuners never rewrite each other's.
+
+def _faults_dir(op, gpu: str) -> Path:
+    ident = json.dumps([spec_hash(op.comp), op.backend, gpu, codegen.CODEGEN_VERSION])
+    return tuning_dir() / "faults" / f"{op.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def record_fault(op, gpu: str, variant: tuple[int, ...], reason: str) -> Path:
+    path = _faults_dir(op, gpu) / ("-".join(map(str, variant)) + ".json")
+    write_atomic(path, json.dumps({"variant": list(variant), "reason": reason, "gpu": gpu, "at": time.time()}))
+    return path
+
+
+def known_faults(op, gpu: str) -> dict[tuple[int, ...], str]:
+    """The variants (chunk, block, warps, stages) that faulted for this spec, backend and GPU under the
+    running codegen version, with what the GPU said."""
+    out = {}
+    d = _faults_dir(op, gpu)
+    for path in sorted(d.glob("*.json")) if d.is_dir() else ():
+        try:
+            raw = json.loads(path.read_text())
+            out[tuple(int(v) for v in raw["variant"])] = str(raw["reason"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a half-written or foreign file: the fault is found again if it is real
+    return out
+
+
 def entries() -> list[tuple[Path, Entry | None]]:
     """Every file of the tuning cache with its entry (None: unreadable), for `effc cache ls`."""
     d = tuning_dir()
