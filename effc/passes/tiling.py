@@ -113,7 +113,7 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
                  for st in spec.stages for op in st.ops if op.kind == "matmul")
     knobs = (f"C = chunk, block = block of {split} (BLOCK), P = segments of the walk" if split
              else "C = chunk, block = 1 (no dim is split), P = segments of the walk")
-    return TilingSpace(split, tuple(cons), sympy.simplify(live), sympy.expand(loaded), dots, knobs=knobs)
+    return TilingSpace(split, tuple(cons), sympy.expand(live), sympy.expand(loaded), dots, knobs=knobs)
 
 
 def _segments(legality: Legality, programs: int, n_chunks: int, slots: int) -> tuple[int, str]:

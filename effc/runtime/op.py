@@ -100,7 +100,7 @@ class AttentionOp(Tuned):
         ints, pvals = _host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
                                  n_seq, longest, bool(output_final_state), grad, save_states, overrides,
                                  tuple(sorted(params.items())))
-        res = self._torch_ops.forward(list(tensors), init, cu_seqlens, list(ints), list(pvals))
+        res = self._torch_ops.call(list(tensors), init, cu_seqlens, list(ints), list(pvals))
         n_out, n_state = len(self.spec.outputs), len(self.spec.states)
         outs, finals = res[:n_out], res[n_out:n_out + n_state]
         o = outs[0] if n_out == 1 else tuple(outs)

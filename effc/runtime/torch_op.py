@@ -22,8 +22,36 @@ _REGISTERED: dict[str, "TorchOps"] = {}
 
 @dataclass
 class TorchOps:
+    """`forward`, `backward`: the custom ops torch.compile traces. `call` runs a forward: through the custom
+    op under compile; in eager mode through `_Eager`, the same functions and autograd formula without the
+    dispatcher, whose first custom-op call in a process imports ~3 s of torch (higher-order ops,
+    functionalization) before anything runs."""
     forward: object
     backward: object
+    run_forward: object  # the functions the ops wrap
+    run_backward: object
+    setup_context: object
+    grads: object  # (ctx, output grads, forward, backward) -> input and initial-state grads
+
+    def call(self, xs, init, cu, ints, params):
+        if torch.compiler.is_compiling():
+            return self.forward(xs, init, cu, ints, params)
+        return list(_Eager.apply(self, len(xs), cu, ints, params, *xs, *init))
+
+
+class _Eager(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, n_x, cu, ints, params, *tensors):
+        xs, init = list(tensors[:n_x]), list(tensors[n_x:])
+        out = ops.run_forward(xs, init, cu, ints, params)
+        ops.setup_context(ctx, (xs, init, cu, ints, params), out)
+        ctx.ops = ops
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        dxs, dinit, *_ = ctx.ops.grads(ctx, list(grads), ctx.ops.run_forward, ctx.ops.run_backward)
+        return (None, None, None, None, None, *dxs, *dinit)
 
 
 def _config(ints) -> TileConfig:
@@ -52,9 +80,7 @@ def torch_ops(op) -> TorchOps:
         dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
         return make_layout(spec, xs, xs[0].shape[2], dims, cu, chunk)
 
-    @torch.library.custom_op(f"effc::{key}_fwd", mutates_args=())
-    def fwd(xs: list[torch.Tensor], init: list[torch.Tensor], cu: Optional[torch.Tensor], ints: list[int],
-            params: list[float]) -> list[torch.Tensor]:
+    def run_fwd(xs, init, cu, ints, params):
         cfg, (store_final, store_history) = _config(ints), ints[5:7]
         lay = layout(xs, cu, cfg.chunk)
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
@@ -65,6 +91,11 @@ def torch_ops(op) -> TorchOps:
             return xs[0].new_empty(0, dtype=torch.float32)
         return ([outs[o.name] for o in spec.outputs] + [finals.get(s.name, empty()) for s in spec.states]
                 + [hist.get(s.name, empty()) for s in spec.states])
+
+    @torch.library.custom_op(f"effc::{key}_fwd", mutates_args=())
+    def fwd(xs: list[torch.Tensor], init: list[torch.Tensor], cu: Optional[torch.Tensor], ints: list[int],
+            params: list[float]) -> list[torch.Tensor]:
+        return run_fwd(xs, init, cu, ints, params)
 
     @fwd.register_fake
     def _(xs, init, cu, ints, params):
@@ -85,9 +116,7 @@ def torch_ops(op) -> TorchOps:
             hist = [x0.new_empty(0, **f32) for _ in spec.states]
         return outs + finals + hist
 
-    @torch.library.custom_op(f"effc::{key}_bwd", mutates_args=())
-    def bwd(xs: list[torch.Tensor], hist: list[torch.Tensor], cu: Optional[torch.Tensor], d_outs: list[torch.Tensor],
-            d_finals: list[torch.Tensor], ints: list[int], params: list[float]) -> list[torch.Tensor]:
+    def run_bwd(xs, hist, cu, d_outs, d_finals, ints, params):
         cfg = _config(ints)
         lay = layout(xs, cu, cfg.chunk)
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
@@ -97,6 +126,11 @@ def torch_ops(op) -> TorchOps:
         grads, dinit = launcher().backward(cfg, lay, named, pvals, dict(zip((s.name for s in spec.states), hist)),
                                            d_out, d_fin)
         return [grads[d.name].to(x.dtype) for d, x in zip(spec.inputs, xs)] + [dinit[s.name] for s in spec.states]
+
+    @torch.library.custom_op(f"effc::{key}_bwd", mutates_args=())
+    def bwd(xs: list[torch.Tensor], hist: list[torch.Tensor], cu: Optional[torch.Tensor], d_outs: list[torch.Tensor],
+            d_finals: list[torch.Tensor], ints: list[int], params: list[float]) -> list[torch.Tensor]:
+        return run_bwd(xs, hist, cu, d_outs, d_finals, ints, params)
 
     @bwd.register_fake
     def _(xs, hist, cu, d_outs, d_finals, ints, params):
@@ -114,7 +148,7 @@ def torch_ops(op) -> TorchOps:
         ctx.n_x, ctx.n_init, ctx.has_cu = len(xs), len(init), cu is not None
         ctx.ints, ctx.params = list(ints), list(params)
 
-    def backward(ctx, grads):
+    def grads_of(ctx, grads, fwd, bwd):
         saved = list(ctx.saved_tensors)
         cu = saved.pop() if ctx.has_cu else None
         xs, init, kept = saved[:ctx.n_x], saved[ctx.n_x:ctx.n_x + ctx.n_init], saved[ctx.n_x + ctx.n_init:]
@@ -135,6 +169,6 @@ def torch_ops(op) -> TorchOps:
     def _dims(xs):
         return {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
 
-    fwd.register_autograd(backward, setup_context=setup_context)
-    ops = _REGISTERED[key] = TorchOps(fwd, bwd)
+    fwd.register_autograd(lambda ctx, grads: grads_of(ctx, grads, fwd, bwd), setup_context=setup_context)
+    ops = _REGISTERED[key] = TorchOps(fwd, bwd, run_fwd, run_bwd, setup_context, grads_of)
     return ops
