@@ -124,6 +124,22 @@ def test_torch_compile_fullgraph():
         assert judge_fp32(a, x.grad).ok
 
 
+def test_eager_calls_bypass_the_custom_op_and_compile_traces_it(monkeypatch):
+    """Eager calls run the same functions and autograd formula without the dispatcher (its first use costs
+    seconds of imports); under torch.compile the custom op is what gets traced."""
+    op = effc.load("retention")
+    ops = op._torch_ops
+    calls = []
+    monkeypatch.setattr(ops, "forward", lambda *a: calls.append("custom op") or ops.run_forward(*a))
+    xs, _ = _leaves(op, 1, 24, 2)
+    o, _ = op(*xs, chunk=16)
+    o.sum().backward()
+    assert calls == [] and all(x.grad is not None for x in xs)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    op(*[x.detach() for x in xs], chunk=16)
+    assert calls == ["custom op"]
+
+
 def test_host_plan_is_marked_constant_as_dynamo_marks_it():
     """effc marks its host-side planning constant for torch.compile without importing dynamo; the flag must
     be the one the installed torch's decorator sets."""
