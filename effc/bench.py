@@ -48,12 +48,13 @@ def spec_flops(op, B: int, T: int, H: int, dims: dict[str, int], chunk: int) -> 
     return float(per_chunk.subs(subs)) * math.ceil(T / chunk) * B * H
 
 
-def training_flops(op, forward_flops: float, B: int, T: int, H: int, dims: dict[str, int]) -> float:
-    """FLOPs of forward + backward: the op's own count where it has one (softmax: FlashAttention's 3.5x,
-    the backward recomputes the scores), else 3x the forward (each forward matmul has two in the backward)."""
+def op_flops(op, B: int, T: int, H: int, dims: dict[str, int], chunk: int, backward: bool = False) -> float:
+    """FLOPs of a forward (or forward + backward): the op's own count where it has one (softmax: its visible
+    pairs; with the backward FlashAttention's 3.5x, as the backward recomputes the scores), else the walk's
+    matmuls, 3x with the backward (each forward matmul has two in the backward)."""
     if hasattr(op, "flops"):
-        return op.flops(B, T, H, dims, backward=True)
-    return 3.0 * forward_flops
+        return op.flops(B, T, H, dims, backward=backward)
+    return spec_flops(op, B, T, H, dims, chunk) * (3.0 if backward else 1.0)
 
 
 def io_bytes(xs, out) -> int:
@@ -136,8 +137,7 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
             cfg = op.last_config
             tuned = any(r.startswith("tuned") for r in cfg.reasons)
             tbs = io_bytes(xs, out) / ms / 1e9
-            flops = op.flops(B, T, H, dims) if hasattr(op, "flops") else spec_flops(op, B, T, H, dims, cfg.chunk)
-            tflops = flops / ms / 1e9
+            tflops = op_flops(op, B, T, H, dims, cfg.chunk) / ms / 1e9
             row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
                    "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
                              + (" (tuned)" if tuned else ""),
@@ -149,7 +149,8 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
                 leaves = [x.requires_grad_() for x in xs]
                 grad = torch.randn_like(out)
                 row["effc_fwdbwd_ms"], row["effc_peak_mib"] = time_training_step(lambda: op(*leaves)[0], leaves, grad)
-                row["fwdbwd_TFLOP/s"] = training_flops(op, flops, B, T, H, dims) / row["effc_fwdbwd_ms"] / 1e9
+                row["fwdbwd_TFLOP/s"] = (op_flops(op, B, T, H, dims, cfg.chunk, backward=True)
+                                         / row["effc_fwdbwd_ms"] / 1e9)
                 row["history"] = getattr(op, "last_history_reason", "")
             if peers and name in PEERS:
                 row["peers"] = []

@@ -68,7 +68,8 @@ def tune(spec: str = typer.Argument(..., help=SPEC_HELP),
 
     Entries are keyed by spec, backend, GPU, dtype and shape bucket: B*H and T rounded up to a power of
     two, with the feature dims exact (2x8192 at 16 heads: BH32-T8192-K128-V128). Ops read them on their
-    next call with a matching shape; explicit op arguments (chunk=..., num_warps=...) still win."""
+    next call with a matching shape; explicit op arguments (chunk=..., num_warps=...) still win. A candidate
+    that crashes the GPU (a compiler fault) is recorded and pruned; tuning goes on in a fresh process."""
     t0 = time.monotonic()  # the budget covers everything from here, imports and worker start-up included
     from .tune import DTYPE_BYTES, parse_shapes
     try:
@@ -172,7 +173,7 @@ def cache_clear(stale: bool = typer.Option(False, "--stale", help="only entries 
                 kernels: bool = typer.Option(False, "--kernels", help="also the generated kernel modules")):
     """Delete tuning entries (and with --kernels the generated modules; they are rebuilt on next use)."""
     from .runtime.cache import cache_dir
-    from .runtime.tuning import entries, is_current, tuning_dir
+    from .runtime.tuning import clear_faults, entries, is_current, tuning_dir
     removed = 0
     for path, e in entries():
         if stale and e is not None and is_current(e):
@@ -182,11 +183,9 @@ def cache_clear(stale: bool = typer.Option(False, "--stale", help="only entries 
     for tmp in tuning_dir().glob("*.tmp") if tuning_dir().is_dir() else ():
         if time.time() - tmp.stat().st_mtime > 600:  # left by a writer that died; a live one renames within ms
             tmp.unlink(missing_ok=True)
-    faults = [] if stale or not (tuning_dir() / "faults").is_dir() else list((tuning_dir() / "faults").rglob("*.json"))
-    for f in faults:  # a Triton upgrade may have fixed them: the next tune finds any that remain
-        f.unlink(missing_ok=True)
+    faults = 0 if stale else clear_faults()
     typer.echo(f"removed {removed} tuning entr{'y' if removed == 1 else 'ies'}"
-               + (f" and {len(faults)} fault record(s)" if faults else "") + f" from {tuning_dir()}")
+               + (f" and {faults} fault record(s)" if faults else "") + f" from {tuning_dir()}")
     if kernels:
         mods = list((cache_dir() / "kernels").glob("*.py")) if (cache_dir() / "kernels").is_dir() else []
         for m in mods:

@@ -90,10 +90,9 @@ CONTEXT_LOST = ("illegal memory access", "unspecified launch failure", "misalign
 
 
 class CandidateFault(RuntimeError):
-    """A candidate lost the process's CUDA context. `tune` adds what it finished and which shapes are left;
-    `effc tune` goes on in a fresh process."""
+    """A candidate lost the process's CUDA context. `tune` adds the shapes left (`left`); `effc tune` goes on
+    with them in a fresh process."""
 
-    done: list = []
     left: list = []
 
 
@@ -390,7 +389,7 @@ def tune(spec_ref: str, shapes: list[tuple[int, int]], *, heads: int = 16, dims:
             except CandidateFault as e:  # nothing more runs in this process
                 if reporter:
                     reporter.stop()
-                e.done, e.left = results, list(shapes[i:])
+                e.left = list(shapes[i:])
                 raise
             except Exception as e:
                 if reporter:

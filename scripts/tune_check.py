@@ -48,11 +48,11 @@ def _count_compiles() -> list:
     it took (a cache miss takes seconds, a hit milliseconds): why a first call is slow, if it is."""
     import triton.compiler as tc
 
-    seen, compile = [], tc.compile
+    seen, original = [], tc.compile
 
     def counted(src, *args, **kwargs):
         t = time.monotonic()
-        out = compile(src, *args, **kwargs)
+        out = original(src, *args, **kwargs)
         seen.append((getattr(src, "name", str(src))[:60], round(time.monotonic() - t, 3)))
         return out
     tc.compile = counted

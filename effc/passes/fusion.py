@@ -37,7 +37,8 @@ class Fused:
 
 
 def live_ops(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
-    """Dead-code elimination: the ops that `roots` need, in their original order."""
+    """The ops that `roots` need, in their original order, each computed once (common subexpressions
+    merged by passes.cse, then dead code dropped)."""
     return _needed(cse(ops, roots), roots)
 
 

@@ -134,9 +134,22 @@ def store(key: TuningKey, config: dict, ms: float, default: dict, default_ms: fl
 # so `effc tune` records it here and goes on in a fresh process, which prunes it. One file per
 # (spec, backend, GPU, variant): concurrent tuners never rewrite each other's.
 
+def _faults_root() -> Path:
+    return tuning_dir() / "faults"
+
+
 def _faults_dir(op, gpu: str) -> Path:
     ident = json.dumps([spec_hash(op.comp), op.backend, gpu, codegen.CODEGEN_VERSION])
-    return tuning_dir() / "faults" / f"{op.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    return _faults_root() / f"{op.name}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def clear_faults() -> int:
+    """Forget every recorded fault (a Triton upgrade may have fixed them; the next tune finds any that
+    remain). Returns how many records were removed."""
+    records = list(_faults_root().rglob("*.json")) if _faults_root().is_dir() else []
+    for path in records:
+        path.unlink(missing_ok=True)
+    return len(records)
 
 
 def record_fault(op, gpu: str, variant: tuple[int, ...], reason: str) -> Path:
