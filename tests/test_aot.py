@@ -1,6 +1,7 @@
 """Compile every library spec's kernels for sm_90 with Triton's AOT path (no GPU needed):
 catches what the interpreter does not (dot shapes, layouts, register and shared-memory limits).
-Runs in a subprocess because the interpreter (set for the other tests) replaces @triton.jit."""
+Runs in subprocesses because the interpreter (set for the other tests) replaces @triton.jit.
+The linear family compiles at BLOCK=64; the softmax family at the tiles its model picks for the H100."""
 import json
 import os
 import subprocess
@@ -14,8 +15,9 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 import effc
 results = {}
-for name in sys.argv[1:]:
-    op = effc.load(name)
+for spec in sys.argv[1:]:
+    op = effc.load(spec)
+    op, name = getattr(op, "linear", op), getattr(op, "linear", op).name  # a hybrid's state branch
     for kp in op.comp.plan.kernels:
         fn = getattr(op.module, f"{name}_{kp.name}_kernel")
         inputs = {f"{d.name}_ptr" for d in kp.loads + kp.stores} | {f"{o.name}_grad_ptr" for o in op.spec.outputs}
@@ -30,27 +32,79 @@ for name in sys.argv[1:]:
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
         ptx = k.asm["ptx"]
         results[f"{name}.{kp.name}"] = {"wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx,
+                                        "matmuls": any(o.kind == "matmul" for o in kp.ops),
                                         "shared": k.metadata.shared}
 print("AOT " + json.dumps(results))
 """
 
 
-def test_library_kernels_compile_for_sm90(tmp_path):
+SOFTMAX_SCRIPT = r"""
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+import effc
+from effc.passes.softmax import choose_softmax_tiles
+results = {}
+for spec in sys.argv[1:]:
+    op = effc.load(spec)
+    op, name = getattr(op, "softmax", op), getattr(op, "softmax", op).name  # a hybrid's softmax branch
+    dims = {d: 128 for d in op.spec.dims}
+    tiles = choose_softmax_tiles(op.spec, dims, interpreting=False)
+    leaves = {f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
+    for kernel, (bm, bn, warps, stages) in (("fwd", tiles.fwd), ("bwd_pre", tiles.pre), ("bwd_dq", tiles.dq),
+                                            ("bwd_dkv", tiles.dkv)):
+        fn = getattr(op.module, f"{name}_{kernel}_kernel")
+        # leaves, outputs, their gradients and the reductions' cotangents (_dr) are bf16; lse, D, saves fp32
+        sig = {n: ("*bf16" if n in leaves or n.endswith(("_dr_ptr", "_dq_ptr", "_dk_ptr", "_dpre_ptr"))
+                   else "*i32" if n == "cu_ptr" else "*fp32" if n.endswith("_ptr")
+                   else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
+        const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
+                     **dims, **{f"HX_{x}": 16 for x in op.sched.leaves})
+        const = {c: v for c, v in const.items() if c in fn.arg_names}
+        sig.update({c: "constexpr" for c in const})
+        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        ptx = k.asm["ptx"]
+        results[f"{name}.{kernel}"] = {"mma": "mma.sync" in ptx or "wgmma" in ptx or kernel == "bwd_pre",
+                                       "shared": k.metadata.shared}
+print("AOT " + json.dumps(results))
+"""
+
+
+def _compile_in_subprocesses(script: str, names: list[str], tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["EFFC_CACHE_DIR"] = str(tmp_path)
-    names = effc.library_names("linear")
     # the specs split over the CPUs, one compiling process each (ptxas for every kernel of 12+ specs is minutes)
     workers = max(1, min(len(names), os.cpu_count() or 1))
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, *names[i::workers]], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", script, *names[i::workers]], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env) for i in range(workers)]
     results = {}
     for p in procs:
         out, err = p.communicate(timeout=1200)
         assert p.returncode == 0, err[-3000:]
         results.update(json.loads(out.split("AOT ", 1)[1]))
-    expected = {f"{n}.{k.name}" for n in names for k in effc.load(n).comp.plan.kernels}
+    return results
+
+
+def test_softmax_family_kernels_compile_for_sm90(tmp_path):
+    names = effc.library_names("softmax") + effc.library_names("hybrid")
+    results = _compile_in_subprocesses(SOFTMAX_SCRIPT, names, tmp_path)
+    names = [n + "_softmax" if n in effc.library_names("hybrid") else n for n in names]
+    assert set(results) == {f"{n}.{k}" for n in names for k in ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")}
+    for kernel, r in results.items():
+        assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"
+        assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"
+
+
+def test_library_kernels_compile_for_sm90(tmp_path):
+    names = effc.library_names("linear") + effc.library_names("hybrid")
+    results = _compile_in_subprocesses(SCRIPT, names, tmp_path)
+    ops = [getattr(effc.load(n), "linear", None) or effc.load(n) for n in names]
+    expected = {f"{op.name}.{k.name}" for op in ops for k in op.comp.plan.kernels}
     assert set(results) == expected and any(".bwd_chunks_" in k for k in expected)
     for kernel, r in results.items():
+        if not r["matmuls"]:  # e.g. a gradient that is the output's cotangent itself (swax's softmax branch)
+            continue
         assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"
         assert r["wgmma"] or ".bwd_" in kernel, f"{kernel}: no wgmma in the PTX (Hopper tensor cores unused)"
         assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"

@@ -8,6 +8,7 @@ attention never crosses a sequence boundary (document masking), and positions re
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 
@@ -173,9 +174,15 @@ class SoftmaxOp(Tuned):
                 rf = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
                 named[f"{r.out}_dr_ptr"] = torch.empty((B, T, H) + rf, dtype=dr_dtype, device=device)
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
-        for kernel, tag in ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk")):
+        kernels = ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk"))
+        n_parts = Counter(x for kernel, _ in kernels for x, _ in kernel.leaf_grads)
+        for kernel, tag in kernels:
             for x, _ in kernel.leaf_grads:
-                buf = torch.empty((B, T, H) + feats[x], **f32)
+                t = leaves[sched.leaves.index(x)]
+                # a gradient written by one kernel for ungrouped heads is final: stored in the input's dtype,
+                # with no fp32 buffer and no conversion pass; sums of parts and of grouped heads stay fp32
+                direct = n_parts[x] == 1 and t.shape[2] == H
+                buf = torch.empty((B, T, H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
                 named[f"{x}_{tag}_ptr"] = buf
                 parts[x].append(buf)
         for kernel, c, grid0 in (("bwd_pre", cfg.pre, math.ceil(longest / cfg.pre[0])),

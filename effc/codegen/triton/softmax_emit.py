@@ -339,7 +339,7 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
         lines.append(Store(f"D{gi}_ptr", f"v_{d}", ()).line())
         kv.args.append(f"D{gi}_ptr")
     for x, g in kp.leaf_grads:
-        lines.append(Store(f"{x}_dpre_ptr", f"v_{g}", _feats(sched, x)).line())
+        lines.append(Store(f"{x}_dpre_ptr", f"v_{g}", _feats(sched, x), cast=True).line())
         kv.args.append(f"{x}_dpre_ptr")
     kv.pre_lines = lines
     return kv
@@ -388,7 +388,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
         kv.body[masked] = body
     post = pr.lines(kp.post_vjp)
     for x, g in kp.leaf_grads:
-        post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer).line())
+        post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True).line())
         kv.args.append(f"{x}_d{outer}_ptr")
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer)

@@ -1,0 +1,50 @@
+"""Where a spec's forward and forward+backward time goes, kernel by kernel (torch.profiler CUDA times).
+
+usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16, D=128; env CHUNK=32 to force a chunk)
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import effc
+from effc.runtime.verify import random_inputs
+
+
+def kernel_table(fn, steps: int = 5) -> list[tuple[str, float, int]]:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = [(e.key, e.device_time_total / steps / 1e3, e.count // steps) for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main(spec: str, shapes: list[str]) -> None:
+    options = {"chunk": int(os.environ["CHUNK"])} if "CHUNK" in os.environ else {}
+    op = effc.load(spec)
+    for shape in shapes:
+        B, T = map(int, shape.split("x"))
+        xs = random_inputs(op.spec, B, T, 16, {d: 128 for d in op.spec.dims}, torch.bfloat16, "cuda")
+        leaves = [x.requires_grad_() if x.is_floating_point() else x for x in xs]
+
+        def fwd_bwd():
+            out, _ = op(*leaves, **options)
+            out.float().sum().backward()
+
+        for label, fn in (("forward", lambda: op(*xs, **options)), ("forward+backward", fwd_bwd)):
+            rows = kernel_table(fn)
+            print(f"PROFILE {spec} {shape} {label}: total {sum(r[1] for r in rows):.3f} ms "
+                  f"(config {getattr(op, 'last_config', None)})", flush=True)
+            for name, ms, count in rows[:12]:
+                print(f"  {ms:8.3f} ms  x{count:<3d} {name[:100]}", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:] or ["2x8192"])
