@@ -40,7 +40,8 @@ def peaks(gpu: str) -> tuple[dict, str]:
 def spec_flops(op, B: int, T: int, H: int, dims: dict[str, int], chunk: int) -> float:
     types = value_types(op.spec)
     per_chunk = sympy.Integer(0)
-    for o in op.comp.plan.kernel("walk").ops:
+    plan = op.comp.plan
+    for o in [o for k in plan.kernels if k.name in ("prep", "walk") for o in k.ops]:  # prep: the hoisted part
         if o.kind == "matmul":
             (m, k), (_, n) = types[o.args[0]].shape, types[o.args[1]].shape
             per_chunk += 2 * m * k * n

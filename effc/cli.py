@@ -134,6 +134,9 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
     typer.echo(f"spec {comp.typed.name}: schedule {getattr(comp, 'schedule_name', 'chunked-state scan')}")
     typer.echo(str(comp.legality))
     typer.echo("fused stages: " + "; ".join(f"{k.name} = {' + '.join(k.stages)}" for k in comp.fused.kernels))
+    if getattr(comp.fused, "hoisted", ()):
+        typer.echo(f"hoisted: {', '.join(n for n, _ in comp.fused.hoisted)} (state-free, from an in-chunk solve): "
+                   "the prep kernel computes them for every chunk in parallel; the walk and the backward load them")
     typer.echo(f"tiling for B={B} T={T} H={H} {sizes}: {cfg}")
     typer.echo(f"wrote {path}")
 

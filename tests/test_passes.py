@@ -13,6 +13,7 @@ from effc.codegen.triton.emit import emit_module
 from effc.errors import SpecError
 from effc.ir import print_spec
 from effc.passes.fusion import fuse
+from effc.passes.hoist import hoist
 from effc.passes.legality import analyze
 from effc.passes.plan import plan
 from effc.passes.tiling import Problem, choose, tiling_space
@@ -332,6 +333,66 @@ def test_cse_merges_what_merge_and_inter_both_compute():
 def test_fuse_general_transition_has_only_the_walk():
     spec = typed(edit(LA, "S = S * gamma + k.T @ v", "S = (k.T @ k) @ S + k.T @ v"))
     assert [k.name for k in fuse(spec, analyze(spec)).kernels] == ["walk"]
+
+
+# ---- hoist --------------------------------------------------------------------------------------
+
+# A delta-rule-like spec that is not in the library: an in-chunk solve feeding the state update.
+SOLVED = edit(LA, "merge { o = q @ S }\n  inter { S = S * gamma + k.T @ v }",
+              "intra {\n    t = unit_lower_inv(k @ k.T)\n    w = t @ k\n  }\n"
+              "  merge { o = q @ S + causal(q @ k.T) @ (v - w @ S) }\n  inter { S = S + k.T @ (v - w @ S) }")
+
+
+def test_hoist_moves_the_solve_and_its_products_to_prep():
+    """w reads no state, is read by state-dependent ops and holds a solve: prep computes it; the walk
+    keeps k.T (cheap, and also read by the state update) and loads w."""
+    spec = typed(SOLVED)
+    golden(str(hoist(spec, fuse(spec, analyze(spec)))), """
+        fused:
+          hoisted: w[C, K]
+          kernel prep [intra] -> w
+            _1 : [K, C] = transpose(k)
+            _2 : [C, C] = matmul(k, _1)
+            t : [C, C] = unit_lower_inv(_2)
+            w : [C, K] = matmul(t, k)
+          kernel walk [intra + merge + inter] -> o, _next_S
+            _1 : [K, C] = transpose(k)
+            _5 : [C, V] = matmul(q, S)
+            _7 : [C, C] = matmul(q, _1)
+            _8 : [C, C] = causal(_7)
+            _9 : [C, V] = matmul(w, S)
+            _10 : [C, V] = sub(v, _9)
+            _11 : [C, V] = matmul(_8, _10)
+            o : [C, V] = add(_5, _11)
+            _16 : [K, V] = matmul(_1, _10)
+            _next_S : [K, V] = add(S, _16)
+    """)
+
+
+def test_hoist_leaves_specs_without_a_solve_alone():
+    spec = typed(GATED)
+    fused = fuse(spec, analyze(spec))
+    assert hoist(spec, fused) is fused
+
+
+def test_hoisted_spec_runs_against_its_oracle():
+    """The prep kernel's chunk-padded scratch: T not a multiple of C, packed sequences, gradients."""
+    op = effc.loads(SOLVED)
+    assert [k.name for k in op.comp.plan.kernels][:2] == ["prep", "walk"]
+    dims = {"K": 16, "V": 32}
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 45, 2, dims, seed=1)]
+    # k scaled down: the spec has no normalisation, and a well-conditioned (I + strict(k k^T)) keeps it fp32-testable
+    with torch.no_grad():
+        xs[1].mul_(0.25)
+    cu = torch.tensor([0, 13, 45], dtype=torch.int32)
+    out, _ = op(*xs, cu_seqlens=cu)
+    ref, _ = op.reference(*xs, cu_seqlens=cu)
+    assert max_err(out, ref) < 1e-4
+    d_o = torch.randn_like(out)
+    got = torch.autograd.grad(out, xs, d_o)
+    want = torch.autograd.grad(ref, xs, d_o.double())
+    for name, a, b in zip("qkv", got, want):
+        assert max_err(a, b) < 1e-4, name
 
 
 # ---- plan -------------------------------------------------------------------------------------

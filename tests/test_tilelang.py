@@ -54,7 +54,7 @@ def _lower(op, kernel: str, tmp: Path, D: int = 128, **flags) -> str:
 
 def _refused(op) -> str | None:
     """The first op of the forward kernels that this backend refuses, if any."""
-    kinds = {o.kind for k in op.comp.plan.kernels if k.name in FORWARD for o in k.ops}
+    kinds = {o.kind for k in op.comp.plan.kernels if not k.name.startswith("bwd") for o in k.ops}
     return next((k for k in UNSUPPORTED if k in kinds), None)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.nodes import Op, Spec, next_state_name
+from ..ir.nodes import Op, Spec, TileType, next_state_name
 from ..ir.printer import print_op
 from .cse import cse
 from .legality import Legality
@@ -31,9 +31,11 @@ class FusedKernel:
 @dataclass(frozen=True)
 class Fused:
     kernels: tuple[FusedKernel, ...]
+    hoisted: tuple[tuple[str, TileType], ...] = ()  # values the prep kernel writes and the others read (passes.hoist)
 
     def __str__(self) -> str:
-        return "fused:\n" + "\n".join(str(k) for k in self.kernels)
+        moved = f"\n  hoisted: {', '.join(f'{n}{t}' for n, t in self.hoisted)}" if self.hoisted else ""
+        return "fused:" + moved + "\n" + "\n".join(str(k) for k in self.kernels)
 
 
 def live_ops(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:

@@ -31,13 +31,15 @@ class KernelPlan:
     grads: tuple[tuple[TensorDecl, str | None], ...] = ()  # backward: input -> its gradient value
     state_grads: tuple[tuple[str, str | None], ...] = ()  # backward: state -> adjoint entering the chunk
     leaf_types: tuple = ()  # types of values the kernel reads but no op defines (the backward's seeds)
+    hoisted_loads: tuple[TensorDecl, ...] = ()  # values the prep kernel wrote, read per chunk (passes.hoist)
 
     def types(self, spec: Spec) -> dict:
         return {**value_types(spec), **dict(self.leaf_types), **{op.out: op.type for op in self.ops}}
 
     def __str__(self) -> str:
+        loads = [d.name for d in self.loads] + [f"{d.name} (hoisted)" for d in self.hoisted_loads]
         lines = [f"  kernel {self.name}  grid={self.grid}",
-                 f"    per chunk: load {', '.join(d.name for d in self.loads) or '-'}; "
+                 f"    per chunk: load {', '.join(loads) or '-'}; "
                  f"store {', '.join(d.name for d in self.stores) or '-'}",
                  f"    carry {', '.join(f'{s.name}[{chr(44).join(s.dims)}]' for s in self.states) or '-'} on chip"]
         lines += [f"    {print_op(op)}" for op in self.ops]
@@ -57,9 +59,16 @@ class Plan:
     def kernel(self, name: str) -> KernelPlan:
         return next(k for k in self.kernels if k.name == name)
 
+    @property
+    def hoisted(self) -> tuple[TensorDecl, ...]:
+        """What the prep kernel writes (per-token scratch the other kernels read); () without one."""
+        return next((k.stores for k in self.kernels if k.name == "prep"), ())
+
     def __str__(self) -> str:
         head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; "
-                + ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")]
+                + ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")
+                + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
+                   if self.hoisted else "")]
         return "\n".join(head + [str(k) for k in self.kernels])
 
 
@@ -71,19 +80,28 @@ def _used(ops, names) -> tuple[str, ...]:
 def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     decays = {t.state: t.decay for t in legality.transitions}
     split = legality.split_dims[0] if legality.split_dims else None
+    # hoisted values live in (tokens, heads, d) scratch, d being the tile's second axis (a feature dim or C)
+    hoisted = {n: TensorDecl(n, "hoisted", ("B", "T", "H") + tuple(str(d) for d in t.shape[1:]))
+               for n, t in fused.hoisted}
     kernels = []
     for fk in fused.kernels:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
+        reads = tuple(hoisted[n] for n in _used(fk.ops, list(hoisted))) if fk.name != "prep" else ()
         states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name), decays.get(s.name)) for s in spec.states)
-        stores = spec.outputs if fk.name == "walk" else ()
+        stores = spec.outputs if fk.name == "walk" else tuple(hoisted.values()) if fk.name == "prep" else ()
         segs = {"walk": "P", "summary": "P-1", "bwd_scan": "1"}.get(fk.name, "chunks")
-        grid = f"({f'cdiv({split}, BLOCK)' if split else '1'}, B*H, {segs})"
+        # prep computes whole tiles (no split blocks): one program per (batch*head, chunk)
+        grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' else '1'}, B*H, {segs})"
         params = _used(fk.ops, [p.name for p in spec.params])
-        grads = state_grads = leaves = ()
+        grads = state_grads = ()
+        leaves = tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads)
+        if fk.name == "prep":
+            states = ()
         if fk.name.startswith("bwd_chunks"):
             grads = tuple((d, g) for d, (_, g) in zip(spec.inputs, backward.input_grads) if g in fk.roots)
-            leaves = backward.seed_types
+            leaves += backward.seed_types
         if fk.name == "bwd_scan":
-            state_grads, leaves = backward.state_grads, backward.seed_types
-        kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid, grads, state_grads, leaves))
+            state_grads, leaves = backward.state_grads, leaves + backward.seed_types
+        kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid, grads, state_grads, leaves,
+                                  reads))
     return Plan(spec, split, tuple(kernels))

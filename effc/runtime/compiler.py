@@ -10,6 +10,7 @@ from ..ir.nodes import Spec
 from ..library import LIBRARY_DIR
 from ..passes.autodiff import Backward, differentiate
 from ..passes.fusion import Fused, fuse
+from ..passes.hoist import hoist
 from ..passes.legality import Legality, analyze
 from ..passes.lower import lower
 from ..passes.plan import Plan, plan
@@ -57,7 +58,7 @@ class Compilation:
 
     @cached_property
     def fused(self) -> Fused:
-        return fuse(self.typed, self.legality, self.backward)
+        return hoist(self.typed, fuse(self.typed, self.legality, self.backward))
 
     @cached_property
     def plan(self) -> Plan:

@@ -13,7 +13,7 @@ import torch
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..passes.tiling import TileConfig
-from .checks import history_dtype, interpreting
+from .checks import history_dtype, interpreting, operand_dtype
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -81,8 +81,33 @@ class Launcher:
     def _n_split(self, cfg: TileConfig, lay: Layout) -> int:
         return lay.dims[self.plan.split_dim] // cfg.block if self.plan.split_dim else 1
 
+    @staticmethod
+    def _loads(kp, xs: dict, hoisted: dict) -> list:
+        return [xs[d.name] for d in kp.loads] + [hoisted[d.name] for d in kp.hoisted_loads]
+
     def _state_shape(self, lay: Layout, s) -> tuple:
         return tuple(lay.dims[n] for n in s.dims)
+
+    def prep(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict) -> dict:
+        """Run the prep kernel, if the plan has one (passes.hoist): the hoisted values of every chunk, each
+        in a chunk-padded (chunks * C, H, d) buffer. [C, d] tiles feed matmuls: the operand dtype; [C]: fp32."""
+        if not self.plan.hoisted:
+            return {}
+        first = xs[self.spec.inputs[0].name]
+        total_chunks, max_chunks = lay.chunks(cfg.chunk)
+        sizes = {**lay.dims, "C": cfg.chunk}
+        bufs = {d.name: torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
+                                    dtype=operand_dtype(first.dtype) if d.feature_dims else torch.float32,
+                                    device=first.device) for d in self.plan.hoisted}
+        kp = self.plan.kernel("prep")
+        dummy = torch.empty(1, dtype=torch.float32, device=first.device)
+        args = ([xs[d.name] for d in kp.loads] + [bufs[d.name] for d in kp.stores] + [pvals[p] for p in kp.params]
+                + self._common(cfg, lay, 1, 1, dummy))
+        meta = self._meta(cfg, lay, first.dtype, kp)
+        if self.plan.split_dim:
+            meta["BLOCK"] = lay.dims[self.plan.split_dim]  # whole tiles: prep is not split
+        self._fn("prep")[(1, lay.n_seq * lay.H, max_chunks)](*args, **meta)
+        return bufs
 
     def forward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, init: dict, store_final: bool,
                 store_history: bool):
@@ -107,10 +132,11 @@ class Launcher:
                 for s in spec.states}
         segd = {n: torch.empty_like(w) if P > 1 else dummy for n, w in segw.items()}
         n_split = self._n_split(cfg, lay)
+        hoisted = self.prep(cfg, lay, xs, pvals)
         for kp in self.plan.kernels:
-            if kp.name.startswith("bwd") or (kp.name == "summary" and P == 1):
+            if kp.name.startswith("bwd") or kp.name == "prep" or (kp.name == "summary" and P == 1):
                 continue
-            args = [xs[d.name] for d in kp.loads] + [outs[o.name] for o in kp.stores]
+            args = self._loads(kp, xs, hoisted) + [outs[o.name] for o in kp.stores]
             for s in kp.states:
                 if kp.name == "walk":
                     args += [init.get(s.name, dummy), finals[s.name], hist[s.name]]
@@ -145,8 +171,9 @@ class Launcher:
         dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
         bwd_warps = {"num_warps": max(8, cfg.num_warps)} if not interpreting() else {}  # sm_90: 4 warps spill
         d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
+        hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         scan = self.plan.kernel("bwd_scan")
-        args = [xs[d.name] for d in scan.loads] + d_o
+        args = self._loads(scan, xs, hoisted) + d_o
         for s in scan.states:
             args += [hist[s.name], dhist[s.name], d_finals.get(s.name, dummy), dinit[s.name]]
         args += [pvals[p] for p in scan.params] + self._common(cfg, lay, 1, 1, dummy)
@@ -155,7 +182,7 @@ class Launcher:
         for chunks in self.plan.kernels:
             if not chunks.name.startswith("bwd_chunks"):
                 continue
-            args = [xs[d.name] for d in chunks.loads] + d_o + [dx[d.name] for d, _ in chunks.grads]
+            args = self._loads(chunks, xs, hoisted) + d_o + [dx[d.name] for d, _ in chunks.grads]
             for s in chunks.states:
                 args += [hist[s.name], dhist[s.name]]
             args += [pvals[p] for p in chunks.params] + self._common(cfg, lay, 1, 1, dummy)

@@ -12,7 +12,7 @@ from .. import template
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan, StatePlan
 from .body import F32, IN, Body, Buffer
-from .printer import TileLangPrinter, broadcast_index, token_ok
+from .printer import UNSUPPORTED, TileLangPrinter, broadcast_index, token_ok
 from .schedule import leaves, schedule
 
 _RESERVED = ("T", "tilelang", "H", "C", "BLOCK", "dtype", "threads", "num_stages", "is_varlen", "has_init",
@@ -295,6 +295,14 @@ FORWARD = ("summary", "walk")  # the derived backward kernel is Triton-only for 
 
 def emit_module(plan: Plan) -> str:
     spec = plan.spec
+    if plan.hoisted:  # only in-chunk solves are hoisted (passes.hoist), and this backend has no solve
+        prep = plan.kernel("prep")
+        printer = TileLangPrinter(spec, prep.types(spec))
+        for op in prep.ops:
+            if op.kind in UNSUPPORTED:
+                raise printer.refuse(op)
+        raise NotImplementedError("the TileLang backend has no prep kernel for hoisted values "
+                                  f"({', '.join(d.name for d in plan.hoisted)}); the Triton backend has")
     views = [_Kernel(plan, kp, TileLangPrinter(spec, kp.types(spec))).view()
              for kp in plan.kernels if kp.name in FORWARD]
     summary = (f"kernels: {', '.join(v.plan.name for v in views)} (the backward runs on Triton); "

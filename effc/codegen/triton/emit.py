@@ -54,6 +54,7 @@ class _KernelView:
     dinit_offs: dict[str, str] = field(default_factory=dict)
     dhist_offs: dict[str, str] = field(default_factory=dict)
     partial_state: dict[str, bool] = field(default_factory=dict)
+    hoisted_offs: dict[str, str] = field(default_factory=dict)
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -77,7 +78,11 @@ def emit_module(plan: Plan) -> str:
             hist_offs={s.name: _row_major("(c_base + i_c) * H + i_h", s.dims) for s in kp.states},
             state_block={s.name: "[" + ", ".join("BLOCK" if d == split else d for d in s.dims) + "]"
                          for s in kp.states},
-            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None})
+            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None},
+            # hoisted values are chunk-padded (every row of a chunk, padding included, as the walk would compute
+            # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
+            hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
+                          for d in kp.hoisted_loads + (kp.stores if kp.name == "prep" else ())})
         for x, g in kp.grads:
             # a gradient without the split dim is summed over the split blocks: each block writes a partial
             partial = split not in x.feature_dims

@@ -1,0 +1,58 @@
+"""Hoisting: in-chunk solves leave the sequential walk for a chunk-parallel `prep` kernel.
+
+The walk visits a sequence's chunks one after another, so every op in its body sits on the critical
+path, even ops that never read the carried state. Most of those are cheap elementwise work, but an
+in-chunk solve (`unit_lower_inv`, the delta rule's UT transform: log2(C) fp32 [C, C] products) and
+the products built from it cost more than the state update itself. This pass computes them once per
+chunk, for all chunks in parallel, and the walk (and every kernel of the backward) loads them.
+
+What moves: the values that a state-dependent op reads, that read no state themselves, and whose
+computation contains a solve (delta_net: `w = t @ kb`, `u = t @ (v * beta)`). Each is a per-token
+tile ([C] or [C, d]), stored once per chunk in a chunk-padded scratch buffer. What the state-free
+part needs besides them (l2-normalised q and k, decay masks) stays where it is: recomputing a few
+elementwise ops is cheaper than a round trip through memory.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..ir.nodes import C, Op, Spec, TileType
+from ..ir.ops import SOLVES
+from .fusion import Fused, FusedKernel, _needed
+
+
+def _depends(ops: tuple[Op, ...], sources: set[str]) -> set[str]:
+    """The values that read (transitively) any of `sources`."""
+    reached = set(sources)
+    for op in ops:
+        if any(isinstance(a, str) and a in reached for a in op.args):
+            reached.add(op.out)
+    return reached
+
+
+def _per_token(t: TileType | None) -> bool:
+    """A tile with one row per token ([C] or [C, d]): it fits a (tokens, heads, d) scratch buffer."""
+    return t is not None and 1 <= t.rank <= 2 and t.shape[0] == C
+
+
+def hoisted_values(spec: Spec, walk: FusedKernel) -> tuple[Op, ...]:
+    """The ops of the walk whose values move to the prep kernel (see the module docstring)."""
+    stateful = _depends(walk.ops, {s.name for s in spec.states})
+    solved = _depends(walk.ops, {op.out for op in walk.ops if op.kind in SOLVES}) - stateful
+    read = {a for op in walk.ops if op.out in stateful for a in op.args if isinstance(a, str)}
+    return tuple(op for op in walk.ops if op.out in solved and op.out in read and _per_token(op.type))
+
+
+def hoist(spec: Spec, fused: Fused) -> Fused:
+    """Fused kernels -> the same kernels reading the hoisted values, after a `prep` kernel that writes them."""
+    walk = next(k for k in fused.kernels if k.name == "walk")
+    moved = hoisted_values(spec, walk)
+    if not moved:
+        return fused
+    names = tuple(op.out for op in moved)
+    prep = FusedKernel("prep", ("intra",), _needed(walk.ops, names), names)
+    kernels = [prep]
+    for k in fused.kernels:
+        ops = tuple(op for op in k.ops if op.out not in names)
+        kernels.append(replace(k, ops=_needed(ops, k.roots)))
+    return Fused(tuple(kernels), hoisted=tuple((op.out, op.type) for op in moved))
