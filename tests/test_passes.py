@@ -12,7 +12,8 @@ import effc
 from effc.codegen.triton.emit import emit_module
 from effc.errors import SpecError
 from effc.ir import print_spec
-from effc.passes.fusion import fuse
+from effc.ir.printer import print_op
+from effc.passes.fusion import fuse, live_ops
 from effc.passes.hoist import hoist
 from effc.passes.legality import analyze
 from effc.passes.plan import plan
@@ -315,9 +316,8 @@ def test_cse_merges_what_merge_and_inter_both_compute():
     transpose of k, taken twice, once. A root (the next state) keeps its name."""
     spec = typed(edit(LA, "merge { o = q @ S }\n  inter { S = S * gamma + k.T @ v }",
                       "merge { o = q @ S + (q @ k.T) @ (v - k @ S) }\n  inter { S = S + k.T @ (v - k @ S) }"))
-    walk = fuse(spec, analyze(spec)).kernels[0]
-    golden(textwrap.dedent(str(walk)), """
-          kernel walk [intra + merge + inter] -> o, _next_S
+    ops = live_ops(spec.intra.ops + spec.merge.ops + spec.inter.ops, ("o", "_next_S"))
+    golden("\n".join(print_op(op) for op in ops), """
             _1 : [C, V] = matmul(q, S)
             _2 : [K, C] = transpose(k)
             _3 : [C, C] = matmul(q, _2)
@@ -330,9 +330,21 @@ def test_cse_merges_what_merge_and_inter_both_compute():
     """)
 
 
-def test_fuse_general_transition_has_only_the_walk():
+def test_fuse_general_transition_walks_the_state_alone_and_defers_merge():
+    """No summary (a general transition cannot be segmented); the walk keeps only the state update and
+    `out` evaluates merge per chunk from the states the walk leaves behind."""
     spec = typed(edit(LA, "S = S * gamma + k.T @ v", "S = (k.T @ k) @ S + k.T @ v"))
-    assert [k.name for k in fuse(spec, analyze(spec)).kernels] == ["walk"]
+    golden(str(fuse(spec, analyze(spec))), """
+        fused:
+          kernel walk [intra + inter] -> _next_S
+            _2 : [K, C] = transpose(k)
+            _3 : [K, K] = matmul(_2, k)
+            _4 : [K, V] = matmul(_3, S)
+            _6 : [K, V] = matmul(_2, v)
+            _next_S : [K, V] = add(_4, _6)
+          kernel out [intra + merge] -> o
+            o : [C, V] = matmul(q, S)
+    """)
 
 
 # ---- hoist --------------------------------------------------------------------------------------
@@ -345,7 +357,7 @@ SOLVED = edit(LA, "merge { o = q @ S }\n  inter { S = S * gamma + k.T @ v }",
 
 def test_hoist_moves_the_solve_and_its_products_to_prep():
     """w reads no state, is read by state-dependent ops and holds a solve: prep computes it; the walk
-    keeps k.T (cheap, and also read by the state update) and loads w."""
+    and out keep k.T (cheap, and read by the state update too) and load w."""
     spec = typed(SOLVED)
     golden(str(hoist(spec, fuse(spec, analyze(spec)))), """
         fused:
@@ -355,7 +367,13 @@ def test_hoist_moves_the_solve_and_its_products_to_prep():
             _2 : [C, C] = matmul(k, _1)
             t : [C, C] = unit_lower_inv(_2)
             w : [C, K] = matmul(t, k)
-          kernel walk [intra + merge + inter] -> o, _next_S
+          kernel walk [intra + inter] -> _next_S
+            _1 : [K, C] = transpose(k)
+            _9 : [C, V] = matmul(w, S)
+            _10 : [C, V] = sub(v, _9)
+            _16 : [K, V] = matmul(_1, _10)
+            _next_S : [K, V] = add(S, _16)
+          kernel out [intra + merge] -> o
             _1 : [K, C] = transpose(k)
             _5 : [C, V] = matmul(q, S)
             _7 : [C, C] = matmul(q, _1)
@@ -364,8 +382,6 @@ def test_hoist_moves_the_solve_and_its_products_to_prep():
             _10 : [C, V] = sub(v, _9)
             _11 : [C, V] = matmul(_8, _10)
             o : [C, V] = add(_5, _11)
-            _16 : [K, V] = matmul(_1, _10)
-            _next_S : [K, V] = add(S, _16)
     """)
 
 
@@ -378,7 +394,7 @@ def test_hoist_leaves_specs_without_a_solve_alone():
 def test_hoisted_spec_runs_against_its_oracle():
     """The prep kernel's chunk-padded scratch: T not a multiple of C, packed sequences, gradients."""
     op = effc.loads(SOLVED)
-    assert [k.name for k in op.comp.plan.kernels][:2] == ["prep", "walk"]
+    assert [k.name for k in op.comp.plan.kernels][:3] == ["prep", "walk", "out"]
     dims = {"K": 16, "V": 32}
     xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 45, 2, dims, seed=1)]
     # k scaled down: the spec has no normalisation, and a well-conditioned (I + strict(k k^T)) keeps it fp32-testable

@@ -2,6 +2,10 @@
 
 - `walk`: intra + merge + inter fused; one program per (split block, batch*head, segment)
   walks its chunks in order, keeps the state on chip and writes outputs as it goes.
+- `walk` + `out` (specs whose transition is not diagonal-affine, so the walk cannot be segmented and
+  runs one program per (split block, batch*head)): the walk carries the state alone (intra + inter)
+  and writes the state entering each chunk; `out` then evaluates merge for every chunk in parallel
+  from those states. The sequential part keeps only the state update's ops.
 - `summary` (only for segmentable specs): intra + inter from a zero state over one segment,
   accumulating the product of the decays; the walk folds these summaries in to start each
   segment from the right state. Merge is dead here and dropped.
@@ -59,8 +63,12 @@ def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
     the state adjoint carried on chip from the last chunk to the first."""
     all_ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
     nexts = tuple(next_state_name(s.name) for s in spec.states)
-    walk_roots = tuple(o.name for o in spec.outputs) + nexts
-    kernels = [FusedKernel("walk", ("intra", "merge", "inter"), live_ops(all_ops, walk_roots), walk_roots)]
+    outs = tuple(o.name for o in spec.outputs)
+    if spec.states and not legality.segmentable:
+        kernels = [FusedKernel("walk", ("intra", "inter"), live_ops(all_ops, nexts), nexts),
+                   FusedKernel("out", ("intra", "merge"), live_ops(all_ops, outs), outs)]
+    else:
+        kernels = [FusedKernel("walk", ("intra", "merge", "inter"), live_ops(all_ops, outs + nexts), outs + nexts)]
     if legality.segmentable:
         computed = {op.out for op in all_ops}  # a decay may also be a param, an input or a constant
         decays = tuple(t.decay for t in legality.transitions if t.decay in computed)

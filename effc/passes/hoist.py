@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ir.nodes import C, Op, Spec, TileType
+from ..ir.nodes import C, Op, Spec, TileType, next_state_name
 from ..ir.ops import SOLVES
-from .fusion import Fused, FusedKernel, _needed
+from .fusion import Fused, FusedKernel, _needed, live_ops
 
 
 def _depends(ops: tuple[Op, ...], sources: set[str]) -> set[str]:
@@ -35,22 +35,24 @@ def _per_token(t: TileType | None) -> bool:
     return t is not None and 1 <= t.rank <= 2 and t.shape[0] == C
 
 
-def hoisted_values(spec: Spec, walk: FusedKernel) -> tuple[Op, ...]:
-    """The ops of the walk whose values move to the prep kernel (see the module docstring)."""
-    stateful = _depends(walk.ops, {s.name for s in spec.states})
-    solved = _depends(walk.ops, {op.out for op in walk.ops if op.kind in SOLVES}) - stateful
-    read = {a for op in walk.ops if op.out in stateful for a in op.args if isinstance(a, str)}
-    return tuple(op for op in walk.ops if op.out in solved and op.out in read and _per_token(op.type))
+def hoisted_values(spec: Spec, forward: tuple[Op, ...]) -> tuple[Op, ...]:
+    """The ops of the forward (every op the outputs and next states need) whose values move to the
+    prep kernel (see the module docstring)."""
+    stateful = _depends(forward, {s.name for s in spec.states})
+    solved = _depends(forward, {op.out for op in forward if op.kind in SOLVES}) - stateful
+    read = {a for op in forward if op.out in stateful for a in op.args if isinstance(a, str)}
+    return tuple(op for op in forward if op.out in solved and op.out in read and _per_token(op.type))
 
 
 def hoist(spec: Spec, fused: Fused) -> Fused:
     """Fused kernels -> the same kernels reading the hoisted values, after a `prep` kernel that writes them."""
-    walk = next(k for k in fused.kernels if k.name == "walk")
-    moved = hoisted_values(spec, walk)
+    roots = tuple(o.name for o in spec.outputs) + tuple(next_state_name(s.name) for s in spec.states)
+    forward = live_ops(spec.intra.ops + spec.merge.ops + spec.inter.ops, roots)
+    moved = hoisted_values(spec, forward)
     if not moved:
         return fused
     names = tuple(op.out for op in moved)
-    prep = FusedKernel("prep", ("intra",), _needed(walk.ops, names), names)
+    prep = FusedKernel("prep", ("intra",), _needed(forward, names), names)
     kernels = [prep]
     for k in fused.kernels:
         ops = tuple(op for op in k.ops if op.out not in names)

@@ -36,12 +36,18 @@ class KernelPlan:
     def types(self, spec: Spec) -> dict:
         return {**value_types(spec), **dict(self.leaf_types), **{op.out: op.type for op in self.ops}}
 
+    def _state_access(self) -> str:
+        states = ', '.join(f"{s.name}[{','.join(s.dims)}]" for s in self.states) or '-'
+        if self.name in ("walk", "summary", "bwd_scan") or not self.states:
+            return f"carry {states} on chip"
+        return f"read {states} entering the chunk from the walk's history"
+
     def __str__(self) -> str:
         loads = [d.name for d in self.loads] + [f"{d.name} (hoisted)" for d in self.hoisted_loads]
         lines = [f"  kernel {self.name}  grid={self.grid}",
                  f"    per chunk: load {', '.join(loads) or '-'}; "
                  f"store {', '.join(d.name for d in self.stores) or '-'}",
-                 f"    carry {', '.join(f'{s.name}[{chr(44).join(s.dims)}]' for s in self.states) or '-'} on chip"]
+                 f"    {self._state_access()}"]
         lines += [f"    {print_op(op)}" for op in self.ops]
         return "\n".join(lines)
 
@@ -66,7 +72,9 @@ class Plan:
 
     def __str__(self) -> str:
         head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; "
-                + ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")
+                + ("summary kernel runs first when segments > 1" if self.segmentable else
+                   "single walk kernel" + ("; out kernel evaluates merge per chunk from the walk's states"
+                                           if any(k.name == "out" for k in self.kernels) else ""))
                 + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
                    if self.hoisted else "")]
         return "\n".join(head + [str(k) for k in self.kernels])
@@ -88,7 +96,8 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
         reads = tuple(hoisted[n] for n in _used(fk.ops, list(hoisted))) if fk.name != "prep" else ()
         states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name), decays.get(s.name)) for s in spec.states)
-        stores = spec.outputs if fk.name == "walk" else tuple(hoisted.values()) if fk.name == "prep" else ()
+        stores = (tuple(hoisted.values()) if fk.name == "prep" else
+                  tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
         segs = {"walk": "P", "summary": "P-1", "bwd_scan": "1"}.get(fk.name, "chunks")
         # prep computes whole tiles (no split blocks): one program per (batch*head, chunk)
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' else '1'}, B*H, {segs})"

@@ -125,16 +125,18 @@ class Launcher:
                                     dtype=dtype, device=device) for o in spec.outputs}
         n_bh = lay.n_seq * lay.H
         finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
+        out_kernel = next((k for k in self.plan.kernels if k.name == "out"), None)
+        write_history = store_history or out_kernel is not None  # the out kernel reads each chunk's state
         hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s),
                                      dtype=history_dtype(s, dtype), device=device)
-                         if store_history else dummy) for s in spec.states}
+                         if write_history else dummy) for s in spec.states}
         segw = {s.name: torch.empty((n_bh, P) + self._state_shape(lay, s), **f32) if P > 1 else dummy
                 for s in spec.states}
         segd = {n: torch.empty_like(w) if P > 1 else dummy for n, w in segw.items()}
         n_split = self._n_split(cfg, lay)
         hoisted = self.prep(cfg, lay, xs, pvals)
         for kp in self.plan.kernels:
-            if kp.name.startswith("bwd") or kp.name == "prep" or (kp.name == "summary" and P == 1):
+            if kp.name.startswith("bwd") or kp.name in ("prep", "out") or (kp.name == "summary" and P == 1):
                 continue
             args = self._loads(kp, xs, hoisted) + [outs[o.name] for o in kp.stores]
             for s in kp.states:
@@ -144,7 +146,12 @@ class Launcher:
             args += [pvals[p] for p in kp.params] + self._common(cfg, lay, per_seg, P, dummy)
             grid = (n_split, n_bh, P if kp.name == "walk" else P - 1)
             self._fn(kp.name)[grid](*args, **self._meta(cfg, lay, dtype, kp), HAS_INIT=bool(init),
-                                    STORE_FINAL=store_final, STORE_HISTORY=store_history)
+                                    STORE_FINAL=store_final, STORE_HISTORY=write_history)
+        if out_kernel is not None:
+            args = (self._loads(out_kernel, xs, hoisted) + [outs[o.name] for o in out_kernel.stores]
+                    + [hist[s.name] for s in out_kernel.states] + [pvals[p] for p in out_kernel.params]
+                    + self._common(cfg, lay, 1, 1, dummy))
+            self._fn("out")[(n_split, n_bh, max_chunks)](*args, **self._meta(cfg, lay, dtype, out_kernel))
         return outs, (finals if store_final else {}), (hist if store_history else {})
 
     def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,

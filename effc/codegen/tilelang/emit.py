@@ -291,18 +291,27 @@ def _shape(d: TensorDecl, heads: str) -> str:
 
 
 FORWARD = ("summary", "walk")  # the derived backward kernel is Triton-only for now
+# the forward kernels of plans for general transitions (passes.fusion, passes.hoist), and why they are not here
+_NOT_EMITTED = {"prep": "a chunk-parallel kernel for values hoisted out of the walk (in-chunk solves)",
+                "out": "merge evaluated per chunk from the walk's state history (non-diagonal transitions)"}
+
+
+def _refuse_what_cannot_be_emitted(plan: Plan) -> None:
+    """An unsupported tile op is named first (the most specific reason), then a kernel kind."""
+    forward = [k for k in plan.kernels if not k.name.startswith("bwd")]
+    for kp in forward:
+        for op in kp.ops:
+            if op.kind in UNSUPPORTED:
+                raise TileLangPrinter(plan.spec, kp.types(plan.spec)).refuse(op)
+    for kp in forward:
+        if kp.name in _NOT_EMITTED:
+            raise NotImplementedError(f"the TileLang backend has no '{kp.name}' kernel ({_NOT_EMITTED[kp.name]}); "
+                                      "the Triton backend has")
 
 
 def emit_module(plan: Plan) -> str:
     spec = plan.spec
-    if plan.hoisted:  # only in-chunk solves are hoisted (passes.hoist), and this backend has no solve
-        prep = plan.kernel("prep")
-        printer = TileLangPrinter(spec, prep.types(spec))
-        for op in prep.ops:
-            if op.kind in UNSUPPORTED:
-                raise printer.refuse(op)
-        raise NotImplementedError("the TileLang backend has no prep kernel for hoisted values "
-                                  f"({', '.join(d.name for d in plan.hoisted)}); the Triton backend has")
+    _refuse_what_cannot_be_emitted(plan)
     views = [_Kernel(plan, kp, TileLangPrinter(spec, kp.types(spec))).view()
              for kp in plan.kernels if kp.name in FORWARD]
     summary = (f"kernels: {', '.join(v.plan.name for v in views)} (the backward runs on Triton); "
