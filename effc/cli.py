@@ -147,6 +147,9 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
           dims: str = typer.Option("", help="feature dims, e.g. K=32,V=32 (default 32 each)"),
           chunk: int = typer.Option(None, help="chunk size (default: the spec's)"),
           segments: int = typer.Option(None, help="segments of the walk (default: the model's)"),
+          defer_merge: bool = typer.Option(None, "--defer-merge/--fuse-merge",
+                                           help="general transitions: merge in the chunk-parallel out kernel, or "
+                                                "fused in the walk (default: the model's)"),
           dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (low precision needs a GPU)"),
           seed: int = typer.Option(0),
           backend: str = typer.Option("triton", help="triton, tilelang (forward; needs a GPU) or auto")):
@@ -186,7 +189,8 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
         device = "cpu" if interp else "cuda"
         xs = random_inputs(op.spec, B, T, H, sizes, dt, device, seed)
         s0 = random_state(op.spec, B, H, sizes, device)
-        o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=chunk, segments=segments)
+        knobs = {"defer_merge": defer_merge} if defer_merge is not None else {}
+        o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=chunk, segments=segments, **knobs)
         ref, ref_s = op.reference(*xs, initial_state=s0, output_final_state=True)
         rec, _ = op.recurrent_reference(*xs, initial_state=s0, output_final_state=True)
     except (SpecError, ArgumentError, NotImplementedError) as e:

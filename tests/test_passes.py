@@ -330,13 +330,15 @@ def test_cse_merges_what_merge_and_inter_both_compute():
     """)
 
 
-def test_fuse_general_transition_walks_the_state_alone_and_defers_merge():
-    """No summary (a general transition cannot be segmented); the walk keeps only the state update and
-    `out` evaluates merge per chunk from the states the walk leaves behind."""
-    spec = typed(edit(LA, "S = S * gamma + k.T @ v", "S = (k.T @ k) @ S + k.T @ v"))
+def test_fuse_general_transition_adds_an_out_kernel():
+    """No summary (a general transition cannot be segmented); `out` evaluates merge per chunk from the
+    states the walk leaves behind, and the plan names what the walk skips when merge is deferred."""
+    text = edit(LA, "S = S * gamma + k.T @ v", "S = (k.T @ k) @ S + k.T @ v")
+    spec = typed(text)
     golden(str(fuse(spec, analyze(spec))), """
         fused:
-          kernel walk [intra + inter] -> _next_S
+          kernel walk [intra + merge + inter] -> o, _next_S
+            o : [C, V] = matmul(q, S)
             _2 : [K, C] = transpose(k)
             _3 : [K, K] = matmul(_2, k)
             _4 : [K, V] = matmul(_3, S)
@@ -345,6 +347,22 @@ def test_fuse_general_transition_walks_the_state_alone_and_defers_merge():
           kernel out [intra + merge] -> o
             o : [C, V] = matmul(q, S)
     """)
+    assert compile_text(text).plan.merge_only() == ("o",)
+
+
+def test_tiling_defers_merge_when_the_walk_leaves_the_gpu_idle():
+    spec = typed(edit(LA, "S = S * gamma + k.T @ v", "S = (k.T @ k) @ S + k.T @ v"))
+    legality = analyze(spec)
+    dims = (("K", 128), ("V", 128))
+    few = choose(spec, legality, Problem(2, 8192, 16, dims))  # 2 blocks x 32 programs for 264 slots
+    many = choose(spec, legality, Problem(64, 8192, 16, dims))
+    one_chunk = choose(spec, legality, Problem(2, 16, 16, dims))
+    assert few.deferred and "merge deferred" in str(few)
+    assert not many.deferred and "merge fused in the walk: 2048 programs" in str(many)
+    assert not one_chunk.deferred and "one chunk" in str(one_chunk)
+    assert not choose(spec, legality, Problem(2, 8192, 16, dims), deferred=False).deferred
+    with pytest.raises(SpecError, match="deferred merge is for general transitions"):
+        choose(typed(LA), analyze(typed(LA)), Problem(2, 8192, 16, dims), deferred=True)
 
 
 # ---- hoist --------------------------------------------------------------------------------------
@@ -367,10 +385,15 @@ def test_hoist_moves_the_solve_and_its_products_to_prep():
             _2 : [C, C] = matmul(k, _1)
             t : [C, C] = unit_lower_inv(_2)
             w : [C, K] = matmul(t, k)
-          kernel walk [intra + inter] -> _next_S
+          kernel walk [intra + merge + inter] -> o, _next_S
             _1 : [K, C] = transpose(k)
+            _5 : [C, V] = matmul(q, S)
+            _7 : [C, C] = matmul(q, _1)
+            _8 : [C, C] = causal(_7)
             _9 : [C, V] = matmul(w, S)
             _10 : [C, V] = sub(v, _9)
+            _11 : [C, V] = matmul(_8, _10)
+            o : [C, V] = add(_5, _11)
             _16 : [K, V] = matmul(_1, _10)
             _next_S : [K, V] = add(S, _16)
           kernel out [intra + merge] -> o

@@ -259,3 +259,28 @@ def test_a_peer_past_its_time_is_killed_with_what_it_started(tmp_path):
     else:
         os.kill(child, signal.SIGKILL)
         raise AssertionError("the peer's child outlived the timeout")
+
+
+GENERAL = ["delta_net", "gated_delta_net", "hdla", "rwkv7", "mlstm"]
+
+
+@pytest.mark.parametrize("deferred", [True, False], ids=["merge-deferred", "merge-fused"])
+@pytest.mark.parametrize("name", GENERAL)
+def test_general_transitions_in_both_merge_modes(name, deferred):
+    """The walk with merge fused, and the walk updating the state alone with `out` evaluating merge per chunk:
+    outputs, final states and gradients against the oracle; T = 45 is not a multiple of C = 16."""
+    op, xs, s0 = _setup(name, 2, 45, 2, seed=5)
+    assert op.comp.plan.deferrable
+    xs = [x.requires_grad_() for x in xs]
+    d_o = torch.randn(2, 45, 2, DIMS["V"])
+    d_s = tuple(torch.randn(s.shape) for s in s0)
+    out, fin, g = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True, chunk=16, defer_merge=deferred),
+                         xs, d_o, d_s)
+    assert op.last_config.deferred == deferred
+    ref, ref_fin, ref_g = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), xs,
+                                 d_o.double(), tuple(d.double() for d in d_s))
+    assert judge_fp32(out, ref).ok
+    for a, b in zip(fin, ref_fin):
+        assert judge_fp32(a.detach(), b.detach()).ok
+    for d, a, b in zip(op.spec.inputs, g, ref_g):
+        assert judge_fp32(a, b).ok, f"{name} d{d.name}: {judge_fp32(a, b)}"

@@ -2,10 +2,10 @@
 
 - `walk`: intra + merge + inter fused; one program per (split block, batch*head, segment)
   walks its chunks in order, keeps the state on chip and writes outputs as it goes.
-- `walk` + `out` (specs whose transition is not diagonal-affine, so the walk cannot be segmented and
-  runs one program per (split block, batch*head)): the walk carries the state alone (intra + inter)
-  and writes the state entering each chunk; `out` then evaluates merge for every chunk in parallel
-  from those states. The sequential part keeps only the state update's ops.
+- `out` (specs whose transition is not diagonal-affine, so the walk cannot be segmented and runs one
+  program per (split block, batch*head)): intra + merge for every chunk in parallel, from the state
+  entering each chunk that the walk wrote. When the tile config defers merge (`TileConfig.deferred`),
+  the walk skips its merge-only ops (a compile-time flag) and keeps only the state update.
 - `summary` (only for segmentable specs): intra + inter from a zero state over one segment,
   accumulating the product of the decays; the walk folds these summaries in to start each
   segment from the right state. Merge is dead here and dropped.
@@ -45,10 +45,10 @@ class Fused:
 def live_ops(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
     """The ops that `roots` need, in their original order, each computed once (common subexpressions
     merged by passes.cse, then dead code dropped)."""
-    return _needed(cse(ops, roots), roots)
+    return needed(cse(ops, roots), roots)
 
 
-def _needed(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
+def needed(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
     need = set(roots)
     keep = []
     for op in reversed(ops):
@@ -64,11 +64,9 @@ def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
     all_ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
     nexts = tuple(next_state_name(s.name) for s in spec.states)
     outs = tuple(o.name for o in spec.outputs)
+    kernels = [FusedKernel("walk", ("intra", "merge", "inter"), live_ops(all_ops, outs + nexts), outs + nexts)]
     if spec.states and not legality.segmentable:
-        kernels = [FusedKernel("walk", ("intra", "inter"), live_ops(all_ops, nexts), nexts),
-                   FusedKernel("out", ("intra", "merge"), live_ops(all_ops, outs), outs)]
-    else:
-        kernels = [FusedKernel("walk", ("intra", "merge", "inter"), live_ops(all_ops, outs + nexts), outs + nexts)]
+        kernels.append(FusedKernel("out", ("intra", "merge"), live_ops(all_ops, outs), outs))
     if legality.segmentable:
         computed = {op.out for op in all_ops}  # a decay may also be a param, an input or a constant
         decays = tuple(t.decay for t in legality.transitions if t.decay in computed)

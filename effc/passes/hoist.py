@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from ..ir.nodes import C, Op, Spec, TileType, next_state_name
 from ..ir.ops import SOLVES
-from .fusion import Fused, FusedKernel, _needed, live_ops
+from .fusion import Fused, FusedKernel, needed, live_ops
 
 
 def _depends(ops: tuple[Op, ...], sources: set[str]) -> set[str]:
@@ -52,9 +52,9 @@ def hoist(spec: Spec, fused: Fused) -> Fused:
     if not moved:
         return fused
     names = tuple(op.out for op in moved)
-    prep = FusedKernel("prep", ("intra",), _needed(forward, names), names)
+    prep = FusedKernel("prep", ("intra",), needed(forward, names), names)
     kernels = [prep]
     for k in fused.kernels:
         ops = tuple(op for op in k.ops if op.out not in names)
-        kernels.append(replace(k, ops=_needed(ops, k.roots)))
+        kernels.append(replace(k, ops=needed(ops, k.roots)))
     return Fused(tuple(kernels), hoisted=tuple((op.out, op.type) for op in moved))

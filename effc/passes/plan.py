@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
-from .fusion import Fused
+from .fusion import Fused, needed
 from .legality import Legality
 from .shapes import value_types
 
@@ -66,6 +66,17 @@ class Plan:
         return next(k for k in self.kernels if k.name == name)
 
     @property
+    def deferrable(self) -> bool:
+        """Has an `out` kernel: merge can leave the walk (TileConfig.deferred)."""
+        return any(k.name == "out" for k in self.kernels)
+
+    def merge_only(self) -> tuple[str, ...]:
+        """The walk's values that only the outputs need: skipped when merge is deferred."""
+        walk = self.kernel("walk")
+        state = {op.out for op in needed(walk.ops, tuple(s.next for s in walk.states))}
+        return tuple(op.out for op in walk.ops if op.out not in state) if self.deferrable else ()
+
+    @property
     def hoisted(self) -> tuple[TensorDecl, ...]:
         """What the prep kernel writes (per-token scratch the other kernels read); () without one."""
         return next((k.stores for k in self.kernels if k.name == "prep"), ())
@@ -73,8 +84,9 @@ class Plan:
     def __str__(self) -> str:
         head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; "
                 + ("summary kernel runs first when segments > 1" if self.segmentable else
-                   "single walk kernel" + ("; out kernel evaluates merge per chunk from the walk's states"
-                                           if any(k.name == "out" for k in self.kernels) else ""))
+                   "single walk kernel" + ("; with merge deferred, the walk updates the state only and the out "
+                                           "kernel evaluates merge per chunk from the walk's states"
+                                           if self.deferrable else ""))
                 + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
                    if self.hoisted else "")]
         return "\n".join(head + [str(k) for k in self.kernels])

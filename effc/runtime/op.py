@@ -83,10 +83,12 @@ class AttentionOp(Tuned):
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
                  chunk: int | None = None, block: int | None = None, segments: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
-                 **params):
+                 defer_merge: bool | None = None, **params):
         """(o, final_state) for (B, T, H, D) inputs; with `cu_seqlens`, packed (1, total_T, H, D) sequences.
         Differentiable: gradients reach every input and the initial state. Works under torch.compile:
-        the host-side checks and choices are compile-time constants of the call's shapes."""
+        the host-side checks and choices are compile-time constants of the call's shapes.
+        chunk, block, segments, num_warps, num_stages, defer_merge (general transitions: merge in the
+        chunk-parallel out kernel) override the tiling model's or `effc tune`'s choice."""
         init = self._state_list(initial_state)
         longest = None
         if cu_seqlens is not None and not torch.compiler.is_compiling():
@@ -95,7 +97,7 @@ class AttentionOp(Tuned):
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
         overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
-                     ("num_stages", num_stages))
+                     ("num_stages", num_stages), ("deferred", defer_merge))
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         ints, pvals = _host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
                                  n_seq, longest, bool(output_final_state), grad, save_states, overrides,
@@ -137,7 +139,8 @@ class AttentionOp(Tuned):
         keep = False
         if grad:
             keep, self.last_history_reason = self._history(save_states, tensors, n_seq, longest, H, dims, cfg)
-        ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(output_final_state), int(keep))
+        ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(cfg.deferred),
+                int(output_final_state), int(keep))
         return ints, tuple(pvals[p.name] for p in self.spec.params)
 
     def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[bool, str]:

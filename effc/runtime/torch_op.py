@@ -16,7 +16,8 @@ from .checks import history_dtype
 from .launch import Launcher, make_layout
 
 # ints passed to the ops: the tile configuration, then flags
-_CFG = ("chunk", "block", "segments", "num_warps", "num_stages")
+_CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "deferred")
+_FLAGS = slice(len(_CFG), len(_CFG) + 2)  # store the final states, keep the history for the backward
 _REGISTERED: dict[str, "TorchOps"] = {}
 
 
@@ -55,7 +56,7 @@ class _Eager(torch.autograd.Function):
 
 
 def _config(ints) -> TileConfig:
-    return TileConfig(*ints[:5])
+    return TileConfig(*ints[:len(_CFG)])
 
 
 def torch_ops(op) -> TorchOps:
@@ -81,7 +82,7 @@ def torch_ops(op) -> TorchOps:
         return make_layout(spec, xs, xs[0].shape[2], dims, cu, chunk)
 
     def run_fwd(xs, init, cu, ints, params):
-        cfg, (store_final, store_history) = _config(ints), ints[5:7]
+        cfg, (store_final, store_history) = _config(ints), ints[_FLAGS]
         lay = layout(xs, cu, cfg.chunk)
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
         pvals = dict(zip((p.name for p in spec.params), params))
@@ -99,7 +100,7 @@ def torch_ops(op) -> TorchOps:
 
     @fwd.register_fake
     def _(xs, init, cu, ints, params):
-        cfg, (store_final, store_history) = _config(ints), ints[5:7]
+        cfg, (store_final, store_history) = _config(ints), ints[_FLAGS]
         x0 = xs[0]
         B, T, H = x0.shape[:3]
         dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
@@ -143,7 +144,7 @@ def torch_ops(op) -> TorchOps:
 
     def setup_context(ctx, inputs, output):
         xs, init, cu, ints, params = inputs
-        kept = output[n_out + n_state:] if ints[6] else []
+        kept = output[n_out + n_state:] if ints[_FLAGS][1] else []
         ctx.save_for_backward(*xs, *init, *kept, *((cu,) if cu is not None else ()))
         ctx.n_x, ctx.n_init, ctx.has_cu = len(xs), len(init), cu is not None
         ctx.ints, ctx.params = list(ints), list(params)
@@ -156,12 +157,12 @@ def torch_ops(op) -> TorchOps:
         if kept:
             hist = kept
         else:  # recompute the per-chunk states: one more forward walk, keeping only the history
-            hist = fwd(xs, init, cu, ints[:5] + [0, 1], params)[n_out + n_state:]
+            hist = fwd(xs, init, cu, ints[:len(_CFG)] + [0, 1], params)[n_out + n_state:]
         dims = _dims(xs)
         B, T, H = xs[0].shape[:3]
         d_outs = [g if g is not None else xs[0].new_zeros((B, T, H) + tuple(dims[n] for n in o.feature_dims))
                   for o, g in zip(spec.outputs, grads[:n_out])]
-        d_finals = [g if (g is not None and ints[5]) else xs[0].new_empty(0, dtype=torch.float32)
+        d_finals = [g if (g is not None and ints[_FLAGS][0]) else xs[0].new_empty(0, dtype=torch.float32)
                     for g in grads[n_out:n_out + n_state]]
         res = bwd(xs, hist, cu, d_outs, d_finals, ints, params)
         return list(res[:ctx.n_x]), list(res[ctx.n_x:]) if ctx.n_init else [], None, None, None

@@ -55,6 +55,8 @@ class _KernelView:
     dhist_offs: dict[str, str] = field(default_factory=dict)
     partial_state: dict[str, bool] = field(default_factory=dict)
     hoisted_offs: dict[str, str] = field(default_factory=dict)
+    merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel)
+    optional_loads: set = field(default_factory=set)  # inputs only merge reads: not loaded when it is deferred
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -69,9 +71,16 @@ def emit_module(plan: Plan) -> str:
         printer = TritonPrinter(spec, kp.types(spec))
         toks = {d.name: _token_offsets(d, f"HX_{d.name}") for d in kp.loads}
         toks.update({d.name: _token_offsets(d) for d in kp.stores + (spec.outputs if kp.name.startswith("bwd") else ())})
+        # with merge deferred (FUSE_MERGE false) the walk skips what only the outputs need; a constexpr `if`
+        # is resolved when Triton compiles, and names it defines stay in scope
+        optional = set(plan.merge_only()) if kp.name == "walk" else set()
         view = _KernelView(
             fn=kernel_name(spec.name, kp.name), plan=kp,
-            body=[f"v_{op.out} = {printer.expr(op)}" for op in kp.ops],
+            body=[("if FUSE_MERGE: " if op.out in optional else "") + f"v_{op.out} = {printer.expr(op)}"
+                  for op in kp.ops],
+            merge_flag=bool(optional),
+            optional_loads={d.name for d in kp.loads + kp.hoisted_loads} - {
+                a for op in kp.ops if op.out not in optional for a in op.args if isinstance(a, str)} if optional else set(),
             tok_offs={n: t[0] for n, t in toks.items()}, tok_mask={n: t[1] for n, t in toks.items()},
             state_offs={s.name: _row_major("i_bh", s.dims) for s in kp.states},
             seg_offs={s.name: _row_major("i_bh * n_segments + seg", s.dims) for s in kp.states},
