@@ -128,18 +128,19 @@ def test_mlstm_variants_match_mlstm_kernels_native_references():
 @pytest.mark.parametrize("chunk", [128, 256])
 def test_mlstm_large_chunks(name, chunk, monkeypatch):
     """chunk=128 and 256 (the `chunk` knob of effc tune's Candidate.overrides) run the fused walk: T=300 gives a
-    partial last chunk, the initial and final states pass through, and without gradients (or with
-    save_states=False) the forward writes no per-chunk states."""
+    partial last chunk, the initial and final states pass through, and with merge fused in the walk and no
+    gradients (or save_states=False) the forward writes no per-chunk states."""
     from effc.runtime.launch import Launcher
-    stored = []
+    stored = []  # (chunk, whether the forward writes per-chunk states)
     forward = Launcher.forward
 
-    def spy(self, cfg, lay, xs, pvals, init, store_final, store_history):
-        stored.append((cfg.chunk, store_history))
-        return forward(self, cfg, lay, xs, pvals, init, store_final, store_history)
+    def spy(self, cfg, lay, xs, pvals, init, store_final, store_history, **kw):
+        stored.append((cfg.chunk, store_history or cfg.deferred))
+        return forward(self, cfg, lay, xs, pvals, init, store_final, store_history, **kw)
     monkeypatch.setattr(Launcher, "forward", spy)
     op, xs, s0 = _setup(name, 1, 300, 1)
-    o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=chunk)
+    fused = {"defer_merge": False} if op.comp.plan.deferrable else {}
+    o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=chunk, **fused)
     assert op.last_config.chunk == chunk and stored == [(chunk, False)]
     ref, ref_s = op.reference(*xs, initial_state=s0, output_final_state=True)
     assert judge_fp32(o, ref).ok, judge_fp32(o, ref)
@@ -148,7 +149,7 @@ def test_mlstm_large_chunks(name, chunk, monkeypatch):
     # the backward at a large chunk too, recomputing the states instead of keeping them
     leaves = [x.requires_grad_() for x in xs]
     d_o = torch.randn_like(ref)
-    o = op(*leaves, chunk=chunk, save_states=False)[0]
+    o = op(*leaves, chunk=chunk, save_states=False, **fused)[0]
     assert stored[-1] == (chunk, False)  # the forward keeps none; the backward's own walk recomputes them
     g = torch.autograd.grad(o, leaves, d_o.float())
     ref_g = torch.autograd.grad(op.reference(*leaves)[0], leaves, d_o)
@@ -284,3 +285,25 @@ def test_general_transitions_in_both_merge_modes(name, deferred):
         assert judge_fp32(a.detach(), b.detach()).ok
     for d, a, b in zip(op.spec.inputs, g, ref_g):
         assert judge_fp32(a, b).ok, f"{name} d{d.name}: {judge_fp32(a, b)}"
+
+
+def test_recomputing_the_history_skips_merge(monkeypatch):
+    """save_states=False: the backward's second forward only rebuilds the per-chunk states, so a deferrable
+    plan runs the walk without merge and no out kernel; the gradients still match the oracle."""
+    from effc.runtime.launch import Launcher
+    launched = []
+    fn = Launcher._fn
+
+    def spy(self, kernel):
+        launched.append(kernel)
+        return fn(self, kernel)
+    monkeypatch.setattr(Launcher, "_fn", spy)
+    op, xs, _ = _setup("delta_net", 1, 40, 2, seed=2)
+    xs = [x.requires_grad_() for x in xs]
+    o, _ = op(*xs, chunk=16, defer_merge=False, save_states=False)
+    launched.clear()
+    g = torch.autograd.grad(o, xs, torch.ones_like(o))
+    assert launched[:2] == ["prep", "walk"] and "out" not in launched, launched
+    ref_g = torch.autograd.grad(op.reference(*xs)[0], xs, torch.ones_like(o).double())
+    for d, a, b in zip(op.spec.inputs, g, ref_g):
+        assert judge_fp32(a, b).ok, f"d{d.name}: {judge_fp32(a, b)}"

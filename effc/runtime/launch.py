@@ -110,8 +110,9 @@ class Launcher:
         return bufs
 
     def forward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, init: dict, store_final: bool,
-                store_history: bool):
-        """Returns (outputs, final states, state history). Outputs are (B, T, H, ...) in the first input's dtype."""
+                store_history: bool, outputs: bool = True):
+        """Returns (outputs, final states, state history). Outputs are (B, T, H, ...) in the first input's dtype;
+        `outputs=False` with merge deferred skips the out kernel (the backward recomputing the history)."""
         spec = self.spec
         first = xs[spec.inputs[0].name]
         dtype, device = first.dtype, first.device
@@ -125,7 +126,7 @@ class Launcher:
                                     dtype=dtype, device=device) for o in spec.outputs}
         n_bh = lay.n_seq * lay.H
         finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
-        out_kernel = self.plan.kernel("out") if cfg.deferred else None
+        out_kernel = self.plan.kernel("out") if cfg.deferred and outputs else None
         write_history = store_history or cfg.deferred  # the out kernel reads each chunk's state
         hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s),
                                      dtype=history_dtype(s, dtype), device=device)

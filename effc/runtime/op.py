@@ -140,7 +140,7 @@ class AttentionOp(Tuned):
         if grad:
             keep, self.last_history_reason = self._history(save_states, tensors, n_seq, longest, H, dims, cfg)
         ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(cfg.deferred),
-                int(output_final_state), int(keep))
+                int(output_final_state), int(keep), 1)
         return ints, tuple(pvals[p.name] for p in self.spec.params)
 
     def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[bool, str]:

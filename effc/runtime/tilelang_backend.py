@@ -76,7 +76,7 @@ class TileLangLauncher:
         return self._dummies[key]
 
     def forward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, init: dict, store_final: bool,
-                store_history: bool):
+                store_history: bool, outputs: bool = True):  # outputs: always computed (no deferred merge here)
         """Returns (outputs, final states, state history), as launch.Launcher.forward does."""
         spec, plan = self.spec, self.plan
         first = xs[spec.inputs[0].name]

@@ -6,7 +6,7 @@ them first with one more forward walk."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -17,7 +17,9 @@ from .launch import Launcher, make_layout
 
 # ints passed to the ops: the tile configuration, then flags
 _CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "deferred")
-_FLAGS = slice(len(_CFG), len(_CFG) + 2)  # store the final states, keep the history for the backward
+# store the final states; keep the history for the backward; the outputs are wanted (not when the backward
+# recomputes the history alone)
+_FLAGS = slice(len(_CFG), len(_CFG) + 3)
 _REGISTERED: dict[str, "TorchOps"] = {}
 
 
@@ -82,12 +84,15 @@ def torch_ops(op) -> TorchOps:
         return make_layout(spec, xs, xs[0].shape[2], dims, cu, chunk)
 
     def run_fwd(xs, init, cu, ints, params):
-        cfg, (store_final, store_history) = _config(ints), ints[_FLAGS]
+        cfg, (store_final, store_history, outputs) = _config(ints), ints[_FLAGS]
+        if not outputs and op.comp.plan.deferrable:  # the walk alone writes the history; merge is skipped
+            cfg = replace(cfg, deferred=True)
         lay = layout(xs, cu, cfg.chunk)
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
         pvals = dict(zip((p.name for p in spec.params), params))
         inits = {s.name: x.float().contiguous() for s, x in zip(spec.states, init)}
-        outs, finals, hist = forward_launcher().forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history))
+        outs, finals, hist = forward_launcher().forward(cfg, lay, named, pvals, inits, bool(store_final),
+                                                        bool(store_history), outputs=bool(outputs))
         def empty():  # a distinct tensor each: custom-op outputs must not alias
             return xs[0].new_empty(0, dtype=torch.float32)
         return ([outs[o.name] for o in spec.outputs] + [finals.get(s.name, empty()) for s in spec.states]
@@ -100,7 +105,7 @@ def torch_ops(op) -> TorchOps:
 
     @fwd.register_fake
     def _(xs, init, cu, ints, params):
-        cfg, (store_final, store_history) = _config(ints), ints[_FLAGS]
+        cfg, (store_final, store_history, _) = _config(ints), ints[_FLAGS]
         x0 = xs[0]
         B, T, H = x0.shape[:3]
         dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
@@ -157,7 +162,7 @@ def torch_ops(op) -> TorchOps:
         if kept:
             hist = kept
         else:  # recompute the per-chunk states: one more forward walk, keeping only the history
-            hist = fwd(xs, init, cu, ints[:len(_CFG)] + [0, 1], params)[n_out + n_state:]
+            hist = fwd(xs, init, cu, ints[:len(_CFG)] + [0, 1, 0], params)[n_out + n_state:]
         dims = _dims(xs)
         B, T, H = xs[0].shape[:3]
         d_outs = [g if g is not None else xs[0].new_zeros((B, T, H) + tuple(dims[n] for n in o.feature_dims))
