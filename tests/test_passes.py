@@ -434,6 +434,38 @@ def test_hoisted_spec_runs_against_its_oracle():
         assert max_err(a, b) < 1e-4, name
 
 
+def test_split_reverse_scan_leaves_the_scan_only_what_reads_the_carried_adjoint():
+    """dS entering a chunk = dS + (-w^T (k dS)) + [-w^T causal(q k^T)^T dO + q^T dO]: the bracket reads no
+    carried adjoint, so bwd_inject computes it for every chunk at once and the scan adds it."""
+    fused = compile_text(SOLVED).fused
+    assert fused.injected == (("_d36", "_inj_d36"),)
+    golden(textwrap.dedent("\n".join(str(k) for k in fused.kernels if k.name in ("bwd_inject", "bwd_scan"))), """
+          kernel bwd_inject [inter + merge] -> _inj_d36
+            _1 : [K, C] = transpose(k)
+            _7 : [C, C] = matmul(q, _1)
+            _8 : [C, C] = causal(_7)
+            _d8 : [K, C] = transpose(w)
+            _d14 : [C, C] = transpose(_8)
+            _d15 : [C, V] = matmul(_d14, _seed_o)
+            _d17 : [C, V] = neg(_d15)
+            _d22 : [K, V] = matmul(_d8, _d17)
+            _d27 : [K, C] = transpose(q)
+            _d35 : [K, V] = matmul(_d27, _seed_o)
+            _inj_d36 : [K, V] = add(_d22, _d35)
+          kernel bwd_scan [inter + merge] -> _d36
+            _1 : [K, C] = transpose(k)
+            _d3 : [C, K] = transpose(_1)
+            _d4 : [C, V] = matmul(_d3, _seed__next_S)
+            _d5 : [C, V] = neg(_d4)
+            _d8 : [K, C] = transpose(w)
+            _d9 : [K, V] = matmul(_d8, _d5)
+            _kept_d36 : [K, V] = add(_seed__next_S, _d9)
+            _d36 : [K, V] = add(_kept_d36, _inj_d36)
+    """)
+    # a segmentable spec keeps its (cheap) reverse scan whole
+    assert compile_text(GATED).fused.injected == ()
+
+
 # ---- plan -------------------------------------------------------------------------------------
 
 def test_plan_loads_only_what_each_kernel_reads():

@@ -36,6 +36,7 @@ class FusedKernel:
 class Fused:
     kernels: tuple[FusedKernel, ...]
     hoisted: tuple[tuple[str, TileType], ...] = ()  # values the prep kernel writes and the others read (passes.hoist)
+    injected: tuple[tuple[str, str], ...] = ()  # (state adjoint root, the bwd_inject value the scan adds to it)
 
     def __str__(self) -> str:
         moved = f"\n  hoisted: {', '.join(f'{n}{t}' for n, t in self.hoisted)}" if self.hoisted else ""

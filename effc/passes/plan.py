@@ -32,6 +32,7 @@ class KernelPlan:
     state_grads: tuple[tuple[str, str | None], ...] = ()  # backward: state -> adjoint entering the chunk
     leaf_types: tuple = ()  # types of values the kernel reads but no op defines (the backward's seeds)
     hoisted_loads: tuple[TensorDecl, ...] = ()  # values the prep kernel wrote, read per chunk (passes.hoist)
+    injected: tuple[tuple[str, str], ...] = ()  # (state, value): bwd_inject writes it per chunk, bwd_scan adds it
 
     def types(self, spec: Spec) -> dict:
         return {**value_types(spec), **dict(self.leaf_types), **{op.out: op.type for op in self.ops}}
@@ -103,6 +104,10 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     # hoisted values live in (tokens, heads, d) scratch, d being the tile's second axis (a feature dim or C)
     hoisted = {n: TensorDecl(n, "hoisted", ("B", "T", "H") + tuple(str(d) for d in t.shape[1:]))
                for n, t in fused.hoisted}
+    # the reverse scan's injected sums, by state (passes.hoist.split_reverse_scan)
+    state_of = {g: s for s, g in (backward.state_grads if backward else ()) if g is not None}
+    injected = tuple((state_of[root], x) for root, x in fused.injected)
+    tiles = {s.name: s.tile for s in spec.states}
     kernels = []
     for fk in fused.kernels:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
@@ -110,7 +115,7 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name), decays.get(s.name)) for s in spec.states)
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
-        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "1"}.get(fk.name, "chunks")
+        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "1"}.get(fk.name, "chunks")  # else one per chunk
         # prep computes whole tiles (no split blocks): one program per (batch*head, chunk)
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' else '1'}, B*H, {segs})"
         params = _used(fk.ops, [p.name for p in spec.params])
@@ -118,11 +123,13 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         leaves = tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads)
         if fk.name == "prep":
             states = ()
-        if fk.name.startswith("bwd_chunks"):
+        if fk.name.startswith("bwd_chunks") or fk.name == "bwd_inject":
             grads = tuple((d, g) for d, (_, g) in zip(spec.inputs, backward.input_grads) if g in fk.roots)
             leaves += backward.seed_types
         if fk.name == "bwd_scan":
             state_grads, leaves = backward.state_grads, leaves + backward.seed_types
+            leaves += tuple((x, tiles[s]) for s, x in injected)
+        inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
         kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid, grads, state_grads, leaves,
-                                  reads))
+                                  reads, inject))
     return Plan(spec, split, tuple(kernels))

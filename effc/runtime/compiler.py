@@ -10,7 +10,7 @@ from ..ir.nodes import Spec
 from ..library import LIBRARY_DIR
 from ..passes.autodiff import Backward, differentiate
 from ..passes.fusion import Fused, fuse
-from ..passes.hoist import hoist
+from ..passes.hoist import hoist, split_reverse_scan
 from ..passes.legality import Legality, analyze
 from ..passes.lower import lower
 from ..passes.plan import Plan, plan
@@ -58,7 +58,7 @@ class Compilation:
 
     @cached_property
     def fused(self) -> Fused:
-        return hoist(self.typed, fuse(self.typed, self.legality, self.backward))
+        return split_reverse_scan(self.typed, hoist(self.typed, fuse(self.typed, self.legality, self.backward)))
 
     @cached_property
     def plan(self) -> Plan:

@@ -182,9 +182,20 @@ class Launcher:
         d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         scan = self.plan.kernel("bwd_scan")
+        # the carried-free terms of the state adjoints, every chunk in parallel (passes.hoist.split_reverse_scan);
+        # fp32: the scan adds them into the adjoint it carries
+        inj = {s: torch.empty(dhist[s].shape, **f32) for s, _ in scan.injected}
+        if inj:
+            kp = self.plan.kernel("bwd_inject")
+            args = (self._loads(kp, xs, hoisted) + d_o + [hist[s.name] for s in kp.states]
+                    + [inj[s] for s, _ in kp.injected] + [pvals[p] for p in kp.params]
+                    + self._common(cfg, lay, 1, 1, dummy))
+            self._fn("bwd_inject")[(n_split, n_bh, max_chunks)](
+                *args, **{**self._meta(cfg, lay, first.dtype, kp), **bwd_warps})
         args = self._loads(scan, xs, hoisted) + d_o
         for s in scan.states:
             args += [hist[s.name], dhist[s.name], d_finals.get(s.name, dummy), dinit[s.name]]
+        args += [inj[s] for s, _ in scan.injected]
         args += [pvals[p] for p in scan.params] + self._common(cfg, lay, 1, 1, dummy)
         self._fn("bwd_scan")[(n_split, n_bh, 1)](*args, **{**self._meta(cfg, lay, first.dtype, scan), **bwd_warps},
                                                   HAS_DFINAL=bool(d_finals))
