@@ -104,13 +104,14 @@ def test_step_equals_the_chunked_forward():
     assert judge_fp32(state, final).ok
 
 
-def test_torch_compile_fullgraph():
-    op = effc.load("retention")
+@pytest.mark.parametrize("name", ["retention", "delta_net"])  # delta_net: prep, deferred out, bwd_inject
+def test_torch_compile_fullgraph(name):
+    op = effc.load(name)
     xs, _ = _leaves(op, 1, 24, 2)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
-    def f(q, k, v):
-        o, s = op(q, k, v, output_final_state=True, chunk=16)
+    def f(*xs):
+        o, s = op(*xs, output_final_state=True, chunk=16)
         return (o * 2).sum() + s.sum()
 
     loss = f(*xs)
