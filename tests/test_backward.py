@@ -77,8 +77,9 @@ def test_varlen_equals_sequences_one_by_one(name):
         assert judge_fp32(out[:, a:b], o_i).ok
 
 
-def test_grouped_heads():
-    op = effc.load("simple_gla")
+@pytest.mark.parametrize("name", ["simple_gla", "delta_net"])  # delta_net: grouped k, v read by prep and out
+def test_grouped_heads(name):
+    op = effc.load(name)
     xs, s0 = _leaves(op, 1, 40, 4, heads=2)
     assert xs[1].shape[2] == 2 and xs[0].shape[2] == 4
     d_o = torch.randn(1, 40, 4, DIMS["V"], dtype=torch.float64)
