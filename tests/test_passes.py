@@ -357,12 +357,12 @@ def test_tiling_defers_merge_when_the_walk_leaves_the_gpu_idle():
     few = choose(spec, legality, Problem(2, 8192, 16, dims))  # 2 blocks x 32 programs for 264 slots
     many = choose(spec, legality, Problem(64, 8192, 16, dims))
     one_chunk = choose(spec, legality, Problem(2, 16, 16, dims))
-    assert few.deferred and "merge deferred" in str(few)
-    assert not many.deferred and "merge fused in the walk: 2048 programs" in str(many)
-    assert not one_chunk.deferred and "one chunk" in str(one_chunk)
-    assert not choose(spec, legality, Problem(2, 8192, 16, dims), deferred=False).deferred
+    assert few.defer_merge and "merge deferred" in str(few)
+    assert not many.defer_merge and "merge fused in the walk: 2048 programs" in str(many)
+    assert not one_chunk.defer_merge and "one chunk" in str(one_chunk)
+    assert not choose(spec, legality, Problem(2, 8192, 16, dims), defer_merge=False).defer_merge
     with pytest.raises(SpecError, match="deferred merge is for general transitions"):
-        choose(typed(LA), analyze(typed(LA)), Problem(2, 8192, 16, dims), deferred=True)
+        choose(typed(LA), analyze(typed(LA)), Problem(2, 8192, 16, dims), defer_merge=True)
 
 
 # ---- hoist --------------------------------------------------------------------------------------

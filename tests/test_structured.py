@@ -135,7 +135,7 @@ def test_mlstm_large_chunks(name, chunk, monkeypatch):
     forward = Launcher.forward
 
     def spy(self, cfg, lay, xs, pvals, init, store_final, store_history, **kw):
-        stored.append((cfg.chunk, store_history or cfg.deferred))
+        stored.append((cfg.chunk, store_history or cfg.defer_merge))
         return forward(self, cfg, lay, xs, pvals, init, store_final, store_history, **kw)
     monkeypatch.setattr(Launcher, "forward", spy)
     op, xs, s0 = _setup(name, 1, 300, 1)
@@ -277,7 +277,7 @@ def test_general_transitions_in_both_merge_modes(name, deferred):
     d_s = tuple(torch.randn(s.shape) for s in s0)
     out, fin, g = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True, chunk=16, defer_merge=deferred),
                          xs, d_o, d_s)
-    assert op.last_config.deferred == deferred
+    assert op.last_config.defer_merge == deferred
     ref, ref_fin, ref_g = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), xs,
                                  d_o.double(), tuple(d.double() for d in d_s))
     assert judge_fp32(out, ref).ok

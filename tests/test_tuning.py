@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,20 @@ def test_search_space_starts_at_the_model_default(gla):
     groups = space.groups()
     assert groups[0][0] == space.default
     assert all(len({c.variant for c in g}) == 1 for g in groups)
+
+
+def test_search_space_of_a_general_transition_tries_both_merge_modes():
+    """delta_net's walk cannot be segmented: P is 1, and every (C, block, warps, stages) compiles twice, merge
+    fused in the walk and deferred to the out kernel; the model's choice (deferred at 2x8192) comes first."""
+    op = effc.load("delta_net")
+    space = space_of(op, Problem(2, 8192, 16, KV128))
+    assert space.default.defer_merge and str(space.default).endswith("merge=deferred")
+    assert {c.segments for c in space.candidates} == {1}
+    fused = replace(space.default, defer_merge=False)
+    assert fused in space.candidates and fused.variant != space.default.variant
+    assert all(replace(c, defer_merge=not c.defer_merge) in space.candidates for c in space.candidates)
+    # a segmentable spec has no out kernel: merge always fused
+    assert not any(c.defer_merge for c in space_of(effc.load("gla"), Problem(2, 8192, 16, KV128)).candidates)
 
 
 def test_search_space_prunes_registers(gla):
@@ -254,7 +269,7 @@ def _tune_entry(op, problem, config, dtype=torch.float32, gpu="cpu"):
     return store(key, config, 0.5, config, 1.0, {"B": problem.B, "T": problem.T, "H": problem.H}, tried=3)
 
 
-TUNED = {"chunk": 16, "block": 16, "segments": 2, "num_warps": 8, "num_stages": 2}
+TUNED = {"chunk": 16, "block": 16, "segments": 2, "num_warps": 8, "num_stages": 2, "defer_merge": 0}
 DIMS16 = {"K": 16, "V": 16}
 CPU = torch.device("cpu")
 SMALL = Problem(2, 40, 2, tuple(DIMS16.items()))
@@ -332,7 +347,7 @@ for T in (1024, 2048, 4096, 1024, 2048, 4096):
     tune_problem(op, problem, "bfloat16", FakeRunner(lambda c: 0.5 if c == best else 1.0),
                  deadline=1e9, clock=FakeClock())
 key = TuningKey.of(op, Problem(1, 512, 1, (("K", 64), ("V", 64))), "FakeGPU 80GB", torch.bfloat16)
-cfg = {"chunk": 64, "block": 64, "segments": 1, "num_warps": 4, "num_stages": 1}
+cfg = {"chunk": 64, "block": 64, "segments": 1, "num_warps": 4, "num_stages": 1, "defer_merge": 0}
 for i in range(300):  # both processes hammer one key
     store(key, cfg, 1.0 + me + i / 1000, cfg, 2.0, {"writer": me})
 print("ok")
@@ -429,10 +444,10 @@ def test_softmax_fake_timer_stores_the_winner(softmax, cache):
     assert entry.key == TuningKey.of(softmax, PROBLEM, "FakeGPU 80GB", torch.bfloat16)
     assert entry.key.spec == "softmax_attn" and entry.key.bucket == "BH32-T8192-K128-V128"
     assert entry.config == good.overrides() and entry.config["segments"] == 1
-    assert entry.default == {"chunk": 128, "block": 64, "segments": 1, "num_warps": 8, "num_stages": 3}
+    assert entry.default == {"chunk": 128, "block": 64, "segments": 1, "num_warps": 8, "num_stages": 3, "defer_merge": 0}
 
 
-SOFTMAX_TUNED = {"chunk": 32, "block": 32, "segments": 1, "num_warps": 8, "num_stages": 2}
+SOFTMAX_TUNED = {"chunk": 32, "block": 32, "segments": 1, "num_warps": 8, "num_stages": 2, "defer_merge": 0}
 
 
 @no_cuda  # the kernels run in Triton's interpreter on CPU tensors

@@ -4,7 +4,7 @@
   walks its chunks in order, keeps the state on chip and writes outputs as it goes.
 - `out` (specs whose transition is not diagonal-affine, so the walk cannot be segmented and runs one
   program per (split block, batch*head)): intra + merge for every chunk in parallel, from the state
-  entering each chunk that the walk wrote. When the tile config defers merge (`TileConfig.deferred`),
+  entering each chunk that the walk wrote. When the tile config defers merge (`TileConfig.defer_merge`),
   the walk skips its merge-only ops (a compile-time flag) and keeps only the state update.
 - `summary` (only for segmentable specs): intra + inter from a zero state over one segment,
   accumulating the product of the decays; the walk folds these summaries in to start each

@@ -68,7 +68,7 @@ class Plan:
 
     @property
     def deferrable(self) -> bool:
-        """Has an `out` kernel: merge can leave the walk (TileConfig.deferred)."""
+        """Has an `out` kernel: merge can leave the walk (TileConfig.defer_merge)."""
         return any(k.name == "out" for k in self.kernels)
 
     def merge_only(self) -> tuple[str, ...]:

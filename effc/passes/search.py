@@ -1,6 +1,7 @@
 """The search space of tile configurations for one call shape, pruned before anything is compiled.
 
-Knobs: chunk C, the block of the split dim, segments P, warps and pipeline stages. A candidate
+Knobs: chunk C, the block of the split dim, segments P, warps and pipeline stages, and for general
+transitions whether merge is deferred to the chunk-parallel `out` kernel (`defer_merge`). A candidate
 must satisfy the tiling constraints proved on the symbolic shapes (`TilingSpace`), and fit a
 resource model evaluated on those symbolic tile sizes:
 
@@ -65,23 +66,24 @@ class Candidate:
     segments: int
     num_warps: int
     num_stages: int
+    defer_merge: bool = False
 
     @classmethod
     def of(cls, cfg: TileConfig) -> "Candidate":
-        return cls(cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages)
+        return cls(cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, cfg.defer_merge)
 
     def overrides(self) -> dict[str, int]:
         """Keyword arguments of the op (and of `choose`) that pin this configuration."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
-    def variant(self) -> tuple[int, int, int, int]:
+    def variant(self) -> tuple[int, int, int, int, int]:
         """What a compiled kernel depends on; P is a launch argument (up to Triton's specialisation)."""
-        return self.chunk, self.block, self.num_warps, self.num_stages
+        return self.chunk, self.block, self.num_warps, self.num_stages, int(self.defer_merge)
 
     def __str__(self) -> str:
         return (f"C={self.chunk} block={self.block} P={self.segments} "
-                f"warps={self.num_warps} stages={self.num_stages}")
+                f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else ""))
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ class _Tile:
     values: dict
     segments: tuple[int, ...]
     wave: int
+    defers: tuple[bool, ...] = (False,)  # merge fused, and deferred too for a general transition
 
 
 def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candidate, chunks) -> list[_Tile]:
@@ -188,6 +191,7 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
     t_pow2 = 1 << max(0, problem.T - 1).bit_length()
     chunk_set = sorted({c for c in chunks if c <= max(t_pow2, 16)} | {default.chunk})
     slots = problem.sm_count * PROGRAMS_PER_SM
+    defers = (False, True) if spec.states and not legality.segmentable else (False,)  # passes.fusion's `out`
     out = []
     for c in chunk_set:
         for b in blocks:
@@ -202,7 +206,7 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
                 ps |= {p for p in (best // 2, best, best * 2) if 1 <= p <= min(n_chunks, MAX_SEGMENTS)}
             if (c, b) == (default.chunk, default.block):
                 ps.add(default.segments)
-            out.append(_Tile(c, b, values, tuple(sorted(ps)), best))
+            out.append(_Tile(c, b, values, tuple(sorted(ps)), best, defers))
     return out
 
 
@@ -222,7 +226,7 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
     """All configurations worth compiling for `problem`, and the pruned ones with the reason. `legality` is
     a chunked scan's (passes.legality) or a softmax spec's schedule (passes.softmax); `chunks` are the
     chunk lengths, or the query and key blocks; `stages` default to STAGES, SOFTMAX_STAGES. `faulty` maps
-    compiled variants (chunk, block, warps, stages) that faulted on this GPU before to the GPU's error."""
+    compiled variants (chunk, block, warps, stages, defer_merge) that faulted on this GPU before to the GPU's error."""
     faulty = faulty or {}
     if dtype_bytes not in (2, 4):
         raise ValueError(f"dtype_bytes must be 2 (bfloat16, float16) or 4 (float32), got {dtype_bytes}")
@@ -251,23 +255,26 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
                 why = [bad] if bad else resources(space, t.values, w, s, dtype_bytes).over(w, s, smem_limit,
                                                                                             max_registers)
                 why = why + [fault] if fault else why
-                if (t.chunk, t.block, w, s) in faulty:
-                    why = why + [f"faulted on this GPU in an earlier tune ({faulty[t.chunk, t.block, w, s]})"]
-                if why and (t.chunk, t.block, w, s) == default.variant:
-                    over_model = "; ".join(why)
-                    why = []  # the default's kernels run whatever the model says; so do its other P
-                for p in t.segments:
-                    cand = Candidate(t.chunk, t.block, p, w, s)
-                    if cand == default:
-                        continue
-                    if why:
-                        pruned.append(Pruned(cand, "; ".join(why)))
-                    else:
-                        keep.append(cand)
+                for d in t.defers:
+                    variant = (t.chunk, t.block, w, s, int(d))
+                    fails = why + ([f"faulted on this GPU in an earlier tune ({faulty[variant]})"]
+                                   if variant in faulty else [])
+                    if fails and variant == default.variant:
+                        over_model = "; ".join(fails)
+                        fails = []  # the default's kernels run whatever the model says; so do its other P
+                    for p in t.segments:
+                        cand = Candidate(t.chunk, t.block, p, w, s, d)
+                        if cand == default:
+                            continue
+                        if fails:
+                            pruned.append(Pruned(cand, "; ".join(fails)))
+                        else:
+                            keep.append(cand)
 
     def distance(x: Candidate) -> tuple:
         # a compiled variant's first candidate takes the wave model's P: it stands for its variant
-        knobs = sum(getattr(x, k) != getattr(default, k) for k in ("chunk", "block", "num_warps", "num_stages"))
+        knobs = sum(getattr(x, k) != getattr(default, k)
+                    for k in ("chunk", "block", "num_warps", "num_stages", "defer_merge"))
         far = abs(math.log2(x.chunk / default.chunk)) + abs(math.log2(x.block / default.block))
         return knobs, x.segments != wave[x.chunk, x.block], far, x
 

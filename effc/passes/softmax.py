@@ -408,6 +408,7 @@ class SoftmaxTiles:
         return self.fwd[1]
 
     segments = 1  # one walk per query block: the key-block walk is never segmented
+    defer_merge = False  # merge is the walk's epilogue: no state history to defer it to
 
     @property
     def num_warps(self) -> int:

@@ -44,12 +44,12 @@ class TileConfig:
     segments: int
     num_warps: int
     num_stages: int
-    deferred: bool = False  # general transitions: merge runs in the `out` kernel, not in the walk
+    defer_merge: bool = False  # general transitions: merge runs in the `out` kernel, not in the walk
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
     def __str__(self) -> str:
         head = (f"chunk={self.chunk} block={self.block} segments={self.segments} "
-                f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.deferred else ""))
+                f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else ""))
         return head + "".join(f"\n  - {r}" for r in self.reasons)
 
 
@@ -146,7 +146,7 @@ def _check(space: TilingSpace, values: dict) -> None:
 
 def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | None = None,
            block: int | None = None, segments: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, deferred: bool | None = None) -> TileConfig:
+           num_stages: int | None = None, defer_merge: bool | None = None) -> TileConfig:
     """Pick a configuration for `problem`; explicit arguments override the model."""
     space = tiling_space(spec, legality)
     reasons = []
@@ -175,12 +175,12 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         live = int(space.live_fp32.subs(values))
         reasons.append(f"4 warps, ~{live // 128} live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)")
     deferrable = bool(spec.states) and not legality.segmentable  # passes.fusion gives these an `out` kernel
-    if deferred and not deferrable:
+    if defer_merge and not deferrable:
         raise SpecError(f"spec '{spec.name}': deferred merge is for general transitions (no out kernel here)")
-    if deferred is None and deferrable:
-        deferred, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
+    if defer_merge is None and deferrable:
+        defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
         reasons.append(why)
-    return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(deferred), tuple(reasons))
+    return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), tuple(reasons))
 
 
 def _defer(programs: int, n_chunks: int, slots: int) -> tuple[bool, str]:

@@ -126,8 +126,8 @@ class Launcher:
                                     dtype=dtype, device=device) for o in spec.outputs}
         n_bh = lay.n_seq * lay.H
         finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
-        out_kernel = self.plan.kernel("out") if cfg.deferred and outputs else None
-        write_history = store_history or cfg.deferred  # the out kernel reads each chunk's state
+        out_kernel = self.plan.kernel("out") if cfg.defer_merge and outputs else None
+        write_history = store_history or cfg.defer_merge  # the out kernel reads each chunk's state
         hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s),
                                      dtype=history_dtype(s, dtype), device=device)
                          if write_history else dummy) for s in spec.states}
@@ -146,7 +146,7 @@ class Launcher:
                 args += [segw[s.name], segd[s.name]]
             args += [pvals[p] for p in kp.params] + self._common(cfg, lay, per_seg, P, dummy)
             grid = (n_split, n_bh, P if kp.name == "walk" else P - 1)
-            flags = {"FUSE_MERGE": not cfg.deferred} if kp.name == "walk" and self.plan.deferrable else {}
+            flags = {"FUSE_MERGE": not cfg.defer_merge} if kp.name == "walk" and self.plan.deferrable else {}
             self._fn(kp.name)[grid](*args, **self._meta(cfg, lay, dtype, kp), HAS_INIT=bool(init),
                                     STORE_FINAL=store_final, STORE_HISTORY=write_history, **flags)
         if out_kernel is not None:

@@ -97,7 +97,7 @@ class AttentionOp(Tuned):
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
         overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
-                     ("num_stages", num_stages), ("deferred", defer_merge))
+                     ("num_stages", num_stages), ("defer_merge", defer_merge))
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         ints, pvals = _host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
                                  n_seq, longest, bool(output_final_state), grad, save_states, overrides,
@@ -139,7 +139,7 @@ class AttentionOp(Tuned):
         keep = False
         if grad:
             keep, self.last_history_reason = self._history(save_states, tensors, n_seq, longest, H, dims, cfg)
-        ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(cfg.deferred),
+        ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(cfg.defer_merge),
                 int(output_final_state), int(keep), 1)
         return ints, tuple(pvals[p.name] for p in self.spec.params)
 

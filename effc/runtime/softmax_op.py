@@ -77,13 +77,16 @@ class SoftmaxOp(Tuned):
     # -- the kernels ------------------------------------------------------------------------------------
     def __call__(self, *tensors, cu_seqlens=None, chunk: int | None = None, block: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, segments: int | None = None,
-                 initial_state=None, output_final_state: bool = False, **params):
+                 defer_merge: bool | None = None, initial_state=None, output_final_state: bool = False, **params):
         """`chunk` (query block) and `block` (key block), `num_warps` and `num_stages` pin every kernel's
         tiles; otherwise the forward's come from `effc tune`'s entry for the call shape, or the model.
-        `segments` is accepted for the linear family's knobs, and must be 1."""
+        `segments` and `defer_merge` are accepted for the linear family's knobs, and must be 1 and false."""
         if segments not in (None, 1):
             raise ArgumentError(f"segments={segments}: {self.name} is a softmax spec, its forward walks the key "
                                 "blocks in one program per query block (segments=1)")
+        if defer_merge:
+            raise ArgumentError(f"defer_merge=True: {self.name} is a softmax spec, its merge is the walk's epilogue "
+                                "(no state history to defer it to)")
         B, T, H, dims, pvals = self._check(tensors, params, True, initial_state, output_final_state)
         n_seq = check_cu_seqlens(cu_seqlens, B, T, tensors[0].device)
         longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

@@ -16,7 +16,7 @@ from .checks import history_dtype
 from .launch import Launcher, make_layout
 
 # ints passed to the ops: the tile configuration, then flags
-_CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "deferred")
+_CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge")
 # store the final states; keep the history for the backward; the outputs are wanted (not when the backward
 # recomputes the history alone)
 _FLAGS = slice(len(_CFG), len(_CFG) + 3)
@@ -86,7 +86,7 @@ def torch_ops(op) -> TorchOps:
     def run_fwd(xs, init, cu, ints, params):
         cfg, (store_final, store_history, outputs) = _config(ints), ints[_FLAGS]
         if not outputs and op.comp.plan.deferrable:  # the walk alone writes the history; merge is skipped
-            cfg = replace(cfg, deferred=True)
+            cfg = replace(cfg, defer_merge=True)
         lay = layout(xs, cu, cfg.chunk)
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
         pvals = dict(zip((p.name for p in spec.params), params))

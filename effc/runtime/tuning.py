@@ -32,7 +32,8 @@ from ..passes.tiling import Problem
 from .cache import cache_dir, write_atomic
 
 FORMAT = 1
-KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages")
+KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge")
+_FLAG_KNOBS = ("defer_merge",)  # 0 or 1; the others are positive integers
 
 
 def tuning_dir() -> Path:
@@ -102,8 +103,10 @@ def _parse(text: str) -> Entry:
     key = TuningKey(**raw["key"])
     for part in ("config", "default"):
         knobs = raw[part]
-        if set(knobs) != set(KNOBS) or not all(isinstance(v, int) and v > 0 for v in knobs.values()):
-            raise ValueError(f"'{part}' must give positive integers for {', '.join(KNOBS)}, got {knobs}")
+        if set(knobs) != set(KNOBS) or not all(isinstance(v, int) and (v in (0, 1) if k in _FLAG_KNOBS else v > 0)
+                                               for k, v in knobs.items()):
+            raise ValueError(f"'{part}' must give positive integers for {', '.join(KNOBS)} (0 or 1 for "
+                             f"{', '.join(_FLAG_KNOBS)}), got {knobs}")
     return Entry(key, raw["config"], float(raw["ms"]), raw["default"], float(raw["default_ms"]), raw["shape"],
                  int(raw.get("tried", 0)), float(raw.get("tuned_at", 0.0)))
 
@@ -159,7 +162,7 @@ def record_fault(op, gpu: str, variant: tuple[int, ...], reason: str) -> Path:
 
 
 def known_faults(op, gpu: str) -> dict[tuple[int, ...], str]:
-    """The variants (chunk, block, warps, stages) that faulted for this spec, backend and GPU under the
+    """The variants (chunk, block, warps, stages, defer_merge) that faulted for this spec, backend and GPU under the
     running codegen version, with what the GPU said."""
     out = {}
     d = _faults_dir(op, gpu)

@@ -36,7 +36,7 @@ def test_bf16_matches_oracle(name, backend, knobs):
     tup = lambda x: x if isinstance(x, tuple) else (x,)  # noqa: E731 - one state or several
     for st, a, b, c in zip(op.spec.states, tup(s), tup(ref_s), tup(low_s)):
         vs = judge_low_precision(a, b, c)
-        print(f"{name} {backend} {op.last_config.segments=} {op.last_config.deferred=}: output {v}; final {st.name} {vs}")
+        print(f"{name} {backend} {op.last_config.segments=} {op.last_config.defer_merge=}: output {v}; final {st.name} {vs}")
         assert vs.ok, f"{name} final {st.name}: {vs}"
     assert v.ok, f"{name}: {v}"
     assert torch.isfinite(o).all()
