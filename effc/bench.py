@@ -141,6 +141,7 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
             tflops = op_flops(op, B, T, H, dims, cfg.chunk) / ms / 1e9
             row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
                    "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
+                             + (" merge=deferred" if getattr(cfg, "defer_merge", False) else "")
                              + (" (tuned)" if tuned else ""),
                    "TB/s": tbs, "TFLOP/s": tflops, "bw_frac": tbs / peak["TB/s"],
                    "flop_frac": tflops / peak["TFLOP/s"], "peak": {**peak, "of": peak_of}}
