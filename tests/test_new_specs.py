@@ -115,3 +115,36 @@ def test_two_states_with_normaliser():
         assert judge_fp32(o, n).ok, judge_fp32(o, n)
         assert max_err(s_z, z[:, -1]) < 1e-4 * z.abs().max().item()
         assert max_err(s_S, S[:, -1]) < 1e-4 * S.abs().max().item()
+
+
+GATED_DELTA_OUTPUT = """
+import "delta_net.attn"
+# the delta rule with a sigmoid output gate r (a new input that only merge reads)
+spec delta_gated_output extends delta_net {
+  input r: [B, T, H, V]
+  chunk 16
+  merge { o = (qn @ S + causal(qn @ kn.T) @ (u - w @ S)) * sigmoid(r) }
+}
+"""
+
+
+def test_delta_rule_with_sigmoid_output_gate(tmp_path):
+    """A general transition from a spec not in the library: prep (the UT inverse, w, u), the walk (which
+    skips the gate's load when merge is deferred), out and bwd_inject, against the naive delta rule."""
+    from naive import delta_net
+    spec = tmp_path / "delta_gate.attn"
+    spec.write_text(GATED_DELTA_OUTPUT)
+    op = effc.load(spec)
+    assert [k.name for k in op.comp.plan.kernels][:3] == ["prep", "walk", "out"]
+    (q, k, v, beta, r), s0 = _inputs(op)
+    n, ns = delta_net(q, k, v, beta, s0)
+    n = n * torch.sigmoid(r.double())
+    leaves = [x.requires_grad_() for x in (q, k, v, beta, r)]
+    d_o = torch.randn(n.shape)
+    for defer in (True, False):
+        o, s = op(*leaves, initial_state=s0, output_final_state=True, defer_merge=defer)
+        assert judge_fp32(o, n).ok and judge_fp32(s, ns).ok, (defer, judge_fp32(o, n))
+        g = torch.autograd.grad(o, leaves, d_o)
+        ref_g = torch.autograd.grad(op.reference(*leaves, initial_state=s0)[0], leaves, d_o.double())
+        for x, a, b in zip("q k v beta r".split(), g, ref_g):
+            assert judge_fp32(a, b).ok, f"d{x} (defer_merge={defer}): {judge_fp32(a, b)}"
