@@ -107,7 +107,8 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
     reporter = reporter or Silent()
     start = clock()
     space = search_space(op.spec, op.comp.legality, problem, dtype_bytes=DTYPE_BYTES[dtype],
-                         smem_limit=runner.smem_limit, faulty=known_faults(op, runner.gpu))
+                         smem_limit=runner.smem_limit, faulty=known_faults(op, runner.gpu),
+                         merge_modes=(False,) if op.backend == "tilelang" else (False, True))  # TileLang: no out
     default = space.default
     screen_deadline = deadline - min(max(FINAL_MIN_S, FINAL_SHARE * (deadline - start)), 0.5 * (deadline - start))
     runner.prepare(op, problem, dtype, default)

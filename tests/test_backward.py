@@ -149,3 +149,21 @@ def test_host_plan_is_marked_constant_as_dynamo_marks_it():
     marked = torch.compiler.assume_constant_result(lambda: 0)
     flags = [a for a in vars(marked) if "constant" in a]
     assert flags and all(getattr(_host_plan, a, None) == getattr(marked, a) for a in flags)
+
+
+@pytest.mark.parametrize("save_states", [True, False])
+def test_gradients_after_a_deferred_segmented_forward(save_states):
+    """gla with 2 segments and merge deferred to the out kernel: the walk's states feed out and (kept or
+    recomputed) the backward."""
+    op = effc.load("gla")
+    xs, s0 = _leaves(op, 2, 45, 2, seed=4)
+    d_o = torch.randn(2, 45, 2, DIMS["V"], dtype=torch.float64)
+    d_s = torch.randn(s0.shape, dtype=torch.float64)
+    leaves = xs + [s0]
+    ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, d_s)
+    out, g = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True, chunk=16, segments=2,
+                               defer_merge=True, save_states=save_states), leaves, d_o.float(), d_s.float())
+    assert op.last_config.defer_merge and op.last_config.segments == 2
+    assert judge_fp32(out, ref).ok
+    for a, b in zip(g, ref_g):
+        assert judge_fp32(a, b).ok, judge_fp32(a, b)

@@ -48,15 +48,18 @@ def test_oracle_equals_naive_reference(name):
 
 
 @pytest.mark.parametrize("name", LIBRARY)
-@pytest.mark.parametrize("segments", [1, 3])
-def test_kernel_matches_oracle(name, segments):
-    """T=45 with chunk 16: the last chunk is partial; initial state in, final state out."""
+@pytest.mark.parametrize("segments,defer_merge", [(1, None), (3, None), (3, True)],
+                         ids=["P1", "P3", "P3-merge-deferred"])
+def test_kernel_matches_oracle(name, segments, defer_merge):
+    """T=45 with chunk 16: the last chunk is partial; initial state in, final state out. With merge deferred,
+    the (segmented) walk writes each chunk's state and the out kernel evaluates merge from them."""
     op, xs, s0 = _setup(name)
     if segments > 1 and not op.comp.legality.segmentable:  # a general transition: one walk only
         with pytest.raises(effc.SpecError, match="cannot run in 3 segments"):
             op(*xs, initial_state=s0, chunk=16, segments=segments)
         return
-    o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=16, segments=segments)
+    o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=16, segments=segments, defer_merge=defer_merge)
+    assert defer_merge is None or op.last_config.defer_merge
     ref, ref_s = op.reference(*xs, initial_state=s0, output_final_state=True)
     assert judge_fp32(o, ref).ok, judge_fp32(o, ref)
     for a, b in zip(_states(s), _states(ref_s)):

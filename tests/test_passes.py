@@ -308,6 +308,12 @@ def test_fuse_summary_drops_merge_and_dead_code():
             _14 : [K, C] = transpose(_13)
             _15 : [K, V] = matmul(_14, v)
             _next_S : [K, V] = add(_9, _15)
+          kernel out [intra + merge] -> o
+            b : [C] = cumsum(g)
+            _3 : [C] = exp(b)
+            _4 : [C, 1] = expand(_3, [:, None])
+            _5 : [C, K] = mul(q, _4)
+            o : [C, V] = matmul(_5, S)
     """)
 
 
@@ -361,8 +367,10 @@ def test_tiling_defers_merge_when_the_walk_leaves_the_gpu_idle():
     assert not many.defer_merge and "merge fused in the walk: 2048 programs" in str(many)
     assert not one_chunk.defer_merge and "one chunk" in str(one_chunk)
     assert not choose(spec, legality, Problem(2, 8192, 16, dims), defer_merge=False).defer_merge
-    with pytest.raises(SpecError, match="deferred merge is for general transitions"):
-        choose(typed(LA), analyze(typed(LA)), Problem(2, 8192, 16, dims), defer_merge=True)
+    # a segmentable spec keeps merge fused unless asked: its segments fill the GPU without writing states
+    la = typed(LA)
+    assert not choose(la, analyze(la), Problem(2, 8192, 16, dims)).defer_merge
+    assert choose(la, analyze(la), Problem(2, 8192, 16, dims), defer_merge=True).defer_merge
 
 
 # ---- hoist --------------------------------------------------------------------------------------
@@ -501,6 +509,14 @@ def test_plan_loads_only_what_each_kernel_reads():
             _13 : [K, C] = transpose(_12)
             _14 : [K, V] = matmul(_13, v)
             _next_S : [K, V] = add(_8, _14)
+          kernel out  grid=(cdiv(V, BLOCK), B*H, chunks)
+            per chunk: load q, g; store o
+            read S[K,V] entering the chunk from the walk's history
+            b : [C] = cumsum(g)
+            _2 : [C] = exp(b)
+            _3 : [C, 1] = expand(_2, [:, None])
+            _4 : [C, K] = mul(q, _3)
+            o : [C, V] = matmul(_4, S)
     """)
 
 

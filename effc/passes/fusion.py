@@ -2,10 +2,10 @@
 
 - `walk`: intra + merge + inter fused; one program per (split block, batch*head, segment)
   walks its chunks in order, keeps the state on chip and writes outputs as it goes.
-- `out` (specs whose transition is not diagonal-affine, so the walk cannot be segmented and runs one
-  program per (split block, batch*head)): intra + merge for every chunk in parallel, from the state
-  entering each chunk that the walk wrote. When the tile config defers merge (`TileConfig.defer_merge`),
-  the walk skips its merge-only ops (a compile-time flag) and keeps only the state update.
+- `out`: intra + merge for every chunk in parallel, from the state entering each chunk that the walk
+  wrote (the "state pass + output pass" schedule). When the tile config defers merge
+  (`TileConfig.defer_merge`), the walk skips its merge-only ops (a compile-time flag) and keeps only the
+  state update; otherwise `out` does not run and the walk is the fused single pass.
 - `summary` (only for segmentable specs): intra + inter from a zero state over one segment,
   accumulating the product of the decays; the walk folds these summaries in to start each
   segment from the right state. Merge is dead here and dropped.
@@ -66,7 +66,7 @@ def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
     nexts = tuple(next_state_name(s.name) for s in spec.states)
     outs = tuple(o.name for o in spec.outputs)
     kernels = [FusedKernel("walk", ("intra", "merge", "inter"), live_ops(all_ops, outs + nexts), outs + nexts)]
-    if spec.states and not legality.segmentable:
+    if spec.states:
         kernels.append(FusedKernel("out", ("intra", "merge"), live_ops(all_ops, outs), outs))
     if legality.segmentable:
         computed = {op.out for op in all_ops}  # a decay may also be a param, an input or a constant

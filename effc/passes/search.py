@@ -182,7 +182,8 @@ class _Tile:
     defers: tuple[bool, ...] = (False,)  # merge fused, and deferred too for a general transition
 
 
-def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candidate, chunks) -> list[_Tile]:
+def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candidate, chunks,
+               merge_modes: tuple[bool, ...]) -> list[_Tile]:
     """Chunk C x block of the split dim, with segment counts around the wave model's."""
     space = tiling_space(spec, legality)
     split = space.split_dim
@@ -191,7 +192,7 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
     t_pow2 = 1 << max(0, problem.T - 1).bit_length()
     chunk_set = sorted({c for c in chunks if c <= max(t_pow2, 16)} | {default.chunk})
     slots = problem.sm_count * PROGRAMS_PER_SM
-    defers = (False, True) if spec.states and not legality.segmentable else (False,)  # passes.fusion's `out`
+    defers = merge_modes if spec.states else (False,)  # passes.fusion's `out` kernel
     out = []
     for c in chunk_set:
         for b in blocks:
@@ -222,11 +223,13 @@ def _softmax_grid(spec: Spec, problem: Problem, default: Candidate, blocks) -> l
 
 def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2,
                  smem_limit: int = H100_SHARED_BYTES, max_registers: int = MAX_REGISTERS,
-                 chunks=CHUNKS, warps=WARPS, stages=None, faulty: dict | None = None) -> SearchSpace:
+                 chunks=CHUNKS, warps=WARPS, stages=None, faulty: dict | None = None,
+                 merge_modes: tuple[bool, ...] = (False, True)) -> SearchSpace:
     """All configurations worth compiling for `problem`, and the pruned ones with the reason. `legality` is
     a chunked scan's (passes.legality) or a softmax spec's schedule (passes.softmax); `chunks` are the
     chunk lengths, or the query and key blocks; `stages` default to STAGES, SOFTMAX_STAGES. `faulty` maps
-    compiled variants (chunk, block, warps, stages, defer_merge) that faulted on this GPU before to the GPU's error."""
+    compiled variants (chunk, block, warps, stages, defer_merge) that faulted on this GPU before to the GPU's error.
+    `merge_modes`: defer_merge values to try for a spec with states ((False,) for a backend without `out`)."""
     faulty = faulty or {}
     if dtype_bytes not in (2, 4):
         raise ValueError(f"dtype_bytes must be 2 (bfloat16, float16) or 4 (float32), got {dtype_bytes}")
@@ -237,7 +240,8 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
         space, grid = softmax_tiling_space(legality), _softmax_grid(spec, problem, default, chunks)
         stages = stages or SOFTMAX_STAGES
     else:
-        space, grid = tiling_space(spec, legality), _scan_grid(spec, legality, problem, default, chunks)
+        space, grid = tiling_space(spec, legality), _scan_grid(spec, legality, problem, default, chunks,
+                                                                     merge_modes)
         stages = stages or STAGES
     keep: list[Candidate] = []
     pruned: list[Pruned] = []

@@ -174,12 +174,12 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         num_warps = 4
         live = int(space.live_fp32.subs(values))
         reasons.append(f"4 warps, ~{live // 128} live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)")
-    deferrable = bool(spec.states) and not legality.segmentable  # passes.fusion gives these an `out` kernel
-    if defer_merge and not deferrable:
-        raise SpecError(f"spec '{spec.name}': deferred merge is for general transitions (no out kernel here)")
-    if defer_merge is None and deferrable:
+    if defer_merge and not spec.states:
+        raise SpecError(f"spec '{spec.name}': deferred merge needs a state (the out kernel reads each chunk's)")
+    if defer_merge is None and spec.states and not legality.segmentable:
         defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
         reasons.append(why)
+    # a segmentable walk keeps merge fused unless asked (or tuned): segments fill the GPU without writing states
     return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), tuple(reasons))
 
 

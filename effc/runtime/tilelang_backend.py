@@ -76,9 +76,13 @@ class TileLangLauncher:
         return self._dummies[key]
 
     def forward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, init: dict, store_final: bool,
-                store_history: bool, outputs: bool = True):  # outputs: always computed (no deferred merge here)
+                store_history: bool, outputs: bool = True):  # outputs: always computed (merge stays fused)
         """Returns (outputs, final states, state history), as launch.Launcher.forward does."""
         spec, plan = self.spec, self.plan
+        if cfg.defer_merge:
+            raise NotImplementedError("the TileLang backend has no 'out' kernel (merge evaluated per chunk from the "
+                                      "walk's states): merge stays fused in its walk; call with defer_merge=False "
+                                      "or use the Triton backend")
         first = xs[spec.inputs[0].name]
         dtype, device = first.dtype, first.device
         if dtype not in _DTYPES:

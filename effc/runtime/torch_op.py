@@ -85,14 +85,16 @@ def torch_ops(op) -> TorchOps:
 
     def run_fwd(xs, init, cu, ints, params):
         cfg, (store_final, store_history, outputs) = _config(ints), ints[_FLAGS]
-        if not outputs and op.comp.plan.deferrable:  # the walk alone writes the history; merge is skipped
+        # the backward's history recompute runs on Triton, as the backward does: the walk alone, merge skipped
+        run = forward_launcher() if outputs else launcher()
+        if not outputs and op.comp.plan.deferrable:
             cfg = replace(cfg, defer_merge=True)
         lay = layout(xs, cu, cfg.chunk)
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
         pvals = dict(zip((p.name for p in spec.params), params))
         inits = {s.name: x.float().contiguous() for s, x in zip(spec.states, init)}
-        outs, finals, hist = forward_launcher().forward(cfg, lay, named, pvals, inits, bool(store_final),
-                                                        bool(store_history), outputs=bool(outputs))
+        outs, finals, hist = run.forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history),
+                                         outputs=bool(outputs))
         def empty():  # a distinct tensor each: custom-op outputs must not alias
             return xs[0].new_empty(0, dtype=torch.float32)
         return ([outs[o.name] for o in spec.outputs] + [finals.get(s.name, empty()) for s in spec.states]

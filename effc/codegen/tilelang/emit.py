@@ -292,8 +292,8 @@ def _shape(d: TensorDecl, heads: str) -> str:
 
 FORWARD = ("summary", "walk")  # the derived backward kernel is Triton-only for now
 # the forward kernels of plans for general transitions (passes.fusion, passes.hoist), and why they are not here
-_NOT_EMITTED = {"prep": "a chunk-parallel kernel for values hoisted out of the walk (in-chunk solves)",
-                "out": "merge evaluated per chunk from the walk's state history (non-diagonal transitions)"}
+# (`out` is not emitted either: its walk keeps merge fused, and the launcher refuses defer_merge)
+_NOT_EMITTED = {"prep": "a chunk-parallel kernel for values hoisted out of the walk (in-chunk solves)"}
 
 
 def _refuse_what_cannot_be_emitted(plan: Plan) -> None:
