@@ -12,7 +12,7 @@ from ..errors import ArgumentError
 from ..ir.nodes import Spec
 from ..passes.tiling import Problem, TileConfig, choose, history_policy
 from .cache import load_module
-from .checks import check_cu_seqlens, check_inputs, check_state, describe, param_values, rebuild
+from .checks import check_cu_seqlens, check_inputs, check_state, describe, history_dtype, param_values, rebuild
 from .tuning import Tuned, sm_count as _sm_count
 from .torch_op import torch_ops
 from .compiler import Compilation
@@ -145,7 +145,8 @@ class AttentionOp(Tuned):
 
     def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[bool, str]:
         chunks = n_seq * math.ceil(longest / cfg.chunk)
-        history = sum(chunks * H * math.prod(dims[n] for n in s.dims) * 4 for s in self.spec.states)
+        history = sum(chunks * H * math.prod(dims[n] for n in s.dims) * history_dtype(s, tensors[0].dtype).itemsize
+                      for s in self.spec.states)  # as stored: matrix states in the operand dtype
         keep, why = history_policy(history, sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors))
         if save_states is not None:
             return save_states, f"{'kept' if save_states else 'recomputed'} as asked (save_states={save_states})"
