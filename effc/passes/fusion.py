@@ -59,6 +59,15 @@ def needed(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
     return tuple(reversed(keep))
 
 
+def depends(ops: tuple[Op, ...], sources: set[str]) -> set[str]:
+    """The values that read (transitively) any of `sources`."""
+    reached = set(sources)
+    for op in ops:
+        if any(isinstance(a, str) and a in reached for a in op.args):
+            reached.add(op.out)
+    return reached
+
+
 def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
     """`backward` (passes.autodiff.Backward) adds the reverse walk: recomputation and adjoints fused,
     the state adjoint carried on chip from the last chunk to the first."""

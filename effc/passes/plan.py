@@ -104,7 +104,7 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     # hoisted values live in (tokens, heads, d) scratch, d being the tile's second axis (a feature dim or C)
     hoisted = {n: TensorDecl(n, "hoisted", ("B", "T", "H") + tuple(str(d) for d in t.shape[1:]))
                for n, t in fused.hoisted}
-    # the reverse scan's injected sums, by state (passes.hoist.split_reverse_scan)
+    # the reverse scan's injected sums, by state (passes.reverse_scan)
     state_of = {g: s for s, g in (backward.state_grads if backward else ()) if g is not None}
     injected = tuple((state_of[root], x) for root, x in fused.injected)
     tiles = {s.name: s.tile for s in spec.states}

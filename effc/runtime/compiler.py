@@ -10,7 +10,8 @@ from ..ir.nodes import Spec
 from ..library import LIBRARY_DIR
 from ..passes.autodiff import Backward, differentiate
 from ..passes.fusion import Fused, fuse
-from ..passes.hoist import hoist, split_reverse_scan
+from ..passes.hoist import hoist
+from ..passes.reverse_scan import split_reverse_scan
 from ..passes.legality import Legality, analyze
 from ..passes.lower import lower
 from ..passes.plan import Plan, plan

@@ -182,7 +182,7 @@ class Launcher:
         d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         scan = self.plan.kernel("bwd_scan")
-        # the carried-free terms of the state adjoints, every chunk in parallel (passes.hoist.split_reverse_scan);
+        # the carried-free terms of the state adjoints, every chunk in parallel (passes.reverse_scan);
         # fp32: the scan adds them into the adjoint it carries
         inj = {s: torch.empty(dhist[s].shape, **f32) for s, _ in scan.injected}
         if inj:
