@@ -104,8 +104,9 @@ class SoftmaxPrinter(TritonPrinter):
         if k == "where":
             return f"tl.where({a[0]} != 0.0, {a[1]}, {a[2]})"
         if k == "transpose":
-            if op.args[0] in self.raw:
-                self.raw[op.out] = f"tl.trans({self.raw[op.args[0]]})"
+            if op.args[0] in self.raw:  # the transpose of a transposed loaded tile is the tile
+                inner = self.raw[op.args[0]]
+                self.raw[op.out] = inner[len("tl.trans("):-1] if inner.startswith("tl.trans(") else f"tl.trans({inner})"
             return f"tl.trans({a[0]})"
         if k in O.REDUCTIONS:
             axis, how = O.REDUCTIONS[k]
