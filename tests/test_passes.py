@@ -421,6 +421,9 @@ def test_hoisted_spec_runs_against_its_oracle():
     """The prep kernel's chunk-padded scratch: T not a multiple of C, packed sequences, gradients."""
     op = effc.loads(SOLVED)
     assert [k.name for k in op.comp.plan.kernels][:3] == ["prep", "walk", "out"]
+    # with the backward, the solve moves too (the adjoint of t @ k reads t): only prep inverts
+    assert [n for n, _ in op.comp.fused.hoisted] == ["t", "w"]
+    assert [k.name for k in op.comp.plan.kernels if any(o.kind == "unit_lower_inv" for o in k.ops)] == ["prep"]
     dims = {"K": 16, "V": 32}
     xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 45, 2, dims, seed=1)]
     # k scaled down: the spec has no normalisation, and a well-conditioned (I + strict(k k^T)) keeps it fp32-testable

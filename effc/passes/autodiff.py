@@ -48,6 +48,11 @@ def seed_name(target: str) -> str:
     return f"_seed_{target}"
 
 
+def is_seed(name: str) -> bool:
+    """A value the backward reads as given: the cotangent of an output or of a next state."""
+    return name.startswith("_seed_")
+
+
 class _Adjoints:
     def __init__(self, types: dict[str, TileType]):
         self.types = dict(types)

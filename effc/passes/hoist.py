@@ -7,8 +7,10 @@ the products built from it cost more than the state update itself. This pass com
 chunk, for all chunks in parallel, and the walk (and every kernel of the backward) loads them.
 
 What moves: the values that a state-dependent op reads, that read no state themselves, and whose
-computation contains a solve (delta_net: `w = t @ kb`, `u = t @ (v * beta)`). Each is a per-token
-tile ([C] or [C, d]), stored once per chunk in a chunk-padded scratch buffer. What the state-free
+computation contains a solve (delta_net: `w = t @ kb`, `u = t @ (v * beta)`), and the solves that the
+backward's adjoints read (`t`: the adjoint of `t @ kb` reads it). Each is a per-token tile ([C] or
+[C, d], d possibly C), stored once per chunk in a chunk-padded scratch buffer, so no kernel of the
+forward or the backward inverts anything but prep. What the state-free
 part needs besides them (l2-normalised q and k, decay masks) stays where it is: recomputing a few
 elementwise ops is cheaper than a round trip through memory.
 """
@@ -18,6 +20,7 @@ from dataclasses import replace
 
 from ..ir.nodes import C, Op, Spec, TileType, next_state_name
 from ..ir.ops import SOLVES
+from .autodiff import is_seed
 from .fusion import Fused, FusedKernel, depends, live_ops, needed
 
 
@@ -26,12 +29,36 @@ def _per_token(t: TileType | None) -> bool:
     return t is not None and 1 <= t.rank <= 2 and t.shape[0] == C
 
 
-def hoisted_values(spec: Spec, forward: tuple[Op, ...]) -> tuple[Op, ...]:
+def _read_by_carried(spec: Spec, ops: tuple[Op, ...], forward_values: set[str]) -> set[str]:
+    """The forward values that the ops reading a state or a cotangent (the backward's seeds) read, directly
+    or through state-free ops of their own (the backward's transpose of `t`, say)."""
+    sources = {s.name for s in spec.states} | {a for op in ops for a in op.args if isinstance(a, str) and is_seed(a)}
+    carried = depends(ops, sources)
+    defs = {op.out: op for op in ops}
+    todo = [a for op in ops if op.out in carried for a in op.args if isinstance(a, str) and a not in carried]
+    found, seen = set(), set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x in forward_values:
+            found.add(x)
+        elif x in defs:
+            todo += [a for a in defs[x].args if isinstance(a, str)]
+    return found
+
+
+def hoisted_values(spec: Spec, forward: tuple[Op, ...], others=()) -> tuple[Op, ...]:
     """The ops of the forward (every op the outputs and next states need) whose values move to the
-    prep kernel (see the module docstring)."""
-    stateful = depends(forward, {s.name for s in spec.states})
-    solved = depends(forward, {op.out for op in forward if op.kind in SOLVES}) - stateful
-    read = {a for op in forward if op.out in stateful for a in op.args if isinstance(a, str)}
+    prep kernel (see the module docstring). `others`: the op lists of the backward's kernels; the solves
+    they read move too (the adjoints of a solve's products read the solve), while products of a solve
+    that only the backward reads are recomputed there from it (a matmul, not log2(C) of them)."""
+    solves = {op.out for op in forward if op.kind in SOLVES}
+    solved = depends(forward, solves) - depends(forward, {s.name for s in spec.states})
+    values = {op.out for op in forward}
+    read = _read_by_carried(spec, forward, values)
+    read |= solves & set().union(*(_read_by_carried(spec, ops, values) for ops in others))
     return tuple(op for op in forward if op.out in solved and op.out in read and _per_token(op.type))
 
 
@@ -39,7 +66,7 @@ def hoist(spec: Spec, fused: Fused) -> Fused:
     """Fused kernels -> the same kernels reading the hoisted values, after a `prep` kernel that writes them."""
     roots = tuple(o.name for o in spec.outputs) + tuple(next_state_name(s.name) for s in spec.states)
     forward = live_ops(spec.intra.ops + spec.merge.ops + spec.inter.ops, roots)
-    moved = hoisted_values(spec, forward)
+    moved = hoisted_values(spec, forward, [k.ops for k in fused.kernels if k.name.startswith("bwd")])
     if not moved:
         return fused
     names = tuple(op.out for op in moved)
