@@ -16,4 +16,4 @@ def test_examples_train_step_runs_and_matches_the_oracle(tmp_path):
     lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
     specs = sorted(f.stem for f in EXAMPLES.glob("*.attn"))
     assert sorted({ln.split()[0] for ln in lines}) == specs
-    assert len(lines) == 11 and all(ln.endswith(" ok") for ln in lines)  # o + 5 grads, o + 4 grads
+    assert len(lines) == 17 and all(ln.endswith(" ok") for ln in lines)  # o + 5 grads, o + 4 grads, o + 5 grads
