@@ -391,6 +391,10 @@ def test_hybrid_swax_state_and_softmax_branch():
     from effc.runtime.verify import random_state
     op = effc.load("swax")
     assert "hybrid" in op.comp.schedule_name and "state branch" in str(op.comp.legality)
+    # the softmax branch's result enters merge as a sum: its gradient is o's cotangent, passed on without a kernel
+    plan = op.linear.comp.plan
+    assert [o for _, o in plan.seed_grads] == ["o"]
+    assert not {f"bwd_chunks_{x}" for x, _ in plan.seed_grads} & {k.name for k in plan.kernels}
     xs = [x.requires_grad_() for x in _inputs(op, 2, 45, 2)]
     s0 = random_state(op.spec, 2, 2, DIMS)
     o, final = op(*xs, chunk=16, window=8, initial_state=s0, output_final_state=True)

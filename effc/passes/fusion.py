@@ -68,6 +68,16 @@ def depends(ops: tuple[Op, ...], sources: set[str]) -> set[str]:
     return reached
 
 
+def seed_gradients(spec: Spec, backward) -> tuple[tuple[str, str], ...]:
+    """(input, output) pairs where the input's gradient is the output's cotangent itself, tile for tile (a
+    hybrid's softmax-branch result added into merge): the runtime passes the cotangent on, no kernel."""
+    targets = dict(backward.seeds)
+    outs = {o.name: o for o in spec.outputs}
+    decls = {d.name: d for d in spec.inputs}
+    return tuple((x, targets[g]) for x, g in backward.input_grads
+                 if g in targets and targets[g] in outs and decls[x].dims == outs[targets[g]].dims)
+
+
 def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
     """`backward` (passes.autodiff.Backward) adds the reverse walk: recomputation and adjoints fused,
     the state adjoint carried on chip from the last chunk to the first."""
@@ -90,8 +100,9 @@ def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
         kernels.append(FusedKernel("bwd_scan", ("inter", "merge"), live_ops(backward.ops, state_roots), state_roots))
         # one kernel per input gradient: all adjoints of a chunk at once spill registers (measured on
         # sm_90: ~6 KB of spills per program), each gradient alone keeps far fewer tiles live
+        copied = dict(seed_gradients(spec, backward))
         for x, g in backward.input_grads:
-            if g is not None:
+            if g is not None and x not in copied:
                 kernels.append(FusedKernel(f"bwd_chunks_{x}", ("inter", "merge", "intra"),
                                            live_ops(backward.ops, (g,)), (g,)))
     return Fused(tuple(kernels))

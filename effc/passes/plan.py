@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
-from .fusion import Fused, needed
+from .fusion import Fused, needed, seed_gradients
 from .legality import Legality
 from .shapes import value_types
 
@@ -58,6 +58,7 @@ class Plan:
     spec: Spec
     split_dim: str | None
     kernels: tuple[KernelPlan, ...]
+    seed_grads: tuple[tuple[str, str], ...] = ()  # (input, output): its gradient is the output's cotangent
 
     @property
     def segmentable(self) -> bool:
@@ -132,4 +133,4 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
         kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid, grads, state_grads, leaves,
                                   reads, inject))
-    return Plan(spec, split, tuple(kernels))
+    return Plan(spec, split, tuple(kernels), seed_gradients(spec, backward) if backward else ())

@@ -173,6 +173,8 @@ class Launcher:
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
             ((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,) + feat[d.name], **f32)
             for d in spec.inputs}
+        for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
+            dx[x] = d_outs[o].to(torch.float32, copy=True)  # a copy: an op output must not alias its input
         dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
                                      **f32) for s in spec.states}
         # a state without the split dim: one adjoint per split block, the block index innermost but the state's
