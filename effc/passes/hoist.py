@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ir.nodes import C, Op, Spec, TileType, next_state_name
+from ..ir.nodes import C, Op, Spec, TileType
 from ..ir.ops import SOLVES
 from .autodiff import is_seed
-from .fusion import Fused, FusedKernel, depends, live_ops, needed
+from .fusion import Fused, FusedKernel, depends, needed
 
 
 def _per_token(t: TileType | None) -> bool:
@@ -64,8 +64,7 @@ def hoisted_values(spec: Spec, forward: tuple[Op, ...], others=()) -> tuple[Op, 
 
 def hoist(spec: Spec, fused: Fused) -> Fused:
     """Fused kernels -> the same kernels reading the hoisted values, after a `prep` kernel that writes them."""
-    roots = tuple(o.name for o in spec.outputs) + tuple(next_state_name(s.name) for s in spec.states)
-    forward = live_ops(spec.intra.ops + spec.merge.ops + spec.inter.ops, roots)
+    forward = next(k for k in fused.kernels if k.name == "walk").ops  # every op the outputs and next states need
     moved = hoisted_values(spec, forward, [k.ops for k in fused.kernels if k.name.startswith("bwd")])
     if not moved:
         return fused

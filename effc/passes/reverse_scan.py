@@ -73,14 +73,14 @@ def split_reverse_scan(spec: Spec, fused: Fused) -> Fused:
         inject += _chain(x_name, free, t)
         kept_sum = kept[0] if len(kept) == 1 else f"_kept{root}"
         rewritten[root] = (_chain(kept_sum, kept, t) if len(kept) > 1 else []) + [Op(root, "add", (kept_sum, x_name), t)]
-        injected.append((root, x_name, t))
+        injected.append((root, x_name))
     if not injected:
         return fused
     scan_ops = [op for op in scan.ops if op.out not in rewritten] + [op for r in rewritten.values() for op in r]
     scan_ops = needed(tuple(scan_ops), scan.roots)
-    free_roots = tuple(x for _, x, _ in injected)
+    free_roots = tuple(x for _, x in injected)
     inject_ops = needed(tuple(scan.ops) + tuple(inject), free_roots)
     kernels = list(fused.kernels)
     kernels[names.index("bwd_scan")] = replace(scan, ops=scan_ops)
     kernels.insert(names.index("bwd_scan"), FusedKernel("bwd_inject", scan.stages, inject_ops, free_roots))
-    return replace(fused, kernels=tuple(kernels), injected=tuple((r, x) for r, x, _ in injected))
+    return replace(fused, kernels=tuple(kernels), injected=tuple(injected))

@@ -1,7 +1,7 @@
 """The search space of tile configurations for one call shape, pruned before anything is compiled.
 
-Knobs: chunk C, the block of the split dim, segments P, warps and pipeline stages, and for general
-transitions whether merge is deferred to the chunk-parallel `out` kernel (`defer_merge`). A candidate
+Knobs: chunk C, the block of the split dim, segments P, warps and pipeline stages, and for specs with a
+state whether merge is deferred to the chunk-parallel `out` kernel (`defer_merge`). A candidate
 must satisfy the tiling constraints proved on the symbolic shapes (`TilingSpace`), and fit a
 resource model evaluated on those symbolic tile sizes:
 
@@ -179,7 +179,7 @@ class _Tile:
     values: dict
     segments: tuple[int, ...]
     wave: int
-    defers: tuple[bool, ...] = (False,)  # merge fused, and deferred too for a general transition
+    defers: tuple[bool, ...] = (False,)  # merge fused, and deferred too where the plan has an out kernel
 
 
 def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candidate, chunks,

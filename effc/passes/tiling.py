@@ -44,7 +44,7 @@ class TileConfig:
     segments: int
     num_warps: int
     num_stages: int
-    defer_merge: bool = False  # general transitions: merge runs in the `out` kernel, not in the walk
+    defer_merge: bool = False  # merge runs in the `out` kernel, not in the walk (specs with a state)
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
     def __str__(self) -> str:

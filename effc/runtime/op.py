@@ -87,8 +87,8 @@ class AttentionOp(Tuned):
         """(o, final_state) for (B, T, H, D) inputs; with `cu_seqlens`, packed (1, total_T, H, D) sequences.
         Differentiable: gradients reach every input and the initial state. Works under torch.compile:
         the host-side checks and choices are compile-time constants of the call's shapes.
-        chunk, block, segments, num_warps, num_stages, defer_merge (general transitions: merge in the
-        chunk-parallel out kernel) override the tiling model's or `effc tune`'s choice."""
+        chunk, block, segments, num_warps, num_stages, defer_merge (merge in the chunk-parallel out kernel
+        instead of the walk) override the tiling model's or `effc tune`'s choice."""
         init = self._state_list(initial_state)
         longest = None
         if cu_seqlens is not None and not torch.compiler.is_compiling():

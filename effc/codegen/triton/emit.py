@@ -55,7 +55,7 @@ class _KernelView:
     dhist_offs: dict[str, str] = field(default_factory=dict)
     partial_state: dict[str, bool] = field(default_factory=dict)
     hoisted_offs: dict[str, str] = field(default_factory=dict)
-    merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel)
+    merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel; launch.Launcher passes it)
     optional_loads: set = field(default_factory=set)  # inputs only merge reads: not loaded when it is deferred
 
 
@@ -78,7 +78,7 @@ def emit_module(plan: Plan) -> str:
             fn=kernel_name(spec.name, kp.name), plan=kp,
             body=[("if FUSE_MERGE: " if op.out in optional else "") + f"v_{op.out} = {printer.expr(op)}"
                   for op in kp.ops],
-            merge_flag=bool(optional),
+            merge_flag=kp.name == "walk" and plan.deferrable,
             optional_loads={d.name for d in kp.loads + kp.hoisted_loads} - {
                 a for op in kp.ops if op.out not in optional for a in op.args if isinstance(a, str)} if optional else set(),
             tok_offs={n: t[0] for n, t in toks.items()}, tok_mask={n: t[1] for n, t in toks.items()},
