@@ -148,7 +148,7 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
           chunk: int = typer.Option(None, help="chunk size (default: the spec's)"),
           segments: int = typer.Option(None, help="segments of the walk (default: the model's)"),
           defer_merge: bool = typer.Option(None, "--defer-merge/--fuse-merge",
-                                           help="general transitions: merge in the chunk-parallel out kernel, or "
+                                           help="merge in the chunk-parallel out kernel, or "
                                                 "fused in the walk (default: the model's)"),
           dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (low precision needs a GPU)"),
           seed: int = typer.Option(0),
