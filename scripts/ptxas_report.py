@@ -1,0 +1,84 @@
+"""Registers and spills of each generated kernel on sm_90, measured without a GPU: Triton's AOT path
+compiles the kernel, then `ptxas -v` reports what the hardware would run. A CPU-side check of a codegen
+change that moves live tiles around (spills cost far more than the recomputation they avoid).
+
+    python scripts/ptxas_report.py delta_net mlstm [--chunk 64] [--kernels bwd]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+import effc  # noqa: E402
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+
+def ptxas_usage(ptx: str) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_stores": int(spills.group(1)) if spills else 0, "spill_loads": int(spills.group(2)) if spills else 0}
+
+
+def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8) -> dict:
+    op = effc.load(spec)
+    op = getattr(op, "linear", op)
+    rows = {}
+    for kp in op.comp.plan.kernels:
+        if not kp.name.startswith(only):
+            continue
+        fn = getattr(op.module, f"{op.name}_{kp.name}_kernel")
+        bf16 = ({f"{d.name}_ptr" for d in kp.loads + kp.stores + kp.hoisted_loads}
+                | {f"{o.name}_grad_ptr" for o in op.spec.outputs}
+                | {f"{d.name}_dx_ptr" for d, _ in kp.grads})
+        sig = {n: ("*bf16" if n in bf16 else "*i32" if n in ("cu_ptr", "chunk_off_ptr") else "*fp32"
+                   if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
+        const = dict(H=16, C=chunk or op.spec.chunk, BLOCK=128 if kp.name == "prep" else 64, HAS_INIT=True,
+                     STORE_FINAL=True, STORE_HISTORY=True, HAS_DFINAL=True, IS_VARLEN=False, DOT_DTYPE=tl.bfloat16,
+                     PRECISION="tf32", FUSE_MERGE=True, **{d: 128 for d in op.spec.dims},
+                     **{f"HX_{d.name}": 16 for d in op.spec.inputs})
+        const = {c: v for c, v in const.items() if c in fn.arg_names}
+        sig.update({c: "constexpr" for c in const})
+        warps = bwd_warps if kp.name.startswith("bwd") else 4  # runtime.launch: the backward runs 8 warps on a GPU
+        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+        rows[kp.name] = {"warps": warps, **ptxas_usage(k.asm["ptx"])}
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("specs", nargs="+")
+    ap.add_argument("--chunk", type=int, default=None, help="the chunk size (default: the spec's)")
+    ap.add_argument("--kernels", default="", help="only kernels whose name starts with this (e.g. bwd)")
+    ap.add_argument("--bwd-warps", type=int, default=8, help="warps of the backward kernels (runtime: 8)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    args = ap.parse_args()
+    out = {s: report(s, args.chunk, args.kernels, args.bwd_warps) for s in args.specs}
+    if args.json:
+        print(json.dumps(out))
+        return
+    for spec, rows in out.items():
+        for name, r in rows.items():
+            print(f"{spec:16s} {name:18s} warps={r['warps']} regs={r['registers']} "
+                  f"spill stores={r['spill_stores']} B loads={r['spill_loads']} B")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
