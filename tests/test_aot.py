@@ -120,3 +120,17 @@ def test_library_kernels_compile_for_sm90(tmp_path):
         assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"
         assert r["wgmma"] or ".bwd_" in kernel or not r["wide"], f"{kernel}: no wgmma in the PTX (Hopper tensor cores unused)"
         assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"
+
+
+def test_ptxas_report_reads_registers_and_spills():
+    """scripts/ptxas_report.py, the CPU-side check of a backward kernel's register pressure (README)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "ptxas_report.py")
+    out = subprocess.run([sys.executable, script, "retention", "--kernels", "bwd_chunks_v", "--json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["retention"]
+    assert set(rows) == {"bwd_chunks_v"}
+    r = rows["bwd_chunks_v"]
+    assert r["warps"] == 8 and 32 <= r["registers"] <= 255, r
+    assert r["spill_stores"] >= 0 and r["spill_loads"] >= 0
