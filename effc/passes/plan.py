@@ -85,10 +85,9 @@ class Plan:
 
     def __str__(self) -> str:
         head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; "
-                + ("summary kernel runs first when segments > 1" if self.segmentable else
-                   "single walk kernel" + ("; with merge deferred, the walk updates the state only and the out "
-                                           "kernel evaluates merge per chunk from the walk's states"
-                                           if self.deferrable else ""))
+                + ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")
+                + ("; with merge deferred, the walk updates the state only and the out kernel evaluates merge per "
+                   "chunk from the walk's states" if self.deferrable else "")
                 + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
                    if self.hoisted else "")]
         return "\n".join(head + [str(k) for k in self.kernels])
