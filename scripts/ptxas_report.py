@@ -16,10 +16,9 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import effc  # noqa: E402
+from effc.codegen.triton.aot import compile_sm90  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -43,21 +42,8 @@ def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8) -> dict:
     for kp in op.comp.plan.kernels:
         if not kp.name.startswith(only):
             continue
-        fn = getattr(op.module, f"{op.name}_{kp.name}_kernel")
-        bf16 = ({f"{d.name}_ptr" for d in kp.loads + kp.stores + kp.hoisted_loads}
-                | {f"{o.name}_grad_ptr" for o in op.spec.outputs}
-                | {f"{d.name}_dx_ptr" for d, _ in kp.grads})
-        sig = {n: ("*bf16" if n in bf16 else "*i32" if n in ("cu_ptr", "chunk_off_ptr") else "*fp32"
-                   if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
-        const = dict(H=16, C=chunk or op.spec.chunk, BLOCK=128 if kp.name == "prep" else 64, HAS_INIT=True,
-                     STORE_FINAL=True, STORE_HISTORY=True, HAS_DFINAL=True, IS_VARLEN=False, DOT_DTYPE=tl.bfloat16,
-                     PRECISION="tf32", FUSE_MERGE=True, **{d: 128 for d in op.spec.dims},
-                     **{f"HX_{d.name}": 16 for d in op.spec.inputs})
-        const = {c: v for c, v in const.items() if c in fn.arg_names}
-        sig.update({c: "constexpr" for c in const})
         warps = bwd_warps if kp.name.startswith("bwd") else 4  # runtime.launch: the backward runs 8 warps on a GPU
-        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=1))
+        k = compile_sm90(op, kp, chunk=chunk, num_warps=warps, num_stages=1)
         rows[kp.name] = {"warps": warps, **ptxas_usage(k.asm["ptx"])}
     return rows
 

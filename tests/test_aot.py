@@ -11,37 +11,20 @@ import effc
 
 SCRIPT = r"""
 import json, sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
 import effc
-
-
-def compile_sm90(fn, bf16_ptrs, const):
-    sig = {n: ("*bf16" if n in bf16_ptrs else "*i32" if n in ("cu_ptr", "chunk_off_ptr") else "*fp32"
-               if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
-    const = {c: v for c, v in const.items() if c in fn.arg_names}
-    sig.update({c: "constexpr" for c in const})
-    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=2))
-    return k.asm["ptx"], k.metadata.shared
-
+from effc.codegen.triton.aot import compile_sm90
 
 results = {}
 for spec in sys.argv[1:]:
     op = effc.load(spec)
     op, name = getattr(op, "linear", op), getattr(op, "linear", op).name  # a hybrid's state branch
     for kp in op.comp.plan.kernels:
-        fn = getattr(op.module, f"{name}_{kp.name}_kernel")
-        bf16 = ({f"{d.name}_ptr" for d in kp.loads + kp.stores + kp.hoisted_loads}
-                | {f"{o.name}_grad_ptr" for o in op.spec.outputs})
         # wgmma needs 64 rows per warp group: a product over chunk rows at C=32 cannot use it
         wide = any(o.kind == "matmul" and (str(o.type.shape[0]) != "C" or op.spec.chunk >= 64) for o in kp.ops)
         # a walk that can defer merge compiles both ways: fused, and updating the state only
         for fuse_merge in ((True, False) if kp.name == "walk" and op.comp.plan.deferrable else (True,)):
-            ptx, shared = compile_sm90(fn, bf16, dict(
-                H=16, C=op.spec.chunk, BLOCK=128 if kp.name == "prep" else 64, HAS_INIT=True, STORE_FINAL=True,
-                STORE_HISTORY=True, HAS_DFINAL=True, IS_VARLEN=False, DOT_DTYPE=tl.bfloat16, PRECISION="tf32",
-                FUSE_MERGE=fuse_merge, **{d: 128 for d in op.spec.dims}, **{f"HX_{d.name}": 16 for d in op.spec.inputs}))
+            k = compile_sm90(op, kp, fuse_merge=fuse_merge)
+            ptx, shared = k.asm["ptx"], k.metadata.shared
             results[f"{name}.{kp.name}" + ("" if fuse_merge else "[deferred]")] = {
                 "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx, "shared": shared,
                 "matmuls": any(o.kind == "matmul" for o in kp.ops), "wide": wide}
