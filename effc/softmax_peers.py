@@ -91,7 +91,9 @@ def _softcap(xs, params, H):
 
 def _fox(xs, params, H):
     F = xs[3].float().cumsum(1).transpose(1, 2).contiguous()  # (B, H, T): the cumulative log forget gate
-    return lambda score, b, h, q_idx, kv_idx: score + F[b, h, q_idx] - F[b, h, kv_idx]
+    # Flex differentiates a captured tensor only when the score_mod indexes it once: one copy per side
+    Fq, Fk = F, F.clone()
+    return lambda score, b, h, q_idx, kv_idx: score + Fq[b, h, q_idx] - Fk[b, h, kv_idx]
 
 
 def _scale_invariant(xs, params, H):

@@ -3,10 +3,12 @@ the model in passes/softmax.py `choose_softmax_tiles` (the forward's tiles are a
 the backward's are the model's alone).
 
 usage: python scripts/softmax_sweep.py [SPEC] [BxT ...]     prints one line per config, then the best
+       env ONLY=dkv (or fwd, dq): sweep that kernel alone, the others at the model's tiles
 """
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 
 import torch
@@ -45,8 +47,9 @@ def main(spec: str = "softmax_attn", shapes: tuple[str, ...] = ("2x8192",), H: i
             finally:
                 del op.config
 
+        only = os.environ.get("ONLY")
         fwd_rows = []
-        for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)):
+        for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if only in (None, "fwd") else ():
             t = timed(SoftmaxTiles((bm, bn, w, s), base.dq, base.dkv, base.pre), False)
             print(f"  fwd {(bm, bn, w, s)}: {t}", flush=True)
             if isinstance(t, float):
@@ -54,13 +57,13 @@ def main(spec: str = "softmax_attn", shapes: tuple[str, ...] = ("2x8192",), H: i
         best_fwd = min(fwd_rows)[1] if fwd_rows else base.fwd
         print(f"  best fwd {min(fwd_rows) if fwd_rows else None}", flush=True)
         dq_rows, dkv_rows = [], []
-        for bm, bn, w, s in itertools.product((64, 128), (32, 64), (4, 8), (2, 3)):
+        for bm, bn, w, s in itertools.product((64, 128), (32, 64), (4, 8), (2, 3)) if only in (None, "dq") else ():
             t = timed(SoftmaxTiles(best_fwd, (bm, bn, w, s), base.dkv, base.pre), True)
             print(f"  dq {(bm, bn, w, s)}: {t}", flush=True)
             if isinstance(t, float):
                 dq_rows.append((t, (bm, bn, w, s)))
         best_dq = min(dq_rows)[1] if dq_rows else base.dq
-        for bm, bn, w, s in itertools.product((32, 64), (64, 128), (4, 8), (2, 3)):
+        for bm, bn, w, s in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3)) if only in (None, "dkv") else ():
             t = timed(SoftmaxTiles(best_fwd, best_dq, (bm, bn, w, s), base.pre), True)
             print(f"  dkv {(bm, bn, w, s)}: {t}", flush=True)
             if isinstance(t, float):
