@@ -13,8 +13,6 @@ from ... import __version__
 from .. import template
 from ...ir import ops as O
 from ...ir.nodes import C, CK, Op
-from ...passes.key_major import NotKeyMajor
-from ...passes.key_major import key_major as orient_key_major
 from ...passes.blocksparse import NEG, POS, Range, triton_expr
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p_name
@@ -43,10 +41,9 @@ class SoftmaxPrinter(TritonPrinter):
     may be inf or nan). Ops it does not override print as in the chunked-scan kernels."""
     token_valid = None  # padded queries and keys are masked by the walk's own masks (qv, kv, keep)
 
-    def __init__(self, sched: SoftmaxSchedule, types, masked: bool = False, key_major: bool = False):
+    def __init__(self, sched: SoftmaxSchedule, types, masked: bool = False):
         super().__init__(sched.spec, types)
         self.sched, self.masked = sched, masked
-        self.keep_shape = (CK, C) if key_major else (C, CK)  # the orientation of `keep`
         self.leaves = set(sched.leaves)
         self.raw: dict[str, str] = {}  # values that are a loaded tile unchanged: print dots from the stored dtype
         self.keep_t = False
@@ -74,7 +71,7 @@ class SoftmaxPrinter(TritonPrinter):
         if isinstance(a, float) or a not in self.types:
             return None
         s = self.types[a].shape
-        return "keep" if s == self.keep_shape else ("keep_t" if s == self.keep_shape[::-1] else None)
+        return "keep" if s == (C, CK) else ("keep_t" if s == (CK, C) else None)
 
     def _safe(self, a, text: str) -> str:
         """Inside a masked block, a pair tile entering a sum: zero at the dropped pairs."""
@@ -91,8 +88,8 @@ class SoftmaxPrinter(TritonPrinter):
         if k == "query" or k == "key":
             side = "lq" if k == "query" else "lk"
             leaf = op.args[0]
-            if self.types[leaf].rank == 1:  # broadcast along the pair tile's other side
-                return f"{side}_{leaf}" + ("[:, None]" if self.types[op.out].shape[1] == 1 else "[None, :]")
+            if self.types[leaf].rank == 1:
+                return f"{side}_{leaf}" + ("[:, None]" if k == "query" else "[None, :]")
             self.raw[op.out] = f"{side}_{leaf}_raw"
             return f"{side}_{leaf}"
         if k in O.COMPARE:
@@ -106,8 +103,6 @@ class SoftmaxPrinter(TritonPrinter):
             return f"(1.0 - {a[0]})"
         if k == "where":
             return f"tl.where({a[0]} != 0.0, {a[1]}, {a[2]})"
-        if k == "copy" and op.args[0] in self.raw:
-            self.raw[op.out] = self.raw[op.args[0]]
         if k == "transpose":
             if op.args[0] in self.raw:  # the transpose of a transposed loaded tile is the tile
                 inner = self.raw[op.args[0]]
@@ -187,7 +182,6 @@ class KernelView:
     post_lines: list[str] = field(default_factory=list)
     walk: bool = True
     bounds: list[str] = field(default_factory=list)
-    key_major: bool = False  # pair tiles held [CK, C] (passes.key_major)
 
 
 def _feats(sched: SoftmaxSchedule, x: str) -> tuple[str, ...]:
@@ -228,9 +222,9 @@ def _bounds(r: Range, outer: str) -> list[str]:
     return lines
 
 
-def _keep(sched: SoftmaxSchedule, key_major: bool = False) -> str:
-    sides = ["kv[:, None]", "qv[None, :]"] if key_major else ["qv[:, None]", "kv[None, :]"]
-    return "keep = " + " & ".join(sides + [f"(v_{m} != 0.0)" for m in sched.masks])
+def _keep(sched: SoftmaxSchedule) -> str:
+    parts = ["qv[:, None]", "kv[None, :]"] + [f"(v_{m} != 0.0)" for m in sched.masks]
+    return "keep = " + " & ".join(parts)
 
 
 def _score2(sched: SoftmaxSchedule, gi: int) -> str:
@@ -354,15 +348,9 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
 
 def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
     spec = sched.spec
-    key_major = False
-    if outer == "k":  # see passes.key_major: P^T and ds^T in registers, untransposed matmul operands
-        try:
-            kp, key_major = orient_key_major(kp), True
-        except NotKeyMajor:
-            pass
     types = kp.types
-    kv = KernelView(kp.name, kernel_name(spec.name, kp.name), [], outer, key_major=key_major)
-    pr = SoftmaxPrinter(sched, types, key_major=key_major)
+    kv = KernelView(kp.name, kernel_name(spec.name, kp.name), [], outer)
+    pr = SoftmaxPrinter(sched, types)
     pre = pr.lines(kp.outer_ops)
     gl = []  # per query block: lse, D and dR of the groups
     for gi, g in enumerate(sched.groups):
@@ -383,22 +371,21 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
     else:
         kv.pre_lines = pre
     for masked in (True, False):
-        p = SoftmaxPrinter(sched, types, masked, key_major)
+        p = SoftmaxPrinter(sched, types, masked)
         p.raw.update(pr.raw)
         body = (gl if outer == "k" else []) + p.lines(kp.loop_fwd)
-        keep = _keep(sched, key_major)
         if masked:
-            body.append(keep)
+            body.append(_keep(sched))
         for gi in range(len(sched.groups)):
             body.append(f"s2 = {_score2(sched, gi)}")
-            body.append(f"v_{p_name(gi)} = tl.exp2(s2 - lse2_{gi}{'[None, :]' if key_major else '[:, None]'})")
+            body.append(f"v_{p_name(gi)} = tl.exp2(s2 - lse2_{gi}[:, None])")
             if masked:
                 body.append(f"v_{p_name(gi)} = tl.where(keep, v_{p_name(gi)}, 0.0)")
         body += p.lines(kp.loop_vjp)
         for x, c in kp.accumulators:
             body.append(f"v_{acc_name(x)} = v_{acc_name(x)} + v_{c}")
         if p.keep_t:
-            body.insert(body.index(keep) + 1, "keep_t = tl.trans(tl.where(keep, 1.0, 0.0)) != 0.0")
+            body.insert(body.index(_keep(sched)) + 1, "keep_t = tl.trans(tl.where(keep, 1.0, 0.0)) != 0.0")
         kv.body[masked] = body
     post = pr.lines(kp.post_vjp)
     for x, g in kp.leaf_grads:
