@@ -3,6 +3,7 @@ compiles the kernel, then `ptxas -v` reports what the hardware would run. A CPU-
 change that moves live tiles around (spills cost far more than the recomputation they avoid).
 
     python scripts/ptxas_report.py delta_net mlstm [--chunk 64] [--kernels bwd]
+    python scripts/ptxas_report.py softmax_attn forgetting_transformer     (the softmax family: model tiles)
 """
 import argparse
 import json
@@ -18,7 +19,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton  # noqa: E402
 
 import effc  # noqa: E402
-from effc.codegen.triton.aot import compile_sm90  # noqa: E402
+from effc.codegen.triton.aot import SOFTMAX_KERNELS, compile_sm90, compile_softmax_sm90  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -37,8 +38,14 @@ def ptxas_usage(ptx: str) -> dict:
 
 def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8) -> dict:
     op = effc.load(spec)
-    op = getattr(op, "linear", op)
     rows = {}
+    if hasattr(op, "sched"):  # the softmax family: its kernels at the model's tiles (--chunk, --bwd-warps unused)
+        for kernel in SOFTMAX_KERNELS:
+            if kernel.startswith(only):
+                k = compile_softmax_sm90(op, kernel)
+                rows[kernel] = {"warps": k.effc_warps, **ptxas_usage(k.asm["ptx"])}
+        return rows
+    op = getattr(op, "linear", op)
     for kp in op.comp.plan.kernels:
         if not kp.name.startswith(only):
             continue

@@ -34,33 +34,18 @@ print("AOT " + json.dumps(results))
 
 SOFTMAX_SCRIPT = r"""
 import json, sys
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
 import effc
-from effc.passes.softmax import choose_softmax_tiles
+from effc.codegen.triton.aot import SOFTMAX_KERNELS, compile_softmax_sm90
+
 results = {}
 for spec in sys.argv[1:]:
     op = effc.load(spec)
-    op, name = getattr(op, "softmax", op), getattr(op, "softmax", op).name  # a hybrid's softmax branch
-    dims = {d: 128 for d in op.spec.dims}
-    tiles = choose_softmax_tiles(op.spec, dims, interpreting=False)
-    leaves = {f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
-    for kernel, (bm, bn, warps, stages) in (("fwd", tiles.fwd), ("bwd_pre", tiles.pre), ("bwd_dq", tiles.dq),
-                                            ("bwd_dkv", tiles.dkv)):
-        fn = getattr(op.module, f"{name}_{kernel}_kernel")
-        # leaves, outputs, their gradients and the reductions' cotangents (_dr) are bf16; lse, D, saves fp32
-        sig = {n: ("*bf16" if n in leaves or n.endswith(("_dr_ptr", "_dq_ptr", "_dk_ptr", "_dpre_ptr"))
-                   else "*i32" if n == "cu_ptr" else "*fp32" if n.endswith("_ptr")
-                   else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
-        const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
-                     **dims, **{f"HX_{x}": 16 for x in op.sched.leaves})
-        const = {c: v for c, v in const.items() if c in fn.arg_names}
-        sig.update({c: "constexpr" for c in const})
-        k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
-                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    op = getattr(op, "softmax", op)  # a hybrid's softmax branch
+    for kernel in SOFTMAX_KERNELS:
+        k = compile_softmax_sm90(op, kernel)
         ptx = k.asm["ptx"]
-        results[f"{name}.{kernel}"] = {"mma": "mma.sync" in ptx or "wgmma" in ptx or kernel == "bwd_pre",
-                                       "shared": k.metadata.shared}
+        results[f"{op.name}.{kernel}"] = {"mma": "mma.sync" in ptx or "wgmma" in ptx or kernel == "bwd_pre",
+                                          "shared": k.metadata.shared}
 print("AOT " + json.dumps(results))
 """
 

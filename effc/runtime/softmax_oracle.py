@@ -76,10 +76,12 @@ def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seq
     first = tensors[spec.inputs[0].name]
     B, T = first.shape[:2]
     bounds = [(0, T)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
+    # only what the prefix reads: converting every input (q, k, v) to fp32 would cost more than the kernel
+    used = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
     per_seq = []
     for a, b in bounds:
-        env = _base(spec, params, H, dtype, first.device, b - a)
-        env.update({d.name: _tile(_heads(tensors[d.name][:, a:b], H).to(dtype)) for d in spec.inputs})
+        env = _base(spec, params, H, dtype, first.device, b - a, used=used)
+        env.update({d.name: _tile(_heads(tensors[d.name][:, a:b], H).to(dtype)) for d in spec.inputs if d.name in used})
         for op in spec.prefix.ops:
             n_args = 1 if op.kind == "expand" else len(op.args)
             env[op.out] = _eval(op, [x if isinstance(x, float) else env[x] for x in op.args[:n_args]], b - a, None)
@@ -96,15 +98,16 @@ def _untile(y, rank, B, H):
     return y.permute(0, 2, 1, *range(3, y.dim()))
 
 
-def _base(spec: Spec, params: dict, H: int, dtype, device, T: int, heads=None) -> dict:
+def _base(spec: Spec, params: dict, H: int, dtype, device, T: int, heads=None, used=None) -> dict:
+    """The named values every stage may read (params, head, H, inf, qpos, kpos); `used`: only those."""
     heads = heads if heads is not None else torch.arange(H)
-    base = {p: torch.full((1, 1), float(v), dtype=dtype, device=device) for p, v in params.items()}
-    base["head"] = heads.to(dtype=dtype, device=device).reshape(1, -1)
-    base["H"] = torch.full((1, 1), float(H), dtype=dtype, device=device)
-    base["inf"] = math.inf
-    base["qpos"] = torch.arange(T, dtype=dtype, device=device).reshape(1, 1, T, 1)
-    base["kpos"] = torch.arange(T, dtype=dtype, device=device).reshape(1, 1, 1, T)
-    return base
+    make = {**{p: (lambda v=v: torch.full((1, 1), float(v), dtype=dtype, device=device)) for p, v in params.items()},
+            "head": lambda: heads.to(dtype=dtype, device=device).reshape(1, -1),
+            "H": lambda: torch.full((1, 1), float(H), dtype=dtype, device=device),
+            "inf": lambda: math.inf,
+            "qpos": lambda: torch.arange(T, dtype=dtype, device=device).reshape(1, 1, T, 1),
+            "kpos": lambda: torch.arange(T, dtype=dtype, device=device).reshape(1, 1, 1, T)}
+    return {name: f() for name, f in make.items() if used is None or name in used}
 
 
 def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=torch.float64, matmul_dtype=None,

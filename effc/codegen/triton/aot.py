@@ -26,3 +26,29 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
     sig.update({c: "constexpr" for c in const})
     return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
+
+
+def compile_softmax_sm90(op, kernel: str, tiles=None):
+    """The compiled kernel `kernel` (one of SOFTMAX_KERNELS) of the SoftmaxOp `op`, at `tiles` (default:
+    the model's for the H100, every feature dim 128). Leaves, outputs, their cotangents, the reductions'
+    cotangents (_dr) and gradients written in the input's dtype are bf16; lse, D and saves fp32."""
+    from ...passes.softmax import choose_softmax_tiles
+    dims = {d: 128 for d in op.spec.dims}
+    tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
+    bm, bn, warps, stages = {"fwd": tiles.fwd, "bwd_pre": tiles.pre, "bwd_dq": tiles.dq, "bwd_dkv": tiles.dkv}[kernel]
+    fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
+    leaves = {f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
+    sig = {n: ("*bf16" if n in leaves or n.endswith(("_dr_ptr", "_dq_ptr", "_dk_ptr", "_dpre_ptr"))
+               else "*i32" if n == "cu_ptr" else "*fp32" if n.endswith("_ptr")
+               else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
+    const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
+                 **dims, **{f"HX_{x}": 16 for x in op.sched.leaves})
+    const = {c: v for c, v in const.items() if c in fn.arg_names}
+    sig.update({c: "constexpr" for c in const})
+    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    k.effc_warps = warps
+    return k
