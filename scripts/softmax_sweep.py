@@ -3,7 +3,8 @@ the model in passes/softmax.py `choose_softmax_tiles` (the forward's tiles are a
 the backward's are the model's alone).
 
 usage: python scripts/softmax_sweep.py [SPEC] [BxT ...]     prints one line per config, then the best
-       env ONLY=dkv (or fwd, dq): sweep that kernel alone, the others at the model's tiles
+       env ONLY=dkv (or fwd, dq): sweep that kernel alone, the others at the model's tiles;
+       env CONFIGS="32,64,4,3;64,64,4,2": only these (BM, BN, warps, stages) for it
 """
 from __future__ import annotations
 
@@ -48,8 +49,12 @@ def main(spec: str = "softmax_attn", shapes: tuple[str, ...] = ("2x8192",), H: i
                 del op.config
 
         only = os.environ.get("ONLY")
+        listed = [tuple(map(int, c.split(","))) for c in os.environ.get("CONFIGS", "").split(";") if c]
+
+        def grid(*axes):
+            return listed or list(itertools.product(*axes))
         fwd_rows = []
-        for bm, bn, w, s in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if only in (None, "fwd") else ():
+        for bm, bn, w, s in grid((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)) if only in (None, "fwd") else ():
             t = timed(SoftmaxTiles((bm, bn, w, s), base.dq, base.dkv, base.pre), False)
             print(f"  fwd {(bm, bn, w, s)}: {t}", flush=True)
             if isinstance(t, float):
@@ -57,13 +62,13 @@ def main(spec: str = "softmax_attn", shapes: tuple[str, ...] = ("2x8192",), H: i
         best_fwd = min(fwd_rows)[1] if fwd_rows else base.fwd
         print(f"  best fwd {min(fwd_rows) if fwd_rows else None}", flush=True)
         dq_rows, dkv_rows = [], []
-        for bm, bn, w, s in itertools.product((64, 128), (32, 64), (4, 8), (2, 3)) if only in (None, "dq") else ():
+        for bm, bn, w, s in grid((64, 128), (32, 64), (4, 8), (2, 3)) if only in (None, "dq") else ():
             t = timed(SoftmaxTiles(best_fwd, (bm, bn, w, s), base.dkv, base.pre), True)
             print(f"  dq {(bm, bn, w, s)}: {t}", flush=True)
             if isinstance(t, float):
                 dq_rows.append((t, (bm, bn, w, s)))
         best_dq = min(dq_rows)[1] if dq_rows else base.dq
-        for bm, bn, w, s in itertools.product((32, 64, 128), (64, 128), (4, 8), (2, 3)) if only in (None, "dkv") else ():
+        for bm, bn, w, s in grid((32, 64, 128), (64, 128), (4, 8), (2, 3)) if only in (None, "dkv") else ():
             t = timed(SoftmaxTiles(best_fwd, best_dq, (bm, bn, w, s), base.pre), True)
             print(f"  dkv {(bm, bn, w, s)}: {t}", flush=True)
             if isinstance(t, float):
