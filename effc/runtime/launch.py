@@ -54,6 +54,16 @@ def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int)
     return Layout(len(cu) - 1, T, H, heads, dims, cu, chunk_off)
 
 
+def direct_grads(spec, plan, lay, n_split: int) -> set[str]:
+    """Inputs whose gradient one kernel writes whole (no partials over split blocks, no grouped heads to
+    sum): stored in the input's dtype, with no fp32 buffer and no conversion pass after the kernels."""
+    seeded = {x for x, _ in plan.seed_grads}
+    written = [d.name for kp in plan.kernels for d, _ in kp.grads]
+    return {d.name for d in spec.inputs
+            if written.count(d.name) == 1 and d.name not in seeded and lay.heads[d.name] == lay.H
+            and (plan.split_dim in d.feature_dims or n_split == 1)}
+
+
 class Launcher:
     def __init__(self, spec: Spec, plan: Plan, module):
         self.spec, self.plan, self.module = spec, plan, module
@@ -170,8 +180,10 @@ class Launcher:
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
         # inputs without the split dim get one partial gradient per split block, summed below
         has_grad = {d.name for kp in self.plan.kernels for d, _ in kp.grads}
+        direct = direct_grads(spec, self.plan, lay, n_split)
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
-            ((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,) + feat[d.name], **f32)
+            ((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,) + feat[d.name],
+            dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)
             for d in spec.inputs}
         for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
             dx[x] = d_outs[o].to(torch.float32, copy=True)  # a copy: an op output must not alias its input
@@ -212,7 +224,9 @@ class Launcher:
                 *args, **{**self._meta(cfg, lay, first.dtype, chunks), **bwd_warps})
         grads = {}
         for d in spec.inputs:
-            g = dx[d.name].sum(0) if split not in d.feature_dims else dx[d.name]
+            g = dx[d.name]
+            if split not in d.feature_dims:
+                g = g[0] if n_split == 1 else g.sum(0)
             hx = lay.heads[d.name]
             if hx != lay.H:  # a grouped input's gradient is the sum over its group of heads
                 g = g.reshape(g.shape[:2] + (hx, lay.H // hx) + g.shape[3:]).sum(3)

@@ -1,8 +1,8 @@
 """Compile a generated chunked-scan kernel for sm_90 without a GPU, through Triton's AOT path (used by
 tests/test_aot.py and scripts/ptxas_report.py). Call it with TRITON_INTERPRET unset: the interpreter
-replaces @triton.jit. Pointers to inputs, outputs, hoisted scratch and output cotangents are bf16, to
-cu_seqlens i32; the rest (states, histories, gradients) fp32. Shapes: H=16, every feature dim 128,
-the split dim's block 64 (prep: whole 128-wide tiles)."""
+replaces @triton.jit. Pointers to inputs, outputs, hoisted scratch, output cotangents and the gradients
+one kernel writes whole are bf16, to cu_seqlens i32; the rest (states, histories, partial gradients)
+fp32. Shapes: H=16, every feature dim 128, the split dim's block 64 (prep: whole 128-wide tiles)."""
 from __future__ import annotations
 
 import triton
@@ -14,8 +14,11 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
                  fuse_merge: bool = True):
     """The compiled kernel (`.asm["ptx"]`, `.metadata.shared`) of kernel plan `kp` of the AttentionOp `op`."""
     fn = getattr(op.module, f"{op.name}_{kp.name}_kernel")
+    split = op.comp.plan.split_dim
     bf16 = ({f"{d.name}_ptr" for d in kp.loads + kp.stores + kp.hoisted_loads}
-            | {f"{o.name}_grad_ptr" for o in op.spec.outputs})
+            | {f"{o.name}_grad_ptr" for o in op.spec.outputs}
+            # runtime.launch.direct_grads, heads ungrouped and the split dim 128 wide in blocks of 64
+            | {f"{d.name}_dx_ptr" for d, _ in kp.grads if split is None or split in d.feature_dims})
     sig = {n: ("*bf16" if n in bf16 else "*i32" if n in ("cu_ptr", "chunk_off_ptr") else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, C=chunk or op.spec.chunk, BLOCK=128 if kp.name == "prep" else 64, HAS_INIT=True,
