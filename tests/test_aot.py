@@ -102,3 +102,9 @@ def test_ptxas_report_reads_registers_and_spills():
     r = rows["bwd_chunks_v"]
     assert r["warps"] == 8 and 32 <= r["registers"] <= 255, r
     assert r["spill_stores"] >= 0 and r["spill_loads"] >= 0
+    # the softmax family: its kernels at the model's tiles
+    out = subprocess.run([sys.executable, script, "softmax_attn", "--kernels", "bwd_dkv", "--json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["softmax_attn"]
+    assert set(rows) == {"bwd_dkv"} and rows["bwd_dkv"]["warps"] == 4 and 32 <= rows["bwd_dkv"]["registers"] <= 255
