@@ -43,7 +43,7 @@ def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8) -> dict:
         for kernel in SOFTMAX_KERNELS:
             if kernel.startswith(only):
                 k = compile_softmax_sm90(op, kernel)
-                rows[kernel] = {"warps": k.effc_warps, **ptxas_usage(k.asm["ptx"])}
+                rows[kernel] = {"warps": k.metadata.num_warps, **ptxas_usage(k.asm["ptx"])}
         return rows
     op = getattr(op, "linear", op)
     for kp in op.comp.plan.kernels:

@@ -170,19 +170,21 @@ def test_gradients_after_a_deferred_segmented_forward(save_states):
 
 
 def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
-    """runtime.launch.direct_grads: with the split dim V in blocks, q and k get one partial gradient per V
-    block (fp32, summed), v's is written whole (bf16, no conversion pass); one block: all whole; grouped
-    heads sum over the group (fp32)."""
+    """Plan.whole_grads and runtime.launch.direct_grads: with the split dim V in blocks, q and k get one
+    partial gradient per V block (fp32, summed), v's is written whole (stored bf16 by its kernel, no
+    conversion pass); one block: all whole; grouped heads sum over the group (fp32)."""
     from effc.runtime.launch import direct_grads, make_layout
     op = effc.load("retention")
     plan = op.comp.plan
     assert plan.split_dim == "V"
+    assert plan.whole_grads(n_split=2) == {"v"}
+    assert plan.whole_grads(n_split=1) == {"q", "k", "v"}
     xs = random_inputs(op.spec, 1, 8, 4, {"K": 16, "V": 32}, torch.bfloat16, "cpu")
     lay = make_layout(op.spec, xs, 4, {"K": 16, "V": 32}, None, 16)
-    assert direct_grads(op.spec, plan, lay, n_split=2) == {"v"}
-    assert direct_grads(op.spec, plan, lay, n_split=1) == {"q", "k", "v"}
+    assert direct_grads(plan, lay, n_split=2) == {"v"}
+    assert direct_grads(plan, lay, n_split=1) == {"q", "k", "v"}
     grouped = [xs[0], xs[1][:, :, :2], xs[2][:, :, :2]]
-    assert direct_grads(op.spec, plan, make_layout(op.spec, grouped, 4, {"K": 16, "V": 32}, None, 16), 1) == {"q"}
+    assert direct_grads(plan, make_layout(op.spec, grouped, 4, {"K": 16, "V": 32}, None, 16), 1) == {"q"}
     xs = [x.requires_grad_() for x in xs]
     o = op(*xs, block=16)[0]  # two V blocks
     grads = torch.autograd.grad(o, xs, torch.randn_like(o))

@@ -78,6 +78,14 @@ class Plan:
         state = {op.out for op in needed(walk.ops, tuple(s.next for s in walk.states))}
         return tuple(op.out for op in walk.ops if op.out not in state) if self.deferrable else ()
 
+    def whole_grads(self, n_split: int) -> set[str]:
+        """Inputs whose gradient one kernel writes whole: no partial per block of the split dim (the input
+        has the split dim, or there is one block). With ungrouped heads the kernel stores it in the input's
+        dtype (runtime.launch); the others are fp32 partials, summed after the kernels."""
+        written = [d.name for k in self.kernels for d, _ in k.grads]
+        return {d.name for d in self.spec.inputs
+                if written.count(d.name) == 1 and (self.split_dim in d.feature_dims or n_split == 1)}
+
     @property
     def hoisted(self) -> tuple[TensorDecl, ...]:
         """What the prep kernel writes (per-token scratch the other kernels read); () without one."""

@@ -81,6 +81,11 @@ class SoftmaxBackward:
     d_reduction: tuple[tuple[str, str | None], ...]  # reduction R -> its adjoint value in `pre`
     d_group: tuple[str, ...]  # group -> the value D in `pre`
 
+    def whole_grads(self) -> set[str]:
+        """Leaves whose gradient one kernel writes whole (the others are parts summed after the kernels)."""
+        written = [x for k in (self.pre, self.dq, self.dkv) for x, _ in k.leaf_grads]
+        return {x for x in written if written.count(x) == 1}
+
     def __str__(self) -> str:
         return "\n".join(["backward (FlashAttention-2: P recomputed from the saved log-sum-exp):",
                           str(self.pre), str(self.dq), str(self.dkv)])

@@ -54,14 +54,10 @@ def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int)
     return Layout(len(cu) - 1, T, H, heads, dims, cu, chunk_off)
 
 
-def direct_grads(spec, plan, lay, n_split: int) -> set[str]:
-    """Inputs whose gradient one kernel writes whole (no partials over split blocks, no grouped heads to
-    sum): stored in the input's dtype, with no fp32 buffer and no conversion pass after the kernels."""
-    seeded = {x for x, _ in plan.seed_grads}
-    written = [d.name for kp in plan.kernels for d, _ in kp.grads]
-    return {d.name for d in spec.inputs
-            if written.count(d.name) == 1 and d.name not in seeded and lay.heads[d.name] == lay.H
-            and (plan.split_dim in d.feature_dims or n_split == 1)}
+def direct_grads(plan: Plan, lay: Layout, n_split: int) -> set[str]:
+    """Inputs whose gradient one kernel writes whole (Plan.whole_grads) and whose heads are not grouped (no
+    sum over a group after the kernels): stored in the input's dtype, with no fp32 buffer and no conversion."""
+    return {x for x in plan.whole_grads(n_split) if lay.heads[x] == lay.H}
 
 
 class Launcher:
@@ -180,7 +176,7 @@ class Launcher:
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
         # inputs without the split dim get one partial gradient per split block, summed below
         has_grad = {d.name for kp in self.plan.kernels for d, _ in kp.grads}
-        direct = direct_grads(spec, self.plan, lay, n_split)
+        direct = direct_grads(self.plan, lay, n_split)
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
             ((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,) + feat[d.name],
             dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)

@@ -8,7 +8,6 @@ attention never crosses a sequence boundary (document masking), and positions re
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import torch
 
@@ -178,13 +177,13 @@ class SoftmaxOp(Tuned):
                 named[f"{r.out}_dr_ptr"] = torch.empty((B, T, H) + rf, dtype=dr_dtype, device=device)
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
         kernels = ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk"))
-        n_parts = Counter(x for kernel, _ in kernels for x, _ in kernel.leaf_grads)
+        whole = bwd.whole_grads()
         for kernel, tag in kernels:
             for x, _ in kernel.leaf_grads:
                 t = leaves[sched.leaves.index(x)]
                 # a gradient written by one kernel for ungrouped heads is final: stored in the input's dtype,
                 # with no fp32 buffer and no conversion pass; sums of parts and of grouped heads stay fp32
-                direct = n_parts[x] == 1 and t.shape[2] == H
+                direct = x in whole and t.shape[2] == H
                 buf = torch.empty((B, T, H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
                 named[f"{x}_{tag}_ptr"] = buf
                 parts[x].append(buf)

@@ -14,19 +14,23 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
                  fuse_merge: bool = True):
     """The compiled kernel (`.asm["ptx"]`, `.metadata.shared`) of kernel plan `kp` of the AttentionOp `op`."""
     fn = getattr(op.module, f"{op.name}_{kp.name}_kernel")
-    split = op.comp.plan.split_dim
+    plan = op.comp.plan
+    whole = plan.whole_grads(n_split=2 if plan.split_dim else 1)  # the split dim: 128 wide in blocks of 64
     bf16 = ({f"{d.name}_ptr" for d in kp.loads + kp.stores + kp.hoisted_loads}
-            | {f"{o.name}_grad_ptr" for o in op.spec.outputs}
-            # runtime.launch.direct_grads, heads ungrouped and the split dim 128 wide in blocks of 64
-            | {f"{d.name}_dx_ptr" for d, _ in kp.grads if split is None or split in d.feature_dims})
+            | {f"{o.name}_grad_ptr" for o in op.spec.outputs} | {f"{x}_dx_ptr" for x in whole})
     sig = {n: ("*bf16" if n in bf16 else "*i32" if n in ("cu_ptr", "chunk_off_ptr") else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, C=chunk or op.spec.chunk, BLOCK=128 if kp.name == "prep" else 64, HAS_INIT=True,
                  STORE_FINAL=True, STORE_HISTORY=True, HAS_DFINAL=True, IS_VARLEN=False, DOT_DTYPE=tl.bfloat16,
                  PRECISION="tf32", FUSE_MERGE=fuse_merge, **{d: 128 for d in op.spec.dims},
                  **{f"HX_{d.name}": 16 for d in op.spec.inputs})
+    return _compile(fn, sig, const, num_warps, num_stages)
+
+
+def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
+    """`fn` for sm_90: `sig` types every argument, `const` the constexprs (those `fn` does not take dropped)."""
     const = {c: v for c, v in const.items() if c in fn.arg_names}
-    sig.update({c: "constexpr" for c in const})
+    sig = {**sig, **{c: "constexpr" for c in const}}
     return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
@@ -36,22 +40,18 @@ SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
 
 def compile_softmax_sm90(op, kernel: str, tiles=None):
     """The compiled kernel `kernel` (one of SOFTMAX_KERNELS) of the SoftmaxOp `op`, at `tiles` (default:
-    the model's for the H100, every feature dim 128). Leaves, outputs, their cotangents, the reductions'
-    cotangents (_dr) and gradients written in the input's dtype are bf16; lse, D and saves fp32."""
+    the model's for the H100, every feature dim 128; `.metadata.num_warps` says how many warps). Leaves,
+    outputs, their cotangents, the reductions' cotangents (_dr) and the gradients one kernel writes whole
+    (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32."""
     from ...passes.softmax import choose_softmax_tiles
     dims = {d: 128 for d in op.spec.dims}
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
     bm, bn, warps, stages = {"fwd": tiles.fwd, "bwd_pre": tiles.pre, "bwd_dq": tiles.dq, "bwd_dkv": tiles.dkv}[kernel]
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
-    leaves = {f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
-    sig = {n: ("*bf16" if n in leaves or n.endswith(("_dr_ptr", "_dq_ptr", "_dk_ptr", "_dpre_ptr"))
-               else "*i32" if n == "cu_ptr" else "*fp32" if n.endswith("_ptr")
-               else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
+    bf16 = ({f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
+            | {f"{x}_{tag}_ptr" for x in op.comp.backward.whole_grads() for tag in ("dpre", "dq", "dk")})
+    sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n == "cu_ptr" else "*fp32"
+               if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
                  **dims, **{f"HX_{x}": 16 for x in op.sched.leaves})
-    const = {c: v for c, v in const.items() if c in fn.arg_names}
-    sig.update({c: "constexpr" for c in const})
-    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    k.effc_warps = warps
-    return k
+    return _compile(fn, sig, const, warps, stages)
