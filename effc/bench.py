@@ -267,6 +267,8 @@ def _print_table(rows):
             if "effc_fwdbwd_ms" in r and i == 0:
                 print(f"    fwd+bwd: effc {r['effc_fwdbwd_ms']:.3f} ms, {r['fwdbwd_TFLOP/s']:.1f} TFLOP/s, "
                       f"peak {r['effc_peak_mib']:.0f} MiB; {r['history']}")
+            if "bwd_error" in p:
+                print(f"    fwd+bwd: {p['peer']}: {p['bwd_error']}")
             if "fwdbwd_ms" in p:
                 print(f"    fwd+bwd: {p['peer']} {p['fwdbwd_ms']:.3f} ms, peak {p['peak_mib']:.0f} MiB "
                       f"-> {p['speedup_fwdbwd']:.2f}x")

@@ -162,8 +162,15 @@ def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backwar
         for x in args:
             x.requires_grad_()
         grad = torch.randn_like(out)
-        result["fwdbwd_ms"], result["peak_mib"] = time_training_step(lambda: fn(*args, scale=scale), args, grad)
+        try:
+            result["fwdbwd_ms"], result["peak_mib"] = time_training_step(lambda: fn(*args, scale=scale), args, grad)
+        except Exception as e:  # a peer whose backward refuses still has its forward timed; the row says why
+            result["bwd_error"] = _one_line(e)
     return result
+
+
+def _one_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 if __name__ == "__main__":
@@ -172,5 +179,5 @@ if __name__ == "__main__":
     try:
         result = peer_main(spec, B, T, H, D, index, backward=sys.argv[7:8] == ["bwd"])
     except Exception as e:  # reported as the row's result, never hidden
-        result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        result = {"error": _one_line(e)}
     print("EFFC_PEER_RESULT " + json.dumps(result), flush=True)
