@@ -13,7 +13,8 @@ from effc.codegen.triton.emit import emit_module
 from effc.errors import SpecError
 from effc.ir import print_spec
 from effc.ir.printer import print_op
-from effc.passes.fusion import fuse, live_ops, needed
+from effc.passes.fusion import depends, fuse, live_ops, needed
+from effc.passes.grad_terms import _Terms, place_gradient_terms, split_terms
 from effc.passes.hoist import hoist
 from effc.passes.legality import analyze
 from effc.passes.plan import plan
@@ -473,6 +474,46 @@ def test_split_reverse_scan_leaves_the_scan_only_what_reads_the_carried_adjoint(
 
 
 # ---- plan -------------------------------------------------------------------------------------
+
+def test_split_terms_pushes_the_gradient_sum_out_through_linear_ops():
+    """dg = revcumsum(-a + unlast(total(a) + total(dS' * S) * e) + c): the sum comes out through revcumsum and
+    unlast as four terms; each ends at a value the adjoints already hold."""
+    c = compile_text(GATED)
+    bw = c.backward
+    b = _Terms(bw.types(c.typed), [])
+    terms = split_terms(bw.ops, dict(bw.input_grads)["g"], depends(bw.ops, {s for s, _ in bw.seeds}), b)
+    assert terms == ["_t3", "_t4", "_t5", "_t6"]
+    golden("\n".join(print_op(op) for op in b.ops), """
+        _t1 : [C] = unlast(_d11)
+        _t2 : [C] = unlast(_d17)
+        _t3 : [C] = revcumsum(_d12)
+        _t4 : [C] = revcumsum(_t1)
+        _t5 : [C] = revcumsum(_t2)
+        _t6 : [C] = revcumsum(_d30)
+    """)
+
+
+def test_place_gradient_terms_dissolves_kernels_another_kernel_already_computes():
+    """GATED: dq and dk are terms of the g kernel's own adjoints (no new matmul, no new tile), so their kernels
+    go; dv needs k^T dS' that only its own kernel computes."""
+    c = compile_text(GATED)
+    before = fuse(c.typed, c.legality, c.backward)
+    assert [k.name for k in before.kernels if k.name.startswith("bwd_chunks")] == [
+        "bwd_chunks_q", "bwd_chunks_k", "bwd_chunks_v", "bwd_chunks_g"]
+    after = place_gradient_terms(c.typed, before, c.backward, "V")
+    golden("\n".join(str(k).splitlines()[0].strip() for k in after.kernels if k.name.startswith("bwd_chunks")), """
+          kernel bwd_chunks_v [inter + merge + intra] -> _d4; dv += _d4
+          kernel bwd_chunks_g [inter + merge + intra] -> _d32, _d26, _d6; dg += _d32; dq += _d26; dk += _d6
+    """)
+    # gated_delta_net: dg's terms go to three kernels, each writing a part; mLSTM's gate kernels would grow
+    # past the live-value limit if one hosted the other, so they stay
+    gdn = effc.load("gated_delta_net").comp.plan
+    assert gdn.grad_writers("g") == ("bwd_chunks_q", "bwd_chunks_k", "bwd_chunks_beta")
+    assert "g" not in gdn.whole_grads(n_split=1)
+    mlstm = effc.load("mlstm").comp.plan
+    assert {k.name for k in mlstm.kernels if k.name.startswith("bwd_chunks")} == {
+        f"bwd_chunks_{x}" for x in ("q", "k", "v", "i", "f")}
+
 
 def test_plan_loads_only_what_each_kernel_reads():
     spec = typed(GATED)

@@ -18,6 +18,7 @@ import sympy
 from ..ir import ops as O
 from ..ir.nodes import Op, Spec, TileType, next_state_name
 from ..ir.printer import print_op
+from .cse import cse
 from .fusion import live_ops
 from .shapes import SCALAR, op_type, value_types
 
@@ -208,7 +209,10 @@ def _vjp(op: Op, gy: str, a: _Adjoints, differentiable) -> None:
 def differentiate(spec: Spec) -> Backward:
     """`spec` must be shape-checked. Differentiates outputs and leaving states w.r.t. inputs and entering states."""
     types = value_types(spec)
-    forward = spec.intra.ops + spec.merge.ops + spec.inter.ops
+    # one value per distinct expression, so each adjoint is summed before it flows back through its producer
+    # (delta rules write `u - w @ S` in merge and inter: two copies would backpropagate through `w @ S` twice)
+    roots = tuple(o.name for o in spec.outputs) + tuple(next_state_name(s.name) for s in spec.states)
+    forward = cse(spec.intra.ops + spec.merge.ops + spec.inter.ops, roots)
     leaves = {d.name for d in spec.inputs + spec.states}
 
     # a value needs an adjoint only if it depends on an input or a state

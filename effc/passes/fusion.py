@@ -26,10 +26,12 @@ class FusedKernel:
     stages: tuple[str, ...]
     ops: tuple[Op, ...]
     roots: tuple[str, ...]
+    grads: tuple[tuple[str, str], ...] = ()  # backward: (input, the value holding its gradient, or its part here)
 
     def __str__(self) -> str:
         body = "\n".join(f"    {print_op(op)}" for op in self.ops)
-        return f"  kernel {self.name} [{' + '.join(self.stages)}] -> {', '.join(self.roots)}\n{body}"
+        grads = "".join(f"; d{x} += {g}" for x, g in self.grads)
+        return f"  kernel {self.name} [{' + '.join(self.stages)}] -> {', '.join(self.roots)}{grads}\n{body}"
 
 
 @dataclass(frozen=True)
@@ -99,10 +101,11 @@ def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
         state_roots = tuple(g for _, g in backward.state_grads if g is not None)
         kernels.append(FusedKernel("bwd_scan", ("inter", "merge"), live_ops(backward.ops, state_roots), state_roots))
         # one kernel per input gradient: all adjoints of a chunk at once spill registers (measured on
-        # sm_90: ~6 KB of spills per program), each gradient alone keeps far fewer tiles live
+        # sm_90: ~6 KB of spills per program), each gradient alone keeps far fewer tiles live;
+        # passes.grad_terms then dissolves the kernels whose gradient's terms the others already compute
         copied = dict(seed_gradients(spec, backward))
         for x, g in backward.input_grads:
             if g is not None and x not in copied:
                 kernels.append(FusedKernel(f"bwd_chunks_{x}", ("inter", "merge", "intra"),
-                                           live_ops(backward.ops, (g,)), (g,)))
+                                           live_ops(backward.ops, (g,)), (g,), ((x, g),)))
     return Fused(tuple(kernels))

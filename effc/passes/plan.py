@@ -78,13 +78,17 @@ class Plan:
         state = {op.out for op in needed(walk.ops, tuple(s.next for s in walk.states))}
         return tuple(op.out for op in walk.ops if op.out not in state) if self.deferrable else ()
 
+    def grad_writers(self, x: str) -> tuple[str, ...]:
+        """The kernels that write a part of input x's gradient (passes.grad_terms), in launch order: part i is
+        slot i of the gradient buffer's parts, summed after the kernels."""
+        return tuple(k.name for k in self.kernels if any(d.name == x for d, _ in k.grads))
+
     def whole_grads(self, n_split: int) -> set[str]:
         """Inputs whose gradient one kernel writes whole: no partial per block of the split dim (the input
         has the split dim, or there is one block). With ungrouped heads the kernel stores it in the input's
         dtype (runtime.launch); the others are fp32 partials, summed after the kernels."""
-        written = [d.name for k in self.kernels for d, _ in k.grads]
         return {d.name for d in self.spec.inputs
-                if written.count(d.name) == 1 and (self.split_dim in d.feature_dims or n_split == 1)}
+                if len(self.grad_writers(d.name)) == 1 and (self.split_dim in d.feature_dims or n_split == 1)}
 
     @property
     def hoisted(self) -> tuple[TensorDecl, ...]:
@@ -132,7 +136,8 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         if fk.name == "prep":
             states = ()
         if fk.name.startswith("bwd_chunks") or fk.name == "bwd_inject":
-            grads = tuple((d, g) for d, (_, g) in zip(spec.inputs, backward.input_grads) if g in fk.roots)
+            mine = dict(fk.grads)
+            grads = tuple((d, mine[d.name]) for d in spec.inputs if d.name in mine)
             leaves += backward.seed_types
         if fk.name == "bwd_scan":
             state_grads, leaves = backward.state_grads, leaves + backward.seed_types

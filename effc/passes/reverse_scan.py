@@ -9,35 +9,63 @@ spec's scan is cheap (its transition is diagonal) and is left whole.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import replace
 
+from ..ir import ops as O
 from ..ir.nodes import Op, Spec, TileType, next_state_name
 from .autodiff import seed_name
 from .fusion import Fused, FusedKernel, depends, needed
 
 
-def _sum_terms(root: str, defs: dict[str, Op], uses: Counter) -> list | None:
-    """The terms of `root` when it is a tree of adds (an inner add used only by the tree), else None."""
-    if root not in defs or defs[root].kind != "add":
-        return None
-    terms = []
-    for a in defs[root].args:
-        inner = isinstance(a, str) and a in defs and defs[a].kind == "add" and uses[a] == 1
-        terms += _sum_terms(a, defs, uses) if inner else [a]
-    return terms
+class _Split:
+    """Splits a value linear in the cotangents into (the part that reads the carried adjoint, the rest),
+    pushing the sum out through the ops linear in it, matmuls included: `w^T @ -(k dS + A^T dO)` becomes
+    `w^T @ -(k dS)` + `w^T @ -(A^T dO)`. New values are named `<root>_c<n>`; None is an empty part."""
+
+    def __init__(self, ops: tuple[Op, ...], carried: set[str], seeds: set[str]):
+        self.defs = {op.out: op for op in ops}
+        self.carried, self.adjoint = carried, depends(ops, seeds)
+        self.new: list[Op] = []
+
+    def emit(self, kind: str, args: tuple, t: TileType) -> str:
+        out = f"_rs{len(self.new)}"
+        self.new.append(Op(out, kind, args, t))
+        return out
+
+    def __call__(self, v) -> tuple:
+        if not isinstance(v, str) or v not in self.adjoint:
+            return None, v
+        if v not in self.carried:
+            return None, v
+        op = self.defs.get(v)
+        if op is None:
+            return v, None
+        k, args, t = op.kind, op.args, op.type
+        if k in ("add", "sub") and all(isinstance(a, str) and a in self.adjoint for a in args):
+            (ca, fa), (cb, fb) = self(args[0]), self(args[1])
+            if fa is None and fb is None:
+                return v, None
+            return self._combine(k, ca, cb, t), self._combine(k, fa, fb, t)
+        pos = [i for i, a in enumerate(args) if isinstance(a, str) and a in self.adjoint]
+        linear = (k in _LINEAR or (k in O.MASKS and (len(args) == 1 or args[1] == 0.0)) or
+                  (k in ("mul", "matmul") and len(pos) == 1) or (k == "div" and pos == [0]))
+        if not linear or len(pos) != 1:
+            return v, None
+        c, f = self(args[pos[0]])
+        if f is None:
+            return v, None
+        wrap = lambda x: None if x is None else self.emit(k, args[:pos[0]] + (x,) + args[pos[0] + 1:], t)
+        return wrap(c), wrap(f)
+
+    def _combine(self, kind: str, a, b, t):
+        if b is None:
+            return a
+        if a is None:
+            return b if kind == "add" else self.emit("neg", (b,), t)
+        return self.emit(kind, (a, b), t)
 
 
-def _chain(name: str, terms: list[str], t: TileType) -> list[Op]:
-    """`name` = the sum of `terms`, as a chain of adds (a copy for one term)."""
-    if len(terms) == 1:
-        return [Op(name, "copy", (terms[0],), t)]
-    ops, acc = [], terms[0]
-    for i, x in enumerate(terms[1:]):
-        out = name if i == len(terms) - 2 else f"{name}_{i}"
-        ops.append(Op(out, "add", (acc, x), t))
-        acc = out
-    return ops
+_LINEAR = set(O.SCANS) | {"rowsum", "colsum", "neg", "copy", "transpose", "expand", "bcast", "unlast", "total", "last"}
 
 
 def injection_name(root: str) -> str:
@@ -53,33 +81,26 @@ def split_reverse_scan(spec: Spec, fused: Fused) -> Fused:
         return fused
     scan = fused.kernels[names.index("bwd_scan")]
     state_tiles = {seed_name(next_state_name(s.name)): s.tile for s in spec.states}
-    carried = depends(scan.ops, set(state_tiles))
-    defs = {op.out: op for op in scan.ops}
-    uses = Counter(a for op in scan.ops for a in op.args if isinstance(a, str))
-    costly = depends(scan.ops, {op.out for op in scan.ops if op.kind == "matmul"})
+    seeds = {a for op in scan.ops for a in op.args if isinstance(a, str) and a.startswith("_seed_")}
+    split = _Split(scan.ops, depends(scan.ops, set(state_tiles)), seeds)
     inject, rewritten, injected = [], {}, []
     for root in scan.roots:
-        terms = _sum_terms(root, defs, uses)
-        if terms is None or any(not isinstance(x, str) for x in terms):
+        kept, free = split(root)
+        free_ops = needed(tuple(scan.ops) + tuple(split.new), (free,)) if free else ()
+        if kept is None or free is None or not any(op.kind == "matmul" for op in free_ops):
             continue
-        t = defs[root].type
-        if any((defs[x].type if x in defs else state_tiles.get(x)) != t for x in terms):
-            continue  # an add that broadcasts: the terms cannot be regrouped
-        free = [x for x in terms if x not in carried]
-        kept = [x for x in terms if x in carried]
-        if not kept or not any(x in costly for x in free):
-            continue
+        t = split.defs[root].type
         x_name = injection_name(root)
-        inject += _chain(x_name, free, t)
-        kept_sum = kept[0] if len(kept) == 1 else f"_kept{root}"
-        rewritten[root] = (_chain(kept_sum, kept, t) if len(kept) > 1 else []) + [Op(root, "add", (kept_sum, x_name), t)]
+        inject.append(Op(x_name, "copy", (free,), t))
+        rewritten[root] = [Op(root, "add", (kept, x_name), t)]
         injected.append((root, x_name))
     if not injected:
         return fused
-    scan_ops = [op for op in scan.ops if op.out not in rewritten] + [op for r in rewritten.values() for op in r]
+    scan_ops = ([op for op in scan.ops if op.out not in rewritten] + split.new
+                + [op for r in rewritten.values() for op in r])
     scan_ops = needed(tuple(scan_ops), scan.roots)
     free_roots = tuple(x for _, x in injected)
-    inject_ops = needed(tuple(scan.ops) + tuple(inject), free_roots)
+    inject_ops = needed(tuple(scan.ops) + tuple(split.new) + tuple(inject), free_roots)
     kernels = list(fused.kernels)
     kernels[names.index("bwd_scan")] = replace(scan, ops=scan_ops)
     kernels.insert(names.index("bwd_scan"), FusedKernel("bwd_inject", scan.stages, inject_ops, free_roots))

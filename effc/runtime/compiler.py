@@ -10,6 +10,7 @@ from ..ir.nodes import Spec
 from ..library import LIBRARY_DIR
 from ..passes.autodiff import Backward, differentiate
 from ..passes.fusion import Fused, fuse
+from ..passes.grad_terms import place_gradient_terms
 from ..passes.hoist import hoist
 from ..passes.reverse_scan import split_reverse_scan
 from ..passes.legality import Legality, analyze
@@ -59,7 +60,9 @@ class Compilation:
 
     @cached_property
     def fused(self) -> Fused:
-        return split_reverse_scan(self.typed, hoist(self.typed, fuse(self.typed, self.legality, self.backward)))
+        fused = fuse(self.typed, self.legality, self.backward)
+        fused = place_gradient_terms(self.typed, fused, self.backward, self.legality.split_dims[0] if self.legality.split_dims else None)
+        return split_reverse_scan(self.typed, hoist(self.typed, fused))
 
     @cached_property
     def plan(self) -> Plan:

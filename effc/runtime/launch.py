@@ -177,8 +177,13 @@ class Launcher:
         # inputs without the split dim get one partial gradient per split block, summed below
         has_grad = {d.name for kp in self.plan.kernels for d, _ in kp.grads}
         direct = direct_grads(self.plan, lay, n_split)
+        # slots: a partial per split block for inputs without the split dim, times the parts that several
+        # kernels write (passes.grad_terms); summed below
+        slots = {d.name: (() if split in d.feature_dims and len(self.plan.grad_writers(d.name)) < 2 else
+                          ((n_split if split not in d.feature_dims else 1) * max(1, len(self.plan.grad_writers(d.name))),))
+                 for d in spec.inputs}
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
-            ((n_split,) if split not in d.feature_dims else ()) + first.shape[:2] + (lay.H,) + feat[d.name],
+            slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
             dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)
             for d in spec.inputs}
         for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
@@ -221,8 +226,8 @@ class Launcher:
         grads = {}
         for d in spec.inputs:
             g = dx[d.name]
-            if split not in d.feature_dims:
-                g = g[0] if n_split == 1 else g.sum(0)
+            if slots[d.name]:
+                g = g[0] if slots[d.name] == (1,) else g.sum(0)
             hx = lay.heads[d.name]
             if hx != lay.H:  # a grouped input's gradient is the sum over its group of heads
                 g = g.reshape(g.shape[:2] + (hx, lay.H // hx) + g.shape[3:]).sum(3)

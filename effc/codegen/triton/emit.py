@@ -93,9 +93,13 @@ def emit_module(plan: Plan) -> str:
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
                           for d in kp.hoisted_loads + (kp.stores if kp.name == "prep" else ())})
         for x, g in kp.grads:
-            # a gradient without the split dim is summed over the split blocks: each block writes a partial
-            partial = split not in x.feature_dims
-            offs, mask = _token_offsets(x, "H", "pid_s * T_total + bos + tok" if partial else "bos + tok")
+            # a gradient without the split dim is summed over the split blocks: each block writes a partial;
+            # a gradient several kernels write in parts (passes.grad_terms): each kernel its own slots
+            writers = plan.grad_writers(x.name)
+            slot = {(True, True): "pid_s", (True, False): f"{writers.index(kp.name)} * tl.num_programs(0) + pid_s",
+                    (False, True): None, (False, False): f"{writers.index(kp.name)}"}[
+                split not in x.feature_dims, len(writers) == 1]
+            offs, mask = _token_offsets(x, "H", f"({slot}) * T_total + bos + tok" if slot else "bos + tok")
             view.grad_offs[x.name] = offs
             view.tok_mask[x.name] = mask
             view.grad_value[x.name] = f"v_{g}" if g else "0.0"

@@ -1,0 +1,184 @@
+"""Gradient terms: an input gradient summed across the backward kernels that already hold its parts.
+
+passes.fusion gives each input gradient a kernel of its own. A gradient that a decay's log (`g`) or a gate
+reaches collects a term from nearly every path of the chunk, so its kernel recomputes every adjoint at once
+(gated_delta_net's dg: ~5 KB of register spills a thread on sm_90, 7.5 of the backward's 14 ms). Adjoints
+are linear in the cotangents, so the gradient is a sum of terms; a term whose matmuls another gradient's
+kernel computes anyway costs that kernel a few elementwise ops and one more store. Each kernel then writes
+its part of the gradient, and the runtime sums the parts as it sums the split blocks' partials.
+
+A term is what is left of the gradient's expression after pushing the sum out through the ops linear in
+the adjoint (add, neg, masks, reductions, scans, broadcasts, scaling by a forward value); a matmul ends it,
+so no matmul is ever duplicated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import sympy
+
+from ..ir import ops as O
+from ..ir.nodes import C, Op, Spec, TileType, dim
+from .fusion import Fused, FusedKernel, depends, live_ops, needed
+from .shapes import SCALAR, op_type
+
+# ops linear in their first argument, given the others are not adjoints (masks and scans with fill 0)
+_LINEAR_UNARY = set(O.SCANS) | set(O.REDUCTIONS) - {"rowmax", "colmax"} | {
+    "neg", "copy", "transpose", "expand", "bcast", "unlast", "total", "last"}
+
+
+@dataclass
+class _Terms:
+    """Builds term ops: new values named `_t<n>` beside the backward's own."""
+    types: dict[str, TileType]
+    ops: list[Op]
+    n: int = 0
+
+    def emit(self, kind: str, *args) -> str:
+        self.n += 1
+        out = f"_t{self.n}"
+        n_args = 1 if kind == "expand" else len(args)
+        op = Op(out, kind, tuple(args))
+        t = op_type(op, [SCALAR if isinstance(a, float) else self.types[a] for a in args[:n_args]])
+        self.types[out] = t
+        self.ops.append(op.typed(t))
+        return out
+
+
+def split_terms(ops: tuple[Op, ...], root: str, adjoint: set[str], b: _Terms) -> list[str]:
+    """The values (in `b.ops` or `ops`) whose sum is `root`: the sum pushed out through ops linear in the
+    adjoint values (`adjoint`: the values that read a cotangent)."""
+    return _split({op.out: op for op in ops}, root, adjoint, b)
+
+
+def _split(by_out: dict[str, Op], root: str, adjoint: set[str], b: _Terms) -> list[str]:
+    op = by_out.get(root)
+    if op is None or root not in adjoint:
+        return [root]
+    k, args = op.kind, op.args
+    if k == "add" and all(isinstance(a, str) and a in adjoint for a in args):
+        return _split(by_out, args[0], adjoint, b) + _split(by_out, args[1], adjoint, b)
+    if k == "sub" and all(isinstance(a, str) and a in adjoint for a in args):
+        return _split(by_out, args[0], adjoint, b) + [b.emit("neg", t) for t in _split(by_out, args[1], adjoint, b)]
+    wraps = None  # the argument position the adjoint flows through, if the op is linear in it
+    if k in _LINEAR_UNARY or (k in O.MASKS and (len(args) == 1 or args[1] == 0.0)):
+        wraps = 0
+    elif k in ("mul", "div"):
+        adj = [isinstance(a, str) and a in adjoint for a in args]
+        wraps = 0 if adj == [True, False] else 1 if (k == "mul" and adj == [False, True]) else None
+    if wraps is None:
+        return [root]
+    inner = _split(by_out, args[wraps], adjoint, b)
+    if len(inner) == 1:
+        return [root]
+    return [b.emit(k, *(args[:wraps] + (t,) + args[wraps + 1:])) for t in inner]
+
+
+def _leaves(ops) -> set[str]:
+    made = {op.out for op in ops}
+    return {a for op in ops for a in op.args if isinstance(a, str) and a not in made}
+
+
+def _size(t: TileType, sizes: dict) -> int:
+    n = 1
+    for d in t.shape:
+        n *= int(sympy.sympify(d).subs(sizes))
+    return n
+
+
+def live_values(ops: tuple[Op, ...], roots: tuple[str, ...], types: dict, sizes: dict) -> int:
+    """Peak fp32 values live at once in a kernel running `ops` in order: what it loads is live from the start
+    (the generated kernels load every tile first) to its last use, the roots to the end."""
+    made = {op.out for op in ops}
+    last = {a: i for i, op in enumerate(ops) for a in op.args if isinstance(a, str)}
+    live = {a: _size(types[a], sizes) for a in last if a not in made and a in types}
+    peak = sum(live.values())
+    for i, op in enumerate(ops):
+        live[op.out] = _size(op.type, sizes)
+        peak = max(peak, sum(live.values()))
+        for a in op.args:
+            if isinstance(a, str) and last[a] == i and a not in roots:
+                live.pop(a, None)
+    return peak
+
+
+# A host may grow to this many live fp32 values a thread (8 warps), or by 5%. Measured on the H100
+# (fwd+bwd, 2x8192): dissolving kernels within it sped training up by 3-52% (gated_delta_net 13.7 -> 6.6 ms,
+# rwkv7 19.9 -> 13.7, gla 5.9 -> 4.9, hdla 43.7 -> 38.2); without the limit mlstm's f kernel grew from
+# 371 to 403 values (8.1 -> 9.2 ms) and hdla's g kernel from 676 to 1248 (43.7 -> 63.4 ms).
+HOST_LIVE_LIMIT, HOST_GROWTH = 300, 1.05
+THREADS = 256
+
+
+def _host_cost(term_ops: tuple[Op, ...], host: tuple[Op, ...], types: dict) -> int | None:
+    """Elementwise work a term adds to a host kernel's ops, or None if it would need a matmul the host does
+    not compute or a tile the host does not load (a [C] vector or a scalar may be loaded)."""
+    have = {op.out for op in host}
+    extra = [op for op in term_ops if op.out not in have]
+    reads = {n for n in _leaves(term_ops) if len(types[n].shape) > 1}
+    if any(op.kind == "matmul" for op in extra) or not reads <= _leaves(host) | have:
+        return None
+    return len(extra)
+
+
+def place_gradient_terms(spec: Spec, fused: Fused, backward, split_dim: str | None = None) -> Fused:
+    """Dissolve gradient kernels into the others, largest first: a `bwd_chunks_<x>` kernel goes if every term
+    of x's gradient fits in another kernel (`_host_cost`: no new matmul, no new tile load) and no host grows
+    past HOST_LIVE_LIMIT live values a thread (or by more than HOST_GROWTH). Each term goes where it adds the
+    fewest ops. A kernel that receives terms is kept; each kernel writing a part of x's gradient lists it in
+    its `grads` (Plan.grad_writers orders the parts)."""
+    chunks = {k.name: k for k in fused.kernels if k.name.startswith("bwd_chunks_")}
+    if backward is None or len(chunks) < 2:
+        return fused
+    adjoint = depends(backward.ops, {s for s, _ in backward.seeds})
+    b = _Terms(backward.types(spec), [])
+    sizes = {C: spec.chunk, **{dim(d): 64 if d == split_dim else 128 for d in spec.dims}}  # the H100 model's tiles
+    placed: dict[str, list[tuple[str, str]]] = {n: list(k.grads) for n, k in chunks.items()}  # kernel -> terms
+
+    def kernel_ops(name, extra=()):
+        roots = tuple(t for _, t in placed[name]) + tuple(extra)
+        return roots, live_ops(backward.ops + tuple(b.ops), roots)
+
+    def live(name, extra=()):
+        roots, ops = kernel_ops(name, extra)
+        return live_values(ops, roots, b.types, sizes) / THREADS
+
+    dissolved, hosts = set(), set()
+    for name in sorted(chunks, key=live, reverse=True):
+        if name in hosts:
+            continue
+        moves: dict[str, list[tuple[str, str]]] = {}
+        for x, g in placed[name]:
+            for term in split_terms(backward.ops, g, adjoint, b):
+                term_ops = needed(backward.ops + tuple(b.ops), (term,))
+                costs = [(c, h) for h in chunks if h != name and h not in dissolved
+                         for c in [_host_cost(term_ops, kernel_ops(h)[1], b.types)] if c is not None]
+                if not costs:
+                    break
+                moves.setdefault(min(costs)[1], []).append((x, term))
+            else:
+                continue
+            break
+        else:
+            if all(live(h, [t for _, t in m]) <= max(HOST_LIVE_LIMIT, HOST_GROWTH * live(h)) for h, m in moves.items()):
+                dissolved.add(name)
+                del placed[name]
+                for h, m in moves.items():
+                    hosts.add(h)
+                    placed[h] += m
+    if not dissolved:
+        return fused
+    out = []
+    for k in fused.kernels:
+        if k.name in dissolved:
+            continue
+        if k.name not in placed or placed[k.name] == list(k.grads):
+            out.append(k)
+            continue
+        grads: dict[str, str] = {}
+        for x, term in placed[k.name]:
+            grads[x] = b.emit("add", grads[x], term) if x in grads else term
+        roots = tuple(grads.values())
+        out.append(FusedKernel(k.name, k.stages, live_ops(backward.ops + tuple(b.ops), roots), roots,
+                               tuple(grads.items())))
+    return replace(fused, kernels=tuple(out))
