@@ -442,32 +442,34 @@ def test_hoisted_spec_runs_against_its_oracle():
 
 
 def test_split_reverse_scan_leaves_the_scan_only_what_reads_the_carried_adjoint():
-    """dS entering a chunk = dS + (-w^T (k dS)) + [-w^T causal(q k^T)^T dO + q^T dO]: the bracket reads no
-    carried adjoint, so bwd_inject computes it for every chunk at once and the scan adds it."""
+    """dS entering a chunk = dS - w^T (k dS + causal(q k^T)^T dO) + q^T dO: the sum is pushed out through the
+    matmul by w^T, and what reads no carried adjoint (-w^T causal(q k^T)^T dO + q^T dO) goes to bwd_inject,
+    computed for every chunk at once; the scan adds it."""
     fused = compile_text(SOLVED).fused
-    assert fused.injected == (("_d36", "_inj_d36"),)
+    assert fused.injected == (("_d27", "_inj_d27"),)
     golden(textwrap.dedent("\n".join(str(k) for k in fused.kernels if k.name in ("bwd_inject", "bwd_scan"))), """
-          kernel bwd_inject [inter + merge] -> _inj_d36
+          kernel bwd_inject [inter + merge] -> _inj_d27
             _1 : [K, C] = transpose(k)
             _7 : [C, C] = matmul(q, _1)
             _8 : [C, C] = causal(_7)
-            _d8 : [K, C] = transpose(w)
-            _d14 : [C, C] = transpose(_8)
-            _d15 : [C, V] = matmul(_d14, _seed_o)
-            _d17 : [C, V] = neg(_d15)
-            _d22 : [K, V] = matmul(_d8, _d17)
-            _d27 : [K, C] = transpose(q)
-            _d35 : [K, V] = matmul(_d27, _seed_o)
-            _inj_d36 : [K, V] = add(_d22, _d35)
-          kernel bwd_scan [inter + merge] -> _d36
+            _d7 : [C, C] = transpose(_8)
+            _d8 : [C, V] = matmul(_d7, _seed_o)
+            _d13 : [K, C] = transpose(w)
+            _d19 : [K, C] = transpose(q)
+            _d26 : [K, V] = matmul(_d19, _seed_o)
+            _rs1 : [C, V] = neg(_d8)
+            _rs3 : [K, V] = matmul(_d13, _rs1)
+            _rs5 : [K, V] = add(_rs3, _d26)
+            _inj_d27 : [K, V] = copy(_rs5)
+          kernel bwd_scan [inter + merge] -> _d27
             _1 : [K, C] = transpose(k)
             _d3 : [C, K] = transpose(_1)
             _d4 : [C, V] = matmul(_d3, _seed__next_S)
-            _d5 : [C, V] = neg(_d4)
-            _d8 : [K, C] = transpose(w)
-            _d9 : [K, V] = matmul(_d8, _d5)
-            _kept_d36 : [K, V] = add(_seed__next_S, _d9)
-            _d36 : [K, V] = add(_kept_d36, _inj_d36)
+            _d13 : [K, C] = transpose(w)
+            _rs0 : [C, V] = neg(_d4)
+            _rs2 : [K, V] = matmul(_d13, _rs0)
+            _rs4 : [K, V] = add(_seed__next_S, _rs2)
+            _d27 : [K, V] = add(_rs4, _inj_d27)
     """)
     # a segmentable spec keeps its (cheap) reverse scan whole
     assert compile_text(GATED).fused.injected == ()

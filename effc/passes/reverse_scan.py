@@ -20,7 +20,7 @@ from .fusion import Fused, FusedKernel, depends, needed
 class _Split:
     """Splits a value linear in the cotangents into (the part that reads the carried adjoint, the rest),
     pushing the sum out through the ops linear in it, matmuls included: `w^T @ -(k dS + A^T dO)` becomes
-    `w^T @ -(k dS)` + `w^T @ -(A^T dO)`. New values are named `<root>_c<n>`; None is an empty part."""
+    `w^T @ -(k dS)` + `w^T @ -(A^T dO)`. New values are named `_rs<n>`; None is an empty part."""
 
     def __init__(self, ops: tuple[Op, ...], carried: set[str], seeds: set[str]):
         self.defs = {op.out: op for op in ops}
@@ -75,7 +75,7 @@ def injection_name(root: str) -> str:
 def split_reverse_scan(spec: Spec, fused: Fused) -> Fused:
     """bwd_scan -> bwd_inject (the carried-free terms of each state adjoint, per chunk, in parallel) +
     bwd_scan (the carried terms, plus the injected sum). A state whose adjoint is not a plain sum of
-    same-shaped terms, or whose carried-free terms hold no matmul, stays as it was."""
+    same-shaped terms, or whose carried-free part holds no matmul, stays as it was."""
     names = [k.name for k in fused.kernels]
     if "summary" in names or "bwd_scan" not in names:  # a segmentable spec's scan is cheap: left whole
         return fused
