@@ -82,7 +82,7 @@ def _leaves(ops) -> set[str]:
 def _size(t: TileType, sizes: dict) -> int:
     n = 1
     for d in t.shape:
-        n *= int(sympy.sympify(d).subs(sizes))
+        n *= int(d) if isinstance(d, (int, sympy.Integer)) else int(sympy.sympify(d).xreplace(sizes))
     return n
 
 
@@ -135,9 +135,13 @@ def place_gradient_terms(spec: Spec, fused: Fused, backward, split_dim: str | No
     sizes = {C: spec.chunk, **{dim(d): 64 if d == split_dim else 128 for d in spec.dims}}  # the H100 model's tiles
     placed: dict[str, list[tuple[str, str]]] = {n: list(k.grads) for n, k in chunks.items()}  # kernel -> terms
 
+    memo: dict[tuple, tuple] = {}
+
     def kernel_ops(name, extra=()):
         roots = tuple(t for _, t in placed[name]) + tuple(extra)
-        return roots, live_ops(backward.ops + tuple(b.ops), roots)
+        if roots not in memo:  # b.ops only grows, and a root's ops never change
+            memo[roots] = live_ops(backward.ops + tuple(b.ops), roots)
+        return roots, memo[roots]
 
     def live(name, extra=()):
         roots, ops = kernel_ops(name, extra)
