@@ -14,7 +14,8 @@ from effc.errors import SpecError
 from effc.ir import print_spec
 from effc.ir.printer import print_op
 from effc.passes.fusion import depends, fuse, live_ops, needed
-from effc.passes.grad_terms import _Terms, place_gradient_terms, split_terms
+from effc.passes.autodiff import Adjoints
+from effc.passes.grad_terms import place_gradient_terms, split_terms
 from effc.passes.hoist import hoist
 from effc.passes.legality import analyze
 from effc.passes.plan import plan
@@ -482,7 +483,7 @@ def test_split_terms_pushes_the_gradient_sum_out_through_linear_ops():
     unlast as four terms; each ends at a value the adjoints already hold."""
     c = compile_text(GATED)
     bw = c.backward
-    b = _Terms(bw.types(c.typed), [])
+    b = Adjoints(bw.types(c.typed), prefix="_t")
     terms = split_terms(bw.ops, dict(bw.input_grads)["g"], depends(bw.ops, {s for s, _ in bw.seeds}), b)
     assert terms == ["_t3", "_t4", "_t5", "_t6"]
     golden("\n".join(print_op(op) for op in b.ops), """

@@ -54,9 +54,32 @@ def is_seed(name: str) -> bool:
     return name.startswith("_seed_")
 
 
-class _Adjoints:
-    def __init__(self, types: dict[str, TileType]):
+# ops whose result is linear in their one argument that reads a cotangent (the others forward values)
+_LINEAR_UNARY = frozenset(O.SCANS) | {"rowsum", "colsum", "neg", "copy", "transpose", "expand", "bcast", "unlast",
+                                      "total", "last"}
+
+
+def linear_arg(op: Op, adjoint: set[str], through_matmul: bool = False) -> int | None:
+    """The position of `op`'s argument that a sum can be pushed out through (op(a + b) = op(a) + op(b)), when
+    that argument is the op's only one in `adjoint` (the values reading a cotangent); else None. A matmul counts
+    only `through_matmul`: pushing a sum through it duplicates the matmul."""
+    pos = [i for i, a in enumerate(op.args) if isinstance(a, str) and a in adjoint]
+    if len(pos) != 1:
+        return None
+    k, args = op.kind, op.args
+    if (k in _LINEAR_UNARY or (k in O.MASKS and (len(args) == 1 or args[1] == 0.0))) and pos == [0]:
+        return 0
+    if k == "mul" or (k == "div" and pos == [0]) or (k == "matmul" and through_matmul):
+        return pos[0]
+    return None
+
+
+class Adjoints:
+    """Builds adjoint ops (typed, named `<prefix><n>`) and sums each value's adjoint in `grad`."""
+
+    def __init__(self, types: dict[str, TileType], prefix: str = "_d"):
         self.types = dict(types)
+        self.prefix = prefix
         self.ops: list[Op] = []
         self.grad: dict[str, str] = {}
         self.made: dict[str, Op] = {}
@@ -70,7 +93,7 @@ class _Adjoints:
             if inserted == [1 if kind == "rowsum" else 0]:
                 return src.args[0]
         self.n += 1
-        out = f"_d{self.n}"
+        out = f"{self.prefix}{self.n}"
         n_args = 1 if kind == "expand" else len(args)
         arg_types = [SCALAR if isinstance(a, float) else self.types[a] for a in args[:n_args]]
         op = Op(out, kind, tuple(args))
@@ -108,7 +131,7 @@ class _Adjoints:
         self.grad[x] = self.emit("add", self.grad[x], g) if x in self.grad else g
 
 
-def _vjp(op: Op, gy: str, a: _Adjoints, differentiable) -> None:
+def _vjp(op: Op, gy: str, a: Adjoints, differentiable) -> None:
     """Add op's contributions to the adjoints of its (differentiable) arguments."""
     k, args, y = op.kind, op.args, op.out
     x = args[0]
@@ -221,7 +244,7 @@ def differentiate(spec: Spec) -> Backward:
         if any(isinstance(x, str) and x in depends for x in op.args):
             depends.add(op.out)
 
-    a = _Adjoints(types)
+    a = Adjoints(types)
     seeds = []
     for o in spec.outputs:
         seeds.append((seed_name(o.name), o.name))

@@ -13,45 +13,22 @@ so no matmul is ever duplicated.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import sympy
 
-from ..ir import ops as O
 from ..ir.nodes import C, Op, Spec, TileType, dim
+from .autodiff import Adjoints, linear_arg
 from .fusion import Fused, FusedKernel, depends, live_ops, needed
-from .shapes import SCALAR, op_type
-
-# ops linear in their first argument, given the others are not adjoints (masks and scans with fill 0)
-_LINEAR_UNARY = set(O.SCANS) | set(O.REDUCTIONS) - {"rowmax", "colmax"} | {
-    "neg", "copy", "transpose", "expand", "bcast", "unlast", "total", "last"}
 
 
-@dataclass
-class _Terms:
-    """Builds term ops: new values named `_t<n>` beside the backward's own."""
-    types: dict[str, TileType]
-    ops: list[Op]
-    n: int = 0
-
-    def emit(self, kind: str, *args) -> str:
-        self.n += 1
-        out = f"_t{self.n}"
-        n_args = 1 if kind == "expand" else len(args)
-        op = Op(out, kind, tuple(args))
-        t = op_type(op, [SCALAR if isinstance(a, float) else self.types[a] for a in args[:n_args]])
-        self.types[out] = t
-        self.ops.append(op.typed(t))
-        return out
-
-
-def split_terms(ops: tuple[Op, ...], root: str, adjoint: set[str], b: _Terms) -> list[str]:
+def split_terms(ops: tuple[Op, ...], root: str, adjoint: set[str], b: Adjoints) -> list[str]:
     """The values (in `b.ops` or `ops`) whose sum is `root`: the sum pushed out through ops linear in the
     adjoint values (`adjoint`: the values that read a cotangent)."""
     return _split({op.out: op for op in ops}, root, adjoint, b)
 
 
-def _split(by_out: dict[str, Op], root: str, adjoint: set[str], b: _Terms) -> list[str]:
+def _split(by_out: dict[str, Op], root: str, adjoint: set[str], b: Adjoints) -> list[str]:
     op = by_out.get(root)
     if op is None or root not in adjoint:
         return [root]
@@ -60,12 +37,7 @@ def _split(by_out: dict[str, Op], root: str, adjoint: set[str], b: _Terms) -> li
         return _split(by_out, args[0], adjoint, b) + _split(by_out, args[1], adjoint, b)
     if k == "sub" and all(isinstance(a, str) and a in adjoint for a in args):
         return _split(by_out, args[0], adjoint, b) + [b.emit("neg", t) for t in _split(by_out, args[1], adjoint, b)]
-    wraps = None  # the argument position the adjoint flows through, if the op is linear in it
-    if k in _LINEAR_UNARY or (k in O.MASKS and (len(args) == 1 or args[1] == 0.0)):
-        wraps = 0
-    elif k in ("mul", "div"):
-        adj = [isinstance(a, str) and a in adjoint for a in args]
-        wraps = 0 if adj == [True, False] else 1 if (k == "mul" and adj == [False, True]) else None
+    wraps = linear_arg(op, adjoint)  # never through a matmul: each term would repeat it
     if wraps is None:
         return [root]
     inner = _split(by_out, args[wraps], adjoint, b)
@@ -131,7 +103,7 @@ def place_gradient_terms(spec: Spec, fused: Fused, backward, split_dim: str | No
     if backward is None or len(chunks) < 2:
         return fused
     adjoint = depends(backward.ops, {s for s, _ in backward.seeds})
-    b = _Terms(backward.types(spec), [])
+    b = Adjoints(backward.types(spec), prefix="_t")  # builds the term ops
     sizes = {C: spec.chunk, **{dim(d): 64 if d == split_dim else 128 for d in spec.dims}}  # the H100 model's tiles
     placed: dict[str, list[tuple[str, str]]] = {n: list(k.grads) for n, k in chunks.items()}  # kernel -> terms
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ir import ops as O
 from ..ir.nodes import Op, Spec, TileType, next_state_name
-from .autodiff import seed_name
+from .autodiff import is_seed, linear_arg, seed_name
 from .fusion import Fused, FusedKernel, depends, needed
 
 
@@ -33,9 +32,7 @@ class _Split:
         return out
 
     def __call__(self, v) -> tuple:
-        if not isinstance(v, str) or v not in self.adjoint:
-            return None, v
-        if v not in self.carried:
+        if not isinstance(v, str) or v not in self.carried:
             return None, v
         op = self.defs.get(v)
         if op is None:
@@ -46,15 +43,11 @@ class _Split:
             if fa is None and fb is None:
                 return v, None
             return self._combine(k, ca, cb, t), self._combine(k, fa, fb, t)
-        pos = [i for i, a in enumerate(args) if isinstance(a, str) and a in self.adjoint]
-        linear = (k in _LINEAR or (k in O.MASKS and (len(args) == 1 or args[1] == 0.0)) or
-                  (k in ("mul", "matmul") and len(pos) == 1) or (k == "div" and pos == [0]))
-        if not linear or len(pos) != 1:
-            return v, None
-        c, f = self(args[pos[0]])
+        i = linear_arg(op, self.adjoint, through_matmul=True)
+        c, f = self(args[i]) if i is not None else (v, None)
         if f is None:
             return v, None
-        wrap = lambda x: None if x is None else self.emit(k, args[:pos[0]] + (x,) + args[pos[0] + 1:], t)
+        wrap = lambda x: None if x is None else self.emit(k, args[:i] + (x,) + args[i + 1:], t)
         return wrap(c), wrap(f)
 
     def _combine(self, kind: str, a, b, t):
@@ -65,23 +58,20 @@ class _Split:
         return self.emit(kind, (a, b), t)
 
 
-_LINEAR = set(O.SCANS) | {"rowsum", "colsum", "neg", "copy", "transpose", "expand", "bcast", "unlast", "total", "last"}
-
-
 def injection_name(root: str) -> str:
     return f"_inj{root}"
 
 
 def split_reverse_scan(spec: Spec, fused: Fused) -> Fused:
     """bwd_scan -> bwd_inject (the carried-free terms of each state adjoint, per chunk, in parallel) +
-    bwd_scan (the carried terms, plus the injected sum). A state whose adjoint is not a plain sum of
-    same-shaped terms, or whose carried-free part holds no matmul, stays as it was."""
+    bwd_scan (the carried terms, plus the injected sum). A state whose adjoint has no carried-free part
+    (`_Split`), or whose carried-free part holds no matmul, stays as it was."""
     names = [k.name for k in fused.kernels]
     if "summary" in names or "bwd_scan" not in names:  # a segmentable spec's scan is cheap: left whole
         return fused
     scan = fused.kernels[names.index("bwd_scan")]
     state_tiles = {seed_name(next_state_name(s.name)): s.tile for s in spec.states}
-    seeds = {a for op in scan.ops for a in op.args if isinstance(a, str) and a.startswith("_seed_")}
+    seeds = {a for op in scan.ops for a in op.args if isinstance(a, str) and is_seed(a)}
     split = _Split(scan.ops, depends(scan.ops, set(state_tiles)), seeds)
     inject, rewritten, injected = [], {}, []
     for root in scan.roots:

@@ -61,7 +61,8 @@ class Compilation:
     @cached_property
     def fused(self) -> Fused:
         fused = fuse(self.typed, self.legality, self.backward)
-        fused = place_gradient_terms(self.typed, fused, self.backward, self.legality.split_dims[0] if self.legality.split_dims else None)
+        split = self.legality.split_dims[0] if self.legality.split_dims else None
+        fused = place_gradient_terms(self.typed, fused, self.backward, split)
         return split_reverse_scan(self.typed, hoist(self.typed, fused))
 
     @cached_property

@@ -179,9 +179,10 @@ class Launcher:
         direct = direct_grads(self.plan, lay, n_split)
         # slots: a partial per split block for inputs without the split dim, times the parts that several
         # kernels write (passes.grad_terms); summed below
-        slots = {d.name: (() if split in d.feature_dims and len(self.plan.grad_writers(d.name)) < 2 else
-                          ((n_split if split not in d.feature_dims else 1) * max(1, len(self.plan.grad_writers(d.name))),))
-                 for d in spec.inputs}
+        slots = {}
+        for d in spec.inputs:
+            parts, partial = len(self.plan.grad_writers(d.name)), split not in d.feature_dims
+            slots[d.name] = ((n_split if partial else 1) * max(1, parts),) if partial or parts > 1 else ()
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
             slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
             dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)

@@ -95,10 +95,12 @@ def emit_module(plan: Plan) -> str:
         for x, g in kp.grads:
             # a gradient without the split dim is summed over the split blocks: each block writes a partial;
             # a gradient several kernels write in parts (passes.grad_terms): each kernel its own slots
-            writers = plan.grad_writers(x.name)
-            slot = {(True, True): "pid_s", (True, False): f"{writers.index(kp.name)} * tl.num_programs(0) + pid_s",
-                    (False, True): None, (False, False): f"{writers.index(kp.name)}"}[
-                split not in x.feature_dims, len(writers) == 1]
+            writers, partial = plan.grad_writers(x.name), split not in x.feature_dims
+            part = writers.index(kp.name)
+            if len(writers) == 1:
+                slot = "pid_s" if partial else None
+            else:
+                slot = f"{part} * tl.num_programs(0) + pid_s" if partial else f"{part}"
             offs, mask = _token_offsets(x, "H", f"({slot}) * T_total + bos + tok" if slot else "bos + tok")
             view.grad_offs[x.name] = offs
             view.tok_mask[x.name] = mask
