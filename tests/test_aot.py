@@ -21,11 +21,17 @@ for spec in sys.argv[1:]:
     for kp in op.comp.plan.kernels:
         # wgmma needs 64 rows per warp group: a product over chunk rows at C=32 cannot use it
         wide = any(o.kind == "matmul" and (str(o.type.shape[0]) != "C" or op.spec.chunk >= 64) for o in kp.ops)
-        # a walk that can defer merge compiles both ways: fused, and updating the state only
-        for fuse_merge in ((True, False) if kp.name == "walk" and op.comp.plan.deferrable else (True,)):
-            k = compile_sm90(op, kp, fuse_merge=fuse_merge)
+        # a walk that can defer merge compiles both ways (fused, updating the state only); a segmented
+        # reverse scan both passes (segment summaries, walk)
+        variants = [({}, "")]
+        if kp.name == "walk" and op.comp.plan.deferrable:
+            variants.append(({"fuse_merge": False}, "[deferred]"))
+        if kp.name == "bwd_scan" and op.comp.plan.segmentable:
+            variants.append(({"summary": True}, "[summary]"))
+        for flags, tag in variants:
+            k = compile_sm90(op, kp, **flags)
             ptx, shared = k.asm["ptx"], k.metadata.shared
-            results[f"{name}.{kp.name}" + ("" if fuse_merge else "[deferred]")] = {
+            results[f"{name}.{kp.name}{tag}"] = {
                 "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx, "shared": shared,
                 "matmuls": any(o.kind == "matmul" for o in kp.ops), "wide": wide}
 print("AOT " + json.dumps(results))
@@ -81,6 +87,7 @@ def test_library_kernels_compile_for_sm90(tmp_path):
     ops = [getattr(effc.load(n), "linear", None) or effc.load(n) for n in names]
     expected = {f"{op.name}.{k.name}" for op in ops for k in op.comp.plan.kernels}
     expected |= {f"{op.name}.walk[deferred]" for op in ops if op.comp.plan.deferrable}
+    expected |= {f"{op.name}.bwd_scan[summary]" for op in ops if op.comp.plan.segmentable}
     assert set(results) == expected and any(".bwd_chunks_" in k for k in expected)
     for kernel, r in results.items():
         if not r["matmuls"]:  # e.g. a gradient that is the output's cotangent itself (swax's softmax branch)

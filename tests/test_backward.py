@@ -169,6 +169,34 @@ def test_gradients_after_a_deferred_segmented_forward(save_states):
         assert judge_fp32(a, b).ok, judge_fp32(a, b)
 
 
+SEGMENTABLE = [n for n in LIBRARY if effc.load(n).comp.plan.segmentable]
+
+
+@pytest.mark.parametrize("name", SEGMENTABLE)
+def test_segmented_reverse_scan_over_packed_sequences(name):
+    """The reverse scan in 3 segments (summaries of the later segments folded into the earlier ones) over
+    packed sequences of 1, 3 and 2 chunks, V in two blocks (states without V carry per-block partials),
+    with initial- and final-state cotangents."""
+    op = effc.load(name)
+    cu = torch.tensor([0, 9, 50, 75], dtype=torch.int32)
+    xs, _ = _leaves(op, 1, 75, 2, seed=5)
+    dims = {d: DIMS[d] for d in op.spec.dims}
+    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, 3, 2, dims)))
+    d_o = torch.randn(1, 75, 2, DIMS["V"], dtype=torch.float64)
+    d_s = tuple(torch.randn(s.shape, dtype=torch.float64) for s in s0)
+    init = s0 if len(s0) > 1 else s0[0]
+    leaves = xs + list(s0)
+    ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=init, output_final_state=True, cu_seqlens=cu),
+                        leaves, d_o, d_s if len(s0) > 1 else d_s[0])
+    out, g = _grads(lambda: op(*xs, initial_state=init, output_final_state=True, cu_seqlens=cu, chunk=16,
+                               segments=3, block=16),
+                    leaves, d_o.float(), tuple(d.float() for d in d_s) if len(s0) > 1 else d_s[0].float())
+    assert op.last_config.segments == 3
+    assert judge_fp32(out, ref).ok
+    for a, b in zip(g, ref_g):
+        assert judge_fp32(a, b).ok, f"{name}: {judge_fp32(a, b)}"
+
+
 def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
     """Plan.whole_grads and runtime.launch.direct_grads: with the split dim V in blocks, q and k get one
     partial gradient per V block (fp32, summed), v's is written whole (stored bf16 by its kernel, no

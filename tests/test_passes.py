@@ -472,8 +472,10 @@ def test_split_reverse_scan_leaves_the_scan_only_what_reads_the_carried_adjoint(
             _rs4 : [K, V] = add(_seed__next_S, _rs2)
             _d27 : [K, V] = add(_rs4, _inj_d27)
     """)
-    # a segmentable spec keeps its (cheap) reverse scan whole
+    # a segmentable spec's scan runs each chunk twice (passes.reverse_scan): one matmul (q^T dO) stays in it,
+    # mLSTM's output recomputed for the normaliser's adjoint goes out
     assert compile_text(GATED).fused.injected == ()
+    assert [s for s, _ in effc.load("mlstm_sig").comp.plan.kernel("bwd_scan").injected] == ["C", "n"]
 
 
 # ---- plan -------------------------------------------------------------------------------------
@@ -577,7 +579,10 @@ def test_emit_module_key_lines_and_valid_python():
         "v_g = tl.load(g_ptr + (bos + tok) * HX_g + i_h // (H // HX_g), mask=tv, other=0.0).to(tl.float32)",
         "v_q = tl.load(q_ptr + ((bos + tok)[:, None] * HX_q + i_h // (H // HX_q)) * K + r_K[None, :], mask=tv[:, None], "
         "other=0.0)",
-        "for j in tl.range(0, n_chunks_seq):  # the reverse scan of the state adjoints",
+        "for j in tl.range(0, c_hi - c_lo):  # the reverse scan of the state adjoints",
+        "for j in tl.range(0, n_seg_seq - 1 - seg):  # fold the summaries of later segments, the last first",
+        "v_dS = v_dS * tl.load(S_segd_ptr + seg_offs) + tl.load(S_segw_ptr + seg_offs)",
+        "d_S = d_S * v__7",  # the reverse summary: the same decay, multiplied out in the scan's body too
         "v__seed__next_S = v_dS",
         "r_V = pid_s * BLOCK + tl.arange(0, BLOCK)",  # V is split
         "v_b = tl.cumsum(v_g, axis=0)",

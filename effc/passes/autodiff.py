@@ -18,7 +18,7 @@ import sympy
 from ..ir import ops as O
 from ..ir.nodes import Op, Spec, TileType, next_state_name
 from ..ir.printer import print_op
-from .cse import cse
+from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, op_type, value_types
 
@@ -32,6 +32,11 @@ class Backward:
     input_grads: tuple[tuple[str, str | None], ...]  # input -> its adjoint value (None: no dependence)
     state_grads: tuple[tuple[str, str | None], ...]  # state -> adjoint of the state entering the chunk
     seed_types: tuple[tuple[str, TileType], ...] = ()
+    aliases: tuple[tuple[str, str], ...] = ()  # forward value -> the one computing it in `ops` (cse)
+
+    def forward_name(self, value: str) -> str:
+        """The name `ops` gives a forward value (its repeats were merged before differentiating)."""
+        return dict(self.aliases).get(value, value)
 
     def types(self, spec: Spec) -> dict[str, TileType]:
         """Tile types of every value the backward ops read or write."""
@@ -235,7 +240,7 @@ def differentiate(spec: Spec) -> Backward:
     # one value per distinct expression, so each adjoint is summed before it flows back through its producer
     # (delta rules write `u - w @ S` in merge and inter: two copies would backpropagate through `w @ S` twice)
     roots = tuple(o.name for o in spec.outputs) + tuple(next_state_name(s.name) for s in spec.states)
-    forward = cse(spec.intra.ops + spec.merge.ops + spec.inter.ops, roots)
+    forward, aliases = cse_with_aliases(spec.intra.ops + spec.merge.ops + spec.inter.ops, roots)
     leaves = {d.name for d in spec.inputs + spec.states}
 
     # a value needs an adjoint only if it depends on an input or a state
@@ -270,4 +275,4 @@ def differentiate(spec: Spec) -> Backward:
     needed = {x for op in adjoint for x in op.args if isinstance(x, str)}
     recompute = live_ops(forward, tuple(v for v in needed if v in {op.out for op in forward}))
     return Backward(recompute + adjoint, tuple(seeds), input_grads, state_grads,
-                    tuple((seed, a.types[seed]) for seed, _ in seeds))
+                    tuple((seed, a.types[seed]) for seed, _ in seeds), tuple(aliases.items()))

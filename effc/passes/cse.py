@@ -14,8 +14,13 @@ from ..ir.nodes import Op
 
 
 def cse(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
+    return cse_with_aliases(ops, roots)[0]
+
+
+def cse_with_aliases(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[tuple[Op, ...], dict[str, str]]:
+    """(the ops without repeats, each dropped value -> the value that holds it)."""
     first: dict[tuple, str] = {}  # (kind, args) -> the value that already holds it
-    alias: dict[str, str] = {}  # a dropped value -> the value that replaces it
+    alias: dict[str, str] = {}
     out = []
     for op in ops:
         op = replace(op, args=tuple(alias.get(a, a) if isinstance(a, str) else a for a in op.args))
@@ -25,4 +30,4 @@ def cse(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
             continue
         first.setdefault(key, op.out)
         out.append(op)
-    return tuple(out)
+    return tuple(out), alias

@@ -124,7 +124,9 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     for fk in fused.kernels:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
         reads = tuple(hoisted[n] for n in _used(fk.ops, list(hoisted))) if fk.name != "prep" else ()
-        states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name), decays.get(s.name)) for s in spec.states)
+        rename = backward.forward_name if backward and fk.name.startswith("bwd") else str
+        states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name),
+                                 rename(d) if isinstance(d := decays.get(s.name), str) else d) for s in spec.states)
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
         segs = {"walk": "P", "summary": "P-1", "bwd_scan": "1"}.get(fk.name, "chunks")  # else one per chunk

@@ -3,9 +3,11 @@
 The backward's reverse scan carries each state's adjoint from the last chunk to the first. Its update
 is a sum: terms that read the carried adjoint (for the delta rule, -w^T (kn dS)) and terms that read
 only the output cotangents and the chunk (-w^T causal(qn kn^T)^T dO + qn^T dO): most of the matmuls.
-For a walk that cannot be segmented (a general transition), `bwd_inject` computes the second group
-for every chunk in parallel, and the scan adds it: the serial chain keeps what it must. A segmentable
-spec's scan is cheap (its transition is diagonal) and is left whole.
+`bwd_inject` computes the second group for every chunk in parallel and writes it (fp32, a state's size
+per chunk); the scan adds it: the serial chain keeps what it must. A diagonal transition's scan runs in
+segments, each chunk's body twice (segment summaries, then the walk): there the write pays off only when
+the free part is more than one matmul of loaded tiles (mLSTM's normaliser recomputes the output), and
+retention's `q^T dO` stays in the scan.
 """
 from __future__ import annotations
 
@@ -65,10 +67,11 @@ def injection_name(root: str) -> str:
 def split_reverse_scan(spec: Spec, fused: Fused) -> Fused:
     """bwd_scan -> bwd_inject (the carried-free terms of each state adjoint, per chunk, in parallel) +
     bwd_scan (the carried terms, plus the injected sum). A state whose adjoint has no carried-free part
-    (`_Split`), or whose carried-free part holds no matmul, stays as it was."""
+    (`_Split`), or whose carried-free part is too cheap to write out (`worth`), stays as it was."""
     names = [k.name for k in fused.kernels]
-    if "summary" in names or "bwd_scan" not in names:  # a segmentable spec's scan is cheap: left whole
+    if "bwd_scan" not in names:
         return fused
+    worth = 2 if "summary" in names else 1  # matmuls in the free part that pay for writing it
     scan = fused.kernels[names.index("bwd_scan")]
     state_tiles = {seed_name(next_state_name(s.name)): s.tile for s in spec.states}
     seeds = {a for op in scan.ops for a in op.args if isinstance(a, str) and is_seed(a)}
@@ -77,7 +80,7 @@ def split_reverse_scan(spec: Spec, fused: Fused) -> Fused:
     for root in scan.roots:
         kept, free = split(root)
         free_ops = needed(tuple(scan.ops) + tuple(split.new), (free,)) if free else ()
-        if kept is None or free is None or not any(op.kind == "matmul" for op in free_ops):
+        if kept is None or free is None or sum(op.kind == "matmul" for op in free_ops) < worth:
             continue
         t = split.defs[root].type
         x_name = injection_name(root)

@@ -88,6 +88,12 @@ class Launcher:
         return lay.dims[self.plan.split_dim] // cfg.block if self.plan.split_dim else 1
 
     @staticmethod
+    def _segments(cfg: TileConfig, max_chunks: int) -> tuple[int, int]:
+        """(segments, chunks per segment): no empty segment."""
+        per_seg = math.ceil(max_chunks / max(1, min(cfg.segments, max_chunks)))
+        return math.ceil(max_chunks / per_seg), per_seg
+
+    @staticmethod
     def _loads(kp, xs: dict, hoisted: dict) -> list:
         return [xs[d.name] for d in kp.loads] + [hoisted[d.name] for d in kp.hoisted_loads]
 
@@ -123,9 +129,7 @@ class Launcher:
         first = xs[spec.inputs[0].name]
         dtype, device = first.dtype, first.device
         total_chunks, max_chunks = lay.chunks(cfg.chunk)
-        P = max(1, min(cfg.segments, max_chunks))
-        per_seg = math.ceil(max_chunks / P)
-        P = math.ceil(max_chunks / per_seg)
+        P, per_seg = self._segments(cfg, max_chunks)
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
         outs = {o.name: torch.empty(first.shape[:2] + (lay.H,) + tuple(lay.dims[n] for n in o.feature_dims),
@@ -208,13 +212,20 @@ class Launcher:
                     + self._common(cfg, lay, 1, 1, dummy))
             self._fn("bwd_inject")[(n_split, n_bh, max_chunks)](
                 *args, **{**self._meta(cfg, lay, first.dtype, kp), **bwd_warps})
+        # a diagonal transition's reverse scan runs in the forward's segments: the summaries of segments 1..P-1
+        # first (each from a zero adjoint), then every segment folds the later ones' and walks its chunks
+        P, per_seg = self._segments(cfg, max_chunks) if self.plan.segmentable else (1, max_chunks)
         args = self._loads(scan, xs, hoisted) + d_o
         for s in scan.states:
-            args += [hist[s.name], dhist[s.name], d_finals.get(s.name, dummy), dinit[s.name]]
+            seg = (torch.empty((n_bh, P) + blocks[s.name] + self._state_shape(lay, s), **f32) if P > 1 else dummy)
+            args += [hist[s.name], dhist[s.name], d_finals.get(s.name, dummy), dinit[s.name], seg,
+                     torch.empty_like(seg) if P > 1 else dummy]
         args += [inj[s] for s, _ in scan.injected]
-        args += [pvals[p] for p in scan.params] + self._common(cfg, lay, 1, 1, dummy)
-        self._fn("bwd_scan")[(n_split, n_bh, 1)](*args, **{**self._meta(cfg, lay, first.dtype, scan), **bwd_warps},
-                                                  HAS_DFINAL=bool(d_finals))
+        args += [pvals[p] for p in scan.params] + self._common(cfg, lay, per_seg, P, dummy)
+        meta = {**self._meta(cfg, lay, first.dtype, scan), **bwd_warps, "HAS_DFINAL": bool(d_finals)}
+        if P > 1:
+            self._fn("bwd_scan")[(n_split, n_bh, P - 1)](*args, **meta, SUMMARY=True)
+        self._fn("bwd_scan")[(n_split, n_bh, P)](*args, **meta, SUMMARY=False)
         for chunks in self.plan.kernels:
             if not chunks.name.startswith("bwd_chunks"):
                 continue

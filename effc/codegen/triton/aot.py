@@ -11,7 +11,7 @@ from triton.backends.compiler import GPUTarget
 
 
 def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                 fuse_merge: bool = True):
+                 fuse_merge: bool = True, summary: bool = False):
     """The compiled kernel (`.asm["ptx"]`, `.metadata.shared`) of kernel plan `kp` of the AttentionOp `op`."""
     fn = getattr(op.module, f"{op.name}_{kp.name}_kernel")
     plan = op.comp.plan
@@ -22,7 +22,7 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, C=chunk or op.spec.chunk, BLOCK=128 if kp.name == "prep" else 64, HAS_INIT=True,
                  STORE_FINAL=True, STORE_HISTORY=True, HAS_DFINAL=True, IS_VARLEN=False, DOT_DTYPE=tl.bfloat16,
-                 PRECISION="tf32", FUSE_MERGE=fuse_merge, **{d: 128 for d in op.spec.dims},
+                 PRECISION="tf32", FUSE_MERGE=fuse_merge, SUMMARY=summary, **{d: 128 for d in op.spec.dims},
                  **{f"HX_{d.name}": 16 for d in op.spec.inputs})
     return _compile(fn, sig, const, num_warps, num_stages)
 

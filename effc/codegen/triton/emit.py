@@ -53,6 +53,7 @@ class _KernelView:
     grad_value: dict[str, str] = field(default_factory=dict)
     dinit_offs: dict[str, str] = field(default_factory=dict)
     dhist_offs: dict[str, str] = field(default_factory=dict)
+    bseg_offs: dict[str, str] = field(default_factory=dict)  # the reverse scan's segment summaries
     partial_state: dict[str, bool] = field(default_factory=dict)
     hoisted_offs: dict[str, str] = field(default_factory=dict)
     merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel; launch.Launcher passes it)
@@ -61,6 +62,18 @@ class _KernelView:
 
 def kernel_name(spec_name: str, kernel: str) -> str:
     return f"{spec_name}_{kernel}_kernel"
+
+
+def _scan_decay(plan: Plan, kp, state) -> bool:
+    """Whether the reverse scan runs in segments and multiplies out the state's decay: the adjoint's
+    transition is the forward's diagonal one, which the scan's body recomputes under the same name."""
+    if not plan.segmentable:
+        return False
+    known = {op.out for op in kp.ops} | {p.name for p in plan.spec.params} | {d.name for d in kp.loads}
+    if isinstance(state.decay, str) and state.decay not in known:
+        raise NotImplementedError(f"spec '{plan.spec.name}': the segmented reverse scan needs the decay of state "
+                                  f"{state.name} ({state.decay}) in its body, which does not compute it")
+    return True
 
 
 def emit_module(plan: Plan) -> str:
@@ -87,7 +100,8 @@ def emit_module(plan: Plan) -> str:
             hist_offs={s.name: _row_major("(c_base + i_c) * H + i_h", s.dims) for s in kp.states},
             state_block={s.name: "[" + ", ".join("BLOCK" if d == split else d for d in s.dims) + "]"
                          for s in kp.states},
-            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None},
+            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None
+                   and (kp.name != "bwd_scan" or _scan_decay(plan, kp, s))},
             # hoisted values are chunk-padded (every row of a chunk, padding included, as the walk would compute
             # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
@@ -111,6 +125,9 @@ def emit_module(plan: Plan) -> str:
             partial = split is not None and split not in s.dims
             view.partial_state[s.name] = partial
             view.dinit_offs[s.name] = _row_major("pid_s * n_bh + i_bh" if partial else "i_bh", s.dims)
+            view.bseg_offs[s.name] = _row_major(
+                f"(i_bh * n_segments + q_seg) * ({split} // BLOCK) + pid_s" if partial else "i_bh * n_segments + q_seg",
+                s.dims)
             view.dhist_offs[s.name] = _row_major(
                 f"((c_base + i_c) * H + i_h) * ({split} // BLOCK) + pid_s" if partial else "(c_base + i_c) * H + i_h",
                 s.dims)
