@@ -39,6 +39,8 @@ class KernelPlan:
 
     def _state_access(self) -> str:
         states = ', '.join(f"{s.name}[{','.join(s.dims)}]" for s in self.states) or '-'
+        if self.name == "bwd_scan" and self.grid.endswith(", P)"):
+            return f"carry the adjoints of {states} on chip; segments 1..P-1 summarised first, then folded"
         if self.name in ("walk", "summary", "bwd_scan") or not self.states:
             return f"carry {states} on chip"
         return f"read {states} entering the chunk from the walk's history"
@@ -129,7 +131,8 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
                                  rename(d) if isinstance(d := decays.get(s.name), str) else d) for s in spec.states)
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
-        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "1"}.get(fk.name, "chunks")  # else one per chunk
+        segmented = any(k.name == "summary" for k in fused.kernels)  # the reverse scan runs in segments too
+        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if segmented else "1"}.get(fk.name, "chunks")
         # prep computes whole tiles (no split blocks): one program per (batch*head, chunk)
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' else '1'}, B*H, {segs})"
         params = _used(fk.ops, [p.name for p in spec.params])
