@@ -122,6 +122,7 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     state_of = {g: s for s, g in (backward.state_grads if backward else ()) if g is not None}
     injected = tuple((state_of[root], x) for root, x in fused.injected)
     tiles = {s.name: s.tile for s in spec.states}
+    segmented = any(k.name == "summary" for k in fused.kernels)  # the reverse scan runs in segments too
     kernels = []
     for fk in fused.kernels:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
@@ -131,7 +132,6 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
                                  rename(d) if isinstance(d := decays.get(s.name), str) else d) for s in spec.states)
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
-        segmented = any(k.name == "summary" for k in fused.kernels)  # the reverse scan runs in segments too
         segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if segmented else "1"}.get(fk.name, "chunks")
         # prep computes whole tiles (no split blocks): one program per (batch*head, chunk)
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' else '1'}, B*H, {segs})"
