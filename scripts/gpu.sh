@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (see ../shared/device/README.md). Writes logs under $OUT.
 #   scripts/gpu.sh setup          # once per machine: wheels carried in .device/wheels-{a,c}
-#   scripts/gpu.sh test           # GPU test suite (bf16 accuracy)
+#   scripts/gpu.sh test [FILE] [PYTEST ARGS]  # GPU test suite (bf16 accuracy), or one file of it
 #   scripts/gpu.sh bench [SPECS SHAPES PEERS]  # effc bench with the peers; env BACKWARD=1, BACKENDS=triton,tilelang, PLOT=path.png
 #   scripts/gpu.sh tune-check [ARGS]  # effc tune acceptance from cold caches (scripts/tune_check.py --help)
 set -uo pipefail
@@ -15,7 +15,8 @@ case "${1:-}" in
     done
     python3 -c "import torch, triton, fla, lark, typer; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" ;;
   test)
-    shift; python3 -m pytest -q -s tests/gpu "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    shift; where=tests/gpu; [[ "${1:-}" == tests/* ]] && { where=$1; shift; }  # a file or test id: only it
+    python3 -m pytest -q -s "$where" "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   bench)  # SPECS SHAPES PEERS(0/1); typer on the GPU machine would need pydantic, so call run_bench directly
     python3 -c "import sys; from effc.bench import run_bench; run_bench(sys.argv[1].split(','),
       [tuple(map(int, s.split('x'))) for s in sys.argv[2].split(',')], 16, 128, sys.argv[3] == '1', float('${PEER_TIMEOUT:-300}'),
