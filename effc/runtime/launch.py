@@ -166,41 +166,15 @@ class Launcher:
             self._fn("out")[(n_split, n_bh, max_chunks)](*args, **self._meta(cfg, lay, dtype, out_kernel))
         return outs, (finals if store_final else {}), (hist if store_history else {})
 
-    def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,
-                 d_finals: dict):
-        """The reverse scan of the state adjoints, then every chunk's input gradients in parallel.
-        Returns (gradients of the inputs, gradients of the initial states), fp32."""
-        spec, split = self.spec, self.plan.split_dim
-        first = xs[spec.inputs[0].name]
-        device = first.device
-        f32 = dict(dtype=torch.float32, device=device)
+    def _reverse_scan(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hoisted: dict, hist: dict,
+                      dhist: dict, d_o: list, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
+        """Fills `dhist` (each chunk's leaving-state adjoints) and `dinit`. Its scratch (the injected terms,
+        the segment summaries) is freed on return."""
+        first = xs[self.spec.inputs[0].name]
+        f32 = dict(dtype=torch.float32, device=first.device)
         dummy = torch.empty(1, **f32)
         n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H
         _, max_chunks = lay.chunks(cfg.chunk)
-        feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
-        # inputs without the split dim get one partial gradient per split block, summed below
-        has_grad = {d.name for kp in self.plan.kernels for d, _ in kp.grads}
-        direct = direct_grads(self.plan, lay, n_split)
-        # slots: a partial per split block for inputs without the split dim, times the parts that several
-        # kernels write (passes.grad_terms); summed below
-        slots = {}
-        for d in spec.inputs:
-            parts, partial = len(self.plan.grad_writers(d.name)), split not in d.feature_dims
-            slots[d.name] = ((n_split if partial else 1) * max(1, parts),) if partial or parts > 1 else ()
-        dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
-            slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
-            dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)
-            for d in spec.inputs}
-        for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
-            dx[x] = d_outs[o].to(torch.float32, copy=True)  # a copy: an op output must not alias its input
-        dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
-                                     **f32) for s in spec.states}
-        # a state without the split dim: one adjoint per split block, the block index innermost but the state's
-        blocks = {s.name: (n_split,) if split and split not in s.dims else () for s in spec.states}
-        dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
-        bwd_warps = {"num_warps": max(8, cfg.num_warps)} if not interpreting() else {}  # sm_90: 4 warps spill
-        d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
-        hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         scan = self.plan.kernel("bwd_scan")
         # the carried-free terms of the state adjoints, every chunk in parallel (passes.reverse_scan);
         # fp32: the scan adds them into the adjoint it carries
@@ -226,6 +200,43 @@ class Launcher:
         if P > 1:
             self._fn("bwd_scan")[(n_split, n_bh, P - 1)](*args, **meta, SUMMARY=True)
         self._fn("bwd_scan")[(n_split, n_bh, P)](*args, **meta, SUMMARY=False)
+
+    def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,
+                 d_finals: dict):
+        """The reverse scan of the state adjoints, then every chunk's input gradients in parallel.
+        Returns (gradients of the inputs, gradients of the initial states), fp32."""
+        spec, split = self.spec, self.plan.split_dim
+        first = xs[spec.inputs[0].name]
+        device = first.device
+        f32 = dict(dtype=torch.float32, device=device)
+        dummy = torch.empty(1, **f32)
+        n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H
+        _, max_chunks = lay.chunks(cfg.chunk)
+        dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
+                                     **f32) for s in spec.states}
+        # a state without the split dim: one adjoint per split block, the block index innermost but the state's
+        blocks = {s.name: (n_split,) if split and split not in s.dims else () for s in spec.states}
+        dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
+        bwd_warps = {"num_warps": max(8, cfg.num_warps)} if not interpreting() else {}  # sm_90: 4 warps spill
+        d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
+        hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
+        self._reverse_scan(cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
+        # the gradient buffers are allocated after the scan has released its scratch (a lower peak)
+        feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
+        has_grad = {d.name for kp in self.plan.kernels for d, _ in kp.grads}
+        direct = direct_grads(self.plan, lay, n_split)
+        # slots: a partial per split block for inputs without the split dim, times the parts that several
+        # kernels write (passes.grad_terms); summed below
+        slots = {}
+        for d in spec.inputs:
+            parts, partial = len(self.plan.grad_writers(d.name)), split not in d.feature_dims
+            slots[d.name] = ((n_split if partial else 1) * max(1, parts),) if partial or parts > 1 else ()
+        dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
+            slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
+            dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)
+            for d in spec.inputs}
+        for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
+            dx[x] = d_outs[o].to(torch.float32, copy=True)  # a copy: an op output must not alias its input
         for chunks in self.plan.kernels:
             if not chunks.name.startswith("bwd_chunks"):
                 continue
