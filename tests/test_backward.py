@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import effc
-from effc.runtime.verify import judge_fp32, random_inputs, random_state
+from effc.runtime.verify import judge_fp32, judge_low_precision, random_inputs, random_state
 
 LIBRARY = effc.library_names("linear")
 DIMS = {"K": 16, "V": 32}
@@ -195,6 +195,35 @@ def test_segmented_reverse_scan_over_packed_sequences(name):
     assert judge_fp32(out, ref).ok
     for a, b in zip(g, ref_g):
         assert judge_fp32(a, b).ok, f"{name}: {judge_fp32(a, b)}"
+
+
+@pytest.mark.parametrize("name", ["mlstm_sig", "gated_delta_net", "gla", "delta_net", "retention"])
+def test_bf16_storage_under_the_interpreter(name):
+    """bf16 inputs through the interpreter (its matmuls run in fp32: DOT_DTYPE), so what a GPU stores in
+    16 bits is rounded here too: the state history and its adjoints, prep's scratch, gradients stored in the
+    input dtype. Judged as on the GPU (tests/gpu): no worse than 2x a PyTorch reference with bf16 matmul
+    operands, against the float64 oracle. Segmented where the spec allows, V in two blocks."""
+    op = effc.load(name)
+    B, T, H = 1, 200, 2
+    dims = {d: 32 for d in op.spec.dims}
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cpu", seed=7)]
+    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, B, H, dims, "cpu")))
+    gen = torch.Generator().manual_seed(11)
+    d_o = torch.randn((B, T, H, 32), generator=gen, dtype=torch.float64)
+    d_s = tuple(torch.randn(x.shape, generator=gen, dtype=torch.float64) for x in s0)
+    one = lambda t: t if len(s0) > 1 else t[0]
+    leaves = xs + list(s0)
+    knobs = dict(chunk=32, block=16, **({"segments": 3} if op.comp.plan.segmentable else {}))
+    _, got = _grads(lambda: op(*xs, initial_state=one(s0), output_final_state=True, **knobs), leaves,
+                    d_o.bfloat16(), one(tuple(d.float() for d in d_s)))
+    _, ref = _grads(lambda: op.reference(*xs, initial_state=one(s0), output_final_state=True), leaves, d_o,
+                    one(d_s))
+    _, low = _grads(lambda: op.reference(*xs, initial_state=one(s0), output_final_state=True, dtype=torch.float32,
+                                         matmul_dtype=torch.bfloat16), leaves, d_o.float(), one(tuple(d.float() for d in d_s)))
+    assert [g.dtype for g in got[:len(xs)]] == [torch.bfloat16] * len(xs)
+    names = [d.name for d in op.spec.inputs] + [f"initial {s.name}" for s in op.spec.states]
+    for n, a, b, c in zip(names, got, ref, low):
+        assert judge_low_precision(a.float(), b, c).ok, f"{name} d{n}: {judge_low_precision(a.float(), b, c)}"
 
 
 def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
