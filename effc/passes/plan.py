@@ -39,9 +39,9 @@ class KernelPlan:
 
     def _state_access(self) -> str:
         states = ', '.join(f"{s.name}[{','.join(s.dims)}]" for s in self.states) or '-'
-        if self.name == "bwd_scan" and self.grid.endswith(", P)"):
-            return f"carry the adjoints of {states} on chip; segments 1..P-1 summarised first, then folded"
-        if self.name in ("walk", "summary", "bwd_scan") or not self.states:
+        if self.name == "bwd_scan":  # in P segments for a segmentable spec (grid), after a summary pass
+            return f"carry the adjoints of {states} on chip"
+        if self.name in ("walk", "summary") or not self.states:
             return f"carry {states} on chip"
         return f"read {states} entering the chunk from the walk's history"
 
@@ -122,7 +122,6 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     state_of = {g: s for s, g in (backward.state_grads if backward else ()) if g is not None}
     injected = tuple((state_of[root], x) for root, x in fused.injected)
     tiles = {s.name: s.tile for s in spec.states}
-    segmented = any(k.name == "summary" for k in fused.kernels)  # the reverse scan runs in segments too
     kernels = []
     for fk in fused.kernels:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
@@ -132,7 +131,7 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
                                  rename(d) if isinstance(d := decays.get(s.name), str) else d) for s in spec.states)
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
-        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if segmented else "1"}.get(fk.name, "chunks")
+        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if legality.segmentable else "1"}.get(fk.name, "chunks")
         # prep computes whole tiles (no split blocks): one program per (batch*head, chunk)
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' else '1'}, B*H, {segs})"
         params = _used(fk.ops, [p.name for p in spec.params])

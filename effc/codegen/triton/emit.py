@@ -64,16 +64,14 @@ def kernel_name(spec_name: str, kernel: str) -> str:
     return f"{spec_name}_{kernel}_kernel"
 
 
-def _scan_decay(plan: Plan, kp, state) -> bool:
-    """Whether the reverse scan runs in segments and multiplies out the state's decay: the adjoint's
-    transition is the forward's diagonal one, which the scan's body recomputes under the same name."""
-    if not plan.segmentable:
-        return False
+def _check_scan_decay(plan: Plan, kp) -> None:
+    """The segmented reverse scan multiplies out each state's decay (the adjoint's transition is the forward's
+    diagonal one), which the scan's body must compute (plan() names it as autodiff's CSE left it)."""
     known = {op.out for op in kp.ops} | {p.name for p in plan.spec.params} | {d.name for d in kp.loads}
-    if isinstance(state.decay, str) and state.decay not in known:
-        raise NotImplementedError(f"spec '{plan.spec.name}': the segmented reverse scan needs the decay of state "
-                                  f"{state.name} ({state.decay}) in its body, which does not compute it")
-    return True
+    for s in kp.states:
+        if isinstance(s.decay, str) and s.decay not in known:
+            raise NotImplementedError(f"spec '{plan.spec.name}': the segmented reverse scan needs the decay of "
+                                      f"state {s.name} ({s.decay}) in its body, which does not compute it")
 
 
 def emit_module(plan: Plan) -> str:
@@ -81,6 +79,8 @@ def emit_module(plan: Plan) -> str:
     split = plan.split_dim
     views = []
     for kp in plan.kernels:
+        if kp.name == "bwd_scan":
+            _check_scan_decay(plan, kp)
         printer = TritonPrinter(spec, kp.types(spec))
         toks = {d.name: _token_offsets(d, f"HX_{d.name}") for d in kp.loads}
         toks.update({d.name: _token_offsets(d) for d in kp.stores + (spec.outputs if kp.name.startswith("bwd") else ())})
@@ -100,8 +100,7 @@ def emit_module(plan: Plan) -> str:
             hist_offs={s.name: _row_major("(c_base + i_c) * H + i_h", s.dims) for s in kp.states},
             state_block={s.name: "[" + ", ".join("BLOCK" if d == split else d for d in s.dims) + "]"
                          for s in kp.states},
-            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None
-                   and (kp.name != "bwd_scan" or _scan_decay(plan, kp, s))},
+            decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None},
             # hoisted values are chunk-padded (every row of a chunk, padding included, as the walk would compute
             # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
