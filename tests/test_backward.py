@@ -226,22 +226,58 @@ def test_bf16_storage_under_the_interpreter(name):
         assert judge_low_precision(a.float(), b, c).ok, f"{name} d{n}: {judge_low_precision(a.float(), b, c)}"
 
 
+SPLIT = [n for n in LIBRARY if effc.load(n).comp.plan.split_dim]
+
+
+@pytest.mark.parametrize("name", SPLIT)
+def test_gradient_kernels_per_block_or_looping_over_blocks(name):
+    """passes.block_loop.choose: each gradient kernel runs one program per V block (fp32 partials, summed) or
+    one per chunk looping over the blocks (whole gradients), as the plan chose; over packed sequences with
+    V in two blocks and initial- and final-state cotangents, against autograd through the oracle, every access bounds-checked (conftest). The gated
+    delta rule mixes both in one gradient (g's parts from a looped kernel and two per-block ones)."""
+    op = effc.load(name)
+    cu = torch.tensor([0, 9, 50, 75], dtype=torch.int32)
+    xs, _ = _leaves(op, 1, 75, 2, seed=6)
+    dims = {d: DIMS[d] for d in op.spec.dims}
+    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, 3, 2, dims)))
+    d_o = torch.randn(1, 75, 2, DIMS["V"], dtype=torch.float64)
+    d_s = tuple(torch.randn(s.shape, dtype=torch.float64) for s in s0)
+    one = lambda t: t if len(s0) > 1 else t[0]
+    leaves = xs + list(s0)
+    ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu),
+                        leaves, d_o, one(d_s))
+    out, g = _grads(lambda: op(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu, chunk=16,
+                               block=16), leaves, d_o.float(), one(tuple(d.float() for d in d_s)))
+    for a, b in zip(g, ref_g):
+        assert judge_fp32(a, b).ok, f"{name}: {judge_fp32(a, b)}"
+    looped = {k.name for k in op.comp.plan.kernels if k.block_loop}
+    expected = {"delta_net": {"bwd_chunks_q"}, "gated_delta_net": {"bwd_chunks_q"}}
+    if name in expected:
+        assert looped == expected[name]
+    elif name in ("mlstm_sig", "retention", "gla"):
+        assert looped == {k.name for k in op.comp.plan.kernels if k.name.startswith("bwd_chunks")}
+
+
 def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
-    """Plan.whole_grads and runtime.launch.direct_grads: with the split dim V in blocks, q and k get one
-    partial gradient per V block (fp32, summed), v's is written whole (stored bf16 by its kernel, no
-    conversion pass); one block: all whole; grouped heads sum over the group (fp32)."""
+    """Plan.whole_grads and runtime.launch.direct_grads, on the gated delta rule with the split dim V in
+    blocks: k and beta get one partial gradient per V block from their per-block kernels (fp32, summed), g
+    parts from three kernels; q (its kernel loops over the blocks) and v (it has V) are written whole, stored
+    bf16 by their kernel with no conversion pass; one block: all single-writer gradients whole; grouped heads
+    sum over the group (fp32)."""
     from effc.runtime.launch import direct_grads, make_layout
-    op = effc.load("retention")
+    op = effc.load("gated_delta_net")
     plan = op.comp.plan
     assert plan.split_dim == "V"
-    assert plan.whole_grads(n_split=2) == {"v"}
-    assert plan.whole_grads(n_split=1) == {"q", "k", "v"}
-    xs = random_inputs(op.spec, 1, 8, 4, {"K": 16, "V": 32}, torch.bfloat16, "cpu")
-    lay = make_layout(op.spec, xs, 4, {"K": 16, "V": 32}, None, 16)
-    assert direct_grads(plan, lay, n_split=2) == {"v"}
-    assert direct_grads(plan, lay, n_split=1) == {"q", "k", "v"}
-    grouped = [xs[0], xs[1][:, :, :2], xs[2][:, :, :2]]
-    assert direct_grads(plan, make_layout(op.spec, grouped, 4, {"K": 16, "V": 32}, None, 16), 1) == {"q"}
+    assert plan.whole_grads(n_split=2) == {"q", "v"}
+    assert plan.whole_grads(n_split=1) == {"q", "k", "v", "beta"}
+    assert plan.grad_slot("g", "bwd_chunks_beta") == (1, 1) and plan.grad_slot("g", None) == (2, 1)
+    dims = {"K": 16, "V": 32}
+    xs = random_inputs(op.spec, 1, 8, 4, dims, torch.bfloat16, "cpu")
+    lay = make_layout(op.spec, xs, 4, dims, None, 16)
+    assert direct_grads(plan, lay, n_split=2) == {"q", "v"}
+    assert direct_grads(plan, lay, n_split=1) == {"q", "k", "v", "beta"}
+    grouped = [xs[0], xs[1][:, :, :2]] + xs[2:]
+    assert direct_grads(plan, make_layout(op.spec, grouped, 4, dims, None, 16), 1) == {"q", "v", "beta"}
     xs = [x.requires_grad_() for x in xs]
     o = op(*xs, block=16)[0]  # two V blocks
     grads = torch.autograd.grad(o, xs, torch.randn_like(o))

@@ -12,9 +12,12 @@ import effc
 from effc.codegen.triton.emit import emit_module
 from effc.errors import SpecError
 from effc.ir import print_spec
+from effc.ir.nodes import C, Op, TileType
 from effc.ir.printer import print_op
 from effc.passes.fusion import depends, fuse, live_ops, needed
 from effc.passes.autodiff import Adjoints
+from effc.passes import block_loop
+from effc.passes.block_loop import loop_over_blocks
 from effc.passes.grad_terms import place_gradient_terms, split_terms
 from effc.passes.hoist import hoist
 from effc.passes.legality import analyze
@@ -668,3 +671,66 @@ def test_differentiate_one_chunk_step():
             _d22 : [C] = add(_d11, _d21)
           gradients: dq = _d17, dk = _d5, dv = _d4, dg = _d22, dS = _d16
     """)
+
+
+def test_loop_over_blocks_splits_a_gradient_kernel_around_the_sums_over_v():
+    """passes.block_loop on the gated spec's q/k/g gradient kernel: the loop computes what has V and
+    accumulates what sums over it (dS v^T, total(dS * S), dO S^T); the gates and the K-side adjoints,
+    which read those sums, come after it (nothing K-side stays live across the loop)."""
+    plan = compile_text(GATED).plan
+    kp = plan.kernel("bwd_chunks_g")
+    golden(str(loop_over_blocks(kp.ops, kp.types(plan.spec), "V")), """
+          before the loop:
+          per block of the split dim:
+            _d1 : [V, C] = transpose(v)
+            _d2 : [K, C] = matmul(_seed__next_S, _d1)   (accumulated)
+            _d14 : [K, V] = mul(_seed__next_S, S)
+            _d15 : [V] = colsum(_d14)
+            _d16 : [] = total(_d15)   (accumulated)
+            _d21 : [V, K] = transpose(S)
+            _d22 : [C, K] = matmul(_seed_o, _d21)   (accumulated)
+          after the loop:
+            b : [C] = cumsum(g)
+            _2 : [C] = exp(b)
+            _3 : [C, 1] = expand(_2, [:, None])
+            bl : [] = last(b)
+            _7 : [] = exp(bl)
+            _9 : [C] = sub(bl, b)
+            _10 : [C] = exp(_9)
+            _11 : [C, 1] = expand(_10, [:, None])
+            _d5 : [C, K] = transpose(_d2)
+            _d6 : [C, K] = mul(_d5, _11)
+            _d7 : [C, K] = mul(_d5, k)
+            _d8 : [C] = rowsum(_d7)
+            _d10 : [C] = mul(_d8, _10)
+            _d11 : [] = total(_d10)
+            _d12 : [C] = neg(_d10)
+            _d17 : [] = mul(_d16, _7)
+            _d18 : [] = add(_d11, _d17)
+            _d19 : [C] = unlast(_d18)
+            _d20 : [C] = add(_d12, _d19)
+            _d26 : [C, K] = mul(_d22, _3)
+            _d27 : [C, K] = mul(_d22, q)
+            _d28 : [C] = rowsum(_d27)
+            _d30 : [C] = mul(_d28, _2)
+            _d31 : [C] = add(_d20, _d30)
+            _d32 : [C] = revcumsum(_d31)
+    """)
+    # a max over V is not a sum: this kernel would not loop
+    rowmax = Op("_m", "rowmax", ("_seed_o",), TileType((C,)))
+    assert loop_over_blocks(kp.ops + (rowmax,), {**kp.types(plan.spec), "_m": rowmax.type}, "V") is None
+
+
+def test_block_loop_is_chosen_per_gradient_kernel():
+    """passes.block_loop.choose: the delta rule's k kernel may loop (no forward op reduces V) but finishes
+    with the UT transform's adjoint, a chain of matmuls after the loop, so it keeps one program per block;
+    its q kernel, with one matmul after the loop, loops. The plan shows both grids."""
+    plan = effc.load("delta_net").comp.plan
+    types = lambda kp: kp.types(plan.spec)
+    k, q = plan.kernel("bwd_chunks_k"), plan.kernel("bwd_chunks_q")
+    after = lambda kp: sum(op.kind == "matmul" for op in loop_over_blocks(kp.ops, types(kp), "V").after)
+    assert after(k) > block_loop.MAX_MATMULS_AFTER >= after(q)
+    assert k.block_loop is None and block_loop.choose(k.ops, types(k), "V") is None
+    assert q.block_loop == loop_over_blocks(q.ops, types(q), "V")
+    assert (k.grid, q.grid) == ("(cdiv(V, BLOCK), B*H, chunks)", "(1, B*H, chunks)")
+    assert "loops over the split dim's blocks" in str(q) and "loops over" not in str(k)

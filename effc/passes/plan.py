@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
 from .fusion import Fused, needed, seed_gradients
+from .block_loop import BlockLoop, choose
 from .legality import Legality
 from .shapes import value_types
 
@@ -33,6 +34,7 @@ class KernelPlan:
     leaf_types: tuple = ()  # types of values the kernel reads but no op defines (the backward's seeds)
     hoisted_loads: tuple[TensorDecl, ...] = ()  # values the prep kernel wrote, read per chunk (passes.hoist)
     injected: tuple[tuple[str, str], ...] = ()  # (state, value): bwd_inject writes it per chunk, bwd_scan adds it
+    block_loop: BlockLoop | None = None  # a gradient kernel with one program per chunk, looping over the split blocks
 
     def types(self, spec: Spec) -> dict:
         return {**value_types(spec), **dict(self.leaf_types), **{op.out: op.type for op in self.ops}}
@@ -43,7 +45,8 @@ class KernelPlan:
             return f"carry the adjoints of {states} on chip"
         if self.name in ("walk", "summary") or not self.states:
             return f"carry {states} on chip"
-        return f"read {states} entering the chunk from the walk's history"
+        loop = "; loops over the split dim's blocks, summing over them on chip" if self.block_loop else ""
+        return f"read {states} entering the chunk from the walk's history{loop}"
 
     def __str__(self) -> str:
         loads = [d.name for d in self.loads] + [f"{d.name} (hoisted)" for d in self.hoisted_loads]
@@ -81,16 +84,30 @@ class Plan:
         return tuple(op.out for op in walk.ops if op.out not in state) if self.deferrable else ()
 
     def grad_writers(self, x: str) -> tuple[str, ...]:
-        """The kernels that write a part of input x's gradient (passes.grad_terms), in launch order: part i is
-        slot i of the gradient buffer's parts, summed after the kernels."""
+        """The kernels that write a part of input x's gradient (passes.grad_terms), in launch order."""
         return tuple(k.name for k in self.kernels if any(d.name == x for d, _ in k.grads))
+
+    def per_block(self, x: str, kernel: str) -> bool:
+        """Does `kernel` write one partial of x's gradient per block of the split dim? It runs one program per
+        block (no block loop) and x lacks the split dim."""
+        decl = next(d for d in self.spec.inputs if d.name == x)
+        return bool(self.split_dim) and self.split_dim not in decl.feature_dims and self.kernel(kernel).block_loop is None
+
+    def grad_slot(self, x: str, kernel: str) -> tuple[int, int]:
+        """Where `kernel`'s part of x's gradient starts among the buffer's slots, as (a, b): slot a * n_blocks
+        + b, n_blocks being the split dim's block count. Each writer before it took n_blocks slots (per-block
+        partials) or one. `grad_slot(x, None)` is the slot count. The slots are summed after the kernels."""
+        writers = self.grad_writers(x)
+        before = writers[:writers.index(kernel)] if kernel else writers
+        a = sum(self.per_block(x, k) for k in before)
+        return a, len(before) - a
 
     def whole_grads(self, n_split: int) -> set[str]:
         """Inputs whose gradient one kernel writes whole: no partial per block of the split dim (the input
-        has the split dim, or there is one block). With ungrouped heads the kernel stores it in the input's
-        dtype (runtime.launch); the others are fp32 partials, summed after the kernels."""
-        return {d.name for d in self.spec.inputs
-                if len(self.grad_writers(d.name)) == 1 and (self.split_dim in d.feature_dims or n_split == 1)}
+        has the split dim, the kernel loops over the blocks, or there is one block). With ungrouped heads the
+        kernel stores it in the input's dtype (runtime.launch); the others are fp32 partials, summed after."""
+        return {d.name for d in self.spec.inputs if len(w := self.grad_writers(d.name)) == 1
+                and (n_split == 1 or not self.per_block(d.name, w[0]))}
 
     @property
     def hoisted(self) -> tuple[TensorDecl, ...]:
@@ -133,7 +150,13 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
         segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if legality.segmentable else "1"}.get(fk.name, "chunks")
         # prep computes whole tiles (no split blocks): one program per (batch*head, chunk)
-        grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' else '1'}, B*H, {segs})"
+        loop = None
+        if split and fk.name.startswith("bwd_chunks"):
+            loop = choose(fk.ops, {**value_types(spec), **dict(fused.hoisted), **dict(backward.seed_types),
+                                   **{op.out: op.type for op in fk.ops}}, split)
+        # prep computes whole tiles (no split blocks), a looped gradient kernel all blocks: one program per
+        # (batch*head, chunk)
+        grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         params = _used(fk.ops, [p.name for p in spec.params])
         grads = state_grads = ()
         leaves = tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads)
@@ -148,5 +171,5 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
             leaves += tuple((x, tiles[s]) for s, x in injected)
         inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
         kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid, grads, state_grads, leaves,
-                                  reads, inject))
+                                  reads, inject, loop))
     return Plan(spec, split, tuple(kernels), seed_gradients(spec, backward) if backward else ())

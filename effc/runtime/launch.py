@@ -225,12 +225,12 @@ class Launcher:
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
         has_grad = {d.name for kp in self.plan.kernels for d, _ in kp.grads}
         direct = direct_grads(self.plan, lay, n_split)
-        # slots: a partial per split block for inputs without the split dim, times the parts that several
-        # kernels write (passes.grad_terms); summed below
+        # slots (Plan.grad_slot): per writer of an input's gradient, one fp32 partial per split block (kernels
+        # with one program per block, inputs without the split dim) or one; summed below
         slots = {}
         for d in spec.inputs:
-            parts, partial = len(self.plan.grad_writers(d.name)), split not in d.feature_dims
-            slots[d.name] = ((n_split if partial else 1) * max(1, parts),) if partial or parts > 1 else ()
+            a, b = self.plan.grad_slot(d.name, None)
+            slots[d.name] = (a * n_split + b,) if a or b > 1 else ()
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
             slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
             dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)
@@ -244,7 +244,8 @@ class Launcher:
             for s in chunks.states:
                 args += [hist[s.name], dhist[s.name]]
             args += [pvals[p] for p in chunks.params] + self._common(cfg, lay, 1, 1, dummy)
-            self._fn(chunks.name)[(n_split, n_bh, max_chunks)](
+            blocks = 1 if chunks.block_loop else n_split  # passes.block_loop: one program per chunk loops over them
+            self._fn(chunks.name)[(blocks, n_bh, max_chunks)](
                 *args, **{**self._meta(cfg, lay, first.dtype, chunks), **bwd_warps})
         grads = {}
         for d in spec.inputs:

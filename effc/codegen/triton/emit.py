@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from ... import __version__
 from .. import template
 from ...ir.nodes import TensorDecl
@@ -58,10 +57,56 @@ class _KernelView:
     hoisted_offs: dict[str, str] = field(default_factory=dict)
     merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel; launch.Launcher passes it)
     optional_loads: set = field(default_factory=set)  # inputs only merge reads: not loaded when it is deferred
+    block_loop: dict | None = None  # a gradient kernel looping over the split dim's blocks (_block_loop)
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
     return f"{spec_name}_{kernel}_kernel"
+
+
+def _slot_expr(a: int, b: int, split: str) -> str:
+    terms = ([f"{a} * ({split} // BLOCK)"] if a else []) + ([str(b)] if b else [])
+    return " + ".join(terms) or "0"
+
+
+def _grad_stores(view, plan: Plan, kp) -> None:
+    """Where kernel `kp` stores each gradient it writes (Plan.grad_slot): whole, or one fp32 partial per split
+    block, and several kernels' parts (passes.grad_terms) in their own slots; the slots are summed after."""
+    for x, g in kp.grads:
+        partial, writers = plan.per_block(x.name, kp.name), plan.grad_writers(x.name)
+        slot = None
+        if partial or len(writers) > 1:
+            slot = _slot_expr(*plan.grad_slot(x.name, kp.name), plan.split_dim) + (" + pid_s" if partial else "")
+        offs, mask = _token_offsets(x, "H", f"({slot}) * T_total + bos + tok" if slot else "bos + tok")
+        view.grad_offs[x.name] = offs
+        view.tok_mask[x.name] = mask
+        view.grad_value[x.name] = f"v_{g}" if g else "0.0"
+
+
+def _block_loop(plan: Plan, kp, printer: TritonPrinter) -> dict:
+    """What the template needs for a gradient kernel that loops over the split dim's blocks (passes.block_loop):
+    per part of the loop, its loads and lines."""
+    split, loop = plan.split_dim, kp.block_loop
+    has = lambda dims: split in dims
+    zeros = lambda t: "tl.zeros([" + ", ".join(str(d) for d in t.shape) + "], tl.float32)"
+    types = kp.types(plan.spec)
+    return dict(
+        loads=[d for d in kp.loads if not has(d.feature_dims)], loop_loads=[d for d in kp.loads if has(d.feature_dims)],
+        hoisted=[d for d in kp.hoisted_loads if not has(d.feature_dims)],
+        loop_hoisted=[d for d in kp.hoisted_loads if has(d.feature_dims)],
+        states=[s for s in kp.states if not has(s.dims)], loop_states=[s for s in kp.states if has(s.dims)],
+        # a state without the split dim: the scan left one partial adjoint per block; their sum is the adjoint
+        block_dhist={s.name: _row_major(f"((c_base + i_c) * H + i_h) * ({split} // BLOCK) + vb", s.dims)
+                     for s in kp.states if not has(s.dims)},
+        outputs=[o for o in plan.spec.outputs if not has(o.feature_dims)],
+        loop_outputs=[o for o in plan.spec.outputs if has(o.feature_dims)],
+        before=[f"v_{op.out} = {printer.expr(op)}" for op in loop.before],
+        sum_inits=[f"v_{n} = {zeros(types[n])}" for n in loop.sums],
+        body=[f"v_{op.out} = " + (f"v_{op.out} + " if op.out in loop.sums else "") + printer.expr(op)
+              for op in loop.body],
+        after=[f"v_{op.out} = {printer.expr(op)}" for op in loop.after],
+        grads=[(x, g) for x, g in kp.grads if not has(x.feature_dims)],
+        loop_grads=[(x, g) for x, g in kp.grads if has(x.feature_dims)])
 
 
 def _check_scan_decay(plan: Plan, kp) -> None:
@@ -105,19 +150,9 @@ def emit_module(plan: Plan) -> str:
             # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
                           for d in kp.hoisted_loads + (kp.stores if kp.name == "prep" else ())})
-        for x, g in kp.grads:
-            # a gradient without the split dim is summed over the split blocks: each block writes a partial;
-            # a gradient several kernels write in parts (passes.grad_terms): each kernel its own slots
-            writers, partial = plan.grad_writers(x.name), split not in x.feature_dims
-            part = writers.index(kp.name)
-            if len(writers) == 1:
-                slot = "pid_s" if partial else None
-            else:
-                slot = f"{part} * tl.num_programs(0) + pid_s" if partial else f"{part}"
-            offs, mask = _token_offsets(x, "H", f"({slot}) * T_total + bos + tok" if slot else "bos + tok")
-            view.grad_offs[x.name] = offs
-            view.tok_mask[x.name] = mask
-            view.grad_value[x.name] = f"v_{g}" if g else "0.0"
+        _grad_stores(view, plan, kp)
+        if kp.block_loop is not None:
+            view.block_loop = _block_loop(plan, kp, printer)
         for s in kp.states:
             # a state without the split dim has one partial adjoint per split block: each block's share of
             # the cotangents, summed over the blocks through the input gradients and dinit
