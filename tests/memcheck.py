@@ -8,6 +8,7 @@ launch's tensor arguments (their views, not their storages), else it raises nami
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import numpy as np
 from triton.runtime import interpreter as interp
@@ -59,7 +60,6 @@ def checked_memory():
         return old_store(self, ptrs, value, mask, *rest)
 
     def call(self, *args, **kwargs):
-        import inspect
         bound = inspect.getcallargs(self.fn, *args, **{k: v for k, v in kwargs.items()
                                                        if k in inspect.getfullargspec(self.fn).args})
         saved = dict(state)

@@ -172,25 +172,31 @@ def test_gradients_after_a_deferred_segmented_forward(save_states):
 SEGMENTABLE = [n for n in LIBRARY if effc.load(n).comp.plan.segmentable]
 
 
+def _packed_sequences(op, seed: int, **knobs):
+    """(out, reference out, gradients, reference gradients) over packed sequences of 1, 3 and 2 chunks of 16,
+    with initial- and final-state cotangents, against autograd through the float64 oracle."""
+    cu = torch.tensor([0, 9, 50, 75], dtype=torch.int32)
+    xs, _ = _leaves(op, 1, 75, 2, seed=seed)
+    dims = {d: DIMS[d] for d in op.spec.dims}
+    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, 3, 2, dims)))
+    d_o = torch.randn(1, 75, 2, DIMS["V"], dtype=torch.float64)
+    d_s = tuple(torch.randn(s.shape, dtype=torch.float64) for s in s0)
+    one = lambda t: t if len(s0) > 1 else t[0]
+    leaves = xs + list(s0)
+    ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu),
+                        leaves, d_o, one(d_s))
+    out, g = _grads(lambda: op(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu, chunk=16,
+                               **knobs), leaves, d_o.float(), one(tuple(d.float() for d in d_s)))
+    return out, ref, g, ref_g
+
+
 @pytest.mark.parametrize("name", SEGMENTABLE)
 def test_segmented_reverse_scan_over_packed_sequences(name):
     """The reverse scan in 3 segments (summaries of the later segments folded into the earlier ones) over
     packed sequences of 1, 3 and 2 chunks, V in two blocks (states without V carry per-block partials),
     with initial- and final-state cotangents."""
     op = effc.load(name)
-    cu = torch.tensor([0, 9, 50, 75], dtype=torch.int32)
-    xs, _ = _leaves(op, 1, 75, 2, seed=5)
-    dims = {d: DIMS[d] for d in op.spec.dims}
-    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, 3, 2, dims)))
-    d_o = torch.randn(1, 75, 2, DIMS["V"], dtype=torch.float64)
-    d_s = tuple(torch.randn(s.shape, dtype=torch.float64) for s in s0)
-    init = s0 if len(s0) > 1 else s0[0]
-    leaves = xs + list(s0)
-    ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=init, output_final_state=True, cu_seqlens=cu),
-                        leaves, d_o, d_s if len(s0) > 1 else d_s[0])
-    out, g = _grads(lambda: op(*xs, initial_state=init, output_final_state=True, cu_seqlens=cu, chunk=16,
-                               segments=3, block=16),
-                    leaves, d_o.float(), tuple(d.float() for d in d_s) if len(s0) > 1 else d_s[0].float())
+    out, ref, g, ref_g = _packed_sequences(op, 5, segments=3, block=16)
     assert op.last_config.segments == 3
     assert judge_fp32(out, ref).ok
     for a, b in zip(g, ref_g):
@@ -233,21 +239,11 @@ SPLIT = [n for n in LIBRARY if effc.load(n).comp.plan.split_dim]
 def test_gradient_kernels_per_block_or_looping_over_blocks(name):
     """passes.block_loop.choose: each gradient kernel runs one program per V block (fp32 partials, summed) or
     one per chunk looping over the blocks (whole gradients), as the plan chose; over packed sequences with
-    V in two blocks and initial- and final-state cotangents, against autograd through the oracle, every access bounds-checked (conftest). The gated
-    delta rule mixes both in one gradient (g's parts from a looped kernel and two per-block ones)."""
+    V in two blocks and initial- and final-state cotangents, against autograd through the oracle, every
+    access bounds-checked (conftest). The gated delta rule mixes both in one gradient (g's parts from a
+    looped kernel and two per-block ones)."""
     op = effc.load(name)
-    cu = torch.tensor([0, 9, 50, 75], dtype=torch.int32)
-    xs, _ = _leaves(op, 1, 75, 2, seed=6)
-    dims = {d: DIMS[d] for d in op.spec.dims}
-    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, 3, 2, dims)))
-    d_o = torch.randn(1, 75, 2, DIMS["V"], dtype=torch.float64)
-    d_s = tuple(torch.randn(s.shape, dtype=torch.float64) for s in s0)
-    one = lambda t: t if len(s0) > 1 else t[0]
-    leaves = xs + list(s0)
-    ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu),
-                        leaves, d_o, one(d_s))
-    out, g = _grads(lambda: op(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu, chunk=16,
-                               block=16), leaves, d_o.float(), one(tuple(d.float() for d in d_s)))
+    _, _, g, ref_g = _packed_sequences(op, 6, block=16)
     for a, b in zip(g, ref_g):
         assert judge_fp32(a, b).ok, f"{name}: {judge_fp32(a, b)}"
     looped = {k.name for k in op.comp.plan.kernels if k.block_loop}

@@ -78,7 +78,6 @@ def loop_over_blocks(ops: tuple[Op, ...], types: dict[str, TileType], dim: str) 
                      part("after"))
 
 
-
 # Matmuls after the loop that keep a gradient kernel per block. The K-side adjoint of the delta rules' UT
 # transform is a chain of them (5-7 per kernel); in one program per chunk they run once but after the loop,
 # with the loop's carried tiles still live, and the kernel spills (ptxas: 2x the bytes). H100, bf16,

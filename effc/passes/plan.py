@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
-from .fusion import Fused, needed, seed_gradients
 from .block_loop import BlockLoop, choose
+from .fusion import Fused, needed, seed_gradients
 from .legality import Legality
 from .shapes import value_types
 
@@ -93,7 +93,7 @@ class Plan:
         decl = next(d for d in self.spec.inputs if d.name == x)
         return bool(self.split_dim) and self.split_dim not in decl.feature_dims and self.kernel(kernel).block_loop is None
 
-    def grad_slot(self, x: str, kernel: str) -> tuple[int, int]:
+    def grad_slot(self, x: str, kernel: str | None) -> tuple[int, int]:
         """Where `kernel`'s part of x's gradient starts among the buffer's slots, as (a, b): slot a * n_blocks
         + b, n_blocks being the split dim's block count. Each writer before it took n_blocks slots (per-block
         partials) or one. `grad_slot(x, None)` is the slot count. The slots are summed after the kernels."""
@@ -101,6 +101,11 @@ class Plan:
         before = writers[:writers.index(kernel)] if kernel else writers
         a = sum(self.per_block(x, k) for k in before)
         return a, len(before) - a
+
+    def slotted(self, x: str) -> bool:
+        """Is x's gradient written in slots (partials per split block, or parts from several kernels)?"""
+        a, b = self.grad_slot(x, None)
+        return a > 0 or b > 1
 
     def whole_grads(self, n_split: int) -> set[str]:
         """Inputs whose gradient one kernel writes whole: no partial per block of the split dim (the input
@@ -149,23 +154,22 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
         segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if legality.segmentable else "1"}.get(fk.name, "chunks")
-        # prep computes whole tiles (no split blocks): one program per (batch*head, chunk)
-        loop = None
-        if split and fk.name.startswith("bwd_chunks"):
-            loop = choose(fk.ops, {**value_types(spec), **dict(fused.hoisted), **dict(backward.seed_types),
-                                   **{op.out: op.type for op in fk.ops}}, split)
-        # prep computes whole tiles (no split blocks), a looped gradient kernel all blocks: one program per
-        # (batch*head, chunk)
-        grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         params = _used(fk.ops, [p.name for p in spec.params])
         grads = state_grads = ()
         leaves = tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads)
+        loop = None
         if fk.name == "prep":
             states = ()
         if fk.name.startswith("bwd_chunks") or fk.name == "bwd_inject":
             mine = dict(fk.grads)
             grads = tuple((d, mine[d.name]) for d in spec.inputs if d.name in mine)
             leaves += backward.seed_types
+        if split and fk.name.startswith("bwd_chunks"):
+            types = {**value_types(spec), **dict(leaves), **{op.out: op.type for op in fk.ops}}  # KernelPlan.types
+            loop = choose(fk.ops, types, split)
+        # prep computes whole tiles (no split blocks), a looped gradient kernel all blocks: one program per
+        # (batch*head, chunk)
+        grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         if fk.name == "bwd_scan":
             state_grads, leaves = backward.state_grads, leaves + backward.seed_types
             leaves += tuple((x, tiles[s]) for s, x in injected)

@@ -230,7 +230,7 @@ class Launcher:
         slots = {}
         for d in spec.inputs:
             a, b = self.plan.grad_slot(d.name, None)
-            slots[d.name] = (a * n_split + b,) if a or b > 1 else ()
+            slots[d.name] = (a * n_split + b,) if self.plan.slotted(d.name) else ()
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
             slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
             dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)

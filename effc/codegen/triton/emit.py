@@ -73,9 +73,9 @@ def _grad_stores(view, plan: Plan, kp) -> None:
     """Where kernel `kp` stores each gradient it writes (Plan.grad_slot): whole, or one fp32 partial per split
     block, and several kernels' parts (passes.grad_terms) in their own slots; the slots are summed after."""
     for x, g in kp.grads:
-        partial, writers = plan.per_block(x.name, kp.name), plan.grad_writers(x.name)
         slot = None
-        if partial or len(writers) > 1:
+        if plan.slotted(x.name):
+            partial = plan.per_block(x.name, kp.name)
             slot = _slot_expr(*plan.grad_slot(x.name, kp.name), plan.split_dim) + (" + pid_s" if partial else "")
         offs, mask = _token_offsets(x, "H", f"({slot}) * T_total + bos + tok" if slot else "bos + tok")
         view.grad_offs[x.name] = offs
