@@ -21,7 +21,8 @@ OTHER = ("matmul", "transpose", "last", "expand", "copy")
 #   total(x): the sum of every element (adjoint of a broadcast from a scalar)
 #   gtz(x), sign(x), ge(a, b): 1.0 / 0.0 (or -1.0) indicator tiles for relu, abs, max/min
 #   bcast(x, like): x broadcast to the shape of `like`
-INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast")
+# made by passes.transpose_sink: the transposes of causal / strict, keeping i <= j / i < j of a [C, C] tile
+INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast", "anticausal", "antistrict")
 
 # comparisons and boolean logic give 1.0 / 0.0 tiles (`ge` is also made by the autodiff pass)
 COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")

@@ -10,6 +10,7 @@ from .block_loop import BlockLoop, choose
 from .fusion import Fused, needed, seed_gradients
 from .legality import Legality
 from .shapes import value_types
+from .transpose_sink import sink_transposes
 
 
 @dataclass(frozen=True)
@@ -164,16 +165,17 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
             mine = dict(fk.grads)
             grads = tuple((d, mine[d.name]) for d in spec.inputs if d.name in mine)
             leaves += backward.seed_types
-        if split and fk.name.startswith("bwd_chunks"):
-            types = {**value_types(spec), **dict(leaves), **{op.out: op.type for op in fk.ops}}  # KernelPlan.types
-            loop = choose(fk.ops, types, split)
         # prep computes whole tiles (no split blocks), a looped gradient kernel all blocks: one program per
         # (batch*head, chunk)
-        grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         if fk.name == "bwd_scan":
             state_grads, leaves = backward.state_grads, leaves + backward.seed_types
             leaves += tuple((x, tiles[s]) for s, x in injected)
+        types = {**value_types(spec), **dict(leaves)}
+        ops = sink_transposes(fk.ops, types)
+        if split and fk.name.startswith("bwd_chunks"):
+            loop = choose(ops, {**types, **{op.out: op.type for op in ops}}, split)  # as KernelPlan.types
+        grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
-        kernels.append(KernelPlan(fk.name, loads, fk.ops, stores, states, params, grid, grads, state_grads, leaves,
+        kernels.append(KernelPlan(fk.name, loads, ops, stores, states, params, grid, grads, state_grads, leaves,
                                   reads, inject, loop))
     return Plan(spec, split, tuple(kernels), seed_gradients(spec, backward) if backward else ())

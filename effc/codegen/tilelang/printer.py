@@ -128,6 +128,12 @@ class TileLangPrinter:
     def op_strict(self, op, idx, arg):
         return self._mask(op, idx, arg, ">")
 
+    def op_anticausal(self, op, idx, arg):
+        return self._mask(op, idx, arg, "<=")
+
+    def op_antistrict(self, op, idx, arg):
+        return self._mask(op, idx, arg, "<")
+
     def op_last(self, op, idx, arg):
         return arg(op.args[0], ("n_valid - 1",) + tuple(idx))
 

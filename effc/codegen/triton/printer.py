@@ -21,6 +21,7 @@ _UNARY = {
 _BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
            "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})"}
 _ONE = sympy.Integer(1)
+_MASK_CMP = {"causal": ">=", "strict": ">", "anticausal": "<=", "antistrict": "<"}  # row (cmp) column: kept
 # ops whose result can be inf or nan for finite arguments
 _LEAVES_FINITE_RANGE = {"exp", "exp2", "log", "log2", "rsqrt", "div", "pow"}
 
@@ -67,8 +68,8 @@ class TritonPrinter:
             return self._matmul(op, a)
         if k == "transpose":
             return f"tl.trans({a[0]})"
-        if k in O.MASKS:
-            cmp = ">=" if k == "causal" else ">"
+        if k in _MASK_CMP:
+            cmp = _MASK_CMP[k]
             fill = a[1] if len(a) > 1 else "0.0"
             return f"tl.where(r_C[:, None] {cmp} r_C[None, :], {a[0]}, {fill})"
         if k == "cumsum":
