@@ -13,6 +13,7 @@ import torch
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..passes.tiling import TileConfig
+from .triton_faults import backward_warps
 from .checks import history_dtype, interpreting, operand_dtype
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -217,7 +218,7 @@ class Launcher:
         # a state without the split dim: one adjoint per split block, the block index innermost but the state's
         blocks = {s.name: (n_split,) if split and split not in s.dims else () for s in spec.states}
         dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
-        bwd_warps = {"num_warps": max(8, cfg.num_warps)} if not interpreting() else {}  # sm_90: 4 warps spill
+        bwd_warps = {"num_warps": backward_warps(cfg.num_warps, device)} if not interpreting() else {}
         d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         self._reverse_scan(cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
