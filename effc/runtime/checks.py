@@ -137,6 +137,12 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> int:
     return len(c) - 1
 
 
+def kernel_cu_seqlens(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
+    """cu_seqlens as the kernels read it: int32 and contiguous, since they index it with unit stride (a
+    strided view of the right values would have them read other memory)."""
+    return cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+
+
 def param_values(spec: Spec, cache: dict, dims: dict[str, int], given: dict) -> dict[str, float]:
     """Every param of `spec` for these feature dims: given values over defaults (memoised in `cache`,
     since evaluating sympy defaults is slow on a hot path)."""

@@ -16,7 +16,7 @@ from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..passes.tiling import Problem
 from .cache import load_module
-from .checks import check_cu_seqlens, check_inputs, interpreting, operand_dtype, param_values
+from .checks import check_cu_seqlens, check_inputs, interpreting, kernel_cu_seqlens, operand_dtype, param_values
 from .softmax_compiler import SoftmaxCompilation
 from .softmax_oracle import evaluate_softmax, prefix_values
 from .tuning import Tuned
@@ -149,7 +149,7 @@ class SoftmaxOp(Tuned):
                     saved[f"{r.out}_save"] = torch.empty((B, T, H) + feats, **f32) if save else dummy
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
-        named.update(T=T, cu_ptr=cu.to(torch.int32) if cu is not None else dummy)
+        named.update(T=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else dummy)
         c = cfg.fwd
         self._launch("fwd", c, math.ceil(longest / c[0]), n_seq * H, named,
                      self._meta(c, H, heads, dims, cu, dtype, save))
@@ -167,7 +167,7 @@ class SoftmaxOp(Tuned):
                       for o, t, g in zip(spec.outputs, outs, d_outs)})
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
-        named.update(T=T, cu_ptr=cu.to(torch.int32) if cu is not None else torch.empty(1, **f32))
+        named.update(T=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else torch.empty(1, **f32))
         feats = {x: tuple(int(dims[str(d)]) for d in sched.types[x].shape[1:]) for x in sched.leaves}
         dr_dtype = operand_dtype(dtype)  # the reductions' cotangents are matmul operands of both walks
         for gi, g in enumerate(sched.groups):
