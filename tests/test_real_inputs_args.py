@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import effc
+import effc.library
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
 FAMILIES = ("retention", "softmax_attn", "swax")
@@ -61,3 +62,42 @@ def test_non_contiguous_tensors(name):
     o_view, g_view = _run(op, [_strided(x) for x in xs], _strided(d_o), **{k: _strided(v) for k, v in kw.items()})
     assert judge_fp32(o_view, o).ok
     assert all(judge_fp32(a, b).ok for a, b in zip(g_view, g))
+
+
+BAD_KNOBS = [("chunk", -32), ("chunk", 0), ("chunk", 24), ("chunk", "32"), ("block", -16), ("block", 12),
+             ("block", 16.0), ("segments", 0), ("segments", "2"), ("num_warps", 3), ("num_warps", 64),
+             ("num_stages", 0), ("num_stages", 2.5), ("save_states", "yes"), ("defer_merge", "no"),
+             ("output_final_state", "yes"), ("scale", "0.5"), ("scale", True)]
+
+
+@pytest.mark.parametrize("knob, value", BAD_KNOBS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_bad_knobs_are_named(name, knob, value):
+    op = effc.load(name)
+    with pytest.raises(effc.ArgumentError, match=knob):
+        op(*_inputs(op, 1, 20), **{knob: value})
+
+
+def test_bad_knob_messages_say_what_was_expected():
+    op = effc.load("softmax_attn")
+    xs = _inputs(op, 1, 20)
+    for kw, message in ((dict(chunk=-32), "chunk must be a power of two >= 16, got -32"),
+                        (dict(num_warps=3), "num_warps must be a power of two from 1 to 32, got 3"),
+                        (dict(output_final_state="yes"), "output_final_state must be True or False, got 'yes'"),
+                        (dict(scale="0.5"), "parameter scale must be a real number, got '0.5'")):
+        with pytest.raises(effc.ArgumentError) as e:
+            op(*xs, **kw)
+        assert message in str(e.value)
+
+
+def test_block_of_a_spec_that_splits_no_dim():
+    """Its block is 1, as `effc tune` passes it; any other is refused."""
+    text = (effc.library.LIBRARY_DIR / "linear_attn.attn").read_text()
+    op = effc.loads(text.replace("linear_attn", "unsplit").replace(
+        "o = o_intra + qs @ S", "o = o_intra + qs @ S - rowsum(o_intra + qs @ S)[:, None]"))
+    assert op.comp.plan.split_dim is None
+    xs = _inputs(op, 1, 20)
+    o, _ = op(*xs, chunk=16, block=1)
+    assert judge_fp32(o, op.reference(*xs)[0]).ok
+    with pytest.raises(effc.ArgumentError, match=r"block must be 1 \(no dim is split\), got 16"):
+        op(*xs, block=16)

@@ -16,7 +16,8 @@ from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..passes.tiling import Problem
 from .cache import load_module
-from .checks import check_cu_seqlens, check_inputs, interpreting, kernel_cu_seqlens, operand_dtype, param_values
+from .checks import (check_cu_seqlens, check_inputs, check_knobs, interpreting, kernel_cu_seqlens, operand_dtype,
+                     param_values)
 from .softmax_compiler import SoftmaxCompilation
 from .softmax_oracle import evaluate_softmax, prefix_values
 from .tuning import Tuned
@@ -80,6 +81,8 @@ class SoftmaxOp(Tuned):
         """`chunk` (query block) and `block` (key block), `num_warps` and `num_stages` pin every kernel's
         tiles; otherwise the forward's come from `effc tune`'s entry for the call shape, or the model.
         `segments` and `defer_merge` are accepted for the linear family's knobs, and must be 1 and false."""
+        check_knobs(chunk=chunk, block=block, num_warps=num_warps, num_stages=num_stages, segments=segments,
+                    defer_merge=defer_merge, output_final_state=output_final_state)
         if segments not in (None, 1):
             raise ArgumentError(f"segments={segments}: {self.name} is a softmax spec, its forward walks the key "
                                 "blocks in one program per query block (segments=1)")
@@ -325,13 +328,13 @@ class HybridOp:
         return f"<effc hybrid op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
 
     def _extras(self, tensors, params, cu_seqlens, reference: bool, dtype=torch.float64, matmul_dtype=None,
-                chunk=None, block=None):
+                **knobs):
         named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
         if reference:
             r, _ = self.softmax.reference(*tensors, cu_seqlens=cu_seqlens, dtype=dtype, matmul_dtype=matmul_dtype,
                                           **params)
         else:
-            r, _ = self.softmax(*tensors, cu_seqlens=cu_seqlens, chunk=chunk, block=block, **params)
+            r, _ = self.softmax(*tensors, cu_seqlens=cu_seqlens, **knobs, **params)
         r = r if isinstance(r, tuple) else (r,)
         extra = list(r)
         if self.split.prefix_inputs:
@@ -343,13 +346,19 @@ class HybridOp:
         return extra
 
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
-                 chunk: int | None = None, block: int | None = None, segments: int | None = None, **params):
-        """`chunk` is the state branch's chunk and the softmax branch's query block; `block` its key block."""
-        extra = self._extras(tensors, params, cu_seqlens, False, chunk=chunk, block=block)
+                 chunk: int | None = None, block: int | None = None, segments: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
+                 defer_merge: bool | None = None, **params):
+        """`chunk` is the state branch's chunk and the softmax branch's query block; `block` its key block;
+        `num_warps` and `num_stages` pin both branches' kernels; the other knobs are the state branch's."""
+        check_knobs(chunk=chunk, block=block, segments=segments, num_warps=num_warps, num_stages=num_stages,
+                    save_states=save_states, defer_merge=defer_merge, output_final_state=output_final_state)
+        launch = dict(num_warps=num_warps, num_stages=num_stages)
+        extra = self._extras(tensors, params, cu_seqlens, False, chunk=chunk, block=block, **launch)
         dtype = tensors[0].dtype
         out = self.linear(*tensors, *[x.to(dtype) for x in extra], initial_state=initial_state,
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk=chunk,
-                          segments=segments, **params)
+                          segments=segments, save_states=save_states, defer_merge=defer_merge, **launch, **params)
         self.last_config = self.linear.last_config
         return out
 
