@@ -101,3 +101,31 @@ def test_block_of_a_spec_that_splits_no_dim():
     assert judge_fp32(o, op.reference(*xs)[0]).ok
     with pytest.raises(effc.ArgumentError, match=r"block must be 1 \(no dim is split\), got 16"):
         op(*xs, block=16)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_reference_takes_float64(name):
+    """The oracle runs in float64 whatever it is given, so float64 inputs (gradient checks) are welcome;
+    only the kernels need 32- or 16-bit ones."""
+    op = effc.load(name)
+    xs = _inputs(op, 1, 20)
+    leaves = [x.double().requires_grad_() for x in xs]
+    ref = _first(op.reference(*leaves)[0])
+    assert ref.dtype == torch.float64
+    assert judge_fp32(ref, _first(op.reference(*xs)[0])).ok
+    assert all(g is not None for g in torch.autograd.grad(ref.sum(), leaves))
+    with pytest.raises(effc.ArgumentError, match="has dtype torch.float64; expected float32, bfloat16 or float16"):
+        op(*leaves)
+
+
+@pytest.mark.parametrize("name", ["softmax_attn", "forgetting_transformer"])  # the latter: a prefix stage
+def test_softmax_reference_with_an_empty_packed_sequence(name):
+    """An empty sequence has no tokens (and no key to take a softmax's max over): the others read as if
+    evaluated alone, and the kernel agrees."""
+    op = effc.load(name)
+    xs = _inputs(op, 1, 21)
+    cu = torch.tensor([0, 5, 5, 21])
+    ref = op.reference(*xs, cu_seqlens=cu)[0]
+    alone = torch.cat([op.reference(*[x[:, a:b] for x in xs])[0] for a, b in ((0, 5), (5, 21))], 1)
+    assert torch.equal(ref, alone)
+    assert judge_fp32(op(*xs, cu_seqlens=cu, chunk=16)[0], ref).ok

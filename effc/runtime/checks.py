@@ -9,7 +9,7 @@ import torch
 from ..errors import ArgumentError
 from ..ir.nodes import Spec
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernels'; the oracle also takes float64
 
 
 class TensorInfo:
@@ -100,8 +100,9 @@ def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[
             raise ArgumentError(f"argument '{d.name}' must be a torch.Tensor of shape {want}, got {type(x).__name__}")
         if x.dim() != len(d.dims):
             raise ArgumentError(f"argument '{d.name}' must have shape {want}, got {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ArgumentError(f"argument '{d.name}' has dtype {x.dtype}; expected float32, bfloat16 or float16")
+        if x.dtype not in DTYPES and (for_kernels or x.dtype != torch.float64):
+            want = "float32, bfloat16 or float16" if for_kernels else "float64, float32, bfloat16 or float16"
+            raise ArgumentError(f"argument '{d.name}' has dtype {x.dtype}; expected {want}")
         if device is None:
             device = x.device
         elif x.device != device:
