@@ -40,8 +40,10 @@ def test_bad_initial_state():
 def test_unknown_param_and_bad_tiling():
     with pytest.raises(ArgumentError, match=r"gla has no parameter\(s\) \['temperature'\]"):
         _call(*GOOD, temperature=2.0)
-    with pytest.raises(effc.SpecError, match="tiling constraint BLOCK >= 16 fails"):
+    with pytest.raises(ArgumentError, match="block must be a power of two >= 16, got 12"):
         _call(*GOOD, block=12)
+    with pytest.raises(effc.SpecError, match=r"tiling constraint Eq\(Mod\(V, BLOCK\), 0\) fails .*BLOCK divides V"):
+        _call(*GOOD, block=32)
 
 
 def test_cpu_tensors_without_interpreter(monkeypatch):

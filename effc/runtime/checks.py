@@ -1,6 +1,7 @@
 """Argument checks at the op boundary: every message names the argument and what was expected."""
 from __future__ import annotations
 
+import numbers
 import os
 
 import torch
@@ -8,7 +9,7 @@ import torch
 from ..errors import ArgumentError
 from ..ir.nodes import Spec
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernels'; the oracle also takes float64
 
 
 class TensorInfo:
@@ -51,6 +52,41 @@ def history_dtype(state, dtype: torch.dtype) -> torch.dtype:
     return operand_dtype(dtype) if len(state.dims) >= 2 else torch.float32
 
 
+def _count(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _pow2(v) -> bool:
+    return _count(v) and v > 0 and not v & (v - 1)
+
+
+_TILE = (lambda v: _pow2(v) and v >= 16, "a power of two >= 16")
+_FLAG = (lambda v: isinstance(v, bool), "True or False")
+# what the tilings (passes.tiling, passes.softmax) and Triton's launcher accept of each call knob; the rules
+# that depend on the call's shapes (a block dividing its dim, segments of a general transition) stay there
+_KNOBS = {
+    "chunk": _TILE,
+    "block": _TILE,
+    "segments": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
+    "num_warps": (lambda v: _pow2(v) and v <= 32, "a power of two from 1 to 32"),
+    "num_stages": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
+    "save_states": _FLAG,
+    "defer_merge": _FLAG,
+    "output_final_state": _FLAG,
+}
+
+
+def check_knobs(split: bool = True, **knobs) -> None:
+    """The call's tiling knobs and flags (None: the model's choice), each against what the kernels accept:
+    a bad one would otherwise run with garbage tiles or fail deep inside the tiling or the launch.
+    `split=False`: a linear spec that splits no dim, whose block is 1 (as `effc tune` passes it)."""
+    rules = _KNOBS if split else {**_KNOBS, "block": (lambda v: _count(v) and v == 1, "1 (no dim is split)")}
+    for name, value in knobs.items():
+        ok, want = rules[name]
+        if value is not None and not ok(value):
+            raise ArgumentError(f"{name} must be {want}, got {value!r}")
+
+
 def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[int, int, int, dict[str, int]]:
     """Returns (B, T, H, feature dim sizes)."""
     names = [d.name for d in spec.inputs]
@@ -64,8 +100,9 @@ def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[
             raise ArgumentError(f"argument '{d.name}' must be a torch.Tensor of shape {want}, got {type(x).__name__}")
         if x.dim() != len(d.dims):
             raise ArgumentError(f"argument '{d.name}' must have shape {want}, got {tuple(x.shape)}")
-        if x.dtype not in DTYPES:
-            raise ArgumentError(f"argument '{d.name}' has dtype {x.dtype}; expected float32, bfloat16 or float16")
+        if x.dtype not in DTYPES and (for_kernels or x.dtype != torch.float64):
+            want = "float32, bfloat16 or float16" if for_kernels else "float64, float32, bfloat16 or float16"
+            raise ArgumentError(f"argument '{d.name}' has dtype {x.dtype}; expected {want}")
         if device is None:
             device = x.device
         elif x.device != device:
@@ -137,6 +174,12 @@ def check_cu_seqlens(cu_seqlens, B: int, T: int, device) -> int:
     return len(c) - 1
 
 
+def kernel_cu_seqlens(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
+    """cu_seqlens as the kernels read it: int32 and contiguous, since they index it with unit stride (a
+    strided view of the right values would have them read other memory)."""
+    return cu_seqlens.to(device=device, dtype=torch.int32).contiguous()
+
+
 def param_values(spec: Spec, cache: dict, dims: dict[str, int], given: dict) -> dict[str, float]:
     """Every param of `spec` for these feature dims: given values over defaults (memoised in `cache`,
     since evaluating sympy defaults is slow on a hot path)."""
@@ -146,6 +189,9 @@ def param_values(spec: Spec, cache: dict, dims: dict[str, int], given: dict) -> 
     unknown = set(given) - known
     if unknown:
         raise ArgumentError(f"{spec.name} has no parameter(s) {sorted(unknown)}; its params: {sorted(known)}")
+    for k, v in given.items():
+        if not isinstance(v, numbers.Real) or isinstance(v, bool):
+            raise ArgumentError(f"parameter {k} must be a real number, got {v!r}")
     key = tuple(sorted(dims.items()))
     if key not in cache:
         subs = {dim(n): v for n, v in dims.items()}

@@ -13,8 +13,8 @@ import torch
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..passes.tiling import TileConfig
+from .checks import history_dtype, interpreting, kernel_cu_seqlens, operand_dtype
 from .triton_faults import backward_warps
-from .checks import history_dtype, interpreting, operand_dtype
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -48,7 +48,7 @@ def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int)
     B, T = tensors[0].shape[:2]
     if cu_seqlens is None:
         return Layout(B, T, H, heads, dims)
-    cu = cu_seqlens.to(device=tensors[0].device, dtype=torch.int32)
+    cu = kernel_cu_seqlens(cu_seqlens, tensors[0].device)
     lengths = (cu[1:] - cu[:-1]).clamp_min(1)
     per = (lengths + chunk - 1) // chunk
     chunk_off = torch.cat([per.new_zeros(1), per.cumsum(0)]).to(torch.int32)

@@ -12,7 +12,8 @@ from ..errors import ArgumentError
 from ..ir.nodes import Spec
 from ..passes.tiling import Problem, TileConfig, choose, history_policy
 from .cache import load_module
-from .checks import check_cu_seqlens, check_inputs, check_state, describe, history_dtype, param_values, rebuild
+from .checks import (check_cu_seqlens, check_inputs, check_knobs, check_state, describe, history_dtype, param_values,
+                     rebuild)
 from .tuning import Tuned, sm_count as _sm_count
 from .torch_op import torch_ops
 from .compiler import Compilation
@@ -100,7 +101,7 @@ class AttentionOp(Tuned):
                      ("num_stages", num_stages), ("defer_merge", defer_merge))
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         ints, pvals = _host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
-                                 n_seq, longest, bool(output_final_state), grad, save_states, overrides,
+                                 n_seq, longest, output_final_state, grad, save_states, overrides,
                                  tuple(sorted(params.items())))
         res = self._torch_ops.call(list(tensors), init, cu_seqlens, list(ints), list(pvals))
         n_out, n_state = len(self.spec.outputs), len(self.spec.states)
@@ -128,6 +129,9 @@ class AttentionOp(Tuned):
 
     def _plan_call(self, descs, init_descs, n_seq, longest, output_final_state, grad, save_states, overrides,
                    params) -> tuple[tuple, tuple]:
+        # here, not in __call__: under torch.compile this runs once, as a constant, outside the traced graph
+        check_knobs(split=bool(self.comp.plan.split_dim), output_final_state=output_final_state,
+                    save_states=save_states, **dict(overrides))
         tensors = [rebuild(d) for d in descs]
         B, T, H, dims, pvals = self._split(*tensors, params=dict(params))
         n_seq = B if n_seq is None else n_seq
@@ -140,7 +144,7 @@ class AttentionOp(Tuned):
         if grad:
             keep, self.last_history_reason = self._history(save_states, tensors, n_seq, longest, H, dims, cfg)
         ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(cfg.defer_merge),
-                int(output_final_state), int(keep), 1)
+                int(bool(output_final_state)), int(keep), 1)
         return ints, tuple(pvals[p.name] for p in self.spec.params)
 
     def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[bool, str]:

@@ -16,7 +16,8 @@ from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..passes.tiling import Problem
 from .cache import load_module
-from .checks import check_cu_seqlens, check_inputs, interpreting, operand_dtype, param_values
+from .checks import (check_cu_seqlens, check_inputs, check_knobs, interpreting, kernel_cu_seqlens, operand_dtype,
+                     param_values)
 from .softmax_compiler import SoftmaxCompilation
 from .softmax_oracle import evaluate_softmax, prefix_values
 from .tuning import Tuned
@@ -80,6 +81,8 @@ class SoftmaxOp(Tuned):
         """`chunk` (query block) and `block` (key block), `num_warps` and `num_stages` pin every kernel's
         tiles; otherwise the forward's come from `effc tune`'s entry for the call shape, or the model.
         `segments` and `defer_merge` are accepted for the linear family's knobs, and must be 1 and false."""
+        check_knobs(chunk=chunk, block=block, num_warps=num_warps, num_stages=num_stages, segments=segments,
+                    defer_merge=defer_merge, output_final_state=output_final_state)
         if segments not in (None, 1):
             raise ArgumentError(f"segments={segments}: {self.name} is a softmax spec, its forward walks the key "
                                 "blocks in one program per query block (segments=1)")
@@ -149,7 +152,7 @@ class SoftmaxOp(Tuned):
                     saved[f"{r.out}_save"] = torch.empty((B, T, H) + feats, **f32) if save else dummy
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
-        named.update(T=T, cu_ptr=cu.to(torch.int32) if cu is not None else dummy)
+        named.update(T=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else dummy)
         c = cfg.fwd
         self._launch("fwd", c, math.ceil(longest / c[0]), n_seq * H, named,
                      self._meta(c, H, heads, dims, cu, dtype, save))
@@ -167,7 +170,7 @@ class SoftmaxOp(Tuned):
                       for o, t, g in zip(spec.outputs, outs, d_outs)})
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
-        named.update(T=T, cu_ptr=cu.to(torch.int32) if cu is not None else torch.empty(1, **f32))
+        named.update(T=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else torch.empty(1, **f32))
         feats = {x: tuple(int(dims[str(d)]) for d in sched.types[x].shape[1:]) for x in sched.leaves}
         dr_dtype = operand_dtype(dtype)  # the reductions' cotangents are matmul operands of both walks
         for gi, g in enumerate(sched.groups):
@@ -210,8 +213,7 @@ class SoftmaxOp(Tuned):
                   output_final_state: bool = False, chunk=None, **params):
         """The spec evaluated with PyTorch ops on whole [T, T] score matrices (differentiable; float64
         inputs are accepted, for gradient checks)."""
-        shown = [x.detach().float() if torch.is_tensor(x) and x.dtype == torch.float64 else x for x in tensors]
-        B, T, H, dims, pvals = self._check(shown, params, False, initial_state, output_final_state)
+        B, T, H, dims, pvals = self._check(tensors, params, False, initial_state, output_final_state)
         outs = evaluate_softmax(self.spec, {d.name: x for d, x in zip(self.spec.inputs, tensors)}, pvals, dims,
                                 dtype, matmul_dtype, cu_seqlens)
         o = [outs[o.name] for o in self.spec.outputs]
@@ -325,13 +327,13 @@ class HybridOp:
         return f"<effc hybrid op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
 
     def _extras(self, tensors, params, cu_seqlens, reference: bool, dtype=torch.float64, matmul_dtype=None,
-                chunk=None, block=None):
+                **knobs):
         named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
         if reference:
             r, _ = self.softmax.reference(*tensors, cu_seqlens=cu_seqlens, dtype=dtype, matmul_dtype=matmul_dtype,
                                           **params)
         else:
-            r, _ = self.softmax(*tensors, cu_seqlens=cu_seqlens, chunk=chunk, block=block, **params)
+            r, _ = self.softmax(*tensors, cu_seqlens=cu_seqlens, **knobs, **params)
         r = r if isinstance(r, tuple) else (r,)
         extra = list(r)
         if self.split.prefix_inputs:
@@ -343,19 +345,25 @@ class HybridOp:
         return extra
 
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
-                 chunk: int | None = None, block: int | None = None, segments: int | None = None, **params):
-        """`chunk` is the state branch's chunk and the softmax branch's query block; `block` its key block."""
-        extra = self._extras(tensors, params, cu_seqlens, False, chunk=chunk, block=block)
+                 chunk: int | None = None, block: int | None = None, segments: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
+                 defer_merge: bool | None = None, **params):
+        """`chunk` is the state branch's chunk and the softmax branch's query block; `block` its key block;
+        `num_warps` and `num_stages` pin both branches' kernels; the other knobs are the state branch's."""
+        check_knobs(chunk=chunk, block=block, segments=segments, num_warps=num_warps, num_stages=num_stages,
+                    save_states=save_states, defer_merge=defer_merge, output_final_state=output_final_state)
+        launch = dict(num_warps=num_warps, num_stages=num_stages)
+        extra = self._extras(tensors, params, cu_seqlens, False, chunk=chunk, block=block, **launch)
         dtype = tensors[0].dtype
         out = self.linear(*tensors, *[x.to(dtype) for x in extra], initial_state=initial_state,
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk=chunk,
-                          segments=segments, **params)
+                          segments=segments, save_states=save_states, defer_merge=defer_merge, **launch, **params)
         self.last_config = self.linear.last_config
         return out
 
     def reference(self, *tensors, initial_state=None, output_final_state: bool = False, chunk=None,
                   dtype=torch.float64, matmul_dtype=None, **params):
-        # the state branch's argument checks take float32 / bf16 / fp16: its oracle computes in `dtype` again
+        # the softmax branch's results as the kernels pass them to the state branch: in the inputs' dtype
         extra = [x.to(tensors[0].dtype) for x in self._extras(tensors, params, None, True, dtype, matmul_dtype)]
         return self.linear.reference(*tensors, *extra, initial_state=initial_state,
                                      output_final_state=output_final_state, chunk=chunk, dtype=dtype,

@@ -69,17 +69,25 @@ def _heads(x: torch.Tensor, H: int) -> torch.Tensor:
     return x if hx == H else x.repeat_interleave(H // hx, dim=2)
 
 
+def _sequences(T: int, cu_seqlens) -> list[tuple[int, int]]:
+    """(start, end) of each sequence that has tokens: an empty one has nothing to evaluate (and its softmax,
+    no key to take a max over)."""
+    if cu_seqlens is None:
+        return [(0, T)]
+    c = cu_seqlens.tolist()
+    return [(a, b) for a, b in zip(c, c[1:]) if b > a]
+
+
 def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seqlens=None) -> dict:
     """The prefix stage over whole sequences: {value name: (B, T, H, ...)} for every prefix op."""
     if not spec.prefix.ops:
         return {}
     first = tensors[spec.inputs[0].name]
     B, T = first.shape[:2]
-    bounds = [(0, T)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
     # only what the prefix reads: converting every input (q, k, v) to fp32 would cost more than the kernel
     used = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
     per_seq = []
-    for a, b in bounds:
+    for a, b in _sequences(T, cu_seqlens):
         env = _base(spec, params, H, dtype, first.device, b - a, used=used)
         env.update({d.name: _tile(_heads(tensors[d.name][:, a:b], H).to(dtype)) for d in spec.inputs if d.name in used})
         for op in spec.prefix.ops:
@@ -118,9 +126,8 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
     device = first.device
     full = dict(tensors)
     full.update(prefix_values(spec, tensors, params, H, dtype, cu_seqlens))
-    bounds = [(0, T)] if cu_seqlens is None else list(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()))
     outs = {o.name: [] for o in spec.outputs}
-    for a, b in bounds:
+    for a, b in _sequences(T, cu_seqlens):
         n = b - a
         per_head = {o.name: [] for o in spec.outputs}
         group = head_group or max(1, min(H, 2 ** 27 // max(1, B * n * n)))  # ~2^27 elements per [T, T] tile
