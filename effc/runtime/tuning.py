@@ -236,6 +236,11 @@ class Tuned:
         key = (B, T, H, tuple(sorted(dims.items())), str(device), dtype, tuple(sorted(overrides.items())))
         if key not in self._configs:
             problem = Problem(B, T, H, key[3], sm_count(device))
-            self._configs[key] = (lookup(self, problem, device, dtype, overrides)  # `effc tune`'s entry, if any
-                                  or self.tiles(problem, None, **overrides))
+            cfg = (lookup(self, problem, device, dtype, overrides)  # `effc tune`'s entry, if any
+                   or self.tiles(problem, None, **overrides))
+            import torch
+            if torch.device(device).type == "cpu":  # the model's reasons are about a GPU
+                cfg = replace(cfg, reasons=("on the CPU (Triton's interpreter): the tiles the model picks for an "
+                                            "H100; warps, stages and occupancy do not apply",) + cfg.reasons)
+            self._configs[key] = cfg
         return self._configs[key]
