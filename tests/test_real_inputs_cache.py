@@ -12,10 +12,14 @@ import warnings
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import effc
 import effc.library
+from effc.cli import app
+from effc.passes.tiling import Problem
 from effc.runtime.cache import load_module
+from effc.runtime.tuning import TuningKey, known_faults, read_entry, record_fault, store
 from effc.runtime.verify import judge_fp32, random_inputs
 
 
@@ -79,3 +83,67 @@ def test_an_op_recovers_from_a_garbage_kernel_module(cache):
     assert fresh.source_path == path and path.read_text() == fresh.comp.source("triton")
     out, _ = fresh(*xs, chunk=16)
     assert judge_fp32(out, fresh.reference(*xs)[0]).ok
+
+
+# ---- corrupt tuning entries and fault records --------------------------------------------------------
+
+TUNED = {"chunk": 16, "block": 16, "segments": 2, "num_warps": 8, "num_stages": 2, "defer_merge": 0}
+DIMS16 = {"K": 16, "V": 16}
+SMALL = Problem(2, 40, 2, tuple(DIMS16.items()))
+
+
+def _entry_json(of: TuningKey, **changes) -> str:
+    raw = {"format": 1, "key": {**of.__dict__}, "config": TUNED, "ms": 0.5, "default": TUNED, "default_ms": 1.0,
+           "shape": {"B": 2, "T": 40, "H": 2}, "tried": 3, "tuned_at": 0.0}
+    for k, v in changes.items():
+        raw[k] = v(raw[k]) if callable(v) else v
+    return json.dumps(raw)
+
+
+CORRUPT_ENTRIES = {
+    "binary": lambda key: b"\x00\xff\xfe garbage \x81",
+    "truncated": lambda key: _entry_json(key)[:40].encode(),
+    "deeply nested": lambda key: b"[" * 100_000 + b"]" * 100_000,
+    "config a list": lambda key: _entry_json(key, config=list(TUNED)).encode(),
+    "config values": lambda key: _entry_json(key, config={**TUNED, "chunk": "16"}).encode(),
+    "key a list": lambda key: _entry_json(key, key=list(key.__dict__.values())).encode(),
+    "key field types": lambda key: _entry_json(key, key=lambda k: {**k, "spec": ["retention"], "codegen": "1"}).encode(),
+    "shape a string": lambda key: _entry_json(key, shape="2x40x2").encode(),
+    "ms a string": lambda key: _entry_json(key, ms="fast").encode(),
+    "ms zero": lambda key: _entry_json(key, ms=0).encode(),
+    "ms NaN": lambda key: _entry_json(key, default_ms=float("nan")).encode(),
+}
+
+
+@pytest.fixture(scope="module")
+def retention():
+    return effc.load("retention")
+
+
+@pytest.mark.parametrize("corrupt", CORRUPT_ENTRIES.values(), ids=CORRUPT_ENTRIES.keys())
+def test_corrupt_tuning_entry_is_ignored_then_rewritten(retention, cache, corrupt):
+    key = TuningKey.of(retention, SMALL, "cpu", torch.float32)
+    key.path.parent.mkdir(parents=True)
+    key.path.write_bytes(corrupt(key))
+    with pytest.warns(UserWarning, match=f"ignoring unreadable entry {key.path}"):
+        assert read_entry(key.path) is None
+    op = effc.load("retention")
+    with pytest.warns(UserWarning, match=key.path.name):  # the op falls back to the model's choice
+        cfg = op.config(2, 40, 2, DIMS16, "cpu", dtype=torch.float32)
+    assert not cfg.reasons[0].startswith("tuned")
+    result = CliRunner().invoke(app, ["cache", "ls"])
+    assert result.exit_code == 0 and f"corrupt: {key.path.name}" in result.output, result.output
+    store(key, TUNED, 0.5, TUNED, 1.0, {"B": 2, "T": 40, "H": 2})  # the next `effc tune` rewrites it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_entry(key.path).config == TUNED
+        assert effc.load("retention").config(2, 40, 2, DIMS16, "cpu", dtype=torch.float32).num_warps == 8
+
+
+@pytest.mark.parametrize("garbage", [b"\x00\xff garbage", b'{"variant": [16, 16', b"[" * 100_000 + b"]" * 100_000,
+                                     b'{"variant": {"a": 1}, "reason": "x"}', b'[1, 2]'],
+                         ids=["binary", "truncated", "deeply nested", "variant a dict", "a list"])
+def test_corrupt_fault_record_is_ignored(retention, cache, garbage):
+    good = record_fault(retention, "FakeGPU", (16, 16, 4, 2, 0), "illegal memory access")
+    (good.parent / "32-16-4-2-0.json").write_bytes(garbage)
+    assert known_faults(retention, "FakeGPU") == {(16, 16, 4, 2, 0): "illegal memory access"}
