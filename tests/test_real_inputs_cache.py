@@ -8,7 +8,9 @@ import importlib.util
 import json
 import marshal
 import sys
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +149,69 @@ def test_corrupt_fault_record_is_ignored(retention, cache, garbage):
     good = record_fault(retention, "FakeGPU", (16, 16, 4, 2, 0), "illegal memory access")
     (good.parent / "32-16-4-2-0.json").write_bytes(garbage)
     assert known_faults(retention, "FakeGPU") == {(16, 16, 4, 2, 0): "illegal memory access"}
+
+
+# ---- a cache dir that cannot be written --------------------------------------------------------------
+# Tests run as root, where a read-only mode does not stop writes: a path below a regular file, a regular
+# file, and a write that raises PermissionError stand in for a read-only dir.
+
+def _below_a_file(tmp):
+    (tmp / "a_file").write_text("not a folder")
+    return tmp / "a_file" / "cache"
+
+
+def _a_file(tmp):
+    (tmp / "a_file").write_text("not a folder")
+    return tmp / "a_file"
+
+
+def _permission_denied(tmp, monkeypatch):
+    root = tmp / "read_only"
+    root.mkdir()
+    mkstemp = tempfile.mkstemp
+
+    def denied(*args, dir=None, **kw):
+        if dir is not None and Path(dir).is_relative_to(root):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return mkstemp(*args, dir=dir, **kw)
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    return root
+
+
+UNWRITABLE = {"below_a_file": lambda tmp, mp: _below_a_file(tmp), "a_file": lambda tmp, mp: _a_file(tmp),
+              "permission_denied": _permission_denied}
+
+
+@pytest.mark.parametrize("how", UNWRITABLE)
+def test_unwritable_cache_dir_falls_back_to_a_temporary_one(tmp_path, monkeypatch, how):
+    root = UNWRITABLE[how](tmp_path, monkeypatch)
+    monkeypatch.setenv("EFFC_CACHE_DIR", str(root))
+    # a spec of its own per case: its module is not yet imported, so loading it writes
+    op = effc.loads((effc.library.LIBRARY_DIR / "retention.attn").read_text().replace("retention", f"retention_{how}"))
+    xs = random_inputs(op.spec, 1, 20, 2, DIMS16)
+    with pytest.warns(UserWarning, match=f"cannot write to effc's cache dir {root}.*EFFC_CACHE_DIR") as caught:
+        op.module  # noqa: B018
+    assert len(caught) == 1
+    assert not op.source_path.is_relative_to(root) and op.source_path.read_text() == op.comp.source("triton")
+    with warnings.catch_warnings():  # warned once: the rest of the process uses the temporary dir quietly
+        warnings.simplefilter("error", UserWarning)
+        out, _ = op(*xs, chunk=16)
+        assert judge_fp32(out, op.reference(*xs)[0]).ok
+        key = TuningKey.of(op, SMALL, "cpu", torch.float32)
+        path = store(key, TUNED, 0.5, TUNED, 1.0, {"B": 2, "T": 40, "H": 2})
+        assert path.parent.parent == op.source_path.parent.parent and read_entry(path).config == TUNED
+        assert op.config(2, 40, 2, DIMS16, "cpu", dtype=torch.float32).num_warps == 8
+        fault = record_fault(op, "FakeGPU", (16, 16, 4, 2, 0), "illegal memory access")
+        assert fault.is_relative_to(path.parent) and known_faults(op, "FakeGPU")
+
+
+def test_a_cache_dir_below_a_file_reads_as_empty(retention, tmp_path, monkeypatch):
+    """Reading finds nothing there, quietly: only a write needs the fallback (a read-only cache that holds
+    what the process needs is used as it is)."""
+    monkeypatch.setenv("EFFC_CACHE_DIR", str(_below_a_file(tmp_path)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_entry(TuningKey.of(retention, SMALL, "cpu", torch.float32).path) is None
+        assert known_faults(retention, "FakeGPU") == {}
+        result = CliRunner().invoke(app, ["cache", "ls"])
+    assert result.exit_code == 0 and "no tuning entries" in result.output

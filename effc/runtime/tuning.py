@@ -128,7 +128,7 @@ def read_entry(path: Path) -> Entry | None:
     """The entry in `path`; None when there is none, or (with a warning) when it does not parse."""
     try:
         return _parse(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no entry (NotADirectoryError: the cache dir is below a file)
         return None
     except _UNREADABLE as e:
         warnings.warn(f"effc tuning cache: ignoring unreadable entry {path} ({type(e).__name__}: {str(e)[:200]}); "
@@ -141,8 +141,7 @@ def store(key: TuningKey, config: dict, ms: float, default: dict, default_ms: fl
     entry = {"format": FORMAT, "key": asdict(key), "config": {k: int(config[k]) for k in KNOBS}, "ms": ms,
              "default": {k: int(default[k]) for k in KNOBS}, "default_ms": default_ms, "shape": shape,
              "tried": tried, "tuned_at": time.time()}
-    write_atomic(key.path, json.dumps(entry, indent=1))
-    return key.path
+    return write_atomic(key.path, json.dumps(entry, indent=1))
 
 
 # -- compiled variants that faulted on a GPU ---------------------------------------------------------
@@ -170,8 +169,7 @@ def clear_faults() -> int:
 
 def record_fault(op, gpu: str, variant: tuple[int, ...], reason: str) -> Path:
     path = _faults_dir(op, gpu) / ("-".join(map(str, variant)) + ".json")
-    write_atomic(path, json.dumps({"variant": list(variant), "reason": reason, "gpu": gpu, "at": time.time()}))
-    return path
+    return write_atomic(path, json.dumps({"variant": list(variant), "reason": reason, "gpu": gpu, "at": time.time()}))
 
 
 def known_faults(op, gpu: str) -> dict[tuple[int, ...], str]:
