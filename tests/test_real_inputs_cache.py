@@ -215,3 +215,21 @@ def test_a_cache_dir_below_a_file_reads_as_empty(retention, tmp_path, monkeypatc
         assert known_faults(retention, "FakeGPU") == {}
         result = CliRunner().invoke(app, ["cache", "ls"])
     assert result.exit_code == 0 and "no tuning entries" in result.output
+
+
+# ---- a generated module that fails to import ---------------------------------------------------------
+
+def test_failed_import_leaves_nothing_behind(cache, monkeypatch, request):
+    """The module raises at import (here: a missing environment variable, in real use e.g. a Triton that
+    rejects a kernel at decoration): the retry after the cause is fixed imports it, instead of getting
+    the half-initialised module the first attempt left in sys.modules."""
+    source = _source(request.node.name, "import os\nVALUE = int(os.environ['EFFC_TEST_IMPORT_VALUE'])\n")
+    monkeypatch.delenv("EFFC_TEST_IMPORT_VALUE", raising=False)
+    with pytest.raises(KeyError, match="EFFC_TEST_IMPORT_VALUE"):
+        load_module("failing", source)
+    assert not [m for m in sys.modules if m.startswith("effc_gen_failing_")]
+    with pytest.raises(KeyError):  # still failing: raises again, every time
+        load_module("failing", source)
+    monkeypatch.setenv("EFFC_TEST_IMPORT_VALUE", "42")
+    module, _ = load_module("failing", source)
+    assert module.VALUE == 42

@@ -62,7 +62,8 @@ def load_module(name: str, source: str):
     """Import the generated `source` as a module, through a file in the cache: Triton's JIT reads a
     kernel's source from its file. A file that is not `source` byte for byte (garbage, a truncated
     write) is rewritten, and the module is compiled from `source` itself, never from the file's
-    bytecode, so no damaged file can stand in for it."""
+    bytecode, so no damaged file can stand in for it. A module that fails to import is not kept: the
+    next call imports it again."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     mod_name = f"effc_gen_{name}_{digest}"
     if mod_name in sys.modules:
@@ -73,5 +74,9 @@ def load_module(name: str, source: str):
     spec = importlib.util.spec_from_file_location(mod_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
-    exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
+    try:
+        exec(compile(source, str(path), "exec", dont_inherit=True), module.__dict__)
+    except BaseException:
+        sys.modules.pop(mod_name, None)  # a half-initialised module would answer every retry in this process
+        raise
     return module, path
