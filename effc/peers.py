@@ -84,12 +84,19 @@ PEERS: dict[str, tuple[Peer, ...]] = {
     "simple_gla": (Peer("fla chunk_simple_gla", ("q", "k", "v", "g"),
                         _fla("fla.ops.simple_gla", "chunk_simple_gla")),),
     "gla": (Peer("fla chunk_gla", ("q", "k", "v", "g"), _fla("fla.ops.gla", "chunk_gla")),),
-    # the effc specs normalise q and k themselves; fla does it in its kernel when asked
+    # the delta rules as fla's kernels compute them: delta_net and gated_delta_net read q and k as given, fla's
+    # default (use_qk_l2norm_in_kernel=False; the bench draws them unitnorm), the _l2 specs normalise them in
+    # the kernel, as fla does when asked (use_qk_l2norm_in_kernel=True)
     "delta_net": (Peer("fla chunk_delta_rule", ("q", "k", "v", "beta"),
-                       _fla("fla.ops.delta_rule", "chunk_delta_rule", use_qk_l2norm_in_kernel=True)),),
+                       _fla("fla.ops.delta_rule", "chunk_delta_rule", use_qk_l2norm_in_kernel=False)),),
+    "delta_net_l2": (Peer("fla chunk_delta_rule l2norm", ("q", "k", "v", "beta"),
+                          _fla("fla.ops.delta_rule", "chunk_delta_rule", use_qk_l2norm_in_kernel=True)),),
     "gated_delta_net": (Peer("fla chunk_gated_delta_rule", ("q", "k", "v", "g", "beta"),
                              _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
-                                  use_qk_l2norm_in_kernel=True)),),
+                                  use_qk_l2norm_in_kernel=False)),),
+    "gated_delta_net_l2": (Peer("fla chunk_gated_delta_rule l2norm", ("q", "k", "v", "g", "beta"),
+                                _fla("fla.ops.gated_delta_rule", "chunk_gated_delta_rule",
+                                     use_qk_l2norm_in_kernel=True)),),
     # mlstm: i is the log input gate (exponential gate), f the forget-gate pre-activation (logsigmoid), as
     # mlstm_kernels reads vecI and vecF. TFLA's xl_chunk aborts the process on triton 3.6 (an LLVM assertion):
     # its subprocess dies and `effc bench` reports that as the row's error.

@@ -61,9 +61,13 @@ def _l2norm(x):
     return x / (x.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
 
 
-def gated_delta_rule(q, k, v, g, beta, initial_state=None):
-    """S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T ; o_t = q_t^T S_t (q, k L2-normalised)."""
-    q, k = _l2norm(q.double()) * q.shape[-1] ** -0.5, _l2norm(k.double())
+def gated_delta_rule(q, k, v, g, beta, initial_state=None, l2=False):
+    """S_t = exp(g_t) (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T ; o_t = K^-1/2 q_t^T S_t, q and k as given
+    (fla's chunk_gated_delta_rule by default) or, with l2, L2-normalised first (use_qk_l2norm_in_kernel=True)."""
+    q, k = q.double(), k.double()
+    if l2:
+        q, k = _l2norm(q), _l2norm(k)
+    q = q * q.shape[-1] ** -0.5
     v, g, beta = v.double(), g.double(), beta.double()
     B, T, H, K = q.shape
     S = initial_state.double().clone() if initial_state is not None else q.new_zeros(B, H, K, v.shape[-1])
@@ -76,11 +80,20 @@ def gated_delta_rule(q, k, v, g, beta, initial_state=None):
     return torch.stack(out, 1), S
 
 
-def delta_net(q, k, v, beta, initial_state=None):
-    return gated_delta_rule(q, k, v, torch.zeros_like(beta), beta, initial_state)
+def delta_net(q, k, v, beta, initial_state=None, l2=False):
+    return gated_delta_rule(q, k, v, torch.zeros_like(beta), beta, initial_state, l2)
 
 
-NAIVE.update({"delta_net": delta_net, "gated_delta_net": gated_delta_rule})
+def gated_delta_rule_l2(q, k, v, g, beta, initial_state=None):
+    return gated_delta_rule(q, k, v, g, beta, initial_state, l2=True)
+
+
+def delta_net_l2(q, k, v, beta, initial_state=None):
+    return delta_net(q, k, v, beta, initial_state, l2=True)
+
+
+NAIVE.update({"delta_net": delta_net, "gated_delta_net": gated_delta_rule,
+              "delta_net_l2": delta_net_l2, "gated_delta_net_l2": gated_delta_rule_l2})
 
 
 def mlstm(q, k, v, i, f, initial_state=None):

@@ -240,14 +240,14 @@ def test_gradient_kernels_per_block_or_looping_over_blocks(name):
     """passes.block_loop.choose: each gradient kernel runs one program per V block (fp32 partials, summed) or
     one per chunk looping over the blocks (whole gradients), as the plan chose; over packed sequences with
     V in two blocks and initial- and final-state cotangents, against autograd through the oracle, every
-    access bounds-checked (conftest). The gated delta rule mixes both in one gradient (g's parts from a
-    looped kernel and two per-block ones)."""
+    access bounds-checked (conftest). The gated delta rule with q and k normalised in the kernel mixes both in
+    one gradient (g's parts from a looped kernel and two per-block ones)."""
     op = effc.load(name)
     _, _, g, ref_g = _packed_sequences(op, 6, block=16)
     for a, b in zip(g, ref_g):
         assert judge_fp32(a, b).ok, f"{name}: {judge_fp32(a, b)}"
     looped = {k.name for k in op.comp.plan.kernels if k.block_loop}
-    expected = {"delta_net": {"bwd_chunks_q"}, "gated_delta_net": {"bwd_chunks_q"}}
+    expected = {name: {"bwd_chunks_q"} for name in ("delta_net", "delta_net_l2", "gated_delta_net", "gated_delta_net_l2")}
     if name in expected:
         assert looped == expected[name]
     elif name in ("mlstm_sig", "retention", "gla"):
@@ -255,13 +255,13 @@ def test_gradient_kernels_per_block_or_looping_over_blocks(name):
 
 
 def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
-    """Plan.whole_grads and runtime.launch.direct_grads, on the gated delta rule with the split dim V in
-    blocks: k and beta get one partial gradient per V block from their per-block kernels (fp32, summed), g
-    parts from three kernels; q (its kernel loops over the blocks) and v (it has V) are written whole, stored
-    bf16 by their kernel with no conversion pass; one block: all single-writer gradients whole; grouped heads
-    sum over the group (fp32)."""
+    """Plan.whole_grads and runtime.launch.direct_grads, on the gated delta rule normalising q and k in the
+    kernel with the split dim V in blocks: k and beta get one partial gradient per V block from their
+    per-block kernels (fp32, summed), g parts from three kernels; q (its kernel loops over the blocks) and
+    v (it has V) are written whole, stored bf16 by their kernel with no conversion pass; one block: all
+    single-writer gradients whole; grouped heads sum over the group (fp32)."""
     from effc.runtime.launch import direct_grads, make_layout
-    op = effc.load("gated_delta_net")
+    op = effc.load("gated_delta_net_l2")
     plan = op.comp.plan
     assert plan.split_dim == "V"
     assert plan.whole_grads(n_split=2) == {"q", "v"}

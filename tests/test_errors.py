@@ -141,6 +141,8 @@ CASES = [
      8, 3, "chunk size declared twice", "one 'chunk N' line per spec"),
     ("unknown-annotation", edit("input k: [B, T, H, K]", "input k: [B, T, H, K] positiv"),
      3, 3, "unknown annotation 'positiv' on 'k' (did you mean positive?)", "logdecay"),
+    ("unitnorm-without-feature-dim", edit("input v: [B, T, H, V]", "input v: [B, T, H, V]\n  input b: [B, T, H] unitnorm"),
+     5, 3, "unitnorm on 'b' [B, T, H]: one value per token and head has no vector", "with a feature dim"),
     ("reserved-builtin-name", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param idx = 1\n"),
      7, 3, "'idx' is a reserved name", "not a builtin (idx, head, inf)"),
     ("reserved-dim-name", edit("input v: [B, T, H, V]", "input T: [B, T, H, V]"),

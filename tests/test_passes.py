@@ -513,9 +513,9 @@ def test_place_gradient_terms_dissolves_kernels_another_kernel_already_computes(
           kernel bwd_chunks_v [inter + merge + intra] -> _d4; dv += _d4
           kernel bwd_chunks_g [inter + merge + intra] -> _d32, _d26, _d6; dg += _d32; dq += _d26; dk += _d6
     """)
-    # gated_delta_net: dg's terms go to three kernels, each writing a part; mLSTM's gate kernels would grow
+    # gated_delta_net_l2: dg's terms go to three kernels, each writing a part; mLSTM's gate kernels would grow
     # past the live-value limit if one hosted the other, so they stay
-    gdn = effc.load("gated_delta_net").comp.plan
+    gdn = effc.load("gated_delta_net_l2").comp.plan
     assert gdn.grad_writers("g") == ("bwd_chunks_q", "bwd_chunks_k", "bwd_chunks_beta")
     assert "g" not in gdn.whole_grads(n_split=1)
     mlstm = effc.load("mlstm").comp.plan

@@ -60,3 +60,24 @@ def test_module_cached_on_disk_by_source_hash(tmp_path, monkeypatch):
     files = list((tmp_path / "kernels").glob("effc_gen_cache_probe_*.py"))
     assert len(files) == 1 and files[0].read_text() == op.comp.source()
     assert effc.loads(text).module is op.module  # same source, same module
+
+
+def test_random_inputs_follow_the_annotations():
+    """What each annotation promises is what `effc check` and the tests draw: unitnorm rows of L2 norm 1 (the
+    un-normalised delta rule is stable only for ||k||^2 beta < 2), logdecay <= 0, unit in (0, 1), positive > 0."""
+    op = effc.loads("""
+spec drawn {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K] unitnorm
+  input g: [B, T, H] logdecay
+  input beta: [B, T, H] unit
+  input p: [B, T, H, V] positive
+  output o: [B, T, H, V]
+  state S: [K, V]
+  intra { kb = k * beta[:, None] * exp(g)[:, None] }
+  merge { o = q @ S + p }
+  inter { S = S + kb.T @ p }
+}""")
+    q, k, g, beta, p = random_inputs(op.spec, 2, 50, 3, {"K": 16, "V": 8})
+    assert torch.allclose(k.norm(dim=-1), torch.ones(2, 50, 3)) and not torch.allclose(q.norm(dim=-1), k.norm(dim=-1))
+    assert (g <= 0).all() and ((beta > 0) & (beta < 1)).all() and (p > 0).all()

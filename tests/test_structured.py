@@ -191,6 +191,60 @@ def test_peers_take_inputs_their_spec_has():
     assert peer_scale(effc.load("rwkv7"), 128) == 1.0  # RWKV-7 does not scale r k^T
 
 
+DELTA_RULES = {"delta_net": ("delta_rule", "chunk_delta_rule"), "gated_delta_net": ("gated_delta_rule",
+                                                                             "chunk_gated_delta_rule")}
+
+
+@pytest.mark.parametrize("name", [n + s for n in DELTA_RULES for s in ("", "_l2")])
+def test_delta_rule_peers_call_fla_as_their_spec_normalises(name, monkeypatch):
+    """Each delta rule races fla called the same way: the plain spec against fla's default (q, k as given), the
+    _l2 spec against use_qk_l2norm_in_kernel=True. A stand-in for fla (the naive recurrence, reading the flag
+    with fla's default) must give the spec's own output on q and k far from unit norm."""
+    import types
+
+    from effc.peers import PEERS
+    from naive import gated_delta_rule
+
+    base = name.removesuffix("_l2")
+    module, fn = DELTA_RULES[base]
+    calls = []
+
+    def fake(q, k, v, *rest, scale, use_qk_l2norm_in_kernel=False):
+        calls.append(use_qk_l2norm_in_kernel)
+        g, beta = rest if len(rest) == 2 else (torch.zeros_like(rest[0]), rest[0])
+        assert scale == q.shape[-1] ** -0.5
+        return gated_delta_rule(q, k, v, g, beta, l2=use_qk_l2norm_in_kernel)
+    monkeypatch.setitem(sys.modules, f"fla.ops.{module}", types.SimpleNamespace(**{fn: fake}))
+    op, xs, _ = _setup(name, 1, 20, 2, seed=4)
+    by_name = {d.name: x for d, x in zip(op.spec.inputs, xs)}
+    by_name["q"], by_name["k"] = by_name["q"] * 0.3, by_name["k"] * 0.3  # norm ~1.2 (l2) or 0.3: both stable
+    (peer,) = PEERS[name]
+    out = peer.make(1, 20, 2, 16)(*[by_name[n] for n in peer.inputs], scale=16 ** -0.5)
+    assert calls == [name.endswith("_l2")]
+    ref = op.reference(*[by_name[d.name] for d in op.spec.inputs])[0]
+    assert judge_fp32(out, ref).ok, judge_fp32(out, ref)
+
+
+@pytest.mark.parametrize("name", list(DELTA_RULES))
+def test_the_l2_delta_rules_normalise_q_and_k_the_plain_ones_do_not(name):
+    """The _l2 spec is the plain one on L2-normalised q and k (fla's eps, 1e-6 under the root); on q and k of
+    other norms the two differ. `unitnorm` makes the plain spec's random q and k unit vectors, the _l2 spec's
+    are drawn as any vectors."""
+    plain, l2 = effc.load(name), effc.load(name + "_l2")
+    xs = random_inputs(l2.spec, 1, 40, 2, DIMS, seed=6)
+    q, k = xs[0], xs[1]
+    assert not torch.allclose(k.norm(dim=-1), torch.ones(1, 40, 2))
+    assert torch.allclose(random_inputs(plain.spec, 1, 40, 2, DIMS, seed=6)[1].norm(dim=-1), torch.ones(1, 40, 2))
+
+    def normalised(x):
+        return x / (x.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+    o_l2, s_l2 = l2(*xs, output_final_state=True, chunk=16)
+    o_plain, s_plain = plain(normalised(q), normalised(k), *xs[2:], output_final_state=True, chunk=16)
+    assert judge_fp32(o_l2, o_plain).ok and judge_fp32(s_l2, s_plain).ok
+    o_raw = plain(q * 0.3, k * 0.3, *xs[2:], chunk=16)[0]
+    assert (o_raw - o_l2).abs().max() > 0.1 * o_l2.abs().max()
+
+
 def test_a_peer_process_that_aborts_is_the_rows_error():
     """TFLA's xl_chunk kernel aborts its process on triton 3.6 (an LLVM assertion): the row records it."""
     from effc.bench import run_peer_process
@@ -262,7 +316,7 @@ def test_a_peer_past_its_time_is_killed_with_what_it_started(tmp_path):
         raise AssertionError("the peer's child outlived the timeout")
 
 
-GENERAL = ["delta_net", "gated_delta_net", "hdla", "rwkv7", "mlstm"]
+GENERAL = ["delta_net", "delta_net_l2", "gated_delta_net", "gated_delta_net_l2", "hdla", "rwkv7", "mlstm"]
 
 
 @pytest.mark.parametrize("deferred", [True, False], ids=["merge-deferred", "merge-fused"])

@@ -221,7 +221,7 @@ def test_configs_triton_miscompiles_are_pruned_before_compiling(gla):
     reasons = {p.reason for p in space.pruned if p.candidate.chunk == 64 and p.candidate.block == 16}
     assert reasons and all(r.endswith("Triton 3.6 miscompiles C=64 with block 16 < 32 on Hopper "
                                       "(wrong output or a fault)") for r in reasons)
-    assert compiler_fault(32, 16) is None and compiler_fault(64, 32) is None  # delta_net's fault there: recorded
+    assert compiler_fault(32, 16) is None and compiler_fault(64, 32) is None  # delta_net_l2's fault there: recorded
 
 
 def test_other_segment_counts_of_the_best_variants_are_refined(gla, cache):

@@ -18,7 +18,7 @@ into the same `dsl.ast` that the `.attn` text gives. The two forms map line for 
 
 - The spec's name is the function's name. Parameters are the inputs, in order; each is annotated
   `Input(*dims, *annotations)`: trailing strings that name an annotation (logdecay, positive,
-  unit) are annotations, the strings before them dims. A dim that looks like a misspelt annotation
+  unit, unitnorm) are annotations, the strings before them dims. A dim that looks like a misspelt annotation
   and appears in no other declaration is reported, as .attn would report the unknown annotation.
 - The return annotation `Output(name, *dims)` (or a tuple of them) declares the output(s).
 - The body holds, in any order, `NAME = State(*dims)`, `NAME = Param(expr)` and the

@@ -2,7 +2,7 @@
 
 passes.fusion gives each input gradient a kernel of its own. A gradient that a decay's log (`g`) or a gate
 reaches collects a term from nearly every path of the chunk, so its kernel recomputes every adjoint at once
-(gated_delta_net's dg: ~5 KB of register spills a thread on sm_90, 7.5 of the backward's 14 ms). Adjoints
+(gated_delta_net_l2's dg: ~5 KB of register spills a thread on sm_90, 7.5 of the backward's 14 ms). Adjoints
 are linear in the cotangents, so the gradient is a sum of terms; a term whose matmuls another gradient's
 kernel computes anyway costs that kernel a few elementwise ops and one more store. Each kernel then writes
 its part of the gradient, and the runtime sums the parts as it sums the split blocks' partials.
@@ -75,7 +75,7 @@ def live_values(ops: tuple[Op, ...], roots: tuple[str, ...], types: dict, sizes:
 
 
 # A host may grow to this many live fp32 values a thread (8 warps), or by 5%. Measured on the H100
-# (fwd+bwd, 2x8192): dissolving kernels within it sped training up by 3-52% (gated_delta_net 13.7 -> 6.6 ms,
+# (fwd+bwd, 2x8192): dissolving kernels within it sped training up by 3-52% (gated_delta_net_l2 13.7 -> 6.6 ms,
 # rwkv7 19.9 -> 13.7, gla 5.9 -> 4.9, hdla 43.7 -> 38.2); without the limit mlstm's f kernel grew from
 # 371 to 403 values (8.1 -> 9.2 ms) and hdla's g kernel from 676 to 1248 (43.7 -> 63.4 ms).
 HOST_LIVE_LIMIT, HOST_GROWTH = 300, 1.05

@@ -15,6 +15,7 @@ _ANNOTATIONS = {
     "logdecay": "a log-space decay, <= 0 (padding value 0 is the identity)",
     "positive": "a positive value",
     "unit": "a value in (0, 1)",
+    "unitnorm": "a vector of L2 norm 1 per token (needs a feature dim)",
     "key": "read on the key side by score and softmax reductions (softmax family)",
 }
 _DEFAULT_CHUNK = 64
@@ -222,6 +223,10 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
             if a not in _ANNOTATIONS:
                 raise SpecError(f"unknown annotation '{a}' on '{d.name}'" + _suggest(a, _ANNOTATIONS), d.loc,
                                 "one of: " + ", ".join(f"{k} ({v})" for k, v in _ANNOTATIONS.items()))
+            if a == "unitnorm" and len(d.shape) < 4:
+                raise SpecError(f"unitnorm on '{d.name}' [{', '.join(d.shape)}]: one value per token and head has "
+                                "no vector to normalise", d.loc, "unitnorm on an input with a feature dim, "
+                                "e.g. [B, T, H, K]")
         decls.append(TensorDecl(d.name, d.kind, d.shape, d.annotations, d.loc))
     inputs = tuple(d for d in decls if d.role == "input")
     outputs = tuple(d for d in decls if d.role == "output")

@@ -52,7 +52,7 @@ def compiler_fault(chunk: int, block: int) -> str | None:
     walk at C >= 64 with a 16-wide block of the split dim (gla 2x8192 on the H100: wrong outputs at 1
     stage, an illegal memory access at 2, which loses the process's CUDA context; triton-lang/triton#11366
     reports the same class of wgmma fault for narrow blocks beside several dots). Faults that depend on
-    the spec (delta_net faults at C=64, block 32; gla runs it) are found by `effc tune` and remembered
+    the spec (delta_net_l2 faults at C=64, block 32; gla runs it) are found by `effc tune` and remembered
     per spec and GPU (`runtime.tuning.record_fault`)."""
     if chunk >= 64 and block < 32:
         return f"Triton 3.6 miscompiles C={chunk} with block {block} < 32 on Hopper (wrong output or a fault)"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -96,18 +97,30 @@ class Entry:
     tuned_at: float = 0.0
 
 
+# what a damaged file raises on reading and parsing (ValueError covers bad JSON and bad UTF-8,
+# RecursionError JSON nested too deep): a corrupt entry is ignored, never an exception
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, RecursionError)
+
+
 def _parse(text: str) -> Entry:
     raw = json.loads(text)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise ValueError(f"not an effc tuning entry of format {FORMAT}")
     key = TuningKey(**raw["key"])
+    if not all(isinstance(getattr(key, f), int if f == "codegen" else str) for f in key.__dataclass_fields__):
+        raise ValueError(f"'key' has fields of the wrong type: {raw['key']}")
     for part in ("config", "default"):
         knobs = raw[part]
-        if set(knobs) != set(KNOBS) or not all(isinstance(v, int) and (v in (0, 1) if k in _FLAG_KNOBS else v > 0)
-                                               for k, v in knobs.items()):
+        if not isinstance(knobs, dict) or set(knobs) != set(KNOBS) or not all(
+                isinstance(v, int) and (v in (0, 1) if k in _FLAG_KNOBS else v > 0) for k, v in knobs.items()):
             raise ValueError(f"'{part}' must give positive integers for {', '.join(KNOBS)} (0 or 1 for "
                              f"{', '.join(_FLAG_KNOBS)}), got {knobs}")
-    return Entry(key, raw["config"], float(raw["ms"]), raw["default"], float(raw["default_ms"]), raw["shape"],
+    ms, default_ms = float(raw["ms"]), float(raw["default_ms"])
+    if not (0 < ms < math.inf and 0 < default_ms < math.inf):
+        raise ValueError(f"times must be positive, got ms={ms}, default_ms={default_ms}")
+    if not isinstance(raw["shape"], dict):
+        raise ValueError(f"'shape' must be an object, got {raw['shape']!r}")
+    return Entry(key, raw["config"], ms, raw["default"], default_ms, raw["shape"],
                  int(raw.get("tried", 0)), float(raw.get("tuned_at", 0.0)))
 
 
@@ -115,10 +128,10 @@ def read_entry(path: Path) -> Entry | None:
     """The entry in `path`; None when there is none, or (with a warning) when it does not parse."""
     try:
         return _parse(path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no entry (NotADirectoryError: the cache dir is below a file)
         return None
-    except (OSError, ValueError, KeyError, TypeError) as e:  # ValueError covers bad JSON and bad UTF-8
-        warnings.warn(f"effc tuning cache: ignoring unreadable entry {path} ({type(e).__name__}: {e}); "
+    except _UNREADABLE as e:
+        warnings.warn(f"effc tuning cache: ignoring unreadable entry {path} ({type(e).__name__}: {str(e)[:200]}); "
                       "`effc tune` rebuilds it", stacklevel=2)
         return None
 
@@ -128,8 +141,7 @@ def store(key: TuningKey, config: dict, ms: float, default: dict, default_ms: fl
     entry = {"format": FORMAT, "key": asdict(key), "config": {k: int(config[k]) for k in KNOBS}, "ms": ms,
              "default": {k: int(default[k]) for k in KNOBS}, "default_ms": default_ms, "shape": shape,
              "tried": tried, "tuned_at": time.time()}
-    write_atomic(key.path, json.dumps(entry, indent=1))
-    return key.path
+    return write_atomic(key.path, json.dumps(entry, indent=1))
 
 
 # -- compiled variants that faulted on a GPU ---------------------------------------------------------
@@ -157,8 +169,7 @@ def clear_faults() -> int:
 
 def record_fault(op, gpu: str, variant: tuple[int, ...], reason: str) -> Path:
     path = _faults_dir(op, gpu) / ("-".join(map(str, variant)) + ".json")
-    write_atomic(path, json.dumps({"variant": list(variant), "reason": reason, "gpu": gpu, "at": time.time()}))
-    return path
+    return write_atomic(path, json.dumps({"variant": list(variant), "reason": reason, "gpu": gpu, "at": time.time()}))
 
 
 def known_faults(op, gpu: str) -> dict[tuple[int, ...], str]:
@@ -170,7 +181,7 @@ def known_faults(op, gpu: str) -> dict[tuple[int, ...], str]:
         try:
             raw = json.loads(path.read_text())
             out[tuple(int(v) for v in raw["variant"])] = str(raw["reason"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except _UNREADABLE:
             continue  # a half-written or foreign file: the fault is found again if it is real
     return out
 

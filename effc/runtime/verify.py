@@ -32,6 +32,8 @@ def random_inputs(spec: Spec, B: int, T: int, H: int, dims: dict[str, int], dtyp
             x = torch.sigmoid(x)
         elif "positive" in d.annotations:
             x = F.softplus(x)
+        elif "unitnorm" in d.annotations:
+            x = F.normalize(x, dim=-1)
         out.append(x.to(device=device, dtype=dtype))
     return out
 
