@@ -24,7 +24,9 @@ import effc
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-DIMS, LENGTHS = (32, 64, 128, 256), (63, 64, 2048)
+# SWEEP_DIMS / SWEEP_LENGTHS (comma-separated) narrow the sweep when device time is short
+DIMS = tuple(int(x) for x in os.environ.get("SWEEP_DIMS", "32,64,128,256").split(","))
+LENGTHS = tuple(int(x) for x in os.environ.get("SWEEP_LENGTHS", "63,64,2048").split(","))
 SPECS = effc.library_names()
 _HERE = Path(__file__).parent
 
