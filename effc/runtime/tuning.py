@@ -251,7 +251,7 @@ class Tuned:
                    or self.tiles(problem, None, **overrides))
             import torch
             if torch.device(device).type == "cpu":  # the model's reasons are about a GPU
-                cfg = replace(cfg, reasons=("on the CPU (Triton's interpreter): the tiles the model picks for an "
-                                            "H100; warps, stages and occupancy do not apply",) + cfg.reasons)
+                cfg = replace(cfg, reasons=cfg.reasons + ("on the CPU (Triton's interpreter): the tiles the model "
+                                                          "picks for an H100; warps, stages and occupancy do not apply",))
             self._configs[key] = cfg
         return self._configs[key]
