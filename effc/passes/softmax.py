@@ -129,8 +129,12 @@ class SoftmaxSchedule:
 
     @property
     def leaves(self) -> tuple[str, ...]:
-        """Per-token tensors the kernels read: inputs and prefix values."""
-        return tuple(d.name for d in self.spec.inputs) + tuple(op.out for op in self.spec.prefix.ops)
+        """Per-token tensors the kernels read: inputs and the prefix values that score or merge read (the
+        prefix's intermediates, e.g. the [C, 1] column of `k * rsqrt(rowsum(k * k))[:, None]`, stay in the
+        PyTorch pre-pass, whose autograd differentiates them)."""
+        read = {a for op in self.spec.score.ops + self.spec.merge.ops for a in op.args if isinstance(a, str)}
+        return tuple(d.name for d in self.spec.inputs) + tuple(op.out for op in self.spec.prefix.ops
+                                                               if op.out in read)
 
     def __str__(self) -> str:
         lines = ["schedule: online softmax (FlashAttention-2 walk over key blocks)"]

@@ -16,7 +16,7 @@ from ...ir.nodes import C, CK, Op
 from ...passes.blocksparse import NEG, POS, Range, triton_expr
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p_name
-from .printer import TritonPrinter
+from .printer import _LEAVES_FINITE_RANGE, TritonPrinter
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -38,12 +38,14 @@ def _dimname(d) -> str:
 class SoftmaxPrinter(TritonPrinter):
     """The Triton printer for score specs: leaves live on a query or key side, and `masked` (inside a
     partially masked block) makes every sum over a pair tile skip the pairs the masks drop (their values
-    may be inf or nan). Ops it does not override print as in the chunked-scan kernels."""
-    token_valid = None  # padded queries and keys are masked by the walk's own masks (qv, kv, keep)
+    may be inf or nan). A per-token value is kept finite on padded tokens (`_finite_on_padding`), so that
+    the zeros of a masked pair tile give zeros in a matmul over tokens. `full` holds the token axes (C, CK)
+    known to hold real tokens only: the inner block of the walk's mask-free range. Ops it does not override
+    print as in the chunked-scan kernels."""
 
-    def __init__(self, sched: SoftmaxSchedule, types, masked: bool = False):
+    def __init__(self, sched: SoftmaxSchedule, types, masked: bool = False, full: frozenset = frozenset()):
         super().__init__(sched.spec, types)
-        self.sched, self.masked = sched, masked
+        self.sched, self.masked, self.full = sched, masked, full
         self.leaves = set(sched.leaves)
         self.raw: dict[str, str] = {}  # values that are a loaded tile unchanged: print dots from the stored dtype
         self.keep_t = False
@@ -116,6 +118,24 @@ class SoftmaxPrinter(TritonPrinter):
             rank = self.types[op.args[0]].rank
             return f"tl.sum(tl.sum({x}, axis=1), axis=0)" if rank == 2 else (f"tl.sum({x}, axis=0)" if rank else x)
         return super().expr(op)
+
+    def _finite_on_padding(self, op: Op, text: str) -> str:
+        """Padded tokens read 0, so an op that can leave the finite range (rsqrt(rowsum(k * k)), x / y,
+        exp, log) may give inf or nan there, and its per-token result meets a masked pair tile's zeros in
+        a matmul over tokens (softmax(s) @ xn, ds @ kn, ds.T @ qn), where 0 * inf = nan reaches the real
+        tokens. Such an op gives 0 on padded tokens (one tl.where, on a [C] or [CK] vector for a
+        normaliser), so no matmul operand needs a mask; pair tiles are masked by `keep` instead. Values on
+        an axis in `full` (the inner block of a mask-free walk step) get none: every token there is real."""
+        if op.kind not in _LEAVES_FINITE_RANGE:
+            return text
+        shape = self.types[op.out].shape
+        axes = [i for i, d in enumerate(shape) if d == C or d == CK]
+        if len(axes) != 1 or shape[axes[0]] in self.full:  # constants, pair tiles, a block of real tokens
+            return text
+        valid = "qv" if shape[axes[0]] == C else "kv"
+        if len(shape) == 2:
+            valid += "[:, None]" if axes[0] == 0 else "[None, :]"
+        return f"tl.where({valid}, {text}, 0.0)"
 
     def _matmul(self, op: Op, a: list[str]) -> str:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
@@ -252,7 +272,7 @@ def _fwd(sched: SoftmaxSchedule) -> KernelView:
             shape = ", ".join(_dimname(d) for d in types[r.out].shape)
             kv.pre_lines.append(f"acc_{r.out} = tl.zeros([{shape}], tl.float32)")
     for masked in (True, False):
-        p = SoftmaxPrinter(sched, types, masked)
+        p = SoftmaxPrinter(sched, types, masked, frozenset() if masked else frozenset({CK}))
         p.raw.update(pr.raw)
         body = p.lines(sched.k_ops) + p.lines(sched.p_ops)
         if masked:
@@ -370,8 +390,9 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
         kv.pre_lines = pre + gl
     else:
         kv.pre_lines = pre
+    inner = CK if outer == "q" else C
     for masked in (True, False):
-        p = SoftmaxPrinter(sched, types, masked)
+        p = SoftmaxPrinter(sched, types, masked, frozenset() if masked else frozenset({inner}))
         p.raw.update(pr.raw)
         body = (gl if outer == "k" else []) + p.lines(kp.loop_fwd)
         if masked:
