@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import effc
 
 SCRIPT = r"""
@@ -71,6 +73,7 @@ def _compile_in_subprocesses(script: str, names: list[str], tmp_path) -> dict:
     return results
 
 
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_softmax_family_kernels_compile_for_sm90(tmp_path):
     names = effc.library_names("softmax") + effc.library_names("hybrid")
     results = _compile_in_subprocesses(SOFTMAX_SCRIPT, names, tmp_path)
@@ -81,6 +84,7 @@ def test_softmax_family_kernels_compile_for_sm90(tmp_path):
         assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"
 
 
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_library_kernels_compile_for_sm90(tmp_path):
     names = effc.library_names("linear") + effc.library_names("hybrid")
     results = _compile_in_subprocesses(SCRIPT, names, tmp_path)

@@ -37,6 +37,7 @@ def _grads(fn, leaves, d_o, d_s):
 # block 16 splits V = 32 across two programs: states without V (normalisers, stabilisers) then carry one
 # partial adjoint per block, and only one block may take the final-state cotangent
 @pytest.mark.parametrize("save_states,block", [(True, None), (False, None), (True, 16)])
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_gradients_match_autograd_through_the_oracle(name, save_states, block):
     op = effc.load(name)
     xs, s0 = _leaves(op, 2, 45, 2)
@@ -204,6 +205,7 @@ def test_segmented_reverse_scan_over_packed_sequences(name):
 
 
 @pytest.mark.parametrize("name", ["mlstm_sig", "gated_delta_net", "gla", "delta_net", "retention"])
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_bf16_storage_under_the_interpreter(name):
     """bf16 inputs through the interpreter (its matmuls run in fp32: DOT_DTYPE), so what a GPU stores in
     16 bits is rounded here too: the state history and its adjoints, prep's scratch, gradients stored in the
@@ -236,6 +238,7 @@ SPLIT = [n for n in LIBRARY if effc.load(n).comp.plan.split_dim]
 
 
 @pytest.mark.parametrize("name", SPLIT)
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_gradient_kernels_per_block_or_looping_over_blocks(name):
     """passes.block_loop.choose: each gradient kernel runs one program per V block (fp32 partials, summed) or
     one per chunk looping over the blocks (whole gradients), as the plan chose; over packed sequences with

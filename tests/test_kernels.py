@@ -28,6 +28,7 @@ def test_every_documented_mechanism_has_a_naive_reference():
 
 
 @pytest.mark.parametrize("name", LIBRARY)
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_oracle_chunked_equals_recurrent(name):
     op, xs, s0 = _setup(name)
     o, s = op.reference(*xs, initial_state=s0, output_final_state=True, chunk=16)

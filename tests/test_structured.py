@@ -72,6 +72,7 @@ def test_varlen_forward_backward_and_one_by_one(name):
 
 
 @pytest.mark.parametrize("name", NEW)
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_final_state_continues_the_sequence(name):
     """[0:T1] then [T1:T] from its final state equals one run over [0:T]; the split is inside a chunk."""
     op, xs, s0 = _setup(name, 2, 50, 2)
@@ -95,6 +96,7 @@ def test_step_equals_the_chunked_forward(name):
         assert judge_fp32(a, b).ok
 
 
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_hdla_without_decay_is_linear_attention():
     """With a = 1 the transition H H is the identity (a reflection squared): hdla is linear attention."""
     from naive import linear_attn
@@ -126,6 +128,7 @@ def test_mlstm_variants_match_mlstm_kernels_native_references():
 
 @pytest.mark.parametrize("name", ["mlstm", "mlstm_sig"])
 @pytest.mark.parametrize("chunk", [128, 256])
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_mlstm_large_chunks(name, chunk, monkeypatch):
     """chunk=128 and 256 (the `chunk` knob of effc tune's Candidate.overrides) run the fused walk: T=300 gives a
     partial last chunk, the initial and final states pass through, and with merge fused in the walk and no
@@ -321,6 +324,7 @@ GENERAL = ["delta_net", "delta_net_l2", "gated_delta_net", "gated_delta_net_l2",
 
 @pytest.mark.parametrize("deferred", [True, False], ids=["merge-deferred", "merge-fused"])
 @pytest.mark.parametrize("name", GENERAL)
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_general_transitions_in_both_merge_modes(name, deferred):
     """The walk with merge fused, and the walk updating the state alone with `out` evaluating merge per chunk:
     outputs, final states and gradients against the oracle; T = 45 is not a multiple of C = 16."""

@@ -60,6 +60,7 @@ def _refused(op) -> str | None:
 
 @pytest.mark.parametrize("kernel", FORWARD)
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_library_kernels_lower_to_cuda(name, kernel, tmp_path):
     op = effc.load(name)
     if kernel not in [k.name for k in op.comp.plan.kernels]:
@@ -75,6 +76,7 @@ def test_library_kernels_lower_to_cuda(name, kernel, tmp_path):
 
 
 @pytest.mark.parametrize("flags", [dict(is_varlen=True), dict(aligned=False, HX_k=4)], ids=["varlen", "ragged-gqa"])
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_masked_load_variants_lower(flags, tmp_path):
     src = _lower(effc.load("gla"), "walk", tmp_path, **flags)
     assert "T_seq" in src or "cu[" in src
@@ -90,6 +92,7 @@ def test_specs_outside_the_library_lower(text, tmp_path):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("name", NVCC_SUBSET)
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_nvcc_compiles_for_sm90a(name, tmp_path):
     root = Path(tilelang.__file__).parent
     procs = {}

@@ -358,6 +358,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # the full tier only (README: test tiers)
 def test_concurrent_tuners_leave_a_valid_cache(retention, cache):
     env = {**os.environ, "EFFC_CACHE_DIR": str(cache)}
     tests_dir = str(Path(__file__).parent)
