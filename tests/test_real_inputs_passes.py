@@ -112,7 +112,7 @@ def test_a_gradient_splits_into_at_most_max_terms():
 
 def _grads(fn, leaves, d_o, d_s):
     o, s = fn()
-    torch.autograd.backward([o, *s], [d_o, *d_s])
+    torch.autograd.backward([o, *(s if isinstance(s, tuple) else (s,))], [d_o, *d_s])
     g = [x.grad.clone() for x in leaves]
     for x in leaves:
         x.grad = None
@@ -136,3 +136,117 @@ def test_two_conjugate_gradient_steps_match_the_oracle(where):
     names = [d.name for d in op.spec.inputs] + [f"initial {s.name}" for s in op.spec.states]
     for name, a, r in zip(names, g, ref_g):
         assert judge_fp32(a, r).ok, f"d{name}: {judge_fp32(a, r)}"
+
+
+# ---- legality: the same sum, bracketed and ordered any way, is the same transition ------------------------
+
+BRACKETINGS = [
+    "S = S * exp(bl) + x + y",
+    "S = x + (S * exp(bl) + y)",
+    "S = (x + y) + exp(bl) * S",
+    "S = x + exp(bl) * S + y",
+    "S = y - (-x - S * exp(bl))",
+    "S = S * exp(bl) + (x + y)",
+]
+
+
+def bracketed(update: str) -> str:
+    return f"""
+spec bracketed {{
+  input q: [B, T, H, K]
+  input k: [B, T, H, K]
+  input v: [B, T, H, V]
+  input g: [B, T, H] logdecay
+  output o: [B, T, H, V]
+  state S: [K, V]
+  chunk 16
+  intra {{ b = cumsum(g) }}
+  merge {{ o = (q * exp(b)[:, None]) @ S }}
+  inter {{
+    bl = last(b)
+    x = (k * exp(bl - b)[:, None]).T @ v
+    y = k.T @ (v * 0.5)
+    {update}
+  }}
+}}
+"""
+
+
+@pytest.mark.parametrize("update", BRACKETINGS)
+def test_every_bracketing_of_the_update_is_segmentable(update, tmp_path):
+    from typer.testing import CliRunner
+    from effc.cli import app
+    path = tmp_path / "bracketed.attn"
+    path.write_text(bracketed(update))
+    r = CliRunner().invoke(app, ["show", str(path), "--stage", "legality"])
+    assert r.exit_code == 0, r.output
+    assert "state S: S' = S * " in r.output and "decay times state plus a state-free write" in r.output, r.output
+    assert "schedules: walk + segmented walk" in r.output, r.output
+
+
+@pytest.mark.parametrize("update", ["S = S * exp(bl) + x + S * S", "S = x + k.T @ (k @ S) + y",
+                                    "S = y + (x + exp(S) * exp(bl))"])
+def test_a_sum_with_a_term_nonlinear_in_the_state_stays_general(update):
+    t, = compile_text(bracketed(update)).legality.transitions
+    assert not t.diagonal_affine
+
+
+def test_every_bracketing_gives_the_same_numbers():
+    """Forward and gradients in 3 segments (T = 45: 3 chunks of 16), each spec against its oracle and all
+    against the first bracketing."""
+    first = None
+    for update in BRACKETINGS:
+        op = effc.loads(bracketed(update))
+        assert op.comp.plan.segmentable
+        xs = [x.requires_grad_() for x in random_inputs(op.spec, 2, 45, 2, DIMS, seed=6)]
+        s0 = random_state(op.spec, 2, 2, DIMS, seed=7).requires_grad_()
+        gen = torch.Generator().manual_seed(8)
+        d_o = torch.randn(2, 45, 2, DIMS["V"], generator=gen, dtype=torch.float64)
+        d_s = torch.randn(s0.shape, generator=gen, dtype=torch.float64)
+        leaves = xs + [s0]
+        ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, (d_s,))
+        out, g = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True, segments=3),
+                        leaves, d_o.float(), (d_s.float(),))
+        assert op.last_config.segments == 3
+        assert judge_fp32(out, ref).ok, (update, judge_fp32(out, ref))
+        for a, r in zip(g, ref_g):
+            assert judge_fp32(a, r).ok, (update, judge_fp32(a, r))
+        if first is None:
+            first = out, g
+        else:
+            torch.testing.assert_close(out, first[0], rtol=1e-4, atol=1e-4)
+            for a, b in zip(g, first[1]):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("update", ["n = n + a + 1.0", "n = n + (a + 1.0)", "n = 1.0 + a + n", "n = a - (-n - 1.0)"])
+def test_a_normaliser_plus_two_writes_is_segmentable_however_bracketed(update):
+    text = edit_update(bracketed("S = S * exp(bl) + x"), update)
+    legality = compile_text(text).legality
+    assert legality.segmentable, str(legality)
+    assert {t.state: t.decay for t in legality.transitions}["n"] is None
+
+
+def edit_update(text: str, update: str) -> str:
+    """`bracketed`'s spec with a second state n: [K] (a normaliser: no decay, two writes)."""
+    text = text.replace("  state S: [K, V]\n", "  state S: [K, V]\n  state n: [K]\n")
+    text = text.replace("merge { o = (q * exp(b)[:, None]) @ S }",
+                        "merge { o = ((q * exp(b)[:, None]) @ S) / (1.0 + abs(rowsum(q * n[None, :])))[:, None] }")
+    return text.replace("    y = k.T @ (v * 0.5)\n", f"    y = k.T @ (v * 0.5)\n    a = colsum(k)\n    {update}\n")
+
+
+def test_a_normaliser_with_two_writes_runs_segmented():
+    op = effc.loads(edit_update(bracketed("S = S * exp(bl) + x"), "n = n + a + 1.0"))
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 45, 2, DIMS, seed=9)]
+    s0 = tuple(s.requires_grad_() for s in random_state(op.spec, 1, 2, DIMS, seed=10))
+    gen = torch.Generator().manual_seed(11)
+    d_o = torch.randn(1, 45, 2, DIMS["V"], generator=gen, dtype=torch.float64)
+    d_s = tuple(torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in s0)
+    leaves = xs + list(s0)
+    ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, d_s)
+    out, g = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True, segments=3),
+                    leaves, d_o.float(), tuple(d.float() for d in d_s))
+    assert op.last_config.segments == 3
+    assert judge_fp32(out, ref).ok, judge_fp32(out, ref)
+    for a, r in zip(g, ref_g):
+        assert judge_fp32(a, r).ok, judge_fp32(a, r)
