@@ -22,28 +22,57 @@ from .autodiff import Adjoints, linear_arg
 from .fusion import Fused, FusedKernel, depends, live_ops, needed
 
 
+# A value whose split would give more terms than this stays one term. The terms of a value are its paths
+# through the ops linear in the adjoint, so they can grow exponentially with the depth of a DAG of shared
+# values (a merge chaining conjugate-gradient steps: 15, 207, 2739 terms for 1, 2, 3 steps). The library's
+# largest split has 96 terms (hdla), so the bound changes none of its kernels.
+MAX_TERMS = 256
+
+
 def split_terms(ops: tuple[Op, ...], root: str, adjoint: set[str], b: Adjoints) -> list[str]:
     """The values (in `b.ops` or `ops`) whose sum is `root`: the sum pushed out through ops linear in the
-    adjoint values (`adjoint`: the values that read a cotangent)."""
-    return _split({op.out: op for op in ops}, root, adjoint, b)
+    adjoint values (`adjoint`: the values that read a cotangent), at most MAX_TERMS of them per value."""
+    return _Splitter({op.out: op for op in ops}, adjoint, b)(root)
 
 
-def _split(by_out: dict[str, Op], root: str, adjoint: set[str], b: Adjoints) -> list[str]:
-    op = by_out.get(root)
-    if op is None or root not in adjoint:
-        return [root]
-    k, args = op.kind, op.args
-    if k == "add" and all(isinstance(a, str) and a in adjoint for a in args):
-        return _split(by_out, args[0], adjoint, b) + _split(by_out, args[1], adjoint, b)
-    if k == "sub" and all(isinstance(a, str) and a in adjoint for a in args):
-        return _split(by_out, args[0], adjoint, b) + [b.emit("neg", t) for t in _split(by_out, args[1], adjoint, b)]
-    wraps = linear_arg(op, adjoint)  # never through a matmul: each term would repeat it
-    if wraps is None:
-        return [root]
-    inner = _split(by_out, args[wraps], adjoint, b)
-    if len(inner) == 1:
-        return [root]
-    return [b.emit(k, *(args[:wraps] + (t,) + args[wraps + 1:])) for t in inner]
+class _Splitter:
+    """Splits each value once (memoised on its name: a shared value's terms are built once and shared by
+    every value that reads it). A value met again advances `b`'s counter by what splitting it emitted the
+    first time, so every later name is the one a split that revisited it would give: the generated source
+    does not depend on the memo."""
+
+    def __init__(self, by_out: dict[str, Op], adjoint: set[str], b: Adjoints):
+        self.by_out, self.adjoint, self.b = by_out, adjoint, b
+        self.memo: dict[str, tuple[list[str], int]] = {}  # value -> (its terms, ops its split emitted)
+
+    def __call__(self, root: str) -> list[str]:
+        if root in self.memo:
+            terms, emitted = self.memo[root]
+            self.b.n += emitted
+            return terms
+        n0 = self.b.n
+        terms = self._split(root)
+        if len(terms) > MAX_TERMS:
+            terms = [root]
+        self.memo[root] = terms, self.b.n - n0
+        return terms
+
+    def _split(self, root: str) -> list[str]:
+        op, adjoint, b = self.by_out.get(root), self.adjoint, self.b
+        if op is None or root not in adjoint:
+            return [root]
+        k, args = op.kind, op.args
+        if k == "add" and all(isinstance(a, str) and a in adjoint for a in args):
+            return self(args[0]) + self(args[1])
+        if k == "sub" and all(isinstance(a, str) and a in adjoint for a in args):
+            return self(args[0]) + [b.emit("neg", t) for t in self(args[1])]
+        wraps = linear_arg(op, adjoint)  # never through a matmul: each term would repeat it
+        if wraps is None:
+            return [root]
+        inner = self(args[wraps])
+        if len(inner) == 1:
+            return [root]
+        return [b.emit(k, *(args[:wraps] + (t,) + args[wraps + 1:])) for t in inner]
 
 
 def _leaves(ops) -> set[str]:

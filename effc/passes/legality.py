@@ -22,7 +22,7 @@ class Transition:
 
     state: str
     decay: str | float | None  # None: identity (D = 1)
-    write: str | None  # None: no write
+    write: str | float | None  # None: no write; a sum of several state-free terms is shown as one string
     diagonal_affine: bool
     why: str
 
@@ -54,7 +54,39 @@ def _depends(spec: Spec) -> dict[str, frozenset[str]]:
     return dep
 
 
+def _sum_terms(x, ops: dict[str, Op], dep) -> dict:
+    """`x` as a signed sum: {term: coefficient}, nested add, sub, neg and copy that read a state flattened, in the
+    order the terms appear; a state-free value stays one term. `S * e + x + y`, `x + (S * e + y)` and
+    `(x + y) + e * S` all give S * e plus state-free terms. Memoised on the value, so a DAG costs its size."""
+    memo: dict[str, dict] = {}
+
+    def terms(v) -> dict:
+        op = ops.get(v) if isinstance(v, str) else None
+        if op is None or not dep.get(v) or op.kind not in ("add", "sub", "neg", "copy"):
+            return {v: 1}
+        if v not in memo:
+            out: dict = {}
+            for a, sign in zip(op.args, (-1,) if op.kind == "neg" else (1, -1) if op.kind == "sub" else (1, 1)):
+                for t, c in terms(a).items():
+                    out[t] = out.get(t, 0) + sign * c
+            memo[v] = out
+        return memo[v]
+
+    return terms(x)
+
+
+def _show_sum(terms: dict) -> str:
+    out = ""
+    for t, c in terms.items():
+        mag = f"{abs(c)} * {t}" if abs(c) != 1 else str(t)
+        out += (f" - {mag}" if c < 0 else f" + {mag}") if out else (f"-{mag}" if c < 0 else mag)
+    return out
+
+
 def _transition(spec: Spec, state: str, ops: dict[str, Op], dep) -> Transition:
+    """Canonicalised before matching: the update is flattened into a signed sum of terms (`_sum_terms`), so every
+    bracketing and ordering of the same sum gets the same transition. Diagonal-affine when exactly one term
+    reads a state, with coefficient 1, and that term is this state scaled by a state-free value."""
     def free(x) -> bool:
         return not isinstance(x, str) or not dep.get(x)
 
@@ -74,18 +106,17 @@ def _transition(spec: Spec, state: str, ops: dict[str, Op], dep) -> Transition:
                 return a
         return None
 
-    root = ops[next_state_name(state)]
-    if root.kind == "copy":
-        root = ops.get(root.args[0], root)
-    d = scaled(root.out)
-    if d is not None:
-        return Transition(state, None if d == 1.0 else d, None, True, "decay only")
-    if root.kind == "add":
-        for x, w in (root.args, root.args[::-1]):
-            d = scaled(x)
-            if d is not None and free(w):
-                return Transition(state, None if d == 1.0 else d, w, True, "decay times state plus a state-free write")
-    reads = sorted(dep.get(root.out, ()))
+    root = next_state_name(state)
+    terms = _sum_terms(root, ops, dep)
+    stateful = [(t, c) for t, c in terms.items() if not free(t)]
+    writes = {t: c for t, c in terms.items() if free(t) and c != 0}
+    if len(stateful) == 1 and stateful[0][1] == 1 and (d := scaled(stateful[0][0])) is not None:
+        decay = None if d == 1.0 else d
+        if not writes:
+            return Transition(state, decay, None, True, "decay only")
+        write = next(iter(writes)) if list(writes.values()) == [1] else _show_sum(writes)
+        return Transition(state, decay, write, True, "decay times state plus a state-free write")
+    reads = sorted(dep.get(root, ()))
     return Transition(state, None, None, False,
                       f"update is not S * D + W with state-free D, W (depends on {', '.join(reads)})")
 

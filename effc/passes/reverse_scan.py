@@ -27,15 +27,31 @@ class _Split:
         self.defs = {op.out: op for op in ops}
         self.carried, self.adjoint = carried, depends(ops, seeds)
         self.new: list[Op] = []
+        self.n = 0  # the next name's number
+        self.memo: dict[str, tuple[tuple, int]] = {}  # value -> (its parts, ops its split emitted)
 
     def emit(self, kind: str, args: tuple, t: TileType) -> str:
-        out = f"_rs{len(self.new)}"
+        out = f"_rs{self.n}"
+        self.n += 1
         self.new.append(Op(out, kind, args, t))
         return out
 
     def __call__(self, v) -> tuple:
+        """Each value is split once (memoised on its name, so a DAG of shared values is walked in linear time,
+        not once per path); a value met again advances the numbering by what its split emitted, so later
+        names are those a split that walked it again would give, and the generated source is the same."""
         if not isinstance(v, str) or v not in self.carried:
             return None, v
+        if v in self.memo:
+            parts, emitted = self.memo[v]
+            self.n += emitted
+            return parts
+        n0 = self.n
+        parts = self._split(v)
+        self.memo[v] = parts, self.n - n0
+        return parts
+
+    def _split(self, v: str) -> tuple:
         op = self.defs.get(v)
         if op is None:
             return v, None
