@@ -65,10 +65,11 @@ def split_hybrid(spec: Spec, types: dict) -> HybridSplit:
                             "side in merge", op.loc, "inputs without the `key` annotation in the state branch")
     used = {a for op in spec.intra.ops + l_merge + spec.inter.ops for a in op.args if isinstance(a, str)}
     prefix_inputs = tuple(op.out for op in spec.prefix.ops if op.out in used)
-    soft = replace(spec, name=f"{spec.name}_softmax", outputs=tuple(_decl(r, types[r], "output") for r in reductions),
+    # both branches keep the spec's name, which every error a call can raise names (their kernels' names differ)
+    soft = replace(spec, outputs=tuple(_decl(r, types[r], "output") for r in reductions),
                    states=(), intra=Stage("intra", ()), inter=Stage("inter", ()), merge=Stage("merge", s_merge))
     extra = tuple(_decl(r, types[r], "input") for r in reductions + list(prefix_inputs))
-    lin = Spec(f"{spec.name}_state", spec.inputs + extra, spec.outputs, spec.states, spec.params, spec.chunk,
+    lin = Spec(spec.name, spec.inputs + extra, spec.outputs, spec.states, spec.params, spec.chunk,
                _untyped(spec.intra), Stage("merge", tuple(op.typed(None) for op in l_merge)), _untyped(spec.inter))
     return HybridSplit(soft, lin, tuple(reductions), prefix_inputs)
 

@@ -124,6 +124,48 @@ def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[
     return B, T, H, {n: s for n, (s, _) in sizes.items() if n not in ("B", "T", "H")}
 
 
+def state_list(spec: Spec, initial_state) -> list:
+    """initial_state (a tensor, a sequence, or a dict by state name) as a list in declaration order."""
+    states = [s.name for s in spec.states]
+    if initial_state is None:
+        return []
+    if isinstance(initial_state, dict):
+        if set(initial_state) != set(states):
+            raise ArgumentError(f"initial_state must give every state of {spec.name} ({', '.join(states)}); "
+                                f"got {sorted(initial_state)}")
+        return [initial_state[n] for n in states]
+    given = [initial_state] if not isinstance(initial_state, (tuple, list)) else list(initial_state)
+    if len(given) != len(states):
+        raise ArgumentError(f"initial_state must hold {len(states)} tensor(s) ({', '.join(states)}), got {len(given)}")
+    return given
+
+
+def decode_inputs(spec: Spec, tokens: tuple, context=None) -> list:
+    """A decoding step's inputs as op(...) takes them, (B, t + 1, H, D): each token, (B, H, D) (a gate (B, H)),
+    after that input's earlier tokens in `context` (a sequence of (B, t, H, D) tensors, one per input; None:
+    no earlier token)."""
+    names = [d.name for d in spec.inputs]
+    if len(tokens) != len(names):
+        raise ArgumentError(f"{spec.name}.step takes {len(names)} tokens ({', '.join(names)}), got {len(tokens)}")
+    for d, x in zip(spec.inputs, tokens):
+        want = "(" + ", ".join(n for n in d.dims if n != "T") + ")"
+        if not isinstance(x, torch.Tensor) or x.dim() != len(d.dims) - 1:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ArgumentError(f"token '{d.name}' must be one token of shape {want}, got {got}")
+    xs = [x.unsqueeze(1) for x in tokens]
+    if context is None:
+        return xs
+    if not isinstance(context, (tuple, list)) or len(context) != len(names):
+        raise ArgumentError(f"context must hold the earlier tokens of each input of {spec.name} ({', '.join(names)}) "
+                            "as (B, t, H, D) tensors, as the step before returned it")
+    check_inputs(spec, tuple(context), for_kernels=False)
+    for d, c, x in zip(spec.inputs, context, xs):
+        if c.shape[:1] + c.shape[2:] != x.shape[:1] + x.shape[2:]:
+            raise ArgumentError(f"token '{d.name}' has shape {tuple(x.shape[:1] + x.shape[2:])}, but its context "
+                                f"{tuple(c.shape)} holds tokens of shape {tuple(c.shape[:1] + c.shape[2:])}")
+    return [torch.cat([c, x], 1) for c, x in zip(context, xs)]
+
+
 def check_state(spec: Spec, initial_state, B: int, H: int, dims: dict[str, int], device) -> dict[str, torch.Tensor]:
     if initial_state is None:
         return {}

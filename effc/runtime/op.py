@@ -12,8 +12,8 @@ from ..errors import ArgumentError
 from ..ir.nodes import Spec
 from ..passes.tiling import Problem, TileConfig, choose, history_policy
 from .cache import load_module
-from .checks import (check_cu_seqlens, check_inputs, check_knobs, check_state, describe, history_dtype, param_values,
-                     rebuild)
+from .checks import (check_cu_seqlens, check_inputs, check_knobs, check_state, decode_inputs, describe, history_dtype,
+                     param_values, rebuild, state_list)
 from .tuning import Tuned, sm_count as _sm_count
 from .torch_op import torch_ops
 from .compiler import Compilation
@@ -90,7 +90,7 @@ class AttentionOp(Tuned):
         the host-side checks and choices are compile-time constants of the call's shapes.
         chunk, block, segments, num_warps, num_stages, defer_merge (merge in the chunk-parallel out kernel
         instead of the walk) override the tiling model's or `effc tune`'s choice."""
-        init = self._state_list(initial_state)
+        init = state_list(self.spec, initial_state)
         longest = None
         if cu_seqlens is not None and not torch.compiler.is_compiling():
             check_cu_seqlens(cu_seqlens, tensors[0].shape[0] if torch.is_tensor(tensors[0]) else 0,
@@ -110,22 +110,6 @@ class AttentionOp(Tuned):
         if not output_final_state:
             return o, None
         return o, (finals[0] if n_state == 1 else tuple(finals))
-
-    def _state_list(self, initial_state) -> list:
-        """initial_state (a tensor, a sequence, or a dict by state name) as a list in declaration order."""
-        states = [s.name for s in self.spec.states]
-        if initial_state is None:
-            return []
-        if isinstance(initial_state, dict):
-            unknown = sorted(set(initial_state) - set(states))
-            if unknown or set(initial_state) != set(states):
-                raise ArgumentError(f"initial_state must give every state of {self.name} ({', '.join(states)}); "
-                                    f"got {sorted(initial_state)}")
-            return [initial_state[n] for n in states]
-        given = [initial_state] if not isinstance(initial_state, (tuple, list)) else list(initial_state)
-        if len(given) != len(states):
-            raise ArgumentError(f"initial_state must hold {len(states)} tensor(s) ({', '.join(states)}), got {len(given)}")
-        return given
 
     def _plan_call(self, descs, init_descs, n_seq, longest, output_final_state, grad, save_states, overrides,
                    params) -> tuple[tuple, tuple]:
@@ -157,13 +141,11 @@ class AttentionOp(Tuned):
         return keep, why
 
     # -- decoding ---------------------------------------------------------------------------------
-    def step(self, *tokens, state, **params):
-        """One decoding step: `tokens` are (B, H, D) (or (B, H) gates), `state` the carried state(s).
-        Returns (o_t, next state). Runs the generated walk kernel on a single token."""
-        if not isinstance(state, (torch.Tensor, tuple, list, dict)):
-            raise ArgumentError("step needs state=: the state(s) carried from the previous step")
-        o, nxt = self(*(x.unsqueeze(1) for x in tokens), initial_state=state, output_final_state=True,
-                      segments=1, **params)
+    def step(self, *tokens, state=None, **params):
+        """One decoding step: `tokens` are (B, H, D) (or (B, H) gates), `state` the carried state(s) (None:
+        zeros). Returns (o_t, next state). Runs the generated walk kernel on a single token."""
+        o, nxt = self(*decode_inputs(self.spec, tokens), initial_state=state, output_final_state=True, segments=1,
+                      **params)
         return (o[:, 0] if torch.is_tensor(o) else tuple(x[:, 0] for x in o)), nxt
 
     # -- the oracle ---------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..passes.tiling import Problem
 from .cache import load_module
-from .checks import (check_cu_seqlens, check_inputs, check_knobs, interpreting, kernel_cu_seqlens, operand_dtype,
-                     param_values)
+from .checks import (check_cu_seqlens, check_inputs, check_knobs, decode_inputs, interpreting, kernel_cu_seqlens,
+                     operand_dtype, param_values)
 from .softmax_compiler import SoftmaxCompilation
 from .softmax_oracle import evaluate_softmax, prefix_values
 from .tuning import Tuned
@@ -210,14 +210,25 @@ class SoftmaxOp(Tuned):
 
     # -- the oracle -----------------------------------------------------------------------------------
     def reference(self, *tensors, cu_seqlens=None, dtype=torch.float64, matmul_dtype=None, initial_state=None,
-                  output_final_state: bool = False, chunk=None, **params):
+                  output_final_state: bool = False, chunk=None, last_query: bool = False, **params):
         """The spec evaluated with PyTorch ops on whole [T, T] score matrices (differentiable; float64
-        inputs are accepted, for gradient checks)."""
+        inputs are accepted, for gradient checks). `last_query`: the last token's outputs only, (B, 1, H, D)."""
         B, T, H, dims, pvals = self._check(tensors, params, False, initial_state, output_final_state)
         outs = evaluate_softmax(self.spec, {d.name: x for d, x in zip(self.spec.inputs, tensors)}, pvals, dims,
-                                dtype, matmul_dtype, cu_seqlens)
+                                dtype, matmul_dtype, cu_seqlens, last_query=last_query)
         o = [outs[o.name] for o in self.spec.outputs]
         return (o[0] if len(o) == 1 else tuple(o)), None
+
+    # -- decoding -------------------------------------------------------------------------------------
+    def step(self, *tokens, context=None, **params):
+        """One decoding step: `tokens` are (B, H, D) (or (B, H)), `context` every input's earlier tokens
+        ((B, t, H, D) tensors as op(...) takes them, e.g. a prompt; None: none). Returns (o_t, context with
+        the token appended). The token's query attends to the whole context in PyTorch (fp32, no generated
+        kernel): O(t) work a step, and the prefix stage recomputed over the context."""
+        xs = decode_inputs(self.spec, tokens, context)
+        o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
+        o = [x[:, 0].to(tokens[0].dtype) for x in (o if isinstance(o, tuple) else (o,))]
+        return (o[0] if len(o) == 1 else tuple(o)), tuple(xs)
 
     def recurrent_reference(self, *tensors, **kw):
         """The softmax family has no recurrent form with a fixed state: the same as `reference`."""
@@ -327,21 +338,22 @@ class HybridOp:
         return f"<effc hybrid op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
 
     def _extras(self, tensors, params, cu_seqlens, reference: bool, dtype=torch.float64, matmul_dtype=None,
-                **knobs):
+                last_query: bool = False, **knobs):
+        """The state branch's extra inputs: the softmax branch's reductions and the prefix values it reads,
+        per token (`last_query`: the last token's only)."""
         named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
         if reference:
             r, _ = self.softmax.reference(*tensors, cu_seqlens=cu_seqlens, dtype=dtype, matmul_dtype=matmul_dtype,
-                                          **params)
+                                          last_query=last_query, **params)
         else:
             r, _ = self.softmax(*tensors, cu_seqlens=cu_seqlens, **knobs, **params)
-        r = r if isinstance(r, tuple) else (r,)
-        extra = list(r)
+        extra = list(r) if isinstance(r, tuple) else [r]
         if self.split.prefix_inputs:
             B, T, H = tensors[0].shape[:3]
             dims = {n: s for d, x in zip(self.spec.inputs, tensors) for n, s in zip(d.dims[3:], x.shape[3:])}
             pre = prefix_values(self.spec, named, self.softmax.param_values(dims, params), H,
                                 dtype if reference else torch.float32, cu_seqlens)
-            extra += [pre[x] for x in self.split.prefix_inputs]
+            extra += [pre[x][:, T - 1 if last_query else 0:] for x in self.split.prefix_inputs]
         return extra
 
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
@@ -360,6 +372,16 @@ class HybridOp:
                           segments=segments, save_states=save_states, defer_merge=defer_merge, **launch, **params)
         self.last_config = self.linear.last_config
         return out
+
+    def step(self, *tokens, state=None, context=None, **params):
+        """One decoding step: `tokens` are (B, H, D) (or (B, H)), `state` the carried state(s) (None: zeros),
+        `context` every input's earlier tokens (as SoftmaxOp.step). Returns (o_t, next state, context with
+        the token appended): the softmax branch's query against the context in PyTorch (fp32), then the state
+        branch's generated walk on the single token."""
+        xs = decode_inputs(self.spec, tokens, context)
+        extra = self._extras(xs, params, None, True, torch.float32, last_query=True)
+        o, nxt = self.linear.step(*tokens, *[x[:, 0].to(tokens[0].dtype) for x in extra], state=state, **params)
+        return o, nxt, tuple(xs)
 
     def reference(self, *tensors, initial_state=None, output_final_state: bool = False, chunk=None,
                   dtype=torch.float64, matmul_dtype=None, **params):

@@ -119,8 +119,9 @@ def _base(spec: Spec, params: dict, H: int, dtype, device, T: int, heads=None, u
 
 
 def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=torch.float64, matmul_dtype=None,
-                     cu_seqlens=None, head_group: int | None = None):
-    """({output: (B, T, H, ...)}) for (B, T, Hx, ...) inputs; `dims` are the feature dim sizes."""
+                     cu_seqlens=None, head_group: int | None = None, last_query: bool = False):
+    """({output: (B, T, H, ...)}) for (B, T, Hx, ...) inputs; `dims` are the feature dim sizes. `last_query`:
+    only the last query of each sequence against all its keys (a decoding step; outputs (B, 1, H, ...))."""
     first = tensors[spec.inputs[0].name]
     B, T, H = first.shape[:3]
     device = first.device
@@ -129,23 +130,27 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
     outs = {o.name: [] for o in spec.outputs}
     for a, b in _sequences(T, cu_seqlens):
         n = b - a
+        q0 = n - 1 if last_query else 0  # the first query evaluated
         per_head = {o.name: [] for o in spec.outputs}
-        group = head_group or max(1, min(H, 2 ** 27 // max(1, B * n * n)))  # ~2^27 elements per [T, T] tile
+        group = head_group or max(1, min(H, 2 ** 27 // max(1, B * (n - q0) * n)))  # ~2^27 elements per score tile
         for h0 in range(0, H, group):
             h1 = min(H, h0 + group)
             env = _base(spec, params, H, dtype, device, n, torch.arange(h0, h1))
+            env["qpos"] = env["qpos"][:, :, q0:]
             env.update({k: torch.full((1, 1), float(v), dtype=dtype, device=device) for k, v in dims.items()})
+            keys = {}  # every token, for key(x); the other reads of a per-token value are the queries'
             for name, x in full.items():
-                env[name] = _tile(_heads(x[:, a:b], H)[:, :, h0:h1].to(dtype))
+                keys[name] = _tile(_heads(x[:, a:b], H)[:, :, h0:h1].to(dtype))
+                env[name] = keys[name][:, :, q0:]
             for op in spec.score.ops:
-                _run(op, env, n, None, matmul_dtype)
-            keep = torch.ones((1, 1, n, n), dtype=torch.bool, device=device)
+                _run(op, env, keys, n, None, matmul_dtype)
+            keep = torch.ones((1, 1, n - q0, n), dtype=torch.bool, device=device)
             for m in spec.masks:
                 mv = env[m]
                 mv = _align(mv, 2) if torch.is_tensor(mv) else torch.tensor(mv)
                 keep = keep & (mv != 0)
             for op in spec.merge.ops:
-                _run(op, env, n, keep, matmul_dtype)
+                _run(op, env, keys, n, keep, matmul_dtype)
             for o in spec.outputs:
                 per_head[o.name].append(_untile(env[o.name], o.tile.rank, B, h1 - h0))
         for o in spec.outputs:
@@ -153,11 +158,11 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
     return {k: torch.cat(v, 1) for k, v in outs.items()}
 
 
-def _run(op: Op, env: dict, n: int, keep, matmul_dtype) -> None:
+def _run(op: Op, env: dict, keys: dict, n: int, keep, matmul_dtype) -> None:
     n_args = 1 if op.kind == "expand" else len(op.args)
-    args = [x if isinstance(x, float) else env[x] for x in op.args[:n_args]]
+    src = keys if op.kind == "key" else env
+    args = [x if isinstance(x, float) else src[x] for x in op.args[:n_args]]
     if op.kind == "matmul" and matmul_dtype is not None and all(torch.is_tensor(a) for a in args):
         env[op.out] = (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
         return
     env[op.out] = _eval(op, args, n, keep)
-
