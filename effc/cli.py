@@ -157,29 +157,16 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
           dtype: str = typer.Option("float32", help="float32, bfloat16 or float16 (low precision needs a GPU)"),
           seed: int = typer.Option(0),
           backend: str = typer.Option("triton", help="triton, tilelang (forward; needs a GPU) or auto")):
-    """Parse, validate, and run the kernel against the oracle on random inputs; print the error."""
+    """Parse, validate, and run the kernel against the oracle on random inputs, forward and backward; print
+    each output's, final state's and gradient's error and bound."""
     interp = _use_interpreter_without_gpu()
     import torch
 
     from .runtime.softmax_op import make_op
-    from .runtime.verify import judge_fp32, judge_low_precision, random_inputs, random_state
+    from .runtime.verify import check_op
     try:
         comp = _compilation(spec)
-        if comp.typed.score.ops and not comp.typed.states:  # the softmax family: kernels and gradients
-            from .runtime.softmax_op import SoftmaxOp, check_softmax
-            B, T, H = _parse_shape(shape)
-            dt = getattr(torch, dtype) if dtype in _DTYPES else None
-            if dt is None:
-                raise typer.BadParameter(f"'{dtype}': expected one of {', '.join(_DTYPES)}", param_hint="--dtype")
-            if interp and dt != torch.float32:
-                raise ArgumentError("low-precision checks need a GPU: Triton's interpreter computes bf16 dots wrongly")
-            lines, ok = check_softmax(SoftmaxOp(comp), B, T, H, _parse_dims(dims), dt, "cpu" if interp else "cuda",
-                                      seed, chunk, "Triton interpreter (CPU)" if interp else torch.cuda.get_device_name())
-            typer.echo("\n".join(lines))
-            if not ok:
-                raise typer.Exit(1)
-            return
-        op = make_op(comp, backend)  # AttentionOp, or a hybrid's op (a state and a softmax branch)
+        op = make_op(comp, backend)  # AttentionOp, SoftmaxOp, or a hybrid's op (a state and a softmax branch)
         if interp and backend != "triton":
             raise ArgumentError(f"the {backend} backend needs a GPU; without one, `effc show --stage source "
                                 f"--backend {backend}` prints its program")
@@ -190,26 +177,14 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
         dt = getattr(torch, dtype)
         if interp and dt != torch.float32:
             raise ArgumentError("low-precision checks need a GPU: Triton's interpreter computes bf16 dots wrongly")
-        device = "cpu" if interp else "cuda"
-        xs = random_inputs(op.spec, B, T, H, sizes, dt, device, seed)
-        s0 = random_state(op.spec, B, H, sizes, device)
-        knobs = {"defer_merge": defer_merge} if defer_merge is not None else {}
-        o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=chunk, segments=segments, **knobs)
-        ref, ref_s = op.reference(*xs, initial_state=s0, output_final_state=True)
-        rec, _ = op.recurrent_reference(*xs, initial_state=s0, output_final_state=True)
+        verdicts = check_op(op, B, T, H, sizes, dt, "cpu" if interp else "cuda", seed, chunk=chunk,
+                            segments=segments, defer_merge=defer_merge)
     except (SpecError, ArgumentError, NotImplementedError) as e:
         _fail(e)
     where = "Triton interpreter (CPU)" if interp else torch.cuda.get_device_name()
     typer.echo(f"{op.name}: B={B} T={T} H={H} {sizes} {dtype} on {where}; {op.last_config}".rstrip())
-    typer.echo(f"  oracle chunked vs recurrent: max abs {(ref - rec).abs().max().item():.2e}")
-    if dt == torch.float32:
-        verdicts = [("output", judge_fp32(o, ref)), ("final state", judge_fp32(s if torch.is_tensor(s) else s[0],
-                                                                               ref_s if torch.is_tensor(ref_s) else ref_s[0]))]
-    else:
-        low, _ = op.reference(*xs, initial_state=s0, dtype=torch.float32, matmul_dtype=dt)
-        verdicts = [("output", judge_low_precision(o, ref, low))]
     for what, v in verdicts:
-        typer.echo(f"  kernel vs oracle, {what}: {v}")
+        typer.echo(f"  {what}: {v}")
     if not all(v.ok for _, v in verdicts):
         raise typer.Exit(1)
 

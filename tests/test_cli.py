@@ -92,7 +92,8 @@ def test_check_runs_the_kernel_against_the_oracle():
     assert "retention: B=1 T=40 H=2 {'K': 16, 'V': 16} float32" in r.output
     assert "chunk=16 block=16 segments=2" in r.output
     verdicts = [line for line in r.output.splitlines() if line.startswith("  kernel vs oracle")]
-    assert len(verdicts) == 2 and all(line.endswith(" ok") for line in verdicts), r.output
+    assert len(verdicts) == 6 and all(line.endswith(" ok") for line in verdicts), r.output  # o, S, dq dk dv dS0
+    assert "  kernel vs oracle, grad initial state S: max abs error " in r.output
 
 
 @no_cuda

@@ -1,12 +1,16 @@
 """Ops as real callers use them: decoding one token at a time in every family (a linear state from zeros,
-a softmax branch's context of earlier tokens, a hybrid carrying both), and a hybrid's errors naming the
-user's spec, never one of its internal branches."""
+a softmax branch's context of earlier tokens, a hybrid carrying both), a hybrid's errors naming the
+user's spec, never one of its internal branches, and `effc check` on specs beyond the library's shapes
+(two outputs, an input read only by a mask), judging every gradient in every family."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from typer.testing import CliRunner
+
 import effc
+from effc.cli import app
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
 DIMS = {"K": 16, "V": 16}
@@ -189,3 +193,119 @@ def test_hybrid_takes_the_state_branchs_knobs(knobs):
     assert judge_fp32(o, ref).ok
     for a, b in zip(grads, torch.autograd.grad(ref, leaves, d_o.double())):
         assert judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
+# -- effc check -----------------------------------------------------------------------------------------
+
+TWO_OUTPUTS = """
+spec two_outputs {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K]
+  input v: [B, T, H, V]
+  input g: [B, T, H] logdecay
+  output o: [B, T, H, V]
+  output gated: [B, T, H, V]
+  state S: [K, V]
+  param scale = K ** -0.5
+  chunk 16
+
+  intra {
+    b = cumsum(g)
+    qd = q * exp(b)[:, None] * scale
+    o_intra = causal(qd @ (k * exp(-b)[:, None]).T) @ v
+  }
+  merge {
+    y = o_intra + qd @ S
+    o = y
+    gated = y * sigmoid(y)
+  }
+  inter {
+    bl = last(b)
+    S = S * exp(bl) + (k * exp(bl - b)[:, None]).T @ v
+  }
+}
+"""
+
+# a per-token input that only a mask reads: document ids, or a prefix length per query
+MASK_ONLY = """
+spec {name} {{
+  input q: [B, T, H, K]
+  input k: [B, T, H, K] key
+  input v: [B, T, H, V] key
+  input {extra}: [B, T, H]
+  output o: [B, T, H, V]
+  param scale = K ** -0.5
+
+  score {{
+    s = (q @ k.T) * scale
+    mask {mask}
+  }}
+  merge {{
+    o = softmax(s) @ v
+  }}
+}}
+"""
+MASK_ONLY_SPECS = {"doc_mask": ("doc", "kpos <= qpos and key(doc) == query(doc)"),
+                   "prefix_lm": ("plen", "kpos < query(plen) or kpos <= qpos")}
+
+
+def _check(*args):
+    r = CliRunner().invoke(app, ["check", *args, "--shape", "1,40,2", "--dims", "K=16,V=16", "--chunk", "16"])
+    return r, {line.split(":")[0].strip(): line for line in r.output.splitlines() if line.startswith("  ")
+               and ("oracle" in line)}
+
+
+def _expected(spec) -> set[str]:
+    names = ([f"output {o.name}" for o in spec.outputs] + [f"final state {s.name}" for s in spec.states]
+             + [f"grad {d.name}" for d in spec.inputs] + [f"grad initial state {s.name}" for s in spec.states])
+    return {f"kernel vs oracle, {n}" for n in names} | ({"oracle chunked vs recurrent"} if spec.states else set())
+
+
+@pytest.mark.parametrize("name", ["two_outputs", "doc_mask", "prefix_lm"])
+def test_check_specs_beyond_the_librarys_shapes(name, tmp_path):
+    """effc check crashed on a linear spec with two outputs (it compared tuples) and on a softmax spec with an
+    input read only by a mask (autograd: the input is not in the graph); both are judged, the mask's input
+    by a zero gradient."""
+    path = tmp_path / f"{name}.attn"
+    path.write_text(TWO_OUTPUTS if name == "two_outputs" else
+                    MASK_ONLY.format(name=name, extra=MASK_ONLY_SPECS[name][0], mask=MASK_ONLY_SPECS[name][1]))
+    r, verdicts = _check(str(path))
+    assert r.exit_code == 0, r.output
+    assert set(verdicts) == _expected(effc.load(str(path)).spec), r.output
+    assert all(line.endswith(" ok") and "(bound " in line for line in verdicts.values()), r.output
+    if name != "two_outputs":
+        extra = MASK_ONLY_SPECS[name][0]
+        assert f"grad {extra}: max abs error 0.000e+00" in verdicts[f"kernel vs oracle, grad {extra}"]
+
+
+@pytest.mark.parametrize("name", ["retention", "softmax_attn", "swax"])
+def test_check_judges_every_gradient_in_every_family(name):
+    """Every output, final state, input gradient and initial-state gradient, with its error and bound."""
+    r, verdicts = _check(name)
+    assert r.exit_code == 0, r.output
+    assert set(verdicts) == _expected(effc.load(name).spec), r.output
+    assert all(line.endswith(" ok") for line in verdicts.values()), r.output
+
+
+class _DoubledGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+@pytest.mark.parametrize("name", ["retention", "swax"])
+def test_check_fails_on_a_wrong_gradient(name, monkeypatch):
+    """A kernel whose forward is right and whose gradients are not: check says FAIL and exits 1 (it did
+    not look at the linear family's or a hybrid's gradients)."""
+    from effc.runtime.op import AttentionOp
+    call = AttentionOp.__call__
+    monkeypatch.setattr(AttentionOp, "__call__", lambda self, *xs, **kw: call(
+        self, *(_DoubledGradient.apply(x) for x in xs), **kw))
+    r, verdicts = _check(name)
+    assert r.exit_code == 1, r.output
+    assert verdicts["kernel vs oracle, output o"].endswith(" ok")
+    assert verdicts["kernel vs oracle, grad q"].endswith(" FAIL"), r.output

@@ -292,33 +292,6 @@ class _SoftmaxFunction(torch.autograd.Function):
         return (None, None, None, None, None, None, *grads)
 
 
-def check_softmax(op: SoftmaxOp, B: int, T: int, H: int, dims: dict, dtype, device, seed: int, chunk, where: str):
-    """`effc check` for the softmax family: output and input gradients against the oracle."""
-    from .verify import judge_fp32, judge_low_precision, random_inputs
-    sizes = {d: 32 for d in op.spec.dims} | dims
-    xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, sizes, dtype, device, seed)]
-    o, _ = op(*xs, chunk=chunk)
-    outs = o if isinstance(o, tuple) else (o,)
-    seeds = [torch.randn_like(x) for x in outs]
-    grads = torch.autograd.grad(outs, xs, seeds)
-    leaves = [x.detach().double().requires_grad_() for x in xs]
-    ref, _ = op.reference(*leaves)
-    refs = ref if isinstance(ref, tuple) else (ref,)
-    ref_grads = torch.autograd.grad(refs, leaves, [s.double() for s in seeds])
-    lines = [f"{op.name}: B={B} T={T} H={H} {sizes} {str(dtype).replace('torch.', '')} on {where}; {op.last_config}"]
-    verdicts = []
-    if dtype == torch.float32:
-        verdicts += [(f"output {s.name}", judge_fp32(a, b)) for s, a, b in zip(op.spec.outputs, outs, refs)]
-        verdicts += [(f"d{d.name}", judge_fp32(a, b)) for d, a, b in zip(op.spec.inputs, grads, ref_grads)]
-    else:
-        low, _ = op.reference(*[x.detach() for x in xs], dtype=torch.float32, matmul_dtype=dtype)
-        lows = low if isinstance(low, tuple) else (low,)
-        verdicts += [(f"output {s.name}", judge_low_precision(a, b, c))
-                     for s, a, b, c in zip(op.spec.outputs, outs, refs, lows)]
-    lines += [f"  kernel vs oracle, {what}: {v}" for what, v in verdicts]
-    return lines, all(v.ok for _, v in verdicts)
-
-
 class HybridOp:
     """A state and a softmax branch (passes.hybrid): the softmax branch's kernels write its reductions per
     token, the state branch's scan reads them in merge. Call like the linear family's ops:

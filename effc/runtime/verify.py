@@ -1,4 +1,4 @@
-"""Random inputs that respect each input's annotation, and the tolerance policy.
+"""Random inputs that respect each input's annotation, the tolerance policy, and `effc check`'s comparison.
 
 Policy (one place, used by `effc check`, the tests and the GPU suite):
 - fp32 kernels: max |kernel - oracle| <= 1e-4 * max(1, max |oracle|), the oracle in float64.
@@ -74,3 +74,50 @@ def judge_low_precision(out: torch.Tensor, oracle: torch.Tensor, reference: torc
     bound = LOW_PRECISION_FACTOR * rel_err(reference, oracle) + 1e-6
     err = rel_err(out, oracle)
     return Verdict(err <= bound, err, bound, "relative error")
+
+
+def check_op(op, B: int, T: int, H: int, dims: dict[str, int], dtype=torch.float32, device="cpu", seed: int = 0,
+             **knobs) -> list[tuple[str, Verdict]]:
+    """`effc check` for every family: one call of the op (`knobs`: chunk=, segments=, ...) on random inputs
+    and a random initial state, with random cotangents, against the oracle in float64 with autograd. Judges
+    each output and final state, and the gradient of each input and initial state (an input that reaches no
+    output differentiably, e.g. one read only by a mask, has a zero gradient); a spec with a state also
+    checks its oracle against the recurrence (the oracle at chunk 1)."""
+    spec = op.spec
+    leaves = random_inputs(spec, B, T, H, dims, dtype, device, seed)
+    if spec.states:
+        leaves += list(_tensors(random_state(spec, B, H, dims, device)))
+
+    def run(fn, as_dtype=None, **kw):
+        """Outputs, then final states, of fn on the leaves (inputs, then initial states) as_dtype; the leaves."""
+        xs = [x.detach().to(as_dtype or x.dtype).requires_grad_() for x in leaves]
+        state = {"initial_state": tuple(xs[len(spec.inputs):]), "output_final_state": True} if spec.states else {}
+        o, final = fn(*xs[:len(spec.inputs)], **state, **kw)
+        return list(_tensors(o)) + (list(_tensors(final)) if spec.states else []), xs
+
+    def with_grads(outs, xs):
+        gs = torch.autograd.grad(outs, xs, [c.to(o.dtype) for c, o in zip(cotangents, outs)], allow_unused=True)
+        return [o.detach() for o in outs] + [torch.zeros_like(x) if g is None else g for g, x in zip(gs, xs)]
+
+    outs, xs = run(op, **knobs)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 2)
+    cotangents = [torch.randn(o.shape, generator=gen).to(device) for o in outs]
+    got = with_grads(outs, xs)
+    want = with_grads(*run(op.reference, torch.float64))
+    names = ([f"output {o.name}" for o in spec.outputs] + [f"final state {s.name}" for s in spec.states]
+             + [f"grad {d.name}" for d in spec.inputs] + [f"grad initial state {s.name}" for s in spec.states])
+    if dtype == torch.float32:
+        verdicts = [judge_fp32(a, b) for a, b in zip(got, want)]
+    else:  # the bound: a PyTorch reference at the same precision (its matmul operands rounded to dtype)
+        low = with_grads(*run(op.reference, torch.float32, dtype=torch.float32, matmul_dtype=dtype))
+        verdicts = [judge_low_precision(a, b, c) for a, b, c in zip(got, want, low)]
+    verdicts = [(f"kernel vs oracle, {n}", v) for n, v in zip(names, verdicts)]
+    if spec.states:
+        rec, _ = run(op.recurrent_reference, torch.float64)
+        flat = lambda ts: torch.cat([t.detach().flatten() for t in ts])  # noqa: E731
+        verdicts.insert(0, ("oracle chunked vs recurrent", judge_fp32(flat(rec), flat(want[:len(rec)]))))
+    return verdicts
+
+
+def _tensors(x) -> tuple:
+    return x if isinstance(x, tuple) else (x,)
