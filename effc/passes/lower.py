@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import operator
 from dataclasses import replace
 
 import sympy
@@ -19,6 +20,23 @@ _ANNOTATIONS = {
     "key": "read on the key side by score and softmax reductions (softmax family)",
 }
 _DEFAULT_CHUNK = 64
+
+
+# `x ** n` for an integer n up to this size is a chain of products (at most 2 * 16 multiplications);
+# larger, non-integer and runtime exponents stay a `pow` op, which every backend computes as torch.pow
+MAX_PRODUCT_EXPONENT = 2 ** 16
+_FOLD = {"neg": operator.neg, "add": operator.add, "sub": operator.sub, "mul": operator.mul,
+         "div": operator.truediv, "pow": operator.pow}
+
+
+def fold(kind: str, args) -> float | None:
+    """`kind` over numbers, as Python's floats compute it; None where Python raises or leaves the real
+    numbers (1 / 0, (-8) ** (1/3), 10.0 ** 400): those stay ops, and the backends compute them."""
+    try:
+        value = _FOLD[kind](*args)
+    except (KeyError, ArithmeticError):
+        return None
+    return value if isinstance(value, float) else None
 
 
 def _suggest(name: str, options) -> str:
@@ -114,9 +132,9 @@ class _StageLowering:
             return subst[node.id] if node.id in subst else self.resolve(node)
         rec = lambda n: self.expr(n, subst, depth)  # noqa: E731
         if isinstance(node, ast.Neg):
-            return self.emit("neg", [rec(node.operand)], node.loc)
+            return self.arith("neg", [rec(node.operand)], node.loc)
         if isinstance(node, ast.BinOp):
-            return self.emit(node.op, [rec(node.left), rec(node.right)], node.loc)
+            return self.arith(node.op, [rec(node.left), rec(node.right)], node.loc)
         if isinstance(node, ast.Transpose):
             return self.emit("transpose", [rec(node.operand)], node.loc)
         if isinstance(node, ast.Subscript):
@@ -129,6 +147,30 @@ class _StageLowering:
         if isinstance(node, ast.Call):
             return self.call(node, subst, depth)
         raise SpecError(f"unsupported expression {type(node).__name__}", getattr(node, "loc", None))
+
+    def arith(self, kind: str, args, loc: Loc) -> str | float:
+        """An op, folded when its arguments are numbers: `-1` is the number -1 and `(1 + 1)` the number 2,
+        so `x ** -1` and `x ** (1 + 1)` see an integer exponent."""
+        if all(isinstance(a, float) for a in args) and (value := fold(kind, args)) is not None:
+            return value
+        if kind == "pow":
+            return self.power(*args, loc)
+        return self.emit(kind, args, loc)
+
+    def power(self, x, n, loc: Loc) -> str | float:
+        """x ** n. An integer n (of either sign, any base sign) is exact products by repeated squaring, and
+        a reciprocal for n < 0, so every backend, the oracle and the derivative agree without a log of a
+        negative base; x ** 0 is 1 for every finite x. Other exponents stay `pow` (see MAX_PRODUCT_EXPONENT)."""
+        if not (isinstance(n, float) and n.is_integer() and abs(n) <= MAX_PRODUCT_EXPONENT):
+            return self.emit("pow", [x, n], loc)
+        if n == 0:
+            return self.arith("add", [self.arith("mul", [x, 0.0], loc), 1.0], loc)
+        out = x
+        for bit in bin(int(abs(n)))[3:]:  # the bits after the leading one, most significant first
+            out = self.arith("mul", [out, out], loc)
+            if bit == "1":
+                out = self.arith("mul", [out, x], loc)
+        return out if n > 0 else self.arith("div", [1.0, out], loc)
 
     def call(self, node: ast.Call, subst, depth) -> str | float:
         if node.func in self.funcs:
