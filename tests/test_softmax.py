@@ -282,8 +282,10 @@ ERRORS = [
     ("comparison-in-linear-spec", """spec t {
   input q: [B, T, H, K]
   output o: [B, T, H, K]
-  merge { o = where(q > 0, q, 0) }
-}""", 4, 23, "'gt' belongs to the softmax family", None),
+  state z: [K]
+  merge { o = where(q > 0, q, 0) * z }
+  inter { z = z + colsum(q) }
+}""", 5, 23, "'gt' belongs to the softmax family", None),
 ]
 
 

@@ -321,6 +321,11 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
                             intra_names, taken)
     inter, _ = _lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, {s.name: s for s in states},
                             roles, intra_names, taken)
+    if not states:  # (after the stages, whose errors are more specific) the outputs would depend on the chunk
+        raise SpecError(f"spec '{sdef.name}' declares no state and no score stage: nothing carries information "
+                        "from one chunk to the next", sdef.loc,
+                        "a 'state S: [K, V]' line and an 'inter { S = ... }' stage (a chunked scan), or a "
+                        "'score { s = ... }' stage (the softmax family)")
     return Spec(sdef.name, inputs, outputs, states,
                 tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter)
 
