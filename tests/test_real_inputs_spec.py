@@ -103,3 +103,86 @@ def test_integer_powers_lower_to_products():
     pows = [op for op in ir.intra.ops if op.kind == "pow"]
     assert [op.args[1] for op in pows] == ["e"], pows  # only the runtime exponent stays a power
     assert any(op.kind == "div" and op.args[0] == 1.0 for op in ir.intra.ops)  # a ** -1
+
+
+# ---- specs that compiled to code that failed at run time ----------------------------------------------------
+def _check_op(op, T=40, H=2, dims=None, **call):
+    """The op against its oracle: outputs, final states and every input's gradient."""
+    from effc.runtime.verify import random_inputs
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, T, H, dims or {"K": 16, "V": 16}, seed=0)]
+    o, final = op(*xs, output_final_state=bool(op.spec.states), **call)
+    ref, ref_final = op.reference(*xs, output_final_state=bool(op.spec.states))
+    assert judge_fp32(o, ref).ok, judge_fp32(o, ref)
+    if op.spec.states:
+        assert judge_fp32(final, ref_final).ok, judge_fp32(final, ref_final)
+    d_o = torch.randn(o.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(o, xs, d_o, allow_unused=True)  # an input only the state reads: no gradient
+    want = torch.autograd.grad(ref, xs, d_o.double(), allow_unused=True)
+    for d, x, a, b in zip(op.spec.inputs, xs, got, want):
+        a, b = (torch.zeros_like(x) if g is None else g for g in (a, b))
+        assert judge_fp32(a, b).ok, f"d{d.name}: {judge_fp32(a, b)}"
+    return xs, o
+
+
+SOFTMAX_HEAD = """
+  input q: [B, T, H, K]
+  input k: [B, T, H, K] key
+  input v: [B, T, H, V] key
+  input f: [B, T, H] logdecay
+  output o: [B, T, H, V]
+"""
+
+
+def _causal_softmax(q, k, v, bias=0.0, scale=1.0):
+    s = torch.einsum("bthk,bshk->bhts", q.double(), k.double()) * scale + bias
+    T = q.shape[1]
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -torch.inf)
+    return torch.einsum("bhts,bshv->bthv", s.softmax(-1), v.double())
+
+
+def test_hybrid_whose_merge_does_not_read_its_state():
+    """The output is the softmax branch's reduction itself; the state is still carried (the final state)."""
+    op = effc.loads("spec h {" + SOFTMAX_HEAD + """
+  state S: [K, V]
+  chunk 16
+  score { s = q @ k.T
+    mask kpos <= qpos }
+  intra { b = cumsum(f) }
+  merge { o = softmax(s) @ v }
+  inter { S = S * exp(last(b)) + (k * exp(last(b) - b)[:, None]).T @ v }
+}""")
+    (q, k, v, f), o = _check_op(op)
+    assert judge_fp32(o, _causal_softmax(q, k, v)).ok
+
+
+@pytest.mark.parametrize("score", [
+    "s = q @ k.T\n    s = q @ k.T * 0.5",  # the second statement recomputes the first's matmul
+    "a = key(f)\n    b = key(f)\n    s = q @ k.T * 0.5 + a - b",  # one key-side tile under two names
+    "s = q @ k.T\n    t = s\n    s = s * 0.5\n    s = s + t * 0 + f - key(f) - f + key(f)",
+], ids=["recomputed", "two-names", "reassigned"])
+def test_score_that_assigns_a_name_twice(score):
+    op = effc.loads("spec r {" + SOFTMAX_HEAD + "  score {\n    " + score + "\n    mask kpos <= qpos\n  }\n"
+                    "  merge { o = softmax(s) @ v }\n}")
+    (q, k, v, f), o = _check_op(op)
+    assert judge_fp32(o, _causal_softmax(q, k, v, scale=0.5)).ok
+
+
+def test_local_reassigned_then_copied():
+    """`y = x` after `x` was reassigned: the copy must not take over the name of x's latest value."""
+    op = effc.loads("""spec c {
+  input q: [B, T, H, K]
+  input v: [B, T, H, V]
+  output o: [B, T, H, V]
+  state S: [K, V]
+  chunk 16
+  intra {
+    x = q * 2
+    x = x * 3
+    y = x
+    z = x + y
+  }
+  merge { o = z @ S }
+  inter { S = S + q.T @ v }
+}""")
+    _check_op(op)
+

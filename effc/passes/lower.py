@@ -100,6 +100,7 @@ class _StageLowering:
         self.ops: list[Op] = []
         self.current: dict[str, str] = dict(inherited)  # user name -> its latest SSA name
         self.taken = taken  # SSA names defined in any stage so far
+        self.pinned: set[str] = set()  # values other statements reuse by name: an assignment must not rename them
 
     def fresh(self) -> str:
         self.counter[0] += 1
@@ -204,13 +205,15 @@ class _StageLowering:
         return self.emit(node.func, [self.expr(a, subst, depth) for a in node.args], node.loc)
 
     def assign(self, a: ast.Assign, out: str | None = None) -> None:
+        start = len(self.ops)
         value = self.expr(a.value)
         if out is None and (a.target in self.current or a.target in self.taken):
             out = f"_{a.target}{self.fresh()}"  # re-assignment: a new SSA name ('_' is never a user's)
         out = out or a.target
-        last = self.ops[-1] if self.ops else None
-        if isinstance(value, str) and last is not None and last.out == value and value.startswith("_"):
-            # name the temporary directly; it keeps the location of its expression, for shape errors
+        last = self.ops[-1] if len(self.ops) > start else None
+        if last is not None and last.out == value and value.startswith("_") and value not in self.pinned:
+            # name the temporary this statement made directly (an earlier statement's value, or one shared
+            # by several, keeps its name); it keeps the location of its expression, for shape errors
             self.ops[-1] = Op(out, last.kind, last.args, None, a.value.loc)
             self.taken.add(out)
         else:

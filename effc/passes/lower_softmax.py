@@ -38,6 +38,7 @@ class _SideLowering(_StageLowering):
     def side(self, kind: str, leaf: str, loc: Loc) -> str:
         if (kind, leaf) not in self.memo:
             self.memo[(kind, leaf)] = self.emit(kind, [leaf], loc)
+            self.pinned.add(self.memo[(kind, leaf)])
         return self.memo[(kind, leaf)]
 
     def resolve(self, node: ast.Name):

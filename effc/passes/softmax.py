@@ -27,6 +27,7 @@ from ..ir import ops as O
 from ..ir.nodes import C, CK, Op, Spec, Stage, TileType
 from ..ir.printer import print_op
 from .blocksparse import BlockSparsity, derive
+from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
 from .tiling import IsPow2, TilingSpace
@@ -220,6 +221,7 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
     if spec.states:
         raise NotImplementedError(f"spec '{spec.name}' is a hybrid (a state and a score stage): passes.hybrid "
                                   "splits it into a softmax branch and a state branch, each analysed on its own")
+    spec = _without_repeats(spec)
 
     ops = {op.out: op for op in spec.score.ops + spec.merge.ops}
     groups: dict[str, dict] = {}
@@ -340,6 +342,17 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
     ]
     return SoftmaxSchedule(spec, sides, types, c_ops, q_ops, k_ops, p_ops, post_ops, groups_t, spec.masks,
                            sparsity, tuple(reasons))
+
+
+def _without_repeats(spec: Spec) -> Spec:
+    """Score and merge with their common subexpressions merged (passes.cse), as the kernels compute them
+    (fusion.live_ops): the names the schedule keeps (a score's folded factor, a reduction's key-side operand)
+    are then values the kernels define, also when a spec computes one twice (`s = q @ k.T` then
+    `s = q @ k.T * 2`)."""
+    ops, _ = cse_with_aliases(spec.score.ops + spec.merge.ops, tuple(o.name for o in spec.outputs) + spec.masks)
+    score = {op.out for op in spec.score.ops}
+    return replace(spec, score=Stage("score", tuple(op for op in ops if op.out in score)),
+                   merge=Stage("merge", tuple(op for op in ops if op.out not in score)))
 
 
 def _key_sum(op: Op, types) -> bool:
