@@ -286,6 +286,10 @@ ERRORS = [
   merge { o = where(q > 0, q, 0) * z }
   inter { z = z + colsum(q) }
 }""", 5, 23, "'gt' belongs to the softmax family", None),
+    ("mask-not-a-predicate", BASE.replace("mask kpos <= qpos", "mask q"),
+     8, 10, "a mask must be a predicate", "mask kpos <= qpos"),
+    ("mask-not-a-pair-tile", BASE.replace("mask kpos <= qpos", "mask q > 0"),
+     8, 12, "this predicate is [C, K]", "a predicate over qpos, kpos"),
 ]
 
 

@@ -86,6 +86,13 @@ def infer_softmax_shapes(spec: Spec) -> Spec:
     for st in (spec.prefix, spec.score, spec.intra, spec.merge, spec.inter):
         stages[st.name] = Stage(st.name, type_ops(st.ops, env, st.name in ("score", "merge")))
     _check_targets(replace(spec, merge=stages["merge"], inter=stages["inter"]), env)
+    score = {op.out: op for op in stages["score"].ops}
+    for m in spec.masks:  # a predicate per (query, key) pair, or one that broadcasts to the pair tile
+        q, k = (_ONE,) * (2 - env[m].rank) + env[m].shape
+        if q not in (_ONE, C) or k not in (_ONE, CK):
+            raise SpecError(f"a mask selects (query, key) pairs of the [C, CK] score tile, but this predicate is "
+                            f"{_fmt(env[m])}", score[m].loc, "a predicate over qpos, kpos and score values, "
+                            "e.g. 'mask kpos <= qpos'")
     return replace(spec, **stages)
 
 
