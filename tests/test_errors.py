@@ -151,9 +151,17 @@ CASES = [
      7, 17, "unknown name 'Kk' in a param default", "did you mean K?"),
     ("param-default-not-arithmetic", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param scale = exp(K)\n"),
      7, 17, "a param default must be arithmetic", "e.g. K ** -0.5"),
+    ("param-default-huge-exponent", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param p = 10 ** 10 ** 10\n"),
+     7, 19, "the exponent of '**' in a param default is too large", "a smaller exponent"),
+    ("param-default-dim-exponent", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param p = 2 ** K\n"),
+     7, 18, "the exponent of '**' in a param default must be a number", "K ** -0.5"),
+    ("param-default-not-finite", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param p = 1 / 0\n"),
+     7, 13, "param 'p' has default zoo, not a finite float", "within the float range"),
     ("no-state", edit("  state S: [K, V]\n", "", edit("o = qs @ S", "o = causal(qs @ k.T) @ v",
                                                            edit("  inter {\n    S = S + k.T @ v\n  }\n", ""))),
      1, 1, "spec 's' declares no state and no score stage", "a 'state S: [K, V]' line"),
+    ("nesting-too-deep", edit("qs = q * 2", "qs = " + "-" * 200 + "q"),  # 4 levels of spec, stage, statement
+     8, 106, "the spec nests more than 100 levels deep here", "name parts in earlier assignments"),
     ("no-output", edit("  output o: [B, T, H, V]\n", ""),
      1, 1, "spec 's' declares no output", "an 'output o: [B, T, H, V]' line"),
     ("extends-unknown-spec", 'import "retention.attn"\nspec t extends retnetion {\n}\n',
@@ -244,6 +252,13 @@ def test_error_in_imported_file(tmp_path):
     bad = tmp_path / "bad.attn"
     err = error_of('import "lib.attn"\n' + BASE, str(bad))
     assert_error(err, 2, 7, "unexpected '*'", "a name", file=str(tmp_path / "lib.attn"))
+
+
+def test_defs_nested_past_the_recursion_limit():
+    defs = "def f0(x) = x\n" + "".join(f"def f{i}(x) = " + "(" * 80 + f"f{i - 1}(x)" + " + x)" * 80 + "\n"
+                                       for i in range(1, 25))
+    err = error_of(defs + edit("qs = q * 2", "qs = f24(q)"))
+    assert_error(err, 33, 10, "this expression nests too deeply (with its defs expanded)", "earlier assignments")
 
 
 def test_shape_error_inside_a_library_def_names_the_call_site():

@@ -213,11 +213,31 @@ def _syntax_error(e: lark.exceptions.LarkError, file: str, lines: list[str]) -> 
     return SpecError(str(e), loc)
 
 
+# Nesting of the parse tree (operators, calls, parentheses around operators): building the AST and lowering it
+# recurse a few Python frames per level, and Python's stack holds ~1000. Hand-written specs nest ~10 deep.
+MAX_DEPTH = 100
+
+
+def _check_depth(tree: lark.Tree, file: str, lines: list[str]) -> None:
+    """Fail at the first node nested deeper than MAX_DEPTH, walking the tree without recursion."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            line, col = getattr(node.meta, "line", 0), getattr(node.meta, "column", 0)
+            raise SpecError(f"the spec nests more than {MAX_DEPTH} levels deep here", Loc(
+                file, line, col, lines[line - 1] if 0 < line <= len(lines) else ""),
+                "shallower expressions (fewer nested operators and calls): name parts in earlier assignments")
+        stack += [(c, depth + 1) for c in node.children if isinstance(c, lark.Tree)]
+
+
 def parse(text: str, file: str = "<string>", _seen: frozenset[str] = frozenset()) -> ast.Module:
     """Parse `.attn` source; `import "x.attn"` is resolved relative to `file`, then the library."""
     lines = text.splitlines()
     try:
-        items = _Builder(file, lines).transform(_lark().parse(text))
+        tree = _lark().parse(text)
+        _check_depth(tree, file, lines)
+        items = _Builder(file, lines).transform(tree)
     except lark.exceptions.VisitError as e:
         if isinstance(e.orig_exc, SpecError):
             raise e.orig_exc from None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import operator
 from dataclasses import replace
 
@@ -86,9 +87,42 @@ def _param_default(expr: ast.Expr, dims: set[str], params: dict[str, sympy.Expr]
         return -_param_default(expr.operand, dims, params)
     if isinstance(expr, ast.BinOp) and expr.op in ("add", "sub", "mul", "div", "pow"):
         a, b = _param_default(expr.left, dims, params), _param_default(expr.right, dims, params)
-        return {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b, "pow": a ** b}[expr.op]
+        if expr.op == "pow":
+            _check_power(b, expr)
+        return _FOLD[expr.op](a, b)  # only this op: a dict of every result would compute a ** b too
     raise SpecError("a param default must be arithmetic (+ - * / **) over numbers and dims",
                     getattr(expr, "loc", None), "e.g. K ** -0.5")
+
+
+# sympy computes a param default exactly: 10 ** 10 ** 10 would be an integer of 10**10 digits (compilation
+# hangs), and K ** 10 ** 9 one the runtime computes for every call's K
+MAX_PARAM_EXPONENT = 1024
+
+
+def _check_power(b: sympy.Expr, expr: ast.BinOp) -> None:
+    """Before sympy computes `a ** b` in a param default: a number exponent, at most MAX_PARAM_EXPONENT."""
+    if not b.is_number:
+        raise SpecError("the exponent of '**' in a param default must be a number", expr.right.loc,
+                        "dims in the base only, e.g. K ** -0.5")
+    if not b.is_real or abs(b) > MAX_PARAM_EXPONENT:
+        raise SpecError(f"the exponent of '**' in a param default is too large (beyond +-{MAX_PARAM_EXPONENT})",
+                        expr.right.loc, "a param is a float: a smaller exponent")
+
+
+def _check_default(value: sympy.Expr, p: ast.Param) -> None:
+    """A param is a float scalar: a finite real number, or a formula of dims whose powers stay bounded
+    (sympy combines K ** 1024 * K ** 1024 into K ** 2048)."""
+    if value.is_number:
+        try:
+            ok = value.is_real and math.isfinite(float(value))
+        except TypeError:  # a complex number
+            ok = False
+        if not ok:
+            raise SpecError(f"param '{p.name}' has default {sympy.N(value, 4)}, not a finite float", p.default.loc,
+                            "a real number within the float range")
+    elif any(x.exp.is_number and abs(x.exp) > MAX_PARAM_EXPONENT for x in value.atoms(sympy.Pow)):
+        raise SpecError(f"param '{p.name}' has default {value}: an exponent beyond +-{MAX_PARAM_EXPONENT}",
+                        p.default.loc, "a param is a float: smaller exponents")
 
 
 class _StageLowering:
@@ -149,6 +183,17 @@ class _StageLowering:
             return self.call(node, subst, depth)
         raise SpecError(f"unsupported expression {type(node).__name__}", getattr(node, "loc", None))
 
+    def statement(self, node: ast.Expr) -> str | float:
+        """The expression of one statement. The parser bounds how deep a .attn file nests, but defs calling
+        defs multiply it (and the Python front end has Python's bound): past Python's recursion limit the
+        statement is the error."""
+        try:
+            return self.expr(node)
+        except RecursionError:
+            raise SpecError("this expression nests too deeply (with its defs expanded)", node.loc,
+                            "shallower expressions: name parts in earlier assignments, or call fewer nested "
+                            "defs") from None
+
     def arith(self, kind: str, args, loc: Loc) -> str | float:
         """An op, folded when its arguments are numbers: `-1` is the number -1 and `(1 + 1)` the number 2,
         so `x ** -1` and `x ** (1 + 1)` see an integer exponent."""
@@ -206,7 +251,7 @@ class _StageLowering:
 
     def assign(self, a: ast.Assign, out: str | None = None) -> None:
         start = len(self.ops)
-        value = self.expr(a.value)
+        value = self.statement(a.value)
         if out is None and (a.target in self.current or a.target in self.taken):
             out = f"_{a.target}{self.fresh()}"  # re-assignment: a new SSA name ('_' is never a user's)
         out = out or a.target
@@ -287,6 +332,7 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
     params: dict[str, sympy.Expr] = {}
     for p in sdef.params:
         params[p.name] = _param_default(p.default, feature_dims, params)
+        _check_default(params[p.name], p)
     chunk = sdef.chunk if sdef.chunk is not None else _DEFAULT_CHUNK
     if chunk < 16 or chunk & (chunk - 1):
         raise SpecError(f"chunk {chunk} is not a power of two >= 16",

@@ -88,7 +88,7 @@ def _lower(stage: ast.Stage | None, name: str, visible, funcs, counter, inherite
             if name != "score":
                 raise SpecError(f"'mask' in {name}: masks select the (query, key) pairs of a score stage", a.loc,
                                 "a 'mask PREDICATE' line inside 'score { ... }'")
-            value = low.expr(a.predicate)
+            value = low.statement(a.predicate)
             if not _is_predicate(value, low.ops):  # a plain tile (`mask q`) would keep every nonzero entry
                 raise SpecError("a mask must be a predicate: a comparison or logic ('and', 'or', 'not') over "
                                 "positions and score values", a.predicate.loc,
