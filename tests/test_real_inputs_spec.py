@@ -186,3 +186,43 @@ def test_local_reassigned_then_copied():
 }""")
     _check_op(op)
 
+
+PREFIX_NORMALISED = "spec n {" + SOFTMAX_HEAD + """
+  prefix { qn = q * rsqrt(rowsum(q * q))[:, None] }
+  score { s = qn @ k.T
+    mask kpos <= qpos }
+  merge { o = softmax(s) @ v }
+}"""
+
+
+def test_prefix_value_with_a_broadcast(tmp_path):
+    """A [C, 1] intermediate of a prefix value is no kernel argument (its kernels had `1: tl.constexpr`)."""
+    from typer.testing import CliRunner
+    from effc.cli import app
+    op = effc.loads(PREFIX_NORMALISED)
+    (q, k, v, f), o = _check_op(op)
+    assert judge_fp32(o, _causal_softmax(q / q.double().norm(dim=-1, keepdim=True), k, v)).ok
+    spec = tmp_path / "n.attn"
+    spec.write_text(PREFIX_NORMALISED)
+    r = CliRunner().invoke(app, ["compile", str(spec), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    compile((tmp_path / "out" / "n_triton.py").read_text(), "n_triton.py", "exec")
+
+
+def test_generated_source_that_does_not_compile_is_an_internal_error(tmp_path, monkeypatch):
+    """A code generator bug is reported naming the spec and the kernel, before anything is written or imported."""
+    from typer.testing import CliRunner
+    import effc.codegen.triton.softmax_emit as emit
+    from effc.cli import app
+    from effc.errors import CodegenError
+    from effc.runtime.compiler import compile_text
+    good = emit.emit_softmax_module
+    monkeypatch.setattr(emit, "emit_softmax_module", lambda *a: good(*a).replace("BM: tl.constexpr", "1: tl.constexpr", 1))
+    with pytest.raises(CodegenError) as info:
+        compile_text(PREFIX_NORMALISED).source()
+    assert "spec 'n' does not compile" in str(info.value) and "in n_fwd_kernel" in str(info.value)
+    spec = tmp_path / "n.attn"
+    spec.write_text(PREFIX_NORMALISED)
+    r = CliRunner().invoke(app, ["compile", str(spec), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "internal error" in r.output and "wrote" not in r.output
+    assert not (tmp_path / "out").exists()

@@ -86,6 +86,14 @@ def infer_softmax_shapes(spec: Spec) -> Spec:
     for st in (spec.prefix, spec.score, spec.intra, spec.merge, spec.inter):
         stages[st.name] = Stage(st.name, type_ops(st.ops, env, st.name in ("score", "merge")))
     _check_targets(replace(spec, merge=stages["merge"], inter=stages["inter"]), env)
+    prefix = {op.out for op in stages["prefix"].ops}
+    for st in ("score", "intra", "merge", "inter"):  # they read prefix values as per-token tensors
+        for op in stages[st].ops:
+            for a in op.args:
+                if isinstance(a, str) and a in prefix and _ONE in env[a].shape[1:]:
+                    raise SpecError(f"a prefix value read in {st} is one per token, [C] or [C, D]; this one is "
+                                    f"{_fmt(env[a])}", op.loc, "a [C] value without [:, None]: in score a "
+                                    "per-token scalar is a column [C, 1] against the pair tile")
     score = {op.out: op for op in stages["score"].ops}
     for m in spec.masks:  # a predicate per (query, key) pair, or one that broadcasts to the pair tile
         q, k = (_ONE,) * (2 - env[m].rank) + env[m].shape
