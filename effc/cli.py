@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import ArgumentError, SpecError
+from .errors import ArgumentError, CodegenError, SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compile declarative attention specs (.attn) into fused Triton kernels.")
@@ -18,7 +18,7 @@ SPEC_HELP = "a library spec name (see `effc library`), a path to a .attn file, o
 
 
 def _fail(e: Exception) -> None:
-    typer.echo(str(e) if isinstance(e, SpecError) else f"error: {e}", err=True)
+    typer.echo(str(e) if isinstance(e, (SpecError, CodegenError)) else f"error: {e}", err=True)
     raise typer.Exit(1)
 
 
@@ -107,7 +107,7 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
             typer.echo(str(comp.plan))
         else:
             typer.echo(comp.source(backend))
-    except (SpecError, NotImplementedError) as e:
+    except (SpecError, CodegenError, NotImplementedError) as e:
         _fail(e)
 
 
@@ -129,7 +129,7 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
             cfg = choose_softmax_tiles(comp.typed, sizes, interpreting=False)
         else:
             cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
-    except (SpecError, NotImplementedError) as e:
+    except (SpecError, CodegenError, NotImplementedError) as e:
         _fail(e)
     out_dir = output or Path("effc_out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
             raise ArgumentError("low-precision checks need a GPU: Triton's interpreter computes bf16 dots wrongly")
         verdicts = check_op(op, B, T, H, sizes, dt, "cpu" if interp else "cuda", seed, chunk=chunk,
                             segments=segments, defer_merge=defer_merge)
-    except (SpecError, ArgumentError, NotImplementedError) as e:
+    except (SpecError, CodegenError, ArgumentError, NotImplementedError) as e:
         _fail(e)
     where = "Triton interpreter (CPU)" if interp else torch.cuda.get_device_name()
     typer.echo(f"{op.name}: B={B} T={T} H={H} {sizes} {dtype} on {where}; {op.last_config}".rstrip())

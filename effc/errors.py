@@ -44,3 +44,7 @@ class SpecError(Exception):
 
 class ArgumentError(ValueError):
     """A tensor argument of the wrong shape, dtype or device."""
+
+
+class CodegenError(RuntimeError):
+    """Generated source that does not compile: a bug in effc's code generator, not in the spec."""

@@ -151,6 +151,17 @@ CASES = [
      7, 17, "unknown name 'Kk' in a param default", "did you mean K?"),
     ("param-default-not-arithmetic", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param scale = exp(K)\n"),
      7, 17, "a param default must be arithmetic", "e.g. K ** -0.5"),
+    ("param-default-huge-exponent", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param p = 10 ** 10 ** 10\n"),
+     7, 19, "the exponent of '**' in a param default is too large", "a smaller exponent"),
+    ("param-default-dim-exponent", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param p = 2 ** K\n"),
+     7, 18, "the exponent of '**' in a param default must be a number", "K ** -0.5"),
+    ("param-default-not-finite", edit("  state S: [K, V]\n", "  state S: [K, V]\n  param p = 1 / 0\n"),
+     7, 13, "param 'p' has default zoo, not a finite float", "within the float range"),
+    ("no-state", edit("  state S: [K, V]\n", "", edit("o = qs @ S", "o = causal(qs @ k.T) @ v",
+                                                           edit("  inter {\n    S = S + k.T @ v\n  }\n", ""))),
+     1, 1, "spec 's' declares no state and no score stage", "a 'state S: [K, V]' line"),
+    ("nesting-too-deep", edit("qs = q * 2", "qs = " + "-" * 200 + "q"),  # 4 levels of spec, stage, statement
+     8, 106, "the spec nests more than 100 levels deep here", "name parts in earlier assignments"),
     ("no-output", edit("  output o: [B, T, H, V]\n", ""),
      1, 1, "spec 's' declares no output", "an 'output o: [B, T, H, V]' line"),
     ("extends-unknown-spec", 'import "retention.attn"\nspec t extends retnetion {\n}\n',
@@ -241,6 +252,51 @@ def test_error_in_imported_file(tmp_path):
     bad = tmp_path / "bad.attn"
     err = error_of('import "lib.attn"\n' + BASE, str(bad))
     assert_error(err, 2, 7, "unexpected '*'", "a name", file=str(tmp_path / "lib.attn"))
+
+
+def test_import_may_not_replace_a_local_def(tmp_path):
+    (tmp_path / "lib.attn").write_text("def twice(x) = x * 2\n")
+    bad = tmp_path / "bad.attn"
+    err = error_of("def twice(x) = x + x\n" + 'import "lib.attn"\n' + BASE, str(bad))
+    assert_error(err, 2, 8, f"import \"lib.attn\" defines def 'twice' again (at {tmp_path / 'lib.attn'}:1:1; "
+                 f"first at {bad}:1:1)", "one def per name", file=str(bad))
+
+
+def test_local_spec_may_not_replace_an_imported_one(tmp_path):
+    (tmp_path / "lib.attn").write_text(BASE)
+    bad = tmp_path / "bad.attn"
+    err = error_of('import "lib.attn"\n' + BASE, str(bad))
+    assert_error(err, 2, 1, f"spec 's' is defined twice (first at {tmp_path / 'lib.attn'}:1:1)", "one spec per name",
+                 file=str(bad))
+
+
+def test_one_definition_imported_twice_is_one(tmp_path):
+    # retention and simple_gla both import _decay.attn's decay_matrix: the same def, not a second one
+    m = parse('import "retention.attn"\nimport "simple_gla.attn"\n' + BASE, str(tmp_path / "ok.attn"))
+    assert [f.name for f in m.funcs] == ["decay_matrix"] and [s.name for s in m.specs] == ["retention", "simple_gla", "s"]
+
+
+@pytest.mark.parametrize("imported", [False, True])
+def test_file_that_is_not_utf8(tmp_path, imported):
+    from effc.dsl import parse_file
+    latin1 = tmp_path / "latin1.attn"
+    latin1.write_bytes(BASE.replace("qs = q * 2", "qs = q * 2  # d\xe9j\xe0 vu").encode("latin-1"))
+    path = latin1
+    if imported:
+        path = tmp_path / "main.attn"
+        path.write_text('import "latin1.attn"\n')
+    with pytest.raises(SpecError) as info:
+        parse_file(path)
+    offset = latin1.read_bytes().index(b"\xe9")
+    assert_error(info.value, 8, 20, f"the file is not UTF-8 text: byte {offset} is 0xe9", "saved as UTF-8",
+                 file=str(latin1))
+
+
+def test_defs_nested_past_the_recursion_limit():
+    defs = "def f0(x) = x\n" + "".join(f"def f{i}(x) = " + "(" * 80 + f"f{i - 1}(x)" + " + x)" * 80 + "\n"
+                                       for i in range(1, 25))
+    err = error_of(defs + edit("qs = q * 2", "qs = f24(q)"))
+    assert_error(err, 33, 10, "this expression nests too deeply (with its defs expanded)", "earlier assignments")
 
 
 def test_shape_error_inside_a_library_def_names_the_call_site():

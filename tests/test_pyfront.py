@@ -120,8 +120,11 @@ def bad_keyword(q: Input("B", "T", "H", "K")) -> Output("o", "B", "T", "H", "K")
 
 
 def bad_compare(q: Input("B", "T", "H", "K")) -> Output("o", "B", "T", "H", "K"):
+    S = State("K")
     with merge:
         o = q * (q > 0)  # <- bad_compare
+    with inter:
+        S = S + colsum(q)  # noqa: F821
 
 
 def bad_attribute(q: Input("B", "T", "H", "K")) -> Output("o", "B", "T", "H", "K"):
@@ -206,8 +209,11 @@ def test_errors_point_at_python_source(fn, message, at):
 
 def test_decorator_forms():
     def spec(q: Input("B", "T", "H", "K")) -> Output("o", "B", "T", "H", "K"):
+        S = State("K")
         with merge:
-            o = q
+            o = q * S
+        with inter:
+            S = S + colsum(q)  # noqa: F821
     assert attention_spec(spec).spec.chunk == 64
     assert attention_spec(chunk=32)(spec).spec.chunk == 32
     with pytest.raises(SpecError, match="chunk 48 is not a power of two"):

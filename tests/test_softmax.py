@@ -282,8 +282,17 @@ ERRORS = [
     ("comparison-in-linear-spec", """spec t {
   input q: [B, T, H, K]
   output o: [B, T, H, K]
-  merge { o = where(q > 0, q, 0) }
-}""", 4, 23, "'gt' belongs to the softmax family", None),
+  state z: [K]
+  merge { o = where(q > 0, q, 0) * z }
+  inter { z = z + colsum(q) }
+}""", 5, 23, "'gt' belongs to the softmax family", None),
+    ("mask-not-a-predicate", BASE.replace("mask kpos <= qpos", "mask q"),
+     8, 10, "a mask must be a predicate", "mask kpos <= qpos"),
+    ("mask-not-a-pair-tile", BASE.replace("mask kpos <= qpos", "mask q > 0"),
+     8, 12, "this predicate is [C, K]", "a predicate over qpos, kpos"),
+    ("prefix-value-with-unit-axis", BASE.replace("  score {", "  prefix {\n    n = rowsum(q * q)[:, None]\n  }\n"
+                                                 "  score {").replace("s = q @ k.T", "s = q @ k.T * n"),
+     10, 19, "a prefix value read in score is one per token, [C] or [C, D]; this one is [C, 1]", "without [:, None]"),
 ]
 
 

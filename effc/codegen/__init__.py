@@ -18,13 +18,27 @@ def template(module_file: str, name: str) -> jinja2.Template:
     return env.get_template(name)
 
 
+# how a backend's math namespace spells an elementwise select
+_WHERE = {"tl": "tl.where", "T": "T.if_then_else"}
+
+
 def power(base: str, exponent, lib: str, exponent_text: str) -> str:
-    """`base ** exponent` in a backend's math namespace `lib` (tl, T): products for small integer
-    exponents, sqrt and rsqrt for +-1/2, else exp2(exponent * log2(base)), which needs a positive base."""
-    if isinstance(exponent, float) and exponent.is_integer() and 1 <= exponent <= 4:
-        return "(" + " * ".join([base] * int(exponent)) + ")"
+    """`base ** exponent` as torch.pow computes it (the oracle), in a backend's math namespace `lib` (tl, T).
+    passes.lower makes integer exponents up to MAX_PRODUCT_EXPONENT products; here are +-1/2 (sqrt, rsqrt),
+    other numbers and runtime scalars (a param): exp2(e * log2|base|), negated for a negative base and an odd
+    integer e; a negative base and a non-integer e give NaN (log2 of a negative number), as in torch."""
     if exponent == 0.5:
         return f"{lib}.sqrt({base})"
     if exponent == -0.5:
         return f"{lib}.rsqrt({base})"
-    return f"{lib}.exp2({exponent_text} * {lib}.log2({base}))"
+    signed = f"{lib}.exp2({exponent_text} * {lib}.log2({base}))"
+    if isinstance(exponent, float) and not exponent.is_integer():
+        return signed
+    where, e = _WHERE[lib], exponent_text
+    size = f"{lib}.exp2({e} * {lib}.log2({lib}.abs({base})))"
+    odd = f"{where}({base} < 0.0, -{size}, {size})"
+    if isinstance(exponent, float):  # a large integer
+        return odd if exponent % 2 else size
+    # a runtime exponent: its parity and integrality are known only in the kernel
+    parity = f"{where}({lib}.floor({e} * 0.5) * 2.0 == {e}, {size}, {odd})"
+    return f"{where}({lib}.floor({e}) == {e}, {parity}, {signed})"

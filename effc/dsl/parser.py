@@ -213,41 +213,68 @@ def _syntax_error(e: lark.exceptions.LarkError, file: str, lines: list[str]) -> 
     return SpecError(str(e), loc)
 
 
+# Nesting of the parse tree (operators, calls, parentheses around operators): building the AST and lowering it
+# recurse a few Python frames per level, and Python's stack holds ~1000. Hand-written specs nest ~10 deep.
+MAX_DEPTH = 100
+
+
+def _check_depth(tree: lark.Tree, file: str, lines: list[str]) -> None:
+    """Fail at the first node nested deeper than MAX_DEPTH, walking the tree without recursion."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            line, col = getattr(node.meta, "line", 0), getattr(node.meta, "column", 0)
+            raise SpecError(f"the spec nests more than {MAX_DEPTH} levels deep here", Loc(
+                file, line, col, lines[line - 1] if 0 < line <= len(lines) else ""),
+                "shallower expressions (fewer nested operators and calls): name parts in earlier assignments")
+        stack += [(c, depth + 1) for c in node.children if isinstance(c, lark.Tree)]
+
+
 def parse(text: str, file: str = "<string>", _seen: frozenset[str] = frozenset()) -> ast.Module:
     """Parse `.attn` source; `import "x.attn"` is resolved relative to `file`, then the library."""
     lines = text.splitlines()
     try:
-        items = _Builder(file, lines).transform(_lark().parse(text))
+        tree = _lark().parse(text)
+        _check_depth(tree, file, lines)
+        items = _Builder(file, lines).transform(tree)
     except lark.exceptions.VisitError as e:
         if isinstance(e.orig_exc, SpecError):
             raise e.orig_exc from None
         raise
     except lark.exceptions.LarkError as e:
         raise _syntax_error(e, file, lines) from None
-    funcs: list[ast.FuncDef] = []
-    specs: list[ast.SpecDef] = []
+    funcs: dict[str, ast.FuncDef] = {}
+    specs: dict[str, ast.SpecDef] = {}
     for item in items:
         if isinstance(item, tuple):  # import
             imported = _import(item[1], item[2], file, _seen)
-            funcs += imported.funcs
-            specs += imported.specs
-        elif isinstance(item, ast.FuncDef):
-            funcs.append(item)
+            for what, defined, names in (("def", imported.funcs, funcs), ("spec", imported.specs, specs)):
+                for d in defined:
+                    _define(names, d, what, item)
         else:
-            specs.append(item)
+            _define(funcs if isinstance(item, ast.FuncDef) else specs, item,
+                    "def" if isinstance(item, ast.FuncDef) else "spec")
     local = tuple(i.name for i in items if isinstance(i, ast.SpecDef))
-    _check_unique([i for i in items if isinstance(i, ast.SpecDef)], "spec")
-    _check_unique([i for i in items if isinstance(i, ast.FuncDef)], "def")
-    return ast.Module(tuple(funcs), tuple(specs), file, local)
+    return ast.Module(tuple(funcs.values()), tuple(specs.values()), file, local)
 
 
-def _check_unique(items, what: str) -> None:
-    first: dict[str, Loc] = {}
-    for i in items:
-        if i.name in first:
-            raise SpecError(f"{what} '{i.name}' is defined twice (first at {first[i.name]})", i.loc,
-                            f"one {what} per name in a file")
-        first[i.name] = i.loc
+def _define(names: dict, item, what: str, import_=None) -> None:
+    """Add a def or spec, defined here or by `import_` (its ("import", file, loc) item). A name is defined
+    once: an import must not replace a local definition, nor a local one an import's (one definition reached
+    through two imports is the same one)."""
+    first = names.get(item.name)
+    if first is not None and _where(first.loc) != _where(item.loc):
+        if import_ is None:
+            raise SpecError(f"{what} '{item.name}' is defined twice (first at {first.loc})", item.loc,
+                            f"one {what} per name, in a file and the files it imports")
+        raise SpecError(f'import "{import_[1]}" defines {what} \'{item.name}\' again (at {item.loc}; first at '
+                        f"{first.loc})", import_[2], f"one {what} per name, in a file and the files it imports")
+    names[item.name] = item
+
+
+def _where(loc: Loc) -> tuple:
+    return (str(Path(loc.file).resolve()), loc.line, loc.column)
 
 
 def _import(target: str, loc: Loc, file: str, seen: frozenset[str]) -> ast.Module:
@@ -261,11 +288,26 @@ def _import(target: str, loc: Loc, file: str, seen: frozenset[str]) -> ast.Modul
     key = str(path.resolve())
     if key in seen:
         raise SpecError(f'import cycle through "{target}"', loc, "imports that form no cycle")
-    return parse(path.read_text(), str(path), seen | {key, str(Path(file).resolve())})
+    return parse(_read(path), str(path), seen | {key, str(Path(file).resolve())})
+
+
+def _read(path: Path) -> str:
+    """A spec file's text. A byte that is not UTF-8 is an error at its line and column."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = data.rfind(b"\n", 0, e.start) + 1
+        end = data.find(b"\n", e.start)
+        text = data[start:end if end >= 0 else len(data)].decode("utf-8", errors="replace")
+        col = len(data[start:e.start].decode("utf-8", errors="replace")) + 1
+        loc = Loc(str(path), data.count(b"\n", 0, e.start) + 1, col, text)
+        raise SpecError(f"the file is not UTF-8 text: byte {e.start} is 0x{data[e.start]:02x}", loc,
+                        "a spec file saved as UTF-8") from None
 
 
 def parse_file(path: str | Path) -> ast.Module:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"no such spec file: {path}")
-    return parse(path.read_text(), str(path), frozenset({str(path.resolve())}))
+    return parse(_read(path), str(path), frozenset({str(path.resolve())}))

@@ -54,6 +54,13 @@ def split_hybrid(spec: Spec, types: dict) -> HybridSplit:
     s_merge = live_ops(merge, tuple(reductions))
     taken = {op.out for op in s_merge}
     l_merge = tuple(op for op in live_ops(merge, tuple(o.name for o in spec.outputs)) if op.out not in taken)
+    # an output that is a reduction itself (`o = softmax(s) @ v`: merge does not read the state): the softmax
+    # branch writes it under another name and the state branch's merge copies it to the output
+    renamed = {r: f"_{r}_softmax" for r in reductions if r in {o.name for o in spec.outputs}}  # no SSA name
+    l_merge += tuple(replace(op, kind="copy", args=(renamed[op.out],)) for op in s_merge if op.out in renamed)
+    s_merge = tuple(replace(op, out=renamed.get(op.out, op.out)) for op in s_merge)
+    types = {**types, **{new: types[r] for r, new in renamed.items()}}
+    reductions = [renamed.get(r, r) for r in reductions]
     score_values = {op.out for op in spec.score.ops} | {"qpos", "kpos"}
     for op in l_merge:
         for a in op.args:

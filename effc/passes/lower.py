@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import difflib
+import math
+import operator
 from dataclasses import replace
 
 import sympy
@@ -19,6 +21,23 @@ _ANNOTATIONS = {
     "key": "read on the key side by score and softmax reductions (softmax family)",
 }
 _DEFAULT_CHUNK = 64
+
+
+# `x ** n` for an integer n up to this size is a chain of products (at most 2 * 16 multiplications);
+# larger, non-integer and runtime exponents stay a `pow` op, which every backend computes as torch.pow
+MAX_PRODUCT_EXPONENT = 2 ** 16
+_FOLD = {"neg": operator.neg, "add": operator.add, "sub": operator.sub, "mul": operator.mul,
+         "div": operator.truediv, "pow": operator.pow}
+
+
+def fold(kind: str, args) -> float | None:
+    """`kind` over numbers, as Python's floats compute it; None where Python raises or leaves the real
+    numbers (1 / 0, (-8) ** (1/3), 10.0 ** 400): those stay ops, and the backends compute them."""
+    try:
+        value = _FOLD[kind](*args)
+    except (KeyError, ArithmeticError):
+        return None
+    return value if isinstance(value, float) else None
 
 
 def _suggest(name: str, options) -> str:
@@ -68,9 +87,42 @@ def _param_default(expr: ast.Expr, dims: set[str], params: dict[str, sympy.Expr]
         return -_param_default(expr.operand, dims, params)
     if isinstance(expr, ast.BinOp) and expr.op in ("add", "sub", "mul", "div", "pow"):
         a, b = _param_default(expr.left, dims, params), _param_default(expr.right, dims, params)
-        return {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b, "pow": a ** b}[expr.op]
+        if expr.op == "pow":
+            _check_power(b, expr)
+        return _FOLD[expr.op](a, b)  # only this op: a dict of every result would compute a ** b too
     raise SpecError("a param default must be arithmetic (+ - * / **) over numbers and dims",
                     getattr(expr, "loc", None), "e.g. K ** -0.5")
+
+
+# sympy computes a param default exactly: 10 ** 10 ** 10 would be an integer of 10**10 digits (compilation
+# hangs), and K ** 10 ** 9 one the runtime computes for every call's K
+MAX_PARAM_EXPONENT = 1024
+
+
+def _check_power(b: sympy.Expr, expr: ast.BinOp) -> None:
+    """Before sympy computes `a ** b` in a param default: a number exponent, at most MAX_PARAM_EXPONENT."""
+    if not b.is_number:
+        raise SpecError("the exponent of '**' in a param default must be a number", expr.right.loc,
+                        "dims in the base only, e.g. K ** -0.5")
+    if not b.is_real or abs(b) > MAX_PARAM_EXPONENT:
+        raise SpecError(f"the exponent of '**' in a param default is too large (beyond +-{MAX_PARAM_EXPONENT})",
+                        expr.right.loc, "a param is a float: a smaller exponent")
+
+
+def _check_default(value: sympy.Expr, p: ast.Param) -> None:
+    """A param is a float scalar: a finite real number, or a formula of dims whose powers stay bounded
+    (sympy combines K ** 1024 * K ** 1024 into K ** 2048)."""
+    if value.is_number:
+        try:
+            ok = value.is_real and math.isfinite(float(value))
+        except TypeError:  # a complex number
+            ok = False
+        if not ok:
+            raise SpecError(f"param '{p.name}' has default {sympy.N(value, 4)}, not a finite float", p.default.loc,
+                            "a real number within the float range")
+    elif any(x.exp.is_number and abs(x.exp) > MAX_PARAM_EXPONENT for x in value.atoms(sympy.Pow)):
+        raise SpecError(f"param '{p.name}' has default {value}: an exponent beyond +-{MAX_PARAM_EXPONENT}",
+                        p.default.loc, "a param is a float: smaller exponents")
 
 
 class _StageLowering:
@@ -82,6 +134,7 @@ class _StageLowering:
         self.ops: list[Op] = []
         self.current: dict[str, str] = dict(inherited)  # user name -> its latest SSA name
         self.taken = taken  # SSA names defined in any stage so far
+        self.pinned: set[str] = set()  # values other statements reuse by name: an assignment must not rename them
 
     def fresh(self) -> str:
         self.counter[0] += 1
@@ -114,9 +167,9 @@ class _StageLowering:
             return subst[node.id] if node.id in subst else self.resolve(node)
         rec = lambda n: self.expr(n, subst, depth)  # noqa: E731
         if isinstance(node, ast.Neg):
-            return self.emit("neg", [rec(node.operand)], node.loc)
+            return self.arith("neg", [rec(node.operand)], node.loc)
         if isinstance(node, ast.BinOp):
-            return self.emit(node.op, [rec(node.left), rec(node.right)], node.loc)
+            return self.arith(node.op, [rec(node.left), rec(node.right)], node.loc)
         if isinstance(node, ast.Transpose):
             return self.emit("transpose", [rec(node.operand)], node.loc)
         if isinstance(node, ast.Subscript):
@@ -129,6 +182,41 @@ class _StageLowering:
         if isinstance(node, ast.Call):
             return self.call(node, subst, depth)
         raise SpecError(f"unsupported expression {type(node).__name__}", getattr(node, "loc", None))
+
+    def statement(self, node: ast.Expr) -> str | float:
+        """The expression of one statement. The parser bounds how deep a .attn file nests, but defs calling
+        defs multiply it (and the Python front end has Python's bound): past Python's recursion limit the
+        statement is the error."""
+        try:
+            return self.expr(node)
+        except RecursionError:
+            raise SpecError("this expression nests too deeply (with its defs expanded)", node.loc,
+                            "shallower expressions: name parts in earlier assignments, or call fewer nested "
+                            "defs") from None
+
+    def arith(self, kind: str, args, loc: Loc) -> str | float:
+        """An op, folded when its arguments are numbers: `-1` is the number -1 and `(1 + 1)` the number 2,
+        so `x ** -1` and `x ** (1 + 1)` see an integer exponent."""
+        if all(isinstance(a, float) for a in args) and (value := fold(kind, args)) is not None:
+            return value
+        if kind == "pow":
+            return self.power(*args, loc)
+        return self.emit(kind, args, loc)
+
+    def power(self, x, n, loc: Loc) -> str | float:
+        """x ** n. An integer n (of either sign, any base sign) is exact products by repeated squaring, and
+        a reciprocal for n < 0, so every backend, the oracle and the derivative agree without a log of a
+        negative base; x ** 0 is 1 for every finite x. Other exponents stay `pow` (see MAX_PRODUCT_EXPONENT)."""
+        if not (isinstance(n, float) and n.is_integer() and abs(n) <= MAX_PRODUCT_EXPONENT):
+            return self.emit("pow", [x, n], loc)
+        if n == 0:
+            return self.arith("add", [self.arith("mul", [x, 0.0], loc), 1.0], loc)
+        out = x
+        for bit in bin(int(abs(n)))[3:]:  # the bits after the leading one, most significant first
+            out = self.arith("mul", [out, out], loc)
+            if bit == "1":
+                out = self.arith("mul", [out, x], loc)
+        return out if n > 0 else self.arith("div", [1.0, out], loc)
 
     def call(self, node: ast.Call, subst, depth) -> str | float:
         if node.func in self.funcs:
@@ -162,13 +250,15 @@ class _StageLowering:
         return self.emit(node.func, [self.expr(a, subst, depth) for a in node.args], node.loc)
 
     def assign(self, a: ast.Assign, out: str | None = None) -> None:
-        value = self.expr(a.value)
+        start = len(self.ops)
+        value = self.statement(a.value)
         if out is None and (a.target in self.current or a.target in self.taken):
             out = f"_{a.target}{self.fresh()}"  # re-assignment: a new SSA name ('_' is never a user's)
         out = out or a.target
-        last = self.ops[-1] if self.ops else None
-        if isinstance(value, str) and last is not None and last.out == value and value.startswith("_"):
-            # name the temporary directly; it keeps the location of its expression, for shape errors
+        last = self.ops[-1] if len(self.ops) > start else None
+        if last is not None and last.out == value and value.startswith("_") and value not in self.pinned:
+            # name the temporary this statement made directly (an earlier statement's value, or one shared
+            # by several, keeps its name); it keeps the location of its expression, for shape errors
             self.ops[-1] = Op(out, last.kind, last.args, None, a.value.loc)
             self.taken.add(out)
         else:
@@ -242,6 +332,7 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
     params: dict[str, sympy.Expr] = {}
     for p in sdef.params:
         params[p.name] = _param_default(p.default, feature_dims, params)
+        _check_default(params[p.name], p)
     chunk = sdef.chunk if sdef.chunk is not None else _DEFAULT_CHUNK
     if chunk < 16 or chunk & (chunk - 1):
         raise SpecError(f"chunk {chunk} is not a power of two >= 16",
@@ -279,6 +370,11 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
                             intra_names, taken)
     inter, _ = _lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, {s.name: s for s in states},
                             roles, intra_names, taken)
+    if not states:  # (after the stages, whose errors are more specific) the outputs would depend on the chunk
+        raise SpecError(f"spec '{sdef.name}' declares no state and no score stage: nothing carries information "
+                        "from one chunk to the next", sdef.loc,
+                        "a 'state S: [K, V]' line and an 'inter { S = ... }' stage (a chunked scan), or a "
+                        "'score { s = ... }' stage (the softmax family)")
     return Spec(sdef.name, inputs, outputs, states,
                 tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter)
 

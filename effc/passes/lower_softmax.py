@@ -38,6 +38,7 @@ class _SideLowering(_StageLowering):
     def side(self, kind: str, leaf: str, loc: Loc) -> str:
         if (kind, leaf) not in self.memo:
             self.memo[(kind, leaf)] = self.emit(kind, [leaf], loc)
+            self.pinned.add(self.memo[(kind, leaf)])
         return self.memo[(kind, leaf)]
 
     def resolve(self, node: ast.Name):
@@ -68,6 +69,14 @@ class _SideLowering(_StageLowering):
         return super().call(node, subst, depth)
 
 
+def _is_predicate(value, ops) -> bool:
+    """Is `value` a 1.0 / 0.0 tile made by a comparison or logic op in `ops` (through plain copies)?"""
+    defs = {op.out: op for op in ops}
+    while isinstance(value, str) and value in defs and defs[value].kind == "copy":
+        value = defs[value].args[0]
+    return isinstance(value, str) and value in defs and defs[value].kind in O.COMPARE + O.LOGIC
+
+
 def _lower(stage: ast.Stage | None, name: str, visible, funcs, counter, inherited, taken, key_inputs, leaves,
            targets=()) -> tuple[Stage, dict[str, str], list[str]]:
     if stage is None:
@@ -79,9 +88,11 @@ def _lower(stage: ast.Stage | None, name: str, visible, funcs, counter, inherite
             if name != "score":
                 raise SpecError(f"'mask' in {name}: masks select the (query, key) pairs of a score stage", a.loc,
                                 "a 'mask PREDICATE' line inside 'score { ... }'")
-            value = low.expr(a.predicate)
-            if not (isinstance(value, str) and any(op.out == value for op in low.ops)):
-                value = low.emit("copy", [value], a.loc)  # a constant or a leaf: give the predicate an op
+            value = low.statement(a.predicate)
+            if not _is_predicate(value, low.ops):  # a plain tile (`mask q`) would keep every nonzero entry
+                raise SpecError("a mask must be a predicate: a comparison or logic ('and', 'or', 'not') over "
+                                "positions and score values", a.predicate.loc,
+                                "e.g. 'mask kpos <= qpos', or 'mask x > 0' for a tile x of 1.0 / 0.0 values")
             low.masks.append(value)
             continue
         assign_statement(low, a, visible, targets, assigned, {}, a.target)

@@ -27,6 +27,7 @@ from ..ir import ops as O
 from ..ir.nodes import C, CK, Op, Spec, Stage, TileType
 from ..ir.printer import print_op
 from .blocksparse import BlockSparsity, derive
+from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
 from .tiling import IsPow2, TilingSpace
@@ -85,6 +86,21 @@ def infer_softmax_shapes(spec: Spec) -> Spec:
     for st in (spec.prefix, spec.score, spec.intra, spec.merge, spec.inter):
         stages[st.name] = Stage(st.name, type_ops(st.ops, env, st.name in ("score", "merge")))
     _check_targets(replace(spec, merge=stages["merge"], inter=stages["inter"]), env)
+    prefix = {op.out for op in stages["prefix"].ops}
+    for st in ("score", "intra", "merge", "inter"):  # they read prefix values as per-token tensors
+        for op in stages[st].ops:
+            for a in op.args:
+                if isinstance(a, str) and a in prefix and _ONE in env[a].shape[1:]:
+                    raise SpecError(f"a prefix value read in {st} is one per token, [C] or [C, D]; this one is "
+                                    f"{_fmt(env[a])}", op.loc, "a [C] value without [:, None]: in score a "
+                                    "per-token scalar is a column [C, 1] against the pair tile")
+    score = {op.out: op for op in stages["score"].ops}
+    for m in spec.masks:  # a predicate per (query, key) pair, or one that broadcasts to the pair tile
+        q, k = (_ONE,) * (2 - env[m].rank) + env[m].shape
+        if q not in (_ONE, C) or k not in (_ONE, CK):
+            raise SpecError(f"a mask selects (query, key) pairs of the [C, CK] score tile, but this predicate is "
+                            f"{_fmt(env[m])}", score[m].loc, "a predicate over qpos, kpos and score values, "
+                            "e.g. 'mask kpos <= qpos'")
     return replace(spec, **stages)
 
 
@@ -220,6 +236,7 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
     if spec.states:
         raise NotImplementedError(f"spec '{spec.name}' is a hybrid (a state and a score stage): passes.hybrid "
                                   "splits it into a softmax branch and a state branch, each analysed on its own")
+    spec = _without_repeats(spec)
 
     ops = {op.out: op for op in spec.score.ops + spec.merge.ops}
     groups: dict[str, dict] = {}
@@ -340,6 +357,17 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
     ]
     return SoftmaxSchedule(spec, sides, types, c_ops, q_ops, k_ops, p_ops, post_ops, groups_t, spec.masks,
                            sparsity, tuple(reasons))
+
+
+def _without_repeats(spec: Spec) -> Spec:
+    """Score and merge with their common subexpressions merged (passes.cse), as the kernels compute them
+    (fusion.live_ops): the names the schedule keeps (a score's folded factor, a reduction's key-side operand)
+    are then values the kernels define, also when a spec computes one twice (`s = q @ k.T` then
+    `s = q @ k.T * 2`)."""
+    ops, _ = cse_with_aliases(spec.score.ops + spec.merge.ops, tuple(o.name for o in spec.outputs) + spec.masks)
+    score = {op.out for op in spec.score.ops}
+    return replace(spec, score=Stage("score", tuple(op for op in ops if op.out in score)),
+                   merge=Stage("merge", tuple(op for op in ops if op.out not in score)))
 
 
 def _key_sum(op: Op, types) -> bool:

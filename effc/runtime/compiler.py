@@ -1,12 +1,13 @@
 """The pipeline driver: text -> AST -> IR -> passes -> plan -> source, each stage kept for `effc show`."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from ..dsl import ast, parse, parse_file
-from ..errors import SpecError
+from ..errors import CodegenError, SpecError
 from ..ir.nodes import Spec
 from ..library import LIBRARY_DIR
 from ..passes.autodiff import Backward, differentiate
@@ -71,6 +72,9 @@ class Compilation:
         return plan(self.typed, self.legality, self.fused, self.backward)
 
     def source(self, backend: str = "triton") -> str:
+        return checked_source(self._source(backend), self.typed.name, backend)
+
+    def _source(self, backend: str) -> str:
         if backend not in BACKENDS:
             raise NotImplementedError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
         if backend == "tilelang":
@@ -78,6 +82,23 @@ class Compilation:
             return emit_tilelang(self.plan)
         from ..codegen.triton import emit_module
         return emit_module(self.plan)
+
+
+def checked_source(source: str, spec: str, backend: str) -> str:
+    """Generated source must compile before anything writes or imports it: a code generator bug is then an
+    error naming the spec and the kernel, not a SyntaxError from a cached file (or a module `effc compile`
+    reports written)."""
+    try:
+        compile(source, f"<effc {spec} {backend}>", "exec", dont_inherit=True)
+    except SyntaxError as e:
+        lines = source.splitlines()
+        where = next((m.group(1) for line in reversed(lines[:e.lineno or 0])
+                      if (m := re.match(r"def (\w+)\(", line))), "module level")
+        text = lines[e.lineno - 1].strip() if e.lineno and e.lineno <= len(lines) else ""
+        raise CodegenError(f"internal error: the generated {backend} source of spec '{spec}' does not compile "
+                           f"({e.msg}, line {e.lineno}, in {where}: {text[:160]}); this is an effc bug, "
+                           "please report it with the spec") from None
+    return source
 
 
 def _has_score(module: ast.Module, name: str | None) -> bool:

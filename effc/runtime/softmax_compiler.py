@@ -138,12 +138,12 @@ class SoftmaxCompilation(Compilation):
             return "hybrid: online softmax (FlashAttention-2) for the score branch + chunked-state scan"
         return "online softmax (FlashAttention-2 walk over key blocks)"
 
-    def source(self, backend: str = "triton") -> str:
+    def _source(self, backend: str) -> str:
         if backend != "triton":
             raise NotImplementedError(f"backend '{backend}' is not implemented for the softmax family yet; "
                                       f"available: {', '.join(BACKENDS)}")
         if self.split:
-            return self.softmax_part.source(backend) + "\n\n" + self.linear_part.source(backend)
+            return self.softmax_part._source(backend) + "\n\n" + self.linear_part._source(backend)
         from ..codegen.triton.softmax_emit import emit_softmax_module
         return emit_softmax_module(self.legality, self.backward)
 

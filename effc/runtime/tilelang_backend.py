@@ -19,6 +19,7 @@ from ..passes.plan import Plan
 from ..passes.tiling import TileConfig
 from .cache import load_module
 from .checks import history_dtype, operand_dtype
+from .compiler import checked_source
 from .launch import Layout, make_layout
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -42,7 +43,7 @@ def _import_tilelang():
 class TileLangLauncher:
     def __init__(self, spec: Spec, plan: Plan):
         self.spec, self.plan = spec, plan
-        self.source = emit_module(plan)
+        self.source = checked_source(emit_module(plan), spec.name, "tilelang")
         self.digest = hashlib.sha256(self.source.encode()).hexdigest()[:16]
         self._module = None
         self._dummies: dict[tuple, torch.Tensor] = {}
