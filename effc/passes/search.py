@@ -36,7 +36,8 @@ from ..errors import SpecError
 from ..ir.nodes import C, CK, Spec, dim
 from .legality import Legality
 from .softmax import SoftmaxSchedule, choose_softmax_tiles, softmax_tiling_space
-from .tiling import BLOCK, PROGRAMS_PER_SM, Problem, TileConfig, TilingSpace, _check, _segments, choose, tiling_space
+from .tiling import (BLOCK, PROGRAMS_PER_SM, Problem, TileConfig, TilingSpace, _check, _segments, choose, padded,
+                     split_blocks, tiling_space)
 
 H100_SHARED_BYTES = 232448  # per block, opt-in maximum (also the H200's: same SM)
 MAX_REGISTERS = 255  # per thread
@@ -188,7 +189,7 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
     space = tiling_space(spec, legality)
     split = space.split_dim
     split_size = problem.size(split) if split else 1
-    blocks = _pow2_upto(16, split_size) if split else [1]
+    blocks = _pow2_upto(16, padded(split_size)) if split else [1]
     t_pow2 = 1 << max(0, problem.T - 1).bit_length()
     chunk_set = sorted({c for c in chunks if c <= max(t_pow2, 16)} | {default.chunk})
     slots = problem.sm_count * PROGRAMS_PER_SM
@@ -196,11 +197,11 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
     out = []
     for c in chunk_set:
         for b in blocks:
-            values = {C: c, **{dim(d): problem.size(d) for d in spec.dims}}
+            values = {C: c, **{dim(d): padded(problem.size(d)) for d in spec.dims}}
             if split:
                 values[BLOCK] = b
             n_chunks = max(1, math.ceil(problem.T / c))
-            programs = (split_size // b) * problem.B * problem.H
+            programs = split_blocks(split_size, b) * problem.B * problem.H
             best, _ = _segments(legality, programs, n_chunks, slots)
             ps = {1}
             if legality.segmentable:
@@ -216,7 +217,7 @@ def _softmax_grid(spec: Spec, problem: Problem, default: Candidate, blocks) -> l
     past T (rounded up to a power of two) only pad."""
     t_pow2 = max(1 << max(0, problem.T - 1).bit_length(), 16)
     sizes = sorted({b for b in blocks if b <= t_pow2})
-    dims = {dim(d): problem.size(d) for d in spec.dims}
+    dims = {dim(d): padded(problem.size(d)) for d in spec.dims}
     return [_Tile(bm, bn, {C: bm, CK: bn, **dims}, (1,), 1)
             for bm in sorted(set(sizes) | {default.chunk}) for bn in sorted(set(sizes) | {default.block})]
 

@@ -88,6 +88,36 @@ class IsPow2(sympy.Function):
 _pow2 = IsPow2
 
 
+def padded(n: int) -> int:
+    """The tile size a feature dim of `n` is loaded in: the next power of two, at least 16 (tl.dot's
+    minimum). Padded columns are masked: loads read 0 there, stores skip them."""
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+class PadTo(sympy.Function):
+    """padded(x) of a number; stays symbolic until its argument is one."""
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Integer:
+            return sympy.Integer(padded(int(x)))
+        return None
+
+
+def split_blocks(size: int, block: int) -> int:
+    """Programs along the split dim: blocks of `block`, the last one masked where it passes `size`."""
+    return -(-size // block)
+
+
+def default_block(size: int) -> int:
+    """The split dim's block: at most 64 columns of the state tile; a dim that no power of two from 32 to 64
+    divides (96: blocks of 32) takes the padded 64 (or its padded size) with the last block masked."""
+    block = min(padded(size), 64)
+    if size % block:
+        block = next((b for b in (64, 32) if b <= block and size % b == 0), block)
+    return block
+
+
 def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
     split = legality.split_dims[0] if legality.split_dims else None
     feature = [dim(d) for d in spec.dims]
@@ -96,12 +126,12 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
         (_pow2(C), "block shapes are powers of two"),
     ]
     for d in feature:
-        cons.append((sympy.Ge(d, 16), f"{d} is a matmul operand dim (>= 16)"))
-        cons.append((_pow2(d), f"{d} is loaded as one block (power of two; padding not implemented)"))
+        # any size: tiles are padded to PadTo(d) columns (a power of two >= 16), masked past d
+        cons.append((sympy.Ge(d, 1), f"{d} is a feature dim (>= 1)"))
     if split:
         s = dim(split)
         cons += [(sympy.Ge(BLOCK, 16), "BLOCK is a matmul dim"), (_pow2(BLOCK), "BLOCK is a power of two"),
-                 (sympy.Eq(sympy.Mod(s, BLOCK), 0), f"BLOCK divides {split}")]
+                 (sympy.Le(BLOCK, PadTo(s)), f"BLOCK is at most {split} padded to a power of two")]
     sub = {dim(split): BLOCK} if split else {}
 
     def elements(shape) -> sympy.Expr:
@@ -154,10 +184,10 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     n_chunks = max(1, math.ceil(problem.T / c))
     split_size = problem.size(space.split_dim) if space.split_dim else 1
     if block is None:
-        block = min(split_size, 64) if space.split_dim else 1
+        block = default_block(split_size) if space.split_dim else 1
         reasons.append(f"block {block} of {space.split_dim}: keeps the state tile at most 64 columns wide"
                        if space.split_dim else "nothing to split")
-    n_split = split_size // block
+    n_split = split_blocks(split_size, block)
     programs = n_split * problem.B * problem.H
     if segments is None:
         segments, why = _segments(legality, programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
@@ -166,7 +196,8 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     if segments > 1 and not legality.segmentable:
         raise SpecError(f"spec '{spec.name}' cannot run in {segments} segments: "
                         + "; ".join(t.why for t in legality.transitions if not t.diagonal_affine))
-    values = {C: c, **{dim(d): problem.size(d) for d in spec.dims}}
+    # the register model counts padded tiles (what a program holds)
+    values = {C: c, **{dim(d): padded(problem.size(d)) for d in spec.dims}}
     if space.split_dim:
         values[BLOCK] = block
     _check(space, values)

@@ -12,7 +12,7 @@ import torch
 
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
-from ..passes.tiling import TileConfig
+from ..passes.tiling import TileConfig, padded, split_blocks
 from .checks import history_dtype, interpreting, kernel_cu_seqlens, operand_dtype
 from .triton_faults import backward_warps
 
@@ -72,7 +72,9 @@ class Launcher:
         import triton.language as tl
 
         interp = interpreting()
+        # each feature dim's real size and its padded tile size (codegen masks the columns past the real one)
         meta = dict(H=lay.H, **{f"HX_{d.name}": lay.heads[d.name] for d in kernel.loads}, **lay.dims,
+                    **{f"{n}_P": padded(v) for n, v in lay.dims.items()},
                     C=cfg.chunk, BLOCK=cfg.block if self.plan.split_dim else 1, IS_VARLEN=lay.cu is not None,
                     DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
                     PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32")
@@ -86,7 +88,7 @@ class Launcher:
         return [lay.T, per_seg, P, lay.tokens, lay.n_seq * lay.H, cu, off]
 
     def _n_split(self, cfg: TileConfig, lay: Layout) -> int:
-        return lay.dims[self.plan.split_dim] // cfg.block if self.plan.split_dim else 1
+        return split_blocks(lay.dims[self.plan.split_dim], cfg.block) if self.plan.split_dim else 1
 
     @staticmethod
     def _segments(cfg: TileConfig, max_chunks: int) -> tuple[int, int]:
@@ -118,7 +120,7 @@ class Launcher:
                 + self._common(cfg, lay, 1, 1, dummy))
         meta = self._meta(cfg, lay, first.dtype, kp)
         if self.plan.split_dim:
-            meta["BLOCK"] = lay.dims[self.plan.split_dim]  # whole tiles: prep is not split
+            meta["BLOCK"] = padded(lay.dims[self.plan.split_dim])  # whole tiles: prep is not split
         self._fn("prep")[(1, lay.n_seq * lay.H, max_chunks)](*args, **meta)
         return bufs
 

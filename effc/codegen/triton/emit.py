@@ -8,7 +8,7 @@ from ... import __version__
 from .. import template
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan
-from .printer import TritonPrinter
+from .printer import TritonPrinter, feature_mask
 
 
 def _axes(n: int, i: int) -> str:
@@ -24,16 +24,32 @@ def _row_major(base: str, dims: tuple[str, ...]) -> str:
     return expr
 
 
-def _token_offsets(d: TensorDecl, heads: str = "H", base: str = "bos + tok") -> tuple[str, str]:
+def _masks(axes, split: str | None) -> tuple[str, str]:
+    """The load and store keyword arguments that mask the padded feature columns of a tile whose axes are
+    `axes` (feature dim names; None for others): empty without feature dims, and constexpr-conditional
+    (mask=None, the unmasked access, where no dim is padded)."""
+    fm = feature_mask(list(axes), split)
+    if fm is None:
+        return "", ""
+    m, cond = fm
+    return (f", mask=({m} if {cond} else None), other=(0.0 if {cond} else None)", f", mask=({m} if {cond} else None)")
+
+
+def _token_offsets(d: TensorDecl, heads: str = "H", base: str = "bos + tok",
+                   split: str | None = None) -> tuple[str, str]:
     """Offsets and mask of a per-token tile of `d` in a (tokens, heads, features) tensor.
-    `heads` is the tensor's head count: inputs with fewer heads (GQA) are shared by a group."""
+    `heads` is the tensor's head count: inputs with fewer heads (GQA) are shared by a group.
+    The mask drops padded tokens and, where a feature dim is padded, its padded columns."""
     feats = d.feature_dims
     tok = f"({base})" + ("[:, None]" if feats else "")
     head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
     expr = f"{tok} * {heads} + {head}"
     for f in feats:
         expr = f"({expr}) * {f} + r_{f}[None, :]"
-    return expr, "tv" + ("[:, None]" if feats else "")
+    if not feats:
+        return expr, "tv"
+    m, cond = feature_mask([None] + list(feats), split)
+    return expr, f"(tv[:, None] & {m} if {cond} else tv[:, None])"
 
 
 @dataclass
@@ -58,6 +74,12 @@ class _KernelView:
     merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel; launch.Launcher passes it)
     optional_loads: set = field(default_factory=set)  # inputs only merge reads: not loaded when it is deferred
     block_loop: dict | None = None  # a gradient kernel looping over the split dim's blocks (_block_loop)
+    # keyword arguments masking the padded feature columns of each state's tile (loads, stores) and each
+    # hoisted tile's
+    state_load: dict[str, str] = field(default_factory=dict)
+    state_store: dict[str, str] = field(default_factory=dict)
+    hoisted_load: dict[str, str] = field(default_factory=dict)
+    hoisted_store: dict[str, str] = field(default_factory=dict)
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -65,7 +87,7 @@ def kernel_name(spec_name: str, kernel: str) -> str:
 
 
 def _slot_expr(a: int, b: int, split: str) -> str:
-    terms = ([f"{a} * ({split} // BLOCK)"] if a else []) + ([str(b)] if b else [])
+    terms = ([f"{a} * tl.cdiv({split}, BLOCK)"] if a else []) + ([str(b)] if b else [])
     return " + ".join(terms) or "0"
 
 
@@ -77,7 +99,7 @@ def _grad_stores(view, plan: Plan, kp) -> None:
         if plan.slotted(x.name):
             partial = plan.per_block(x.name, kp.name)
             slot = _slot_expr(*plan.grad_slot(x.name, kp.name), plan.split_dim) + (" + pid_s" if partial else "")
-        offs, mask = _token_offsets(x, "H", f"({slot}) * T_total + bos + tok" if slot else "bos + tok")
+        offs, mask = _token_offsets(x, "H", f"({slot}) * T_total + bos + tok" if slot else "bos + tok", plan.split_dim)
         view.grad_offs[x.name] = offs
         view.tok_mask[x.name] = mask
         view.grad_value[x.name] = f"v_{g}" if g else "0.0"
@@ -88,7 +110,8 @@ def _block_loop(plan: Plan, kp, printer: TritonPrinter) -> dict:
     per part of the loop, its loads and lines."""
     split, loop = plan.split_dim, kp.block_loop
     has = lambda dims: split in dims
-    zeros = lambda t: "tl.zeros([" + ", ".join(str(d) for d in t.shape) + "], tl.float32)"
+    size = lambda d: "BLOCK" if str(d) == split else f"{d}_P" if str(d) in plan.spec.dims else str(d)
+    zeros = lambda t: "tl.zeros([" + ", ".join(size(d) for d in t.shape) + "], tl.float32)"
     types = kp.types(plan.spec)
     return dict(
         loads=[d for d in kp.loads if not has(d.feature_dims)], loop_loads=[d for d in kp.loads if has(d.feature_dims)],
@@ -96,7 +119,7 @@ def _block_loop(plan: Plan, kp, printer: TritonPrinter) -> dict:
         loop_hoisted=[d for d in kp.hoisted_loads if has(d.feature_dims)],
         states=[s for s in kp.states if not has(s.dims)], loop_states=[s for s in kp.states if has(s.dims)],
         # a state without the split dim: the scan left one partial adjoint per block; their sum is the adjoint
-        block_dhist={s.name: _row_major(f"((c_base + i_c) * H + i_h) * ({split} // BLOCK) + vb", s.dims)
+        block_dhist={s.name: _row_major(f"((c_base + i_c) * H + i_h) * tl.cdiv({split}, BLOCK) + vb", s.dims)
                      for s in kp.states if not has(s.dims)},
         outputs=[o for o in plan.spec.outputs if not has(o.feature_dims)],
         loop_outputs=[o for o in plan.spec.outputs if has(o.feature_dims)],
@@ -126,9 +149,10 @@ def emit_module(plan: Plan) -> str:
     for kp in plan.kernels:
         if kp.name == "bwd_scan":
             _check_scan_decay(plan, kp)
-        printer = TritonPrinter(spec, kp.types(spec))
-        toks = {d.name: _token_offsets(d, f"HX_{d.name}") for d in kp.loads}
-        toks.update({d.name: _token_offsets(d) for d in kp.stores + (spec.outputs if kp.name.startswith("bwd") else ())})
+        printer = TritonPrinter(spec, kp.types(spec), split)
+        toks = {d.name: _token_offsets(d, f"HX_{d.name}", split=split) for d in kp.loads}
+        toks.update({d.name: _token_offsets(d, split=split)
+                     for d in kp.stores + (spec.outputs if kp.name.startswith("bwd") else ())})
         # with merge deferred (FUSE_MERGE false) the walk skips what only the outputs need; a constexpr `if`
         # is resolved when Triton compiles, and names it defines stay in scope
         optional = set(plan.merge_only()) if kp.name == "walk" else set()
@@ -143,13 +167,18 @@ def emit_module(plan: Plan) -> str:
             state_offs={s.name: _row_major("i_bh", s.dims) for s in kp.states},
             seg_offs={s.name: _row_major("i_bh * n_segments + seg", s.dims) for s in kp.states},
             hist_offs={s.name: _row_major("(c_base + i_c) * H + i_h", s.dims) for s in kp.states},
-            state_block={s.name: "[" + ", ".join("BLOCK" if d == split else d for d in s.dims) + "]"
+            state_block={s.name: "[" + ", ".join("BLOCK" if d == split else f"{d}_P" for d in s.dims) + "]"
                          for s in kp.states},
             decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None},
             # hoisted values are chunk-padded (every row of a chunk, padding included, as the walk would compute
             # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
                           for d in kp.hoisted_loads + (kp.stores if kp.name == "prep" else ())})
+        for s in kp.states:
+            view.state_load[s.name], view.state_store[s.name] = _masks(s.dims, split)
+        for d in kp.hoisted_loads + (kp.stores if kp.name == "prep" else ()):
+            axes = (None,) + tuple(f if f in spec.dims else None for f in d.feature_dims)  # [C, C] tiles: no mask
+            view.hoisted_load[d.name], view.hoisted_store[d.name] = _masks(axes, split)
         _grad_stores(view, plan, kp)
         if kp.block_loop is not None:
             view.block_loop = _block_loop(plan, kp, printer)
@@ -160,10 +189,10 @@ def emit_module(plan: Plan) -> str:
             view.partial_state[s.name] = partial
             view.dinit_offs[s.name] = _row_major("pid_s * n_bh + i_bh" if partial else "i_bh", s.dims)
             view.bseg_offs[s.name] = _row_major(
-                f"(i_bh * n_segments + q_seg) * ({split} // BLOCK) + pid_s" if partial else "i_bh * n_segments + q_seg",
+                f"(i_bh * n_segments + q_seg) * tl.cdiv({split}, BLOCK) + pid_s" if partial else "i_bh * n_segments + q_seg",
                 s.dims)
             view.dhist_offs[s.name] = _row_major(
-                f"((c_base + i_c) * H + i_h) * ({split} // BLOCK) + pid_s" if partial else "(c_base + i_c) * H + i_h",
+                f"((c_base + i_c) * H + i_h) * tl.cdiv({split}, BLOCK) + pid_s" if partial else "(c_base + i_c) * H + i_h",
                 s.dims)
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")

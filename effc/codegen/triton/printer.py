@@ -26,16 +26,68 @@ _MASK_CMP = {"causal": ">=", "strict": ">", "anticausal": "<=", "antistrict": "<
 _LEAVES_FINITE_RANGE = {"exp", "exp2", "log", "log2", "rsqrt", "div", "pow"}
 
 
+def pad_cond(d: str, split: str | None = None) -> str:
+    """A constexpr condition: is feature dim `d`'s tile padded past its real size? Non-split dims are loaded
+    as one tile of `d_P` columns (passes.tiling.padded); the split dim in blocks of BLOCK, the last one
+    padded unless BLOCK divides it. False for power-of-two dims >= 16, so their kernels are unchanged."""
+    return f"({d} % BLOCK != 0)" if d == split else f"({d}_P != {d})"
+
+
+def feature_mask(axes, split: str | None = None) -> tuple[str, str] | None:
+    """(mask, constexpr condition) of a tile whose axes are `axes` (feature dim names, other entries None),
+    masking its padded feature columns; None when no axis is a feature dim."""
+    feats = [(i, d) for i, d in enumerate(axes) if d is not None]
+    if not feats:
+        return None
+    n = len(axes)
+    mask = " & ".join(f"m_{d}" + ("" if n == 1 else "[" + ", ".join(":" if j == i else "None" for j in range(n)) + "]")
+                      for i, d in feats)
+    conds = [pad_cond(d, split) for _, d in feats]
+    return mask, conds[0] if len(conds) == 1 else "(" + " | ".join(conds) + ")"
+
+
 class TritonPrinter:
     # the chunk's valid-token mask in the scan kernels; None where padding is handled otherwise
     token_valid: str | None = "tv"
 
-    def __init__(self, spec: Spec, types):
+    def __init__(self, spec: Spec, types, split: str | None = None):
         self.spec, self.types = spec, types
         self.inputs = {d.name for d in spec.inputs}
         self.states = {d.name for d in spec.states}
         self.params = {p.name for p in spec.params}
         self.dims = set(spec.dims) | {"H"}
+        self.features = set(spec.dims)
+        self.split = split
+
+    # -- padded feature columns -----------------------------------------------------------------
+    # A feature dim that is not a power of two >= 16 is a tile of its padded size (tiling.padded), masked past
+    # the real one. Values on padded columns may be anything (exp(0) = 1, garbage carried in a state); they
+    # must never reach a real column. Only reductions over a feature axis and matmuls contracting one mix
+    # columns: they select 0 (sum) or -inf (max) there, with tl.where (a select: inf or nan there is dropped,
+    # where a multiply by 0 would not drop it). Every mask is under a constexpr condition (pad_cond), so a
+    # power-of-two dim compiles to the kernel it had before.
+    def _feature_axes(self, shape) -> list:
+        return [str(d) if str(d) in self.features else None for d in shape]
+
+    def padded_fill(self, a, text: str, fill: str, axes=None) -> str:
+        """`text` (the tile `a`) with fill on the padded columns of the axes in `axes` (default: all)."""
+        if isinstance(a, float) or a not in self.types:
+            return text
+        found = self._feature_axes(self.types[a].shape)
+        if axes is not None:
+            found = [d if i in axes else None for i, d in enumerate(found)]
+        fm = feature_mask(found, self.split)
+        if fm is None:
+            return text
+        mask, cond = fm
+        return f"(tl.where({mask}, {text}, {fill}) if {cond} else {text})"
+
+    def _operand(self, a, text: str, axis: int) -> str:
+        """A matmul operand contracted over `axis`: zero on padded columns of it. Inputs are loaded with
+        other=0 there, so they need no mask."""
+        if a in self.inputs:
+            return text
+        return self.padded_fill(a, text, "0.0", axes=(axis,))
 
     def ref(self, a) -> str:
         if isinstance(a, float):
@@ -82,8 +134,9 @@ class TritonPrinter:
             return f"tl.sum(tl.where({sel}, {a[0]}, 0.0), axis=0)"
         if k in O.REDUCTIONS:
             axis, how = O.REDUCTIONS[k]
+            fill = "0.0" if how == "sum" else '-float("inf")'
+            a[0] = self.padded_fill(op.args[0], a[0], fill, axes=(axis,))
             if reduces_tokens(op, self.types):  # padded tokens do not exist
-                fill = "0.0" if how == "sum" else '-float("inf")'
                 a[0] = f"tl.where({'tv[:, None]' if axis == 0 else 'tv[None, :]'}, {a[0]}, {fill})"
             return f"tl.{how}({a[0]}, axis={axis})"
         if k == "expand":
@@ -102,8 +155,9 @@ class TritonPrinter:
             return f"tl.where({sel}, {a[0]}{'[None, :]' if rank == 1 else ''}, 0.0)"
         if k in ("total", "maxall"):
             rank, how = self.types[op.args[0]].rank, "sum" if k == "total" else "max"
+            fill = "0.0" if how == "sum" else '-float("inf")'
+            a[0] = self.padded_fill(op.args[0], a[0], fill)
             if reduces_tokens(op, self.types):
-                fill = "0.0" if how == "sum" else '-float("inf")'
                 a[0] = f"tl.where(tv{'[:, None]' if rank == 2 else ''}, {a[0]}, {fill})"
             if rank == 0:
                 return a[0]
@@ -126,6 +180,7 @@ class TritonPrinter:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
         if kk == _ONE:  # an outer product
             return f"({a[0]} * {a[1]})"
+        a = [self._operand(op.args[0], a[0], 1), self._operand(op.args[1], a[1], 0)]
         if reduces_tokens(op, self.types):  # contracting over tokens: padded tokens do not exist
             # (the left operand's padded values are finite, see _finite_on_padding, so 0 * them is 0)
             a = [a[0], f"tl.where(tv[:, None], {a[1]}, 0.0)"]
