@@ -30,7 +30,7 @@ from .blocksparse import BlockSparsity, derive
 from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
-from .tiling import IsPow2, TilingSpace
+from .tiling import IsPow2, TilingSpace, padded
 
 _ONE = sympy.Integer(1)
 
@@ -465,9 +465,9 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
     kernel's tiles, the explicit arguments still winning; the backward kernels keep the model's (they
     read only per-token values the forward saved, so any forward tiling serves them)."""
     for d, v in dims.items():
-        if v < 16 or v & (v - 1):
-            raise SpecError(f"feature dim {d}={v}: tiles are loaded whole and feed tl.dot, so each feature dim "
-                            "must be a power of two >= 16")
+        if v < 1:
+            raise SpecError(f"feature dim {d}={v}: must be >= 1")
+    dims = {d: padded(v) for d, v in dims.items()}  # tiles are loaded padded to a power of two >= 16, masked
     if segments not in (None, 1):
         raise SpecError(f"segments={segments}: the softmax family walks the key blocks in one program per query "
                         "block (segments=1)")
@@ -528,8 +528,8 @@ def softmax_tiling_space(sched: SoftmaxSchedule) -> TilingSpace:
         (IsPow2(CK), "the key block BN is a power of two"),
     ]
     for d in feature:
-        cons.append((sympy.Ge(d, 16), f"{d} is a matmul operand dim (>= 16)"))
-        cons.append((IsPow2(d), f"{d} is loaded as one block (power of two; padding not implemented)"))
+        # any size: tiles are padded to PadTo(d) columns (a power of two >= 16), masked past d
+        cons.append((sympy.Ge(d, 1), f"{d} is a feature dim (>= 1)"))
 
     def elements(x) -> sympy.Expr:
         return sympy.Mul(*types[x].shape) if isinstance(x, str) and x in types else sympy.Integer(0)

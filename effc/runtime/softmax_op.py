@@ -14,7 +14,7 @@ import torch
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
-from ..passes.tiling import Problem
+from ..passes.tiling import Problem, padded
 from .cache import load_module
 from .checks import (check_cu_seqlens, check_inputs, check_knobs, decode_inputs, interpreting, kernel_cu_seqlens,
                      operand_dtype, param_values)
@@ -110,7 +110,8 @@ class SoftmaxOp(Tuned):
     def _meta(self, cfg_k, H, heads, dims, cu, dtype, save=False) -> dict:
         import triton.language as tl
         interp = interpreting()
-        meta = dict(H=H, **{f"HX_{x}": h for x, h in heads.items()}, **dims, BM=cfg_k[0], BN=cfg_k[1],
+        meta = dict(H=H, **{f"HX_{x}": h for x, h in heads.items()}, **dims,
+                    **{f"{d}_P": padded(v) for d, v in dims.items()}, BM=cfg_k[0], BN=cfg_k[1],
                     IS_VARLEN=cu is not None, DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
                     PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32", SAVE=save)
         if not interp:

@@ -46,13 +46,15 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
 SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
 
 
-def compile_softmax_sm90(op, kernel: str, tiles=None):
+def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
     """The compiled kernel `kernel` (one of SOFTMAX_KERNELS) of the SoftmaxOp `op`, at `tiles` (default:
     the model's for the H100, every feature dim 128; `.metadata.num_warps` says how many warps). Leaves,
     outputs, their cotangents, the reductions' cotangents (_dr) and the gradients one kernel writes whole
-    (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32."""
+    (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32.
+    `dims`: feature dim sizes (default 128 each), any size (padded tiles)."""
     from ...passes.softmax import choose_softmax_tiles
-    dims = {d: 128 for d in op.spec.dims}
+    from ...passes.tiling import padded
+    dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
     bm, bn, warps, stages = {"fwd": tiles.fwd, "bwd_pre": tiles.pre, "bwd_dq": tiles.dq, "bwd_dkv": tiles.dkv}[kernel]
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
@@ -61,5 +63,5 @@ def compile_softmax_sm90(op, kernel: str, tiles=None):
     sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n == "cu_ptr" else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
-                 **dims, **{f"HX_{x}": 16 for x in op.sched.leaves})
+                 **dims, **{f"{d}_P": padded(v) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
     return _compile(fn, sig, const, warps, stages)

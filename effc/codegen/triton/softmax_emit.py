@@ -16,7 +16,7 @@ from ...ir.nodes import C, CK, Op
 from ...passes.blocksparse import NEG, POS, Range, triton_expr
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p_name
-from .printer import _LEAVES_FINITE_RANGE, TritonPrinter
+from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, feature_mask
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -32,7 +32,7 @@ def _dimname(d) -> str:
         return "BM"
     if d == CK:
         return "BN"
-    return str(d)
+    return str(d) if d.is_Integer else f"{d}_P"  # a feature dim: its padded tile size
 
 
 class SoftmaxPrinter(TritonPrinter):
@@ -112,9 +112,10 @@ class SoftmaxPrinter(TritonPrinter):
             return f"tl.trans({a[0]})"
         if k in O.REDUCTIONS:
             axis, how = O.REDUCTIONS[k]
-            return f"tl.{how}({self._safe(op.args[0], a[0])}, axis={axis})"
+            x = self.padded_fill(op.args[0], a[0], "0.0" if how == "sum" else '-float("inf")', axes=(axis,))
+            return f"tl.{how}({self._safe(op.args[0], x)}, axis={axis})"
         if k == "total":
-            x = self._safe(op.args[0], a[0])
+            x = self._safe(op.args[0], self.padded_fill(op.args[0], a[0], "0.0"))
             rank = self.types[op.args[0]].rank
             return f"tl.sum(tl.sum({x}, axis=1), axis=0)" if rank == 2 else (f"tl.sum({x}, axis=0)" if rank else x)
         return super().expr(op)
@@ -140,6 +141,8 @@ class SoftmaxPrinter(TritonPrinter):
     def _matmul(self, op: Op, a: list[str]) -> str:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
         x = [self._safe(op.args[i], self.raw.get(op.args[i], a[i])) for i in range(2)]
+        if kk != _ONE:  # padded feature columns of a contracted dim: zero (loaded tiles already are)
+            x = [x[i] if op.args[i] in self.raw else self._operand(op.args[i], x[i], 1 - i) for i in range(2)]
         if kk == _ONE:  # an outer product
             return f"({x[0]} * {x[1]})"
         if m == _ONE or n == _ONE:
@@ -148,6 +151,14 @@ class SoftmaxPrinter(TritonPrinter):
 
     def lines(self, ops) -> list[str]:
         return [f"v_{op.out} = {self.expr(op)}" for op in ops]
+
+
+def _rowmask(valid: str, feats: tuple[str, ...]) -> str:
+    """The mask of a per-token tile: its valid rows and, where its feature dim is padded, real columns."""
+    if not feats:
+        return valid
+    m, cond = feature_mask([None, feats[0]])
+    return f"({valid}[:, None] & {m} if {cond} else {valid}[:, None])"
 
 
 def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str) -> str:
@@ -170,7 +181,13 @@ class Leaf:
         """masked=False: a block wholly inside the sequence (the walk's mask-free blocks) loads unmasked."""
         rows, valid = ("r_M", "qv") if side == "lq" else ("r_N", "kv")
         offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows)
-        mask = f", mask={valid}{'[:, None]' if self.feats else ''}, other=0.0" if masked else ""
+        if masked:
+            mask = f", mask={_rowmask(valid, self.feats)}, other=0.0"
+        elif self.feats:  # rows wholly inside the sequence; padded feature columns still masked
+            m, cond = feature_mask([None, self.feats[0]])
+            mask = f", mask=({m} if {cond} else None), other=(0.0 if {cond} else None)"
+        else:
+            mask = ""
         return (f"{side}_{self.name}_raw = tl.load({self.name}_ptr + {offs}{mask})\n"
                 f"{side}_{self.name} = {side}_{self.name}_raw.to(tl.float32)")
 
@@ -186,7 +203,7 @@ class Store:
     def line(self) -> str:
         rows, valid = ("r_M", "qv") if self.side == "q" else ("r_N", "kv")
         offs = _offsets("", self.feats, "H", rows)
-        mask = valid + ("[:, None]" if self.feats else "")
+        mask = _rowmask(valid, self.feats)
         v = f"{self.value}.to({self.ptr}.dtype.element_ty)" if self.cast else self.value
         return f"tl.store({self.ptr} + {offs}, {v}, mask={mask})"
 
@@ -335,7 +352,7 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
     lines = []
     for o in spec.outputs:
         lines.append(f"v__seed_{o.name} = tl.load({o.name}_grad_ptr + {_offsets('', o.feature_dims, 'H', 'r_M')}, "
-                     f"mask=qv{'[:, None]' if o.feature_dims else ''}, other=0.0).to(tl.float32)")
+                     f"mask={_rowmask('qv', o.feature_dims)}, other=0.0).to(tl.float32)")
         kv.args.append(f"{o.name}_grad_ptr")
     for gi, g in enumerate(sched.groups):
         lines.append(f"lse{gi} = tl.load(lse{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0)")
@@ -348,7 +365,7 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
                 kv.args.append(ptr)
             feats = _feats(sched, r.out)
             lines.append(f"v_{r.out} = tl.load({ptr} + {_offsets('', feats, 'H', 'r_M')}, "
-                         f"mask=qv{'[:, None]' if feats else ''}, other=0.0).to(tl.float32)")
+                         f"mask={_rowmask('qv', feats)}, other=0.0).to(tl.float32)")
     kv.args += [f"{o.name}_ptr" for o in spec.outputs]
     lines += pr.lines(kp.outer_ops) + pr.lines(kp.post_vjp)
     for r, g in bwd.d_reduction:
@@ -381,7 +398,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
         for r in g.reductions:
             feats = _feats(sched, r.out)
             gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', 'r_M')}, "
-                      f"mask=qv{'[:, None]' if feats else ''}, other=0.0)")
+                      f"mask={_rowmask('qv', feats)}, other=0.0)")
             kv.args.append(f"{r.out}_dr_ptr")
     for x, _ in kp.accumulators:
         shape = ", ".join(_dimname(d) for d in types[x].shape)
