@@ -232,13 +232,9 @@ def test_tiling_space_constraints():
         tiling: chunk C, split dim V in blocks of BLOCK, P segments
           require C >= 16   # tl.dot needs tiles of at least 16
           require IsPow2(C)   # block shapes are powers of two
-          require K >= 16   # K is a matmul operand dim (>= 16)
-          require IsPow2(K)   # K is loaded as one block (power of two; padding not implemented)
-          require V >= 16   # V is a matmul operand dim (>= 16)
-          require IsPow2(V)   # V is loaded as one block (power of two; padding not implemented)
           require BLOCK >= 16   # BLOCK is a matmul dim
           require IsPow2(BLOCK)   # BLOCK is a power of two
-          require Eq(Mod(V, BLOCK), 0)   # BLOCK divides V
+          require BLOCK <= PadTo(V)   # BLOCK is at most V padded to a power of two
           live fp32 per program ~ BLOCK*C + BLOCK*K + C**2 + 2*C*K + C
     """)
 
@@ -265,8 +261,8 @@ def test_choose_few_programs_many_segments():
 
 def test_choose_rejects_a_violated_constraint():
     spec = typed(GATED)
-    with pytest.raises(SpecError, match=r"IsPow2\(K\) fails for C=16, K=48, .*: K is loaded as one block"):
-        choose(spec, analyze(spec), Problem(1, 1024, 1, (("K", 48), ("V", 64))))
+    with pytest.raises(SpecError, match=r"BLOCK <= PadTo\(V\) fails for C=16, K=48, V=40, BLOCK=128: BLOCK is at most V"):
+        choose(spec, analyze(spec), Problem(1, 1024, 1, (("K", 48), ("V", 40))), block=128)
 
 
 def test_choose_rejects_segments_of_a_general_transition():
@@ -574,24 +570,33 @@ def test_plan_loads_only_what_each_kernel_reads():
 
 # ---- codegen ----------------------------------------------------------------------------------
 
+SMASK = ("mask=(m_K[:, None] & m_V[None, :] if ((K_P != K) | (V % BLOCK != 0)) else None), "
+         "other=(0.0 if ((K_P != K) | (V % BLOCK != 0)) else None)")
+
+
 def test_emit_module_key_lines_and_valid_python():
     src = emit_module(compile_text(GATED).plan)
     for line in [
         "def gated_summary_kernel(k_ptr, v_ptr, g_ptr, S_segw_ptr, S_segd_ptr,",  # no q, no o
         "def gated_walk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, S_init_ptr, S_final_ptr,",
         "v_g = tl.load(g_ptr + (bos + tok) * HX_g + i_h // (H // HX_g), mask=tv, other=0.0).to(tl.float32)",
-        "v_q = tl.load(q_ptr + ((bos + tok)[:, None] * HX_q + i_h // (H // HX_q)) * K + r_K[None, :], mask=tv[:, None], "
-        "other=0.0)",
+        # padded feature columns masked under constexpr guards (false for power-of-two dims)
+        "v_q = tl.load(q_ptr + ((bos + tok)[:, None] * HX_q + i_h // (H // HX_q)) * K + r_K[None, :], "
+        "mask=(tv[:, None] & m_K[None, :] if (K_P != K) else tv[:, None]), other=0.0)",
+        "r_K = tl.arange(0, K_P)",
+        "m_V = r_V < V",
         "for j in tl.range(0, c_hi - c_lo):  # the reverse scan of the state adjoints",
         "for j in tl.range(0, n_seg_seq - 1 - seg):  # fold the summaries of later segments, the last first",
-        "v_dS = v_dS * tl.load(S_segd_ptr + seg_offs) + tl.load(S_segw_ptr + seg_offs)",
+        "v_dS = v_dS * tl.load(S_segd_ptr + seg_offs, " + SMASK + ") + tl.load(S_segw_ptr + seg_offs, " + SMASK + ")",
         "d_S = d_S * v__7",  # the reverse summary: the same decay, multiplied out in the scan's body too
         "v__seed__next_S = v_dS",
         "r_V = pid_s * BLOCK + tl.arange(0, BLOCK)",  # V is split
         "v_b = tl.cumsum(v_g, axis=0)",
-        "v_o = tl.dot(v__4.to(DOT_DTYPE), v_S.to(DOT_DTYPE), input_precision=PRECISION)",
+        # contracting K: padded columns selected to 0 on both operands (the carried state's may hold anything)
+        "v_o = tl.dot((tl.where(m_K[None, :], v__4, 0.0) if (K_P != K) else v__4).to(DOT_DTYPE), "
+        "(tl.where(m_K[:, None], v_S, 0.0) if (K_P != K) else v_S).to(DOT_DTYPE), input_precision=PRECISION)",
         "for seg in tl.range(0, pid_p):  # fold the summaries of earlier segments",
-        "v_S = v_S * tl.load(S_segd_ptr + seg_offs) + tl.load(S_segw_ptr + seg_offs)",
+        "v_S = v_S * tl.load(S_segd_ptr + seg_offs, " + SMASK + ") + tl.load(S_segw_ptr + seg_offs, " + SMASK + ")",
         "d_S = d_S * v__7",  # the summary accumulates the decay
         "v_S = v__next_S",
     ]:

@@ -42,7 +42,7 @@ def test_unknown_param_and_bad_tiling():
         _call(*GOOD, temperature=2.0)
     with pytest.raises(ArgumentError, match="block must be a power of two >= 16, got 12"):
         _call(*GOOD, block=12)
-    with pytest.raises(effc.SpecError, match=r"tiling constraint Eq\(Mod\(V, BLOCK\), 0\) fails .*BLOCK divides V"):
+    with pytest.raises(effc.SpecError, match=r"tiling constraint BLOCK <= PadTo\(V\) fails .*BLOCK is at most V padded"):
         _call(*GOOD, block=32)
 
 

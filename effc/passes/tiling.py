@@ -120,14 +120,11 @@ def default_block(size: int) -> int:
 
 def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
     split = legality.split_dims[0] if legality.split_dims else None
-    feature = [dim(d) for d in spec.dims]
     cons: list[tuple[sympy.Basic, str]] = [
         (sympy.Ge(C, 16), "tl.dot needs tiles of at least 16"),
         (_pow2(C), "block shapes are powers of two"),
     ]
-    for d in feature:
-        # any size: tiles are padded to PadTo(d) columns (a power of two >= 16), masked past d
-        cons.append((sympy.Ge(d, 1), f"{d} is a feature dim (>= 1)"))
+    # feature dims take any size: their tiles are padded to PadTo(d) columns (a power of two >= 16), masked past d
     if split:
         s = dim(split)
         cons += [(sympy.Ge(BLOCK, 16), "BLOCK is a matmul dim"), (_pow2(BLOCK), "BLOCK is a power of two"),
@@ -196,11 +193,11 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     if segments > 1 and not legality.segmentable:
         raise SpecError(f"spec '{spec.name}' cannot run in {segments} segments: "
                         + "; ".join(t.why for t in legality.transitions if not t.diagonal_affine))
-    # the register model counts padded tiles (what a program holds)
-    values = {C: c, **{dim(d): padded(problem.size(d)) for d in spec.dims}}
+    values = {C: c, **{dim(d): problem.size(d) for d in spec.dims}}
     if space.split_dim:
         values[BLOCK] = block
     _check(space, values)
+    values.update({dim(d): padded(problem.size(d)) for d in spec.dims})  # the register model counts padded tiles
     if num_warps is None:
         num_warps = 4
         live = int(space.live_fp32.subs(values))
