@@ -80,14 +80,14 @@ class TileLangLauncher:
                 store_history: bool, outputs: bool = True):  # outputs: always computed (merge stays fused)
         """Returns (outputs, final states, state history), as launch.Launcher.forward does."""
         spec, plan = self.spec, self.plan
-        for n, v in lay.dims.items():
-            if padded(v) != v:  # the Triton kernels pad such tiles (masked columns); these do not yet
-                raise NotImplementedError(f"TileLang backend: feature dim {n}={v} is not a power of two >= 16: not "
-                                          "implemented yet (the Triton backend pads it)")
         if cfg.defer_merge:
             raise NotImplementedError("the TileLang backend has no 'out' kernel (merge evaluated per chunk from the "
                                       "walk's states): merge stays fused in its walk; call with defer_merge=False "
                                       "or use the Triton backend")
+        for n, v in lay.dims.items():
+            if padded(v) != v:  # the Triton kernels pad such tiles (masked columns); these do not yet
+                raise NotImplementedError(f"TileLang backend: feature dim {n}={v} is not a power of two >= 16: not "
+                                          "implemented yet (the Triton backend pads it)")
         first = xs[spec.inputs[0].name]
         dtype, device = first.dtype, first.device
         if dtype not in _DTYPES:
