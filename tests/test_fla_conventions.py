@@ -223,13 +223,6 @@ def rms_ratio(got, ref) -> float:
 # the cases
 # ---------------------------------------------------------------------------------------------------------
 
-def pending_dims(D):
-    """fla tests head dims 60 and 100; effc on main accepts powers of two only (a SpecError from the tiling
-    pass). Branch feat-any-dim implements them: when it lands, make this return [] (the one line)."""
-    return [pytest.mark.xfail(raises=(effc.SpecError, effc.ArgumentError), strict=False,
-                              reason="non-power-of-two head dims: branch feat-any-dim")] if D & (D - 1) else []
-
-
 # FINDING (effc main at 28cd19c): gla's kernel computes k * exp(-b) with b the cumulative log decay from the
 # chunk start (gla.attn's intra stage, chunk 32) in fp32, which overflows once a chunk's decay passes
 # exp(-88): with fla's strongest test gates (logsigmoid(x) / 0.1, about -8 per step) that takes ~11 tokens,
@@ -290,7 +283,7 @@ def cpu_knobs(name, case):
         return {}
     if name == "forgetting_transformer":
         return {"chunk": 64, "block": 64}
-    knobs = {"block": case.D}
+    knobs = {"block": max(16, 1 << (case.D - 1).bit_length())}  # one block: V padded to a power of two
     if name in ("gla", "simple_gla", "retention", "linear_attn"):  # segmentable: one segment
         knobs["segments"] = 1
     return knobs
@@ -300,7 +293,7 @@ def _params():
     out = []
     for name in SPECS:
         for c in CASES:
-            marks = list(pending_dims(c.D))
+            marks = []
             if name == "gla" and c.normalizer == 0.1:
                 marks.append(GLA_STRONG_GATES)
             if c.slow:
