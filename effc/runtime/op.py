@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 
 import sympy
 import torch
@@ -21,7 +22,8 @@ from .oracle import evaluate
 
 
 
-_LIVE: dict[int, "AttentionOp"] = {}
+# ops by id for _host_plan (torch.compile keeps only the id, a constant); weak, so a dropped op is freed
+_LIVE: "weakref.WeakValueDictionary[int, AttentionOp]" = weakref.WeakValueDictionary()
 
 
 def _constant_under_compile(fn):

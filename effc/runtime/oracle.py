@@ -180,13 +180,11 @@ class _Evaluator:
 
 
 def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, float], chunk: int,
-             initial_state: dict[str, torch.Tensor] | None = None, dtype=torch.float64, matmul_dtype=None,
-             history: list | None = None):
+             initial_state: dict[str, torch.Tensor] | None = None, dtype=torch.float64, matmul_dtype=None):
     """Run the spec on (B, T, H, ...) tensors. Returns ({output: (B, T, H, ...)}, {state: (B, H, ...)}).
 
     `dtype` is the precision of every op; `matmul_dtype` (e.g. bfloat16) rounds matmul operands
-    to it, which makes the low-precision PyTorch reference of the tolerance policy. If given,
-    `history` receives the states entering each chunk. A spec with a score stage (the softmax family)
+    to it, which makes the low-precision PyTorch reference of the tolerance policy. A spec with a score stage (the softmax family)
     is evaluated on whole [T, T] score matrices by runtime.softmax_oracle (`chunk` does not apply)."""
     if spec.score.ops and not spec.states:
         from .softmax_oracle import evaluate_softmax
@@ -197,8 +195,6 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
     ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
     outs = {o.name: [] for o in spec.outputs}
     for n in range(ev.n_chunks):
-        if history is not None:
-            history.append(states)
         env = ev.chunk_env(n)
         env.update(states)
         ev.run(ops, env, n)
@@ -207,31 +203,3 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
         states = {s.name: env[next_state_name(s.name)].expand_as(states[s.name]) for s in spec.states}
     return {k: torch.cat(v, 1)[:, :ev.T] for k, v in outs.items()}, states
 
-
-def evaluate_backward(spec: Spec, backward, tensors, params, chunk: int, initial_state=None,
-                      grad_outputs: dict | None = None, grad_final: dict | None = None, dtype=torch.float64):
-    """The derived backward (passes.autodiff) run chunk by chunk in reverse, in PyTorch.
-    Returns ({input: grad (B, T, H, ...)}, {state: grad of its initial value (B, H, ...)})."""
-    from ..passes.autodiff import seed_name
-
-    history: list = []
-    evaluate(spec, tensors, params, chunk, initial_state, dtype, history=history)
-    ev = _Evaluator(spec, tensors, params, chunk, dtype, None)
-    types = backward.types(spec)
-    g_out = {o.name: ev.padded((grad_outputs or {}).get(o.name, torch.zeros(1)).expand(
-        (ev.B, ev.T, ev.H) + tuple(ev.dims[n] for n in o.feature_dims))) for o in spec.outputs}
-    carried = {s.name: ((grad_final or {}).get(s.name) if (grad_final or {}).get(s.name) is not None
-                        else torch.zeros_like(history[0][s.name])).to(dtype) for s in spec.states}
-    grads = {d.name: [] for d in spec.inputs}
-    for n in reversed(range(ev.n_chunks)):
-        env = ev.chunk_env(n)
-        env.update(history[n])
-        env.update({seed_name(o.name): ev.tile(g_out[o.name], n) for o in spec.outputs})
-        env.update({seed_name(next_state_name(s.name)): carried[s.name] for s in spec.states})
-        ev.run(backward.ops, env, n, types)
-        for d, g in backward.input_grads:
-            tile = env[g] if g is not None else torch.zeros_like(env[d])
-            grads[d].insert(0, ev.untile(tile, next(x.tile.rank for x in spec.inputs if x.name == d)))
-        carried = {s: (env[g].expand_as(carried[s]) if g is not None else torch.zeros_like(carried[s]))
-                   for s, g in backward.state_grads}
-    return {k: torch.cat(v, 1)[:, :ev.T] for k, v in grads.items()}, carried
