@@ -6,7 +6,6 @@ import math
 import sys
 import weakref
 
-import sympy
 import torch
 
 from ..errors import ArgumentError
