@@ -309,3 +309,19 @@ def test_check_fails_on_a_wrong_gradient(name, monkeypatch):
     assert r.exit_code == 1, r.output
     assert verdicts["kernel vs oracle, output o"].endswith(" ok")
     assert verdicts["kernel vs oracle, grad q"].endswith(" FAIL"), r.output
+
+
+def test_hybrid_reference_takes_packed_sequences():
+    """swax's oracle on packed sequences (one empty) equals the kernels and each sequence alone; it raised
+    'multiple values for keyword argument cu_seqlens' before."""
+    op = effc.load("swax")
+    xs = random_inputs(op.spec, 1, 50, 2, {d: 16 for d in op.spec.dims}, torch.float32, "cpu", seed=1)
+    cu = torch.tensor([0, 13, 13, 40, 50], dtype=torch.int32)
+    o, final = op(*xs, cu_seqlens=cu, output_final_state=True)
+    ref, ref_final = op.reference(*xs, cu_seqlens=cu, output_final_state=True)
+    assert torch.allclose(o, ref.float(), atol=1e-4) and torch.allclose(final, ref_final.float(), atol=1e-4)
+    c = cu.tolist()
+    for a, b in zip(c, c[1:]):
+        if b > a:
+            alone, _ = op.reference(*[x[:, a:b] for x in xs])
+            assert torch.allclose(alone, ref[:, a:b])

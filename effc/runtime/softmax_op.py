@@ -357,13 +357,13 @@ class HybridOp:
         o, nxt = self.linear.step(*tokens, *[x[:, 0].to(tokens[0].dtype) for x in extra], state=state, **params)
         return o, nxt, tuple(xs)
 
-    def reference(self, *tensors, initial_state=None, output_final_state: bool = False, chunk=None,
-                  dtype=torch.float64, matmul_dtype=None, **params):
+    def reference(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
+                  chunk=None, dtype=torch.float64, matmul_dtype=None, **params):
         # the softmax branch's results as the kernels pass them to the state branch: in the inputs' dtype
-        extra = [x.to(tensors[0].dtype) for x in self._extras(tensors, params, None, True, dtype, matmul_dtype)]
+        extra = [x.to(tensors[0].dtype) for x in self._extras(tensors, params, cu_seqlens, True, dtype, matmul_dtype)]
         return self.linear.reference(*tensors, *extra, initial_state=initial_state,
-                                     output_final_state=output_final_state, chunk=chunk, dtype=dtype,
-                                     matmul_dtype=matmul_dtype, **params)
+                                     output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk=chunk,
+                                     dtype=dtype, matmul_dtype=matmul_dtype, **params)
 
     def recurrent_reference(self, *tensors, **kw):
         return self.reference(*tensors, chunk=1, **kw)
