@@ -1,7 +1,14 @@
 """Errors that point at the spec text: file, line, column, the offending text, what was expected."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
+
+
+def suggest(name: str, options) -> str:
+    """' (did you mean a, b?)' for the options close to a misspelt `name`; '' when none is."""
+    close = difflib.get_close_matches(name, list(options), n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,6 @@
 """AST -> IR: resolve `extends` and `def` macros, check names and scopes, flatten to SSA."""
 from __future__ import annotations
 
-import difflib
 import math
 import operator
 from dataclasses import replace
@@ -9,7 +8,7 @@ from dataclasses import replace
 import sympy
 
 from ..dsl import ast
-from ..errors import Loc, SpecError
+from ..errors import Loc, SpecError, suggest
 from ..ir import ops as O
 from ..ir.nodes import Op, ParamDecl, Spec, Stage, TensorDecl, dim, next_state_name
 
@@ -40,17 +39,12 @@ def fold(kind: str, args) -> float | None:
     return value if isinstance(value, float) else None
 
 
-def _suggest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=3)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
-
-
 def _merge_parent(child: ast.SpecDef, specs: dict[str, ast.SpecDef], seen=()) -> ast.SpecDef:
     if child.extends is None:
         return child
     if child.extends not in specs:
         raise SpecError(f"spec '{child.name}' extends unknown spec '{child.extends}'", child.extends_loc,
-                        "the name of a spec defined or imported earlier" + _suggest(child.extends, specs))
+                        "the name of a spec defined or imported earlier" + suggest(child.extends, specs))
     if child.name in seen:
         cycle = " -> ".join(seen[seen.index(child.name):] + (child.name,))
         raise SpecError(f"spec '{child.name}' extends itself ({cycle})", child.extends_loc,
@@ -82,7 +76,7 @@ def _param_default(expr: ast.Expr, dims: set[str], params: dict[str, sympy.Expr]
             return params[expr.id]
         raise SpecError(f"unknown name '{expr.id}' in a param default", expr.loc,
                         "numbers, feature dims (" + ", ".join(sorted(dims)) + ") or earlier params"
-                        + _suggest(expr.id, list(dims) + list(params)))
+                        + suggest(expr.id, list(dims) + list(params)))
     if isinstance(expr, ast.Neg):
         return -_param_default(expr.operand, dims, params)
     if isinstance(expr, ast.BinOp) and expr.op in ("add", "sub", "mul", "div", "pow"):
@@ -153,7 +147,7 @@ class _StageLowering:
         if what is None:
             raise SpecError(f"unknown name '{node.id}'", node.loc,
                             "a declared input, state, param, feature dim, builtin (idx, head, inf) "
-                            "or an earlier assignment" + _suggest(node.id, list(self.visible) + list(self.current)))
+                            "or an earlier assignment" + suggest(node.id, list(self.visible) + list(self.current)))
         if what.startswith("hidden:"):
             raise SpecError(f"'{node.id}' is not visible in {self.stage}: {what[7:]}", node.loc,
                             f"names visible in {self.stage}")
@@ -241,7 +235,7 @@ class _StageLowering:
             return out
         if node.func not in O.CALLABLE:
             raise SpecError(f"unknown function '{node.func}'", node.loc,
-                            "a tile operation or a def" + _suggest(node.func, list(O.CALLABLE) + list(self.funcs)))
+                            "a tile operation or a def" + suggest(node.func, list(O.CALLABLE) + list(self.funcs)))
         lo, hi = O.CALLABLE[node.func]
         if not lo <= len(node.args) <= hi:
             n = f"{lo}" if lo == hi else f"{lo} or {hi}"
@@ -291,7 +285,7 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
         name = local[0]
     if name not in specs:
         raise SpecError(f"no spec named '{name}' in {module.file}", file_loc,
-                        "one of " + ", ".join(specs) + _suggest(name, specs))
+                        "one of " + ", ".join(specs) + suggest(name, specs))
     sdef = _merge_parent(specs[name], specs)
     funcs = {f.name: f for f in module.funcs}
 
@@ -311,7 +305,7 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
         _check_shape(d)
         for a in d.annotations:
             if a not in _ANNOTATIONS:
-                raise SpecError(f"unknown annotation '{a}' on '{d.name}'" + _suggest(a, _ANNOTATIONS), d.loc,
+                raise SpecError(f"unknown annotation '{a}' on '{d.name}'" + suggest(a, _ANNOTATIONS), d.loc,
                                 "one of: " + ", ".join(f"{k} ({v})" for k, v in _ANNOTATIONS.items()))
             if a == "unitnorm" and len(d.shape) < 4:
                 raise SpecError(f"unitnorm on '{d.name}' [{', '.join(d.shape)}]: one value per token and head has "

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..dsl import ast, parse, parse_file
-from ..errors import CodegenError, SpecError
+from ..errors import CodegenError, SpecError, suggest
 from ..ir.nodes import Spec
 from ..library import LIBRARY_DIR
 from ..passes.autodiff import Backward, differentiate
@@ -125,12 +125,10 @@ def _compilation(module: ast.Module, name: str | None) -> Compilation:
 def compile_file(ref: str | Path, name: str | None = None) -> Compilation:
     path, n = resolve_spec_path(str(ref))
     if not path.is_file():
-        import difflib
         from ..library import library_files
         names = [p.stem for p in library_files()]
-        close = difflib.get_close_matches(path.stem, names, n=3)
         raise SpecError(f"no such spec file or library spec: {ref}"
-                        + (f" (did you mean {', '.join(close)}?)" if close else f"; library specs: {', '.join(names)}"))
+                        + (suggest(path.stem, names) or f"; library specs: {', '.join(names)}"))
     return _compilation(parse_file(path), name or n)
 
 
