@@ -79,6 +79,21 @@ def linear_arg(op: Op, adjoint: set[str], through_matmul: bool = False) -> int |
     return None
 
 
+def split_once(memo: dict, value: str, split, namer):
+    """`split(value)`, memoised on the value's name in `memo`, so that a DAG of shared values is walked in
+    linear time, not once per path. `namer.n` numbers the ops a split emits: a value met again advances it by
+    what its first split emitted, so every later name is the one an unmemoised walk gives it, and the
+    generated source does not depend on the memo."""
+    if value in memo:
+        result, emitted = memo[value]
+        namer.n += emitted
+        return result
+    n0 = namer.n
+    result = split(value)
+    memo[value] = result, namer.n - n0
+    return result
+
+
 class Adjoints:
     """Builds adjoint ops (typed, named `<prefix><n>`) and sums each value's adjoint in `grad`."""
 

@@ -18,7 +18,7 @@ from dataclasses import replace
 import sympy
 
 from ..ir.nodes import C, Op, Spec, TileType, dim
-from .autodiff import Adjoints, linear_arg
+from .autodiff import Adjoints, linear_arg, split_once
 from .fusion import Fused, FusedKernel, depends, live_ops, needed
 
 
@@ -36,26 +36,19 @@ def split_terms(ops: tuple[Op, ...], root: str, adjoint: set[str], b: Adjoints) 
 
 
 class _Splitter:
-    """Splits each value once (memoised on its name: a shared value's terms are built once and shared by
-    every value that reads it). A value met again advances `b`'s counter by what splitting it emitted the
-    first time, so every later name is the one a split that revisited it would give: the generated source
-    does not depend on the memo."""
+    """Splits each value once (autodiff.split_once): a shared value's terms are built once and shared by
+    every value that reads it."""
 
     def __init__(self, by_out: dict[str, Op], adjoint: set[str], b: Adjoints):
         self.by_out, self.adjoint, self.b = by_out, adjoint, b
         self.memo: dict[str, tuple[list[str], int]] = {}  # value -> (its terms, ops its split emitted)
 
     def __call__(self, root: str) -> list[str]:
-        if root in self.memo:
-            terms, emitted = self.memo[root]
-            self.b.n += emitted
-            return terms
-        n0 = self.b.n
+        return split_once(self.memo, root, self._bounded, self.b)
+
+    def _bounded(self, root: str) -> list[str]:
         terms = self._split(root)
-        if len(terms) > MAX_TERMS:
-            terms = [root]
-        self.memo[root] = terms, self.b.n - n0
-        return terms
+        return [root] if len(terms) > MAX_TERMS else terms
 
     def _split(self, root: str) -> list[str]:
         op, adjoint, b = self.by_out.get(root), self.adjoint, self.b

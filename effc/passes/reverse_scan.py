@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..ir.nodes import Op, Spec, TileType, next_state_name
-from .autodiff import is_seed, linear_arg, seed_name
+from .autodiff import is_seed, linear_arg, seed_name, split_once
 from .fusion import Fused, FusedKernel, depends, needed
 
 
@@ -37,19 +37,10 @@ class _Split:
         return out
 
     def __call__(self, v) -> tuple:
-        """Each value is split once (memoised on its name, so a DAG of shared values is walked in linear time,
-        not once per path); a value met again advances the numbering by what its split emitted, so later
-        names are those a split that walked it again would give, and the generated source is the same."""
+        """Each value is split once (autodiff.split_once)."""
         if not isinstance(v, str) or v not in self.carried:
             return None, v
-        if v in self.memo:
-            parts, emitted = self.memo[v]
-            self.n += emitted
-            return parts
-        n0 = self.n
-        parts = self._split(v)
-        self.memo[v] = parts, self.n - n0
-        return parts
+        return split_once(self.memo, v, self._split, self)
 
     def _split(self, v: str) -> tuple:
         op = self.defs.get(v)
