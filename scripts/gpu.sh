@@ -18,7 +18,7 @@ case "${1:-}" in
     shift; where=tests/gpu; [[ "${1:-}" == tests/* ]] && { where=$1; shift; }  # a file or test id: only it
     python3 -m pytest -q -s "$where" "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   bench)  # SPECS SHAPES PEERS(0/1); typer on the GPU machine would need pydantic, so call run_bench directly
-    python3 -c "import sys; from effc.bench import run_bench; run_bench(sys.argv[1].split(','),
+    python3 -c "import sys; from effc.tools.bench import run_bench; run_bench(sys.argv[1].split(','),
       [tuple(map(int, s.split('x'))) for s in sys.argv[2].split(',')], 16, 128, sys.argv[3] == '1', float('${PEER_TIMEOUT:-300}'),
       '$OUT/bench.json', backward='${BACKWARD:-0}' == '1', backends=tuple('${BACKENDS:-triton}'.split(',')), plot='${PLOT:-}' or None)" "${2:-retention,simple_gla,gla}" "${3:-8x2048,2x8192,1x32768}" "${4:-1}" 2>&1 | tee -a "$OUT/bench.log" ;;
   tune-check)

@@ -31,8 +31,8 @@ MARGIN_CHECK = 0.02  # do_bench medians of two runs of one config differ by ~1%
 def default_candidate(op, B: int, T: int, H: int, D: int, sm_count: int):
     """The model's config for this call as an `effc tune` candidate (either family: `model_default`), which
     the tuned op is raced against."""
-    from effc.passes.search import model_default
-    from effc.passes.tiling import Problem
+    from effc.policy.search import model_default
+    from effc.policy.tiling import Problem
 
     dims = tuple(sorted({d: D for d in op.spec.dims}.items()))
     return model_default(op.spec, op.comp.legality, Problem(B, T, H, dims, sm_count))
@@ -66,7 +66,7 @@ def child(spec: str, B: int, T: int, H: int, D: int) -> dict:
     from triton.testing import do_bench
 
     import effc
-    from effc.passes.search import Candidate
+    from effc.policy.search import Candidate
     from effc.runtime.verify import random_inputs, rel_err
 
     compiles = _count_compiles()
@@ -118,16 +118,16 @@ def run_tune(spec: str, shapes: str, budget: float, workers: int | None, env: di
     args = ["tune", spec, "--shapes", shapes, "--budget", str(budget)]
     if workers is not None:
         args += ["--workers", str(workers)]
-    if subprocess.run([sys.executable, "-c", "import effc.cli"], env=env, capture_output=True).returncode == 0:
-        cmd = [sys.executable, "-m", "effc.cli", *args]
+    if subprocess.run([sys.executable, "-c", "import effc.tools.cli"], env=env, capture_output=True).returncode == 0:
+        cmd = [sys.executable, "-m", "effc.tools.cli", *args]
         how = "effc tune (CLI)"
     else:  # a machine where the CLI's dependencies do not import: the function the CLI calls
-        cmd = [sys.executable, "-c", "import sys, time; t0 = time.monotonic(); from effc.tune import tune, "
+        cmd = [sys.executable, "-c", "import sys, time; t0 = time.monotonic(); from effc.tools.tune import tune, "
                "parse_shapes, summary; tune(sys.argv[1], parse_shapes(sys.argv[2]), budget=float(sys.argv[3]), "
                "workers=None if sys.argv[4] == '-' else int(sys.argv[4]), started=t0, "
                "on_result=lambda r: print(summary(r), flush=True))",
                spec, shapes, str(budget), "-" if workers is None else str(workers)]
-        how = "effc.tune.tune (effc.cli does not import here)"
+        how = "effc.tools.tune.tune (effc.tools.cli does not import here)"
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=env)
     return {"spec": spec, "how": how, "rc": p.returncode, "wall_s": time.monotonic() - t0, "budget_s": budget}

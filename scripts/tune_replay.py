@@ -12,8 +12,8 @@ import torch
 from triton.testing import do_bench
 
 import effc
-from effc.passes.search import search_space
-from effc.passes.tiling import Problem
+from effc.policy.search import search_space
+from effc.policy.tiling import Problem
 from effc.runtime.verify import random_inputs, rel_err
 
 

@@ -149,7 +149,7 @@ def test_masks_are_behind_constexpr_guards(name):
 
 
 def test_tiling_pads_and_splits():
-    from effc.passes.tiling import Problem, choose, default_block, padded, split_blocks
+    from effc.policy.tiling import Problem, choose, default_block, padded, split_blocks
     assert [padded(n) for n in (1, 16, 20, 64, 80, 96, 100, 128, 192, 320)] == [16, 16, 32, 64, 128, 128, 128, 128,
                                                                                  256, 512]
     assert [default_block(n) for n in (40, 64, 80, 96, 192, 320)] == [64, 64, 64, 32, 64, 64]
@@ -160,7 +160,7 @@ def test_tiling_pads_and_splits():
 
 
 def test_tilelang_refuses_padded_dims_by_name():
-    from effc.passes.tiling import TileConfig
+    from effc.policy.tiling import TileConfig
     from effc.runtime.launch import Layout
     from effc.runtime.tilelang_backend import launcher
     op = effc.load("gla")

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import effc
-from effc.cli import STAGES, app
+from effc.tools.cli import STAGES, app
 
 runner = CliRunner()
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a CUDA GPU")
@@ -37,6 +37,7 @@ CHARACTERISTIC = {
     "ast": "SpecDef(name='gla'",
     "ir": "_next_S = add(",
     "typed": "_next_S : [K, V] = add(",
+    "split": "split: none for a linear spec",
     "legality": "schedules: walk + segmented walk",
     "backward": "backward (one chunk, run in reverse chunk order):",
     "tiled": "for B=2 T=8192 H=16 {'K': 128, 'V': 128}: chunk=32",
@@ -126,7 +127,7 @@ def test_unknown_dtype_is_a_usage_error():
 
 
 def test_python_dash_m_help():
-    p = subprocess.run([sys.executable, "-m", "effc.cli", "--help"], capture_output=True, text=True, timeout=60)
+    p = subprocess.run([sys.executable, "-m", "effc.tools.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     for command in ("library", "show", "compile", "check", "bench"):
         assert command in p.stdout

@@ -22,8 +22,8 @@ from effc.passes.grad_terms import place_gradient_terms, split_terms
 from effc.passes.hoist import hoist
 from effc.passes.legality import analyze
 from effc.passes.plan import plan
-from effc.passes.tiling import Problem, choose, tiling_space
-from effc.runtime.compiler import compile_text
+from effc.policy.tiling import Problem, choose, tiling_space
+from effc.compiler import compile_text
 from effc.runtime.verify import max_err, random_inputs, random_state
 
 # Linear attention with a scalar decay: the smallest spec with a state.

@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 import effc
 import effc.library
-from effc.cli import app
-from effc.passes.tiling import Problem
+from effc.tools.cli import app
+from effc.policy.tiling import Problem
 from effc.runtime.cache import load_module
-from effc.runtime.tuning import TuningKey, known_faults, read_entry, record_fault, store
+from effc.policy.tuning import TuningKey, known_faults, read_entry, record_fault, store
 from effc.runtime.verify import judge_fp32, random_inputs
 
 

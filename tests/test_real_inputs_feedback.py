@@ -27,7 +27,7 @@ def test_cpu_runs_say_the_tiling_reasons_are_a_gpu_model():
 
 
 def test_check_silences_the_interpreters_numpy_warnings():
-    from effc.cli import _use_interpreter_without_gpu
+    from effc.tools.cli import _use_interpreter_without_gpu
     if torch.cuda.is_available():
         pytest.skip("with a GPU the interpreter does not run")
     with warnings.catch_warnings(record=True) as seen:

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import effc
-from effc.cli import app
+from effc.tools.cli import app
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
 DIMS = {"K": 16, "V": 16}

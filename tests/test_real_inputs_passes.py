@@ -14,7 +14,7 @@ import effc
 from effc.passes.autodiff import Adjoints
 from effc.passes.fusion import depends
 from effc.passes import grad_terms
-from effc.runtime.compiler import compile_text
+from effc.compiler import compile_text
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
 DIMS = {"K": 16, "V": 32}
@@ -175,7 +175,7 @@ spec bracketed {{
 @pytest.mark.parametrize("update", BRACKETINGS)
 def test_every_bracketing_of_the_update_is_segmentable(update, tmp_path):
     from typer.testing import CliRunner
-    from effc.cli import app
+    from effc.tools.cli import app
     path = tmp_path / "bracketed.attn"
     path.write_text(bracketed(update))
     r = CliRunner().invoke(app, ["show", str(path), "--stage", "legality"])

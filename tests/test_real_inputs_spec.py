@@ -198,7 +198,7 @@ PREFIX_NORMALISED = "spec n {" + SOFTMAX_HEAD + """
 def test_prefix_value_with_a_broadcast(tmp_path):
     """A [C, 1] intermediate of a prefix value is no kernel argument (its kernels had `1: tl.constexpr`)."""
     from typer.testing import CliRunner
-    from effc.cli import app
+    from effc.tools.cli import app
     op = effc.loads(PREFIX_NORMALISED)
     (q, k, v, f), o = _check_op(op)
     assert judge_fp32(o, _causal_softmax(q / q.double().norm(dim=-1, keepdim=True), k, v)).ok
@@ -213,9 +213,9 @@ def test_generated_source_that_does_not_compile_is_an_internal_error(tmp_path, m
     """A code generator bug is reported naming the spec and the kernel, before anything is written or imported."""
     from typer.testing import CliRunner
     import effc.codegen.triton.softmax_emit as emit
-    from effc.cli import app
+    from effc.tools.cli import app
     from effc.errors import CodegenError
-    from effc.runtime.compiler import compile_text
+    from effc.compiler import compile_text
     good = emit.emit_softmax_module
     monkeypatch.setattr(emit, "emit_softmax_module", lambda *a: good(*a).replace("BM: tl.constexpr", "1: tl.constexpr", 1))
     with pytest.raises(CodegenError) as info:

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 import effc
-from effc.cli import app
+from effc.tools.cli import app
 
 ROOT = Path(__file__).parent
 SNAPSHOTS = ROOT / "snapshots"

@@ -15,7 +15,7 @@ import effc
 from effc.dsl import parse
 from effc.errors import SpecError
 from effc.passes.blocksparse import I0, I1, J, J0, J1, I, derive, formula_range, numeric
-from effc.runtime.compiler import compile_text
+from effc.compiler import compile_text
 from effc.runtime.verify import judge_fp32, max_err, random_inputs
 
 from naive_softmax import NAIVE_SOFTMAX, attend, positions
@@ -328,7 +328,7 @@ def test_hybrid_split_needs_reductions_only_from_score():
 
 
 def test_compile_cli_prints_the_schedule(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "effc.cli", "compile", "forgetting_transformer", "-o", str(tmp_path)],
+    p = subprocess.run([sys.executable, "-m", "effc.tools.cli", "compile", "forgetting_transformer", "-o", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "schedule online softmax" in p.stdout

@@ -16,7 +16,7 @@ import torch
 import effc
 from effc.errors import ArgumentError, SpecError
 from effc.library import library_files
-from effc.runtime.compiler import compile_text
+from effc.compiler import compile_text
 from effc.runtime.softmax_op import make_op
 from effc.runtime.verify import random_inputs
 

@@ -164,8 +164,8 @@ def test_mlstm_chunk_256_is_pruned_by_the_register_model():
     """What `effc tune mlstm --dry-run` says of C=256 when asked for it: every configuration is over the
     register model (it counts a whole [C, C] fp32 tile live per program: no inner tiling of a chunk yet);
     C=64 and C=128 stay candidates."""
-    from effc.passes.search import search_space
-    from effc.passes.tiling import Problem
+    from effc.policy.search import search_space
+    from effc.policy.tiling import Problem
     op = effc.load("mlstm")
     space = search_space(op.spec, op.comp.legality, Problem(2, 8192, 16, (("K", 128), ("V", 128))),
                          chunks=(64, 128, 256))
@@ -178,7 +178,7 @@ def test_mlstm_chunk_256_is_pruned_by_the_register_model():
 # ---- benchmark peers --------------------------------------------------------------------------------------
 
 def test_peers_take_inputs_their_spec_has():
-    from effc.peers import PEERS, peer_scale
+    from effc.tools.peers import PEERS, peer_scale
     library = set(effc.library_names())
     for spec, peers in PEERS.items():
         if spec not in library:
@@ -205,7 +205,7 @@ def test_delta_rule_peers_call_fla_as_their_spec_normalises(name, monkeypatch):
     with fla's default) must give the spec's own output on q and k far from unit norm."""
     import types
 
-    from effc.peers import PEERS
+    from effc.tools.peers import PEERS
     from naive import gated_delta_rule
 
     base = name.removesuffix("_l2")
@@ -250,7 +250,7 @@ def test_the_l2_delta_rules_normalise_q_and_k_the_plain_ones_do_not(name):
 
 def test_a_peer_process_that_aborts_is_the_rows_error():
     """TFLA's xl_chunk kernel aborts its process on triton 3.6 (an LLVM assertion): the row records it."""
-    from effc.bench import run_peer_process
+    from effc.tools.bench import run_peer_process
     crash = ("import os, sys; sys.stderr.write(\"python: SIRemoveRegisters.cpp:99: void f(): Assertion "
              "`isReg' failed.\\n\"); sys.stderr.flush(); os.abort()")
     res = run_peer_process([sys.executable, "-c", crash], timeout=60)
@@ -298,7 +298,7 @@ def test_a_peer_past_its_time_is_killed_with_what_it_started(tmp_path):
     import sys
     import time
 
-    from effc.bench import run_peer_process
+    from effc.tools.bench import run_peer_process
     pidfile = tmp_path / "child.pid"
     script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
               f"open({str(pidfile)!r}, 'w').write(str(c.pid)); time.sleep(60)")

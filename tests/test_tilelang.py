@@ -160,7 +160,7 @@ def test_backward_stays_on_triton():
 def test_deferred_merge_is_refused_by_name():
     """The TileLang walk keeps merge fused (no out kernel here): a config that defers it is refused before
     anything is launched, naming the missing kernel."""
-    from effc.passes.tiling import TileConfig
+    from effc.policy.tiling import TileConfig
     from effc.runtime.tilelang_backend import launcher
     op = effc.load("gla")
     with pytest.raises(NotImplementedError, match="TileLang backend has no 'out' kernel"):

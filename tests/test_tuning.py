@@ -18,12 +18,12 @@ from typer.testing import CliRunner
 
 import effc
 from effc import codegen
-from effc.cli import app
-from effc.passes.search import H100_SHARED_BYTES, SOFTMAX_STAGES, Candidate, model_default, search_space
+from effc.tools.cli import app
+from effc.policy.search import H100_SHARED_BYTES, SOFTMAX_STAGES, Candidate, model_default, search_space
 from effc.passes.softmax import choose_softmax_tiles
-from effc.passes.tiling import Problem, choose
-from effc.runtime.tuning import TuningKey, read_entry, shape_bucket, store
-from effc.tune import MARGIN, tune_problem
+from effc.policy.tiling import Problem, choose
+from effc.policy.tuning import TuningKey, read_entry, shape_bucket, store
+from effc.tools.tune import MARGIN, tune_problem
 from tuning_fakes import FakeClock, FakeRunner
 
 KV128 = (("K", 128), ("V", 128))
@@ -191,8 +191,8 @@ def test_a_candidate_that_faults_is_recorded_and_pruned_next_time(gla, cache):
     """An illegal memory access loses the process's CUDA context: every later launch would fail, so the
     tuner stops at the culprit (not blaming the candidates after it), records it for this spec and GPU,
     and the next tune (a fresh process) prunes its compiled variant before compiling."""
-    from effc.runtime.tuning import known_faults
-    from effc.tune import CandidateFault
+    from effc.policy.tuning import known_faults
+    from effc.tools.tune import CandidateFault
     faulty = space_of(gla, PROBLEM).groups()[2][0]
     with pytest.raises(CandidateFault, match=re.escape(f"candidate {faulty} faulted on the GPU")):
         run(gla, FakeRunner(lambda c: 1.0, faulty={faulty}))
@@ -208,14 +208,14 @@ def test_a_candidate_that_faults_is_recorded_and_pruned_next_time(gla, cache):
 
 
 def test_a_fault_goes_on_in_a_fresh_process_with_what_is_left():
-    from effc.cli_tune import restart_argv
+    from effc.tools.cli_tune import restart_argv
     argv = restart_argv("gla", [(1, 32768)], 16, "K=64,V=64", "bfloat16", 41.25, None, "triton")
-    assert argv[1:] == ["-m", "effc.cli", "tune", "gla", "--shapes", "1x32768", "--heads", "16", "--dtype",
+    assert argv[1:] == ["-m", "effc.tools.cli", "tune", "gla", "--shapes", "1x32768", "--heads", "16", "--dtype",
                         "bfloat16", "--budget", "41.2", "--backend", "triton", "--dims", "K=64,V=64"]
 
 
 def test_configs_triton_miscompiles_are_pruned_before_compiling(gla):
-    from effc.passes.search import compiler_fault
+    from effc.policy.search import compiler_fault
     space = space_of(gla, PROBLEM)
     assert not [c for c in space.candidates if c.chunk >= 64 and c.block < 32]
     reasons = {p.reason for p in space.pruned if p.candidate.chunk == 64 and p.candidate.block == 16}
@@ -338,10 +338,10 @@ WRITER = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 import effc
-from effc.passes.search import search_space
-from effc.passes.tiling import Problem
-from effc.runtime.tuning import TuningKey, store
-from effc.tune import tune_problem
+from effc.policy.search import search_space
+from effc.policy.tiling import Problem
+from effc.policy.tuning import TuningKey, store
+from effc.tools.tune import tune_problem
 from tuning_fakes import FakeClock, FakeRunner
 me = int(sys.argv[2])
 op = effc.load("retention")
@@ -577,8 +577,8 @@ def test_tune_dry_run_prints_a_softmax_space(cache):
 
 
 def test_python_dash_m_has_the_commands():
-    # under -m, effc.cli is __main__: the commands must land on that app, not on a second import's
-    p = subprocess.run([sys.executable, "-m", "effc.cli", "--help"], capture_output=True, text=True, timeout=60)
+    # under -m, effc.tools.cli is __main__: the commands must land on that app, not on a second import's
+    p = subprocess.run([sys.executable, "-m", "effc.tools.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert " tune " in p.stdout and " cache " in p.stdout
 
@@ -597,7 +597,7 @@ def test_tune_argument_errors(args, text):
 # ---- effc bench without a GPU -------------------------------------------------------------------
 
 def test_peers_registered_for_softmax_specs():
-    from effc.peers import PEERS
+    from effc.tools.peers import PEERS
     assert [p.label for p in PEERS["softmax_attn"]] == ["torch SDPA causal (flash)", "torch SDPA causal (cuDNN)",
                                                       "FlexAttention causal"]
     assert [p.label for p in PEERS["sliding_window"]] == ["FlexAttention window 1024"]
@@ -606,7 +606,7 @@ def test_peers_registered_for_softmax_specs():
 
 
 def test_bench_explains_a_missing_spec_and_prints_peaks(capsys):
-    from effc import bench
+    from effc.tools import bench
     try:
         effc.load("softmax_attn")
         pytest.skip("softmax_attn exists now")
@@ -635,7 +635,7 @@ FAKE_ROWS = [
 
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    from effc.bench import plot_rows
+    from effc.tools.bench import plot_rows
     out = tmp_path / "bench.png"
     plot_rows(FAKE_ROWS, out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -647,7 +647,7 @@ def test_bench_from_json_prints_and_plots_saved_rows(tmp_path):
     pytest.importorskip("matplotlib")
     from typer.testing import CliRunner
 
-    from effc.cli import app
+    from effc.tools.cli import app
     rows = [{**r, "effc_fwdbwd_ms": 3 * r["effc_ms"], "effc_peak_mib": 100.0, "fwdbwd_TFLOP/s": 12.5,
              "history": "kept", "peers": [{**r["peers"][0], "fwdbwd_ms": 4 * r["effc_ms"], "peak_mib": 90.0,
                                            "speedup_fwdbwd": 4 / 3}]} for r in FAKE_ROWS]
@@ -663,7 +663,7 @@ def test_bench_from_json_prints_and_plots_saved_rows(tmp_path):
 def test_run_bench_keeps_its_positional_signature():
     import inspect
 
-    from effc.bench import run_bench
+    from effc.tools.bench import run_bench
     params = list(inspect.signature(run_bench).parameters.values())
     assert [p.name for p in params[:7]] == ["specs", "shapes", "H", "D", "peers", "peer_timeout", "json_out"]
     assert all(p.default is not inspect.Parameter.empty for p in params[7:])

@@ -1,4 +1,4 @@
-"""A runner for effc.tune.tune_problem without a GPU: compiles nothing, times with a given function,
+"""A runner for effc.tools.tune.tune_problem without a GPU: compiles nothing, times with a given function,
 and advances a fake clock by `cost` seconds per timing (so budgets are exact and instant)."""
 from __future__ import annotations
 

@@ -23,6 +23,16 @@ class Number:
     loc: Loc = _loc()
 
 
+# what each `name: [shape] annotation` promises about a declared tensor
+ANNOTATIONS = {
+    "logdecay": "a log-space decay, <= 0 (padding value 0 is the identity)",
+    "positive": "a positive value",
+    "unit": "a value in (0, 1)",
+    "unitnorm": "a vector of L2 norm 1 per token (needs a feature dim)",
+    "key": "read on the key side by score and softmax reductions (softmax family)",
+}
+
+
 @dataclass(frozen=True)
 class Name:
     id: str
@@ -138,3 +148,22 @@ class Module:
     specs: tuple[SpecDef, ...]
     file: str = field(default="<string>", compare=False)
     local: tuple[str, ...] = field(default=(), compare=False)  # specs defined in this file itself
+
+    def family(self, name: str | None = None) -> str | None:
+        """'linear' (a chunked state), 'softmax' (a score stage) or 'hybrid' (both), for spec `name` (or
+        the file's only spec) and the specs it extends; None when the name picks no spec. The lowering
+        reads it to choose its stage rules; the IR then carries it (Spec.family)."""
+        specs = {s.name: s for s in self.specs}
+        local = self.local or tuple(specs)
+        s = specs.get(name) if name else (specs.get(local[0]) if len(local) == 1 else None)
+        if s is None:
+            return None
+        score = state = False
+        seen = set()
+        while s is not None and s.name not in seen:
+            seen.add(s.name)
+            score |= any(st.name in ("score", "prefix") for st in s.stages)
+            state |= any(d.kind == "state" for d in s.decls)
+            s = specs.get(s.extends) if s.extends else None
+        return ("hybrid" if state else "softmax") if score else "linear"
+

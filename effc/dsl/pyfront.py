@@ -37,10 +37,10 @@ import inspect
 import textwrap
 
 from ..errors import Loc, SpecError
-from ..passes.lower import _ANNOTATIONS
 from . import ast
+from .ast import ANNOTATIONS
 
-__all__ = ["attention_spec", "parse_function", "Input", "Output", "State", "Param", "intra", "merge", "inter",
+__all__ = ["parse_function", "Input", "Output", "State", "Param", "intra", "merge", "inter",
            "score", "prefix", "mask"]
 
 
@@ -212,10 +212,10 @@ class _Reader:
         words = self.strings(call, "Input")
         self.input_calls[arg.arg] = call
         n_dims = len(words)
-        while n_dims and words[n_dims - 1] in _ANNOTATIONS:
+        while n_dims and words[n_dims - 1] in ANNOTATIONS:
             n_dims -= 1
         for w, a in zip(words[:n_dims], call.args):
-            if w in _ANNOTATIONS:
+            if w in ANNOTATIONS:
                 raise self.fail(a, f"annotation '{w}' before a dim in Input(...)", "the dims first, then annotations")
         return ast.Decl("input", arg.arg, tuple(words[:n_dims]), tuple(words[n_dims:]), self.loc(arg))
 
@@ -259,10 +259,10 @@ class _Reader:
         uses = [n for d in decls for n in set(d.shape)]
         for d in decls:
             for name, a in zip(d.shape, self.input_calls.get(d.name).args if d.kind == "input" else ()):
-                close = difflib.get_close_matches(name, list(_ANNOTATIONS), n=1, cutoff=0.75)
+                close = difflib.get_close_matches(name, list(ANNOTATIONS), n=1, cutoff=0.75)
                 if close and uses.count(name) == 1:
                     raise self.fail(a, f"unknown annotation '{name}' on '{d.name}' (did you mean {close[0]}?)",
-                                    "one of: " + ", ".join(_ANNOTATIONS) + "; or, if it is a dim, "
+                                    "one of: " + ", ".join(ANNOTATIONS) + "; or, if it is a dim, "
                                     "a name that also appears in another declaration")
 
     def spec(self, node: py.FunctionDef, chunk: int | None) -> ast.SpecDef:
@@ -328,14 +328,3 @@ def parse_function(fn, chunk: int | None = None) -> ast.Module:
         raise reader.fail(node, f"@attention_spec needs a plain def, got {_describe(node)}", "def NAME(inputs...):")
     spec = reader.spec(node, chunk)
     return ast.Module(funcs=(), specs=(spec,), file=file, local=(spec.name,))
-
-
-def attention_spec(fn=None, *, chunk: int | None = None, backend: str = "triton"):
-    """Decorator: `@attention_spec` or `@attention_spec(chunk=64)`; returns the compiled op, as effc.load does."""
-    if fn is None:
-        return lambda f: attention_spec(f, chunk=chunk, backend=backend)
-    if not callable(fn):
-        raise TypeError(f"@attention_spec takes a function, got {fn!r}; write @attention_spec(chunk=...)")
-    from ..runtime.compiler import _compilation
-    from ..runtime.softmax_op import make_op  # AttentionOp, or the softmax family's op for a score stage
-    return make_op(_compilation(parse_function(fn, chunk), None), backend)

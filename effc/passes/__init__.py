@@ -1,1 +1,1 @@
-"""Pure IR -> IR functions. Order: lower -> infer_shapes -> legality -> tile -> fuse -> plan."""
+"""The compiler's passes: functions IR -> IR (or IR -> plan). Their order is `effc.compiler.PIPELINE`."""

@@ -21,7 +21,6 @@ from ..ir.nodes import C, Op, Spec, TileType, dim
 from .autodiff import Adjoints, linear_arg, split_once
 from .fusion import Fused, FusedKernel, depends, live_ops, needed
 
-
 # A value whose split would give more terms than this stays one term. The terms of a value are its paths
 # through the ops linear in the adjoint, so they can grow exponentially with the depth of a DAG of shared
 # values (a merge chaining conjugate-gradient steps: 15, 207, 2739 terms for 1, 2, 3 steps). The library's

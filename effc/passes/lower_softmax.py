@@ -22,10 +22,16 @@ from ..dsl import ast
 from ..errors import Loc, SpecError
 from ..ir import ops as O
 from ..ir.nodes import ParamDecl, Spec, Stage
-from .lower import _StageLowering, _lower_stage, assign_statement, base_visibility, require_assigned
+from .lower_stage import (
+    StageLowering,
+    assign_statement,
+    base_visibility,
+    lower_stage,
+    require_assigned,
+)
 
 
-class _SideLowering(_StageLowering):
+class _SideLowering(StageLowering):
     """Stage lowering that reads per-token leaves through explicit key()/query() ops."""
 
     def __init__(self, stage, visible, funcs, counter, inherited, taken, key_inputs, leaves):
@@ -57,7 +63,7 @@ class _SideLowering(_StageLowering):
             arg = node.args[0] if len(node.args) == 1 else None
             name = None
             if isinstance(arg, ast.Name):
-                name = subst.get(arg.id) if subst and arg.id in subst else _StageLowering.resolve(self, arg)
+                name = subst.get(arg.id) if subst and arg.id in subst else StageLowering.resolve(self, arg)
             if not isinstance(name, str) or name not in self.leaves:
                 raise SpecError(f"'{node.func}(...)' takes the name of a per-token input or prefix value",
                                 getattr(arg, "loc", node.loc),
@@ -139,7 +145,7 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
     intra_vis.update({k: "hidden:score values are (query, key) pairs; merge reads them through softmax"
                       for k in score_only})
     inherited = {k: v for k, v in prefix_names.items()}
-    intra, intra_names = _lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {}, roles, inherited,
+    intra, intra_names = lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {}, roles, inherited,
                                       taken) if "intra" in stages else (Stage("intra", ()), dict(inherited))
 
     # merge: after the walk over key blocks
@@ -152,7 +158,7 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
     if states:
         after = {**base, **pair_hidden, **{s.name: "state" for s in states}}
         after.update({op.out: "local" for op in intra.ops + prefix.ops})
-        inter, _ = _lower_stage(stages.get("inter"), "inter", after, funcs, counter, {s.name: s for s in states},
+        inter, _ = lower_stage(stages.get("inter"), "inter", after, funcs, counter, {s.name: s for s in states},
                                 roles, intra_names, taken)
     return Spec(sdef.name, inputs, outputs, states,
                 tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter,

@@ -24,13 +24,13 @@ import sympy
 
 from ..errors import SpecError
 from ..ir import ops as O
-from ..ir.nodes import C, CK, Op, Spec, Stage, TileType
+from ..ir.nodes import CK, C, Op, Spec, Stage, TileType
 from ..ir.printer import print_op
+from ..policy.tiling import IsPow2, TilingSpace, padded
 from .blocksparse import BlockSparsity, derive
 from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
-from .tiling import IsPow2, TilingSpace, padded
 
 _ONE = sympy.Integer(1)
 

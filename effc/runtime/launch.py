@@ -12,9 +12,9 @@ import torch
 
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
-from ..passes.tiling import TileConfig, padded, split_blocks
+from ..policy.tiling import TileConfig, padded, split_blocks
+from ..policy.triton_faults import backward_warps
 from .checks import history_dtype, interpreting, kernel_cu_seqlens, operand_dtype
-from .triton_faults import backward_warps
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 

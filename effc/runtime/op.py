@@ -8,18 +8,27 @@ import weakref
 
 import torch
 
+from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec
-from ..passes.tiling import Problem, TileConfig, choose, history_policy
+from ..policy.tiling import Problem, TileConfig, choose, history_policy
+from ..policy.tuning import Tuned
+from ..policy.tuning import sm_count as _sm_count
 from .cache import load_module
-from .checks import (check_cu_seqlens, check_inputs, check_knobs, check_state, decode_inputs, describe, history_dtype,
-                     param_values, rebuild, state_list)
-from .tuning import Tuned, sm_count as _sm_count
-from .torch_op import torch_ops
-from .compiler import Compilation
+from .checks import (
+    check_cu_seqlens,
+    check_inputs,
+    check_knobs,
+    check_state,
+    decode_inputs,
+    describe,
+    history_dtype,
+    param_values,
+    rebuild,
+    state_list,
+)
 from .oracle import evaluate
-
-
+from .torch_op import torch_ops
 
 # ops by id for _host_plan (torch.compile keeps only the id, a constant); weak, so a dropped op is freed
 _LIVE: "weakref.WeakValueDictionary[int, AttentionOp]" = weakref.WeakValueDictionary()
@@ -43,7 +52,7 @@ def _host_plan(op_id: int, *args):
 
 class AttentionOp(Tuned):
     def __init__(self, comp: Compilation, backend: str = "triton"):
-        from .compiler import BACKENDS
+        from ..compiler import BACKENDS
         if backend not in BACKENDS:
             raise ArgumentError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}")
         self.comp, self.backend = comp, backend
@@ -187,7 +196,7 @@ class AutoBackendOp:
     backend = "auto"
 
     def __init__(self, comp: Compilation):
-        from .compiler import BACKENDS
+        from ..compiler import BACKENDS
         self.ops = {b: AttentionOp(comp, b) for b in BACKENDS}
         self.comp, self.spec, self.name = comp, comp.typed, comp.typed.name
         self._choice: dict[tuple, str] = {}
@@ -200,7 +209,7 @@ class AutoBackendOp:
         return getattr(self.ops["triton"], name)
 
     def pick(self, *tensors, cu_seqlens=None) -> str:
-        from .tuning import TuningKey, device_name, read_entry
+        from ..policy.tuning import TuningKey, device_name, read_entry
         x = tensors[0]
         B, T, H = x.shape[:3]
         n_seq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1

@@ -11,16 +11,24 @@ import math
 
 import torch
 
+from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
-from ..passes.tiling import Problem, padded
+from ..policy.tiling import Problem, padded
+from ..policy.tuning import Tuned
 from .cache import load_module
-from .checks import (check_cu_seqlens, check_inputs, check_knobs, decode_inputs, interpreting, kernel_cu_seqlens,
-                     operand_dtype, param_values)
-from .softmax_compiler import SoftmaxCompilation
+from .checks import (
+    check_cu_seqlens,
+    check_inputs,
+    check_knobs,
+    decode_inputs,
+    interpreting,
+    kernel_cu_seqlens,
+    operand_dtype,
+    param_values,
+)
 from .softmax_oracle import evaluate_softmax, prefix_values
-from .tuning import Tuned
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -29,15 +37,16 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 def make_op(comp, backend: str = "triton"):
     """The op for a compilation: SoftmaxOp for the softmax family, HybridOp for a spec with a state and a
     score stage, AttentionOp otherwise."""
-    if isinstance(comp, SoftmaxCompilation):
+    family = comp.ir.family
+    if family != "linear":
         backend = "triton" if backend == "auto" else backend  # the softmax family has one backend
-        return HybridOp(comp, backend) if comp.split else SoftmaxOp(comp, backend)
+        return HybridOp(comp, backend) if family == "hybrid" else SoftmaxOp(comp, backend)
     from .op import AttentionOp, AutoBackendOp
     return AutoBackendOp(comp) if backend == "auto" else AttentionOp(comp, backend)
 
 
 class SoftmaxOp(Tuned):
-    def __init__(self, comp: SoftmaxCompilation, backend: str = "triton"):
+    def __init__(self, comp: Compilation, backend: str = "triton"):
         self.comp, self.backend = comp, backend
         self.spec: Spec = comp.typed
         self.sched = comp.legality
@@ -240,17 +249,17 @@ class SoftmaxOp(Tuned):
         """(query, key) pairs the masks keep in one sequence of T tokens, counted on the masks themselves
         (every pair when a mask reads per-token inputs)."""
         from ..passes.fusion import live_ops
-        from .softmax_oracle import _base, _eval
+        from .softmax_oracle import base_env, eval_pair_op
         ops = live_ops(self.spec.score.ops, self.spec.masks)
         leaves = set(self.sched.leaves)
         if any(isinstance(a, str) and a in leaves for op in ops for a in op.args):
             return T * T
         dims = {d: 16 for d in self.spec.dims}
-        env = _base(self.spec, self.param_values(dims, params), 1, torch.float64, "cpu", T)
+        env = base_env(self.spec, self.param_values(dims, params), 1, torch.float64, "cpu", T)
         env.update({d: torch.full((1, 1), 16.0, dtype=torch.float64) for d in dims})
         for op in ops:
             args = [a if isinstance(a, float) else env[a] for a in op.args[:1 if op.kind == "expand" else len(op.args)]]
-            env[op.out] = _eval(op, args, T, None)
+            env[op.out] = eval_pair_op(op, args, T, None)
         keep = torch.ones(T, T, dtype=torch.bool)
         for m in self.spec.masks:
             v = torch.as_tensor(env[m])
@@ -298,14 +307,14 @@ class HybridOp:
     token, the state branch's scan reads them in merge. Call like the linear family's ops:
     `op(*inputs, initial_state=None, output_final_state=False, cu_seqlens=None, **params)` -> (o, final)."""
 
-    def __init__(self, comp: SoftmaxCompilation, backend: str = "triton"):
+    def __init__(self, comp: Compilation, backend: str = "triton"):
         from .op import AttentionOp
         self.comp, self.backend = comp, backend
         self.spec = comp.typed
         self.name = self.spec.name
         self.split = comp.split
-        self.softmax = SoftmaxOp(comp.softmax_part, backend)
-        self.linear = AttentionOp(comp.linear_part, backend)
+        self.softmax = SoftmaxOp(comp.branch("softmax"), backend)
+        self.linear = AttentionOp(comp.branch("linear"), backend)
         self.last_config = None
 
     def __repr__(self) -> str:

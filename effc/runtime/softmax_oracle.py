@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..ir.nodes import Op, Spec
-from .oracle import _align, _eval_op
+from .oracle_ops import align, eval_op
 
 _CMP = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne}
 
@@ -21,13 +21,13 @@ _CMP = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": to
 def _aligned(args, rank):
     out = []
     for a in args:
-        out.append(a if isinstance(a, float) else _align(a, rank))
+        out.append(a if isinstance(a, float) else align(a, rank))
     ref = next((a for a in out if torch.is_tensor(a)), None)
     return [torch.tensor(a, dtype=ref.dtype, device=ref.device) if isinstance(a, float) and ref is not None else a
             for a in out]
 
 
-def _eval(op: Op, args, T: int, keep):
+def eval_pair_op(op: Op, args, T: int, keep):
     k = op.kind
     if k == "query":
         return args[0].unsqueeze(-1) if op.type.rank == 2 and args[0].dim() == 3 else args[0]
@@ -60,7 +60,7 @@ def _eval(op: Op, args, T: int, keep):
         if k == "softmax":
             return p / torch.where(l == 0, torch.ones_like(l), l)
         return torch.where(l[..., 0] == 0, torch.full_like(l[..., 0], -math.inf), (m + torch.log(l))[..., 0])
-    return _eval_op(op, args, T, T)
+    return eval_op(op, args, T, T)
 
 
 def _heads(x: torch.Tensor, H: int) -> torch.Tensor:
@@ -88,11 +88,11 @@ def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seq
     used = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
     per_seq = []
     for a, b in _sequences(T, cu_seqlens):
-        env = _base(spec, params, H, dtype, first.device, b - a, used=used)
+        env = base_env(spec, params, H, dtype, first.device, b - a, used=used)
         env.update({d.name: _tile(_heads(tensors[d.name][:, a:b], H).to(dtype)) for d in spec.inputs if d.name in used})
         for op in spec.prefix.ops:
             n_args = 1 if op.kind == "expand" else len(op.args)
-            env[op.out] = _eval(op, [x if isinstance(x, float) else env[x] for x in op.args[:n_args]], b - a, None)
+            env[op.out] = eval_pair_op(op, [x if isinstance(x, float) else env[x] for x in op.args[:n_args]], b - a, None)
         per_seq.append({op.out: _untile(env[op.out], op.type.rank, B, H) for op in spec.prefix.ops})
     return {op.out: torch.cat([p[op.out] for p in per_seq], 1) for op in spec.prefix.ops}
 
@@ -102,11 +102,11 @@ def _tile(x):
 
 
 def _untile(y, rank, B, H):
-    y = _align(y, rank).expand((B, H) + tuple(y.shape[2:]))
+    y = align(y, rank).expand((B, H) + tuple(y.shape[2:]))
     return y.permute(0, 2, 1, *range(3, y.dim()))
 
 
-def _base(spec: Spec, params: dict, H: int, dtype, device, T: int, heads=None, used=None) -> dict:
+def base_env(spec: Spec, params: dict, H: int, dtype, device, T: int, heads=None, used=None) -> dict:
     """The named values every stage may read (params, head, H, inf, qpos, kpos); `used`: only those."""
     heads = heads if heads is not None else torch.arange(H)
     make = {**{p: (lambda v=v: torch.full((1, 1), float(v), dtype=dtype, device=device)) for p, v in params.items()},
@@ -135,7 +135,7 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
         group = head_group or max(1, min(H, 2 ** 27 // max(1, B * (n - q0) * n)))  # ~2^27 elements per score tile
         for h0 in range(0, H, group):
             h1 = min(H, h0 + group)
-            env = _base(spec, params, H, dtype, device, n, torch.arange(h0, h1))
+            env = base_env(spec, params, H, dtype, device, n, torch.arange(h0, h1))
             env["qpos"] = env["qpos"][:, :, q0:]
             env.update({k: torch.full((1, 1), float(v), dtype=dtype, device=device) for k, v in dims.items()})
             keys = {}  # every token, for key(x); the other reads of a per-token value are the queries'
@@ -147,7 +147,7 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
             keep = torch.ones((1, 1, n - q0, n), dtype=torch.bool, device=device)
             for m in spec.masks:
                 mv = env[m]
-                mv = _align(mv, 2) if torch.is_tensor(mv) else torch.tensor(mv)
+                mv = align(mv, 2) if torch.is_tensor(mv) else torch.tensor(mv)
                 keep = keep & (mv != 0)
             for op in spec.merge.ops:
                 _run(op, env, keys, n, keep, matmul_dtype)
@@ -165,4 +165,4 @@ def _run(op: Op, env: dict, keys: dict, n: int, keep, matmul_dtype) -> None:
     if op.kind == "matmul" and matmul_dtype is not None and all(torch.is_tensor(a) for a in args):
         env[op.out] = (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
         return
-    env[op.out] = _eval(op, args, n, keep)
+    env[op.out] = eval_pair_op(op, args, n, keep)

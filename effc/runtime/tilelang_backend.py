@@ -13,13 +13,13 @@ import math
 import torch
 
 from ..codegen.tilelang import FORWARD, emit_module, kernel_params
+from ..compiler import checked_source
 from ..errors import ArgumentError
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
-from ..passes.tiling import TileConfig, padded
+from ..policy.tiling import TileConfig, padded
 from .cache import load_module
 from .checks import history_dtype, operand_dtype
-from .compiler import checked_source
 from .launch import Layout, make_layout
 
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from ..passes.tiling import TileConfig
+from ..policy.tiling import TileConfig
 from .checks import history_dtype
 from .launch import Launcher, make_layout
 

@@ -90,7 +90,7 @@ def test_delta_net_d64_does_not_fault():
 
 
 def _open_miscompile():
-    from effc.runtime.triton_faults import hopper_dot_miscompile
+    from effc.policy.triton_faults import hopper_dot_miscompile
     return pytest.mark.xfail(torch.cuda.is_available() and hopper_dot_miscompile(0), strict=True,
                              reason="chunk=64 at D=32: dq wrong on Hopper with Triton < 3.7.1, cause not found")
 

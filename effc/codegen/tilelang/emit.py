@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-from ... import __version__
-from .. import template
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan, StatePlan
+from ...version import __version__
+from .. import template
 from .body import F32, IN, Body, Buffer
 from .printer import UNSUPPORTED, TileLangPrinter, broadcast_index, token_ok
 from .schedule import leaves, schedule
@@ -144,8 +143,8 @@ class _Kernel:
             b.where[d.name] = buf
             b.loads.add(d.name)
             bufs.append((d, buf))
-            feats = [f"pid_s * BLOCK:(pid_s + 1) * BLOCK" if f == self.split else f"0:{f}" for f in d.feature_dims]
-            region = ", ".join([f"bos + i_c * C:bos + (i_c + 1) * C", self._head(d)] + feats)
+            feats = ["pid_s * BLOCK:(pid_s + 1) * BLOCK" if f == self.split else f"0:{f}" for f in d.feature_dims]
+            region = ", ".join(["bos + i_c * C:bos + (i_c + 1) * C", self._head(d)] + feats)
             b.stmt(f"    T.copy({d.name}_in[{region}], {buf.name})")
         b.stmt("else:")
         start = len(lines)

@@ -15,7 +15,7 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
     """The compiled kernel (`.asm["ptx"]`, `.metadata.shared`) of kernel plan `kp` of the AttentionOp `op`.
     `dims`: feature dim sizes (default 128 each); any size, padded tiles as at run time (the split dim in
     blocks of 64, or of its padded size when smaller)."""
-    from ...passes.tiling import padded
+    from ...policy.tiling import padded
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     fn = getattr(op.module, f"{op.name}_{kp.name}_kernel")
     plan = op.comp.plan
@@ -53,7 +53,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
     (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32.
     `dims`: feature dim sizes (default 128 each), any size (padded tiles)."""
     from ...passes.softmax import choose_softmax_tiles
-    from ...passes.tiling import padded
+    from ...policy.tiling import padded
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
     bm, bn, warps, stages = {"fwd": tiles.fwd, "bwd_pre": tiles.pre, "bwd_dq": tiles.dq, "bwd_dkv": tiles.dkv}[kernel]

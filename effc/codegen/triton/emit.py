@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ... import __version__
-from .. import template
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan
+from ...version import __version__
+from .. import template
 from .printer import TritonPrinter, feature_mask
 
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from ... import __version__
-from .. import template
 from ...ir import ops as O
-from ...ir.nodes import C, CK, Op
+from ...ir.nodes import CK, C, Op
 from ...passes.blocksparse import NEG, POS, Range, triton_expr
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p_name
+from ...version import __version__
+from .. import template
 from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, feature_mask
 
 LOG2E = 1.4426950408889634

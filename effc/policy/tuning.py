@@ -29,8 +29,8 @@ from pathlib import Path
 from .. import codegen
 from ..errors import SpecError
 from ..ir.printer import print_spec
-from ..passes.tiling import Problem
-from .cache import cache_dir, write_atomic
+from ..runtime.cache import cache_dir, write_atomic
+from .tiling import Problem
 
 FORMAT = 1
 KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge")

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import sympy
 
-from .errors import SpecError
-from .ir.nodes import C, dim
-from .passes.shapes import value_types
+from ..errors import SpecError
+from ..ir.nodes import C, dim
+from ..passes.shapes import value_types
 from .peers import PEERS, time_training_step
 
 # Machine limits per GPU name (substring match), measured on the lent H100 with the same software
@@ -63,7 +63,7 @@ def io_bytes(xs, out) -> int:
 
 
 def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float, index: int = 0, backward: bool = False) -> dict:
-    cmd = [sys.executable, "-m", "effc.peers", spec, str(B), str(T), str(H), str(D), str(index)]
+    cmd = [sys.executable, "-m", "effc.tools.peers", spec, str(B), str(T), str(H), str(D), str(index)]
     cmd += ["bwd"] if backward else []
     return run_peer_process(cmd, timeout)
 
@@ -110,7 +110,8 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
     from triton.testing import do_bench
 
     import effc
-    from .runtime.verify import random_inputs
+
+    from ..runtime.verify import random_inputs
 
     if not torch.cuda.is_available():
         raise RuntimeError("effc bench needs a CUDA GPU (timings under the interpreter mean nothing)")

@@ -13,8 +13,8 @@ import sympy
 
 from ..errors import SpecError
 from ..ir.nodes import C, Spec, dim
-from .legality import Legality
-from .shapes import value_types
+from ..passes.legality import Legality
+from ..passes.shapes import value_types
 
 BLOCK = sympy.Symbol("BLOCK", positive=True, integer=True)  # block of the split dim
 SEGMENTS = sympy.Symbol("P", positive=True, integer=True)

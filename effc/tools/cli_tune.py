@@ -7,7 +7,7 @@ import time
 
 import typer
 
-from .errors import ArgumentError, SpecError
+from ..errors import ArgumentError, SpecError
 
 SPEC_HELP = "a library spec name (see `effc library`), a path to a .attn file, or PATH:SPEC"
 cache_app = typer.Typer(no_args_is_help=True, help="The tuning cache that `effc tune` fills and ops read.")
@@ -24,8 +24,9 @@ def register(app, fail, parse_dims) -> None:
 
 def _space(spec: str, shapes, heads: int, sizes: dict, dtype: str, smem_limit: int | None):
     import effc
-    from .passes.search import H100_SHARED_BYTES, search_space
-    from .passes.tiling import Problem
+
+    from ..policy.search import H100_SHARED_BYTES, search_space
+    from ..policy.tiling import Problem
     from .tune import DTYPE_BYTES
 
     op = effc.load(spec)
@@ -118,7 +119,7 @@ RESTARTS_VAR, MAX_RESTARTS = "EFFC_TUNE_RESTARTS", 8
 def restart_argv(spec: str, shapes: list[tuple[int, int]], heads: int, dims: str, dtype: str, budget: float,
                  workers: int | None, backend: str) -> list[str]:
     """The `effc tune` command that goes on after a fault: the shapes not yet tuned, the budget left."""
-    argv = [sys.executable, "-m", "effc.cli", "tune", spec, "--shapes", ",".join(f"{b}x{t}" for b, t in shapes),
+    argv = [sys.executable, "-m", "effc.tools.cli", "tune", spec, "--shapes", ",".join(f"{b}x{t}" for b, t in shapes),
             "--heads", str(heads), "--dtype", dtype, "--budget", f"{budget:.1f}", "--backend", backend]
     argv += ["--dims", dims] if dims else []
     return argv + (["--workers", str(workers)] if workers is not None else [])
@@ -126,7 +127,13 @@ def restart_argv(spec: str, shapes: list[tuple[int, int]], heads: int, dims: str
 
 class RichReporter:
     def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("{task.fields[best]}"), console=console)
 
@@ -148,7 +155,7 @@ class RichReporter:
 @cache_app.command("ls")
 def cache_ls():
     """List the tuned configurations (stale: recorded by another codegen version; ignored by ops)."""
-    from .runtime.tuning import entries, is_current, tuning_dir
+    from ..policy.tuning import entries, is_current, tuning_dir
     rows = entries()
     if not rows:
         typer.echo(f"no tuning entries in {tuning_dir()}")
@@ -173,8 +180,8 @@ def cache_ls():
 def cache_clear(stale: bool = typer.Option(False, "--stale", help="only entries ops ignore (stale or corrupt)"),
                 kernels: bool = typer.Option(False, "--kernels", help="also the generated kernel modules")):
     """Delete tuning entries (and with --kernels the generated modules; they are rebuilt on next use)."""
-    from .runtime.cache import cache_dir
-    from .runtime.tuning import clear_faults, entries, is_current, tuning_dir
+    from ..policy.tuning import clear_faults, entries, is_current, tuning_dir
+    from ..runtime.cache import cache_dir
     removed = 0
     for path, e in entries():
         if stale and e is not None and is_current(e):

@@ -60,7 +60,7 @@ def _fla_rwkv7(B, T, H, D):
 
 
 def _softmax_peer(build):
-    """A softmax-family peer (effc/softmax_peers.py) in this table's form; its set-up (block masks,
+    """A softmax-family peer (effc/tools/softmax_peers.py) in this table's form; its set-up (block masks,
     compiled FlexAttention) runs once per input set, outside the timed calls."""
     def make(B, T, H, D):
         built: dict = {}

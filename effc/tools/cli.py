@@ -8,12 +8,15 @@ from pathlib import Path
 
 import typer
 
-from .errors import ArgumentError, CodegenError, SpecError
+from ..compiler import PIPELINE
+from ..errors import ArgumentError, CodegenError, SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Compile declarative attention specs (.attn) into fused Triton kernels.")
 
-STAGES = ("ast", "ir", "typed", "legality", "backward", "tiled", "fused", "plan", "source")
+# the compiler's own pass list (compiler.PIPELINE) between the AST and the source; `tiled` is the
+# call-time tiling choice (effc.policy) for one shape
+STAGES = ("ast", *(p.name for p in PIPELINE), "tiled", "source")
 SPEC_HELP = "a library spec name (see `effc library`), a path to a .attn file, or PATH:SPEC"
 
 
@@ -55,14 +58,14 @@ def _use_interpreter_without_gpu() -> bool:
 
 
 def _compilation(spec: str):
-    from .runtime.compiler import compile_file
+    from ..compiler import compile_file
     return compile_file(spec)
 
 
 @app.command()
 def library():
     """List the library specs with the paper each implements."""
-    from .library import library_files
+    from ..library import library_files
     for p in library_files():
         lines = [ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")]
         typer.echo(f"{p.stem:14s} {lines[0] if lines else ''}")
@@ -70,27 +73,24 @@ def library():
 
 @app.command()
 def show(spec: str = typer.Argument(..., help=SPEC_HELP),
-         stage: str = typer.Option("plan", help="one of: " + ", ".join(STAGES)),
+         stage: str = typer.Option("plan", help="one of: " + ", ".join(STAGES) + " (the compiler's passes, in order: "
+                                                  + "; ".join(f"{p.name}: {p.what}" for p in PIPELINE) + ")"),
          shape: str = typer.Option("2,8192,16", help="B,T,H used by --stage tiled"),
          dims: str = typer.Option("", help="feature dims for --stage tiled, e.g. K=128,V=128 (default 128 each)"),
          backend: str = typer.Option("triton", help="the code generator for --stage source: triton or tilelang")):
     """Print one stage of the pipeline: text -> AST -> IR -> passes -> plan -> source."""
-    from .ir import print_spec
-    from .passes.tiling import Problem, choose, tiling_space
+    from ..ir import print_spec
+    from ..policy.tiling import Problem, choose, tiling_space
     try:
         comp = _compilation(spec)
         if stage not in STAGES:
             raise typer.BadParameter(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
         if stage == "ast":
             typer.echo("\n".join(repr(s) for s in comp.module.specs))
-        elif stage == "ir":
-            typer.echo(print_spec(comp.ir))
-        elif stage == "typed":
-            typer.echo(print_spec(comp.typed))
-        elif stage == "legality":
-            typer.echo(str(comp.legality))
+        elif stage in ("ir", "typed"):
+            typer.echo(print_spec(getattr(comp, stage)))
         elif stage == "tiled" and comp.typed.score.ops:  # the softmax family
-            from .passes.softmax import choose_softmax_tiles
+            from ..passes.softmax import choose_softmax_tiles
             sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
             typer.echo(f"for {sizes}: {choose_softmax_tiles(comp.typed, sizes, interpreting=False)}")
         elif stage == "tiled":
@@ -99,14 +99,11 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
             typer.echo(str(tiling_space(comp.typed, comp.legality)))
             cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
             typer.echo(f"for B={B} T={T} H={H} {sizes}: {cfg}")
-        elif stage == "backward":
-            typer.echo(str(comp.backward))
-        elif stage == "fused":
-            typer.echo(str(comp.fused))
-        elif stage == "plan":
-            typer.echo(str(comp.plan))
-        else:
+        elif stage == "source":
             typer.echo(comp.source(backend))
+        else:
+            value = getattr(comp, stage)
+            typer.echo(f"{stage}: none for a {comp.ir.family} spec" if value is None else str(value))
     except (SpecError, CodegenError, NotImplementedError) as e:
         _fail(e)
 
@@ -118,14 +115,14 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
              shape: str = typer.Option("2,8192,16", help="B,T,H to explain the tiling choice for"),
              dims: str = typer.Option("", help="feature dims, e.g. K=128,V=128 (default 128 each)")):
     """Compile a spec; write the generated module and say what the compiler chose and why."""
-    from .passes.tiling import Problem, choose
+    from ..policy.tiling import Problem, choose
     try:
         comp = _compilation(spec)
         source = comp.source(backend)
         B, T, H = _parse_shape(shape)
         sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
         if comp.typed.score.ops:  # the softmax family: blocks of the key-block walk
-            from .passes.softmax import choose_softmax_tiles
+            from ..passes.softmax import choose_softmax_tiles
             cfg = choose_softmax_tiles(comp.typed, sizes, interpreting=False)
         else:
             cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
@@ -162,8 +159,8 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
     interp = _use_interpreter_without_gpu()
     import torch
 
-    from .runtime.softmax_op import make_op
-    from .runtime.verify import check_op
+    from ..runtime.softmax_op import make_op
+    from ..runtime.verify import check_op
     try:
         comp = _compilation(spec)
         op = make_op(comp, backend)  # AttentionOp, SoftmaxOp, or a hybrid's op (a state and a softmax branch)

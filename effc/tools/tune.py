@@ -26,9 +26,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .passes.search import H100_SHARED_BYTES, Candidate, SearchSpace, search_space
-from .passes.tiling import Problem
-from .runtime.tuning import TuningKey, dtype_name, known_faults, record_fault, store
+from ..policy.search import H100_SHARED_BYTES, Candidate, SearchSpace, search_space
+from ..policy.tiling import Problem
+from ..policy.tuning import TuningKey, dtype_name, known_faults, record_fault, store
 
 MARGIN = 0.02  # a candidate must beat the default by more than timing noise (~1% between do_bench medians)
 REFINE = 3  # variants whose other segment counts are timed
@@ -261,7 +261,7 @@ class GpuRunner:
     def prepare(self, op, problem: Problem, dtype: str, default: Candidate) -> None:
         import torch
 
-        from .runtime.verify import random_inputs
+        from ..runtime.verify import random_inputs
 
         self.op, self.dtype = op, dtype
         self._queue.clear()  # units of an earlier shape still in flight finish, and are ignored
@@ -321,7 +321,7 @@ class GpuRunner:
         return out
 
     def check(self, c: Candidate) -> str | None:
-        from .runtime.verify import rel_err
+        from ..runtime.verify import rel_err
 
         try:
             out = self._run(c)

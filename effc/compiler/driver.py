@@ -1,24 +1,15 @@
-"""The pipeline driver: text -> AST -> IR -> passes -> plan -> source, each stage kept for `effc show`."""
+"""The driver: text -> AST, then the passes of `PIPELINE` on demand, then source; each stage kept for
+`effc show`."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 from ..dsl import ast, parse, parse_file
 from ..errors import CodegenError, SpecError, suggest
 from ..ir.nodes import Spec
-from ..library import LIBRARY_DIR
-from ..passes.autodiff import Backward, differentiate
-from ..passes.fusion import Fused, fuse
-from ..passes.grad_terms import place_gradient_terms
-from ..passes.hoist import hoist
-from ..passes.reverse_scan import split_reverse_scan
-from ..passes.legality import Legality, analyze
-from ..passes.lower import lower
-from ..passes.plan import Plan, plan
-from ..passes.shapes import infer_shapes
+from ..library import LIBRARY_DIR, library_files
+from .pipeline import FAMILIES, PASSES, Family
 
 BACKENDS = ("triton", "tilelang")
 
@@ -37,39 +28,40 @@ def resolve_spec_path(ref: str) -> tuple[Path, str | None]:
     return p, name  # parse_file reports the missing file
 
 
-@dataclass
 class Compilation:
-    """All stages of compiling one spec; each computed on first use."""
+    """All stages of compiling one spec, each computed on first use: `comp.ir`, `comp.typed`, ... one
+    attribute per pass of `PIPELINE`, then `comp.source(backend)`."""
 
-    module: ast.Module
-    name: str | None = None
+    def __init__(self, module: ast.Module | None, name: str | None = None, *, ir: Spec | None = None):
+        self.module, self.name = module, name
+        self._stages: dict[str, object] = {} if ir is None else {"ir": ir}
+        self._branches: dict[str, Compilation] = {}
 
-    @cached_property
-    def ir(self) -> Spec:
-        return lower(self.module, self.name)
+    @classmethod
+    def of_ir(cls, spec: Spec) -> "Compilation":
+        """A compilation that starts from IR (a hybrid's branch) rather than text."""
+        return cls(None, spec.name, ir=spec)
 
-    @cached_property
-    def typed(self) -> Spec:
-        return infer_shapes(self.ir)
+    def __getattr__(self, stage: str):
+        if stage.startswith("_") or stage not in PASSES:
+            raise AttributeError(stage)
+        if stage not in self._stages:
+            self._stages[stage] = PASSES[stage].run(self)
+        return self._stages[stage]
 
-    @cached_property
-    def legality(self) -> Legality:
-        return analyze(self.typed)
+    @property
+    def rules(self) -> Family:
+        return FAMILIES[self.ir.family]
 
-    @cached_property
-    def backward(self) -> Backward:
-        return differentiate(self.typed)
+    @property
+    def schedule_name(self) -> str:
+        return self.rules.schedule
 
-    @cached_property
-    def fused(self) -> Fused:
-        fused = fuse(self.typed, self.legality, self.backward)
-        split = self.legality.split_dims[0] if self.legality.split_dims else None
-        fused = place_gradient_terms(self.typed, fused, self.backward, split)
-        return split_reverse_scan(self.typed, hoist(self.typed, fused))
-
-    @cached_property
-    def plan(self) -> Plan:
-        return plan(self.typed, self.legality, self.fused, self.backward)
+    def branch(self, family: str) -> "Compilation":
+        """A hybrid's softmax or linear branch, compiled on its own."""
+        if family not in self._branches:
+            self._branches[family] = Compilation.of_ir(getattr(self.split, family))
+        return self._branches[family]
 
     def source(self, backend: str = "triton") -> str:
         return checked_source(self._source(backend), self.typed.name, backend)
@@ -77,6 +69,15 @@ class Compilation:
     def _source(self, backend: str) -> str:
         if backend not in BACKENDS:
             raise NotImplementedError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
+        family = self.ir.family
+        if family == "hybrid":
+            return self.branch("softmax")._source(backend) + "\n\n" + self.branch("linear")._source(backend)
+        if family == "softmax":
+            if backend != "triton":
+                raise NotImplementedError(f"backend '{backend}' is not implemented for the softmax family yet; "
+                                          "available: triton")
+            from ..codegen.triton.softmax_emit import emit_softmax_module
+            return emit_softmax_module(self.legality, self.backward)
         if backend == "tilelang":
             from ..codegen.tilelang import emit_module as emit_tilelang
             return emit_tilelang(self.plan)
@@ -101,36 +102,14 @@ def checked_source(source: str, spec: str, backend: str) -> str:
     return source
 
 
-def _has_score(module: ast.Module, name: str | None) -> bool:
-    """Does the spec (or a spec it extends) have a score stage? Then it is of the softmax family."""
-    specs = {s.name: s for s in module.specs}
-    local = module.local or tuple(specs)
-    s = specs.get(name) if name else (specs.get(local[0]) if len(local) == 1 else None)
-    seen = set()
-    while s is not None and s.name not in seen:
-        seen.add(s.name)
-        if any(st.name in ("score", "prefix") for st in s.stages):
-            return True
-        s = specs.get(s.extends) if s.extends else None
-    return False
-
-
-def _compilation(module: ast.Module, name: str | None) -> Compilation:
-    if _has_score(module, name):  # the softmax family: runtime.softmax_compiler
-        from .softmax_compiler import SoftmaxCompilation
-        return SoftmaxCompilation(module, name)
-    return Compilation(module, name)
-
-
 def compile_file(ref: str | Path, name: str | None = None) -> Compilation:
     path, n = resolve_spec_path(str(ref))
     if not path.is_file():
-        from ..library import library_files
         names = [p.stem for p in library_files()]
         raise SpecError(f"no such spec file or library spec: {ref}"
                         + (suggest(path.stem, names) or f"; library specs: {', '.join(names)}"))
-    return _compilation(parse_file(path), name or n)
+    return Compilation(parse_file(path), name or n)
 
 
 def compile_text(text: str, name: str | None = None, file: str = "<string>") -> Compilation:
-    return _compilation(parse(text, file), name)
+    return Compilation(parse(text, file), name)

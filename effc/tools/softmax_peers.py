@@ -6,7 +6,7 @@ scaled_dot_product_attention (SDPA: FlashAttention-2 / cuDNN / efficient backend
     PEERS_SOFTMAX[spec] -> [(label, inputs, build)]   with build(xs, params) -> a zero-argument callable
                                                         returning the output (B, T, H, V)
 
-effc/peers.py puts them in the one peer table `effc bench` reads; the compiler never sees them.
+effc/tools/peers.py puts them in the one peer table `effc bench` reads; the compiler never sees them.
 Params are the spec's defaults unless given (e.g. {"window": 512}).
 """
 from __future__ import annotations

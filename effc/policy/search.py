@@ -33,11 +33,22 @@ import math
 from dataclasses import dataclass, fields
 
 from ..errors import SpecError
-from ..ir.nodes import C, CK, Spec, dim
-from .legality import Legality
-from .softmax import SoftmaxSchedule, choose_softmax_tiles, softmax_tiling_space
-from .tiling import (BLOCK, PROGRAMS_PER_SM, Problem, TileConfig, TilingSpace, _check, _segments, choose, padded,
-                     split_blocks, tiling_space)
+from ..ir.nodes import CK, C, Spec, dim
+from ..passes.legality import Legality
+from ..passes.softmax import SoftmaxSchedule, choose_softmax_tiles, softmax_tiling_space
+from .tiling import (
+    BLOCK,
+    PROGRAMS_PER_SM,
+    Problem,
+    TileConfig,
+    TilingSpace,
+    _check,
+    _segments,
+    choose,
+    padded,
+    split_blocks,
+    tiling_space,
+)
 
 H100_SHARED_BYTES = 232448  # per block, opt-in maximum (also the H200's: same SM)
 MAX_REGISTERS = 255  # per thread

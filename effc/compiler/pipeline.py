@@ -1,0 +1,97 @@
+"""The compiler's passes, in order. One driver (compiler.driver.Compilation) runs this list for every
+spec; `effc show --stage NAME` prints the value of any of them.
+
+A pass reads earlier stages of the compilation and returns its own. The family (linear: a chunked state;
+softmax: a score walked over key blocks; hybrid: both) is data on the IR (`Spec.family`); the passes that
+differ by family take their rule from `FAMILIES`, one row per family.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..passes.autodiff import differentiate
+from ..passes.fusion import fuse
+from ..passes.grad_terms import place_gradient_terms
+from ..passes.hoist import hoist
+from ..passes.hybrid import split_hybrid
+from ..passes.legality import analyze
+from ..passes.lower import lower
+from ..passes.plan import plan
+from ..passes.reverse_scan import split_reverse_scan
+from ..passes.shapes import infer_shapes
+from ..passes.softmax import analyze_softmax, infer_softmax_shapes, softmax_value_types
+from ..passes.softmax_bwd import differentiate_softmax
+from ..passes.softmax_plan import (
+    SOFTMAX_KERNELS,
+    HybridPlan,
+    HybridSchedule,
+    SoftmaxPlan,
+)
+
+
+@dataclass(frozen=True)
+class Pass:
+    name: str  # the stage it produces
+    what: str  # one line for `effc show --stages`
+    run: Callable  # (Compilation) -> the stage's value
+
+
+def _linear_fused(c):
+    fused = fuse(c.typed, c.legality, c.backward)
+    split = c.legality.split_dims[0] if c.legality.split_dims else None
+    fused = place_gradient_terms(c.typed, fused, c.backward, split)
+    return split_reverse_scan(c.typed, hoist(c.typed, fused))
+
+
+@dataclass(frozen=True)
+class Family:
+    """How each family-dependent pass runs for one family."""
+
+    name: str
+    schedule: str  # what `effc compile` says it chose
+    typed: Callable
+    legality: Callable
+    backward: Callable
+    fused: Callable
+    plan: Callable
+
+
+FAMILIES = {f.name: f for f in (
+    Family("linear", "chunked-state scan",
+           typed=lambda c: infer_shapes(c.ir),
+           legality=lambda c: analyze(c.typed),
+           backward=lambda c: differentiate(c.typed),
+           fused=_linear_fused,
+           plan=lambda c: plan(c.typed, c.legality, c.fused, c.backward)),
+    Family("softmax", "online softmax (FlashAttention-2 walk over key blocks)",
+           typed=lambda c: infer_softmax_shapes(c.ir),
+           legality=lambda c: analyze_softmax(c.typed),
+           backward=lambda c: differentiate_softmax(c.legality),
+           fused=lambda c: SoftmaxPlan(c.typed, SOFTMAX_KERNELS, c.legality, c.backward),
+           plan=lambda c: c.fused),
+    # a hybrid compiles as its two branches (passes.hybrid), each a spec of one family
+    Family("hybrid", "hybrid: online softmax (FlashAttention-2) for the score branch + chunked-state scan",
+           typed=lambda c: infer_softmax_shapes(c.ir),
+           legality=lambda c: HybridSchedule(c.split, c.branch("softmax").legality, c.branch("linear").legality),
+           backward=lambda c: c.branch("softmax").backward,
+           fused=lambda c: HybridPlan(c.branch("softmax").fused, c.branch("linear").fused),
+           plan=lambda c: HybridPlan(c.branch("softmax").plan, c.branch("linear").plan)),
+)}
+
+
+PIPELINE: tuple[Pass, ...] = (
+    Pass("ir", "AST -> IR: scopes checked, macros inlined, SSA (passes.lower)", lambda c: lower(c.module, c.name)),
+    Pass("typed", "a tile type for every value (passes.shapes; passes.softmax for a score stage)",
+         lambda c: c.rules.typed(c)),
+    Pass("split", "a hybrid's two branches, a softmax spec and a linear one (passes.hybrid); none otherwise",
+         lambda c: split_hybrid(c.typed, softmax_value_types(c.typed)) if c.typed.family == "hybrid" else None),
+    Pass("legality", "the schedule: which stages run chunk-parallel, what the walk carries (passes.legality, "
+         "passes.softmax)", lambda c: c.rules.legality(c)),
+    Pass("backward", "the derived backward (passes.autodiff; passes.softmax_bwd)", lambda c: c.rules.backward(c)),
+    Pass("fused", "stages fused into kernels, gradient terms placed, state-free work hoisted (passes.fusion, "
+         "grad_terms, hoist, reverse_scan)", lambda c: c.rules.fused(c)),
+    Pass("plan", "the kernel plan both code generators read (passes.plan, passes.softmax_plan)",
+         lambda c: c.rules.plan(c)),
+)
+PASSES = {p.name: p for p in PIPELINE}

@@ -1,0 +1,113 @@
+"""One IR op evaluated with torch on whole tiles: the table both oracles (the chunked walk and the softmax
+walk) share."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..ir import ops as O
+from ..ir.nodes import Op
+
+_UNARY = {
+    "neg": torch.neg, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
+    "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid, "softplus": F.softplus, "tanh": torch.tanh,
+    "relu": torch.relu, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "abs": torch.abs, "silu": F.silu,
+}
+_BINARY = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+    "maximum": torch.maximum, "minimum": torch.minimum, "pow": torch.pow,
+}
+
+
+def align(x, rank: int):
+    """Give a (B, H, *tile) value `rank` tile axes by inserting size-1 axes after (B, H)."""
+    while x.dim() - 2 < rank:
+        x = x.unsqueeze(2)
+    return x
+
+
+def _valid_rows(x, n_valid: int, axis: int, fill: float = 0.0):
+    """Padded tokens do not exist: reductions over the token axis must not see them."""
+    rows = torch.arange(x.shape[axis], device=x.device) < n_valid
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return torch.where(rows.reshape(shape), x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+
+
+def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, over_tokens: bool = False):
+    k = op.kind
+    if k == "copy":
+        return args[0]
+    if k in _UNARY:
+        if isinstance(args[0], float):
+            return float(_UNARY[k](torch.tensor(args[0], dtype=torch.float64)))
+        return _UNARY[k](args[0])
+    if k in _BINARY:
+        a, b = args
+        if isinstance(a, float) and isinstance(b, float):
+            return float(_BINARY[k](torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)))
+        rank = op.type.rank
+        a = a if isinstance(a, float) else align(a, rank)
+        b = b if isinstance(b, float) else align(b, rank)
+        if isinstance(a, float):
+            a = torch.tensor(a, dtype=b.dtype, device=b.device)
+        if isinstance(b, float):  # torch.maximum / minimum take no Python number
+            b = torch.tensor(b, dtype=a.dtype, device=a.device)
+        return _BINARY[k](a, b)
+    if k == "matmul":
+        if over_tokens:  # padded tokens do not exist on either side
+            args = [_valid_rows(args[0], n_valid, -1), _valid_rows(args[1], n_valid, -2)]
+        if matmul_dtype is not None:  # round the operands like a tensor-core matmul does
+            return (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
+        return args[0] @ args[1]
+    if k == "transpose":
+        return args[0].transpose(-1, -2)
+    if k in O.MASKS:
+        x, fill = args[0], (args[1] if len(args) > 1 else 0.0)
+        c = x.shape[-1]
+        keep = torch.ones(c, c, dtype=torch.bool, device=x.device).tril(0 if k == "causal" else -1)
+        fill = fill if isinstance(fill, float) else fill.reshape(fill.shape[:2] + (1, 1))
+        return torch.where(keep, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
+    if k == "cumsum":
+        return args[0].cumsum(2)
+    if k == "revcumsum":
+        return _valid_rows(args[0], n_valid, 2).flip(2).cumsum(2).flip(2)
+    if k == "last":
+        return args[0][:, :, n_valid - 1]
+    if k in O.REDUCTIONS:
+        axis, how = O.REDUCTIONS[k]
+        x = args[0]
+        if over_tokens:
+            x = _valid_rows(x, n_valid, 2 + axis, 0.0 if how == "sum" else -math.inf)
+        return x.sum(2 + axis) if how == "sum" else x.amax(2 + axis)
+    if k == "expand":
+        x = args[0]
+        for pos, new in enumerate(op.args[1:]):
+            if new == 1.0:
+                x = x.unsqueeze(2 + pos)
+        return x
+    if k == "unit_lower_inv":
+        x = args[0]
+        eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+        return torch.linalg.solve_triangular(eye + x.tril(-1), eye.expand_as(x), upper=False, unitriangular=True)
+    if k == "gtz":
+        return (args[0] > 0).to(args[0].dtype)
+    if k == "sign":
+        return torch.sign(args[0])
+    if k == "ge":
+        a, b = (x if isinstance(x, float) else align(x, op.type.rank) for x in args)
+        return torch.as_tensor(a >= b).to(a.dtype if torch.is_tensor(a) else b.dtype)
+    if k == "unlast":
+        x = args[0]
+        out = torch.zeros(x.shape[:2] + (chunk,) + x.shape[2:], dtype=x.dtype, device=x.device)
+        out[:, :, n_valid - 1] = x
+        return out
+    if k in ("total", "maxall"):
+        x = _valid_rows(args[0], n_valid, 2, 0.0 if k == "total" else -math.inf) if over_tokens else args[0]
+        dims = tuple(range(2, x.dim()))
+        return (x.sum(dim=dims) if k == "total" else x.amax(dim=dims)) if dims else x
+    if k == "bcast":
+        return torch.zeros_like(args[1]) + align(args[0], args[1].dim() - 2)
+    raise NotImplementedError(f"oracle has no rule for tile op '{k}'")
