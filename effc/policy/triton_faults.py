@@ -6,10 +6,16 @@ accumulators (fla-org/flash-linear-attention#640, #984, #988). effc meets it in 
 - at 8 warps, the long gradient kernels of the general transitions (rwkv7's dw/dkappa/da, hdla's dg/du)
   came out wrong at D=64 and faulted at D=128 on the H200 (tests/gpu/test_real_inputs.py); at 4 warps
   they are right. There the backward runs 4 warps; elsewhere 8, which spill less on sm_90.
+- a gradient kernel that chains many dots (hdla's dg and du: 72 and 63 dots) read outside shared memory
+  at a 64-wide split block even at 4 warps (compute-sanitizer: an invalid __shared__ read in
+  bwd_chunks_g at D=128); at a 32-wide block it ran and matched the oracle, and rwkv7's 27-dot kernels
+  run right at 64. Such a plan runs 32-wide blocks there (`block_limit`).
 """
 from __future__ import annotations
 
 from functools import lru_cache
+
+from ..ir.nodes import Op
 
 import torch
 import triton
@@ -19,8 +25,12 @@ import triton
 def hopper_dot_miscompile(device_index: int) -> bool:
     """Does this GPU with the installed Triton miscompile chained dots (see the module doc)?"""
     major, _ = torch.cuda.get_device_capability(device_index)
-    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:3] if p.isdigit())
+    version = tuple(int(p) for p in triton_version().split(".") if p.isdigit())
     return major == 9 and version < (3, 7, 1)
+
+
+def triton_version() -> str:
+    return ".".join(triton.__version__.split("+")[0].split(".")[:3])
 
 
 def backward_warps(num_warps: int, device: torch.device) -> int:
@@ -28,3 +38,21 @@ def backward_warps(num_warps: int, device: torch.device) -> int:
     if device.type == "cuda" and hopper_dot_miscompile(device.index or 0):
         return 4
     return max(8, num_warps)
+
+
+# dots in one gradient kernel above which the split block stays at most 32 wide on an affected GPU: between
+# the longest chain seen right at 64 (27) and the shortest seen faulting (63)
+LONG_DOT_CHAIN = 48
+
+
+def longest_dot_chain(kernels) -> int:
+    """The most matmuls in one gradient kernel of a plan (the softmax family's kernels list no ops: 0)."""
+    return max((sum(op.kind == "matmul" for op in getattr(k, "ops", ()) if isinstance(op, Op))
+                for k in kernels if k.name.startswith("bwd")), default=0)
+
+
+def block_limit(kernels, device) -> int | None:
+    """The widest split block this plan's gradient kernels run right at on `device`; None: no limit."""
+    if device.type != "cuda" or not hopper_dot_miscompile(device.index or 0):
+        return None
+    return 32 if longest_dot_chain(kernels) > LONG_DOT_CHAIN else None

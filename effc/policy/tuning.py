@@ -31,6 +31,7 @@ from ..errors import SpecError
 from ..ir.printer import print_spec
 from ..runtime.cache import cache_dir, write_atomic
 from .tiling import Problem
+from .triton_faults import block_limit, longest_dot_chain, triton_version
 
 FORMAT = 1
 KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge")
@@ -246,10 +247,16 @@ class Tuned:
     def config(self, B: int, T: int, H: int, dims: dict[str, int], device, dtype=None, **overrides):
         key = (B, T, H, tuple(sorted(dims.items())), str(device), dtype, tuple(sorted(overrides.items())))
         if key not in self._configs:
+            import torch
             problem = Problem(B, T, H, key[3], sm_count(device))
             cfg = (lookup(self, problem, device, dtype, overrides)  # `effc tune`'s entry, if any
                    or self.tiles(problem, None, **overrides))
-            import torch
+            limit = block_limit(self.comp.plan.kernels, torch.device(device))
+            if limit and cfg.block > limit and overrides.get("block") is None:
+                cfg = self.tiles(problem, None, **{**overrides, "block": limit})
+                cfg = replace(cfg, reasons=cfg.reasons + (
+                    f"block {limit}: a gradient kernel chains {longest_dot_chain(self.comp.plan.kernels)} dots, "
+                    f"which Triton {triton_version()} miscompiles on this GPU at wider blocks (policy.triton_faults)",))
             if torch.device(device).type == "cpu":  # the model's reasons are about a GPU
                 cfg = replace(cfg, reasons=cfg.reasons + ("on the CPU (Triton's interpreter): the tiles the model "
                                                           "picks for an H100; warps, stages and occupancy do not apply",))

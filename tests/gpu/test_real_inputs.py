@@ -42,6 +42,9 @@ def _run_spec(name: str) -> list[dict]:
     seen = {(r["D"], r["T"]) for r in rows}
     rows += [dict(spec=name, D=D, T=T, ok=False, error=f"no result (process ended): {tail}")
              for D in DIMS for T in LENGTHS if (D, T) not in seen]
+    if os.environ.get("OUT"):  # as each spec finishes, so a sweep cut short by a time limit still reports
+        with open(Path(os.environ["OUT"], "sweep.jsonl"), "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
     return rows
 
 

@@ -1,0 +1,43 @@
+"""The call-time choices that avoid known Triton miscompiles (policy.triton_faults), checked on the CPU with
+the GPU's answers faked: which plans they touch, and that the op's configuration follows them."""
+import pytest
+import torch
+
+import effc
+from effc.compiler import compile_file
+from effc.policy import triton_faults
+from effc.policy.triton_faults import LONG_DOT_CHAIN, block_limit, longest_dot_chain
+
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.fixture
+def affected(monkeypatch):
+    monkeypatch.setattr(triton_faults, "hopper_dot_miscompile", lambda index: True)
+
+
+def test_long_dot_chains_are_counted_per_gradient_kernel():
+    assert longest_dot_chain(compile_file("hdla").plan.kernels) > LONG_DOT_CHAIN
+    for short in ("rwkv7", "gated_delta_net", "gla", "softmax_attn"):
+        assert longest_dot_chain(compile_file(short).plan.kernels) <= LONG_DOT_CHAIN, short
+
+
+def test_block_limit_only_where_the_miscompile_is(affected, monkeypatch):
+    kernels = compile_file("hdla").plan.kernels
+    assert block_limit(kernels, CUDA) == 32
+    assert block_limit(compile_file("rwkv7").plan.kernels, CUDA) is None
+    assert block_limit(kernels, torch.device("cpu")) is None
+    monkeypatch.setattr(triton_faults, "hopper_dot_miscompile", lambda index: False)
+    assert block_limit(kernels, CUDA) is None
+
+
+def test_the_op_narrows_its_block_and_says_why(affected, monkeypatch):
+    import effc.policy.tuning as tuning
+    monkeypatch.setattr(tuning, "sm_count", lambda device: 132)
+    monkeypatch.setattr(tuning, "lookup", lambda *a, **k: None)
+    op = effc.load("hdla")
+    cfg = op.config(2, 2048, 16, {d: 128 for d in op.spec.dims}, "cuda:0")
+    assert cfg.block == 32 and any("miscompiles" in r for r in cfg.reasons), cfg
+    given = op.config(2, 2048, 16, {d: 128 for d in op.spec.dims}, "cuda:0", block=64)
+    assert given.block == 64  # an explicit block is the user's call
+
