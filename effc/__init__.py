@@ -6,11 +6,12 @@
 """
 from .version import __version__
 
-__all__ = ["__version__", "load", "loads", "attention_spec", "library_names", "SpecError", "ArgumentError"]
+__all__ = ["__version__", "load", "loads", "attention_spec", "library_names", "route_to_memories", "SpecError",
+           "ArgumentError"]
 
 
 def __getattr__(name):  # lazy, so `import effc` stays cheap (no torch until an op is built)
-    if name in ("load", "loads", "attention_spec", "library_names"):
+    if name in ("load", "loads", "attention_spec", "library_names", "route_to_memories"):
         from . import api
         return getattr(api, name)
     if name in ("SpecError", "ArgumentError"):

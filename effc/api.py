@@ -1,11 +1,12 @@
 """The user's entry points: compile a spec (a library name, a file, text or a decorated function) into a
-callable op."""
+callable op; run an op per memory over routed tokens (`route_to_memories`)."""
 from __future__ import annotations
 
 from .compiler import Compilation, compile_file, compile_text
 from .dsl import parse_file
 from .dsl.pyfront import parse_function
 from .library import library_files
+from .runtime.routing import route_to_memories
 from .runtime.softmax_op import make_op
 
 
@@ -32,3 +33,6 @@ def library_names(family: str | None = None) -> list[str]:
     """Names of the specs in the library (`effc.load(name)` compiles one); `family` keeps only the
     'linear' (chunked state), 'softmax' (score stage) or 'hybrid' ones."""
     return [p.stem for p in library_files() if family is None or parse_file(p).family() == family]
+
+
+__all__ = ["attention_spec", "library_names", "load", "loads", "route_to_memories"]
