@@ -2,7 +2,7 @@
 compiles the kernel, then `ptxas -v` reports what the hardware would run. A CPU-side check of a codegen
 change that moves live tiles around (spills cost far more than the recomputation they avoid).
 
-    python scripts/ptxas_report.py delta_net mlstm [--chunk 64] [--kernels bwd]
+    python scripts/ptxas_report.py delta_net mlstm [--chunk 64] [--kernels bwd] [--dim 192 --block 32 --fwd-warps 8]
     python scripts/ptxas_report.py softmax_attn forgetting_transformer     (the softmax family: model tiles)
 """
 import argparse
@@ -36,7 +36,8 @@ def ptxas_usage(ptx: str) -> dict:
             "spill_stores": int(spills.group(1)) if spills else 0, "spill_loads": int(spills.group(2)) if spills else 0}
 
 
-def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8) -> dict:
+def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8, dim: int | None = None,
+           block: int | None = None, fwd_warps: int = 4) -> dict:
     op = effc.load(spec)
     rows = {}
     if hasattr(op, "sched"):  # the softmax family: its kernels at the model's tiles (--chunk, --bwd-warps unused)
@@ -49,8 +50,9 @@ def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8) -> dict:
     for kp in op.comp.plan.kernels:
         if not kp.name.startswith(only):
             continue
-        warps = bwd_warps if kp.name.startswith("bwd") else 4  # runtime.launch: the backward runs 8 warps on a GPU
-        k = compile_sm90(op, kp, chunk=chunk, num_warps=warps, num_stages=1)
+        warps = bwd_warps if kp.name.startswith("bwd") else fwd_warps  # runtime.launch: see policy.triton_faults
+        k = compile_sm90(op, kp, chunk=chunk, num_warps=warps, num_stages=1, block=block,
+                         dims={d: dim for d in op.spec.dims} if dim else None)
         rows[kp.name] = {"warps": warps, **ptxas_usage(k.asm["ptx"])}
     return rows
 
@@ -61,9 +63,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=None, help="the chunk size (default: the spec's)")
     ap.add_argument("--kernels", default="", help="only kernels whose name starts with this (e.g. bwd)")
     ap.add_argument("--bwd-warps", type=int, default=8, help="warps of the backward kernels (runtime: 8)")
+    ap.add_argument("--dim", type=int, default=None, help="every feature dim's size (default 128; any size, padded)")
+    ap.add_argument("--block", type=int, default=None, help="the split dim's block (default: 64, or the padded dim)")
+    ap.add_argument("--fwd-warps", type=int, default=4, help="warps of the forward kernels")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
-    out = {s: report(s, args.chunk, args.kernels, args.bwd_warps) for s in args.specs}
+    out = {s: report(s, args.chunk, args.kernels, args.bwd_warps, args.dim, args.block, args.fwd_warps)
+           for s in args.specs}
     if args.json:
         print(json.dumps(out))
         return

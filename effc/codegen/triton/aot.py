@@ -11,7 +11,8 @@ from triton.backends.compiler import GPUTarget
 
 
 def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_stages: int = 2,
-                 fuse_merge: bool = True, summary: bool = False, dims: dict | None = None):
+                 fuse_merge: bool = True, summary: bool = False, dims: dict | None = None,
+                 block: int | None = None):
     """The compiled kernel (`.asm["ptx"]`, `.metadata.shared`) of kernel plan `kp` of the AttentionOp `op`.
     `dims`: feature dim sizes (default 128 each); any size, padded tiles as at run time (the split dim in
     blocks of 64, or of its padded size when smaller)."""
@@ -20,7 +21,7 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
     fn = getattr(op.module, f"{op.name}_{kp.name}_kernel")
     plan = op.comp.plan
     split_size = dims[plan.split_dim] if plan.split_dim else 0
-    block = min(64, padded(split_size)) if plan.split_dim else 1
+    block = block or (min(64, padded(split_size)) if plan.split_dim else 1)
     n_split = -(-split_size // block) if plan.split_dim else 1
     whole = plan.whole_grads(n_split=n_split)  # default: the split dim 128 wide in blocks of 64
     bf16 = ({f"{d.name}_ptr" for d in kp.loads + kp.stores + kp.hoisted_loads}
