@@ -176,3 +176,57 @@ def rwkv7(r, w, k, v, kappa, a, initial_state=None):
 
 
 NAIVE.update({"mlstm_sig": mlstm_sig, "hdla": hdla, "rwkv7": rwkv7})
+
+
+def zeros(q, k, v, s, a, h, initial_state=None):
+    """ZeroS (Lu et al. 2025, arXiv:2602.05230) in its prefix-sum form, token by token: with unit q, k,
+    E_t = sum e^{s_i}, F_t = sum e^{s_i} k_i v_i^T, G_t = sum s_i k_i v_i^T, R_t = sum k_i v_i^T, P_t = sum s_i,
+    o_t = q_t^T [g^h_t F_t / E_t + beta_t G_t + gamma_t R_t], beta_t = (g^1_t - g^h_t) / t,
+    gamma_t = -(beta_t P_t + g^h_t) / t. The state (F, E, m, G, R, P, n) keeps F and E scaled by e^{-m}, m the
+    largest logit so far (0 at the start); the sums here are plain: float64 and test-sized logits."""
+    q, k = _l2norm(q.double()), _l2norm(k.double())
+    v, s = v.double(), s.double()
+    g1, gh = torch.sigmoid(a.double()), torch.sigmoid(h.double())
+    B, T, H, K = q.shape
+    if initial_state is None:
+        E = q.new_zeros(B, H)
+        F, G, R = (q.new_zeros(B, H, K, v.shape[-1]) for _ in range(3))
+        P, n, m = q.new_zeros(B, H), q.new_zeros(B, H), q.new_zeros(B, H)
+    else:
+        F, E, m, G, R, P, n = (x.double().clone() for x in initial_state)
+        F, E = F * m.exp()[..., None, None], E * m.exp()
+    out = []
+    for t in range(T):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]
+        e = s[:, t].exp()
+        E, F = E + e, F + e[..., None, None] * kv
+        G, R = G + s[:, t, :, None, None] * kv, R + kv
+        P, n, m = P + s[:, t], n + 1, torch.maximum(m, s[:, t])
+        beta = (g1[:, t] - gh[:, t]) / n
+        gamma = -(beta * P + gh[:, t]) / n
+        core = (gh[:, t] / E)[..., None, None] * F + beta[..., None, None] * G + gamma[..., None, None] * R
+        out.append(torch.einsum("bhk,bhkv->bhv", q[:, t], core))
+    out = torch.stack(out, 1) if out else v.new_zeros(B, 0, H, v.shape[-1])
+    return out, (F * (-m).exp()[..., None, None], E * (-m).exp(), m, G, R, P, n)
+
+
+def race(q, k, v, initial_state=None, scale=1.0, eps=1e-6):
+    """RACE attention (Joshi et al. 2025, arXiv:2510.04008), causal, token by token, on given soft-hash
+    probabilities q = phi(q), k = phi(k): per bucket b, S_b += phi(k)_b v, z_b += phi(k)_b;
+    o_t = sum_b phi(q_t)_b S_b / (z_b + eps)."""
+    q, k, v = (x.double() for x in (q, k, v))
+    B, T, H, K = q.shape
+    if initial_state is None:
+        S, z = q.new_zeros(B, H, K, v.shape[-1]), q.new_zeros(B, H, K)
+    else:
+        S, z = (x.double().clone() for x in initial_state)
+    out = []
+    for t in range(T):
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        z = z + k[:, t]
+        means = S / (z + eps)[..., None]  # each bucket's mean value
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], means))
+    return torch.stack(out, 1), (S, z)
+
+
+NAIVE.update({"zeros": zeros, "race": race})

@@ -116,3 +116,47 @@ NAIVE_SOFTMAX = {
     "alibi": alibi, "softcap": softcap, "forgetting_transformer": forgetting_transformer,
     "scale_invariant": scale_invariant, "gated_attention": gated_attention, "based": based,
 }
+
+
+def _heads_like(x, H):
+    """A shared (fewer-head) input repeated to H heads, as grouped heads read it."""
+    return x.double().repeat_interleave(H // x.shape[2], dim=2)
+
+
+def mla(q, qr, k, kr, v):
+    """MLA (DeepSeek-V2): one softmax over the 192-wide logit [q_nope, q_rope] . [k_nope, k_rope] / sqrt(192),
+    here the concatenation of the two parts; the RoPE key may be one head shared by all."""
+    H = q.shape[2]
+    qc = torch.cat([q.double(), qr.double()], -1)
+    kc = torch.cat([_heads_like(k, H), _heads_like(kr, H)], -1)
+    return attend(qc, kc, v, causal(q.shape[1]), scale=qc.shape[-1] ** -0.5)[0]
+
+
+def tpa(q, ak0, ak1, bk0, bk1, av0, av1, bv0, bv1):
+    """TPA (Zhang et al. 2025): K_t = (1/2) A_K^T B_K and V_t = (1/2) A_V^T B_V as explicit [H, D] matrices per
+    token (rank 2; the B factors may have one head, shared), then causal softmax attention."""
+    H = q.shape[2]
+    a_k = torch.stack([ak0, ak1], -1).double()                            # (B, T, H, R)
+    b_k = torch.stack([_heads_like(bk0, H), _heads_like(bk1, H)], -2)      # (B, T, H, R, K)
+    a_v = torch.stack([av0, av1], -1).double()
+    b_v = torch.stack([_heads_like(bv0, H), _heads_like(bv1, H)], -2)
+    k = torch.einsum("bthr,bthrd->bthd", a_k, b_k) / 2
+    v = torch.einsum("bthr,bthrd->bthd", a_v, b_v) / 2
+    return attend(q, k, v, causal(q.shape[1]))[0]
+
+
+def rope_pp(qa, qb, ka, kb, v):
+    """RoPE++ (Liu et al. 2025): the complex logit z = sum_c q_c conj(k_c) of the rotated halves as complex
+    numbers; real heads softmax Re z, imaginary heads Im z (scale (2K)^-1/2, the full head dim)."""
+    qc = torch.complex(qa.double(), qb.double())
+    kc = torch.complex(ka.double(), kb.double())
+    z = torch.einsum("bihd,bjhd->bhij", qc, kc.conj()) * (2 * qa.shape[-1]) ** -0.5
+    mask = causal(qa.shape[1])
+    outs = []
+    for logits in (z.real, z.imag):
+        p = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+        outs.append(torch.einsum("bhij,bjhd->bihd", p, v.double()))
+    return tuple(outs)
+
+
+NAIVE_SOFTMAX.update({"mla": mla, "tpa": tpa, "rope_pp": rope_pp})

@@ -21,7 +21,7 @@ from effc.runtime.verify import judge_fp32, max_err, random_inputs
 from naive_softmax import NAIVE_SOFTMAX, attend, positions
 
 SOFTMAX = effc.library_names("softmax")
-DIMS = {"K": 16, "V": 16}
+DIMS = {"K": 16, "V": 16, "R": 8}  # R: mla's RoPE part
 # params that make the masks bite at test lengths (the library defaults suit long sequences)
 SMALL = {"sliding_window": {"window": 20}, "based": {"window": 6}, "softcap": {"cap": 2.0}, "scale_invariant": {"tau": 3.0}}
 
@@ -48,17 +48,21 @@ def test_forward_and_backward(name):
     op = effc.load(name)
     params = SMALL.get(name, {})
     xs = [x.requires_grad_() for x in _inputs(op, 2, 45, 2)]
-    o, none = op(*xs, chunk=16, **params)
+    outs, none = op(*xs, chunk=16, **params)
     assert none is None
-    ref, _ = op.reference(*[x.detach() for x in xs], **params)
-    naive = _naive(name, [x.detach() for x in xs], params)
-    assert judge_fp32(o, ref).ok, judge_fp32(o, ref)
-    assert judge_fp32(o, naive).ok, judge_fp32(o, naive)
-    assert max_err(ref, naive) < 1e-10 * max(1.0, naive.abs().max().item())  # the oracle is exact
-    g = torch.randn_like(o)
-    grads = torch.autograd.grad(o, xs, g)
+    refs, _ = op.reference(*[x.detach() for x in xs], **params)
+    naives = _naive(name, [x.detach() for x in xs], params)
+    outs, refs, naives = (x if isinstance(x, tuple) else (x,) for x in (outs, refs, naives))  # rope_pp: two
+    for o, ref, naive in zip(outs, refs, naives, strict=True):
+        assert judge_fp32(o, ref).ok, judge_fp32(o, ref)
+        assert judge_fp32(o, naive).ok, judge_fp32(o, naive)
+        assert max_err(ref, naive) < 1e-10 * max(1.0, naive.abs().max().item())  # the oracle is exact
+    g = tuple(torch.randn_like(o) for o in outs)
+    grads = torch.autograd.grad(outs, xs, g)
     leaves = [x.detach().double().requires_grad_() for x in xs]
-    naive_grads = torch.autograd.grad(_naive(name, leaves, params), leaves, g.double())
+    naive_outs = _naive(name, leaves, params)
+    naive_outs = naive_outs if isinstance(naive_outs, tuple) else (naive_outs,)
+    naive_grads = torch.autograd.grad(naive_outs, leaves, tuple(x.double() for x in g))
     for d, a, b in zip(op.spec.inputs, grads, naive_grads):
         assert judge_fp32(a, b).ok, f"d{d.name}: {judge_fp32(a, b)}"
 

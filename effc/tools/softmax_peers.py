@@ -118,6 +118,45 @@ def _sum(*builds):
     return build
 
 
+def _formed(form):
+    """SDPA (flash) causal on q, k, v formed on the host by form(xs) -> (q, k, v) (mla: the two logit parts
+    concatenated; tpa: keys and values from their factors); the forming is timed with the attention."""
+    def build(xs, params):
+        def run():
+            q, k, v = (x.transpose(1, 2) for x in form(xs))
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=params.get("scale"))
+            return o.transpose(1, 2)
+        return run
+    return build
+
+
+def _shared(x, H):
+    return x.expand(-1, -1, H, -1) if x.shape[2] == 1 else x
+
+
+def _mla_form(xs):
+    q, qr, k, kr, v = xs
+    H = q.shape[2]
+    return torch.cat([q, qr], -1), torch.cat([_shared(k, H), _shared(kr, H)], -1), v
+
+
+def _tpa_form(xs):
+    q, ak0, ak1, bk0, bk1, av0, av1, bv0, bv1 = xs
+    H = q.shape[2]
+    k = (ak0[..., None] * _shared(bk0, H) + ak1[..., None] * _shared(bk1, H)) * 0.5
+    v = (av0[..., None] * _shared(bv0, H) + av1[..., None] * _shared(bv1, H)) * 0.5
+    return q, k, v
+
+
+def _rope_pp(xs, params):
+    """RoPE++'s real and imaginary heads as two SDPA calls on [qa, qb] and [qb, -qa] against [ka, kb],
+    the outputs side by side on the feature axis (effc's two outputs are compared the same way)."""
+    qa, qb, ka, kb, v = xs
+    real = _formed(lambda x: (torch.cat([qa, qb], -1), torch.cat([ka, kb], -1), v))(xs, params)
+    imag = _formed(lambda x: (torch.cat([qb, -qa], -1), torch.cat([ka, kb], -1), v))(xs, params)
+    return lambda: torch.cat([real(), imag()], -1)
+
+
 _QKV = ("q", "k", "v")
 PEERS_SOFTMAX = {
     "softmax_attn": [("torch SDPA causal (flash)", _QKV, _sdpa(True)),
@@ -133,4 +172,8 @@ PEERS_SOFTMAX = {
                         ("FlexAttention causal + gate", _QKV + ("g",), _flex(mask_for=_causal, gate=True))],
     "based": [("FlexAttention Taylor + window 64", _QKV,
                _sum(_flex(_taylor, _causal), _flex(mask_for=lambda p: _window({"window": p.get("window", 64)}))))],
+    "mla": [("torch SDPA causal (flash), nope|rope concatenated", ("q", "qr", "k", "kr", "v"), _formed(_mla_form))],
+    "tpa": [("torch SDPA causal (flash), K and V formed from factors",
+             ("q", "ak0", "ak1", "bk0", "bk1", "av0", "av1", "bv0", "bv1"), _formed(_tpa_form))],
+    "rope_pp": [("torch SDPA causal (flash) x2, real and imaginary", ("qa", "qb", "ka", "kb", "v"), _rope_pp)],
 }
