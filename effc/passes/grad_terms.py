@@ -18,8 +18,9 @@ from dataclasses import replace
 import sympy
 
 from ..ir.nodes import C, Op, Spec, TileType, dim
-from .autodiff import Adjoints, linear_arg, split_once
+from .autodiff import linear_arg, split_once
 from .fusion import Fused, FusedKernel, depends, live_ops, needed
+from .vjp_rules import Adjoints
 
 # A value whose split would give more terms than this stays one term. The terms of a value are its paths
 # through the ops linear in the adjoint, so they can grow exponentially with the depth of a DAG of shared

@@ -8,7 +8,7 @@ With P = softmax(s) over the kept keys and reductions R_r = P @ X_r, an output's
     dX_r = P^T @ dR_r
 
 and ds flows back through the score's pair ops (score modifiers, masks) to the query-side and
-key-side values with the rules of passes.score_grad. Three kernels:
+key-side values with the rules of passes.vjp_rules. Three kernels:
 
 - `bwd_pre`: per query block, the epilogue VJP: dR_r, D and the epilogue's query-input gradients;
 - `bwd_dq`: per query block, walk the visible key blocks; accumulate the adjoints of query-side
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from ..ir.nodes import C, Op, TileType
 from ..ir.printer import print_op
 from .fusion import live_ops
-from .score_grad import Builder, backprop
 from .softmax import SoftmaxSchedule, softmax_op_type
+from .vjp_rules import Adjoints, backprop
 
 SEED = "_seed_"  # + output name: the incoming gradient of an output tile
 
@@ -122,10 +122,11 @@ def differentiate_softmax(sched: SoftmaxSchedule) -> SoftmaxBackward:
     lses = {x: gi for gi, g in enumerate(sched.groups) for x in g.lse}
 
     # ---- preprocess: the epilogue's VJP ------------------------------------------------------------
-    b = Builder(base_types, softmax_op_type, "_e")
-    grads = {o.name: SEED + o.name for o in spec.outputs}
+    b = Adjoints(base_types, "_e", softmax_op_type)
+    grads = b.grad
+    grads.update({o.name: SEED + o.name for o in spec.outputs})
     fwd = sched.c_ops + sched.q_ops + sched.post_ops
-    backprop(b, fwd, grads, lambda x: x in diff or x in reduced or x in lses)
+    backprop(b, fwd, lambda x: x in diff or x in reduced or x in lses)
     d_red = tuple((r.out, grads.get(r.out)) for g in sched.groups for r in g.reductions)
     d_group = []
     for gi, g in enumerate(sched.groups):
@@ -151,8 +152,8 @@ def differentiate_softmax(sched: SoftmaxSchedule) -> SoftmaxBackward:
     def walk(name: str, outer: str) -> BwdKernel:
         outer_ops = sched.c_ops + (sched.q_ops if outer == "Q" else sched.k_ops)
         loop_fwd = (sched.k_ops if outer == "Q" else sched.q_ops) + sched.p_ops
-        b = Builder(base_types, softmax_op_type, "_b")
-        grads: dict[str, str] = {}
+        b = Adjoints(base_types, "_b", softmax_op_type)
+        grads = b.grad
         for gi, g in enumerate(sched.groups):
             dp = None
             for r in g.reductions:
@@ -160,22 +161,22 @@ def differentiate_softmax(sched: SoftmaxSchedule) -> SoftmaxBackward:
                 dp = term if dp is None else b.emit("add", dp, term)
             centred = b.emit("neg", b.emit("expand", dd_name(gi), 0.0, 1.0)) if dp is None else \
                 b.emit("sub", dp, b.emit("expand", dd_name(gi), 0.0, 1.0))
-            b.accumulate(grads, g.score, b.emit("mul", p_name(gi), centred))
+            b.add(g.score, b.emit("mul", p_name(gi), centred))
             if outer == "K":
                 for r in g.reductions:
                     if r.x in diff:
-                        b.accumulate(grads, r.x, b.emit("matmul", b.emit("transpose", p_name(gi)), dr_name(r.out)))
-        backprop(b, sched.p_ops, grads,
-                 lambda x: x in diff and sides.get(x) in ("P", outer) and x not in leaves)
+                        b.add(r.x, b.emit("matmul", b.emit("transpose", p_name(gi)), dr_name(r.out)))
+        backprop(b, sched.p_ops, lambda x: x in diff and sides.get(x) in ("P", outer) and x not in leaves)
         # the adjoints that leave the walk: outer-side values read by pair (or reduction) ops
         acc = tuple((x, grads[x]) for x in grads if sides.get(x) == outer and x in diff and x not in leaves)
         loop_vjp = live_ops(tuple(b.ops), tuple(c for _, c in acc))
         acc = tuple((x, c) for x, c in acc if any(op.out == c for op in loop_vjp) or c in base_types)
         # after the walk: through the outer-side ops to the leaves
-        pb = Builder({**b.types, **{acc_name(x): b.types[x] for x, _ in acc}}, softmax_op_type, "_a")
-        pgrads = {x: acc_name(x) for x, _ in acc}
+        pb = Adjoints({**b.types, **{acc_name(x): b.types[x] for x, _ in acc}}, "_a", softmax_op_type)
+        pgrads = pb.grad
+        pgrads.update({x: acc_name(x) for x, _ in acc})
         sinks = {op.out: op.args[0] for op in outer_ops if op.kind in ("query", "key")}
-        backprop(pb, outer_ops, pgrads, lambda x: x in diff and x not in leaves)
+        backprop(pb, outer_ops, lambda x: x in diff and x not in leaves)
         per_leaf: dict[str, str] = {}
         for y, leaf in sinks.items():
             g = pgrads.get(y)
