@@ -9,6 +9,7 @@ from ...passes.plan import KernelPlan, Plan
 from ...version import __version__
 from .. import template
 from .printer import TritonPrinter, feature_mask
+from .signature import LINEAR_LAYOUT, signature
 
 
 def _axes(n: int, i: int) -> str:
@@ -56,6 +57,7 @@ def _token_offsets(d: TensorDecl, heads: str = "H", base: str = "bos + tok",
 class _KernelView:
     fn: str
     plan: KernelPlan
+    signature: str  # from the plan's arguments (codegen.triton.signature)
     body: list[str]
     tok_offs: dict[str, str]
     tok_mask: dict[str, str]
@@ -157,7 +159,7 @@ def emit_module(plan: Plan) -> str:
         # is resolved when Triton compiles, and names it defines stay in scope
         optional = set(plan.merge_only()) if kp.name == "walk" else set()
         view = _KernelView(
-            fn=kernel_name(spec.name, kp.name), plan=kp,
+            fn=kernel_name(spec.name, kp.name), plan=kp, signature=signature(kp.args, LINEAR_LAYOUT),
             body=[("if FUSE_MERGE: " if op.out in optional else "") + f"v_{op.out} = {printer.expr(op)}"
                   for op in kp.ops],
             merge_flag=kp.name == "walk" and plan.deferrable,
