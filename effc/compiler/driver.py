@@ -77,7 +77,7 @@ class Compilation:
                 raise NotImplementedError(f"backend '{backend}' is not implemented for the softmax family yet; "
                                           "available: triton")
             from ..codegen.triton.softmax_emit import emit_softmax_module
-            return emit_softmax_module(self.legality, self.backward)
+            return emit_softmax_module(self.plan)
         if backend == "tilelang":
             from ..codegen.tilelang import emit_module as emit_tilelang
             return emit_tilelang(self.plan)

@@ -22,12 +22,7 @@ from ..passes.reverse_scan import split_reverse_scan
 from ..passes.shapes import infer_shapes
 from ..passes.softmax import analyze_softmax, infer_softmax_shapes, softmax_value_types
 from ..passes.softmax_bwd import differentiate_softmax
-from ..passes.softmax_plan import (
-    SOFTMAX_KERNELS,
-    HybridPlan,
-    HybridSchedule,
-    SoftmaxPlan,
-)
+from ..passes.softmax_plan import HybridPlan, HybridSchedule, softmax_plan
 
 
 @dataclass(frozen=True)
@@ -68,7 +63,7 @@ FAMILIES = {f.name: f for f in (
            typed=lambda c: infer_softmax_shapes(c.ir),
            legality=lambda c: analyze_softmax(c.typed),
            backward=lambda c: differentiate_softmax(c.legality),
-           fused=lambda c: SoftmaxPlan(c.typed, SOFTMAX_KERNELS, c.legality, c.backward),
+           fused=lambda c: softmax_plan(c.typed, c.legality, c.backward),
            plan=lambda c: c.fused),
     # a hybrid compiles as its two branches (passes.hybrid), each a spec of one family
     Family("hybrid", "hybrid: online softmax (FlashAttention-2) for the score branch + chunked-state scan",

@@ -8,6 +8,7 @@ from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
 from .block_loop import BlockLoop, choose
 from .fusion import Fused, needed, seed_gradients
+from .kernel_plan import Kernel, KernelArg, kernel_args
 from .legality import Legality
 from .shapes import value_types
 from .transpose_sink import sink_transposes
@@ -22,14 +23,13 @@ class StatePlan:
 
 
 @dataclass(frozen=True)
-class KernelPlan:
-    name: str  # walk | summary
-    loads: tuple[TensorDecl, ...]  # inputs read per chunk
+class KernelPlan(Kernel):
+    """A chunked-scan kernel (role: prep, walk, summary, out, bwd_inject, bwd_scan, bwd_chunks); `loads` are
+    the inputs it reads per chunk, `stores` the outputs (prep: the hoisted values) it writes per chunk."""
+
     ops: tuple[Op, ...]
-    stores: tuple[TensorDecl, ...]  # outputs written per chunk
     states: tuple[StatePlan, ...]
     params: tuple[str, ...]
-    grid: str
     grads: tuple[tuple[TensorDecl, str | None], ...] = ()  # backward: input -> its gradient value
     state_grads: tuple[tuple[str, str | None], ...] = ()  # backward: state -> adjoint entering the chunk
     leaf_types: tuple = ()  # types of values the kernel reads but no op defines (the backward's seeds)
@@ -135,6 +135,33 @@ def _used(ops, names) -> tuple[str, ...]:
     return tuple(n for n in names if n in read)
 
 
+# each state's buffers, by role: the walk also reads the initial state and writes the final one and the history
+_STATE_BUFFERS = {"walk": ("init", "final", "hist", "segw", "segd"), "summary": ("segw", "segd"), "out": ("hist",),
+                  "bwd_inject": ("hist",), "bwd_scan": ("hist", "dhist", "dfinal", "dinit", "segw", "segd"),
+                  "bwd_chunks": ("hist", "dhist"), "prep": ()}
+_FLAGS = {"walk": ("HAS_INIT", "STORE_FINAL", "STORE_HISTORY"), "summary": ("HAS_INIT", "STORE_FINAL", "STORE_HISTORY"),
+          "bwd_scan": ("HAS_DFINAL", "SUMMARY")}
+
+
+def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, grads, injected,
+          merge_flag: bool) -> tuple[KernelArg, ...]:
+    """A kernel's signature (codegen/triton/kernels.py.j2 reads these names; runtime.launch supplies them):
+    its tensors, the spec parameters it reads, the call's layout, then the constexprs."""
+    backward = role.startswith("bwd")
+    tensors = ([f"{d.name}_ptr" for d in loads + hoisted_loads]
+               + [f"{o.name}_ptr" for o in stores if not backward]
+               + [f"{o.name}_grad_ptr" for o in spec.outputs if backward]
+               + [f"{x.name}_dx_ptr" for x, _ in grads if role == "bwd_chunks"]
+               + [f"{s.name}_{b}_ptr" for s in states for b in _STATE_BUFFERS[role]]
+               + [f"{s}_inj_ptr" for s, _ in injected])
+    return (kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])
+            + kernel_args("layout", ("T", "chunks_per_seg", "n_segments", "T_total", "n_bh", "cu_ptr", "chunk_off_ptr"))
+            + kernel_args("shape", ["H"] + [f"HX_{d.name}" for d in loads]
+                          + [n for d in spec.dims for n in (d, f"{d}_P")])
+            + kernel_args("tile", ("C", "BLOCK")) + kernel_args("option", ("IS_VARLEN", "DOT_DTYPE", "PRECISION"))
+            + kernel_args("flag", _FLAGS.get(role, ()) + (("FUSE_MERGE",) if merge_flag else ())))
+
+
 def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     decays = {t.state: t.decay for t in legality.transitions}
     split = legality.split_dims[0] if legality.split_dims else None
@@ -176,6 +203,10 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
             loop = choose(ops, {**types, **{op.out: op.type for op in ops}}, split)  # as KernelPlan.types
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
-        kernels.append(KernelPlan(fk.name, loads, ops, stores, states, params, grid, grads, state_grads, leaves,
-                                  reads, inject, loop))
+        role = "bwd_chunks" if fk.name.startswith("bwd_chunks") else fk.name
+        args = _args(spec, role, loads, reads, stores, states, params, grads, inject,
+                     merge_flag=fk.name == "walk" and any(k.name == "out" for k in fused.kernels))
+        kernels.append(KernelPlan(name=fk.name, role=role, loads=loads, stores=stores, grid=grid, args=args, ops=ops,
+                                  states=states, params=params, grads=grads, state_grads=state_grads,
+                                  leaf_types=leaves, hoisted_loads=reads, injected=inject, block_loop=loop))
     return Plan(spec, split, tuple(kernels), seed_gradients(spec, backward) if backward else ())

@@ -3,18 +3,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.nodes import Spec
+from ..ir.nodes import Spec, TensorDecl
 from ..ir.printer import print_op
+from .blocksparse import NEG, POS
 from .hybrid import HybridSplit
+from .kernel_plan import Kernel, kernel_args, unique_args
 from .softmax import SoftmaxSchedule
 from .softmax_bwd import SoftmaxBackward
 
 
 @dataclass(frozen=True)
-class SoftmaxKernel:
-    name: str
-    stages: tuple[str, ...]
-    what: str
+class SoftmaxKernel(Kernel):
+    """A kernel of the online-softmax walk: one program per query block (outer q) or key block (outer k)
+    walks the other side's blocks. `loads` are the leaves it reads (inputs and prefix values), each loaded per
+    query block (`query_loads`), per key block (`key_loads`) or both."""
+
+    stages: tuple[str, ...] = ()
+    what: str = ""
+    outer: str = "q"
+    walk: bool = True  # walks the other side's blocks (bwd_pre does not: one pass per query block)
+    query_loads: tuple[str, ...] = ()
+    key_loads: tuple[str, ...] = ()
     ops: tuple = ()  # the linear family's per-chunk op list; FLOPs of this family: SoftmaxOp.flops
 
 
@@ -31,7 +40,13 @@ class SoftmaxPlan:
 
     def __str__(self) -> str:
         lines = [f"plan {self.spec.name}: online softmax, {len(self.kernels)} kernels"]
-        lines += [f"  kernel {k.name} [{' + '.join(k.stages)}]: {k.what}" for k in self.kernels]
+        side = {"q": "query", "k": "key"}
+        for k in self.kernels:
+            loads = {"q": k.query_loads, "k": k.key_loads}
+            per = [f"per {side[s]} block: load {', '.join(loads[s]) or '-'}"
+                   for s in (k.outer, _OTHER[k.outer])[:2 if k.walk else 1]]
+            lines += [f"  kernel {k.name} [{' + '.join(k.stages)}]: grid {k.grid}: {k.what}",
+                      f"    {'; '.join(per)}; store {', '.join(d.name for d in k.stores) or '-'}"]
         lines += ["  prefix (PyTorch pre-pass over whole sequences, differentiated by autograd):"
                   if self.spec.prefix.ops else "  prefix: none"]
         lines += [f"    {print_op(op)}" for op in self.spec.prefix.ops]
@@ -39,15 +54,104 @@ class SoftmaxPlan:
         return "\n".join(lines)
 
 
+_OTHER = {"q": "k", "k": "q"}
+# name, role, stages, the program's side, what it does
 SOFTMAX_KERNELS = (
-    SoftmaxKernel("fwd", ("score", "merge"), "grid (query blocks, B*H): walk the visible key blocks with a running "
-                  "(max, sum, acc); the epilogue (normalise, merge ops) fused; saves the log-sum-exp"),
-    SoftmaxKernel("bwd_pre", ("merge",), "grid (query blocks, B*H): the epilogue's VJP: dR, D = rowsum(dR * R) - dlse"),
-    SoftmaxKernel("bwd_dq", ("score", "merge"), "grid (query blocks, B*H): walk the visible key blocks, recompute P "
-                  "from the log-sum-exp, accumulate the query-side adjoints"),
-    SoftmaxKernel("bwd_dkv", ("score", "merge"), "grid (key blocks, B*H): walk the query blocks that see the key "
-                  "block, accumulate the key-side adjoints and P^T dR"),
+    ("fwd", "walk", ("score", "merge"), "q", "walk the visible key blocks with a running (max, sum, acc); the "
+     "epilogue (normalise, merge ops) fused; saves the log-sum-exp"),
+    ("bwd_pre", "bwd_pre", ("merge",), "q", "the epilogue's VJP: dR, D = rowsum(dR * R) - dlse"),
+    ("bwd_dq", "bwd_walk", ("score", "merge"), "q", "walk the visible key blocks, recompute P from the "
+     "log-sum-exp, accumulate the query-side adjoints"),
+    ("bwd_dkv", "bwd_walk", ("score", "merge"), "k", "walk the query blocks that see the key block, accumulate "
+     "the key-side adjoints and P^T dR"),
 )
+# the signature's fixed part (codegen/triton/softmax.py.j2 reads these names)
+_LAYOUT = ("T", "cu_ptr")
+_TILES = ("BM", "BN")
+_OPTIONS = ("IS_VARLEN", "DOT_DTYPE", "PRECISION")
+_FLAGS = ("SAVE",)
+
+
+def _kernel_ops(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple:
+    """Every op a kernel prints (codegen/triton/softmax_emit.py)."""
+    if name == "fwd":
+        return sched.c_ops + sched.q_ops + sched.k_ops + sched.p_ops + sched.post_ops
+    kp = {"bwd_pre": bwd.pre, "bwd_dq": bwd.dq, "bwd_dkv": bwd.dkv}[name]
+    return kp.outer_ops + kp.loop_fwd + kp.loop_vjp + kp.post_vjp
+
+
+def _leaf_sides(sched: SoftmaxSchedule, ops) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The leaves the ops read per query block and per key block: query(x) and key(x) say which; a leaf
+    read directly (the epilogue's per-token values) is read per query block."""
+    leaves = set(sched.leaves)
+    q, k = set(), set()
+    for op in ops:
+        if op.kind in ("query", "key"):
+            (q if op.kind == "query" else k).add(op.args[0])
+            continue
+        n_args = 1 if op.kind == "expand" else len(op.args)
+        q |= {a for a in op.args[:n_args] if isinstance(a, str) and a in leaves}
+    return tuple(x for x in sched.leaves if x in q), tuple(x for x in sched.leaves if x in k)
+
+
+def _params_read(sched: SoftmaxSchedule, ops, walk: bool, outer: str) -> tuple[str, ...]:
+    """The spec parameters a kernel reads: in its ops, the score's folded scale (walks) and the walk's block
+    bounds (the masks' ranges)."""
+    names = {a for op in ops for a in op.args if isinstance(a, str)}
+    if walk:
+        names |= {g.fold[1] for g in sched.groups if g.fold is not None and isinstance(g.fold[1], str)}
+        r = sched.sparsity.keys if outer == "q" else sched.sparsity.queries
+        bounds = [x for x, unbounded in ((r.lo, NEG), (r.hi, POS)) if x != unbounded]
+        if r.has_full:
+            bounds += [x for x, unbounded in ((r.flo, NEG), (r.fhi, POS)) if x != unbounded]
+        names |= {s.name[2:] for x in bounds for s in x.free_symbols if s.name.startswith("p_")}
+    return tuple(p.name for p in sched.spec.params if p.name in names)
+
+
+def _buffers(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple[str, ...]:
+    """The pointer arguments after the leaves: outputs, saved statistics, cotangents and gradients."""
+    spec = sched.spec
+    outputs = [o.name for o in spec.outputs]
+    saved = lambda g: [f"{r.out}_save_ptr" for r in g.reductions if r.out not in outputs]
+    if name == "fwd":
+        return tuple([f"{o}_ptr" for o in outputs]
+                     + [p for gi, g in enumerate(sched.groups) for p in [f"lse{gi}_ptr"] + saved(g)])
+    if name == "bwd_pre":
+        return tuple([f"{o}_grad_ptr" for o in outputs]
+                     + [p for gi, g in enumerate(sched.groups) for p in [f"lse{gi}_ptr"] + saved(g)]
+                     + [f"{o}_ptr" for o in outputs] + [f"{r}_dr_ptr" for r, _ in bwd.d_reduction]
+                     + [f"D{gi}_ptr" for gi in range(len(bwd.d_group))] + [f"{x}_dpre_ptr" for x, _ in bwd.pre.leaf_grads])
+    kp, outer = (bwd.dq, "q") if name == "bwd_dq" else (bwd.dkv, "k")
+    return tuple([p for gi, g in enumerate(sched.groups)
+                   for p in [f"lse{gi}_ptr", f"D{gi}_ptr"] + [f"{r.out}_dr_ptr" for r in g.reductions]]
+                  + [f"{x}_d{outer}_ptr" for x, _ in kp.leaf_grads])
+
+
+def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
+    """An input's declaration, or a prefix value's: per token, its feature dims from its tile type."""
+    decl = next((d for d in sched.spec.inputs if d.name == x), None)
+    return decl or TensorDecl(x, "prefix", ("B", "T", "H") + tuple(str(d) for d in sched.types[x].shape[1:]))
+
+
+def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> SoftmaxPlan:
+    leaf_dims = sorted({str(d) for x in sched.leaves for d in sched.types[x].shape[1:]})
+    kernels = []
+    for name, role, stages, outer, what in SOFTMAX_KERNELS:
+        ops = _kernel_ops(sched, bwd, name)
+        q, k = _leaf_sides(sched, ops)
+        read = tuple(x for x in sched.leaves if x in q or x in k)
+        params = _params_read(sched, ops, name != "bwd_pre", outer)
+        args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + list(_buffers(sched, bwd, name)))
+                           + kernel_args("param", [f"p_{p}" for p in params])) \
+            + kernel_args("layout", _LAYOUT) \
+            + kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [n for d in leaf_dims for n in (d, f"{d}_P")]) \
+            + kernel_args("tile", _TILES) + kernel_args("option", _OPTIONS) + kernel_args("flag", _FLAGS)
+        kernels.append(SoftmaxKernel(
+            name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),
+            stores=tuple(spec.outputs) if name == "fwd" else (),
+            grid="(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)", args=args,
+            stages=stages, what=what, outer=outer, walk=role != "bwd_pre", query_loads=q, key_loads=k))
+    return SoftmaxPlan(spec, tuple(kernels), sched, bwd)
 
 
 @dataclass(frozen=True)

@@ -68,24 +68,35 @@ class Launcher:
     def _fn(self, kernel: str):
         return getattr(self.module, f"{self.spec.name}_{kernel}_kernel")
 
-    def _meta(self, cfg: TileConfig, lay: Layout, dtype, kernel) -> dict:
+    def _launch(self, kp, grid: tuple, values: dict, options: dict) -> None:
+        """Launch kernel `kp` with its plan's arguments (KernelPlan.args), each picked from `values` by name."""
+        self._fn(kp.name)[grid](**kp.call(values), **options)
+
+    @staticmethod
+    def _options(cfg: TileConfig) -> dict:
+        return {} if interpreting() else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def _values(self, cfg: TileConfig, lay: Layout, dtype, pvals: dict, per_seg: int, P: int, dummy) -> dict:
+        """What every kernel of a call may take besides its tensors: the spec's parameters, the call's layout and
+        the constexprs (each kernel's plan names the ones it takes)."""
         import triton.language as tl
 
         interp = interpreting()
-        # each feature dim's real size and its padded tile size (codegen masks the columns past the real one)
-        meta = dict(H=lay.H, **{f"HX_{d.name}": lay.heads[d.name] for d in kernel.loads}, **lay.dims,
-                    **{f"{n}_P": padded(v) for n, v in lay.dims.items()},
-                    C=cfg.chunk, BLOCK=cfg.block if self.plan.split_dim else 1, IS_VARLEN=lay.cu is not None,
-                    DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
-                    PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32")
-        if not interp:
-            meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        return meta
+        return {**{f"p_{p}": v for p, v in pvals.items()},
+                "T": lay.T, "chunks_per_seg": per_seg, "n_segments": P, "T_total": lay.tokens,
+                "n_bh": lay.n_seq * lay.H, "cu_ptr": lay.cu if lay.cu is not None else dummy,
+                "chunk_off_ptr": lay.chunk_off if lay.chunk_off is not None else dummy,
+                # each feature dim's real size and its padded tile size (codegen masks the columns past the real one)
+                "H": lay.H, **{f"HX_{x}": h for x, h in lay.heads.items()}, **lay.dims,
+                **{f"{n}_P": padded(v) for n, v in lay.dims.items()},
+                "C": cfg.chunk, "BLOCK": cfg.block if self.plan.split_dim else 1, "IS_VARLEN": lay.cu is not None,
+                "DOT_DTYPE": getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
+                "PRECISION": "ieee" if (interp or dtype == torch.float32) else "tf32"}
 
-    def _common(self, cfg: TileConfig, lay: Layout, per_seg: int, P: int, dummy) -> list:
-        cu = lay.cu if lay.cu is not None else dummy
-        off = lay.chunk_off if lay.chunk_off is not None else dummy
-        return [lay.T, per_seg, P, lay.tokens, lay.n_seq * lay.H, cu, off]
+    @staticmethod
+    def _buffers(kind: str, per_state: dict) -> dict:
+        """Each state's buffer of one kind under its argument name (`S_hist_ptr`, ...)."""
+        return {f"{s}_{kind}_ptr": t for s, t in per_state.items()}
 
     def _n_split(self, cfg: TileConfig, lay: Layout) -> int:
         return split_blocks(lay.dims[self.plan.split_dim], cfg.block) if self.plan.split_dim else 1
@@ -97,8 +108,9 @@ class Launcher:
         return math.ceil(max_chunks / per_seg), per_seg
 
     @staticmethod
-    def _loads(kp, xs: dict, hoisted: dict) -> list:
-        return [xs[d.name] for d in kp.loads] + [hoisted[d.name] for d in kp.hoisted_loads]
+    def _loads(kp, xs: dict, hoisted: dict) -> dict:
+        return {**{f"{d.name}_ptr": xs[d.name] for d in kp.loads},
+                **{f"{d.name}_ptr": hoisted[d.name] for d in kp.hoisted_loads}}
 
     def _state_shape(self, lay: Layout, s) -> tuple:
         return tuple(lay.dims[n] for n in s.dims)
@@ -116,12 +128,11 @@ class Launcher:
                                     device=first.device) for d in self.plan.hoisted}
         kp = self.plan.kernel("prep")
         dummy = torch.empty(1, dtype=torch.float32, device=first.device)
-        args = ([xs[d.name] for d in kp.loads] + [bufs[d.name] for d in kp.stores] + [pvals[p] for p in kp.params]
-                + self._common(cfg, lay, 1, 1, dummy))
-        meta = self._meta(cfg, lay, first.dtype, kp)
+        values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(kp, xs, {}),
+                  **{f"{d.name}_ptr": bufs[d.name] for d in kp.stores}}
         if self.plan.split_dim:
-            meta["BLOCK"] = padded(lay.dims[self.plan.split_dim])  # whole tiles: prep is not split
-        self._fn("prep")[(1, lay.n_seq * lay.H, max_chunks)](*args, **meta)
+            values["BLOCK"] = padded(lay.dims[self.plan.split_dim])  # whole tiles: prep is not split
+        self._launch(kp, (1, lay.n_seq * lay.H, max_chunks), values, self._options(cfg))
         return bufs
 
     def forward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, init: dict, store_final: bool,
@@ -152,25 +163,23 @@ class Launcher:
         for kp in self.plan.kernels:
             if kp.name.startswith("bwd") or kp.name in ("prep", "out") or (kp.name == "summary" and P == 1):
                 continue
-            args = self._loads(kp, xs, hoisted) + [outs[o.name] for o in kp.stores]
-            for s in kp.states:
-                if kp.name == "walk":
-                    args += [init.get(s.name, dummy), finals[s.name], hist[s.name]]
-                args += [segw[s.name], segd[s.name]]
-            args += [pvals[p] for p in kp.params] + self._common(cfg, lay, per_seg, P, dummy)
+            values = {**self._values(cfg, lay, dtype, pvals, per_seg, P, dummy), **self._loads(kp, xs, hoisted),
+                      **{f"{o.name}_ptr": outs[o.name] for o in kp.stores},
+                      **self._buffers("init", {s.name: init.get(s.name, dummy) for s in kp.states}),
+                      **self._buffers("final", finals), **self._buffers("hist", hist),
+                      **self._buffers("segw", segw), **self._buffers("segd", segd),
+                      "HAS_INIT": bool(init), "STORE_FINAL": store_final, "STORE_HISTORY": write_history,
+                      "FUSE_MERGE": not cfg.defer_merge}
             grid = (n_split, n_bh, P if kp.name == "walk" else P - 1)
-            flags = {"FUSE_MERGE": not cfg.defer_merge} if kp.name == "walk" and self.plan.deferrable else {}
-            self._fn(kp.name)[grid](*args, **self._meta(cfg, lay, dtype, kp), HAS_INIT=bool(init),
-                                    STORE_FINAL=store_final, STORE_HISTORY=write_history, **flags)
+            self._launch(kp, grid, values, self._options(cfg))
         if out_kernel is not None:
-            args = (self._loads(out_kernel, xs, hoisted) + [outs[o.name] for o in out_kernel.stores]
-                    + [hist[s.name] for s in out_kernel.states] + [pvals[p] for p in out_kernel.params]
-                    + self._common(cfg, lay, 1, 1, dummy))
-            self._fn("out")[(n_split, n_bh, max_chunks)](*args, **self._meta(cfg, lay, dtype, out_kernel))
+            values = {**self._values(cfg, lay, dtype, pvals, 1, 1, dummy), **self._loads(out_kernel, xs, hoisted),
+                      **{f"{o.name}_ptr": outs[o.name] for o in out_kernel.stores}, **self._buffers("hist", hist)}
+            self._launch(out_kernel, (n_split, n_bh, max_chunks), values, self._options(cfg))
         return outs, (finals if store_final else {}), (hist if store_history else {})
 
     def _reverse_scan(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hoisted: dict, hist: dict,
-                      dhist: dict, d_o: list, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
+                      dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
         """Fills `dhist` (each chunk's leaving-state adjoints) and `dinit`. Its scratch (the injected terms,
         the segment summaries) is freed on return."""
         first = xs[self.spec.inputs[0].name]
@@ -184,25 +193,24 @@ class Launcher:
         inj = {s: torch.empty(dhist[s].shape, **f32) for s, _ in scan.injected}
         if inj:
             kp = self.plan.kernel("bwd_inject")
-            args = (self._loads(kp, xs, hoisted) + d_o + [hist[s.name] for s in kp.states]
-                    + [inj[s] for s, _ in kp.injected] + [pvals[p] for p in kp.params]
-                    + self._common(cfg, lay, 1, 1, dummy))
-            self._fn("bwd_inject")[(n_split, n_bh, max_chunks)](
-                *args, **{**self._meta(cfg, lay, first.dtype, kp), **bwd_warps})
+            values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(kp, xs, hoisted), **d_o,
+                      **self._buffers("hist", hist), **self._buffers("inj", inj)}
+            self._launch(kp, (n_split, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps})
         # a diagonal transition's reverse scan runs in the forward's segments: the summaries of segments 1..P-1
         # first (each from a zero adjoint), then every segment folds the later ones' and walks its chunks
         P, per_seg = self._segments(cfg, max_chunks) if self.plan.segmentable else (1, max_chunks)
-        args = self._loads(scan, xs, hoisted) + d_o
-        for s in scan.states:
-            seg = (torch.empty((n_bh, P) + blocks[s.name] + self._state_shape(lay, s), **f32) if P > 1 else dummy)
-            args += [hist[s.name], dhist[s.name], d_finals.get(s.name, dummy), dinit[s.name], seg,
-                     torch.empty_like(seg) if P > 1 else dummy]
-        args += [inj[s] for s, _ in scan.injected]
-        args += [pvals[p] for p in scan.params] + self._common(cfg, lay, per_seg, P, dummy)
-        meta = {**self._meta(cfg, lay, first.dtype, scan), **bwd_warps, "HAS_DFINAL": bool(d_finals)}
+        segw = {s.name: torch.empty((n_bh, P) + blocks[s.name] + self._state_shape(lay, s), **f32) if P > 1 else dummy
+                for s in scan.states}
+        values = {**self._values(cfg, lay, first.dtype, pvals, per_seg, P, dummy), **self._loads(scan, xs, hoisted),
+                  **d_o, **self._buffers("hist", hist), **self._buffers("dhist", dhist),
+                  **self._buffers("dfinal", {s.name: d_finals.get(s.name, dummy) for s in scan.states}),
+                  **self._buffers("dinit", dinit), **self._buffers("segw", segw),
+                  **self._buffers("segd", {s: torch.empty_like(w) if P > 1 else dummy for s, w in segw.items()}),
+                  **self._buffers("inj", inj), "HAS_DFINAL": bool(d_finals)}
+        options = {**self._options(cfg), **bwd_warps}
         if P > 1:
-            self._fn("bwd_scan")[(n_split, n_bh, P - 1)](*args, **meta, SUMMARY=True)
-        self._fn("bwd_scan")[(n_split, n_bh, P)](*args, **meta, SUMMARY=False)
+            self._launch(scan, (n_split, n_bh, P - 1), {**values, "SUMMARY": True}, options)
+        self._launch(scan, (n_split, n_bh, P), {**values, "SUMMARY": False}, options)
 
     def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,
                  d_finals: dict):
@@ -221,7 +229,7 @@ class Launcher:
         blocks = {s.name: (n_split,) if split and split not in s.dims else () for s in spec.states}
         dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
         bwd_warps = {"num_warps": backward_warps(cfg.num_warps, device)} if not interpreting() else {}
-        d_o = [d_outs[o.name].contiguous() for o in spec.outputs]
+        d_o = {f"{o.name}_grad_ptr": d_outs[o.name].contiguous() for o in spec.outputs}
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         self._reverse_scan(cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
         # the gradient buffers are allocated after the scan has released its scratch (a lower peak)
@@ -243,13 +251,11 @@ class Launcher:
         for chunks in self.plan.kernels:
             if not chunks.name.startswith("bwd_chunks"):
                 continue
-            args = self._loads(chunks, xs, hoisted) + d_o + [dx[d.name] for d, _ in chunks.grads]
-            for s in chunks.states:
-                args += [hist[s.name], dhist[s.name]]
-            args += [pvals[p] for p in chunks.params] + self._common(cfg, lay, 1, 1, dummy)
+            values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(chunks, xs, hoisted),
+                      **d_o, **{f"{d.name}_dx_ptr": dx[d.name] for d, _ in chunks.grads},
+                      **self._buffers("hist", hist), **self._buffers("dhist", dhist)}
             blocks = 1 if chunks.block_loop else n_split  # passes.block_loop: one program per chunk loops over them
-            self._fn(chunks.name)[(blocks, n_bh, max_chunks)](
-                *args, **{**self._meta(cfg, lay, first.dtype, chunks), **bwd_warps})
+            self._launch(chunks, (blocks, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps})
         grads = {}
         for d in spec.inputs:
             g = dx[d.name]

@@ -128,18 +128,12 @@ class SoftmaxOp(Tuned):
         return meta
 
     def _launch(self, kernel: str, cfg_k, grid0: int, n_bh: int, named: dict, meta: dict):
+        # the kernel's arguments are its plan's (passes.softmax_plan), by name: the generated signature is
+        # printed from the same list; `named` and `meta` may hold values other kernels take
+        kp = self.comp.plan.kernel(kernel)
         fn = getattr(self.module, f"{self.name}_{kernel}_kernel")
-        args = {a: named[a] for a in fn.arg_names if a in named}
-        missing = [a for a in fn.arg_names if a not in named and a not in meta]
-        if missing:
-            raise RuntimeError(f"effc: no value for kernel argument(s) {missing} of {kernel}")
-        # a kernel declares the head counts of the leaves it loads only; the compiled launcher rejects
-        # any other keyword (the interpreter does not), so check here in both modes
-        meta = {k: v for k, v in meta.items() if not k.startswith("HX_") or k in fn.arg_names}
-        unknown = [k for k in meta if k not in fn.arg_names and k not in _LAUNCH_OPTIONS]
-        if unknown:
-            raise RuntimeError(f"effc: kernel {kernel} takes no argument(s) {unknown}")
-        fn[(grid0, n_bh)](**args, **meta)
+        options = {k: v for k, v in meta.items() if k in _LAUNCH_OPTIONS}
+        fn[(grid0, n_bh)](**kp.call({**named, **meta}), **options)
 
     def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool):
         spec, sched = self.spec, self.sched

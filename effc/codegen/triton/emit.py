@@ -9,6 +9,7 @@ from ...passes.plan import KernelPlan, Plan
 from ...version import __version__
 from .. import template
 from .printer import TritonPrinter, feature_mask
+from .signature import LINEAR_LAYOUT, signature
 
 
 def _axes(n: int, i: int) -> str:
@@ -56,6 +57,7 @@ def _token_offsets(d: TensorDecl, heads: str = "H", base: str = "bos + tok",
 class _KernelView:
     fn: str
     plan: KernelPlan
+    signature: str  # from the plan's arguments (codegen.triton.signature)
     body: list[str]
     tok_offs: dict[str, str]
     tok_mask: dict[str, str]
@@ -71,7 +73,7 @@ class _KernelView:
     bseg_offs: dict[str, str] = field(default_factory=dict)  # the reverse scan's segment summaries
     partial_state: dict[str, bool] = field(default_factory=dict)
     hoisted_offs: dict[str, str] = field(default_factory=dict)
-    merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel; launch.Launcher passes it)
+    merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel; passes.plan lists it)
     optional_loads: set = field(default_factory=set)  # inputs only merge reads: not loaded when it is deferred
     block_loop: dict | None = None  # a gradient kernel looping over the split dim's blocks (_block_loop)
     # keyword arguments masking the padded feature columns of each state's tile (loads, stores) and each
@@ -157,10 +159,10 @@ def emit_module(plan: Plan) -> str:
         # is resolved when Triton compiles, and names it defines stay in scope
         optional = set(plan.merge_only()) if kp.name == "walk" else set()
         view = _KernelView(
-            fn=kernel_name(spec.name, kp.name), plan=kp,
+            fn=kernel_name(spec.name, kp.name), plan=kp, signature=signature(kp.args, LINEAR_LAYOUT),
             body=[("if FUSE_MERGE: " if op.out in optional else "") + f"v_{op.out} = {printer.expr(op)}"
                   for op in kp.ops],
-            merge_flag=kp.name == "walk" and plan.deferrable,
+            merge_flag="FUSE_MERGE" in kp.arg_names,  # the plan gives the walk the flag when it has an out kernel
             optional_loads={d.name for d in kp.loads + kp.hoisted_loads} - {
                 a for op in kp.ops if op.out not in optional for a in op.args if isinstance(a, str)} if optional else set(),
             tok_offs={n: t[0] for n, t in toks.items()}, tok_mask={n: t[1] for n, t in toks.items()},

@@ -4,7 +4,6 @@ epilogue fused) and backward (preprocess, dQ walk, dK/dV walk). The kernel bodie
 per IR op; the template holds only the loops, loads and stores, which are the same for every spec."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -14,9 +13,11 @@ from ...ir.nodes import CK, C, Op
 from ...passes.blocksparse import NEG, POS, Range, triton_expr
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p_name
+from ...passes.softmax_plan import SoftmaxKernel, SoftmaxPlan
 from ...version import __version__
 from .. import template
 from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, feature_mask
+from .signature import SOFTMAX_LAYOUT, signature
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -212,13 +213,17 @@ class Store:
 class KernelView:
     name: str
     fn: str
-    args: list[str]  # pointer and scalar arguments before the common ones
     outer: str  # "q" (program per query block) or "k"
     pre_lines: list[str] = field(default_factory=list)  # after the prologue, before the walk
     body: dict = field(default_factory=dict)  # masked (bool) -> lines of one walk step
     post_lines: list[str] = field(default_factory=list)
     walk: bool = True
     bounds: list[str] = field(default_factory=list)
+    signature: str = ""  # from the plan's arguments (codegen.triton.signature)
+    q_loads: list[str] = field(default_factory=list)  # the leaves' loads per query block, per key block
+    k_loads: list[str] = field(default_factory=list)
+    q_loads_full: list[str] = field(default_factory=list)  # the same for a block wholly inside the sequence
+    k_loads_full: list[str] = field(default_factory=list)
 
 
 def _feats(sched: SoftmaxSchedule, x: str) -> tuple[str, ...]:
@@ -278,7 +283,7 @@ def _fwd(sched: SoftmaxSchedule) -> KernelView:
     spec = sched.spec
     types = sched.types
     outputs = {o.name for o in spec.outputs}
-    kv = KernelView("fwd", kernel_name(spec.name, "fwd"), [], "q")
+    kv = KernelView("fwd", kernel_name(spec.name, "fwd"), "q")
     pr = SoftmaxPrinter(sched, types)
     pre = pr.lines(sched.c_ops)
     q_lines = pr.lines(sched.q_ops)
@@ -320,65 +325,46 @@ def _fwd(sched: SoftmaxSchedule) -> KernelView:
     post += pr.lines(sched.post_ops)
     for o in spec.outputs:
         post.append(Store(f"{o.name}_ptr", f"v_{o.name}", o.feature_dims, cast=True).line())
-        kv.args.append(f"{o.name}_ptr")
     post.append("if SAVE:")
     for gi, g in enumerate(sched.groups):
         post.append("    " + Store(f"lse{gi}_ptr", f"lse{gi}", ()).line())
-        kv.args.append(f"lse{gi}_ptr")
         for r in g.reductions:
             if r.out not in outputs:
                 post.append("    " + Store(f"{r.out}_save_ptr", f"v_{r.out}", _feats(sched, r.out)).line())
-                kv.args.append(f"{r.out}_save_ptr")
     post.append("    pass")
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys, "q")
     return kv
 
 
-def _leaf_loads(sched: SoftmaxSchedule, lines: list[str]) -> tuple[list[str], list[str]]:
-    """Which leaves the printed lines read on the query side (lq_) and the key side (lk_)."""
-    text = "\n".join(lines)
-    q = [x for x in sched.leaves if re.search(rf"\blq_{x}(_raw)?\b", text)]
-    k = [x for x in sched.leaves if re.search(rf"\blk_{x}(_raw)?\b", text)]
-    return q, k
-
-
 def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
     spec = sched.spec
     kp = bwd.pre
     outputs = {o.name for o in spec.outputs}
-    kv = KernelView("bwd_pre", kernel_name(spec.name, "bwd_pre"), [], "q", walk=False)
+    kv = KernelView("bwd_pre", kernel_name(spec.name, "bwd_pre"), "q", walk=False)
     pr = SoftmaxPrinter(sched, kp.types)
     lines = []
     for o in spec.outputs:
         lines.append(f"v__seed_{o.name} = tl.load({o.name}_grad_ptr + {_offsets('', o.feature_dims, 'H', 'r_M')}, "
                      f"mask={_rowmask('qv', o.feature_dims)}, other=0.0).to(tl.float32)")
-        kv.args.append(f"{o.name}_grad_ptr")
     for gi, g in enumerate(sched.groups):
         lines.append(f"lse{gi} = tl.load(lse{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0)")
-        kv.args.append(f"lse{gi}_ptr")
         for x in g.lse:
             lines.append(f"v_{x} = lse{gi}")
         for r in g.reductions:
             ptr = f"{r.out}_ptr" if r.out in outputs else f"{r.out}_save_ptr"
-            if r.out not in outputs:
-                kv.args.append(ptr)
             feats = _feats(sched, r.out)
             lines.append(f"v_{r.out} = tl.load({ptr} + {_offsets('', feats, 'H', 'r_M')}, "
                          f"mask={_rowmask('qv', feats)}, other=0.0).to(tl.float32)")
-    kv.args += [f"{o.name}_ptr" for o in spec.outputs]
     lines += pr.lines(kp.outer_ops) + pr.lines(kp.post_vjp)
     for r, g in bwd.d_reduction:
         feats = _feats(sched, r)
         val = f"v_{g}" if g else "0.0"
         lines.append(Store(f"{r}_dr_ptr", val, feats, cast=True).line())  # a matmul operand: the input's precision
-        kv.args.append(f"{r}_dr_ptr")
     for gi, d in enumerate(bwd.d_group):
         lines.append(Store(f"D{gi}_ptr", f"v_{d}", ()).line())
-        kv.args.append(f"D{gi}_ptr")
     for x, g in kp.leaf_grads:
         lines.append(Store(f"{x}_dpre_ptr", f"v_{g}", _feats(sched, x), cast=True).line())
-        kv.args.append(f"{x}_dpre_ptr")
     kv.pre_lines = lines
     return kv
 
@@ -386,7 +372,7 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
 def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
     spec = sched.spec
     types = kp.types
-    kv = KernelView(kp.name, kernel_name(spec.name, kp.name), [], outer)
+    kv = KernelView(kp.name, kernel_name(spec.name, kp.name), outer)
     pr = SoftmaxPrinter(sched, types)
     pre = pr.lines(kp.outer_ops)
     gl = []  # per query block: lse, D and dR of the groups
@@ -394,12 +380,10 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
         gl.append(f"lse2_{gi} = tl.load(lse{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0) * {LOG2E}")
         gl.append(f'lse2_{gi} = tl.where(lse2_{gi} == -float("inf"), float("inf"), lse2_{gi})')
         gl.append(f"v_{dd_name(gi)} = tl.load(D{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0)")
-        kv.args += [f"lse{gi}_ptr", f"D{gi}_ptr"]
         for r in g.reductions:
             feats = _feats(sched, r.out)
             gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', 'r_M')}, "
                       f"mask={_rowmask('qv', feats)}, other=0.0)")
-            kv.args.append(f"{r.out}_dr_ptr")
     for x, _ in kp.accumulators:
         shape = ", ".join(_dimname(d) for d in types[x].shape)
         pre.append(f"v_{acc_name(x)} = tl.zeros([{shape}], tl.float32)" if shape else f"v_{acc_name(x)} = 0.0")
@@ -428,27 +412,30 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
     post = pr.lines(kp.post_vjp)
     for x, g in kp.leaf_grads:
         post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True).line())
-        kv.args.append(f"{x}_d{outer}_ptr")
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer)
     return kv
 
 
-def emit_softmax_module(sched: SoftmaxSchedule, bwd: SoftmaxBackward | None) -> str:
+def emit_softmax_module(plan: SoftmaxPlan) -> str:
+    sched, bwd = plan.schedule, plan.backward
     spec = sched.spec
-    kernels = [_fwd(sched)]
-    if bwd is not None:
-        kernels += [_bwd_pre(sched, bwd), _bwd_walk(sched, bwd.dq, "q"), _bwd_walk(sched, bwd.dkv, "k")]
-    for k in kernels:
-        text = "\n".join(k.pre_lines + k.body.get(True, []) + k.body.get(False, []) + k.post_lines)
-        q, kk = _leaf_loads(sched, [text])
-        k.q_loads = [Leaf(x, _feats(sched, x)).load("lq") for x in q]
-        k.k_loads = [Leaf(x, _feats(sched, x)).load("lk") for x in kk]
-        k.q_loads_full = [Leaf(x, _feats(sched, x)).load("lq", False) for x in q]
-        k.k_loads_full = [Leaf(x, _feats(sched, x)).load("lk", False) for x in kk]
-        k.leaf_args = [f"{x}_ptr" for x in sched.leaves if x in q or x in kk]
-        k.params = [f"p_{p.name}" for p in spec.params if f"p_{p.name}" in text or any(
-            f"p_{p.name}" in b for b in k.bounds)]
-        k.heads = [f"HX_{x}" for x in sched.leaves if x in q or x in kk]
+    views = {"walk": lambda kp: _fwd(sched), "bwd_pre": lambda kp: _bwd_pre(sched, bwd),
+             "bwd_walk": lambda kp: _bwd_walk(sched, bwd.dq if kp.outer == "q" else bwd.dkv, kp.outer)}
+    kernels = []
+    for kp in plan.kernels:
+        k = views[kp.role](kp)
+        _place_loads(sched, k, kp)
+        kernels.append(k)
     return template(__file__, "softmax.py.j2").render(version=__version__, spec=spec, kernels=kernels, dims=spec.dims,
                               leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}))
+
+
+def _place_loads(sched: SoftmaxSchedule, k: KernelView, kp: SoftmaxKernel) -> None:
+    """The plan's loads and signature on the view: each leaf the kernel reads, loaded per query block or per
+    key block (masked, and unmasked for the walk's blocks that lie wholly inside the sequence)."""
+    k.q_loads = [Leaf(x, _feats(sched, x)).load("lq") for x in kp.query_loads]
+    k.k_loads = [Leaf(x, _feats(sched, x)).load("lk") for x in kp.key_loads]
+    k.q_loads_full = [Leaf(x, _feats(sched, x)).load("lq", False) for x in kp.query_loads]
+    k.k_loads_full = [Leaf(x, _feats(sched, x)).load("lk", False) for x in kp.key_loads]
+    k.signature = signature(kp.args, SOFTMAX_LAYOUT)
