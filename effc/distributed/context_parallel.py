@@ -1,0 +1,231 @@
+"""Context parallel for the linear family: one sequence sharded over the ranks of a process group.
+
+Each rank holds a contiguous shard of the time axis. Over its shard, every state's update is affine in
+the state entering it, S_out = A_r(S_in) + W_r (effc.distributed.affine says which form, from the
+spec). A rank r > 0 summarises its shard by running the op itself on probe initial states batched
+together (zero gives W_r; ones, or identity columns for a matrix map, give A_r), one all-gather
+exchanges the summaries (rank 0 sends its true final state instead: it alone reads `initial_state`),
+every rank folds the earlier ranks' summaries into its entering state, and runs its local op from
+there. The all-gather is autograd-aware, so the backward is the op's own backward through the same
+graph: gradients reach every input and the initial state exactly as in the single-process op.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from .affine import StateMap, state_maps
+
+
+@dataclass(frozen=True)
+class ContextParallelPlan:
+    """What a call communicates: one all-gather of `bytes_per_rank` from each rank."""
+
+    spec: str
+    world: int
+    maps: tuple[StateMap, ...]
+    probes: int
+    summary_shapes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # per state: (W shape, A shape)
+    bytes_per_rank: int
+
+    def __str__(self) -> str:
+        lines = [f"context parallel plan: {self.spec} over {self.world} ranks, one all-gather"]
+        for m, (w, a) in zip(self.maps, self.summary_shapes):
+            lines.append(f"  state {m.state}: {m.kind} ({m.why}); sends W {list(w)} and A {list(a)}")
+        lines.append(f"  summary runs: the op once on {self.probes + 1} batched initial states (ranks 1..N-2)")
+        lines.append(f"  communicated per rank per call: {self.bytes_per_rank} bytes "
+                     f"({self.bytes_per_rank * self.world} gathered by each rank)")
+        return "\n".join(lines)
+
+
+class _Anchor(torch.autograd.Function):
+    """`x` unchanged, tied to the gathered summaries so that every rank's backward runs the all-gather's
+    backward (a collective: rank 0 does not read the gathered values, yet must join it)."""
+
+    @staticmethod
+    def forward(ctx, x, gathered):
+        ctx.shape, ctx.dtype = gathered.shape, gathered.dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
+
+
+class ContextParallelOp:
+    """`op` over the sequence shards of `group`; call it as the op (see context_parallel)."""
+
+    def __init__(self, op, group=None):
+        family = getattr(getattr(op, "comp", None), "ir", None)
+        family = getattr(family, "family", "linear")
+        if family != "linear":
+            raise NotImplementedError(f"context parallel for the {family} family ({op.name}) is not implemented: "
+                                      "ring attention / all-gather of K and V is future work; only the linear "
+                                      "family (a chunked state) is supported")
+        self.op, self.group = op, group
+        self.spec = op.spec
+        self.maps = state_maps(op.spec, op.comp.legality)
+
+    def __repr__(self) -> str:
+        return f"<effc context parallel {self.op.name}>"
+
+    # -- shapes ------------------------------------------------------------------------------------
+    def _sizes(self, tensors) -> tuple[int, int, dict[str, int]]:
+        sizes: dict[str, int] = {}
+        for d, x in zip(self.spec.inputs, tensors):
+            for name, n in zip(d.dims[3:], x.shape[3:]):
+                sizes[name] = int(n)
+        x0 = tensors[0]
+        return int(x0.shape[0]), int(x0.shape[2]), sizes
+
+    def plan(self, *tensors) -> ContextParallelPlan:
+        """The communication of a call with these (local shard) inputs; `print` it."""
+        B, H, sizes = self._sizes(tensors)
+        world = dist.get_world_size(self.group) if dist.is_initialized() else 1
+        shapes = tuple(((B, H) + tuple(sizes[d] for d in m.dims), (B, H) + m.summary_shape(sizes))
+                       for m in self.maps)
+        itemsize = torch.empty((), dtype=self._state_dtype(tensors[0])).element_size()
+        nbytes = sum(math.prod(w) + math.prod(a) for w, a in shapes) * itemsize
+        probes = max(m.probes(sizes) for m in self.maps)
+        return ContextParallelPlan(self.op.name, world, self.maps, probes, shapes, nbytes)
+
+    @staticmethod
+    def _state_dtype(x) -> torch.dtype:
+        return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+
+    # -- the summary of this rank's shard -------------------------------------------------------------
+    def _probe_states(self, B, H, sizes, n, dtype, device) -> list[torch.Tensor]:
+        """Per state, (1 + n) * B initial states: zeros, then the probes A is read from."""
+        out = []
+        for m in self.maps:
+            shape = (B, H) + tuple(sizes[d] for d in m.dims)
+            blocks = [torch.zeros(shape, dtype=dtype, device=device)]
+            rows, rest = m.split(sizes)
+            for j in range(n):
+                p = torch.zeros((B, H, rows, rest), dtype=dtype, device=device)
+                if m.kind == "diagonal" and j == 0:
+                    p.fill_(1.0)
+                elif m.kind == "matrix":  # columns c of probe j are the basis vectors e_{j*rest + c}
+                    for c in range(rest):
+                        if j * rest + c < rows:
+                            p[:, :, j * rest + c, c] = 1.0
+                blocks.append(p.reshape(shape))
+            out.append(torch.cat(blocks, 0))
+        return out
+
+    def _summary(self, tensors, kw, B, H, sizes) -> list[torch.Tensor]:
+        """[W, A] per state for this shard (differentiable in the inputs), each flattened per (B, H)."""
+        n = max(m.probes(sizes) for m in self.maps)
+        dtype = self._state_dtype(tensors[0])
+        init = self._probe_states(B, H, sizes, n, dtype, tensors[0].device)
+        xs = [torch.cat([x] * (n + 1), 0) for x in tensors]
+        _, finals = self.op(*xs, initial_state=init, output_final_state=True, **kw)
+        finals = [finals] if torch.is_tensor(finals) else list(finals)
+        out = []
+        for m, f in zip(self.maps, finals):
+            f = f.reshape((n + 1, B, H) + f.shape[2:])
+            w = f[0]
+            rows, rest = m.split(sizes)
+            if m.kind == "diagonal":
+                a = f[1] - w
+                for axis, keep in enumerate(m.keep):  # only where the decay varies
+                    if not keep:
+                        a = a.narrow(2 + axis, 0, 1)
+            else:  # column j*rest + c of A is column c of probe j's response
+                cols = (f[1:] - w).reshape(n, B, H, rows, rest).permute(1, 2, 3, 0, 4).reshape(B, H, rows, n * rest)
+                a = cols[..., :rows]
+            out += [w.reshape(B, H, -1), a.reshape(B, H, -1)]
+        return out
+
+    def _apply(self, m: StateMap, a, w, s, sizes):
+        """A(s) + w for one state (all (B, H, ...) shaped)."""
+        B, H = s.shape[:2]
+        if m.kind == "diagonal":
+            return s * a.reshape((B, H) + m.summary_shape(sizes)) + w
+        rows, rest = m.split(sizes)
+        out = a.reshape(B, H, rows, rows) @ s.reshape(B, H, rows, rest)
+        return out.reshape(s.shape) + w
+
+    # -- the call -----------------------------------------------------------------------------------
+    def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None, **kw):
+        """(o, final_state) for this rank's shard (B, T_r, H, D) of inputs sharded along T in rank order.
+        `initial_state` is read on rank 0 only; the final state is returned on the last rank (None on the
+        others). Gradients: every rank calls backward on its own loss (a sum over ranks is the loss)."""
+        if cu_seqlens is not None:
+            raise NotImplementedError("context parallel with cu_seqlens (packed varlen sequences crossing ranks) "
+                                      "is not implemented yet: shard dense (B, T, H, D) batches")
+        if not dist.is_initialized():
+            raise RuntimeError("context parallel needs torch.distributed initialised (init_process_group)")
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if world == 1:
+            return self.op(*tensors, initial_state=initial_state, output_final_state=output_final_state, **kw)
+        B, H, sizes = self._sizes(tensors)
+        dtype = self._state_dtype(tensors[0])
+        shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
+        if rank == 0:
+            o, finals = self.op(*tensors, initial_state=initial_state, output_final_state=True, **kw)
+            finals = [finals] if torch.is_tensor(finals) else list(finals)
+            parts = []
+            for m, f in zip(self.maps, finals):  # rank 0's A is never read: zeros keep the layout
+                parts += [f.reshape(B, H, -1), f.new_zeros((B, H, math.prod(m.summary_shape(sizes))))]
+        elif rank < world - 1:
+            parts = self._summary(tensors, kw, B, H, sizes)
+        else:  # nobody reads the last rank's summary
+            parts = []
+            for m, shape in zip(self.maps, shapes):
+                parts += [torch.zeros((B, H, math.prod(shape[2:])), dtype=dtype, device=tensors[0].device),
+                          torch.zeros((B, H, math.prod(m.summary_shape(sizes))), dtype=dtype, device=tensors[0].device)]
+        mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts], -1)
+        if torch.is_grad_enabled() and not mine.requires_grad:
+            # every rank must record the all-gather, or its backward (a collective) would run on some ranks
+            # only and hang: the last rank's zeros, or a rank whose inputs need no gradient
+            mine = mine.detach().requires_grad_(True)
+        with warnings.catch_warnings():  # torch 2.13 marks it deprecated, with no autograd-aware successor
+            warnings.simplefilter("ignore", FutureWarning)
+            gathered = torch.stack(dist_fn.all_gather(mine, group=self.group))  # (world, B, H, L)
+        if rank > 0:
+            entering = self._fold(gathered, rank, shapes, sizes)
+            o, final = self.op(*tensors, initial_state=entering, output_final_state=output_final_state, **kw)
+        else:
+            final = (finals[0] if len(finals) == 1 else tuple(finals))
+        o = _Anchor.apply(o, gathered) if torch.is_tensor(o) else (_Anchor.apply(o[0], gathered),) + tuple(o[1:])
+        if not output_final_state or rank != world - 1:
+            return o, None
+        return o, final
+
+    def _fold(self, gathered, rank, shapes, sizes) -> list[torch.Tensor]:
+        """The states entering rank `rank`: rank 0's final state, then each later rank's A(.) + W."""
+        B, H = shapes[0][:2]
+        states = None
+        for r in range(rank):
+            offset, cur = 0, []
+            for i, (m, shape) in enumerate(zip(self.maps, shapes)):
+                nw, na = math.prod(shape[2:]), math.prod(m.summary_shape(sizes))
+                w = gathered[r, :, :, offset:offset + nw].reshape(shape)
+                a = gathered[r, :, :, offset + nw:offset + nw + na]
+                offset += nw + na
+                cur.append(w if states is None else self._apply(m, a, w, states[i], sizes))
+            states = cur
+        return states
+
+
+def context_parallel(op, group=None) -> ContextParallelOp:
+    """Wrap an effc op of the linear family for context parallelism over `group` (None: the default group).
+
+    The wrapper takes the op's arguments with every (B, T, H, D) input replaced by this rank's contiguous
+    shard along T (ranks in order; shards may have different lengths, any length), and returns
+    (o_shard, final_state): `initial_state` is read on rank 0, the final state comes back on the last rank.
+    Raises NotImplementedError for the softmax family, hybrids, cu_seqlens and updates that are not affine
+    in the state."""
+    return ContextParallelOp(op, group)
+
+
+def shard(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
+    """This rank's contiguous shard of `x` along `dim` (the time axis): near-equal pieces in rank order."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    return x.tensor_split(world, dim)[rank]

@@ -1,0 +1,53 @@
+"""One rank of tests/test_context_parallel.py: `python cp_worker.py CASES.pt OUT_DIR` with RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT set. For every case in CASES.pt (full-length inputs, made by the test), runs
+the context-parallel op on this rank's shard, forward and backward, and saves what it computed to
+OUT_DIR/rank{RANK}.pt for the test to compare with the single-process op."""
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import effc  # noqa: E402
+from effc.distributed import context_parallel, shard  # noqa: E402
+
+
+def run_case(case: dict, rank: int, world: int) -> dict:
+    cp = context_parallel(effc.load(case["spec"]))
+    bounds = case.get("bounds")  # uneven shards: explicit (start, end) per rank
+    cut = (lambda x: x[:, bounds[rank][0]:bounds[rank][1]]) if bounds else shard
+    xs = [cut(x).detach().clone().requires_grad_(True) for x in case["inputs"]]
+    init = case["init"]
+    if init is not None:
+        init = tuple(s.detach().clone().requires_grad_(rank == 0) for s in init)
+    o, final = cp(*xs, initial_state=init, output_final_state=True, **case.get("kw", {}))
+    loss = (o * cut(case["grad_o"])).sum()
+    if rank == world - 1:
+        finals = (final,) if torch.is_tensor(final) else tuple(final)
+        loss = loss + sum((f * g).sum() for f, g in zip(finals, case["grad_final"]))
+    else:
+        assert final is None, "only the last rank returns the final state"
+        finals = None
+    loss.backward()
+    return {"o": o.detach(), "finals": None if finals is None else tuple(f.detach() for f in finals),
+            "grads": [x.grad for x in xs],
+            "init_grads": None if init is None or rank != 0 else tuple(s.grad for s in init),
+            "plan_bytes": cp.plan(*xs).bytes_per_rank}
+
+
+def main() -> None:
+    cases_path, out_dir = sys.argv[1], sys.argv[2]
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cases = torch.load(cases_path)
+        results = [run_case(c, rank, world) for c in cases]
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
