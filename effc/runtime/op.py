@@ -28,6 +28,7 @@ from .checks import (
 from .oracle import evaluate
 from .torch_op import call_lengths, host_plan, linear_torch_ops, live
 
+
 class AttentionOp(Tuned):
     def __init__(self, comp: Compilation, backend: str = "triton"):
         from ..compiler import BACKENDS

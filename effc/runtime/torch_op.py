@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -170,7 +171,9 @@ def register(key: str, family: Family) -> TorchOps:
     bwd.register_fake(family.backward_fake)
 
     def formula(ctx, grads):
-        return (*_gradients(family, ctx, grads, fwd, bwd), None, None, None)
+        # no gradient for cu, ints and params; an empty list stays one (its structure, not a leaf)
+        return (*_gradients(family, ctx, grads, fwd, bwd), None, None if ctx.ints else [],
+                None if ctx.params else [])
 
     setup = _setup_context(family)
     fwd.register_autograd(formula, setup_context=setup)
