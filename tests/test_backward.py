@@ -146,10 +146,10 @@ def test_eager_calls_bypass_the_custom_op_and_compile_traces_it(monkeypatch):
 def test_host_plan_is_marked_constant_as_dynamo_marks_it():
     """effc marks its host-side planning constant for torch.compile without importing dynamo; the flag must
     be the one the installed torch's decorator sets."""
-    from effc.runtime.op import _host_plan
+    from effc.runtime.torch_op import host_plan
     marked = torch.compiler.assume_constant_result(lambda: 0)
     flags = [a for a in vars(marked) if "constant" in a]
-    assert flags and all(getattr(_host_plan, a, None) == getattr(marked, a) for a in flags)
+    assert flags and all(getattr(host_plan, a, None) == getattr(marked, a) for a in flags)
 
 
 @pytest.mark.parametrize("save_states", [True, False])

@@ -3,8 +3,6 @@ output_final_state=False)` -> `(o, final_state)`, inputs (B, T, H, D)."""
 from __future__ import annotations
 
 import math
-import sys
-import weakref
 
 import torch
 
@@ -28,26 +26,7 @@ from .checks import (
     state_list,
 )
 from .oracle import evaluate
-from .torch_op import torch_ops
-
-# ops by id for _host_plan (torch.compile keeps only the id, a constant); weak, so a dropped op is freed
-_LIVE: "weakref.WeakValueDictionary[int, AttentionOp]" = weakref.WeakValueDictionary()
-
-
-def _constant_under_compile(fn):
-    """torch.compiler.assume_constant_result, without importing all of dynamo (~1 s of a process's first
-    op call) when the process has not: the decorator only sets this flag, which dynamo reads when it traces
-    (tests/test_backward.py checks the flag's name against the installed torch)."""
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.assume_constant_result(fn)
-    fn._dynamo_marked_constant = True
-    return fn
-
-
-@_constant_under_compile
-def _host_plan(op_id: int, *args):
-    """Checks and tile choices for one call, from its argument descriptions (constants under compile)."""
-    return _LIVE[op_id]._plan_call(*args)
+from .torch_op import call_lengths, host_plan, linear_torch_ops, live
 
 
 class AttentionOp(Tuned):
@@ -63,8 +42,8 @@ class AttentionOp(Tuned):
         # sympy is slow: tiling choices (Tuned.config) and param defaults are memoised per call shape
         self._configs: dict[tuple, TileConfig] = {}
         self._defaults: dict[tuple, dict[str, float]] = {}
-        _LIVE[id(self)] = self
-        self._torch_ops = torch_ops(self)
+        live(self)
+        self._torch_ops = linear_torch_ops(self)
 
     def __repr__(self) -> str:
         args = ", ".join(d.name for d in self.spec.inputs)
@@ -101,16 +80,12 @@ class AttentionOp(Tuned):
         chunk, block, segments, num_warps, num_stages, defer_merge (merge in the chunk-parallel out kernel
         instead of the walk) override the tiling model's or `effc tune`'s choice."""
         init = state_list(self.spec, initial_state)
-        longest = None
-        if cu_seqlens is not None and not torch.compiler.is_compiling():
-            check_cu_seqlens(cu_seqlens, tensors[0].shape[0] if torch.is_tensor(tensors[0]) else 0,
-                             tensors[0].shape[1] if torch.is_tensor(tensors[0]) else 0, tensors[0].device)
-            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        longest = call_lengths(cu_seqlens, tensors[0])
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
         overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
                      ("num_stages", num_stages), ("defer_merge", defer_merge))
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        ints, pvals = _host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
+        ints, pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
                                  n_seq, longest, output_final_state, grad, save_states, overrides,
                                  tuple(sorted(params.items())))
         res = self._torch_ops.call(list(tensors), init, cu_seqlens, list(ints), list(pvals))

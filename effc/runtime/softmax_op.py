@@ -3,8 +3,10 @@
 may have fewer heads (grouped-query attention). Differentiable through the generated backward kernels.
 
 A call: prefix values (PyTorch, over whole sequences, differentiated by autograd) -> forward kernel
--> (backward) preprocess, dQ and dK/dV kernels. `cu_seqlens` packs sequences as (1, total_T, H, D);
-attention never crosses a sequence boundary (document masking), and positions restart per sequence."""
+-> (backward) preprocess, dQ and dK/dV kernels; the kernels run behind the torch.library custom ops every
+family shares (torch_op.register, softmax_torch_op), so calls trace under torch.compile(fullgraph=True).
+`cu_seqlens` packs sequences as (1, total_T, H, D); attention never crosses a sequence boundary
+(document masking), and positions restart per sequence."""
 from __future__ import annotations
 
 import math
@@ -17,18 +19,22 @@ from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..policy.tiling import Problem, padded
 from ..policy.tuning import Tuned
+from . import softmax_oracle
 from .cache import load_module
 from .checks import (
-    check_cu_seqlens,
     check_inputs,
     check_knobs,
     decode_inputs,
+    describe,
     interpreting,
     kernel_cu_seqlens,
     operand_dtype,
     param_values,
+    rebuild,
 )
-from .softmax_oracle import evaluate_softmax, prefix_values
+from .softmax_oracle import evaluate_softmax
+from .softmax_torch_op import encode_call, prefix_stage, softmax_torch_ops
+from .torch_op import call_lengths, host_plan, live
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
@@ -55,6 +61,9 @@ class SoftmaxOp(Tuned):
         self.last_config: SoftmaxTiles | None = None
         self._configs: dict[tuple, SoftmaxTiles] = {}  # per call shape (Tuned.config)
         self._defaults: dict[tuple, dict[str, float]] = {}
+        live(self)
+        self._torch_ops = softmax_torch_ops(self)
+        self._prefix = prefix_stage(self.spec)
 
     def __repr__(self) -> str:
         return f"<effc softmax op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
@@ -90,25 +99,39 @@ class SoftmaxOp(Tuned):
         """`chunk` (query block) and `block` (key block), `num_warps` and `num_stages` pin every kernel's
         tiles; otherwise the forward's come from `effc tune`'s entry for the call shape, or the model.
         `segments` and `defer_merge` are accepted for the linear family's knobs, and must be 1 and false."""
-        check_knobs(chunk=chunk, block=block, num_warps=num_warps, num_stages=num_stages, segments=segments,
-                    defer_merge=defer_merge, output_final_state=output_final_state)
-        if segments not in (None, 1):
-            raise ArgumentError(f"segments={segments}: {self.name} is a softmax spec, its forward walks the key "
-                                "blocks in one program per query block (segments=1)")
-        if defer_merge:
+        longest = call_lengths(cu_seqlens, tensors[0])
+        n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        grad = torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
+        knobs = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
+                 ("num_stages", num_stages), ("defer_merge", defer_merge))
+        ints, pvals = host_plan(id(self), tuple(describe(t) for t in tensors), initial_state is not None,
+                                output_final_state, n_seq, longest, grad, knobs, tuple(sorted(params.items())))
+        named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
+        pre = self._prefix(named, dict(zip((p.name for p in self.spec.params), pvals)), tensors[0].shape[2],
+                           cu_seqlens)
+        leaves = [named[x] if x in named else pre[x] for x in self.sched.leaves]
+        outs = self._torch_ops.call(leaves, [], cu_seqlens, list(ints), list(pvals))[:len(self.spec.outputs)]
+        return (outs[0] if len(outs) == 1 else tuple(outs)), None
+
+    def _plan_call(self, descs, has_init, output_final_state, n_seq, longest, grad, knobs, params):
+        """Checks and tiles of one call, from its argument descriptions: under torch.compile this runs once
+        per shape, as a constant, outside the traced graph. Returns the custom ops' ints and params."""
+        knobs = dict(knobs)
+        check_knobs(output_final_state=output_final_state, **knobs)
+        if knobs["segments"] not in (None, 1):
+            raise ArgumentError(f"segments={knobs['segments']}: {self.name} is a softmax spec, its forward walks "
+                                "the key blocks in one program per query block (segments=1)")
+        if knobs.pop("defer_merge"):
             raise ArgumentError(f"defer_merge=True: {self.name} is a softmax spec, its merge is the walk's epilogue "
                                 "(no state history to defer it to)")
-        B, T, H, dims, pvals = self._check(tensors, params, True, initial_state, output_final_state)
-        n_seq = check_cu_seqlens(cu_seqlens, B, T, tensors[0].device)
-        longest = T if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        cfg = self.config(n_seq, longest, H, dims, tensors[0].device, dtype=tensors[0].dtype, chunk=chunk,
-                          block=block, segments=segments, num_warps=num_warps, num_stages=num_stages)
+        tensors = [rebuild(d) for d in descs]
+        B, T, H, dims, pvals = self._check(tensors, dict(params), True, True if has_init else None,
+                                           output_final_state)
+        first = tensors[0]
+        cfg = self.config(B if n_seq is None else n_seq, longest or T, H, dims, first.device, dtype=first.dtype,
+                          **knobs)
         self.last_config = cfg
-        named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
-        pre = prefix_values(self.spec, named, pvals, H, torch.float32, cu_seqlens)
-        leaves = [named[x] if x in named else pre[x] for x in self.sched.leaves]
-        outs = _SoftmaxFunction.apply(self, cfg, pvals, cu_seqlens, n_seq, dims, *leaves)
-        return (outs[0] if len(outs) == 1 else tuple(outs)), None
+        return encode_call(self.spec, cfg, grad, dims), tuple(pvals[p.name] for p in self.spec.params)
 
     def _layout(self, leaves, n_seq, cu):
         first = leaves[0]
@@ -145,15 +168,10 @@ class SoftmaxOp(Tuned):
         outs = {o.name: torch.empty((B, T, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
                 for o in spec.outputs}
         named.update({f"{o}_ptr": t for o, t in outs.items()})
-        out_names = set(outs)
-        saved = {}
+        # a distinct dummy each when nothing is saved: custom-op outputs must not alias
+        shapes = self.saved_shapes(B, T, H, dims)
+        saved = {k: torch.empty(shape if save else (1,), **f32) for k, shape in shapes.items()}
         dummy = torch.empty(1, **f32)
-        for gi, g in enumerate(sched.groups):
-            saved[f"lse{gi}"] = torch.empty((B, T, H), **f32) if save else dummy
-            for r in g.reductions:
-                if r.out not in out_names:
-                    feats = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
-                    saved[f"{r.out}_save"] = torch.empty((B, T, H) + feats, **f32) if save else dummy
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
         named.update(T=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else dummy)
@@ -161,6 +179,18 @@ class SoftmaxOp(Tuned):
         self._launch("fwd", c, math.ceil(longest / c[0]), n_seq * H, named,
                      self._meta(c, H, heads, dims, cu, dtype, save))
         return [outs[o.name] for o in spec.outputs], saved
+
+    def saved_shapes(self, B: int, T: int, H: int, dims: dict) -> dict[str, tuple]:
+        """What the forward saves for the backward (fp32): each group's log-sum-exp and each reduction that
+        is not an output."""
+        sched, shapes = self.sched, {}
+        out_names = {o.name for o in self.spec.outputs}
+        for gi, g in enumerate(sched.groups):
+            shapes[f"lse{gi}"] = (B, T, H)
+            for r in g.reductions:
+                if r.out not in out_names:
+                    shapes[f"{r.out}_save"] = (B, T, H) + tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
+        return shapes
 
     def _backward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, outs, saved, d_outs):
         spec, sched, bwd = self.spec, self.sched, self.comp.backward
@@ -275,27 +305,6 @@ class SoftmaxOp(Tuned):
         return float(self.visible_pairs(T, **params) * B * H * per_pair) * (3.5 if backward else 1.0)
 
 
-class _SoftmaxFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, op: SoftmaxOp, cfg, pvals, cu, n_seq, dims, *leaves):
-        save = any(ctx.needs_input_grad[6:])
-        outs, saved = op._forward(cfg, pvals, cu, n_seq, dims, leaves, save)
-        ctx.op, ctx.cfg, ctx.pvals, ctx.cu, ctx.n_seq, ctx.dims = op, cfg, pvals, cu, n_seq, dims
-        ctx.saved_names = list(saved)
-        ctx.n_leaves, ctx.n_outs = len(leaves), len(outs)
-        ctx.save_for_backward(*leaves, *outs, *saved.values())
-        return tuple(outs)
-
-    @staticmethod
-    def backward(ctx, *d_outs):
-        saved_t = ctx.saved_tensors
-        leaves = saved_t[:ctx.n_leaves]
-        outs = saved_t[ctx.n_leaves:ctx.n_leaves + ctx.n_outs]
-        saved = dict(zip(ctx.saved_names, saved_t[ctx.n_leaves + ctx.n_outs:]))
-        grads = ctx.op._backward(ctx.cfg, ctx.pvals, ctx.cu, ctx.n_seq, ctx.dims, leaves, outs, saved, d_outs)
-        return (None, None, None, None, None, None, *grads)
-
-
 class HybridOp:
     """A state and a softmax branch (passes.hybrid): the softmax branch's kernels write its reductions per
     token, the state branch's scan reads them in merge. Call like the linear family's ops:
@@ -310,6 +319,8 @@ class HybridOp:
         self.softmax = SoftmaxOp(comp.branch("softmax"), backend)
         self.linear = AttentionOp(comp.branch("linear"), backend)
         self.last_config = None
+        live(self)
+        self._prefix = prefix_stage(self.spec)
 
     def __repr__(self) -> str:
         return f"<effc hybrid op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
@@ -328,10 +339,19 @@ class HybridOp:
         if self.split.prefix_inputs:
             B, T, H = tensors[0].shape[:3]
             dims = {n: s for d, x in zip(self.spec.inputs, tensors) for n, s in zip(d.dims[3:], x.shape[3:])}
-            pre = prefix_values(self.spec, named, self.softmax.param_values(dims, params), H,
-                                dtype if reference else torch.float32, cu_seqlens)
+            if reference:
+                pre = softmax_oracle.prefix_values(self.spec, named, self.softmax.param_values(dims, params), H,
+                                                   dtype, cu_seqlens)
+            else:  # the param values as a compile-time constant: sympy defaults are no code to trace
+                pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(sorted(params.items())))
+                pre = self._prefix(named, dict(pvals), H, cu_seqlens)
             extra += [pre[x][:, T - 1 if last_query else 0:] for x in self.split.prefix_inputs]
         return extra
+
+    def _plan_call(self, descs, params) -> tuple:
+        """The softmax branch's param values for a call (the prefix stage's), as sorted (name, value) pairs."""
+        dims = check_inputs(self.spec, [rebuild(d) for d in descs])[3]
+        return tuple(sorted(self.softmax.param_values(dims, dict(params)).items()))
 
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
                  chunk: int | None = None, block: int | None = None, segments: int | None = None,

@@ -1,26 +1,119 @@
-"""Each compiled spec becomes a pair of `torch.library` custom ops (forward, backward) with fake
-implementations and an autograd formula, so calls work under autograd and `torch.compile`
-(fullgraph) alike. The autograd formula runs the derived backward kernel; when the forward did
-not keep the per-chunk states (the memory rule in passes.tiling.history_policy), it recomputes
-them first with one more forward walk."""
+"""Compiled ops as `torch.library` custom ops, one mechanism for every family: each op is a pair of
+custom ops (forward, backward) with fake implementations and an autograd formula, so calls work under
+autograd and `torch.compile` (fullgraph) alike. `register` builds the pair from a `Family`, the functions
+a family runs behind it; `linear_torch_ops` is the linear family's (softmax_torch_op.py the softmax
+family's). The host side of a call (checks, tile choices) runs in `host_plan`, a compile-time constant.
+
+The linear family's autograd formula runs the derived backward kernel; when the forward did not keep the
+per-chunk states (the memory rule in passes.tiling.history_policy), it recomputes them first with one more
+forward walk."""
 from __future__ import annotations
 
 import hashlib
+import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from ..policy.tiling import TileConfig
-from .checks import history_dtype
+from .checks import check_cu_seqlens, history_dtype
 from .launch import Launcher, make_layout
 
-# ints passed to the ops: the tile configuration, then flags
+# ints passed to the linear family's ops: the tile configuration, then flags
 _CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge")
 # store the final states; keep the history for the backward; the outputs are wanted (not when the backward
 # recomputes the history alone)
 _FLAGS = slice(len(_CFG), len(_CFG) + 3)
 _REGISTERED: dict[str, "TorchOps"] = {}
+
+# ops by id for host_plan (torch.compile keeps only the id, a constant); weak, so a dropped op is freed
+_LIVE: "weakref.WeakValueDictionary[int, object]" = weakref.WeakValueDictionary()
+
+
+# -- the host side of a call ----------------------------------------------------------------------------
+def _constant_under_compile(fn):
+    """torch.compiler.assume_constant_result, without importing all of dynamo (~1 s of a process's first
+    op call) when the process has not: the decorator only sets this flag, which dynamo reads when it traces
+    (tests/test_backward.py checks the flag's name against the installed torch)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+def live(op) -> None:
+    """Makes `op` reachable from host_plan by its id."""
+    _LIVE[id(op)] = op
+
+
+@_constant_under_compile
+def host_plan(op_id: int, *args):
+    """`op._plan_call(*args)`: checks and tile choices for one call, from hashable argument descriptions
+    (checks.describe), so that under compile it runs once per shape, outside the traced graph."""
+    return _LIVE[op_id]._plan_call(*args)
+
+
+def call_lengths(cu_seqlens, first) -> Optional[int]:
+    """The longest packed sequence (None: padded batches, or under compile, where reading cu_seqlens
+    would stop the trace; the kernels then size their grids for T), cu_seqlens checked in eager mode."""
+    if cu_seqlens is None or torch.compiler.is_compiling():
+        return None
+    tensor = torch.is_tensor(first)
+    check_cu_seqlens(cu_seqlens, first.shape[0] if tensor else 0, first.shape[1] if tensor else 0, first.device
+                     if tensor else None)
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+# -- the custom ops, shared by every family ------------------------------------------------------------
+@dataclass
+class Family:
+    """What a family's op pair runs. Both ops take the same arguments in every family:
+    forward(xs, init, cu, ints, params) -> outputs; backward(xs, kept, cu, d_outs, d_finals, ints, params)
+    -> the gradients of xs, then of init. `ints` carry the tile configuration and flags, `params` the spec's
+    params, each in an order the family chooses; `*_fake` give the outputs' shapes for tracing."""
+    forward: Callable
+    forward_fake: Callable
+    backward: Callable
+    backward_fake: Callable
+    kept: Callable  # (outputs, ints) -> the outputs the backward reads
+    grads: Callable  # (Saved, output grads, forward, backward) -> (grads of xs, grads of init)
+
+
+@dataclass
+class Saved:
+    """What an autograd formula reads: the forward's arguments and the outputs `Family.kept` chose."""
+    xs: list
+    init: list
+    kept: list
+    cu: Optional[torch.Tensor]
+    ints: list
+    params: list
+
+
+def _setup_context(family: Family):
+    def setup(ctx, inputs, output):
+        xs, init, cu, ints, params = inputs
+        ctx.save_for_backward(*xs, *init, *family.kept(output, ints), *((cu,) if cu is not None else ()))
+        ctx.n_x, ctx.n_init, ctx.has_cu = len(xs), len(init), cu is not None
+        ctx.ints, ctx.params = list(ints), list(params)
+    return setup
+
+
+def _saved(ctx) -> Saved:
+    saved = list(ctx.saved_tensors)
+    cu = saved.pop() if ctx.has_cu else None
+    n, m = ctx.n_x, ctx.n_x + ctx.n_init
+    return Saved(saved[:n], saved[n:m], saved[m:], cu, ctx.ints, ctx.params)
+
+
+def _gradients(family: Family, ctx, grads, fwd, bwd) -> tuple[list, list]:
+    """The gradients of xs and of init (none when no initial state was given) from the output grads."""
+    saved = _saved(ctx)
+    dxs, dinit = family.grads(saved, list(grads), fwd, bwd)
+    return list(dxs), (list(dinit) if saved.init else [])
 
 
 @dataclass
@@ -34,7 +127,7 @@ class TorchOps:
     run_forward: object  # the functions the ops wrap
     run_backward: object
     setup_context: object
-    grads: object  # (ctx, output grads, forward, backward) -> input and initial-state grads
+    family: Family
 
     def call(self, xs, init, cu, ints, params):
         if torch.compiler.is_compiling():
@@ -53,19 +146,53 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        dxs, dinit, *_ = ctx.ops.grads(ctx, list(grads), ctx.ops.run_forward, ctx.ops.run_backward)
+        ops = ctx.ops
+        dxs, dinit = _gradients(ops.family, ctx, grads, ops.run_forward, ops.run_backward)
         return (None, None, None, None, None, *dxs, *dinit)
 
 
+def register(key: str, family: Family) -> TorchOps:
+    """The custom ops `effc::{key}_fwd` and `_bwd` running `family`, registered once per key (the key names
+    the generated source: a process may load several versions of one spec)."""
+    if key in _REGISTERED:
+        return _REGISTERED[key]
+
+    @torch.library.custom_op(f"effc::{key}_fwd", mutates_args=())
+    def fwd(xs: list[torch.Tensor], init: list[torch.Tensor], cu: Optional[torch.Tensor], ints: list[int],
+            params: list[float]) -> list[torch.Tensor]:
+        return family.forward(xs, init, cu, ints, params)
+
+    @torch.library.custom_op(f"effc::{key}_bwd", mutates_args=())
+    def bwd(xs: list[torch.Tensor], kept: list[torch.Tensor], cu: Optional[torch.Tensor], d_outs: list[torch.Tensor],
+            d_finals: list[torch.Tensor], ints: list[int], params: list[float]) -> list[torch.Tensor]:
+        return family.backward(xs, kept, cu, d_outs, d_finals, ints, params)
+
+    fwd.register_fake(family.forward_fake)
+    bwd.register_fake(family.backward_fake)
+
+    def formula(ctx, grads):
+        # no gradient for cu, ints and params; an empty list stays one (its structure, not a leaf)
+        return (*_gradients(family, ctx, grads, fwd, bwd), None, None if ctx.ints else [],
+                None if ctx.params else [])
+
+    setup = _setup_context(family)
+    fwd.register_autograd(formula, setup_context=setup)
+    ops = _REGISTERED[key] = TorchOps(fwd, bwd, family.forward, family.backward, setup, family)
+    return ops
+
+
+def source_key(op, family: str) -> str:
+    """A custom-op key naming the op's generated Triton source (every backend's backward runs on it)."""
+    return f"{op.name}_{family}_{op.backend}_{hashlib.sha256(op.comp.source().encode()).hexdigest()[:10]}"
+
+
+# -- the linear family --------------------------------------------------------------------------------
 def _config(ints) -> TileConfig:
     return TileConfig(*ints[:len(_CFG)])
 
 
-def torch_ops(op) -> TorchOps:
-    """The custom ops of an AttentionOp, registered once per generated source."""
-    key = f"{op.name}_{op.backend}_{hashlib.sha256(op.comp.source().encode()).hexdigest()[:10]}"
-    if key in _REGISTERED:
-        return _REGISTERED[key]
+def linear_torch_ops(op) -> TorchOps:
+    """The custom ops of an AttentionOp."""
     spec = op.spec
     n_out, n_state = len(spec.outputs), len(spec.states)
 
@@ -79,9 +206,11 @@ def torch_ops(op) -> TorchOps:
             return tilelang_launcher(op.comp.plan)
         return launcher()
 
+    def dims_of(xs):
+        return {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+
     def layout(xs, cu, chunk):
-        dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
-        return make_layout(spec, xs, xs[0].shape[2], dims, cu, chunk)
+        return make_layout(spec, xs, xs[0].shape[2], dims_of(xs), cu, chunk)
 
     def run_fwd(xs, init, cu, ints, params):
         cfg, (store_final, store_history, outputs) = _config(ints), ints[_FLAGS]
@@ -100,17 +229,11 @@ def torch_ops(op) -> TorchOps:
         return ([outs[o.name] for o in spec.outputs] + [finals.get(s.name, empty()) for s in spec.states]
                 + [hist.get(s.name, empty()) for s in spec.states])
 
-    @torch.library.custom_op(f"effc::{key}_fwd", mutates_args=())
-    def fwd(xs: list[torch.Tensor], init: list[torch.Tensor], cu: Optional[torch.Tensor], ints: list[int],
-            params: list[float]) -> list[torch.Tensor]:
-        return run_fwd(xs, init, cu, ints, params)
-
-    @fwd.register_fake
-    def _(xs, init, cu, ints, params):
+    def fake_fwd(xs, init, cu, ints, params):
         cfg, (store_final, store_history, _) = _config(ints), ints[_FLAGS]
         x0 = xs[0]
         B, T, H = x0.shape[:3]
-        dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+        dims = dims_of(xs)
         n_seq = B if cu is None else cu.shape[0] - 1
         outs = [x0.new_empty((B, T, H) + tuple(dims[n] for n in o.feature_dims)) for o in spec.outputs]
         f32 = dict(dtype=torch.float32)
@@ -135,48 +258,30 @@ def torch_ops(op) -> TorchOps:
                                            d_out, d_fin)
         return [grads[d.name].to(x.dtype) for d, x in zip(spec.inputs, xs)] + [dinit[s.name] for s in spec.states]
 
-    @torch.library.custom_op(f"effc::{key}_bwd", mutates_args=())
-    def bwd(xs: list[torch.Tensor], hist: list[torch.Tensor], cu: Optional[torch.Tensor], d_outs: list[torch.Tensor],
-            d_finals: list[torch.Tensor], ints: list[int], params: list[float]) -> list[torch.Tensor]:
-        return run_bwd(xs, hist, cu, d_outs, d_finals, ints, params)
-
-    @bwd.register_fake
-    def _(xs, hist, cu, d_outs, d_finals, ints, params):
+    def fake_bwd(xs, hist, cu, d_outs, d_finals, ints, params):
         B, T, H = xs[0].shape[:3]
         n_seq = B if cu is None else cu.shape[0] - 1
-        dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+        dims = dims_of(xs)
         return ([torch.empty_like(x) for x in xs]
                 + [xs[0].new_empty((n_seq, H) + tuple(dims[n] for n in s.dims), dtype=torch.float32)
                    for s in spec.states])
 
-    def setup_context(ctx, inputs, output):
-        xs, init, cu, ints, params = inputs
-        kept = output[n_out + n_state:] if ints[_FLAGS][1] else []
-        ctx.save_for_backward(*xs, *init, *kept, *((cu,) if cu is not None else ()))
-        ctx.n_x, ctx.n_init, ctx.has_cu = len(xs), len(init), cu is not None
-        ctx.ints, ctx.params = list(ints), list(params)
+    def kept(output, ints):
+        return output[n_out + n_state:] if ints[_FLAGS][1] else []
 
-    def grads_of(ctx, grads, fwd, bwd):
-        saved = list(ctx.saved_tensors)
-        cu = saved.pop() if ctx.has_cu else None
-        xs, init, kept = saved[:ctx.n_x], saved[ctx.n_x:ctx.n_x + ctx.n_init], saved[ctx.n_x + ctx.n_init:]
-        ints, params = ctx.ints, ctx.params
-        if kept:
-            hist = kept
+    def grads_of(saved: Saved, grads, fwd, bwd):
+        xs, ints, params = saved.xs, saved.ints, saved.params
+        if saved.kept:
+            hist = saved.kept
         else:  # recompute the per-chunk states: one more forward walk, keeping only the history
-            hist = fwd(xs, init, cu, ints[:len(_CFG)] + [0, 1, 0], params)[n_out + n_state:]
-        dims = _dims(xs)
+            hist = fwd(xs, saved.init, saved.cu, ints[:len(_CFG)] + [0, 1, 0], params)[n_out + n_state:]
+        dims = dims_of(xs)
         B, T, H = xs[0].shape[:3]
         d_outs = [g if g is not None else xs[0].new_zeros((B, T, H) + tuple(dims[n] for n in o.feature_dims))
                   for o, g in zip(spec.outputs, grads[:n_out])]
         d_finals = [g if (g is not None and ints[_FLAGS][0]) else xs[0].new_empty(0, dtype=torch.float32)
                     for g in grads[n_out:n_out + n_state]]
-        res = bwd(xs, hist, cu, d_outs, d_finals, ints, params)
-        return list(res[:ctx.n_x]), list(res[ctx.n_x:]) if ctx.n_init else [], None, None, None
+        res = bwd(xs, hist, saved.cu, d_outs, d_finals, ints, params)
+        return res[:len(xs)], res[len(xs):]
 
-    def _dims(xs):
-        return {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
-
-    fwd.register_autograd(lambda ctx, grads: grads_of(ctx, grads, fwd, bwd), setup_context=setup_context)
-    ops = _REGISTERED[key] = TorchOps(fwd, bwd, run_fwd, run_bwd, setup_context, grads_of)
-    return ops
+    return register(source_key(op, "linear"), Family(run_fwd, fake_fwd, run_bwd, fake_bwd, kept, grads_of))

@@ -1,0 +1,153 @@
+"""The softmax family's functions behind the shared custom ops (torch_op.register): the forward kernel
+writes the outputs and saves each group's log-sum-exp (and the reductions that are not outputs); the
+autograd formula runs the preprocess, dQ and dK/dV kernels on them.
+
+The ops' `xs` are the kernels' leaves (inputs and prefix values, SoftmaxOp.sched.leaves), `init` is empty,
+and `ints` encode the call (`encode_call`): each kernel's tiles, whether to save for a backward, the
+feature dim sizes.
+
+`prefix_stage` gives the prefix stage for the ops: PyTorch ops that autograd differentiates and dynamo
+traces, except over packed sequences under compile, where splitting at cu_seqlens would read the tensor
+on the host: there the per-sequence evaluation runs inside a custom op pair of its own (same mechanism),
+its backward differentiating the same evaluation."""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from ..ir.nodes import Spec
+from ..passes.softmax import SoftmaxTiles
+from . import softmax_oracle
+from .torch_op import Family, Saved, TorchOps, register, source_key
+
+_KERNELS = ("fwd", "dq", "dkv", "pre")  # SoftmaxTiles' fields, 4 ints each
+_SAVE = 4 * len(_KERNELS)
+
+
+def _dim_names(spec: Spec) -> list[str]:
+    """The feature dims, in the order checks.check_inputs finds them."""
+    return list(dict.fromkeys(n for d in spec.inputs for n in d.dims[3:]))
+
+
+def encode_call(spec: Spec, cfg: SoftmaxTiles, save: bool, dims: dict) -> tuple[int, ...]:
+    return (*(v for k in _KERNELS for v in getattr(cfg, k)), int(save), *(dims[n] for n in _dim_names(spec)))
+
+
+def _decode(spec: Spec, ints) -> tuple[SoftmaxTiles, bool, dict]:
+    cfg = SoftmaxTiles(**{k: tuple(ints[4 * i:4 * i + 4]) for i, k in enumerate(_KERNELS)})
+    return cfg, bool(ints[_SAVE]), dict(zip(_dim_names(spec), ints[_SAVE + 1:]))
+
+
+def _filled(grads, outs) -> list:
+    """The output grads as the backward op takes them: zeros for an output nothing depended on."""
+    return [g if g is not None else torch.zeros_like(o) for o, g in zip(outs, grads)]
+
+
+def softmax_torch_ops(op) -> TorchOps:
+    """The custom ops of a SoftmaxOp."""
+    spec, sched = op.spec, op.sched
+    n_out = len(spec.outputs)
+    bwd = op.comp.backward
+    # leaves some backward kernel writes a gradient for; the others get none (an empty tensor in the op)
+    graded = {x for k in (bwd.pre, bwd.dq, bwd.dkv) for x, _ in k.leaf_grads}
+
+    def call(xs, cu, ints, params):
+        cfg, save, dims = _decode(spec, ints)
+        n_seq = xs[0].shape[0] if cu is None else cu.shape[0] - 1
+        return cfg, save, dims, n_seq, dict(zip((p.name for p in spec.params), params))
+
+    def run_fwd(xs, init, cu, ints, params):
+        cfg, save, dims, n_seq, pvals = call(xs, cu, ints, params)
+        outs, saved = op._forward(cfg, pvals, cu, n_seq, dims, xs, save)
+        return outs + list(saved.values())
+
+    def fake_fwd(xs, init, cu, ints, params):
+        _, save, dims = _decode(spec, ints)
+        x0 = xs[0]
+        B, T, H = x0.shape[:3]
+        outs = [x0.new_empty((B, T, H) + tuple(dims[n] for n in o.feature_dims)) for o in spec.outputs]
+        return outs + [x0.new_empty(shape if save else (1,), dtype=torch.float32)
+                       for shape in op.saved_shapes(B, T, H, dims).values()]
+
+    def run_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
+        cfg, _, dims, n_seq, pvals = call(xs, cu, ints, params)
+        B, T, H = xs[0].shape[:3]
+        saved = dict(zip(op.saved_shapes(B, T, H, dims), kept[n_out:]))
+        grads = op._backward(cfg, pvals, cu, n_seq, dims, xs, kept[:n_out], saved, d_outs)
+        return [g if g is not None else x.new_empty(0) for g, x in zip(grads, xs)]
+
+    def fake_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
+        return [torch.empty_like(x) if name in graded else x.new_empty(0) for name, x in zip(sched.leaves, xs)]
+
+    def kept(output, ints):
+        return output  # the outputs (the backward's delta reads them) and what the forward saved
+
+    def grads_of(saved: Saved, grads, fwd, bwd):
+        res = bwd(saved.xs, saved.kept, saved.cu, _filled(grads, saved.kept[:n_out]), [], saved.ints, saved.params)
+        return [g if name in graded else None for name, g in zip(sched.leaves, res)], []
+
+    return register(source_key(op, "softmax"), Family(run_fwd, fake_fwd, run_bwd, fake_bwd, kept, grads_of))
+
+
+def prefix_stage(spec: Spec):
+    """`values(named, pvals, H, cu)`: softmax_oracle.prefix_values in fp32 (what the kernels read), traceable
+    under torch.compile. Made with the op: the custom ops register outside any trace."""
+    ops = _prefix_torch_ops(spec) if spec.prefix.ops else None
+    names = _prefix_params(spec)
+
+    def values(named: dict, pvals: dict, H: int, cu) -> dict:
+        if cu is None or ops is None or not torch.compiler.is_compiling():
+            return softmax_oracle.prefix_values(spec, named, pvals, H, torch.float32, cu)
+        out = ops.call([named[d.name] for d in spec.inputs], [], cu, [H], [float(pvals[n]) for n in names])
+        return dict(zip((op.out for op in spec.prefix.ops), out))
+    return values
+
+
+def _prefix_params(spec: Spec) -> list[str]:
+    """The params the prefix stage reads (a hybrid's op knows only its softmax branch's)."""
+    read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
+    return [p.name for p in spec.params if p.name in read]
+
+
+def _prefix_torch_ops(spec: Spec) -> TorchOps:
+    """The prefix stage over packed sequences as a custom op pair: xs are the spec's inputs, ints [H]."""
+    inputs, outs = [d.name for d in spec.inputs], [op.out for op in spec.prefix.ops]
+    read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
+
+    def run(xs, cu, ints, params):
+        pvals = dict(zip(_prefix_params(spec), params))
+        pre = softmax_oracle.prefix_values(spec, dict(zip(inputs, xs)), pvals, ints[0], torch.float32, cu)
+        # copies: custom-op outputs must not alias the inputs (a prefix value may be an input as it is)
+        return [pre[n].clone(memory_format=torch.contiguous_format) for n in outs]
+
+    def run_fwd(xs, init, cu, ints, params):
+        return run(xs, cu, ints, params)
+
+    def fake_fwd(xs, init, cu, ints, params):
+        return run(xs, None, ints, params)  # the shapes of the packed values are the padded ones
+
+    def run_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
+        # torch.func: a custom op's implementation runs below autograd, where torch.autograd records nothing
+        wanted = [i for i, n in enumerate(inputs) if n in read]
+
+        def of_read(*ys):
+            full = list(xs)
+            for i, y in zip(wanted, ys):
+                full[i] = y
+            return run(full, cu, ints, params)
+
+        _, vjp = torch.func.vjp(of_read, *(xs[i] for i in wanted))
+        grads = dict(zip(wanted, vjp(list(d_outs))))
+        return [grads[i] if i in grads else x.new_empty(0) for i, x in enumerate(xs)]
+
+    def fake_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
+        return [torch.empty_like(x) if n in read else x.new_empty(0) for n, x in zip(inputs, xs)]
+
+    def grads_of(saved: Saved, grads, fwd, bwd):
+        res = bwd(saved.xs, [], saved.cu, _filled(grads, saved.kept), [], saved.ints, saved.params)
+        return [g if n in read else None for n, g in zip(inputs, res)], []
+
+    digest = hashlib.sha256(repr((spec.inputs, spec.params, spec.prefix)).encode()).hexdigest()[:10]
+    key = f"{spec.name}_prefix_{digest}"
+    return register(key, Family(run_fwd, fake_fwd, run_bwd, fake_bwd, lambda output, ints: output, grads_of))
