@@ -230,3 +230,34 @@ def race(q, k, v, initial_state=None, scale=1.0, eps=1e-6):
 
 
 NAIVE.update({"zeros": zeros, "race": race})
+
+
+def mesanet(q, k, v, g, beta, initial_state=None, lam=1.0, steps=4):
+    """MesaNet (von Oswald et al. 2025, arXiv:2506.05233), token by token: G_t = gamma_t G_{t-1} +
+    beta_t k_t k_t^T, S_t = gamma_t S_{t-1} + beta_t k_t^T v_t, o_t = x_t @ S_t with x_t after `steps` of
+    conjugate gradient on (G_t + lam I) x = q_t from x = 0."""
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    B, T, H, K = q.shape
+    if initial_state is None:
+        G, S = q.new_zeros(B, H, K, K), q.new_zeros(B, H, K, v.shape[-1])
+    else:
+        G, S = (x.double() for x in initial_state)
+    eye = torch.eye(K, dtype=q.dtype)
+    out = []
+    for t in range(T):
+        gamma, b_t = g[:, t].exp()[..., None, None], beta[:, t][..., None, None]
+        G = gamma * G + b_t * k[:, t, :, :, None] * k[:, t, :, None, :]
+        S = gamma * S + b_t * k[:, t, :, :, None] * v[:, t, :, None, :]
+        x, r, p = torch.zeros_like(q[:, t]), q[:, t], q[:, t]
+        for _ in range(steps):
+            ap = torch.einsum("bhk,bhkj->bhj", p, G + lam * eye)
+            w = (r * r).sum(-1, keepdim=True) / (p * ap).sum(-1, keepdim=True)
+            x, r_next = x + w * p, r - w * ap
+            p = r_next + (r_next * r_next).sum(-1, keepdim=True) / (r * r).sum(-1, keepdim=True) * p
+            r = r_next
+        out.append(torch.einsum("bhk,bhkv->bhv", x, S))
+    out = torch.stack(out, 1) if out else v.new_zeros(B, 0, H, v.shape[-1])
+    return out, (G, S)
+
+
+NAIVE["mesanet"] = mesanet

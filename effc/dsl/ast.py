@@ -30,6 +30,7 @@ ANNOTATIONS = {
     "unit": "a value in (0, 1)",
     "unitnorm": "a vector of L2 norm 1 per token (needs a feature dim)",
     "key": "read on the key side by score and softmax reductions (softmax family)",
+    "gram": "a symmetric positive semi-definite state, a sum of outer products (needs a square shape [K, K])",
 }
 
 

@@ -145,7 +145,7 @@ class _Builder(lark.Transformer):
 
     @lark.v_args(meta=True)
     def state_decl(self, meta, c):
-        return ast.Decl("state", str(c[0]), c[1], (), self._loc(meta))
+        return ast.Decl("state", str(c[0]), c[1], tuple(c[2:]), self._loc(meta))
 
     @lark.v_args(meta=True)
     def param_decl(self, meta, c):

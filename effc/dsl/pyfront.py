@@ -288,7 +288,9 @@ class _Reader:
             if isinstance(s, py.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], py.Name):
                 target = s.targets[0].id
                 if (call := self.marker(s.value, "State")) is not None:
-                    decls.append(ast.Decl("state", target, tuple(self.strings(call, "State")), (), self.loc(s)))
+                    words = self.strings(call, "State")  # dims, then annotations (`State("K", "K", "gram")`)
+                    n_dims = next((i for i, w in enumerate(words) if w in ANNOTATIONS), len(words))
+                    decls.append(ast.Decl("state", target, tuple(words[:n_dims]), tuple(words[n_dims:]), self.loc(s)))
                     continue
                 if (call := self.marker(s.value, "Param")) is not None:
                     if len(call.args) != 1:

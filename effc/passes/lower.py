@@ -138,6 +138,9 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
                 raise SpecError(f"unitnorm on '{d.name}' [{', '.join(d.shape)}]: one value per token and head has "
                                 "no vector to normalise", d.loc, "unitnorm on an input with a feature dim, "
                                 "e.g. [B, T, H, K]")
+            if a == "gram" and (d.kind != "state" or len(d.shape) != 2 or d.shape[0] != d.shape[1]):
+                raise SpecError(f"gram on {d.kind} '{d.name}' [{', '.join(d.shape)}]: only a square state is a "
+                                "Gram matrix", d.loc, "gram on a state of shape [K, K]")
         decls.append(TensorDecl(d.name, d.kind, d.shape, d.annotations, d.loc))
     inputs = tuple(d for d in decls if d.role == "input")
     outputs = tuple(d for d in decls if d.role == "output")
@@ -202,7 +205,7 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
 def _check_shape(d: ast.Decl) -> None:
     dims = d.shape
     shown = "[" + ", ".join(dims) + "]"
-    if len(set(dims)) != len(dims):
+    if len(set(dims)) != len(dims) and not (d.kind == "state" and len(dims) == 2):  # [K, K] is square
         raise SpecError(f"'{d.name}' repeats a dim in {shown}", d.loc, "distinct dim names")
     features = [n for n in dims if n not in O.RESERVED_DIMS]
     if d.kind == "state":

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ir import ops as O
-from ..ir.nodes import Op
+from ..ir.nodes import C, Op
 
 _UNARY = {
     "neg": torch.neg, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
@@ -36,8 +36,25 @@ def _valid_rows(x, n_valid: int, axis: int, fill: float = 0.0):
     return torch.where(rows.reshape(shape), x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
 
 
+# ops that can leave the finite range, and per argument a value that keeps them finite: on padded token rows
+# they read these and give 0, as the kernels do (codegen.triton.printer._finite_on_padding). Reading safe
+# values, not masking the result alone, also keeps their gradients finite: a masked 0 / 0 still sends
+# 0 * inf = nan back through autograd.
+_SAFE_ON_PADDING = {"exp": (0.0,), "exp2": (0.0,), "log": (1.0,), "log2": (1.0,), "rsqrt": (1.0,),
+                    "div": (0.0, 1.0), "pow": (1.0, 1.0)}
+
+
+def _finite_on_padding(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype):
+    rank = op.type.rank
+    safe = [a if isinstance(a, float) or align(a, rank).shape[2] != chunk
+            else _valid_rows(align(a, rank), n_valid, 2, fill) for a, fill in zip(args, _SAFE_ON_PADDING[op.kind])]
+    return _valid_rows(eval_op(op, safe, chunk, chunk, matmul_dtype), n_valid, 2)
+
+
 def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, over_tokens: bool = False):
     k = op.kind
+    if k in _SAFE_ON_PADDING and n_valid < chunk and op.type.shape and op.type.shape[0] == C:
+        return _finite_on_padding(op, args, n_valid, chunk, matmul_dtype)
     if k == "copy":
         return args[0]
     if k in _UNARY:

@@ -40,9 +40,15 @@ def random_inputs(spec: Spec, B: int, T: int, H: int, dims: dict[str, int], dtyp
 
 def random_state(spec: Spec, B: int, H: int, dims: dict[str, int], device="cpu", seed: int = 1):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    states = tuple(torch.randn((B, H) + tuple(dims[n] for n in s.dims), generator=gen).to(device)
-                   for s in spec.states)
+    states = tuple(_random_state(s, (B, H) + tuple(dims[n] for n in s.dims), gen).to(device) for s in spec.states)
     return states[0] if len(states) == 1 else states
+
+
+def _random_state(decl, shape, gen) -> torch.Tensor:
+    x = torch.randn(shape, generator=gen)
+    if "gram" in decl.annotations:  # a Gram matrix: x x^T over as many outer products as the matrix is wide
+        return x @ x.transpose(-1, -2) / shape[-1]
+    return x
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
