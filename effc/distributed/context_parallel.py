@@ -170,7 +170,8 @@ class ContextParallelOp:
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None, **kw):
         """(o, final_state) for this rank's shard (B, T_r, H, D) of inputs sharded along T in rank order.
         `initial_state` is read on rank 0 only; the final state is returned on the last rank (None on the
-        others). Gradients: every rank calls backward on its own loss (a sum over ranks is the loss)."""
+        others). Gradients: every rank calls backward on its own loss (a sum over ranks is the loss).
+        `cu_seqlens`: see context_parallel."""
         if not dist.is_initialized():
             raise RuntimeError("context parallel needs torch.distributed initialised (init_process_group)")
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -327,8 +328,11 @@ def context_parallel(op, group=None) -> ContextParallelOp:
     The wrapper takes the op's arguments with every (B, T, H, D) input replaced by this rank's contiguous
     shard along T (ranks in order; shards may have different lengths, any length), and returns
     (o_shard, final_state): `initial_state` is read on rank 0, the final state comes back on the last rank.
-    Raises NotImplementedError for the softmax family, hybrids, cu_seqlens and updates that are not affine
-    in the state."""
+    With `cu_seqlens` (the global boundaries of one packed (1, total_T) stream), documents may cross
+    ranks: `initial_state` is one state per document, passed on every rank (each reads the rows of the
+    documents starting on its shard), and the last rank gets every document's final state
+    (docs/context-parallel.md). Raises NotImplementedError for the softmax family, hybrids and updates
+    that are not affine in the state."""
     return ContextParallelOp(op, group)
 
 
