@@ -19,10 +19,10 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     bounds = case.get("bounds")  # uneven shards: explicit (start, end) per rank
     cut = (lambda x: x[:, bounds[rank][0]:bounds[rank][1]]) if bounds else shard
     xs = [cut(x).detach().clone().requires_grad_(True) for x in case["inputs"]]
-    init = case["init"]
-    if init is not None:
-        init = tuple(s.detach().clone().requires_grad_(rank == 0) for s in init)
-    o, final = cp(*xs, initial_state=init, output_final_state=True, **case.get("kw", {}))
+    init, cu = case["init"], case.get("cu_seqlens")
+    if init is not None:  # dense: read on rank 0; varlen: each rank reads the rows of documents starting on it
+        init = tuple(s.detach().clone().requires_grad_(rank == 0 or cu is not None) for s in init)
+    o, final = cp(*xs, initial_state=init, output_final_state=True, cu_seqlens=cu, **case.get("kw", {}))
     loss = (o * cut(case["grad_o"])).sum()
     if rank == world - 1:
         finals = (final,) if torch.is_tensor(final) else tuple(final)
@@ -33,7 +33,7 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     loss.backward()
     return {"o": o.detach(), "finals": None if finals is None else tuple(f.detach() for f in finals),
             "grads": [x.grad for x in xs],
-            "init_grads": None if init is None or rank != 0 else tuple(s.grad for s in init),
+            "init_grads": None if init is None or (rank != 0 and cu is None) else tuple(s.grad for s in init),
             "plan_bytes": cp.plan(*xs).bytes_per_rank}
 
 

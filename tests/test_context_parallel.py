@@ -12,6 +12,7 @@ import torch
 
 import effc
 from effc.distributed import context_parallel, state_maps
+from effc.distributed.varlen import shard_layout
 from effc.runtime.verify import random_inputs, random_state
 
 import naive
@@ -27,16 +28,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _case(spec: str, seed: int, init: bool = True, bounds=None) -> dict:
+def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None) -> dict:
+    """A case; with `cu` (global cu_seqlens), one packed (1, T, H, D) stream and one initial state per document."""
     op = effc.load(spec)
     dims = {d: D for s in op.spec.inputs for d in s.feature_dims}
     xs = random_inputs(op.spec, B, T, H, dims, seed=seed)
-    s0 = random_state(op.spec, B, H, dims, seed=seed + 1) if init else None
+    cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    n_seq = B if cu is None else len(cu) - 1
+    s0 = random_state(op.spec, n_seq, H, dims, seed=seed + 1) if init else None
     s0 = (s0,) if torch.is_tensor(s0) else s0
     gen = torch.Generator().manual_seed(seed + 2)
-    o, finals = op(*xs, initial_state=s0, output_final_state=True)
+    o, finals = op(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu)
     finals = (finals,) if torch.is_tensor(finals) else finals
-    return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds,
+    return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds, "cu_seqlens": cu,
             "grad_o": torch.randn(o.shape, generator=gen),
             "grad_final": tuple(torch.randn(f.shape, generator=gen) for f in finals)}
 
@@ -77,7 +81,8 @@ def _check(case: dict, per_rank: list[dict]):
     op = effc.load(spec)
     xs = [x.detach().clone().requires_grad_(True) for x in case["inputs"]]
     s0 = None if case["init"] is None else tuple(s.detach().clone().requires_grad_(True) for s in case["init"])
-    o, finals = op(*xs, initial_state=s0, output_final_state=True)
+    cu = case.get("cu_seqlens")
+    o, finals = op(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu)
     finals = (finals,) if torch.is_tensor(finals) else finals
     loss = (o * case["grad_o"]).sum() + sum((f * g).sum() for f, g in zip(finals, case["grad_final"]))
     loss.backward()
@@ -87,17 +92,42 @@ def _check(case: dict, per_rank: list[dict]):
         _close(per_rank[-1]["finals"][i], f.detach(), f"{spec}: final state {i}")
     for i, x in enumerate(xs):
         _close(torch.cat([r["grads"][i] for r in per_rank], 1), x.grad, f"{spec}: grad of input {i}")
-    if s0 is not None:
+    if s0 is not None:  # varlen: each document's row comes back on the rank where it starts (zeros elsewhere)
         for i, s in enumerate(s0):
-            _close(per_rank[0]["init_grads"][i], s.grad, f"{spec}: grad of initial state {i}")
-    ref, ref_finals = op.reference(*case["inputs"], initial_state=case["init"], output_final_state=True)
+            got = per_rank[0]["init_grads"][i] if cu is None else sum(
+                r["init_grads"][i] for r in per_rank if r["init_grads"][i] is not None)  # None: no start there
+            _close(got, s.grad, f"{spec}: grad of initial state {i}")
+    ref, ref_finals = op.reference(*case["inputs"], initial_state=case["init"], output_final_state=True,
+                                   cu_seqlens=cu)
     _close(o_cp, ref, f"{spec}: output against the float64 oracle")
+    ref_finals = (ref_finals,) if torch.is_tensor(ref_finals) else ref_finals
+    for i, f in enumerate(ref_finals):
+        _close(per_rank[-1]["finals"][i], f, f"{spec}: final state {i} against the float64 oracle")
     if spec in naive.NAIVE:
-        init = case["init"] if case["init"] is None or len(case["init"]) > 1 else case["init"][0]
-        n_o, n_s = naive.NAIVE[spec](*case["inputs"], initial_state=init)
+        n_o, n_s = _naive(spec, case["inputs"], case["init"], cu)
         _close(o_cp, n_o, f"{spec}: output against the naive recurrence")
         for i, s in enumerate((n_s,) if torch.is_tensor(n_s) else n_s):
             _close(per_rank[-1]["finals"][i], s, f"{spec}: final state {i} against the naive recurrence")
+
+
+def _naive(spec, inputs, init, cu):
+    """tests/naive.py's recurrence, one document at a time for a packed stream (an empty one keeps its state)."""
+    one = (lambda s: s if s is None or len(s) > 1 else s[0])
+    if cu is None:
+        return naive.NAIVE[spec](*inputs, initial_state=one(init))
+    c = cu.tolist()
+    outs, states = [], []
+    for i, (a, b) in enumerate(zip(c, c[1:])):
+        s_i = None if init is None else tuple(s[i:i + 1] for s in init)
+        if a == b:
+            states.append(s_i[0] if s_i is not None else None)
+            continue
+        o_i, st = naive.NAIVE[spec](*[x[:, a:b] for x in inputs], initial_state=one(s_i))
+        outs.append(o_i)
+        states.append(st)
+    like = next(s for s in states if s is not None)
+    states = [torch.zeros_like(like) if s is None else s.double() for s in states]
+    return torch.cat(outs, 1), torch.cat(states, 0)
 
 
 def _bytes(spec: str) -> int:
@@ -131,6 +161,49 @@ def test_four_ranks_match_single_process(tmp_path):
     results = _run_ranks(cases, 4, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+
+
+# a packed stream of 90 tokens, 45 per rank on 2 ranks: a document inside rank 0, an empty one, one
+# crossing the boundary (30..60), one inside rank 1; chunk 16 divides none of the pieces
+PACKED = [0, 10, 30, 30, 60, 90]
+
+
+def test_two_ranks_varlen_documents_cross_the_boundary(tmp_path):
+    cases = [_case("retention", seed=30, cu=PACKED), _case("gla", seed=31, cu=PACKED),
+             _case("delta_net", seed=32, init=False, cu=[0, 44, 44, 46, 90])]  # 1 token either side of the boundary
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+@pytest.mark.slow
+def test_four_ranks_varlen(tmp_path):
+    cases = [  # 22-23 tokens per rank: document 2 runs through ranks 1 and 2 (their summaries carry A)
+        _case("gla", seed=40, cu=[0, 3, 3, 80, 90]),
+        _case("delta_net", seed=41, cu=[0, 3, 3, 80, 90, 90]),
+        # uneven shards, the empty one inside document 1 (its state passes through); empty documents
+        _case("retention", seed=42, cu=[0, 5, 60, 60, 90, 90], bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]),
+        _case("rwkv7", seed=43, init=False, cu=[0, 1, 89, 90])]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+def test_varlen_shard_layout():
+    cu = [0, 10, 30, 30, 60, 90]
+    r0, r1 = (shard_layout(cu, [(0, 45), (45, 90)], r) for r in (0, 1))
+    assert (r0.cont, r0.owned, r0.owned_cu, r0.ends_here, r0.continues_out) == (
+        None, range(0, 4), (0, 10, 30, 30, 45), (0, 1, 2), True)
+    assert (r1.cont, r1.cont_len, r1.owned, r1.owned_cu, r1.ends_here, r1.continues_out) == (
+        3, 15, range(4, 5), (0, 30), (3, 4), False)
+    # an empty shard inside a document passes it on; a boundary at a shard start means no continuation
+    bounds = [(0, 1), (1, 41), (41, 41), (41, 90)]
+    lays = [shard_layout([0, 5, 41, 41, 60, 90, 90], bounds, r) for r in range(4)]
+    assert [(x.cont, x.cont_len) for x in lays] == [(None, 0), (0, 4), (None, 0), (None, 0)]
+    assert [x.owned for x in lays] == [range(0, 1), range(1, 2), range(2, 2), range(2, 6)]
+    assert lays[3].owned_cu == (0, 0, 19, 49, 49) and lays[3].ends_here == (2, 3, 4, 5)
+    mid = shard_layout([0, 5, 80, 90], bounds, 2)
+    assert (mid.cont, mid.cont_len, mid.continues_out, mid.ends_here) == (1, 0, True, ())
 
 
 def test_state_maps_follow_the_spec():
@@ -169,10 +242,6 @@ def test_unsupported_calls_name_the_missing_feature():
         context_parallel(effc.load("softmax_attn"))
     with pytest.raises(NotImplementedError, match="hybrid family"):
         context_parallel(effc.load("swax"))
-    cp = context_parallel(effc.load("gla"))
-    xs = random_inputs(cp.spec, 1, 8, H, {"K": D, "V": D})
-    with pytest.raises(NotImplementedError, match="cu_seqlens"):
-        cp(*xs, cu_seqlens=torch.tensor([0, 8]))
 
 
 def test_plan_prints_the_bytes_per_rank():

@@ -19,7 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from ..errors import ArgumentError
+from ..runtime.checks import check_cu_seqlens
 from .affine import StateMap, state_maps
+from .varlen import shard_layout
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,18 @@ class _Anchor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
+
+
+def _anchor(o, gathered):
+    """The output(s) `o`, the first tied to `gathered` (see _Anchor)."""
+    return _Anchor.apply(o, gathered) if torch.is_tensor(o) else (_Anchor.apply(o[0], gathered),) + tuple(o[1:])
+
+
+def _cat_time(pieces):
+    """Outputs (a tensor or a tuple of them per piece) joined along the time axis."""
+    if torch.is_tensor(pieces[0]):
+        return torch.cat(pieces, 1)
+    return tuple(torch.cat(group, 1) for group in zip(*pieces))
 
 
 class ContextParallelOp:
@@ -155,15 +170,16 @@ class ContextParallelOp:
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None, **kw):
         """(o, final_state) for this rank's shard (B, T_r, H, D) of inputs sharded along T in rank order.
         `initial_state` is read on rank 0 only; the final state is returned on the last rank (None on the
-        others). Gradients: every rank calls backward on its own loss (a sum over ranks is the loss)."""
-        if cu_seqlens is not None:
-            raise NotImplementedError("context parallel with cu_seqlens (packed varlen sequences crossing ranks) "
-                                      "is not implemented yet: shard dense (B, T, H, D) batches")
+        others). Gradients: every rank calls backward on its own loss (a sum over ranks is the loss).
+        `cu_seqlens`: see context_parallel."""
         if not dist.is_initialized():
             raise RuntimeError("context parallel needs torch.distributed initialised (init_process_group)")
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         if world == 1:
-            return self.op(*tensors, initial_state=initial_state, output_final_state=output_final_state, **kw)
+            return self.op(*tensors, initial_state=initial_state, output_final_state=output_final_state,
+                           cu_seqlens=cu_seqlens, **kw)
+        if cu_seqlens is not None:
+            return self._varlen(tensors, cu_seqlens, initial_state, output_final_state, kw, world, rank)
         B, H, sizes = self._sizes(tensors)
         dtype = self._state_dtype(tensors[0])
         shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
@@ -181,22 +197,114 @@ class ContextParallelOp:
                 parts += [torch.zeros((B, H, math.prod(shape[2:])), dtype=dtype, device=tensors[0].device),
                           torch.zeros((B, H, math.prod(m.summary_shape(sizes))), dtype=dtype, device=tensors[0].device)]
         mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts], -1)
+        gathered = self._gather(mine)  # (world, B, H, L)
+        if rank > 0:
+            entering = self._fold(gathered, rank, shapes, sizes)
+            o, final = self.op(*tensors, initial_state=entering, output_final_state=output_final_state, **kw)
+        else:
+            final = (finals[0] if len(finals) == 1 else tuple(finals))
+        o = _anchor(o, gathered)
+        if not output_final_state or rank != world - 1:
+            return o, None
+        return o, final
+
+    # -- packed varlen streams (docs/context-parallel.md, "Packed sequences") ---------------------------
+    def _varlen(self, tensors, cu_seqlens, initial_state, output_final_state, kw, world, rank):
+        """The varlen call: this rank's continuation (if a document runs in from the previous rank), run
+        from the composed entering state after the all-gather, then the documents starting here, run as
+        one varlen call before it (they read `initial_state`, not the earlier ranks)."""
+        B, H, sizes = self._sizes(tensors)
+        if B != 1:
+            raise ArgumentError(f"with cu_seqlens the shards are packed as (1, T_r, H, D); got B={B}")
+        x0 = tensors[0]
+        dtype, device = self._state_dtype(x0), x0.device
+        lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(lengths, torch.tensor([x0.shape[1]], dtype=torch.int64, device=device), group=self.group)
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + int(n.item()))
+        check_cu_seqlens(cu_seqlens, 1, starts[-1], device)  # the global boundaries of the whole stream
+        cu = [int(c) for c in cu_seqlens.tolist()]
+        n_seq = len(cu) - 1
+        lay = shard_layout(cu, list(zip(starts, starts[1:])), rank)
+        inits = None if initial_state is None else (
+            [initial_state] if torch.is_tensor(initial_state) else list(initial_state))
+        if inits is not None:
+            for m, st in zip(self.maps, inits):
+                want = (n_seq, H) + tuple(sizes[d] for d in m.dims)
+                if tuple(st.shape) != want:
+                    raise ArgumentError(f"initial_state for state {m.state} with cu_seqlens: expected one state per "
+                                        f"sequence of the whole stream, shape {list(want)}; got {list(st.shape)}")
+        shapes = [(1, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
+
+        o_own = fin_own = None
+        if len(lay.owned):
+            xs = [x[:, lay.cont_len:] for x in tensors]
+            init = None if inits is None else [st[lay.owned.start:lay.owned.stop] for st in inits]
+            local_cu = torch.tensor(lay.owned_cu, dtype=cu_seqlens.dtype, device=device)
+            o_own, fin_own = self.op(*xs, initial_state=init, output_final_state=True, cu_seqlens=local_cu, **kw)
+            fin_own = [fin_own] if torch.is_tensor(fin_own) else list(fin_own)
+        if lay.continues_out and len(lay.owned):  # a document starts here: the leaving state ignores the entering
+            parts = []
+            for m, f in zip(self.maps, fin_own):
+                parts += [f[-1:].reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
+        elif lay.continues_out:  # the whole shard is inside one document: A and W as for a dense shard
+            parts = self._summary(tensors, kw, 1, H, sizes)
+        else:  # nobody reads the state leaving this shard
+            parts = []
+            for m, shape in zip(self.maps, shapes):
+                parts += [torch.zeros((1, H, math.prod(shape[2:])), dtype=dtype, device=device),
+                          torch.zeros((1, H, math.prod(m.summary_shape(sizes))), dtype=dtype, device=device)]
+        gathered = self._gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1))
+
+        o_cont = fin_cont = None
+        if lay.cont is not None:
+            entering = self._fold(gathered, rank, shapes, sizes)
+            if lay.cont_len:
+                o_cont, fin_cont = self.op(*[x[:, :lay.cont_len] for x in tensors], initial_state=entering,
+                                           output_final_state=True, **kw)
+                fin_cont = [fin_cont] if torch.is_tensor(fin_cont) else list(fin_cont)
+            else:  # an empty shard inside a document: the state passes through
+                fin_cont = entering
+        pieces = [p for p in (o_cont, o_own) if p is not None]
+        if not pieces:  # no token here: the op's own empty output
+            pieces = [self.op(*tensors, **kw)[0]]
+        o = _cat_time(pieces)
+        o = _anchor(o, gathered)
+        if not output_final_state:
+            return o, None
+
+        # every document's final state, from the rank holding its last token, summed over the ranks
+        rows = []
+        for i, (m, shape) in enumerate(zip(self.maps, shapes)):
+            mine = [None] * n_seq
+            if lay.cont_ends_here:
+                mine[lay.cont] = fin_cont[i].reshape(shape[1:])
+            for j, d in enumerate(lay.owned):
+                if d in lay.ends_here:
+                    mine[d] = fin_own[i][j]
+            zero = torch.zeros(shape[1:], dtype=dtype, device=device)
+            rows.append(torch.stack([zero if r is None else r.to(dtype) for r in mine]).reshape(n_seq, H, -1))
+        finals = self._gather(torch.cat(rows, -1)).sum(0)  # (n_seq, H, L)
+        o = _anchor(o, finals)
+        if rank != world - 1:
+            return o, None
+        out, offset = [], 0
+        for shape in shapes:
+            size = math.prod(shape[2:])
+            out.append(finals[..., offset:offset + size].reshape((n_seq,) + shape[1:]))
+            offset += size
+        return o, (out[0] if len(out) == 1 else tuple(out))
+
+    def _gather(self, mine):
+        """All ranks' `mine`, stacked in rank order; autograd-aware (its backward is a collective too)."""
         if torch.is_grad_enabled() and not mine.requires_grad:
             # every rank must record the all-gather, or its backward (a collective) would run on some ranks
             # only and hang: the last rank's zeros, or a rank whose inputs need no gradient
             mine = mine.detach().requires_grad_(True)
         with warnings.catch_warnings():  # torch 2.13 marks it deprecated, with no autograd-aware successor
             warnings.simplefilter("ignore", FutureWarning)
-            gathered = torch.stack(dist_fn.all_gather(mine, group=self.group))  # (world, B, H, L)
-        if rank > 0:
-            entering = self._fold(gathered, rank, shapes, sizes)
-            o, final = self.op(*tensors, initial_state=entering, output_final_state=output_final_state, **kw)
-        else:
-            final = (finals[0] if len(finals) == 1 else tuple(finals))
-        o = _Anchor.apply(o, gathered) if torch.is_tensor(o) else (_Anchor.apply(o[0], gathered),) + tuple(o[1:])
-        if not output_final_state or rank != world - 1:
-            return o, None
-        return o, final
+            return torch.stack(dist_fn.all_gather(mine, group=self.group))
 
     def _fold(self, gathered, rank, shapes, sizes) -> list[torch.Tensor]:
         """The states entering rank `rank`: rank 0's final state, then each later rank's A(.) + W."""
@@ -220,8 +328,11 @@ def context_parallel(op, group=None) -> ContextParallelOp:
     The wrapper takes the op's arguments with every (B, T, H, D) input replaced by this rank's contiguous
     shard along T (ranks in order; shards may have different lengths, any length), and returns
     (o_shard, final_state): `initial_state` is read on rank 0, the final state comes back on the last rank.
-    Raises NotImplementedError for the softmax family, hybrids, cu_seqlens and updates that are not affine
-    in the state."""
+    With `cu_seqlens` (the global boundaries of one packed (1, total_T) stream), documents may cross
+    ranks: `initial_state` is one state per document, passed on every rank (each reads the rows of the
+    documents starting on its shard), and the last rank gets every document's final state
+    (docs/context-parallel.md). Raises NotImplementedError for the softmax family, hybrids and updates
+    that are not affine in the state."""
     return ContextParallelOp(op, group)
 
 

@@ -88,7 +88,7 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
         dims = {n: s for d in spec.inputs for n, s in zip(d.dims[3:], tensors[d.name].shape[3:])}
         return evaluate_softmax(spec, tensors, params, dims, dtype, matmul_dtype), {}
     ev = _Evaluator(spec, tensors, params, chunk, dtype, matmul_dtype)
-    states = ev.initial(initial_state)
+    states = entering = ev.initial(initial_state)
     ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
     outs = {o.name: [] for o in spec.outputs}
     for n in range(ev.n_chunks):
@@ -98,5 +98,7 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
         for o in spec.outputs:
             outs[o.name].append(ev.untile(env[o.name], o.tile.rank))
         states = {s.name: env[next_state_name(s.name)].expand_as(states[s.name]) for s in spec.states}
+    if ev.T == 0:  # an empty sequence (varlen): the one all-padding chunk run for the output shapes must not
+        states = entering  # move the state (a decay from params, not inputs, would still act on it)
     return {k: torch.cat(v, 1)[:, :ev.T] for k, v in outs.items()}, states
 
