@@ -46,6 +46,11 @@ def unique_args(args) -> tuple[KernelArg, ...]:
     return tuple(a for a in args if not (a.name in seen or seen.add(a.name)))
 
 
+# what a kernel does; code generators and launchers branch on these, never on a kernel's name
+KERNEL_ROLES = ("prep", "walk", "summary", "out", "bwd_inject", "bwd_scan", "bwd_chunks",  # chunked scan
+                "bwd_pre", "bwd_walk")  # online softmax (its forward is a walk too)
+
+
 @dataclass(frozen=True)
 class Kernel:
     """The fields both families' kernel plans share (passes.plan.KernelPlan, passes.softmax_plan.SoftmaxKernel)."""
@@ -56,6 +61,15 @@ class Kernel:
     stores: tuple[TensorDecl, ...]  # per-token outputs it writes
     grid: str
     args: tuple[KernelArg, ...]  # the signature, in order
+
+    def __post_init__(self):
+        if self.role not in KERNEL_ROLES:
+            raise ValueError(f"kernel {self.name}: unknown role '{self.role}' (one of {', '.join(KERNEL_ROLES)})")
+
+    @property
+    def backward(self) -> bool:
+        """A kernel of the derived backward."""
+        return self.role.startswith("bwd")
 
     @property
     def arg_names(self) -> tuple[str, ...]:

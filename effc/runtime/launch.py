@@ -161,7 +161,7 @@ class Launcher:
         n_split = self._n_split(cfg, lay)
         hoisted = self.prep(cfg, lay, xs, pvals)
         for kp in self.plan.kernels:
-            if kp.name.startswith("bwd") or kp.name in ("prep", "out") or (kp.name == "summary" and P == 1):
+            if kp.backward or kp.role in ("prep", "out") or (kp.role == "summary" and P == 1):
                 continue
             values = {**self._values(cfg, lay, dtype, pvals, per_seg, P, dummy), **self._loads(kp, xs, hoisted),
                       **{f"{o.name}_ptr": outs[o.name] for o in kp.stores},
@@ -170,7 +170,7 @@ class Launcher:
                       **self._buffers("segw", segw), **self._buffers("segd", segd),
                       "HAS_INIT": bool(init), "STORE_FINAL": store_final, "STORE_HISTORY": write_history,
                       "FUSE_MERGE": not cfg.defer_merge}
-            grid = (n_split, n_bh, P if kp.name == "walk" else P - 1)
+            grid = (n_split, n_bh, P if kp.role == "walk" else P - 1)
             self._launch(kp, grid, values, self._options(cfg))
         if out_kernel is not None:
             values = {**self._values(cfg, lay, dtype, pvals, 1, 1, dummy), **self._loads(out_kernel, xs, hoisted),
@@ -249,7 +249,7 @@ class Launcher:
         for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
             dx[x] = d_outs[o].to(torch.float32, copy=True)  # a copy: an op output must not alias its input
         for chunks in self.plan.kernels:
-            if not chunks.name.startswith("bwd_chunks"):
+            if chunks.role != "bwd_chunks":
                 continue
             values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(chunks, xs, hoisted),
                       **d_o, **{f"{d.name}_dx_ptr": dx[d.name] for d, _ in chunks.grads},

@@ -128,10 +128,10 @@ class TileLangLauncher:
                     dtype=_DTYPES[dtype], threads=32 * cfg.num_warps, num_stages=self.num_stages or 1,
                     is_varlen=lay.cu is not None, aligned=lay.cu is None and lay.T % cfg.chunk == 0)
         for kp in plan.kernels:
-            if kp.name not in FORWARD or (kp.name == "summary" and P == 1):
+            if kp.role not in FORWARD or (kp.role == "summary" and P == 1):
                 continue
             sizes = dict(base, **{f"HX_{d.name}": lay.heads[d.name] for d in kp.loads})
-            if kp.name == "walk":
+            if kp.role == "walk":
                 sizes.update(has_init=bool(init), store_final=store_final, store_history=store_history,
                              hist_dtype=_DTYPES[operand_dtype(dtype)])  # the matrix states' (history_dtype)
             self.kernel(kp.name, sizes, device)(*(tensors[n] for n in kernel_params(spec, kp)))

@@ -41,7 +41,7 @@ def spec_flops(op, B: int, T: int, H: int, dims: dict[str, int], chunk: int) -> 
     types = value_types(op.spec)
     per_chunk = sympy.Integer(0)
     plan = op.comp.plan
-    for o in [o for k in plan.kernels if k.name in ("prep", "walk") for o in k.ops]:  # prep: the hoisted part
+    for o in [o for k in plan.kernels if k.role in ("prep", "walk") for o in k.ops]:  # prep: the hoisted part
         if o.kind == "matmul":
             (m, k), (_, n) = types[o.args[0]].shape, types[o.args[1]].shape
             per_chunk += 2 * m * k * n

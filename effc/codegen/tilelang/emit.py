@@ -55,7 +55,7 @@ class _KernelView:
 
 
 def state_roles(kp: KernelPlan) -> tuple[str, ...]:
-    return (("init", "final", "hist") if kp.name == "walk" else ()) + ("segw", "segd")
+    return (("init", "final", "hist") if kp.role == "walk" else ()) + ("segw", "segd")
 
 
 def kernel_params(spec, kp: KernelPlan) -> list[str]:
@@ -90,7 +90,7 @@ class _Kernel:
             shape = b.extents(decl.tile.shape)
             scope = "fragment" if len(s.dims) == 2 else "shared"  # vectors and scalars: readable anywhere
             self.state_buf[s.name] = b.where[s.name] = b.alloc(f"st_{s.name}", shape, scope, F32)
-            if self.kp.name == "summary":
+            if self.kp.role == "summary":
                 self.decay_buf[s.name] = b.alloc(f"d_{s.name}", shape, "fragment", F32)
 
     def _state_loop(self, buf: Buffer, lvalue, value) -> None:
@@ -111,7 +111,7 @@ class _Kernel:
         lines = b.section()
         for s in self.kp.states:
             buf = self.state_buf[s.name]
-            if self.kp.name == "walk":
+            if self.kp.role == "walk":
                 b.stmt("for seg in T.serial(pid_p):  # fold the summaries of earlier segments")
                 start = len(lines)
                 self._state_loop(buf, lambda iv: f"{buf.name}[{', '.join(iv)}]",
@@ -205,7 +205,7 @@ class _Kernel:
         lines = b.section()
         types = b.printer.types
         for s in states:  # the summary's product of decays over its chunks
-            if self.kp.name == "summary" and s.decay is not None:
+            if self.kp.role == "summary" and s.decay is not None:
                 d = self.decay_buf[s.name]
                 shape = types[s.name].shape
                 value = (lambda iv, d=d, s=s: f"{b.load(d, iv)} * "
@@ -233,7 +233,7 @@ class _Kernel:
         lines = b.section()
         for s in self.kp.states:
             buf = self.state_buf[s.name]
-            if self.kp.name == "walk":
+            if self.kp.role == "walk":
                 lead = "i_b, i_h"
                 self._store_state(buf, lambda iv, s=s: f"{s.name}_final{self._state_index(s, lead, iv)}")
             else:
@@ -249,9 +249,9 @@ class _Kernel:
     def view(self) -> _KernelView:
         kp, spec = self.kp, self.spec
         self._declare_states()
-        init = {s.name: self._walk_init(s) for s in kp.states} if kp.name == "walk" else {}
+        init = {s.name: self._walk_init(s) for s in kp.states} if kp.role == "walk" else {}
         prologue = self._prologue()
-        history = self._history() if kp.name == "walk" else []
+        history = self._history() if kp.role == "walk" else []
         loads = self._loads()
         body = self._body()
         stores = self._stores()
@@ -273,7 +273,7 @@ class _Kernel:
         params += ["T_pad: T.int32", "chunks_per_seg: T.int32", "n_segments: T.int32", "n_bh: T.int32",
                    "cu: T.Tensor((cu_n,), \"int32\")", "chunk_off: T.Tensor((chunk_off_n,), \"int32\")"]
         n_split = f"{self.split} // BLOCK" if self.split else "1"
-        programs = "n_segments" if kp.name == "walk" else "n_segments - 1"
+        programs = "n_segments" if kp.role == "walk" else "n_segments - 1"
         return _KernelView(
             factory=factory_name(spec.name, kp.name), fn=f"{spec.name}_{kp.name}_kernel", plan=kp,
             dynamic=dynamic, params=params, grid=f"{n_split}, n_bh, {programs}",
@@ -297,7 +297,7 @@ _NOT_EMITTED = {"prep": "a chunk-parallel kernel for values hoisted out of the w
 
 def _refuse_what_cannot_be_emitted(plan: Plan) -> None:
     """An unsupported tile op is named first (the most specific reason), then a kernel kind."""
-    forward = [k for k in plan.kernels if not k.name.startswith("bwd")]
+    forward = [k for k in plan.kernels if not k.backward]
     for kp in forward:
         for op in kp.ops:
             if op.kind in UNSUPPORTED:

@@ -28,7 +28,7 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
             | {f"{o.name}_grad_ptr" for o in op.spec.outputs} | {f"{x}_dx_ptr" for x in whole})
     sig = {n: ("*bf16" if n in bf16 else "*i32" if n in ("cu_ptr", "chunk_off_ptr") else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
-    const = dict(H=16, C=chunk or op.spec.chunk, BLOCK=padded(split_size) if kp.name == "prep" else block, HAS_INIT=True,
+    const = dict(H=16, C=chunk or op.spec.chunk, BLOCK=padded(split_size) if kp.role == "prep" else block, HAS_INIT=True,
                  STORE_FINAL=True, STORE_HISTORY=True, HAS_DFINAL=True, IS_VARLEN=False, DOT_DTYPE=tl.bfloat16,
                  PRECISION="tf32", FUSE_MERGE=fuse_merge, SUMMARY=summary, **dims,
                  **{f"{d}_P": padded(v) for d, v in dims.items()},

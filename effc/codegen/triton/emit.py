@@ -149,15 +149,15 @@ def emit_module(plan: Plan) -> str:
     split = plan.split_dim
     views = []
     for kp in plan.kernels:
-        if kp.name == "bwd_scan":
+        if kp.role == "bwd_scan":
             _check_scan_decay(plan, kp)
         printer = TritonPrinter(spec, kp.types(spec), split)
         toks = {d.name: _token_offsets(d, f"HX_{d.name}", split=split) for d in kp.loads}
         toks.update({d.name: _token_offsets(d, split=split)
-                     for d in kp.stores + (spec.outputs if kp.name.startswith("bwd") else ())})
+                     for d in kp.stores + (spec.outputs if kp.backward else ())})
         # with merge deferred (FUSE_MERGE false) the walk skips what only the outputs need; a constexpr `if`
         # is resolved when Triton compiles, and names it defines stay in scope
-        optional = set(plan.merge_only()) if kp.name == "walk" else set()
+        optional = set(plan.merge_only()) if kp.role == "walk" else set()
         view = _KernelView(
             fn=kernel_name(spec.name, kp.name), plan=kp, signature=signature(kp.args, LINEAR_LAYOUT),
             body=[("if FUSE_MERGE: " if op.out in optional else "") + f"v_{op.out} = {printer.expr(op)}"
@@ -175,10 +175,10 @@ def emit_module(plan: Plan) -> str:
             # hoisted values are chunk-padded (every row of a chunk, padding included, as the walk would compute
             # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
-                          for d in kp.hoisted_loads + (kp.stores if kp.name == "prep" else ())})
+                          for d in kp.hoisted_loads + (kp.stores if kp.role == "prep" else ())})
         for s in kp.states:
             view.state_load[s.name], view.state_store[s.name] = _masks(s.dims, split)
-        for d in kp.hoisted_loads + (kp.stores if kp.name == "prep" else ()):
+        for d in kp.hoisted_loads + (kp.stores if kp.role == "prep" else ()):
             axes = (None,) + tuple(f if f in spec.dims else None for f in d.feature_dims)  # [C, C] tiles: no mask
             view.hoisted_load[d.name], view.hoisted_store[d.name] = _masks(axes, split)
         _grad_stores(view, plan, kp)
