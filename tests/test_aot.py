@@ -31,7 +31,9 @@ for spec in sys.argv[1:]:
         if kp.name == "bwd_scan" and op.comp.plan.segmentable:
             variants.append(({"summary": True}, "[summary]"))
         for flags, tag in variants:
-            k = compile_sm90(op, kp, **flags)
+            # at the model's pipeline depth (policy.tiling.choose: 1 stage); deeper ones are the tuner's
+            # candidates, which its shared-memory model prunes or which fail as candidates
+            k = compile_sm90(op, kp, num_stages=1, **flags)
             ptx, shared = k.asm["ptx"], k.metadata.shared
             results[f"{name}.{kp.name}{tag}"] = {
                 "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx, "shared": shared,
