@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 from ..errors import ArgumentError
-from ..runtime.checks import check_cu_seqlens
+from ..runtime.checks import check_cu_seqlens, check_inputs
 from .affine import StateMap, state_maps
 from .varlen import shard_layout
 
@@ -65,6 +65,11 @@ def _anchor(o, gathered):
     return _Anchor.apply(o, gathered) if torch.is_tensor(o) else (_Anchor.apply(o[0], gathered),) + tuple(o[1:])
 
 
+def _states(x) -> list[torch.Tensor]:
+    """The op's state argument or result (a tensor, or a tuple with one per state) as a list."""
+    return [x] if torch.is_tensor(x) else list(x)
+
+
 def _cat_time(pieces):
     """Outputs (a tensor or a tuple of them per piece) joined along the time axis."""
     if torch.is_tensor(pieces[0]):
@@ -76,8 +81,7 @@ class ContextParallelOp:
     """`op` over the sequence shards of `group`; call it as the op (see context_parallel)."""
 
     def __init__(self, op, group=None):
-        family = getattr(getattr(op, "comp", None), "ir", None)
-        family = getattr(family, "family", "linear")
+        family = op.comp.ir.family
         if family != "linear":
             raise NotImplementedError(f"context parallel for the {family} family ({op.name}) is not implemented: "
                                       "ring attention / all-gather of K and V is future work; only the linear "
@@ -91,12 +95,8 @@ class ContextParallelOp:
 
     # -- shapes ------------------------------------------------------------------------------------
     def _sizes(self, tensors) -> tuple[int, int, dict[str, int]]:
-        sizes: dict[str, int] = {}
-        for d, x in zip(self.spec.inputs, tensors):
-            for name, n in zip(d.dims[3:], x.shape[3:]):
-                sizes[name] = int(n)
-        x0 = tensors[0]
-        return int(x0.shape[0]), int(x0.shape[2]), sizes
+        B, _, H, sizes = check_inputs(self.spec, tuple(tensors), for_kernels=False)
+        return B, H, sizes
 
     def plan(self, *tensors) -> ContextParallelPlan:
         """The communication of a call with these (local shard) inputs; `print` it."""
@@ -139,8 +139,7 @@ class ContextParallelOp:
         dtype = self._state_dtype(tensors[0])
         init = self._probe_states(B, H, sizes, n, dtype, tensors[0].device)
         xs = [torch.cat([x] * (n + 1), 0) for x in tensors]
-        _, finals = self.op(*xs, initial_state=init, output_final_state=True, **kw)
-        finals = [finals] if torch.is_tensor(finals) else list(finals)
+        finals = _states(self.op(*xs, initial_state=init, output_final_state=True, **kw)[1])
         out = []
         for m, f in zip(self.maps, finals):
             f = f.reshape((n + 1, B, H) + f.shape[2:])
@@ -156,6 +155,14 @@ class ContextParallelOp:
                 a = cols[..., :rows]
             out += [w.reshape(B, H, -1), a.reshape(B, H, -1)]
         return out
+
+    def _zero_summary(self, shapes, sizes, dtype, device) -> list[torch.Tensor]:
+        """[W, A] per state, all zeros: what a rank sends when no rank reads its summary."""
+        parts = []
+        for m, shape in zip(self.maps, shapes):
+            parts += [torch.zeros(shape[:2] + (math.prod(shape[2:]),), dtype=dtype, device=device),
+                      torch.zeros(shape[:2] + (math.prod(m.summary_shape(sizes)),), dtype=dtype, device=device)]
+        return parts
 
     def _apply(self, m: StateMap, a, w, s, sizes):
         """A(s) + w for one state (all (B, H, ...) shaped)."""
@@ -185,17 +192,14 @@ class ContextParallelOp:
         shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
         if rank == 0:
             o, finals = self.op(*tensors, initial_state=initial_state, output_final_state=True, **kw)
-            finals = [finals] if torch.is_tensor(finals) else list(finals)
+            finals = _states(finals)
             parts = []
             for m, f in zip(self.maps, finals):  # rank 0's A is never read: zeros keep the layout
                 parts += [f.reshape(B, H, -1), f.new_zeros((B, H, math.prod(m.summary_shape(sizes))))]
         elif rank < world - 1:
             parts = self._summary(tensors, kw, B, H, sizes)
         else:  # nobody reads the last rank's summary
-            parts = []
-            for m, shape in zip(self.maps, shapes):
-                parts += [torch.zeros((B, H, math.prod(shape[2:])), dtype=dtype, device=tensors[0].device),
-                          torch.zeros((B, H, math.prod(m.summary_shape(sizes))), dtype=dtype, device=tensors[0].device)]
+            parts = self._zero_summary(shapes, sizes, dtype, tensors[0].device)
         mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts], -1)
         gathered = self._gather(mine)  # (world, B, H, L)
         if rank > 0:
@@ -227,8 +231,7 @@ class ContextParallelOp:
         cu = [int(c) for c in cu_seqlens.tolist()]
         n_seq = len(cu) - 1
         lay = shard_layout(cu, list(zip(starts, starts[1:])), rank)
-        inits = None if initial_state is None else (
-            [initial_state] if torch.is_tensor(initial_state) else list(initial_state))
+        inits = None if initial_state is None else _states(initial_state)
         if inits is not None:
             for m, st in zip(self.maps, inits):
                 want = (n_seq, H) + tuple(sizes[d] for d in m.dims)
@@ -243,7 +246,7 @@ class ContextParallelOp:
             init = None if inits is None else [st[lay.owned.start:lay.owned.stop] for st in inits]
             local_cu = torch.tensor(lay.owned_cu, dtype=cu_seqlens.dtype, device=device)
             o_own, fin_own = self.op(*xs, initial_state=init, output_final_state=True, cu_seqlens=local_cu, **kw)
-            fin_own = [fin_own] if torch.is_tensor(fin_own) else list(fin_own)
+            fin_own = _states(fin_own)
         if lay.continues_out and len(lay.owned):  # a document starts here: the leaving state ignores the entering
             parts = []
             for m, f in zip(self.maps, fin_own):
@@ -251,10 +254,7 @@ class ContextParallelOp:
         elif lay.continues_out:  # the whole shard is inside one document: A and W as for a dense shard
             parts = self._summary(tensors, kw, 1, H, sizes)
         else:  # nobody reads the state leaving this shard
-            parts = []
-            for m, shape in zip(self.maps, shapes):
-                parts += [torch.zeros((1, H, math.prod(shape[2:])), dtype=dtype, device=device),
-                          torch.zeros((1, H, math.prod(m.summary_shape(sizes))), dtype=dtype, device=device)]
+            parts = self._zero_summary(shapes, sizes, dtype, device)
         gathered = self._gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1))
 
         o_cont = fin_cont = None
@@ -263,7 +263,7 @@ class ContextParallelOp:
             if lay.cont_len:
                 o_cont, fin_cont = self.op(*[x[:, :lay.cont_len] for x in tensors], initial_state=entering,
                                            output_final_state=True, **kw)
-                fin_cont = [fin_cont] if torch.is_tensor(fin_cont) else list(fin_cont)
+                fin_cont = _states(fin_cont)
             else:  # an empty shard inside a document: the state passes through
                 fin_cont = entering
         pieces = [p for p in (o_cont, o_own) if p is not None]

@@ -33,7 +33,7 @@ class ShardLayout:
 def shard_layout(cu: list[int], bounds: list[tuple[int, int]], rank: int) -> ShardLayout:
     """The layout of rank `rank`'s shard [bounds[rank]) of the packed stream with global boundaries `cu`."""
     s, e = bounds[rank]
-    n, total = len(cu) - 1, cu[-1]
+    n = len(cu) - 1
     last = rank == len(bounds) - 1
     k = bisect_left(cu, s)  # first boundary at or after s: document k-1 holds token s-1
     cont = k - 1 if 0 < k <= n and cu[k] > s else None
