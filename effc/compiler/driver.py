@@ -64,26 +64,13 @@ class Compilation:
         return self._branches[family]
 
     def source(self, backend: str = "triton") -> str:
-        return checked_source(self._source(backend), self.typed.name, backend)
+        return checked_source(self.emit(backend), self.typed.name, backend)
 
-    def _source(self, backend: str) -> str:
+    def emit(self, backend: str) -> str:
+        """The generated module's text, unchecked (`source` checks that it compiles)."""
         if backend not in BACKENDS:
             raise NotImplementedError(f"unknown backend '{backend}'; available: {', '.join(BACKENDS)}")
-        family = self.ir.family
-        if family == "hybrid":
-            return self.branch("softmax")._source(backend) + "\n\n" + self.branch("linear")._source(backend)
-        if family == "softmax":
-            if backend != "triton":
-                raise NotImplementedError(f"backend '{backend}' is not implemented for the softmax family yet; "
-                                          "available: triton")
-            from ..codegen.triton.softmax_emit import emit_softmax_module
-            return emit_softmax_module(self.plan)
-        if backend == "tilelang":
-            from ..codegen.tilelang import emit_module as emit_tilelang
-            return emit_tilelang(self.plan)
-        from ..codegen.triton import emit_module
-        return emit_module(self.plan)
-
+        return self.rules.emit(self, backend)
 
 def checked_source(source: str, spec: str, backend: str) -> str:
     """Generated source must compile before anything writes or imports it: a code generator bug is then an

@@ -32,6 +32,22 @@ class Pass:
     run: Callable  # (Compilation) -> the stage's value
 
 
+def _emit_linear(c, backend: str) -> str:
+    if backend == "tilelang":
+        from ..codegen.tilelang import emit_module as emit_tilelang
+        return emit_tilelang(c.plan)
+    from ..codegen.triton import emit_module
+    return emit_module(c.plan)
+
+
+def _emit_softmax(c, backend: str) -> str:
+    if backend != "triton":
+        raise NotImplementedError(f"backend '{backend}' is not implemented for the softmax family yet; "
+                                  "available: triton")
+    from ..codegen.triton.softmax_emit import emit_softmax_module
+    return emit_softmax_module(c.plan)
+
+
 def _linear_fused(c):
     fused = fuse(c.typed, c.legality, c.backward)
     split = c.legality.split_dims[0] if c.legality.split_dims else None
@@ -50,6 +66,7 @@ class Family:
     backward: Callable
     fused: Callable
     plan: Callable
+    emit: Callable  # (Compilation, backend) -> source; backends a family lacks raise NotImplementedError
 
 
 FAMILIES = {f.name: f for f in (
@@ -58,20 +75,23 @@ FAMILIES = {f.name: f for f in (
            legality=lambda c: analyze(c.typed),
            backward=lambda c: differentiate(c.typed),
            fused=_linear_fused,
-           plan=lambda c: plan(c.typed, c.legality, c.fused, c.backward)),
+           plan=lambda c: plan(c.typed, c.legality, c.fused, c.backward),
+           emit=_emit_linear),
     Family("softmax", "online softmax (FlashAttention-2 walk over key blocks)",
            typed=lambda c: infer_softmax_shapes(c.ir),
            legality=lambda c: analyze_softmax(c.typed),
            backward=lambda c: differentiate_softmax(c.legality),
            fused=lambda c: softmax_plan(c.typed, c.legality, c.backward),
-           plan=lambda c: c.fused),
+           plan=lambda c: c.fused,
+           emit=_emit_softmax),
     # a hybrid compiles as its two branches (passes.hybrid), each a spec of one family
     Family("hybrid", "hybrid: online softmax (FlashAttention-2) for the score branch + chunked-state scan",
            typed=lambda c: infer_softmax_shapes(c.ir),
            legality=lambda c: HybridSchedule(c.split, c.branch("softmax").legality, c.branch("linear").legality),
            backward=lambda c: c.branch("softmax").backward,
            fused=lambda c: HybridPlan(c.branch("softmax").fused, c.branch("linear").fused),
-           plan=lambda c: HybridPlan(c.branch("softmax").plan, c.branch("linear").plan)),
+           plan=lambda c: HybridPlan(c.branch("softmax").plan, c.branch("linear").plan),
+           emit=lambda c, backend: c.branch("softmax").emit(backend) + "\n\n" + c.branch("linear").emit(backend)),
 )}
 
 
