@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from ..ir.nodes import Op
-
 import torch
 import triton
 
@@ -47,8 +45,7 @@ LONG_DOT_CHAIN = 48
 
 def longest_dot_chain(kernels) -> int:
     """The most matmuls in one gradient kernel of a plan (the softmax family's kernels list no ops: 0)."""
-    return max((sum(op.kind == "matmul" for op in getattr(k, "ops", ()) if isinstance(op, Op))
-                for k in kernels if k.role.startswith("bwd")), default=0)
+    return max((sum(op.kind == "matmul" for op in k.ops) for k in kernels if k.backward), default=0)
 
 
 def block_limit(kernels, device) -> int | None:
