@@ -22,8 +22,8 @@ Convention differences found between effc's library and fla (see the report of t
   scale * q_t . sum_{s<=t} k_s, with a second state z); effc's linear_attn has no normaliser. It matches
   fla with normalize=False, which is what fla's LinearAttention layer passes by default
   (do_feature_map_norm=False) and what fla's own tests compare. These tests use normalize=False.
-- gla: the same convention, but effc's kernel overflows to NaN for fla's strong gates (normaliser 0.1), which
-  fla's chunk_gla handles: a finding, an xfail here (GLA_STRONG_GATES below).
+- gla: the same convention; fla's strong gates (normaliser 0.1) once overflowed effc's kernel to NaN
+  (fixed by passes.decay_dot, see the note above _params).
 Every other spec matches fla's convention at every case (RMS ratios ~1e-7 to 7e-5 in fp32).
 
 The judge is fla's: RMS(diff) / RMS(ref) (fla.utils.get_err_ratio), which fla bounds by 0.005 in its
@@ -223,16 +223,10 @@ def rms_ratio(got, ref) -> float:
 # the cases
 # ---------------------------------------------------------------------------------------------------------
 
-# FINDING (effc main at 28cd19c): gla's kernel computes k * exp(-b) with b the cumulative log decay from the
-# chunk start (gla.attn's intra stage, chunk 32) in fp32, which overflows once a chunk's decay passes
-# exp(-88): with fla's strongest test gates (logsigmoid(x) / 0.1, about -8 per step) that takes ~11 tokens,
-# and the output and every gradient come out NaN, at any T. fla's chunk_gla keeps exponents relative to
-# 16-token sub-chunks (and per element on the diagonal blocks) and passes the same case. simple_gla,
-# gated_delta_net and retention mask the exponent before exp (_decay.attn's decay_matrix) and pass.
-# strict: this xfail turns into a failure when gla is fixed, to take the mark off.
-GLA_STRONG_GATES = pytest.mark.xfail(strict=True, reason=(
-    "finding: gla's kernel overflows (NaN output and gradients) for fla's strong gates logsigmoid(x)/0.1: "
-    "exp(-cumsum(g)) over a 32-token chunk exceeds fp32; fla's chunk_gla passes this case"))
+# gla's strong gates (fla's logsigmoid(x) / 0.1, about -8 per step) once overflowed: k * exp(-cumsum(g))
+# leaves fp32 after ~11 tokens. passes.decay_dot now evaluates that product from its exponents (sub-chunk
+# anchors and a pairwise diagonal once a chunk's decay exceeds the matmul dtype), and these cases run
+# like the others.
 
 
 @dataclass(frozen=True)
@@ -294,8 +288,6 @@ def _params():
     for name in SPECS:
         for c in CASES:
             marks = []
-            if name == "gla" and c.normalizer == 0.1:
-                marks.append(GLA_STRONG_GATES)
             if c.slow:
                 marks.append(pytest.mark.slow)
             out.append(pytest.param(name, c, id=f"{name}-{c.id(name)}", marks=marks))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..passes.autodiff import differentiate
+from ..passes.decay_dot import factor_decays
 from ..passes.fusion import fuse
 from ..passes.grad_terms import place_gradient_terms
 from ..passes.hoist import hoist
@@ -71,7 +72,7 @@ class Family:
 
 FAMILIES = {f.name: f for f in (
     Family("linear", "chunked-state scan",
-           typed=lambda c: infer_shapes(c.ir),
+           typed=lambda c: factor_decays(infer_shapes(c.ir)),
            legality=lambda c: analyze(c.typed),
            backward=lambda c: differentiate(c.typed),
            fused=_linear_fused,
@@ -97,7 +98,8 @@ FAMILIES = {f.name: f for f in (
 
 PIPELINE: tuple[Pass, ...] = (
     Pass("ir", "AST -> IR: scopes checked, macros inlined, SSA (passes.lower)", lambda c: lower(c.module, c.name)),
-    Pass("typed", "a tile type for every value (passes.shapes; passes.softmax for a score stage)",
+    Pass("typed", "a tile type for every value (passes.shapes; passes.softmax for a score stage); factored "
+         "decays across a score matmul made one decay_dot (passes.decay_dot)",
          lambda c: c.rules.typed(c)),
     Pass("split", "a hybrid's two branches, a softmax spec and a linear one (passes.hybrid); none otherwise",
          lambda c: split_hybrid(c.typed, softmax_value_types(c.typed)) if c.typed.family == "hybrid" else None),

@@ -127,6 +127,10 @@ class Plan:
                    "chunk from the walk's states" if self.deferrable else "")
                 + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
                    if self.hoisted else "")]
+        sites = [op.out for st in self.spec.stages for op in st.ops if op.kind == "decay_dot"]
+        if sites:
+            head.append(f"  factored decays evaluated from their exponents (passes.decay_dot): {', '.join(sites)}; "
+                        "sub-chunk anchors in chunks whose decay exceeds the matmul dtype")
         return "\n".join(head + [str(k) for k in self.kernels])
 
 

@@ -61,6 +61,8 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
         if a.shape[1] != b.shape[0]:
             raise SpecError(f"'@' inner dims differ: {a} @ {b}", op.loc, f"[m, {a.shape[1]}] @ [{a.shape[1]}, n]")
         return TileType((a.shape[0], b.shape[1]))
+    if k in O.DECAY:
+        return TileType((C, C)) if k == "decay_dot" else args[1]
     if k == "transpose":
         if args[0].rank != 2:
             raise SpecError(f"'.T' needs a 2-D tile, got {_fmt(args[0])}", op.loc, "a 2-D tile")
@@ -140,6 +142,8 @@ def _check_targets(spec: Spec, env) -> None:
 
 def reduces_tokens(op: Op, types: dict[str, TileType]) -> bool:
     """Does `op` sum or max over the token axis? Then padded tokens must be masked out of it."""
+    if op.kind in ("decay_mm", "decay_mm_t"):
+        return True
     if op.kind == "matmul":
         return types[op.args[0]].shape[1] == C
     if op.kind in O.REDUCTIONS:

@@ -142,6 +142,24 @@ def _unit_lower_inv(e, x, y, g):  # Y = (I + L)^-1: dL = -Y^T dY Y^T on the stri
     return e.emit("neg", e.emit("strict", e.emit("matmul", e.emit("matmul", yt, g), yt), 0.0))
 
 
+def _decay_dot(e, op, g):
+    """P = decay_dot(x, y, eq, ek): dx = sum_j dP_ij y_j e^(eq_i + ek_j) is a decay_mm, dy its transposed
+    twin; an exponent's adjoint is its factor's times that factor (d eq_ik = x_ik dx_ik)."""
+    x, y, eq, ek, diag = op.args
+    memo = {}
+
+    def dx():
+        if "x" not in memo:
+            memo["x"] = e.emit("decay_mm", g, y, eq, ek, diag)
+        return memo["x"]
+
+    def dy():
+        if "y" not in memo:
+            memo["y"] = e.emit("decay_mm_t", e.emit("transpose", g), x, eq, ek, diag)
+        return memo["y"]
+    return dx, dy, lambda: e.emit("mul", x, dx()), lambda: e.emit("mul", y, dy()), None
+
+
 def _no_gradient(e, op, g):
     return (None,) * len(op.args)
 
@@ -185,6 +203,7 @@ RULES: dict[str, Callable] = {
     # masks keep the adjoint where they keep the value (the fill is a constant); the chunk's transforms
     **{m: _unary(lambda e, x, y, g, m=m: e.emit(m, g, 0.0)) for m in O.MASKS},
     "unit_lower_inv": _unary(_unit_lower_inv),
+    "decay_dot": _decay_dot,
     "cumsum": _unary(lambda e, x, y, g: e.emit("revcumsum", g)),
     "revcumsum": _unary(lambda e, x, y, g: e.emit("cumsum", g)),
     # reductions: the adjoint broadcast back (to the maximal entries for a max)

@@ -18,6 +18,10 @@ from functools import lru_cache
 import torch
 import triton
 
+from ..ir import ops as O
+
+_DOTS = ("matmul",) + O.DECAY  # a decay contraction runs a dot per sub-chunk anchor (passes.decay_dot)
+
 
 @lru_cache(maxsize=None)
 def hopper_dot_miscompile(device_index: int) -> bool:
@@ -45,7 +49,7 @@ LONG_DOT_CHAIN = 48
 
 def longest_dot_chain(kernels) -> int:
     """The most matmuls in one gradient kernel of a plan (the softmax family's kernels list no ops: 0)."""
-    return max((sum(op.kind == "matmul" for op in k.ops) for k in kernels if k.backward), default=0)
+    return max((sum(op.kind in _DOTS for op in k.ops) for k in kernels if k.backward), default=0)
 
 
 def block_limit(kernels, device) -> int | None:

@@ -51,6 +51,19 @@ def _finite_on_padding(op: Op, args: list, n_valid: int, chunk: int, matmul_dtyp
     return _valid_rows(eval_op(op, safe, chunk, chunk, matmul_dtype), n_valid, 2)
 
 
+def _decay(kind: str, a, b, eq, ek, diag: float):
+    """The decay contractions (ir.ops.DECAY) from their exponents, pair by pair: no exp(eq) or exp(ek) alone,
+    so they are finite wherever the result is. Tiles are (B, H, C, K); the pair tensor is (B, H, C, C, K)."""
+    c = eq.shape[2]
+    keep = torch.ones(c, c, dtype=torch.bool, device=eq.device).tril(0 if diag else -1)[:, :, None]
+    weight = torch.exp(torch.where(keep, eq[:, :, :, None, :] + ek[:, :, None, :, :], -math.inf))  # [i, j, k]
+    if kind == "decay_dot":  # a = x [i, k], b = y [j, k]
+        return (a[:, :, :, None, :] * b[:, :, None, :, :] * weight).sum(-1)
+    if kind == "decay_mm":  # a = m [i, j], b = z [j, k]
+        return (a[:, :, :, :, None] * b[:, :, None, :, :] * weight).sum(3)
+    return (a.transpose(-1, -2)[:, :, :, :, None] * b[:, :, :, None, :] * weight).sum(2)  # mt [j, i], z [i, k]
+
+
 def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, over_tokens: bool = False):
     k = op.kind
     if k in _SAFE_ON_PADDING and n_valid < chunk and op.type.shape and op.type.shape[0] == C:
@@ -109,6 +122,10 @@ def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ove
         x = args[0]
         eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
         return torch.linalg.solve_triangular(eye + x.tril(-1), eye.expand_as(x), upper=False, unitriangular=True)
+    if k in O.DECAY:
+        if k != "decay_dot":  # contracting over tokens: padded ones do not exist
+            args = [args[0], _valid_rows(args[1], n_valid, 2)] + args[2:]
+        return _decay(k, *args)
     if k == "gtz":
         return (args[0] > 0).to(args[0].dtype)
     if k == "sign":

@@ -45,6 +45,9 @@ def spec_flops(op, B: int, T: int, H: int, dims: dict[str, int], chunk: int) -> 
         if o.kind == "matmul":
             (m, k), (_, n) = types[o.args[0]].shape, types[o.args[1]].shape
             per_chunk += 2 * m * k * n
+        elif o.kind == "decay_dot":  # x [C, K] against y [C, K] (passes.decay_dot)
+            (m, k) = types[o.args[0]].shape
+            per_chunk += 2 * m * k * m
     subs = {C: chunk, **{dim(d): v for d, v in dims.items()}}
     return float(per_chunk.subs(subs)) * math.ceil(T / chunk) * B * H
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...ir import ops as O
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan
 from ...version import __version__
@@ -199,4 +200,5 @@ def emit_module(plan: Plan) -> str:
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
-                              split=split, summary=summary)
+                              split=split, summary=summary,
+                              decays=any(op.kind in O.DECAY for kp in plan.kernels for op in kp.ops))

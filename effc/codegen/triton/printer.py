@@ -118,6 +118,8 @@ class TritonPrinter:
             return self._finite_on_padding(op, power(a[0], op.args[1], "tl", self.ref(op.args[1])))
         if k == "matmul":
             return self._matmul(op, a)
+        if k in O.DECAY:
+            return self._decay(op, a)
         if k == "transpose":
             return f"tl.trans({a[0]})"
         if k in _MASK_CMP:
@@ -175,6 +177,26 @@ class TritonPrinter:
         if self.token_valid is None or op.kind not in _LEAVES_FINITE_RANGE or not shape or shape[0] != C:
             return text
         return f"tl.where({self.token_valid}{'[:, None]' if len(shape) == 2 else ''}, {text}, 0.0)"
+
+    def _decay(self, op: Op, a: list[str]) -> str:
+        """The decay contractions (passes.decay_dot). Per-channel exponents go to the template's helpers; one
+        exponent per token makes the pair weights a [C, C] tile, exp of the masked sums, as written."""
+        k, diag = op.kind, int(op.args[4])
+        if k == "decay_dot":  # x and y are contracted over their feature axis
+            a[0], a[1] = self._operand(op.args[0], a[0], 1), self._operand(op.args[1], a[1], 1)
+        if self.types[op.args[2]].shape[1] != _ONE:
+            return f"_{k}({', '.join(a[:4])}, tv, r_C, C, {diag}, DOT_DTYPE, PRECISION)"
+        x, y, eq, ek = a[:4]
+        if k == "decay_mm_t":  # weights of pair (i, j) at [j, i]
+            keep, pair = f"(r_C[None, :] > r_C[:, None] - {diag})", f"{ek} + tl.trans({eq})"
+        else:
+            keep, pair = f"(r_C[:, None] > r_C[None, :] - {diag})", f"{eq} + tl.trans({ek})"
+        weight = f"tl.exp(tl.where({keep}, {pair}, -float(\"inf\")))"
+        if k == "decay_dot":
+            return (f"(tl.dot({x}.to(DOT_DTYPE), tl.trans({y}).to(DOT_DTYPE), input_precision=PRECISION)"
+                    f" * {weight})")
+        return (f"tl.dot(({x} * {weight}).to(DOT_DTYPE), tl.where(tv[:, None], {y}, 0.0).to(DOT_DTYPE), "
+                "input_precision=PRECISION)")
 
     def _matmul(self, op: Op, a: list[str]) -> str:
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
