@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from ..errors import SpecError
+from ..ir import ops as O
 from ..ir.nodes import C, Spec, dim
 from ..passes.legality import Legality
 from ..passes.shapes import value_types
@@ -137,8 +138,9 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
     loaded = sum((elements(i.tile.shape) for i in spec.inputs), sympy.Integer(0))
     live = sum((elements(st.tile.shape) for st in spec.states), sympy.Integer(0)) + loaded + C * C
     types = value_types(spec)
-    dots = tuple(sum((elements(types[a].shape) for a in op.args), sympy.Integer(0))
-                 for st in spec.stages for op in st.ops if op.kind == "matmul")
+    # a decay contraction (passes.decay_dot) is a matmul of its first two operands
+    dots = tuple(sum((elements(types[a].shape) for a in op.args[:2]), sympy.Integer(0))
+                 for st in spec.stages for op in st.ops if op.kind == "matmul" or op.kind in O.DECAY)
     knobs = (f"C = chunk, block = block of {split} (BLOCK), P = segments of the walk" if split
              else "C = chunk, block = 1 (no dim is split), P = segments of the walk")
     return TilingSpace(split, tuple(cons), sympy.expand(live), sympy.expand(loaded), dots, knobs=knobs)

@@ -20,14 +20,17 @@ LOW_PRECISION_FACTOR = 2.0
 
 
 def random_inputs(spec: Spec, B: int, T: int, H: int, dims: dict[str, int], dtype=torch.float32,
-                  device="cpu", seed: int = 0) -> list[torch.Tensor]:
+                  device="cpu", seed: int = 0, strong_gates: bool = False) -> list[torch.Tensor]:
+    """Inputs as their annotations promise. `strong_gates`: log decays of about -20 a token (a chunk's decay
+    far past fp32's range), the case factored decays overflow on (passes.decay_dot)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for d in spec.inputs:
         shape = (B, T, H) + tuple(dims[n] for n in d.feature_dims)
         x = torch.randn(shape, generator=gen)
         if "logdecay" in d.annotations:
-            x = F.logsigmoid(x + 2.0)  # decays mostly in (0.5, 1): long memory, like trained gates
+            # decays mostly in (0.5, 1): long memory, like trained gates
+            x = F.logsigmoid(x - 2.0) * 10.0 if strong_gates else F.logsigmoid(x + 2.0)
         elif "unit" in d.annotations:
             x = torch.sigmoid(x)
         elif "positive" in d.annotations:
