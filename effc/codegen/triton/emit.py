@@ -8,7 +8,7 @@ from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan
 from ...version import __version__
 from .. import template
-from .printer import TritonPrinter, feature_mask
+from .printer import TritonPrinter, feature_mask, rotation_helpers
 from .signature import LINEAR_LAYOUT, signature
 
 
@@ -199,4 +199,5 @@ def emit_module(plan: Plan) -> str:
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
-                              split=split, summary=summary)
+                              split=split, summary=summary,
+                              helpers=rotation_helpers(op for st in spec.stages for op in st.ops))
