@@ -57,6 +57,7 @@ CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
 # names a spec can read without declaring them
 BUILTINS = {
     "idx": "position of each token inside its chunk, 0..C-1, shape (C,)",
+    "pos": "absolute position of each token in its sequence, shape (C,) (chunked-scan stages; score has qpos, kpos)",
     "head": "index of the head, a scalar",
     "inf": "positive infinity (use -inf as a mask fill)",
 }

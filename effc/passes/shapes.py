@@ -17,7 +17,7 @@ def leaf_types(spec: Spec) -> dict[str, TileType]:
     env = {d.name: d.tile for d in spec.inputs + spec.states}
     env.update({p.name: SCALAR for p in spec.params})
     env.update({n: SCALAR for n in spec.dims})
-    env.update({"idx": TileType((C,)), "head": SCALAR, "inf": SCALAR, "H": SCALAR})
+    env.update({"idx": TileType((C,)), "pos": TileType((C,)), "head": SCALAR, "inf": SCALAR, "H": SCALAR})
     return env
 
 

@@ -73,6 +73,8 @@ class TileLangPrinter:
             return f"T.float32({a})"
         if a == "idx":
             return f'T.Cast("float32", {idx[0]})'
+        if a == "pos":
+            return f'T.Cast("float32", i_c * C + {idx[0]})'
         if a == "head":
             return 'T.Cast("float32", i_h)'
         if a == "inf":

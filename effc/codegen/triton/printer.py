@@ -133,6 +133,8 @@ class TritonPrinter:
             return f"({a} * 1.0)"
         if a == "idx":
             return "r_C.to(tl.float32)"
+        if a == "pos":
+            return "tok.to(tl.float32)"
         if a == "head":
             return "i_h.to(tl.float32)"
         if a == "inf":
