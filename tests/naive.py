@@ -261,3 +261,22 @@ def mesanet(q, k, v, g, beta, initial_state=None, lam=1.0, steps=4):
 
 
 NAIVE["mesanet"] = mesanet
+
+
+def rope(x, base=10000.0):
+    """RoFormer's rotation (arXiv:2104.09864), rotate-half pairing: feature i < D/2 and i + D/2 of the token at
+    position t turn by the angle t * base^(-2i/D)."""
+    x = x.double()
+    T, D = x.shape[1], x.shape[-1]
+    inv = base ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * torch.cat((inv, inv))[None]
+    half = torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1)
+    return x * ang.cos()[None, :, None] + half * ang.sin()[None, :, None]
+
+
+def retention_rope(q, k, v, initial_state=None):
+    """RetNet with its rotation: retention on q and k rotated by their positions (from 0 in every call)."""
+    return retention(rope(q), rope(k), v, initial_state)
+
+
+NAIVE["retention_rope"] = retention_rope

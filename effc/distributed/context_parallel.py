@@ -86,6 +86,9 @@ class ContextParallelOp:
             raise NotImplementedError(f"context parallel for the {family} family ({op.name}) is not implemented: "
                                       "ring attention / all-gather of K and V is future work; only the linear "
                                       "family (a chunked state) is supported")
+        if op.spec.reads("pos"):  # a shard's kernels count positions from its own first token
+            raise NotImplementedError(f"context parallel for {op.name}: it reads 'pos', the token's position in "
+                                      "its sequence, and shards do not offset positions yet")
         self.op, self.group = op, group
         self.spec = op.spec
         self.maps = state_maps(op.spec, op.comp.legality)

@@ -109,6 +109,10 @@ class Spec:
         """In evaluation order for one chunk: merge reads the incoming state, inter writes the next."""
         return (self.intra, self.merge, self.inter)
 
+    def reads(self, name: str) -> bool:
+        """Does some op of the spec read the value or builtin `name`?"""
+        return any(name in op.args for st in (self.prefix, self.score) + self.stages for op in st.ops)
+
     @property
     def dims(self) -> tuple[str, ...]:
         seen: dict[str, None] = {}

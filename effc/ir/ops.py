@@ -3,7 +3,7 @@ keys its per-op rules on these names; none knows a mechanism."""
 from __future__ import annotations
 
 UNARY = ("neg", "exp", "exp2", "log", "log2", "sigmoid", "logsigmoid", "softplus", "tanh",
-         "relu", "sqrt", "rsqrt", "abs", "silu")
+         "relu", "sqrt", "rsqrt", "abs", "silu", "sin", "cos")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "pow")
 # masks over a (C, C) score tile; optional second argument is the fill value (default 0)
 MASKS = ("causal", "strict")
@@ -15,6 +15,13 @@ SCANS = ("cumsum", "revcumsum")  # along the chunk (token) axis, inclusive
 SOLVES = ("unit_lower_inv",)
 # maxall(x): the largest element of a tile, a scalar (running maxima of stabilised exponential gates)
 WHOLE = ("maxall",)
+# rotations of the feature (last) axis of a tile, as rotary position embeddings pair its features:
+#   rotate_half(x):  [x1, x2] -> [-x2, x1], x1 and x2 the two halves (the NeoX / Llama convention)
+#   rotate_pairs(x): (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...), adjacent pairs (GPT-J, interleaved)
+# Both are x @ R for an antisymmetric signed permutation R, so each one's adjoint is its negation.
+ROTATIONS = ("rotate_half", "rotate_pairs")
+# fidx(D): the index of each feature along feature dim D, 0..D-1, shape (D,) (the rotary frequencies' index)
+FEATURE = ("fidx",)
 OTHER = ("matmul", "transpose", "last", "expand", "copy")
 # made by the autodiff pass, not callable from specs:
 #   unlast(x): a [C, ...] tile holding x at the last real token, 0 elsewhere (adjoint of last)
@@ -39,7 +46,7 @@ LOGIC = ("and", "or", "not")
 # pair tile: query side a column [C, 1], key side a row [1, CK]
 SOFTMAX = ("where", "key", "query", "softmax", "logsumexp")
 
-ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + WHOLE + OTHER + INTERNAL + COMPARE + LOGIC + SOFTMAX)
+ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + WHOLE + ROTATIONS + FEATURE + OTHER + INTERNAL + COMPARE + LOGIC + SOFTMAX)
 
 # name -> number of arguments for the functions callable in spec text
 CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
@@ -49,12 +56,14 @@ CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
             **{s: (1, 1) for s in SCANS},
             "unit_lower_inv": (1, 1),
             "maxall": (1, 1),
+            **{r: (1, 1) for r in ROTATIONS}, "fidx": (1, 1),
             "last": (1, 1),
             "where": (3, 3), "not": (1, 1), "key": (1, 1), "query": (1, 1), "softmax": (1, 1), "logsumexp": (1, 1)}
 
 # names a spec can read without declaring them
 BUILTINS = {
     "idx": "position of each token inside its chunk, 0..C-1, shape (C,)",
+    "pos": "absolute position of each token in its sequence, shape (C,) (chunked-scan stages; score has qpos, kpos)",
     "head": "index of the head, a scalar",
     "inf": "positive infinity (use -inf as a mask fill)",
 }

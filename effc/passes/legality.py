@@ -122,7 +122,7 @@ def _transition(spec: Spec, state: str, ops: dict[str, Op], dep) -> Transition:
 
 
 def _contracted_dims(spec: Spec) -> set[str]:
-    """Dims that some op sums over: a matmul's inner dim, a reduction's axis."""
+    """Dims that some op sums over (a matmul's inner dim, a reduction's axis) or mixes (a rotation's axis)."""
     types = value_types(spec)
     out: set[str] = set()
     for stage in spec.stages:
@@ -131,6 +131,8 @@ def _contracted_dims(spec: Spec) -> set[str]:
                 out.add(str(types[op.args[0]].shape[1]))
             elif op.kind in O.REDUCTIONS:
                 out.add(str(types[op.args[0]].shape[O.REDUCTIONS[op.kind][0]]))
+            elif op.kind in O.ROTATIONS:  # pairs features of its last axis: a block of them is not enough
+                out.add(str(types[op.args[0]].shape[-1]))
     return out
 
 

@@ -120,6 +120,8 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
     feature_dims = {n for d in inputs + outputs + states for n in d.feature_dims}
 
     base = base_visibility(inputs, outputs, params, feature_dims)
+    base["pos"] = ("hidden:pos is a token's position in the chunked scan of specs without a score stage; "
+                   "a score stage uses qpos (queries) and kpos (keys)")
     pair_hidden = {b: f"hidden:{b} is a position in the score tile pair; it is visible in score" for b in O.PAIR_BUILTINS}
     state_hidden = {s.name: "hidden:states are read in merge and updated in inter" for s in states}
     counter = [0]

@@ -150,7 +150,18 @@ class StageLowering:
             n = f"{lo}" if lo == hi else f"{lo} or {hi}"
             raise SpecError(f"'{node.func}' takes {n} argument(s), got {len(node.args)}", node.loc,
                             f"{n} argument(s)")
+        if node.func == "fidx":
+            return self.emit("fidx", [self.feature_dim(node.args[0], subst)], node.loc)
         return self.emit(node.func, [self.expr(a, subst, depth) for a in node.args], node.loc)
+
+    def feature_dim(self, node: ast.Expr, subst) -> str:
+        """The argument of fidx(D): the name of a feature dim (through a def's parameter too)."""
+        name = node.id if isinstance(node, ast.Name) else None
+        name = subst.get(name, name) if name is not None else None
+        if not isinstance(name, str) or self.visible.get(name) != "dim" or name == "H" or name in self.current:
+            raise SpecError("fidx takes the name of a feature dim", getattr(node, "loc", None),
+                            "e.g. fidx(K) for inputs declared [B, T, H, K]: the features' indices 0..K-1")
+        return name
 
     def assign(self, a: ast.Assign, out: str | None = None) -> None:
         start = len(self.ops)

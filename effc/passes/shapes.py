@@ -17,7 +17,7 @@ def leaf_types(spec: Spec) -> dict[str, TileType]:
     env = {d.name: d.tile for d in spec.inputs + spec.states}
     env.update({p.name: SCALAR for p in spec.params})
     env.update({n: SCALAR for n in spec.dims})
-    env.update({"idx": TileType((C,)), "head": SCALAR, "inf": SCALAR, "H": SCALAR})
+    env.update({"idx": TileType((C,)), "pos": TileType((C,)), "head": SCALAR, "inf": SCALAR, "H": SCALAR})
     return env
 
 
@@ -91,6 +91,10 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
                             f"one ':' per axis of {_fmt(args[0])}")
         it = iter(args[0].shape)
         return TileType(tuple(_ONE if p == 1.0 else next(it) for p in pattern))
+    if k in O.ROTATIONS:
+        return _rotation_type(op, args[0])
+    if k == "fidx":  # the lowering checked that its argument names a feature dim
+        return TileType((dim(op.args[0]),))
     if k in ("gtz", "sign"):
         return args[0]
     if k == "ge":
@@ -105,6 +109,17 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
         raise SpecError(f"'{k}' belongs to the softmax family: it needs a 'score {{ ... }}' stage", op.loc,
                         "tile operations of the chunked-state family (see the README's language table)")
     raise SpecError(f"no shape rule for '{k}'", op.loc)
+
+
+def _rotation_type(op: Op, t: TileType) -> TileType:
+    """A rotation pairs the features of a tile's last axis: that axis must be a feature dim (its evenness is
+    checked against the dims' sizes at call time, runtime.checks)."""
+    last = t.shape[-1] if t.rank else None
+    if last is None or not isinstance(last, sympy.Symbol) or last.name in ("C", "CK"):
+        raise SpecError(f"'{op.kind}' rotates the features of a tile's last axis, but its argument is "
+                        f"{_fmt(t)}", op.loc, "a [C, D] tile or a [D] vector with D a feature dim, "
+                        "e.g. rotate_half(q) for q: [B, T, H, K]")
+    return t
 
 
 def infer_shapes(spec: Spec) -> Spec:

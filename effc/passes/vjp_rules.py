@@ -200,6 +200,11 @@ RULES: dict[str, Callable] = {
     "sqrt": _unary(lambda e, x, y, g: e.emit("div", e.emit("mul", g, 0.5), y)),
     "rsqrt": _unary(lambda e, x, y, g: e.emit("mul", e.emit("mul", g, -0.5), e.emit("mul", y, e.emit("mul", y, y)))),
     "silu": _unary(_silu),
+    "sin": _unary(lambda e, x, y, g: e.emit("mul", g, e.emit("cos", x))),
+    "cos": _unary(lambda e, x, y, g: e.emit("neg", e.emit("mul", g, e.emit("sin", x)))),
+    # x @ R with R an antisymmetric signed permutation: the adjoint g @ R^T = -(g @ R)
+    **{r: _unary(lambda e, x, y, g, r=r: e.emit("neg", e.emit(r, g))) for r in O.ROTATIONS},
+    "fidx": _no_gradient,  # an index of a dim: a constant
     # masks keep the adjoint where they keep the value (the fill is a constant); the chunk's transforms
     **{m: _unary(lambda e, x, y, g, m=m: e.emit(m, g, 0.0)) for m in O.MASKS},
     "unit_lower_inv": _unary(_unit_lower_inv),

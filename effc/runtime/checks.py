@@ -7,6 +7,7 @@ import os
 import torch
 
 from ..errors import ArgumentError
+from ..ir import ops as O
 from ..ir.nodes import Spec
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the kernels'; the oracle also takes float64
@@ -121,7 +122,19 @@ def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[
         raise ArgumentError("CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter); move the inputs to a CUDA "
                             "device, or call op.reference(...) for the PyTorch oracle")
     B, T, H = (sizes[n][0] for n in ("B", "T", "H"))
+    _check_rotated_dims(spec, sizes)
     return B, T, H, {n: s for n, (s, _) in sizes.items() if n not in ("B", "T", "H")}
+
+
+def _check_rotated_dims(spec: Spec, sizes: dict[str, tuple[int, str]]) -> None:
+    """A rotation (rotate_half, rotate_pairs) pairs the features of its axis: that dim must be even."""
+    for st in (spec.prefix, spec.score, spec.intra, spec.merge, spec.inter):
+        for op in st.ops:
+            if op.kind in O.ROTATIONS and op.type is not None:
+                d = str(op.type.shape[-1])
+                if d in sizes and sizes[d][0] % 2:
+                    raise ArgumentError(f"argument '{sizes[d][1]}' has {d}={sizes[d][0]}, but '{op.kind}' at {op.loc} "
+                                        f"pairs the features of dim {d}: expected an even {d}")
 
 
 def state_list(spec: Spec, initial_state) -> list:

@@ -129,6 +129,10 @@ class AttentionOp(Tuned):
     def step(self, *tokens, state=None, **params):
         """One decoding step: `tokens` are (B, H, D) (or (B, H) gates), `state` the carried state(s) (None:
         zeros). Returns (o_t, next state). Runs the generated walk kernel on a single token."""
+        if self.spec.reads("pos"):  # the single token would be position 0
+            raise NotImplementedError(f"{self.name}.step: the spec reads 'pos', the token's position in its "
+                                      "sequence, which a decoding step does not carry yet; run the op on the "
+                                      "whole prefix instead")
         o, nxt = self(*decode_inputs(self.spec, tokens), initial_state=state, output_final_state=True, segments=1,
                       **params)
         return (o[:, 0] if torch.is_tensor(o) else tuple(x[:, 0] for x in o)), nxt

@@ -53,6 +53,7 @@ class _Evaluator:
 
     def chunk_env(self, n: int) -> dict:
         env = dict(self.base)
+        env["pos"] = self.base["idx"] + n * self.chunk
         env.update({name: self.tile(x, n) for name, x in self.seqs.items()})
         return env
 

@@ -14,6 +14,7 @@ _UNARY = {
     "neg": torch.neg, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
     "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid, "softplus": F.softplus, "tanh": torch.tanh,
     "relu": torch.relu, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "abs": torch.abs, "silu": F.silu,
+    "sin": torch.sin, "cos": torch.cos,
 }
 _BINARY = {
     "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
@@ -126,6 +127,15 @@ def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ove
         if k != "decay_dot":  # contracting over tokens: padded ones do not exist
             args = [args[0], _valid_rows(args[1], n_valid, 2)] + args[2:]
         return _decay(k, *args)
+    if k == "rotate_half":
+        x1, x2 = args[0].chunk(2, dim=-1)
+        return torch.cat((-x2, x1), -1)
+    if k == "rotate_pairs":
+        x = args[0]
+        return torch.stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2)
+    if k == "fidx":  # its argument is the dim's size, a (1, 1) tensor
+        n = int(args[0].reshape(-1)[0].item())
+        return torch.arange(n, dtype=args[0].dtype, device=args[0].device).reshape(1, 1, n)
     if k == "gtz":
         return (args[0] > 0).to(args[0].dtype)
     if k == "sign":

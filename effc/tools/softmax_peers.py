@@ -157,6 +157,42 @@ def _rope_pp(xs, params):
     return lambda: torch.cat([real(), imag()], -1)
 
 
+def _rope_tables(x, base: float):
+    """cos and sin (T, D) of the rotate-half RoPE angles, as a model caches them (built once, untimed)."""
+    T, D = x.shape[1], x.shape[-1]
+    inv = base ** (-2 * torch.arange(D // 2, dtype=torch.float32, device=x.device) / D)
+    ang = torch.arange(T, dtype=torch.float32, device=x.device)[:, None] * torch.cat((inv, inv))[None]
+    return ang.cos()[None, :, None].to(x.dtype), ang.sin()[None, :, None].to(x.dtype)
+
+
+def _rotated(attend):
+    """q and k rotated in PyTorch (the pass over q and k that softmax_rope fuses), then attend(q, k, v, params)
+    -> a callable; the rotation is timed with the attention."""
+    def build(xs, params):
+        cos, sin = _rope_tables(xs[0], params.get("base", 10000.0))
+
+        def rope(x):
+            h = x.shape[-1] // 2
+            return x * cos + torch.cat((-x[..., h:], x[..., :h]), -1) * sin
+
+        def run():
+            return attend(rope(xs[0]), rope(xs[1]), xs[2], params)
+        return run
+    return build
+
+
+def _sdpa_attend(q, k, v, params):
+    o = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True,
+                                                         scale=params.get("scale"))
+    return o.transpose(1, 2)
+
+
+def _effc_attend(q, k, v, params):
+    import effc
+    op = _FLEX_CACHE.setdefault("effc softmax_attn", effc.load("softmax_attn"))
+    return op(q, k, v, **({"scale": params["scale"]} if "scale" in params else {}))[0]
+
+
 _QKV = ("q", "k", "v")
 PEERS_SOFTMAX = {
     "softmax_attn": [("torch SDPA causal (flash)", _QKV, _sdpa(True)),
@@ -176,4 +212,6 @@ PEERS_SOFTMAX = {
     "tpa": [("torch SDPA causal (flash), K and V formed from factors",
              ("q", "ak0", "ak1", "bk0", "bk1", "av0", "av1", "bv0", "bv1"), _formed(_tpa_form))],
     "rope_pp": [("torch SDPA causal (flash) x2, real and imaginary", ("qa", "qb", "ka", "kb", "v"), _rope_pp)],
+    "softmax_rope": [("torch RoPE + SDPA causal (flash)", _QKV, _rotated(_sdpa_attend)),
+                     ("torch RoPE + effc softmax_attn", _QKV, _rotated(_effc_attend))],
 }

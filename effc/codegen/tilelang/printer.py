@@ -18,6 +18,7 @@ from .schedule import contracts_tokens, matmul_form
 _UNARY = {
     "neg": "(-({0}))", "exp": "T.exp({0})", "exp2": "T.exp2({0})", "log": "T.log({0})", "log2": "T.log2({0})",
     "sqrt": "T.sqrt({0})", "rsqrt": "T.rsqrt({0})", "abs": "T.abs({0})", "relu": "T.max({0}, 0.0)",
+    "sin": "T.sin({0})", "cos": "T.cos({0})",
     "sigmoid": "(1.0 / (1.0 + T.exp(-({0}))))",
     "silu": "(({0}) / (1.0 + T.exp(-({0}))))",
     "tanh": "(2.0 / (1.0 + T.exp(-2.0 * ({0}))) - 1.0)",
@@ -72,6 +73,8 @@ class TileLangPrinter:
             return f"T.float32({a})"
         if a == "idx":
             return f'T.Cast("float32", {idx[0]})'
+        if a == "pos":
+            return f'T.Cast("float32", i_c * C + {idx[0]})'
         if a == "head":
             return 'T.Cast("float32", i_h)'
         if a == "inf":
@@ -136,6 +139,21 @@ class TileLangPrinter:
 
     def op_last(self, op, idx, arg):
         return arg(op.args[0], ("n_valid - 1",) + tuple(idx))
+
+    # rotations read each element's partner column (a fragment is read through its shared mirror, as for
+    # transpose); feature dims are not padded in this backend, so the partner is always a real column
+    def op_rotate_half(self, op, idx, arg):
+        d, j = str(self.types[op.args[0]].shape[-1]), idx[-1]
+        partner = arg(op.args[0], tuple(idx[:-1]) + (f"({j} + {d} // 2) % {d}",))
+        return f"(T.if_then_else({j} < {d} // 2, -1.0, 1.0) * {partner})"
+
+    def op_rotate_pairs(self, op, idx, arg):
+        j = idx[-1]
+        partner = arg(op.args[0], tuple(idx[:-1]) + (f"({j} + 1 - 2 * ({j} % 2))",))
+        return f"(T.if_then_else({j} % 2 == 0, -1.0, 1.0) * {partner})"
+
+    def op_fidx(self, op, idx, arg):
+        return f'T.Cast("float32", {idx[0]})'
 
     def op_matmul(self, op, idx, arg):
         if matmul_form(op, self.types) != "outer":

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...ir import ops as O
 from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan
 from ...version import __version__
 from .. import template
-from .printer import TritonPrinter, feature_mask
+from .printer import TritonPrinter, feature_mask, helper_source
 from .signature import LINEAR_LAYOUT, signature
 
 
@@ -201,4 +200,4 @@ def emit_module(plan: Plan) -> str:
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
                               split=split, summary=summary,
-                              decays=any(op.kind in O.DECAY for kp in plan.kernels for op in kp.ops))
+                              helpers=helper_source(op for kp in plan.kernels for op in kp.ops))

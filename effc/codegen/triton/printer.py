@@ -7,12 +7,13 @@ import sympy
 from ...ir import ops as O
 from ...ir.nodes import C, Op, Spec
 from ...passes.shapes import reduces_tokens
-from .. import power
+from .. import power, template
 
 _UNARY = {
     "neg": "-({0})", "exp": "tl.exp({0})", "exp2": "tl.exp2({0})", "log": "tl.log({0})",
     "log2": "tl.log2({0})", "sigmoid": "tl.sigmoid({0})", "sqrt": "tl.sqrt({0})", "rsqrt": "tl.rsqrt({0})",
     "abs": "tl.abs({0})", "relu": "tl.maximum({0}, 0.0)", "silu": "(({0}) * tl.sigmoid({0}))",
+    "sin": "tl.sin({0})", "cos": "tl.cos({0})",
     "tanh": "(2.0 * tl.sigmoid(2.0 * ({0})) - 1.0)",
     # stable forms: log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
     "softplus": "(tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))",
@@ -24,6 +25,45 @@ _ONE = sympy.Integer(1)
 _MASK_CMP = {"causal": ">=", "strict": ">", "anticausal": "<=", "antistrict": "<"}  # row (cmp) column: kept
 # ops whose result can be inf or nan for finite arguments
 _LEAVES_FINITE_RANGE = {"exp", "exp2", "log", "log2", "rsqrt", "div", "pow"}
+
+
+# The rotations of a [R, D] register tile along its features, D padded to DP columns (D, DP constexprs; D even,
+# runtime.checks). rotate_half with D == DP (a power of two >= 16: every usual head dim) is a register shuffle:
+# view the tile as [R, 2, D/2], split the halves and join them back swapped. A padded tile's halves do not sit at
+# DP / 2, so it gathers each column's partner instead (padded columns gather themselves and never reach a real
+# one). rotate_pairs needs no such care: D is even, so no pair straddles the padding.
+ROTATION_HELPERS = """
+@triton.jit
+def _rotate_half(x, D: tl.constexpr, DP: tl.constexpr):
+    \"\"\"[x1, x2] -> [-x2, x1] along the last axis of a [R, DP] tile (the first D columns real).\"\"\"
+    R: tl.constexpr = x.shape[0]
+    if D == DP:
+        x1, x2 = tl.split(tl.permute(tl.reshape(x, (R, 2, DP // 2)), (0, 2, 1)))
+        return tl.reshape(tl.permute(tl.join(-x2, x1), (0, 2, 1)), (R, DP))
+    else:
+        f = tl.arange(0, DP)
+        src = tl.where(f < D // 2, f + D // 2, tl.where(f < D, f - D // 2, f))
+        sign = tl.where(f < D // 2, -1.0, 1.0)
+        return tl.gather(x, tl.broadcast_to(src[None, :], (R, DP)), 1) * sign[None, :]
+
+
+@triton.jit
+def _rotate_pairs(x, D: tl.constexpr, DP: tl.constexpr):
+    \"\"\"(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) along the last axis of a [R, DP] tile.\"\"\"
+    R: tl.constexpr = x.shape[0]
+    x0, x1 = tl.split(tl.reshape(x, (R, DP // 2, 2)))
+    return tl.reshape(tl.join(-x1, x0), (R, DP))
+"""
+
+
+def helper_source(ops) -> str:
+    """The @triton.jit helpers a module's kernels call, for the op kinds among `ops`: the rotations', the
+    decay contractions' (decay.py.j2); empty when none is used, so other modules do not change."""
+    kinds = {op.kind for op in ops}
+    parts = [ROTATION_HELPERS] if kinds & set(O.ROTATIONS) else []
+    if kinds & set(O.DECAY):
+        parts.append(template(__file__, "decay.py.j2").render())
+    return "\n".join(parts)
 
 
 def pad_cond(d: str, split: str | None = None) -> str:
@@ -98,6 +138,8 @@ class TritonPrinter:
             return f"({a} * 1.0)"
         if a == "idx":
             return "r_C.to(tl.float32)"
+        if a == "pos":
+            return "tok.to(tl.float32)"
         if a == "head":
             return "i_h.to(tl.float32)"
         if a == "inf":
@@ -145,6 +187,10 @@ class TritonPrinter:
             return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
         if k == "unit_lower_inv":
             return f"_unit_lower_inv({a[0]}, r_C, C)"
+        if k in O.ROTATIONS:
+            return self._rotation(op, a[0])
+        if k == "fidx":  # r_D: the feature indices of the tile (of this program's block, for a split dim)
+            return f"r_{op.args[0]}.to(tl.float32)"
         if k == "gtz":
             return f"tl.where({a[0]} > 0.0, 1.0, 0.0)"
         if k == "sign":
@@ -167,6 +213,16 @@ class TritonPrinter:
         if k == "bcast":
             return f"(tl.zeros_like({a[1]}) + {a[0]})"
         raise NotImplementedError(f"the Triton backend cannot emit tile op '{k}'")
+
+    def _rotation(self, op: Op, x: str) -> str:
+        t = self.types[op.args[0]]
+        d = str(t.shape[-1])
+        if d == self.split:  # passes.legality never splits a rotated dim
+            raise NotImplementedError(f"'{op.kind}' rotates dim {d}, which this kernel holds in blocks ({op.loc})")
+        fn = f"_{op.kind}"
+        if t.rank == 2:
+            return f"{fn}({x}, {d}, {d}_P)"
+        return f"tl.reshape({fn}(({x})[None, :], {d}, {d}_P), ({d}_P,))"
 
     def _finite_on_padding(self, op: Op, text: str) -> str:
         """Values on padded tokens are never used, but they meet zeros in matmuls over tokens, where

@@ -16,7 +16,7 @@ from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p
 from ...passes.softmax_plan import SoftmaxKernel, SoftmaxPlan
 from ...version import __version__
 from .. import template
-from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, feature_mask
+from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, feature_mask, helper_source
 from .signature import SOFTMAX_LAYOUT, signature
 
 LOG2E = 1.4426950408889634
@@ -428,7 +428,8 @@ def emit_softmax_module(plan: SoftmaxPlan) -> str:
         _place_loads(sched, k, kp)
         kernels.append(k)
     return template(__file__, "softmax.py.j2").render(version=__version__, spec=spec, kernels=kernels, dims=spec.dims,
-                              leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}))
+                              leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}),
+                              helpers=helper_source(spec.score.ops + spec.merge.ops))
 
 
 def _place_loads(sched: SoftmaxSchedule, k: KernelView, kp: SoftmaxKernel) -> None:
