@@ -204,6 +204,13 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         reasons.append(f"4 warps, ~{live // 128} live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)")
     if defer_merge and not spec.states:
         raise SpecError(f"spec '{spec.name}': deferred merge needs a state (the out kernel reads each chunk's)")
+    if spec.reverse_states:  # merge reads the states of both walks: only the out kernel has them all
+        if defer_merge is False:
+            raise SpecError(f"spec '{spec.name}': merge cannot be fused into a walk with reverse state(s) "
+                            f"{', '.join(s.name for s in spec.reverse_states)} (it reads both directions' states)",
+                            None, "defer_merge=None or True")
+        defer_merge = True
+        reasons.append("merge deferred to the out kernel: it reads the forward and the reverse walks' states")
     if defer_merge is None and spec.states and not legality.segmentable:
         defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
         reasons.append(why)
