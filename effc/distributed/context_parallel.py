@@ -86,6 +86,10 @@ class ContextParallelOp:
             raise NotImplementedError(f"context parallel for the {family} family ({op.name}) is not implemented: "
                                       "ring attention / all-gather of K and V is future work; only the linear "
                                       "family (a chunked state) is supported")
+        if op.spec.reverse_states:
+            names = ", ".join(s.name for s in op.spec.reverse_states)
+            raise NotImplementedError(f"context parallel for reverse states ({names} of {op.name}) is not "
+                                      "implemented: their summaries would fold from the last rank to the first")
         self.op, self.group = op, group
         self.spec = op.spec
         self.maps = state_maps(op.spec, op.comp.legality)

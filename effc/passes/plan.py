@@ -130,10 +130,13 @@ class Plan:
         return next((k.stores for k in self.kernels if k.name == "prep"), ())
 
     def __str__(self) -> str:
-        head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; "
-                + ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")
-                + ("; with merge deferred, the walk updates the state only and the out kernel evaluates merge per "
-                   "chunk from the walk's states" if self.deferrable else "")
+        walks = ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")
+        deferred = ("; with merge deferred, the walk updates the state only and the out kernel evaluates merge per "
+                    "chunk from the walk's states" if self.deferrable else "")
+        if self.spec.reverse_states:
+            walks = "one walk per direction (reverse states right to left)"
+            deferred = "; the out kernel evaluates merge per chunk from both walks' states"
+        head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; " + walks + deferred
                 + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
                    if self.hoisted else "")]
         return "\n".join(head + [str(k) for k in self.kernels])

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..compiler import Compilation
-from ..errors import ArgumentError
+from ..errors import ArgumentError, SpecError
 from ..ir.nodes import Spec
 from ..policy.tiling import Problem, TileConfig, choose, history_policy
 from ..policy.tuning import Tuned
@@ -129,6 +129,12 @@ class AttentionOp(Tuned):
     def step(self, *tokens, state=None, **params):
         """One decoding step: `tokens` are (B, H, D) (or (B, H) gates), `state` the carried state(s) (None:
         zeros). Returns (o_t, next state). Runs the generated walk kernel on a single token."""
+        if self.spec.reverse_states:
+            s = self.spec.reverse_states[0]
+            raise SpecError(f"spec '{self.spec.name}' cannot decode token by token: its reverse state '{s.name}' "
+                            "holds the tokens AFTER each one, which do not exist yet", s.loc,
+                            "a spec whose states are all forward (no 'reverse' annotation) for step(); call the "
+                            "op on the whole sequence")
         o, nxt = self(*decode_inputs(self.spec, tokens), initial_state=state, output_final_state=True, segments=1,
                       **params)
         return (o[:, 0] if torch.is_tensor(o) else tuple(x[:, 0] for x in o)), nxt
