@@ -3,6 +3,7 @@ They share nothing with effc's oracle: that is the point."""
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def diagonal_recurrence(q, k, v, decay, scale, initial_state=None):
@@ -280,3 +281,44 @@ def retention_rope(q, k, v, initial_state=None):
 
 
 NAIVE["retention_rope"] = retention_rope
+
+
+def lion_s(q, k, v, g, initial_state=None):
+    """LION (Afzal et al., arXiv:2502.16249) as its full attention matrix: y = C^-1 (phi(Q) phi(K)^T . M) V,
+    C_i = sum_j M_ij phi(q_i).phi(k_j), M_ij = prod of lambda_t = exp(g_t) for min(i,j) < t <= max(i,j),
+    phi = elu + 1. Initial states: (S0, Z0) before the first token (decayed to query i by lambda_1..lambda_i),
+    (R0, ZR0) after the last (decayed from the last token back to i). Final states: (S, Z) after the last
+    token; (R, ZR) before the first, every token decayed to the sequence's start."""
+    phi = lambda x: F.elu(x.double()) + 1
+    qf, kf, v = phi(q), phi(k), v.double()
+    G = g.double().cumsum(1).permute(0, 2, 1)  # (B, H, T): log decay from the start to t, inclusive
+    M = torch.exp(-(G[..., :, None] - G[..., None, :]).abs())  # G falls along t: |G_i - G_j| is the gap's decay
+    a = torch.einsum("bihk,bjhk->bhij", qf, kf) * M
+    num = torch.einsum("bhij,bjhv->bhiv", a, v)
+    den = a.sum(-1)
+    B, H, T = G.shape
+    K, V = qf.shape[-1], v.shape[-1]
+    S0, Z0, R0, ZR0 = (x.double() for x in initial_state) if initial_state is not None else (
+        qf.new_zeros(B, H, K, V), qf.new_zeros(B, H, K), qf.new_zeros(B, H, K, V), qf.new_zeros(B, H, K))
+    end = G[..., -1:] if T else G.new_zeros(B, H, 1)
+    to_start, to_end = G.exp(), (end - G).exp()  # (B, H, T): query i from the start / to the end
+    qh = qf.permute(0, 2, 1, 3)  # (B, H, T, K)
+    num = num + to_start[..., None] * (qh @ S0) + to_end[..., None] * (qh @ R0)
+    den = den + to_start * (qh @ Z0[..., None])[..., 0] + to_end * (qh @ ZR0[..., None])[..., 0]
+    o = (num / den[..., None]).permute(0, 2, 1, 3)
+    kh, vh = kf.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    fwd, rev = (end - G).exp()[..., None], G.exp()[..., None]  # key j to the end / to the start
+    total = end.exp()[..., None]
+    S = total * S0 + (kh * fwd).transpose(-1, -2) @ vh
+    Z = total[..., 0] * Z0 + (kh * fwd).sum(2)
+    R = total * R0 + (kh * rev).transpose(-1, -2) @ vh
+    ZR = total[..., 0] * ZR0 + (kh * rev).sum(2)
+    return o, (S, Z, R, ZR)
+
+
+def lion(q, k, v, initial_state=None):
+    """LION-LIT: lion_s with every lambda = 1 (M is all ones)."""
+    return lion_s(q, k, v, q.new_zeros(q.shape[:3]), initial_state)
+
+
+NAIVE.update({"lion": lion, "lion_s": lion_s})

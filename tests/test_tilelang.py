@@ -65,6 +65,10 @@ def test_library_kernels_lower_to_cuda(name, kernel, tmp_path):
     op = effc.load(name)
     if kernel not in [k.name for k in op.comp.plan.kernels]:
         pytest.skip(f"{name} has no {kernel} kernel (its state update is not diagonal-affine)")
+    if op.spec.reverse_states:  # the right-to-left walk is Triton-only: refused with the states named
+        with pytest.raises(NotImplementedError, match="backend 'tilelang' does not implement reverse states"):
+            emit_module(op.comp.plan)
+        return
     refused = _refused(op)
     if refused:  # refused by name, with the reason, when the module is generated
         with pytest.raises(NotImplementedError, match=f"TileLang backend cannot emit tile op '{refused}'"):

@@ -89,6 +89,10 @@ class ContextParallelOp:
         if op.spec.reads("pos"):  # a shard's kernels count positions from its own first token
             raise NotImplementedError(f"context parallel for {op.name}: it reads 'pos', the token's position in "
                                       "its sequence, and shards do not offset positions yet")
+        if op.spec.reverse_states:
+            names = ", ".join(s.name for s in op.spec.reverse_states)
+            raise NotImplementedError(f"context parallel for reverse states ({names} of {op.name}) is not "
+                                      "implemented: their summaries would fold from the last rank to the first")
         self.op, self.group = op, group
         self.spec = op.spec
         self.maps = state_maps(op.spec, op.comp.legality)

@@ -31,6 +31,8 @@ ANNOTATIONS = {
     "unitnorm": "a vector of L2 norm 1 per token (needs a feature dim)",
     "key": "read on the key side by score and softmax reductions (softmax family)",
     "gram": "a symmetric positive semi-definite state, a sum of outer products (needs a square shape [K, K])",
+    "reverse": "a state scanned right to left: merge reads the chunks after the current one, inter folds the "
+               "chunk into the state entering from its right (states only)",
 }
 
 

@@ -65,6 +65,12 @@ class TensorDecl:
         return tuple(d for d in self.dims if d not in ("B", "T", "H"))
 
     @property
+    def reverse(self) -> bool:
+        """A state scanned right to left (annotation `reverse`): the value entering a chunk holds the chunks
+        after it, and inter folds the chunk in for the chunk before it."""
+        return "reverse" in self.annotations
+
+    @property
     def tile(self) -> TileType:
         per_token = ("C",) if "T" in self.dims else ()
         return TileType(tuple(C if d == "C" else dim(d) for d in per_token + self.feature_dims))
@@ -103,6 +109,11 @@ class Spec:
         if not self.score.ops:
             return "linear"
         return "hybrid" if self.states else "softmax"
+
+    @property
+    def reverse_states(self) -> tuple[TensorDecl, ...]:
+        """The states scanned right to left (passes.plan gives them their own walk, in reverse chunk order)."""
+        return tuple(s for s in self.states if s.reverse)
 
     @property
     def stages(self) -> tuple[Stage, ...]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 UNARY = ("neg", "exp", "exp2", "log", "log2", "sigmoid", "logsigmoid", "softplus", "tanh",
          "relu", "sqrt", "rsqrt", "abs", "silu", "sin", "cos")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum", "pow")
-# masks over a (C, C) score tile; optional second argument is the fill value (default 0)
-MASKS = ("causal", "strict")
+# masks over a (C, C) score tile; optional second argument is the fill value (default 0).
+# causal / strict keep key j <= i / j < i of query i; anticausal / antistrict keep j >= i / j > i (the
+# in-chunk part of a reverse state's scan: the keys after the query)
+MASKS = ("causal", "strict", "anticausal", "antistrict")
 # reductions: name -> (axis reduced, combine)
 REDUCTIONS = {"rowsum": (1, "sum"), "rowmax": (1, "max"), "colsum": (0, "sum"), "colmax": (0, "max")}
 SCANS = ("cumsum", "revcumsum")  # along the chunk (token) axis, inclusive
@@ -28,14 +30,13 @@ OTHER = ("matmul", "transpose", "last", "expand", "copy")
 #   total(x): the sum of every element (adjoint of a broadcast from a scalar)
 #   gtz(x), sign(x), ge(a, b): 1.0 / 0.0 (or -1.0) indicator tiles for relu, abs, max/min
 #   bcast(x, like): x broadcast to the shape of `like`
-# made by passes.transpose_sink: the transposes of causal / strict, keeping i <= j / i < j of a [C, C] tile
 # made by passes.decay_dot from a score matmul of factored decays, and by its adjoints (x, y, z [C, K];
 # m, mt [C, C]; exponents eq, ek [C, K] or [C, 1]; diag 1.0 keeps j <= i, 0.0 keeps j < i):
 #   decay_dot(x, y, eq, ek, diag)[i, j] = sum_k x_ik y_jk exp(eq_ik + ek_jk)       (kept pairs, else 0)
 #   decay_mm(m, z, eq, ek, diag)[i, k] = sum_j m_ij z_jk exp(eq_ik + ek_jk)        (kept j)
 #   decay_mm_t(mt, z, eq, ek, diag)[j, k] = sum_i mt_ji z_ik exp(eq_ik + ek_jk)    (kept i)
 DECAY = ("decay_dot", "decay_mm", "decay_mm_t")
-INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast", "anticausal", "antistrict") + DECAY
+INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast") + DECAY
 
 # comparisons and boolean logic give 1.0 / 0.0 tiles (`ge` is also made by the autodiff pass)
 COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")

@@ -27,11 +27,16 @@ class FusedKernel:
     ops: tuple[Op, ...]
     roots: tuple[str, ...]
     grads: tuple[tuple[str, str], ...] = ()  # backward: (input, the value holding its gradient, or its part here)
+    # a walk or scan: the states it carries (None: every state), and whether they are reverse states (the walk
+    # runs the chunks right to left, the adjoint scan left to right)
+    carries: tuple[str, ...] | None = None
+    reverse: bool = False
 
     def __str__(self) -> str:
         body = "\n".join(f"    {print_op(op)}" for op in self.ops)
         grads = "".join(f"; d{x} += {g}" for x, g in self.grads)
-        return f"  kernel {self.name} [{' + '.join(self.stages)}] -> {', '.join(self.roots)}{grads}\n{body}"
+        order = " (reverse states)" if self.reverse else ""
+        return f"  kernel {self.name} [{' + '.join(self.stages)}]{order} -> {', '.join(self.roots)}{grads}\n{body}"
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ def seed_gradients(spec: Spec, backward) -> tuple[tuple[str, str], ...]:
 def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
     """`backward` (passes.autodiff.Backward) adds the reverse walk: recomputation and adjoints fused,
     the state adjoint carried on chip from the last chunk to the first."""
+    if spec.reverse_states:
+        return _fuse_bidirectional(spec, backward)
     all_ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
     nexts = tuple(next_state_name(s.name) for s in spec.states)
     outs = tuple(o.name for o in spec.outputs)
@@ -106,6 +113,37 @@ def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
         copied = dict(seed_gradients(spec, backward))
         for x, g in backward.input_grads:
             if g is not None and x not in copied:
+                kernels.append(FusedKernel(f"bwd_chunks_{x}", ("inter", "merge", "intra"),
+                                           live_ops(backward.ops, (g,)), (g,), ((x, g),)))
+    return Fused(tuple(kernels))
+
+
+def _fuse_bidirectional(spec: Spec, backward=None) -> Fused:
+    """A spec with reverse states: one walk per direction, each carrying its own states and writing the
+    value entering every chunk (`walk` left to right, `walk_rev` right to left), then `out` evaluates merge
+    for every chunk from both histories. The backward mirrors it: `bwd_scan` carries the forward states'
+    adjoints right to left, `bwd_scan_rev` the reverse states' left to right (each reads the other
+    direction's states from the history), then the input gradients of every chunk in parallel."""
+    all_ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
+    outs = tuple(o.name for o in spec.outputs)
+    directions = [(name, rev, tuple(s.name for s in spec.states if s.reverse == rev))
+                  for name, rev in (("", False), ("_rev", True))]
+    kernels = []
+    for suffix, rev, states in directions:
+        if states:
+            nexts = tuple(next_state_name(s) for s in states)
+            kernels.append(FusedKernel("walk" + suffix, ("intra", "inter"), live_ops(all_ops, nexts), nexts,
+                                       carries=states, reverse=rev))
+    kernels.append(FusedKernel("out", ("intra", "merge"), live_ops(all_ops, outs), outs))
+    if backward is not None:
+        grads = dict(backward.state_grads)
+        for suffix, rev, states in directions:
+            roots = tuple(grads[s] for s in states if grads.get(s) is not None)
+            if states:  # the adjoint runs against its state's walk: a reverse state's from the first chunk
+                kernels.append(FusedKernel("bwd_scan" + suffix, ("inter", "merge"), live_ops(backward.ops, roots),
+                                           roots, carries=states, reverse=rev))
+        for x, g in backward.input_grads:
+            if g is not None:
                 kernels.append(FusedKernel(f"bwd_chunks_{x}", ("inter", "merge", "intra"),
                                            live_ops(backward.ops, (g,)), (g,), ((x, g),)))
     return Fused(tuple(kernels))

@@ -64,6 +64,8 @@ def hoisted_values(spec: Spec, forward: tuple[Op, ...], others=()) -> tuple[Op, 
 
 def hoist(spec: Spec, fused: Fused) -> Fused:
     """Fused kernels -> the same kernels reading the hoisted values, after a `prep` kernel that writes them."""
+    if spec.reverse_states:  # two walks share the state-free work; hoisting it is not implemented for them
+        return fused
     forward = next(k for k in fused.kernels if k.name == "walk").ops  # every op the outputs and next states need
     moved = hoisted_values(spec, forward, [k.ops for k in fused.kernels if k.name.startswith("bwd")])
     if not moved:

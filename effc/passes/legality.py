@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import SpecError
 from ..ir import ops as O
 from ..ir.nodes import Op, Spec, next_state_name
 from .shapes import value_types
@@ -136,19 +137,39 @@ def _contracted_dims(spec: Spec) -> set[str]:
     return out
 
 
+def _check_directions(spec: Spec, dep) -> None:
+    """A state's update may read only states scanned in its own direction: a forward state's next value is
+    needed before the chunk to its right runs, a reverse state's before the chunk to its left, so an update
+    reading both would need each walk to wait for the other."""
+    for s in spec.states:
+        other = sorted(x for x in dep.get(next_state_name(s.name), ())
+                       if spec.decl(x).reverse != s.reverse)
+        if other:
+            mine, theirs = ("reverse", "forward") if s.reverse else ("forward", "reverse")
+            raise SpecError(f"the update of {mine} state '{s.name}' reads {theirs} state(s) {', '.join(other)}",
+                            s.loc, f"inter updates of {mine} states from {mine} states and the chunk only; "
+                            "merge may read states of both directions")
+
+
 def analyze(spec: Spec) -> Legality:
     """`spec` must be shape-checked (passes.shapes.infer_shapes)."""
     dep = _depends(spec)
+    _check_directions(spec, dep)
     ops = {op.out: op for op in spec.inter.ops}
     transitions = tuple(_transition(spec, s.name, ops, dep) for s in spec.states)
-    segmentable = bool(transitions) and all(t.diagonal_affine for t in transitions)
+    # segment summaries are not mirrored for a right-to-left walk yet: a spec with a reverse state walks
+    # each sequence in one program per direction
+    segmentable = bool(transitions) and all(t.diagonal_affine for t in transitions) and not spec.reverse_states
     reasons = []
+    if spec.reverse_states:
+        reasons.append(f"reverse state(s) {', '.join(s.name for s in spec.reverse_states)}: a second walk runs the "
+                       "chunks right to left, merge runs in the out kernel from both walks' states; one segment "
+                       "per direction (segmented reverse walks are not implemented)")
     if not transitions:
         reasons.append("no state: every chunk is independent")
     elif segmentable:
         reasons.append("every state update is diagonal-affine, so segments of the walk compose")
-    else:
-        bad = [t.state for t in transitions if not t.diagonal_affine]
+    elif bad := [t.state for t in transitions if not t.diagonal_affine]:
         reasons.append(f"state(s) {', '.join(bad)} have a general transition: one program walks all chunks")
     contracted = _contracted_dims(spec)
     out_dims = [d for o in spec.outputs for d in o.feature_dims]

@@ -141,6 +141,9 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
             if a == "gram" and (d.kind != "state" or len(d.shape) != 2 or d.shape[0] != d.shape[1]):
                 raise SpecError(f"gram on {d.kind} '{d.name}' [{', '.join(d.shape)}]: only a square state is a "
                                 "Gram matrix", d.loc, "gram on a state of shape [K, K]")
+            if a == "reverse" and d.kind != "state":
+                raise SpecError(f"reverse on {d.kind} '{d.name}': only a state is scanned in a direction", d.loc,
+                                "reverse on a state, e.g. 'state R: [K, V] reverse'")
         decls.append(TensorDecl(d.name, d.kind, d.shape, d.annotations, d.loc))
     inputs = tuple(d for d in decls if d.role == "input")
     outputs = tuple(d for d in decls if d.role == "output")
@@ -172,6 +175,10 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
     if states and "inter" not in stages:
         raise SpecError(f"spec '{sdef.name}' declares state '{states[0].name}' but has no inter stage",
                         states[0].loc, f"an 'inter {{ {states[0].name} = ... }}' block")
+    reverse = next((s for s in states if s.reverse), None)
+    if reverse is not None and ("score" in stages or "prefix" in stages):
+        raise NotImplementedError(f"spec '{sdef.name}': reverse state '{reverse.name}' in a hybrid spec (a score "
+                                  "stage) is not implemented; reverse states are lowered for the linear family")
     if "score" in stages or "prefix" in stages:  # the softmax family: passes.lower_softmax
         return lower_softmax(sdef, inputs, outputs, states, params, chunk, funcs, stages)
     if not states and "inter" in stages:

@@ -36,16 +36,23 @@ class KernelPlan(Kernel):
     hoisted_loads: tuple[TensorDecl, ...] = ()  # values the prep kernel wrote, read per chunk (passes.hoist)
     injected: tuple[tuple[str, str], ...] = ()  # (state, value): bwd_inject writes it per chunk, bwd_scan adds it
     block_loop: BlockLoop | None = None  # a gradient kernel with one program per chunk, looping over the split blocks
+    reverse: bool = False  # carries reverse states: a walk right to left, an adjoint scan left to right
+    read_states: tuple[StatePlan, ...] = ()  # a scan of one direction: the other's states, read from the history
 
     def types(self, spec: Spec) -> dict:
         return {**value_types(spec), **dict(self.leaf_types), **{op.out: op.type for op in self.ops}}
 
     def _state_access(self) -> str:
         states = ', '.join(f"{s.name}[{','.join(s.dims)}]" for s in self.states) or '-'
-        if self.name == "bwd_scan":  # in P segments for a segmentable spec (grid), after a summary pass
-            return f"carry the adjoints of {states} on chip"
-        if self.name in ("walk", "summary") or not self.states:
-            return f"carry {states} on chip"
+        order = ""
+        if self.reverse:
+            order = " (chunks left to right)" if self.backward else " (chunks right to left)"
+        if self.read_states:
+            order += "; read " + ", ".join(s.name for s in self.read_states) + " entering the chunk from the history"
+        if self.role == "bwd_scan":  # in P segments for a segmentable spec (grid), after a summary pass
+            return f"carry the adjoints of {states} on chip{order}"
+        if self.role in ("walk", "summary") or not self.states:
+            return f"carry {states} on chip{order}"
         loop = "; loops over the split dim's blocks, summing over them on chip" if self.block_loop else ""
         return f"read {states} entering the chunk from the walk's history{loop}"
 
@@ -80,6 +87,8 @@ class Plan:
 
     def merge_only(self) -> tuple[str, ...]:
         """The walk's values that only the outputs need: skipped when merge is deferred."""
+        if self.spec.reverse_states:  # the walks compute no output: merge always runs in the out kernel
+            return ()
         walk = self.kernel("walk")
         state = {op.out for op in needed(walk.ops, tuple(s.next for s in walk.states))}
         return tuple(op.out for op in walk.ops if op.out not in state) if self.deferrable else ()
@@ -121,10 +130,13 @@ class Plan:
         return next((k.stores for k in self.kernels if k.name == "prep"), ())
 
     def __str__(self) -> str:
-        head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; "
-                + ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")
-                + ("; with merge deferred, the walk updates the state only and the out kernel evaluates merge per "
-                   "chunk from the walk's states" if self.deferrable else "")
+        walks = ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")
+        deferred = ("; with merge deferred, the walk updates the state only and the out kernel evaluates merge per "
+                    "chunk from the walk's states" if self.deferrable else "")
+        if self.spec.reverse_states:
+            walks = "one walk per direction (reverse states right to left)"
+            deferred = "; the out kernel evaluates merge per chunk from both walks' states"
+        head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; " + walks + deferred
                 + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
                    if self.hoisted else "")]
         sites = [op.out for st in self.spec.stages for op in st.ops if op.kind == "decay_dot"]
@@ -148,7 +160,7 @@ _FLAGS = {"walk": ("HAS_INIT", "STORE_FINAL", "STORE_HISTORY"), "summary": ("HAS
 
 
 def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, grads, injected,
-          merge_flag: bool) -> tuple[KernelArg, ...]:
+          merge_flag: bool, read_states=()) -> tuple[KernelArg, ...]:
     """A kernel's signature (codegen/triton/kernels.py.j2 reads these names; runtime.launch supplies them):
     its tensors, the spec parameters it reads, the call's layout, then the constexprs."""
     backward = role.startswith("bwd")
@@ -157,6 +169,7 @@ def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, g
                + [f"{o.name}_grad_ptr" for o in spec.outputs if backward]
                + [f"{x.name}_dx_ptr" for x, _ in grads if role == "bwd_chunks"]
                + [f"{s.name}_{b}_ptr" for s in states for b in _STATE_BUFFERS[role]]
+               + [f"{s.name}_hist_ptr" for s in read_states]
                + [f"{s}_inj_ptr" for s, _ in injected])
     return (kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])
             + kernel_args("layout", ("T", "chunks_per_seg", "n_segments", "T_total", "n_bh", "cu_ptr", "chunk_off_ptr"))
@@ -183,9 +196,14 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         rename = backward.forward_name if backward and fk.name.startswith("bwd") else str
         states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name),
                                  rename(d) if isinstance(d := decays.get(s.name), str) else d) for s in spec.states)
+        read_states = ()
+        if fk.carries is not None:  # one direction's walk or scan (passes.fusion._fuse_bidirectional)
+            read_states = tuple(s for s in states if s.name not in fk.carries and s.name in _used(fk.ops, [s.name]))
+            states = tuple(s for s in states if s.name in fk.carries)
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
-        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if legality.segmentable else "1"}.get(fk.name, "chunks")
+        role = "bwd_chunks" if fk.name.startswith("bwd_chunks") else fk.name.removesuffix("_rev")
+        segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if legality.segmentable else "1"}.get(role, "chunks")
         params = _used(fk.ops, [p.name for p in spec.params])
         grads = state_grads = ()
         leaves = tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads)
@@ -198,8 +216,9 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
             leaves += backward.seed_types
         # prep computes whole tiles (no split blocks), a looped gradient kernel all blocks: one program per
         # (batch*head, chunk)
-        if fk.name == "bwd_scan":
-            state_grads, leaves = backward.state_grads, leaves + backward.seed_types
+        if role == "bwd_scan":
+            state_grads = tuple((s, g) for s, g in backward.state_grads if s in {x.name for x in states})
+            leaves = leaves + backward.seed_types
             leaves += tuple((x, tiles[s]) for s, x in injected)
         types = {**value_types(spec), **dict(leaves)}
         ops = sink_transposes(fk.ops, types)
@@ -207,10 +226,11 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
             loop = choose(ops, {**types, **{op.out: op.type for op in ops}}, split)  # as KernelPlan.types
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
-        role = "bwd_chunks" if fk.name.startswith("bwd_chunks") else fk.name
         args = _args(spec, role, loads, reads, stores, states, params, grads, inject,
-                     merge_flag=fk.name == "walk" and any(k.name == "out" for k in fused.kernels))
+                     merge_flag=fk.name == "walk" and any(k.name == "out" for k in fused.kernels)
+                     and not spec.reverse_states, read_states=read_states)
         kernels.append(KernelPlan(name=fk.name, role=role, loads=loads, stores=stores, grid=grid, args=args, ops=ops,
                                   states=states, params=params, grads=grads, state_grads=state_grads,
-                                  leaf_types=leaves, hoisted_loads=reads, injected=inject, block_loop=loop))
+                                  leaf_types=leaves, hoisted_loads=reads, injected=inject, block_loop=loop,
+                                  reverse=fk.reverse, read_states=read_states))
     return Plan(spec, split, tuple(kernels), seed_gradients(spec, backward) if backward else ())

@@ -76,7 +76,7 @@ def split_reverse_scan(spec: Spec, fused: Fused) -> Fused:
     bwd_scan (the carried terms, plus the injected sum). A state whose adjoint has no carried-free part
     (`_Split`), or whose carried-free part is too cheap to write out (`worth`), stays as it was."""
     names = [k.name for k in fused.kernels]
-    if "bwd_scan" not in names:
+    if "bwd_scan" not in names or spec.reverse_states:  # (not split for the bidirectional scans yet)
         return fused
     worth = 2 if "summary" in names else 1  # matmuls in the free part that pay for writing it
     scan = fused.kernels[names.index("bwd_scan")]

@@ -21,7 +21,8 @@ from ..ir.nodes import Op, TileType
 # into a column mask: they are not sunk through.
 _COMMUTES = set(O.BINARY) - {"div", "pow"} | {"neg", "abs", "relu", "sigmoid", "tanh", "silu", "logsigmoid",
                                                 "softplus", "copy", "bcast", "gtz", "sign", "ge"}
-MIRRORED = {"causal": "anticausal", "strict": "antistrict"}  # keep j <= i -> keep i <= j
+# keep j <= i -> keep i <= j, and back
+MIRRORED = {"causal": "anticausal", "strict": "antistrict", "anticausal": "causal", "antistrict": "strict"}
 
 
 def sink_transposes(ops: tuple[Op, ...], types: dict[str, TileType]) -> tuple[Op, ...]:

@@ -205,6 +205,8 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
     chunk_set = sorted({c for c in chunks if c <= max(t_pow2, 16)} | {default.chunk})
     slots = problem.sm_count * PROGRAMS_PER_SM
     defers = merge_modes if spec.states else (False,)  # passes.fusion's `out` kernel
+    if spec.reverse_states:  # merge reads both walks' states: only deferred (policy.tiling)
+        defers = (True,)
     out = []
     for c in chunk_set:
         for b in blocks:

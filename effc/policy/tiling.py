@@ -146,12 +146,14 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
     return TilingSpace(split, tuple(cons), sympy.expand(live), sympy.expand(loaded), dots, knobs=knobs)
 
 
-def _segments(legality: Legality, programs: int, n_chunks: int, slots: int) -> tuple[int, str]:
+def _segments(legality: Legality, programs: int, n_chunks: int, slots: int,
+              spec_reverse: bool = False) -> tuple[int, str]:
     """Cut the walk into P segments to fill the GPU. A wave of `slots` programs runs at once;
     time ~ waves(walk) * (chunks per segment + FOLD_COST * (P - 1))
            + SUMMARY_COST * waves(summary) * chunks per segment."""
     if not legality.segmentable:
-        return 1, "one fused walk over all chunks: a general transition cannot be segmented"
+        return 1, ("one walk per direction over all chunks: reverse states are not segmented"
+                   if spec_reverse else "one fused walk over all chunks: a general transition cannot be segmented")
 
     def cost(p: int) -> float:
         per = math.ceil(n_chunks / p)
@@ -189,12 +191,15 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     n_split = split_blocks(split_size, block)
     programs = n_split * problem.B * problem.H
     if segments is None:
-        segments, why = _segments(legality, programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
+        segments, why = _segments(legality, programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM,
+                                  bool(spec.reverse_states))
         reasons.append(why)
     segments = max(1, min(segments, n_chunks))
     if segments > 1 and not legality.segmentable:
         raise SpecError(f"spec '{spec.name}' cannot run in {segments} segments: "
-                        + "; ".join(t.why for t in legality.transitions if not t.diagonal_affine))
+                        + "; ".join([t.why for t in legality.transitions if not t.diagonal_affine]
+                                    + [f"reverse state {s.name}: segmented right-to-left walks are not implemented"
+                                       for s in spec.reverse_states]))
     values = {C: c, **{dim(d): problem.size(d) for d in spec.dims}}
     if space.split_dim:
         values[BLOCK] = block
@@ -206,6 +211,13 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         reasons.append(f"4 warps, ~{live // 128} live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)")
     if defer_merge and not spec.states:
         raise SpecError(f"spec '{spec.name}': deferred merge needs a state (the out kernel reads each chunk's)")
+    if spec.reverse_states:  # merge reads the states of both walks: only the out kernel has them all
+        if defer_merge is False:
+            raise SpecError(f"spec '{spec.name}': merge cannot be fused into a walk with reverse state(s) "
+                            f"{', '.join(s.name for s in spec.reverse_states)} (it reads both directions' states)",
+                            None, "defer_merge=None or True")
+        defer_merge = True
+        reasons.append("merge deferred to the out kernel: it reads the forward and the reverse walks' states")
     if defer_merge is None and spec.states and not legality.segmentable:
         defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
         reasons.append(why)

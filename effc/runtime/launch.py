@@ -182,12 +182,18 @@ class Launcher:
                       dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
         """Fills `dhist` (each chunk's leaving-state adjoints) and `dinit`. Its scratch (the injected terms,
         the segment summaries) is freed on return."""
+        for scan in self.plan.kernels:  # one per direction of the states (reverse states: passes.fusion)
+            if scan.role == "bwd_scan":
+                self._scan(scan, cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
+
+    def _scan(self, scan, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hoisted: dict, hist: dict,
+              dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
+        """One adjoint scan (`scan`, a bwd_scan kernel) over its states' chunks."""
         first = xs[self.spec.inputs[0].name]
         f32 = dict(dtype=torch.float32, device=first.device)
         dummy = torch.empty(1, **f32)
         n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H
         _, max_chunks = lay.chunks(cfg.chunk)
-        scan = self.plan.kernel("bwd_scan")
         # the carried-free terms of the state adjoints, every chunk in parallel (passes.reverse_scan);
         # fp32: the scan adds them into the adjoint it carries
         inj = {s: torch.empty(dhist[s].shape, **f32) for s, _ in scan.injected}

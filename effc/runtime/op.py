@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..compiler import Compilation
-from ..errors import ArgumentError
+from ..errors import ArgumentError, SpecError
 from ..ir.nodes import Spec
 from ..policy.tiling import Problem, TileConfig, choose, history_policy
 from ..policy.tuning import Tuned
@@ -129,6 +129,12 @@ class AttentionOp(Tuned):
     def step(self, *tokens, state=None, **params):
         """One decoding step: `tokens` are (B, H, D) (or (B, H) gates), `state` the carried state(s) (None:
         zeros). Returns (o_t, next state). Runs the generated walk kernel on a single token."""
+        if self.spec.reverse_states:
+            s = self.spec.reverse_states[0]
+            raise SpecError(f"spec '{self.spec.name}' cannot decode token by token: its reverse state '{s.name}' "
+                            "holds the tokens AFTER each one, which do not exist yet", s.loc,
+                            "a spec whose states are all forward (no 'reverse' annotation) for step(); call the "
+                            "op on the whole sequence")
         if self.spec.reads("pos"):  # the single token would be position 0
             raise NotImplementedError(f"{self.name}.step: the spec reads 'pos', the token's position in its "
                                       "sequence, which a decoding step does not carry yet; run the op on the "

@@ -1,5 +1,9 @@
 """The oracle: evaluate a spec's stages with plain PyTorch ops, chunk by chunk.
 
+A reverse state (annotation `reverse`) is walked first, right to left: its initial value enters the last
+chunk, its final value leaves the first (a summary of the whole sequence); then the forward walk evaluates
+merge with both directions' entering states.
+
 With chunk=1 the same evaluation is the token-by-token recurrence (each token is its own
 chunk: intra is the diagonal term, inter the per-token state update), so one evaluator gives
 both the chunked reference and the recurrent one; tests check that they agree.
@@ -12,6 +16,7 @@ import math
 import torch
 
 from ..ir.nodes import Spec, next_state_name
+from ..passes.fusion import needed
 from ..passes.shapes import reduces_tokens, value_types
 from .oracle_ops import align, eval_op
 from .softmax_oracle import evaluate_softmax
@@ -91,14 +96,28 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
     ev = _Evaluator(spec, tensors, params, chunk, dtype, matmul_dtype)
     states = entering = ev.initial(initial_state)
     ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
+    reverse = {s.name for s in spec.reverse_states}
+    # reverse states first: a right-to-left walk gives the value entering each chunk from its right (their
+    # updates read no forward state: passes.legality)
+    from_right = [dict() for _ in range(ev.n_chunks)]
+    if reverse:
+        rev_ops = needed(ops, tuple(next_state_name(s) for s in reverse))
+        for n in reversed(range(ev.n_chunks)):
+            from_right[n] = {s: states[s] for s in reverse}
+            env = ev.chunk_env(n)
+            env.update(from_right[n])
+            ev.run(rev_ops, env, n)
+            states = {**states, **{s: env[next_state_name(s)].expand_as(states[s]) for s in reverse}}
     outs = {o.name: [] for o in spec.outputs}
     for n in range(ev.n_chunks):
         env = ev.chunk_env(n)
         env.update(states)
+        env.update(from_right[n])
         ev.run(ops, env, n)
         for o in spec.outputs:
             outs[o.name].append(ev.untile(env[o.name], o.tile.rank))
-        states = {s.name: env[next_state_name(s.name)].expand_as(states[s.name]) for s in spec.states}
+        states = {s.name: states[s.name] if s.reverse else env[next_state_name(s.name)].expand_as(states[s.name])
+                  for s in spec.states}
     if ev.T == 0:  # an empty sequence (varlen): the one all-padding chunk run for the output shapes must not
         states = entering  # move the state (a decay from params, not inputs, would still act on it)
     return {k: torch.cat(v, 1)[:, :ev.T] for k, v in outs.items()}, states

@@ -98,7 +98,8 @@ def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ove
     if k in O.MASKS:
         x, fill = args[0], (args[1] if len(args) > 1 else 0.0)
         c = x.shape[-1]
-        keep = torch.ones(c, c, dtype=torch.bool, device=x.device).tril(0 if k == "causal" else -1)
+        ones = torch.ones(c, c, dtype=torch.bool, device=x.device)
+        keep = {"causal": ones.tril(0), "strict": ones.tril(-1), "anticausal": ones.triu(0), "antistrict": ones.triu(1)}[k]
         fill = fill if isinstance(fill, float) else fill.reshape(fill.shape[:2] + (1, 1))
         return torch.where(keep, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
     if k == "cumsum":

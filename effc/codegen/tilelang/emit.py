@@ -310,6 +310,10 @@ def _refuse_what_cannot_be_emitted(plan: Plan) -> None:
 
 def emit_module(plan: Plan) -> str:
     spec = plan.spec
+    if spec.reverse_states:
+        raise NotImplementedError(f"backend 'tilelang' does not implement reverse states "
+                                  f"({', '.join(s.name for s in spec.reverse_states)} of spec '{spec.name}': the "
+                                  "right-to-left walk and the out kernel); use backend 'triton'")
     _refuse_what_cannot_be_emitted(plan)
     views = [_Kernel(plan, kp, TileLangPrinter(spec, kp.types(spec))).view()
              for kp in plan.kernels if kp.name in FORWARD]

@@ -168,7 +168,7 @@ def emit_module(plan: Plan) -> str:
             tok_offs={n: t[0] for n, t in toks.items()}, tok_mask={n: t[1] for n, t in toks.items()},
             state_offs={s.name: _row_major("i_bh", s.dims) for s in kp.states},
             seg_offs={s.name: _row_major("i_bh * n_segments + seg", s.dims) for s in kp.states},
-            hist_offs={s.name: _row_major("(c_base + i_c) * H + i_h", s.dims) for s in kp.states},
+            hist_offs={s.name: _row_major("(c_base + i_c) * H + i_h", s.dims) for s in kp.states + kp.read_states},
             state_block={s.name: "[" + ", ".join("BLOCK" if d == split else f"{d}_P" for d in s.dims) + "]"
                          for s in kp.states},
             decay={s.name: printer.ref(s.decay) for s in kp.states if s.decay is not None},
@@ -176,7 +176,7 @@ def emit_module(plan: Plan) -> str:
             # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
                           for d in kp.hoisted_loads + (kp.stores if kp.role == "prep" else ())})
-        for s in kp.states:
+        for s in kp.states + kp.read_states:
             view.state_load[s.name], view.state_store[s.name] = _masks(s.dims, split)
         for d in kp.hoisted_loads + (kp.stores if kp.role == "prep" else ()):
             axes = (None,) + tuple(f if f in spec.dims else None for f in d.feature_dims)  # [C, C] tiles: no mask
