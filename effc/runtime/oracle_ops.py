@@ -52,6 +52,11 @@ def _finite_on_padding(op: Op, args: list, n_valid: int, chunk: int, matmul_dtyp
     return _valid_rows(eval_op(op, safe, chunk, chunk, matmul_dtype), n_valid, 2)
 
 
+def _eq_per_token(eq) -> bool:
+    """One exponent per token ([C, 1]), not per channel."""
+    return eq.shape[-1] == 1
+
+
 def _decay(kind: str, a, b, eq, ek, diag: float):
     """The decay contractions (ir.ops.DECAY) from their exponents, pair by pair: no exp(eq) or exp(ek) alone,
     so they are finite wherever the result is. Tiles are (B, H, C, K); the pair tensor is (B, H, C, C, K)."""
@@ -127,6 +132,9 @@ def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ove
     if k in O.DECAY:
         if k != "decay_dot":  # contracting over tokens: padded ones do not exist
             args = [args[0], _valid_rows(args[1], n_valid, 2)] + args[2:]
+        if matmul_dtype is not None and (k == "decay_dot" or _eq_per_token(args[2])):
+            # the kernels' bf16 dot operands (their per-channel adjoints keep fp32 operands: codegen.triton)
+            args = [a.to(matmul_dtype).to(a.dtype) for a in args[:2]] + args[2:]
         return _decay(k, *args)
     if k == "rotate_half":
         x1, x2 = args[0].chunk(2, dim=-1)

@@ -38,9 +38,9 @@ def peaks(gpu: str) -> tuple[dict, str]:
 
 
 def spec_flops(op, B: int, T: int, H: int, dims: dict[str, int], chunk: int) -> float:
-    types = value_types(op.spec)
-    per_chunk = sympy.Integer(0)
     plan = op.comp.plan
+    types = {**value_types(op.spec), **{o.out: o.type for k in plan.kernels for o in k.ops}}  # plan values too
+    per_chunk = sympy.Integer(0)
     for o in [o for k in plan.kernels if k.role in ("prep", "walk") for o in k.ops]:  # prep: the hoisted part
         if o.kind == "matmul":
             (m, k), (_, n) = types[o.args[0]].shape, types[o.args[1]].shape
