@@ -24,6 +24,7 @@ from effc.codegen.tilelang.printer import UNSUPPORTED, TileLangPrinter  # noqa: 
 from effc.ir.nodes import Op, TileType  # noqa: E402
 
 from test_new_specs import GLA_FEATURE_MAP, NORMALIZED  # noqa: E402
+from test_tilelang_emulated import SCALAR_GATE  # noqa: E402
 
 NAMES = effc.library_names("linear")  # chunked-state specs: the plan this backend prints
 # one per distinct op mix; lightning is retention's mix, hgrn2 is gla's
@@ -86,7 +87,8 @@ def test_masked_load_variants_lower(flags, tmp_path):
     assert "T_seq" in src or "cu[" in src
 
 
-@pytest.mark.parametrize("text", [NORMALIZED, GLA_FEATURE_MAP], ids=["two-states-rowsum-colsum-matvec", "softplus"])
+@pytest.mark.parametrize("text", [NORMALIZED, GLA_FEATURE_MAP, SCALAR_GATE],
+                         ids=["two-states-rowsum-colsum-matvec", "softplus", "decay-per-token"])
 def test_specs_outside_the_library_lower(text, tmp_path):
     # chunk 16 and D=32: the 16x16 score gemm fits only 2 warps, so the factory halves the threads
     op = effc.loads(text)
@@ -122,8 +124,8 @@ def test_gla_program_keeps_the_plan_structure():
     summary = src[src.index("def gla_summary("):src.index("def gla_walk(")]
     for kernel, text in (("walk", walk), ("summary", summary)):
         kp = op.comp.plan.kernel(kernel)
-        n_matmul = sum(o.kind == "matmul" for o in kp.ops)
-        assert text.count("T.gemm(") == n_matmul, f"{kernel}: one T.gemm per matmul op"
+        n_matmul = sum(o.kind in ("matmul", "decay_dot") for o in kp.ops)
+        assert text.count("T.gemm(") == n_matmul, f"{kernel}: one T.gemm per matmul and decay_dot op"
         assert "for i_c in T.Pipelined(c_lo, c_hi" in text  # the chunk loop
         assert "c_hi = T.min(c_lo + chunks_per_seg, n_chunks_seq)" in text  # a segment's chunks
         # b = cumsum(g): staged into fp32, scanned into a buffer of its own (in place fails pipeline planning)
@@ -134,6 +136,14 @@ def test_gla_program_keeps_the_plan_structure():
         assert "T.if_then_else((i_c * C + i0 < T_seq)" in text
         # S = S * exp(bl)[:, None] + (...).T @ v: the gemm accumulates into the state's own fragment
         assert re.search(r"T\.gemm\(\w+, x_v, st_S, transpose_A=True, transpose_B=False, clear_accum=False\)", text)
+    # decay_dot: per column, the range of the exponents over the real rows; the columns that fit go through
+    # one gemm centred on it, the others pair by pair, then the causal mask
+    assert re.search(r"for i_row in T\.serial\(C\):\n\s+if \(i_c \* C \+ i_row < T_seq\):", walk)
+    assert re.search(r"T\.exp\(s_b\[i0, i1\] - \(0\.5 \* \(dd__9_hi\[i1\] \+ dd__9_lo\[i1\]\)\)\)", walk)
+    assert "T.gemm(g_dd__dd1, g_dd_k, f__9, transpose_A=False, transpose_B=True, clear_accum=True)" in walk
+    assert "if not (dd__9_hi[i_ch] - dd__9_lo[i_ch] <= decay_span):" in walk
+    assert "T.exp(T.min(s_b[i0, i_ch] + (-(s_b[i1, i_ch])), 0.0))" in walk
+    assert 'decay_span = 14.0 if dtype == "float16" else 80.0' in walk
     assert "for seg in T.serial(pid_p):  # fold the summaries of earlier segments" in walk
     assert "S_final[i_b, i_h, i0, pid_s * BLOCK + i1] = st_S[i0, i1]" in walk  # final state
     assert "S_hist[c_base + i_c, i_h, i0, pid_s * BLOCK + i1] = T.Cast(hist_dtype, st_S[i0, i1])" in walk  # for the backward

@@ -53,6 +53,7 @@ class Body:
     _fresh: set[str] = field(default_factory=set)  # fragments whose mirror holds their current value
     _staged: dict[tuple, str] = field(default_factory=dict)  # (purpose, value, mask) -> its buffer
     prelude: list[str] = field(default_factory=list)  # scalars bound once per program, before the chunk loop
+    consts: dict[str, str] = field(default_factory=dict)  # factory-level constants of the sizes (name -> value)
     _scalars: dict[str, str] = field(default_factory=dict)
 
     # -- shapes and buffers -------------------------------------------------------------------
@@ -127,6 +128,22 @@ class Body:
             self.stmt(f"        {lvalue(ivars)} = {text}")
         else:
             self.stmt(f"    {lvalue(ivars)} = {text}")
+
+    def nest(self, headers, shape: tuple[str, ...], lines_fn) -> None:
+        """`for i.. in T.Parallel(shape):` running the statements lines_fn(i) returns, inside `headers` (a
+        serial loop, an if; each inside the one before). lines_fn runs twice: first for the statements its
+        reads need (mirror copies, spills), which land before the headers rather than once per serial step."""
+        ivars = tuple(f"i{k}" for k in range(len(shape)))
+        self._loops.append(_Loop(shape, ivars))
+        try:
+            lines_fn(ivars)
+            text = lines_fn(ivars)
+        finally:
+            self._loops.pop()
+        pad = ["    " * d for d in range(len(headers) + 2)]
+        self.lines.extend(p + h for p, h in zip(pad, headers))
+        self.stmt(f"{pad[len(headers)]}for {', '.join(ivars)} in T.Parallel({', '.join(shape)}):")
+        self.lines.extend(pad[len(headers) + 1] + ln for ln in text)
 
     def fill(self, buf: Buffer, value_fn, mask_axes=(), fill: str = "0.0") -> None:
         """buf = value_fn(i) elementwise; rows of padded tokens on `mask_axes` get `fill`."""

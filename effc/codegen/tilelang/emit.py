@@ -17,7 +17,7 @@ from .schedule import leaves, schedule
 _RESERVED = ("T", "tilelang", "H", "C", "BLOCK", "dtype", "threads", "num_stages", "is_varlen", "has_init",
              "store_final", "store_history", "pid_s", "pid_p", "i_bh", "i_b", "i_h", "i_c", "c_lo", "c_hi",
              "n_valid", "bos", "T_seq", "c_base", "n_chunks_seq", "T_total", "T_pad", "seg", "cu", "chunk_off",
-             "chunks_per_seg", "n_segments", "n_bh", "i0", "i1", "i2")
+             "chunks_per_seg", "n_segments", "n_bh", "i0", "i1", "i2", "i_row", "i_ch", "decay_span")
 # arguments after the params, as the Triton kernels take them (minus what a shape carries)
 COMMON = ("T_pad", "chunks_per_seg", "n_segments", "n_bh", "cu", "chunk_off")
 
@@ -44,6 +44,7 @@ class _KernelView:
     pass_configs: dict
     allocs: list[str]
     prelude: list[str]  # per-program scalars
+    consts: dict[str, str]  # factory-level constants of the sizes
     init: dict[str, tuple[list[str], list[str]]]  # walk: state -> (lines with an initial state, without)
     prologue: list[str]  # walk: fold earlier segments; summary: zero state, unit decay
     history: list[str]  # walk: store the state entering the chunk
@@ -279,7 +280,7 @@ class _Kernel:
             dynamic=dynamic, params=params, grid=f"{n_split}, n_bh, {programs}",
             gemms="[" + ", ".join(f"({m}, {n})" for m, n in dict.fromkeys(self.body.gemm_shapes)) + "]",
             pass_configs=dict(sorted(self.body.pass_configs.items())), allocs=self.body.allocs,
-            prelude=self.body.prelude,
+            prelude=self.body.prelude, consts=self.body.consts,
             init=init, prologue=prologue, history=history, loads=loads, body=body, stores=stores, carry=carry,
             epilogue=epilogue)
 

@@ -164,6 +164,8 @@ class TileLangPrinter:
     def emit(self, op: Op, body) -> None:
         if op.kind == "matmul":
             return self.emit_matmul(op, body)
+        if op.kind == "decay_dot":
+            return self.emit_decay_dot(op, body)
         if op.kind in O.SCANS:
             return self.emit_scan(op, body)
         if op.kind in O.REDUCTIONS:
@@ -204,6 +206,72 @@ class TileLangPrinter:
         body.wrote(sums.name)
         body.shared(op.out, self.types[op.out].shape)
         body.fill(body.where[op.out], lambda iv: body.load(sums, (iv[1 - dim],)))
+
+    def emit_decay_dot(self, op: Op, body) -> None:
+        """P = decay_dot(x, y, eq, ek, diag) (ir.ops.DECAY), finite wherever P is: no exp(eq) or exp(ek) is
+        formed alone where it could leave the gemm dtype's range.
+
+        One exponent per token ([C, 1]): x @ y.T on the tensor cores, times the pair weight exp(eq_i + ek_j).
+        Per channel ([C, K]): per column k, the range [lo, hi] of eq and -ek over the real rows. A column whose
+        span fits the gemm dtype (`decay_span`) goes through T.gemm in the factored form centred on the range,
+        x e^(eq - c) and y e^(ek + c) with both factors within e^(span / 2); each other column adds its terms
+        pair by pair, x_ik y_jk exp(eq_ik + ek_jk), on the CUDA cores (C*C exps per column: slow, but only
+        the columns of strong gates pay it, and only in the chunks where they are strong)."""
+        x, y, eq, ek, diag = op.args
+        keep = ">=" if diag == 1.0 else ">"
+        out = body.fragment(op.out, self.types[op.out].shape)
+        f = body.where[op.out]
+        per_token = self.types[eq].shape[1] == _ONE
+
+        def at(a, i, k):  # an operand at row i, channel k
+            return body.read(a, (i, "0" if self.types[a].shape[1] == _ONE else k))
+
+        if per_token:
+            a, ta = body.gemm_operand(x, 1, False)
+            b, tb = body.gemm_operand(y, 1, False)
+            body.stmt(f"T.gemm({a}, {b}, {out}, transpose_A={ta}, transpose_B={not tb}, clear_accum=True)")
+            body.gemm_shapes.append(("C", "C"))
+            body.wrote(out)
+            body.fill(f, lambda iv: f"T.if_then_else({iv[0]} {keep} {iv[1]}, {body.load(f, iv)} * "
+                                    f"T.exp(T.min({at(eq, iv[0], '0')} + {at(ek, iv[1], '0')}, 0.0)), 0.0)")
+            return
+        kk = body.extents(self.types[eq].shape)[1]
+        body.consts["decay_span"] = '14.0 if dtype == "float16" else 80.0'  # e^7 / e^40 factors and their products
+        hi = body.alloc(f"dd_{op.out}_hi", (kk,), "shared", '"float32"')
+        lo = body.alloc(f"dd_{op.out}_lo", (kk,), "shared", '"float32"')
+
+        def ranges(iv):
+            k = iv[0]
+            both = (at(eq, "i_row", k), f"(-{at(ek, 'i_row', k)})")
+            return [f"{hi.name}[{k}] = (-{INF})", f"{lo.name}[{k}] = {INF}",
+                    "for i_row in T.serial(C):",
+                    f"    if {token_ok('i_row')}:",
+                    f"        {hi.name}[{k}] = T.max({hi.name}[{k}], T.max({both[0]}, {both[1]}))",
+                    f"        {lo.name}[{k}] = T.min({lo.name}[{k}], T.min({both[0]}, {both[1]}))"]
+
+        body.nest([], (kk,), ranges)
+
+        def fits(k):
+            return f"({hi.name}[{k}] - {lo.name}[{k}] <= decay_span)"
+
+        def centre(k):
+            return f"(0.5 * ({hi.name}[{k}] + {lo.name}[{k}]))"
+
+        staged = []
+        for v, e, sign in ((x, eq, "-"), (y, ek, "+")):
+            buf = body.alloc(f"g_dd_{v}", body.extents(self.types[v].shape), "shared", "dtype")
+            body.fill(buf, lambda iv, v=v, e=e, sign=sign: (
+                f"T.if_then_else({fits(iv[1])}, {at(v, *iv)} * T.exp({at(e, *iv)} {sign} {centre(iv[1])}), 0.0)"),
+                mask_axes=(0,))
+            staged.append(buf.name)
+        body.stmt(f"T.gemm({staged[0]}, {staged[1]}, {out}, transpose_A=False, transpose_B=True, clear_accum=True)")
+        body.gemm_shapes.append(("C", "C"))
+        body.wrote(out)
+        body.nest([f"for i_ch in T.serial({kk}):  # the columns too wide for the gemm, pair by pair",
+                   f"if not {fits('i_ch')}:"], ("C", "C"),
+                  lambda iv: [f"{out}[{iv[0]}, {iv[1]}] = {out}[{iv[0]}, {iv[1]}] + {at(x, iv[0], 'i_ch')} * "
+                              f"{at(y, iv[1], 'i_ch')} * T.exp(T.min({at(eq, iv[0], 'i_ch')} + {at(ek, iv[1], 'i_ch')}, 0.0))"])
+        body.fill(f, lambda iv: f"T.if_then_else({iv[0]} {keep} {iv[1]}, {body.load(f, iv)}, 0.0)")
 
     def emit_scan(self, op: Op, body) -> None:
         # padded rows come after every real one, so only the reverse scan must drop them

@@ -18,7 +18,7 @@ from ...ir.nodes import C, Op
 from ...passes.plan import KernelPlan
 
 _ONE = sympy.Integer(1)
-ANCHOR_KINDS = frozenset(("matmul",) + O.SCANS + tuple(O.REDUCTIONS))
+ANCHOR_KINDS = frozenset(("matmul", "decay_dot") + O.SCANS + tuple(O.REDUCTIONS))
 
 
 def matmul_form(op: Op, types) -> str:
