@@ -338,13 +338,14 @@ def test_plan_prints_the_bytes_per_rank():
 
 
 @pytest.mark.slow
-def test_example_runs_under_torchrun():
+@pytest.mark.parametrize("spec,sent,n_errs", [("gla", "2176 bytes", 10), ("softmax_attn", "11520 bytes", 8)])
+def test_example_runs_under_torchrun(spec, sent, n_errs):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), str(ROOT / "examples" / "context_parallel.py")],
-                       capture_output=True, text=True, env=env, timeout=300)
+                        "--master_port", str(_free_port()), str(ROOT / "examples" / "context_parallel.py"),
+                        "--spec", spec], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     errs = [float(e) for line in p.stdout.splitlines() if "max |cp" in line
             for e in line.replace(",", " ").split() if "e-" in e or "e+" in e]
-    assert "2176 bytes" in p.stdout and len(errs) >= 10 and max(errs) < 1e-3
+    assert sent in p.stdout and len(errs) >= n_errs and max(errs) < 1e-3
