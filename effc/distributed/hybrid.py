@@ -62,5 +62,6 @@ class HybridContextParallel:
         """(o, final_state) as the linear path returns them (docs/context-parallel.md): `initial_state` read
         on rank 0 (per document on every rank with cu_seqlens), the final state on the last rank."""
         extra = self._extras(tensors, cu_seqlens, kw)
+        state_kw = {k: v for k, v in kw.items() if k != "block"}  # `block`: the softmax branch's key block
         return self.linear(*tensors, *extra, initial_state=initial_state, output_final_state=output_final_state,
-                           cu_seqlens=cu_seqlens, **kw)
+                           cu_seqlens=cu_seqlens, **state_kw)

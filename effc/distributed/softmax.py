@@ -86,8 +86,11 @@ class SoftmaxContextParallel:
             return total
         pvals = self.op.param_values(dims, params)
         subs = {sympy.Symbol(f"p_{k}", real=True): v for k, v in pvals.items()}
-        reach = max(float(self.shift.subs(subs).subs(sympy.Symbol("head", integer=True, nonnegative=True), h))
-                    for h in range(H))
+        shifts = [self.shift.subs(subs).subs(sympy.Symbol("head", integer=True, nonnegative=True), h)
+                  for h in range(H)]
+        if any(x.free_symbols for x in shifts):  # a bound we cannot evaluate here: read every key
+            return total
+        reach = max(float(x) for x in shifts)
         return min(total, max(end, end + math.floor(reach)))
 
     def _reach_text(self) -> str:
@@ -158,6 +161,8 @@ def gather_inputs(spec, tensors, gathered, lengths, start, k_end, group) -> Gath
     names = [d.name for d in spec.inputs]
     pick = [i for i, n in enumerate(names) if n in gathered]
     dtype = tensors[pick[0]].dtype
+    for i in pick[1:]:  # one tensor for the gather, wide enough for each input (cast back after)
+        dtype = torch.promote_types(dtype, tensors[i].dtype)
     widths = [math.prod(tensors[i].shape[2:]) for i in pick]
     longest = max(lengths)
     flat = torch.cat([tensors[i].to(dtype).reshape(B, tensors[i].shape[1], w) for i, w in zip(pick, widths)], -1)
