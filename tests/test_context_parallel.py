@@ -11,11 +11,14 @@ import pytest
 import torch
 
 import effc
-from effc.distributed import context_parallel, state_maps
+from effc.distributed import (ContextParallelOp, HybridContextParallel, SoftmaxContextParallel, context_parallel,
+                               state_maps)
+from effc.errors import ArgumentError
 from effc.distributed.varlen import shard_layout
 from effc.runtime.verify import random_inputs, random_state
 
 import naive
+import naive_softmax
 
 WORKER = Path(__file__).with_name("cp_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,19 +31,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None) -> dict:
-    """A case; with `cu` (global cu_seqlens), one packed (1, T, H, D) stream and one initial state per document."""
+def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None, batch: int = B) -> dict:
+    """A case; with `cu` (global cu_seqlens), one packed (1, T, H, D) stream and one initial state per document.
+    `kw`: the spec's params (e.g. a window shorter than a shard). A spec with no state has no initial state."""
     op = effc.load(spec)
+    kw = kw or {}
     dims = {d: D for s in op.spec.inputs for d in s.feature_dims}
-    xs = random_inputs(op.spec, B, T, H, dims, seed=seed)
+    xs = random_inputs(op.spec, batch, T, H, dims, seed=seed)
     cu = None if cu is None else torch.tensor(cu, dtype=torch.int32)
-    n_seq = B if cu is None else len(cu) - 1
-    s0 = random_state(op.spec, n_seq, H, dims, seed=seed + 1) if init else None
+    n_seq = batch if cu is None else len(cu) - 1
+    stateful = bool(op.spec.states)
+    s0 = random_state(op.spec, n_seq, H, dims, seed=seed + 1) if init and stateful else None
     s0 = (s0,) if torch.is_tensor(s0) else s0
     gen = torch.Generator().manual_seed(seed + 2)
-    o, finals = op(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu)
-    finals = (finals,) if torch.is_tensor(finals) else finals
-    return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds, "cu_seqlens": cu,
+    o, finals = op(*xs, initial_state=s0, output_final_state=stateful, cu_seqlens=cu, **kw)
+    finals = () if finals is None else (finals,) if torch.is_tensor(finals) else finals
+    return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds, "cu_seqlens": cu, "kw": kw,
             "grad_o": torch.randn(o.shape, generator=gen),
             "grad_final": tuple(torch.randn(f.shape, generator=gen) for f in finals)}
 
@@ -81,9 +87,10 @@ def _check(case: dict, per_rank: list[dict]):
     op = effc.load(spec)
     xs = [x.detach().clone().requires_grad_(True) for x in case["inputs"]]
     s0 = None if case["init"] is None else tuple(s.detach().clone().requires_grad_(True) for s in case["init"])
-    cu = case.get("cu_seqlens")
-    o, finals = op(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu)
-    finals = (finals,) if torch.is_tensor(finals) else finals
+    cu, kw = case.get("cu_seqlens"), case.get("kw", {})
+    stateful = bool(case["grad_final"])
+    o, finals = op(*xs, initial_state=s0, output_final_state=stateful, cu_seqlens=cu, **kw)
+    finals = () if finals is None else (finals,) if torch.is_tensor(finals) else finals
     loss = (o * case["grad_o"]).sum() + sum((f * g).sum() for f, g in zip(finals, case["grad_final"]))
     loss.backward()
     o_cp = torch.cat([r["o"] for r in per_rank], 1)
@@ -97,17 +104,33 @@ def _check(case: dict, per_rank: list[dict]):
             got = per_rank[0]["init_grads"][i] if cu is None else sum(
                 r["init_grads"][i] for r in per_rank if r["init_grads"][i] is not None)  # None: no start there
             _close(got, s.grad, f"{spec}: grad of initial state {i}")
-    ref, ref_finals = op.reference(*case["inputs"], initial_state=case["init"], output_final_state=True,
-                                   cu_seqlens=cu)
+    ref, ref_finals = op.reference(*case["inputs"], initial_state=case["init"], output_final_state=stateful,
+                                   cu_seqlens=cu, **kw)
     _close(o_cp, ref, f"{spec}: output against the float64 oracle")
-    ref_finals = (ref_finals,) if torch.is_tensor(ref_finals) else ref_finals
+    ref_finals = () if ref_finals is None else (ref_finals,) if torch.is_tensor(ref_finals) else ref_finals
     for i, f in enumerate(ref_finals):
         _close(per_rank[-1]["finals"][i], f, f"{spec}: final state {i} against the float64 oracle")
+    if spec in naive_softmax.NAIVE_SOFTMAX or (spec == "swax" and cu is None):
+        n_o, n_s = _naive_softmax(spec, case["inputs"], case["init"], cu, kw)
+        _close(o_cp, n_o, f"{spec}: output against the naive reference")
+        if n_s is not None:
+            _close(per_rank[-1]["finals"][0], n_s, f"{spec}: final state against the naive reference")
     if spec in naive.NAIVE:
         n_o, n_s = _naive(spec, case["inputs"], case["init"], cu)
         _close(o_cp, n_o, f"{spec}: output against the naive recurrence")
         for i, s in enumerate((n_s,) if torch.is_tensor(n_s) else n_s):
             _close(per_rank[-1]["finals"][i], s, f"{spec}: final state {i} against the naive recurrence")
+
+
+def _naive_softmax(spec, inputs, init, cu, kw):
+    """tests/naive_softmax.py's explicit-mask attention over the whole sequence, one document at a time for a
+    packed stream (every document ends up with a final state only for swax, none of these tests packs it)."""
+    if spec == "swax":
+        assert cu is None
+        return naive_softmax.swax(*inputs, initial_state=None if init is None else init[0], **kw)
+    c = [0, inputs[0].shape[1]] if cu is None else cu.tolist()
+    outs = [naive_softmax.NAIVE_SOFTMAX[spec](*[x[:, a:b] for x in inputs], **kw) for a, b in zip(c, c[1:]) if b > a]
+    return torch.cat(outs, 1), None
 
 
 def _naive(spec, inputs, init, cu):
@@ -237,11 +260,73 @@ spec right_mult {
         context_parallel(right)
 
 
-def test_unsupported_calls_name_the_missing_feature():
-    with pytest.raises(NotImplementedError, match="softmax family"):
-        context_parallel(effc.load("softmax_attn"))
-    with pytest.raises(NotImplementedError, match="hybrid family"):
-        context_parallel(effc.load("swax"))
+def test_each_family_gets_its_path():
+    assert isinstance(context_parallel(effc.load("softmax_attn")), SoftmaxContextParallel)
+    assert isinstance(context_parallel(effc.load("swax")), HybridContextParallel)
+    with pytest.raises(ArgumentError, match="linear family's path"):
+        ContextParallelOp(effc.load("softmax_attn"))
+
+
+def test_softmax_key_reach_and_gathered_inputs_follow_the_spec():
+    """Causal masks read no key after the shard (reach 0), a full mask every key; k, v and whatever feeds
+    the prefix stage (FoX's f) are gathered, query-side inputs (q, a gate) only padded."""
+    def path(name):
+        cp = context_parallel(effc.load(name))
+        return cp.softmax if isinstance(cp, HybridContextParallel) else cp
+
+    for name in ("softmax_attn", "sliding_window", "alibi", "softcap", "swax"):
+        assert path(name).shift == 0, name
+    assert path("softmax_full").shift is None
+    assert path("forgetting_transformer").gathered == ("k", "v", "f")
+    assert (path("gated_attention").gathered, path("gated_attention").padded) == (("k", "v"), ("q", "g"))
+    plan = path("softmax_attn").plan(*random_inputs(effc.load("softmax_attn").spec, B, 45, H, {"K": D, "V": D}))
+    assert plan.bytes_per_rank == _softmax_bytes(45) and f"{_softmax_bytes(45)} bytes" in str(plan)
+    assert "gathered: k, v" in str(plan)
+
+
+def _softmax_bytes(tokens: int, batch: int = B) -> int:
+    """A rank's shard of k and v, written out by hand (fp32)."""
+    return batch * tokens * H * (D + D) * 4
+
+
+SOFTMAX_FAST = [("softmax_attn", {}, 2), ("sliding_window", {"window": 12}, 1), ("swax", {"window": 12}, 1)]
+
+
+def test_two_ranks_softmax_and_swax_match_single_process(tmp_path):
+    """Causal attention (B = 2), a window shorter than a shard (rank 1 reads 11 keys of rank 0) and the
+    hybrid with an initial state: 45 tokens per rank, not a multiple of any block."""
+    cases = [_case(s, seed=50 + i, kw=kw, batch=b) for i, (s, kw, b) in enumerate(SOFTMAX_FAST)]
+    cases.append(_case("softmax_attn", seed=55, bounds=[(0, 61), (61, 90)]))  # uneven shards
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+    for (spec, _, b), r0 in zip(SOFTMAX_FAST[:2], results[0]):
+        assert r0["plan_bytes"] == _softmax_bytes(45, b), spec
+
+
+def test_two_ranks_softmax_varlen_documents_cross_the_boundary(tmp_path):
+    """Document masking over ranks: a document of 30 tokens crossing the boundary, positions restarting per
+    document (FoX's prefix cumsum too), an empty document."""
+    cases = [_case("softmax_attn", seed=60, cu=PACKED), _case("forgetting_transformer", seed=61, cu=PACKED)]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+@pytest.mark.slow
+def test_four_ranks_softmax_family(tmp_path):
+    uneven = [(0, 1), (1, 41), (41, 41), (41, 90)]  # a one-token shard, an empty one
+    cases = [_case("alibi", seed=70), _case("softcap", seed=71, kw={"cap": 2.0}),
+             _case("forgetting_transformer", seed=72), _case("softmax_full", seed=73),
+             _case("gated_attention", seed=74),
+             _case("sliding_window", seed=75, kw={"window": 30}, bounds=uneven),
+             _case("swax", seed=76, kw={"window": 30}, bounds=uneven),
+             _case("swax", seed=77, init=False, kw={"window": 7}),
+             _case("swax", seed=78, kw={"window": 9}, cu=[0, 3, 3, 80, 90]),
+             _case("softmax_full", seed=79, cu=[0, 3, 3, 80, 90])]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
 
 
 def test_plan_prints_the_bytes_per_rank():
@@ -253,13 +338,14 @@ def test_plan_prints_the_bytes_per_rank():
 
 
 @pytest.mark.slow
-def test_example_runs_under_torchrun():
+@pytest.mark.parametrize("spec,sent,n_errs", [("gla", "2176 bytes", 10), ("softmax_attn", "11520 bytes", 8)])
+def test_example_runs_under_torchrun(spec, sent, n_errs):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(_free_port()), str(ROOT / "examples" / "context_parallel.py")],
-                       capture_output=True, text=True, env=env, timeout=300)
+                        "--master_port", str(_free_port()), str(ROOT / "examples" / "context_parallel.py"),
+                        "--spec", spec], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     errs = [float(e) for line in p.stdout.splitlines() if "max |cp" in line
             for e in line.replace(",", " ").split() if "e-" in e or "e+" in e]
-    assert "2176 bytes" in p.stdout and len(errs) >= 10 and max(errs) < 1e-3
+    assert sent in p.stdout and len(errs) >= n_errs and max(errs) < 1e-3

@@ -1,4 +1,5 @@
-"""Context parallel for the linear family: one sequence sharded over the ranks of a process group.
+"""Context parallel for the linear family: one sequence sharded over the ranks of a process group
+(effc.distributed.wrap.context_parallel picks this path, the softmax one or the hybrid one).
 
 Each rank holds a contiguous shard of the time axis. Over its shard, every state's update is affine in
 the state entering it, S_out = A_r(S_in) + W_r (effc.distributed.affine says which form, from the
@@ -12,16 +13,15 @@ graph: gradients reach every input and the initial state exactly as in the singl
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from ..errors import ArgumentError
 from ..runtime.checks import check_cu_seqlens, check_inputs
 from .affine import StateMap, state_maps
+from .collectives import anchor, gather_stacked
 from .varlen import shard_layout
 
 
@@ -46,25 +46,6 @@ class ContextParallelPlan:
         return "\n".join(lines)
 
 
-class _Anchor(torch.autograd.Function):
-    """`x` unchanged, tied to the gathered summaries so that every rank's backward runs the all-gather's
-    backward (a collective: rank 0 does not read the gathered values, yet must join it)."""
-
-    @staticmethod
-    def forward(ctx, x, gathered):
-        ctx.shape, ctx.dtype = gathered.shape, gathered.dtype
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
-
-
-def _anchor(o, gathered):
-    """The output(s) `o`, the first tied to `gathered` (see _Anchor)."""
-    return _Anchor.apply(o, gathered) if torch.is_tensor(o) else (_Anchor.apply(o[0], gathered),) + tuple(o[1:])
-
-
 def _states(x) -> list[torch.Tensor]:
     """The op's state argument or result (a tensor, or a tuple with one per state) as a list."""
     return [x] if torch.is_tensor(x) else list(x)
@@ -83,9 +64,8 @@ class ContextParallelOp:
     def __init__(self, op, group=None):
         family = op.comp.ir.family
         if family != "linear":
-            raise NotImplementedError(f"context parallel for the {family} family ({op.name}) is not implemented: "
-                                      "ring attention / all-gather of K and V is future work; only the linear "
-                                      "family (a chunked state) is supported")
+            raise ArgumentError(f"ContextParallelOp is the linear family's path; {op.name} is of the {family} "
+                                "family: use effc.distributed.context_parallel")
         if op.spec.reads("pos"):  # a shard's kernels count positions from its own first token
             raise NotImplementedError(f"context parallel for {op.name}: it reads 'pos', the token's position in "
                                       "its sequence, and shards do not offset positions yet")
@@ -214,7 +194,7 @@ class ContextParallelOp:
             o, final = self.op(*tensors, initial_state=entering, output_final_state=output_final_state, **kw)
         else:
             final = (finals[0] if len(finals) == 1 else tuple(finals))
-        o = _anchor(o, gathered)
+        o = anchor(o, gathered)
         if not output_final_state or rank != world - 1:
             return o, None
         return o, final
@@ -277,7 +257,7 @@ class ContextParallelOp:
         if not pieces:  # no token here: the op's own empty output
             pieces = [self.op(*tensors, **kw)[0]]
         o = _cat_time(pieces)
-        o = _anchor(o, gathered)
+        o = anchor(o, gathered)
         if not output_final_state:
             return o, None
 
@@ -293,7 +273,7 @@ class ContextParallelOp:
             zero = torch.zeros(shape[1:], dtype=dtype, device=device)
             rows.append(torch.stack([zero if r is None else r.to(dtype) for r in mine]).reshape(n_seq, H, -1))
         finals = self._gather(torch.cat(rows, -1)).sum(0)  # (n_seq, H, L)
-        o = _anchor(o, finals)
+        o = anchor(o, finals)
         if rank != world - 1:
             return o, None
         out, offset = [], 0
@@ -304,14 +284,8 @@ class ContextParallelOp:
         return o, (out[0] if len(out) == 1 else tuple(out))
 
     def _gather(self, mine):
-        """All ranks' `mine`, stacked in rank order; autograd-aware (its backward is a collective too)."""
-        if torch.is_grad_enabled() and not mine.requires_grad:
-            # every rank must record the all-gather, or its backward (a collective) would run on some ranks
-            # only and hang: the last rank's zeros, or a rank whose inputs need no gradient
-            mine = mine.detach().requires_grad_(True)
-        with warnings.catch_warnings():  # torch 2.13 marks it deprecated, with no autograd-aware successor
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.stack(dist_fn.all_gather(mine, group=self.group))
+        """All ranks' `mine`, stacked in rank order (autograd-aware)."""
+        return gather_stacked(mine, self.group)
 
     def _fold(self, gathered, rank, shapes, sizes) -> list[torch.Tensor]:
         """The states entering rank `rank`: rank 0's final state, then each later rank's A(.) + W."""
@@ -327,20 +301,6 @@ class ContextParallelOp:
                 cur.append(w if states is None else self._apply(m, a, w, states[i], sizes))
             states = cur
         return states
-
-
-def context_parallel(op, group=None) -> ContextParallelOp:
-    """Wrap an effc op of the linear family for context parallelism over `group` (None: the default group).
-
-    The wrapper takes the op's arguments with every (B, T, H, D) input replaced by this rank's contiguous
-    shard along T (ranks in order; shards may have different lengths, any length), and returns
-    (o_shard, final_state): `initial_state` is read on rank 0, the final state comes back on the last rank.
-    With `cu_seqlens` (the global boundaries of one packed (1, total_T) stream), documents may cross
-    ranks: `initial_state` is one state per document, passed on every rank (each reads the rows of the
-    documents starting on its shard), and the last rank gets every document's final state
-    (docs/context-parallel.md). Raises NotImplementedError for the softmax family, hybrids and updates
-    that are not affine in the state."""
-    return ContextParallelOp(op, group)
 
 
 def shard(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:

@@ -66,7 +66,7 @@ SOFTMAX_KERNELS = (
      "the key-side adjoints and P^T dR"),
 )
 # the signature's fixed part (codegen/triton/softmax.py.j2 reads these names)
-_LAYOUT = ("T", "cu_ptr")
+_LAYOUT = ("T", "Q_LO", "Q_HI", "cu_ptr")
 _TILES = ("BM", "BN")
 _OPTIONS = ("IS_VARLEN", "DOT_DTYPE", "PRECISION")
 _FLAGS = ("SAVE",)

@@ -36,6 +36,24 @@ from .softmax_oracle import evaluate_softmax
 from .softmax_torch_op import encode_call, prefix_stage, softmax_torch_ops
 from .torch_op import call_lengths, host_plan, live
 
+def check_queries(queries, T: int) -> tuple[int, int]:
+    """The `queries=(lo, hi)` knob as ints with 0 <= lo <= hi <= T; None: (0, T)."""
+    if queries is None:
+        return 0, T
+    ok = (isinstance(queries, (tuple, list)) and len(queries) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in queries))
+    if not ok or not 0 <= queries[0] <= queries[1] <= T:
+        raise ArgumentError(f"queries must be a pair of ints (lo, hi) with 0 <= lo <= hi <= T = {T} (the rows "
+                            f"computed), got {queries!r}")
+    return int(queries[0]), int(queries[1])
+
+
+def _query_blocks(longest: int, queries: tuple[int, int], bm: int) -> int:
+    """Programs of a kernel with one per query block: the computed rows of the longest sequence, in blocks
+    (at least 1: a program with no rows returns at once)."""
+    return max(1, math.ceil(min(longest, queries[1] - queries[0]) / bm))
+
+
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -95,17 +113,24 @@ class SoftmaxOp(Tuned):
     # -- the kernels ------------------------------------------------------------------------------------
     def __call__(self, *tensors, cu_seqlens=None, chunk: int | None = None, block: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, segments: int | None = None,
-                 defer_merge: bool | None = None, initial_state=None, output_final_state: bool = False, **params):
+                 defer_merge: bool | None = None, initial_state=None, output_final_state: bool = False,
+                 queries: tuple[int, int] | None = None, **params):
         """`chunk` (query block) and `block` (key block), `num_warps` and `num_stages` pin every kernel's
         tiles; otherwise the forward's come from `effc tune`'s entry for the call shape, or the model.
-        `segments` and `defer_merge` are accepted for the linear family's knobs, and must be 1 and false."""
+        `segments` and `defer_merge` are accepted for the linear family's knobs, and must be 1 and false.
+        `queries=(lo, hi)`: compute the outputs of the query rows lo <= t < hi only (tokens of the packed
+        stream with cu_seqlens), each against every key its masks keep; the other rows of the outputs are
+        zero and pass no gradient, and the query-side inputs' rows there are not read. Every input keeps the
+        full length T, at the same positions: the queries of a later piece of a sequence against all of it
+        (context parallel, docs/context-parallel.md). None: every row."""
         longest = call_lengths(cu_seqlens, tensors[0])
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         grad = torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
         knobs = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
                  ("num_stages", num_stages), ("defer_merge", defer_merge))
         ints, pvals = host_plan(id(self), tuple(describe(t) for t in tensors), initial_state is not None,
-                                output_final_state, n_seq, longest, grad, knobs, tuple(sorted(params.items())))
+                                output_final_state, n_seq, longest, grad, knobs, tuple(sorted(params.items())),
+                                None if queries is None else tuple(queries))
         named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
         pre = self._prefix(named, dict(zip((p.name for p in self.spec.params), pvals)), tensors[0].shape[2],
                            cu_seqlens)
@@ -113,7 +138,7 @@ class SoftmaxOp(Tuned):
         outs = self._torch_ops.call(leaves, [], cu_seqlens, list(ints), list(pvals))[:len(self.spec.outputs)]
         return (outs[0] if len(outs) == 1 else tuple(outs)), None
 
-    def _plan_call(self, descs, has_init, output_final_state, n_seq, longest, grad, knobs, params):
+    def _plan_call(self, descs, has_init, output_final_state, n_seq, longest, grad, knobs, params, queries=None):
         """Checks and tiles of one call, from its argument descriptions: under torch.compile this runs once
         per shape, as a constant, outside the traced graph. Returns the custom ops' ints and params."""
         knobs = dict(knobs)
@@ -131,7 +156,8 @@ class SoftmaxOp(Tuned):
         cfg = self.config(B if n_seq is None else n_seq, longest or T, H, dims, first.device, dtype=first.dtype,
                           **knobs)
         self.last_config = cfg
-        return encode_call(self.spec, cfg, grad, dims), tuple(pvals[p.name] for p in self.spec.params)
+        return (encode_call(self.spec, cfg, grad, dims, check_queries(queries, T)),
+                tuple(pvals[p.name] for p in self.spec.params))
 
     def _layout(self, leaves, n_seq, cu):
         first = leaves[0]
@@ -158,14 +184,17 @@ class SoftmaxOp(Tuned):
         options = {k: v for k, v in meta.items() if k in _LAUNCH_OPTIONS}
         fn[(grid0, n_bh)](**kp.call({**named, **meta}), **options)
 
-    def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool):
+    def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool, queries=None):
         spec, sched = self.spec, self.sched
         B, T, H, longest, heads = self._layout(leaves, n_seq, cu)
         first = leaves[0]
         dtype, device = first.dtype, first.device
         f32 = dict(dtype=torch.float32, device=device)
         named = {f"{x}_ptr": t.contiguous() for x, t in zip(sched.leaves, leaves)}
-        outs = {o.name: torch.empty((B, T, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
+        queries = queries or (0, T)
+        part = tuple(queries) != (0, T)  # rows the kernel does not write are zeros
+        alloc = torch.zeros if part else torch.empty
+        outs = {o.name: alloc((B, T, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
                 for o in spec.outputs}
         named.update({f"{o}_ptr": t for o, t in outs.items()})
         # a distinct dummy each when nothing is saved: custom-op outputs must not alias
@@ -174,9 +203,10 @@ class SoftmaxOp(Tuned):
         dummy = torch.empty(1, **f32)
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
-        named.update(T=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else dummy)
+        named.update(T=T, Q_LO=queries[0], Q_HI=queries[1],
+                     cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else dummy)
         c = cfg.fwd
-        self._launch("fwd", c, math.ceil(longest / c[0]), n_seq * H, named,
+        self._launch("fwd", c, _query_blocks(longest, queries, c[0]), n_seq * H, named,
                      self._meta(c, H, heads, dims, cu, dtype, save))
         return [outs[o.name] for o in spec.outputs], saved
 
@@ -192,7 +222,7 @@ class SoftmaxOp(Tuned):
                     shapes[f"{r.out}_save"] = (B, T, H) + tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
         return shapes
 
-    def _backward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, outs, saved, d_outs):
+    def _backward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, outs, saved, d_outs, queries=None):
         spec, sched, bwd = self.spec, self.sched, self.comp.backward
         B, T, H, longest, heads = self._layout(leaves, n_seq, cu)
         first = leaves[0]
@@ -204,7 +234,10 @@ class SoftmaxOp(Tuned):
                       for o, t, g in zip(spec.outputs, outs, d_outs)})
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
-        named.update(T=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else torch.empty(1, **f32))
+        queries = queries or (0, T)
+        alloc = torch.zeros if tuple(queries) != (0, T) else torch.empty  # rows outside: no gradient
+        named.update(T=T, Q_LO=queries[0], Q_HI=queries[1],
+                     cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else torch.empty(1, **f32))
         feats = {x: tuple(int(dims[str(d)]) for d in sched.types[x].shape[1:]) for x in sched.leaves}
         dr_dtype = operand_dtype(dtype)  # the reductions' cotangents are matmul operands of both walks
         for gi, g in enumerate(sched.groups):
@@ -221,11 +254,11 @@ class SoftmaxOp(Tuned):
                 # a gradient written by one kernel for ungrouped heads is final: stored in the input's dtype,
                 # with no fp32 buffer and no conversion pass; sums of parts and of grouped heads stay fp32
                 direct = x in whole and t.shape[2] == H
-                buf = torch.empty((B, T, H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
+                buf = alloc((B, T, H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
                 named[f"{x}_{tag}_ptr"] = buf
                 parts[x].append(buf)
-        for kernel, c, grid0 in (("bwd_pre", cfg.pre, math.ceil(longest / cfg.pre[0])),
-                                 ("bwd_dq", cfg.dq, math.ceil(longest / cfg.dq[0])),
+        for kernel, c, grid0 in (("bwd_pre", cfg.pre, _query_blocks(longest, queries, cfg.pre[0])),
+                                 ("bwd_dq", cfg.dq, _query_blocks(longest, queries, cfg.dq[0])),
                                  ("bwd_dkv", cfg.dkv, math.ceil(longest / cfg.dkv[1]))):
             self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
         grads = []
@@ -244,13 +277,19 @@ class SoftmaxOp(Tuned):
 
     # -- the oracle -----------------------------------------------------------------------------------
     def reference(self, *tensors, cu_seqlens=None, dtype=torch.float64, matmul_dtype=None, initial_state=None,
-                  output_final_state: bool = False, chunk=None, last_query: bool = False, **params):
+                  output_final_state: bool = False, chunk=None, last_query: bool = False, queries=None, **params):
         """The spec evaluated with PyTorch ops on whole [T, T] score matrices (differentiable; float64
-        inputs are accepted, for gradient checks). `last_query`: the last token's outputs only, (B, 1, H, D)."""
+        inputs are accepted, for gradient checks). `last_query`: the last token's outputs only, (B, 1, H, D).
+        `queries=(lo, hi)`: as for the call, the other rows zero."""
         B, T, H, dims, pvals = self._check(tensors, params, False, initial_state, output_final_state)
         outs = evaluate_softmax(self.spec, {d.name: x for d, x in zip(self.spec.inputs, tensors)}, pvals, dims,
                                 dtype, matmul_dtype, cu_seqlens, last_query=last_query)
         o = [outs[o.name] for o in self.spec.outputs]
+        if queries is not None:
+            lo, hi = check_queries(queries, T)
+            rows = torch.zeros(T, dtype=torch.bool, device=tensors[0].device)
+            rows[lo:hi] = True
+            o = [x * rows.reshape((1, T) + (1,) * (x.dim() - 2)).to(x.dtype) for x in o]
         return (o[0] if len(o) == 1 else tuple(o)), None
 
     # -- decoding -------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ autograd formula runs the preprocess, dQ and dK/dV kernels on them.
 
 The ops' `xs` are the kernels' leaves (inputs and prefix values, SoftmaxOp.sched.leaves), `init` is empty,
 and `ints` encode the call (`encode_call`): each kernel's tiles, whether to save for a backward, the
-feature dim sizes.
+query rows computed, the feature dim sizes.
 
 `prefix_stage` gives the prefix stage for the ops: PyTorch ops that autograd differentiates and dynamo
 traces, except over packed sequences under compile, where splitting at cu_seqlens would read the tensor
@@ -30,13 +30,15 @@ def _dim_names(spec: Spec) -> list[str]:
     return list(dict.fromkeys(n for d in spec.inputs for n in d.dims[3:]))
 
 
-def encode_call(spec: Spec, cfg: SoftmaxTiles, save: bool, dims: dict) -> tuple[int, ...]:
-    return (*(v for k in _KERNELS for v in getattr(cfg, k)), int(save), *(dims[n] for n in _dim_names(spec)))
+def encode_call(spec: Spec, cfg: SoftmaxTiles, save: bool, dims: dict, queries: tuple[int, int]) -> tuple[int, ...]:
+    return (*(v for k in _KERNELS for v in getattr(cfg, k)), int(save), *queries,
+            *(dims[n] for n in _dim_names(spec)))
 
 
-def _decode(spec: Spec, ints) -> tuple[SoftmaxTiles, bool, dict]:
+def _decode(spec: Spec, ints) -> tuple[SoftmaxTiles, bool, tuple[int, int], dict]:
+    """(tiles, save, the query rows computed [lo, hi), feature dim sizes)."""
     cfg = SoftmaxTiles(**{k: tuple(ints[4 * i:4 * i + 4]) for i, k in enumerate(_KERNELS)})
-    return cfg, bool(ints[_SAVE]), dict(zip(_dim_names(spec), ints[_SAVE + 1:]))
+    return cfg, bool(ints[_SAVE]), tuple(ints[_SAVE + 1:_SAVE + 3]), dict(zip(_dim_names(spec), ints[_SAVE + 3:]))
 
 
 def _filled(grads, outs) -> list:
@@ -53,17 +55,17 @@ def softmax_torch_ops(op) -> TorchOps:
     graded = {x for k in (bwd.pre, bwd.dq, bwd.dkv) for x, _ in k.leaf_grads}
 
     def call(xs, cu, ints, params):
-        cfg, save, dims = _decode(spec, ints)
+        cfg, save, queries, dims = _decode(spec, ints)
         n_seq = xs[0].shape[0] if cu is None else cu.shape[0] - 1
-        return cfg, save, dims, n_seq, dict(zip((p.name for p in spec.params), params))
+        return cfg, save, queries, dims, n_seq, dict(zip((p.name for p in spec.params), params))
 
     def run_fwd(xs, init, cu, ints, params):
-        cfg, save, dims, n_seq, pvals = call(xs, cu, ints, params)
-        outs, saved = op._forward(cfg, pvals, cu, n_seq, dims, xs, save)
+        cfg, save, queries, dims, n_seq, pvals = call(xs, cu, ints, params)
+        outs, saved = op._forward(cfg, pvals, cu, n_seq, dims, xs, save, queries)
         return outs + list(saved.values())
 
     def fake_fwd(xs, init, cu, ints, params):
-        _, save, dims = _decode(spec, ints)
+        _, save, _, dims = _decode(spec, ints)
         x0 = xs[0]
         B, T, H = x0.shape[:3]
         outs = [x0.new_empty((B, T, H) + tuple(dims[n] for n in o.feature_dims)) for o in spec.outputs]
@@ -71,10 +73,10 @@ def softmax_torch_ops(op) -> TorchOps:
                        for shape in op.saved_shapes(B, T, H, dims).values()]
 
     def run_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
-        cfg, _, dims, n_seq, pvals = call(xs, cu, ints, params)
+        cfg, _, queries, dims, n_seq, pvals = call(xs, cu, ints, params)
         B, T, H = xs[0].shape[:3]
         saved = dict(zip(op.saved_shapes(B, T, H, dims), kept[n_out:]))
-        grads = op._backward(cfg, pvals, cu, n_seq, dims, xs, kept[:n_out], saved, d_outs)
+        grads = op._backward(cfg, pvals, cu, n_seq, dims, xs, kept[:n_out], saved, d_outs, queries)
         return [g if g is not None else x.new_empty(0) for g, x in zip(grads, xs)]
 
     def fake_bwd(xs, kept, cu, d_outs, d_finals, ints, params):

@@ -248,8 +248,11 @@ def _bounds(r: Range, outer: str) -> list[str]:
         return triton_expr(x, names_for(x))
 
     B = "BN" if outer == "q" else "BM"
-    lines = [f"n_blk = tl.cdiv(T_seq, {B})", f"n_full = T_seq // {B}"]
-    lines.append("b_lo = 0" if r.lo == NEG else f"b_lo = tl.maximum(tl.floor({e(r.lo)} / {B}).to(tl.int32), 0)")
+    # keys: the whole sequence; queries: the rows computed, [q_first, q_end) (the prologue's)
+    end, first = ("T_seq", "0") if outer == "q" else ("q_end", "q_first // BM")
+    lines = [f"n_blk = tl.cdiv({end}, {B})", f"n_full = {end} // {B}"]
+    lines.append(f"b_lo = {first}" if r.lo == NEG else
+                 f"b_lo = tl.maximum(tl.floor({e(r.lo)} / {B}).to(tl.int32), {first})")
     lines.append("b_hi = n_blk" if r.hi == POS else
                  f"b_hi = tl.minimum(tl.floor({e(r.hi)} / {B}).to(tl.int32) + 1, n_blk)")
     lines.append("b_hi = tl.maximum(b_hi, b_lo)")
@@ -258,6 +261,8 @@ def _bounds(r: Range, outer: str) -> list[str]:
     else:
         lines.append("f_lo = b_lo" if r.flo == NEG else f"f_lo = tl.ceil({e(r.flo)} / {B}).to(tl.int32)")
         lines.append("f_hi = n_full" if r.fhi == POS else f"f_hi = tl.floor(({e(r.fhi)} + 1.0) / {B}).to(tl.int32)")
+        if outer == "k":  # a query block cut by q_first is partial
+            lines.append("f_lo = tl.maximum(f_lo, tl.cdiv(q_first, BM))")
         lines += ["f_lo = tl.minimum(tl.maximum(f_lo, b_lo), b_hi)",
                   "f_hi = tl.minimum(tl.maximum(f_hi, f_lo), tl.minimum(b_hi, n_full))",
                   "f_hi = tl.maximum(f_hi, f_lo)"]

@@ -1,0 +1,27 @@
+"""`context_parallel(op)`: the path for the op's family."""
+from __future__ import annotations
+
+from .context_parallel import ContextParallelOp
+from .hybrid import HybridContextParallel
+from .softmax import SoftmaxContextParallel
+
+
+def context_parallel(op, group=None):
+    """Wrap an effc op for context parallelism over `group` (None: the default group).
+
+    The wrapper takes the op's arguments with every (B, T, H, D) input replaced by this rank's contiguous
+    shard along T (ranks in order; shards may have different lengths, any length, even 0), and returns
+    what the op returns for the shard's tokens:
+    - linear family: (o_shard, final_state); `initial_state` is read on rank 0, the final state comes
+      back on the last rank. Raises NotImplementedError for updates that are not affine in the state.
+    - softmax family: (o_shard, None); every key-side input is all-gathered, the queries keep their
+      absolute positions, so masks and modifiers are the single-process op's.
+    - hybrid (e.g. swax): the softmax branch as above, the state branch as the linear family.
+    With `cu_seqlens` (the global boundaries of one packed (1, total_T) stream), documents may cross
+    ranks (docs/context-parallel.md)."""
+    family = op.comp.ir.family
+    if family == "softmax":
+        return SoftmaxContextParallel(op, group)
+    if family == "hybrid":
+        return HybridContextParallel(op, group)
+    return ContextParallelOp(op, group)
