@@ -32,6 +32,7 @@ from .checks import (
     param_values,
     rebuild,
 )
+from .select_op import selection_buffers
 from .softmax_oracle import evaluate_softmax
 from .softmax_torch_op import encode_call, prefix_stage, softmax_torch_ops
 from .torch_op import call_lengths, host_plan, live
@@ -176,6 +177,9 @@ class SoftmaxOp(Tuned):
         named.update({f"p_{k}": v for k, v in pvals.items()})
         named.update(T=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else dummy)
         c = cfg.fwd
+        if sched.select is not None:  # the blocks each query walks (passes.select)
+            named.update(selection_buffers(self, cfg, named, self._meta(c, H, heads, dims, cu, dtype), n_seq,
+                                           longest, H, leaves, transpose=False))
         self._launch("fwd", c, math.ceil(longest / c[0]), n_seq * H, named,
                      self._meta(c, H, heads, dims, cu, dtype, save))
         return [outs[o.name] for o in spec.outputs], saved
@@ -212,6 +216,9 @@ class SoftmaxOp(Tuned):
             for r in g.reductions:
                 rf = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
                 named[f"{r.out}_dr_ptr"] = torch.empty((B, T, H) + rf, dtype=dr_dtype, device=device)
+        if sched.select is not None:  # the forward's choice again (deterministic), and its transposed lists
+            named.update(selection_buffers(self, cfg, named, self._meta(cfg.fwd, H, heads, dims, cu, dtype), n_seq,
+                                           longest, H, leaves, transpose=True))
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
         kernels = ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk"))
         whole = bwd.whole_grads()
