@@ -32,7 +32,7 @@ def _lark() -> lark.Lark:
 
 # Terminals spelled like names: using one where a name is expected gets a hint.
 _KEYWORDS = {"SPEC", "IMPORT", "DEF", "EXTENDS", "INPUT", "OUTPUT", "STATE", "PARAM", "CHUNK", "NONE", "STAGE",
-             "MASK", "AND", "OR", "NOT"}
+             "MASK", "AND", "OR", "NOT", "SELECT", "BLOCK", "FORCE"}
 
 
 def _token_name(t: str) -> str:

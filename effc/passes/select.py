@@ -106,7 +106,7 @@ def type_select(spec: Spec, env: dict[str, TileType], op_type: Callable) -> Stag
     ops = {op.out: op for op in out}
     score_t = env[sel.score]
     if score_t.rank != 2 or score_t.shape[1] != NB or score_t.shape[0] not in (C, _ONE):
-        loc = ops[sel.score].loc if sel.score in ops else sel.loc
+        loc = ops[sel.score].loc if sel.score in ops and not sel.score.startswith("_") else sel.loc
         raise SpecError(f"the score of {kind} is one value per (query, key block), [C, NB]; this one is "
                         f"{_fmt(score_t)}", loc, "e.g. q @ blockmean(k).T")
     for p in sel.candidates + sel.forced:

@@ -39,3 +39,30 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
         out.update(klist_ptr=torch.empty((n_bh, n_kb, n_qb), **i32), kcnt_ptr=torch.zeros((n_bh, n_kb), **i32))
         op._launch("select_t", step, n_kb, n_bh, {**values, **out}, kernel_meta)
     return out
+
+
+def kernel_choice(op, tensors, cu_seqlens=None, chunk: int | None = None, **params) -> torch.Tensor:
+    """The key blocks the generated select kernel chooses, (B, T, H, nb) bool (nb: the longest sequence's
+    block count), for comparing the choice itself against a reference."""
+    from ..passes.softmax import choose_softmax_tiles
+    from .checks import interpreting, kernel_cu_seqlens
+    if op.sched.select is None:
+        raise ValueError(f"spec '{op.name}' has no select stage")
+    B, T, H, dims, pvals = op._check(tensors, params, True)
+    cfg = choose_softmax_tiles(op.spec, dims, interpreting(), chunk=chunk)
+    named_in = {d.name: x for d, x in zip(op.spec.inputs, tensors)}
+    pre = op._prefix(named_in, pvals, H, cu_seqlens)
+    leaves = [named_in[x] if x in named_in else pre[x] for x in op.sched.leaves]
+    n_seq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    _, _, _, longest, heads = op._layout(leaves, n_seq, cu_seqlens)
+    first = leaves[0]
+    named = {f"{x}_ptr": t.contiguous() for x, t in zip(op.sched.leaves, leaves)}
+    named.update({f"p_{k}": v for k, v in pvals.items()})
+    named.update(T=T, cu_ptr=kernel_cu_seqlens(cu_seqlens, first.device) if cu_seqlens is not None
+                 else torch.empty(1, device=first.device))
+    meta = op._meta(cfg.fwd, H, heads, dims, cu_seqlens, first.dtype)
+    bufs = selection_buffers(op, cfg, named, meta, n_seq, longest, H, leaves, transpose=False)
+    sel = bufs["sel_ptr"].long()
+    nb = bufs["NKB"]
+    chosen = torch.zeros(sel.shape[:3] + (nb + 1,), dtype=torch.bool, device=sel.device)
+    return chosen.scatter(-1, torch.where(sel < 0, nb, sel), True)[..., :nb]

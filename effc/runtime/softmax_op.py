@@ -32,7 +32,7 @@ from .checks import (
     param_values,
     rebuild,
 )
-from .select_op import selection_buffers
+from .select_op import kernel_choice, selection_buffers
 from .softmax_oracle import evaluate_softmax
 from .softmax_torch_op import encode_call, prefix_stage, softmax_torch_ops
 from .torch_op import call_lengths, host_plan, live
@@ -259,6 +259,11 @@ class SoftmaxOp(Tuned):
                                 dtype, matmul_dtype, cu_seqlens, last_query=last_query)
         o = [outs[o.name] for o in self.spec.outputs]
         return (o[0] if len(o) == 1 else tuple(o)), None
+
+    def select_blocks(self, *tensors, cu_seqlens=None, chunk: int | None = None, **params) -> torch.Tensor:
+        """A spec with a select stage: the key blocks its generated kernel chooses per query token,
+        (B, T, H, nb) bool (packed sequences: (1, total_T, H, nb), blocks counted per sequence)."""
+        return kernel_choice(self, tensors, cu_seqlens, chunk, **params)
 
     # -- decoding -------------------------------------------------------------------------------------
     def step(self, *tokens, context=None, **params):
