@@ -176,4 +176,7 @@ PEERS_SOFTMAX = {
     "tpa": [("torch SDPA causal (flash), K and V formed from factors",
              ("q", "ak0", "ak1", "bk0", "bk1", "av0", "av1", "bv0", "bv1"), _formed(_tpa_form))],
     "rope_pp": [("torch SDPA causal (flash) x2, real and imaginary", ("qa", "qb", "ka", "kb", "v"), _rope_pp)],
+    # the dense baseline sparse attention must beat (a FlexAttention BlockMask built from the same choice is
+    # issue 22's bench slice)
+    "moba": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True))],
 }
