@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from naive_softmax import block_choice, moba
 
 import effc
+from effc.compiler import compile_text
 from effc.dsl import parse
 from effc.errors import SpecError
-from effc.compiler import compile_text
 from effc.runtime.verify import judge_fp32, max_err
-
-from naive_softmax import block_choice, moba
 
 SPECS = Path(__file__).parent / "specs"
 # the library's MoBA with small blocks and k = 2, so the choice bites at test lengths
@@ -242,7 +241,7 @@ GOOD = "    block 16\n    g = q @ blockmean(k).T\n    mask kblock < qblock\n    
 def test_misuse_is_a_located_error(select, score, message, where):
     text = _spec(select, score) if score else _spec(select)
     with pytest.raises(SpecError) as e:
-        compile_text(text).typed
+        _ = compile_text(text).typed
     assert message in str(e.value), str(e.value)
     assert e.value.loc is not None and where in e.value.loc.text, (e.value.loc, str(e.value))
 
@@ -251,13 +250,13 @@ def test_unlowered_criteria_parse_and_say_so():
     comp = compile_text(_spec(GOOD + "    topp(g, 0.9)"))
     assert comp.ir.selection.criterion == ("topp", 0.9)
     with pytest.raises(NotImplementedError, match="topp.*parsed but not lowered yet"):
-        comp.typed
+        _ = comp.typed
 
 
 def test_select_without_score_and_call_time_block():
     text = _spec(GOOD + "    topk(g, 2)").replace("  score {\n    s = (q @ k.T) * scale\n    mask kpos <= qpos\n  }\n", "")
     with pytest.raises(SpecError, match="a select stage chooses the key blocks of a score stage"):
-        compile_text(text).ir
+        _ = compile_text(text).ir
     op = effc.loads(_spec(GOOD + "    topk(g, 2)"))
     with pytest.raises(SpecError, match="selects key blocks of 16 tokens"):
         op(*_inputs(20), block=32)
@@ -267,4 +266,4 @@ def test_select_without_score_and_call_time_block():
 def test_the_select_words_are_keywords(word):
     text = _spec(GOOD + "    topk(g, 2)", f"{word} = (q @ k.T) * scale\n    s = {word}\n    mask kpos <= qpos")
     with pytest.raises(SpecError, match="a keyword, not usable as a name"):
-        compile_text(text).ir
+        _ = compile_text(text).ir

@@ -41,8 +41,8 @@ of a group before the arg-max; sparse decode runs the select kernel on the new q
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import sympy
 
