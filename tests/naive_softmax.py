@@ -179,3 +179,42 @@ def softmax_rope(q, k, v):
 
 
 NAIVE_SOFTMAX["softmax_rope"] = softmax_rope
+
+
+def block_choice(q, k, block, topk, pool="mean", window=1):
+    """MoBA's choice, written plainly: per query token i (in block qb = i // block) and key block b, the gate
+    q_i . pool(k over b's tokens); the `window` blocks qb-window+1..qb are always chosen and take their slots
+    first (lowest index first), then the blocks before qb by gate descending (ties: the lower index), up to
+    `topk` in all. Returns (B, H, T, nb) bool."""
+    B, T, H, D = q.shape
+    k = _heads_like(k, H)
+    nb = -(-T // block)
+    pooled = []
+    for b in range(nb):
+        part = k[:, b * block:(b + 1) * block]
+        pooled.append(part.mean(1) if pool == "mean" else part.amax(1))
+    pooled = torch.stack(pooled, 1)                                         # (B, nb, H, D)
+    gate = torch.einsum("bihd,bnhd->bhin", q.double(), pooled)
+    chosen = torch.zeros(B, H, T, nb, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                qb = i // block
+                forced = [x for x in range(max(0, qb - window + 1), qb + 1)]
+                rest = sorted(range(qb), key=lambda x: (-gate[b, h, i, x].item(), x))
+                rest = [x for x in rest if x not in forced]
+                for x in (forced + rest)[:topk]:
+                    chosen[b, h, i, x] = True
+    return chosen
+
+
+def moba(q, k, v, block=64, topk=16, pool="mean", window=1):
+    """MoBA (arXiv:2502.13189): causal softmax attention over the chosen key blocks only."""
+    T = q.shape[1]
+    chosen = block_choice(q, k, block, topk, pool, window)
+    i, j = positions(T)
+    mask = chosen[..., j.reshape(-1) // block].reshape(chosen.shape[:3] + (T,)) & (j <= i)
+    return attend(q, k, v, mask)[0]
+
+
+NAIVE_SOFTMAX["moba"] = moba

@@ -13,8 +13,7 @@ from effc.dsl.pyfront import Input, Output, Param, State, inter, intra, merge, p
 from effc.errors import SpecError
 from effc.ir import print_spec
 from effc.library import LIBRARY_DIR
-from effc.passes.lower import lower
-from effc.passes.shapes import infer_shapes
+from effc.compiler.driver import Compilation
 from effc.runtime.checks import interpreting
 
 HERE = Path(__file__)
@@ -53,7 +52,8 @@ def simple_gla(q: Input("B", "T", "H", "K"), k: Input("B", "T", "H", "K"), v: In
 
 
 def typed(module):
-    return infer_shapes(lower(module))
+    """The pipeline's typed stage (shapes, and the linear family's factored decays made decay_dot)."""
+    return Compilation(module).typed
 
 
 def test_gla_same_ast_and_ir_as_attn():

@@ -45,6 +45,9 @@ def _emit_softmax(c, backend: str) -> str:
     if backend != "triton":
         raise NotImplementedError(f"backend '{backend}' is not implemented for the softmax family yet; "
                                   "available: triton")
+    if c.plan.schedule.select is not None:  # a select stage: its kernels, then the listed walks
+        from ..codegen.triton.select_emit import emit_select_module
+        return emit_select_module(c.plan)
     from ..codegen.triton.softmax_emit import emit_softmax_module
     return emit_softmax_module(c.plan)
 

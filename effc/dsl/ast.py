@@ -114,9 +114,35 @@ class Mask:
 
 
 @dataclass(frozen=True)
+class Force:
+    """`force pred` in a select stage: the (query, key block) pairs always selected."""
+
+    predicate: "Expr"
+    loc: Loc = _loc()
+
+
+@dataclass(frozen=True)
+class BlockSize:
+    """`block N` in a select stage: the key block, the unit of pooling and selection."""
+
+    size: int
+    loc: Loc = _loc()
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """`topk(g, N)` / `topp(g, p)` / `threshold(g, x)` in a select stage: which blocks a query keeps."""
+
+    kind: str
+    score: "Expr"
+    value: "Expr"
+    loc: Loc = _loc()
+
+
+@dataclass(frozen=True)
 class Stage:
-    name: str  # intra inter merge score prefix
-    body: tuple[Assign | Mask, ...]
+    name: str  # intra inter merge score prefix select
+    body: tuple[Assign | Mask | Force | BlockSize | Criterion, ...]
     loc: Loc = _loc()
 
 
@@ -165,7 +191,7 @@ class Module:
         seen = set()
         while s is not None and s.name not in seen:
             seen.add(s.name)
-            score |= any(st.name in ("score", "prefix") for st in s.stages)
+            score |= any(st.name in ("score", "prefix", "select") for st in s.stages)
             state |= any(d.kind == "state" for d in s.decls)
             s = specs.get(s.extends) if s.extends else None
         return ("hybrid" if state else "softmax") if score else "linear"

@@ -17,6 +17,7 @@ _TOKEN_NAMES = {
     "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
     "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
     "SLASH": "'/'", "AT": "'@'", "DOT": "'.'", "STAGE": "a stage (intra, inter, merge), or score, prefix (the softmax family)",
+    "SELECT": "'select'", "FORCE": "'force'", "BLOCK": "'block'",
     "COMPARE": "a comparison (< <= > >= == !=)", "MASK": "'mask'", "AND": "'and'", "OR": "'or'", "NOT": "'not'",
     "TRANSPOSE": "'T'", "NONE": "'None'", "$END": "end of file",
     "SPEC": "'spec'", "IMPORT": "'import'", "DEF": "'def'", "INPUT": "'input'", "OUTPUT": "'output'",
@@ -31,7 +32,7 @@ def _lark() -> lark.Lark:
 
 # Terminals spelled like names: using one where a name is expected gets a hint.
 _KEYWORDS = {"SPEC", "IMPORT", "DEF", "EXTENDS", "INPUT", "OUTPUT", "STATE", "PARAM", "CHUNK", "NONE", "STAGE",
-             "MASK", "AND", "OR", "NOT"}
+             "MASK", "AND", "OR", "NOT", "SELECT", "BLOCK", "FORCE"}
 
 
 def _token_name(t: str) -> str:
@@ -110,6 +111,22 @@ class _Builder(lark.Transformer):
     @lark.v_args(meta=True)
     def mask_stmt(self, meta, c):
         return ast.Mask(c[0], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def force_stmt(self, meta, c):
+        return ast.Force(c[0], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def block_stmt(self, meta, c):
+        return ast.BlockSize(int(c[0]), self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def criterion_stmt(self, meta, c):
+        return ast.Criterion(str(c[0]), c[1], c[2], self._loc(meta))
+
+    @lark.v_args(meta=True)
+    def select_stage(self, meta, c):
+        return ast.Stage("select", tuple(c), self._loc(meta))
 
     @lark.v_args(meta=True)
     def neg(self, meta, c):

@@ -41,7 +41,7 @@ from . import ast
 from .ast import ANNOTATIONS
 
 __all__ = ["parse_function", "Input", "Output", "State", "Param", "intra", "merge", "inter",
-           "score", "prefix", "mask"]
+           "score", "prefix", "mask", "select", "force", "block"]
 
 
 # ---- markers: imported so names resolve; only the source text that uses them is read -------------
@@ -79,6 +79,19 @@ score, prefix = _StageMarker("score"), _StageMarker("prefix")
 
 def mask(predicate) -> None:
     """`mask(kpos <= qpos)` inside `with score:`: the (query, key) pairs that exist. Never executed."""
+
+
+# the select stage (passes.select): `with select:` holding `block(64)`, `force(pred)`, `mask(pred)` and a
+# criterion `topk(g, 3)` (as .attn's `block 64`, `force pred`, `mask pred`, `topk(g, 3)`)
+select = _StageMarker("select")
+
+
+def force(predicate) -> None:
+    """`force(kblock == qblock)` inside `with select:`: blocks always chosen. Never executed."""
+
+
+def block(size: int) -> None:
+    """`block(64)` inside `with select:`: the key block of pooling and selection. Never executed."""
 
 # ---- the translation ------------------------------------------------------------------------------
 _BINOPS = {py.Add: "add", py.Sub: "sub", py.Mult: "mul", py.Div: "div", py.MatMult: "matmul", py.Pow: "pow"}
@@ -238,9 +251,10 @@ class _Reader:
         item = w.items[0]
         name = item.context_expr.id if isinstance(item.context_expr, py.Name) else None
         if len(w.items) != 1 or item.optional_vars is not None or name not in ("intra", "merge", "inter", "score",
-                                                                                "prefix"):
+                                                                                "prefix", "select"):
             raise self.fail(w, f"'with {', '.join(py.unparse(i) for i in w.items)}' is not a stage",
-                            "with intra:, with merge: or with inter: (softmax family: with score:, with prefix:)")
+                            "with intra:, with merge: or with inter: (softmax family: with score:, with prefix:, "
+                            "with select:)")
         body = []
         for s in w.body:
             if isinstance(s, py.Pass):
@@ -249,10 +263,28 @@ class _Reader:
                     and len(call.args) == 1):  # mask(pred): .attn's `mask pred`
                 body.append(ast.Mask(self.expr(call.args[0]), self.loc(s)))
                 continue
+            if name == "select" and isinstance(s, py.Expr) and (item := self.select_statement(s)) is not None:
+                body.append(item)
+                continue
             if not (isinstance(s, py.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], py.Name)):
                 raise self.unsupported(s, f"in the {name} stage", _STAGE_EXPECTED)
             body.append(ast.Assign(s.targets[0].id, self.expr(s.value), self.loc(s)))
         return ast.Stage(name, tuple(body), self.loc(w))
+
+    def select_statement(self, s: py.Expr):
+        """force(pred), block(N) and the criteria (topk(g, N), ...) of a select stage; None for another line."""
+        if (call := self.marker(s.value, "force")) is not None and len(call.args) == 1:
+            return ast.Force(self.expr(call.args[0]), self.loc(s))
+        if (call := self.marker(s.value, "block")) is not None and len(call.args) == 1:
+            size = call.args[0]
+            if not (isinstance(size, py.Constant) and isinstance(size.value, int)):
+                raise self.fail(size, f"block takes an integer, got '{py.unparse(size)}'", "e.g. block(64)")
+            return ast.BlockSize(size.value, self.loc(s))
+        call = s.value
+        if isinstance(call, py.Call) and isinstance(call.func, py.Name) and len(call.args) == 2 \
+                and not call.keywords:
+            return ast.Criterion(call.func.id, self.expr(call.args[0]), self.expr(call.args[1]), self.loc(s))
+        return None
 
     def check_annotation_typos(self, decls: list[ast.Decl]) -> None:
         """A misspelt annotation would silently read as an extra dim; .attn would reject it."""

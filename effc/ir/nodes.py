@@ -10,6 +10,7 @@ from ..errors import Loc
 _NOLOC = Loc("<unknown>", 0, 0)
 C = sympy.Symbol("C", positive=True, integer=True)  # the chunk length (softmax family: the query block)
 CK = sympy.Symbol("CK", positive=True, integer=True)  # softmax family: the key block
+NB = sympy.Symbol("NB", positive=True, integer=True)  # select stage: the key blocks of a sequence
 
 
 def dim(name: str) -> sympy.Symbol:
@@ -86,6 +87,25 @@ class ParamDecl:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """The select stage's result (passes.select): per query, the key blocks of `block` tokens it walks.
+    `score` is a [C, NB] value of the select stage; `candidates` the predicates a block must meet to be
+    chosen by the criterion, `forced` those that choose a block outright (it takes a slot of the criterion
+    first); `criterion` is (kind, value), e.g. ("topk", 3.0)."""
+
+    block: int
+    score: str
+    criterion: tuple[str, float]
+    candidates: tuple[str, ...] = ()
+    forced: tuple[str, ...] = ()
+    loc: Loc = field(default=_NOLOC, compare=False, repr=False)
+
+    @property
+    def k(self) -> int:
+        return int(self.criterion[1])
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     inputs: tuple[TensorDecl, ...]
@@ -102,6 +122,10 @@ class Spec:
     prefix: Stage = Stage("prefix", ())
     score: Stage = Stage("score", ())
     masks: tuple[str, ...] = ()
+    # the select stage (passes.select): per (query, key block) values, then the selection they define;
+    # the walk visits only the selected key blocks
+    select: Stage = Stage("select", ())
+    selection: Selection | None = None
 
     @property
     def family(self) -> str:

@@ -46,8 +46,12 @@ LOGIC = ("and", "or", "not")
 # and `query(x)` its query-block tile; in score a per-token scalar is oriented against the [C, CK]
 # pair tile: query side a column [C, 1], key side a row [1, CK]
 SOFTMAX = ("where", "key", "query", "softmax", "logsumexp")
+# the select stage (passes.select): blockmean(x) / blockmax(x) pool a per-token value over each key block,
+# an [NB, D] tile (a row [1, NB] for a scalar); the select stage reads them against the queries
+POOLS = {"blockmean": "mean", "blockmax": "max"}
 
-ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + WHOLE + ROTATIONS + FEATURE + OTHER + INTERNAL + COMPARE + LOGIC + SOFTMAX)
+ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + WHOLE + ROTATIONS + FEATURE + OTHER + INTERNAL
+                + COMPARE + LOGIC + SOFTMAX + tuple(POOLS))
 
 # name -> number of arguments for the functions callable in spec text
 CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
@@ -74,3 +78,12 @@ PAIR_BUILTINS = {
     "qpos": "absolute position of each query token in its sequence, a column (C, 1)",
     "kpos": "absolute position of each key token in its sequence, a row (1, CK)",
 }
+# builtins of the select stage: block indices oriented against the [C, NB] (query, key block) tile
+SELECT_BUILTINS = {
+    "qblock": "the key block holding each query token (its position // block), a column (C, 1)",
+    "kblock": "the index of each key block, a row (1, NB)",
+}
+# the select stage's criteria: name -> what its second argument is
+CRITERIA = {"topk": "the number of blocks each query keeps (an integer >= 1)",
+            "topp": "the cumulative mass of the normalised block scores to keep (0 < p <= 1)",
+            "threshold": "the score a block must reach"}

@@ -23,10 +23,15 @@ def print_spec(spec: Spec) -> str:
         lines.append(f"  {d.role} {d.name}[{', '.join(d.dims)}]{ann} tile {d.tile}")
     for p in spec.params:
         lines.append(f"  param {p.name} = {p.default}")
-    extra = tuple(s for s in (spec.prefix, spec.score) if s.ops)  # the softmax family's stages
+    extra = tuple(s for s in (spec.prefix, spec.select, spec.score) if s.ops)  # the softmax family's stages
     for stage in extra + spec.stages:
         lines.append(f"  {stage.name}:")
         lines += [f"    {print_op(op)}" for op in stage.ops]
         if stage.name == "score" and spec.masks:
             lines.append(f"    masks: {', '.join(spec.masks)}")
+        if stage.name == "select" and spec.selection is not None:
+            sel = spec.selection
+            kind, value = sel.criterion
+            lines.append(f"    block {sel.block}; {kind}({sel.score}, {value:g}); candidates: "
+                         f"{', '.join(sel.candidates) or 'every block'}; forced: {', '.join(sel.forced) or '-'}")
     return "\n".join(lines)

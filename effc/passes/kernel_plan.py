@@ -48,7 +48,8 @@ def unique_args(args) -> tuple[KernelArg, ...]:
 
 # what a kernel does; code generators and launchers branch on these, never on a kernel's name
 KERNEL_ROLES = ("prep", "walk", "summary", "out", "bwd_inject", "bwd_scan", "bwd_chunks",  # chunked scan
-                "bwd_pre", "bwd_walk")  # online softmax (its forward is a walk too)
+                "bwd_pre", "bwd_walk",  # online softmax (its forward is a walk too)
+                "pool", "select", "select_t")  # the select stage's block lists (passes.select)
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,7 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
             raise SpecError(f"'{item.name}' is declared twice (first at {seen[item.name]})", item.loc,
                             "one declaration per name")
         if item.name.startswith("_") or item.name in O.BUILTINS or item.name in O.RESERVED_DIMS \
-                or item.name in O.PAIR_BUILTINS:
+                or item.name in O.PAIR_BUILTINS or item.name in O.SELECT_BUILTINS:
             raise SpecError(f"'{item.name}' is a reserved name", item.loc, "a name not starting with '_', "
                             "not a builtin (idx, head, inf) and not B, T or H (nor qpos, kpos)")
         seen[item.name] = item.loc
@@ -176,10 +176,10 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
         raise SpecError(f"spec '{sdef.name}' declares state '{states[0].name}' but has no inter stage",
                         states[0].loc, f"an 'inter {{ {states[0].name} = ... }}' block")
     reverse = next((s for s in states if s.reverse), None)
-    if reverse is not None and ("score" in stages or "prefix" in stages):
+    if reverse is not None and ("score" in stages or "prefix" in stages or "select" in stages):
         raise NotImplementedError(f"spec '{sdef.name}': reverse state '{reverse.name}' in a hybrid spec (a score "
                                   "stage) is not implemented; reverse states are lowered for the linear family")
-    if "score" in stages or "prefix" in stages:  # the softmax family: passes.lower_softmax
+    if "score" in stages or "prefix" in stages or "select" in stages:  # the softmax family: passes.lower_softmax
         return lower_softmax(sdef, inputs, outputs, states, params, chunk, funcs, stages)
     if not states and "inter" in stages:
         raise SpecError("an inter stage needs a declared state", stages["inter"].loc, "a 'state S: [K, V]' line")

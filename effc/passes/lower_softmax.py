@@ -9,6 +9,9 @@ Stages and what each sees:
   oriented against the [C, CK] pair tile (query side a column [C, 1], key side a row [1, CK]);
   `qpos` [C, 1] and `kpos` [1, CK] are absolute positions. `mask PRED` lines select the pairs that
   exist (all must hold).
+- `select` (optional): per (query, key block of `block N` tokens), values from the query side and
+  pooled key blocks (`blockmean(k)`, `blockmax(k)`), then a criterion (`topk(g, N)`), candidate masks
+  and forced blocks: the key blocks each query walks (passes.select). Sees `qblock`, `kblock`, `qpos`.
 - `merge`: per query block, after the walk over key blocks: reads `softmax(s) @ x` (x key side) and
   `logsumexp(s)`, the query block's own tiles, and (hybrids) the states; assigns every output.
 - `intra` / `inter` (hybrids only): the chunked-state stages of the linear family.
@@ -19,9 +22,9 @@ any value off its dependencies (passes.softmax).
 from __future__ import annotations
 
 from ..dsl import ast
-from ..errors import Loc, SpecError
+from ..errors import Loc, SpecError, suggest
 from ..ir import ops as O
-from ..ir.nodes import ParamDecl, Spec, Stage
+from ..ir.nodes import ParamDecl, Selection, Spec, Stage
 from .lower_stage import (
     StageLowering,
     assign_statement,
@@ -49,6 +52,11 @@ class _SideLowering(StageLowering):
 
     def resolve(self, node: ast.Name):
         name = super().resolve(node)
+        if self.stage == "select" and name in self.key_inputs:
+            raise SpecError(f"'{node.id}' is read on the key side, and select sees key blocks, not key tokens",
+                            node.loc, f"a pooled key block: blockmean({node.id}) or blockmax({node.id})")
+        if self.stage == "select" and name in self.leaves:
+            return self.side("query", name, node.loc)
         if self.stage in ("score", "merge") and name in self.key_inputs:
             return self.side("key", name, node.loc)
         if self.stage == "score" and name in self.leaves:
@@ -56,9 +64,23 @@ class _SideLowering(StageLowering):
         return name
 
     def call(self, node: ast.Call, subst, depth):
+        if node.func in O.POOLS and node.func not in self.funcs:
+            if self.stage != "select":
+                raise SpecError(f"'{node.func}(...)' pools a value over each key block: it belongs in select",
+                                node.loc, f"'{node.func}(k)' in a 'select {{ ... }}' stage")
+            arg = node.args[0] if len(node.args) == 1 else None
+            name = None
+            if isinstance(arg, ast.Name):
+                name = subst.get(arg.id) if subst and arg.id in subst else StageLowering.resolve(self, arg)
+            if not isinstance(name, str) or name not in self.leaves:
+                raise SpecError(f"'{node.func}(...)' takes the name of a per-token input or prefix value",
+                                getattr(arg, "loc", node.loc), f"e.g. {node.func}(k), k declared [B, T, H, K]")
+            return self.side(node.func, name, node.loc)
         if node.func in ("key", "query") and node.func not in self.funcs:
             if self.stage not in ("score", "merge"):
-                raise SpecError(f"'{node.func}(...)' picks a side of the score tile pair; {self.stage} has no sides",
+                raise SpecError(f"'{node.func}(...)' picks a side of the score tile pair; {self.stage} has no sides"
+                                + (" (it reads per-token values as queries, key blocks through blockmean / "
+                                   "blockmax)" if self.stage == "select" else ""),
                                 node.loc, "key(x) / query(x) inside score or merge")
             arg = node.args[0] if len(node.args) == 1 else None
             name = None
@@ -106,8 +128,67 @@ def _lower(stage: ast.Stage | None, name: str, visible, funcs, counter, inherite
     return Stage(name, tuple(low.ops)), low.current, low.masks
 
 
+def _lower_select(stage: ast.Stage, visible, funcs, counter, inherited, taken, key_inputs, leaves
+                  ) -> tuple[Stage, Selection]:
+    """The select stage: its assignments as ops, and the Selection its statements define."""
+    low = _SideLowering("select", visible, funcs, counter, inherited, taken, key_inputs, leaves)
+    block: ast.BlockSize | None = None
+    criterion: ast.Criterion | None = None
+    candidates, forced = [], []
+    for a in stage.body:
+        if isinstance(a, ast.BlockSize):
+            if block is not None:
+                raise SpecError("the key block is declared twice in select", a.loc,
+                                f"one 'block N' line (first at {block.loc})")
+            if a.size < 16 or a.size & (a.size - 1):
+                raise SpecError(f"block {a.size} is not a power of two >= 16", a.loc,
+                                "16, 32, 64 or 128: the walk's key tile is the selected block")
+            block = a
+        elif isinstance(a, (ast.Mask, ast.Force)):
+            value = low.statement(a.predicate)
+            if not _is_predicate(value, low.ops):
+                what = "mask" if isinstance(a, ast.Mask) else "force"
+                raise SpecError(f"a {what} line must be a predicate: a comparison or logic ('and', 'or', 'not') "
+                                "over qblock, kblock, qpos and select values", a.predicate.loc,
+                                f"e.g. '{what} kblock <= qblock'")
+            (candidates if isinstance(a, ast.Mask) else forced).append(value)
+        elif isinstance(a, ast.Criterion):
+            if a.kind not in O.CRITERIA:
+                raise SpecError(f"unknown select criterion '{a.kind}'" + suggest(a.kind, O.CRITERIA), a.loc,
+                                "topk(score, N), topp(score, p) or threshold(score, x)")
+            if criterion is not None:
+                raise SpecError("select has two criteria", a.loc, f"one criterion (first at {criterion.loc})")
+            criterion = a
+        else:
+            assign_statement(low, a, visible, (), {}, {}, a.target)
+    if block is None:
+        raise SpecError("a select stage needs its key block", stage.loc, "a 'block N' line, e.g. 'block 64'")
+    if criterion is None:
+        raise SpecError("a select stage needs a criterion", stage.loc,
+                        "topk(score, N), topp(score, p) or threshold(score, x)")
+    score = low.statement(criterion.score)
+    if not isinstance(score, str):
+        raise SpecError(f"the score of {criterion.kind} is a number: every block would tie", criterion.score.loc,
+                        "a value per (query, key block), e.g. q @ blockmean(k).T")
+    value = low.statement(criterion.value)
+    if not isinstance(value, float):
+        raise SpecError(f"the second argument of {criterion.kind} must be a number", criterion.value.loc,
+                        O.CRITERIA[criterion.kind])
+    if criterion.kind == "topk" and (value < 1 or value != int(value)):
+        raise SpecError(f"topk keeps {value:g} blocks", criterion.value.loc, O.CRITERIA["topk"])
+    if criterion.kind == "topp" and not 0 < value <= 1:
+        raise SpecError(f"topp keeps a mass of {value:g}", criterion.value.loc, O.CRITERIA["topp"])
+    low.pinned.add(score)
+    selection = Selection(block.size, score, (criterion.kind, value), tuple(candidates), tuple(forced),
+                          criterion.loc)
+    return Stage("select", tuple(low.ops)), selection
+
+
 def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, funcs, stages) -> Spec:
     """The second half of passes.lower.lower for specs with a score (or prefix) stage."""
+    if "score" not in stages and "select" in stages:
+        raise SpecError("a select stage chooses the key blocks of a score stage, but there is none",
+                        stages["select"].loc, "a 'score { s = ... }' block")
     if "score" not in stages:
         raise SpecError("a prefix stage computes per-token values for a score stage, but there is none",
                         stages["prefix"].loc, "a 'score { s = ... }' block")
@@ -133,8 +214,20 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
     prefix, prefix_names, _ = _lower(stages.get("prefix"), "prefix", vis, funcs, counter, {}, taken, set(), set())
     leaves |= {v for k, v in prefix_names.items()}
 
+    select_hidden = {b: f"hidden:{b} is a block index of the select stage; it is visible in select"
+                     for b in O.SELECT_BUILTINS}
+    select, selection = Stage("select", ()), None
+    if "select" in stages:  # per (query, key block): the blocks the walk visits
+        vis = {**base, **state_hidden, **{b: "builtin" for b in O.SELECT_BUILTINS}, "qpos": "builtin",
+               "kpos": "hidden:select sees key blocks, not key tokens; it uses kblock",
+               "idx": "hidden:idx is a position inside a chunk; select uses qpos, qblock and kblock"}
+        select, selection = _lower_select(stages["select"], vis, funcs, counter, dict(prefix_names), taken,
+                                          key_inputs, leaves)
+    hide_select = {op.out: "hidden:select values are per (query, key block); they choose the blocks the walk "
+                   "visits" for op in select.ops if not op.out.startswith("_")}
+
     # score: one (query block, key block) pair
-    vis = {**base, **state_hidden, **{b: "builtin" for b in O.PAIR_BUILTINS},
+    vis = {**base, **state_hidden, **select_hidden, **hide_select, **{b: "builtin" for b in O.PAIR_BUILTINS},
            "idx": "hidden:idx is a position inside a chunk; the score tile uses qpos and kpos"}
     score, score_names, masks = _lower(stages["score"], "score", vis, funcs, counter, prefix_names, taken,
                                        key_inputs, leaves)
@@ -151,7 +244,7 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
                                       taken) if "intra" in stages else (Stage("intra", ()), dict(inherited))
 
     # merge: after the walk over key blocks
-    merge_vis = {**base, **pair_hidden, **{s.name: "state" for s in states}}
+    merge_vis = {**base, **pair_hidden, **select_hidden, **hide_select, **{s.name: "state" for s in states}}
     merge_vis.update({op.out: "local" for op in score.ops + intra.ops + prefix.ops})
     merge, _, _ = _lower(stages["merge"], "merge", merge_vis, funcs, counter, {**score_names, **intra_names}, taken,
                          key_inputs, leaves, targets=tuple(o.name for o in outputs))
@@ -164,5 +257,5 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
                                 roles, intra_names, taken)
     return Spec(sdef.name, inputs, outputs, states,
                 tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter,
-                prefix=prefix, score=score, masks=tuple(masks))
+                prefix=prefix, score=score, masks=tuple(masks), select=select, selection=selection)
 

@@ -28,6 +28,7 @@ from ..ir.nodes import CK, C, Op, Spec, Stage, TileType
 from ..ir.printer import print_op
 from ..policy.tiling import IsPow2, TilingSpace, padded
 from .blocksparse import BlockSparsity, derive
+from .select import SelectSchedule, analyze_select, select_leaf_types, type_select
 from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
@@ -85,9 +86,11 @@ def infer_softmax_shapes(spec: Spec) -> Spec:
     stages = {}
     for st in (spec.prefix, spec.score, spec.intra, spec.merge, spec.inter):
         stages[st.name] = Stage(st.name, type_ops(st.ops, env, st.name in ("score", "merge")))
+        if st.name == "prefix":  # select reads prefix values; score never reads select values
+            stages["select"] = type_select(spec, dict(env), softmax_op_type)
     _check_targets(replace(spec, merge=stages["merge"], inter=stages["inter"]), env)
     prefix = {op.out for op in stages["prefix"].ops}
-    for st in ("score", "intra", "merge", "inter"):  # they read prefix values as per-token tensors
+    for st in ("select", "score", "intra", "merge", "inter"):  # they read prefix values as per-token tensors
         for op in stages[st].ops:
             for a in op.args:
                 if isinstance(a, str) and a in prefix and _ONE in env[a].shape[1:]:
@@ -106,7 +109,9 @@ def infer_softmax_shapes(spec: Spec) -> Spec:
 
 def softmax_value_types(spec: Spec) -> dict[str, TileType]:
     env = softmax_leaf_types(spec)
-    env.update({op.out: op.type for st in (spec.prefix, spec.score, spec.intra, spec.merge, spec.inter)
+    if spec.selection is not None:
+        env.update(select_leaf_types())
+    env.update({op.out: op.type for st in (spec.prefix, spec.select, spec.score, spec.intra, spec.merge, spec.inter)
                 for op in st.ops})
     return env
 
@@ -142,13 +147,15 @@ class SoftmaxSchedule:
     masks: tuple[str, ...]
     sparsity: BlockSparsity
     reasons: tuple[str, ...]
+    select: SelectSchedule | None = None  # the select stage's kernels (passes.select); None: a static walk
 
     @property
     def leaves(self) -> tuple[str, ...]:
-        """Per-token tensors the kernels read: inputs and the prefix values that score or merge read (the
-        prefix's intermediates, e.g. the [C, 1] column of `k * rsqrt(rowsum(k * k))[:, None]`, stay in the
-        PyTorch pre-pass, whose autograd differentiates them)."""
-        read = {a for op in self.spec.score.ops + self.spec.merge.ops for a in op.args if isinstance(a, str)}
+        """Per-token tensors the kernels read: inputs and the prefix values that select, score or merge read
+        (the prefix's intermediates, e.g. the [C, 1] column of `k * rsqrt(rowsum(k * k))[:, None]`, stay in
+        the PyTorch pre-pass, whose autograd differentiates them)."""
+        read = {a for op in self.spec.select.ops + self.spec.score.ops + self.spec.merge.ops for a in op.args
+                if isinstance(a, str)}
         return tuple(d.name for d in self.spec.inputs) + tuple(op.out for op in self.spec.prefix.ops
                                                                if op.out in read)
 
@@ -169,6 +176,8 @@ class SoftmaxSchedule:
                 lines.append(f"    exp2 with log2(e) folded into the scalar factor {g.fold[1]} of {g.score}")
         lines.append("  block sparsity from the masks:")
         lines += [f"    {x}" for x in self.sparsity.describe()]
+        if self.select is not None:
+            lines += [f"  {x}" for x in self.select.describe()]
         for name, ops in (("once per program", self.c_ops), ("per query block", self.q_ops),
                           ("per key block", self.k_ops), ("per (query, key) block pair", self.p_ops),
                           ("epilogue, per query block", self.post_ops)):
@@ -355,8 +364,15 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
          ("no mask: every key block is visible" if not spec.masks else
           "the masks are not position formulas: every key block is loaded and masked elementwise")),
     ]
-    return SoftmaxSchedule(spec, sides, types, c_ops, q_ops, k_ops, p_ops, post_ops, groups_t, spec.masks,
-                           sparsity, tuple(reasons))
+    sched = SoftmaxSchedule(spec, sides, types, c_ops, q_ops, k_ops, p_ops, post_ops, groups_t, spec.masks,
+                            sparsity, tuple(reasons))
+    select = analyze_select(spec, sched.leaves)
+    if select is not None:
+        reasons.append(f"the walks visit only the key blocks the select stage chooses (block {select.block}, "
+                       f"{select.selection.criterion[0]} {select.k}): lists built on the device by the pool, select "
+                       "and transpose kernels; the masks still apply elementwise")
+        sched = replace(sched, reasons=tuple(reasons), select=select)
+    return sched
 
 
 def _without_repeats(spec: Spec) -> Spec:
@@ -506,6 +522,14 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
                num_stages or tuned["num_stages"])
         reasons.append(f"forward BM={fwd[0]} BN={fwd[1]} warps={fwd[2]} stages={fwd[3]} from the tuning entry; "
                        "the backward kernels keep the model's tiles")
+    if spec.selection is not None:  # passes.select: one query block for the lists, the key tile is the block
+        sb = spec.selection.block
+        if block is not None and block != sb:
+            raise SpecError(f"block={block}: spec '{spec.name}' selects key blocks of {sb} tokens, and its walks' "
+                            f"key tile is that block", None, f"block={sb} or none")
+        fwd, dq, dkv = ((fwd[0], sb) + t[2:] for t in (fwd, dq, dkv))
+        reasons.append(f"select stage: every walk's key tile is the selected block ({sb}) and its query block the "
+                       f"lists' ({fwd[0]})")
     return SoftmaxTiles(fwd, dq, dkv, pre, tuple(reasons))
 
 

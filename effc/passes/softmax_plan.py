@@ -65,6 +65,13 @@ SOFTMAX_KERNELS = (
     ("bwd_dkv", "bwd_walk", ("score", "merge"), "k", "walk the query blocks that see the key block, accumulate "
      "the key-side adjoints and P^T dR"),
 )
+# the select stage's kernels (passes.select), launched before the forward: name, role, the program's side, what
+SELECT_KERNELS = (
+    ("select_pool", "pool", "k", "pool each key block's tokens of the values the select stage pools"),
+    ("select", "select", "q", "score every key block per query, keep the top k (ties: the lower block index); "
+     "store the per-token choice, the query block's union as an ordered list and its row of the block map"),
+    ("select_t", "select_t", "k", "compact the block map's column: the query blocks that walk the key block"),
+)
 # the signature's fixed part (codegen/triton/softmax.py.j2 reads these names)
 _LAYOUT = ("T", "Q_LO", "Q_HI", "cu_ptr")
 _TILES = ("BM", "BN")
@@ -127,6 +134,46 @@ def _buffers(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple[s
                   + [f"{x}_d{outer}_ptr" for x, _ in kp.leaf_grads])
 
 
+def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list]:
+    """(tensors, layout, tiles) a kernel takes for the select stage's lists; empty without one."""
+    if sched.select is None or name == "bwd_pre":
+        return [], [], []
+    pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
+    lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"], "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
+             "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,
+             "select": pools + ["sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr"],
+             "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
+    tiles = {"select_pool": [], "select": ["NBP", "KTOP", "KP"], "select_t": ["NQBP"]}.get(name, ["KP"])
+    return lists, ["NQB", "NKB"], tiles
+
+
+def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
+    sel = sched.select
+    kernels = []
+    for name, role, outer, what in SELECT_KERNELS:
+        if name == "select_pool":
+            q, k = (), tuple(x for x in sched.leaves if x in {p.leaf for p in sel.pools})
+        elif name == "select":
+            q, k = sel.query_leaves, ()
+        else:
+            q, k = (), ()
+        read = tuple(x for x in sched.leaves if x in q or x in k)
+        names = {a for op in sel.ops for a in op.args if isinstance(a, str)} if name == "select" else set()
+        params = tuple(p.name for p in sched.spec.params if p.name in names)
+        tensors, layout, tiles = _select_args(sched, name)
+        options = _OPTIONS if name == "select" else ("IS_VARLEN",)
+        args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + tensors)
+                           + kernel_args("param", [f"p_{p}" for p in params])) \
+            + kernel_args("layout", _LAYOUT + tuple(layout)) \
+            + kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [n for d in leaf_dims for n in (d, f"{d}_P")]) \
+            + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", options)
+        kernels.append(SoftmaxKernel(
+            name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read), stores=(),
+            grid="(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)", args=args, stages=("select",),
+            what=what, outer=outer, walk=False, query_loads=q, key_loads=k))
+    return kernels
+
+
 def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
     """An input's declaration, or a prefix value's: per token, its feature dims from its tile type."""
     decl = next((d for d in sched.spec.inputs if d.name == x), None)
@@ -135,17 +182,20 @@ def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
 
 def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> SoftmaxPlan:
     leaf_dims = sorted({str(d) for x in sched.leaves for d in sched.types[x].shape[1:]})
-    kernels = []
+    kernels = _select_kernels(sched, leaf_dims) if sched.select is not None else []
     for name, role, stages, outer, what in SOFTMAX_KERNELS:
         ops = _kernel_ops(sched, bwd, name)
         q, k = _leaf_sides(sched, ops)
         read = tuple(x for x in sched.leaves if x in q or x in k)
         params = _params_read(sched, ops, name != "bwd_pre", outer)
-        args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + list(_buffers(sched, bwd, name)))
-                           + kernel_args("param", [f"p_{p}" for p in params])) \
-            + kernel_args("layout", _LAYOUT) \
+        tensors, layout, tiles = _select_args(sched, name)
+        args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + list(_buffers(sched, bwd, name))
+                                       + tensors) + kernel_args("param", [f"p_{p}" for p in params])) \
+            + kernel_args("layout", _LAYOUT + tuple(layout)) \
             + kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [n for d in leaf_dims for n in (d, f"{d}_P")]) \
-            + kernel_args("tile", _TILES) + kernel_args("option", _OPTIONS) + kernel_args("flag", _FLAGS)
+            + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", _OPTIONS) + kernel_args("flag", _FLAGS)
+        if sched.select is not None and role != "bwd_pre":
+            what += " (the selected blocks only: the select stage's lists)"
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),
             stores=tuple(spec.outputs) if name == "fwd" else (),

@@ -222,8 +222,8 @@ RULES: dict[str, Callable] = {
 
 # op kinds with no rule: softmax / logsumexp are differentiated by the softmax schedule itself
 # (passes.softmax_bwd: P recomputed, ds = P * (dP - D)); the others are made by the backward and
-# never differentiated again
-NO_RULE = frozenset({"softmax", "logsumexp"} | set(O.INTERNAL) - set(RULES))
+# never differentiated again; the select stage's pools only decide which pairs exist (passes.select)
+NO_RULE = frozenset({"softmax", "logsumexp"} | set(O.POOLS) | set(O.INTERNAL) - set(RULES))
 
 
 def backprop(e: Adjoints, ops, wants: Callable[[str], bool]) -> None:

@@ -32,6 +32,7 @@ from .checks import (
     param_values,
     rebuild,
 )
+from .select_op import kernel_choice, selection_buffers
 from .softmax_oracle import evaluate_softmax
 from .softmax_torch_op import encode_call, prefix_stage, softmax_torch_ops
 from .torch_op import call_lengths, host_plan, live
@@ -193,6 +194,9 @@ class SoftmaxOp(Tuned):
         named = {f"{x}_ptr": t.contiguous() for x, t in zip(sched.leaves, leaves)}
         queries = queries or (0, T)
         part = tuple(queries) != (0, T)  # rows the kernel does not write are zeros
+        if part and sched.select is not None:
+            raise NotImplementedError(f"{self.name}: queries=(lo, hi) with a select stage (the block lists are "
+                                      "built for every query block)")
         alloc = torch.zeros if part else torch.empty
         outs = {o.name: alloc((B, T, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
                 for o in spec.outputs}
@@ -206,6 +210,9 @@ class SoftmaxOp(Tuned):
         named.update(T=T, Q_LO=queries[0], Q_HI=queries[1],
                      cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else dummy)
         c = cfg.fwd
+        if sched.select is not None:  # the blocks each query walks (passes.select)
+            named.update(selection_buffers(self, cfg, named, self._meta(c, H, heads, dims, cu, dtype), n_seq,
+                                           longest, H, leaves, transpose=False))
         self._launch("fwd", c, _query_blocks(longest, queries, c[0]), n_seq * H, named,
                      self._meta(c, H, heads, dims, cu, dtype, save))
         return [outs[o.name] for o in spec.outputs], saved
@@ -245,6 +252,9 @@ class SoftmaxOp(Tuned):
             for r in g.reductions:
                 rf = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
                 named[f"{r.out}_dr_ptr"] = torch.empty((B, T, H) + rf, dtype=dr_dtype, device=device)
+        if sched.select is not None:  # the forward's choice again (deterministic), and its transposed lists
+            named.update(selection_buffers(self, cfg, named, self._meta(cfg.fwd, H, heads, dims, cu, dtype), n_seq,
+                                           longest, H, leaves, transpose=True))
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
         kernels = ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk"))
         whole = bwd.whole_grads()
@@ -291,6 +301,11 @@ class SoftmaxOp(Tuned):
             rows[lo:hi] = True
             o = [x * rows.reshape((1, T) + (1,) * (x.dim() - 2)).to(x.dtype) for x in o]
         return (o[0] if len(o) == 1 else tuple(o)), None
+
+    def select_blocks(self, *tensors, cu_seqlens=None, chunk: int | None = None, **params) -> torch.Tensor:
+        """A spec with a select stage: the key blocks its generated kernel chooses per query token,
+        (B, T, H, nb) bool (packed sequences: (1, total_T, H, nb), blocks counted per sequence)."""
+        return kernel_choice(self, tensors, cu_seqlens, chunk, **params)
 
     # -- decoding -------------------------------------------------------------------------------------
     def step(self, *tokens, context=None, **params):

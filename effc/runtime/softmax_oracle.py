@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..ir.nodes import Op, Spec
+from . import select_oracle
 from .oracle_ops import align, eval_op
 
 _CMP = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne}
@@ -145,6 +146,9 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
             for op in spec.score.ops:
                 _run(op, env, keys, n, None, matmul_dtype)
             keep = torch.ones((1, 1, n - q0, n), dtype=torch.bool, device=device)
+            if spec.selection is not None:  # the pairs of the key blocks each query chose (passes.select)
+                chosen = select_oracle.chosen_blocks(spec, env, keys, n, lambda op, args: eval_pair_op(op, args, n, None))
+                keep = keep & select_oracle.token_keep(chosen, spec.selection.block, n)
             for m in spec.masks:
                 mv = env[m]
                 mv = align(mv, 2) if torch.is_tensor(mv) else torch.tensor(mv)

@@ -214,4 +214,7 @@ PEERS_SOFTMAX = {
     "rope_pp": [("torch SDPA causal (flash) x2, real and imaginary", ("qa", "qb", "ka", "kb", "v"), _rope_pp)],
     "softmax_rope": [("torch RoPE + SDPA causal (flash)", _QKV, _rotated(_sdpa_attend)),
                      ("torch RoPE + effc softmax_attn", _QKV, _rotated(_effc_attend))],
+    # the dense baseline sparse attention must beat (a FlexAttention BlockMask built from the same choice is
+    # issue 22's bench slice)
+    "moba": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True))],
 }

@@ -224,6 +224,8 @@ class KernelView:
     k_loads: list[str] = field(default_factory=list)
     q_loads_full: list[str] = field(default_factory=list)  # the same for a block wholly inside the sequence
     k_loads_full: list[str] = field(default_factory=list)
+    listed: bool = False  # walks the select stage's list of blocks (passes.select), not a range
+    list_lines: list[str] = field(default_factory=list)  # before that walk: n_sel and list_base
 
 
 def _feats(sched: SoftmaxSchedule, x: str) -> tuple[str, ...]:
@@ -271,7 +273,32 @@ def _bounds(r: Range, outer: str) -> list[str]:
 
 def _keep(sched: SoftmaxSchedule) -> str:
     parts = ["qv[:, None]", "kv[None, :]"] + [f"(v_{m} != 0.0)" for m in sched.masks]
+    if sched.select is not None:  # the pairs of the blocks each query chose
+        parts.append("chosen[:, None]")
     return "keep = " + " & ".join(parts)
+
+
+# the select stage's lists (passes.select): `sel` holds each query token's chosen blocks (-1 pads), KP a row
+_SEL_LOAD = ("sel_q = tl.load(sel_ptr + ((bos + r_M[:, None]) * H + i_h) * KP + tl.arange(0, KP)[None, :], "
+             "mask=qv[:, None], other=-1)")
+
+
+def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
+    """A walk over the select stage's list: the query block's chosen blocks (outer q: forward, dQ) or the
+    query blocks that chose the key block (outer k: dK/dV); each step keeps the pairs of the queries that
+    chose the block (`chosen`), beside the masks."""
+    if sched.select is None:
+        return
+    kv.listed = True
+    if outer == "q":
+        kv.list_lines = [_SEL_LOAD, "n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
+                         "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
+        chosen = ["chosen = tl.sum(tl.where(sel_q == blk, 1, 0), 1) > 0"]
+    else:
+        kv.list_lines = ["n_sel = tl.load(kcnt_ptr + i_bh * NKB + pid)",
+                         "list_base = klist_ptr + (i_bh * NKB + pid) * NQB"]
+        chosen = [_SEL_LOAD, "chosen = tl.sum(tl.where(sel_q == pid, 1, 0), 1) > 0"]
+    kv.body[True] = chosen + kv.body[True]
 
 
 def _score2(sched: SoftmaxSchedule, gi: int) -> str:
@@ -339,6 +366,7 @@ def _fwd(sched: SoftmaxSchedule) -> KernelView:
     post.append("    pass")
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys, "q")
+    _listed(sched, kv, "q")
     return kv
 
 
@@ -419,14 +447,18 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
         post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True).line())
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer)
+    _listed(sched, kv, outer)
     return kv
 
 
-def emit_softmax_module(plan: SoftmaxPlan) -> str:
+def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> str:
+    """`more_views`: role -> (kernel plan -> KernelView) for the kernels of other roles (the select stage's:
+    codegen.triton.select_emit)."""
     sched, bwd = plan.schedule, plan.backward
     spec = sched.spec
     views = {"walk": lambda kp: _fwd(sched), "bwd_pre": lambda kp: _bwd_pre(sched, bwd),
-             "bwd_walk": lambda kp: _bwd_walk(sched, bwd.dq if kp.outer == "q" else bwd.dkv, kp.outer)}
+             "bwd_walk": lambda kp: _bwd_walk(sched, bwd.dq if kp.outer == "q" else bwd.dkv, kp.outer),
+             **(more_views or {})}
     kernels = []
     for kp in plan.kernels:
         k = views[kp.role](kp)

@@ -1,0 +1,68 @@
+"""The select stage at call time (passes.select): the pool, select and (for the backward) transpose kernels,
+and the buffers they fill, which the walks read by name. The backward runs them again rather than saving
+them: the choice is deterministic, and recomputing it (O(T * key blocks * D)) is cheap beside the walks."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _pow2(n: int, least: int) -> int:
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
+def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int, H: int, leaves,
+                      transpose: bool) -> dict:
+    """Launch the select stage's kernels for one call; returns the buffers and sizes the walks take
+    (sel, qlist, qcnt and, with `transpose`, klist, kcnt; NQB, NKB, KP)."""
+    sel = op.sched.select
+    first = leaves[0]
+    device = first.device
+    bm, sb = cfg.fwd[0], sel.block
+    n_qb, n_kb, n_bh = math.ceil(longest / bm), math.ceil(longest / sb), n_seq * H
+    i32 = dict(dtype=torch.int32, device=device)
+    sizes = dict(NQB=n_qb, NKB=n_kb, NBP=_pow2(n_kb, 16), NQBP=_pow2(n_qb, 16), KTOP=sel.k, KP=_pow2(sel.k, 2))
+    out = dict(sizes)
+    for p in sel.pools:
+        feats = tuple(int(meta[str(d)]) for d in op.sched.types[p.leaf].shape[1:])
+        out[f"{p.out}_pool_ptr"] = torch.empty((n_bh, n_kb) + feats, dtype=torch.float32, device=device)
+    out.update(sel_ptr=torch.empty(first.shape[:3] + (sizes["KP"],), **i32),
+               qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.int8, device=device),
+               qlist_ptr=torch.empty((n_bh, n_qb, n_kb), **i32), qcnt_ptr=torch.zeros((n_bh, n_qb), **i32))
+    values = {**named, **out}
+    step = (bm, sb) + tuple(cfg.fwd[2:])
+    kernel_meta = {**meta, "BM": bm, "BN": sb}
+    op._launch("select_pool", step, n_kb, n_bh, values, kernel_meta)
+    op._launch("select", step, n_qb, n_bh, values, kernel_meta)
+    if transpose:
+        out.update(klist_ptr=torch.empty((n_bh, n_kb, n_qb), **i32), kcnt_ptr=torch.zeros((n_bh, n_kb), **i32))
+        op._launch("select_t", step, n_kb, n_bh, {**values, **out}, kernel_meta)
+    return out
+
+
+def kernel_choice(op, tensors, cu_seqlens=None, chunk: int | None = None, **params) -> torch.Tensor:
+    """The key blocks the generated select kernel chooses, (B, T, H, nb) bool (nb: the longest sequence's
+    block count), for comparing the choice itself against a reference."""
+    from ..passes.softmax import choose_softmax_tiles
+    from .checks import interpreting, kernel_cu_seqlens
+    if op.sched.select is None:
+        raise ValueError(f"spec '{op.name}' has no select stage")
+    B, T, H, dims, pvals = op._check(tensors, params, True)
+    cfg = choose_softmax_tiles(op.spec, dims, interpreting(), chunk=chunk)
+    named_in = {d.name: x for d, x in zip(op.spec.inputs, tensors)}
+    pre = op._prefix(named_in, pvals, H, cu_seqlens)
+    leaves = [named_in[x] if x in named_in else pre[x] for x in op.sched.leaves]
+    n_seq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    _, _, _, longest, heads = op._layout(leaves, n_seq, cu_seqlens)
+    first = leaves[0]
+    named = {f"{x}_ptr": t.contiguous() for x, t in zip(op.sched.leaves, leaves)}
+    named.update({f"p_{k}": v for k, v in pvals.items()})
+    named.update(T=T, Q_LO=0, Q_HI=T, cu_ptr=kernel_cu_seqlens(cu_seqlens, first.device) if cu_seqlens is not None
+                 else torch.empty(1, device=first.device))
+    meta = op._meta(cfg.fwd, H, heads, dims, cu_seqlens, first.dtype)
+    bufs = selection_buffers(op, cfg, named, meta, n_seq, longest, H, leaves, transpose=False)
+    sel = bufs["sel_ptr"].long()
+    nb = bufs["NKB"]
+    chosen = torch.zeros(sel.shape[:3] + (nb + 1,), dtype=torch.bool, device=sel.device)
+    return chosen.scatter(-1, torch.where(sel < 0, nb, sel), True)[..., :nb]
