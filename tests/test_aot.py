@@ -30,6 +30,8 @@ for spec in sys.argv[1:]:
             variants.append(({"fuse_merge": False}, "[deferred]"))
         if kp.name == "bwd_scan" and op.comp.plan.segmentable:
             variants.append(({"summary": True}, "[summary]"))
+        if "DECAY_MODE" in kp.arg_names:  # the anchored second launch (passes.decay_dot)
+            variants.append(({"decay_mode": 2}, "[anchored]"))
         for flags, tag in variants:
             # at the model's pipeline depth (policy.tiling.choose: 1 stage); deeper ones are the tuner's
             # candidates, which its shared-memory model prunes or which fail as candidates
@@ -93,6 +95,7 @@ def test_library_kernels_compile_for_sm90(tmp_path):
     expected = {f"{op.name}.{k.name}" for op in ops for k in op.comp.plan.kernels}
     expected |= {f"{op.name}.walk[deferred]" for op in ops if op.comp.plan.deferrable}
     expected |= {f"{op.name}.bwd_scan[summary]" for op in ops if op.comp.plan.segmentable}
+    expected |= {f"{op.name}.{k.name}[anchored]" for op in ops for k in op.comp.plan.kernels if "DECAY_MODE" in k.arg_names}
     assert set(results) == expected and any(".bwd_chunks_" in k for k in expected)
     for kernel, r in results.items():
         if not r["matmuls"]:  # e.g. a gradient that is the output's cotangent itself (swax's softmax branch)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..ir import ops as O
 from ..ir.nodes import C, Op, Spec, Stage, TileType, next_state_name
 from .shapes import op_type, value_types
 
@@ -236,6 +237,12 @@ def _live(spec: Spec, stages: list[Stage]) -> list[Stage]:
                 kept[i].append(op)
                 wanted |= {a for a in op.args if isinstance(a, str)}
     return [Stage(st.name, tuple(reversed(ops))) for st, ops in zip(stages, kept)]
+
+
+def per_channel(op: Op, types: dict[str, TileType]) -> bool:
+    """A decay op with an exponent per channel ([C, K]): evaluated by the code generators' helpers (factored,
+    or anchored past the dot dtype); one exponent per token ([C, 1]) is a [C, C] tile of pair weights."""
+    return op.kind in O.DECAY and types[op.args[2]].shape[1] != 1
 
 
 def decay_sites(spec: Spec) -> tuple[Op, ...]:

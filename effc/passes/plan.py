@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ir import ops as O
 from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
 from .block_loop import BlockLoop, choose
+from .decay_dot import per_channel
 from .fusion import Fused, needed, seed_gradients
 from .kernel_plan import Kernel, KernelArg, kernel_args
 from .legality import Legality
@@ -160,7 +162,7 @@ _FLAGS = {"walk": ("HAS_INIT", "STORE_FINAL", "STORE_HISTORY"), "summary": ("HAS
 
 
 def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, grads, injected,
-          merge_flag: bool, read_states=()) -> tuple[KernelArg, ...]:
+          merge_flag: bool, read_states=(), decays: bool = False) -> tuple[KernelArg, ...]:
     """A kernel's signature (codegen/triton/kernels.py.j2 reads these names; runtime.launch supplies them):
     its tensors, the spec parameters it reads, the call's layout, then the constexprs."""
     backward = role.startswith("bwd")
@@ -170,12 +172,14 @@ def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, g
                + [f"{x.name}_dx_ptr" for x, _ in grads if role == "bwd_chunks"]
                + [f"{s.name}_{b}_ptr" for s in states for b in _STATE_BUFFERS[role]]
                + [f"{s.name}_hist_ptr" for s in read_states]
-               + [f"{s}_inj_ptr" for s, _ in injected])
+               + [f"{s}_inj_ptr" for s, _ in injected]
+               + (["decay_flag_ptr"] if decays else []))  # one int per program (codegen/triton/decay.py.j2)
     return (kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])
             + kernel_args("layout", ("T", "chunks_per_seg", "n_segments", "T_total", "n_bh", "cu_ptr", "chunk_off_ptr"))
             + kernel_args("shape", ["H"] + [f"HX_{d.name}" for d in loads]
                           + [n for d in spec.dims for n in (d, f"{d}_P")])
-            + kernel_args("tile", ("C", "BLOCK")) + kernel_args("option", ("IS_VARLEN", "DOT_DTYPE", "PRECISION"))
+            + kernel_args("tile", ("C", "BLOCK")) + kernel_args("option", ("IS_VARLEN", "DOT_DTYPE", "PRECISION")
+                                                                + (("DECAY_MODE",) if decays else ()))
             + kernel_args("flag", _FLAGS.get(role, ()) + (("FUSE_MERGE",) if merge_flag else ())))
 
 
@@ -228,7 +232,8 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
         args = _args(spec, role, loads, reads, stores, states, params, grads, inject,
                      merge_flag=fk.name == "walk" and any(k.name == "out" for k in fused.kernels)
-                     and not spec.reverse_states, read_states=read_states)
+                     and not spec.reverse_states, read_states=read_states,
+                     decays=any(op.kind in O.DECAY and per_channel(op, types) for op in ops))
         kernels.append(KernelPlan(name=fk.name, role=role, loads=loads, stores=stores, grid=grid, args=args, ops=ops,
                                   states=states, params=params, grads=grads, state_grads=state_grads,
                                   leaf_types=leaves, hoisted_loads=reads, injected=inject, block_loop=loop,

@@ -61,6 +61,9 @@ def direct_grads(plan: Plan, lay: Layout, n_split: int) -> set[str]:
     return {x for x in plan.whole_grads(n_split) if lay.heads[x] == lay.H}
 
 
+FACTORED, ANCHORED = 0, 2  # DECAY_MODE of the two launches of a kernel with factored decays
+
+
 class Launcher:
     def __init__(self, spec: Spec, plan: Plan, module):
         self.spec, self.plan, self.module = spec, plan, module
@@ -69,8 +72,18 @@ class Launcher:
         return getattr(self.module, f"{self.spec.name}_{kernel}_kernel")
 
     def _launch(self, kp, grid: tuple, values: dict, options: dict) -> None:
-        """Launch kernel `kp` with its plan's arguments (KernelPlan.args), each picked from `values` by name."""
-        self._fn(kp.name)[grid](**kp.call(values), **options)
+        """Launch kernel `kp` with its plan's arguments (KernelPlan.args), each picked from `values` by name.
+        A kernel with factored decays runs twice (codegen/triton/decay.py.j2): factored, flagging each program
+        with a chunk past the dot dtype's range, then anchored, where only the flagged programs run. No host
+        sync; for ordinary gates the second launch's programs return at once."""
+        fn = self._fn(kp.name)
+        if "DECAY_MODE" not in kp.arg_names:
+            fn[grid](**kp.call(values), **options)
+            return
+        device = next(v for v in values.values() if torch.is_tensor(v)).device
+        flags = torch.zeros(math.prod(grid), dtype=torch.int32, device=device)
+        for mode in (FACTORED, ANCHORED):
+            fn[grid](**kp.call({**values, "decay_flag_ptr": flags, "DECAY_MODE": mode}), **options)
 
     @staticmethod
     def _options(cfg: TileConfig) -> dict:

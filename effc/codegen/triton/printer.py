@@ -244,7 +244,7 @@ class TritonPrinter:
             # the adjoints feed the exponent's gradient x * dx - y * dy, a difference of near-equal terms: their
             # operands stay fp32 (tf32 on a GPU, 8x finer than bf16), or dg misses the bf16 reference by ~2.4x
             dtype = "DOT_DTYPE" if k == "decay_dot" else "tl.float32"
-            return f"_{k}({', '.join(a[:4])}, tv, r_C, C, {diag}, {dtype}, PRECISION)"
+            return f"_{k}({', '.join(a[:4])}, tv, r_C, C, {diag}, {dtype}, PRECISION, DECAY_MODE, decay_flag)"
         x, y, eq, ek = a[:4]
         if k == "decay_mm_t":  # weights of pair (i, j) at [j, i]
             keep, pair = f"(r_C[None, :] > r_C[:, None] - {diag})", f"{ek} + tl.trans({eq})"
