@@ -247,6 +247,26 @@ class _Kernel:
         self.body.loop(buf.shape, lvalue, lambda iv: self.body.load(buf, iv), dtype=dtype)
 
     # -- the kernel -------------------------------------------------------------------------------
+    def _param_type(self, name: str) -> str:
+        """The prim_func type of argument `name` of kernel_params, the one list the runtime passes too."""
+        spec, kp = self.spec, self.kp
+        if name in _SCALARS:
+            return _SCALARS[name]
+        if name.startswith("p_"):
+            return "T.float32"
+        for d in kp.loads:
+            if name == f"{d.name}_in":
+                return f"T.Tensor({_shape(d, f'HX_{d.name}')}, dtype)"
+        for o in kp.stores:
+            if name == f"{o.name}_out":
+                return f"T.Tensor({_shape(o, 'H')}, dtype)"
+        for s in kp.states:
+            for role in state_roles(kp):
+                if name == f"{s.name}_{role}":
+                    dtype = _history_dtype(s) if role == "hist" else '"float32"'
+                    return f"T.Tensor(({', '.join((f'{name}_n0', f'{name}_n1') + s.dims)},), {dtype})"
+        raise AssertionError(f"kernel_params names '{name}', which _param_type does not type")
+
     def view(self) -> _KernelView:
         kp, spec = self.kp, self.spec
         self._declare_states()
@@ -259,20 +279,9 @@ class _Kernel:
         carry = self._carry()
         epilogue = self._epilogue()
         # a tensor's leading sizes are symbols of its own: an unused one is passed as a small dummy
-        dynamic, params = ["T_total", "cu_n", "chunk_off_n"], []
-        for d in kp.loads:
-            params.append(f"{d.name}_in: T.Tensor({_shape(d, f'HX_{d.name}')}, dtype)")
-        for o in kp.stores:
-            params.append(f"{o.name}_out: T.Tensor({_shape(o, 'H')}, dtype)")
-        for s in kp.states:
-            for role in state_roles(kp):
-                n0, n1 = f"{s.name}_{role}_n0", f"{s.name}_{role}_n1"
-                dynamic += [n0, n1]
-                dtype = _history_dtype(s) if role == "hist" else '"float32"'
-                params.append(f"{s.name}_{role}: T.Tensor(({', '.join((n0, n1) + s.dims)},), {dtype})")
-        params += [f"p_{p}: T.float32" for p in kp.params]
-        params += ["T_pad: T.int32", "chunks_per_seg: T.int32", "n_segments: T.int32", "n_bh: T.int32",
-                   "cu: T.Tensor((cu_n,), \"int32\")", "chunk_off: T.Tensor((chunk_off_n,), \"int32\")"]
+        dynamic = ["T_total", "cu_n", "chunk_off_n"] + [f"{s.name}_{role}_n{i}" for s in kp.states
+                                                        for role in state_roles(kp) for i in (0, 1)]
+        params = [f"{name}: {self._param_type(name)}" for name in kernel_params(spec, kp)]
         n_split = f"{self.split} // BLOCK" if self.split else "1"
         programs = "n_segments" if kp.role == "walk" else "n_segments - 1"
         return _KernelView(
@@ -283,6 +292,10 @@ class _Kernel:
             prelude=self.body.prelude, consts=self.body.consts,
             init=init, prologue=prologue, history=history, loads=loads, body=body, stores=stores, carry=carry,
             epilogue=epilogue)
+
+
+_SCALARS = {"T_pad": "T.int32", "chunks_per_seg": "T.int32", "n_segments": "T.int32", "n_bh": "T.int32",
+            "cu": 'T.Tensor((cu_n,), "int32")', "chunk_off": 'T.Tensor((chunk_off_n,), "int32")'}
 
 
 def _shape(d: TensorDecl, heads: str) -> str:
