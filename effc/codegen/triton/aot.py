@@ -62,8 +62,11 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
     bf16 = ({f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
             | {f"{x}_{tag}_ptr" for x in op.comp.backward.whole_grads() for tag in ("dpre", "dq", "dk")})
-    sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n == "cu_ptr" else "*fp32"
+    ints = {"cu_ptr", "sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "klist_ptr", "kcnt_ptr"}  # passes.select's lists
+    sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n in ints else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
                  **dims, **{f"{d}_P": padded(v) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
+    if op.sched.select is not None:  # the walks' block lists: as many slots as top-k, a power of two (runtime.select_op)
+        const["KP"] = max(2, 1 << (op.sched.select.k - 1).bit_length())
     return _compile(fn, sig, const, warps, stages)
