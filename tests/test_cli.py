@@ -25,12 +25,20 @@ def flat(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[│╭╮╰╯─]", " ", text))
 
 
-def test_library_lists_every_spec():
+def test_library_lists_every_spec_by_family():
     r = invoke("library")
     assert r.exit_code == 0, r.output
-    names = [line.split()[0] for line in r.output.splitlines()]
-    assert names == effc.library_names()  # sorted, without the _decay helper file
-    assert "gla            Gated Linear Attention:" in r.output
+    listed = {}  # family -> names, in order
+    family = None
+    for line in r.output.splitlines():
+        if line.endswith(":") and not line.startswith(" "):
+            family = line[:-1]
+        elif line.startswith("  "):
+            listed.setdefault(family, []).append(line.split()[0])
+    for fam in ("linear", "softmax", "hybrid"):
+        assert listed[fam] == effc.library_names(fam)  # sorted, without the _decay helper file
+    assert "  gla                    Gated Linear Attention:" in r.output
+    assert "docs/library-index.md" in r.output
 
 
 CHARACTERISTIC = {

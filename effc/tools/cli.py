@@ -64,11 +64,18 @@ def _compilation(spec: str):
 
 @app.command()
 def library():
-    """List the library specs with the paper each implements."""
+    """List the library specs by family, with the paper each implements."""
+    from ..dsl import parse_file
     from ..library import library_files
+    by_family: dict[str, list] = {}
     for p in library_files():
-        lines = [ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")]
-        typer.echo(f"{p.stem:14s} {lines[0] if lines else ''}")
+        by_family.setdefault(parse_file(p).family(), []).append(p)
+    for family in ("linear", "softmax", "hybrid"):
+        typer.echo(f"{family}:")
+        for p in by_family.get(family, []):
+            lines = [ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")]
+            typer.echo(f"  {p.stem:22s} {lines[0] if lines else ''}")
+    typer.echo("every documented mechanism, and what the ones without a spec need: docs/library-index.md")
 
 
 @app.command()
