@@ -2,6 +2,8 @@
 softmax over an explicit [T, T] mask, float64. They share nothing with effc's oracle."""
 import torch
 
+from naive import rope  # RoFormer's rotation, shared with the linear references
+
 
 def attend(q, k, v, mask, bias=None, scale=None, cap=None, logit_map=None):
     """softmax(q k^T * scale (+ bias), masked) v for (B, T, H, D) tensors; k, v may have fewer heads."""
@@ -162,20 +164,9 @@ def rope_pp(qa, qb, ka, kb, v):
 NAIVE_SOFTMAX.update({"mla": mla, "tpa": tpa, "rope_pp": rope_pp})
 
 
-def _rope(x, base=10000.0):
-    """RoFormer's rotation (arXiv:2104.09864), rotate-half pairing: feature i < D/2 and i + D/2 of the token at
-    position t turn by the angle t * base^(-2i/D)."""
-    x = x.double()
-    T, D = x.shape[1], x.shape[-1]
-    inv = base ** (-2 * torch.arange(D // 2, dtype=torch.float64) / D)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * torch.cat((inv, inv))[None]
-    half = torch.cat((-x[..., D // 2:], x[..., :D // 2]), -1)
-    return x * ang.cos()[None, :, None] + half * ang.sin()[None, :, None]
-
-
 def softmax_rope(q, k, v):
     """Causal softmax attention on q and k rotated by their positions."""
-    return attend(_rope(q), _rope(k), v, causal(q.shape[1]))[0]
+    return attend(rope(q), rope(k), v, causal(q.shape[1]))[0]
 
 
 NAIVE_SOFTMAX["softmax_rope"] = softmax_rope

@@ -63,33 +63,31 @@ class _SideLowering(StageLowering):
             return self.side("query", name, node.loc)
         return name
 
+    def _leaf_arg(self, node: ast.Call, subst, expected: str) -> str:
+        """The per-token input or prefix value that `f(x)` (key, query, a pooling) names."""
+        arg = node.args[0] if len(node.args) == 1 else None
+        name = None
+        if isinstance(arg, ast.Name):
+            name = subst.get(arg.id) if subst and arg.id in subst else StageLowering.resolve(self, arg)
+        if not isinstance(name, str) or name not in self.leaves:
+            raise SpecError(f"'{node.func}(...)' takes the name of a per-token input or prefix value",
+                            getattr(arg, "loc", node.loc), expected)
+        return name
+
     def call(self, node: ast.Call, subst, depth):
         if node.func in O.POOLS and node.func not in self.funcs:
             if self.stage != "select":
                 raise SpecError(f"'{node.func}(...)' pools a value over each key block: it belongs in select",
                                 node.loc, f"'{node.func}(k)' in a 'select {{ ... }}' stage")
-            arg = node.args[0] if len(node.args) == 1 else None
-            name = None
-            if isinstance(arg, ast.Name):
-                name = subst.get(arg.id) if subst and arg.id in subst else StageLowering.resolve(self, arg)
-            if not isinstance(name, str) or name not in self.leaves:
-                raise SpecError(f"'{node.func}(...)' takes the name of a per-token input or prefix value",
-                                getattr(arg, "loc", node.loc), f"e.g. {node.func}(k), k declared [B, T, H, K]")
-            return self.side(node.func, name, node.loc)
+            return self.side(node.func, self._leaf_arg(node, subst, f"e.g. {node.func}(k), k declared [B, T, H, K]"),
+                             node.loc)
         if node.func in ("key", "query") and node.func not in self.funcs:
             if self.stage not in ("score", "merge"):
                 raise SpecError(f"'{node.func}(...)' picks a side of the score tile pair; {self.stage} has no sides"
                                 + (" (it reads per-token values as queries, key blocks through blockmean / "
                                    "blockmax)" if self.stage == "select" else ""),
                                 node.loc, "key(x) / query(x) inside score or merge")
-            arg = node.args[0] if len(node.args) == 1 else None
-            name = None
-            if isinstance(arg, ast.Name):
-                name = subst.get(arg.id) if subst and arg.id in subst else StageLowering.resolve(self, arg)
-            if not isinstance(name, str) or name not in self.leaves:
-                raise SpecError(f"'{node.func}(...)' takes the name of a per-token input or prefix value",
-                                getattr(arg, "loc", node.loc),
-                                "an input declared [B, T, H] or [B, T, H, D], or a value assigned in prefix")
+            name = self._leaf_arg(node, subst, "an input declared [B, T, H] or [B, T, H, D], or a value assigned in prefix")
             return self.side(node.func, name, node.loc)
         if node.func in ("softmax", "logsumexp") and node.func not in self.funcs and self.stage != "merge":
             raise SpecError(f"'{node.func}' runs over every key of a query: it belongs in merge", node.loc,
