@@ -245,7 +245,7 @@ def test_choose_many_programs_one_walk():
         chunk=16 block=64 segments=1 warps=4 stages=1
           - block 64 of V: keeps the state tile at most 64 columns wide
           - one fused walk over all chunks: 256 programs for 264 slots; the state never leaves the chip
-          - 4 warps, ~106 live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)
+          - 4 warps, ~106 live fp32 values per thread (at most 255 fit)
     """)
 
 
@@ -255,7 +255,7 @@ def test_choose_few_programs_many_segments():
         chunk=16 block=64 segments=64 warps=4 stages=1
           - block 64 of V: keeps the state tile at most 64 columns wide
           - 2 programs for 264 slots: 64 segments of 32 chunks run in parallel, stitched through per-segment summaries (wave model cost 64 vs 2048 unsegmented)
-          - 4 warps, ~106 live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)
+          - 4 warps, ~106 live fp32 values per thread (at most 255 fit)
     """)  # noqa: E501
 
 

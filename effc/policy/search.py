@@ -38,6 +38,7 @@ from ..passes.legality import Legality
 from ..passes.softmax import SoftmaxSchedule, choose_softmax_tiles, softmax_tiling_space
 from .tiling import (
     BLOCK,
+    MAX_REGISTERS,
     PROGRAMS_PER_SM,
     Problem,
     TileConfig,
@@ -51,7 +52,6 @@ from .tiling import (
 )
 
 H100_SHARED_BYTES = 232448  # per block, opt-in maximum (also the H200's: same SM)
-MAX_REGISTERS = 255  # per thread
 CHUNKS = (16, 32, 64, 128)
 WARPS = (4, 8)  # 4 warps make one warpgroup, which Hopper's wgmma needs; fewer fall back to mma
 STAGES = (1, 2, 3)

@@ -17,6 +17,7 @@ from ..ir.nodes import C, Spec, dim
 from ..passes.legality import Legality
 from ..passes.shapes import value_types
 
+MAX_REGISTERS = 255  # per thread on NVIDIA GPUs since Kepler
 BLOCK = sympy.Symbol("BLOCK", positive=True, integer=True)  # block of the split dim
 SEGMENTS = sympy.Symbol("P", positive=True, integer=True)
 PROGRAMS_PER_SM = 2  # 4-warp programs near 255 registers: two fit an SM's register file
@@ -168,6 +169,17 @@ def _segments(legality: Legality, programs: int, n_chunks: int, slots: int,
                   f"stitched through per-segment summaries (wave model cost {cost(best):.0f} vs {cost(1):.0f} unsegmented)")
 
 
+def _warps(live: int) -> tuple[int, str]:
+    """4 warps while a program's live fp32 values fit 4 warps' registers (fewer threads, less shuffling: the
+    H100 at D=128 ran 4 faster than 8), 8 when they do not: past 255 a thread spills, and at padded head
+    dims (D=192 in 256-wide tiles) 8 warps beat 4 (gla 2.89 vs 4.10 ms forward at 2x4096 on the H200;
+    retention at D=128, 256 per thread, 1.54 vs 1.70 ms forward+backward)."""
+    per_thread = live // 128
+    if per_thread <= MAX_REGISTERS:
+        return 4, f"4 warps, ~{per_thread} live fp32 values per thread (at most {MAX_REGISTERS} fit)"
+    return 8, f"8 warps: ~{per_thread} live fp32 values per thread at 4 would spill, ~{live // 256} at 8"
+
+
 def _check(space: TilingSpace, values: dict) -> None:
     for c, why in space.constraints:
         ok = c.subs(values)
@@ -206,9 +218,8 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     _check(space, values)
     values.update({dim(d): padded(problem.size(d)) for d in spec.dims})  # the register model counts padded tiles
     if num_warps is None:
-        num_warps = 4
-        live = int(space.live_fp32.subs(values))
-        reasons.append(f"4 warps, ~{live // 128} live fp32 values per thread (H100: 4 beat 8 warps at C=32..64, D=128)")
+        num_warps, why = _warps(int(space.live_fp32.subs(values)))
+        reasons.append(why)
     if defer_merge and not spec.states:
         raise SpecError(f"spec '{spec.name}': deferred merge needs a state (the out kernel reads each chunk's)")
     if spec.reverse_states:  # merge reads the states of both walks: only the out kernel has them all
