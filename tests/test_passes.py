@@ -259,6 +259,18 @@ def test_choose_few_programs_many_segments():
     """)  # noqa: E501
 
 
+def test_choose_more_warps_when_the_live_values_do_not_fit_four():
+    """The register model decides the warps: a padded head dim (192 in 256-wide tiles) at chunk 64 holds
+    ~448 live fp32 values per thread at 4 warps, past the 255 registers a thread has; 8 warps halve it."""
+    spec = typed(GATED)
+    golden(str(choose(spec, analyze(spec), Problem(8, 2048, 16, (("K", 192), ("V", 192))), chunk=64)), """
+        chunk=64 block=64 segments=1 warps=8 stages=1
+          - block 64 of V: keeps the state tile at most 64 columns wide
+          - one fused walk over all chunks: 384 programs for 264 slots; the state never leaves the chip
+          - 8 warps: ~448 live fp32 values per thread at 4 would spill, ~224 at 8
+    """)
+
+
 def test_choose_rejects_a_violated_constraint():
     spec = typed(GATED)
     with pytest.raises(SpecError, match=r"BLOCK <= PadTo\(V\) fails for C=16, K=48, V=40, BLOCK=128: BLOCK is at most V"):
