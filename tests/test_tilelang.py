@@ -32,9 +32,9 @@ NVCC_SUBSET = ("linear_attn", "retention", "simple_gla", "gla")
 _SOURCES: dict[str, str] = {}
 
 
-def _module(op, tmp: Path):
-    src = emit_module(op.comp.plan)
-    path = tmp / f"tl_{op.name}.py"  # T.prim_func reads its function's source from a real file
+def _module(op, tmp: Path, masked=frozenset()):
+    src = emit_module(op.comp.plan, masked)
+    path = tmp / f"tl_{op.name}{''.join(sorted(masked))}.py"  # T.prim_func reads its function's source from a real file
     path.write_text(src)
     spec = importlib.util.spec_from_file_location(f"effc_tl_test_{op.name}", path)
     mod = importlib.util.module_from_spec(spec)
@@ -42,12 +42,12 @@ def _module(op, tmp: Path):
     return mod
 
 
-def _lower(op, kernel: str, tmp: Path, D: int = 128, **flags) -> str:
+def _lower(op, kernel: str, tmp: Path, D: int = 128, masked=frozenset(), **flags) -> str:
     from tvm.target import Target
 
     sizes = dict(H=16, **{d: D for d in op.spec.dims}, C=op.spec.chunk, BLOCK=64, dtype="bfloat16",
                  has_init=True, store_final=True, store_history=True, **flags)
-    func = _module(op, tmp).FACTORIES[kernel](**sizes)
+    func = _module(op, tmp, masked).FACTORIES[kernel](**sizes)
     target = Target({"kind": "cuda", "arch": "sm_90a"})
     with target:
         return tilelang.lower(func, target=target).kernel_source
@@ -96,14 +96,34 @@ def test_specs_outside_the_library_lower(text, tmp_path):
         assert "__global__" in _lower(op, kernel, tmp_path, D=32)
 
 
+# K = V = 96: tiles of 128 columns masked past 96, V in blocks of 64 (the second one half masked)
+PADDED = dict(D=96, masked=frozenset({"K", "V"}))
+
+
+def test_padded_dims_lower_to_wgmma(tmp_path):
+    """A dim that is not a power of two: the program for masked dims lowers, its gemms still on the tensor cores,
+    its loads element by element (no bulk copy past the tensor's last column)."""
+    op = effc.load("gla")
+    src = emit_module(op.comp.plan, PADDED["masked"])
+    assert "K_P = max(16, 1 << max(0, K - 1).bit_length())" in src and "(V + BLOCK - 1) // BLOCK" in src
+    assert "0:K]" not in src and "T.if_then_else((i1 < K)" in src
+    cuda = _lower(op, "walk", tmp_path, aligned=True, num_stages=1, **PADDED)
+    assert "__global__" in cuda and "wgmma" in cuda, "gla.walk at K = V = 96: no wgmma"
+    with pytest.raises(ValueError, match=r"masked dims \['Z'\] are not dims of spec 'gla'"):
+        emit_module(op.comp.plan, frozenset({"Z"}))
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
-@pytest.mark.parametrize("name", NVCC_SUBSET)
+@pytest.mark.parametrize("name", NVCC_SUBSET + ("gla-96",))
 @pytest.mark.slow  # the full tier only (README: test tiers)
 def test_nvcc_compiles_for_sm90a(name, tmp_path):
     root = Path(tilelang.__file__).parent
     procs = {}
+    padded = name.endswith("-96")
+    name = name.removesuffix("-96")
     for kernel in FORWARD:  # the two kernels compile side by side (3-8 s each)
-        src = _SOURCES.get(f"{name}.{kernel}") or _lower(effc.load(name), kernel, tmp_path, aligned=True, num_stages=1)
+        src = (_lower(effc.load(name), kernel, tmp_path, aligned=True, num_stages=1, **PADDED) if padded else
+               _SOURCES.get(f"{name}.{kernel}") or _lower(effc.load(name), kernel, tmp_path, aligned=True, num_stages=1))
         cu = tmp_path / f"{name}_{kernel}.cu"
         cu.write_text(src)
         procs[kernel] = subprocess.Popen(

@@ -155,9 +155,14 @@ class EmulatedLauncher(TileLangLauncher):
     def __init__(self, spec, plan):
         super().__init__(spec, plan)
         self.emulated = load_emulated(emit_module(plan))
+        self.sources = {frozenset(): emit_module(plan)}  # masked dims -> the source the kernels ran
+        self._emulated = {frozenset(): self.emulated}
 
-    def kernel(self, name: str, sizes: dict, device):
-        mod = self.emulated
+    def kernel(self, name: str, sizes: dict, device, masked=frozenset()):
+        if masked not in self._emulated:
+            self.sources[masked] = emit_module(self.plan, masked)
+            self._emulated[masked] = load_emulated(self.sources[masked])
+        mod = self._emulated[masked]
         fn = mod.FACTORIES[name](**sizes)
         split = self.plan.split_dim
 
@@ -166,7 +171,7 @@ class EmulatedLauncher(TileLangLauncher):
             n_bh = args[-3]
             n_seg = args[-4]
             programs = n_seg if name == "walk" else n_seg - 1
-            n_split = sizes[split] // sizes["BLOCK"] if split else 1
+            n_split = -(-sizes[split] // sizes["BLOCK"]) if split else 1  # the last block masked where BLOCK does not divide
             with np.errstate(over="ignore", invalid="ignore", under="ignore"):
                 for pid in itertools.product(range(n_split), range(n_bh), range(programs)):
                     mod.T.program = pid
@@ -175,15 +180,16 @@ class EmulatedLauncher(TileLangLauncher):
 
 
 def emulated_forward(op, xs, *, chunk_dtype=None, segments: int = 1, block: int = 16, initial_state=None,
-                     cu_seqlens=None):
-    """(o, final state) of op's TileLang forward kernels, emulated, for (B, T, H, D) CPU inputs."""
+                     cu_seqlens=None, launcher=None):
+    """(o, final state) of op's TileLang forward kernels, emulated, for (B, T, H, D) CPU inputs. `launcher`: an
+    EmulatedLauncher of op's plan to run them (its `sources` then show which programs ran)."""
     spec, plan = op.spec, op.comp.plan
     dims = {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
     B, T, H = xs[0].shape[:3]
     cfg = op.config(B, T, H, dims, "cpu", dtype=xs[0].dtype, segments=segments, block=block)
     lay = make_layout(spec, list(xs), H, dims, cu_seqlens, cfg.chunk)
     init = {} if initial_state is None else {spec.states[0].name: initial_state.float().contiguous()}
-    launcher = EmulatedLauncher(spec, plan)
+    launcher = launcher or EmulatedLauncher(spec, plan)
     outs, finals, _ = launcher.forward(cfg, lay, {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)},
                                        op.param_values(dims, {}), init, True, False)
     return outs[spec.outputs[0].name], finals[spec.states[0].name]

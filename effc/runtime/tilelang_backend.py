@@ -4,7 +4,11 @@
 packed batches, grouped heads, segments, initial/final states, the per-chunk state history), so a
 caller can pick either launcher; `forward(plan, cfg, tensors, pvals, init, output_final_state)` is the
 same for plain (B, T, H, D) inputs. The backward kernel is Triton's: it reads the history this
-forward stores. Compiled kernels are cached per (source hash, kernel, compile-time sizes)."""
+forward stores. Compiled kernels are cached per (source hash, kernel, compile-time sizes).
+
+Feature dims take any size >= 1: a call whose dims are not all powers of two >= 16 (or whose split dim
+BLOCK does not divide) runs the module emitted for those masked dims (codegen.tilelang.emit_module), whose
+tiles are padded and masked; every other call runs the plain module, which has no mask at all."""
 from __future__ import annotations
 
 import hashlib
@@ -40,12 +44,25 @@ def _import_tilelang():
     return tilelang
 
 
+def masked_dims(plan: Plan, dims: dict, block: int) -> frozenset:
+    """The feature dims whose tiles pass their real size: a dim that is not a power of two >= 16 (its tile is
+    padded(size) columns), the split dim when `block` does not divide it (its last block is masked)."""
+    out = set()
+    for n, v in dims.items():
+        if v < 1:
+            raise ArgumentError(f"the TileLang backend takes feature dims >= 1, got {n}={v}")
+        if (v % block != 0) if n == plan.split_dim else (padded(v) != v):
+            out.add(n)
+    return frozenset(out)
+
+
 class TileLangLauncher:
     def __init__(self, spec: Spec, plan: Plan):
         self.spec, self.plan = spec, plan
         self.source = checked_source(emit_module(plan), spec.name, "tilelang")
         self.digest = hashlib.sha256(self.source.encode()).hexdigest()[:16]
         self._module = None
+        self._masked: dict[frozenset, tuple[str, object]] = {}  # masked dims -> (digest, module)
         self._dummies: dict[tuple, torch.Tensor] = {}
         # software-pipeline depth of the chunk loop; None: 1. Measured on an H100 (2x8192, bf16): 2 stages
         # overlap the next chunk's loads with this chunk's math and are 2-12% faster where TileLang warp-
@@ -59,14 +76,26 @@ class TileLangLauncher:
             self._module, self.source_path = load_module(f"{self.spec.name}_tilelang", self.source)
         return self._module
 
-    def kernel(self, name: str, sizes: dict, device: torch.device):
-        """The compiled kernel `name` (walk | summary) for these compile-time sizes."""
-        key = (self.digest, name, tuple(sorted(sizes.items())), str(device))
+    def module_for(self, masked: frozenset) -> tuple[str, object]:
+        """(digest, module) of the program for these masked dims (none: the plain module)."""
+        if not masked:
+            return self.digest, self.module
+        if masked not in self._masked:
+            source = checked_source(emit_module(self.plan, masked), self.spec.name, "tilelang")
+            tag = "_".join(sorted(masked))
+            module, _ = load_module(f"{self.spec.name}_tilelang_pad_{tag}", source)
+            self._masked[masked] = (hashlib.sha256(source.encode()).hexdigest()[:16], module)
+        return self._masked[masked]
+
+    def kernel(self, name: str, sizes: dict, device: torch.device, masked: frozenset = frozenset()):
+        """The compiled kernel `name` (walk | summary) for these compile-time sizes and masked dims."""
+        digest, module = self.module_for(masked)
+        key = (digest, name, tuple(sorted(sizes.items())), str(device))
         if key not in _COMPILED:
             tilelang = _import_tilelang()
-            func = self.module.FACTORIES[name](**sizes)
+            func = module.FACTORIES[name](**sizes)
             _COMPILED[key] = tilelang.compile(func, target=tilelang_target(device),
-                                              pass_configs=self.module.PASS_CONFIGS[name])
+                                              pass_configs=module.PASS_CONFIGS[name])
         return _COMPILED[key]
 
     def _dummy(self, shape: tuple, dtype, device) -> torch.Tensor:
@@ -84,10 +113,7 @@ class TileLangLauncher:
             raise NotImplementedError("the TileLang backend has no 'out' kernel (merge evaluated per chunk from the "
                                       "walk's states): merge stays fused in its walk; call with defer_merge=False "
                                       "or use the Triton backend")
-        for n, v in lay.dims.items():
-            if padded(v) != v:  # the Triton kernels pad such tiles (masked columns); these do not yet
-                raise NotImplementedError(f"TileLang backend: feature dim {n}={v} is not a power of two >= 16: not "
-                                          "implemented yet (the Triton backend pads it)")
+        masked = masked_dims(plan, lay.dims, cfg.block)
         first = xs[spec.inputs[0].name]
         dtype, device = first.dtype, first.device
         if dtype not in _DTYPES:
@@ -134,7 +160,7 @@ class TileLangLauncher:
             if kp.role == "walk":
                 sizes.update(has_init=bool(init), store_final=store_final, store_history=store_history,
                              hist_dtype=_DTYPES[operand_dtype(dtype)])  # the matrix states' (history_dtype)
-            self.kernel(kp.name, sizes, device)(*(tensors[n] for n in kernel_params(spec, kp)))
+            self.kernel(kp.name, sizes, device, masked)(*(tensors[n] for n in kernel_params(spec, kp)))
         return outs, (finals if store_final else {}), hist
 
     def backward(self, *args, **kwargs):

@@ -41,6 +41,10 @@ class Body:
     printer: TileLangPrinter
     sched: KernelSchedule
     split: str | None
+    # feature dims whose tiles pass their real size (a dim of `padded` columns, or the split dim in blocks that
+    # do not divide it): loads read 0 past the real size, stores skip those columns, and sums and maxima over
+    # such an axis see 0 / -inf there. Empty for power-of-two dims: their program has no mask at all.
+    masked: frozenset = frozenset()
     allocs: list[str] = field(default_factory=list)
     where: dict[str, Buffer] = field(default_factory=dict)  # value -> the buffer holding it
     loads: set[str] = field(default_factory=set)  # raw inputs: zero past T, in the input dtype
@@ -64,9 +68,33 @@ class Body:
                 out.append("1")
             elif d == C:
                 out.append("C")
+            elif str(d) == self.split:
+                out.append("BLOCK")
             else:
-                out.append("BLOCK" if str(d) == self.split else str(d))
+                out.append(f"{d}_P" if str(d) in self.masked else str(d))
         return tuple(out) or ("1",)
+
+    def axis_ok(self, extent: str, i: str) -> str | None:
+        """The condition under which element i of an axis of this printed extent is real: a token of the
+        sequence, a column inside a masked dim's real size; None where every element is."""
+        if extent == "C":
+            return token_ok(i)
+        if extent == "BLOCK" and self.split in self.masked:
+            return f"(pid_s * BLOCK + {i} < {self.split})"
+        if extent.endswith("_P") and extent[:-2] in self.masked:
+            return f"({i} < {extent[:-2]})"
+        return None
+
+    def real(self, extents, ivars) -> list[str]:
+        """The conditions (possibly none) under which the element at ivars of a tile of `extents` is real."""
+        return [c for c in (self.axis_ok(e, i) for e, i in zip(extents, ivars)) if c is not None]
+
+    def has_padding(self, extents) -> bool:
+        return any(self.axis_ok(e, "i") is not None for e in extents)
+
+    def _masking(self, extents, axes) -> tuple[int, ...]:
+        """The axes among `axes` that have elements which are not real (tokens, masked columns)."""
+        return tuple(ax for ax in axes if self.axis_ok(extents[ax], "i") is not None)
 
     def reserve(self, names) -> None:
         """Names the kernel uses otherwise (arguments, sizes, loop variables): no buffer takes them."""
@@ -146,11 +174,12 @@ class Body:
         self.lines.extend(pad[len(headers) + 1] + ln for ln in text)
 
     def fill(self, buf: Buffer, value_fn, mask_axes=(), fill: str = "0.0") -> None:
-        """buf = value_fn(i) elementwise; rows of padded tokens on `mask_axes` get `fill`."""
+        """buf = value_fn(i) elementwise; on `mask_axes`, rows of padded tokens and masked feature columns get
+        `fill` (a select, so inf or nan there is dropped)."""
         def value(ivars):
             text = value_fn(ivars)
-            for ax in mask_axes:
-                text = f"T.if_then_else({token_ok(ivars[ax])}, {text}, {fill})"
+            for ax in self._masking(buf.shape, mask_axes):
+                text = f"T.if_then_else({self.axis_ok(buf.shape[ax], ivars[ax])}, {text}, {fill})"
             return text
 
         self.loop(buf.shape, lambda iv: f"{buf.name}[{', '.join(iv)}]", value, dtype=buf.dtype)
@@ -212,24 +241,27 @@ class Body:
     def _tile(self, value) -> tuple[str, ...]:
         return self.extents(self.printer.types[value].shape)
 
-    def gemm_operand(self, value: str, contract_axis: int, tokens: bool) -> tuple[str, bool]:
+    def gemm_operand(self, value: str, contract_axis: int) -> tuple[str, bool]:
         """A shared buffer in the input dtype holding `value` (or the tile it transposes), and
-        whether T.gemm must transpose it. Rows of padded tokens are zeroed when the gemm sums
-        over tokens; raw loads are zero there already."""
+        whether T.gemm must transpose it. Along the contracted axis, rows of padded tokens and
+        masked feature columns are zeroed; raw loads are zero there already."""
         op = self.sched.defs.get(value)
         transposed = op is not None and op.kind == "transpose" and self.sched.is_inline(value)
         base = op.args[0] if transposed else value
         axis = 1 - contract_axis if transposed else contract_axis
-        if base in self.loads:
+        if base in self.loads:  # zero on padded tokens and masked columns already
             return self.where[base].name, transposed
-        key = ("gemm", base, axis if tokens else None)
+        # the contracted axis: padded token rows (when it is the token axis) or masked feature columns
+        axes = self._masking(self._tile(base), (axis,))
+        key = ("gemm", base, axes)
         if key not in self._staged:
             buf = self.alloc(f"g_{base}", self._tile(base), "shared", IN)
-            self.assign(buf, base, mask_axes=(axis,) if tokens else ())
+            self.assign(buf, base, mask_axes=axes)
             self._staged[key] = buf.name
         return self._staged[key], transposed
 
     def stage_shared(self, value: str, mask_axes=()) -> str:
+        mask_axes = self._masking(self._tile(value), mask_axes)
         buf = self.where.get(value)
         if buf is not None and buf.scope == "shared" and buf.dtype == F32 and not mask_axes:
             return buf.name
@@ -241,6 +273,7 @@ class Body:
         return self._staged[key]
 
     def stage_fragment(self, value: str, mask_axes=(), fill: str = "0.0") -> str:
+        mask_axes = self._masking(self._tile(value), mask_axes)
         buf = self.where.get(value)
         if buf is not None and buf.scope == "fragment" and not mask_axes:
             return buf.name

@@ -11,7 +11,7 @@ from ...passes.plan import KernelPlan, Plan, StatePlan
 from ...version import __version__
 from .. import template
 from .body import F32, IN, Body, Buffer
-from .printer import UNSUPPORTED, TileLangPrinter, broadcast_index, token_ok
+from .printer import UNSUPPORTED, TileLangPrinter, broadcast_index
 from .schedule import leaves, schedule
 
 _RESERVED = ("T", "tilelang", "H", "C", "BLOCK", "dtype", "threads", "num_stages", "is_varlen", "has_init",
@@ -41,6 +41,7 @@ class _KernelView:
     params: list[str]  # the prim_func's arguments, in the order the runtime passes them
     grid: str
     gemms: str  # the (M, N) of its gemms, as a Python expression over the sizes
+    padded: dict[str, str]  # a masked dim's tile size (K_P = the next power of two >= 16), from its real size
     pass_configs: dict
     allocs: list[str]
     prelude: list[str]  # per-program scalars
@@ -66,12 +67,16 @@ def kernel_params(spec, kp: KernelPlan) -> list[str]:
     return names + [f"p_{p}" for p in kp.params] + list(COMMON)
 
 
+def _all(conds) -> str:
+    return " and ".join(conds)
+
+
 class _Kernel:
-    def __init__(self, plan: Plan, kp: KernelPlan, printer: TileLangPrinter):
+    def __init__(self, plan: Plan, kp: KernelPlan, printer: TileLangPrinter, masked: frozenset):
         self.plan, self.kp, self.spec = plan, kp, plan.spec
         self.split = plan.split_dim
         self.sched = schedule(kp, printer.types)
-        self.body = Body(printer, self.sched, self.split)
+        self.body = Body(printer, self.sched, self.split, masked)
         self.body.reserve(_RESERVED + tuple(kernel_params(self.spec, kp)) + tuple(self.spec.dims))
         self.state_buf: dict[str, Buffer] = {}
         self.decay_buf: dict[str, Buffer] = {}
@@ -94,15 +99,25 @@ class _Kernel:
             if self.kp.role == "summary":
                 self.decay_buf[s.name] = b.alloc(f"d_{s.name}", shape, "fragment", F32)
 
-    def _state_loop(self, buf: Buffer, lvalue, value) -> None:
-        self.body.loop(buf.shape, lvalue, value)
+    def _state_loop(self, buf: Buffer, lvalue, value, guard=None) -> None:
+        self.body.loop(buf.shape, lvalue, value, guard)
         self.body.wrote(buf.name)
+
+    def _real_guard(self, buf: Buffer):
+        """A loop guard keeping the entries of `buf` that the tensors have (None: all of them)."""
+        return (lambda iv: _all(self.body.real(buf.shape, iv))) if self.body.has_padding(buf.shape) else None
 
     def _walk_init(self, s: StatePlan) -> tuple[list[str], list[str]]:
         buf, b = self.state_buf[s.name], self.body
         with_init = b.section()
-        self._state_loop(buf, lambda iv: f"{buf.name}[{', '.join(iv)}]",
-                         lambda iv: f"{s.name}_init{self._state_index(s, 'i_b, i_h', iv)}")
+
+        def initial(iv):  # entries past a masked dim's real size start at 0 (the tensor has none)
+            text = f"{s.name}_init{self._state_index(s, 'i_b, i_h', iv)}"
+            for c in reversed(b.real(buf.shape, iv)):
+                text = f"T.if_then_else({c}, {text}, 0.0)"
+            return text
+
+        self._state_loop(buf, lambda iv: f"{buf.name}[{', '.join(iv)}]", initial)
         without = b.section()
         b.stmt(f"T.clear({buf.name})")
         return with_init, without
@@ -117,7 +132,8 @@ class _Kernel:
                 start = len(lines)
                 self._state_loop(buf, lambda iv: f"{buf.name}[{', '.join(iv)}]",
                                  lambda iv: (f"{b.load(buf, iv)} * {s.name}_segd{self._state_index(s, 'i_bh, seg', iv)}"
-                                             f" + {s.name}_segw{self._state_index(s, 'i_bh, seg', iv)}"))
+                                             f" + {s.name}_segw{self._state_index(s, 'i_bh, seg', iv)}"),
+                                 guard=self._real_guard(buf))
                 lines[start:] = ["    " + ln for ln in lines[start:]]
             else:
                 b.stmt(f"T.clear({buf.name})")
@@ -139,21 +155,35 @@ class _Kernel:
         lines = b.section()
         b.stmt("if aligned:")
         bufs = []
+
+        def src(d, buf, tokens: bool):
+            """Element by element: 0 on padded tokens (`tokens`) and on a masked dim's padded columns."""
+            def value(iv):
+                index = ", ".join([f"bos + i_c * C + {iv[0]}", self._head(d)] + self._feat(d.feature_dims, iv[1:]))
+                text = f"{d.name}_in[{index}]"
+                conds = b.real(buf.shape, iv) if tokens else b.real(buf.shape[1:], iv[1:])
+                for c in reversed(conds):
+                    text = f"T.if_then_else({c}, {text}, T.Cast(dtype, 0))"
+                return text
+            return value
+
         for d in self.kp.loads:
             buf = b.alloc(f"x_{d.name}", b.extents(d.tile.shape), "shared", IN)
             b.where[d.name] = buf
             b.loads.add(d.name)
             bufs.append((d, buf))
+            start = len(lines)
+            if b.has_padding(buf.shape[1:]):  # masked columns: no bulk copy past the tensor's last column
+                b.loop(buf.shape, lambda iv, buf=buf: f"{buf.name}[{', '.join(iv)}]", src(d, buf, tokens=False))
+                lines[start:] = ["    " + ln for ln in lines[start:]]
+                continue
             feats = ["pid_s * BLOCK:(pid_s + 1) * BLOCK" if f == self.split else f"0:{f}" for f in d.feature_dims]
             region = ", ".join(["bos + i_c * C:bos + (i_c + 1) * C", self._head(d)] + feats)
             b.stmt(f"    T.copy({d.name}_in[{region}], {buf.name})")
         b.stmt("else:")
         start = len(lines)
         for d, buf in bufs:
-            def src(iv, d=d):
-                index = ", ".join([f"bos + i_c * C + {iv[0]}", self._head(d)] + self._feat(d.feature_dims, iv[1:]))
-                return f"T.if_then_else({token_ok(iv[0])}, {d.name}_in[{index}], T.Cast(dtype, 0))"
-            b.loop(buf.shape, lambda iv, buf=buf: f"{buf.name}[{', '.join(iv)}]", src)
+            b.loop(buf.shape, lambda iv, buf=buf: f"{buf.name}[{', '.join(iv)}]", src(d, buf, tokens=True))
         lines[start:] = ["    " + ln for ln in lines[start:]]
         if not bufs:
             lines.clear()
@@ -198,7 +228,8 @@ class _Kernel:
         for o in self.kp.stores:
             shape = b.extents(o.tile.shape)
             lvalue = (lambda iv, o=o: f"{o.name}_out[{', '.join([f'bos + i_c * C + {iv[0]}', 'i_h'] + self._feat(o.feature_dims, iv[1:]))}]")
-            b.loop(shape, lvalue, lambda iv, o=o: b.read(o.name, iv), guard=lambda iv: token_ok(iv[0]), dtype=IN)
+            b.loop(shape, lvalue, lambda iv, o=o: b.read(o.name, iv), guard=lambda iv, shape=shape: _all(b.real(shape, iv)),
+                   dtype=IN)
         return lines
 
     def _carry(self) -> list[str]:
@@ -244,7 +275,7 @@ class _Kernel:
         return lines
 
     def _store_state(self, buf: Buffer, lvalue, dtype: str = F32) -> None:
-        self.body.loop(buf.shape, lvalue, lambda iv: self.body.load(buf, iv), dtype=dtype)
+        self.body.loop(buf.shape, lvalue, lambda iv: self.body.load(buf, iv), guard=self._real_guard(buf), dtype=dtype)
 
     # -- the kernel -------------------------------------------------------------------------------
     def _param_type(self, name: str) -> str:
@@ -282,12 +313,16 @@ class _Kernel:
         dynamic = ["T_total", "cu_n", "chunk_off_n"] + [f"{s.name}_{role}_n{i}" for s in kp.states
                                                         for role in state_roles(kp) for i in (0, 1)]
         params = [f"{name}: {self._param_type(name)}" for name in kernel_params(spec, kp)]
-        n_split = f"{self.split} // BLOCK" if self.split else "1"
+        n_split = "1"
+        if self.split:  # a split dim that BLOCK does not divide: its last block is masked
+            n_split = f"({self.split} + BLOCK - 1) // BLOCK" if self.split in self.body.masked else f"{self.split} // BLOCK"
         programs = "n_segments" if kp.role == "walk" else "n_segments - 1"
         return _KernelView(
             factory=factory_name(spec.name, kp.name), fn=f"{spec.name}_{kp.name}_kernel", plan=kp,
             dynamic=dynamic, params=params, grid=f"{n_split}, n_bh, {programs}",
             gemms="[" + ", ".join(f"({m}, {n})" for m, n in dict.fromkeys(self.body.gemm_shapes)) + "]",
+            padded={f"{d}_P": f"max(16, 1 << max(0, {d} - 1).bit_length())"
+                    for d in self.spec.dims if d in self.body.masked and d != self.split},
             pass_configs=dict(sorted(self.body.pass_configs.items())), allocs=self.body.allocs,
             prelude=self.body.prelude, consts=self.body.consts,
             init=init, prologue=prologue, history=history, loads=loads, body=body, stores=stores, carry=carry,
@@ -322,14 +357,20 @@ def _refuse_what_cannot_be_emitted(plan: Plan) -> None:
                                       "the Triton backend has")
 
 
-def emit_module(plan: Plan) -> str:
+def emit_module(plan: Plan, masked: frozenset = frozenset()) -> str:
+    """The module for `plan`. `masked`: the feature dims whose tiles pass their real size (a dim that is not a
+    power of two >= 16, tiles of its padded size; the split dim in blocks that do not divide it). Their
+    programs mask loads, stores and the sums over them; with none (every power-of-two dim) no mask is printed."""
     spec = plan.spec
+    unknown = set(masked) - set(spec.dims)
+    if unknown:
+        raise ValueError(f"masked dims {sorted(unknown)} are not dims of spec '{spec.name}'")
     if spec.reverse_states:
         raise NotImplementedError(f"backend 'tilelang' does not implement reverse states "
                                   f"({', '.join(s.name for s in spec.reverse_states)} of spec '{spec.name}': the "
                                   "right-to-left walk and the out kernel); use backend 'triton'")
     _refuse_what_cannot_be_emitted(plan)
-    views = [_Kernel(plan, kp, TileLangPrinter(spec, kp.types(spec))).view()
+    views = [_Kernel(plan, kp, TileLangPrinter(spec, kp.types(spec)), frozenset(masked)).view()
              for kp in plan.kernels if kp.name in FORWARD]
     summary = (f"kernels: {', '.join(v.plan.name for v in views)} (the backward runs on Triton); "
                f"split dim: {plan.split_dim or '-'}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sympy
 
 from ...ir import ops as O
-from ...ir.nodes import C, Op, Spec
+from ...ir.nodes import Op, Spec
 from .. import power
-from .schedule import contracts_tokens, matmul_form
+from .schedule import matmul_form
 
 _UNARY = {
     "neg": "(-({0}))", "exp": "T.exp({0})", "exp2": "T.exp2({0})", "log": "T.log({0})", "log2": "T.log2({0})",
@@ -141,7 +141,8 @@ class TileLangPrinter:
         return arg(op.args[0], ("n_valid - 1",) + tuple(idx))
 
     # rotations read each element's partner column (a fragment is read through its shared mirror, as for
-    # transpose); feature dims are not padded in this backend, so the partner is always a real column
+    # transpose). `d` is the real size, so a real column's partner is real; a padded column (past d in a
+    # masked dim's tile) reads some real column and stays padding: nothing mixes it into a real one
     def op_rotate_half(self, op, idx, arg):
         d, j = str(self.types[op.args[0]].shape[-1]), idx[-1]
         partner = arg(op.args[0], tuple(idx[:-1]) + (f"({j} + {d} // 2) % {d}",))
@@ -175,17 +176,16 @@ class TileLangPrinter:
     def emit_matmul(self, op: Op, body, into=None, clear: bool = True) -> None:
         """`into`: for an add fused with this matmul, a function that fills the accumulator with the
         addend and names it; it runs after the operands are staged, since they may read the buffer."""
-        tokens = contracts_tokens(op, self.types)
         if matmul_form(op, self.types) == "matvec":
-            return self._emit_matvec(op, body, tokens)
-        a, ta = body.gemm_operand(op.args[0], 1, tokens)
-        b, tb = body.gemm_operand(op.args[1], 0, tokens)
+            return self._emit_matvec(op, body)
+        a, ta = body.gemm_operand(op.args[0], 1)
+        b, tb = body.gemm_operand(op.args[1], 0)
         out = into() if into is not None else body.fragment(op.out, self.types[op.out].shape)
         body.stmt(f"T.gemm({a}, {b}, {out}, transpose_A={ta}, transpose_B={tb}, clear_accum={clear})")
         body.gemm_shapes.append(body.extents(self.types[op.out].shape))
         body.wrote(out)
 
-    def _emit_matvec(self, op: Op, body, tokens: bool) -> None:
+    def _emit_matvec(self, op: Op, body) -> None:
         # T.gemm needs 16+ rows and columns: sum a broadcast product over k, as Triton's backend does
         (m, kk), (_, n) = self.types[op.args[0]].shape, self.types[op.args[1]].shape
         a, b = op.args
@@ -199,7 +199,8 @@ class TileLangPrinter:
 
             def term(i):
                 return f"({body.read(a, ('0', i[0]))} * {body.read(b, i)})"
-        terms = body.fill_fragment(f"{op.out}_terms", shape, term, mask_axes=(dim,) if tokens else ())
+        # the summed axis drops padded tokens and masked feature columns
+        terms = body.fill_fragment(f"{op.out}_terms", shape, term, mask_axes=(dim,))
         # T.reduce keeps no unit axis in a fragment: sum into a vector, then widen it into the [m, 1] / [1, n] tile
         sums = body.alloc(f"f_{op.out}_sum", (body.extents(shape)[1 - dim],), "fragment", '"float32"')
         body.stmt(f"T.reduce_sum({terms}, {sums.name}, dim={dim}, clear=True)")
@@ -227,8 +228,8 @@ class TileLangPrinter:
             return body.read(a, (i, "0" if self.types[a].shape[1] == _ONE else k))
 
         if per_token:
-            a, ta = body.gemm_operand(x, 1, False)
-            b, tb = body.gemm_operand(y, 1, False)
+            a, ta = body.gemm_operand(x, 1)
+            b, tb = body.gemm_operand(y, 1)
             body.stmt(f"T.gemm({a}, {b}, {out}, transpose_A={ta}, transpose_B={not tb}, clear_accum=True)")
             body.gemm_shapes.append(("C", "C"))
             body.wrote(out)
@@ -262,12 +263,13 @@ class TileLangPrinter:
             buf = body.alloc(f"g_dd_{v}", body.extents(self.types[v].shape), "shared", "dtype")
             body.fill(buf, lambda iv, v=v, e=e, sign=sign: (
                 f"T.if_then_else({fits(iv[1])}, {at(v, *iv)} * T.exp({at(e, *iv)} {sign} {centre(iv[1])}), 0.0)"),
-                mask_axes=(0,))
+                mask_axes=(0, 1))
             staged.append(buf.name)
         body.stmt(f"T.gemm({staged[0]}, {staged[1]}, {out}, transpose_A=False, transpose_B=True, clear_accum=True)")
         body.gemm_shapes.append(("C", "C"))
         body.wrote(out)
-        body.nest([f"for i_ch in T.serial({kk}):  # the columns too wide for the gemm, pair by pair",
+        real = str(self.types[eq].shape[1])  # the real channels only (kk is padded where the dim is masked)
+        body.nest([f"for i_ch in T.serial({real}):  # the columns too wide for the gemm, pair by pair",
                    f"if not {fits('i_ch')}:"], ("C", "C"),
                   lambda iv: [f"{out}[{iv[0]}, {iv[1]}] = {out}[{iv[0]}, {iv[1]}] + {at(x, iv[0], 'i_ch')} * "
                               f"{at(y, iv[1], 'i_ch')} * T.exp(T.min({at(eq, iv[0], 'i_ch')} + {at(ek, iv[1], 'i_ch')}, 0.0))"])
@@ -286,10 +288,9 @@ class TileLangPrinter:
 
     def emit_reduction(self, op: Op, body) -> None:
         axis, how = O.REDUCTIONS[op.kind]
-        src_t = self.types[op.args[0]]
-        over_tokens = src_t.shape[axis] == C  # padded rows do not exist
         fill = "0.0" if how == "sum" else f"(-{INF})"
-        src = body.stage_fragment(op.args[0], mask_axes=(axis,) if over_tokens else (), fill=fill)
+        # padded token rows and masked feature columns do not exist: 0 or -inf there
+        src = body.stage_fragment(op.args[0], mask_axes=(axis,), fill=fill)
         out = body.fragment(op.out, self.types[op.out].shape)
         body.stmt(f"T.reduce_{how}({src}, {out}, dim={axis}, clear=True)")
         body.wrote(out)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from ...ir import ops as O
-from ...ir.nodes import C, Op
+from ...ir.nodes import Op
 from ...passes.plan import KernelPlan
 
 _ONE = sympy.Integer(1)
@@ -27,10 +27,6 @@ def matmul_form(op: Op, types) -> str:
     if kk == _ONE:
         return "outer"
     return "matvec" if _ONE in (m, n) else "gemm"
-
-
-def contracts_tokens(op: Op, types) -> bool:
-    return types[op.args[0]].shape[1] == C
 
 
 @dataclass(frozen=True)
