@@ -233,7 +233,7 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         args = _args(spec, role, loads, reads, stores, states, params, grads, inject,
                      merge_flag=fk.name == "walk" and any(k.name == "out" for k in fused.kernels)
                      and not spec.reverse_states, read_states=read_states,
-                     decays=any(op.kind in O.DECAY and per_channel(op, types) for op in ops))
+                     decays=any(per_channel(op, types) for op in ops))
         kernels.append(KernelPlan(name=fk.name, role=role, loads=loads, stores=stores, grid=grid, args=args, ops=ops,
                                   states=states, params=params, grads=grads, state_grads=state_grads,
                                   leaf_types=leaves, hoisted_loads=reads, injected=inject, block_loop=loop,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..ir import ops as O
 from ..ir.nodes import C, Op
+from ..passes.decay_dot import rounds_operands
 
 _UNARY = {
     "neg": torch.neg, "exp": torch.exp, "exp2": torch.exp2, "log": torch.log, "log2": torch.log2,
@@ -52,16 +53,15 @@ def _finite_on_padding(op: Op, args: list, n_valid: int, chunk: int, matmul_dtyp
     return _valid_rows(eval_op(op, safe, chunk, chunk, matmul_dtype), n_valid, 2)
 
 
-def _eq_per_token(eq) -> bool:
-    """One exponent per token ([C, 1]), not per channel."""
-    return eq.shape[-1] == 1
+def _lower(c: int, diagonal: int, device) -> torch.Tensor:
+    """The kept pairs (i, j) of a [c, c] tile: j <= i + diagonal."""
+    return torch.ones(c, c, dtype=torch.bool, device=device).tril(diagonal)
 
 
 def _decay(kind: str, a, b, eq, ek, diag: float):
     """The decay contractions (ir.ops.DECAY) from their exponents, pair by pair: no exp(eq) or exp(ek) alone,
     so they are finite wherever the result is. Tiles are (B, H, C, K); the pair tensor is (B, H, C, C, K)."""
-    c = eq.shape[2]
-    keep = torch.ones(c, c, dtype=torch.bool, device=eq.device).tril(0 if diag else -1)[:, :, None]
+    keep = _lower(eq.shape[2], 0 if diag else -1, eq.device)[:, :, None]
     weight = torch.exp(torch.where(keep, eq[:, :, :, None, :] + ek[:, :, None, :, :], -math.inf))  # [i, j, k]
     if kind == "decay_dot":  # a = x [i, k], b = y [j, k]
         return (a[:, :, :, None, :] * b[:, :, None, :, :] * weight).sum(-1)
@@ -103,8 +103,8 @@ def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ove
     if k in O.MASKS:
         x, fill = args[0], (args[1] if len(args) > 1 else 0.0)
         c = x.shape[-1]
-        ones = torch.ones(c, c, dtype=torch.bool, device=x.device)
-        keep = {"causal": ones.tril(0), "strict": ones.tril(-1), "anticausal": ones.triu(0), "antistrict": ones.triu(1)}[k]
+        keep = {"causal": _lower(c, 0, x.device), "strict": _lower(c, -1, x.device),
+                "anticausal": _lower(c, 0, x.device).T, "antistrict": _lower(c, -1, x.device).T}[k]
         fill = fill if isinstance(fill, float) else fill.reshape(fill.shape[:2] + (1, 1))
         return torch.where(keep, x, torch.as_tensor(fill, dtype=x.dtype, device=x.device))
     if k == "cumsum":
@@ -132,8 +132,7 @@ def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ove
     if k in O.DECAY:
         if k != "decay_dot":  # contracting over tokens: padded ones do not exist
             args = [args[0], _valid_rows(args[1], n_valid, 2)] + args[2:]
-        if matmul_dtype is not None and (k == "decay_dot" or _eq_per_token(args[2])):
-            # the kernels' bf16 dot operands (their per-channel adjoints keep fp32 operands: codegen.triton)
+        if matmul_dtype is not None and rounds_operands(k, per_channel_exponents=args[2].shape[-1] != 1):
             args = [a.to(matmul_dtype).to(a.dtype) for a in args[:2]] + args[2:]
         return _decay(k, *args)
     if k == "rotate_half":

@@ -6,6 +6,7 @@ import sympy
 
 from ...ir import ops as O
 from ...ir.nodes import C, Op, Spec
+from ...passes.decay_dot import per_channel, rounds_operands
 from ...passes.shapes import reduces_tokens
 from .. import power, template
 
@@ -240,10 +241,8 @@ class TritonPrinter:
         k, diag = op.kind, int(op.args[4])
         if k == "decay_dot":  # x and y are contracted over their feature axis
             a[0], a[1] = self._operand(op.args[0], a[0], 1), self._operand(op.args[1], a[1], 1)
-        if self.types[op.args[2]].shape[1] != _ONE:
-            # the adjoints feed the exponent's gradient x * dx - y * dy, a difference of near-equal terms: their
-            # operands stay fp32 (tf32 on a GPU, 8x finer than bf16), or dg misses the bf16 reference by ~2.4x
-            dtype = "DOT_DTYPE" if k == "decay_dot" else "tl.float32"
+        if per_channel(op, self.types):
+            dtype = "DOT_DTYPE" if rounds_operands(k, True) else "tl.float32"
             return f"_{k}({', '.join(a[:4])}, tv, r_C, C, {diag}, {dtype}, PRECISION, DECAY_MODE, decay_flag)"
         x, y, eq, ek = a[:4]
         if k == "decay_mm_t":  # weights of pair (i, j) at [j, i]
