@@ -63,8 +63,10 @@ def _typed_ops(text: str) -> list[str]:
 def test_factored_decay_becomes_decay_dot():
     ops = _typed_ops(_spec())
     # exponents b - g (exclusive, read strictly: diag 0.0) and -b; the exp factors are taken off q and k
-    assert ops[3:11] == ["_4 : [C, K] = sub(b, g)", "_5 : [C, K] = exp(_4)", "qp : [C, K] = mul(q, _5)",
-                         "_7 : [C, K] = neg(b)", "_11 : [C, C] = decay_dot(q, k, _4, _7, 0.0)",
+    # and the centre, half the chunk's cumulative decay, an IR value CSE shares with the state update
+    assert ops[3:13] == ["_4 : [C, K] = sub(b, g)", "_5 : [C, K] = exp(_4)", "qp : [C, K] = mul(q, _5)",
+                         "_7 : [C, K] = neg(b)", "_dd1 : [K] = last(b)", "_dd2 : [K] = mul(_dd1, 0.5)",
+                         "_11 : [C, C] = decay_dot(q, k, _4, _7, 0.0, _dd2)",
                          "_12 : [C, C] = strict(_11)", "o_intra : [C, V] = matmul(_12, v)",
                          "_14 : [C, V] = matmul(qp, S)"], ops
     # the factored key operand and its transpose are gone; qp stays for merge's qp @ S

@@ -31,10 +31,11 @@ OTHER = ("matmul", "transpose", "last", "expand", "copy")
 #   gtz(x), sign(x), ge(a, b): 1.0 / 0.0 (or -1.0) indicator tiles for relu, abs, max/min
 #   bcast(x, like): x broadcast to the shape of `like`
 # made by passes.decay_dot from a score matmul of factored decays, and by its adjoints (x, y, z [C, K];
-# m, mt [C, C]; exponents eq, ek [C, K] or [C, 1]; diag 1.0 keeps j <= i, 0.0 keeps j < i):
-#   decay_dot(x, y, eq, ek, diag)[i, j] = sum_k x_ik y_jk exp(eq_ik + ek_jk)       (kept pairs, else 0)
-#   decay_mm(m, z, eq, ek, diag)[i, k] = sum_j m_ij z_jk exp(eq_ik + ek_jk)        (kept j)
-#   decay_mm_t(mt, z, eq, ek, diag)[j, k] = sum_i mt_ji z_ik exp(eq_ik + ek_jk)    (kept i)
+# m, mt [C, C]; exponents eq, ek [C, K] or [C, 1]; diag 1.0 keeps j <= i, 0.0 keeps j < i; c [K], a centre
+# with every eq - c and ek + c within the chunk's span / 2, or 0.0 for [C, 1] exponents; it changes no value):
+#   decay_dot(x, y, eq, ek, diag, c)[i, j] = sum_k x_ik y_jk exp(eq_ik + ek_jk)       (kept pairs, else 0)
+#   decay_mm(m, z, eq, ek, diag, c)[i, k] = sum_j m_ij z_jk exp(eq_ik + ek_jk)        (kept j)
+#   decay_mm_t(mt, z, eq, ek, diag, c)[j, k] = sum_i mt_ji z_ik exp(eq_ik + ek_jk)    (kept i)
 DECAY = ("decay_dot", "decay_mm", "decay_mm_t")
 INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast") + DECAY
 

@@ -6,11 +6,15 @@ x * exp(b) and y * exp(-b): every product is at most 1, but exp(-b) alone leaves
 chunk's decay passes e^-88 (fp16's at e^-11), and exp(b) underflows while the product it belongs to is
 near 1. The result is inf, nan or silently lost terms for strong gates.
 
-This pass finds such matmuls and replaces them with `decay_dot(x, y, eq, ek, diag)`:
+This pass finds such matmuls and replaces them with `decay_dot(x, y, eq, ek, diag, c)`:
 P[i, j] = sum_k x_ik y_jk exp(eq_ik + ek_jk) over the kept pairs (j <= i with diag = 1, j < i with 0),
 0 elsewhere. The code generators evaluate it from the exponents, never from exp(eq) and exp(ek) alone
-(codegen.triton's `_decay_dot`: the factored form centred on the chunk's middle when the chunk's exponent
-span fits the matmul dtype, sub-chunk anchors and a pairwise diagonal when it does not). Its adjoints
+(codegen.triton's `_decay_dot`: the factored form x e^(eq - c), y e^(ek + c) when the chunk's exponent
+span fits the matmul dtype, sub-chunk anchors and a pairwise diagonal when it does not). The centre
+c = last(cumsum(g)) / 2 is an IR value, not a reduction inside the helper: every eq and -ek of the chunk
+lies between 0 and last(cumsum(g)) (g <= 0), so both factors stay within e^(|last| / 2), and CSE shares
+the `last` with the state update that reads it anyway (a per-column max/min in the helper cost gla's walk
+half its time on an H200). Its adjoints
 (passes.vjp_rules) are the two contractions of the same kind, `decay_mm` and `decay_mm_t`, so the
 backward is finite too.
 
@@ -203,12 +207,15 @@ def _rewrite(g: _Graph, op: Op, b: _Builder):
     if x is None or y is None or g.from_matmul(y):
         b.take()  # dropped: the matmul stays as written
         return None
-    if widen_q:
+    if widen_q:  # one exponent per token: the pair weights are formed directly, no centre needed
         eq, ek = (b.emit("expand", e, 0.0, 1.0, loc=op.loc) for e in (eq, ek))
+        centre = 0.0
+    else:  # ek = -B with B = cumsum(g) monotone: eq and -ek lie between 0 and last(B), centred on half of it
+        centre = b.emit("mul", b.emit("last", g.defs[ek].args[0], loc=op.loc), 0.5, loc=op.loc)
     if b.types[eq].shape[0] != C or b.types[eq] != b.types[ek]:
         b.take()
         return None
-    return b.take() + [Op(op.out, "decay_dot", (x, y, eq, ek, diag), op.type, op.loc)]
+    return b.take() + [Op(op.out, "decay_dot", (x, y, eq, ek, diag, centre), op.type, op.loc)]
 
 
 def factor_decays(spec: Spec) -> Spec:

@@ -145,19 +145,20 @@ def _unit_lower_inv(e, x, y, g):  # Y = (I + L)^-1: dL = -Y^T dY Y^T on the stri
 def _decay_dot(e, op, g):
     """P = decay_dot(x, y, eq, ek): dx = sum_j dP_ij y_j e^(eq_i + ek_j) is a decay_mm, dy its transposed
     twin; an exponent's adjoint is its factor's times that factor (d eq_ik = x_ik dx_ik)."""
-    x, y, eq, ek, diag = op.args
+    x, y, eq, ek, diag, centre = op.args
     memo = {}
 
     def dx():
         if "x" not in memo:
-            memo["x"] = e.emit("decay_mm", g, y, eq, ek, diag)
+            memo["x"] = e.emit("decay_mm", g, y, eq, ek, diag, centre)
         return memo["x"]
 
     def dy():
         if "y" not in memo:
-            memo["y"] = e.emit("decay_mm_t", e.emit("transpose", g), x, eq, ek, diag)
+            memo["y"] = e.emit("decay_mm_t", e.emit("transpose", g), x, eq, ek, diag, centre)
         return memo["y"]
-    return dx, dy, lambda: e.emit("mul", x, dx()), lambda: e.emit("mul", y, dy()), None
+    # the centre only scales the factors' ranges (the result does not depend on it): no gradient
+    return dx, dy, lambda: e.emit("mul", x, dx()), lambda: e.emit("mul", y, dy()), None, None
 
 
 def _no_gradient(e, op, g):

@@ -134,7 +134,7 @@ def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ove
             args = [args[0], _valid_rows(args[1], n_valid, 2)] + args[2:]
         if matmul_dtype is not None and rounds_operands(k, per_channel_exponents=args[2].shape[-1] != 1):
             args = [a.to(matmul_dtype).to(a.dtype) for a in args[:2]] + args[2:]
-        return _decay(k, *args)
+        return _decay(k, *args[:5])  # the centre (args[5]) changes no value
     if k == "rotate_half":
         x1, x2 = args[0].chunk(2, dim=-1)
         return torch.cat((-x2, x1), -1)

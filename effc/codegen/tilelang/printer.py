@@ -218,7 +218,9 @@ class TileLangPrinter:
         x e^(eq - c) and y e^(ek + c) with both factors within e^(span / 2); each other column adds its terms
         pair by pair, x_ik y_jk exp(eq_ik + ek_jk), on the CUDA cores (C*C exps per column: slow, but only
         the columns of strong gates pay it, and only in the chunks where they are strong)."""
-        x, y, eq, ek, diag = op.args
+        # the range is measured per column here (a column past the span goes pair by pair), so the IR's
+        # centre (op.args[5]) is not read
+        x, y, eq, ek, diag = op.args[:5]
         keep = ">=" if diag == 1.0 else ">"
         out = body.fragment(op.out, self.types[op.out].shape)
         f = body.where[op.out]

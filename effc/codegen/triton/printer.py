@@ -243,7 +243,7 @@ class TritonPrinter:
             a[0], a[1] = self._operand(op.args[0], a[0], 1), self._operand(op.args[1], a[1], 1)
         if per_channel(op, self.types):
             dtype = "DOT_DTYPE" if rounds_operands(k, True) else "tl.float32"
-            return f"_{k}({', '.join(a[:4])}, tv, r_C, C, {diag}, {dtype}, PRECISION, DECAY_MODE, decay_flag)"
+            return f"_{k}({', '.join(a[:4])}, {a[5]}, tv, r_C, C, {diag}, {dtype}, PRECISION, DECAY_MODE, decay_flag)"
         x, y, eq, ek = a[:4]
         if k == "decay_mm_t":  # weights of pair (i, j) at [j, i]
             keep, pair = f"(r_C[None, :] > r_C[:, None] - {diag})", f"{ek} + tl.trans({eq})"
