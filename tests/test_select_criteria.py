@@ -168,13 +168,11 @@ def test_the_choice_itself_matches_the_naive_one(case):
 def test_topp_is_adaptive_and_p_is_a_param():
     """A larger p keeps more blocks; p = 1 keeps every candidate; p outside (0, 1] is refused at call time."""
     op = effc.loads(CASES["topp"][0])
-    q, k, v = _inputs(100, seed=2)
-    sizes = [int(op.select_blocks(q, k, v, p=p)[0, -1, 0].sum()) for p in (0.05, 0.6, 0.95, 1.0)]
-    assert sizes[0] == 2 and sizes == sorted(sizes) and sizes[-1] == 7, sizes  # own block + >= 1 candidate
-    assert torch.equal(op.select_blocks(q, k, v, p=0.3).permute(0, 2, 1, 3),
-                       naive_choice(q, k, 16, kind="topp", value=0.3))
+    q, k, v = _inputs(80, H=1, seed=2)
+    sizes = [int(op.select_blocks(q, k, v, p=p)[0, -1, 0].sum()) for p in (0.05, 0.9, 1.0)]
+    assert sizes[0] == 2 and sizes[0] < sizes[1] <= sizes[2] == 5, sizes  # own block + >= 1 candidate; all
     with pytest.raises(ArgumentError, match="topp's mass"):
-        op(q, k, v, p=1.5)
+        op.select_blocks(q, k, v, p=1.5)
 
 
 def test_ties_go_to_the_lower_block_index():
