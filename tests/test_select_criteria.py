@@ -60,7 +60,7 @@ def naive_choice(q, k, block, kind, value, limit=None, pool="mean", window=1, sh
     `window` blocks up to qb are forced, the blocks before qb the candidates, sorted by gate descending
     (ties: the lower index); topp takes candidates while the softmax mass ahead of one is < value,
     threshold those with gate >= value; forced blocks first, the first `limit` of all."""
-    B, T, H, D = q.shape
+    B, T, H, _ = q.shape
     hk = k.shape[2]
     nb = -(-T // block)
     q, k = q.double(), k.double()
@@ -101,7 +101,7 @@ def naive_choice(q, k, block, kind, value, limit=None, pool="mean", window=1, sh
 
 def naive_attention(q, k, v, chosen, block):
     """Dense causal softmax attention over the chosen blocks' keys only (grouped heads repeated)."""
-    B, T, H, D = q.shape
+    _, T, H, D = q.shape
     rep = H // k.shape[2]
     k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
     s = torch.einsum("bihd,bjhd->bhij", q, k) * D ** -0.5

@@ -22,6 +22,8 @@ any value off its dependencies (passes.softmax).
 """
 from __future__ import annotations
 
+import math
+
 from ..dsl import ast
 from ..errors import Loc, SpecError, suggest
 from ..ir import ops as O
@@ -145,7 +147,7 @@ def _criterion_value(low: _SideLowering, criterion: ast.Criterion, params: dict)
         raise SpecError(f"topk keeps {value:g} blocks", where, O.CRITERIA["topk"])
     if kind == "topp" and not 0 < value <= 1:
         raise SpecError(f"topp keeps a mass of {value:g}", where, O.CRITERIA["topp"])
-    if kind == "threshold" and value != value:
+    if kind == "threshold" and math.isnan(value):
         raise SpecError("threshold nan keeps nothing", where, O.CRITERIA["threshold"])
     return value
 

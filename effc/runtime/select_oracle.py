@@ -39,7 +39,7 @@ def check_criterion(spec: Spec, values: dict) -> None:
     x = float(x.flatten()[0]) if torch.is_tensor(x) else float(x)
     if kind == "topp" and not 0 < x <= 1:
         raise ArgumentError(f"{spec.name}: param {value} = {x:g} is topp's mass, which must be in (0, 1]")
-    if x != x:
+    if math.isnan(x):
         raise ArgumentError(f"{spec.name}: param {value} is nan: {kind} would keep nothing")
 
 
