@@ -209,3 +209,36 @@ def moba(q, k, v, block=64, topk=16, pool="mean", window=1):
 
 
 NAIVE_SOFTMAX["moba"] = moba
+
+
+def topp(q, k, v, block=64, p=0.9, cap=32):
+    """library/topp.attn, plainly: per query i (block qb), the gates q_i . mean(k over block b) * D^-1/2 of
+    the blocks before qb, softmaxed; the blocks by gate descending (ties: the lower index) taken while the
+    mass ahead is < p (every one when p = 1), after the own block, at most `cap` in all; then causal
+    softmax attention over the chosen blocks."""
+    B, T, H, D = q.shape
+    kh = _heads_like(k, H).double()
+    nb = -(-T // block)
+    pooled = torch.stack([kh[:, b * block:(b + 1) * block].mean(1) for b in range(nb)], 1)   # (B, nb, H, D)
+    gate = torch.einsum("bihd,bnhd->bhin", q.detach().double(), pooled.detach()) * D ** -0.5
+    chosen = torch.zeros(B, H, T, nb, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                qb = i // block
+                keep = [qb]
+                order = sorted(range(qb), key=lambda x: (-gate[b, h, i, x].item(), x))
+                mass = torch.softmax(gate[b, h, i, :qb], 0) if qb else None
+                ahead = 0.0
+                for x in order:
+                    if ahead < p or p >= 1:
+                        keep.append(x)
+                    ahead += mass[x].item()
+                for x in keep[:cap]:
+                    chosen[b, h, i, x] = True
+    i, j = positions(T)
+    mask = chosen[..., j.reshape(-1) // block].reshape(chosen.shape[:3] + (T,)) & (j <= i)
+    return attend(q, k, v, mask)[0]
+
+
+NAIVE_SOFTMAX["topp"] = topp

@@ -246,11 +246,12 @@ def test_misuse_is_a_located_error(select, score, message, where):
     assert e.value.loc is not None and where in e.value.loc.text, (e.value.loc, str(e.value))
 
 
-def test_unlowered_criteria_parse_and_say_so():
-    comp = compile_text(_spec(GOOD + "    topp(g, 0.9)"))
-    assert comp.ir.selection.criterion == ("topp", 0.9)
-    with pytest.raises(NotImplementedError, match="topp.*parsed but not lowered yet"):
-        _ = comp.typed
+def test_every_criterion_parses_and_lowers():
+    """topp and threshold (tests/test_select_criteria.py runs them) type as topk does."""
+    for line, criterion in (("topp(g, 0.9)", ("topp", 0.9)), ("threshold(g, -1, 4)", ("threshold", -1.0))):
+        comp = compile_text(_spec(GOOD + "    " + line))
+        assert comp.ir.selection.criterion == criterion
+        assert comp.typed.selection is not None
 
 
 def test_select_without_score_and_call_time_block():

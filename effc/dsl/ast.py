@@ -130,19 +130,30 @@ class BlockSize:
 
 
 @dataclass(frozen=True)
+class Shared:
+    """`shared sum` / `shared mean` in a select stage: one choice per key/value head group (GQA), made on
+    the sum or mean of the score over the group's query heads."""
+
+    how: str
+    loc: Loc = _loc()
+
+
+@dataclass(frozen=True)
 class Criterion:
-    """`topk(g, N)` / `topp(g, p)` / `threshold(g, x)` in a select stage: which blocks a query keeps."""
+    """`topk(g, N)` / `topp(g, p[, kmax])` / `threshold(g, x[, kmax])` in a select stage: which blocks a query
+    keeps; `limit` the optional cap on the blocks chosen (kmax)."""
 
     kind: str
     score: "Expr"
     value: "Expr"
     loc: Loc = _loc()
+    limit: "Expr | None" = None
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str  # intra inter merge score prefix select
-    body: tuple[Assign | Mask | Force | BlockSize | Criterion, ...]
+    body: tuple[Assign | Mask | Force | BlockSize | Shared | Criterion, ...]
     loc: Loc = _loc()
 
 

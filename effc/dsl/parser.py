@@ -17,7 +17,7 @@ _TOKEN_NAMES = {
     "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
     "COLON": "':'", "COMMA": "','", "EQUAL": "'='", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
     "SLASH": "'/'", "AT": "'@'", "DOT": "'.'", "STAGE": "a stage (intra, inter, merge), or score, prefix (the softmax family)",
-    "SELECT": "'select'", "FORCE": "'force'", "BLOCK": "'block'",
+    "SELECT": "'select'", "FORCE": "'force'", "BLOCK": "'block'", "SHARED": "'shared'",
     "COMPARE": "a comparison (< <= > >= == !=)", "MASK": "'mask'", "AND": "'and'", "OR": "'or'", "NOT": "'not'",
     "TRANSPOSE": "'T'", "NONE": "'None'", "$END": "end of file",
     "SPEC": "'spec'", "IMPORT": "'import'", "DEF": "'def'", "INPUT": "'input'", "OUTPUT": "'output'",
@@ -32,7 +32,7 @@ def _lark() -> lark.Lark:
 
 # Terminals spelled like names: using one where a name is expected gets a hint.
 _KEYWORDS = {"SPEC", "IMPORT", "DEF", "EXTENDS", "INPUT", "OUTPUT", "STATE", "PARAM", "CHUNK", "NONE", "STAGE",
-             "MASK", "AND", "OR", "NOT", "SELECT", "BLOCK", "FORCE"}
+             "MASK", "AND", "OR", "NOT", "SELECT", "BLOCK", "FORCE", "SHARED"}
 
 
 def _token_name(t: str) -> str:
@@ -121,8 +121,12 @@ class _Builder(lark.Transformer):
         return ast.BlockSize(int(c[0]), self._loc(meta))
 
     @lark.v_args(meta=True)
+    def shared_stmt(self, meta, c):
+        return ast.Shared(str(c[0]), self._loc(meta))
+
+    @lark.v_args(meta=True)
     def criterion_stmt(self, meta, c):
-        return ast.Criterion(str(c[0]), c[1], c[2], self._loc(meta))
+        return ast.Criterion(str(c[0]), c[1], c[2], self._loc(meta), c[3])
 
     @lark.v_args(meta=True)
     def select_stage(self, meta, c):

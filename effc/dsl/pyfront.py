@@ -93,6 +93,11 @@ def force(predicate) -> None:
 def block(size: int) -> None:
     """`block(64)` inside `with select:`: the key block of pooling and selection. Never executed."""
 
+
+def shared(how: str) -> None:
+    """`shared("sum")` inside `with select:`: one choice per key/value head group (.attn's `shared sum`).
+    Never executed."""
+
 # ---- the translation ------------------------------------------------------------------------------
 _BINOPS = {py.Add: "add", py.Sub: "sub", py.Mult: "mul", py.Div: "div", py.MatMult: "matmul", py.Pow: "pow"}
 _COMPARE = {py.Lt: "lt", py.LtE: "le", py.Gt: "gt", py.GtE: "ge", py.Eq: "eq", py.NotEq: "ne"}
@@ -280,10 +285,16 @@ class _Reader:
             if not (isinstance(size, py.Constant) and isinstance(size.value, int)):
                 raise self.fail(size, f"block takes an integer, got '{py.unparse(size)}'", "e.g. block(64)")
             return ast.BlockSize(size.value, self.loc(s))
+        if (call := self.marker(s.value, "shared")) is not None and len(call.args) == 1:
+            how = call.args[0]
+            if not (isinstance(how, py.Constant) and isinstance(how.value, str)):
+                raise self.fail(how, f"shared takes \"sum\" or \"mean\", got '{py.unparse(how)}'", 'e.g. shared("sum")')
+            return ast.Shared(how.value, self.loc(s))
         call = s.value
-        if isinstance(call, py.Call) and isinstance(call.func, py.Name) and len(call.args) == 2 \
+        if isinstance(call, py.Call) and isinstance(call.func, py.Name) and len(call.args) in (2, 3) \
                 and not call.keywords:
-            return ast.Criterion(call.func.id, self.expr(call.args[0]), self.expr(call.args[1]), self.loc(s))
+            limit = self.expr(call.args[2]) if len(call.args) == 3 else None
+            return ast.Criterion(call.func.id, self.expr(call.args[0]), self.expr(call.args[1]), self.loc(s), limit)
         return None
 
     def check_annotation_typos(self, decls: list[ast.Decl]) -> None:

@@ -91,18 +91,34 @@ class Selection:
     """The select stage's result (passes.select): per query, the key blocks of `block` tokens it walks.
     `score` is a [C, NB] value of the select stage; `candidates` the predicates a block must meet to be
     chosen by the criterion, `forced` those that choose a block outright (it takes a slot of the criterion
-    first); `criterion` is (kind, value), e.g. ("topk", 3.0)."""
+    first); `criterion` is (kind, value), e.g. ("topk", 3.0) or ("topp", "p") (a param's name); `limit` caps
+    the blocks topp / threshold choose (kmax); `shared` ("sum" / "mean"): one choice per key/value head
+    group, on the group's score summed or averaged over its query heads."""
 
     block: int
     score: str
-    criterion: tuple[str, float]
+    criterion: tuple[str, float | str]
     candidates: tuple[str, ...] = ()
     forced: tuple[str, ...] = ()
     loc: Loc = field(default=_NOLOC, compare=False, repr=False)
+    limit: int | None = None
+    shared: str | None = None
 
     @property
     def k(self) -> int:
         return int(self.criterion[1])
+
+    @property
+    def slots(self) -> int | None:
+        """The most blocks one query chooses, when the spec bounds it (topk's k, a cap); None: the number of
+        key blocks (known at call time)."""
+        return self.k if self.criterion[0] == "topk" else self.limit
+
+    def describe_rule(self) -> str:
+        kind, value = self.criterion
+        value = value if isinstance(value, str) else f"{value:g}"
+        cap = f", {self.limit}" if self.limit is not None else ""
+        return f"{kind}({self.score}, {value}{cap})"
 
 
 @dataclass(frozen=True)

@@ -86,5 +86,5 @@ SELECT_BUILTINS = {
 }
 # the select stage's criteria: name -> what its second argument is
 CRITERIA = {"topk": "the number of blocks each query keeps (an integer >= 1)",
-            "topp": "the cumulative mass of the normalised block scores to keep (0 < p <= 1)",
-            "threshold": "the score a block must reach"}
+            "topp": "the cumulative mass of the normalised block scores to keep (0 < p <= 1, a number or a param)",
+            "threshold": "the score a block must reach (a number or a param)"}

@@ -31,7 +31,7 @@ def print_spec(spec: Spec) -> str:
             lines.append(f"    masks: {', '.join(spec.masks)}")
         if stage.name == "select" and spec.selection is not None:
             sel = spec.selection
-            kind, value = sel.criterion
-            lines.append(f"    block {sel.block}; {kind}({sel.score}, {value:g}); candidates: "
+            shared = f"; shared {sel.shared}" if sel.shared else ""
+            lines.append(f"    block {sel.block}; {sel.describe_rule()}{shared}; candidates: "
                          f"{', '.join(sel.candidates) or 'every block'}; forced: {', '.join(sel.forced) or '-'}")
     return "\n".join(lines)

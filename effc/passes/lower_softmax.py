@@ -10,8 +10,9 @@ Stages and what each sees:
   `qpos` [C, 1] and `kpos` [1, CK] are absolute positions. `mask PRED` lines select the pairs that
   exist (all must hold).
 - `select` (optional): per (query, key block of `block N` tokens), values from the query side and
-  pooled key blocks (`blockmean(k)`, `blockmax(k)`), then a criterion (`topk(g, N)`), candidate masks
-  and forced blocks: the key blocks each query walks (passes.select). Sees `qblock`, `kblock`, `qpos`.
+  pooled key blocks (`blockmean(k)`, `blockmax(k)`), then a criterion (`topk(g, N)`, `topp(g, p)`,
+  `threshold(g, x)`), candidate masks, forced blocks and `shared sum|mean` (one choice per key/value head
+  group): the key blocks each query walks (passes.select). Sees `qblock`, `kblock`, `qpos`.
 - `merge`: per query block, after the walk over key blocks: reads `softmax(s) @ x` (x key side) and
   `logsumexp(s)`, the query block's own tiles, and (hybrids) the states; assigns every output.
 - `intra` / `inter` (hybrids only): the chunked-state stages of the linear family.
@@ -20,6 +21,8 @@ Every side tile is an explicit `key(x)` / `query(x)` op in the IR, so later pass
 any value off its dependencies (passes.softmax).
 """
 from __future__ import annotations
+
+import math
 
 from ..dsl import ast
 from ..errors import Loc, SpecError, suggest
@@ -126,11 +129,50 @@ def _lower(stage: ast.Stage | None, name: str, visible, funcs, counter, inherite
     return Stage(name, tuple(low.ops)), low.current, low.masks
 
 
-def _lower_select(stage: ast.Stage, visible, funcs, counter, inherited, taken, key_inputs, leaves
+def _criterion_value(low: _SideLowering, criterion: ast.Criterion, params: dict) -> float | str:
+    """topk's k (a literal: it sizes the kernels' lists), topp's p or threshold's x (a literal or a param,
+    whose default, when it is a number, is checked here and whose call-time value at call time)."""
+    kind, where = criterion.kind, criterion.value.loc
+    value = low.statement(criterion.value)
+    if isinstance(value, str) and value in params and kind != "topk":
+        default = params[value]
+        if kind == "topp" and default.is_number and not 0 < float(default) <= 1:
+            raise SpecError(f"topp keeps a mass of {float(default):g} (param {value}'s default)", where,
+                            O.CRITERIA["topp"])
+        return value
+    if not isinstance(value, float):
+        raise SpecError(f"the second argument of {kind} must be a number" + ("" if kind == "topk" else " or a param"),
+                        where, O.CRITERIA[kind])
+    if kind == "topk" and (value < 1 or value != int(value)):
+        raise SpecError(f"topk keeps {value:g} blocks", where, O.CRITERIA["topk"])
+    if kind == "topp" and not 0 < value <= 1:
+        raise SpecError(f"topp keeps a mass of {value:g}", where, O.CRITERIA["topp"])
+    if kind == "threshold" and math.isnan(value):
+        raise SpecError("threshold nan keeps nothing", where, O.CRITERIA["threshold"])
+    return value
+
+
+def _criterion_limit(low: _SideLowering, criterion: ast.Criterion) -> int | None:
+    """The cap kmax of topp / threshold (the most blocks a query keeps: it bounds the kernels' lists)."""
+    if criterion.limit is None:
+        return None
+    if criterion.kind == "topk":
+        raise SpecError("topk takes two arguments: its k is already the number of blocks kept", criterion.limit.loc,
+                        "topk(score, N)")
+    value = low.statement(criterion.limit)
+    if not isinstance(value, float) or value < 1 or value != int(value):
+        shown = f"{value:g}" if isinstance(value, float) else f"'{value}'"
+        raise SpecError(f"the cap of {criterion.kind} must be an integer >= 1 (the most blocks a query keeps), got "
+                        f"{shown}", criterion.limit.loc, f"{criterion.kind}(score, value, kmax), e.g. kmax = 16")
+    return int(value)
+
+
+def _lower_select(stage: ast.Stage, visible, funcs, counter, inherited, taken, key_inputs, leaves, params
                   ) -> tuple[Stage, Selection]:
     """The select stage: its assignments as ops, and the Selection its statements define."""
     low = _SideLowering("select", visible, funcs, counter, inherited, taken, key_inputs, leaves)
     block: ast.BlockSize | None = None
+    shared: ast.Shared | None = None
     criterion: ast.Criterion | None = None
     candidates, forced = [], []
     for a in stage.body:
@@ -142,6 +184,13 @@ def _lower_select(stage: ast.Stage, visible, funcs, counter, inherited, taken, k
                 raise SpecError(f"block {a.size} is not a power of two >= 16", a.loc,
                                 "16, 32, 64 or 128: the walk's key tile is the selected block")
             block = a
+        elif isinstance(a, ast.Shared):
+            if shared is not None:
+                raise SpecError("'shared' is declared twice in select", a.loc, f"one 'shared' line (first at {shared.loc})")
+            if a.how not in ("sum", "mean"):
+                raise SpecError(f"shared {a.how}: a group's score is the sum or the mean of its query heads' scores",
+                                a.loc, "'shared sum' or 'shared mean'")
+            shared = a
         elif isinstance(a, (ast.Mask, ast.Force)):
             value = low.statement(a.predicate)
             if not _is_predicate(value, low.ops):
@@ -168,17 +217,11 @@ def _lower_select(stage: ast.Stage, visible, funcs, counter, inherited, taken, k
     if not isinstance(score, str):
         raise SpecError(f"the score of {criterion.kind} is a number: every block would tie", criterion.score.loc,
                         "a value per (query, key block), e.g. q @ blockmean(k).T")
-    value = low.statement(criterion.value)
-    if not isinstance(value, float):
-        raise SpecError(f"the second argument of {criterion.kind} must be a number", criterion.value.loc,
-                        O.CRITERIA[criterion.kind])
-    if criterion.kind == "topk" and (value < 1 or value != int(value)):
-        raise SpecError(f"topk keeps {value:g} blocks", criterion.value.loc, O.CRITERIA["topk"])
-    if criterion.kind == "topp" and not 0 < value <= 1:
-        raise SpecError(f"topp keeps a mass of {value:g}", criterion.value.loc, O.CRITERIA["topp"])
+    value = _criterion_value(low, criterion, params)
+    limit = _criterion_limit(low, criterion)
     low.pinned.add(score)
     selection = Selection(block.size, score, (criterion.kind, value), tuple(candidates), tuple(forced),
-                          criterion.loc)
+                          criterion.loc, limit, shared.how if shared else None)
     return Stage("select", tuple(low.ops)), selection
 
 
@@ -220,7 +263,7 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
                "kpos": "hidden:select sees key blocks, not key tokens; it uses kblock",
                "idx": "hidden:idx is a position inside a chunk; select uses qpos, qblock and kblock"}
         select, selection = _lower_select(stages["select"], vis, funcs, counter, dict(prefix_names), taken,
-                                          key_inputs, leaves)
+                                          key_inputs, leaves, params)
     hide_select = {op.out: "hidden:select values are per (query, key block); they choose the blocks the walk "
                    "visits" for op in select.ops if not op.out.startswith("_")}
 

@@ -1,4 +1,5 @@
-"""The select stage: block-sparse attention whose blocks the spec chooses (issue 22, first slice: top-k).
+"""The select stage: block-sparse attention whose blocks the spec chooses (issue 22: top-k, top-p,
+threshold, group-shared choice).
 
 Design note
 -----------
@@ -6,8 +7,22 @@ A `select { ... }` stage computes, for each query token i and each key block b o
 score g(i, b) from query-side values and pooled key blocks (`blockmean(k)`, `blockmax(k)`: the mean or
 max of a per-token value over the block's tokens that exist), then chooses the blocks i walks:
 
-    chosen(i, b) = b in the first k of the order  (forced(i, b) first, then g(i, b) descending)
-                   over the blocks that are forced or candidates (every `mask` line holds)
+    order(i)     = the blocks that are forced or candidates (every `mask` line holds, not forced), forced
+                   first, then candidates by g(i, b) descending; ties: the lower block index
+    topk(g, k)   : the first k of the order
+    topp(g, p)   : forced blocks, then the shortest prefix of the candidates whose mass reaches p, the
+                   mass being softmax(g) over the candidates only (forced blocks are chosen outright and
+                   take no share); at least one candidate when there is one; p = 1: every candidate
+    threshold(g, x): forced blocks and every candidate with g >= x
+    ..., kmax    : topp / threshold capped: the first kmax of what they choose, in the order (forced
+                   first). The cap bounds each query's list of blocks, which the kernels size: without
+                   one the bound is the number of key blocks (a call-time size), and the walks' per-token
+                   check costs O(that) per step, so long sequences want a cap
+    shared sum|mean: one choice per key/value head group (GQA: NSA, InfLLM-V2), on g summed (or
+                   averaged) over the group's query heads; every query head of the group walks the same
+                   blocks. The group is the heads sharing a key head (H / the key inputs' heads); without
+                   grouped heads each head is its own group. Masks and force lines must then be the same for
+                   every head (positions and block indices only): a compile-time check
 
 - `force` lines (any one suffices) choose a block outright: it takes a slot of the k before any scored
   block (MoBA's +inf gate on the query's own block). Candidates scored -inf or nan are never chosen.
@@ -22,7 +37,11 @@ max of a per-token value over the block's tokens that exist), then chooses the b
 Lowering (passes.softmax_plan, codegen.triton.select_emit), all on the device, deterministic, no atomics:
 
     pool       per (key block, b*h): each pooled tile the select stage reads        -> [BH, NKB, D] fp32
-    select     per (query block, b*h): scores [BM, NBP] over every key block, k rounds of arg-max
+    select     per (query block, b*h): scores [BM, NBP] over every key block; topk: k rounds of arg-max;
+               topp and capped threshold: one sort of (score, block) keys packed in int64 (the order,
+               deterministic), a cumulative sum of the normalised masses along it, and the last block
+               taken as a per-query cut-off key; threshold: a comparison. Shared: the group's first head's
+               program sums the group's scores and stores for every head of the group (the others return)
                -> `sel` [tokens, H, KP] (block indices, -1 pads), the query block's union as an ordered
                list `qlist` [BH, NQB, NBP] + count `qcnt`, and its row of the block map `qmap` [BH, NQB, NKB]
     transpose  per (key block, b*h): the column of `qmap` compacted: the query blocks that walk it
@@ -32,12 +51,11 @@ Lowering (passes.softmax_plan, codegen.triton.select_emit), all on the device, d
 The walk's key tile is the selected block (BN = block) and every kernel shares one query block BM (the
 union's granularity).
 
-Where later slices fit: `topp` / `threshold` are further criteria of the select kernel (a normalisation
-and a cumulative sum over the sorted scores, or a comparison) and raise NotImplementedError here until
-then; NSA's compressed branch reads a pooled tile computed by the spec (a second key sequence) where
-this slice pools in the pool kernel; a group-shared choice (GQA: NSA, InfLLM-V2) sums g over the heads
-of a group before the arg-max; sparse decode runs the select kernel on the new queries only and walks
-`qlist` against the cache.
+Where later slices fit: NSA's compressed branch reads a pooled tile computed by the spec (a second key
+sequence) where this slice pools in the pool kernel; a shared choice could walk the group's query heads
+in one program (loading each key block once: NSA's kernel order) where the walks now run per head over
+the same lists; sparse decode runs the select kernel on the new queries only and walks `qlist` against
+the cache.
 """
 from __future__ import annotations
 
@@ -50,15 +68,15 @@ from ..errors import SpecError
 from ..ir import ops as O
 from ..ir.nodes import CK, NB, C, Op, Selection, Spec, Stage, TileType
 from ..ir.printer import print_op
-from .fusion import live_ops
+from .fusion import live_ops, needed
 from .shapes import _fmt
 
 _ONE = sympy.Integer(1)
 # what a select value may be computed with: elementwise ops, products over feature dims, sides and pools
 _ALLOWED = (set(O.UNARY) | set(O.BINARY) | set(O.COMPARE) | set(O.LOGIC)
             | {"where", "copy", "expand", "matmul", "transpose", "query"} | set(O.POOLS))
-# criteria the select kernel computes (the others parse, and are refused below)
-LOWERED = ("topk",)
+# criteria the select kernel computes (ir.ops.CRITERIA: every one parsed)
+LOWERED = ("topk", "topp", "threshold")
 
 
 def select_leaf_types() -> dict[str, TileType]:
@@ -74,9 +92,9 @@ def type_select(spec: Spec, env: dict[str, TileType], op_type: Callable) -> Stag
     if spec.states:
         raise NotImplementedError(f"spec '{spec.name}': a select stage in a hybrid (a state and a score stage) is "
                                   "not lowered yet")
-    kind, value = sel.criterion
+    kind = sel.criterion[0]
     if kind not in LOWERED:
-        raise NotImplementedError(f"select criterion '{kind}({sel.score}, {value:g})' (at {sel.loc}) is parsed "
+        raise NotImplementedError(f"select criterion '{sel.describe_rule()}' (at {sel.loc}) is parsed "
                                   f"but not lowered yet; lowered: {', '.join(LOWERED)}")
     env.update(select_leaf_types())
     out = []
@@ -115,7 +133,26 @@ def type_select(spec: Spec, env: dict[str, TileType], op_type: Callable) -> Stag
         if q not in (_ONE, C) or b not in (_ONE, NB):
             raise SpecError(f"a select predicate chooses (query, key block) pairs, but this one is {_fmt(t)}",
                             ops[p].loc, "a predicate over qblock, kblock, qpos and select values")
+    if sel.shared:
+        _same_for_every_head(sel, out)
     return Stage("select", tuple(out))
+
+
+# what makes a select value differ between the query heads of a group
+_PER_HEAD = {"query"} | set(O.POOLS)
+
+
+def _same_for_every_head(sel: Selection, ops: list[Op]) -> None:
+    """A shared choice has one candidate set per head group: its masks and force lines may not read
+    per-head values (query-side tensors, pooled keys, `head`)."""
+    by_out = {op.out: op for op in ops}
+    for p in sel.candidates + sel.forced:
+        for op in needed(tuple(ops), (p,)):
+            if op.kind in _PER_HEAD or "head" in op.args:
+                what = "the head index" if "head" in op.args else "a per-head value"
+                raise SpecError(f"a mask or force line of a shared select reads {what}: the group's query heads "
+                                "choose together, so their candidates must be the same", by_out[p].loc,
+                                "masks over qpos, qblock and kblock (select's scores may read anything)")
 
 
 @dataclass(frozen=True)
@@ -143,11 +180,34 @@ class SelectSchedule:
     def k(self) -> int:
         return self.selection.k
 
+    @property
+    def value(self) -> str:
+        """The criterion's value as written: k, p or x, or a param's name."""
+        v = self.selection.criterion[1]
+        return v if isinstance(v, str) else f"{v:g}"
+
+    @property
+    def kind(self) -> str:
+        return self.selection.criterion[0]
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        """The params the criterion reads (topp's p, threshold's x)."""
+        value = self.selection.criterion[1]
+        return (value,) if isinstance(value, str) else ()
+
     def describe(self) -> list[str]:
         sel = self.selection
-        lines = [f"select: per query, the key blocks of {sel.block} tokens: forced ({', '.join(sel.forced) or 'none'})"
+        value = self.value
+        rule = {"topk": f"the first {value}",
+                "topp": f"the shortest prefix of the candidates holding a mass {value} of softmax({sel.score})",
+                "threshold": f"the candidates scoring >= {value}"}[self.kind]
+        if sel.limit is not None:
+            rule += f", at most {sel.limit} blocks in all"
+        who = f"per query head group (the {sel.shared} of {sel.score} over its heads)" if sel.shared else "per query"
+        lines = [f"select: {who}, the key blocks of {sel.block} tokens: forced ({', '.join(sel.forced) or 'none'})"
                  f" first, then {sel.score} descending over the candidates ({', '.join(sel.candidates) or 'every block'}),"
-                 f" the first {sel.k} (ties: the lower block index)"]
+                 f" {rule} (ties: the lower block index)"]
         lines += [f"  pool {p.out} = block{p.kind}({p.leaf})" for p in self.pools]
         lines += [f"  {print_op(op)}" for op in self.ops if op.kind not in O.POOLS]
         return lines

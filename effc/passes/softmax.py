@@ -369,7 +369,7 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
     select = analyze_select(spec, sched.leaves)
     if select is not None:
         reasons.append(f"the walks visit only the key blocks the select stage chooses (block {select.block}, "
-                       f"{select.selection.criterion[0]} {select.k}): lists built on the device by the pool, select "
+                       f"{select.selection.criterion[0]} {select.value}): lists built on the device by the pool, select "
                        "and transpose kernels; the masks still apply elementwise")
         sched = replace(sched, reasons=tuple(reasons), select=select)
     return sched

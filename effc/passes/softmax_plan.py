@@ -143,7 +143,8 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list]:
              "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,
              "select": pools + ["sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr"],
              "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
-    tiles = {"select_pool": [], "select": ["NBP", "KTOP", "KP"], "select_t": ["NQBP"]}.get(name, ["KP"])
+    select = ["NBP", "KTOP", "KP"] + (["GROUP"] if sched.select.selection.shared else [])
+    tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"]}.get(name, ["KP"])
     return lists, ["NQB", "NKB"], tiles
 
 
@@ -158,9 +159,14 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
         else:
             q, k = (), ()
         read = tuple(x for x in sched.leaves if x in q or x in k)
-        names = {a for op in sel.ops for a in op.args if isinstance(a, str)} if name == "select" else set()
+        names = ({a for op in sel.ops for a in op.args if isinstance(a, str)} | set(sel.params)
+                 if name == "select" else set())
         params = tuple(p.name for p in sched.spec.params if p.name in names)
         tensors, layout, tiles = _select_args(sched, name)
+        if sel.kind != "topk":
+            what = what.replace("keep the top k", f"keep the blocks {sel.selection.describe_rule()} chooses")
+        if sel.selection.shared and name == "select":
+            what = what.replace("per query,", f"per query head group ({sel.selection.shared} over its heads),")
         options = _OPTIONS if name == "select" else ("IS_VARLEN",)
         args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + tensors)
                            + kernel_args("param", [f"p_{p}" for p in params])) \

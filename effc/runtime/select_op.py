@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from .select_oracle import check_criterion, head_group
+
 
 def _pow2(n: int, least: int) -> int:
     return max(least, 1 << max(0, n - 1).bit_length())
@@ -22,7 +24,12 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     bm, sb = cfg.fwd[0], sel.block
     n_qb, n_kb, n_bh = math.ceil(longest / bm), math.ceil(longest / sb), n_seq * H
     i32 = dict(dtype=torch.int32, device=device)
-    sizes = dict(NQB=n_qb, NKB=n_kb, NBP=_pow2(n_kb, 16), NQBP=_pow2(n_qb, 16), KTOP=sel.k, KP=_pow2(sel.k, 2))
+    check_criterion(op.spec, named)
+    # each query's list holds at most `slots` blocks: topk's k, a cap, or else every key block
+    slots = sel.selection.slots or n_kb
+    sizes = dict(NQB=n_qb, NKB=n_kb, NBP=_pow2(n_kb, 16), NQBP=_pow2(n_qb, 16), KTOP=slots, KP=_pow2(slots, 2))
+    if sel.selection.shared:
+        sizes["GROUP"] = head_group(op.spec, dict(zip(op.sched.leaves, leaves)), H)
     out = dict(sizes)
     for p in sel.pools:
         feats = tuple(int(meta[str(d)]) for d in op.sched.types[p.leaf].shape[1:])

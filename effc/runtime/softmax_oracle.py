@@ -134,6 +134,8 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
         q0 = n - 1 if last_query else 0  # the first query evaluated
         per_head = {o.name: [] for o in spec.outputs}
         group = head_group or max(1, min(H, 2 ** 27 // max(1, B * (n - q0) * n)))  # ~2^27 elements per score tile
+        shared = select_oracle.head_group(spec, tensors, H) if spec.selection and spec.selection.shared else 1
+        group = -(-group // shared) * shared  # a shared select chooses per key head group: whole groups
         for h0 in range(0, H, group):
             h1 = min(H, h0 + group)
             env = base_env(spec, params, H, dtype, device, n, torch.arange(h0, h1))
@@ -147,7 +149,8 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
                 _run(op, env, keys, n, None, matmul_dtype)
             keep = torch.ones((1, 1, n - q0, n), dtype=torch.bool, device=device)
             if spec.selection is not None:  # the pairs of the key blocks each query chose (passes.select)
-                chosen = select_oracle.chosen_blocks(spec, env, keys, n, lambda op, args: eval_pair_op(op, args, n, None))
+                chosen = select_oracle.chosen_blocks(spec, env, keys, n, lambda op, args: eval_pair_op(op, args, n, None),
+                                                     shared)
                 keep = keep & select_oracle.token_keep(chosen, spec.selection.block, n)
             for m in spec.masks:
                 mv = env[m]

@@ -217,4 +217,5 @@ PEERS_SOFTMAX = {
     # the dense baseline sparse attention must beat (a FlexAttention BlockMask built from the same choice is
     # issue 22's bench slice)
     "moba": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True))],
+    "topp": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True))],
 }

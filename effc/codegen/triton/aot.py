@@ -67,6 +67,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
                  **dims, **{f"{d}_P": padded(v) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
-    if op.sched.select is not None:  # the walks' block lists: as many slots as top-k, a power of two (runtime.select_op)
-        const["KP"] = max(2, 1 << (op.sched.select.k - 1).bit_length())
+    if op.sched.select is not None:  # the walks' block lists: a slot per block chosen, a power of two
+        slots = op.sched.select.selection.slots or 64  # unbounded (topp / threshold, no cap): 64 key blocks
+        const["KP"] = max(2, 1 << (slots - 1).bit_length())  # (runtime.select_op)
     return _compile(fn, sig, const, warps, stages)
