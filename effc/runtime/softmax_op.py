@@ -19,7 +19,7 @@ from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..policy.tiling import Problem, padded
 from ..policy.tuning import Tuned
-from . import softmax_oracle
+from . import softmax_decode, softmax_oracle
 from .cache import load_module
 from .checks import (
     check_inputs,
@@ -317,6 +317,28 @@ class SoftmaxOp(Tuned):
         o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
         o = [x[:, 0].to(tokens[0].dtype) for x in (o if isinstance(o, tuple) else (o,))]
         return (o[0] if len(o) == 1 else tuple(o)), tuple(xs)
+
+    @property
+    def cache_names(self) -> tuple[str, ...]:
+        """The tensors a KV cache for `decode` holds, in order: key inputs and prefix values read on the key
+        side (e.g. k, v and FoX's F)."""
+        return softmax_decode.cache_names(self)
+
+    def new_cache(self, *tokens, max_len: int) -> dict[str, torch.Tensor]:
+        """Zero caches {name: (B, max_len, Hx, ...)} for requests shaped like `tokens` (every input, (B, Tq,
+        H, D) as `decode` takes them): inputs' caches in their dtype, prefix values' fp32."""
+        return softmax_decode.new_cache(self, *tokens, max_len=max_len)
+
+    def decode(self, *tokens, cache, cache_seqlens, splits: int | None = None, **params):
+        """Decoding against a KV cache, as flash-attn's flash_attn_with_kvcache: `tokens` are every input's
+        new tokens, (B, Tq, H, D) with 1 <= Tq <= 64, following the `cache_seqlens[b]` (int32, (B,)) tokens
+        request b has in `cache` (a dict by `cache_names`, or a sequence in that order; `new_cache` makes
+        it). Writes the new tokens' key-side values into the cache at [len, len + Tq) (the caller advances
+        cache_seqlens), and returns the new tokens' outputs (B, Tq, H, ...) (a tuple when the spec has
+        several): each query against every cached key its masks keep, at its position in the sequence.
+        Generated kernels: split-KV partials and their log-sum-exp combine; `splits` pins the number of
+        splits of each request's keys (None: policy.decode's occupancy rule)."""
+        return softmax_decode.decode(self, tokens, cache, cache_seqlens, splits, **params)
 
     def recurrent_reference(self, *tensors, **kw):
         """The softmax family has no recurrent form with a fixed state: the same as `reference`."""
