@@ -311,11 +311,26 @@ class SoftmaxOp(Tuned):
     def step(self, *tokens, context=None, **params):
         """One decoding step: `tokens` are (B, H, D) (or (B, H)), `context` every input's earlier tokens
         ((B, t, H, D) tensors as op(...) takes them, e.g. a prompt; None: none). Returns (o_t, context with
-        the token appended). The token's query attends to the whole context in PyTorch (fp32, no generated
-        kernel): O(t) work a step, and the prefix stage recomputed over the context."""
+        the token appended). The token's query runs in the decode kernels against a cache built from the
+        context (the prefix stage recomputed over it): O(t) a step; `decode` keeps a cache across steps.
+        A select stage, or CPU tensors without the interpreter, run the oracle in PyTorch (fp32)."""
         xs = decode_inputs(self.spec, tokens, context)
-        o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
-        o = [x[:, 0].to(tokens[0].dtype) for x in (o if isinstance(o, tuple) else (o,))]
+        if self.sched.select is not None or (tokens[0].device.type == "cpu" and not interpreting()):
+            o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
+            o = [x[:, 0].to(tokens[0].dtype) for x in (o if isinstance(o, tuple) else (o,))]
+            return (o[0] if len(o) == 1 else tuple(o)), tuple(xs)
+        B, t = xs[0].shape[0], xs[0].shape[1] - 1
+        new = [x[:, t:] for x in xs]
+        cache = self.new_cache(*new, max_len=t + 1)
+        if t:
+            named = {d.name: x[:, :t] for d, x in zip(self.spec.inputs, xs)}
+            dims = check_inputs(self.spec, tuple(named.values()), for_kernels=False)[3]
+            pre = self._prefix(named, self.param_values(dims, params), xs[0].shape[2], None)
+            for x, c in cache.items():
+                c[:, :t] = (named[x] if x in named else pre[x]).to(c.dtype)
+        o = self.decode(*new, cache=cache, cache_seqlens=torch.full((B,), t, dtype=torch.int32,
+                                                                     device=xs[0].device), **params)
+        o = [x[:, 0] for x in (o if isinstance(o, tuple) else (o,))]
         return (o[0] if len(o) == 1 else tuple(o)), tuple(xs)
 
     @property
