@@ -92,6 +92,30 @@ def test_softmax_family_kernels_compile_for_sm90(tmp_path):
         assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"
 
 
+DECODE_SCRIPT = r"""
+import json, sys
+import effc
+from effc.codegen.triton.aot import compile_softmax_decode_sm90
+
+op = effc.load(sys.argv[1])
+results = {}
+for kernel in ("decode", "decode_combine"):
+    k = compile_softmax_decode_sm90(op, kernel, n_queries=4, dims={"K": 96})  # a padded feature dim
+    results[kernel] = {"mma": "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"], "shared": k.metadata.shared}
+print("AOT " + json.dumps(results))
+"""
+
+
+@pytest.mark.slow  # the full tier only (README: test tiers)
+def test_softmax_decode_kernels_compile_for_sm90(tmp_path):
+    """The decode kernels of one spec with a prefix value cached on the key side (FoX): the split kernel's
+    walk uses tensor cores like the forward's."""
+    results = _compile_in_subprocesses(DECODE_SCRIPT, ["forgetting_transformer"], tmp_path)
+    assert set(results) == {"decode", "decode_combine"}
+    assert results["decode"]["mma"], "decode: no tensor-core instruction in the PTX"
+    assert all(r["shared"] <= 232448 for r in results.values())
+
+
 @pytest.mark.slow  # the full tier only (README: test tiers)
 def test_library_kernels_compile_for_sm90(tmp_path):
     names = effc.library_names("linear") + effc.library_names("hybrid")

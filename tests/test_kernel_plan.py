@@ -58,11 +58,13 @@ def test_a_signature_that_drifts_from_the_plan_is_caught():
 
 def test_softmax_plan_loads_by_side():
     """softmax_attn: the forward and dQ walk load q per query block and k, v per key block; dK/dV the
-    reverse; the preprocess reads no leaf; only the forward stores the output."""
+    reverse; the preprocess reads no leaf; the decode split kernel loads like the forward (k, v from the
+    cache), its combine reads no leaf; the forward and the combine store the output."""
     plan = compile_file("softmax_attn").plan
     sides = {k.name: (k.query_loads, k.key_loads, tuple(d.name for d in k.stores)) for k in plan.kernels}
     assert sides == {"fwd": (("q",), ("k", "v"), ("o",)), "bwd_pre": ((), (), ()),
-                     "bwd_dq": (("q",), ("k", "v"), ()), "bwd_dkv": (("q",), ("k", "v"), ())}
+                     "bwd_dq": (("q",), ("k", "v"), ()), "bwd_dkv": (("q",), ("k", "v"), ()),
+                     "decode": (("q",), ("k", "v"), ()), "decode_combine": ((), (), ("o",))}
     assert [d.name for d in plan.kernel("fwd").loads] == ["q", "k", "v"]
     assert plan.kernel("bwd_dkv").outer == "k" and plan.kernel("bwd_dkv").grid == "(key blocks, B*H)"
 
@@ -73,7 +75,7 @@ def test_softmax_plan_parameters():
     plan = compile_file("sliding_window").plan
     params = {k.name: [a.name for a in k.args if a.role == "param"] for k in plan.kernels}
     assert params == {"fwd": ["p_scale", "p_window"], "bwd_pre": [], "bwd_dq": ["p_scale", "p_window"],
-                      "bwd_dkv": ["p_scale", "p_window"]}
+                      "bwd_dkv": ["p_scale", "p_window"], "decode": ["p_scale", "p_window"], "decode_combine": []}
 
 
 def test_call_names_a_missing_argument():

@@ -48,8 +48,9 @@ def _emit_softmax(c, backend: str) -> str:
     if c.plan.schedule.select is not None:  # a select stage: its kernels, then the listed walks
         from ..codegen.triton.select_emit import emit_select_module
         return emit_select_module(c.plan)
+    from ..codegen.triton.softmax_decode_emit import emit_decode_kernels
     from ..codegen.triton.softmax_emit import emit_softmax_module
-    return emit_softmax_module(c.plan)
+    return emit_softmax_module(c.plan) + emit_decode_kernels(c.plan)  # decoding's kernels after the forward's
 
 
 def _linear_fused(c):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from ..ir.nodes import Spec, TensorDecl
 from ..ir.printer import print_op
 from .blocksparse import NEG, POS
+from .fusion import live_ops
 from .hybrid import HybridSplit
 from .kernel_plan import Kernel, kernel_args, unique_args
 from .softmax import SoftmaxSchedule
@@ -71,6 +72,14 @@ SELECT_KERNELS = (
     ("select", "select", "q", "score every key block per query, keep the top k (ties: the lower block index); "
      "store the per-token choice, the query block's union as an ordered list and its row of the block map"),
     ("select_t", "select_t", "k", "compact the block map's column: the query blocks that walk the key block"),
+)
+# decoding against a KV cache (runtime.softmax_decode): name, role, stages, grid, what
+DECODE_KERNELS = (
+    ("decode", "decode", ("score", "merge"), "(splits, B*H)", "the new queries of each request against one split "
+     "of its cached keys: the forward's walk over that split's visible key blocks; store the partial (max, sum, "
+     "acc) of each softmax, unnormalised"),
+    ("decode_combine", "decode_combine", ("merge",), "(1, B*H)", "merge the splits' partials by a log-sum-exp "
+     "rescale, then the forward's epilogue (normalise, merge ops); store the outputs"),
 )
 # the signature's fixed part (codegen/triton/softmax.py.j2 reads these names)
 _LAYOUT = ("T", "Q_LO", "Q_HI", "cu_ptr")
@@ -180,6 +189,43 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
     return kernels
 
 
+def decode_combine_ops(sched: SoftmaxSchedule) -> tuple:
+    """The ops the combine kernel prints after the merge of the partials: the epilogue and the constant and
+    query-side values it reads (recomputed from the new queries' tiles: the split kernels keep none)."""
+    return live_ops(sched.c_ops + sched.q_ops + sched.post_ops, tuple(o.name for o in sched.spec.outputs))
+
+
+def decode_partials(sched: SoftmaxSchedule) -> tuple[str, ...]:
+    """The split kernels' partial results, per softmax group: running max and sum (log2 units), and each
+    reduction's unnormalised accumulator."""
+    return tuple(p for gi, g in enumerate(sched.groups)
+                 for p in [f"m{gi}_part_ptr", f"l{gi}_part_ptr"] + [f"{r.out}_part_ptr" for r in g.reductions])
+
+
+def _decode_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
+    kernels = []
+    for name, role, stages, grid, what in DECODE_KERNELS:
+        split = role == "decode"
+        ops = (sched.c_ops + sched.q_ops + sched.k_ops + sched.p_ops) if split else decode_combine_ops(sched)
+        q, k = _leaf_sides(sched, ops)
+        read = tuple(x for x in sched.leaves if x in q or x in k)
+        params = _params_read(sched, ops, split, "q")
+        tensors = ([f"{x}_ptr" for x in q] + [f"{x}_cache_ptr" for x in k] + list(decode_partials(sched))
+                   + ["lens_ptr"] if split else
+                   [f"{x}_ptr" for x in q] + [f"{o.name}_ptr" for o in sched.spec.outputs]
+                   + list(decode_partials(sched)) + ["lens_ptr"])
+        args = unique_args(kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])) \
+            + kernel_args("layout", ("TQ", "TMAX") if split else ("TQ",)) \
+            + kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [n for d in leaf_dims for n in (d, f"{d}_P")]) \
+            + kernel_args("tile", ("BM", "BN", "NSPLIT") if split else ("BM", "NSPLIT")) \
+            + kernel_args("option", ("DOT_DTYPE", "PRECISION"))
+        kernels.append(SoftmaxKernel(
+            name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),
+            stores=() if split else tuple(sched.spec.outputs), grid=grid, args=args, stages=stages, what=what,
+            outer="q", walk=split, query_loads=q, key_loads=k))
+    return kernels
+
+
 def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
     """An input's declaration, or a prefix value's: per token, its feature dims from its tile type."""
     decl = next((d for d in sched.spec.inputs if d.name == x), None)
@@ -207,6 +253,8 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
             stores=tuple(spec.outputs) if name == "fwd" else (),
             grid="(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)", args=args,
             stages=stages, what=what, outer=outer, walk=role != "bwd_pre", query_loads=q, key_loads=k))
+    if sched.select is None:  # decoding with a select stage is not lowered (runtime.softmax_decode says so)
+        kernels += _decode_kernels(sched, leaf_dims)
     return SoftmaxPlan(spec, tuple(kernels), sched, bwd)
 
 

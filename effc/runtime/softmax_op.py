@@ -19,7 +19,7 @@ from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..policy.tiling import Problem, padded
 from ..policy.tuning import Tuned
-from . import softmax_oracle
+from . import softmax_decode, softmax_oracle
 from .cache import load_module
 from .checks import (
     check_inputs,
@@ -311,12 +311,49 @@ class SoftmaxOp(Tuned):
     def step(self, *tokens, context=None, **params):
         """One decoding step: `tokens` are (B, H, D) (or (B, H)), `context` every input's earlier tokens
         ((B, t, H, D) tensors as op(...) takes them, e.g. a prompt; None: none). Returns (o_t, context with
-        the token appended). The token's query attends to the whole context in PyTorch (fp32, no generated
-        kernel): O(t) work a step, and the prefix stage recomputed over the context."""
+        the token appended). The token's query runs in the decode kernels against a cache built from the
+        context (the prefix stage recomputed over it): O(t) a step; `decode` keeps a cache across steps.
+        A select stage, or CPU tensors without the interpreter, run the oracle in PyTorch (fp32)."""
         xs = decode_inputs(self.spec, tokens, context)
-        o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
-        o = [x[:, 0].to(tokens[0].dtype) for x in (o if isinstance(o, tuple) else (o,))]
+        if self.sched.select is not None or (tokens[0].device.type == "cpu" and not interpreting()):
+            o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
+            o = [x[:, 0].to(tokens[0].dtype) for x in (o if isinstance(o, tuple) else (o,))]
+            return (o[0] if len(o) == 1 else tuple(o)), tuple(xs)
+        B, t = xs[0].shape[0], xs[0].shape[1] - 1
+        new = [x[:, t:] for x in xs]
+        cache = self.new_cache(*new, max_len=t + 1)
+        if t:
+            named = {d.name: x[:, :t] for d, x in zip(self.spec.inputs, xs)}
+            dims = check_inputs(self.spec, tuple(named.values()), for_kernels=False)[3]
+            pre = self._prefix(named, self.param_values(dims, params), xs[0].shape[2], None)
+            for x, c in cache.items():
+                c[:, :t] = (named[x] if x in named else pre[x]).to(c.dtype)
+        o = self.decode(*new, cache=cache, cache_seqlens=torch.full((B,), t, dtype=torch.int32,
+                                                                     device=xs[0].device), **params)
+        o = [x[:, 0] for x in (o if isinstance(o, tuple) else (o,))]
         return (o[0] if len(o) == 1 else tuple(o)), tuple(xs)
+
+    @property
+    def cache_names(self) -> tuple[str, ...]:
+        """The tensors a KV cache for `decode` holds, in order: key inputs and prefix values read on the key
+        side (e.g. k, v and FoX's F)."""
+        return softmax_decode.cache_names(self)
+
+    def new_cache(self, *tokens, max_len: int) -> dict[str, torch.Tensor]:
+        """Zero caches {name: (B, max_len, Hx, ...)} for requests shaped like `tokens` (every input, (B, Tq,
+        H, D) as `decode` takes them): inputs' caches in their dtype, prefix values' fp32."""
+        return softmax_decode.new_cache(self, *tokens, max_len=max_len)
+
+    def decode(self, *tokens, cache, cache_seqlens, splits: int | None = None, **params):
+        """Decoding against a KV cache, as flash-attn's flash_attn_with_kvcache: `tokens` are every input's
+        new tokens, (B, Tq, H, D) with 1 <= Tq <= 64, following the `cache_seqlens[b]` (int32, (B,)) tokens
+        request b has in `cache` (a dict by `cache_names`, or a sequence in that order; `new_cache` makes
+        it). Writes the new tokens' key-side values into the cache at [len, len + Tq) (the caller advances
+        cache_seqlens), and returns the new tokens' outputs (B, Tq, H, ...) (a tuple when the spec has
+        several): each query against every cached key its masks keep, at its position in the sequence.
+        Generated kernels: split-KV partials and their log-sum-exp combine; `splits` pins the number of
+        splits of each request's keys (None: policy.decode's occupancy rule)."""
+        return softmax_decode.decode(self, tokens, cache, cache_seqlens, splits, **params)
 
     def recurrent_reference(self, *tensors, **kw):
         """The softmax family has no recurrent form with a fixed state: the same as `reference`."""

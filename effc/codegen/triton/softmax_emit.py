@@ -162,15 +162,16 @@ def _rowmask(valid: str, feats: tuple[str, ...]) -> str:
     return f"({valid}[:, None] & {m} if {cond} else {valid}[:, None])"
 
 
-def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str) -> str:
+def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: str = "bos") -> str:
     """Offsets of a per-token tile, rows being token indices within the sequence: the (sequence, head)
-    base is a 64-bit scalar (hoisted out of the walk), the per-row part 32-bit."""
+    base is a 64-bit scalar (hoisted out of the walk), the per-row part 32-bit. `base`: the sequence's
+    first token (a KV cache's sequences start at their own base)."""
     head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
     assert len(feats) <= 1, feats
     if not feats:
-        return f"(bos * {heads} + {head}) + {rows} * {heads}"
+        return f"({base} * {heads} + {head}) + {rows} * {heads}"
     f = feats[0]
-    return f"((bos * {heads} + {head}) * {f}) + {rows}[:, None] * ({heads} * {f}) + r_{f}[None, :]"
+    return f"(({base} * {heads} + {head}) * {f}) + {rows}[:, None] * ({heads} * {f}) + r_{f}[None, :]"
 
 
 @dataclass
@@ -178,10 +179,12 @@ class Leaf:
     name: str
     feats: tuple[str, ...]
 
-    def load(self, side: str, masked: bool = True) -> str:
-        """masked=False: a block wholly inside the sequence (the walk's mask-free blocks) loads unmasked."""
+    def load(self, side: str, masked: bool = True, ptr: str | None = None, base: str = "bos") -> str:
+        """masked=False: a block wholly inside the sequence (the walk's mask-free blocks) loads unmasked.
+        `ptr` and `base`: another buffer of the leaf (a KV cache) and its sequence's first token."""
         rows, valid = ("r_M", "qv") if side == "lq" else ("r_N", "kv")
-        offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows)
+        offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows, base)
+        ptr = ptr or f"{self.name}_ptr"
         if masked:
             mask = f", mask={_rowmask(valid, self.feats)}, other=0.0"
         elif self.feats:  # rows wholly inside the sequence; padded feature columns still masked
@@ -189,7 +192,7 @@ class Leaf:
             mask = f", mask=({m} if {cond} else None), other=(0.0 if {cond} else None)"
         else:
             mask = ""
-        return (f"{side}_{self.name}_raw = tl.load({self.name}_ptr + {offs}{mask})\n"
+        return (f"{side}_{self.name}_raw = tl.load({ptr} + {offs}{mask})\n"
                 f"{side}_{self.name} = {side}_{self.name}_raw.to(tl.float32)")
 
 
@@ -311,41 +314,47 @@ def _score2(sched: SoftmaxSchedule, gi: int) -> str:
     return f"v_{g.score} * {LOG2E}"
 
 
-def _fwd(sched: SoftmaxSchedule) -> KernelView:
-    spec = sched.spec
+def walk_step(sched: SoftmaxSchedule, pr: SoftmaxPrinter, masked: bool) -> list[str]:
+    """One step of the online-softmax walk over a key block: the key-side and pair values, the masks (a
+    partially masked block), and per softmax the running (max, sum, acc) updated by a log-sum-exp rescale
+    (max in log2 units). `pr` printed the query-side values (its raw tiles feed the dots)."""
     types = sched.types
-    outputs = {o.name for o in spec.outputs}
-    kv = KernelView("fwd", kernel_name(spec.name, "fwd"), "q")
-    pr = SoftmaxPrinter(sched, types)
-    pre = pr.lines(sched.c_ops)
-    q_lines = pr.lines(sched.q_ops)
-    kv.pre_lines = pre + q_lines
+    p = SoftmaxPrinter(sched, types, masked, frozenset() if masked else frozenset({CK}))
+    p.raw.update(pr.raw)
+    body = p.lines(sched.k_ops) + p.lines(sched.p_ops)
+    if masked:
+        body.append(_keep(sched))
     for gi, g in enumerate(sched.groups):
-        kv.pre_lines += [f"m{gi} = tl.full([BM], -float(\"inf\"), tl.float32)", f"l{gi} = tl.zeros([BM], tl.float32)"]
-        for r in g.reductions:
-            shape = ", ".join(_dimname(d) for d in types[r.out].shape)
-            kv.pre_lines.append(f"acc_{r.out} = tl.zeros([{shape}], tl.float32)")
-    for masked in (True, False):
-        p = SoftmaxPrinter(sched, types, masked, frozenset() if masked else frozenset({CK}))
-        p.raw.update(pr.raw)
-        body = p.lines(sched.k_ops) + p.lines(sched.p_ops)
+        body.append(f"s2 = {_score2(sched, gi)}")
         if masked:
-            body.append(_keep(sched))
-        for gi, g in enumerate(sched.groups):
-            body.append(f"s2 = {_score2(sched, gi)}")
-            if masked:
-                body.append('s2 = tl.where(keep, s2, -float("inf"))')
-            body += [f"m_new = tl.maximum(m{gi}, tl.max(s2, 1))",
-                     'm_use = tl.where(m_new == -float("inf"), 0.0, m_new)',
-                     f"alpha = tl.exp2(m{gi} - m_use)",
-                     "p = tl.exp2(s2 - m_use[:, None])",
-                     f"l{gi} = l{gi} * alpha + tl.sum(p, 1)"]
-            for r in g.reductions:
-                x = p.raw.get(r.x, f"v_{r.x}")
-                body.append(f"acc_{r.out} = acc_{r.out} * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), "
-                            f"{x}.to(DOT_DTYPE), input_precision=PRECISION)")
-            body.append(f"m{gi} = m_new")
-        kv.body[masked] = body
+            body.append('s2 = tl.where(keep, s2, -float("inf"))')
+        body += [f"m_new = tl.maximum(m{gi}, tl.max(s2, 1))",
+                 'm_use = tl.where(m_new == -float("inf"), 0.0, m_new)',
+                 f"alpha = tl.exp2(m{gi} - m_use)",
+                 "p = tl.exp2(s2 - m_use[:, None])",
+                 f"l{gi} = l{gi} * alpha + tl.sum(p, 1)"]
+        for r in g.reductions:
+            x = p.raw.get(r.x, f"v_{r.x}")
+            body.append(f"acc_{r.out} = acc_{r.out} * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), "
+                        f"{x}.to(DOT_DTYPE), input_precision=PRECISION)")
+        body.append(f"m{gi} = m_new")
+    return body
+
+
+def walk_init(sched: SoftmaxSchedule) -> list[str]:
+    """The running (max, sum, acc) of each softmax before the walk."""
+    lines = []
+    for gi, g in enumerate(sched.groups):
+        lines += [f"m{gi} = tl.full([BM], -float(\"inf\"), tl.float32)", f"l{gi} = tl.zeros([BM], tl.float32)"]
+        for r in g.reductions:
+            shape = ", ".join(_dimname(d) for d in sched.types[r.out].shape)
+            lines.append(f"acc_{r.out} = tl.zeros([{shape}], tl.float32)")
+    return lines
+
+
+def normalise(sched: SoftmaxSchedule) -> list[str]:
+    """After the walk: each reduction normalised by its softmax's sum, each log-sum-exp (natural log; -inf
+    for a query that keeps no key, whose reductions read 0)."""
     post = []
     for gi, g in enumerate(sched.groups):
         post.append(f"l_safe = tl.where(l{gi} == 0.0, 1.0, l{gi})")
@@ -354,7 +363,21 @@ def _fwd(sched: SoftmaxSchedule) -> KernelView:
         post.append(f'lse{gi} = tl.where(l{gi} == 0.0, -float("inf"), (m{gi} + tl.log2(l_safe)) * {LN2})')
         for x in g.lse:
             post.append(f"v_{x} = lse{gi}")
-    post += pr.lines(sched.post_ops)
+    return post
+
+
+def _fwd(sched: SoftmaxSchedule) -> KernelView:
+    spec = sched.spec
+    types = sched.types
+    outputs = {o.name for o in spec.outputs}
+    kv = KernelView("fwd", kernel_name(spec.name, "fwd"), "q")
+    pr = SoftmaxPrinter(sched, types)
+    pre = pr.lines(sched.c_ops)
+    q_lines = pr.lines(sched.q_ops)
+    kv.pre_lines = pre + q_lines + walk_init(sched)
+    for masked in (True, False):
+        kv.body[masked] = walk_step(sched, pr, masked)
+    post = normalise(sched) + pr.lines(sched.post_ops)
     for o in spec.outputs:
         post.append(Store(f"{o.name}_ptr", f"v_{o.name}", o.feature_dims, cast=True).line())
     post.append("if SAVE:")
@@ -461,6 +484,8 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
              **(more_views or {})}
     kernels = []
     for kp in plan.kernels:
+        if kp.role in ("decode", "decode_combine"):  # codegen.triton.softmax_decode_emit appends them
+            continue
         k = views[kp.role](kp)
         _place_loads(sched, k, kp)
         kernels.append(k)

@@ -1,0 +1,194 @@
+"""Decoding for the softmax family against a KV cache (SoftmaxOp.decode), like flash-attn's
+`flash_attn_with_kvcache`: per request, a few new tokens (B, Tq, H, D) follow the `cache_seqlens[b]` tokens
+already in the cache; their key-side values are written into the cache at [len, len + Tq), then the new
+queries attend to every cached key their masks keep (positions: the context first, so causal masks, qpos
+and kpos are those of the whole sequence).
+
+The cache holds the tensors the kernels read on the key side (`SoftmaxOp.cache_names`): key inputs and the
+prefix values read through key(x), e.g. FoX's cumulative log gate F, each (B, Tmax, Hx, ...). The prefix
+stage runs on the new tokens only, a cumsum continued from its cached value at the context's last token;
+a prefix the cache cannot continue (revcumsum: later tokens; a cumsum whose value is not cached) raises
+NotImplementedError naming it.
+
+Kernels (codegen/triton/softmax_decode_emit.py): `decode`, one program per (split of the keys, request,
+head), stores partial (max, sum, acc); `decode_combine` merges them and runs the epilogue. The number of
+splits comes from policy.decode."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ArgumentError
+from ..policy.decode import decode_splits, decode_tiles
+from ..policy.tiling import padded
+from ..policy.tuning import sm_count
+from .checks import check_inputs, interpreting
+from .softmax_oracle import _heads, _tile, _untile, base_env, eval_pair_op
+
+MAX_NEW = 64  # new queries per request: one query tile holds them all
+
+
+def cache_names(op) -> tuple[str, ...]:
+    """The tensors a KV cache holds: what the decode kernel reads on the key side, in the plan's order."""
+    _supported(op)
+    return op.comp.plan.kernel("decode").key_loads
+
+
+def _supported(op) -> None:
+    if op.sched.select is not None:
+        raise NotImplementedError(f"{op.name}: decoding with a select stage (the key blocks chosen per query) is "
+                                  "not lowered yet; op.step(...) runs it in PyTorch")
+
+
+def new_cache(op, *tokens, max_len: int) -> dict[str, torch.Tensor]:
+    """Zero caches for the requests of `tokens` (every input's new tokens, (B, Tq, H, D) as decode takes
+    them): {name: (B, max_len, Hx, ...)}, inputs in their dtype, prefix values fp32."""
+    names = cache_names(op)
+    B, _, H, dims = check_inputs(op.spec, tokens, for_kernels=False)
+    named = {d.name: x for d, x in zip(op.spec.inputs, tokens)}
+    out = {}
+    for x in names:
+        if x in named:
+            t = named[x]
+            out[x] = t.new_zeros((B, max_len) + tuple(t.shape[2:]))
+        else:
+            feats = tuple(dims[str(d)] for d in op.sched.types[x].shape[1:])
+            out[x] = torch.zeros((B, max_len, H) + feats, dtype=torch.float32, device=tokens[0].device)
+    return out
+
+
+def _caches(op, cache, expect: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`cache` (a dict by name or a sequence in cache_names order) checked against the new tokens' values."""
+    names = tuple(expect)
+    if isinstance(cache, dict):
+        if set(cache) != set(names):
+            raise ArgumentError(f"cache must hold {', '.join(names)} (op.cache_names), got {', '.join(cache) or '-'}")
+    elif isinstance(cache, (tuple, list)) and len(cache) == len(names):
+        cache = dict(zip(names, cache))
+    else:
+        raise ArgumentError(f"cache must be a dict or a sequence of {len(names)} tensors ({', '.join(names)}: "
+                            "op.cache_names; op.new_cache(...) makes them)")
+    tmax = None
+    for x in names:
+        c, t = cache[x], expect[x]
+        want = f"(B, Tmax) + {tuple(t.shape[2:])} with B = {t.shape[0]}"
+        if not isinstance(c, torch.Tensor) or c.dim() != t.dim() or c.shape[0] != t.shape[0] \
+                or c.shape[2:] != t.shape[2:]:
+            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+            raise ArgumentError(f"cache '{x}' must have shape {want}, got {got}")
+        if c.dtype != t.dtype:
+            raise ArgumentError(f"cache '{x}' has dtype {c.dtype}; expected {t.dtype} (an input's cache has its "
+                                "dtype, a prefix value's is float32)")
+        if c.device != t.device:
+            raise ArgumentError(f"cache '{x}' is on {c.device}, the new tokens on {t.device}")
+        if not c.is_contiguous():
+            raise ArgumentError(f"cache '{x}' must be contiguous (the kernel indexes its rows)")
+        if tmax is not None and c.shape[1] != tmax:
+            raise ArgumentError(f"cache '{x}' holds Tmax={c.shape[1]} tokens, but '{names[0]}' holds {tmax}")
+        tmax = c.shape[1]
+    return {x: cache[x] for x in names}
+
+
+def _lengths(cache_seqlens, B: int, tq: int, tmax: int, device) -> torch.Tensor:
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) \
+            or cache_seqlens.dtype != torch.int32:
+        got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor)
+               else type(cache_seqlens).__name__)
+        raise ArgumentError(f"cache_seqlens must be an int32 tensor of shape ({B},) (tokens cached per request), "
+                            f"got {got}")
+    if cache_seqlens.device != device:
+        raise ArgumentError(f"cache_seqlens is on {cache_seqlens.device}, the new tokens on {device}")
+    lo, hi = (int(v) for v in torch.aminmax(cache_seqlens)) if B else (0, 0)
+    if lo < 0 or hi + tq > tmax:
+        raise ArgumentError(f"cache_seqlens must lie in [0, Tmax - Tq] = [0, {tmax - tq}] (the {tq} new tokens "
+                            f"are written after them, in a cache of Tmax={tmax}), got values in [{lo}, {hi}]")
+    return cache_seqlens
+
+
+def _prefix(op, named: dict, pvals: dict, H: int, caches: dict, lens: torch.Tensor) -> dict:
+    """The prefix stage on the new tokens (fp32, as the forward's pre-pass), each cumsum continued from its
+    cached value at the context's last token."""
+    spec = op.spec
+    if not spec.prefix.ops:
+        return {}
+    first = named[spec.inputs[0].name]
+    B, tq = first.shape[:2]
+    used = {x for o in spec.prefix.ops for x in o.args if isinstance(x, str)}
+    env = base_env(spec, pvals, H, torch.float32, first.device, tq, used=used)
+    env.update({d.name: _tile(_heads(named[d.name], H).float()) for d in spec.inputs if d.name in used})
+    rows = torch.arange(B, device=first.device)
+    for o in spec.prefix.ops:
+        if o.kind == "revcumsum":
+            raise NotImplementedError(f"{op.name}.decode: prefix value '{o.out}' = revcumsum(...) sums over later "
+                                      "tokens, which a decoding step does not have")
+        n_args = 1 if o.kind == "expand" else len(o.args)
+        val = eval_pair_op(o, [x if isinstance(x, float) else env[x] for x in o.args[:n_args]], tq, None)
+        if o.kind == "cumsum":
+            if o.out not in caches:
+                raise NotImplementedError(
+                    f"{op.name}.decode: prefix value '{o.out}' = cumsum(...) runs over the whole sequence, but the "
+                    f"cache holds only key-side values ({', '.join(caches)}): a decoding step cannot continue it")
+            last = caches[o.out][rows, (lens.long() - 1).clamp(min=0)]  # (B, H, ...): at the context's last token
+            last = last * (lens > 0).reshape((B,) + (1,) * (last.dim() - 1))
+            val = val + _tile(_heads(last.unsqueeze(1), H).float())
+        env[o.out] = val
+    return {o.out: _untile(env[o.out], o.type.rank, B, H) for o in spec.prefix.ops}
+
+
+def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params):
+    """SoftmaxOp.decode: returns the outputs of the new tokens, (B, Tq, H, ...) each, and writes their
+    key-side values into `cache` at [cache_seqlens, cache_seqlens + Tq)."""
+    spec, sched = op.spec, op.sched
+    names = cache_names(op)
+    B, tq, H, dims = check_inputs(spec, tuple(tokens), for_kernels=True)
+    if not 1 <= tq <= MAX_NEW:
+        raise ArgumentError(f"decode takes 1 to {MAX_NEW} new tokens per request (one query tile), got Tq={tq}; "
+                            "a longer piece runs as op(...) over the whole sequence, or in several decode calls")
+    if splits is not None and (not isinstance(splits, int) or isinstance(splits, bool) or splits < 1):
+        raise ArgumentError(f"splits must be an int >= 1 (the programs per request and head), got {splits!r}")
+    pvals = op.param_values(dims, params)
+    named = {d.name: x for d, x in zip(spec.inputs, tokens)}
+    device = tokens[0].device
+    # what each cache holds per token: an input as the new tokens are, a prefix value (B, ., H, ...) fp32
+    expect = {x: named[x] if x in named else torch.empty(
+        (B, 1, H) + tuple(dims[str(d)] for d in sched.types[x].shape[1:]), dtype=torch.float32, device=device)
+        for x in names}
+    caches = _caches(op, cache, expect)
+    tmax = next(iter(caches.values())).shape[1] if caches else 0
+    lens = _lengths(cache_seqlens, B, tq, tmax, device)
+    pre = _prefix(op, named, pvals, H, caches, lens)
+    values = {**named, **pre}
+
+    # the new tokens' key-side values into the cache, after each request's context
+    pos = lens.long()[:, None] + torch.arange(tq, device=device)[None, :]
+    rows = torch.arange(B, device=device)[:, None]
+    for x, c in caches.items():
+        c[rows, pos] = values[x].to(c.dtype)
+
+    dec, comb = op.comp.plan.kernel("decode"), op.comp.plan.kernel("decode_combine")
+    widest = max(dims.values()) if dims else 16
+    bm, bn, warps, stages = decode_tiles(tq, widest, interpreting())
+    n_split = splits or decode_splits(B * H, -(-(int(lens.max()) + tq) // bn) if B else 1, sm_count(device))
+    f32 = dict(dtype=torch.float32, device=device)
+    named_args = {f"{x}_ptr": values[x].contiguous() for x in dec.query_loads + comb.query_loads}
+    named_args.update({f"{x}_cache_ptr": c for x, c in caches.items()})
+    for gi, g in enumerate(sched.groups):
+        named_args[f"m{gi}_part_ptr"] = torch.empty((B * H, n_split, bm), **f32)
+        named_args[f"l{gi}_part_ptr"] = torch.empty((B * H, n_split, bm), **f32)
+        for r in g.reductions:
+            feats = tuple(padded(dims[str(d)]) for d in sched.types[r.out].shape[1:])
+            named_args[f"{r.out}_part_ptr"] = torch.empty((B * H, n_split, bm) + feats, **f32)
+    dtype = tokens[0].dtype
+    outs = {o.name: torch.empty((B, tq, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
+            for o in spec.outputs}
+    named_args.update({f"{o}_ptr": t for o, t in outs.items()})
+    named_args.update({f"p_{k}": v for k, v in pvals.items()})
+    named_args.update(lens_ptr=lens, TQ=tq, TMAX=tmax)
+    heads = {x: (values[x].shape[2]) for x in sched.leaves if x in values}
+    meta = op._meta((bm, bn, warps, stages), H, heads, dims, None, dtype)
+    meta.update(NSPLIT=n_split)
+    if B and H:
+        op._launch("decode", None, n_split, B * H, named_args, meta)
+        op._launch("decode_combine", None, 1, B * H, named_args, meta)
+    op.last_decode = dict(BM=bm, BN=bn, splits=n_split)
+    o = [outs[o.name] for o in spec.outputs]
+    return o[0] if len(o) == 1 else tuple(o)
