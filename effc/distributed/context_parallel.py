@@ -22,7 +22,10 @@ from ..errors import ArgumentError
 from ..runtime.checks import check_cu_seqlens, check_inputs
 from .affine import StateMap, state_maps
 from .collectives import anchor, gather_stacked
+from .layout import check_layout, rank_pieces, shard, shard_lengths, split_pieces, virtual_ids
 from .varlen import shard_layout
+
+__all__ = ["ContextParallelOp", "ContextParallelPlan", "shard"]  # shard: moved to .layout, kept importable here
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,7 @@ def _cat_time(pieces):
 class ContextParallelOp:
     """`op` over the sequence shards of `group`; call it as the op (see context_parallel)."""
 
-    def __init__(self, op, group=None):
+    def __init__(self, op, group=None, layout: str = "contiguous"):
         family = op.comp.ir.family
         if family != "linear":
             raise ArgumentError(f"ContextParallelOp is the linear family's path; {op.name} is of the {family} "
@@ -73,7 +76,7 @@ class ContextParallelOp:
             names = ", ".join(s.name for s in op.spec.reverse_states)
             raise NotImplementedError(f"context parallel for reverse states ({names} of {op.name}) is not "
                                       "implemented: their summaries would fold from the last rank to the first")
-        self.op, self.group = op, group
+        self.op, self.group, self.layout = op, group, check_layout(layout)
         self.spec = op.spec
         self.maps = state_maps(op.spec, op.comp.legality)
 
@@ -166,6 +169,11 @@ class ContextParallelOp:
         `initial_state` is read on rank 0 only; the final state is returned on the last rank (None on the
         others). Gradients: every rank calls backward on its own loss (a sum over ranks is the loss).
         `cu_seqlens`: see context_parallel."""
+        if cu_seqlens is not None and self.layout != "contiguous":
+            raise NotImplementedError(
+                f"context parallel for {self.op.name}: cu_seqlens with layout={self.layout!r}; the state path's "
+                "packed documents use the contiguous layout (balance them by choosing the shard bounds: uneven "
+                "shards are accepted)")
         if not dist.is_initialized():
             raise RuntimeError("context parallel needs torch.distributed initialised (init_process_group)")
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -177,25 +185,45 @@ class ContextParallelOp:
         B, H, sizes = self._sizes(tensors)
         dtype = self._state_dtype(tensors[0])
         shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
-        if rank == 0:
-            o, finals = self.op(*tensors, initial_state=initial_state, output_final_state=True, **kw)
-            finals = _states(finals)
-            parts = []
-            for m, f in zip(self.maps, finals):  # rank 0's A is never read: zeros keep the layout
-                parts += [f.reshape(B, H, -1), f.new_zeros((B, H, math.prod(m.summary_shape(sizes))))]
-        elif rank < world - 1:
-            parts = self._summary(tensors, kw, B, H, sizes)
-        else:  # nobody reads the last rank's summary
-            parts = self._zero_summary(shapes, sizes, dtype, tensors[0].device)
-        mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts], -1)
-        gathered = self._gather(mine)  # (world, B, H, L)
-        if rank > 0:
-            entering = self._fold(gathered, rank, shapes, sizes)
-            o, final = self.op(*tensors, initial_state=entering, output_final_state=output_final_state, **kw)
+        # the sequence is cut into pieces (one per rank, or two with zigzag); piece v's state entering it is
+        # the fold of pieces 0..v-1's summaries, whichever ranks hold them
+        vids = virtual_ids(self.layout, world, rank)
+        n_pieces = world * len(vids)
+        if len(vids) == 1:
+            local = [tensors]
         else:
-            final = (finals[0] if len(finals) == 1 else tuple(finals))
-        o = anchor(o, gathered)
-        if not output_final_state or rank != world - 1:
+            here = rank_pieces(self.layout, shard_lengths(tensors[0], self.group))[rank]
+            local = list(zip(*[split_pieces(x, here) for x in tensors]))
+        parts, first = [], None
+        for v, xs in zip(vids, local):
+            if v == 0:  # reads initial_state: its final state is the summary, its A never read (zeros)
+                first = self.op(*xs, initial_state=initial_state, output_final_state=True, **kw)
+                for m, f in zip(self.maps, _states(first[1])):
+                    parts += [f.reshape(B, H, -1), f.new_zeros((B, H, math.prod(m.summary_shape(sizes))))]
+            elif v < n_pieces - 1:
+                parts += self._summary(xs, kw, B, H, sizes)
+            else:  # nobody reads the last piece's summary
+                parts += self._zero_summary(shapes, sizes, dtype, tensors[0].device)
+        mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts], -1)
+        gathered = self._gather(mine)  # (world, B, H, pieces per rank * L)
+        if len(vids) > 1:  # in sequence order: piece v is rank v's first (v < N) or rank 2N-1-v's second
+            half = gathered.shape[-1] // 2
+            seq = torch.stack([gathered[v, ..., :half] if v < world else gathered[n_pieces - 1 - v, ..., half:]
+                               for v in range(n_pieces)])
+        else:
+            seq = gathered
+        outs, final = [], None
+        for v, xs in zip(vids, local):
+            if v == 0:
+                o, fin = first
+            else:
+                entering = self._fold(seq, v, shapes, sizes)
+                o, fin = self.op(*xs, initial_state=entering, output_final_state=output_final_state, **kw)
+            outs.append(o)
+            if v == n_pieces - 1:
+                final = fin
+        o = anchor(_cat_time(outs), gathered)
+        if not output_final_state or final is None:  # the last piece's rank: the last rank, or 0 with zigzag
             return o, None
         return o, final
 
@@ -301,9 +329,3 @@ class ContextParallelOp:
                 cur.append(w if states is None else self._apply(m, a, w, states[i], sizes))
             states = cur
         return states
-
-
-def shard(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
-    """This rank's contiguous shard of `x` along `dim` (the time axis): near-equal pieces in rank order."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    return x.tensor_split(world, dim)[rank]
