@@ -411,3 +411,27 @@ def test_four_ranks_zigzag(tmp_path):
     results = _run_ranks(cases, 4, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+
+
+# -- specs that read positions -----------------------------------------------------------------------------
+
+def test_two_ranks_specs_reading_positions(tmp_path):
+    """RoPE in the kernel: retention_rope reads `pos` (each shard's calls get its first position as
+    pos_offset; in a packed stream the continuation's offset is its place in its document), softmax_rope reads
+    qpos/kpos (absolute in the gathered sequence), contiguous and zig-zag."""
+    cases = [_case("retention_rope", seed=100), _case("retention_rope", seed=101, cu=PACKED),
+             _case("retention_rope", seed=102, layout="zigzag"),
+             _case("softmax_rope", seed=103), _case("softmax_rope", seed=104, layout="zigzag")]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+@pytest.mark.slow
+def test_four_ranks_specs_reading_positions(tmp_path):
+    cases = [_case("retention_rope", seed=110, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]),
+             _case("retention_rope", seed=111, init=False, cu=[0, 3, 3, 80, 90]),
+             _case("retention_rope", seed=112, layout="zigzag")]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])

@@ -69,9 +69,6 @@ class ContextParallelOp:
         if family != "linear":
             raise ArgumentError(f"ContextParallelOp is the linear family's path; {op.name} is of the {family} "
                                 "family: use effc.distributed.context_parallel")
-        if op.spec.reads("pos"):  # a shard's kernels count positions from its own first token
-            raise NotImplementedError(f"context parallel for {op.name}: it reads 'pos', the token's position in "
-                                      "its sequence, and shards do not offset positions yet")
         if op.spec.reverse_states:
             names = ", ".join(s.name for s in op.spec.reverse_states)
             raise NotImplementedError(f"context parallel for reverse states ({names} of {op.name}) is not "
@@ -79,6 +76,7 @@ class ContextParallelOp:
         self.op, self.group, self.layout = op, group, check_layout(layout)
         self.spec = op.spec
         self.maps = state_maps(op.spec, op.comp.legality)
+        self.reads_pos = op.spec.reads("pos")  # each call then gets its piece's first position (pos_offset)
 
     def __repr__(self) -> str:
         return f"<effc context parallel {self.op.name}>"
@@ -174,6 +172,8 @@ class ContextParallelOp:
                 f"context parallel for {self.op.name}: cu_seqlens with layout={self.layout!r}; the state path's "
                 "packed documents use the contiguous layout (balance them by choosing the shard bounds: uneven "
                 "shards are accepted)")
+        if "pos_offset" in kw:
+            raise ArgumentError("pos_offset: context parallel sets each shard's first position itself")
         if not dist.is_initialized():
             raise RuntimeError("context parallel needs torch.distributed initialised (init_process_group)")
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -189,13 +189,14 @@ class ContextParallelOp:
         # the fold of pieces 0..v-1's summaries, whichever ranks hold them
         vids = virtual_ids(self.layout, world, rank)
         n_pieces = world * len(vids)
-        if len(vids) == 1:
-            local = [tensors]
-        else:
+        if len(vids) == 1 and not self.reads_pos:
+            local, kws = [tensors], [kw]
+        else:  # the pieces' global positions: one small all-gather of the shard lengths
             here = rank_pieces(self.layout, shard_lengths(tensors[0], self.group))[rank]
             local = list(zip(*[split_pieces(x, here) for x in tensors]))
+            kws = [{**kw, "pos_offset": s} if self.reads_pos else kw for s, _ in here]
         parts, first = [], None
-        for v, xs in zip(vids, local):
+        for v, xs, kw in zip(vids, local, kws):
             if v == 0:  # reads initial_state: its final state is the summary, its A never read (zeros)
                 first = self.op(*xs, initial_state=initial_state, output_final_state=True, **kw)
                 for m, f in zip(self.maps, _states(first[1])):
@@ -213,7 +214,7 @@ class ContextParallelOp:
         else:
             seq = gathered
         outs, final = [], None
-        for v, xs in zip(vids, local):
+        for v, xs, kw in zip(vids, local, kws):
             if v == 0:
                 o, fin = first
             else:
@@ -246,6 +247,8 @@ class ContextParallelOp:
         cu = [int(c) for c in cu_seqlens.tolist()]
         n_seq = len(cu) - 1
         lay = shard_layout(cu, list(zip(starts, starts[1:])), rank)
+        # positions restart per document: the documents starting here from 0, the continuation from its place
+        cont_kw = {**kw, "pos_offset": lay.start - cu[lay.cont]} if self.reads_pos and lay.cont is not None else kw
         inits = None if initial_state is None else _states(initial_state)
         if inits is not None:
             for m, st in zip(self.maps, inits):
@@ -267,7 +270,7 @@ class ContextParallelOp:
             for m, f in zip(self.maps, fin_own):
                 parts += [f[-1:].reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
         elif lay.continues_out:  # the whole shard is inside one document: A and W as for a dense shard
-            parts = self._summary(tensors, kw, 1, H, sizes)
+            parts = self._summary(tensors, cont_kw, 1, H, sizes)
         else:  # nobody reads the state leaving this shard
             parts = self._zero_summary(shapes, sizes, dtype, device)
         gathered = self._gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1))
@@ -277,7 +280,7 @@ class ContextParallelOp:
             entering = self._fold(gathered, rank, shapes, sizes)
             if lay.cont_len:
                 o_cont, fin_cont = self.op(*[x[:, :lay.cont_len] for x in tensors], initial_state=entering,
-                                           output_final_state=True, **kw)
+                                           output_final_state=True, **cont_kw)
                 fin_cont = _states(fin_cont)
             else:  # an empty shard inside a document: the state passes through
                 fin_cont = entering
