@@ -435,3 +435,34 @@ def test_four_ranks_specs_reading_positions(tmp_path):
     results = _run_ranks(cases, 4, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+
+
+# -- reverse states ------------------------------------------------------------------------------------------
+
+def test_two_ranks_reverse_states(tmp_path):
+    """LION: forward states S, Z from the ranks before, reverse states R, ZR (scanned right to left) from the
+    ranks after; initial states of both directions (the reverse ones enter at the end), every final state on
+    the last piece's rank; lion_s with its decays, contiguous and zig-zag."""
+    cases = [_case("lion", seed=120), _case("lion_s", seed=121), _case("lion_s", seed=122, layout="zigzag")]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+    sizes = B * H * (D * D + D) * 4  # one S-like and one Z-like state
+    lion_summary = 2 * (sizes + 2 * B * H * 4)  # W of all four states, one decay per head each
+    assert results[0][0]["plan_bytes"] == lion_summary + 2 * sizes  # and the initial states
+
+
+@pytest.mark.slow
+def test_four_ranks_reverse_states(tmp_path):
+    cases = [_case("lion", seed=130, init=False), _case("lion_s", seed=131, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]),
+             _case("lion_s", seed=132, layout="zigzag")]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+def test_reverse_states_with_packed_documents_are_refused():
+    cp = context_parallel(effc.load("lion"))
+    xs = random_inputs(cp.spec, 1, 8, H, {"K": D, "V": D})
+    with pytest.raises(NotImplementedError, match="cu_seqlens with reverse states \\(R, ZR\\)"):
+        cp(*xs, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))

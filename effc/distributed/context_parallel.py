@@ -69,10 +69,6 @@ class ContextParallelOp:
         if family != "linear":
             raise ArgumentError(f"ContextParallelOp is the linear family's path; {op.name} is of the {family} "
                                 "family: use effc.distributed.context_parallel")
-        if op.spec.reverse_states:
-            names = ", ".join(s.name for s in op.spec.reverse_states)
-            raise NotImplementedError(f"context parallel for reverse states ({names} of {op.name}) is not "
-                                      "implemented: their summaries would fold from the last rank to the first")
         self.op, self.group, self.layout = op, group, check_layout(layout)
         self.spec = op.spec
         self.maps = state_maps(op.spec, op.comp.legality)
@@ -93,7 +89,10 @@ class ContextParallelOp:
         shapes = tuple(((B, H) + tuple(sizes[d] for d in m.dims), (B, H) + m.summary_shape(sizes))
                        for m in self.maps)
         itemsize = torch.empty((), dtype=self._state_dtype(tensors[0])).element_size()
-        nbytes = sum(math.prod(w) + math.prod(a) for w, a in shapes) * itemsize
+        pieces = 2 if self.layout == "zigzag" else 1  # a summary per piece
+        nbytes = pieces * sum(math.prod(w) + math.prod(a) for w, a in shapes) * itemsize
+        if self.spec.reverse_states:  # and the initial states (zeros but on rank 0)
+            nbytes += sum(math.prod(w) for w, _ in shapes) * itemsize
         probes = max(m.probes(sizes) for m in self.maps)
         return ContextParallelPlan(self.op.name, world, self.maps, probes, shapes, nbytes)
 
@@ -172,6 +171,9 @@ class ContextParallelOp:
                 f"context parallel for {self.op.name}: cu_seqlens with layout={self.layout!r}; the state path's "
                 "packed documents use the contiguous layout (balance them by choosing the shard bounds: uneven "
                 "shards are accepted)")
+        if cu_seqlens is not None and self.spec.reverse_states:  # before any collective: every rank refuses
+            raise NotImplementedError(f"context parallel for {self.op.name}: cu_seqlens with reverse states "
+                                      f"({', '.join(s.name for s in self.spec.reverse_states)}); dense sequences only")
         if "pos_offset" in kw:
             raise ArgumentError("pos_offset: context parallel sets each shard's first position itself")
         if not dist.is_initialized():
@@ -182,6 +184,8 @@ class ContextParallelOp:
                            cu_seqlens=cu_seqlens, **kw)
         if cu_seqlens is not None:
             return self._varlen(tensors, cu_seqlens, initial_state, output_final_state, kw, world, rank)
+        if self.spec.reverse_states:
+            return self._both_ways(tensors, initial_state, output_final_state, kw, world, rank)
         B, H, sizes = self._sizes(tensors)
         dtype = self._state_dtype(tensors[0])
         shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
@@ -227,6 +231,73 @@ class ContextParallelOp:
         if not output_final_state or final is None:  # the last piece's rank: the last rank, or 0 with zigzag
             return o, None
         return o, final
+
+    # -- reverse states (scanned right to left: lion) ----------------------------------------------------
+    def _both_ways(self, tensors, initial_state, output_final_state, kw, world, rank):
+        """Forward states enter a piece from the pieces before it, reverse states from the pieces after it
+        (their initial value enters at the sequence's end). Every piece sends its probe summary of every state
+        (A, W from its own tokens alone) and rank 0 the initial states; each rank folds the earlier pieces'
+        forward summaries from the initial forward states, and the later pieces' reverse summaries, last piece
+        first, from the initial reverse states, then runs its pieces. The last piece's rank folds all pieces'
+        reverse summaries for the reverse final states (the value at the sequence's start)."""
+        B, H, sizes = self._sizes(tensors)
+        dtype, device = self._state_dtype(tensors[0]), tensors[0].device
+        shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
+        vids = virtual_ids(self.layout, world, rank)
+        n_pieces = world * len(vids)
+        here = rank_pieces(self.layout, shard_lengths(tensors[0], self.group))[rank]
+        local = list(zip(*[split_pieces(x, here) for x in tensors]))
+        kws = [{**kw, "pos_offset": s} if self.reads_pos else kw for s, _ in here]
+        parts = []
+        for xs, kw_v in zip(local, kws):
+            parts += self._summary(xs, kw_v, B, H, sizes)
+        inits = None if initial_state is None or rank != 0 else _states(initial_state)
+        starts = [torch.zeros(shape, dtype=dtype, device=device) if inits is None else inits[i].to(dtype)
+                  for i, shape in enumerate(shapes)]
+        mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts + starts], -1)
+        gathered = self._gather(mine)  # (world, B, H, pieces per rank * L + the initial states)
+        size = sum(math.prod(shape[2:]) for shape in shapes)
+        L = (gathered.shape[-1] - size) // len(vids)
+        if len(vids) > 1:
+            seq = torch.stack([gathered[v, ..., :L] if v < world else gathered[n_pieces - 1 - v, ..., L:2 * L]
+                               for v in range(n_pieces)])
+        else:
+            seq = gathered[..., :L]
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + math.prod(shape[2:]))
+        s0 = [gathered[0, ..., len(vids) * L + a:len(vids) * L + b].reshape(shape)
+              for a, b, shape in zip(offsets, offsets[1:], shapes)]
+        reverse = [s.reverse for s in self.spec.states]
+
+        def entering(v):
+            states = list(s0)
+            for i, rev in enumerate(reverse):
+                for j in (range(n_pieces - 1, v, -1) if rev else range(v)):
+                    states[i] = self._apply_one(seq[j], i, states[i], shapes, sizes)
+            return states
+
+        outs, final = [], None
+        for v, xs, kw_v in zip(vids, local, kws):
+            last = v == n_pieces - 1
+            o, fin = self.op(*xs, initial_state=tuple(entering(v)), output_final_state=last, **kw_v)
+            outs.append(o)
+            if last and output_final_state:
+                back = entering(-1)  # every piece's reverse summary folded in: the value at the start
+                final = tuple(b if rev else f for b, f, rev in zip(back, _states(fin), reverse))
+        o = anchor(_cat_time(outs), gathered)
+        return o, (None if final is None else final[0] if len(final) == 1 else final)
+
+    def _apply_one(self, summary, i, state, shapes, sizes):
+        """A_j(state) + W_j for state i, from one piece's summary (B, H, L)."""
+        offset = 0
+        for k, (m, shape) in enumerate(zip(self.maps, shapes)):
+            nw, na = math.prod(shape[2:]), math.prod(m.summary_shape(sizes))
+            if k == i:
+                w = summary[..., offset:offset + nw].reshape(shape)
+                return self._apply(m, summary[..., offset + nw:offset + nw + na], w, state, sizes)
+            offset += nw + na
+        raise IndexError(i)
 
     # -- packed varlen streams (docs/context-parallel.md, "Packed sequences") ---------------------------
     def _varlen(self, tensors, cu_seqlens, initial_state, output_final_state, kw, world, rank):
