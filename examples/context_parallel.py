@@ -4,10 +4,12 @@
     torchrun --nproc_per_node 4 examples/context_parallel.py --spec delta_net --tokens 4096   # GPUs (NCCL)
     torchrun --nproc_per_node 2 examples/context_parallel.py --spec softmax_attn     # all-gather of K and V
     torchrun --nproc_per_node 2 examples/context_parallel.py --spec swax --window 16  # both paths at once
+    torchrun --nproc_per_node 4 examples/context_parallel.py --spec softmax_attn --layout zigzag  # balanced
 
-Every rank draws the same full inputs (same seed), keeps its contiguous shard of the time axis, runs the
-context-parallel op forward and backward, and compares its shard of the output and of the gradients, and
-(last rank) the final state of a spec with a state, with the single-process op run on the full sequence.
+Every rank draws the same full inputs (same seed), keeps its shard of the time axis (contiguous or zig-zag),
+runs the context-parallel op forward and backward, and compares its shard of the output and of the gradients,
+and (the rank of the last piece) the final state of a spec with a state, with the single-process op run on the
+full sequence.
 """
 import argparse
 import os
@@ -20,7 +22,8 @@ if not torch.cuda.is_available():
 import torch.distributed as dist  # noqa: E402
 
 import effc  # noqa: E402
-from effc.distributed import context_parallel, shard  # noqa: E402
+from effc.distributed import context_parallel  # noqa: E402
+from effc.distributed import shard as cut  # noqa: E402
 from effc.runtime.verify import random_inputs, random_state  # noqa: E402
 
 
@@ -31,6 +34,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=2)
     ap.add_argument("--dim", type=int, default=16, help="every feature dim (K, V)")
     ap.add_argument("--window", type=int, default=None, help="the spec's `window` param, if it has one")
+    ap.add_argument("--layout", default="contiguous", choices=("contiguous", "zigzag"),
+                    help="zigzag: rank r holds pieces r and 2N-1-r of 2N (balances causal attention)")
     args = ap.parse_args()
     params = {} if args.window is None else {"window": args.window}
 
@@ -42,7 +47,11 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     op = effc.load(args.spec)
-    cp = context_parallel(op)
+    cp = context_parallel(op, layout=args.layout)
+
+    def shard(x):
+        return cut(x, layout=args.layout)
+
     dims = {d: args.dim for s in op.spec.inputs for d in s.feature_dims}
     full = random_inputs(op.spec, 1, args.tokens, args.heads, dims, device=device)
     stateful = bool(op.spec.states)  # the softmax family carries no state
@@ -71,7 +80,7 @@ def main() -> None:
     errs = {"output": (o - shard(ref_o)).abs().max().item()}
     for i, (x, r) in enumerate(zip(xs, ref_xs)):
         errs[f"grad {op.spec.inputs[i].name}"] = (x.grad - shard(r.grad)).abs().max().item()
-    if rank == world - 1 and stateful:
+    if rank == (0 if args.layout == "zigzag" else world - 1) and stateful:  # the rank of the last piece
         errs["final state"] = max((f - r).abs().max().item() for f, r in zip(finals, ref_finals))
     if rank == 0 and stateful:
         mine = [init] if torch.is_tensor(init) else list(init)

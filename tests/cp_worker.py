@@ -15,9 +15,11 @@ from effc.distributed import context_parallel, shard  # noqa: E402
 
 
 def run_case(case: dict, rank: int, world: int) -> dict:
-    cp = context_parallel(effc.load(case["spec"]))
+    layout = case.get("layout", "contiguous")
+    cp = context_parallel(effc.load(case["spec"]), layout=layout)
     bounds = case.get("bounds")  # uneven shards: explicit (start, end) per rank
-    cut = (lambda x: x[:, bounds[rank][0]:bounds[rank][1]]) if bounds else shard
+    cut = (lambda x: x[:, bounds[rank][0]:bounds[rank][1]]) if bounds else (lambda x: shard(x, layout=layout))
+    last = 0 if layout == "zigzag" else world - 1  # the rank holding the sequence's last piece
     xs = [cut(x).detach().clone().requires_grad_(True) for x in case["inputs"]]
     init, cu = case["init"], case.get("cu_seqlens")
     if init is not None:  # dense: read on rank 0; varlen: each rank reads the rows of documents starting on it
@@ -25,11 +27,11 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     stateful = bool(case["grad_final"])  # the softmax family has no state
     o, final = cp(*xs, initial_state=init, output_final_state=stateful, cu_seqlens=cu, **case.get("kw", {}))
     loss = (o * cut(case["grad_o"])).sum()
-    if rank == world - 1 and stateful:
+    if rank == last and stateful:
         finals = (final,) if torch.is_tensor(final) else tuple(final)
         loss = loss + sum((f * g).sum() for f, g in zip(finals, case["grad_final"]))
     else:
-        assert final is None, "only the last rank returns a final state, and only for a spec with a state"
+        assert final is None, "only the rank of the last piece returns a final state, and only for a spec with a state"
         finals = None
     loss.backward()
     return {"o": o.detach(), "finals": None if finals is None else tuple(f.detach() for f in finals),

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import effc
-from effc.distributed import (ContextParallelOp, HybridContextParallel, SoftmaxContextParallel, context_parallel,
-                               state_maps)
+from effc.distributed import (ContextParallelOp, HybridContextParallel, SoftmaxContextParallel, causal_pairs,
+                               context_parallel, shard_of, state_maps, unshard)
 from effc.errors import ArgumentError
 from effc.distributed.varlen import shard_layout
 from effc.runtime.verify import random_inputs, random_state
@@ -31,7 +31,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None, batch: int = B) -> dict:
+def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None, batch: int = B,
+          layout: str = "contiguous") -> dict:
     """A case; with `cu` (global cu_seqlens), one packed (1, T, H, D) stream and one initial state per document.
     `kw`: the spec's params (e.g. a window shorter than a shard). A spec with no state has no initial state."""
     op = effc.load(spec)
@@ -46,7 +47,7 @@ def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None
     gen = torch.Generator().manual_seed(seed + 2)
     o, finals = op(*xs, initial_state=s0, output_final_state=stateful, cu_seqlens=cu, **kw)
     finals = () if finals is None else (finals,) if torch.is_tensor(finals) else finals
-    return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds, "cu_seqlens": cu, "kw": kw,
+    return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds, "cu_seqlens": cu, "kw": kw, "layout": layout,
             "grad_o": torch.randn(o.shape, generator=gen),
             "grad_final": tuple(torch.randn(f.shape, generator=gen) for f in finals)}
 
@@ -93,12 +94,15 @@ def _check(case: dict, per_rank: list[dict]):
     finals = () if finals is None else (finals,) if torch.is_tensor(finals) else finals
     loss = (o * case["grad_o"]).sum() + sum((f * g).sum() for f, g in zip(finals, case["grad_final"]))
     loss.backward()
-    o_cp = torch.cat([r["o"] for r in per_rank], 1)
+    layout = case.get("layout", "contiguous")
+    last = 0 if layout == "zigzag" else len(per_rank) - 1  # the rank holding the last piece (and the final state)
+    join = (lambda key, i=None: unshard([r[key] if i is None else r[key][i] for r in per_rank], layout=layout))
+    o_cp = join("o")
     _close(o_cp, o.detach(), f"{spec}: output")
     for i, f in enumerate(finals):
-        _close(per_rank[-1]["finals"][i], f.detach(), f"{spec}: final state {i}")
+        _close(per_rank[last]["finals"][i], f.detach(), f"{spec}: final state {i}")
     for i, x in enumerate(xs):
-        _close(torch.cat([r["grads"][i] for r in per_rank], 1), x.grad, f"{spec}: grad of input {i}")
+        _close(join("grads", i), x.grad, f"{spec}: grad of input {i}")
     if s0 is not None:  # varlen: each document's row comes back on the rank where it starts (zeros elsewhere)
         for i, s in enumerate(s0):
             got = per_rank[0]["init_grads"][i] if cu is None else sum(
@@ -109,17 +113,17 @@ def _check(case: dict, per_rank: list[dict]):
     _close(o_cp, ref, f"{spec}: output against the float64 oracle")
     ref_finals = () if ref_finals is None else (ref_finals,) if torch.is_tensor(ref_finals) else ref_finals
     for i, f in enumerate(ref_finals):
-        _close(per_rank[-1]["finals"][i], f, f"{spec}: final state {i} against the float64 oracle")
+        _close(per_rank[last]["finals"][i], f, f"{spec}: final state {i} against the float64 oracle")
     if spec in naive_softmax.NAIVE_SOFTMAX or (spec == "swax" and cu is None):
         n_o, n_s = _naive_softmax(spec, case["inputs"], case["init"], cu, kw)
         _close(o_cp, n_o, f"{spec}: output against the naive reference")
         if n_s is not None:
-            _close(per_rank[-1]["finals"][0], n_s, f"{spec}: final state against the naive reference")
+            _close(per_rank[last]["finals"][0], n_s, f"{spec}: final state against the naive reference")
     if spec in naive.NAIVE:
         n_o, n_s = _naive(spec, case["inputs"], case["init"], cu)
         _close(o_cp, n_o, f"{spec}: output against the naive recurrence")
         for i, s in enumerate((n_s,) if torch.is_tensor(n_s) else n_s):
-            _close(per_rank[-1]["finals"][i], s, f"{spec}: final state {i} against the naive recurrence")
+            _close(per_rank[last]["finals"][i], s, f"{spec}: final state {i} against the naive recurrence")
 
 
 def _naive_softmax(spec, inputs, init, cu, kw):
@@ -349,3 +353,116 @@ def test_example_runs_under_torchrun(spec, sent, n_errs):
     errs = [float(e) for line in p.stdout.splitlines() if "max |cp" in line
             for e in line.replace(",", " ").split() if "e-" in e or "e+" in e]
     assert sent in p.stdout and len(errs) >= n_errs and max(errs) < 1e-3
+
+
+# -- zig-zag layout ----------------------------------------------------------------------------------------
+
+def test_zigzag_shards_round_trip_and_balance_causal_work():
+    x = torch.arange(2 * 91).reshape(2, 91)  # 91 tokens: 8 pieces of 11-12 on 4 ranks
+    for world in (2, 4):
+        shards = [shard_of(x, world, r, layout="zigzag") for r in range(world)]
+        assert torch.equal(unshard(shards, layout="zigzag"), x)
+        # rank 0 holds the first and the last piece
+        assert shards[0][0, 0] == 0 and shards[0][0, -1] == 90
+    # 91 tokens in 8 pieces: three of 12 (ranks 0-2 hold one each), five of 11
+    assert [s.shape[1] for s in (shard_of(x, 4, r, layout="zigzag") for r in range(4))] == [23, 23, 23, 22]
+    for world in (2, 4, 8):
+        contiguous, zigzag = causal_pairs(4096, world), causal_pairs(4096, world, "zigzag")
+        assert sum(contiguous) == sum(zigzag) == 4096 * 4097 // 2
+        # contiguous: the last rank does (2N - 1) / N times the mean; zigzag: within 0.1% of it
+        assert max(contiguous) / (sum(contiguous) / world) > (2 * world - 1) / world - 0.01
+        assert max(zigzag) / min(zigzag) < 1.001
+    from effc.distributed.layout import rank_pieces
+    with pytest.raises(ArgumentError, match="layout='zigzag' expects.*shard lengths \\[45, 45\\]; got \\[46, 44\\]"):
+        rank_pieces("zigzag", [46, 44])
+    with pytest.raises(ArgumentError, match="layout must be one of"):
+        context_parallel(effc.load("gla"), layout="ring")
+
+
+def test_zigzag_with_packed_documents_is_refused_for_states():
+    for name in ("gla", "swax"):
+        cp = context_parallel(effc.load(name), layout="zigzag")
+        xs = random_inputs(cp.spec, 1, 8, H, {"K": D, "V": D})
+        with pytest.raises(NotImplementedError, match="cu_seqlens with layout='zigzag'"):
+            cp(*xs, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), window=4)
+
+
+def test_two_ranks_zigzag_match_single_process(tmp_path):
+    """Pieces of 23 and 22 tokens: causal attention (B = 2, q zero-padded around two pieces), FoX (the prefix
+    cumsum over gathered f), the hybrid and a linear spec with an initial state (the final state on rank 0),
+    and a packed stream whose document 30..60 crosses three pieces."""
+    cases = [_case("softmax_attn", seed=80, batch=2, layout="zigzag"),
+             _case("forgetting_transformer", seed=81, layout="zigzag"),
+             _case("swax", seed=82, kw={"window": 12}, layout="zigzag"),
+             _case("gla", seed=83, layout="zigzag"),
+             _case("softmax_attn", seed=84, cu=PACKED, layout="zigzag")]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+@pytest.mark.slow
+def test_four_ranks_zigzag(tmp_path):
+    cases = [_case("softmax_attn", seed=90, layout="zigzag"), _case("gated_attention", seed=91, layout="zigzag"),
+             _case("sliding_window", seed=92, kw={"window": 30}, layout="zigzag"),
+             _case("swax", seed=93, init=False, kw={"window": 7}, layout="zigzag"),
+             _case("delta_net", seed=94, layout="zigzag"), _case("retention", seed=95, layout="zigzag"),
+             _case("forgetting_transformer", seed=96, cu=[0, 3, 3, 80, 90], layout="zigzag")]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+# -- specs that read positions -----------------------------------------------------------------------------
+
+def test_two_ranks_specs_reading_positions(tmp_path):
+    """RoPE in the kernel: retention_rope reads `pos` (each shard's calls get its first position as
+    pos_offset; in a packed stream the continuation's offset is its place in its document), softmax_rope reads
+    qpos/kpos (absolute in the gathered sequence), contiguous and zig-zag."""
+    cases = [_case("retention_rope", seed=100), _case("retention_rope", seed=101, cu=PACKED),
+             _case("retention_rope", seed=102, layout="zigzag"),
+             _case("softmax_rope", seed=103), _case("softmax_rope", seed=104, layout="zigzag")]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+@pytest.mark.slow
+def test_four_ranks_specs_reading_positions(tmp_path):
+    cases = [_case("retention_rope", seed=110, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]),
+             _case("retention_rope", seed=111, init=False, cu=[0, 3, 3, 80, 90]),
+             _case("retention_rope", seed=112, layout="zigzag")]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+# -- reverse states ------------------------------------------------------------------------------------------
+
+def test_two_ranks_reverse_states(tmp_path):
+    """LION: forward states S, Z from the ranks before, reverse states R, ZR (scanned right to left) from the
+    ranks after; initial states of both directions (the reverse ones enter at the end), every final state on
+    the last piece's rank; lion_s with its decays, contiguous and zig-zag."""
+    cases = [_case("lion", seed=120), _case("lion_s", seed=121), _case("lion_s", seed=122, layout="zigzag")]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+    sizes = B * H * (D * D + D) * 4  # one S-like and one Z-like state
+    lion_summary = 2 * (sizes + 2 * B * H * 4)  # W of all four states, one decay per head each
+    assert results[0][0]["plan_bytes"] == lion_summary + 2 * sizes  # and the initial states
+
+
+@pytest.mark.slow
+def test_four_ranks_reverse_states(tmp_path):
+    cases = [_case("lion", seed=130, init=False), _case("lion_s", seed=131, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]),
+             _case("lion_s", seed=132, layout="zigzag")]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
+def test_reverse_states_with_packed_documents_are_refused():
+    cp = context_parallel(effc.load("lion"))
+    xs = random_inputs(cp.spec, 1, 8, H, {"K": D, "V": D})
+    with pytest.raises(NotImplementedError, match="cu_seqlens with reverse states \\(R, ZR\\)"):
+        cp(*xs, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))

@@ -288,11 +288,36 @@ def test_odd_rotated_dim_names_the_argument():
         op(q, k, v)
 
 
-def test_pos_refused_where_positions_are_unknown():
+def test_pos_offset_continues_a_sequence():
+    """`pos_offset=s`: the tokens from s on, run from the state the first s leave, at positions s, s+1, ... give
+    the whole sequence's rows (kernel, oracle, gradients through both pieces); step() at a position too."""
     op = effc.load("retention_rope")
-    q, k, v = (x[:, 0].float() for x in _inputs(1, 1, 2, 32, 16))
-    with pytest.raises(NotImplementedError, match="reads 'pos'"):
-        op.step(q, k, v)
-    from effc.distributed import context_parallel
-    with pytest.raises(NotImplementedError, match="reads 'pos'"):
-        context_parallel(op)
+    xs = [x.float() for x in _inputs(1, 45, 2, 32, 16, seed=9)]  # 45 = 19 + 26: neither a multiple of 16
+    full, fin = op(*xs, output_final_state=True, chunk=16)
+    want = naive("retention_rope", *(x.double() for x in xs))
+    s = 19
+    head, mid = op(*(x[:, :s] for x in xs), output_final_state=True, chunk=16)
+    tail, fin2 = op(*(x[:, s:] for x in xs), initial_state=mid, output_final_state=True, chunk=16, pos_offset=s)
+    assert (torch.cat([head, tail], 1).double() - want).abs().max() < 1e-4
+    assert (fin2 - fin).abs().max() < 1e-4
+    wrong, _ = op(*(x[:, s:] for x in xs), initial_state=mid)  # positions from 0: not the sequence's rows
+    assert (wrong.double() - want[:, s:]).abs().max() > 1e-2
+    ref, _ = op.reference(*(x[:, s:] for x in xs), initial_state=mid, pos_offset=s)
+    assert (ref - want[:, s:]).abs().max() < 1e-4
+    # gradients: the tail's through pos_offset equal the whole sequence's rows
+    leaves = [x[:, s:].clone().requires_grad_() for x in xs]
+    o, _ = op(*leaves, initial_state=mid, pos_offset=s)
+    cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(3))
+    (o * cot).sum().backward()
+    ref_leaves = [x[:, s:].double().clone().requires_grad_() for x in xs]
+    r, _ = op.reference(*ref_leaves, initial_state=mid.double(), pos_offset=s)
+    (r * cot.double()).sum().backward()
+    for a, b in zip(leaves, ref_leaves):
+        assert (a.grad.double() - b.grad).abs().max() < 1e-4
+    # decoding: the token at position s from the state of the tokens before it
+    o_t, _ = op.step(*(x[:, s] for x in xs), state=mid, pos_offset=s)
+    assert (o_t.double() - want[:, s]).abs().max() < 1e-4
+    with pytest.raises(ArgumentError, match="pass pos_offset="):
+        op.step(*(x[:, s] for x in xs), state=mid)
+    with pytest.raises(ArgumentError, match="pos_offset must be an int >= 0"):
+        op(*xs, pos_offset=-1)

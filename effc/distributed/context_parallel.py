@@ -22,7 +22,10 @@ from ..errors import ArgumentError
 from ..runtime.checks import check_cu_seqlens, check_inputs
 from .affine import StateMap, state_maps
 from .collectives import anchor, gather_stacked
+from .layout import check_layout, rank_pieces, shard, shard_lengths, split_pieces, virtual_ids
 from .varlen import shard_layout
+
+__all__ = ["ContextParallelOp", "ContextParallelPlan", "shard"]  # shard: moved to .layout, kept importable here
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,15 @@ def _cat_time(pieces):
 class ContextParallelOp:
     """`op` over the sequence shards of `group`; call it as the op (see context_parallel)."""
 
-    def __init__(self, op, group=None):
+    def __init__(self, op, group=None, layout: str = "contiguous"):
         family = op.comp.ir.family
         if family != "linear":
             raise ArgumentError(f"ContextParallelOp is the linear family's path; {op.name} is of the {family} "
                                 "family: use effc.distributed.context_parallel")
-        if op.spec.reads("pos"):  # a shard's kernels count positions from its own first token
-            raise NotImplementedError(f"context parallel for {op.name}: it reads 'pos', the token's position in "
-                                      "its sequence, and shards do not offset positions yet")
-        if op.spec.reverse_states:
-            names = ", ".join(s.name for s in op.spec.reverse_states)
-            raise NotImplementedError(f"context parallel for reverse states ({names} of {op.name}) is not "
-                                      "implemented: their summaries would fold from the last rank to the first")
-        self.op, self.group = op, group
+        self.op, self.group, self.layout = op, group, check_layout(layout)
         self.spec = op.spec
         self.maps = state_maps(op.spec, op.comp.legality)
+        self.reads_pos = op.spec.reads("pos")  # each call then gets its piece's first position (pos_offset)
 
     def __repr__(self) -> str:
         return f"<effc context parallel {self.op.name}>"
@@ -92,7 +89,10 @@ class ContextParallelOp:
         shapes = tuple(((B, H) + tuple(sizes[d] for d in m.dims), (B, H) + m.summary_shape(sizes))
                        for m in self.maps)
         itemsize = torch.empty((), dtype=self._state_dtype(tensors[0])).element_size()
-        nbytes = sum(math.prod(w) + math.prod(a) for w, a in shapes) * itemsize
+        pieces = 2 if self.layout == "zigzag" else 1  # a summary per piece
+        nbytes = pieces * sum(math.prod(w) + math.prod(a) for w, a in shapes) * itemsize
+        if self.spec.reverse_states:  # and the initial states (zeros but on rank 0)
+            nbytes += sum(math.prod(w) for w, _ in shapes) * itemsize
         probes = max(m.probes(sizes) for m in self.maps)
         return ContextParallelPlan(self.op.name, world, self.maps, probes, shapes, nbytes)
 
@@ -166,6 +166,16 @@ class ContextParallelOp:
         `initial_state` is read on rank 0 only; the final state is returned on the last rank (None on the
         others). Gradients: every rank calls backward on its own loss (a sum over ranks is the loss).
         `cu_seqlens`: see context_parallel."""
+        if cu_seqlens is not None and self.layout != "contiguous":
+            raise NotImplementedError(
+                f"context parallel for {self.op.name}: cu_seqlens with layout={self.layout!r}; the state path's "
+                "packed documents use the contiguous layout (balance them by choosing the shard bounds: uneven "
+                "shards are accepted)")
+        if cu_seqlens is not None and self.spec.reverse_states:  # before any collective: every rank refuses
+            raise NotImplementedError(f"context parallel for {self.op.name}: cu_seqlens with reverse states "
+                                      f"({', '.join(s.name for s in self.spec.reverse_states)}); dense sequences only")
+        if "pos_offset" in kw:
+            raise ArgumentError("pos_offset: context parallel sets each shard's first position itself")
         if not dist.is_initialized():
             raise RuntimeError("context parallel needs torch.distributed initialised (init_process_group)")
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -174,30 +184,120 @@ class ContextParallelOp:
                            cu_seqlens=cu_seqlens, **kw)
         if cu_seqlens is not None:
             return self._varlen(tensors, cu_seqlens, initial_state, output_final_state, kw, world, rank)
+        if self.spec.reverse_states:
+            return self._both_ways(tensors, initial_state, output_final_state, kw, world, rank)
         B, H, sizes = self._sizes(tensors)
         dtype = self._state_dtype(tensors[0])
         shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
-        if rank == 0:
-            o, finals = self.op(*tensors, initial_state=initial_state, output_final_state=True, **kw)
-            finals = _states(finals)
-            parts = []
-            for m, f in zip(self.maps, finals):  # rank 0's A is never read: zeros keep the layout
-                parts += [f.reshape(B, H, -1), f.new_zeros((B, H, math.prod(m.summary_shape(sizes))))]
-        elif rank < world - 1:
-            parts = self._summary(tensors, kw, B, H, sizes)
-        else:  # nobody reads the last rank's summary
-            parts = self._zero_summary(shapes, sizes, dtype, tensors[0].device)
+        # the sequence is cut into pieces (one per rank, or two with zigzag); piece v's state entering it is
+        # the fold of pieces 0..v-1's summaries, whichever ranks hold them
+        vids = virtual_ids(self.layout, world, rank)
+        n_pieces = world * len(vids)
+        if len(vids) == 1 and not self.reads_pos:
+            local, kws = [tensors], [kw]
+        else:  # the pieces' global positions: one small all-gather of the shard lengths
+            here = rank_pieces(self.layout, shard_lengths(tensors[0], self.group))[rank]
+            local = list(zip(*[split_pieces(x, here) for x in tensors]))
+            kws = [{**kw, "pos_offset": s} if self.reads_pos else kw for s, _ in here]
+        parts, first = [], None
+        for v, xs, kw in zip(vids, local, kws):
+            if v == 0:  # reads initial_state: its final state is the summary, its A never read (zeros)
+                first = self.op(*xs, initial_state=initial_state, output_final_state=True, **kw)
+                for m, f in zip(self.maps, _states(first[1])):
+                    parts += [f.reshape(B, H, -1), f.new_zeros((B, H, math.prod(m.summary_shape(sizes))))]
+            elif v < n_pieces - 1:
+                parts += self._summary(xs, kw, B, H, sizes)
+            else:  # nobody reads the last piece's summary
+                parts += self._zero_summary(shapes, sizes, dtype, tensors[0].device)
         mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts], -1)
-        gathered = self._gather(mine)  # (world, B, H, L)
-        if rank > 0:
-            entering = self._fold(gathered, rank, shapes, sizes)
-            o, final = self.op(*tensors, initial_state=entering, output_final_state=output_final_state, **kw)
+        gathered = self._gather(mine)  # (world, B, H, pieces per rank * L)
+        if len(vids) > 1:  # in sequence order: piece v is rank v's first (v < N) or rank 2N-1-v's second
+            half = gathered.shape[-1] // 2
+            seq = torch.stack([gathered[v, ..., :half] if v < world else gathered[n_pieces - 1 - v, ..., half:]
+                               for v in range(n_pieces)])
         else:
-            final = (finals[0] if len(finals) == 1 else tuple(finals))
-        o = anchor(o, gathered)
-        if not output_final_state or rank != world - 1:
+            seq = gathered
+        outs, final = [], None
+        for v, xs, kw in zip(vids, local, kws):
+            if v == 0:
+                o, fin = first
+            else:
+                entering = self._fold(seq, v, shapes, sizes)
+                o, fin = self.op(*xs, initial_state=entering, output_final_state=output_final_state, **kw)
+            outs.append(o)
+            if v == n_pieces - 1:
+                final = fin
+        o = anchor(_cat_time(outs), gathered)
+        if not output_final_state or final is None:  # the last piece's rank: the last rank, or 0 with zigzag
             return o, None
         return o, final
+
+    # -- reverse states (scanned right to left: lion) ----------------------------------------------------
+    def _both_ways(self, tensors, initial_state, output_final_state, kw, world, rank):
+        """Forward states enter a piece from the pieces before it, reverse states from the pieces after it
+        (their initial value enters at the sequence's end). Every piece sends its probe summary of every state
+        (A, W from its own tokens alone) and rank 0 the initial states; each rank folds the earlier pieces'
+        forward summaries from the initial forward states, and the later pieces' reverse summaries, last piece
+        first, from the initial reverse states, then runs its pieces. The last piece's rank folds all pieces'
+        reverse summaries for the reverse final states (the value at the sequence's start)."""
+        B, H, sizes = self._sizes(tensors)
+        dtype, device = self._state_dtype(tensors[0]), tensors[0].device
+        shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
+        vids = virtual_ids(self.layout, world, rank)
+        n_pieces = world * len(vids)
+        here = rank_pieces(self.layout, shard_lengths(tensors[0], self.group))[rank]
+        local = list(zip(*[split_pieces(x, here) for x in tensors]))
+        kws = [{**kw, "pos_offset": s} if self.reads_pos else kw for s, _ in here]
+        parts = []
+        for xs, kw_v in zip(local, kws):
+            parts += self._summary(xs, kw_v, B, H, sizes)
+        inits = None if initial_state is None or rank != 0 else _states(initial_state)
+        starts = [torch.zeros(shape, dtype=dtype, device=device) if inits is None else inits[i].to(dtype)
+                  for i, shape in enumerate(shapes)]
+        mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts + starts], -1)
+        gathered = self._gather(mine)  # (world, B, H, pieces per rank * L + the initial states)
+        size = sum(math.prod(shape[2:]) for shape in shapes)
+        L = (gathered.shape[-1] - size) // len(vids)
+        if len(vids) > 1:
+            seq = torch.stack([gathered[v, ..., :L] if v < world else gathered[n_pieces - 1 - v, ..., L:2 * L]
+                               for v in range(n_pieces)])
+        else:
+            seq = gathered[..., :L]
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + math.prod(shape[2:]))
+        s0 = [gathered[0, ..., len(vids) * L + a:len(vids) * L + b].reshape(shape)
+              for a, b, shape in zip(offsets, offsets[1:], shapes)]
+        reverse = [s.reverse for s in self.spec.states]
+
+        def entering(v):
+            states = list(s0)
+            for i, rev in enumerate(reverse):
+                for j in (range(n_pieces - 1, v, -1) if rev else range(v)):
+                    states[i] = self._apply_one(seq[j], i, states[i], shapes, sizes)
+            return states
+
+        outs, final = [], None
+        for v, xs, kw_v in zip(vids, local, kws):
+            last = v == n_pieces - 1
+            o, fin = self.op(*xs, initial_state=tuple(entering(v)), output_final_state=last, **kw_v)
+            outs.append(o)
+            if last and output_final_state:
+                back = entering(-1)  # every piece's reverse summary folded in: the value at the start
+                final = tuple(b if rev else f for b, f, rev in zip(back, _states(fin), reverse))
+        o = anchor(_cat_time(outs), gathered)
+        return o, (None if final is None else final[0] if len(final) == 1 else final)
+
+    def _apply_one(self, summary, i, state, shapes, sizes):
+        """A_j(state) + W_j for state i, from one piece's summary (B, H, L)."""
+        offset = 0
+        for k, (m, shape) in enumerate(zip(self.maps, shapes)):
+            nw, na = math.prod(shape[2:]), math.prod(m.summary_shape(sizes))
+            if k == i:
+                w = summary[..., offset:offset + nw].reshape(shape)
+                return self._apply(m, summary[..., offset + nw:offset + nw + na], w, state, sizes)
+            offset += nw + na
+        raise IndexError(i)
 
     # -- packed varlen streams (docs/context-parallel.md, "Packed sequences") ---------------------------
     def _varlen(self, tensors, cu_seqlens, initial_state, output_final_state, kw, world, rank):
@@ -218,6 +318,8 @@ class ContextParallelOp:
         cu = [int(c) for c in cu_seqlens.tolist()]
         n_seq = len(cu) - 1
         lay = shard_layout(cu, list(zip(starts, starts[1:])), rank)
+        # positions restart per document: the documents starting here from 0, the continuation from its place
+        cont_kw = {**kw, "pos_offset": lay.start - cu[lay.cont]} if self.reads_pos and lay.cont is not None else kw
         inits = None if initial_state is None else _states(initial_state)
         if inits is not None:
             for m, st in zip(self.maps, inits):
@@ -239,7 +341,7 @@ class ContextParallelOp:
             for m, f in zip(self.maps, fin_own):
                 parts += [f[-1:].reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
         elif lay.continues_out:  # the whole shard is inside one document: A and W as for a dense shard
-            parts = self._summary(tensors, kw, 1, H, sizes)
+            parts = self._summary(tensors, cont_kw, 1, H, sizes)
         else:  # nobody reads the state leaving this shard
             parts = self._zero_summary(shapes, sizes, dtype, device)
         gathered = self._gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1))
@@ -249,7 +351,7 @@ class ContextParallelOp:
             entering = self._fold(gathered, rank, shapes, sizes)
             if lay.cont_len:
                 o_cont, fin_cont = self.op(*[x[:, :lay.cont_len] for x in tensors], initial_state=entering,
-                                           output_final_state=True, **kw)
+                                           output_final_state=True, **cont_kw)
                 fin_cont = _states(fin_cont)
             else:  # an empty shard inside a document: the state passes through
                 fin_cont = entering
@@ -301,9 +403,3 @@ class ContextParallelOp:
                 cur.append(w if states is None else self._apply(m, a, w, states[i], sizes))
             states = cur
         return states
-
-
-def shard(x: torch.Tensor, group=None, dim: int = 1) -> torch.Tensor:
-    """This rank's contiguous shard of `x` along `dim` (the time axis): near-equal pieces in rank order."""
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    return x.tensor_split(world, dim)[rank]

@@ -32,15 +32,16 @@ class HybridCPPlan:
 class HybridContextParallel:
     """`op` (a HybridOp) over the sequence shards of `group`; call it as the op."""
 
-    def __init__(self, op, group=None):
+    def __init__(self, op, group=None, layout: str = "contiguous"):
         if op.split.prefix_inputs:
             raise NotImplementedError(f"context parallel for {op.name}: its state branch reads prefix values "
                                       f"({', '.join(op.split.prefix_inputs)}) computed over the whole sequence; "
                                       "not supported yet")
         self.op, self.group = op, group
         self.spec = op.spec
-        self.softmax = SoftmaxContextParallel(op.softmax, group)
-        self.linear = ContextParallelOp(op.linear, group)
+        self.softmax = SoftmaxContextParallel(op.softmax, group, layout)
+        self.linear = ContextParallelOp(op.linear, group, layout)
+        self.layout = layout
 
     def __repr__(self) -> str:
         return f"<effc context parallel {self.op.name}>"
@@ -61,6 +62,9 @@ class HybridContextParallel:
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None, **kw):
         """(o, final_state) as the linear path returns them (docs/context-parallel.md): `initial_state` read
         on rank 0 (per document on every rank with cu_seqlens), the final state on the last rank."""
+        if cu_seqlens is not None and self.layout != "contiguous":  # before any collective: every rank refuses
+            raise NotImplementedError(f"context parallel for {self.op.name}: cu_seqlens with layout={self.layout!r}; "
+                                      "packed documents use the contiguous layout (its state branch's varlen path)")
         extra = self._extras(tensors, cu_seqlens, kw)
         state_kw = {k: v for k, v in kw.items() if k != "block"}  # `block`: the softmax branch's key block
         return self.linear(*tensors, *extra, initial_state=initial_state, output_final_state=output_final_state,

@@ -25,6 +25,7 @@ from ..errors import ArgumentError
 from ..passes.blocksparse import POS
 from ..runtime.checks import check_cu_seqlens, check_inputs
 from .collectives import anchor, gather_stacked
+from .layout import check_layout, rank_pieces, shard_lengths, virtual_ids
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ def _key_shift(op):
 class SoftmaxContextParallel:
     """`op` (a SoftmaxOp) over the sequence shards of `group`; call it as the op."""
 
-    def __init__(self, op, group=None):
-        self.op, self.group = op, group
+    def __init__(self, op, group=None, layout: str = "contiguous"):
+        self.op, self.group, self.layout = op, group, check_layout(layout)
         self.spec = op.spec
         self.shift = _key_shift(op)
         keys = set(op.comp.plan.kernel("fwd").key_loads)
@@ -111,20 +112,25 @@ class SoftmaxContextParallel:
     def __call__(self, *tensors, cu_seqlens=None, initial_state=None, output_final_state: bool = False, **kw):
         """The op's outputs for this rank's shard (B, T_r, H, D) of inputs sharded along T in rank order;
         `(o, None)` as the op returns. With `cu_seqlens`: the global boundaries of one packed (1, total_T)
-        stream; documents may cross ranks."""
+        stream; documents may cross ranks. With layout="zigzag" the shard is two pieces: one op call each,
+        over the sequence cut where that piece's keys stop."""
         if "queries" in kw:
             raise ArgumentError("queries: context parallel sets the query rows itself (this rank's shard)")
-        full, (start, end), cu = self.gather(tensors, cu_seqlens, kw)
-        outs, _ = self.op(*full.inputs, cu_seqlens=cu, queries=(start, end), initial_state=initial_state,
-                          output_final_state=output_final_state, **kw)
-        one = torch.is_tensor(outs)
-        outs = [o[:, start:end] for o in ((outs,) if one else outs)]
+        full, pieces, ends = self.gather(tensors, cu_seqlens, kw)
+        rows = []
+        for (start, end), k_end in zip(pieces, ends):
+            cu = None if cu_seqlens is None else cu_seqlens.clamp(max=k_end)
+            outs, _ = self.op(*[x[:, :k_end] for x in full.inputs], cu_seqlens=cu, queries=(start, end),
+                              initial_state=initial_state, output_final_state=output_final_state, **kw)
+            rows.append((outs,) if torch.is_tensor(outs) else tuple(outs))
+        one = len(rows[0]) == 1
+        outs = [torch.cat([r[i][:, s:e] for r, (s, e) in zip(rows, pieces)], 1) for i in range(len(rows[0]))]
         outs[0] = anchor(outs[0], full.anchor)  # every rank joins the gather's backward (a collective)
         return (outs[0] if one else tuple(outs)), None
 
     def gather(self, tensors, cu_seqlens, kw):
-        """The whole sequence as this rank's call reads it: (GatheredInputs, this shard's [start, end) in
-        it, cu_seqlens cut at its end)."""
+        """The whole sequence as this rank's calls read it: (GatheredInputs over [0, max key end), this shard's
+        pieces [start, end) in it, and per piece one past the last key its queries read)."""
         if not dist.is_initialized():
             raise RuntimeError("context parallel needs torch.distributed initialised (init_process_group)")
         B, T_r, H, dims = check_inputs(self.spec, tuple(tensors), for_kernels=False)
@@ -132,20 +138,16 @@ class SoftmaxContextParallel:
             raise ArgumentError(f"with cu_seqlens the shards are packed as (1, T_r, H, D); got B={B}")
         x0 = tensors[0]
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        lengths = [torch.zeros(1, dtype=torch.int64, device=x0.device) for _ in range(world)]
-        dist.all_gather(lengths, torch.tensor([T_r], dtype=torch.int64, device=x0.device), group=self.group)
-        lengths = [int(n.item()) for n in lengths]
-        starts = [0]
-        for n in lengths:
-            starts.append(starts[-1] + n)
-        total, start, end = starts[-1], starts[rank], starts[rank + 1]
+        lengths = shard_lengths(x0, self.group)
+        placed = rank_pieces(self.layout, lengths)  # every rank's pieces (checks a zigzag cut)
+        total = sum(lengths)
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, 1, total, x0.device)  # the global boundaries of the whole stream
         params = {k: v for k, v in kw.items() if k in {p.name for p in self.spec.params}}
-        k_end = self._key_end(end, total, H, dims, params)
-        full = gather_inputs(self.spec, tensors, self.gathered, lengths, start, k_end, self.group)
-        cu = None if cu_seqlens is None else cu_seqlens.clamp(max=k_end)
-        return full, (start, end), cu
+        mine = placed[rank]
+        ends = [self._key_end(e, total, H, dims, params) for _, e in mine]
+        full = gather_inputs(self.spec, tensors, self.gathered, placed, rank, max(ends), self.group)
+        return full, mine, ends
 
 
 @dataclass
@@ -154,9 +156,10 @@ class GatheredInputs:
     anchor: torch.Tensor  # the all-gather's result, for tying an output to its backward
 
 
-def gather_inputs(spec, tensors, gathered, lengths, start, k_end, group) -> GatheredInputs:
+def gather_inputs(spec, tensors, gathered, placed, rank, k_end, group) -> GatheredInputs:
     """Every input over [0, k_end): those in `gathered` from every rank (one all-gather of the per-token
-    flattened shards, padded to the longest shard), the others this shard zero-padded."""
+    flattened shards, padded to the longest shard, put back in sequence order from every rank's pieces
+    `placed`), the others this shard's pieces zero-padded."""
     B = tensors[0].shape[0]
     names = [d.name for d in spec.inputs]
     pick = [i for i, n in enumerate(names) if n in gathered]
@@ -164,19 +167,32 @@ def gather_inputs(spec, tensors, gathered, lengths, start, k_end, group) -> Gath
     for i in pick[1:]:  # one tensor for the gather, wide enough for each input (cast back after)
         dtype = torch.promote_types(dtype, tensors[i].dtype)
     widths = [math.prod(tensors[i].shape[2:]) for i in pick]
+    lengths = [sum(e - s for s, e in ps) for ps in placed]
     longest = max(lengths)
     flat = torch.cat([tensors[i].to(dtype).reshape(B, tensors[i].shape[1], w) for i, w in zip(pick, widths)], -1)
     flat = torch.nn.functional.pad(flat, (0, 0, 0, longest - flat.shape[1]))
     stacked = gather_stacked(flat, group)  # (world, B, longest, sum of widths)
-    seq = torch.cat([stacked[r, :, :n] for r, n in enumerate(lengths)], 1)[:, :k_end]
+    seq = torch.cat(_in_order(placed, lambda r, off, n: stacked[r, :, off:off + n]), 1)[:, :k_end]
     out, offset = list(tensors), 0
     for i, w in zip(pick, widths):
         x = tensors[i]
         out[i] = seq[..., offset:offset + w].reshape((B, k_end) + x.shape[2:]).to(x.dtype)
         offset += w
-    T_r = tensors[0].shape[1]
     for i, n in enumerate(names):
-        if n not in gathered:  # query side only: its rows outside [start, start + T_r) are never read
+        if n not in gathered:  # query side only: its rows outside this rank's pieces are never read
             x = tensors[i]
-            out[i] = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (start, k_end - start - T_r))
+            pieces = _in_order(placed, lambda r, off, m, x=x: x[:, off:off + m] if r == rank
+                               else x.new_zeros((B, m) + x.shape[2:]))
+            out[i] = torch.cat(pieces, 1)[:, :k_end]
     return GatheredInputs(out, stacked)
+
+
+def _in_order(placed, take) -> list:
+    """`take(rank, offset in its shard, length)` for every piece of every rank, in sequence order."""
+    spots = []
+    for r, ps in enumerate(placed):
+        off = 0
+        for s, e in ps:
+            spots.append((s, r, off, e - s))
+            off += e - s
+    return [take(r, off, n) for _, r, off, n in sorted(spots)]

@@ -6,7 +6,7 @@ from .hybrid import HybridContextParallel
 from .softmax import SoftmaxContextParallel
 
 
-def context_parallel(op, group=None):
+def context_parallel(op, group=None, layout: str = "contiguous"):
     """Wrap an effc op for context parallelism over `group` (None: the default group).
 
     The wrapper takes the op's arguments with every (B, T, H, D) input replaced by this rank's contiguous
@@ -18,10 +18,13 @@ def context_parallel(op, group=None):
       absolute positions, so masks and modifiers are the single-process op's.
     - hybrid (e.g. swax): the softmax branch as above, the state branch as the linear family.
     With `cu_seqlens` (the global boundaries of one packed (1, total_T) stream), documents may cross
-    ranks (docs/context-parallel.md)."""
+    ranks (docs/context-parallel.md).
+    `layout="zigzag"`: each rank's shard is pieces r and 2N-1-r of the sequence cut into 2N
+    (`shard(x, layout="zigzag")`), which balances causal softmax work over the ranks; the last piece, and
+    so the final state, is on rank 0 then. Packed streams (cu_seqlens) with zigzag: softmax family only."""
     family = op.comp.ir.family
     if family == "softmax":
-        return SoftmaxContextParallel(op, group)
+        return SoftmaxContextParallel(op, group, layout)
     if family == "hybrid":
-        return HybridContextParallel(op, group)
-    return ContextParallelOp(op, group)
+        return HybridContextParallel(op, group, layout)
+    return ContextParallelOp(op, group, layout)

@@ -175,7 +175,8 @@ def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, g
                + [f"{s}_inj_ptr" for s, _ in injected]
                + (["decay_flag_ptr"] if decays else []))  # one int per program (codegen/triton/decay.py.j2)
     return (kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])
-            + kernel_args("layout", ("T", "chunks_per_seg", "n_segments", "T_total", "n_bh", "cu_ptr", "chunk_off_ptr"))
+            + kernel_args("layout", ("T", "chunks_per_seg", "n_segments", "T_total", "n_bh", "cu_ptr", "chunk_off_ptr")
+                          + (("POS0",) if spec.reads("pos") else ()))  # pos of a sequence's first token
             + kernel_args("shape", ["H"] + [f"HX_{d.name}" for d in loads]
                           + [n for d in spec.dims for n in (d, f"{d}_P")])
             + kernel_args("tile", ("C", "BLOCK")) + kernel_args("option", ("IS_VARLEN", "DOT_DTYPE", "PRECISION")

@@ -28,6 +28,7 @@ class Layout:
     dims: dict  # feature dim sizes
     cu: torch.Tensor | None = None
     chunk_off: torch.Tensor | None = None  # first chunk of each sequence, for the state history
+    pos0: int = 0  # the position (`pos`) of each sequence's first token
 
     @property
     def tokens(self) -> int:
@@ -43,16 +44,16 @@ class Layout:
         return sum(per), max(per)
 
 
-def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int) -> Layout:
+def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int, pos0: int = 0) -> Layout:
     heads = {d.name: x.shape[2] for d, x in zip(spec.inputs, tensors)}
     B, T = tensors[0].shape[:2]
     if cu_seqlens is None:
-        return Layout(B, T, H, heads, dims)
+        return Layout(B, T, H, heads, dims, pos0=pos0)
     cu = kernel_cu_seqlens(cu_seqlens, tensors[0].device)
     lengths = (cu[1:] - cu[:-1]).clamp_min(1)
     per = (lengths + chunk - 1) // chunk
     chunk_off = torch.cat([per.new_zeros(1), per.cumsum(0)]).to(torch.int32)
-    return Layout(len(cu) - 1, T, H, heads, dims, cu, chunk_off)
+    return Layout(len(cu) - 1, T, H, heads, dims, cu, chunk_off, pos0)
 
 
 def direct_grads(plan: Plan, lay: Layout, n_split: int) -> set[str]:
@@ -98,7 +99,7 @@ class Launcher:
         return {**{f"p_{p}": v for p, v in pvals.items()},
                 "T": lay.T, "chunks_per_seg": per_seg, "n_segments": P, "T_total": lay.tokens,
                 "n_bh": lay.n_seq * lay.H, "cu_ptr": lay.cu if lay.cu is not None else dummy,
-                "chunk_off_ptr": lay.chunk_off if lay.chunk_off is not None else dummy,
+                "chunk_off_ptr": lay.chunk_off if lay.chunk_off is not None else dummy, "POS0": lay.pos0,
                 # each feature dim's real size and its padded tile size (codegen masks the columns past the real one)
                 "H": lay.H, **{f"HX_{x}": h for x, h in lay.heads.items()}, **lay.dims,
                 **{f"{n}_P": padded(v) for n, v in lay.dims.items()},

@@ -73,12 +73,14 @@ class AttentionOp(Tuned):
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
                  chunk: int | None = None, block: int | None = None, segments: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
-                 defer_merge: bool | None = None, **params):
+                 defer_merge: bool | None = None, pos_offset: int = 0, **params):
         """(o, final_state) for (B, T, H, D) inputs; with `cu_seqlens`, packed (1, total_T, H, D) sequences.
         Differentiable: gradients reach every input and the initial state. Works under torch.compile:
         the host-side checks and choices are compile-time constants of the call's shapes.
         chunk, block, segments, num_warps, num_stages, defer_merge (merge in the chunk-parallel out kernel
-        instead of the walk) override the tiling model's or `effc tune`'s choice."""
+        instead of the walk) override the tiling model's or `effc tune`'s choice.
+        pos_offset: the position (`pos`) of every sequence's first token, for a spec that reads `pos` run on a
+        later piece of its sequences (context parallel, decoding); 0 by default."""
         init = state_list(self.spec, initial_state)
         longest = call_lengths(cu_seqlens, tensors[0])
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
@@ -88,13 +90,23 @@ class AttentionOp(Tuned):
         ints, pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
                                  n_seq, longest, output_final_state, grad, save_states, overrides,
                                  tuple(sorted(params.items())))
-        res = self._torch_ops.call(list(tensors), init, cu_seqlens, list(ints), list(pvals))
+        pos_offset = self._pos_offset(pos_offset)
+        res = self._torch_ops.call(list(tensors), init, cu_seqlens, list(ints) + [pos_offset], list(pvals))
         n_out, n_state = len(self.spec.outputs), len(self.spec.states)
         outs, finals = res[:n_out], res[n_out:n_out + n_state]
         o = outs[0] if n_out == 1 else tuple(outs)
         if not output_final_state:
             return o, None
         return o, (finals[0] if n_state == 1 else tuple(finals))
+
+    def _pos_offset(self, pos_offset) -> int:
+        if not isinstance(pos_offset, int) or isinstance(pos_offset, bool) or pos_offset < 0:
+            raise ArgumentError(f"pos_offset must be an int >= 0 (the position of each sequence's first token); "
+                                f"got {pos_offset!r}")
+        if pos_offset and self.backend != "triton" and self.spec.reads("pos"):
+            raise NotImplementedError(f"{self.name}: pos_offset on the {self.backend} backend (its kernels count "
+                                      "positions from 0); use backend='triton'")
+        return pos_offset if self.spec.reads("pos") else 0  # no kernel reads it otherwise: one cache entry
 
     def _plan_call(self, descs, init_descs, n_seq, longest, output_final_state, grad, save_states, overrides,
                    params) -> tuple[tuple, tuple]:
@@ -126,26 +138,26 @@ class AttentionOp(Tuned):
         return keep, why
 
     # -- decoding ---------------------------------------------------------------------------------
-    def step(self, *tokens, state=None, **params):
+    def step(self, *tokens, state=None, pos_offset: int | None = None, **params):
         """One decoding step: `tokens` are (B, H, D) (or (B, H) gates), `state` the carried state(s) (None:
-        zeros). Returns (o_t, next state). Runs the generated walk kernel on a single token."""
+        zeros). Returns (o_t, next state). Runs the generated walk kernel on a single token. A spec that reads
+        `pos` needs `pos_offset`, the token's position in its sequence (the tokens before it)."""
         if self.spec.reverse_states:
             s = self.spec.reverse_states[0]
             raise SpecError(f"spec '{self.spec.name}' cannot decode token by token: its reverse state '{s.name}' "
                             "holds the tokens AFTER each one, which do not exist yet", s.loc,
                             "a spec whose states are all forward (no 'reverse' annotation) for step(); call the "
                             "op on the whole sequence")
-        if self.spec.reads("pos"):  # the single token would be position 0
-            raise NotImplementedError(f"{self.name}.step: the spec reads 'pos', the token's position in its "
-                                      "sequence, which a decoding step does not carry yet; run the op on the "
-                                      "whole prefix instead")
+        if self.spec.reads("pos") and pos_offset is None:  # the single token would be position 0
+            raise ArgumentError(f"{self.name}.step: the spec reads 'pos', the token's position in its sequence: "
+                                "pass pos_offset= that position (the number of tokens before it)")
         o, nxt = self(*decode_inputs(self.spec, tokens), initial_state=state, output_final_state=True, segments=1,
-                      **params)
+                      pos_offset=pos_offset or 0, **params)
         return (o[:, 0] if torch.is_tensor(o) else tuple(x[:, 0] for x in o)), nxt
 
     # -- the oracle ---------------------------------------------------------------------------
     def reference(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
-                  chunk: int | None = None, dtype=torch.float64, matmul_dtype=None, **params):
+                  chunk: int | None = None, dtype=torch.float64, matmul_dtype=None, pos_offset: int = 0, **params):
         """The spec evaluated with PyTorch ops (chunk=1 gives the token-by-token recurrence).
         Differentiable with torch.autograd; grouped inputs are repeated to all heads; packed
         sequences (`cu_seqlens`) are evaluated one by one."""
@@ -160,7 +172,7 @@ class AttentionOp(Tuned):
             pieces = [([x[:, a:b] for x in full], {k: v[i:i + 1] for k, v in init.items()})
                       for i, (a, b) in enumerate(zip(c, c[1:]))]
         results = [evaluate(self.spec, {d.name: x for d, x in zip(self.spec.inputs, xs)}, pvals,
-                            chunk or self.spec.chunk, st, dtype, matmul_dtype) for xs, st in pieces]
+                            chunk or self.spec.chunk, st, dtype, matmul_dtype, pos_offset) for xs, st in pieces]
         names = [o.name for o in self.spec.outputs]
         outs = [torch.cat([r[0][n] for r in results], 1) for n in names]
         states = [torch.cat([r[1][s.name] for r in results], 0) for s in self.spec.states]

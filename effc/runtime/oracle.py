@@ -41,6 +41,7 @@ class _Evaluator:
         base["head"] = torch.arange(self.H, dtype=dtype, device=dev).reshape(1, self.H)
         base["inf"] = math.inf
         self.base = base
+        self.pos0 = 0  # `pos` of the first token: evaluate() sets it for a later piece of a sequence
         self.types = value_types(spec)
 
     def padded(self, x):  # padded tokens read as zeros; the ops mask them out of token reductions
@@ -58,7 +59,7 @@ class _Evaluator:
 
     def chunk_env(self, n: int) -> dict:
         env = dict(self.base)
-        env["pos"] = self.base["idx"] + n * self.chunk
+        env["pos"] = self.base["idx"] + (n * self.chunk + self.pos0)
         env.update({name: self.tile(x, n) for name, x in self.seqs.items()})
         return env
 
@@ -84,7 +85,8 @@ class _Evaluator:
 
 
 def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, float], chunk: int,
-             initial_state: dict[str, torch.Tensor] | None = None, dtype=torch.float64, matmul_dtype=None):
+             initial_state: dict[str, torch.Tensor] | None = None, dtype=torch.float64, matmul_dtype=None,
+             pos_offset: int = 0):
     """Run the spec on (B, T, H, ...) tensors. Returns ({output: (B, T, H, ...)}, {state: (B, H, ...)}).
 
     `dtype` is the precision of every op; `matmul_dtype` (e.g. bfloat16) rounds matmul operands
@@ -94,6 +96,7 @@ def evaluate(spec: Spec, tensors: dict[str, torch.Tensor], params: dict[str, flo
         dims = {n: s for d in spec.inputs for n, s in zip(d.dims[3:], tensors[d.name].shape[3:])}
         return evaluate_softmax(spec, tensors, params, dims, dtype, matmul_dtype), {}
     ev = _Evaluator(spec, tensors, params, chunk, dtype, matmul_dtype)
+    ev.pos0 = pos_offset
     states = entering = ev.initial(initial_state)
     ops = spec.intra.ops + spec.merge.ops + spec.inter.ops
     reverse = {s.name for s in spec.reverse_states}

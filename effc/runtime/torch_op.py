@@ -27,6 +27,8 @@ _CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge")
 # store the final states; keep the history for the backward; the outputs are wanted (not when the backward
 # recomputes the history alone)
 _FLAGS = slice(len(_CFG), len(_CFG) + 3)
+# then the position of each sequence's first token (`pos_offset`: specs reading `pos` over a later piece)
+_POS = len(_CFG) + 3
 _REGISTERED: dict[str, "TorchOps"] = {}
 
 # ops by id for host_plan (torch.compile keeps only the id, a constant); weak, so a dropped op is freed
@@ -209,8 +211,8 @@ def linear_torch_ops(op) -> TorchOps:
     def dims_of(xs):
         return {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
 
-    def layout(xs, cu, chunk):
-        return make_layout(spec, xs, xs[0].shape[2], dims_of(xs), cu, chunk)
+    def layout(xs, cu, chunk, ints):
+        return make_layout(spec, xs, xs[0].shape[2], dims_of(xs), cu, chunk, pos0=ints[_POS])
 
     def run_fwd(xs, init, cu, ints, params):
         cfg, (store_final, store_history, outputs) = _config(ints), ints[_FLAGS]
@@ -218,7 +220,7 @@ def linear_torch_ops(op) -> TorchOps:
         run = forward_launcher() if outputs else launcher()
         if not outputs and op.comp.plan.deferrable:
             cfg = replace(cfg, defer_merge=True)
-        lay = layout(xs, cu, cfg.chunk)
+        lay = layout(xs, cu, cfg.chunk, ints)
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
         pvals = dict(zip((p.name for p in spec.params), params))
         inits = {s.name: x.float().contiguous() for s, x in zip(spec.states, init)}
@@ -249,7 +251,7 @@ def linear_torch_ops(op) -> TorchOps:
 
     def run_bwd(xs, hist, cu, d_outs, d_finals, ints, params):
         cfg = _config(ints)
-        lay = layout(xs, cu, cfg.chunk)
+        lay = layout(xs, cu, cfg.chunk, ints)
         named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
         pvals = dict(zip((p.name for p in spec.params), params))
         d_out = {o.name: g for o, g in zip(spec.outputs, d_outs)}
@@ -274,7 +276,7 @@ def linear_torch_ops(op) -> TorchOps:
         if saved.kept:
             hist = saved.kept
         else:  # recompute the per-chunk states: one more forward walk, keeping only the history
-            hist = fwd(xs, saved.init, saved.cu, ints[:len(_CFG)] + [0, 1, 0], params)[n_out + n_state:]
+            hist = fwd(xs, saved.init, saved.cu, ints[:len(_CFG)] + [0, 1, 0] + ints[_POS:], params)[n_out + n_state:]
         dims = dims_of(xs)
         B, T, H = xs[0].shape[:3]
         d_outs = [g if g is not None else xs[0].new_zeros((B, T, H) + tuple(dims[n] for n in o.feature_dims))

@@ -140,7 +140,7 @@ class TritonPrinter:
         if a == "idx":
             return "r_C.to(tl.float32)"
         if a == "pos":
-            return "tok.to(tl.float32)"
+            return "(tok + POS0).to(tl.float32)"
         if a == "head":
             return "i_h.to(tl.float32)"
         if a == "inf":
