@@ -7,7 +7,7 @@ import effc
 from effc.runtime.verify import judge_fp32, judge_low_precision, random_inputs, random_state
 
 LIBRARY = effc.library_names("linear")
-DIMS = {"K": 16, "V": 32}
+DIMS = {"K": 16, "V": 32, "L": 8}  # L: log_linear_attn's levels
 
 
 def _leaves(op, B, T, H, seed=0, heads=None):
