@@ -322,3 +322,43 @@ def lion(q, k, v, initial_state=None):
 
 
 NAIVE.update({"lion": lion, "lion_s": lion_s})
+
+
+def log_linear_attn(q, k, v, g, lam, initial_state=None, nlevels=16):
+    """Log-linear Mamba-2 (Guo, Yang et al., arXiv:2506.04761), the paper's recurrent form: one state per
+    Fenwick bucket of the prefix, decayed by exp(g_t) each step; o_t = scale * sum_l lam_t[l] q_t^T S^(l);
+    then the binary-counter carry for t + 1 merges buckets 0..z into bucket z + 1 (z = trailing zeros of t + 1).
+    Levels past nlevels or lam's last weigh 0. The spec's states are A_j = buckets 1..j of the next token;
+    an initial A_j (before position 0) reaches the tokens t < 2^j with weight lam_t[j] - lam_t[j + 1]."""
+    q, k, v, g, lam = (x.double() for x in (q, k, v, g, lam))
+    B, T, H, K = q.shape
+    V, L = v.shape[-1], lam.shape[-1]
+    scale = K ** -0.5
+    init = [x.double() for x in (initial_state or ())] or [q.new_zeros(B, H, K, V)] * nlevels
+    S = {}  # level -> bucket state (B, H, K, V)
+
+    def w(t, level):  # lam_t[level], 0 past the levels that are held
+        return lam[:, t, :, level, None, None] if level < L and level <= nlevels else 0.0
+
+    out, decay = [], q.new_ones(B, H)
+    for t in range(T):
+        a = g[:, t].exp()[..., None, None]
+        decay = decay * g[:, t].exp()
+        S = {lv: s * a for lv, s in S.items()}
+        S[0] = k[:, t, :, :, None] * v[:, t, :, None, :]
+        total = sum(w(t, lv) * s for lv, s in S.items())
+        for j in range(1, nlevels + 1):
+            if t < 2 ** j:
+                weight = w(t, j) - (w(t, j + 1) if j < nlevels else 0.0)
+                total = total + weight * decay[..., None, None] * init[j - 1]
+        out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], total))
+        z = ((t + 1) & -(t + 1)).bit_length() - 1
+        S[z + 1] = sum(S.pop(lv) for lv in range(z + 1) if lv in S)
+    final = []
+    for j in range(1, nlevels + 1):
+        a_j = sum((s for lv, s in S.items() if 1 <= lv <= j), q.new_zeros(B, H, K, V))
+        final.append(a_j + (decay[..., None, None] * init[j - 1] if T < 2 ** j else 0.0))
+    return torch.stack(out, 1) if out else q.new_zeros(B, 0, H, V), tuple(final)
+
+
+NAIVE["log_linear_attn"] = log_linear_attn

@@ -9,7 +9,7 @@ from effc.runtime.verify import judge_fp32, max_err, random_inputs, random_state
 from naive import NAIVE
 
 LIBRARY = effc.library_names("linear")
-DIMS = {"K": 16, "V": 32}
+DIMS = {"K": 16, "V": 32, "L": 8}  # L: log_linear_attn's levels
 
 
 def _states(s) -> tuple:

@@ -31,6 +31,7 @@ ANNOTATIONS = {
     "unitnorm": "a vector of L2 norm 1 per token (needs a feature dim)",
     "key": "read on the key side by score and softmax reductions (softmax family)",
     "gram": "a symmetric positive semi-definite state, a sum of outer products (needs a square shape [K, K])",
+    "levels": "N states, one per level: `state A: [K, V] levels N` (states only; see docs/design.md, level states)",
     "reverse": "a state scanned right to left: merge reads the chunks after the current one, inter folds the "
                "chunk into the state entering from its right (states only)",
 }
@@ -89,6 +90,8 @@ class Decl:
     shape: tuple[str, ...]
     annotations: tuple[str, ...] = ()
     loc: Loc = _loc()
+    # `state A: [K, V] levels N`: N states A_0 .. A_{N-1}, one per level (passes.lower expands them)
+    levels: int | None = None
 
 
 @dataclass(frozen=True)

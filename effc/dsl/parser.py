@@ -56,6 +56,23 @@ def _accepts(e: lark.exceptions.UnexpectedInput, fallback) -> set[str]:
         return set(fallback)
 
 
+def _decl(kind: str, name: str, shape, annotations, loc: Loc) -> ast.Decl:
+    """A declaration whose annotations may carry a count: only `levels N` does (passes.lower checks the rest)."""
+    names, levels = [], None
+    for a in annotations:
+        if isinstance(a, tuple):
+            if a[0] != "levels":
+                raise SpecError(f"annotation '{a[0]}' on '{name}' takes no count ({a[1]})", loc,
+                                "a count only after 'levels', e.g. 'state A: [K, V] levels 16'")
+            names.append(a[0])
+            levels = a[1]
+        else:
+            if a == "levels":
+                raise SpecError(f"'levels' on '{name}' needs a count", loc, "e.g. 'state A: [K, V] levels 16'")
+            names.append(a)
+    return ast.Decl(kind, name, shape, tuple(names), loc, levels)
+
+
 class _Builder(lark.Transformer):
     def __init__(self, file: str, lines: list[str]):
         super().__init__()
@@ -154,11 +171,11 @@ class _Builder(lark.Transformer):
         return tuple(str(t) for t in c if t is not None)
 
     def annotation(self, c):
-        return str(c[0])
+        return str(c[0]) if len(c) == 1 or c[1] is None else (str(c[0]), int(c[1]))
 
     @lark.v_args(meta=True)
     def input_decl(self, meta, c):
-        return ast.Decl("input", str(c[0]), c[1], tuple(c[2:]), self._loc(meta))
+        return _decl("input", str(c[0]), c[1], c[2:], self._loc(meta))
 
     @lark.v_args(meta=True)
     def output_decl(self, meta, c):
@@ -166,7 +183,7 @@ class _Builder(lark.Transformer):
 
     @lark.v_args(meta=True)
     def state_decl(self, meta, c):
-        return ast.Decl("state", str(c[0]), c[1], tuple(c[2:]), self._loc(meta))
+        return _decl("state", str(c[0]), c[1], c[2:], self._loc(meta))
 
     @lark.v_args(meta=True)
     def param_decl(self, meta, c):

@@ -54,8 +54,8 @@ def Output(name: str, *dims: str) -> None:  # noqa: N802
     """Return annotation declaring the spec output: `-> Output("o", "B", "T", "H", "V")`. Never executed."""
 
 
-def State(*dims: str) -> None:  # noqa: N802
-    """`S = State("K", "V")` in the spec body declares a state. Never executed."""
+def State(*dims: str, levels: int | None = None) -> None:  # noqa: N802
+    """`S = State("K", "V")` in the spec body declares a state (`levels=N`: N level states). Never executed."""
 
 
 def Param(default) -> None:  # noqa: N802
@@ -209,7 +209,7 @@ class _Reader:
     # declarations
     def marker(self, n: py.expr | None, name: str) -> py.Call | None:
         ok = isinstance(n, py.Call) and isinstance(n.func, py.Name) and n.func.id == name
-        if ok and n.keywords:
+        if ok and n.keywords and not (name == "State" and [k.arg for k in n.keywords] == ["levels"]):
             raise self.fail(n.keywords[0], f"keyword argument in {name}(...) is not supported",
                             "positional arguments only")
         return n if ok else None
@@ -220,6 +220,15 @@ class _Reader:
                 raise self.fail(a, f"{what} takes dim names as strings, got '{py.unparse(a)}'",
                                 f'strings, e.g. {what}("B", "T", "H", "K")')
         return [a.value for a in call.args]
+
+    def levels(self, call: py.Call) -> int | None:
+        """The `levels=N` keyword of State(...) (the only keyword a declaration takes)."""
+        for kw in call.keywords:
+            if kw.arg != "levels" or not (isinstance(kw.value, py.Constant) and type(kw.value.value) is int):
+                raise self.fail(kw.value, f"State takes one keyword, levels=N (an integer), got "
+                                f"'{kw.arg}={py.unparse(kw.value)}'", 'e.g. A = State("K", "V", levels=16)')
+            return kw.value.value
+        return None
 
     def input_decl(self, arg: py.arg) -> ast.Decl:
         call = self.marker(arg.annotation, "Input")
@@ -333,7 +342,10 @@ class _Reader:
                 if (call := self.marker(s.value, "State")) is not None:
                     words = self.strings(call, "State")  # dims, then annotations (`State("K", "K", "gram")`)
                     n_dims = next((i for i, w in enumerate(words) if w in ANNOTATIONS), len(words))
-                    decls.append(ast.Decl("state", target, tuple(words[:n_dims]), tuple(words[n_dims:]), self.loc(s)))
+                    levels = self.levels(call)  # `State("K", "V", levels=16)`: level states
+                    decls.append(ast.Decl("state", target, tuple(words[:n_dims]),
+                                          tuple(words[n_dims:]) + ("levels",) * (levels is not None), self.loc(s),
+                                          levels))
                     continue
                 if (call := self.marker(s.value, "Param")) is not None:
                     if len(call.args) != 1:

@@ -24,6 +24,14 @@ WHOLE = ("maxall",)
 ROTATIONS = ("rotate_half", "rotate_pairs")
 # fidx(D): the index of each feature along feature dim D, 0..D-1, shape (D,) (the rotary frequencies' index)
 FEATURE = ("fidx",)
+# Fenwick levels (log-linear attention; docs/design.md, level states):
+#   level(a, b): the level of a pair of token positions (integers >= 0), 0 where a == b, else
+#                floor(log2(a xor b)) + 1: the Fenwick bucket of b as seen from a (b < a)
+#   gather(x, i): row t of a [C, D] tile picked at column i[t, ...]: out[t, ...] = x[t, i[t, ...]], 0 where i is
+#                 not in 0..D-1; i a scalar, a [C] vector or a [C, n] tile (out [C], [C], [C, n])
+# made by the autodiff pass: scatter(g, i, x), the adjoint of gather: a tile shaped like x, g summed into the
+# columns i picked
+LEVELS = ("level", "gather")
 OTHER = ("matmul", "transpose", "last", "expand", "copy")
 # made by the autodiff pass, not callable from specs:
 #   unlast(x): a [C, ...] tile holding x at the last real token, 0 elsewhere (adjoint of last)
@@ -37,7 +45,7 @@ OTHER = ("matmul", "transpose", "last", "expand", "copy")
 #   decay_mm(m, z, eq, ek, diag, c)[i, k] = sum_j m_ij z_jk exp(eq_ik + ek_jk)        (kept j)
 #   decay_mm_t(mt, z, eq, ek, diag, c)[j, k] = sum_i mt_ji z_ik exp(eq_ik + ek_jk)    (kept i)
 DECAY = ("decay_dot", "decay_mm", "decay_mm_t")
-INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast") + DECAY
+INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast", "scatter") + DECAY
 
 # comparisons and boolean logic give 1.0 / 0.0 tiles (`ge` is also made by the autodiff pass)
 COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
@@ -51,7 +59,7 @@ SOFTMAX = ("where", "key", "query", "softmax", "logsumexp")
 # an [NB, D] tile (a row [1, NB] for a scalar); the select stage reads them against the queries
 POOLS = {"blockmean": "mean", "blockmax": "max"}
 
-ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + WHOLE + ROTATIONS + FEATURE + OTHER + INTERNAL
+ALL = frozenset(UNARY + BINARY + MASKS + tuple(REDUCTIONS) + SCANS + SOLVES + WHOLE + ROTATIONS + FEATURE + LEVELS + OTHER + INTERNAL
                 + COMPARE + LOGIC + SOFTMAX + tuple(POOLS))
 
 # name -> number of arguments for the functions callable in spec text
@@ -64,6 +72,7 @@ CALLABLE = {**{u: (1, 1) for u in UNARY if u != "neg"},
             "maxall": (1, 1),
             **{r: (1, 1) for r in ROTATIONS}, "fidx": (1, 1),
             "last": (1, 1),
+            "level": (2, 2), "gather": (2, 2),
             "where": (3, 3), "not": (1, 1), "key": (1, 1), "query": (1, 1), "softmax": (1, 1), "logsumexp": (1, 1)}
 
 # names a spec can read without declaring them
@@ -74,6 +83,11 @@ BUILTINS = {
     "inf": "positive infinity (use -inf as a mask fill)",
 }
 RESERVED_DIMS = ("B", "T", "H")
+# names of a spec with level states (`state A: [K, V] levels N`), substituted as numbers when the lowering
+# expands them: `lvl` (0..N-1) inside `levelsum(...)` in merge and in a level state's update in inter;
+# `nlevels` (N) in every stage
+LEVEL_NAMES = {"lvl": "the level of the state being read or updated, 0..N-1",
+               "nlevels": "the number of levels N of the spec's level states"}
 # builtins of the score stage (softmax family): absolute positions oriented against the [C, CK] pair tile
 PAIR_BUILTINS = {
     "qpos": "absolute position of each query token in its sequence, a column (C, 1)",

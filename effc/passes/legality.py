@@ -132,6 +132,8 @@ def _contracted_dims(spec: Spec) -> set[str]:
                 out.add(str(types[op.args[0]].shape[1]))
             elif op.kind in O.REDUCTIONS:
                 out.add(str(types[op.args[0]].shape[O.REDUCTIONS[op.kind][0]]))
+            elif op.kind == "gather":  # picks one column per entry: every program needs all of them
+                out.add(str(types[op.args[0]].shape[1]))
             elif op.kind in O.ROTATIONS:  # pairs features of its last axis: a block of them is not enough
                 out.add(str(types[op.args[0]].shape[-1]))
     return out

@@ -144,7 +144,15 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
             if a == "reverse" and d.kind != "state":
                 raise SpecError(f"reverse on {d.kind} '{d.name}': only a state is scanned in a direction", d.loc,
                                 "reverse on a state, e.g. 'state R: [K, V] reverse'")
-        decls.append(TensorDecl(d.name, d.kind, d.shape, d.annotations, d.loc))
+        if d.levels is not None:
+            decls.extend(_level_states(d, seen))
+        else:
+            decls.append(TensorDecl(d.name, d.kind, d.shape, d.annotations, d.loc))
+    levels = {d.name: tuple(f"{d.name}_{m}" for m in range(d.levels)) for d in sdef.decls if d.levels is not None}
+    if len({len(v) for v in levels.values()}) > 1:
+        d = [d for d in sdef.decls if d.levels is not None][-1]
+        raise SpecError(f"level states with different counts ({', '.join(f'{k}: {len(v)}' for k, v in levels.items())})",
+                        d.loc, "one count of levels for every level state of a spec")
     inputs = tuple(d for d in decls if d.role == "input")
     outputs = tuple(d for d in decls if d.role == "output")
     states = tuple(d for d in decls if d.role == "state")
@@ -179,6 +187,9 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
     if reverse is not None and ("score" in stages or "prefix" in stages or "select" in stages):
         raise NotImplementedError(f"spec '{sdef.name}': reverse state '{reverse.name}' in a hybrid spec (a score "
                                   "stage) is not implemented; reverse states are lowered for the linear family")
+    if levels and ("score" in stages or "prefix" in stages or "select" in stages):
+        raise NotImplementedError(f"spec '{sdef.name}': level states beside a score stage are not implemented; "
+                                  "level states are lowered for the linear family")
     if "score" in stages or "prefix" in stages or "select" in stages:  # the softmax family: passes.lower_softmax
         return lower_softmax(sdef, inputs, outputs, states, params, chunk, funcs, stages)
     if not states and "inter" in stages:
@@ -188,18 +199,25 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
     counter = [0]
     taken: set[str] = set()
 
+    level_hidden = _level_visibility(levels)
     intra_vis = dict(base)
-    intra_vis.update({s.name: "hidden:intra sees only the chunk's own tokens; read states in merge or inter"
-                      for s in states})
+    intra_vis.update({s: "hidden:intra sees only the chunk's own tokens; read states in merge or inter"
+                      for s in [s.name for s in states] + list(levels)})
+    intra_vis.update({k: v for k, v in level_hidden.items() if k == "lvl"})
     roles = {d.name: d.role for d in decls}
-    intra, intra_names = lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {}, roles, {}, taken)
+    roles.update({name: "state" for name in levels})
+    intra, intra_names = lower_stage(stages.get("intra"), "intra", intra_vis, funcs, counter, {}, roles, {}, taken,
+                                     levels)
     after_intra = dict(base)
     after_intra.update({s.name: "state" for s in states})
+    after_intra.update(level_hidden)
     after_intra.update({op.out: "local" for op in intra.ops})
     merge, _ = lower_stage(stages["merge"], "merge", after_intra, funcs, counter, {o.name: o for o in outputs}, roles,
-                            intra_names, taken)
-    inter, _ = lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, {s.name: s for s in states},
-                            roles, intra_names, taken)
+                            intra_names, taken, levels)
+    expanded = {x for v in levels.values() for x in v}
+    inter_targets = {**{s.name: s for s in states if s.name not in expanded}, **{name: None for name in levels}}
+    inter, _ = lower_stage(stages.get("inter"), "inter", after_intra, funcs, counter, inter_targets,
+                            roles, intra_names, taken, levels)
     if not states:  # (after the stages, whose errors are more specific) the outputs would depend on the chunk
         raise SpecError(f"spec '{sdef.name}' declares no state and no score stage: nothing carries information "
                         "from one chunk to the next", sdef.loc,
@@ -207,6 +225,43 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
                         "'score { s = ... }' stage (the softmax family)")
     return Spec(sdef.name, inputs, outputs, states,
                 tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter)
+
+
+MAX_LEVELS = 64
+
+
+def _level_states(d: ast.Decl, seen: dict[str, Loc]) -> list[TensorDecl]:
+    """`state A: [K, V] levels N` -> the N plain states A_0 .. A_{N-1}; the stages read them through
+    `levelsum(...)` (merge) and update them with one statement (inter), `lvl` the level (passes.lower_stage)."""
+    if d.kind != "state":
+        raise SpecError(f"levels on {d.kind} '{d.name}': only a state has levels", d.loc,
+                        "levels on a state, e.g. 'state A: [K, V] levels 16'")
+    if not 1 <= d.levels <= MAX_LEVELS:
+        raise SpecError(f"state '{d.name}' has {d.levels} levels", d.loc, f"1 to {MAX_LEVELS} levels")
+    if "reverse" in d.annotations:
+        raise NotImplementedError(f"state '{d.name}': a reverse state with levels is not implemented")
+    out = []
+    for m in range(d.levels):
+        name = f"{d.name}_{m}"
+        if name in seen:
+            raise SpecError(f"'{name}' is declared, but it names level {m} of state '{d.name}' (at {d.loc})",
+                            seen[name], f"a name other than {d.name}_0 .. {d.name}_{d.levels - 1}")
+        out.append(TensorDecl(name, "state", d.shape, tuple(a for a in d.annotations if a != "levels"), d.loc))
+    return out
+
+
+def _level_visibility(levels: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """What merge and inter see of level states by name: each level state, its expanded states and `lvl` only
+    where the lowering substitutes a level (inside levelsum(...), in the state's own update)."""
+    vis = {}
+    for name, states in levels.items():
+        vis[name] = (f"hidden:level state '{name}' is read inside levelsum(...) in merge, or in its own update "
+                     "in inter")
+        vis.update({s: f"hidden:'{s}' is level {m} of state '{name}': read '{name}' inside levelsum(...)"
+                    for m, s in enumerate(states)})
+    if levels:
+        vis["lvl"] = "hidden:'lvl' is the level inside levelsum(...) in merge, or in a level state's update in inter"
+    return vis
 
 
 def _check_shape(d: ast.Decl) -> None:

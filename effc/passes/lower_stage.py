@@ -14,15 +14,24 @@ from ..ir.nodes import Op, Stage, next_state_name
 # `x ** n` for an integer n up to this size is a chain of products (at most 2 * 16 multiplications);
 # larger, non-integer and runtime exponents stay a `pow` op, which every backend computes as torch.pow
 MAX_PRODUCT_EXPONENT = 2 ** 16
+def _pair_level(a: float, b: float) -> float:
+    """ir.ops `level` of two numbers: positions are integers >= 0."""
+    if a < 0 or b < 0 or not float(a).is_integer() or not float(b).is_integer():
+        raise ArithmeticError("level of non-positions")
+    return float((int(a) ^ int(b)).bit_length())
+
+
 _FOLD = {"neg": operator.neg, "add": operator.add, "sub": operator.sub, "mul": operator.mul,
          "div": operator.truediv, "pow": operator.pow}
+# functions folded when their arguments are numbers (a level state's `lvl` makes such calls)
+_FOLD_CALLS = {"maximum": max, "minimum": min, "level": _pair_level}
 
 
 def fold(kind: str, args) -> float | None:
     """`kind` over numbers, as Python's floats compute it; None where Python raises or leaves the real
     numbers (1 / 0, (-8) ** (1/3), 10.0 ** 400): those stay ops, and the backends compute them."""
     try:
-        value = _FOLD[kind](*args)
+        value = {**_FOLD, **_FOLD_CALLS}[kind](*args)
     except (KeyError, ArithmeticError):
         return None
     return value if isinstance(value, float) else None
@@ -32,8 +41,10 @@ class StageLowering:
     """Flattens one stage's assignments into SSA ops, checking that every name is visible."""
 
     def __init__(self, stage: str, visible: dict[str, str], funcs: dict[str, ast.FuncDef], counter,
-                 inherited: dict[str, str], taken: set[str]):
+                 inherited: dict[str, str], taken: set[str], levels: dict[str, tuple[str, ...]] | None = None):
         self.stage, self.visible, self.funcs, self.counter = stage, dict(visible), funcs, counter
+        # level states (`state A: [K, V] levels N`): user name -> the N states it expands to
+        self.levels = levels or {}
         self.ops: list[Op] = []
         self.current: dict[str, str] = dict(inherited)  # user name -> its latest SSA name
         self.taken = taken  # SSA names defined in any stage so far
@@ -50,6 +61,8 @@ class StageLowering:
         return out
 
     def resolve(self, node: ast.Name) -> str | float:
+        if node.id == "nlevels" and self.levels:
+            return float(len(next(iter(self.levels.values()))))
         if node.id in self.current:
             return self.current[node.id]
         what = self.visible.get(node.id)
@@ -86,12 +99,31 @@ class StageLowering:
             return self.call(node, subst, depth)
         raise SpecError(f"unsupported expression {type(node).__name__}", getattr(node, "loc", None))
 
-    def statement(self, node: ast.Expr) -> str | float:
+    def at_level(self, m: int, subst) -> dict:
+        """The substitution that reads every level state at level m (and `lvl` as the number m)."""
+        return {**subst, **{name: states[m] for name, states in self.levels.items()}, "lvl": float(m)}
+
+    def levelsum(self, node: ast.Call, subst, depth) -> str | float:
+        """levelsum(x): x evaluated at every level (level states and `lvl` read at that level), summed."""
+        if not self.levels or self.stage != "merge" or "lvl" in subst:
+            where = ("a spec with level states ('state A: [K, V] levels N')" if not self.levels
+                     else "merge, not nested" if "lvl" in subst else "merge")
+            raise SpecError(f"levelsum in {self.stage}" + (" inside levelsum" if "lvl" in subst else ""),
+                            node.loc, f"levelsum(...) in {where}")
+        if len(node.args) != 1:
+            raise SpecError(f"'levelsum' takes 1 argument(s), got {len(node.args)}", node.loc, "1 argument(s)")
+        n = len(next(iter(self.levels.values())))
+        total = self.expr(node.args[0], self.at_level(0, subst), depth)
+        for m in range(1, n):
+            total = self.arith("add", [total, self.expr(node.args[0], self.at_level(m, subst), depth)], node.loc)
+        return total
+
+    def statement(self, node: ast.Expr, subst=None) -> str | float:
         """The expression of one statement. The parser bounds how deep a .attn file nests, but defs calling
         defs multiply it (and the Python front end has Python's bound): past Python's recursion limit the
         statement is the error."""
         try:
-            return self.expr(node)
+            return self.expr(node, subst)
         except RecursionError:
             raise SpecError("this expression nests too deeply (with its defs expanded)", node.loc,
                             "shallower expressions: name parts in earlier assignments, or call fewer nested "
@@ -142,6 +174,8 @@ class StageLowering:
                 raise SpecError(e.message, replace(e.loc, via=node.loc), e.expected) from None
             self.ops[start:] = [replace(op, loc=replace(op.loc, via=node.loc)) for op in self.ops[start:]]
             return out
+        if node.func == "levelsum":
+            return self.levelsum(node, subst, depth)
         if node.func not in O.CALLABLE:
             raise SpecError(f"unknown function '{node.func}'", node.loc,
                             "a tile operation or a def" + suggest(node.func, list(O.CALLABLE) + list(self.funcs)))
@@ -152,7 +186,11 @@ class StageLowering:
                             f"{n} argument(s)")
         if node.func == "fidx":
             return self.emit("fidx", [self.feature_dim(node.args[0], subst)], node.loc)
-        return self.emit(node.func, [self.expr(a, subst, depth) for a in node.args], node.loc)
+        args = [self.expr(a, subst, depth) for a in node.args]
+        if node.func in _FOLD_CALLS and all(isinstance(a, float) for a in args) \
+                and (value := fold(node.func, args)) is not None:
+            return value
+        return self.emit(node.func, args, node.loc)
 
     def feature_dim(self, node: ast.Expr, subst) -> str:
         """The argument of fidx(D): the name of a feature dim (through a def's parameter too)."""
@@ -163,9 +201,9 @@ class StageLowering:
                             "e.g. fidx(K) for inputs declared [B, T, H, K]: the features' indices 0..K-1")
         return name
 
-    def assign(self, a: ast.Assign, out: str | None = None) -> None:
+    def assign(self, a: ast.Assign, out: str | None = None, subst=None) -> None:
         start = len(self.ops)
-        value = self.statement(a.value)
+        value = self.statement(a.value, subst)
         if out is None and (a.target in self.current or a.target in self.taken):
             out = f"_{a.target}{self.fresh()}"  # re-assignment: a new SSA name ('_' is never a user's)
         out = out or a.target
@@ -195,6 +233,18 @@ def assign_statement(low: StageLowering, a: ast.Assign, visible, targets, assign
     """One `name = expr` of a stage, checked: a target (output or state) once, as `out`; never a
     declared or reserved name; otherwise a local (re-assignment gets a new SSA name)."""
     name, kind = low.stage, visible.get(a.target, "")
+    if a.target in low.levels and name == "inter":  # a level state: one update per level, `lvl` its number
+        if a.target in assigned:
+            raise SpecError(f"'{a.target}' is assigned twice in {name}", a.loc,
+                            f"one assignment of '{a.target}' (first at {assigned[a.target]})")
+        assigned[a.target] = a.loc
+        for m, state in enumerate(low.levels[a.target]):
+            low.assign(a, out=next_state_name(state), subst=low.at_level(m, {}))
+            low.current.pop(a.target)
+        return
+    if a.target in O.LEVEL_NAMES and low.levels:
+        raise SpecError(f"cannot assign to '{a.target}' in {name}: {O.LEVEL_NAMES[a.target]}", a.loc,
+                        "a new local name")
     if a.target in targets:
         if a.target in assigned:
             raise SpecError(f"'{a.target}' is assigned twice in {name}", a.loc,
@@ -222,13 +272,13 @@ def require_assigned(stage: ast.Stage, targets, assigned) -> None:
 
 
 def lower_stage(stage: ast.Stage | None, name: str, visible, funcs, counter, targets, roles, inherited,
-                 taken) -> tuple[Stage, dict[str, str]]:
+                 taken, levels=None) -> tuple[Stage, dict[str, str]]:
     """`targets` are the names this stage must assign (outputs in merge, states in inter);
     `roles` maps declared names to input/output/state; `inherited` maps the user names of
     earlier stages to their SSA names. Returns the stage and its final user -> SSA names."""
     if stage is None:
         return Stage(name, ()), dict(inherited)
-    low = StageLowering(name, visible, funcs, counter, inherited, taken)
+    low = StageLowering(name, visible, funcs, counter, inherited, taken, levels)
     assigned: dict[str, Loc] = {}
     for a in stage.body:
         if isinstance(a, ast.Mask):

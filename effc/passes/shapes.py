@@ -95,6 +95,12 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
         return _rotation_type(op, args[0])
     if k == "fidx":  # the lowering checked that its argument names a feature dim
         return TileType((dim(op.args[0]),))
+    if k == "level":
+        return _broadcast(args[0], args[1], op)
+    if k == "gather":
+        return _gather_type(op, *args)
+    if k == "scatter":
+        return args[2]
     if k in ("gtz", "sign"):
         return args[0]
     if k == "ge":
@@ -109,6 +115,22 @@ def op_type(op: Op, args: list[TileType]) -> TileType:
         raise SpecError(f"'{k}' belongs to the softmax family: it needs a 'score {{ ... }}' stage", op.loc,
                         "tile operations of the chunked-state family (see the README's language table)")
     raise SpecError(f"no shape rule for '{k}'", op.loc)
+
+
+def _gather_type(op: Op, x: TileType, i: TileType) -> TileType:
+    """gather(x, i): x a per-token [C, D] tile, i the column each token picks: a scalar, a [C] vector, or a
+    [C, n] tile (one column per entry). The result has i's shape with its first axis C."""
+    if x.rank != 2 or x.shape[0] != C:
+        raise SpecError(f"gather picks columns of a per-token [C, D] tile, got {_fmt(x)}", op.loc,
+                        "an input of shape [B, T, H, D] (e.g. per-level weights [B, T, H, L]) or a [C, D] value")
+    if i.rank == 0:
+        return TileType((C,))
+    if i.rank == 1 and i.shape[0] == C:
+        return i
+    if i.rank == 2 and i.shape[0] in (C, _ONE):
+        return TileType((C, i.shape[1]))
+    raise SpecError(f"the index of gather has shape {_fmt(i)}", op.loc,
+                    "a scalar, a [C] vector or a [C, n] tile: one column per token (and entry)")
 
 
 def _rotation_type(op: Op, t: TileType) -> TileType:

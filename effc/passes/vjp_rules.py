@@ -206,6 +206,9 @@ RULES: dict[str, Callable] = {
     # x @ R with R an antisymmetric signed permutation: the adjoint g @ R^T = -(g @ R)
     **{r: _unary(lambda e, x, y, g, r=r: e.emit("neg", e.emit(r, g))) for r in O.ROTATIONS},
     "fidx": _no_gradient,  # an index of a dim: a constant
+    # a pair's Fenwick level is an integer of positions; gather sends the adjoint back to the picked columns
+    "level": _no_gradient,
+    "gather": lambda e, op, g: (lambda: e.emit("scatter", g, op.args[1], op.args[0]), None),
     # masks keep the adjoint where they keep the value (the fill is a constant); the chunk's transforms
     **{m: _unary(lambda e, x, y, g, m=m: e.emit(m, g, 0.0)) for m in O.MASKS},
     "unit_lower_inv": _unary(_unit_lower_inv),

@@ -70,6 +70,40 @@ def _decay(kind: str, a, b, eq, ek, diag: float):
     return (a.transpose(-1, -2)[:, :, :, :, None] * b[:, :, :, None, :] * weight).sum(2)  # mt [j, i], z [i, k]
 
 
+def _pair_level(a, b):
+    """0 where a == b, else floor(log2(a xor b)) + 1 (frexp's exponent of a positive integer x is that)."""
+    dtype = next((x.dtype for x in (a, b) if torch.is_tensor(x)), torch.float64)
+    a, b = (torch.as_tensor(x, dtype=torch.float64) for x in (a, b))
+    x = a.to(torch.int64) ^ b.to(torch.int64)
+    return torch.frexp(x.to(torch.float64))[1].to(dtype)
+
+
+def _columns(x, i, rank: int):
+    """The index tile of gather / scatter on (B, H, C, D) x: (B, H, C, n) int64, and where it is in range."""
+    if isinstance(i, float):
+        i = torch.full((1, 1), i, dtype=x.dtype, device=x.device)
+    i = align(i, rank)
+    shape = x.shape[:3] + (i.shape[3] if rank == 2 else 1,)
+    i = (i if rank == 2 else i.unsqueeze(-1)).expand(shape)
+    ok = (i >= 0) & (i < x.shape[-1]) & (i == i.floor())
+    return torch.where(ok, i, 0).to(torch.int64), ok
+
+
+def _gather(x, i, rank: int):
+    idx, ok = _columns(x, i, rank)
+    out = torch.where(ok, torch.gather(x, 3, idx), 0.0)
+    return out if rank == 2 else out.squeeze(-1)
+
+
+def _scatter(g, i, x):
+    rank = g.dim() - 2
+    idx, ok = _columns(x, i, rank)
+    g = align(g, rank) if rank == 2 else g.unsqueeze(-1)
+    g = torch.where(ok, g.expand(idx.shape), 0.0)
+    return torch.zeros(x.shape[:2] + x.shape[2:], dtype=g.dtype, device=g.device).expand(
+        idx.shape[:3] + x.shape[3:]).clone().scatter_add_(3, idx, g)
+
+
 def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, over_tokens: bool = False):
     k = op.kind
     if k in _SAFE_ON_PADDING and n_valid < chunk and op.type.shape and op.type.shape[0] == C:
@@ -144,6 +178,12 @@ def eval_op(op: Op, args: list, n_valid: int, chunk: int, matmul_dtype=None, ove
     if k == "fidx":  # its argument is the dim's size, a (1, 1) tensor
         n = int(args[0].reshape(-1)[0].item())
         return torch.arange(n, dtype=args[0].dtype, device=args[0].device).reshape(1, 1, n)
+    if k == "level":
+        return _pair_level(*(x if isinstance(x, float) else align(x, op.type.rank) for x in args))
+    if k == "gather":
+        return _gather(args[0], args[1], op.type.rank)
+    if k == "scatter":
+        return _scatter(args[0], args[1], args[2])
     if k == "gtz":
         return (args[0] > 0).to(args[0].dtype)
     if k == "sign":

@@ -34,6 +34,8 @@ UNSUPPORTED = {
     "unit_lower_inv": "the Triton backend inverts I + L by fp32 (IEEE) matmul squarings; T.gemm on fp32 tiles "
                       "runs in tf32 in TileLang 0.1.x, which is too coarse for the inverse",
     "maxall": "a whole-tile max to a scalar (the mLSTM stabiliser) has no TileLang lowering here yet",
+    "level": "Fenwick pair levels (log-linear attention) have no TileLang lowering here yet",
+    "gather": "a per-token column gather (per-level weights) has no TileLang lowering here yet",
 }
 _ONE = sympy.Integer(1)
 

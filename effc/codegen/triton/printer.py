@@ -57,11 +57,47 @@ def _rotate_pairs(x, D: tl.constexpr, DP: tl.constexpr):
 """
 
 
+# Fenwick levels (ir.ops.LEVELS). A pair's level is the exponent field of (a xor b) as a float32 (exact below
+# 2^24). gather / scatter with a [C, n] index loop over the DP columns of the picked tile (DP a constexpr,
+# unrolled): no [C, n, DP] temporary, and an index outside 0..D-1 matches no real column (padded columns
+# read 0), as the oracle reads 0 there.
+LEVEL_HELPERS = """
+@triton.jit
+def _pair_level(a, b):
+    \"\"\"0 where a == b, else floor(log2(a xor b)) + 1, for integer positions held as floats.\"\"\"
+    x = a.to(tl.int32) ^ b.to(tl.int32)
+    e = ((x.to(tl.float32).to(tl.int32, bitcast=True) >> 23) & 255) - 126
+    return tl.where(x == 0, 0.0, e.to(tl.float32))
+
+
+@triton.jit
+def _gather_cols(x, i, r_D, DP: tl.constexpr):
+    \"\"\"out[t, j] = x[t, i[t, j]] for a [R, DP] tile x and an [R, n] (or [1, n]) index tile i.\"\"\"
+    out = tl.zeros((x.shape[0], i.shape[1]), tl.float32)
+    for d in tl.static_range(DP):
+        col = tl.sum(tl.where(r_D[None, :] == d, x, 0.0), axis=1)
+        out = tl.where(i == d, col[:, None], out)
+    return out
+
+
+@triton.jit
+def _scatter_cols(g, i, r_D, DP: tl.constexpr):
+    \"\"\"The adjoint of _gather_cols: out[t, d] = sum_j g[t, j] where i[t, j] == d, an [R, DP] tile.\"\"\"
+    out = tl.zeros((g.shape[0], DP), tl.float32)
+    for d in tl.static_range(DP):
+        col = tl.sum(tl.where(i == d, g, 0.0), axis=1)
+        out = tl.where(r_D[None, :] == d, col[:, None], out)
+    return out
+"""
+
+
 def helper_source(ops) -> str:
     """The @triton.jit helpers a module's kernels call, for the op kinds among `ops`: the rotations', the
     decay contractions' (decay.py.j2); empty when none is used, so other modules do not change."""
     kinds = {op.kind for op in ops}
     parts = [ROTATION_HELPERS] if kinds & set(O.ROTATIONS) else []
+    if kinds & (set(O.LEVELS) | {"scatter"}):
+        parts.append(LEVEL_HELPERS)
     if kinds & set(O.DECAY):
         parts.append(template(__file__, "decay.py.j2").render())
     return "\n".join(parts)
@@ -192,6 +228,11 @@ class TritonPrinter:
             return self._rotation(op, a[0])
         if k == "fidx":  # r_D: the feature indices of the tile (of this program's block, for a split dim)
             return f"r_{op.args[0]}.to(tl.float32)"
+        if k == "level":  # a number beside a tile takes the tile's shape
+            a = [f"(tl.zeros_like({a[1 - n]}) + {x})" if isinstance(op.args[n], float) else x for n, x in enumerate(a)]
+            return f"_pair_level({a[0]}, {a[1]})"
+        if k in ("gather", "scatter"):
+            return self._columns(op, a)
         if k == "gtz":
             return f"tl.where({a[0]} > 0.0, 1.0, 0.0)"
         if k == "sign":
@@ -214,6 +255,23 @@ class TritonPrinter:
         if k == "bcast":
             return f"(tl.zeros_like({a[1]}) + {a[0]})"
         raise NotImplementedError(f"the Triton backend cannot emit tile op '{k}'")
+
+    def _columns(self, op: Op, a: list[str]) -> str:
+        """gather(x, i) and its adjoint scatter(g, i, x): the picked tile's columns are a feature dim D."""
+        x = op.args[0] if op.kind == "gather" else op.args[2]
+        d = str(self.types[x].shape[1])
+        i = op.args[1]
+        rank = 0 if isinstance(i, float) else self.types[i].rank
+        if op.kind == "gather":
+            xt = self.padded_fill(x, a[0], "0.0", axes=(1,))
+            if rank == 2:
+                return f"_gather_cols({xt}, {a[1]}, r_{d}, {d}_P)"
+            col = a[1] + ("[:, None]" if rank == 1 else "")
+            return f"tl.sum(tl.where(r_{d}[None, :] == {col}, {xt}, 0.0), axis=1)"
+        if rank == 2:
+            return f"_scatter_cols({a[0]}, {a[1]}, r_{d}, {d}_P)"
+        col = a[1] + ("[:, None]" if rank == 1 else "")
+        return f"tl.where(r_{d}[None, :] == {col}, {a[0]}[:, None], 0.0)"
 
     def _rotation(self, op: Op, x: str) -> str:
         t = self.types[op.args[0]]
