@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import effc
-from effc.errors import SpecError
+from effc.errors import ArgumentError, SpecError
 from effc.runtime.verify import judge_fp32, random_inputs
 
 DIMS = {"K": 16, "V": 16}
@@ -143,10 +143,19 @@ def test_packed_sequences_with_an_empty_one():
     assert judge_fp32(o, ref).ok, judge_fp32(o, ref)
 
 
-def test_step_is_refused_by_name():
+def test_step_token_by_token_matches_the_oracle():
+    """Decoding: the level states' resets read pos, so each step takes its token's position (pos_offset)."""
     op = effc.loads(FEW_LEVELS)
-    with pytest.raises(NotImplementedError, match="pos"):
-        op.step(*(x[:, 0] for x in _inputs(op, 1, L=4)))
+    xs = _inputs(op, 11, L=4)
+    ref, final = op.reference(*xs, output_final_state=True)
+    with pytest.raises(ArgumentError, match="pos_offset"):
+        op.step(*(x[:, 0] for x in xs))
+    state, outs = None, []
+    for t in range(11):
+        o, state = op.step(*(x[:, t] for x in xs), state=state, pos_offset=t)
+        outs.append(o)
+    assert (torch.stack(outs, 1) - ref).abs().max() < 1e-4
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(state, final))
 
 
 def test_python_front_end_declares_level_states():
