@@ -1,6 +1,8 @@
 """GPU check of the select stage (issue 22), not run yet: bf16 error against the fp64 oracle beside the bf16
 reference's, how often the kernels' choice differs from the naive fp64 one, and fwd / fwd+bwd times of moba.attn
-against effc's dense causal walk and SDPA at 8x2048, 2x8192, 1x32768 (H=16, D=128).
+against effc's dense causal walk, SDPA and FlexAttention walking effc's own choice (a BlockMask built
+from op.select_blocks, outside the timing: effc/tools/softmax_peers.py) at 8x2048, 2x8192, 1x32768 (H=16,
+D=128). moba's time includes its select kernels; Flex's does not include making the choice.
 
     PYTHONPATH=. python scripts/select_gpu_check.py
 """
@@ -10,6 +12,7 @@ import torch
 from triton.testing import do_bench
 
 import effc
+from effc.tools.softmax_peers import PEERS_SOFTMAX
 
 sys.path.insert(0, "tests")
 from naive_softmax import block_choice  # noqa
@@ -59,5 +62,13 @@ for (B, T, H) in ((8, 2048, 16), (2, 8192, 16), (1, 32768, 16)):
         return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=True)
     def sdb():
         sd().backward(g.transpose(1, 2))
+    try:
+        _, _, build = next(p for p in PEERS_SOFTMAX["moba"] if "FlexAttention" in p[0])
+        flex = build(xs, {"scale": 128 ** -0.5})
+        ff = do_bench(flex, warmup=3, rep=20)
+        ffb = do_bench(lambda: flex().backward(g), warmup=3, rep=20)
+        print(f"{B}x{T} H{H}: FlexAttention, effc's BlockMask: fwd {ff:.2f} ms, fwd+bwd {ffb:.2f} ms")
+    except Exception as e:
+        print(f"{B}x{T}: FlexAttention: FAILED {type(e).__name__}: {str(e)[:300]}")
     print(f"{B}x{T} H{H}: SDPA flash dense: fwd {do_bench(sd, warmup=3, rep=20):.2f} ms, fwd+bwd {do_bench(sdb, warmup=3, rep=20, grad_to_none=xs):.2f} ms")
     sys.stdout.flush()

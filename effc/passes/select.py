@@ -37,13 +37,21 @@ max of a per-token value over the block's tokens that exist), then chooses the b
 Lowering (passes.softmax_plan, codegen.triton.select_emit), all on the device, deterministic, no atomics:
 
     pool       per (key block, b*h): each pooled tile the select stage reads        -> [BH, NKB, D] fp32
-    select     per (query block, b*h): scores [BM, NBP] over every key block; topk: k rounds of arg-max;
-               topp and capped threshold: one sort of (score, block) keys packed in int64 (the order,
-               deterministic), a cumulative sum of the normalised masses along it, and the last block
-               taken as a per-query cut-off key; threshold: a comparison. Shared: the group's first head's
-               program sums the group's scores and stores for every head of the group (the others return)
+    select     per (query block, b*h): the key blocks CB at a time (CB a constexpr of the tiling policy,
+               passes.softmax.select_chunk), each block's score packed with its index into one int64 key
+               (score bits made monotone, then the reversed index: distinct keys, ties to the lower block).
+               Pass 1 keeps a running list of the KTOP best keys per query ([BM, KP]): each round moves the
+               chunk's best key into the list's weakest slot while it beats it (at most KTOP rounds a
+               chunk, fewer once the list is good); topp also keeps a running max and sum of its masses.
+               The per-query cut-off key: topk and capped threshold (non-taken blocks keyed out) the
+               list's weakest; capped topp the last key of the sorted list's prefix holding mass p. Pass 2
+               scores each chunk again and writes the blocks whose key reaches the cut-off. An uncapped
+               threshold needs no list (one pass of a comparison); an uncapped topp holds one tile
+               [BM, NBP] over every key block and sorts it (its prefix has no bound). Shared: the group's
+               first head's program sums the group's scores and stores for every head of the group (the
+               others return)
                -> `sel` [tokens, H, KP] (block indices, -1 pads), the query block's union as an ordered
-               list `qlist` [BH, NQB, NBP] + count `qcnt`, and its row of the block map `qmap` [BH, NQB, NKB]
+               list `qlist` [BH, NQB, NKB] + count `qcnt`, and its row of the block map `qmap` [BH, NQB, NKB]
     transpose  per (key block, b*h): the column of `qmap` compacted: the query blocks that walk it
                (`klist` [BH, NKB, NQBP] + `kcnt`): the dK/dV walk's list
     walks      forward and dQ iterate their query block's `qlist`; dK/dV its key block's `klist`
@@ -189,6 +197,13 @@ class SelectSchedule:
     @property
     def kind(self) -> str:
         return self.selection.criterion[0]
+
+    @property
+    def streamed(self) -> bool:
+        """The select kernel scores the key blocks a chunk at a time, keeping a running top-k of (score,
+        block) keys: every criterion but an uncapped topp, whose prefix of the order has no bound (it holds
+        one tile over every key block and sorts it)."""
+        return not (self.kind == "topp" and self.selection.limit is None)
 
     @property
     def params(self) -> tuple[str, ...]:

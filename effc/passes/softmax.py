@@ -472,6 +472,19 @@ class SoftmaxTiles:
         return head + "".join(f"\n  - {r}" for r in self.reasons)
 
 
+# the select kernel's score tile [BM, CB] is held to the forward's score tile budget (128 x 64 fp32 values)
+_SELECT_TILE = 128 * 64
+
+
+def select_chunk(bm: int, n_kb: int, interpreting: bool) -> int:
+    """The select kernel's chunk of key blocks CB (passes.select): its [BM, CB] scores and int64 keys held
+    to the forward's score tile budget, a power of two >= 16 (a tl.dot's N), no wider than the key blocks
+    (padded); small under the interpreter, so that a few blocks already span several chunks."""
+    widest = max(16, 1 << max(0, n_kb - 1).bit_length())
+    budget = 16 if interpreting else max(16, _SELECT_TILE // bm)
+    return min(widest, budget)
+
+
 def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *, chunk: int | None = None,
                          block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                          segments: int | None = None, tuned: dict | None = None) -> SoftmaxTiles:
@@ -529,7 +542,8 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
                             f"key tile is that block", None, f"block={sb} or none")
         fwd, dq, dkv = ((fwd[0], sb) + t[2:] for t in (fwd, dq, dkv))
         reasons.append(f"select stage: every walk's key tile is the selected block ({sb}) and its query block the "
-                       f"lists' ({fwd[0]})")
+                       f"lists' ({fwd[0]}); the select kernel scores the key blocks "
+                       f"{select_chunk(fwd[0], 1 << 30, interpreting)} at a time (at most)")
     return SoftmaxTiles(fwd, dq, dkv, pre, tuple(reasons))
 
 

@@ -69,7 +69,7 @@ SOFTMAX_KERNELS = (
 # the select stage's kernels (passes.select), launched before the forward: name, role, the program's side, what
 SELECT_KERNELS = (
     ("select_pool", "pool", "k", "pool each key block's tokens of the values the select stage pools"),
-    ("select", "select", "q", "score every key block per query, keep the top k (ties: the lower block index); "
+    ("select", "select", "q", "score the key blocks per query, keep the top k (ties: the lower block index); "
      "store the per-token choice, the query block's union as an ordered list and its row of the block map"),
     ("select_t", "select_t", "k", "compact the block map's column: the query blocks that walk the key block"),
 )
@@ -152,7 +152,8 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list]:
              "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,
              "select": pools + ["sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr"],
              "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
-    select = ["NBP", "KTOP", "KP"] + (["GROUP"] if sched.select.selection.shared else [])
+    width = "CB" if sched.select.streamed else "NBP"  # a chunk of key blocks, or every one (passes.select)
+    select = [width, "KTOP", "KP"] + (["GROUP"] if sched.select.selection.shared else [])
     tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"]}.get(name, ["KP"])
     return lists, ["NQB", "NKB"], tiles
 

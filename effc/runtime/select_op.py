@@ -7,6 +7,8 @@ import math
 
 import torch
 
+from ..passes.softmax import select_chunk
+from .checks import interpreting
 from .select_oracle import check_criterion, head_group
 
 
@@ -27,7 +29,8 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     check_criterion(op.spec, named)
     # each query's list holds at most `slots` blocks: topk's k, a cap, or else every key block
     slots = sel.selection.slots or n_kb
-    sizes = dict(NQB=n_qb, NKB=n_kb, NBP=_pow2(n_kb, 16), NQBP=_pow2(n_qb, 16), KTOP=slots, KP=_pow2(slots, 2))
+    sizes = dict(NQB=n_qb, NKB=n_kb, NBP=_pow2(n_kb, 16), NQBP=_pow2(n_qb, 16), KTOP=slots, KP=_pow2(slots, 2),
+                 CB=select_chunk(bm, n_kb, interpreting()))
     if sel.selection.shared:
         sizes["GROUP"] = head_group(op.spec, dict(zip(op.sched.leaves, leaves)), H)
     out = dict(sizes)

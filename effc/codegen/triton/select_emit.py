@@ -1,5 +1,5 @@
 """The select stage's kernels (passes.select) as views of the softmax template: pool (per key block),
-select (per query block: scores over every key block, the criterion, the lists) and select_t (per
+select (per query block: scores over chunks of key blocks, the criterion, the lists) and select_t (per
 key block: the transposed list). They run before the forward; the walks read their lists
 (softmax_emit._listed)."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ _NEG = '-float("inf")'
 
 class SelectPrinter(SoftmaxPrinter):
     """Select-stage values: per-token leaves on the query side, pooled tiles (loaded as their values, v_*),
-    and the block indices qblock [BM, 1], kblock [1, NBP]."""
+    and the block indices qblock [BM, 1], kblock [1, CB] (a chunk of key blocks; NBP: every one)."""
 
     def ref(self, a) -> str:
         if a == "qblock":
@@ -50,8 +50,9 @@ def _pool(sched: SoftmaxSchedule, kp) -> KernelView:
     return kv
 
 
-def _scores(sched: SoftmaxSchedule) -> list[str]:
-    """One head's scores `g` [BM, NBP] and the predicates' values: the pooled tiles loaded, the ops."""
+def _scores(sched: SoftmaxSchedule, width: str) -> list[str]:
+    """One head's scores `g` [BM, width] over the key blocks r_B and the predicates' values: the pooled
+    tiles loaded, the ops."""
     sel = sched.select
     lines = []
     for p in sel.pools:
@@ -64,7 +65,7 @@ def _scores(sched: SoftmaxSchedule) -> list[str]:
             lines.append(f"v_{p.out} = tl.load({p.out}_pool_ptr + i_bh * NKB + r_B, mask=bv, other=0.0)[None, :]")
     pr = SelectPrinter(sched, dict(sched.types))
     lines += pr.lines(tuple(op for op in sel.ops if op.kind not in O.POOLS))
-    lines.append(f"g = v_{sel.selection.score} + tl.zeros([BM, NBP], tl.float32)")
+    lines.append(f"g = v_{sel.selection.score} + tl.zeros([BM, {width}], tl.float32)")
     return lines
 
 
@@ -76,98 +77,27 @@ def _indent(lines: list[str]) -> list[str]:
     return ["    " + x for x in lines]
 
 
-def _shared(sched: SoftmaxSchedule, kp) -> list[str]:
-    """A group-shared choice: the group's first head sums (or averages) the scores of the group's query
-    heads, each with its own query rows and pooled tiles; the other heads' programs have nothing to do."""
+_GROUP_LEADER = ["if i_h % GROUP != 0:  # the group's first head chooses for the group (shared)", "    return",
+                 "i_h0 = i_h"]
+
+
+def _shared(sched: SoftmaxSchedule, kp, width: str) -> list[str]:
+    """A group-shared choice (after _GROUP_LEADER): the group's first head sums (or averages) the scores of
+    the group's query heads, each with its own query rows and pooled tiles."""
     loads = [x for leaf in kp.query_loads for x in Leaf(leaf, _pool_feats(sched, leaf)).load("lq").split("\n")]
     how = " / GROUP" if sched.select.selection.shared == "mean" else ""
-    return (["if i_h % GROUP != 0:  # the group's first head chooses for the group (shared)", "    return",
-             "i_h0 = i_h", "g_group = tl.zeros([BM, NBP], tl.float32)",
+    return ([f"g_group = tl.zeros([BM, {width}], tl.float32)",
              "for hh in tl.static_range(GROUP):  # the group's query heads, in order"]
-            + _indent(_heads("i_h0 + hh") + loads + _scores(sched) + ["g_group += g"])
+            + _indent(_heads("i_h0 + hh") + loads + _scores(sched, width) + ["g_group += g"])
             + _heads("i_h0") + [f"g = g_group{how}"])
 
 
-def _topk() -> list[str]:
-    return ["r_J = tl.arange(0, KP)",
-            "sel = tl.full([BM, KP], -1, tl.int32)",
-            "row = tl.zeros([NBP], tl.int32)",
-            "for j in tl.static_range(KTOP):  # arg-max, KTOP times; ties: the lower block index",
-            "    m = tl.max(g, 1)",
-            "    first = tl.min(tl.where(g == m[:, None], r_B[None, :], NBP), 1)",
-            f"    first = tl.where(m > {_NEG}, first, -1)",
-            "    sel = tl.where(r_J[None, :] == j, first[:, None], sel)",
-            "    hit = r_B[None, :] == first[:, None]",
-            "    row = tl.maximum(row, tl.max(tl.where(hit, 1, 0), 0))",
-            f"    g = tl.where(hit, {_NEG}, g)"]
-
-
-def _ordered(sel, value: str) -> list[str]:
-    """topp, or a capped threshold: the order (forced, then the candidates' scores descending, ties to the
-    lower block) as one int64 key per block, sorted once; the rule taken along the sorted keys (a prefix);
-    the last key taken is each query's cut-off, and a block is chosen when its key reaches it."""
-    lines = ["bits = g.to(tl.int32, bitcast=True)  # the score's bits, made monotone as integers",
-             "key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) + (NBP - 1 - r_B)[None, :]",
-             "ks = tl.sort(key, 1, descending=True)",
-             "hi = (ks >> 32).to(tl.int32)",
-             "g_s = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)",
-             'forced_s = g_s == float("inf")',
-             f'cand_s = (g_s > {_NEG}) & (g_s < float("inf"))']
-    if sel.criterion[0] == "topp":
-        lines += ["# the candidates' masses: softmax of their scores (forced blocks take no share)",
-                  f'own = (g > {_NEG}) & (g < float("inf"))',
-                  f"g_max = tl.max(tl.where(own, g, {_NEG}), 1)",
-                  f"g_max = tl.where(g_max > {_NEG}, g_max, 0.0)",
-                  "z = tl.sum(tl.where(own, tl.exp(g - g_max[:, None]), 0.0), 1)",
-                  "mass_s = tl.where(cand_s, tl.exp(g_s - g_max[:, None]), 0.0) / tl.where(z > 0, z, 1.0)[:, None]",
-                  "before = tl.cumsum(mass_s, 1) - mass_s  # the mass ahead of each block: taken while it is < p",
-                  f"take = forced_s | (cand_s & ((before < {value}) | ({value} >= 1.0)))"]
-    else:
-        lines.append(f"take = forced_s | (cand_s & (g_s >= {value}))")
-    if sel.limit is not None:
-        lines.append("take = take & (r_B[None, :] < KTOP)  # the cap: the first KTOP of the order")
-    lines += ["cut = tl.min(tl.where(take, ks, tl.full([BM, NBP], 0x7FFFFFFFFFFFFFFF, tl.int64)), 1)",
-              "chosen = key >= cut[:, None]"]
-    return lines
-
-
-def _listed_choice(sel, value: str) -> list[str]:
-    """topp / threshold: the chosen blocks as a [BM, NBP] mask, then compacted into each query's list."""
-    if sel.criterion[0] == "threshold" and sel.limit is None:
-        lines = [f'chosen = (g == float("inf")) | ((g > {_NEG}) & (g >= {value}))']
-    else:
-        lines = _ordered(sel, value)
-    return lines + ["ci = chosen.to(tl.int32)", "n_ch = tl.sum(ci, 1)",
-                    "slot = tl.cumsum(ci, 1) - 1  # each query's list in increasing block order",
-                    "r_J = tl.arange(0, KP)", "row = tl.max(ci, 0)"]
-
-
-def _stores(sel) -> list[str]:
-    per_token = "sel_ptr + ((bos + r_M[:, None]) * H + i_h) * KP"
-    if sel.criterion[0] == "topk":
-        lines = [f"tl.store({per_token} + r_J[None, :], sel, mask=qv[:, None])"]
-    else:
-        lines = [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
-                 f"tl.store({per_token} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
-                 "mask=qv[:, None] & (r_J[None, :] >= n_ch[:, None]))"]
-    return lines + ["tl.store(qmap_ptr + (i_bh * NQB + pid) * NKB + r_B, row.to(tl.int8), mask=bv)",
-                    "pos = tl.cumsum(row, 0) - 1  # the union in increasing block order",
-                    "tl.store(qlist_ptr + (i_bh * NQB + pid) * NKB + pos, r_B, mask=row > 0)",
-                    "tl.store(qcnt_ptr + i_bh * NQB + pid, tl.sum(row, 0))"]
-
-
-def _select(sched: SoftmaxSchedule, kp) -> KernelView:
-    """Per query block (per group's first head, shared): the score of every key block, forced blocks at +inf
-    and non-candidates at -inf, then the criterion: topk by KTOP rounds of arg-max (the lowest index among
-    equal maxima), topp / threshold by a mask of the chosen blocks; stores the per-token choice, the union
-    as an ordered list with its count, and the union's row of the block map (for each head of the group)."""
-    sel = sched.select
-    selection = sel.selection
-    kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "q", walk=False)
-    lines = ["n_kb = tl.cdiv(T_seq, BN)", "r_B = tl.arange(0, NBP)", "bv = r_B < n_kb",
-             "qblock_f = (r_M // BN).to(tl.float32)[:, None]", "kblock_f = r_B.to(tl.float32)[None, :]"]
-    lines += _shared(sched, kp) if selection.shared else _scores(sched)
-    zero = "tl.zeros([BM, NBP], tl.float32)"
+def _masked_scores(sched: SoftmaxSchedule, kp, width: str) -> list[str]:
+    """The scores over the key blocks r_B (valid: bv): forced blocks at +inf, non-candidates (masked out,
+    nan, padding rows and blocks) at -inf."""
+    selection = sched.select.selection
+    lines = _shared(sched, kp, width) if selection.shared else _scores(sched, width)
+    zero = f"tl.zeros([BM, {width}], tl.float32)"
     cand = ["qv[:, None]", "bv[None, :]", "(g == g)"] + [f"((v_{m} + {zero}) != 0.0)" for m in selection.candidates]
     lines.append("cand = " + " & ".join(cand))
     if selection.forced:
@@ -176,13 +106,185 @@ def _select(sched: SoftmaxSchedule, kp) -> KernelView:
         lines.append(f"g = tl.where(forced, float(\"inf\"), tl.where(cand, g, {_NEG}))")
     else:
         lines.append(f"g = tl.where(cand, g, {_NEG})")
-    value = SelectPrinter(sched, {}).ref(selection.criterion[1])
-    lines += _topk() if sel.kind == "topk" else _listed_choice(selection, value)
+    return lines
+
+
+def _ordered(sel, value: str) -> list[str]:
+    """An uncapped topp over every key block: the order (forced, then the candidates' scores descending,
+    ties to the lower block) as one int64 key per block, sorted once; the rule taken along the sorted keys
+    (a prefix); the last key taken is each query's cut-off, and a block is chosen when its key reaches it."""
+    lines = ["bits = g.to(tl.int32, bitcast=True)  # the score's bits, made monotone as integers",
+             "key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) + (NBP - 1 - r_B)[None, :]",
+             "ks = tl.sort(key, 1, descending=True)",
+             "hi = (ks >> 32).to(tl.int32)",
+             "g_s = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)",
+             'forced_s = g_s == float("inf")',
+             f'cand_s = (g_s > {_NEG}) & (g_s < float("inf"))']
+    lines += _masses("g", value) + [
+        f"take = forced_s | (cand_s & ((before < {value}) | ({value} >= 1.0)))",
+        "cut = tl.min(tl.where(take, ks, tl.full([BM, NBP], 0x7FFFFFFFFFFFFFFF, tl.int64)), 1)",
+        "chosen = key >= cut[:, None]"]
+    return lines
+
+
+def _masses(g: str, value: str) -> list[str]:
+    """Along the sorted keys ks: each candidate's mass (softmax of the candidates' scores; forced blocks take
+    no share) and the mass ahead of it, `before` (a block is taken while it is < p). Needs g_s, cand_s, and
+    the normaliser: from `g` itself (one tile), or the running g_max and z when `g` is None."""
+    lines = []
+    if g is not None:
+        lines += ["# the candidates' masses: softmax of their scores (forced blocks take no share)",
+                  f'own = (g > {_NEG}) & (g < float("inf"))',
+                  f"g_max = tl.max(tl.where(own, g, {_NEG}), 1)",
+                  "z = tl.sum(tl.where(own, tl.exp(g - tl.where(g_max > " + _NEG + ", g_max, 0.0)[:, None]), 0.0), 1)"]
+    lines += [f"g_max = tl.where(g_max > {_NEG}, g_max, 0.0)",
+              "mass_s = tl.where(cand_s, tl.exp(g_s - g_max[:, None]), 0.0) / tl.where(z > 0, z, 1.0)[:, None]",
+              "before = tl.cumsum(mass_s, 1) - mass_s  # the mass ahead of each block"]
+    return lines
+
+
+def _stores() -> list[str]:
+    per_token = "sel_ptr + ((bos + r_M[:, None]) * H + i_h) * KP"
+    return [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
+            f"tl.store({per_token} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
+            "mask=qv[:, None] & (r_J[None, :] >= n_ch[:, None]))",
+            "tl.store(qmap_ptr + (i_bh * NQB + pid) * NKB + r_B, row.to(tl.int8), mask=bv)",
+            "pos = tl.cumsum(row, 0) - 1  # the union in increasing block order",
+            "tl.store(qlist_ptr + (i_bh * NQB + pid) * NKB + pos, r_B, mask=row > 0)",
+            "tl.store(qcnt_ptr + i_bh * NQB + pid, tl.sum(row, 0))"]
+
+
+def _whole(sched: SoftmaxSchedule, kp, value: str) -> list[str]:
+    """An uncapped topp: one tile [BM, NBP] over every key block, sorted (_ordered)."""
+    selection = sched.select.selection
+    lines = ["r_B = tl.arange(0, NBP)", "bv = r_B < n_kb", "kblock_f = r_B.to(tl.float32)[None, :]"]
+    lines += (_GROUP_LEADER if selection.shared else []) + _masked_scores(sched, kp, "NBP")
+    lines += _ordered(selection, value) + ["ci = chosen.to(tl.int32)", "n_ch = tl.sum(ci, 1)",
+                                           "slot = tl.cumsum(ci, 1) - 1  # each query's list in increasing block order",
+                                           "r_J = tl.arange(0, KP)", "row = tl.max(ci, 0)"]
     if selection.shared:  # every head of the group walks the group's choice
-        lines += ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + _stores(selection))
+        return lines + ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + _stores())
+    return lines + _stores()
+
+
+# int64 keys: a block not choosable; the list's empty slots (distinct, above it, below every real key);
+# the list's padding slots (KP > KTOP: never the weakest)
+_KEY_NONE = "-0x7FFFFFFFFFFFFFFF"
+_KEY_TOP = "0x7FFFFFFFFFFFFFFF"
+
+
+def _chunk(sched: SoftmaxSchedule, kp) -> list[str]:
+    """One chunk of key blocks [c0, c0 + CB): the masked scores and, unless an uncapped threshold, each
+    block's key (the order as an int64: monotone score bits, then the reversed block index), keyed out
+    (_KEY_NONE) where the block cannot be taken."""
+    selection = sched.select.selection
+    lines = ["r_B = c0 + tl.arange(0, CB)", "bv = r_B < n_kb", "kblock_f = r_B.to(tl.float32)[None, :]"]
+    lines += _masked_scores(sched, kp, "CB")
+    kind, value = selection.criterion[0], SelectPrinter(sched, {}).ref(selection.criterion[1])
+    if kind == "threshold" and selection.limit is None:
+        return lines
+    takeable = f"g > {_NEG}"
+    if kind == "threshold":  # capped: the candidates under x are not taken; the cap keeps the first KTOP
+        takeable = f'(g == float("inf")) | ((g > {_NEG}) & (g >= {value}))'
+    return lines + [
+        "bits = tl.where(g == 0.0, 0.0, g).to(tl.int32, bitcast=True)  # -0.0 keyed as +0.0: equal scores tie",
+        "key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) + (0x7FFFFFFF - r_B)[None, :]",
+        f"key = tl.where({takeable}, key, {_KEY_NONE})"]
+
+
+def _running_list(sched: SoftmaxSchedule, kp) -> list[str]:
+    """Pass 1: per query the KTOP best keys so far, `top` [BM, KP] (topp: and its candidates' running
+    max and sum of exp), over the chunks; then each query's cut-off key `cut`."""
+    selection = sched.select.selection
+    kind, value = selection.criterion[0], SelectPrinter(sched, {}).ref(selection.criterion[1])
+    topp = kind == "topp"
+    lines = [f"top = tl.where(r_J < KTOP, {_KEY_NONE} + 1 + r_J.to(tl.int64), {_KEY_TOP})[None, :] "
+             "+ tl.zeros([BM, KP], tl.int64)"]
+    if topp:
+        lines += [f"g_max = tl.full([BM], {_NEG}, tl.float32)", "z = tl.zeros([BM], tl.float32)"]
+    body = _chunk(sched, kp)
+    if topp:  # the candidates' softmax normaliser, online (a rescale when the max grows)
+        body += [f'own = (g > {_NEG}) & (g < float("inf"))',
+                 f"m_new = tl.maximum(g_max, tl.max(tl.where(own, g, {_NEG}), 1))",
+                 f"m_safe = tl.where(m_new > {_NEG}, m_new, 0.0)",
+                 "z = z * tl.exp(g_max - m_safe) + tl.sum(tl.where(own, tl.exp(g - m_safe[:, None]), 0.0), 1)",
+                 "g_max = m_new"]
+    body += ["# merge: while the chunk's best key beats the list's weakest (some query), it takes that slot;",
+             "# at most KTOP rounds a chunk, and fewer once the list holds better keys than the chunk",
+             "m = tl.max(key, 1)",
+             "low = tl.min(top, 1)",
+             "while tl.max((m > low).to(tl.int32), 0) > 0:",
+             "    top = tl.where((top == low[:, None]) & (m > low)[:, None], m[:, None], top)",
+             f"    key = tl.where(key == m[:, None], {_KEY_NONE}, key)",
+             "    m = tl.max(key, 1)",
+             "    low = tl.min(top, 1)"]
+    lines += ["for c0 in range(0, n_kb, CB):  # pass 1: the running list"] + _indent(body)
+    real = f"top > {_KEY_NONE} + KP"  # a slot holding a block (not empty, not padding: r_J < KTOP)
+    if not topp:
+        return lines + [f"cut = tl.min(tl.where(({real}) & (r_J[None, :] < KTOP), top, {_KEY_TOP}), 1)"]
+    return lines + [
+        f"ks = tl.sort(tl.where(r_J[None, :] < KTOP, top, {_KEY_NONE}), 1, descending=True)  # the order's head",
+        f"real_s = ks > {_KEY_NONE} + KP",
+        "hi = (ks >> 32).to(tl.int32)",
+        "g_s = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)",
+        'forced_s = real_s & (g_s == float("inf"))',
+        'cand_s = real_s & (g_s < float("inf"))'] + _masses(None, value) + [
+        f"take = forced_s | (cand_s & ((before < {value}) | ({value} >= 1.0)))",
+        f"cut = tl.min(tl.where(take, ks, {_KEY_TOP}), 1)"]
+
+
+def _write(sched: SoftmaxSchedule, kp) -> list[str]:
+    """Pass 2: each chunk scored again; a block is chosen when its key reaches the query's cut-off (an
+    uncapped threshold: by its score); stores each query's list (increasing block order, -1 pads), the
+    query block's union (its block map row, the ordered list and its count), for each head of a group."""
+    selection = sched.select.selection
+    kind, value = selection.criterion[0], SelectPrinter(sched, {}).ref(selection.criterion[1])
+    if kind == "threshold" and selection.limit is None:
+        choose = f'chosen = (g == float("inf")) | ((g > {_NEG}) & (g >= {value}))'
     else:
-        lines += _stores(selection)
-    kv.pre_lines = lines
+        choose = "chosen = key >= cut[:, None]"
+    per_token = "sel_ptr + ((bos + r_M[:, None]) * H + i_h) * KP"
+    base = "(i_bh * NQB + pid) * NKB"
+    stores = [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
+              f"tl.store(qmap_ptr + {base} + r_B, row.to(tl.int8), mask=bv)",
+              f"tl.store(qlist_ptr + {base} + pos, r_B, mask=row > 0)"]
+    ends = [f"tl.store({per_token} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
+            "mask=qv[:, None] & (r_J[None, :] >= n_ch[:, None]))",
+            "tl.store(qcnt_ptr + i_bh * NQB + pid, n_union)"]
+    if selection.shared:  # every head of the group walks the group's choice
+        stores = ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + stores)
+        ends = ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + ends)
+    body = _chunk(sched, kp) + [
+        choose, "ci = chosen.to(tl.int32)",
+        "slot = n_ch[:, None] + tl.cumsum(ci, 1) - 1  # each query's list in increasing block order",
+        "row = tl.max(ci, 0)",
+        "pos = n_union + tl.cumsum(row, 0) - 1  # the union in increasing block order"] + stores + [
+        "n_ch += tl.sum(ci, 1)", "n_union += tl.sum(row, 0)"]
+    return (["n_ch = tl.zeros([BM], tl.int32)",
+             "n_union = tl.sum(tl.zeros([CB], tl.int32), 0)",
+             "for c0 in range(0, n_kb, CB):  # pass 2: the choice written"] + _indent(body) + ends)
+
+
+def _streamed(sched: SoftmaxSchedule, kp) -> list[str]:
+    """Every criterion but an uncapped topp: the key blocks CB at a time, never a tile over all of them."""
+    selection = sched.select.selection
+    lines = (_GROUP_LEADER if selection.shared else []) + ["r_J = tl.arange(0, KP)"]
+    if not (selection.criterion[0] == "threshold" and selection.limit is None):
+        lines = lines + _running_list(sched, kp)
+    return lines + _write(sched, kp)
+
+
+def _select(sched: SoftmaxSchedule, kp) -> KernelView:
+    """Per query block (per group's first head, shared): the score of each key block, forced blocks at +inf
+    and non-candidates at -inf, then the criterion (passes.select: a running top-k over chunks of key
+    blocks and a cut-off key, or an uncapped topp over one sorted tile); stores the per-token choice, the
+    union as an ordered list with its count, and the union's row of the block map (for each head of the
+    group)."""
+    sel = sched.select
+    kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "q", walk=False)
+    lines = ["n_kb = tl.cdiv(T_seq, BN)", "qblock_f = (r_M // BN).to(tl.float32)[:, None]"]
+    value = SelectPrinter(sched, {}).ref(sel.selection.criterion[1])
+    kv.pre_lines = lines + (_streamed(sched, kp) if sel.streamed else _whole(sched, kp, value))
     return kv
 
 
