@@ -23,14 +23,25 @@ from ..runtime.checks import check_cu_seqlens, check_inputs
 from .affine import StateMap, state_maps
 from .collectives import anchor, gather_stacked
 from .layout import check_layout, rank_pieces, shard, shard_lengths, split_pieces, virtual_ids
+from .ring import ring_pass
 from .varlen import shard_layout
 
-__all__ = ["ContextParallelOp", "ContextParallelPlan", "shard"]  # shard: moved to .layout, kept importable here
+__all__ = ["SCHEDULES", "ContextParallelOp", "ContextParallelPlan", "check_schedule", "shard"]  # shard: from .layout
+
+# how the states cross the ranks: one all-gather of shard summaries, or a ring pass of the states themselves
+SCHEDULES = ("allgather", "ring")
+
+
+def check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise ArgumentError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    return schedule
 
 
 @dataclass(frozen=True)
 class ContextParallelPlan:
-    """What a call communicates: one all-gather of `bytes_per_rank` from each rank."""
+    """What a call communicates: one all-gather of `bytes_per_rank` from each rank, or (schedule="ring") one
+    message of `bytes_per_rank` from rank r to r+1 in the forward and the same back in the backward."""
 
     spec: str
     world: int
@@ -38,8 +49,17 @@ class ContextParallelPlan:
     probes: int
     summary_shapes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # per state: (W shape, A shape)
     bytes_per_rank: int
+    schedule: str = "allgather"
 
     def __str__(self) -> str:
+        if self.schedule == "ring":
+            lines = [f"context parallel plan: {self.spec} over {self.world} ranks, ring pass of the states"]
+            for m, (w, _) in zip(self.maps, self.summary_shapes):
+                lines.append(f"  state {m.state}: sends the state {list(w)} itself (no summary, no probe run)")
+            lines.append(f"  communicated per rank per call: {self.bytes_per_rank} bytes to the next rank (forward; "
+                         f"rank {self.world - 1} sends none) and as many back to the previous one (backward; "
+                         f"rank 0 sends none); {self.world - 1} serial hops, each after a rank's whole walk")
+            return "\n".join(lines)
         lines = [f"context parallel plan: {self.spec} over {self.world} ranks, one all-gather"]
         for m, (w, a) in zip(self.maps, self.summary_shapes):
             lines.append(f"  state {m.state}: {m.kind} ({m.why}); sends W {list(w)} and A {list(a)}")
@@ -64,14 +84,27 @@ def _cat_time(pieces):
 class ContextParallelOp:
     """`op` over the sequence shards of `group`; call it as the op (see context_parallel)."""
 
-    def __init__(self, op, group=None, layout: str = "contiguous"):
+    def __init__(self, op, group=None, layout: str = "contiguous", schedule: str = "allgather"):
         family = op.comp.ir.family
         if family != "linear":
             raise ArgumentError(f"ContextParallelOp is the linear family's path; {op.name} is of the {family} "
                                 "family: use effc.distributed.context_parallel")
         self.op, self.group, self.layout = op, group, check_layout(layout)
+        self.schedule = check_schedule(schedule)
         self.spec = op.spec
-        self.maps = state_maps(op.spec, op.comp.legality)
+        if self.schedule == "ring" and (layout != "contiguous" or op.spec.reverse_states):
+            what = f"layout={layout!r}" if layout != "contiguous" else "reverse states (" + ", ".join(
+                s.name for s in op.spec.reverse_states) + ")"
+            raise NotImplementedError(f"context parallel for {op.name}: schedule='ring' with {what}; the ring passes "
+                                      "forward states over contiguous shards (use schedule='allgather')")
+        try:
+            self.maps = state_maps(op.spec, op.comp.legality)
+        except NotImplementedError as why:
+            if self.schedule != "ring" or not op.spec.states:
+                raise
+            # the ring passes the states themselves: any update, affine in the state or not (mlstm)
+            self.maps = tuple(StateMap(s.name, "passed", s.feature_dims, (), f"not summarised ({why})")
+                              for s in op.spec.states)
         self.reads_pos = op.spec.reads("pos")  # each call then gets its piece's first position (pos_offset)
 
     def __repr__(self) -> str:
@@ -89,6 +122,9 @@ class ContextParallelOp:
         shapes = tuple(((B, H) + tuple(sizes[d] for d in m.dims), (B, H) + m.summary_shape(sizes))
                        for m in self.maps)
         itemsize = torch.empty((), dtype=self._state_dtype(tensors[0])).element_size()
+        if self.schedule == "ring":  # one state per hop, no summary
+            nbytes = sum(math.prod(w) for w, _ in shapes) * itemsize
+            return ContextParallelPlan(self.op.name, world, self.maps, 0, shapes, nbytes, "ring")
         pieces = 2 if self.layout == "zigzag" else 1  # a summary per piece
         nbytes = pieces * sum(math.prod(w) + math.prod(a) for w, a in shapes) * itemsize
         if self.spec.reverse_states:  # and the initial states (zeros but on rank 0)
@@ -171,6 +207,9 @@ class ContextParallelOp:
                 f"context parallel for {self.op.name}: cu_seqlens with layout={self.layout!r}; the state path's "
                 "packed documents use the contiguous layout (balance them by choosing the shard bounds: uneven "
                 "shards are accepted)")
+        if cu_seqlens is not None and self.schedule == "ring":
+            raise NotImplementedError(f"context parallel for {self.op.name}: cu_seqlens with schedule='ring'; packed "
+                                      "streams use schedule='allgather'")
         if cu_seqlens is not None and self.spec.reverse_states:  # before any collective: every rank refuses
             raise NotImplementedError(f"context parallel for {self.op.name}: cu_seqlens with reverse states "
                                       f"({', '.join(s.name for s in self.spec.reverse_states)}); dense sequences only")
@@ -189,6 +228,11 @@ class ContextParallelOp:
         B, H, sizes = self._sizes(tensors)
         dtype = self._state_dtype(tensors[0])
         shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
+        if self.schedule == "ring":
+            if self.reads_pos:  # this shard's first position: one small all-gather of the shard lengths
+                kw = {**kw, "pos_offset": rank_pieces("contiguous", shard_lengths(tensors[0], self.group))[rank][0][0]}
+            return ring_pass(self.op, tensors, initial_state, output_final_state, kw, shapes, dtype, self.group,
+                             world, rank)
         # the sequence is cut into pieces (one per rank, or two with zigzag); piece v's state entering it is
         # the fold of pieces 0..v-1's summaries, whichever ranks hold them
         vids = virtual_ids(self.layout, world, rank)
