@@ -516,3 +516,21 @@ def test_ring_schedule_refusals():
         cp(*xs, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
     plan = cp.plan(*xs)
     assert plan.bytes_per_rank == 1 * H * D * D * 4 and "ring pass of the states" in str(plan)
+
+
+def test_async_gather_is_autograd_aware(tmp_path):
+    """start_gather on a one-rank gloo group (in process): the result after wait() is the stacked input and
+    its backward returns this rank's rows of the gradient (the all-reduce path gloo takes)."""
+    import torch.distributed as dist
+    from effc.distributed.collectives import start_gather
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(2, 3, requires_grad=True)
+        pending = start_gather(x * 2, None)
+        got = pending.wait()
+        assert got.shape == (1, 2, 3) and torch.equal(got[0], x.detach() * 2)
+        g = torch.randn(1, 2, 3)
+        (got * g).sum().backward()
+        assert torch.allclose(x.grad, 2 * g[0])
+    finally:
+        dist.destroy_process_group()

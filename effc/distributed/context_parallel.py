@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..errors import ArgumentError
 from ..runtime.checks import check_cu_seqlens, check_inputs
 from .affine import StateMap, state_maps
-from .collectives import anchor, gather_stacked
+from .collectives import anchor, gather_stacked, start_gather
 from .layout import check_layout, rank_pieces, shard, shard_lengths, split_pieces, virtual_ids
 from .ring import ring_pass
 from .varlen import shard_layout
@@ -373,22 +373,37 @@ class ContextParallelOp:
                                         f"sequence of the whole stream, shape {list(want)}; got {list(st.shape)}")
         shapes = [(1, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
 
-        o_own = fin_own = None
-        if len(lay.owned):
-            xs = [x[:, lay.cont_len:] for x in tensors]
-            init = None if inits is None else [st[lay.owned.start:lay.owned.stop] for st in inits]
-            local_cu = torch.tensor(lay.owned_cu, dtype=cu_seqlens.dtype, device=device)
-            o_own, fin_own = self.op(*xs, initial_state=init, output_final_state=True, cu_seqlens=local_cu, **kw)
-            fin_own = _states(fin_own)
-        if lay.continues_out and len(lay.owned):  # a document starts here: the leaving state ignores the entering
+        # The state leaving the shard depends on the documents starting here only through the last one, when it
+        # runs on: that one runs first (alone), the all-gather is issued, and the documents ending here run
+        # while it is in flight (they read neither the collective nor the entering state).
+        runs_on = lay.continues_out and len(lay.owned) > 0
+        ending = list(lay.owned)[:-1] if runs_on else list(lay.owned)
+        base = lay.cont_len  # the owned documents' first token on the shard
+        fin_own, o_last = {}, None
+        if runs_on:  # a document starts here and runs on: the leaving state ignores the entering one (A = 0)
+            d = lay.owned[-1]
+            init = None if inits is None else [st[d:d + 1] for st in inits]
+            o_last, fin = self.op(*[x[:, base + lay.owned_cu[-2]:] for x in tensors], initial_state=init,
+                                  output_final_state=True, **kw)
             parts = []
-            for m, f in zip(self.maps, fin_own):
-                parts += [f[-1:].reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
+            for m, f in zip(self.maps, _states(fin)):
+                parts += [f.reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
         elif lay.continues_out:  # the whole shard is inside one document: A and W as for a dense shard
             parts = self._summary(tensors, cont_kw, 1, H, sizes)
         else:  # nobody reads the state leaving this shard
             parts = self._zero_summary(shapes, sizes, dtype, device)
-        gathered = self._gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1))
+        pending = start_gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1), self.group)
+
+        o_own = o_last
+        if ending:  # overlapped with the all-gather
+            stop = base + lay.owned_cu[len(ending)]
+            init = None if inits is None else [st[ending[0]:ending[-1] + 1] for st in inits]
+            local_cu = torch.tensor(lay.owned_cu[:len(ending) + 1], dtype=cu_seqlens.dtype, device=device)
+            o_end, fin = self.op(*[x[:, base:stop] for x in tensors], initial_state=init, output_final_state=True,
+                                 cu_seqlens=local_cu, **kw)
+            fin_own = {d: [f[j] for f in _states(fin)] for j, d in enumerate(ending)}
+            o_own = o_end if o_last is None else _cat_time([o_end, o_last])
+        gathered = pending.wait()
 
         o_cont = fin_cont = None
         if lay.cont is not None:
@@ -413,9 +428,9 @@ class ContextParallelOp:
             mine = [None] * n_seq
             if lay.cont_ends_here:
                 mine[lay.cont] = fin_cont[i].reshape(shape[1:])
-            for j, d in enumerate(lay.owned):
-                if d in lay.ends_here:
-                    mine[d] = fin_own[i][j]
+            for d in lay.ends_here:
+                if d in fin_own:
+                    mine[d] = fin_own[d][i]
             zero = torch.zeros(shape[1:], dtype=dtype, device=device)
             rows.append(torch.stack([zero if r is None else r.to(dtype) for r in mine]).reshape(n_seq, H, -1))
         finals = self._gather(torch.cat(rows, -1)).sum(0)  # (n_seq, H, L)
