@@ -58,7 +58,7 @@ class ContextParallelPlan:
                 lines.append(f"  state {m.state}: sends the state {list(w)} itself (no summary, no probe run)")
             lines.append(f"  communicated per rank per call: {self.bytes_per_rank} bytes to the next rank (forward; "
                          f"rank {self.world - 1} sends none) and as many back to the previous one (backward; "
-                         f"rank 0 sends none); {self.world - 1} serial hops, each after a rank's whole walk")
+                         f"rank 0 sends none); {self.world - 1} serial hop(s), each after a rank's whole walk")
             return "\n".join(lines)
         lines = [f"context parallel plan: {self.spec} over {self.world} ranks, one all-gather"]
         for m, (w, a) in zip(self.maps, self.summary_shapes):
