@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 examples/context_parallel.py --spec softmax_attn     # all-gather of K and V
     torchrun --nproc_per_node 2 examples/context_parallel.py --spec swax --window 16  # both paths at once
     torchrun --nproc_per_node 4 examples/context_parallel.py --spec softmax_attn --layout zigzag  # balanced
+    torchrun --nproc_per_node 4 examples/context_parallel.py --spec delta_net --schedule ring  # states rank to rank
 
 Every rank draws the same full inputs (same seed), keeps its shard of the time axis (contiguous or zig-zag),
 runs the context-parallel op forward and backward, and compares its shard of the output and of the gradients,
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=None, help="the spec's `window` param, if it has one")
     ap.add_argument("--layout", default="contiguous", choices=("contiguous", "zigzag"),
                     help="zigzag: rank r holds pieces r and 2N-1-r of 2N (balances causal attention)")
+    ap.add_argument("--schedule", default="allgather", choices=("allgather", "ring"),
+                    help="ring: each rank receives its entering state from the previous one (state specs)")
     args = ap.parse_args()
     params = {} if args.window is None else {"window": args.window}
 
@@ -47,7 +50,7 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     op = effc.load(args.spec)
-    cp = context_parallel(op, layout=args.layout)
+    cp = context_parallel(op, layout=args.layout, schedule=args.schedule)
 
     def shard(x):
         return cut(x, layout=args.layout)

@@ -16,7 +16,7 @@ from effc.distributed import context_parallel, shard  # noqa: E402
 
 def run_case(case: dict, rank: int, world: int) -> dict:
     layout = case.get("layout", "contiguous")
-    cp = context_parallel(effc.load(case["spec"]), layout=layout)
+    cp = context_parallel(effc.load(case["spec"]), layout=layout, schedule=case.get("schedule", "allgather"))
     bounds = case.get("bounds")  # uneven shards: explicit (start, end) per rank
     cut = (lambda x: x[:, bounds[rank][0]:bounds[rank][1]]) if bounds else (lambda x: shard(x, layout=layout))
     last = 0 if layout == "zigzag" else world - 1  # the rank holding the sequence's last piece

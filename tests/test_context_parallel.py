@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None, batch: int = B,
-          layout: str = "contiguous") -> dict:
+          layout: str = "contiguous", schedule: str = "allgather") -> dict:
     """A case; with `cu` (global cu_seqlens), one packed (1, T, H, D) stream and one initial state per document.
     `kw`: the spec's params (e.g. a window shorter than a shard). A spec with no state has no initial state."""
     op = effc.load(spec)
@@ -48,6 +48,7 @@ def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None
     o, finals = op(*xs, initial_state=s0, output_final_state=stateful, cu_seqlens=cu, **kw)
     finals = () if finals is None else (finals,) if torch.is_tensor(finals) else finals
     return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds, "cu_seqlens": cu, "kw": kw, "layout": layout,
+            "schedule": schedule,
             "grad_o": torch.randn(o.shape, generator=gen),
             "grad_final": tuple(torch.randn(f.shape, generator=gen) for f in finals)}
 
@@ -466,3 +467,70 @@ def test_reverse_states_with_packed_documents_are_refused():
     xs = random_inputs(cp.spec, 1, 8, H, {"K": D, "V": D})
     with pytest.raises(NotImplementedError, match="cu_seqlens with reverse states \\(R, ZR\\)"):
         cp(*xs, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+
+
+# -- the ring pass of states (schedule="ring") ---------------------------------------------------------------
+
+def test_two_ranks_ring_pass_of_states(tmp_path):
+    """Rank 0 runs from the initial state and sends its final state to rank 1, which runs from it; the backward
+    sends the entering state's gradient back. 45 tokens per rank (chunk 16 divides neither), a general
+    transition (delta_net) among them; the plan's bytes are one state, not a summary."""
+    cases = [_case(s, seed=140 + i, schedule="ring") for i, s in enumerate(("retention", "gla", "delta_net"))]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+        assert all(r[i]["plan_bytes"] == B * H * D * D * 4 for r in results)  # W only: no A
+
+
+@pytest.mark.slow
+def test_four_ranks_ring_pass_of_states(tmp_path):
+    cases = [_case(s, seed=150 + i, schedule="ring") for i, s in enumerate(("retention", "gla", "delta_net", "rwkv7"))]
+    cases.append(_case("mlstm_sig", seed=155, schedule="ring"))  # two states in one message
+    cases.append(_case("gla", seed=156, init=False, schedule="ring"))
+    # uneven shards with an empty middle one (the states pass through it) and a one-token first one
+    cases.append(_case("delta_net", seed=157, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)], schedule="ring"))
+    cases.append(_case("retention_rope", seed=158, bounds=[(0, 30), (30, 31), (31, 90), (90, 90)], schedule="ring"))
+    cases.append(_case("swax", seed=159, schedule="ring"))  # the state branch of a hybrid
+    cases.append(_case("mlstm", seed=160, schedule="ring"))  # not affine in its state: no summary, still a ring
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+    assert results[1][4]["plan_bytes"] == B * H * (D * D + D) * 4  # mlstm_sig: C [K, V] and n [K]
+
+
+def test_ring_schedule_refusals():
+    with pytest.raises(ArgumentError, match="schedule must be one of allgather, ring"):
+        context_parallel(effc.load("gla"), schedule="pipeline")
+    with pytest.raises(NotImplementedError, match="schedule='ring' with layout='zigzag'"):
+        context_parallel(effc.load("gla"), layout="zigzag", schedule="ring")
+    with pytest.raises(NotImplementedError, match="schedule='ring' with reverse states"):
+        context_parallel(effc.load("lion"), schedule="ring")
+    with pytest.raises(NotImplementedError, match="mlstm reads state"):  # the all-gather needs A S + W per state
+        context_parallel(effc.load("mlstm"))
+    assert context_parallel(effc.load("mlstm"), schedule="ring").maps[0].kind == "passed"
+    with pytest.raises(NotImplementedError, match="ring attention"):
+        context_parallel(effc.load("softmax_attn"), schedule="ring")
+    cp = context_parallel(effc.load("gla"), schedule="ring")
+    xs = random_inputs(cp.spec, 1, 8, H, {"K": D, "V": D})
+    with pytest.raises(NotImplementedError, match="cu_seqlens with schedule='ring'"):
+        cp(*xs, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+    plan = cp.plan(*xs)
+    assert plan.bytes_per_rank == 1 * H * D * D * 4 and "ring pass of the states" in str(plan)
+
+
+def test_async_gather_is_autograd_aware(tmp_path):
+    """start_gather on a one-rank gloo group (in process): the result after wait() is the stacked input and
+    its backward returns this rank's rows of the gradient (the all-reduce path gloo takes)."""
+    import torch.distributed as dist
+    from effc.distributed.collectives import start_gather
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        x = torch.randn(2, 3, requires_grad=True)
+        pending = start_gather(x * 2, None)
+        got = pending.wait()
+        assert got.shape == (1, 2, 3) and torch.equal(got[0], x.detach() * 2)
+        g = torch.randn(1, 2, 3)
+        (got * g).sum().backward()
+        assert torch.allclose(x.grad, 2 * g[0])
+    finally:
+        dist.destroy_process_group()

@@ -26,7 +26,7 @@ class StateMap:
     """How one state's shard summary is formed and applied."""
 
     state: str
-    kind: str  # "diagonal" or "matrix"
+    kind: str  # "diagonal" or "matrix" ("passed": not affine, for the ring schedule, which passes states whole)
     dims: tuple[str, ...]  # the state's feature dims, e.g. ("K", "V")
     keep: tuple[bool, ...]  # diagonal: per feature dim, whether the decay varies along it
     why: str

@@ -21,16 +21,27 @@ import torch.distributed as dist
 from ..errors import ArgumentError
 from ..runtime.checks import check_cu_seqlens, check_inputs
 from .affine import StateMap, state_maps
-from .collectives import anchor, gather_stacked
+from .collectives import anchor, gather_stacked, start_gather
 from .layout import check_layout, rank_pieces, shard, shard_lengths, split_pieces, virtual_ids
+from .ring import ring_pass
 from .varlen import shard_layout
 
-__all__ = ["ContextParallelOp", "ContextParallelPlan", "shard"]  # shard: moved to .layout, kept importable here
+__all__ = ["SCHEDULES", "ContextParallelOp", "ContextParallelPlan", "check_schedule", "shard"]  # shard: from .layout
+
+# how the states cross the ranks: one all-gather of shard summaries, or a ring pass of the states themselves
+SCHEDULES = ("allgather", "ring")
+
+
+def check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise ArgumentError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+    return schedule
 
 
 @dataclass(frozen=True)
 class ContextParallelPlan:
-    """What a call communicates: one all-gather of `bytes_per_rank` from each rank."""
+    """What a call communicates: one all-gather of `bytes_per_rank` from each rank, or (schedule="ring") one
+    message of `bytes_per_rank` from rank r to r+1 in the forward and the same back in the backward."""
 
     spec: str
     world: int
@@ -38,8 +49,17 @@ class ContextParallelPlan:
     probes: int
     summary_shapes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # per state: (W shape, A shape)
     bytes_per_rank: int
+    schedule: str = "allgather"
 
     def __str__(self) -> str:
+        if self.schedule == "ring":
+            lines = [f"context parallel plan: {self.spec} over {self.world} ranks, ring pass of the states"]
+            for m, (w, _) in zip(self.maps, self.summary_shapes):
+                lines.append(f"  state {m.state}: sends the state {list(w)} itself (no summary, no probe run)")
+            lines.append(f"  communicated per rank per call: {self.bytes_per_rank} bytes to the next rank (forward; "
+                         f"rank {self.world - 1} sends none) and as many back to the previous one (backward; "
+                         f"rank 0 sends none); {self.world - 1} serial hop(s), each after a rank's whole walk")
+            return "\n".join(lines)
         lines = [f"context parallel plan: {self.spec} over {self.world} ranks, one all-gather"]
         for m, (w, a) in zip(self.maps, self.summary_shapes):
             lines.append(f"  state {m.state}: {m.kind} ({m.why}); sends W {list(w)} and A {list(a)}")
@@ -64,14 +84,27 @@ def _cat_time(pieces):
 class ContextParallelOp:
     """`op` over the sequence shards of `group`; call it as the op (see context_parallel)."""
 
-    def __init__(self, op, group=None, layout: str = "contiguous"):
+    def __init__(self, op, group=None, layout: str = "contiguous", schedule: str = "allgather"):
         family = op.comp.ir.family
         if family != "linear":
             raise ArgumentError(f"ContextParallelOp is the linear family's path; {op.name} is of the {family} "
                                 "family: use effc.distributed.context_parallel")
         self.op, self.group, self.layout = op, group, check_layout(layout)
+        self.schedule = check_schedule(schedule)
         self.spec = op.spec
-        self.maps = state_maps(op.spec, op.comp.legality)
+        if self.schedule == "ring" and (layout != "contiguous" or op.spec.reverse_states):
+            what = f"layout={layout!r}" if layout != "contiguous" else "reverse states (" + ", ".join(
+                s.name for s in op.spec.reverse_states) + ")"
+            raise NotImplementedError(f"context parallel for {op.name}: schedule='ring' with {what}; the ring passes "
+                                      "forward states over contiguous shards (use schedule='allgather')")
+        try:
+            self.maps = state_maps(op.spec, op.comp.legality)
+        except NotImplementedError as why:
+            if self.schedule != "ring" or not op.spec.states:
+                raise
+            # the ring passes the states themselves: any update, affine in the state or not (mlstm)
+            self.maps = tuple(StateMap(s.name, "passed", s.feature_dims, (), f"not summarised ({why})")
+                              for s in op.spec.states)
         self.reads_pos = op.spec.reads("pos")  # each call then gets its piece's first position (pos_offset)
 
     def __repr__(self) -> str:
@@ -89,6 +122,9 @@ class ContextParallelOp:
         shapes = tuple(((B, H) + tuple(sizes[d] for d in m.dims), (B, H) + m.summary_shape(sizes))
                        for m in self.maps)
         itemsize = torch.empty((), dtype=self._state_dtype(tensors[0])).element_size()
+        if self.schedule == "ring":  # one state per hop, no summary
+            nbytes = sum(math.prod(w) for w, _ in shapes) * itemsize
+            return ContextParallelPlan(self.op.name, world, self.maps, 0, shapes, nbytes, "ring")
         pieces = 2 if self.layout == "zigzag" else 1  # a summary per piece
         nbytes = pieces * sum(math.prod(w) + math.prod(a) for w, a in shapes) * itemsize
         if self.spec.reverse_states:  # and the initial states (zeros but on rank 0)
@@ -171,6 +207,9 @@ class ContextParallelOp:
                 f"context parallel for {self.op.name}: cu_seqlens with layout={self.layout!r}; the state path's "
                 "packed documents use the contiguous layout (balance them by choosing the shard bounds: uneven "
                 "shards are accepted)")
+        if cu_seqlens is not None and self.schedule == "ring":
+            raise NotImplementedError(f"context parallel for {self.op.name}: cu_seqlens with schedule='ring'; packed "
+                                      "streams use schedule='allgather'")
         if cu_seqlens is not None and self.spec.reverse_states:  # before any collective: every rank refuses
             raise NotImplementedError(f"context parallel for {self.op.name}: cu_seqlens with reverse states "
                                       f"({', '.join(s.name for s in self.spec.reverse_states)}); dense sequences only")
@@ -189,6 +228,11 @@ class ContextParallelOp:
         B, H, sizes = self._sizes(tensors)
         dtype = self._state_dtype(tensors[0])
         shapes = [(B, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
+        if self.schedule == "ring":
+            if self.reads_pos:  # this shard's first position: one small all-gather of the shard lengths
+                kw = {**kw, "pos_offset": rank_pieces("contiguous", shard_lengths(tensors[0], self.group))[rank][0][0]}
+            return ring_pass(self.op, tensors, initial_state, output_final_state, kw, shapes, dtype, self.group,
+                             world, rank)
         # the sequence is cut into pieces (one per rank, or two with zigzag); piece v's state entering it is
         # the fold of pieces 0..v-1's summaries, whichever ranks hold them
         vids = virtual_ids(self.layout, world, rank)
@@ -329,22 +373,37 @@ class ContextParallelOp:
                                         f"sequence of the whole stream, shape {list(want)}; got {list(st.shape)}")
         shapes = [(1, H) + tuple(sizes[d] for d in m.dims) for m in self.maps]
 
-        o_own = fin_own = None
-        if len(lay.owned):
-            xs = [x[:, lay.cont_len:] for x in tensors]
-            init = None if inits is None else [st[lay.owned.start:lay.owned.stop] for st in inits]
-            local_cu = torch.tensor(lay.owned_cu, dtype=cu_seqlens.dtype, device=device)
-            o_own, fin_own = self.op(*xs, initial_state=init, output_final_state=True, cu_seqlens=local_cu, **kw)
-            fin_own = _states(fin_own)
-        if lay.continues_out and len(lay.owned):  # a document starts here: the leaving state ignores the entering
+        # The state leaving the shard depends on the documents starting here only through the last one, when it
+        # runs on: that one runs first (alone), the all-gather is issued, and the documents ending here run
+        # while it is in flight (they read neither the collective nor the entering state).
+        runs_on = lay.continues_out and len(lay.owned) > 0
+        ending = list(lay.owned)[:-1] if runs_on else list(lay.owned)
+        base = lay.cont_len  # the owned documents' first token on the shard
+        fin_own, o_last = {}, None
+        if runs_on:  # a document starts here and runs on: the leaving state ignores the entering one (A = 0)
+            d = lay.owned[-1]
+            init = None if inits is None else [st[d:d + 1] for st in inits]
+            o_last, fin = self.op(*[x[:, base + lay.owned_cu[-2]:] for x in tensors], initial_state=init,
+                                  output_final_state=True, **kw)
             parts = []
-            for m, f in zip(self.maps, fin_own):
-                parts += [f[-1:].reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
+            for m, f in zip(self.maps, _states(fin)):
+                parts += [f.reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
         elif lay.continues_out:  # the whole shard is inside one document: A and W as for a dense shard
             parts = self._summary(tensors, cont_kw, 1, H, sizes)
         else:  # nobody reads the state leaving this shard
             parts = self._zero_summary(shapes, sizes, dtype, device)
-        gathered = self._gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1))
+        pending = start_gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1), self.group)
+
+        o_own = o_last
+        if ending:  # overlapped with the all-gather
+            stop = base + lay.owned_cu[len(ending)]
+            init = None if inits is None else [st[ending[0]:ending[-1] + 1] for st in inits]
+            local_cu = torch.tensor(lay.owned_cu[:len(ending) + 1], dtype=cu_seqlens.dtype, device=device)
+            o_end, fin = self.op(*[x[:, base:stop] for x in tensors], initial_state=init, output_final_state=True,
+                                 cu_seqlens=local_cu, **kw)
+            fin_own = {d: [f[j] for f in _states(fin)] for j, d in enumerate(ending)}
+            o_own = o_end if o_last is None else _cat_time([o_end, o_last])
+        gathered = pending.wait()
 
         o_cont = fin_cont = None
         if lay.cont is not None:
@@ -369,9 +428,9 @@ class ContextParallelOp:
             mine = [None] * n_seq
             if lay.cont_ends_here:
                 mine[lay.cont] = fin_cont[i].reshape(shape[1:])
-            for j, d in enumerate(lay.owned):
-                if d in lay.ends_here:
-                    mine[d] = fin_own[i][j]
+            for d in lay.ends_here:
+                if d in fin_own:
+                    mine[d] = fin_own[d][i]
             zero = torch.zeros(shape[1:], dtype=dtype, device=device)
             rows.append(torch.stack([zero if r is None else r.to(dtype) for r in mine]).reshape(n_seq, H, -1))
         finals = self._gather(torch.cat(rows, -1)).sum(0)  # (n_seq, H, L)

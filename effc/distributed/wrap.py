@@ -1,12 +1,12 @@
 """`context_parallel(op)`: the path for the op's family."""
 from __future__ import annotations
 
-from .context_parallel import ContextParallelOp
+from .context_parallel import ContextParallelOp, check_schedule
 from .hybrid import HybridContextParallel
 from .softmax import SoftmaxContextParallel
 
 
-def context_parallel(op, group=None, layout: str = "contiguous"):
+def context_parallel(op, group=None, layout: str = "contiguous", schedule: str = "allgather"):
     """Wrap an effc op for context parallelism over `group` (None: the default group).
 
     The wrapper takes the op's arguments with every (B, T, H, D) input replaced by this rank's contiguous
@@ -21,10 +21,17 @@ def context_parallel(op, group=None, layout: str = "contiguous"):
     ranks (docs/context-parallel.md).
     `layout="zigzag"`: each rank's shard is pieces r and 2N-1-r of the sequence cut into 2N
     (`shard(x, layout="zigzag")`), which balances causal softmax work over the ranks; the last piece, and
-    so the final state, is on rank 0 then. Packed streams (cu_seqlens) with zigzag: softmax family only."""
+    so the final state, is on rank 0 then. Packed streams (cu_seqlens) with zigzag: softmax family only.
+    `schedule="ring"` (state paths: the linear family, a hybrid's state branch): rank r receives the states
+    entering its shard from rank r-1 and sends its final states to r+1, instead of the all-gather of shard
+    summaries; contiguous dense shards, forward states only."""
     family = op.comp.ir.family
+    check_schedule(schedule)
     if family == "softmax":
+        if schedule != "allgather":
+            raise NotImplementedError(f"context parallel for {op.name}: schedule={schedule!r} for the softmax family "
+                                      "(ring attention) is not implemented; it all-gathers the keys")
         return SoftmaxContextParallel(op, group, layout)
     if family == "hybrid":
-        return HybridContextParallel(op, group, layout)
-    return ContextParallelOp(op, group, layout)
+        return HybridContextParallel(op, group, layout, schedule)
+    return ContextParallelOp(op, group, layout, schedule)
