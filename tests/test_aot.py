@@ -83,8 +83,9 @@ def _compile_in_subprocesses(script: str, names: list[str], tmp_path) -> dict:
 
 
 @pytest.mark.slow  # the full tier only (README: test tiers)
-def test_softmax_family_kernels_compile_for_sm90(tmp_path):
-    names = effc.library_names("softmax") + effc.library_names("hybrid")
+@pytest.mark.parametrize("name", effc.library_names("softmax") + effc.library_names("hybrid"))
+def test_softmax_family_kernels_compile_for_sm90(name, tmp_path):
+    names = [name]
     results = _compile_in_subprocesses(SOFTMAX_SCRIPT, names, tmp_path)
     assert set(results) == {f"{n}.{k}" for n in names for k in ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")}
     for kernel, r in results.items():
@@ -116,9 +117,15 @@ def test_softmax_decode_kernels_compile_for_sm90(tmp_path):
     assert all(r["shared"] <= 232448 for r in results.values())
 
 
+# log_linear_attn's 16 level states unroll into kernels that take over ten minutes each to compile for sm_90
+# (a level axis in codegen would loop instead): compiled on the GPU, not here
+AOT_LINEAR = [n for n in effc.library_names("linear") + effc.library_names("hybrid") if n != "log_linear_attn"]
+
+
 @pytest.mark.slow  # the full tier only (README: test tiers)
-def test_library_kernels_compile_for_sm90(tmp_path):
-    names = effc.library_names("linear") + effc.library_names("hybrid")
+@pytest.mark.parametrize("name", AOT_LINEAR)  # one spec a test, so pytest-xdist spreads them over the cores
+def test_library_kernels_compile_for_sm90(name, tmp_path):
+    names = [name]
     results = _compile_in_subprocesses(SCRIPT % (ANCHORED,), names, tmp_path)
     ops = [getattr(effc.load(n), "linear", None) or effc.load(n) for n in names]
     expected = {f"{op.name}.{k.name}" for op in ops for k in op.comp.plan.kernels}
@@ -126,7 +133,7 @@ def test_library_kernels_compile_for_sm90(tmp_path):
     expected |= {f"{op.name}.bwd_scan[summary]" for op in ops if op.comp.plan.segmentable}
     expected |= {f"{op.name}.{k.name}[anchored]" for op in ops if op.name in ANCHORED
                  for k in op.comp.plan.kernels if "DECAY_MODE" in k.arg_names}
-    assert set(results) == expected and any(".bwd_chunks_" in k for k in expected)
+    assert set(results) == expected and any(".walk" in k for k in expected)
     for kernel, r in results.items():
         if not r["matmuls"]:  # e.g. a gradient that is the output's cotangent itself (swax's softmax branch)
             continue
