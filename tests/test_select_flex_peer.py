@@ -11,20 +11,9 @@ from naive_softmax import moba
 import effc
 from effc.runtime.verify import judge_fp32
 from effc.tools.softmax_peers import PEERS_SOFTMAX, _causal_pairs, select_block_mask
+from test_select import SMALL_MOBA as SMALL  # MoBA with 16-token blocks and k = 2
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-SMALL = '''
-import "moba.attn"
-spec moba_small extends moba {
-  select {
-    block 16
-    g = q @ blockmean(k).T
-    mask kblock < qblock
-    force kblock == qblock
-    topk(g, 2)
-  }
-}
-'''
 
 
 def _inputs(T, H=2, seed=0):
