@@ -108,6 +108,10 @@ PEERS: dict[str, tuple[Peer, ...]] = {
     "mlstm_sig": (Peer("mlstm_kernels chunkwise--triton_xl_chunk_siging", ("q", "k", "v", "i", "f"),
                        _mlstm_kernels("chunkwise--triton_xl_chunk_siging", normalize=True, eps=1e-6)),),
     "rwkv7": (Peer("fla chunk_rwkv7", ("r", "w", "k", "v", "kappa", "a"), _fla_rwkv7),),
+    # level l of fla's level_scales weighs the same Fenwick bucket as the spec's lam[:, l] (level 0: the token
+    # itself; otherwise the highest differing bit of t xor s, plus one); both read only the first log2(T) + 2
+    "log_linear_attn": (Peer("fla chunk_log_linear_attn", ("q", "k", "v", "g", "lam"),
+                             _fla("fla.ops.log_linear_attn", "chunk_log_linear_attn")),),
 }
 
 
