@@ -121,6 +121,7 @@ def test_key_blocks_past_the_queries_are_never_loaded():
     text = str(op.comp.legality)
     assert "visible j in [-oo, floor(i1/32 - 31/32)]" in text
     assert "visible i in [32*j0 + 31, oo]" in text
+    assert op.visible_pairs(100) == (100 - 31) + (100 - 63) + (100 - 95)  # 4 keys at 31, 63, 95, 127
 
 
 # ---- errors -----------------------------------------------------------------------------------------

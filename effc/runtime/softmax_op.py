@@ -392,7 +392,8 @@ class SoftmaxOp(Tuned):
     # -- accounting ------------------------------------------------------------------------------------
     def visible_pairs(self, T: int, **params) -> int:
         """(query, key) pairs the masks keep in one sequence of T tokens, counted on the masks themselves
-        (every pair when a mask reads per-token inputs)."""
+        (every pair when a mask reads per-token inputs); a key sequence of its own has as many keys as
+        verify.random_inputs draws for T queries."""
         from ..passes.fusion import live_ops
         from .softmax_oracle import base_env, eval_pair_op
         ops = live_ops(self.spec.score.ops, self.spec.masks)
@@ -400,12 +401,19 @@ class SoftmaxOp(Tuned):
         if any(isinstance(a, str) and a in leaves for op in ops for a in op.args):
             return T * T
         dims = {d: 16 for d in self.spec.dims}
-        env = base_env(self.spec, self.param_values(dims, params), 1, torch.float64, "cpu", T)
+        pv = self.param_values(dims, params)
+        env = base_env(self.spec, pv, 1, torch.float64, "cpu", T)
+        nk = T
+        if self.spec.keyseq is not None:  # as many keys as random_inputs draws for T queries
+            from .softmax_oracle import key_positions
+            from .verify import keyseq_length
+            nk = keyseq_length(self.spec, T, {})
+            env["kpos"] = key_positions(self.spec, pv, nk, torch.float64, "cpu")
         env.update({d: torch.full((1, 1), 16.0, dtype=torch.float64) for d in dims})
         for op in ops:
             args = [a if isinstance(a, float) else env[a] for a in op.args[:1 if op.kind == "expand" else len(op.args)]]
             env[op.out] = eval_pair_op(op, args, T, None)
-        keep = torch.ones(T, T, dtype=torch.bool)
+        keep = torch.ones(T, nk, dtype=torch.bool)
         for m in self.spec.masks:
             v = torch.as_tensor(env[m])
             keep &= (v.reshape(v.shape[-2:] if v.dim() >= 2 else ()) != 0)
