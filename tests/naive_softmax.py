@@ -113,8 +113,16 @@ def based(q, k, v, window=64):
     return linear + attend(q, k, v, (j <= i) & (i - j < window))[0]
 
 
+def nsa_cmp(q, kc, vc, block=32):
+    """NSA's compressed branch: key s stands for tokens [block * s, block * s + block - 1] and sits at its
+    last token; query i sees the compressed keys whose block has ended by i."""
+    i = torch.arange(q.shape[1]).reshape(-1, 1)
+    s = torch.arange(kc.shape[1]).reshape(1, -1)
+    return attend(q, kc, vc, block * s + block - 1 <= i)[0]
+
+
 NAIVE_SOFTMAX = {
-    "softmax_attn": softmax_attn, "softmax_full": softmax_full, "sliding_window": sliding_window,
+    "nsa_cmp": nsa_cmp, "softmax_attn": softmax_attn, "softmax_full": softmax_full, "sliding_window": sliding_window,
     "alibi": alibi, "softcap": softcap, "forgetting_transformer": forgetting_transformer,
     "scale_invariant": scale_invariant, "gated_attention": gated_attention, "based": based,
 }

@@ -171,6 +171,17 @@ class SpecDef:
     loc: Loc = _loc()
     chunk_loc: Loc = _loc()  # the 'chunk N' line, for errors (the spec's own loc when absent)
     extends_loc: Loc = _loc()  # the name after 'extends', for errors
+    keypos: tuple["KeyPos", ...] = ()  # softmax family: positions of a key sequence's keys
+
+
+@dataclass(frozen=True)
+class KeyPos:
+    """`keypos S = expr`: the key at index S (the name of the dim, read as the index) of a key sequence of
+    its own sits at position expr on the query's token axis (softmax family)."""
+
+    dim: str
+    expr: "Expr"
+    loc: Loc = _loc()
 
 
 @dataclass(frozen=True)

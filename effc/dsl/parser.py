@@ -21,7 +21,7 @@ _TOKEN_NAMES = {
     "COMPARE": "a comparison (< <= > >= == !=)", "MASK": "'mask'", "AND": "'and'", "OR": "'or'", "NOT": "'not'",
     "TRANSPOSE": "'T'", "NONE": "'None'", "$END": "end of file",
     "SPEC": "'spec'", "IMPORT": "'import'", "DEF": "'def'", "INPUT": "'input'", "OUTPUT": "'output'",
-    "STATE": "'state'", "PARAM": "'param'", "CHUNK": "'chunk'", "EXTENDS": "'extends'",
+    "STATE": "'state'", "PARAM": "'param'", "CHUNK": "'chunk'", "KEYPOS": "'keypos'", "EXTENDS": "'extends'",
 }
 
 
@@ -32,7 +32,7 @@ def _lark() -> lark.Lark:
 
 # Terminals spelled like names: using one where a name is expected gets a hint.
 _KEYWORDS = {"SPEC", "IMPORT", "DEF", "EXTENDS", "INPUT", "OUTPUT", "STATE", "PARAM", "CHUNK", "NONE", "STAGE",
-             "MASK", "AND", "OR", "NOT", "SELECT", "BLOCK", "FORCE", "SHARED"}
+             "MASK", "AND", "OR", "NOT", "SELECT", "BLOCK", "FORCE", "SHARED", "KEYPOS"}
 
 
 def _token_name(t: str) -> str:
@@ -194,6 +194,10 @@ class _Builder(lark.Transformer):
         return ("chunk", int(c[0]), self._loc(meta))
 
     @lark.v_args(meta=True)
+    def keypos_decl(self, meta, c):
+        return ast.KeyPos(str(c[0]), c[1], self._loc(meta))
+
+    @lark.v_args(meta=True)
     def assign(self, meta, c):
         return ast.Assign(str(c[0]), c[1], self._loc(meta))
 
@@ -212,7 +216,9 @@ class _Builder(lark.Transformer):
         if len(chunks) > 1:
             raise SpecError("chunk size declared twice", chunks[1][2], "one 'chunk N' line per spec")
         chunk, chunk_loc = (chunks[0][1], chunks[0][2]) if chunks else (None, self._loc(meta))
-        return ast.SpecDef(name, decls, params, chunk, stages, extends, self._loc(meta), chunk_loc, extends_loc)
+        keypos = tuple(m for m in members if isinstance(m, ast.KeyPos))
+        return ast.SpecDef(name, decls, params, chunk, stages, extends, self._loc(meta), chunk_loc, extends_loc,
+                           keypos)
 
     @lark.v_args(meta=True)
     def def_stmt(self, meta, c):

@@ -63,7 +63,14 @@ class TensorDecl:
 
     @property
     def feature_dims(self) -> tuple[str, ...]:
-        return tuple(d for d in self.dims if d not in ("B", "T", "H"))
+        if self.role == "state":
+            return tuple(d for d in self.dims if d not in ("B", "T", "H"))
+        return self.dims[3:]  # [B, T, H, ...]; a key input's sequence dim may be its own (a key sequence, S)
+
+    @property
+    def seq(self) -> str | None:
+        """The token axis: T, or a key sequence of its own (softmax family: `input kc: [B, S, H, K] key`)."""
+        return None if self.role == "state" else self.dims[1]
 
     @property
     def reverse(self) -> bool:
@@ -73,7 +80,7 @@ class TensorDecl:
 
     @property
     def tile(self) -> TileType:
-        per_token = ("C",) if "T" in self.dims else ()
+        per_token = ("C",) if self.seq is not None else ()
         return TileType(tuple(C if d == "C" else dim(d) for d in per_token + self.feature_dims))
 
 
@@ -122,6 +129,19 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class KeySeq:
+    """The softmax family's second key sequence: key inputs declared over their own token axis `dim`
+    (`input kc: [B, S, H, K] key`), S keys per sequence, not the query's T tokens. `pos` = (a, c): the key at
+    index s sits at position a * s + c of the query's token axis (`keypos S = (S + 1) * 32 - 1`), sympy
+    expressions over numbers and params (symbols p_<param>); None: no declared positions (a spec that reads
+    kpos needs them)."""
+
+    dim: str
+    pos: tuple | None = None
+    loc: Loc = field(default=_NOLOC, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Spec:
     name: str
     inputs: tuple[TensorDecl, ...]
@@ -142,6 +162,7 @@ class Spec:
     # the walk visits only the selected key blocks
     select: Stage = Stage("select", ())
     selection: Selection | None = None
+    keyseq: KeySeq | None = None  # key inputs over a key sequence of their own (softmax family)
 
     @property
     def family(self) -> str:

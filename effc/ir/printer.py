@@ -23,6 +23,10 @@ def print_spec(spec: Spec) -> str:
         lines.append(f"  {d.role} {d.name}[{', '.join(d.dims)}]{ann} tile {d.tile}")
     for p in spec.params:
         lines.append(f"  param {p.name} = {p.default}")
+    if spec.keyseq is not None:
+        ks = spec.keyseq
+        pos = "undeclared" if ks.pos is None else f"{ks.pos[0]} * {ks.dim.lower()} + {ks.pos[1]}"
+        lines.append(f"  key sequence {ks.dim}: kpos = {pos}")
     extra = tuple(s for s in (spec.prefix, spec.select, spec.score) if s.ops)  # the softmax family's stages
     for stage in extra + spec.stages:
         lines.append(f"  {stage.name}:")

@@ -255,8 +255,12 @@ def _fmt(x) -> str:
     return {NEG: "-oo", POS: "oo"}.get(x, str(x))
 
 
-def derive(masks: tuple[str, ...], ops: dict[str, Op], params: set[str]) -> BlockSparsity:
+def derive(masks: tuple[str, ...], ops: dict[str, Op], params: set[str], kmap: tuple | None = None) -> BlockSparsity:
+    """`kmap` = (a, c): the keys are a sequence of their own, the key at index j at position a * j + c (a
+    KeySeq's positions); the ranges are then over key indices, which the walks count."""
     formulas = tuple(predicate_formula(m, ops, params) for m in masks)
+    if kmap is not None:
+        formulas = tuple(f if f is None else f.subs(J, kmap[0] * J + kmap[1]) for f in formulas)
     if not formulas:
         return BlockSparsity(Range.everything(), Range.everything(), ())
     keys = _and([formula_range(f, J, I, I0, I1) for f in formulas])

@@ -41,7 +41,8 @@ def _merge_parent(child: ast.SpecDef, specs: dict[str, ast.SpecDef], seen=()) ->
         by_name(parent.params, child.params, lambda p: p.name),
         child.chunk if child.chunk is not None else parent.chunk,
         by_name(parent.stages, child.stages, lambda s: s.name),
-        None, child.loc, child.chunk_loc if child.chunk is not None else parent.chunk_loc)
+        None, child.loc, child.chunk_loc if child.chunk is not None else parent.chunk_loc,
+        keypos=by_name(parent.keypos, child.keypos, lambda k: k.dim))
 
 
 def _param_default(expr: ast.Expr, dims: set[str], params: dict[str, sympy.Expr]) -> sympy.Expr:
@@ -192,6 +193,13 @@ def lower(module: ast.Module, name: str | None = None) -> Spec:
                                   "level states are lowered for the linear family")
     if "score" in stages or "prefix" in stages or "select" in stages:  # the softmax family: passes.lower_softmax
         return lower_softmax(sdef, inputs, outputs, states, params, chunk, funcs, stages)
+    for d in inputs:
+        if d.seq != "T":
+            raise SpecError(f"input '{d.name}' has its own token axis {d.seq}: a key sequence is read by a score "
+                            "stage (softmax family)", d.loc, "[B, T, H, D], or a 'score { ... }' block")
+    if sdef.keypos:
+        raise SpecError("'keypos' places the keys of a key sequence of a score stage; this spec has none",
+                        sdef.keypos[0].loc, "a 'score { ... }' block reading inputs declared [B, S, H, D] key")
     if not states and "inter" in stages:
         raise SpecError("an inter stage needs a declared state", stages["inter"].loc, "a 'state S: [K, V]' line")
 
@@ -275,6 +283,9 @@ def _check_shape(d: ast.Decl) -> None:
             raise SpecError(f"state '{d.name}' has shape {shown}", d.loc,
                             "feature dims only, at most two: [], [K] or [K, V]")
         return
+    if d.kind == "input" and "key" in d.annotations and len(dims) >= 3 and dims[1] not in ("B", "H") \
+            and (dims[0], dims[2]) == ("B", "H") and len(dims) <= 4:
+        return  # a key sequence of its own: [B, S, H] or [B, S, H, D] (passes.lower_softmax checks S)
     if tuple(dims[:3]) != ("B", "T", "H") or len(features) > 1:
         raise SpecError(f"{d.kind} '{d.name}' has shape {shown}", d.loc,
                         "[B, T, H] (one value per token and head) or [B, T, H, D] (a vector per token)")

@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 
+import sympy
+
 from ..dsl import ast
 from ..errors import Loc, SpecError, suggest
 from ..ir import ops as O
-from ..ir.nodes import ParamDecl, Selection, Spec, Stage
+from ..ir.nodes import KeySeq, ParamDecl, Selection, Spec, Stage
 from .lower_stage import (
     StageLowering,
     assign_statement,
@@ -296,7 +298,105 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
         after.update({op.out: "local" for op in intra.ops + prefix.ops})
         inter, _ = lower_stage(stages.get("inter"), "inter", after, funcs, counter, {s.name: s for s in states},
                                 roles, intra_names, taken)
+    keyseq = _key_sequence(sdef, inputs, outputs, states, params, prefix, select, score, merge)
     return Spec(sdef.name, inputs, outputs, states,
                 tuple(ParamDecl(p.name, params[p.name], p.loc) for p in sdef.params), chunk, intra, merge, inter,
-                prefix=prefix, score=score, masks=tuple(masks), select=select, selection=selection)
+                prefix=prefix, score=score, masks=tuple(masks), select=select, selection=selection, keyseq=keyseq)
+
+
+def _key_sequence(sdef: ast.SpecDef, inputs, outputs, states, params, prefix: Stage, select: Stage, score: Stage,
+                  merge: Stage) -> KeySeq | None:
+    """The key sequence of the score: T (the query's tokens: None) or one of its own, S, that every key-side
+    read shares (its key inputs are declared [B, S, H, ...] key), with the keys' positions on the query's
+    token axis from `keypos S = ...`. Mixing two key sequences in one score has no meaning yet (a merged walk
+    over both is not designed): a located error at the key-side read of the second."""
+    seq_of = {d.name: d.seq for d in inputs}
+    own = {d.seq for d in inputs if d.seq != "T"}
+    if inputs and inputs[0].seq != "T":
+        raise SpecError(f"the first input '{inputs[0].name}' sets the query tokens and the outputs' T; this one is "
+                        f"over the key sequence {inputs[0].seq}", inputs[0].loc, "the queries declared first, "
+                        "e.g. 'input q: [B, T, H, K]'")
+    features = {n for d in inputs + outputs + states for n in d.feature_dims}
+    for d in inputs:
+        if d.seq != "T" and d.seq in features:
+            raise SpecError(f"'{d.name}' has sequence dim {d.seq}, which is also a feature dim", d.loc,
+                            "a name of its own for the key sequence, e.g. [B, S, H, K]")
+    first: dict[str, object] = {}  # sequence -> the first key-side read of it
+    for op in score.ops + merge.ops:
+        if op.kind not in ("key", "query") or not isinstance(op.args[0], str):
+            continue
+        seq = seq_of.get(op.args[0], "T")  # a prefix value is per query token
+        if op.kind == "query":
+            if seq != "T":
+                raise SpecError(f"query({op.args[0]}): '{op.args[0]}' is over the key sequence {seq}, not the "
+                                "query's tokens", op.loc, f"key({op.args[0]}), or a [B, T, H, ...] input")
+            continue
+        if first and seq not in first:
+            (other, where), = first.items()
+            raise SpecError(f"the score reads keys of two sequences: key({op.args[0]}) is over {seq}, but the key "
+                            f"read at {where.loc} is over {other}", op.loc, "every key-side input of one score over "
+                            "one key sequence (a merge of two walks is not implemented)")
+        first.setdefault(seq, op)
+    for st in (prefix, select):
+        for op in st.ops:
+            bad = next((a for a in op.args if isinstance(a, str) and seq_of.get(a, "T") != "T"), None)
+            if bad is not None:
+                raise SpecError(f"'{bad}' is over the key sequence {seq_of[bad]}, but {st.name} runs over the query's "
+                                "tokens", op.loc, f"'{bad}' read in score or merge (on the key side)")
+    if own and set(first) == {"T"}:
+        d = next(d for d in inputs if d.seq != "T")
+        raise SpecError(f"input '{d.name}' is over the key sequence {d.seq}, but the score's keys are the query's "
+                        "tokens", d.loc, "every key-side input of one score over one key sequence")
+    seq = next(iter(first), "T") if first else (next(iter(own)) if own else "T")
+    for kp in sdef.keypos:
+        if kp.dim != seq or seq == "T":
+            raise SpecError(f"keypos {kp.dim}: the score's keys are over " + (
+                "the query's tokens T, whose positions are their indices" if seq == "T" else seq), kp.loc,
+                f"keypos {seq} = ..." if seq != "T" else "no keypos line")
+    if seq == "T":
+        return None
+    decl = next((k for k in sdef.keypos if k.dim == seq), None)
+    pos = _affine_positions(decl, params) if decl is not None else None
+    if pos is None:
+        reader = next((op for op in score.ops + merge.ops if "kpos" in op.args), None)
+        if reader is not None:
+            raise SpecError(f"kpos of the key sequence {seq} is not declared", reader.loc,
+                            f"a line 'keypos {seq} = ...' giving each key's position on the query's token axis, "
+                            f"e.g. 'keypos {seq} = ({seq} + 1) * 32 - 1'")
+    loc = next(d.loc for d in inputs if d.seq == seq)
+    return KeySeq(seq, pos, decl.loc if decl is not None else loc)
+
+
+def _affine_positions(decl: ast.KeyPos, params) -> tuple:
+    """`keypos S = expr` as (a, c) with expr = a * S + c: numbers and params (runtime symbols p_<param>)."""
+    s = sympy.Symbol("_s", integer=True)
+
+    def rec(e):
+        if isinstance(e, ast.Number):
+            return sympy.nsimplify(e.value)
+        if isinstance(e, ast.Name):
+            if e.id == decl.dim:
+                return s
+            if e.id in params:
+                return sympy.Symbol(f"p_{e.id}", real=True)
+            raise SpecError(f"unknown name '{e.id}' in keypos {decl.dim}", e.loc,
+                            f"numbers, params and {decl.dim} (the key's index)" + suggest(e.id, list(params)))
+        if isinstance(e, ast.Neg):
+            return -rec(e.operand)
+        if isinstance(e, ast.BinOp) and e.op in ("add", "sub", "mul", "div"):
+            a, b = rec(e.left), rec(e.right)
+            return {"add": a + b, "sub": a - b, "mul": a * b, "div": a / b}[e.op]
+        raise SpecError(f"keypos {decl.dim} must be arithmetic (+ - * /) over numbers, params and {decl.dim}",
+                        getattr(e, "loc", decl.loc), f"e.g. keypos {decl.dim} = ({decl.dim} + 1) * 32 - 1")
+
+    x = sympy.expand(rec(decl.expr))
+    a = x.coeff(s)
+    c = sympy.expand(x - a * s)
+    if s in a.free_symbols or s in c.free_symbols:
+        raise SpecError(f"keypos {decl.dim} must be affine in the key index: a * {decl.dim} + c", decl.expr.loc,
+                        f"e.g. keypos {decl.dim} = ({decl.dim} + 1) * 32 - 1")
+    if a.is_number and a <= 0:
+        raise SpecError(f"keypos {decl.dim} must increase with the key index (its factor is {a})", decl.expr.loc,
+                        "keys in the order of their positions, e.g. block ends (S + 1) * 32 - 1")
+    return (a, c)
 

@@ -242,6 +242,10 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
         sides[s.name] = "L"
     for op in spec.intra.ops + spec.inter.ops:
         sides[op.out] = "L"
+    if spec.keyseq is not None and (spec.states or spec.selection is not None):
+        raise NotImplementedError(f"spec '{spec.name}': a key sequence of its own ({spec.keyseq.dim}) with "
+                                  + ("a state (a hybrid)" if spec.states else "a select stage")
+                                  + " is not implemented; it is lowered for a plain score stage")
     if spec.states:
         raise NotImplementedError(f"spec '{spec.name}' is a hybrid (a state and a score stage): passes.hybrid "
                                   "splits it into a softmax branch and a state branch, each analysed on its own")
@@ -352,7 +356,8 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
     post_ops = tuple(op for op in post_live if sides[op.out] in ("Q", "R") and op.out not in loop_names)
 
     params = {p.name for p in spec.params}
-    sparsity = derive(spec.masks, {op.out: op for op in spec.score.ops}, params)
+    kmap = spec.keyseq.pos if spec.keyseq is not None else None
+    sparsity = derive(spec.masks, {op.out: op for op in spec.score.ops}, params, kmap)
     reasons = [
         "merge reads " + ", ".join(f"softmax({g.score})" for g in groups_t) + " over keys: exp of a pair-dependent "
         "score does not factor into f(q)·g(k), so no fixed-size state carries it; the online-softmax walk is legal "

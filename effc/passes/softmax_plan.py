@@ -86,6 +86,11 @@ _LAYOUT = ("T", "Q_LO", "Q_HI", "cu_ptr")
 _TILES = ("BM", "BN")
 _OPTIONS = ("IS_VARLEN", "DOT_DTYPE", "PRECISION")
 _FLAGS = ("SAVE",)
+_KEYSEQ_LAYOUT = ("TK",)  # a key sequence of its own (spec.keyseq): its length
+
+
+def _layout(sched: SoftmaxSchedule) -> tuple[str, ...]:
+    return _LAYOUT + (_KEYSEQ_LAYOUT if sched.spec.keyseq is not None else ())
 
 
 def _kernel_ops(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple:
@@ -111,9 +116,12 @@ def _leaf_sides(sched: SoftmaxSchedule, ops) -> tuple[tuple[str, ...], tuple[str
 
 
 def _params_read(sched: SoftmaxSchedule, ops, walk: bool, outer: str) -> tuple[str, ...]:
-    """The spec parameters a kernel reads: in its ops, the score's folded scale (walks) and the walk's block
-    bounds (the masks' ranges)."""
+    """The spec parameters a kernel reads: in its ops, the score's folded scale (walks), the walk's block
+    bounds (the masks' ranges) and the key sequence's positions (kpos, when the kernel reads it)."""
     names = {a for op in ops for a in op.args if isinstance(a, str)}
+    ks = sched.spec.keyseq
+    if ks is not None and ks.pos is not None and (walk or "kpos" in names):
+        names |= {x.name[2:] for e in ks.pos for x in e.free_symbols if x.name.startswith("p_")}
     if walk:
         names |= {g.fold[1] for g in sched.groups if g.fold is not None and isinstance(g.fold[1], str)}
         r = sched.sparsity.keys if outer == "q" else sched.sparsity.queries
@@ -244,7 +252,7 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
         tensors, layout, tiles = _select_args(sched, name)
         args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + list(_buffers(sched, bwd, name))
                                        + tensors) + kernel_args("param", [f"p_{p}" for p in params])) \
-            + kernel_args("layout", _LAYOUT + tuple(layout)) \
+            + kernel_args("layout", _layout(sched) + tuple(layout)) \
             + kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [n for d in leaf_dims for n in (d, f"{d}_P")]) \
             + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", _OPTIONS) + kernel_args("flag", _FLAGS)
         if sched.select is not None and role != "bwd_pre":
@@ -254,7 +262,8 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
             stores=tuple(spec.outputs) if name == "fwd" else (),
             grid="(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)", args=args,
             stages=stages, what=what, outer=outer, walk=role != "bwd_pre", query_loads=q, key_loads=k))
-    if sched.select is None:  # decoding with a select stage is not lowered (runtime.softmax_decode says so)
+    if sched.select is None and spec.keyseq is None:  # decoding with a select stage or a key sequence of its own
+        # is not lowered (runtime.softmax_decode says so)
         kernels += _decode_kernels(sched, leaf_dims)
     return SoftmaxPlan(spec, tuple(kernels), sched, bwd)
 

@@ -123,7 +123,8 @@ def check_inputs(spec: Spec, tensors: tuple, for_kernels: bool = True) -> tuple[
                             "device, or call op.reference(...) for the PyTorch oracle")
     B, T, H = (sizes[n][0] for n in ("B", "T", "H"))
     _check_rotated_dims(spec, sizes)
-    return B, T, H, {n: s for n, (s, _) in sizes.items() if n not in ("B", "T", "H")}
+    seqs = {d.seq for d in spec.inputs}  # T, and a key sequence of its own (softmax family: S)
+    return B, T, H, {n: s for n, (s, _) in sizes.items() if n not in ("B", "H") and n not in seqs}
 
 
 def _check_rotated_dims(spec: Spec, sizes: dict[str, tuple[int, str]]) -> None:

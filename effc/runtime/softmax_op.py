@@ -124,6 +124,7 @@ class SoftmaxOp(Tuned):
         zero and pass no gradient, and the query-side inputs' rows there are not read. Every input keeps the
         full length T, at the same positions: the queries of a later piece of a sequence against all of it
         (context parallel, docs/context-parallel.md). None: every row."""
+        self._check_keyseq_call(cu_seqlens)
         longest = call_lengths(cu_seqlens, tensors[0])
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         grad = torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
@@ -138,6 +139,23 @@ class SoftmaxOp(Tuned):
         leaves = [named[x] if x in named else pre[x] for x in self.sched.leaves]
         outs = self._torch_ops.call(leaves, [], cu_seqlens, list(ints), list(pvals))[:len(self.spec.outputs)]
         return (outs[0] if len(outs) == 1 else tuple(outs)), None
+
+    def _check_keyseq_call(self, cu_seqlens, what: str = "cu_seqlens") -> None:
+        """A key sequence of its own (spec.keyseq) runs on padded batches only: packed sequences would need the
+        key sequence's own offsets (flash-attn's cu_seqlens_k), which are not implemented."""
+        ks = self.spec.keyseq
+        if ks is not None and cu_seqlens is not None:
+            raise NotImplementedError(f"{self.name}: {what} with keys over a key sequence of their own ({ks.dim}): "
+                                      f"packed key sequences (a cu_seqlens_k for {ks.dim}) are not implemented; "
+                                      f"call with padded batches, (B, T, H, D) queries and (B, {ks.dim}, H, D) keys")
+
+    def _keyseq_len(self, leaves) -> int:
+        """The key sequence's length TK: of the key inputs over it (0 when the keys are the query's tokens:
+        the kernels then take none)."""
+        ks = self.spec.keyseq
+        if ks is None:
+            return 0
+        return next(t.shape[1] for d, t in zip(self.spec.inputs, leaves) if d.seq == ks.dim)
 
     def _plan_call(self, descs, has_init, output_final_state, n_seq, longest, grad, knobs, params, queries=None):
         """Checks and tiles of one call, from its argument descriptions: under torch.compile this runs once
@@ -207,7 +225,7 @@ class SoftmaxOp(Tuned):
         dummy = torch.empty(1, **f32)
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
-        named.update(T=T, Q_LO=queries[0], Q_HI=queries[1],
+        named.update(T=T, Q_LO=queries[0], Q_HI=queries[1], TK=self._keyseq_len(leaves),
                      cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else dummy)
         c = cfg.fwd
         if sched.select is not None:  # the blocks each query walks (passes.select)
@@ -243,7 +261,8 @@ class SoftmaxOp(Tuned):
         named.update({f"p_{k}": v for k, v in pvals.items()})
         queries = queries or (0, T)
         alloc = torch.zeros if tuple(queries) != (0, T) else torch.empty  # rows outside: no gradient
-        named.update(T=T, Q_LO=queries[0], Q_HI=queries[1],
+        TK = self._keyseq_len(leaves)
+        named.update(T=T, Q_LO=queries[0], Q_HI=queries[1], TK=TK,
                      cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None else torch.empty(1, **f32))
         feats = {x: tuple(int(dims[str(d)]) for d in sched.types[x].shape[1:]) for x in sched.leaves}
         dr_dtype = operand_dtype(dtype)  # the reductions' cotangents are matmul operands of both walks
@@ -264,12 +283,13 @@ class SoftmaxOp(Tuned):
                 # a gradient written by one kernel for ungrouped heads is final: stored in the input's dtype,
                 # with no fp32 buffer and no conversion pass; sums of parts and of grouped heads stay fp32
                 direct = x in whole and t.shape[2] == H
-                buf = alloc((B, T, H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
+                # a key sequence of its own has its own length (t.shape[1]); the others are over T
+                buf = alloc((B, t.shape[1], H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
                 named[f"{x}_{tag}_ptr"] = buf
                 parts[x].append(buf)
         for kernel, c, grid0 in (("bwd_pre", cfg.pre, _query_blocks(longest, queries, cfg.pre[0])),
                                  ("bwd_dq", cfg.dq, _query_blocks(longest, queries, cfg.dq[0])),
-                                 ("bwd_dkv", cfg.dkv, math.ceil(longest / cfg.dkv[1]))):
+                                 ("bwd_dkv", cfg.dkv, math.ceil((TK or longest) / cfg.dkv[1]))):
             self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
         grads = []
         for x, t in zip(sched.leaves, leaves):
@@ -291,6 +311,7 @@ class SoftmaxOp(Tuned):
         """The spec evaluated with PyTorch ops on whole [T, T] score matrices (differentiable; float64
         inputs are accepted, for gradient checks). `last_query`: the last token's outputs only, (B, 1, H, D).
         `queries=(lo, hi)`: as for the call, the other rows zero."""
+        self._check_keyseq_call(cu_seqlens)
         B, T, H, dims, pvals = self._check(tensors, params, False, initial_state, output_final_state)
         outs = evaluate_softmax(self.spec, {d.name: x for d, x in zip(self.spec.inputs, tensors)}, pvals, dims,
                                 dtype, matmul_dtype, cu_seqlens, last_query=last_query)
@@ -314,6 +335,7 @@ class SoftmaxOp(Tuned):
         the token appended). The token's query runs in the decode kernels against a cache built from the
         context (the prefix stage recomputed over it): O(t) a step; `decode` keeps a cache across steps.
         A select stage, or CPU tensors without the interpreter, run the oracle in PyTorch (fp32)."""
+        self._no_keyseq_decoding()
         xs = decode_inputs(self.spec, tokens, context)
         if self.sched.select is not None or (tokens[0].device.type == "cpu" and not interpreting()):
             o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
@@ -333,6 +355,12 @@ class SoftmaxOp(Tuned):
         o = [x[:, 0] for x in (o if isinstance(o, tuple) else (o,))]
         return (o[0] if len(o) == 1 else tuple(o)), tuple(xs)
 
+    def _no_keyseq_decoding(self) -> None:
+        if self.spec.keyseq is not None:
+            raise NotImplementedError(f"{self.name}: decoding with keys over a key sequence of their own "
+                                      f"({self.spec.keyseq.dim}) is not implemented (no decode kernels are "
+                                      "generated); call the op on the whole query sequence")
+
     @property
     def cache_names(self) -> tuple[str, ...]:
         """The tensors a KV cache for `decode` holds, in order: key inputs and prefix values read on the key
@@ -342,6 +370,7 @@ class SoftmaxOp(Tuned):
     def new_cache(self, *tokens, max_len: int) -> dict[str, torch.Tensor]:
         """Zero caches {name: (B, max_len, Hx, ...)} for requests shaped like `tokens` (every input, (B, Tq,
         H, D) as `decode` takes them): inputs' caches in their dtype, prefix values' fp32."""
+        self._no_keyseq_decoding()
         return softmax_decode.new_cache(self, *tokens, max_len=max_len)
 
     def decode(self, *tokens, cache, cache_seqlens, splits: int | None = None, **params):
@@ -353,6 +382,7 @@ class SoftmaxOp(Tuned):
         several): each query against every cached key its masks keep, at its position in the sequence.
         Generated kernels: split-KV partials and their log-sum-exp combine; `splits` pins the number of
         splits of each request's keys (None: policy.decode's occupancy rule)."""
+        self._no_keyseq_decoding()
         return softmax_decode.decode(self, tokens, cache, cache_seqlens, splits, **params)
 
     def recurrent_reference(self, *tensors, **kw):
@@ -362,7 +392,8 @@ class SoftmaxOp(Tuned):
     # -- accounting ------------------------------------------------------------------------------------
     def visible_pairs(self, T: int, **params) -> int:
         """(query, key) pairs the masks keep in one sequence of T tokens, counted on the masks themselves
-        (every pair when a mask reads per-token inputs)."""
+        (every pair when a mask reads per-token inputs); a key sequence of its own has as many keys as
+        verify.random_inputs draws for T queries."""
         from ..passes.fusion import live_ops
         from .softmax_oracle import base_env, eval_pair_op
         ops = live_ops(self.spec.score.ops, self.spec.masks)
@@ -370,12 +401,19 @@ class SoftmaxOp(Tuned):
         if any(isinstance(a, str) and a in leaves for op in ops for a in op.args):
             return T * T
         dims = {d: 16 for d in self.spec.dims}
-        env = base_env(self.spec, self.param_values(dims, params), 1, torch.float64, "cpu", T)
+        pv = self.param_values(dims, params)
+        env = base_env(self.spec, pv, 1, torch.float64, "cpu", T)
+        nk = T
+        if self.spec.keyseq is not None:  # as many keys as random_inputs draws for T queries
+            from .softmax_oracle import key_positions
+            from .verify import keyseq_length
+            nk = keyseq_length(self.spec, T, {})
+            env["kpos"] = key_positions(self.spec, pv, nk, torch.float64, "cpu")
         env.update({d: torch.full((1, 1), 16.0, dtype=torch.float64) for d in dims})
         for op in ops:
             args = [a if isinstance(a, float) else env[a] for a in op.args[:1 if op.kind == "expand" else len(op.args)]]
             env[op.out] = eval_pair_op(op, args, T, None)
-        keep = torch.ones(T, T, dtype=torch.bool)
+        keep = torch.ones(T, nk, dtype=torch.bool)
         for m in self.spec.masks:
             v = torch.as_tensor(env[m])
             keep &= (v.reshape(v.shape[-2:] if v.dim() >= 2 else ()) != 0)

@@ -119,6 +119,16 @@ def base_env(spec: Spec, params: dict, H: int, dtype, device, T: int, heads=None
     return {name: f() for name, f in make.items() if used is None or name in used}
 
 
+def key_positions(spec: Spec, params: dict, nk: int, dtype, device) -> torch.Tensor:
+    """kpos of a key sequence of its own, (1, 1, 1, nk): a * index + c (spec.keyseq.pos) at the call's params;
+    without declared positions the index (the spec reads no kpos: passes.lower_softmax checks)."""
+    idx = torch.arange(nk, dtype=dtype, device=device).reshape(1, 1, 1, nk)
+    if spec.keyseq.pos is None:
+        return idx
+    a, c = (float(e.subs({x: params[x.name[2:]] for x in e.free_symbols})) for e in spec.keyseq.pos)
+    return idx * a + c
+
+
 def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=torch.float64, matmul_dtype=None,
                      cu_seqlens=None, head_group: int | None = None, last_query: bool = False):
     """({output: (B, T, H, ...)}) for (B, T, Hx, ...) inputs; `dims` are the feature dim sizes. `last_query`:
@@ -129,6 +139,7 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
     full = dict(tensors)
     full.update(prefix_values(spec, tensors, params, H, dtype, cu_seqlens))
     outs = {o.name: [] for o in spec.outputs}
+    own = {d.name for d in spec.inputs if d.seq != "T"}
     for a, b in _sequences(T, cu_seqlens):
         n = b - a
         q0 = n - 1 if last_query else 0  # the first query evaluated
@@ -143,11 +154,18 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
             env.update({k: torch.full((1, 1), float(v), dtype=dtype, device=device) for k, v in dims.items()})
             keys = {}  # every token, for key(x); the other reads of a per-token value are the queries'
             for name, x in full.items():
+                if name in own:  # a key sequence of its own: all its keys (cu_seqlens is refused with one)
+                    keys[name] = env[name] = _tile(_heads(x, H)[:, :, h0:h1].to(dtype))
+                    continue
                 keys[name] = _tile(_heads(x[:, a:b], H)[:, :, h0:h1].to(dtype))
                 env[name] = keys[name][:, :, q0:]
+            nk = n
+            if spec.keyseq is not None:
+                nk = next(t.shape[1] for d, t in zip(spec.inputs, tensors.values()) if d.seq == spec.keyseq.dim)
+                env["kpos"] = key_positions(spec, params, nk, dtype, device)
             for op in spec.score.ops:
                 _run(op, env, keys, n, None, matmul_dtype)
-            keep = torch.ones((1, 1, n - q0, n), dtype=torch.bool, device=device)
+            keep = torch.ones((1, 1, n - q0, nk), dtype=torch.bool, device=device)
             if spec.selection is not None:  # the pairs of the key blocks each query chose (passes.select)
                 chosen = select_oracle.chosen_blocks(spec, env, keys, n, lambda op, args: eval_pair_op(op, args, n, None),
                                                      shared)

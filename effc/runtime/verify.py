@@ -8,6 +8,8 @@ Policy (one place, used by `effc check`, the tests and the GPU suite):
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,18 @@ FP32_TOL = 1e-4
 LOW_PRECISION_FACTOR = 2.0
 
 
+def keyseq_length(spec: Spec, T: int, dims: dict[str, int]) -> int:
+    """The length of a key sequence of its own for T queries: `dims[S]` when given, else enough keys to
+    cover the T positions (ceil(T / a) for positions a * s + c), or T."""
+    ks = spec.keyseq
+    if ks.dim in dims:
+        return dims[ks.dim]
+    a = ks.pos[0] if ks.pos is not None else None
+    if a is not None and getattr(a, "is_number", isinstance(a, (int, float))) and float(a) >= 1:
+        return max(1, math.ceil(T / float(a)))
+    return T
+
+
 def random_inputs(spec: Spec, B: int, T: int, H: int, dims: dict[str, int], dtype=torch.float32,
                   device="cpu", seed: int = 0, strong_gates: bool = False) -> list[torch.Tensor]:
     """Inputs as their annotations promise. `strong_gates`: log decays of about -20 a token (a chunk's decay
@@ -26,7 +40,7 @@ def random_inputs(spec: Spec, B: int, T: int, H: int, dims: dict[str, int], dtyp
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for d in spec.inputs:
-        shape = (B, T, H) + tuple(dims[n] for n in d.feature_dims)
+        shape = (B, T if d.seq == "T" else keyseq_length(spec, T, dims), H) + tuple(dims[n] for n in d.feature_dims)
         x = torch.randn(shape, generator=gen)
         if "logdecay" in d.annotations:
             # decays mostly in (0.5, 1): long memory, like trained gates

@@ -264,6 +264,24 @@ def _effc_attend(q, k, v, params):
     return op(q, k, v, **({"scale": params["scale"]} if "scale" in params else {}))[0]
 
 
+def _nsa_cmp(xs, params):
+    """nsa_cmp: SDPA (memory-efficient backend, which takes a mask) over the S compressed keys with the
+    block-end mask key s at 32 s + 31 <= query t; the queries of the first block see no key (NaN rows in
+    SDPA, 0 in effc): a timing peer, not a reference."""
+    q, k, v = (_bhtd(x) for x in xs[:3])
+    T, S = q.shape[2], k.shape[2]
+    mask = (torch.arange(S, device=q.device)[None, :] * 32 + 31) <= torch.arange(T, device=q.device)[:, None]
+    scale = params.get("scale", q.shape[-1] ** -0.5)
+
+    def run():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        _fresh(q, k, v)
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]).transpose(1, 2)
+    return run
+
+
 _QKV = ("q", "k", "v")
 PEERS_SOFTMAX = {
     "softmax_attn": [("torch SDPA causal (flash)", _QKV, _sdpa(True)),
@@ -290,4 +308,5 @@ PEERS_SOFTMAX = {
              ("FlexAttention, effc's BlockMask", _QKV, _flex_select("moba", _causal_pairs))],
     "topp": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True)),
              ("FlexAttention, effc's BlockMask", _QKV, _flex_select("topp", _causal_pairs))],
+    "nsa_cmp": [("torch SDPA (efficient), block-end mask over S keys", ("q", "kc", "vc"), _nsa_cmp)],
 }

@@ -178,12 +178,13 @@ def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: s
 class Leaf:
     name: str
     feats: tuple[str, ...]
+    kbos: str = "bos"  # the first token of its sequence on the key side (bos_k: a key sequence of its own)
 
-    def load(self, side: str, masked: bool = True, ptr: str | None = None, base: str = "bos") -> str:
+    def load(self, side: str, masked: bool = True, ptr: str | None = None, base: str | None = None) -> str:
         """masked=False: a block wholly inside the sequence (the walk's mask-free blocks) loads unmasked.
         `ptr` and `base`: another buffer of the leaf (a KV cache) and its sequence's first token."""
         rows, valid = ("r_M", "qv") if side == "lq" else ("r_N", "kv")
-        offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows, base)
+        offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows, base or ("bos" if side == "lq" else self.kbos))
         ptr = ptr or f"{self.name}_ptr"
         if masked:
             mask = f", mask={_rowmask(valid, self.feats)}, other=0.0"
@@ -203,10 +204,11 @@ class Store:
     feats: tuple[str, ...]
     side: str = "q"  # q: rows r_M; k: rows r_N
     cast: bool = False
+    base: str = "bos"  # the sequence's first token (bos_k: a key-side store over a key sequence of its own)
 
     def line(self) -> str:
         rows, valid = ("r_M", "qv") if self.side == "q" else ("r_N", "kv")
-        offs = _offsets("", self.feats, "H", rows)
+        offs = _offsets("", self.feats, "H", rows, self.base)
         mask = _rowmask(valid, self.feats)
         v = f"{self.value}.to({self.ptr}.dtype.element_ty)" if self.cast else self.value
         return f"tl.store({self.ptr} + {offs}, {v}, mask={mask})"
@@ -236,9 +238,11 @@ def _feats(sched: SoftmaxSchedule, x: str) -> tuple[str, ...]:
     return tuple(str(d) for d in t.shape[1:])
 
 
-def _bounds(r: Range, outer: str) -> list[str]:
+def _bounds(r: Range, outer: str, kseq: str = "T_seq", margin: float = 0.0) -> list[str]:
     """Block ranges of the walk from the masks' ranges. outer q: key blocks for the query block
-    [i0, i1]; outer k: query blocks for the key block [j0, j1]."""
+    [i0, i1]; outer k: query blocks for the key block [j0, j1]. `margin` widens the visible range and
+    narrows the mask-free one by that many tokens: bounds computed in fp32 through an inexact factor (a
+    key sequence's positions a * s + c with a not a power of two) may land just past an integer."""
     names = {"i0": "o_lo", "i1": "o_hi", "j0": "o_lo", "j1": "o_hi", "head": "i_hf"}
 
     def names_for(x):
@@ -249,29 +253,59 @@ def _bounds(r: Range, outer: str) -> list[str]:
                 out[s.name] = f"({s.name} * 1.0)"
         return out
 
-    def e(x):
-        return triton_expr(x, names_for(x))
+    def e(x, widen: float = 0.0):
+        text = triton_expr(x, names_for(x))
+        return f"({text} + {widen!r})" if widen else text
 
     B = "BN" if outer == "q" else "BM"
     # keys: the whole sequence; queries: the rows computed, [q_first, q_end) (the prologue's)
-    end, first = ("T_seq", "0") if outer == "q" else ("q_end", "q_first // BM")
+    end, first = (kseq, "0") if outer == "q" else ("q_end", "q_first // BM")
     lines = [f"n_blk = tl.cdiv({end}, {B})", f"n_full = {end} // {B}"]
     lines.append(f"b_lo = {first}" if r.lo == NEG else
-                 f"b_lo = tl.maximum(tl.floor({e(r.lo)} / {B}).to(tl.int32), {first})")
+                 f"b_lo = tl.maximum(tl.floor({e(r.lo, -margin)} / {B}).to(tl.int32), {first})")
     lines.append("b_hi = n_blk" if r.hi == POS else
-                 f"b_hi = tl.minimum(tl.floor({e(r.hi)} / {B}).to(tl.int32) + 1, n_blk)")
+                 f"b_hi = tl.minimum(tl.floor({e(r.hi, margin)} / {B}).to(tl.int32) + 1, n_blk)")
     lines.append("b_hi = tl.maximum(b_hi, b_lo)")
     if not r.has_full:
         lines += ["f_lo = b_hi", "f_hi = b_hi"]
     else:
-        lines.append("f_lo = b_lo" if r.flo == NEG else f"f_lo = tl.ceil({e(r.flo)} / {B}).to(tl.int32)")
-        lines.append("f_hi = n_full" if r.fhi == POS else f"f_hi = tl.floor(({e(r.fhi)} + 1.0) / {B}).to(tl.int32)")
+        lines.append("f_lo = b_lo" if r.flo == NEG else f"f_lo = tl.ceil({e(r.flo, margin)} / {B}).to(tl.int32)")
+        lines.append("f_hi = n_full" if r.fhi == POS else f"f_hi = tl.floor(({e(r.fhi, -margin)} + 1.0) / {B}).to(tl.int32)")
         if outer == "k":  # a query block cut by q_first is partial
             lines.append("f_lo = tl.maximum(f_lo, tl.cdiv(q_first, BM))")
         lines += ["f_lo = tl.minimum(tl.maximum(f_lo, b_lo), b_hi)",
                   "f_hi = tl.minimum(tl.maximum(f_hi, f_lo), tl.minimum(b_hi, n_full))",
                   "f_hi = tl.maximum(f_hi, f_lo)"]
     return lines
+
+
+def _kseq(sched: SoftmaxSchedule) -> str:
+    """The key sequence's length in the kernels: the query's (T_seq) or a key sequence's own (S_seq)."""
+    return "T_seq" if sched.spec.keyseq is None else "S_seq"
+
+
+def _margin(sched: SoftmaxSchedule) -> float:
+    """Half a token where a key sequence's position factor is not exact in fp32 (a power of two is)."""
+    ks = sched.spec.keyseq
+    if ks is None or ks.pos is None:
+        return 0.0
+    a = sympy.sympify(ks.pos[0])
+    exact = a.is_Integer and int(a) > 0 and int(a) & (int(a) - 1) == 0
+    return 0.0 if exact else 0.5
+
+
+def _kbos(sched: SoftmaxSchedule) -> str:
+    return "bos" if sched.spec.keyseq is None else "bos_k"
+
+
+def _kpos(sched: SoftmaxSchedule) -> str:
+    """kpos of the key block's keys r_N: their index, or a key sequence's declared positions a * r_N + c."""
+    ks = sched.spec.keyseq
+    if ks is None or ks.pos is None:
+        return "r_N.to(tl.float32)[None, :]"
+    a, c = ks.pos
+    names = {x.name: x.name for e in ks.pos for x in e.free_symbols}
+    return f"(r_N.to(tl.float32) * {triton_expr(sympy.sympify(a), names)} + {triton_expr(sympy.sympify(c), names)})[None, :]"
 
 
 def _keep(sched: SoftmaxSchedule) -> str:
@@ -388,7 +422,7 @@ def _fwd(sched: SoftmaxSchedule) -> KernelView:
                 post.append("    " + Store(f"{r.out}_save_ptr", f"v_{r.out}", _feats(sched, r.out)).line())
     post.append("    pass")
     kv.post_lines = post
-    kv.bounds = _bounds(sched.sparsity.keys, "q")
+    kv.bounds = _bounds(sched.sparsity.keys, "q", _kseq(sched), _margin(sched))
     _listed(sched, kv, "q")
     return kv
 
@@ -467,9 +501,11 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
         kv.body[masked] = body
     post = pr.lines(kp.post_vjp)
     for x, g in kp.leaf_grads:
-        post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True).line())
+        post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True,
+                          base=_kbos(sched) if outer == "k" else "bos").line())
     kv.post_lines = post
-    kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer)
+    kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer, _kseq(sched),
+                        _margin(sched))
     _listed(sched, kv, outer)
     return kv
 
@@ -489,7 +525,11 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
         k = views[kp.role](kp)
         _place_loads(sched, k, kp)
         kernels.append(k)
+    ks = spec.keyseq
     return template(__file__, "softmax.py.j2").render(version=__version__, spec=spec, kernels=kernels, dims=spec.dims,
+                              kseq=_kseq(sched), kpos=_kpos(sched), keyseq=ks is not None,
+                              keyseq_pos="its index" if ks is None or ks.pos is None else
+                              f"{ks.pos[0]} * {ks.dim.lower()} + {ks.pos[1]}",
                               leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}),
                               helpers=helper_source(spec.score.ops + spec.merge.ops))
 
@@ -498,7 +538,7 @@ def _place_loads(sched: SoftmaxSchedule, k: KernelView, kp: SoftmaxKernel) -> No
     """The plan's loads and signature on the view: each leaf the kernel reads, loaded per query block or per
     key block (masked, and unmasked for the walk's blocks that lie wholly inside the sequence)."""
     k.q_loads = [Leaf(x, _feats(sched, x)).load("lq") for x in kp.query_loads]
-    k.k_loads = [Leaf(x, _feats(sched, x)).load("lk") for x in kp.key_loads]
+    k.k_loads = [Leaf(x, _feats(sched, x), _kbos(sched)).load("lk") for x in kp.key_loads]
     k.q_loads_full = [Leaf(x, _feats(sched, x)).load("lq", False) for x in kp.query_loads]
-    k.k_loads_full = [Leaf(x, _feats(sched, x)).load("lk", False) for x in kp.key_loads]
+    k.k_loads_full = [Leaf(x, _feats(sched, x), _kbos(sched)).load("lk", False) for x in kp.key_loads]
     k.signature = signature(kp.args, SOFTMAX_LAYOUT)
