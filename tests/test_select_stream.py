@@ -13,20 +13,10 @@ from test_select_criteria import _spec, naive, naive_choice
 import effc
 from effc.runtime import select_op
 from effc.runtime.verify import judge_fp32
+from test_select import SMALL_MOBA
 
 T, BLOCK = 300, 16  # 19 key blocks, the last one partial
-MOBA_K3 = '''
-import "moba.attn"
-spec moba_k3 extends moba {
-  select {
-    block 16
-    g = q @ blockmean(k).T
-    mask kblock < qblock
-    force kblock == qblock
-    topk(g, 3)
-  }
-}
-'''
+MOBA_K3 = SMALL_MOBA.replace("moba_small", "moba_k3").replace("topk(g, 2)", "topk(g, 3)")  # k = 3
 MOBA_LIKE = "    g = q @ blockmean(k).T\n    mask kblock < qblock\n    force kblock == qblock\n"
 # criteria with a bounded list (streamed) and the uncapped threshold (one pass, no list)
 CRITERIA = {
