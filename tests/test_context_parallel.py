@@ -438,6 +438,14 @@ def test_four_ranks_specs_reading_positions(tmp_path):
         _check(case, [r[i] for r in results])
 
 
+@pytest.mark.slow
+def test_two_ranks_level_states(tmp_path):
+    """log_linear_attn: 16 level states whose resets read `pos`, each shard at its offset; initial states."""
+    cases = [_case("log_linear_attn", seed=115)]
+    results = _run_ranks(cases, 2, tmp_path)
+    _check(cases[0], [r[0] for r in results])
+
+
 # -- reverse states ------------------------------------------------------------------------------------------
 
 def test_two_ranks_reverse_states(tmp_path):
