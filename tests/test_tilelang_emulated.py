@@ -120,30 +120,7 @@ def test_one_decay_per_token(gain):
 # elu(x) + 1 is 1 on a padded column (inputs read 0 there), so the state S and the normaliser z carry padding
 # of their own (sums of v, token counts): a gemm, matvec or colsum over features that let a padded column
 # through would add it to every output. Two states, rowsum, colsum and a matvec (qf @ z[:, None]).
-NORMALIZED = """
-def elu1(x) = relu(x) + exp(minimum(x, 0))
-spec normalized_linear {
-  input q: [B, T, H, K]
-  input k: [B, T, H, K]
-  input v: [B, T, H, V]
-  output o: [B, T, H, V]
-  state S: [K, V]
-  state z: [K]
-  chunk 16
-  intra {
-    qf = elu1(q)
-    kf = elu1(k)
-    A = causal(qf @ kf.T)
-    num = A @ v
-    den = rowsum(A)
-  }
-  merge { o = (num + qf @ S) / (den[:, None] + qf @ z[:, None]) }
-  inter {
-    S = S + kf.T @ v
-    z = z + colsum(kf)
-  }
-}
-"""
+from test_new_specs import NORMALIZED  # noqa: E402  (elu(x)+1 linear attention with its normaliser)
 
 # the same normaliser as a sum over the feature axis (T.reduce_sum over K, not a matvec)
 NORMALIZED_ROWSUM = NORMALIZED.replace("spec normalized_linear", "spec normalized_rowsum").replace(
