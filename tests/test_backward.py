@@ -1,5 +1,7 @@
 """The derived backward (interpreter, fp32) against torch.autograd through the oracle; variable-length
 batches, grouped heads, the decoding step and torch.compile."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -241,22 +243,17 @@ SPLIT = [n for n in LIBRARY if effc.load(n).comp.plan.split_dim]
 
 @pytest.mark.parametrize("name", SPLIT)
 @pytest.mark.slow  # the full tier only (README: test tiers)
-def test_gradient_kernels_per_block_or_looping_over_blocks(name):
-    """passes.block_loop.choose: each gradient kernel runs one program per V block (fp32 partials, summed) or
-    one per chunk looping over the blocks (whole gradients), as the plan chose; over packed sequences with
-    V in two blocks and initial- and final-state cotangents, against autograd through the oracle, every
-    access bounds-checked (conftest). The gated delta rule with q and k normalised in the kernel mixes both in
-    one gradient (g's parts from a looped kernel and two per-block ones)."""
+def test_every_gradient_partition_over_packed_sequences(name):
+    """passes.partition: each partition of the gradient kernels the plan lists (one program per V block with
+    fp32 partials summed, one per chunk looping over the blocks, or cut at the loop with the sums through
+    memory) over packed sequences with V in two blocks and initial- and final-state cotangents, against
+    autograd through the oracle, every access bounds-checked (conftest)."""
     op = effc.load(name)
-    _, _, g, ref_g = _packed_sequences(op, 6, block=16)
-    for a, b in zip(g, ref_g):
-        assert judge_fp32(a, b).ok, f"{name}: {judge_fp32(a, b)}"
-    looped = {k.name for k in op.comp.plan.kernels if k.block_loop}
-    expected = {name: {"bwd_chunks_q"} for name in ("delta_net", "delta_net_l2", "gated_delta_net", "gated_delta_net_l2")}
-    if name in expected:
-        assert looped == expected[name]
-    elif name in ("mlstm_sig", "retention", "gla"):
-        assert looped == {k.name for k in op.comp.plan.kernels if k.name.startswith("bwd_chunks")}
+    names = [c.name for c in op.comp.plan.partitions] or [None]
+    for partition in names:
+        _, _, g, ref_g = _packed_sequences(op, 6, block=16, partition=partition)
+        for a, b in zip(g, ref_g):
+            assert judge_fp32(a, b).ok, f"{name} partition={partition}: {judge_fp32(a, b)}"
 
 
 def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
@@ -269,9 +266,15 @@ def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
     op = effc.load("gated_delta_net_l2")
     plan = op.comp.plan
     assert plan.split_dim == "V"
-    assert plan.whole_grads(n_split=2) == {"q", "v"}
-    assert plan.whole_grads(n_split=1) == {"q", "k", "v", "beta"}
-    assert plan.grad_slot("g", "bwd_chunks_beta") == (1, 1) and plan.grad_slot("g", None) == (2, 1)
+    # the mix the model once chose: q's kernel looping, k's and beta's one program per block
+    mixed = replace(plan, kernels=tuple(k for k in plan.kernels if k.role != "bwd_chunks") + tuple(
+        plan.kernel(n) for n in ("bwd_chunks_q_loop", "bwd_chunks_k", "bwd_chunks_beta")), partition="block")
+    mixed = replace(mixed, kernels=tuple(replace(k, partitions=("block",)) if k.role == "bwd_chunks" else k
+                                         for k in mixed.kernels))
+    assert mixed.whole_grads(n_split=2) == {"q", "v"}
+    assert mixed.whole_grads(n_split=1) == {"q", "k", "v", "beta"}
+    assert mixed.grad_slot("g", "bwd_chunks_beta") == (1, 1) and mixed.grad_slot("g", None) == (2, 1)
+    plan = mixed
     dims = {"K": 16, "V": 32}
     xs = random_inputs(op.spec, 1, 8, 4, dims, torch.bfloat16, "cpu")
     lay = make_layout(op.spec, xs, 4, dims, None, 16)

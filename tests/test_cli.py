@@ -80,10 +80,11 @@ def test_compile_writes_the_module_and_explains(tmp_path):
     for line in ["spec simple_gla: schedule chunked-state scan",
                  "legality:",
                  "  schedules: walk + segmented walk",
-                 "fused stages: summary = intra + inter; walk = intra + merge + inter; out = intra + merge; bwd_scan = inter + merge; bwd_chunks_q = inter + merge + intra; bwd_chunks_k = inter + merge + intra; bwd_chunks_v = inter + merge + intra; bwd_chunks_g = inter + merge + intra",
+                 "fused stages: summary = intra + inter; walk = intra + merge + inter; out = intra + merge; bwd_scan = inter + merge; bwd_chunks_q_loop = inter + merge + intra; bwd_chunks_k_loop = inter + merge + intra; bwd_chunks_v_loop = inter + merge + intra; bwd_chunks_g_loop = inter + merge + intra",
                  f"wrote {out}"]:
         assert line in r.output.splitlines(), line
     assert "tiling for B=2 T=8192 H=16 {'K': 128, 'V': 128}: chunk=64 block=64 segments=4" in r.output
+    assert re.search(r"gradient partition loop: bwd_chunks_q_loop, .* \(model: ~\d+ us .*\), the default", r.output)
 
 
 def test_compile_bad_spec_points_at_the_error(tmp_path):

@@ -16,7 +16,6 @@ from effc.ir.nodes import C, Op, TileType
 from effc.ir.printer import print_op
 from effc.passes.fusion import depends, fuse, live_ops, needed
 from effc.passes.autodiff import Adjoints
-from effc.passes import block_loop
 from effc.passes.block_loop import loop_over_blocks
 from effc.passes.grad_terms import place_gradient_terms, split_terms
 from effc.passes.hoist import hoist
@@ -524,11 +523,10 @@ def test_place_gradient_terms_dissolves_kernels_another_kernel_already_computes(
     # gated_delta_net_l2: dg's terms go to three kernels, each writing a part; mLSTM's gate kernels would grow
     # past the live-value limit if one hosted the other, so they stay
     gdn = effc.load("gated_delta_net_l2").comp.plan
-    assert gdn.grad_writers("g") == ("bwd_chunks_q", "bwd_chunks_k", "bwd_chunks_beta")
+    assert gdn.grad_writers("g", "block") == ("bwd_chunks_q", "bwd_chunks_k", "bwd_chunks_beta")
     assert "g" not in gdn.whole_grads(n_split=1)
     mlstm = effc.load("mlstm").comp.plan
-    assert {k.name for k in mlstm.kernels if k.name.startswith("bwd_chunks")} == {
-        f"bwd_chunks_{x}" for x in ("q", "k", "v", "i", "f")}
+    assert {k.name for k in mlstm.gradient_kernels("block")} == {f"bwd_chunks_{x}" for x in ("q", "k", "v", "i", "f")}
 
 
 def test_plan_loads_only_what_each_kernel_reads():
@@ -736,18 +734,3 @@ def test_loop_over_blocks_splits_a_gradient_kernel_around_the_sums_over_v():
     # a max over V is not a sum: this kernel would not loop
     rowmax = Op("_m", "rowmax", ("_seed_o",), TileType((C,)))
     assert loop_over_blocks(kp.ops + (rowmax,), {**kp.types(plan.spec), "_m": rowmax.type}, "V") is None
-
-
-def test_block_loop_is_chosen_per_gradient_kernel():
-    """passes.block_loop.choose: the delta rule's k kernel may loop (no forward op reduces V) but finishes
-    with the UT transform's adjoint, a chain of matmuls after the loop, so it keeps one program per block;
-    its q kernel, with one matmul after the loop, loops. The plan shows both grids."""
-    plan = effc.load("delta_net").comp.plan
-    types = lambda kp: kp.types(plan.spec)
-    k, q = plan.kernel("bwd_chunks_k"), plan.kernel("bwd_chunks_q")
-    after = lambda kp: sum(op.kind == "matmul" for op in loop_over_blocks(kp.ops, types(kp), "V").after)
-    assert after(k) > block_loop.MAX_MATMULS_AFTER >= after(q)
-    assert k.block_loop is None and block_loop.choose(k.ops, types(k), "V") is None
-    assert q.block_loop == loop_over_blocks(q.ops, types(q), "V")
-    assert (k.grid, q.grid) == ("(cdiv(V, BLOCK), B*H, chunks)", "(1, B*H, chunks)")
-    assert "loops over the split dim's blocks" in str(q) and "loops over" not in str(k)

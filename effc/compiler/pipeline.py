@@ -18,6 +18,7 @@ from ..passes.hoist import hoist
 from ..passes.hybrid import split_hybrid
 from ..passes.legality import analyze
 from ..passes.lower import lower
+from ..passes.partition import partition_gradients
 from ..passes.plan import plan
 from ..passes.reverse_scan import split_reverse_scan
 from ..passes.shapes import infer_shapes
@@ -57,7 +58,8 @@ def _linear_fused(c):
     fused = fuse(c.typed, c.legality, c.backward)
     split = c.legality.split_dims[0] if c.legality.split_dims else None
     fused = place_gradient_terms(c.typed, fused, c.backward, split)
-    return split_reverse_scan(c.typed, hoist(c.typed, fused))
+    fused = split_reverse_scan(c.typed, hoist(c.typed, fused))
+    return partition_gradients(c.typed, fused, c.backward, split, dict(fused.hoisted))
 
 
 @dataclass(frozen=True)
@@ -110,8 +112,8 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("legality", "the schedule: which stages run chunk-parallel, what the walk carries (passes.legality, "
          "passes.softmax)", lambda c: c.rules.legality(c)),
     Pass("backward", "the derived backward (passes.autodiff; passes.softmax_bwd)", lambda c: c.rules.backward(c)),
-    Pass("fused", "stages fused into kernels, gradient terms placed, state-free work hoisted (passes.fusion, "
-         "grad_terms, hoist, reverse_scan)", lambda c: c.rules.fused(c)),
+    Pass("fused", "stages fused into kernels, gradient terms placed, state-free work hoisted, the gradient "
+         "kernels partitioned (passes.fusion, grad_terms, hoist, reverse_scan, partition)", lambda c: c.rules.fused(c)),
     Pass("plan", "the kernel plan both code generators read (passes.plan, passes.softmax_plan)",
          lambda c: c.rules.plan(c)),
 )

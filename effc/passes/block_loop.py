@@ -1,4 +1,4 @@
-"""Looping over the split dim's blocks inside one gradient kernel, where that is faster (`choose`).
+"""Looping over the split dim's blocks inside one gradient kernel (passes.partition decides where).
 
 The split dim (V) is one that no forward op contracts or reduces (passes.legality), so in a chunk's
 backward the values without it never read a value with it except through a sum over it: the
@@ -76,21 +76,3 @@ def loop_over_blocks(ops: tuple[Op, ...], types: dict[str, TileType], dim: str) 
     part = lambda *names: tuple(op for op in ops if side[op.out] in names)
     return BlockLoop(part("before"), part("body", "sum"), tuple(op.out for op in ops if side[op.out] == "sum"),
                      part("after"))
-
-
-# Matmuls after the loop that keep a gradient kernel per block. The K-side adjoint of the delta rules' UT
-# transform is a chain of them (5-7 per kernel); in one program per chunk they run once but after the loop,
-# with the loop's carried tiles still live, and the kernel spills (ptxas: 2x the bytes). H100, bf16,
-# 2x8192, D=128: delta rules' k/beta kernels 1.2-1.9 ms looped vs 0.9-1.5 per block; with at most two after
-# the loop (the gate and normaliser adjoints of GLA, retention, mLSTM) the looped kernels run 0.6-1.0x as
-# long and the per-block partials' sums disappear.
-MAX_MATMULS_AFTER = 2
-
-
-def choose(ops: tuple[Op, ...], types: dict[str, TileType], dim: str) -> BlockLoop | None:
-    """The kernel's block loop when it may loop (loop_over_blocks) and is expected to be faster than one
-    program per block (MAX_MATMULS_AFTER); None keeps one program per block, writing per-block partials."""
-    loop = loop_over_blocks(ops, types, dim)
-    if loop is None or sum(op.kind == "matmul" for op in loop.after) > MAX_MATMULS_AFTER:
-        return None
-    return loop

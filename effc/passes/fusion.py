@@ -31,12 +31,23 @@ class FusedKernel:
     # runs the chunks right to left, the adjoint scan left to right)
     carries: tuple[str, ...] | None = None
     reverse: bool = False
+    # a gradient kernel (passes.partition): one program per chunk looping over the split dim's blocks, the
+    # per-token fp32 tiles it writes for later kernels and reads from earlier ones, the partitions launching it
+    loop: bool = False
+    scratch_stores: tuple[tuple[str, TileType], ...] = ()
+    scratch_loads: tuple[tuple[str, TileType], ...] = ()
+    partitions: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         body = "\n".join(f"    {print_op(op)}" for op in self.ops)
         grads = "".join(f"; d{x} += {g}" for x, g in self.grads)
         order = " (reverse states)" if self.reverse else ""
-        return f"  kernel {self.name} [{' + '.join(self.stages)}]{order} -> {', '.join(self.roots)}{grads}\n{body}"
+        how = (" looping over the split blocks" if self.loop else "") + (
+            f"; in partition {', '.join(self.partitions)}" if self.partitions else "")
+        scratch = "".join(f"; {verb} {', '.join(n for n, _ in xs)}" for verb, xs in
+                          (("reads", self.scratch_loads), ("writes", self.scratch_stores)) if xs)
+        return (f"  kernel {self.name} [{' + '.join(self.stages)}]{order} -> {', '.join(self.roots)}{grads}"
+                f"{how}{scratch}\n{body}")
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,14 @@ class Fused:
     kernels: tuple[FusedKernel, ...]
     hoisted: tuple[tuple[str, TileType], ...] = ()  # values the prep kernel writes and the others read (passes.hoist)
     injected: tuple[tuple[str, str], ...] = ()  # (state adjoint root, the bwd_inject value the scan adds to it)
+    partitions: tuple = ()  # the gradient kernels' schedules (passes.partition.PartitionChoice), each with its cost
+    partition: str | None = None  # the one the model estimates fastest: the default
 
     def __str__(self) -> str:
         moved = f"\n  hoisted: {', '.join(f'{n}{t}' for n, t in self.hoisted)}" if self.hoisted else ""
-        return "fused:" + moved + "\n" + "\n".join(str(k) for k in self.kernels)
+        parts = "".join(f"\n  partition {c}" + (" (default)" if c.name == self.partition else "")
+                        for c in self.partitions)
+        return "fused:" + moved + parts + "\n" + "\n".join(str(k) for k in self.kernels)
 
 
 def live_ops(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import sympy
-
-from ..ir.nodes import C, Op, Spec, TileType, dim
+from ..ir.nodes import C, Op, Spec, dim
 from .autodiff import linear_arg, split_once
 from .fusion import Fused, FusedKernel, depends, live_ops, needed
+from .kernel_cost import live_values
 from .vjp_rules import Adjoints
 
 # A value whose split would give more terms than this stays one term. The terms of a value are its paths
@@ -71,29 +70,6 @@ class _Splitter:
 def _leaves(ops) -> set[str]:
     made = {op.out for op in ops}
     return {a for op in ops for a in op.args if isinstance(a, str) and a not in made}
-
-
-def _size(t: TileType, sizes: dict) -> int:
-    n = 1
-    for d in t.shape:
-        n *= int(d) if isinstance(d, (int, sympy.Integer)) else int(sympy.sympify(d).xreplace(sizes))
-    return n
-
-
-def live_values(ops: tuple[Op, ...], roots: tuple[str, ...], types: dict, sizes: dict) -> int:
-    """Peak fp32 values live at once in a kernel running `ops` in order: what it loads is live from the start
-    (the generated kernels load every tile first) to its last use, the roots to the end."""
-    made = {op.out for op in ops}
-    last = {a: i for i, op in enumerate(ops) for a in op.args if isinstance(a, str)}
-    live = {a: _size(types[a], sizes) for a in last if a not in made and a in types}
-    peak = sum(live.values())
-    for i, op in enumerate(ops):
-        live[op.out] = _size(op.type, sizes)
-        peak = max(peak, sum(live.values()))
-        for a in op.args:
-            if isinstance(a, str) and last[a] == i and a not in roots:
-                live.pop(a, None)
-    return peak
 
 
 # A host may grow to this many live fp32 values a thread (8 warps), or by 5%. Measured on the H100

@@ -9,16 +9,17 @@ from typing import Mapping
 
 from ..ir.nodes import TensorDecl
 
-# Who supplies an argument at launch. The first three are run-time values, the rest constexprs (Triton
+# Who supplies an argument at launch. The first four are run-time values, the rest constexprs (Triton
 # compiles a variant per value):
 #   tensor - a buffer the op allocates or is given (inputs, outputs, scratch, gradients)
 #   param  - a spec parameter (`p_<name>`)
 #   layout - the call's batch layout (token counts, cu_seqlens, ...)
+#   slot   - where a gradient kernel's part of an input's gradient goes among the buffer's slots
 #   shape  - head counts and feature dim sizes (real and padded)
 #   tile   - tile sizes of the call's configuration
 #   option - code options (varlen, dot dtype, precision)
 #   flag   - a switch one launch of the kernel sets (store the history, the summary pass, ...)
-ARG_ROLES = ("tensor", "param", "layout", "shape", "tile", "option", "flag")
+ARG_ROLES = ("tensor", "param", "layout", "slot", "shape", "tile", "option", "flag")
 CONSTEXPR_ROLES = frozenset({"shape", "tile", "option", "flag"})
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import ArgumentError
 from ..ir import ops as O
 from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
-from .block_loop import BlockLoop, choose
+from .block_loop import BlockLoop, loop_over_blocks
 from .decay_dot import per_channel
 from .fusion import Fused, needed, seed_gradients
 from .kernel_plan import Kernel, KernelArg, kernel_args
@@ -40,6 +41,7 @@ class KernelPlan(Kernel):
     block_loop: BlockLoop | None = None  # a gradient kernel with one program per chunk, looping over the split blocks
     reverse: bool = False  # carries reverse states: a walk right to left, an adjoint scan left to right
     read_states: tuple[StatePlan, ...] = ()  # a scan of one direction: the other's states, read from the history
+    partitions: tuple[str, ...] = ()  # a gradient kernel: the partitions that launch it (passes.partition)
 
     def types(self, spec: Spec) -> dict:
         return {**value_types(spec), **dict(self.leaf_types), **{op.out: op.type for op in self.ops}}
@@ -56,13 +58,14 @@ class KernelPlan(Kernel):
         if self.role in ("walk", "summary") or not self.states:
             return f"carry {states} on chip{order}"
         loop = "; loops over the split dim's blocks, summing over them on chip" if self.block_loop else ""
-        return f"read {states} entering the chunk from the walk's history{loop}"
+        runs = f"; in partition {', '.join(self.partitions)}" if self.partitions else ""
+        return f"read {states} entering the chunk from the walk's history{loop}{runs}"
 
     def __str__(self) -> str:
-        loads = [d.name for d in self.loads] + [f"{d.name} (hoisted)" for d in self.hoisted_loads]
+        loads = [d.name for d in self.loads] + [f"{d.name} ({d.role})" for d in self.hoisted_loads]
         lines = [f"  kernel {self.name}  grid={self.grid}",
                  f"    per chunk: load {', '.join(loads) or '-'}; "
-                 f"store {', '.join(d.name for d in self.stores) or '-'}",
+                 f"store {', '.join(d.name + (' (scratch)' if self.backward else '') for d in self.stores) or '-'}",
                  f"    {self._state_access()}"]
         lines += [f"    {print_op(op)}" for op in self.ops]
         return "\n".join(lines)
@@ -74,6 +77,20 @@ class Plan:
     split_dim: str | None
     kernels: tuple[KernelPlan, ...]
     seed_grads: tuple[tuple[str, str], ...] = ()  # (input, output): its gradient is the output's cotangent
+    partitions: tuple = ()  # the gradient kernels' schedules with the model's costs (passes.partition)
+    partition: str | None = None  # the default one
+
+    def gradient_kernels(self, partition: str | None = None) -> tuple[KernelPlan, ...]:
+        """The gradient kernels one partition launches, in order (every bwd_chunks kernel without partitions)."""
+        p = partition or self.partition
+        return tuple(k for k in self.kernels if k.role == "bwd_chunks" and (not k.partitions or p in k.partitions))
+
+    def check_partition(self, partition: str | None) -> None:
+        names = [c.name for c in self.partitions]
+        if partition is not None and partition not in names:
+            raise ArgumentError(f"partition={partition!r}: spec '{self.spec.name}' has "
+                             + (f"the gradient partitions {', '.join(map(repr, names))}" if names
+                                else "one gradient partition (pass partition=None)"))
 
     @property
     def segmentable(self) -> bool:
@@ -95,9 +112,11 @@ class Plan:
         state = {op.out for op in needed(walk.ops, tuple(s.next for s in walk.states))}
         return tuple(op.out for op in walk.ops if op.out not in state) if self.deferrable else ()
 
-    def grad_writers(self, x: str) -> tuple[str, ...]:
-        """The kernels that write a part of input x's gradient (passes.grad_terms), in launch order."""
-        return tuple(k.name for k in self.kernels if any(d.name == x for d, _ in k.grads))
+    def grad_writers(self, x: str, partition: str | None = None) -> tuple[str, ...]:
+        """The kernels that write a part of input x's gradient (passes.grad_terms) in a partition, in launch
+        order."""
+        return tuple(k.name for k in self.kernels if any(d.name == x for d, _ in k.grads)
+                     and (k.role != "bwd_chunks" or k in self.gradient_kernels(partition)))
 
     def per_block(self, x: str, kernel: str) -> bool:
         """Does `kernel` write one partial of x's gradient per block of the split dim? It runs one program per
@@ -105,26 +124,32 @@ class Plan:
         decl = next(d for d in self.spec.inputs if d.name == x)
         return bool(self.split_dim) and self.split_dim not in decl.feature_dims and self.kernel(kernel).block_loop is None
 
-    def grad_slot(self, x: str, kernel: str | None) -> tuple[int, int]:
+    def grad_slot(self, x: str, kernel: str | None, partition: str | None = None) -> tuple[int, int]:
         """Where `kernel`'s part of x's gradient starts among the buffer's slots, as (a, b): slot a * n_blocks
         + b, n_blocks being the split dim's block count. Each writer before it took n_blocks slots (per-block
-        partials) or one. `grad_slot(x, None)` is the slot count. The slots are summed after the kernels."""
-        writers = self.grad_writers(x)
+        partials) or one. `grad_slot(x, None)` is the slot count. The slots are summed after the kernels.
+        A kernel gets its slot at launch (argument `<x>_slot`): partitions sharing it may place it apart."""
+        writers = self.grad_writers(x, partition)
         before = writers[:writers.index(kernel)] if kernel else writers
         a = sum(self.per_block(x, k) for k in before)
         return a, len(before) - a
 
-    def slotted(self, x: str) -> bool:
+    def slotted(self, x: str, partition: str | None = None) -> bool:
         """Is x's gradient written in slots (partials per split block, or parts from several kernels)?"""
-        a, b = self.grad_slot(x, None)
+        a, b = self.grad_slot(x, None, partition)
         return a > 0 or b > 1
 
-    def whole_grads(self, n_split: int) -> set[str]:
+    def whole_grads(self, n_split: int, partition: str | None = None) -> set[str]:
         """Inputs whose gradient one kernel writes whole: no partial per block of the split dim (the input
         has the split dim, the kernel loops over the blocks, or there is one block). With ungrouped heads the
         kernel stores it in the input's dtype (runtime.launch); the others are fp32 partials, summed after."""
-        return {d.name for d in self.spec.inputs if len(w := self.grad_writers(d.name)) == 1
+        return {d.name for d in self.spec.inputs if len(w := self.grad_writers(d.name, partition)) == 1
                 and (n_split == 1 or not self.per_block(d.name, w[0]))}
+
+    @property
+    def scratch(self) -> tuple[TensorDecl, ...]:
+        """Per-token fp32 tiles a gradient kernel writes for later ones (passes.partition's cut)."""
+        return tuple(d for k in self.kernels if k.role == "bwd_chunks" for d in k.stores)
 
     @property
     def hoisted(self) -> tuple[TensorDecl, ...]:
@@ -141,6 +166,9 @@ class Plan:
         head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; " + walks + deferred
                 + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
                    if self.hoisted else "")]
+        for c in self.partitions:
+            head.append(f"  gradient partition {c}" + (" <- default (the model's fastest)" if c.name == self.partition
+                                                       else ""))
         sites = [op.out for st in self.spec.stages for op in st.ops if op.kind == "decay_dot"]
         if sites:
             head.append(f"  factored decays evaluated from their exponents (passes.decay_dot): {', '.join(sites)}; "
@@ -167,7 +195,7 @@ def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, g
     its tensors, the spec parameters it reads, the call's layout, then the constexprs."""
     backward = role.startswith("bwd")
     tensors = ([f"{d.name}_ptr" for d in loads + hoisted_loads]
-               + [f"{o.name}_ptr" for o in stores if not backward]
+               + [f"{o.name}_ptr" for o in stores]
                + [f"{o.name}_grad_ptr" for o in spec.outputs if backward]
                + [f"{x.name}_dx_ptr" for x, _ in grads if role == "bwd_chunks"]
                + [f"{s.name}_{b}_ptr" for s in states for b in _STATE_BUFFERS[role]]
@@ -177,6 +205,7 @@ def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, g
     return (kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])
             + kernel_args("layout", ("T", "chunks_per_seg", "n_segments", "T_total", "n_bh", "cu_ptr", "chunk_off_ptr")
                           + (("POS0",) if spec.reads("pos") else ()))  # pos of a sequence's first token
+            + kernel_args("slot", [f"{x.name}_slot" for x, _ in grads if role == "bwd_chunks"])
             + kernel_args("shape", ["H"] + [f"HX_{d.name}" for d in loads]
                           + [n for d in spec.dims for n in (d, f"{d}_P")])
             + kernel_args("tile", ("C", "BLOCK")) + kernel_args("option", ("IS_VARLEN", "DOT_DTYPE", "PRECISION")
@@ -198,6 +227,7 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     for fk in fused.kernels:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
         reads = tuple(hoisted[n] for n in _used(fk.ops, list(hoisted))) if fk.name != "prep" else ()
+        reads += tuple(_scratch(n, t) for n, t in fk.scratch_loads)
         rename = backward.forward_name if backward and fk.name.startswith("bwd") else str
         states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name),
                                  rename(d) if isinstance(d := decays.get(s.name), str) else d) for s in spec.states)
@@ -206,16 +236,18 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
             read_states = tuple(s for s in states if s.name not in fk.carries and s.name in _used(fk.ops, [s.name]))
             states = tuple(s for s in states if s.name in fk.carries)
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
+                  tuple(_scratch(n, t) for n, t in fk.scratch_stores) if fk.scratch_stores else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
-        role = "bwd_chunks" if fk.name.startswith("bwd_chunks") else fk.name.removesuffix("_rev")
+        gradient = fk.name.startswith("bwd_chunks") or bool(fk.partitions)  # passes.partition adds bwd_sums
+        role = "bwd_chunks" if gradient else fk.name.removesuffix("_rev")
         segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if legality.segmentable else "1"}.get(role, "chunks")
         params = _used(fk.ops, [p.name for p in spec.params])
         grads = state_grads = ()
-        leaves = tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads)
+        leaves = tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads) + fk.scratch_loads
         loop = None
         if fk.name == "prep":
             states = ()
-        if fk.name.startswith("bwd_chunks") or fk.name == "bwd_inject":
+        if gradient or fk.name == "bwd_inject":
             mine = dict(fk.grads)
             grads = tuple((d, mine[d.name]) for d in spec.inputs if d.name in mine)
             leaves += backward.seed_types
@@ -227,8 +259,11 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
             leaves += tuple((x, tiles[s]) for s, x in injected)
         types = {**value_types(spec), **dict(leaves)}
         ops = sink_transposes(fk.ops, types)
-        if split and fk.name.startswith("bwd_chunks"):
-            loop = choose(ops, {**types, **{op.out: op.type for op in ops}}, split)  # as KernelPlan.types
+        if split and gradient:
+            loop = loop_over_blocks(ops, {**types, **{op.out: op.type for op in ops}}, split) if fk.loop else None
+            if fk.loop and loop is None:
+                raise RuntimeError(f"effc bug: gradient kernel {fk.name} was partitioned to loop over {split}'s "
+                                   "blocks, but its ops cannot")
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
         args = _args(spec, role, loads, reads, stores, states, params, grads, inject,
@@ -238,5 +273,11 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         kernels.append(KernelPlan(name=fk.name, role=role, loads=loads, stores=stores, grid=grid, args=args, ops=ops,
                                   states=states, params=params, grads=grads, state_grads=state_grads,
                                   leaf_types=leaves, hoisted_loads=reads, injected=inject, block_loop=loop,
-                                  reverse=fk.reverse, read_states=read_states))
-    return Plan(spec, split, tuple(kernels), seed_gradients(spec, backward) if backward else ())
+                                  reverse=fk.reverse, read_states=read_states, partitions=fk.partitions))
+    return Plan(spec, split, tuple(kernels), seed_gradients(spec, backward) if backward else (),
+                fused.partitions, fused.partition)
+
+
+def _scratch(name: str, t) -> TensorDecl:
+    """A per-token tile one gradient kernel writes and a later one reads: a (tokens, heads, d) buffer."""
+    return TensorDecl(name, "scratch", ("B", "T", "H") + tuple(str(d) for d in t.shape[1:]))

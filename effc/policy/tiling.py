@@ -47,11 +47,13 @@ class TileConfig:
     num_warps: int
     num_stages: int
     defer_merge: bool = False  # merge runs in the `out` kernel, not in the walk (specs with a state)
+    partition: str | None = None  # the backward's gradient kernels (passes.partition); None: the plan's default
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
     def __str__(self) -> str:
         head = (f"chunk={self.chunk} block={self.block} segments={self.segments} "
-                f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else ""))
+                f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else "")
+                + (f" partition={self.partition}" if self.partition else ""))
         return head + "".join(f"\n  - {r}" for r in self.reasons)
 
 
@@ -189,7 +191,7 @@ def _check(space: TilingSpace, values: dict) -> None:
 
 def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | None = None,
            block: int | None = None, segments: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, defer_merge: bool | None = None) -> TileConfig:
+           num_stages: int | None = None, defer_merge: bool | None = None, partition: str | None = None) -> TileConfig:
     """Pick a configuration for `problem`; explicit arguments override the model."""
     space = tiling_space(spec, legality)
     reasons = []
@@ -233,7 +235,7 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
         reasons.append(why)
     # a segmentable walk keeps merge fused unless asked (or tuned): segments fill the GPU without writing states
-    return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), tuple(reasons))
+    return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), partition, tuple(reasons))
 
 
 def _defer(programs: int, n_chunks: int, slots: int) -> tuple[bool, str]:

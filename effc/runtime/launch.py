@@ -56,10 +56,10 @@ def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int,
     return Layout(len(cu) - 1, T, H, heads, dims, cu, chunk_off, pos0)
 
 
-def direct_grads(plan: Plan, lay: Layout, n_split: int) -> set[str]:
+def direct_grads(plan: Plan, lay: Layout, n_split: int, partition: str | None = None) -> set[str]:
     """Inputs whose gradient one kernel writes whole (Plan.whole_grads) and whose heads are not grouped (no
     sum over a group after the kernels): stored in the input's dtype, with no fp32 buffer and no conversion."""
-    return {x for x in plan.whole_grads(n_split) if lay.heads[x] == lay.H}
+    return {x for x in plan.whole_grads(n_split, partition) if lay.heads[x] == lay.H}
 
 
 FACTORED, ANCHORED = 0, 2  # DECAY_MODE of the two launches of a kernel with factored decays
@@ -254,24 +254,35 @@ class Launcher:
         self._reverse_scan(cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
         # the gradient buffers are allocated after the scan has released its scratch (a lower peak)
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
-        has_grad = {d.name for kp in self.plan.kernels for d, _ in kp.grads}
-        direct = direct_grads(self.plan, lay, n_split)
+        part = cfg.partition
+        kernels = self.plan.gradient_kernels(part)
+        has_grad = {d.name for kp in kernels for d, _ in kp.grads}
+        direct = direct_grads(self.plan, lay, n_split, part)
         # slots (Plan.grad_slot): per writer of an input's gradient, one fp32 partial per split block (kernels
         # with one program per block, inputs without the split dim) or one; summed below
         slots = {}
         for d in spec.inputs:
-            a, b = self.plan.grad_slot(d.name, None)
-            slots[d.name] = (a * n_split + b,) if self.plan.slotted(d.name) else ()
+            a, b = self.plan.grad_slot(d.name, None, part)
+            slots[d.name] = (a * n_split + b,) if self.plan.slotted(d.name, part) else ()
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
             slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
             dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)
             for d in spec.inputs}
         for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
             dx[x] = d_outs[o].to(torch.float32, copy=True)  # a copy: an op output must not alias its input
-        for chunks in self.plan.kernels:
-            if chunks.role != "bwd_chunks":
-                continue
-            values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(chunks, xs, hoisted),
+        # per-token sums one gradient kernel writes for the next ones (passes.partition's cut), fp32
+        total_chunks, _ = lay.chunks(cfg.chunk)
+        sizes = {**lay.dims, "C": cfg.chunk}
+        scratch = {d.name: torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
+                                       **f32) for kp in kernels for d in kp.stores}
+        for chunks in kernels:
+            slot = {}
+            for d, _ in chunks.grads:
+                a, b = self.plan.grad_slot(d.name, chunks.name, part)
+                slot[f"{d.name}_slot"] = a * n_split + b
+            values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy),
+                      **self._loads(chunks, xs, {**hoisted, **scratch}), **slot,
+                      **{f"{d.name}_ptr": scratch[d.name] for d in chunks.stores},
                       **d_o, **{f"{d.name}_dx_ptr": dx[d.name] for d, _ in chunks.grads},
                       **self._buffers("hist", hist), **self._buffers("dhist", dhist)}
             blocks = 1 if chunks.block_loop else n_split  # passes.block_loop: one program per chunk loops over them

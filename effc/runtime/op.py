@@ -9,6 +9,7 @@ import torch
 from ..compiler import Compilation
 from ..errors import ArgumentError, SpecError
 from ..ir.nodes import Spec
+from ..passes.partition import PARTITIONS
 from ..policy.tiling import Problem, TileConfig, choose, history_policy
 from ..policy.tuning import Tuned
 from ..policy.tuning import sm_count as _sm_count
@@ -73,19 +74,21 @@ class AttentionOp(Tuned):
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
                  chunk: int | None = None, block: int | None = None, segments: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
-                 defer_merge: bool | None = None, pos_offset: int = 0, **params):
+                 defer_merge: bool | None = None, partition: str | None = None, pos_offset: int = 0, **params):
         """(o, final_state) for (B, T, H, D) inputs; with `cu_seqlens`, packed (1, total_T, H, D) sequences.
         Differentiable: gradients reach every input and the initial state. Works under torch.compile:
         the host-side checks and choices are compile-time constants of the call's shapes.
         chunk, block, segments, num_warps, num_stages, defer_merge (merge in the chunk-parallel out kernel
         instead of the walk) override the tiling model's or `effc tune`'s choice.
+        partition: how the backward's gradient kernels run (passes.partition: 'block', 'loop' or 'cut', those the
+        spec's plan lists); None: the plan's default.
         pos_offset: the position (`pos`) of every sequence's first token, for a spec that reads `pos` run on a
         later piece of its sequences (context parallel, decoding); 0 by default."""
         init = state_list(self.spec, initial_state)
         longest = call_lengths(cu_seqlens, tensors[0])
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
         overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
-                     ("num_stages", num_stages), ("defer_merge", defer_merge))
+                     ("num_stages", num_stages), ("defer_merge", defer_merge), ("partition", partition))
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         ints, pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
                                  n_seq, longest, output_final_state, grad, save_states, overrides,
@@ -111,8 +114,10 @@ class AttentionOp(Tuned):
     def _plan_call(self, descs, init_descs, n_seq, longest, output_final_state, grad, save_states, overrides,
                    params) -> tuple[tuple, tuple]:
         # here, not in __call__: under torch.compile this runs once, as a constant, outside the traced graph
+        knobs = dict(overrides)
+        self.comp.plan.check_partition(knobs.pop("partition", None))
         check_knobs(split=bool(self.comp.plan.split_dim), output_final_state=output_final_state,
-                    save_states=save_states, **dict(overrides))
+                    save_states=save_states, **knobs)
         tensors = [rebuild(d) for d in descs]
         B, T, H, dims, pvals = self._split(*tensors, params=dict(params))
         n_seq = B if n_seq is None else n_seq
@@ -125,6 +130,7 @@ class AttentionOp(Tuned):
         if grad:
             keep, self.last_history_reason = self._history(save_states, tensors, n_seq, longest, H, dims, cfg)
         ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(cfg.defer_merge),
+                PARTITIONS.index(cfg.partition) if cfg.partition else -1,
                 int(bool(output_final_state)), int(keep), 1)
         return ints, tuple(pvals[p.name] for p in self.spec.params)
 

@@ -141,7 +141,13 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
     path.write_text(source)
     typer.echo(f"spec {comp.typed.name}: schedule {getattr(comp, 'schedule_name', 'chunked-state scan')}")
     typer.echo(str(comp.legality))
-    typer.echo("fused stages: " + "; ".join(f"{k.name} = {' + '.join(k.stages)}" for k in comp.fused.kernels))
+    fused = comp.fused
+    default = getattr(fused, "partition", None)
+    typer.echo("fused stages: " + "; ".join(f"{k.name} = {' + '.join(k.stages)}" for k in fused.kernels
+                                            if not getattr(k, "partitions", ()) or default in k.partitions))
+    for c in getattr(fused, "partitions", ()):
+        typer.echo(f"gradient partition {c.name}: {', '.join(c.kernels)} (model: ~{c.us:.0f} us at 2x8192, H=16, "
+                   f"d=128)" + (", the default" if c.name == default else ""))
     if getattr(comp.fused, "hoisted", ()):
         typer.echo(f"hoisted: {', '.join(n for n, _ in comp.fused.hoisted)} (state-free, from an in-chunk solve): "
                    "the prep kernel computes them for every chunk in parallel; the walk and the backward load them")

@@ -89,20 +89,17 @@ def kernel_name(spec_name: str, kernel: str) -> str:
     return f"{spec_name}_{kernel}_kernel"
 
 
-def _slot_expr(a: int, b: int, split: str) -> str:
-    terms = ([f"{a} * tl.cdiv({split}, BLOCK)"] if a else []) + ([str(b)] if b else [])
-    return " + ".join(terms) or "0"
-
-
 def _grad_stores(view, plan: Plan, kp) -> None:
-    """Where kernel `kp` stores each gradient it writes (Plan.grad_slot): whole, or one fp32 partial per split
-    block, and several kernels' parts (passes.grad_terms) in their own slots; the slots are summed after."""
+    """Where kernel `kp` stores each gradient it writes: whole, or one fp32 partial per split block, and several
+    kernels' parts (passes.grad_terms) in their own slots, summed after. The launcher gives the first slot
+    (`<x>_slot`, Plan.grad_slot): the partitions that share a kernel may place its part apart."""
     for x, g in kp.grads:
-        slot = None
-        if plan.slotted(x.name):
-            partial = plan.per_block(x.name, kp.name)
-            slot = _slot_expr(*plan.grad_slot(x.name, kp.name), plan.split_dim) + (" + pid_s" if partial else "")
-        offs, mask = _token_offsets(x, "H", f"({slot}) * T_total + bos + tok" if slot else "bos + tok", plan.split_dim)
+        if kp.role == "bwd_chunks":
+            slot = f"{x.name}_slot" + (" + pid_s" if plan.per_block(x.name, kp.name) else "")
+            base = f"({slot}) * T_total + bos + tok"
+        else:
+            base = "bos + tok"
+        offs, mask = _token_offsets(x, "H", base, plan.split_dim)
         view.grad_offs[x.name] = offs
         view.tok_mask[x.name] = mask
         view.grad_value[x.name] = f"v_{g}" if g else "0.0"
@@ -133,6 +130,11 @@ def _block_loop(plan: Plan, kp, printer: TritonPrinter) -> dict:
         after=[f"v_{op.out} = {printer.expr(op)}" for op in loop.after],
         grads=[(x, g) for x, g in kp.grads if not has(x.feature_dims)],
         loop_grads=[(x, g) for x, g in kp.grads if has(x.feature_dims)])
+
+
+def _scratch_stores(kp) -> tuple:
+    """The per-token tiles a kernel writes for later kernels: prep's hoisted values, a gradient kernel's sums."""
+    return kp.stores if kp.role in ("prep", "bwd_chunks") else ()
 
 
 def _check_scan_decay(plan: Plan, kp) -> None:
@@ -176,10 +178,10 @@ def emit_module(plan: Plan) -> str:
             # hoisted values are chunk-padded (every row of a chunk, padding included, as the walk would compute
             # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
-                          for d in kp.hoisted_loads + (kp.stores if kp.role == "prep" else ())})
+                          for d in kp.hoisted_loads + _scratch_stores(kp)})
         for s in kp.states + kp.read_states:
             view.state_load[s.name], view.state_store[s.name] = _masks(s.dims, split)
-        for d in kp.hoisted_loads + (kp.stores if kp.role == "prep" else ()):
+        for d in kp.hoisted_loads + _scratch_stores(kp):
             axes = (None,) + tuple(f if f in spec.dims else None for f in d.feature_dims)  # [C, C] tiles: no mask
             view.hoisted_load[d.name], view.hoisted_store[d.name] = _masks(axes, split)
         _grad_stores(view, plan, kp)

@@ -7,8 +7,8 @@ from ...passes.kernel_plan import KernelArg
 # One line per group of roles. An open line lists each argument followed by ", " (it may be empty); a closed
 # line joins its arguments and ends with "," (it is left out when empty). Each family keeps the layout its
 # generated code has always had.
-LINEAR_LAYOUT = ((("tensor",), True), (("param",), True), (("layout",), False), (("shape", "tile"), False),
-                 (("option",), False), (("flag",), False))
+LINEAR_LAYOUT = ((("tensor",), True), (("param",), True), (("layout",), False), (("slot",), False),
+                 (("shape", "tile"), False), (("option",), False), (("flag",), False))
 SOFTMAX_LAYOUT = ((("tensor", "param"), True), (("layout",), False), (("shape",), True), (("tile", "option"), False),
                   (("flag",), False))
 

@@ -1,0 +1,209 @@
+"""Partitioning the backward's gradient kernels: per split block, looping over the blocks, or cut at the loop.
+
+passes.fusion gives each input gradient a kernel (`bwd_chunks_<x>`) that recomputes what its gradient
+needs of the chunk. Over the split dim (V) such a kernel can run three ways (passes.block_loop):
+
+- **block**: one program per (V block, chunk); the K-side values are computed in every block's program
+  and each gradient without V is an fp32 partial per block, summed after the kernels.
+- **loop**: one program per chunk (where the model expects it faster than per block): the K-side values once, a loop over V's blocks accumulating the sums
+  over V, then the K-side adjoints after the loop, while the loop's carried tiles are still live.
+- **cut**: the loop's kernel stops at the sums: one kernel (`bwd_sums`) computes every cut kernel's
+  sums over V at once and writes them through memory (fp32, per chunk), and each gradient's
+  `bwd_chunks_<x>_after` kernel reads them and finishes the K-side adjoints with nothing else live.
+  Sums that several gradients read (the delta rule's `dw`, `dv_new`) are computed once, not per kernel.
+
+Each schedule is a partition of the gradient kernels; the plan keeps every partition that differs
+(`Plan.partitions`), the generated module holds all their kernels, and the call picks one (the knob
+`partition=`, which `effc tune` searches). The default is the one passes.kernel_cost estimates fastest
+at a typical shape (C from the spec, feature dims 128 in blocks of 64, 2x8192 tokens, 16 heads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..ir.nodes import C, Op, Spec, TileType, dim
+from .block_loop import BlockLoop, loop_over_blocks
+from .fusion import Fused, FusedKernel, needed
+from .kernel_cost import Cost, kernel_cost, size
+from .transpose_sink import sink_transposes
+
+PARTITIONS = ("block", "loop", "cut")
+# the shape the default partition is chosen at (the bench's standard 2x8192, H=16, D=128)
+TOKENS, HEADS, FEATURE, SPLIT_BLOCK = 2 * 8192, 16, 128, 64
+
+
+@dataclass(frozen=True)
+class PartitionChoice:
+    name: str
+    kernels: tuple[str, ...]  # the gradient kernels it launches, in order
+    costs: tuple[tuple[str, Cost], ...]  # per kernel, the model's estimate
+
+    @property
+    def us(self) -> float:
+        return sum(c.us for _, c in self.costs)
+
+    def __str__(self) -> str:
+        return f"{self.name} ~{self.us:.0f} us: " + "; ".join(f"{k} {c}" for k, c in self.costs)
+
+
+def _topological(ops_by_name: dict[str, Op], roots) -> tuple[Op, ...]:
+    order, seen = [], set()
+
+    def visit(name):
+        if name in seen or name not in ops_by_name:
+            return
+        seen.add(name)
+        for a in ops_by_name[name].args:
+            if isinstance(a, str):
+                visit(a)
+        order.append(ops_by_name[name])
+
+    for r in roots:
+        visit(r)
+    return tuple(order)
+
+
+def _has(t: TileType, d: str) -> bool:
+    return any(str(x) == d for x in t.shape)
+
+
+def _stored_form(name: str, t: TileType) -> tuple[str, TileType, Op | None, Op | None] | None:
+    """How a sum crosses kernels as a per-token tile (rows = the chunk's tokens): itself if its first axis is
+    C, its transpose if its second is; (scratch name, scratch type, op making it, op reading it back)."""
+    if t.shape and str(t.shape[0]) == str(C):
+        return name, t, None, None
+    if t.rank == 2 and str(t.shape[1]) == str(C):
+        s, st = f"{name}_st", TileType((t.shape[1], t.shape[0]))
+        return s, st, Op(s, "transpose", (name,), st), Op(name, "transpose", (s,), t)
+    return None
+
+
+@dataclass(frozen=True)
+class _Cut:
+    kernel: FusedKernel
+    loop: BlockLoop
+    stored: tuple[str, ...]  # sums the after-part reads (or gradients that are sums)
+
+
+def _cut(k: FusedKernel, loop: BlockLoop | None, types: dict, split: str) -> _Cut | None:
+    """The kernel's loop part and after part, if the after part does work (a matmul) and every sum it reads
+    can cross kernels as a per-token tile."""
+    if loop is None or not any(op.kind == "matmul" for op in loop.after):
+        return None
+    after_reads = {a for op in loop.after for a in op.args if isinstance(a, str)} | {g for _, g in k.grads}
+    stored = tuple(s for s in loop.sums if s in after_reads)
+    if not stored or any(_stored_form(s, types[s]) is None for s in stored):
+        return None
+    return _Cut(k, loop, stored)
+
+
+def partition_gradients(spec: Spec, fused: Fused, backward, split: str | None, hoisted_types: dict) -> Fused:
+    """Fused kernels -> the same with every partition of the gradient kernels that differs from the others;
+    each gradient kernel lists the partitions that launch it, and `Fused.partitions` the model's costs."""
+    grads = [k for k in fused.kernels if k.name.startswith("bwd_chunks_")]
+    if not grads or backward is None or split is None:
+        return fused
+    others = [k for k in fused.kernels if k not in grads]
+    types = {**backward.types(spec), **hoisted_types}
+    sunk = [replace(k, ops=sink_transposes(k.ops, types)) for k in grads]
+    alltypes = {**types, **{op.out: op.type for k in sunk for op in k.ops}}
+    loops = {k.name: loop_over_blocks(k.ops, alltypes, split) for k in sunk}
+    per_block = [replace(k, loop=False) for k in sunk]
+    looped = [replace(k, name=f"{k.name}_loop", loop=True) if loops[k.name] else b for k, b in zip(sunk, per_block)]
+    cost = lambda k: _costs(spec, [k], alltypes, split, hoisted_types)[0][1].us
+    variants: dict[str, list[FusedKernel]] = {
+        "block": per_block,
+        # each kernel loops where the model expects it to be faster than one program per block
+        "loop": [min((b, l), key=cost) for b, l in zip(per_block, looped)]}
+    cuts = [c for k in sunk if (c := _cut(k, loops[k.name], alltypes, split))]
+    if cuts:
+        variants["cut"] = _cut_kernels(sunk, cuts, variants["loop"], alltypes, split)
+    costs = {name: _costs(spec, ks, alltypes, split, hoisted_types) for name, ks in variants.items()}
+    # keep each distinct partition once (a spec whose kernels cannot loop has one)
+    choices, seen = [], set()
+    for name in PARTITIONS:
+        if name in variants and (key := tuple(k.name for k in variants[name])) not in seen:
+            seen.add(key)
+            choices.append(PartitionChoice(name, key, costs[name]))
+    best = min(choices, key=lambda c: c.us)
+    kernels, names = list(others), set()
+    for choice in choices:
+        for k in variants[choice.name]:
+            if k.name not in names:
+                names.add(k.name)
+                kernels.append(k)
+    kernels = [replace(k, partitions=tuple(c.name for c in choices if k.name in c.kernels)) if k.name in names else k
+               for k in kernels]
+    return replace(fused, kernels=tuple(kernels), partitions=tuple(choices), partition=best.name)
+
+
+def _cut_kernels(sunk, cuts: list[_Cut], loop_variant, types: dict, split: str) -> list[FusedKernel]:
+    """The `cut` partition: one `bwd_sums` kernel for every cut kernel's loop part (their sums and the
+    gradients with the split dim), then per cut kernel its after part; the others as in `loop`."""
+    by_name = {op.out: op for c in cuts for op in c.kernel.ops}
+    forms = {s: _stored_form(s, types[s]) for c in cuts for s in c.stored}
+    for s, (_, _, make, _) in forms.items():
+        if make is not None:
+            by_name[make.out] = make
+    v_grads = tuple((x, g) for c in cuts for x, g in c.kernel.grads if _has(types[g], split))
+    scratch = tuple((f[0], f[1]) for f in forms.values())
+    roots = tuple(name for name, _ in scratch) + tuple(g for _, g in v_grads)
+    sums = FusedKernel("bwd_sums", ("inter", "merge", "intra"), _topological(by_name, roots), roots, v_grads,
+                       loop=True, scratch_stores=scratch)
+    out, placed = [], False
+    cut_of = {c.kernel.name: c for c in cuts}
+    for k, looped in zip(sunk, loop_variant):
+        c = cut_of.get(k.name)
+        if c is None:
+            out.append(looped)
+            continue
+        if not placed:
+            out.append(sums)
+            placed = True
+        mine = [(x, g) for x, g in k.grads if not _has(types[g], split)]
+        if not mine:
+            continue
+        made_here = {op.out: op for op in k.ops if op.out not in c.stored}
+        reads = {}
+        for s in c.stored:
+            name, t, _, back = forms[s]
+            reads[name] = t
+            if back is not None:
+                made_here[s] = back
+        groots = tuple(g for _, g in mine)
+        ops = needed(_topological(made_here, groots), groots)
+        used = {a for op in ops for a in op.args if isinstance(a, str)} | set(groots)
+        out.append(FusedKernel(f"{k.name}_after", k.stages, ops, groots, tuple(mine), loop=True,
+                               scratch_loads=tuple((n, t) for n, t in reads.items() if n in used)))
+    return out
+
+
+def _costs(spec: Spec, kernels, types: dict, split: str, hoisted_types: dict) -> tuple[tuple[str, Cost], ...]:
+    sizes = {C: spec.chunk, **{dim(d): SPLIT_BLOCK if d == split else FEATURE for d in spec.dims}}
+    full = {**sizes, dim(split): FEATURE}
+    n_blocks = FEATURE // SPLIT_BLOCK
+    chunks = TOKENS // spec.chunk * HEADS
+    inputs = {d.name: d for d in spec.inputs}
+    out = []
+    for k in kernels:
+        types = {**types, **dict(k.scratch_loads), **{op.out: op.type for op in k.ops}}
+        loaded, stored = {}, {}
+        leaves = {a for op in k.ops for a in op.args if isinstance(a, str)} - {op.out for op in k.ops}
+        for a in leaves:
+            t = types.get(a)
+            if t is None:
+                continue
+            whole = size(t, full if k.loop else sizes)
+            fp32 = a in dict(k.scratch_loads) or a in {s.name for s in spec.states} or "seed__next" in a
+            loaded[a] = whole * (4 if fp32 else 2)
+        for name, t in k.scratch_stores:
+            stored[name] = size(t, full) * 4
+        for x, g in k.grads:
+            stored[x] = size(types[g], full if k.loop else sizes) * (2 if k.loop else 4)
+        repeat = {}
+        if k.loop:
+            loop = loop_over_blocks(k.ops, types, split)
+            repeat = {op.out: n_blocks for op in loop.body} if loop else {}
+        programs = chunks * (1 if k.loop else n_blocks)
+        out.append((k.name, kernel_cost(programs, k.ops, k.roots, types, sizes, loaded, stored, repeat)))
+    return tuple(out)
