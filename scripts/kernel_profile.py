@@ -1,7 +1,8 @@
 """Where a spec's forward and forward+backward time goes, kernel by kernel (torch.profiler CUDA times).
 
 usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16, D=128; env CHUNK=32 / BLOCK=128 force
-       the chunk / the split dim's block: BLOCK=128 runs one program per head with no partial gradients)
+       the chunk / the split dim's block: BLOCK=128 runs one program per head with no partial gradients;
+       PARTITION=block|loop|cut the backward's gradient kernels, passes.partition)
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def kernel_table(fn, steps: int = 5) -> list[tuple[str, float, int]]:
 
 def main(spec: str, shapes: list[str]) -> None:
     options = {knob: int(os.environ[env]) for knob, env in (("chunk", "CHUNK"), ("block", "BLOCK")) if env in os.environ}
+    if os.environ.get("PARTITION"):
+        options["partition"] = os.environ["PARTITION"]
     op = effc.load(spec)
     for shape in shapes:
         B, T = map(int, shape.split("x"))
