@@ -23,7 +23,7 @@ from effc.policy.search import H100_SHARED_BYTES, SOFTMAX_STAGES, Candidate, mod
 from effc.passes.softmax import choose_softmax_tiles
 from effc.policy.tiling import Problem, choose
 from effc.policy.tuning import TuningKey, read_entry, shape_bucket, store
-from effc.tools.tune import MARGIN, tune_problem
+from effc.tools.tune import MARGIN, summary, tune_problem
 from tuning_fakes import FakeClock, FakeRunner
 
 KV128 = (("K", 128), ("V", 128))
@@ -684,3 +684,40 @@ def test_auto_backend_follows_the_tuned_times(cache):
     assert fresh.last_backend_reason == "tilelang: tuned times triton 0.900 ms, tilelang 0.400 ms"
     o, _ = effc.load("retention", backend="auto").ops["triton"](*xs)  # the Triton half still runs here
     assert o.shape == (2, 40, 2, 16)
+
+
+class _PartitionRunner(FakeRunner):
+    """FakeRunner that also times the backward's gradient partitions (forward+backward ms by name); a
+    partition in `wrong` fails its gradient check."""
+
+    def __init__(self, backward_ms: dict, wrong_partitions=()):
+        super().__init__(lambda c: 1.0)
+        self.backward_ms, self.wrong_partitions = backward_ms, set(wrong_partitions)
+
+    def time_backward(self, c, partition, reference):
+        if partition in self.wrong_partitions:
+            raise RuntimeError(f"partition {partition}: gradients off")
+        return self.backward_ms[partition]
+
+
+def test_tune_records_the_fastest_gradient_partition_and_the_op_uses_it(cache):
+    """tools.tune.tune_partition: each partition timed forward+backward at the winner's tiles; the fastest
+    correct one replaces the plan's default only past MARGIN, is stored, and a later call runs it."""
+    op = effc.load("delta_net")
+    default = op.comp.plan.partition
+    others = [c.name for c in op.comp.plan.partitions if c.name != default]
+    fast, wrong = others
+    r = run(op, _PartitionRunner({default: 4.0, fast: 3.0, wrong: 1.0}, wrong_partitions={wrong}))
+    assert r.partition == fast and set(r.partition_ms) == {default, fast}
+    assert read_entry(r.path).partition == fast and f"gradient partition {fast}" in summary(r)
+    entry = read_entry(r.path)  # the same entry, as the CPU's: a later call there reads it
+    store(TuningKey.of(op, PROBLEM, "cpu", torch.bfloat16), entry.config, entry.ms, entry.default,
+          entry.default_ms, entry.shape, partition=entry.partition)
+    cfg = effc.load("delta_net").config(PROBLEM.B, PROBLEM.T, PROBLEM.H, dict(PROBLEM.dims), CPU,
+                                         dtype=torch.bfloat16)
+    assert cfg.partition == fast and cfg.reasons[0].startswith("tuned")
+    assert effc.load("delta_net").config(PROBLEM.B, PROBLEM.T, PROBLEM.H, dict(PROBLEM.dims), CPU,
+                                         dtype=torch.bfloat16, partition=default).partition == default
+    # within the margin the default stays
+    r = run(op, _PartitionRunner({default: 4.0, fast: 4.0 * (1 - MARGIN / 2), wrong: 5.0}))
+    assert r.partition is None and read_entry(r.path).partition is None

@@ -1,14 +1,19 @@
 """A time model of one chunk-parallel kernel from its IR: the partition pass (passes.partition) compares
 schedules of the backward's gradient kernels with it.
 
-A gradient kernel is one program per chunk (and per split block, unless it loops over the blocks). At
-the sizes these kernels run (C = 32..64, d = 64..128) a program is latency bound: each matmul waits for
-the layout shuffles of its operands, so a matmul costs a fixed latency plus its FLOPs at one SM's
-tensor-core rate. Memory is charged at one SM's share of the bandwidth. A thread past 255 live fp32
-values spills; the spilled bytes go to memory and back. Programs share an SM while their registers fit.
+A gradient kernel is one program per chunk (and per split block, unless it loops over the blocks), 8 warps,
+one program an SM once its threads hold 255 registers (they all do: scripts/ptxas_report.py). At these tile
+sizes (C = 32..64, d = 64..128) a program is latency bound, and its time grows with
+- the matmul FLOPs it issues (small wgmmas with their operands converted to the dot layout),
+- its elementwise ops (each a pass over a tile, its layout shuffles included),
+- the fp32 values it keeps live past what fits beside the dot operands (spills and reloads),
+while the bytes it moves hardly count (one SM's share of the bandwidth covers them). The three weights
+are a least-squares fit to 14 gradient kernels profiled on the H200 (delta_net_l2, gated_delta_net_l2,
+mlstm_sig at 2x8192, H=16, D=128; docs/benchmarks.md): relative error 20% (RMS). Not explained: a loop
+kernel that Triton spills far beyond its live-value estimate (gated_delta_net_l2's `bwd_sums`, 3.8 KB a
+thread, 4.7x the model); `effc tune` times the partitions where the model is wrong.
 
-`Cost` keeps the features so the plan can say why one schedule won (`effc show SPEC --stage plan`);
-scripts/ptxas_report.py cross-checks the live-value estimate against ptxas on the CPU.
+`Cost` keeps the features so the plan can say why one schedule won (`effc show SPEC --stage plan`).
 """
 from __future__ import annotations
 
@@ -19,18 +24,18 @@ import sympy
 
 from ..ir.nodes import Op, TileType
 
-# The model's machine: an H100/H200 SXM (132 SMs, 64K registers and ~25 GB/s of HBM bandwidth a SM).
-SMS = 132
+SMS = 132  # H100 / H200 SXM
 REGISTERS_PER_SM = 65536
-THREADS = 128  # the gradient kernels run 4 warps
+THREADS = 256  # the gradient kernels run 8 warps (policy.triton_faults.backward_warps)
 MAX_REGISTERS = 255
 REGISTER_OVERHEAD = 40  # indices, masks and pointers beside the tiles' values
-BYTES_PER_US_PER_SM = 3.0e6 / SMS  # 3.0 TB/s (measured device-to-device copy on the H100)
-MMA_FLOPS_PER_US_PER_SM = 4.0e8 / SMS  # what small-tile kernels reach (~half the dense peak)
-# A matmul's fixed latency (us): operands converted to the dot layout through shared memory, the wgmma
-# issued and waited for. Fitted to the delta rules' gradient kernels on the H200 (2x8192, C=32, D=128:
-# per-block k 1.59 ms, beta 0.98 ms, looped q 0.35 ms; docs/benchmarks.md).
-MATMUL_LATENCY_US = 0.6
+BYTES_PER_US_PER_SM = 4.8e6 / SMS  # HBM3e (H200)
+# fitted per program (us), see the module docstring
+US_PER_MFLOP = 0.84
+US_PER_ELEMENTWISE_OP = 0.068
+US_PER_EXCESS_LIVE = 0.0155  # per fp32 value a thread keeps live beyond LIVE_FREE
+LIVE_FREE = 128  # what a thread holds beside the dot operands' staging without pressure
+NOT_ELEMENTWISE = frozenset({"matmul", "transpose", "expand", "copy"})  # layout-only (or counted as FLOPs)
 
 
 @dataclass(frozen=True)
@@ -82,17 +87,18 @@ def matmul_flops(op: Op, types: dict, sizes: dict) -> int:
 
 def kernel_cost(programs: int, ops: tuple[Op, ...], roots: tuple[str, ...], types: dict, sizes: dict,
                 loaded: dict[str, int], stored: dict[str, int], repeat: dict[str, int] | None = None) -> Cost:
-    """`programs` running `ops` (each op `repeat[op.out]` times a program, default once); `loaded` / `stored`:
-    bytes a program moves per tensor."""
+    """`programs` running `ops` (each matmul `repeat[op.out]` times a program, default once); `loaded` /
+    `stored`: bytes a program moves per tensor."""
     repeat = repeat or {}
     mms = [op for op in ops if op.kind == "matmul"]
     matmuls = sum(repeat.get(op.out, 1) for op in mms)
     flops = sum(repeat.get(op.out, 1) * matmul_flops(op, types, sizes) for op in mms)
+    elementwise = sum(op.kind not in NOT_ELEMENTWISE for op in ops)
     moved = sum(loaded.values()) + sum(stored.values())
     live = live_values(ops, roots, types, sizes) // THREADS
     spill = max(0, live - MAX_REGISTERS) * 4 * THREADS * 2  # stored once and loaded back
     per_sm = max(1, REGISTERS_PER_SM // (THREADS * min(MAX_REGISTERS, live + REGISTER_OVERHEAD)))
-    per_program = (matmuls * MATMUL_LATENCY_US + flops / MMA_FLOPS_PER_US_PER_SM
-                   + (moved + spill) * per_sm / BYTES_PER_US_PER_SM)
+    per_program = (flops / 1e6 * US_PER_MFLOP + elementwise * US_PER_ELEMENTWISE_OP
+                   + max(0, live - LIVE_FREE) * US_PER_EXCESS_LIVE + (moved + spill) * per_sm / BYTES_PER_US_PER_SM)
     waves = math.ceil(programs / (SMS * per_sm))
     return Cost(programs, matmuls, flops / 1e6, moved / 1e3, live, spill / 1e3, per_sm, waves * per_program)

@@ -96,6 +96,7 @@ class Entry:
     shape: dict  # the call shape it was tuned at (B, T, H, dims)
     tried: int = 0  # candidates timed
     tuned_at: float = 0.0
+    partition: str | None = None  # the backward's gradient partition, when one beat the plan's default
 
 
 # what a damaged file raises on reading and parsing (ValueError covers bad JSON and bad UTF-8,
@@ -121,8 +122,11 @@ def _parse(text: str) -> Entry:
         raise ValueError(f"times must be positive, got ms={ms}, default_ms={default_ms}")
     if not isinstance(raw["shape"], dict):
         raise ValueError(f"'shape' must be an object, got {raw['shape']!r}")
+    partition = raw.get("partition")
+    if partition is not None and not isinstance(partition, str):
+        raise ValueError(f"'partition' must be a partition's name or null, got {partition!r}")
     return Entry(key, raw["config"], ms, raw["default"], default_ms, raw["shape"],
-                 int(raw.get("tried", 0)), float(raw.get("tuned_at", 0.0)))
+                 int(raw.get("tried", 0)), float(raw.get("tuned_at", 0.0)), partition)
 
 
 def read_entry(path: Path) -> Entry | None:
@@ -138,10 +142,10 @@ def read_entry(path: Path) -> Entry | None:
 
 
 def store(key: TuningKey, config: dict, ms: float, default: dict, default_ms: float, shape: dict,
-          tried: int = 0) -> Path:
+          tried: int = 0, partition: str | None = None) -> Path:
     entry = {"format": FORMAT, "key": asdict(key), "config": {k: int(config[k]) for k in KNOBS}, "ms": ms,
              "default": {k: int(default[k]) for k in KNOBS}, "default_ms": default_ms, "shape": shape,
-             "tried": tried, "tuned_at": time.time()}
+             "tried": tried, "tuned_at": time.time(), "partition": partition}
     return write_atomic(key.path, json.dumps(entry, indent=1))
 
 
@@ -215,8 +219,11 @@ def lookup(op, problem: Problem, device, dtype, overrides: dict):
     if entry is None or entry.key != key:
         return None
     given = {k: v for k, v in overrides.items() if v is not None}
+    tuned = dict(entry.config)
+    if entry.partition and entry.partition in {c.name for c in getattr(op.comp.plan, "partitions", ())}:
+        tuned["partition"] = entry.partition
     try:
-        cfg = op.tiles(problem, entry.config, **given)
+        cfg = op.tiles(problem, tuned, **given)
     except SpecError as e:
         warnings.warn(f"effc tuning cache: ignoring entry {key.path}: {e}", stacklevel=2)
         return None

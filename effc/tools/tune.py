@@ -12,6 +12,9 @@ For each call shape, within its share of the budget:
 4. the best few and the default are re-timed with a full do_bench, interleaved. A candidate replaces the
    default only when faster by more than MARGIN: the tuned config is never slower than the model's.
 
+Then, for a spec whose backward has several gradient partitions (passes.partition), each is timed forward+
+backward at the winner's tiles and the fastest recorded (`partition`), its gradients checked first.
+
 The softmax family tunes its forward kernel the same way: C and block are its query and key blocks, P is
 always 1, so every candidate is a compiled variant of its own; its backward kernels keep the model's tiles.
 
@@ -63,6 +66,9 @@ class TuneResult:
     elapsed: float = 0.0
     budget_hit: bool = False  # stopped before timing every candidate
     path: object = None
+    # the backward's gradient partition (passes.partition): forward+backward ms of each, at the winner's tiles
+    partition: str | None = None
+    partition_ms: dict = field(default_factory=dict)
 
     @property
     def default(self) -> Candidate:
@@ -185,13 +191,36 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
     best = min(timed, key=lambda t: t.best_ms)
     winner = best.candidate if best.best_ms < default_ms * (1 - MARGIN) else default
     winner_ms = trials[winner].best_ms
+    partition, partition_ms = tune_partition(op, winner, runner)
     key = TuningKey.of(op, problem, runner.gpu, dtype)
     path = None
     if save:
         shape = {"B": problem.B, "T": problem.T, "H": problem.H, "dims": dict(problem.dims)}
         path = store(key, winner.overrides(), winner_ms, default.overrides(), default_ms, shape,
-                     tried=sum(t.ms is not None for t in trials.values()))
-    return TuneResult(key, space, winner, winner_ms, default_ms, trials, clock() - start, budget_hit, path)
+                     tried=sum(t.ms is not None for t in trials.values()), partition=partition)
+    return TuneResult(key, space, winner, winner_ms, default_ms, trials, clock() - start, budget_hit, path,
+                      partition, partition_ms)
+
+
+def tune_partition(op, winner: Candidate, runner) -> tuple[str | None, dict]:
+    """The backward's gradient partition (passes.partition) at the winner's tiles: each one's forward+backward
+    timed, its gradients checked against the plan's default partition; a partition replaces the default only
+    when faster by more than MARGIN. (None, {}) for a spec with one partition or a runner that cannot time
+    the backward."""
+    plan = op.comp.plan
+    names = [c.name for c in getattr(plan, "partitions", ())]
+    if len(names) < 2 or not hasattr(runner, "time_backward"):
+        return None, {}
+    times = {}
+    for name in names:
+        try:
+            times[name] = runner.time_backward(winner, name, reference=plan.partition)
+        except Exception:  # a partition that fails its check or its launch is not a candidate
+            continue
+    if plan.partition not in times:
+        return None, times
+    best = min(times, key=times.get)
+    return (best if times[best] < times[plan.partition] * (1 - MARGIN) else None), times
 
 
 # -- the GPU runner -------------------------------------------------------------------------------
@@ -347,6 +376,35 @@ class GpuRunner:
         warmup, rep = (25, 100) if final else (5, 20)
         return do_bench(lambda: self.op(*self.xs, **kw), warmup=warmup, rep=rep, return_mode="median")
 
+    def time_backward(self, c: Candidate, partition: str, reference: str) -> float:
+        """Forward+backward ms with gradient partition `partition`, after checking its gradients against
+        `reference`'s (the plan's default); a wrong one raises."""
+        import torch
+        from triton.testing import do_bench
+
+        from ..runtime.verify import rel_err
+
+        xs = [x.detach().requires_grad_() if x.is_floating_point() else x for x in self.xs]
+        leaves = [x for x in xs if x.requires_grad]
+
+        def step(p):
+            out = self.op(*xs, **c.overrides(), partition=p)[0]
+            out = out[0] if isinstance(out, tuple) else out
+            return torch.autograd.grad(out, leaves, self._cotangent(out))
+
+        tol = TOLERANCE[self.dtype]
+        for g, r in zip(step(partition), step(reference)):
+            if not rel_err(g.float(), r.float()) <= tol:
+                raise RuntimeError(f"partition {partition}: gradients off the default partition's by "
+                                   f"{rel_err(g.float(), r.float()):.2e}")
+        return do_bench(lambda: step(partition), warmup=5, rep=40, return_mode="median")
+
+    def _cotangent(self, out):
+        import torch
+        if getattr(self, "_do", None) is None or self._do.shape != out.shape:
+            self._do = torch.randn_like(out)
+        return self._do
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.terminate()  # compiles still running are abandoned (Triton's cache writes are atomic)
@@ -424,7 +482,10 @@ def summary(r: TuneResult) -> str:
     return (f"{r.key.spec} {r.key.bucket} {r.key.dtype} on {r.key.gpu}: {r.winner} {r.winner_ms:.3f} ms, {verdict}; "
             f"{timed} timed, {failed} rejected, {len(r.space.pruned)} pruned by the model before compiling"
             + (f", {unreached} compiled variants not reached within the budget" if unreached else "")
-            + f"; {r.elapsed:.0f} s")
+            + f"; {r.elapsed:.0f} s"
+            + (f"; gradient partition {r.partition or 'the model default'} ("
+               + ", ".join(f"{n} {ms:.3f}" for n, ms in r.partition_ms.items()) + " ms forward+backward)"
+               if r.partition_ms else ""))
 
 
 def ranking(r: TuneResult, top: int = 8) -> list[tuple[str, str, str, str, str]]:
