@@ -214,7 +214,8 @@ def test_bf16_storage_under_the_interpreter(name):
     """bf16 inputs through the interpreter (its matmuls run in fp32: DOT_DTYPE), so what a GPU stores in
     16 bits is rounded here too: the state history and its adjoints, prep's scratch, gradients stored in the
     input dtype. Judged as on the GPU (tests/gpu): no worse than 2x a PyTorch reference with bf16 matmul
-    operands, against the float64 oracle. Segmented where the spec allows, V in two blocks."""
+    operands, against the float64 oracle. Segmented where the spec allows, V in two blocks; every gradient
+    partition (their sums cross kernels in bf16)."""
     op = effc.load(name)
     B, T, H = 1, 200, 2
     dims = {d: 32 for d in op.spec.dims}
@@ -226,16 +227,18 @@ def test_bf16_storage_under_the_interpreter(name):
     one = lambda t: t if len(s0) > 1 else t[0]
     leaves = xs + list(s0)
     knobs = dict(chunk=32, block=16, **({"segments": 3} if op.comp.plan.segmentable else {}))
-    _, got = _grads(lambda: op(*xs, initial_state=one(s0), output_final_state=True, **knobs), leaves,
-                    d_o.bfloat16(), one(tuple(d.float() for d in d_s)))
     _, ref = _grads(lambda: op.reference(*xs, initial_state=one(s0), output_final_state=True), leaves, d_o,
                     one(d_s))
     _, low = _grads(lambda: op.reference(*xs, initial_state=one(s0), output_final_state=True, dtype=torch.float32,
                                          matmul_dtype=torch.bfloat16), leaves, d_o.float(), one(tuple(d.float() for d in d_s)))
-    assert [g.dtype for g in got[:len(xs)]] == [torch.bfloat16] * len(xs)
     names = [d.name for d in op.spec.inputs] + [f"initial {s.name}" for s in op.spec.states]
-    for n, a, b, c in zip(names, got, ref, low):
-        assert judge_low_precision(a.float(), b, c).ok, f"{name} d{n}: {judge_low_precision(a.float(), b, c)}"
+    for partition in [c.name for c in op.comp.plan.partitions] or [None]:  # passes.partition: the sums in bf16
+        _, got = _grads(lambda: op(*xs, initial_state=one(s0), output_final_state=True, partition=partition,
+                                   **knobs), leaves, d_o.bfloat16(), one(tuple(d.float() for d in d_s)))
+        assert [g.dtype for g in got[:len(xs)]] == [torch.bfloat16] * len(xs)
+        for n, a, b, c in zip(names, got, ref, low):
+            assert judge_low_precision(a.float(), b, c).ok, \
+                f"{name} partition={partition} d{n}: {judge_low_precision(a.float(), b, c)}"
 
 
 SPLIT = [n for n in LIBRARY if effc.load(n).comp.plan.split_dim]

@@ -208,9 +208,10 @@ class Launcher:
         dummy = torch.empty(1, **f32)
         n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H
         _, max_chunks = lay.chunks(cfg.chunk)
-        # the carried-free terms of the state adjoints, every chunk in parallel (passes.reverse_scan);
-        # fp32: the scan adds them into the adjoint it carries
-        inj = {s: torch.empty(dhist[s].shape, **f32) for s, _ in scan.injected}
+        # the carried-free terms of the state adjoints, every chunk in parallel (passes.reverse_scan), stored
+        # like the adjoint history (matrix states in the operand dtype: the largest buffer of the backward);
+        # the scan adds them into the fp32 adjoint it carries
+        inj = {s: torch.empty_like(dhist[s]) for s, _ in scan.injected}
         if inj:
             kp = self.plan.kernel("bwd_inject")
             values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(kp, xs, hoisted), **d_o,
@@ -257,7 +258,9 @@ class Launcher:
         part = cfg.partition
         kernels = self.plan.gradient_kernels(part)
         has_grad = {d.name for kp in kernels for d, _ in kp.grads}
-        direct = direct_grads(self.plan, lay, n_split, part)
+        # Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest: under it the gradients are
+        # rounded by PyTorch after the kernels, as a GPU's kernel would store them
+        direct = set() if interpreting() else direct_grads(self.plan, lay, n_split, part)
         # slots (Plan.grad_slot): per writer of an input's gradient, one fp32 partial per split block (kernels
         # with one program per block, inputs without the split dim) or one; summed below
         slots = {}
@@ -270,11 +273,13 @@ class Launcher:
             for d in spec.inputs}
         for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
             dx[x] = d_outs[o].to(torch.float32, copy=True)  # a copy: an op output must not alias its input
-        # per-token sums one gradient kernel writes for the next ones (passes.partition's cut), fp32
+        # per-token sums one gradient kernel writes for the next ones (passes.partition's cut): tiles in the
+        # matmul operand dtype, as prep's hoisted values ([C] rows fp32)
         total_chunks, _ = lay.chunks(cfg.chunk)
         sizes = {**lay.dims, "C": cfg.chunk}
         scratch = {d.name: torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
-                                       **f32) for kp in kernels for d in kp.stores}
+                                       dtype=operand_dtype(first.dtype) if d.feature_dims else torch.float32,
+                                       device=device) for kp in kernels for d in kp.stores}
         for chunks in kernels:
             slot = {}
             for d, _ in chunks.grads:
