@@ -144,18 +144,19 @@ def _naive(spec, inputs, init, cu):
     if cu is None:
         return naive.NAIVE[spec](*inputs, initial_state=one(init))
     c = cu.tolist()
-    outs, states = [], []
+    outs, states = [], []  # per document, its final states as a tuple (one per state)
     for i, (a, b) in enumerate(zip(c, c[1:])):
         s_i = None if init is None else tuple(s[i:i + 1] for s in init)
         if a == b:
-            states.append(s_i[0] if s_i is not None else None)
+            states.append(s_i)
             continue
         o_i, st = naive.NAIVE[spec](*[x[:, a:b] for x in inputs], initial_state=one(s_i))
         outs.append(o_i)
-        states.append(st)
+        states.append((st,) if torch.is_tensor(st) else tuple(st))
     like = next(s for s in states if s is not None)
-    states = [torch.zeros_like(like) if s is None else s.double() for s in states]
-    return torch.cat(outs, 1), torch.cat(states, 0)
+    states = [tuple(torch.zeros_like(x) for x in like) if s is None else tuple(x.double() for x in s) for s in states]
+    per_state = tuple(torch.cat([s[j] for s in states], 0) for j in range(len(like)))
+    return torch.cat(outs, 1), (per_state[0] if len(per_state) == 1 else per_state)
 
 
 def _bytes(spec: str) -> int:
@@ -271,6 +272,34 @@ def test_two_ranks_varlen_documents_cross_the_boundary(tmp_path):
     results = _run_ranks(cases, 2, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+
+
+def test_two_ranks_packed_mlstm_sig_and_swax(tmp_path):
+    """Issue 23's remaining packed cases on 2 ranks: mlstm_sig (two states, C and n, each per document, with
+    initial states) and swax (its softmax branch's document masks and its state branch's continuation), a
+    document crossing the boundary; swax's plan counts both branches."""
+    cases = [_case("mlstm_sig", seed=165, cu=PACKED), _case("swax", seed=166, kw={"window": 12}, cu=PACKED),
+             _case("swax", seed=167, kw={"window": 12})]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+    # swax dense: k and v of the shard (softmax branch) + W [K, V] and one decay per head (state branch)
+    swax_bytes = _softmax_bytes(45) + B * H * (D * D + 1) * 4
+    assert all(r[2]["plan_bytes"] == swax_bytes for r in results)
+    assert f"both branches: {swax_bytes} bytes" in results[0][2]["plan"]
+
+
+@pytest.mark.slow
+def test_four_ranks_softmax_attn_and_mlstm_sig_packed(tmp_path):
+    """softmax_attn on 4 contiguous ranks (B = 2; uneven shards with an empty one), packed with a document
+    through two middle shards; mlstm_sig packed the same way, with initial states."""
+    uneven = [(0, 1), (1, 41), (41, 41), (41, 90)]
+    cases = [_case("softmax_attn", seed=170, batch=2), _case("softmax_attn", seed=171, bounds=uneven),
+             _case("softmax_attn", seed=172, cu=[0, 3, 3, 80, 90]), _case("mlstm_sig", seed=173, cu=[0, 3, 3, 80, 90])]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+    assert all(r[0]["plan_bytes"] == _softmax_bytes(r[0]["o"].shape[1], 2) for r in results)
 
 
 @pytest.mark.slow
