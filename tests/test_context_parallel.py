@@ -272,6 +272,13 @@ def test_two_ranks_varlen_documents_cross_the_boundary(tmp_path):
     results = _run_ranks(cases, 2, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+        # rank 0: the document running on is its summary; rank 1's continuation runs (from zeros and probe
+        # columns) while the all-gather is in flight, as do the documents ending on either rank
+        assert results[0][i]["schedule"] == ("run the document running on", "all-gather issued",
+                                             "documents ending here (overlapped)", "all-gather waited")
+        assert results[1][i]["schedule"] == ("all-gather issued", "documents ending here (overlapped)",
+                                             "probe continuation (overlapped)", "all-gather waited",
+                                             "correct continuation: o(0) + u @ S_in")
 
 
 def test_two_ranks_packed_mlstm_sig_and_swax(tmp_path):
@@ -313,6 +320,9 @@ def test_four_ranks_varlen(tmp_path):
     results = _run_ranks(cases, 4, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+    # rank 1 lies inside document 2: one run gives its summary, o(0) and u
+    assert results[1][0]["schedule"] == ("probe continuation", "all-gather issued", "all-gather waited",
+                                         "correct continuation: o(0) + u @ S_in")
 
 
 def test_varlen_shard_layout():

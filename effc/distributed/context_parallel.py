@@ -489,6 +489,10 @@ class ContextParallelOp:
         ending = list(lay.owned)[:-1] if runs_on else list(lay.owned)
         base = lay.cont_len  # the owned documents' first token on the shard
         fin_own, o_last = {}, None
+        # overlap (as for dense shards): the continuation runs from zeros and probe columns, o = o(0) + u @ S_in
+        overlap = lay.cont_len > 0 and self._why_not_overlapped(x0.dtype) is None
+        cont_probe, steps = None, []
+        cont_xs = [x[:, :lay.cont_len] for x in tensors]
         if runs_on:  # a document starts here and runs on: the leaving state ignores the entering one (A = 0)
             d = lay.owned[-1]
             init = None if inits is None else [st[d:d + 1] for st in inits]
@@ -497,11 +501,18 @@ class ContextParallelOp:
             parts = []
             for m, f in zip(self.maps, _states(fin)):
                 parts += [f.reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
+            steps.append("run the document running on")
+        elif lay.continues_out and overlap:  # the whole shard inside one document: its summary, o(0) and u
+            cont_probe = self._probe_run(cont_xs, cont_kw, 1, H, sizes)
+            parts = cont_probe[0]
+            steps.append("probe continuation")
         elif lay.continues_out:  # the whole shard is inside one document: A and W as for a dense shard
             parts = self._summary(tensors, cont_kw, 1, H, sizes)
+            steps.append("summary continuation")
         else:  # nobody reads the state leaving this shard
             parts = self._zero_summary(shapes, sizes, dtype, device)
         pending = start_gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1), self.group)
+        steps.append("all-gather issued")
 
         o_own = o_last
         if ending:  # overlapped with the all-gather
@@ -512,17 +523,29 @@ class ContextParallelOp:
                                  cu_seqlens=local_cu, **kw)
             fin_own = {d: [f[j] for f in _states(fin)] for j, d in enumerate(ending)}
             o_own = o_end if o_last is None else _cat_time([o_end, o_last])
+            steps.append("documents ending here (overlapped)")
+        if overlap and cont_probe is None and lay.cont is not None:  # needs the collective only for u @ S_in
+            cont_probe = self._probe_run(cont_xs, cont_kw, 1, H, sizes)
+            steps.append("probe continuation (overlapped)")
         gathered = pending.wait()
+        steps.append("all-gather waited")
 
         o_cont = fin_cont = None
         if lay.cont is not None:
             entering = self._fold(gathered, rank, shapes, sizes)
-            if lay.cont_len:
-                o_cont, fin_cont = self.op(*[x[:, :lay.cont_len] for x in tensors], initial_state=entering,
-                                           output_final_state=True, **cont_kw)
+            if cont_probe is not None:
+                summary, o0, u = cont_probe
+                o_cont = self._corrected(o0, u, entering, sizes, (1, lay.cont_len, H) + o0.shape[3:])
+                fin_cont = [self._apply(m, summary[2 * i + 1], summary[2 * i].reshape(shape), st, sizes)
+                            for i, (m, shape, st) in enumerate(zip(self.maps, shapes, entering))]
+                steps.append("correct continuation: o(0) + u @ S_in")
+            elif lay.cont_len:
+                steps.append("run continuation from the folded state")
+                o_cont, fin_cont = self.op(*cont_xs, initial_state=entering, output_final_state=True, **cont_kw)
                 fin_cont = _states(fin_cont)
             else:  # an empty shard inside a document: the state passes through
                 fin_cont = entering
+        self.schedule_taken = tuple(steps)
         pieces = [p for p in (o_cont, o_own) if p is not None]
         if not pieces:  # no token here: the op's own empty output
             pieces = [self.op(*tensors, **kw)[0]]
