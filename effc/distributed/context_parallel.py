@@ -64,7 +64,8 @@ class ContextParallelPlan:
         lines = [f"context parallel plan: {self.spec} over {self.world} ranks, one all-gather"]
         for m, (w, a) in zip(self.maps, self.summary_shapes):
             lines.append(f"  state {m.state}: {m.kind} ({m.why}); sends W {list(w)} and A {list(a)}")
-        lines.append(f"  summary runs: the op once on {self.probes + 1} batched initial states (ranks 1..N-2)")
+        who = "every piece but the first" if self.overlap.startswith("on") else "ranks 1..N-2"
+        lines.append(f"  summary runs: the op once on {self.probes + 1} batched initial states ({who})")
         lines.append(f"  communicated per rank per call: {self.bytes_per_rank} bytes "
                      f"({self.bytes_per_rank * self.world} gathered by each rank)")
         if self.overlap:
