@@ -39,6 +39,8 @@ def main() -> None:
                     help="zigzag: rank r holds pieces r and 2N-1-r of 2N (balances causal attention)")
     ap.add_argument("--schedule", default="allgather", choices=("allgather", "ring"),
                     help="ring: each rank receives its entering state from the previous one (state specs)")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="state specs: keep the serial schedule (summary, all-gather, fold, local run)")
     args = ap.parse_args()
     params = {} if args.window is None else {"window": args.window}
 
@@ -50,7 +52,7 @@ def main() -> None:
         torch.cuda.set_device(device)
 
     op = effc.load(args.spec)
-    cp = context_parallel(op, layout=args.layout, schedule=args.schedule)
+    cp = context_parallel(op, layout=args.layout, schedule=args.schedule, overlap=not args.no_overlap)
 
     def shard(x):
         return cut(x, layout=args.layout)
@@ -89,6 +91,9 @@ def main() -> None:
         mine = [init] if torch.is_tensor(init) else list(init)
         refs = [ref_init] if torch.is_tensor(ref_init) else list(ref_init)
         errs["grad initial_state"] = max((a.grad - b.grad).abs().max().item() for a, b in zip(mine, refs))
+    steps = getattr(getattr(cp, "linear", cp), "schedule_taken", ())  # the state path's steps, in order
+    if steps:
+        print(f"rank {rank}/{world} steps: {'; '.join(steps)}", flush=True)
     print(f"rank {rank}/{world}: {xs[0].shape[1]} tokens; max |cp - single process|: "
           + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
     dist.destroy_process_group()

@@ -16,7 +16,8 @@ from effc.distributed import context_parallel, shard  # noqa: E402
 
 def run_case(case: dict, rank: int, world: int) -> dict:
     layout = case.get("layout", "contiguous")
-    cp = context_parallel(effc.load(case["spec"]), layout=layout, schedule=case.get("schedule", "allgather"))
+    cp = context_parallel(effc.load(case["spec"]), layout=layout, schedule=case.get("schedule", "allgather"),
+                          overlap=case.get("overlap", True))
     bounds = case.get("bounds")  # uneven shards: explicit (start, end) per rank
     cut = (lambda x: x[:, bounds[rank][0]:bounds[rank][1]]) if bounds else (lambda x: shard(x, layout=layout))
     last = 0 if layout == "zigzag" else world - 1  # the rank holding the sequence's last piece
@@ -37,7 +38,9 @@ def run_case(case: dict, rank: int, world: int) -> dict:
     return {"o": o.detach(), "finals": None if finals is None else tuple(f.detach() for f in finals),
             "grads": [x.grad for x in xs],
             "init_grads": None if init is None or (rank != 0 and cu is None) else tuple(s.grad for s in init),
-            "plan_bytes": cp.plan(*xs).bytes_per_rank}
+            "plan_bytes": cp.plan(*xs).bytes_per_rank,
+            # the state path's steps in order (a hybrid's state branch; none for the softmax family)
+            "schedule": getattr(getattr(cp, "linear", cp), "schedule_taken", ()), "plan": str(cp.plan(*xs))}
 
 
 def main() -> None:

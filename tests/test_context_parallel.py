@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None, batch: int = B,
-          layout: str = "contiguous", schedule: str = "allgather") -> dict:
+          layout: str = "contiguous", schedule: str = "allgather", overlap: bool = True) -> dict:
     """A case; with `cu` (global cu_seqlens), one packed (1, T, H, D) stream and one initial state per document.
     `kw`: the spec's params (e.g. a window shorter than a shard). A spec with no state has no initial state."""
     op = effc.load(spec)
@@ -48,7 +48,7 @@ def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None
     o, finals = op(*xs, initial_state=s0, output_final_state=stateful, cu_seqlens=cu, **kw)
     finals = () if finals is None else (finals,) if torch.is_tensor(finals) else finals
     return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds, "cu_seqlens": cu, "kw": kw, "layout": layout,
-            "schedule": schedule,
+            "schedule": schedule, "overlap": overlap,
             "grad_o": torch.randn(o.shape, generator=gen),
             "grad_final": tuple(torch.randn(f.shape, generator=gen) for f in finals)}
 
@@ -144,18 +144,19 @@ def _naive(spec, inputs, init, cu):
     if cu is None:
         return naive.NAIVE[spec](*inputs, initial_state=one(init))
     c = cu.tolist()
-    outs, states = [], []
+    outs, states = [], []  # per document, its final states as a tuple (one per state)
     for i, (a, b) in enumerate(zip(c, c[1:])):
         s_i = None if init is None else tuple(s[i:i + 1] for s in init)
         if a == b:
-            states.append(s_i[0] if s_i is not None else None)
+            states.append(s_i)
             continue
         o_i, st = naive.NAIVE[spec](*[x[:, a:b] for x in inputs], initial_state=one(s_i))
         outs.append(o_i)
-        states.append(st)
+        states.append((st,) if torch.is_tensor(st) else tuple(st))
     like = next(s for s in states if s is not None)
-    states = [torch.zeros_like(like) if s is None else s.double() for s in states]
-    return torch.cat(outs, 1), torch.cat(states, 0)
+    states = [tuple(torch.zeros_like(x) for x in like) if s is None else tuple(x.double() for x in s) for s in states]
+    per_state = tuple(torch.cat([s[j] for s in states], 0) for j in range(len(like)))
+    return torch.cat(outs, 1), (per_state[0] if len(per_state) == 1 else per_state)
 
 
 def _bytes(spec: str) -> int:
@@ -170,6 +171,15 @@ def _bytes(spec: str) -> int:
 
 FAST = ("retention", "gla", "delta_net", "mlstm_sig")
 
+# the steps a dense all-gather call records (ContextParallelOp.schedule_taken), by piece
+FIRST = ("run 0 from initial_state",)
+CORRECT = "correct {}: o(0) + u @ S_in"
+# 2 ranks, overlapped: rank 1 issues the collective before its run (from zeros and probe columns) and never
+# walks again; rank 0 has nothing to overlap (its run is its summary)
+OVERLAPPED_2 = (FIRST + ("all-gather issued", "all-gather waited"),
+                ("all-gather issued", "probe 1 (overlapped)", "all-gather waited", CORRECT.format(1)))
+SERIAL_2 = (FIRST + ("all-gather",), ("all-gather", "run 1 from the folded state"))
+
 
 def test_two_ranks_match_single_process(tmp_path):
     cases = [_case(s, seed=i) for i, s in enumerate(FAST)]
@@ -177,6 +187,63 @@ def test_two_ranks_match_single_process(tmp_path):
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
         assert all(r[i]["plan_bytes"] == _bytes(case["spec"]) for r in results)
+        # mlstm_sig's output reads C and n (and divides by the latter): its local run waits for the gather
+        want = SERIAL_2 if case["spec"] == "mlstm_sig" else OVERLAPPED_2
+        assert tuple(r[i]["schedule"] for r in results) == want, case["spec"]
+        assert ("overlap: off (output o reads 2 states (C, n)" if case["spec"] == "mlstm_sig"
+                else "overlap: on (dense shards)") in results[1][i]["plan"]
+
+
+def test_two_ranks_overlap_on_and_off_agree(tmp_path):
+    """Dense shards, the overlapped schedule (the last rank runs from zeros while the all-gather is in flight,
+    then adds u @ S_in) against overlap=False and the single-process op: uneven shards of 61 and 29 tokens
+    (no multiple of the chunk), a general transition (rwkv7: u and A from the same probe columns), a spec
+    reading positions, no initial state."""
+    uneven = [(0, 61), (61, 90)]
+    cases = [_case("gla", seed=160, bounds=uneven), _case("gla", seed=160, bounds=uneven, overlap=False),
+             _case("rwkv7", seed=161), _case("retention_rope", seed=162, init=False, bounds=uneven),
+             _case("gated_delta_net", seed=163)]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+        want = OVERLAPPED_2 if case["overlap"] else SERIAL_2
+        assert tuple(r[i]["schedule"] for r in results) == want, case["spec"]
+    assert "overlap: off (turned off (overlap=False))" in results[0][1]["plan"]
+    for key in ("o", "finals"):  # the two schedules, the same numbers up to rounding
+        got, want = results[1][0][key], results[1][1][key]
+        for g, w in zip(*((got, want) if key == "finals" else ((got,), (want,)))):
+            _close(g, w, f"gla overlapped against serial: {key}")
+
+
+def test_overlap_follows_the_spec():
+    """Overlap needs o = o(0) + u @ S_in: one state read by the output, from the left, with a left-product
+    transition. An output gate varying along V, two states in the output, reverse states and half-precision
+    outputs (u is a difference of two outputs) keep the serial schedule, and the plan says why."""
+    def why(name, dtype=torch.float32, spec=None):
+        cp = context_parallel(spec or effc.load(name))
+        return getattr(cp, "linear", cp)._why_not_overlapped(dtype)
+
+    for name in ("retention", "gla", "delta_net", "gated_delta_net", "rwkv7", "hdla", "swax"):
+        assert why(name) is None, name
+    assert "output o reads 2 states (C, n)" in why("mlstm_sig")
+    assert "reverse states" in why("lion")
+    assert "torch.bfloat16 outputs" in why("gla", torch.bfloat16)
+    gated = effc.loads("""
+spec gated_out {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K]
+  input v: [B, T, H, V]
+  input z: [B, T, H, V]
+  output o: [B, T, H, V]
+  state S: [K, V]
+  chunk 16
+  intra { a = causal(q @ k.T) @ v }
+  merge { o = (a + q @ S) * z }
+  inter { S = S + k.T @ v }
+}""")
+    assert "not linear in state S from the left" in why(None, spec=gated) and "trailing dim" in why(None, spec=gated)
+    plan = context_parallel(effc.load("gla")).plan(*random_inputs(effc.load("gla").spec, B, 45, H, {"K": D, "V": D}))
+    assert "overlap: on (dense shards)" in str(plan) and plan.bytes_per_rank == _bytes("gla")  # bytes unchanged
 
 
 @pytest.mark.slow
@@ -189,6 +256,9 @@ def test_four_ranks_match_single_process(tmp_path):
     results = _run_ranks(cases, 4, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+    # a middle rank: its one run (zeros and probe columns) gives the summary and o(0), u; no second walk
+    assert results[1][0]["schedule"] == ("probe 1", "all-gather issued", "all-gather waited", CORRECT.format(1))
+    assert results[3][0]["schedule"][:2] == ("all-gather issued", "probe 3 (overlapped)")
 
 
 # a packed stream of 90 tokens, 45 per rank on 2 ranks: a document inside rank 0, an empty one, one
@@ -202,6 +272,41 @@ def test_two_ranks_varlen_documents_cross_the_boundary(tmp_path):
     results = _run_ranks(cases, 2, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+        # rank 0: the document running on is its summary; rank 1's continuation runs (from zeros and probe
+        # columns) while the all-gather is in flight, as do the documents ending on either rank
+        assert results[0][i]["schedule"] == ("run the document running on", "all-gather issued",
+                                             "documents ending here (overlapped)", "all-gather waited")
+        assert results[1][i]["schedule"] == ("all-gather issued", "documents ending here (overlapped)",
+                                             "probe continuation (overlapped)", "all-gather waited",
+                                             "correct continuation: o(0) + u @ S_in")
+
+
+def test_two_ranks_packed_mlstm_sig_and_swax(tmp_path):
+    """Issue 23's remaining packed cases on 2 ranks: mlstm_sig (two states, C and n, each per document, with
+    initial states) and swax (its softmax branch's document masks and its state branch's continuation), a
+    document crossing the boundary; swax's plan counts both branches."""
+    cases = [_case("mlstm_sig", seed=165, cu=PACKED), _case("swax", seed=166, kw={"window": 12}, cu=PACKED),
+             _case("swax", seed=167, kw={"window": 12})]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+    # swax dense: k and v of the shard (softmax branch) + W [K, V] and one decay per head (state branch)
+    swax_bytes = _softmax_bytes(45) + B * H * (D * D + 1) * 4
+    assert all(r[2]["plan_bytes"] == swax_bytes for r in results)
+    assert f"both branches: {swax_bytes} bytes" in results[0][2]["plan"]
+
+
+@pytest.mark.slow
+def test_four_ranks_softmax_attn_and_mlstm_sig_packed(tmp_path):
+    """softmax_attn on 4 contiguous ranks (B = 2; uneven shards with an empty one), packed with a document
+    through two middle shards; mlstm_sig packed the same way, with initial states."""
+    uneven = [(0, 1), (1, 41), (41, 41), (41, 90)]
+    cases = [_case("softmax_attn", seed=170, batch=2), _case("softmax_attn", seed=171, bounds=uneven),
+             _case("softmax_attn", seed=172, cu=[0, 3, 3, 80, 90]), _case("mlstm_sig", seed=173, cu=[0, 3, 3, 80, 90])]
+    results = _run_ranks(cases, 4, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+    assert all(r[0]["plan_bytes"] == _softmax_bytes(r[0]["o"].shape[1], 2) for r in results)
 
 
 @pytest.mark.slow
@@ -215,6 +320,9 @@ def test_four_ranks_varlen(tmp_path):
     results = _run_ranks(cases, 4, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+    # rank 1 lies inside document 2: one run gives its summary, o(0) and u
+    assert results[1][0]["schedule"] == ("probe continuation", "all-gather issued", "all-gather waited",
+                                         "correct continuation: o(0) + u @ S_in")
 
 
 def test_varlen_shard_layout():
@@ -400,6 +508,12 @@ def test_two_ranks_zigzag_match_single_process(tmp_path):
     results = _run_ranks(cases, 2, tmp_path)
     for i, case in enumerate(cases):
         _check(case, [r[i] for r in results])
+    # gla: rank 0 holds pieces 0 and 3; the last piece (3) runs while the all-gather is in flight
+    assert results[0][3]["schedule"] == FIRST + ("all-gather issued", "probe 3 (overlapped)", "all-gather waited",
+                                                 CORRECT.format(3))
+    assert results[1][3]["schedule"] == ("probe 1", "probe 2", "all-gather issued", "all-gather waited",
+                                         CORRECT.format(1), CORRECT.format(2))
+    assert results[1][2]["schedule"][-1] == CORRECT.format(2)  # swax's state branch
 
 
 @pytest.mark.slow

@@ -61,8 +61,9 @@ def _right_aligned_keep(decay_shape, state_shape) -> tuple[bool, ...]:
     return tuple(str(d) != "1" for d in pad)
 
 
-def _matrix_form(spec: Spec, state: str, ops: dict, types, free) -> str | None:
-    """None when the next value of `state` is M @ state + (state-free); else why not (naming the op)."""
+def _matrix_form(spec: Spec, state: str, ops: dict, types, free, target: str | None = None) -> str | None:
+    """None when `target` (default: the next value of `state`) is M @ state + (state-free); else why not
+    (naming the op)."""
     rank = len(types[state].shape)
     memo: dict[str, str | None] = {}
 
@@ -83,7 +84,7 @@ def _matrix_form(spec: Spec, state: str, ops: dict, types, free) -> str | None:
         memo[v] = why
         return why
 
-    return bad(next_state_name(state))
+    return bad(target or next_state_name(state))
 
 
 def _op_breaks(op, lin, types, rank, free) -> str | None:
@@ -105,17 +106,60 @@ def _op_breaks(op, lin, types, rank, free) -> str | None:
     return f"{where} is not linear in the state from the left"
 
 
+def _dataflow(spec: Spec):
+    """(value types, the op defining each value, the states each value depends on)."""
+    types = value_types(spec)
+    ops = {op.out: op for stage in spec.stages for op in stage.ops}
+    dep: dict[str, frozenset] = {s.name: frozenset({s.name}) for s in spec.states}
+    for stage in spec.stages:
+        for op in stage.ops:
+            dep[op.out] = frozenset().union(*(dep.get(a, frozenset()) for a in op.args if isinstance(a, str)))
+    return types, ops, dep
+
+
+def output_states(spec: Spec) -> tuple[str, ...]:
+    """The states the spec's outputs read (through any chain of values)."""
+    dep = _dataflow(spec)[2]
+    return tuple(sorted(frozenset().union(*(dep.get(o.name, frozenset()) for o in spec.outputs))))
+
+
+def output_form(spec: Spec, maps: tuple[StateMap, ...]) -> str | None:
+    """None when the op's output over a shard is affine in the state entering it with one left factor per
+    token, o_t = o_t(0) + u_t @ S_in (u_t a state-free row over the state's first dim, the same for every
+    column): then a rank can run its shard from a zero state before the entering state is known and add
+    u @ S_in after (context parallel's overlap). Else why not, naming the construct. Needs: forward states
+    only, one output reading one state, that state's map a left product (matrix, or a decay constant along
+    its trailing dims), the output's feature dims the state's trailing dims, and the output linear in the
+    state from the left (the same walk as a matrix transition's)."""
+    if spec.reverse_states:
+        return "reverse states enter from the pieces after the shard too"
+    if len(spec.outputs) != 1:
+        return f"{len(spec.outputs)} outputs (one is supported)"
+    out = spec.outputs[0]
+    types, ops, dep = _dataflow(spec)
+    read = sorted(dep.get(out.name, frozenset()))
+    if len(read) != 1:
+        return f"output {out.name} reads {len(read)} states ({', '.join(read) or '-'}); the probe separates one"
+    m = next(x for x in maps if x.state == read[0])
+    if m.kind == "diagonal" and any(m.keep[1:]):
+        return f"the decay of state {m.state} varies along its trailing dims: not a left product"
+    if m.kind not in ("diagonal", "matrix"):
+        return f"state {m.state} is {m.kind}, not an affine map"
+    if tuple(out.feature_dims) != tuple(m.dims[1:]):
+        return (f"output {out.name} [{', '.join(out.feature_dims)}] is not indexed by state {m.state}'s trailing "
+                f"dims [{', '.join(m.dims[1:])}]")
+    why = _matrix_form(spec, m.state, ops, types, lambda v: not isinstance(v, str) or m.state not in dep.get(v, ()),
+                       target=out.name)
+    if why is not None:
+        return f"output {out.name} is not linear in state {m.state} from the left ({why})"
+    return None
+
+
 def state_maps(spec: Spec, legality: Legality) -> tuple[StateMap, ...]:
     """The affine form of every state's update (see the module doc); raises NotImplementedError."""
     if not spec.states:
         raise NotImplementedError(f"context parallel: {spec.name} has no state to pass between ranks")
-    types = value_types(spec)
-    ops = {op.out: op for stage in spec.stages for op in stage.ops}
-    states = {s.name for s in spec.states}
-    dep: dict[str, frozenset] = {s: frozenset({s}) for s in states}
-    for stage in spec.stages:
-        for op in stage.ops:
-            dep[op.out] = frozenset().union(*(dep.get(a, frozenset()) for a in op.args if isinstance(a, str)))
+    types, ops, dep = _dataflow(spec)
     out = []
     for s, t in zip(spec.states, legality.transitions):
         dims = s.feature_dims

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..errors import ArgumentError
 from ..runtime.checks import check_cu_seqlens, check_inputs
-from .affine import StateMap, state_maps
+from .affine import StateMap, output_form, output_states, state_maps
 from .collectives import anchor, gather_stacked, start_gather
 from .layout import check_layout, rank_pieces, shard, shard_lengths, split_pieces, virtual_ids
 from .ring import ring_pass
@@ -50,6 +50,7 @@ class ContextParallelPlan:
     summary_shapes: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]  # per state: (W shape, A shape)
     bytes_per_rank: int
     schedule: str = "allgather"
+    overlap: str = ""  # what runs while the all-gather is in flight on a dense call, or why nothing does
 
     def __str__(self) -> str:
         if self.schedule == "ring":
@@ -63,9 +64,12 @@ class ContextParallelPlan:
         lines = [f"context parallel plan: {self.spec} over {self.world} ranks, one all-gather"]
         for m, (w, a) in zip(self.maps, self.summary_shapes):
             lines.append(f"  state {m.state}: {m.kind} ({m.why}); sends W {list(w)} and A {list(a)}")
-        lines.append(f"  summary runs: the op once on {self.probes + 1} batched initial states (ranks 1..N-2)")
+        who = "every piece but the first" if self.overlap.startswith("on") else "ranks 1..N-2"
+        lines.append(f"  summary runs: the op once on {self.probes + 1} batched initial states ({who})")
         lines.append(f"  communicated per rank per call: {self.bytes_per_rank} bytes "
                      f"({self.bytes_per_rank * self.world} gathered by each rank)")
+        if self.overlap:
+            lines.append(f"  overlap: {self.overlap}")
         return "\n".join(lines)
 
 
@@ -84,7 +88,8 @@ def _cat_time(pieces):
 class ContextParallelOp:
     """`op` over the sequence shards of `group`; call it as the op (see context_parallel)."""
 
-    def __init__(self, op, group=None, layout: str = "contiguous", schedule: str = "allgather"):
+    def __init__(self, op, group=None, layout: str = "contiguous", schedule: str = "allgather",
+                 overlap: bool = True):
         family = op.comp.ir.family
         if family != "linear":
             raise ArgumentError(f"ContextParallelOp is the linear family's path; {op.name} is of the {family} "
@@ -106,6 +111,17 @@ class ContextParallelOp:
             self.maps = tuple(StateMap(s.name, "passed", s.feature_dims, (), f"not summarised ({why})")
                               for s in op.spec.states)
         self.reads_pos = op.spec.reads("pos")  # each call then gets its piece's first position (pos_offset)
+        # overlap (dense all-gather calls): every piece but the first runs from a zero state with probe columns,
+        # giving o(0), u (o = o(0) + u @ S_in), W and A; the last piece's run needs nothing from the collective
+        # and runs while it is in flight, and no piece runs a second time after it (docs/context-parallel.md)
+        if self.schedule != "allgather":
+            self.no_overlap = f"schedule={self.schedule!r}"
+        elif not overlap:
+            self.no_overlap = "turned off (overlap=False)"
+        else:
+            self.no_overlap = output_form(op.spec, self.maps)
+        self._read_state = output_states(op.spec)[0] if self.no_overlap is None else None
+        self.schedule_taken: tuple[str, ...] = ()  # the last dense call's steps in order, for tests and logs
 
     def __repr__(self) -> str:
         return f"<effc context parallel {self.op.name}>"
@@ -130,15 +146,38 @@ class ContextParallelOp:
         if self.spec.reverse_states:  # and the initial states (zeros but on rank 0)
             nbytes += sum(math.prod(w) for w, _ in shapes) * itemsize
         probes = max(m.probes(sizes) for m in self.maps)
-        return ContextParallelPlan(self.op.name, world, self.maps, probes, shapes, nbytes)
+        dtype = tensors[0].dtype
+        why = self._why_not_overlapped(dtype)
+        if why is None:
+            probes = self._column_probes(sizes)
+            text = (f"on (dense shards): the last piece runs from a zero state while the all-gather is in flight; "
+                    f"every piece but the first runs once, on {probes + 1} batched initial states, giving W, A, o(0) "
+                    f"and u; after the fold o = o(0) + u @ S_in (no second walk)")
+        else:
+            text = f"off ({why}): the local run waits for the all-gather and the fold"
+        return ContextParallelPlan(self.op.name, world, self.maps, probes, shapes, nbytes, overlap=text)
+
+    def _why_not_overlapped(self, dtype) -> str | None:
+        """None when a dense all-gather call overlaps (see __init__); else why not."""
+        if self.no_overlap is not None:
+            return self.no_overlap
+        if dtype not in (torch.float32, torch.float64):
+            # u is a difference of two outputs: in half precision it would lose the intra-chunk part's digits
+            return f"{dtype} outputs: u = o(probe) - o(0) needs fp32 or fp64"
+        return None
+
+    def _column_probes(self, sizes) -> int:
+        """Probes of identity columns that give both A and u: ceil(R / rest) for every state."""
+        return max(-(-m.split(sizes)[0] // m.split(sizes)[1]) for m in self.maps)
 
     @staticmethod
     def _state_dtype(x) -> torch.dtype:
         return torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
 
     # -- the summary of this rank's shard -------------------------------------------------------------
-    def _probe_states(self, B, H, sizes, n, dtype, device) -> list[torch.Tensor]:
-        """Per state, (1 + n) * B initial states: zeros, then the probes A is read from."""
+    def _probe_states(self, B, H, sizes, n, dtype, device, columns: bool = False) -> list[torch.Tensor]:
+        """Per state, (1 + n) * B initial states: zeros, then the probes A is read from (identity columns for
+        every map with `columns`, as for a matrix map)."""
         out = []
         for m in self.maps:
             shape = (B, H) + tuple(sizes[d] for d in m.dims)
@@ -146,9 +185,9 @@ class ContextParallelOp:
             rows, rest = m.split(sizes)
             for j in range(n):
                 p = torch.zeros((B, H, rows, rest), dtype=dtype, device=device)
-                if m.kind == "diagonal" and j == 0:
+                if m.kind == "diagonal" and j == 0 and not columns:
                     p.fill_(1.0)
-                elif m.kind == "matrix":  # columns c of probe j are the basis vectors e_{j*rest + c}
+                elif m.kind == "matrix" or columns:  # columns c of probe j are the basis vectors e_{j*rest + c}
                     for c in range(rest):
                         if j * rest + c < rows:
                             p[:, :, j * rest + c, c] = 1.0
@@ -178,6 +217,43 @@ class ContextParallelOp:
                 a = cols[..., :rows]
             out += [w.reshape(B, H, -1), a.reshape(B, H, -1)]
         return out
+
+    def _probe_run(self, tensors, kw, B, H, sizes):
+        """(summary [W, A] per state, o(0), u) for this piece: one op run on zero and identity-column initial
+        states. The output is o(0) + u @ S_in (affine.output_form), so column c of the probe with e_i in it
+        answers u[..., i] in output column c; the final states give W and A as for a matrix map (a diagonal
+        map's A is that matrix's diagonal)."""
+        n = self._column_probes(sizes)
+        dtype = self._state_dtype(tensors[0])
+        init = self._probe_states(B, H, sizes, n, dtype, tensors[0].device, columns=True)
+        xs = [torch.cat([x] * (n + 1), 0) for x in tensors]
+        o_all, fin = self.op(*xs, initial_state=init, output_final_state=True, **kw)
+        parts, u = [], None
+        for m, f in zip(self.maps, _states(fin)):
+            f = f.reshape((n + 1, B, H) + f.shape[2:])
+            w = f[0]
+            rows, rest = m.split(sizes)
+            cols = (f[1:] - w).reshape(n, B, H, rows, rest).permute(1, 2, 3, 0, 4).reshape(B, H, rows, n * rest)
+            a = cols[..., :rows]
+            if m.kind == "diagonal":  # A = diag(d) here (the decay is constant along the trailing dims)
+                a = a.diagonal(dim1=-2, dim2=-1)
+                if not m.keep[0]:
+                    a = a[..., :1]
+            parts += [w.reshape(B, H, -1), a.reshape(B, H, -1)]
+            if m.state == self._read_state:
+                o_all = o_all.reshape((n + 1, B) + o_all.shape[1:3] + (rest,))
+                T = o_all.shape[2]
+                u = (o_all[1:] - o_all[0]).permute(1, 2, 3, 0, 4).reshape(B, T, H, n * rest)[..., :rows]
+                o0 = o_all[0]
+        return parts, o0, u
+
+    def _corrected(self, o0, u, entering, sizes, out_shape):
+        """o(0) + u @ S_in for the read state."""
+        i = next(k for k, m in enumerate(self.maps) if m.state == self._read_state)
+        rows, rest = self.maps[i].split(sizes)
+        B, H = entering[i].shape[:2]
+        s = entering[i].reshape(B, H, rows, rest).to(u.dtype)
+        return (o0 + torch.einsum("bthk,bhkr->bthr", u, s)).reshape(out_shape)
 
     def _zero_summary(self, shapes, sizes, dtype, device) -> list[torch.Tensor]:
         """[W, A] per state, all zeros: what a rank sends when no rank reads its summary."""
@@ -243,18 +319,40 @@ class ContextParallelOp:
             here = rank_pieces(self.layout, shard_lengths(tensors[0], self.group))[rank]
             local = list(zip(*[split_pieces(x, here) for x in tensors]))
             kws = [{**kw, "pos_offset": s} if self.reads_pos else kw for s, _ in here]
-        parts, first = [], None
+        overlap = self._why_not_overlapped(tensors[0].dtype) is None
+        steps = []  # what this call did, in order (schedule_taken)
+        parts, first, probed, later = [], None, {}, []
         for v, xs, kw in zip(vids, local, kws):
             if v == 0:  # reads initial_state: its final state is the summary, its A never read (zeros)
                 first = self.op(*xs, initial_state=initial_state, output_final_state=True, **kw)
+                steps.append("run 0 from initial_state")
                 for m, f in zip(self.maps, _states(first[1])):
                     parts += [f.reshape(B, H, -1), f.new_zeros((B, H, math.prod(m.summary_shape(sizes))))]
             elif v < n_pieces - 1:
-                parts += self._summary(xs, kw, B, H, sizes)
-            else:  # nobody reads the last piece's summary
+                if overlap:  # o(0) and u with the summary, in one run
+                    summary, o0, u = self._probe_run(xs, kw, B, H, sizes)
+                    probed[v] = (summary, o0, u)
+                    parts += summary
+                    steps.append(f"probe {v}")
+                else:
+                    parts += self._summary(xs, kw, B, H, sizes)
+                    steps.append(f"summary {v}")
+            else:  # nobody reads the last piece's summary: its run can wait for (overlap: overlap) the gather
                 parts += self._zero_summary(shapes, sizes, dtype, tensors[0].device)
+                if overlap:
+                    later.append((v, xs, kw))
         mine = torch.cat([p.to(dtype).reshape(B, H, -1) for p in parts], -1)
-        gathered = self._gather(mine)  # (world, B, H, pieces per rank * L)
+        if overlap:
+            pending = start_gather(mine, self.group)
+            steps.append("all-gather issued")
+            for v, xs, kw_v in later:  # needs nothing from the collective: runs while it is in flight
+                probed[v] = self._probe_run(xs, kw_v, B, H, sizes)
+                steps.append(f"probe {v} (overlapped)")
+            gathered = pending.wait()
+            steps.append("all-gather waited")
+        else:
+            gathered = self._gather(mine)  # (world, B, H, pieces per rank * L)
+            steps.append("all-gather")
         if len(vids) > 1:  # in sequence order: piece v is rank v's first (v < N) or rank 2N-1-v's second
             half = gathered.shape[-1] // 2
             seq = torch.stack([gathered[v, ..., :half] if v < world else gathered[n_pieces - 1 - v, ..., half:]
@@ -265,12 +363,24 @@ class ContextParallelOp:
         for v, xs, kw in zip(vids, local, kws):
             if v == 0:
                 o, fin = first
+            elif overlap:  # no second walk: the output is affine in the entering state, u its factor
+                entering = self._fold(seq, v, shapes, sizes)
+                summary, o0, u = probed[v]
+                o = self._corrected(o0, u, entering, sizes, (B, xs[0].shape[1], H) + o0.shape[3:])
+                fin = None
+                if output_final_state and v == n_pieces - 1:  # A(S_in) + W from this piece's own summary
+                    fin = [self._apply(m, summary[2 * i + 1], summary[2 * i].reshape(shape), s, sizes)
+                           for i, (m, shape, s) in enumerate(zip(self.maps, shapes, entering))]
+                    fin = fin[0] if len(fin) == 1 else tuple(fin)
+                steps.append(f"correct {v}: o(0) + u @ S_in")
             else:
                 entering = self._fold(seq, v, shapes, sizes)
                 o, fin = self.op(*xs, initial_state=entering, output_final_state=output_final_state, **kw)
+                steps.append(f"run {v} from the folded state")
             outs.append(o)
             if v == n_pieces - 1:
                 final = fin
+        self.schedule_taken = tuple(steps)
         o = anchor(_cat_time(outs), gathered)
         if not output_final_state or final is None:  # the last piece's rank: the last rank, or 0 with zigzag
             return o, None
@@ -380,6 +490,10 @@ class ContextParallelOp:
         ending = list(lay.owned)[:-1] if runs_on else list(lay.owned)
         base = lay.cont_len  # the owned documents' first token on the shard
         fin_own, o_last = {}, None
+        # overlap (as for dense shards): the continuation runs from zeros and probe columns, o = o(0) + u @ S_in
+        overlap = lay.cont_len > 0 and self._why_not_overlapped(x0.dtype) is None
+        cont_probe, steps = None, []
+        cont_xs = [x[:, :lay.cont_len] for x in tensors]
         if runs_on:  # a document starts here and runs on: the leaving state ignores the entering one (A = 0)
             d = lay.owned[-1]
             init = None if inits is None else [st[d:d + 1] for st in inits]
@@ -388,11 +502,18 @@ class ContextParallelOp:
             parts = []
             for m, f in zip(self.maps, _states(fin)):
                 parts += [f.reshape(1, H, -1), f.new_zeros((1, H, math.prod(m.summary_shape(sizes))))]
+            steps.append("run the document running on")
+        elif lay.continues_out and overlap:  # the whole shard inside one document: its summary, o(0) and u
+            cont_probe = self._probe_run(cont_xs, cont_kw, 1, H, sizes)
+            parts = cont_probe[0]
+            steps.append("probe continuation")
         elif lay.continues_out:  # the whole shard is inside one document: A and W as for a dense shard
             parts = self._summary(tensors, cont_kw, 1, H, sizes)
+            steps.append("summary continuation")
         else:  # nobody reads the state leaving this shard
             parts = self._zero_summary(shapes, sizes, dtype, device)
         pending = start_gather(torch.cat([p.to(dtype).reshape(1, H, -1) for p in parts], -1), self.group)
+        steps.append("all-gather issued")
 
         o_own = o_last
         if ending:  # overlapped with the all-gather
@@ -403,17 +524,29 @@ class ContextParallelOp:
                                  cu_seqlens=local_cu, **kw)
             fin_own = {d: [f[j] for f in _states(fin)] for j, d in enumerate(ending)}
             o_own = o_end if o_last is None else _cat_time([o_end, o_last])
+            steps.append("documents ending here (overlapped)")
+        if overlap and cont_probe is None and lay.cont is not None:  # needs the collective only for u @ S_in
+            cont_probe = self._probe_run(cont_xs, cont_kw, 1, H, sizes)
+            steps.append("probe continuation (overlapped)")
         gathered = pending.wait()
+        steps.append("all-gather waited")
 
         o_cont = fin_cont = None
         if lay.cont is not None:
             entering = self._fold(gathered, rank, shapes, sizes)
-            if lay.cont_len:
-                o_cont, fin_cont = self.op(*[x[:, :lay.cont_len] for x in tensors], initial_state=entering,
-                                           output_final_state=True, **cont_kw)
+            if cont_probe is not None:
+                summary, o0, u = cont_probe
+                o_cont = self._corrected(o0, u, entering, sizes, (1, lay.cont_len, H) + o0.shape[3:])
+                fin_cont = [self._apply(m, summary[2 * i + 1], summary[2 * i].reshape(shape), st, sizes)
+                            for i, (m, shape, st) in enumerate(zip(self.maps, shapes, entering))]
+                steps.append("correct continuation: o(0) + u @ S_in")
+            elif lay.cont_len:
+                steps.append("run continuation from the folded state")
+                o_cont, fin_cont = self.op(*cont_xs, initial_state=entering, output_final_state=True, **cont_kw)
                 fin_cont = _states(fin_cont)
             else:  # an empty shard inside a document: the state passes through
                 fin_cont = entering
+        self.schedule_taken = tuple(steps)
         pieces = [p for p in (o_cont, o_own) if p is not None]
         if not pieces:  # no token here: the op's own empty output
             pieces = [self.op(*tensors, **kw)[0]]

@@ -32,7 +32,7 @@ class HybridCPPlan:
 class HybridContextParallel:
     """`op` (a HybridOp) over the sequence shards of `group`; call it as the op."""
 
-    def __init__(self, op, group=None, layout: str = "contiguous", schedule: str = "allgather"):
+    def __init__(self, op, group=None, layout: str = "contiguous", schedule: str = "allgather", overlap: bool = True):
         if op.split.prefix_inputs:
             raise NotImplementedError(f"context parallel for {op.name}: its state branch reads prefix values "
                                       f"({', '.join(op.split.prefix_inputs)}) computed over the whole sequence; "
@@ -40,7 +40,7 @@ class HybridContextParallel:
         self.op, self.group = op, group
         self.spec = op.spec
         self.softmax = SoftmaxContextParallel(op.softmax, group, layout)
-        self.linear = ContextParallelOp(op.linear, group, layout, schedule)  # ring: the state branch only
+        self.linear = ContextParallelOp(op.linear, group, layout, schedule, overlap)  # ring: the state branch only
         self.layout = layout
 
     def __repr__(self) -> str:

@@ -6,7 +6,7 @@ from .hybrid import HybridContextParallel
 from .softmax import SoftmaxContextParallel
 
 
-def context_parallel(op, group=None, layout: str = "contiguous", schedule: str = "allgather"):
+def context_parallel(op, group=None, layout: str = "contiguous", schedule: str = "allgather", overlap: bool = True):
     """Wrap an effc op for context parallelism over `group` (None: the default group).
 
     The wrapper takes the op's arguments with every (B, T, H, D) input replaced by this rank's contiguous
@@ -24,7 +24,10 @@ def context_parallel(op, group=None, layout: str = "contiguous", schedule: str =
     so the final state, is on rank 0 then. Packed streams (cu_seqlens) with zigzag: softmax family only.
     `schedule="ring"` (state paths: the linear family, a hybrid's state branch): rank r receives the states
     entering its shard from rank r-1 and sends its final states to r+1, instead of the all-gather of shard
-    summaries; contiguous dense shards, forward states only."""
+    summaries; contiguous dense shards, forward states only.
+    `overlap` (state paths, dense all-gather calls, where the output is o(0) + u @ S_in): the last piece runs
+    from a zero state while the all-gather is in flight and no piece walks twice; `cp.plan(...)` says whether
+    it applies and why not; False keeps the serial schedule (summary, gather, fold, local run)."""
     family = op.comp.ir.family
     check_schedule(schedule)
     if family == "softmax":
@@ -33,5 +36,5 @@ def context_parallel(op, group=None, layout: str = "contiguous", schedule: str =
                                       "(ring attention) is not implemented; it all-gathers the keys")
         return SoftmaxContextParallel(op, group, layout)
     if family == "hybrid":
-        return HybridContextParallel(op, group, layout, schedule)
-    return ContextParallelOp(op, group, layout, schedule)
+        return HybridContextParallel(op, group, layout, schedule, overlap)
+    return ContextParallelOp(op, group, layout, schedule, overlap)
