@@ -34,8 +34,11 @@ from .tiling import Problem
 from .triton_faults import block_limit, longest_dot_chain, triton_version
 
 FORMAT = 1
-KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge")
+KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "walk_block")
 _FLAG_KNOBS = ("defer_merge",)  # 0 or 1; the others are positive integers
+# knobs an entry may leave out: the softmax family has no walk_block, and entries written before it
+# existed take the model's
+_OPTIONAL_KNOBS = ("walk_block",)
 
 
 def tuning_dir() -> Path:
@@ -112,8 +115,8 @@ def _parse(text: str) -> Entry:
         raise ValueError(f"'key' has fields of the wrong type: {raw['key']}")
     for part in ("config", "default"):
         knobs = raw[part]
-        if not isinstance(knobs, dict) or set(knobs) != set(KNOBS) or not all(
-                isinstance(v, int) and (v in (0, 1) if k in _FLAG_KNOBS else v > 0) for k, v in knobs.items()):
+        if not isinstance(knobs, dict) or not set(KNOBS) - set(_OPTIONAL_KNOBS) <= set(knobs) <= set(KNOBS) \
+                or not all(isinstance(v, int) and (v in (0, 1) if k in _FLAG_KNOBS else v > 0) for k, v in knobs.items()):
             raise ValueError(f"'{part}' must give positive integers for {', '.join(KNOBS)} (0 or 1 for "
                              f"{', '.join(_FLAG_KNOBS)}), got {knobs}")
     ms, default_ms = float(raw["ms"]), float(raw["default_ms"])
@@ -139,8 +142,9 @@ def read_entry(path: Path) -> Entry | None:
 
 def store(key: TuningKey, config: dict, ms: float, default: dict, default_ms: float, shape: dict,
           tried: int = 0) -> Path:
-    entry = {"format": FORMAT, "key": asdict(key), "config": {k: int(config[k]) for k in KNOBS}, "ms": ms,
-             "default": {k: int(default[k]) for k in KNOBS}, "default_ms": default_ms, "shape": shape,
+    entry = {"format": FORMAT, "key": asdict(key), "config": {k: int(config[k]) for k in KNOBS if k in config},
+             "ms": ms, "default": {k: int(default[k]) for k in KNOBS if k in default}, "default_ms": default_ms,
+             "shape": shape,
              "tried": tried, "tuned_at": time.time()}
     return write_atomic(key.path, json.dumps(entry, indent=1))
 
@@ -215,8 +219,11 @@ def lookup(op, problem: Problem, device, dtype, overrides: dict):
     if entry is None or entry.key != key:
         return None
     given = {k: v for k, v in overrides.items() if v is not None}
+    tuned = entry.config
+    if "block" in given:  # the tuned walk block was chosen for the tuned block: the model picks one for the given
+        tuned = {k: v for k, v in tuned.items() if k != "walk_block"}
     try:
-        cfg = op.tiles(problem, entry.config, **given)
+        cfg = op.tiles(problem, tuned, **given)
     except SpecError as e:
         warnings.warn(f"effc tuning cache: ignoring entry {key.path}: {e}", stacklevel=2)
         return None
