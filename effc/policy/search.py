@@ -85,7 +85,8 @@ class Candidate:
     num_warps: int
     num_stages: int
     defer_merge: bool = False
-    walk_block: int = 0  # the serial kernels' block (TileConfig.walk_block); 0: no such knob (softmax)
+    # the serial kernels' block (TileConfig.walk_block); 0: no such knob (segmentable walks, softmax)
+    walk_block: int = 0
 
     @classmethod
     def of(cls, cfg: TileConfig) -> "Candidate":
@@ -102,9 +103,9 @@ class Candidate:
         return self.chunk, self.block, self.num_warps, self.num_stages, int(self.defer_merge), self.walk_block
 
     def __str__(self) -> str:
-        return (f"C={self.chunk} block={self.block} P={self.segments} "
-                f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else "")
-                + (f" walk_block={self.walk_block}" if self.walk_block and self.walk_block != self.block else ""))
+        walk = f" walk_block={self.walk_block}" if self.walk_block and self.walk_block != self.block else ""
+        return (f"C={self.chunk} block={self.block}{walk} P={self.segments} "
+                f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else ""))
 
 
 @dataclass(frozen=True)
@@ -238,10 +239,10 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
 
 def _walk_blocks(spec: Spec, legality: Legality, split: str | None, split_size: int, chunk: int, block: int,
                  problem: Problem, default: Candidate) -> tuple[int, ...]:
-    """The serial kernels' blocks for one (chunk, block): the block itself where they must take it
+    """The serial kernels' blocks for one (chunk, block): 0 (the block itself) where they must take it
     (policy.tiling._fixed_walk_block), else every power of two from 16 up to it, the model's first."""
     if _fixed_walk_block(spec, legality, split):
-        return (block,)
+        return (0,)
     model, _ = _walk_block(split_size, block, problem.B * problem.H, problem.sm_count * PROGRAMS_PER_SM,
                            min(block, walk_block_floor(chunk)))
     extra = {default.walk_block} if (chunk, block) == (default.chunk, default.block) else set()

@@ -56,7 +56,7 @@ class TileConfig:
     defer_merge: bool = False  # merge runs in the `out` kernel, not in the walk (specs with a state)
     partition: str | None = None  # the backward's gradient kernels (passes.partition); None: the plan's default
     # block of the split dim in the serial kernels (walk, bwd_scan) and the bwd_inject feeding the scan;
-    # 0: the same as `block` (the chunk-parallel kernels always take `block`)
+    # 0: the same as `block`, where no other is allowed (the chunk-parallel kernels always take `block`)
     walk_block: int = 0
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
@@ -66,7 +66,8 @@ class TileConfig:
         return self.walk_block or self.block
 
     def __str__(self) -> str:
-        head = (f"chunk={self.chunk} block={self.block} segments={self.segments} "
+        walk = f" walk_block={self.walk_block}" if self.serial_block != self.block else ""
+        head = (f"chunk={self.chunk} block={self.block}{walk} segments={self.segments} "
                 f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else "")
                 + (f" partition={self.partition}" if self.partition else ""))
         return head + "".join(f"\n  - {r}" for r in self.reasons)
@@ -304,15 +305,16 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
 
 def _choose_walk_block(spec: Spec, legality: Legality, space: TilingSpace, values: dict, problem: Problem,
                        block: int, walk_block: int | None, chunk: int) -> tuple[int, str]:
-    """The serial kernels' block (TileConfig.walk_block): the model's, or `walk_block` checked."""
+    """The serial kernels' block (TileConfig.walk_block): the model's, or `walk_block` checked; 0 where they
+    must take the main block (no knob: what `effc tune` records and the op passes leaves it out)."""
     fixed = _fixed_walk_block(spec, legality, space.split_dim)
     if walk_block is None:
         if fixed:
-            return block, ("" if not space.split_dim else f"walk and adjoint scan in blocks of {block} too: {fixed}")
+            return 0, ("" if not space.split_dim else f"walk and adjoint scan in blocks of {block} too: {fixed}")
         return _walk_block(problem.size(space.split_dim), block, problem.B * problem.H,
                            problem.sm_count * PROGRAMS_PER_SM, min(block, walk_block_floor(chunk)))
     if walk_block == block:
-        return block, ""
+        return (0 if fixed else block), ""
     if fixed:
         raise SpecError(f"spec '{spec.name}': walk_block={walk_block} differs from block={block}, but the serial "
                         f"kernels must run in the main block here ({fixed})", None, f"walk_block=None or {block}")
