@@ -279,7 +279,8 @@ class Launcher:
         d_o = {f"{o.name}_grad_ptr": d_outs[o.name].contiguous() for o in spec.outputs}
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         self._reverse_scan(scan_cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
-        dhist = self._regroup(dhist, blocks, n_scan, n_split, cfg.block // scan_cfg.block)  # in the gradient kernels' blocks
+        # in the gradient kernels' blocks
+        dhist = self._regroup(dhist, blocks, n_scan, n_split, cfg.block // scan_cfg.block)
         # the gradient buffers are allocated after the scan has released its scratch (a lower peak)
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
         part = cfg.partition
