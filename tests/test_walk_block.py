@@ -173,7 +173,7 @@ def test_model_narrows_the_walk_only_when_its_programs_leave_the_gpu_idle():
     assert any("would need more waves" in r for r in short.reasons)
     # a segmentable walk: its segments fill the GPU, the serial kernels keep the block
     gla = _choice("gla", 1, 32768)
-    assert gla.walk_block == gla.block and gla.segments > 1
+    assert gla.walk_block == 0 and gla.serial_block == gla.block and gla.segments > 1
     # the block given narrower: the walk's never wider
     assert _choice("gated_delta_net", 1, 32768, block=32).walk_block == 16
     assert _choice("gated_delta_net", 1, 32768, block=16).walk_block == 16
@@ -191,4 +191,4 @@ def test_walk_block_knob_errors():
     with pytest.raises(SpecError, match="segmentable walk"):
         gla(*random_inputs(gla.spec, 1, 20, 1, dims), block=32, walk_block=16)
     # the model's own choice obeys both, and one equal to the block is always accepted
-    assert _choice("gla", 1, 32768, walk_block=64).walk_block == 64
+    assert _choice("gla", 1, 32768, walk_block=64).serial_block == 64

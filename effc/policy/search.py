@@ -66,8 +66,9 @@ MAX_SEGMENTS = 64  # as in the wave model of `choose`
 
 def compiler_fault(chunk: int, block: int) -> str | None:
     """Configs that Triton 3.6 miscompiles on Hopper, whatever the resource model says: the chunked scan's
-    walk at C >= 64 with a 16-wide block of the split dim (`block`: the walk's, Candidate.walk_block) (gla 2x8192 on the H100: wrong outputs at 1
-    stage, an illegal memory access at 2, which loses the process's CUDA context; triton-lang/triton#11366
+    walk at C >= 64 with a 16-wide block of the split dim (`block`: the walk's, Candidate.walk_block; gla
+    2x8192 on the H100: wrong outputs at 1 stage, an illegal memory access at 2, which loses the process's
+    CUDA context; triton-lang/triton#11366
     reports the same class of wgmma fault for narrow blocks beside several dots). Faults that depend on
     the spec (delta_net_l2 faults at C=64, block 32; gla runs it) are found by `effc tune` and remembered
     per spec and GPU (`runtime.tuning.record_fault`)."""

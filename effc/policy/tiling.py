@@ -300,7 +300,8 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
         reasons.append(why)
     # a segmentable walk keeps merge fused unless asked (or tuned): segments fill the GPU without writing states
-    return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), partition, walk_block, tuple(reasons))
+    return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), partition, walk_block,
+                      tuple(reasons))
 
 
 def _choose_walk_block(spec: Spec, legality: Legality, space: TilingSpace, values: dict, problem: Problem,

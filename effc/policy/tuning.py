@@ -115,8 +115,9 @@ def _parse(text: str) -> Entry:
         raise ValueError(f"'key' has fields of the wrong type: {raw['key']}")
     for part in ("config", "default"):
         knobs = raw[part]
-        if not isinstance(knobs, dict) or not set(KNOBS) - set(_OPTIONAL_KNOBS) <= set(knobs) <= set(KNOBS) \
-                or not all(isinstance(v, int) and (v in (0, 1) if k in _FLAG_KNOBS else v > 0) for k, v in knobs.items()):
+        required = set(KNOBS) - set(_OPTIONAL_KNOBS)
+        if not isinstance(knobs, dict) or not required <= set(knobs) <= set(KNOBS) or not all(
+                isinstance(v, int) and (v in (0, 1) if k in _FLAG_KNOBS else v > 0) for k, v in knobs.items()):
             raise ValueError(f"'{part}' must give positive integers for {', '.join(KNOBS)} (0 or 1 for "
                              f"{', '.join(_FLAG_KNOBS)}), got {knobs}")
     ms, default_ms = float(raw["ms"]), float(raw["default_ms"])
