@@ -310,8 +310,8 @@ def _choose_walk_block(spec: Spec, legality: Legality, space: TilingSpace, value
     must take the main block (no knob: what `effc tune` records and the op passes leaves it out)."""
     fixed = _fixed_walk_block(spec, legality, space.split_dim)
     if walk_block is None:
-        if fixed:
-            return 0, ("" if not space.split_dim else f"walk and adjoint scan in blocks of {block} too: {fixed}")
+        if fixed:  # nothing chosen: the walk runs in the block, as it always has (no reason printed)
+            return 0, ""
         return _walk_block(problem.size(space.split_dim), block, problem.B * problem.H,
                            problem.sm_count * PROGRAMS_PER_SM, min(block, walk_block_floor(chunk)))
     if walk_block == block:
