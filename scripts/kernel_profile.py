@@ -2,7 +2,8 @@
 
 usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16, D=128; env CHUNK=32 / BLOCK=128 force
        the chunk / the split dim's block: BLOCK=128 runs one program per head with no partial gradients;
-       PARTITION=block|loop|cut the backward's gradient kernels, passes.partition)
+       PARTITION=block|loop|cut the backward's gradient kernels, passes.partition; WALK_BLOCK=32 forces the
+       block of a general transition's walk and adjoint scan, at most BLOCK)
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def kernel_table(fn, steps: int = 5) -> list[tuple[str, float, int]]:
 
 
 def main(spec: str, shapes: list[str]) -> None:
-    options = {knob: int(os.environ[env]) for knob, env in (("chunk", "CHUNK"), ("block", "BLOCK")) if env in os.environ}
+    options = {knob: int(os.environ[env]) for knob, env in (("chunk", "CHUNK"), ("block", "BLOCK"),
+                                                            ("walk_block", "WALK_BLOCK")) if env in os.environ}
     if os.environ.get("PARTITION"):
         options["partition"] = os.environ["PARTITION"]
     op = effc.load(spec)

@@ -1,7 +1,9 @@
 """The search space of tile configurations for one call shape, pruned before anything is compiled.
 
-Knobs: chunk C, the block of the split dim, segments P, warps and pipeline stages, and for specs with a
-state whether merge is deferred to the chunk-parallel `out` kernel (`defer_merge`). A candidate
+Knobs: chunk C, the block of the split dim, segments P, warps and pipeline stages, for specs with a
+state whether merge is deferred to the chunk-parallel `out` kernel (`defer_merge`), and for a general
+transition (an unsegmented walk) the block of the split dim in its serial kernels (`walk_block`, the walk
+and the adjoint scan: at most the block, narrower for more programs at long T). A candidate
 must satisfy the tiling constraints proved on the symbolic shapes (`TilingSpace`), and fit a
 resource model evaluated on those symbolic tile sizes:
 
@@ -44,11 +46,14 @@ from .tiling import (
     TileConfig,
     TilingSpace,
     _check,
+    _fixed_walk_block,
     _segments,
+    _walk_block,
     choose,
     padded,
     split_blocks,
     tiling_space,
+    walk_block_floor,
 )
 
 H100_SHARED_BYTES = 232448  # per block, opt-in maximum (also the H200's: same SM)
@@ -61,13 +66,15 @@ MAX_SEGMENTS = 64  # as in the wave model of `choose`
 
 def compiler_fault(chunk: int, block: int) -> str | None:
     """Configs that Triton 3.6 miscompiles on Hopper, whatever the resource model says: the chunked scan's
-    walk at C >= 64 with a 16-wide block of the split dim (gla 2x8192 on the H100: wrong outputs at 1
-    stage, an illegal memory access at 2, which loses the process's CUDA context; triton-lang/triton#11366
+    walk at C >= 64 with a 16-wide block of the split dim (`block`: the walk's, Candidate.walk_block; gla
+    2x8192 on the H100: wrong outputs at 1 stage, an illegal memory access at 2, which loses the process's
+    CUDA context; triton-lang/triton#11366
     reports the same class of wgmma fault for narrow blocks beside several dots). Faults that depend on
     the spec (delta_net_l2 faults at C=64, block 32; gla runs it) are found by `effc tune` and remembered
     per spec and GPU (`runtime.tuning.record_fault`)."""
-    if chunk >= 64 and block < 32:
-        return f"Triton 3.6 miscompiles C={chunk} with block {block} < 32 on Hopper (wrong output or a fault)"
+    if block < walk_block_floor(chunk):
+        return (f"Triton 3.6 miscompiles C={chunk} with block {block} < {walk_block_floor(chunk)} on Hopper (wrong "
+                "output or a fault)")
     return None
 
 
@@ -79,22 +86,26 @@ class Candidate:
     num_warps: int
     num_stages: int
     defer_merge: bool = False
+    # the serial kernels' block (TileConfig.walk_block); 0: no such knob (segmentable walks, softmax)
+    walk_block: int = 0
 
     @classmethod
     def of(cls, cfg: TileConfig) -> "Candidate":
-        return cls(cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, cfg.defer_merge)
+        return cls(cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, cfg.defer_merge,
+                   getattr(cfg, "walk_block", 0))
 
     def overrides(self) -> dict[str, int]:
         """Keyword arguments of the op (and of `choose`) that pin this configuration."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "walk_block" or self.walk_block}
 
     @property
-    def variant(self) -> tuple[int, int, int, int, int]:
+    def variant(self) -> tuple[int, ...]:
         """What a compiled kernel depends on; P is a launch argument (up to Triton's specialisation)."""
-        return self.chunk, self.block, self.num_warps, self.num_stages, int(self.defer_merge)
+        return self.chunk, self.block, self.num_warps, self.num_stages, int(self.defer_merge), self.walk_block
 
     def __str__(self) -> str:
-        return (f"C={self.chunk} block={self.block} P={self.segments} "
+        walk = f" walk_block={self.walk_block}" if self.walk_block and self.walk_block != self.block else ""
+        return (f"C={self.chunk} block={self.block}{walk} P={self.segments} "
                 f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else ""))
 
 
@@ -192,6 +203,7 @@ class _Tile:
     segments: tuple[int, ...]
     wave: int
     defers: tuple[bool, ...] = (False,)  # merge fused, and deferred too where the plan has an out kernel
+    walk_blocks: tuple[int, ...] = (0,)  # the serial kernels' blocks worth trying (0: no such knob)
 
 
 def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candidate, chunks,
@@ -221,8 +233,21 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
                 ps |= {p for p in (best // 2, best, best * 2) if 1 <= p <= min(n_chunks, MAX_SEGMENTS)}
             if (c, b) == (default.chunk, default.block):
                 ps.add(default.segments)
-            out.append(_Tile(c, b, values, tuple(sorted(ps)), best, defers))
+            out.append(_Tile(c, b, values, tuple(sorted(ps)), best, defers,
+                             _walk_blocks(spec, legality, split, split_size, c, b, problem, default)))
     return out
+
+
+def _walk_blocks(spec: Spec, legality: Legality, split: str | None, split_size: int, chunk: int, block: int,
+                 problem: Problem, default: Candidate) -> tuple[int, ...]:
+    """The serial kernels' blocks for one (chunk, block): 0 (the block itself) where they must take it
+    (policy.tiling._fixed_walk_block), else every power of two from 16 up to it, the model's first."""
+    if _fixed_walk_block(spec, legality, split):
+        return (0,)
+    model, _ = _walk_block(split_size, block, problem.B * problem.H, problem.sm_count * PROGRAMS_PER_SM,
+                           min(block, walk_block_floor(chunk)))
+    extra = {default.walk_block} if (chunk, block) == (default.chunk, default.block) else set()
+    return (model,) + tuple(sorted((set(_pow2_upto(16, block)) | extra) - {model}, reverse=True))
 
 
 def _softmax_grid(spec: Spec, problem: Problem, default: Candidate, blocks) -> list[_Tile]:
@@ -267,21 +292,23 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
             bad = None
         except SpecError as e:
             bad = str(e).removeprefix("error: ")
-        fault = None if isinstance(legality, SoftmaxSchedule) else compiler_fault(t.chunk, t.block)
         for w in warps:
             for s in stages:
-                why = [bad] if bad else resources(space, t.values, w, s, dtype_bytes).over(w, s, smem_limit,
-                                                                                            max_registers)
-                why = why + [fault] if fault else why
-                for d in t.defers:
-                    variant = (t.chunk, t.block, w, s, int(d))
+                model = [bad] if bad else resources(space, t.values, w, s, dtype_bytes).over(w, s, smem_limit,
+                                                                                              max_registers)
+                for d, wb in ((d, wb) for d in t.defers for wb in t.walk_blocks):
+                    # the walk runs the narrower of its block and the main one (the fault is the walk's)
+                    fault = (None if isinstance(legality, SoftmaxSchedule)
+                             else compiler_fault(t.chunk, min(t.block, wb or t.block)))
+                    why = model + [fault] if fault else model
+                    variant = (t.chunk, t.block, w, s, int(d), wb)
                     fails = why + ([f"faulted on this GPU in an earlier tune ({faulty[variant]})"]
                                    if variant in faulty else [])
                     if fails and variant == default.variant:
                         over_model = "; ".join(fails)
                         fails = []  # the default's kernels run whatever the model says; so do its other P
                     for p in t.segments:
-                        cand = Candidate(t.chunk, t.block, p, w, s, d)
+                        cand = Candidate(t.chunk, t.block, p, w, s, d, wb)
                         if cand == default:
                             continue
                         if fails:
@@ -292,8 +319,9 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
     def distance(x: Candidate) -> tuple:
         # a compiled variant's first candidate takes the wave model's P: it stands for its variant
         knobs = sum(getattr(x, k) != getattr(default, k)
-                    for k in ("chunk", "block", "num_warps", "num_stages", "defer_merge"))
-        far = abs(math.log2(x.chunk / default.chunk)) + abs(math.log2(x.block / default.block))
+                    for k in ("chunk", "block", "num_warps", "num_stages", "defer_merge", "walk_block"))
+        far = (abs(math.log2(x.chunk / default.chunk)) + abs(math.log2(x.block / default.block))
+               + abs(math.log2(max(1, x.walk_block) / max(1, default.walk_block))))
         return knobs, x.segments != wave[x.chunk, x.block], far, x
 
     return SearchSpace(problem, default, (default, *sorted(keep, key=distance)), tuple(pruned), over_model,

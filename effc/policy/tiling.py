@@ -23,6 +23,13 @@ SEGMENTS = sympy.Symbol("P", positive=True, integer=True)
 PROGRAMS_PER_SM = 2  # 4-warp programs near 255 registers: two fit an SM's register file
 SUMMARY_COST = 0.5  # a summary chunk step costs about half a walk chunk step (no q, no output)
 FOLD_COST = 0.25  # folding one earlier segment's summary (two state-sized loads) vs a walk chunk step
+# the part of a serial chunk step (walk, bwd_scan) that does not shrink with a narrower block of the split
+# dim, relative to the part that does (a full block's tile work): the latency of the step's chain of
+# dependent loads and dots, and the K-side work every block repeats
+SERIAL_STEP_FIXED = 1.0
+# Triton 3.6 miscompiles the walk at C >= 64 with a block of the split dim under 32 on Hopper
+# (policy.search.compiler_fault): the serial block stays at least this wide there
+NARROW_FAULT_CHUNK, NARROW_FAULT_MIN_BLOCK = 64, 32
 
 
 @dataclass(frozen=True)
@@ -48,10 +55,19 @@ class TileConfig:
     num_stages: int
     defer_merge: bool = False  # merge runs in the `out` kernel, not in the walk (specs with a state)
     partition: str | None = None  # the backward's gradient kernels (passes.partition); None: the plan's default
+    # block of the split dim in the serial kernels (walk, bwd_scan) and the bwd_inject feeding the scan;
+    # 0: the same as `block`, where no other is allowed (the chunk-parallel kernels always take `block`)
+    walk_block: int = 0
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
+    @property
+    def serial_block(self) -> int:
+        """The block of the split dim the serial kernels run in."""
+        return self.walk_block or self.block
+
     def __str__(self) -> str:
-        head = (f"chunk={self.chunk} block={self.block} segments={self.segments} "
+        walk = f" walk_block={self.walk_block}" if self.serial_block != self.block else ""
+        head = (f"chunk={self.chunk} block={self.block}{walk} segments={self.segments} "
                 f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else "")
                 + (f" partition={self.partition}" if self.partition else ""))
         return head + "".join(f"\n  - {r}" for r in self.reasons)
@@ -146,6 +162,8 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
                  for st in spec.stages for op in st.ops if op.kind == "matmul" or op.kind in O.DECAY)
     knobs = (f"C = chunk, block = block of {split} (BLOCK), P = segments of the walk" if split
              else "C = chunk, block = 1 (no dim is split), P = segments of the walk")
+    if split and not legality.segmentable:
+        knobs += f", walk_block = block of {split} in the walk and the adjoint scan"
     return TilingSpace(split, tuple(cons), sympy.expand(live), sympy.expand(loaded), dots, knobs=knobs)
 
 
@@ -182,6 +200,49 @@ def _warps(live: int) -> tuple[int, str]:
     return 8, f"8 warps: ~{per_thread} live fp32 values per thread at 4 would spill, ~{live // 256} at 8"
 
 
+def walk_block_floor(chunk: int) -> int:
+    """The narrowest block the serial kernels take at chunk `chunk`: 16 (tl.dot's minimum), 32 where
+    Triton miscompiles narrower ones (NARROW_FAULT_CHUNK)."""
+    return NARROW_FAULT_MIN_BLOCK if chunk >= NARROW_FAULT_CHUNK else 16
+
+
+def _walk_block(split_size: int, block: int, rows: int, slots: int, floor: int) -> tuple[int, str]:
+    """The block of the split dim for the serial kernels of an unsegmented walk: one program per
+    (block, batch*head) walks every chunk in order, so when those programs leave slots idle the walk is
+    latency bound, and a narrower block gives more programs, each doing less per step. The chunk-parallel
+    kernels keep `block` (a narrower one repeats their K-side work per block). A wave of `slots` programs
+    runs at once; time ~ waves(programs) * (SERIAL_STEP_FIXED + block width / `block`): halve the block
+    while that falls (while the programs still fit the waves they took), no narrower than `floor`."""
+    def cost(b: int) -> float:
+        return math.ceil(split_blocks(split_size, b) * rows / slots) * (SERIAL_STEP_FIXED + b / block)
+
+    best = block
+    while best // 2 >= floor and cost(best // 2) < cost(best):
+        best //= 2
+    programs = split_blocks(split_size, block) * rows
+    if best == block:
+        if programs >= slots:
+            why = f"{programs} walk programs fill {slots} slots"
+        elif block // 2 < floor:
+            why = f"{programs} walk programs for {slots} slots, but no block narrower than {floor} runs right"
+        else:
+            why = f"{programs} walk programs for {slots} slots; a narrower block would need more waves"
+        return block, f"walk and adjoint scan in blocks of {block} too: {why}"
+    return best, (f"walk and adjoint scan in blocks of {best}: {programs} programs at block {block} for {slots} "
+                  f"slots, {split_blocks(split_size, best) * rows} at {best} (wave model cost {cost(best):.2f} vs "
+                  f"{cost(block):.2f}); the chunk-parallel kernels keep block {block}")
+
+
+def _fixed_walk_block(spec: Spec, legality: Legality, split: str | None) -> str | None:
+    """Why the serial kernels must run in the main block, or None when they may take their own."""
+    if not split:
+        return "nothing to split"
+    if legality.segmentable:
+        # the segments' summaries and folds are launched in the main block (and fill the GPU already)
+        return "a segmentable walk: its segments fill the GPU"
+    return None
+
+
 def _check(space: TilingSpace, values: dict) -> None:
     for c, why in space.constraints:
         ok = c.subs(values)
@@ -191,7 +252,8 @@ def _check(space: TilingSpace, values: dict) -> None:
 
 def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | None = None,
            block: int | None = None, segments: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, defer_merge: bool | None = None, partition: str | None = None) -> TileConfig:
+           num_stages: int | None = None, defer_merge: bool | None = None, partition: str | None = None,
+           walk_block: int | None = None) -> TileConfig:
     """Pick a configuration for `problem`; explicit arguments override the model."""
     space = tiling_space(spec, legality)
     reasons = []
@@ -218,6 +280,9 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     if space.split_dim:
         values[BLOCK] = block
     _check(space, values)
+    walk_block, why = _choose_walk_block(spec, legality, space, values, problem, block, walk_block, c)
+    if why:
+        reasons.append(why)
     values.update({dim(d): padded(problem.size(d)) for d in spec.dims})  # the register model counts padded tiles
     if num_warps is None:
         num_warps, why = _warps(int(space.live_fp32.subs(values)))
@@ -235,7 +300,30 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
         reasons.append(why)
     # a segmentable walk keeps merge fused unless asked (or tuned): segments fill the GPU without writing states
-    return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), partition, tuple(reasons))
+    return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), partition, walk_block,
+                      tuple(reasons))
+
+
+def _choose_walk_block(spec: Spec, legality: Legality, space: TilingSpace, values: dict, problem: Problem,
+                       block: int, walk_block: int | None, chunk: int) -> tuple[int, str]:
+    """The serial kernels' block (TileConfig.walk_block): the model's, or `walk_block` checked; 0 where they
+    must take the main block (no knob: what `effc tune` records and the op passes leaves it out)."""
+    fixed = _fixed_walk_block(spec, legality, space.split_dim)
+    if walk_block is None:
+        if fixed:  # nothing chosen: the walk runs in the block, as it always has (no reason printed)
+            return 0, ""
+        return _walk_block(problem.size(space.split_dim), block, problem.B * problem.H,
+                           problem.sm_count * PROGRAMS_PER_SM, min(block, walk_block_floor(chunk)))
+    if walk_block == block:
+        return (0 if fixed else block), ""
+    if fixed:
+        raise SpecError(f"spec '{spec.name}': walk_block={walk_block} differs from block={block}, but the serial "
+                        f"kernels must run in the main block here ({fixed})", None, f"walk_block=None or {block}")
+    if walk_block > block:
+        raise SpecError(f"walk_block={walk_block} is wider than block={block}: the serial kernels' block must not "
+                        "be wider than the chunk-parallel kernels'", None, f"walk_block <= {block}")
+    _check(space, {**values, BLOCK: walk_block})
+    return walk_block, f"walk and adjoint scan in blocks of {walk_block} (given)"
 
 
 def _defer(programs: int, n_chunks: int, slots: int) -> tuple[bool, str]:

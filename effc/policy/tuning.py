@@ -34,8 +34,11 @@ from .tiling import Problem
 from .triton_faults import block_limit, longest_dot_chain, triton_version
 
 FORMAT = 1
-KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge")
+KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "walk_block")
 _FLAG_KNOBS = ("defer_merge",)  # 0 or 1; the others are positive integers
+# knobs an entry may leave out: the softmax family has no walk_block, and entries written before it
+# existed take the model's
+_OPTIONAL_KNOBS = ("walk_block",)
 
 
 def tuning_dir() -> Path:
@@ -113,7 +116,8 @@ def _parse(text: str) -> Entry:
         raise ValueError(f"'key' has fields of the wrong type: {raw['key']}")
     for part in ("config", "default"):
         knobs = raw[part]
-        if not isinstance(knobs, dict) or set(knobs) != set(KNOBS) or not all(
+        required = set(KNOBS) - set(_OPTIONAL_KNOBS)
+        if not isinstance(knobs, dict) or not required <= set(knobs) <= set(KNOBS) or not all(
                 isinstance(v, int) and (v in (0, 1) if k in _FLAG_KNOBS else v > 0) for k, v in knobs.items()):
             raise ValueError(f"'{part}' must give positive integers for {', '.join(KNOBS)} (0 or 1 for "
                              f"{', '.join(_FLAG_KNOBS)}), got {knobs}")
@@ -143,9 +147,9 @@ def read_entry(path: Path) -> Entry | None:
 
 def store(key: TuningKey, config: dict, ms: float, default: dict, default_ms: float, shape: dict,
           tried: int = 0, partition: str | None = None) -> Path:
-    entry = {"format": FORMAT, "key": asdict(key), "config": {k: int(config[k]) for k in KNOBS}, "ms": ms,
-             "default": {k: int(default[k]) for k in KNOBS}, "default_ms": default_ms, "shape": shape,
-             "tried": tried, "tuned_at": time.time(), "partition": partition}
+    entry = {"format": FORMAT, "key": asdict(key), "config": {k: int(config[k]) for k in KNOBS if k in config},
+             "ms": ms, "default": {k: int(default[k]) for k in KNOBS if k in default}, "default_ms": default_ms,
+             "shape": shape, "tried": tried, "tuned_at": time.time(), "partition": partition}
     return write_atomic(key.path, json.dumps(entry, indent=1))
 
 
@@ -220,6 +224,8 @@ def lookup(op, problem: Problem, device, dtype, overrides: dict):
         return None
     given = {k: v for k, v in overrides.items() if v is not None}
     tuned = dict(entry.config)
+    if "block" in given:  # the tuned walk block was chosen for the tuned block: the model picks one for the given
+        tuned = {k: v for k, v in tuned.items() if k != "walk_block"}
     if entry.partition and entry.partition in {c.name for c in getattr(op.comp.plan, "partitions", ())}:
         tuned["partition"] = entry.partition
     try:

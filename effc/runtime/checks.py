@@ -68,6 +68,7 @@ _FLAG = (lambda v: isinstance(v, bool), "True or False")
 _KNOBS = {
     "chunk": _TILE,
     "block": _TILE,
+    "walk_block": _TILE,
     "segments": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
     "num_warps": (lambda v: _pow2(v) and v <= 32, "a power of two from 1 to 32"),
     "num_stages": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
@@ -81,7 +82,8 @@ def check_knobs(split: bool = True, **knobs) -> None:
     """The call's tiling knobs and flags (None: the model's choice), each against what the kernels accept:
     a bad one would otherwise run with garbage tiles or fail deep inside the tiling or the launch.
     `split=False`: a linear spec that splits no dim, whose block is 1 (as `effc tune` passes it)."""
-    rules = _KNOBS if split else {**_KNOBS, "block": (lambda v: _count(v) and v == 1, "1 (no dim is split)")}
+    one = (lambda v: _count(v) and v == 1, "1 (no dim is split)")
+    rules = _KNOBS if split else {**_KNOBS, "block": one, "walk_block": one}
     for name, value in knobs.items():
         ok, want = rules[name]
         if value is not None and not ok(value):

@@ -6,7 +6,7 @@ which the kernels read from `cu_ptr` / `chunk_off_ptr`."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -116,6 +116,30 @@ class Launcher:
         return split_blocks(lay.dims[self.plan.split_dim], cfg.block) if self.plan.split_dim else 1
 
     @staticmethod
+    def _serial(cfg: TileConfig) -> TileConfig:
+        """`cfg` for the serial kernels (walk, summary, bwd_inject, bwd_scan): their own block of the split dim
+        (TileConfig.walk_block). What they exchange with the chunk-parallel kernels is whole states (the
+        history), except the per-block adjoints of states without the split dim (`_regroup`)."""
+        return replace(cfg, block=cfg.serial_block)
+
+    @staticmethod
+    def _regroup(dhist: dict, blocks: dict, n_scan: int, n_split: int, per: int) -> dict:
+        """The scan's per-block adjoints of each state without the split dim, one per serial block, summed into
+        one per block of the chunk-parallel kernels (serial blocks nest in theirs; the adjoint is a sum over
+        the blocks' columns). Missing trailing serial blocks are empty: zero."""
+        if n_scan == n_split:
+            return dhist
+        out = {}
+        for name, h in dhist.items():
+            if not blocks[name]:
+                out[name] = h
+                continue
+            pad = h.new_zeros(h.shape[:2] + (n_split * per - n_scan,) + h.shape[3:], dtype=torch.float32)
+            full = torch.cat([h.float(), pad], 2)
+            out[name] = full.view(h.shape[:2] + (n_split, per) + h.shape[3:]).sum(3).to(h.dtype)
+        return out
+
+    @staticmethod
     def _segments(cfg: TileConfig, max_chunks: int) -> tuple[int, int]:
         """(segments, chunks per segment): no empty segment."""
         per_seg = math.ceil(max_chunks / max(1, min(cfg.segments, max_chunks)))
@@ -173,18 +197,19 @@ class Launcher:
                 for s in spec.states}
         segd = {n: torch.empty_like(w) if P > 1 else dummy for n, w in segw.items()}
         n_split = self._n_split(cfg, lay)
+        walk_cfg = self._serial(cfg)
         hoisted = self.prep(cfg, lay, xs, pvals)
         for kp in self.plan.kernels:
             if kp.backward or kp.role in ("prep", "out") or (kp.role == "summary" and P == 1):
                 continue
-            values = {**self._values(cfg, lay, dtype, pvals, per_seg, P, dummy), **self._loads(kp, xs, hoisted),
+            values = {**self._values(walk_cfg, lay, dtype, pvals, per_seg, P, dummy), **self._loads(kp, xs, hoisted),
                       **{f"{o.name}_ptr": outs[o.name] for o in kp.stores},
                       **self._buffers("init", {s.name: init.get(s.name, dummy) for s in kp.states}),
                       **self._buffers("final", finals), **self._buffers("hist", hist),
                       **self._buffers("segw", segw), **self._buffers("segd", segd),
                       "HAS_INIT": bool(init), "STORE_FINAL": store_final, "STORE_HISTORY": write_history,
                       "FUSE_MERGE": not cfg.defer_merge}
-            grid = (n_split, n_bh, P if kp.role == "walk" else P - 1)
+            grid = (self._n_split(walk_cfg, lay), n_bh, P if kp.role == "walk" else P - 1)
             self._launch(kp, grid, values, self._options(cfg))
         if out_kernel is not None:
             values = {**self._values(cfg, lay, dtype, pvals, 1, 1, dummy), **self._loads(out_kernel, xs, hoisted),
@@ -243,16 +268,20 @@ class Launcher:
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
         n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H
+        scan_cfg = self._serial(cfg)
+        n_scan = self._n_split(scan_cfg, lay)  # the scan's blocks (TileConfig.walk_block)
         _, max_chunks = lay.chunks(cfg.chunk)
-        dinit = {s.name: torch.empty(((n_split,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
+        dinit = {s.name: torch.empty(((n_scan,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
                                      **f32) for s in spec.states}
         # a state without the split dim: one adjoint per split block, the block index innermost but the state's
-        blocks = {s.name: (n_split,) if split and split not in s.dims else () for s in spec.states}
+        blocks = {s.name: (n_scan,) if split and split not in s.dims else () for s in spec.states}
         dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
         bwd_warps = {"num_warps": backward_warps(cfg.num_warps, device)} if not interpreting() else {}
         d_o = {f"{o.name}_grad_ptr": d_outs[o.name].contiguous() for o in spec.outputs}
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
-        self._reverse_scan(cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
+        self._reverse_scan(scan_cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
+        # in the gradient kernels' blocks
+        dhist = self._regroup(dhist, blocks, n_scan, n_split, cfg.block // scan_cfg.block)
         # the gradient buffers are allocated after the scan has released its scratch (a lower peak)
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
         part = cfg.partition

@@ -74,12 +74,14 @@ class AttentionOp(Tuned):
     def __call__(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
                  chunk: int | None = None, block: int | None = None, segments: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
-                 defer_merge: bool | None = None, partition: str | None = None, pos_offset: int = 0, **params):
+                 defer_merge: bool | None = None, partition: str | None = None, walk_block: int | None = None,
+                 pos_offset: int = 0, **params):
         """(o, final_state) for (B, T, H, D) inputs; with `cu_seqlens`, packed (1, total_T, H, D) sequences.
         Differentiable: gradients reach every input and the initial state. Works under torch.compile:
         the host-side checks and choices are compile-time constants of the call's shapes.
         chunk, block, segments, num_warps, num_stages, defer_merge (merge in the chunk-parallel out kernel
-        instead of the walk) override the tiling model's or `effc tune`'s choice.
+        instead of the walk), walk_block (the split dim's block in the serial walk and adjoint scan of a
+        general transition, at most `block`) override the tiling model's or `effc tune`'s choice.
         partition: how the backward's gradient kernels run (passes.partition: 'block', 'loop' or 'cut', those the
         spec's plan lists); None: the plan's default.
         pos_offset: the position (`pos`) of every sequence's first token, for a spec that reads `pos` run on a
@@ -88,7 +90,8 @@ class AttentionOp(Tuned):
         longest = call_lengths(cu_seqlens, tensors[0])
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
         overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
-                     ("num_stages", num_stages), ("defer_merge", defer_merge), ("partition", partition))
+                     ("num_stages", num_stages), ("defer_merge", defer_merge), ("partition", partition),
+                     ("walk_block", walk_block))
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         ints, pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
                                  n_seq, longest, output_final_state, grad, save_states, overrides,
@@ -130,7 +133,7 @@ class AttentionOp(Tuned):
         if grad:
             keep, self.last_history_reason = self._history(save_states, tensors, n_seq, longest, H, dims, cfg)
         ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(cfg.defer_merge),
-                PARTITIONS.index(cfg.partition) if cfg.partition else -1,
+                PARTITIONS.index(cfg.partition) if cfg.partition else -1, cfg.serial_block,
                 int(bool(output_final_state)), int(keep), 1)
         return ints, tuple(pvals[p.name] for p in self.spec.params)
 

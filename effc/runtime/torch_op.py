@@ -24,8 +24,8 @@ from .checks import check_cu_seqlens, history_dtype
 from .launch import Launcher, make_layout
 
 # ints passed to the linear family's ops: the tile configuration, then flags
-_CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "partition")  # partition: an
-# index into passes.partition.PARTITIONS, -1 for the plan's default
+_CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "partition", "walk_block")
+# partition: an index into passes.partition.PARTITIONS, -1 for the plan's default
 # store the final states; keep the history for the backward; the outputs are wanted (not when the backward
 # recomputes the history alone)
 _FLAGS = slice(len(_CFG), len(_CFG) + 3)
@@ -192,8 +192,8 @@ def source_key(op, family: str) -> str:
 
 # -- the linear family --------------------------------------------------------------------------------
 def _config(ints) -> TileConfig:
-    *tiles, partition = ints[:len(_CFG)]
-    return TileConfig(*tiles, partition=PARTITIONS[partition] if partition >= 0 else None)
+    *tiles, partition, walk_block = ints[:len(_CFG)]
+    return TileConfig(*tiles, partition=PARTITIONS[partition] if partition >= 0 else None, walk_block=walk_block)
 
 
 def linear_torch_ops(op) -> TorchOps:
