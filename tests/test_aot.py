@@ -150,10 +150,10 @@ def test_ptxas_report_reads_registers_and_spills():
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])["retention"]
-    assert set(rows) == {"bwd_chunks_v"}
-    r = rows["bwd_chunks_v"]
-    assert r["warps"] == 8 and 32 <= r["registers"] <= 255, r
-    assert r["spill_stores"] >= 0 and r["spill_loads"] >= 0
+    assert set(rows) == {"bwd_chunks_v", "bwd_chunks_v_loop"}  # passes.partition: per block and looped
+    for r in rows.values():
+        assert r["warps"] == 8 and 32 <= r["registers"] <= 255, r
+        assert r["spill_stores"] >= 0 and r["spill_loads"] >= 0
     # the softmax family: its kernels at the model's tiles
     out = subprocess.run([sys.executable, script, "softmax_attn", "--kernels", "bwd_dkv", "--json"],
                          capture_output=True, text=True, env=env, timeout=600)
