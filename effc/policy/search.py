@@ -47,6 +47,8 @@ from .tiling import (
     TilingSpace,
     _check,
     _fixed_walk_block,
+    NARROW_FAULT_CHUNK,
+    NARROW_FAULT_MIN_BLOCK,
     _segments,
     _walk_block,
     choose,
@@ -72,8 +74,9 @@ def compiler_fault(chunk: int, block: int) -> str | None:
     reports the same class of wgmma fault for narrow blocks beside several dots). Faults that depend on
     the spec (delta_net_l2 faults at C=64, block 32; gla runs it) are found by `effc tune` and remembered
     per spec and GPU (`runtime.tuning.record_fault`)."""
-    if block < walk_block_floor(chunk):
-        return (f"Triton 3.6 miscompiles C={chunk} with block {block} < {walk_block_floor(chunk)} on Hopper (wrong "
+    floor = NARROW_FAULT_MIN_BLOCK if chunk >= NARROW_FAULT_CHUNK else 16
+    if block < floor:
+        return (f"Triton 3.6 miscompiles C={chunk} with block {block} < {floor} on Hopper (wrong "
                 "output or a fault)")
     return None
 

@@ -28,8 +28,12 @@ FOLD_COST = 0.25  # folding one earlier segment's summary (two state-sized loads
 # dependent loads and dots, and the K-side work every block repeats
 SERIAL_STEP_FIXED = 1.0
 # Triton 3.6 miscompiles the walk at C >= 64 with a block of the split dim under 32 on Hopper
-# (policy.search.compiler_fault): the serial block stays at least this wide there
+# (policy.search.compiler_fault): no config goes narrower there
 NARROW_FAULT_CHUNK, NARROW_FAULT_MIN_BLOCK = 64, 32
+# and mlstm's backward at C=64 with serial kernels 32 wide faulted too (an illegal memory access at 2x2048,
+# H=16, D=128 on the H200; 64 ran): the model does not narrow them there (a given walk_block=32 may, and
+# effc tune remembers a fault)
+MODEL_SERIAL_FLOOR_AT_NARROW_FAULT_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -201,9 +205,9 @@ def _warps(live: int) -> tuple[int, str]:
 
 
 def walk_block_floor(chunk: int) -> int:
-    """The narrowest block the serial kernels take at chunk `chunk`: 16 (tl.dot's minimum), 32 where
-    Triton miscompiles narrower ones (NARROW_FAULT_CHUNK)."""
-    return NARROW_FAULT_MIN_BLOCK if chunk >= NARROW_FAULT_CHUNK else 16
+    """The narrowest block the model gives the serial kernels at chunk `chunk`: 16 (tl.dot's minimum), 64
+    where Triton miscompiled narrower ones (NARROW_FAULT_CHUNK)."""
+    return MODEL_SERIAL_FLOOR_AT_NARROW_FAULT_CHUNK if chunk >= NARROW_FAULT_CHUNK else 16
 
 
 def _walk_block(split_size: int, block: int, rows: int, slots: int, floor: int) -> tuple[int, str]:
