@@ -43,3 +43,26 @@ def test_bf16_gradients(name):
         print(f"{name} d{n}: {v}")
         assert torch.isfinite(a).all(), f"{name} d{n} has non-finite values"
         assert v.ok, f"{name} d{n}: {v}"
+
+
+def _partitioned_specs():
+    return [n for n in effc.library_names("linear") if len(effc.load(n).comp.plan.partitions) > 1]
+
+
+@pytest.mark.parametrize("name", _partitioned_specs())
+def test_bf16_gradients_every_partition(name):
+    """Each gradient partition (passes.partition) gives the same gradients within the bf16 rule, not only the
+    one the model picks: `effc tune` may record any of them."""
+    op = effc.load(name)
+    B, T, H, D = 1, 1000, 4, 128
+    dims = {d: D for d in op.spec.dims}
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda", seed=5)]
+    d_o = torch.randn((B, T, H, D), generator=torch.Generator(device="cpu").manual_seed(3)).cuda()
+    ref = _grads(lambda: (op.reference(*xs)[0], ()), xs, d_o, ())
+    low = _grads(lambda: (op.reference(*xs, dtype=torch.float32, matmul_dtype=torch.bfloat16)[0], ()), xs, d_o, ())
+    for p in op.comp.plan.partitions:
+        got = _grads(lambda: (op(*xs, partition=p.name)[0], ()), xs, d_o.bfloat16(), ())
+        for d, a, b, c in zip(op.spec.inputs, got, ref, low):
+            v = judge_low_precision(a.float(), b, c)
+            print(f"{name} partition {p.name} d{d.name}: {v}")
+            assert torch.isfinite(a).all() and v.ok, f"{name} partition {p.name} d{d.name}: {v}"
