@@ -93,8 +93,14 @@ def judge_fp32(out: torch.Tensor, oracle: torch.Tensor) -> Verdict:
     return Verdict(err <= bound, err, bound, "max abs error")
 
 
+# a gradient that no 16-bit rounding reaches (lion's initial-state gradient sums fp32 products only) still
+# differs from the reference by the order of an fp32 sum over thousands of tokens: 4.3e-6 at T=2048 on the
+# H200, where the reference's own error was 1.0e-6
+FP32_SUM_FLOOR = 1e-5
+
+
 def judge_low_precision(out: torch.Tensor, oracle: torch.Tensor, reference: torch.Tensor) -> Verdict:
-    bound = LOW_PRECISION_FACTOR * rel_err(reference, oracle) + 1e-6
+    bound = LOW_PRECISION_FACTOR * rel_err(reference, oracle) + FP32_SUM_FLOOR
     err = rel_err(out, oracle)
     return Verdict(err <= bound, err, bound, "relative error")
 
