@@ -17,7 +17,8 @@ def affected(monkeypatch):
 
 
 def test_long_dot_chains_are_counted_per_gradient_kernel():
-    assert longest_dot_chain(compile_file("hdla").plan.kernels) > LONG_DOT_CHAIN
+    for long in ("hdla", "mesanet", "log_linear_attn"):  # the three faulted at 64-wide blocks on the H200
+        assert longest_dot_chain(compile_file(long).plan.kernels) > LONG_DOT_CHAIN, long
     for short in ("rwkv7", "gated_delta_net", "gla", "softmax_attn"):
         assert longest_dot_chain(compile_file(short).plan.kernels) <= LONG_DOT_CHAIN, short
 
