@@ -2,7 +2,7 @@
 
 usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16, D=128; env CHUNK=32 / BLOCK=128 force
        the chunk / the split dim's block: BLOCK=128 runs one program per head with no partial gradients;
-       PARTITION=block|loop|cut the backward's gradient kernels, passes.partition; WALK_BLOCK=32 forces the
+       PARTITION=block|loop|cut|cut_each the backward's gradient kernels, passes.partition; WALK_BLOCK=32 forces the
        block of a general transition's walk and adjoint scan, at most BLOCK)
 """
 from __future__ import annotations

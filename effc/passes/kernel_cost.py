@@ -11,7 +11,8 @@ while the bytes it moves hardly count (one SM's share of the bandwidth covers th
 are a least-squares fit to 14 gradient kernels profiled on the H200 (delta_net_l2, gated_delta_net_l2,
 mlstm_sig at 2x8192, H=16, D=128; docs/benchmarks.md): relative error 20% (RMS). Not explained: a loop
 kernel that Triton spills far beyond its live-value estimate (gated_delta_net_l2's `bwd_sums`, 3.8 KB a
-thread, 4.7x the model); `effc tune` times the partitions where the model is wrong.
+thread, 4.7x the model); `effc tune` times the partitions where the model is wrong, and estimates
+closer than the fit's error (RELATIVE_ERROR) do not rank partitions (passes.partition._default).
 
 `Cost` keeps the features so the plan can say why one schedule won (`effc show SPEC --stage plan`).
 """
@@ -32,6 +33,8 @@ REGISTER_OVERHEAD = 40  # indices, masks and pointers beside the tiles' values
 BYTES_PER_US_PER_SM = 4.8e6 / SMS  # HBM3e (H200)
 # fitted per program (us), see the module docstring
 US_PER_MFLOP = 0.84
+# the fit's relative error (RMS) over the kernels it was fitted to: estimates closer than this do not rank
+RELATIVE_ERROR = 0.20
 US_PER_ELEMENTWISE_OP = 0.068
 US_PER_EXCESS_LIVE = 0.0155  # per fp32 value a thread keeps live beyond LIVE_FREE
 LIVE_FREE = 128  # what a thread holds beside the dot operands' staging without pressure

@@ -8,14 +8,17 @@ needs of the chunk. Over the split dim (V) such a kernel can run three ways (pas
 - **loop**: one program per chunk (where the model expects it faster than per block): the K-side values once, a loop over V's blocks accumulating the sums
   over V, then the K-side adjoints after the loop, while the loop's carried tiles are still live.
 - **cut**: the loop's kernel stops at the sums: one kernel (`bwd_sums`) computes every cut kernel's
-  sums over V at once and writes them through memory (fp32, per chunk), and each gradient's
-  `bwd_chunks_<x>_after` kernel reads them and finishes the K-side adjoints with nothing else live.
-  Sums that several gradients read (the delta rule's `dw`, `dv_new`) are computed once, not per kernel.
+  sums over V at once and writes them through memory (in the matmul operand dtype, per token), and each
+  gradient's `bwd_chunks_<x>_after` kernel reads them and finishes the K-side adjoints with nothing else
+  live. Sums that several gradients read (the delta rule's `dw`, `dv_new`) are computed once, not per kernel.
+- **cut_each**: as cut, but each cut kernel's sums in a kernel of its own (`bwd_sums_<x>`, before its
+  after part), holding only the tiles those sums need; a sum an earlier one stored is read, not recomputed.
 
 Each schedule is a partition of the gradient kernels; the plan keeps every partition that differs
 (`Plan.partitions`), the generated module holds all their kernels, and the call picks one (the knob
 `partition=`, which `effc tune` searches). The default is the one passes.kernel_cost estimates fastest
-at a typical shape (C from the spec, feature dims 128 in blocks of 64, 2x8192 tokens, 16 heads).
+at a typical shape (C from the spec, feature dims 128 in blocks of 64, 2x8192 tokens, 16 heads), or, among
+those estimated within the model's error of it, the one launching the fewest kernels (`_default`).
 """
 from __future__ import annotations
 
@@ -24,10 +27,10 @@ from dataclasses import dataclass, replace
 from ..ir.nodes import C, Op, Spec, TileType, dim
 from .block_loop import BlockLoop, loop_over_blocks
 from .fusion import Fused, FusedKernel, needed
-from .kernel_cost import Cost, kernel_cost, size
+from .kernel_cost import RELATIVE_ERROR, Cost, kernel_cost, size
 from .transpose_sink import sink_transposes
 
-PARTITIONS = ("block", "loop", "cut")
+PARTITIONS = ("block", "loop", "cut", "cut_each")
 # the shape the default partition is chosen at (the bench's standard 2x8192, H=16, D=128)
 TOKENS, HEADS, FEATURE, SPLIT_BLOCK = 2 * 8192, 16, 128, 64
 
@@ -117,7 +120,9 @@ def partition_gradients(spec: Spec, fused: Fused, backward, split: str | None, h
         "loop": [min((b, l), key=cost) for b, l in zip(per_block, looped)]}
     cuts = [c for k in sunk if (c := _cut(k, loops[k.name], alltypes, split))]
     if cuts:
-        variants["cut"] = _cut_kernels(sunk, cuts, variants["loop"], alltypes, split)
+        variants["cut"] = _cut_kernels(sunk, cuts, variants["loop"], alltypes, split, shared=True)
+        if len(cuts) > 1:  # with one cut kernel, its own sums kernel is the shared one
+            variants["cut_each"] = _cut_kernels(sunk, cuts, variants["loop"], alltypes, split, shared=False)
     costs = {name: _costs(spec, ks, alltypes, split, hoisted_types) for name, ks in variants.items()}
     # keep each distinct partition once (a spec whose kernels cannot loop has one)
     choices, seen = [], set()
@@ -125,7 +130,7 @@ def partition_gradients(spec: Spec, fused: Fused, backward, split: str | None, h
         if name in variants and (key := tuple(k.name for k in variants[name])) not in seen:
             seen.add(key)
             choices.append(PartitionChoice(name, key, costs[name]))
-    best = min(choices, key=lambda c: c.us)
+    best = _default(choices)
     kernels, names = list(others), set()
     for choice in choices:
         for k in variants[choice.name]:
@@ -137,44 +142,75 @@ def partition_gradients(spec: Spec, fused: Fused, backward, split: str | None, h
     return replace(fused, kernels=tuple(kernels), partitions=tuple(choices), partition=best.name)
 
 
-def _cut_kernels(sunk, cuts: list[_Cut], loop_variant, types: dict, split: str) -> list[FusedKernel]:
-    """The `cut` partition: one `bwd_sums` kernel for every cut kernel's loop part (their sums and the
-    gradients with the split dim), then per cut kernel its after part; the others as in `loop`."""
+def _sums_kernel(name: str, cuts: list[_Cut], forms: dict, done: set, types: dict, split: str) -> FusedKernel | None:
+    """A kernel computing the loop parts of `cuts`: the sums their after parts read that no earlier sums kernel
+    stored (`done`, updated), written per token, and their gradients with the split dim."""
     by_name = {op.out: op for c in cuts for op in c.kernel.ops}
-    forms = {s: _stored_form(s, types[s]) for c in cuts for s in c.stored}
-    for s, (_, _, make, _) in forms.items():
-        if make is not None:
+    stored = [s for c in cuts for s in c.stored if s not in done]
+    stored = list(dict.fromkeys(stored))
+    for s in stored:
+        if (make := forms[s][2]) is not None:
             by_name[make.out] = make
+    done.update(stored)
     v_grads = tuple((x, g) for c in cuts for x, g in c.kernel.grads if _has(types[g], split))
-    scratch = tuple((f[0], f[1]) for f in forms.values())
+    scratch = tuple((forms[s][0], forms[s][1]) for s in stored)
     roots = tuple(name for name, _ in scratch) + tuple(g for _, g in v_grads)
-    sums = FusedKernel("bwd_sums", ("inter", "merge", "intra"), _topological(by_name, roots), roots, v_grads,
-                       loop=True, scratch_stores=scratch)
-    out, placed = [], False
+    if not roots:
+        return None
+    return FusedKernel(name, ("inter", "merge", "intra"), _topological(by_name, roots), roots, v_grads, loop=True,
+                       scratch_stores=scratch)
+
+
+def _after_kernel(k: FusedKernel, c: _Cut, forms: dict, types: dict, split: str) -> FusedKernel | None:
+    """Kernel `k`'s part after its loop: its gradients without the split dim, from the stored sums."""
+    mine = [(x, g) for x, g in k.grads if not _has(types[g], split)]
+    if not mine:
+        return None
+    made_here = {op.out: op for op in k.ops if op.out not in c.stored}
+    reads = {}
+    for s in c.stored:
+        name, t, _, back = forms[s]
+        reads[name] = t
+        if back is not None:
+            made_here[s] = back
+    groots = tuple(g for _, g in mine)
+    ops = needed(_topological(made_here, groots), groots)
+    used = {a for op in ops for a in op.args if isinstance(a, str)} | set(groots)
+    return FusedKernel(f"{k.name}_after", k.stages, ops, groots, tuple(mine), loop=True,
+                       scratch_loads=tuple((n, t) for n, t in reads.items() if n in used))
+
+
+def _default(choices: list[PartitionChoice]) -> PartitionChoice:
+    """The model's fastest partition, unless another is estimated within the model's error of it
+    (kernel_cost.RELATIVE_ERROR) and launches fewer kernels: then the fewest kernels (the fewest launches
+    and the least scratch through memory; gated_delta_net_l2's cut was estimated 4% faster than its loop
+    and ran 16% slower)."""
+    fastest = min(c.us for c in choices)
+    close = [c for c in choices if c.us <= fastest * (1 + RELATIVE_ERROR)]
+    return min(close, key=lambda c: (len(c.kernels), c.us))
+
+
+def _cut_kernels(sunk, cuts: list[_Cut], loop_variant, types: dict, split: str, shared: bool) -> list[FusedKernel]:
+    """A cut partition: the cut kernels' loop parts compute their sums over the split dim and write them, then
+    per cut kernel its after part; the others as in `loop`. `shared`: one `bwd_sums` kernel for every cut
+    kernel's loop part (a sum that several read is computed once); else one `bwd_sums_<x>` before each cut
+    kernel's after part, holding only what that part reads (fewer live tiles: gated_delta_net_l2's shared
+    `bwd_sums` spilled 3.8 KB a thread), a sum an earlier one stored being read back, not recomputed."""
+    forms = {s: _stored_form(s, types[s]) for c in cuts for s in c.stored}
     cut_of = {c.kernel.name: c for c in cuts}
+    out, done, placed = [], set(), False
     for k, looped in zip(sunk, loop_variant):
         c = cut_of.get(k.name)
         if c is None:
             out.append(looped)
             continue
-        if not placed:
-            out.append(sums)
+        if not (shared and placed):
+            name = "bwd_sums" if shared else f"bwd_sums_{k.name[len('bwd_chunks_'):]}"
+            sums = _sums_kernel(name, cuts if shared else [c], forms, done, types, split)
+            out += [sums] if sums else []
             placed = True
-        mine = [(x, g) for x, g in k.grads if not _has(types[g], split)]
-        if not mine:
-            continue
-        made_here = {op.out: op for op in k.ops if op.out not in c.stored}
-        reads = {}
-        for s in c.stored:
-            name, t, _, back = forms[s]
-            reads[name] = t
-            if back is not None:
-                made_here[s] = back
-        groots = tuple(g for _, g in mine)
-        ops = needed(_topological(made_here, groots), groots)
-        used = {a for op in ops for a in op.args if isinstance(a, str)} | set(groots)
-        out.append(FusedKernel(f"{k.name}_after", k.stages, ops, groots, tuple(mine), loop=True,
-                               scratch_loads=tuple((n, t) for n, t in reads.items() if n in used)))
+        after = _after_kernel(k, c, forms, types, split)
+        out += [after] if after else []
     return out
 
 

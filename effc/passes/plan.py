@@ -81,9 +81,14 @@ class Plan:
     partition: str | None = None  # the default one
 
     def gradient_kernels(self, partition: str | None = None) -> tuple[KernelPlan, ...]:
-        """The gradient kernels one partition launches, in order (every bwd_chunks kernel without partitions)."""
+        """The gradient kernels one partition launches, in its order (kernels that several partitions share sit
+        once in the module, where the first placed them), or every bwd_chunks kernel of a plan without
+        partitions."""
         p = partition or self.partition
-        return tuple(k for k in self.kernels if k.role == "bwd_chunks" and (not k.partitions or p in k.partitions))
+        order = next((c.kernels for c in self.partitions if c.name == p), None)
+        if order is None:
+            return tuple(k for k in self.kernels if k.role == "bwd_chunks" and not k.partitions)
+        return tuple(self.kernel(name) for name in order)
 
     def check_partition(self, partition: str | None) -> None:
         names = [c.name for c in self.partitions]
@@ -166,9 +171,11 @@ class Plan:
         head = [f"plan {self.spec.name}: split {self.split_dim or '-'}; " + walks + deferred
                 + (f"; prep kernel writes {', '.join(d.name for d in self.hoisted)} for all chunks at once"
                    if self.hoisted else "")]
+        fastest = min((c.us for c in self.partitions), default=0.0)
         for c in self.partitions:
-            head.append(f"  gradient partition {c}" + (" <- default (the model's fastest)" if c.name == self.partition
-                                                       else ""))
+            why = ("the model's fastest" if c.us == fastest else
+                   f"the fewest kernels within the model's error of the fastest, {fastest:.0f} us")
+            head.append(f"  gradient partition {c}" + (f" <- default ({why})" if c.name == self.partition else ""))
         sites = [op.out for st in self.spec.stages for op in st.ops if op.kind == "decay_dot"]
         if sites:
             head.append(f"  factored decays evaluated from their exponents (passes.decay_dot): {', '.join(sites)}; "

@@ -82,8 +82,8 @@ class AttentionOp(Tuned):
         chunk, block, segments, num_warps, num_stages, defer_merge (merge in the chunk-parallel out kernel
         instead of the walk), walk_block (the split dim's block in the serial walk and adjoint scan of a
         general transition, at most `block`) override the tiling model's or `effc tune`'s choice.
-        partition: how the backward's gradient kernels run (passes.partition: 'block', 'loop' or 'cut', those the
-        spec's plan lists); None: the plan's default.
+        partition: how the backward's gradient kernels run (passes.partition: 'block', 'loop', 'cut' or
+        'cut_each', those the spec's plan lists); None: the plan's default.
         pos_offset: the position (`pos`) of every sequence's first token, for a spec that reads `pos` run on a
         later piece of its sequences (context parallel, decoding); 0 by default."""
         init = state_list(self.spec, initial_state)
