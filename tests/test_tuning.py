@@ -706,9 +706,10 @@ def test_tune_records_the_fastest_gradient_partition_and_the_op_uses_it(cache):
     op = effc.load("delta_net")
     default = op.comp.plan.partition
     others = [c.name for c in op.comp.plan.partitions if c.name != default]
-    fast, wrong = others
-    r = run(op, _PartitionRunner({default: 4.0, fast: 3.0, wrong: 1.0}, wrong_partitions={wrong}))
-    assert r.partition == fast and set(r.partition_ms) == {default, fast}
+    fast, wrong, *slow = others
+    r = run(op, _PartitionRunner({default: 4.0, fast: 3.0, wrong: 1.0, **{s: 5.0 for s in slow}},
+                                 wrong_partitions={wrong}))
+    assert r.partition == fast and set(r.partition_ms) == {default, fast, *slow}
     assert read_entry(r.path).partition == fast and f"gradient partition {fast}" in summary(r)
     entry = read_entry(r.path)  # the same entry, as the CPU's: a later call there reads it
     store(TuningKey.of(op, PROBLEM, "cpu", torch.bfloat16), entry.config, entry.ms, entry.default,
@@ -719,5 +720,5 @@ def test_tune_records_the_fastest_gradient_partition_and_the_op_uses_it(cache):
     assert effc.load("delta_net").config(PROBLEM.B, PROBLEM.T, PROBLEM.H, dict(PROBLEM.dims), CPU,
                                          dtype=torch.bfloat16, partition=default).partition == default
     # within the margin the default stays
-    r = run(op, _PartitionRunner({default: 4.0, fast: 4.0 * (1 - MARGIN / 2), wrong: 5.0}))
+    r = run(op, _PartitionRunner({default: 4.0, fast: 4.0 * (1 - MARGIN / 2), wrong: 5.0, **{s: 5.0 for s in slow}}))
     assert r.partition is None and read_entry(r.path).partition is None
