@@ -40,6 +40,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def on_meta(values: dict) -> bool:
+    """Does a launch take meta tensors (tools.memory's dry run: buffers with shapes and no data)? Then it is
+    skipped: the call allocates what it would on a GPU and runs nothing."""
+    return any(isinstance(v, torch.Tensor) and v.is_meta for v in values.values())
+
+
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of a tensor that one kernel writes and another reads as a matmul operand: the input's
     16-bit dtype on a GPU (tl.dot's operands are cast to it anyway), fp32 otherwise and under the

@@ -14,7 +14,7 @@ from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..policy.tiling import TileConfig, padded, split_blocks
 from ..policy.triton_faults import backward_warps
-from .checks import history_dtype, interpreting, kernel_cu_seqlens, operand_dtype
+from .checks import history_dtype, interpreting, kernel_cu_seqlens, on_meta, operand_dtype
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -77,6 +77,8 @@ class Launcher:
         A kernel with factored decays runs twice (codegen/triton/decay.py.j2): factored, flagging each program
         with a chunk past the dot dtype's range, then anchored, where only the flagged programs run. No host
         sync; for ordinary gates the second launch's programs return at once."""
+        if on_meta(values):
+            return
         fn = self._fn(kp.name)
         if "DECAY_MODE" not in kp.arg_names:
             fn[grid](**kp.call(values), **options)

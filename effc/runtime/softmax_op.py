@@ -28,6 +28,7 @@ from .checks import (
     describe,
     interpreting,
     kernel_cu_seqlens,
+    on_meta,
     operand_dtype,
     param_values,
     rebuild,
@@ -198,6 +199,8 @@ class SoftmaxOp(Tuned):
     def _launch(self, kernel: str, cfg_k, grid0: int, n_bh: int, named: dict, meta: dict):
         # the kernel's arguments are its plan's (passes.softmax_plan), by name: the generated signature is
         # printed from the same list; `named` and `meta` may hold values other kernels take
+        if on_meta(named):
+            return
         kp = self.comp.plan.kernel(kernel)
         fn = getattr(self.module, f"{self.name}_{kernel}_kernel")
         options = {k: v for k, v in meta.items() if k in _LAUNCH_OPTIONS}

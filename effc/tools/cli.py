@@ -1,4 +1,4 @@
-"""`effc compile | check | show | library | bench | tune | cache`."""
+"""`effc compile | check | show | library | bench | memory | tune | cache`."""
 from __future__ import annotations
 
 import os
@@ -221,6 +221,34 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
                   heads, head_dim, peers, peer_timeout, json_out, plot=plot, backward=backward,
                   backends=tuple(b for b in backend.split(",") if b))
     except (SpecError, ArgumentError, RuntimeError) as e:
+        _fail(e)
+
+
+@app.command()
+def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
+           shape: str = typer.Option("2,8192,16", help="B,T,H"),
+           dims: str = typer.Option("", help="feature dims, e.g. K=128,V=128 (default 128 each)"),
+           dtype: str = typer.Option("bfloat16", help="the inputs' dtype: bfloat16, float16 or float32")):
+    """The memory of one training step (forward + backward) on a GPU at a shape, without one: the peak beyond
+    the inputs (the bench's measure) and what the forward keeps, per gradient partition."""
+    import torch
+
+    from .memory import training_memory
+    if dtype not in _DTYPES:
+        raise typer.BadParameter(f"'{dtype}': expected one of {', '.join(_DTYPES)}", param_hint="--dtype")
+    try:
+        import effc
+        op = effc.load(spec)
+        B, T, H = _parse_shape(shape)
+        sizes = {d: 128 for d in op.spec.dims} | _parse_dims(dims)
+        plan = op.comp.plan
+        choices = [c.name for c in getattr(plan, "partitions", ())] or [None]
+        typer.echo(f"{op.name}: a training step at B={B} T={T} H={H} {sizes} {dtype}")
+        for p in choices:
+            m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), **({"partition": p} if p else {}))
+            tag = f"partition {p}{' (default)' if p == getattr(plan, 'partition', None) else ''}: " if p else ""
+            typer.echo(f"  {tag}{m}")
+    except (SpecError, CodegenError, ArgumentError, NotImplementedError) as e:
         _fail(e)
 
 

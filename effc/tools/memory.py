@@ -1,0 +1,109 @@
+"""The memory of a training step at any shape, without a GPU: the op runs forward and backward on meta
+tensors (shapes, no data; the launches are skipped: runtime.checks.on_meta), so every buffer the runtime
+allocates on a GPU is allocated here, in the same order and dtypes, and a dispatch mode follows each
+storage from its allocation to its release. What it reports matches the bench's measure (tools.peers
+.time_training_step: the peak a step allocates beyond what was live): delta_net_l2 at 2x8192, H=16, D=128,
+bf16 gives 1395.5 MiB, the H200 measured 1396 (docs/benchmarks.md).
+
+    effc memory delta_net_l2 --shape 2,8192,16        (each gradient partition of a linear spec)
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    kept_mib: float  # live after the forward, beyond the inputs: the outputs and what the backward reads
+    peak_mib: float  # the most live at once in forward + backward, beyond the inputs and the cotangents
+    grads_mib: float  # of which the gradients returned
+
+    def __str__(self) -> str:
+        return (f"peak {self.peak_mib:.0f} MiB beyond the inputs (the forward keeps {self.kept_mib:.0f} MiB "
+                f"for the backward, outputs included; the gradients are {self.grads_mib:.0f} MiB)")
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that ops allocate while it is active, and their peak; a storage counts from
+    the op that makes it until its last reference is gone."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.counting = True
+        self._seen: set[int] = set()
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._seen:
+            return
+        n = storage.nbytes()
+        self._seen.add(key)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key, n)
+
+    def _release(self, key: int, n: int) -> None:
+        self._seen.discard(key)
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if self.counting and isinstance(t, torch.Tensor) and t.is_meta:
+                self._track(t)
+        return out
+
+
+@contextmanager
+def _as_on_a_gpu(op):
+    """The runtime's GPU choices (16-bit scratch, gradients stored in the input dtype), not the
+    interpreter's, whatever TRITON_INTERPRET says. The op's generated module is imported first, in the
+    process's own mode: triton.jit fixes a kernel's mode when its module is imported."""
+    for o in (op, getattr(op, "linear", None)):
+        if o is not None:
+            o.module  # noqa: B018 - imported now, not inside the block
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def _meta_inputs(spec, B: int, T: int, H: int, dims: dict, dtype) -> list[torch.Tensor]:
+    from ..runtime.verify import keyseq_length
+    out = []
+    for d in spec.inputs:
+        length = T if d.seq == "T" else keyseq_length(spec, T, dims)
+        shape = (B, length, H) + tuple(dims[n] for n in d.feature_dims)
+        out.append(torch.empty(shape, dtype=dtype, device="meta", requires_grad=True))
+    return out
+
+
+def training_memory(op, B: int, T: int, H: int, dims: dict, dtype=torch.bfloat16, **knobs) -> TrainingMemory:
+    """One forward + backward of `op` at (B, T, H, dims) in `dtype` with the call knobs `knobs` (e.g.
+    partition=), measured on meta tensors."""
+    with _as_on_a_gpu(op):
+        xs = _meta_inputs(op.spec, B, T, H, dims, dtype)
+        with _LiveBytes() as live:
+            out = op(*xs, **knobs)
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            kept = live.live
+            live.counting = False  # the cotangents, as the bench's are, exist before the step
+            cotangents = [torch.empty_like(o) for o in outs]
+            live.counting = True
+            del out
+            grads = torch.autograd.grad(outs, xs, cotangents, allow_unused=True)
+            grad_bytes = sum(g.untyped_storage().nbytes() for g in grads if g is not None)
+    return TrainingMemory(kept / MIB, live.peak / MIB, grad_bytes / MIB)

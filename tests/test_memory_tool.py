@@ -1,0 +1,64 @@
+"""tools.memory: a training step's memory at any shape from a dry run on meta tensors (no kernel runs, no
+GPU), against the H200's measurements of the same steps (tools.peers.time_training_step's measure)."""
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import effc
+from effc.runtime.launch import Launcher
+from effc.tools.cli import app
+from effc.tools.memory import training_memory
+
+D128 = lambda op: {d: 128 for d in op.spec.dims}  # noqa: E731
+
+
+@pytest.mark.parametrize("name, partition, measured", [
+    ("delta_net_l2", "cut", 1396),        # docs/benchmarks.md, fourth 2026-12-03 session (bf16 scratch)
+    ("gated_delta_net_l2", "cut", 1399),  # the same run
+    ("softmax_attn", None, 322),          # the training-speed issue's H200 run
+])
+def test_the_dry_run_matches_the_h200(name, partition, measured):
+    op = effc.load(name)
+    m = training_memory(op, 2, 8192, 16, D128(op), **({"partition": partition} if partition else {}))
+    assert abs(m.peak_mib - measured) <= 0.01 * measured, m
+
+
+def test_what_the_partitions_hold():
+    """One program per V block keeps an fp32 partial per block of each gradient without V; the loop sums on
+    chip and stores the gradients in bf16; the cut adds its per-token sums: block > cut > loop. The forward
+    keeps the same in every partition, and the gradients are the inputs' size in their dtype."""
+    op = effc.load("delta_net_l2")
+    m = {p.name: training_memory(op, 2, 4096, 8, D128(op), partition=p.name) for p in op.comp.plan.partitions}
+    assert m["block"].peak_mib > m["cut"].peak_mib > m["loop"].peak_mib
+    assert len({round(x.kept_mib, 3) for x in m.values()}) == 1
+    inputs = 2 * 4096 * 8 * (3 * 128 + 1) * 2 / 2 ** 20
+    assert all(abs(x.grads_mib - inputs) < 0.01 for x in m.values())
+    assert all(x.peak_mib >= x.grads_mib + x.kept_mib - 2 * 4096 * 8 * 128 * 2 / 2 ** 20 for x in m.values())
+
+
+def test_the_dry_run_launches_nothing(monkeypatch):
+    def no(*a, **k):
+        raise AssertionError("a kernel ran in the dry run")
+    monkeypatch.setattr(Launcher, "_fn", no)
+    op = effc.load("gla")
+    assert training_memory(op, 1, 1000, 2, {d: 60 for d in op.spec.dims}).peak_mib > 0
+
+
+def test_effc_memory_lists_each_partition_and_marks_the_default():
+    r = CliRunner().invoke(app, ["memory", "delta_net_l2", "--shape", "1,4096,4"])
+    assert r.exit_code == 0, r.output
+    plan = effc.load("delta_net_l2").comp.plan
+    for p in plan.partitions:
+        assert f"partition {p.name}{' (default)' if p.name == plan.partition else ''}: peak " in r.output
+    r = CliRunner().invoke(app, ["memory", "softmax_attn", "--dtype", "int8"])
+    assert r.exit_code != 0 and "int8" in r.output
+
+
+def test_the_op_still_runs_under_the_interpreter_after_a_dry_run():
+    """The dry run takes the GPU's choices, but the op's kernels keep the process's mode (triton.jit fixes it
+    when the module is imported): a later call on CPU tensors runs under the interpreter as before."""
+    op = effc.load("retention")
+    training_memory(op, 1, 64, 1, {d: 16 for d in op.spec.dims})
+    x = torch.randn(1, 40, 1, 16)
+    o = op(x, x, x)[0]
+    assert torch.allclose(o.double(), op.reference(x, x, x)[0], atol=1e-4)
