@@ -290,3 +290,27 @@ def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
     grads = torch.autograd.grad(o, xs, torch.randn_like(o))
     assert all(g.dtype == torch.bfloat16 and g.shape == x.shape and torch.isfinite(g.float()).all()
                for g, x in zip(grads, xs))
+
+
+def test_a_final_state_nothing_reads_beside_one_that_is_read():
+    """Autograd gives an unread output None (runtime.torch_op: no zero tensor the size of the history): the
+    backward still reads every state's final cotangent when any is read, the unread ones as zeros. lion's
+    forward states S, Z feed the loss, its reverse states and the output do not."""
+    op = effc.load("lion")
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(1, 40, 2, 16, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3)]
+    dS = torch.randn(1, 2, 16, 16, generator=gen, dtype=torch.float64)
+
+    def loss(fn, dtype):
+        _, (S, Z, R, ZR) = fn([x.to(dtype) for x in xs])
+        return (S * dS.to(dtype)).sum() + Z.sum()
+
+    def grads(fn, dtype):  # q reaches no state: its gradient is zero
+        gs = torch.autograd.grad(loss(fn, dtype), xs, allow_unused=True)
+        return [torch.zeros_like(x) if g is None else g for g, x in zip(gs, xs)]
+
+    ref = grads(lambda t: op.reference(*t, output_final_state=True), torch.float64)
+    got = grads(lambda t: op(*t, output_final_state=True, chunk=16), torch.float32)
+    assert ref[1].abs().max() > 0 and ref[2].abs().max() > 0
+    for n, a, b in zip("qkv", got, ref):
+        assert judge_fp32(a, b).ok, f"d{n}: {judge_fp32(a, b)}"

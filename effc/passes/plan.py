@@ -85,10 +85,9 @@ class Plan:
         once in the module, where the first placed them), or every bwd_chunks kernel of a plan without
         partitions."""
         p = partition or self.partition
-        order = next((c.kernels for c in self.partitions if c.name == p), None)
-        if order is None:
-            return tuple(k for k in self.kernels if k.role == "bwd_chunks" and not k.partitions)
-        return tuple(self.kernel(name) for name in order)
+        launched = [k for k in self.kernels if k.role == "bwd_chunks" and (not k.partitions or p in k.partitions)]
+        rank = {name: i for i, name in enumerate(next((c.kernels for c in self.partitions if c.name == p), ()))}
+        return tuple(sorted(launched, key=lambda k: rank.get(k.name, len(rank))))
 
     def check_partition(self, partition: str | None) -> None:
         names = [c.name for c in self.partitions]
