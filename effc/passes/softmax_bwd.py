@@ -81,6 +81,11 @@ class SoftmaxBackward:
     d_reduction: tuple[tuple[str, str | None], ...]  # reduction R -> its adjoint value in `pre`
     d_group: tuple[str, ...]  # group -> the value D in `pre`
 
+    def seeded_reductions(self) -> frozenset[str]:
+        """Reductions whose cotangent is an output's own (the output is the reduction, `o = softmax(s) @ v`):
+        the walks read the output's cotangent itself, and `pre` writes no copy of it."""
+        return frozenset(r for r, g in self.d_reduction if g == f"_seed_{r}")
+
     def whole_grads(self) -> set[str]:
         """Leaves whose gradient one kernel writes whole (the others are parts summed after the kernels)."""
         written = [x for k in (self.pre, self.dq, self.dkv) for x, _ in k.leaf_grads]

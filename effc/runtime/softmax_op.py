@@ -273,7 +273,9 @@ class SoftmaxOp(Tuned):
             named[f"D{gi}_ptr"] = torch.empty((B, T, H), **f32)
             for r in g.reductions:
                 rf = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
-                named[f"{r.out}_dr_ptr"] = torch.empty((B, T, H) + rf, dtype=dr_dtype, device=device)
+                named[f"{r.out}_dr_ptr"] = (named[f"{r.out}_grad_ptr"].to(dr_dtype)
+                                            if r.out in bwd.seeded_reductions()  # a copy only for another dtype
+                                            else torch.empty((B, T, H) + rf, dtype=dr_dtype, device=device))
         if sched.select is not None:  # the forward's choice again (deterministic), and its transposed lists
             named.update(selection_buffers(self, cfg, named, self._meta(cfg.fwd, H, heads, dims, cu, dtype), n_seq,
                                            longest, H, leaves, transpose=True))

@@ -448,6 +448,8 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
                          f"mask={_rowmask('qv', feats)}, other=0.0).to(tl.float32)")
     lines += pr.lines(kp.outer_ops) + pr.lines(kp.post_vjp)
     for r, g in bwd.d_reduction:
+        if r in bwd.seeded_reductions():  # the output's cotangent itself: the walks read it
+            continue
         feats = _feats(sched, r)
         val = f"v_{g}" if g else "0.0"
         lines.append(Store(f"{r}_dr_ptr", val, feats, cast=True).line())  # a matmul operand: the input's precision
