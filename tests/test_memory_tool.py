@@ -84,3 +84,11 @@ def test_softmax_attention_holds_the_output_its_gradients_and_two_rows():
     m = training_memory(op, 2, 8192, 16, D128(op))
     tile = 2 * 8192 * 16 * 128 * 2 / 2 ** 20
     assert abs(m.peak_mib - (4 * tile + 2 * 2 * 8192 * 16 * 4 / 2 ** 20)) < 0.5, m
+
+
+@pytest.mark.parametrize("name", effc.library_names())
+def test_every_library_spec_has_a_training_memory(name):
+    """Every family (a hybrid's two branches, select stages, key sequences) runs its dry run."""
+    op = effc.load(name)
+    m = training_memory(op, 2, 300, 2, {d: 32 for d in op.spec.dims})
+    assert m.peak_mib >= m.grads_mib > 0

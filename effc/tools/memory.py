@@ -70,8 +70,8 @@ def _as_on_a_gpu(op):
     """The runtime's GPU choices (16-bit scratch, gradients stored in the input dtype), not the
     interpreter's, whatever TRITON_INTERPRET says. The op's generated module is imported first, in the
     process's own mode: triton.jit fixes a kernel's mode when its module is imported."""
-    for o in (op, getattr(op, "linear", None)):
-        if o is not None:
+    for o in (op, getattr(op, "linear", None), getattr(op, "softmax", None)):  # a hybrid's two branches
+        if o is not None and hasattr(type(o), "module"):
             o.module  # noqa: B018 - imported now, not inside the block
     old = os.environ.pop("TRITON_INTERPRET", None)
     try:
