@@ -56,12 +56,14 @@ def test_the_dry_run_launches_nothing(monkeypatch):
     assert training_memory(op, 1, 1000, 2, {d: 60 for d in op.spec.dims}).peak_mib > 0
 
 
-def test_effc_memory_lists_each_partition_and_marks_the_default():
+def test_effc_memory_lists_each_partition_and_marks_the_default(tmp_path):
     r = CliRunner().invoke(app, ["memory", "delta_net_l2", "--shape", "1,4096,4"])
     assert r.exit_code == 0, r.output
     plan = effc.load("delta_net_l2").comp.plan
     for p in plan.partitions:
         assert f"partition {p.name}{' (default)' if p.name == plan.partition else ''}: peak " in r.output
+    r = CliRunner().invoke(app, ["compile", "delta_net_l2", "--shape", "1,4096,4", "-o", str(tmp_path)])
+    assert r.exit_code == 0 and "training memory at that shape in bf16: peak " in r.output, r.output
     r = CliRunner().invoke(app, ["memory", "softmax_attn", "--dtype", "int8"])
     assert r.exit_code != 0 and "int8" in r.output
 
