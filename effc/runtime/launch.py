@@ -298,12 +298,16 @@ class Launcher:
         for d in spec.inputs:
             a, b = self.plan.grad_slot(d.name, None, part)
             slots[d.name] = (a * n_split + b,) if self.plan.slotted(d.name, part) else ()
+        seeded = dict(self.plan.seed_grads)
         dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
             slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
             dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)
-            for d in spec.inputs}
-        for x, o in self.plan.seed_grads:  # passes.fusion.seed_gradients: no kernel, the cotangent itself
-            dx[x] = d_outs[o].to(torch.float32, copy=True)  # a copy: an op output must not alias its input
+            for d in spec.inputs if d.name not in seeded}
+        for x, o in seeded.items():  # passes.fusion.seed_gradients: no kernel, the cotangent itself
+            # a copy (an op output must not alias its input), final in the input's dtype unless it is summed
+            # over slots or a group of heads below
+            final = not slots[x] and lay.heads[x] == lay.H
+            dx[x] = d_outs[o].to(xs[x].dtype if final else torch.float32, copy=True)
         # per-token sums one gradient kernel writes for the next ones (passes.partition's cut): tiles in the
         # matmul operand dtype, as prep's hoisted values ([C] rows fp32)
         total_chunks, _ = lay.chunks(cfg.chunk)
