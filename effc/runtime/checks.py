@@ -42,8 +42,10 @@ def interpreting() -> bool:
 
 def on_meta(values: dict) -> bool:
     """Does a launch take meta tensors (tools.memory's dry run: buffers with shapes and no data)? Then it is
-    skipped: the call allocates what it would on a GPU and runs nothing."""
-    return any(isinstance(v, torch.Tensor) and v.is_meta for v in values.values())
+    skipped: the call allocates what it would on a GPU and runs nothing. A launch's tensors share one
+    device, so the first tells (this runs before every launch)."""
+    first = next((v for v in values.values() if isinstance(v, torch.Tensor)), None)
+    return first is not None and first.is_meta
 
 
 def operand_dtype(dtype: torch.dtype) -> torch.dtype:
