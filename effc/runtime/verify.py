@@ -4,7 +4,7 @@ Policy (one place, used by `effc check`, the tests and the GPU suite):
 - fp32 kernels: max |kernel - oracle| <= 1e-4 * max(1, max |oracle|), the oracle in float64.
 - bf16/fp16 kernels: normwise error ||kernel - oracle|| / ||oracle|| no worse than 2x that of
   a PyTorch chunked reference run at the same precision (the oracle with its matmul operands
-  rounded to the input dtype), plus 1e-6 slack for exact references.
+  rounded to the input dtype), plus FP32_SUM_FLOOR for references exact up to fp32 summation order.
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ def keyseq_length(spec: Spec, T: int, dims: dict[str, int]) -> int:
     return T
 
 
+def input_shape(spec: Spec, d, B: int, T: int, H: int, dims: dict[str, int]) -> tuple[int, ...]:
+    """Input `d`'s shape in a call of B sequences of T tokens: (B, T or its key sequence's length, H, ...)."""
+    return (B, T if d.seq == "T" else keyseq_length(spec, T, dims), H) + tuple(dims[n] for n in d.feature_dims)
+
+
 def random_inputs(spec: Spec, B: int, T: int, H: int, dims: dict[str, int], dtype=torch.float32,
                   device="cpu", seed: int = 0, strong_gates: bool = False) -> list[torch.Tensor]:
     """Inputs as their annotations promise. `strong_gates`: log decays of about -20 a token (a chunk's decay
@@ -40,8 +45,7 @@ def random_inputs(spec: Spec, B: int, T: int, H: int, dims: dict[str, int], dtyp
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for d in spec.inputs:
-        shape = (B, T if d.seq == "T" else keyseq_length(spec, T, dims), H) + tuple(dims[n] for n in d.feature_dims)
-        x = torch.randn(shape, generator=gen)
+        x = torch.randn(input_shape(spec, d, B, T, H, dims), generator=gen)
         if "logdecay" in d.annotations:
             # decays mostly in (0.5, 1): long memory, like trained gates
             x = F.logsigmoid(x - 2.0) * 10.0 if strong_gates else F.logsigmoid(x + 2.0)

@@ -82,13 +82,9 @@ def _as_on_a_gpu(op):
 
 
 def _meta_inputs(spec, B: int, T: int, H: int, dims: dict, dtype) -> list[torch.Tensor]:
-    from ..runtime.verify import keyseq_length
-    out = []
-    for d in spec.inputs:
-        length = T if d.seq == "T" else keyseq_length(spec, T, dims)
-        shape = (B, length, H) + tuple(dims[n] for n in d.feature_dims)
-        out.append(torch.empty(shape, dtype=dtype, device="meta", requires_grad=True))
-    return out
+    from ..runtime.verify import input_shape
+    return [torch.empty(input_shape(spec, d, B, T, H, dims), dtype=dtype, device="meta", requires_grad=True)
+            for d in spec.inputs]
 
 
 def training_memory(op, B: int, T: int, H: int, dims: dict, dtype=torch.bfloat16, **knobs) -> TrainingMemory:
