@@ -146,8 +146,7 @@ def _sums_kernel(name: str, cuts: list[_Cut], forms: dict, done: set, types: dic
     """A kernel computing the loop parts of `cuts`: the sums their after parts read that no earlier sums kernel
     stored (`done`, updated), written per token, and their gradients with the split dim."""
     by_name = {op.out: op for c in cuts for op in c.kernel.ops}
-    stored = [s for c in cuts for s in c.stored if s not in done]
-    stored = list(dict.fromkeys(stored))
+    stored = list(dict.fromkeys(s for c in cuts for s in c.stored if s not in done))
     for s in stored:
         if (make := forms[s][2]) is not None:
             by_name[make.out] = make

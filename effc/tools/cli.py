@@ -152,19 +152,20 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
         typer.echo(f"hoisted: {', '.join(n for n, _ in comp.fused.hoisted)} (state-free, from an in-chunk solve): "
                    "the prep kernel computes them for every chunk in parallel; the walk and the backward load them")
     typer.echo(f"tiling for B={B} T={T} H={H} {sizes}: {cfg}")
-    typer.echo(_memory_line(spec, B, T, H, sizes))
+    typer.echo(_memory_line(comp, B, T, H, sizes))
     typer.echo(f"wrote {path}")
 
 
-def _memory_line(spec: str, B: int, T: int, H: int, sizes: dict) -> str:
-    """A training step's memory at the shape (tools.memory), the default partition's."""
+def _memory_line(comp, B: int, T: int, H: int, sizes: dict) -> str:
+    """A training step's memory at the shape (tools.memory), the default partition's, from the op of the
+    compilation `compile` made (not compiled again)."""
     import torch
 
-    import effc
-
+    from ..runtime.softmax_op import make_op
     from .memory import training_memory
     try:
-        return f"training memory at that shape in bf16: {training_memory(effc.load(spec), B, T, H, sizes, torch.bfloat16)}"
+        return ("training memory at that shape in bf16: "
+                f"{training_memory(make_op(comp, 'triton'), B, T, H, sizes, torch.bfloat16)}")
     except (SpecError, ArgumentError, NotImplementedError) as e:
         return f"training memory: not estimated ({e})"
 
