@@ -42,3 +42,17 @@ def test_the_op_narrows_its_block_and_says_why(affected, monkeypatch):
     given = op.config(2, 2048, 16, {d: 128 for d in op.spec.dims}, "cuda:0", block=64)
     assert given.block == 64  # an explicit block is the user's call
 
+
+
+def test_backward_warps_four_only_for_long_dot_chains(affected, monkeypatch):
+    from effc.policy.triton_faults import FOUR_WARP_CHAIN, backward_warps
+
+    long, short = compile_file("rwkv7").plan.kernels, compile_file("zeros").plan.kernels
+    assert longest_dot_chain(long) > FOUR_WARP_CHAIN >= longest_dot_chain(short)
+    assert backward_warps(4, long, CUDA) == 4  # 8 warps miscompiled rwkv7's gradients
+    assert backward_warps(4, short, CUDA) == 8  # 4 warps miscompiled zeros' looping gradient kernels
+    for name in ("delta_net", "gated_delta_net_l2", "mlstm_sig"):  # the delta rules' 15-16: right at 8
+        assert backward_warps(4, compile_file(name).plan.kernels, CUDA) == 8, name
+    monkeypatch.setattr(triton_faults, "hopper_dot_miscompile", lambda index: False)
+    assert backward_warps(4, long, CUDA) == 8
+    assert backward_warps(8, long, torch.device("cpu")) == 8

@@ -3,9 +3,13 @@
 Triton 3.4 to 3.7.0 on Hopper (sm_90) miscompile kernels that chain several dots through transposed
 accumulators (fla-org/flash-linear-attention#640, #984, #988). effc meets it in its gradient kernels:
 - a transposed matmul result feeding another dot: passes.transpose_sink keeps it out of every kernel;
-- at 8 warps, the long gradient kernels of the general transitions (rwkv7's dw/dkappa/da, hdla's dg/du)
-  came out wrong at D=64 and faulted at D=128 on the H200 (tests/gpu/test_real_inputs.py); at 4 warps
-  they are right. There the backward runs 4 warps; elsewhere 8, which spill less on sm_90.
+- at 8 warps, the long gradient kernels of the general transitions (rwkv7's dw/dkappa/da, hdla's dg/du:
+  27 and more chained dots) came out wrong at D=64 and faulted at D=128 on the H200
+  (tests/gpu/test_real_inputs.py); at 4 warps they are right. The other way round, zeros' gradient
+  kernels (9 dots, looping over the split blocks) gave ds and dh 0.67 and 68x off at 4 warps and matched
+  at 8 (2026-12-04, H200, bf16, D=128, chunk 64, block 64). So the backward runs 4 warps only for plans
+  chaining more than FOUR_WARP_CHAIN dots; elsewhere 8, which spill less on sm_90 and which every kernel
+  of 16 dots or fewer ran right at before the 4-warp rule (the delta rules: 15 and 16).
 - a gradient kernel that chains many dots (hdla's dg and du: 72 and 63 dots) read outside shared memory
   at a 64-wide split block even at 4 warps (compute-sanitizer: an invalid __shared__ read in
   bwd_chunks_g at D=128); at a 32-wide block it ran and matched the oracle, and rwkv7's 27-dot kernels
@@ -39,9 +43,16 @@ def triton_version() -> str:
     return ".".join(triton.__version__.split("+")[0].split(".")[:3])
 
 
-def backward_warps(num_warps: int, device: torch.device) -> int:
-    """Warps of the gradient kernels: 8 (4 spill on sm_90), 4 where 8 is miscompiled."""
-    if device.type == "cuda" and hopper_dot_miscompile(device.index or 0):
+# dots in one gradient kernel above which an affected GPU runs the backward at 4 warps: between the longest
+# chain seen right at 8 (gated_delta_net_l2's 16) and the shortest seen wrong there (rwkv7's 27)
+FOUR_WARP_CHAIN = 20
+
+
+def backward_warps(num_warps: int, kernels, device: torch.device) -> int:
+    """Warps of the gradient kernels `kernels`: 8 (4 spill on sm_90), 4 where a long dot chain is miscompiled
+    at 8 (see the module doc)."""
+    if (device.type == "cuda" and hopper_dot_miscompile(device.index or 0)
+            and longest_dot_chain(kernels) > FOUR_WARP_CHAIN):
         return 4
     return max(8, num_warps)
 

@@ -278,7 +278,9 @@ class Launcher:
         # a state without the split dim: one adjoint per split block, the block index innermost but the state's
         blocks = {s.name: (n_scan,) if split and split not in s.dims else () for s in spec.states}
         dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
-        bwd_warps = {"num_warps": backward_warps(cfg.num_warps, device)} if not interpreting() else {}
+        part = cfg.partition
+        kernels = self.plan.gradient_kernels(part)
+        bwd_warps = {"num_warps": backward_warps(cfg.num_warps, kernels, device)} if not interpreting() else {}
         d_o = {f"{o.name}_grad_ptr": d_outs[o.name].contiguous() for o in spec.outputs}
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         self._reverse_scan(scan_cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
@@ -286,8 +288,6 @@ class Launcher:
         dhist = self._regroup(dhist, blocks, n_scan, n_split, cfg.block // scan_cfg.block)
         # the gradient buffers are allocated after the scan has released its scratch (a lower peak)
         feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
-        part = cfg.partition
-        kernels = self.plan.gradient_kernels(part)
         has_grad = {d.name for kp in kernels for d, _ in kp.grads}
         # Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest: under it the gradients are
         # rounded by PyTorch after the kernels, as a GPU's kernel would store them
