@@ -69,6 +69,8 @@ def _random_state(decl, shape, gen) -> torch.Tensor:
     x = torch.randn(shape, generator=gen)
     if "gram" in decl.annotations:  # a Gram matrix: x x^T over as many outer products as the matrix is wide
         return x @ x.transpose(-1, -2) / shape[-1]
+    if "positive" in decl.annotations:  # a count or a normaliser: a negative one is no state the scan reaches
+        return F.softplus(x)
     return x
 
 
