@@ -3,6 +3,7 @@ launch, so an illegal memory access is reported at the launch that caused it (na
 instead of at some later call. Run each probe in a fresh process: a fault loses the CUDA context.
 
 usage: python scripts/fault_probe.py SPEC BxTxH [knob=value ...]     (D=128; e.g. partition=cut segments=1)
+       bwd_warps=N: the gradient kernels' warps, past policy.triton_faults.backward_warps; dim=N: D
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import torch
 
 import effc
+from effc.runtime import launch
 from effc.runtime.launch import Launcher
 from effc.runtime.verify import random_inputs, random_state
 
@@ -29,13 +31,23 @@ def _synchronizing(launch):
     return run
 
 
+def probe_knobs(args: list[str]) -> dict:
+    """The call knobs of `knob=value` words; `bwd_warps` is taken out and overrides the gradient warps."""
+    kw = {k: int(v) if v.lstrip("-").isdigit() else v for k, v in (a.split("=", 1) for a in args)}
+    if "bwd_warps" in kw:
+        warps = kw.pop("bwd_warps")
+        launch.backward_warps = lambda num_warps, kernels, device: warps
+    return kw
+
+
 def main() -> None:
     name, shape, *knobs = sys.argv[1:]
     B, T, H = map(int, shape.split("x"))
-    kw = {k: int(v) if v.lstrip("-").isdigit() else v for k, v in (a.split("=", 1) for a in knobs)}
+    kw = probe_knobs(knobs)
+    D = kw.pop("dim", 128)
     Launcher._launch = _synchronizing(Launcher._launch)
     op = effc.load(name)
-    dims = {d: 128 for d in op.spec.dims}
+    dims = {d: D for d in op.spec.dims}
     xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, torch.bfloat16, DEVICE, seed=7)]
     s0 = random_state(op.spec, B, H, dims, DEVICE) if op.spec.states else ()
     s0 = tuple(x.requires_grad_() for x in (s0 if isinstance(s0, tuple) else (s0,)))
