@@ -56,3 +56,31 @@ def test_backward_warps_four_only_for_long_dot_chains(affected, monkeypatch):
     monkeypatch.setattr(triton_faults, "hopper_dot_miscompile", lambda index: False)
     assert backward_warps(4, long, CUDA) == 8
     assert backward_warps(8, long, torch.device("cpu")) == 8
+
+
+def test_backwards_that_fault_are_refused_with_the_reason(affected, monkeypatch):
+    from effc.policy.triton_faults import backward_fault
+
+    def fault(name, block, D=128):
+        spec = effc.load(name).spec
+        return backward_fault(spec.states, {d: D for d in spec.dims}, "V", block, CUDA)
+
+    assert "square state (G: [K, K])" in fault("mesanet", 32) and fault("mesanet", 16, D=64)
+    assert "65536 state elements" in fault("log_linear_attn", 32)
+    for name in ("zeros", "rwkv7", "hdla", "lion_s", "delta_net"):  # these ran right on the affected GPU
+        assert fault(name, 64) is None and fault(name, 128) is None, name
+    assert backward_fault(effc.load("mesanet").spec.states, {"K": 128, "V": 128}, "V", 32, torch.device("cpu")) is None
+    monkeypatch.setattr(triton_faults, "hopper_dot_miscompile", lambda index: False)
+    assert fault("mesanet", 32) is None
+
+
+def test_a_refused_backward_raises_before_any_launch(monkeypatch):
+    import effc.runtime.launch as launch
+    from effc.runtime.verify import random_inputs
+
+    monkeypatch.setattr(launch, "backward_fault", lambda *a: "the reason")
+    op = effc.load("mesanet")
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 16, 1, {d: 16 for d in op.spec.dims})]
+    out = op(*xs)
+    with pytest.raises(NotImplementedError, match="mesanet: the reason"):
+        (out[0] if isinstance(out, tuple) else out).sum().backward()

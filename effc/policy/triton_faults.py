@@ -18,9 +18,17 @@ accumulators (fla-org/flash-linear-attention#640, #984, #988). effc meets it in 
   (2026-12-04, H200, bf16 backward at D=128 with 64-wide blocks; an illegal memory access, the kernel not
   yet named; no access leaves its tensor under the bounds-checked interpreter): the chain length where
   the fault starts lies between rwkv7's 27 and 34, and LONG_DOT_CHAIN moved below 34.
+  At 32-wide blocks they fault still (2026-12-04, second session; scripts/fault_probe.py names the kernel):
+  mesanet in bwd_chunks_v_loop, bwd_chunks_k_loop or bwd_inject (compute-sanitizer: an out-of-range shared
+  or local address) at blocks 16, 32 and 64, chunks 16 and 32, 4 and 8 warps, every partition, D=64 and
+  128; log_linear_attn at blocks 32 and 64. What sets them apart is the state a gradient program holds:
+  mesanet's [K, K] Gram state, which no block narrows, and log_linear_attn's 16 level states (65536
+  elements at block 32, where zeros' three [128, 128] states, 49152, run right). `backward_fault` refuses
+  those backwards there with the reason, instead of a fault that loses the process's CUDA context.
 """
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
@@ -65,6 +73,31 @@ LONG_DOT_CHAIN = 30
 def longest_dot_chain(kernels) -> int:
     """The most matmuls in one gradient kernel of a plan (the softmax family's kernels list no ops: 0)."""
     return max((sum(op.kind in _DOTS for op in k.ops) for k in kernels if k.backward), default=0)
+
+
+# matrix-state elements one gradient program holds above which an affected GPU faults: the most seen running
+# right (zeros at block 128: three [128, 128] states), below log_linear_attn's 16 [128, 32] level states
+HELD_STATE_LIMIT = 3 * 128 * 128
+
+
+def backward_fault(states, dims: dict[str, int], split_dim: str | None, block: int, device) -> str | None:
+    """Why the gradient kernels of a plan with these states would fault on `device` (see the module doc), or
+    None. `dims`: the call's feature dim sizes; the split dim is held `block` columns at a time."""
+    if device.type != "cuda" or not hopper_dot_miscompile(device.index or 0):
+        return None
+    where = (f"on this GPU (sm_90) with Triton {triton_version()}: its gradient kernels fault there (an illegal "
+             "memory access at every tile config tried; policy/triton_faults.py). The forward runs; Triton "
+             ">= 3.7.1 or another GPU avoids the miscompile")
+    square = [s for s in states if len(s.feature_dims) == 2 and s.feature_dims[0] == s.feature_dims[1]]
+    if square:
+        named = ", ".join(f"{s.name}: [{', '.join(s.feature_dims)}]" for s in square)
+        return f"the backward of a square state ({named}) " + where
+    matrices = [s for s in states if len(s.feature_dims) == 2]
+    held = sum(math.prod(block if d == split_dim else dims[d] for d in s.feature_dims) for s in matrices)
+    if held > HELD_STATE_LIMIT:
+        return (f"a backward whose programs hold {held} state elements ({len(matrices)} matrix states at block "
+                f"{block}; at most {HELD_STATE_LIMIT} run) " + where)
+    return None
 
 
 def block_limit(kernels, device) -> int | None:

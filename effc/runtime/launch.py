@@ -13,7 +13,7 @@ import torch
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..policy.tiling import TileConfig, padded, split_blocks
-from ..policy.triton_faults import backward_warps
+from ..policy.triton_faults import backward_fault, backward_warps
 from .checks import history_dtype, interpreting, kernel_cu_seqlens, on_meta, operand_dtype
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -267,6 +267,9 @@ class Launcher:
         spec, split = self.spec, self.plan.split_dim
         first = xs[spec.inputs[0].name]
         device = first.device
+        fault = backward_fault(spec.states, lay.dims, split, cfg.block, device)
+        if fault:
+            raise NotImplementedError(f"{spec.name}: {fault}")
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
         n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H

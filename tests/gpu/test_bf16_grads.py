@@ -34,7 +34,10 @@ def test_bf16_gradients(name):
     d_o = torch.randn((B, T, H, D), generator=gen).cuda()
     d_s = tuple(torch.randn(x.shape, generator=gen).cuda() for x in s0)
     leaves = xs + list(s0)
-    got = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True), leaves, d_o.bfloat16(), d_s)
+    try:
+        got = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True), leaves, d_o.bfloat16(), d_s)
+    except NotImplementedError as e:  # a backward policy.triton_faults refuses on this GPU and Triton
+        pytest.skip(str(e))
     ref = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, d_s)
     low = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True, dtype=torch.float32,
                                       matmul_dtype=torch.bfloat16), leaves, d_o, d_s)
@@ -62,7 +65,10 @@ def test_bf16_gradients_every_partition(name):
     ref = _grads(lambda: (op.reference(*xs)[0], ()), xs, d_o, ())
     low = _grads(lambda: (op.reference(*xs, dtype=torch.float32, matmul_dtype=torch.bfloat16)[0], ()), xs, d_o, ())
     for p in op.comp.plan.partitions:
-        got = _grads(lambda: (op(*xs, partition=p.name)[0], ()), xs, d_o.bfloat16(), ())
+        try:
+            got = _grads(lambda: (op(*xs, partition=p.name)[0], ()), xs, d_o.bfloat16(), ())
+        except NotImplementedError as e:  # refused on this GPU and Triton (policy.triton_faults)
+            pytest.skip(str(e))
         for d, a, b, c in zip(op.spec.inputs, got, ref, low):
             v = judge_low_precision(a.float(), b, c)
             print(f"{name} partition {p.name} d{d.name}: {v}")
