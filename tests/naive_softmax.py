@@ -250,3 +250,33 @@ def topp(q, k, v, block=64, p=0.9, cap=32):
 
 
 NAIVE_SOFTMAX["topp"] = topp
+
+
+def infllm_v2(q, k, v, block=64, topk=16):
+    """InfLLM-V2 (arXiv:2506.07900) as library/infllm_v2.attn writes it: per query i (block qb) and group of
+    query heads sharing key head g, the score of key block b is the sum over the group's heads of
+    q_i . mean(k_g over b's tokens); blocks 0, qb - 1 and qb are always chosen and take the first slots
+    (lowest index first), then the blocks before qb by score descending (ties: the lower index), `topk` in
+    all; every head of a group walks its group's blocks with causal softmax."""
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    nb = -(-T // block)
+    pooled = torch.stack([k[:, b * block:(b + 1) * block].double().mean(1) for b in range(nb)], 1)  # (B, nb, Hk, D)
+    per_head = torch.einsum("bihd,bnhd->bhin", q.detach().double(), _heads_like(pooled.detach(), H))
+    score = per_head.reshape(B, Hk, H // Hk, T, nb).sum(2)                    # (B, Hk, T, nb)
+    chosen = torch.zeros(B, Hk, T, nb, dtype=torch.bool)
+    for b in range(B):
+        for g in range(Hk):
+            for i in range(T):
+                qb = i // block
+                forced = sorted({x for x in (0, qb - 1, qb) if 0 <= x <= qb})
+                rest = [x for x in sorted(range(qb), key=lambda x: (-score[b, g, i, x].item(), x)) if x not in forced]
+                for x in (forced + rest)[:topk]:
+                    chosen[b, g, i, x] = True
+    chosen = chosen.repeat_interleave(H // Hk, dim=1)
+    i, j = positions(T)
+    mask = chosen[..., j.reshape(-1) // block].reshape(chosen.shape[:3] + (T,)) & (j <= i)
+    return attend(q, k, v, mask)[0]
+
+
+NAIVE_SOFTMAX["infllm_v2"] = infllm_v2

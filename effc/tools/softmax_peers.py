@@ -308,5 +308,7 @@ PEERS_SOFTMAX = {
              ("FlexAttention, effc's BlockMask", _QKV, _flex_select("moba", _causal_pairs))],
     "topp": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True)),
              ("FlexAttention, effc's BlockMask", _QKV, _flex_select("topp", _causal_pairs))],
+    "infllm_v2": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True)),
+                  ("FlexAttention, effc's BlockMask", _QKV, _flex_select("infllm_v2", _causal_pairs))],
     "nsa_cmp": [("torch SDPA (efficient), block-end mask over S keys", ("q", "kc", "vc"), _nsa_cmp)],
 }
