@@ -25,6 +25,9 @@ accumulators (fla-org/flash-linear-attention#640, #984, #988). effc meets it in 
   mesanet's [K, K] Gram state, which no block narrows, and log_linear_attn's 16 level states (65536
   elements at block 32, where zeros' three [128, 128] states, 49152, run right). `backward_fault` refuses
   those backwards there with the reason, instead of a fault that loses the process's CUDA context.
+  Spills do not tell them apart (ptxas on the CPU, scripts/ptxas_report.py): mesanet's bwd_inject spills
+  16.4 KB a thread at 4 warps and 4.8 KB at 8, zeros' bwd_chunks_s_loop 12.4 KB and 4.9 KB, and zeros is
+  right at 8 warps where mesanet faults.
 """
 from __future__ import annotations
 
