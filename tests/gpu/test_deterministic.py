@@ -28,6 +28,11 @@ def test_two_runs_agree_bitwise(name, T):
     out = op(*xs)
     o_shape = (out[0] if isinstance(out, tuple) else out).shape
     d_o = torch.randn(o_shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)).to(torch.bfloat16)
-    a, b = _run(op, xs, d_o), _run(op, xs, d_o)
+    try:
+        a, b = _run(op, xs, d_o), _run(op, xs, d_o)
+    except NotImplementedError as e:  # a backward policy.triton_faults refuses on this GPU and Triton
+        if "triton_faults" not in str(e):
+            raise
+        pytest.skip(str(e))
     for i, (x, y) in enumerate(zip(a, b)):
         assert torch.equal(x, y), f"{name}: result {i} differs between two runs (max {(x.float() - y.float()).abs().max()})"

@@ -59,13 +59,18 @@ def sweep():
 
 @pytest.mark.parametrize("name", SPECS)
 def test_every_head_dim_and_length(sweep, name):
-    bad = [r for r in sweep[name] if not r["ok"]]
+    bad = [r for r in sweep[name] if r["ok"] is False]  # None: refused here (policy.triton_faults)
     for r in sweep[name]:
+        if r["ok"] is None:
+            print(name, r["D"], r["T"], "refused", r["refused"][:300])
+            continue
         print(name, r["D"], r["T"], "ok" if r["ok"] else "FAIL", r.get("error", "")[:300] or
               "; ".join(f"{n} {c['error']:.2e}/{c['bound']:.2e}" for n, c in r["checks"].items() if not c["ok"]))
     assert not bad, f"{name}: {len(bad)} of {len(sweep[name])} cases failed: " + "; ".join(
         f"D={r['D']} T={r['T']}: {r.get('error') or [n for n, c in r['checks'].items() if not c['ok']]}"[:400]
         for r in bad)
+    if all(r["ok"] is None for r in sweep[name]):
+        pytest.skip(sweep[name][0]["refused"])
 
 
 _FAULT = r"""
