@@ -634,6 +634,17 @@ FAKE_ROWS = [
 ]
 
 
+def test_bench_prints_a_refused_backward_beside_the_peer(capsys):
+    """A backward policy.triton_faults refuses on the GPU keeps its row: the forward, the reason, the peer."""
+    from effc.tools import bench
+    row = {**FAKE_ROWS[0], "spec": "mesanet", "effc_bwd_error": "mesanet: the backward of a square state ...",
+           "peers": [{"peer": "fla mesa_net", "ms": 1.0, "speedup": 2.0, "fwdbwd_ms": 4.0, "peak_mib": 10.0}]}
+    bench._print_table([row])
+    out = capsys.readouterr().out
+    assert "fwd+bwd: effc refused: mesanet: the backward of a square state" in out
+    assert "fwd+bwd: fla mesa_net 4.000 ms, peak 10 MiB\n" in out
+
+
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     from effc.tools.bench import plot_rows

@@ -154,10 +154,14 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
             if backward:
                 leaves = [x.requires_grad_() for x in xs]
                 grad = torch.randn_like(out)
-                row["effc_fwdbwd_ms"], row["effc_peak_mib"] = time_training_step(lambda: op(*leaves)[0], leaves, grad)
-                row["fwdbwd_TFLOP/s"] = (op_flops(op, B, T, H, dims, cfg.chunk, backward=True)
-                                         / row["effc_fwdbwd_ms"] / 1e9)
-                row["history"] = getattr(op, "last_history_reason", "")
+                try:
+                    row["effc_fwdbwd_ms"], row["effc_peak_mib"] = time_training_step(lambda: op(*leaves)[0], leaves,
+                                                                                      grad)
+                    row["fwdbwd_TFLOP/s"] = (op_flops(op, B, T, H, dims, cfg.chunk, backward=True)
+                                             / row["effc_fwdbwd_ms"] / 1e9)
+                    row["history"] = getattr(op, "last_history_reason", "")
+                except NotImplementedError as e:  # a backward refused here (policy.triton_faults): the row stays
+                    row["effc_bwd_error"] = str(e)
             if peers and name in PEERS:
                 row["peers"] = []
                 for i, p in enumerate(PEERS[name]):
@@ -271,11 +275,13 @@ def _print_table(rows):
             if "effc_fwdbwd_ms" in r and i == 0:
                 print(f"    fwd+bwd: effc {r['effc_fwdbwd_ms']:.3f} ms, {r['fwdbwd_TFLOP/s']:.1f} TFLOP/s, "
                       f"peak {r['effc_peak_mib']:.0f} MiB; {r['history']}")
+            if "effc_bwd_error" in r and i == 0:
+                print(f"    fwd+bwd: effc refused: {r['effc_bwd_error']}")
             if "bwd_error" in p:
                 print(f"    fwd+bwd: {p['peer']}: {p['bwd_error']}")
             if "fwdbwd_ms" in p:
-                print(f"    fwd+bwd: {p['peer']} {p['fwdbwd_ms']:.3f} ms, peak {p['peak_mib']:.0f} MiB "
-                      f"-> {p['speedup_fwdbwd']:.2f}x")
+                ratio = f" -> {p['speedup_fwdbwd']:.2f}x" if "speedup_fwdbwd" in p else ""
+                print(f"    fwd+bwd: {p['peer']} {p['fwdbwd_ms']:.3f} ms, peak {p['peak_mib']:.0f} MiB{ratio}")
     pk = next((r["peak"] for r in rows if "peak" in r), None)
     if pk:
         print(f"%bw, %flop: of {pk['TB/s']} TB/s and {pk['TFLOP/s']} TFLOP/s measured on the {pk['of']}")
