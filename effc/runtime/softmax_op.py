@@ -460,18 +460,18 @@ class HybridOp:
         return f"<effc hybrid op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
 
     def _extras(self, tensors, params, cu_seqlens, reference: bool, dtype=torch.float64, matmul_dtype=None,
-                last_query: bool = False, **knobs):
+                **knobs):
         """The state branch's extra inputs: the softmax branch's reductions and the prefix values it reads,
-        per token (`last_query`: the last token's only)."""
+        per token."""
         named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
         if reference:
             r, _ = self.softmax.reference(*tensors, cu_seqlens=cu_seqlens, dtype=dtype, matmul_dtype=matmul_dtype,
-                                          last_query=last_query, **params)
+                                          **params)
         else:
             r, _ = self.softmax(*tensors, cu_seqlens=cu_seqlens, **knobs, **params)
         extra = list(r) if isinstance(r, tuple) else [r]
         if self.split.prefix_inputs:
-            B, T, H = tensors[0].shape[:3]
+            H = tensors[0].shape[2]
             dims = {n: s for d, x in zip(self.spec.inputs, tensors) for n, s in zip(d.dims[3:], x.shape[3:])}
             if reference:
                 pre = softmax_oracle.prefix_values(self.spec, named, self.softmax.param_values(dims, params), H,
@@ -479,7 +479,7 @@ class HybridOp:
             else:  # the param values as a compile-time constant: sympy defaults are no code to trace
                 pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(sorted(params.items())))
                 pre = self._prefix(named, dict(pvals), H, cu_seqlens)
-            extra += [pre[x][:, T - 1 if last_query else 0:] for x in self.split.prefix_inputs]
+            extra += [pre[x] for x in self.split.prefix_inputs]
         return extra
 
     def _plan_call(self, descs, params) -> tuple:
@@ -507,11 +507,17 @@ class HybridOp:
     def step(self, *tokens, state=None, context=None, **params):
         """One decoding step: `tokens` are (B, H, D) (or (B, H)), `state` the carried state(s) (None: zeros),
         `context` every input's earlier tokens (as SoftmaxOp.step). Returns (o_t, next state, context with
-        the token appended): the softmax branch's query against the context in PyTorch (fp32), then the state
-        branch's generated walk on the single token."""
+        the token appended): the softmax branch's decode kernels (SoftmaxOp.step) against the context, then
+        the state branch's generated walk on the single token."""
         xs = decode_inputs(self.spec, tokens, context)
-        extra = self._extras(xs, params, None, True, torch.float32, last_query=True)
-        o, nxt = self.linear.step(*tokens, *[x[:, 0].to(tokens[0].dtype) for x in extra], state=state, **params)
+        r, _ = self.softmax.step(*tokens, context=context, **params)
+        extra = list(r) if isinstance(r, tuple) else [r]
+        if self.split.prefix_inputs:  # the prefix values the state branch reads, at the token
+            dims = {n: s for d, x in zip(self.spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+            named = {d.name: x for d, x in zip(self.spec.inputs, xs)}
+            pre = self._prefix(named, self.softmax.param_values(dims, params), xs[0].shape[2], None)
+            extra += [pre[x][:, -1] for x in self.split.prefix_inputs]
+        o, nxt = self.linear.step(*tokens, *[x.to(tokens[0].dtype) for x in extra], state=state, **params)
         return o, nxt, tuple(xs)
 
     def reference(self, *tensors, initial_state=None, output_final_state: bool = False, cu_seqlens=None,
