@@ -224,6 +224,9 @@ def test_decode_with_a_select_stage_is_refused():
     op = effc.load("moba")
     with pytest.raises(NotImplementedError, match="select stage"):
         op.cache_names
+    tokens = [torch.randn(1, 2, 16) for _ in range(3)]
+    with pytest.raises(NotImplementedError, match="select stage"):  # no fallback to the oracle either
+        op.step(*tokens)
 
 
 def test_decode_splits_fill_the_gpu_without_thin_splits():

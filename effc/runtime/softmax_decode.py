@@ -36,7 +36,7 @@ def cache_names(op) -> tuple[str, ...]:
 def _supported(op) -> None:
     if op.sched.select is not None:
         raise NotImplementedError(f"{op.name}: decoding with a select stage (the key blocks chosen per query) is "
-                                  "not lowered yet; op.step(...) runs it in PyTorch")
+                                  "not lowered yet (op.decode, op.step); op(...) over the whole sequence runs it")
 
 
 def new_cache(op, *tokens, max_len: int) -> dict[str, torch.Tensor]:

@@ -339,10 +339,11 @@ class SoftmaxOp(Tuned):
         ((B, t, H, D) tensors as op(...) takes them, e.g. a prompt; None: none). Returns (o_t, context with
         the token appended). The token's query runs in the decode kernels against a cache built from the
         context (the prefix stage recomputed over it): O(t) a step; `decode` keeps a cache across steps.
-        A select stage, or CPU tensors without the interpreter, run the oracle in PyTorch (fp32)."""
+        CPU tensors without the interpreter run the oracle in PyTorch (fp32): no kernel runs there."""
         self._no_keyseq_decoding()
+        softmax_decode.cache_names(self)  # a select stage has no decode kernels yet: NotImplementedError naming it
         xs = decode_inputs(self.spec, tokens, context)
-        if self.sched.select is not None or (tokens[0].device.type == "cpu" and not interpreting()):
+        if tokens[0].device.type == "cpu" and not interpreting():
             o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
             o = [x[:, 0].to(tokens[0].dtype) for x in (o if isinstance(o, tuple) else (o,))]
             return (o[0] if len(o) == 1 else tuple(o)), tuple(xs)
