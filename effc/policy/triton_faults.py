@@ -90,7 +90,8 @@ def backward_fault(states, dims: dict[str, int], split_dim: str | None, block: i
         return None
     where = (f"on this GPU (sm_90) with Triton {triton_version()}: its gradient kernels fault there (an illegal "
              "memory access at every tile config tried; policy/triton_faults.py). The forward runs; Triton "
-             ">= 3.7.1 or another GPU avoids the miscompile")
+             ">= 3.7.1 (fixes the Hopper dot miscompiles; not yet tried on this backward) or a GPU other than "
+             "sm_90 should run it")
     square = [s for s in states if len(s.feature_dims) == 2 and s.feature_dims[0] == s.feature_dims[1]]
     if square:
         named = ", ".join(f"{s.name}: [{', '.join(s.feature_dims)}]" for s in square)
