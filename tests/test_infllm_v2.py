@@ -77,3 +77,31 @@ def test_packed_sequences_with_an_empty_one():
     o, _ = op(*xs, cu_seqlens=cu)
     cuts = ((0, 50), (50, 110))
     _check(o, xs, lambda *a: torch.cat([infllm_v2(*[x[:, s:e] for x in a], **CFG) for s, e in cuts], 1))
+
+
+def test_python_front_end_gives_the_library_spec():
+    """The same spec through @attention_spec: several force lines and `shared("sum")` map line for line."""
+    from effc.dsl import parse
+    from effc.dsl.pyfront import parse_function
+    from effc.library import LIBRARY_DIR
+
+    def infllm_v2(q: Input("B", "T", "H", "K"), k: Input("B", "T", "H", "K", "key"),  # noqa: F821
+                  v: Input("B", "T", "H", "V", "key")) -> Output("o", "B", "T", "H", "V"):  # noqa: F821
+        scale = Param(K ** -0.5)  # noqa: F821
+        with select:  # noqa: F821
+            block(64)  # noqa: F821
+            g = q @ blockmean(k).T  # noqa: F821
+            mask(kblock < qblock)  # noqa: F821
+            force(kblock == 0)  # noqa: F821
+            force(kblock == qblock)  # noqa: F821
+            force(kblock == qblock - 1)  # noqa: F821
+            shared("sum")  # noqa: F821
+            topk(g, 16)  # noqa: F821
+        with score:  # noqa: F821
+            s = (q @ k.T) * scale
+            mask(kpos <= qpos)  # noqa: F821
+        with merge:  # noqa: F821
+            o = softmax(s) @ v  # noqa: F821
+
+    text = (LIBRARY_DIR / "infllm_v2.attn").read_text()
+    assert parse_function(infllm_v2).specs[0].stages == parse(text).specs[0].stages
