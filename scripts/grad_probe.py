@@ -30,7 +30,8 @@ def main() -> None:
     B, T, H = map(int, shape.split("x"))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     op = effc.load(name)
-    dims = {d: 128 for d in op.spec.dims}
+    D = kw.pop("dim", 128)
+    dims = {d: D for d in op.spec.dims}
     xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, dtype, dev, seed=7)]
     s0 = () if state == "none" or not op.spec.states else _tuple(random_state(op.spec, B, H, dims, dev))
     s0 = tuple((x.abs() if state == "abs" else x).requires_grad_() for x in s0)
