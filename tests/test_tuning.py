@@ -645,6 +645,23 @@ def test_bench_prints_a_refused_backward_beside_the_peer(capsys):
     assert "fwd+bwd: fla mesa_net 4.000 ms, peak 10 MiB\n" in out
 
 
+def test_a_peers_own_copies_are_the_leaves_its_backward_writes():
+    """The softmax peers run on (B, H, T, D) copies of the inputs; their backward writes the copies'
+    gradients, not the inputs'. The bench clears those too before it measures a step's peak memory
+    (peers.time_training_step's own_leaves): left from the last timed step they were live at the start, and
+    the peers' peaks missed their gradients (FlexAttention's 66 MiB at 2x8192 on the H200, against effc's 258)."""
+    from effc.tools.peers import PEERS
+    sdpa = next(p for p in PEERS["softmax_attn"] if p.label == "torch SDPA causal (flash)")  # Flex: no CPU backward
+    fn = sdpa.make(1, 40, 2, 16)
+    xs = [torch.randn(1, 40, 2, 16, requires_grad=True) for _ in range(3)]
+    fn(*xs, scale=0.25).sum().backward()
+    own = fn.own_leaves()
+    assert len(own) == 3 and all(t.grad is not None and t.shape == (1, 2, 40, 16) for t in own)
+    assert all(x.grad is None for x in xs)
+    fn(*xs, scale=0.5)  # another build: only its copies are the peer's leaves
+    assert len(fn.own_leaves()) == 3 and not any(t is u for t in fn.own_leaves() for u in own)
+
+
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     from effc.tools.bench import plot_rows

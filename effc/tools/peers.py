@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .softmax_peers import PEERS_SOFTMAX
+from .softmax_peers import PEERS_SOFTMAX, made_copies
 
 
 @dataclass(frozen=True)
@@ -69,8 +69,11 @@ def _softmax_peer(build):
             key = tuple((id(x), x.requires_grad) for x in xs) + (scale,)  # a backward timing rebuilds
             if key not in built:
                 built.clear()
-                built[key] = build(list(xs), {"scale": scale})
-            return built[key]()
+                made_copies()
+                runner = build(list(xs), {"scale": scale})
+                built[key] = (runner, made_copies())
+            return built[key][0]()
+        run.own_leaves = lambda: [t for _, copies in built.values() for t in copies]
         return run
     return make
 
@@ -115,9 +118,11 @@ PEERS: dict[str, tuple[Peer, ...]] = {
 }
 
 
-def time_training_step(forward, leaves, grad_out) -> tuple[float, float]:
+def time_training_step(forward, leaves, grad_out, own_leaves=list) -> tuple[float, float]:
     """Median ms of forward + backward, and the peak memory (MiB) one step allocates beyond what was live.
-    Used for effc and its peers alike."""
+    Used for effc and its peers alike. `own_leaves()`: leaves a peer made of its own (its layout's copies of
+    the inputs), whose gradients are cleared with the inputs' before the measured step: left from the last
+    timed step, they would be live at the start and the step's gradients would not count."""
     import torch
     from triton.testing import do_bench
 
@@ -125,7 +130,7 @@ def time_training_step(forward, leaves, grad_out) -> tuple[float, float]:
         forward().backward(grad_out)
     step()
     ms = do_bench(step, warmup=10, rep=50, return_mode="median", grad_to_none=leaves)
-    for x in leaves:
+    for x in [*leaves, *own_leaves()]:
         x.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -175,7 +180,8 @@ def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backwar
             x.requires_grad_()
         grad = torch.randn_like(out)
         try:
-            result["fwdbwd_ms"], result["peak_mib"] = time_training_step(lambda: fn(*args, scale=scale), args, grad)
+            result["fwdbwd_ms"], result["peak_mib"] = time_training_step(
+                lambda: fn(*args, scale=scale), args, grad, getattr(fn, "own_leaves", list))
         except Exception as e:  # a peer whose backward refuses still has its forward timed; the row says why
             result["bwd_error"] = _one_line(e)
     return result

@@ -14,10 +14,23 @@ from __future__ import annotations
 import torch
 
 
+_COPIES: list = []  # the copies `_bhtd` made since `made_copies` last drained them
+
+
 def _bhtd(x):
     """The peers' own layout, (B, H, T, D) contiguous, made once outside the timed calls (their kernels
     are fastest on it). For a backward timing the copy is a leaf of its own: see `_fresh`."""
-    return x.transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad)
+    copy = x.transpose(1, 2).contiguous().detach().requires_grad_(x.requires_grad)
+    _COPIES.append(copy)
+    return copy
+
+
+def made_copies() -> list:
+    """The leaf copies the builders made since the last call: a peer's backward writes its gradients to them,
+    not to the bench's inputs, so a peak measured from a clean start clears theirs too (peers.time_training_step)."""
+    out = list(_COPIES)
+    _COPIES.clear()
+    return out
 
 
 def _fresh(*leaves):
