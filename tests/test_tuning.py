@@ -750,3 +750,30 @@ def test_tune_records_the_fastest_gradient_partition_and_the_op_uses_it(cache):
     # within the margin the default stays
     r = run(op, _PartitionRunner({default: 4.0, fast: 4.0 * (1 - MARGIN / 2), wrong: 5.0, **{s: 5.0 for s in slow}}))
     assert r.partition is None and read_entry(r.path).partition is None
+
+
+class _GradientRunner(FakeRunner):
+    """FakeRunner whose candidates in `wrong_grads` give the right output but wrong gradients."""
+
+    def __init__(self, speed, wrong_grads):
+        super().__init__(speed)
+        self.wrong_grads, self.grad_checked = set(wrong_grads), []
+
+    def check_gradients(self, c, reference):
+        self.grad_checked.append(c)
+        return "off the default tiling's by 7.2e-01" if c in self.wrong_grads else None
+
+
+def test_a_winner_whose_gradients_are_off_is_not_recorded(gla, cache):
+    """The screening checks outputs; the candidate about to win has its gradients checked against the
+    default tiling's too (a miscompiled backward: delta_net_l2 at chunk=64, D=32 on Hopper with Triton 3.6),
+    and the next fastest that passes wins instead."""
+    space = space_of(gla, PROBLEM)
+    fastest, second = space.groups()[1][0], space.groups()[2][0]
+    runner = _GradientRunner(lambda c: {fastest: 0.3, second: 0.5}.get(c, 1.0), wrong_grads={fastest})
+    r = run(gla, runner)
+    assert r.winner == second and runner.grad_checked == [fastest, second]
+    assert r.trials[fastest].error == "gradients: off the default tiling's by 7.2e-01"
+    assert read_entry(r.path).config == second.overrides()
+    r = run(gla, _GradientRunner(lambda c: {fastest: 0.3}.get(c, 1.0), wrong_grads={fastest}))
+    assert r.winner == space.default  # nothing else beats the default: it stays

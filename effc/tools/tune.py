@@ -188,8 +188,8 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
                            f"{trials.get(default, Trial(default, error='not timed')).error}")
     default_ms = trials[default].best_ms
     timed = [t for t in trials.values() if t.final_ms is not None] or [trials[default]]
-    best = min(timed, key=lambda t: t.best_ms)
-    winner = best.candidate if best.best_ms < default_ms * (1 - MARGIN) else default
+    faster = sorted((t for t in timed if t.best_ms < default_ms * (1 - MARGIN)), key=lambda t: t.best_ms)
+    winner = next((t.candidate for t in faster if _gradients_agree(runner, t, default)), default)
     winner_ms = trials[winner].best_ms
     partition, partition_ms = tune_partition(op, winner, runner)
     key = TuningKey.of(op, problem, runner.gpu, dtype)
@@ -200,6 +200,18 @@ def tune_problem(op, problem: Problem, dtype: str, runner, *, deadline: float, c
                      tried=sum(t.ms is not None for t in trials.values()), partition=partition)
     return TuneResult(key, space, winner, winner_ms, default_ms, trials, clock() - start, budget_hit, path,
                       partition, partition_ms)
+
+
+def _gradients_agree(runner, trial: Trial, default: Candidate) -> bool:
+    """Does a candidate about to win give the default tiling's gradients (runner.check_gradients)? The
+    screening checks outputs only; a tiling whose backward alone is wrong (a miscompile) must not be
+    recorded. A runner that cannot run the backward agrees."""
+    if not hasattr(runner, "check_gradients"):
+        return True
+    error = runner.check_gradients(trial.candidate, default)
+    if error:
+        trial.error = f"gradients: {error}"
+    return error is None
 
 
 def tune_partition(op, winner: Candidate, runner) -> tuple[str | None, dict]:
@@ -375,6 +387,26 @@ class GpuRunner:
         kw = c.overrides()
         warmup, rep = (25, 100) if final else (5, 20)
         return do_bench(lambda: self.op(*self.xs, **kw), warmup=warmup, rep=rep, return_mode="median")
+
+    def check_gradients(self, c: Candidate, reference: Candidate) -> str | None:
+        """None when candidate `c`'s gradients match `reference`'s (the default tiling's), else how far off."""
+        import torch
+
+        from ..runtime.verify import rel_err
+
+        xs = [x.detach().requires_grad_() if x.is_floating_point() else x for x in self.xs]
+        leaves = [x for x in xs if x.requires_grad]
+
+        def grads(cand):
+            out = self.op(*xs, **cand.overrides())[0]
+            out = out[0] if isinstance(out, tuple) else out
+            return torch.autograd.grad(out, leaves, self._cotangent(out))
+
+        try:
+            off = max(rel_err(g.float(), r.float()) for g, r in zip(grads(c), grads(reference)))
+        except Exception as e:  # a backward that fails is no winner either
+            return _short(e)
+        return None if off <= TOLERANCE[self.dtype] else f"off the default tiling's by {off:.2e}"
 
     def time_backward(self, c: Candidate, partition: str, reference: str) -> float:
         """Forward+backward ms with gradient partition `partition`, after checking its gradients against
