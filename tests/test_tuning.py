@@ -777,3 +777,21 @@ def test_a_winner_whose_gradients_are_off_is_not_recorded(gla, cache):
     assert read_entry(r.path).config == second.overrides()
     r = run(gla, _GradientRunner(lambda c: {fastest: 0.3}.get(c, 1.0), wrong_grads={fastest}))
     assert r.winner == space.default  # nothing else beats the default: it stays
+
+
+def test_gpu_runner_gradient_checks_on_the_cpu():
+    """GpuRunner's gradient comparison (the winner check and the partition check share it), run under the
+    interpreter: a candidate agrees with itself, another tiling agrees within fp32's tolerance, and a
+    distance that is nan counts as off."""
+    from effc.runtime.verify import random_inputs
+    from effc.tools.tune import GpuRunner
+    op = effc.load("retention")
+    runner = object.__new__(GpuRunner)  # its constructor asks for a GPU; the checks need only these
+    runner.op, runner.dtype = op, "float32"
+    runner.xs = random_inputs(op.spec, 2, 40, 2, DIMS16)
+    base, other = Candidate(16, 16, 1, 4, 1), Candidate(32, 16, 2, 4, 1)
+    assert runner.check_gradients(base, base) is None and runner.check_gradients(other, base) is None
+    one = [torch.ones(3)]
+    assert runner._off(one, one) is None and runner._off([torch.full((3,), 2.0)], one) == 1.0
+    nan = runner._off([torch.ones(3), torch.tensor([float("nan")])], [torch.ones(3), torch.ones(1)])  # not max()
+    assert nan is not None and nan != nan

@@ -390,46 +390,43 @@ class GpuRunner:
 
     def check_gradients(self, c: Candidate, reference: Candidate) -> str | None:
         """None when candidate `c`'s gradients match `reference`'s (the default tiling's), else how far off."""
-        import torch
-
-        from ..runtime.verify import rel_err
-
-        xs = [x.detach().requires_grad_() if x.is_floating_point() else x for x in self.xs]
-        leaves = [x for x in xs if x.requires_grad]
-
-        def grads(cand):
-            out = self.op(*xs, **cand.overrides())[0]
-            out = out[0] if isinstance(out, tuple) else out
-            return torch.autograd.grad(out, leaves, self._cotangent(out))
-
+        grads = self._gradients()
         try:
-            off = max(rel_err(g.float(), r.float()) for g, r in zip(grads(c), grads(reference)))
+            off = self._off(grads(**c.overrides()), grads(**reference.overrides()))
         except Exception as e:  # a backward that fails is no winner either
             return _short(e)
-        return None if off <= TOLERANCE[self.dtype] else f"off the default tiling's by {off:.2e}"
+        return None if off is None else f"off the default tiling's by {off:.2e}"
 
     def time_backward(self, c: Candidate, partition: str, reference: str) -> float:
         """Forward+backward ms with gradient partition `partition`, after checking its gradients against
         `reference`'s (the plan's default); a wrong one raises."""
-        import torch
         from triton.testing import do_bench
 
-        from ..runtime.verify import rel_err
+        grads = self._gradients()
+        off = self._off(grads(**c.overrides(), partition=partition), grads(**c.overrides(), partition=reference))
+        if off is not None:
+            raise RuntimeError(f"partition {partition}: gradients off the default partition's by {off:.2e}")
+        return do_bench(lambda: grads(**c.overrides(), partition=partition), warmup=5, rep=40, return_mode="median")
+
+    def _gradients(self):
+        """A function of call knobs: the gradients of every floating input (fresh leaves) under the cotangent."""
+        import torch
 
         xs = [x.detach().requires_grad_() if x.is_floating_point() else x for x in self.xs]
         leaves = [x for x in xs if x.requires_grad]
 
-        def step(p):
-            out = self.op(*xs, **c.overrides(), partition=p)[0]
+        def grads(**kw):
+            out = self.op(*xs, **kw)[0]
             out = out[0] if isinstance(out, tuple) else out
             return torch.autograd.grad(out, leaves, self._cotangent(out))
+        return grads
 
-        tol = TOLERANCE[self.dtype]
-        for g, r in zip(step(partition), step(reference)):
-            if not rel_err(g.float(), r.float()) <= tol:
-                raise RuntimeError(f"partition {partition}: gradients off the default partition's by "
-                                   f"{rel_err(g.float(), r.float()):.2e}")
-        return do_bench(lambda: step(partition), warmup=5, rep=40, return_mode="median")
+    def _off(self, got, want) -> float | None:
+        """The first gradient's normwise distance past the dtype's tolerance (nan counts), or None."""
+        from ..runtime.verify import rel_err
+
+        errors = (rel_err(g.float(), r.float()) for g, r in zip(got, want))
+        return next((e for e in errors if not e <= TOLERANCE[self.dtype]), None)
 
     def _cotangent(self, out):
         import torch
