@@ -464,24 +464,28 @@ class HybridOp:
                 **knobs):
         """The state branch's extra inputs: the softmax branch's reductions and the prefix values it reads,
         per token."""
-        named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
         if reference:
             r, _ = self.softmax.reference(*tensors, cu_seqlens=cu_seqlens, dtype=dtype, matmul_dtype=matmul_dtype,
                                           **params)
         else:
             r, _ = self.softmax(*tensors, cu_seqlens=cu_seqlens, **knobs, **params)
-        extra = list(r) if isinstance(r, tuple) else [r]
-        if self.split.prefix_inputs:
-            H = tensors[0].shape[2]
+        return (list(r) if isinstance(r, tuple) else [r]) + self._prefix_inputs(tensors, params, cu_seqlens,
+                                                                                reference, dtype)
+
+    def _prefix_inputs(self, tensors, params, cu_seqlens, reference: bool, dtype=torch.float64) -> list:
+        """The prefix values the state branch reads (passes.hybrid's prefix_inputs), per token."""
+        if not self.split.prefix_inputs:
+            return []
+        named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
+        H = tensors[0].shape[2]
+        if reference:
             dims = {n: s for d, x in zip(self.spec.inputs, tensors) for n, s in zip(d.dims[3:], x.shape[3:])}
-            if reference:
-                pre = softmax_oracle.prefix_values(self.spec, named, self.softmax.param_values(dims, params), H,
-                                                   dtype, cu_seqlens)
-            else:  # the param values as a compile-time constant: sympy defaults are no code to trace
-                pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(sorted(params.items())))
-                pre = self._prefix(named, dict(pvals), H, cu_seqlens)
-            extra += [pre[x] for x in self.split.prefix_inputs]
-        return extra
+            pre = softmax_oracle.prefix_values(self.spec, named, self.softmax.param_values(dims, params), H,
+                                               dtype, cu_seqlens)
+        else:  # the param values as a compile-time constant: sympy defaults are no code to trace
+            pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(sorted(params.items())))
+            pre = self._prefix(named, dict(pvals), H, cu_seqlens)
+        return [pre[x] for x in self.split.prefix_inputs]
 
     def _plan_call(self, descs, params) -> tuple:
         """The softmax branch's param values for a call (the prefix stage's), as sorted (name, value) pairs."""
@@ -512,12 +516,8 @@ class HybridOp:
         the state branch's generated walk on the single token."""
         xs = decode_inputs(self.spec, tokens, context)
         r, _ = self.softmax.step(*tokens, context=context, **params)
-        extra = list(r) if isinstance(r, tuple) else [r]
-        if self.split.prefix_inputs:  # the prefix values the state branch reads, at the token
-            dims = {n: s for d, x in zip(self.spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
-            named = {d.name: x for d, x in zip(self.spec.inputs, xs)}
-            pre = self._prefix(named, self.softmax.param_values(dims, params), xs[0].shape[2], None)
-            extra += [pre[x][:, -1] for x in self.split.prefix_inputs]
+        extra = (list(r) if isinstance(r, tuple) else [r]) + [
+            p[:, -1] for p in self._prefix_inputs(xs, params, None, reference=False)]  # at the token
         o, nxt = self.linear.step(*tokens, *[x.to(tokens[0].dtype) for x in extra], state=state, **params)
         return o, nxt, tuple(xs)
 
