@@ -31,20 +31,20 @@ def _synchronizing(launch):
     return run
 
 
-def probe_knobs(args: list[str]) -> dict:
-    """The call knobs of `knob=value` words; `bwd_warps` is taken out and overrides the gradient warps."""
+def probe_knobs(args: list[str]) -> tuple[dict, int]:
+    """The call knobs of `knob=value` words, and every feature dim's size (`dim`, default 128); `bwd_warps` is
+    taken out and overrides the gradient warps."""
     kw = {k: int(v) if v.lstrip("-").isdigit() else v for k, v in (a.split("=", 1) for a in args)}
     if "bwd_warps" in kw:
         warps = kw.pop("bwd_warps")
         launch.backward_warps = lambda num_warps, kernels, device: warps
-    return kw
+    return kw, kw.pop("dim", 128)
 
 
 def main() -> None:
     name, shape, *knobs = sys.argv[1:]
     B, T, H = map(int, shape.split("x"))
-    kw = probe_knobs(knobs)
-    D = kw.pop("dim", 128)
+    kw, D = probe_knobs(knobs)
     Launcher._launch = _synchronizing(Launcher._launch)
     op = effc.load(name)
     dims = {d: D for d in op.spec.dims}

@@ -25,12 +25,11 @@ def _tuple(s) -> tuple:
 
 def main() -> None:
     name, shape, *args = sys.argv[1:]
-    kw = probe_knobs(args)
+    kw, D = probe_knobs(args)
     dtype, state = DTYPES[kw.pop("dtype", "bf16")], kw.pop("state", "randn")
     B, T, H = map(int, shape.split("x"))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     op = effc.load(name)
-    D = kw.pop("dim", 128)
     dims = {d: D for d in op.spec.dims}
     xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, dtype, dev, seed=7)]
     s0 = () if state == "none" or not op.spec.states else _tuple(random_state(op.spec, B, H, dims, dev))
