@@ -53,5 +53,10 @@ class ArgumentError(ValueError):
     """A tensor argument of the wrong shape, dtype or device."""
 
 
+class BackwardRefused(NotImplementedError):
+    """A backward known to fault with this GPU and Triton (policy.triton_faults.backward_fault): refused with
+    the reason instead of losing the process's CUDA context."""
+
+
 class CodegenError(RuntimeError):
     """Generated source that does not compile: a bug in effc's code generator, not in the spec."""

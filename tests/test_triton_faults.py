@@ -82,5 +82,7 @@ def test_a_refused_backward_raises_before_any_launch(monkeypatch):
     op = effc.load("mesanet")
     xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 16, 1, {d: 16 for d in op.spec.dims})]
     out = op(*xs)
-    with pytest.raises(NotImplementedError, match="mesanet: the reason"):
+    from effc.errors import BackwardRefused
+    assert issubclass(BackwardRefused, NotImplementedError)  # what a caller of an unlowered feature catches
+    with pytest.raises(BackwardRefused, match="mesanet: the reason"):
         (out[0] if isinstance(out, tuple) else out).sum().backward()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..errors import BackwardRefused
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..policy.tiling import TileConfig, padded, split_blocks
@@ -269,7 +270,7 @@ class Launcher:
         device = first.device
         fault = backward_fault(spec.states, lay.dims, split, cfg.block, device)
         if fault:
-            raise NotImplementedError(f"{spec.name}: {fault}")
+            raise BackwardRefused(f"{spec.name}: {fault}")
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
         n_split, n_bh = self._n_split(cfg, lay), lay.n_seq * lay.H

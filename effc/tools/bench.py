@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sympy
 
-from ..errors import SpecError
+from ..errors import BackwardRefused, SpecError
 from ..ir.nodes import C, dim
 from ..passes.shapes import value_types
 from .peers import PEERS, time_training_step
@@ -160,7 +160,7 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
                     row["fwdbwd_TFLOP/s"] = (op_flops(op, B, T, H, dims, cfg.chunk, backward=True)
                                              / row["effc_fwdbwd_ms"] / 1e9)
                     row["history"] = getattr(op, "last_history_reason", "")
-                except NotImplementedError as e:  # a backward refused here (policy.triton_faults): the row stays
+                except BackwardRefused as e:  # a backward refused here (policy.triton_faults): the row stays
                     row["effc_bwd_error"] = str(e)
             if peers and name in PEERS:
                 row["peers"] = []

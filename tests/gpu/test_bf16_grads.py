@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import effc
+from effc.errors import BackwardRefused
 from effc.runtime.verify import judge_low_precision, random_inputs, random_state
 
 pytestmark = [pytest.mark.gpu, pytest.mark.isolated,  # one spec's fault fails that spec alone (conftest.py)
@@ -36,9 +37,7 @@ def test_bf16_gradients(name):
     leaves = xs + list(s0)
     try:
         got = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True), leaves, d_o.bfloat16(), d_s)
-    except NotImplementedError as e:  # a backward policy.triton_faults refuses on this GPU and Triton
-        if "triton_faults" not in str(e):
-            raise
+    except BackwardRefused as e:  # a backward policy.triton_faults refuses on this GPU and Triton
         pytest.skip(str(e))
     ref = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, d_s)
     low = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True, dtype=torch.float32,
@@ -69,9 +68,7 @@ def test_bf16_gradients_every_partition(name):
     for p in op.comp.plan.partitions:
         try:
             got = _grads(lambda: (op(*xs, partition=p.name)[0], ()), xs, d_o.bfloat16(), ())
-        except NotImplementedError as e:  # refused on this GPU and Triton (policy.triton_faults)
-            if "triton_faults" not in str(e):
-                raise
+        except BackwardRefused as e:  # refused on this GPU and Triton (policy.triton_faults)
             pytest.skip(str(e))
         for d, a, b, c in zip(op.spec.inputs, got, ref, low):
             v = judge_low_precision(a.float(), b, c)
