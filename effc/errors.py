@@ -60,3 +60,8 @@ class BackwardRefused(NotImplementedError):
 
 class CodegenError(RuntimeError):
     """Generated source that does not compile: a bug in effc's code generator, not in the spec."""
+
+
+class ResourceError(RuntimeError):
+    """A generated kernel needs more of a GPU resource than the GPU has, even at its smallest pipelining
+    (runtime.launch.launch_fitting): the message names the kernel, the need, the limit and the knobs to try."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..errors import BackwardRefused
+from ..errors import BackwardRefused, ResourceError
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..policy.tiling import TileConfig, padded, split_blocks
@@ -63,6 +63,27 @@ def direct_grads(plan: Plan, lay: Layout, n_split: int, partition: str | None = 
     return {x for x in plan.whole_grads(n_split, partition) if lay.heads[x] == lay.H}
 
 
+def launch_fitting(fn, grid: tuple, args: dict, options: dict) -> None:
+    """Launch the Triton kernel `fn`; when its compiled form needs more shared memory than the GPU has
+    (Triton's OutOfResources at launch: the pipeliner's stages of wide tiles, e.g. a score over two 128-wide
+    parts in fp32), launch it again with one stage fewer, down to one. The tiling models count the tiles'
+    elements, not Triton's staging buffers: the GPU's own limit is the last word. Only that case retries;
+    a kernel that needs more than one stage fits raises effc's error naming it."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = options.get("num_stages")
+    while True:
+        try:
+            fn[grid](**args, **options)
+            return
+        except OutOfResources as e:
+            if e.name != "shared memory" or not stages or stages <= 1:
+                raise ResourceError(f"kernel {fn.__name__}: {e.name} {e.required} > {e.limit} (the GPU's limit) "
+                                    f"at {options}; pass smaller chunk= / block= or num_stages=1") from e
+            stages -= 1
+            options = {**options, "num_stages": stages}
+
+
 FACTORED, ANCHORED = 0, 2  # DECAY_MODE of the two launches of a kernel with factored decays
 
 
@@ -82,12 +103,12 @@ class Launcher:
             return
         fn = self._fn(kp.name)
         if "DECAY_MODE" not in kp.arg_names:
-            fn[grid](**kp.call(values), **options)
+            launch_fitting(fn, grid, kp.call(values), options)
             return
         device = next(v for v in values.values() if torch.is_tensor(v)).device
         flags = torch.zeros(math.prod(grid), dtype=torch.int32, device=device)
         for mode in (FACTORED, ANCHORED):
-            fn[grid](**kp.call({**values, "decay_flag_ptr": flags, "DECAY_MODE": mode}), **options)
+            launch_fitting(fn, grid, kp.call({**values, "decay_flag_ptr": flags, "DECAY_MODE": mode}), options)
 
     @staticmethod
     def _options(cfg: TileConfig) -> dict:

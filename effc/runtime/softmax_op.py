@@ -33,6 +33,7 @@ from .checks import (
     param_values,
     rebuild,
 )
+from .launch import launch_fitting
 from .select_op import kernel_choice, selection_buffers
 from .softmax_oracle import evaluate_softmax
 from .softmax_torch_op import encode_call, prefix_stage, softmax_torch_ops
@@ -204,7 +205,7 @@ class SoftmaxOp(Tuned):
         kp = self.comp.plan.kernel(kernel)
         fn = getattr(self.module, f"{self.name}_{kernel}_kernel")
         options = {k: v for k, v in meta.items() if k in _LAUNCH_OPTIONS}
-        fn[(grid0, n_bh)](**kp.call({**named, **meta}), **options)
+        launch_fitting(fn, (grid0, n_bh), kp.call({**named, **meta}), options)
 
     def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool, queries=None):
         spec, sched = self.spec, self.sched
