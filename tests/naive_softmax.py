@@ -180,7 +180,15 @@ def softmax_rope(q, k, v):
 NAIVE_SOFTMAX["softmax_rope"] = softmax_rope
 
 
-def block_choice(q, k, block, topk, pool="mean", window=1):
+def _gates(q, pooled, round_to=None):
+    """(B, T, H, D) queries . (B, nb, H, D) pooled keys -> (B, H, T, nb) in float64; `round_to`: both operands
+    rounded to that dtype first (a 16-bit kernel's dot)."""
+    if round_to is not None:
+        q, pooled = q.to(round_to), pooled.to(round_to)
+    return torch.einsum("bihd,bnhd->bhin", q.detach().double(), pooled.detach().double())
+
+
+def block_choice(q, k, block, topk, pool="mean", window=1, round_to=None):
     """MoBA's choice, written plainly: per query token i (in block qb = i // block) and key block b, the gate
     q_i . pool(k over b's tokens); the `window` blocks qb-window+1..qb are always chosen and take their slots
     first (lowest index first), then the blocks before qb by gate descending (ties: the lower index), up to
@@ -191,9 +199,9 @@ def block_choice(q, k, block, topk, pool="mean", window=1):
     pooled = []
     for b in range(nb):
         part = k[:, b * block:(b + 1) * block]
-        pooled.append(part.mean(1) if pool == "mean" else part.amax(1))
+        pooled.append(part.double().mean(1) if pool == "mean" else part.double().amax(1))
     pooled = torch.stack(pooled, 1)                                         # (B, nb, H, D)
-    gate = torch.einsum("bihd,bnhd->bhin", q.double(), pooled)
+    gate = _gates(q, pooled.float() if round_to is not None else pooled, round_to)
     chosen = torch.zeros(B, H, T, nb, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
@@ -219,16 +227,16 @@ def moba(q, k, v, block=64, topk=16, pool="mean", window=1):
 NAIVE_SOFTMAX["moba"] = moba
 
 
-def topp(q, k, v, block=64, p=0.9, cap=32):
-    """library/topp.attn, plainly: per query i (block qb), the gates q_i . mean(k over block b) * D^-1/2 of
-    the blocks before qb, softmaxed; the blocks by gate descending (ties: the lower index) taken while the
-    mass ahead is < p (every one when p = 1), after the own block, at most `cap` in all; then causal
-    softmax attention over the chosen blocks."""
+def topp_choice(q, k, block=64, p=0.9, cap=32, round_to=None):
+    """library/topp.attn's choice, plainly: per query i (block qb), the gates q_i . mean(k over block b) *
+    D^-1/2 of the blocks before qb, softmaxed; the blocks by gate descending (ties: the lower index) taken
+    while the mass ahead is < p (every one when p = 1), after the own block, at most `cap` in all.
+    Returns (B, H, T, nb) bool."""
     B, T, H, D = q.shape
     kh = _heads_like(k, H).double()
     nb = -(-T // block)
     pooled = torch.stack([kh[:, b * block:(b + 1) * block].mean(1) for b in range(nb)], 1)   # (B, nb, H, D)
-    gate = torch.einsum("bihd,bnhd->bhin", q.detach().double(), pooled.detach()) * D ** -0.5
+    gate = _gates(q, pooled.float() if round_to is not None else pooled, round_to) * D ** -0.5
     chosen = torch.zeros(B, H, T, nb, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
@@ -244,6 +252,13 @@ def topp(q, k, v, block=64, p=0.9, cap=32):
                     ahead += mass[x].item()
                 for x in keep[:cap]:
                     chosen[b, h, i, x] = True
+    return chosen
+
+
+def topp(q, k, v, block=64, p=0.9, cap=32):
+    """library/topp.attn: causal softmax attention over the blocks topp_choice chooses."""
+    T = q.shape[1]
+    chosen = topp_choice(q, k, block, p, cap)
     i, j = positions(T)
     mask = chosen[..., j.reshape(-1) // block].reshape(chosen.shape[:3] + (T,)) & (j <= i)
     return attend(q, k, v, mask)[0]
@@ -252,17 +267,18 @@ def topp(q, k, v, block=64, p=0.9, cap=32):
 NAIVE_SOFTMAX["topp"] = topp
 
 
-def infllm_v2(q, k, v, block=64, topk=16):
-    """InfLLM-V2 (arXiv:2506.07900) as library/infllm_v2.attn writes it: per query i (block qb) and group of
-    query heads sharing key head g, the score of key block b is the sum over the group's heads of
+def infllm_choice(q, k, block=64, topk=16, round_to=None):
+    """InfLLM-V2's choice (arXiv:2506.07900) as library/infllm_v2.attn writes it: per query i (block qb) and
+    group of query heads sharing key head g, the score of key block b is the sum over the group's heads of
     q_i . mean(k_g over b's tokens); blocks 0, qb - 1 and qb are always chosen and take the first slots
     (lowest index first), then the blocks before qb by score descending (ties: the lower index), `topk` in
-    all; every head of a group walks its group's blocks with causal softmax."""
+    all; every head of a group shares its group's blocks. Returns (B, H, T, nb) bool."""
     B, T, H, D = q.shape
     Hk = k.shape[2]
     nb = -(-T // block)
     pooled = torch.stack([k[:, b * block:(b + 1) * block].double().mean(1) for b in range(nb)], 1)  # (B, nb, Hk, D)
-    per_head = torch.einsum("bihd,bnhd->bhin", q.detach().double(), _heads_like(pooled.detach(), H))
+    pooled = _heads_like(pooled, H)
+    per_head = _gates(q, pooled.float() if round_to is not None else pooled, round_to)
     score = per_head.reshape(B, Hk, H // Hk, T, nb).sum(2)                    # (B, Hk, T, nb)
     chosen = torch.zeros(B, Hk, T, nb, dtype=torch.bool)
     for b in range(B):
@@ -273,10 +289,22 @@ def infllm_v2(q, k, v, block=64, topk=16):
                 rest = [x for x in sorted(range(qb), key=lambda x: (-score[b, g, i, x].item(), x)) if x not in forced]
                 for x in (forced + rest)[:topk]:
                     chosen[b, g, i, x] = True
-    chosen = chosen.repeat_interleave(H // Hk, dim=1)
+    return chosen.repeat_interleave(H // Hk, dim=1)
+
+
+def infllm_v2(q, k, v, block=64, topk=16):
+    """InfLLM-V2: every head of a group walks its group's blocks (infllm_choice) with causal softmax."""
+    T = q.shape[1]
+    chosen = infllm_choice(q, k, block, topk)
     i, j = positions(T)
     mask = chosen[..., j.reshape(-1) // block].reshape(chosen.shape[:3] + (T,)) & (j <= i)
     return attend(q, k, v, mask)[0]
 
 
 NAIVE_SOFTMAX["infllm_v2"] = infllm_v2
+
+
+# the choice of each select spec (B, H, T, nb) bool, for judging a kernel's choice by itself
+NAIVE_CHOICE = {"moba": lambda q, k, round_to=None: block_choice(q, k, 64, 16, round_to=round_to),
+                "topp": lambda q, k, round_to=None: topp_choice(q, k, 64, 0.9, 32, round_to),
+                "infllm_v2": lambda q, k, round_to=None: infllm_choice(q, k, 64, 16, round_to)}

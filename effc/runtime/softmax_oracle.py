@@ -167,8 +167,8 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
                 _run(op, env, keys, n, None, matmul_dtype)
             keep = torch.ones((1, 1, n - q0, nk), dtype=torch.bool, device=device)
             if spec.selection is not None:  # the pairs of the key blocks each query chose (passes.select)
-                chosen = select_oracle.chosen_blocks(spec, env, keys, n, lambda op, args: eval_pair_op(op, args, n, None),
-                                                     shared)
+                chosen = select_oracle.chosen_blocks(  # a 16-bit reference scores the blocks in 16 bits too
+                    spec, env, keys, n, lambda op, args: _rounded_pair_op(op, args, n, None, matmul_dtype), shared)
                 keep = keep & select_oracle.token_keep(chosen, spec.selection.block, n)
             for m in spec.masks:
                 mv = env[m]
@@ -187,7 +187,11 @@ def _run(op: Op, env: dict, keys: dict, n: int, keep, matmul_dtype) -> None:
     n_args = 1 if op.kind == "expand" else len(op.args)
     src = keys if op.kind == "key" else env
     args = [x if isinstance(x, float) else src[x] for x in op.args[:n_args]]
+    env[op.out] = _rounded_pair_op(op, args, n, keep, matmul_dtype)
+
+
+def _rounded_pair_op(op: Op, args, n: int, keep, matmul_dtype):
+    """eval_pair_op, with a matmul's operands rounded to `matmul_dtype` (a 16-bit reference's dots)."""
     if op.kind == "matmul" and matmul_dtype is not None and all(torch.is_tensor(a) for a in args):
-        env[op.out] = (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
-        return
-    env[op.out] = eval_pair_op(op, args, n, keep)
+        return (args[0].to(matmul_dtype) @ args[1].to(matmul_dtype)).to(args[0].dtype)
+    return eval_pair_op(op, args, n, keep)

@@ -84,3 +84,26 @@ def test_hybrid_swax_bf16_forward():
     v, vs = judge_low_precision(o, ref, low), judge_low_precision(s, ref_s, low_s)
     print(f"swax: output {v}; final state {vs}")
     assert v.ok and vs.ok
+
+
+@pytest.mark.parametrize("name", [n for n in effc.library_names("softmax") if effc.load(n).spec.selection])
+def test_bf16_selection_agrees(name):
+    """The select kernel's choice against the exact one (float64 gates from the same bf16 inputs): blocks
+    whose gates sit within bf16 rounding of the cut change sides (q and the pooled keys are rounded to bf16
+    for the dot, as the 16-bit reference's are). Reports the fraction of (query, block) choices that differ
+    from the exact choice, for the kernel and for a naive choice from bf16-rounded gates (tests/naive_softmax):
+    the kernel's may not be more than 2x that (plus 0.1%), i.e. no differences beyond bf16's own."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from naive_softmax import NAIVE_CHOICE
+
+    op = effc.load(name)
+    q, k, v = random_inputs(op.spec, 1, 2048, 8, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=4)
+    ours = op.select_blocks(q, k, v).permute(0, 2, 1, 3).cpu()          # (B, H, T, nb)
+    exact = NAIVE_CHOICE[name](q.cpu(), k.cpu())
+    rounded = NAIVE_CHOICE[name](q.cpu(), k.cpu(), round_to=torch.bfloat16)
+    ours_off, ref_off = (x != exact).float().mean().item(), (rounded != exact).float().mean().item()
+    print(f"{name}: choices differing from the exact choice: kernel {ours_off:.4%}, bf16 naive {ref_off:.4%} "
+          f"(of {exact.numel()} query-block pairs; chosen {exact.float().mean().item():.1%})")
+    assert ours_off <= 2 * ref_off + 1e-3
