@@ -5,6 +5,7 @@ the backward's are the model's alone).
 usage: python scripts/softmax_sweep.py [SPEC] [BxT ...]     prints one line per config, then the best
        env ONLY=dkv (or fwd, dq): sweep that kernel alone, the others at the model's tiles;
        env CONFIGS="32,64,4,3;64,64,4,2": only these (BM, BN, warps, stages) for it
+       env D=192: every feature dim (default 128); H=8: heads (default 16)
 """
 from __future__ import annotations
 
@@ -78,4 +79,5 @@ def main(spec: str = "softmax_attn", shapes: tuple[str, ...] = ("2x8192",), H: i
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "softmax_attn", tuple(sys.argv[2:]) or ("2x8192",))
+    main(sys.argv[1] if len(sys.argv) > 1 else "softmax_attn", tuple(sys.argv[2:]) or ("2x8192",),
+         int(os.environ.get("H", 16)), int(os.environ.get("D", 128)))

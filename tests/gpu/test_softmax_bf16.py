@@ -103,7 +103,7 @@ def test_bf16_selection_agrees(name):
     ours = op.select_blocks(q, k, v).permute(0, 2, 1, 3).cpu()          # (B, H, T, nb)
     exact = NAIVE_CHOICE[name](q.cpu(), k.cpu())
     rounded = NAIVE_CHOICE[name](q.cpu(), k.cpu(), round_to=torch.bfloat16)
-    ours_off, ref_off = (x != exact).float().mean().item(), (rounded != exact).float().mean().item()
+    ours_off, ref_off = (ours != exact).float().mean().item(), (rounded != exact).float().mean().item()
     print(f"{name}: choices differing from the exact choice: kernel {ours_off:.4%}, bf16 naive {ref_off:.4%} "
           f"(of {exact.numel()} query-block pairs; chosen {exact.float().mean().item():.1%})")
     assert ours_off <= 2 * ref_off + 1e-3
