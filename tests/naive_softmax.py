@@ -49,6 +49,19 @@ def sliding_window(q, k, v, window=1024):
     return attend(q, k, v, (j <= i) & (i - j < window))[0]
 
 
+def sink_window(q, k, v, sink, window=128):
+    """gpt-oss attention (arXiv:2508.10925): the per-head sink logit is one more softmax column whose value
+    is 0, written as that column appended to the masked scores."""
+    B, T, H, D = q.shape
+    q, k, v = q.double(), _heads_like(k, H), _heads_like(v, H)               # grouped heads: shared k, v
+    i, j = positions(T)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * D ** -0.5
+    s = s.masked_fill(~((j <= i) & (i - j < window)), float("-inf"))
+    col = sink.double().transpose(1, 2)[..., None]                           # (B, H, T, 1)
+    p = torch.softmax(torch.cat([s, col], -1), dim=-1)[..., :T]
+    return torch.einsum("bhij,bjhd->bihd", p, v)
+
+
 def alibi(q, k, v):
     T, H = q.shape[1], q.shape[2]
     i, j = positions(T)
@@ -178,6 +191,7 @@ def softmax_rope(q, k, v):
 
 
 NAIVE_SOFTMAX["softmax_rope"] = softmax_rope
+NAIVE_SOFTMAX["sink_window"] = sink_window
 
 
 def _gates(q, pooled, round_to=None):

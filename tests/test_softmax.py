@@ -23,7 +23,7 @@ from naive_softmax import NAIVE_SOFTMAX, attend, positions
 SOFTMAX = effc.library_names("softmax")
 DIMS = {"K": 16, "V": 16, "R": 8}  # R: mla's RoPE part
 # params that make the masks bite at test lengths (the library defaults suit long sequences)
-SMALL = {"sliding_window": {"window": 20}, "based": {"window": 6}, "softcap": {"cap": 2.0}, "scale_invariant": {"tau": 3.0}}
+SMALL = {"sliding_window": {"window": 20}, "sink_window": {"window": 20}, "based": {"window": 6}, "softcap": {"cap": 2.0}, "scale_invariant": {"tau": 3.0}}
 
 
 def _naive(name, xs, params):
