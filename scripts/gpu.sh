@@ -2,7 +2,8 @@
 # Run on the lent GPU machine (see ../shared/device/README.md). Writes logs under $OUT.
 #   scripts/gpu.sh setup          # once per machine: wheels carried in .device/wheels-{a,c}
 #   scripts/gpu.sh test [FILE] [PYTEST ARGS]  # GPU test suite (bf16 accuracy), or one file of it
-#   scripts/gpu.sh bench [SPECS SHAPES PEERS]  # effc bench with the peers; env BACKWARD=1, BACKENDS=triton,tilelang, PLOT=path.png
+#   scripts/gpu.sh bench [SPECS SHAPES PEERS]  # effc bench with the peers; env BACKWARD=1, BACKENDS=triton,tilelang, PLOT=path.png,
+#                                               DIMS=64,96,128,192 (head dims: several add the time-per-FLOP table)
 #   scripts/gpu.sh tune-check [ARGS]  # effc tune acceptance from cold caches (scripts/tune_check.py --help)
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EFFC_CACHE_DIR=/tmp/effc-cache
@@ -19,7 +20,7 @@ case "${1:-}" in
     python3 -m pytest -q -s "$where" "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
   bench)  # SPECS SHAPES PEERS(0/1); typer on the GPU machine would need pydantic, so call run_bench directly
     python3 -c "import sys; from effc.tools.bench import run_bench; run_bench(sys.argv[1].split(','),
-      [tuple(map(int, s.split('x'))) for s in sys.argv[2].split(',')], 16, 128, sys.argv[3] == '1', float('${PEER_TIMEOUT:-300}'),
+      [tuple(map(int, s.split('x'))) for s in sys.argv[2].split(',')], 16, tuple(map(int, '${DIMS:-128}'.split(','))), sys.argv[3] == '1', float('${PEER_TIMEOUT:-300}'),
       '$OUT/bench.json', backward='${BACKWARD:-0}' == '1', backends=tuple('${BACKENDS:-triton}'.split(',')), plot='${PLOT:-}' or None)" "${2:-retention,simple_gla,gla}" "${3:-8x2048,2x8192,1x32768}" "${4:-1}" 2>&1 | tee -a "$OUT/bench.log" ;;
   tune-check)
     shift; python3 scripts/tune_check.py "$@" 2>&1 | tee "$OUT/tune_check.log"; exit "${PIPESTATUS[0]}" ;;

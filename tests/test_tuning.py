@@ -699,6 +699,31 @@ def test_run_bench_keeps_its_positional_signature():
 
 
 
+def _row(spec, D, fwd, fwdbwd=None, T=4096):
+    r = {"spec": spec, "B": 2, "T": T, "D": D, "TFLOP/s": fwd}
+    return r if fwdbwd is None else {**r, "fwdbwd_TFLOP/s": fwdbwd}
+
+
+def test_head_dim_table_compares_with_the_nearest_power_of_two():
+    from effc.tools.bench import head_dim_table
+    rows = [_row("gla", 64, 10.0, 5.0), _row("gla", 96, 8.0, 2.0), _row("gla", 128, 20.0, 10.0),
+            _row("gla", 192, 16.0, 9.0), _row("gla", 60, 10.0), _row("gla", 192, 1.0, T=63)]
+    lines = {tuple(l.split()[:3]): l for l in head_dim_table(rows).splitlines()[1:]}
+    assert "D=128: fwd 2.50x (over 1.3x), fwd+bwd 5.00x (over 1.3x)" in lines[("gla", "2x4096", "96")]
+    assert "D=128: fwd 1.25x, fwd+bwd 1.11x" in lines[("gla", "2x4096", "192")]  # 256 not measured: 128
+    assert "D=64: fwd 1.00x" in lines[("gla", "2x4096", "60")]
+    assert lines[("gla", "2x4096", "64")].endswith("reference")
+    assert lines[("gla", "2x63", "192")].endswith("-")  # no power of two at that shape
+
+
+def test_bench_head_dims_are_checked():
+    from typer.testing import CliRunner
+
+    from effc.tools.cli import app
+    r = CliRunner().invoke(app, ["bench", "--head-dim", "64,x"])
+    assert r.exit_code != 0 and "one or more head dims" in r.output
+
+
 def test_auto_backend_follows_the_tuned_times(cache):
     auto = effc.load("retention", backend="auto")
     from effc.runtime.verify import random_inputs

@@ -105,23 +105,22 @@ def _missing(name: str, error: SpecError) -> dict:
     return {"spec": name, "skipped": f"{why}" + (f"; its peers ({waiting}) run once it exists" if waiting else "")}
 
 
-def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, json_out: Path | None, *,
+def run_bench(specs, shapes, H: int, D, peers: bool, peer_timeout: float, json_out: Path | None, *,
               plot: Path | None = None, backward: bool = False, backends: tuple = ("triton",)):
-    """`backward`: also time forward + backward and record its peak memory, effc's and each peer's.
-    `backends`: the first is the row's effc time; the others are timed beside it (`effc_ms_<backend>`)."""
+    """`D`: the head dim, or several (every feature dim takes it; with several, a table of time per FLOP
+    against the nearest power-of-two head dim follows: `head_dim_table`). `backward`: also time forward +
+    backward and record its peak memory, effc's and each peer's. `backends`: the first is the row's effc
+    time; the others are timed beside it (`effc_ms_<backend>`)."""
     import torch
-    from triton.testing import do_bench
 
     import effc
-
-    from ..runtime.verify import random_inputs
 
     if not torch.cuda.is_available():
         raise RuntimeError("effc bench needs a CUDA GPU (timings under the interpreter mean nothing)")
     if plot:
         _need_matplotlib()
+    head_dims = (D,) if isinstance(D, int) else tuple(D)
     gpu = torch.cuda.get_device_name()
-    peak, peak_of = peaks(gpu)
     rows = []
     for name in specs:
         try:
@@ -132,60 +131,102 @@ def run_bench(specs, shapes, H: int, D: int, peers: bool, peer_timeout: float, j
             _print_row(rows[-1])
             continue
         for B, T in shapes:
-            dims = {d: D for d in op.spec.dims}
-            xs = random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda")
-            t0 = time.time()
-            out, _ = op(*xs)
-            torch.cuda.synchronize()
-            first = time.time() - t0
-            ms = do_bench(lambda: op(*xs), warmup=25, rep=100, return_mode="median")
-            cfg = op.last_config
-            tuned = any(r.startswith("tuned") for r in cfg.reasons)
-            tbs = io_bytes(xs, out) / ms / 1e9
-            tflops = op_flops(op, B, T, H, dims, cfg.chunk) / ms / 1e9
-            row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
-                   "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
-                             + (" merge=deferred" if getattr(cfg, "defer_merge", False) else "")
-                             + (" (tuned)" if tuned else ""),
-                   "TB/s": tbs, "TFLOP/s": tflops, "bw_frac": tbs / peak["TB/s"],
-                   "flop_frac": tflops / peak["TFLOP/s"], "peak": {**peak, "of": peak_of}}
-            for other in others:
-                row[f"effc_ms_{other.backend}"] = do_bench(lambda: other(*xs), warmup=25, rep=100, return_mode="median")
-            if backward:
-                leaves = [x.requires_grad_() for x in xs]
-                grad = torch.randn_like(out)
-                try:
-                    row["effc_fwdbwd_ms"], row["effc_peak_mib"] = time_training_step(lambda: op(*leaves)[0], leaves,
-                                                                                      grad)
-                    row["fwdbwd_TFLOP/s"] = (op_flops(op, B, T, H, dims, cfg.chunk, backward=True)
-                                             / row["effc_fwdbwd_ms"] / 1e9)
-                    row["history"] = getattr(op, "last_history_reason", "")
-                except BackwardRefused as e:  # a backward refused here (policy.triton_faults): the row stays
-                    row["effc_bwd_error"] = str(e)
-            if peers and name in PEERS:
-                row["peers"] = []
-                for i, p in enumerate(PEERS[name]):
-                    res = {"peer": p.label, **_peer(name, B, T, H, D, peer_timeout, i, backward)}
-                    if "ms" in res:
-                        res["speedup"] = res["ms"] / ms
-                    if "fwdbwd_ms" in res and "effc_fwdbwd_ms" in row:
-                        res["speedup_fwdbwd"] = res["fwdbwd_ms"] / row["effc_fwdbwd_ms"]
-                    row["peers"].append(res)
-                first_peer = row["peers"][0]  # flat keys: the layout of earlier JSON files
-                row.update({f"peer_{k}": v for k, v in first_peer.items() if k != "speedup"})
-                if "speedup" in first_peer:
-                    row["speedup"] = first_peer["speedup"]
-            rows.append(row)
-            _print_row(row)
-            del xs, out
-            torch.cuda.empty_cache()
+            for d in head_dims:
+                rows.append(_bench_row(op, others, name, B, T, H, d, gpu, peers, peer_timeout, backward))
+                _print_row(rows[-1])
+                torch.cuda.empty_cache()
     _print_table(rows)
+    if len(head_dims) > 1:
+        print(head_dim_table(rows))
     if json_out:
         Path(json_out).write_text(json.dumps(rows, indent=1))
     if plot:
         plot_rows(rows, plot)
         print(f"plot: {plot}")
     return rows
+
+
+def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, peers: bool, peer_timeout: float,
+               backward: bool) -> dict:
+    """One spec at one shape and head dim: effc's forward (and training step), then each peer's."""
+    import torch
+    from triton.testing import do_bench
+
+    from ..runtime.verify import random_inputs
+
+    peak, peak_of = peaks(gpu)
+    dims = {d: D for d in op.spec.dims}
+    xs = random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda")
+    t0 = time.time()
+    out, _ = op(*xs)
+    torch.cuda.synchronize()
+    first = time.time() - t0
+    ms = do_bench(lambda: op(*xs), warmup=25, rep=100, return_mode="median")
+    cfg = op.last_config
+    tuned = any(r.startswith("tuned") for r in cfg.reasons)
+    tbs = io_bytes(xs, out) / ms / 1e9
+    tflops = op_flops(op, B, T, H, dims, cfg.chunk) / ms / 1e9
+    row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
+           "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
+                     + (" merge=deferred" if getattr(cfg, "defer_merge", False) else "")
+                     + (" (tuned)" if tuned else ""),
+           "TB/s": tbs, "TFLOP/s": tflops, "bw_frac": tbs / peak["TB/s"],
+           "flop_frac": tflops / peak["TFLOP/s"], "peak": {**peak, "of": peak_of}}
+    for other in others:
+        row[f"effc_ms_{other.backend}"] = do_bench(lambda: other(*xs), warmup=25, rep=100, return_mode="median")
+    if backward:
+        leaves = [x.requires_grad_() for x in xs]
+        grad = torch.randn_like(out)
+        try:
+            row["effc_fwdbwd_ms"], row["effc_peak_mib"] = time_training_step(lambda: op(*leaves)[0], leaves, grad)
+            row["fwdbwd_TFLOP/s"] = (op_flops(op, B, T, H, dims, cfg.chunk, backward=True)
+                                     / row["effc_fwdbwd_ms"] / 1e9)
+            row["history"] = getattr(op, "last_history_reason", "")
+        except BackwardRefused as e:  # a backward refused here (policy.triton_faults): the row stays
+            row["effc_bwd_error"] = str(e)
+    if peers and name in PEERS:
+        row["peers"] = []
+        for i, p in enumerate(PEERS[name]):
+            res = {"peer": p.label, **_peer(name, B, T, H, D, peer_timeout, i, backward)}
+            if "ms" in res:
+                res["speedup"] = res["ms"] / ms
+            if "fwdbwd_ms" in res and "effc_fwdbwd_ms" in row:
+                res["speedup_fwdbwd"] = res["fwdbwd_ms"] / row["effc_fwdbwd_ms"]
+            row["peers"].append(res)
+        first_peer = row["peers"][0]  # flat keys: the layout of earlier JSON files
+        row.update({f"peer_{k}": v for k, v in first_peer.items() if k != "speedup"})
+        if "speedup" in first_peer:
+            row["speedup"] = first_peer["speedup"]
+    return row
+
+
+# issue 20's bar: a head dim that is not a power of two costs at most this much more time per FLOP than the
+# nearest power-of-two head dim measured beside it
+HEAD_DIM_SLACK = 1.3
+
+
+def head_dim_table(rows) -> str:
+    """Time per FLOP of each head dim against the nearest power-of-two head dim of the same spec and shape
+    measured in the same run (nearest in log2; ties to the larger): ratio = their TFLOP/s over this one's,
+    forward and forward+backward; above HEAD_DIM_SLACK is marked."""
+    timed = [r for r in rows if "TFLOP/s" in r]
+    lines = [f"{'spec':14s} {'BxT':>9s} {'D':>4s} {'TFLOP/s':>8s} {'fwd+bwd':>8s}  per FLOP vs"]
+    for r in timed:
+        same = [x for x in timed if (x["spec"], x["B"], x["T"]) == (r["spec"], r["B"], r["T"])
+                and x["D"] & (x["D"] - 1) == 0]
+        ref = min(same, key=lambda x: (abs(math.log2(x["D"]) - math.log2(r["D"])), -x["D"]), default=None)
+        cells = []
+        if ref is not None and ref is not r:
+            for key in ("TFLOP/s", "fwdbwd_TFLOP/s"):
+                if key in r and key in ref and r[key] > 0:
+                    ratio = ref[key] / r[key]
+                    cells.append(f"{'fwd' if key == 'TFLOP/s' else 'fwd+bwd'} {ratio:.2f}x"
+                                 + (" (over %.1fx)" % HEAD_DIM_SLACK if ratio > HEAD_DIM_SLACK else ""))
+        against = f"D={ref['D']}: " + ", ".join(cells) if cells else ("reference" if ref is r else "-")
+        fb = f"{r['fwdbwd_TFLOP/s']:8.1f}" if "fwdbwd_TFLOP/s" in r else f"{'-':>8s}"
+        lines.append(f"{r['spec']:14s} {str(r['B']) + 'x' + str(r['T']):>9s} {r['D']:4d} {r['TFLOP/s']:8.1f} {fb}  "
+                     f"{against}")
+    return "\n".join(lines)
 
 
 def _need_matplotlib():

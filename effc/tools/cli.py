@@ -214,10 +214,23 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
         raise typer.Exit(1)
 
 
+def _head_dims(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        dims = ()
+    if not dims or min(dims) < 1:
+        raise typer.BadParameter(f"'{text}': one or more head dims >= 1, comma-separated (e.g. 64,96,128)",
+                                 param_hint="--head-dim")
+    return dims
+
+
 @app.command()
 def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-separated specs"),
           shapes: str = typer.Option("8x2048,2x8192,1x32768", help="BxT list"),
-          heads: int = typer.Option(16, "--heads"), head_dim: int = typer.Option(128, "--head-dim"),
+          heads: int = typer.Option(16, "--heads"),
+          head_dim: str = typer.Option("128", "--head-dim", help="every feature dim's size; several (60,64,96,128,192) "
+                                       "add a table of time per FLOP against the nearest power-of-two head dim"),
           peers: bool = typer.Option(True, help="time the installed peers (flash-linear-attention) beside effc"),
           peer_timeout: float = typer.Option(240.0, help="seconds a peer may take (its first call autotunes)"),
           json_out: Path = typer.Option(None, "--json", help="also write the rows as JSON"),
@@ -233,7 +246,7 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
             show_saved(from_json, plot)
             return
         run_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")],
-                  heads, head_dim, peers, peer_timeout, json_out, plot=plot, backward=backward,
+                  heads, _head_dims(head_dim), peers, peer_timeout, json_out, plot=plot, backward=backward,
                   backends=tuple(b for b in backend.split(",") if b))
     except (SpecError, ArgumentError, RuntimeError) as e:
         _fail(e)
