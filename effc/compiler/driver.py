@@ -57,6 +57,21 @@ class Compilation:
     def schedule_name(self) -> str:
         return self.rules.schedule
 
+    @property
+    def branch_split(self):
+        """A spec with branches: its branches' specs (passes.branches)."""
+        if "_branch_split" not in self._stages:
+            from ..passes.branches import split_branches
+            name = self.name or (self.module.local or tuple(s.name for s in self.module.specs))[0]
+            self._stages["_branch_split"] = split_branches(self.module, name)
+        return self._stages["_branch_split"]
+
+    @property
+    def parts(self) -> list["Compilation"]:
+        """A spec with branches: each branch's spec compiled on its own, in the order they run."""
+        split = self.branch_split
+        return [self._branches.setdefault(p, Compilation(split.module, p)) for p in split.parts]
+
     def branch(self, family: str) -> "Compilation":
         """A hybrid's softmax or linear branch, compiled on its own."""
         if family not in self._branches:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..passes.autodiff import differentiate
+from ..passes.branches import PerBranch
 from ..passes.decay_dot import factor_decays
 from ..passes.fusion import fuse
 from ..passes.grad_terms import place_gradient_terms
@@ -62,6 +63,16 @@ def _linear_fused(c):
     return partition_gradients(c.typed, fused, c.backward, split, dict(fused.hoisted))
 
 
+def _per_branch(c, stage: str) -> PerBranch:
+    return PerBranch(c.branch_split.spec, c.branch_split.parts, tuple(getattr(p, stage) for p in c.parts))
+
+
+def _ir(c):
+    if c.module.family(c.name) == "branched":
+        return _per_branch(c, "ir")
+    return lower(c.module, c.name)
+
+
 @dataclass(frozen=True)
 class Family:
     """How each family-dependent pass runs for one family."""
@@ -91,6 +102,14 @@ FAMILIES = {f.name: f for f in (
            fused=lambda c: softmax_plan(c.typed, c.legality, c.backward),
            plan=lambda c: c.fused,
            emit=_emit_softmax),
+    # a spec with branches compiles as one softmax spec per branch (passes.branches)
+    Family("branched", "online softmax walks, one per branch, merged per token",
+           typed=lambda c: _per_branch(c, "typed"),
+           legality=lambda c: _per_branch(c, "legality"),
+           backward=lambda c: _per_branch(c, "backward"),
+           fused=lambda c: _per_branch(c, "fused"),
+           plan=lambda c: _per_branch(c, "plan"),
+           emit=lambda c, backend: "\n\n".join(p.emit(backend) for p in c.parts)),
     # a hybrid compiles as its two branches (passes.hybrid), each a spec of one family
     Family("hybrid", "hybrid: online softmax (FlashAttention-2) for the score branch + chunked-state scan",
            typed=lambda c: infer_softmax_shapes(c.ir),
@@ -103,12 +122,15 @@ FAMILIES = {f.name: f for f in (
 
 
 PIPELINE: tuple[Pass, ...] = (
-    Pass("ir", "AST -> IR: scopes checked, macros inlined, SSA (passes.lower)", lambda c: lower(c.module, c.name)),
+    Pass("ir", "AST -> IR: scopes checked, macros inlined, SSA (passes.lower); a spec with branches: each "
+         "branch's spec (passes.branches)", _ir),
     Pass("typed", "a tile type for every value (passes.shapes; passes.softmax for a score stage); factored "
          "decays across a score matmul made one decay_dot (passes.decay_dot)",
          lambda c: c.rules.typed(c)),
-    Pass("split", "a hybrid's two branches, a softmax spec and a linear one (passes.hybrid); none otherwise",
-         lambda c: split_hybrid(c.typed, softmax_value_types(c.typed)) if c.typed.family == "hybrid" else None),
+    Pass("split", "a hybrid's two branches, a softmax spec and a linear one (passes.hybrid); a spec with branches: "
+         "one softmax spec per branch (passes.branches); none otherwise",
+         lambda c: split_hybrid(c.typed, softmax_value_types(c.typed)) if c.typed.family == "hybrid"
+         else c.branch_split if c.typed.family == "branched" else None),
     Pass("legality", "the schedule: which stages run chunk-parallel, what the walk carries (passes.legality, "
          "passes.softmax)", lambda c: c.rules.legality(c)),
     Pass("backward", "the derived backward (passes.autodiff; passes.softmax_bwd)", lambda c: c.rules.backward(c)),

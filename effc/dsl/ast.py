@@ -172,6 +172,19 @@ class SpecDef:
     chunk_loc: Loc = _loc()  # the 'chunk N' line, for errors (the spec's own loc when absent)
     extends_loc: Loc = _loc()  # the name after 'extends', for errors
     keypos: tuple["KeyPos", ...] = ()  # softmax family: positions of a key sequence's keys
+    branches: tuple["Branch", ...] = ()  # softmax family: walks merged in `merge` (passes.branches)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """`branch name { output ...; keypos ...; select {...} score {...} merge {...} }`: one softmax walk of a
+    spec with several; its merge writes its outputs, which the spec's own merge combines (NSA's branches)."""
+
+    name: str
+    outputs: tuple[Decl, ...]
+    keypos: tuple["KeyPos", ...]
+    stages: tuple[Stage, ...]
+    loc: Loc = _loc()
 
 
 @dataclass(frozen=True)
@@ -204,9 +217,10 @@ class Module:
     local: tuple[str, ...] = field(default=(), compare=False)  # specs defined in this file itself
 
     def family(self, name: str | None = None) -> str | None:
-        """'linear' (a chunked state), 'softmax' (a score stage) or 'hybrid' (both), for spec `name` (or
-        the file's only spec) and the specs it extends; None when the name picks no spec. The lowering
-        reads it to choose its stage rules; the IR then carries it (Spec.family)."""
+        """'linear' (a chunked state), 'softmax' (a score stage), 'hybrid' (both) or 'branched' (several
+        softmax walks merged: passes.branches), for spec `name` (or the file's only spec) and the specs it
+        extends; None when the name picks no spec. The lowering reads it to choose its stage rules; the IR
+        then carries it (Spec.family)."""
         specs = {s.name: s for s in self.specs}
         local = self.local or tuple(specs)
         s = specs.get(name) if name else (specs.get(local[0]) if len(local) == 1 else None)
@@ -215,6 +229,8 @@ class Module:
         score = state = False
         seen = set()
         while s is not None and s.name not in seen:
+            if s.branches:  # (or a spec it extends: passes.branches refuses that with the reason)
+                return "branched"
             seen.add(s.name)
             score |= any(st.name in ("score", "prefix", "select") for st in s.stages)
             state |= any(d.kind == "state" for d in s.decls)

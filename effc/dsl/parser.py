@@ -217,8 +217,16 @@ class _Builder(lark.Transformer):
             raise SpecError("chunk size declared twice", chunks[1][2], "one 'chunk N' line per spec")
         chunk, chunk_loc = (chunks[0][1], chunks[0][2]) if chunks else (None, self._loc(meta))
         keypos = tuple(m for m in members if isinstance(m, ast.KeyPos))
+        branches = tuple(m for m in members if isinstance(m, ast.Branch))
         return ast.SpecDef(name, decls, params, chunk, stages, extends, self._loc(meta), chunk_loc, extends_loc,
-                           keypos)
+                           keypos, branches)
+
+    @lark.v_args(meta=True)
+    def branch(self, meta, c):
+        members = c[1:]
+        return ast.Branch(str(c[0]), tuple(m for m in members if isinstance(m, ast.Decl)),
+                          tuple(m for m in members if isinstance(m, ast.KeyPos)),
+                          tuple(m for m in members if isinstance(m, ast.Stage)), self._loc(meta))
 
     @lark.v_args(meta=True)
     def def_stmt(self, meta, c):

@@ -63,8 +63,11 @@ _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 def make_op(comp, backend: str = "triton"):
     """The op for a compilation: SoftmaxOp for the softmax family, HybridOp for a spec with a state and a
-    score stage, AttentionOp otherwise."""
+    score stage, BranchedOp for a spec with branches, AttentionOp otherwise."""
     family = comp.ir.family
+    if family == "branched":
+        from .branched_op import BranchedOp
+        return BranchedOp(comp, "triton" if backend == "auto" else backend)
     if family != "linear":
         backend = "triton" if backend == "auto" else backend  # the softmax family has one backend
         return HybridOp(comp, backend) if family == "hybrid" else SoftmaxOp(comp, backend)
