@@ -156,6 +156,19 @@ def _check(sdef: ast.SpecDef) -> ast.Stage:
     return merge
 
 
+def _params_read(params: tuple[ast.Param, ...], reads: set[str]) -> tuple[ast.Param, ...]:
+    """The params a branch reads, and those their defaults read (a call-time value reaches the branches that
+    declare it)."""
+    by_name = {p.name: p for p in params}
+    need, todo = set(), [n for n in reads if n in by_name]
+    while todo:
+        n = todo.pop()
+        if n not in need:
+            need.add(n)
+            todo += [x for x in _reads(by_name[n].default, set()) if x in by_name]
+    return tuple(p for p in params if p.name in need)
+
+
 def split_branches(module: ast.Module, name: str) -> BranchSplit:
     """The specs of spec `name`'s branches (see the module doc), added to `module`."""
     specs = {s.name: s for s in module.specs}
@@ -185,7 +198,7 @@ def split_branches(module: ast.Module, name: str) -> BranchSplit:
             raise SpecError(f"branch '{b.name}' reads no input of spec '{sdef.name}'", b.loc, "a score over inputs")
         part = f"{sdef.name}__{b.name}"
         parts.append(part)
-        specs.append(ast.SpecDef(part, decls, sdef.params, sdef.chunk, stages + (body,), None, b.loc,
-                                 sdef.chunk_loc, sdef.extends_loc, b.keypos))
+        specs.append(ast.SpecDef(part, decls, _params_read(sdef.params, reads), sdef.chunk, stages + (body,), None,
+                                 b.loc, sdef.chunk_loc, sdef.extends_loc, b.keypos))
     mod = ast.Module(module.funcs, module.specs + tuple(specs), module.file, tuple(parts))
     return BranchSplit(sdef.name, tuple(parts), tuple(writes), mod)

@@ -70,7 +70,7 @@ def library():
     by_family: dict[str, list] = {}
     for p in library_files():
         by_family.setdefault(parse_file(p).family(), []).append(p)
-    for family in ("linear", "softmax", "hybrid"):
+    for family in ("linear", "softmax", "hybrid", "branched"):
         typer.echo(f"{family}:")
         for p in by_family.get(family, []):
             lines = [ln[1:].strip() for ln in p.read_text().splitlines() if ln.startswith("#")]
@@ -86,33 +86,38 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
          dims: str = typer.Option("", help="feature dims for --stage tiled, e.g. K=128,V=128 (default 128 each)"),
          backend: str = typer.Option("triton", help="the code generator for --stage source: triton or tilelang")):
     """Print one stage of the pipeline: text -> AST -> IR -> passes -> plan -> source."""
-    from ..ir import print_spec
-    from ..policy.tiling import Problem, choose, tiling_space
     try:
         comp = _compilation(spec)
         if stage not in STAGES:
             raise typer.BadParameter(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
-        if stage == "ast":
-            typer.echo("\n".join(repr(s) for s in comp.module.specs))
-        elif stage in ("ir", "typed"):
-            typer.echo(print_spec(getattr(comp, stage)))
-        elif stage == "tiled" and comp.typed.score.ops:  # the softmax family
-            from ..passes.softmax import choose_softmax_tiles
-            sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
-            typer.echo(f"for {sizes}: {choose_softmax_tiles(comp.typed, sizes, interpreting=False)}")
-        elif stage == "tiled":
-            B, T, H = _parse_shape(shape)
-            sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
-            typer.echo(str(tiling_space(comp.typed, comp.legality)))
-            cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
-            typer.echo(f"for B={B} T={T} H={H} {sizes}: {cfg}")
-        elif stage == "source":
-            typer.echo(comp.source(backend))
-        else:
-            value = getattr(comp, stage)
-            typer.echo(f"{stage}: none for a {comp.ir.family} spec" if value is None else str(value))
+        typer.echo(_stage_text(comp, stage, shape, dims, backend))
     except (SpecError, CodegenError, NotImplementedError) as e:
         _fail(e)
+
+
+def _stage_text(comp, stage: str, shape: str, dims: str, backend: str) -> str:
+    """`effc show`'s text of one stage; a spec with branches: each branch's spec in turn (passes.branches)."""
+    from ..ir import print_spec
+    from ..policy.tiling import Problem, choose, tiling_space
+    if stage == "ast":
+        return "\n".join(repr(s) for s in comp.module.specs)
+    if stage == "source":
+        return comp.source(backend)
+    if comp.ir.family == "branched" and stage != "split":
+        return "\n\n".join(f"# branch spec {p.name}\n" + _stage_text(p, stage, shape, dims, backend) for p in comp.parts)
+    if stage in ("ir", "typed"):
+        return print_spec(getattr(comp, stage))
+    if stage == "tiled" and comp.typed.score.ops:  # the softmax family
+        from ..passes.softmax import choose_softmax_tiles
+        sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
+        return f"for {sizes}: {choose_softmax_tiles(comp.typed, sizes, interpreting=False)}"
+    if stage == "tiled":
+        B, T, H = _parse_shape(shape)
+        sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
+        cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
+        return f"{tiling_space(comp.typed, comp.legality)}\nfor B={B} T={T} H={H} {sizes}: {cfg}"
+    value = getattr(comp, stage)
+    return f"{stage}: none for a {comp.ir.family} spec" if value is None else str(value)
 
 
 @app.command("compile")
@@ -122,38 +127,49 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
              shape: str = typer.Option("2,8192,16", help="B,T,H to explain the tiling choice for"),
              dims: str = typer.Option("", help="feature dims, e.g. K=128,V=128 (default 128 each)")):
     """Compile a spec; write the generated module and say what the compiler chose and why."""
-    from ..policy.tiling import Problem, choose
     try:
         comp = _compilation(spec)
         source = comp.source(backend)
         B, T, H = _parse_shape(shape)
-        sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
-        if comp.typed.score.ops:  # the softmax family: blocks of the key-block walk
-            from ..passes.softmax import choose_softmax_tiles
-            cfg = choose_softmax_tiles(comp.typed, sizes, interpreting=False)
-        else:
-            cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
+        sizes = _parse_dims(dims)
+        explained = [_explain(p, B, T, H, sizes) for p in (comp.parts if comp.ir.family == "branched" else [comp])]
     except (SpecError, CodegenError, NotImplementedError) as e:
         _fail(e)
     out_dir = output or Path("effc_out")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{comp.typed.name}_{backend}.py"
     path.write_text(source)
-    typer.echo(f"spec {comp.typed.name}: schedule {getattr(comp, 'schedule_name', 'chunked-state scan')}")
-    typer.echo(str(comp.legality))
+    if comp.ir.family == "branched":
+        typer.echo(f"spec {comp.typed.name}: schedule {comp.schedule_name}; {comp.branch_split}")
+    typer.echo("\n".join(explained))
+    if comp.ir.family != "branched":
+        typer.echo(_memory_line(comp, B, T, H, {d: 128 for d in comp.typed.dims} | sizes))
+    typer.echo(f"wrote {path}")
+
+
+def _explain(comp, B: int, T: int, H: int, given: dict) -> str:
+    """What the compiler chose for one spec (a branch's, for a spec with branches), and why."""
+    from ..policy.tiling import Problem, choose
+    sizes = {d: 128 for d in comp.typed.dims} | given
+    if comp.typed.score.ops:  # the softmax family: blocks of the key-block walk
+        from ..passes.softmax import choose_softmax_tiles
+        cfg = choose_softmax_tiles(comp.typed, sizes, interpreting=False)
+    else:
+        cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
+    lines = [f"spec {comp.typed.name}: schedule {getattr(comp, 'schedule_name', 'chunked-state scan')}",
+             str(comp.legality)]
     fused = comp.fused
     default = getattr(fused, "partition", None)
-    typer.echo("fused stages: " + "; ".join(f"{k.name} = {' + '.join(k.stages)}" for k in fused.kernels
-                                            if not getattr(k, "partitions", ()) or default in k.partitions))
+    lines.append("fused stages: " + "; ".join(f"{k.name} = {' + '.join(k.stages)}" for k in fused.kernels
+                                              if not getattr(k, "partitions", ()) or default in k.partitions))
     for c in getattr(fused, "partitions", ()):
-        typer.echo(f"gradient partition {c.name}: {', '.join(c.kernels)} (model: ~{c.us:.0f} us at 2x8192, H=16, "
-                   f"d=128)" + (", the default" if c.name == default else ""))
+        lines.append(f"gradient partition {c.name}: {', '.join(c.kernels)} (model: ~{c.us:.0f} us at 2x8192, H=16, "
+                     f"d=128)" + (", the default" if c.name == default else ""))
     if getattr(comp.fused, "hoisted", ()):
-        typer.echo(f"hoisted: {', '.join(n for n, _ in comp.fused.hoisted)} (state-free, from an in-chunk solve): "
-                   "the prep kernel computes them for every chunk in parallel; the walk and the backward load them")
-    typer.echo(f"tiling for B={B} T={T} H={H} {sizes}: {cfg}")
-    typer.echo(_memory_line(comp, B, T, H, sizes))
-    typer.echo(f"wrote {path}")
+        lines.append(f"hoisted: {', '.join(n for n, _ in comp.fused.hoisted)} (state-free, from an in-chunk solve): "
+                     "the prep kernel computes them for every chunk in parallel; the walk and the backward load them")
+    lines.append(f"tiling for B={B} T={T} H={H} {sizes}: {cfg}")
+    return "\n".join(lines)
 
 
 def _memory_line(comp, B: int, T: int, H: int, sizes: dict) -> str:
