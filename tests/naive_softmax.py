@@ -322,3 +322,21 @@ NAIVE_SOFTMAX["infllm_v2"] = infllm_v2
 NAIVE_CHOICE = {"moba": lambda q, k, round_to=None: block_choice(q, k, 64, 16, round_to=round_to),
                 "topp": lambda q, k, round_to=None: topp_choice(q, k, 64, 0.9, 32, round_to),
                 "infllm_v2": lambda q, k, round_to=None: infllm_choice(q, k, 64, 16, round_to)}
+
+
+def nsa(q, kc, vc, k, v, gc, gs, gw, block=64, topk=16, window=512, stride=16, length=32):
+    """NSA (arXiv:2502.11089) as library/nsa.attn writes it: the compressed keys s standing at token
+    stride * s + length - 1; the top-k blocks by InfLLM-V2's rule (blocks 0, qb - 1, qb forced, the group's
+    summed mean-key scores; infllm_choice); a causal window; the three outputs summed with sigmoid gates."""
+    T = q.shape[1]
+    i, j = positions(T)
+    s = torch.arange(kc.shape[1]).reshape(1, -1)
+    oc = attend(q, kc, vc, stride * s + length - 1 <= i)[0]
+    chosen = infllm_choice(q, k, block, topk)
+    os_ = attend(q, k, v, chosen[..., j.reshape(-1) // block].reshape(chosen.shape[:3] + (T,)) & (j <= i))[0]
+    ow = attend(q, k, v, (j <= i) & (i - j < window))[0]
+    gate = [torch.sigmoid(g.double())[..., None] for g in (gc, gs, gw)]
+    return gate[0] * oc + gate[1] * os_ + gate[2] * ow
+
+
+NAIVE_BRANCHED = {"nsa": nsa}

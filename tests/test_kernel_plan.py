@@ -24,10 +24,13 @@ def jit_signatures(source: str) -> dict[str, list[str]]:
 
 
 def plan_kernels(comp) -> dict[str, Kernel]:
-    """Every kernel of the spec's plan (a hybrid's: both branches'), by generated function name."""
-    spec = comp.typed.name
-    return {f"{spec}_{k.name}_kernel": k for k in comp.plan.kernels} if comp.ir.family != "hybrid" else {
-        **plan_kernels(comp.branch("softmax")), **plan_kernels(comp.branch("linear"))}
+    """Every kernel of the spec's plan (a hybrid's: both branches'; a spec with branches: each branch's), by
+    generated function name."""
+    if comp.ir.family == "branched":
+        return {n: k for p in comp.parts for n, k in plan_kernels(p).items()}
+    if comp.ir.family == "hybrid":
+        return {**plan_kernels(comp.branch("softmax")), **plan_kernels(comp.branch("linear"))}
+    return {f"{comp.typed.name}_{k.name}_kernel": k for k in comp.plan.kernels}
 
 
 def mismatches(source: str, kernels: dict[str, Kernel]) -> list[str]:

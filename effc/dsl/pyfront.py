@@ -263,6 +263,9 @@ class _Reader:
 
     def stage(self, w: py.With) -> ast.Stage:
         item = w.items[0]
+        if self.marker(item.context_expr, "branch") is not None:
+            raise self.fail(w, "a branch (passes.branches) is not written in @attention_spec yet",
+                            "the spec in .attn text: branch NAME { output ...; score {...} merge {...} }")
         name = item.context_expr.id if isinstance(item.context_expr, py.Name) else None
         if len(w.items) != 1 or item.optional_vars is not None or name not in ("intra", "merge", "inter", "score",
                                                                                 "prefix", "select"):

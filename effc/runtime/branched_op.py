@@ -17,11 +17,11 @@ _KNOBS = ("chunk", "num_warps", "num_stages", "segments", "defer_merge")
 class BranchedOp:
     """Call like a softmax op: `op(*inputs, cu_seqlens=None, chunk=, block=, **params)` -> (outputs, None)."""
 
-    def __init__(self, comp, backend: str = "triton"):
-        from .softmax_op import SoftmaxOp
+    def __init__(self, comp, parts: list, backend: str = "triton"):
+        """`parts`: the branches' softmax ops, in the order they run (runtime.softmax_op.make_op)."""
         self.comp, self.backend = comp, backend
         self.split = comp.branch_split
-        self.parts = [SoftmaxOp(p, backend) for p in comp.parts]
+        self.parts = parts
         self.name = self.split.spec
         self.spec = _signature(self.name, comp.branch_split.module, self.parts)
         self.last_config = None

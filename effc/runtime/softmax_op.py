@@ -33,6 +33,7 @@ from .checks import (
     param_values,
     rebuild,
 )
+from .branched_op import BranchedOp
 from .launch import launch_fitting
 from .select_op import kernel_choice, selection_buffers
 from .softmax_oracle import evaluate_softmax
@@ -66,8 +67,8 @@ def make_op(comp, backend: str = "triton"):
     score stage, BranchedOp for a spec with branches, AttentionOp otherwise."""
     family = comp.ir.family
     if family == "branched":
-        from .branched_op import BranchedOp
-        return BranchedOp(comp, "triton" if backend == "auto" else backend)
+        backend = "triton" if backend == "auto" else backend
+        return BranchedOp(comp, [SoftmaxOp(p, backend) for p in comp.parts], backend)
     if family != "linear":
         backend = "triton" if backend == "auto" else backend  # the softmax family has one backend
         return HybridOp(comp, backend) if family == "hybrid" else SoftmaxOp(comp, backend)
