@@ -146,3 +146,29 @@ def test_the_python_front_end_says_branches_are_text_only():
             pass
     with pytest.raises(SpecError, match="not written in @attention_spec yet"):
         parse_function(t)
+
+
+def test_the_tools_see_the_branches():
+    from typer.testing import CliRunner
+
+    from effc.tools.cli import app
+    from effc.tools.peers import PEERS, peer_scale
+    op = effc.load("nsa")
+    assert [p.label for p in PEERS["nsa"]] == ["torch SDPA causal (flash), dense",
+                                             "fla parallel_nsa (16 query heads per kv head, own compression)"]
+    assert peer_scale(op, 128) == pytest.approx(128 ** -0.5)
+    dims = {"K": 128, "V": 128}
+    assert op.flops(1, 4096, 16, dims) == sum(p.flops(1, 4096, 16, dims) for p in op.parts)
+    r = CliRunner().invoke(app, ["tune", "nsa", "--dry-run"])
+    assert r.exit_code != 0 and "has branches" in r.output
+    r = CliRunner().invoke(app, ["library"])
+    assert "branched:" in r.output and "nsa " in r.output
+    r = CliRunner().invoke(app, ["show", "nsa", "--stage", "typed"])
+    assert r.exit_code == 0 and r.output.count("# branch spec nsa__") == 3
+
+
+def test_the_last_config_names_every_branch():
+    op = effc.load(SMALL)
+    op(*_inputs(op, 1, 40, 2))
+    cfg = op.last_config
+    assert cfg.chunk == 16 and str(cfg).count("nsa_small__") == 3 and cfg.reasons[0].startswith("nsa_small__cmp: ")

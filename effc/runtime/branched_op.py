@@ -3,7 +3,7 @@ their outputs per token; the last reads them and runs the spec's merge in its wa
 chains the backwards: the last branch's backward gives the earlier outputs' cotangents."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -12,6 +12,26 @@ from ..errors import ArgumentError
 # call knobs every branch takes; `block` goes to the branches without a select stage (a select stage's walk
 # runs its own block)
 _KNOBS = ("chunk", "num_warps", "num_stages", "segments", "defer_merge")
+
+
+@dataclass(frozen=True)
+class BranchConfigs:
+    """The tiles of each branch's last call. chunk, block, warps and stages read as the last branch's (the one
+    running the spec's merge), for the tools that print one config; str() gives them all."""
+
+    parts: tuple
+
+    def __getattr__(self, knob: str):
+        if knob.startswith("_"):
+            raise AttributeError(knob)
+        return getattr(self.parts[-1][1], knob)
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return tuple(f"{name}: {r}" for name, cfg in self.parts for r in cfg.reasons)
+
+    def __str__(self) -> str:
+        return "; ".join(f"{name}: {cfg}" for name, cfg in self.parts)
 
 
 class BranchedOp:
@@ -66,7 +86,7 @@ class BranchedOp:
     def __call__(self, *tensors, cu_seqlens=None, **given):
         dtype = tensors[0].dtype if tensors else None
         out = self._run(lambda op: op, tensors, cu_seqlens, given, lambda x: x.to(dtype))
-        self.last_config = "; ".join(f"{op.name}: {op.last_config}" for op in self.parts)
+        self.last_config = BranchConfigs(tuple((op.name, op.last_config) for op in self.parts))
         return out
 
     def reference(self, *tensors, cu_seqlens=None, dtype=torch.float64, matmul_dtype=None, initial_state=None,
@@ -79,6 +99,14 @@ class BranchedOp:
         def call(op):
             return lambda *a, **kw: op.reference(*a, dtype=dtype, matmul_dtype=matmul_dtype, **kw)
         return self._run(call, tensors, cu_seqlens, params, lambda x: x.to(cast))
+
+    def param_values(self, dims: dict[str, int], given: dict) -> dict[str, float]:
+        """Every branch's param values at these dims (a param several branches read has one value)."""
+        out: dict[str, float] = {}
+        for op in self.parts:
+            own = {p.name for p in op.spec.params}
+            out.update(op.param_values(dims, {k: v for k, v in given.items() if k in own}))
+        return out
 
     def recurrent_reference(self, *tensors, **kw):
         return self.reference(*tensors, **kw)

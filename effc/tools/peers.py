@@ -59,6 +59,22 @@ def _fla_rwkv7(B, T, H, D):
     return run
 
 
+def _fla_nsa(B, T, H, D):
+    """fla's parallel_nsa for the nsa spec's shape of work: it needs 16 query heads (a power of two) per key/value
+    head, so it reads the first H // 16 key/value heads, and it forms its compressed keys itself (mean pooling
+    over blocks of 64, no overlap); gates through sigmoid, top-16 blocks of 64, a window of 512. A timing peer:
+    the same three branches, not the same numbers."""
+    import torch
+    from fla.ops.nsa import parallel_nsa
+
+    def run(q, k, v, gc, gs, gw, *, scale):
+        hk = max(1, q.shape[2] // 16)
+        k, v = k[:, :, :hk].contiguous(), v[:, :, :hk].contiguous()
+        return parallel_nsa(q, k, v, torch.sigmoid(gc), torch.sigmoid(gs), torch.sigmoid(gw), block_counts=16,
+                            block_size=64, window_size=512, scale=scale)
+    return run
+
+
 def _softmax_peer(build):
     """A softmax-family peer (effc/tools/softmax_peers.py) in this table's form; its set-up (block masks,
     compiled FlexAttention) runs once per input set, outside the timed calls."""
@@ -116,6 +132,8 @@ PEERS: dict[str, tuple[Peer, ...]] = {
     "log_linear_attn": (Peer("fla chunk_log_linear_attn", ("q", "k", "v", "g", "lam"),
                              _fla("fla.ops.log_linear_attn", "chunk_log_linear_attn")),),
 }
+PEERS["nsa"] = PEERS.get("nsa", ()) + (Peer("fla parallel_nsa (16 query heads per kv head, own compression)",
+                                            ("q", "k", "v", "gc", "gs", "gw"), _fla_nsa),)
 
 
 def time_training_step(forward, leaves, grad_out, own_leaves=list) -> tuple[float, float]:

@@ -344,4 +344,5 @@ PEERS_SOFTMAX = {
     "infllm_v2": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True)),
                   ("FlexAttention, effc's BlockMask", _QKV, _flex_select("infllm_v2", _causal_pairs))],
     "nsa_cmp": [("torch SDPA (efficient), block-end mask over S keys", ("q", "kc", "vc"), _nsa_cmp)],
+    "nsa": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True))],  # fla's parallel_nsa: tools/peers.py
 }
