@@ -172,3 +172,9 @@ def test_the_last_config_names_every_branch():
     op(*_inputs(op, 1, 40, 2))
     cfg = op.last_config
     assert cfg.chunk == 16 and str(cfg).count("nsa_small__") == 3 and cfg.reasons[0].startswith("nsa_small__cmp: ")
+
+
+def test_context_parallel_refuses_with_the_reason():
+    from effc.distributed import context_parallel
+    with pytest.raises(NotImplementedError, match="spec with branches"):
+        context_parallel(effc.load(SMALL))

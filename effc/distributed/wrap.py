@@ -30,6 +30,9 @@ def context_parallel(op, group=None, layout: str = "contiguous", schedule: str =
     it applies and why not; False keeps the serial schedule (summary, gather, fold, local run)."""
     family = op.comp.ir.family
     check_schedule(schedule)
+    if family == "branched":
+        raise NotImplementedError(f"context parallel for {op.name}: a spec with branches (passes.branches) is not "
+                                  "sharded yet; each branch's spec alone is (effc.load of it, or its op.parts)")
     if family == "softmax":
         if schedule != "allgather":
             raise NotImplementedError(f"context parallel for {op.name}: schedule={schedule!r} for the softmax family "
