@@ -1,4 +1,4 @@
-"""On the GPU: every softmax-family library spec in bf16 at B=2, T=4096, H=16, D=128, forward and
+"""On the GPU: every softmax-family library spec (and every spec with branches) in bf16 at B=2, T=4096, H=16, D=128, forward and
 gradients, against the float64 oracle; no worse than 2x a PyTorch bf16 reference (the oracle with its
 matmul operands rounded to bf16; its gradients through autograd) - the tolerance policy of
 effc.runtime.verify. Plus grouped heads with packed sequences, and causal softmax beside SDPA."""
@@ -35,7 +35,10 @@ def _check(op, xs, params=None, cu=None, grads=True):
     return o
 
 
-@pytest.mark.parametrize("name", effc.library_names("softmax"))
+WALKS = effc.library_names("softmax") + effc.library_names("branched")  # a spec with branches: several walks
+
+
+@pytest.mark.parametrize("name", WALKS)
 def test_bf16_forward(name):
     op = effc.load(name)
     xs = random_inputs(op.spec, B, T, H, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=3)
@@ -43,7 +46,7 @@ def test_bf16_forward(name):
         _check(op, xs, grads=False)
 
 
-@pytest.mark.parametrize("name", effc.library_names("softmax"))
+@pytest.mark.parametrize("name", WALKS)
 def test_bf16_gradients(name):
     """Smaller: the float64 oracle keeps every [T, T] intermediate for autograd."""
     op = effc.load(name)
