@@ -138,13 +138,60 @@ def test_a_spec_extending_one_with_branches_is_refused():
         compile_text(text, "u", file="t.attn").ir
 
 
-def test_the_python_front_end_says_branches_are_text_only():
-    from effc.dsl.pyfront import Input, Output, parse_function
+def test_the_python_front_end_gives_the_same_tree():
+    from effc.dsl import parse_file
+    from effc.dsl.pyfront import Input, Output, Param, block, branch, force, keypos, mask, merge, parse_function, score
+    from effc.dsl.pyfront import select, shared
+
+    def nsa_small(q: Input("B", "T", "H", "K"), kc: Input("B", "S", "H", "K", "key"),
+                  vc: Input("B", "S", "H", "V", "key"), k: Input("B", "T", "H", "K", "key"),
+                  v: Input("B", "T", "H", "V", "key"), gc: Input("B", "T", "H"), gs: Input("B", "T", "H"),
+                  gw: Input("B", "T", "H")) -> Output("o", "B", "T", "H", "V"):
+        scale = Param(K ** -0.5)  # noqa: F821
+        window = Param(24)
+        with branch("cmp", Output("oc", "B", "T", "H", "V")):
+            keypos(S, S * 8 + 15)  # noqa: F821
+            with score:
+                s = (q @ kc.T) * scale
+                mask(kpos <= qpos)  # noqa: F821
+            with merge:
+                oc = softmax(s) @ vc  # noqa: F821
+        with branch("slc", Output("os", "B", "T", "H", "V")):
+            with select:
+                block(16)
+                g = q @ blockmean(k).T  # noqa: F821
+                mask(kblock < qblock)  # noqa: F821
+                force(kblock == 0)  # noqa: F821
+                force(kblock == qblock)  # noqa: F821
+                force(kblock == qblock - 1)  # noqa: F821
+                shared("sum")
+                topk(g, 4)  # noqa: F821
+            with score:
+                s = (q @ k.T) * scale
+                mask(kpos <= qpos)  # noqa: F821
+            with merge:
+                os = softmax(s) @ v  # noqa: F821
+        with branch("win", Output("ow", "B", "T", "H", "V")):
+            with score:
+                s = (q @ k.T) * scale
+                mask(qpos - window < kpos <= qpos)  # noqa: F821
+            with merge:
+                ow = softmax(s) @ v  # noqa: F821
+        with merge:
+            o = sigmoid(gc)[:, None] * oc + sigmoid(gs)[:, None] * os + sigmoid(gw)[:, None] * ow  # noqa: F821
+
+    assert parse_function(nsa_small).specs == parse_file(SMALL).specs
+    op = effc.attention_spec(nsa_small)
+    _check(op, _inputs(op, 1, 100, 2, seed=5), SMALL_SIZES)
+
+
+def test_the_python_front_end_locates_a_bad_branch():
+    from effc.dsl.pyfront import Input, Output, branch, parse_function
 
     def t(q: Input("B", "T", "H", "K")) -> Output("o", "B", "T", "H", "K"):
-        with branch("a"):  # noqa: F821
+        with branch(1):
             pass
-    with pytest.raises(SpecError, match="not written in @attention_spec yet"):
+    with pytest.raises(SpecError, match="is not a branch"):
         parse_function(t)
 
 

@@ -26,6 +26,10 @@ into the same `dsl.ast` that the `.attn` text gives. The two forms map line for 
   (`pass` for an empty stage). Declarations keep .attn's order: inputs, outputs, states.
 - Params live in the body, not as signature defaults: Python evaluates defaults when `def` runs,
   so `scale=K ** -0.5` would fail with a NameError before the decorator ever saw it.
+- The softmax family: `with score:` / `with prefix:` / `with select:` stages (`mask(pred)`, `force(pred)`,
+  `block(64)`, `shared("sum")`, `topk(g, 16)` lines), `keypos(S, (S + 1) * 32 - 1)` for a key sequence of its
+  own, and `with branch("cmp", Output("oc", "B", "T", "H", "V")):` holding a branch's keypos and stages
+  (.attn's `branch cmp { output oc: [B, T, H, V] ... }`).
 - Expressions: + - * / @ **, unary -, x.T, x[:, None], f(a, b), names, int/float literals.
   Names such as `exp`, `cumsum`, `K` or `inf` need not exist in Python: the body is never run.
 """
@@ -41,7 +45,7 @@ from . import ast
 from .ast import ANNOTATIONS
 
 __all__ = ["parse_function", "Input", "Output", "State", "Param", "intra", "merge", "inter",
-           "score", "prefix", "mask", "select", "force", "block"]
+           "score", "prefix", "mask", "select", "force", "block", "shared", "keypos", "branch"]
 
 
 # ---- markers: imported so names resolve; only the source text that uses them is read -------------
@@ -97,6 +101,16 @@ def block(size: int) -> None:
 def shared(how: str) -> None:
     """`shared("sum")` inside `with select:`: one choice per key/value head group (.attn's `shared sum`).
     Never executed."""
+
+
+def keypos(dim, position) -> None:
+    """`keypos(S, (S + 1) * 32 - 1)` in the spec body (or a branch): where key S of a key sequence of its own
+    sits on the query's token axis (.attn's `keypos S = (S + 1) * 32 - 1`). Never executed."""
+
+
+def branch(name: str, *outputs) -> None:
+    """`with branch("cmp", Output("oc", "B", "T", "H", "V")):` opens a branch (passes.branches): its outputs, then
+    in its body keypos(...) and the `with select:` / `with score:` / `with merge:` stages. Never executed."""
 
 # ---- the translation ------------------------------------------------------------------------------
 _BINOPS = {py.Add: "add", py.Sub: "sub", py.Mult: "mul", py.Div: "div", py.MatMult: "matmul", py.Pow: "pow"}
@@ -263,9 +277,6 @@ class _Reader:
 
     def stage(self, w: py.With) -> ast.Stage:
         item = w.items[0]
-        if self.marker(item.context_expr, "branch") is not None:
-            raise self.fail(w, "a branch (passes.branches) is not written in @attention_spec yet",
-                            "the spec in .attn text: branch NAME { output ...; score {...} merge {...} }")
         name = item.context_expr.id if isinstance(item.context_expr, py.Name) else None
         if len(w.items) != 1 or item.optional_vars is not None or name not in ("intra", "merge", "inter", "score",
                                                                                 "prefix", "select"):
@@ -333,12 +344,18 @@ class _Reader:
                             "params in the body, e.g. scale = Param(K ** -0.5)")
         decls = [self.input_decl(p) for p in a.posonlyargs + a.args + a.kwonlyargs]
         decls += self.output_decls(node)
-        params, stages = [], []
+        params, stages, keypos, branches = [], [], [], []
         for i, s in enumerate(node.body):
             if i == 0 and isinstance(s, py.Expr) and isinstance(getattr(s.value, "value", None), str):
                 continue  # docstring
+            if isinstance(s, py.With) and self.marker(s.items[0].context_expr, "branch") is not None:
+                branches.append(self.branch(s))
+                continue
             if isinstance(s, py.With):
                 stages.append(self.stage(s))
+                continue
+            if (kp := self.keypos_statement(s)) is not None:
+                keypos.append(kp)
                 continue
             if isinstance(s, py.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], py.Name):
                 target = s.targets[0].id
@@ -362,7 +379,43 @@ class _Reader:
         self.check_annotation_typos(decls)
         if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)):
             raise self.fail(node, f"chunk={chunk!r} is not an integer", "chunk=16, 32, 64, 128 or 256")
-        return ast.SpecDef(node.name, tuple(decls), tuple(params), chunk, tuple(stages), None, self.loc(node))
+        return ast.SpecDef(node.name, tuple(decls), tuple(params), chunk, tuple(stages), None, self.loc(node),
+                           keypos=tuple(keypos), branches=tuple(branches))
+
+    def keypos_statement(self, s: py.stmt) -> ast.KeyPos | None:
+        """keypos(S, expr): .attn's `keypos S = expr`; None for another statement."""
+        call = self.marker(s.value, "keypos") if isinstance(s, py.Expr) else None
+        if call is None:
+            return None
+        if len(call.args) != 2 or not isinstance(call.args[0], py.Name):
+            raise self.fail(call, f"'{py.unparse(call)}' is not a keypos line",
+                            "keypos(S, (S + 1) * 32 - 1): the key sequence's dim, then its position")
+        return ast.KeyPos(call.args[0].id, self.expr(call.args[1]), self.loc(s))
+
+    def branch(self, w: py.With) -> ast.Branch:
+        """with branch("name", Output(...), ...): keypos(...) lines and stages, as .attn's `branch name { ... }`."""
+        call = self.marker(w.items[0].context_expr, "branch")
+        if len(w.items) != 1 or w.items[0].optional_vars is not None or not call.args \
+                or not (isinstance(call.args[0], py.Constant) and isinstance(call.args[0].value, str)):
+            raise self.fail(w, f"'with {', '.join(py.unparse(i) for i in w.items)}' is not a branch",
+                            'with branch("name", Output("o1", "B", "T", "H", "V")):')
+        outputs = []
+        for a in call.args[1:]:
+            out = self.marker(a, "Output")
+            words = self.strings(out, "Output") if out is not None else []
+            if not words:
+                raise self.fail(a, f"'{py.unparse(a)}' is not an output declaration", 'Output("o1", "B", "T", "H", "V")')
+            outputs.append(ast.Decl("output", words[0], tuple(words[1:]), (), self.loc(a)))
+        keypos, stages = [], []
+        for s in w.body:
+            if (kp := self.keypos_statement(s)) is not None:
+                keypos.append(kp)
+            elif isinstance(s, py.With):
+                stages.append(self.stage(s))
+            elif not isinstance(s, py.Pass):
+                raise self.unsupported(s, f"in branch '{call.args[0].value}'",
+                                       "keypos(S, expr) and stage blocks (with select: / with score: / with merge:)")
+        return ast.Branch(call.args[0].value, tuple(outputs), tuple(keypos), tuple(stages), self.loc(w))
 
 
 def parse_function(fn, chunk: int | None = None) -> ast.Module:
