@@ -426,6 +426,17 @@ def test_two_ranks_softmax_varlen_documents_cross_the_boundary(tmp_path):
         _check(case, [r[i] for r in results])
 
 
+def test_two_ranks_select_stage(tmp_path):
+    """A select stage over ranks: each rank's queries choose among every gathered key block and walk only
+    theirs (the forward's queries=(lo, hi)); 16-token blocks, so the choice bites at 90 tokens; a packed
+    stream with a document crossing the boundary; InfLLM-V2's group-shared choice."""
+    moba = str(ROOT / "tests" / "specs" / "moba_max_window.attn")
+    cases = [_case(moba, seed=80), _case(moba, seed=81, cu=PACKED), _case("infllm_v2", seed=82)]
+    results = _run_ranks(cases, 2, tmp_path)
+    for i, case in enumerate(cases):
+        _check(case, [r[i] for r in results])
+
+
 @pytest.mark.slow
 def test_four_ranks_softmax_family(tmp_path):
     uneven = [(0, 1), (1, 41), (41, 41), (41, 90)]  # a one-token shard, an empty one

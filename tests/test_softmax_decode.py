@@ -5,6 +5,7 @@ several new tokens, grouped K/V heads, a head dim that is not a power of two, on
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,12 +221,52 @@ def test_decode_refuses_a_prefix_it_cannot_continue(what, tmp_path):
         op.decode(*tokens, cache=cache, cache_seqlens=torch.zeros(1, dtype=torch.int32))
 
 
-def test_decode_with_a_select_stage_is_refused():
-    op = effc.load("moba")
-    with pytest.raises(NotImplementedError, match="select stage"):
+SELECT_SPECS = Path(__file__).parent / "specs"
+
+
+@pytest.mark.parametrize("name", ["moba_max_window", "infllm_v2"])
+def test_decode_with_a_select_stage(name):
+    """Sparse decoding: each new query chooses its blocks of the cached context (select kernels) and walks
+    them (the forward's kernels, per request, its new rows only). moba_max_window (16-token blocks, top 3 with
+    two forced, so the choice bites at these lengths) and infllm_v2 (group-shared, grouped heads) against the
+    oracle on each request's whole sequence and, for infllm_v2, the naive reference."""
+    from naive_softmax import NAIVE_SOFTMAX
+    op = effc.load(str(SELECT_SPECS / f"{name}.attn") if name == "moba_max_window" else name)
+    lens, tq, H, Hk = torch.tensor([0, 37, 150], dtype=torch.int32), 3, 4, 2
+    xs = _sequences(op, 3, 153, H, Hk if name == "infllm_v2" else H, 16, 16)
+    tokens, cache = _filled_cache(op, xs, lens, tq, 160, H, {})
+    assert tuple(cache) == ("k", "v")
+    o = op.decode(*tokens, cache=cache, cache_seqlens=lens)
+    for b in range(3):
+        n = int(lens[b]) + tq
+        whole = [x[b:b + 1, :n] for x in xs]
+        ref, _ = op.reference(*whole, dtype=torch.float32, queries=(n - tq, n))
+        assert judge_fp32(o[b], ref[0, n - tq:]).ok, (b, judge_fp32(o[b], ref[0, n - tq:]))
+        if name == "infllm_v2" and n > 64:
+            naive = NAIVE_SOFTMAX[name](*whole)[0, n - tq:]
+            assert judge_fp32(o[b], naive).ok, (b, judge_fp32(o[b], naive))
+        assert torch.equal(cache["k"][b, n - tq:n], tokens[1][b])
+
+
+def test_step_with_a_select_stage_from_an_empty_context():
+    op = effc.load(str(SELECT_SPECS / "moba_max_window.attn"))
+    xs = _sequences(op, 1, 70, 2, 2, 16, 16, seed=3)
+    context = None
+    for t in range(68, 70):
+        context = tuple(x[:, :t] for x in xs) if context is None else context
+        o, context = op.step(*(x[:, t] for x in xs), context=context)
+        ref, _ = op.reference(*(x[:, :t + 1] for x in xs), dtype=torch.float32, queries=(t, t + 1))
+        assert judge_fp32(o, ref[:, t]).ok, (t, judge_fp32(o, ref[:, t]))
+
+
+def test_decode_with_a_select_stage_and_a_prefix_is_refused():
+    text = (SELECT_SPECS / "moba_max_window.attn").read_text().replace(
+        "  select {", "  prefix {\n    qn = q * 2\n  }\n  select {").replace("g = q @", "g = qn @")
+    op = effc.loads(text)
+    with pytest.raises(NotImplementedError, match="select stage and a prefix stage"):
         op.cache_names
     tokens = [torch.randn(1, 2, 16) for _ in range(3)]
-    with pytest.raises(NotImplementedError, match="select stage"):  # no fallback to the oracle either
+    with pytest.raises(NotImplementedError, match="select stage and a prefix stage"):  # no oracle fallback
         op.step(*tokens)
 
 

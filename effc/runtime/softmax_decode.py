@@ -28,15 +28,37 @@ MAX_NEW = 64  # new queries per request: one query tile holds them all
 
 
 def cache_names(op) -> tuple[str, ...]:
-    """The tensors a KV cache holds: what the decode kernel reads on the key side, in the plan's order."""
-    _supported(op)
+    """The tensors a KV cache holds: what the decode kernel reads on the key side, in the plan's order (with a
+    select stage: the key inputs, which its forward reads)."""
+    if op.sched.select is not None:
+        if op.spec.prefix.ops:
+            raise NotImplementedError(f"{op.name}: decoding with a select stage and a prefix stage is not "
+                                      "implemented (the prefix values would need caching); op(...) over the whole "
+                                      "sequence runs it")
+        return tuple(d.name for d in op.spec.inputs if "key" in d.annotations)
     return op.comp.plan.kernel("decode").key_loads
 
 
-def _supported(op) -> None:
-    if op.sched.select is not None:
-        raise NotImplementedError(f"{op.name}: decoding with a select stage (the key blocks chosen per query) is "
-                                  "not lowered yet (op.decode, op.step); op(...) over the whole sequence runs it")
+def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, params: dict) -> list:
+    """Decoding with a select stage: per request, the forward's own kernels (select, then the walk over the
+    chosen blocks) over its context and the new tokens, computing the new rows only (`queries=`). The
+    split-KV decode kernels take no block lists yet, so this reads the context's keys once per step to pool
+    them, as the select kernel does in the forward."""
+    outs = []
+    for b, n in enumerate(lens.tolist()):
+        xs = []
+        for d in op.spec.inputs:
+            if d.name in caches:  # the request's context and its new tokens, a contiguous view of the cache
+                xs.append(caches[d.name][b:b + 1, :n + tq])
+            else:  # a query-side input: only the new rows are read (the others are never loaded)
+                x = named[d.name]
+                full = x.new_empty((1, n + tq) + tuple(x.shape[2:]))
+                full[:, n:] = x[b:b + 1]
+                xs.append(full)
+        with torch.no_grad():
+            o, _ = op(*xs, queries=(n, n + tq), **params)
+        outs.append([t[:, n:] for t in (o if isinstance(o, tuple) else (o,))])
+    return [torch.cat(parts, 0) for parts in zip(*outs)]
 
 
 def new_cache(op, *tokens, max_len: int) -> dict[str, torch.Tensor]:
@@ -163,6 +185,10 @@ def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params
     rows = torch.arange(B, device=device)[:, None]
     for x, c in caches.items():
         c[rows, pos] = values[x].to(c.dtype)
+    if sched.select is not None:
+        o = _select_decode(op, named, caches, lens, tq, params)
+        op.last_decode = dict(select="the forward's kernels per request")
+        return o[0] if len(o) == 1 else tuple(o)
 
     dec, comb = op.comp.plan.kernel("decode"), op.comp.plan.kernel("decode_combine")
     widest = max(dims.values()) if dims else 16

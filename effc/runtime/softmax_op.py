@@ -220,9 +220,6 @@ class SoftmaxOp(Tuned):
         named = {f"{x}_ptr": t.contiguous() for x, t in zip(sched.leaves, leaves)}
         queries = queries or (0, T)
         part = tuple(queries) != (0, T)  # rows the kernel does not write are zeros
-        if part and sched.select is not None:
-            raise NotImplementedError(f"{self.name}: queries=(lo, hi) with a select stage (the block lists are "
-                                      "built for every query block)")
         alloc = torch.zeros if part else torch.empty
         outs = {o.name: alloc((B, T, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
                 for o in spec.outputs}
@@ -346,7 +343,7 @@ class SoftmaxOp(Tuned):
         context (the prefix stage recomputed over it): O(t) a step; `decode` keeps a cache across steps.
         CPU tensors without the interpreter run the oracle in PyTorch (fp32): no kernel runs there."""
         self._no_keyseq_decoding()
-        softmax_decode.cache_names(self)  # a select stage has no decode kernels yet: NotImplementedError naming it
+        softmax_decode.cache_names(self)  # what cannot be decoded raises here, naming it
         xs = decode_inputs(self.spec, tokens, context)
         if tokens[0].device.type == "cpu" and not interpreting():
             o, _ = self.reference(*xs, dtype=torch.float32, last_query=True, **params)
