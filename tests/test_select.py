@@ -268,3 +268,34 @@ def test_the_select_words_are_keywords(word):
     text = _spec(GOOD + "    topk(g, 2)", f"{word} = (q @ k.T) * scale\n    s = {word}\n    mask kpos <= qpos")
     with pytest.raises(SpecError, match="a keyword, not usable as a name"):
         _ = compile_text(text).ir
+
+
+def test_a_hybrid_with_a_select_stage():
+    """tests/specs/swax_select.attn: the softmax branch walks its chosen blocks, the state branch scans; forward,
+    final state and every gradient against a naive reference (MoBA's choice, then attention over it, plus the
+    token-by-token decayed recurrence)."""
+    from naive import diagonal_recurrence
+    from naive_softmax import attend, block_choice, positions
+    op = effc.load(str(SPECS / "swax_select.attn"))
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, 90, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    gate = torch.nn.functional.logsigmoid(torch.randn(2, 90, 2, generator=g) + 2).requires_grad_()
+    s0 = torch.randn(2, 2, 16, 16, generator=g).requires_grad_()
+
+    def naive(q, k, v, gate, s0):
+        i, j = positions(90)
+        chosen = block_choice(q, k, 16, 2)
+        mask = chosen[..., j.reshape(-1) // 16].reshape(chosen.shape[:3] + (90,)) & (j <= i)
+        decay = gate.double().exp()[..., None].expand(q.shape)
+        lin, state = diagonal_recurrence(q, k, v, decay, 16 ** -0.5, s0)
+        return attend(q, k, v, mask)[0] + lin, state
+
+    o, s = op(q, k, v, gate, initial_state=s0, output_final_state=True, chunk=16)
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, gate, s0)]
+    no, ns = naive(*leaves)
+    assert judge_fp32(o, no).ok and judge_fp32(s, ns).ok, (judge_fp32(o, no), judge_fp32(s, ns))
+    w, ws = torch.randn_like(o), torch.randn_like(s)
+    ours = torch.autograd.grad((o * w).sum() + (s * ws).sum(), (q, k, v, gate, s0))
+    theirs = torch.autograd.grad((no * w.double()).sum() + (ns * ws.double()).sum(), leaves)
+    for name, a, b in zip(("q", "k", "v", "g", "s0"), ours, theirs):
+        assert judge_fp32(a, b).ok, f"d{name}: {judge_fp32(a, b)}"

@@ -97,9 +97,6 @@ def type_select(spec: Spec, env: dict[str, TileType], op_type: Callable) -> Stag
     if not spec.select.ops and spec.selection is None:
         return spec.select
     sel = spec.selection
-    if spec.states:
-        raise NotImplementedError(f"spec '{spec.name}': a select stage in a hybrid (a state and a score stage) is "
-                                  "not lowered yet")
     kind = sel.criterion[0]
     if kind not in LOWERED:
         raise NotImplementedError(f"select criterion '{sel.describe_rule()}' (at {sel.loc}) is parsed "
