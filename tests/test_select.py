@@ -299,3 +299,15 @@ def test_a_hybrid_with_a_select_stage():
     theirs = torch.autograd.grad((no * w.double()).sum() + (ns * ws.double()).sum(), leaves)
     for name, a, b in zip(("q", "k", "v", "g", "s0"), ours, theirs):
         assert judge_fp32(a, b).ok, f"d{name}: {judge_fp32(a, b)}"
+
+
+def test_a_hybrid_with_a_select_stage_decodes():
+    """Its step: the softmax branch's new row chosen over the context (the select stage decodes through the
+    forward's kernels), then the state branch's walk on the token; the same as the whole-sequence call."""
+    from effc.runtime.verify import random_inputs
+    op = effc.load(str(SPECS / "swax_select.attn"))
+    xs = random_inputs(op.spec, 1, 40, 2, {"K": 16, "V": 16}, seed=2)
+    o, s = op(*xs, output_final_state=True)
+    _, s39 = op(*[x[:, :39] for x in xs], output_final_state=True)
+    o_t, s_t, _ = op.step(*[x[:, 39] for x in xs], state=s39, context=tuple(x[:, :39] for x in xs))
+    assert judge_fp32(o_t, o[:, 39]).ok and judge_fp32(s_t, s).ok
