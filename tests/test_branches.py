@@ -206,8 +206,8 @@ def test_the_tools_see_the_branches():
     assert peer_scale(op, 128) == pytest.approx(128 ** -0.5)
     dims = {"K": 128, "V": 128}
     assert op.flops(1, 4096, 16, dims) == sum(p.flops(1, 4096, 16, dims) for p in op.parts)
-    r = CliRunner().invoke(app, ["tune", "nsa", "--dry-run"])
-    assert r.exit_code != 0 and "has branches" in r.output
+    r = CliRunner().invoke(app, ["tune", "nsa", "--dry-run", "--shapes", "2x8192"])
+    assert r.exit_code == 0 and r.output.count("branch spec nsa__") == 3 and "tuned as nsa:nsa__slc" in r.output
     r = CliRunner().invoke(app, ["library"])
     assert "branched:" in r.output and "nsa " in r.output
     r = CliRunner().invoke(app, ["show", "nsa", "--stage", "typed"])
@@ -225,3 +225,26 @@ def test_context_parallel_refuses_with_the_reason():
     from effc.distributed import context_parallel
     with pytest.raises(NotImplementedError, match="spec with branches"):
         context_parallel(effc.load(SMALL))
+
+
+def test_a_branch_is_a_spec_of_its_own_to_load_and_tune(monkeypatch):
+    """`effc tune` times each branch's walk as the spec `FILE:<spec>__<branch>` (its tuning entry is what the
+    branched op's part reads); the budget is shared out in turn."""
+    from effc.tools import tune as tune_mod
+    part = effc.load(f"{SMALL}:nsa_small__slc")
+    assert part.name == "nsa_small__slc" and part.spec.selection is not None
+    calls = []
+
+    class Runner:
+        sm_count = 132
+
+        def __init__(self, ref, **_):
+            calls.append(ref)
+
+        def close(self):
+            pass
+    monkeypatch.setattr(tune_mod, "GpuRunner", Runner)
+    monkeypatch.setattr(tune_mod, "tune_problem", lambda op, problem, *a, **k: (op.name, dict(problem.dims)))
+    got = tune_mod.tune(SMALL, [(1, 256)], dims={"K": 32, "V": 32}, budget=30)
+    assert calls == [f"{Path(SMALL)}:nsa_small__{b}" for b in ("cmp", "slc", "win")]
+    assert got == [(f"nsa_small__{b}", {"K": 32, "V": 32}) for b in ("cmp", "slc", "win")]

@@ -110,7 +110,18 @@ def compile_file(ref: str | Path, name: str | None = None) -> Compilation:
         names = [p.stem for p in library_files()]
         raise SpecError(f"no such spec file or library spec: {ref}"
                         + (suggest(path.stem, names) or f"; library specs: {', '.join(names)}"))
-    return Compilation(parse_file(path), name or n)
+    return _with_branch_parts(parse_file(path), name or n)
+
+
+def _with_branch_parts(module: ast.Module, name: str | None) -> Compilation:
+    """A compilation of spec `name`, which may be a branch's own spec (`nsa:nsa__cmp`: passes.branches names
+    them `<spec>__<branch>`): what `effc tune` times, one walk at a time."""
+    known = {s.name for s in module.specs}
+    if name and name not in known and "__" in name:
+        base = name.rsplit("__", 1)[0]
+        if base in known and module.family(base) == "branched":
+            return Compilation(Compilation(module, base).branch_split.module, name)
+    return Compilation(module, name)
 
 
 def compile_text(text: str, name: str | None = None, file: str = "<string>") -> Compilation:

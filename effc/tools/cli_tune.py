@@ -30,11 +30,15 @@ def _space(spec: str, shapes, heads: int, sizes: dict, dtype: str, smem_limit: i
     from .tune import DTYPE_BYTES
 
     op = effc.load(spec)
-    sizes = {d: 128 for d in op.spec.dims} | sizes
-    for B, T in shapes:
-        problem = Problem(B, T, heads, tuple(sorted(sizes.items())))
-        yield search_space(op.spec, op.comp.legality, problem, dtype_bytes=DTYPE_BYTES[dtype],
-                           smem_limit=smem_limit or H100_SHARED_BYTES)
+    parts = getattr(op, "parts", None)
+    for one in parts or [op]:  # a spec with branches: each branch's walk, as tune times them
+        if parts:
+            yield f"branch spec {one.name} (tuned as {spec}:{one.name}):"
+        own = {d: 128 for d in one.spec.dims} | {d: v for d, v in sizes.items() if d in one.spec.dims}
+        for B, T in shapes:
+            problem = Problem(B, T, heads, tuple(sorted(own.items())))
+            yield search_space(one.spec, one.comp.legality, problem, dtype_bytes=DTYPE_BYTES[dtype],
+                               smem_limit=smem_limit or H100_SHARED_BYTES)
 
 
 def _print_result(console, r) -> None:

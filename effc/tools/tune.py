@@ -29,6 +29,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..compiler.driver import resolve_spec_path
 from ..policy.search import H100_SHARED_BYTES, Candidate, SearchSpace, search_space
 from ..policy.tiling import Problem
 from ..policy.tuning import TuningKey, dtype_name, known_faults, record_fault, store
@@ -467,6 +468,16 @@ def tune(spec_ref: str, shapes: list[tuple[int, int]], *, heads: int = 16, dims:
         raise ValueError(f"--budget: must be a positive number of seconds, got {budget}")
     deadline = start + budget
     op = effc.load(spec_ref, backend=backend)
+    if getattr(op, "parts", None):  # a spec with branches: each branch's walk tuned as its own spec, in turn
+        path, _ = resolve_spec_path(str(spec_ref))
+        results = []
+        for i, part in enumerate(op.parts):
+            share = (deadline - time.monotonic()) / (len(op.parts) - i)
+            own = {d: v for d, v in (dims or {}).items() if d in part.spec.dims}
+            results += tune(f"{path}:{part.name}", shapes, heads=heads, dims=own, dtype=dtype, budget=share,
+                            workers=workers, reporter_factory=reporter_factory, on_result=on_result,
+                            backend=backend)
+        return results
     sizes = {d: 128 for d in op.spec.dims} | dict(dims or {})
     unknown = set(sizes) - set(op.spec.dims)
     if unknown:
