@@ -248,3 +248,15 @@ def test_a_branch_is_a_spec_of_its_own_to_load_and_tune(monkeypatch):
     got = tune_mod.tune(SMALL, [(1, 256)], dims={"K": 32, "V": 32}, budget=30)
     assert calls == [f"{Path(SMALL)}:nsa_small__{b}" for b in ("cmp", "slc", "win")]
     assert got == [(f"nsa_small__{b}", {"K": 32, "V": 32}) for b in ("cmp", "slc", "win")]
+
+
+def test_torch_compile_traces_the_branches_in_one_graph():
+    op = effc.load(SMALL)
+    xs = _inputs(op, 1, 40, 2, seed=6)
+
+    def loss(*xs):
+        return op(*xs, chunk=16)[0].sum()
+    eager = torch.autograd.grad(loss(*xs), xs)
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*xs), xs)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
