@@ -120,6 +120,7 @@ ERRORS = [
         "oa = softmax(s) @ v", "ob = (softmax(s) @ v) * oa").replace("output oa", "output ob"),
         "merge { o = oa + ob }"), "another branch's output"),
     ("twice", _spec(BRANCH + BRANCH), "declared twice"),
+    ("merge reads a branch's own value", _spec(BRANCH, "merge { o = oa * rowsum(s)[:, None] }"), "a value of branch 'a'"),
     ("intra in a branch", _spec(BRANCH.replace("score {", "intra { x = q }\n    score {")),
      "a branch is a softmax walk"),
 ]

@@ -143,6 +143,14 @@ def _check(sdef: ast.SpecDef) -> ast.Stage:
                 raise SpecError(f"branch '{b.name}' reads '{sorted(hit)[0]}', another branch's output: branches "
                                 "walk independently", item.loc, "branch outputs read in the spec's merge only")
     read = _stage_reads([merge])
+    outputs = {o.name for b in sdef.branches for o in b.outputs}
+    for b in sdef.branches:
+        inner = {x for st in b.stages for x in _assigned(st)} - outputs
+        for item in merge.body:
+            hit = sorted(_reads(item, set()) & inner - _assigned(merge))
+            if hit:
+                raise SpecError(f"merge reads '{hit[0]}', a value of branch '{b.name}'", item.loc,
+                                f"the branch's outputs ({', '.join(o.name for o in b.outputs)}), inputs and params")
     everywhere = read | _stage_reads([st for b in sdef.branches for st in b.stages])
     for d in sdef.decls:
         if d.kind == "input" and d.name not in everywhere:
