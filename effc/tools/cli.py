@@ -142,8 +142,8 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
     if comp.ir.family == "branched":
         typer.echo(f"spec {comp.typed.name}: schedule {comp.schedule_name}; {comp.branch_split}")
     typer.echo("\n".join(explained))
-    if comp.ir.family != "branched":
-        typer.echo(_memory_line(comp, B, T, H, {d: 128 for d in comp.typed.dims} | sizes))
+    specs = [p.typed for p in comp.parts] if comp.ir.family == "branched" else [comp.typed]
+    typer.echo(_memory_line(comp, B, T, H, {d: 128 for s in specs for d in s.dims} | sizes))
     typer.echo(f"wrote {path}")
 
 
