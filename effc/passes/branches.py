@@ -110,6 +110,13 @@ def _check(sdef: ast.SpecDef) -> ast.Stage:
     if merge is None:
         raise SpecError(f"spec '{sdef.name}' has branches but no merge combining them", sdef.loc,
                         "merge { o = ... } reading the branches' outputs")
+    _check_branches(sdef)
+    _check_reads(sdef, merge)
+    return merge
+
+
+def _check_branches(sdef: ast.SpecDef) -> None:
+    """Each branch: a softmax walk with its score and merge, outputs of its own that its merge assigns."""
     names: dict[str, ast.Branch] = {}
     taken = {d.name for d in sdef.decls} | {p.name for p in sdef.params}
     for b in sdef.branches:
@@ -135,6 +142,11 @@ def _check(sdef: ast.SpecDef) -> ast.Stage:
             if o.name not in _assigned(stages["merge"]):
                 raise SpecError(f"branch '{b.name}' never assigns its output '{o.name}'", stages["merge"].loc,
                                 f"'{o.name} = ...' in the branch's merge")
+
+
+def _check_reads(sdef: ast.SpecDef, merge: ast.Stage) -> None:
+    """Branches read inputs and params only; the spec's merge reads them and the branches' outputs, every
+    output and every input read somewhere."""
     for b in sdef.branches:
         others = {o.name for x in sdef.branches if x is not b for o in x.outputs}
         for item in (i for st in b.stages for i in st.body):
@@ -161,7 +173,6 @@ def _check(sdef: ast.SpecDef) -> ast.Stage:
             if o.name not in read:
                 raise SpecError(f"branch '{b.name}''s output '{o.name}' is never read by the spec's merge", o.loc,
                                 f"'{o.name}' in merge (or drop it)")
-    return merge
 
 
 def _params_read(params: tuple[ast.Param, ...], reads: set[str]) -> tuple[ast.Param, ...]:
