@@ -43,7 +43,7 @@ class BranchedOp:
         self.split = comp.branch_split
         self.parts = parts
         self.name = self.split.spec
-        self.spec = _signature(self.name, comp.branch_split.module, self.parts)
+        self.spec = _signature(self.name, self.split.module, self.parts)
         self.last_config = None
 
     def __repr__(self) -> str:
@@ -66,8 +66,7 @@ class BranchedOp:
                                     f"knobs: {', '.join(_KNOBS + ('block',))}")
         out = []
         for op in self.parts:
-            own = {p.name for p in op.spec.params}
-            kw = {k: v for k, v in given.items() if k in own or k in _KNOBS}
+            kw = {**_own_params(op, given), **{k: v for k, v in given.items() if k in _KNOBS}}
             if "block" in given and op.spec.selection is None:
                 kw["block"] = given["block"]
             out.append(kw)
@@ -104,17 +103,14 @@ class BranchedOp:
         """Every branch's param values at these dims (a param several branches read has one value)."""
         out: dict[str, float] = {}
         for op in self.parts:
-            own = {p.name for p in op.spec.params}
-            out.update(op.param_values(dims, {k: v for k, v in given.items() if k in own}))
+            out.update(op.param_values(dims, _own_params(op, given)))
         return out
 
     def recurrent_reference(self, *tensors, **kw):
         return self.reference(*tensors, **kw)
 
     def flops(self, B: int, T: int, H: int, dims: dict[str, int], backward: bool = False, **params) -> float:
-        return sum(op.flops(B, T, H, dims, backward, **{k: v for k, v in params.items()
-                                                          if k in {p.name for p in op.spec.params}})
-                   for op in self.parts)
+        return sum(op.flops(B, T, H, dims, backward, **_own_params(op, params)) for op in self.parts)
 
     def _no_decoding(self, *_, **__):
         raise NotImplementedError(f"{self.name}: decoding a spec with branches (passes.branches) is not "
@@ -122,6 +118,12 @@ class BranchedOp:
                                   "query sequence")
 
     step = decode = new_cache = _no_decoding
+
+
+def _own_params(op, given: dict) -> dict:
+    """The call-time values of the params branch `op` declares."""
+    own = {p.name for p in op.spec.params}
+    return {k: v for k, v in given.items() if k in own}
 
 
 def _signature(name: str, module, parts) -> "Spec":  # noqa: F821
