@@ -62,8 +62,11 @@ def _sdpa(causal: bool, gate: bool = False, backend: str = "FLASH_ATTENTION"):
 _FLEX_CACHE: dict = {}
 
 
-def _flex(score_mod_for=None, mask_for=None, gate: bool = False):
-    """score_mod_for(xs, params, H) -> score_mod or None; mask_for(params) -> mask_mod or None."""
+def _flex(score_mod_for=None, mask_for=None, gate: bool = False, sinks: bool = False):
+    """score_mod_for(xs, params, H) -> score_mod or None; mask_for(params) -> mask_mod or None. `sinks`: the
+    fourth input is a sink logit per token and head (gpt-oss), added the way a FlexAttention user adds it: the
+    log-sum-exp (natural log) returned with the output, then o * sigmoid(lse - sink), which puts exp(sink)
+    into each query's denominator."""
     def build(xs, params):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         q, k, v = (_bhtd(x) for x in xs[:3])
@@ -77,7 +80,11 @@ def _flex(score_mod_for=None, mask_for=None, gate: bool = False):
 
         def run():
             _fresh(q, k, v)
-            o = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa).transpose(1, 2)
+            o = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa, return_lse=sinks)
+            if sinks:
+                o, lse = o
+                o = o * torch.sigmoid(lse - xs[3].transpose(1, 2))[..., None].to(o.dtype)
+            o = o.transpose(1, 2)
             return o * torch.sigmoid(xs[3]) if gate else o
         return run
     return build
@@ -277,25 +284,6 @@ def _effc_attend(q, k, v, params):
     return op(q, k, v, **({"scale": params["scale"]} if "scale" in params else {}))[0]
 
 
-def _sink_window(xs, params):
-    """gpt-oss's sinks the way a FlexAttention user adds them: the windowed attention with its log-sum-exp
-    (natural log), then o * sigmoid(lse - sink), which puts exp(sink) into each query's denominator."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    q, k, v = (_bhtd(x) for x in xs[:3])
-    sink = xs[3]
-    B, H, T, _ = q.shape
-    window = {"window": params.get("window", 128)}
-    block_mask = create_block_mask(_window(window), None, None, T, T, device=q.device)
-    fn = _FLEX_CACHE.setdefault("flex", torch.compile(flex_attention, dynamic=False))
-
-    def run():
-        _fresh(q, k, v)
-        o, lse = fn(q, k, v, block_mask=block_mask, scale=params.get("scale", q.shape[-1] ** -0.5),
-                    enable_gqa=q.shape[1] != k.shape[1], return_lse=True)
-        return (o * torch.sigmoid(lse - sink.transpose(1, 2))[..., None].to(o.dtype)).transpose(1, 2)
-    return run
-
-
 def _nsa_cmp(xs, params):
     """nsa_cmp: SDPA (memory-efficient backend, which takes a mask) over the S compressed keys with the
     block-end mask key s at 32 s + 31 <= query t; the queries of the first block see no key (NaN rows in
@@ -321,7 +309,8 @@ PEERS_SOFTMAX = {
                      ("FlexAttention causal", _QKV, _flex(mask_for=_causal))],
     "softmax_full": [("torch SDPA (flash)", _QKV, _sdpa(False)), ("FlexAttention", _QKV, _flex())],
     "sliding_window": [("FlexAttention window 1024", _QKV, _flex(mask_for=_window))],
-    "sink_window": [("FlexAttention window 128, lse-rescaled sinks", _QKV + ("sink",), _sink_window)],
+    "sink_window": [("FlexAttention window 128, lse-rescaled sinks", _QKV + ("sink",),
+                     _flex(mask_for=lambda p: _window({"window": p.get("window", 128)}), sinks=True))],
     "alibi": [("FlexAttention alibi", _QKV, _flex(_alibi, _causal))],
     "softcap": [("FlexAttention softcap", _QKV, _flex(_softcap, _causal))],
     "forgetting_transformer": [("FlexAttention FoX", _QKV + ("f",), _flex(_fox, _causal))],
