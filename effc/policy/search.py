@@ -191,8 +191,8 @@ def model_default(spec: Spec, legality, problem: Problem) -> Candidate:
     if isinstance(legality, SoftmaxSchedule):
         return Candidate.of(choose_softmax_tiles(spec, dict(problem.dims), interpreting=False))
     if not isinstance(legality, Legality):
-        what = ("has branches (passes.branches): `effc tune` covers one walk, not a spec's several yet; tune a "
-                "branch's tiles with chunk= / block= at call time" if getattr(legality, "family", None) == "branched" else
+        what = ("has branches (passes.branches): each branch's walk is tuned as its own spec, FILE:<spec>__<branch>, "
+                "as `effc tune SPEC` does" if getattr(legality, "family", None) == "branched" else
                 "is a hybrid (a state and a score stage): `effc tune` covers the chunked-scan and the softmax "
                 "family, not a hybrid's two branches yet")
         raise NotImplementedError(f"spec '{spec.name}' {what}")

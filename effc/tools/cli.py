@@ -98,7 +98,7 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
 def _stage_text(comp, stage: str, shape: str, dims: str, backend: str) -> str:
     """`effc show`'s text of one stage; a spec with branches: each branch's spec in turn (passes.branches)."""
     from ..ir import print_spec
-    from ..policy.tiling import Problem, choose, tiling_space
+    from ..policy.tiling import tiling_space
     if stage == "ast":
         return "\n".join(repr(s) for s in comp.module.specs)
     if stage == "source":
@@ -107,14 +107,11 @@ def _stage_text(comp, stage: str, shape: str, dims: str, backend: str) -> str:
         return "\n\n".join(f"# branch spec {p.name}\n" + _stage_text(p, stage, shape, dims, backend) for p in comp.parts)
     if stage in ("ir", "typed"):
         return print_spec(getattr(comp, stage))
-    if stage == "tiled" and comp.typed.score.ops:  # the softmax family
-        from ..passes.softmax import choose_softmax_tiles
-        sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
-        return f"for {sizes}: {choose_softmax_tiles(comp.typed, sizes, interpreting=False)}"
     if stage == "tiled":
         B, T, H = _parse_shape(shape)
-        sizes = {d: 128 for d in comp.typed.dims} | _parse_dims(dims)
-        cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
+        sizes, cfg = _tiles(comp, B, T, H, _parse_dims(dims))
+        if comp.typed.score.ops:  # the softmax family: the model's blocks need no shape
+            return f"for {sizes}: {cfg}"
         return f"{tiling_space(comp.typed, comp.legality)}\nfor B={B} T={T} H={H} {sizes}: {cfg}"
     value = getattr(comp, stage)
     return f"{stage}: none for a {comp.ir.family} spec" if value is None else str(value)
@@ -132,7 +129,8 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
         source = comp.source(backend)
         B, T, H = _parse_shape(shape)
         sizes = _parse_dims(dims)
-        explained = [_explain(p, B, T, H, sizes) for p in (comp.parts if comp.ir.family == "branched" else [comp])]
+        walks = comp.parts if comp.ir.family == "branched" else [comp]  # a spec with branches: each branch's
+        explained = [_explain(p, B, T, H, sizes) for p in walks]
     except (SpecError, CodegenError, NotImplementedError) as e:
         _fail(e)
     out_dir = output or Path("effc_out")
@@ -142,20 +140,24 @@ def compile_(spec: str = typer.Argument(..., help=SPEC_HELP),
     if comp.ir.family == "branched":
         typer.echo(f"spec {comp.typed.name}: schedule {comp.schedule_name}; {comp.branch_split}")
     typer.echo("\n".join(explained))
-    specs = [p.typed for p in comp.parts] if comp.ir.family == "branched" else [comp.typed]
-    typer.echo(_memory_line(comp, B, T, H, {d: 128 for s in specs for d in s.dims} | sizes))
+    typer.echo(_memory_line(comp, B, T, H, {d: 128 for p in walks for d in p.typed.dims} | sizes))
     typer.echo(f"wrote {path}")
+
+
+def _tiles(comp, B: int, T: int, H: int, given: dict):
+    """(feature dim sizes, the tiling model's choice) for one spec at a shape: the softmax family's key-block
+    walk or the chunked scan's tiles; feature dims default to 128."""
+    from ..policy.tiling import Problem, choose
+    sizes = {d: 128 for d in comp.typed.dims} | given
+    if comp.typed.score.ops:
+        from ..passes.softmax import choose_softmax_tiles
+        return sizes, choose_softmax_tiles(comp.typed, sizes, interpreting=False)
+    return sizes, choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
 
 
 def _explain(comp, B: int, T: int, H: int, given: dict) -> str:
     """What the compiler chose for one spec (a branch's, for a spec with branches), and why."""
-    from ..policy.tiling import Problem, choose
-    sizes = {d: 128 for d in comp.typed.dims} | given
-    if comp.typed.score.ops:  # the softmax family: blocks of the key-block walk
-        from ..passes.softmax import choose_softmax_tiles
-        cfg = choose_softmax_tiles(comp.typed, sizes, interpreting=False)
-    else:
-        cfg = choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
+    sizes, cfg = _tiles(comp, B, T, H, given)
     lines = [f"spec {comp.typed.name}: schedule {getattr(comp, 'schedule_name', 'chunked-state scan')}",
              str(comp.legality)]
     fused = comp.fused
