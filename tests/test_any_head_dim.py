@@ -13,7 +13,9 @@ import torch
 import effc
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
-DIMS = [{"K": 20, "V": 20}, {"K": 48, "V": 48}, {"K": 60, "V": 60}, {"K": 100, "V": 100}, {"K": 24, "V": 40}]
+# K=30, V=18: rows of 120 and 72 bytes in fp32, so the softmax kernels read leaves stored 32 and 20 wide
+DIMS = [{"K": 20, "V": 20}, {"K": 48, "V": 48}, {"K": 60, "V": 60}, {"K": 100, "V": 100}, {"K": 24, "V": 40},
+        {"K": 30, "V": 18}]
 SPECS = ["gla", "delta_net", "mlstm_sig", "softmax_attn", "swax"]
 
 
@@ -148,6 +150,21 @@ def test_masks_are_behind_constexpr_guards(name):
                 assert f"{d}_P != {d}" in line or f"{d} % BLOCK != 0" in line, line
 
 
+def test_stored_rows_round_up_to_16_bytes():
+    from effc.policy.tiling import stored_width
+    assert [stored_width(n, 2) for n in (1, 60, 64, 80, 96, 100, 192)] == [8, 64, 64, 80, 96, 104, 192]
+    assert [stored_width(n, 4) for n in (30, 60, 18)] == [32, 60, 20]
+
+
+@pytest.mark.parametrize("name", ["moba", "sink_window"])
+def test_stored_rows_with_a_select_stage_and_sinks(name):
+    """Leaves (and the backward's reduction cotangents) stored wider than their rows: a select stage's
+    kernels read the same stored leaves as the walks; T = 45 is not a multiple of the 16-token key block."""
+    op = effc.load(name)
+    xs, s0 = _leaves(op, 1, 45, 2, {d: {"K": 30, "V": 18}[d] for d in op.spec.dims}, seed=3)
+    _check_against_oracle(op, xs, s0)
+
+
 def test_tiling_pads_and_splits():
     from effc.policy.tiling import Problem, choose, default_block, padded, split_blocks
     assert [padded(n) for n in (1, 16, 20, 64, 80, 96, 100, 128, 192, 320)] == [16, 16, 32, 64, 128, 128, 128, 128,
@@ -171,7 +188,7 @@ def test_tilelang_masks_the_padded_dims():
 
 
 AOT = r"""
-import json, sys
+import json, re, sys
 import effc
 from effc.codegen.triton.aot import compile_sm90, compile_softmax_sm90
 out = {}
@@ -181,17 +198,22 @@ for kp in op.comp.plan.kernels:
         out["gla." + kp.name] = "mma" in compile_sm90(op, kp, dims={"K": 96, "V": 80}).asm["ptx"]
 s = effc.load("softmax_attn")
 out["softmax_attn.fwd"] = "mma" in compile_softmax_sm90(s, "fwd", dims={"K": 80, "V": 80}).asm["ptx"]
+# D=60 rows are stored 64 wide: the walk's key and value loads copy 16 bytes at a time, as at D=64
+ptx = compile_softmax_sm90(s, "fwd", dims={"K": 60, "V": 60}).asm["ptx"]
+sizes = set(re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]*\], \[[^]]*\], (0x\w+)", ptx))
+out["softmax_attn.fwd D=60 16-byte loads"] = sizes == {"0x10"}
 print("AOT " + json.dumps(out))
 """
 
 
 def test_padded_kernels_compile_for_sm90(tmp_path):
-    """gla at K=96 (one 128-wide tile), V=80 (two blocks of 64, the second masked), softmax_attn at D=80:
-    Triton's AOT path (no GPU), which checks dot shapes and layouts the interpreter does not."""
+    """gla at K=96 (one 128-wide tile), V=80 (two blocks of 64, the second masked), softmax_attn at D=80 and
+    at D=60 (stored rows: 16-byte loads): Triton's AOT path (no GPU), which checks dot shapes and layouts the
+    interpreter does not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["EFFC_CACHE_DIR"] = str(tmp_path)
     p = subprocess.run([sys.executable, "-c", AOT], capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     import json
     res = json.loads(p.stdout.split("AOT ", 1)[1])
-    assert len(res) == 3 and all(res.values()), res
+    assert len(res) == 4 and all(res.values()), res

@@ -189,7 +189,7 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
         args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + tensors)
                            + kernel_args("param", [f"p_{p}" for p in params])) \
             + kernel_args("layout", _LAYOUT + tuple(layout)) \
-            + kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [n for d in leaf_dims for n in (d, f"{d}_P")]) \
+            + _shape_args(read, leaf_dims) \
             + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", options)
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read), stores=(),
@@ -225,7 +225,7 @@ def _decode_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
                    + list(decode_partials(sched)) + ["lens_ptr"])
         args = unique_args(kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])) \
             + kernel_args("layout", ("TQ", "TMAX") if split else ("TQ",)) \
-            + kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [n for d in leaf_dims for n in (d, f"{d}_P")]) \
+            + _shape_args(read, leaf_dims, stored=False) \
             + kernel_args("tile", ("BM", "BN", "NSPLIT") if split else ("BM", "NSPLIT")) \
             + kernel_args("option", ("DOT_DTYPE", "PRECISION"))
         kernels.append(SoftmaxKernel(
@@ -233,6 +233,13 @@ def _decode_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
             stores=() if split else tuple(sched.spec.outputs), grid=grid, args=args, stages=stages, what=what,
             outer="q", walk=split, query_loads=q, key_loads=k))
     return kernels
+
+
+def _shape_args(read, leaf_dims, stored: bool = True) -> tuple:
+    """The shapes a kernel takes: heads, each read leaf's head count, and per feature dim its size, its
+    tile's padded size and (`stored`: the runtime lays the leaves out) the width of its stored rows."""
+    per_dim = ("", "_P", "_S") if stored else ("", "_P")
+    return kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [d + s for d in leaf_dims for s in per_dim])
 
 
 def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
@@ -253,7 +260,7 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
         args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + list(_buffers(sched, bwd, name))
                                        + tensors) + kernel_args("param", [f"p_{p}" for p in params])) \
             + kernel_args("layout", _layout(sched) + tuple(layout)) \
-            + kernel_args("shape", ["H"] + [f"HX_{x}" for x in read] + [n for d in leaf_dims for n in (d, f"{d}_P")]) \
+            + _shape_args(read, leaf_dims) \
             + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", _OPTIONS) + kernel_args("flag", _FLAGS)
         if sched.select is not None and role != "bwd_pre":
             what += " (the selected blocks only: the select stage's lists)"

@@ -118,6 +118,14 @@ def padded(n: int) -> int:
     return max(16, 1 << max(0, int(n) - 1).bit_length())
 
 
+def stored_width(n: int, itemsize: int) -> int:
+    """The width a feature row of `n` elements is laid out in for the kernels: n rounded up to 16 bytes.
+    A row of 60 bf16 (120 bytes) puts every other head's rows 8 bytes off alignment, and its loads then
+    move 8 bytes at a time instead of 16 (FlashAttention pads such head dims the same way)."""
+    step = max(1, 16 // itemsize)
+    return -(-int(n) // step) * step
+
+
 class PadTo(sympy.Function):
     """padded(x) of a number; stays symbolic until its argument is one."""
 

@@ -66,7 +66,7 @@ def kernel_choice(op, tensors, cu_seqlens=None, chunk: int | None = None, **para
     n_seq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     _, _, _, longest, heads = op._layout(leaves, n_seq, cu_seqlens)
     first = leaves[0]
-    named = {f"{x}_ptr": t.contiguous() for x, t in zip(op.sched.leaves, leaves)}
+    named = op.stored_leaves(leaves, dims, first.dtype)
     named.update({f"p_{k}": v for k, v in pvals.items()})
     named.update(T=T, Q_LO=0, Q_HI=T, cu_ptr=kernel_cu_seqlens(cu_seqlens, first.device) if cu_seqlens is not None
                  else torch.empty(1, device=first.device))

@@ -17,7 +17,7 @@ from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
-from ..policy.tiling import Problem, padded
+from ..policy.tiling import Problem, padded, stored_width
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
 from .cache import load_module
@@ -190,11 +190,22 @@ class SoftmaxOp(Tuned):
         longest = T if cu is None else int((cu[1:] - cu[:-1]).max())
         return B, T, H, longest, {x: t.shape[2] for x, t in zip(self.sched.leaves, leaves)}
 
+    def stored_leaves(self, leaves, dims, dtype) -> dict:
+        """The kernels' leaf arguments: each contiguous, its feature rows zero-padded to their stored width
+        (policy.tiling.stored_width: the kernels read rows {d}_S wide)."""
+        named = {}
+        for x, t in zip(self.sched.leaves, leaves):
+            feats = self.sched.types[x].shape[1:]
+            extra = stored_width(dims[str(feats[0])], dtype.itemsize) - t.shape[-1] if feats else 0
+            named[f"{x}_ptr"] = torch.nn.functional.pad(t, (0, extra)) if extra else t.contiguous()
+        return named
+
     def _meta(self, cfg_k, H, heads, dims, cu, dtype, save=False) -> dict:
         import triton.language as tl
         interp = interpreting()
         meta = dict(H=H, **{f"HX_{x}": h for x, h in heads.items()}, **dims,
-                    **{f"{d}_P": padded(v) for d, v in dims.items()}, BM=cfg_k[0], BN=cfg_k[1],
+                    **{f"{d}_P": padded(v) for d, v in dims.items()},
+                    **{f"{d}_S": stored_width(v, dtype.itemsize) for d, v in dims.items()}, BM=cfg_k[0], BN=cfg_k[1],
                     IS_VARLEN=cu is not None, DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
                     PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32", SAVE=save)
         if not interp:
@@ -217,7 +228,7 @@ class SoftmaxOp(Tuned):
         first = leaves[0]
         dtype, device = first.dtype, first.device
         f32 = dict(dtype=torch.float32, device=device)
-        named = {f"{x}_ptr": t.contiguous() for x, t in zip(sched.leaves, leaves)}
+        named = self.stored_leaves(leaves, dims, dtype)
         queries = queries or (0, T)
         part = tuple(queries) != (0, T)  # rows the kernel does not write are zeros
         alloc = torch.zeros if part else torch.empty
@@ -258,7 +269,7 @@ class SoftmaxOp(Tuned):
         first = leaves[0]
         dtype, device = first.dtype, first.device
         f32 = dict(dtype=torch.float32, device=device)
-        named = {f"{x}_ptr": t.contiguous() for x, t in zip(sched.leaves, leaves)}
+        named = self.stored_leaves(leaves, dims, dtype)
         named.update({f"{o.name}_ptr": t for o, t in zip(spec.outputs, outs)})
         named.update({f"{o.name}_grad_ptr": (g if g is not None else torch.zeros_like(t)).contiguous()
                       for o, t, g in zip(spec.outputs, outs, d_outs)})
@@ -274,10 +285,16 @@ class SoftmaxOp(Tuned):
         for gi, g in enumerate(sched.groups):
             named[f"D{gi}_ptr"] = torch.empty((B, T, H), **f32)
             for r in g.reductions:
-                rf = tuple(int(dims[str(d)]) for d in sched.types[r.out].shape[1:])
-                named[f"{r.out}_dr_ptr"] = (named[f"{r.out}_grad_ptr"].to(dr_dtype)
-                                            if r.out in bwd.seeded_reductions()  # a copy only for another dtype
-                                            else torch.empty((B, T, H) + rf, dtype=dr_dtype, device=device))
+                # rows stored wide (the walks read them so); the columns past the real ones stay zero
+                rf = tuple(stored_width(dims[str(d)], dtype.itemsize) for d in sched.types[r.out].shape[1:])
+                if r.out in bwd.seeded_reductions():  # a copy only for another dtype or width
+                    g = named[f"{r.out}_grad_ptr"].to(dr_dtype)
+                    extra = rf[-1] - g.shape[-1] if rf else 0
+                    named[f"{r.out}_dr_ptr"] = torch.nn.functional.pad(g, (0, extra)) if extra else g
+                else:
+                    wide = rf and rf[-1] != dims[str(sched.types[r.out].shape[-1])]
+                    named[f"{r.out}_dr_ptr"] = (torch.zeros if wide else torch.empty)(
+                        (B, T, H) + rf, dtype=dr_dtype, device=device)
         if sched.select is not None:  # the forward's choice again (deterministic), and its transposed lists
             named.update(selection_buffers(self, cfg, named, self._meta(cfg.fwd, H, heads, dims, cu, dtype), n_seq,
                                            longest, H, leaves, transpose=True))

@@ -41,7 +41,10 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
     """`fn` for sm_90: `sig` types every argument, `const` the constexprs (those `fn` does not take dropped)."""
     const = {c: v for c, v in const.items() if c in fn.arg_names}
     sig = {**sig, **{c: "constexpr" for c in const}}
-    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const),
+    # a launch specialises pointers to 16-byte-aligned buffers (torch allocates them so): the vector widths
+    # of loads and stores then match the GPU's
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if str(sig[n]).startswith("*")}
+    return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=aligned),
                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
@@ -55,7 +58,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
     (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32.
     `dims`: feature dim sizes (default 128 each), any size (padded tiles)."""
     from ...passes.softmax import choose_softmax_tiles
-    from ...policy.tiling import padded
+    from ...policy.tiling import padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
     bm, bn, warps, stages = {"fwd": tiles.fwd, "bwd_pre": tiles.pre, "bwd_dq": tiles.dq, "bwd_dkv": tiles.dkv}[kernel]
@@ -66,7 +69,8 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
     sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n in ints else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
-                 **dims, **{f"{d}_P": padded(v) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
+                 **dims, **{f"{d}_P": padded(v) for d, v in dims.items()},
+                 **{f"{d}_S": stored_width(v, 2) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
     if op.sched.select is not None:  # the walks' block lists: a slot per block chosen, a power of two
         slots = op.sched.select.selection.slots or 64  # unbounded (topp / threshold, no cap): 64 key blocks
         const["KP"] = max(2, 1 << (slots - 1).bit_length())  # (runtime.select_op)

@@ -167,6 +167,8 @@ class TritonPrinter:
     def __init__(self, spec: Spec, types, split: str | None = None):
         self.spec, self.types = spec, types
         self.inputs = {d.name for d in spec.inputs}
+        # values loaded with other=0 on their padded feature columns: a matmul contracting them needs no mask
+        self.zero_columns = set(self.inputs)
         self.states = {d.name for d in spec.states}
         self.params = {p.name for p in spec.params}
         self.dims = set(spec.dims) | {"H"}
@@ -198,8 +200,8 @@ class TritonPrinter:
 
     def _operand(self, a, text: str, axis: int) -> str:
         """A matmul operand contracted over `axis`: zero on padded columns of it. Inputs are loaded with
-        other=0 there, so they need no mask."""
-        if a in self.inputs:
+        other=0 there (zero_columns), so they need no mask."""
+        if a in self.zero_columns:
             return text
         return self.padded_fill(a, text, "0.0", axes=(axis,))
 

@@ -45,8 +45,8 @@ def _split(sched: SoftmaxSchedule, kp: SoftmaxKernel) -> KernelView:
         post += [f"tl.store(m{gi}_part_ptr + part, m{gi})", f"tl.store(l{gi}_part_ptr + part, l{gi})"]
         post += [f"tl.store({r.out}_part_ptr + {_part(sched, r.out)}, acc_{r.out})" for r in g.reductions]
     kv.post_lines = post
-    kv.k_loads = [Leaf(x, _feats(sched, x)).load("lk", True, f"{x}_cache_ptr", "kbos") for x in kp.key_loads]
-    kv.k_loads_full = [Leaf(x, _feats(sched, x)).load("lk", False, f"{x}_cache_ptr", "kbos") for x in kp.key_loads]
+    kv.k_loads = [Leaf(x, _feats(sched, x), stored=False).load("lk", True, f"{x}_cache_ptr", "kbos") for x in kp.key_loads]
+    kv.k_loads_full = [Leaf(x, _feats(sched, x), stored=False).load("lk", False, f"{x}_cache_ptr", "kbos") for x in kp.key_loads]
     return kv
 
 
@@ -79,7 +79,7 @@ def emit_decode_kernels(plan: SoftmaxPlan) -> str:
         if kp.role not in ("decode", "decode_combine"):
             continue
         k = (_split if kp.role == "decode" else _combine)(sched, kp)
-        k.q_loads = [Leaf(x, _feats(sched, x)).load("lq") for x in kp.query_loads]
+        k.q_loads = [Leaf(x, _feats(sched, x), stored=False).load("lq") for x in kp.query_loads]
         k.signature = signature(kp.args, SOFTMAX_LAYOUT)
         views.append(k)
     if not views:

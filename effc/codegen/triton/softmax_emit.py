@@ -16,12 +16,15 @@ from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p
 from ...passes.softmax_plan import SoftmaxKernel, SoftmaxPlan
 from ...version import __version__
 from .. import template
-from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, feature_mask, helper_source
+from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, helper_source
 from .signature import SOFTMAX_LAYOUT, signature
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _ONE = sympy.Integer(1)
+# the suffix of a feature dim's stored row width ({d}_S): the leaves and scratch rows the runtime lays out
+# (runtime.softmax_op.stored_width: padded to 16 bytes, where a row of {d} would leave loads unaligned)
+STORED = "_S"
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -154,24 +157,32 @@ class SoftmaxPrinter(TritonPrinter):
         return [f"v_{op.out} = {self.expr(op)}" for op in ops]
 
 
-def _rowmask(valid: str, feats: tuple[str, ...]) -> str:
-    """The mask of a per-token tile: its valid rows and, where its feature dim is padded, real columns."""
+def _stored_mask(f: str, width: str) -> tuple[str, str]:
+    """(mask, constexpr condition) of feature dim f's columns in a row `width` wide: the real ones (m_f) or,
+    in a stored row (STORED), the stored ones (s_f: the runtime's zero padding loads as is, and an unmasked
+    run of 16 bytes keeps the loads vectorised)."""
+    return (f"s_{f}", f"({f}_P != {f}_S)") if width == STORED else (f"m_{f}", f"({f}_P != {f})")
+
+
+def _rowmask(valid: str, feats: tuple[str, ...], width: str = "") -> str:
+    """The mask of a per-token tile: its valid rows and, where its feature dim is padded, real (or stored)
+    columns."""
     if not feats:
         return valid
-    m, cond = feature_mask([None, feats[0]])
-    return f"({valid}[:, None] & {m} if {cond} else {valid}[:, None])"
+    m, cond = _stored_mask(feats[0], width)
+    return f"({valid}[:, None] & {m}[None, :] if {cond} else {valid}[:, None])"
 
 
-def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: str = "bos") -> str:
+def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: str = "bos", width: str = "") -> str:
     """Offsets of a per-token tile, rows being token indices within the sequence: the (sequence, head)
     base is a 64-bit scalar (hoisted out of the walk), the per-row part 32-bit. `base`: the sequence's
-    first token (a KV cache's sequences start at their own base)."""
+    first token (a KV cache's sequences start at their own base). `width`: STORED for a row {d}_S wide."""
     head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
     assert len(feats) <= 1, feats
     if not feats:
         return f"({base} * {heads} + {head}) + {rows} * {heads}"
-    f = feats[0]
-    return f"(({base} * {heads} + {head}) * {f}) + {rows}[:, None] * ({heads} * {f}) + r_{f}[None, :]"
+    f, w = feats[0], feats[0] + width
+    return f"(({base} * {heads} + {head}) * {w}) + {rows}[:, None] * ({heads} * {w}) + r_{f}[None, :]"
 
 
 @dataclass
@@ -179,18 +190,22 @@ class Leaf:
     name: str
     feats: tuple[str, ...]
     kbos: str = "bos"  # the first token of its sequence on the key side (bos_k: a key sequence of its own)
+    stored: bool = True  # laid out by the runtime, {d}_S wide; False: the caller's tensor, {d} wide (a KV cache)
 
     def load(self, side: str, masked: bool = True, ptr: str | None = None, base: str | None = None) -> str:
         """masked=False: a block wholly inside the sequence (the walk's mask-free blocks) loads unmasked.
-        `ptr` and `base`: another buffer of the leaf (a KV cache) and its sequence's first token."""
+        `ptr` and `base`: another buffer of the leaf (a KV cache) and its sequence's first token. Rows are
+        `stored` wide ({d}_S columns, see runtime.softmax_op.stored_width) unless stored=False."""
         rows, valid = ("r_M", "qv") if side == "lq" else ("r_N", "kv")
-        offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows, base or ("bos" if side == "lq" else self.kbos))
+        width = STORED if self.stored else ""
+        offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows,
+                        base or ("bos" if side == "lq" else self.kbos), width)
         ptr = ptr or f"{self.name}_ptr"
         if masked:
-            mask = f", mask={_rowmask(valid, self.feats)}, other=0.0"
+            mask = f", mask={_rowmask(valid, self.feats, width)}, other=0.0"
         elif self.feats:  # rows wholly inside the sequence; padded feature columns still masked
-            m, cond = feature_mask([None, self.feats[0]])
-            mask = f", mask=({m} if {cond} else None), other=(0.0 if {cond} else None)"
+            m, cond = _stored_mask(self.feats[0], width)
+            mask = f", mask=({m}[None, :] if {cond} else None), other=(0.0 if {cond} else None)"
         else:
             mask = ""
         return (f"{side}_{self.name}_raw = tl.load({ptr} + {offs}{mask})\n"
@@ -205,10 +220,11 @@ class Store:
     side: str = "q"  # q: rows r_M; k: rows r_N
     cast: bool = False
     base: str = "bos"  # the sequence's first token (bos_k: a key-side store over a key sequence of its own)
+    width: str = ""  # STORED: a scratch buffer {d}_S wide (its real columns written, the rest left zero)
 
     def line(self) -> str:
         rows, valid = ("r_M", "qv") if self.side == "q" else ("r_N", "kv")
-        offs = _offsets("", self.feats, "H", rows, self.base)
+        offs = _offsets("", self.feats, "H", rows, self.base, self.width)
         mask = _rowmask(valid, self.feats)
         v = f"{self.value}.to({self.ptr}.dtype.element_ty)" if self.cast else self.value
         return f"tl.store({self.ptr} + {offs}, {v}, mask={mask})"
@@ -452,7 +468,8 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
             continue
         feats = _feats(sched, r)
         val = f"v_{g}" if g else "0.0"
-        lines.append(Store(f"{r}_dr_ptr", val, feats, cast=True).line())  # a matmul operand: the input's precision
+        # a matmul operand of both walks: the input's precision, rows stored wide
+        lines.append(Store(f"{r}_dr_ptr", val, feats, cast=True, width=STORED).line())
     for gi, d in enumerate(bwd.d_group):
         lines.append(Store(f"D{gi}_ptr", f"v_{d}", ()).line())
     for x, g in kp.leaf_grads:
@@ -474,8 +491,8 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
         gl.append(f"v_{dd_name(gi)} = tl.load(D{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0)")
         for r in g.reductions:
             feats = _feats(sched, r.out)
-            gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', 'r_M')}, "
-                      f"mask={_rowmask('qv', feats)}, other=0.0)")
+            gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', 'r_M', 'bos', STORED)}, "
+                      f"mask={_rowmask('qv', feats, STORED)}, other=0.0)")
     for x, _ in kp.accumulators:
         shape = ", ".join(_dimname(d) for d in types[x].shape)
         pre.append(f"v_{acc_name(x)} = tl.zeros([{shape}], tl.float32)" if shape else f"v_{acc_name(x)} = 0.0")
@@ -487,6 +504,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
     for masked in (True, False):
         p = SoftmaxPrinter(sched, types, masked, frozenset() if masked else frozenset({inner}))
         p.raw.update(pr.raw)
+        p.zero_columns.update(dr_name(r.out) for g in sched.groups for r in g.reductions)  # loaded, other=0
         body = (gl if outer == "k" else []) + p.lines(kp.loop_fwd)
         if masked:
             body.append(_keep(sched))
