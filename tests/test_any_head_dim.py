@@ -169,7 +169,7 @@ def test_tiling_pads_and_splits():
     from effc.policy.tiling import Problem, choose, default_block, padded, split_blocks
     assert [padded(n) for n in (1, 16, 20, 64, 80, 96, 100, 128, 192, 320)] == [16, 16, 32, 64, 128, 128, 128, 128,
                                                                                  256, 512]
-    assert [default_block(n) for n in (40, 64, 80, 96, 192, 320)] == [64, 64, 64, 32, 64, 64]
+    assert [default_block(n) for n in (8, 40, 64, 80, 96, 192, 320)] == [16, 64, 64, 64, 64, 64, 64]
     assert split_blocks(80, 64) == 2 and split_blocks(96, 32) == 3
     op = effc.load("gla")
     cfg = choose(op.spec, op.comp.legality, Problem(2, 1024, 4, (("K", 96), ("V", 80))))

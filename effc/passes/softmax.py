@@ -521,17 +521,20 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
         fwd, dq, dkv, pre = t, t, t, t
     else:
         if widest <= 64:
-            fwd, dq, dkv = (128, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2)
+            # dkv measured on H200 at 8x4096 (scripts/softmax_sweep.py): 64x64 blocks run fwd+bwd in 3.28 ms at
+            # D=64 and 3.89 at D=60 against 3.80 and 7.39 for 64x128, whose program spills twice as much at D=60
+            fwd, dq, dkv = (128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2)
         elif widest <= 128:
             # measured on H100 at 2x8192, D=128 (scripts/softmax_sweep.py): the dkv walk with 64x64 blocks and
             # 4 warps beats 64x128 x 8 warps by 1.6x in fwd+bwd; dq gains from a third stage. 32-query dkv
             # steps spill far less (ptxas: ~50 B a thread against ~1.9 KB) but run 16-18% slower (8x2048)
             fwd, dq, dkv = (128, 64, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)
         else:
-            # measured on H200 at 2x4096, D=192 (tiles padded to 256; scripts/softmax_sweep.py): 128-query
-            # forward blocks at 8 warps run 2.9x the 64x32 ones (0.64 against 1.86 ms), and the walks' third
-            # stage pays in both gradient kernels (fwd+bwd 4.39 against 5.2+ ms)
-            fwd, dq, dkv = (128, 64, 8, 2), (128, 32, 8, 3), (32, 64, 8, 3)
+            # measured on H200 at D=192 (tiles padded to 256; scripts/softmax_sweep.py): 128-query forward
+            # blocks at 8 warps run 2.9x the 64x32 ones (2x4096: 0.64 against 1.86 ms), dq gains from a third
+            # stage, and dkv walks 128-query blocks per 64 keys (8x4096 fwd+bwd 10.4 ms against 14.9 for 32x64
+            # at 3 stages, the next best of ten)
+            fwd, dq, dkv = (128, 64, 8, 2), (128, 32, 8, 3), (128, 64, 8, 2)
         reasons.append(f"widest feature dim {widest}: forward BM={fwd[0]} BN={fwd[1]} keeps the query tile and the "
                        f"accumulators in registers and {fwd[3]} key/value stages in shared memory")
 
