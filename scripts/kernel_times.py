@@ -43,10 +43,10 @@ def main():
     ap.add_argument("shape", help="BxT")
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--knobs", default="", help="k=v,... passed to every call (ints)")
+    ap.add_argument("--knobs", default="", help="k=v,... passed to every call (ints, or names: partition=block)")
     args = ap.parse_args()
     B, T = map(int, args.shape.split("x"))
-    knobs = {k: int(v) for k, v in (kv.split("=") for kv in args.knobs.split(",") if kv)}
+    knobs = {k: int(v) if v.isdigit() else v for k, v in (kv.split("=") for kv in args.knobs.split(",") if kv)}
     for D in map(int, args.dims.split(",")):
         t = kernel_times(args.spec, B, T, args.heads, D, knobs)
         print(json.dumps({"spec": args.spec, "shape": args.shape, "D": D, "knobs": knobs,
