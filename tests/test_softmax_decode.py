@@ -280,3 +280,38 @@ def test_decode_splits_fill_the_gpu_without_thin_splits():
         for blocks in (1, 2, 7, 100):
             n = decode_splits(bh, blocks, 132)
             assert n >= 1 and n & (n - 1) == 0 and (n == 1 or blocks // n >= 2)
+
+
+@pytest.mark.parametrize("name", ["nsa_cmp", "nsa_small"])
+def test_decode_with_a_key_sequence_and_with_branches(name):
+    """Keys over a key sequence of their own (NSA's compressed keys, passed whole at each call) decode through
+    the forward's kernels per request; a spec with branches decodes each branch in order, sharing one cache
+    (nsa_small: compressed keys, selected blocks and a window, merged by gates). Against the oracle on each
+    request's whole sequence and the naive NSA written from the paper; the cache is written for the new
+    tokens."""
+    from naive_softmax import nsa
+    from effc.runtime.verify import random_inputs
+    path = str(Path(__file__).parent / "specs" / "nsa_small.attn")
+    op = effc.load(path if name == "nsa_small" else name)
+    lens, tq, H = torch.tensor([0, 37, 150], dtype=torch.int32), 3, 2
+    xs = [x.detach() for x in random_inputs(op.spec, 3, 153, H, {"K": 16, "V": 16}, seed=5)]
+    ks = op.spec.keyseq.dim
+    over_t = [d.dims[1] == "T" for d in op.spec.inputs]
+    tokens = [torch.stack([x[b, int(lens[b]):int(lens[b]) + tq] for b in range(3)]) if t else x
+              for x, t in zip(xs, over_t)]
+    cache = op.new_cache(*tokens, max_len=160)
+    assert tuple(cache) == (() if name == "nsa_cmp" else ("k", "v")), (ks, tuple(cache))
+    for c, x in ((cache[n], xs[[d.name for d in op.spec.inputs].index(n)]) for n in cache):
+        for b in range(3):
+            c[b, :int(lens[b])] = x[b, :int(lens[b])]
+    o = op.decode(*tokens, cache=cache, cache_seqlens=lens)
+    for b in range(3):
+        n = int(lens[b]) + tq
+        whole = [x[b:b + 1, :n] if t else x[b:b + 1] for x, t in zip(xs, over_t)]
+        ref, _ = op.reference(*whole, dtype=torch.float32)
+        assert judge_fp32(o[b], ref[0, n - tq:]).ok, (b, judge_fp32(o[b], ref[0, n - tq:]))
+        if name == "nsa_small":
+            naive = nsa(*whole, block=16, topk=4, window=24, stride=8, length=16)[0, n - tq:]
+            assert judge_fp32(o[b], naive).ok, (b, judge_fp32(o[b], naive))
+        for x, c in cache.items():  # the new tokens' keys and values, written after the context
+            assert torch.equal(c[b, n - tq:n], tokens[[d.name for d in op.spec.inputs].index(x)][b])

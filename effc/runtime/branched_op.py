@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import ArgumentError
+from .checks import check_inputs
 
 # call knobs every branch takes; `block` goes to the branches without a select stage (a select stage's walk
 # runs its own block)
@@ -112,12 +113,63 @@ class BranchedOp:
     def flops(self, B: int, T: int, H: int, dims: dict[str, int], backward: bool = False, **params) -> float:
         return sum(op.flops(B, T, H, dims, backward, **_own_params(op, params)) for op in self.parts)
 
-    def _no_decoding(self, *_, **__):
-        raise NotImplementedError(f"{self.name}: decoding a spec with branches (passes.branches) is not "
-                                  "implemented (no decode kernels chain the branches); call the op on the whole "
-                                  "query sequence")
+    # -- decoding: each branch's decode in order, sharing one cache ----------------------------------------
+    @property
+    def cache_names(self) -> tuple[str, ...]:
+        """The tensors a KV cache holds: every branch's (softmax_op.SoftmaxOp.cache_names), each once; the
+        branches that read the same key input share its cache."""
+        return tuple(dict.fromkeys(x for op in self.parts for x in op.cache_names))
 
-    step = decode = new_cache = _no_decoding
+    def new_cache(self, *tokens, max_len: int) -> dict[str, torch.Tensor]:
+        """Zero caches {name: (B, max_len, Hx, ...)} for requests shaped like `tokens` (every input's new tokens
+        as `decode` takes them)."""
+        named = self._named(tokens)
+        B, tq, H, dims = check_inputs(self.spec, tokens, for_kernels=False)
+        # the earlier branches' outputs for the new tokens, as zeros: a branch's cache reads only their shapes
+        outs = {d.name: tokens[0].new_zeros((B, tq, H) + tuple(dims[f] for f in d.feature_dims))
+                for op in self.parts for d in op.spec.inputs if d.name not in named}
+        cache: dict[str, torch.Tensor] = {}
+        for op in self.parts:
+            need = [x for x in op.cache_names if x not in cache]
+            if need:
+                made = op.new_cache(*self._branch_tokens(op, named, outs), max_len=max_len)
+                cache.update({x: made[x] for x in need})
+        return {x: cache[x] for x in self.cache_names}
+
+    @staticmethod
+    def _branch_tokens(op, named: dict, outs: dict) -> list:
+        """Branch `op`'s inputs for the new tokens: the spec's inputs, and earlier branches' outputs."""
+        return [named[d.name] if d.name in named else outs[d.name] for d in op.spec.inputs]
+
+    def decode(self, *tokens, cache, cache_seqlens, splits: int | None = None, **given):
+        """Decoding against a KV cache, as SoftmaxOp.decode takes it (`cache` by `cache_names`): each branch
+        decodes the new tokens in order, the earlier ones' outputs for them feeding the last, which runs the
+        spec's merge. Inputs over a key sequence of their own are passed whole, (B, S, H, D)."""
+        named = self._named(tokens)
+        if isinstance(cache, (tuple, list)):
+            if len(cache) != len(self.cache_names):
+                raise ArgumentError(f"cache must be a dict or a sequence of {len(self.cache_names)} tensors "
+                                    f"({', '.join(self.cache_names)}: op.cache_names; op.new_cache(...) makes them)")
+            cache = dict(zip(self.cache_names, cache))
+        if not isinstance(cache, dict) or set(cache) != set(self.cache_names):
+            got = ", ".join(cache) if isinstance(cache, dict) else type(cache).__name__
+            raise ArgumentError(f"cache must hold {', '.join(self.cache_names)} (op.cache_names), got {got or '-'}")
+        knobs = [k for k in given if k in _KNOBS + ("block",)]
+        if knobs:
+            raise ArgumentError(f"{self.name}.decode: {', '.join(knobs)} are knobs of the whole-sequence call; "
+                                "decode takes splits= and the params")
+        outs: dict = {}
+        for op, kw, writes in zip(self.parts, self._route(given), self.split.writes + ((),)):
+            args = self._branch_tokens(op, named, outs)
+            o = op.decode(*args, cache={x: cache[x] for x in op.cache_names}, cache_seqlens=cache_seqlens,
+                          splits=splits, **kw)
+            o = o if isinstance(o, tuple) else (o,)
+            outs.update(zip(writes, (x.to(tokens[0].dtype) for x in o)))
+        return o[0] if len(o) == 1 else o
+
+    def step(self, *_, **__):
+        raise NotImplementedError(f"{self.name}.step: a spec with branches decodes with decode(...) and a cache "
+                                  "(op.new_cache), one call for every branch")
 
 
 def _own_params(op, given: dict) -> dict:

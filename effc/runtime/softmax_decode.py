@@ -27,28 +27,46 @@ from .softmax_oracle import _heads, _tile, _untile, base_env, eval_pair_op
 MAX_NEW = 64  # new queries per request: one query tile holds them all
 
 
-def cache_names(op) -> tuple[str, ...]:
-    """The tensors a KV cache holds: what the decode kernel reads on the key side, in the plan's order (with a
-    select stage: the key inputs, which its forward reads)."""
+def _by_forward(op) -> str | None:
+    """Why `op` decodes through its forward's kernels (None: the split-KV decode kernels): a select stage
+    (the decode kernels take no block lists yet) or a key sequence of its own (no decode kernels are
+    generated for one)."""
     if op.sched.select is not None:
+        return "a select stage"
+    if op.spec.keyseq is not None:
+        return f"a key sequence of its own ({op.spec.keyseq.dim})"
+    return None
+
+
+def _on_keyseq(op, d) -> bool:
+    return op.spec.keyseq is not None and d.seq == op.spec.keyseq.dim
+
+
+def cache_names(op) -> tuple[str, ...]:
+    """The tensors a KV cache holds: what the decode kernel reads on the key side, in the plan's order (through
+    the forward's kernels: the key inputs over the query's tokens, which its forward reads; inputs over a key
+    sequence of their own are passed whole at each call, not cached)."""
+    why = _by_forward(op)
+    if why is not None:
         if op.spec.prefix.ops:
-            raise NotImplementedError(f"{op.name}: decoding with a select stage and a prefix stage is not "
-                                      "implemented (the prefix values would need caching); op(...) over the whole "
-                                      "sequence runs it")
-        return tuple(d.name for d in op.spec.inputs if "key" in d.annotations)
+            raise NotImplementedError(f"{op.name}: decoding with {why} and a prefix stage is not implemented (the "
+                                      "prefix values would need caching); op(...) over the whole sequence runs it")
+        return tuple(d.name for d in op.spec.inputs if "key" in d.annotations and not _on_keyseq(op, d))
     return op.comp.plan.kernel("decode").key_loads
 
 
-def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, params: dict) -> list:
-    """Decoding with a select stage: per request, the forward's own kernels (select, then the walk over the
-    chosen blocks) over its context and the new tokens, computing the new rows only (`queries=`). The
-    split-KV decode kernels take no block lists yet, so this reads the context's keys once per step to pool
-    them, as the select kernel does in the forward."""
+def _forward_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, params: dict) -> list:
+    """Decoding through the forward's own kernels (_by_forward): per request, over its context and the new
+    tokens, computing the new rows only (`queries=`). With a select stage this reads the context's keys once
+    per step to pool them, as the select kernel does in the forward; inputs over a key sequence of their own
+    are read as given (their keys at positions past a query's stay masked where the spec's masks say so)."""
     outs = []
     for b, n in enumerate(lens.tolist()):
         xs = []
         for d in op.spec.inputs:
-            if d.name in caches:  # the request's context and its new tokens, a contiguous view of the cache
+            if _on_keyseq(op, d):
+                xs.append(named[d.name][b:b + 1])
+            elif d.name in caches:  # the request's context and its new tokens, a contiguous view of the cache
                 xs.append(caches[d.name][b:b + 1, :n + tq])
             else:  # a query-side input: only the new rows are read (the others are never loaded)
                 x = named[d.name]
@@ -110,7 +128,9 @@ def _caches(op, cache, expect: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {x: cache[x] for x in names}
 
 
-def _lengths(cache_seqlens, B: int, tq: int, tmax: int, device) -> torch.Tensor:
+def _lengths(cache_seqlens, B: int, tq: int, tmax: int | None, device) -> torch.Tensor:
+    """cache_seqlens checked: int32 (B,), each request's context fitting the caches before its new tokens
+    (`tmax` None: no cache, any length >= 0)."""
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) \
             or cache_seqlens.dtype != torch.int32:
         got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor)
@@ -120,7 +140,9 @@ def _lengths(cache_seqlens, B: int, tq: int, tmax: int, device) -> torch.Tensor:
     if cache_seqlens.device != device:
         raise ArgumentError(f"cache_seqlens is on {cache_seqlens.device}, the new tokens on {device}")
     lo, hi = (int(v) for v in torch.aminmax(cache_seqlens)) if B else (0, 0)
-    if lo < 0 or hi + tq > tmax:
+    if tmax is None and lo < 0:
+        raise ArgumentError(f"cache_seqlens must be >= 0 (tokens before the new ones), got values in [{lo}, {hi}]")
+    if tmax is not None and (lo < 0 or hi + tq > tmax):
         raise ArgumentError(f"cache_seqlens must lie in [0, Tmax - Tq] = [0, {tmax - tq}] (the {tq} new tokens "
                             f"are written after them, in a cache of Tmax={tmax}), got values in [{lo}, {hi}]")
     return cache_seqlens
@@ -175,7 +197,7 @@ def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params
         (B, 1, H) + tuple(dims[str(d)] for d in sched.types[x].shape[1:]), dtype=torch.float32, device=device)
         for x in names}
     caches = _caches(op, cache, expect)
-    tmax = next(iter(caches.values())).shape[1] if caches else 0
+    tmax = next(iter(caches.values())).shape[1] if caches else None
     lens = _lengths(cache_seqlens, B, tq, tmax, device)
     pre = _prefix(op, named, pvals, H, caches, lens)
     values = {**named, **pre}
@@ -185,9 +207,10 @@ def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params
     rows = torch.arange(B, device=device)[:, None]
     for x, c in caches.items():
         c[rows, pos] = values[x].to(c.dtype)
-    if sched.select is not None:
-        o = _select_decode(op, named, caches, lens, tq, params)
-        op.last_decode = dict(select="the forward's kernels per request")
+    why = _by_forward(op)
+    if why is not None:
+        o = _forward_decode(op, named, caches, lens, tq, params)
+        op.last_decode = dict(kernels=f"the forward's per request ({why})")
         return o[0] if len(o) == 1 else tuple(o)
 
     dec, comb = op.comp.plan.kernel("decode"), op.comp.plan.kernel("decode_combine")

@@ -382,9 +382,9 @@ class SoftmaxOp(Tuned):
 
     def _no_keyseq_decoding(self) -> None:
         if self.spec.keyseq is not None:
-            raise NotImplementedError(f"{self.name}: decoding with keys over a key sequence of their own "
-                                      f"({self.spec.keyseq.dim}) is not implemented (no decode kernels are "
-                                      "generated); call the op on the whole query sequence")
+            raise NotImplementedError(f"{self.name}.step: one token per input, but keys over a key sequence of "
+                                      f"their own ({self.spec.keyseq.dim}) are not tokens; decode(...) takes "
+                                      "them whole with the new tokens")
 
     @property
     def cache_names(self) -> tuple[str, ...]:
@@ -395,7 +395,6 @@ class SoftmaxOp(Tuned):
     def new_cache(self, *tokens, max_len: int) -> dict[str, torch.Tensor]:
         """Zero caches {name: (B, max_len, Hx, ...)} for requests shaped like `tokens` (every input, (B, Tq,
         H, D) as `decode` takes them): inputs' caches in their dtype, prefix values' fp32."""
-        self._no_keyseq_decoding()
         return softmax_decode.new_cache(self, *tokens, max_len=max_len)
 
     def decode(self, *tokens, cache, cache_seqlens, splits: int | None = None, **params):
@@ -406,8 +405,9 @@ class SoftmaxOp(Tuned):
         cache_seqlens), and returns the new tokens' outputs (B, Tq, H, ...) (a tuple when the spec has
         several): each query against every cached key its masks keep, at its position in the sequence.
         Generated kernels: split-KV partials and their log-sum-exp combine; `splits` pins the number of
-        splits of each request's keys (None: policy.decode's occupancy rule)."""
-        self._no_keyseq_decoding()
+        splits of each request's keys (None: policy.decode's occupancy rule). Inputs over a key sequence of
+        their own (spec.keyseq: NSA's compressed keys) are passed whole, (B, S, H, D), not cached: the
+        forward's kernels run per request then, as with a select stage (`op.last_decode` says which)."""
         return softmax_decode.decode(self, tokens, cache, cache_seqlens, splits, **params)
 
     def recurrent_reference(self, *tensors, **kw):
