@@ -1,9 +1,10 @@
 """Where a spec's forward and forward+backward time goes, kernel by kernel (torch.profiler CUDA times).
 
-usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16, D=128; env CHUNK=32 / BLOCK=128 force
-       the chunk / the split dim's block: BLOCK=128 runs one program per head with no partial gradients;
-       PARTITION=block|loop|cut|cut_each the backward's gradient kernels, passes.partition; WALK_BLOCK=32 forces the
-       block of a general transition's walk and adjoint scan, at most BLOCK)
+usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16; env DIMS=60,64 every feature dim, one
+       profile each (default 128); CHUNK=32 / BLOCK=128 force the chunk / the split dim's block: BLOCK=128 runs
+       one program per head with no partial gradients; PARTITION=block|loop|cut|cut_each the backward's
+       gradient kernels, passes.partition; WALK_BLOCK=32 forces the block of a general transition's walk and
+       adjoint scan, at most BLOCK)
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def main(spec: str, shapes: list[str]) -> None:
     if os.environ.get("PARTITION"):
         options["partition"] = os.environ["PARTITION"]
     op = effc.load(spec)
-    for shape in shapes:
+    for shape, D in ((s, int(d)) for s in shapes for d in os.environ.get("DIMS", "128").split(",")):
         B, T = map(int, shape.split("x"))
-        xs = random_inputs(op.spec, B, T, 16, {d: 128 for d in op.spec.dims}, torch.bfloat16, "cuda")
+        xs = random_inputs(op.spec, B, T, 16, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda")
         leaves = [x.requires_grad_() if x.is_floating_point() else x for x in xs]
 
         def fwd_bwd():
@@ -46,7 +47,7 @@ def main(spec: str, shapes: list[str]) -> None:
 
         for label, fn in (("forward", lambda: op(*xs, **options)), ("forward+backward", fwd_bwd)):
             rows = kernel_table(fn)
-            print(f"PROFILE {spec} {shape} {label}: total {sum(r[1] for r in rows):.3f} ms "
+            print(f"PROFILE {spec} {shape} D={D} {label}: total {sum(r[1] for r in rows):.3f} ms "
                   f"(config {getattr(op, 'last_config', None)})", flush=True)
             for name, ms, count in rows[:12]:
                 print(f"  {ms:8.3f} ms  x{count:<3d} {name[:100]}", flush=True)
