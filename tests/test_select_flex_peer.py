@@ -90,3 +90,24 @@ def test_the_pairs_the_mask_keeps_are_the_naive_ones():
     kept = (kind == 2) | ((kind == 1) & bm.mask_mod(b, h, i, j))
     expect = block_choice(*xs[:2], 16, 2)[..., torch.arange(45) // 16] & (j <= i)
     assert torch.equal(kept, expect)
+
+
+def test_the_nsa_peers_sliding_window():
+    """The window FlexAttention runs for fla's parallel_nsa where flash-attn is missing (tools/peers.py):
+    grouped heads, T not a multiple of FlexAttention's 128-token blocks, against effc's sink_window with no
+    sink (the same causal window of 9 keys) and a dense masked softmax written here."""
+    from effc.tools.softmax_peers import sliding_window
+    T, H, Hk, W = 70, 4, 2, 9
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, T, h, 16, generator=g) for h in (H, Hk, Hk))
+    o = sliding_window(T, W, "cpu")(q, k, v, 0.25)
+    kk, vv = (x.repeat_interleave(H // Hk, 2).double() for x in (k, v))
+    s = torch.einsum("bihd,bjhd->bhij", q.double(), kk) * 0.25
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    s = s.masked_fill(~((j <= i) & (i - j < W)), float("-inf"))
+    naive = torch.einsum("bhij,bjhd->bihd", s.softmax(-1), vv)
+    assert judge_fp32(o, naive).ok, judge_fp32(o, naive)
+    op = effc.load("sink_window")
+    sink = torch.full((1, T, H), -1e4)  # a sink too small to take any weight
+    ours, _ = op(q, k, v, sink, window=W, scale=0.25)
+    assert judge_fp32(o, ours).ok, judge_fp32(o, ours)

@@ -63,15 +63,23 @@ def _fla_nsa(B, T, H, D):
     """fla's parallel_nsa for the nsa spec's shape of work: it needs 16 query heads (a power of two) per key/value
     head, so it reads the first H // 16 key/value heads, and it forms its compressed keys itself (mean pooling
     over blocks of 64, no overlap); gates through sigmoid, top-16 blocks of 64, a window of 512. A timing peer:
-    the same three branches, not the same numbers."""
+    the same three branches, not the same numbers. fla hands the window to flash-attn; where flash-attn is
+    not installed (fla then calls None) FlexAttention's sliding window stands in for it."""
     import torch
-    from fla.ops.nsa import parallel_nsa
+    from fla.ops.nsa import parallel as fla_nsa
+    window = 512
+    swa = None
+    if getattr(fla_nsa, "flash_attn_func", None) is None:
+        from .softmax_peers import sliding_window
+        swa = sliding_window(T, window, "cuda")
 
     def run(q, k, v, gc, gs, gw, *, scale):
         hk = max(1, q.shape[2] // 16)
         k, v = k[:, :, :hk].contiguous(), v[:, :, :hk].contiguous()
-        return parallel_nsa(q, k, v, torch.sigmoid(gc), torch.sigmoid(gs), torch.sigmoid(gw), block_counts=16,
-                            block_size=64, window_size=512, scale=scale)
+        o = fla_nsa.parallel_nsa(q, k, v, torch.sigmoid(gc), torch.sigmoid(gs),
+                                 torch.sigmoid(gw) if swa is None else None, block_counts=16, block_size=64,
+                                 window_size=window if swa is None else 0, scale=scale)
+        return o if swa is None else o + torch.sigmoid(gw)[..., None] * swa(q, k, v, scale)
     return run
 
 
@@ -132,7 +140,8 @@ PEERS: dict[str, tuple[Peer, ...]] = {
     "log_linear_attn": (Peer("fla chunk_log_linear_attn", ("q", "k", "v", "g", "lam"),
                              _fla("fla.ops.log_linear_attn", "chunk_log_linear_attn")),),
 }
-PEERS["nsa"] = PEERS.get("nsa", ()) + (Peer("fla parallel_nsa (16 query heads per kv head, own compression)",
+PEERS["nsa"] = PEERS.get("nsa", ()) + (Peer("fla parallel_nsa (16 query heads per kv head, own compression; "
+                                                 "window: flash-attn, else FlexAttention)",
                                             ("q", "k", "v", "gc", "gs", "gw"), _fla_nsa),)
 
 

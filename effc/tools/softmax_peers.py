@@ -90,6 +90,23 @@ def _flex(score_mod_for=None, mask_for=None, gate: bool = False, sinks: bool = F
     return build
 
 
+def sliding_window(T: int, window: int, device):
+    """A causal sliding window of `window` keys (the query's own included) through FlexAttention, as a
+    function (q, k, v, scale) -> o on (B, T, H, D) tensors (grouped heads allowed); the BlockMask is built
+    here, once, outside the timed calls. Compiled on a GPU, eager elsewhere."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    keep = lambda b, h, qi, ki: (ki <= qi) & (qi - ki < window)  # noqa: E731
+    block_mask = create_block_mask(keep, None, None, T, T, device=device)
+    fn = (_FLEX_CACHE.setdefault("flex", torch.compile(flex_attention, dynamic=False))
+          if torch.device(device).type == "cuda" else flex_attention)
+
+    def run(q, k, v, scale):
+        q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+        o = fn(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return o.transpose(1, 2)
+    return run
+
+
 def select_block_mask(chosen, block: int, token_mask, q_block: int = 128):
     """A FlexAttention BlockMask holding effc's own choice: `chosen` (B, T, H, nb) bool, what
     `op.select_blocks` returns (query token x key block of `block` tokens). A (query block of `q_block`,
