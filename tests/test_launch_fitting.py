@@ -13,10 +13,11 @@ class FakeKernel:
     __name__ = "fake_bwd_dq_kernel"
 
     def __init__(self, per_stage: int, limit: int = 232448, name: str = "shared memory"):
-        self.per_stage, self.limit, self.name, self.launched = per_stage, limit, name, []
+        self.per_stage, self.limit, self.name, self.launched, self.tried = per_stage, limit, name, [], []
 
     def __getitem__(self, grid):
         def run(**kw):
+            self.tried.append(kw["num_stages"])
             need = self.per_stage * kw["num_stages"]
             if need > self.limit:
                 raise OutOfResources(need, self.limit, self.name)
@@ -28,6 +29,17 @@ def test_fewer_stages_until_it_fits():
     fn = FakeKernel(per_stage=110_000)
     launch_fitting(fn, (4, 2), {"x": 1}, {"num_warps": 8, "num_stages": 3})
     assert fn.launched == [((4, 2), {"x": 1, "num_warps": 8, "num_stages": 2})]
+
+
+def test_the_next_launch_starts_at_the_stages_that_fitted():
+    fn = FakeKernel(per_stage=80_000)
+    for x in (1, 2):  # runtime ints differ per call; the compiled form, hence its fit, does not
+        launch_fitting(fn, (4,), {"x": x}, {"num_warps": 8, "num_stages": 4})
+    assert fn.tried == [4, 3, 2, 2]  # the second launch fits at once
+    assert [kw["num_stages"] for _, kw in fn.launched] == [2, 2]
+    other = FakeKernel(per_stage=80_000)  # another kernel fits on its own
+    launch_fitting(other, (4,), {"x": 1}, {"num_warps": 8, "num_stages": 4})
+    assert other.tried == [4, 3, 2]
 
 
 def test_fits_at_first_try_launches_once():

@@ -63,25 +63,45 @@ def direct_grads(plan: Plan, lay: Layout, n_split: int, partition: str | None = 
     return {x for x in plan.whole_grads(n_split, partition) if lay.heads[x] == lay.H}
 
 
+# (kernel, options, constexprs, dtypes) -> the stages that fitted: later launches start there. Keys are made
+# only for the kernels that ever needed fewer stages (_REFITTED), so other launches pay one set lookup.
+_FITTED: dict = {}
+_REFITTED: set = set()
+
+
+def _fit_key(fn, args: dict, options: dict) -> tuple:
+    """What decides a compiled kernel's shared memory: its constexprs, options and pointer dtypes (not the
+    runtime ints, which vary per call)."""
+    names = getattr(fn, "arg_names", ())
+    const = {names[i] for i in getattr(fn, "constexprs", ()) if i < len(names)}
+    return (id(fn), tuple(sorted(options.items())),
+            tuple(sorted((k, v if k in const else str(v.dtype)) for k, v in args.items()
+                         if k in const or hasattr(v, "dtype"))))
+
+
 def launch_fitting(fn, grid: tuple, args: dict, options: dict) -> None:
     """Launch the Triton kernel `fn`; when its compiled form needs more shared memory than the GPU has
     (Triton's OutOfResources at launch: the pipeliner's stages of wide tiles, e.g. a score over two 128-wide
-    parts in fp32), launch it again with one stage fewer, down to one. The tiling models count the tiles'
-    elements, not Triton's staging buffers: the GPU's own limit is the last word. Only that case retries;
-    a kernel that needs more than one stage fits raises effc's error naming it."""
+    parts in fp32), launch it again with one stage fewer, down to one, and remember the stages that fitted
+    for the next launch of the same compiled form. The tiling models count the tiles' elements, not
+    Triton's staging buffers: the GPU's own limit is the last word. Only that case retries; a kernel that
+    needs more than one stage fits raises effc's error naming it."""
     from triton.runtime.errors import OutOfResources
 
-    stages = options.get("num_stages")
+    key = _fit_key(fn, args, options) if id(fn) in _REFITTED else None
+    stages = _FITTED.get(key, options.get("num_stages"))
     while True:
         try:
-            fn[grid](**args, **options)
+            fn[grid](**args, **{**options, **({"num_stages": stages} if stages else {})})
+            if stages != options.get("num_stages"):
+                _REFITTED.add(id(fn))
+                _FITTED[key or _fit_key(fn, args, options)] = stages
             return
         except OutOfResources as e:
             if e.name != "shared memory" or not stages or stages <= 1:
                 raise ResourceError(f"kernel {fn.__name__}: {e.name} {e.required} > {e.limit} (the GPU's limit) "
                                     f"at {options}; pass smaller chunk= / block= or num_stages=1") from e
             stages -= 1
-            options = {**options, "num_stages": stages}
 
 
 FACTORED, ANCHORED = 0, 2  # DECAY_MODE of the two launches of a kernel with factored decays
