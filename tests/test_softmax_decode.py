@@ -315,3 +315,32 @@ def test_decode_with_a_key_sequence_and_with_branches(name):
             assert judge_fp32(o[b], naive).ok, (b, judge_fp32(o[b], naive))
         for x, c in cache.items():  # the new tokens' keys and values, written after the context
             assert torch.equal(c[b, n - tq:n], tokens[[d.name for d in op.spec.inputs].index(x)][b])
+
+
+def test_decode_with_branches_grouped_heads_and_its_errors():
+    """nsa_small with 4 query heads over 2 key/value heads (the select branch's choice shared per group), a
+    request with a 5-token context and one with 90; then a cache missing an entry and a forward-only knob."""
+    from naive_softmax import nsa
+    from effc.runtime.verify import random_inputs
+    op = effc.load(str(Path(__file__).parent / "specs" / "nsa_small.attn"))
+    lens, tq = torch.tensor([5, 90], dtype=torch.int32), 2
+    xs = [x.detach() for x in random_inputs(op.spec, 2, 92, 4, {"K": 16, "V": 16}, seed=7)]
+    xs = [x[:, :, :2].contiguous() if "key" in d.annotations else x for d, x in zip(op.spec.inputs, xs)]
+    over_t = [d.dims[1] == "T" for d in op.spec.inputs]
+    tokens = [torch.stack([x[b, int(lens[b]):int(lens[b]) + tq] for b in range(2)]) if t else x
+              for x, t in zip(xs, over_t)]
+    cache = op.new_cache(*tokens, max_len=100)
+    names = [d.name for d in op.spec.inputs]
+    for n, c in cache.items():
+        for b in range(2):
+            c[b, :int(lens[b])] = xs[names.index(n)][b, :int(lens[b])]
+    o = op.decode(*tokens, cache=cache, cache_seqlens=lens)
+    for b in range(2):
+        n = int(lens[b]) + tq
+        whole = [x[b:b + 1, :n] if t else x[b:b + 1] for x, t in zip(xs, over_t)]
+        naive = nsa(*whole, block=16, topk=4, window=24, stride=8, length=16)[0, n - tq:]
+        assert judge_fp32(o[b], naive).ok, (b, judge_fp32(o[b], naive))
+    with pytest.raises(ArgumentError, match=r"cache must hold k, v \(op.cache_names\), got k"):
+        op.decode(*tokens, cache={"k": cache["k"]}, cache_seqlens=lens)
+    with pytest.raises(ArgumentError, match="chunk=: a knob of the whole-sequence call"):
+        op.decode(*tokens, cache=cache, cache_seqlens=lens, chunk=16)

@@ -156,8 +156,8 @@ class BranchedOp:
             raise ArgumentError(f"cache must hold {', '.join(self.cache_names)} (op.cache_names), got {got or '-'}")
         knobs = [k for k in given if k in _KNOBS + ("block",)]
         if knobs:
-            raise ArgumentError(f"{self.name}.decode: {', '.join(knobs)} are knobs of the whole-sequence call; "
-                                "decode takes splits= and the params")
+            raise ArgumentError(f"{self.name}.decode: {', '.join(f'{k}=' for k in knobs)}: a knob of the "
+                                "whole-sequence call; decode takes splits= and the params")
         outs: dict = {}
         for op, kw, writes in zip(self.parts, self._route(given), self.split.writes + ((),)):
             args = self._branch_tokens(op, named, outs)
