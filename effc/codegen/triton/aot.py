@@ -77,6 +77,25 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
     return _compile(fn, sig, const, warps, stages)
 
 
+H100_SHARED = 232448  # bytes of shared memory a block may use on sm_90 (H100 and H200)
+
+
+def compile_softmax_fitting(op, kernel: str, dims: dict | None = None):
+    """compile_softmax_sm90 at the model's tiles, with fewer pipeliner stages while the kernel needs more
+    shared memory than sm_90 has: what runtime.launch.launch_fitting does at launch."""
+    from dataclasses import replace
+
+    from ...passes.softmax import choose_softmax_tiles
+    tiles = choose_softmax_tiles(op.spec, {d: 128 for d in op.spec.dims} | (dims or {}), interpreting=False)
+    field = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv"}[kernel]
+    while True:
+        k = compile_softmax_sm90(op, kernel, tiles, dims)
+        bm, bn, warps, stages = getattr(tiles, field)
+        if k.metadata.shared <= H100_SHARED or stages <= 1:
+            return k
+        tiles = replace(tiles, **{field: (bm, bn, warps, stages - 1)})
+
+
 def compile_softmax_decode_sm90(op, kernel: str, n_queries: int = 1, splits: int = 8, dims: dict | None = None):
     """The compiled decode kernel `kernel` ("decode" or "decode_combine") of the SoftmaxOp `op` at the tiles
     policy.decode picks for the H100: the new tokens and the caches of inputs bf16, prefix values' caches and
