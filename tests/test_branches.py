@@ -201,7 +201,8 @@ def test_the_tools_see_the_branches():
     from effc.tools.peers import PEERS, peer_scale
     op = effc.load("nsa")
     assert [p.label for p in PEERS["nsa"]] == ["torch SDPA causal (flash), dense",
-                                             "fla parallel_nsa (16 query heads per kv head, own compression)"]
+                                             "fla parallel_nsa (16 query heads per kv head, own compression; "
+                                             "window: flash-attn, else FlexAttention)"]
     assert peer_scale(op, 128) == pytest.approx(128 ** -0.5)
     dims = {"K": 128, "V": 128}
     assert op.flops(1, 4096, 16, dims) == sum(p.flops(1, 4096, 16, dims) for p in op.parts)

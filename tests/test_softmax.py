@@ -368,7 +368,7 @@ out = {}
 for kn, (bm, bn, warps, stages) in (("fwd", cfg.fwd), ("bwd_pre", cfg.pre), ("bwd_dq", cfg.dq), ("bwd_dkv", cfg.dkv)):
     fn = getattr(op.module, f"{op.name}_{kn}_kernel")
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
-                 **{d: 128 for d in op.spec.dims}, **{f"{d}_P": 128 for d in op.spec.dims}, **{f"HX_{x}": 4 if x in ("k", "v") else 16 for x in op.sched.leaves})
+                 **{d: 128 for d in op.spec.dims}, **{f"{d}{s}": 128 for d in op.spec.dims for s in ("_P", "_S")}, **{f"HX_{x}": 4 if x in ("k", "v") else 16 for x in op.sched.leaves})
     const = {c: v for c, v in const.items() if c in fn.arg_names}
     sig = {n: "constexpr" if n in const else "*bf16" if n[:-4] in inputs or n == "o_ptr" or n.endswith("_grad_ptr")
            else "*i32" if n == "cu_ptr" else "*fp32" if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32"
