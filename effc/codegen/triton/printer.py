@@ -2,6 +2,8 @@
 DOT_DTYPE (the input dtype on a GPU, fp32 under the interpreter)."""
 from __future__ import annotations
 
+import math
+
 import sympy
 
 from ...ir import ops as O
@@ -205,21 +207,23 @@ class TritonPrinter:
             return text
         return self.padded_fill(a, text, "0.0", axes=(axis,))
 
+    # the names a spec's expressions read besides values, params and dims, and their Triton text here
+    NAMED = {"idx": "r_C.to(tl.float32)", "pos": "(tok + POS0).to(tl.float32)", "head": "i_h.to(tl.float32)",
+             "inf": 'float("inf")'}
+
     def ref(self, a) -> str:
         if isinstance(a, float):
-            return 'float("inf")' if a == float("inf") else repr(a)
+            return ('-float("inf")' if a < 0 else 'float("inf")') if math.isinf(a) else repr(a)
         if a in self.params:
             return f"p_{a}"
         if a in self.dims:
             return f"({a} * 1.0)"
-        if a == "idx":
-            return "r_C.to(tl.float32)"
-        if a == "pos":
-            return "(tok + POS0).to(tl.float32)"
-        if a == "head":
-            return "i_h.to(tl.float32)"
-        if a == "inf":
-            return 'float("inf")'
+        if a in self.NAMED:
+            return self.NAMED[a]
+        return self.value_ref(a)
+
+    def value_ref(self, a: str) -> str:
+        """A value computed by an op (or loaded): its variable."""
         return f"v_{a}"
 
     def expr(self, op: Op) -> str:

@@ -17,12 +17,7 @@ class SelectPrinter(SoftmaxPrinter):
     """Select-stage values: per-token leaves on the query side, pooled tiles (loaded as their values, v_*),
     and the block indices qblock [BM, 1], kblock [1, CB] (a chunk of key blocks; NBP: every one)."""
 
-    def ref(self, a) -> str:
-        if a == "qblock":
-            return "qblock_f"
-        if a == "kblock":
-            return "kblock_f"
-        return super().ref(a)
+    NAMED = {**SoftmaxPrinter.NAMED, "qblock": "qblock_f", "kblock": "kblock_f"}
 
 
 

@@ -54,24 +54,10 @@ class SoftmaxPrinter(TritonPrinter):
         self.raw: dict[str, str] = {}  # values that are a loaded tile unchanged: print dots from the stored dtype
         self.keep_t = False
 
-    def ref(self, a) -> str:
-        if isinstance(a, float):
-            return 'float("inf")' if a == float("inf") else ('-float("inf")' if a == -float("inf") else repr(a))
-        if a in self.params:
-            return f"p_{a}"
-        if a in self.dims:
-            return f"({a} * 1.0)"
-        if a == "head":
-            return "i_hf"
-        if a == "inf":
-            return 'float("inf")'
-        if a == "qpos":
-            return "qpos_f"
-        if a == "kpos":
-            return "kpos_f"
-        if a in self.leaves:
-            return f"lq_{a}"
-        return f"v_{a}"
+    NAMED = {"head": "i_hf", "inf": 'float("inf")', "qpos": "qpos_f", "kpos": "kpos_f"}
+
+    def value_ref(self, a: str) -> str:
+        return f"lq_{a}" if a in self.leaves else f"v_{a}"
 
     def _pair(self, a) -> str | None:
         if isinstance(a, float) or a not in self.types:
