@@ -712,6 +712,9 @@ def test_head_dim_table_compares_with_the_nearest_power_of_two():
     assert "D=128: fwd 2.50x (over 1.3x), fwd+bwd 5.00x (over 1.3x)" in lines[("gla", "2x4096", "96")]
     assert "D=128: fwd 1.25x, fwd+bwd 1.11x" in lines[("gla", "2x4096", "192")]  # 256 not measured: 128
     assert "D=64: fwd 1.00x" in lines[("gla", "2x4096", "60")]
+    padded = [{**_row("softmax_attn", 96, 3.0, 2.0), "padding_flops_ratio": 4 / 3}, _row("softmax_attn", 128, 4.0, 4.0)]
+    line = head_dim_table(padded).splitlines()[1]
+    assert line.endswith("D=128: fwd 1.33x (over 1.3x), fwd+bwd 2.00x (over 1.3x), padding alone 1.33x"), line
     assert lines[("gla", "2x4096", "64")].endswith("reference")
     assert lines[("gla", "2x63", "192")].endswith("-")  # no power of two at that shape
 

@@ -20,6 +20,7 @@ import sympy
 from ..errors import BackwardRefused, SpecError
 from ..ir.nodes import C, dim
 from ..passes.shapes import value_types
+from ..policy.tiling import padded
 from .peers import PEERS, time_training_step
 
 # Machine limits per GPU name (substring match), measured on the lent H100 with the same software
@@ -165,12 +166,15 @@ def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, 
     cfg = op.last_config
     tuned = any(r.startswith("tuned") for r in cfg.reasons)
     tbs = io_bytes(xs, out) / ms / 1e9
-    tflops = op_flops(op, B, T, H, dims, cfg.chunk) / ms / 1e9
+    flops = op_flops(op, B, T, H, dims, cfg.chunk)
+    tflops = flops / ms / 1e9
+    # the work the kernels do on tiles padded to powers of two, over the work the real dims need
+    padding = op_flops(op, B, T, H, {d: padded(v) for d, v in dims.items()}, cfg.chunk) / flops if flops else 1.0
     row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
            "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
                      + (" merge=deferred" if getattr(cfg, "defer_merge", False) else "")
                      + (" (tuned)" if tuned else ""),
-           "TB/s": tbs, "TFLOP/s": tflops, "bw_frac": tbs / peak["TB/s"],
+           "TB/s": tbs, "TFLOP/s": tflops, "padding_flops_ratio": padding, "bw_frac": tbs / peak["TB/s"],
            "flop_frac": tflops / peak["TFLOP/s"], "peak": {**peak, "of": peak_of}}
     for other in others:
         row[f"effc_ms_{other.backend}"] = do_bench(lambda: other(*xs), warmup=25, rep=100, return_mode="median")
@@ -208,7 +212,8 @@ HEAD_DIM_SLACK = 1.3
 def head_dim_table(rows) -> str:
     """Time per FLOP of each head dim against the nearest power-of-two head dim of the same spec and shape
     measured in the same run (nearest in log2; ties to the larger): ratio = their TFLOP/s over this one's,
-    forward and forward+backward; above HEAD_DIM_SLACK is marked."""
+    forward and forward+backward; above HEAD_DIM_SLACK is marked. Where the kernels run padded tiles, the
+    FLOP ratio of the padded dims to the real ones follows: what padding alone costs per FLOP."""
     timed = [r for r in rows if "TFLOP/s" in r]
     lines = [f"{'spec':14s} {'BxT':>9s} {'D':>4s} {'TFLOP/s':>8s} {'fwd+bwd':>8s}  per FLOP vs"]
     for r in timed:
@@ -222,6 +227,8 @@ def head_dim_table(rows) -> str:
                     ratio = ref[key] / r[key]
                     cells.append(f"{'fwd' if key == 'TFLOP/s' else 'fwd+bwd'} {ratio:.2f}x"
                                  + (" (over %.1fx)" % HEAD_DIM_SLACK if ratio > HEAD_DIM_SLACK else ""))
+        if cells and r.get("padding_flops_ratio", 1.0) > 1.001:
+            cells.append(f"padding alone {r['padding_flops_ratio']:.2f}x")
         against = f"D={ref['D']}: " + ", ".join(cells) if cells else ("reference" if ref is r else "-")
         fb = f"{r['fwdbwd_TFLOP/s']:8.1f}" if "fwdbwd_TFLOP/s" in r else f"{'-':>8s}"
         lines.append(f"{r['spec']:14s} {str(r['B']) + 'x' + str(r['T']):>9s} {r['D']:4d} {r['TFLOP/s']:8.1f} {fb}  "
