@@ -9,6 +9,7 @@ import torch
 
 from ..errors import ArgumentError
 from .checks import check_inputs
+from .softmax_decode import cache_dict
 
 # call knobs every branch takes; `block` goes to the branches without a select stage (a select stage's walk
 # runs its own block)
@@ -146,14 +147,7 @@ class BranchedOp:
         decodes the new tokens in order, the earlier ones' outputs for them feeding the last, which runs the
         spec's merge. Inputs over a key sequence of their own are passed whole, (B, S, H, D)."""
         named = self._named(tokens)
-        if isinstance(cache, (tuple, list)):
-            if len(cache) != len(self.cache_names):
-                raise ArgumentError(f"cache must be a dict or a sequence of {len(self.cache_names)} tensors "
-                                    f"({', '.join(self.cache_names)}: op.cache_names; op.new_cache(...) makes them)")
-            cache = dict(zip(self.cache_names, cache))
-        if not isinstance(cache, dict) or set(cache) != set(self.cache_names):
-            got = ", ".join(cache) if isinstance(cache, dict) else type(cache).__name__
-            raise ArgumentError(f"cache must hold {', '.join(self.cache_names)} (op.cache_names), got {got or '-'}")
+        cache = cache_dict(cache, self.cache_names)
         knobs = [k for k in given if k in _KNOBS + ("block",)]
         if knobs:
             raise ArgumentError(f"{self.name}.decode: {', '.join(f'{k}=' for k in knobs)}: a knob of the "

@@ -96,17 +96,22 @@ def new_cache(op, *tokens, max_len: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _caches(op, cache, expect: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`cache` (a dict by name or a sequence in cache_names order) checked against the new tokens' values."""
-    names = tuple(expect)
+def cache_dict(cache, names: tuple[str, ...]) -> dict:
+    """`cache` as a dict by name: given as one (holding exactly `names`) or as a sequence in that order."""
     if isinstance(cache, dict):
         if set(cache) != set(names):
             raise ArgumentError(f"cache must hold {', '.join(names)} (op.cache_names), got {', '.join(cache) or '-'}")
-    elif isinstance(cache, (tuple, list)) and len(cache) == len(names):
-        cache = dict(zip(names, cache))
-    else:
-        raise ArgumentError(f"cache must be a dict or a sequence of {len(names)} tensors ({', '.join(names)}: "
-                            "op.cache_names; op.new_cache(...) makes them)")
+        return cache
+    if isinstance(cache, (tuple, list)) and len(cache) == len(names):
+        return dict(zip(names, cache))
+    raise ArgumentError(f"cache must be a dict or a sequence of {len(names)} tensors ({', '.join(names)}: "
+                        "op.cache_names; op.new_cache(...) makes them)")
+
+
+def _caches(op, cache, expect: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`cache` (a dict by name or a sequence in cache_names order) checked against the new tokens' values."""
+    names = tuple(expect)
+    cache = cache_dict(cache, names)
     tmax = None
     for x in names:
         c, t = cache[x], expect[x]

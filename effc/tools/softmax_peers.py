@@ -95,8 +95,7 @@ def sliding_window(T: int, window: int, device):
     function (q, k, v, scale) -> o on (B, T, H, D) tensors (grouped heads allowed); the BlockMask is built
     here, once, outside the timed calls. Compiled on a GPU, eager elsewhere."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    keep = lambda b, h, qi, ki: (ki <= qi) & (qi - ki < window)  # noqa: E731
-    block_mask = create_block_mask(keep, None, None, T, T, device=device)
+    block_mask = create_block_mask(_window({"window": window}), None, None, T, T, device=device)
     fn = (_FLEX_CACHE.setdefault("flex", torch.compile(flex_attention, dynamic=False))
           if torch.device(device).type == "cuda" else flex_attention)
 

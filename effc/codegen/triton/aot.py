@@ -49,6 +49,7 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
 
 
 SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
+_TILES_OF = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv"}  # SoftmaxTiles' field per kernel
 
 
 def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
@@ -61,7 +62,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None):
     from ...policy.tiling import padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
-    bm, bn, warps, stages = {"fwd": tiles.fwd, "bwd_pre": tiles.pre, "bwd_dq": tiles.dq, "bwd_dkv": tiles.dkv}[kernel]
+    bm, bn, warps, stages = getattr(tiles, _TILES_OF[kernel])
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
     bf16 = ({f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
             | {f"{x}_{tag}_ptr" for x in op.comp.backward.whole_grads() for tag in ("dpre", "dq", "dk")})
@@ -87,7 +88,7 @@ def compile_softmax_fitting(op, kernel: str, dims: dict | None = None):
 
     from ...passes.softmax import choose_softmax_tiles
     tiles = choose_softmax_tiles(op.spec, {d: 128 for d in op.spec.dims} | (dims or {}), interpreting=False)
-    field = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv"}[kernel]
+    field = _TILES_OF[kernel]
     while True:
         k = compile_softmax_sm90(op, kernel, tiles, dims)
         bm, bn, warps, stages = getattr(tiles, field)

@@ -16,7 +16,7 @@ from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p
 from ...passes.softmax_plan import SoftmaxKernel, SoftmaxPlan
 from ...version import __version__
 from .. import template
-from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, helper_source
+from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, helper_source, pad_cond
 from .signature import SOFTMAX_LAYOUT, signature
 
 LOG2E = 1.4426950408889634
@@ -147,7 +147,7 @@ def _stored_mask(f: str, width: str) -> tuple[str, str]:
     """(mask, constexpr condition) of feature dim f's columns in a row `width` wide: the real ones (m_f) or,
     in a stored row (STORED), the stored ones (s_f: the runtime's zero padding loads as is, and an unmasked
     run of 16 bytes keeps the loads vectorised)."""
-    return (f"s_{f}", f"({f}_P != {f}_S)") if width == STORED else (f"m_{f}", f"({f}_P != {f})")
+    return (f"s_{f}", f"({f}_P != {f}_S)") if width == STORED else (f"m_{f}", pad_cond(f))
 
 
 def _rowmask(valid: str, feats: tuple[str, ...], width: str = "") -> str:
