@@ -26,6 +26,7 @@ from .checks import (
     rebuild,
     state_list,
 )
+from .dim_parts import parted_call
 from .oracle import evaluate
 from .torch_op import call_lengths, host_plan, linear_torch_ops, live
 
@@ -43,6 +44,8 @@ class AttentionOp(Tuned):
         # sympy is slow: tiling choices (Tuned.config) and param defaults are memoised per call shape
         self._configs: dict[tuple, TileConfig] = {}
         self._defaults: dict[tuple, dict[str, float]] = {}
+        self._parted: dict[tuple, tuple] = {}  # part sizes -> (runtime.dim_parts.PartedCall or None, why)
+        self.last_dim_parts = ""
         live(self)
         self._torch_ops = linear_torch_ops(self)
 
@@ -75,7 +78,7 @@ class AttentionOp(Tuned):
                  chunk: int | None = None, block: int | None = None, segments: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
                  defer_merge: bool | None = None, partition: str | None = None, walk_block: int | None = None,
-                 pos_offset: int = 0, **params):
+                 pos_offset: int = 0, dim_parts: bool = True, **params):
         """(o, final_state) for (B, T, H, D) inputs; with `cu_seqlens`, packed (1, total_T, H, D) sequences.
         Differentiable: gradients reach every input and the initial state. Works under torch.compile:
         the host-side checks and choices are compile-time constants of the call's shapes.
@@ -85,8 +88,21 @@ class AttentionOp(Tuned):
         partition: how the backward's gradient kernels run (passes.partition: 'block', 'loop', 'cut' or
         'cut_each', those the spec's plan lists); None: the plan's default.
         pos_offset: the position (`pos`) of every sequence's first token, for a spec that reads `pos` run on a
-        later piece of its sequences (context parallel, decoding); 0 by default."""
+        later piece of its sequences (context parallel, decoding); 0 by default.
+        dim_parts: run a feature dim that is not a power of two (96, 192) as two power-of-two parts (64 + 32)
+        where that pads less than one tile (passes.dim_parts; `op.last_dim_parts` says what ran); False keeps
+        one padded tile."""
         init = state_list(self.spec, initial_state)
+        if not isinstance(dim_parts, bool):
+            raise ArgumentError(f"dim_parts must be True or False, got {dim_parts!r}")
+        parted = parted_call(self, tensors, self._parted) if dim_parts else None
+        if parted is not None:
+            res = parted(tensors, init, output_final_state, cu_seqlens=cu_seqlens, chunk=chunk, block=block,
+                         segments=segments, num_warps=num_warps, num_stages=num_stages, save_states=save_states,
+                         defer_merge=defer_merge, partition=partition, walk_block=walk_block,
+                         pos_offset=pos_offset, **params)
+            self.last_config = parted.inner.last_config
+            return res
         longest = call_lengths(cu_seqlens, tensors[0])
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
         overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
