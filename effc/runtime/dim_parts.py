@@ -13,10 +13,9 @@ class PartedCall:
     """The split spec's op for one set of part sizes, and where each tensor is cut."""
 
     def __init__(self, op, sizes: dict[str, tuple[int, int]]):
-        from .op import AttentionOp
         spec = op.spec
         self.sizes = sizes
-        self.inner = AttentionOp(Compilation.of_ir(split_dims(spec, tuple(sizes))), op.backend)
+        self.inner = type(op)(Compilation.of_ir(split_dims(spec, tuple(sizes))), op.backend)  # an AttentionOp
         split = op.comp.legality.split_dims[:1]
         if self.inner.comp.legality.split_dims[:1] != split:  # the programs would split another dim
             raise NotSplittable(f"the parts change the dim split across programs ({split} -> "
