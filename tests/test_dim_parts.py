@@ -201,3 +201,33 @@ def test_parted_packed_sequences_with_an_empty_one_and_a_step():
 def test_dim_parts_knob_is_checked():
     with pytest.raises(effc.ArgumentError, match="dim_parts must be True or False"):
         effc.load("gla")(*(torch.zeros(1, 4, 1, 96) for _ in range(4)), dim_parts="yes")
+
+
+def test_tilelang_forward_runs_the_parts():
+    """The TileLang programs of the split spec, emulated on the CPU (tests/tilelang_emulator.py)."""
+    from tilelang_emulator import emulated_forward
+
+    from effc.runtime.dim_parts import PartedCall
+    op = effc.load("gla", backend="tilelang")
+    parted = PartedCall(op, {"K": (32, 16)})
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(1, 40, 2, 48, generator=g) for _ in range(2))
+    v = torch.randn(1, 40, 2, 32, generator=g)
+    gate = torch.nn.functional.logsigmoid(torch.randn(1, 40, 2, 48, generator=g))
+    cut = lambda x: list(torch.split(x, [32, 16], dim=-1))
+    o, s_first = emulated_forward(parted.inner, tuple(cut(q) + cut(k) + [v] + cut(gate)))
+    ro, rs = op.reference(*(x.double() for x in (q, k, v, gate)), output_final_state=True)
+    assert judge_fp32(o, ro).ok and judge_fp32(s_first, rs[:, :, :32]).ok
+
+
+def test_show_prints_the_split_spec_for_dims_in_parts():
+    from typer.testing import CliRunner
+
+    from effc.tools.cli import app
+    run = lambda *a: CliRunner().invoke(app, ["show", *a])
+    r = run("gla", "--dims", "K=96,V=96", "--stage", "tiled")
+    assert r.exit_code == 0 and r.output.startswith("# in parts (passes.dim_parts): K=96 as 64 + 32\n")
+    assert "{'K__0': 64, 'K__1': 32, 'V': 96}" in r.output
+    r = run("retention_rope", "--dims", "K=96", "--stage", "typed")
+    assert r.exit_code == 0 and "the tiles stay padded: 'fidx' pairs features" in r.output.splitlines()[0]
+    assert run("gla", "--dims", "K=128", "--stage", "typed").output.startswith("spec gla")  # no parts

@@ -56,36 +56,49 @@ class PartedCall:
         return o, (finals[0] if len(finals) == 1 else tuple(finals))
 
 
-def parts_for(op, tensors) -> tuple[dict[str, tuple[int, int]], str]:
-    """The dims of a call to `op` that run in parts, and why (or why not). Only dims no program split cuts
-    (the split dim's blocks are masked as they are), and only where two power-of-two parts pad less."""
-    spec = op.spec
-    if spec.family != "linear":
-        return {}, ""
-    split = op.comp.legality.split_dims[:1]
-    sizes = {}
-    for d, x in zip(spec.inputs, tensors):
+def parts_of(comp, dims: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """The feature dims of a linear spec's call (sizes `dims`) that run in parts: those no program split cuts
+    (the split dim's blocks are masked as they are) where two power-of-two parts pad less than one tile."""
+    if comp.ir.family != "linear":
+        return {}
+    split = comp.legality.split_dims[:1]
+    return {n: p for n, s in dims.items() if n not in split and (p := part_sizes(s)) is not None}
+
+
+def part_dims(dims: dict[str, int], parts: dict[str, tuple[int, int]]) -> dict[str, int]:
+    """`dims` with each parted dim replaced by its parts' sizes (the split spec's dims)."""
+    out = {n: s for n, s in dims.items() if n not in parts}
+    out.update({part_name(n, i): size for n, sizes in parts.items() for i, size in enumerate(sizes)})
+    return out
+
+
+def describe_parts(parts: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{n}={a + b} as {a} + {b}" for n, (a, b) in parts.items())
+
+
+def parts_for(op, tensors) -> dict[str, tuple[int, int]]:
+    """parts_of for a call's tensors; none where they do not match the spec (the op's checks report it)."""
+    dims = {}
+    for d, x in zip(op.spec.inputs, tensors):
         if not torch.is_tensor(x) or x.dim() != len(d.dims):
-            return {}, ""  # the op's checks report it
-        for n, s in zip(d.dims[3:], x.shape[3:]):
-            parts = part_sizes(s)
-            if n not in split and parts is not None:
-                sizes[n] = parts
-    return sizes, ", ".join(f"{n}={a + b} as {a} + {b}" for n, (a, b) in sizes.items())
+            return {}
+        dims.update(zip(d.dims[3:], x.shape[3:]))
+    return parts_of(op.comp, dims)
 
 
 def parted_call(op, tensors, cache: dict):
     """The PartedCall for this call's dims (memoised per part sizes), or None: no dim gains from parts, or
     the spec cannot split them (`op.last_dim_parts` says which and why)."""
-    sizes, why = parts_for(op, tensors)
+    sizes = parts_for(op, tensors)
     key = tuple(sorted(sizes.items()))
     if key not in cache:
         try:
-            cache[key] = (PartedCall(op, sizes) if sizes else None), (f"parts: {why}" if sizes else "no parts")
+            cache[key] = (PartedCall(op, sizes) if sizes else None), (f"parts: {describe_parts(sizes)}" if sizes
+                                                                      else "no parts")
         except NotSplittable as e:
             cache[key] = None, f"padded tiles: {e}"
     call, op.last_dim_parts = cache[key]
     return call
 
 
-__all__ = ["PartedCall", "parted_call", "part_name"]
+__all__ = ["PartedCall", "parted_call", "parts_of", "part_dims", "describe_parts"]

@@ -83,16 +83,35 @@ def show(spec: str = typer.Argument(..., help=SPEC_HELP),
          stage: str = typer.Option("plan", help="one of: " + ", ".join(STAGES) + " (the compiler's passes, in order: "
                                                   + "; ".join(f"{p.name}: {p.what}" for p in PIPELINE) + ")"),
          shape: str = typer.Option("2,8192,16", help="B,T,H used by --stage tiled"),
-         dims: str = typer.Option("", help="feature dims for --stage tiled, e.g. K=128,V=128 (default 128 each)"),
+         dims: str = typer.Option("", help="feature dims, e.g. K=96,V=96: --stage tiled's sizes (default 128 each); a "
+                                           "dim that runs in power-of-two parts there shows the split spec's stages"),
          backend: str = typer.Option("triton", help="the code generator for --stage source: triton or tilelang")):
     """Print one stage of the pipeline: text -> AST -> IR -> passes -> plan -> source."""
     try:
         comp = _compilation(spec)
         if stage not in STAGES:
             raise typer.BadParameter(f"unknown stage '{stage}'; expected one of {', '.join(STAGES)}")
-        typer.echo(_stage_text(comp, stage, shape, dims, backend))
+        comp, dims, header = _in_parts(comp, stage, dims)
+        typer.echo(header + _stage_text(comp, stage, shape, dims, backend))
     except (SpecError, CodegenError, NotImplementedError) as e:
         _fail(e)
+
+
+def _in_parts(comp, stage: str, dims: str):
+    """With --dims whose sizes run in power-of-two parts (passes.dim_parts), the stages from `typed` on are the
+    split spec's: (compilation, dims, a header line saying so)."""
+    from ..passes.dim_parts import NotSplittable, split_dims
+    from ..runtime.dim_parts import describe_parts, part_dims, parts_of
+    given = _parse_dims(dims)
+    parts = parts_of(comp, given) if given and stage not in ("ast", "ir") else {}
+    if not parts:
+        return comp, dims, ""
+    try:
+        split = type(comp).of_ir(split_dims(comp.typed, tuple(parts)))
+    except NotSplittable as e:
+        return comp, dims, f"# {describe_parts(parts)} would pad less, but the tiles stay padded: {e}\n"
+    sizes = ",".join(f"{n}={s}" for n, s in part_dims(given, parts).items())
+    return split, sizes, f"# in parts (passes.dim_parts): {describe_parts(parts)}\n"
 
 
 def _stage_text(comp, stage: str, shape: str, dims: str, backend: str) -> str:
