@@ -59,6 +59,19 @@ def _fla_rwkv7(B, T, H, D):
     return run
 
 
+def _fla_mesa_net(B, T, H, D):
+    """fla's chunk_mesa_net for the mesanet spec: its lamb is per head and key channel (the spec's lam, 1 by
+    default, everywhere), 4 conjugate-gradient iterations as the spec unrolls (fla adds 1e-5 to CG's
+    denominators); q and k are drawn unit-norm as the spec declares."""
+    import torch
+    from fla.ops.mesa_net import chunk_mesa_net
+
+    def run(q, k, v, g, beta, *, scale):
+        lamb = torch.ones(q.shape[2], q.shape[3], dtype=torch.float32, device=q.device)
+        return chunk_mesa_net(q, k, v, g.float(), beta.float(), lamb, max_CG_iteration=4)[0]
+    return run
+
+
 def _fla_nsa(B, T, H, D):
     """fla's parallel_nsa for the nsa spec's shape of work: it needs 16 query heads (a power of two) per key/value
     head, so it reads the first H // 16 key/value heads, and it forms its compressed keys itself (mean pooling
@@ -135,6 +148,7 @@ PEERS: dict[str, tuple[Peer, ...]] = {
     "mlstm_sig": (Peer("mlstm_kernels chunkwise--triton_xl_chunk_siging", ("q", "k", "v", "i", "f"),
                        _mlstm_kernels("chunkwise--triton_xl_chunk_siging", normalize=True, eps=1e-6)),),
     "rwkv7": (Peer("fla chunk_rwkv7", ("r", "w", "k", "v", "kappa", "a"), _fla_rwkv7),),
+    "mesanet": (Peer("fla chunk_mesa_net (4 CG iterations)", ("q", "k", "v", "g", "beta"), _fla_mesa_net),),
     # level l of fla's level_scales weighs the same Fenwick bucket as the spec's lam[:, l] (level 0: the token
     # itself; otherwise the highest differing bit of t xor s, plus one); both read only the first log2(T) + 2
     "log_linear_attn": (Peer("fla chunk_log_linear_attn", ("q", "k", "v", "g", "lam"),
