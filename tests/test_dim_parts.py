@@ -59,6 +59,7 @@ def test_split_rewrites_by_op_kind():
           state S__1[K__1, V] tile [K__1, V]
           state z__0[K__0] tile [K__0]
           state z__1[K__1] tile [K__1]
+          dim K in parts K__0 + K__1
           intra:
             _1__0 = mul(q__0, q__0)
             _1__1 = mul(q__1, q__1)
@@ -231,3 +232,15 @@ def test_show_prints_the_split_spec_for_dims_in_parts():
     r = run("retention_rope", "--dims", "K=96", "--stage", "typed")
     assert r.exit_code == 0 and "the tiles stay padded: 'fidx' pairs features" in r.output.splitlines()[0]
     assert run("gla", "--dims", "K=128", "--stage", "typed").output.startswith("spec gla")  # no parts
+
+
+@pytest.mark.parametrize("name", ["gla", "delta_net_l2"])
+def test_an_inputs_parts_share_its_gradient_kernel(name):
+    """The parts of an input share every value over the other dims: one kernel writes both gradients, and the
+    kernels (and the model's partition) are the caller's spec's."""
+    from effc.compiler.driver import Compilation
+    op = effc.load(name)
+    split = Compilation.of_ir(split_dims(op.spec, ("K",)))
+    whole = [(k.name, sorted(x.name for x, _ in k.grads)) for k in op.comp.plan.gradient_kernels()]
+    parted = [(k.name, sorted({x.name.split("__")[0] for x, _ in k.grads})) for k in split.plan.gradient_kernels()]
+    assert parted == whole

@@ -163,6 +163,8 @@ class Spec:
     select: Stage = Stage("select", ())
     selection: Selection | None = None
     keyseq: KeySeq | None = None  # key inputs over a key sequence of their own (softmax family)
+    # feature dims run in power-of-two parts (passes.dim_parts): (the caller's dim, the part dims it became)
+    parts: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def family(self) -> str:

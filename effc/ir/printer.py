@@ -23,6 +23,8 @@ def print_spec(spec: Spec) -> str:
         lines.append(f"  {d.role} {d.name}[{', '.join(d.dims)}]{ann} tile {d.tile}")
     for p in spec.params:
         lines.append(f"  param {p.name} = {p.default}")
+    for d, parts in spec.parts:
+        lines.append(f"  dim {d} in parts {' + '.join(parts)}")
     if spec.keyseq is not None:
         ks = spec.keyseq
         pos = "undeclared" if ks.pos is None else f"{ks.pos[0]} * {ks.dim.lower()} + {ks.pos[1]}"

@@ -52,6 +52,17 @@ def part_name(name: str, i: int) -> str:
     return f"{name}__{i}"
 
 
+def caller_input(spec: Spec, name: str) -> str:
+    """The caller's input that input `name` of a split spec is a part of (itself when it is no part)."""
+    decl = spec.decl(name)
+    for _, parts in spec.parts:
+        for i, p in enumerate(parts):
+            suffix = part_name("", i)
+            if decl is not None and p in decl.dims and name.endswith(suffix):
+                return name[:-len(suffix)]
+    return name
+
+
 def split_dims(spec: Spec, dims: tuple[str, ...]) -> Spec:
     """`spec` (typed) with each dim of `dims` as PARTS dims; NotSplittable where a construct pairs them."""
     if spec.family != "linear":
@@ -89,7 +100,8 @@ def split_dims(spec: Spec, dims: tuple[str, ...]) -> Spec:
     subs = {dim(d): sum((dim(part_name(d, i)) for i in range(PARTS)), start=0) for d in dims}
     params = tuple(replace(p, default=p.default.subs(subs)) for p in spec.params)
     return replace(spec, inputs=inputs, outputs=outputs, states=states, params=params,
-                   intra=stages[0], merge=stages[1], inter=stages[2])
+                   intra=stages[0], merge=stages[1], inter=stages[2],
+                   parts=spec.parts + tuple((d, tuple(part_name(d, i) for i in range(PARTS))) for d in dims))
 
 
 def _part(parted: dict, a, i: int):

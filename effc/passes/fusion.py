@@ -125,12 +125,21 @@ def fuse(spec: Spec, legality: Legality, backward=None) -> Fused:
         # one kernel per input gradient: all adjoints of a chunk at once spill registers (measured on
         # sm_90: ~6 KB of spills per program), each gradient alone keeps far fewer tiles live;
         # passes.grad_terms then dissolves the kernels whose gradient's terms the others already compute
-        copied = dict(seed_gradients(spec, backward))
-        for x, g in backward.input_grads:
-            if g is not None and x not in copied:
-                kernels.append(FusedKernel(f"bwd_chunks_{x}", ("inter", "merge", "intra"),
-                                           live_ops(backward.ops, (g,)), (g,), ((x, g),)))
+        kernels += _gradient_kernels(spec, backward, dict(seed_gradients(spec, backward)))
     return Fused(tuple(kernels))
+
+
+def _gradient_kernels(spec: Spec, backward, copied: dict) -> list[FusedKernel]:
+    """One kernel per input gradient (the parts of an input in power-of-two parts together, passes.dim_parts:
+    they share every value over the other dims, which a kernel per part would compute twice)."""
+    from .dim_parts import caller_input
+    groups: dict[str, list] = {}
+    for x, g in backward.input_grads:
+        if g is not None and x not in copied:
+            groups.setdefault(caller_input(spec, x), []).append((x, g))
+    return [FusedKernel(f"bwd_chunks_{name}", ("inter", "merge", "intra"),
+                        live_ops(backward.ops, tuple(g for _, g in pairs)), tuple(g for _, g in pairs), tuple(pairs))
+            for name, pairs in groups.items()]
 
 
 def _fuse_bidirectional(spec: Spec, backward=None) -> Fused:
@@ -157,8 +166,5 @@ def _fuse_bidirectional(spec: Spec, backward=None) -> Fused:
             if states:  # the adjoint runs against its state's walk: a reverse state's from the first chunk
                 kernels.append(FusedKernel("bwd_scan" + suffix, ("inter", "merge"), live_ops(backward.ops, roots),
                                            roots, carries=states, reverse=rev))
-        for x, g in backward.input_grads:
-            if g is not None:
-                kernels.append(FusedKernel(f"bwd_chunks_{x}", ("inter", "merge", "intra"),
-                                           live_ops(backward.ops, (g,)), (g,), ((x, g),)))
+        kernels += _gradient_kernels(spec, backward, {})
     return Fused(tuple(kernels))

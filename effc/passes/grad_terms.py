@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..ir.nodes import C, Op, Spec, dim
+from ..ir.nodes import Op, Spec
 from .autodiff import linear_arg, split_once
 from .fusion import Fused, FusedKernel, depends, live_ops, needed
-from .kernel_cost import live_values
+from .kernel_cost import live_values, typical_sizes
 from .vjp_rules import Adjoints
 
 # A value whose split would give more terms than this stays one term. The terms of a value are its paths
@@ -102,7 +102,7 @@ def place_gradient_terms(spec: Spec, fused: Fused, backward, split_dim: str | No
         return fused
     adjoint = depends(backward.ops, {s for s, _ in backward.seeds})
     b = Adjoints(backward.types(spec), prefix="_t")  # builds the term ops
-    sizes = {C: spec.chunk, **{dim(d): 64 if d == split_dim else 128 for d in spec.dims}}  # the H100 model's tiles
+    sizes = typical_sizes(spec, split_dim)
     placed: dict[str, list[tuple[str, str]]] = {n: list(k.grads) for n, k in chunks.items()}  # kernel -> terms
 
     memo: dict[tuple, tuple] = {}

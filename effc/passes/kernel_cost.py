@@ -60,6 +60,18 @@ class Cost:
                 f"{self.kbytes:.0f} KB a program, ~{self.live} live values a thread{spill}")
 
 
+FEATURE, SPLIT_BLOCK = 128, 64  # the typical shape the compile-time models estimate at (the bench's D=128)
+
+
+def typical_sizes(spec, split: str | None) -> dict:
+    """The sizes of a spec's tile dims at the typical shape: C from the spec, feature dims FEATURE, the split
+    dim's blocks SPLIT_BLOCK; a dim in power-of-two parts (passes.dim_parts) FEATURE over its parts, so a
+    split spec is estimated at the width its caller's dim has."""
+    from ..ir.nodes import C, dim
+    parted = {p: len(ps) for _, ps in spec.parts for p in ps}
+    return {C: spec.chunk, **{dim(d): SPLIT_BLOCK if d == split else FEATURE // parted.get(d, 1) for d in spec.dims}}
+
+
 def size(t: TileType, sizes: dict) -> int:
     n = 1
     for d in t.shape:

@@ -27,12 +27,12 @@ from dataclasses import dataclass, replace
 from ..ir.nodes import C, Op, Spec, TileType, dim
 from .block_loop import BlockLoop, loop_over_blocks
 from .fusion import Fused, FusedKernel, needed
-from .kernel_cost import RELATIVE_ERROR, Cost, kernel_cost, size
+from .kernel_cost import FEATURE, RELATIVE_ERROR, SPLIT_BLOCK, Cost, kernel_cost, size, typical_sizes
 from .transpose_sink import sink_transposes
 
 PARTITIONS = ("block", "loop", "cut", "cut_each")
 # the shape the default partition is chosen at (the bench's standard 2x8192, H=16, D=128)
-TOKENS, HEADS, FEATURE, SPLIT_BLOCK = 2 * 8192, 16, 128, 64
+TOKENS, HEADS = 2 * 8192, 16
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _cut_kernels(sunk, cuts: list[_Cut], loop_variant, types: dict, split: str, 
 
 
 def _costs(spec: Spec, kernels, types: dict, split: str, hoisted_types: dict) -> tuple[tuple[str, Cost], ...]:
-    sizes = {C: spec.chunk, **{dim(d): SPLIT_BLOCK if d == split else FEATURE for d in spec.dims}}
+    sizes = typical_sizes(spec, split)
     full = {**sizes, dim(split): FEATURE}
     n_blocks = FEATURE // SPLIT_BLOCK
     chunks = TOKENS // spec.chunk * HEADS
