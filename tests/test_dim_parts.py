@@ -120,10 +120,10 @@ def test_constructs_that_pair_columns_keep_the_padded_tile(name, why):
     with pytest.raises(NotSplittable, match=why):
         split_dims(op.spec, ("K",))
     # the call says so and runs the padded kernels (shapes only: meta tensors)
-    from effc.runtime.dim_parts import parted_call
-    xs = [torch.empty((1, 8, 1) + tuple(96 if n == "K" else 32 for n in d.dims[3:]), device="meta")
-          for d in op.spec.inputs]
-    assert parted_call(op, xs, {}) is None and why in op.last_dim_parts
+    from effc.runtime.dim_parts import choose_parts
+    shapes = [(1, 8, 1) + tuple(96 if n == "K" else 32 for n in d.dims[3:]) for d in op.spec.inputs]
+    cache = {}
+    assert cache[choose_parts(op, shapes, cache)][0] is None and why in op.last_dim_parts
 
 
 def _naive_normed(q, k, v, S, z):
@@ -208,15 +208,15 @@ def test_tilelang_forward_runs_the_parts():
     """The TileLang programs of the split spec, emulated on the CPU (tests/tilelang_emulator.py)."""
     from tilelang_emulator import emulated_forward
 
-    from effc.runtime.dim_parts import PartedCall
+    from effc.runtime.dim_parts import split_op
     op = effc.load("gla", backend="tilelang")
-    parted = PartedCall(op, {"K": (32, 16)})
+    inner = split_op(op, {"K": (32, 16)})
     g = torch.Generator().manual_seed(2)
     q, k = (torch.randn(1, 40, 2, 48, generator=g) for _ in range(2))
     v = torch.randn(1, 40, 2, 32, generator=g)
     gate = torch.nn.functional.logsigmoid(torch.randn(1, 40, 2, 48, generator=g))
     cut = lambda x: list(torch.split(x, [32, 16], dim=-1))
-    o, s_first = emulated_forward(parted.inner, tuple(cut(q) + cut(k) + [v] + cut(gate)))
+    o, s_first = emulated_forward(inner, tuple(cut(q) + cut(k) + [v] + cut(gate)))
     ro, rs = op.reference(*(x.double() for x in (q, k, v, gate)), output_final_state=True)
     assert judge_fp32(o, ro).ok and judge_fp32(s_first, rs[:, :, :32]).ok
 
@@ -244,3 +244,27 @@ def test_an_inputs_parts_share_its_gradient_kernel(name):
     whole = [(k.name, sorted(x.name for x, _ in k.grads)) for k in op.comp.plan.gradient_kernels()]
     parted = [(k.name, sorted({x.name.split("__")[0] for x, _ in k.grads})) for k in split.plan.gradient_kernels()]
     assert parted == whole
+
+
+def test_parts_under_torch_compile():
+    """The choice of parts is a constant of the call's shapes: the split op's custom ops are what gets traced."""
+    op = effc.load("gla")
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 24, 2, n, generator=g).requires_grad_() for n in (48, 48, 16))
+    gate = (torch.nn.functional.logsigmoid(torch.randn(1, 24, 2, 48, generator=g))).requires_grad_()
+    xs = [q, k, v, gate]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(*xs):
+        o, s = op(*xs, output_final_state=True, chunk=16)
+        return (o * 2).sum() + s.sum()
+
+    f(*xs).backward()
+    assert op.last_dim_parts == "parts: K=48 as 32 + 16"
+    got = [x.grad.clone() for x in xs]
+    for x in xs:
+        x.grad = None
+    o, s = op.reference(*xs, output_final_state=True)
+    ((o * 2).sum() + s.sum()).backward()
+    for a, x in zip(got, xs):
+        assert judge_fp32(a, x.grad).ok

@@ -1,59 +1,88 @@
-"""A call whose feature dims run in power-of-two parts (passes.dim_parts): the caller's tensors sliced at the
-parts' offsets, the split spec's op called on them, its outputs and final states joined. Slicing and joining
-are PyTorch ops, so autograd carries the gradients back to the caller's tensors."""
+"""Calls whose feature dims run in power-of-two parts (passes.dim_parts). The op runs the split spec's kernels
+on the caller's own tensors: a part of an input, output or gradient is a column slice of the caller's tensor,
+which the kernels address in place (a part's rows are the caller's width apart, codegen.triton.emit), so no
+token tensor is copied. States, small, are cut into their parts and joined by copies."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..compiler import Compilation
-from ..passes.dim_parts import PARTS, NotSplittable, part_name, part_sizes, split_dims
+from ..ir.nodes import Spec, TensorDecl
+from ..passes.dim_parts import NotSplittable, caller_input, part_sizes, split_dims
 
 
-class PartedCall:
-    """The split spec's op for one set of part sizes, and where each tensor is cut."""
+@dataclass(frozen=True)
+class Part:
+    decl: TensorDecl  # the split spec's declaration
+    caller: str  # the caller's tensor it is a slice of
+    dim: str | None  # the part dim (None: the whole tensor)
+    before: tuple[str, ...] = ()  # the part dims before it in its caller dim (its columns' offset)
+    axis: int = 0  # the caller dim's axis among the tensor's feature axes
 
-    def __init__(self, op, sizes: dict[str, tuple[int, int]]):
-        spec = op.spec
-        self.sizes = sizes
-        self.inner = type(op)(Compilation.of_ir(split_dims(spec, tuple(sizes))), op.backend)  # an AttentionOp
-        split = op.comp.legality.split_dims[:1]
-        if self.inner.comp.legality.split_dims[:1] != split:  # the programs would split another dim
-            raise NotSplittable(f"the parts change the dim split across programs ({split} -> "
-                                f"{self.inner.comp.legality.split_dims[:1]})")
-        # per input / output (feature axes after B, T, H) and state (after B, H): the axis cut, or None
-        self.inputs = [self._axis(d.dims, 0) for d in spec.inputs]
-        self.outputs = [self._axis(d.dims, 0) for d in spec.outputs]
-        self.states = [self._axis(d.dims, 2) for d in spec.states]
 
-    def _axis(self, dims: tuple[str, ...], lead: int) -> tuple[int, tuple[int, int]] | None:
-        for i, d in enumerate(dims):
-            if d in self.sizes:
-                return lead + i, self.sizes[d]
-        return None
+class PartMap:
+    """Where each tensor of a split spec lies in the caller's (`caller`: the caller's spec)."""
 
-    @staticmethod
-    def _cut(x, cut) -> list:
-        if cut is None or x is None:
-            return [x]
-        return [p.contiguous() for p in torch.split(x, list(cut[1]), dim=cut[0])]
+    def __init__(self, caller: Spec, split: Spec, sizes: dict[str, tuple[int, int]]):
+        self.caller, self.split, self.sizes = caller, split, sizes
+        parts_of = dict(split.parts)
+        self.parts: dict[str, Part] = {}
+        for d in split.inputs + split.outputs + split.states:
+            name = caller_input(split, d.name)
+            for axis, f in enumerate(d.feature_dims):
+                for parent, parts in parts_of.items():
+                    if f in parts:
+                        i = parts.index(f)
+                        self.parts[d.name] = Part(d, name, f, parts[:i], axis)
+            self.parts.setdefault(d.name, Part(d, name, None))
 
-    @staticmethod
-    def _join(values: list, cuts: list) -> list:
-        out, it = [], iter(values)
-        for cut in cuts:
-            out.append(next(it) if cut is None else torch.cat([next(it) for _ in range(PARTS)], dim=cut[0]))
+    def dims(self, caller_dims: dict[str, int]) -> dict[str, int]:
+        """The split spec's dim sizes (the caller's, and each part's)."""
+        out = dict(caller_dims)
+        for parent, (a, b) in self.sizes.items():
+            for name, size in zip(dict(self.split.parts)[parent], (a, b)):
+                out[name] = size
         return out
 
-    def __call__(self, tensors, init: list, output_final_state: bool, **kw):
-        xs = [p for x, cut in zip(tensors, self.inputs) for p in self._cut(x, cut)]
-        states = [p for s, cut in zip(init, self.states) for p in self._cut(s, cut)] if init else None
-        o, finals = self.inner(*xs, initial_state=states, output_final_state=output_final_state, **kw)
-        outs = self._join(list(o) if isinstance(o, tuple) else [o], self.outputs)
-        o = outs[0] if len(outs) == 1 else tuple(outs)
-        if not output_final_state:
-            return o, None
-        finals = self._join(list(finals) if isinstance(finals, tuple) else [finals], self.states)
-        return o, (finals[0] if len(finals) == 1 else tuple(finals))
+    def members(self, decls: tuple[TensorDecl, ...]) -> dict[str, list[Part]]:
+        """The split declarations of `decls` by the caller's tensor they are parts of, in order."""
+        out: dict[str, list[Part]] = {}
+        for d in decls:
+            p = self.parts[d.name]
+            out.setdefault(p.caller, []).append(p)
+        return out
+
+    def view(self, whole: torch.Tensor, p: Part, dims: dict[str, int], lead: int = 0) -> torch.Tensor:
+        """Part `p` of the caller's `whole` (feature axes after B, T, H, or B, H for a state; `lead` axes more
+        before them, as a gradient's slots)."""
+        if p.dim is None:
+            return whole
+        return whole.narrow(_first_feature(p.decl) + lead + p.axis, sum(dims[b] for b in p.before), dims[p.dim])
+
+    def views(self, decls, tensors: dict[str, torch.Tensor], dims: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Each split declaration of `decls` as a view of its caller's tensor in `tensors`."""
+        return {d.name: self.view(tensors[self.parts[d.name].caller], self.parts[d.name], dims) for d in decls}
+
+    def cut_states(self, tensors: dict[str, torch.Tensor], dims: dict[str, int]) -> dict[str, torch.Tensor]:
+        """The caller's states cut into the split spec's (contiguous copies: the kernels read whole states)."""
+        return {s.name: self.view(tensors[self.parts[s.name].caller], self.parts[s.name], dims).contiguous()
+                for s in self.split.states if self.parts[s.name].caller in tensors}
+
+    def join(self, decls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The split declarations' tensors joined into the caller's (a copy where a tensor has parts)."""
+        out = {}
+        for caller, members in self.members(decls).items():
+            if all(m.decl.name in tensors for m in members):
+                ts = [tensors[m.decl.name] for m in members]
+                first = members[0]
+                out[caller] = ts[0] if first.dim is None else torch.cat(ts, _first_feature(first.decl) + first.axis)
+        return out
+
+
+def _first_feature(decl: TensorDecl) -> int:
+    return 2 if decl.role == "state" else 3
 
 
 def parts_of(comp, dims: dict[str, int]) -> dict[str, tuple[int, int]]:
@@ -62,11 +91,17 @@ def parts_of(comp, dims: dict[str, int]) -> dict[str, tuple[int, int]]:
     if comp.ir.family != "linear":
         return {}
     split = comp.legality.split_dims[:1]
-    return {n: p for n, s in dims.items() if n not in split and (p := part_sizes(s)) is not None}
+    out = {}
+    for n, s in dims.items():
+        sizes = part_sizes(s) if n not in split else None
+        if sizes is not None:
+            out[n] = sizes
+    return out
 
 
 def part_dims(dims: dict[str, int], parts: dict[str, tuple[int, int]]) -> dict[str, int]:
     """`dims` with each parted dim replaced by its parts' sizes (the split spec's dims)."""
+    from ..passes.dim_parts import part_name
     out = {n: s for n, s in dims.items() if n not in parts}
     out.update({part_name(n, i): size for n, sizes in parts.items() for i, size in enumerate(sizes)})
     return out
@@ -76,29 +111,43 @@ def describe_parts(parts: dict[str, tuple[int, int]]) -> str:
     return ", ".join(f"{n}={a + b} as {a} + {b}" for n, (a, b) in parts.items())
 
 
-def parts_for(op, tensors) -> dict[str, tuple[int, int]]:
-    """parts_of for a call's tensors; none where they do not match the spec (the op's checks report it)."""
+def parts_for(op, shapes) -> dict[str, tuple[int, int]]:
+    """parts_of for a call's tensor shapes; none where they do not match the spec (the op's checks report it)."""
     dims = {}
-    for d, x in zip(op.spec.inputs, tensors):
-        if not torch.is_tensor(x) or x.dim() != len(d.dims):
+    for d, shape in zip(op.spec.inputs, shapes):
+        if shape is None or len(shape) != len(d.dims):
             return {}
-        dims.update(zip(d.dims[3:], x.shape[3:]))
+        dims.update(zip(d.dims[3:], shape[3:]))
     return parts_of(op.comp, dims)
 
 
-def parted_call(op, tensors, cache: dict):
-    """The PartedCall for this call's dims (memoised per part sizes), or None: no dim gains from parts, or
-    the spec cannot split them (`op.last_dim_parts` says which and why)."""
-    sizes = parts_for(op, tensors)
+def split_op(op, sizes: dict[str, tuple[int, int]]):
+    """The op running `op`'s spec with `sizes`' dims in parts, on the caller's tensors (NotSplittable where the
+    spec cannot split them)."""
+    spec = op.spec
+    split = Compilation.of_ir(split_dims(spec, tuple(sizes)))
+    if split.legality.split_dims[:1] != op.comp.legality.split_dims[:1]:  # the programs would split another dim
+        raise NotSplittable(f"the parts change the dim split across programs ({op.comp.legality.split_dims[:1]} -> "
+                            f"{split.legality.split_dims[:1]})")
+    if split.plan.seed_grads:
+        raise NotSplittable("an input whose gradient is an output's cotangent")
+    return type(op)(split, op.backend, parts=PartMap(spec, split.typed, sizes))  # an AttentionOp
+
+
+def choose_parts(op, shapes: tuple, cache: dict) -> tuple:
+    """Which dims of a call with these tensor shapes run in parts: a key of `cache`, which holds the split op
+    for it (memoised per part sizes) or None: no dim gains from parts, or the spec cannot split them
+    (`op.last_dim_parts` says which and why)."""
+    sizes = parts_for(op, shapes)
     key = tuple(sorted(sizes.items()))
     if key not in cache:
         try:
-            cache[key] = (PartedCall(op, sizes) if sizes else None), (f"parts: {describe_parts(sizes)}" if sizes
-                                                                      else "no parts")
+            cache[key] = (split_op(op, sizes) if sizes else None), (f"parts: {describe_parts(sizes)}" if sizes
+                                                                    else "no parts")
         except NotSplittable as e:
             cache[key] = None, f"padded tiles: {e}"
-    call, op.last_dim_parts = cache[key]
-    return call
+    op.last_dim_parts = cache[key][1]
+    return key
 
 
-__all__ = ["PartedCall", "parted_call", "parts_of", "part_dims", "describe_parts"]
+__all__ = ["PartMap", "choose_parts", "parts_of", "part_dims", "describe_parts", "split_op"]

@@ -108,8 +108,23 @@ FACTORED, ANCHORED = 0, 2  # DECAY_MODE of the two launches of a kernel with fac
 
 
 class Launcher:
-    def __init__(self, spec: Spec, plan: Plan, module):
-        self.spec, self.plan, self.module = spec, plan, module
+    def __init__(self, spec: Spec, plan: Plan, module, parts=None):
+        """`parts` (runtime.dim_parts.PartMap): `spec` is a split spec whose token tensors are slices of the
+        caller's; outputs and gradients are then allocated as the caller's tensors and returned by its names."""
+        self.spec, self.plan, self.module, self.parts = spec, plan, module, parts
+
+    def _caller_tensors(self, decls, lay: Layout, make) -> tuple[dict, dict]:
+        """(per declaration of `decls`, its tensor; per caller tensor, the whole): `make(feature sizes)` allocates
+        one tensor per caller's tensor, whose parts are column slices (without parts: one per declaration)."""
+        if self.parts is None:
+            made = {d.name: make(tuple(lay.dims[n] for n in d.feature_dims)) for d in decls}
+            return made, made
+        wholes, views = {}, {}
+        for caller, members in self.parts.members(decls).items():
+            decl = self.parts.caller.decl(caller)
+            wholes[caller] = make(tuple(lay.dims[n] for n in decl.feature_dims))
+            views.update({m.decl.name: self.parts.view(wholes[caller], m, lay.dims) for m in members})
+        return views, wholes
 
     def _fn(self, kernel: str):
         return getattr(self.module, f"{self.spec.name}_{kernel}_kernel")
@@ -228,8 +243,8 @@ class Launcher:
         P, per_seg = self._segments(cfg, max_chunks)
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
-        outs = {o.name: torch.empty(first.shape[:2] + (lay.H,) + tuple(lay.dims[n] for n in o.feature_dims),
-                                    dtype=dtype, device=device) for o in spec.outputs}
+        outs, whole_outs = self._caller_tensors(
+            spec.outputs, lay, lambda feats: torch.empty(first.shape[:2] + (lay.H,) + feats, dtype=dtype, device=device))
         n_bh = lay.n_seq * lay.H
         finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
         out_kernel = self.plan.kernel("out") if cfg.defer_merge and outputs else None
@@ -259,7 +274,7 @@ class Launcher:
             values = {**self._values(cfg, lay, dtype, pvals, 1, 1, dummy), **self._loads(out_kernel, xs, hoisted),
                       **{f"{o.name}_ptr": outs[o.name] for o in out_kernel.stores}, **self._buffers("hist", hist)}
             self._launch(out_kernel, (n_split, n_bh, max_chunks), values, self._options(cfg))
-        return outs, (finals if store_final else {}), (hist if store_history else {})
+        return whole_outs, (finals if store_final else {}), (hist if store_history else {})
 
     def _reverse_scan(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hoisted: dict, hist: dict,
                       dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
@@ -302,6 +317,29 @@ class Launcher:
             self._launch(scan, (n_split, n_bh, P - 1), {**values, "SUMMARY": True}, options)
         self._launch(scan, (n_split, n_bh, P), {**values, "SUMMARY": False}, options)
 
+    def _gradient_buffers(self, lay: Layout, xs: dict, lead: tuple, has_grad: set, direct: set, slots: dict,
+                          seeded: dict) -> tuple[dict, dict]:
+        """(per input, the buffer its gradient kernels write; per caller input, (its whole buffer, the input
+        whose slots and heads it has)). The parts of one caller input share one buffer: their kernels write its
+        column slices, with one slot layout, dtype and initialisation for all (the widest where they differ)."""
+        inputs = tuple(d for d in self.spec.inputs if d.name not in seeded)
+        if self.parts is None:
+            groups = {d.name: (d, [d]) for d in inputs}
+        else:
+            groups = {c: (self.parts.caller.decl(c), [m.decl for m in ms]) for c, ms in self.parts.members(inputs).items()}
+        dx, whole = {}, {}
+        for caller, (decl, members) in groups.items():
+            names = [m.name for m in members]
+            first = max(names, key=lambda n: len(slots[n]))
+            alloc = torch.empty if len({slots[n] for n in names}) == 1 and set(names) <= has_grad else torch.zeros
+            buf = alloc(slots[first] + lead + (lay.H,) + tuple(lay.dims[n] for n in decl.feature_dims),
+                        dtype=xs[first].dtype if set(names) <= direct else torch.float32, device=xs[first].device)
+            for m in members:
+                dx[m.name] = buf if self.parts is None else self.parts.view(buf, self.parts.parts[m.name], lay.dims,
+                                                                             lead=len(slots[first]))
+            whole[caller] = (buf, self.spec.decl(first))
+        return dx, whole
+
     def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,
                  d_finals: dict):
         """The reverse scan of the state adjoints, then every chunk's input gradients in parallel.
@@ -326,13 +364,14 @@ class Launcher:
         part = cfg.partition
         kernels = self.plan.gradient_kernels(part)
         bwd_warps = {"num_warps": backward_warps(cfg.num_warps, kernels, device)} if not interpreting() else {}
-        d_o = {f"{o.name}_grad_ptr": d_outs[o.name].contiguous() for o in spec.outputs}
+        # a part's cotangent is a slice of the caller's (contiguous there), read at the caller's width
+        d_o = {f"{o.name}_grad_ptr": d_outs[o.name] if self.parts is not None else d_outs[o.name].contiguous()
+               for o in spec.outputs}
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         self._reverse_scan(scan_cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
         # in the gradient kernels' blocks
         dhist = self._regroup(dhist, blocks, n_scan, n_split, cfg.block // scan_cfg.block)
         # the gradient buffers are allocated after the scan has released its scratch (a lower peak)
-        feat = {d.name: tuple(lay.dims[n] for n in d.feature_dims) for d in spec.inputs}
         has_grad = {d.name for kp in kernels for d, _ in kp.grads}
         # Triton's interpreter truncates fp32 to bf16 where a GPU rounds to nearest: under it the gradients are
         # rounded by PyTorch after the kernels, as a GPU's kernel would store them
@@ -344,15 +383,13 @@ class Launcher:
             a, b = self.plan.grad_slot(d.name, None, part)
             slots[d.name] = (a * n_split + b,) if self.plan.slotted(d.name, part) else ()
         seeded = dict(self.plan.seed_grads)
-        dx = {d.name: (torch.empty if d.name in has_grad else torch.zeros)(
-            slots[d.name] + first.shape[:2] + (lay.H,) + feat[d.name],
-            dtype=xs[d.name].dtype if d.name in direct else torch.float32, device=device)
-            for d in spec.inputs if d.name not in seeded}
+        dx, whole_dx = self._gradient_buffers(lay, xs, first.shape[:2], has_grad, direct, slots, seeded)
         for x, o in seeded.items():  # passes.fusion.seed_gradients: no kernel, the cotangent itself
             # a copy (an op output must not alias its input), final in the input's dtype unless it is summed
             # over slots or a group of heads below
             final = not slots[x] and lay.heads[x] == lay.H
             dx[x] = d_outs[o].to(xs[x].dtype if final else torch.float32, copy=True)
+            whole_dx[x] = (dx[x], spec.decl(x))
         # per-token sums one gradient kernel writes for the next ones (passes.partition's cut): tiles in the
         # matmul operand dtype, as prep's hoisted values ([C] rows fp32)
         total_chunks, _ = lay.chunks(cfg.chunk)
@@ -373,14 +410,13 @@ class Launcher:
             blocks = 1 if chunks.block_loop else n_split  # passes.block_loop: one program per chunk loops over them
             self._launch(chunks, (blocks, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps})
         grads = {}
-        for d in spec.inputs:
-            g = dx[d.name]
+        for name, (g, d) in whole_dx.items():
             if slots[d.name]:
                 g = g[0] if slots[d.name] == (1,) else g.sum(0)
             hx = lay.heads[d.name]
             if hx != lay.H:  # a grouped input's gradient is the sum over its group of heads
                 g = g.reshape(g.shape[:2] + (hx, lay.H // hx) + g.shape[3:]).sum(3)
-            grads[d.name] = g
+            grads[name] = g
         states = {}
         for s in spec.states:
             g = dinit[s.name].sum(0) if split not in s.dims else dinit[s.name]

@@ -26,25 +26,28 @@ from .checks import (
     rebuild,
     state_list,
 )
-from .dim_parts import parted_call
+from .dim_parts import choose_parts
 from .oracle import evaluate
-from .torch_op import call_lengths, host_plan, linear_torch_ops, live
+from .torch_op import call_lengths, host_parts, host_plan, linear_torch_ops, live
 
 
 class AttentionOp(Tuned):
-    def __init__(self, comp: Compilation, backend: str = "triton"):
+    def __init__(self, comp: Compilation, backend: str = "triton", parts=None):
+        """`parts` (runtime.dim_parts.PartMap): `comp` is a split spec's, run on the caller's tensors, whose spec
+        (`parts.caller`) the call's arguments follow."""
         from ..compiler import BACKENDS
         if backend not in BACKENDS:
             raise ArgumentError(f"unknown backend '{backend}'; expected one of {', '.join(BACKENDS)}")
-        self.comp, self.backend = comp, backend
+        self.comp, self.backend, self.parts = comp, backend, parts
         self.spec: Spec = comp.typed
+        self.interface: Spec = parts.caller if parts is not None else self.spec  # what the call's arguments follow
         self.name = self.spec.name
         self._module = None
         self.last_config: TileConfig | None = None
         # sympy is slow: tiling choices (Tuned.config) and param defaults are memoised per call shape
         self._configs: dict[tuple, TileConfig] = {}
         self._defaults: dict[tuple, dict[str, float]] = {}
-        self._parted: dict[tuple, tuple] = {}  # part sizes -> (runtime.dim_parts.PartedCall or None, why)
+        self._parted: dict[tuple, tuple] = {}  # part sizes -> (the split op, runtime.dim_parts, or None; why)
         self.last_dim_parts = ""
         live(self)
         self._torch_ops = linear_torch_ops(self)
@@ -65,8 +68,13 @@ class AttentionOp(Tuned):
         return param_values(self.spec, self._defaults, dims, given)
 
     def _split(self, *tensors, params, for_kernels=True):
-        B, T, H, dims = check_inputs(self.spec, tensors, for_kernels)
-        return B, T, H, dims, self.param_values(dims, {k: v for k, v in params.items() if v is not None})
+        """(B, T, H, the caller's dim sizes, the params' values)."""
+        B, T, H, dims = check_inputs(self.interface, tensors, for_kernels)
+        return B, T, H, dims, self.param_values(self._run_dims(dims), {k: v for k, v in params.items() if v is not None})
+
+    def _run_dims(self, dims: dict[str, int]) -> dict[str, int]:
+        """The kernels' dim sizes for the caller's `dims` (with the parts' sizes where dims run in parts)."""
+        return self.parts.dims(dims) if self.parts is not None else dims
 
     def tiles(self, problem: Problem, tuned: dict | None = None, **given) -> TileConfig:
         """The configuration for `problem`: the tuned knobs (None: the model's), explicit arguments winning."""
@@ -92,17 +100,20 @@ class AttentionOp(Tuned):
         dim_parts: run a feature dim that is not a power of two (96, 192) as two power-of-two parts (64 + 32)
         where that pads less than one tile (passes.dim_parts; `op.last_dim_parts` says what ran); False keeps
         one padded tile."""
-        init = state_list(self.spec, initial_state)
         if not isinstance(dim_parts, bool):
             raise ArgumentError(f"dim_parts must be True or False, got {dim_parts!r}")
-        parted = parted_call(self, tensors, self._parted) if dim_parts else None
-        if parted is not None:
-            res = parted(tensors, init, output_final_state, cu_seqlens=cu_seqlens, chunk=chunk, block=block,
-                         segments=segments, num_warps=num_warps, num_stages=num_stages, save_states=save_states,
-                         defer_merge=defer_merge, partition=partition, walk_block=walk_block,
-                         pos_offset=pos_offset, **params)
-            self.last_config = parted.inner.last_config
+        inner = None
+        if dim_parts and self.parts is None and self.spec.family == "linear":
+            key = host_parts(id(self), tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in tensors))
+            inner = self._parted[key][0]
+        if inner is not None:
+            res = inner(*tensors, initial_state=initial_state, output_final_state=output_final_state,
+                        cu_seqlens=cu_seqlens, chunk=chunk, block=block, segments=segments, num_warps=num_warps,
+                        num_stages=num_stages, save_states=save_states, defer_merge=defer_merge,
+                        partition=partition, walk_block=walk_block, pos_offset=pos_offset, **params)
+            self.last_config = inner.last_config
             return res
+        init = state_list(self.interface, initial_state)
         longest = call_lengths(cu_seqlens, tensors[0])
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
         overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
@@ -114,12 +125,15 @@ class AttentionOp(Tuned):
                                  tuple(sorted(params.items())))
         pos_offset = self._pos_offset(pos_offset)
         res = self._torch_ops.call(list(tensors), init, cu_seqlens, list(ints) + [pos_offset], list(pvals))
-        n_out, n_state = len(self.spec.outputs), len(self.spec.states)
+        n_out, n_state = len(self.interface.outputs), len(self.interface.states)
         outs, finals = res[:n_out], res[n_out:n_out + n_state]
         o = outs[0] if n_out == 1 else tuple(outs)
         if not output_final_state:
             return o, None
         return o, (finals[0] if n_state == 1 else tuple(finals))
+
+    def _choose_parts(self, shapes: tuple) -> tuple:
+        return choose_parts(self, shapes, self._parted)
 
     def _pos_offset(self, pos_offset) -> int:
         if not isinstance(pos_offset, int) or isinstance(pos_offset, bool) or pos_offset < 0:
@@ -141,9 +155,10 @@ class AttentionOp(Tuned):
         B, T, H, dims, pvals = self._split(*tensors, params=dict(params))
         n_seq = B if n_seq is None else n_seq
         init = [rebuild(d) for d in init_descs]
-        check_state(self.spec, init or None, n_seq, H, dims, tensors[0].device)
+        check_state(self.interface, init or None, n_seq, H, dims, tensors[0].device)
         longest = longest or T
-        cfg = self.config(n_seq, longest, H, dims, tensors[0].device, dtype=tensors[0].dtype, **dict(overrides))
+        cfg = self.config(n_seq, longest, H, self._run_dims(dims), tensors[0].device, dtype=tensors[0].dtype,
+                          **dict(overrides))
         self.last_config = cfg
         keep = False
         if grad:
@@ -156,7 +171,7 @@ class AttentionOp(Tuned):
     def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[bool, str]:
         chunks = n_seq * math.ceil(longest / cfg.chunk)
         history = sum(chunks * H * math.prod(dims[n] for n in s.dims) * history_dtype(s, tensors[0].dtype).itemsize
-                      for s in self.spec.states)  # as stored: matrix states in the operand dtype
+                      for s in self.interface.states)  # as stored: matrix states in the operand dtype
         keep, why = history_policy(history, sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors))
         if save_states is not None:
             return save_states, f"{'kept' if save_states else 'recomputed'} as asked (save_states={save_states})"

@@ -60,6 +60,13 @@ def host_plan(op_id: int, *args):
     return _LIVE[op_id]._plan_call(*args)
 
 
+@_constant_under_compile
+def host_parts(op_id: int, shapes: tuple) -> tuple:
+    """`op._choose_parts(shapes)`: which feature dims of a call run in power-of-two parts, a constant per shape
+    under compile (runtime.dim_parts)."""
+    return _LIVE[op_id]._choose_parts(shapes)
+
+
 def call_lengths(cu_seqlens, first) -> Optional[int]:
     """The longest packed sequence (None: padded batches, or under compile, where reading cu_seqlens
     would stop the trace; the kernels then size their grids for T), cu_seqlens checked in eager mode."""
@@ -201,12 +208,13 @@ def _config(ints) -> TileConfig:
 
 
 def linear_torch_ops(op) -> TorchOps:
-    """The custom ops of an AttentionOp."""
-    spec = op.spec
-    n_out, n_state = len(spec.outputs), len(spec.states)
+    """The custom ops of an AttentionOp. They take and return the caller's tensors (`op.interface`); with dims in
+    parts (runtime.dim_parts) the kernels are the split spec's, reading and writing slices of them."""
+    spec, caller, parts = op.spec, op.interface, op.parts
+    n_out, n_state = len(caller.outputs), len(caller.states)
 
     def launcher() -> Launcher:
-        return Launcher(spec, op.comp.plan, op.module)
+        return Launcher(spec, op.comp.plan, op.module, parts)
 
     def forward_launcher():
         """The forward runs on the op's backend; the backward always on Triton (it reads the same history)."""
@@ -216,10 +224,18 @@ def linear_torch_ops(op) -> TorchOps:
         return launcher()
 
     def dims_of(xs):
-        return {n: s for d, x in zip(spec.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+        """The kernels' dim sizes (each part's too)."""
+        dims = {n: s for d, x in zip(caller.inputs, xs) for n, s in zip(d.dims[3:], x.shape[3:])}
+        return parts.dims(dims) if parts is not None else dims
 
-    def layout(xs, cu, chunk, ints):
-        return make_layout(spec, xs, xs[0].shape[2], dims_of(xs), cu, chunk, pos0=ints[_POS])
+    def named_inputs(xs, dims) -> dict:
+        """The split spec's inputs: the caller's tensors, each part a column slice of its caller's."""
+        named = {d.name: x.contiguous() for d, x in zip(caller.inputs, xs)}
+        return parts.views(spec.inputs, named, dims) if parts is not None else named
+
+    def layout(named, cu, chunk, ints, dims):
+        xs = [named[d.name] for d in spec.inputs]
+        return make_layout(spec, xs, xs[0].shape[2], dims, cu, chunk, pos0=ints[_POS])
 
     def run_fwd(xs, init, cu, ints, params):
         cfg, (store_final, store_history, outputs) = _config(ints), ints[_FLAGS]
@@ -227,15 +243,24 @@ def linear_torch_ops(op) -> TorchOps:
         run = forward_launcher() if outputs else launcher()
         if not outputs and op.comp.plan.deferrable:
             cfg = replace(cfg, defer_merge=True)
-        lay = layout(xs, cu, cfg.chunk, ints)
-        named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
+        dims = dims_of(xs)
+        named = named_inputs(xs, dims)
+        lay = layout(named, cu, cfg.chunk, ints, dims)
         pvals = dict(zip((p.name for p in spec.params), params))
-        inits = {s.name: x.float().contiguous() for s, x in zip(spec.states, init)}
+        inits = {s.name: x.float().contiguous() for s, x in zip(caller.states, init)}
+        if parts is not None:
+            inits = parts.cut_states(inits, dims)
+            if not isinstance(run, Launcher):  # TileLang's kernels take dense tensors: its parts are copied
+                named = {n: x.contiguous() for n, x in named.items()}
         outs, finals, hist = run.forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history),
                                          outputs=bool(outputs))
+        if parts is not None:
+            outs = outs if isinstance(run, Launcher) else parts.join(spec.outputs, outs)
+            finals = parts.join(spec.states, finals)
+
         def empty():  # a distinct tensor each: custom-op outputs must not alias
             return xs[0].new_empty(0, dtype=torch.float32)
-        return ([outs[o.name] for o in spec.outputs] + [finals.get(s.name, empty()) for s in spec.states]
+        return ([outs[o.name] for o in caller.outputs] + [finals.get(s.name, empty()) for s in caller.states]
                 + [hist.get(s.name, empty()) for s in spec.states])
 
     def fake_fwd(xs, init, cu, ints, params):
@@ -244,10 +269,10 @@ def linear_torch_ops(op) -> TorchOps:
         B, T, H = x0.shape[:3]
         dims = dims_of(xs)
         n_seq = B if cu is None else cu.shape[0] - 1
-        outs = [x0.new_empty((B, T, H) + tuple(dims[n] for n in o.feature_dims)) for o in spec.outputs]
+        outs = [x0.new_empty((B, T, H) + tuple(dims[n] for n in o.feature_dims)) for o in caller.outputs]
         f32 = dict(dtype=torch.float32)
         finals = [x0.new_empty((n_seq, H) + tuple(dims[n] for n in s.dims), **f32) if store_final
-                  else x0.new_empty(0, **f32) for s in spec.states]
+                  else x0.new_empty(0, **f32) for s in caller.states]
         if store_history:
             chunks = B * -(-T // cfg.chunk) if cu is None else torch.library.get_ctx().new_dynamic_size()
             hist = [x0.new_empty((chunks, H) + tuple(dims[n] for n in s.dims), dtype=history_dtype(s, x0.dtype))
@@ -258,14 +283,19 @@ def linear_torch_ops(op) -> TorchOps:
 
     def run_bwd(xs, hist, cu, d_outs, d_finals, ints, params):
         cfg = _config(ints)
-        lay = layout(xs, cu, cfg.chunk, ints)
-        named = {d.name: x.contiguous() for d, x in zip(spec.inputs, xs)}
+        dims = dims_of(xs)
+        named = named_inputs(xs, dims)
+        lay = layout(named, cu, cfg.chunk, ints, dims)
         pvals = dict(zip((p.name for p in spec.params), params))
-        d_out = {o.name: g for o, g in zip(spec.outputs, d_outs)}
-        d_fin = {s.name: g.float().contiguous() for s, g in zip(spec.states, d_finals) if g.numel()}
+        d_out = {o.name: g.contiguous() for o, g in zip(caller.outputs, d_outs)}
+        d_fin = {s.name: g.float().contiguous() for s, g in zip(caller.states, d_finals) if g.numel()}
+        if parts is not None:
+            d_out, d_fin = parts.views(spec.outputs, d_out, dims), parts.cut_states(d_fin, dims)
         grads, dinit = launcher().backward(cfg, lay, named, pvals, dict(zip((s.name for s in spec.states), hist)),
                                            d_out, d_fin)
-        return [grads[d.name].to(x.dtype) for d, x in zip(spec.inputs, xs)] + [dinit[s.name] for s in spec.states]
+        if parts is not None:
+            dinit = parts.join(spec.states, dinit)
+        return [grads[d.name].to(x.dtype) for d, x in zip(caller.inputs, xs)] + [dinit[s.name] for s in caller.states]
 
     def fake_bwd(xs, hist, cu, d_outs, d_finals, ints, params):
         B, T, H = xs[0].shape[:3]
@@ -273,7 +303,7 @@ def linear_torch_ops(op) -> TorchOps:
         dims = dims_of(xs)
         return ([torch.empty_like(x) for x in xs]
                 + [xs[0].new_empty((n_seq, H) + tuple(dims[n] for n in s.dims), dtype=torch.float32)
-                   for s in spec.states])
+                   for s in caller.states])
 
     def kept(output, ints):
         return output[n_out + n_state:] if ints[_FLAGS][1] else []
@@ -287,16 +317,16 @@ def linear_torch_ops(op) -> TorchOps:
         dims = dims_of(xs)
         B, T, H = xs[0].shape[:3]
         d_outs = [g if g is not None else xs[0].new_zeros((B, T, H) + tuple(dims[n] for n in o.feature_dims))
-                  for o, g in zip(spec.outputs, grads[:n_out])]
+                  for o, g in zip(caller.outputs, grads[:n_out])]
         # the launch reads every state's final cotangent or none: a state nothing read gets zeros beside the others
         d_finals = grads[n_out:n_out + n_state]
         if ints[_FLAGS][0] and any(g is not None for g in d_finals):
             n_seq = B if saved.cu is None else saved.cu.shape[0] - 1
             d_finals = [g if g is not None else xs[0].new_zeros((n_seq, H) + tuple(dims[n] for n in s.dims),
                                                                 dtype=torch.float32)
-                        for s, g in zip(spec.states, d_finals)]
+                        for s, g in zip(caller.states, d_finals)]
         else:
-            d_finals = [xs[0].new_empty(0, dtype=torch.float32) for _ in spec.states]
+            d_finals = [xs[0].new_empty(0, dtype=torch.float32) for _ in caller.states]
         res = bwd(xs, hist, saved.cu, d_outs, d_finals, ints, params)
         return res[:len(xs)], res[len(xs):]
 

@@ -37,16 +37,18 @@ def _masks(axes, split: str | None) -> tuple[str, str]:
 
 
 def _token_offsets(d: TensorDecl, heads: str = "H", base: str = "bos + tok",
-                   split: str | None = None) -> tuple[str, str]:
+                   split: str | None = None, rows: dict | None = None) -> tuple[str, str]:
     """Offsets and mask of a per-token tile of `d` in a (tokens, heads, features) tensor.
     `heads` is the tensor's head count: inputs with fewer heads (GQA) are shared by a group.
-    The mask drops padded tokens and, where a feature dim is padded, its padded columns."""
+    The mask drops padded tokens and, where a feature dim is padded, its padded columns.
+    `rows`: the width a feature dim's rows have in memory where it is not the dim's own (a part of a dim in
+    power-of-two parts is a column slice of the caller's tensor: its rows are the whole dim apart)."""
     feats = d.feature_dims
     tok = f"({base})" + ("[:, None]" if feats else "")
     head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
     expr = f"{tok} * {heads} + {head}"
     for f in feats:
-        expr = f"({expr}) * {f} + r_{f}[None, :]"
+        expr = f"({expr}) * {(rows or {}).get(f, f)} + r_{f}[None, :]"
     if not feats:
         return expr, "tv"
     m, cond = feature_mask([None] + list(feats), split)
@@ -89,6 +91,11 @@ def kernel_name(spec_name: str, kernel: str) -> str:
     return f"{spec_name}_{kernel}_kernel"
 
 
+def caller_rows(spec) -> dict[str, str]:
+    """The row width in memory of each part dim (passes.dim_parts) of the caller's tensors: the whole dim."""
+    return {p: "(" + " + ".join(parts) + ")" for _, parts in spec.parts for p in parts}
+
+
 def _grad_stores(view, plan: Plan, kp) -> None:
     """Where kernel `kp` stores each gradient it writes: whole, or one fp32 partial per split block, and several
     kernels' parts (passes.grad_terms) in their own slots, summed after. The launcher gives the first slot
@@ -99,7 +106,7 @@ def _grad_stores(view, plan: Plan, kp) -> None:
             base = f"({slot}) * T_total + bos + tok"
         else:
             base = "bos + tok"
-        offs, mask = _token_offsets(x, "H", base, plan.split_dim)
+        offs, mask = _token_offsets(x, "H", base, plan.split_dim, caller_rows(plan.spec))
         view.grad_offs[x.name] = offs
         view.tok_mask[x.name] = mask
         view.grad_value[x.name] = f"v_{g}" if g else "0.0"
@@ -155,8 +162,9 @@ def emit_module(plan: Plan) -> str:
         if kp.role == "bwd_scan":
             _check_scan_decay(plan, kp)
         printer = TritonPrinter(spec, kp.types(spec), split)
-        toks = {d.name: _token_offsets(d, f"HX_{d.name}", split=split) for d in kp.loads}
-        toks.update({d.name: _token_offsets(d, split=split)
+        rows = caller_rows(spec)  # the caller's inputs and outputs; the kernels' own scratch is dense
+        toks = {d.name: _token_offsets(d, f"HX_{d.name}", split=split, rows=rows) for d in kp.loads}
+        toks.update({d.name: _token_offsets(d, split=split, rows=rows if d in spec.outputs else None)
                      for d in kp.stores + (spec.outputs if kp.backward else ())})
         # with merge deferred (FUSE_MERGE false) the walk skips what only the outputs need; a constexpr `if`
         # is resolved when Triton compiles, and names it defines stay in scope
