@@ -198,6 +198,12 @@ op = effc.load("gla")
 for kp in op.comp.plan.kernels:
     if kp.name in ("walk", "bwd_chunks_v"):
         out["gla." + kp.name] = "mma" in compile_sm90(op, kp, dims={"K": 96, "V": 80}).asm["ptx"]
+# K=96 in parts (passes.dim_parts): tiles of 64 and 32, the caller's rows 96 wide
+from effc.runtime.dim_parts import split_op
+sp = split_op(op, {"K": (64, 32)})
+for kp in sp.comp.plan.kernels:
+    if kp.name in ("walk", "bwd_chunks_g_loop"):
+        out["gla parts." + kp.name] = "mma" in compile_sm90(sp, kp, dims={"K__0": 64, "K__1": 32, "V": 96}).asm["ptx"]
 s = effc.load("softmax_attn")
 out["softmax_attn.fwd"] = "mma" in compile_softmax_sm90(s, "fwd", dims={"K": 80, "V": 80}).asm["ptx"]
 # D=60 rows are stored 64 wide: the walk's key and value loads copy 16 bytes at a time, as at D=64
@@ -209,7 +215,8 @@ print("AOT " + json.dumps(out))
 
 
 def test_padded_kernels_compile_for_sm90(tmp_path):
-    """gla at K=96 (one 128-wide tile), V=80 (two blocks of 64, the second masked), softmax_attn at D=80 and
+    """gla at K=96 (one 128-wide tile; and in parts, 64 + 32), V=80 (two blocks of 64, the second masked),
+    softmax_attn at D=80 and
     at D=60 (stored rows: 16-byte loads): Triton's AOT path (no GPU), which checks dot shapes and layouts the
     interpreter does not."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -218,4 +225,4 @@ def test_padded_kernels_compile_for_sm90(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     import json
     res = json.loads(p.stdout.split("AOT ", 1)[1])
-    assert len(res) == 4 and all(res.values()), res
+    assert len(res) == 6 and all(res.values()), res
