@@ -237,7 +237,8 @@ class SoftmaxOp(Tuned):
         named.update({f"{o}_ptr": t for o, t in outs.items()})
         # a distinct dummy each when nothing is saved: custom-op outputs must not alias
         shapes = self.saved_shapes(B, T, H, dims)
-        saved = {k: torch.empty(shape if save else (1,), **f32) for k, shape in shapes.items()}
+        saved = {k: torch.empty(shape if save else (1,), dtype=self.saved_dtype(k, dtype), device=device)
+                 for k, shape in shapes.items()}
         dummy = torch.empty(1, **f32)
         named.update({f"{k}_ptr": v for k, v in saved.items()})
         named.update({f"p_{k}": v for k, v in pvals.items()})
@@ -251,9 +252,16 @@ class SoftmaxOp(Tuned):
                      self._meta(c, H, heads, dims, cu, dtype, save))
         return [outs[o.name] for o in spec.outputs], saved
 
+    @staticmethod
+    def saved_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+        """A saved log-sum-exp is fp32; a saved reduction (`softmax(s) @ v` under merge's ops) is kept in the
+        operand dtype, as FlashAttention keeps O: in fp32 it was two thirds of sink_window's forward memory
+        (docs/benchmarks.md), and the backward reads it only for rowsum(dO * O)-like terms."""
+        return torch.float32 if name.startswith("lse") else operand_dtype(dtype)
+
     def saved_shapes(self, B: int, T: int, H: int, dims: dict) -> dict[str, tuple]:
-        """What the forward saves for the backward (fp32): each group's log-sum-exp and each reduction that
-        is not an output."""
+        """What the forward saves for the backward (`saved_dtype`): each group's log-sum-exp and each reduction
+        that is not an output."""
         sched, shapes = self.sched, {}
         out_names = {o.name for o in self.spec.outputs}
         for gi, g in enumerate(sched.groups):

@@ -69,8 +69,8 @@ def softmax_torch_ops(op) -> TorchOps:
         x0 = xs[0]
         B, T, H = x0.shape[:3]
         outs = [x0.new_empty((B, T, H) + tuple(dims[n] for n in o.feature_dims)) for o in spec.outputs]
-        return outs + [x0.new_empty(shape if save else (1,), dtype=torch.float32)
-                       for shape in op.saved_shapes(B, T, H, dims).values()]
+        return outs + [x0.new_empty(shape if save else (1,), dtype=op.saved_dtype(name, x0.dtype))
+                       for name, shape in op.saved_shapes(B, T, H, dims).items()]
 
     def run_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
         cfg, _, queries, dims, n_seq, pvals = call(xs, cu, ints, params)

@@ -421,7 +421,7 @@ def _fwd(sched: SoftmaxSchedule) -> KernelView:
         post.append("    " + Store(f"lse{gi}_ptr", f"lse{gi}", ()).line())
         for r in g.reductions:
             if r.out not in outputs:
-                post.append("    " + Store(f"{r.out}_save_ptr", f"v_{r.out}", _feats(sched, r.out)).line())
+                post.append("    " + Store(f"{r.out}_save_ptr", f"v_{r.out}", _feats(sched, r.out), cast=True).line())
     post.append("    pass")
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys, "q", _kseq(sched), _margin(sched))
