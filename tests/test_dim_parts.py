@@ -268,3 +268,12 @@ def test_parts_under_torch_compile():
     ((o * 2).sum() + s.sum()).backward()
     for a, x in zip(got, xs):
         assert judge_fp32(a, x.grad).ok
+
+
+def test_tile_widths_count_parts_as_unpadded():
+    """What `effc bench` divides by for 'padding alone': a dim in parts has no padding; the split dim's blocks
+    and the softmax family's dims are padded to a power of two."""
+    from effc.runtime.dim_parts import tile_widths
+    assert tile_widths(effc.load("gla").comp, {"K": 96, "V": 96}) == {"K": 96, "V": 128}
+    assert tile_widths(effc.load("gla").comp, {"K": 192, "V": 60}) == {"K": 192, "V": 64}
+    assert tile_widths(effc.load("softmax_attn").comp, {"K": 96, "V": 96}) == {"K": 128, "V": 128}

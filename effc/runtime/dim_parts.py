@@ -99,6 +99,14 @@ def parts_of(comp, dims: dict[str, int]) -> dict[str, tuple[int, int]]:
     return out
 
 
+def tile_widths(comp, dims: dict[str, int]) -> dict[str, int]:
+    """The width of the tiles a call's kernels run each feature dim in: the next power of two (padded), or
+    the padded parts' where the dim runs in parts (96: 64 + 32, no padding)."""
+    from ..policy.tiling import padded
+    parts = parts_of(comp, dims)
+    return {d: sum(padded(p) for p in parts[d]) if d in parts else padded(v) for d, v in dims.items()}
+
+
 def part_dims(dims: dict[str, int], parts: dict[str, tuple[int, int]]) -> dict[str, int]:
     """`dims` with each parted dim replaced by its parts' sizes (the split spec's dims)."""
     from ..passes.dim_parts import part_name
@@ -150,4 +158,4 @@ def choose_parts(op, shapes: tuple, cache: dict) -> tuple:
     return key
 
 
-__all__ = ["PartMap", "choose_parts", "parts_of", "part_dims", "describe_parts", "split_op"]
+__all__ = ["PartMap", "choose_parts", "parts_of", "part_dims", "describe_parts", "split_op", "tile_widths"]

@@ -21,6 +21,7 @@ from ..errors import BackwardRefused, SpecError
 from ..ir.nodes import C, dim
 from ..passes.shapes import value_types
 from ..policy.tiling import padded
+from ..runtime.dim_parts import tile_widths
 from .peers import PEERS, time_training_step
 
 # Machine limits per GPU name (substring match), measured on the lent H100 with the same software
@@ -168,13 +169,16 @@ def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, 
     tbs = io_bytes(xs, out) / ms / 1e9
     flops = op_flops(op, B, T, H, dims, cfg.chunk)
     tflops = flops / ms / 1e9
-    # the work the kernels do on tiles padded to powers of two, over the work the real dims need
-    padding = op_flops(op, B, T, H, {d: padded(v) for d, v in dims.items()}, cfg.chunk) / flops if flops else 1.0
+    # the work the kernels do on tiles padded to powers of two (or split into power-of-two parts), over the
+    # work the real dims need
+    widths = tile_widths(op.comp, dims) if hasattr(op, "comp") else {d: padded(v) for d, v in dims.items()}
+    padding = op_flops(op, B, T, H, widths, cfg.chunk) / flops if flops else 1.0
     row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
            "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
                      + (" merge=deferred" if getattr(cfg, "defer_merge", False) else "")
                      + (" (tuned)" if tuned else ""),
-           "TB/s": tbs, "TFLOP/s": tflops, "padding_flops_ratio": padding, "bw_frac": tbs / peak["TB/s"],
+           "TB/s": tbs, "TFLOP/s": tflops, "padding_flops_ratio": padding,
+           "dim_parts": getattr(op, "last_dim_parts", ""), "bw_frac": tbs / peak["TB/s"],
            "flop_frac": tflops / peak["TFLOP/s"], "peak": {**peak, "of": peak_of}}
     for other in others:
         row[f"effc_ms_{other.backend}"] = do_bench(lambda: other(*xs), warmup=25, rep=100, return_mode="median")
