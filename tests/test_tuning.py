@@ -823,3 +823,18 @@ def test_gpu_runner_gradient_checks_on_the_cpu():
     assert runner._off(one, one) is None and runner._off([torch.full((3,), 2.0)], one) == 1.0
     nan = runner._off([torch.ones(3), torch.tensor([float("nan")])], [torch.ones(3), torch.ones(1)])  # not max()
     assert nan is not None and nan != nan
+
+
+def test_a_call_in_dim_parts_reads_the_callers_tuning_entry(cache):
+    """`effc tune gla` at K=48 times calls that run K in parts (32 + 16): the entry is the caller's op's, at
+    the caller's dims, and the split op's calls read it."""
+    op = effc.load("gla")
+    dims = {"K": 48, "V": 16}
+    _tune_entry(op, Problem(2, 40, 2, tuple(dims.items())), TUNED)
+    from effc.runtime.verify import random_inputs
+    xs = random_inputs(op.spec, 2, 40, 2, dims)
+    op(*xs)
+    assert op.last_dim_parts == "parts: K=48 as 32 + 16"
+    cfg = op.last_config
+    assert (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps) == (16, 16, 2, 8), cfg
+    assert cfg.reasons[0].startswith("tuned for BH4-T64-K48-V16 float32 on cpu")

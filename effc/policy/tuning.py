@@ -212,13 +212,16 @@ def is_current(entry: Entry) -> bool:
     return entry.key.codegen == codegen.CODEGEN_VERSION
 
 
-def lookup(op, problem: Problem, device, dtype, overrides: dict):
+def lookup(op, problem: Problem, device, dtype, overrides: dict, keyed=None):
     """The tuned configuration for this call, with `overrides` (the op's explicit arguments) winning
     over tuned values; None when nothing current is recorded (the op then asks the model). The op
-    builds the configuration from the entry's knobs (`op.tiles`)."""
+    builds the configuration from the entry's knobs (`op.tiles`). `keyed`: the (op, problem) the entry is
+    recorded under when it is not this op's (a call whose dims run in parts: the caller's op and dims, which
+    `effc tune` timed)."""
     if dtype is None:
         return None
-    key = TuningKey.of(op, problem, device_name(device), dtype)
+    key_op, key_problem = keyed or (op, problem)
+    key = TuningKey.of(key_op, key_problem, device_name(device), dtype)
     entry = read_entry(key.path)
     if entry is None or entry.key != key:
         return None
@@ -257,12 +260,16 @@ class Tuned:
 
     _configs: dict
 
+    def tuning_key(self, problem: Problem):
+        """The (op, problem) whose `effc tune` entry this op's calls read: its own (None)."""
+        return None
+
     def config(self, B: int, T: int, H: int, dims: dict[str, int], device, dtype=None, **overrides):
         key = (B, T, H, tuple(sorted(dims.items())), str(device), dtype, tuple(sorted(overrides.items())))
         if key not in self._configs:
             import torch
             problem = Problem(B, T, H, key[3], sm_count(device))
-            cfg = (lookup(self, problem, device, dtype, overrides)  # `effc tune`'s entry, if any
+            cfg = (lookup(self, problem, device, dtype, overrides, self.tuning_key(problem))  # `effc tune`'s entry
                    or self.tiles(problem, None, **overrides))
             limit = block_limit(self.comp.plan.kernels, torch.device(device))
             if limit and cfg.block > limit and overrides.get("block") is None:

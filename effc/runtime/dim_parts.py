@@ -25,8 +25,9 @@ class Part:
 class PartMap:
     """Where each tensor of a split spec lies in the caller's (`caller`: the caller's spec)."""
 
-    def __init__(self, caller: Spec, split: Spec, sizes: dict[str, tuple[int, int]]):
-        self.caller, self.split, self.sizes = caller, split, sizes
+    def __init__(self, caller: Spec, split: Spec, sizes: dict[str, tuple[int, int]], owner=None):
+        """`owner`: the caller's op (its `effc tune` entries are the split op's)."""
+        self.caller, self.split, self.sizes, self.owner = caller, split, sizes, owner
         parts_of = dict(split.parts)
         self.parts: dict[str, Part] = {}
         for d in split.inputs + split.outputs + split.states:
@@ -139,7 +140,7 @@ def split_op(op, sizes: dict[str, tuple[int, int]]):
                             f"{split.legality.split_dims[:1]})")
     if split.plan.seed_grads:
         raise NotSplittable("an input whose gradient is an output's cotangent")
-    return type(op)(split, op.backend, parts=PartMap(spec, split.typed, sizes))  # an AttentionOp
+    return type(op)(split, op.backend, parts=PartMap(spec, split.typed, sizes, owner=op))  # an AttentionOp
 
 
 def choose_parts(op, shapes: tuple, cache: dict) -> tuple:

@@ -3,6 +3,7 @@ output_final_state=False)` -> `(o, final_state)`, inputs (B, T, H, D)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -131,6 +132,13 @@ class AttentionOp(Tuned):
         if not output_final_state:
             return o, None
         return o, (finals[0] if n_state == 1 else tuple(finals))
+
+    def tuning_key(self, problem: Problem):
+        """A split op's calls read the caller's op's entry at the caller's dims (what `effc tune` timed)."""
+        if self.parts is None or self.parts.owner is None:
+            return None
+        caller_dims = tuple((n, s) for n, s in problem.dims if n in self.interface.dims)
+        return self.parts.owner, replace(problem, dims=caller_dims)
 
     def _choose_parts(self, shapes: tuple) -> tuple:
         return choose_parts(self, shapes, self._parted)
