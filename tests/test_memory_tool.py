@@ -105,3 +105,14 @@ def test_a_hybrids_cotangent_gradient_is_one_copy_in_the_input_dtype():
     assert op.linear.comp.plan.seed_grads
     m = training_memory(op, 2, 8192, 16, D128(op))
     assert abs(m.peak_mib - (2 * 256 + 6 * 64)) < 8, m
+
+
+def test_views_of_the_inputs_are_no_allocation():
+    """A call in dim parts (K=96 as 64 + 32) reads and writes column slices of the caller's tensors: views, which
+    allocate nothing, so it keeps what the padded call keeps (the history and outputs have the real sizes)."""
+    op = effc.load("gla")
+    dims = {"K": 96, "V": 96}
+    parted = training_memory(op, 2, 256, 2, dims)
+    assert op.last_dim_parts == "parts: K=96 as 64 + 32"
+    padded = training_memory(op, 2, 256, 2, dims, dim_parts=False)
+    assert parted.kept_mib == padded.kept_mib and parted.grads_mib == padded.grads_mib

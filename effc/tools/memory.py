@@ -53,6 +53,10 @@ class _LiveBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.live)
         weakref.finalize(storage, self._release, key, n)
 
+    def existing(self, tensors) -> None:
+        """Storages that exist before the step (the inputs, the cotangents): a view of one is no allocation."""
+        self._seen.update(t.untyped_storage()._cdata for t in tensors)
+
     def _release(self, key: int, n: int) -> None:
         self._seen.discard(key)
         self.live -= n
@@ -93,11 +97,13 @@ def training_memory(op, B: int, T: int, H: int, dims: dict, dtype=torch.bfloat16
     with _as_on_a_gpu(op):
         xs = _meta_inputs(op.spec, B, T, H, dims, dtype)
         with _LiveBytes() as live:
+            live.existing(xs)
             out = op(*xs, **knobs)
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
             kept = live.live
             live.counting = False  # the cotangents, as the bench's are, exist before the step
             cotangents = [torch.empty_like(o) for o in outs]
+            live.existing(cotangents)
             live.counting = True
             del out
             grads = torch.autograd.grad(outs, xs, cotangents, allow_unused=True)
