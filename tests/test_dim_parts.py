@@ -324,3 +324,19 @@ def test_every_linear_spec_and_mutants_split_or_refuse(tmp_path):
             if problem:
                 problems.append(f"{path.stem} {'original' if i == 0 else f'mutant {i}'}: {problem}"[:400])
     assert not problems, "\n".join(problems)
+
+
+def test_calls_with_other_part_sizes_share_the_split_op():
+    """K=48 (32 + 16) and K=80 (64 + 16) split the same dim: one split spec, one module and one pair of custom
+    ops serve both, each call's part sizes taken from its own dims."""
+    op = effc.load("gla")
+    for K in (48, 80, 48):
+        g = torch.Generator().manual_seed(K)
+        q, k = (torch.randn(1, 21, 2, K, generator=g) for _ in range(2))
+        v = torch.randn(1, 21, 2, 16, generator=g)
+        gate = torch.nn.functional.logsigmoid(torch.randn(1, 21, 2, K, generator=g))
+        o, f = op(q, k, v, gate, output_final_state=True)
+        assert op.last_dim_parts == f"parts: K={K} as {1 << (K.bit_length() - 1)} + {K - (1 << (K.bit_length() - 1))}"
+        ro, rf = op.reference(q.double(), k.double(), v.double(), gate.double(), output_final_state=True)
+        assert judge_fp32(o, ro).ok and judge_fp32(f, rf).ok, K
+    assert list(op._parted) == [("K",)]

@@ -23,11 +23,13 @@ class Part:
 
 
 class PartMap:
-    """Where each tensor of a split spec lies in the caller's (`caller`: the caller's spec)."""
+    """Where each tensor of a split spec lies in the caller's (`caller`: the caller's spec). It holds no sizes:
+    a part's size follows from its caller dim's (`part_sizes`), so one split spec (one generated module, one
+    pair of custom ops) serves every call that splits the same dims."""
 
-    def __init__(self, caller: Spec, split: Spec, sizes: dict[str, tuple[int, int]], owner=None):
+    def __init__(self, caller: Spec, split: Spec, owner=None):
         """`owner`: the caller's op (its `effc tune` entries are the split op's)."""
-        self.caller, self.split, self.sizes, self.owner = caller, split, sizes, owner
+        self.caller, self.split, self.owner = caller, split, owner
         parts_of = dict(split.parts)
         self.parts: dict[str, Part] = {}
         for d in split.inputs + split.outputs + split.states:
@@ -42,9 +44,8 @@ class PartMap:
     def dims(self, caller_dims: dict[str, int]) -> dict[str, int]:
         """The split spec's dim sizes (the caller's, and each part's)."""
         out = dict(caller_dims)
-        for parent, (a, b) in self.sizes.items():
-            for name, size in zip(dict(self.split.parts)[parent], (a, b)):
-                out[name] = size
+        for parent, parts in self.split.parts:
+            out.update(zip(parts, part_sizes(caller_dims[parent])))
         return out
 
     def members(self, decls: tuple[TensorDecl, ...]) -> dict[str, list[Part]]:
@@ -140,22 +141,22 @@ def split_op(op, sizes: dict[str, tuple[int, int]]):
                             f"{split.legality.split_dims[:1]})")
     if split.plan.seed_grads:
         raise NotSplittable("an input whose gradient is an output's cotangent")
-    return type(op)(split, op.backend, parts=PartMap(spec, split.typed, sizes, owner=op))  # an AttentionOp
+    return type(op)(split, op.backend, parts=PartMap(spec, split.typed, owner=op))  # an AttentionOp
 
 
 def choose_parts(op, shapes: tuple, cache: dict) -> tuple:
     """Which dims of a call with these tensor shapes run in parts: a key of `cache`, which holds the split op
-    for it (memoised per part sizes) or None: no dim gains from parts, or the spec cannot split them
-    (`op.last_dim_parts` says which and why)."""
+    for those dims (one for every size they take) or None: no dim gains from parts, or the spec cannot split
+    them (`op.last_dim_parts` says which and why)."""
     sizes = parts_for(op, shapes)
-    key = tuple(sorted(sizes.items()))
+    key = tuple(sorted(sizes))
     if key not in cache:
         try:
-            cache[key] = (split_op(op, sizes) if sizes else None), (f"parts: {describe_parts(sizes)}" if sizes
-                                                                    else "no parts")
+            cache[key] = (split_op(op, sizes) if sizes else None), ""
         except NotSplittable as e:
             cache[key] = None, f"padded tiles: {e}"
-    op.last_dim_parts = cache[key][1]
+    inner, refused = cache[key]
+    op.last_dim_parts = refused or (f"parts: {describe_parts(sizes)}" if sizes else "no parts")
     return key
 
 
