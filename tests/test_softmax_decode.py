@@ -227,9 +227,10 @@ SELECT_SPECS = Path(__file__).parent / "specs"
 @pytest.mark.parametrize("name", ["moba_max_window", "infllm_v2"])
 def test_decode_with_a_select_stage(name):
     """Sparse decoding: each new query chooses its blocks of the cached context (select kernels) and walks
-    them (the forward's kernels, per request, its new rows only). moba_max_window (16-token blocks, top 3 with
-    two forced, so the choice bites at these lengths) and infllm_v2 (group-shared, grouped heads) against the
-    oracle on each request's whole sequence and, for infllm_v2, the naive reference."""
+    them (the forward's walk), every request in one launch of each (their DECODE variant: requests of
+    different lengths, one with an empty context). moba_max_window (16-token blocks, top 3 with two forced, so
+    the choice bites at these lengths) and infllm_v2 (group-shared, grouped heads) against the oracle on each
+    request's whole sequence and, for infllm_v2, the naive reference."""
     from naive_softmax import NAIVE_SOFTMAX
     op = effc.load(str(SELECT_SPECS / f"{name}.attn") if name == "moba_max_window" else name)
     lens, tq, H, Hk = torch.tensor([0, 37, 150], dtype=torch.int32), 3, 4, 2
@@ -237,6 +238,7 @@ def test_decode_with_a_select_stage(name):
     tokens, cache = _filled_cache(op, xs, lens, tq, 160, H, {})
     assert tuple(cache) == ("k", "v")
     o = op.decode(*tokens, cache=cache, cache_seqlens=lens)
+    assert op.last_decode["kernels"].startswith("the select stage's and the forward walk's")
     for b in range(3):
         n = int(lens[b]) + tq
         whole = [x[b:b + 1, :n] for x in xs]
@@ -344,3 +346,27 @@ def test_decode_with_branches_grouped_heads_and_its_errors():
         op.decode(*tokens, cache={"k": cache["k"]}, cache_seqlens=lens)
     with pytest.raises(ArgumentError, match="chunk=: a knob of the whole-sequence call"):
         op.decode(*tokens, cache=cache, cache_seqlens=lens, chunk=16)
+
+
+SELECT_DECODE_AOT = r"""
+import json
+import effc
+from effc.codegen.triton.aot import compile_softmax_sm90
+op = effc.load("moba")
+out = {str(d): "wgmma" in compile_softmax_sm90(op, "fwd", decode=d).asm["ptx"] for d in (False, True)}
+print("AOT " + json.dumps(out))
+"""
+
+
+def test_select_decode_variant_compiles_for_sm90(tmp_path):
+    """The forward walk of a select spec in its DECODE variant (cache rows and new tokens) through Triton's AOT
+    path for sm_90, beside the plain one."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["EFFC_CACHE_DIR"] = str(tmp_path)
+    p = subprocess.run([sys.executable, "-c", SELECT_DECODE_AOT], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout.split("AOT ", 1)[1]) == {"False": True, "True": True}

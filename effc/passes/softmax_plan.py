@@ -39,6 +39,13 @@ class SoftmaxPlan:
         name = {"walk": "fwd"}.get(name, name)  # the forward kernel under the linear family's name
         return next(k for k in self.kernels if k.name == name)
 
+    @property
+    def key_leaves(self) -> tuple[str, ...]:
+        """The leaves some kernel reads on the key side: what a KV cache holds when the forward's kernels
+        decode (runtime.softmax_decode); their query-side rows are the cache's then too."""
+        keyed = {x for k in self.kernels if k.role in ("walk", "pool") for x in k.key_loads}
+        return tuple(x for x in self.schedule.leaves if x in keyed)
+
     def __str__(self) -> str:
         lines = [f"plan {self.spec.name}: online softmax, {len(self.kernels)} kernels"]
         side = {"q": "query", "k": "key"}
@@ -151,10 +158,22 @@ def _buffers(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple[s
                   + [f"{x}_d{outer}_ptr" for x, _ in kp.leaf_grads])
 
 
-def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list]:
-    """(tensors, layout, tiles) a kernel takes for the select stage's lists; empty without one."""
+# decoding through the select stage's kernels and the forward walk (runtime.softmax_decode): the keys are each
+# request's cache rows, the queries its TQ new tokens after the lens_ptr[b] cached ones (a DECODE launch)
+_DECODE_LAYOUT = ("lens_ptr", "TQ")
+_DECODES = ("fwd", "select_pool", "select")
+
+
+def decodes_through_select(sched: SoftmaxSchedule) -> bool:
+    """Does the spec decode through its select stage's kernels and forward walk? (A key sequence of its own
+    decodes through the forward per request: runtime.softmax_decode.)"""
+    return sched.select is not None and sched.spec.keyseq is None
+
+
+def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, list]:
+    """(tensors, layout, tiles, flags) a kernel takes for the select stage's lists; empty without one."""
     if sched.select is None or name == "bwd_pre":
-        return [], [], []
+        return [], [], [], []
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
     lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"], "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
              "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,
@@ -163,7 +182,8 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list]:
     width = "CB" if sched.select.streamed else "NBP"  # a chunk of key blocks, or every one (passes.select)
     select = [width, "KTOP", "KP"] + (["GROUP"] if sched.select.selection.shared else [])
     tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"]}.get(name, ["KP"])
-    return lists, ["NQB", "NKB"], tiles
+    decode = decodes_through_select(sched) and name in _DECODES
+    return lists, ["NQB", "NKB"] + (list(_DECODE_LAYOUT) if decode else []), tiles, ["DECODE"] if decode else []
 
 
 def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
@@ -180,7 +200,7 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
         names = ({a for op in sel.ops for a in op.args if isinstance(a, str)} | set(sel.params)
                  if name == "select" else set())
         params = tuple(p.name for p in sched.spec.params if p.name in names)
-        tensors, layout, tiles = _select_args(sched, name)
+        tensors, layout, tiles, flags = _select_args(sched, name)
         if sel.kind != "topk":
             what = what.replace("keep the top k", f"keep the blocks {sel.selection.describe_rule()} chooses")
         if sel.selection.shared and name == "select":
@@ -190,7 +210,7 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
                            + kernel_args("param", [f"p_{p}" for p in params])) \
             + kernel_args("layout", _LAYOUT + tuple(layout)) \
             + _shape_args(read, leaf_dims) \
-            + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", options)
+            + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", options) + kernel_args("flag", flags)
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read), stores=(),
             grid="(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)", args=args, stages=("select",),
@@ -256,12 +276,13 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
         q, k = _leaf_sides(sched, ops)
         read = tuple(x for x in sched.leaves if x in q or x in k)
         params = _params_read(sched, ops, name != "bwd_pre", outer)
-        tensors, layout, tiles = _select_args(sched, name)
+        tensors, layout, tiles, flags = _select_args(sched, name)
         args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + list(_buffers(sched, bwd, name))
                                        + tensors) + kernel_args("param", [f"p_{p}" for p in params])) \
             + kernel_args("layout", _layout(sched) + tuple(layout)) \
             + _shape_args(read, leaf_dims) \
-            + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", _OPTIONS) + kernel_args("flag", _FLAGS)
+            + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", _OPTIONS) \
+            + kernel_args("flag", _FLAGS + tuple(flags))
         if sched.select is not None and role != "bwd_pre":
             what += " (the selected blocks only: the select stage's lists)"
         kernels.append(SoftmaxKernel(

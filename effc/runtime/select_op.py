@@ -17,14 +17,15 @@ def _pow2(n: int, least: int) -> int:
 
 
 def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int, H: int, leaves,
-                      transpose: bool) -> dict:
+                      transpose: bool, query_rows: int | None = None) -> dict:
     """Launch the select stage's kernels for one call; returns the buffers and sizes the walks take
-    (sel, qlist, qcnt and, with `transpose`, klist, kcnt; NQB, NKB, KP)."""
+    (sel, qlist, qcnt and, with `transpose`, klist, kcnt; NQB, NKB, KP). `query_rows`: the rows computed per
+    sequence when not all of them (decoding's new tokens)."""
     sel = op.sched.select
     first = leaves[0]
     device = first.device
     bm, sb = cfg.fwd[0], sel.block
-    n_qb, n_kb, n_bh = math.ceil(longest / bm), math.ceil(longest / sb), n_seq * H
+    n_qb, n_kb, n_bh = math.ceil((query_rows or longest) / bm), math.ceil(longest / sb), n_seq * H
     i32 = dict(dtype=torch.int32, device=device)
     check_criterion(op.spec, named)
     # each query's list holds at most `slots` blocks: topk's k, a cap, or else every key block
@@ -37,7 +38,10 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     for p in sel.pools:
         feats = tuple(int(meta[str(d)]) for d in op.sched.types[p.leaf].shape[1:])
         out[f"{p.out}_pool_ptr"] = torch.empty((n_bh, n_kb) + feats, dtype=torch.float32, device=device)
-    out.update(sel_ptr=torch.empty(first.shape[:3] + (sizes["KP"],), **i32),
+    # decoding (runtime.softmax_decode) gives each request's cached tokens and its new ones; a call, none
+    rows = (n_seq * named["TQ"],) if meta.get("DECODE") else first.shape[:2]
+    out.update(lens_ptr=named.get("lens_ptr", torch.empty(1, **i32)), TQ=named.get("TQ", 0))
+    out.update(sel_ptr=torch.empty(rows + (H, sizes["KP"]), **i32),
                qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.int8, device=device),
                qlist_ptr=torch.empty((n_bh, n_qb, n_kb), **i32), qcnt_ptr=torch.zeros((n_bh, n_qb), **i32))
     values = {**named, **out}

@@ -28,11 +28,8 @@ MAX_NEW = 64  # new queries per request: one query tile holds them all
 
 
 def _by_forward(op) -> str | None:
-    """Why `op` decodes through its forward's kernels (None: the split-KV decode kernels): a select stage
-    (the decode kernels take no block lists yet) or a key sequence of its own (no decode kernels are
-    generated for one)."""
-    if op.sched.select is not None:
-        return "a select stage"
+    """Why `op` decodes through its forward's kernels per request (None: in one launch, the split-KV decode
+    kernels or the select stage's): a key sequence of its own (no decode kernels are generated for one)."""
     if op.spec.keyseq is not None:
         return f"a key sequence of its own ({op.spec.keyseq.dim})"
     return None
@@ -46,12 +43,14 @@ def cache_names(op) -> tuple[str, ...]:
     """The tensors a KV cache holds: what the decode kernel reads on the key side, in the plan's order (through
     the forward's kernels: the key inputs over the query's tokens, which its forward reads; inputs over a key
     sequence of their own are passed whole at each call, not cached)."""
-    why = _by_forward(op)
-    if why is not None:
-        if op.spec.prefix.ops:
-            raise NotImplementedError(f"{op.name}: decoding with {why} and a prefix stage is not implemented (the "
-                                      "prefix values would need caching); op(...) over the whole sequence runs it")
+    why = _by_forward(op) or ("a select stage" if op.sched.select is not None else None)
+    if why is not None and op.spec.prefix.ops:
+        raise NotImplementedError(f"{op.name}: decoding with {why} and a prefix stage is not implemented (the "
+                                  "prefix values would need caching); op(...) over the whole sequence runs it")
+    if _by_forward(op) is not None:
         return tuple(d.name for d in op.spec.inputs if "key" in d.annotations and not _on_keyseq(op, d))
+    if op.sched.select is not None:  # the select stage's kernels and the forward walk read these on the key side
+        return op.comp.plan.key_leaves
     return op.comp.plan.kernel("decode").key_loads
 
 
@@ -77,6 +76,37 @@ def _forward_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, 
             o, _ = op(*xs, queries=(n, n + tq), **params)
         outs.append([t[:, n:] for t in (o if isinstance(o, tuple) else (o,))])
     return [torch.cat(parts, 0) for parts in zip(*outs)]
+
+
+def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, pvals: dict, dims: dict) -> list:
+    """Decoding through the select stage's kernels and the forward walk, every request in one launch of each
+    (their DECODE variant: the keys are each request's cache rows, the queries its new tokens): the pool kernel
+    pools the request's cached key blocks, the select kernel chooses blocks for the new queries, the walk
+    visits them. The walks are per (query block, head), so no split of the keys: a query visits its chosen
+    blocks only."""
+    from ..passes.softmax import choose_softmax_tiles
+    from .select_op import selection_buffers
+    spec, sched = op.spec, op.sched
+    first = named[spec.inputs[0].name]
+    B, H, dtype, device = first.shape[0], first.shape[2], first.dtype, first.device
+    tmax = next(iter(caches.values())).shape[1]
+    leaves = [caches[x] if x in caches else named[x].contiguous() for x in sched.leaves]
+    cfg = choose_softmax_tiles(spec, dims, interpreting())
+    meta = op._meta(cfg.fwd, H, {x: t.shape[2] for x, t in zip(sched.leaves, leaves)}, dims, None, dtype)
+    meta.update({f"{d}_S": v for d, v in dims.items()}, DECODE=True)  # the caller's layouts: rows D wide
+    outs = {o.name: torch.empty((B, tq, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
+            for o in spec.outputs}
+    dummy = torch.empty(1, dtype=torch.float32, device=device)
+    args = {f"{x}_ptr": t for x, t in zip(sched.leaves, leaves)}
+    args.update({f"{o}_ptr": t for o, t in outs.items()}, **{f"{k}_ptr": dummy for k in op.saved_shapes(B, 1, H, dims)})
+    args.update({f"p_{k}": v for k, v in pvals.items()}, T=tmax, Q_LO=0, Q_HI=tmax, cu_ptr=dummy, lens_ptr=lens, TQ=tq)
+    longest = int(lens.max()) + tq if B else tq
+    args.update(selection_buffers(op, cfg, args, meta, B, longest, H, leaves, transpose=False, query_rows=tq))
+    if B and H:
+        op._launch("fwd", cfg.fwd, -(-tq // cfg.fwd[0]), B * H, args, meta)
+    op.last_decode = dict(kernels="the select stage's and the forward walk's, every request at once",
+                          BM=cfg.fwd[0], NKB=args["NKB"])
+    return [outs[o.name] for o in spec.outputs]
 
 
 def new_cache(op, *tokens, max_len: int) -> dict[str, torch.Tensor]:
@@ -216,6 +246,9 @@ def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params
     if why is not None:
         o = _forward_decode(op, named, caches, lens, tq, params)
         op.last_decode = dict(kernels=f"the forward's per request ({why})")
+        return o[0] if len(o) == 1 else tuple(o)
+    if sched.select is not None:
+        o = _select_decode(op, named, caches, lens, tq, pvals, dims)
         return o[0] if len(o) == 1 else tuple(o)
 
     dec, comb = op.comp.plan.kernel("decode"), op.comp.plan.kernel("decode_combine")

@@ -207,7 +207,7 @@ class SoftmaxOp(Tuned):
                     **{f"{d}_P": padded(v) for d, v in dims.items()},
                     **{f"{d}_S": stored_width(v, dtype.itemsize) for d, v in dims.items()}, BM=cfg_k[0], BN=cfg_k[1],
                     IS_VARLEN=cu is not None, DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
-                    PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32", SAVE=save)
+                    PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32", SAVE=save, DECODE=False)
         if not interp:
             meta.update(num_warps=cfg_k[2], num_stages=cfg_k[3])
         return meta

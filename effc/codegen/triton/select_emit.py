@@ -139,7 +139,7 @@ def _masses(g: str, value: str) -> list[str]:
 
 
 def _stores() -> list[str]:
-    per_token = "sel_ptr + ((bos + r_M[:, None]) * H + i_h) * KP"
+    per_token = "sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP"
     return [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
             f"tl.store({per_token} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
             "mask=qv[:, None] & (r_J[None, :] >= n_ch[:, None]))",
@@ -238,7 +238,7 @@ def _write(sched: SoftmaxSchedule, kp) -> list[str]:
         choose = f'chosen = (g == float("inf")) | ((g > {_NEG}) & (g >= {value}))'
     else:
         choose = "chosen = key >= cut[:, None]"
-    per_token = "sel_ptr + ((bos + r_M[:, None]) * H + i_h) * KP"
+    per_token = "sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP"
     base = "(i_bh * NQB + pid) * NKB"
     stores = [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
               f"tl.store(qmap_ptr + {base} + r_B, row.to(tl.int8), mask=bv)",

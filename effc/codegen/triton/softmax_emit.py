@@ -185,7 +185,7 @@ class Leaf:
         rows, valid = ("r_M", "qv") if side == "lq" else ("r_N", "kv")
         width = STORED if self.stored else ""
         offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows,
-                        base or ("bos" if side == "lq" else self.kbos), width)
+                        base or ("qbos" if side == "lq" else self.kbos), width)
         ptr = ptr or f"{self.name}_ptr"
         if masked:
             mask = f", mask={_rowmask(valid, self.feats, width)}, other=0.0"
@@ -205,7 +205,7 @@ class Store:
     feats: tuple[str, ...]
     side: str = "q"  # q: rows r_M; k: rows r_N
     cast: bool = False
-    base: str = "bos"  # the sequence's first token (bos_k: a key-side store over a key sequence of its own)
+    base: str = "qbos"  # the sequence's first token (bos_k: a key-side store over a key sequence of its own)
     width: str = ""  # STORED: a scratch buffer {d}_S wide (its real columns written, the rest left zero)
 
     def line(self) -> str:
@@ -232,6 +232,7 @@ class KernelView:
     q_loads_full: list[str] = field(default_factory=list)  # the same for a block wholly inside the sequence
     k_loads_full: list[str] = field(default_factory=list)
     listed: bool = False  # walks the select stage's list of blocks (passes.select), not a range
+    decodes: bool = False  # takes DECODE: launched over KV caches too (runtime.softmax_decode)
     list_lines: list[str] = field(default_factory=list)  # before that walk: n_sel and list_base
 
 
@@ -318,7 +319,7 @@ def _keep(sched: SoftmaxSchedule) -> str:
 
 
 # the select stage's lists (passes.select): `sel` holds each query token's chosen blocks (-1 pads), KP a row
-_SEL_LOAD = ("sel_q = tl.load(sel_ptr + ((bos + r_M[:, None]) * H + i_h) * KP + tl.arange(0, KP)[None, :], "
+_SEL_LOAD = ("sel_q = tl.load(sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP + tl.arange(0, KP)[None, :], "
              "mask=qv[:, None], other=-1)")
 
 
@@ -508,7 +509,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
     post = pr.lines(kp.post_vjp)
     for x, g in kp.leaf_grads:
         post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True,
-                          base=_kbos(sched) if outer == "k" else "bos").line())
+                          base=_kbos(sched) if outer == "k" else "qbos").line())
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer, _kseq(sched),
                         _margin(sched))
@@ -529,7 +530,7 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
         if kp.role in ("decode", "decode_combine"):  # codegen.triton.softmax_decode_emit appends them
             continue
         k = views[kp.role](kp)
-        _place_loads(sched, k, kp)
+        _place_loads(sched, k, kp, plan.key_leaves)
         kernels.append(k)
     ks = spec.keyseq
     return template(__file__, "softmax.py.j2").render(version=__version__, spec=spec, kernels=kernels, dims=spec.dims,
@@ -540,11 +541,14 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
                               helpers=helper_source(spec.score.ops + spec.merge.ops))
 
 
-def _place_loads(sched: SoftmaxSchedule, k: KernelView, kp: SoftmaxKernel) -> None:
+def _place_loads(sched: SoftmaxSchedule, k: KernelView, kp: SoftmaxKernel, key_leaves: tuple[str, ...]) -> None:
     """The plan's loads and signature on the view: each leaf the kernel reads, loaded per query block or per
-    key block (masked, and unmasked for the walk's blocks that lie wholly inside the sequence)."""
-    k.q_loads = [Leaf(x, _feats(sched, x)).load("lq") for x in kp.query_loads]
+    key block (masked, and unmasked for the walk's blocks that lie wholly inside the sequence). A leaf read on
+    the key side (`key_leaves`) is a KV cache's when the kernel decodes: its query rows are the cache's too."""
+    k.decodes = "DECODE" in kp.arg_names
+    qbase = lambda x: "bos" if x in key_leaves else None
+    k.q_loads = [Leaf(x, _feats(sched, x)).load("lq", base=qbase(x)) for x in kp.query_loads]
     k.k_loads = [Leaf(x, _feats(sched, x), _kbos(sched)).load("lk") for x in kp.key_loads]
-    k.q_loads_full = [Leaf(x, _feats(sched, x)).load("lq", False) for x in kp.query_loads]
+    k.q_loads_full = [Leaf(x, _feats(sched, x)).load("lq", False, base=qbase(x)) for x in kp.query_loads]
     k.k_loads_full = [Leaf(x, _feats(sched, x), _kbos(sched)).load("lk", False) for x in kp.key_loads]
     k.signature = signature(kp.args, SOFTMAX_LAYOUT)
