@@ -110,3 +110,31 @@ def test_bf16_selection_agrees(name):
     print(f"{name}: choices differing from the exact choice: kernel {ours_off:.4%}, bf16 naive {ref_off:.4%} "
           f"(of {exact.numel()} query-block pairs; chosen {exact.float().mean().item():.1%})")
     assert ours_off <= 2 * ref_off + 1e-3
+
+
+@pytest.mark.parametrize("name", ["moba", "infllm_v2", "topp"])
+def test_bf16_sparse_decode(name):
+    """Sparse decoding in one launch for every request (the select stage's kernels and the forward walk in
+    their DECODE variant): requests of different lengths, two new tokens each, against the float64 oracle on
+    each request's whole sequence, no worse than 2x the bf16 reference."""
+    op = effc.load(name)
+    lens, tq, Hq = torch.tensor([0, 700, 4000, 2500], dtype=torch.int32, device="cuda"), 2, 8
+    xs = random_inputs(op.spec, 4, 4002, Hq, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=6)
+    named = dict(zip((d.name for d in op.spec.inputs), xs))
+    tokens = [torch.stack([named[d.name][b, int(lens[b]):int(lens[b]) + tq] for b in range(4)])
+              for d in op.spec.inputs]
+    cache = op.new_cache(*tokens, max_len=4096)
+    for n, c in cache.items():
+        for b in range(4):
+            c[b, :int(lens[b])] = named[n][b, :int(lens[b])]
+    o = op.decode(*tokens, cache=cache, cache_seqlens=lens)
+    assert op.last_decode["kernels"].startswith("the select stage's")
+    for b in range(4):
+        n = int(lens[b]) + tq
+        whole = [x[b:b + 1, :n] for x in xs]
+        ref, _ = op.reference(*(x.double() for x in whole), queries=(n - tq, n))
+        low, _ = op.reference(*(x.float() for x in whole), dtype=torch.float32, matmul_dtype=torch.bfloat16,
+                              queries=(n - tq, n))
+        v = judge_low_precision(o[b:b + 1], ref[:, n - tq:], low[:, n - tq:])
+        print(f"{name} request {b} (context {n - tq}): {v}")
+        assert v.ok, (b, v)
