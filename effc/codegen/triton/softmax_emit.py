@@ -159,7 +159,7 @@ def _rowmask(valid: str, feats: tuple[str, ...], width: str = "") -> str:
     return f"({valid}[:, None] & {m}[None, :] if {cond} else {valid}[:, None])"
 
 
-def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: str = "bos", width: str = "") -> str:
+def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: str = "qbos", width: str = "") -> str:
     """Offsets of a per-token tile, rows being token indices within the sequence: the (sequence, head)
     base is a 64-bit scalar (hoisted out of the walk), the per-row part 32-bit. `base`: the sequence's
     first token (a KV cache's sequences start at their own base). `width`: STORED for a row {d}_S wide."""
@@ -478,7 +478,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
         gl.append(f"v_{dd_name(gi)} = tl.load(D{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0)")
         for r in g.reductions:
             feats = _feats(sched, r.out)
-            gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', 'r_M', 'bos', STORED)}, "
+            gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', 'r_M', 'qbos', STORED)}, "
                       f"mask={_rowmask('qv', feats, STORED)}, other=0.0)")
     for x, _ in kp.accumulators:
         shape = ", ".join(_dimname(d) for d in types[x].shape)
