@@ -100,22 +100,29 @@ import json, sys
 import effc
 from effc.codegen.triton.aot import compile_softmax_decode_sm90
 
-op = effc.load(sys.argv[1])
 results = {}
-for kernel in ("decode", "decode_combine"):
-    k = compile_softmax_decode_sm90(op, kernel, n_queries=4, dims={"K": 96})  # a padded feature dim
-    results[kernel] = {"mma": "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"], "shared": k.metadata.shared}
+for name in sys.argv[1:]:
+    op = effc.load(name)
+    group = 1 if name == "forgetting_transformer" else 4  # FoX caches a gate per query head: no group
+    for kernel in ("decode", "decode_combine"):
+        # a padded feature dim; softmax_attn's rows: 4 new tokens x the 4 query heads of a key head
+        k = compile_softmax_decode_sm90(op, kernel, n_queries=4, dims={"K": 96}, group=group)
+        results[f"{name}.{kernel}"] = {"mma": "mma.sync" in k.asm["ptx"] or "wgmma" in k.asm["ptx"],
+                                       "shared": k.metadata.shared}
 print("AOT " + json.dumps(results))
 """
 
 
 @pytest.mark.slow  # the full tier only (README: test tiers)
 def test_softmax_decode_kernels_compile_for_sm90(tmp_path):
-    """The decode kernels of one spec with a prefix value cached on the key side (FoX): the split kernel's
-    walk uses tensor cores like the forward's."""
-    results = _compile_in_subprocesses(DECODE_SCRIPT, ["forgetting_transformer"], tmp_path)
-    assert set(results) == {"decode", "decode_combine"}
-    assert results["decode"]["mma"], "decode: no tensor-core instruction in the PTX"
+    """The decode kernels of a spec with a prefix value cached on the key side (FoX), and of softmax_attn with
+    grouped rows (new tokens x the query heads of a key head): the split kernel's walk uses tensor cores like
+    the forward's."""
+    names = ["forgetting_transformer", "softmax_attn"]
+    results = _compile_in_subprocesses(DECODE_SCRIPT, names, tmp_path)
+    assert set(results) == {f"{n}.{k}" for n in names for k in ("decode", "decode_combine")}
+    for n in names:
+        assert results[f"{n}.decode"]["mma"], f"{n}.decode: no tensor-core instruction in the PTX"
     assert all(r["shared"] <= 232448 for r in results.values())
 
 

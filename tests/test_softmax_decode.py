@@ -126,6 +126,8 @@ def _check(name, tmp_path, lens, tq, H, Hk, K, V, params, splits):
         c = {k: t.clone() for k, t in cache.items()}
         outs.append(_tuple(op.decode(*tokens, cache=c, cache_seqlens=lens, splits=n_split, **params)))
         assert op.last_decode["splits"] == n_split
+        # a program serves the query heads sharing their key-side heads (FoX's cached gate is per query head)
+        assert op.last_decode["group"] == H // max(t.shape[2] for t in cache.values())
         for b in range(B):  # the new tokens' key-side values were written after the context
             n = int(lens[b])
             assert torch.equal(c["k"][b, n:n + tq], tokens[1][b]) and not c["k"][b, n + tq:].any()
@@ -370,3 +372,14 @@ def test_select_decode_variant_compiles_for_sm90(tmp_path):
     p = subprocess.run([sys.executable, "-c", SELECT_DECODE_AOT], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout.split("AOT ", 1)[1]) == {"False": True, "True": True}
+
+
+def test_decode_groups_query_heads_that_share_key_heads():
+    """A program's rows are (new token, query head) pairs of the heads sharing a key head, up to 64 rows; the
+    group size divides the heads a key head serves."""
+    from effc.policy.decode import decode_group
+    assert decode_group(32, [8, 8], 1) == 4 and decode_group(32, [8, 8], 16) == 4
+    assert decode_group(32, [8], 17) == 2  # 4 heads x 17 tokens exceed 64 rows
+    assert decode_group(16, [16, 16], 1) == 1  # no grouped heads
+    assert decode_group(30, [6], 13) == 1 and decode_group(30, [6], 12) == 5  # divisors of 5 only
+    assert decode_group(8, [1], 64) == 1

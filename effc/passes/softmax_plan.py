@@ -82,10 +82,10 @@ SELECT_KERNELS = (
 )
 # decoding against a KV cache (runtime.softmax_decode): name, role, stages, grid, what
 DECODE_KERNELS = (
-    ("decode", "decode", ("score", "merge"), "(splits, B*H)", "the new queries of each request against one split "
-     "of its cached keys: the forward's walk over that split's visible key blocks; store the partial (max, sum, "
+    ("decode", "decode", ("score", "merge"), "(splits, B*H/G)", "the new queries of each request (rows: new token x "
+     "the G query heads sharing a key head) against one split of its cached keys: the forward's walk over that split's visible key blocks; store the partial (max, sum, "
      "acc) of each softmax, unnormalised"),
-    ("decode_combine", "decode_combine", ("merge",), "(1, B*H)", "merge the splits' partials by a log-sum-exp "
+    ("decode_combine", "decode_combine", ("merge",), "(1, B*H/G)", "merge the splits' partials by a log-sum-exp "
      "rescale, then the forward's epilogue (normalise, merge ops); store the outputs"),
 )
 # the signature's fixed part (codegen/triton/softmax.py.j2 reads these names)
@@ -246,7 +246,7 @@ def _decode_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
         args = unique_args(kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])) \
             + kernel_args("layout", ("TQ", "TMAX") if split else ("TQ",)) \
             + _shape_args(read, leaf_dims, stored=False) \
-            + kernel_args("tile", ("BM", "BN", "NSPLIT") if split else ("BM", "NSPLIT")) \
+            + kernel_args("tile", ("BM", "BN", "NSPLIT", "G") if split else ("BM", "NSPLIT", "G")) \
             + kernel_args("option", ("DOT_DTYPE", "PRECISION"))
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),

@@ -27,6 +27,17 @@ def decode_tiles(n_queries: int, widest_dim: int, interpreting: bool) -> tuple[i
     return bm, bn, 4, 2
 
 
+MAX_GROUP_ROWS = 64  # a program's rows: new tokens x query heads of a group
+
+
+def decode_group(heads: int, key_heads: list[int], n_queries: int) -> int:
+    """How many query heads one program serves: those sharing their key heads (grouped-query attention), so
+    each key block is read once for them, as long as their rows (new tokens x heads) fit MAX_GROUP_ROWS;
+    otherwise one head a program. Key-side inputs with as many heads as the queries: 1."""
+    shared = heads // max(key_heads, default=heads)  # query heads per key head
+    return max(g for g in range(1, shared + 1) if shared % g == 0 and (g == 1 or n_queries * g <= MAX_GROUP_ROWS))
+
+
 def decode_splits(batch_heads: int, key_blocks: int, sm_count: int) -> int:
     """Splits of each request's keys: enough programs for WAVES per multiprocessor, each split keeping at
     least MIN_BLOCKS_PER_SPLIT key blocks, rounded down to a power of two (each count is a compiled

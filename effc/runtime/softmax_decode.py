@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ArgumentError
-from ..policy.decode import decode_splits, decode_tiles
+from ..policy.decode import decode_group, decode_splits, decode_tiles
 from ..policy.tiling import padded
 from ..policy.tuning import sm_count
 from .checks import check_inputs, interpreting
@@ -253,29 +253,31 @@ def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params
 
     dec, comb = op.comp.plan.kernel("decode"), op.comp.plan.kernel("decode_combine")
     widest = max(dims.values()) if dims else 16
-    bm, bn, warps, stages = decode_tiles(tq, widest, interpreting())
-    n_split = splits or decode_splits(B * H, -(-(int(lens.max()) + tq) // bn) if B else 1, sm_count(device))
+    heads = {x: (values[x].shape[2]) for x in sched.leaves if x in values}
+    group = decode_group(H, [heads[x] for x in dec.key_loads], tq)
+    bm, bn, warps, stages = decode_tiles(tq * group, widest, interpreting())
+    programs = B * H // group  # one per request and group of query heads sharing their key heads
+    n_split = splits or decode_splits(programs, -(-(int(lens.max()) + tq) // bn) if B else 1, sm_count(device))
     f32 = dict(dtype=torch.float32, device=device)
     named_args = {f"{x}_ptr": values[x].contiguous() for x in dec.query_loads + comb.query_loads}
     named_args.update({f"{x}_cache_ptr": c for x, c in caches.items()})
     for gi, g in enumerate(sched.groups):
-        named_args[f"m{gi}_part_ptr"] = torch.empty((B * H, n_split, bm), **f32)
-        named_args[f"l{gi}_part_ptr"] = torch.empty((B * H, n_split, bm), **f32)
+        named_args[f"m{gi}_part_ptr"] = torch.empty((programs, n_split, bm), **f32)
+        named_args[f"l{gi}_part_ptr"] = torch.empty((programs, n_split, bm), **f32)
         for r in g.reductions:
             feats = tuple(padded(dims[str(d)]) for d in sched.types[r.out].shape[1:])
-            named_args[f"{r.out}_part_ptr"] = torch.empty((B * H, n_split, bm) + feats, **f32)
+            named_args[f"{r.out}_part_ptr"] = torch.empty((programs, n_split, bm) + feats, **f32)
     dtype = tokens[0].dtype
     outs = {o.name: torch.empty((B, tq, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
             for o in spec.outputs}
     named_args.update({f"{o}_ptr": t for o, t in outs.items()})
     named_args.update({f"p_{k}": v for k, v in pvals.items()})
     named_args.update(lens_ptr=lens, TQ=tq, TMAX=tmax)
-    heads = {x: (values[x].shape[2]) for x in sched.leaves if x in values}
     meta = op._meta((bm, bn, warps, stages), H, heads, dims, None, dtype)
-    meta.update(NSPLIT=n_split)
+    meta.update(NSPLIT=n_split, G=group)
     if B and H:
-        op._launch("decode", None, n_split, B * H, named_args, meta)
-        op._launch("decode_combine", None, 1, B * H, named_args, meta)
-    op.last_decode = dict(BM=bm, BN=bn, splits=n_split)
+        op._launch("decode", None, n_split, programs, named_args, meta)
+        op._launch("decode_combine", None, 1, programs, named_args, meta)
+    op.last_decode = dict(BM=bm, BN=bn, splits=n_split, group=group)
     o = [outs[o.name] for o in spec.outputs]
     return o[0] if len(o) == 1 else tuple(o)

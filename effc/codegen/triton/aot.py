@@ -100,20 +100,24 @@ def compile_softmax_fitting(op, kernel: str, dims: dict | None = None):
         tiles = replace(tiles, **{field: (bm, bn, warps, stages - 1)})
 
 
-def compile_softmax_decode_sm90(op, kernel: str, n_queries: int = 1, splits: int = 8, dims: dict | None = None):
+def compile_softmax_decode_sm90(op, kernel: str, n_queries: int = 1, splits: int = 8, dims: dict | None = None,
+                                group: int = 1):
     """The compiled decode kernel `kernel` ("decode" or "decode_combine") of the SoftmaxOp `op` at the tiles
     policy.decode picks for the H100: the new tokens and the caches of inputs bf16, prefix values' caches and
-    the partials fp32; every feature dim 128 unless `dims` says."""
+    the partials fp32; every feature dim 128 unless `dims` says. `group`: query heads a program serves (their
+    key-side heads: 16 / group)."""
     from ...policy.decode import decode_tiles
     from ...policy.tiling import padded
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
-    bm, bn, warps, stages = decode_tiles(n_queries, max(dims.values()), interpreting=False)
+    bm, bn, warps, stages = decode_tiles(n_queries * group, max(dims.values()), interpreting=False)
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
     inputs = {d.name for d in op.spec.inputs}
     bf16 = ({f"{x}_ptr" for x in inputs} | {f"{x}_cache_ptr" for x in inputs}
             | {f"{o.name}_ptr" for o in op.spec.outputs})
     sig = {n: ("*bf16" if n in bf16 else "*i32" if n == "lens_ptr" else "*fp32" if n.endswith("_ptr")
                else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
-    const = dict(H=16, BM=bm, BN=bn, NSPLIT=splits, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", **dims,
-                 **{f"{d}_P": padded(v) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
+    keyed = set(op.comp.plan.kernel("decode").key_loads)
+    const = dict(H=16, BM=bm, BN=bn, NSPLIT=splits, G=group, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", **dims,
+                 **{f"{d}_P": padded(v) for d, v in dims.items()},
+                 **{f"HX_{x}": 16 // group if x in keyed else 16 for x in op.sched.leaves})
     return _compile(fn, sig, const, warps, stages)

@@ -1,9 +1,9 @@
 """Decoding kernels of the softmax family (flash-decoding): a few new queries per request against its KV cache.
 
-`decode` (grid: splits x B*H) walks one split of the request's visible key blocks exactly as the forward
+`decode` (grid: splits x B*H/G, its rows the new tokens of G query heads sharing their key heads) walks one split of the request's visible key blocks exactly as the forward
 walks a query block's (the same printed score, masks, modifiers and running (max, sum, acc)), reading the
 new tokens' query-side tiles and the cache's key-side ones, and stores its unnormalised partials.
-`decode_combine` (grid: B*H) merges the splits' partials by a log-sum-exp rescale, then runs the
+`decode_combine` (grid: B*H/G) merges the splits' partials by a log-sum-exp rescale, then runs the
 forward's epilogue (normalise, the merge ops) and stores the outputs. Both come from the schedule's ops;
 nothing here knows a mechanism."""
 from __future__ import annotations
@@ -66,7 +66,8 @@ def _combine(sched: SoftmaxSchedule, kp: SoftmaxKernel) -> KernelView:
                   f"{_part(sched, r.out)}) * beta[:, None]" for r in g.reductions]
         merge.append(f"    m{gi} = m_new")
     post = normalise(sched) + pr.lines(decode_combine_ops(sched))
-    post += [Store(f"{o.name}_ptr", f"v_{o.name}", o.feature_dims, cast=True).line() for o in sched.spec.outputs]
+    post += [Store(f"{o.name}_ptr", f"v_{o.name}", o.feature_dims, cast=True, row_heads=True).line()
+             for o in sched.spec.outputs]
     kv.pre_lines = walk_init(sched) + merge + post
     return kv
 
@@ -79,7 +80,7 @@ def emit_decode_kernels(plan: SoftmaxPlan) -> str:
         if kp.role not in ("decode", "decode_combine"):
             continue
         k = (_split if kp.role == "decode" else _combine)(sched, kp)
-        k.q_loads = [Leaf(x, _feats(sched, x), stored=False).load("lq") for x in kp.query_loads]
+        k.q_loads = [Leaf(x, _feats(sched, x), stored=False).load("lq", row_heads=True) for x in kp.query_loads]
         k.signature = signature(kp.args, SOFTMAX_LAYOUT)
         views.append(k)
     if not views:

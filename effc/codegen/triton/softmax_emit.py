@@ -159,12 +159,21 @@ def _rowmask(valid: str, feats: tuple[str, ...], width: str = "") -> str:
     return f"({valid}[:, None] & {m}[None, :] if {cond} else {valid}[:, None])"
 
 
-def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: str = "qbos", width: str = "") -> str:
+def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: str = "qbos", width: str = "",
+             row_heads: bool = False) -> str:
     """Offsets of a per-token tile, rows being token indices within the sequence: the (sequence, head)
     base is a 64-bit scalar (hoisted out of the walk), the per-row part 32-bit. `base`: the sequence's
-    first token (a KV cache's sequences start at their own base). `width`: STORED for a row {d}_S wide."""
-    head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
+    first token (a KV cache's sequences start at their own base). `width`: STORED for a row {d}_S wide.
+    `row_heads`: each row has a head of its own, h_M (decoding's rows are (new token, query head) pairs)."""
     assert len(feats) <= 1, feats
+    if row_heads:
+        head = "h_M" if heads == "H" else f"h_M // (H // {heads})"
+        per_row = f"({rows} * {heads} + {head})"
+        if not feats:
+            return f"({base} * {heads}) + {per_row}"
+        f, w = feats[0], feats[0] + width
+        return f"({base} * {heads} * {w}) + {per_row}[:, None] * {w} + r_{f}[None, :]"
+    head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
     if not feats:
         return f"({base} * {heads} + {head}) + {rows} * {heads}"
     f, w = feats[0], feats[0] + width
@@ -178,14 +187,16 @@ class Leaf:
     kbos: str = "bos"  # the first token of its sequence on the key side (bos_k: a key sequence of its own)
     stored: bool = True  # laid out by the runtime, {d}_S wide; False: the caller's tensor, {d} wide (a KV cache)
 
-    def load(self, side: str, masked: bool = True, ptr: str | None = None, base: str | None = None) -> str:
+    def load(self, side: str, masked: bool = True, ptr: str | None = None, base: str | None = None,
+             row_heads: bool = False) -> str:
         """masked=False: a block wholly inside the sequence (the walk's mask-free blocks) loads unmasked.
         `ptr` and `base`: another buffer of the leaf (a KV cache) and its sequence's first token. Rows are
-        `stored` wide ({d}_S columns, see runtime.softmax_op.stored_width) unless stored=False."""
-        rows, valid = ("r_M", "qv") if side == "lq" else ("r_N", "kv")
+        `stored` wide ({d}_S columns, see runtime.softmax_op.stored_width) unless stored=False.
+        `row_heads`: query rows are (token t_M, head h_M) pairs (decoding)."""
+        rows, valid = ("t_M" if row_heads else "r_M", "qv") if side == "lq" else ("r_N", "kv")
         width = STORED if self.stored else ""
         offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows,
-                        base or ("qbos" if side == "lq" else self.kbos), width)
+                        base or ("qbos" if side == "lq" else self.kbos), width, row_heads)
         ptr = ptr or f"{self.name}_ptr"
         if masked:
             mask = f", mask={_rowmask(valid, self.feats, width)}, other=0.0"
@@ -207,10 +218,11 @@ class Store:
     cast: bool = False
     base: str = "qbos"  # the sequence's first token (bos_k: a key-side store over a key sequence of its own)
     width: str = ""  # STORED: a scratch buffer {d}_S wide (its real columns written, the rest left zero)
+    row_heads: bool = False  # query rows are (token t_M, head h_M) pairs (decoding)
 
     def line(self) -> str:
-        rows, valid = ("r_M", "qv") if self.side == "q" else ("r_N", "kv")
-        offs = _offsets("", self.feats, "H", rows, self.base, self.width)
+        rows, valid = ("t_M" if self.row_heads else "r_M", "qv") if self.side == "q" else ("r_N", "kv")
+        offs = _offsets("", self.feats, "H", rows, self.base, self.width, self.row_heads)
         mask = _rowmask(valid, self.feats)
         v = f"{self.value}.to({self.ptr}.dtype.element_ty)" if self.cast else self.value
         return f"tl.store({self.ptr} + {offs}, {v}, mask={mask})"
