@@ -383,3 +383,18 @@ def test_decode_groups_query_heads_that_share_key_heads():
     assert decode_group(16, [16, 16], 1) == 1  # no grouped heads
     assert decode_group(30, [6], 13) == 1 and decode_group(30, [6], 12) == 5  # divisors of 5 only
     assert decode_group(8, [1], 64) == 1
+
+
+def test_decode_bench_rows(capsys):
+    """`effc bench --decode` on the CPU with a stand-in timer (the interpreter times nothing): a dense spec with
+    grouped heads beside SDPA, a select spec, and a chunked-scan spec skipped with the reason."""
+    from effc.tools.bench_decode import run_decode_bench
+    rows = run_decode_bench(["softmax_attn", "moba", "gla"], [(2, 70)], 4, 2, 16, 1,
+                            timer=lambda fn: (fn(), 2.0)[1])
+    dense, sparse, linear = rows
+    assert dense["decode"]["group"] == 2 and dense["peer"].startswith("torch SDPA") and dense["speedup"] == 1.0
+    assert sparse["decode"]["kernels"].startswith("the select stage's")
+    assert "does not decode against a KV cache" in linear["skipped"]
+    assert dense["cache_GBps"] == 2 * 2 * 71 * 2 * 16 * 4 / 2.0 / 1e6  # k and v, fp32 on the CPU
+    table = capsys.readouterr().out
+    assert "cache GB/s" in table and "skipped" in table

@@ -275,12 +275,23 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
           backward: bool = typer.Option(False, "--backward", help="also time forward+backward, with peak memory"),
           backend: str = typer.Option("triton", help="comma-separated code generators to time: triton,tilelang"),
           from_json: Path = typer.Option(None, "--from-json",
-                                         help="time nothing: print (and --plot) the rows an earlier --json wrote")):
+                                         help="time nothing: print (and --plot) the rows an earlier --json wrote"),
+          decode: bool = typer.Option(False, "--decode", help="time decoding steps (op.decode) against a KV cache of "
+                                      "T tokens per request (shapes BxT), beside torch SDPA over the same cache"),
+          kv_heads: int = typer.Option(0, "--kv-heads", help="--decode: key/value heads (default: --heads)"),
+          new_tokens: int = typer.Option(1, "--new-tokens", help="--decode: new tokens per request and step")):
     """Time effc's kernels and the peers on identical bf16 inputs, one GPU, one run; print ratios."""
     from .bench import run_bench, show_saved
     try:
         if from_json:
             show_saved(from_json, plot)
+            return
+        if decode:
+            from .bench_decode import run_decode_bench
+            dims = _head_dims(head_dim)  # the first (one decode row per spec and shape)
+            run_decode_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x"))
+                                                                    for s in shapes.split(",")],
+                             heads, kv_heads or heads, dims[0], new_tokens, json_out, peers)
             return
         run_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")],
                   heads, _head_dims(head_dim), peers, peer_timeout, json_out, plot=plot, backward=backward,
