@@ -340,3 +340,11 @@ def test_calls_with_other_part_sizes_share_the_split_op():
         ro, rf = op.reference(q.double(), k.double(), v.double(), gate.double(), output_final_state=True)
         assert judge_fp32(o, ro).ok and judge_fp32(f, rf).ok, K
     assert list(op._parted) == [("K",)]
+
+
+def test_tilelang_masks_only_the_split_specs_dims():
+    """A call in parts names the caller's dim beside its parts; the TileLang program is chosen by the parts'."""
+    from effc.runtime.dim_parts import split_op
+    from effc.runtime.tilelang_backend import masked_dims
+    inner = split_op(effc.load("gla", backend="tilelang"), {"K": (64, 32)})
+    assert masked_dims(inner.comp.plan, inner.parts.dims({"K": 96, "V": 64}), 64) == frozenset()

@@ -49,6 +49,8 @@ def masked_dims(plan: Plan, dims: dict, block: int) -> frozenset:
     padded(size) columns), the split dim when `block` does not divide it (its last block is masked)."""
     out = set()
     for n, v in dims.items():
+        if n not in plan.spec.dims:  # a call in dim parts also names the caller's dim (runtime.dim_parts)
+            continue
         if v < 1:
             raise ArgumentError(f"the TileLang backend takes feature dims >= 1, got {n}={v}")
         if (v % block != 0) if n == plan.split_dim else (padded(v) != v):
