@@ -348,3 +348,25 @@ def test_tilelang_masks_only_the_split_specs_dims():
     from effc.runtime.tilelang_backend import masked_dims
     inner = split_op(effc.load("gla", backend="tilelang"), {"K": (64, 32)})
     assert masked_dims(inner.comp.plan, inner.parts.dims({"K": 96, "V": 64}), 64) == frozenset()
+
+
+def test_an_output_over_the_split_dim():
+    """An output with the split dim (here [B, T, H, K]) is written in place, part by part, into one tensor; its
+    cotangent is read the same way."""
+    op = effc.loads(NORMED.replace("  output o: [B, T, H, V]", "  output o: [B, T, H, V]\n  output r: [B, T, H, K]")
+                    .replace("  merge {\n", "  merge {\n    r = qn * rowsum(qn @ S)[:, None]\n"))
+    xs, s0 = _leaves(2, 23, 2, 48, 16, seed=5)
+
+    def kernels(q, k, v, S, z):
+        (o, r), (S1, z1) = op(q.float(), k.float(), v.float(), initial_state=(S.float(), z.float()),
+                              output_final_state=True)
+        return o, r, S1, z1
+
+    def oracle(q, k, v, S, z):
+        (o, r), (S1, z1) = op.reference(q, k, v, initial_state=(S, z), output_final_state=True)
+        return o, r, S1, z1
+
+    got, want = _run(kernels, xs + s0), _run(oracle, xs + s0)
+    assert op.last_dim_parts == "parts: K=48 as 32 + 16"
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        assert judge_fp32(a, b).ok, judge_fp32(a, b)
