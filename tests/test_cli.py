@@ -104,6 +104,13 @@ def test_check_runs_the_kernel_against_the_oracle():
     verdicts = [line for line in r.output.splitlines() if line.startswith("  kernel vs oracle")]
     assert len(verdicts) == 6 and all(line.endswith(" ok") for line in verdicts), r.output  # o, S, dq dk dv dS0
     assert "  kernel vs oracle, grad initial state S: max abs error " in r.output
+    assert "feature dims" not in r.output  # powers of two: nothing to say
+
+
+def test_check_says_which_dims_ran_in_parts():
+    r = invoke("check", "gla", "--shape", "1,40,2", "--dims", "K=48,V=16")
+    assert r.exit_code == 0, r.output
+    assert "  feature dims: parts: K=48 as 32 + 16" in r.output
 
 
 @no_cuda

@@ -245,6 +245,8 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
         _fail(e)
     where = "Triton interpreter (CPU)" if interp else torch.cuda.get_device_name()
     typer.echo(f"{op.name}: B={B} T={T} H={H} {sizes} {dtype} on {where}; {op.last_config}".rstrip())
+    if getattr(op, "last_dim_parts", "") not in ("", "no parts"):  # passes.dim_parts: what the kernels ran
+        typer.echo(f"  feature dims: {op.last_dim_parts}")
     for what, v in verdicts:
         typer.echo(f"  {what}: {v}")
     if not all(v.ok for _, v in verdicts):
