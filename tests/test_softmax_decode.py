@@ -398,3 +398,23 @@ def test_decode_bench_rows(capsys):
     assert dense["cache_GBps"] == 2 * 2 * 71 * 2 * 16 * 4 / 2.0 / 1e6  # k and v, fp32 on the CPU
     table = capsys.readouterr().out
     assert "cache GB/s" in table and "skipped" in table
+
+
+def test_decode_with_a_top_p_selection_and_its_param():
+    """The top-p criterion (a param, p) chooses in the decode launch as in the forward: 16-token blocks so the
+    choice bites, requests with 5, 60 and 0 cached tokens, against the oracle on each request's sequence."""
+    from effc.runtime.verify import random_inputs
+    op = effc.loads((Path(effc.__file__).parent / "library" / "topp.attn").read_text().replace("block 64", "block 16"))
+    lens, tq = torch.tensor([5, 60, 0], dtype=torch.int32), 2
+    xs = [x.detach() for x in random_inputs(op.spec, 3, 62, 2, {"K": 16, "V": 16}, seed=3)]
+    tokens = [torch.stack([x[b, int(n):int(n) + tq] for b, n in enumerate(lens)]) for x in xs]
+    cache = op.new_cache(*tokens, max_len=70)
+    for name, c in cache.items():
+        x = xs[[d.name for d in op.spec.inputs].index(name)]
+        for b, n in enumerate(lens.tolist()):
+            c[b, :n] = x[b, :n]
+    o = op.decode(*tokens, cache=cache, cache_seqlens=lens, p=0.6)
+    assert op.last_decode["kernels"].startswith("the select stage's")
+    for b, n in enumerate((lens + tq).tolist()):
+        ref, _ = op.reference(*(x[b:b + 1, :n] for x in xs), dtype=torch.float32, queries=(n - tq, n), p=0.6)
+        assert judge_fp32(o[b], ref[0, n - tq:]).ok, (b, judge_fp32(o[b], ref[0, n - tq:]))
