@@ -418,3 +418,9 @@ def test_decode_with_a_top_p_selection_and_its_param():
     for b, n in enumerate((lens + tq).tolist()):
         ref, _ = op.reference(*(x[b:b + 1, :n] for x in xs), dtype=torch.float32, queries=(n - tq, n), p=0.6)
         assert judge_fp32(o[b], ref[0, n - tq:]).ok, (b, judge_fp32(o[b], ref[0, n - tq:]))
+
+
+def test_decode_grouped_rows_with_the_head_builtin(tmp_path):
+    """ALiBi reads `head` per query head: with 4 query heads over 2 K/V heads a program's rows are (token, head)
+    pairs of two heads, each row's slope its own; against the oracle and the naive reference, 1 and 2 splits."""
+    _check("alibi", tmp_path, [0, 9, 30], 2, 4, 2, 16, 16, {}, (1, 2))
