@@ -52,15 +52,22 @@ def part_name(name: str, i: int) -> str:
     return f"{name}__{i}"
 
 
-def caller_input(spec: Spec, name: str) -> str:
-    """The caller's input that input `name` of a split spec is a part of (itself when it is no part)."""
-    decl = spec.decl(name)
+def part_of(spec: Spec, decl: TensorDecl) -> tuple[str, str, tuple[str, ...]] | None:
+    """For a declaration of a split spec that is a part of a caller's tensor: (that tensor's name, the part's
+    dim, every part of its caller dim, in order); None for a declaration that is no part."""
     for _, parts in spec.parts:
         for i, p in enumerate(parts):
             suffix = part_name("", i)
-            if decl is not None and p in decl.dims and name.endswith(suffix):
-                return name[:-len(suffix)]
-    return name
+            if p in decl.dims and decl.name.endswith(suffix):
+                return decl.name[:-len(suffix)], p, parts
+    return None
+
+
+def caller_input(spec: Spec, name: str) -> str:
+    """The caller's input that input `name` of a split spec is a part of (itself when it is no part)."""
+    decl = spec.decl(name)
+    hit = part_of(spec, decl) if decl is not None else None
+    return hit[0] if hit else name
 
 
 def split_dims(spec: Spec, dims: tuple[str, ...]) -> Spec:

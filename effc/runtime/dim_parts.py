@@ -10,7 +10,7 @@ import torch
 
 from ..compiler import Compilation
 from ..ir.nodes import Spec, TensorDecl
-from ..passes.dim_parts import NotSplittable, caller_input, part_sizes, split_dims
+from ..passes.dim_parts import NotSplittable, part_of, part_sizes, split_dims
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,14 @@ class PartMap:
     def __init__(self, caller: Spec, split: Spec, owner=None):
         """`owner`: the caller's op (its `effc tune` entries are the split op's)."""
         self.caller, self.split, self.owner = caller, split, owner
-        parts_of = dict(split.parts)
         self.parts: dict[str, Part] = {}
         for d in split.inputs + split.outputs + split.states:
-            name = caller_input(split, d.name)
-            for axis, f in enumerate(d.feature_dims):
-                for parent, parts in parts_of.items():
-                    if f in parts:
-                        i = parts.index(f)
-                        self.parts[d.name] = Part(d, name, f, parts[:i], axis)
-            self.parts.setdefault(d.name, Part(d, name, None))
+            hit = part_of(split, d)
+            if hit is None:
+                self.parts[d.name] = Part(d, d.name, None)
+                continue
+            name, dim, parts = hit
+            self.parts[d.name] = Part(d, name, dim, parts[:parts.index(dim)], d.feature_dims.index(dim))
 
     def dims(self, caller_dims: dict[str, int]) -> dict[str, int]:
         """The split spec's dim sizes (the caller's, and each part's)."""
@@ -109,14 +107,6 @@ def tile_widths(comp, dims: dict[str, int]) -> dict[str, int]:
     return {d: sum(padded(p) for p in parts[d]) if d in parts else padded(v) for d, v in dims.items()}
 
 
-def part_dims(dims: dict[str, int], parts: dict[str, tuple[int, int]]) -> dict[str, int]:
-    """`dims` with each parted dim replaced by its parts' sizes (the split spec's dims)."""
-    from ..passes.dim_parts import part_name
-    out = {n: s for n, s in dims.items() if n not in parts}
-    out.update({part_name(n, i): size for n, sizes in parts.items() for i, size in enumerate(sizes)})
-    return out
-
-
 def describe_parts(parts: dict[str, tuple[int, int]]) -> str:
     return ", ".join(f"{n}={a + b} as {a} + {b}" for n, (a, b) in parts.items())
 
@@ -160,4 +150,4 @@ def choose_parts(op, shapes: tuple, cache: dict) -> tuple:
     return key
 
 
-__all__ = ["PartMap", "choose_parts", "parts_of", "part_dims", "describe_parts", "split_op", "tile_widths"]
+__all__ = ["PartMap", "choose_parts", "parts_of", "describe_parts", "split_op", "tile_widths"]

@@ -101,7 +101,7 @@ def _in_parts(comp, stage: str, dims: str):
     """With --dims whose sizes run in power-of-two parts (passes.dim_parts), the stages from `typed` on are the
     split spec's: (compilation, dims, a header line saying so)."""
     from ..passes.dim_parts import NotSplittable, split_dims
-    from ..runtime.dim_parts import describe_parts, part_dims, parts_of
+    from ..runtime.dim_parts import PartMap, describe_parts, parts_of
     given = _parse_dims(dims)
     parts = parts_of(comp, given) if given and stage not in ("ast", "ir") else {}
     if not parts:
@@ -110,7 +110,8 @@ def _in_parts(comp, stage: str, dims: str):
         split = type(comp).of_ir(split_dims(comp.typed, tuple(parts)))
     except NotSplittable as e:
         return comp, dims, f"# {describe_parts(parts)} would pad less, but the tiles stay padded: {e}\n"
-    sizes = ",".join(f"{n}={s}" for n, s in part_dims(given, parts).items())
+    run = PartMap(comp.typed, split.typed).dims(given)
+    sizes = ",".join(f"{n}={s}" for n, s in run.items() if n in split.typed.dims)
     return split, sizes, f"# in parts (passes.dim_parts): {describe_parts(parts)}\n"
 
 
