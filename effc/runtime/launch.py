@@ -364,9 +364,8 @@ class Launcher:
         part = cfg.partition
         kernels = self.plan.gradient_kernels(part)
         bwd_warps = {"num_warps": backward_warps(cfg.num_warps, kernels, device)} if not interpreting() else {}
-        # a part's cotangent is a slice of the caller's (contiguous there), read at the caller's width
-        d_o = {f"{o.name}_grad_ptr": d_outs[o.name] if self.parts is not None else d_outs[o.name].contiguous()
-               for o in spec.outputs}
+        # contiguous (runtime.torch_op); a part's cotangent is a slice of the caller's, read at the caller's width
+        d_o = {f"{o.name}_grad_ptr": d_outs[o.name] for o in spec.outputs}
         hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         self._reverse_scan(scan_cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
         # in the gradient kernels' blocks

@@ -250,12 +250,14 @@ def linear_torch_ops(op) -> TorchOps:
         inits = {s.name: x.float().contiguous() for s, x in zip(caller.states, init)}
         if parts is not None:
             inits = parts.cut_states(inits, dims)
-            if not isinstance(run, Launcher):  # TileLang's kernels take dense tensors: its parts are copied
-                named = {n: x.contiguous() for n, x in named.items()}
+        dense_parts = parts is not None and not isinstance(run, Launcher)  # TileLang's kernels take dense tensors
+        if dense_parts:
+            named = {n: x.contiguous() for n, x in named.items()}
         outs, finals, hist = run.forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history),
                                          outputs=bool(outputs))
+        if dense_parts:  # its outputs are the parts' own tensors (Launcher returns the caller's)
+            outs = parts.join(spec.outputs, outs)
         if parts is not None:
-            outs = outs if isinstance(run, Launcher) else parts.join(spec.outputs, outs)
             finals = parts.join(spec.states, finals)
 
         def empty():  # a distinct tensor each: custom-op outputs must not alias
