@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..ir.nodes import Op, TileType
+from ..ir.nodes import C, Op, TileType, dim
 
 SMS = 132  # H100 / H200 SXM
 REGISTERS_PER_SM = 65536
@@ -67,7 +67,6 @@ def typical_sizes(spec, split: str | None) -> dict:
     """The sizes of a spec's tile dims at the typical shape: C from the spec, feature dims FEATURE, the split
     dim's blocks SPLIT_BLOCK; a dim in power-of-two parts (passes.dim_parts) FEATURE over its parts, so a
     split spec is estimated at the width its caller's dim has."""
-    from ..ir.nodes import C, dim
     parted = {p: len(ps) for _, ps in spec.parts for p in ps}
     return {C: spec.chunk, **{dim(d): SPLIT_BLOCK if d == split else FEATURE // parted.get(d, 1) for d in spec.dims}}
 

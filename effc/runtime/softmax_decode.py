@@ -43,11 +43,12 @@ def cache_names(op) -> tuple[str, ...]:
     """The tensors a KV cache holds: what the decode kernel reads on the key side, in the plan's order (through
     the forward's kernels: the key inputs over the query's tokens, which its forward reads; inputs over a key
     sequence of their own are passed whole at each call, not cached)."""
-    why = _by_forward(op) or ("a select stage" if op.sched.select is not None else None)
+    by_forward = _by_forward(op)
+    why = by_forward or ("a select stage" if op.sched.select is not None else None)
     if why is not None and op.spec.prefix.ops:
         raise NotImplementedError(f"{op.name}: decoding with {why} and a prefix stage is not implemented (the "
                                   "prefix values would need caching); op(...) over the whole sequence runs it")
-    if _by_forward(op) is not None:
+    if by_forward is not None:
         return tuple(d.name for d in op.spec.inputs if "key" in d.annotations and not _on_keyseq(op, d))
     if op.sched.select is not None:  # the select stage's kernels and the forward walk read these on the key side
         return op.comp.plan.key_leaves
