@@ -8,7 +8,7 @@ from ...ir.nodes import TensorDecl
 from ...passes.plan import KernelPlan, Plan
 from ...version import __version__
 from .. import template
-from .printer import TritonPrinter, feature_mask, helper_source
+from .printer import TritonPrinter, feature_mask, head_index, helper_source
 from .signature import LINEAR_LAYOUT, signature
 
 
@@ -45,8 +45,7 @@ def _token_offsets(d: TensorDecl, heads: str = "H", base: str = "bos + tok",
     power-of-two parts is a column slice of the caller's tensor: its rows are the whole dim apart)."""
     feats = d.feature_dims
     tok = f"({base})" + ("[:, None]" if feats else "")
-    head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
-    expr = f"{tok} * {heads} + {head}"
+    expr = f"{tok} * {heads} + {head_index(heads)}"
     for f in feats:
         expr = f"({expr}) * {(rows or {}).get(f, f)} + r_{f}[None, :]"
     if not feats:

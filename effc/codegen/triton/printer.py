@@ -142,6 +142,12 @@ def helper_source(ops) -> str:
     return "\n".join(parts)
 
 
+def head_index(heads: str, head: str = "i_h") -> str:
+    """The head of a tensor with `heads` heads that query head `head` reads: itself, or its group's under
+    grouped heads (GQA: H // heads query heads share one)."""
+    return head if heads == "H" else f"{head} // (H // {heads})"
+
+
 def pad_cond(d: str, split: str | None = None) -> str:
     """A constexpr condition: is feature dim `d`'s tile padded past its real size? Non-split dims are loaded
     as one tile of `d_P` columns (passes.tiling.padded); the split dim in blocks of BLOCK, the last one

@@ -16,7 +16,7 @@ from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p
 from ...passes.softmax_plan import SoftmaxKernel, SoftmaxPlan
 from ...version import __version__
 from .. import template
-from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, helper_source, pad_cond
+from .printer import _LEAVES_FINITE_RANGE, TritonPrinter, head_index, helper_source, pad_cond
 from .signature import SOFTMAX_LAYOUT, signature
 
 LOG2E = 1.4426950408889634
@@ -167,13 +167,12 @@ def _offsets(d_name: str, feats: tuple[str, ...], heads: str, rows: str, base: s
     `row_heads`: each row has a head of its own, h_M (decoding's rows are (new token, query head) pairs)."""
     assert len(feats) <= 1, feats
     if row_heads:
-        head = "h_M" if heads == "H" else f"h_M // (H // {heads})"
-        per_row = f"({rows} * {heads} + {head})"
+        per_row = f"({rows} * {heads} + {head_index(heads, 'h_M')})"
         if not feats:
             return f"({base} * {heads}) + {per_row}"
         f, w = feats[0], feats[0] + width
         return f"({base} * {heads} * {w}) + {per_row}[:, None] * {w} + r_{f}[None, :]"
-    head = "i_h" if heads == "H" else f"i_h // (H // {heads})"
+    head = head_index(heads)
     if not feats:
         return f"({base} * {heads} + {head}) + {rows} * {heads}"
     f, w = feats[0], feats[0] + width
