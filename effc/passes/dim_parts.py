@@ -75,7 +75,8 @@ def split_dims(spec: Spec, dims: tuple[str, ...]) -> Spec:
     if spec.family != "linear":
         raise NotSplittable(f"a {spec.family} spec (the chunked-scan family only)")
     syms = {dim(d): d for d in dims}
-    taken = {n for st in spec.stages for op in st.ops for n in (op.out,) + tuple(a for a in op.args if isinstance(a, str))}
+    taken = {n for st in spec.stages for op in st.ops
+             for n in (op.out,) + tuple(a for a in op.args if isinstance(a, str))}
     taken |= {d.name for d in spec.inputs + spec.outputs + spec.states + spec.params} | set(spec.dims)
     if any(part_name(n, i) in taken for n in taken for i in range(PARTS)):
         raise NotSplittable("a name of the spec ends like a part's ('__0')")

@@ -82,9 +82,9 @@ SELECT_KERNELS = (
 )
 # decoding against a KV cache (runtime.softmax_decode): name, role, stages, grid, what
 DECODE_KERNELS = (
-    ("decode", "decode", ("score", "merge"), "(splits, B*H/G)", "the new queries of each request (rows: new token x "
-     "the G query heads sharing a key head) against one split of its cached keys: the forward's walk over that split's visible key blocks; store the partial (max, sum, "
-     "acc) of each softmax, unnormalised"),
+    ("decode", "decode", ("score", "merge"), "(splits, B*H/G)", "the new queries of each request (rows: new "
+     "token x the G query heads sharing a key head) against one split of its cached keys: the forward's walk over "
+     "that split's visible key blocks; store the partial (max, sum, acc) of each softmax, unnormalised"),
     ("decode_combine", "decode_combine", ("merge",), "(1, B*H/G)", "merge the splits' partials by a log-sum-exp "
      "rescale, then the forward's epilogue (normalise, merge ops); store the outputs"),
 )

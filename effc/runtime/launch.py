@@ -326,7 +326,8 @@ class Launcher:
         if self.parts is None:
             groups = {d.name: (d, [d]) for d in inputs}
         else:
-            groups = {c: (self.parts.caller.decl(c), [m.decl for m in ms]) for c, ms in self.parts.members(inputs).items()}
+            groups = {c: (self.parts.caller.decl(c), [m.decl for m in ms])
+                      for c, ms in self.parts.members(inputs).items()}
         dx, whole = {}, {}
         for caller, (decl, members) in groups.items():
             names = [m.name for m in members]

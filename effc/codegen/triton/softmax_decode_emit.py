@@ -1,7 +1,7 @@
 """Decoding kernels of the softmax family (flash-decoding): a few new queries per request against its KV cache.
 
-`decode` (grid: splits x B*H/G, its rows the new tokens of G query heads sharing their key heads) walks one split of the request's visible key blocks exactly as the forward
-walks a query block's (the same printed score, masks, modifiers and running (max, sum, acc)), reading the
+`decode` (grid: splits x B*H/G, its rows the new tokens of G query heads sharing their key heads) walks one
+split of the request's visible key blocks exactly as the forward walks a query block's (the same printed score, masks, modifiers and running (max, sum, acc)), reading the
 new tokens' query-side tiles and the cache's key-side ones, and stores its unnormalised partials.
 `decode_combine` (grid: B*H/G) merges the splits' partials by a log-sum-exp rescale, then runs the
 forward's epilogue (normalise, the merge ops) and stores the outputs. Both come from the schedule's ops;
