@@ -116,3 +116,18 @@ def test_views_of_the_inputs_are_no_allocation():
     assert op.last_dim_parts == "parts: K=96 as 64 + 32"
     padded = training_memory(op, 2, 256, 2, dims, dim_parts=False)
     assert parted.kept_mib == padded.kept_mib and parted.grads_mib == padded.grads_mib
+
+
+def test_the_dry_run_leaves_the_interpreters_modules_alone():
+    """effc memory imports generated modules with TRITON_INTERPRET unset (the compiled mode's choices); a later
+    op of the same spec, called under the interpreter, still gets interpreted kernels: one module per mode
+    (runtime.cache). A copy of gla named for this test, so no earlier test imported its modules; K=96 and 48
+    run the split spec's module too."""
+    from effc.runtime.verify import judge_fp32, random_inputs
+    text = (effc.library.LIBRARY_DIR / "gla.attn").read_text().replace("spec gla", "spec gla_dry_run")
+    training_memory(effc.loads(text), 1, 64, 2, {"K": 96, "V": 16})
+    op = effc.loads(text)
+    xs = random_inputs(op.spec, 1, 20, 2, {"K": 48, "V": 16})
+    out, _ = op(*xs)
+    assert op.last_dim_parts == "parts: K=48 as 32 + 16"
+    assert judge_fp32(out, op.reference(*xs)[0]).ok

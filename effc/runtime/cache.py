@@ -17,6 +17,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from .checks import interpreting
+
 _stand_ins: dict[Path, Path] = {}  # a cache dir that could not be written -> this process's temporary one
 
 
@@ -58,14 +60,25 @@ def _read(path: Path) -> bytes | None:
         return None
 
 
+def op_module(modules: dict, name: str, source) -> tuple:
+    """(module, path) of an op's generated `source()` for the process's current Triton mode, kept in the op's
+    `modules` (one per mode: see load_module)."""
+    mode = interpreting()
+    if mode not in modules:
+        modules[mode] = load_module(name, source())
+    return modules[mode]
+
+
 def load_module(name: str, source: str):
     """Import the generated `source` as a module, through a file in the cache: Triton's JIT reads a
     kernel's source from its file. A file that is not `source` byte for byte (garbage, a truncated
     write) is rewritten, and the module is compiled from `source` itself, never from the file's
     bytecode, so no damaged file can stand in for it. A module that fails to import is not kept: the
-    next call imports it again."""
+    next call imports it again. Triton's JIT fixes a kernel's mode (compiled, or its interpreter) when its module
+    is imported, so the process keeps one module per mode: a module imported with TRITON_INTERPRET unset
+    (`effc memory`'s dry run) does not answer a later import under the interpreter, nor the reverse."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    mod_name = f"effc_gen_{name}_{digest}"
+    mod_name = f"effc_gen_{name}_{digest}" + ("_interpreted" if interpreting() else "")
     if mod_name in sys.modules:
         return sys.modules[mod_name], Path(sys.modules[mod_name].__file__)
     path = cache_dir() / "kernels" / f"{mod_name}.py"

@@ -14,7 +14,7 @@ from ..passes.partition import PARTITIONS
 from ..policy.tiling import Problem, TileConfig, choose, history_policy
 from ..policy.tuning import Tuned
 from ..policy.tuning import sm_count as _sm_count
-from .cache import load_module
+from .cache import op_module
 from .checks import (
     check_cu_seqlens,
     check_inputs,
@@ -43,7 +43,7 @@ class AttentionOp(Tuned):
         self.spec: Spec = comp.typed
         self.interface: Spec = parts.caller if parts is not None else self.spec  # what the call's arguments follow
         self.name = self.spec.name
-        self._module = None
+        self._modules: dict = {}  # per Triton mode (runtime.cache.op_module)
         self.last_config: TileConfig | None = None
         # sympy is slow: tiling choices (Tuned.config) and param defaults are memoised per call shape
         self._configs: dict[tuple, TileConfig] = {}
@@ -59,10 +59,9 @@ class AttentionOp(Tuned):
 
     @property
     def module(self):
-        if self._module is None:
-            # the Triton module always loads: the backward runs on Triton for every backend
-            self._module, self.source_path = load_module(self.name, self.comp.source("triton"))
-        return self._module
+        # the Triton module always loads: the backward runs on Triton for every backend
+        module, self.source_path = op_module(self._modules, self.name, lambda: self.comp.source("triton"))
+        return module
 
     # -- parameters ---------------------------------------------------------------------------
     def param_values(self, dims: dict[str, int], given: dict) -> dict[str, float]:

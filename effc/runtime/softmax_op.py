@@ -20,7 +20,7 @@ from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
 from ..policy.tiling import Problem, padded, stored_width
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
-from .cache import load_module
+from .cache import op_module
 from .checks import (
     check_inputs,
     check_knobs,
@@ -82,7 +82,7 @@ class SoftmaxOp(Tuned):
         self.spec: Spec = comp.typed
         self.sched = comp.legality
         self.name = self.spec.name
-        self._module = None
+        self._modules: dict = {}  # per Triton mode (runtime.cache.op_module)
         self.last_config: SoftmaxTiles | None = None
         self._configs: dict[tuple, SoftmaxTiles] = {}  # per call shape (Tuned.config)
         self._defaults: dict[tuple, dict[str, float]] = {}
@@ -95,9 +95,8 @@ class SoftmaxOp(Tuned):
 
     @property
     def module(self):
-        if self._module is None:
-            self._module, self.source_path = load_module(self.name, self.comp.source(self.backend))
-        return self._module
+        module, self.source_path = op_module(self._modules, self.name, lambda: self.comp.source(self.backend))
+        return module
 
     def param_values(self, dims: dict[str, int], given: dict) -> dict[str, float]:
         return param_values(self.spec, self._defaults, dims, given)

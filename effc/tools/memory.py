@@ -70,13 +70,10 @@ class _LiveBytes(TorchDispatchMode):
 
 
 @contextmanager
-def _as_on_a_gpu(op):
+def _as_on_a_gpu():
     """The runtime's GPU choices (16-bit scratch, gradients stored in the input dtype), not the
-    interpreter's, whatever TRITON_INTERPRET says. The op's generated module is imported first, in the
-    process's own mode: triton.jit fixes a kernel's mode when its module is imported."""
-    for o in (op, getattr(op, "linear", None), getattr(op, "softmax", None)):  # a hybrid's two branches
-        if o is not None and hasattr(type(o), "module"):
-            o.module  # noqa: B018 - imported now, not inside the block
+    interpreter's, whatever TRITON_INTERPRET says. A generated module imported inside is the compiled mode's
+    and stays apart from the interpreter's (runtime.cache.op_module); no kernel runs on meta tensors."""
     old = os.environ.pop("TRITON_INTERPRET", None)
     try:
         yield
@@ -94,7 +91,7 @@ def _meta_inputs(spec, B: int, T: int, H: int, dims: dict, dtype) -> list[torch.
 def training_memory(op, B: int, T: int, H: int, dims: dict, dtype=torch.bfloat16, **knobs) -> TrainingMemory:
     """One forward + backward of `op` at (B, T, H, dims) in `dtype` with the call knobs `knobs` (e.g.
     partition=), measured on meta tensors."""
-    with _as_on_a_gpu(op):
+    with _as_on_a_gpu():
         xs = _meta_inputs(op.spec, B, T, H, dims, dtype)
         with _LiveBytes() as live:
             live.existing(xs)
