@@ -14,6 +14,7 @@ full sequence.
 """
 import argparse
 import os
+import sys
 
 import torch
 
@@ -26,6 +27,12 @@ import effc  # noqa: E402
 from effc.distributed import context_parallel  # noqa: E402
 from effc.distributed import shard as cut  # noqa: E402
 from effc.runtime.verify import random_inputs, random_state  # noqa: E402
+
+
+def say(line: str) -> None:
+    """One write per line: the ranks share the terminal, and print's two writes could interleave."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def main() -> None:
@@ -62,7 +69,7 @@ def main() -> None:
     stateful = bool(op.spec.states)  # the softmax family carries no state
     s0 = random_state(op.spec, 1, args.heads, dims, device=device) if stateful else None
     if rank == 0:
-        print(cp.plan(*[shard(x) for x in full]))
+        say(str(cp.plan(*[shard(x) for x in full])))
 
     def leaves(s):
         if s is None:
@@ -93,9 +100,9 @@ def main() -> None:
         errs["grad initial_state"] = max((a.grad - b.grad).abs().max().item() for a, b in zip(mine, refs))
     steps = getattr(getattr(cp, "linear", cp), "schedule_taken", ())  # the state path's steps, in order
     if steps:
-        print(f"rank {rank}/{world} steps: {'; '.join(steps)}", flush=True)
-    print(f"rank {rank}/{world}: {xs[0].shape[1]} tokens; max |cp - single process|: "
-          + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()), flush=True)
+        say(f"rank {rank}/{world} steps: {'; '.join(steps)}")
+    say(f"rank {rank}/{world}: {xs[0].shape[1]} tokens; max |cp - single process|: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
     dist.destroy_process_group()
 
 
