@@ -57,12 +57,9 @@ class _SideLowering(StageLowering):
 
     def resolve(self, node: ast.Name):
         name = super().resolve(node)
-        if self.stage == "select" and name in self.key_inputs:
-            raise SpecError(f"'{node.id}' is read on the key side, and select sees key blocks, not key tokens",
-                            node.loc, f"a pooled key block: blockmean({node.id}) or blockmax({node.id})")
-        if self.stage == "select" and name in self.leaves:
+        if self.stage == "select" and name in self.leaves and name not in self.key_inputs:
             return self.side("query", name, node.loc)
-        if self.stage in ("score", "merge") and name in self.key_inputs:
+        if self.stage in ("score", "merge", "select") and name in self.key_inputs:  # select: a choice of tokens
             return self.side("key", name, node.loc)
         if self.stage == "score" and name in self.leaves:
             return self.side("query", name, node.loc)
@@ -89,8 +86,8 @@ class _SideLowering(StageLowering):
         if node.func in ("key", "query") and node.func not in self.funcs:
             if self.stage not in ("score", "merge"):
                 raise SpecError(f"'{node.func}(...)' picks a side of the score tile pair; {self.stage} has no sides"
-                                + (" (it reads per-token values as queries, key blocks through blockmean / "
-                                   "blockmax)" if self.stage == "select" else ""),
+                                + (" (it reads per-token values as queries, key inputs as keys, key blocks "
+                                   "through blockmean / blockmax)" if self.stage == "select" else ""),
                                 node.loc, "key(x) / query(x) inside score or merge")
             name = self._leaf_arg(node, subst, "an input declared [B, T, H] or [B, T, H, D], or a value assigned in prefix")
             return self.side(node.func, name, node.loc)
@@ -262,7 +259,7 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
     select, selection = Stage("select", ()), None
     if "select" in stages:  # per (query, key block): the blocks the walk visits
         vis = {**base, **state_hidden, **{b: "builtin" for b in O.SELECT_BUILTINS}, "qpos": "builtin",
-               "kpos": "hidden:select sees key blocks, not key tokens; it uses kblock",
+               "kpos": "builtin",
                "idx": "hidden:idx is a position inside a chunk; select uses qpos, qblock and kblock"}
         select, selection = _lower_select(stages["select"], vis, funcs, counter, dict(prefix_names), taken,
                                           key_inputs, leaves, params)

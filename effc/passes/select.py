@@ -82,13 +82,16 @@ from .shapes import _fmt
 _ONE = sympy.Integer(1)
 # what a select value may be computed with: elementwise ops, products over feature dims, sides and pools
 _ALLOWED = (set(O.UNARY) | set(O.BINARY) | set(O.COMPARE) | set(O.LOGIC)
-            | {"where", "copy", "expand", "matmul", "transpose", "query"} | set(O.POOLS))
+            | {"where", "copy", "expand", "matmul", "transpose", "query", "key"} | set(O.POOLS))
 # criteria the select kernel computes (ir.ops.CRITERIA: every one parsed)
 LOWERED = ("topk", "topp", "threshold")
+# criteria of a choice per key token (a [C, CK] score): topp's mass over thousands of tokens has no search yet
+LOWERED_PER_TOKEN = ("topk", "threshold")
 
 
 def select_leaf_types() -> dict[str, TileType]:
-    return {"qblock": TileType((C, _ONE)), "kblock": TileType((_ONE, NB)), "qpos": TileType((C, _ONE))}
+    return {"qblock": TileType((C, _ONE)), "kblock": TileType((_ONE, NB)), "qpos": TileType((C, _ONE)),
+            "kpos": TileType((_ONE, CK))}
 
 
 def type_select(spec: Spec, env: dict[str, TileType], op_type: Callable) -> Stage:
@@ -128,16 +131,22 @@ def type_select(spec: Spec, env: dict[str, TileType], op_type: Callable) -> Stag
         out.append(op.typed(typ))
     ops = {op.out: op for op in out}
     score_t = env[sel.score]
-    if score_t.rank != 2 or score_t.shape[1] != NB or score_t.shape[0] not in (C, _ONE):
+    if score_t.rank != 2 or score_t.shape[1] not in (NB, CK) or score_t.shape[0] not in (C, _ONE):
         loc = ops[sel.score].loc if sel.score in ops and not sel.score.startswith("_") else sel.loc
-        raise SpecError(f"the score of {kind} is one value per (query, key block), [C, NB]; this one is "
-                        f"{_fmt(score_t)}", loc, "e.g. q @ blockmean(k).T")
+        raise SpecError(f"the score of {kind} is one value per (query, key block), [C, NB], or per (query, key "
+                        f"token), [C, CK]; this one is {_fmt(score_t)}", loc, "e.g. q @ blockmean(k).T or qi @ ki.T")
+    unit = score_t.shape[1]
+    if unit == CK and kind not in LOWERED_PER_TOKEN:
+        raise NotImplementedError(f"select criterion '{sel.describe_rule()}' (at {sel.loc}) over key tokens is not "
+                                  f"lowered yet; lowered per token: {', '.join(LOWERED_PER_TOKEN)}")
     for p in sel.candidates + sel.forced:
         t = env[p]
         q, b = (_ONE,) * (2 - t.rank) + t.shape
-        if q not in (_ONE, C) or b not in (_ONE, NB):
-            raise SpecError(f"a select predicate chooses (query, key block) pairs, but this one is {_fmt(t)}",
-                            ops[p].loc, "a predicate over qblock, kblock, qpos and select values")
+        if q not in (_ONE, C) or b not in (_ONE, unit):
+            what = "key block" if unit == NB else "key token"
+            raise SpecError(f"a select predicate chooses (query, {what}) pairs, but this one is {_fmt(t)}",
+                            ops[p].loc, "a predicate over qblock, kblock, qpos and select values" if unit == NB
+                            else "a predicate over qpos, kpos and select values (this score is per key token)")
     if sel.shared:
         _same_for_every_head(sel, out)
     return Stage("select", tuple(out))
@@ -176,6 +185,8 @@ class SelectSchedule:
     ops: tuple[Op, ...]
     pools: tuple[Pool, ...]
     query_leaves: tuple[str, ...]
+    key_leaves: tuple[str, ...] = ()  # read per key token (a choice of key tokens: `key(x)`)
+    per_token: bool = False  # the score is per (query, key token): the choice is of tokens, walked by block
 
     @property
     def block(self) -> int:
@@ -200,7 +211,7 @@ class SelectSchedule:
         """The select kernel scores the key blocks a chunk at a time, keeping a running top-k of (score,
         block) keys: every criterion but an uncapped topp, whose prefix of the order has no bound (it holds
         one tile over every key block and sorts it)."""
-        return not (self.kind == "topp" and self.selection.limit is None)
+        return not (self.kind == "topp" and self.selection.limit is None) and not self.per_token
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -217,9 +228,13 @@ class SelectSchedule:
         if sel.limit is not None:
             rule += f", at most {sel.limit} blocks in all"
         who = f"per query head group (the {sel.shared} of {sel.score} over its heads)" if sel.shared else "per query"
-        lines = [f"select: {who}, the key blocks of {sel.block} tokens: forced ({', '.join(sel.forced) or 'none'})"
-                 f" first, then {sel.score} descending over the candidates ({', '.join(sel.candidates) or 'every block'}),"
-                 f" {rule} (ties: the lower block index)"]
+        unit, walked = ("key tokens", f", walked in the key blocks of {sel.block} tokens that hold one") \
+            if self.per_token else (f"the key blocks of {sel.block} tokens", "")
+        if self.per_token:
+            rule = rule.replace("blocks", "tokens")
+        lines = [f"select: {who}, {unit}: forced ({', '.join(sel.forced) or 'none'})"
+                 f" first, then {sel.score} descending over the candidates ({', '.join(sel.candidates) or 'every one'}),"
+                 f" {rule} (ties: the lower {'position' if self.per_token else 'block index'}){walked}"]
         lines += [f"  pool {p.out} = block{p.kind}({p.leaf})" for p in self.pools]
         lines += [f"  {print_op(op)}" for op in self.ops if op.kind not in O.POOLS]
         return lines
@@ -233,5 +248,14 @@ def analyze_select(spec: Spec, leaves: tuple[str, ...]) -> SelectSchedule | None
     ops = live_ops(spec.select.ops, (sel.score,) + sel.candidates + sel.forced)
     pools = tuple(Pool(op.out, O.POOLS[op.kind], op.args[0]) for op in ops if op.kind in O.POOLS)
     read = {op.args[0] for op in ops if op.kind == "query"}
-    read |= {a for op in ops if op.kind not in O.POOLS for a in op.args if isinstance(a, str) and a in leaves}
-    return SelectSchedule(sel, ops, pools, tuple(x for x in leaves if x in read))
+    read |= {a for op in ops if op.kind not in set(O.POOLS) | {"key"} for a in op.args
+             if isinstance(a, str) and a in leaves}
+    keyed = {op.args[0] for op in ops if op.kind == "key"}
+    return SelectSchedule(sel, ops, pools, tuple(x for x in leaves if x in read),
+                          tuple(x for x in leaves if x in keyed), chooses_tokens(spec))
+
+
+def chooses_tokens(spec: Spec) -> bool:
+    """`spec` typed: is its select score per (query, key token), [C, CK], a choice of tokens (not blocks)?"""
+    sel = spec.selection
+    return sel is not None and any(op.out == sel.score and op.type.shape[1] == CK for op in spec.select.ops)

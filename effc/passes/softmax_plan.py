@@ -167,13 +167,20 @@ _DECODES = ("fwd", "select_pool", "select")
 def decodes_through_select(sched: SoftmaxSchedule) -> bool:
     """Does the spec decode through its select stage's kernels and forward walk? (A key sequence of its own
     decodes through the forward per request: runtime.softmax_decode.)"""
-    return sched.select is not None and sched.spec.keyseq is None
+    return sched.select is not None and sched.spec.keyseq is None and not sched.select.per_token
 
 
 def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, list]:
     """(tensors, layout, tiles, flags) a kernel takes for the select stage's lists; empty without one."""
     if sched.select is None or name == "bwd_pre":
         return [], [], [], []
+    if sched.select.per_token:  # a choice of key tokens: each (query, key block)'s bits, `tmask`
+        lists = {"fwd": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"], "bwd_dq": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"],
+                 "bwd_dkv": ["tmask_ptr", "klist_ptr", "kcnt_ptr"],
+                 "select": ["tmask_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr"],
+                 "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
+        tiles = {"select": ["KTOP", "NW", "GROUP"], "select_t": ["NQBP"]}.get(name, ["NW", "GROUP"])
+        return lists, ["NQB", "NKB"], tiles, []
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
     lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"], "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
              "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,
@@ -190,10 +197,12 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
     sel = sched.select
     kernels = []
     for name, role, outer, what in SELECT_KERNELS:
+        if name == "select_pool" and not sel.pools:  # nothing pooled (a choice of key tokens pools nothing)
+            continue
         if name == "select_pool":
             q, k = (), tuple(x for x in sched.leaves if x in {p.leaf for p in sel.pools})
         elif name == "select":
-            q, k = sel.query_leaves, ()
+            q, k = sel.query_leaves, sel.key_leaves
         else:
             q, k = (), ()
         read = tuple(x for x in sched.leaves if x in q or x in k)
@@ -201,7 +210,12 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
                  if name == "select" else set())
         params = tuple(p.name for p in sched.spec.params if p.name in names)
         tensors, layout, tiles, flags = _select_args(sched, name)
-        if sel.kind != "topk":
+        if sel.per_token and name == "select":
+            what = (f"score the key tokens per query, find each query's cut-off of {sel.selection.describe_rule()} "
+                    "(a 16-way search on the score's bits; ties: the lower position); store each (query, key block)'s "
+                    "chosen tokens as bits, the query block's union of blocks as an ordered list and its row of the "
+                    "block map")
+        elif sel.kind != "topk":
             what = what.replace("keep the top k", f"keep the blocks {sel.selection.describe_rule()} chooses")
         if sel.selection.shared and name == "select":
             what = what.replace("per query,", f"per query head group ({sel.selection.shared} over its heads),")

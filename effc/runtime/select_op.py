@@ -32,8 +32,10 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     slots = sel.selection.slots or n_kb
     sizes = dict(NQB=n_qb, NKB=n_kb, NBP=_pow2(n_kb, 16), NQBP=_pow2(n_qb, 16), KTOP=slots, KP=_pow2(slots, 2),
                  CB=select_chunk(bm, n_kb, interpreting()))
-    if sel.selection.shared:
-        sizes["GROUP"] = head_group(op.spec, dict(zip(op.sched.leaves, leaves)), H)
+    if sel.selection.shared or sel.per_token:
+        sizes["GROUP"] = head_group(op.spec, dict(zip(op.sched.leaves, leaves)), H) if sel.selection.shared else 1
+    if sel.per_token:  # topk's k or a cap in tokens; an uncapped threshold takes no count
+        sizes.update(KTOP=sel.selection.slots or 1, NW=-(-sb // 32))
     out = dict(sizes)
     for p in sel.pools:
         feats = tuple(int(meta[str(d)]) for d in op.sched.types[p.leaf].shape[1:])
@@ -41,13 +43,17 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     # decoding (runtime.softmax_decode) gives each request's cached tokens and its new ones; a call, none
     rows = (n_seq * named["TQ"],) if meta.get("DECODE") else first.shape[:2]
     out.update(lens_ptr=named.get("lens_ptr", torch.empty(1, **i32)), TQ=named.get("TQ", 0))
-    out.update(sel_ptr=torch.empty(rows + (H, sizes["KP"]), **i32),
-               qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.int8, device=device),
+    if sel.per_token:  # each (query, key block)'s chosen tokens as bits, one row per key/value head group
+        out.update(tmask_ptr=torch.empty(rows + (H // sizes["GROUP"], n_kb, sizes["NW"]), **i32))
+    else:
+        out.update(sel_ptr=torch.empty(rows + (H, sizes["KP"]), **i32))
+    out.update(qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.int8, device=device),
                qlist_ptr=torch.empty((n_bh, n_qb, n_kb), **i32), qcnt_ptr=torch.zeros((n_bh, n_qb), **i32))
     values = {**named, **out}
     step = (bm, sb) + tuple(cfg.fwd[2:])
     kernel_meta = {**meta, "BM": bm, "BN": sb}
-    op._launch("select_pool", step, n_kb, n_bh, values, kernel_meta)
+    if sel.pools:
+        op._launch("select_pool", step, n_kb, n_bh, values, kernel_meta)
     op._launch("select", step, n_qb, n_bh, values, kernel_meta)
     if transpose:
         out.update(klist_ptr=torch.empty((n_bh, n_kb, n_qb), **i32), kcnt_ptr=torch.zeros((n_bh, n_kb), **i32))
@@ -76,7 +82,17 @@ def kernel_choice(op, tensors, cu_seqlens=None, chunk: int | None = None, **para
                  else torch.empty(1, device=first.device))
     meta = op._meta(cfg.fwd, H, heads, dims, cu_seqlens, first.dtype)
     bufs = selection_buffers(op, cfg, named, meta, n_seq, longest, H, leaves, transpose=False)
+    if op.sched.select.per_token:
+        return _chosen_tokens(bufs, op.sched.select.block, H)
     sel = bufs["sel_ptr"].long()
     nb = bufs["NKB"]
     chosen = torch.zeros(sel.shape[:3] + (nb + 1,), dtype=torch.bool, device=sel.device)
     return chosen.scatter(-1, torch.where(sel < 0, nb, sel), True)[..., :nb]
+
+
+def _chosen_tokens(bufs: dict, block: int, H: int) -> torch.Tensor:
+    """A choice of key tokens' bits -> (B, T, H, n) bool (n: the longest sequence's blocks x `block`)."""
+    words = bufs["tmask_ptr"]  # (B, T, H / GROUP, NKB, NW) int32
+    shifts = torch.arange(32, device=words.device, dtype=torch.int32)
+    bits = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(-2)[..., :block]  # ..., NKB, block
+    return bits.repeat_interleave(bufs["GROUP"], dim=-3).flatten(-2)

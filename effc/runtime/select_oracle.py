@@ -12,6 +12,7 @@ import torch
 from ..errors import ArgumentError
 from ..ir import ops as O
 from ..ir.nodes import Selection, Spec
+from ..passes.select import chooses_tokens
 
 
 def pool(x: torch.Tensor, block: int, kind: str) -> torch.Tensor:
@@ -86,12 +87,13 @@ def choose(g: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, sel: 
 
 
 def chosen_blocks(spec: Spec, env: dict, keys: dict, n: int, eval_op, group: int = 1) -> torch.Tensor:
-    """The chosen key blocks (B, h, nq, nb) (bool) of one sequence of n tokens. `env` holds the query-side
-    values of the score stage's evaluation (qpos, params, per-token leaves), `keys` the whole sequence's
-    per-token values; `eval_op(op, args)` evaluates a shared tile op. `group`: the query heads sharing a key
-    head (a shared select chooses per group; the h heads evaluated are whole groups)."""
+    """The chosen key blocks (B, h, nq, nb) (bool) of one sequence of n tokens; a choice of key tokens
+    (a [C, CK] score): the chosen keys (B, h, nq, n). `env` holds the query-side values of the score stage's
+    evaluation (qpos, kpos, params, per-token leaves), `keys` the whole sequence's per-token values;
+    `eval_op(op, args)` evaluates a shared tile op. `group`: the query heads sharing a key head (a shared
+    select chooses per group; the h heads evaluated are whole groups)."""
     sel = spec.selection
-    nb = -(-n // sel.block)
+    nb = n if chooses_tokens(spec) else -(-n // sel.block)
     dtype, device = env["qpos"].dtype, env["qpos"].device
     local = dict(env)
     local["qblock"] = torch.floor(env["qpos"] / sel.block)
@@ -103,7 +105,8 @@ def chosen_blocks(spec: Spec, env: dict, keys: dict, n: int, eval_op, group: int
             local[op.out] = p.unsqueeze(-2) if x.dim() == 3 else p  # a scalar's pool is a row [1, NB]
             continue
         n_args = 1 if op.kind == "expand" else len(op.args)
-        local[op.out] = eval_op(op, [a if isinstance(a, float) else local[a] for a in op.args[:n_args]])
+        src = keys if op.kind == "key" else local
+        local[op.out] = eval_op(op, [a if isinstance(a, float) else src[a] for a in op.args[:n_args]])
 
     def full(x):
         x = torch.as_tensor(x, dtype=dtype, device=device)
@@ -132,6 +135,8 @@ def chosen_blocks(spec: Spec, env: dict, keys: dict, n: int, eval_op, group: int
     return choose(g, cand.expand_as(g), forced.expand_as(g), sel, value)
 
 
-def token_keep(chosen: torch.Tensor, block: int, n: int) -> torch.Tensor:
-    """(…, nq, nb) chosen blocks -> (…, nq, n): the (query, key) pairs of the chosen blocks."""
-    return chosen[..., torch.arange(n, device=chosen.device) // block]
+def token_keep(spec: Spec, chosen: torch.Tensor, n: int) -> torch.Tensor:
+    """chosen_blocks' result -> (…, nq, n): the (query, key) pairs of the chosen blocks (or keys)."""
+    if chooses_tokens(spec):
+        return chosen
+    return chosen[..., torch.arange(n, device=chosen.device) // spec.selection.block]

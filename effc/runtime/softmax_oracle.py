@@ -169,7 +169,7 @@ def evaluate_softmax(spec: Spec, tensors: dict, params: dict, dims: dict, dtype=
             if spec.selection is not None:  # the pairs of the key blocks each query chose (passes.select)
                 chosen = select_oracle.chosen_blocks(  # a 16-bit reference scores the blocks in 16 bits too
                     spec, env, keys, n, lambda op, args: _rounded_pair_op(op, args, n, None, matmul_dtype), shared)
-                keep = keep & select_oracle.token_keep(chosen, spec.selection.block, n)
+                keep = keep & select_oracle.token_keep(spec, chosen, n)
             for m in spec.masks:
                 mv = env[m]
                 mv = align(mv, 2) if torch.is_tensor(mv) else torch.tensor(mv)

@@ -8,7 +8,7 @@ from ...ir import ops as O
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_plan import SoftmaxPlan
 from . import softmax_emit
-from .softmax_emit import KernelView, Leaf, SoftmaxPrinter, kernel_name
+from .softmax_emit import KernelView, Leaf, SoftmaxPrinter, _feats, _kbos, kernel_name, token_bits
 
 _NEG = '-float("inf")'
 
@@ -269,6 +269,88 @@ def _streamed(sched: SoftmaxSchedule, kp) -> list[str]:
     return lines + _write(sched, kp)
 
 
+# a choice of key tokens (passes.select, per_token): the cut-off is found digit by digit, 4 bits a round, over
+# the score's 32 bits made monotone (u); _PIVOTS counts per round
+_PIVOTS = 16
+_ROUNDS = 8
+
+
+def _token_block(sched: SoftmaxSchedule, kp) -> list[str]:
+    """Key block kb of a choice of key tokens: its keys' leaves loaded, the masked scores (forced at +inf,
+    non-candidates at -inf), `u` the score's bits made monotone (-0.0 as +0.0) and `valid` the choosable."""
+    loads = [x for leaf in kp.key_loads for x in Leaf(leaf, _feats(sched, leaf), _kbos(sched)).load("lk").split("\n")]
+    selection = sched.select.selection
+    valid = f"valid = g > {_NEG}"
+    if selection.criterion[0] == "threshold" and selection.limit is not None:  # capped: the first KTOP of those >= x
+        x = SelectPrinter(sched, {}).ref(selection.criterion[1])
+        valid = f'valid = (g == float("inf")) | ((g > {_NEG}) & (g >= {x}))'
+    return (["r_N = kb * BN + tl.arange(0, BN)", "kv = r_N < T_seq", "bv = kv",
+             "kpos_f = r_N.to(tl.float32)[None, :]"] + loads + _masked_scores(sched, kp, "BN")
+            + [valid,
+               "bits = tl.where(g == 0.0, 0.0, g).to(tl.int32, bitcast=True)",
+               "u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)"])
+
+
+def _token_search(sched: SoftmaxSchedule, kp) -> list[str]:
+    """Each query's cut-off `t`: the largest u with at least KTOP choosable keys at or above it (the lowest
+    u when fewer exist), found 4 bits a round (_PIVOTS counts over every key block each round); `n_gt` the keys
+    above it, so the ties at t taken are the first KTOP - n_gt by position."""
+    count = [f"for j in tl.static_range(1, {_PIVOTS + 1}):",
+             "    n_j = tl.sum((valid & (u >= (lo + j * step)[:, None])).to(tl.int32), 1)",
+             "    cnt += tl.where(r_P[None, :] == j - 1, n_j[:, None], 0)"]
+    body = ["step = lo * 0 + (1 << (28 - 4 * digit))  # int64: 16 steps span 2^32", f"cnt = tl.zeros([BM, {_PIVOTS}], tl.int32)",
+            "for kb in range(0, n_kb):"] + _indent(_token_block(sched, kp) + count) + [
+        f"n_up = tl.sum(((r_P[None, :] < {_PIVOTS - 1}) & (cnt >= KTOP)).to(tl.int32), 1)  # pivots still holding KTOP",
+        "n_gt = tl.sum(tl.where(r_P[None, :] == n_up[:, None], cnt, 0), 1)  # the count at the next pivot",
+        "lo = lo + n_up * step"]
+    return ([f"r_P = tl.arange(0, {_PIVOTS})", "lo = tl.full([BM], -2147483648, tl.int64)",
+             "n_gt = tl.zeros([BM], tl.int32)",
+             f"for digit in tl.static_range({_ROUNDS}):  # the cut-off's bits, 4 a round"] + _indent(body)
+            + ["t = lo", "need = KTOP - n_gt  # the ties at t taken, by position"])
+
+
+def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
+    """Each key block once more: the chosen tokens (above the cut-off, or at it among the first `need` by
+    position; an uncapped threshold: the forced and those scoring >= x) stored as bits per (query, key block),
+    the block in the query block's union when some query chose a token of it."""
+    selection = sched.select.selection
+    kind, value = selection.criterion[0], SelectPrinter(sched, {}).ref(selection.criterion[1])
+    if kind == "threshold" and selection.limit is None:
+        choose = [f'chosen = valid & ((g == float("inf")) | (g >= {value}))']
+    else:
+        choose = ["tie = (valid & (u == t[:, None])).to(tl.int32)",
+                  "chosen = valid & ((u > t[:, None]) | ((tie > 0) & (ties[:, None] + tl.cumsum(tie, 1) <= "
+                  "need[:, None])))",
+                  "ties += tl.sum(tie, 1)"]
+    base = "(i_bh * NQB + pid) * NKB"
+    union = [f"tl.store(qmap_ptr + {base} + kb, row.to(tl.int8))",
+             f"tl.store(qlist_ptr + {base} + n_union, kb, mask=row > 0)"]
+    count = [f"tl.store(qcnt_ptr + i_bh * NQB + pid, n_union)"]
+    if selection.shared:  # every head of the group walks the group's choice
+        union = ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + union) + _heads("i_h0")
+        count = ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + count)
+    words = ["for w in tl.static_range(NW):",
+             f"    tl.store(tmask_ptr + {token_bits('kb')} + w, tl.sum(tl.where((r_bit // 32)[None, :] == w, "
+             "packed, 0), 1), mask=qv)"]
+    body = _token_block(sched, kp) + choose + [
+        "ci = chosen.to(tl.int32)",
+        "packed = ci << (r_bit % 32)[None, :]  # one bit a key: the words' bits are disjoint, so a sum is an or"
+    ] + words + ["row = tl.max(tl.max(ci, 1), 0)"] + union + ["n_union += row"]
+    return (["ties = tl.zeros([BM], tl.int32)", "r_bit = tl.arange(0, BN)",
+             "n_union = tl.sum(tl.zeros([BN], tl.int32), 0)",
+             "for kb in range(0, n_kb):  # the choice written"] + _indent(body) + count)
+
+
+def _tokens(sched: SoftmaxSchedule, kp) -> list[str]:
+    """A choice of key tokens (passes.select, per_token): the search for each query's cut-off (none for an
+    uncapped threshold), then the bits and the union written."""
+    selection = sched.select.selection
+    lines = _GROUP_LEADER if selection.shared else []
+    if not (selection.criterion[0] == "threshold" and selection.limit is None):
+        lines += _token_search(sched, kp)
+    return lines + _token_write(sched, kp)
+
+
 def _select(sched: SoftmaxSchedule, kp) -> KernelView:
     """Per query block (per group's first head, shared): the score of each key block, forced blocks at +inf
     and non-candidates at -inf, then the criterion (passes.select: a running top-k over chunks of key
@@ -279,6 +361,9 @@ def _select(sched: SoftmaxSchedule, kp) -> KernelView:
     kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "q", walk=False)
     lines = ["n_kb = tl.cdiv(T_seq, BN)", "qblock_f = (r_M // BN).to(tl.float32)[:, None]"]
     value = SelectPrinter(sched, {}).ref(sel.selection.criterion[1])
+    if sel.per_token:
+        kv.pre_lines = ["n_kb = tl.cdiv(T_seq, BN)"] + _tokens(sched, kp)
+        return kv
     kv.pre_lines = lines + (_streamed(sched, kp) if sel.streamed else _whole(sched, kp, value))
     return kv
 

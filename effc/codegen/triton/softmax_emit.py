@@ -324,14 +324,29 @@ def _kpos(sched: SoftmaxSchedule) -> str:
 
 def _keep(sched: SoftmaxSchedule) -> str:
     parts = ["qv[:, None]", "kv[None, :]"] + [f"(v_{m} != 0.0)" for m in sched.masks]
-    if sched.select is not None:  # the pairs of the blocks each query chose
-        parts.append("chosen[:, None]")
+    if sched.select is not None:  # the pairs of the blocks (or tokens) each query chose
+        parts.append("chosen" if sched.select.per_token else "chosen[:, None]")
     return "keep = " + " & ".join(parts)
 
 
 # the select stage's lists (passes.select): `sel` holds each query token's chosen blocks (-1 pads), KP a row
 _SEL_LOAD = ("sel_q = tl.load(sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP + tl.arange(0, KP)[None, :], "
              "mask=qv[:, None], other=-1)")
+
+
+def token_bits(block: str) -> str:
+    """The offset of the words holding key block `block`'s chosen tokens for the query rows r_M, in `tmask`
+    [tokens, H / GROUP, NKB, NW] (a choice of key tokens, passes.select: one bit a key, NW 32-bit words a block,
+    one row per key/value head group)."""
+    return f"(((qbos + r_M) * (H // GROUP) + i_h // GROUP) * NKB + {block}) * NW"
+
+
+def _token_chosen(block: str) -> list[str]:
+    """Per step of a walk over a choice of key tokens: the chosen (query, key) pairs of the block, [BM, BN]."""
+    return ["r_bit = tl.arange(0, BN)",
+            f"words = tl.load(tmask_ptr + ({token_bits(block)})[:, None] + (r_bit // 32)[None, :], mask=qv[:, None], "
+            "other=0)",
+            "chosen = ((words >> (r_bit % 32)[None, :]) & 1) != 0"]
 
 
 def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
@@ -341,6 +356,13 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
     if sched.select is None:
         return
     kv.listed = True
+    if sched.select.per_token:
+        kv.list_lines = (["n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
+                          "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"] if outer == "q" else
+                         ["n_sel = tl.load(kcnt_ptr + i_bh * NKB + pid)",
+                          "list_base = klist_ptr + (i_bh * NKB + pid) * NQB"])
+        kv.body[True] = _token_chosen("blk" if outer == "q" else "pid") + kv.body[True]
+        return
     if outer == "q":
         kv.list_lines = [_SEL_LOAD, "n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
                          "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
