@@ -340,3 +340,42 @@ def nsa(q, kc, vc, k, v, gc, gs, gw, block=64, topk=16, window=512, stride=16, l
 
 
 NAIVE_BRANCHED = {"nsa": nsa}
+
+
+def token_choice(score, topk, forced=None, threshold=None):
+    """A choice of key tokens, plainly: per (b, h, query t) the keys s <= t, the forced ones first (lowest
+    position first), then the rest by score descending (ties: the lower position), scores of -inf or nan never
+    chosen; `threshold`: only those scoring >= it; at most `topk` in all (None: no cap). `score` (B, H, T, T)
+    float64, `forced` (T, T) bool or None. Returns (B, H, T, T) bool."""
+    B, H, T, _ = score.shape
+    chosen = torch.zeros(B, H, T, T, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                row = score[b, h, t].tolist()
+                first = [s for s in range(t + 1) if forced is not None and forced[t, s]]
+                ok = [s for s in range(t + 1) if s not in first and row[s] == row[s] and row[s] > float("-inf")
+                      and (threshold is None or row[s] >= threshold)]
+                order = first + sorted(ok, key=lambda s: (-row[s], s))
+                for s in order[:topk]:
+                    chosen[b, h, t, s] = True
+    return chosen
+
+
+def dsa_choice(qi, ki, wi, topk=2048):
+    """DSA's lightning indexer (DeepSeek-V3.2-Exp): I(t, s) = sum_j w(t, j) relu(qi(t, j) . ki(s)), the indexer
+    heads j being the query heads that share key head ki; each query keeps its top-k keys s <= t. (B, H, T, T)."""
+    B, T, H, _ = qi.shape
+    per = H // ki.shape[2]
+    dots = torch.einsum("bthd,bshd->bhts", qi.double(), _heads_like(ki, H)).clamp_min(0.0)
+    terms = wi.double().permute(0, 2, 1)[..., None] * dots                      # (B, H, T, T), one per indexer head
+    index = terms.reshape(B, H // per, per, T, T).sum(2)                         # summed over a group's heads
+    return token_choice(index, topk).repeat_interleave(per, dim=1)
+
+
+def dsa(q, k, v, qi, ki, wi, topk=2048):
+    """DeepSeek Sparse Attention: causal softmax attention over each query's chosen key tokens."""
+    return attend(q, k, v, dsa_choice(qi, ki, wi, topk) & causal(q.shape[1]))[0]
+
+
+NAIVE_SOFTMAX["dsa"] = dsa

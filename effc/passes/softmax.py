@@ -490,6 +490,13 @@ def select_chunk(bm: int, n_kb: int, interpreting: bool) -> int:
     return min(widest, budget)
 
 
+def search_chunk(bm: int, interpreting: bool) -> int:
+    """A choice of key tokens' search chunk SB (codegen.triton.select_emit): its [BM, SB, 16] pivot compares
+    held to the select tile budget, a power of two >= 16 (a tl.dot's N); 64 under the interpreter, whose cost
+    is per reduction, not per element."""
+    return 64 if interpreting else max(16, _SELECT_TILE // (16 * bm))
+
+
 def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *, chunk: int | None = None,
                          block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                          segments: int | None = None, tuned: dict | None = None) -> SoftmaxTiles:

@@ -43,6 +43,11 @@ def cache_names(op) -> tuple[str, ...]:
     """The tensors a KV cache holds: what the decode kernel reads on the key side, in the plan's order (through
     the forward's kernels: the key inputs over the query's tokens, which its forward reads; inputs over a key
     sequence of their own are passed whole at each call, not cached)."""
+    sel = op.sched.select
+    if sel is not None and sel.per_token:
+        raise NotImplementedError(f"{op.name}: decoding with a choice of key tokens (select score "
+                                  f"'{sel.selection.score}' per key token) is not lowered; op(...) over the whole "
+                                  "sequence runs it")
     by_forward = _by_forward(op)
     why = by_forward or ("a select stage" if op.sched.select is not None else None)
     if why is not None and op.spec.prefix.ops:

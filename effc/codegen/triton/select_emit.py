@@ -270,22 +270,24 @@ def _streamed(sched: SoftmaxSchedule, kp) -> list[str]:
 
 
 # a choice of key tokens (passes.select, per_token): the cut-off is found digit by digit, 4 bits a round, over
-# the score's 32 bits made monotone (u); _PIVOTS counts per round
+# the score's 32 bits made monotone (u): _PIVOTS counts a round, over chunks of SB keys ([BM, SB, _PIVOTS]
+# compares: one reduction a chunk, not one a pivot; SB: passes.softmax.search_chunk)
 _PIVOTS = 16
 _ROUNDS = 8
 
 
-def _token_block(sched: SoftmaxSchedule, kp) -> list[str]:
-    """Key block kb of a choice of key tokens: its keys' leaves loaded, the masked scores (forced at +inf,
-    non-candidates at -inf), `u` the score's bits made monotone (-0.0 as +0.0) and `valid` the choosable."""
+def _token_block(sched: SoftmaxSchedule, kp, start: str, width: str) -> list[str]:
+    """The keys [start, start + width) of a choice of key tokens: their leaves loaded, the masked scores
+    (forced at +inf, non-candidates at -inf), `u` the score's bits made monotone (-0.0 as +0.0) and `valid`
+    the choosable ones."""
     loads = [x for leaf in kp.key_loads for x in Leaf(leaf, _feats(sched, leaf), _kbos(sched)).load("lk").split("\n")]
     selection = sched.select.selection
     valid = f"valid = g > {_NEG}"
     if selection.criterion[0] == "threshold" and selection.limit is not None:  # capped: the first KTOP of those >= x
         x = SelectPrinter(sched, {}).ref(selection.criterion[1])
         valid = f'valid = (g == float("inf")) | ((g > {_NEG}) & (g >= {x}))'
-    return (["r_N = kb * BN + tl.arange(0, BN)", "kv = r_N < T_seq", "bv = kv",
-             "kpos_f = r_N.to(tl.float32)[None, :]"] + loads + _masked_scores(sched, kp, "BN")
+    return ([f"r_N = {start} + tl.arange(0, {width})", "kv = r_N < T_seq", "bv = kv",
+             "kpos_f = r_N.to(tl.float32)[None, :]"] + loads + _masked_scores(sched, kp, width)
             + [valid,
                "bits = tl.where(g == 0.0, 0.0, g).to(tl.int32, bitcast=True)",
                "u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)"])
@@ -293,13 +295,14 @@ def _token_block(sched: SoftmaxSchedule, kp) -> list[str]:
 
 def _token_search(sched: SoftmaxSchedule, kp) -> list[str]:
     """Each query's cut-off `t`: the largest u with at least KTOP choosable keys at or above it (the lowest
-    u when fewer exist), found 4 bits a round (_PIVOTS counts over every key block each round); `n_gt` the keys
-    above it, so the ties at t taken are the first KTOP - n_gt by position."""
-    count = [f"for j in tl.static_range(1, {_PIVOTS + 1}):",
-             "    n_j = tl.sum((valid & (u >= (lo + j * step)[:, None])).to(tl.int32), 1)",
-             "    cnt += tl.where(r_P[None, :] == j - 1, n_j[:, None], 0)"]
-    body = ["step = lo * 0 + (1 << (28 - 4 * digit))  # int64: 16 steps span 2^32", f"cnt = tl.zeros([BM, {_PIVOTS}], tl.int32)",
-            "for kb in range(0, n_kb):"] + _indent(_token_block(sched, kp) + count) + [
+    u when fewer exist), found 4 bits a round: per round, the keys at or above each of _PIVOTS evenly spaced
+    pivots counted over the sequence; `n_gt` the keys above t, so the ties at t taken are the first
+    KTOP - n_gt by position."""
+    body = ["step = lo * 0 + (1 << (28 - 4 * digit))  # int64: the round's pivots span 2^(32 - 4 digit)",
+            "pivot = lo[:, None] + (r_P[None, :] + 1).to(tl.int64) * step[:, None]",
+            f"cnt = tl.zeros([BM, {_PIVOTS}], tl.int32)",
+            "for c0 in range(0, T_seq, SB):"] + _indent(_token_block(sched, kp, "c0", "SB") + [
+                "cnt += tl.sum((valid[:, :, None] & (u[:, :, None] >= pivot[:, None, :])).to(tl.int32), 1)"]) + [
         f"n_up = tl.sum(((r_P[None, :] < {_PIVOTS - 1}) & (cnt >= KTOP)).to(tl.int32), 1)  # pivots still holding KTOP",
         "n_gt = tl.sum(tl.where(r_P[None, :] == n_up[:, None], cnt, 0), 1)  # the count at the next pivot",
         "lo = lo + n_up * step"]
@@ -332,7 +335,7 @@ def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
     words = ["for w in tl.static_range(NW):",
              f"    tl.store(tmask_ptr + {token_bits('kb')} + w, tl.sum(tl.where((r_bit // 32)[None, :] == w, "
              "packed, 0), 1), mask=qv)"]
-    body = _token_block(sched, kp) + choose + [
+    body = _token_block(sched, kp, "kb * BN", "BN") + choose + [
         "ci = chosen.to(tl.int32)",
         "packed = ci << (r_bit % 32)[None, :]  # one bit a key: the words' bits are disjoint, so a sum is an or"
     ] + words + ["row = tl.max(tl.max(ci, 1), 0)"] + union + ["n_union += row"]
