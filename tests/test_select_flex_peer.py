@@ -111,3 +111,24 @@ def test_the_nsa_peers_sliding_window():
     sink = torch.full((1, T, H), -1e4)  # a sink too small to take any weight
     ours, _ = op(q, k, v, sink, window=W, scale=0.25)
     assert judge_fp32(o, ours).ok, judge_fp32(o, ours)
+
+
+def test_the_dsa_peer_row_walks_effcs_token_choice():
+    """A choice of key tokens (DSA): the BlockMask visits the blocks holding a chosen token, its mask_mod
+    keeps the chosen keys; eager Flex equals effc's kernels and the naive DSA."""
+    from naive_softmax import dsa
+    from test_select_tokens import SMALL_DSA, _dsa_inputs
+    label, inputs, build = PEERS_SOFTMAX["dsa"][1]
+    assert "FlexAttention" in label and inputs == ("q", "k", "v", "qi", "ki", "wi")
+    op = effc.loads(SMALL_DSA, "dsa_small")
+    xs = _dsa_inputs(61, seed=5)
+    import effc.tools.softmax_peers as peers
+    peers._FLEX_CACHE["effc dsa"] = op
+    try:
+        run = build(xs, {"scale": 16 ** -0.5})
+    finally:
+        del peers._FLEX_CACHE["effc dsa"]
+    o = run()
+    mine, _ = op(*xs)
+    assert judge_fp32(o, mine).ok, judge_fp32(o, mine)
+    assert judge_fp32(o, dsa(*xs, topk=20)).ok

@@ -59,6 +59,13 @@ Lowering (passes.softmax_plan, codegen.triton.select_emit), all on the device, d
 The walk's key tile is the selected block (BN = block) and every kernel shares one query block BM (the
 union's granularity).
 
+A choice of key tokens (`per_token`: the score is [C, CK], a key input read bare, DSA's lightning indexer):
+the same rule over tokens, ties to the lower position; topk and threshold are lowered. No pool kernel; the
+select kernel searches each query's cut-off t on the score's monotone bits, 4 a round over 8 rounds (16
+pivot counts over every key, a [BM, SB, 16] compare per chunk of SB keys), keeping the count above t; a last
+pass writes `tmask` [tokens, H / GROUP, NKB, NW] (a bit per chosen (query, key) pair, NW = block / 32 words)
+and the union of blocks holding one. The walks load their block's words for the elementwise mask.
+
 Where later slices fit: NSA's compressed branch reads a pooled tile computed by the spec (a second key
 sequence) where this slice pools in the pool kernel; a shared choice could walk the group's query heads
 in one program (loading each key block once: NSA's kernel order) where the walks now run per head over

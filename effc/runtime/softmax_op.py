@@ -356,7 +356,8 @@ class SoftmaxOp(Tuned):
 
     def select_blocks(self, *tensors, cu_seqlens=None, chunk: int | None = None, **params) -> torch.Tensor:
         """A spec with a select stage: the key blocks its generated kernel chooses per query token,
-        (B, T, H, nb) bool (packed sequences: (1, total_T, H, nb), blocks counted per sequence)."""
+        (B, T, H, nb) bool (packed sequences: (1, total_T, H, nb), blocks counted per sequence); a choice of
+        key tokens: the keys, (B, T, H, nb * block)."""
         return kernel_choice(self, tensors, cu_seqlens, chunk, **params)
 
     # -- decoding -------------------------------------------------------------------------------------

@@ -106,21 +106,31 @@ def sliding_window(T: int, window: int, device):
     return run
 
 
-def select_block_mask(chosen, block: int, token_mask, q_block: int = 128):
+def select_block_mask(chosen, block: int, token_mask, q_block: int = 128, tokens: bool = False):
     """A FlexAttention BlockMask holding effc's own choice: `chosen` (B, T, H, nb) bool, what
-    `op.select_blocks` returns (query token x key block of `block` tokens). A (query block of `q_block`,
-    key block) pair is visited when some query of the block chose the key block; it is full (no mask_mod)
-    when every query of the block chose it and token_mask keeps every pair in it. The mask_mod keeps a pair
-    when its query chose the key's block and token_mask(q_idx, kv_idx) holds (the spec's score masks)."""
+    `op.select_blocks` returns (query token x key block of `block` tokens; `tokens`: x key token, a choice
+    of key tokens). A (query block of `q_block`, key block) pair is visited when some query of the block
+    chose the key block (a token of it); it is full (no mask_mod) when every query of the block chose it
+    (every token of it) and token_mask keeps every pair in it. The mask_mod keeps a pair when its query chose
+    the key's block (the key) and token_mask(q_idx, kv_idx) holds (the spec's score masks)."""
     from torch.nn.attention.flex_attention import BlockMask
+    sel = chosen.permute(0, 2, 1, 3).contiguous()  # (B, H, T, nb or keys): the mask_mod's lookup
+    if tokens:  # per key block: chosen by some (by every) query for some (for every) token of it
+        per_block = chosen.unflatten(-1, (-1, block))
+        T = chosen.shape[1]
+        tail = torch.arange(per_block.shape[-2] * block, device=chosen.device).reshape(-1, block) >= T
+        chosen, whole = per_block.any(-1), (per_block | tail).all(-1)
     B, T, H, nb = chosen.shape
-    sel = chosen.permute(0, 2, 1, 3).contiguous()  # (B, H, T, nb): the mask_mod's lookup
+    if not tokens:
+        whole = chosen
     nq = -(-T // q_block)
-    padded = torch.zeros(B, H, nq * q_block, nb, dtype=torch.bool, device=chosen.device)
-    padded[:, :, :T] = sel
-    rows = padded.reshape(B, H, nq, q_block, nb)
+
+    def query_blocks(x):  # (B, T, H, nb) -> (B, H, nq, q_block, nb), padding rows False
+        padded = torch.zeros(B, H, nq * q_block, nb, dtype=torch.bool, device=x.device)
+        padded[:, :, :T] = x.permute(0, 2, 1, 3)
+        return padded.reshape(B, H, nq, q_block, nb)
+    rows, visited = query_blocks(whole), query_blocks(chosen).any(3)
     real = (torch.arange(nq * q_block, device=chosen.device) < T).reshape(nq, q_block, 1)
-    visited = rows.any(3)
     kj = torch.arange(nb * block, device=chosen.device).reshape(1, 1, nb, block)
     every = torch.empty(nq, nb, dtype=torch.bool, device=chosen.device)  # token_mask keeps the whole tile
     step = max(1, 2**22 // (q_block * nb * block))  # query blocks at a time: a few MiB of pairs
@@ -136,7 +146,7 @@ def select_block_mask(chosen, block: int, token_mask, q_block: int = 128):
         return m.sum(-1, dtype=torch.int32), torch.sort((~m).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return sel[b, h, q_idx, kv_idx // block] & token_mask(q_idx, kv_idx)
+        return sel[b, h, q_idx, kv_idx if tokens else kv_idx // block] & token_mask(q_idx, kv_idx)
     n, idx = listed(partial)
     fn, fidx = listed(full)
     return BlockMask.from_kv_blocks(n, idx, fn, fidx, BLOCK_SIZE=(q_block, block), mask_mod=mask_mod,
@@ -154,9 +164,9 @@ def _flex_select(spec: str, token_mask, q_block: int = 128):
         q, k, v = (_bhtd(x) for x in xs[:3])
         given = {p.name: params[p.name] for p in op.spec.params if p.name in params}
         with torch.no_grad():
-            chosen = op.select_blocks(*(x.detach() for x in xs[:3]), **given)
+            chosen = op.select_blocks(*(x.detach() for x in xs), **given)
         block = op.spec.selection.block
-        block_mask = select_block_mask(chosen, block, token_mask, q_block)
+        block_mask = select_block_mask(chosen, block, token_mask, q_block, tokens=op.sched.select.per_token)
         scale = params.get("scale", q.shape[-1] ** -0.5)
         gqa = q.shape[1] != k.shape[1]
         if q.is_cuda:
@@ -348,6 +358,8 @@ PEERS_SOFTMAX = {
              ("FlexAttention, effc's BlockMask", _QKV, _flex_select("topp", _causal_pairs))],
     "infllm_v2": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True)),
                   ("FlexAttention, effc's BlockMask", _QKV, _flex_select("infllm_v2", _causal_pairs))],
+    "dsa": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True)),
+            ("FlexAttention, effc's token mask", _QKV + ("qi", "ki", "wi"), _flex_select("dsa", _causal_pairs))],
     "nsa_cmp": [("torch SDPA (efficient), block-end mask over S keys", ("q", "kc", "vc"), _nsa_cmp)],
     "nsa": [("torch SDPA causal (flash), dense", _QKV, _sdpa(True))],  # fla's parallel_nsa: tools/peers.py
 }

@@ -49,7 +49,8 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
 
 
 SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
-_TILES_OF = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv"}  # SoftmaxTiles' field per kernel
+# SoftmaxTiles' field per kernel (the select stage's kernels share the forward's query block)
+_TILES_OF = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv", "select": "fwd", "select_t": "fwd"}
 
 
 def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, decode: bool = False):
@@ -59,7 +60,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32.
     `dims`: feature dim sizes (default 128 each), any size (padded tiles). `decode`: the DECODE variant of a
     kernel that takes it (a select stage's, over KV caches: runtime.softmax_decode)."""
-    from ...passes.softmax import choose_softmax_tiles
+    from ...passes.softmax import choose_softmax_tiles, search_chunk, select_chunk
     from ...policy.tiling import padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
@@ -67,7 +68,8 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
     bf16 = ({f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
             | {f"{x}_{tag}_ptr" for x in op.comp.backward.whole_grads() for tag in ("dpre", "dq", "dk")})
-    ints = {"cu_ptr", "lens_ptr", "sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "klist_ptr", "kcnt_ptr"}  # lists
+    ints = {"cu_ptr", "lens_ptr", "sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "klist_ptr", "kcnt_ptr",
+            "tmask_ptr"}  # lists
     sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n in ints else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
@@ -75,9 +77,13 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
                  **{f"{d}_S": stored_width(v, 2) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
     if "DECODE" in fn.arg_names:
         const["DECODE"] = decode
-    if op.sched.select is not None:  # the walks' block lists: a slot per block chosen, a power of two
-        slots = op.sched.select.selection.slots or 64  # unbounded (topp / threshold, no cap): 64 key blocks
+    sel = op.sched.select
+    if sel is not None:  # the walks' block lists: a slot per block chosen, a power of two
+        slots = sel.selection.slots or 64  # unbounded (topp / threshold, no cap): 64 key blocks
         const["KP"] = max(2, 1 << (slots - 1).bit_length())  # (runtime.select_op)
+        const.update(KTOP=slots, GROUP=1, NQBP=64, CB=select_chunk(bm, 1 << 20, False))
+    if sel is not None and sel.per_token:  # a choice of key tokens: bits per (query, key block), the search chunk
+        const.update(NW=-(-sel.block // 32), SB=search_chunk(bm, False))
     return _compile(fn, sig, const, warps, stages)
 
 
