@@ -72,8 +72,8 @@ def _indent(lines: list[str]) -> list[str]:
     return ["    " + x for x in lines]
 
 
-_GROUP_LEADER = ["if i_h % GROUP != 0:  # the group's first head chooses for the group (shared)", "    return",
-                 "i_h0 = i_h"]
+_GROUP_LEADER = ("if i_h % GROUP != 0:  # the group's first head chooses for the group (shared)", "    return",
+                 "i_h0 = i_h")
 
 
 def _shared(sched: SoftmaxSchedule, kp, width: str) -> list[str]:
@@ -153,7 +153,7 @@ def _whole(sched: SoftmaxSchedule, kp, value: str) -> list[str]:
     """An uncapped topp: one tile [BM, NBP] over every key block, sorted (_ordered)."""
     selection = sched.select.selection
     lines = ["r_B = tl.arange(0, NBP)", "bv = r_B < n_kb", "kblock_f = r_B.to(tl.float32)[None, :]"]
-    lines += (_GROUP_LEADER if selection.shared else []) + _masked_scores(sched, kp, "NBP")
+    lines += (list(_GROUP_LEADER) if selection.shared else []) + _masked_scores(sched, kp, "NBP")
     lines += _ordered(selection, value) + ["ci = chosen.to(tl.int32)", "n_ch = tl.sum(ci, 1)",
                                            "slot = tl.cumsum(ci, 1) - 1  # each query's list in increasing block order",
                                            "r_J = tl.arange(0, KP)", "row = tl.max(ci, 0)"]
@@ -263,7 +263,7 @@ def _write(sched: SoftmaxSchedule, kp) -> list[str]:
 def _streamed(sched: SoftmaxSchedule, kp) -> list[str]:
     """Every criterion but an uncapped topp: the key blocks CB at a time, never a tile over all of them."""
     selection = sched.select.selection
-    lines = (_GROUP_LEADER if selection.shared else []) + ["r_J = tl.arange(0, KP)"]
+    lines = (list(_GROUP_LEADER) if selection.shared else []) + ["r_J = tl.arange(0, KP)"]
     if not (selection.criterion[0] == "threshold" and selection.limit is None):
         lines = lines + _running_list(sched, kp)
     return lines + _write(sched, kp)
@@ -348,7 +348,7 @@ def _tokens(sched: SoftmaxSchedule, kp) -> list[str]:
     """A choice of key tokens (passes.select, per_token): the search for each query's cut-off (none for an
     uncapped threshold), then the bits and the union written."""
     selection = sched.select.selection
-    lines = _GROUP_LEADER if selection.shared else []
+    lines = list(_GROUP_LEADER) if selection.shared else []
     if not (selection.criterion[0] == "threshold" and selection.limit is None):
         lines += _token_search(sched, kp)
     return lines + _token_write(sched, kp)
