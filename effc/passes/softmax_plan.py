@@ -52,7 +52,7 @@ class SoftmaxPlan:
         for k in self.kernels:
             loads = {"q": k.query_loads, "k": k.key_loads}
             per = [f"per {side[s]} block: load {', '.join(loads[s]) or '-'}"
-                   for s in (k.outer, _OTHER[k.outer])[:2 if k.walk else 1]]
+                   for s in (k.outer, _OTHER[k.outer])[:2 if k.walk or loads[_OTHER[k.outer]] else 1]]
             lines += [f"  kernel {k.name} [{' + '.join(k.stages)}]: grid {k.grid}: {k.what}",
                       f"    {'; '.join(per)}; store {', '.join(d.name for d in k.stores) or '-'}"]
         lines += ["  prefix (PyTorch pre-pass over whole sequences, differentiated by autograd):"
