@@ -362,15 +362,16 @@ def token_choice(score, topk, forced=None, threshold=None):
     return chosen
 
 
-def dsa_choice(qi, ki, wi, topk=2048):
+def dsa_choice(qi, ki, wi, topk=2048, dtype=torch.float64):
     """DSA's lightning indexer (DeepSeek-V3.2-Exp): I(t, s) = sum_j w(t, j) relu(qi(t, j) . ki(s)), the indexer
-    heads j being the query heads that share key head ki; each query keeps its top-k keys s <= t. (B, H, T, T)."""
+    heads j being the query heads that share key head ki; each query keeps its top-k keys s <= t. (B, H, T, T).
+    `dtype`: the scores' precision (float32: as a kernel accumulates them)."""
     B, T, H, _ = qi.shape
     per = H // ki.shape[2]
-    dots = torch.einsum("bthd,bshd->bhts", qi.double(), _heads_like(ki, H)).clamp_min(0.0)
-    terms = wi.double().permute(0, 2, 1)[..., None] * dots                      # (B, H, T, T), one per indexer head
+    dots = torch.einsum("bthd,bshd->bhts", qi.to(dtype), _heads_like(ki, H).to(dtype)).clamp_min(0.0)
+    terms = wi.to(dtype).permute(0, 2, 1)[..., None] * dots                      # (B, H, T, T), one per indexer head
     index = terms.reshape(B, H // per, per, T, T).sum(2)                         # summed over a group's heads
-    return token_choice(index, topk).repeat_interleave(per, dim=1)
+    return token_choice(index.double(), topk).repeat_interleave(per, dim=1)
 
 
 def dsa(q, k, v, qi, ki, wi, topk=2048):
