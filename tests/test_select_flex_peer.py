@@ -53,21 +53,25 @@ def test_full_blocks_skip_the_mask_mod_only_where_it_keeps_everything():
     assert judge_fp32(o, moba(*xs)).ok
 
 
-def test_the_bench_peer_row_computes_effcs_output():
-    """The peer as `effc bench` builds it (the mask made in build, outside the timed call)."""
-    label, inputs, build = PEERS_SOFTMAX["moba"][1]
-    assert "FlexAttention" in label and inputs == ("q", "k", "v")
-    op = effc.loads(SMALL, "moba_small")
-    xs = _inputs(50, seed=2)
+def _peer_row(spec: str, op, xs, inputs):
+    """The Flex row as `effc bench` builds it for `spec` (the mask made in build, outside the timed call),
+    with `op` (small blocks) as the bench's spec; its output beside effc's kernels'."""
+    label, names, build = PEERS_SOFTMAX[spec][1]
+    assert "FlexAttention" in label and names == inputs
     import effc.tools.softmax_peers as peers
-    peers._FLEX_CACHE["effc moba"] = op  # the bench's spec, here with small blocks
+    peers._FLEX_CACHE[f"effc {spec}"] = op
     try:
         run = build(xs, {"scale": 16 ** -0.5})
     finally:
-        del peers._FLEX_CACHE["effc moba"]
+        del peers._FLEX_CACHE[f"effc {spec}"]
     o = run()
     mine, _ = op(*xs)
     assert judge_fp32(o, mine).ok, judge_fp32(o, mine)
+    return o
+
+
+def test_the_bench_peer_row_computes_effcs_output():
+    _peer_row("moba", effc.loads(SMALL, "moba_small"), _inputs(50, seed=2), ("q", "k", "v"))
 
 
 def test_the_pairs_the_mask_keeps_are_the_naive_ones():
@@ -118,17 +122,6 @@ def test_the_dsa_peer_row_walks_effcs_token_choice():
     keeps the chosen keys; eager Flex equals effc's kernels and the naive DSA."""
     from naive_softmax import dsa
     from test_select_tokens import SMALL_DSA, _dsa_inputs
-    label, inputs, build = PEERS_SOFTMAX["dsa"][1]
-    assert "FlexAttention" in label and inputs == ("q", "k", "v", "qi", "ki", "wi")
-    op = effc.loads(SMALL_DSA, "dsa_small")
     xs = _dsa_inputs(61, seed=5)
-    import effc.tools.softmax_peers as peers
-    peers._FLEX_CACHE["effc dsa"] = op
-    try:
-        run = build(xs, {"scale": 16 ** -0.5})
-    finally:
-        del peers._FLEX_CACHE["effc dsa"]
-    o = run()
-    mine, _ = op(*xs)
-    assert judge_fp32(o, mine).ok, judge_fp32(o, mine)
+    o = _peer_row("dsa", effc.loads(SMALL_DSA, "dsa_small"), xs, ("q", "k", "v", "qi", "ki", "wi"))
     assert judge_fp32(o, dsa(*xs, topk=20)).ok
