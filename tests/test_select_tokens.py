@@ -180,3 +180,15 @@ def test_refusals_name_the_construct():
     op = effc.loads(SMALL_DSA, "dsa_small")
     with pytest.raises(NotImplementedError, match="decoding.*key tokens"):
         op.new_cache(*[x[:, :1] for x in _dsa_inputs(8)], max_len=64)
+
+
+def test_the_select_kernel_scans_the_keys_its_masks_allow():
+    """passes.select derives the keys a query block may choose from the masks and force lines (their
+    position formulas): causal DSA scans keys up to the block's last query; a window bounds both sides."""
+    from effc.passes.blocksparse import I0, I1, NEG
+    assert effc.load("dsa").sched.select.keys.hi == I1 and effc.load("dsa").sched.select.keys.lo == NEG
+    window = effc.loads(WINDOW_THRESHOLD.replace("mask kpos <= qpos\n    force", "mask (kpos <= qpos) and "
+                                                 "(kpos > qpos - 32)\n    force"), "window_threshold")
+    keys = window.sched.select.keys
+    assert (keys.lo, keys.hi) == (I0 - 31, I1)  # forced keys lie inside the candidates' window
+    assert "keys scanned for a query block [i0, i1]: j in [i0 - 31, i1]" in str(window.sched)

@@ -83,6 +83,8 @@ from ..errors import SpecError
 from ..ir import ops as O
 from ..ir.nodes import CK, NB, C, Op, Selection, Spec, Stage, TileType
 from ..ir.printer import print_op
+from .blocksparse import I0, I1, I, J, Range, _or, derive, formula_range, predicate_formula
+from .blocksparse import _fmt as _show
 from .fusion import live_ops, needed
 from .shapes import _fmt
 
@@ -194,6 +196,8 @@ class SelectSchedule:
     query_leaves: tuple[str, ...]
     key_leaves: tuple[str, ...] = ()  # read per key token (a choice of key tokens: `key(x)`)
     per_token: bool = False  # the score is per (query, key token): the choice is of tokens, walked by block
+    keys: Range = Range.everything()  # a choice of key tokens: the keys a query block may choose (its masks
+    # and force lines as position formulas, passes.blocksparse); the select kernel scans no others
 
     @property
     def block(self) -> int:
@@ -242,6 +246,8 @@ class SelectSchedule:
         lines = [f"select: {who}, {unit}: forced ({', '.join(sel.forced) or 'none'})"
                  f" first, then {sel.score} descending over the candidates ({', '.join(sel.candidates) or 'every one'}),"
                  f" {rule} (ties: the lower {'position' if self.per_token else 'block index'}){walked}"]
+        if self.per_token:
+            lines.append(f"  keys scanned for a query block [i0, i1]: j in [{_show(self.keys.lo)}, {_show(self.keys.hi)}]")
         lines += [f"  pool {p.out} = block{p.kind}({p.leaf})" for p in self.pools]
         lines += [f"  {print_op(op)}" for op in self.ops if op.kind not in O.POOLS]
         return lines
@@ -258,8 +264,18 @@ def analyze_select(spec: Spec, leaves: tuple[str, ...]) -> SelectSchedule | None
     read |= {a for op in ops if op.kind not in set(O.POOLS) | {"key"} for a in op.args
              if isinstance(a, str) and a in leaves}
     keyed = {op.args[0] for op in ops if op.kind == "key"}
+    tokens = chooses_tokens(spec)
     return SelectSchedule(sel, ops, pools, tuple(x for x in leaves if x in read),
-                          tuple(x for x in leaves if x in keyed), chooses_tokens(spec))
+                          tuple(x for x in leaves if x in keyed), tokens,
+                          _choosable_keys(sel, ops, {p.name for p in spec.params}) if tokens else Range.everything())
+
+
+def _choosable_keys(sel: Selection, ops: tuple[Op, ...], params: set[str]) -> Range:
+    """The keys j a query block [i0, i1] may choose: those every mask line keeps, or one force line does."""
+    by_out = {op.out: op for op in ops}
+    candidates = derive(sel.candidates, by_out, params).keys
+    forced = [formula_range(predicate_formula(f, by_out, params), J, I, I0, I1) for f in sel.forced]
+    return _or([candidates] + forced)
 
 
 def chooses_tokens(spec: Spec) -> bool:

@@ -44,7 +44,8 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     rows = (n_seq * named["TQ"],) if meta.get("DECODE") else first.shape[:2]
     out.update(lens_ptr=named.get("lens_ptr", torch.empty(1, **i32)), TQ=named.get("TQ", 0))
     if sel.per_token:  # each (query, key block)'s chosen tokens as bits, one row per key/value head group
-        out.update(tmask_ptr=torch.empty(rows + (H // sizes["GROUP"], n_kb, sizes["NW"]), **i32))
+        # zeros: the select kernel writes the blocks its masks reach only (the walks read no others)
+        out.update(tmask_ptr=torch.zeros(rows + (H // sizes["GROUP"], n_kb, sizes["NW"]), **i32))
     else:
         out.update(sel_ptr=torch.empty(rows + (H, sizes["KP"]), **i32))
     out.update(qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.int8, device=device),

@@ -8,7 +8,7 @@ from ...ir import ops as O
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_plan import SoftmaxPlan
 from . import softmax_emit
-from .softmax_emit import KernelView, Leaf, SoftmaxPrinter, _feats, _kbos, kernel_name, token_bits
+from .softmax_emit import KernelView, Leaf, SoftmaxPrinter, _bounds, _feats, _kbos, kernel_name, token_bits
 
 _NEG = '-float("inf")'
 
@@ -301,7 +301,7 @@ def _token_search(sched: SoftmaxSchedule, kp) -> list[str]:
     body = ["step = lo * 0 + (1 << (28 - 4 * digit))  # int64: the round's pivots span 2^(32 - 4 digit)",
             "pivot = lo[:, None] + (r_P[None, :] + 1).to(tl.int64) * step[:, None]",
             f"cnt = tl.zeros([BM, {_PIVOTS}], tl.int32)",
-            "for c0 in range(0, T_seq, SB):"] + _indent(_token_block(sched, kp, "c0", "SB") + [
+            "for c0 in range(b_lo * BN, b_hi * BN, SB):"] + _indent(_token_block(sched, kp, "c0", "SB") + [
                 "cnt += tl.sum((valid[:, :, None] & (u[:, :, None] >= pivot[:, None, :])).to(tl.int32), 1)"]) + [
         f"n_up = tl.sum(((r_P[None, :] < {_PIVOTS - 1}) & (cnt >= KTOP)).to(tl.int32), 1)  # pivots still holding KTOP",
         "n_gt = tl.sum(tl.where(r_P[None, :] == n_up[:, None], cnt, 0), 1)  # the count at the next pivot",
@@ -341,14 +341,15 @@ def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
     ] + words + ["row = tl.max(tl.max(ci, 1), 0)"] + union + ["n_union += row"]
     return (["ties = tl.zeros([BM], tl.int32)", "r_bit = tl.arange(0, BN)",
              "n_union = tl.sum(tl.zeros([BN], tl.int32), 0)",
-             "for kb in range(0, n_kb):  # the choice written"] + _indent(body) + count)
+             "for kb in range(b_lo, b_hi):  # the choice written"] + _indent(body) + count)
 
 
 def _tokens(sched: SoftmaxSchedule, kp) -> list[str]:
     """A choice of key tokens (passes.select, per_token): the search for each query's cut-off (none for an
     uncapped threshold), then the bits and the union written."""
     selection = sched.select.selection
-    lines = list(_GROUP_LEADER) if selection.shared else []
+    # the key blocks holding a key the masks or force lines allow (passes.select: SelectSchedule.keys)
+    lines = (list(_GROUP_LEADER) if selection.shared else []) + _bounds(sched.select.keys, "q")
     if not (selection.criterion[0] == "threshold" and selection.limit is None):
         lines += _token_search(sched, kp)
     return lines + _token_write(sched, kp)
