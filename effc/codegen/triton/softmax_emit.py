@@ -187,11 +187,13 @@ class Leaf:
     stored: bool = True  # laid out by the runtime, {d}_S wide; False: the caller's tensor, {d} wide (a KV cache)
 
     def load(self, side: str, masked: bool = True, ptr: str | None = None, base: str | None = None,
-             row_heads: bool = False) -> str:
+             row_heads: bool = False, volatile: bool = False) -> str:
         """masked=False: a block wholly inside the sequence (the walk's mask-free blocks) loads unmasked.
         `ptr` and `base`: another buffer of the leaf (a KV cache) and its sequence's first token. Rows are
         `stored` wide ({d}_S columns, see runtime.softmax_op.stored_width) unless stored=False.
-        `row_heads`: query rows are (token t_M, head h_M) pairs (decoding)."""
+        `row_heads`: query rows are (token t_M, head h_M) pairs (decoding). `volatile`: a load Triton may not
+        hoist out of the loop around it (a loop-invariant tile per head of a group would otherwise stay in
+        shared memory for every head at once)."""
         rows, valid = ("t_M" if row_heads else "r_M", "qv") if side == "lq" else ("r_N", "kv")
         width = STORED if self.stored else ""
         offs = _offsets(self.name, self.feats, f"HX_{self.name}", rows,
@@ -204,6 +206,8 @@ class Leaf:
             mask = f", mask=({m}[None, :] if {cond} else None), other=(0.0 if {cond} else None)"
         else:
             mask = ""
+        if volatile:
+            mask += ", volatile=True"
         return (f"{side}_{self.name}_raw = tl.load({ptr} + {offs}{mask})\n"
                 f"{side}_{self.name} = {side}_{self.name}_raw.to(tl.float32)")
 
