@@ -491,10 +491,20 @@ def select_chunk(bm: int, n_kb: int, interpreting: bool) -> int:
 
 
 def search_chunk(bm: int, interpreting: bool) -> int:
-    """A choice of key tokens' search chunk SB (codegen.triton.select_emit): its [BM, SB, 16] pivot compares
-    held to the select tile budget, a power of two >= 16 (a tl.dot's N); 64 under the interpreter, whose cost
-    is per reduction, not per element."""
-    return 64 if interpreting else max(16, _SELECT_TILE // (16 * bm))
+    """A choice of key tokens' search chunk SB (codegen.triton.select_emit): the keys scored at a time, a
+    power of two >= 16 (a tl.dot's N), its [BM, SB] scores held to the select tile budget; 64 under the
+    interpreter, whose cost is per reduction, not per element."""
+    return 64 if interpreting else max(16, min(64, _SELECT_TILE // bm))
+
+
+def pivot_group(bm: int, sb: int, interpreting: bool) -> int:
+    """The search's pivots counted per reduction PG: its [BM, SB, PG] compares held to the select tile
+    budget (at BM = 128 and SB = 64, one pivot a reduction: a [BM, SB, 16] tile spilled, 1 s for DSA's select
+    at 2x8192 on the H200); all 16 at once under the interpreter."""
+    if interpreting:
+        return 16
+    fit = max(1, _SELECT_TILE // (bm * sb))
+    return min(16, 1 << (fit.bit_length() - 1))
 
 
 def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *, chunk: int | None = None,

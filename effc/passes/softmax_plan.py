@@ -179,7 +179,7 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
                  "bwd_dkv": ["tmask_ptr", "klist_ptr", "kcnt_ptr"],
                  "select": ["tmask_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr"],
                  "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
-        tiles = {"select": ["KTOP", "NW", "GROUP", "SB"], "select_t": ["NQBP"]}.get(name, ["NW", "GROUP"])
+        tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"]}.get(name, ["NW", "GROUP"])
         return lists, ["NQB", "NKB"], tiles, []
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
     lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"], "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],

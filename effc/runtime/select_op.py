@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..passes.softmax import search_chunk, select_chunk
+from ..passes.softmax import pivot_group, search_chunk, select_chunk
 from .checks import interpreting
 from .select_oracle import check_criterion, head_group
 
@@ -35,7 +35,9 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     if sel.selection.shared or sel.per_token:
         sizes["GROUP"] = head_group(op.spec, dict(zip(op.sched.leaves, leaves)), H) if sel.selection.shared else 1
     if sel.per_token:  # topk's k or a cap in tokens; an uncapped threshold takes no count
-        sizes.update(KTOP=sel.selection.slots or 1, NW=-(-sb // 32), SB=search_chunk(bm, interpreting()))
+        search = search_chunk(bm, interpreting())
+        sizes.update(KTOP=sel.selection.slots or 1, NW=-(-sb // 32), SB=search,
+                     PG=pivot_group(bm, search, interpreting()))
     out = dict(sizes)
     for p in sel.pools:
         feats = tuple(int(meta[str(d)]) for d in op.sched.types[p.leaf].shape[1:])

@@ -127,7 +127,8 @@ def test_bf16_token_selection_agrees():
 
     op = effc.load("dsa")
     xs = random_inputs(op.spec, 1, 3000, 4, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=4)
-    xs[4] = xs[4][:, :, :1].contiguous()  # one indexer key head: the four query heads choose together
+    for i in (1, 2, 4):  # one key head (k, v and the indexer key): the four query heads choose together
+        xs[i] = xs[i][:, :, :1].contiguous()
     ours = op.select_blocks(*xs)[..., :3000].permute(0, 2, 1, 3).cpu()  # (B, H, T, T)
     exact = dsa_choice(*(x.cpu() for x in xs[3:]))
     rounded = dsa_choice(*(x.cpu() for x in xs[3:]), dtype=torch.float32)

@@ -60,7 +60,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32.
     `dims`: feature dim sizes (default 128 each), any size (padded tiles). `decode`: the DECODE variant of a
     kernel that takes it (a select stage's, over KV caches: runtime.softmax_decode)."""
-    from ...passes.softmax import choose_softmax_tiles, search_chunk, select_chunk
+    from ...passes.softmax import choose_softmax_tiles, pivot_group, search_chunk, select_chunk
     from ...policy.tiling import padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
@@ -83,7 +83,8 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
         const["KP"] = max(2, 1 << (slots - 1).bit_length())  # (runtime.select_op)
         const.update(KTOP=slots, GROUP=1, NQBP=64, CB=select_chunk(bm, 1 << 20, False))
     if sel is not None and sel.per_token:  # a choice of key tokens: bits per (query, key block), the search chunk
-        const.update(NW=-(-sel.block // 32), SB=search_chunk(bm, False))
+        const.update(NW=-(-sel.block // 32), SB=search_chunk(bm, False),
+                     PG=pivot_group(bm, search_chunk(bm, False), False))
     return _compile(fn, sig, const, warps, stages)
 
 

@@ -293,7 +293,7 @@ def _token_block(sched: SoftmaxSchedule, kp, start: str, width: str) -> list[str
              "kpos_f = r_N.to(tl.float32)[None, :]"] + loads + _masked_scores(sched, kp, width)
             + [valid,
                "bits = tl.where(g == 0.0, 0.0, g).to(tl.int32, bitcast=True)",
-               "u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)"])
+               "u = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)"])
 
 
 def _token_search(sched: SoftmaxSchedule, kp) -> list[str]:
@@ -301,18 +301,23 @@ def _token_search(sched: SoftmaxSchedule, kp) -> list[str]:
     u when fewer exist), found 4 bits a round: per round, the keys at or above each of _PIVOTS evenly spaced
     pivots counted over the sequence; `n_gt` the keys above t, so the ties at t taken are the first
     KTOP - n_gt by position."""
+    # PG pivots a reduction ([BM, SB, PG] compares; passes.softmax.pivot_group), placed into cnt's columns;
+    # pivots past the int32 range clamp to its top, which no choosable key reaches (it is a nan's u)
+    count = [f"for j0 in tl.static_range(0, {_PIVOTS}, PG):",
+             "    pivot = tl.minimum(lo[:, None] + (j0 + 1 + r_G)[None, :].to(tl.int64) * step[:, None], "
+             "0x7FFFFFFF).to(tl.int32)",
+             "    n_j = tl.sum((valid[:, :, None] & (u[:, :, None] >= pivot[:, None, :])).to(tl.int32), 1)",
+             "    cnt += tl.sum(tl.where((j0 + r_G)[None, :, None] == r_P[None, None, :], n_j[:, :, None], 0), 1)"]
     body = ["step = lo * 0 + (1 << (28 - 4 * digit))  # int64: the round's pivots span 2^(32 - 4 digit)",
-            "pivot = lo[:, None] + (r_P[None, :] + 1).to(tl.int64) * step[:, None]",
             f"cnt = tl.zeros([BM, {_PIVOTS}], tl.int32)",
-            "for c0 in range(b_lo * BN, b_hi * BN, SB):"] + _indent(_token_block(sched, kp, "c0", "SB") + [
-                "cnt += tl.sum((valid[:, :, None] & (u[:, :, None] >= pivot[:, None, :])).to(tl.int32), 1)"]) + [
+            "for c0 in range(b_lo * BN, b_hi * BN, SB):"] + _indent(_token_block(sched, kp, "c0", "SB") + count) + [
         f"n_up = tl.sum(((r_P[None, :] < {_PIVOTS - 1}) & (cnt >= KTOP)).to(tl.int32), 1)  # pivots still holding KTOP",
         "n_gt = tl.sum(tl.where(r_P[None, :] == n_up[:, None], cnt, 0), 1)  # the count at the next pivot",
         "lo = lo + n_up * step"]
-    return ([f"r_P = tl.arange(0, {_PIVOTS})", "lo = tl.full([BM], -2147483648, tl.int64)",
+    return ([f"r_P = tl.arange(0, {_PIVOTS})", "r_G = tl.arange(0, PG)", "lo = tl.full([BM], -2147483648, tl.int64)",
              "n_gt = tl.zeros([BM], tl.int32)",
              f"for digit in tl.static_range({_ROUNDS}):  # the cut-off's bits, 4 a round"] + _indent(body)
-            + ["t = lo", "need = KTOP - n_gt  # the ties at t taken, by position"])
+            + ["t = lo.to(tl.int32)", "need = KTOP - n_gt  # the ties at t taken, by position"])
 
 
 def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
