@@ -370,3 +370,17 @@ def test_an_output_over_the_split_dim():
     assert op.last_dim_parts == "parts: K=48 as 32 + 16"
     for a, b in zip(got[0] + got[1], want[0] + want[1]):
         assert judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
+def test_a_gpu_call_keeps_a_vector_state_padded_until_its_fault_is_diagnosed():
+    """policy.triton_faults.parts_fault: mlstm_sig's backward in parts was wrong on the H200; a GPU call of a
+    spec whose vector state would split runs padded and says why; the CPU (interpreter) and a spec with
+    matrix states only still run parts."""
+    from effc.runtime.dim_parts import choose_parts
+    for name, device, held in (("mlstm_sig", "cuda", True), ("mlstm_sig", "cpu", False), ("gla", "cuda", False)):
+        op = effc.load(name)
+        shapes = [(1, 8, 1) + tuple(96 for _ in d.dims[3:]) for d in op.spec.inputs]
+        cache = {}
+        key = choose_parts(op, tuple(shapes), cache, device)
+        assert (cache[key][0] is None) == held, (name, device)
+        assert ("vector state n: [K]" in op.last_dim_parts) == held, op.last_dim_parts

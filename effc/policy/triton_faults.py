@@ -68,6 +68,19 @@ def backward_warps(num_warps: int, kernels, device: torch.device) -> int:
     return max(8, num_warps)
 
 
+def parts_fault(spec, dims) -> str | None:
+    """Why a call on a GPU keeps the padded tile rather than running `dims` in parts (runtime.dim_parts):
+    mlstm_sig's backward with K=96 as 64 + 32 gave every gradient wrong in bf16 on the H200 (2026-12-05,
+    Triton 3.6: 7 checks over their bound at T=63, an illegal address at T=2048), where the fp32 interpreter
+    matches the oracle and gla, delta_net_l2 and gated_delta_net pass in parts; what sets it apart is its
+    vector state n: [K], split too. Not diagnosed yet: such a split waits for the GPU's word."""
+    for s in spec.states:
+        if len(s.dims) == 1 and s.dims[0] in dims:
+            return (f"padded tiles on the GPU: the vector state {s.name}: [{s.dims[0]}] in parts gave wrong bf16 "
+                    "gradients on the H200 (2026-12-05), not diagnosed yet (policy.triton_faults.parts_fault)")
+    return None
+
+
 # dots in one gradient kernel above which the split block stays at most 32 wide on an affected GPU: between
 # the longest chain seen right at 64 (rwkv7's 27) and the shortest seen faulting (log_linear_attn's 34)
 LONG_DOT_CHAIN = 30

@@ -134,12 +134,18 @@ def split_op(op, sizes: dict[str, tuple[int, int]]):
     return type(op)(split, op.backend, parts=PartMap(spec, split.typed, owner=op))  # an AttentionOp
 
 
-def choose_parts(op, shapes: tuple, cache: dict) -> tuple:
-    """Which dims of a call with these tensor shapes run in parts: a key of `cache`, which holds the split op
-    for those dims (one for every size they take) or None: no dim gains from parts, or the spec cannot split
-    them (`op.last_dim_parts` says which and why)."""
+def choose_parts(op, shapes: tuple, cache: dict, device: str = "cpu") -> tuple:
+    """Which dims of a call with these tensor shapes, on a `device` of this type, run in parts: a key of
+    `cache`, which holds the split op for those dims (one for every size they take) or None: no dim gains from
+    parts, the spec cannot split them, or the GPU would not run them right (policy.triton_faults.parts_fault;
+    `op.last_dim_parts` says which and why)."""
+    from ..policy.triton_faults import parts_fault
     sizes = parts_for(op, shapes)
     key = tuple(sorted(sizes))
+    held = parts_fault(op.spec, sizes) if device == "cuda" and sizes else None
+    if held:
+        key = ("held",) + key
+        cache.setdefault(key, (None, held))
     if key not in cache:
         try:
             cache[key] = (split_op(op, sizes) if sizes else None), ""

@@ -104,7 +104,9 @@ class AttentionOp(Tuned):
             raise ArgumentError(f"dim_parts must be True or False, got {dim_parts!r}")
         inner = None
         if dim_parts and self.parts is None and self.spec.family == "linear":
-            key = host_parts(id(self), tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in tensors))
+            first = next((t for t in tensors if torch.is_tensor(t)), None)
+            key = host_parts(id(self), tuple(tuple(t.shape) if torch.is_tensor(t) else None for t in tensors),
+                             first.device.type if first is not None else "cpu")
             inner = self._parted[key][0]
         if inner is not None:
             res = inner(*tensors, initial_state=initial_state, output_final_state=output_final_state,
@@ -139,8 +141,8 @@ class AttentionOp(Tuned):
         caller_dims = tuple((n, s) for n, s in problem.dims if n in self.interface.dims)
         return self.parts.owner, replace(problem, dims=caller_dims)
 
-    def _choose_parts(self, shapes: tuple) -> tuple:
-        return choose_parts(self, shapes, self._parted)
+    def _choose_parts(self, shapes: tuple, device: str = "cpu") -> tuple:
+        return choose_parts(self, shapes, self._parted, device)
 
     def _pos_offset(self, pos_offset) -> int:
         if not isinstance(pos_offset, int) or isinstance(pos_offset, bool) or pos_offset < 0:

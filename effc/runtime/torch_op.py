@@ -61,10 +61,10 @@ def host_plan(op_id: int, *args):
 
 
 @_constant_under_compile
-def host_parts(op_id: int, shapes: tuple) -> tuple:
-    """`op._choose_parts(shapes)`: which feature dims of a call run in power-of-two parts, a constant per shape
-    under compile (runtime.dim_parts)."""
-    return _LIVE[op_id]._choose_parts(shapes)
+def host_parts(op_id: int, shapes: tuple, device: str) -> tuple:
+    """`op._choose_parts(shapes, device)`: which feature dims of a call run in power-of-two parts, a constant
+    per shape and device type under compile (runtime.dim_parts)."""
+    return _LIVE[op_id]._choose_parts(shapes, device)
 
 
 def call_lengths(cu_seqlens, first) -> Optional[int]:
