@@ -73,7 +73,9 @@ def parts_fault(spec, dims) -> str | None:
     mlstm_sig's backward with K=96 as 64 + 32 gave every gradient wrong in bf16 on the H200 (2026-12-05,
     Triton 3.6: 7 checks over their bound at T=63, an illegal address at T=2048), where the fp32 interpreter
     matches the oracle and gla, delta_net_l2 and gated_delta_net pass in parts; what sets it apart is its
-    vector state n: [K], split too. Not diagnosed yet: such a split waits for the GPU's word."""
+    vector state n: [K], split too. Forced on and off in one run: padded, mlstm_sig and mlstm pass; in parts
+    both fail (mlstm faults at D=96), and compute-sanitizer sees no bad access at T=63. The kernel at fault is
+    not found yet: such a split waits for it."""
     for s in spec.states:
         if len(s.dims) == 1 and s.dims[0] in dims:
             return (f"padded tiles on the GPU: the vector state {s.name}: [{s.dims[0]}] in parts gave wrong bf16 "
