@@ -86,14 +86,14 @@ def kernel_choice(op, tensors, cu_seqlens=None, chunk: int | None = None, **para
     meta = op._meta(cfg.fwd, H, heads, dims, cu_seqlens, first.dtype)
     bufs = selection_buffers(op, cfg, named, meta, n_seq, longest, H, leaves, transpose=False)
     if op.sched.select.per_token:
-        return _chosen_tokens(bufs, op.sched.select.block, H)
+        return _chosen_tokens(bufs, op.sched.select.block)
     sel = bufs["sel_ptr"].long()
     nb = bufs["NKB"]
     chosen = torch.zeros(sel.shape[:3] + (nb + 1,), dtype=torch.bool, device=sel.device)
     return chosen.scatter(-1, torch.where(sel < 0, nb, sel), True)[..., :nb]
 
 
-def _chosen_tokens(bufs: dict, block: int, H: int) -> torch.Tensor:
+def _chosen_tokens(bufs: dict, block: int) -> torch.Tensor:
     """A choice of key tokens' bits -> (B, T, H, n) bool (n: the longest sequence's blocks x `block`)."""
     words = bufs["tmask_ptr"]  # (B, T, H / GROUP, NKB, NW) int32
     shifts = torch.arange(32, device=words.device, dtype=torch.int32)

@@ -49,13 +49,13 @@ def cache_names(op) -> tuple[str, ...]:
                                   f"'{sel.selection.score}' per key token) is not lowered; op(...) over the whole "
                                   "sequence runs it")
     by_forward = _by_forward(op)
-    why = by_forward or ("a select stage" if op.sched.select is not None else None)
+    why = by_forward or ("a select stage" if sel is not None else None)
     if why is not None and op.spec.prefix.ops:
         raise NotImplementedError(f"{op.name}: decoding with {why} and a prefix stage is not implemented (the "
                                   "prefix values would need caching); op(...) over the whole sequence runs it")
     if by_forward is not None:
         return tuple(d.name for d in op.spec.inputs if "key" in d.annotations and not _on_keyseq(op, d))
-    if op.sched.select is not None:  # the select stage's kernels and the forward walk read these on the key side
+    if sel is not None:  # the select stage's kernels and the forward walk read these on the key side
         return op.comp.plan.key_leaves
     return op.comp.plan.kernel("decode").key_loads
 

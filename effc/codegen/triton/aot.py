@@ -83,8 +83,8 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
         const["KP"] = max(2, 1 << (slots - 1).bit_length())  # (runtime.select_op)
         const.update(KTOP=slots, GROUP=1, NQBP=64, CB=select_chunk(bm, 1 << 20, False))
     if sel is not None and sel.per_token:  # a choice of key tokens: bits per (query, key block), the search chunk
-        const.update(NW=-(-sel.block // 32), SB=search_chunk(bm, False),
-                     PG=pivot_group(bm, search_chunk(bm, False), False))
+        search = search_chunk(bm, False)
+        const.update(NW=-(-sel.block // 32), SB=search, PG=pivot_group(bm, search, False))
     return _compile(fn, sig, const, warps, stages)
 
 

@@ -13,6 +13,11 @@ from .softmax_emit import KernelView, Leaf, SoftmaxPrinter, _bounds, _feats, _kb
 _NEG = '-float("inf")'
 
 
+def _at_least(value: str) -> str:
+    """threshold's take on the masked scores: forced (+inf), or a candidate (> -inf) scoring >= x."""
+    return f'(g == float("inf")) | ((g > {_NEG}) & (g >= {value}))'
+
+
 class SelectPrinter(SoftmaxPrinter):
     """Select-stage values: per-token leaves on the query side, pooled tiles (loaded as their values, v_*),
     and the block indices qblock [BM, 1], kblock [1, CB] (a chunk of key blocks; NBP: every one)."""
@@ -183,7 +188,7 @@ def _chunk(sched: SoftmaxSchedule, kp) -> list[str]:
         return lines
     takeable = f"g > {_NEG}"
     if kind == "threshold":  # capped: the candidates under x are not taken; the cap keeps the first KTOP
-        takeable = f'(g == float("inf")) | ((g > {_NEG}) & (g >= {value}))'
+        takeable = _at_least(value)
     return lines + [
         "bits = tl.where(g == 0.0, 0.0, g).to(tl.int32, bitcast=True)  # -0.0 keyed as +0.0: equal scores tie",
         "key = (tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) << 32) + (0x7FFFFFFF - r_B)[None, :]",
@@ -238,7 +243,7 @@ def _write(sched: SoftmaxSchedule, kp) -> list[str]:
     selection = sched.select.selection
     kind, value = selection.criterion[0], SelectPrinter(sched, {}).ref(selection.criterion[1])
     if kind == "threshold" and selection.limit is None:
-        choose = f'chosen = (g == float("inf")) | ((g > {_NEG}) & (g >= {value}))'
+        choose = f"chosen = {_at_least(value)}"
     else:
         choose = "chosen = key >= cut[:, None]"
     per_token = "sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP"
@@ -288,7 +293,7 @@ def _token_block(sched: SoftmaxSchedule, kp, start: str, width: str) -> list[str
     valid = f"valid = g > {_NEG}"
     if selection.criterion[0] == "threshold" and selection.limit is not None:  # capped: the first KTOP of those >= x
         x = SelectPrinter(sched, {}).ref(selection.criterion[1])
-        valid = f'valid = (g == float("inf")) | ((g > {_NEG}) & (g >= {x}))'
+        valid = f"valid = {_at_least(x)}"
     return ([f"r_N = {start} + tl.arange(0, {width})", "kv = r_N < T_seq", "bv = kv",
              "kpos_f = r_N.to(tl.float32)[None, :]"] + loads + _masked_scores(sched, kp, width)
             + [valid,
@@ -327,7 +332,7 @@ def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
     selection = sched.select.selection
     kind, value = selection.criterion[0], SelectPrinter(sched, {}).ref(selection.criterion[1])
     if kind == "threshold" and selection.limit is None:
-        choose = [f'chosen = valid & ((g == float("inf")) | (g >= {value}))']
+        choose = [f"chosen = {_at_least(value)}"]
     else:
         choose = ["tie = (valid & (u == t[:, None])).to(tl.int32)",
                   "chosen = valid & ((u > t[:, None]) | ((tie > 0) & (ties[:, None] + tl.cumsum(tie, 1) <= "

@@ -360,22 +360,17 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
     if sched.select is None:
         return
     kv.listed = True
-    if sched.select.per_token:
-        kv.list_lines = (["n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
-                          "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"] if outer == "q" else
-                         ["n_sel = tl.load(kcnt_ptr + i_bh * NKB + pid)",
-                          "list_base = klist_ptr + (i_bh * NKB + pid) * NQB"])
-        kv.body[True] = _token_chosen("blk" if outer == "q" else "pid") + kv.body[True]
-        return
+    tokens = sched.select.per_token  # a choice of key tokens: the block's bits, not each query's list
+    block = "blk" if outer == "q" else "pid"
+    own = _token_chosen(block) if tokens else [f"chosen = tl.sum(tl.where(sel_q == {block}, 1, 0), 1) > 0"]
     if outer == "q":
-        kv.list_lines = [_SEL_LOAD, "n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
-                         "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
-        chosen = ["chosen = tl.sum(tl.where(sel_q == blk, 1, 0), 1) > 0"]
+        kv.list_lines = ([] if tokens else [_SEL_LOAD]) + ["n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
+                                                            "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
     else:
         kv.list_lines = ["n_sel = tl.load(kcnt_ptr + i_bh * NKB + pid)",
                          "list_base = klist_ptr + (i_bh * NKB + pid) * NQB"]
-        chosen = [_SEL_LOAD, "chosen = tl.sum(tl.where(sel_q == pid, 1, 0), 1) > 0"]
-    kv.body[True] = chosen + kv.body[True]
+        own = ([] if tokens else [_SEL_LOAD]) + own
+    kv.body[True] = own + kv.body[True]
 
 
 def _score2(sched: SoftmaxSchedule, gi: int) -> str:
