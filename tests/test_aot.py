@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import effc
+from effc.passes.softmax_plan import head_rows
 
 SCRIPT = r"""
 import json, sys
@@ -58,7 +59,8 @@ results = {}
 for spec in sys.argv[1:]:
     op = effc.load(spec)
     op = getattr(op, "softmax", op)  # a hybrid's softmax branch
-    for kernel in SOFTMAX_KERNELS:
+    # the head-rows walks of a choice of key blocks too (passes.softmax_plan.HEAD_ROWS_KERNELS)
+    for kernel in SOFTMAX_KERNELS + tuple(k.name for k in op.comp.plan.kernels if k.name.endswith("_rows")):
         # the model's tiles, with the stages the launch steps down to where they do not fit (launch_fitting)
         k = compile_softmax_fitting(op, kernel)
         ptx = k.asm["ptx"]
@@ -88,7 +90,9 @@ def _compile_in_subprocesses(script: str, names: list[str], tmp_path) -> dict:
 def test_softmax_family_kernels_compile_for_sm90(name, tmp_path):
     names = [name]
     results = _compile_in_subprocesses(SOFTMAX_SCRIPT, names, tmp_path)
-    assert set(results) == {f"{n}.{k}" for n in names for k in ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")}
+    op = effc.load(name)
+    rows = ("fwd_rows", "bwd_dq_rows") if head_rows(getattr(op, "softmax", op).sched) else ()
+    assert set(results) == {f"{n}.{k}" for n in names for k in ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv") + rows}
     for kernel, r in results.items():
         assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"
         assert r["shared"] <= 232448, (f"{kernel}: {r['shared']} bytes of shared memory at {r['stages']} stage(s) "

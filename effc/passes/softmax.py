@@ -28,7 +28,7 @@ from ..ir.nodes import CK, C, Op, Spec, Stage, TileType
 from ..ir.printer import print_op
 from ..policy.tiling import IsPow2, TilingSpace, padded
 from .blocksparse import BlockSparsity, derive
-from .select import SelectSchedule, analyze_select, select_leaf_types, type_select
+from .select import SelectSchedule, analyze_select, chooses_tokens, select_leaf_types, type_select
 from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
@@ -449,6 +449,10 @@ class SoftmaxTiles:
     dq: tuple[int, int, int, int]
     dkv: tuple[int, int, int, int]
     pre: tuple[int, int, int, int]
+    # a choice of key blocks (passes.select): the forward and dQ walk with rows (query token, query head of a
+    # key head's group), each token's chosen blocks once (`fwd_rows`, `bwd_dq_rows`); False: rows are a block
+    # of one head's query tokens walking the union of their choices
+    head_rows: bool = False
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
     # the knobs of the linear family's configs (`effc bench`, `effc tune`): the forward kernel's
@@ -474,6 +478,8 @@ class SoftmaxTiles:
     def __str__(self) -> str:
         head = (f"fwd BM={self.fwd[0]} BN={self.fwd[1]} warps={self.fwd[2]} stages={self.fwd[3]}; "
                 f"dq BM={self.dq[0]} BN={self.dq[1]}; dkv BM={self.dkv[0]} BN={self.dkv[1]}")
+        if self.head_rows:
+            head += "; rows (query token, query head)"
         return head + "".join(f"\n  - {r}" for r in self.reasons)
 
 
@@ -509,12 +515,15 @@ def pivot_group(bm: int, sb: int, interpreting: bool) -> int:
 
 def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *, chunk: int | None = None,
                          block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                         segments: int | None = None, tuned: dict | None = None) -> SoftmaxTiles:
+                         segments: int | None = None, partition: str | None = None,
+                         tuned: dict | None = None) -> SoftmaxTiles:
     """Block sizes by a simple register / shared-memory rule for Hopper (and small blocks under the
     interpreter); `chunk` (query block) and `block` (key block) override it for every kernel.
     `tuned` (the knobs of an `effc tune` entry: chunk, block, num_warps, num_stages) sets the forward
     kernel's tiles, the explicit arguments still winning; the backward kernels keep the model's (they
-    read only per-token values the forward saved, so any forward tiling serves them)."""
+    read only per-token values the forward saved, so any forward tiling serves them). `partition`: 'heads'
+    or 'tokens' for a choice of key blocks (SoftmaxTiles.head_rows), else the tuned entry's, else
+    `default_partition`'s."""
     for d, v in dims.items():
         if v < 1:
             raise SpecError(f"feature dim {d}={v}: must be >= 1")
@@ -572,7 +581,43 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
         reasons.append(f"select stage: every walk's key tile is the selected block ({sb}) and its query block the "
                        f"lists' ({fwd[0]}); the select kernel scores the key blocks "
                        f"{select_chunk(fwd[0], 1 << 30, interpreting)} at a time (at most)")
-    return SoftmaxTiles(fwd, dq, dkv, pre, tuple(reasons))
+    chosen = partition or (tuned or {}).get("partition")
+    head_rows = (chosen or default_partition(spec)) == "heads"
+    if head_rows:
+        reasons.append("partition 'heads': the forward and dQ walk each query token's chosen blocks for the query "
+                       "heads sharing its key head at once, each block read once for them"
+                       + {None: " (a choice shared by a head group)"}.get(chosen, f" ({chosen!r} given)"))
+    return SoftmaxTiles(fwd, dq, dkv, pre, head_rows, tuple(reasons))
+
+
+# how a choice of key blocks partitions the query-side walks' rows among programs (SoftmaxTiles.head_rows)
+ROW_PARTITIONS = {
+    "heads": "rows (query token, query head of a key head's group): each token's chosen blocks walked once for "
+             "the group's heads (NSA's kernel order)",
+    "tokens": "rows a block of one head's query tokens, walking the union of their chosen blocks",
+}
+
+
+def head_rows_tile(group: int) -> tuple[int, int]:
+    """(BM, warps) of a head-rows walk for `group` query heads a key head: the rows a power of two >= 16 (a
+    tl.dot's M; 16 // group tokens a program below 16 heads), 4 warps (a 16-row tile leaves 8 warps idle)."""
+    return max(16, 1 << (group - 1).bit_length()), 4
+
+
+def row_partitions(spec: Spec) -> tuple[str, ...]:
+    """The partitions of the query-side walks' rows a spec (typed) has: both for a choice of key blocks, none
+    otherwise (token rows only: a choice of key tokens walks its bits per query block)."""
+    return tuple(ROW_PARTITIONS) if spec.selection is not None and not chooses_tokens(spec) else ()
+
+
+def default_partition(spec: Spec) -> str | None:
+    """The model's partition: 'heads' for a choice shared by a head group (NSA, InfLLM-V2): its heads walk the
+    same blocks, so one program reads each of a token's k blocks once for G heads, where a block of one head's
+    query tokens walks the union of their choices (for uncorrelated choices, nearly every visible block:
+    docs/design.md); 'tokens' for a per-head choice (16 tokens' choices a program at best, against 128)."""
+    if not row_partitions(spec):
+        return None
+    return "heads" if spec.selection.shared else "tokens"
 
 
 def softmax_tiling_space(sched: SoftmaxSchedule) -> TilingSpace:

@@ -9,7 +9,8 @@ from .blocksparse import NEG, POS
 from .fusion import live_ops
 from .hybrid import HybridSplit
 from .kernel_plan import Kernel, kernel_args, unique_args
-from .softmax import SoftmaxSchedule
+from ..errors import ArgumentError
+from .softmax import ROW_PARTITIONS, SoftmaxSchedule, default_partition, row_partitions
 from .softmax_bwd import SoftmaxBackward
 
 
@@ -29,11 +30,39 @@ class SoftmaxKernel(Kernel):
 
 
 @dataclass(frozen=True)
+class RowPartition:
+    """How the query-side walks' rows are partitioned among programs (passes.softmax.ROW_PARTITIONS): the
+    `partition=` knob of a call and `effc tune`'s alternatives, as the linear family's gradient partitions."""
+    name: str
+    kernels: tuple[str, ...]  # the query-side walks it launches
+    what: str
+
+
+@dataclass(frozen=True)
 class SoftmaxPlan:
     spec: Spec
     kernels: tuple[SoftmaxKernel, ...]
     schedule: SoftmaxSchedule
     backward: SoftmaxBackward
+
+    @property
+    def partitions(self) -> tuple[RowPartition, ...]:
+        """The row partitions of a choice of key blocks ('heads', 'tokens'); none for other specs."""
+        names = {"heads": ("fwd_rows", "bwd_dq_rows"), "tokens": ("fwd", "bwd_dq")}
+        return tuple(RowPartition(n, names[n], ROW_PARTITIONS[n]) for n in row_partitions(self.spec))
+
+    @property
+    def partition(self) -> str | None:
+        """The model's partition (passes.softmax.default_partition)."""
+        return default_partition(self.spec)
+
+    def check_partition(self, partition: str | None) -> None:
+        names = [c.name for c in self.partitions]
+        if partition is not None and partition not in names:
+            raise ArgumentError(f"partition={partition!r}: spec '{self.spec.name}' has "
+                                + (f"the row partitions {', '.join(map(repr, names))}" if names else
+                                   "one partition of its walks (no select stage choosing key blocks; pass "
+                                   "partition=None)"))
 
     def kernel(self, name: str) -> SoftmaxKernel:
         name = {"walk": "fwd"}.get(name, name)  # the forward kernel under the linear family's name
@@ -55,6 +84,8 @@ class SoftmaxPlan:
                    for s in (k.outer, _OTHER[k.outer])[:2 if k.walk or loads[_OTHER[k.outer]] else 1]]
             lines += [f"  kernel {k.name} [{' + '.join(k.stages)}]: grid {k.grid}: {k.what}",
                       f"    {'; '.join(per)}; store {', '.join(d.name for d in k.stores) or '-'}"]
+        lines += [f"  partition {c.name}: {', '.join(c.kernels)}: {c.what}"
+                  + (" (the default)" if c.name == self.partition else "") for c in self.partitions]
         lines += ["  prefix (PyTorch pre-pass over whole sequences, differentiated by autograd):"
                   if self.spec.prefix.ops else "  prefix: none"]
         lines += [f"    {print_op(op)}" for op in self.spec.prefix.ops]
@@ -72,6 +103,15 @@ SOFTMAX_KERNELS = (
      "log-sum-exp, accumulate the query-side adjoints"),
     ("bwd_dkv", "bwd_walk", ("score", "merge"), "k", "walk the query blocks that see the key block, accumulate "
      "the key-side adjoints and P^T dR"),
+)
+# the query-side walks over a choice of key blocks with head rows (passes.select, `head_rows`): a program per
+# (a few query tokens, the G query heads sharing their key heads), its rows (token, head) pairs, walking each
+# token's chosen blocks once (NSA's kernel order); runtime.softmax_op picks them per call (SoftmaxTiles.head_rows)
+HEAD_ROWS_KERNELS = (
+    ("fwd_rows", "walk", ("score", "merge"), "q", "the forward with rows (query token, query head of a group): walk "
+     "each token's chosen key blocks, a block once; the epilogue fused; saves the log-sum-exp"),
+    ("bwd_dq_rows", "bwd_walk", ("score", "merge"), "q", "dQ with rows (query token, query head of a group): walk "
+     "each token's chosen key blocks, a block once, recompute P from the log-sum-exp"),
 )
 # the select stage's kernels (passes.select), launched before the forward: name, role, the program's side, what
 SELECT_KERNELS = (
@@ -100,8 +140,20 @@ def _layout(sched: SoftmaxSchedule) -> tuple[str, ...]:
     return _LAYOUT + (_KEYSEQ_LAYOUT if sched.spec.keyseq is not None else ())
 
 
+def base_kernel(name: str) -> str:
+    """The kernel a head-rows variant walks for (`fwd_rows` -> `fwd`): the same ops, buffers and leaves."""
+    return name.removesuffix("_rows")
+
+
+def head_rows(sched: SoftmaxSchedule) -> bool:
+    """Has the plan the head-rows walks? A choice of key blocks read from `sel` (a choice of key tokens walks
+    its bits per query block)."""
+    return sched.select is not None and not sched.select.per_token
+
+
 def _kernel_ops(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple:
     """Every op a kernel prints (codegen/triton/softmax_emit.py)."""
+    name = base_kernel(name)
     if name == "fwd":
         return sched.c_ops + sched.q_ops + sched.k_ops + sched.p_ops + sched.post_ops
     kp = {"bwd_pre": bwd.pre, "bwd_dq": bwd.dq, "bwd_dkv": bwd.dkv}[name]
@@ -142,6 +194,7 @@ def _params_read(sched: SoftmaxSchedule, ops, walk: bool, outer: str) -> tuple[s
 def _buffers(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple[str, ...]:
     """The pointer arguments after the leaves: outputs, saved statistics, cotangents and gradients."""
     spec = sched.spec
+    name = base_kernel(name)
     outputs = [o.name for o in spec.outputs]
     saved = lambda g: [f"{r.out}_save_ptr" for r in g.reductions if r.out not in outputs]
     if name == "fwd":
@@ -181,6 +234,8 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
                  "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
         tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"]}.get(name, ["NW", "GROUP"])
         return lists, ["NQB", "NKB"], tiles, []
+    if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice
+        return ["sel_ptr"], [], ["KP", "KTOP", "G"], []
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
     lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"], "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
              "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,
@@ -285,7 +340,7 @@ def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
 def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> SoftmaxPlan:
     leaf_dims = sorted({str(d) for x in sched.leaves for d in sched.types[x].shape[1:]})
     kernels = _select_kernels(sched, leaf_dims) if sched.select is not None else []
-    for name, role, stages, outer, what in SOFTMAX_KERNELS:
+    for name, role, stages, outer, what in SOFTMAX_KERNELS + (HEAD_ROWS_KERNELS if head_rows(sched) else ()):
         ops = _kernel_ops(sched, bwd, name)
         q, k = _leaf_sides(sched, ops)
         read = tuple(x for x in sched.leaves if x in q or x in k)
@@ -297,12 +352,13 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
             + _shape_args(read, leaf_dims) \
             + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", _OPTIONS) \
             + kernel_args("flag", _FLAGS + tuple(flags))
-        if sched.select is not None and role != "bwd_pre":
+        if sched.select is not None and role != "bwd_pre" and not name.endswith("_rows"):
             what += " (the selected blocks only: the select stage's lists)"
+        grid = "(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)"
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),
-            stores=tuple(spec.outputs) if name == "fwd" else (),
-            grid="(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)", args=args,
+            stores=tuple(spec.outputs) if base_kernel(name) == "fwd" else (),
+            grid="(query tokens / (BM / G), B*H/G)" if name.endswith("_rows") else grid, args=args,
             stages=stages, what=what, outer=outer, walk=role != "bwd_pre", query_loads=q, key_loads=k))
     if sched.select is None and spec.keyseq is None:  # decoding with a select stage or a key sequence of its own
         # is not lowered (runtime.softmax_decode says so)

@@ -14,6 +14,8 @@ from .softmax_decode import cache_dict
 # call knobs every branch takes; `block` goes to the branches without a select stage (a select stage's walk
 # runs its own block)
 _KNOBS = ("chunk", "num_warps", "num_stages", "segments", "defer_merge")
+_OWN_KNOBS = ("block", "partition")  # given to the branches they apply to: block to those without a select stage,
+# partition to those choosing key blocks (SoftmaxPlan.partitions)
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,16 @@ class BranchedOp:
         an error naming the ones there are)."""
         params = {p.name for op in self.parts for p in op.spec.params}
         for k in given:
-            if k not in params and k not in _KNOBS + ("block",):
+            if k not in params and k not in _KNOBS + _OWN_KNOBS:
                 raise ArgumentError(f"{self.name}: unknown argument '{k}'; params: {', '.join(sorted(params))}; "
-                                    f"knobs: {', '.join(_KNOBS + ('block',))}")
+                                    f"knobs: {', '.join(_KNOBS + _OWN_KNOBS)}")
         out = []
         for op in self.parts:
             kw = {**_own_params(op, given), **{k: v for k, v in given.items() if k in _KNOBS}}
             if "block" in given and op.spec.selection is None:
                 kw["block"] = given["block"]
+            if "partition" in given and op.comp.plan.partitions:  # the branch with a choice of key blocks
+                kw["partition"] = given["partition"]
             out.append(kw)
         return out
 

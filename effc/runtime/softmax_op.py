@@ -16,7 +16,7 @@ import torch
 from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
-from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles
+from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile
 from ..policy.tiling import Problem, padded, stored_width
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
@@ -120,7 +120,7 @@ class SoftmaxOp(Tuned):
     def __call__(self, *tensors, cu_seqlens=None, chunk: int | None = None, block: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, segments: int | None = None,
                  defer_merge: bool | None = None, initial_state=None, output_final_state: bool = False,
-                 queries: tuple[int, int] | None = None, **params):
+                 queries: tuple[int, int] | None = None, partition: str | None = None, **params):
         """`chunk` (query block) and `block` (key block), `num_warps` and `num_stages` pin every kernel's
         tiles; otherwise the forward's come from `effc tune`'s entry for the call shape, or the model.
         `segments` and `defer_merge` are accepted for the linear family's knobs, and must be 1 and false.
@@ -128,13 +128,17 @@ class SoftmaxOp(Tuned):
         stream with cu_seqlens), each against every key its masks keep; the other rows of the outputs are
         zero and pass no gradient, and the query-side inputs' rows there are not read. Every input keeps the
         full length T, at the same positions: the queries of a later piece of a sequence against all of it
-        (context parallel, docs/context-parallel.md). None: every row."""
+        (context parallel, docs/context-parallel.md). None: every row. `partition` (a select stage choosing
+        key blocks: SoftmaxPlan.partitions): 'heads' runs the forward and dQ with rows (query token, query head
+        of a key head's group), 'tokens' with a block of one head's query tokens (SoftmaxTiles.head_rows);
+        None: `effc tune`'s entry, else the plan's default."""
         self._check_keyseq_call(cu_seqlens)
         longest = call_lengths(cu_seqlens, tensors[0])
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         grad = torch.is_grad_enabled() and any(torch.is_tensor(t) and t.requires_grad for t in tensors)
         knobs = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
-                 ("num_stages", num_stages), ("defer_merge", defer_merge))
+                 ("num_stages", num_stages), ("defer_merge", defer_merge),
+                 ("partition", partition))
         ints, pvals = host_plan(id(self), tuple(describe(t) for t in tensors), initial_state is not None,
                                 output_final_state, n_seq, longest, grad, knobs, tuple(sorted(params.items())),
                                 None if queries is None else tuple(queries))
@@ -166,7 +170,8 @@ class SoftmaxOp(Tuned):
         """Checks and tiles of one call, from its argument descriptions: under torch.compile this runs once
         per shape, as a constant, outside the traced graph. Returns the custom ops' ints and params."""
         knobs = dict(knobs)
-        check_knobs(output_final_state=output_final_state, **knobs)
+        self.comp.plan.check_partition(knobs["partition"])
+        check_knobs(output_final_state=output_final_state, **{k: v for k, v in knobs.items() if k != "partition"})
         if knobs["segments"] not in (None, 1):
             raise ArgumentError(f"segments={knobs['segments']}: {self.name} is a softmax spec, its forward walks "
                                 "the key blocks in one program per query block (segments=1)")
@@ -221,6 +226,14 @@ class SoftmaxOp(Tuned):
         options = {k: v for k, v in meta.items() if k in _LAUNCH_OPTIONS}
         launch_fitting(fn, (grid0, n_bh), kp.call({**named, **meta}), options)
 
+    def _launch_rows(self, kernel: str, cfg_k, longest: int, queries, n_seq: int, H: int, named: dict, meta: dict):
+        """The head-rows variant of a query-side walk (SoftmaxTiles.head_rows): a program per (BM / G query
+        tokens, G query heads sharing their key heads), its BM rows at least a tl.dot's 16."""
+        G = named["GROUP"] if "GROUP" in named else 1
+        bm, warps = head_rows_tile(G)
+        meta = {**meta, "BM": bm, "G": G} | ({"num_warps": warps} if "num_warps" in meta else {})
+        self._launch(f"{kernel}_rows", cfg_k, _query_blocks(longest, queries, bm // G), n_seq * H // G, named, meta)
+
     def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool, queries=None):
         spec, sched = self.spec, self.sched
         B, T, H, longest, heads = self._layout(leaves, n_seq, cu)
@@ -247,8 +260,11 @@ class SoftmaxOp(Tuned):
         if sched.select is not None:  # the blocks each query walks (passes.select)
             named.update(selection_buffers(self, cfg, named, self._meta(c, H, heads, dims, cu, dtype), n_seq,
                                            longest, H, leaves, transpose=False))
-        self._launch("fwd", c, _query_blocks(longest, queries, c[0]), n_seq * H, named,
-                     self._meta(c, H, heads, dims, cu, dtype, save))
+        if cfg.head_rows:
+            self._launch_rows("fwd", c, longest, queries, n_seq, H, named, self._meta(c, H, heads, dims, cu, dtype, save))
+        else:
+            self._launch("fwd", c, _query_blocks(longest, queries, c[0]), n_seq * H, named,
+                         self._meta(c, H, heads, dims, cu, dtype, save))
         return [outs[o.name] for o in spec.outputs], saved
 
     @staticmethod
@@ -321,6 +337,9 @@ class SoftmaxOp(Tuned):
         for kernel, c, grid0 in (("bwd_pre", cfg.pre, _query_blocks(longest, queries, cfg.pre[0])),
                                  ("bwd_dq", cfg.dq, _query_blocks(longest, queries, cfg.dq[0])),
                                  ("bwd_dkv", cfg.dkv, math.ceil((TK or longest) / cfg.dkv[1]))):
+            if kernel == "bwd_dq" and cfg.head_rows:
+                self._launch_rows(kernel, c, longest, queries, n_seq, H, named, self._meta(c, H, heads, dims, cu, dtype))
+                continue
             self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
         grads = []
         for x, t in zip(sched.leaves, leaves):

@@ -21,8 +21,8 @@ from ..passes.softmax import SoftmaxTiles
 from . import softmax_oracle
 from .torch_op import Family, Saved, TorchOps, register, source_key
 
-_KERNELS = ("fwd", "dq", "dkv", "pre")  # SoftmaxTiles' fields, 4 ints each
-_SAVE = 4 * len(_KERNELS)
+_KERNELS = ("fwd", "dq", "dkv", "pre")  # SoftmaxTiles' fields, 4 ints each, then head_rows
+_SAVE = 4 * len(_KERNELS) + 1
 
 
 def _dim_names(spec: Spec) -> list[str]:
@@ -31,13 +31,14 @@ def _dim_names(spec: Spec) -> list[str]:
 
 
 def encode_call(spec: Spec, cfg: SoftmaxTiles, save: bool, dims: dict, queries: tuple[int, int]) -> tuple[int, ...]:
-    return (*(v for k in _KERNELS for v in getattr(cfg, k)), int(save), *queries,
+    return (*(v for k in _KERNELS for v in getattr(cfg, k)), int(cfg.head_rows), int(save), *queries,
             *(dims[n] for n in _dim_names(spec)))
 
 
 def _decode(spec: Spec, ints) -> tuple[SoftmaxTiles, bool, tuple[int, int], dict]:
     """(tiles, save, the query rows computed [lo, hi), feature dim sizes)."""
-    cfg = SoftmaxTiles(**{k: tuple(ints[4 * i:4 * i + 4]) for i, k in enumerate(_KERNELS)})
+    cfg = SoftmaxTiles(**{k: tuple(ints[4 * i:4 * i + 4]) for i, k in enumerate(_KERNELS)},
+                       head_rows=bool(ints[_SAVE - 1]))
     return cfg, bool(ints[_SAVE]), tuple(ints[_SAVE + 1:_SAVE + 3]), dict(zip(_dim_names(spec), ints[_SAVE + 3:]))
 
 

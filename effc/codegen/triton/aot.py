@@ -50,7 +50,9 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
 
 SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
 # SoftmaxTiles' field per kernel (the select stage's kernels share the forward's query block)
-_TILES_OF = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv", "select": "fwd", "select_t": "fwd"}
+_TILES_OF = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv", "select": "fwd", "select_t": "fwd",
+             "fwd_rows": "fwd", "bwd_dq_rows": "dq"}
+HEAD_ROWS_GROUP = 16  # the head-rows kernels compile for 16 query heads a key head: one token's rows a program
 
 
 def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, decode: bool = False):
@@ -59,8 +61,9 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     outputs, their cotangents, the reductions' cotangents (_dr) and the gradients one kernel writes whole
     (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32.
     `dims`: feature dim sizes (default 128 each), any size (padded tiles). `decode`: the DECODE variant of a
-    kernel that takes it (a select stage's, over KV caches: runtime.softmax_decode)."""
-    from ...passes.softmax import choose_softmax_tiles, pivot_group, search_chunk, select_chunk
+    kernel that takes it (a select stage's, over KV caches: runtime.softmax_decode). A head-rows kernel
+    (`fwd_rows`, `bwd_dq_rows`) compiles for HEAD_ROWS_GROUP query heads a key head (BM = its rows)."""
+    from ...passes.softmax import choose_softmax_tiles, head_rows_tile, pivot_group, search_chunk, select_chunk
     from ...policy.tiling import padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
@@ -77,6 +80,11 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
                  **{f"{d}_S": stored_width(v, 2) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
     if "DECODE" in fn.arg_names:
         const["DECODE"] = decode
+    if kernel.endswith("_rows"):
+        keyed = set(op.comp.plan.key_leaves)
+        rows, warps = head_rows_tile(HEAD_ROWS_GROUP)
+        const.update(G=HEAD_ROWS_GROUP, BM=rows,
+                     **{f"HX_{x}": 16 // HEAD_ROWS_GROUP for x in op.sched.leaves if x in keyed})
     sel = op.sched.select
     if sel is not None:  # the walks' block lists: a slot per block chosen, a power of two
         slots = sel.selection.slots or 64  # unbounded (topp / threshold, no cap): 64 key blocks

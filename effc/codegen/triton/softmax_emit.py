@@ -247,6 +247,7 @@ class KernelView:
     q_loads_full: list[str] = field(default_factory=list)  # the same for a block wholly inside the sequence
     k_loads_full: list[str] = field(default_factory=list)
     listed: bool = False  # walks the select stage's list of blocks (passes.select), not a range
+    head_rows: bool = False  # rows are (query token t_M, query head h_M) pairs: G heads of a group a program
     decodes: bool = False  # takes DECODE: launched over KV caches too (runtime.softmax_decode)
     list_lines: list[str] = field(default_factory=list)  # before that walk: n_sel and list_base
 
@@ -336,6 +337,9 @@ def _keep(sched: SoftmaxSchedule) -> str:
 # the select stage's lists (passes.select): `sel` holds each query token's chosen blocks (-1 pads), KP a row
 _SEL_LOAD = ("sel_q = tl.load(sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP + tl.arange(0, KP)[None, :], "
              "mask=qv[:, None], other=-1)")
+# with head rows: each row's own head
+_SEL_LOAD_ROWS = ("sel_q = tl.load(sel_ptr + ((qbos + t_M) * H + h_M)[:, None] * KP + tl.arange(0, KP)[None, :], "
+                  "mask=qv[:, None], other=-1)")
 
 
 def token_bits(block: str) -> str:
@@ -363,7 +367,9 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
     tokens = sched.select.per_token  # a choice of key tokens: the block's bits, not each query's list
     block = "blk" if outer == "q" else "pid"
     own = _token_chosen(block) if tokens else [f"chosen = tl.sum(tl.where(sel_q == {block}, 1, 0), 1) > 0"]
-    if outer == "q":
+    if kv.head_rows:  # the loop reads each token's row of `sel` (softmax.py.j2)
+        kv.list_lines = [_SEL_LOAD_ROWS]
+    elif outer == "q":
         kv.list_lines = ([] if tokens else [_SEL_LOAD]) + ["n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
                                                             "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
     else:
@@ -435,11 +441,12 @@ def normalise(sched: SoftmaxSchedule) -> list[str]:
     return post
 
 
-def _fwd(sched: SoftmaxSchedule) -> KernelView:
+def _fwd(sched: SoftmaxSchedule, name: str = "fwd") -> KernelView:
     spec = sched.spec
     types = sched.types
     outputs = {o.name for o in spec.outputs}
-    kv = KernelView("fwd", kernel_name(spec.name, "fwd"), "q")
+    rows = name.endswith("_rows")
+    kv = KernelView(name, kernel_name(spec.name, name), "q", head_rows=rows)
     pr = SoftmaxPrinter(sched, types)
     pre = pr.lines(sched.c_ops)
     q_lines = pr.lines(sched.q_ops)
@@ -448,13 +455,14 @@ def _fwd(sched: SoftmaxSchedule) -> KernelView:
         kv.body[masked] = walk_step(sched, pr, masked)
     post = normalise(sched) + pr.lines(sched.post_ops)
     for o in spec.outputs:
-        post.append(Store(f"{o.name}_ptr", f"v_{o.name}", o.feature_dims, cast=True).line())
+        post.append(Store(f"{o.name}_ptr", f"v_{o.name}", o.feature_dims, cast=True, row_heads=rows).line())
     post.append("if SAVE:")
     for gi, g in enumerate(sched.groups):
-        post.append("    " + Store(f"lse{gi}_ptr", f"lse{gi}", ()).line())
+        post.append("    " + Store(f"lse{gi}_ptr", f"lse{gi}", (), row_heads=rows).line())
         for r in g.reductions:
             if r.out not in outputs:
-                post.append("    " + Store(f"{r.out}_save_ptr", f"v_{r.out}", _feats(sched, r.out), cast=True).line())
+                post.append("    " + Store(f"{r.out}_save_ptr", f"v_{r.out}", _feats(sched, r.out), cast=True,
+                                          row_heads=rows).line())
     post.append("    pass")
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys, "q", _kseq(sched), _margin(sched))
@@ -497,20 +505,23 @@ def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
     return kv
 
 
-def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
+def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str, name: str | None = None) -> KernelView:
     spec = sched.spec
     types = kp.types
-    kv = KernelView(kp.name, kernel_name(spec.name, kp.name), outer)
+    name = name or kp.name
+    rows = name.endswith("_rows")
+    kv = KernelView(name, kernel_name(spec.name, name), outer, head_rows=rows)
     pr = SoftmaxPrinter(sched, types)
     pre = pr.lines(kp.outer_ops)
+    at = dict(rows="t_M", row_heads=True) if rows else dict(rows="r_M")  # a query row's offsets
     gl = []  # per query block: lse, D and dR of the groups
     for gi, g in enumerate(sched.groups):
-        gl.append(f"lse2_{gi} = tl.load(lse{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0) * {LOG2E}")
+        gl.append(f"lse2_{gi} = tl.load(lse{gi}_ptr + {_offsets('', (), 'H', **at)}, mask=qv, other=0.0) * {LOG2E}")
         gl.append(f'lse2_{gi} = tl.where(lse2_{gi} == -float("inf"), float("inf"), lse2_{gi})')
-        gl.append(f"v_{dd_name(gi)} = tl.load(D{gi}_ptr + {_offsets('', (), 'H', 'r_M')}, mask=qv, other=0.0)")
+        gl.append(f"v_{dd_name(gi)} = tl.load(D{gi}_ptr + {_offsets('', (), 'H', **at)}, mask=qv, other=0.0)")
         for r in g.reductions:
             feats = _feats(sched, r.out)
-            gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', 'r_M', 'qbos', STORED)}, "
+            gl.append(f"v_{dr_name(r.out)} = tl.load({r.out}_dr_ptr + {_offsets('', feats, 'H', base='qbos', width=STORED, **at)}, "
                       f"mask={_rowmask('qv', feats, STORED)}, other=0.0)")
     for x, _ in kp.accumulators:
         shape = ", ".join(_dimname(d) for d in types[x].shape)
@@ -541,7 +552,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str) -> KernelView:
     post = pr.lines(kp.post_vjp)
     for x, g in kp.leaf_grads:
         post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True,
-                          base=_kbos(sched) if outer == "k" else "qbos").line())
+                          base=_kbos(sched) if outer == "k" else "qbos", row_heads=rows).line())
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer, _kseq(sched),
                         _margin(sched))
@@ -554,8 +565,8 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
     codegen.triton.select_emit)."""
     sched, bwd = plan.schedule, plan.backward
     spec = sched.spec
-    views = {"walk": lambda kp: _fwd(sched), "bwd_pre": lambda kp: _bwd_pre(sched, bwd),
-             "bwd_walk": lambda kp: _bwd_walk(sched, bwd.dq if kp.outer == "q" else bwd.dkv, kp.outer),
+    views = {"walk": lambda kp: _fwd(sched, kp.name), "bwd_pre": lambda kp: _bwd_pre(sched, bwd),
+             "bwd_walk": lambda kp: _bwd_walk(sched, bwd.dq if kp.outer == "q" else bwd.dkv, kp.outer, kp.name),
              **(more_views or {})}
     kernels = []
     for kp in plan.kernels:
@@ -579,8 +590,10 @@ def _place_loads(sched: SoftmaxSchedule, k: KernelView, kp: SoftmaxKernel, key_l
     the key side (`key_leaves`) is a KV cache's when the kernel decodes: its query rows are the cache's too."""
     k.decodes = "DECODE" in kp.arg_names
     qbase = lambda x: "bos" if x in key_leaves else None
-    k.q_loads = [Leaf(x, _feats(sched, x)).load("lq", base=qbase(x)) for x in kp.query_loads]
+    rows = k.head_rows
+    k.q_loads = [Leaf(x, _feats(sched, x)).load("lq", base=qbase(x), row_heads=rows) for x in kp.query_loads]
     k.k_loads = [Leaf(x, _feats(sched, x), _kbos(sched)).load("lk") for x in kp.key_loads]
-    k.q_loads_full = [Leaf(x, _feats(sched, x)).load("lq", False, base=qbase(x)) for x in kp.query_loads]
+    k.q_loads_full = [Leaf(x, _feats(sched, x)).load("lq", False, base=qbase(x), row_heads=rows)
+                      for x in kp.query_loads]
     k.k_loads_full = [Leaf(x, _feats(sched, x), _kbos(sched)).load("lk", False) for x in kp.key_loads]
     k.signature = signature(kp.args, SOFTMAX_LAYOUT)

@@ -1,0 +1,174 @@
+"""Head rows (SoftmaxTiles.head_rows): the forward and dQ walks of a choice of key blocks with rows (query token,
+query head of a key head's group), each token's chosen blocks walked once for the group (NSA's kernel order).
+The generated kernels (interpreter, fp32) against the spec-derived oracle and the naive references, forward
+and every gradient, for group sizes that fill the 16 rows, leave rows over (3 heads a group) or need several
+tokens a program (per-head choices: 16 tokens); T not a multiple of the block; packed sequences with an empty
+one; the choice between the two walks and its errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from naive_softmax import infllm_v2 as naive_infllm
+
+import effc
+from effc.errors import ArgumentError
+from effc.runtime.verify import judge_fp32
+
+# no library spec: InfLLM-V2's group-shared choice over 16-token blocks, two scored blocks besides the sink
+# and local ones, the score averaged (not summed) over the group
+SMALL_SHARED = '''
+spec shared_small {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K] key
+  input v: [B, T, H, V] key
+  output o: [B, T, H, V]
+  param scale = K ** -0.5
+  select {
+    block 16
+    g = q @ blockmean(k).T
+    mask kblock < qblock
+    force kblock == 0
+    force kblock == qblock
+    force kblock == qblock - 1
+    shared mean
+    topk(g, 5)
+  }
+  score {
+    s = (q @ k.T) * scale
+    mask kpos <= qpos
+  }
+  merge {
+    o = softmax(s) @ v
+  }
+}
+'''
+
+
+def _inputs(T, H, hk, seed=0, B=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, T, h, 16, generator=g) for h in (H, hk, hk)]
+
+
+def _naive(q, k, v):
+    """InfLLM-V2's rule with 16-token blocks and 5 blocks (a mean over the group ranks as its sum does)."""
+    from naive_softmax import attend, infllm_choice, positions
+    T = q.shape[1]
+    chosen = infllm_choice(q, k, 16, 5)
+    i, j = positions(T)
+    return attend(q, k, v, chosen[..., j.reshape(-1) // 16].reshape(chosen.shape[:3] + (T,)) & (j <= i))[0]
+
+
+def _run(op, xs, rows, cu=None):
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    o = op(*xs, partition=rows, cu_seqlens=cu)[0]
+    assert op.last_config.head_rows == (rows == "heads"), op.last_config
+    g = torch.randn(o.shape, generator=torch.Generator().manual_seed(9))
+    return o, torch.autograd.grad(o, xs, g), g
+
+
+def _check(op, xs, naive, cu=None):
+    """Head rows against token rows, the oracle and the naive reference: output and every gradient."""
+    o, grads, g = _run(op, xs, "heads", cu)
+    o_tok, grads_tok, _ = _run(op, xs, "tokens", cu)
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    ref = op.reference(*ref_in, cu_seqlens=cu)[0]
+    nv_in = [x.detach().double().requires_grad_() for x in xs]
+    spans = [(0, xs[0].shape[1])] if cu is None else list(zip(cu.tolist(), cu[1:].tolist()))
+    nv = torch.cat([naive(*[x[:, a:b] for x in nv_in]) for a, b in spans if b > a], 1)
+    for got in (o, o_tok):
+        assert judge_fp32(got, ref).ok, judge_fp32(got, ref)
+        assert judge_fp32(got, nv).ok, judge_fp32(got, nv)
+    refs = torch.autograd.grad(ref, ref_in, g.double())
+    nvs = torch.autograd.grad(nv, nv_in, g.double())
+    for name, a, a_tok, b, c in zip("qkv", grads, grads_tok, refs, nvs):
+        assert judge_fp32(a, b).ok, (name, judge_fp32(a, b))
+        assert judge_fp32(a, c).ok, (name, judge_fp32(a, c))
+        assert judge_fp32(a_tok, b).ok, (name, judge_fp32(a_tok, b))
+
+
+@pytest.mark.parametrize("H, hk", [(16, 1), (6, 2)])  # 16 rows of one token; 3 heads a group: 5 tokens, a row over
+def test_shared_choice_head_rows(H, hk):
+    _check(effc.loads(SMALL_SHARED), _inputs(61, H, hk, seed=H), _naive)  # 61: not a multiple of the block
+
+
+@pytest.mark.slow
+def test_packed_sequences_with_an_empty_one():
+    cu = torch.tensor([0, 29, 29, 70], dtype=torch.int32)
+    _check(effc.loads(SMALL_SHARED), _inputs(70, 8, 2, seed=4), _naive, cu=cu)
+
+
+@pytest.mark.slow
+def test_library_infllm_v2_runs_head_rows_by_default():
+    """The model picks head rows for a shared choice; 64-token blocks at 200 tokens, 4 heads a group."""
+    op = effc.load("infllm_v2")
+    xs = _inputs(200, 8, 2, seed=2)
+    o = op(*xs)[0]
+    assert op.last_config.head_rows
+    assert judge_fp32(o, naive_infllm(*xs)).ok
+
+
+def test_per_head_choice_with_head_rows():
+    """A per-head choice (no group): head rows are 16 tokens of one head, each token's blocks walked once;
+    against the oracle and the token rows, forward and every gradient."""
+    text = SMALL_SHARED.replace("    shared mean\n", "").replace("spec shared_small", "spec per_head_small")
+    op = effc.loads(text)
+    assert not op.comp.legality.select.selection.shared
+    xs = _inputs(77, 4, 2, seed=7)
+    o, grads, g = _run(op, xs, "heads")
+    o_tok, grads_tok, _ = _run(op, xs, "tokens")
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    ref = op.reference(*ref_in)[0]
+    assert judge_fp32(o, ref).ok and judge_fp32(o_tok, ref).ok
+    for a, a_tok, b in zip(grads, grads_tok, torch.autograd.grad(ref, ref_in, g.double())):
+        assert judge_fp32(a, b).ok and judge_fp32(a_tok, b).ok, judge_fp32(a, b)
+
+
+def test_the_plan_and_config_say_which_partition():
+    op = effc.loads(SMALL_SHARED)
+    plan = str(op.comp.plan)
+    assert "kernel fwd_rows" in plan and "kernel bwd_dq_rows" in plan and "B*H/G" in plan
+    assert "partition heads: fwd_rows, bwd_dq_rows" in plan and "(the default)" in plan
+    assert [c.name for c in op.comp.plan.partitions] == ["heads", "tokens"] and op.comp.plan.partition == "heads"
+    per_head = effc.loads(SMALL_SHARED.replace("    shared mean\n", ""))
+    assert per_head.comp.plan.partition == "tokens"
+    assert effc.load("softmax_attn").comp.plan.partitions == () and effc.load("dsa").comp.plan.partitions == ()
+    q, k, v = _inputs(40, 4, 2)
+    op(q, k, v)
+    assert "rows (query token, query head)" in str(op.last_config)
+    op(q, k, v, partition="tokens")
+    assert not op.last_config.head_rows and "rows (query token" not in str(op.last_config)
+
+
+def test_partition_misuse_is_an_error():
+    q, k, v = _inputs(40, 2, 2)
+    with pytest.raises(ArgumentError, match="partition='heads'.*no select stage choosing key blocks"):
+        effc.load("softmax_attn")(q, k, v, partition="heads")
+    with pytest.raises(ArgumentError, match="partition='columns'.*row partitions 'heads', 'tokens'"):
+        effc.loads(SMALL_SHARED)(q, k, v, partition="columns")
+
+
+def test_a_tuned_partition_is_read_back(tmp_path, monkeypatch):
+    """An `effc tune` entry's partition (tools.tune.tune_partition times each) is the call's default."""
+    from effc.policy.tiling import Problem
+    from effc.policy.tuning import TuningKey, store
+    monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path))
+    op = effc.loads(SMALL_SHARED)
+    problem = Problem(1, 40, 4, (("K", 16), ("V", 16)), 1)
+    cfg = op.tiles(problem, None)
+    knobs = dict(chunk=cfg.chunk, block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages, segments=1,
+                 defer_merge=0)
+    store(TuningKey.of(op, problem, "cpu", torch.float32), knobs, 1.0, knobs, 2.0, {}, partition="tokens")
+    tuned = op.config(1, 40, 4, {"K": 16, "V": 16}, "cpu", dtype=torch.float32)
+    assert tuned.reasons[0].startswith("tuned") and not tuned.head_rows, tuned
+    assert op.config(1, 40, 4, {"K": 16, "V": 16}, "cpu", dtype=torch.float32, partition="heads").head_rows
+
+
+def test_a_branched_spec_gives_the_partition_to_its_selecting_branch():
+    """NSA: `partition=` reaches the selected branch only; both partitions give the same output."""
+    from effc.runtime.verify import random_inputs
+    op = effc.load("nsa")
+    xs = random_inputs(op.spec, 1, 70, 2, {d: 16 for d in op.spec.dims}, torch.float32, "cpu", seed=1)
+    heads = op(*xs, partition="heads")[0]
+    assert [cfg.head_rows for _, cfg in op.last_config.parts] == [False, True, False], op.last_config
+    tokens = op(*xs, partition="tokens")[0]
+    assert judge_fp32(heads, tokens.double()).ok
