@@ -91,7 +91,7 @@ def test_softmax_family_kernels_compile_for_sm90(name, tmp_path):
     names = [name]
     results = _compile_in_subprocesses(SOFTMAX_SCRIPT, names, tmp_path)
     op = effc.load(name)
-    rows = ("fwd_rows", "bwd_dq_rows") if head_rows(getattr(op, "softmax", op).sched) else ()
+    rows = ("fwd_rows", "bwd_dq_rows", "bwd_dkv_rows") if head_rows(getattr(op, "softmax", op).sched) else ()
     assert set(results) == {f"{n}.{k}" for n in names for k in ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv") + rows}
     for kernel, r in results.items():
         assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"

@@ -49,13 +49,13 @@ def _inputs(T, H, hk, seed=0, B=1):
     return [torch.randn(B, T, h, 16, generator=g) for h in (H, hk, hk)]
 
 
-def _naive(q, k, v):
-    """InfLLM-V2's rule with 16-token blocks and 5 blocks (a mean over the group ranks as its sum does)."""
+def _naive(q, k, v, block=16):
+    """InfLLM-V2's rule with `block`-token blocks and 5 blocks (a mean over the group ranks as its sum does)."""
     from naive_softmax import attend, infllm_choice, positions
     T = q.shape[1]
-    chosen = infllm_choice(q, k, 16, 5)
+    chosen = infllm_choice(q, k, block, 5)
     i, j = positions(T)
-    return attend(q, k, v, chosen[..., j.reshape(-1) // 16].reshape(chosen.shape[:3] + (T,)) & (j <= i))[0]
+    return attend(q, k, v, chosen[..., j.reshape(-1) // block].reshape(chosen.shape[:3] + (T,)) & (j <= i))[0]
 
 
 def _run(op, xs, rows, cu=None):
@@ -86,9 +86,12 @@ def _check(op, xs, naive, cu=None):
         assert judge_fp32(a_tok, b).ok, (name, judge_fp32(a_tok, b))
 
 
-@pytest.mark.parametrize("H, hk", [(16, 1), (6, 2)])  # 16 rows of one token; 3 heads a group: 5 tokens, a row over
-def test_shared_choice_head_rows(H, hk):
-    _check(effc.loads(SMALL_SHARED), _inputs(61, H, hk, seed=H), _naive)  # 61: not a multiple of the block
+@pytest.mark.parametrize("H, hk, block", [(16, 1, 16), (6, 2, 16), (8, 2, 32)])
+def test_shared_choice_head_rows(H, hk, block):
+    """16 rows of one token; 3 heads a group (5 tokens a program, a row over); key blocks wider than the rows.
+    T = 61 or 97: not a multiple of the block."""
+    op = effc.loads(SMALL_SHARED.replace("block 16", f"block {block}"))
+    _check(op, _inputs(61 if block == 16 else 97, H, hk, seed=H), lambda q, k, v: _naive(q, k, v, block))
 
 
 @pytest.mark.slow
@@ -172,3 +175,13 @@ def test_a_branched_spec_gives_the_partition_to_its_selecting_branch():
     assert [cfg.head_rows for _, cfg in op.last_config.parts] == [False, True, False], op.last_config
     tokens = op(*xs, partition="tokens")[0]
     assert judge_fp32(heads, tokens.double()).ok
+
+
+def test_two_specs_of_one_name_run_their_own_choice():
+    """Two specs named alike whose generated source is the same (the select block is a call-time size) keep
+    their own custom ops: the second ran the first's choice of 16-token blocks before ops were keyed by spec."""
+    first = effc.loads(SMALL_SHARED)
+    first(*_inputs(40, 8, 2))
+    second = effc.loads(SMALL_SHARED.replace("block 16", "block 32"))
+    xs = _inputs(97, 8, 2, seed=8)
+    assert judge_fp32(second(*xs)[0], second.reference(*[x.double() for x in xs])[0]).ok

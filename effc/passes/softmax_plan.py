@@ -48,7 +48,7 @@ class SoftmaxPlan:
     @property
     def partitions(self) -> tuple[RowPartition, ...]:
         """The row partitions of a choice of key blocks ('heads', 'tokens'); none for other specs."""
-        names = {"heads": ("fwd_rows", "bwd_dq_rows"), "tokens": ("fwd", "bwd_dq")}
+        names = {"heads": ("fwd_rows", "bwd_dq_rows", "bwd_dkv_rows"), "tokens": ("fwd", "bwd_dq", "bwd_dkv")}
         return tuple(RowPartition(n, names[n], ROW_PARTITIONS[n]) for n in row_partitions(self.spec))
 
     @property
@@ -112,6 +112,9 @@ HEAD_ROWS_KERNELS = (
      "each token's chosen key blocks, a block once; the epilogue fused; saves the log-sum-exp"),
     ("bwd_dq_rows", "bwd_walk", ("score", "merge"), "q", "dQ with rows (query token, query head of a group): walk "
      "each token's chosen key blocks, a block once, recompute P from the log-sum-exp"),
+    ("bwd_dkv_rows", "bwd_walk", ("score", "merge"), "k", "dK/dV of a key block over the query tokens that took it, "
+     "gathered from the query blocks listing it, with their group's heads as rows: the group's key-side adjoints "
+     "summed in the program"),
 )
 # the select stage's kernels (passes.select), launched before the forward: name, role, the program's side, what
 SELECT_KERNELS = (
@@ -234,6 +237,8 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
                  "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
         tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"]}.get(name, ["NW", "GROUP"])
         return lists, ["NQB", "NKB"], tiles, []
+    if name == "bwd_dkv_rows":  # the query blocks listing the key block, and their tokens' choices
+        return ["sel_ptr", "klist_ptr", "kcnt_ptr"], ["NQB", "NKB"], ["KP", "G", "BQ"], []
     if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice
         return ["sel_ptr"], [], ["KP", "KTOP", "G"], []
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
@@ -358,7 +363,8 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),
             stores=tuple(spec.outputs) if base_kernel(name) == "fwd" else (),
-            grid="(query tokens / (BM / G), B*H/G)" if name.endswith("_rows") else grid, args=args,
+            grid=({"q": "(query tokens / (BM / G), B*H/G)", "k": "(key blocks, B*H/G)"}[outer]
+                  if name.endswith("_rows") else grid), args=args,
             stages=stages, what=what, outer=outer, walk=role != "bwd_pre", query_loads=q, key_loads=k))
     if sched.select is None and spec.keyseq is None:  # decoding with a select stage or a key sequence of its own
         # is not lowered (runtime.softmax_decode says so)

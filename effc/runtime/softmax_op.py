@@ -227,12 +227,14 @@ class SoftmaxOp(Tuned):
         launch_fitting(fn, (grid0, n_bh), kp.call({**named, **meta}), options)
 
     def _launch_rows(self, kernel: str, cfg_k, longest: int, queries, n_seq: int, H: int, named: dict, meta: dict):
-        """The head-rows variant of a query-side walk (SoftmaxTiles.head_rows): a program per (BM / G query
-        tokens, G query heads sharing their key heads), its BM rows at least a tl.dot's 16."""
+        """The head-rows variant of a walk (SoftmaxTiles.head_rows): a program per (BM / G query tokens, or a key
+        block for dK/dV, G query heads sharing their key heads), its BM rows at least a tl.dot's 16."""
         G = named["GROUP"] if "GROUP" in named else 1
         bm, warps = head_rows_tile(G)
         meta = {**meta, "BM": bm, "G": G} | ({"num_warps": warps} if "num_warps" in meta else {})
-        self._launch(f"{kernel}_rows", cfg_k, _query_blocks(longest, queries, bm // G), n_seq * H // G, named, meta)
+        # dK/dV: a program per key block (`longest` is their count then); the query-side walks per BM // G tokens
+        grid0 = longest if kernel == "bwd_dkv" else _query_blocks(longest, queries, bm // G)
+        self._launch(f"{kernel}_rows", cfg_k, grid0, n_seq * H // G, named, meta)
 
     def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool, queries=None):
         spec, sched = self.spec, self.sched
@@ -323,6 +325,8 @@ class SoftmaxOp(Tuned):
                                            longest, H, leaves, transpose=True))
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
         kernels = ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk"))
+        # head rows: a dK/dV program sums its group's heads and stores at the group's first head (the others zero)
+        grouped = cfg.head_rows and named.get("GROUP", 1) > 1
         whole = bwd.whole_grads()
         for kernel, tag in kernels:
             for x, _ in kernel.leaf_grads:
@@ -331,14 +335,16 @@ class SoftmaxOp(Tuned):
                 # with no fp32 buffer and no conversion pass; sums of parts and of grouped heads stay fp32
                 direct = x in whole and t.shape[2] == H
                 # a key sequence of its own has its own length (t.shape[1]); the others are over T
-                buf = alloc((B, t.shape[1], H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
+                make = torch.zeros if grouped and tag == "dk" else alloc
+                buf = make((B, t.shape[1], H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
                 named[f"{x}_{tag}_ptr"] = buf
                 parts[x].append(buf)
         for kernel, c, grid0 in (("bwd_pre", cfg.pre, _query_blocks(longest, queries, cfg.pre[0])),
                                  ("bwd_dq", cfg.dq, _query_blocks(longest, queries, cfg.dq[0])),
                                  ("bwd_dkv", cfg.dkv, math.ceil((TK or longest) / cfg.dkv[1]))):
-            if kernel == "bwd_dq" and cfg.head_rows:
-                self._launch_rows(kernel, c, longest, queries, n_seq, H, named, self._meta(c, H, heads, dims, cu, dtype))
+            if kernel != "bwd_pre" and cfg.head_rows:
+                self._launch_rows(kernel, c, grid0 if kernel == "bwd_dkv" else longest, queries, n_seq, H, named,
+                                  {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]})
                 continue
             self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
         grads = []

@@ -197,8 +197,12 @@ def register(key: str, family: Family) -> TorchOps:
 
 
 def source_key(op, family: str) -> str:
-    """A custom-op key naming the op's generated Triton source (every backend's backward runs on it)."""
-    return f"{op.name}_{family}_{op.backend}_{hashlib.sha256(op.comp.source().encode()).hexdigest()[:10]}"
+    """A custom-op key naming the op's generated Triton source (every backend's backward runs on it) and its
+    spec: two specs of one name may print the same source where they differ in what the calls pass (a select
+    stage's block size), and the registered ops call their own op's functions."""
+    from ..ir.printer import print_spec
+    ident = op.comp.source() + print_spec(op.comp.typed)
+    return f"{op.name}_{family}_{op.backend}_{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
 
 
 # -- the linear family --------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
 SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
 # SoftmaxTiles' field per kernel (the select stage's kernels share the forward's query block)
 _TILES_OF = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv", "select": "fwd", "select_t": "fwd",
-             "fwd_rows": "fwd", "bwd_dq_rows": "dq"}
+             "fwd_rows": "fwd", "bwd_dq_rows": "dq", "bwd_dkv_rows": "dkv"}
 HEAD_ROWS_GROUP = 16  # the head-rows kernels compile for 16 query heads a key head: one token's rows a program
 
 
@@ -62,7 +62,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     (heads ungrouped: stored in the input's dtype) are bf16; lse, D, saves and gradient parts fp32.
     `dims`: feature dim sizes (default 128 each), any size (padded tiles). `decode`: the DECODE variant of a
     kernel that takes it (a select stage's, over KV caches: runtime.softmax_decode). A head-rows kernel
-    (`fwd_rows`, `bwd_dq_rows`) compiles for HEAD_ROWS_GROUP query heads a key head (BM = its rows)."""
+    (`fwd_rows`, `bwd_dq_rows`, `bwd_dkv_rows`) compiles for HEAD_ROWS_GROUP query heads a key head (BM = its rows)."""
     from ...passes.softmax import choose_softmax_tiles, head_rows_tile, pivot_group, search_chunk, select_chunk
     from ...policy.tiling import padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
@@ -83,7 +83,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     if kernel.endswith("_rows"):
         keyed = set(op.comp.plan.key_leaves)
         rows, warps = head_rows_tile(HEAD_ROWS_GROUP)
-        const.update(G=HEAD_ROWS_GROUP, BM=rows,
+        const.update(G=HEAD_ROWS_GROUP, BM=rows, BQ=tiles.fwd[0],
                      **{f"HX_{x}": 16 // HEAD_ROWS_GROUP for x in op.sched.leaves if x in keyed})
     sel = op.sched.select
     if sel is not None:  # the walks' block lists: a slot per block chosen, a power of two

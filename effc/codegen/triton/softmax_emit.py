@@ -367,6 +367,11 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
     tokens = sched.select.per_token  # a choice of key tokens: the block's bits, not each query's list
     block = "blk" if outer == "q" else "pid"
     own = _token_chosen(block) if tokens else [f"chosen = tl.sum(tl.where(sel_q == {block}, 1, 0), 1) > 0"]
+    if kv.head_rows and outer == "k":  # the group's first head's list of query blocks; rows all took the block
+        kv.list_lines = ["n_sel = tl.load(kcnt_ptr + (i_b * H + i_h) * NKB + pid)",
+                         "list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB"]
+        kv.body[True] = ["chosen = qv"] + kv.body[True]
+        return
     if kv.head_rows:  # the loop reads each token's row of `sel` (softmax.py.j2)
         kv.list_lines = [_SEL_LOAD_ROWS]
     elif outer == "q":
@@ -552,7 +557,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str, name: str | None = None) -
     post = pr.lines(kp.post_vjp)
     for x, g in kp.leaf_grads:
         post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True,
-                          base=_kbos(sched) if outer == "k" else "qbos", row_heads=rows).line())
+                          base=_kbos(sched) if outer == "k" else "qbos", row_heads=rows and outer == "q").line())
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer, _kseq(sched),
                         _margin(sched))
