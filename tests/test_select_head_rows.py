@@ -101,13 +101,32 @@ def test_packed_sequences_with_an_empty_one():
 
 
 @pytest.mark.slow
-def test_library_infllm_v2_runs_head_rows_by_default():
-    """The model picks head rows for a shared choice; 64-token blocks at 200 tokens, 4 heads a group."""
+def test_library_infllm_v2_with_head_rows():
+    """64-token blocks at 200 tokens, 4 heads a group: forward and every gradient against the naive reference."""
     op = effc.load("infllm_v2")
-    xs = _inputs(200, 8, 2, seed=2)
-    o = op(*xs)[0]
+    xs = [x.requires_grad_() for x in _inputs(200, 8, 2, seed=2)]
+    o = op(*xs, partition="heads")[0]
     assert op.last_config.head_rows
-    assert judge_fp32(o, naive_infllm(*xs)).ok
+    nv_in = [x.detach().double().requires_grad_() for x in xs]
+    nv = naive_infllm(*nv_in)
+    assert judge_fp32(o, nv).ok
+    g = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, xs, g), torch.autograd.grad(nv, nv_in, g.double())):
+        assert judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
+def test_the_model_picks_by_group_and_length():
+    """Block steps a query row for uncorrelated choices: head rows for 16 heads a group from 8192 tokens of
+    64-token blocks on (1 step against 2), not at 2048 tokens (the union of 128 tokens' choices is every
+    block); a per-head choice from 2048 key blocks on; the call's choice in the config's reasons."""
+    from effc.passes.softmax import default_partition
+    infllm, moba = effc.load("infllm_v2").spec, effc.load("moba").spec
+    assert [default_partition(infllm, 16, n) for n in (32, 128, 512)] == ["tokens", "heads", "heads"]
+    assert [default_partition(infllm, 1, n) for n in (128, 512, 2048)] == ["tokens", "tokens", "heads"]
+    assert [default_partition(moba, 16, n) for n in (128, 2048)] == ["tokens", "heads"]  # its group is 1
+    op = effc.loads(SMALL_SHARED)
+    op(*_inputs(40, 4, 2))
+    assert "the model's for 2 query head(s) a choice and 3 key blocks" in str(op.last_config)
 
 
 def test_per_head_choice_with_head_rows():
@@ -130,13 +149,12 @@ def test_the_plan_and_config_say_which_partition():
     op = effc.loads(SMALL_SHARED)
     plan = str(op.comp.plan)
     assert "kernel fwd_rows" in plan and "kernel bwd_dq_rows" in plan and "B*H/G" in plan
-    assert "partition heads: fwd_rows, bwd_dq_rows" in plan and "(the default)" in plan
-    assert [c.name for c in op.comp.plan.partitions] == ["heads", "tokens"] and op.comp.plan.partition == "heads"
-    per_head = effc.loads(SMALL_SHARED.replace("    shared mean\n", ""))
-    assert per_head.comp.plan.partition == "tokens"
+    assert "partition heads: fwd_rows, bwd_dq_rows, bwd_dkv_rows" in plan
+    assert [c.name for c in op.comp.plan.partitions] == ["heads", "tokens"] and op.comp.plan.partition is None
+    assert "the model picks per call" in plan
     assert effc.load("softmax_attn").comp.plan.partitions == () and effc.load("dsa").comp.plan.partitions == ()
     q, k, v = _inputs(40, 4, 2)
-    op(q, k, v)
+    op(q, k, v, partition="heads")
     assert "rows (query token, query head)" in str(op.last_config)
     op(q, k, v, partition="tokens")
     assert not op.last_config.head_rows and "rows (query token" not in str(op.last_config)

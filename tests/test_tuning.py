@@ -780,6 +780,23 @@ def test_tune_records_the_fastest_gradient_partition_and_the_op_uses_it(cache):
     assert r.partition is None and read_entry(r.path).partition is None
 
 
+def test_tune_records_the_faster_row_partition_of_a_select_spec(cache):
+    """The softmax family's row partitions (a choice of key blocks: 'heads', 'tokens') have no default per
+    plan (the model picks per call): tune records the faster one, and a later call runs it."""
+    op = effc.load("infllm_v2")
+    assert op.comp.plan.partition is None
+    r = run(op, _PartitionRunner({"heads": 3.0, "tokens": 2.0}))
+    assert r.partition == "tokens" and read_entry(r.path).partition == "tokens"
+    entry = read_entry(r.path)
+    store(TuningKey.of(op, PROBLEM, "cpu", torch.bfloat16), entry.config, entry.ms, entry.default,
+          entry.default_ms, entry.shape, partition=entry.partition)
+    cfg = effc.load("infllm_v2").config(PROBLEM.B, PROBLEM.T, PROBLEM.H, dict(PROBLEM.dims), CPU,
+                                         dtype=torch.bfloat16)
+    assert not cfg.head_rows and cfg.reasons[0].startswith("tuned")
+    r = run(op, _PartitionRunner({"heads": 2.0, "tokens": 2.5}, wrong_partitions={"tokens"}))
+    assert r.partition == "heads" and set(r.partition_ms) == {"heads"}
+
+
 class _GradientRunner(FakeRunner):
     """FakeRunner whose candidates in `wrong_grads` give the right output but wrong gradients."""
 

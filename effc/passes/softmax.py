@@ -515,15 +515,16 @@ def pivot_group(bm: int, sb: int, interpreting: bool) -> int:
 
 def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *, chunk: int | None = None,
                          block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-                         segments: int | None = None, partition: str | None = None,
-                         tuned: dict | None = None) -> SoftmaxTiles:
+                         segments: int | None = None, partition: str | None = None, group: int = 1,
+                         key_blocks: int | None = None, tuned: dict | None = None) -> SoftmaxTiles:
     """Block sizes by a simple register / shared-memory rule for Hopper (and small blocks under the
     interpreter); `chunk` (query block) and `block` (key block) override it for every kernel.
     `tuned` (the knobs of an `effc tune` entry: chunk, block, num_warps, num_stages) sets the forward
     kernel's tiles, the explicit arguments still winning; the backward kernels keep the model's (they
     read only per-token values the forward saved, so any forward tiling serves them). `partition`: 'heads'
     or 'tokens' for a choice of key blocks (SoftmaxTiles.head_rows), else the tuned entry's, else
-    `default_partition`'s."""
+    `default_partition`'s for the call's `group` (query heads a key head) and `key_blocks` (of the longest
+    sequence)."""
     for d, v in dims.items():
         if v < 1:
             raise SpecError(f"feature dim {d}={v}: must be >= 1")
@@ -582,11 +583,16 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
                        f"lists' ({fwd[0]}); the select kernel scores the key blocks "
                        f"{select_chunk(fwd[0], 1 << 30, interpreting)} at a time (at most)")
     chosen = partition or (tuned or {}).get("partition")
-    head_rows = (chosen or default_partition(spec)) == "heads"
-    if head_rows:
-        reasons.append("partition 'heads': the forward and dQ walk each query token's chosen blocks for the query "
-                       "heads sharing its key head at once, each block read once for them"
-                       + {None: " (a choice shared by a head group)"}.get(chosen, f" ({chosen!r} given)"))
+    head_rows = (chosen or default_partition(spec, group, key_blocks, fwd[0])) == "heads"
+    if row_partitions(spec):
+        group = group if spec.selection.shared else 1  # a per-head choice: each head its own group
+        why = (f"{chosen!r} given" if chosen else
+               f"the model's for {group} query head(s) a choice and {key_blocks or 'unknown'} key blocks: "
+               f"~{head_rows_cost(group, key_blocks, spec.selection.slots):.1f} against "
+               f"~{token_rows_cost(key_blocks, spec.selection.slots, fwd[0]):.1f} for 'tokens' (block steps a "
+               "query row, for uncorrelated choices)")
+        reasons.append(f"partition {'heads' if head_rows else 'tokens'}: {ROW_PARTITIONS['heads' if head_rows else 'tokens']}"
+                       f" ({why})")
     return SoftmaxTiles(fwd, dq, dkv, pre, head_rows, tuple(reasons))
 
 
@@ -610,14 +616,39 @@ def row_partitions(spec: Spec) -> tuple[str, ...]:
     return tuple(ROW_PARTITIONS) if spec.selection is not None and not chooses_tokens(spec) else ()
 
 
-def default_partition(spec: Spec) -> str | None:
-    """The model's partition: 'heads' for a choice shared by a head group (NSA, InfLLM-V2): its heads walk the
-    same blocks, so one program reads each of a token's k blocks once for G heads, where a block of one head's
-    query tokens walks the union of their choices (for uncorrelated choices, nearly every visible block:
-    docs/design.md); 'tokens' for a per-head choice (16 tokens' choices a program at best, against 128)."""
+# a walk step costs about what a 64-row tile's does below 64 rows (an sm_90 warpgroup MMA is 64 rows)
+_STEP_ROWS = 64
+
+
+def head_rows_cost(group: int, key_blocks: int | None, slots: int | None) -> float:
+    """Block steps per query row (token, head), scaled to 64-row steps, of the head-rows walk for `group`
+    heads a key head: BM / G tokens a program walk at most (BM / G) x k distinct blocks (k: the choice's
+    slots; every key block without a bound), each a step of BM rows."""
+    bm, _ = head_rows_tile(group)
+    tokens = bm // group
+    steps = min(key_blocks or 1 << 30, tokens * (slots or key_blocks or 1 << 30))
+    return steps * max(bm, _STEP_ROWS) / _STEP_ROWS / (tokens * group)
+
+
+def token_rows_cost(key_blocks: int | None, slots: int | None, bm: int) -> float:
+    """The same for token rows: a block of `bm` query tokens of one head walks the union of their choices,
+    for uncorrelated choices min(key blocks, bm x k) (docs/design.md: nearly every visible block)."""
+    steps = min(key_blocks or 1 << 30, bm * (slots or key_blocks or 1 << 30))
+    return steps * max(bm, _STEP_ROWS) / _STEP_ROWS / bm
+
+
+def default_partition(spec: Spec, group: int = 1, key_blocks: int | None = None, bm: int = 128) -> str | None:
+    """The model's partition for a call with `group` query heads a key head (of a shared choice; 1 for a
+    per-head one) and `key_blocks` key blocks (None: unknown, taken as many): the one with the fewer block
+    steps per query row for uncorrelated choices (the worst case: correlated choices shrink the union that
+    token rows walk, not the head rows' k). A shared choice of 16 heads a group walks 1 step a row against 2
+    for token rows at 8192 tokens of 64-token blocks and 8 at 32768; a per-head choice loses at short
+    sequences (16-row steps over 16 tokens' union)."""
     if not row_partitions(spec):
         return None
-    return "heads" if spec.selection.shared else "tokens"
+    group = group if spec.selection.shared else 1
+    slots = spec.selection.slots
+    return "heads" if head_rows_cost(group, key_blocks, slots) < token_rows_cost(key_blocks, slots, bm) else "tokens"
 
 
 def softmax_tiling_space(sched: SoftmaxSchedule) -> TilingSpace:

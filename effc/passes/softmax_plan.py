@@ -10,7 +10,7 @@ from .fusion import live_ops
 from .hybrid import HybridSplit
 from .kernel_plan import Kernel, kernel_args, unique_args
 from ..errors import ArgumentError
-from .softmax import ROW_PARTITIONS, SoftmaxSchedule, default_partition, row_partitions
+from .softmax import ROW_PARTITIONS, SoftmaxSchedule, row_partitions
 from .softmax_bwd import SoftmaxBackward
 
 
@@ -51,10 +51,9 @@ class SoftmaxPlan:
         names = {"heads": ("fwd_rows", "bwd_dq_rows", "bwd_dkv_rows"), "tokens": ("fwd", "bwd_dq", "bwd_dkv")}
         return tuple(RowPartition(n, names[n], ROW_PARTITIONS[n]) for n in row_partitions(self.spec))
 
-    @property
-    def partition(self) -> str | None:
-        """The model's partition (passes.softmax.default_partition)."""
-        return default_partition(self.spec)
+    # no default per plan: the model picks per call, from its head group and length
+    # (passes.softmax.default_partition); `effc tune` records the faster for a shape
+    partition = None
 
     def check_partition(self, partition: str | None) -> None:
         names = [c.name for c in self.partitions]
@@ -84,8 +83,10 @@ class SoftmaxPlan:
                    for s in (k.outer, _OTHER[k.outer])[:2 if k.walk or loads[_OTHER[k.outer]] else 1]]
             lines += [f"  kernel {k.name} [{' + '.join(k.stages)}]: grid {k.grid}: {k.what}",
                       f"    {'; '.join(per)}; store {', '.join(d.name for d in k.stores) or '-'}"]
-        lines += [f"  partition {c.name}: {', '.join(c.kernels)}: {c.what}"
-                  + (" (the default)" if c.name == self.partition else "") for c in self.partitions]
+        lines += [f"  partition {c.name}: {', '.join(c.kernels)}: {c.what}" for c in self.partitions]
+        if self.partitions:
+            lines.append("    the model picks per call: the fewer block steps a query row for uncorrelated choices "
+                         "(passes.softmax.default_partition, from the call's head group and length)")
         lines += ["  prefix (PyTorch pre-pass over whole sequences, differentiated by autograd):"
                   if self.spec.prefix.ops else "  prefix: none"]
         lines += [f"    {print_op(op)}" for op in self.spec.prefix.ops]

@@ -36,6 +36,7 @@ from .checks import (
 from .branched_op import BranchedOp
 from .launch import launch_fitting
 from .select_op import kernel_choice, selection_buffers
+from .select_oracle import head_group
 from .softmax_oracle import evaluate_softmax
 from .softmax_torch_op import encode_call, prefix_stage, softmax_torch_ops
 from .torch_op import call_lengths, host_plan, live
@@ -113,8 +114,11 @@ class SoftmaxOp(Tuned):
 
     def tiles(self, problem: Problem, tuned: dict | None = None, **given) -> SoftmaxTiles:
         """The kernels' tiles for `problem`: the forward's from the tuned knobs (None: the model's), the
-        backward's from the model; explicit arguments win for every kernel."""
-        return choose_softmax_tiles(self.spec, dict(problem.dims), interpreting(), tuned=tuned, **given)
+        backward's from the model; explicit arguments win for every kernel. A choice of key blocks: its
+        partition's model reads the call's key blocks (and `group`, given by the call)."""
+        sel = self.spec.selection
+        blocks = {"key_blocks": -(-problem.T // sel.block)} if self.comp.plan.partitions else {}
+        return choose_softmax_tiles(self.spec, dict(problem.dims), interpreting(), tuned=tuned, **blocks, **given)
 
     # -- the kernels ------------------------------------------------------------------------------------
     def __call__(self, *tensors, cu_seqlens=None, chunk: int | None = None, block: int | None = None,
@@ -182,6 +186,10 @@ class SoftmaxOp(Tuned):
         B, T, H, dims, pvals = self._check(tensors, dict(params), True, True if has_init else None,
                                            output_final_state)
         first = tensors[0]
+        if self.comp.plan.partitions:  # the row partition's model reads the head group (a shared choice)
+            shared = self.spec.selection.shared
+            knobs["group"] = head_group(self.spec, {d.name: t for d, t in zip(self.spec.inputs, tensors)}, H) \
+                if shared else 1
         cfg = self.config(B if n_seq is None else n_seq, longest or T, H, dims, first.device, dtype=first.dtype,
                           **knobs)
         self.last_config = cfg

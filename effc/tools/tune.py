@@ -219,20 +219,24 @@ def tune_partition(op, winner: Candidate, runner) -> tuple[str | None, dict]:
     """The backward's gradient partition (passes.partition) at the winner's tiles: each one's forward+backward
     timed, its gradients checked against the plan's default partition; a partition replaces the default only
     when faster by more than MARGIN. (None, {}) for a spec with one partition or a runner that cannot time
-    the backward."""
+    the backward. A plan whose model picks per call (the softmax family's row partitions: `plan.partition`
+    None) records the fastest, its gradients checked against the first partition's."""
     plan = op.comp.plan
     names = [c.name for c in getattr(plan, "partitions", ())]
     if len(names) < 2 or not hasattr(runner, "time_backward"):
         return None, {}
+    reference = plan.partition or names[0]
     times = {}
     for name in names:
         try:
-            times[name] = runner.time_backward(winner, name, reference=plan.partition)
+            times[name] = runner.time_backward(winner, name, reference=reference)
         except Exception:  # a partition that fails its check or its launch is not a candidate
             continue
-    if plan.partition not in times:
+    if reference not in times:
         return None, times
     best = min(times, key=times.get)
+    if plan.partition is None:
+        return best, times
     return (best if times[best] < times[plan.partition] * (1 - MARGIN) else None), times
 
 
