@@ -2,7 +2,7 @@
 # Run on the lent GPU machine (see ../shared/device/README.md). Writes logs under $OUT.
 #   scripts/gpu.sh setup          # once per machine: wheels carried in .device/wheels-{a,c}
 #   scripts/gpu.sh test [FILE] [PYTEST ARGS]  # GPU test suite (bf16 accuracy), or one file of it
-#   scripts/gpu.sh bench [SPECS SHAPES PEERS]  # effc bench with the peers; env BACKWARD=1, BACKENDS=triton,tilelang, PLOT=path.png,
+#   scripts/gpu.sh bench [SPECS SHAPES PEERS]  # effc bench with the peers; env BACKWARD=1, BACKENDS=triton,tilelang, PLOT=path.png, KV_HEADS=1,
 #                                               DIMS=64,96,128,192 (head dims: several add the time-per-FLOP table)
 #   scripts/gpu.sh decode [SPECS SHAPES]   # decoding steps against a KV cache (effc bench --decode); env KV_HEADS, D
 #   scripts/gpu.sh tune-check [ARGS]  # effc tune acceptance from cold caches (scripts/tune_check.py --help)
@@ -22,7 +22,8 @@ case "${1:-}" in
   bench)  # SPECS SHAPES PEERS(0/1); typer on the GPU machine would need pydantic, so call run_bench directly
     python3 -c "import sys; from effc.tools.bench import run_bench; run_bench(sys.argv[1].split(','),
       [tuple(map(int, s.split('x'))) for s in sys.argv[2].split(',')], 16, tuple(map(int, '${DIMS:-128}'.split(','))), sys.argv[3] == '1', float('${PEER_TIMEOUT:-300}'),
-      '$OUT/bench.json', backward='${BACKWARD:-0}' == '1', backends=tuple('${BACKENDS:-triton}'.split(',')), plot='${PLOT:-}' or None)" "${2:-retention,simple_gla,gla}" "${3:-8x2048,2x8192,1x32768}" "${4:-1}" 2>&1 | tee -a "$OUT/bench.log" ;;
+      '$OUT/bench.json', backward='${BACKWARD:-0}' == '1', backends=tuple('${BACKENDS:-triton}'.split(',')), plot='${PLOT:-}' or None,
+      kv_heads=int('${KV_HEADS:-0}') or None)" "${2:-retention,simple_gla,gla}" "${3:-8x2048,2x8192,1x32768}" "${4:-1}" 2>&1 | tee -a "$OUT/bench.log" ;;
   decode)  # SPECS SHAPES (B requests x T cached tokens), 16 query heads; env KV_HEADS (default 2), NEW_TOKENS, D
     python3 -c "import sys; from effc.tools.bench_decode import run_decode_bench; run_decode_bench(sys.argv[1].split(','),
       [tuple(map(int, s.split('x'))) for s in sys.argv[2].split(',')], 16, int('${KV_HEADS:-2}'), int('${D:-128}'),

@@ -855,3 +855,22 @@ def test_a_call_in_dim_parts_reads_the_callers_tuning_entry(cache):
     cfg = op.last_config
     assert (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps) == (16, 16, 2, 8), cfg
     assert cfg.reasons[0].startswith("tuned for BH4-T64-K48-V16 float32 on cpu")
+
+
+def test_bench_kv_heads_reach_effc_and_the_peers(monkeypatch):
+    """`effc bench --kv-heads`: the `key` inputs get that many heads (grouped-query attention), effc's row and
+    each peer process alike (its argv); a count that does not divide --heads is refused before any GPU work."""
+    from effc.errors import ArgumentError
+    from effc.runtime.verify import random_inputs
+    from effc.tools import bench
+    op = effc.load("infllm_v2")
+    q, k, v = random_inputs(op.spec, 1, 40, 8, {"K": 16, "V": 16}, kv_heads=2)
+    assert q.shape[2] == 8 and k.shape[2] == v.shape[2] == 2
+    seen = []
+    monkeypatch.setattr(bench, "run_peer_process", lambda cmd, timeout: seen.append(cmd) or {"ms": 1.0})
+    bench._peer("infllm_v2", 1, 40, 8, 16, 1.0, 0, True, 2)
+    assert seen[0][-2:] == ["bwd", "2"]
+    monkeypatch.setattr(bench, "_peer", None)  # nothing reaches a peer or the GPU check
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ArgumentError, match="--kv-heads 3 must divide --heads 8"):
+        bench.run_bench(["infllm_v2"], [(1, 64)], 8, 16, False, 1.0, None, kv_heads=3)

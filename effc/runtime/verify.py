@@ -33,19 +33,24 @@ def keyseq_length(spec: Spec, T: int, dims: dict[str, int]) -> int:
     return T
 
 
-def input_shape(spec: Spec, d, B: int, T: int, H: int, dims: dict[str, int]) -> tuple[int, ...]:
-    """Input `d`'s shape in a call of B sequences of T tokens: (B, T or its key sequence's length, H, ...)."""
-    return (B, T if d.seq == "T" else keyseq_length(spec, T, dims), H) + tuple(dims[n] for n in d.feature_dims)
+def input_shape(spec: Spec, d, B: int, T: int, H: int, dims: dict[str, int],
+                kv_heads: int | None = None) -> tuple[int, ...]:
+    """Input `d`'s shape in a call of B sequences of T tokens: (B, T or its key sequence's length, H, ...);
+    `kv_heads`: the heads of a `key` input (grouped-query attention), H without it."""
+    heads = kv_heads if kv_heads and "key" in d.annotations else H
+    return (B, T if d.seq == "T" else keyseq_length(spec, T, dims), heads) + tuple(dims[n] for n in d.feature_dims)
 
 
 def random_inputs(spec: Spec, B: int, T: int, H: int, dims: dict[str, int], dtype=torch.float32,
-                  device="cpu", seed: int = 0, strong_gates: bool = False) -> list[torch.Tensor]:
+                  device="cpu", seed: int = 0, strong_gates: bool = False,
+                  kv_heads: int | None = None) -> list[torch.Tensor]:
     """Inputs as their annotations promise. `strong_gates`: log decays of about -20 a token (a chunk's decay
-    far past fp32's range), the case factored decays overflow on (passes.decay_dot)."""
+    far past fp32's range), the case factored decays overflow on (passes.decay_dot). `kv_heads`: the heads
+    of the `key` inputs (None: H)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     out = []
     for d in spec.inputs:
-        x = torch.randn(input_shape(spec, d, B, T, H, dims), generator=gen)
+        x = torch.randn(input_shape(spec, d, B, T, H, dims, kv_heads), generator=gen)
         if "logdecay" in d.annotations:
             # decays mostly in (0.5, 1): long memory, like trained gates
             x = F.logsigmoid(x - 2.0) * 10.0 if strong_gates else F.logsigmoid(x + 2.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import sympy
 
-from ..errors import BackwardRefused, SpecError
+from ..errors import ArgumentError, BackwardRefused, SpecError
 from ..ir.nodes import C, dim
 from ..passes.shapes import value_types
 from ..policy.tiling import padded
@@ -67,9 +67,10 @@ def io_bytes(xs, out) -> int:
     return sum(x.numel() * x.element_size() for x in xs) + out.numel() * out.element_size()
 
 
-def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float, index: int = 0, backward: bool = False) -> dict:
+def _peer(spec: str, B: int, T: int, H: int, D: int, timeout: float, index: int = 0, backward: bool = False,
+          kv_heads: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "effc.tools.peers", spec, str(B), str(T), str(H), str(D), str(index)]
-    cmd += ["bwd"] if backward else []
+    cmd += ["bwd" if backward else "fwd", str(kv_heads or H)]
     return run_peer_process(cmd, timeout)
 
 
@@ -108,11 +109,15 @@ def _missing(name: str, error: SpecError) -> dict:
 
 
 def run_bench(specs, shapes, H: int, D, peers: bool, peer_timeout: float, json_out: Path | None, *,
-              plot: Path | None = None, backward: bool = False, backends: tuple = ("triton",)):
+              plot: Path | None = None, backward: bool = False, backends: tuple = ("triton",),
+              kv_heads: int | None = None):
     """`D`: the head dim, or several (every feature dim takes it; with several, a table of time per FLOP
     against the nearest power-of-two head dim follows: `head_dim_table`). `backward`: also time forward +
     backward and record its peak memory, effc's and each peer's. `backends`: the first is the row's effc
-    time; the others are timed beside it (`effc_ms_<backend>`)."""
+    time; the others are timed beside it (`effc_ms_<backend>`). `kv_heads`: the heads of the `key` inputs
+    (grouped-query attention; None: H), the peers' too."""
+    if kv_heads is not None and (kv_heads < 1 or H % kv_heads):
+        raise ArgumentError(f"--kv-heads {kv_heads} must divide --heads {H}")
     import torch
 
     import effc
@@ -134,7 +139,7 @@ def run_bench(specs, shapes, H: int, D, peers: bool, peer_timeout: float, json_o
             continue
         for B, T in shapes:
             for d in head_dims:
-                rows.append(_bench_row(op, others, name, B, T, H, d, gpu, peers, peer_timeout, backward))
+                rows.append(_bench_row(op, others, name, B, T, H, d, gpu, peers, peer_timeout, backward, kv_heads))
                 _print_row(rows[-1])
                 torch.cuda.empty_cache()
     _print_table(rows)
@@ -149,7 +154,7 @@ def run_bench(specs, shapes, H: int, D, peers: bool, peer_timeout: float, json_o
 
 
 def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, peers: bool, peer_timeout: float,
-               backward: bool) -> dict:
+               backward: bool, kv_heads: int | None = None) -> dict:
     """One spec at one shape and head dim: effc's forward (and training step), then each peer's."""
     import torch
     from triton.testing import do_bench
@@ -158,7 +163,7 @@ def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, 
 
     peak, peak_of = peaks(gpu)
     dims = {d: D for d in op.spec.dims}
-    xs = random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda")
+    xs = random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda", kv_heads=kv_heads)
     t0 = time.time()
     out, _ = op(*xs)
     torch.cuda.synchronize()
@@ -173,7 +178,8 @@ def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, 
     # work the real dims need
     widths = tile_widths(op.comp, dims) if hasattr(op, "comp") else {d: padded(v) for d, v in dims.items()}
     padding = op_flops(op, B, T, H, widths, cfg.chunk) / flops if flops else 1.0
-    row = {"spec": name, "B": B, "T": T, "H": H, "D": D, "gpu": gpu, "effc_ms": ms, "effc_first_call_s": first,
+    row = {"spec": name, "B": B, "T": T, "H": H, "HK": kv_heads or H, "D": D, "gpu": gpu, "effc_ms": ms,
+           "effc_first_call_s": first,
            "config": f"C={cfg.chunk} block={cfg.block} P={cfg.segments} warps={cfg.num_warps}"
                      + (" merge=deferred" if getattr(cfg, "defer_merge", False) else "")
                      + (" (tuned)" if tuned else ""),
@@ -195,7 +201,7 @@ def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, 
     if peers and name in PEERS:
         row["peers"] = []
         for i, p in enumerate(PEERS[name]):
-            res = {"peer": p.label, **_peer(name, B, T, H, D, peer_timeout, i, backward)}
+            res = {"peer": p.label, **_peer(name, B, T, H, D, peer_timeout, i, backward, kv_heads)}
             if "ms" in res:
                 res["speedup"] = res["ms"] / ms
             if "fwdbwd_ms" in res and "effc_fwdbwd_ms" in row:

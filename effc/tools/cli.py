@@ -281,7 +281,8 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
                                          help="time nothing: print (and --plot) the rows an earlier --json wrote"),
           decode: bool = typer.Option(False, "--decode", help="time decoding steps (op.decode) against a KV cache of "
                                       "T tokens per request (shapes BxT), beside torch SDPA over the same cache"),
-          kv_heads: int = typer.Option(0, "--kv-heads", help="--decode: key/value heads (default: --heads)"),
+          kv_heads: int = typer.Option(0, "--kv-heads", help="heads of the key/value inputs (grouped-query "
+                                       "attention; default: --heads), effc's and the peers'"),
           new_tokens: int = typer.Option(1, "--new-tokens", help="--decode: new tokens per request and step")):
     """Time effc's kernels and the peers on identical bf16 inputs, one GPU, one run; print ratios."""
     from .bench import run_bench, show_saved
@@ -298,7 +299,7 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
             return
         run_bench([s for s in specs.split(",") if s], [tuple(int(v) for v in s.split("x")) for s in shapes.split(",")],
                   heads, _head_dims(head_dim), peers, peer_timeout, json_out, plot=plot, backward=backward,
-                  backends=tuple(b for b in backend.split(",") if b))
+                  backends=tuple(b for b in backend.split(",") if b), kv_heads=kv_heads or None)
     except (SpecError, ArgumentError, RuntimeError) as e:
         _fail(e)
 

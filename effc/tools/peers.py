@@ -188,7 +188,8 @@ def peer_scale(op, D: int) -> float:
     return float(op.param_values({d: D for d in op.spec.dims}, {})["scale"])
 
 
-def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backward: bool = False) -> dict:
+def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backward: bool = False,
+              kv_heads: int | None = None) -> dict:
     """Time the peer on the inputs `effc bench` builds, and check it agrees with effc's kernel."""
     import torch
     from triton.testing import do_bench
@@ -198,7 +199,7 @@ def peer_main(spec: str, B: int, T: int, H: int, D: int, index: int = 0, backwar
 
     peer = PEERS[spec][index]
     op = effc.load(spec)
-    xs = random_inputs(op.spec, B, T, H, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda")
+    xs = random_inputs(op.spec, B, T, H, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", kv_heads=kv_heads)
     by_name = {d.name: x for d, x in zip(op.spec.inputs, xs)}
     missing = [n for n in peer.inputs if n not in by_name]
     if missing:
@@ -236,7 +237,8 @@ if __name__ == "__main__":
     spec, B, T, H, D = sys.argv[1], *map(int, sys.argv[2:6])
     index = int(sys.argv[6]) if len(sys.argv) > 6 else 0
     try:
-        result = peer_main(spec, B, T, H, D, index, backward=sys.argv[7:8] == ["bwd"])
+        result = peer_main(spec, B, T, H, D, index, backward=sys.argv[7:8] == ["bwd"],
+                           kv_heads=int(sys.argv[8]) if len(sys.argv) > 8 else None)
     except Exception as e:  # reported as the row's result, never hidden
         result = {"error": _one_line(e)}
     print("EFFC_PEER_RESULT " + json.dumps(result), flush=True)
