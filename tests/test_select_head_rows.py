@@ -6,6 +6,8 @@ tokens a program (per-head choices: 16 tokens); T not a multiple of the block; p
 one; the choice between the two walks and its errors."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from naive_softmax import infllm_v2 as naive_infllm
@@ -17,12 +19,8 @@ from effc.runtime.verify import judge_fp32
 # no library spec: InfLLM-V2's group-shared choice over 16-token blocks, two scored blocks besides the sink
 # and local ones, the score averaged (not summed) over the group
 SMALL_SHARED = '''
-spec shared_small {
-  input q: [B, T, H, K]
-  input k: [B, T, H, K] key
-  input v: [B, T, H, V] key
-  output o: [B, T, H, V]
-  param scale = K ** -0.5
+import "infllm_v2.attn"
+spec shared_small extends infllm_v2 {
   select {
     block 16
     g = q @ blockmean(k).T
@@ -33,15 +31,12 @@ spec shared_small {
     shared mean
     topk(g, 5)
   }
-  score {
-    s = (q @ k.T) * scale
-    mask kpos <= qpos
-  }
-  merge {
-    o = softmax(s) @ v
-  }
 }
 '''
+
+
+def _load(text: str):
+    return effc.loads(text, re.search(r"^spec (\w+)", text, re.M).group(1))
 
 
 def _inputs(T, H, hk, seed=0, B=1):
@@ -90,14 +85,14 @@ def _check(op, xs, naive, cu=None):
 def test_shared_choice_head_rows(H, hk, block):
     """16 rows of one token; 3 heads a group (5 tokens a program, a row over); key blocks wider than the rows.
     T = 61 or 97: not a multiple of the block."""
-    op = effc.loads(SMALL_SHARED.replace("block 16", f"block {block}"))
+    op = _load(SMALL_SHARED.replace("block 16", f"block {block}"))
     _check(op, _inputs(61 if block == 16 else 97, H, hk, seed=H), lambda q, k, v: _naive(q, k, v, block))
 
 
 @pytest.mark.slow
 def test_packed_sequences_with_an_empty_one():
     cu = torch.tensor([0, 29, 29, 70], dtype=torch.int32)
-    _check(effc.loads(SMALL_SHARED), _inputs(70, 8, 2, seed=4), _naive, cu=cu)
+    _check(_load(SMALL_SHARED), _inputs(70, 8, 2, seed=4), _naive, cu=cu)
 
 
 @pytest.mark.slow
@@ -124,7 +119,7 @@ def test_the_model_picks_by_group_and_length():
     assert [default_partition(infllm, 16, n) for n in (32, 128, 512)] == ["tokens", "heads", "heads"]
     assert [default_partition(infllm, 1, n) for n in (128, 512, 2048)] == ["tokens", "tokens", "heads"]
     assert [default_partition(moba, 16, n) for n in (128, 2048)] == ["tokens", "heads"]  # its group is 1
-    op = effc.loads(SMALL_SHARED)
+    op = _load(SMALL_SHARED)
     op(*_inputs(40, 4, 2))
     assert "the model's for 2 query head(s) a choice and 3 key blocks" in str(op.last_config)
 
@@ -133,7 +128,7 @@ def test_per_head_choice_with_head_rows():
     """A per-head choice (no group): head rows are 16 tokens of one head, each token's blocks walked once;
     against the oracle and the token rows, forward and every gradient."""
     text = SMALL_SHARED.replace("    shared mean\n", "").replace("spec shared_small", "spec per_head_small")
-    op = effc.loads(text)
+    op = _load(text)
     assert not op.comp.legality.select.selection.shared
     xs = _inputs(77, 4, 2, seed=7)
     o, grads, g = _run(op, xs, "heads")
@@ -146,7 +141,7 @@ def test_per_head_choice_with_head_rows():
 
 
 def test_the_plan_and_config_say_which_partition():
-    op = effc.loads(SMALL_SHARED)
+    op = _load(SMALL_SHARED)
     plan = str(op.comp.plan)
     assert "kernel fwd_rows" in plan and "kernel bwd_dq_rows" in plan and "B*H/G" in plan
     assert "partition heads: fwd_rows, bwd_dq_rows, bwd_dkv_rows" in plan
@@ -165,7 +160,7 @@ def test_partition_misuse_is_an_error():
     with pytest.raises(ArgumentError, match="partition='heads'.*no select stage choosing key blocks"):
         effc.load("softmax_attn")(q, k, v, partition="heads")
     with pytest.raises(ArgumentError, match="partition='columns'.*row partitions 'heads', 'tokens'"):
-        effc.loads(SMALL_SHARED)(q, k, v, partition="columns")
+        _load(SMALL_SHARED)(q, k, v, partition="columns")
 
 
 def test_a_tuned_partition_is_read_back(tmp_path, monkeypatch):
@@ -173,7 +168,7 @@ def test_a_tuned_partition_is_read_back(tmp_path, monkeypatch):
     from effc.policy.tiling import Problem
     from effc.policy.tuning import TuningKey, store
     monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path))
-    op = effc.loads(SMALL_SHARED)
+    op = _load(SMALL_SHARED)
     problem = Problem(1, 40, 4, (("K", 16), ("V", 16)), 1)
     cfg = op.tiles(problem, None)
     knobs = dict(chunk=cfg.chunk, block=cfg.block, num_warps=cfg.num_warps, num_stages=cfg.num_stages, segments=1,
@@ -198,8 +193,8 @@ def test_a_branched_spec_gives_the_partition_to_its_selecting_branch():
 def test_two_specs_of_one_name_run_their_own_choice():
     """Two specs named alike whose generated source is the same (the select block is a call-time size) keep
     their own custom ops: the second ran the first's choice of 16-token blocks before ops were keyed by spec."""
-    first = effc.loads(SMALL_SHARED)
+    first = _load(SMALL_SHARED)
     first(*_inputs(40, 8, 2))
-    second = effc.loads(SMALL_SHARED.replace("block 16", "block 32"))
+    second = _load(SMALL_SHARED.replace("block 16", "block 32"))
     xs = _inputs(97, 8, 2, seed=8)
     assert judge_fp32(second(*xs)[0], second.reference(*[x.double() for x in xs])[0]).ok
