@@ -11,28 +11,17 @@ import re
 import pytest
 import torch
 from naive_softmax import infllm_v2 as naive_infllm
+from test_infllm_v2 import SMALL as INFLLM_SMALL
 
 import effc
 from effc.errors import ArgumentError
 from effc.runtime.verify import judge_fp32
 
-# no library spec: InfLLM-V2's group-shared choice over 16-token blocks, two scored blocks besides the sink
-# and local ones, the score averaged (not summed) over the group
-SMALL_SHARED = '''
-import "infllm_v2.attn"
-spec shared_small extends infllm_v2 {
-  select {
-    block 16
-    g = q @ blockmean(k).T
-    mask kblock < qblock
-    force kblock == 0
-    force kblock == qblock
-    force kblock == qblock - 1
-    shared mean
-    topk(g, 5)
-  }
-}
-'''
+# no library spec: InfLLM-V2's group-shared choice over 16-token blocks (tests/test_infllm_v2.py), the score
+# averaged (not summed) over the group, five blocks
+SMALL_SHARED = INFLLM_SMALL.replace("spec infllm_small", "spec shared_small").replace("shared sum", "shared mean") \
+    .replace("topk(g, 4)", "topk(g, 5)")
+assert "shared mean" in SMALL_SHARED and "topk(g, 5)" in SMALL_SHARED
 
 
 def _load(text: str):
