@@ -240,7 +240,8 @@ def test_decode_with_a_select_stage(name):
     tokens, cache = _filled_cache(op, xs, lens, tq, 160, H, {})
     assert tuple(cache) == ("k", "v")
     o = op.decode(*tokens, cache=cache, cache_seqlens=lens)
-    assert op.last_decode["kernels"].startswith("the select stage's and the forward walk's")
+    assert op.last_decode["kernels"].startswith("the select stage's and the forward walk's (head rows)")
+    assert op.last_decode["G"] == (H // Hk if name == "infllm_v2" else 1)  # a shared choice: the group's heads
     for b in range(3):
         n = int(lens[b]) + tq
         whole = [x[b:b + 1, :n] for x in xs]
@@ -354,15 +355,19 @@ SELECT_DECODE_AOT = r"""
 import json
 import effc
 from effc.codegen.triton.aot import compile_softmax_sm90
-op = effc.load("moba")
-out = {str(d): "wgmma" in compile_softmax_sm90(op, "fwd", decode=d).asm["ptx"] for d in (False, True)}
+op = effc.load("infllm_v2")
+out = {}
+for kernel in ("fwd", "fwd_rows"):  # the head rows: 16-row tiles, mma.sync
+    for d in (False, True):
+        ptx = compile_softmax_sm90(op, kernel, decode=d).asm["ptx"]
+        out[f"{kernel} {d}"] = "wgmma" in ptx or "mma.sync" in ptx
 print("AOT " + json.dumps(out))
 """
 
 
 def test_select_decode_variant_compiles_for_sm90(tmp_path):
-    """The forward walk of a select spec in its DECODE variant (cache rows and new tokens) through Triton's AOT
-    path for sm_90, beside the plain one."""
+    """The forward walks of a select spec (token rows and head rows) in their DECODE variant (cache rows and new
+    tokens) through Triton's AOT path for sm_90, beside the plain ones."""
     import json
     import os
     import subprocess
@@ -371,7 +376,8 @@ def test_select_decode_variant_compiles_for_sm90(tmp_path):
     env["EFFC_CACHE_DIR"] = str(tmp_path)
     p = subprocess.run([sys.executable, "-c", SELECT_DECODE_AOT], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads(p.stdout.split("AOT ", 1)[1]) == {"False": True, "True": True}
+    assert json.loads(p.stdout.split("AOT ", 1)[1]) == {f"{k} {d}": True for k in ("fwd", "fwd_rows")
+                                                         for d in (False, True)}
 
 
 def test_decode_groups_query_heads_that_share_key_heads():

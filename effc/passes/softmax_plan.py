@@ -218,7 +218,7 @@ def _buffers(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple[s
 # decoding through the select stage's kernels and the forward walk (runtime.softmax_decode): the keys are each
 # request's cache rows, the queries its TQ new tokens after the lens_ptr[b] cached ones (a DECODE launch)
 _DECODE_LAYOUT = ("lens_ptr", "TQ")
-_DECODES = ("fwd", "select_pool", "select")
+_DECODES = ("fwd", "fwd_rows", "select_pool", "select")
 
 
 def decodes_through_select(sched: SoftmaxSchedule) -> bool:
@@ -241,7 +241,8 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
     if name == "bwd_dkv_rows":  # the query blocks listing the key block, and their tokens' choices
         return ["sel_ptr", "klist_ptr", "kcnt_ptr"], ["NQB", "NKB"], ["KP", "G", "BQ"], []
     if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice
-        return ["sel_ptr"], [], ["KP", "KTOP", "G"], []
+        decode = decodes_through_select(sched) and name in _DECODES
+        return ["sel_ptr"], list(_DECODE_LAYOUT) if decode else [], ["KP", "KTOP", "G"], ["DECODE"] if decode else []
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
     lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"], "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
              "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,

@@ -88,8 +88,9 @@ def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, p
     """Decoding through the select stage's kernels and the forward walk, every request in one launch of each
     (their DECODE variant: the keys are each request's cache rows, the queries its new tokens): the pool kernel
     pools the request's cached key blocks, the select kernel chooses blocks for the new queries, the walk
-    visits them. The walks are per (query block, head), so no split of the keys: a query visits its chosen
-    blocks only."""
+    visits them with head rows (`fwd_rows`: a program per new token and the query heads sharing its key
+    heads, each chosen block read once for them; a per-head choice: 16 new tokens of one head), not a
+    128-row query block of a few new tokens. No split of the keys: a query visits its chosen blocks only."""
     from ..passes.softmax import choose_softmax_tiles
     from .select_op import selection_buffers
     spec, sched = op.spec, op.sched
@@ -109,9 +110,9 @@ def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, p
     longest = int(lens.max()) + tq if B else tq
     args.update(selection_buffers(op, cfg, args, meta, B, longest, H, leaves, transpose=False, query_rows=tq))
     if B and H:
-        op._launch("fwd", cfg.fwd, -(-tq // cfg.fwd[0]), B * H, args, meta)
-    op.last_decode = dict(kernels="the select stage's and the forward walk's, every request at once",
-                          BM=cfg.fwd[0], NKB=args["NKB"])
+        op._launch_rows("fwd", cfg.fwd, tq, (0, tq), B, H, args, meta)
+    op.last_decode = dict(kernels="the select stage's and the forward walk's (head rows), every request at once",
+                          BM=cfg.fwd[0], NKB=args["NKB"], G=args.get("GROUP", 1))
     return [outs[o.name] for o in spec.outputs]
 
 
