@@ -13,11 +13,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 B, T, H, D = 2, 4096, 16, 128
 
 
-def _check(op, xs, params=None, cu=None, grads=True):
+def _check(op, xs, params=None, cu=None, grads=True, knobs=None):
     torch.cuda.empty_cache()
     params = params or {}
     xs = [x.requires_grad_(grads) for x in xs]
-    o, _ = op(*xs, cu_seqlens=cu, **params)
+    o, _ = op(*xs, cu_seqlens=cu, **params, **(knobs or {}))
     g = torch.randn_like(o)
     # allow_unused: inputs read by a select stage alone (dsa's indexer) get no gradient
     ours = torch.autograd.grad(o, xs, g, allow_unused=True) if grads else ()
@@ -166,3 +166,13 @@ def test_bf16_sparse_decode(name):
         v = judge_low_precision(o[b:b + 1], ref[:, n - tq:], low[:, n - tq:])
         print(f"{name} request {b} (context {n - tq}): {v}")
         assert v.ok, (b, v)
+
+
+@pytest.mark.parametrize("name", ["infllm_v2", "moba", "nsa"])
+@pytest.mark.parametrize("partition", ["heads", "tokens"])
+def test_bf16_row_partitions(name, partition):
+    """Both row partitions of a choice of key blocks (head rows: NSA's kernel order) with 8 query heads over one
+    key/value head (NSA's, InfLLM-V2's grouped heads), forward and every gradient, T not a multiple of the block."""
+    op = effc.load(name)
+    xs = random_inputs(op.spec, 1, 2000, 8, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=6, kv_heads=1)
+    _check(op, xs, knobs={"partition": partition})
