@@ -766,7 +766,7 @@ def test_tune_records_the_fastest_gradient_partition_and_the_op_uses_it(cache):
     r = run(op, _PartitionRunner({default: 4.0, fast: 3.0, wrong: 1.0, **{s: 5.0 for s in slow}},
                                  wrong_partitions={wrong}))
     assert r.partition == fast and set(r.partition_ms) == {default, fast, *slow}
-    assert read_entry(r.path).partition == fast and f"gradient partition {fast}" in summary(r)
+    assert read_entry(r.path).partition == fast and f"; partition {fast} (" in summary(r)
     entry = read_entry(r.path)  # the same entry, as the CPU's: a later call there reads it
     store(TuningKey.of(op, PROBLEM, "cpu", torch.bfloat16), entry.config, entry.ms, entry.default,
           entry.default_ms, entry.shape, partition=entry.partition)
@@ -787,6 +787,7 @@ def test_tune_records_the_faster_row_partition_of_a_select_spec(cache):
     assert op.comp.plan.partition is None
     r = run(op, _PartitionRunner({"heads": 3.0, "tokens": 2.0}))
     assert r.partition == "tokens" and read_entry(r.path).partition == "tokens"
+    assert "; partition tokens (heads 3.000, tokens 2.000 ms forward+backward)" in summary(r)
     entry = read_entry(r.path)
     store(TuningKey.of(op, PROBLEM, "cpu", torch.bfloat16), entry.config, entry.ms, entry.default,
           entry.default_ms, entry.shape, partition=entry.partition)

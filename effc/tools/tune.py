@@ -527,7 +527,7 @@ def summary(r: TuneResult) -> str:
             f"{timed} timed, {failed} rejected, {len(r.space.pruned)} pruned by the model before compiling"
             + (f", {unreached} compiled variants not reached within the budget" if unreached else "")
             + f"; {r.elapsed:.0f} s"
-            + (f"; gradient partition {r.partition or 'the model default'} ("
+            + (f"; partition {r.partition or 'the model default'} ("
                + ", ".join(f"{n} {ms:.3f}" for n, ms in r.partition_ms.items()) + " ms forward+backward)"
                if r.partition_ms else ""))
 
