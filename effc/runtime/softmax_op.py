@@ -234,14 +234,15 @@ class SoftmaxOp(Tuned):
         options = {k: v for k, v in meta.items() if k in _LAUNCH_OPTIONS}
         launch_fitting(fn, (grid0, n_bh), kp.call({**named, **meta}), options)
 
-    def _launch_rows(self, kernel: str, cfg_k, longest: int, queries, n_seq: int, H: int, named: dict, meta: dict):
+    def _launch_rows(self, kernel: str, cfg_k, longest: int, queries, n_seq: int, H: int, named: dict, meta: dict,
+                     key_blocks: int | None = None):
         """The head-rows variant of a walk (SoftmaxTiles.head_rows): a program per (BM / G query tokens, or a key
         block for dK/dV, G query heads sharing their key heads), its BM rows at least a tl.dot's 16."""
         G = named["GROUP"] if "GROUP" in named else 1
         bm, warps = head_rows_tile(G)
         meta = {**meta, "BM": bm, "G": G} | ({"num_warps": warps} if "num_warps" in meta else {})
-        # dK/dV: a program per key block (`longest` is their count then); the query-side walks per BM // G tokens
-        grid0 = longest if kernel == "bwd_dkv" else _query_blocks(longest, queries, bm // G)
+        # dK/dV: a program per key block; the query-side walks one per BM // G tokens
+        grid0 = key_blocks if kernel == "bwd_dkv" else _query_blocks(longest, queries, bm // G)
         self._launch(f"{kernel}_rows", cfg_k, grid0, n_seq * H // G, named, meta)
 
     def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool, queries=None):
@@ -351,8 +352,8 @@ class SoftmaxOp(Tuned):
                                  ("bwd_dq", cfg.dq, _query_blocks(longest, queries, cfg.dq[0])),
                                  ("bwd_dkv", cfg.dkv, math.ceil((TK or longest) / cfg.dkv[1]))):
             if kernel != "bwd_pre" and cfg.head_rows:
-                self._launch_rows(kernel, c, grid0 if kernel == "bwd_dkv" else longest, queries, n_seq, H, named,
-                                  {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]})
+                self._launch_rows(kernel, c, longest, queries, n_seq, H, named,
+                                  {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]}, key_blocks=grid0)
                 continue
             self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
         grads = []
