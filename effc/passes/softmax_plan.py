@@ -151,8 +151,8 @@ def base_kernel(name: str) -> str:
 
 def head_rows(sched: SoftmaxSchedule) -> bool:
     """Has the plan the head-rows walks? A choice of key blocks read from `sel` (a choice of key tokens walks
-    its bits per query block)."""
-    return sched.select is not None and not sched.select.per_token
+    its bits per query block): the specs with row partitions."""
+    return bool(row_partitions(sched.spec))
 
 
 def _kernel_ops(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple:
