@@ -370,10 +370,11 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
     if kv.head_rows and outer == "k":  # the group's first head's list of query blocks; rows all took the block
         kv.list_lines = ["n_sel = tl.load(kcnt_ptr + (i_b * H + i_h) * NKB + pid)",
                          "list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB"]
-        kv.body[True] = ["chosen = qv"] + kv.body[True]
-        return
-    if kv.head_rows:  # the loop reads each token's row of `sel` (softmax.py.j2)
+        own = ["chosen = qv"]
+    elif kv.head_rows:  # the loop reads each token's row of `sel` (softmax.py.j2); with one token a program
+        # (a shared choice, G >= 16) its rows all chose the block
         kv.list_lines = [_SEL_LOAD_ROWS]
+        own = [f"chosen = (tl.sum(tl.where(sel_q == {block}, 1, 0), 1) > 0) if BM // G > 1 else qv"]
     elif outer == "q":
         kv.list_lines = ([] if tokens else [_SEL_LOAD]) + ["n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
                                                             "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
