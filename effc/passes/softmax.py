@@ -610,6 +610,11 @@ def head_rows_tile(group: int) -> tuple[int, int]:
     return max(16, 1 << (group - 1).bit_length()), 4
 
 
+def key_blocks(spec: Spec, T: int) -> int | None:
+    """The key blocks a select stage chooses among in a sequence of T tokens (None without one)."""
+    return -(-T // spec.selection.block) if spec.selection is not None else None
+
+
 def row_partitions(spec: Spec) -> tuple[str, ...]:
     """The partitions of the query-side walks' rows a spec (typed) has: both for a choice of key blocks, none
     otherwise (token rows only: a choice of key tokens walks its bits per query block)."""

@@ -16,7 +16,7 @@ import torch
 from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
-from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile
+from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile, key_blocks
 from ..policy.tiling import Problem, padded, stored_width
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
@@ -116,9 +116,8 @@ class SoftmaxOp(Tuned):
         """The kernels' tiles for `problem`: the forward's from the tuned knobs (None: the model's), the
         backward's from the model; explicit arguments win for every kernel. A choice of key blocks: its
         partition's model reads the call's key blocks (and `group`, given by the call)."""
-        sel = self.spec.selection
-        blocks = {"key_blocks": -(-problem.T // sel.block)} if self.comp.plan.partitions else {}
-        return choose_softmax_tiles(self.spec, dict(problem.dims), interpreting(), tuned=tuned, **blocks, **given)
+        return choose_softmax_tiles(self.spec, dict(problem.dims), interpreting(), tuned=tuned,
+                                    key_blocks=key_blocks(self.spec, problem.T), **given)
 
     # -- the kernels ------------------------------------------------------------------------------------
     def __call__(self, *tensors, cu_seqlens=None, chunk: int | None = None, block: int | None = None,
