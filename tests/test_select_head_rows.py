@@ -100,17 +100,21 @@ def test_library_infllm_v2_with_head_rows():
 
 
 def test_the_model_picks_by_group_and_length():
-    """Block steps a query row for uncorrelated choices: head rows for 16 heads a group from 8192 tokens of
-    64-token blocks on (1 step against 2), not at 2048 tokens (the union of 128 tokens' choices is every
-    block); a per-head choice from 2048 key blocks on; the call's choice in the config's reasons."""
-    from effc.passes.softmax import default_partition
-    infllm, moba = effc.load("infllm_v2").spec, effc.load("moba").spec
-    assert [default_partition(infllm, 16, n) for n in (32, 128, 512)] == ["tokens", "heads", "heads"]
-    assert [default_partition(infllm, 1, n) for n in (128, 512, 2048)] == ["tokens", "tokens", "heads"]
-    assert [default_partition(moba, 16, n) for n in (128, 2048)] == ["tokens", "heads"]  # its group is 1
+    """Block steps a query row for uncorrelated choices, by the key blocks a query block sees (causal: about
+    half): head rows for 16 heads a group from 32768 tokens of 64-token blocks on (1 step against 4), not
+    at 2048 tokens (the union of 128 tokens' choices is every visible block); a per-head choice past 1024
+    visible blocks; the call's choice and the numbers in the config's reasons."""
+    from effc.passes.softmax import default_partition, visible_blocks
+    infllm, moba = effc.load("infllm_v2"), effc.load("moba").spec
+    seen = [visible_blocks(infllm.sched, T, {}) for T in (2048, 32768, 262144)]
+    assert seen == [17.0, 257.0, 2049.0]  # (n + 1) / 2 of n blocks, under a causal mask
+    assert [default_partition(infllm.spec, 16, n) for n in seen] == ["tokens", "heads", "heads"]
+    assert [default_partition(infllm.spec, 1, n) for n in seen] == ["tokens", "tokens", "heads"]
+    assert [default_partition(moba, 16, n) for n in seen] == ["tokens", "tokens", "heads"]  # its group is 1
+    assert visible_blocks(effc.load("softmax_attn").sched, 2048, {}) is None
     op = _load(SMALL_SHARED)
     op(*_inputs(40, 4, 2))
-    assert "the model's for 2 query head(s) a choice and 3 key blocks" in str(op.last_config)
+    assert "the model's for 2 query head(s) a choice and 3 visible key blocks" in str(op.last_config)
 
 
 def test_per_head_choice_with_head_rows():

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import sympy
 
 from ..ir.nodes import Op
@@ -269,6 +271,28 @@ def derive(masks: tuple[str, ...], ops: dict[str, Op], params: set[str], kmap: t
 
 
 # ---- printing the bounds as Triton scalar arithmetic ------------------------------------------------
+def mean_visible_blocks(r: Range, T: int, bm: int, bn: int, params: dict[str, float]) -> float:
+    """The key blocks of `bn` tokens that a query block of `bm` rows reaches under `r` (BlockSparsity.keys:
+    keys j in [lo, hi] for the query block [i0, i1]), averaged over the query blocks of a T-token sequence
+    (`params`: the spec's param values). A bound that reads anything else (the head index) counts every key
+    block."""
+    n_kb = -(-T // bn)
+    bounds = [sympy.sympify(x) for x in (r.lo, r.hi)]
+    values = {s: params[s.name[2:]] for x in bounds for s in x.free_symbols
+              if s.name.startswith("p_") and s.name[2:] in params}
+    bounds = [x.subs(values) for x in bounds]
+    if any(x.free_symbols - {I0, I1} for x in bounds):
+        return float(n_kb)
+    bound = sympy.lambdify((I0, I1), bounds, "math")
+    n_qb = -(-T // bm)
+    total = 0
+    for qb in range(n_qb):
+        lo, hi = bound(qb * bm, min(T, (qb + 1) * bm) - 1)
+        lo, hi = max(0.0, float(lo)), min(float(T - 1), float(hi))
+        total += max(0, math.floor(hi) // bn - math.ceil(lo) // bn + 1) if hi >= lo else 0
+    return total / n_qb
+
+
 def triton_expr(x, names: dict) -> str:
     """A sympy bound as a Triton fp32 scalar expression; `names` maps symbols to Triton expressions."""
     if x.is_Integer or x.is_Rational or x.is_Float:

@@ -18,6 +18,7 @@ Nothing here knows a mechanism: only tile ops, sides and the masks' formulas.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import sympy
@@ -27,7 +28,7 @@ from ..ir import ops as O
 from ..ir.nodes import CK, C, Op, Spec, Stage, TileType
 from ..ir.printer import print_op
 from ..policy.tiling import IsPow2, TilingSpace, padded
-from .blocksparse import BlockSparsity, derive
+from .blocksparse import BlockSparsity, derive, mean_visible_blocks
 from .select import SelectSchedule, analyze_select, chooses_tokens, select_leaf_types, type_select
 from .cse import cse_with_aliases
 from .fusion import live_ops
@@ -516,15 +517,15 @@ def pivot_group(bm: int, sb: int, interpreting: bool) -> int:
 def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *, chunk: int | None = None,
                          block: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
                          segments: int | None = None, partition: str | None = None, group: int = 1,
-                         key_blocks: int | None = None, tuned: dict | None = None) -> SoftmaxTiles:
+                         visible: float | None = None, tuned: dict | None = None) -> SoftmaxTiles:
     """Block sizes by a simple register / shared-memory rule for Hopper (and small blocks under the
     interpreter); `chunk` (query block) and `block` (key block) override it for every kernel.
     `tuned` (the knobs of an `effc tune` entry: chunk, block, num_warps, num_stages) sets the forward
     kernel's tiles, the explicit arguments still winning; the backward kernels keep the model's (they
     read only per-token values the forward saved, so any forward tiling serves them). `partition`: 'heads'
     or 'tokens' for a choice of key blocks (SoftmaxTiles.head_rows), else the tuned entry's, else
-    `default_partition`'s for the call's `group` (query heads a key head) and `key_blocks` (of the longest
-    sequence)."""
+    `default_partition`'s for the call's `group` (query heads a key head) and `visible` key blocks a query
+    block reaches (`visible_blocks`)."""
     for d, v in dims.items():
         if v < 1:
             raise SpecError(f"feature dim {d}={v}: must be >= 1")
@@ -583,13 +584,14 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
                        f"lists' ({fwd[0]}); the select kernel scores the key blocks "
                        f"{select_chunk(fwd[0], 1 << 30, interpreting)} at a time (at most)")
     chosen = partition or (tuned or {}).get("partition")
-    head_rows = (chosen or default_partition(spec, group, key_blocks, fwd[0])) == "heads"
+    head_rows = (chosen or default_partition(spec, group, visible, fwd[0])) == "heads"
     if row_partitions(spec):
         group = group if spec.selection.shared else 1  # a per-head choice: each head its own group
+        seen = f"{visible:.0f} visible key blocks" if visible else "unknown lengths"
         why = (f"{chosen!r} given" if chosen else
-               f"the model's for {group} query head(s) a choice and {key_blocks or 'unknown'} key blocks: "
-               f"~{head_rows_cost(group, key_blocks, spec.selection.slots):.1f} against "
-               f"~{token_rows_cost(key_blocks, spec.selection.slots, fwd[0]):.1f} for 'tokens' (block steps a "
+               f"the model's for {group} query head(s) a choice and {seen}: "
+               f"~{head_rows_cost(group, visible, spec.selection.slots):.1f} against "
+               f"~{token_rows_cost(visible, spec.selection.slots, fwd[0]):.1f} for 'tokens' (block steps a "
                "query row, for uncorrelated choices)")
         reasons.append(f"partition {'heads' if head_rows else 'tokens'}: {ROW_PARTITIONS['heads' if head_rows else 'tokens']}"
                        f" ({why})")
@@ -610,9 +612,17 @@ def head_rows_tile(group: int) -> tuple[int, int]:
     return max(16, 1 << (group - 1).bit_length()), 4
 
 
-def key_blocks(spec: Spec, T: int) -> int | None:
-    """The key blocks a select stage chooses among in a sequence of T tokens (None without one)."""
-    return -(-T // spec.selection.block) if spec.selection is not None else None
+# the query block the token rows' union is counted for (the model's forward block on a GPU)
+_UNION_ROWS = 128
+
+
+def visible_blocks(sched: "SoftmaxSchedule", T: int, params: dict[str, float]) -> float | None:
+    """The key blocks a query block reaches under the score's masks in a T-token sequence, on average: what
+    the union of its tokens' choices is bounded by (about half of them under a causal mask); None without a
+    choice of key blocks."""
+    if not row_partitions(sched.spec):
+        return None
+    return mean_visible_blocks(sched.sparsity.keys, T, _UNION_ROWS, sched.spec.selection.block, params)
 
 
 def row_partitions(spec: Spec) -> tuple[str, ...]:
@@ -625,35 +635,36 @@ def row_partitions(spec: Spec) -> tuple[str, ...]:
 _STEP_ROWS = 64
 
 
-def head_rows_cost(group: int, key_blocks: int | None, slots: int | None) -> float:
+def head_rows_cost(group: int, visible: float | None, slots: int | None) -> float:
     """Block steps per query row (token, head), scaled to 64-row steps, of the head-rows walk for `group`
     heads a key head: BM / G tokens a program walk at most (BM / G) x k distinct blocks (k: the choice's
-    slots; every key block without a bound), each a step of BM rows."""
+    slots), no more than the `visible` key blocks, each a step of BM rows."""
     bm, _ = head_rows_tile(group)
     tokens = bm // group
-    steps = min(key_blocks or 1 << 30, tokens * (slots or key_blocks or 1 << 30))
+    steps = min(visible or math.inf, tokens * (slots or math.inf))
     return steps * max(bm, _STEP_ROWS) / _STEP_ROWS / (tokens * group)
 
 
-def token_rows_cost(key_blocks: int | None, slots: int | None, bm: int) -> float:
+def token_rows_cost(visible: float | None, slots: int | None, bm: int) -> float:
     """The same for token rows: a block of `bm` query tokens of one head walks the union of their choices,
-    for uncorrelated choices min(key blocks, bm x k) (docs/design.md: nearly every visible block)."""
-    steps = min(key_blocks or 1 << 30, bm * (slots or key_blocks or 1 << 30))
+    for uncorrelated choices min(visible key blocks, bm x k) (docs/design.md: nearly every visible block)."""
+    steps = min(visible or math.inf, bm * (slots or math.inf))
     return steps * max(bm, _STEP_ROWS) / _STEP_ROWS / bm
 
 
-def default_partition(spec: Spec, group: int = 1, key_blocks: int | None = None, bm: int = 128) -> str | None:
+def default_partition(spec: Spec, group: int = 1, visible: float | None = None, bm: int = 128) -> str | None:
     """The model's partition for a call with `group` query heads a key head (of a shared choice; 1 for a
-    per-head one) and `key_blocks` key blocks (None: unknown, taken as many): the one with the fewer block
-    steps per query row for uncorrelated choices (the worst case: correlated choices shrink the union that
-    token rows walk, not the head rows' k). A shared choice of 16 heads a group walks 1 step a row against 2
-    for token rows at 8192 tokens of 64-token blocks and 8 at 32768; a per-head choice loses at short
-    sequences (16-row steps over 16 tokens' union)."""
+    per-head one) and `visible` key blocks a query block reaches (None: unknown, taken as many): the one with
+    the fewer block steps per query row for uncorrelated choices (the worst case: correlated choices shrink
+    the union that token rows walk, not the head rows' k), token rows on a tie (their 128-row tiles run the
+    tensor cores fuller). A causal choice of 16 heads a group walks 1 step a row with head rows against
+    about 1 at 8192 tokens of 64-token blocks (65 visible blocks on average), 4 at 32768 and 16 at 131072; a
+    per-head choice (16 tokens a program) needs more than 1024 visible blocks (T > 131072 under causality)."""
     if not row_partitions(spec):
         return None
     group = group if spec.selection.shared else 1
     slots = spec.selection.slots
-    return "heads" if head_rows_cost(group, key_blocks, slots) < token_rows_cost(key_blocks, slots, bm) else "tokens"
+    return "heads" if head_rows_cost(group, visible, slots) < token_rows_cost(visible, slots, bm) else "tokens"
 
 
 def softmax_tiling_space(sched: SoftmaxSchedule) -> TilingSpace:

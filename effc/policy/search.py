@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields
 from ..errors import SpecError
 from ..ir.nodes import CK, C, Spec, dim
 from ..passes.legality import Legality
-from ..passes.softmax import SoftmaxSchedule, choose_softmax_tiles, key_blocks, softmax_tiling_space
+from ..passes.softmax import SoftmaxSchedule, choose_softmax_tiles, softmax_tiling_space, visible_blocks
 from .tiling import (
     BLOCK,
     MAX_REGISTERS,
@@ -190,7 +190,7 @@ def model_default(spec: Spec, legality, problem: Problem) -> Candidate:
     what an op runs when no tuning entry is recorded), for either family."""
     if isinstance(legality, SoftmaxSchedule):
         return Candidate.of(choose_softmax_tiles(spec, dict(problem.dims), interpreting=False,
-                                                 key_blocks=key_blocks(spec, problem.T)))
+                                                 visible=visible_blocks(legality, problem.T, {})))
     if not isinstance(legality, Legality):
         what = ("has branches (passes.branches): each branch's walk is tuned as its own spec, FILE:<spec>__<branch>, "
                 "as `effc tune SPEC` does" if getattr(legality, "family", None) == "branched" else

@@ -16,7 +16,7 @@ import torch
 from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
-from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile, key_blocks
+from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile, visible_blocks
 from ..policy.tiling import Problem, padded, stored_width
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
@@ -115,9 +115,8 @@ class SoftmaxOp(Tuned):
     def tiles(self, problem: Problem, tuned: dict | None = None, **given) -> SoftmaxTiles:
         """The kernels' tiles for `problem`: the forward's from the tuned knobs (None: the model's), the
         backward's from the model; explicit arguments win for every kernel. A choice of key blocks: its
-        partition's model reads the call's key blocks (and `group`, given by the call)."""
-        return choose_softmax_tiles(self.spec, dict(problem.dims), interpreting(), tuned=tuned,
-                                    key_blocks=key_blocks(self.spec, problem.T), **given)
+        partition's model reads the call's `group` and `visible` key blocks (given by `_plan_call`)."""
+        return choose_softmax_tiles(self.spec, dict(problem.dims), interpreting(), tuned=tuned, **given)
 
     # -- the kernels ------------------------------------------------------------------------------------
     def __call__(self, *tensors, cu_seqlens=None, chunk: int | None = None, block: int | None = None,
@@ -185,10 +184,11 @@ class SoftmaxOp(Tuned):
         B, T, H, dims, pvals = self._check(tensors, dict(params), True, True if has_init else None,
                                            output_final_state)
         first = tensors[0]
-        if self.comp.plan.partitions:  # the row partition's model reads the head group (a shared choice)
+        if self.comp.plan.partitions:  # the row partition's model: the head group (a shared choice), the length
             shared = self.spec.selection.shared
             knobs["group"] = head_group(self.spec, {d.name: t for d, t in zip(self.spec.inputs, tensors)}, H) \
                 if shared else 1
+            knobs["visible"] = visible_blocks(self.sched, longest or T, pvals)
         cfg = self.config(B if n_seq is None else n_seq, longest or T, H, dims, first.device, dtype=first.dtype,
                           **knobs)
         self.last_config = cfg

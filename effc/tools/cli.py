@@ -170,8 +170,9 @@ def _tiles(comp, B: int, T: int, H: int, given: dict):
     from ..policy.tiling import Problem, choose
     sizes = {d: 128 for d in comp.typed.dims} | given
     if comp.typed.score.ops:
-        from ..passes.softmax import choose_softmax_tiles, key_blocks
-        return sizes, choose_softmax_tiles(comp.typed, sizes, interpreting=False, key_blocks=key_blocks(comp.typed, T))
+        from ..passes.softmax import choose_softmax_tiles, visible_blocks
+        return sizes, choose_softmax_tiles(comp.typed, sizes, interpreting=False,
+                                           visible=visible_blocks(comp.legality, T, {}))
     return sizes, choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
 
 
