@@ -191,3 +191,17 @@ def test_two_specs_of_one_name_run_their_own_choice():
     second = _load(SMALL_SHARED.replace("block 16", "block 32"))
     xs = _inputs(97, 8, 2, seed=8)
     assert judge_fp32(second(*xs)[0], second.reference(*[x.double() for x in xs])[0]).ok
+
+
+def test_head_rows_compute_a_range_of_query_rows():
+    """`queries=(lo, hi)` (context parallel's shards, decoding's new rows): head rows start at the first
+    computed row in every walk; the other rows are zero with no gradient, as the oracle's."""
+    op = _load(SMALL_SHARED)
+    xs = [x.requires_grad_() for x in _inputs(90, 8, 2, seed=3)]
+    o = op(*xs, partition="heads", queries=(37, 75))[0]
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    ref = op.reference(*ref_in, queries=(37, 75))[0]
+    assert judge_fp32(o, ref).ok and not o[:, :37].any() and not o[:, 75:].any()
+    g = torch.randn_like(o)
+    for a, b in zip(torch.autograd.grad(o, xs, g), torch.autograd.grad(ref, ref_in, g.double())):
+        assert judge_fp32(a, b).ok, judge_fp32(a, b)
