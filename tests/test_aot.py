@@ -10,7 +10,6 @@ import sys
 import pytest
 
 import effc
-from effc.passes.softmax_plan import head_rows
 
 SCRIPT = r"""
 import json, sys
@@ -91,7 +90,7 @@ def test_softmax_family_kernels_compile_for_sm90(name, tmp_path):
     names = [name]
     results = _compile_in_subprocesses(SOFTMAX_SCRIPT, names, tmp_path)
     op = effc.load(name)
-    rows = ("fwd_rows", "bwd_dq_rows", "bwd_dkv_rows") if head_rows(getattr(op, "softmax", op).sched) else ()
+    rows = tuple(k.name for k in getattr(op, "softmax", op).comp.plan.kernels if k.name.endswith("_rows"))
     assert set(results) == {f"{n}.{k}" for n in names for k in ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv") + rows}
     for kernel, r in results.items():
         assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"

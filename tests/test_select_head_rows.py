@@ -12,9 +12,10 @@ import pytest
 import torch
 from naive_softmax import infllm_v2 as naive_infllm
 from test_infllm_v2 import SMALL as INFLLM_SMALL
+from test_select_tokens import WINDOW_THRESHOLD
 
 import effc
-from effc.errors import ArgumentError
+from effc.errors import ArgumentError, SpecError
 from effc.runtime.verify import judge_fp32
 
 # no library spec: InfLLM-V2's group-shared choice over 16-token blocks (tests/test_infllm_v2.py), the score
@@ -140,7 +141,9 @@ def test_the_plan_and_config_say_which_partition():
     assert "partition heads: fwd_rows, bwd_dq_rows, bwd_dkv_rows" in plan
     assert [c.name for c in op.comp.plan.partitions] == ["heads", "tokens"] and op.comp.plan.partition is None
     assert "the model picks per call" in plan
-    assert effc.load("softmax_attn").comp.plan.partitions == () and effc.load("dsa").comp.plan.partitions == ()
+    assert effc.load("softmax_attn").comp.plan.partitions == ()
+    uncapped = effc.loads(WINDOW_THRESHOLD.replace("threshold(g, 0.25, 12)", "threshold(g, 0.25)"))
+    assert uncapped.comp.plan.partitions == ()  # a choice of key tokens, per head and unbounded: no gathering
     q, k, v = _inputs(40, 4, 2)
     op(q, k, v, partition="heads")
     assert "rows (query token, query head)" in str(op.last_config)
@@ -205,3 +208,29 @@ def test_head_rows_compute_a_range_of_query_rows():
     g = torch.randn_like(o)
     for a, b in zip(torch.autograd.grad(o, xs, g), torch.autograd.grad(ref, ref_in, g.double())):
         assert judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
+def test_a_choice_of_key_tokens_gathers_with_head_rows():
+    """DSA (a shared choice of 20 key tokens, 16 query heads over one key head): head rows gather each token's
+    chosen keys for its group's heads (one token a program); forward and the attention's gradients against
+    the oracle and the naive reference; fewer than 9 heads a group cannot gather one token."""
+    from naive_softmax import dsa
+    from test_select_tokens import SMALL_DSA, _dsa_inputs
+    op = effc.loads(SMALL_DSA, "dsa_small")
+    assert [c.kernels for c in op.comp.plan.partitions][0] == ("fwd_rows", "bwd_dq_rows", "bwd_dkv")
+    xs = [x.requires_grad_() for x in _dsa_inputs(45, H=16, hk=1, seed=2)]
+    g = torch.randn(1, 45, 16, 16, generator=torch.Generator().manual_seed(5))
+    o = op(*xs, partition="heads")[0]
+    assert op.last_config.head_rows
+    grads = torch.autograd.grad(o, xs[:3], g)
+    ref_in = [x.detach().double().requires_grad_(i < 3) for i, x in enumerate(xs)]
+    ref = op.reference(*ref_in)[0]
+    nv_in = [x.detach().double().requires_grad_(i < 3) for i, x in enumerate(xs)]
+    nv = dsa(*nv_in, topk=20)
+    assert judge_fp32(o, ref).ok and judge_fp32(o, nv).ok, judge_fp32(o, ref)
+    for a, b, c in zip(grads, torch.autograd.grad(ref, ref_in[:3], g.double()),
+                       torch.autograd.grad(nv, nv_in[:3], g.double())):
+        assert judge_fp32(a, b).ok and judge_fp32(a, c).ok, judge_fp32(a, b)
+    few = [x.detach() for x in _dsa_inputs(40, H=4, hk=1, seed=3)]
+    with pytest.raises(SpecError, match="4 query heads a key head need 4 tokens a program"):
+        op(*few, partition="heads")

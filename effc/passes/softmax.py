@@ -584,6 +584,11 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
                        f"lists' ({fwd[0]}); the select kernel scores the key blocks "
                        f"{select_chunk(fwd[0], 1 << 30, interpreting)} at a time (at most)")
     chosen = partition or (tuned or {}).get("partition")
+    if chosen == "heads" and gathers_tokens(spec) and not gathers_one_token(group):
+        raise SpecError(f"partition='heads': spec '{spec.name}' chooses key tokens, whose head rows gather one "
+                        f"token's keys for its group's query heads; {group} query heads a key head need "
+                        f"{head_rows_tile(group)[0] // group} tokens a program", None,
+                        "9 or more query heads a key head, or partition='tokens'")
     head_rows = (chosen or default_partition(spec, group, visible, fwd[0])) == "heads"
     if row_partitions(spec):
         group = group if spec.selection.shared else 1  # a per-head choice: each head its own group
@@ -626,9 +631,23 @@ def visible_blocks(sched: "SoftmaxSchedule", T: int, params: dict[str, float]) -
 
 
 def row_partitions(spec: Spec) -> tuple[str, ...]:
-    """The partitions of the query-side walks' rows a spec (typed) has: both for a choice of key blocks, none
-    otherwise (token rows only: a choice of key tokens walks its bits per query block)."""
-    return tuple(ROW_PARTITIONS) if spec.selection is not None and not chooses_tokens(spec) else ()
+    """The partitions of the query-side walks' rows a spec (typed) has: both for a choice of key blocks, and
+    for a choice of a bounded number of key tokens shared by a head group (its head rows gather each query's
+    chosen keys, one token a program); none otherwise."""
+    sel = spec.selection
+    if sel is None or (chooses_tokens(spec) and not (sel.shared and sel.slots)):
+        return ()
+    return tuple(ROW_PARTITIONS)
+
+
+# a choice of key tokens gathers one token's keys a program: its head rows need a tl.dot's 16 rows of heads
+GATHER_ROWS = 16
+
+
+def gathers_tokens(spec: Spec) -> bool:
+    """Do the head-rows walks gather each query's chosen keys (a choice of key tokens), rather than walk its
+    chosen blocks?"""
+    return bool(row_partitions(spec)) and chooses_tokens(spec)
 
 
 # a walk step costs about what a 64-row tile's does below 64 rows (an sm_90 warpgroup MMA is 64 rows)
@@ -664,7 +683,19 @@ def default_partition(spec: Spec, group: int = 1, visible: float | None = None, 
         return None
     group = group if spec.selection.shared else 1
     slots = spec.selection.slots
+    if gathers_tokens(spec):  # one token's k chosen keys gathered, BN a step, for its group's heads
+        if not gathers_one_token(group):
+            return "tokens"
+        rows, _ = head_rows_tile(group)
+        heads = math.ceil(slots / spec.selection.block) * max(rows, _STEP_ROWS) / _STEP_ROWS / group
+        return "heads" if heads < token_rows_cost(visible, None, bm) else "tokens"
     return "heads" if head_rows_cost(group, visible, slots) < token_rows_cost(visible, slots, bm) else "tokens"
+
+
+def gathers_one_token(group: int) -> bool:
+    """Do the head rows of `group` heads hold one token (a program's BM // G), as gathering its keys needs?"""
+    rows, _ = head_rows_tile(group)
+    return rows // group == 1
 
 
 def softmax_tiling_space(sched: SoftmaxSchedule) -> TilingSpace:

@@ -10,7 +10,7 @@ from .fusion import live_ops
 from .hybrid import HybridSplit
 from .kernel_plan import Kernel, kernel_args, unique_args
 from ..errors import ArgumentError
-from .softmax import ROW_PARTITIONS, SoftmaxSchedule, row_partitions
+from .softmax import ROW_PARTITIONS, SoftmaxSchedule, gathers_tokens, row_partitions
 from .softmax_bwd import SoftmaxBackward
 
 
@@ -47,9 +47,7 @@ class SoftmaxPlan:
 
     @property
     def partitions(self) -> tuple[RowPartition, ...]:
-        """The row partitions of a choice of key blocks ('heads', 'tokens'); none for other specs."""
-        names = {"heads": ("fwd_rows", "bwd_dq_rows", "bwd_dkv_rows"), "tokens": ("fwd", "bwd_dq", "bwd_dkv")}
-        return tuple(RowPartition(n, names[n], ROW_PARTITIONS[n]) for n in row_partitions(self.spec))
+        return plan_partitions(self.spec)
 
     # no default per plan: the model picks per call, from its head group and length
     # (passes.softmax.default_partition); `effc tune` records the faster for a shape
@@ -92,6 +90,15 @@ class SoftmaxPlan:
         lines += [f"    {print_op(op)}" for op in self.spec.prefix.ops]
         lines.append(str(self.backward))
         return "\n".join(lines)
+
+
+def plan_partitions(spec: Spec) -> tuple[RowPartition, ...]:
+    """The row partitions of a choice of key blocks or of a bounded number of shared key tokens ('heads',
+    'tokens'; passes.softmax.row_partitions), with the kernels each launches; none for other specs."""
+    # a choice of key tokens keeps the token rows' dK/dV (its bits per query block)
+    dkv = "bwd_dkv" if gathers_tokens(spec) else "bwd_dkv_rows"
+    names = {"heads": ("fwd_rows", "bwd_dq_rows", dkv), "tokens": ("fwd", "bwd_dq", "bwd_dkv")}
+    return tuple(RowPartition(n, names[n], ROW_PARTITIONS[n]) for n in row_partitions(spec))
 
 
 _OTHER = {"q": "k", "k": "q"}
@@ -232,12 +239,14 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
     if sched.select is None or name == "bwd_pre":
         return [], [], [], []
     if sched.select.per_token:  # a choice of key tokens: each (query, key block)'s bits, `tmask`
+        if name.endswith("_rows"):  # head rows gather each query's chosen keys (`tidx`, `tcnt`: the select's)
+            return ["tidx_ptr", "tcnt_ptr"], [], ["KTOP", "G"], []
         lists = {"fwd": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"], "bwd_dq": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"],
                  "bwd_dkv": ["tmask_ptr", "klist_ptr", "kcnt_ptr"],
-                 "select": ["tmask_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr"],
+                 "select": ["tmask_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "tidx_ptr", "tcnt_ptr"],
                  "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
         tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"]}.get(name, ["NW", "GROUP"])
-        return lists, ["NQB", "NKB"], tiles, []
+        return lists, ["NQB", "NKB"], tiles, ["INDICES"] if name == "select" else []
     if name == "bwd_dkv_rows":  # the query blocks listing the key block, and their tokens' choices
         return ["sel_ptr", "klist_ptr", "kcnt_ptr"], ["NQB", "NKB"], ["KP", "G", "BQ"], []
     if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice
@@ -347,7 +356,8 @@ def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
 def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> SoftmaxPlan:
     leaf_dims = sorted({str(d) for x in sched.leaves for d in sched.types[x].shape[1:]})
     kernels = _select_kernels(sched, leaf_dims) if sched.select is not None else []
-    for name, role, stages, outer, what in SOFTMAX_KERNELS + (HEAD_ROWS_KERNELS if head_rows(sched) else ()):
+    rows = tuple(k for k in HEAD_ROWS_KERNELS if k[0] in {c for p in plan_partitions(spec) for c in p.kernels})
+    for name, role, stages, outer, what in SOFTMAX_KERNELS + rows:
         ops = _kernel_ops(sched, bwd, name)
         q, k = _leaf_sides(sched, ops)
         read = tuple(x for x in sched.leaves if x in q or x in k)

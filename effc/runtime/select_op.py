@@ -20,7 +20,9 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
                       transpose: bool, query_rows: int | None = None) -> dict:
     """Launch the select stage's kernels for one call; returns the buffers and sizes the walks take
     (sel, qlist, qcnt and, with `transpose`, klist, kcnt; NQB, NKB, KP). `query_rows`: the rows computed per
-    sequence when not all of them (decoding's new tokens)."""
+    sequence when not all of them (decoding's new tokens). A choice of key tokens walked with head rows
+    (`cfg.head_rows`) also gets each query's chosen keys, `tidx` [tokens, H / GROUP, KTOP] and their count
+    `tcnt`, which those walks gather."""
     sel = op.sched.select
     first = leaves[0]
     device = first.device
@@ -48,6 +50,10 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     if sel.per_token:  # each (query, key block)'s chosen tokens as bits, one row per key/value head group
         # zeros: the select kernel writes the blocks its masks reach only (the walks read no others)
         out.update(tmask_ptr=torch.zeros(rows + (H // sizes["GROUP"], n_kb, sizes["NW"]), **i32))
+        lists = rows + (H // sizes["GROUP"],)
+        gather = bool(cfg.head_rows)
+        out.update(INDICES=gather, tidx_ptr=torch.empty(lists + (sizes["KTOP"],) if gather else (1,), **i32),
+                   tcnt_ptr=torch.empty(lists if gather else (1,), **i32))
     else:
         out.update(sel_ptr=torch.empty(rows + (H, sizes["KP"]), **i32))
     out.update(qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.int8, device=device),

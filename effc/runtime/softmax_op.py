@@ -89,6 +89,7 @@ class SoftmaxOp(Tuned):
         self._defaults: dict[tuple, dict[str, float]] = {}
         live(self)
         self._torch_ops = softmax_torch_ops(self)
+        self._kernel_names = {k.name for k in comp.plan.kernels}
         self._prefix = prefix_stage(self.spec)
 
     def __repr__(self) -> str:
@@ -334,7 +335,7 @@ class SoftmaxOp(Tuned):
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
         kernels = ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk"))
         # head rows: a dK/dV program sums its group's heads and stores at the group's first head (the others zero)
-        grouped = cfg.head_rows and named.get("GROUP", 1) > 1
+        grouped = cfg.head_rows and named.get("GROUP", 1) > 1 and "bwd_dkv_rows" in self._kernel_names
         whole = bwd.whole_grads()
         for kernel, tag in kernels:
             for x, _ in kernel.leaf_grads:
@@ -350,7 +351,8 @@ class SoftmaxOp(Tuned):
         for kernel, c, grid0 in (("bwd_pre", cfg.pre, _query_blocks(longest, queries, cfg.pre[0])),
                                  ("bwd_dq", cfg.dq, _query_blocks(longest, queries, cfg.dq[0])),
                                  ("bwd_dkv", cfg.dkv, math.ceil((TK or longest) / cfg.dkv[1]))):
-            if kernel != "bwd_pre" and cfg.head_rows:
+            # a choice of key tokens keeps the token rows' dK/dV (passes.softmax_plan.plan_partitions)
+            if kernel != "bwd_pre" and cfg.head_rows and f"{kernel}_rows" in self._kernel_names:
                 self._launch_rows(kernel, c, longest, queries, n_seq, H, named,
                                   {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]}, key_blocks=grid0)
                 continue

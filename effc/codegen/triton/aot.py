@@ -72,7 +72,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     bf16 = ({f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
             | {f"{x}_{tag}_ptr" for x in op.comp.backward.whole_grads() for tag in ("dpre", "dq", "dk")})
     ints = {"cu_ptr", "lens_ptr", "sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "klist_ptr", "kcnt_ptr",
-            "tmask_ptr"}  # lists
+            "tmask_ptr", "tidx_ptr", "tcnt_ptr"}  # lists
     sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n in ints else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
@@ -92,7 +92,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
         const.update(KTOP=slots, GROUP=1, NQBP=64, CB=select_chunk(bm, 1 << 20, False))
     if sel is not None and sel.per_token:  # a choice of key tokens: bits per (query, key block), the search chunk
         search = search_chunk(bm, False)
-        const.update(NW=-(-sel.block // 32), SB=search, PG=pivot_group(bm, search, False))
+        const.update(NW=-(-sel.block // 32), SB=search, PG=pivot_group(bm, search, False), INDICES=True)
     return _compile(fn, sig, const, warps, stages)
 
 

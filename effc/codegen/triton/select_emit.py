@@ -348,13 +348,22 @@ def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
     words = ["for w in tl.static_range(NW):",
              f"    tl.store(tmask_ptr + {token_bits('kb')} + w, tl.sum(tl.where((r_bit // 32)[None, :] == w, "
              "packed, 0), 1), mask=qv)"]
+    # the head-rows walks gather each query's chosen keys: their positions in increasing order, KTOP a row
+    indices = ["if INDICES:",
+               "    slot = n_row[:, None] + tl.cumsum(ci, 1) - 1",
+               "    tl.store(tidx_ptr + (t_row * KTOP)[:, None] + slot, r_N[None, :], mask=chosen & qv[:, None] & "
+               "(slot < KTOP))",
+               "    n_row += tl.sum(ci, 1)"]
     body = _token_block(sched, kp, "kb * BN", "BN") + choose + [
         "ci = chosen.to(tl.int32)",
         "packed = ci << (r_bit % 32)[None, :]  # one bit a key: the words' bits are disjoint, so a sum is an or"
-    ] + words + ["row = tl.max(tl.max(ci, 1), 0)"] + union + ["n_union += row"]
+    ] + words + indices + ["row = tl.max(tl.max(ci, 1), 0)"] + union + ["n_union += row"]
     return (["ties = tl.zeros([BM], tl.int32)", "r_bit = tl.arange(0, BN)",
              "n_union = tl.sum(tl.zeros([BN], tl.int32), 0)",
-             "for kb in range(b_lo, b_hi):  # the choice written"] + _indent(body) + count)
+             "n_row = tl.zeros([BM], tl.int32)",
+             "t_row = (qbos + r_M) * (H // GROUP) + i_h // GROUP  # the query's row of the group's lists",
+             "for kb in range(b_lo, b_hi):  # the choice written"] + _indent(body) + count
+            + ["if INDICES:", "    tl.store(tcnt_ptr + t_row, tl.minimum(n_row, KTOP), mask=qv)"])
 
 
 def _tokens(sched: SoftmaxSchedule, kp) -> list[str]:

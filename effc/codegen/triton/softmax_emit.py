@@ -248,6 +248,7 @@ class KernelView:
     k_loads_full: list[str] = field(default_factory=list)
     listed: bool = False  # walks the select stage's list of blocks (passes.select), not a range
     head_rows: bool = False  # rows are (query token t_M, query head h_M) pairs: G heads of a group a program
+    gathered: bool = False  # head rows over a choice of key tokens: the key tiles gathered from each query's list
     decodes: bool = False  # takes DECODE: launched over KV caches too (runtime.softmax_decode)
     list_lines: list[str] = field(default_factory=list)  # before that walk: n_sel and list_base
 
@@ -367,7 +368,10 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
     tokens = sched.select.per_token  # a choice of key tokens: the block's bits, not each query's list
     block = "blk" if outer == "q" else "pid"
     own = _token_chosen(block) if tokens else [f"chosen = tl.sum(tl.where(sel_q == {block}, 1, 0), 1) > 0"]
-    if kv.head_rows and outer == "k":  # the group's first head's list of query blocks; rows all took the block
+    if kv.head_rows and tokens:  # one token a program, its chosen keys gathered: every pair is chosen
+        kv.gathered = True
+        own = ["chosen = qv[:, None] & kv[None, :]"]
+    elif kv.head_rows and outer == "k":  # the group's first head's list of query blocks; rows all took the block
         kv.list_lines = ["n_sel = tl.load(kcnt_ptr + (i_b * H + i_h) * NKB + pid)",
                          "list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB"]
         own = ["chosen = qv"]
