@@ -875,3 +875,32 @@ def test_bench_kv_heads_reach_effc_and_the_peers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ArgumentError, match="--kv-heads 3 must divide --heads 8"):
         bench.run_bench(["infllm_v2"], [(1, 64)], 8, 16, False, 1.0, None, kv_heads=3)
+
+
+def test_the_readme_speed_table_is_the_benchmark_jsons():
+    """README's speed table is `effc bench --from-json FILES --markdown` of the committed JSON its marker
+    names, line for line: a hand edit, or a JSON file changed without the table, fails here."""
+    from effc.tools.bench import markdown_table
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "README.md").read_text()
+    m = re.search(r"<!-- speed table: effc bench --from-json (\S+) --markdown -->\n(.*?)<!-- end speed table -->",
+                  text, re.S)
+    assert m, "README: the speed table's markers"
+    rows = [r for f in m.group(1).split(",") for r in json.loads((root / f).read_text())]
+    assert m.group(2) == markdown_table(rows)
+    assert "| retention | fla chunk_retention | 2x8192 | 1.23x | 0.69x | 514 / 768 |" in m.group(2)
+
+
+def test_bench_markdown_table_reads_several_jsons(tmp_path):
+    """`effc bench --from-json A,B --markdown`: one line per (row, timed peer), ratios peer / effc, the peak
+    memory where both sides measured it; a peer that failed adds no line."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps([{**FAKE_ROWS[1], "effc_peak_mib": 100.0,
+                              "peers": [{"peer": "fla chunk_gla", "ms": 1.4, "speedup": 2.0, "fwdbwd_ms": 3.0,
+                                         "speedup_fwdbwd": 0.5, "peak_mib": 80.0}, {"peer": "x", "error": "no"}]}]))
+    b.write_text(json.dumps([{**FAKE_ROWS[0], "peers": [{"peer": "p", "ms": 1.0, "speedup": 2.0}]}]))
+    result = CliRunner().invoke(app, ["bench", "--from-json", f"{a},{b}", "--markdown"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[2] == "| gla | fla chunk_gla | 2x8192 | 2.00x | 0.50x | 100 / 80 |"
+    assert lines[3] == "| gla | p | 8x2048 | 2.00x | - | - |" and len(lines) == 4

@@ -295,15 +295,41 @@ def plot_rows(rows, path) -> None:
     plt.close(fig)
 
 
-def show_saved(json_in: Path, plot: Path | None = None) -> list[dict]:
-    """The table (and plot) of rows an earlier `effc bench --json` wrote: a GPU machine without matplotlib
-    times, any machine draws."""
-    rows = json.loads(Path(json_in).read_text())
-    _print_table(rows)
+def show_saved(json_in, plot: Path | None = None, markdown: bool = False) -> list[dict]:
+    """The table (and plot) of rows earlier `effc bench --json` calls wrote (`json_in`: a path or several): a
+    GPU machine without matplotlib times, any machine draws. `markdown`: the README's speed table instead
+    (`markdown_table`)."""
+    paths = [json_in] if isinstance(json_in, (str, Path)) else list(json_in)
+    rows = [r for p in paths for r in json.loads(Path(p).read_text())]
+    if markdown:
+        print(markdown_table(rows), end="")
+    else:
+        _print_table(rows)
     if plot:
         plot_rows(rows, plot)
         print(f"plot: {plot}")
     return rows
+
+
+def _ratio(r: dict, p: dict, key: str) -> str:
+    return f"{p[key]:.2f}x" if key in p else "-"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """A line per (row, peer) that timed: spec, peer, B x T, the forward and forward+backward ratios (peer /
+    effc: above 1, effc is faster) and the training step's peak memory, effc's / the peer's (MiB). Rows with
+    several head dims (the head-dim tables) are left out: their table is `head_dim_table`'s."""
+    lines = ["| spec | peer | B x T | forward | forward+backward | peak MiB, effc / peer |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        for p in r.get("peers") or []:
+            if "ms" not in p:
+                continue
+            peak = (f"{r['effc_peak_mib']:.0f} / {p['peak_mib']:.0f}" if "effc_peak_mib" in r and "peak_mib" in p
+                    else "-")
+            lines.append(f"| {r['spec']} | {p['peer']} | {r['B']}x{r['T']} | {_ratio(r, p, 'speedup')} | "
+                         f"{_ratio(r, p, 'speedup_fwdbwd')} | {peak} |")
+    return "\n".join(lines) + "\n"
 
 
 def _print_row(r):

@@ -278,8 +278,11 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
           plot: Path = typer.Option(None, "--plot", help="also plot time vs sequence length to this PNG (matplotlib)"),
           backward: bool = typer.Option(False, "--backward", help="also time forward+backward, with peak memory"),
           backend: str = typer.Option("triton", help="comma-separated code generators to time: triton,tilelang"),
-          from_json: Path = typer.Option(None, "--from-json",
-                                         help="time nothing: print (and --plot) the rows an earlier --json wrote"),
+          from_json: str = typer.Option(None, "--from-json",
+                                        help="time nothing: print (and --plot) the rows earlier --json calls wrote "
+                                             "(F or F1,F2)"),
+          markdown: bool = typer.Option(False, "--markdown", help="--from-json: the README's speed table "
+                                        "(peer / effc ratios, peak memory) in markdown"),
           decode: bool = typer.Option(False, "--decode", help="time decoding steps (op.decode) against a KV cache of "
                                       "T tokens per request (shapes BxT), beside torch SDPA over the same cache"),
           kv_heads: int = typer.Option(0, "--kv-heads", help="heads of the key/value inputs (grouped-query "
@@ -289,7 +292,7 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
     from .bench import run_bench, show_saved
     try:
         if from_json:
-            show_saved(from_json, plot)
+            show_saved([p for p in str(from_json).split(",") if p], plot, markdown)
             return
         if decode:
             from .bench_decode import run_decode_bench
