@@ -177,9 +177,6 @@ def test_refusals_name_the_construct():
     mixed = WINDOW_THRESHOLD.replace("g = (q @ k.T) * scale", "g = q @ blockmean(k).T + kpos")
     with pytest.raises(SpecError, match=r"10:9: error: cannot broadcast \[C, NB\] with \[1, CK\]"):
         effc.loads(mixed, "window_threshold")
-    op = effc.loads(SMALL_DSA, "dsa_small")
-    with pytest.raises(NotImplementedError, match="decoding.*key tokens"):
-        op.new_cache(*[x[:, :1] for x in _dsa_inputs(8)], max_len=64)
 
 
 def test_the_select_kernel_scans_the_keys_its_masks_allow():
@@ -192,3 +189,26 @@ def test_the_select_kernel_scans_the_keys_its_masks_allow():
     keys = window.sched.select.keys
     assert (keys.lo, keys.hi) == (I0 - 31, I1)  # forced keys lie inside the candidates' window
     assert "keys scanned for a query block [i0, i1]: j in [i0 - 31, i1]" in str(window.sched)
+
+
+@pytest.mark.parametrize("H, hk, walk", [(16, 1, "head rows"), (4, 2, "token rows")])
+def test_decoding_chooses_tokens_of_the_cache(H, hk, walk):
+    """DSA decoding: each new token chooses its 20 keys of the request's cache (the indexer key `ki` cached
+    beside k and v) and walks them: gathered with head rows when 9 or more query heads share a key head, the
+    blocks holding them with token rows otherwise. Requests of different lengths, one with an empty
+    context; against the oracle on each request's whole sequence and the naive reference."""
+    from test_softmax_decode import _filled_cache
+    op = effc.loads(SMALL_DSA, "dsa_small")
+    assert op.cache_names == ("k", "v", "ki")
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.cat([x, x[:1] + torch.randn(x[:1].shape, generator=g)], 0) for x in _dsa_inputs(60, H, hk, seed=4)]
+    lens, tq = torch.tensor([0, 55], dtype=torch.int32), 3
+    tokens, cache = _filled_cache(op, xs, lens, tq, 64, H, {})
+    o = op.decode(*tokens, cache=cache, cache_seqlens=lens)
+    assert f"({walk})" in op.last_decode["kernels"]
+    for b in range(2):
+        n = int(lens[b]) + tq
+        whole = [x[b:b + 1, :n] for x in xs]
+        ref, _ = op.reference(*whole, dtype=torch.float32, queries=(n - tq, n))
+        assert judge_fp32(o[b], ref[0, n - tq:]).ok, (b, judge_fp32(o[b], ref[0, n - tq:]))
+        assert judge_fp32(o[b], dsa(*whole, topk=20)[0, n - tq:]).ok

@@ -69,7 +69,7 @@ class SoftmaxPlan:
     def key_leaves(self) -> tuple[str, ...]:
         """The leaves some kernel reads on the key side: what a KV cache holds when the forward's kernels
         decode (runtime.softmax_decode); their query-side rows are the cache's then too."""
-        keyed = {x for k in self.kernels if k.role in ("walk", "pool") for x in k.key_loads}
+        keyed = {x for k in self.kernels if k.role in ("walk", "pool", "select") for x in k.key_loads}
         return tuple(x for x in self.schedule.leaves if x in keyed)
 
     def __str__(self) -> str:
@@ -231,7 +231,7 @@ _DECODES = ("fwd", "fwd_rows", "select_pool", "select")
 def decodes_through_select(sched: SoftmaxSchedule) -> bool:
     """Does the spec decode through its select stage's kernels and forward walk? (A key sequence of its own
     decodes through the forward per request: runtime.softmax_decode.)"""
-    return sched.select is not None and sched.spec.keyseq is None and not sched.select.per_token
+    return sched.select is not None and sched.spec.keyseq is None
 
 
 def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, list]:
@@ -239,14 +239,16 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
     if sched.select is None or name == "bwd_pre":
         return [], [], [], []
     if sched.select.per_token:  # a choice of key tokens: each (query, key block)'s bits, `tmask`
+        decode = decodes_through_select(sched) and name in _DECODES
+        layout, flags = (list(_DECODE_LAYOUT), ["DECODE"]) if decode else ([], [])
         if name.endswith("_rows"):  # head rows gather each query's chosen keys (`tidx`, `tcnt`: the select's)
-            return ["tidx_ptr", "tcnt_ptr"], [], ["KTOP", "G"], []
+            return ["tidx_ptr", "tcnt_ptr"], layout, ["KTOP", "G"], flags
         lists = {"fwd": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"], "bwd_dq": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"],
                  "bwd_dkv": ["tmask_ptr", "klist_ptr", "kcnt_ptr"],
                  "select": ["tmask_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "tidx_ptr", "tcnt_ptr"],
                  "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
         tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"]}.get(name, ["NW", "GROUP"])
-        return lists, ["NQB", "NKB"], tiles, ["INDICES"] if name == "select" else []
+        return lists, ["NQB", "NKB"] + layout, tiles, (["INDICES"] if name == "select" else []) + flags
     if name == "bwd_dkv_rows":  # the query blocks listing the key block, and their tokens' choices
         return ["sel_ptr", "klist_ptr", "kcnt_ptr"], ["NQB", "NKB"], ["KP", "G", "BQ"], []
     if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice

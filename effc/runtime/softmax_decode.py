@@ -44,10 +44,6 @@ def cache_names(op) -> tuple[str, ...]:
     the forward's kernels: the key inputs over the query's tokens, which its forward reads; inputs over a key
     sequence of their own are passed whole at each call, not cached)."""
     sel = op.sched.select
-    if sel is not None and sel.per_token:
-        raise NotImplementedError(f"{op.name}: decoding with a choice of key tokens (select score "
-                                  f"'{sel.selection.score}' per key token) is not lowered; op(...) over the whole "
-                                  "sequence runs it")
     by_forward = _by_forward(op)
     why = by_forward or ("a select stage" if sel is not None else None)
     if why is not None and op.spec.prefix.ops:
@@ -90,15 +86,22 @@ def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, p
     pools the request's cached key blocks, the select kernel chooses blocks for the new queries, the walk
     visits them with head rows (`fwd_rows`: a program per new token and the query heads sharing its key
     heads, each chosen block read once for them; a per-head choice: 16 new tokens of one head), not a
-    128-row query block of a few new tokens. No split of the keys: a query visits its chosen blocks only."""
-    from ..passes.softmax import choose_softmax_tiles
+    128-row query block of a few new tokens. No split of the keys: a query visits its chosen blocks only.
+    A choice of key tokens gathers each new token's chosen keys with head rows where its group fills a
+    program's rows (passes.softmax.gathers_one_token), else walks the blocks holding them with token rows."""
+    from dataclasses import replace
+
+    from ..passes.softmax import choose_softmax_tiles, gathers_one_token, gathers_tokens
     from .select_op import selection_buffers
+    from .select_oracle import head_group
     spec, sched = op.spec, op.sched
     first = named[spec.inputs[0].name]
     B, H, dtype, device = first.shape[0], first.shape[2], first.dtype, first.device
     tmax = next(iter(caches.values())).shape[1]
     leaves = [caches[x] if x in caches else named[x].contiguous() for x in sched.leaves]
-    cfg = choose_softmax_tiles(spec, dims, interpreting())
+    rows = not sched.select.per_token or (gathers_tokens(spec) and gathers_one_token(
+        head_group(spec, dict(zip(sched.leaves, leaves)), H)))
+    cfg = replace(choose_softmax_tiles(spec, dims, interpreting()), head_rows=rows)
     meta = op._meta(cfg.fwd, H, {x: t.shape[2] for x, t in zip(sched.leaves, leaves)}, dims, None, dtype)
     meta.update({f"{d}_S": v for d, v in dims.items()}, DECODE=True)  # the caller's layouts: rows D wide
     outs = {o.name: torch.empty((B, tq, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
@@ -109,9 +112,12 @@ def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, p
     args.update({f"p_{k}": v for k, v in pvals.items()}, T=tmax, Q_LO=0, Q_HI=tmax, cu_ptr=dummy, lens_ptr=lens, TQ=tq)
     longest = int(lens.max()) + tq if B else tq
     args.update(selection_buffers(op, cfg, args, meta, B, longest, H, leaves, transpose=False, query_rows=tq))
-    if B and H:
+    if B and H and rows:
         op._launch_rows("fwd", cfg.fwd, tq, (0, tq), B, H, args, meta)
-    op.last_decode = dict(kernels="the select stage's and the forward walk's (head rows), every request at once",
+    elif B and H:
+        op._launch("fwd", cfg.fwd, -(-tq // cfg.fwd[0]), B * H, args, meta)
+    walk = "head rows" if rows else "token rows"
+    op.last_decode = dict(kernels=f"the select stage's and the forward walk's ({walk}), every request at once",
                           BM=cfg.fwd[0], NKB=args["NKB"], G=args.get("GROUP", 1))
     return [outs[o.name] for o in spec.outputs]
 
