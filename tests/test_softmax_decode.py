@@ -355,12 +355,13 @@ SELECT_DECODE_AOT = r"""
 import json
 import effc
 from effc.codegen.triton.aot import compile_softmax_sm90
-op = effc.load("infllm_v2")
 out = {}
-for kernel in ("fwd", "fwd_rows"):  # the head rows: 16-row tiles, mma.sync
-    for d in (False, True):
-        ptx = compile_softmax_sm90(op, kernel, decode=d).asm["ptx"]
-        out[f"{kernel} {d}"] = "wgmma" in ptx or "mma.sync" in ptx
+for name in ("infllm_v2", "dsa"):  # a choice of key blocks, of key tokens (its head rows gather)
+    op = effc.load(name)
+    for kernel in ("fwd", "fwd_rows"):  # the head rows: 16-row tiles, mma.sync
+        for d in (False, True):
+            ptx = compile_softmax_sm90(op, kernel, decode=d).asm["ptx"]
+            out[f"{name} {kernel} {d}"] = "wgmma" in ptx or "mma.sync" in ptx
 print("AOT " + json.dumps(out))
 """
 
@@ -376,8 +377,8 @@ def test_select_decode_variant_compiles_for_sm90(tmp_path):
     env["EFFC_CACHE_DIR"] = str(tmp_path)
     p = subprocess.run([sys.executable, "-c", SELECT_DECODE_AOT], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads(p.stdout.split("AOT ", 1)[1]) == {f"{k} {d}": True for k in ("fwd", "fwd_rows")
-                                                         for d in (False, True)}
+    assert json.loads(p.stdout.split("AOT ", 1)[1]) == {f"{n} {k} {d}": True for n in ("infllm_v2", "dsa")
+                                                         for k in ("fwd", "fwd_rows") for d in (False, True)}
 
 
 def test_decode_groups_query_heads_that_share_key_heads():
