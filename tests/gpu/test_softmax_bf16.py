@@ -140,14 +140,17 @@ def test_bf16_token_selection_agrees():
     assert (ours.sum(-1)[..., 2047:] == 2048).all()
 
 
-@pytest.mark.parametrize("name", ["moba", "infllm_v2", "topp"])
-def test_bf16_sparse_decode(name):
+@pytest.mark.parametrize("name, kv_heads", [("moba", None), ("infllm_v2", None), ("topp", None), ("infllm_v2", 1),
+                                            ("dsa", 1), ("dsa", 4)])
+def test_bf16_sparse_decode(name, kv_heads):
     """Sparse decoding in one launch for every request (the select stage's kernels and the forward walk in
-    their DECODE variant): requests of different lengths, two new tokens each, against the float64 oracle on
-    each request's whole sequence, no worse than 2x the bf16 reference."""
+    their DECODE variant; head rows, DSA's gathering its chosen keys where 16 heads share a key head):
+    requests of different lengths, two new tokens each, against the float64 oracle on each request's whole
+    sequence, no worse than 2x the bf16 reference."""
     op = effc.load(name)
-    lens, tq, Hq = torch.tensor([0, 700, 4000, 2500], dtype=torch.int32, device="cuda"), 2, 8
-    xs = random_inputs(op.spec, 4, 4002, Hq, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=6)
+    lens, tq, Hq = torch.tensor([0, 700, 4000, 2500], dtype=torch.int32, device="cuda"), 2, 16 if kv_heads == 1 else 8
+    xs = random_inputs(op.spec, 4, 4002, Hq, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=6,
+                       kv_heads=kv_heads)
     named = dict(zip((d.name for d in op.spec.inputs), xs))
     tokens = [torch.stack([named[d.name][b, int(lens[b]):int(lens[b]) + tq] for b in range(4)])
               for d in op.spec.inputs]
