@@ -131,10 +131,10 @@ class SoftmaxOp(Tuned):
         stream with cu_seqlens), each against every key its masks keep; the other rows of the outputs are
         zero and pass no gradient, and the query-side inputs' rows there are not read. Every input keeps the
         full length T, at the same positions: the queries of a later piece of a sequence against all of it
-        (context parallel, docs/context-parallel.md). None: every row. `partition` (a select stage choosing
-        key blocks: SoftmaxPlan.partitions): 'heads' runs the forward and dQ with rows (query token, query head
-        of a key head's group), 'tokens' with a block of one head's query tokens (SoftmaxTiles.head_rows);
-        None: `effc tune`'s entry, else the plan's default."""
+        (context parallel, docs/context-parallel.md). None: every row. `partition` (a select stage with row
+        partitions, SoftmaxPlan.partitions): 'heads' runs the walks with rows (query token, query head of a key
+        head's group), 'tokens' with a block of one head's query tokens (SoftmaxTiles.head_rows); None:
+        `effc tune`'s entry, else the model's for the call (passes.softmax.default_partition)."""
         self._check_keyseq_call(cu_seqlens)
         longest = call_lengths(cu_seqlens, tensors[0])
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
