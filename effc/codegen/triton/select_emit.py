@@ -319,9 +319,12 @@ def _token_search(sched: SoftmaxSchedule, kp) -> list[str]:
         f"n_up = tl.sum(((r_P[None, :] < {_PIVOTS - 1}) & (cnt >= KTOP)).to(tl.int32), 1)  # pivots still holding KTOP",
         "n_gt = tl.sum(tl.where(r_P[None, :] == n_up[:, None], cnt, 0), 1)  # the count at the next pivot",
         "lo = lo + n_up * step"]
+    # a query block that scans no more than KTOP keys takes every choosable one: the search would keep the
+    # lowest cut-off, so it is skipped
     return ([f"r_P = tl.arange(0, {_PIVOTS})", "r_G = tl.arange(0, PG)", "lo = tl.full([BM], -2147483648, tl.int64)",
              "n_gt = tl.zeros([BM], tl.int32)",
-             f"for digit in tl.static_range({_ROUNDS}):  # the cut-off's bits, 4 a round"] + _indent(body)
+             "if (b_hi - b_lo) * BN > KTOP:",
+             f"    for digit in tl.static_range({_ROUNDS}):  # the cut-off's bits, 4 a round"] + _indent(_indent(body))
             + ["t = lo.to(tl.int32)", "need = KTOP - n_gt  # the ties at t taken, by position"])
 
 
