@@ -613,8 +613,10 @@ ROW_PARTITIONS = {
 
 def head_rows_tile(group: int) -> tuple[int, int]:
     """(BM, warps) of a head-rows walk for `group` query heads a key head: the rows a power of two >= 16 (a
-    tl.dot's M; 16 // group tokens a program below 16 heads), 4 warps (a 16-row tile leaves 8 warps idle)."""
-    return max(16, 1 << (group - 1).bit_length()), 4
+    tl.dot's M; 16 // group tokens a program below 16 heads); 4 warps up to 64 rows (a 16-row tile leaves 8
+    warps idle), 8 above, as the forward's 128-row tiles take (their accumulators would spill at 4)."""
+    rows = max(16, 1 << (group - 1).bit_length())
+    return rows, 4 if rows <= 64 else 8
 
 
 # the query block the token rows' union is counted for (the model's forward block on a GPU)
