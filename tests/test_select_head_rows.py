@@ -215,6 +215,7 @@ def test_head_rows_compute_a_range_of_query_rows():
         assert judge_fp32(a, b).ok, judge_fp32(a, b)
 
 
+@pytest.mark.slow  # the fast tier gathers in tests/test_select_tokens.py's decoding
 def test_a_choice_of_key_tokens_gathers_with_head_rows():
     """DSA (a shared choice of 20 key tokens, 16 query heads over one key head): head rows gather each token's
     chosen keys for its group's heads (one token a program); forward and the attention's gradients against
