@@ -156,12 +156,6 @@ def base_kernel(name: str) -> str:
     return name.removesuffix("_rows")
 
 
-def head_rows(sched: SoftmaxSchedule) -> bool:
-    """Has the plan the head-rows walks? A choice of key blocks read from `sel` (a choice of key tokens walks
-    its bits per query block): the specs with row partitions."""
-    return bool(row_partitions(sched.spec))
-
-
 def _kernel_ops(sched: SoftmaxSchedule, bwd: SoftmaxBackward, name: str) -> tuple:
     """Every op a kernel prints (codegen/triton/softmax_emit.py)."""
     name = base_kernel(name)
@@ -238,9 +232,9 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
     """(tensors, layout, tiles, flags) a kernel takes for the select stage's lists; empty without one."""
     if sched.select is None or name == "bwd_pre":
         return [], [], [], []
+    decode = decodes_through_select(sched) and name in _DECODES
+    layout, flags = (list(_DECODE_LAYOUT), ["DECODE"]) if decode else ([], [])
     if sched.select.per_token:  # a choice of key tokens: each (query, key block)'s bits, `tmask`
-        decode = decodes_through_select(sched) and name in _DECODES
-        layout, flags = (list(_DECODE_LAYOUT), ["DECODE"]) if decode else ([], [])
         if name.endswith("_rows"):  # head rows gather each query's chosen keys (`tidx`, `tcnt`: the select's)
             return ["tidx_ptr", "tcnt_ptr"], layout, ["KTOP", "G"], flags
         lists = {"fwd": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"], "bwd_dq": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"],
@@ -252,8 +246,7 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
     if name == "bwd_dkv_rows":  # the query blocks listing the key block, and their tokens' choices
         return ["sel_ptr", "klist_ptr", "kcnt_ptr"], ["NQB", "NKB"], ["KP", "G", "BQ"], []
     if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice
-        decode = decodes_through_select(sched) and name in _DECODES
-        return ["sel_ptr"], list(_DECODE_LAYOUT) if decode else [], ["KP", "KTOP", "G"], ["DECODE"] if decode else []
+        return ["sel_ptr"], layout, ["KP", "KTOP", "G"], flags
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
     lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"], "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
              "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,
@@ -262,8 +255,7 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
     width = "CB" if sched.select.streamed else "NBP"  # a chunk of key blocks, or every one (passes.select)
     select = [width, "KTOP", "KP"] + (["GROUP"] if sched.select.selection.shared else [])
     tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"]}.get(name, ["KP"])
-    decode = decodes_through_select(sched) and name in _DECODES
-    return lists, ["NQB", "NKB"] + (list(_DECODE_LAYOUT) if decode else []), tiles, ["DECODE"] if decode else []
+    return lists, ["NQB", "NKB"] + layout, tiles, flags
 
 
 def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
