@@ -593,11 +593,10 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
     if row_partitions(spec):
         group = group if spec.selection.shared else 1  # a per-head choice: each head its own group
         seen = f"{visible:.0f} visible key blocks" if visible else "unknown lengths"
+        heads, tokens = partition_costs(spec, group, visible, fwd[0])
         why = (f"{chosen!r} given" if chosen else
-               f"the model's for {group} query head(s) a choice and {seen}: "
-               f"~{head_rows_cost(group, visible, spec.selection.slots):.1f} against "
-               f"~{token_rows_cost(visible, spec.selection.slots, fwd[0]):.1f} for 'tokens' (block steps a "
-               "query row, for uncorrelated choices)")
+               f"the model's for {group} query head(s) a choice and {seen}: ~{heads:.1f} against ~{tokens:.1f} "
+               "for 'tokens' (block steps a query row, for uncorrelated choices)")
         reasons.append(f"partition {'heads' if head_rows else 'tokens'}: {ROW_PARTITIONS['heads' if head_rows else 'tokens']}"
                        f" ({why})")
     return SoftmaxTiles(fwd, dq, dkv, pre, head_rows, tuple(reasons))
@@ -642,10 +641,6 @@ def row_partitions(spec: Spec) -> tuple[str, ...]:
     return tuple(ROW_PARTITIONS)
 
 
-# a choice of key tokens gathers one token's keys a program: its head rows need a tl.dot's 16 rows of heads
-GATHER_ROWS = 16
-
-
 def gathers_tokens(spec: Spec) -> bool:
     """Do the head-rows walks gather each query's chosen keys (a choice of key tokens), rather than walk its
     chosen blocks?"""
@@ -683,15 +678,22 @@ def default_partition(spec: Spec, group: int = 1, visible: float | None = None, 
     per-head choice (16 tokens a program) needs more than 1024 visible blocks (T > 131072 under causality)."""
     if not row_partitions(spec):
         return None
-    group = group if spec.selection.shared else 1
+    heads, tokens = partition_costs(spec, group if spec.selection.shared else 1, visible, bm)
+    return "heads" if heads < tokens else "tokens"
+
+
+def partition_costs(spec: Spec, group: int, visible: float | None, bm: int) -> tuple[float, float]:
+    """(head rows, token rows) block steps a query row of a spec with row partitions, for `group` heads a
+    choice: head rows walk each token's chosen blocks (`head_rows_cost`) or gather its k chosen keys, BN a
+    step, one token a program (a choice of key tokens: infinite where the group cannot fill the rows)."""
     slots = spec.selection.slots
-    if gathers_tokens(spec):  # one token's k chosen keys gathered, BN a step, for its group's heads
-        if not gathers_one_token(group):
-            return "tokens"
-        rows, _ = head_rows_tile(group)
-        heads = math.ceil(slots / spec.selection.block) * max(rows, _STEP_ROWS) / _STEP_ROWS / group
-        return "heads" if heads < token_rows_cost(visible, None, bm) else "tokens"
-    return "heads" if head_rows_cost(group, visible, slots) < token_rows_cost(visible, slots, bm) else "tokens"
+    if not gathers_tokens(spec):
+        return head_rows_cost(group, visible, slots), token_rows_cost(visible, slots, bm)
+    tokens = token_rows_cost(visible, None, bm)  # the blocks holding a chosen key: every visible one
+    if not gathers_one_token(group):
+        return math.inf, tokens
+    rows, _ = head_rows_tile(group)
+    return math.ceil(slots / spec.selection.block) * max(rows, _STEP_ROWS) / _STEP_ROWS / group, tokens
 
 
 def gathers_one_token(group: int) -> bool:
