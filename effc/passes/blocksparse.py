@@ -21,9 +21,9 @@ everywhere. The same derivation with i and j exchanged gives the query blocks a 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
+from functools import lru_cache
 
 import sympy
 
@@ -270,12 +270,13 @@ def derive(masks: tuple[str, ...], ops: dict[str, Op], params: set[str], kmap: t
     return BlockSparsity(keys, queries, formulas)
 
 
-# ---- printing the bounds as Triton scalar arithmetic ------------------------------------------------
-def mean_visible_blocks(r: Range, T: int, bm: int, bn: int, params: dict[str, float]) -> float:
+@lru_cache(maxsize=256)
+def mean_visible_blocks(r: Range, T: int, bm: int, bn: int, params: tuple[tuple[str, float], ...]) -> float:
     """The key blocks of `bn` tokens that a query block of `bm` rows reaches under `r` (BlockSparsity.keys:
     keys j in [lo, hi] for the query block [i0, i1]), averaged over the query blocks of a T-token sequence
-    (`params`: the spec's param values). A bound that reads anything else (the head index) counts every key
-    block."""
+    (`params`: the spec's param values, as (name, value) pairs). A bound that reads anything else (the head
+    index) counts every key block. Memoised: each call of a select spec asks it (~1 ms of sympy)."""
+    params = dict(params)
     n_kb = -(-T // bn)
     bounds = [sympy.sympify(x) for x in (r.lo, r.hi)]
     values = {s: params[s.name[2:]] for x in bounds for s in x.free_symbols
@@ -293,6 +294,7 @@ def mean_visible_blocks(r: Range, T: int, bm: int, bn: int, params: dict[str, fl
     return total / n_qb
 
 
+# ---- printing the bounds as Triton scalar arithmetic ------------------------------------------------
 def triton_expr(x, names: dict) -> str:
     """A sympy bound as a Triton fp32 scalar expression; `names` maps symbols to Triton expressions."""
     if x.is_Integer or x.is_Rational or x.is_Float:

@@ -628,7 +628,8 @@ def visible_blocks(sched: "SoftmaxSchedule", T: int, params: dict[str, float]) -
     choice of key blocks."""
     if not row_partitions(sched.spec):
         return None
-    return mean_visible_blocks(sched.sparsity.keys, T, _UNION_ROWS, sched.spec.selection.block, params)
+    return mean_visible_blocks(sched.sparsity.keys, T, _UNION_ROWS, sched.spec.selection.block,
+                               tuple(sorted(params.items())))
 
 
 def row_partitions(spec: Spec) -> tuple[str, ...]:
