@@ -66,11 +66,12 @@ pivot counts over every key, a [BM, SB, 16] compare per chunk of SB keys), keepi
 pass writes `tmask` [tokens, H / GROUP, NKB, NW] (a bit per chosen (query, key) pair, NW = block / 32 words)
 and the union of blocks holding one. The walks load their block's words for the elementwise mask.
 
-Where later slices fit: NSA's compressed branch reads a pooled tile computed by the spec (a second key
-sequence) where this slice pools in the pool kernel; a shared choice could walk the group's query heads
-in one program (loading each key block once: NSA's kernel order) where the walks now run per head over
-the same lists; sparse decode runs the select kernel on the new queries only and walks `qlist` against
-the cache.
+Head rows (passes.softmax.ROW_PARTITIONS, the `partition` of a call): the walks can instead take a few
+query tokens with the query heads sharing a key head as a program's rows, walking each token's chosen
+blocks from `sel` once for the group, or gathering its chosen keys from `tidx` (a bounded, shared choice of
+key tokens, which the select kernel then also writes); dK/dV then gathers the tokens that took its key
+block. Decoding runs the select kernel on the new queries against the cache and the forward walk's DECODE
+variant (docs/design.md).
 """
 from __future__ import annotations
 
