@@ -240,3 +240,20 @@ def test_a_choice_of_key_tokens_gathers_with_head_rows():
     few = [x.detach() for x in _dsa_inputs(40, H=4, hk=1, seed=3)]
     with pytest.raises(SpecError, match="4 query heads a key head need 4 tokens a program"):
         op(*few, partition="heads")
+
+
+@pytest.mark.slow
+def test_head_rows_with_head_dims_that_are_no_power_of_two():
+    """K = 24 and V = 20 (tiles padded to 32, rows stored 16-byte aligned) at 16 heads a group: forward and
+    every gradient against the oracle."""
+    op = _load(SMALL_SHARED)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(1, 50, h, d, generator=g).requires_grad_() for h, d in ((16, 24), (1, 24), (1, 20))]
+    o = op(*xs, partition="heads")[0]
+    assert op.last_config.head_rows
+    do = torch.randn_like(o)
+    ref_in = [x.detach().double().requires_grad_() for x in xs]
+    ref = op.reference(*ref_in)[0]
+    assert judge_fp32(o, ref).ok, judge_fp32(o, ref)
+    for a, b in zip(torch.autograd.grad(o, xs, do), torch.autograd.grad(ref, ref_in, do.double())):
+        assert judge_fp32(a, b).ok, judge_fp32(a, b)
