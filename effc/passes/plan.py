@@ -198,8 +198,11 @@ _FLAGS = {"walk": ("HAS_INIT", "STORE_FINAL", "STORE_HISTORY"), "summary": ("HAS
 def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, grads, injected,
           merge_flag: bool, read_states=(), decays: bool = False) -> tuple[KernelArg, ...]:
     """A kernel's signature (codegen/triton/kernels.py.j2 reads these names; runtime.launch supplies them):
-    its tensors, the spec parameters it reads, the call's layout, then the constexprs."""
+    its tensors, the spec parameters it reads, the call's layout, then the constexprs. A walk with merge
+    optional also runs as the fine walk of a coarse one (TileConfig.walk_chunk): each segment a coarse chunk,
+    started from the coarse walk's state entering it (`<s>_coarse_ptr`, FROM_COARSE)."""
     backward = role.startswith("bwd")
+    coarse = merge_flag and role == "walk"
     tensors = ([f"{d.name}_ptr" for d in loads + hoisted_loads]
                + [f"{o.name}_ptr" for o in stores]
                + [f"{o.name}_grad_ptr" for o in spec.outputs if backward]
@@ -207,16 +210,19 @@ def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, g
                + [f"{s.name}_{b}_ptr" for s in states for b in _STATE_BUFFERS[role]]
                + [f"{s.name}_hist_ptr" for s in read_states]
                + [f"{s}_inj_ptr" for s, _ in injected]
+               + [f"{s.name}_coarse_ptr" for s in states if coarse]
                + (["decay_flag_ptr"] if decays else []))  # one int per program (codegen/triton/decay.py.j2)
     return (kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])
             + kernel_args("layout", ("T", "chunks_per_seg", "n_segments", "T_total", "n_bh", "cu_ptr", "chunk_off_ptr")
+                          + (("coarse_off_ptr",) if coarse else ())
                           + (("POS0",) if spec.reads("pos") else ()))  # pos of a sequence's first token
             + kernel_args("slot", [f"{x.name}_slot" for x, _ in grads if role == "bwd_chunks"])
             + kernel_args("shape", ["H"] + [f"HX_{d.name}" for d in loads]
                           + [n for d in spec.dims for n in (d, f"{d}_P")])
             + kernel_args("tile", ("C", "BLOCK")) + kernel_args("option", ("IS_VARLEN", "DOT_DTYPE", "PRECISION")
                                                                 + (("DECAY_MODE",) if decays else ()))
-            + kernel_args("flag", _FLAGS.get(role, ()) + (("FUSE_MERGE",) if merge_flag else ())))
+            + kernel_args("flag", _FLAGS.get(role, ()) + (("FUSE_MERGE",) if merge_flag else ())
+                          + (("FROM_COARSE",) if coarse else ())))
 
 
 def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:

@@ -62,6 +62,11 @@ class TileConfig:
     # block of the split dim in the serial kernels (walk, bwd_scan) and the bwd_inject feeding the scan;
     # 0: the same as `block`, where no other is allowed (the chunk-parallel kernels always take `block`)
     walk_block: int = 0
+    # the chunk length of the serial walk (a multiple of `chunk`), whose states are the history the forward
+    # keeps: a coarse walk updates the state only (merge skipped), then each coarse chunk is walked again in
+    # chunks of `chunk`, in parallel, from the state entering it, writing the outputs (the backward re-walks
+    # it for the fine history). 0: the same as `chunk`, no coarse walk
+    walk_chunk: int = 0
     reasons: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -69,8 +74,14 @@ class TileConfig:
         """The block of the split dim the serial kernels run in."""
         return self.walk_block or self.block
 
+    @property
+    def serial_chunk(self) -> int:
+        """The chunk length of the serial walk and of the history the forward keeps."""
+        return self.walk_chunk or self.chunk
+
     def __str__(self) -> str:
         walk = f" walk_block={self.walk_block}" if self.serial_block != self.block else ""
+        walk += f" walk_chunk={self.walk_chunk}" if self.serial_chunk != self.chunk else ""
         head = (f"chunk={self.chunk} block={self.block}{walk} segments={self.segments} "
                 f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else "")
                 + (f" partition={self.partition}" if self.partition else ""))
@@ -264,7 +275,7 @@ def _check(space: TilingSpace, values: dict) -> None:
 def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | None = None,
            block: int | None = None, segments: int | None = None, num_warps: int | None = None,
            num_stages: int | None = None, defer_merge: bool | None = None, partition: str | None = None,
-           walk_block: int | None = None) -> TileConfig:
+           walk_block: int | None = None, walk_chunk: int | None = None) -> TileConfig:
     """Pick a configuration for `problem`; explicit arguments override the model."""
     space = tiling_space(spec, legality)
     reasons = []
@@ -307,12 +318,36 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
                             None, "defer_merge=None or True")
         defer_merge = True
         reasons.append("merge deferred to the out kernel: it reads the forward and the reverse walks' states")
+    walk_chunk = _check_walk_chunk(spec, c, walk_chunk, defer_merge)
+    if walk_chunk:
+        defer_merge = False
+        reasons.append(f"a coarse walk in chunks of {walk_chunk} (as asked): the state only, then every coarse "
+                       f"chunk walked again in chunks of {c}, in parallel, writing the outputs")
     if defer_merge is None and spec.states and not legality.segmentable:
         defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)
         reasons.append(why)
     # a segmentable walk keeps merge fused unless asked (or tuned): segments fill the GPU without writing states
     return TileConfig(c, block, segments, num_warps, num_stages or 1, bool(defer_merge), partition, walk_block,
-                      tuple(reasons))
+                      walk_chunk, tuple(reasons))
+
+
+def _check_walk_chunk(spec: Spec, chunk: int, walk_chunk: int | None, defer_merge: bool | None) -> int:
+    """TileConfig.walk_chunk for a call that asks for one (0: none). The model does not pick a coarse walk: it
+    has not been timed on a GPU yet (`effc tune` times it)."""
+    if not walk_chunk or walk_chunk == chunk:
+        return 0
+    if not spec.states or spec.reverse_states:
+        why = ("has no state" if not spec.states else
+               f"has reverse state(s) {', '.join(s.name for s in spec.reverse_states)}, walked right to left")
+        raise SpecError(f"spec '{spec.name}' {why}: walk_chunk= (a coarse walk refined in chunks of {chunk}) needs "
+                        "forward states", None, "walk_chunk=None")
+    if walk_chunk < chunk:
+        raise SpecError(f"walk_chunk={walk_chunk} is shorter than chunk={chunk}: the coarse walk's chunks hold whole "
+                        "chunks", None, f"walk_chunk >= {chunk}")
+    if defer_merge:
+        raise SpecError(f"walk_chunk={walk_chunk} with defer_merge=True: the fine walk of each coarse chunk writes "
+                        "the outputs (merge fused); there is no out kernel to defer to", None, "defer_merge=None")
+    return walk_chunk
 
 
 def _choose_walk_block(spec: Spec, legality: Legality, space: TilingSpace, values: dict, problem: Problem,

@@ -77,6 +77,7 @@ _KNOBS = {
     "chunk": _TILE,
     "block": _TILE,
     "walk_block": _TILE,
+    "walk_chunk": _TILE,
     "segments": (lambda v: _count(v) and v >= 1, "an integer >= 1"),
     "num_warps": (lambda v: _pow2(v) and v <= 32, "a power of two from 1 to 32"),
     "num_stages": (lambda v: _count(v) and v >= 1, "an integer >= 1"),

@@ -44,6 +44,16 @@ class Layout:
         per = [max(1, math.ceil(n / chunk)) for n in lengths]
         return sum(per), max(per)
 
+    def rechunked(self, chunk: int) -> "Layout":
+        """The layout of the same call walked in chunks of `chunk` (a coarse walk's history: TileConfig.walk_chunk)."""
+        return self if self.cu is None else replace(self, chunk_off=_chunk_offsets(self.cu, chunk))
+
+
+def _chunk_offsets(cu: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each packed sequence's first chunk in the history (an empty sequence holds one chunk too)."""
+    per = ((cu[1:] - cu[:-1]).clamp_min(1) + chunk - 1) // chunk
+    return torch.cat([per.new_zeros(1), per.cumsum(0)]).to(torch.int32)
+
 
 def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int, pos0: int = 0) -> Layout:
     heads = {d.name: x.shape[2] for d, x in zip(spec.inputs, tensors)}
@@ -51,10 +61,7 @@ def make_layout(spec: Spec, tensors, H: int, dims: dict, cu_seqlens, chunk: int,
     if cu_seqlens is None:
         return Layout(B, T, H, heads, dims, pos0=pos0)
     cu = kernel_cu_seqlens(cu_seqlens, tensors[0].device)
-    lengths = (cu[1:] - cu[:-1]).clamp_min(1)
-    per = (lengths + chunk - 1) // chunk
-    chunk_off = torch.cat([per.new_zeros(1), per.cumsum(0)]).to(torch.int32)
-    return Layout(len(cu) - 1, T, H, heads, dims, cu, chunk_off, pos0)
+    return Layout(len(cu) - 1, T, H, heads, dims, cu, _chunk_offsets(cu, chunk), pos0)
 
 
 def direct_grads(plan: Plan, lay: Layout, n_split: int, partition: str | None = None) -> set[str]:
@@ -235,7 +242,15 @@ class Launcher:
     def forward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, init: dict, store_final: bool,
                 store_history: bool, outputs: bool = True):
         """Returns (outputs, final states, state history). Outputs are (B, T, H, ...) in the first input's dtype;
-        `outputs=False` with merge deferred skips the out kernel (the backward recomputing the history)."""
+        `outputs=False` with merge deferred skips the out kernel (the backward recomputing the history). With a
+        coarse walk (TileConfig.walk_chunk) the history is the coarse walk's."""
+        if cfg.serial_chunk != cfg.chunk:
+            coarse_cfg = replace(cfg, chunk=cfg.walk_chunk, walk_chunk=0, defer_merge=True)
+            outs, finals, coarse = self.forward(coarse_cfg, lay.rechunked(cfg.walk_chunk), xs, pvals, init,
+                                                store_final, True, outputs=False)
+            if outputs:
+                outs, _ = self.refine(cfg, lay, xs, pvals, coarse, fuse_merge=True, store_history=False)
+            return outs, finals, (coarse if store_history else {})
         spec = self.spec
         first = xs[spec.inputs[0].name]
         dtype, device = first.dtype, first.device
@@ -267,7 +282,7 @@ class Launcher:
                       **self._buffers("final", finals), **self._buffers("hist", hist),
                       **self._buffers("segw", segw), **self._buffers("segd", segd),
                       "HAS_INIT": bool(init), "STORE_FINAL": store_final, "STORE_HISTORY": write_history,
-                      "FUSE_MERGE": not cfg.defer_merge}
+                      "FUSE_MERGE": not cfg.defer_merge, **self._not_coarse(dummy)}
             grid = (self._n_split(walk_cfg, lay), n_bh, P if kp.role == "walk" else P - 1)
             self._launch(kp, grid, values, self._options(cfg))
         if out_kernel is not None:
@@ -275,6 +290,40 @@ class Launcher:
                       **{f"{o.name}_ptr": outs[o.name] for o in out_kernel.stores}, **self._buffers("hist", hist)}
             self._launch(out_kernel, (n_split, n_bh, max_chunks), values, self._options(cfg))
         return whole_outs, (finals if store_final else {}), (hist if store_history else {})
+
+    def _not_coarse(self, dummy) -> dict:
+        """The walk's coarse-walk arguments where it walks from the initial state (FROM_COARSE off)."""
+        return {**self._buffers("coarse", {s.name: dummy for s in self.spec.states}), "coarse_off_ptr": dummy,
+                "FROM_COARSE": False}
+
+    def refine(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, coarse: dict, fuse_merge: bool,
+               store_history: bool, hoisted: dict | None = None) -> tuple[dict, dict]:
+        """The fine walk of a coarse one (TileConfig.walk_chunk): every coarse chunk walked again in chunks of
+        `cfg.chunk`, all in parallel, each from the coarse walk's state entering it (`coarse`, its history).
+        `hoisted`: prep's values at `cfg.chunk`, where the caller has them. Returns (outputs, written when
+        `fuse_merge`; the fine history, when `store_history`)."""
+        spec = self.spec
+        first = xs[spec.inputs[0].name]
+        dtype, device = first.dtype, first.device
+        dummy = torch.empty(1, dtype=torch.float32, device=device)
+        total_chunks, max_chunks = lay.chunks(cfg.chunk)
+        per_seg = cfg.walk_chunk // cfg.chunk
+        P = math.ceil(max_chunks / per_seg)
+        outs, whole_outs = (self._caller_tensors(spec.outputs, lay, lambda feats: torch.empty(
+            first.shape[:2] + (lay.H,) + feats, dtype=dtype, device=device)) if fuse_merge else ({}, {}))
+        hist = {s.name: torch.empty((total_chunks, lay.H) + self._state_shape(lay, s), dtype=history_dtype(s, dtype),
+                                    device=device) if store_history else dummy for s in spec.states}
+        coarse_off = lay.rechunked(cfg.walk_chunk).chunk_off
+        kp = self.plan.kernel("walk")
+        values = {**self._values(cfg, lay, dtype, pvals, per_seg, P, dummy),
+                  **self._loads(kp, xs, self.prep(cfg, lay, xs, pvals) if hoisted is None else hoisted),
+                  **{f"{o.name}_ptr": outs.get(o.name, dummy) for o in kp.stores},
+                  **{f"{s.name}_{b}_ptr": dummy for s in spec.states for b in ("init", "final", "segw", "segd")},
+                  **self._buffers("hist", hist), **self._buffers("coarse", coarse),
+                  "coarse_off_ptr": coarse_off if coarse_off is not None else dummy, "FROM_COARSE": True,
+                  "HAS_INIT": False, "STORE_FINAL": False, "STORE_HISTORY": store_history, "FUSE_MERGE": fuse_merge}
+        self._launch(kp, (self._n_split(cfg, lay), lay.n_seq * lay.H, P), values, self._options(cfg))
+        return whole_outs, (hist if store_history else {})
 
     def _reverse_scan(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hoisted: dict, hist: dict,
                       dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
@@ -357,6 +406,9 @@ class Launcher:
         scan_cfg = self._serial(cfg)
         n_scan = self._n_split(scan_cfg, lay)  # the scan's blocks (TileConfig.walk_block)
         _, max_chunks = lay.chunks(cfg.chunk)
+        hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
+        if cfg.serial_chunk != cfg.chunk:  # the forward kept a coarse walk's history: the fine one, re-walked
+            _, hist = self.refine(cfg, lay, xs, pvals, hist, fuse_merge=False, store_history=True, hoisted=hoisted)
         dinit = {s.name: torch.empty(((n_scan,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),
                                      **f32) for s in spec.states}
         # a state without the split dim: one adjoint per split block, the block index innermost but the state's
@@ -367,7 +419,6 @@ class Launcher:
         bwd_warps = {"num_warps": backward_warps(cfg.num_warps, kernels, device)} if not interpreting() else {}
         # contiguous (runtime.torch_op); a part's cotangent is a slice of the caller's, read at the caller's width
         d_o = {f"{o.name}_grad_ptr": d_outs[o.name] for o in spec.outputs}
-        hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
         self._reverse_scan(scan_cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
         # in the gradient kernels' blocks
         dhist = self._regroup(dhist, blocks, n_scan, n_split, cfg.block // scan_cfg.block)

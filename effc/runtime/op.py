@@ -86,13 +86,15 @@ class AttentionOp(Tuned):
                  chunk: int | None = None, block: int | None = None, segments: int | None = None,
                  num_warps: int | None = None, num_stages: int | None = None, save_states: bool | None = None,
                  defer_merge: bool | None = None, partition: str | None = None, walk_block: int | None = None,
-                 pos_offset: int = 0, dim_parts: bool = True, **params):
+                 walk_chunk: int | None = None, pos_offset: int = 0, dim_parts: bool = True, **params):
         """(o, final_state) for (B, T, H, D) inputs; with `cu_seqlens`, packed (1, total_T, H, D) sequences.
         Differentiable: gradients reach every input and the initial state. Works under torch.compile:
         the host-side checks and choices are compile-time constants of the call's shapes.
         chunk, block, segments, num_warps, num_stages, defer_merge (merge in the chunk-parallel out kernel
         instead of the walk), walk_block (the split dim's block in the serial walk and adjoint scan of a
-        general transition, at most `block`) override the tiling model's or `effc tune`'s choice.
+        general transition, at most `block`), walk_chunk (the serial walk's chunk length, a multiple of `chunk`:
+        the walk updates the state in chunks of walk_chunk, then each is walked again in chunks of `chunk`, in
+        parallel, for the outputs) override the tiling model's or `effc tune`'s choice.
         partition: how the backward's gradient kernels run (passes.partition: 'block', 'loop', 'cut' or
         'cut_each', those the spec's plan lists); None: the plan's default.
         pos_offset: the position (`pos`) of every sequence's first token, for a spec that reads `pos` run on a
@@ -112,7 +114,8 @@ class AttentionOp(Tuned):
             res = inner(*tensors, initial_state=initial_state, output_final_state=output_final_state,
                         cu_seqlens=cu_seqlens, chunk=chunk, block=block, segments=segments, num_warps=num_warps,
                         num_stages=num_stages, save_states=save_states, defer_merge=defer_merge,
-                        partition=partition, walk_block=walk_block, pos_offset=pos_offset, **params)
+                        partition=partition, walk_block=walk_block, walk_chunk=walk_chunk, pos_offset=pos_offset,
+                        **params)
             self.last_config = inner.last_config
             return res
         init = state_list(self.interface, initial_state)
@@ -120,7 +123,7 @@ class AttentionOp(Tuned):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(tensors) + init if torch.is_tensor(t))
         overrides = (("chunk", chunk), ("block", block), ("segments", segments), ("num_warps", num_warps),
                      ("num_stages", num_stages), ("defer_merge", defer_merge), ("partition", partition),
-                     ("walk_block", walk_block))
+                     ("walk_block", walk_block), ("walk_chunk", walk_chunk))
         n_seq = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
         ints, pvals = host_plan(id(self), tuple(describe(t) for t in tensors), tuple(describe(t) for t in init),
                                  n_seq, longest, output_final_state, grad, save_states, overrides,
@@ -173,12 +176,12 @@ class AttentionOp(Tuned):
         if grad:
             keep, self.last_history_reason = self._history(save_states, tensors, n_seq, longest, H, dims, cfg)
         ints = (cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, int(cfg.defer_merge),
-                PARTITIONS.index(cfg.partition) if cfg.partition else -1, cfg.serial_block,
+                PARTITIONS.index(cfg.partition) if cfg.partition else -1, cfg.serial_block, cfg.walk_chunk,
                 int(bool(output_final_state)), int(keep), 1)
         return ints, tuple(pvals[p.name] for p in self.spec.params)
 
     def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[bool, str]:
-        chunks = n_seq * math.ceil(longest / cfg.chunk)
+        chunks = n_seq * math.ceil(longest / cfg.serial_chunk)  # the walk's history (a coarse walk's)
         history = sum(chunks * H * math.prod(dims[n] for n in s.dims) * history_dtype(s, tensors[0].dtype).itemsize
                       for s in self.interface.states)  # as stored: matrix states in the operand dtype
         keep, why = history_policy(history, sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors))

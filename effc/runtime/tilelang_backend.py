@@ -115,6 +115,10 @@ class TileLangLauncher:
             raise NotImplementedError("the TileLang backend has no 'out' kernel (merge evaluated per chunk from the "
                                       "walk's states): merge stays fused in its walk; call with defer_merge=False "
                                       "or use the Triton backend")
+        if cfg.serial_chunk != cfg.chunk:
+            raise NotImplementedError(f"the TileLang backend walks in chunks of one length: walk_chunk="
+                                      f"{cfg.walk_chunk} (a coarse walk refined in chunks of {cfg.chunk}) runs on the "
+                                      "Triton backend")
         masked = masked_dims(plan, lay.dims, cfg.block)
         first = xs[spec.inputs[0].name]
         dtype, device = first.dtype, first.device

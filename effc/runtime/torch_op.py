@@ -24,7 +24,8 @@ from .checks import check_cu_seqlens, history_dtype
 from .launch import Launcher, make_layout
 
 # ints passed to the linear family's ops: the tile configuration, then flags
-_CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "partition", "walk_block")
+_CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "partition", "walk_block",
+        "walk_chunk")
 # partition: an index into passes.partition.PARTITIONS, -1 for the plan's default
 # store the final states; keep the history for the backward; the outputs are wanted (not when the backward
 # recomputes the history alone)
@@ -207,8 +208,9 @@ def source_key(op, family: str) -> str:
 
 # -- the linear family --------------------------------------------------------------------------------
 def _config(ints) -> TileConfig:
-    *tiles, partition, walk_block = ints[:len(_CFG)]
-    return TileConfig(*tiles, partition=PARTITIONS[partition] if partition >= 0 else None, walk_block=walk_block)
+    *tiles, partition, walk_block, walk_chunk = ints[:len(_CFG)]
+    return TileConfig(*tiles, partition=PARTITIONS[partition] if partition >= 0 else None, walk_block=walk_block,
+                      walk_chunk=walk_chunk)
 
 
 def linear_torch_ops(op) -> TorchOps:
@@ -280,7 +282,7 @@ def linear_torch_ops(op) -> TorchOps:
         finals = [x0.new_empty((n_seq, H) + tuple(dims[n] for n in s.dims), **f32) if store_final
                   else x0.new_empty(0, **f32) for s in caller.states]
         if store_history:
-            chunks = B * -(-T // cfg.chunk) if cu is None else torch.library.get_ctx().new_dynamic_size()
+            chunks = B * -(-T // cfg.serial_chunk) if cu is None else torch.library.get_ctx().new_dynamic_size()
             hist = [x0.new_empty((chunks, H) + tuple(dims[n] for n in s.dims), dtype=history_dtype(s, x0.dtype))
                     for s in spec.states]
         else:

@@ -75,6 +75,8 @@ class _KernelView:
     partial_state: dict[str, bool] = field(default_factory=dict)
     hoisted_offs: dict[str, str] = field(default_factory=dict)
     merge_flag: bool = False  # the walk takes FUSE_MERGE (plans with an out kernel; passes.plan lists it)
+    coarse: bool = False  # the walk also runs as a coarse walk's fine walk (FROM_COARSE; TileConfig.walk_chunk)
+    coarse_offs: dict[str, str] = field(default_factory=dict)  # the coarse state entering segment pid_p
     decay_flag: bool = False  # runs twice, factored then anchored decays (codegen/triton/decay.py.j2)
     optional_loads: set = field(default_factory=set)  # inputs only merge reads: not loaded when it is deferred
     block_loop: dict | None = None  # a gradient kernel looping over the split dim's blocks (_block_loop)
@@ -172,7 +174,9 @@ def emit_module(plan: Plan) -> str:
             fn=kernel_name(spec.name, kp.name), plan=kp, signature=signature(kp.args, LINEAR_LAYOUT),
             body=[("if FUSE_MERGE: " if op.out in optional else "") + f"v_{op.out} = {printer.expr(op)}"
                   for op in kp.ops],
-            merge_flag="FUSE_MERGE" in kp.arg_names, decay_flag="DECAY_MODE" in kp.arg_names,  # the plan gives the walk the flag when it has an out kernel
+            merge_flag="FUSE_MERGE" in kp.arg_names, decay_flag="DECAY_MODE" in kp.arg_names,
+            coarse="FROM_COARSE" in kp.arg_names,
+            coarse_offs={s.name: _row_major("(coarse_base + pid_p) * H + i_h", s.dims) for s in kp.states},  # the plan gives the walk the flag when it has an out kernel
             optional_loads={d.name for d in kp.loads + kp.hoisted_loads} - {
                 a for op in kp.ops if op.out not in optional for a in op.args if isinstance(a, str)} if optional else set(),
             tok_offs={n: t[0] for n, t in toks.items()}, tok_mask={n: t[1] for n, t in toks.items()},
