@@ -1,0 +1,213 @@
+"""A coarse walk refined in finer chunks (TileConfig.walk_chunk): the serial walk updates the state in chunks
+of walk_chunk and keeps that history; each coarse chunk is walked again in chunks of `chunk`, in parallel,
+from the state entering it, for the outputs (and, in the backward, for the fine history). Kernels under the
+interpreter (fp32) against the same call without a coarse walk, the oracle and the naive float64
+recurrences; the launches it makes and the history it keeps; the knob's errors."""
+import pytest
+import torch
+
+import effc
+from effc.errors import ArgumentError, SpecError
+from effc.runtime.launch import Launcher
+from effc.runtime.verify import judge_fp32, random_inputs, random_state
+
+from naive import NAIVE
+
+# not in the library: a general transition (a decayed delta rule with a per-token output gate), so the
+# walk is not segmentable and the refined walk is the only parallel one over the tokens
+HIDDEN = """
+spec gated_delta_gate {
+  input q: [B, T, H, K] unitnorm
+  input k: [B, T, H, K] unitnorm
+  input v: [B, T, H, V]
+  input beta: [B, T, H] unit
+  input g: [B, T, H] logdecay
+  output o: [B, T, H, V]
+  state S: [K, V]
+  param scale = K ** -0.5
+  chunk 16
+
+  intra {
+    b = cumsum(g)
+    kb = k * beta[:, None]
+    d = exp(causal(b[:, None] - b[None, :], -inf))
+    t = unit_lower_inv((kb @ k.T) * d)
+    w = t @ (kb * exp(b)[:, None])
+    u = t @ (v * beta[:, None])
+    A = (q @ k.T) * d * scale
+    qd = q * exp(b)[:, None] * scale
+  }
+  merge {
+    o = (qd @ S + A @ (u - w @ S)) * sigmoid(rowsum(q))[:, None]
+  }
+  inter {
+    kd = k * exp(last(b) - b)[:, None]
+    S = S * exp(last(b)) + kd.T @ (u - w @ S)
+  }
+}
+"""
+
+
+def gated_delta_gate(q, k, v, beta, g, initial_state=None):
+    """S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T, a_t = exp(g_t);
+    o_t = sigmoid(sum(q_t)) (s q_t)^T S_t, s = K^-1/2; token by token, float64."""
+    q, k, v, beta, g = (x.double() for x in (q, k, v, beta, g))
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.double().clone()
+    out = []
+    for t in range(T):
+        kt, bt = k[:, t], beta[:, t, :, None, None]
+        S = S * g[:, t].exp()[..., None, None]
+        S = S - bt * kt[..., :, None] * torch.einsum("bhk,bhkv->bhv", kt, S)[..., None, :]
+        S = S + bt * kt[..., :, None] * v[:, t, :, None, :]
+        o = torch.einsum("bhk,bhkv->bhv", q[:, t] * K ** -0.5, S)
+        out.append(o * torch.sigmoid(q[:, t].sum(-1))[..., None])
+    return torch.stack(out, 1), S
+
+
+def _load(name):
+    return effc.loads(HIDDEN) if name == "gated_delta_gate" else effc.load(name)
+
+
+def _naive(name):
+    return gated_delta_gate if name == "gated_delta_gate" else NAIVE[name]
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _run(op, xs, s0, d_o, d_s, **knobs):
+    """Output, final states and every leaf's gradient (inputs, then initial states)."""
+    leaves = list(xs) + list(_tuple(s0))
+    o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=16, **knobs)
+    grads = torch.autograd.grad([o, *_tuple(s)], leaves, [d_o, *d_s])
+    return [o.detach(), *(x.detach() for x in _tuple(s)), *grads]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """(kernel name, grid, chunk, FROM_COARSE) of every launch."""
+    seen = []
+    launch = Launcher._launch
+    monkeypatch.setattr(Launcher, "_launch", lambda self, kp, grid, values, *a: (
+        seen.append((kp.name, grid, values["C"], values.get("FROM_COARSE"))), launch(self, kp, grid, values, *a))[1])
+    return seen
+
+
+# mlstm_sig and retention: diagonal walks (the coarse walk in segments); mlstm, delta_net and the hidden
+# spec: general ones (delta_net's prep runs at both chunk lengths); gla: factored decays, strong gates
+@pytest.mark.parametrize("name,strong", [("gated_delta_gate", False), ("mlstm", False), ("delta_net", False),
+                                         ("mlstm_sig", False), ("retention", False), ("gla", True)])
+@pytest.mark.parametrize("save_states", [True, False])
+def test_coarse_walk_matches_one_walk_and_oracle(name, strong, save_states, launches):
+    op = _load(name)
+    dims = {d: 16 for d in op.spec.dims}
+    B, T, H = 2, 77, 2  # at walk_chunk 32: two whole coarse chunks and a partial one of 13 tokens
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, seed=2, strong_gates=strong)]
+    s0 = tuple(s.requires_grad_() for s in _tuple(random_state(op.spec, B, H, dims)))
+    s0 = s0 if len(s0) > 1 else s0[0]
+    gen = torch.Generator().manual_seed(5)
+    d_o = torch.randn((B, T, H, dims["V"]), generator=gen)
+    d_s = [torch.randn(s.shape, generator=gen) for s in _tuple(s0)]
+
+    coarse = _run(op, xs, s0, d_o, d_s, walk_chunk=32, save_states=save_states)
+    assert (op.last_config.chunk, op.last_config.walk_chunk, op.last_config.serial_chunk) == (16, 32, 32)
+    walks = [(g, c, f) for n, g, c, f in launches if n == "walk"]
+    # the coarse walk (3 chunks of 32 a sequence), the refined one for the outputs (a program per coarse
+    # chunk), and the backward's refined one for the fine history (with save_states=False the coarse walk
+    # again first)
+    assert walks[0][1:] == (32, False) and walks[1] == ((walks[1][0][0], B * H, 3), 16, True), walks
+    assert walks[-1] == walks[1] and len(walks) == (3 if save_states else 4), walks
+    assert not any(n == "out" for n, *_ in launches)
+    launches.clear()
+    one = _run(op, xs, s0, d_o, d_s, save_states=save_states)
+    assert op.last_config.serial_chunk == 16 and all(c == 16 for n, _, c, _ in launches if n == "walk")
+
+    leaves = list(xs) + list(_tuple(s0))
+    ro, rs = op.reference(*xs, initial_state=s0, output_final_state=True)
+    ref_g = torch.autograd.grad([ro, *_tuple(rs)], leaves, [d_o.double(), *(d.double() for d in d_s)])
+    ref = [ro.detach(), *(x.detach() for x in _tuple(rs)), *ref_g]
+    names = ["o"] + [f"final {s.name}" for s in op.spec.states] + [f"d{d.name}" for d in op.spec.inputs] \
+        + [f"d initial {s.name}" for s in op.spec.states]
+    for other, what in ((one, "one walk"), (ref, "the oracle")):
+        for n, a, b in zip(names, coarse, other):
+            verdict = judge_fp32(a, b)
+            assert verdict.ok, f"{name} {n} with walk_chunk=32 against {what}: {verdict}"
+    n_o, n_s = _naive(name)(*[x.detach() for x in xs], initial_state=tuple(s.detach() for s in _tuple(s0))
+                            if isinstance(s0, tuple) else s0.detach())
+    assert judge_fp32(coarse[0], n_o).ok, judge_fp32(coarse[0], n_o)
+    for a, b in zip(coarse[1:1 + len(op.spec.states)], _tuple(n_s)):
+        assert judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
+def test_coarse_walk_varlen_with_empty_and_short_sequences():
+    """Packed sequences (one token, empty, shorter than a fine chunk, several coarse chunks with a partial
+    last one): each sequence's coarse chunks start at its own offset in the coarse history."""
+    op = _load("gated_delta_gate")
+    cu = [0, 1, 1, 10, 81]
+    dims = {"K": 16, "V": 16}
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, cu[-1], 2, dims, seed=4)]
+    s0 = torch.randn(len(cu) - 1, 2, 16, 16, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    d_o = torch.randn(1, cu[-1], 2, 16, generator=torch.Generator().manual_seed(7))
+    got, want = ([*op(*xs, initial_state=s0, output_final_state=True, cu_seqlens=cu_t, chunk=16, walk_chunk=w)]
+                 for w in (32, None))
+    g_got, g_want = (torch.autograd.grad([o], xs + [s0], [d_o]) for o in (got[0], want[0]))
+    for a, b in zip([got[0], got[1], *g_got], [want[0], want[1], *g_want]):
+        assert judge_fp32(a, b).ok, judge_fp32(a, b)
+    for i, (a, b) in enumerate(zip(cu, cu[1:])):
+        init = s0[i:i + 1].detach()
+        n_o, n_s = gated_delta_gate(*[x[:, a:b].detach() for x in xs], initial_state=init) if b > a else (None, init)
+        if n_o is not None:
+            assert judge_fp32(got[0][:, a:b], n_o).ok, (i, judge_fp32(got[0][:, a:b], n_o))
+        assert judge_fp32(got[1][i:i + 1], n_s).ok, (i, judge_fp32(got[1][i:i + 1], n_s))
+
+
+def test_coarse_walk_keeps_the_coarse_history():
+    """What the forward keeps for the backward is the coarse walk's history: walk_chunk / chunk times fewer
+    states (and the memory rule counts those)."""
+    op = effc.load("mlstm")
+    dims = {"K": 16, "V": 16}
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 128, 1, dims)]
+    kept = {}
+    forward = Launcher.forward
+
+    def spy(self, cfg, *a, **kw):
+        outs, finals, hist = forward(self, cfg, *a, **kw)
+        if cfg.serial_chunk != cfg.chunk:
+            kept.update({n: tuple(h.shape) for n, h in hist.items()})
+        return outs, finals, hist
+
+    Launcher.forward = spy
+    try:
+        op(*xs, chunk=16, walk_chunk=64, save_states=True)
+    finally:
+        Launcher.forward = forward
+    assert kept == {"C": (2, 1, 16, 16), "n": (2, 1, 16), "m": (2, 1)}, kept
+
+
+def test_walk_chunk_knob_errors():
+    op = effc.load("delta_net")
+    dims = {"K": 16, "V": 16}
+    xs = random_inputs(op.spec, 1, 20, 1, dims)
+    with pytest.raises(ArgumentError, match="walk_chunk must be a power of two >= 16, got 48"):
+        op(*xs, walk_chunk=48)
+    with pytest.raises(SpecError, match="walk_chunk=16 is shorter than chunk=32"):
+        op(*xs, chunk=32, walk_chunk=16)
+    with pytest.raises(SpecError, match="no out kernel to defer to"):
+        op(*xs, chunk=16, walk_chunk=32, defer_merge=True)
+    lion = effc.load("lion_s")
+    with pytest.raises(SpecError, match="reverse state"):
+        lion(*random_inputs(lion.spec, 1, 20, 1, dims), chunk=16, walk_chunk=32)
+    # one equal to the chunk is no coarse walk
+    op(*xs, chunk=16, walk_chunk=16)
+    assert op.last_config.walk_chunk == 0 and op.last_config.serial_chunk == 16
+
+
+def test_walk_chunk_is_not_lowered_by_tilelang():
+    pytest.importorskip("tilelang")
+    op = effc.load("retention", backend="tilelang")
+    xs = random_inputs(op.spec, 1, 20, 1, {"K": 16, "V": 16})
+    with pytest.raises(NotImplementedError, match="walk_chunk=32 .* runs on the Triton backend"):
+        op(*xs, chunk=16, walk_chunk=32)
