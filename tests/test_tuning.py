@@ -74,13 +74,20 @@ def test_search_space_tries_both_merge_modes():
     assert {c.segments for c in space.candidates} == {1}
     fused = replace(space.default, defer_merge=False)
     assert fused in space.candidates and fused.variant != space.default.variant
-    assert all(replace(c, defer_merge=not c.defer_merge) in space.candidates for c in space.candidates)
+    assert all(replace(c, defer_merge=not c.defer_merge) in space.candidates for c in space.candidates
+               if not c.walk_chunk)
+    # coarse walks (TileConfig.walk_chunk) of 2 and 4 chunks, their fine walks writing the outputs (merge fused)
+    coarse = [c for c in space.candidates if c.walk_chunk]
+    assert coarse and all(not c.defer_merge and c.walk_chunk in (2 * c.chunk, 4 * c.chunk) for c in coarse)
+    # at the default's chunk and block, the serial block no narrower than Triton runs right at C=64
+    assert any((c.chunk, c.block, c.walk_chunk) == (fused.chunk, fused.block, 2 * fused.chunk)
+               and c.walk_block >= 32 for c in coarse)
     # a segmentable spec's model keeps merge fused; the deferred schedule is a candidate too, unless the
     # backend has no out kernel (TileLang)
     gla_space = space_of(effc.load("gla"), Problem(2, 8192, 16, KV128))
     assert not gla_space.default.defer_merge and any(c.defer_merge for c in gla_space.candidates)
     tilelang = space_of(effc.load("gla"), Problem(2, 8192, 16, KV128), merge_modes=(False,))
-    assert not any(c.defer_merge for c in tilelang.candidates)
+    assert not any(c.defer_merge or c.walk_chunk for c in tilelang.candidates)
 
 
 def test_search_space_prunes_registers(gla):
@@ -219,7 +226,8 @@ def test_configs_triton_miscompiles_are_pruned_before_compiling(gla):
     from effc.policy.search import compiler_fault
     space = space_of(gla, PROBLEM)
     assert not [c for c in space.candidates if c.chunk >= 64 and c.block < 32]
-    reasons = {p.reason for p in space.pruned if p.candidate.chunk == 64 and p.candidate.block == 16}
+    reasons = {p.reason for p in space.pruned
+               if p.candidate.chunk == 64 and p.candidate.block == 16 and not p.candidate.walk_chunk}
     assert reasons and all(r.endswith("Triton 3.6 miscompiles C=64 with block 16 < 32 on Hopper "
                                       "(wrong output or a fault)") for r in reasons)
     assert compiler_fault(32, 16) is None and compiler_fault(64, 32) is None  # delta_net_l2's fault there: recorded

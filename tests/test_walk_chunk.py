@@ -211,3 +211,55 @@ def test_walk_chunk_is_not_lowered_by_tilelang():
     xs = random_inputs(op.spec, 1, 20, 1, {"K": 16, "V": 16})
     with pytest.raises(NotImplementedError, match="walk_chunk=32 .* runs on the Triton backend"):
         op(*xs, chunk=16, walk_chunk=32)
+
+
+# ---- the search space and tuning ----------------------------------------------------------------------
+
+def test_search_space_holds_coarse_walks_the_register_model_fits():
+    """mLSTM's state update holds no [C, C] tile, so coarse walks of 256 survive the register model at D=128
+    (every C = 256 config did not before); the delta rule's in-chunk inverse is [C, C] in its coarse walk too,
+    which prunes 256 there. A backend without merge-free walks (TileLang) gets none."""
+    from effc.policy.search import search_space
+    from effc.policy.tiling import Problem
+
+    problem = Problem(1, 32768, 16, (("K", 128), ("V", 128)))
+    mlstm = effc.load("mlstm_sig")
+    space = search_space(mlstm.spec, mlstm.comp.legality, problem)
+    assert any(c.walk_chunk == 256 for c in space.candidates)
+    assert all(not c.defer_merge and c.walk_chunk in (2 * c.chunk, 4 * c.chunk)
+               for c in space.candidates if c.walk_chunk)
+    delta = effc.load("delta_net")
+    space = search_space(delta.spec, delta.comp.legality, problem)
+    assert not any(c.walk_chunk == 256 for c in space.candidates)
+    assert any("coarse walk at C=256: registers" in p.reason for p in space.pruned if p.candidate.walk_chunk == 256)
+    tilelang = search_space(mlstm.spec, mlstm.comp.legality, problem, merge_modes=(False,))
+    assert not any(c.walk_chunk for c in tilelang.candidates)
+
+
+def test_a_tuned_coarse_walk_is_what_later_calls_run(tmp_path, monkeypatch):
+    """A coarse walk recorded by `effc tune` is read back by the op; a call giving its own chunk drops it (the
+    coarse walk was timed for the tuned chunk)."""
+    from effc.policy.tiling import Problem
+    from effc.policy.tuning import TuningKey, store
+
+    monkeypatch.setenv("EFFC_CACHE_DIR", str(tmp_path))
+    op = effc.load("mlstm_sig")
+    dims = {"K": 16, "V": 16}
+    problem = Problem(2, 40, 2, tuple(dims.items()))
+    config = {"chunk": 16, "block": 16, "segments": 1, "num_warps": 4, "num_stages": 1, "defer_merge": 0,
+              "walk_chunk": 32}
+    store(TuningKey.of(op, problem, "cpu", torch.float32), config, 0.5, config, 1.0, {"B": 2, "T": 40, "H": 2})
+    cpu = torch.device("cpu")
+    cfg = effc.load("mlstm_sig").config(2, 40, 2, dims, cpu, dtype=torch.float32)
+    assert (cfg.chunk, cfg.walk_chunk) == (16, 32) and cfg.reasons[0].startswith("tuned")
+    assert effc.load("mlstm_sig").config(2, 40, 2, dims, cpu, dtype=torch.float32, chunk=32).walk_chunk == 0
+
+
+def test_effc_check_runs_a_coarse_walk():
+    from typer.testing import CliRunner
+
+    from effc.tools.cli import app
+    r = CliRunner().invoke(app, ["check", "retention", "--shape", "1,50,1", "--dims", "K=16,V=16", "--chunk", "16",
+                                 "--walk-chunk", "32"])
+    assert r.exit_code == 0, r.output
+    assert "walk_chunk=32" in r.output and "grad q:" in r.output and "FAIL" not in r.output.upper()

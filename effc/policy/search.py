@@ -64,6 +64,7 @@ WARPS = (4, 8)  # 4 warps make one warpgroup, which Hopper's wgmma needs; fewer 
 STAGES = (1, 2, 3)
 SOFTMAX_STAGES = (2, 3, 4)  # the forward's key/value loads want pipelining (the model picks 2 or 3)
 MAX_SEGMENTS = 64  # as in the wave model of `choose`
+MAX_WALK_CHUNK = 256  # the coarse walks tried: TFLA's chunks go to 256
 
 
 def compiler_fault(chunk: int, block: int) -> str | None:
@@ -91,23 +92,27 @@ class Candidate:
     defer_merge: bool = False
     # the serial kernels' block (TileConfig.walk_block); 0: no such knob (segmentable walks, softmax)
     walk_block: int = 0
+    walk_chunk: int = 0  # a coarse walk's chunk (TileConfig.walk_chunk); 0: none
 
     @classmethod
     def of(cls, cfg: TileConfig) -> "Candidate":
         return cls(cfg.chunk, cfg.block, cfg.segments, cfg.num_warps, cfg.num_stages, cfg.defer_merge,
-                   getattr(cfg, "walk_block", 0))
+                   getattr(cfg, "walk_block", 0), getattr(cfg, "walk_chunk", 0))
 
     def overrides(self) -> dict[str, int]:
         """Keyword arguments of the op (and of `choose`) that pin this configuration."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "walk_block" or self.walk_block}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("walk_block", "walk_chunk") or getattr(self, f.name)}
 
     @property
     def variant(self) -> tuple[int, ...]:
         """What a compiled kernel depends on; P is a launch argument (up to Triton's specialisation)."""
-        return self.chunk, self.block, self.num_warps, self.num_stages, int(self.defer_merge), self.walk_block
+        return (self.chunk, self.block, self.num_warps, self.num_stages, int(self.defer_merge), self.walk_block,
+                self.walk_chunk)
 
     def __str__(self) -> str:
         walk = f" walk_block={self.walk_block}" if self.walk_block and self.walk_block != self.block else ""
+        walk += f" walk_chunk={self.walk_chunk}" if self.walk_chunk else ""
         return (f"C={self.chunk} block={self.block}{walk} P={self.segments} "
                 f"warps={self.num_warps} stages={self.num_stages}" + (" merge=deferred" if self.defer_merge else ""))
 
@@ -211,6 +216,7 @@ class _Tile:
     wave: int
     defers: tuple[bool, ...] = (False,)  # merge fused, and deferred too where the plan has an out kernel
     walk_blocks: tuple[int, ...] = (0,)  # the serial kernels' blocks worth trying (0: no such knob)
+    walk_chunks: tuple[int, ...] = ()  # coarse walks worth trying (TileConfig.walk_chunk), beside none
 
 
 def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candidate, chunks,
@@ -241,8 +247,17 @@ def _scan_grid(spec: Spec, legality: Legality, problem: Problem, default: Candid
             if (c, b) == (default.chunk, default.block):
                 ps.add(default.segments)
             out.append(_Tile(c, b, values, tuple(sorted(ps)), best, defers,
-                             _walk_blocks(spec, legality, split, split_size, c, b, problem, default)))
+                             _walk_blocks(spec, legality, split, split_size, c, b, problem, default),
+                             _walk_chunks(spec, c, t_pow2) if True in merge_modes else ()))
     return out
+
+
+def _walk_chunks(spec: Spec, chunk: int, t_pow2: int) -> tuple[int, ...]:
+    """Coarse walks for one chunk (TileConfig.walk_chunk): 2 and 4 times it, up to MAX_WALK_CHUNK and the call's
+    length; none for a spec without forward states only."""
+    if not spec.states or spec.reverse_states:
+        return ()
+    return tuple(w for w in (2 * chunk, 4 * chunk) if w <= min(MAX_WALK_CHUNK, t_pow2))
 
 
 def _walk_blocks(spec: Spec, legality: Legality, split: str | None, split_size: int, chunk: int, block: int,
@@ -275,7 +290,8 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
     a chunked scan's (passes.legality) or a softmax spec's schedule (passes.softmax); `chunks` are the
     chunk lengths, or the query and key blocks; `stages` default to STAGES, SOFTMAX_STAGES. `faulty` maps
     compiled variants (chunk, block, warps, stages, defer_merge) that faulted on this GPU before to the GPU's error.
-    `merge_modes`: defer_merge values to try for a spec with states ((False,) for a backend without `out`)."""
+    `merge_modes`: defer_merge values to try for a spec with states ((False,) for a backend without `out`, whose
+    walk cannot skip merge: no coarse walks then either)."""
     faulty = faulty or {}
     if dtype_bytes not in (2, 4):
         raise ValueError(f"dtype_bytes must be 2 (bfloat16, float16) or 4 (float32), got {dtype_bytes}")
@@ -303,19 +319,26 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
             for s in stages:
                 model = [bad] if bad else resources(space, t.values, w, s, dtype_bytes).over(w, s, smem_limit,
                                                                                               max_registers)
-                for d, wb in ((d, wb) for d in t.defers for wb in t.walk_blocks):
+                # a coarse walk fuses merge into its fine walk, in the first serial block Triton runs right there
+                coarse = [(False, next((wb for wb in t.walk_blocks if not compiler_fault(wc, min(t.block, wb or t.block))),
+                                       t.walk_blocks[0]), wc) for wc in t.walk_chunks]
+                for d, wb, wc in [(d, wb, 0) for d in t.defers for wb in t.walk_blocks] + coarse:
                     # the walk runs the narrower of its block and the main one (the fault is the walk's)
                     fault = (None if isinstance(legality, SoftmaxSchedule)
-                             else compiler_fault(t.chunk, min(t.block, wb or t.block)))
+                             else compiler_fault(max(t.chunk, wc), min(t.block, wb or t.block)))
                     why = model + [fault] if fault else model
-                    variant = (t.chunk, t.block, w, s, int(d), wb)
+                    if wc and not bad:  # the coarse walk's own tiles: the state update at C = wc
+                        why = why + [f"coarse walk at C={wc}: {r}" for r in resources(
+                            space.coarse_walk(), {**t.values, C: wc}, w, s, dtype_bytes).over(w, s, smem_limit,
+                                                                                          max_registers)]
+                    variant = (t.chunk, t.block, w, s, int(d), wb, wc)
                     fails = why + ([f"faulted on this GPU in an earlier tune ({faulty[variant]})"]
                                    if variant in faulty else [])
                     if fails and variant == default.variant:
                         over_model = "; ".join(fails)
                         fails = []  # the default's kernels run whatever the model says; so do its other P
                     for p in t.segments:
-                        cand = Candidate(t.chunk, t.block, p, w, s, d, wb)
+                        cand = Candidate(t.chunk, t.block, p, w, s, d, wb, wc)
                         if cand == default:
                             continue
                         if fails:
@@ -326,9 +349,10 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
     def distance(x: Candidate) -> tuple:
         # a compiled variant's first candidate takes the wave model's P: it stands for its variant
         knobs = sum(getattr(x, k) != getattr(default, k)
-                    for k in ("chunk", "block", "num_warps", "num_stages", "defer_merge", "walk_block"))
+                    for k in ("chunk", "block", "num_warps", "num_stages", "defer_merge", "walk_block", "walk_chunk"))
         far = (abs(math.log2(x.chunk / default.chunk)) + abs(math.log2(x.block / default.block))
-               + abs(math.log2(max(1, x.walk_block) / max(1, default.walk_block))))
+               + abs(math.log2(max(1, x.walk_block) / max(1, default.walk_block)))
+               + abs(math.log2(max(x.chunk, x.walk_chunk) / max(default.chunk, default.walk_chunk))))
         return knobs, x.segments != wave[x.chunk, x.block], far, x
 
     return SearchSpace(problem, default, (default, *sorted(keep, key=distance)), tuple(pruned), over_model,

@@ -7,7 +7,7 @@ saying which one fails. The choices are launch-time: one generated source serves
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import sympy
 
@@ -101,6 +101,15 @@ class TilingSpace:
     dot_operands: tuple[sympy.Expr, ...] = ()
     staged: str = "input tiles per chunk"  # what `loaded` is, for the shared-memory model's reasons
     knobs: str = "C = chunk, block = block of the split dim, P = segments of the walk"  # the candidates' names
+    # a coarse walk's program (TileConfig.walk_chunk), which skips merge: the live values, input tiles and
+    # matmul operands of the state update alone
+    walk_live: sympy.Expr = sympy.Integer(0)
+    walk_loaded: sympy.Expr = sympy.Integer(0)
+    walk_dots: tuple[sympy.Expr, ...] = ()
+
+    def coarse_walk(self) -> "TilingSpace":
+        """The space of a coarse walk's program, for the resource model."""
+        return replace(self, live_fp32=self.walk_live, loaded=self.walk_loaded, dot_operands=self.walk_dots)
 
     def __str__(self) -> str:
         lines = [f"tiling: chunk C, split dim {self.split_dim or '-'} in blocks of BLOCK, P segments"]
@@ -177,16 +186,43 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
         return sympy.Mul(*(x.subs(sub) for x in shape))
 
     loaded = sum((elements(i.tile.shape) for i in spec.inputs), sympy.Integer(0))
-    live = sum((elements(st.tile.shape) for st in spec.states), sympy.Integer(0)) + loaded + C * C
+    states = sum((elements(st.tile.shape) for st in spec.states), sympy.Integer(0))
+    live = states + loaded + C * C
     types = value_types(spec)
-    # a decay contraction (passes.decay_dot) is a matmul of its first two operands
-    dots = tuple(sum((elements(types[a].shape) for a in op.args[:2]), sympy.Integer(0))
-                 for st in spec.stages for op in st.ops if op.kind == "matmul" or op.kind in O.DECAY)
+
+    def dot_operands(ops) -> tuple[sympy.Expr, ...]:  # a decay contraction (passes.decay_dot) is a matmul of its
+        return tuple(sum((elements(types[a].shape) for a in op.args[:2]), sympy.Integer(0))  # first two operands
+                     for op in ops if op.kind == "matmul" or op.kind in O.DECAY)
+
+    dots = dot_operands(op for st in spec.stages for op in st.ops)
+    update = _state_update(spec)
+    walk_loaded = sum((elements(i.tile.shape) for i in spec.inputs if i.name in update), sympy.Integer(0))
+    pairs = any(tuple(types[n].shape) == (C, C) for n in update if n in types)
+    walk_live = states + walk_loaded + (C * C if pairs else 0)
+    walk_dots = dot_operands(op for st in (spec.intra, spec.inter) for op in st.ops if op.out in update)
     knobs = (f"C = chunk, block = block of {split} (BLOCK), P = segments of the walk" if split
              else "C = chunk, block = 1 (no dim is split), P = segments of the walk")
     if split and not legality.segmentable:
         knobs += f", walk_block = block of {split} in the walk and the adjoint scan"
-    return TilingSpace(split, tuple(cons), sympy.expand(live), sympy.expand(loaded), dots, knobs=knobs)
+    if spec.states and not spec.reverse_states:
+        knobs += ", walk_chunk = chunk of a coarse walk"
+    return TilingSpace(split, tuple(cons), sympy.expand(live), sympy.expand(loaded), dots, knobs=knobs,
+                       walk_live=sympy.expand(walk_live), walk_loaded=sympy.expand(walk_loaded),
+                       walk_dots=walk_dots or (sympy.Integer(0),))
+
+
+def _state_update(spec: Spec) -> set[str]:
+    """The values and inputs the state update reads (inter, what it reads of intra): what a coarse walk's
+    program computes. A [C, C] tile among them (the delta rules' in-chunk inverse; not mLSTM's) is live there."""
+    made = {op.out: op for st in (spec.intra, spec.inter) for op in st.ops}
+    todo, seen = [op.out for op in spec.inter.ops], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo += [a for a in made[name].args if isinstance(a, str)] if name in made else []
+    return seen
 
 
 def _segments(legality: Legality, programs: int, n_chunks: int, slots: int,
@@ -302,7 +338,9 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
     if space.split_dim:
         values[BLOCK] = block
     _check(space, values)
-    walk_block, why = _choose_walk_block(spec, legality, space, values, problem, block, walk_block, c)
+    walk_chunk = _check_walk_chunk(spec, c, walk_chunk, defer_merge)
+    # the serial kernels run at the coarse walk's chunk, where Triton's narrow-block faults are the coarse chunk's
+    walk_block, why = _choose_walk_block(spec, legality, space, values, problem, block, walk_block, walk_chunk or c)
     if why:
         reasons.append(why)
     values.update({dim(d): padded(problem.size(d)) for d in spec.dims})  # the register model counts padded tiles
@@ -318,7 +356,6 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
                             None, "defer_merge=None or True")
         defer_merge = True
         reasons.append("merge deferred to the out kernel: it reads the forward and the reverse walks' states")
-    walk_chunk = _check_walk_chunk(spec, c, walk_chunk, defer_merge)
     if walk_chunk:
         defer_merge = False
         reasons.append(f"a coarse walk in chunks of {walk_chunk} (as asked): the state only, then every coarse "

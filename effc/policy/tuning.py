@@ -34,11 +34,11 @@ from .tiling import Problem
 from .triton_faults import block_limit, longest_dot_chain, triton_version
 
 FORMAT = 1
-KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "walk_block")
+KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "walk_block", "walk_chunk")
 _FLAG_KNOBS = ("defer_merge",)  # 0 or 1; the others are positive integers
-# knobs an entry may leave out: the softmax family has no walk_block, and entries written before it
-# existed take the model's
-_OPTIONAL_KNOBS = ("walk_block",)
+# knobs an entry may leave out: the softmax family has no walk_block or walk_chunk, entries written before
+# they existed take the model's, and a walk_chunk is recorded only where a coarse walk won
+_OPTIONAL_KNOBS = ("walk_block", "walk_chunk")
 
 
 def tuning_dir() -> Path:
@@ -229,6 +229,8 @@ def lookup(op, problem: Problem, device, dtype, overrides: dict, keyed=None):
     tuned = dict(entry.config)
     if "block" in given:  # the tuned walk block was chosen for the tuned block: the model picks one for the given
         tuned = {k: v for k, v in tuned.items() if k != "walk_block"}
+    if "chunk" in given:  # so was a coarse walk's chunk for the tuned chunk
+        tuned = {k: v for k, v in tuned.items() if k != "walk_chunk"}
     if entry.partition and entry.partition in {c.name for c in getattr(op.comp.plan, "partitions", ())}:
         tuned["partition"] = entry.partition
     try:

@@ -215,6 +215,8 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
           dims: str = typer.Option("", help="feature dims, e.g. K=32,V=32 (default 32 each)"),
           chunk: int = typer.Option(None, help="chunk size (default: the spec's)"),
           segments: int = typer.Option(None, help="segments of the walk (default: the model's)"),
+          walk_chunk: int = typer.Option(None, help="chunk of a coarse walk, refined in chunks of --chunk "
+                                                    "(linear family; default: none)"),
           defer_merge: bool = typer.Option(None, "--defer-merge/--fuse-merge",
                                            help="merge in the chunk-parallel out kernel, or "
                                                 "fused in the walk (default: the model's)"),
@@ -242,7 +244,8 @@ def check(spec: str = typer.Argument(..., help=SPEC_HELP),
         if interp and dt != torch.float32:
             raise ArgumentError("low-precision checks need a GPU: Triton's interpreter computes bf16 dots wrongly")
         verdicts = check_op(op, B, T, H, sizes, dt, "cpu" if interp else "cuda", seed, chunk=chunk,
-                            segments=segments, defer_merge=defer_merge)
+                            segments=segments, defer_merge=defer_merge,
+                            **({"walk_chunk": walk_chunk} if walk_chunk is not None else {}))
     except (SpecError, CodegenError, ArgumentError, NotImplementedError) as e:
         _fail(e)
     where = "Triton interpreter (CPU)" if interp else torch.cuda.get_device_name()

@@ -174,7 +174,8 @@ def cache_ls():
         c = e.config
         cfg = (f"C={c['chunk']} block={c['block']} P={c['segments']} warps={c['num_warps']} stages={c['num_stages']}"
                + (" deferred" if c.get("defer_merge") else "")
-               + (f" walk={c['walk_block']}" if c.get("walk_block", c["block"]) != c["block"] else ""))
+               + (f" walk={c['walk_block']}" if c.get("walk_block", c["block"]) != c["block"] else "")
+               + (f" walk_chunk={c['walk_chunk']}" if c.get("walk_chunk") else ""))
         status = "ok" if is_current(e) else f"stale (codegen {e.key.codegen})"
         typer.echo(f"{e.key.spec:12s} {e.key.bucket:24s} {e.key.dtype:9s} {e.key.gpu[:24]:24s} {cfg:36s} "
                    f"{e.ms:7.3f} {e.default_ms:7.3f} {e.default_ms / e.ms:5.2f}x  {status}")
