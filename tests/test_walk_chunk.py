@@ -263,3 +263,19 @@ def test_effc_check_runs_a_coarse_walk():
                                  "--walk-chunk", "32"])
     assert r.exit_code == 0, r.output
     assert "walk_chunk=32" in r.output and "grad q:" in r.output and "FAIL" not in r.output.upper()
+
+
+def test_effc_memory_counts_the_coarse_history():
+    """What the forward keeps shrinks by the coarse walk's history: mlstm_sig at 2x8192, H=16, D=128 keeps its
+    outputs (64 MiB) and a history of 32 chunks a sequence of [128, 128] bf16 + [128] fp32 states a head (32
+    MiB) at walk_chunk=256, against 128 chunks (130 MiB) at chunk 64; the backward re-walks the fine history,
+    which then lives beside the coarse one."""
+    from effc.tools.memory import training_memory
+    op = effc.load("mlstm_sig")
+    dims = {"K": 128, "V": 128}
+    fine = training_memory(op, 2, 8192, 16, dims, chunk=64, partition="loop")
+    coarse = training_memory(op, 2, 8192, 16, dims, chunk=64, walk_chunk=256, partition="loop")
+    history = 2 * 16 * (128 * 128 * 2 + 128 * 4) / 2 ** 20  # MiB a chunk of every sequence
+    assert fine.kept_mib == pytest.approx(64 + 128 * history, abs=1)
+    assert coarse.kept_mib == pytest.approx(64 + 32 * history, abs=1)
+    assert coarse.peak_mib == pytest.approx(fine.peak_mib + 32 * history, abs=1)

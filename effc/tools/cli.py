@@ -315,7 +315,10 @@ def bench(specs: str = typer.Option("retention,simple_gla,gla", help="comma-sepa
 def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
            shape: str = typer.Option("2,8192,16", help="B,T,H"),
            dims: str = typer.Option("", help="feature dims, e.g. K=128,V=128 (default 128 each)"),
-           dtype: str = typer.Option("bfloat16", help="the inputs' dtype: bfloat16, float16 or float32")):
+           dtype: str = typer.Option("bfloat16", help="the inputs' dtype: bfloat16, float16 or float32"),
+           chunk: int = typer.Option(None, help="chunk size (default: the model's)"),
+           walk_chunk: int = typer.Option(None, help="chunk of a coarse walk, refined in chunks of --chunk "
+                                                     "(linear family; default: none)")):
     """The memory of one training step (forward + backward) on a GPU at a shape, without one: the peak beyond
     the inputs (the bench's measure) and what the forward keeps, per gradient partition."""
     import torch
@@ -331,8 +334,9 @@ def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
         plan = op.comp.plan
         choices = [c.name for c in getattr(plan, "partitions", ())] or [None]
         typer.echo(f"{op.name}: a training step at B={B} T={T} H={H} {sizes} {dtype}")
+        knobs = {k: v for k, v in (("chunk", chunk), ("walk_chunk", walk_chunk)) if v is not None}
         for p in choices:
-            m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), **({"partition": p} if p else {}))
+            m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), **({"partition": p} if p else {}), **knobs)
             tag = f"partition {p}{' (default)' if p == getattr(plan, 'partition', None) else ''}: " if p else ""
             typer.echo(f"  {tag}{m}")
     except (SpecError, CodegenError, ArgumentError, NotImplementedError) as e:
