@@ -27,8 +27,8 @@ for spec in sys.argv[1:]:
         # a walk that can defer merge compiles both ways (fused, updating the state only); a segmented
         # reverse scan both passes (segment summaries, walk)
         variants = [({}, "")]
-        if kp.name == "walk" and op.comp.plan.deferrable:
-            variants.append(({"fuse_merge": False}, "[deferred]"))
+        if kp.name == "walk" and op.comp.plan.deferrable:  # and as a coarse walk's fine walk (walk_chunk)
+            variants += [({"fuse_merge": False}, "[deferred]"), ({"from_coarse": True}, "[fine]")]
         if kp.name == "bwd_scan" and op.comp.plan.segmentable:
             variants.append(({"summary": True}, "[summary]"))
         if "DECAY_MODE" in kp.arg_names and spec in ANCHORED:  # the anchored second launch (passes.decay_dot)
@@ -141,7 +141,7 @@ def test_library_kernels_compile_for_sm90(name, tmp_path):
     results = _compile_in_subprocesses(SCRIPT % (ANCHORED,), names, tmp_path)
     ops = [getattr(effc.load(n), "linear", None) or effc.load(n) for n in names]
     expected = {f"{op.name}.{k.name}" for op in ops for k in op.comp.plan.kernels}
-    expected |= {f"{op.name}.walk[deferred]" for op in ops if op.comp.plan.deferrable}
+    expected |= {f"{op.name}.walk[{v}]" for op in ops if op.comp.plan.deferrable for v in ("deferred", "fine")}
     expected |= {f"{op.name}.bwd_scan[summary]" for op in ops if op.comp.plan.segmentable}
     expected |= {f"{op.name}.{k.name}[anchored]" for op in ops if op.name in ANCHORED
                  for k in op.comp.plan.kernels if "DECAY_MODE" in k.arg_names}

@@ -12,9 +12,10 @@ from triton.backends.compiler import GPUTarget
 
 def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_stages: int = 2,
                  fuse_merge: bool = True, summary: bool = False, dims: dict | None = None,
-                 block: int | None = None, decay_mode: int = 0):
+                 block: int | None = None, decay_mode: int = 0, from_coarse: bool = False):
     """The compiled kernel (`.asm["ptx"]`, `.metadata.shared`) of kernel plan `kp` of the AttentionOp `op`.
     `decay_mode`: a kernel with factored decays runs as 0 (factored) and 2 (anchored): runtime.launch.
+    `from_coarse`: the walk as a coarse walk's fine walk (FROM_COARSE, TileConfig.walk_chunk).
     `dims`: feature dim sizes (default 128 each); any size, padded tiles as at run time (the split dim in
     blocks of 64, or of its padded size when smaller)."""
     from ...policy.tiling import padded
@@ -27,11 +28,13 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
     whole = plan.whole_grads(n_split=n_split)  # default: the split dim 128 wide in blocks of 64
     bf16 = ({f"{d.name}_ptr" for d in kp.loads + kp.stores + kp.hoisted_loads}
             | {f"{o.name}_grad_ptr" for o in op.spec.outputs} | {f"{x}_dx_ptr" for x in whole})
-    sig = {n: ("*bf16" if n in bf16 else "*i32" if n in ("cu_ptr", "chunk_off_ptr", "decay_flag_ptr") else "*fp32"
+    offsets = ("cu_ptr", "chunk_off_ptr", "coarse_off_ptr", "decay_flag_ptr")
+    sig = {n: ("*bf16" if n in bf16 else "*i32" if n in offsets else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, C=chunk or op.spec.chunk, BLOCK=padded(split_size) if kp.role == "prep" else block, HAS_INIT=True,
                  STORE_FINAL=True, STORE_HISTORY=True, HAS_DFINAL=True, IS_VARLEN=False, DOT_DTYPE=tl.bfloat16,
-                 PRECISION="tf32", DECAY_MODE=decay_mode, FUSE_MERGE=fuse_merge, SUMMARY=summary, **dims,
+                 PRECISION="tf32", DECAY_MODE=decay_mode, FUSE_MERGE=fuse_merge, SUMMARY=summary,
+                 FROM_COARSE=from_coarse, **dims,
                  **{f"{d}_P": padded(v) for d, v in dims.items()},
                  **{f"HX_{d.name}": 16 for d in op.spec.inputs})
     return _compile(fn, sig, const, num_warps, num_stages)
