@@ -13,6 +13,7 @@ from effc.runtime.launch import Launcher
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
 from naive import NAIVE
+from op_calls import as_tuple, assert_fp32_close, assert_matches_naive, outputs_and_grads
 
 # a delta rule with a key normaliser: a general transition (not segmentable) and a state without V, whose
 # adjoint the scan keeps per V block; written here, not in the library
@@ -77,18 +78,6 @@ def _naive(name):
     return delta_norm if name == "delta_norm" else NAIVE[name]
 
 
-def _tuple(x):
-    return x if isinstance(x, tuple) else (x,)
-
-
-def _run(op, xs, s0, d_o, d_s, **knobs):
-    """Output, final states and every leaf's gradient (inputs, then initial states)."""
-    leaves = list(xs) + list(_tuple(s0))
-    o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=16, **knobs)
-    grads = torch.autograd.grad([o, *_tuple(s)], leaves, [d_o, *d_s])
-    return o.detach(), tuple(x.detach() for x in _tuple(s)), grads
-
-
 # V=32 in blocks of 32: the serial kernels run 2 blocks of 16 in one main block; V=48: 3 serial blocks of 16
 # against 2 main blocks of 32 (the last one half masked), so the scan's per-block adjoints of states
 # without V are summed into the main blocks with an empty serial block padding the last
@@ -103,37 +92,25 @@ def test_narrow_walk_block_matches_wide_and_oracle(name, V, monkeypatch):
     dims = {"K": 16, "V": V}
     B, T, H = 2, 45, 2  # T = 45 at chunk 16: a partial last chunk
     xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, seed=1)]
-    s0 = tuple(s.requires_grad_() for s in _tuple(random_state(op.spec, B, H, dims)))
+    s0 = tuple(s.requires_grad_() for s in as_tuple(random_state(op.spec, B, H, dims)))
     s0 = s0 if len(s0) > 1 else s0[0]
     d_o = torch.randn(B, T, H, V)
-    d_s = [torch.randn(s.shape) for s in _tuple(s0)]
+    d_s = [torch.randn(s.shape) for s in as_tuple(s0)]
 
-    narrow = _run(op, xs, s0, d_o, d_s, block=32, walk_block=16)
+    narrow = outputs_and_grads(op, xs, s0, d_o, d_s, chunk=16, block=32, walk_block=16)
     assert op.last_config.block == 32 and op.last_config.walk_block == 16
     serial, parallel = -(-V // 16), -(-V // 32)
     assert {r: n for r, n in grids if r in ("walk", "bwd_scan", "bwd_inject", "out")} == {
         "walk": serial, "bwd_scan": serial, "bwd_inject": serial, "out": parallel}, grids
     assert {n for r, n in grids if r == "bwd_chunks"} <= {1, parallel}  # 1: a kernel looping over the blocks
-    wide = _run(op, xs, s0, d_o, d_s, block=32, walk_block=32)
+    wide = outputs_and_grads(op, xs, s0, d_o, d_s, chunk=16, block=32, walk_block=32)
     assert op.last_config.serial_block == 32
-
-    leaves = list(xs) + list(_tuple(s0))
-    ro, rs = op.reference(*xs, initial_state=s0, output_final_state=True)
-    ref_g = torch.autograd.grad([ro, *_tuple(rs)], leaves, [d_o.double(), *(d.double() for d in d_s)])
-    ref = (ro.detach(), tuple(x.detach() for x in _tuple(rs)), ref_g)
-    names = ["o"] + [f"final {s.name}" for s in op.spec.states] + [f"d{d.name}" for d in op.spec.inputs] \
-        + [f"d initial {s.name}" for s in op.spec.states]
-    for other, what in ((wide, "walk_block=block"), (ref, "the oracle")):
-        got = [narrow[0], *narrow[1], *narrow[2]]
-        want = [other[0], *other[1], *other[2]]
-        for n, a, b in zip(names, got, want):
-            verdict = judge_fp32(a, b)
-            assert verdict.ok, f"{name} {n} at walk_block=16 against {what}: {verdict}"
-    n_o, n_s = _naive(name)(*[x.detach() for x in xs], initial_state=tuple(s.detach() for s in _tuple(s0))
+    assert_fp32_close(op.spec, narrow, wide, "walk_block=block")
+    ref = outputs_and_grads(op.reference, xs, s0, d_o.double(), [d.double() for d in d_s])
+    assert_fp32_close(op.spec, narrow, ref, "the oracle")
+    n_o, n_s = _naive(name)(*[x.detach() for x in xs], initial_state=tuple(s.detach() for s in as_tuple(s0))
                             if isinstance(s0, tuple) else s0.detach())
-    assert judge_fp32(narrow[0], n_o).ok, judge_fp32(narrow[0], n_o)
-    for a, b in zip(narrow[1], _tuple(n_s)):
-        assert judge_fp32(a, b).ok, judge_fp32(a, b)
+    assert_matches_naive(op.spec, narrow, n_o, n_s)
 
 
 def test_narrow_walk_block_varlen_with_an_empty_sequence():

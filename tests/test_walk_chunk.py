@@ -12,6 +12,7 @@ from effc.runtime.launch import Launcher
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
 from naive import NAIVE
+from op_calls import as_tuple, assert_fp32_close, assert_matches_naive, outputs_and_grads
 
 # not in the library: a general transition (a decayed delta rule with a per-token output gate), so the
 # walk is not segmentable and the refined walk is the only parallel one over the tokens
@@ -73,18 +74,6 @@ def _naive(name):
     return gated_delta_gate if name == "gated_delta_gate" else NAIVE[name]
 
 
-def _tuple(x):
-    return x if isinstance(x, tuple) else (x,)
-
-
-def _run(op, xs, s0, d_o, d_s, **knobs):
-    """Output, final states and every leaf's gradient (inputs, then initial states)."""
-    leaves = list(xs) + list(_tuple(s0))
-    o, s = op(*xs, initial_state=s0, output_final_state=True, chunk=16, **knobs)
-    grads = torch.autograd.grad([o, *_tuple(s)], leaves, [d_o, *d_s])
-    return [o.detach(), *(x.detach() for x in _tuple(s)), *grads]
-
-
 @pytest.fixture
 def launches(monkeypatch):
     """(kernel name, grid, chunk, FROM_COARSE) of every launch."""
@@ -105,13 +94,13 @@ def test_coarse_walk_matches_one_walk_and_oracle(name, strong, save_states, laun
     dims = {d: 16 for d in op.spec.dims}
     B, T, H = 2, 77, 2  # at walk_chunk 32: two whole coarse chunks and a partial one of 13 tokens
     xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, seed=2, strong_gates=strong)]
-    s0 = tuple(s.requires_grad_() for s in _tuple(random_state(op.spec, B, H, dims)))
+    s0 = tuple(s.requires_grad_() for s in as_tuple(random_state(op.spec, B, H, dims)))
     s0 = s0 if len(s0) > 1 else s0[0]
     gen = torch.Generator().manual_seed(5)
     d_o = torch.randn((B, T, H, dims["V"]), generator=gen)
-    d_s = [torch.randn(s.shape, generator=gen) for s in _tuple(s0)]
+    d_s = [torch.randn(s.shape, generator=gen) for s in as_tuple(s0)]
 
-    coarse = _run(op, xs, s0, d_o, d_s, walk_chunk=32, save_states=save_states)
+    coarse = outputs_and_grads(op, xs, s0, d_o, d_s, chunk=16, walk_chunk=32, save_states=save_states)
     assert (op.last_config.chunk, op.last_config.walk_chunk, op.last_config.serial_chunk) == (16, 32, 32)
     walks = [(g, c, f) for n, g, c, f in launches if n == "walk"]
     # the coarse walk (3 chunks of 32 a sequence), the refined one for the outputs (a program per coarse
@@ -121,24 +110,14 @@ def test_coarse_walk_matches_one_walk_and_oracle(name, strong, save_states, laun
     assert walks[-1] == walks[1] and len(walks) == (3 if save_states else 4), walks
     assert not any(n == "out" for n, *_ in launches)
     launches.clear()
-    one = _run(op, xs, s0, d_o, d_s, save_states=save_states)
+    one = outputs_and_grads(op, xs, s0, d_o, d_s, chunk=16, save_states=save_states)
     assert op.last_config.serial_chunk == 16 and all(c == 16 for n, _, c, _ in launches if n == "walk")
-
-    leaves = list(xs) + list(_tuple(s0))
-    ro, rs = op.reference(*xs, initial_state=s0, output_final_state=True)
-    ref_g = torch.autograd.grad([ro, *_tuple(rs)], leaves, [d_o.double(), *(d.double() for d in d_s)])
-    ref = [ro.detach(), *(x.detach() for x in _tuple(rs)), *ref_g]
-    names = ["o"] + [f"final {s.name}" for s in op.spec.states] + [f"d{d.name}" for d in op.spec.inputs] \
-        + [f"d initial {s.name}" for s in op.spec.states]
-    for other, what in ((one, "one walk"), (ref, "the oracle")):
-        for n, a, b in zip(names, coarse, other):
-            verdict = judge_fp32(a, b)
-            assert verdict.ok, f"{name} {n} with walk_chunk=32 against {what}: {verdict}"
-    n_o, n_s = _naive(name)(*[x.detach() for x in xs], initial_state=tuple(s.detach() for s in _tuple(s0))
+    assert_fp32_close(op.spec, coarse, one, "one walk")
+    ref = outputs_and_grads(op.reference, xs, s0, d_o.double(), [d.double() for d in d_s])
+    assert_fp32_close(op.spec, coarse, ref, "the oracle")
+    n_o, n_s = _naive(name)(*[x.detach() for x in xs], initial_state=tuple(s.detach() for s in as_tuple(s0))
                             if isinstance(s0, tuple) else s0.detach())
-    assert judge_fp32(coarse[0], n_o).ok, judge_fp32(coarse[0], n_o)
-    for a, b in zip(coarse[1:1 + len(op.spec.states)], _tuple(n_s)):
-        assert judge_fp32(a, b).ok, judge_fp32(a, b)
+    assert_matches_naive(op.spec, coarse, n_o, n_s)
 
 
 def test_coarse_walk_varlen_with_empty_and_short_sequences():

@@ -24,30 +24,35 @@ def _grads(fn, leaves, d_o, d_s):
     return g
 
 
-@pytest.mark.parametrize("name", effc.library_names("linear"))
-def test_bf16_gradients(name):
-    op = effc.load(name)
-    B, T, H, D = 2, 2048, 16, 128
+def _check_gradients(op, B, T, H, D, seed: int, **knobs) -> None:
+    """Every input's and initial state's gradient of op(**knobs) in bf16 against the float64 oracle's, judged by
+    the bf16 rule against a reference with bf16 matmul operands."""
     dims = {d: D for d in op.spec.dims}
-    xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda", seed=7)]
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda", seed=seed)]
     s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, B, H, dims, "cuda")))
-    gen = torch.Generator(device="cpu").manual_seed(11)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 4)
     d_o = torch.randn((B, T, H, D), generator=gen).cuda()
     d_s = tuple(torch.randn(x.shape, generator=gen).cuda() for x in s0)
     leaves = xs + list(s0)
     try:
-        got = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True), leaves, d_o.bfloat16(), d_s)
+        got = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True, **knobs), leaves, d_o.bfloat16(), d_s)
     except BackwardRefused as e:  # a backward policy.triton_faults refuses on this GPU and Triton
         pytest.skip(str(e))
     ref = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, d_s)
     low = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True, dtype=torch.float32,
                                       matmul_dtype=torch.bfloat16), leaves, d_o, d_s)
     names = [d.name for d in op.spec.inputs] + [f"initial {s.name}" for s in op.spec.states]
+    tag = "".join(f" {k}={v}" for k, v in knobs.items())
     for n, a, b, c in zip(names, got, ref, low):
         v = judge_low_precision(a.float(), b, c)
-        print(f"{name} d{n}: {v}")
-        assert torch.isfinite(a).all(), f"{name} d{n} has non-finite values"
-        assert v.ok, f"{name} d{n}: {v}"
+        print(f"{op.name}{tag} d{n}: {v}")
+        assert torch.isfinite(a).all(), f"{op.name}{tag} d{n} has non-finite values"
+        assert v.ok, f"{op.name}{tag} d{n}: {v}"
+
+
+@pytest.mark.parametrize("name", effc.library_names("linear"))
+def test_bf16_gradients(name):
+    _check_gradients(effc.load(name), 2, 2048, 16, 128, seed=7)
 
 
 def _partitioned_specs():
@@ -79,29 +84,7 @@ def test_bf16_gradients_every_partition(name):
 @pytest.mark.parametrize("name,chunk,walk_chunk", [("mlstm_sig", 64, 256), ("mlstm", 64, 256), ("gla", 64, 256),
                                                    ("gated_delta_net", 32, 128), ("delta_net_l2", 32, 128)])
 def test_bf16_gradients_with_a_coarse_walk(name, chunk, walk_chunk):
-    """A coarse walk refined in finer chunks (TileConfig.walk_chunk): outputs and gradients within the bf16 rule
-    (the fine walks start from the coarse history, stored in bf16 as every history is), at T = 2000 (a partial
+    """A coarse walk refined in finer chunks (TileConfig.walk_chunk): the gradients within the bf16 rule (the
+    fine walks start from the coarse history, stored in bf16 as every history is), at T = 2000 (a partial
     last coarse chunk)."""
-    op = effc.load(name)
-    B, T, H, D = 2, 2000, 8, 128
-    dims = {d: D for d in op.spec.dims}
-    xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cuda", seed=9)]
-    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, B, H, dims, "cuda")))
-    gen = torch.Generator(device="cpu").manual_seed(13)
-    d_o = torch.randn((B, T, H, D), generator=gen).cuda()
-    d_s = tuple(torch.randn(x.shape, generator=gen).cuda() for x in s0)
-    leaves = xs + list(s0)
-    try:
-        got = _grads(lambda: op(*xs, initial_state=s0, output_final_state=True, chunk=chunk, walk_chunk=walk_chunk),
-                     leaves, d_o.bfloat16(), d_s)
-    except BackwardRefused as e:
-        pytest.skip(str(e))
-    assert op.last_config.walk_chunk == walk_chunk
-    ref = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, d_s)
-    low = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True, dtype=torch.float32,
-                                      matmul_dtype=torch.bfloat16), leaves, d_o, d_s)
-    names = [d.name for d in op.spec.inputs] + [f"initial {s.name}" for s in op.spec.states]
-    for n, a, b, c in zip(names, got, ref, low):
-        v = judge_low_precision(a.float(), b, c)
-        print(f"{name} walk_chunk={walk_chunk} d{n}: {v}")
-        assert torch.isfinite(a).all() and v.ok, f"{name} walk_chunk={walk_chunk} d{n}: {v}"
+    _check_gradients(effc.load(name), 2, 2000, 8, 128, seed=9, chunk=chunk, walk_chunk=walk_chunk)
