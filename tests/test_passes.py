@@ -534,7 +534,7 @@ def test_plan_loads_only_what_each_kernel_reads():
     legality = analyze(spec)
     # the summary kernel reads no q and stores nothing; its grid has one segment fewer
     golden(str(plan(spec, legality, fuse(spec, legality))), """
-        plan gated: split V; summary kernel runs first when segments > 1; with merge deferred, the walk updates the state only and the out kernel evaluates merge per chunk from the walk's states
+        plan gated: split V; summary kernel runs first when segments > 1; with merge deferred, the walk updates the state only and the out kernel evaluates merge per chunk from the walk's states; a coarse walk (walk_chunk) runs the walk again per coarse chunk
           kernel summary  grid=(cdiv(V, BLOCK), B*H, P-1)
             per chunk: load k, v, g; store -
             carry S[K,V] on chip

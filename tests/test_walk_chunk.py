@@ -274,3 +274,20 @@ def test_coarse_walk_with_a_dim_in_parts():
     assert op.last_dim_parts == "parts: K=48 as 32 + 16" and op.last_config.walk_chunk == 64
     for a, b in zip(coarse, one):
         assert judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
+def test_coarse_walk_under_torch_compile():
+    """The custom op's fake forward sizes the kept history by the coarse walk's chunk (traced, fullgraph)."""
+    op = effc.load("mlstm_sig")
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 40, 2, {"K": 16, "V": 16}, seed=3)]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def loss(*xs):
+        o, _ = op(*xs, chunk=16, walk_chunk=32, save_states=True)
+        return (o * o).sum()
+
+    got = torch.autograd.grad(loss(*xs), xs)
+    o, _ = op.reference(*xs)
+    want = torch.autograd.grad((o * o).sum(), xs)
+    for a, b in zip(got, want):
+        assert judge_fp32(a, b).ok, judge_fp32(a, b)

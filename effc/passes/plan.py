@@ -163,7 +163,8 @@ class Plan:
     def __str__(self) -> str:
         walks = ("summary kernel runs first when segments > 1" if self.segmentable else "single walk kernel")
         deferred = ("; with merge deferred, the walk updates the state only and the out kernel evaluates merge per "
-                    "chunk from the walk's states" if self.deferrable else "")
+                    "chunk from the walk's states; a coarse walk (walk_chunk) runs the walk again per coarse chunk"
+                    if self.deferrable else "")
         if self.spec.reverse_states:
             walks = "one walk per direction (reverse states right to left)"
             deferred = "; the out kernel evaluates merge per chunk from both walks' states"
