@@ -190,8 +190,9 @@ def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
     live = states + loaded + C * C
     types = value_types(spec)
 
-    def dot_operands(ops) -> tuple[sympy.Expr, ...]:  # a decay contraction (passes.decay_dot) is a matmul of its
-        return tuple(sum((elements(types[a].shape) for a in op.args[:2]), sympy.Integer(0))  # first two operands
+    def dot_operands(ops) -> tuple[sympy.Expr, ...]:
+        """Elements of each matmul's two operand tiles (a decay contraction, passes.decay_dot, is one)."""
+        return tuple(sum((elements(types[a].shape) for a in op.args[:2]), sympy.Integer(0))
                      for op in ops if op.kind == "matmul" or op.kind in O.DECAY)
 
     dots = dot_operands(op for st in spec.stages for op in st.ops)
@@ -358,7 +359,7 @@ def choose(spec: Spec, legality: Legality, problem: Problem, *, chunk: int | Non
         reasons.append("merge deferred to the out kernel: it reads the forward and the reverse walks' states")
     if walk_chunk:
         defer_merge = False
-        reasons.append(f"a coarse walk in chunks of {walk_chunk} (as asked): the state only, then every coarse "
+        reasons.append(f"a coarse walk in chunks of {walk_chunk} (given or tuned): the state only, then every coarse "
                        f"chunk walked again in chunks of {c}, in parallel, writing the outputs")
     if defer_merge is None and spec.states and not legality.segmentable:
         defer_merge, why = _defer(programs, n_chunks, problem.sm_count * PROGRAMS_PER_SM)

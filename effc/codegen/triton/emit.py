@@ -174,9 +174,10 @@ def emit_module(plan: Plan) -> str:
             fn=kernel_name(spec.name, kp.name), plan=kp, signature=signature(kp.args, LINEAR_LAYOUT),
             body=[("if FUSE_MERGE: " if op.out in optional else "") + f"v_{op.out} = {printer.expr(op)}"
                   for op in kp.ops],
+            # the plan gives the walk FUSE_MERGE and FROM_COARSE when it has an out kernel
             merge_flag="FUSE_MERGE" in kp.arg_names, decay_flag="DECAY_MODE" in kp.arg_names,
             coarse="FROM_COARSE" in kp.arg_names,
-            coarse_offs={s.name: _row_major("(coarse_base + pid_p) * H + i_h", s.dims) for s in kp.states},  # the plan gives the walk the flag when it has an out kernel
+            coarse_offs={s.name: _row_major("(coarse_base + pid_p) * H + i_h", s.dims) for s in kp.states},
             optional_loads={d.name for d in kp.loads + kp.hoisted_loads} - {
                 a for op in kp.ops if op.out not in optional for a in op.args if isinstance(a, str)} if optional else set(),
             tok_offs={n: t[0] for n, t in toks.items()}, tok_mask={n: t[1] for n, t in toks.items()},
