@@ -235,6 +235,7 @@ def test_tiling_space_constraints():
           require IsPow2(BLOCK)   # BLOCK is a power of two
           require BLOCK <= PadTo(V)   # BLOCK is at most V padded to a power of two
           live fp32 per program ~ BLOCK*C + BLOCK*K + C**2 + 2*C*K + C
+          live fp32 per coarse walk program (walk_chunk: C = its chunk, merge skipped) ~ BLOCK*C + BLOCK*K + C*K + C
     """)
 
 

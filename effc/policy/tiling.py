@@ -115,6 +115,9 @@ class TilingSpace:
         lines = [f"tiling: chunk C, split dim {self.split_dim or '-'} in blocks of BLOCK, P segments"]
         lines += [f"  require {c}   # {why}" for c, why in self.constraints]
         lines.append(f"  live fp32 per program ~ {self.live_fp32}")
+        if "walk_chunk" in self.knobs:
+            lines.append("  live fp32 per coarse walk program (walk_chunk: C = its chunk, merge skipped) ~ "
+                         f"{self.walk_live}")
         return "\n".join(lines)
 
 
