@@ -17,7 +17,7 @@ import effc
 from effc.codegen.triton.aot import compile_sm90
 
 results = {}
-ANCHORED = %r
+ANCHORED, FINE = %r
 for spec in sys.argv[1:]:
     op = effc.load(spec)
     op, name = getattr(op, "linear", op), getattr(op, "linear", op).name  # a hybrid's state branch
@@ -27,8 +27,10 @@ for spec in sys.argv[1:]:
         # a walk that can defer merge compiles both ways (fused, updating the state only); a segmented
         # reverse scan both passes (segment summaries, walk)
         variants = [({}, "")]
-        if kp.name == "walk" and op.comp.plan.deferrable:  # and as a coarse walk's fine walk (walk_chunk)
-            variants += [({"fuse_merge": False}, "[deferred]"), ({"from_coarse": True}, "[fine]")]
+        if kp.name == "walk" and op.comp.plan.deferrable:
+            variants.append(({"fuse_merge": False}, "[deferred]"))
+        if kp.name == "walk" and spec in FINE:  # as a coarse walk's fine walk (walk_chunk)
+            variants.append(({"from_coarse": True}, "[fine]"))
         if kp.name == "bwd_scan" and op.comp.plan.segmentable:
             variants.append(({"summary": True}, "[summary]"))
         if "DECAY_MODE" in kp.arg_names and spec in ANCHORED:  # the anchored second launch (passes.decay_dot)
@@ -48,6 +50,9 @@ print("AOT " + json.dumps(results))
 # the anchored launch of the decay contractions compiles for one spec with per-channel decays, both kinds
 # (decay_dot in the forward, decay_mm / decay_mm_t in the backward): the helpers are the same in every spec
 ANCHORED = ("gla",)
+# the fine walk of a coarse one (FROM_COARSE) differs from the walk by how a segment starts, the same lines in
+# every spec: a segmentable walk with factored decays, general ones with and without prep, a diagonal one
+FINE = ("gla", "delta_net", "mlstm", "mlstm_sig")
 
 SOFTMAX_SCRIPT = r"""
 import json, sys
@@ -138,10 +143,11 @@ AOT_LINEAR = [n for n in effc.library_names("linear") + effc.library_names("hybr
 @pytest.mark.parametrize("name", AOT_LINEAR)  # one spec a test, so pytest-xdist spreads them over the cores
 def test_library_kernels_compile_for_sm90(name, tmp_path):
     names = [name]
-    results = _compile_in_subprocesses(SCRIPT % (ANCHORED,), names, tmp_path)
+    results = _compile_in_subprocesses(SCRIPT % ((ANCHORED, FINE),), names, tmp_path)
     ops = [getattr(effc.load(n), "linear", None) or effc.load(n) for n in names]
     expected = {f"{op.name}.{k.name}" for op in ops for k in op.comp.plan.kernels}
-    expected |= {f"{op.name}.walk[{v}]" for op in ops if op.comp.plan.deferrable for v in ("deferred", "fine")}
+    expected |= {f"{op.name}.walk[deferred]" for op in ops if op.comp.plan.deferrable}
+    expected |= {f"{op.name}.walk[fine]" for op in ops if op.name in FINE}
     expected |= {f"{op.name}.bwd_scan[summary]" for op in ops if op.comp.plan.segmentable}
     expected |= {f"{op.name}.{k.name}[anchored]" for op in ops if op.name in ANCHORED
                  for k in op.comp.plan.kernels if "DECAY_MODE" in k.arg_names}
