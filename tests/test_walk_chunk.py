@@ -143,7 +143,7 @@ def test_coarse_walk_varlen_with_empty_and_short_sequences():
         assert judge_fp32(got[1][i:i + 1], n_s).ok, (i, judge_fp32(got[1][i:i + 1], n_s))
 
 
-def test_coarse_walk_keeps_the_coarse_history():
+def test_coarse_walk_keeps_the_coarse_history(monkeypatch):
     """What the forward keeps for the backward is the coarse walk's history: walk_chunk / chunk times fewer
     states (and the memory rule counts those)."""
     op = effc.load("mlstm")
@@ -158,11 +158,8 @@ def test_coarse_walk_keeps_the_coarse_history():
             kept.update({n: tuple(h.shape) for n, h in hist.items()})
         return outs, finals, hist
 
-    Launcher.forward = spy
-    try:
-        op(*xs, chunk=16, walk_chunk=64, save_states=True)
-    finally:
-        Launcher.forward = forward
+    monkeypatch.setattr(Launcher, "forward", spy)
+    op(*xs, chunk=16, walk_chunk=64, save_states=True)
     assert kept == {"C": (2, 1, 16, 16), "n": (2, 1, 16), "m": (2, 1)}, kept
 
 
@@ -291,3 +288,11 @@ def test_coarse_walk_under_torch_compile():
     want = torch.autograd.grad((o * o).sum(), xs)
     for a, b in zip(got, want):
         assert judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
+def test_a_softmax_op_says_walk_chunk_is_not_its_knob():
+    op = effc.load("softmax_attn")
+    xs = random_inputs(op.spec, 1, 20, 1, {"K": 16, "V": 16})
+    with pytest.raises(ArgumentError, match=r"no parameter\(s\) \['walk_chunk'\].*walk_chunk: knobs of a linear "
+                                            r"spec's op, not of this one"):
+        op(*xs, walk_chunk=32)

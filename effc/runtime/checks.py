@@ -87,6 +87,10 @@ _KNOBS = {
 }
 
 
+# knobs of the linear family's op alone (its walk's block and chunk): elsewhere they would read as params
+_SCAN_ONLY_KNOBS = ("walk_block", "walk_chunk")
+
+
 def check_knobs(split: bool = True, **knobs) -> None:
     """The call's tiling knobs and flags (None: the model's choice), each against what the kernels accept:
     a bad one would otherwise run with garbage tiles or fail deep inside the tiling or the launch.
@@ -255,7 +259,9 @@ def param_values(spec: Spec, cache: dict, dims: dict[str, int], given: dict) -> 
     known = {p.name for p in spec.params}
     unknown = set(given) - known
     if unknown:
-        raise ArgumentError(f"{spec.name} has no parameter(s) {sorted(unknown)}; its params: {sorted(known)}")
+        knobs = sorted(unknown & set(_SCAN_ONLY_KNOBS))
+        hint = f" ({', '.join(knobs)}: knobs of a linear spec's op, not of this one)" if knobs else ""
+        raise ArgumentError(f"{spec.name} has no parameter(s) {sorted(unknown)}; its params: {sorted(known)}{hint}")
     for k, v in given.items():
         if not isinstance(v, numbers.Real) or isinstance(v, bool):
             raise ArgumentError(f"parameter {k} must be a real number, got {v!r}")
