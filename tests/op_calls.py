@@ -36,3 +36,13 @@ def assert_matches_naive(spec, got: list, naive_out, naive_states) -> None:
     for n, a, b in zip(value_names(spec), got, [naive_out, *as_tuple(naive_states)]):
         verdict = judge_fp32(a, b)
         assert verdict.ok, f"{spec.name} {n} against the naive recurrence: {verdict}"
+
+
+def assert_matches_oracle_and_naive(op, got: list, naive, xs, s0, d_o, d_s) -> None:
+    """`got` (outputs_and_grads of op at xs, s0, d_o, d_s) against autograd through the oracle in float64, and
+    its output and final states against `naive`, a float64 recurrence written in the test."""
+    ref = outputs_and_grads(op.reference, xs, s0, d_o.double(), [d.double() for d in d_s])
+    assert_fp32_close(op.spec, got, ref, "the oracle")
+    init = tuple(s.detach() for s in s0) if isinstance(s0, tuple) else s0.detach()
+    n_o, n_s = naive(*[x.detach() for x in xs], initial_state=init)
+    assert_matches_naive(op.spec, got, n_o, n_s)

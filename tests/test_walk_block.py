@@ -13,7 +13,7 @@ from effc.runtime.launch import Launcher
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
 from naive import NAIVE
-from op_calls import as_tuple, assert_fp32_close, assert_matches_naive, outputs_and_grads
+from op_calls import as_tuple, assert_fp32_close, assert_matches_oracle_and_naive, outputs_and_grads
 
 # a delta rule with a key normaliser: a general transition (not segmentable) and a state without V, whose
 # adjoint the scan keeps per V block; written here, not in the library
@@ -106,11 +106,7 @@ def test_narrow_walk_block_matches_wide_and_oracle(name, V, monkeypatch):
     wide = outputs_and_grads(op, xs, s0, d_o, d_s, chunk=16, block=32, walk_block=32)
     assert op.last_config.serial_block == 32
     assert_fp32_close(op.spec, narrow, wide, "walk_block=block")
-    ref = outputs_and_grads(op.reference, xs, s0, d_o.double(), [d.double() for d in d_s])
-    assert_fp32_close(op.spec, narrow, ref, "the oracle")
-    n_o, n_s = _naive(name)(*[x.detach() for x in xs], initial_state=tuple(s.detach() for s in as_tuple(s0))
-                            if isinstance(s0, tuple) else s0.detach())
-    assert_matches_naive(op.spec, narrow, n_o, n_s)
+    assert_matches_oracle_and_naive(op, narrow, _naive(name), xs, s0, d_o, d_s)
 
 
 def test_narrow_walk_block_varlen_with_an_empty_sequence():

@@ -12,7 +12,7 @@ from effc.runtime.launch import Launcher
 from effc.runtime.verify import judge_fp32, random_inputs, random_state
 
 from naive import NAIVE
-from op_calls import as_tuple, assert_fp32_close, assert_matches_naive, outputs_and_grads
+from op_calls import as_tuple, assert_fp32_close, assert_matches_oracle_and_naive, outputs_and_grads
 
 # not in the library: a general transition (a decayed delta rule with a per-token output gate), so the
 # walk is not segmentable and the refined walk is the only parallel one over the tokens
@@ -113,11 +113,7 @@ def test_coarse_walk_matches_one_walk_and_oracle(name, strong, save_states, laun
     one = outputs_and_grads(op, xs, s0, d_o, d_s, chunk=16, save_states=save_states)
     assert op.last_config.serial_chunk == 16 and all(c == 16 for n, _, c, _ in launches if n == "walk")
     assert_fp32_close(op.spec, coarse, one, "one walk")
-    ref = outputs_and_grads(op.reference, xs, s0, d_o.double(), [d.double() for d in d_s])
-    assert_fp32_close(op.spec, coarse, ref, "the oracle")
-    n_o, n_s = _naive(name)(*[x.detach() for x in xs], initial_state=tuple(s.detach() for s in as_tuple(s0))
-                            if isinstance(s0, tuple) else s0.detach())
-    assert_matches_naive(op.spec, coarse, n_o, n_s)
+    assert_matches_oracle_and_naive(op, coarse, _naive(name), xs, s0, d_o, d_s)
 
 
 def test_coarse_walk_varlen_with_empty_and_short_sequences():
