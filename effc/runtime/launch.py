@@ -246,10 +246,12 @@ class Launcher:
         coarse walk (TileConfig.walk_chunk) the history is the coarse walk's."""
         if cfg.serial_chunk != cfg.chunk:
             coarse_cfg = replace(cfg, chunk=cfg.walk_chunk, walk_chunk=0, defer_merge=True)
-            outs, finals, coarse = self.forward(coarse_cfg, lay.rechunked(cfg.walk_chunk), xs, pvals, init,
-                                                store_final, True, outputs=False)
+            coarse_lay = lay.rechunked(cfg.walk_chunk)
+            outs, finals, coarse = self.forward(coarse_cfg, coarse_lay, xs, pvals, init, store_final, True,
+                                                outputs=False)
             if outputs:
-                outs, _ = self.refine(cfg, lay, xs, pvals, coarse, fuse_merge=True, store_history=False)
+                outs, _ = self.refine(cfg, lay, xs, pvals, coarse, fuse_merge=True, store_history=False,
+                                      coarse_lay=coarse_lay)
             return outs, finals, (coarse if store_history else {})
         spec = self.spec
         first = xs[spec.inputs[0].name]
@@ -258,15 +260,12 @@ class Launcher:
         P, per_seg = self._segments(cfg, max_chunks)
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
-        outs, whole_outs = self._caller_tensors(
-            spec.outputs, lay, lambda feats: torch.empty(first.shape[:2] + (lay.H,) + feats, dtype=dtype, device=device))
+        outs, whole_outs = self._outputs(lay, first)
         n_bh = lay.n_seq * lay.H
         finals = {s.name: torch.empty((lay.n_seq, lay.H) + self._state_shape(lay, s), **f32) for s in spec.states}
         out_kernel = self.plan.kernel("out") if cfg.defer_merge and outputs else None
         write_history = store_history or cfg.defer_merge  # the out kernel reads each chunk's state
-        hist = {s.name: (torch.empty((total_chunks, lay.H) + self._state_shape(lay, s),
-                                     dtype=history_dtype(s, dtype), device=device)
-                         if write_history else dummy) for s in spec.states}
+        hist = self._history(lay, total_chunks, first, write_history, dummy)
         segw = {s.name: torch.empty((n_bh, P) + self._state_shape(lay, s), **f32) if P > 1 else dummy
                 for s in spec.states}
         segd = {n: torch.empty_like(w) if P > 1 else dummy for n, w in segw.items()}
@@ -291,17 +290,29 @@ class Launcher:
             self._launch(out_kernel, (n_split, n_bh, max_chunks), values, self._options(cfg))
         return whole_outs, (finals if store_final else {}), (hist if store_history else {})
 
+    def _outputs(self, lay: Layout, first: torch.Tensor) -> tuple[dict, dict]:
+        """The outputs a walk or out kernel writes, (B, T, H, ...) in the first input's dtype (`_caller_tensors`)."""
+        return self._caller_tensors(self.spec.outputs, lay, lambda feats: torch.empty(
+            first.shape[:2] + (lay.H,) + feats, dtype=first.dtype, device=first.device))
+
+    def _history(self, lay: Layout, total_chunks: int, first: torch.Tensor, write: bool, dummy) -> dict:
+        """Each state's per-chunk history (the state entering each chunk) as stored, or `dummy` unless `write`."""
+        return {s.name: torch.empty((total_chunks, lay.H) + self._state_shape(lay, s),
+                                    dtype=history_dtype(s, first.dtype), device=first.device) if write else dummy
+                for s in self.spec.states}
+
     def _not_coarse(self, dummy) -> dict:
         """The walk's coarse-walk arguments where it walks from the initial state (FROM_COARSE off)."""
         return {**self._buffers("coarse", {s.name: dummy for s in self.spec.states}), "coarse_off_ptr": dummy,
                 "FROM_COARSE": False}
 
     def refine(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, coarse: dict, fuse_merge: bool,
-               store_history: bool, hoisted: dict | None = None) -> tuple[dict, dict]:
+               store_history: bool, hoisted: dict | None = None,
+               coarse_lay: Layout | None = None) -> tuple[dict, dict]:
         """The fine walk of a coarse one (TileConfig.walk_chunk): every coarse chunk walked again in chunks of
         `cfg.chunk`, all in parallel, each from the coarse walk's state entering it (`coarse`, its history).
-        `hoisted`: prep's values at `cfg.chunk`, where the caller has them. Returns (outputs, written when
-        `fuse_merge`; the fine history, when `store_history`)."""
+        `hoisted`: prep's values at `cfg.chunk`, `coarse_lay` the coarse walk's layout, where the caller has
+        them. Returns (outputs, written when `fuse_merge`; the fine history, when `store_history`)."""
         spec = self.spec
         first = xs[spec.inputs[0].name]
         dtype, device = first.dtype, first.device
@@ -309,11 +320,9 @@ class Launcher:
         total_chunks, max_chunks = lay.chunks(cfg.chunk)
         per_seg = cfg.walk_chunk // cfg.chunk
         P = math.ceil(max_chunks / per_seg)
-        outs, whole_outs = (self._caller_tensors(spec.outputs, lay, lambda feats: torch.empty(
-            first.shape[:2] + (lay.H,) + feats, dtype=dtype, device=device)) if fuse_merge else ({}, {}))
-        hist = {s.name: torch.empty((total_chunks, lay.H) + self._state_shape(lay, s), dtype=history_dtype(s, dtype),
-                                    device=device) if store_history else dummy for s in spec.states}
-        coarse_off = lay.rechunked(cfg.walk_chunk).chunk_off
+        outs, whole_outs = self._outputs(lay, first) if fuse_merge else ({}, {})
+        hist = self._history(lay, total_chunks, first, store_history, dummy)
+        coarse_off = (coarse_lay or lay.rechunked(cfg.walk_chunk)).chunk_off
         kp = self.plan.kernel("walk")
         values = {**self._values(cfg, lay, dtype, pvals, per_seg, P, dummy),
                   **self._loads(kp, xs, self.prep(cfg, lay, xs, pvals) if hoisted is None else hoisted),
