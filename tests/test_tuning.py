@@ -888,14 +888,13 @@ def test_bench_kv_heads_reach_effc_and_the_peers(monkeypatch):
 def test_the_readme_speed_table_is_the_benchmark_jsons():
     """README's speed table is `effc bench --from-json FILES --markdown` of the committed JSON its marker
     names, line for line: a hand edit, or a JSON file changed without the table, fails here."""
-    from effc.tools.bench import markdown_table
+    from effc.tools.bench import markdown_table, saved_rows
     root = Path(__file__).resolve().parent.parent
     text = (root / "README.md").read_text()
     m = re.search(r"<!-- speed table: effc bench --from-json (\S+) --markdown -->\n(.*?)<!-- end speed table -->",
                   text, re.S)
     assert m, "README: the speed table's markers"
-    rows = [r for f in m.group(1).split(",") for r in json.loads((root / f).read_text())]
-    assert m.group(2) == markdown_table(rows)
+    assert m.group(2) == markdown_table(saved_rows([root / f for f in m.group(1).split(",")]))
     assert "| retention | fla chunk_retention | 2x8192 | 1.23x | 0.69x | 514 / 768 |" in m.group(2)
 
 
@@ -912,3 +911,15 @@ def test_bench_markdown_table_reads_several_jsons(tmp_path):
     lines = result.output.splitlines()
     assert lines[2] == "| gla | fla chunk_gla | 2x8192 | 2.00x | 0.50x | 100 / 80 |"
     assert lines[3] == "| gla | p | 8x2048 | 2.00x | - | - |" and len(lines) == 4
+
+
+def test_bench_from_json_keeps_each_calls_newest_row(tmp_path):
+    """A shape measured in two runs shows once, the later file's numbers in the earlier row's place."""
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    peer = {"peer": "p", "ms": 1.0, "speedup": 2.0}
+    old.write_text(json.dumps([{**FAKE_ROWS[1], "peers": [peer]}, {**FAKE_ROWS[0], "peers": [peer]}]))
+    new.write_text(json.dumps([{**FAKE_ROWS[1], "peers": [{**peer, "speedup": 3.0}]}]))
+    result = CliRunner().invoke(app, ["bench", "--from-json", f"{old},{new}", "--markdown"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[2:] == ["| gla | p | 2x8192 | 3.00x | - | - |",
+                                              "| gla | p | 8x2048 | 2.00x | - | - |"]

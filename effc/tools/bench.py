@@ -299,8 +299,7 @@ def show_saved(json_in, plot: Path | None = None, markdown: bool = False) -> lis
     """The table (and plot) of rows earlier `effc bench --json` calls wrote (`json_in`: a path or several): a
     GPU machine without matplotlib times, any machine draws. `markdown`: the README's speed table instead
     (`markdown_table`)."""
-    paths = [json_in] if isinstance(json_in, (str, Path)) else list(json_in)
-    rows = [r for p in paths for r in json.loads(Path(p).read_text())]
+    rows = saved_rows(json_in)
     if markdown:
         print(markdown_table(rows), end="")
     else:
@@ -309,6 +308,18 @@ def show_saved(json_in, plot: Path | None = None, markdown: bool = False) -> lis
         plot_rows(rows, plot)
         print(f"plot: {plot}")
     return rows
+
+
+def saved_rows(json_in) -> list[dict]:
+    """The rows `effc bench --json` calls wrote (`json_in`: a path or several), one per measured call (spec,
+    shape, heads, head dim): a later file's row replaces an earlier one's in its place, so a table of several
+    runs shows each call's newest measurement once (rows written before the bench recorded key heads have as
+    many as query heads)."""
+    paths = [json_in] if isinstance(json_in, (str, Path)) else list(json_in)
+    kept: dict[tuple, dict] = {}
+    for r in (r for p in paths for r in json.loads(Path(p).read_text())):
+        kept[(*(str(r.get(k)) for k in ("spec", "B", "T", "H", "D")), str(r.get("HK") or r.get("H")))] = r
+    return list(kept.values())
 
 
 def _ratio(r: dict, p: dict, key: str) -> str:
