@@ -4,7 +4,7 @@ usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16; env DIMS
        profile each (default 128); CHUNK=32 / BLOCK=128 force the chunk / the split dim's block: BLOCK=128 runs
        one program per head with no partial gradients; PARTITION=block|loop|cut|cut_each the backward's
        gradient kernels, passes.partition; WALK_BLOCK=32 forces the block of a general transition's walk and
-       adjoint scan, at most BLOCK)
+       adjoint scan, at most BLOCK; KV_HEADS=1 the key-side inputs' heads, for a spec with key heads)
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def main(spec: str, shapes: list[str]) -> None:
     op = effc.load(spec)
     for shape, D in ((s, int(d)) for s in shapes for d in os.environ.get("DIMS", "128").split(",")):
         B, T = map(int, shape.split("x"))
-        xs = random_inputs(op.spec, B, T, 16, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda")
+        xs = random_inputs(op.spec, B, T, 16, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda",
+                           kv_heads=int(os.environ.get("KV_HEADS", 0)) or None)
         leaves = [x.requires_grad_() if x.is_floating_point() else x for x in xs]
 
         def fwd_bwd():
