@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The pending GPU work of benchmarks/NEXT_GPU_RUN.md (items 0000000 and 000000) in one 10-minute call, for a
-# session that may get only one: coarse walks' bf16 gradients and timings (walk_chunk), head rows' and DSA's bf16
-# tests, head rows against token rows. Compiles run in parallel first, then the timings one at a time.
+# Items 0000000 and 000000 of benchmarks/NEXT_GPU_RUN.md in one 10-minute call, as the fourth 2026-12-05 session
+# ran them (its only machine): coarse walks' bf16 gradients and timings (walk_chunk), head rows' and DSA's bf16
+# tests, head rows against token rows. Compiles run in parallel first, then the timings one at a time. Kept as
+# the template for a session that may get one call; in that run the 240 s did not reach the row_partitions
+# tests, and DSA's rows did not finish in 50 s.
 # usage (device machine, carrying .device/wheels-a and .device/wheels-c): bash scripts/gpu_pending.sh
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
