@@ -4,7 +4,8 @@ usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16; env DIMS
        profile each (default 128); CHUNK=32 / BLOCK=128 force the chunk / the split dim's block: BLOCK=128 runs
        one program per head with no partial gradients; PARTITION=block|loop|cut|cut_each the backward's
        gradient kernels, passes.partition; WALK_BLOCK=32 forces the block of a general transition's walk and
-       adjoint scan, at most BLOCK; KV_HEADS=1 the key-side inputs' heads, for a spec with key heads)
+       adjoint scan, at most BLOCK; KV_HEADS=1 the key-side inputs' heads, for a spec with key heads; DECODE=1 profiles one decoding step of
+       B requests against a cache of T tokens, op.decode, instead of the training calls)
 """
 from __future__ import annotations
 
@@ -30,6 +31,18 @@ def kernel_table(fn, steps: int = 5) -> list[tuple[str, float, int]]:
     return sorted(rows, key=lambda r: -r[1])
 
 
+def _print_table(title: str, rows, config) -> None:
+    print(f"PROFILE {title}: total {sum(r[1] for r in rows):.3f} ms (config {config})", flush=True)
+    for name, ms, count in rows[:12]:
+        print(f"  {ms:8.3f} ms  x{count:<3d} {name[:100]}", flush=True)
+
+
+def _profile_decode(op, spec: str, shape: str, B: int, T: int, D: int) -> None:
+    from effc.tools.bench_decode import decode_call
+    step = decode_call(op, B, T, 16, int(os.environ.get("KV_HEADS", 2)), D, 1)
+    _print_table(f"{spec} {shape} D={D} decode", kernel_table(step), getattr(op, "last_decode", None))
+
+
 def main(spec: str, shapes: list[str]) -> None:
     options = {knob: int(os.environ[env]) for knob, env in (("chunk", "CHUNK"), ("block", "BLOCK"),
                                                             ("walk_block", "WALK_BLOCK")) if env in os.environ}
@@ -40,6 +53,9 @@ def main(spec: str, shapes: list[str]) -> None:
         B, T = map(int, shape.split("x"))
         xs = random_inputs(op.spec, B, T, 16, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda",
                            kv_heads=int(os.environ.get("KV_HEADS", 0)) or None)
+        if os.environ.get("DECODE"):
+            _profile_decode(op, spec, shape, B, T, D)
+            continue
         leaves = [x.requires_grad_() if x.is_floating_point() else x for x in xs]
 
         def fwd_bwd():
@@ -47,11 +63,7 @@ def main(spec: str, shapes: list[str]) -> None:
             out.float().sum().backward()
 
         for label, fn in (("forward", lambda: op(*xs, **options)), ("forward+backward", fwd_bwd)):
-            rows = kernel_table(fn)
-            print(f"PROFILE {spec} {shape} D={D} {label}: total {sum(r[1] for r in rows):.3f} ms "
-                  f"(config {getattr(op, 'last_config', None)})", flush=True)
-            for name, ms, count in rows[:12]:
-                print(f"  {ms:8.3f} ms  x{count:<3d} {name[:100]}", flush=True)
+            _print_table(f"{spec} {shape} D={D} {label}", kernel_table(fn), getattr(op, "last_config", None))
 
 
 if __name__ == "__main__":

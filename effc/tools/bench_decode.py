@@ -39,7 +39,9 @@ def run_decode_bench(specs, shapes, H: int, kv_heads: int, D: int, new_tokens: i
     return rows
 
 
-def _decode_row(op, name: str, B: int, T: int, H: int, Hk: int, D: int, tq: int, peers: bool, timer) -> dict:
+def decode_call(op, B: int, T: int, H: int, Hk: int, D: int, tq: int):
+    """A decoding step of `tq` new tokens for B requests that have T cached tokens each (a random cache):
+    a zero-argument callable, with the tokens and cache it reads as attributes."""
     import torch
 
     from ..runtime.verify import random_inputs
@@ -52,7 +54,19 @@ def _decode_row(op, name: str, B: int, T: int, H: int, Hk: int, D: int, tq: int,
     for c in cache.values():
         c.normal_()
     lens = torch.full((B,), T, dtype=torch.int32, device=device)
-    ms = timer(lambda: op.decode(*tokens, cache=cache, cache_seqlens=lens))
+
+    def step():
+        return op.decode(*tokens, cache=cache, cache_seqlens=lens)
+    step.tokens, step.cache = tokens, cache
+    return step
+
+
+def _decode_row(op, name: str, B: int, T: int, H: int, Hk: int, D: int, tq: int, peers: bool, timer) -> dict:
+    import torch
+
+    step = decode_call(op, B, T, H, Hk, D, tq)
+    tokens, cache = step.tokens, step.cache
+    ms = timer(step)
     read = sum(c[:, :T + tq].numel() * c.element_size() for c in cache.values())
     row = dict(spec=name, B=B, T=T, H=H, kv_heads=Hk, D=D, new_tokens=tq, effc_ms=ms, cache_GBps=read / ms / 1e6,
                decode={k: v for k, v in op.last_decode.items()})
