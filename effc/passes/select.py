@@ -52,9 +52,12 @@ Lowering (passes.softmax_plan, codegen.triton.select_emit), all on the device, d
                others return)
                -> `sel` [tokens, H, KP] (block indices, -1 pads), the query block's union as an ordered
                list `qlist` [BH, NQB, NKB] + count `qcnt`, and its row of the block map `qmap` [BH, NQB, NKB]
+               (uint8: how many of the query block's tokens took the key block)
     transpose  per (key block, b*h): the column of `qmap` compacted: the query blocks that walk it
-               (`klist` [BH, NKB, NQBP] + `kcnt`): the dK/dV walk's list
-    walks      forward and dQ iterate their query block's `qlist`; dK/dV its key block's `klist`
+               (`klist` [BH, NKB, NQBP] + `kcnt`): the dK/dV walk's list; `ktok` the tokens that took it
+    walks      forward and dQ iterate their query block's `qlist`; dK/dV its key block's `klist`, a long
+               list split over programs with a second launch summing the segments in order
+               (passes.softmax_plan.KEY_SPLIT)
 
 The walk's key tile is the selected block (BN = block) and every kernel shares one query block BM (the
 union's granularity).

@@ -497,6 +497,21 @@ def select_chunk(bm: int, n_kb: int, interpreting: bool) -> int:
     return min(widest, budget)
 
 
+# dK/dV's split of long transposed lists (passes.softmax_plan.KEY_SPLIT): about this many programs of segments
+# in a launch (a few waves of a 132-SM GPU), and a segment's least units
+_SPLIT_PROGRAMS = 1024
+_SPLIT_UNITS = 8
+
+
+def key_split(n_kb: int, n_bh: int, interpreting: bool) -> tuple[int, int]:
+    """(EXTRA, SPLIT): the programs a row of B*H adds for the segments of long lists, and a segment's least
+    units. EXTRA is at least 64 and at most the key blocks past that (the segments' fp32 sums then take no more
+    than the fp32 gradients); the kernel makes a segment 2 * units / EXTRA long or more, so that the
+    segments fit. One unit a segment under the interpreter, so that small tests split their lists."""
+    extra = max(1, min(max(n_kb, 64), -(-_SPLIT_PROGRAMS // n_bh)))
+    return extra, 1 if interpreting else _SPLIT_UNITS
+
+
 def search_chunk(bm: int, interpreting: bool) -> int:
     """A choice of key tokens' search chunk SB (codegen.triton.select_emit): the keys scored at a time, a
     power of two >= 16 (a tl.dot's N), its [BM, SB] scores held to the select tile budget; 64 under the

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir.nodes import Spec, TensorDecl
+from ..ir.nodes import CK, C, Spec, TensorDecl
 from ..ir.printer import print_op
 from .blocksparse import NEG, POS
 from .fusion import live_ops
@@ -228,6 +228,30 @@ def decodes_through_select(sched: SoftmaxSchedule) -> bool:
     return sched.select is not None and sched.spec.keyseq is None
 
 
+# dK/dV over the select stage's transposed lists, a long list split over programs (KEY_SPLIT): the segments'
+# fp32 sums (`ksplit` [B*H, EXTRA, SLOT]), the extra programs, a segment's least units, the launch
+_SPLIT_TENSORS = ["ksplit_ptr"]
+_SPLIT_LAYOUT = ["EXTRA", "SPLIT", "PHASE"]
+_SPLIT_TILES = ["NBP", "SLOT"]
+KEY_SPLIT = ("a key block's list longer than L units (query blocks; head rows: the tokens that took it) is walked "
+             "in segments of L, one a program past the key blocks' own (EXTRA more a row of B*H), each storing its "
+             "fp32 sums; a second launch (PHASE 1, a program per key block) adds a split list's segments in order "
+             "and stores its gradients: the key blocks every query takes (sinks, the local window) no longer walk "
+             "every query block in one program; deterministic, no atomics")
+
+
+def split_slot(sched: SoftmaxSchedule, bwd: SoftmaxBackward, sizes: dict) -> int:
+    """The fp32 elements of one segment's sums (`ksplit`'s SLOT): dK/dV's accumulators' tiles, their dims
+    the kernel's (C: BM, CK: BN, a feature dim its padded tile `{d}_P`), read from `sizes`."""
+    total = 0
+    for x, _ in bwd.dkv.accumulators:
+        n = 1
+        for d in bwd.dkv.types[x].shape:
+            n *= sizes["BM"] if d == C else sizes["BN"] if d == CK else int(d) if d.is_Integer else sizes[f"{d}_P"]
+        total += n
+    return total
+
+
 def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, list]:
     """(tensors, layout, tiles, flags) a kernel takes for the select stage's lists; empty without one."""
     if sched.select is None or name == "bwd_pre":
@@ -238,24 +262,28 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
         if name.endswith("_rows"):  # head rows gather each query's chosen keys (`tidx`, `tcnt`: the select's)
             return ["tidx_ptr", "tcnt_ptr"], layout, ["KTOP", "G"], flags
         lists = {"fwd": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"], "bwd_dq": ["tmask_ptr", "qlist_ptr", "qcnt_ptr"],
-                 "bwd_dkv": ["tmask_ptr", "klist_ptr", "kcnt_ptr"],
+                 "bwd_dkv": ["tmask_ptr", "klist_ptr", "kcnt_ptr"] + _SPLIT_TENSORS,
                  "select": ["tmask_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "tidx_ptr", "tcnt_ptr"],
-                 "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
-        tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"]}.get(name, ["NW", "GROUP"])
-        return lists, ["NQB", "NKB"] + layout, tiles, (["INDICES"] if name == "select" else []) + flags
-    if name == "bwd_dkv_rows":  # the query blocks listing the key block, and their tokens' choices
-        return ["sel_ptr", "klist_ptr", "kcnt_ptr"], ["NQB", "NKB"], ["KP", "G", "BQ"], []
+                 "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr", "ktok_ptr"]}[name]
+        tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"],
+                 "bwd_dkv": ["NW", "GROUP"] + _SPLIT_TILES}.get(name, ["NW", "GROUP"])
+        layout = ["NQB", "NKB"] + layout + (_SPLIT_LAYOUT if name == "bwd_dkv" else [])
+        return lists, layout, tiles, (["INDICES"] if name == "select" else []) + flags
+    if name == "bwd_dkv_rows":  # the query blocks listing the key block, and how many of their tokens took it
+        return (["sel_ptr", "klist_ptr", "kcnt_ptr", "qmap_ptr", "ktok_ptr"] + _SPLIT_TENSORS,
+                ["NQB", "NKB"] + _SPLIT_LAYOUT, ["KP", "G", "BQ", "NQBP"] + _SPLIT_TILES, [])
     if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice
         return ["sel_ptr"], layout, ["KP", "KTOP", "G"], flags
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
-    lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"], "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
+    lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"] + _SPLIT_TENSORS,
+             "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
              "bwd_dq": ["sel_ptr", "qlist_ptr", "qcnt_ptr"], "select_pool": pools,
              "select": pools + ["sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr"],
-             "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr"]}[name]
+             "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr", "ktok_ptr"]}[name]
     width = "CB" if sched.select.streamed else "NBP"  # a chunk of key blocks, or every one (passes.select)
     select = [width, "KTOP", "KP"] + (["GROUP"] if sched.select.selection.shared else [])
-    tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"]}.get(name, ["KP"])
-    return lists, ["NQB", "NKB"] + layout, tiles, flags
+    tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"], "bwd_dkv": ["KP"] + _SPLIT_TILES}.get(name, ["KP"])
+    return lists, ["NQB", "NKB"] + layout + (_SPLIT_LAYOUT if name == "bwd_dkv" else []), tiles, flags
 
 
 def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
@@ -365,6 +393,8 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
             + kernel_args("flag", _FLAGS + tuple(flags))
         if sched.select is not None and role != "bwd_pre" and not name.endswith("_rows"):
             what += " (the selected blocks only: the select stage's lists)"
+        if sched.select is not None and base_kernel(name) == "bwd_dkv":
+            what += "; " + KEY_SPLIT
         grid = "(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)"
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),

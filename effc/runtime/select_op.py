@@ -56,7 +56,8 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
                    tcnt_ptr=torch.empty(lists if gather else (1,), **i32))
     else:
         out.update(sel_ptr=torch.empty(rows + (H, sizes["KP"]), **i32))
-    out.update(qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.int8, device=device),
+    # the block map counts the query block's tokens that took a key block (a choice of tokens: flags them)
+    out.update(qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.uint8, device=device),
                qlist_ptr=torch.empty((n_bh, n_qb, n_kb), **i32), qcnt_ptr=torch.zeros((n_bh, n_qb), **i32))
     values = {**named, **out}
     step = (bm, sb) + tuple(cfg.fwd[2:])
@@ -65,7 +66,8 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
         op._launch("select_pool", step, n_kb, n_bh, values, kernel_meta)
     op._launch("select", step, n_qb, n_bh, values, kernel_meta)
     if transpose:
-        out.update(klist_ptr=torch.empty((n_bh, n_kb, n_qb), **i32), kcnt_ptr=torch.zeros((n_bh, n_kb), **i32))
+        out.update(klist_ptr=torch.empty((n_bh, n_kb, n_qb), **i32), kcnt_ptr=torch.zeros((n_bh, n_kb), **i32),
+                   ktok_ptr=torch.zeros((n_bh, n_kb), **i32))
         op._launch("select_t", step, n_kb, n_bh, {**values, **out}, kernel_meta)
     return out
 

@@ -16,7 +16,8 @@ import torch
 from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
-from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile, visible_blocks
+from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile, key_split, visible_blocks
+from ..passes.softmax_plan import split_slot
 from ..policy.tiling import Problem, padded, stored_width
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
@@ -234,16 +235,28 @@ class SoftmaxOp(Tuned):
         options = {k: v for k, v in meta.items() if k in _LAUNCH_OPTIONS}
         launch_fitting(fn, (grid0, n_bh), kp.call({**named, **meta}), options)
 
-    def _launch_rows(self, kernel: str, cfg_k, longest: int, queries, n_seq: int, H: int, named: dict, meta: dict,
-                     key_blocks: int | None = None):
+    def _launch_rows(self, kernel: str, cfg_k, longest: int, queries, n_seq: int, H: int, named: dict, meta: dict):
         """The head-rows variant of a walk (SoftmaxTiles.head_rows): a program per (BM / G query tokens, or a key
         block for dK/dV, G query heads sharing their key heads), its BM rows at least a tl.dot's 16."""
         G = named["GROUP"] if "GROUP" in named else 1
         bm, warps = head_rows_tile(G)
         meta = {**meta, "BM": bm, "G": G} | ({"num_warps": warps} if "num_warps" in meta else {})
-        # dK/dV: a program per key block; the query-side walks one per BM // G tokens
-        grid0 = key_blocks if kernel == "bwd_dkv" else _query_blocks(longest, queries, bm // G)
-        self._launch(f"{kernel}_rows", cfg_k, grid0, n_seq * H // G, named, meta)
+        if kernel == "bwd_dkv":  # a program per key block, and the segments of long lists
+            self._launch_split(f"{kernel}_rows", cfg_k, n_seq * H // G, named, meta)
+            return
+        self._launch(f"{kernel}_rows", cfg_k, _query_blocks(longest, queries, bm // G), n_seq * H // G, named, meta)
+
+    def _launch_split(self, kernel: str, cfg_k, n_bh: int, named: dict, meta: dict):
+        """dK/dV over the select stage's transposed lists (passes.softmax_plan.KEY_SPLIT): the key blocks' programs
+        and the segments of long lists, then the sums of the split lists' segments (PHASE 1)."""
+        extra, least = key_split(named["NKB"], n_bh, interpreting())
+        slot = split_slot(self.sched, self.comp.backward, meta)
+        device = named["kcnt_ptr"].device
+        named = {**named, "EXTRA": extra, "SPLIT": least,
+                 "ksplit_ptr": torch.empty((n_bh, extra, slot), dtype=torch.float32, device=device)}
+        meta = {**meta, "SLOT": slot}
+        self._launch(kernel, cfg_k, named["NKB"] + extra, n_bh, {**named, "PHASE": 0}, meta)
+        self._launch(kernel, cfg_k, named["NKB"], n_bh, {**named, "PHASE": 1}, meta)
 
     def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool, queries=None):
         spec, sched = self.spec, self.sched
@@ -354,7 +367,10 @@ class SoftmaxOp(Tuned):
             # a choice of key tokens keeps the token rows' dK/dV (passes.softmax_plan.plan_partitions)
             if kernel != "bwd_pre" and cfg.head_rows and f"{kernel}_rows" in self._kernel_names:
                 self._launch_rows(kernel, c, longest, queries, n_seq, H, named,
-                                  {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]}, key_blocks=grid0)
+                                  {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]})
+                continue
+            if kernel == "bwd_dkv" and sched.select is not None:
+                self._launch_split(kernel, c, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
                 continue
             self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
         grads = []

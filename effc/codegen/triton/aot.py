@@ -67,6 +67,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     kernel that takes it (a select stage's, over KV caches: runtime.softmax_decode). A head-rows kernel
     (`fwd_rows`, `bwd_dq_rows`, `bwd_dkv_rows`) compiles for HEAD_ROWS_GROUP query heads a key head (BM = its rows)."""
     from ...passes.softmax import choose_softmax_tiles, head_rows_tile, pivot_group, search_chunk, select_chunk
+    from ...passes.softmax_plan import split_slot
     from ...policy.tiling import padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
@@ -74,10 +75,10 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
     bf16 = ({f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
             | {f"{x}_{tag}_ptr" for x in op.comp.backward.whole_grads() for tag in ("dpre", "dq", "dk")})
-    ints = {"cu_ptr", "lens_ptr", "sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "klist_ptr", "kcnt_ptr",
+    ints = {"cu_ptr", "lens_ptr", "sel_ptr", "qlist_ptr", "qcnt_ptr", "klist_ptr", "kcnt_ptr", "ktok_ptr",
             "tmask_ptr", "tidx_ptr", "tcnt_ptr"}  # lists
-    sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n in ints else "*fp32"
-               if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
+    sig = {n: ("*bf16" if n in bf16 or n.endswith("_dr_ptr") else "*i32" if n in ints else "*u8" if n == "qmap_ptr"
+               else "*fp32" if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
     const = dict(H=16, BM=bm, BN=bn, IS_VARLEN=True, DOT_DTYPE=tl.bfloat16, PRECISION="tf32", SAVE=True,
                  **dims, **{f"{d}_P": padded(v) for d, v in dims.items()},
                  **{f"{d}_S": stored_width(v, 2) for d, v in dims.items()}, **{f"HX_{x}": 16 for x in op.sched.leaves})
@@ -92,7 +93,9 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     if sel is not None:  # the walks' block lists: a slot per block chosen, a power of two
         slots = sel.selection.slots or 64  # unbounded (topp / threshold, no cap): 64 key blocks
         const["KP"] = max(2, 1 << (slots - 1).bit_length())  # (runtime.select_op)
-        const.update(KTOP=slots, GROUP=1, NQBP=64, CB=select_chunk(bm, 1 << 20, False))
+        const.update(KTOP=slots, GROUP=1, NQBP=64, NBP=64, CB=select_chunk(bm, 1 << 20, False))
+        if "SLOT" in fn.arg_names:  # dK/dV's segment sums (passes.softmax_plan.KEY_SPLIT)
+            const["SLOT"] = split_slot(op.sched, op.comp.backward, const)
     if sel is not None and sel.per_token:  # a choice of key tokens: bits per (query, key block), the search chunk
         search = search_chunk(bm, False)
         const.update(NW=-(-sel.block // 32), SB=search, PG=pivot_group(bm, search, False), INDICES=True)

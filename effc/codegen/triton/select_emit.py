@@ -151,7 +151,7 @@ def _stores() -> list[str]:
     return [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
             f"tl.store({per_token} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
             "mask=qv[:, None] & (r_J[None, :] >= n_ch[:, None]))",
-            "tl.store(qmap_ptr + (i_bh * NQB + pid) * NKB + r_B, row.to(tl.int8), mask=bv)",
+            "tl.store(qmap_ptr + (i_bh * NQB + pid) * NKB + r_B, tl.sum(ci, 0).to(tl.uint8), mask=bv)  # tokens taking it",
             "pos = tl.cumsum(row, 0) - 1  # the union in increasing block order",
             "tl.store(qlist_ptr + (i_bh * NQB + pid) * NKB + pos, r_B, mask=row > 0)",
             "tl.store(qcnt_ptr + i_bh * NQB + pid, tl.sum(row, 0))"]
@@ -249,7 +249,7 @@ def _write(sched: SoftmaxSchedule, kp) -> list[str]:
     per_token = "sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP"
     base = "(i_bh * NQB + pid) * NKB"
     stores = [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
-              f"tl.store(qmap_ptr + {base} + r_B, row.to(tl.int8), mask=bv)",
+              f"tl.store(qmap_ptr + {base} + r_B, tl.sum(ci, 0).to(tl.uint8), mask=bv)  # tokens taking it",
               f"tl.store(qlist_ptr + {base} + pos, r_B, mask=row > 0)"]
     ends = [f"tl.store({per_token} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
             "mask=qv[:, None] & (r_J[None, :] >= n_ch[:, None]))",
@@ -342,7 +342,7 @@ def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
                   "need[:, None])))",
                   "ties += tl.sum(tie, 1)"]
     base = "(i_bh * NQB + pid) * NKB"
-    union = [f"tl.store(qmap_ptr + {base} + kb, row.to(tl.int8))",
+    union = [f"tl.store(qmap_ptr + {base} + kb, row.to(tl.uint8))",
              f"tl.store(qlist_ptr + {base} + n_union, kb, mask=row > 0)"]
     count = [f"tl.store(qcnt_ptr + i_bh * NQB + pid, n_union)"]
     if selection.shared:  # every head of the group walks the group's choice
@@ -398,15 +398,17 @@ def _select(sched: SoftmaxSchedule, kp) -> KernelView:
 
 
 def _select_t(sched: SoftmaxSchedule, kp) -> KernelView:
-    """Per key block: the query blocks whose union holds it, in increasing order (no atomics: one program
-    reads the block map's column)."""
+    """Per key block: the query blocks whose union holds it, in increasing order, and how many of their tokens
+    took it (no atomics: one program reads the block map's column, which counts the tokens of a choice of
+    blocks, flags a choice of tokens)."""
     kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "k", walk=False)
     kv.pre_lines = ["r_Q = tl.arange(0, NQBP)",
                     "col = tl.load(qmap_ptr + (i_bh * NQB + r_Q) * NKB + pid, mask=r_Q < tl.cdiv(T_seq, BM), "
                     "other=0).to(tl.int32)",
-                    "pos = tl.cumsum(col, 0) - 1",
+                    "pos = tl.cumsum((col > 0).to(tl.int32), 0) - 1",
                     "tl.store(klist_ptr + (i_bh * NKB + pid) * NQB + pos, r_Q, mask=col > 0)",
-                    "tl.store(kcnt_ptr + i_bh * NKB + pid, tl.sum(col, 0))"]
+                    "tl.store(kcnt_ptr + i_bh * NKB + pid, tl.sum((col > 0).to(tl.int32), 0))",
+                    "tl.store(ktok_ptr + i_bh * NKB + pid, tl.sum(col, 0))  # the tokens taking it (a choice of blocks)"]
     return kv
 
 

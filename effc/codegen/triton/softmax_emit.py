@@ -251,6 +251,8 @@ class KernelView:
     gathered: bool = False  # head rows over a choice of key tokens: the key tiles gathered from each query's list
     decodes: bool = False  # takes DECODE: launched over KV caches too (runtime.softmax_decode)
     list_lines: list[str] = field(default_factory=list)  # before that walk: n_sel and list_base
+    split_lines: list[str] = field(default_factory=list)  # dK/dV over lists: the program's key block and units
+    split: bool = False  # the key block's list may be split over programs (passes.softmax_plan.KEY_SPLIT)
 
 
 def _feats(sched: SoftmaxSchedule, x: str) -> tuple[str, ...]:
@@ -372,8 +374,15 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
         kv.gathered = True
         own = ["chosen = qv[:, None] & kv[None, :]"]
     elif kv.head_rows and outer == "k":  # the group's first head's list of query blocks; rows all took the block
-        kv.list_lines = ["n_sel = tl.load(kcnt_ptr + (i_b * H + i_h) * NKB + pid)",
-                         "list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB"]
+        kv.list_lines = ["list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB",
+                         "r_T = tl.arange(0, NQBP)",
+                         "took_n = tl.load(qmap_ptr + ((i_b * H + i_h) * NQB + r_T) * NKB + pid, mask=r_T < NQB, "
+                         "other=0).to(tl.int32)  # each query block's tokens that took the key block",
+                         "took_end = tl.cumsum(took_n, 0)",
+                         "# the listed query blocks holding the units [u_lo, u_hi) (tokens, in list order)",
+                         "e_lo = tl.sum(tl.where((took_n > 0) & (took_end <= u_lo), 1, 0), 0)",
+                         "e_hi = tl.sum(tl.where((took_n > 0) & (took_end - took_n < u_hi), 1, 0), 0)"]
+        _split(kv, "ktok_ptr", "(i_b * H + i_h)")
         own = ["chosen = qv"]
     elif kv.head_rows:  # the loop reads each token's row of `sel` (softmax.py.j2); with one token a program
         # (a shared choice, G >= 16) its rows all chose the block
@@ -383,10 +392,58 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
         kv.list_lines = ([] if tokens else [_SEL_LOAD]) + ["n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
                                                             "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
     else:
-        kv.list_lines = ["n_sel = tl.load(kcnt_ptr + i_bh * NKB + pid)",
-                         "list_base = klist_ptr + (i_bh * NKB + pid) * NQB"]
+        kv.list_lines = ["list_base = klist_ptr + (i_bh * NKB + pid) * NQB"]
+        _split(kv, "kcnt_ptr", "i_bh")
         own = ([] if tokens else [_SEL_LOAD]) + own
     kv.body[True] = own + kv.body[True]
+
+
+def _split(kv: KernelView, units: str, row: str) -> None:
+    """dK/dV over the transposed lists, a long list split over programs (passes.softmax_plan.KEY_SPLIT): the
+    program's key block `pid`, its units [u_lo, u_hi) of the list, `e` its segment (< 0: the whole list), and
+    after the walk the segments' sums stored (PHASE 0) or added (PHASE 1) around the gradients' stores."""
+    kv.split_lines = [
+        "r_U = tl.arange(0, NBP)",
+        f"units = tl.load({units} + {row} * NKB + r_U, mask=r_U < NKB, other=0)",
+        "L = tl.maximum(SPLIT, tl.cdiv(2 * tl.sum(units, 0), EXTRA))  # at most EXTRA segments in all",
+        "n_seg = tl.where(units > L, tl.cdiv(units, L), 0)  # a split list's segments (0: walked whole)",
+        "seg_end = tl.cumsum(n_seg, 0)",
+        "e = tl.program_id(0) - NKB",
+        "ph = 0 * e + PHASE  # a tensor even where the launcher specialised the int",
+        "pid = tl.where(e >= 0, tl.sum(tl.where(seg_end <= e, 1, 0), 0), tl.program_id(0))",
+        "n_own = tl.sum(tl.where(r_U == pid, n_seg, 0), 0)",
+        "seg0 = tl.sum(tl.where(r_U == pid, seg_end, 0), 0) - n_own  # its first segment",
+        "u_all = tl.sum(tl.where(r_U == pid, units, 0), 0)",
+        "u_lo = tl.where(e >= 0, (e - seg0) * L, 0)",
+        "u_hi = tl.where(ph == 1, 0, tl.where(e >= 0, tl.minimum(u_lo + L, u_all), u_all))",
+        "if (e >= tl.sum(n_seg, 0)) | ((e < 0) & (n_own > 0) & (ph == 0)) | ((ph == 1) & (n_own == 0)):",
+        "    return"]
+    kv.split = True
+
+
+def _split_tail(kv: KernelView, kp, types) -> None:
+    """After a split walk: PHASE 1 adds the key block's segments' sums in order; a segment stores its sums and
+    stores no gradient."""
+    before, adds, spills = [], [], []  # the sizes of the accumulators ahead in the slot
+    for x, _ in kp.accumulators:
+        dims = [_dimname(d) for d in types[x].shape]
+        terms = [f"tl.arange(0, {d}){_expand(i, len(dims))}" + "".join(f" * {s}" for s in dims[i + 1:])
+                 for i, d in enumerate(dims)]
+        at = " + ".join(["part"] + before + terms)
+        adds.append(f"    v_{acc_name(x)} += tl.load({at})")
+        spills.append(f"    tl.store({at}, v_{acc_name(x)})")
+        before.append(" * ".join(dims) or "1")
+    slots = "tl.program_id(1).to(tl.int64) * EXTRA"
+    kv.post_lines = (["for s in tl.range(0, tl.where(ph == 1, n_own, 0)):  # a split list's segments, in order",
+                      f"    part = ksplit_ptr + ({slots} + seg0 + s) * SLOT"] + adds
+                     + ["if e >= 0:  # a segment: its sums, added by PHASE 1",
+                        f"    part = ksplit_ptr + ({slots} + e) * SLOT"] + spills
+                     + ["else:"] + ["    " + line for line in kv.post_lines])
+
+
+def _expand(i: int, n: int) -> str:
+    """The index that puts an arange on axis i of n."""
+    return "" if n == 1 else "[" + ", ".join(":" if j == i else "None" for j in range(n)) + "]"
 
 
 def _score2(sched: SoftmaxSchedule, gi: int) -> str:
@@ -567,6 +624,8 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str, name: str | None = None) -
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer, _kseq(sched),
                         _margin(sched))
     _listed(sched, kv, outer)
+    if kv.split:
+        _split_tail(kv, kp, types)
     return kv
 
 
