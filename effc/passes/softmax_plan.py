@@ -299,6 +299,8 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
         else:
             q, k = (), ()
         read = tuple(x for x in sched.leaves if x in q or x in k)
+        # the pooled tiles are one row per head of their leaf: the select kernel reads a query head's key head's
+        pooled = tuple(x for x in sched.leaves if x in {p.leaf for p in sel.pools} and x not in read)
         names = ({a for op in sel.ops for a in op.args if isinstance(a, str)} | set(sel.params)
                  if name == "select" else set())
         params = tuple(p.name for p in sched.spec.params if p.name in names)
@@ -316,7 +318,8 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
         args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + tensors)
                            + kernel_args("param", [f"p_{p}" for p in params])) \
             + kernel_args("layout", _LAYOUT + tuple(layout)) \
-            + _shape_args(read, leaf_dims) \
+            + _shape_args(read, leaf_dims) + (kernel_args("shape", [f"HX_{x}" for x in pooled]) if name == "select"
+                                              else ()) \
             + kernel_args("tile", _TILES + tuple(tiles)) + kernel_args("option", options) + kernel_args("flag", flags)
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read), stores=(),

@@ -41,9 +41,10 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
         sizes.update(KTOP=sel.selection.slots or 1, NW=-(-sb // 32), SB=search,
                      PG=pivot_group(bm, search, interpreting()))
     out = dict(sizes)
-    for p in sel.pools:
+    for p in sel.pools:  # a row per head of the pooled leaf (its key heads)
         feats = tuple(int(meta[str(d)]) for d in op.sched.types[p.leaf].shape[1:])
-        out[f"{p.out}_pool_ptr"] = torch.empty((n_bh, n_kb) + feats, dtype=torch.float32, device=device)
+        heads = leaves[op.sched.leaves.index(p.leaf)].shape[2]
+        out[f"{p.out}_pool_ptr"] = torch.empty((n_seq * heads, n_kb) + feats, dtype=torch.float32, device=device)
     # decoding (runtime.softmax_decode) gives each request's cached tokens and its new ones; a call, none
     rows = (n_seq * named["TQ"],) if meta.get("DECODE") else first.shape[:2]
     out.update(lens_ptr=named.get("lens_ptr", torch.empty(1, **i32)), TQ=named.get("TQ", 0))

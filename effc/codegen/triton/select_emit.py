@@ -30,9 +30,19 @@ def _pool_feats(sched: SoftmaxSchedule, leaf: str) -> tuple[str, ...]:
     return tuple(str(d) for d in sched.types[leaf].shape[1:])
 
 
+def pool_row(leaf: str) -> str:
+    """The row of a pooled tile: its leaf's head of query head i_h (a key head's pool serves its group)."""
+    return f"(i_b * HX_{leaf} + i_h // (H // HX_{leaf}))"
+
+
 def _pool(sched: SoftmaxSchedule, kp) -> KernelView:
-    """Per key block: the mean (over the tokens that exist) or the max of each pooled leaf."""
+    """Per key block and head of the pooled leaf: the mean (over the tokens that exist) or the max of each
+    pooled leaf. The grid is per query head, as every select kernel's: a program pools the leaf's head for
+    the first query head of its group (the others return before loading: pooling a decode step's cache
+    once a key head, not once a query head)."""
     kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "k", walk=False)
+    leaves = sorted({p.leaf for p in sched.select.pools})
+    kv.entry_lines = ["if " + " & ".join(f"(i_h % (H // HX_{x}) != 0)" for x in leaves) + ":", "    return"]
     lines = ["n_tok = (tl.minimum(k0 + BN, T_seq) - k0).to(tl.float32)"]
     for p in sched.select.pools:
         feats = _pool_feats(sched, p.leaf)
@@ -41,11 +51,13 @@ def _pool(sched: SoftmaxSchedule, kp) -> KernelView:
             lines.append(f"pooled = tl.sum(tl.where({valid}, lk_{p.leaf}, 0.0), 0) / n_tok")
         else:
             lines.append(f"pooled = tl.max(tl.where({valid}, lk_{p.leaf}, {_NEG}), 0)")
+        lead = f"i_h % (H // HX_{p.leaf}) == 0"
         if feats:
             f = feats[0]
-            lines.append(f"tl.store({p.out}_pool_ptr + (i_bh * NKB + pid) * {f} + r_{f}, pooled, mask=m_{f})")
+            lines.append(f"tl.store({p.out}_pool_ptr + ({pool_row(p.leaf)} * NKB + pid) * {f} + r_{f}, pooled, "
+                         f"mask=m_{f} & ({lead}))")
         else:
-            lines.append(f"tl.store({p.out}_pool_ptr + i_bh * NKB + pid, pooled)")
+            lines.append(f"tl.store({p.out}_pool_ptr + {pool_row(p.leaf)} * NKB + pid, pooled, mask={lead})")
     kv.pre_lines = lines
     return kv
 
@@ -59,10 +71,11 @@ def _scores(sched: SoftmaxSchedule, width: str) -> list[str]:
         feats = _pool_feats(sched, p.leaf)
         if feats:
             f = feats[0]
-            lines.append(f"v_{p.out} = tl.load({p.out}_pool_ptr + (i_bh * NKB + r_B[:, None]) * {f} + "
+            lines.append(f"v_{p.out} = tl.load({p.out}_pool_ptr + ({pool_row(p.leaf)} * NKB + r_B[:, None]) * {f} + "
                          f"r_{f}[None, :], mask=bv[:, None] & m_{f}[None, :], other=0.0)")
         else:
-            lines.append(f"v_{p.out} = tl.load({p.out}_pool_ptr + i_bh * NKB + r_B, mask=bv, other=0.0)[None, :]")
+            lines.append(f"v_{p.out} = tl.load({p.out}_pool_ptr + {pool_row(p.leaf)} * NKB + r_B, mask=bv, "
+                         "other=0.0)[None, :]")
     pr = SelectPrinter(sched, dict(sched.types))
     lines += pr.lines(tuple(op for op in sel.ops if op.kind not in O.POOLS))
     lines.append(f"g = v_{sel.selection.score} + tl.zeros([BM, {width}], tl.float32)")

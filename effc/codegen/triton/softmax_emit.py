@@ -251,7 +251,8 @@ class KernelView:
     gathered: bool = False  # head rows over a choice of key tokens: the key tiles gathered from each query's list
     decodes: bool = False  # takes DECODE: launched over KV caches too (runtime.softmax_decode)
     list_lines: list[str] = field(default_factory=list)  # before that walk: n_sel and list_base
-    split_lines: list[str] = field(default_factory=list)  # dK/dV over lists: the program's key block and units
+    entry_lines: list[str] = field(default_factory=list)  # outer k, before the key block's loads: the
+    # program's key block and units (dK/dV over split lists), or an early return
     split: bool = False  # the key block's list may be split over programs (passes.softmax_plan.KEY_SPLIT)
 
 
@@ -402,7 +403,7 @@ def _split(kv: KernelView, units: str, row: str) -> None:
     """dK/dV over the transposed lists, a long list split over programs (passes.softmax_plan.KEY_SPLIT): the
     program's key block `pid`, its units [u_lo, u_hi) of the list, `e` its segment (< 0: the whole list), and
     after the walk the segments' sums stored (PHASE 0) or added (PHASE 1) around the gradients' stores."""
-    kv.split_lines = [
+    kv.entry_lines = [
         "r_U = tl.arange(0, NBP)",
         f"units = tl.load({units} + {row} * NKB + r_U, mask=r_U < NKB, other=0)",
         "L = tl.maximum(SPLIT, tl.cdiv(2 * tl.sum(units, 0), EXTRA))  # at most EXTRA segments in all",
