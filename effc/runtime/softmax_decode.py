@@ -80,6 +80,11 @@ def _forward_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, 
     return [torch.cat(parts, 0) for parts in zip(*outs)]
 
 
+# the rows of the select kernel's query block in decoding with head rows (the walk takes its own): a tl.dot's
+# least M, 4 warps; a 128-row block of one new token left 127 rows idle in every score and top-k round
+_DECODE_SELECT_ROWS = 16
+
+
 def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, pvals: dict, dims: dict) -> list:
     """Decoding through the select stage's kernels and the forward walk, every request in one launch of each
     (their DECODE variant: the keys are each request's cache rows, the queries its new tokens): the pool kernel
@@ -102,6 +107,8 @@ def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, p
     rows = not sched.select.per_token or (gathers_tokens(spec) and gathers_one_token(
         head_group(spec, dict(zip(sched.leaves, leaves)), H)))
     cfg = replace(choose_softmax_tiles(spec, dims, interpreting()), head_rows=rows)
+    if rows:  # the select kernel's query block: a step's few new tokens, not a training call's 128 rows
+        cfg = replace(cfg, fwd=(_DECODE_SELECT_ROWS, cfg.fwd[1], 4, cfg.fwd[3]))
     meta = op._meta(cfg.fwd, H, {x: t.shape[2] for x, t in zip(sched.leaves, leaves)}, dims, None, dtype)
     meta.update({f"{d}_S": v for d, v in dims.items()}, DECODE=True)  # the caller's layouts: rows D wide
     outs = {o.name: torch.empty((B, tq, H) + tuple(dims[n] for n in o.feature_dims), dtype=dtype, device=device)
