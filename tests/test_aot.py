@@ -134,6 +134,38 @@ def test_softmax_decode_kernels_compile_for_sm90(tmp_path):
     assert all(r["shared"] <= 232448 for r in results.values())
 
 
+SELECT_DECODE_SCRIPT = r"""
+import json, sys
+from dataclasses import replace
+import effc
+from effc.codegen.triton.aot import compile_softmax_sm90
+from effc.passes.softmax import choose_softmax_tiles
+from effc.runtime.softmax_decode import _DECODE_SELECT_ROWS
+
+results = {}
+for name in sys.argv[1:]:
+    op = effc.load(name)
+    tiles = choose_softmax_tiles(op.spec, {d: 128 for d in op.spec.dims}, interpreting=False)
+    rows = replace(tiles, fwd=(_DECODE_SELECT_ROWS, tiles.fwd[1], 4, tiles.fwd[3]))
+    for label, t in (("train", tiles), ("decode", rows)):
+        k = compile_softmax_sm90(op, "select", t, decode=label == "decode")
+        results[f"{name}.select[{label}]"] = {"shared": k.metadata.shared}
+print("AOT " + json.dumps(results))
+"""
+
+
+@pytest.mark.slow  # the full tier only (README: test tiers)
+def test_select_kernels_fit_sm90_shared_memory(tmp_path):
+    """The select kernel of each library spec choosing key blocks, at the model's query block and at decoding's
+    16-row block with head rows: its int64 keys' layouts fit sm_90's shared memory (a 512-block chunk at 16
+    rows took 561 KB and never launched: passes.softmax.select_chunk)."""
+    names = [n for n in ("moba", "infllm_v2", "topp") if n in effc.library_names("softmax")]
+    results = _compile_in_subprocesses(SELECT_DECODE_SCRIPT, names, tmp_path)
+    assert len(results) == 2 * len(names)
+    for kernel, r in results.items():
+        assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"
+
+
 # log_linear_attn's 16 level states unroll into kernels that take over ten minutes each to compile for sm_90
 # (a level axis in codegen would loop instead): compiled on the GPU, not here
 AOT_LINEAR = [n for n in effc.library_names("linear") + effc.library_names("hybrid") if n != "log_linear_attn"]

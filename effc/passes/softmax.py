@@ -488,12 +488,18 @@ class SoftmaxTiles:
 _SELECT_TILE = 128 * 64
 
 
+# and its chunk is at most 64 key blocks: the layouts of a wider chunk's int64 keys take shared memory past
+# sm_90's 227 KB (561 KB at [16, 512], decoding's 16-row block; 180 KB at [64, 128], 98 KB at [64, 64])
+_SELECT_CHUNK = 64
+
+
 def select_chunk(bm: int, n_kb: int, interpreting: bool) -> int:
     """The select kernel's chunk of key blocks CB (passes.select): its [BM, CB] scores and int64 keys held
-    to the forward's score tile budget, a power of two >= 16 (a tl.dot's N), no wider than the key blocks
-    (padded); small under the interpreter, so that a few blocks already span several chunks."""
+    to the forward's score tile budget and to _SELECT_CHUNK, a power of two >= 16 (a tl.dot's N), no wider
+    than the key blocks (padded); small under the interpreter, so that a few blocks already span several
+    chunks."""
     widest = max(16, 1 << max(0, n_kb - 1).bit_length())
-    budget = 16 if interpreting else max(16, _SELECT_TILE // bm)
+    budget = 16 if interpreting else max(16, min(_SELECT_CHUNK, _SELECT_TILE // bm))
     return min(widest, budget)
 
 
