@@ -241,16 +241,17 @@ def lower_softmax(sdef: ast.SpecDef, inputs, outputs, states, params, chunk, fun
     feature_dims = {n for d in inputs + outputs + states for n in d.feature_dims}
 
     base = base_visibility(inputs, outputs, params, feature_dims)
-    base["pos"] = ("hidden:pos is a token's position in the chunked scan of specs without a score stage; "
-                   "a score stage uses qpos (queries) and kpos (keys)")
+    base["pos"] = ("hidden:pos is a token's position in its sequence, visible in prefix (per token); the score "
+                   "tile uses qpos (queries) and kpos (keys)")
     pair_hidden = {b: f"hidden:{b} is a position in the score tile pair; it is visible in score" for b in O.PAIR_BUILTINS}
     state_hidden = {s.name: "hidden:states are read in merge and updated in inter" for s in states}
     counter = [0]
     taken: set[str] = set()
 
     # prefix: per-token, whole sequence
-    vis = {**base, **pair_hidden, **state_hidden,
-           "idx": "hidden:prefix runs over whole sequences; idx (the position in a chunk) has no meaning there"}
+    vis = {**base, **pair_hidden, **state_hidden, "pos": "builtin",
+           "idx": "hidden:prefix runs over whole sequences; idx (the position in a chunk) has no meaning there; "
+                  "pos is the token's position in its sequence"}
     prefix, prefix_names, _ = _lower(stages.get("prefix"), "prefix", vis, funcs, counter, {}, taken, set(), set())
     leaves |= {v for k, v in prefix_names.items()}
 

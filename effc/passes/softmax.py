@@ -427,17 +427,23 @@ def _fold(score: str, ops, sides, spec: Spec):
 
 
 def _check_prefix(spec: Spec, types) -> None:
-    allowed = set(O.UNARY) | set(O.BINARY) | set(O.COMPARE) | set(O.LOGIC) | {"where", "copy", "expand",
-                                                                              "cumsum", "revcumsum"}
+    # per token: elementwise ops, the feature axis's rotations and index (rotary embeddings of q and k once per
+    # token, at `pos`), cumsums over the sequence; values without the token axis (fidx(K), a frequency per
+    # feature) are intermediates, and the values the other stages read are per token
+    allowed = set(O.UNARY) | set(O.BINARY) | set(O.COMPARE) | set(O.LOGIC) | set(O.ROTATIONS) | set(O.FEATURE) \
+        | {"where", "copy", "expand", "cumsum", "revcumsum"}
+    read = {a for st in (spec.select, spec.score, spec.merge, spec.intra) for op in st.ops for a in op.args
+            if isinstance(a, str)}
     for op in spec.prefix.ops:
         if op.kind in O.REDUCTIONS and op.type.rank == 1 and O.REDUCTIONS[op.kind][0] == 1:
             continue  # over a feature axis: per token
         if op.kind not in allowed:
             raise SpecError(f"'{op.kind}' in prefix: prefix values are per token (elementwise, cumsum and "
                             "revcumsum over the sequence)", op.loc,
-                            "elementwise ops, cumsum, revcumsum, rowsum/rowmax over a feature axis")
-        if op.type.rank == 0 or op.type.shape[0] != C:
-            raise SpecError(f"a prefix value must be per token, got {_fmt(op.type)}", op.loc,
+                            "elementwise ops, cumsum, revcumsum, rowsum/rowmax over a feature axis, rotate_half, "
+                            "rotate_pairs, fidx")
+        if op.out in read and (op.type.rank == 0 or op.type.shape[0] != C):
+            raise SpecError(f"a prefix value read after the prefix must be per token, got {_fmt(op.type)}", op.loc,
                             "a [C] or [C, D] value (one per token)")
 
 

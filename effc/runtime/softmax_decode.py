@@ -22,7 +22,7 @@ from ..policy.decode import decode_group, decode_splits, decode_tiles
 from ..policy.tiling import padded
 from ..policy.tuning import sm_count
 from .checks import check_inputs, interpreting
-from .softmax_oracle import _heads, _tile, _untile, base_env, eval_pair_op
+from .softmax_oracle import _heads, _tile, _untile, base_env, eval_pair_op, feature_sizes, per_token_prefix
 
 MAX_NEW = 64  # new queries per request: one query tile holds them all
 
@@ -213,7 +213,10 @@ def _prefix(op, named: dict, pvals: dict, H: int, caches: dict, lens: torch.Tens
     B, tq = first.shape[:2]
     used = {x for o in spec.prefix.ops for x in o.args if isinstance(x, str)}
     env = base_env(spec, pvals, H, torch.float32, first.device, tq, used=used)
+    env.update(feature_sizes(spec, named, used, torch.float32))
     env.update({d.name: _tile(_heads(named[d.name], H).float()) for d in spec.inputs if d.name in used})
+    if "pos" in used:  # the new tokens' positions: after each request's cached ones
+        env["pos"] = (lens.float()[:, None] + torch.arange(tq, device=first.device))[:, None, :]
     rows = torch.arange(B, device=first.device)
     for o in spec.prefix.ops:
         if o.kind == "revcumsum":
@@ -230,7 +233,7 @@ def _prefix(op, named: dict, pvals: dict, H: int, caches: dict, lens: torch.Tens
             last = last * (lens > 0).reshape((B,) + (1,) * (last.dim() - 1))
             val = val + _tile(_heads(last.unsqueeze(1), H).float())
         env[o.out] = val
-    return {o.out: _untile(env[o.out], o.type.rank, B, H) for o in spec.prefix.ops}
+    return {o.out: _untile(env[o.out], o.type.rank, B, H) for o in per_token_prefix(spec)}
 
 
 def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params):

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..ir.nodes import Op, Spec
+from ..ir.nodes import C, Op, Spec
 from . import select_oracle
 from .oracle_ops import align, eval_op
 
@@ -90,12 +90,27 @@ def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seq
     per_seq = []
     for a, b in _sequences(T, cu_seqlens):
         env = base_env(spec, params, H, dtype, first.device, b - a, used=used)
+        env.update(feature_sizes(spec, tensors, used, dtype))
         env.update({d.name: _tile(_heads(tensors[d.name][:, a:b], H).to(dtype)) for d in spec.inputs if d.name in used})
         for op in spec.prefix.ops:
             n_args = 1 if op.kind == "expand" else len(op.args)
             env[op.out] = eval_pair_op(op, [x if isinstance(x, float) else env[x] for x in op.args[:n_args]], b - a, None)
-        per_seq.append({op.out: _untile(env[op.out], op.type.rank, B, H) for op in spec.prefix.ops})
-    return {op.out: torch.cat([p[op.out] for p in per_seq], 1) for op in spec.prefix.ops}
+        per_seq.append({op.out: _untile(env[op.out], op.type.rank, B, H) for op in per_token_prefix(spec)})
+    return {op.out: torch.cat([p[op.out] for p in per_seq], 1) for op in per_token_prefix(spec)}
+
+
+def feature_sizes(spec: Spec, tensors: dict, used: set, dtype) -> dict:
+    """The feature dims `used` names (fidx's argument) as (1, 1) tensors of their sizes, from the inputs."""
+    first = next(iter(tensors.values()))
+    return {n: torch.full((1, 1), float(size), dtype=dtype, device=first.device)
+            for d in spec.inputs if d.name in tensors for n, size in zip(d.dims[3:], tensors[d.name].shape[3:])
+            if n in used}
+
+
+def per_token_prefix(spec: Spec) -> tuple:
+    """The prefix ops whose values are per token (what other stages may read); the others (a frequency per
+    feature, a param expression) are intermediates of the prefix's own."""
+    return tuple(op for op in spec.prefix.ops if op.type.rank and op.type.shape[0] == C)
 
 
 def _tile(x):
@@ -108,14 +123,16 @@ def _untile(y, rank, B, H):
 
 
 def base_env(spec: Spec, params: dict, H: int, dtype, device, T: int, heads=None, used=None) -> dict:
-    """The named values every stage may read (params, head, H, inf, qpos, kpos); `used`: only those."""
+    """The named values every stage may read (params, head, H, inf, qpos, kpos; the prefix's pos, a token's
+    position in its sequence); `used`: only those."""
     heads = heads if heads is not None else torch.arange(H)
     make = {**{p: (lambda v=v: torch.full((1, 1), float(v), dtype=dtype, device=device)) for p, v in params.items()},
             "head": lambda: heads.to(dtype=dtype, device=device).reshape(1, -1),
             "H": lambda: torch.full((1, 1), float(H), dtype=dtype, device=device),
             "inf": lambda: math.inf,
             "qpos": lambda: torch.arange(T, dtype=dtype, device=device).reshape(1, 1, T, 1),
-            "kpos": lambda: torch.arange(T, dtype=dtype, device=device).reshape(1, 1, 1, T)}
+            "kpos": lambda: torch.arange(T, dtype=dtype, device=device).reshape(1, 1, 1, T),
+            "pos": lambda: torch.arange(T, dtype=dtype, device=device).reshape(1, 1, T)}
     return {name: f() for name, f in make.items() if used is None or name in used}
 
 

@@ -103,7 +103,7 @@ def prefix_stage(spec: Spec):
         if cu is None or ops is None or not torch.compiler.is_compiling():
             return softmax_oracle.prefix_values(spec, named, pvals, H, torch.float32, cu)
         out = ops.call([named[d.name] for d in spec.inputs], [], cu, [H], [float(pvals[n]) for n in names])
-        return dict(zip((op.out for op in spec.prefix.ops), out))
+        return dict(zip((op.out for op in softmax_oracle.per_token_prefix(spec)), out))
     return values
 
 
@@ -115,7 +115,7 @@ def _prefix_params(spec: Spec) -> list[str]:
 
 def _prefix_torch_ops(spec: Spec) -> TorchOps:
     """The prefix stage over packed sequences as a custom op pair: xs are the spec's inputs, ints [H]."""
-    inputs, outs = [d.name for d in spec.inputs], [op.out for op in spec.prefix.ops]
+    inputs, outs = [d.name for d in spec.inputs], [op.out for op in softmax_oracle.per_token_prefix(spec)]
     read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
 
     def run(xs, cu, ints, params):
