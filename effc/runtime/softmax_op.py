@@ -252,11 +252,14 @@ class SoftmaxOp(Tuned):
         extra, least = key_split(named["NKB"], n_bh, interpreting())
         slot = split_slot(self.sched, self.comp.backward, meta)
         device = named["kcnt_ptr"].device
+        splits = extra > 1  # one extra program splits nothing (every list is at most 2 * units long)
         named = {**named, "EXTRA": extra, "SPLIT": least,
-                 "ksplit_ptr": torch.empty((n_bh, extra, slot), dtype=torch.float32, device=device)}
+                 "ksplit_ptr": torch.empty((n_bh, extra, slot) if splits else (1,), dtype=torch.float32,
+                                           device=device)}
         meta = {**meta, "SLOT": slot}
-        self._launch(kernel, cfg_k, named["NKB"] + extra, n_bh, {**named, "PHASE": 0}, meta)
-        self._launch(kernel, cfg_k, named["NKB"], n_bh, {**named, "PHASE": 1}, meta)
+        self._launch(kernel, cfg_k, named["NKB"] + (extra if splits else 0), n_bh, {**named, "PHASE": 0}, meta)
+        if splits:
+            self._launch(kernel, cfg_k, named["NKB"], n_bh, {**named, "PHASE": 1}, meta)
 
     def _forward(self, cfg: SoftmaxTiles, pvals, cu, n_seq, dims, leaves, save: bool, queries=None):
         spec, sched = self.spec, self.sched
