@@ -98,3 +98,26 @@ def test_pos_is_visible_in_the_prefix_only():
     per_feature = ROPE_PREFIX.replace("s = (qr @ key(kr).T) * scale", "s = (qr @ key(kr).T) * scale + rowsum(i)")
     with pytest.raises(SpecError, match=r"takes a per-token value, got \[K\]"):  # [K]: the prefix's own
         effc.loads(per_feature, "rope_prefix")
+
+
+def test_the_python_front_end_reads_pos_in_its_prefix():
+    """`with prefix:` reads pos as the .attn prefix does: the same AST."""
+    from effc.dsl import parse
+    from effc.dsl.pyfront import Input, Output, Param, merge, parse_function, prefix, score
+
+    def rope_prefix(q: Input("B", "T", "H", "K"), k: Input("B", "T", "H", "K", "key"),  # noqa: F821
+                    v: Input("B", "T", "H", "V", "key")) -> Output("o", "B", "T", "H", "V"):
+        scale = Param(K ** -0.5)  # noqa: F821
+        base = Param(10000)
+        with prefix:
+            i = where(fidx(K) < K / 2, fidx(K), fidx(K) - K / 2)  # noqa: F821
+            angle = pos[:, None] * exp(-2 * i / K * log(base))  # noqa: F821
+            qr = q * cos(angle) + rotate_half(q) * sin(angle)  # noqa: F821
+            kr = k * cos(angle) + rotate_half(k) * sin(angle)  # noqa: F821
+        with score:
+            s = (qr @ key(kr).T) * scale  # noqa: F821
+            mask(kpos <= qpos)  # noqa: F821
+        with merge:
+            o = softmax(s) @ v  # noqa: F821, F841
+
+    assert parse_function(rope_prefix).specs[0] == parse(ROPE_PREFIX).specs[0]
