@@ -45,7 +45,7 @@ def _split_lists(op, xs, partition, cu=None) -> int:
 @pytest.mark.parametrize("partition", ["heads", "tokens"])
 def test_split_lists_match_the_unsplit_walk_and_the_references(partition, monkeypatch):
     op = _load(SMALL_SHARED)
-    xs = _inputs(100, 4, 1, seed=3)  # 7 blocks of 16 tokens, the last one partial
+    xs = _inputs(70, 4, 1, seed=3)  # 5 blocks of 16 tokens, the last one partial
     assert _split_lists(op, xs, partition) > 0
     split = _grads(op, xs, partition)
     assert all(torch.equal(a, b) for a, b in zip(split, _grads(op, xs, partition)))  # deterministic
