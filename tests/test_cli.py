@@ -87,6 +87,17 @@ def test_compile_writes_the_module_and_explains(tmp_path):
     assert re.search(r"gradient partition loop: bwd_chunks_q_loop, .* \(model: ~\d+ us .*\), the default", r.output)
 
 
+@pytest.mark.parametrize("name, says", [
+    ("infllm_v2", "row partition heads: fwd_rows, bwd_dq_rows, bwd_dkv_rows: rows (query token"),
+    ("swax", "tiling for B=2 T=8192 H=16")])
+def test_compile_explains_row_partitions_and_hybrids(name, says, tmp_path):
+    """A spec whose walks have row partitions (a select stage) and a hybrid: both crashed in the explanation
+    (a gradient partition's cost read off a row partition; a hybrid's schedule taken for its softmax's)."""
+    r = invoke("compile", name, "-o", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert says in r.output and f"wrote {tmp_path / (name + '_triton.py')}" in r.output
+
+
 def test_compile_bad_spec_points_at_the_error(tmp_path):
     bad = tmp_path / "bad.attn"
     bad.write_text("spec x {\n  input q: [B, T, H, K]\n  output o: [B, T, H, K]\n  merge { o = q @ }\n}\n")

@@ -171,8 +171,8 @@ def _tiles(comp, B: int, T: int, H: int, given: dict):
     sizes = {d: 128 for d in comp.typed.dims} | given
     if comp.typed.score.ops:
         from ..passes.softmax import choose_softmax_tiles, visible_blocks
-        return sizes, choose_softmax_tiles(comp.typed, sizes, interpreting=False,
-                                           visible=visible_blocks(comp.legality, T, {}))
+        sched = getattr(comp.legality, "softmax", comp.legality)  # a hybrid's: its softmax branch's
+        return sizes, choose_softmax_tiles(comp.typed, sizes, interpreting=False, visible=visible_blocks(sched, T, {}))
     return sizes, choose(comp.typed, comp.legality, Problem(B, T, H, tuple(sorted(sizes.items()))))
 
 
@@ -185,9 +185,13 @@ def _explain(comp, B: int, T: int, H: int, given: dict) -> str:
     default = getattr(fused, "partition", None)
     lines.append("fused stages: " + "; ".join(f"{k.name} = {' + '.join(k.stages)}" for k in fused.kernels
                                               if not getattr(k, "partitions", ()) or default in k.partitions))
-    for c in getattr(fused, "partitions", ()):
-        lines.append(f"gradient partition {c.name}: {', '.join(c.kernels)} (model: ~{c.us:.0f} us at 2x8192, H=16, "
-                     f"d=128)" + (", the default" if c.name == default else ""))
+    from ..passes.softmax_plan import SoftmaxPlan
+    if isinstance(fused, SoftmaxPlan):  # the query-side walks' row partitions: the model picks per call
+        lines += [f"row partition {c.name}: {', '.join(c.kernels)}: {c.what}" for c in fused.partitions]
+    else:
+        for c in getattr(fused, "partitions", ()):
+            lines.append(f"gradient partition {c.name}: {', '.join(c.kernels)} (model: ~{c.us:.0f} us at 2x8192, "
+                         f"H=16, d=128)" + (", the default" if c.name == default else ""))
     if getattr(comp.fused, "hoisted", ()):
         lines.append(f"hoisted: {', '.join(n for n, _ in comp.fused.hoisted)} (state-free, from an in-chunk solve): "
                      "the prep kernel computes them for every chunk in parallel; the walk and the backward load them")
