@@ -68,6 +68,14 @@ def test_effc_memory_lists_each_partition_and_marks_the_default(tmp_path):
     assert r.exit_code != 0 and "int8" in r.output
 
 
+def test_effc_memory_names_a_partition_the_call_cannot_take():
+    """DSA's head rows need 9 or more query heads a key head: with 4 the tool says so and reports the other."""
+    r = CliRunner().invoke(app, ["memory", "dsa", "--shape", "1,1000,4"])
+    assert r.exit_code == 0, r.output
+    assert "partition heads: not for this call: partition='heads'" in r.output
+    assert "partition tokens" in r.output and "peak " in r.output
+
+
 def test_the_op_still_runs_under_the_interpreter_after_a_dry_run():
     """The dry run takes the GPU's choices, but the op's kernels keep the process's mode (triton.jit fixes it
     when the module is imported): a later call on CPU tensors runs under the interpreter as before."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import sympy
 
-from ..errors import SpecError
+from ..errors import ArgumentError, SpecError
 from ..ir import ops as O
 from ..ir.nodes import CK, C, Op, Spec, Stage, TileType
 from ..ir.printer import print_op
@@ -613,10 +613,10 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
                        f"{select_chunk(fwd[0], 1 << 30, interpreting)} at a time (at most)")
     chosen = partition or (tuned or {}).get("partition")
     if chosen == "heads" and gathers_tokens(spec) and not gathers_one_token(group):
-        raise SpecError(f"partition='heads': spec '{spec.name}' chooses key tokens, whose head rows gather one "
-                        f"token's keys for its group's query heads; {group} query heads a key head need "
-                        f"{head_rows_tile(group)[0] // group} tokens a program", None,
-                        "9 or more query heads a key head, or partition='tokens'")
+        raise ArgumentError(f"partition='heads': spec '{spec.name}' chooses key tokens, whose head rows gather one "
+                            f"token's keys for its group's query heads; {group} query heads a key head need "
+                            f"{head_rows_tile(group)[0] // group} tokens a program (expected 9 or more query heads "
+                            "a key head, or partition='tokens')")
     head_rows = (chosen or default_partition(spec, group, visible, fwd[0])) == "heads"
     if row_partitions(spec):
         group = group if spec.selection.shared else 1  # a per-head choice: each head its own group

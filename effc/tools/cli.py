@@ -340,8 +340,15 @@ def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
         typer.echo(f"{op.name}: a training step at B={B} T={T} H={H} {sizes} {dtype}")
         knobs = {k: v for k, v in (("chunk", chunk), ("walk_chunk", walk_chunk)) if v is not None}
         for p in choices:
-            m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), **({"partition": p} if p else {}), **knobs)
             tag = f"partition {p}{' (default)' if p == getattr(plan, 'partition', None) else ''}: " if p else ""
+            try:
+                m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), **({"partition": p} if p else {}),
+                                    **knobs)
+            except ArgumentError as e:  # a partition this call cannot take (e.g. too few heads a group)
+                if p is None or len(choices) == 1:
+                    raise
+                typer.echo(f"  {tag}not for this call: {str(e).splitlines()[0]}")
+                continue
             typer.echo(f"  {tag}{m}")
     except (SpecError, CodegenError, ArgumentError, NotImplementedError) as e:
         _fail(e)
