@@ -270,7 +270,7 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
         layout = ["NQB", "NKB"] + layout + (_SPLIT_LAYOUT if name == "bwd_dkv" else [])
         return lists, layout, tiles, (["INDICES"] if name == "select" else []) + flags
     if name == "bwd_dkv_rows":  # the query blocks listing the key block, and how many of their tokens took it
-        return (["sel_ptr", "klist_ptr", "kcnt_ptr", "qmap_ptr", "ktok_ptr"] + _SPLIT_TENSORS,
+        return (["sel_ptr", "klist_ptr", "qmap_ptr", "ktok_ptr"] + _SPLIT_TENSORS,
                 ["NQB", "NKB"] + _SPLIT_LAYOUT, ["KP", "G", "BQ", "NQBP"] + _SPLIT_TILES, [])
     if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice
         return ["sel_ptr"], layout, ["KP", "KTOP", "G"], flags
