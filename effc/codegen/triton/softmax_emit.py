@@ -253,7 +253,6 @@ class KernelView:
     list_lines: list[str] = field(default_factory=list)  # before that walk: n_sel and list_base
     entry_lines: list[str] = field(default_factory=list)  # outer k, before the key block's loads: the
     # program's key block and units (dK/dV over split lists), or an early return
-    split: bool = False  # the key block's list may be split over programs (passes.softmax_plan.KEY_SPLIT)
 
 
 def _feats(sched: SoftmaxSchedule, x: str) -> tuple[str, ...]:
@@ -419,7 +418,6 @@ def _split(kv: KernelView, units: str, row: str) -> None:
         "u_hi = tl.where(ph == 1, 0, tl.where(e >= 0, tl.minimum(u_lo + L, u_all), u_all))",
         "if (e >= tl.sum(n_seg, 0)) | ((e < 0) & (n_own > 0) & (ph == 0)) | ((ph == 1) & (n_own == 0)):",
         "    return"]
-    kv.split = True
 
 
 def _split_tail(kv: KernelView, kp, types) -> None:
@@ -625,7 +623,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str, name: str | None = None) -
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer, _kseq(sched),
                         _margin(sched))
     _listed(sched, kv, outer)
-    if kv.split:
+    if kv.listed and outer == "k":  # dK/dV over the transposed lists: split (_split)
         _split_tail(kv, kp, types)
     return kv
 
