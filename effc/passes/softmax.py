@@ -519,7 +519,7 @@ def key_split(n_kb: int, n_bh: int, interpreting: bool) -> tuple[int, int]:
     """(EXTRA, SPLIT): the programs a row of B*H adds for the segments of long lists, and a segment's least
     units. EXTRA is at most the key blocks (the segments' fp32 sums then take no more memory than a row's
     fp32 key-side gradients); the kernel makes a segment 2 * units / EXTRA long or more, so that the segments
-    fit; EXTRA = 1 splits nothing. Under the interpreter 64 extra programs at least and one unit a segment,
+    fit, so EXTRA <= 2 splits nothing. Under the interpreter 64 extra programs at least and one unit a segment,
     so that small tests split their lists."""
     most = max(n_kb, 64) if interpreting else n_kb
     return max(1, min(most, -(-_SPLIT_PROGRAMS // n_bh))), 1 if interpreting else _SPLIT_UNITS

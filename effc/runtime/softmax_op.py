@@ -252,7 +252,8 @@ class SoftmaxOp(Tuned):
         extra, least = key_split(named["NKB"], n_bh, interpreting())
         slot = split_slot(self.sched, self.comp.backward, meta)
         device = named["kcnt_ptr"].device
-        splits = extra > 1  # one extra program splits nothing (every list is at most 2 * units long)
+        # a list splits when its units pass L >= 2 * (all units) / EXTRA: never with two extra programs or fewer
+        splits = extra > 2
         named = {**named, "EXTRA": extra, "SPLIT": least,
                  "ksplit_ptr": torch.empty((n_bh, extra, slot) if splits else (1,), dtype=torch.float32,
                                            device=device)}
