@@ -87,7 +87,7 @@ def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seq
     B, T = first.shape[:2]
     # only what the prefix reads: converting every input (q, k, v) to fp32 would cost more than the kernel
     used = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
-    per_seq = []
+    per_seq, kept = [], per_token_prefix(spec)
     for a, b in _sequences(T, cu_seqlens):
         env = base_env(spec, params, H, dtype, first.device, b - a, used=used)
         env.update(feature_sizes(spec, tensors, used, dtype))
@@ -95,8 +95,8 @@ def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seq
         for op in spec.prefix.ops:
             n_args = 1 if op.kind == "expand" else len(op.args)
             env[op.out] = eval_pair_op(op, [x if isinstance(x, float) else env[x] for x in op.args[:n_args]], b - a, None)
-        per_seq.append({op.out: _untile(env[op.out], op.type.rank, B, H) for op in per_token_prefix(spec)})
-    return {op.out: torch.cat([p[op.out] for p in per_seq], 1) for op in per_token_prefix(spec)}
+        per_seq.append({op.out: _untile(env[op.out], op.type.rank, B, H) for op in kept})
+    return {op.out: torch.cat([p[op.out] for p in per_seq], 1) for op in kept}
 
 
 def feature_sizes(spec: Spec, tensors: dict, used: set, dtype) -> dict:
