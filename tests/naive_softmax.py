@@ -199,7 +199,11 @@ def _gates(q, pooled, round_to=None):
     rounded to that dtype first (a 16-bit kernel's dot)."""
     if round_to is not None:
         q, pooled = q.to(round_to), pooled.to(round_to)
-    return torch.einsum("bihd,bnhd->bhin", q.detach().double(), pooled.detach().double())
+    # products summed per (query, block), not a BLAS matmul: whose rounding can differ between columns, so
+    # copies of one key block would not tie exactly (the tie rule is what some tests check)
+    q, pooled = q.detach().double().permute(0, 2, 1, 3), pooled.detach().double().permute(0, 2, 1, 3)
+    return torch.cat([(q[:, :, i:i + 256, None, :] * pooled[:, :, None]).sum(-1)
+                      for i in range(0, q.shape[2], 256)], 2)
 
 
 def block_choice(q, k, block, topk, pool="mean", window=1, round_to=None):
