@@ -525,13 +525,6 @@ def key_split(n_kb: int, n_bh: int, interpreting: bool) -> tuple[int, int]:
     return max(1, min(most, -(-_SPLIT_PROGRAMS // n_bh))), 1 if interpreting else _SPLIT_UNITS
 
 
-def search_chunk(bm: int, interpreting: bool) -> int:
-    """A choice of key tokens' search chunk SB (codegen.triton.select_emit): the keys scored at a time, a
-    power of two >= 16 (a tl.dot's N), its [BM, SB] scores held to the select tile budget; 64 under the
-    interpreter, whose cost is per reduction, not per element."""
-    return 64 if interpreting else max(16, min(64, _SELECT_TILE // bm))
-
-
 def pivot_group(bm: int, sb: int, interpreting: bool) -> int:
     """The search's pivots counted per reduction PG: its [BM, SB, PG] compares held to the select tile
     budget (at BM = 128 and SB = 64, one pivot a reduction: a [BM, SB, 16] tile spilled, 1 s for DSA's select

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ..passes.softmax import pivot_group, search_chunk, select_chunk
+from ..passes.softmax import pivot_group, select_chunk
 from .checks import interpreting
 from .select_oracle import check_criterion, head_group
 
@@ -37,7 +37,10 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     if sel.selection.shared or sel.per_token:
         sizes["GROUP"] = head_group(op.spec, dict(zip(op.sched.leaves, leaves)), H) if sel.selection.shared else 1
     if sel.per_token:  # topk's k or a cap in tokens; an uncapped threshold takes no count
-        search = search_chunk(bm, interpreting())
+        # the search scores the keys a block at a time, as the last pass does: each key's score is then the same
+        # product in every pass, bit for bit (a product of another width may round differently: numpy's BLAS
+        # under the interpreter does, and so may an MMA of another shape), so the cut-off counts what is chosen
+        search = sb
         sizes.update(KTOP=sel.selection.slots or 1, NW=-(-sb // 32), SB=search,
                      PG=pivot_group(bm, search, interpreting()))
     out = dict(sizes)

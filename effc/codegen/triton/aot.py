@@ -66,7 +66,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     `dims`: feature dim sizes (default 128 each), any size (padded tiles). `decode`: the DECODE variant of a
     kernel that takes it (a select stage's, over KV caches: runtime.softmax_decode). A head-rows kernel
     (`fwd_rows`, `bwd_dq_rows`, `bwd_dkv_rows`) compiles for HEAD_ROWS_GROUP query heads a key head (BM = its rows)."""
-    from ...passes.softmax import choose_softmax_tiles, head_rows_tile, pivot_group, search_chunk, select_chunk
+    from ...passes.softmax import choose_softmax_tiles, head_rows_tile, pivot_group, select_chunk
     from ...passes.softmax_plan import split_slot
     from ...policy.tiling import padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
@@ -97,8 +97,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
         if "SLOT" in fn.arg_names:  # dK/dV's segment sums (passes.softmax_plan.KEY_SPLIT)
             const["SLOT"] = split_slot(op.sched, op.comp.backward, const)
     if sel is not None and sel.per_token:  # a choice of key tokens: bits per (query, key block), the search chunk
-        search = search_chunk(bm, False)
-        const.update(NW=-(-sel.block // 32), SB=search, PG=pivot_group(bm, search, False), INDICES=True)
+        const.update(NW=-(-sel.block // 32), SB=sel.block, PG=pivot_group(bm, sel.block, False), INDICES=True)
     return _compile(fn, sig, const, warps, stages)
 
 
