@@ -71,20 +71,20 @@ def _smin(*xs):
     return NEG if NEG in xs else (sympy.Min(*xs) if xs else POS)
 
 
-def predicate_formula(pred: str, ops: dict[str, Op], params: set[str]):
+def predicate_formula(pred: str, ops: dict[str, Op], params: set[str], leaves: dict | None = None):
     """The sympy formula of a mask predicate, or None where it is not built from positions.
-    Params become symbols named p_<param>; `head` the symbol head."""
+    Params become symbols named p_<param>; `head` the symbol head. `leaves`: the position-like leaves and
+    their symbols (default qpos -> i, kpos -> j; the select stage's block indices are another pair)."""
     memo: dict[str, object] = {}
+    leaves = {"qpos": I, "kpos": J} if leaves is None else leaves
 
     def rec(x):
         if isinstance(x, float):
             return sympy.nsimplify(x) if x == int(x) else sympy.Float(x)
         if x in memo:
             return memo[x]
-        if x == "qpos":
-            out = I
-        elif x == "kpos":
-            out = J
+        if x in leaves:
+            out = leaves[x]
         elif x == "head":
             out = sympy.Symbol("head", integer=True, nonnegative=True)
         elif x in params:

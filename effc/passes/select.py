@@ -65,7 +65,7 @@ union's granularity).
 A choice of key tokens (`per_token`: the score is [C, CK], a key input read bare, DSA's lightning indexer):
 the same rule over tokens, ties to the lower position; topk and threshold are lowered. No pool kernel; the
 select kernel searches each query's cut-off t on the score's monotone bits, 4 a round over 8 rounds (16
-pivot counts over every key, a [BM, SB, 16] compare per chunk of SB keys), keeping the count above t; a last
+pivot counts over every key, a [BM, SB, 16] compare per key block of SB keys), keeping the count above t; a last
 pass writes `tmask` [tokens, H / GROUP, NKB, NW] (a bit per chosen (query, key) pair, NW = block / 32 words)
 and the union of blocks holding one. The walks load their block's words for the elementwise mask.
 
@@ -87,7 +87,7 @@ from ..errors import SpecError
 from ..ir import ops as O
 from ..ir.nodes import CK, NB, C, Op, Selection, Spec, Stage, TileType
 from ..ir.printer import print_op
-from .blocksparse import I0, I1, I, J, Range, _or, derive, formula_range, predicate_formula
+from .blocksparse import I0, I1, I, J, Range, _and, _or, derive, formula_range, predicate_formula
 from .blocksparse import _fmt as _show
 from .fusion import live_ops, needed
 from .shapes import _fmt
@@ -202,6 +202,10 @@ class SelectSchedule:
     per_token: bool = False  # the score is per (query, key token): the choice is of tokens, walked by block
     keys: Range = Range.everything()  # a choice of key tokens: the keys a query block may choose (its masks
     # and force lines as position formulas, passes.blocksparse); the select kernel scans no others
+    blocks: Range = Range.everything()  # a choice of key blocks: the blocks kb a query block whose tokens lie
+    # in blocks [qb0, qb1] may choose (masks and force lines over qblock and kblock); no others are scored
+    summed_query: bool = False  # a shared choice whose score is linear in the query-side values (`linear_in_heads`):
+    # the group's score is the score of the group's summed query tiles, one product instead of one a head
 
     @property
     def block(self) -> int:
@@ -252,6 +256,11 @@ class SelectSchedule:
                  f" {rule} (ties: the lower {'position' if self.per_token else 'block index'}){walked}"]
         if self.per_token:
             lines.append(f"  keys scanned for a query block [i0, i1]: j in [{_show(self.keys.lo)}, {_show(self.keys.hi)}]")
+        elif self.blocks != Range.everything():
+            lines.append(f"  key blocks scored for query blocks [qb0, qb1]: kb in [{_show(self.blocks.lo)}, "
+                         f"{_show(self.blocks.hi)}]")
+        if self.summed_query:
+            lines.append(f"  {sel.score} is linear in the query side: the group's query tiles summed, scored once")
         lines += [f"  pool {p.out} = block{p.kind}({p.leaf})" for p in self.pools]
         lines += [f"  {print_op(op)}" for op in self.ops if op.kind not in O.POOLS]
         return lines
@@ -269,9 +278,13 @@ def analyze_select(spec: Spec, leaves: tuple[str, ...]) -> SelectSchedule | None
              if isinstance(a, str) and a in leaves}
     keyed = {op.args[0] for op in ops if op.kind == "key"}
     tokens = chooses_tokens(spec)
+    params = {p.name for p in spec.params}
+    key_inputs = {d.name for d in spec.inputs if "key" in d.annotations}
     return SelectSchedule(sel, ops, pools, tuple(x for x in leaves if x in read),
                           tuple(x for x in leaves if x in keyed), tokens,
-                          _choosable_keys(sel, ops, {p.name for p in spec.params}) if tokens else Range.everything())
+                          _choosable_keys(sel, ops, params) if tokens else Range.everything(),
+                          Range.everything() if tokens else _choosable_blocks(sel, ops, params),
+                          bool(sel.shared) and not tokens and linear_in_heads(sel.score, ops, set(leaves), key_inputs))
 
 
 def _choosable_keys(sel: Selection, ops: tuple[Op, ...], params: set[str]) -> Range:
@@ -280,6 +293,69 @@ def _choosable_keys(sel: Selection, ops: tuple[Op, ...], params: set[str]) -> Ra
     candidates = derive(sel.candidates, by_out, params).keys
     forced = [formula_range(predicate_formula(f, by_out, params), J, I, I0, I1) for f in sel.forced]
     return _or([candidates] + forced)
+
+
+# block indices as symbols: kb the key block, qb a query token's block, over [qb0, qb1] for a query block
+KB, QB = sympy.Symbol("kb", integer=True), sympy.Symbol("qb", integer=True)
+QB0, QB1 = sympy.Symbol("qb0", integer=True), sympy.Symbol("qb1", integer=True)
+
+
+def _choosable_blocks(sel: Selection, ops: tuple[Op, ...], params: set[str]) -> Range:
+    """The key blocks a query block may choose: those every mask line keeps, or one force line does, as
+    ranges of kb for the query block's token blocks qb in [qb0, qb1] (a predicate over anything but qblock,
+    kblock, numbers and params: every block)."""
+    by_out = {op.out: op for op in ops}
+    blocks = {"qblock": QB, "kblock": KB}
+
+    def kept(p: str) -> Range:
+        return formula_range(predicate_formula(p, by_out, params, blocks), KB, QB, QB0, QB1)
+    candidates = [kept(m) for m in sel.candidates]
+    allowed = _and(candidates) if candidates else Range.everything()
+    return _or([allowed] + [kept(f) for f in sel.forced])
+
+
+# ops through which a value stays linear in a per-head argument when every other argument is the same for
+# each head of the group: f(sum of x_h) = sum of f(x_h)
+_LINEAR = {"copy": (0,), "expand": (0,), "transpose": (0,), "neg": (0,), "mul": (0, 1), "div": (0,),
+           "matmul": (0, 1), "add": "all", "sub": "all"}
+
+
+def linear_in_heads(score: str, ops: tuple[Op, ...], leaves: set[str], key_inputs: set[str]) -> bool:
+    """Is the select score linear in the values that differ between a group's query heads (query-side
+    tiles of `leaves`), everything else being the same for the group (pools of key inputs, block indices,
+    params, numbers)? Then the sum of the heads' scores is the score of the summed query tiles."""
+    by_out = {op.out: op for op in ops}
+    memo: dict[str, str] = {}
+
+    def kind(x) -> str:  # "same" for the group, "linear" in the per-head tiles, or "other"
+        if not isinstance(x, str):
+            return "same"
+        if x in memo:
+            return memo[x]
+        op = by_out.get(x)
+        if x == "head":
+            out = "other"
+        elif op is None:  # a leaf (a key input's is the group's), qblock, kblock, qpos, params
+            out = "linear" if x in leaves and x not in key_inputs else "same"
+        elif op.kind in O.POOLS:
+            out = "same" if op.args[0] in key_inputs else "other"
+        elif op.kind == "query":
+            out = "linear"
+        else:
+            args = [kind(a) for a in op.args[:1 if op.kind == "expand" else len(op.args)]]
+            rule = _LINEAR.get(op.kind)
+            if all(a == "same" for a in args):
+                out = "same"
+            elif rule == "all":
+                out = "linear" if all(a == "linear" for a in args) else "other"
+            elif rule is not None and sum(a == "linear" for a in args) == 1 and "other" not in args:
+                out = "linear" if args.index("linear") in rule else "other"
+            else:
+                out = "other"
+        memo[x] = out
+        return out
+
+    return kind(score) == "linear"
 
 
 def chooses_tokens(spec: Spec) -> bool:

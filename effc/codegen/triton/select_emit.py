@@ -5,6 +5,7 @@ key block: the transposed list). They run before the forward; the walks read the
 from __future__ import annotations
 
 from ...ir import ops as O
+from ...passes.blocksparse import NEG, POS, triton_expr
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_plan import SoftmaxPlan
 from . import softmax_emit
@@ -96,16 +97,49 @@ _GROUP_LEADER = ("if i_h % GROUP != 0:  # the group's first head chooses for the
 
 def _shared(sched: SoftmaxSchedule, kp, width: str) -> list[str]:
     """A group-shared choice (after _GROUP_LEADER): the group's first head sums (or averages) the scores of
-    the group's query heads, each with its own query rows and pooled tiles."""
+    the group's query heads, each with its own query rows and pooled tiles; a score linear in the query side
+    is scored once, from the summed tiles (_summed_queries)."""
+    how = " / GROUP" if sched.select.selection.shared == "mean" else ""
+    if sched.select.summed_query:
+        return _scores(sched, width) + ([f"g = g{how}"] if how else [])
     # reloaded per chunk (volatile): hoisted, the group's query tiles would all sit in shared memory at once
     # (8 heads of [128, 128]: 270 KB, over the H100's 227 KB)
     loads = [x for leaf in kp.query_loads
              for x in Leaf(leaf, _pool_feats(sched, leaf)).load("lq", volatile=True).split("\n")]
-    how = " / GROUP" if sched.select.selection.shared == "mean" else ""
     return ([f"g_group = tl.zeros([BM, {width}], tl.float32)",
              "for hh in tl.static_range(GROUP):  # the group's query heads, in order"]
             + _indent(_heads("i_h0 + hh") + loads + _scores(sched, width) + ["g_group += g"])
             + _heads("i_h0") + [f"g = g_group{how}"])
+
+
+def _summed_queries(sched: SoftmaxSchedule, kp) -> list[str]:
+    """A shared score linear in the query side (passes.select.linear_in_heads): the group's query tiles summed
+    once, before the chunks, and bound to the names the score's ops read (fp32; a product casts them)."""
+    lines = []
+    for leaf in kp.query_loads:
+        feats = _pool_feats(sched, leaf)
+        lines.append(f"sum_{leaf} = tl.zeros([BM{''.join(f', {f}_P' for f in feats)}], tl.float32)")
+    loads = [x for leaf in kp.query_loads for x in Leaf(leaf, _pool_feats(sched, leaf)).load("lq").split("\n")]
+    lines += (["for hh in tl.static_range(GROUP):  # the group's query heads"]
+              + _indent(_heads("i_h0 + hh") + loads + [f"sum_{leaf} += lq_{leaf}" for leaf in kp.query_loads])
+              + _heads("i_h0"))
+    for leaf in kp.query_loads:
+        lines += [f"lq_{leaf}_raw = sum_{leaf}", f"lq_{leaf} = sum_{leaf}"]
+    return lines
+
+
+def _block_bounds(sched: SoftmaxSchedule) -> list[str]:
+    """The key blocks [kb_lo, kb_hi) the query block may choose (passes.select: SelectSchedule.blocks, over
+    its tokens' blocks [qb0, qb1]): the chunks score no others."""
+    r = sched.select.blocks
+    names = {"qb0": "qb0", "qb1": "qb1"}
+
+    def e(x) -> str:
+        return triton_expr(x, {**names, **{sym.name: sym.name for sym in x.free_symbols if sym.name.startswith("p_")}})
+    lines = ["qb0 = tl.floor(o_lo / BN)", "qb1 = tl.floor(o_hi / BN)"]
+    lines.append("kb_lo = 0" if r.lo == NEG else f"kb_lo = tl.maximum(tl.floor({e(r.lo)}).to(tl.int32), 0)")
+    lines.append("kb_hi = n_kb" if r.hi == POS else f"kb_hi = tl.minimum(tl.floor({e(r.hi)}).to(tl.int32) + 1, n_kb)")
+    return lines + ["kb_hi = tl.maximum(kb_hi, kb_lo)"]
 
 
 def _masked_scores(sched: SoftmaxSchedule, kp, width: str) -> list[str]:
@@ -174,7 +208,10 @@ def _whole(sched: SoftmaxSchedule, kp, value: str) -> list[str]:
     """An uncapped topp: one tile [BM, NBP] over every key block, sorted (_ordered)."""
     selection = sched.select.selection
     lines = ["r_B = tl.arange(0, NBP)", "bv = r_B < n_kb", "kblock_f = r_B.to(tl.float32)[None, :]"]
-    lines += (list(_GROUP_LEADER) if selection.shared else []) + _masked_scores(sched, kp, "NBP")
+    lines += list(_GROUP_LEADER) if selection.shared else []
+    if sched.select.summed_query:
+        lines += _summed_queries(sched, kp)
+    lines += _masked_scores(sched, kp, "NBP")
     lines += _ordered(selection, value) + ["ci = chosen.to(tl.int32)", "n_ch = tl.sum(ci, 1)",
                                            "slot = tl.cumsum(ci, 1) - 1  # each query's list in increasing block order",
                                            "r_J = tl.arange(0, KP)", "row = tl.max(ci, 0)"]
@@ -194,7 +231,7 @@ def _chunk(sched: SoftmaxSchedule, kp) -> list[str]:
     block's key (the order as an int64: monotone score bits, then the reversed block index), keyed out
     (_KEY_NONE) where the block cannot be taken."""
     selection = sched.select.selection
-    lines = ["r_B = c0 + tl.arange(0, CB)", "bv = r_B < n_kb", "kblock_f = r_B.to(tl.float32)[None, :]"]
+    lines = ["r_B = c0 + tl.arange(0, CB)", "bv = r_B < kb_hi", "kblock_f = r_B.to(tl.float32)[None, :]"]
     lines += _masked_scores(sched, kp, "CB")
     kind, value = selection.criterion[0], SelectPrinter(sched, {}).ref(selection.criterion[1])
     if kind == "threshold" and selection.limit is None:
@@ -234,7 +271,7 @@ def _running_list(sched: SoftmaxSchedule, kp) -> list[str]:
              f"    key = tl.where(key == m[:, None], {_KEY_NONE}, key)",
              "    m = tl.max(key, 1)",
              "    low = tl.min(top, 1)"]
-    lines += ["for c0 in range(0, n_kb, CB):  # pass 1: the running list"] + _indent(body)
+    lines += ["for c0 in range(kb_lo, kb_hi, CB):  # pass 1: the running list"] + _indent(body)
     real = f"top > {_KEY_NONE} + KP"  # a slot holding a block (not empty, not padding: r_J < KTOP)
     if not topp:
         return lines + [f"cut = tl.min(tl.where(({real}) & (r_J[None, :] < KTOP), top, {_KEY_TOP}), 1)"]
@@ -278,13 +315,15 @@ def _write(sched: SoftmaxSchedule, kp) -> list[str]:
         "n_ch += tl.sum(ci, 1)", "n_union += tl.sum(row, 0)"]
     return (["n_ch = tl.zeros([BM], tl.int32)",
              "n_union = tl.sum(tl.zeros([CB], tl.int32), 0)",
-             "for c0 in range(0, n_kb, CB):  # pass 2: the choice written"] + _indent(body) + ends)
+             "for c0 in range(kb_lo, kb_hi, CB):  # pass 2: the choice written"] + _indent(body) + ends)
 
 
 def _streamed(sched: SoftmaxSchedule, kp) -> list[str]:
     """Every criterion but an uncapped topp: the key blocks CB at a time, never a tile over all of them."""
     selection = sched.select.selection
-    lines = (list(_GROUP_LEADER) if selection.shared else []) + ["r_J = tl.arange(0, KP)"]
+    lines = (list(_GROUP_LEADER) if selection.shared else []) + _block_bounds(sched) + ["r_J = tl.arange(0, KP)"]
+    if sched.select.summed_query:
+        lines += _summed_queries(sched, kp)
     if not (selection.criterion[0] == "threshold" and selection.limit is None):
         lines = lines + _running_list(sched, kp)
     return lines + _write(sched, kp)
@@ -292,7 +331,7 @@ def _streamed(sched: SoftmaxSchedule, kp) -> list[str]:
 
 # a choice of key tokens (passes.select, per_token): the cut-off is found digit by digit, 4 bits a round, over
 # the score's 32 bits made monotone (u): _PIVOTS counts a round, over chunks of SB keys ([BM, SB, _PIVOTS]
-# compares: one reduction a chunk, not one a pivot; SB: passes.softmax.search_chunk)
+# compares: one reduction a chunk, not one a pivot; SB: the block, runtime.select_op)
 _PIVOTS = 16
 _ROUNDS = 8
 
