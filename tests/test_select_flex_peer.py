@@ -74,22 +74,24 @@ def test_the_bench_peer_row_computes_effcs_output():
     _peer_row("moba", effc.loads(SMALL, "moba_small"), _inputs(50, seed=2), ("q", "k", "v"))
 
 
-def test_the_pairs_the_mask_keeps_are_the_naive_ones():
+@pytest.mark.parametrize("kv_block", [16, 32])  # 32: the mask's key blocks hold two chosen ones (training)
+def test_the_pairs_the_mask_keeps_are_the_naive_ones(kv_block):
     """The pairs the BlockMask keeps (what Flex's backward walks too; it has no CPU backward): a visited block,
     then full or the mask_mod, equal the naive choice's pairs under causality."""
     from naive_softmax import block_choice
     op = effc.loads(SMALL, "moba_small")
     xs = _inputs(45, seed=3)
-    bm = select_block_mask(op.select_blocks(*xs), 16, _causal_pairs, 32)
+    bm = select_block_mask(op.select_blocks(*xs), 16, _causal_pairs, 32, kv_block=kv_block)
     i = torch.arange(45)[:, None]
     j = torch.arange(45)[None, :]
-    blocks = torch.zeros(1, 2, 2, 3, dtype=torch.int8)  # (B, H, query blocks, key blocks): 0, 1 partial, 2 full
+    n_kv = -(-45 // kv_block)
+    blocks = torch.zeros(1, 2, 2, n_kv, dtype=torch.int8)  # (B, H, query blocks, key blocks): 0, 1 partial, 2 full
     for kind, n, idx in ((1, bm.kv_num_blocks, bm.kv_indices), (2, bm.full_kv_num_blocks, bm.full_kv_indices)):
         for h in range(2):
             for qb in range(2):
                 for t in range(int(n[0, h, qb])):
                     blocks[0, h, qb, int(idx[0, h, qb, t])] = kind
-    kind = blocks[:, :, i // 32, j // 16]  # (B, H, T, T)
+    kind = blocks[:, :, i // 32, j // kv_block]  # (B, H, T, T)
     b, h = torch.zeros(1, 1, 1, 1, dtype=torch.long), torch.arange(2).reshape(1, 2, 1, 1)
     kept = (kind == 2) | ((kind == 1) & bm.mask_mod(b, h, i, j))
     expect = block_choice(*xs[:2], 16, 2)[..., torch.arange(45) // 16] & (j <= i)

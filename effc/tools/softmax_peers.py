@@ -106,23 +106,32 @@ def sliding_window(T: int, window: int, device):
     return run
 
 
-def select_block_mask(chosen, block: int, token_mask, q_block: int = 128, tokens: bool = False):
+def select_block_mask(chosen, block: int, token_mask, q_block: int = 128, tokens: bool = False,
+                      kv_block: int | None = None):
     """A FlexAttention BlockMask holding effc's own choice: `chosen` (B, T, H, nb) bool, what
     `op.select_blocks` returns (query token x key block of `block` tokens; `tokens`: x key token, a choice
     of key tokens). A (query block of `q_block`, key block) pair is visited when some query of the block
     chose the key block (a token of it); it is full (no mask_mod) when every query of the block chose it
     (every token of it) and token_mask keeps every pair in it. The mask_mod keeps a pair when its query chose
-    the key's block (the key) and token_mask(q_idx, kv_idx) holds (the spec's score masks)."""
+    the key's block (the key) and token_mask(q_idx, kv_idx) holds (the spec's score masks). `kv_block` (a
+    multiple of `block`): the mask's key blocks hold several chosen ones, visited when one of them is."""
     from torch.nn.attention.flex_attention import BlockMask
     sel = chosen.permute(0, 2, 1, 3).contiguous()  # (B, H, T, nb or keys): the mask_mod's lookup
+    lookup = block
+    T = chosen.shape[1]
     if tokens:  # per key block: chosen by some (by every) query for some (for every) token of it
         per_block = chosen.unflatten(-1, (-1, block))
-        T = chosen.shape[1]
         tail = torch.arange(per_block.shape[-2] * block, device=chosen.device).reshape(-1, block) >= T
         chosen, whole = per_block.any(-1), (per_block | tail).all(-1)
-    B, T, H, nb = chosen.shape
-    if not tokens:
+    else:
         whole = chosen
+    if kv_block is not None and kv_block != block:  # blocks past the sequence's end hold no key: no part missing
+        r = kv_block // block
+        pad = -chosen.shape[-1] % r
+        chosen = torch.nn.functional.pad(chosen, (0, pad)).unflatten(-1, (-1, r)).any(-1)
+        whole = torch.nn.functional.pad(whole, (0, pad), value=True).unflatten(-1, (-1, r)).all(-1)
+        block = kv_block
+    B, T, H, nb = chosen.shape
     nq = -(-T // q_block)
 
     def query_blocks(x):  # (B, T, H, nb) -> (B, H, nq, q_block, nb), padding rows False
@@ -146,7 +155,7 @@ def select_block_mask(chosen, block: int, token_mask, q_block: int = 128, tokens
         return m.sum(-1, dtype=torch.int32), torch.sort((~m).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return sel[b, h, q_idx, kv_idx if tokens else kv_idx // block] & token_mask(q_idx, kv_idx)
+        return sel[b, h, q_idx, kv_idx if tokens else kv_idx // lookup] & token_mask(q_idx, kv_idx)
     n, idx = listed(partial)
     fn, fidx = listed(full)
     return BlockMask.from_kv_blocks(n, idx, fn, fidx, BLOCK_SIZE=(q_block, block), mask_mod=mask_mod,
@@ -166,12 +175,17 @@ def _flex_select(spec: str, token_mask, q_block: int = 128):
         with torch.no_grad():
             chosen = op.select_blocks(*(x.detach() for x in xs), **given)
         block = op.spec.selection.block
-        block_mask = select_block_mask(chosen, block, token_mask, q_block, tokens=op.sched.select.per_token)
+        # Flex's backward kernels take key tiles of 128 (each config's divides the mask's key block): a training
+        # step's mask groups smaller chosen blocks into 128-key blocks (the mask_mod keeps the exact choice)
+        training = q.is_cuda and q.requires_grad and block < 128
+        block_mask = select_block_mask(chosen, block, token_mask, q_block, tokens=op.sched.select.per_token,
+                                       kv_block=128 if training else block)
         scale = params.get("scale", q.shape[-1] ** -0.5)
         gqa = q.shape[1] != k.shape[1]
         if q.is_cuda:
             fn = _FLEX_CACHE.setdefault("flex", torch.compile(flex_attention, dynamic=False))
-            options = {"BLOCK_N": block} if block < 128 else None  # the kernel's key tile within a key block
+            # the forward's key tile within a key block
+            options = {"BLOCK_N": block} if block < 128 and not training else None
         else:  # eager (tests on CPU)
             fn, options = flex_attention, None
 
