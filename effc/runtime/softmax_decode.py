@@ -85,7 +85,8 @@ def _forward_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, 
 _DECODE_SELECT_ROWS = 16
 
 
-def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, pvals: dict, dims: dict) -> list:
+def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, longest: int, tq: int, pvals: dict,
+                   dims: dict) -> list:
     """Decoding through the select stage's kernels and the forward walk, every request in one launch of each
     (their DECODE variant: the keys are each request's cache rows, the queries its new tokens): the pool kernel
     pools the request's cached key blocks, the select kernel chooses blocks for the new queries, the walk
@@ -117,8 +118,8 @@ def _select_decode(op, named: dict, caches: dict, lens: torch.Tensor, tq: int, p
     args = {f"{x}_ptr": t for x, t in zip(sched.leaves, leaves)}
     args.update({f"{o}_ptr": t for o, t in outs.items()}, **{f"{k}_ptr": dummy for k in op.saved_shapes(B, 1, H, dims)})
     args.update({f"p_{k}": v for k, v in pvals.items()}, T=tmax, Q_LO=0, Q_HI=tmax, cu_ptr=dummy, lens_ptr=lens, TQ=tq)
-    longest = int(lens.max()) + tq if B else tq
-    args.update(selection_buffers(op, cfg, args, meta, B, longest, H, leaves, transpose=False, query_rows=tq))
+    args.update(selection_buffers(op, cfg, args, meta, B, longest + tq if B else tq, H, leaves, transpose=False,
+                                  query_rows=tq))
     if B and H and rows:
         op._launch_rows("fwd", cfg.fwd, tq, (0, tq), B, H, args, meta)
     elif B and H:
@@ -183,9 +184,12 @@ def _caches(op, cache, expect: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {x: cache[x] for x in names}
 
 
-def _lengths(cache_seqlens, B: int, tq: int, tmax: int | None, device) -> torch.Tensor:
+def _lengths(cache_seqlens, B: int, tq: int, tmax: int | None, device) -> tuple[torch.Tensor, int]:
     """cache_seqlens checked: int32 (B,), each request's context fitting the caches before its new tokens
-    (`tmax` None: no cache, any length >= 0)."""
+    (`tmax` None: no cache, any length >= 0); and the longest context, what the launches are sized by. Its
+    values are read on the host once (one synchronisation); while a CUDA graph is being captured they are
+    not (a capture cannot read the device): the longest context is then the cache's room, and values out of
+    range are the caller's to avoid."""
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.shape != (B,) \
             or cache_seqlens.dtype != torch.int32:
         got = (f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}" if isinstance(cache_seqlens, torch.Tensor)
@@ -194,13 +198,18 @@ def _lengths(cache_seqlens, B: int, tq: int, tmax: int | None, device) -> torch.
                             f"got {got}")
     if cache_seqlens.device != device:
         raise ArgumentError(f"cache_seqlens is on {cache_seqlens.device}, the new tokens on {device}")
-    lo, hi = (int(v) for v in torch.aminmax(cache_seqlens)) if B else (0, 0)
+    if cache_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        if tmax is None:
+            raise ArgumentError("decode without a cache under CUDA graph capture: the launches are sized by the "
+                                "cache's room (Tmax), and there is none")
+        return cache_seqlens, tmax - tq
+    lo, hi = torch.stack(torch.aminmax(cache_seqlens)).tolist() if B else (0, 0)
     if tmax is None and lo < 0:
         raise ArgumentError(f"cache_seqlens must be >= 0 (tokens before the new ones), got values in [{lo}, {hi}]")
     if tmax is not None and (lo < 0 or hi + tq > tmax):
         raise ArgumentError(f"cache_seqlens must lie in [0, Tmax - Tq] = [0, {tmax - tq}] (the {tq} new tokens "
                             f"are written after them, in a cache of Tmax={tmax}), got values in [{lo}, {hi}]")
-    return cache_seqlens
+    return cache_seqlens, hi
 
 
 def _prefix(op, named: dict, pvals: dict, H: int, caches: dict, lens: torch.Tensor) -> dict:
@@ -256,7 +265,7 @@ def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params
         for x in names}
     caches = _caches(op, cache, expect)
     tmax = next(iter(caches.values())).shape[1] if caches else None
-    lens = _lengths(cache_seqlens, B, tq, tmax, device)
+    lens, longest = _lengths(cache_seqlens, B, tq, tmax, device)
     pre = _prefix(op, named, pvals, H, caches, lens)
     values = {**named, **pre}
 
@@ -271,7 +280,7 @@ def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params
         op.last_decode = dict(kernels=f"the forward's per request ({why})")
         return o[0] if len(o) == 1 else tuple(o)
     if sched.select is not None:
-        o = _select_decode(op, named, caches, lens, tq, pvals, dims)
+        o = _select_decode(op, named, caches, lens, longest, tq, pvals, dims)
         return o[0] if len(o) == 1 else tuple(o)
 
     dec, comb = op.comp.plan.kernel("decode"), op.comp.plan.kernel("decode_combine")
@@ -280,7 +289,7 @@ def decode(op, tokens, cache, cache_seqlens, splits: int | None = None, **params
     group = decode_group(H, [heads[x] for x in dec.key_loads], tq)
     bm, bn, warps, stages = decode_tiles(tq * group, widest, interpreting())
     programs = B * H // group  # one per request and group of query heads sharing their key heads
-    n_split = splits or decode_splits(programs, -(-(int(lens.max()) + tq) // bn) if B else 1, sm_count(device))
+    n_split = splits or decode_splits(programs, -(-(longest + tq) // bn) if B else 1, sm_count(device))
     f32 = dict(dtype=torch.float32, device=device)
     named_args = {f"{x}_ptr": values[x].contiguous() for x in dec.query_loads + comb.query_loads}
     named_args.update({f"{x}_cache_ptr": c for x, c in caches.items()})

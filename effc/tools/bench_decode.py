@@ -61,15 +61,33 @@ def decode_call(op, B: int, T: int, H: int, Hk: int, D: int, tq: int):
     return step
 
 
+def _graphed(fn):
+    """`fn` captured in a CUDA graph (warmed on a side stream first): its replay, what a server runs per step,
+    with no host work between the kernels."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def _decode_row(op, name: str, B: int, T: int, H: int, Hk: int, D: int, tq: int, peers: bool, timer) -> dict:
     import torch
 
     step = decode_call(op, B, T, H, Hk, D, tq)
     tokens, cache = step.tokens, step.cache
     ms = timer(step)
+    graphs = tokens[0].is_cuda  # the step and the peer also replayed from CUDA graphs: the GPU's time alone
     read = sum(c[:, :T + tq].numel() * c.element_size() for c in cache.values())
     row = dict(spec=name, B=B, T=T, H=H, kv_heads=Hk, D=D, new_tokens=tq, effc_ms=ms, cache_GBps=read / ms / 1e6,
                decode={k: v for k, v in op.last_decode.items()})
+    if graphs:
+        row["effc_graph_ms"] = timer(_graphed(step))
     if peers and {"k", "v"} <= set(cache) and tq == 1:
         q = tokens[0].transpose(1, 2)  # (B, H, 1, D): one new query sees every cached key and its own
         k, v = (cache[x][:, :T + tq].transpose(1, 2) for x in ("k", "v"))
@@ -77,6 +95,8 @@ def _decode_row(op, name: str, B: int, T: int, H: int, Hk: int, D: int, tq: int,
         row["peer"] = "torch SDPA over the whole cache (dense)"
         row["peer_ms"] = timer(lambda: sdpa(q, k, v, enable_gqa=Hk != H))
         row["speedup"] = row["peer_ms"] / ms
+        if graphs:
+            row["peer_graph_ms"] = timer(_graphed(lambda: sdpa(q, k, v, enable_gqa=Hk != H)))
     return row
 
 
@@ -88,6 +108,8 @@ def decode_table(rows) -> str:
             lines.append(f"{r['spec']:16s} skipped: {r['skipped']}")
             continue
         peer = (f"{r['peer_ms']:8.3f} {r['speedup']:6.2f}x" if "peer_ms" in r else f"{'-':>8s} {'-':>7s}")
+        graphs = (f"  graphs: effc {r['effc_graph_ms']:.3f} ms, SDPA {r.get('peer_graph_ms', float('nan')):.3f} ms"
+                  if "effc_graph_ms" in r else "")
         lines.append(f"{r['spec']:16s} {str(r['B']) + 'x' + str(r['T']):>10s} {str(r['H']) + '/' + str(r['kv_heads']):>6s} "
-                     f"{r['new_tokens']:3d} {r['effc_ms']:8.3f} {r['cache_GBps']:10.0f} {peer}  {r['decode']}")
+                     f"{r['new_tokens']:3d} {r['effc_ms']:8.3f} {r['cache_GBps']:10.0f} {peer}  {r['decode']}{graphs}")
     return "\n".join(lines)
