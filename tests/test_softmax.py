@@ -356,6 +356,9 @@ def test_visible_pairs_and_flops():
     assert op.visible_pairs(10, window=3) == sum(min(i + 1, 3) for i in range(10))
     assert effc.load("softmax_attn").flops(1, 8, 1, {"K": 16, "V": 16}) == 36 * (2 * 16 + 2 * 16)
     assert math.isclose(effc.load("softmax_full").flops(2, 8, 3, {"K": 16, "V": 16}), 2 * 3 * 64 * 64)
+    # a bounded choice: a query keeps at most topk's 16 blocks of 64 keys (the causal ones when fewer)
+    assert effc.load("infllm_v2").visible_pairs(4096) == sum(min(i + 1, 16 * 64) for i in range(4096))
+    assert effc.load("dsa").visible_pairs(4096) == sum(min(i + 1, 2048) for i in range(4096))  # k = 2048 tokens
 
 
 AOT = r"""

@@ -481,7 +481,8 @@ class SoftmaxOp(Tuned):
     def visible_pairs(self, T: int, **params) -> int:
         """(query, key) pairs the masks keep in one sequence of T tokens, counted on the masks themselves
         (every pair when a mask reads per-token inputs); a key sequence of its own has as many keys as
-        verify.random_inputs draws for T queries."""
+        verify.random_inputs draws for T queries. A select stage with a bounded choice (topk's k, a cap)
+        keeps at most that many blocks' (tokens') keys a query: the bound is counted."""
         from ..passes.fusion import live_ops
         from .softmax_oracle import base_env, eval_pair_op
         ops = live_ops(self.spec.score.ops, self.spec.masks)
@@ -505,6 +506,10 @@ class SoftmaxOp(Tuned):
         for m in self.spec.masks:
             v = torch.as_tensor(env[m])
             keep &= (v.reshape(v.shape[-2:] if v.dim() >= 2 else ()) != 0)
+        sel = self.sched.select
+        if sel is not None and sel.selection.slots:  # a bounded choice: at most its slots' keys a query
+            most = sel.selection.slots * (1 if sel.per_token else sel.block)
+            return int(keep.sum(1).clamp(max=most).sum())
         return int(keep.sum())
 
     def flops(self, B: int, T: int, H: int, dims: dict[str, int], backward: bool = False, **params) -> float:
