@@ -121,3 +121,11 @@ def test_the_python_front_end_reads_pos_in_its_prefix():
             o = softmax(s) @ v  # noqa: F821, F841
 
     assert parse_function(rope_prefix).specs[0] == parse(ROPE_PREFIX).specs[0]
+
+
+def test_prefix_values_read_only_as_products_are_handed_over_narrow():
+    """RoPE's rotated q and k feed the score's product only: the runtime hands them to the kernels in the
+    inputs' 16-bit dtype (the walks load half the bytes); a prefix value with another use stays fp32."""
+    assert effc.loads(ROPE_PREFIX, "rope_prefix").sched.operand_prefix == {"qr", "kr"}
+    fox = effc.load("forgetting_transformer")
+    assert [x for x in fox.sched.leaves if x not in {d.name for d in fox.spec.inputs}] and not fox.sched.operand_prefix

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import sympy
 
@@ -159,6 +160,24 @@ class SoftmaxSchedule:
                 if isinstance(a, str)}
         return tuple(d.name for d in self.spec.inputs) + tuple(op.out for op in self.spec.prefix.ops
                                                                if op.out in read)
+
+    @cached_property
+    def operand_prefix(self) -> frozenset[str]:
+        """The prefix values the kernels read only as matmul operands (through query/key reads, transposes and
+        copies): the runtime hands them over in the inputs' 16-bit dtype, to which every product casts its
+        operands anyway, so the walks load half the bytes (RoPE's rotated q and k); the others stay fp32."""
+        ops = self.spec.select.ops + self.spec.score.ops + self.spec.merge.ops
+        users: dict[str, list[Op]] = {}
+        for op in ops:
+            for a in op.args:
+                if isinstance(a, str):
+                    users.setdefault(a, []).append(op)
+
+        def operand(x: str) -> bool:
+            return bool(users.get(x)) and all(
+                op.kind == "matmul" or (op.kind in ("query", "key", "transpose", "copy") and operand(op.out))
+                for op in users[x])
+        return frozenset(x for x in self.leaves[len(self.spec.inputs):] if operand(x))
 
     def __str__(self) -> str:
         lines = ["schedule: online softmax (FlashAttention-2 walk over key blocks)"]

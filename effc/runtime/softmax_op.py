@@ -149,7 +149,9 @@ class SoftmaxOp(Tuned):
         named = {d.name: x for d, x in zip(self.spec.inputs, tensors)}
         pre = self._prefix(named, dict(zip((p.name for p in self.spec.params), pvals)), tensors[0].shape[2],
                            cu_seqlens)
-        leaves = [named[x] if x in named else pre[x] for x in self.sched.leaves]
+        narrow = operand_dtype(tensors[0].dtype)  # prefix values read only as matmul operands (sched.operand_prefix)
+        leaves = [named[x] if x in named else pre[x].to(narrow) if x in self.sched.operand_prefix else pre[x]
+                  for x in self.sched.leaves]
         outs = self._torch_ops.call(leaves, [], cu_seqlens, list(ints), list(pvals))[:len(self.spec.outputs)]
         return (outs[0] if len(outs) == 1 else tuple(outs)), None
 
