@@ -220,7 +220,7 @@ def test_generated_source_that_does_not_compile_is_an_internal_error(tmp_path, m
     monkeypatch.setattr(emit, "emit_softmax_module", lambda *a: good(*a).replace("BM: tl.constexpr", "1: tl.constexpr", 1))
     with pytest.raises(CodegenError) as info:
         compile_text(PREFIX_NORMALISED).source()
-    assert "spec 'n' does not compile" in str(info.value) and "in n_fwd_kernel" in str(info.value)
+    assert "spec 'n' does not compile" in str(info.value) and "in n_prefix_kernel" in str(info.value)
     spec = tmp_path / "n.attn"
     spec.write_text(PREFIX_NORMALISED)
     r = CliRunner().invoke(app, ["compile", str(spec), "-o", str(tmp_path / "out")])

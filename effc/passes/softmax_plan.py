@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ir import ops as O
 from ..ir.nodes import CK, C, Spec, TensorDecl
 from ..ir.printer import print_op
 from .blocksparse import NEG, POS
@@ -85,7 +86,9 @@ class SoftmaxPlan:
         if self.partitions:
             lines.append("    the model picks per call: the fewer block steps a query row for uncorrelated choices "
                          "(passes.softmax.default_partition, from the call's head group and length)")
-        lines += ["  prefix (PyTorch pre-pass over whole sequences, differentiated by autograd):"
+        lowered = any(k.role == "prefix" for k in self.kernels)
+        lines += [("  prefix (kernel `prefix` per token; backward: autograd over its PyTorch evaluation):" if lowered
+                   else "  prefix (PyTorch pre-pass over whole sequences, differentiated by autograd):")
                   if self.spec.prefix.ops else "  prefix: none"]
         lines += [f"    {print_op(op)}" for op in self.spec.prefix.ops]
         lines.append(str(self.backward))
@@ -378,9 +381,42 @@ def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
     return decl or TensorDecl(x, "prefix", ("B", "T", "H") + tuple(str(d) for d in sched.types[x].shape[1:]))
 
 
+PREFIX_KERNEL = ("prefix", "prefix", "q", "the prefix stage per token, every value the walks read computed once "
+                 "and stored (those read only as products in the inputs' 16-bit dtype)")
+
+
+def prefix_lowered(sched: SoftmaxSchedule) -> bool:
+    """Does a kernel compute the prefix stage (`prefix`, a program per block of one head's tokens)? Where every
+    prefix op is per token: no scan or reduction over tokens (a cumsum: FoX's gate), which stay in the
+    PyTorch pre-pass. Its backward is autograd's over that pre-pass either way (runtime.softmax_torch_op)."""
+    from .shapes import reduces_tokens
+    ops = sched.spec.prefix.ops
+    return bool(ops) and not any(op.kind in O.SCANS or reduces_tokens(op, sched.types) for op in ops)
+
+
+def _prefix_kernel(sched: SoftmaxSchedule, leaf_dims) -> SoftmaxKernel:
+    """The prefix kernel (prefix_lowered): reads the inputs the prefix stage reads, stores its values the
+    other stages read (sched.leaves past the inputs)."""
+    spec = sched.spec
+    read_names = {a for op in spec.prefix.ops for a in op.args if isinstance(a, str)}
+    read = tuple(d.name for d in spec.inputs if d.name in read_names)
+    stores = tuple(x for x in sched.leaves[len(spec.inputs):])
+    params = tuple(p.name for p in spec.params if p.name in read_names)
+    dims = sorted(set(leaf_dims) | {n for d in spec.inputs if d.name in read for n in d.dims[3:]})
+    name, role, outer, what = PREFIX_KERNEL
+    args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read + stores])
+                       + kernel_args("param", [f"p_{p}" for p in params])) \
+        + kernel_args("layout", _LAYOUT) + _shape_args(read, dims) \
+        + kernel_args("tile", _TILES) + kernel_args("option", ("IS_VARLEN",))
+    return SoftmaxKernel(name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),
+                         stores=tuple(leaf_decl(sched, x) for x in stores), grid="(query blocks, B*H)", args=args,
+                         stages=("prefix",), what=what, outer=outer, walk=False, query_loads=read)
+
+
 def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> SoftmaxPlan:
     leaf_dims = sorted({str(d) for x in sched.leaves for d in sched.types[x].shape[1:]})
-    kernels = _select_kernels(sched, leaf_dims) if sched.select is not None else []
+    kernels = [_prefix_kernel(sched, leaf_dims)] if prefix_lowered(sched) else []
+    kernels += _select_kernels(sched, leaf_dims) if sched.select is not None else []
     rows = tuple(k for k in HEAD_ROWS_KERNELS if k[0] in {c for p in plan_partitions(spec) for c in p.kernels})
     for name, role, stages, outer, what in SOFTMAX_KERNELS + rows:
         ops = _kernel_ops(sched, bwd, name)

@@ -91,7 +91,8 @@ class SoftmaxOp(Tuned):
         live(self)
         self._torch_ops = softmax_torch_ops(self)
         self._kernel_names = {k.name for k in comp.plan.kernels}
-        self._prefix = prefix_stage(self.spec)
+        kernel = PrefixKernel(self) if "prefix" in self._kernel_names else None
+        self._prefix = prefix_stage(self.spec, kernel, self.sched.operand_prefix)
 
     def __repr__(self) -> str:
         return f"<effc softmax op {self.name}({', '.join(d.name for d in self.spec.inputs)}) backend={self.backend}>"
@@ -208,12 +209,8 @@ class SoftmaxOp(Tuned):
     def stored_leaves(self, leaves, dims, dtype) -> dict:
         """The kernels' leaf arguments: each contiguous, its feature rows zero-padded to their stored width
         (policy.tiling.stored_width: the kernels read rows {d}_S wide)."""
-        named = {}
-        for x, t in zip(self.sched.leaves, leaves):
-            feats = self.sched.types[x].shape[1:]
-            extra = stored_width(dims[str(feats[0])], dtype.itemsize) - t.shape[-1] if feats else 0
-            named[f"{x}_ptr"] = torch.nn.functional.pad(t, (0, extra)) if extra else t.contiguous()
-        return named
+        return {f"{x}_ptr": _stored_rows(t, self.sched.types[x].shape[1:], dims, dtype)
+                for x, t in zip(self.sched.leaves, leaves)}
 
     def _meta(self, cfg_k, H, heads, dims, cu, dtype, save=False) -> dict:
         import triton.language as tl
@@ -527,6 +524,50 @@ class SoftmaxOp(Tuned):
             for r in g.reductions:
                 per_pair += 2 * math.prod(int(d.subs(subs)) for d in self.sched.types[r.out].shape[1:])
         return float(self.visible_pairs(T, **params) * B * H * per_pair) * (3.5 if backward else 1.0)
+
+
+_PREFIX_TILE = (64, 16, 4, 1)  # the prefix kernel's rows (BM), a key tile it does not use, warps, stages
+
+
+class PrefixKernel:
+    """The generated prefix kernel of a SoftmaxOp (passes.softmax_plan.prefix_lowered) as the prefix stage's
+    forward: `(inputs, cu_seqlens, H, params) -> [value per name of .stores]`, each (B, T, H, ...), those read
+    only as products in the inputs' 16-bit dtype (operand_dtype), the others fp32."""
+
+    def __init__(self, op: SoftmaxOp):
+        self.op = op
+        self.plan = op.comp.plan.kernel("prefix")
+        self.stores = tuple(d.name for d in self.plan.stores)
+
+    def __call__(self, xs, cu, H: int, params) -> list[torch.Tensor]:
+        op, sched = self.op, self.op.sched
+        named = {d.name: x for d, x in zip(op.spec.inputs, xs)}
+        first = xs[0]
+        B, T, dtype, device = first.shape[0], first.shape[1], first.dtype, first.device
+        dims = {n: size for d in op.spec.inputs for n, size in zip(d.dims[3:], named[d.name].shape[3:])}
+        low = operand_dtype(dtype)
+        outs = {x: torch.empty((B, T, H) + tuple(dims[str(d)] for d in sched.types[x].shape[1:]),
+                               dtype=low if x in sched.operand_prefix else torch.float32, device=device)
+                for x in self.stores}
+        args = {f"{x}_ptr": _stored_rows(named[x], sched.types[x].shape[1:], dims, dtype) for x in self.plan.query_loads}
+        args.update({f"{x}_ptr": t for x, t in outs.items()})
+        args.update({f"p_{p}": float(v) for p, v in zip((p.name for p in op.spec.params
+                                                          if f"p_{p.name}" in self.plan.arg_names), params)})
+        n_seq = B if cu is None else cu.shape[0] - 1
+        longest = T if cu is None else int((cu[1:] - cu[:-1]).max()) if n_seq else 0
+        args.update(T=T, Q_LO=0, Q_HI=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None
+                    else torch.empty(1, dtype=torch.float32, device=device))
+        heads = {x: named[x].shape[2] for x in self.plan.query_loads}
+        meta = op._meta(_PREFIX_TILE, H, heads, dims, cu, dtype)
+        if n_seq and H and longest:
+            op._launch("prefix", _PREFIX_TILE, -(-longest // _PREFIX_TILE[0]), n_seq * H, args, meta)
+        return [outs[x] for x in self.stores]
+
+
+def _stored_rows(t: torch.Tensor, feats, dims: dict, dtype) -> torch.Tensor:
+    """A leaf as the kernels read it: contiguous, its feature rows zero-padded to their stored width."""
+    extra = stored_width(dims[str(feats[0])], dtype.itemsize) - t.shape[-1] if feats else 0
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t.contiguous()
 
 
 class HybridOp:

@@ -19,6 +19,7 @@ import torch
 from ..ir.nodes import Spec
 from ..passes.softmax import SoftmaxTiles
 from . import softmax_oracle
+from .checks import operand_dtype
 from .torch_op import Family, Saved, TorchOps, register, source_key
 
 _KERNELS = ("fwd", "dq", "dkv", "pre")  # SoftmaxTiles' fields, 4 ints each, then head_rows
@@ -93,17 +94,22 @@ def softmax_torch_ops(op) -> TorchOps:
     return register(source_key(op, "softmax"), Family(run_fwd, fake_fwd, run_bwd, fake_bwd, kept, grads_of))
 
 
-def prefix_stage(spec: Spec):
-    """`values(named, pvals, H, cu)`: softmax_oracle.prefix_values in fp32 (what the kernels read), traceable
-    under torch.compile. Made with the op: the custom ops register outside any trace."""
-    ops = _prefix_torch_ops(spec) if spec.prefix.ops else None
+def prefix_stage(spec: Spec, kernel=None, narrow: frozenset = frozenset()):
+    """`values(named, pvals, H, cu)`: the prefix stage's per-token values the kernels read, traceable under
+    torch.compile. Made with the op: the custom ops register outside any trace. `kernel(xs, cu, H, params)`:
+    the generated prefix kernel (passes.softmax_plan.prefix_lowered), which then computes them; its backward is
+    autograd's over the PyTorch evaluation (softmax_oracle.prefix_values in fp32). Without one, that evaluation
+    runs (fp32), differentiated by autograd. `narrow`: the values read only as products, handed over in the
+    inputs' 16-bit dtype (SoftmaxSchedule.operand_prefix)."""
+    ops = _prefix_torch_ops(spec, kernel, narrow) if spec.prefix.ops else None
     names = _prefix_params(spec)
+    outs = _prefix_outputs(spec, kernel)
 
     def values(named: dict, pvals: dict, H: int, cu) -> dict:
-        if cu is None or ops is None or not torch.compiler.is_compiling():
+        if ops is None or (kernel is None and (cu is None or not torch.compiler.is_compiling())):
             return softmax_oracle.prefix_values(spec, named, pvals, H, torch.float32, cu)
         out = ops.call([named[d.name] for d in spec.inputs], [], cu, [H], [float(pvals[n]) for n in names])
-        return dict(zip((op.out for op in softmax_oracle.per_token_prefix(spec)), out))
+        return dict(zip(outs, out))
     return values
 
 
@@ -113,22 +119,35 @@ def _prefix_params(spec: Spec) -> list[str]:
     return [p.name for p in spec.params if p.name in read]
 
 
-def _prefix_torch_ops(spec: Spec) -> TorchOps:
-    """The prefix stage over packed sequences as a custom op pair: xs are the spec's inputs, ints [H]."""
-    inputs, outs = [d.name for d in spec.inputs], [op.out for op in softmax_oracle.per_token_prefix(spec)]
+def _prefix_outputs(spec: Spec, kernel) -> list[str]:
+    """The values the prefix custom op returns: the kernel's stores (the values other stages read), else
+    every per-token prefix value."""
+    if kernel is not None:
+        return list(kernel.stores)
+    return [op.out for op in softmax_oracle.per_token_prefix(spec)]
+
+
+def _prefix_torch_ops(spec: Spec, kernel=None, narrow: frozenset = frozenset()) -> TorchOps:
+    """The prefix stage as a custom op pair: xs are the spec's inputs, ints [H]. Forward: the prefix kernel
+    where there is one, else the PyTorch evaluation; backward: the evaluation's VJP (torch.func)."""
+    inputs, outs = [d.name for d in spec.inputs], _prefix_outputs(spec, kernel)
     read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
 
-    def run(xs, cu, ints, params):
+    def evaluate(xs, cu, ints, params):
         pvals = dict(zip(_prefix_params(spec), params))
         pre = softmax_oracle.prefix_values(spec, dict(zip(inputs, xs)), pvals, ints[0], torch.float32, cu)
+        low = operand_dtype(xs[0].dtype)
         # copies: custom-op outputs must not alias the inputs (a prefix value may be an input as it is)
-        return [pre[n].clone(memory_format=torch.contiguous_format) for n in outs]
+        return [pre[n].to(low) if n in narrow else pre[n].clone(memory_format=torch.contiguous_format)
+                for n in outs]
 
     def run_fwd(xs, init, cu, ints, params):
-        return run(xs, cu, ints, params)
+        if kernel is not None:
+            return kernel(xs, cu, ints[0], params)
+        return evaluate(xs, cu, ints, params)
 
     def fake_fwd(xs, init, cu, ints, params):
-        return run(xs, None, ints, params)  # the shapes of the packed values are the padded ones
+        return evaluate(xs, None, ints, params)  # the shapes of the packed values are the padded ones
 
     def run_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
         # torch.func: a custom op's implementation runs below autograd, where torch.autograd records nothing
@@ -138,7 +157,7 @@ def _prefix_torch_ops(spec: Spec) -> TorchOps:
             full = list(xs)
             for i, y in zip(wanted, ys):
                 full[i] = y
-            return run(full, cu, ints, params)
+            return evaluate(full, cu, ints, params)
 
         _, vjp = torch.func.vjp(of_read, *(xs[i] for i in wanted))
         grads = dict(zip(wanted, vjp(list(d_outs))))
@@ -151,6 +170,7 @@ def _prefix_torch_ops(spec: Spec) -> TorchOps:
         res = bwd(saved.xs, [], saved.cu, _filled(grads, saved.kept), [], saved.ints, saved.params)
         return [g if n in read else None for n, g in zip(inputs, res)], []
 
-    digest = hashlib.sha256(repr((spec.inputs, spec.params, spec.prefix)).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(repr((spec.inputs, spec.params, spec.prefix, kernel is not None,
+                                  sorted(narrow))).encode()).hexdigest()[:10]
     key = f"{spec.name}_prefix_{digest}"
     return register(key, Family(run_fwd, fake_fwd, run_bwd, fake_bwd, lambda output, ints: output, grads_of))

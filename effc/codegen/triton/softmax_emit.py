@@ -536,6 +536,27 @@ def _fwd(sched: SoftmaxSchedule, name: str = "fwd") -> KernelView:
     return kv
 
 
+class PrefixPrinter(SoftmaxPrinter):
+    """The prefix stage's values per token: inputs are the loaded query-side tiles, `pos` the token's position
+    in its sequence (a [BM] vector), every other value an op's."""
+
+    NAMED = {**SoftmaxPrinter.NAMED, "pos": "pos_f"}
+
+    def value_ref(self, a: str) -> str:
+        return f"lq_{a}" if a in self.inputs else f"v_{a}"
+
+
+def _prefix(sched: SoftmaxSchedule, kp) -> KernelView:
+    """The prefix kernel (passes.softmax_plan.prefix_lowered): per block of one head's tokens, the prefix ops on
+    the loaded inputs, then each value the walks read stored (cast to its buffer's dtype)."""
+    kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "q", walk=False)
+    pr = PrefixPrinter(sched, dict(sched.types))
+    pr.inputs = set(kp.query_loads)
+    kv.pre_lines = (["pos_f = r_M.to(tl.float32)"] + pr.lines(sched.spec.prefix.ops)
+                    + [Store(f"{d.name}_ptr", f"v_{d.name}", _feats(sched, d.name), cast=True).line() for d in kp.stores])
+    return kv
+
+
 def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
     spec = sched.spec
     kp = bwd.pre
@@ -634,6 +655,7 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
     sched, bwd = plan.schedule, plan.backward
     spec = sched.spec
     views = {"walk": lambda kp: _fwd(sched, kp.name), "bwd_pre": lambda kp: _bwd_pre(sched, bwd),
+             "prefix": lambda kp: _prefix(sched, kp),
              "bwd_walk": lambda kp: _bwd_walk(sched, bwd.dq if kp.outer == "q" else bwd.dkv, kp.outer, kp.name),
              **(more_views or {})}
     kernels = []
@@ -649,7 +671,7 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
                               keyseq_pos="its index" if ks is None or ks.pos is None else
                               f"{ks.pos[0]} * {ks.dim.lower()} + {ks.pos[1]}",
                               leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}),
-                              helpers=helper_source(spec.score.ops + spec.merge.ops))
+                              helpers=helper_source(spec.prefix.ops + spec.score.ops + spec.merge.ops))
 
 
 def _place_loads(sched: SoftmaxSchedule, k: KernelView, kp: SoftmaxKernel, key_leaves: tuple[str, ...]) -> None:
