@@ -26,6 +26,7 @@ from ..passes.shapes import infer_shapes
 from ..passes.softmax import analyze_softmax, infer_softmax_shapes, softmax_value_types
 from ..passes.softmax_bwd import differentiate_softmax
 from ..passes.softmax_plan import HybridPlan, HybridSchedule, softmax_plan
+from ..passes.token_values import hoist_token_values
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ FAMILIES = {f.name: f for f in (
            plan=lambda c: plan(c.typed, c.legality, c.fused, c.backward),
            emit=_emit_linear),
     Family("softmax", "online softmax (FlashAttention-2 walk over key blocks)",
-           typed=lambda c: infer_softmax_shapes(c.ir),
+           typed=lambda c: hoist_token_values(infer_softmax_shapes(c.ir), infer_softmax_shapes),
            legality=lambda c: analyze_softmax(c.typed),
            backward=lambda c: differentiate_softmax(c.legality),
            fused=lambda c: softmax_plan(c.typed, c.legality, c.backward),
