@@ -18,6 +18,9 @@ from ..passes.legality import Legality
 from ..passes.shapes import value_types
 
 MAX_REGISTERS = 255  # per thread on NVIDIA GPUs since Kepler
+# the softmax family's prefix kernel (passes.softmax_plan.prefix_lowered): 64 tokens of one head a program, 4
+# warps, one stage (elementwise work on [64, D] tiles, no products); BN is a key tile it does not walk
+PREFIX_TILE = (64, 16, 4, 1)
 BLOCK = sympy.Symbol("BLOCK", positive=True, integer=True)  # block of the split dim
 SEGMENTS = sympy.Symbol("P", positive=True, integer=True)
 PROGRAMS_PER_SM = 2  # 4-warp programs near 255 registers: two fit an SM's register file

@@ -18,7 +18,7 @@ from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
 from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile, key_split, visible_blocks
 from ..passes.softmax_plan import split_slot
-from ..policy.tiling import Problem, padded, stored_width
+from ..policy.tiling import PREFIX_TILE, Problem, padded, stored_width
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
 from .cache import op_module
@@ -526,9 +526,6 @@ class SoftmaxOp(Tuned):
         return float(self.visible_pairs(T, **params) * B * H * per_pair) * (3.5 if backward else 1.0)
 
 
-_PREFIX_TILE = (64, 16, 4, 1)  # the prefix kernel's rows (BM), a key tile it does not use, warps, stages
-
-
 class PrefixKernel:
     """The generated prefix kernel of a SoftmaxOp (passes.softmax_plan.prefix_lowered) as the prefix stage's
     forward: `(inputs, cu_seqlens, H, params) -> [value per name of .stores]`, each (B, T, H, ...), those read
@@ -558,9 +555,9 @@ class PrefixKernel:
         args.update(T=T, Q_LO=0, Q_HI=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None
                     else torch.empty(1, dtype=torch.float32, device=device))
         heads = {x: named[x].shape[2] for x in self.plan.query_loads}
-        meta = op._meta(_PREFIX_TILE, H, heads, dims, cu, dtype)
+        meta = op._meta(PREFIX_TILE, H, heads, dims, cu, dtype)
         if n_seq and H and longest:
-            op._launch("prefix", _PREFIX_TILE, -(-longest // _PREFIX_TILE[0]), n_seq * H, args, meta)
+            op._launch("prefix", PREFIX_TILE, -(-longest // PREFIX_TILE[0]), n_seq * H, args, meta)
         return [outs[x] for x in self.stores]
 
 

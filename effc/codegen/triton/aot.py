@@ -68,10 +68,10 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     (`fwd_rows`, `bwd_dq_rows`, `bwd_dkv_rows`) compiles for HEAD_ROWS_GROUP query heads a key head (BM = its rows)."""
     from ...passes.softmax import choose_softmax_tiles, head_rows_tile, pivot_group, select_chunk
     from ...passes.softmax_plan import split_slot
-    from ...policy.tiling import padded, stored_width
+    from ...policy.tiling import PREFIX_TILE, padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
-    bm, bn, warps, stages = getattr(tiles, _TILES_OF[kernel])
+    bm, bn, warps, stages = PREFIX_TILE if kernel == "prefix" else getattr(tiles, _TILES_OF[kernel])
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
     bf16 = ({f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
             | {f"{x}_{tag}_ptr" for x in op.comp.backward.whole_grads() for tag in ("dpre", "dq", "dk")})
@@ -111,6 +111,8 @@ def compile_softmax_fitting(op, kernel: str, dims: dict | None = None):
 
     from ...passes.softmax import choose_softmax_tiles
     tiles = choose_softmax_tiles(op.spec, {d: 128 for d in op.spec.dims} | (dims or {}), interpreting=False)
+    if kernel == "prefix":  # one stage already (policy.tiling.PREFIX_TILE)
+        return compile_softmax_sm90(op, kernel, tiles, dims)
     field = _TILES_OF[kernel]
     while True:
         k = compile_softmax_sm90(op, kernel, tiles, dims)
