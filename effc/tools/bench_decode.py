@@ -61,9 +61,9 @@ def decode_call(op, B: int, T: int, H: int, Hk: int, D: int, tq: int):
     return step
 
 
-def _graphed(fn):
-    """`fn` captured in a CUDA graph (warmed on a side stream first): its replay, what a server runs per step,
-    with no host work between the kernels."""
+def captured(fn):
+    """`fn` captured in a CUDA graph (warmed on a side stream first): (its replay, what a server runs per step
+    with no host work between the kernels; the captured call's result, which each replay rewrites)."""
     import torch
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -72,8 +72,8 @@ def _graphed(fn):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        out = fn()
+    return graph.replay, out
 
 
 def _decode_row(op, name: str, B: int, T: int, H: int, Hk: int, D: int, tq: int, peers: bool, timer) -> dict:
@@ -87,7 +87,7 @@ def _decode_row(op, name: str, B: int, T: int, H: int, Hk: int, D: int, tq: int,
     row = dict(spec=name, B=B, T=T, H=H, kv_heads=Hk, D=D, new_tokens=tq, effc_ms=ms, cache_GBps=read / ms / 1e6,
                decode={k: v for k, v in op.last_decode.items()})
     if graphs:
-        row["effc_graph_ms"] = timer(_graphed(step))
+        row["effc_graph_ms"] = timer(captured(step)[0])
     if peers and {"k", "v"} <= set(cache) and tq == 1:
         q = tokens[0].transpose(1, 2)  # (B, H, 1, D): one new query sees every cached key and its own
         k, v = (cache[x][:, :T + tq].transpose(1, 2) for x in ("k", "v"))
@@ -96,7 +96,7 @@ def _decode_row(op, name: str, B: int, T: int, H: int, Hk: int, D: int, tq: int,
         row["peer_ms"] = timer(lambda: sdpa(q, k, v, enable_gqa=Hk != H))
         row["speedup"] = row["peer_ms"] / ms
         if graphs:
-            row["peer_graph_ms"] = timer(_graphed(lambda: sdpa(q, k, v, enable_gqa=Hk != H)))
+            row["peer_graph_ms"] = timer(captured(lambda: sdpa(q, k, v, enable_gqa=Hk != H))[0])
     return row
 
 

@@ -7,7 +7,7 @@ import torch
 
 import effc
 from effc.runtime.verify import rel_err
-from effc.tools.bench_decode import decode_call
+from effc.tools.bench_decode import captured, decode_call
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -20,21 +20,14 @@ def test_a_captured_step_replays_what_eager_computes(name):
 
     def decode():
         return op.decode(*step.tokens, cache=step.cache, cache_seqlens=lens)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        decode()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = decode()
+    replay, out = captured(decode)
     for seed, new_lens in ((1, [5, 2000, 2999]), (2, [0, 64, 1234])):
         g = torch.Generator(device="cuda").manual_seed(seed)
         for t in step.tokens:
             t.copy_(torch.randn(t.shape, generator=g, device="cuda", dtype=torch.float32).to(t.dtype))
         lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
-        graph.replay()
+        replay()
         eager = decode()  # writes the same tokens at the same rows of the cache
-        err = rel_err(captured.float(), eager.float())
+        err = rel_err(out.float(), eager.float())
         print(f"{name} lengths {new_lens}: replay against eager, relative difference {err:.2e}")
         assert err < 1e-2, (name, new_lens, err)
