@@ -47,7 +47,7 @@ def _effc_ops_traced(counter) -> set[str]:
     return {str(n.target) for g in counter.graphs for n in g.graph.nodes if "effc." in str(n.target)}
 
 
-@pytest.mark.parametrize("name", ["softmax_attn", "alibi", "forgetting_transformer", "swax"])
+@pytest.mark.parametrize("name", ["softmax_attn", "alibi", "forgetting_transformer", "swax", "softmax_rope"])
 def test_compiled_forward_and_backward_match_eager_and_the_oracle(name):
     op = effc.load(name)
     params = SMALL.get(name, {})

@@ -22,7 +22,7 @@ from ..policy.decode import decode_group, decode_splits, decode_tiles
 from ..policy.tiling import padded
 from ..policy.tuning import sm_count
 from .checks import check_inputs, interpreting
-from .softmax_oracle import _heads, _tile, _untile, base_env, eval_pair_op, feature_sizes, per_token_prefix
+from .softmax_oracle import _heads, _tile, _untile, base_env, feature_sizes, per_token_prefix, prefix_op_value
 
 MAX_NEW = 64  # new queries per request: one query tile holds them all
 
@@ -231,8 +231,7 @@ def _prefix(op, named: dict, pvals: dict, H: int, caches: dict, lens: torch.Tens
         if o.kind == "revcumsum":
             raise NotImplementedError(f"{op.name}.decode: prefix value '{o.out}' = revcumsum(...) sums over later "
                                       "tokens, which a decoding step does not have")
-        n_args = 1 if o.kind == "expand" else len(o.args)
-        val = eval_pair_op(o, [x if isinstance(x, float) else env[x] for x in o.args[:n_args]], tq, None)
+        val = prefix_op_value(o, env, named, spec, tq)
         if o.kind == "cumsum":
             if o.out not in caches:
                 raise NotImplementedError(

@@ -93,10 +93,21 @@ def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seq
         env.update(feature_sizes(spec, tensors, used, dtype))
         env.update({d.name: _tile(_heads(tensors[d.name][:, a:b], H).to(dtype)) for d in spec.inputs if d.name in used})
         for op in spec.prefix.ops:
-            n_args = 1 if op.kind == "expand" else len(op.args)
-            env[op.out] = eval_pair_op(op, [x if isinstance(x, float) else env[x] for x in op.args[:n_args]], b - a, None)
+            env[op.out] = prefix_op_value(op, env, tensors, spec, b - a)
         per_seq.append({op.out: _untile(env[op.out], op.type.rank, B, H) for op in kept})
     return {op.out: torch.cat([p[op.out] for p in per_seq], 1) for op in kept}
+
+
+def prefix_op_value(op: Op, env: dict, tensors: dict, spec: Spec, T: int):
+    """One prefix op's value over T tokens; `fidx` from the inputs' shapes (a traced call has no value to read
+    from a size tensor: torch.compile, effc memory's meta tensors)."""
+    if op.kind == "fidx":
+        n = next(size for d in spec.inputs if d.name in tensors
+                 for name, size in zip(d.dims[3:], tensors[d.name].shape[3:]) if name == op.args[0])
+        like = env[op.args[0]]
+        return torch.arange(n, dtype=like.dtype, device=like.device).reshape(1, 1, n)
+    n_args = 1 if op.kind == "expand" else len(op.args)
+    return eval_pair_op(op, [x if isinstance(x, float) else env[x] for x in op.args[:n_args]], T, None)
 
 
 def feature_sizes(spec: Spec, tensors: dict, used: set, dtype) -> dict:

@@ -150,7 +150,7 @@ def _prefix_torch_ops(spec: Spec, kernel=None, narrow: frozenset = frozenset()) 
         return evaluate(xs, None, ints, params)  # the shapes of the packed values are the padded ones
 
     def run_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
-        if xs[0].is_meta:  # effc memory's meta run: the gradients' allocations (fidx's size is not on meta)
+        if xs[0].is_meta:  # effc memory's meta run: the gradients' allocations (the VJP's temporaries uncounted)
             return fake_bwd(xs, kept, cu, d_outs, d_finals, ints, params)
         # torch.func: a custom op's implementation runs below autograd, where torch.autograd records nothing
         wanted = [i for i, n in enumerate(inputs) if n in read]
