@@ -50,6 +50,7 @@ def test_rope_moves_into_the_prefix_and_the_score_reads_it_back():
     assert {"cos", "sin", "rotate_half"} <= {op.kind for op in prefix.values()}
     assert not {"cos", "sin", "rotate_half"} & {op.kind for op in score.values()}
     assert c.plan.kernels[0].name == "prefix" and c.legality.operand_prefix == {"qr__tok", "kr__tok"}
+    assert "qr, kr: one token's values with transcendental or rotation work" in str(c.legality)
 
 
 def test_cheap_values_and_select_stages_stay():

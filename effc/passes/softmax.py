@@ -31,6 +31,7 @@ from ..ir.printer import print_op
 from ..policy.tiling import IsPow2, TilingSpace, padded
 from .blocksparse import BlockSparsity, derive, mean_visible_blocks
 from .select import SelectSchedule, analyze_select, chooses_tokens, select_leaf_types, type_select
+from .token_values import TOKEN_SUFFIX
 from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
@@ -389,6 +390,10 @@ def analyze_softmax(spec: Spec) -> SoftmaxSchedule:
          ("no mask: every key block is visible" if not spec.masks else
           "the masks are not position formulas: every key block is loaded and masked elementwise")),
     ]
+    moved = [op.out for op in spec.score.ops if op.kind in ("query", "key") and op.args[0].endswith(TOKEN_SUFFIX)]
+    if moved:
+        reasons.append(f"{', '.join(moved)}: one token's values with transcendental or rotation work, computed once "
+                       "per token in the prefix stage (passes.token_values), not in every program that loads the token")
     sched = SoftmaxSchedule(spec, sides, types, c_ops, q_ops, k_ops, p_ops, post_ops, groups_t, spec.masks,
                             sparsity, tuple(reasons))
     select = analyze_select(spec, sched.leaves)

@@ -29,7 +29,7 @@ from ..ir.nodes import CK, C, Op, Spec, Stage
 EXPENSIVE = frozenset({"exp", "exp2", "log", "log2", "sigmoid", "logsigmoid", "softplus", "tanh", "silu", "sin",
                        "cos", "pow"}) | frozenset(O.ROTATIONS)
 _SIDES = {"q": (C, "query", "qpos"), "k": (CK, "key", "kpos")}
-_SUFFIX = "__tok"
+TOKEN_SUFFIX = "__tok"  # the moved values' prefix names (passes.softmax says which moved)
 
 
 def hoist_token_values(spec: Spec, retype) -> Spec:
@@ -54,7 +54,7 @@ def hoist_token_values(spec: Spec, retype) -> Spec:
     for op in ops:
         if op.out in moved:
             side = moved[op.out][0]
-            score.append(Op(op.out, _SIDES[side][1], (op.out + _SUFFIX,), loc=op.loc))
+            score.append(Op(op.out, _SIDES[side][1], (op.out + TOKEN_SUFFIX,), loc=op.loc))
         else:
             score.append(_untyped(op))
     score = _live(score, spec)
@@ -121,29 +121,29 @@ def _prefix_ops(x: str, by_out: dict, side: str) -> list[Op]:
         if not isinstance(a, str):
             return a
         if a == "qpos":
-            return "pos" + _SUFFIX
-        return a + _SUFFIX if a in by_out else a  # a param or a dim keeps its name
+            return "pos" + TOKEN_SUFFIX
+        return a + TOKEN_SUFFIX if a in by_out else a  # a param or a dim keeps its name
 
     def visit(a):
         if not isinstance(a, str) or a in seen:
             return
         seen.add(a)
         if a == "qpos":
-            order.append(Op("pos" + _SUFFIX, "expand", ("pos", 0.0, 1.0)))
+            order.append(Op("pos" + TOKEN_SUFFIX, "expand", ("pos", 0.0, 1.0)))
             return
         op = by_out.get(a)
         if op is None:
             return
         if op.kind == load:
-            order.append(Op(a + _SUFFIX, "copy", (op.args[0],), loc=op.loc))
+            order.append(Op(a + TOKEN_SUFFIX, "copy", (op.args[0],), loc=op.loc))
             return
         if op.kind == "transpose" and op.args == ("kpos",):
-            order.append(Op(a + _SUFFIX, "expand", ("pos", 0.0, 1.0), loc=op.loc))
+            order.append(Op(a + TOKEN_SUFFIX, "expand", ("pos", 0.0, 1.0), loc=op.loc))
             return
         n_args = 1 if op.kind == "expand" else len(op.args)
         for b in op.args[:n_args]:
             visit(b)
-        order.append(Op(a + _SUFFIX, op.kind, tuple(name(b) for b in op.args[:n_args]) + op.args[n_args:], loc=op.loc))
+        order.append(Op(a + TOKEN_SUFFIX, op.kind, tuple(name(b) for b in op.args[:n_args]) + op.args[n_args:], loc=op.loc))
 
     visit(x)
     return order
