@@ -87,7 +87,7 @@ from ..errors import SpecError
 from ..ir import ops as O
 from ..ir.nodes import CK, NB, C, Op, Selection, Spec, Stage, TileType
 from ..ir.printer import print_op
-from .blocksparse import I0, I1, I, J, Range, _and, _or, derive, formula_range, predicate_formula
+from .blocksparse import I0, I1, I, J, Range, _and, _or, formula_range, predicate_formula
 from .blocksparse import _fmt as _show
 from .fusion import live_ops, needed
 from .shapes import _fmt
@@ -282,35 +282,28 @@ def analyze_select(spec: Spec, leaves: tuple[str, ...]) -> SelectSchedule | None
     key_inputs = {d.name for d in spec.inputs if "key" in d.annotations}
     return SelectSchedule(sel, ops, pools, tuple(x for x in leaves if x in read),
                           tuple(x for x in leaves if x in keyed), tokens,
-                          _choosable_keys(sel, ops, params) if tokens else Range.everything(),
-                          Range.everything() if tokens else _choosable_blocks(sel, ops, params),
+                          _choosable(sel, ops, params, _KEYS) if tokens else Range.everything(),
+                          Range.everything() if tokens else _choosable(sel, ops, params, _BLOCKS),
                           bool(sel.shared) and not tokens and linear_in_heads(sel.score, ops, set(leaves), key_inputs))
-
-
-def _choosable_keys(sel: Selection, ops: tuple[Op, ...], params: set[str]) -> Range:
-    """The keys j a query block [i0, i1] may choose: those every mask line keeps, or one force line does."""
-    by_out = {op.out: op for op in ops}
-    candidates = derive(sel.candidates, by_out, params).keys
-    forced = [formula_range(predicate_formula(f, by_out, params), J, I, I0, I1) for f in sel.forced]
-    return _or([candidates] + forced)
 
 
 # block indices as symbols: kb the key block, qb a query token's block, over [qb0, qb1] for a query block
 KB, QB = sympy.Symbol("kb", integer=True), sympy.Symbol("qb", integer=True)
 QB0, QB1 = sympy.Symbol("qb0", integer=True), sympy.Symbol("qb1", integer=True)
+# what a choice ranges over: (the predicates' position-like leaves, the chosen unit, the query's, its range)
+_KEYS = ({"qpos": I, "kpos": J}, J, I, I0, I1)  # key tokens j for a query block's tokens [i0, i1]
+_BLOCKS = ({"qblock": QB, "kblock": KB}, KB, QB, QB0, QB1)  # key blocks kb for its tokens' blocks [qb0, qb1]
 
 
-def _choosable_blocks(sel: Selection, ops: tuple[Op, ...], params: set[str]) -> Range:
-    """The key blocks a query block may choose: those every mask line keeps, or one force line does, as
-    ranges of kb for the query block's token blocks qb in [qb0, qb1] (a predicate over anything but qblock,
-    kblock, numbers and params: every block)."""
+def _choosable(sel: Selection, ops: tuple[Op, ...], params: set[str], unit: tuple) -> Range:
+    """The keys (key blocks) a query block may choose: those every mask line keeps, or one force line does
+    (a predicate over anything but the unit's position-like leaves, numbers and params: every one)."""
     by_out = {op.out: op for op in ops}
-    blocks = {"qblock": QB, "kblock": KB}
+    leaves, var, other, lo, hi = unit
 
     def kept(p: str) -> Range:
-        return formula_range(predicate_formula(p, by_out, params, blocks), KB, QB, QB0, QB1)
-    candidates = [kept(m) for m in sel.candidates]
-    allowed = _and(candidates) if candidates else Range.everything()
+        return formula_range(predicate_formula(p, by_out, params, leaves), var, other, lo, hi)
+    allowed = _and([kept(m) for m in sel.candidates]) if sel.candidates else Range.everything()
     return _or([allowed] + [kept(f) for f in sel.forced])
 
 
