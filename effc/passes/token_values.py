@@ -24,11 +24,12 @@ from dataclasses import replace
 
 from ..ir import ops as O
 from ..ir.nodes import CK, C, Op, Spec, Stage
+from .fusion import needed
 
 # op kinds worth a pass over the tokens: special-function units and feature shuffles, not arithmetic
 EXPENSIVE = frozenset({"exp", "exp2", "log", "log2", "sigmoid", "logsigmoid", "softplus", "tanh", "silu", "sin",
                        "cos", "pow"}) | frozenset(O.ROTATIONS)
-_SIDES = {"q": (C, "query", "qpos"), "k": (CK, "key", "kpos")}
+_SIDES = {"q": (C, "query"), "k": (CK, "key")}  # a side's token axis and its read
 TOKEN_SUFFIX = "__tok"  # the moved values' prefix names (passes.softmax says which moved)
 
 
@@ -57,7 +58,8 @@ def hoist_token_values(spec: Spec, retype) -> Spec:
             score.append(Op(op.out, _SIDES[side][1], (op.out + TOKEN_SUFFIX,), loc=op.loc))
         else:
             score.append(_untyped(op))
-    score = _live(score, spec)
+    roots = tuple(spec.masks) + tuple(a for op in spec.merge.ops + spec.select.ops for a in op.args if isinstance(a, str))
+    score = needed(tuple(score), roots)  # the values only the moved ones read are gone
     out = replace(spec, prefix=Stage("prefix", tuple(_untyped(op) for op in prefix)),
                   score=Stage("score", tuple(score)), merge=Stage("merge", tuple(_untyped(op) for op in spec.merge.ops)),
                   select=Stage("select", tuple(_untyped(op) for op in spec.select.ops)))
@@ -70,7 +72,7 @@ def _untyped(op: Op) -> Op:
 
 def _frontier(spec: Spec, ops: list[Op], side: str) -> dict:
     """The values of `side` to move: {name: (side, prefix ops)}."""
-    axis, load, pos = _SIDES[side]
+    axis, load = _SIDES[side]
     by_out = {op.out: op for op in ops}
     params = {p.name for p in spec.params}
     local: dict[str, bool] = {}  # token-local on this side -> has expensive work in its cone
@@ -113,7 +115,7 @@ def _prefix_ops(x: str, by_out: dict, side: str) -> list[Op]:
     """The prefix ops computing frontier value `x` per token: its cone on this side (loads read the input
     itself; the position is the prefix's `pos` as a column) and the per-feature constants it reads, each
     renamed with a suffix (prefix names are the spec's too)."""
-    axis, load, pos = _SIDES[side]
+    load = _SIDES[side][1]
     order: list[Op] = []
     seen: set[str] = set()
 
@@ -147,20 +149,3 @@ def _prefix_ops(x: str, by_out: dict, side: str) -> list[Op]:
 
     visit(x)
     return order
-
-
-def _live(ops: list[Op], spec: Spec) -> list[Op]:
-    """The score ops something still reads: the masks, the softmax groups' scores and whatever merge and
-    select read (the values only the moved ones read are gone)."""
-    by_out = {op.out: op for op in ops}
-    roots = set(spec.masks) | {a for op in spec.merge.ops + spec.select.ops for a in op.args if isinstance(a, str)}
-    keep: set[str] = set()
-    stack = [r for r in roots if r in by_out]
-    while stack:
-        x = stack.pop()
-        if x in keep:
-            continue
-        keep.add(x)
-        op = by_out[x]
-        stack += [a for a in op.args if isinstance(a, str) and a in by_out]
-    return [op for op in ops if op.out in keep]
