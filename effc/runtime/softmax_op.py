@@ -39,7 +39,7 @@ from .launch import launch_fitting
 from .select_op import kernel_choice, selection_buffers
 from .select_oracle import head_group
 from .softmax_oracle import evaluate_softmax
-from .softmax_torch_op import encode_call, prefix_stage, softmax_torch_ops
+from .softmax_torch_op import encode_call, prefix_params, prefix_stage, softmax_torch_ops
 from .torch_op import call_lengths, host_plan, live
 
 def check_queries(queries, T: int) -> tuple[int, int]:
@@ -548,8 +548,7 @@ class PrefixKernel:
                 for x in self.stores}
         args = {f"{x}_ptr": _stored_rows(named[x], sched.types[x].shape[1:], dims, dtype) for x in self.plan.query_loads}
         args.update({f"{x}_ptr": t for x, t in outs.items()})
-        args.update({f"p_{p}": float(v) for p, v in zip((p.name for p in op.spec.params
-                                                          if f"p_{p.name}" in self.plan.arg_names), params)})
+        args.update({f"p_{p}": float(v) for p, v in zip(prefix_params(op.spec), params)})
         n_seq = B if cu is None else cu.shape[0] - 1
         longest = T if cu is None else int((cu[1:] - cu[:-1]).max()) if n_seq else 0
         args.update(T=T, Q_LO=0, Q_HI=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None

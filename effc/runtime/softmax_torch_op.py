@@ -102,7 +102,7 @@ def prefix_stage(spec: Spec, kernel=None, narrow: frozenset = frozenset()):
     runs (fp32), differentiated by autograd. `narrow`: the values read only as products, handed over in the
     inputs' 16-bit dtype (SoftmaxSchedule.operand_prefix)."""
     ops = _prefix_torch_ops(spec, kernel, narrow) if spec.prefix.ops else None
-    names = _prefix_params(spec)
+    names = prefix_params(spec)
     outs = _prefix_outputs(spec, kernel)
 
     def values(named: dict, pvals: dict, H: int, cu) -> dict:
@@ -113,7 +113,7 @@ def prefix_stage(spec: Spec, kernel=None, narrow: frozenset = frozenset()):
     return values
 
 
-def _prefix_params(spec: Spec) -> list[str]:
+def prefix_params(spec: Spec) -> list[str]:
     """The params the prefix stage reads (a hybrid's op knows only its softmax branch's)."""
     read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
     return [p.name for p in spec.params if p.name in read]
@@ -134,7 +134,7 @@ def _prefix_torch_ops(spec: Spec, kernel=None, narrow: frozenset = frozenset()) 
     read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
 
     def evaluate(xs, cu, ints, params):
-        pvals = dict(zip(_prefix_params(spec), params))
+        pvals = dict(zip(prefix_params(spec), params))
         pre = softmax_oracle.prefix_values(spec, dict(zip(inputs, xs)), pvals, ints[0], torch.float32, cu)
         low = operand_dtype(xs[0].dtype)
         # copies: custom-op outputs must not alias the inputs (a prefix value may be an input as it is)
