@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import effc
+from effc.compiler import compile_file
 from effc.errors import BackwardRefused
 from effc.runtime.verify import judge_low_precision, random_inputs, random_state
 
@@ -56,7 +57,7 @@ def test_bf16_gradients(name):
 
 
 def _partitioned_specs():
-    return [n for n in effc.library_names("linear") if len(effc.load(n).comp.plan.partitions) > 1]
+    return [n for n in effc.library_names("linear") if len(compile_file(n).plan.partitions) > 1]
 
 
 @pytest.mark.parametrize("name", _partitioned_specs())
