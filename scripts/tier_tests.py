@@ -20,7 +20,7 @@ HEADER = ("# Tests of the full tier only (conftest.py marks them slow): each too
 
 
 def main() -> None:
-    log, threshold = sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 1.5
+    log, threshold = sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
     seconds = collections.Counter()
     for line in Path(log).read_text().splitlines():
         m = re.match(r"\s*([\d.]+)s (?:call|setup|teardown)\s+(\S+)", line)

@@ -25,7 +25,7 @@ _SLOW = os.path.join(os.path.dirname(__file__), "slow_tests.txt")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The tests listed in slow_tests.txt (scripts/tier_tests.py: measured >= 1.5 s on 2 cores) run in the full
+    """The tests listed in slow_tests.txt (scripts/tier_tests.py: measured >= 1 s on 2 cores) run in the full
     tier only, as if marked `slow`: the fast tier (`-m "not slow"`) stays under 3 minutes on the CI's 2 cores."""
     with open(_SLOW) as f:
         listed = {line.strip() for line in f if line.strip() and not line.startswith("#")}
