@@ -112,7 +112,7 @@ def run_bench(specs, shapes, H: int, D, peers: bool, peer_timeout: float, json_o
               plot: Path | None = None, backward: bool = False, backends: tuple = ("triton",),
               kv_heads: int | None = None):
     """`D`: the head dim, or several (every feature dim takes it; with several, a table of time per FLOP
-    against the nearest power-of-two head dim follows: `head_dim_table`). `backward`: also time forward +
+    against the neighbouring power-of-two head dims follows: `head_dim_table`). `backward`: also time forward +
     backward and record its peak memory, effc's and each peer's. `backends`: the first is the row's effc
     time; the others are timed beside it (`effc_ms_<backend>`). `kv_heads`: the heads of the `key` inputs
     (grouped-query attention; None: H), the peers' too."""
@@ -215,34 +215,40 @@ def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, 
 
 
 # issue 20's bar: a head dim that is not a power of two costs at most this much more time per FLOP than the
-# nearest power-of-two head dim measured beside it
+# power-of-two head dims measured beside it
 HEAD_DIM_SLACK = 1.3
 
 
 def head_dim_table(rows) -> str:
-    """Time per FLOP of each head dim against the nearest power-of-two head dim of the same spec and shape
-    measured in the same run (nearest in log2; ties to the larger): ratio = their TFLOP/s over this one's,
-    forward and forward+backward; above HEAD_DIM_SLACK is marked. Where the kernels run padded tiles, the
-    FLOP ratio of the padded dims to the real ones follows: what padding alone costs per FLOP."""
+    """Time per FLOP of each head dim against the power-of-two head dims of the same spec and shape measured
+    in the same run: the two it lies between where both were measured (96: 64 and 128), else the nearest
+    (in log2; ties to the larger). Ratio = their TFLOP/s over this one's, forward and forward+backward; above
+    HEAD_DIM_SLACK is marked. Where the kernels run padded tiles, the FLOP ratio of the padded dims to the
+    real ones follows: what padding alone costs per FLOP."""
     timed = [r for r in rows if "TFLOP/s" in r]
     lines = [f"{'spec':14s} {'BxT':>9s} {'D':>4s} {'TFLOP/s':>8s} {'fwd+bwd':>8s}  per FLOP vs"]
     for r in timed:
-        same = [x for x in timed if (x["spec"], x["B"], x["T"]) == (r["spec"], r["B"], r["T"])
-                and x["D"] & (x["D"] - 1) == 0]
-        ref = min(same, key=lambda x: (abs(math.log2(x["D"]) - math.log2(r["D"])), -x["D"]), default=None)
-        cells = []
-        if ref is not None and ref is not r:
+        same = {x["D"]: x for x in timed if (x["spec"], x["B"], x["T"]) == (r["spec"], r["B"], r["T"])
+                and x["D"] & (x["D"] - 1) == 0}
+        below, above = 1 << (r["D"].bit_length() - 1), 1 << (r["D"] - 1).bit_length()
+        refs = [same[below], same[above]] if below != above and {below, above} <= set(same) else [
+            min(same.values(), key=lambda x: (abs(math.log2(x["D"]) - math.log2(r["D"])), -x["D"]))] if same else []
+        against = []
+        for ref in (x for x in refs if x is not r):
+            cells = []
             for key in ("TFLOP/s", "fwdbwd_TFLOP/s"):
                 if key in r and key in ref and r[key] > 0:
                     ratio = ref[key] / r[key]
                     cells.append(f"{'fwd' if key == 'TFLOP/s' else 'fwd+bwd'} {ratio:.2f}x"
                                  + (" (over %.1fx)" % HEAD_DIM_SLACK if ratio > HEAD_DIM_SLACK else ""))
-        if cells and r.get("padding_flops_ratio", 1.0) > 1.001:
-            cells.append(f"padding alone {r['padding_flops_ratio']:.2f}x")
-        against = f"D={ref['D']}: " + ", ".join(cells) if cells else ("reference" if ref is r else "-")
+            if cells:
+                against.append(f"D={ref['D']}: " + ", ".join(cells))
+        if against and r.get("padding_flops_ratio", 1.0) > 1.001:
+            against.append(f"padding alone {r['padding_flops_ratio']:.2f}x")
+        text = "; ".join(against) if against else ("reference" if r in refs else "-")
         fb = f"{r['fwdbwd_TFLOP/s']:8.1f}" if "fwdbwd_TFLOP/s" in r else f"{'-':>8s}"
         lines.append(f"{r['spec']:14s} {str(r['B']) + 'x' + str(r['T']):>9s} {r['D']:4d} {r['TFLOP/s']:8.1f} {fb}  "
-                     f"{against}")
+                     f"{text}")
     return "\n".join(lines)
 
 
