@@ -896,7 +896,7 @@ def test_the_readme_speed_table_is_the_benchmark_jsons():
                   text, re.S)
     assert m, "README: the speed table's markers"
     assert m.group(2) == markdown_table(saved_rows([root / f for f in m.group(1).split(",")]))
-    assert "| retention | fla chunk_retention | 2x8192 | 1.23x | 0.69x | 514 / 768 |" in m.group(2)
+    assert "| retention | fla chunk_retention | H200 | 2x8192 | 1.23x | 0.69x | 514 / 768 |" in m.group(2)
 
 
 def test_bench_markdown_table_reads_several_jsons(tmp_path):
@@ -910,8 +910,8 @@ def test_bench_markdown_table_reads_several_jsons(tmp_path):
     result = CliRunner().invoke(app, ["bench", "--from-json", f"{a},{b}", "--markdown"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[2] == "| gla | fla chunk_gla | 2x8192 | 2.00x | 0.50x | 100 / 80 |"
-    assert lines[3] == "| gla | p | 8x2048 | 2.00x | - | - |" and len(lines) == 4
+    assert lines[2] == "| gla | fla chunk_gla | H100 | 2x8192 | 2.00x | 0.50x | 100 / 80 |"
+    assert lines[3] == "| gla | p | H100 | 8x2048 | 2.00x | - | - |" and len(lines) == 4
 
 
 def test_bench_from_json_keeps_each_calls_newest_row(tmp_path):
@@ -922,5 +922,5 @@ def test_bench_from_json_keeps_each_calls_newest_row(tmp_path):
     new.write_text(json.dumps([{**FAKE_ROWS[1], "peers": [{**peer, "speedup": 3.0}]}]))
     result = CliRunner().invoke(app, ["bench", "--from-json", f"{old},{new}", "--markdown"])
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[2:] == ["| gla | p | 2x8192 | 3.00x | - | - |",
-                                              "| gla | p | 8x2048 | 2.00x | - | - |"]
+    assert result.output.splitlines()[2:] == ["| gla | p | H100 | 2x8192 | 3.00x | - | - |",
+                                              "| gla | p | H100 | 8x2048 | 2.00x | - | - |"]

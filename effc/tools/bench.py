@@ -333,18 +333,19 @@ def _ratio(r: dict, p: dict, key: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """A line per (row, peer) that timed: spec, peer, B x T, the forward and forward+backward ratios (peer /
+    """A line per (row, peer) that timed: spec, peer, the GPU's model (H100, ...), B x T, the forward and forward+backward ratios (peer /
     effc: above 1, effc is faster) and the training step's peak memory, effc's / the peer's (MiB). Rows with
     several head dims (the head-dim tables) are left out: their table is `head_dim_table`'s."""
-    lines = ["| spec | peer | B x T | forward | forward+backward | peak MiB, effc / peer |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| spec | peer | GPU | B x T | forward | forward+backward | peak MiB, effc / peer |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         for p in r.get("peers") or []:
             if "ms" not in p:
                 continue
             peak = (f"{r['effc_peak_mib']:.0f} / {p['peak_mib']:.0f}" if "effc_peak_mib" in r and "peak_mib" in p
                     else "-")
-            lines.append(f"| {r['spec']} | {p['peer']} | {r['B']}x{r['T']} | {_ratio(r, p, 'speedup')} | "
+            gpu = next((w for w in str(r.get("gpu", "")).split() if w[:1] in "ABHL" and w[1:].isdigit()), "-")
+            lines.append(f"| {r['spec']} | {p['peer']} | {gpu} | {r['B']}x{r['T']} | {_ratio(r, p, 'speedup')} | "
                          f"{_ratio(r, p, 'speedup_fwdbwd')} | {peak} |")
     return "\n".join(lines) + "\n"
 
