@@ -198,12 +198,15 @@ def test_the_tools_see_the_branches():
     from typer.testing import CliRunner
 
     from effc.tools.cli import app
-    from effc.tools.peers import PEERS, peer_scale
+    from effc.tools.peers import PEERS, nsa_kv_heads_match, peer_scale
     op = effc.load("nsa")
     assert [p.label for p in PEERS["nsa"]] == ["torch SDPA causal (flash), dense",
                                              "fla parallel_nsa (16 query heads per kv head, own compression; "
                                              "window: flash-attn, else FlexAttention)"]
     assert peer_scale(op, 128) == pytest.approx(128 ** -0.5)
+    nsa_kv_heads_match(16, 1)  # fla's parallel_nsa: a row only where effc reads its heads, one a group of 16
+    with pytest.raises(ValueError, match="--kv-heads 1"):
+        nsa_kv_heads_match(16, 16)
     dims = {"K": 128, "V": 128}
     assert op.flops(1, 4096, 16, dims) == sum(p.flops(1, 4096, 16, dims) for p in op.parts)
     r = CliRunner().invoke(app, ["tune", "nsa", "--dry-run", "--shapes", "2x8192"])

@@ -72,12 +72,23 @@ def _fla_mesa_net(B, T, H, D):
     return run
 
 
+def nsa_kv_heads_match(heads: int, kv_heads: int) -> None:
+    """fla's parallel_nsa takes 16 query heads a key/value head and chooses blocks per group; effc's row is
+    like-for-like only with as many key/value heads (else effc chooses per head: 16x the work)."""
+    want = max(1, heads // 16)
+    if kv_heads != want:
+        raise ValueError(f"fla's parallel_nsa takes 16 query heads a key/value head: with {kv_heads} key heads "
+                         f"for {heads} query heads effc would choose per head and fla per group; run the bench "
+                         f"with --kv-heads {want} (KV_HEADS={want}) for a like-for-like row")
+
+
 def _fla_nsa(B, T, H, D):
     """fla's parallel_nsa for the nsa spec's shape of work: it needs 16 query heads (a power of two) per key/value
-    head, so it reads the first H // 16 key/value heads, and it forms its compressed keys itself (mean pooling
-    over blocks of 64, no overlap); gates through sigmoid, top-16 blocks of 64, a window of 512. A timing peer:
-    the same three branches, not the same numbers. fla hands the window to flash-attn; where flash-attn is
-    not installed (fla then calls None) FlexAttention's sliding window stands in for it."""
+    head, so the row compares only where effc reads as many key/value heads (`--kv-heads H/16`: one shared
+    choice a group; with a head each, effc chooses per head, 16x the work). It forms its compressed keys
+    itself (mean pooling over blocks of 64, no overlap); gates through sigmoid, top-16 blocks of 64, a window
+    of 512. A timing peer: the same three branches, not the same numbers. fla hands the window to flash-attn;
+    where flash-attn is not installed (fla then calls None) FlexAttention's sliding window stands in for it."""
     import torch
     from fla.ops.nsa import parallel as fla_nsa
     window = 512
@@ -87,8 +98,7 @@ def _fla_nsa(B, T, H, D):
         swa = sliding_window(T, window, "cuda")
 
     def run(q, k, v, gc, gs, gw, *, scale):
-        hk = max(1, q.shape[2] // 16)
-        k, v = k[:, :, :hk].contiguous(), v[:, :, :hk].contiguous()
+        nsa_kv_heads_match(q.shape[2], k.shape[2])
         o = fla_nsa.parallel_nsa(q, k, v, torch.sigmoid(gc), torch.sigmoid(gs),
                                  torch.sigmoid(gw) if swa is None else None, block_counts=16, block_size=64,
                                  window_size=window if swa is None else 0, scale=scale)
