@@ -219,6 +219,17 @@ def _bench_row(op, others, name: str, B: int, T: int, H: int, D: int, gpu: str, 
 HEAD_DIM_SLACK = 1.3
 
 
+def _power_of_two_refs(D: int, measured: dict) -> list[dict]:
+    """The rows of `measured` ({power-of-two D: row}) that D is compared with: the two it lies between where
+    both were measured, else the nearest (in log2; ties to the larger), else none."""
+    below, above = 1 << (D.bit_length() - 1), 1 << (D - 1).bit_length()
+    if below != above and below in measured and above in measured:
+        return [measured[below], measured[above]]
+    if not measured:
+        return []
+    return [min(measured.values(), key=lambda x: (abs(math.log2(x["D"]) - math.log2(D)), -x["D"]))]
+
+
 def head_dim_table(rows) -> str:
     """Time per FLOP of each head dim against the power-of-two head dims of the same spec and shape measured
     in the same run: the two it lies between where both were measured (96: 64 and 128), else the nearest
@@ -230,9 +241,7 @@ def head_dim_table(rows) -> str:
     for r in timed:
         same = {x["D"]: x for x in timed if (x["spec"], x["B"], x["T"]) == (r["spec"], r["B"], r["T"])
                 and x["D"] & (x["D"] - 1) == 0}
-        below, above = 1 << (r["D"].bit_length() - 1), 1 << (r["D"] - 1).bit_length()
-        refs = [same[below], same[above]] if below != above and {below, above} <= set(same) else [
-            min(same.values(), key=lambda x: (abs(math.log2(x["D"]) - math.log2(r["D"])), -x["D"]))] if same else []
+        refs = _power_of_two_refs(r["D"], same)
         against = []
         for ref in (x for x in refs if x is not r):
             cells = []
@@ -332,10 +341,16 @@ def _ratio(r: dict, p: dict, key: str) -> str:
     return f"{p[key]:.2f}x" if key in p else "-"
 
 
+def _gpu_model(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'H100': the word of a device name that is a letter and digits; '-' if none."""
+    return next((w for w in str(name).split() if w[:1].isalpha() and w[1:].isdigit()), "-")
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """A line per (row, peer) that timed: spec, peer, the GPU's model (H100, ...), B x T, the forward and forward+backward ratios (peer /
-    effc: above 1, effc is faster) and the training step's peak memory, effc's / the peer's (MiB). Rows with
-    several head dims (the head-dim tables) are left out: their table is `head_dim_table`'s."""
+    """A line per (row, peer) that timed: spec, peer, the GPU's model (H100, ...), B x T, the forward and
+    forward+backward ratios (peer / effc: above 1, effc is faster) and the training step's peak memory,
+    effc's / the peer's (MiB). Rows with several head dims (the head-dim tables) are left out: their table
+    is `head_dim_table`'s."""
     lines = ["| spec | peer | GPU | B x T | forward | forward+backward | peak MiB, effc / peer |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -344,7 +359,7 @@ def markdown_table(rows: list[dict]) -> str:
                 continue
             peak = (f"{r['effc_peak_mib']:.0f} / {p['peak_mib']:.0f}" if "effc_peak_mib" in r and "peak_mib" in p
                     else "-")
-            gpu = next((w for w in str(r.get("gpu", "")).split() if w[:1] in "ABHL" and w[1:].isdigit()), "-")
+            gpu = _gpu_model(r.get("gpu", ""))
             lines.append(f"| {r['spec']} | {p['peer']} | {gpu} | {r['B']}x{r['T']} | {_ratio(r, p, 'speedup')} | "
                          f"{_ratio(r, p, 'speedup_fwdbwd')} | {peak} |")
     return "\n".join(lines) + "\n"
