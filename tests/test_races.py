@@ -40,8 +40,8 @@ def test_softmax_and_hybrid_kernels_have_no_race(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("partition", ["block", "loop", "cut"])
 def test_every_gradient_partition_has_no_race(partition):
-    """delta_net_l2's gradient partitions (passes.partition) with segments of packed chunks: V in two blocks,
-    the cut's per-token sums written by one kernel and read by the next."""
+    """delta_net_l2's gradient partitions (passes.partition) over five chunks of 16 with K=96 in parts and V in
+    two blocks: the cut's per-token sums written by one kernel and read by the next."""
     with checked_memory(races=True):
         _train_step(effc.load("delta_net_l2"), 96, 80, partition=partition, chunk=16)
 

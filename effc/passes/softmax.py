@@ -31,10 +31,10 @@ from ..ir.printer import print_op
 from ..policy.tiling import IsPow2, TilingSpace, padded
 from .blocksparse import BlockSparsity, derive, mean_visible_blocks
 from .select import SelectSchedule, analyze_select, chooses_tokens, select_leaf_types, type_select
-from .token_values import TOKEN_SUFFIX
 from .cse import cse_with_aliases
 from .fusion import live_ops
 from .shapes import SCALAR, _broadcast, _check_targets, _fmt, leaf_types, op_type
+from .token_values import TOKEN_SUFFIX
 
 _ONE = sympy.Integer(1)
 

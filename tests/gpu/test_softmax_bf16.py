@@ -93,8 +93,8 @@ def test_hybrid_swax_bf16_forward():
     assert v.ok and vs.ok
 
 
-@pytest.mark.parametrize("name", [n for n in effc.library_names("softmax") if compile_file(n).typed.selection
-                                  and not compile_file(n).legality.select.per_token])
+@pytest.mark.parametrize("name", [n for n in effc.library_names("softmax") if (c := compile_file(n)).typed.selection
+                                  and not c.legality.select.per_token])
 def test_bf16_selection_agrees(name):
     """The select kernel's choice against the exact one (float64 gates from the same bf16 inputs): blocks
     whose gates sit within bf16 rounding of the cut change sides (q and the pooled keys are rounded to bf16
