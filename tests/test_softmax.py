@@ -361,6 +361,17 @@ def test_visible_pairs_and_flops():
     assert effc.load("dsa").visible_pairs(4096) == sum(min(i + 1, 2048) for i in range(4096))  # k = 2048 tokens
 
 
+def test_visible_pairs_of_long_sequences_from_sampled_rows():
+    """Past EXACT_PAIR_ROWS queries the masks are counted on evenly spaced rows (a T x T mask of 131072 tokens
+    is 137 GB in float64: `effc bench` at 1x131072 was killed for host memory), close to the exact count."""
+    from effc.runtime.softmax_op import EXACT_PAIR_ROWS
+    T = 3 * EXACT_PAIR_ROWS + 5
+    assert math.isclose(effc.load("softmax_attn").visible_pairs(T), T * (T + 1) // 2, rel_tol=1e-4)
+    window = 1000
+    assert math.isclose(effc.load("sliding_window").visible_pairs(T, window=window),
+                        sum(min(i + 1, window) for i in range(T)), rel_tol=1e-4)
+
+
 AOT = r"""
 import json, sys
 import triton, triton.language as tl
