@@ -901,17 +901,20 @@ def test_the_readme_speed_table_is_the_benchmark_jsons():
 
 def test_bench_markdown_table_reads_several_jsons(tmp_path):
     """`effc bench --from-json A,B --markdown`: one line per (row, timed peer), ratios peer / effc, the peak
-    memory where both sides measured it; a peer that failed adds no line."""
+    memory where both sides measured it; a peer that failed adds no line; a row with fewer key/value heads
+    than query heads says how many."""
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     a.write_text(json.dumps([{**FAKE_ROWS[1], "effc_peak_mib": 100.0,
                               "peers": [{"peer": "fla chunk_gla", "ms": 1.4, "speedup": 2.0, "fwdbwd_ms": 3.0,
                                          "speedup_fwdbwd": 0.5, "peak_mib": 80.0}, {"peer": "x", "error": "no"}]}]))
-    b.write_text(json.dumps([{**FAKE_ROWS[0], "peers": [{"peer": "p", "ms": 1.0, "speedup": 2.0}]}]))
+    b.write_text(json.dumps([{**FAKE_ROWS[0], "peers": [{"peer": "p", "ms": 1.0, "speedup": 2.0}]},
+                             {**FAKE_ROWS[0], "HK": 1, "peers": [{"peer": "p", "ms": 1.0, "speedup": 2.0}]}]))
     result = CliRunner().invoke(app, ["bench", "--from-json", f"{a},{b}", "--markdown"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[2] == "| gla | fla chunk_gla | H100 | 2x8192 | 2.00x | 0.50x | 100 / 80 |"
-    assert lines[3] == "| gla | p | H100 | 8x2048 | 2.00x | - | - |" and len(lines) == 4
+    assert lines[3] == "| gla | p | H100 | 8x2048 | 2.00x | - | - |"
+    assert lines[4] == "| gla | p | H100 | 8x2048, 1 KV head | 2.00x | - | - |" and len(lines) == 5  # fewer key heads
 
 
 def test_bench_from_json_keeps_each_calls_newest_row(tmp_path):

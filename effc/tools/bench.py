@@ -349,8 +349,9 @@ def _gpu_model(name: str) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """A line per (row, peer) that timed: spec, peer, the GPU's model (H100, ...), B x T, the forward and
     forward+backward ratios (peer / effc: above 1, effc is faster) and the training step's peak memory,
-    effc's / the peer's (MiB). Rows with several head dims (the head-dim tables) are left out: their table
-    is `head_dim_table`'s."""
+    effc's / the peer's (MiB); B x T names the key/value heads where fewer than the query heads (a sparse
+    spec's choice is shared by their groups). Rows with several head dims (the head-dim tables) are left
+    out: their table is `head_dim_table`'s."""
     lines = ["| spec | peer | GPU | B x T | forward | forward+backward | peak MiB, effc / peer |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -360,7 +361,9 @@ def markdown_table(rows: list[dict]) -> str:
             peak = (f"{r['effc_peak_mib']:.0f} / {p['peak_mib']:.0f}" if "effc_peak_mib" in r and "peak_mib" in p
                     else "-")
             gpu = _gpu_model(r.get("gpu", ""))
-            lines.append(f"| {r['spec']} | {p['peer']} | {gpu} | {r['B']}x{r['T']} | {_ratio(r, p, 'speedup')} | "
+            shape = f"{r['B']}x{r['T']}" + (f", {r['HK']} KV head{'s' * (r['HK'] > 1)}"
+                                            if r.get("HK", r.get("H")) != r.get("H") else "")
+            lines.append(f"| {r['spec']} | {p['peer']} | {gpu} | {shape} | {_ratio(r, p, 'speedup')} | "
                          f"{_ratio(r, p, 'speedup_fwdbwd')} | {peak} |")
     return "\n".join(lines) + "\n"
 
