@@ -614,6 +614,34 @@ def test_peers_registered_for_softmax_specs():
     assert PEERS["gla"][0].inputs == ("q", "k", "v", "g")
 
 
+def test_fla_moba_peer_packs_the_batch_and_names_flash_attn(monkeypatch):
+    """fla's parallel_moba takes the batch packed as one varlen sequence (B = 1, cu_seqlens) and runs on
+    flash-attn: without it the row's error says so, before any timing."""
+    import types
+
+    import torch
+
+    from effc.tools.peers import PEERS
+    (fla_peer,) = [p for p in PEERS["moba"] if p.label.startswith("fla")]
+    calls = []
+    parallel = types.SimpleNamespace(flash_attn_varlen_func=None, parallel_moba=lambda q, k, v, cu, longest, **kw: (
+        calls.append((q.shape, cu.tolist(), longest, kw)) or v * 2))
+    for name, mod in (("fla", types.ModuleType("fla")), ("fla.ops", types.ModuleType("fla.ops")),
+                      ("fla.ops.moba", types.ModuleType("fla.ops.moba"))):
+        monkeypatch.setitem(sys.modules, name, mod)
+    sys.modules["fla.ops.moba"].parallel = parallel
+    monkeypatch.setitem(sys.modules, "fla.ops.moba.parallel", parallel)
+    with pytest.raises(ImportError, match="flash-attn"):
+        fla_peer.make(2, 8, 3, 4)
+    parallel.flash_attn_varlen_func = object()
+    run = fla_peer.make(2, 8, 3, 4)
+    q, k, v = (torch.randn(2, 8, 3, 4) for _ in range(3))
+    assert torch.equal(run(q, k, v, scale=0.5), v * 2)
+    assert calls == [(torch.Size([1, 16, 3, 4]), [0, 8, 16], 8, {"chunk_size": 64, "topk": 16})]
+    with pytest.raises(ValueError, match="D\\^-0.5 only"):
+        run(q, k, v, scale=0.1)
+
+
 def test_bench_explains_a_missing_spec_and_prints_peaks(capsys):
     from effc.tools import bench
     try:

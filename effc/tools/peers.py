@@ -106,6 +106,26 @@ def _fla_nsa(B, T, H, D):
     return run
 
 
+def _fla_moba(B, T, H, D):
+    """fla's parallel_moba for the moba spec: the same function (mean-pooled keys score 64-token blocks, the
+    query's own block among its top 16, a choice per token and head; softmax scale D^-1/2, its only one). It
+    packs the batch as one varlen sequence and hands both attention passes to flash-attn: without flash-attn
+    installed the row says so (fla would raise its own ImportError at the call)."""
+    import torch
+    from fla.ops.moba import parallel as fla_moba
+    if getattr(fla_moba, "flash_attn_varlen_func", None) is None:
+        raise ImportError("fla's parallel_moba runs on flash-attn, which is not installed here")
+
+    def run(q, k, v, *, scale):
+        if abs(scale - q.shape[-1] ** -0.5) > 1e-9:
+            raise ValueError(f"fla's parallel_moba scales by D^-0.5 only, asked for scale={scale}")
+        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+        packed = [x.reshape(1, B * T, *x.shape[2:]) for x in (q, k, v)]
+        o = fla_moba.parallel_moba(*packed, cu, T, chunk_size=64, topk=16)
+        return o.reshape(B, T, *o.shape[2:])
+    return run
+
+
 def _softmax_peer(build):
     """A softmax-family peer (effc/tools/softmax_peers.py) in this table's form; its set-up (block masks,
     compiled FlexAttention) runs once per input set, outside the timed calls."""
@@ -252,3 +272,4 @@ if __name__ == "__main__":
     except Exception as e:  # reported as the row's result, never hidden
         result = {"error": _one_line(e)}
     print("EFFC_PEER_RESULT " + json.dumps(result), flush=True)
+PEERS["moba"] = PEERS.get("moba", ()) + (Peer("fla parallel_moba (flash-attn)", ("q", "k", "v"), _fla_moba),)
