@@ -64,13 +64,13 @@ for spec in sys.argv[1:]:
     op = effc.load(spec)
     op = getattr(op, "softmax", op)  # a hybrid's softmax branch
     # the head-rows walks of a choice of key blocks too (passes.softmax_plan.HEAD_ROWS_KERNELS)
-    # and the prefix kernel where the plan has one (passes.softmax_plan.prefix_lowered)
+    # and the prefix kernel and its backward where the plan has them (passes.softmax_plan.prefix_lowered)
     for kernel in SOFTMAX_KERNELS + tuple(k.name for k in op.comp.plan.kernels if k.name.endswith("_rows")
-                                          or k.name == "prefix"):
+                                          or k.role in ("prefix", "bwd_prefix")):
         # the model's tiles, with the stages the launch steps down to where they do not fit (launch_fitting)
         k = compile_softmax_fitting(op, kernel)
         ptx = k.asm["ptx"]
-        results[f"{op.name}.{kernel}"] = {"mma": "mma.sync" in ptx or "wgmma" in ptx or kernel in ("bwd_pre", "prefix"),
+        results[f"{op.name}.{kernel}"] = {"mma": "mma.sync" in ptx or "wgmma" in ptx or kernel in ("bwd_pre", "prefix", "bwd_prefix"),
                                           "shared": k.metadata.shared, "stages": k.metadata.num_stages}
 print("AOT " + json.dumps(results))
 """
@@ -98,7 +98,7 @@ def test_softmax_family_kernels_compile_for_sm90(name, tmp_path):
     results = _compile_in_subprocesses(SOFTMAX_SCRIPT, names, tmp_path)
     op = effc.load(name)
     rows = tuple(k.name for k in getattr(op, "softmax", op).comp.plan.kernels
-                 if k.name.endswith("_rows") or k.name == "prefix")
+                 if k.name.endswith("_rows") or k.role in ("prefix", "bwd_prefix"))
     assert set(results) == {f"{n}.{k}" for n in names for k in ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv") + rows}
     for kernel, r in results.items():
         assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"

@@ -9,6 +9,7 @@ from ..ir.printer import print_op
 from .blocksparse import NEG, POS
 from .fusion import live_ops
 from .hybrid import HybridSplit
+from .prefix_bwd import PrefixBackward, differentiate_prefix
 from .kernel_plan import Kernel, kernel_args, unique_args
 from ..errors import ArgumentError
 from .softmax import ROW_PARTITIONS, SoftmaxSchedule, gathers_tokens, row_partitions
@@ -45,6 +46,7 @@ class SoftmaxPlan:
     kernels: tuple[SoftmaxKernel, ...]
     schedule: SoftmaxSchedule
     backward: SoftmaxBackward
+    prefix_backward: PrefixBackward | None = None  # the prefix kernel's (kernel `bwd_prefix`)
 
     @property
     def partitions(self) -> tuple[RowPartition, ...]:
@@ -87,11 +89,13 @@ class SoftmaxPlan:
             lines.append("    the model picks per call: the fewer block steps a query row for uncorrelated choices "
                          "(passes.softmax.default_partition, from the call's head group and length)")
         lowered = any(k.role == "prefix" for k in self.kernels)
-        lines += [("  prefix (kernel `prefix` per token; backward: autograd over its PyTorch evaluation):" if lowered
+        lines += [("  prefix (kernel `prefix` per token; backward: kernel `bwd_prefix`):" if lowered
                    else "  prefix (PyTorch pre-pass over whole sequences, differentiated by autograd):")
                   if self.spec.prefix.ops else "  prefix: none"]
         lines += [f"    {print_op(op)}" for op in self.spec.prefix.ops]
         lines.append(str(self.backward))
+        if self.prefix_backward is not None:
+            lines.append(str(self.prefix_backward))
         return "\n".join(lines)
 
 
@@ -383,39 +387,53 @@ def leaf_decl(sched: SoftmaxSchedule, x: str) -> TensorDecl:
 
 PREFIX_KERNEL = ("prefix", "prefix", "q", "the prefix stage per token, every value the walks read computed once "
                  "and stored (those read only as products in the inputs' 16-bit dtype)")
+PREFIX_BWD_KERNEL = ("bwd_prefix", "bwd_prefix", "q", "the prefix stage's backward per token: the stored values' "
+                     "cotangents back through the prefix ops to the inputs it reads (passes.prefix_bwd)")
 
 
 def prefix_lowered(sched: SoftmaxSchedule) -> bool:
     """Does a kernel compute the prefix stage (`prefix`, a program per block of one head's tokens)? Where every
     prefix op is per token: no scan or reduction over tokens (a cumsum: FoX's gate), which stay in the
-    PyTorch pre-pass. Its backward is autograd's over that pre-pass either way (runtime.softmax_torch_op)."""
+    PyTorch pre-pass, differentiated by autograd; a lowered prefix has a generated backward too (bwd_prefix)."""
     from .shapes import reduces_tokens
     ops = sched.spec.prefix.ops
     return bool(ops) and not any(op.kind in O.SCANS or reduces_tokens(op, sched.types) for op in ops)
 
 
-def _prefix_kernel(sched: SoftmaxSchedule, leaf_dims) -> SoftmaxKernel:
+def _prefix_kernels(sched: SoftmaxSchedule, leaf_dims) -> tuple[list[SoftmaxKernel], PrefixBackward]:
     """The prefix kernel (prefix_lowered): reads the inputs the prefix stage reads, stores its values the
-    other stages read (sched.leaves past the inputs)."""
+    other stages read (sched.leaves past the inputs); and its backward, `bwd_prefix`: reads those inputs and
+    the stored values' cotangents (`{x}_grad_ptr`), stores the inputs' gradients (`{x}_grad_ptr`, per query
+    head: a grouped input's are summed over its group after the kernel)."""
     spec = sched.spec
     read_names = {a for op in spec.prefix.ops for a in op.args if isinstance(a, str)}
     read = tuple(d.name for d in spec.inputs if d.name in read_names)
     stores = tuple(x for x in sched.leaves[len(spec.inputs):])
+    backward = differentiate_prefix(sched, stores)
     params = tuple(p.name for p in spec.params if p.name in read_names)
     dims = sorted(set(leaf_dims) | {n for d in spec.inputs if d.name in read for n in d.dims[3:]})
-    name, role, outer, what = PREFIX_KERNEL
-    args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read + stores])
-                       + kernel_args("param", [f"p_{p}" for p in params])) \
-        + kernel_args("layout", _LAYOUT) + _shape_args(read, dims) \
-        + kernel_args("tile", _TILES) + kernel_args("option", ("IS_VARLEN",))
-    return SoftmaxKernel(name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),
-                         stores=tuple(leaf_decl(sched, x) for x in stores), grid="(query blocks, B*H)", args=args,
-                         stages=("prefix",), what=what, outer=outer, walk=False, query_loads=read)
+    # the backward loads only the inputs its ops read (RoPE's adjoints are linear: no input)
+    used = {a for op in backward.recompute + backward.vjp for a in op.args if isinstance(a, str)}
+    read_back = tuple(x for x in read if x in used)
+    kernels = []
+    for (name, role, outer, what), loaded, tensors, written in (
+            (PREFIX_KERNEL, read, read + stores, stores),
+            (PREFIX_BWD_KERNEL, read_back, read_back + tuple(f"{x}_grad" for x in backward.seeds)
+             + tuple(f"{x}_grad" for x, _ in backward.grads), tuple(x for x, _ in backward.grads))):
+        args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in tensors])
+                           + kernel_args("param", [f"p_{p}" for p in params if p in used or role == "prefix"])) \
+            + kernel_args("layout", _LAYOUT) + _shape_args(loaded, dims) \
+            + kernel_args("tile", _TILES) + kernel_args("option", ("IS_VARLEN",))
+        kernels.append(SoftmaxKernel(name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in loaded),
+                                     stores=tuple(leaf_decl(sched, x) for x in written), grid="(query blocks, B*H)",
+                                     args=args, stages=("prefix",), what=what, outer=outer, walk=False,
+                                     query_loads=loaded))
+    return kernels, backward
 
 
 def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> SoftmaxPlan:
     leaf_dims = sorted({str(d) for x in sched.leaves for d in sched.types[x].shape[1:]})
-    kernels = [_prefix_kernel(sched, leaf_dims)] if prefix_lowered(sched) else []
+    kernels, prefix_backward = _prefix_kernels(sched, leaf_dims) if prefix_lowered(sched) else ([], None)
     kernels += _select_kernels(sched, leaf_dims) if sched.select is not None else []
     rows = tuple(k for k in HEAD_ROWS_KERNELS if k[0] in {c for p in plan_partitions(spec) for c in p.kernels})
     for name, role, stages, outer, what in SOFTMAX_KERNELS + rows:
@@ -444,7 +462,7 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
     if sched.select is None and spec.keyseq is None:  # decoding with a select stage or a key sequence of its own
         # is not lowered (runtime.softmax_decode says so)
         kernels += _decode_kernels(sched, leaf_dims)
-    return SoftmaxPlan(spec, tuple(kernels), sched, bwd)
+    return SoftmaxPlan(spec, tuple(kernels), sched, bwd, prefix_backward)
 
 
 @dataclass(frozen=True)

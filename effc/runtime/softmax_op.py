@@ -542,37 +542,67 @@ class SoftmaxOp(Tuned):
 
 
 class PrefixKernel:
-    """The generated prefix kernel of a SoftmaxOp (passes.softmax_plan.prefix_lowered) as the prefix stage's
-    forward: `(inputs, cu_seqlens, H, params) -> [value per name of .stores]`, each (B, T, H, ...), those read
-    only as products in the inputs' 16-bit dtype (operand_dtype), the others fp32."""
+    """The generated prefix kernels of a SoftmaxOp (passes.softmax_plan.prefix_lowered) as the prefix stage's
+    forward, `(inputs, cu_seqlens, H, params) -> [value per name of .stores]`, each (B, T, H, ...), those read
+    only as products in the inputs' 16-bit dtype (operand_dtype), the others fp32; and its backward
+    (passes.prefix_bwd), `.backward(inputs, cotangents of .stores, cu_seqlens, H, params) -> {input: grad}`."""
 
     def __init__(self, op: SoftmaxOp):
         self.op = op
         self.plan = op.comp.plan.kernel("prefix")
         self.stores = tuple(d.name for d in self.plan.stores)
+        self.derived = op.comp.plan.prefix_backward
 
-    def __call__(self, xs, cu, H: int, params) -> list[torch.Tensor]:
-        op, sched = self.op, self.op.sched
+    def _launch(self, kernel: str, xs, cu, H: int, params, tensors) -> None:
+        """One launch of `kernel` (prefix or bwd_prefix) over every token of every head: the inputs it reads
+        laid out as the walks read them, `tensors` its other buffers by argument name."""
+        op, kp = self.op, self.op.comp.plan.kernel(kernel)
         named = {d.name: x for d, x in zip(op.spec.inputs, xs)}
         first = xs[0]
         B, T, dtype, device = first.shape[0], first.shape[1], first.dtype, first.device
-        dims = {n: size for d in op.spec.inputs for n, size in zip(d.dims[3:], named[d.name].shape[3:])}
-        low = operand_dtype(dtype)
-        outs = {x: torch.empty((B, T, H) + tuple(dims[str(d)] for d in sched.types[x].shape[1:]),
-                               dtype=low if x in sched.operand_prefix else torch.float32, device=device)
-                for x in self.stores}
-        args = {f"{x}_ptr": _stored_rows(named[x], sched.types[x].shape[1:], dims, dtype) for x in self.plan.query_loads}
-        args.update({f"{x}_ptr": t for x, t in outs.items()})
+        dims = self._dims(named)
+        args = {f"{x}_ptr": _stored_rows(named[x], op.sched.types[x].shape[1:], dims, dtype) for x in kp.query_loads}
+        args.update(tensors)
         args.update({f"p_{p}": float(v) for p, v in zip(prefix_params(op.spec), params)})
         n_seq = B if cu is None else cu.shape[0] - 1
         longest = T if cu is None else int((cu[1:] - cu[:-1]).max()) if n_seq else 0
         args.update(T=T, Q_LO=0, Q_HI=T, cu_ptr=kernel_cu_seqlens(cu, device) if cu is not None
                     else torch.empty(1, dtype=torch.float32, device=device))
-        heads = {x: named[x].shape[2] for x in self.plan.query_loads}
+        heads = {x: named[x].shape[2] for x in kp.query_loads}
         meta = op._meta(PREFIX_TILE, H, heads, dims, cu, dtype)
         if n_seq and H and longest:
-            op._launch("prefix", PREFIX_TILE, -(-longest // PREFIX_TILE[0]), n_seq * H, args, meta)
+            op._launch(kernel, PREFIX_TILE, -(-longest // PREFIX_TILE[0]), n_seq * H, args, meta)
+
+    def _dims(self, named: dict) -> dict:
+        return {n: size for d in self.op.spec.inputs for n, size in zip(d.dims[3:], named[d.name].shape[3:])}
+
+    def __call__(self, xs, cu, H: int, params) -> list[torch.Tensor]:
+        sched, first = self.op.sched, xs[0]
+        dims = self._dims({d.name: x for d, x in zip(self.op.spec.inputs, xs)})
+        low = operand_dtype(first.dtype)
+        outs = {x: torch.empty(first.shape[:2] + (H,) + tuple(dims[str(d)] for d in sched.types[x].shape[1:]),
+                               dtype=low if x in sched.operand_prefix else torch.float32, device=first.device)
+                for x in self.stores}
+        self._launch("prefix", xs, cu, H, params, {f"{x}_ptr": t for x, t in outs.items()})
         return [outs[x] for x in self.stores]
+
+    def backward(self, xs, d_outs, cu, H: int, params) -> dict[str, torch.Tensor]:
+        """The gradients of the inputs the prefix reads, each in its input's shape and dtype: written per query
+        head by the kernel (fp32 where a grouped input's heads are summed after it)."""
+        named = {d.name: x for d, x in zip(self.op.spec.inputs, xs)}
+        cotangents = dict(zip(self.stores, d_outs))
+        tensors = {f"{x}_grad_ptr": cotangents[x].contiguous() for x in self.derived.seeds}
+        grads = {}
+        for x, _ in self.derived.grads:
+            t = named[x]
+            grads[x] = torch.empty(t.shape[:2] + (H,) + t.shape[3:], device=t.device,
+                                   dtype=t.dtype if t.shape[2] == H else torch.float32)
+            tensors[f"{x}_grad_ptr"] = grads[x]
+        if not all(t.numel() for t in tensors.values()):  # no token: nothing to launch
+            return {x: torch.zeros_like(named[x]) for x in grads}
+        self._launch("bwd_prefix", xs, cu, H, params, tensors)
+        return {x: g if named[x].shape[2] == H else
+                g.unflatten(2, (named[x].shape[2], -1)).sum(3).to(named[x].dtype) for x, g in grads.items()}
 
 
 def _stored_rows(t: torch.Tensor, feats, dims: dict, dtype) -> torch.Tensor:

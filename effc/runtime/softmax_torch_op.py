@@ -97,9 +97,9 @@ def softmax_torch_ops(op) -> TorchOps:
 def prefix_stage(spec: Spec, kernel=None, narrow: frozenset = frozenset()):
     """`values(named, pvals, H, cu)`: the prefix stage's per-token values the kernels read, traceable under
     torch.compile. Made with the op: the custom ops register outside any trace. `kernel(xs, cu, H, params)`:
-    the generated prefix kernel (passes.softmax_plan.prefix_lowered), which then computes them; its backward is
-    autograd's over the PyTorch evaluation (softmax_oracle.prefix_values in fp32). Without one, that evaluation
-    runs (fp32), differentiated by autograd. `narrow`: the values read only as products, handed over in the
+    the generated prefix kernel (passes.softmax_plan.prefix_lowered), which then computes them, its backward
+    generated too (passes.prefix_bwd). Without one, the PyTorch evaluation runs (softmax_oracle.prefix_values
+    in fp32), differentiated by autograd. `narrow`: the values read only as products, handed over in the
     inputs' 16-bit dtype (SoftmaxSchedule.operand_prefix)."""
     ops = _prefix_torch_ops(spec, kernel, narrow) if spec.prefix.ops else None
     names = prefix_params(spec)
@@ -129,7 +129,8 @@ def _prefix_outputs(spec: Spec, kernel) -> list[str]:
 
 def _prefix_torch_ops(spec: Spec, kernel=None, narrow: frozenset = frozenset()) -> TorchOps:
     """The prefix stage as a custom op pair: xs are the spec's inputs, ints [H]. Forward: the prefix kernel
-    where there is one, else the PyTorch evaluation; backward: the evaluation's VJP (torch.func)."""
+    where there is one, else the PyTorch evaluation; backward: the prefix kernel's generated backward
+    (passes.prefix_bwd), else the evaluation's VJP (torch.func)."""
     inputs, outs = [d.name for d in spec.inputs], _prefix_outputs(spec, kernel)
     read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
 
@@ -152,6 +153,10 @@ def _prefix_torch_ops(spec: Spec, kernel=None, narrow: frozenset = frozenset()) 
     def run_bwd(xs, kept, cu, d_outs, d_finals, ints, params):
         if xs[0].is_meta:  # effc memory's meta run: the gradients' allocations (the VJP's temporaries uncounted)
             return fake_bwd(xs, kept, cu, d_outs, d_finals, ints, params)
+        if kernel is not None:  # the generated backward (passes.prefix_bwd)
+            grads = kernel.backward(xs, d_outs, cu, ints[0], params)
+            return [grads[n] if n in grads else torch.zeros_like(x) if n in read else x.new_empty(0)
+                    for n, x in zip(inputs, xs)]
         # torch.func: a custom op's implementation runs below autograd, where torch.autograd records nothing
         wanted = [i for i, n in enumerate(inputs) if n in read]
 

@@ -53,6 +53,7 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
 
 SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
 # SoftmaxTiles' field per kernel (the select stage's kernels share the forward's query block)
+PREFIX_KERNELS = ("prefix", "bwd_prefix")  # per token, at policy.tiling.PREFIX_TILE
 _TILES_OF = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv", "select": "fwd", "select_t": "fwd",
              "fwd_rows": "fwd", "bwd_dq_rows": "dq", "bwd_dkv_rows": "dkv"}
 HEAD_ROWS_GROUP = 16  # the head-rows kernels compile for 16 query heads a key head: one token's rows a program
@@ -71,7 +72,7 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
     from ...policy.tiling import PREFIX_TILE, padded, stored_width
     dims = {d: 128 for d in op.spec.dims} | (dims or {})
     tiles = tiles or choose_softmax_tiles(op.spec, dims, interpreting=False)
-    bm, bn, warps, stages = PREFIX_TILE if kernel == "prefix" else getattr(tiles, _TILES_OF[kernel])
+    bm, bn, warps, stages = PREFIX_TILE if kernel in PREFIX_KERNELS else getattr(tiles, _TILES_OF[kernel])
     fn = getattr(op.module, f"{op.name}_{kernel}_kernel")
     bf16 = ({f"{x}_ptr" for x in op.sched.leaves} | {f"{o.name}_{s}ptr" for o in op.spec.outputs for s in ("", "grad_")}
             | {f"{x}_{tag}_ptr" for x in op.comp.backward.whole_grads() for tag in ("dpre", "dq", "dk")})
@@ -111,7 +112,7 @@ def compile_softmax_fitting(op, kernel: str, dims: dict | None = None):
 
     from ...passes.softmax import choose_softmax_tiles
     tiles = choose_softmax_tiles(op.spec, {d: 128 for d in op.spec.dims} | (dims or {}), interpreting=False)
-    if kernel == "prefix":  # one stage already (policy.tiling.PREFIX_TILE)
+    if kernel in PREFIX_KERNELS:  # one stage already (policy.tiling.PREFIX_TILE)
         return compile_softmax_sm90(op, kernel, tiles, dims)
     field = _TILES_OF[kernel]
     while True:

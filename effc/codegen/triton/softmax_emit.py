@@ -11,6 +11,7 @@ import sympy
 from ...ir import ops as O
 from ...ir.nodes import CK, C, Op
 from ...passes.blocksparse import NEG, POS, Range, triton_expr
+from ...passes.prefix_bwd import SEED, PrefixBackward
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_bwd import SoftmaxBackward, acc_name, dd_name, dr_name, p_name
 from ...passes.softmax_plan import SoftmaxKernel, SoftmaxPlan
@@ -557,6 +558,21 @@ def _prefix(sched: SoftmaxSchedule, kp) -> KernelView:
     return kv
 
 
+def _bwd_prefix(sched: SoftmaxSchedule, pb: PrefixBackward, kp) -> KernelView:
+    """The prefix stage's backward (passes.prefix_bwd): per block of one head's tokens, the stored values'
+    cotangents and the inputs loaded, the prefix ops the adjoints read recomputed, each input's gradient
+    stored (per query head, cast to its buffer's dtype)."""
+    kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "q", walk=False)
+    pr = PrefixPrinter(sched, dict(pb.types))
+    pr.inputs = set(kp.query_loads)
+    seeds = [f"v_{SEED}{x} = tl.load({x}_grad_ptr + {_offsets('', _feats(sched, x), 'H', 'r_M')}, "
+             f"mask={_rowmask('qv', _feats(sched, x))}, other=0.0).to(tl.float32)" for x in pb.seeds]
+    kv.pre_lines = (["pos_f = r_M.to(tl.float32)"] + seeds + pr.lines(pb.recompute) + pr.lines(pb.vjp)
+                    + [Store(f"{x}_grad_ptr", pr.value_ref(g), _feats(sched, x), cast=True).line()
+                       for x, g in pb.grads])
+    return kv
+
+
 def _bwd_pre(sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> KernelView:
     spec = sched.spec
     kp = bwd.pre
@@ -656,6 +672,7 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
     spec = sched.spec
     views = {"walk": lambda kp: _fwd(sched, kp.name), "bwd_pre": lambda kp: _bwd_pre(sched, bwd),
              "prefix": lambda kp: _prefix(sched, kp),
+             "bwd_prefix": lambda kp: _bwd_prefix(sched, plan.prefix_backward, kp),
              "bwd_walk": lambda kp: _bwd_walk(sched, bwd.dq if kp.outer == "q" else bwd.dkv, kp.outer, kp.name),
              **(more_views or {})}
     kernels = []
