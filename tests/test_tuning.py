@@ -642,6 +642,18 @@ def test_fla_moba_peer_packs_the_batch_and_names_flash_attn(monkeypatch):
         run(q, k, v, scale=0.1)
 
 
+def test_peer_table_is_complete_before_the_peer_process_runs():
+    """`python -m effc.tools.peers` runs a peer by its index in PEERS: a table entry added below the module's
+    `__main__` block is missing there (fla's MoBA peer was: its row read 'IndexError')."""
+    import ast
+    import inspect
+
+    from effc.tools import peers
+    body = ast.parse(inspect.getsource(peers)).body
+    main = next(i for i, node in enumerate(body) if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test))
+    assert main == len(body) - 1, f"statements after the __main__ block: {ast.unparse(body[main + 1])[:80]}"
+
+
 def test_bench_explains_a_missing_spec_and_prints_peaks(capsys):
     from effc.tools import bench
     try:

@@ -187,6 +187,7 @@ PEERS: dict[str, tuple[Peer, ...]] = {
 PEERS["nsa"] = PEERS.get("nsa", ()) + (Peer("fla parallel_nsa (16 query heads per kv head, own compression; "
                                                  "window: flash-attn, else FlexAttention)",
                                             ("q", "k", "v", "gc", "gs", "gw"), _fla_nsa),)
+PEERS["moba"] = PEERS.get("moba", ()) + (Peer("fla parallel_moba (flash-attn)", ("q", "k", "v"), _fla_moba),)
 
 
 def time_training_step(forward, leaves, grad_out, own_leaves=list) -> tuple[float, float]:
@@ -272,4 +273,3 @@ if __name__ == "__main__":
     except Exception as e:  # reported as the row's result, never hidden
         result = {"error": _one_line(e)}
     print("EFFC_PEER_RESULT " + json.dumps(result), flush=True)
-PEERS["moba"] = PEERS.get("moba", ()) + (Peer("fla parallel_moba (flash-attn)", ("q", "k", "v"), _fla_moba),)
