@@ -12,6 +12,10 @@ import torch.distributed as dist  # noqa: E402
 
 import effc  # noqa: E402
 from effc.distributed import context_parallel, shard  # noqa: E402
+from interpreter_speed import patch_language_once_a_launch  # noqa: E402
+
+if os.environ["TRITON_INTERPRET"] == "1":
+    patch_language_once_a_launch()
 
 
 def run_case(case: dict, rank: int, world: int) -> dict:
