@@ -35,7 +35,7 @@ class BlockLoop:
 
 
 def _has(t: TileType, dim: str) -> bool:
-    return any(str(d) == dim for d in t.shape)
+    return any(getattr(d, "name", None) == dim for d in t.shape)  # a dim symbol (sympy's str() is slow)
 
 
 def _sums_over(op: Op, types: dict, dim: str) -> bool:
@@ -69,8 +69,13 @@ def loop_over_blocks(ops: tuple[Op, ...], types: dict[str, TileType], dim: str) 
             side[op.out] = "after" if reads & {"sum", "after"} else "before"
     # a K-side value only the after-part reads (or a gradient no op reads) is computed there: it need not
     # stay live across the loop
+    users: dict[str, list[str]] = {}
+    for u in ops:
+        for a in u.args:
+            if isinstance(a, str):
+                users.setdefault(a, []).append(u.out)
     for op in reversed(ops):
-        readers = {side[u.out] for u in ops if op.out in u.args}
+        readers = {side[u] for u in users.get(op.out, ())}
         if side[op.out] == "before" and readers <= {"after"}:
             side[op.out] = "after"
     part = lambda *names: tuple(op for op in ops if side[op.out] in names)
