@@ -44,8 +44,10 @@ def _grads(fn, leaves, d_o, d_s):
 @pytest.mark.slow  # the full tier only (README: test tiers)
 def test_gradients_match_autograd_through_the_oracle(name, save_states, block):
     op = effc.load(name)
-    xs, s0 = _leaves(op, 2, 45, 2)
-    d_o = torch.randn(2, 45, 2, DIMS["V"], dtype=torch.float64)
+    # two sequences (a batch's states and rows), one head: the sweep's cost is every spec x knob under the
+    # interpreter; several heads are every other test's
+    xs, s0 = _leaves(op, 2, 45, 1)
+    d_o = torch.randn(2, 45, 1, DIMS["V"], dtype=torch.float64)
     d_s = tuple(torch.randn(s.shape, dtype=torch.float64) for s in _tuple(s0))
     leaves = xs + list(_tuple(s0))
     ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=s0, output_final_state=True), leaves, d_o, d_s)
@@ -181,12 +183,13 @@ SEGMENTABLE = [pytest.param(n, marks=pytest.mark.slow) if n == "log_linear_attn"
 
 def _packed_sequences(op, seed: int, **knobs):
     """(out, reference out, gradients, reference gradients) over packed sequences of 1, 3 and 2 chunks of 16,
-    with initial- and final-state cotangents, against autograd through the float64 oracle."""
+    with initial- and final-state cotangents, against autograd through the float64 oracle; one head (the
+    sweeps over every spec and partition run under the interpreter)."""
     cu = torch.tensor([0, 9, 50, 75], dtype=torch.int32)
-    xs, _ = _leaves(op, 1, 75, 2, seed=seed)
+    xs, _ = _leaves(op, 1, 75, 1, seed=seed)
     dims = {d: DIMS[d] for d in op.spec.dims}
-    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, 3, 2, dims)))
-    d_o = torch.randn(1, 75, 2, DIMS["V"], dtype=torch.float64)
+    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, 3, 1, dims)))
+    d_o = torch.randn(1, 75, 1, DIMS["V"], dtype=torch.float64)
     d_s = tuple(torch.randn(s.shape, dtype=torch.float64) for s in s0)
     one = lambda t: t if len(s0) > 1 else t[0]
     leaves = xs + list(s0)
