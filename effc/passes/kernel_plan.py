@@ -49,7 +49,8 @@ def unique_args(args) -> tuple[KernelArg, ...]:
 
 # what a kernel does; code generators and launchers branch on these, never on a kernel's name
 KERNEL_ROLES = ("prep", "walk", "summary", "out", "bwd_inject", "bwd_scan", "bwd_chunks",  # chunked scan
-                "prefix", "bwd_pre", "bwd_walk", "bwd_prefix",  # online softmax (its forward is a walk too; prefix: per token)
+                # online softmax (its forward is a walk too; prefix and its backward: per token)
+                "prefix", "bwd_pre", "bwd_walk", "bwd_prefix",
                 "pool", "select", "select_t",  # the select stage's block lists (passes.select)
                 "decode", "decode_combine")  # decoding against a KV cache: split-KV partials, their merge
 

@@ -9,8 +9,8 @@ from ..ir.printer import print_op
 from .blocksparse import NEG, POS
 from .fusion import live_ops
 from .hybrid import HybridSplit
-from .prefix_bwd import PrefixBackward, differentiate_prefix
 from .kernel_plan import Kernel, kernel_args, unique_args
+from .prefix_bwd import PrefixBackward, differentiate_prefix
 from ..errors import ArgumentError
 from .softmax import ROW_PARTITIONS, SoftmaxSchedule, gathers_tokens, row_partitions
 from .softmax_bwd import SoftmaxBackward
@@ -412,16 +412,17 @@ def _prefix_kernels(sched: SoftmaxSchedule, leaf_dims) -> tuple[list[SoftmaxKern
     backward = differentiate_prefix(sched, stores)
     params = tuple(p.name for p in spec.params if p.name in read_names)
     dims = sorted(set(leaf_dims) | {n for d in spec.inputs if d.name in read for n in d.dims[3:]})
-    # the backward loads only the inputs its ops read (RoPE's adjoints are linear: no input)
+    # the backward reads only the inputs and params its ops read (RoPE's adjoints are linear: no input)
     used = {a for op in backward.recompute + backward.vjp for a in op.args if isinstance(a, str)}
     read_back = tuple(x for x in read if x in used)
     kernels = []
-    for (name, role, outer, what), loaded, tensors, written in (
-            (PREFIX_KERNEL, read, read + stores, stores),
+    for (name, role, outer, what), loaded, tensors, written, taken in (
+            (PREFIX_KERNEL, read, read + stores, stores, params),
             (PREFIX_BWD_KERNEL, read_back, read_back + tuple(f"{x}_grad" for x in backward.seeds)
-             + tuple(f"{x}_grad" for x, _ in backward.grads), tuple(x for x, _ in backward.grads))):
+             + tuple(f"{x}_grad" for x, _ in backward.grads), tuple(x for x, _ in backward.grads),
+             tuple(p for p in params if p in used))):
         args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in tensors])
-                           + kernel_args("param", [f"p_{p}" for p in params if p in used or role == "prefix"])) \
+                           + kernel_args("param", [f"p_{p}" for p in taken])) \
             + kernel_args("layout", _LAYOUT) + _shape_args(loaded, dims) \
             + kernel_args("tile", _TILES) + kernel_args("option", ("IS_VARLEN",))
         kernels.append(SoftmaxKernel(name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in loaded),

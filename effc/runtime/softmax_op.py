@@ -598,9 +598,7 @@ class PrefixKernel:
             grads[x] = torch.empty(t.shape[:2] + (H,) + t.shape[3:], device=t.device,
                                    dtype=t.dtype if t.shape[2] == H else torch.float32)
             tensors[f"{x}_grad_ptr"] = grads[x]
-        if not all(t.numel() for t in tensors.values()):  # no token: nothing to launch
-            return {x: torch.zeros_like(named[x]) for x in grads}
-        self._launch("bwd_prefix", xs, cu, H, params, tensors)
+        self._launch("bwd_prefix", xs, cu, H, params, tensors)  # no token (T = 0): no launch, empty grads
         return {x: g if named[x].shape[2] == H else
                 g.unflatten(2, (named[x].shape[2], -1)).sum(3).to(named[x].dtype) for x, g in grads.items()}
 
