@@ -52,8 +52,8 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
 
 
 SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
-# SoftmaxTiles' field per kernel (the select stage's kernels share the forward's query block)
 PREFIX_KERNELS = ("prefix", "bwd_prefix")  # per token, at policy.tiling.PREFIX_TILE
+# SoftmaxTiles' field per kernel (the select stage's kernels share the forward's query block)
 _TILES_OF = {"fwd": "fwd", "bwd_pre": "pre", "bwd_dq": "dq", "bwd_dkv": "dkv", "select": "fwd", "select_t": "fwd",
              "fwd_rows": "fwd", "bwd_dq_rows": "dq", "bwd_dkv_rows": "dkv"}
 HEAD_ROWS_GROUP = 16  # the head-rows kernels compile for 16 query heads a key head: one token's rows a program
