@@ -14,21 +14,7 @@ from effc.compiler import compile_text
 from effc.library import LIBRARY_DIR
 from effc.runtime.verify import judge_fp32
 
-TANH_KEYS = """spec tanh_keys {
-  input q: [B, T, H, K]
-  input k: [B, T, H, K] key
-  input v: [B, T, H, V] key
-  output o: [B, T, H, V]
-  param scale = K ** -0.5
-  score {
-    s = (q @ tanh(k).T) * scale
-    mask kpos <= qpos
-  }
-  merge {
-    o = softmax(s) @ v
-  }
-}
-"""
+from test_token_values import TANH_KEYS  # s = (q @ tanh(k).T) * scale, causal
 
 
 def test_rope_backward_is_the_rotations_transposed():
