@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The first 2026-12-06 (third) session's calls (NEXT_GPU_RUN item 000000000000). Each carries
+# .device/wheels-a and wheels-c.
+#   profile: where the sparse training step goes at 8x2048 (InfLLM-V2 with one key head, MoBA per head) and
+#            gated_delta_net's training step at 2x8192 (issue 21), kernel by kernel
+#   fla:     issue 24's fla rows, one spec at a time (rwkv7, log_linear_attn, mesanet at 8x2048)
+#   sparse:  InfLLM-V2 and MoBA at 8x2048 beside SDPA and FlexAttention (after a change to their backward)
+# usage (device machine): bash scripts/gpu_session9.sh profile|fla|sparse
+set -uo pipefail
+export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
+python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache
+mkdir -p "$OUT"
+case "${1:-}" in
+  profile)
+    KV_HEADS=1 timeout 170 python3 scripts/kernel_profile.py infllm_v2 8x2048 2>&1 | grep -v Warn | tee "$OUT/profile_infllm.log" | grep -A13 PROFILE
+    timeout 150 python3 scripts/kernel_profile.py moba 8x2048 2>&1 | grep -v Warn | tee "$OUT/profile_moba.log" | grep -A13 PROFILE
+    timeout 200 python3 scripts/kernel_profile.py gated_delta_net 2x8192 2>&1 | grep -v Warn | tee "$OUT/profile_gdn.log" | grep -A13 PROFILE ;;
+  fla)
+    for s in ${SPECS:-rwkv7 log_linear_attn mesanet}; do
+      OUT=$OUT/lib24-$s PEER_TIMEOUT=${PEER_TIMEOUT:-200} timeout ${LIMIT:-250} bash scripts/gpu.sh bench $s ${SHAPES:-8x2048} 1 2>&1 | grep -v Warn | grep -v '^{' | tail -6
+    done ;;
+  sparse)
+    OUT=$OUT/sparse BACKWARD=1 KV_HEADS=1 PEER_TIMEOUT=120 timeout 260 bash scripts/gpu.sh bench infllm_v2,moba 8x2048 1 2>&1 | grep -v Warn | grep -v '^{' | tail -14 ;;
+  *) echo "usage: scripts/gpu_session9.sh profile|fla|sparse"; exit 2 ;;
+esac
