@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 case "${1:-}" in
   profile)
     KV_HEADS=1 timeout 170 python3 scripts/kernel_profile.py infllm_v2 8x2048 2>&1 | grep -v Warn | tee "$OUT/profile_infllm.log" | grep -A13 PROFILE
-    timeout 150 python3 scripts/kernel_profile.py moba 8x2048 2>&1 | grep -v Warn | tee "$OUT/profile_moba.log" | grep -A13 PROFILE
+    KV_HEADS=1 timeout 150 python3 scripts/kernel_profile.py moba 8x2048 2>&1 | grep -v Warn | tee "$OUT/profile_moba.log" | grep -A13 PROFILE
     timeout 200 python3 scripts/kernel_profile.py gated_delta_net 2x8192 2>&1 | grep -v Warn | tee "$OUT/profile_gdn.log" | grep -A13 PROFILE ;;
   fla)
     for s in ${SPECS:-rwkv7 log_linear_attn mesanet}; do
