@@ -592,6 +592,7 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
         reasons.append(f"interpreter: BM={bm} BN={bn} (small blocks exercise the walk and the masks)")
         t = (bm, bn, num_warps or 4, num_stages or 1)
         fwd, dq, dkv, pre = t, t, t, t
+        dkv_rows = 16
     else:
         if widest <= 64:
             # dkv measured on H200 at 8x4096 (scripts/softmax_sweep.py): 64x64 blocks run fwd+bwd in 3.28 ms at
@@ -613,6 +614,7 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
 
         def override(t):
             return (chunk or t[0], block or t[1], num_warps or t[2], num_stages or t[3])
+        dkv_rows = dkv[0]
         fwd, dq, dkv, pre = override(fwd), override(dq), override(dkv), (64, 64, 4, 1)
     if tuned is not None:
         fwd = (chunk or tuned["chunk"], block or tuned["block"], num_warps or tuned["num_warps"],
@@ -624,10 +626,14 @@ def choose_softmax_tiles(spec: Spec, dims: dict[str, int], interpreting: bool, *
         if block is not None and block != sb:
             raise SpecError(f"block={block}: spec '{spec.name}' selects key blocks of {sb} tokens, and its walks' "
                             f"key tile is that block", None, f"block={sb} or none")
-        fwd, dq, dkv = ((fwd[0], sb) + t[2:] for t in (fwd, dq, dkv))
+        # dK/dV walks each listed query block in sub-blocks of the model's query tile: a 128-row list block
+        # at dK/dV's 4 warps spilled its fp32 tiles (InfLLM-V2 8x2048 on the H100: dK/dV 3.3x dQ's time)
+        rows = min(dkv_rows, fwd[0])
+        fwd, dq = ((fwd[0], sb) + t[2:] for t in (fwd, dq))
+        dkv = (rows, sb) + dkv[2:]
         reasons.append(f"select stage: every walk's key tile is the selected block ({sb}) and its query block the "
-                       f"lists' ({fwd[0]}); the select kernel scores the key blocks "
-                       f"{select_chunk(fwd[0], 1 << 30, interpreting)} at a time (at most)")
+                       f"lists' ({fwd[0]}), dK/dV's in sub-blocks of {rows}; the select kernel scores the key "
+                       f"blocks {select_chunk(fwd[0], 1 << 30, interpreting)} at a time (at most)")
     chosen = partition or (tuned or {}).get("partition")
     if chosen == "heads" and gathers_tokens(spec) and not gathers_one_token(group):
         raise ArgumentError(f"partition='heads': spec '{spec.name}' chooses key tokens, whose head rows gather one "

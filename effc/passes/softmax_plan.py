@@ -273,7 +273,7 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
                  "select": ["tmask_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "tidx_ptr", "tcnt_ptr"],
                  "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr", "ktok_ptr"]}[name]
         tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"],
-                 "bwd_dkv": ["NW", "GROUP"] + _SPLIT_TILES}.get(name, ["NW", "GROUP"])
+                 "bwd_dkv": ["NW", "GROUP", "BQ"] + _SPLIT_TILES}.get(name, ["NW", "GROUP"])
         layout = ["NQB", "NKB"] + layout + (_SPLIT_LAYOUT if name == "bwd_dkv" else [])
         return lists, layout, tiles, (["INDICES"] if name == "select" else []) + flags
     if name == "bwd_dkv_rows":  # the query blocks listing the key block, and how many of their tokens took it
@@ -289,7 +289,8 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
              "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr", "ktok_ptr"]}[name]
     width = "CB" if sched.select.streamed else "NBP"  # a chunk of key blocks, or every one (passes.select)
     select = [width, "KTOP", "KP"] + (["GROUP"] if sched.select.selection.shared else [])
-    tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"], "bwd_dkv": ["KP"] + _SPLIT_TILES}.get(name, ["KP"])
+    tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"],
+             "bwd_dkv": ["KP", "BQ"] + _SPLIT_TILES}.get(name, ["KP"])
     return lists, ["NQB", "NKB"] + layout + (_SPLIT_LAYOUT if name == "bwd_dkv" else []), tiles, flags
 
 

@@ -376,8 +376,9 @@ class SoftmaxOp(Tuned):
                 self._launch_rows(kernel, c, longest, queries, n_seq, H, named,
                                   {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]})
                 continue
-            if kernel == "bwd_dkv" and sched.select is not None:
-                self._launch_split(kernel, c, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
+            if kernel == "bwd_dkv" and sched.select is not None:  # BQ: the lists' query block, walked BM rows a step
+                self._launch_split(kernel, c, n_seq * H, named,
+                                   {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]})
                 continue
             self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
         grads = []

@@ -95,6 +95,8 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
         slots = sel.selection.slots or 64  # unbounded (topp / threshold, no cap): 64 key blocks
         const["KP"] = max(2, 1 << (slots - 1).bit_length())  # (runtime.select_op)
         const.update(KTOP=slots, GROUP=1, NQBP=64, NBP=64, CB=select_chunk(bm, 1 << 20, False))
+        if "BQ" in fn.arg_names and not kernel.endswith("_rows"):  # dK/dV walks the lists' blocks in sub-blocks
+            const["BQ"] = tiles.fwd[0]
         if "SLOT" in fn.arg_names:  # dK/dV's segment sums (passes.softmax_plan.KEY_SPLIT)
             const["SLOT"] = split_slot(op.sched, op.comp.backward, const)
     if sel is not None and sel.per_token:  # a choice of key tokens: bits per (query, key block), the search chunk
