@@ -69,7 +69,7 @@ def test_softmax_plan_loads_by_side():
                      "bwd_dq": (("q",), ("k", "v"), ()), "bwd_dkv": (("q",), ("k", "v"), ()),
                      "decode": (("q",), ("k", "v"), ()), "decode_combine": ((), (), ("o",))}
     assert [d.name for d in plan.kernel("fwd").loads] == ["q", "k", "v"]
-    assert plan.kernel("bwd_dkv").outer == "k" and plan.kernel("bwd_dkv").grid == "(key blocks, B*H)"
+    assert plan.kernel("bwd_dkv").outer == "k" and plan.kernel("bwd_dkv").grid == "(key blocks, B*H/GQ)"
 
 
 def test_softmax_plan_parameters():

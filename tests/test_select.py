@@ -120,6 +120,20 @@ def test_grouped_heads():
     _check_grads(op, xs, lambda *a: moba(*a, block=16, topk=2), o)
 
 
+@pytest.mark.parametrize("gq", [2, 4])
+def test_grouped_heads_walked_by_one_dkv_program(monkeypatch, gq):
+    """One key head for 4 query heads, each with its own choice: a dK/dV program walks `gq` query heads' lists
+    in turn (the runtime's choice forced), its units counted over them when a long list splits."""
+    from effc.runtime import softmax_op
+    monkeypatch.setattr(softmax_op, "key_group", lambda group, *a: min(group, gq))
+    op = CASES["moba_small"][0]()
+    xs = [x.requires_grad_() for x in _inputs(61, H=4, hk=1, seed=4)]
+    o, _ = op(*xs, chunk=32)
+    naive = moba(*[x.detach() for x in xs], block=16, topk=2)
+    assert judge_fp32(o, naive).ok, judge_fp32(o, naive)
+    _check_grads(op, xs, lambda *a: moba(*a, block=16, topk=2), o)
+
+
 def test_packed_sequences_with_an_empty_one():
     """Blocks, positions and the choice restart per sequence; an empty sequence has nothing to choose."""
     op = CASES["max_window"][0]()

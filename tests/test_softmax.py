@@ -100,6 +100,25 @@ def test_grouped_query_attention():
         assert a.shape == b.shape and judge_fp32(a, b).ok
 
 
+@pytest.mark.parametrize("gq", [1, 2, 4])
+def test_key_heads_walked_by_one_dkv_program(monkeypatch, gq):
+    """One key head for 4 query heads: a dK/dV program walks `gq` of them in turn (the runtime's choice
+    forced), summing in registers; the other groups' sums are added after. Every gradient against the naive
+    reference, over a sequence that is no multiple of the block."""
+    from effc.runtime import softmax_op
+    monkeypatch.setattr(softmax_op, "key_group", lambda group, *a: min(group, gq))
+    op = effc.load("softmax_attn")
+    xs = [x.requires_grad_() for x in _inputs(op, 2, 37, 4, seed=7, heads={"k": 1, "v": 1})]
+    o, _ = op(*xs, chunk=16)
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, xs, g)
+    leaves = [x.detach().double().requires_grad_() for x in xs]
+    ref = _naive("softmax_attn", leaves, {})
+    assert judge_fp32(o, ref).ok
+    for a, b in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert a.shape == b.shape and judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
 def test_document_masks_from_cu_seqlens():
     """Packed sequences: no attention across documents, positions (and FoX's cumsum) restart in each."""
     op = effc.load("forgetting_transformer")

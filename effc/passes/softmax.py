@@ -549,6 +549,22 @@ def key_split(n_kb: int, n_bh: int, interpreting: bool) -> tuple[int, int]:
     return max(1, min(most, -(-_SPLIT_PROGRAMS // n_bh))), 1 if interpreting else _SPLIT_UNITS
 
 
+# the dK/dV programs to keep when one walks several query heads of a key head (softmax_plan.GROUPED_KEYS):
+# ~8 a multiprocessor on an H100, so that the causal walks' unequal lengths still even out across the GPU
+_GROUP_PROGRAMS = 1024
+
+
+def key_group(group: int, key_blocks: int, rows: int, interpreting: bool) -> int:
+    """The query heads one dK/dV program walks in turn (GQ, a divisor of `group`, the most a key head may
+    serve): the most that keep `key_blocks * rows / GQ` programs (`rows`: sequences x query heads) at least
+    _GROUP_PROGRAMS; the whole group under the interpreter."""
+    least = 1 if interpreting else _GROUP_PROGRAMS
+    gq = group
+    while gq > 1 and (group % gq or key_blocks * rows // gq < least):
+        gq -= 1
+    return gq
+
+
 def pivot_group(bm: int, sb: int, interpreting: bool) -> int:
     """The search's pivots counted per reduction PG: its [BM, SB, PG] compares held to the select tile
     budget (at BM = 128 and SB = 64, one pivot a reduction: a [BM, SB, 16] tile spilled, 1 s for DSA's select

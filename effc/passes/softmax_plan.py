@@ -247,6 +247,18 @@ KEY_SPLIT = ("a key block's list longer than L units (query blocks; head rows: t
              "every query block in one program; deterministic, no atomics")
 
 
+GROUPED_KEYS = ("grouped key heads (GQA): a program per key block of one key head walks the GQ query heads "
+                "sharing it in turn, summing their dK/dV in registers, and stores the key head's gradients once, in "
+                "the input's dtype where no other kernel adds to them (no per-query-head fp32 copies summed after); "
+                "GQ = 1 where a key-side value reads the head index or the key-side inputs' heads differ")
+
+
+def dkv_groups_heads(bwd: SoftmaxBackward) -> bool:
+    """May one dK/dV program walk several query heads (GROUPED_KEYS)? Not where a key-side value (computed
+    once a program, before the walk) reads the head index."""
+    return not any("head" in op.args for op in bwd.dkv.outer_ops)
+
+
 def split_slot(sched: SoftmaxSchedule, bwd: SoftmaxBackward, sizes: dict) -> int:
     """The fp32 elements of one segment's sums (`ksplit`'s SLOT): dK/dV's accumulators' tiles, their dims
     the kernel's (C: BM, CK: BN, a feature dim its padded tile `{d}_P`), read from `sizes`."""
@@ -444,6 +456,8 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
         read = tuple(x for x in sched.leaves if x in q or x in k)
         params = _params_read(sched, ops, name != "bwd_pre", outer)
         tensors, layout, tiles, flags = _select_args(sched, name)
+        if name == "bwd_dkv":  # a program per key head's key block, its GQ query heads in turn (GROUPED_KEYS)
+            tiles = [*tiles, "GQ"]
         args = unique_args(kernel_args("tensor", [f"{x}_ptr" for x in read] + list(_buffers(sched, bwd, name))
                                        + tensors) + kernel_args("param", [f"p_{p}" for p in params])) \
             + kernel_args("layout", _layout(sched) + tuple(layout)) \
@@ -454,7 +468,9 @@ def softmax_plan(spec: Spec, sched: SoftmaxSchedule, bwd: SoftmaxBackward) -> So
             what += " (the selected blocks only: the select stage's lists)"
         if sched.select is not None and base_kernel(name) == "bwd_dkv":
             what += "; " + KEY_SPLIT
-        grid = "(query blocks, B*H)" if outer == "q" else "(key blocks, B*H)"
+        if name == "bwd_dkv":
+            what += "; " + GROUPED_KEYS
+        grid = "(query blocks, B*H)" if outer == "q" else "(key blocks, B*H/GQ)" if name == "bwd_dkv" else "(key blocks, B*H)"
         kernels.append(SoftmaxKernel(
             name=name, role=role, loads=tuple(leaf_decl(sched, x) for x in read),
             stores=tuple(spec.outputs) if base_kernel(name) == "fwd" else (),

@@ -16,8 +16,9 @@ import torch
 from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
-from ..passes.softmax import SoftmaxTiles, choose_softmax_tiles, head_rows_tile, key_split, visible_blocks
-from ..passes.softmax_plan import split_slot
+from ..passes.softmax import (SoftmaxTiles, choose_softmax_tiles, head_rows_tile, key_group, key_split,
+                              visible_blocks)
+from ..passes.softmax_plan import dkv_groups_heads, split_slot
 from ..policy.tiling import PREFIX_TILE, Problem, padded, stored_width
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
@@ -354,18 +355,23 @@ class SoftmaxOp(Tuned):
                                            longest, H, leaves, transpose=True))
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
         kernels = ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk"))
+        rows_dkv = cfg.head_rows and "bwd_dkv_rows" in self._kernel_names
         # head rows: a dK/dV program sums its group's heads and stores at the group's first head (the others zero)
-        grouped = cfg.head_rows and named.get("GROUP", 1) > 1 and "bwd_dkv_rows" in self._kernel_names
+        grouped = rows_dkv and named.get("GROUP", 1) > 1
+        # dK/dV per key head (passes.softmax_plan.GROUPED_KEYS)
+        gq = 1 if rows_dkv else self._key_group(leaves, H, math.ceil((TK or longest) / cfg.dkv[1]) * n_seq)
         whole = bwd.whole_grads()
         for kernel, tag in kernels:
             for x, _ in kernel.leaf_grads:
                 t = leaves[sched.leaves.index(x)]
-                # a gradient written by one kernel for ungrouped heads is final: stored in the input's dtype,
+                n_heads = H // gq if tag == "dk" else H
+                # a gradient written by one kernel for its input's heads is final: stored in the input's dtype,
                 # with no fp32 buffer and no conversion pass; sums of parts and of grouped heads stay fp32
-                direct = x in whole and t.shape[2] == H
+                direct = x in whole and t.shape[2] == n_heads
                 # a key sequence of its own has its own length (t.shape[1]); the others are over T
                 make = torch.zeros if grouped and tag == "dk" else alloc
-                buf = make((B, t.shape[1], H) + feats[x], dtype=t.dtype if direct else torch.float32, device=device)
+                buf = make((B, t.shape[1], n_heads) + feats[x], dtype=t.dtype if direct else torch.float32,
+                           device=device)
                 named[f"{x}_{tag}_ptr"] = buf
                 parts[x].append(buf)
         for kernel, c, grid0 in (("bwd_pre", cfg.pre, _query_blocks(longest, queries, cfg.pre[0])),
@@ -376,24 +382,35 @@ class SoftmaxOp(Tuned):
                 self._launch_rows(kernel, c, longest, queries, n_seq, H, named,
                                   {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]})
                 continue
+            meta = self._meta(c, H, heads, dims, cu, dtype)
             if kernel == "bwd_dkv" and sched.select is not None:  # BQ: the lists' query block, walked BM rows a step
-                self._launch_split(kernel, c, n_seq * H, named,
-                                   {**self._meta(c, H, heads, dims, cu, dtype), "BQ": cfg.fwd[0]})
+                self._launch_split(kernel, c, n_seq * H // gq, named, {**meta, "BQ": cfg.fwd[0], "GQ": gq})
                 continue
-            self._launch(kernel, c, grid0, n_seq * H, named, self._meta(c, H, heads, dims, cu, dtype))
+            if kernel == "bwd_dkv":
+                self._launch(kernel, c, grid0, n_seq * H // gq, named, {**meta, "GQ": gq})
+                continue
+            self._launch(kernel, c, grid0, n_seq * H, named, meta)
         grads = []
         for x, t in zip(sched.leaves, leaves):
-            if not parts[x]:
-                grads.append(None)
-                continue
-            g = parts[x][0]
-            for more in parts[x][1:]:
-                g = g + more
+            # a grouped input's gradient: each part summed over the heads sharing it (none for dK/dV's per key head)
             hx = t.shape[2]
-            if hx != H:  # a grouped input's gradient: the sum over the heads sharing it
-                g = g.reshape(g.shape[:2] + (hx, H // hx) + g.shape[3:]).sum(3)
-            grads.append(g.to(t.dtype))
+            per_head = [g if g.shape[2] == hx else g.reshape(g.shape[:2] + (hx, -1) + g.shape[3:]).sum(3)
+                        for g in parts[x]]
+            grads.append(sum(per_head[1:], per_head[0]).to(t.dtype) if per_head else None)
         return grads
+
+    def _key_group(self, leaves, H: int, key_blocks: int) -> int:
+        """GQ of the dK/dV kernel (passes.softmax_plan.GROUPED_KEYS) over `key_blocks` (of every sequence):
+        query heads that share the heads of every leaf it loads per key block and of every gradient it writes
+        (one head count), as many as passes.softmax.key_group keeps enough programs for; else 1."""
+        sched, bwd = self.sched, self.comp.backward
+        heads = {leaves[sched.leaves.index(x)].shape[2] for x, _ in bwd.dkv.leaf_grads}
+        if len(heads) != 1 or not dkv_groups_heads(bwd):
+            return 1
+        group = H // heads.pop()
+        for x in self.comp.plan.kernel("bwd_dkv").key_loads:
+            group = math.gcd(group, H // leaves[sched.leaves.index(x)].shape[2])
+        return key_group(group, key_blocks, H, interpreting())
 
     # -- the oracle -----------------------------------------------------------------------------------
     def reference(self, *tensors, cu_seqlens=None, dtype=torch.float64, matmul_dtype=None, initial_state=None,

@@ -66,6 +66,18 @@ def test_sliding_window_short_window_and_gqa_varlen():
     _check(op, xs, {"window": 300}, cu)
 
 
+@pytest.mark.parametrize("name", ["softmax_attn", "infllm_v2"])
+def test_bf16_gradients_with_key_heads_walked_by_one_program(name, monkeypatch):
+    """8 query heads on 2 key heads, each dK/dV program walking its key head's 4 query heads in turn (forced:
+    at this length the runtime keeps one head a program, passes.softmax.key_group)."""
+    from effc.runtime import softmax_op
+    monkeypatch.setattr(softmax_op, "key_group", lambda group, *a: group)
+    op = effc.load(name)
+    xs = random_inputs(op.spec, 1, 2048, 8, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=6,
+                       kv_heads=2)
+    _check(op, xs)
+
+
 def test_causal_matches_sdpa():
     op = effc.load("softmax_attn")
     q, k, v = random_inputs(op.spec, B, T, H, {"K": D, "V": D}, torch.bfloat16, "cuda", seed=7)

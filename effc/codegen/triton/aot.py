@@ -90,6 +90,11 @@ def compile_softmax_sm90(op, kernel: str, tiles=None, dims: dict | None = None, 
         rows, warps = head_rows_tile(HEAD_ROWS_GROUP)
         const.update(G=HEAD_ROWS_GROUP, BM=rows, BQ=tiles.fwd[0],
                      **{f"HX_{x}": 16 // HEAD_ROWS_GROUP for x in op.sched.leaves if x in keyed})
+    if "GQ" in fn.arg_names:  # dK/dV walks the query heads of a key head's group in turn (GROUPED_KEYS)
+        from ...passes.softmax_plan import dkv_groups_heads
+        gq = HEAD_ROWS_GROUP if dkv_groups_heads(op.comp.backward) else 1
+        keyed = set(op.comp.plan.kernel(kernel).key_loads)
+        const.update(GQ=gq, **{f"HX_{x}": 16 // gq for x in op.sched.leaves if x in keyed})
     sel = op.sched.select
     if sel is not None:  # the walks' block lists: a slot per block chosen, a power of two
         slots = sel.selection.slots or 64  # unbounded (topp / threshold, no cap): 64 key blocks

@@ -223,10 +223,11 @@ class Store:
     base: str = "qbos"  # the sequence's first token (bos_k: a key-side store over a key sequence of its own)
     width: str = ""  # STORED: a scratch buffer {d}_S wide (its real columns written, the rest left zero)
     row_heads: bool = False  # query rows are (token t_M, head h_M) pairs (decoding)
+    heads: str = "H"  # the buffer's heads: (H // GQ) for dK/dV's per key head (KernelView.head_loop)
 
     def line(self) -> str:
         rows, valid = ("t_M" if self.row_heads else "r_M", "qv") if self.side == "q" else ("r_N", "kv")
-        offs = _offsets("", self.feats, "H", rows, self.base, self.width, self.row_heads)
+        offs = _offsets("", self.feats, self.heads, rows, self.base, self.width, self.row_heads)
         mask = _rowmask(valid, self.feats)
         v = f"{self.value}.to({self.ptr}.dtype.element_ty)" if self.cast else self.value
         return f"tl.store({self.ptr} + {offs}, {v}, mask={mask})"
@@ -250,6 +251,7 @@ class KernelView:
     listed: bool = False  # walks the select stage's list of blocks (passes.select), not a range
     head_rows: bool = False  # rows are (query token t_M, query head h_M) pairs: G heads of a group a program
     gathered: bool = False  # head rows over a choice of key tokens: the key tiles gathered from each query's list
+    head_loop: bool = False  # dK/dV: a program per key head walks its GQ query heads in turn (grouped heads)
     decodes: bool = False  # takes DECODE: launched over KV caches too (runtime.softmax_decode)
     list_lines: list[str] = field(default_factory=list)  # before that walk: n_sel and list_base
     entry_lines: list[str] = field(default_factory=list)  # outer k, before the key block's loads: the
@@ -383,7 +385,7 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
                          "# the listed query blocks holding the units [u_lo, u_hi) (tokens, in list order)",
                          "e_lo = tl.sum(tl.where((took_n > 0) & (took_end <= u_lo), 1, 0), 0)",
                          "e_hi = tl.sum(tl.where((took_n > 0) & (took_end - took_n < u_hi), 1, 0), 0)"]
-        _split(kv, "ktok_ptr", "(i_b * H + i_h)")
+        _split(kv, [_UNITS.format(units="ktok_ptr", row="(i_b * H + i_h)")])
         own = ["chosen = qv"]
     elif kv.head_rows:  # the loop reads each token's row of `sel` (softmax.py.j2); with one token a program
         # (a shared choice, G >= 16) its rows all chose the block
@@ -392,20 +394,30 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
     elif outer == "q":
         kv.list_lines = ([] if tokens else [_SEL_LOAD]) + ["n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
                                                             "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
-    else:
-        kv.list_lines = ["list_base = klist_ptr + (i_bh * NKB + pid) * NQB"]
-        _split(kv, "kcnt_ptr", "i_bh")
+    else:  # the program's units count every query head of its group (head_loop), each head's list in turn
+        kv.list_lines = ["n_g = tl.load(kcnt_ptr + (i_b * H + i_h) * NKB + pid)  # this head's list",
+                         "g_lo = tl.minimum(tl.maximum(u_lo - g_base, 0), n_g)",
+                         "g_hi = tl.minimum(tl.maximum(u_hi - g_base, 0), n_g)",
+                         "g_base += n_g",
+                         "list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB"]
+        _split(kv, ["units = tl.zeros([NBP], tl.int32)",
+                    "for i_g in tl.range(0, GQ):",
+                    "    " + _UNITS.replace("units = ", "units += ").format(units="kcnt_ptr", row="(i_b * H + i_h + i_g)")])
         own = ([] if tokens else [_SEL_LOAD]) + own
     kv.body[True] = own + kv.body[True]
 
 
-def _split(kv: KernelView, units: str, row: str) -> None:
+# a row of per-key-block unit counts
+_UNITS = "units = tl.load({units} + {row} * NKB + r_U, mask=r_U < NKB, other=0)"
+
+
+def _split(kv: KernelView, units: list[str]) -> None:
     """dK/dV over the transposed lists, a long list split over programs (passes.softmax_plan.KEY_SPLIT): the
-    program's key block `pid`, its units [u_lo, u_hi) of the list, `e` its segment (< 0: the whole list), and
-    after the walk the segments' sums stored (PHASE 0) or added (PHASE 1) around the gradients' stores."""
+    program's key block `pid`, its units [u_lo, u_hi) of the list (`units`: the lines loading each key block's
+    count), `e` its segment (< 0: the whole list), and after the walk the segments' sums stored (PHASE 0) or
+    added (PHASE 1) around the gradients' stores."""
     kv.entry_lines = [
-        "r_U = tl.arange(0, NBP)",
-        f"units = tl.load({units} + {row} * NKB + r_U, mask=r_U < NKB, other=0)",
+        "r_U = tl.arange(0, NBP)", *units,
         "L = tl.maximum(SPLIT, tl.cdiv(2 * tl.sum(units, 0), EXTRA))  # at most EXTRA segments in all",
         "n_seg = tl.where(units > L, tl.cdiv(units, L), 0)  # a split list's segments (0: walked whole)",
         "seg_end = tl.cumsum(n_seg, 0)",
@@ -652,10 +664,12 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str, name: str | None = None) -
         if p.keep_t:
             body.insert(body.index(_keep(sched)) + 1, "keep_t = tl.trans(tl.where(keep, 1.0, 0.0)) != 0.0")
         kv.body[masked] = body
+    kv.head_loop = outer == "k" and not rows
     post = pr.lines(kp.post_vjp)
     for x, g in kp.leaf_grads:
         post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True,
-                          base=_kbos(sched) if outer == "k" else "qbos", row_heads=rows and outer == "q").line())
+                          base=_kbos(sched) if outer == "k" else "qbos", row_heads=rows and outer == "q",
+                          heads="(H // GQ)" if kv.head_loop else "H").line())
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer, _kseq(sched),
                         _margin(sched))
