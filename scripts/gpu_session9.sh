@@ -5,7 +5,9 @@
 #            gated_delta_net's training step at 2x8192 (issue 21), kernel by kernel
 #   fla:     issue 24's fla rows, one spec at a time (rwkv7, log_linear_attn, mesanet at 8x2048)
 #   sparse:  InfLLM-V2 and MoBA at 8x2048 beside SDPA and FlexAttention (after a change to their backward)
-# usage (device machine): bash scripts/gpu_session9.sh profile|fla|sparse
+#   gqa:     dK/dV per key head: its bf16 gradient test, the sparse rows again, InfLLM-V2 at 1x32768 and
+#            softmax_attn with 4 key heads beside SDPA
+# usage (device machine): bash scripts/gpu_session9.sh profile|fla|sparse|gqa
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
 python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
@@ -22,5 +24,10 @@ case "${1:-}" in
     done ;;
   sparse)
     OUT=$OUT/sparse BACKWARD=1 KV_HEADS=1 PEER_TIMEOUT=120 timeout 260 bash scripts/gpu.sh bench infllm_v2,moba 8x2048 1 2>&1 | grep -v Warn | grep -v '^{' | tail -14 ;;
-  *) echo "usage: scripts/gpu_session9.sh profile|fla|sparse"; exit 2 ;;
+  gqa)
+    timeout 150 bash scripts/gpu.sh test tests/gpu/test_softmax_bf16.py -k key_heads_walked 2>&1 | tail -3
+    bash "$0" sparse
+    OUT=$OUT/long BACKWARD=1 KV_HEADS=1 timeout 150 bash scripts/gpu.sh bench infllm_v2 1x32768 0 2>&1 | grep -v Warn | grep -v '^{' | tail -4
+    OUT=$OUT/dense BACKWARD=1 KV_HEADS=4 PEER_TIMEOUT=100 timeout 160 bash scripts/gpu.sh bench softmax_attn 8x2048,2x8192 1 2>&1 | grep -v Warn | grep -v '^{' | tail -10 ;;
+  *) echo "usage: scripts/gpu_session9.sh profile|fla|sparse|gqa"; exit 2 ;;
 esac
