@@ -550,8 +550,10 @@ def key_split(n_kb: int, n_bh: int, interpreting: bool) -> tuple[int, int]:
 
 
 # the dK/dV programs to keep when one walks several query heads of a key head (softmax_plan.GROUPED_KEYS):
-# ~8 a multiprocessor on an H100, so that the causal walks' unequal lengths still even out across the GPU
-_GROUP_PROGRAMS = 1024
+# ~10 waves of an H100's resident programs. Measured (H100, scripts/gqa_ab.py): 1024 programs of 4 heads
+# each trained 6-10% slower than 4096 of one (softmax_attn 2x8192 with 4 key heads, InfLLM-V2 and MoBA at
+# 8x2048 with one), the last of ~2.6 waves part empty; at 1x32768 1024 programs of 8 heads were no slower
+_GROUP_PROGRAMS = 4096
 
 
 def key_group(group: int, key_blocks: int, rows: int, interpreting: bool) -> int:
