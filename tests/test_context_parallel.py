@@ -247,19 +247,20 @@ spec gated_out {
     assert "overlap: on (dense shards)" in str(plan) and plan.bytes_per_rank == _bytes("gla")  # bytes unchanged
 
 
-@pytest.mark.slow
-def test_four_ranks_match_single_process(tmp_path):
+def _four_ranks_match_single_process():
     specs = FAST + ("rwkv7",)
     cases = [_case(s, seed=10 + i) for i, s in enumerate(specs)]
     cases.append(_case("gla", seed=20, init=False))
     # uneven shards: 1, 40, 0 and 49 tokens (a rank with an empty shard passes its entering state on)
     cases.append(_case("delta_net", seed=21, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]))
-    results = _run_ranks(cases, 4, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-    # a middle rank: its one run (zeros and probe columns) gives the summary and o(0), u; no second walk
-    assert results[1][0]["schedule"] == ("probe 1", "all-gather issued", "all-gather waited", CORRECT.format(1))
-    assert results[3][0]["schedule"][:2] == ("all-gather issued", "probe 3 (overlapped)")
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+        # a middle rank: its one run (zeros and probe columns) gives the summary and o(0), u; no second walk
+        assert results[1][0]["schedule"] == ("probe 1", "all-gather issued", "all-gather waited", CORRECT.format(1))
+        assert results[3][0]["schedule"][:2] == ("all-gather issued", "probe 3 (overlapped)")
+    return cases, check
 
 
 # a packed stream of 90 tokens, 45 per rank on 2 ranks: a document inside rank 0, an empty one, one
@@ -297,33 +298,35 @@ def test_two_ranks_packed_mlstm_sig_and_swax(tmp_path):
     assert f"both branches: {swax_bytes} bytes" in results[0][2]["plan"]
 
 
-@pytest.mark.slow
-def test_four_ranks_softmax_attn_and_mlstm_sig_packed(tmp_path):
+def _four_ranks_softmax_attn_and_mlstm_sig_packed():
     """softmax_attn on 4 contiguous ranks (B = 2; uneven shards with an empty one), packed with a document
     through two middle shards; mlstm_sig packed the same way, with initial states."""
     uneven = [(0, 1), (1, 41), (41, 41), (41, 90)]
     cases = [_case("softmax_attn", seed=170, batch=2), _case("softmax_attn", seed=171, bounds=uneven),
              _case("softmax_attn", seed=172, cu=[0, 3, 3, 80, 90]), _case("mlstm_sig", seed=173, cu=[0, 3, 3, 80, 90])]
-    results = _run_ranks(cases, 4, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-    assert all(r[0]["plan_bytes"] == _softmax_bytes(r[0]["o"].shape[1], 2) for r in results)
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+        assert all(r[0]["plan_bytes"] == _softmax_bytes(r[0]["o"].shape[1], 2) for r in results)
+    return cases, check
 
 
-@pytest.mark.slow
-def test_four_ranks_varlen(tmp_path):
+def _four_ranks_varlen():
     cases = [  # 22-23 tokens per rank: document 2 runs through ranks 1 and 2 (their summaries carry A)
         _case("gla", seed=40, cu=[0, 3, 3, 80, 90]),
         _case("delta_net", seed=41, cu=[0, 3, 3, 80, 90, 90]),
         # uneven shards, the empty one inside document 1 (its state passes through); empty documents
         _case("retention", seed=42, cu=[0, 5, 60, 60, 90, 90], bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]),
         _case("rwkv7", seed=43, init=False, cu=[0, 1, 89, 90])]
-    results = _run_ranks(cases, 4, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-    # rank 1 lies inside document 2: one run gives its summary, o(0) and u
-    assert results[1][0]["schedule"] == ("probe continuation", "all-gather issued", "all-gather waited",
-                                         "correct continuation: o(0) + u @ S_in")
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+        # rank 1 lies inside document 2: one run gives its summary, o(0) and u
+        assert results[1][0]["schedule"] == ("probe continuation", "all-gather issued", "all-gather waited",
+                                             "correct continuation: o(0) + u @ S_in")
+    return cases, check
 
 
 def test_varlen_shard_layout():
@@ -438,8 +441,7 @@ def test_two_ranks_select_stage(tmp_path):
         _check(case, [r[i] for r in results])
 
 
-@pytest.mark.slow
-def test_four_ranks_softmax_family(tmp_path):
+def _four_ranks_softmax_family():
     uneven = [(0, 1), (1, 41), (41, 41), (41, 90)]  # a one-token shard, an empty one
     cases = [_case("alibi", seed=70), _case("softcap", seed=71, kw={"cap": 2.0}),
              _case("forgetting_transformer", seed=72), _case("softmax_full", seed=73),
@@ -449,9 +451,11 @@ def test_four_ranks_softmax_family(tmp_path):
              _case("swax", seed=77, init=False, kw={"window": 7}),
              _case("swax", seed=78, kw={"window": 9}, cu=[0, 3, 3, 80, 90]),
              _case("softmax_full", seed=79, cu=[0, 3, 3, 80, 90])]
-    results = _run_ranks(cases, 4, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+    return cases, check
 
 
 def test_plan_prints_the_bytes_per_rank():
@@ -528,16 +532,17 @@ def test_two_ranks_zigzag_match_single_process(tmp_path):
     assert results[1][2]["schedule"][-1] == CORRECT.format(2)  # swax's state branch
 
 
-@pytest.mark.slow
-def test_four_ranks_zigzag(tmp_path):
+def _four_ranks_zigzag():
     cases = [_case("softmax_attn", seed=90, layout="zigzag"), _case("gated_attention", seed=91, layout="zigzag"),
              _case("sliding_window", seed=92, kw={"window": 30}, layout="zigzag"),
              _case("swax", seed=93, init=False, kw={"window": 7}, layout="zigzag"),
              _case("delta_net", seed=94, layout="zigzag"), _case("retention", seed=95, layout="zigzag"),
              _case("forgetting_transformer", seed=96, cu=[0, 3, 3, 80, 90], layout="zigzag")]
-    results = _run_ranks(cases, 4, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+    return cases, check
 
 
 # -- specs that read positions -----------------------------------------------------------------------------
@@ -554,14 +559,15 @@ def test_two_ranks_specs_reading_positions(tmp_path):
         _check(case, [r[i] for r in results])
 
 
-@pytest.mark.slow
-def test_four_ranks_specs_reading_positions(tmp_path):
+def _four_ranks_specs_reading_positions():
     cases = [_case("retention_rope", seed=110, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]),
              _case("retention_rope", seed=111, init=False, cu=[0, 3, 3, 80, 90]),
              _case("retention_rope", seed=112, layout="zigzag")]
-    results = _run_ranks(cases, 4, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+    return cases, check
 
 
 @pytest.mark.slow
@@ -587,13 +593,14 @@ def test_two_ranks_reverse_states(tmp_path):
     assert results[0][0]["plan_bytes"] == lion_summary + 2 * sizes  # and the initial states
 
 
-@pytest.mark.slow
-def test_four_ranks_reverse_states(tmp_path):
+def _four_ranks_reverse_states():
     cases = [_case("lion", seed=130, init=False), _case("lion_s", seed=131, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]),
              _case("lion_s", seed=132, layout="zigzag")]
-    results = _run_ranks(cases, 4, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+    return cases, check
 
 
 def test_reverse_states_with_packed_documents_are_refused():
@@ -616,8 +623,7 @@ def test_two_ranks_ring_pass_of_states(tmp_path):
         assert all(r[i]["plan_bytes"] == B * H * D * D * 4 for r in results)  # W only: no A
 
 
-@pytest.mark.slow
-def test_four_ranks_ring_pass_of_states(tmp_path):
+def _four_ranks_ring_pass_of_states():
     cases = [_case(s, seed=150 + i, schedule="ring") for i, s in enumerate(("retention", "gla", "delta_net", "rwkv7"))]
     cases.append(_case("mlstm_sig", seed=155, schedule="ring"))  # two states in one message
     cases.append(_case("gla", seed=156, init=False, schedule="ring"))
@@ -626,10 +632,12 @@ def test_four_ranks_ring_pass_of_states(tmp_path):
     cases.append(_case("retention_rope", seed=158, bounds=[(0, 30), (30, 31), (31, 90), (90, 90)], schedule="ring"))
     cases.append(_case("swax", seed=159, schedule="ring"))  # the state branch of a hybrid
     cases.append(_case("mlstm", seed=160, schedule="ring"))  # not affine in its state: no summary, still a ring
-    results = _run_ranks(cases, 4, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-    assert results[1][4]["plan_bytes"] == B * H * (D * D + D) * 4  # mlstm_sig: C [K, V] and n [K]
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+        assert results[1][4]["plan_bytes"] == B * H * (D * D + D) * 4  # mlstm_sig: C [K, V] and n [K]
+    return cases, check
 
 
 def test_ring_schedule_refusals():
@@ -668,3 +676,23 @@ def test_async_gather_is_autograd_aware(tmp_path):
         assert torch.allclose(x.grad, 2 * g[0])
     finally:
         dist.destroy_process_group()
+
+
+# every 4-rank group above, run in one world of 4 ranks (one spawn: the ranks start and compile once)
+FOUR_RANKS = (_four_ranks_match_single_process, _four_ranks_softmax_attn_and_mlstm_sig_packed, _four_ranks_varlen,
+              _four_ranks_softmax_family, _four_ranks_zigzag, _four_ranks_specs_reading_positions,
+              _four_ranks_reverse_states, _four_ranks_ring_pass_of_states)
+
+
+@pytest.mark.slow
+def test_four_ranks(tmp_path):
+    """The groups' cases in one world of 4 ranks; each group's checks on its slice of the results."""
+    groups = [(g.__name__, *g()) for g in FOUR_RANKS]
+    results = _run_ranks([c for _, cases, _ in groups for c in cases], 4, tmp_path, timeout=1200)
+    at = 0
+    for name, cases, check in groups:
+        try:
+            check([r[at:at + len(cases)] for r in results])
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from e
+        at += len(cases)
