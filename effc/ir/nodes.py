@@ -50,6 +50,16 @@ class Stage:
     name: str
     ops: tuple[Op, ...]
 
+    @property
+    def reads(self) -> frozenset[str]:
+        """Every name the stage's ops read (inputs, values, params, built-ins)."""
+        return names_read(self.ops)
+
+
+def names_read(ops) -> frozenset[str]:
+    """The names `ops` read as arguments (literals aside)."""
+    return frozenset(a for op in ops for a in op.args if isinstance(a, str))
+
 
 @dataclass(frozen=True)
 class TensorDecl:

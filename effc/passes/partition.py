@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..ir.nodes import C, Op, Spec, TileType, dim
+from ..ir.nodes import C, Op, Spec, TileType, dim, names_read
 from .block_loop import BlockLoop, loop_over_blocks
 from .fusion import Fused, FusedKernel, needed
 from .kernel_cost import FEATURE, RELATIVE_ERROR, SPLIT_BLOCK, Cost, kernel_cost, size, typical_sizes
@@ -223,7 +223,7 @@ def _costs(spec: Spec, kernels, types: dict, split: str, hoisted_types: dict) ->
     for k in kernels:
         types = {**types, **dict(k.scratch_loads), **{op.out: op.type for op in k.ops}}
         loaded, stored = {}, {}
-        leaves = {a for op in k.ops for a in op.args if isinstance(a, str)} - {op.out for op in k.ops}
+        leaves = names_read(k.ops) - {op.out for op in k.ops}
         for a in leaves:
             t = types.get(a)
             if t is None:

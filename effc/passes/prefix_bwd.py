@@ -44,7 +44,7 @@ def differentiate_prefix(sched: SoftmaxSchedule, stores: tuple[str, ...]) -> Pre
     the spec's inputs the prefix reads."""
     spec = sched.spec
     inputs = [d.name for d in spec.inputs]
-    read = {a for op in spec.prefix.ops for a in op.args if isinstance(a, str)}
+    read = spec.prefix.reads
     depends = {x for x in inputs if x in read}
     forward = cse(spec.prefix.ops, stores)  # a value computed twice (RoPE's cos for q and for k) is read once
     for op in forward:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import ops as O
-from ..ir.nodes import CK, C, Spec, TensorDecl
+from ..ir.nodes import CK, C, Spec, TensorDecl, names_read
 from ..ir.printer import print_op
 from .blocksparse import NEG, POS
 from .fusion import live_ops
@@ -321,7 +321,7 @@ def _select_kernels(sched: SoftmaxSchedule, leaf_dims) -> list[SoftmaxKernel]:
         read = tuple(x for x in sched.leaves if x in q or x in k)
         # the pooled tiles are one row per head of their leaf: the select kernel reads a query head's key head's
         pooled = tuple(x for x in sched.leaves if x in {p.leaf for p in sel.pools} and x not in read)
-        names = ({a for op in sel.ops for a in op.args if isinstance(a, str)} | set(sel.params)
+        names = (names_read(sel.ops) | set(sel.params)
                  if name == "select" else set())
         params = tuple(p.name for p in sched.spec.params if p.name in names)
         tensors, layout, tiles, flags = _select_args(sched, name)
@@ -419,7 +419,7 @@ def _prefix_kernels(sched: SoftmaxSchedule, leaf_dims) -> tuple[list[SoftmaxKern
     the stored values' cotangents (`{x}_grad_ptr`), stores the inputs' gradients (`{x}_grad_ptr`, per query
     head: a grouped input's are summed over its group after the kernel)."""
     spec = sched.spec
-    read_names = {a for op in spec.prefix.ops for a in op.args if isinstance(a, str)}
+    read_names = spec.prefix.reads
     read = tuple(d.name for d in spec.inputs if d.name in read_names)
     stores = tuple(x for x in sched.leaves[len(spec.inputs):])
     backward = differentiate_prefix(sched, stores)

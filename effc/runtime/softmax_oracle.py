@@ -86,7 +86,7 @@ def prefix_values(spec: Spec, tensors: dict, params: dict, H: int, dtype, cu_seq
     first = tensors[spec.inputs[0].name]
     B, T = first.shape[:2]
     # only what the prefix reads: converting every input (q, k, v) to fp32 would cost more than the kernel
-    used = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
+    used = spec.prefix.reads
     per_seq, kept = [], per_token_prefix(spec)
     for a, b in _sequences(T, cu_seqlens):
         env = base_env(spec, params, H, dtype, first.device, b - a, used=used)

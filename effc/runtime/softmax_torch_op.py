@@ -115,7 +115,7 @@ def prefix_stage(spec: Spec, kernel=None, narrow: frozenset = frozenset()):
 
 def prefix_params(spec: Spec) -> list[str]:
     """The params the prefix stage reads (a hybrid's op knows only its softmax branch's)."""
-    read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
+    read = spec.prefix.reads
     return [p.name for p in spec.params if p.name in read]
 
 
@@ -132,7 +132,7 @@ def _prefix_torch_ops(spec: Spec, kernel=None, narrow: frozenset = frozenset()) 
     where there is one, else the PyTorch evaluation; backward: the prefix kernel's generated backward
     (passes.prefix_bwd), else the evaluation's VJP (torch.func)."""
     inputs, outs = [d.name for d in spec.inputs], _prefix_outputs(spec, kernel)
-    read = {x for op in spec.prefix.ops for x in op.args if isinstance(x, str)}
+    read = spec.prefix.reads
 
     def evaluate(xs, cu, ints, params):
         pvals = dict(zip(prefix_params(spec), params))
