@@ -119,6 +119,18 @@ def test_key_heads_walked_by_one_dkv_program(monkeypatch, gq):
         assert a.shape == b.shape and judge_fp32(a, b).ok, judge_fp32(a, b)
 
 
+def test_key_group_keeps_enough_programs():
+    """passes.softmax.key_group: the most query heads a dK/dV program walks, a divisor of the group, while the
+    programs stay at least 4096 on a GPU; the whole group under the interpreter."""
+    from effc.passes.softmax import key_group
+    assert key_group(16, 32 * 8, 16, interpreting=False) == 1  # 8x2048, one key head: 4096 programs already
+    assert key_group(16, 512, 16, interpreting=False) == 2  # 1x32768: 8192 one-head programs
+    assert key_group(16, 2048, 16, interpreting=False) == 8  # 1x131072
+    assert key_group(6, 4096, 6, interpreting=False) == 6  # a divisor of the group, never past it
+    assert key_group(6, 1024, 6, interpreting=False) == 1  # 6144 programs: 2 and 3 would fall under 4096
+    assert key_group(4, 2, 4, interpreting=True) == 4 and key_group(1, 2, 4, interpreting=True) == 1
+
+
 def test_document_masks_from_cu_seqlens():
     """Packed sequences: no attention across documents, positions (and FoX's cumsum) restart in each."""
     op = effc.load("forgetting_transformer")
