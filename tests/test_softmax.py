@@ -119,6 +119,47 @@ def test_key_heads_walked_by_one_dkv_program(monkeypatch, gq):
         assert a.shape == b.shape and judge_fp32(a, b).ok, judge_fp32(a, b)
 
 
+# a key-side value that reads the head index: each query head scales the shared keys its own way, so one
+# dK/dV program may not walk several query heads from one key-side tile (GQ = 1, dkv_groups_heads)
+HEAD_SCALED_KEYS = '''
+spec head_scaled_keys {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K] key
+  input v: [B, T, H, V] key
+  output o: [B, T, H, V]
+  score {
+    kh = k * (head + 1.0)
+    s = (q @ kh.T) * 0.25
+    mask kpos <= qpos
+  }
+  merge {
+    o = softmax(s) @ v
+  }
+}
+'''
+
+
+def test_key_side_values_reading_the_head_keep_one_head_a_dkv_program(monkeypatch):
+    from effc.passes.softmax_plan import dkv_groups_heads
+    from effc.runtime import softmax_op
+    monkeypatch.setattr(softmax_op, "key_group", lambda group, *a: group)  # grouping wherever it is legal
+    op = effc.loads(HEAD_SCALED_KEYS, "head_scaled_keys")
+    assert not dkv_groups_heads(op.comp.backward)
+    xs = [x.requires_grad_() for x in _inputs(op, 1, 37, 4, seed=9, heads={"k": 1, "v": 1})]
+    o, _ = op(*xs, chunk=16)
+    g = torch.randn_like(o)
+    grads = torch.autograd.grad(o, xs, g)
+    leaves = [x.detach().double().requires_grad_() for x in xs]
+    q, k, v = leaves
+    k4, v4 = (x.repeat_interleave(4, dim=2) for x in (k, v))
+    kh = k4 * torch.arange(1.0, 5.0, dtype=torch.float64)[None, None, :, None]
+    i, j = positions(37)
+    ref = attend(q, kh, v4, j <= i, scale=0.25)[0]
+    assert judge_fp32(o, ref).ok
+    for a, b in zip(grads, torch.autograd.grad(ref, leaves, g.double())):
+        assert a.shape == b.shape and judge_fp32(a, b).ok, judge_fp32(a, b)
+
+
 def test_key_group_keeps_enough_programs():
     """passes.softmax.key_group: the most query heads a dK/dV program walks, a divisor of the group, while the
     programs stay at least 4096 on a GPU; the whole group under the interpreter."""
