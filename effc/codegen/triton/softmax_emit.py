@@ -385,7 +385,7 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
                          "# the listed query blocks holding the units [u_lo, u_hi) (tokens, in list order)",
                          "e_lo = tl.sum(tl.where((took_n > 0) & (took_end <= u_lo), 1, 0), 0)",
                          "e_hi = tl.sum(tl.where((took_n > 0) & (took_end - took_n < u_hi), 1, 0), 0)"]
-        _split(kv, [_UNITS.format(units="ktok_ptr", row="(i_b * H + i_h)")])
+        _split(kv, ["units = " + _UNITS.format(units="ktok_ptr", row="(i_b * H + i_h)")])
         own = ["chosen = qv"]
     elif kv.head_rows:  # the loop reads each token's row of `sel` (softmax.py.j2); with one token a program
         # (a shared choice, G >= 16) its rows all chose the block
@@ -402,13 +402,13 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
                          "list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB"]
         _split(kv, ["units = tl.zeros([NBP], tl.int32)",
                     "for i_g in tl.range(0, GQ):",
-                    "    " + _UNITS.replace("units = ", "units += ").format(units="kcnt_ptr", row="(i_b * H + i_h + i_g)")])
+                    "    units += " + _UNITS.format(units="kcnt_ptr", row="(i_b * H + i_h + i_g)")])
         own = ([] if tokens else [_SEL_LOAD]) + own
     kv.body[True] = own + kv.body[True]
 
 
 # a row of per-key-block unit counts
-_UNITS = "units = tl.load({units} + {row} * NKB + r_U, mask=r_U < NKB, other=0)"
+_UNITS = "tl.load({units} + {row} * NKB + r_U, mask=r_U < NKB, other=0)"
 
 
 def _split(kv: KernelView, units: list[str]) -> None:
