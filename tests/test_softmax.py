@@ -119,31 +119,13 @@ def test_key_heads_walked_by_one_dkv_program(monkeypatch, gq):
         assert a.shape == b.shape and judge_fp32(a, b).ok, judge_fp32(a, b)
 
 
-# a key-side value that reads the head index: each query head scales the shared keys its own way, so one
-# dK/dV program may not walk several query heads from one key-side tile (GQ = 1, dkv_groups_heads)
-HEAD_SCALED_KEYS = '''
-spec head_scaled_keys {
-  input q: [B, T, H, K]
-  input k: [B, T, H, K] key
-  input v: [B, T, H, V] key
-  output o: [B, T, H, V]
-  score {
-    kh = k * (head + 1.0)
-    s = (q @ kh.T) * 0.25
-    mask kpos <= qpos
-  }
-  merge {
-    o = softmax(s) @ v
-  }
-}
-'''
-
-
 def test_key_side_values_reading_the_head_keep_one_head_a_dkv_program(monkeypatch):
     from effc.passes.softmax_plan import dkv_groups_heads
     from effc.runtime import softmax_op
     monkeypatch.setattr(softmax_op, "key_group", lambda group, *a: group)  # grouping wherever it is legal
-    op = effc.loads(HEAD_SCALED_KEYS, "head_scaled_keys")
+    # a key-side value that reads the head index: each query head scales the shared keys its own way, so one
+    # dK/dV program may not walk several query heads from one key-side tile (GQ = 1, dkv_groups_heads)
+    op = effc.loads(BASE.replace("s = q @ k.T", "kh = k * (head + 1.0)\n    s = (q @ kh.T) * 0.25"), "s")
     assert not dkv_groups_heads(op.comp.backward)
     xs = [x.requires_grad_() for x in _inputs(op, 1, 37, 4, seed=9, heads={"k": 1, "v": 1})]
     o, _ = op(*xs, chunk=16)

@@ -426,7 +426,7 @@ def _prefix_kernels(sched: SoftmaxSchedule, leaf_dims) -> tuple[list[SoftmaxKern
     params = tuple(p.name for p in spec.params if p.name in read_names)
     dims = sorted(set(leaf_dims) | {n for d in spec.inputs if d.name in read for n in d.dims[3:]})
     # the backward reads only the inputs and params its ops read (RoPE's adjoints are linear: no input)
-    used = {a for op in backward.recompute + backward.vjp for a in op.args if isinstance(a, str)}
+    used = names_read(backward.recompute + backward.vjp)
     read_back = tuple(x for x in read if x in used)
     kernels = []
     for (name, role, outer, what), loaded, tensors, written, taken in (
