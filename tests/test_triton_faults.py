@@ -45,14 +45,20 @@ def test_the_op_narrows_its_block_and_says_why(affected, monkeypatch):
 
 
 def test_backward_warps_four_only_for_long_dot_chains(affected, monkeypatch):
-    from effc.policy.triton_faults import FOUR_WARP_CHAIN, backward_warps
+    from effc.policy.triton_faults import FOUR_WARP_CHAIN, backward_warps, dot_chain
 
-    long, short = compile_file("rwkv7").plan.kernels, compile_file("zeros").plan.kernels
-    assert longest_dot_chain(long) > FOUR_WARP_CHAIN >= longest_dot_chain(short)
+    def longest(name):
+        return max((k for k in compile_file(name).plan.kernels if k.backward), key=dot_chain)
+
+    long, short = longest("rwkv7"), longest("zeros")
+    assert dot_chain(long) > FOUR_WARP_CHAIN >= dot_chain(short)
     assert backward_warps(4, long, CUDA) == 4  # 8 warps miscompiled rwkv7's gradients
     assert backward_warps(4, short, CUDA) == 8  # 4 warps miscompiled zeros' looping gradient kernels
     for name in ("delta_net", "gated_delta_net_l2", "mlstm_sig"):  # the delta rules' 15-16: right at 8
-        assert backward_warps(4, compile_file(name).plan.kernels, CUDA) == 8, name
+        assert backward_warps(4, longest(name), CUDA) == 8, name
+    # per kernel: a plan's short kernels keep 8 warps beside its long one
+    kernels = [k for k in compile_file("rwkv7").plan.kernels if k.backward]
+    assert {backward_warps(4, k, CUDA) for k in kernels} == {4, 8}
     monkeypatch.setattr(triton_faults, "hopper_dot_miscompile", lambda index: False)
     assert backward_warps(4, long, CUDA) == 8
     assert backward_warps(8, long, torch.device("cpu")) == 8

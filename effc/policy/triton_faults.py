@@ -59,11 +59,12 @@ def triton_version() -> str:
 FOUR_WARP_CHAIN = 20
 
 
-def backward_warps(num_warps: int, kernels, device: torch.device) -> int:
-    """Warps of the gradient kernels `kernels`: 8 (4 spill on sm_90), 4 where a long dot chain is miscompiled
-    at 8 (see the module doc)."""
+def backward_warps(num_warps: int, kernel, device: torch.device) -> int:
+    """Warps of one backward kernel: 8 (4 spill on sm_90), 4 where its dot chain is long enough to be
+    miscompiled at 8 (see the module doc). Per kernel: one long kernel of a plan (gated_delta_net's 23-dot
+    dg) does not put the plan's short ones at 4 warps, where their fp32 tiles take twice the registers."""
     if (device.type == "cuda" and hopper_dot_miscompile(device.index or 0)
-            and longest_dot_chain(kernels) > FOUR_WARP_CHAIN):
+            and dot_chain(kernel) > FOUR_WARP_CHAIN):
         return 4
     return max(8, num_warps)
 
@@ -88,9 +89,14 @@ def parts_fault(spec, dims) -> str | None:
 LONG_DOT_CHAIN = 30
 
 
+def dot_chain(kernel) -> int:
+    """The matmuls of one kernel (the softmax family's kernels list no ops: 0)."""
+    return sum(op.kind in _DOTS for op in kernel.ops)
+
+
 def longest_dot_chain(kernels) -> int:
-    """The most matmuls in one gradient kernel of a plan (the softmax family's kernels list no ops: 0)."""
-    return max((sum(op.kind in _DOTS for op in k.ops) for k in kernels if k.backward), default=0)
+    """The most matmuls in one gradient kernel of a plan."""
+    return max((dot_chain(k) for k in kernels if k.backward), default=0)
 
 
 # matrix-state elements one gradient program holds above which an affected GPU faults: the most seen running

@@ -335,7 +335,7 @@ class Launcher:
         return whole_outs, (hist if store_history else {})
 
     def _reverse_scan(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hoisted: dict, hist: dict,
-                      dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
+                      dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps) -> None:
         """Fills `dhist` (each chunk's leaving-state adjoints) and `dinit`. Its scratch (the injected terms,
         the segment summaries) is freed on return."""
         for scan in self.plan.kernels:  # one per direction of the states (reverse states: passes.fusion)
@@ -343,7 +343,7 @@ class Launcher:
                 self._scan(scan, cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
 
     def _scan(self, scan, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hoisted: dict, hist: dict,
-              dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps: dict) -> None:
+              dhist: dict, d_o: dict, d_finals: dict, dinit: dict, blocks: dict, bwd_warps) -> None:
         """One adjoint scan (`scan`, a bwd_scan kernel) over its states' chunks."""
         first = xs[self.spec.inputs[0].name]
         f32 = dict(dtype=torch.float32, device=first.device)
@@ -358,7 +358,7 @@ class Launcher:
             kp = self.plan.kernel("bwd_inject")
             values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(kp, xs, hoisted), **d_o,
                       **self._buffers("hist", hist), **self._buffers("inj", inj)}
-            self._launch(kp, (n_split, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps})
+            self._launch(kp, (n_split, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps(kp)})
         # a diagonal transition's reverse scan runs in the forward's segments: the summaries of segments 1..P-1
         # first (each from a zero adjoint), then every segment folds the later ones' and walks its chunks
         P, per_seg = self._segments(cfg, max_chunks) if self.plan.segmentable else (1, max_chunks)
@@ -370,7 +370,7 @@ class Launcher:
                   **self._buffers("dinit", dinit), **self._buffers("segw", segw),
                   **self._buffers("segd", {s: torch.empty_like(w) if P > 1 else dummy for s, w in segw.items()}),
                   **self._buffers("inj", inj), "HAS_DFINAL": bool(d_finals)}
-        options = {**self._options(cfg), **bwd_warps}
+        options = {**self._options(cfg), **bwd_warps(scan)}
         if P > 1:
             self._launch(scan, (n_split, n_bh, P - 1), {**values, "SUMMARY": True}, options)
         self._launch(scan, (n_split, n_bh, P), {**values, "SUMMARY": False}, options)
@@ -425,7 +425,8 @@ class Launcher:
         dhist = {n: h.new_empty(h.shape[:2] + blocks[n] + h.shape[2:]) for n, h in hist.items()}
         part = cfg.partition
         kernels = self.plan.gradient_kernels(part)
-        bwd_warps = {"num_warps": backward_warps(cfg.num_warps, kernels, device)} if not interpreting() else {}
+        bwd_warps = lambda kernel: ({} if interpreting() else
+                                    {"num_warps": backward_warps(cfg.num_warps, kernel, device)})
         # contiguous (runtime.torch_op); a part's cotangent is a slice of the caller's, read at the caller's width
         d_o = {f"{o.name}_grad_ptr": d_outs[o.name] for o in spec.outputs}
         self._reverse_scan(scan_cfg, lay, xs, pvals, hoisted, hist, dhist, d_o, d_finals, dinit, blocks, bwd_warps)
@@ -468,7 +469,7 @@ class Launcher:
                       **d_o, **{f"{d.name}_dx_ptr": dx[d.name] for d, _ in chunks.grads},
                       **self._buffers("hist", hist), **self._buffers("dhist", dhist)}
             blocks = 1 if chunks.block_loop else n_split  # passes.block_loop: one program per chunk loops over them
-            self._launch(chunks, (blocks, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps})
+            self._launch(chunks, (blocks, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps(chunks)})
         grads = {}
         for name, (g, d) in whole_dx.items():
             if slots[d.name]:
