@@ -72,9 +72,14 @@ def _has(t: TileType, d: str) -> bool:
 
 def _stored_form(name: str, t: TileType) -> tuple[str, TileType, Op | None, Op | None] | None:
     """How a sum crosses kernels as a per-token tile (rows = the chunk's tokens): itself if its first axis is
-    C, its transpose if its second is; (scratch name, scratch type, op making it, op reading it back)."""
+    C, its transpose if its second is, a scalar at the chunk's last token (`unlast`, read back by `last`:
+    gated_delta_net's dg reads the total of dS' * S); (scratch name, scratch type, op making it, op reading
+    it back)."""
     if t.shape and str(t.shape[0]) == str(C):
         return name, t, None, None
+    if t.rank == 0:
+        s, st = f"{name}_st", TileType((C,))
+        return s, st, Op(s, "unlast", (name,), st), Op(name, "last", (s,), t)
     if t.rank == 2 and str(t.shape[1]) == str(C):
         s, st = f"{name}_st", TileType((t.shape[1], t.shape[0]))
         return s, st, Op(s, "transpose", (name,), st), Op(name, "transpose", (s,), t)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The 2026-12-06 (fourth session) calls. Each carries .device/wheels-a and wheels-c.
+#   check:  bf16 gradients of every partition (the cut now covers dg: a scalar sum crosses kernels at the
+#           chunk's last token) and of the long-chain plans (backward warps now per kernel)
+#   parts:  gated_delta_net and gated_delta_net_l2 at 2x8192, kernel by kernel, per gradient partition
+# usage (device machine): bash scripts/gpu_session10.sh check|parts
+set -uo pipefail
+export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
+python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
+export PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache
+mkdir -p "$OUT"
+case "${1:-}" in
+  check)
+    timeout ${LIMIT:-200} bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py \
+      -k "every_partition or rwkv7 or hdla or zeros" 2>&1 | grep -E "passed|failed|FAIL|Error" | tail -8 ;;
+  parts)
+    for spec in ${SPECS:-gated_delta_net gated_delta_net_l2}; do
+      for p in ${PARTS:-loop cut cut_each}; do
+        PARTITION=$p timeout 120 python3 scripts/kernel_profile.py $spec ${SHAPE:-2x8192} 2>&1 | grep -v Warn \
+          | tee "$OUT/profile_${spec}_$p.log" | grep -A9 "PROFILE.*forward+backward"
+      done
+    done ;;
+  *) echo "usage: scripts/gpu_session10.sh check|parts"; exit 2 ;;
+esac
