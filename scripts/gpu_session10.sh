@@ -3,7 +3,9 @@
 #   check:  bf16 gradients of every partition (the cut now covers dg: a scalar sum crosses kernels at the
 #           chunk's last token) and of the long-chain plans (backward warps now per kernel)
 #   parts:  gated_delta_net and gated_delta_net_l2 at 2x8192, kernel by kernel, per gradient partition
-# usage (device machine): bash scripts/gpu_session10.sh check|parts
+#   gated:  the gated delta rules' training beside fla's chunk_gated_delta_rule (whose backward needs TileLang
+#           on Triton 3.6: carry .device/wheels-b alone, in a call right after one that ran setup)
+# usage (device machine): bash scripts/gpu_session10.sh check|parts|gated
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
 python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
@@ -12,7 +14,7 @@ mkdir -p "$OUT"
 case "${1:-}" in
   check)
     timeout ${LIMIT:-200} bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py \
-      -k "every_partition or rwkv7 or hdla or zeros" 2>&1 | grep -E "passed|failed|FAIL|Error" | tail -8 ;;
+      -k "${CHECK:-every_partition or rwkv7 or hdla or zeros}" 2>&1 | grep -E "passed|failed|FAIL|Error" | tail -8 ;;
   parts)
     for spec in ${SPECS:-gated_delta_net gated_delta_net_l2}; do
       for p in ${PARTS:-loop cut cut_each}; do
@@ -20,5 +22,12 @@ case "${1:-}" in
           | tee "$OUT/profile_${spec}_$p.log" | grep -A9 "PROFILE.*forward+backward"
       done
     done ;;
-  *) echo "usage: scripts/gpu_session10.sh check|parts"; exit 2 ;;
+  gated)
+    python3 -c "import tilelang" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+      --target /tmp/site .device/wheels-b/*.whl
+    for spec in ${SPECS:-gated_delta_net gated_delta_net_l2}; do
+      OUT=$OUT/$spec BACKWARD=1 PEER_TIMEOUT=${PEER_TIMEOUT:-240} timeout ${LIMIT:-280} bash scripts/gpu.sh bench \
+        $spec ${SHAPES:-2x8192,8x2048} 1 2>&1 | grep -v Warn | grep -v '^{' | tail -8
+    done ;;
+  *) echo "usage: scripts/gpu_session10.sh check|parts|gated"; exit 2 ;;
 esac

@@ -68,6 +68,23 @@ def test_the_delta_rule_has_four_partitions_and_the_cut_shares_its_sums():
     assert "gradient partition cut" in text and "<- default" in text
 
 
+def test_a_scalar_sum_crosses_at_the_chunks_last_token():
+    """gated_delta_net's dg reads total(dS' * S), a sum over V with no token axis: the sums kernel writes it
+    as a [C] row holding it at the chunk's last token (unlast) and dg's after part reads it back (last), so
+    dg is cut too and no kernel of the cut chains the 23 dots of its loop kernel."""
+    plan = effc.load("gated_delta_net").comp.plan
+    cut = _kernels(plan, "cut")
+    assert "bwd_chunks_g_after" in cut and "bwd_chunks_g_loop" not in cut
+    sums, after = plan.kernel("bwd_sums"), plan.kernel("bwd_chunks_g_after")
+    made = {op.out: op for op in sums.ops}
+    scalars = [d.name for d in sums.stores if made[d.name].kind == "unlast"]
+    assert scalars and all(not made[made[n].args[0]].type.shape for n in scalars)
+    read_back = [op for op in after.ops if op.kind == "last" and op.args[0] in scalars]
+    assert read_back, [str(op) for op in after.ops]
+    dots = lambda k: sum(op.kind == "matmul" for op in plan.kernel(k).ops)
+    assert max(map(dots, cut)) < dots("bwd_chunks_g_loop")
+
+
 def test_cut_each_gives_each_cut_kernel_its_own_sums_and_stores_a_sum_once():
     """cut_each: before each after-part, a sums kernel holding only what that part reads (fewer live tiles
     than the shared one); a sum an earlier sums kernel stored is read back, not recomputed or stored again."""
