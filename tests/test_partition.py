@@ -109,18 +109,21 @@ def test_cut_each_gives_each_cut_kernel_its_own_sums_and_stores_a_sum_once():
 
 def test_the_default_partition_is_the_fewest_kernels_within_the_models_error():
     """Estimates closer than the cost model's error do not rank: the partition with the fewest kernels among
-    them is the default (gated_delta_net_l2's cut was estimated 4% under its loop and ran 16% slower on the
-    H200); one estimated faster by more than the error wins with more kernels (delta_net_l2's cut)."""
+    them is the default (gated_delta_net_l2's cut, when its dg kernel could not be cut, was estimated 4% under
+    its loop and ran 16% slower on the H200; simple_gla's is now); one estimated faster by more than the error
+    wins with more kernels (delta_net_l2's cut, and gated_delta_net_l2's since dg is cut too: 5.90 against
+    7.98 ms for the loop, H100, 2x8192)."""
     from effc.passes.kernel_cost import RELATIVE_ERROR
-    for name in ("gated_delta_net_l2", "delta_net_l2", "mlstm_sig"):
+    for name in ("gated_delta_net_l2", "delta_net_l2", "mlstm_sig", "simple_gla"):
         plan = effc.load(name).comp.plan
         fastest = min(c.us for c in plan.partitions)
         chosen = next(c for c in plan.partitions if c.name == plan.partition)
         assert chosen.us <= fastest * (1 + RELATIVE_ERROR)
         assert all(len(c.kernels) >= len(chosen.kernels) for c in plan.partitions
                    if c.us <= fastest * (1 + RELATIVE_ERROR)), name
-    assert effc.load("gated_delta_net_l2").comp.plan.partition == "loop"
-    assert effc.load("delta_net_l2").comp.plan.partition == "cut"
+    assert effc.load("simple_gla").comp.plan.partition == "loop"
+    for name in ("delta_net_l2", "gated_delta_net_l2"):
+        assert effc.load(name).comp.plan.partition == "cut", name
 
 
 def test_a_spec_with_no_split_dim_has_no_partitions():
