@@ -72,13 +72,13 @@ def _has(t: TileType, d: str) -> bool:
 
 def _stored_form(name: str, t: TileType) -> tuple[str, TileType, Op | None, Op | None] | None:
     """How a sum crosses kernels as a per-token tile (rows = the chunk's tokens): itself if its first axis is
-    C, its transpose if its second is, a scalar at the chunk's last token (`unlast`, read back by `last`:
-    gated_delta_net's dg reads the total of dS' * S); (scratch name, scratch type, op making it, op reading
-    it back)."""
+    C, its transpose if its second is, a scalar or a vector without C at the chunk's last token (`unlast`,
+    read back by `last`: gated_delta_net's dg reads the total of dS' * S, gla's dg a [K] column sum); (scratch
+    name, scratch type, op making it, op reading it back)."""
     if t.shape and str(t.shape[0]) == str(C):
         return name, t, None, None
-    if t.rank == 0:
-        s, st = f"{name}_st", TileType((C,))
+    if t.rank <= 1:
+        s, st = f"{name}_st", TileType((C,) + tuple(t.shape))
         return s, st, Op(s, "unlast", (name,), st), Op(name, "last", (s,), t)
     if t.rank == 2 and str(t.shape[1]) == str(C):
         s, st = f"{name}_st", TileType((t.shape[1], t.shape[0]))
@@ -94,15 +94,29 @@ class _Cut:
 
 
 def _cut(k: FusedKernel, loop: BlockLoop | None, types: dict, split: str) -> _Cut | None:
-    """The kernel's loop part and after part, if the after part does work (a matmul) and every sum it reads
-    can cross kernels as a per-token tile."""
-    if loop is None or not any(op.kind == "matmul" for op in loop.after):
+    """The kernel's loop part and after part, if the after part reads a sum and every sum it reads can cross
+    kernels as a per-token tile."""
+    if loop is None:
         return None
     after_reads = {a for op in loop.after for a in op.args if isinstance(a, str)} | {g for _, g in k.grads}
     stored = tuple(s for s in loop.sums if s in after_reads)
     if not stored or any(_stored_form(s, types[s]) is None for s in stored):
         return None
     return _Cut(k, loop, stored)
+
+
+def _worth_cutting(cuts: list[_Cut], us) -> list[_Cut]:
+    """The kernels a cut partition cuts: each whose after part does matmul work, then each other one where the
+    model (`us`: a list of cuts -> the partition's estimate) expects cutting it too to be faster: mlstm_sig's
+    gate gradients do only elementwise work after the loop, but their loop kernels hold ~350 live values a
+    thread."""
+    chosen = [c for c in cuts if any(op.kind == "matmul" for op in c.loop.after)]
+    for c in cuts:
+        if c not in chosen:
+            more = [x for x in cuts if x in chosen or x is c]
+            if us(more) < us(chosen):  # no chosen kernels: the loop partition
+                chosen = more
+    return chosen
 
 
 def partition_gradients(spec: Spec, fused: Fused, backward, split: str | None, hoisted_types: dict) -> Fused:
@@ -124,10 +138,12 @@ def partition_gradients(spec: Spec, fused: Fused, backward, split: str | None, h
         # each kernel loops where the model expects it to be faster than one program per block
         "loop": [min((b, l), key=cost) for b, l in zip(per_block, looped)]}
     cuts = [c for k in sunk if (c := _cut(k, loops[k.name], alltypes, split))]
-    if cuts:
-        variants["cut"] = _cut_kernels(sunk, cuts, variants["loop"], alltypes, split, shared=True)
-        if len(cuts) > 1:  # with one cut kernel, its own sums kernel is the shared one
-            variants["cut_each"] = _cut_kernels(sunk, cuts, variants["loop"], alltypes, split, shared=False)
+    for name, shared in (("cut", True), ("cut_each", False)):
+        made = lambda chosen: _cut_kernels(sunk, chosen, variants["loop"], alltypes, split, shared=shared)
+        chosen = _worth_cutting(cuts, lambda chosen: sum(c.us for _, c in _costs(spec, made(chosen), alltypes,
+                                                                                 split, hoisted_types)))
+        if chosen and (shared or len(chosen) > 1):  # with one cut kernel, its own sums kernel is the shared one
+            variants[name] = made(chosen)
     costs = {name: _costs(spec, ks, alltypes, split, hoisted_types) for name, ks in variants.items()}
     # keep each distinct partition once (a spec whose kernels cannot loop has one)
     choices, seen = [], set()
