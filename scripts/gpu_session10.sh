@@ -5,7 +5,9 @@
 #   parts:  gated_delta_net and gated_delta_net_l2 at 2x8192, kernel by kernel, per gradient partition
 #   gated:  the gated delta rules' training beside fla's chunk_gated_delta_rule (whose backward needs TileLang
 #           on Triton 3.6: carry .device/wheels-b alone, in a call right after one that ran setup)
-# usage (device machine): bash scripts/gpu_session10.sh check|parts|gated
+#   mlstm:  the cut for every cut-able kernel (mlstm, mlstm_sig, lion_s): bf16 gradients of every partition,
+#           loop against cut kernel by kernel, mlstm_sig beside mlstm_kernels
+# usage (device machine): bash scripts/gpu_session10.sh check|parts|gated|mlstm
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
 python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
@@ -29,5 +31,10 @@ case "${1:-}" in
       OUT=$OUT/$spec BACKWARD=1 PEER_TIMEOUT=${PEER_TIMEOUT:-240} timeout ${LIMIT:-280} bash scripts/gpu.sh bench \
         $spec ${SHAPES:-2x8192,8x2048} 1 2>&1 | grep -v Warn | grep -v '^{' | tail -8
     done ;;
-  *) echo "usage: scripts/gpu_session10.sh check|parts|gated"; exit 2 ;;
+  mlstm)
+    CHECK="every_partition and (gated_delta_net or mlstm or lion_s)" LIMIT=270 bash "$0" check
+    SPECS="mlstm_sig mlstm" PARTS="loop cut" bash "$0" parts
+    OUT=$OUT/mlstm_sig BACKWARD=1 PEER_TIMEOUT=120 timeout 150 bash scripts/gpu.sh bench mlstm_sig 2x8192 1 2>&1 \
+      | grep -v Warn | grep -v '^{' | tail -6 ;;
+  *) echo "usage: scripts/gpu_session10.sh check|parts|gated|mlstm"; exit 2 ;;
 esac
