@@ -44,6 +44,18 @@ def test_the_op_narrows_its_block_and_says_why(affected, monkeypatch):
 
 
 
+def test_a_refused_backward_does_not_narrow_the_forwards_block(affected, monkeypatch):
+    """mesanet's backward is refused on the affected GPU at every block (its square state), so the 32-wide
+    block that avoids the long chains' miscompile would only repeat its forward's CG steps per block."""
+    import effc.policy.tuning as tuning
+    monkeypatch.setattr(tuning, "sm_count", lambda device: 132)
+    monkeypatch.setattr(tuning, "lookup", lambda *a, **k: None)
+    op = effc.load("mesanet")
+    assert block_limit(op.comp.plan.kernels, CUDA) == 32
+    cfg = op.config(8, 2048, 16, {d: 128 for d in op.spec.dims}, "cuda:0")
+    assert cfg.block > 32 and any("backward is refused" in r for r in cfg.reasons), cfg
+
+
 def test_backward_warps_four_only_for_long_dot_chains(affected, monkeypatch):
     from effc.policy.triton_faults import FOUR_WARP_CHAIN, backward_warps, dot_chain
 

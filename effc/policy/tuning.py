@@ -31,7 +31,7 @@ from ..errors import SpecError
 from ..ir.printer import print_spec
 from ..runtime.cache import cache_dir, write_atomic
 from .tiling import Problem
-from .triton_faults import block_limit, longest_dot_chain, triton_version
+from .triton_faults import backward_fault, block_limit, longest_dot_chain, triton_version
 
 FORMAT = 1
 KNOBS = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "walk_block", "walk_chunk")
@@ -274,7 +274,14 @@ class Tuned:
             cfg = (lookup(self, problem, device, dtype, overrides, self.tuning_key(problem))  # `effc tune`'s entry
                    or self.tiles(problem, None, **overrides))
             limit = block_limit(self.comp.plan.kernels, torch.device(device))
-            if limit and cfg.block > limit and overrides.get("block") is None:
+            if limit and cfg.block > limit and backward_fault(self.spec.states, dict(problem.dims),
+                                                              self.comp.plan.split_dim, limit, torch.device(device)):
+                # the narrow block would not make the backward run here (it is refused: policy.triton_faults), and
+                # the forward repeats its K-side work once per block (mesanet's CG steps, 4x at 32 for D=128)
+                cfg = replace(cfg, reasons=cfg.reasons + (
+                    f"block {cfg.block} kept: the backward is refused on this GPU, so the {limit}-wide block that "
+                    "avoids its miscompile would only slow the forward (policy.triton_faults)",))
+            elif limit and cfg.block > limit and overrides.get("block") is None:
                 cfg = self.tiles(problem, None, **{**overrides, "block": limit})
                 cfg = replace(cfg, reasons=cfg.reasons + (
                     f"block {limit}: a gradient kernel chains {longest_dot_chain(self.comp.plan.kernels)} dots, "
