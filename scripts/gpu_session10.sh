@@ -7,7 +7,9 @@
 #           on Triton 3.6: carry .device/wheels-b alone, in a call right after one that ran setup)
 #   mlstm:  the cut for every cut-able kernel (mlstm, mlstm_sig, lion_s): bf16 gradients of every partition,
 #           loop against cut kernel by kernel, mlstm_sig beside mlstm_kernels
-# usage (device machine): bash scripts/gpu_session10.sh check|parts|gated|mlstm
+#   fwd24:  mesanet and log_linear_attn at the model's block (their refused backward no longer narrows it): the
+#           bf16 forward check, then beside fla at 8x2048
+# usage (device machine): bash scripts/gpu_session10.sh check|parts|gated|mlstm|fwd24
 set -uo pipefail
 export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
 python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
@@ -36,5 +38,12 @@ case "${1:-}" in
     SPECS="mlstm_sig mlstm" PARTS="loop cut" bash "$0" parts
     OUT=$OUT/mlstm_sig BACKWARD=1 PEER_TIMEOUT=120 timeout 150 bash scripts/gpu.sh bench mlstm_sig 2x8192 1 2>&1 \
       | grep -v Warn | grep -v '^{' | tail -6 ;;
-  *) echo "usage: scripts/gpu_session10.sh check|parts|gated|mlstm"; exit 2 ;;
+  fwd24)
+    timeout 150 bash scripts/gpu.sh test tests/gpu/test_bf16_accuracy.py -k "mesanet or log_linear" 2>&1 \
+      | grep -E "passed|failed|FAIL|Error" | tail -5
+    for s in mesanet log_linear_attn; do
+      OUT=$OUT/lib24-$s PEER_TIMEOUT=${PEER_TIMEOUT:-150} timeout ${LIMIT:-170} bash scripts/gpu.sh bench $s \
+        ${SHAPES:-8x2048} 1 2>&1 | grep -v Warn | grep -v '^{' | tail -4
+    done ;;
+  *) echo "usage: scripts/gpu_session10.sh check|parts|gated|mlstm|fwd24"; exit 2 ;;
 esac
