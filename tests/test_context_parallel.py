@@ -46,7 +46,9 @@ def _case(spec: str, seed: int, init: bool = True, bounds=None, cu=None, kw=None
     s0 = random_state(op.spec, n_seq, H, dims, seed=seed + 1) if init and stateful else None
     s0 = (s0,) if torch.is_tensor(s0) else s0
     gen = torch.Generator().manual_seed(seed + 2)
-    o, finals = op(*xs, initial_state=s0, output_final_state=stateful, cu_seqlens=cu, **kw)
+    # only the shapes of o and the final states are needed here: the float64 oracle gives them without a
+    # kernel launch (the interpreter); _check runs the op itself
+    o, finals = op.reference(*xs, initial_state=s0, output_final_state=stateful, cu_seqlens=cu, **kw)
     finals = () if finals is None else (finals,) if torch.is_tensor(finals) else finals
     return {"spec": spec, "inputs": xs, "init": s0, "bounds": bounds, "cu_seqlens": cu, "kw": kw, "layout": layout,
             "schedule": schedule, "overlap": overlap,
@@ -182,20 +184,22 @@ OVERLAPPED_2 = (FIRST + ("all-gather issued", "all-gather waited"),
 SERIAL_2 = (FIRST + ("all-gather",), ("all-gather", "run 1 from the folded state"))
 
 
-def test_two_ranks_match_single_process(tmp_path):
+def _two_ranks_match_single_process():
     cases = [_case(s, seed=i) for i, s in enumerate(FAST)]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-        assert all(r[i]["plan_bytes"] == _bytes(case["spec"]) for r in results)
-        # mlstm_sig's output reads C and n (and divides by the latter): its local run waits for the gather
-        want = SERIAL_2 if case["spec"] == "mlstm_sig" else OVERLAPPED_2
-        assert tuple(r[i]["schedule"] for r in results) == want, case["spec"]
-        assert ("overlap: off (output o reads 2 states (C, n)" if case["spec"] == "mlstm_sig"
-                else "overlap: on (dense shards)") in results[1][i]["plan"]
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+            assert all(r[i]["plan_bytes"] == _bytes(case["spec"]) for r in results)
+            # mlstm_sig's output reads C and n (and divides by the latter): its local run waits for the gather
+            want = SERIAL_2 if case["spec"] == "mlstm_sig" else OVERLAPPED_2
+            assert tuple(r[i]["schedule"] for r in results) == want, case["spec"]
+            assert ("overlap: off (output o reads 2 states (C, n)" if case["spec"] == "mlstm_sig"
+                    else "overlap: on (dense shards)") in results[1][i]["plan"]
+    return cases, check
 
 
-def test_two_ranks_overlap_on_and_off_agree(tmp_path):
+def _two_ranks_overlap_on_and_off_agree():
     """Dense shards, the overlapped schedule (the last rank runs from zeros while the all-gather is in flight,
     then adds u @ S_in) against overlap=False and the single-process op: uneven shards of 61 and 29 tokens
     (no multiple of the chunk), a general transition (rwkv7: u and A from the same probe columns), a spec
@@ -204,16 +208,18 @@ def test_two_ranks_overlap_on_and_off_agree(tmp_path):
     cases = [_case("gla", seed=160, bounds=uneven), _case("gla", seed=160, bounds=uneven, overlap=False),
              _case("rwkv7", seed=161), _case("retention_rope", seed=162, init=False, bounds=uneven),
              _case("gated_delta_net", seed=163)]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-        want = OVERLAPPED_2 if case["overlap"] else SERIAL_2
-        assert tuple(r[i]["schedule"] for r in results) == want, case["spec"]
-    assert "overlap: off (turned off (overlap=False))" in results[0][1]["plan"]
-    for key in ("o", "finals"):  # the two schedules, the same numbers up to rounding
-        got, want = results[1][0][key], results[1][1][key]
-        for g, w in zip(*((got, want) if key == "finals" else ((got,), (want,)))):
-            _close(g, w, f"gla overlapped against serial: {key}")
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+            want = OVERLAPPED_2 if case["overlap"] else SERIAL_2
+            assert tuple(r[i]["schedule"] for r in results) == want, case["spec"]
+        assert "overlap: off (turned off (overlap=False))" in results[0][1]["plan"]
+        for key in ("o", "finals"):  # the two schedules, the same numbers up to rounding
+            got, want = results[1][0][key], results[1][1][key]
+            for g, w in zip(*((got, want) if key == "finals" else ((got,), (want,)))):
+                _close(g, w, f"gla overlapped against serial: {key}")
+    return cases, check
 
 
 def test_overlap_follows_the_spec():
@@ -268,34 +274,38 @@ def _four_ranks_match_single_process():
 PACKED = [0, 10, 30, 30, 60, 90]
 
 
-def test_two_ranks_varlen_documents_cross_the_boundary(tmp_path):
+def _two_ranks_varlen_documents_cross_the_boundary():
     cases = [_case("retention", seed=30, cu=PACKED), _case("gla", seed=31, cu=PACKED),
              _case("delta_net", seed=32, init=False, cu=[0, 44, 44, 46, 90])]  # 1 token either side of the boundary
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-        # rank 0: the document running on is its summary; rank 1's continuation runs (from zeros and probe
-        # columns) while the all-gather is in flight, as do the documents ending on either rank
-        assert results[0][i]["schedule"] == ("run the document running on", "all-gather issued",
-                                             "documents ending here (overlapped)", "all-gather waited")
-        assert results[1][i]["schedule"] == ("all-gather issued", "documents ending here (overlapped)",
-                                             "probe continuation (overlapped)", "all-gather waited",
-                                             "correct continuation: o(0) + u @ S_in")
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+            # rank 0: the document running on is its summary; rank 1's continuation runs (from zeros and probe
+            # columns) while the all-gather is in flight, as do the documents ending on either rank
+            assert results[0][i]["schedule"] == ("run the document running on", "all-gather issued",
+                                                 "documents ending here (overlapped)", "all-gather waited")
+            assert results[1][i]["schedule"] == ("all-gather issued", "documents ending here (overlapped)",
+                                                 "probe continuation (overlapped)", "all-gather waited",
+                                                 "correct continuation: o(0) + u @ S_in")
+    return cases, check
 
 
-def test_two_ranks_packed_mlstm_sig_and_swax(tmp_path):
+def _two_ranks_packed_mlstm_sig_and_swax():
     """Issue 23's remaining packed cases on 2 ranks: mlstm_sig (two states, C and n, each per document, with
     initial states) and swax (its softmax branch's document masks and its state branch's continuation), a
     document crossing the boundary; swax's plan counts both branches."""
     cases = [_case("mlstm_sig", seed=165, cu=PACKED), _case("swax", seed=166, kw={"window": 12}, cu=PACKED),
              _case("swax", seed=167, kw={"window": 12})]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-    # swax dense: k and v of the shard (softmax branch) + W [K, V] and one decay per head (state branch)
-    swax_bytes = _softmax_bytes(45) + B * H * (D * D + 1) * 4
-    assert all(r[2]["plan_bytes"] == swax_bytes for r in results)
-    assert f"both branches: {swax_bytes} bytes" in results[0][2]["plan"]
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+        # swax dense: k and v of the shard (softmax branch) + W [K, V] and one decay per head (state branch)
+        swax_bytes = _softmax_bytes(45) + B * H * (D * D + 1) * 4
+        assert all(r[2]["plan_bytes"] == swax_bytes for r in results)
+        assert f"both branches: {swax_bytes} bytes" in results[0][2]["plan"]
+    return cases, check
 
 
 def _four_ranks_softmax_attn_and_mlstm_sig_packed():
@@ -409,36 +419,42 @@ def _softmax_bytes(tokens: int, batch: int = B) -> int:
 SOFTMAX_FAST = [("softmax_attn", {}, 2), ("sliding_window", {"window": 12}, 1), ("swax", {"window": 12}, 1)]
 
 
-def test_two_ranks_softmax_and_swax_match_single_process(tmp_path):
+def _two_ranks_softmax_and_swax_match_single_process():
     """Causal attention (B = 2), a window shorter than a shard (rank 1 reads 11 keys of rank 0) and the
     hybrid with an initial state: 45 tokens per rank, not a multiple of any block."""
     cases = [_case(s, seed=50 + i, kw=kw, batch=b) for i, (s, kw, b) in enumerate(SOFTMAX_FAST)]
     cases.append(_case("softmax_attn", seed=55, bounds=[(0, 61), (61, 90)]))  # uneven shards
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-    for (spec, _, b), r0 in zip(SOFTMAX_FAST[:2], results[0]):
-        assert r0["plan_bytes"] == _softmax_bytes(45, b), spec
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+        for (spec, _, b), r0 in zip(SOFTMAX_FAST[:2], results[0]):
+            assert r0["plan_bytes"] == _softmax_bytes(45, b), spec
+    return cases, check
 
 
-def test_two_ranks_softmax_varlen_documents_cross_the_boundary(tmp_path):
+def _two_ranks_softmax_varlen_documents_cross_the_boundary():
     """Document masking over ranks: a document of 30 tokens crossing the boundary, positions restarting per
     document (FoX's prefix cumsum too), an empty document."""
     cases = [_case("softmax_attn", seed=60, cu=PACKED), _case("forgetting_transformer", seed=61, cu=PACKED)]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+    return cases, check
 
 
-def test_two_ranks_select_stage(tmp_path):
+def _two_ranks_select_stage():
     """A select stage over ranks: each rank's queries choose among every gathered key block and walk only
     theirs (the forward's queries=(lo, hi)); 16-token blocks, so the choice bites at 90 tokens; a packed
     stream with a document crossing the boundary; InfLLM-V2's group-shared choice."""
     moba = str(ROOT / "tests" / "specs" / "moba_max_window.attn")
     cases = [_case(moba, seed=80), _case(moba, seed=81, cu=PACKED), _case("infllm_v2", seed=82)]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+    return cases, check
 
 
 def _four_ranks_softmax_family():
@@ -512,7 +528,7 @@ def test_zigzag_with_packed_documents_is_refused_for_states():
             cp(*xs, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), window=4)
 
 
-def test_two_ranks_zigzag_match_single_process(tmp_path):
+def _two_ranks_zigzag_match_single_process():
     """Pieces of 23 and 22 tokens: causal attention (B = 2, q zero-padded around two pieces), FoX (the prefix
     cumsum over gathered f), the hybrid and a linear spec with an initial state (the final state on rank 0),
     and a packed stream whose document 30..60 crosses three pieces."""
@@ -521,15 +537,17 @@ def test_two_ranks_zigzag_match_single_process(tmp_path):
              _case("swax", seed=82, kw={"window": 12}, layout="zigzag"),
              _case("gla", seed=83, layout="zigzag"),
              _case("softmax_attn", seed=84, cu=PACKED, layout="zigzag")]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-    # gla: rank 0 holds pieces 0 and 3; the last piece (3) runs while the all-gather is in flight
-    assert results[0][3]["schedule"] == FIRST + ("all-gather issued", "probe 3 (overlapped)", "all-gather waited",
-                                                 CORRECT.format(3))
-    assert results[1][3]["schedule"] == ("probe 1", "probe 2", "all-gather issued", "all-gather waited",
-                                         CORRECT.format(1), CORRECT.format(2))
-    assert results[1][2]["schedule"][-1] == CORRECT.format(2)  # swax's state branch
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+        # gla: rank 0 holds pieces 0 and 3; the last piece (3) runs while the all-gather is in flight
+        assert results[0][3]["schedule"] == FIRST + ("all-gather issued", "probe 3 (overlapped)",
+                                                     "all-gather waited", CORRECT.format(3))
+        assert results[1][3]["schedule"] == ("probe 1", "probe 2", "all-gather issued", "all-gather waited",
+                                             CORRECT.format(1), CORRECT.format(2))
+        assert results[1][2]["schedule"][-1] == CORRECT.format(2)  # swax's state branch
+    return cases, check
 
 
 def _four_ranks_zigzag():
@@ -547,16 +565,18 @@ def _four_ranks_zigzag():
 
 # -- specs that read positions -----------------------------------------------------------------------------
 
-def test_two_ranks_specs_reading_positions(tmp_path):
+def _two_ranks_specs_reading_positions():
     """RoPE in the kernel: retention_rope reads `pos` (each shard's calls get its first position as
     pos_offset; in a packed stream the continuation's offset is its place in its document), softmax_rope reads
     qpos/kpos (absolute in the gathered sequence), contiguous and zig-zag."""
     cases = [_case("retention_rope", seed=100), _case("retention_rope", seed=101, cu=PACKED),
              _case("retention_rope", seed=102, layout="zigzag"),
              _case("softmax_rope", seed=103), _case("softmax_rope", seed=104, layout="zigzag")]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+    return cases, check
 
 
 def _four_ranks_specs_reading_positions():
@@ -570,27 +590,30 @@ def _four_ranks_specs_reading_positions():
     return cases, check
 
 
-@pytest.mark.slow
-def test_two_ranks_level_states(tmp_path):
+def _two_ranks_level_states():
     """log_linear_attn: 16 level states whose resets read `pos`, each shard at its offset; initial states."""
     cases = [_case("log_linear_attn", seed=115)]
-    results = _run_ranks(cases, 2, tmp_path)
-    _check(cases[0], [r[0] for r in results])
+
+    def check(results):
+        _check(cases[0], [r[0] for r in results])
+    return cases, check
 
 
 # -- reverse states ------------------------------------------------------------------------------------------
 
-def test_two_ranks_reverse_states(tmp_path):
+def _two_ranks_reverse_states():
     """LION: forward states S, Z from the ranks before, reverse states R, ZR (scanned right to left) from the
     ranks after; initial states of both directions (the reverse ones enter at the end), every final state on
     the last piece's rank; lion_s with its decays, contiguous and zig-zag."""
     cases = [_case("lion", seed=120), _case("lion_s", seed=121), _case("lion_s", seed=122, layout="zigzag")]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-    sizes = B * H * (D * D + D) * 4  # one S-like and one Z-like state
-    lion_summary = 2 * (sizes + 2 * B * H * 4)  # W of all four states, one decay per head each
-    assert results[0][0]["plan_bytes"] == lion_summary + 2 * sizes  # and the initial states
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+        sizes = B * H * (D * D + D) * 4  # one S-like and one Z-like state
+        lion_summary = 2 * (sizes + 2 * B * H * 4)  # W of all four states, one decay per head each
+        assert results[0][0]["plan_bytes"] == lion_summary + 2 * sizes  # and the initial states
+    return cases, check
 
 
 def _four_ranks_reverse_states():
@@ -612,15 +635,17 @@ def test_reverse_states_with_packed_documents_are_refused():
 
 # -- the ring pass of states (schedule="ring") ---------------------------------------------------------------
 
-def test_two_ranks_ring_pass_of_states(tmp_path):
+def _two_ranks_ring_pass_of_states():
     """Rank 0 runs from the initial state and sends its final state to rank 1, which runs from it; the backward
     sends the entering state's gradient back. 45 tokens per rank (chunk 16 divides neither), a general
     transition (delta_net) among them; the plan's bytes are one state, not a summary."""
     cases = [_case(s, seed=140 + i, schedule="ring") for i, s in enumerate(("retention", "gla", "delta_net"))]
-    results = _run_ranks(cases, 2, tmp_path)
-    for i, case in enumerate(cases):
-        _check(case, [r[i] for r in results])
-        assert all(r[i]["plan_bytes"] == B * H * D * D * 4 for r in results)  # W only: no A
+
+    def check(results):
+        for i, case in enumerate(cases):
+            _check(case, [r[i] for r in results])
+            assert all(r[i]["plan_bytes"] == B * H * D * D * 4 for r in results)  # W only: no A
+    return cases, check
 
 
 def _four_ranks_ring_pass_of_states():
@@ -678,17 +703,10 @@ def test_async_gather_is_autograd_aware(tmp_path):
         dist.destroy_process_group()
 
 
-# every 4-rank group above, run in one world of 4 ranks (one spawn: the ranks start and compile once)
-FOUR_RANKS = (_four_ranks_match_single_process, _four_ranks_softmax_attn_and_mlstm_sig_packed, _four_ranks_varlen,
-              _four_ranks_softmax_family, _four_ranks_zigzag, _four_ranks_specs_reading_positions,
-              _four_ranks_reverse_states, _four_ranks_ring_pass_of_states)
-
-
-@pytest.mark.slow
-def test_four_ranks(tmp_path):
-    """The groups' cases in one world of 4 ranks; each group's checks on its slice of the results."""
-    groups = [(g.__name__, *g()) for g in FOUR_RANKS]
-    results = _run_ranks([c for _, cases, _ in groups for c in cases], 4, tmp_path, timeout=1200)
+def _run_groups(make_groups, world: int, tmp_path):
+    """The groups' cases in one world of `world` ranks; each group's checks on its slice of the results."""
+    groups = [(g.__name__, *g()) for g in make_groups]
+    results = _run_ranks([c for _, cases, _ in groups for c in cases], world, tmp_path, timeout=1200)
     at = 0
     for name, cases, check in groups:
         try:
@@ -696,3 +714,29 @@ def test_four_ranks(tmp_path):
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from e
         at += len(cases)
+
+
+# every 2-rank group above, run in one world of 2 ranks (one spawn: the ranks start once and compile each spec
+# once, where a world per group paid both again for every group)
+TWO_RANKS = (_two_ranks_match_single_process, _two_ranks_overlap_on_and_off_agree,
+             _two_ranks_varlen_documents_cross_the_boundary, _two_ranks_packed_mlstm_sig_and_swax,
+             _two_ranks_softmax_and_swax_match_single_process, _two_ranks_softmax_varlen_documents_cross_the_boundary,
+             _two_ranks_select_stage, _two_ranks_zigzag_match_single_process, _two_ranks_specs_reading_positions,
+             _two_ranks_level_states, _two_ranks_reverse_states, _two_ranks_ring_pass_of_states)
+
+# every 4-rank group above, run in one world of 4 ranks (one spawn: the ranks start and compile once)
+FOUR_RANKS = (_four_ranks_match_single_process, _four_ranks_softmax_attn_and_mlstm_sig_packed, _four_ranks_varlen,
+              _four_ranks_softmax_family, _four_ranks_zigzag, _four_ranks_specs_reading_positions,
+              _four_ranks_reverse_states, _four_ranks_ring_pass_of_states)
+
+
+@pytest.mark.slow
+def test_two_ranks(tmp_path):
+    """The 2-rank groups' cases in one world of 2 ranks; each group's checks on its slice of the results."""
+    _run_groups(TWO_RANKS, 2, tmp_path)
+
+
+@pytest.mark.slow
+def test_four_ranks(tmp_path):
+    """The 4-rank groups' cases in one world of 4 ranks; each group's checks on its slice of the results."""
+    _run_groups(FOUR_RANKS, 4, tmp_path)
