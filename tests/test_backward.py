@@ -182,10 +182,11 @@ SEGMENTABLE = [pytest.param(n, marks=pytest.mark.slow) if n == "log_linear_attn"
                for n in LIBRARY if PLANS[n].segmentable]
 
 
-def _packed_sequences(op, seed: int, **knobs):
+def _packed_sequences(op, seed: int, partitions=None, **knobs):
     """(out, reference out, gradients, reference gradients) over packed sequences of 1, 3 and 2 chunks of 16,
     with initial- and final-state cotangents, against autograd through the float64 oracle; one head (the
-    sweeps over every spec and partition run under the interpreter)."""
+    sweeps over every spec and partition run under the interpreter). With `partitions`, (the list of (out,
+    gradients) per partition, reference out, reference gradients): every partition against one oracle run."""
     cu = torch.tensor([0, 9, 50, 75], dtype=torch.int32)
     xs, _ = _leaves(op, 1, 75, 1, seed=seed)
     dims = {d: DIMS[d] for d in op.spec.dims}
@@ -196,8 +197,12 @@ def _packed_sequences(op, seed: int, **knobs):
     leaves = xs + list(s0)
     ref, ref_g = _grads(lambda: op.reference(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu),
                         leaves, d_o, one(d_s))
-    out, g = _grads(lambda: op(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu, chunk=16,
-                               **knobs), leaves, d_o.float(), one(tuple(d.float() for d in d_s)))
+    runs = [_grads(lambda: op(*xs, initial_state=one(s0), output_final_state=True, cu_seqlens=cu, chunk=16,
+                              **knobs, **({} if p is None else {"partition": p})),
+                   leaves, d_o.float(), one(tuple(d.float() for d in d_s))) for p in partitions or [None]]
+    if partitions is not None:
+        return runs, ref, ref_g
+    out, g = runs[0]
     return out, ref, g, ref_g
 
 
@@ -223,7 +228,8 @@ def test_bf16_storage_under_the_interpreter(name):
     operands, against the float64 oracle. Segmented where the spec allows, V in two blocks; every gradient
     partition (their sums cross kernels in bf16)."""
     op = effc.load(name)
-    B, T, H = 1, 200, 2
+    # 100 tokens: 3 chunks of 32 and a ragged 4 (T not a multiple of the chunk), a chunk or two per segment
+    B, T, H = 1, 100, 2
     dims = {d: 32 for d in op.spec.dims}
     xs = [x.requires_grad_() for x in random_inputs(op.spec, B, T, H, dims, torch.bfloat16, "cpu", seed=7)]
     s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, B, H, dims, "cpu")))
@@ -261,8 +267,8 @@ def test_every_gradient_partition_over_packed_sequences(name):
     autograd through the oracle, every access bounds-checked (conftest)."""
     op = effc.load(name)
     names = [c.name for c in op.comp.plan.partitions] or [None]
-    for partition in names:
-        _, _, g, ref_g = _packed_sequences(op, 6, block=16, partition=partition)
+    runs, _, ref_g = _packed_sequences(op, 6, partitions=names, block=16)
+    for partition, (_, g) in zip(names, runs):  # the oracle's gradients once, every partition's against them
         for a, b in zip(g, ref_g):
             assert judge_fp32(a, b).ok, f"{name} partition={partition}: {judge_fp32(a, b)}"
 
