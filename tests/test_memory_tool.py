@@ -24,6 +24,18 @@ def test_the_dry_run_matches_the_h200(name, partition, measured, monkeypatch):
     assert abs(m.peak_mib - measured) <= 0.01 * measured, m
 
 
+@pytest.mark.parametrize("name, measured", [
+    ("gated_delta_net", 1141),  # docs/benchmarks.md, H100, fourth 2026-12-06 session (the cut with dg cut)
+    ("gated_delta_net_l2", 1145),
+    ("mlstm_sig", 683),
+])
+def test_the_dry_run_matches_the_h100(name, measured):
+    """The default partition's peak, as the runtime is now, against `effc bench --backward`'s measure."""
+    op = effc.load(name)
+    m = training_memory(op, 2, 8192, 16, D128(op))
+    assert abs(m.peak_mib - measured) <= 0.01 * measured, m
+
+
 def test_the_history_gets_no_zero_cotangent(monkeypatch):
     """The state history is an output of the forward's autograd node only so that the backward can read it;
     autograd gives it None, not a zero tensor of its size (256 MiB of delta_net_l2's step at 2x8192)."""
