@@ -19,9 +19,10 @@ def _grads(op, xs, partition, cu=None):
     return [o.detach()] + list(torch.autograd.grad(o, xs, torch.ones_like(o)))
 
 
-def _split_lists(op, xs, partition, cu=None) -> int:
+def _split_lists(op, xs, partition, cu=None) -> tuple[int, list]:
     """How many key blocks' lists the kernels split: the unit counts the launch reads, against the segment
-    length the kernel derives from them (the test's precondition, not its check)."""
+    length the kernel derives from them (the test's precondition, not its check); and that call's output and
+    gradients (_grads), so a test need not run the kernels again for its numbers."""
     seen = []
     launch = softmax_op.SoftmaxOp._launch_split
 
@@ -31,7 +32,7 @@ def _split_lists(op, xs, partition, cu=None) -> int:
         return launch(self, kernel, cfg_k, n_bh, named, meta)
     softmax_op.SoftmaxOp._launch_split = record
     try:
-        _grads(op, xs, partition, cu)
+        got = _grads(op, xs, partition, cu)
     finally:
         softmax_op.SoftmaxOp._launch_split = launch
     (kernel, units, n_bh, n_kb), = seen
@@ -39,19 +40,19 @@ def _split_lists(op, xs, partition, cu=None) -> int:
     extra, least = softmax_op.key_split(n_kb, n_bh, True)
     per_row = units.reshape(-1, n_kb).long()
     seg = torch.clamp(-(-2 * per_row.sum(1, keepdim=True) // extra), min=least)
-    return int((per_row > seg).sum())
+    return int((per_row > seg).sum()), got
 
 
 @pytest.mark.parametrize("partition", ["heads", "tokens"])
 def test_split_lists_match_the_unsplit_walk_and_the_references(partition, monkeypatch):
     op = _load(SMALL_SHARED)
     xs = _inputs(70, 4, 1, seed=3)  # 5 blocks of 16 tokens, the last one partial
-    assert _split_lists(op, xs, partition) > 0
-    split = _grads(op, xs, partition)
+    n_split, split = _split_lists(op, xs, partition)
+    assert n_split > 0
     assert all(torch.equal(a, b) for a, b in zip(split, _grads(op, xs, partition)))  # deterministic
     monkeypatch.setattr(softmax_op, "key_split", lambda n_kb, n_bh, interp: (1, 1 << 30))  # never split
-    assert _split_lists(op, xs, partition) == 0
-    whole = _grads(op, xs, partition)
+    n_split, whole = _split_lists(op, xs, partition)
+    assert n_split == 0
     ref_in = [x.detach().double().requires_grad_() for x in xs]
     ref = op.reference(*ref_in)[0]
     nv_in = [x.detach().double().requires_grad_() for x in xs]
@@ -70,8 +71,8 @@ def test_split_lists_of_packed_sequences():
     op = _load(SMALL_SHARED)
     cu = torch.tensor([0, 70, 70, 133], dtype=torch.int32)
     xs = _inputs(133, 4, 1, seed=5)
-    assert _split_lists(op, xs, "heads", cu) > 0
-    got = _grads(op, xs, "heads", cu)
+    n_split, got = _split_lists(op, xs, "heads", cu)
+    assert n_split > 0
     ref_in = [x.detach().double().requires_grad_() for x in xs]
     ref = op.reference(*ref_in, cu_seqlens=cu)[0]
     refs = [ref.detach()] + list(torch.autograd.grad(ref, ref_in, torch.ones_like(ref)))
