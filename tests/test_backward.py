@@ -182,16 +182,18 @@ SEGMENTABLE = [pytest.param(n, marks=pytest.mark.slow) if n == "log_linear_attn"
                for n in LIBRARY if PLANS[n].segmentable]
 
 
-def _packed_sequences(op, seed: int, partitions=None, **knobs):
-    """(out, reference out, gradients, reference gradients) over packed sequences of 1, 3 and 2 chunks of 16,
-    with initial- and final-state cotangents, against autograd through the float64 oracle; one head (the
-    sweeps over every spec and partition run under the interpreter). With `partitions`, (the list of (out,
-    gradients) per partition, reference out, reference gradients): every partition against one oracle run."""
-    cu = torch.tensor([0, 9, 50, 75], dtype=torch.int32)
-    xs, _ = _leaves(op, 1, 75, 1, seed=seed)
+def _packed_sequences(op, seed: int, partitions=None, bounds=(0, 9, 50, 75), **knobs):
+    """(out, reference out, gradients, reference gradients) over packed sequences (`bounds`, cu_seqlens; by
+    default of 1, 3 and 2 chunks of 16), with initial- and final-state cotangents, against autograd through
+    the float64 oracle; one head (the sweeps over every spec and partition run under the interpreter). With
+    `partitions`, (the list of (out, gradients) per partition, reference out, reference gradients): every
+    partition against one oracle run."""
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    T, n = bounds[-1], len(bounds) - 1
+    xs, _ = _leaves(op, 1, T, 1, seed=seed)
     dims = {d: DIMS[d] for d in op.spec.dims}
-    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, 3, 1, dims)))
-    d_o = torch.randn(1, 75, 1, DIMS["V"], dtype=torch.float64)
+    s0 = tuple(x.requires_grad_() for x in _tuple(random_state(op.spec, n, 1, dims)))
+    d_o = torch.randn(1, T, 1, DIMS["V"], dtype=torch.float64)
     d_s = tuple(torch.randn(s.shape, dtype=torch.float64) for s in s0)
     one = lambda t: t if len(s0) > 1 else t[0]
     leaves = xs + list(s0)
@@ -267,7 +269,9 @@ def test_every_gradient_partition_over_packed_sequences(name):
     autograd through the oracle, every access bounds-checked (conftest)."""
     op = effc.load(name)
     names = [c.name for c in op.comp.plan.partitions] or [None]
-    runs, _, ref_g = _packed_sequences(op, 6, partitions=names, block=16)
+    # two sequences, of 1 chunk and of 3 (both ragged): what the partitions sum crosses chunk and sequence
+    # boundaries as in the 3-sequence layout of the segmented test above, at 4 chunks rather than 6
+    runs, _, ref_g = _packed_sequences(op, 6, partitions=names, bounds=(0, 9, 43), block=16)
     for partition, (_, g) in zip(names, runs):  # the oracle's gradients once, every partition's against them
         for a, b in zip(g, ref_g):
             assert judge_fp32(a, b).ok, f"{name} partition={partition}: {judge_fp32(a, b)}"
