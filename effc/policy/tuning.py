@@ -274,8 +274,9 @@ class Tuned:
             cfg = (lookup(self, problem, device, dtype, overrides, self.tuning_key(problem))  # `effc tune`'s entry
                    or self.tiles(problem, None, **overrides))
             limit = block_limit(self.comp.plan.kernels, torch.device(device))
-            if limit and cfg.block > limit and backward_fault(self.spec.states, dict(problem.dims),
-                                                              self.comp.plan.split_dim, limit, torch.device(device)):
+            split = getattr(self.comp.plan, "split_dim", None)  # none on a hybrid plan: its states held whole
+            if limit and cfg.block > limit and backward_fault(self.spec.states, dict(problem.dims), split, limit,
+                                                              torch.device(device)):
                 # the narrow block would not make the backward run here (it is refused: policy.triton_faults), and
                 # the forward repeats its K-side work once per block (mesanet's CG steps, 4x at 32 for D=128)
                 cfg = replace(cfg, reasons=cfg.reasons + (
