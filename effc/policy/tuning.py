@@ -274,19 +274,20 @@ class Tuned:
             cfg = (lookup(self, problem, device, dtype, overrides, self.tuning_key(problem))  # `effc tune`'s entry
                    or self.tiles(problem, None, **overrides))
             limit = block_limit(self.comp.plan.kernels, torch.device(device))
-            split = getattr(self.comp.plan, "split_dim", None)  # none on a hybrid plan: its states held whole
-            if limit and cfg.block > limit and backward_fault(self.spec.states, dict(problem.dims), split, limit,
-                                                              torch.device(device)):
-                # the narrow block would not make the backward run here (it is refused: policy.triton_faults), and
-                # the forward repeats its K-side work once per block (mesanet's CG steps, 4x at 32 for D=128)
-                cfg = replace(cfg, reasons=cfg.reasons + (
-                    f"block {cfg.block} kept: the backward is refused on this GPU, so the {limit}-wide block that "
-                    "avoids its miscompile would only slow the forward (policy.triton_faults)",))
-            elif limit and cfg.block > limit and overrides.get("block") is None:
-                cfg = self.tiles(problem, None, **{**overrides, "block": limit})
-                cfg = replace(cfg, reasons=cfg.reasons + (
-                    f"block {limit}: a gradient kernel chains {longest_dot_chain(self.comp.plan.kernels)} dots, "
-                    f"which Triton {triton_version()} miscompiles on this GPU at wider blocks (policy.triton_faults)",))
+            if limit and cfg.block > limit:
+                split = getattr(self.comp.plan, "split_dim", None)  # none on a hybrid plan: states held whole
+                if backward_fault(self.spec.states, dict(problem.dims), split, limit, torch.device(device)):
+                    # the narrow block would not make the backward run here (it is refused: policy.triton_faults),
+                    # and the forward repeats its K-side work once per block (mesanet's CG steps, 4x at 32, D=128)
+                    cfg = replace(cfg, reasons=cfg.reasons + (
+                        f"block {cfg.block} kept: the backward is refused on this GPU, so the {limit}-wide block "
+                        "that avoids its miscompile would only slow the forward (policy.triton_faults)",))
+                elif overrides.get("block") is None:
+                    cfg = self.tiles(problem, None, **{**overrides, "block": limit})
+                    cfg = replace(cfg, reasons=cfg.reasons + (
+                        f"block {limit}: a gradient kernel chains {longest_dot_chain(self.comp.plan.kernels)} "
+                        f"dots, which Triton {triton_version()} miscompiles on this GPU at wider blocks "
+                        "(policy.triton_faults)",))
             if torch.device(device).type == "cpu":  # the model's reasons are about a GPU
                 cfg = replace(cfg, reasons=cfg.reasons + ("on the CPU (Triton's interpreter): the tiles the model "
                                                           "picks for an H100; warps, stages and occupancy do not apply",))
