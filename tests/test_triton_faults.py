@@ -16,6 +16,14 @@ def affected(monkeypatch):
     monkeypatch.setattr(triton_faults, "hopper_dot_miscompile", lambda index: True)
 
 
+@pytest.fixture
+def untuned_h100(affected, monkeypatch):
+    """An affected GPU of 132 SMs with no `effc tune` entry: the op's config is the model's."""
+    import effc.policy.tuning as tuning
+    monkeypatch.setattr(tuning, "sm_count", lambda device: 132)
+    monkeypatch.setattr(tuning, "lookup", lambda *a, **k: None)
+
+
 def test_long_dot_chains_are_counted_per_gradient_kernel():
     for long in ("hdla", "mesanet", "log_linear_attn"):  # the three faulted at 64-wide blocks on the H200
         assert longest_dot_chain(compile_file(long).plan.kernels) > LONG_DOT_CHAIN, long
@@ -32,10 +40,7 @@ def test_block_limit_only_where_the_miscompile_is(affected, monkeypatch):
     assert block_limit(kernels, CUDA) is None
 
 
-def test_the_op_narrows_its_block_and_says_why(affected, monkeypatch):
-    import effc.policy.tuning as tuning
-    monkeypatch.setattr(tuning, "sm_count", lambda device: 132)
-    monkeypatch.setattr(tuning, "lookup", lambda *a, **k: None)
+def test_the_op_narrows_its_block_and_says_why(untuned_h100):
     op = effc.load("hdla")
     cfg = op.config(2, 2048, 16, {d: 128 for d in op.spec.dims}, "cuda:0")
     assert cfg.block == 32 and any("miscompiles" in r for r in cfg.reasons), cfg
@@ -43,13 +48,9 @@ def test_the_op_narrows_its_block_and_says_why(affected, monkeypatch):
     assert given.block == 64  # an explicit block is the user's call
 
 
-
-def test_a_refused_backward_does_not_narrow_the_forwards_block(affected, monkeypatch):
+def test_a_refused_backward_does_not_narrow_the_forwards_block(untuned_h100):
     """mesanet's backward is refused on the affected GPU at every block (its square state), so the 32-wide
     block that avoids the long chains' miscompile would only repeat its forward's CG steps per block."""
-    import effc.policy.tuning as tuning
-    monkeypatch.setattr(tuning, "sm_count", lambda device: 132)
-    monkeypatch.setattr(tuning, "lookup", lambda *a, **k: None)
     op = effc.load("mesanet")
     assert block_limit(op.comp.plan.kernels, CUDA) == 32
     cfg = op.config(8, 2048, 16, {d: 128 for d in op.spec.dims}, "cuda:0")
