@@ -8,6 +8,7 @@ from ..errors import ArgumentError
 from ..ir import ops as O
 from ..ir.nodes import Op, Spec, TensorDecl, next_state_name
 from ..ir.printer import print_op
+from .autodiff import seed_name
 from .block_loop import BlockLoop, loop_over_blocks
 from .decay_dot import per_channel
 from .fusion import Fused, needed, seed_gradients
@@ -55,10 +56,12 @@ class KernelPlan(Kernel):
             order += "; read " + ", ".join(s.name for s in self.read_states) + " entering the chunk from the history"
         if self.role == "bwd_scan":  # in P segments for a segmentable spec (grid), after a summary pass
             return f"carry the adjoints of {states} on chip{order}"
-        if self.role in ("walk", "summary") or not self.states:
-            return f"carry {states} on chip{order}"
         loop = "; loops over the split dim's blocks, summing over them on chip" if self.block_loop else ""
         runs = f"; in partition {', '.join(self.partitions)}" if self.partitions else ""
+        if self.role == "bwd_chunks" and not self.states:
+            return f"reads no state{loop}{runs}"
+        if self.role in ("walk", "summary") or not self.states:
+            return f"carry {states} on chip{order}"
         return f"read {states} entering the chunk from the walk's history{loop}{runs}"
 
     def __str__(self) -> str:
@@ -260,6 +263,9 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         loop = None
         if fk.name == "prep":
             states = ()
+        if gradient:  # a gradient kernel reads a state's history and adjoint only where its ops do (the
+            # launcher frees the adjoint history after its last reader)
+            states = tuple(s for s in states if _used(fk.ops, [s.name, seed_name(s.next)]))
         if gradient or fk.name == "bwd_inject":
             mine = dict(fk.grads)
             grads = tuple((d, mine[d.name]) for d in spec.inputs if d.name in mine)
