@@ -263,8 +263,8 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         loop = None
         if fk.name == "prep":
             states = ()
-        if gradient:  # a gradient kernel reads a state's history and adjoint only where its ops do (the
-            # launcher frees the adjoint history after its last reader)
+        if gradient or fk.name == "bwd_inject":  # a gradient kernel reads a state's history and adjoint only
+            # where its ops do (the launcher frees the adjoint history after its last reader)
             states = tuple(s for s in states if _used(fk.ops, [s.name, seed_name(s.next)]))
         if gradient or fk.name == "bwd_inject":
             mine = dict(fk.grads)

@@ -191,7 +191,9 @@ def emit_module(plan: Plan) -> str:
             # it): no masks, and the split dim's block of a [C, d] tile reads its own columns
             hoisted_offs={d.name: _row_major("(c_base + i_c) * H + i_h", ("C",) + d.feature_dims)
                           for d in kp.hoisted_loads + _scratch_stores(kp)})
-        for s in kp.states + kp.read_states:
+        # bwd_inject stores the injected terms of states whose history it need not read
+        injected = tuple(s for s in spec.states if s.name in dict(kp.injected) and s.name not in view.hist_offs)
+        for s in kp.states + kp.read_states + injected:
             view.state_load[s.name], view.state_store[s.name] = _masks(s.dims, split)
         for d in kp.hoisted_loads + _scratch_stores(kp):
             axes = (None,) + tuple(f if f in spec.dims else None for f in d.feature_dims)  # [C, C] tiles: no mask
@@ -199,7 +201,7 @@ def emit_module(plan: Plan) -> str:
         _grad_stores(view, plan, kp)
         if kp.block_loop is not None:
             view.block_loop = _block_loop(plan, kp, printer)
-        for s in kp.states:
+        for s in kp.states + injected:
             # a state without the split dim has one partial adjoint per split block: each block's share of
             # the cotangents, summed over the blocks through the input gradients and dinit
             partial = split is not None and split not in s.dims
