@@ -254,8 +254,7 @@ spec gated_out {
 
 
 def _four_ranks_match_single_process():
-    specs = FAST + ("rwkv7",)
-    cases = [_case(s, seed=10 + i) for i, s in enumerate(specs)]
+    cases = [_case(s, seed=10 + i) for i, s in enumerate(FAST)]  # rwkv7 on 4 ranks: packed, and in a ring
     cases.append(_case("gla", seed=20, init=False))
     # uneven shards: 1, 40, 0 and 49 tokens (a rank with an empty shard passes its entering state on)
     cases.append(_case("delta_net", seed=21, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)]))
@@ -459,10 +458,9 @@ def _two_ranks_select_stage():
 
 def _four_ranks_softmax_family():
     uneven = [(0, 1), (1, 41), (41, 41), (41, 90)]  # a one-token shard, an empty one
-    cases = [_case("alibi", seed=70), _case("softcap", seed=71, kw={"cap": 2.0}),
-             _case("forgetting_transformer", seed=72), _case("softmax_full", seed=73),
-             _case("gated_attention", seed=74),
-             _case("sliding_window", seed=75, kw={"window": 30}, bounds=uneven),
+    # the score modifiers alone (alibi, softcap, FoX, gated_attention) run on 2 ranks: on 4 what is new is
+    # a window over a one-token and an empty shard, and documents through the middle ranks
+    cases = [_case("sliding_window", seed=75, kw={"window": 30}, bounds=uneven),
              _case("swax", seed=76, kw={"window": 30}, bounds=uneven),
              _case("swax", seed=77, init=False, kw={"window": 7}),
              _case("swax", seed=78, kw={"window": 9}, cu=[0, 3, 3, 80, 90]),
@@ -551,10 +549,9 @@ def _two_ranks_zigzag_match_single_process():
 
 
 def _four_ranks_zigzag():
-    cases = [_case("softmax_attn", seed=90, layout="zigzag"), _case("gated_attention", seed=91, layout="zigzag"),
-             _case("sliding_window", seed=92, kw={"window": 30}, layout="zigzag"),
+    cases = [_case("softmax_attn", seed=90, layout="zigzag"),
              _case("swax", seed=93, init=False, kw={"window": 7}, layout="zigzag"),
-             _case("delta_net", seed=94, layout="zigzag"), _case("retention", seed=95, layout="zigzag"),
+             _case("delta_net", seed=94, layout="zigzag"),
              _case("forgetting_transformer", seed=96, cu=[0, 3, 3, 80, 90], layout="zigzag")]
 
     def check(results):
@@ -649,9 +646,8 @@ def _two_ranks_ring_pass_of_states():
 
 
 def _four_ranks_ring_pass_of_states():
-    cases = [_case(s, seed=150 + i, schedule="ring") for i, s in enumerate(("retention", "gla", "delta_net", "rwkv7"))]
+    cases = [_case(s, seed=150 + i, schedule="ring") for i, s in enumerate(("gla", "rwkv7"))]
     cases.append(_case("mlstm_sig", seed=155, schedule="ring"))  # two states in one message
-    cases.append(_case("gla", seed=156, init=False, schedule="ring"))
     # uneven shards with an empty middle one (the states pass through it) and a one-token first one
     cases.append(_case("delta_net", seed=157, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)], schedule="ring"))
     cases.append(_case("retention_rope", seed=158, bounds=[(0, 30), (30, 31), (31, 90), (90, 90)], schedule="ring"))
@@ -661,7 +657,7 @@ def _four_ranks_ring_pass_of_states():
     def check(results):
         for i, case in enumerate(cases):
             _check(case, [r[i] for r in results])
-        assert results[1][4]["plan_bytes"] == B * H * (D * D + D) * 4  # mlstm_sig: C [K, V] and n [K]
+        assert results[1][2]["plan_bytes"] == B * H * (D * D + D) * 4  # mlstm_sig: C [K, V] and n [K]
     return cases, check
 
 
