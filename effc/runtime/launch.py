@@ -15,6 +15,7 @@ from ..ir.nodes import Spec
 from ..passes.plan import Plan
 from ..policy.tiling import TileConfig, padded, split_blocks
 from ..policy.triton_faults import backward_fault, backward_warps
+from .backward_buffers import GradientBuffers, last_readers, release_after
 from .checks import history_dtype, interpreting, kernel_cu_seqlens, on_meta, operand_dtype
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -376,28 +377,29 @@ class Launcher:
         self._launch(scan, (n_split, n_bh, P), {**values, "SUMMARY": False}, options)
 
     def _gradient_buffers(self, lay: Layout, xs: dict, lead: tuple, has_grad: set, direct: set, slots: dict,
-                          seeded: dict) -> tuple[dict, dict]:
-        """(per input, the buffer its gradient kernels write; per caller input, (its whole buffer, the input
-        whose slots and heads it has)). The parts of one caller input share one buffer: their kernels write its
-        column slices, with one slot layout, dtype and initialisation for all (the widest where they differ)."""
+                          seeded: dict) -> GradientBuffers:
+        """The buffers the gradient kernels write, made as the first writer of each runs. The parts of one caller
+        input share one buffer: their kernels write its column slices, with one slot layout, dtype and
+        initialisation for all (the widest where they differ)."""
         inputs = tuple(d for d in self.spec.inputs if d.name not in seeded)
         if self.parts is None:
             groups = {d.name: (d, [d]) for d in inputs}
         else:
             groups = {c: (self.parts.caller.decl(c), [m.decl for m in ms])
                       for c, ms in self.parts.members(inputs).items()}
-        dx, whole = {}, {}
-        for caller, (decl, members) in groups.items():
+
+        def allocate(decl, members) -> tuple[dict, tuple]:
             names = [m.name for m in members]
             first = max(names, key=lambda n: len(slots[n]))
             alloc = torch.empty if len({slots[n] for n in names}) == 1 and set(names) <= has_grad else torch.zeros
             buf = alloc(slots[first] + lead + (lay.H,) + tuple(lay.dims[n] for n in decl.feature_dims),
                         dtype=xs[first].dtype if set(names) <= direct else torch.float32, device=xs[first].device)
-            for m in members:
-                dx[m.name] = buf if self.parts is None else self.parts.view(buf, self.parts.parts[m.name], lay.dims,
-                                                                             lead=len(slots[first]))
-            whole[caller] = (buf, self.spec.decl(first))
-        return dx, whole
+            views = {m.name: buf if self.parts is None else
+                     self.parts.view(buf, self.parts.parts[m.name], lay.dims, lead=len(slots[first]))
+                     for m in members}
+            return views, (buf, self.spec.decl(first))
+
+        return GradientBuffers(groups, allocate)
 
     def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,
                  d_finals: dict):
@@ -444,32 +446,40 @@ class Launcher:
             a, b = self.plan.grad_slot(d.name, None, part)
             slots[d.name] = (a * n_split + b,) if self.plan.slotted(d.name, part) else ()
         seeded = dict(self.plan.seed_grads)
-        dx, whole_dx = self._gradient_buffers(lay, xs, first.shape[:2], has_grad, direct, slots, seeded)
+        buffers = self._gradient_buffers(lay, xs, first.shape[:2], has_grad, direct, slots, seeded)
+        # per-token sums one gradient kernel writes for the next ones (passes.partition's cut): tiles in the
+        # matmul operand dtype, as prep's hoisted values ([C] rows fp32), each made before its first writer
+        total_chunks, _ = lay.chunks(cfg.chunk)
+        sizes = {**lay.dims, "C": cfg.chunk}
+        tiles = hoisted  # prep's values, then the cut's sums: one dict, so that a release frees the buffer
+        last_tile = last_readers(kernels, lambda kp: [d.name for d in kp.hoisted_loads])
+        last_dhist = last_readers(kernels, lambda kp: [s.name for s in kp.states])
+        for i, chunks in enumerate(kernels):
+            for d in chunks.stores:
+                tiles[d.name] = torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
+                                            dtype=operand_dtype(first.dtype) if d.feature_dims else torch.float32,
+                                            device=device)
+            slot = {}
+            for d, _ in chunks.grads:
+                a, b = self.plan.grad_slot(d.name, chunks.name, part)
+                slot[f"{d.name}_slot"] = a * n_split + b
+            values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy),
+                      **self._loads(chunks, xs, tiles), **slot,
+                      **{f"{d.name}_ptr": tiles[d.name] for d in chunks.stores},
+                      **d_o, **buffers.for_kernel(chunks),
+                      **self._buffers("hist", hist), **self._buffers("dhist", dhist)}
+            blocks = 1 if chunks.block_loop else n_split  # passes.block_loop: one program per chunk loops over them
+            self._launch(chunks, (blocks, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps(chunks)})
+            del values
+            release_after(i, last_tile, tiles)
+            release_after(i, last_dhist, dhist)
+        dx, whole_dx = buffers.all()
         for x, o in seeded.items():  # passes.fusion.seed_gradients: no kernel, the cotangent itself
             # a copy (an op output must not alias its input), final in the input's dtype unless it is summed
             # over slots or a group of heads below
             final = not slots[x] and lay.heads[x] == lay.H
             dx[x] = d_outs[o].to(xs[x].dtype if final else torch.float32, copy=True)
             whole_dx[x] = (dx[x], spec.decl(x))
-        # per-token sums one gradient kernel writes for the next ones (passes.partition's cut): tiles in the
-        # matmul operand dtype, as prep's hoisted values ([C] rows fp32)
-        total_chunks, _ = lay.chunks(cfg.chunk)
-        sizes = {**lay.dims, "C": cfg.chunk}
-        scratch = {d.name: torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
-                                       dtype=operand_dtype(first.dtype) if d.feature_dims else torch.float32,
-                                       device=device) for kp in kernels for d in kp.stores}
-        for chunks in kernels:
-            slot = {}
-            for d, _ in chunks.grads:
-                a, b = self.plan.grad_slot(d.name, chunks.name, part)
-                slot[f"{d.name}_slot"] = a * n_split + b
-            values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy),
-                      **self._loads(chunks, xs, {**hoisted, **scratch}), **slot,
-                      **{f"{d.name}_ptr": scratch[d.name] for d in chunks.stores},
-                      **d_o, **{f"{d.name}_dx_ptr": dx[d.name] for d, _ in chunks.grads},
-                      **self._buffers("hist", hist), **self._buffers("dhist", dhist)}
-            blocks = 1 if chunks.block_loop else n_split  # passes.block_loop: one program per chunk loops over them
-            self._launch(chunks, (blocks, n_bh, max_chunks), values, {**self._options(cfg), **bwd_warps(chunks)})
         grads = {}
         for name, (g, d) in whole_dx.items():
             if slots[d.name]:
