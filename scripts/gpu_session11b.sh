@@ -6,7 +6,7 @@ export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
 python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
 export PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache
 mkdir -p "$OUT"
-for v in "WALK_CHUNK=64" "WALK_CHUNK=128" "CHUNK=64"; do
+for v in "WALK_CHUNK=64" "CHUNK=64"; do
   env $v timeout 100 python3 scripts/kernel_profile.py gated_delta_net 2x8192 2>&1 | grep -v Warn \
     | tee "$OUT/profile_gdn_$v.log" | grep -A12 "PROFILE.*forward+backward"
 done
