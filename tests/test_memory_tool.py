@@ -14,7 +14,10 @@ D128 = lambda op: {d: 128 for d in op.spec.dims}  # noqa: E731
 
 
 @pytest.mark.parametrize("name, measured", [
-    ("mlstm_sig", 683),  # docs/benchmarks.md, H100, fourth 2026-12-06 session
+    ("gated_delta_net", 1012),  # docs/benchmarks.md, H100, fifth 2026-12-06 session (buffer lifetimes)
+    ("gated_delta_net_l2", 1012),
+    ("delta_net", 1011),
+    ("mlstm_sig", 683),  # fourth 2026-12-06 session
 ])
 def test_the_dry_run_matches_the_h100(name, measured):
     """The default partition's peak, as the runtime is now, against `effc bench --backward`'s measure."""
