@@ -423,6 +423,8 @@ def _two_ranks_softmax_and_swax_match_single_process():
     hybrid with an initial state: 45 tokens per rank, not a multiple of any block."""
     cases = [_case(s, seed=50 + i, kw=kw, batch=b) for i, (s, kw, b) in enumerate(SOFTMAX_FAST)]
     cases.append(_case("softmax_attn", seed=55, bounds=[(0, 61), (61, 90)]))  # uneven shards
+    # score modifiers reading the gathered positions (alibi), a param (softcap) and a per-query gate
+    cases += [_case("alibi", seed=56), _case("softcap", seed=57, kw={"cap": 2.0}), _case("gated_attention", seed=58)]
 
     def check(results):
         for i, case in enumerate(cases):
@@ -458,8 +460,8 @@ def _two_ranks_select_stage():
 
 def _four_ranks_softmax_family():
     uneven = [(0, 1), (1, 41), (41, 41), (41, 90)]  # a one-token shard, an empty one
-    # the score modifiers alone (alibi, softcap, FoX, gated_attention) run on 2 ranks: on 4 what is new is
-    # a window over a one-token and an empty shard, and documents through the middle ranks
+    # the score modifiers alone (alibi, softcap, gated_attention; FoX packed and zig-zag) run on 2 ranks: on 4
+    # what is new is a window over a one-token and an empty shard, and documents through the middle ranks
     cases = [_case("sliding_window", seed=75, kw={"window": 30}, bounds=uneven),
              _case("swax", seed=76, kw={"window": 30}, bounds=uneven),
              _case("swax", seed=77, init=False, kw={"window": 7}),
@@ -550,6 +552,7 @@ def _two_ranks_zigzag_match_single_process():
 
 def _four_ranks_zigzag():
     cases = [_case("softmax_attn", seed=90, layout="zigzag"),
+             _case("sliding_window", seed=92, kw={"window": 30}, layout="zigzag"),  # a window over 3 pieces
              _case("swax", seed=93, init=False, kw={"window": 7}, layout="zigzag"),
              _case("delta_net", seed=94, layout="zigzag"),
              _case("forgetting_transformer", seed=96, cu=[0, 3, 3, 80, 90], layout="zigzag")]
@@ -648,6 +651,7 @@ def _two_ranks_ring_pass_of_states():
 def _four_ranks_ring_pass_of_states():
     cases = [_case(s, seed=150 + i, schedule="ring") for i, s in enumerate(("gla", "rwkv7"))]
     cases.append(_case("mlstm_sig", seed=155, schedule="ring"))  # two states in one message
+    cases.append(_case("gla", seed=156, init=False, schedule="ring"))  # rank 0 from zeros
     # uneven shards with an empty middle one (the states pass through it) and a one-token first one
     cases.append(_case("delta_net", seed=157, bounds=[(0, 1), (1, 41), (41, 41), (41, 90)], schedule="ring"))
     cases.append(_case("retention_rope", seed=158, bounds=[(0, 30), (30, 31), (31, 90), (90, 90)], schedule="ring"))
