@@ -15,7 +15,6 @@ SCRIPT = r"""
 import json, sys
 import effc
 from effc.codegen.triton.aot import compile_sm90
-from effc.runtime.launch import SERIAL_STAGES
 
 
 def compiled_kernels(plan, every_partition):  # the gradient kernels of the default partition, or every one
@@ -24,7 +23,6 @@ def compiled_kernels(plan, every_partition):  # the gradient kernels of the defa
 
 results = {}
 ANCHORED, FINE, EVERY_PARTITION = %r
-SERIAL = ("walk", "summary", "bwd_scan")
 for spec in sys.argv[1:]:
     op = effc.load(spec)
     op, name = getattr(op, "linear", op), getattr(op, "linear", op).name  # a hybrid's state branch
@@ -43,10 +41,9 @@ for spec in sys.argv[1:]:
         if "DECAY_MODE" in kp.arg_names and spec in ANCHORED:  # the anchored second launch (passes.decay_dot)
             variants.append(({"decay_mode": 2}, "[anchored]"))
         for flags, tag in variants:
-            # at the model's pipeline depth (policy.tiling.choose: 1 stage; the serial kernels prefetch a
-            # chunk ahead: runtime.launch.SERIAL_STAGES); deeper ones are the tuner's candidates, which its
-            # shared-memory model prunes or which fail as candidates
-            k = compile_sm90(op, kp, num_stages=SERIAL_STAGES if kp.role in SERIAL else 1, **flags)
+            # at the model's pipeline depth (policy.tiling.choose: 1 stage); deeper ones are the tuner's
+            # candidates, which its shared-memory model prunes or which fail as candidates
+            k = compile_sm90(op, kp, num_stages=1, **flags)
             ptx, shared = k.asm["ptx"], k.metadata.shared
             results[f"{name}.{kp.name}{tag}"] = {
                 "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx, "shared": shared,
