@@ -1,5 +1,6 @@
 """Kernels of one training step under other launch options (warps, stages), each kernel alone: what the
-tiling model's defaults leave on the table, kernel by kernel (torch.profiler CUDA times).
+tiling model's defaults leave on the table, kernel by kernel (torch.profiler CUDA times), and how far each
+variant's output and gradients are from the default launch's (bf16: ~1e-2 is rounding; a miscompile is O(1)).
 
 usage: python scripts/launch_probe.py [SPEC] [BxT]   (env KERNELS="bwd_inject walk bwd_scan": the plan's kernel
        names; prints one line per kernel and variant: warps, stages, that kernel's ms, the step's ms)
@@ -32,6 +33,13 @@ def main(spec: str = "gated_delta_net", shape: str = "2x8192") -> None:
             x.grad = None
         out, _ = op(*leaves)
         out.float().sum().backward()
+        return [out.detach().float()] + [x.grad.float() for x in leaves if x.grad is not None]
+
+    def off(values, base) -> float:  # the largest relative RMS difference from the default launch's
+        return max(float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
+                   for a, b in zip(values, base))
+
+    base = step()
 
     original = launch.Launcher._launch
     for kernel in os.environ.get("KERNELS", "bwd_inject walk bwd_scan").split():
@@ -42,6 +50,7 @@ def main(spec: str = "gated_delta_net", shape: str = "2x8192") -> None:
                 return original(self, kp, grid, values, options)
             launch.Launcher._launch = patched
             try:
+                diff = off(step(), base)  # a miscompile shows here, before any time is read
                 rows = kernel_table(step)
             except Exception as e:  # a variant past the GPU's resources: say so, go on
                 print(f"PROBE {spec} {shape} {kernel} warps={warps} stages={stages}: {type(e).__name__}: "
@@ -49,7 +58,8 @@ def main(spec: str = "gated_delta_net", shape: str = "2x8192") -> None:
                 continue
             mine = [ms for name, ms, _ in rows if f"_{kernel}_kernel" in name]
             print(f"PROBE {spec} {shape} {kernel} warps={warps or 'default'} stages={stages or 'default'}: "
-                  f"{mine[0] if mine else float('nan'):.3f} ms, step {sum(r[1] for r in rows):.3f} ms "
+                  f"{mine[0] if mine else float('nan'):.3f} ms, step {sum(r[1] for r in rows):.3f} ms, "
+                  f"output and gradients within {diff:.1e} of the default launch's "
                   f"(config {op.last_config})", flush=True)
     launch.Launcher._launch = original
 
