@@ -164,3 +164,30 @@ def test_the_dry_run_leaves_the_interpreters_modules_alone():
     out, _ = op(*xs)
     assert op.last_dim_parts == "parts: K=48 as 32 + 16"
     assert judge_fp32(out, op.reference(*xs)[0]).ok
+
+
+@pytest.mark.parametrize("name, partition", [("hidden", "cut"), ("gated_delta_net", "cut_each")])
+def test_the_adjoint_history_lives_until_its_last_reader(name, partition, monkeypatch):
+    """The lifetimes come from the plan, not from names: in a delta rule that is not in the library (its writing
+    strength scales the keys only) and in gated_delta_net's cut_each, each gradient kernel takes a state's
+    history only where its ops read it, and the adjoint history is held exactly until the last kernel that
+    reads it has been launched."""
+    from tests.test_partition import HIDDEN
+    op = effc.loads(HIDDEN) if name == "hidden" else effc.load(name)
+    plan = op.comp.plan
+    for p in plan.partitions:
+        for kp in plan.gradient_kernels(p.name):
+            reads = {a for o in kp.ops for a in o.args if isinstance(a, str)}
+            takes = "S_dhist_ptr" in kp.arg_names
+            assert takes == bool(reads & {"S", "_seed__next_S"}), (p.name, kp.name)
+    held = {}
+    launch = Launcher._launch
+
+    def record(self, kp, grid, values, options):
+        held[kp.name] = "S_dhist_ptr" in values  # the launcher passes the buffers it still holds
+        return launch(self, kp, grid, values, options)
+    monkeypatch.setattr(Launcher, "_launch", record)
+    training_memory(op, 1, 1024, 2, D128(op), partition=partition)
+    order = plan.gradient_kernels(partition)
+    last = max(i for i, kp in enumerate(order) if kp.states)
+    assert [held[kp.name] for kp in order] == [i <= last for i in range(len(order))]
