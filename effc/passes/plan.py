@@ -263,10 +263,10 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         loop = None
         if fk.name == "prep":
             states = ()
-        if gradient or fk.name == "bwd_inject":  # a gradient kernel reads a state's history and adjoint only
-            # where its ops do (the launcher frees the adjoint history after its last reader)
-            states = tuple(s for s in states if _used(fk.ops, [s.name, seed_name(s.next)]))
         if gradient or fk.name == "bwd_inject":
+            # a state's history and adjoint are read only where the ops do (the launcher frees the adjoint
+            # history after its last reader)
+            states = tuple(s for s in states if _used(fk.ops, [s.name, seed_name(s.next)]))
             mine = dict(fk.grads)
             grads = tuple((d, mine[d.name]) for d in spec.inputs if d.name in mine)
             leaves += backward.seed_types

@@ -220,17 +220,23 @@ class Launcher:
     def _state_shape(self, lay: Layout, s) -> tuple:
         return tuple(lay.dims[n] for n in s.dims)
 
+    @staticmethod
+    def _chunk_tiles(d, cfg: TileConfig, lay: Layout, first: torch.Tensor) -> torch.Tensor:
+        """A per-token buffer of tiles `d` (prep's hoisted values, the cut's sums), chunk-padded: (chunks * C, H,
+        d's feature dims). [C, d] tiles feed matmuls: the operand dtype; [C] rows: fp32."""
+        total_chunks, _ = lay.chunks(cfg.chunk)
+        sizes = {**lay.dims, "C": cfg.chunk}
+        return torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
+                           dtype=operand_dtype(first.dtype) if d.feature_dims else torch.float32, device=first.device)
+
     def prep(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict) -> dict:
-        """Run the prep kernel, if the plan has one (passes.hoist): the hoisted values of every chunk, each
-        in a chunk-padded (chunks * C, H, d) buffer. [C, d] tiles feed matmuls: the operand dtype; [C]: fp32."""
+        """Run the prep kernel, if the plan has one (passes.hoist): the hoisted values of every chunk, each in
+        its per-token buffer (`_chunk_tiles`)."""
         if not self.plan.hoisted:
             return {}
         first = xs[self.spec.inputs[0].name]
-        total_chunks, max_chunks = lay.chunks(cfg.chunk)
-        sizes = {**lay.dims, "C": cfg.chunk}
-        bufs = {d.name: torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
-                                    dtype=operand_dtype(first.dtype) if d.feature_dims else torch.float32,
-                                    device=first.device) for d in self.plan.hoisted}
+        _, max_chunks = lay.chunks(cfg.chunk)
+        bufs = {d.name: self._chunk_tiles(d, cfg, lay, first) for d in self.plan.hoisted}
         kp = self.plan.kernel("prep")
         dummy = torch.empty(1, dtype=torch.float32, device=first.device)
         values = {**self._values(cfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(kp, xs, {}),
@@ -458,18 +464,14 @@ class Launcher:
             slots[d.name] = (a * n_split + b,) if self.plan.slotted(d.name, part) else ()
         seeded = dict(self.plan.seed_grads)
         buffers = self._gradient_buffers(lay, xs, first.shape[:2], has_grad, direct, slots, seeded)
-        # per-token sums one gradient kernel writes for the next ones (passes.partition's cut): tiles in the
-        # matmul operand dtype, as prep's hoisted values ([C] rows fp32), each made before its first writer
-        total_chunks, _ = lay.chunks(cfg.chunk)
-        sizes = {**lay.dims, "C": cfg.chunk}
+        # per-token sums one gradient kernel writes for the next ones (passes.partition's cut), laid out as prep's
+        # hoisted values, each made before its first writer
         tiles = hoisted  # prep's values, then the cut's sums: one dict, so that a release frees the buffer
         last_tile = last_readers(kernels, lambda kp: [d.name for d in kp.hoisted_loads])
         last_dhist = last_readers(kernels, lambda kp: [s.name for s in kp.states])
         for i, chunks in enumerate(kernels):
             for d in chunks.stores:
-                tiles[d.name] = torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
-                                            dtype=operand_dtype(first.dtype) if d.feature_dims else torch.float32,
-                                            device=device)
+                tiles[d.name] = self._chunk_tiles(d, cfg, lay, first)
             slot = {}
             for d, _ in chunks.grads:
                 a, b = self.plan.grad_slot(d.name, chunks.name, part)
