@@ -6,8 +6,9 @@
 #                                               DIMS=64,96,128,192 (head dims: several add the time-per-FLOP table)
 #   scripts/gpu.sh decode [SPECS SHAPES]   # decoding steps against a KV cache (effc bench --decode); env KV_HEADS, D
 #   scripts/gpu.sh tune-check [ARGS]  # effc tune acceptance from cold caches (scripts/tune_check.py --help)
+# env TRITON_SITE=DIR puts a Triton unpacked in DIR ahead of the machine's (scripts/gpu_triton37.sh)
 set -uo pipefail
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 EFFC_CACHE_DIR=/tmp/effc-cache
+export PYTHONPATH=${TRITON_SITE:+$TRITON_SITE:}/tmp/site:$PWD PYTHONUNBUFFERED=1 EFFC_CACHE_DIR=${EFFC_CACHE_DIR:-/tmp/effc-cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ "${1:-}" != setup ] && ! python3 -c "import lark, fla" 2>/dev/null && bash "$0" setup
 case "${1:-}" in
