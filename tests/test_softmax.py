@@ -152,6 +152,19 @@ def test_key_group_keeps_enough_programs():
     assert key_group(6, 4096, 6, interpreting=False) == 6  # a divisor of the group, never past it
     assert key_group(6, 1024, 6, interpreting=False) == 1  # 6144 programs: 2 and 3 would fall under 4096
     assert key_group(4, 2, 4, interpreting=True) == 4 and key_group(1, 2, 4, interpreting=True) == 1
+    # the per-query-head copies' budget sets the fewest heads a program: a divisor of the group at or above it
+    assert key_group(16, 32 * 8, 16, interpreting=False, fewest=2) == 2
+    assert key_group(6, 1024, 6, interpreting=False, fewest=2) == 2 and key_group(6, 1024, 6, False, fewest=4) == 6
+    assert key_group(16, 2048, 16, interpreting=False, fewest=2) == 8  # programs may ask for more
+
+
+def test_copies_heads_keeps_the_copies_to_the_querys_size():
+    """passes.softmax.copies_heads: with one key head for 16 query heads, bf16 dK and dV copies per query head
+    are twice the query's bytes (two heads a program halve them), fp32 copies four times; none beyond it."""
+    from effc.passes.softmax import copies_heads
+    q = 2 * 8192 * 16 * 128 * 2
+    assert copies_heads(2 * q, q) == 2 and copies_heads(4 * q, q) == 4
+    assert copies_heads(q, q) == 1 and copies_heads(q // 8, q) == 1  # a compressed key sequence's copies
 
 
 def test_document_masks_from_cu_seqlens():

@@ -556,15 +556,26 @@ def key_split(n_kb: int, n_bh: int, interpreting: bool) -> tuple[int, int]:
 _GROUP_PROGRAMS = 4096
 
 
-def key_group(group: int, key_blocks: int, rows: int, interpreting: bool) -> int:
+def key_group(group: int, key_blocks: int, rows: int, interpreting: bool, fewest: int = 1) -> int:
     """The query heads one dK/dV program walks in turn (GQ, a divisor of `group`, the most a key head may
     serve): the most that keep `key_blocks * rows / GQ` programs (`rows`: sequences x query heads) at least
-    _GROUP_PROGRAMS; the whole group under the interpreter."""
+    _GROUP_PROGRAMS, and never fewer than `fewest` (the per-query-head copies' memory budget,
+    `copies_heads`); the whole group under the interpreter."""
     least = 1 if interpreting else _GROUP_PROGRAMS
     gq = group
     while gq > 1 and (group % gq or key_blocks * rows // gq < least):
         gq -= 1
+    while gq < group and (group % gq or gq < fewest):
+        gq += 1
     return gq
+
+
+def copies_heads(copy_bytes: int, budget: int) -> int:
+    """The fewest query heads a dK/dV program must sum on chip so that the gradients' per-query-head copies
+    (`copy_bytes` at one head a program, summed over heads after the kernel) take no more than `budget`
+    bytes: the query's own size, so a grouped step holds at most one query-sized scratch more than an
+    ungrouped one (FlashAttention-2 holds its group's copies whole, in the inputs' dtype)."""
+    return max(1, -(-copy_bytes // max(budget, 1)))
 
 
 def pivot_group(bm: int, sb: int, interpreting: bool) -> int:

@@ -249,7 +249,8 @@ KEY_SPLIT = ("a key block's list longer than L units (query blocks; head rows: t
 
 GROUPED_KEYS = ("grouped key heads (GQA): a program per key block of one key head walks the GQ query heads "
                 "sharing it in turn, summing their dK/dV in registers, and stores the key head's gradients once, in "
-                "the input's dtype where no other kernel adds to them (no per-query-head fp32 copies summed after); "
+                "the input's dtype where no other kernel adds to them; with GQ below the group, per-query-head "
+                "copies (the input's dtype) are summed after, and GQ keeps them within the query's size; "
                 "GQ = 1 where a key-side value reads the head index or the key-side inputs' heads differ")
 
 

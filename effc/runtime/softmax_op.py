@@ -16,8 +16,8 @@ import torch
 from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
-from ..passes.softmax import (SoftmaxTiles, choose_softmax_tiles, head_rows_tile, key_group, key_split,
-                              visible_blocks)
+from ..passes.softmax import (SoftmaxTiles, choose_softmax_tiles, copies_heads, head_rows_tile, key_group,
+                              key_split, visible_blocks)
 from ..passes.softmax_plan import dkv_groups_heads, split_slot
 from ..policy.tiling import PREFIX_TILE, Problem, padded, stored_width
 from ..policy.tuning import Tuned
@@ -365,9 +365,10 @@ class SoftmaxOp(Tuned):
             for x, _ in kernel.leaf_grads:
                 t = leaves[sched.leaves.index(x)]
                 n_heads = H // gq if tag == "dk" else H
-                # a gradient written by one kernel for its input's heads is final: stored in the input's dtype,
-                # with no fp32 buffer and no conversion pass; sums of parts and of grouped heads stay fp32
-                direct = x in whole and t.shape[2] == n_heads
+                # a gradient written by one kernel is stored in the input's dtype: final for its input's heads
+                # (no fp32 buffer, no conversion pass), else per-query-head copies (or head rows' sums beside
+                # zeros) summed after, as FlashAttention-2 keeps them; sums of several kernels' parts stay fp32
+                direct = x in whole
                 # a key sequence of its own has its own length (t.shape[1]); the others are over T
                 make = torch.zeros if grouped and tag == "dk" else alloc
                 buf = make((B, t.shape[1], n_heads) + feats[x], dtype=t.dtype if direct else torch.float32,
@@ -402,7 +403,8 @@ class SoftmaxOp(Tuned):
     def _key_group(self, leaves, H: int, key_blocks: int) -> int:
         """GQ of the dK/dV kernel (passes.softmax_plan.GROUPED_KEYS) over `key_blocks` (of every sequence):
         query heads that share the heads of every leaf it loads per key block and of every gradient it writes
-        (one head count), as many as passes.softmax.key_group keeps enough programs for; else 1."""
+        (one head count), as many as passes.softmax.key_group keeps enough programs for, and enough that the
+        per-query-head copies fit the query's size (passes.softmax.copies_heads); else 1."""
         sched, bwd = self.sched, self.comp.backward
         heads = {leaves[sched.leaves.index(x)].shape[2] for x, _ in bwd.dkv.leaf_grads}
         if len(heads) != 1 or not dkv_groups_heads(bwd):
@@ -410,7 +412,13 @@ class SoftmaxOp(Tuned):
         group = H // heads.pop()
         for x in self.comp.plan.kernel("bwd_dkv").key_loads:
             group = math.gcd(group, H // leaves[sched.leaves.index(x)].shape[2])
-        return key_group(group, key_blocks, H, interpreting())
+        whole = bwd.whole_grads()
+        copies = 0
+        for x, _ in bwd.dkv.leaf_grads:
+            t = leaves[sched.leaves.index(x)]
+            copies += t.numel() * (H // t.shape[2]) * (t.element_size() if x in whole else 4)
+        budget = max(t.numel() * t.element_size() for t in leaves if t.shape[2] == H)
+        return key_group(group, key_blocks, H, interpreting(), copies_heads(copies, budget))
 
     # -- the oracle -----------------------------------------------------------------------------------
     def reference(self, *tensors, cu_seqlens=None, dtype=torch.float64, matmul_dtype=None, initial_state=None,

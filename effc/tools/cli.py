@@ -322,7 +322,8 @@ def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
            dtype: str = typer.Option("bfloat16", help="the inputs' dtype: bfloat16, float16 or float32"),
            chunk: int = typer.Option(None, help="chunk size (default: the model's)"),
            walk_chunk: int = typer.Option(None, help="chunk of a coarse walk, refined in chunks of --chunk "
-                                                     "(linear family; default: none)")):
+                                                     "(linear family; default: none)"),
+           kv_heads: int = typer.Option(None, help="heads of the key inputs (grouped-query attention; default H)")):
     """The memory of one training step (forward + backward) on a GPU at a shape, without one: the peak beyond
     the inputs (the bench's measure) and what the forward keeps, per gradient partition."""
     import torch
@@ -337,13 +338,16 @@ def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
         sizes = {d: 128 for d in op.spec.dims} | _parse_dims(dims)
         plan = op.comp.plan
         choices = [c.name for c in getattr(plan, "partitions", ())] or [None]
-        typer.echo(f"{op.name}: a training step at B={B} T={T} H={H} {sizes} {dtype}")
+        if kv_heads is not None and (kv_heads < 1 or H % kv_heads):
+            raise typer.BadParameter(f"{kv_heads}: expected a divisor of H={H}", param_hint="--kv-heads")
+        typer.echo(f"{op.name}: a training step at B={B} T={T} H={H}"
+                   f"{f' ({kv_heads} key heads)' if kv_heads else ''} {sizes} {dtype}")
         knobs = {k: v for k, v in (("chunk", chunk), ("walk_chunk", walk_chunk)) if v is not None}
         for p in choices:
             tag = f"partition {p}{' (default)' if p == getattr(plan, 'partition', None) else ''}: " if p else ""
             try:
-                m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), **({"partition": p} if p else {}),
-                                    **knobs)
+                m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), kv_heads=kv_heads,
+                                    **({"partition": p} if p else {}), **knobs)
             except ArgumentError as e:  # a partition this call cannot take (e.g. too few heads a group)
                 if p is None or len(choices) == 1:
                     raise

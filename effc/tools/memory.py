@@ -82,17 +82,18 @@ def _as_on_a_gpu():
             os.environ["TRITON_INTERPRET"] = old
 
 
-def _meta_inputs(spec, B: int, T: int, H: int, dims: dict, dtype) -> list[torch.Tensor]:
+def _meta_inputs(spec, B: int, T: int, H: int, dims: dict, dtype, kv_heads: int | None) -> list[torch.Tensor]:
     from ..runtime.verify import input_shape
-    return [torch.empty(input_shape(spec, d, B, T, H, dims), dtype=dtype, device="meta", requires_grad=True)
-            for d in spec.inputs]
+    return [torch.empty(input_shape(spec, d, B, T, H, dims, kv_heads), dtype=dtype, device="meta",
+                        requires_grad=True) for d in spec.inputs]
 
 
-def training_memory(op, B: int, T: int, H: int, dims: dict, dtype=torch.bfloat16, **knobs) -> TrainingMemory:
+def training_memory(op, B: int, T: int, H: int, dims: dict, dtype=torch.bfloat16, kv_heads: int | None = None,
+                    **knobs) -> TrainingMemory:
     """One forward + backward of `op` at (B, T, H, dims) in `dtype` with the call knobs `knobs` (e.g.
-    partition=), measured on meta tensors."""
+    partition=), measured on meta tensors; `kv_heads`: the heads of the key inputs (H without it)."""
     with _as_on_a_gpu():
-        xs = _meta_inputs(op.spec, B, T, H, dims, dtype)
+        xs = _meta_inputs(op.spec, B, T, H, dims, dtype, kv_heads)
         with _LiveBytes() as live:
             live.existing(xs)
             out = op(*xs, **knobs)

@@ -67,11 +67,13 @@ def test_sliding_window_short_window_and_gqa_varlen():
 
 
 @pytest.mark.parametrize("name", ["softmax_attn", "infllm_v2"])
-def test_bf16_gradients_with_key_heads_walked_by_one_program(name, monkeypatch):
-    """8 query heads on 2 key heads, each dK/dV program walking its key head's 4 query heads in turn (forced:
-    at this length the runtime keeps one head a program, passes.softmax.key_group)."""
+@pytest.mark.parametrize("heads_a_program", ["one", "whole group"])
+def test_bf16_gradients_with_key_heads_walked_by_one_program(name, heads_a_program, monkeypatch):
+    """8 query heads on 2 key heads: each dK/dV program walking its key head's 4 query heads in turn, or one
+    query head a program with the per-query-head copies of dK/dV stored in bf16 and summed after (both
+    forced: passes.softmax.key_group picks by programs and the copies' memory)."""
     from effc.runtime import softmax_op
-    monkeypatch.setattr(softmax_op, "key_group", lambda group, *a: group)
+    monkeypatch.setattr(softmax_op, "key_group", lambda group, *a: group if heads_a_program == "whole group" else 1)
     op = effc.load(name)
     xs = random_inputs(op.spec, 1, 2048, 8, {d: D for d in op.spec.dims}, torch.bfloat16, "cuda", seed=6,
                        kv_heads=2)
