@@ -68,6 +68,10 @@ def test_effc_memory_lists_each_partition_and_marks_the_default(tmp_path):
     assert r.exit_code == 0 and "training memory at that shape in bf16: peak " in r.output, r.output
     r = CliRunner().invoke(app, ["memory", "softmax_attn", "--dtype", "int8"])
     assert r.exit_code != 0 and "int8" in r.output
+    r = CliRunner().invoke(app, ["memory", "softmax_attn", "--shape", "1,512,4", "--kv-heads", "2"])
+    assert r.exit_code == 0 and "(2 key heads)" in r.output and "peak " in r.output, r.output
+    r = CliRunner().invoke(app, ["memory", "softmax_attn", "--shape", "1,512,4", "--kv-heads", "3"])
+    assert r.exit_code != 0 and "divisor of H=4" in r.output, r.output
 
 
 def test_effc_memory_names_a_partition_the_call_cannot_take():
