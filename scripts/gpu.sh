@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (see ../shared/device/README.md). Writes logs under $OUT.
-#   scripts/gpu.sh setup          # once per machine: wheels carried in .device/wheels-{a,c}
+#   scripts/gpu.sh setup          # once per machine: wheels carried in .device/wheels-{a,c} (TileLang: b and d)
 #   scripts/gpu.sh test [FILE] [PYTEST ARGS]  # GPU test suite (bf16 accuracy), or one file of it
 #   scripts/gpu.sh bench [SPECS SHAPES PEERS]  # effc bench with the peers; env BACKWARD=1, BACKENDS=triton,tilelang, PLOT=path.png, KV_HEADS=1,
 #                                               DIMS=64,96,128,192 (head dims: several add the time-per-FLOP table)
@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ "${1:-}" != setup ] && ! python3 -c "import lark, fla" 2>/dev/null && bash "$0" setup
 case "${1:-}" in
   setup)
-    for w in .device/wheels-a .device/wheels-c .device/wheels-b; do
+    for w in .device/wheels-a .device/wheels-c .device/wheels-b .device/wheels-d; do
       [ -d "$w" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $w/*.whl
     done
     python3 -c "import torch, triton, fla, lark, typer; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" ;;
