@@ -25,6 +25,10 @@ accumulators (fla-org/flash-linear-attention#640, #984, #988). effc meets it in 
   mesanet's [K, K] Gram state, which no block narrows, and log_linear_attn's 16 level states (65536
   elements at block 32, where zeros' three [128, 128] states, 49152, run right). `backward_fault` refuses
   those backwards there with the reason, instead of a fault that loses the process's CUDA context.
+  Triton 3.7.1 does not fix it (2026-12-06, H100, carried by scripts/gpu_triton37.sh): mesanet's backward
+  faults there too (an illegal memory access), and log_linear_attn's, no longer narrowed to 32-wide blocks,
+  asked 278528 bytes of shared memory for bwd_chunks_k_loop. So the refusal holds on sm_90 whatever the
+  Triton version, while the other holds (4 warps, 32-wide blocks) end at 3.7.1.
   Spills do not tell them apart (ptxas on the CPU, scripts/ptxas_report.py): mesanet's bwd_inject spills
   16.4 KB a thread at 4 warps and 4.8 KB at 8, zeros' bwd_chunks_s_loop 12.4 KB and 4.9 KB, and zeros is
   right at 8 warps where mesanet faults.
@@ -40,6 +44,11 @@ import triton
 from ..ir import ops as O
 
 _DOTS = ("matmul",) + O.DECAY  # a decay contraction runs a dot per sub-chunk anchor (passes.decay_dot)
+
+
+@lru_cache(maxsize=None)
+def hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
 @lru_cache(maxsize=None)
@@ -107,12 +116,11 @@ HELD_STATE_LIMIT = 3 * 128 * 128
 def backward_fault(states, dims: dict[str, int], split_dim: str | None, block: int, device) -> str | None:
     """Why the gradient kernels of a plan with these states would fault on `device` (see the module doc), or
     None. `dims`: the call's feature dim sizes; the split dim is held `block` columns at a time."""
-    if device.type != "cuda" or not hopper_dot_miscompile(device.index or 0):
+    if device.type != "cuda" or not hopper(device.index or 0):
         return None
-    where = (f"on this GPU (sm_90) with Triton {triton_version()}: its gradient kernels fault there (an illegal "
-             "memory access at every tile config tried; policy/triton_faults.py). The forward runs; Triton "
-             ">= 3.7.1 (fixes the Hopper dot miscompiles; not yet tried on this backward) or a GPU other than "
-             "sm_90 should run it")
+    where = (f"on this GPU (sm_90; Triton {triton_version()}): its gradient kernels fault there (an illegal "
+             "memory access at every tile config tried, with Triton 3.6.0 and 3.7.1; policy/triton_faults.py). "
+             "The forward runs; a GPU other than sm_90 may run the backward (not tried)")
     square = [s for s in states if len(s.feature_dims) == 2 and s.feature_dims[0] == s.feature_dims[1]]
     if square:
         named = ", ".join(f"{s.name}: [{', '.join(s.feature_dims)}]" for s in square)
