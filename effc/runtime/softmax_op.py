@@ -356,23 +356,21 @@ class SoftmaxOp(Tuned):
         parts: dict[str, list[torch.Tensor]] = {x: [] for x in sched.leaves}
         kernels = ((bwd.pre, "dpre"), (bwd.dq, "dq"), (bwd.dkv, "dk"))
         rows_dkv = cfg.head_rows and "bwd_dkv_rows" in self._kernel_names
-        # head rows: a dK/dV program sums its group's heads and stores at the group's first head (the others zero)
-        grouped = rows_dkv and named.get("GROUP", 1) > 1
-        # dK/dV per key head (passes.softmax_plan.GROUPED_KEYS)
-        gq = 1 if rows_dkv else self._key_group(leaves, H, math.ceil((TK or longest) / cfg.dkv[1]) * n_seq)
+        # dK/dV per key head (passes.softmax_plan.GROUPED_KEYS; head rows sum their G query heads on chip)
+        gq = (named.get("GROUP", 1) if rows_dkv
+              else self._key_group(leaves, H, math.ceil((TK or longest) / cfg.dkv[1]) * n_seq))
         whole = bwd.whole_grads()
         for kernel, tag in kernels:
             for x, _ in kernel.leaf_grads:
                 t = leaves[sched.leaves.index(x)]
                 n_heads = H // gq if tag == "dk" else H
                 # a gradient written by one kernel is stored in the input's dtype: final for its input's heads
-                # (no fp32 buffer, no conversion pass), else per-query-head copies (or head rows' sums beside
-                # zeros) summed after, as FlashAttention-2 keeps them; sums of several kernels' parts stay fp32
+                # (no fp32 buffer, no conversion pass), else per-query-head copies summed after, as
+                # FlashAttention-2 keeps them; sums of several kernels' parts stay fp32
                 direct = x in whole
                 # a key sequence of its own has its own length (t.shape[1]); the others are over T
-                make = torch.zeros if grouped and tag == "dk" else alloc
-                buf = make((B, t.shape[1], n_heads) + feats[x], dtype=t.dtype if direct else torch.float32,
-                           device=device)
+                buf = alloc((B, t.shape[1], n_heads) + feats[x], dtype=t.dtype if direct else torch.float32,
+                            device=device)
                 named[f"{x}_{tag}_ptr"] = buf
                 parts[x].append(buf)
         for kernel, c, grid0 in (("bwd_pre", cfg.pre, _query_blocks(longest, queries, cfg.pre[0])),

@@ -145,7 +145,11 @@ def helper_source(ops) -> str:
 def head_index(heads: str, head: str = "i_h") -> str:
     """The head of a tensor with `heads` heads that query head `head` reads: itself, or its group's under
     grouped heads (GQA: H // heads query heads share one)."""
-    return head if heads == "H" else f"{head} // (H // {heads})"
+    if heads == "H":
+        return head
+    if heads.startswith("(H // ") and heads.endswith(")"):  # H // G heads: G query heads a head
+        return f"{head} // {heads[6:-1]}"
+    return f"{head} // (H // {heads})"
 
 
 def pad_cond(d: str, split: str | None = None) -> str:

@@ -669,7 +669,7 @@ def _bwd_walk(sched: SoftmaxSchedule, kp, outer: str, name: str | None = None) -
     for x, g in kp.leaf_grads:
         post.append(Store(f"{x}_d{outer}_ptr", f"v_{g}", _feats(sched, x), side=outer, cast=True,
                           base=_kbos(sched) if outer == "k" else "qbos", row_heads=rows and outer == "q",
-                          heads="(H // GQ)" if kv.head_loop else "H").line())
+                          heads=_grad_heads(kv, outer)).line())
     kv.post_lines = post
     kv.bounds = _bounds(sched.sparsity.keys if outer == "q" else sched.sparsity.queries, outer, _kseq(sched),
                         _margin(sched))
@@ -703,6 +703,14 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
                               f"{ks.pos[0]} * {ks.dim.lower()} + {ks.pos[1]}",
                               leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}),
                               helpers=helper_source(spec.prefix.ops + spec.score.ops + spec.merge.ops))
+
+
+def _grad_heads(kv: KernelView, outer: str) -> str:
+    """The heads of a gradient buffer a kernel stores into: the key heads' where one dK/dV program sums a
+    group's query heads (GQ in turn, or G as head rows), else the query heads'."""
+    if kv.head_loop:
+        return "(H // GQ)"
+    return "(H // G)" if kv.head_rows and outer == "k" else "H"
 
 
 def _place_loads(sched: SoftmaxSchedule, k: KernelView, kp: SoftmaxKernel, key_leaves: tuple[str, ...]) -> None:
