@@ -48,15 +48,15 @@ _DOTS = ("matmul",) + O.DECAY  # a decay contraction runs a dot per sub-chunk an
 
 @lru_cache(maxsize=None)
 def hopper(device_index: int) -> bool:
+    """Is this GPU sm_90 (H100, H200), where the faults of the module doc were seen?"""
     return torch.cuda.get_device_capability(device_index)[0] == 9
 
 
 @lru_cache(maxsize=None)
 def hopper_dot_miscompile(device_index: int) -> bool:
     """Does this GPU with the installed Triton miscompile chained dots (see the module doc)?"""
-    major, _ = torch.cuda.get_device_capability(device_index)
     version = tuple(int(p) for p in triton_version().split(".") if p.isdigit())
-    return major == 9 and version < (3, 7, 1)
+    return hopper(device_index) and version < (3, 7, 1)
 
 
 def triton_version() -> str:

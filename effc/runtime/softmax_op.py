@@ -55,6 +55,13 @@ def check_queries(queries, T: int) -> tuple[int, int]:
     return int(queries[0]), int(queries[1])
 
 
+def _grad_dtype(x: str, t: torch.Tensor, whole) -> torch.dtype:
+    """The dtype of a gradient buffer for leaf `x` (the tensor `t`): a gradient one kernel writes is stored in
+    the input's dtype, final for its input's heads (no fp32 buffer, no conversion pass) or per-query-head copies
+    summed after, as FlashAttention-2 keeps them; sums of several kernels' parts (`x` not in `whole`) are fp32."""
+    return t.dtype if x in whole else torch.float32
+
+
 def _query_blocks(longest: int, queries: tuple[int, int], bm: int) -> int:
     """Programs of a kernel with one per query block: the computed rows of the longest sequence, in blocks
     (at least 1: a program with no rows returns at once)."""
@@ -364,13 +371,8 @@ class SoftmaxOp(Tuned):
             for x, _ in kernel.leaf_grads:
                 t = leaves[sched.leaves.index(x)]
                 n_heads = H // gq if tag == "dk" else H
-                # a gradient written by one kernel is stored in the input's dtype: final for its input's heads
-                # (no fp32 buffer, no conversion pass), else per-query-head copies summed after, as
-                # FlashAttention-2 keeps them; sums of several kernels' parts stay fp32
-                direct = x in whole
                 # a key sequence of its own has its own length (t.shape[1]); the others are over T
-                buf = alloc((B, t.shape[1], n_heads) + feats[x], dtype=t.dtype if direct else torch.float32,
-                            device=device)
+                buf = alloc((B, t.shape[1], n_heads) + feats[x], dtype=_grad_dtype(x, t, whole), device=device)
                 named[f"{x}_{tag}_ptr"] = buf
                 parts[x].append(buf)
         for kernel, c, grid0 in (("bwd_pre", cfg.pre, _query_blocks(longest, queries, cfg.pre[0])),
@@ -414,7 +416,7 @@ class SoftmaxOp(Tuned):
         copies = 0
         for x, _ in bwd.dkv.leaf_grads:
             t = leaves[sched.leaves.index(x)]
-            copies += t.numel() * (H // t.shape[2]) * (t.element_size() if x in whole else 4)
+            copies += t.numel() * (H // t.shape[2]) * _grad_dtype(x, t, whole).itemsize
         budget = max(t.numel() * t.element_size() for t in leaves if t.shape[2] == H)
         return key_group(group, key_blocks, H, interpreting(), copies_heads(copies, budget))
 

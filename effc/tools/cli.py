@@ -340,8 +340,8 @@ def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
         choices = [c.name for c in getattr(plan, "partitions", ())] or [None]
         if kv_heads is not None and (kv_heads < 1 or H % kv_heads):
             raise typer.BadParameter(f"{kv_heads}: expected a divisor of H={H}", param_hint="--kv-heads")
-        typer.echo(f"{op.name}: a training step at B={B} T={T} H={H}"
-                   f"{f' ({kv_heads} key heads)' if kv_heads else ''} {sizes} {dtype}")
+        grouped = f" ({kv_heads} key head{'s' if kv_heads > 1 else ''})" if kv_heads else ""
+        typer.echo(f"{op.name}: a training step at B={B} T={T} H={H}{grouped} {sizes} {dtype}")
         knobs = {k: v for k, v in (("chunk", chunk), ("walk_chunk", walk_chunk)) if v is not None}
         for p in choices:
             tag = f"partition {p}{' (default)' if p == getattr(plan, 'partition', None) else ''}: " if p else ""
