@@ -21,9 +21,15 @@ _UNARY = {
     # stable forms: log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
     "softplus": "(tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))",
     "logsigmoid": "(tl.minimum({0}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({0}))))",
+    "not": "(1.0 - {0})",  # of a 0/1 mask
 }
 _BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "div": "({0} / {1})",
-           "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})"}
+           "maximum": "tl.maximum({0}, {1})", "minimum": "tl.minimum({0}, {1})",
+           # comparisons and logic on 0/1 floats (a mask is a value like any other)
+           **{k: f"tl.where({{0}} {sym} {{1}}, 1.0, 0.0)" for k, sym in
+              (("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!="))},
+           "and": "({0} * {1})", "or": "tl.maximum({0}, {1})"}
+_TERNARY = {"where": "tl.where({0} != 0.0, {1}, {2})"}
 _ONE = sympy.Integer(1)
 _MASK_CMP = {"causal": ">=", "strict": ">", "anticausal": "<=", "antistrict": "<"}  # row (cmp) column: kept
 # ops whose result can be inf or nan for finite arguments
@@ -246,6 +252,8 @@ class TritonPrinter:
             return self._finite_on_padding(op, _UNARY[k].format(*a))
         if k in _BINARY:
             return self._finite_on_padding(op, _BINARY[k].format(*a))
+        if k in _TERNARY:
+            return _TERNARY[k].format(*a)
         if k == "pow":
             return self._finite_on_padding(op, power(a[0], op.args[1], "tl", self.ref(op.args[1])))
         if k == "matmul":
@@ -290,8 +298,6 @@ class TritonPrinter:
             return f"tl.where({a[0]} > 0.0, 1.0, 0.0)"
         if k == "sign":
             return f"tl.where({a[0]} > 0.0, 1.0, tl.where({a[0]} < 0.0, -1.0, 0.0))"
-        if k == "ge":
-            return f"tl.where({a[0]} >= {a[1]}, 1.0, 0.0)"
         if k == "unlast":
             rank = self.types[op.args[0]].rank
             sel = "(r_C == n_valid - 1)" + ("[:, None]" if rank == 1 else "")

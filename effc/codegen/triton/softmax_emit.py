@@ -85,17 +85,6 @@ class SoftmaxPrinter(TritonPrinter):
                 return f"{side}_{leaf}" + ("[:, None]" if k == "query" else "[None, :]")
             self.raw[op.out] = f"{side}_{leaf}_raw"
             return f"{side}_{leaf}"
-        if k in O.COMPARE:
-            sym = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}[k]
-            return f"tl.where({a[0]} {sym} {a[1]}, 1.0, 0.0)"
-        if k == "and":
-            return f"({a[0]} * {a[1]})"
-        if k == "or":
-            return f"tl.maximum({a[0]}, {a[1]})"
-        if k == "not":
-            return f"(1.0 - {a[0]})"
-        if k == "where":
-            return f"tl.where({a[0]} != 0.0, {a[1]}, {a[2]})"
         if k == "transpose":
             if op.args[0] in self.raw:  # the transpose of a transposed loaded tile is the tile
                 inner = self.raw[op.args[0]]
