@@ -10,11 +10,7 @@
 #   fwd24:  mesanet and log_linear_attn at the model's block (their refused backward no longer narrows it): the
 #           bf16 forward check, then beside fla at 8x2048
 # usage (device machine): bash scripts/gpu_session10.sh check|parts|gated|mlstm|fwd24
-set -uo pipefail
-export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
-python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache
-mkdir -p "$OUT"
+. "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   check)
     timeout ${LIMIT:-200} bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py \

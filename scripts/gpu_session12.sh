@@ -5,11 +5,7 @@
 #   2. dK/dV's per-query-head copies in bf16 and grouped to the query's size (passes.softmax.copies_heads):
 #      the GQA bf16 checks, then scripts/gqa_ab.py (one head a program / the model / the whole group)
 # usage (device machine): bash scripts/gpu_session12.sh [gqa|linear|probe|walk64]...
-set -uo pipefail
-export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
-python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache
-mkdir -p "$OUT"
+. "$(dirname "$0")/gpu_env.sh"
 for part in ${@:-gqa linear}; do
   case $part in
     linear)

@@ -4,11 +4,7 @@
 #   heads:  head rows' dK/dV stored per key head (softmax_emit._grad_heads): GQA bf16 checks, then the peaks
 #   t37:    bf16 gradients on Triton 3.7.1, where the 4-warp and 32-block holds end (carry .device/triton37 too)
 # usage (device machine, carrying .device/wheels-a and .device/wheels-c): bash scripts/gpu_session13.sh [linear|heads]...
-set -uo pipefail
-export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
-python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache
-mkdir -p "$OUT"
+. "$(dirname "$0")/gpu_env.sh"
 for part in ${@:-linear heads}; do
   case $part in
     linear)

@@ -8,10 +8,7 @@
 #           beside SDPA, FlexAttention and fla's parallel_moba
 #   fourth: NSA at 8x2048 beside fla
 # usage (device machine): bash scripts/gpu_session8.sh first|second|third|fourth
-set -uo pipefail
-export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
-python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache
+. "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   first)
     OUT=$OUT/long BACKWARD=1 KV_HEADS=1 timeout 330 bash scripts/gpu.sh bench infllm_v2 1x131072 0 2>&1 | grep -v Warn | tail -6

@@ -8,11 +8,7 @@
 #   gqa:     dK/dV per key head: its bf16 gradient test, the sparse rows again, InfLLM-V2 at 1x32768 and
 #            softmax_attn with 4 key heads beside SDPA
 # usage (device machine): bash scripts/gpu_session9.sh profile|fla|sparse|gqa
-set -uo pipefail
-export OUT=${OUT:-/tmp/out} PYTHONUNBUFFERED=1
-python3 -c "import fla, lark" 2>/dev/null || bash scripts/gpu.sh setup 2>&1 | tail -1
-export PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache
-mkdir -p "$OUT"
+. "$(dirname "$0")/gpu_env.sh"
 case "${1:-}" in
   profile)
     KV_HEADS=1 timeout 170 python3 scripts/kernel_profile.py infllm_v2 8x2048 2>&1 | grep -v Warn | tee "$OUT/profile_infllm.log" | grep -A13 PROFILE
