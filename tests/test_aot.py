@@ -12,7 +12,7 @@ import pytest
 import effc
 
 SCRIPT = r"""
-import contextlib, json, sys, tempfile
+import contextlib, json, sys
 import effc
 from effc.codegen.triton.aot import compile_sm90, ptx_only
 
@@ -55,7 +55,7 @@ def compile_spec(spec, results):
 results = {}
 for spec in sys.argv[1:]:
     # ptxas for ASSEMBLED only: the checks read the PTX and the shared memory Triton counts before it
-    with contextlib.nullcontext() if spec in ASSEMBLED else ptx_only(tempfile.mkdtemp()):
+    with contextlib.nullcontext() if spec in ASSEMBLED else ptx_only():
         compile_spec(spec, results)
 print("AOT " + json.dumps(results))
 """
@@ -79,7 +79,7 @@ ASSEMBLED = EVERY_PARTITION
 # the softmax specs whose kernels ptxas assembles too: dense, and a select stage with its head rows
 SOFTMAX_ASSEMBLED = ("softmax_attn", "infllm_v2")
 SOFTMAX_SCRIPT = r"""
-import contextlib, json, sys, tempfile
+import contextlib, json, sys
 import effc
 from effc.codegen.triton.aot import SOFTMAX_KERNELS, compile_softmax_fitting, ptx_only
 
@@ -92,7 +92,7 @@ for spec in sys.argv[1:]:
     # and the prefix kernel and its backward where the plan has them (passes.softmax_plan.prefix_lowered)
     kernels = SOFTMAX_KERNELS + tuple(k.name for k in op.comp.plan.kernels if k.name.endswith("_rows")
                                       or k.role in ("prefix", "bwd_prefix"))
-    with contextlib.nullcontext() if spec in ASSEMBLED else ptx_only(tempfile.mkdtemp()):
+    with contextlib.nullcontext() if spec in ASSEMBLED else ptx_only():
         for kernel in kernels:
             # the model's tiles, with the stages the launch steps down to where they do not fit (launch_fitting)
             k = compile_softmax_fitting(op, kernel)

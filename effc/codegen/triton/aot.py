@@ -5,6 +5,7 @@ one kernel writes whole are bf16, to cu_seqlens i32; the rest (states, histories
 fp32. Shapes: H=16, every feature dim 128, the split dim's block 64 (prep: whole 128-wide tiles)."""
 from __future__ import annotations
 
+import tempfile
 from contextlib import contextmanager
 
 import triton
@@ -43,21 +44,22 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
 
 
 @contextmanager
-def ptx_only(cache_dir: str):
+def ptx_only():
     """Compiles inside stop at PTX: ptxas, 40% of a long gradient kernel's compile on the CPU (mesanet: 16 of
     38 s), is skipped where a check reads only the PTX and Triton's shared-memory count (set before ptxas).
-    The empty binaries go to `cache_dir`, so that no later full compile finds them in Triton's cache."""
+    The empty binaries go to a cache of their own, removed after, so that no full compile finds them."""
     from triton import knobs
 
     def stop_at_ptx(backend, stages, options, language, capability):
         stages["cubin"] = lambda src, metadata: b""
 
     saved = knobs.runtime.add_stages_inspection_hook, knobs.cache.dir
-    knobs.runtime.add_stages_inspection_hook, knobs.cache.dir = stop_at_ptx, cache_dir
-    try:
-        yield
-    finally:
-        knobs.runtime.add_stages_inspection_hook, knobs.cache.dir = saved
+    with tempfile.TemporaryDirectory() as cache_dir:
+        knobs.runtime.add_stages_inspection_hook, knobs.cache.dir = stop_at_ptx, cache_dir
+        try:
+            yield
+        finally:
+            knobs.runtime.add_stages_inspection_hook, knobs.cache.dir = saved
 
 
 def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
