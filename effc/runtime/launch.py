@@ -113,6 +113,7 @@ def launch_fitting(fn, grid: tuple, args: dict, options: dict) -> None:
 
 
 FACTORED, ANCHORED = 0, 2  # DECAY_MODE of the two launches of a kernel with factored decays
+SERIAL_STAGES = 2  # Launcher._serial_options
 
 
 class Launcher:
@@ -156,6 +157,14 @@ class Launcher:
     @staticmethod
     def _options(cfg: TileConfig) -> dict:
         return {} if interpreting() else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    @staticmethod
+    def _serial_options(cfg: TileConfig) -> dict:
+        """A kernel looping over chunks (a walk, a summary, the adjoint scan) loads each chunk's tiles at
+        addresses no carried state decides: at least SERIAL_STAGES stages, so the next chunk's loads overlap
+        this chunk's dots (gated_delta_net at 2x8192 on the H100: walk 0.59 -> 0.46 ms, scan 0.78 -> 0.65)."""
+        options = Launcher._options(cfg)
+        return {**options, "num_stages": max(SERIAL_STAGES, cfg.num_stages)} if options else options
 
     def _values(self, cfg: TileConfig, lay: Layout, dtype, pvals: dict, per_seg: int, P: int, dummy) -> dict:
         """What every kernel of a call may take besides its tensors: the spec's parameters, the call's layout and
@@ -290,7 +299,7 @@ class Launcher:
                       "HAS_INIT": bool(init), "STORE_FINAL": store_final, "STORE_HISTORY": write_history,
                       "FUSE_MERGE": not cfg.defer_merge, **self._not_coarse(dummy)}
             grid = (self._n_split(walk_cfg, lay), n_bh, P if kp.role == "walk" else P - 1)
-            self._launch(kp, grid, values, self._options(cfg))
+            self._launch(kp, grid, values, self._serial_options(cfg))
         if out_kernel is not None:
             values = {**self._values(cfg, lay, dtype, pvals, 1, 1, dummy), **self._loads(out_kernel, xs, hoisted),
                       **{f"{o.name}_ptr": outs[o.name] for o in out_kernel.stores}, **self._buffers("hist", hist)}
@@ -338,7 +347,7 @@ class Launcher:
                   **self._buffers("hist", hist), **self._buffers("coarse", coarse),
                   "coarse_off_ptr": coarse_off if coarse_off is not None else dummy, "FROM_COARSE": True,
                   "HAS_INIT": False, "STORE_FINAL": False, "STORE_HISTORY": store_history, "FUSE_MERGE": fuse_merge}
-        self._launch(kp, (self._n_split(cfg, lay), lay.n_seq * lay.H, P), values, self._options(cfg))
+        self._launch(kp, (self._n_split(cfg, lay), lay.n_seq * lay.H, P), values, self._serial_options(cfg))
         return whole_outs, (hist if store_history else {})
 
     def _reverse_scan(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hoisted: dict, hist: dict,
@@ -387,7 +396,7 @@ class Launcher:
                   **self._buffers("dinit", dinit), **self._buffers("segw", segw),
                   **self._buffers("segd", {s: torch.empty_like(w) if P > 1 else dummy for s, w in segw.items()}),
                   **self._buffers("inj", inj), "HAS_DFINAL": bool(d_finals)}
-        options = {**self._options(cfg), **bwd_warps(scan)}
+        options = {**self._serial_options(cfg), **bwd_warps(scan)}
         if P > 1:
             self._launch(scan, (n_split, n_bh, P - 1), {**values, "SUMMARY": True}, options)
         self._launch(scan, (n_split, n_bh, P), {**values, "SUMMARY": False}, options)
