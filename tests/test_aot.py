@@ -15,6 +15,9 @@ SCRIPT = r"""
 import contextlib, json, sys
 import effc
 from effc.codegen.triton.aot import compile_sm90, ptx_only
+from effc.runtime.launch import SERIAL_STAGES
+
+SERIAL = ("walk", "summary", "bwd_scan")  # the launcher runs the chunk loops at SERIAL_STAGES
 
 
 def compiled_kernels(plan, every_partition):  # the gradient kernels of the default partition, or every one
@@ -43,9 +46,9 @@ def compile_spec(spec, results):
         if "DECAY_MODE" in kp.arg_names and spec in ANCHORED:  # the anchored second launch (passes.decay_dot)
             variants.append(({"decay_mode": 2}, "[anchored]"))
         for flags, tag in variants:
-            # at the model's pipeline depth (policy.tiling.choose: 1 stage); deeper ones are the tuner's
-            # candidates, which its shared-memory model prunes or which fail as candidates
-            k = compile_sm90(op, kp, num_stages=1, **flags)
+            # at the launcher's pipeline depth (policy.tiling.choose: 1 stage, the serial loops SERIAL_STAGES);
+            # deeper ones are the tuner's candidates, which its shared-memory model prunes or which fail as such
+            k = compile_sm90(op, kp, num_stages=SERIAL_STAGES if kp.role in SERIAL else 1, **flags)
             ptx, shared = k.asm["ptx"], k.metadata.shared
             results[f"{name}.{kp.name}{tag}"] = {
                 "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx, "shared": shared,
