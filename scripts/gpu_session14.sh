@@ -2,6 +2,7 @@
 # The 2026-12-07 session's GPU calls, with 59853c2 (serial kernels at two stages) applied uncommitted and the
 # in-chunk inverse by halves (codegen version 6):
 #   inverse: the inverse alone, by halves and by squaring (scripts/inverse_ab.py), then gated_delta_net's kernels
+#            at chunk 32 (the spec's) and 64
 #   linear:  bf16 gradients of every linear spec (both changes at once)
 #   heads:   head rows' dK/dV stored per key head (softmax_emit._grad_heads): GQA bf16 checks, then the peaks
 #   t37:     bf16 gradients on Triton 3.7.1 (carry .device/triton37 too)
@@ -11,8 +12,10 @@ for part in ${@:-inverse linear}; do
   case $part in
     inverse)
       timeout 90 python3 scripts/inverse_ab.py 2>&1 | grep -v Warn | tee $OUT/inverse_ab.log
-      timeout ${PROFILE_LIMIT:-100} python3 scripts/kernel_profile.py gated_delta_net 2x8192 2>&1 | tee $OUT/gdn_profile.log \
-        | tail -40 ;;
+      for c in 32 64; do  # the spec's chunk, and fla's (wgmma takes 64-row products)
+        CHUNK=$c timeout ${PROFILE_LIMIT:-100} python3 scripts/kernel_profile.py gated_delta_net 2x8192 2>&1 \
+          | tee $OUT/gdn_profile_c$c.log | grep -v Warn | tail -28
+      done ;;
     linear)
       timeout ${LIMIT:-330} bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "test_bf16_gradients and not \
 every_partition" 2>&1 | tee $OUT/linear_check.log | grep -E "passed|failed|FAIL|Error" | tail -16 ;;
