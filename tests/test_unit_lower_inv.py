@@ -1,0 +1,59 @@
+"""The `unit_lower_inv` tile op in generated Triton (codegen/triton/kernels.py.j2): (I + L)^-1 by halves, the
+diagonal blocks recursively down to 16 rows, against float64 `torch.linalg.inv` and against the repeated
+squaring it replaced; then a delta rule at the chunks where the recursion goes two and three levels deep."""
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import effc
+from effc.runtime.verify import check_op
+
+helpers = effc.load("delta_net").module
+_unit_lower_inv, _unit_lower_inv_squaring = helpers._unit_lower_inv, helpers._unit_lower_inv_squaring
+
+
+@triton.jit
+def _inverse_kernel(a_ptr, x_ptr, C: tl.constexpr, HALVES: tl.constexpr):
+    r = tl.arange(0, C)
+    at = tl.program_id(0) * C * C + r[:, None] * C + r[None, :]
+    a = tl.load(a_ptr + at)
+    x = _unit_lower_inv(a, r, C) if HALVES else _unit_lower_inv_squaring(a, r, C)
+    tl.store(x_ptr + at, x)
+
+
+def _tiles(C: int) -> torch.Tensor:
+    """Three tiles: a delta rule's (beta k k^T under a decay, unit-norm k), one of entries up to 4 / sqrt(C)
+    whose inverse grows past them, and one whose upper part and diagonal are garbage the op must ignore."""
+    g = torch.Generator().manual_seed(C)
+    k = torch.nn.functional.normalize(torch.randn(C, 32, generator=g), dim=-1)
+    b = torch.cumsum(-torch.rand(C, generator=g) / 4, 0)
+    delta = torch.rand(C, 1, generator=g) * (k @ k.T) * torch.exp((b[:, None] - b[None, :]).tril())
+    strong = (torch.rand(C, C, generator=g) * 8 - 4) / C ** 0.5
+    # only the strict lower part counts: the diagonal and above hold garbage
+    garbage = (torch.randn(C, C, generator=g) / C ** 0.5).tril(-1) + (torch.randn(C, C, generator=g) * 1e3).triu()
+    return torch.stack([delta, strong, garbage]).float()
+
+
+@pytest.mark.parametrize("C", [16, 32, 64, 128])
+def test_inverse_by_halves_matches_linalg(C):
+    a = _tiles(C)
+    want = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + a.double().tril(-1))
+    for halves in (True, False):
+        x = torch.empty_like(a)
+        _inverse_kernel[(a.shape[0],)](a, x, C, halves)
+        for i in range(a.shape[0]):
+            err = (x[i].double() - want[i]).abs().max() / want[i].abs().max()
+            assert err < 1e-5, f"C={C} tile {i} {'halves' if halves else 'squaring'}: error {err:.2e}"
+        assert torch.equal(x.triu(1), torch.zeros_like(x.triu(1))), "the inverse of a unit lower matrix is lower"
+
+
+@pytest.mark.parametrize("name,chunk", [("gated_delta_net", 64), ("delta_net", 128)])
+def test_delta_rules_at_deep_chunks_match_the_oracle(name, chunk):
+    """The solve two and three levels of halves deep inside the prep kernel, forward and every gradient, T
+    ragged (the last chunk's padded rows must not reach the real ones through the inverse)."""
+    op = effc.load(name)
+    for what, verdict in check_op(op, 1, chunk + 37, 2, {"K": 32, "V": 32}, chunk=chunk):
+        assert verdict.ok, f"{name} chunk={chunk} {what}: {verdict}"
