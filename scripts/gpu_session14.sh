@@ -3,6 +3,7 @@
 # in-chunk inverse by halves (codegen version 6):
 #   inverse: the inverse alone, by halves and by squaring (scripts/inverse_ab.py), then gated_delta_net's kernels
 #            at chunk 32 (the spec's) and 64
+#   mesa:    mesanet's and log_linear_attn's forward kernels, merge fused or deferred, block 64 or 128
 #   linear:  bf16 gradients of every linear spec (both changes at once)
 #   heads:   head rows' dK/dV stored per key head (softmax_emit._grad_heads): GQA bf16 checks, then the peaks
 #   t37:     bf16 gradients on Triton 3.7.1 (carry .device/triton37 too)
@@ -15,6 +16,13 @@ for part in ${@:-inverse linear}; do
       for c in 32 64; do  # the spec's chunk, and fla's (wgmma takes 64-row products)
         CHUNK=$c timeout ${PROFILE_LIMIT:-100} python3 scripts/kernel_profile.py gated_delta_net 2x8192 2>&1 \
           | tee $OUT/gdn_profile_c$c.log | grep -v Warn | tail -28
+      done ;;
+    mesa)  # forwards far behind fla's (0.04x, 0.18x at 32-wide blocks): merge deferred, one V block
+      for spec in mesanet log_linear_attn; do
+        for knobs in "" "DEFER_MERGE=1" "DEFER_MERGE=1 BLOCK=128"; do
+          echo "== $spec $knobs"; env $knobs timeout 100 python3 scripts/kernel_profile.py $spec 2x8192 2>&1 \
+            | grep -v Warn | grep -A8 "forward:" | tee -a $OUT/mesa_profile.log
+        done
       done ;;
     linear)
       timeout ${LIMIT:-330} bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "test_bf16_gradients and not \

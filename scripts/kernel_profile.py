@@ -4,7 +4,7 @@ usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16; env DIMS
        profile each (default 128); CHUNK=32 / BLOCK=128 force the chunk / the split dim's block: BLOCK=128 runs
        one program per head with no partial gradients; PARTITION=block|loop|cut|cut_each the backward's
        gradient kernels, passes.partition; WALK_BLOCK=32 forces the block of a general transition's walk and
-       adjoint scan, at most BLOCK; WALK_CHUNK=64 the coarse walk's chunk; KV_HEADS=1 the key-side inputs' heads, for a spec with key heads; DECODE=1 profiles one decoding step of
+       adjoint scan, at most BLOCK; WALK_CHUNK=64 the coarse walk's chunk; KV_HEADS=1 the key-side inputs' heads; DEFER_MERGE=1 / 0 merge in the out kernel / in the walk, for a spec with key heads; DECODE=1 profiles one decoding step of
        B requests against a cache of T tokens, op.decode, instead of the training calls)
 """
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main(spec: str, shapes: list[str]) -> None:
                if env in os.environ}
     if os.environ.get("PARTITION"):
         options["partition"] = os.environ["PARTITION"]
+    if os.environ.get("DEFER_MERGE"):
+        options["defer_merge"] = os.environ["DEFER_MERGE"] == "1"
     op = effc.load(spec)
     for shape, D in ((s, int(d)) for s in shapes for d in os.environ.get("DIMS", "128").split(",")):
         B, T = map(int, shape.split("x"))
