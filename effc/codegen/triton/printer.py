@@ -136,7 +136,7 @@ else:
 
 def helper_source(ops) -> str:
     """The @triton.jit helpers a module's kernels call, for the op kinds among `ops`: the rotations', the
-    decay contractions' (decay.py.j2); empty when none is used, so other modules do not change."""
+    decay contractions' (decay.py.j2), the in-chunk solve's (solve.py.j2); empty when none is used."""
     kinds = {op.kind for op in ops}
     parts = [ROTATION_HELPERS] if kinds & set(O.ROTATIONS) else []
     if kinds & {"sin", "cos"}:
@@ -145,6 +145,8 @@ def helper_source(ops) -> str:
         parts.append(LEVEL_HELPERS)
     if kinds & set(O.DECAY):
         parts.append(template(__file__, "decay.py.j2").render())
+    if kinds & set(O.SOLVES):
+        parts.append(template(__file__, "solve.py.j2").render())
     return "\n".join(parts)
 
 
