@@ -1,6 +1,7 @@
-"""The `unit_lower_inv` tile op in generated Triton (codegen/triton/kernels.py.j2): (I + L)^-1 by halves, the
-diagonal blocks recursively down to 16 rows, against float64 `torch.linalg.inv` and against the repeated
-squaring it replaced; then a delta rule at the chunks where the recursion goes two and three levels deep."""
+"""The `unit_lower_inv` tile op in generated Triton (codegen/triton/solve.py.j2): (I + L)^-1 by halves, the
+diagonal 16-row blocks inverted and merged pairwise through a scratch tile, against float64 `torch.linalg.inv`
+and against the repeated squaring it replaced; then a delta rule at the chunks where the merges go two and
+three sizes deep."""
 from __future__ import annotations
 
 import pytest
@@ -16,11 +17,11 @@ _unit_lower_inv, _unit_lower_inv_squaring = helpers._unit_lower_inv, helpers._un
 
 
 @triton.jit
-def _inverse_kernel(a_ptr, x_ptr, C: tl.constexpr, HALVES: tl.constexpr):
+def _inverse_kernel(a_ptr, x_ptr, scratch_ptr, C: tl.constexpr, HALVES: tl.constexpr):
     r = tl.arange(0, C)
     at = tl.program_id(0) * C * C + r[:, None] * C + r[None, :]
     a = tl.load(a_ptr + at)
-    x = _unit_lower_inv(a, r, C) if HALVES else _unit_lower_inv_squaring(a, r, C)
+    x = _unit_lower_inv(a, r, C, scratch_ptr + tl.program_id(0) * C * C) if HALVES else _unit_lower_inv_squaring(a, r, C)
     tl.store(x_ptr + at, x)
 
 
@@ -42,8 +43,8 @@ def test_inverse_by_halves_matches_linalg(C):
     a = _tiles(C)
     want = torch.linalg.inv(torch.eye(C, dtype=torch.float64) + a.double().tril(-1))
     for halves in (True, False):
-        x = torch.empty_like(a)
-        _inverse_kernel[(a.shape[0],)](a, x, C, halves)
+        x, scratch = torch.empty_like(a), torch.full_like(a, float("nan"))  # no value of it may leak in
+        _inverse_kernel[(a.shape[0],)](a, x, scratch, C, halves)
         for i in range(a.shape[0]):
             err = (x[i].double() - want[i]).abs().max() / want[i].abs().max()
             assert err < 1e-5, f"C={C} tile {i} {'halves' if halves else 'squaring'}: error {err:.2e}"

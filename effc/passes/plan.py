@@ -200,7 +200,7 @@ _FLAGS = {"walk": ("HAS_INIT", "STORE_FINAL", "STORE_HISTORY"), "summary": ("HAS
 
 
 def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, grads, injected,
-          merge_flag: bool, read_states=(), decays: bool = False) -> tuple[KernelArg, ...]:
+          merge_flag: bool, read_states=(), decays: bool = False, solves: bool = False) -> tuple[KernelArg, ...]:
     """A kernel's signature (codegen/triton/kernels.py.j2 reads these names; runtime.launch supplies them):
     its tensors, the spec parameters it reads, the call's layout, then the constexprs. A walk with merge
     optional also runs as the fine walk of a coarse one (TileConfig.walk_chunk): each segment a coarse chunk,
@@ -215,7 +215,8 @@ def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, g
                + [f"{s.name}_hist_ptr" for s in read_states]
                + [f"{s}_inj_ptr" for s, _ in injected]
                + [f"{s.name}_coarse_ptr" for s in states if coarse]
-               + (["decay_flag_ptr"] if decays else []))  # one int per program (codegen/triton/decay.py.j2)
+               + (["decay_flag_ptr"] if decays else [])  # one int per program (codegen/triton/decay.py.j2)
+               + (["solve_ptr"] if solves else []))  # one fp32 [C, C] tile per program (codegen/triton/solve.py.j2)
     return (kernel_args("tensor", tensors) + kernel_args("param", [f"p_{p}" for p in params])
             + kernel_args("layout", ("T", "chunks_per_seg", "n_segments", "T_total", "n_bh", "cu_ptr", "chunk_off_ptr")
                           + (("coarse_off_ptr",) if coarse else ())
@@ -288,7 +289,8 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         args = _args(spec, role, loads, reads, stores, states, params, grads, inject,
                      merge_flag=fk.name == "walk" and any(k.name == "out" for k in fused.kernels)
                      and not spec.reverse_states, read_states=read_states,
-                     decays=any(per_channel(op, types) for op in ops))
+                     decays=any(per_channel(op, types) for op in ops),
+                     solves=any(op.kind in O.SOLVES for op in ops))
         kernels.append(KernelPlan(name=fk.name, role=role, loads=loads, stores=stores, grid=grid, args=args, ops=ops,
                                   states=states, params=params, grads=grads, state_grads=state_grads,
                                   leaf_types=leaves, hoisted_loads=reads, injected=inject, block_loop=loop,

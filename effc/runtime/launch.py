@@ -146,6 +146,9 @@ class Launcher:
         if on_meta(values):
             return
         fn = self._fn(kp.name)
+        if "solve_ptr" in kp.arg_names:  # an fp32 [C, C] tile per program (codegen/triton/solve.py.j2)
+            first = next(v for v in values.values() if torch.is_tensor(v))
+            values = {**values, "solve_ptr": first.new_empty(math.prod(grid) * values["C"] ** 2, dtype=torch.float32)}
         if "DECAY_MODE" not in kp.arg_names:
             launch_fitting(fn, grid, kp.call(values), options)
             return

@@ -78,6 +78,7 @@ class _KernelView:
     coarse: bool = False  # the walk also runs as a coarse walk's fine walk (FROM_COARSE; TileConfig.walk_chunk)
     coarse_offs: dict[str, str] = field(default_factory=dict)  # the coarse state entering segment pid_p
     decay_flag: bool = False  # runs twice, factored then anchored decays (codegen/triton/decay.py.j2)
+    solves: bool = False  # takes a scratch tile per program for the in-chunk solve (codegen/triton/solve.py.j2)
     optional_loads: set = field(default_factory=set)  # inputs only merge reads: not loaded when it is deferred
     block_loop: dict | None = None  # a gradient kernel looping over the split dim's blocks (_block_loop)
     # keyword arguments masking the padded feature columns of each state's tile (loads, stores) and each
@@ -176,6 +177,7 @@ def emit_module(plan: Plan) -> str:
                   for op in kp.ops],
             # the plan gives the walk FUSE_MERGE and FROM_COARSE when it has an out kernel
             merge_flag="FUSE_MERGE" in kp.arg_names, decay_flag="DECAY_MODE" in kp.arg_names,
+            solves="solve_ptr" in kp.arg_names,
             coarse="FROM_COARSE" in kp.arg_names,
             coarse_offs={s.name: _row_major("(coarse_base + pid_p) * H + i_h", s.dims) for s in kp.states},
             optional_loads={d.name for d in kp.loads + kp.hoisted_loads} - {

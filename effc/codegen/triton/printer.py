@@ -286,7 +286,7 @@ class TritonPrinter:
         if k == "expand":
             return a[0] + "[" + ", ".join("None" if p == 1.0 else ":" for p in op.args[1:]) + "]"
         if k == "unit_lower_inv":
-            return f"_unit_lower_inv({a[0]}, r_C, C)"
+            return f"_unit_lower_inv({a[0]}, r_C, C, solve)"
         if k in O.ROTATIONS:
             return self._rotation(op, a[0])
         if k == "fidx":  # r_D: the feature indices of the tile (of this program's block, for a split dim)
