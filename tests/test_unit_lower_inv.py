@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 import effc
+from effc.errors import SpecError
 from effc.runtime.verify import check_op
 
 helpers = effc.load("delta_net").module
@@ -58,3 +59,9 @@ def test_delta_rules_at_deep_chunks_match_the_oracle(name, chunk):
     op = effc.load(name)
     for what, verdict in check_op(op, 1, chunk + 37, 2, {"K": 32, "V": 32}, chunk=chunk):
         assert verdict.ok, f"{name} chunk={chunk} {what}: {verdict}"
+
+
+def test_a_chunk_past_the_solve_s_merges_is_refused():
+    op = effc.load("delta_net")
+    with pytest.raises(SpecError, match="C <= 256 fails for C=512.*in-chunk solve"):
+        check_op(op, 1, 40, 1, {"K": 16, "V": 16}, chunk=512)

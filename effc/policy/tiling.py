@@ -175,12 +175,18 @@ def default_block(size: int) -> int:
     return min(padded(size), 64)
 
 
+MAX_SOLVE_CHUNK = 256
+
+
 def tiling_space(spec: Spec, legality: Legality) -> TilingSpace:
     split = legality.split_dims[0] if legality.split_dims else None
     cons: list[tuple[sympy.Basic, str]] = [
         (sympy.Ge(C, 16), "tl.dot needs tiles of at least 16"),
         (_pow2(C), "block shapes are powers of two"),
     ]
+    if any(op.kind in O.SOLVES for st in spec.stages for op in st.ops):
+        cons.append((sympy.Le(C, MAX_SOLVE_CHUNK), "the in-chunk solve (unit_lower_inv) merges blocks of up to "
+                     f"{MAX_SOLVE_CHUNK // 2} rows (codegen/triton/solve.py.j2)"))
     # feature dims take any size: their tiles are padded to PadTo(d) columns (a power of two >= 16), masked past d
     if split:
         s = dim(split)
