@@ -143,12 +143,13 @@ class Launcher:
         A kernel with factored decays runs twice (codegen/triton/decay.py.j2): factored, flagging each program
         with a chunk past the dot dtype's range, then anchored, where only the flagged programs run. No host
         sync; for ordinary gates the second launch's programs return at once."""
+        if "solve_ptr" in kp.arg_names:  # an fp32 [C, C] tile per program (codegen/triton/solve.py.j2); made
+            # before the meta check so that `effc memory` counts it
+            first = next(v for v in values.values() if torch.is_tensor(v))
+            values = {**values, "solve_ptr": first.new_empty(math.prod(grid) * values["C"] ** 2, dtype=torch.float32)}
         if on_meta(values):
             return
         fn = self._fn(kp.name)
-        if "solve_ptr" in kp.arg_names:  # an fp32 [C, C] tile per program (codegen/triton/solve.py.j2)
-            first = next(v for v in values.values() if torch.is_tensor(v))
-            values = {**values, "solve_ptr": first.new_empty(math.prod(grid) * values["C"] ** 2, dtype=torch.float32)}
         if "DECAY_MODE" not in kp.arg_names:
             launch_fitting(fn, grid, kp.call(values), options)
             return
