@@ -31,8 +31,8 @@ _BINARY = {"add": "({0} + {1})", "sub": "({0} - {1})", "mul": "({0} * {1})", "di
 INF = 'T.infinity("float32")'
 # ops this backend refuses, and why (the error names the op and the backend)
 UNSUPPORTED = {
-    "unit_lower_inv": "the Triton backend inverts I + L by fp32 (IEEE) matmul squarings; T.gemm on fp32 tiles "
-                      "runs in tf32 in TileLang 0.1.x, which is too coarse for the inverse",
+    "unit_lower_inv": "the Triton backend inverts I + L by halves with fp32 products (three tf32 passes each); "
+                      "T.gemm on fp32 tiles runs in tf32 in TileLang 0.1.x, which is too coarse for the inverse",
     "maxall": "a whole-tile max to a scalar (the mLSTM stabiliser) has no TileLang lowering here yet",
     "level": "Fenwick pair levels (log-linear attention) have no TileLang lowering here yet",
     "gather": "a per-token column gather (per-level weights) has no TileLang lowering here yet",
