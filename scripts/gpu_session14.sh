@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The 2026-12-07 session's GPU calls, with 59853c2 (serial kernels at two stages) applied uncommitted and the
-# in-chunk inverse by halves (codegen version 6):
-#   inverse: the inverse alone, by halves and by squaring (scripts/inverse_ab.py), then gated_delta_net's kernels
+# The 2026-12-07 session's GPU calls (inverse and linear ran then, before the serial kernels' two stages and the
+# in-chunk inverse by halves landed; mesa, heads and t37 are still to run):
+#   inverse: the inverse alone, three ways (scripts/inverse_ab.py), then gated_delta_net's kernels
 #            at chunk 32 (the spec's) and 64
 #   mesa:    mesanet's and log_linear_attn's forward kernels, merge fused or deferred, block 64 or 128
 #   linear:  bf16 gradients of every linear spec (both changes at once)
