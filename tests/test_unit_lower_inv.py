@@ -22,7 +22,10 @@ def _inverse_kernel(a_ptr, x_ptr, scratch_ptr, C: tl.constexpr, HALVES: tl.const
     r = tl.arange(0, C)
     at = tl.program_id(0) * C * C + r[:, None] * C + r[None, :]
     a = tl.load(a_ptr + at)
-    x = _unit_lower_inv(a, r, C, scratch_ptr + tl.program_id(0) * C * C) if HALVES else _unit_lower_inv_squaring(a, r, C)
+    if HALVES:
+        x = _unit_lower_inv(a, r, C, scratch_ptr + tl.program_id(0) * C * C)
+    else:
+        x = _unit_lower_inv_squaring(a, r, C)
     tl.store(x_ptr + at, x)
 
 
