@@ -20,6 +20,11 @@ from effc.runtime.launch import SERIAL_STAGES
 SERIAL = ("walk", "summary", "bwd_scan")  # the launcher runs the chunk loops at SERIAL_STAGES
 
 
+def linear_dots(ttgir):  # dot operands converted from Triton's linear layout (what a split or transpose makes)
+    return sum("ttg.convert_layout" in line and "#linear" in line.split("->")[0] and "dot_op" in line.split("->")[-1]
+               for line in ttgir.splitlines())
+
+
 def compiled_kernels(plan, every_partition):  # the gradient kernels of the default partition, or every one
     default = set(plan.gradient_kernels())
     return [k for k in plan.kernels if every_partition or k.role != "bwd_chunks" or k in default]
@@ -52,7 +57,8 @@ def compile_spec(spec, results):
             ptx, shared = k.asm["ptx"], k.metadata.shared
             results[f"{name}.{kp.name}{tag}"] = {
                 "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx, "shared": shared,
-                "matmuls": any(o.kind == "matmul" for o in kp.ops), "wide": wide}
+                "matmuls": any(o.kind == "matmul" for o in kp.ops), "wide": wide,
+                "solves": any(o.kind == "unit_lower_inv" for o in kp.ops), "linear_dots": linear_dots(k.asm["ttgir"])}
 
 
 results = {}
@@ -224,6 +230,9 @@ def test_library_kernels_compile_for_sm90(name, tmp_path):
         assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"
         assert r["wgmma"] or ".bwd_" in kernel or not r["wide"], f"{kernel}: no wgmma in the PTX (Hopper tensor cores unused)"
         assert r["shared"] <= 232448, f"{kernel}: {r['shared']} bytes of shared memory exceed the H100's"
+        # the solve's blocks reach its dots by address (codegen/triton/solve.py.j2): a dot operand converted from
+        # a linear layout is the shape of Triton 3.4-3.7.0's Hopper miscompile (policy/triton_faults.py)
+        assert not (r["solves"] and r["linear_dots"]), f"{kernel}: {r['linear_dots']} dot operand(s) from a linear layout"
 
 
 def test_ptxas_report_reads_registers_and_spills():

@@ -4,6 +4,11 @@ and against the repeated squaring it replaced; then a delta rule at the chunks w
 three sizes deep."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -68,3 +73,47 @@ def test_a_chunk_past_the_solve_s_merges_is_refused():
     op = effc.load("delta_net")
     with pytest.raises(SpecError, match="C <= 256 fails for C=512.*in-chunk solve"):
         check_op(op, 1, 40, 1, {"K": 16, "V": 16}, chunk=512)
+
+
+LAYOUT_SCRIPT = r"""
+import json, sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+import effc
+from effc.codegen.triton.aot import ptx_only
+helpers = effc.load("delta_net").module
+_unit_lower_inv = helpers._unit_lower_inv
+
+
+@triton.jit
+def inverse(a_ptr, x_ptr, scratch_ptr, C: tl.constexpr):
+    r = tl.arange(0, C)
+    at = r[:, None] * C + r[None, :]
+    tl.store(x_ptr + at, _unit_lower_inv(tl.load(a_ptr + at), r, C, scratch_ptr))
+
+
+found = {}
+for C in map(int, sys.argv[1:]):
+    with ptx_only():
+        k = triton.compile(triton.compiler.ASTSource(fn=inverse, signature={"a_ptr": "*fp32", "x_ptr": "*fp32",
+                           "scratch_ptr": "*fp32", "C": "constexpr"}, constexprs={"C": C}),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+    found[C] = [line.strip() for line in k.asm["ttgir"].splitlines() if "ttg.convert_layout" in line
+                and "#linear" in line.split("->")[0] and "dot_op" in line.split("->")[-1]]
+print("LAYOUTS " + json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("C", [64, 128])
+def test_no_dot_operand_of_the_solve_comes_from_a_linear_layout(C, tmp_path):
+    """Compiled for sm_90 (to TTGIR, on the CPU): splitting the register tile into halves (tl.split / tl.join)
+    fed two of C = 64's dots from Triton's linear layout, the shape of the Hopper miscompile of transposed dot
+    results that Triton 3.4-3.7.0 have (fla #640, policy/triton_faults.py); the blocks go through the scratch
+    tile instead."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"EFFC_CACHE_DIR": str(tmp_path)}
+    script = tmp_path / "layouts.py"  # @triton.jit reads its source from a file
+    script.write_text(LAYOUT_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(C)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.split("LAYOUTS ", 1)[1])[str(C)]
+    assert not found, f"C={C}: dot operands converted from a linear layout:\n" + "\n".join(found)
