@@ -14,15 +14,11 @@ import effc
 SCRIPT = r"""
 import contextlib, json, sys
 import effc
-from effc.codegen.triton.aot import compile_sm90, ptx_only
+from effc.codegen.triton.aot import compile_sm90, linear_dot_operands, ptx_only
 from effc.runtime.launch import SERIAL_STAGES
 
 SERIAL = ("walk", "summary", "bwd_scan")  # the launcher runs the chunk loops at SERIAL_STAGES
 
-
-def linear_dots(ttgir):  # dot operands converted from Triton's linear layout (what a split or transpose makes)
-    return sum("ttg.convert_layout" in line and "#linear" in line.split("->")[0] and "dot_op" in line.split("->")[-1]
-               for line in ttgir.splitlines())
 
 
 def compiled_kernels(plan, every_partition):  # the gradient kernels of the default partition, or every one
@@ -58,7 +54,8 @@ def compile_spec(spec, results):
             results[f"{name}.{kp.name}{tag}"] = {
                 "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx, "shared": shared,
                 "matmuls": any(o.kind == "matmul" for o in kp.ops), "wide": wide,
-                "solves": any(o.kind == "unit_lower_inv" for o in kp.ops), "linear_dots": linear_dots(k.asm["ttgir"])}
+                "solves": any(o.kind == "unit_lower_inv" for o in kp.ops),
+                "linear_dots": len(linear_dot_operands(k.asm["ttgir"]))}
 
 
 results = {}

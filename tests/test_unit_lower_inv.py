@@ -80,7 +80,7 @@ import json, sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 import effc
-from effc.codegen.triton.aot import ptx_only
+from effc.codegen.triton.aot import linear_dot_operands, ptx_only
 helpers = effc.load("delta_net").module
 _unit_lower_inv = helpers._unit_lower_inv
 
@@ -98,8 +98,7 @@ for C in map(int, sys.argv[1:]):
         k = triton.compile(triton.compiler.ASTSource(fn=inverse, signature={"a_ptr": "*fp32", "x_ptr": "*fp32",
                            "scratch_ptr": "*fp32", "C": "constexpr"}, constexprs={"C": C}),
                            target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
-    found[C] = [line.strip() for line in k.asm["ttgir"].splitlines() if "ttg.convert_layout" in line
-                and "#linear" in line.split("->")[0] and "dot_op" in line.split("->")[-1]]
+    found[C] = linear_dot_operands(k.asm["ttgir"])
 print("LAYOUTS " + json.dumps(found))
 """
 

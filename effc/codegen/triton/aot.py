@@ -62,6 +62,14 @@ def ptx_only():
             knobs.runtime.add_stages_inspection_hook, knobs.cache.dir = saved
 
 
+def linear_dot_operands(ttgir: str) -> list[str]:
+    """The TTGIR lines converting a tensor from Triton's linear layout (what a split, a join or a transpose of a
+    register tile makes) into a dot operand: with a dot result as the source, the shape of Triton 3.4-3.7.0's
+    Hopper miscompile (policy/triton_faults.py), which the in-chunk solve avoids (codegen/triton/solve.py.j2)."""
+    return [line.strip() for line in ttgir.splitlines() if "ttg.convert_layout" in line
+            and "#linear" in line.split("->")[0] and "dot_op" in line.split("->")[-1]]
+
+
 def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
     """`fn` for sm_90: `sig` types every argument, `const` the constexprs (those `fn` does not take dropped)."""
     const = {c: v for c, v in const.items() if c in fn.arg_names}
