@@ -1,8 +1,7 @@
 """The in-chunk inverse (I + L)^-1 (the `unit_lower_inv` tile op) alone, three ways, on a GPU: the generated
-`_unit_lower_inv` (by halves, the blocks through a scratch tile in memory), by halves in registers (the tile
-split and joined with tl.split / tl.join: the layout changes behind Triton's Hopper miscompiles of transposed
-dot results, fla #640), and by repeated squaring of the whole tile (`_unit_lower_inv_squaring`, the helper
-before codegen version 6). Tiles as the delta rule forms them (beta k k^T times the gated decay, unit-norm k);
+`_unit_lower_inv` (by halves through a scratch tile in memory, the blocks of one size as one batch), by halves
+one block at a time (codegen version 6), and by repeated squaring of the whole tile
+(`_unit_lower_inv_squaring`, the helper before codegen version 6). Tiles as the delta rule forms them (beta k k^T times the gated decay, unit-norm k);
 each way's largest error against float64 `torch.linalg.inv`, and its time over N tiles.
 
 usage: python scripts/inverse_ab.py [N_TILES] [C ...]      (default 4096 tiles = 2x8192 tokens x 16 heads / 64)
@@ -38,46 +37,42 @@ def squaring_kernel(a_ptr, x_ptr, scratch_ptr, C: tl.constexpr):
 
 
 @triton.jit
-def _row_halves(x):
-    return tl.split(tl.permute(tl.reshape(x, (2, x.shape[0] // 2, x.shape[1])), (1, 2, 0)))
+def _block(scratch, row0, col0, n: tl.constexpr, C: tl.constexpr):
+    return scratch + (row0 + tl.arange(0, n))[:, None] * C + (col0 + tl.arange(0, n))[None, :]
 
 
 @triton.jit
-def _col_halves(x):
-    return tl.split(tl.permute(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), (0, 2, 1)))
+def _one_at_a_time(a, r_C, C: tl.constexpr, scratch):
+    """By halves through the scratch tile as codegen version 6 did: one diagonal block, then one pair, at a time."""
+    tl.store(scratch + r_C[:, None] * C + r_C[None, :], tl.where(r_C[:, None] > r_C[None, :], a, 0.0))
+    tl.debug_barrier()
+    r16 = tl.arange(0, 16)
+    for i in tl.static_range(C // 16):
+        at = _block(scratch, i * 16, i * 16, 16, C)
+        inverse = _unit_lower_inv_squaring(tl.load(at), r16, 16)
+        tl.debug_barrier()
+        tl.store(at, inverse)
+    tl.debug_barrier()
+    for level in tl.static_range(4, C.bit_length() - 1):
+        n: tl.constexpr = 1 << level
+        for p in tl.static_range(C // (2 * n)):
+            top, bottom = 2 * p * n, 2 * p * n + n
+            x11 = tl.load(_block(scratch, top, top, n, C))
+            l21 = tl.load(_block(scratch, bottom, top, n, C))
+            x22 = tl.load(_block(scratch, bottom, bottom, n, C))
+            x21 = -tl.dot(tl.dot(x22, l21, input_precision=FP32_PRECISION), x11, input_precision=FP32_PRECISION)
+            tl.debug_barrier()
+            tl.store(_block(scratch, bottom, top, n, C), x21)
+        tl.debug_barrier()
+    return tl.load(scratch + r_C[:, None] * C + r_C[None, :])
 
 
 @triton.jit
-def _join_rows(top, bottom):
-    return tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (2 * top.shape[0], top.shape[1]))
-
-
-@triton.jit
-def _join_cols(left, right):
-    return tl.reshape(tl.permute(tl.join(left, right), (0, 2, 1)), (left.shape[0], 2 * left.shape[1]))
-
-
-@triton.jit
-def _in_registers(a, r_C, C: tl.constexpr):
-    if C <= 16:
-        x = _unit_lower_inv_squaring(a, r_C, C)
-    else:
-        top, bottom = _row_halves(a)
-        a11, _ = _col_halves(top)
-        a21, a22 = _col_halves(bottom)
-        r_half = tl.arange(0, C // 2)
-        x11 = _in_registers(a11, r_half, C // 2)
-        x22 = _in_registers(a22, r_half, C // 2)
-        x21 = -tl.dot(tl.dot(x22, a21, input_precision=FP32_PRECISION), x11, input_precision=FP32_PRECISION)
-        x = _join_rows(_join_cols(x11, tl.zeros_like(x11)), _join_cols(x21, x22))
-    return x
-
-
-@triton.jit
-def registers_kernel(a_ptr, x_ptr, scratch_ptr, C: tl.constexpr):
+def one_at_a_time_kernel(a_ptr, x_ptr, scratch_ptr, C: tl.constexpr):
     r = tl.arange(0, C)
     at = tl.program_id(0).to(tl.int64) * C * C + r[:, None] * C + r[None, :]
-    tl.store(x_ptr + at, _in_registers(tl.load(a_ptr + at), r, C))
+    scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * C * C
+    tl.store(x_ptr + at, _one_at_a_time(tl.load(a_ptr + at), r, C, scratch))
 
 
 def delta_rule_tiles(n: int, C: int, K: int = 128) -> torch.Tensor:
@@ -95,7 +90,7 @@ def main():
         a = delta_rule_tiles(n, C)
         ref = torch.linalg.inv(torch.eye(C, device="cuda", dtype=torch.float64) + a.double())
         scratch = torch.empty_like(a)
-        for name, kernel in (("generated", generated_kernel), ("registers", registers_kernel),
+        for name, kernel in (("generated", generated_kernel), ("one block", one_at_a_time_kernel),
                              ("squaring", squaring_kernel)):
             x = torch.empty_like(a)
             try:
