@@ -105,3 +105,24 @@ def test_python_front_end_gives_the_library_spec():
 
     text = (LIBRARY_DIR / "infllm_v2.attn").read_text()
     assert parse_function(infllm_v2).specs[0].stages == parse(text).specs[0].stages
+
+
+def test_a_shared_choice_is_stored_once_per_head_group(monkeypatch):
+    """The group's choice (its lists and each query's chosen blocks) is one row per head group, not one per
+    head: 4 query heads on 1 key head store a quarter of what a choice per head would; the walks read the
+    group's row, so the output still matches the reference."""
+    from effc.runtime import softmax_op
+    made = []
+    real = softmax_op.selection_buffers
+    monkeypatch.setattr(softmax_op, "selection_buffers", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    op = _op()
+    xs = [x.detach() for x in _inputs(70, 4, 1, seed=3, B=2)]
+    o, _ = op(*xs, chunk=16)
+    assert made, "the select stage ran"
+    lists = made[-1]
+    assert lists["GROUP"] == 4
+    assert lists["sel_ptr"].shape[:3] == (2, 70, 1), lists["sel_ptr"].shape
+    for name in ("qmap_ptr", "qlist_ptr", "qcnt_ptr"):
+        assert lists[name].shape[0] == 2 * 1, (name, lists[name].shape)
+    ref, _ = op.reference(*xs)
+    assert judge_fp32(o, ref).ok, judge_fp32(o, ref)

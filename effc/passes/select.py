@@ -48,13 +48,13 @@ Lowering (passes.softmax_plan, codegen.triton.select_emit), all on the device, d
                scores each chunk again and writes the blocks whose key reaches the cut-off. An uncapped
                threshold needs no list (one pass of a comparison); an uncapped topp holds one tile
                [BM, NBP] over every key block and sorts it (its prefix has no bound). Shared: the group's
-               first head's program sums the group's scores and stores for every head of the group (the
-               others return)
-               -> `sel` [tokens, H, KP] (block indices, -1 pads), the query block's union as an ordered
-               list `qlist` [BH, NQB, NKB] + count `qcnt`, and its row of the block map `qmap` [BH, NQB, NKB]
-               (uint8: how many of the query block's tokens took the key block)
-    transpose  per (key block, b*h): the column of `qmap` compacted: the query blocks that walk it
-               (`klist` [BH, NKB, NQBP] + `kcnt`): the dK/dV walk's list; `ktok` the tokens that took it
+               first head's program sums the group's scores and stores the group's choice once (the others
+               return; every list has a row per group of GROUP heads, GROUP = 1 unless shared)
+               -> `sel` [tokens, H / GROUP, KP] (block indices, -1 pads), the query block's union as an
+               ordered list `qlist` [B.H / GROUP, NQB, NKB] + count `qcnt`, and its row of the block map
+               `qmap` [B.H / GROUP, NQB, NKB] (uint8: how many of the query block's tokens took the key block)
+    transpose  per (key block, head group): the column of `qmap` compacted: the query blocks that walk it
+               (`klist` [B.H / GROUP, NKB, NQBP] + `kcnt`): the dK/dV walk's list; `ktok` the tokens that took it
     walks      forward and dQ iterate their query block's `qlist`; dK/dV its key block's `klist`, a long
                list split over programs with a second launch summing the segments in order
                (passes.softmax_plan.KEY_SPLIT)

@@ -285,15 +285,15 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
                  "bwd_dkv": ["tmask_ptr", "klist_ptr", "kcnt_ptr"] + _SPLIT_TENSORS,
                  "select": ["tmask_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr", "tidx_ptr", "tcnt_ptr"],
                  "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr", "ktok_ptr"]}[name]
-        tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP"],
+        tiles = {"select": ["KTOP", "NW", "GROUP", "SB", "PG"], "select_t": ["NQBP", "GROUP"],
                  "bwd_dkv": ["NW", "GROUP", "BQ"] + _SPLIT_TILES}.get(name, ["NW", "GROUP"])
         layout = ["NQB", "NKB"] + layout + (_SPLIT_LAYOUT if name == "bwd_dkv" else [])
         return lists, layout, tiles, (["INDICES"] if name == "select" else []) + flags
     if name == "bwd_dkv_rows":  # the query blocks listing the key block, and how many of their tokens took it
         return (["sel_ptr", "klist_ptr", "qmap_ptr", "ktok_ptr"] + _SPLIT_TENSORS,
-                ["NQB", "NKB"] + _SPLIT_LAYOUT, ["KP", "G", "BQ", "NQBP"] + _SPLIT_TILES, [])
+                ["NQB", "NKB"] + _SPLIT_LAYOUT, ["KP", "G", "BQ", "NQBP", "GROUP"] + _SPLIT_TILES, [])
     if name.endswith("_rows"):  # each row's chosen blocks, read from the per-token choice
-        return ["sel_ptr"], layout, ["KP", "KTOP", "G"], flags
+        return ["sel_ptr"], layout, ["KP", "KTOP", "G", "GROUP"], flags
     pools = [f"{p.out}_pool_ptr" for p in sched.select.pools]
     lists = {"bwd_dkv": ["sel_ptr", "klist_ptr", "kcnt_ptr"] + _SPLIT_TENSORS,
              "fwd": ["sel_ptr", "qlist_ptr", "qcnt_ptr"],
@@ -301,9 +301,9 @@ def _select_args(sched: SoftmaxSchedule, name: str) -> tuple[list, list, list, l
              "select": pools + ["sel_ptr", "qmap_ptr", "qlist_ptr", "qcnt_ptr"],
              "select_t": ["qmap_ptr", "klist_ptr", "kcnt_ptr", "ktok_ptr"]}[name]
     width = "CB" if sched.select.streamed else "NBP"  # a chunk of key blocks, or every one (passes.select)
-    select = [width, "KTOP", "KP"] + (["GROUP"] if sched.select.selection.shared else [])
-    tiles = {"select_pool": [], "select": select, "select_t": ["NQBP"],
-             "bwd_dkv": ["KP", "BQ"] + _SPLIT_TILES}.get(name, ["KP"])
+    # GROUP: the heads sharing a choice (1 unless shared), whose lists are stored once (a row per group)
+    tiles = {"select_pool": [], "select": [width, "KTOP", "KP", "GROUP"], "select_t": ["NQBP", "GROUP"],
+             "bwd_dkv": ["KP", "BQ", "GROUP"] + _SPLIT_TILES}.get(name, ["KP", "GROUP"])
     return lists, ["NQB", "NKB"] + layout + (_SPLIT_LAYOUT if name == "bwd_dkv" else []), tiles, flags
 
 

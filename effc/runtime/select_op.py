@@ -19,7 +19,8 @@ def _pow2(n: int, least: int) -> int:
 def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int, H: int, leaves,
                       transpose: bool, query_rows: int | None = None) -> dict:
     """Launch the select stage's kernels for one call; returns the buffers and sizes the walks take
-    (sel, qlist, qcnt and, with `transpose`, klist, kcnt; NQB, NKB, KP). `query_rows`: the rows computed per
+    (sel, qlist, qcnt and, with `transpose`, klist, kcnt; NQB, NKB, KP, GROUP), a row of each per group of
+    GROUP heads sharing a choice. `query_rows`: the rows computed per
     sequence when not all of them (decoding's new tokens). A choice of key tokens walked with head rows
     (`cfg.head_rows`) also gets each query's chosen keys, `tidx` [tokens, H / GROUP, KTOP] and their count
     `tcnt`, which those walks gather."""
@@ -34,8 +35,8 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
     slots = sel.selection.slots or n_kb
     sizes = dict(NQB=n_qb, NKB=n_kb, NBP=_pow2(n_kb, 16), NQBP=_pow2(n_qb, 16), KTOP=slots, KP=_pow2(slots, 2),
                  CB=select_chunk(bm, n_kb, interpreting()))
-    if sel.selection.shared or sel.per_token:
-        sizes["GROUP"] = head_group(op.spec, dict(zip(op.sched.leaves, leaves)), H) if sel.selection.shared else 1
+    # the heads sharing a choice: their lists are stored once, a row per group (1: a choice per head)
+    sizes["GROUP"] = head_group(op.spec, dict(zip(op.sched.leaves, leaves)), H) if sel.selection.shared else 1
     if sel.per_token:  # topk's k or a cap in tokens; an uncapped threshold takes no count
         # the search scores the keys a block at a time, as the last pass does: each key's score is then the same
         # product in every pass, bit for bit (a product of another width may round differently: numpy's BLAS
@@ -59,10 +60,11 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
         out.update(INDICES=gather, tidx_ptr=torch.empty(lists + (sizes["KTOP"],) if gather else (1,), **i32),
                    tcnt_ptr=torch.empty(lists if gather else (1,), **i32))
     else:
-        out.update(sel_ptr=torch.empty(rows + (H, sizes["KP"]), **i32))
+        out.update(sel_ptr=torch.empty(rows + (H // sizes["GROUP"], sizes["KP"]), **i32))
     # the block map counts the query block's tokens that took a key block (a choice of tokens: flags them)
-    out.update(qmap_ptr=torch.zeros((n_bh, n_qb, n_kb), dtype=torch.uint8, device=device),
-               qlist_ptr=torch.empty((n_bh, n_qb, n_kb), **i32), qcnt_ptr=torch.zeros((n_bh, n_qb), **i32))
+    n_lists = n_seq * (H // sizes["GROUP"])  # a row per head group, as `sel`
+    out.update(qmap_ptr=torch.zeros((n_lists, n_qb, n_kb), dtype=torch.uint8, device=device),
+               qlist_ptr=torch.empty((n_lists, n_qb, n_kb), **i32), qcnt_ptr=torch.zeros((n_lists, n_qb), **i32))
     values = {**named, **out}
     step = (bm, sb) + tuple(cfg.fwd[2:])
     kernel_meta = {**meta, "BM": bm, "BN": sb}
@@ -70,8 +72,8 @@ def selection_buffers(op, cfg, named: dict, meta: dict, n_seq: int, longest: int
         op._launch("select_pool", step, n_kb, n_bh, values, kernel_meta)
     op._launch("select", step, n_qb, n_bh, values, kernel_meta)
     if transpose:
-        out.update(klist_ptr=torch.empty((n_bh, n_kb, n_qb), **i32), kcnt_ptr=torch.zeros((n_bh, n_kb), **i32),
-                   ktok_ptr=torch.zeros((n_bh, n_kb), **i32))
+        out.update(klist_ptr=torch.empty((n_lists, n_kb, n_qb), **i32), kcnt_ptr=torch.zeros((n_lists, n_kb), **i32),
+                   ktok_ptr=torch.zeros((n_lists, n_kb), **i32))
         op._launch("select_t", step, n_kb, n_bh, {**values, **out}, kernel_meta)
     return out
 
@@ -99,7 +101,7 @@ def kernel_choice(op, tensors, cu_seqlens=None, chunk: int | None = None, **para
     bufs = selection_buffers(op, cfg, named, meta, n_seq, longest, H, leaves, transpose=False)
     if op.sched.select.per_token:
         return _chosen_tokens(bufs, op.sched.select.block)
-    sel = bufs["sel_ptr"].long()
+    sel = bufs["sel_ptr"].long().repeat_interleave(bufs["GROUP"], dim=-2)  # a row per head group -> per head
     nb = bufs["NKB"]
     chosen = torch.zeros(sel.shape[:3] + (nb + 1,), dtype=torch.bool, device=sel.device)
     return chosen.scatter(-1, torch.where(sel < 0, nb, sel), True)[..., :nb]

@@ -9,7 +9,8 @@ from ...passes.blocksparse import NEG, POS, triton_expr
 from ...passes.softmax import SoftmaxSchedule
 from ...passes.softmax_plan import SoftmaxPlan
 from . import softmax_emit
-from .softmax_emit import KernelView, Leaf, SoftmaxPrinter, _bounds, _feats, _kbos, kernel_name, token_bits
+from .softmax_emit import (KernelView, Leaf, SoftmaxPrinter, _bounds, _feats, _kbos, kernel_name, list_row, sel_row,
+                           token_bits)
 
 _NEG = '-float("inf")'
 
@@ -193,15 +194,20 @@ def _masses(g: str, value: str) -> list[str]:
     return lines
 
 
+# where the select kernel writes a query's list and the query block's union: once per head group (a shared
+# choice is the group's first head's: _GROUP_LEADER)
+_PER_TOKEN = f"sel_ptr + {sel_row('qbos + r_M[:, None]')} * KP"
+_UNION = f"({list_row()} * NQB + pid) * NKB"
+
+
 def _stores() -> list[str]:
-    per_token = "sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP"
-    return [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
-            f"tl.store({per_token} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
+    return [f"tl.store({_PER_TOKEN} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
+            f"tl.store({_PER_TOKEN} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
             "mask=qv[:, None] & (r_J[None, :] >= n_ch[:, None]))",
-            "tl.store(qmap_ptr + (i_bh * NQB + pid) * NKB + r_B, tl.sum(ci, 0).to(tl.uint8), mask=bv)  # tokens taking it",
+            f"tl.store(qmap_ptr + {_UNION} + r_B, tl.sum(ci, 0).to(tl.uint8), mask=bv)  # tokens taking it",
             "pos = tl.cumsum(row, 0) - 1  # the union in increasing block order",
-            "tl.store(qlist_ptr + (i_bh * NQB + pid) * NKB + pos, r_B, mask=row > 0)",
-            "tl.store(qcnt_ptr + i_bh * NQB + pid, tl.sum(row, 0))"]
+            f"tl.store(qlist_ptr + {_UNION} + pos, r_B, mask=row > 0)",
+            f"tl.store(qcnt_ptr + {list_row()} * NQB + pid, tl.sum(row, 0))"]
 
 
 def _whole(sched: SoftmaxSchedule, kp, value: str) -> list[str]:
@@ -215,8 +221,6 @@ def _whole(sched: SoftmaxSchedule, kp, value: str) -> list[str]:
     lines += _ordered(selection, value) + ["ci = chosen.to(tl.int32)", "n_ch = tl.sum(ci, 1)",
                                            "slot = tl.cumsum(ci, 1) - 1  # each query's list in increasing block order",
                                            "r_J = tl.arange(0, KP)", "row = tl.max(ci, 0)"]
-    if selection.shared:  # every head of the group walks the group's choice
-        return lines + ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + _stores())
     return lines + _stores()
 
 
@@ -296,17 +300,12 @@ def _write(sched: SoftmaxSchedule, kp) -> list[str]:
         choose = f"chosen = {_at_least(value)}"
     else:
         choose = "chosen = key >= cut[:, None]"
-    per_token = "sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP"
-    base = "(i_bh * NQB + pid) * NKB"
-    stores = [f"tl.store({per_token} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
-              f"tl.store(qmap_ptr + {base} + r_B, tl.sum(ci, 0).to(tl.uint8), mask=bv)  # tokens taking it",
-              f"tl.store(qlist_ptr + {base} + pos, r_B, mask=row > 0)"]
-    ends = [f"tl.store({per_token} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
+    stores = [f"tl.store({_PER_TOKEN} + slot, r_B[None, :] + 0 * slot, mask=qv[:, None] & chosen)",
+              f"tl.store(qmap_ptr + {_UNION} + r_B, tl.sum(ci, 0).to(tl.uint8), mask=bv)  # tokens taking it",
+              f"tl.store(qlist_ptr + {_UNION} + pos, r_B, mask=row > 0)"]
+    ends = [f"tl.store({_PER_TOKEN} + r_J[None, :], tl.full([BM, KP], -1, tl.int32), "
             "mask=qv[:, None] & (r_J[None, :] >= n_ch[:, None]))",
-            "tl.store(qcnt_ptr + i_bh * NQB + pid, n_union)"]
-    if selection.shared:  # every head of the group walks the group's choice
-        stores = ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + stores)
-        ends = ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + ends)
+            f"tl.store(qcnt_ptr + {list_row()} * NQB + pid, n_union)"]
     body = _chunk(sched, kp) + [
         choose, "ci = chosen.to(tl.int32)",
         "slot = n_ch[:, None] + tl.cumsum(ci, 1) - 1  # each query's list in increasing block order",
@@ -393,13 +392,9 @@ def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
                   "chosen = valid & ((u > t[:, None]) | ((tie > 0) & (ties[:, None] + tl.cumsum(tie, 1) <= "
                   "need[:, None])))",
                   "ties += tl.sum(tie, 1)"]
-    base = "(i_bh * NQB + pid) * NKB"
-    union = [f"tl.store(qmap_ptr + {base} + kb, row.to(tl.uint8))",
-             f"tl.store(qlist_ptr + {base} + n_union, kb, mask=row > 0)"]
-    count = [f"tl.store(qcnt_ptr + i_bh * NQB + pid, n_union)"]
-    if selection.shared:  # every head of the group walks the group's choice
-        union = ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + union) + _heads("i_h0")
-        count = ["for hh in tl.static_range(GROUP):"] + _indent(_heads("i_h0 + hh") + count)
+    union = [f"tl.store(qmap_ptr + {_UNION} + kb, row.to(tl.uint8))",
+             f"tl.store(qlist_ptr + {_UNION} + n_union, kb, mask=row > 0)"]
+    count = [f"tl.store(qcnt_ptr + {list_row()} * NQB + pid, n_union)"]
     words = ["for w in tl.static_range(NW):",
              f"    tl.store(tmask_ptr + {token_bits('kb')} + w, tl.sum(tl.where((r_bit // 32)[None, :] == w, "
              "packed, 0), 1), mask=qv)"]
@@ -436,8 +431,7 @@ def _select(sched: SoftmaxSchedule, kp) -> KernelView:
     """Per query block (per group's first head, shared): the score of each key block, forced blocks at +inf
     and non-candidates at -inf, then the criterion (passes.select: a running top-k over chunks of key
     blocks and a cut-off key, or an uncapped topp over one sorted tile); stores the per-token choice, the
-    union as an ordered list with its count, and the union's row of the block map (for each head of the
-    group)."""
+    union as an ordered list with its count, and the union's row of the block map (once per head group)."""
     sel = sched.select
     kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "q", walk=False)
     lines = ["n_kb = tl.cdiv(T_seq, BN)", "qblock_f = (r_M // BN).to(tl.float32)[:, None]"]
@@ -454,13 +448,14 @@ def _select_t(sched: SoftmaxSchedule, kp) -> KernelView:
     took it (no atomics: one program reads the block map's column, which counts the tokens of a choice of
     blocks, flags a choice of tokens)."""
     kv = KernelView(kp.name, kernel_name(sched.spec.name, kp.name), "k", walk=False)
-    kv.pre_lines = ["r_Q = tl.arange(0, NQBP)",
-                    "col = tl.load(qmap_ptr + (i_bh * NQB + r_Q) * NKB + pid, mask=r_Q < tl.cdiv(T_seq, BM), "
-                    "other=0).to(tl.int32)",
-                    "pos = tl.cumsum((col > 0).to(tl.int32), 0) - 1",
-                    "tl.store(klist_ptr + (i_bh * NKB + pid) * NQB + pos, r_Q, mask=col > 0)",
-                    "tl.store(kcnt_ptr + i_bh * NKB + pid, tl.sum((col > 0).to(tl.int32), 0))",
-                    "tl.store(ktok_ptr + i_bh * NKB + pid, tl.sum(col, 0))  # the tokens taking it (a choice of blocks)"]
+    row = list_row()
+    kv.pre_lines = list(_GROUP_LEADER[:2]) + [
+        "r_Q = tl.arange(0, NQBP)",
+        f"col = tl.load(qmap_ptr + ({row} * NQB + r_Q) * NKB + pid, mask=r_Q < tl.cdiv(T_seq, BM), other=0).to(tl.int32)",
+        "pos = tl.cumsum((col > 0).to(tl.int32), 0) - 1",
+        f"tl.store(klist_ptr + ({row} * NKB + pid) * NQB + pos, r_Q, mask=col > 0)",
+        f"tl.store(kcnt_ptr + {row} * NKB + pid, tl.sum((col > 0).to(tl.int32), 0))",
+        f"tl.store(ktok_ptr + {row} * NKB + pid, tl.sum(col, 0))  # the tokens taking it (a choice of blocks)"]
     return kv
 
 

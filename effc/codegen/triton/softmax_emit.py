@@ -329,11 +329,23 @@ def _keep(sched: SoftmaxSchedule) -> str:
     return "keep = " + " & ".join(parts)
 
 
+def list_row(head: str = "i_h", seq: str = "i_b") -> str:
+    """The row of the select stage's per-sequence lists (qmap, qlist, qcnt, klist, kcnt, ktok) for query head
+    `head`: one per head group (GROUP heads share a choice: passes.select's `shared`; GROUP = 1 without it), so a
+    group's lists are stored once, not once per head."""
+    return f"({seq} * (H // GROUP) + {head} // GROUP)"
+
+
+def sel_row(token: str, head: str = "i_h") -> str:
+    """The row of `sel` (each query token's chosen blocks, KP a row) for `token` and query head `head`."""
+    return f"(({token}) * (H // GROUP) + {head} // GROUP)"
+
+
 # the select stage's lists (passes.select): `sel` holds each query token's chosen blocks (-1 pads), KP a row
-_SEL_LOAD = ("sel_q = tl.load(sel_ptr + ((qbos + r_M[:, None]) * H + i_h) * KP + tl.arange(0, KP)[None, :], "
+_SEL_LOAD = (f"sel_q = tl.load(sel_ptr + {sel_row('qbos + r_M[:, None]')} * KP + tl.arange(0, KP)[None, :], "
              "mask=qv[:, None], other=-1)")
 # with head rows: each row's own head
-_SEL_LOAD_ROWS = ("sel_q = tl.load(sel_ptr + ((qbos + t_M) * H + h_M)[:, None] * KP + tl.arange(0, KP)[None, :], "
+_SEL_LOAD_ROWS = (f"sel_q = tl.load(sel_ptr + {sel_row('qbos + t_M', 'h_M')}[:, None] * KP + tl.arange(0, KP)[None, :], "
                   "mask=qv[:, None], other=-1)")
 
 
@@ -366,32 +378,32 @@ def _listed(sched: SoftmaxSchedule, kv: KernelView, outer: str) -> None:
         kv.gathered = True
         own = ["chosen = qv[:, None] & kv[None, :]"]
     elif kv.head_rows and outer == "k":  # the group's first head's list of query blocks; rows all took the block
-        kv.list_lines = ["list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB",
+        kv.list_lines = [f"list_base = klist_ptr + ({list_row()} * NKB + pid) * NQB",
                          "r_T = tl.arange(0, NQBP)",
-                         "took_n = tl.load(qmap_ptr + ((i_b * H + i_h) * NQB + r_T) * NKB + pid, mask=r_T < NQB, "
+                         f"took_n = tl.load(qmap_ptr + ({list_row()} * NQB + r_T) * NKB + pid, mask=r_T < NQB, "
                          "other=0).to(tl.int32)  # each query block's tokens that took the key block",
                          "took_end = tl.cumsum(took_n, 0)",
                          "# the listed query blocks holding the units [u_lo, u_hi) (tokens, in list order)",
                          "e_lo = tl.sum(tl.where((took_n > 0) & (took_end <= u_lo), 1, 0), 0)",
                          "e_hi = tl.sum(tl.where((took_n > 0) & (took_end - took_n < u_hi), 1, 0), 0)"]
-        _split(kv, ["units = " + _UNITS.format(units="ktok_ptr", row="(i_b * H + i_h)")])
+        _split(kv, ["units = " + _UNITS.format(units="ktok_ptr", row=list_row())])
         own = ["chosen = qv"]
     elif kv.head_rows:  # the loop reads each token's row of `sel` (softmax.py.j2); with one token a program
         # (a shared choice, G >= 16) its rows all chose the block
         kv.list_lines = [_SEL_LOAD_ROWS]
         own = [f"chosen = (tl.sum(tl.where(sel_q == {block}, 1, 0), 1) > 0) if BM // G > 1 else qv"]
     elif outer == "q":
-        kv.list_lines = ([] if tokens else [_SEL_LOAD]) + ["n_sel = tl.load(qcnt_ptr + i_bh * NQB + pid)",
-                                                            "list_base = qlist_ptr + (i_bh * NQB + pid) * NKB"]
+        kv.list_lines = ([] if tokens else [_SEL_LOAD]) + [f"n_sel = tl.load(qcnt_ptr + {list_row()} * NQB + pid)",
+                                                            f"list_base = qlist_ptr + ({list_row()} * NQB + pid) * NKB"]
     else:  # the program's units count every query head of its group (head_loop), each head's list in turn
-        kv.list_lines = ["n_g = tl.load(kcnt_ptr + (i_b * H + i_h) * NKB + pid)  # this head's list",
+        kv.list_lines = [f"n_g = tl.load(kcnt_ptr + {list_row()} * NKB + pid)  # this head's list",
                          "g_lo = tl.minimum(tl.maximum(u_lo - g_base, 0), n_g)",
                          "g_hi = tl.minimum(tl.maximum(u_hi - g_base, 0), n_g)",
                          "g_base += n_g",
-                         "list_base = klist_ptr + ((i_b * H + i_h) * NKB + pid) * NQB"]
+                         f"list_base = klist_ptr + ({list_row()} * NKB + pid) * NQB"]
         _split(kv, ["units = tl.zeros([NBP], tl.int32)",
                     "for i_g in tl.range(0, GQ):",
-                    "    units += " + _UNITS.format(units="kcnt_ptr", row="(i_b * H + i_h + i_g)")])
+                    "    units += " + _UNITS.format(units="kcnt_ptr", row=list_row("(i_h + i_g)"))])
         own = ([] if tokens else [_SEL_LOAD]) + own
     kv.body[True] = own + kv.body[True]
 
