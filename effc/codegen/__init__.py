@@ -7,7 +7,7 @@ import jinja2
 # Bump when generated kernels change in a way that can change which tile configuration is fastest
 # (loop structure, what is kept on chip, how loads are issued): tuned configurations recorded under an
 # older version are then ignored, and `effc tune` records new ones.
-CODEGEN_VERSION = 7  # 7: the in-chunk inverse's blocks of one size as one batch; 6: the in-chunk inverse by halves; 5: transposes of matmul results computed as transposed matmuls (passes.transpose_sink); 2: per-block adjoint histories, padded rows masked at overflowing ops, 16-bit dO in softmax bwd; 3: CSE, tf32x3 in-chunk inverse; 4: hoisted solves (prep), deferred merge (out)
+CODEGEN_VERSION = 8  # 8: serial loops load vectors and injected terms a chunk ahead; 7: the in-chunk inverse's blocks of one size as one batch; 6: the in-chunk inverse by halves; 5: transposes of matmul results computed as transposed matmuls (passes.transpose_sink); 2: per-block adjoint histories, padded rows masked at overflowing ops, 16-bit dO in softmax bwd; 3: CSE, tf32x3 in-chunk inverse; 4: hoisted solves (prep), deferred merge (out)
 
 
 @lru_cache(maxsize=None)

@@ -2,6 +2,7 @@
 tensor's declared dims; the body is one printed line per IR op."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from ...ir.nodes import TensorDecl
@@ -87,6 +88,8 @@ class _KernelView:
     state_store: dict[str, str] = field(default_factory=dict)
     hoisted_load: dict[str, str] = field(default_factory=dict)
     hoisted_store: dict[str, str] = field(default_factory=dict)
+    # a serial loop's loads issued a chunk ahead (_prefetches): name -> the load of the next chunk's tile
+    prefetch: dict[str, str] = field(default_factory=dict)
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -139,6 +142,39 @@ def _block_loop(plan: Plan, kp, printer: TritonPrinter) -> dict:
         after=[f"v_{op.out} = {printer.expr(op)}" for op in loop.after],
         grads=[(x, g) for x, g in kp.grads if not has(x.feature_dims)],
         loop_grads=[(x, g) for x, g in kp.grads if has(x.feature_dims)])
+
+
+SERIAL_ROLES = ("walk", "summary", "bwd_scan")
+_NEXT = {"tok": "tok_n", "tv": "tv_n", "i_c": "i_n"}
+
+
+def _next_chunk(expr: str) -> str:
+    """An offset or mask expression of the current chunk, of the next one instead."""
+    return re.sub(r"\b(tok|tv|i_c)\b", lambda m: _NEXT[m.group(1)], expr)
+
+
+def _prefetches(kp, view, spec, split: str | None) -> dict[str, str]:
+    """The loads a serial loop (walk, summary, adjoint scan) issues one chunk ahead, so that the chunk's work
+    does not wait on them: Triton's pipeliner carries the tiles that feed a dot over iterations, but leaves a
+    per-token vector (a gate, beta) and the scan's injected terms (added, not multiplied) loaded in the
+    iteration that uses them, and a serial loop has nothing else to run meanwhile. The next chunk is i_n
+    (tok_n, tv_n); past the segment's end the load is masked off."""
+    if kp.role not in SERIAL_ROLES:
+        return {}
+    out = {}
+    for d in kp.loads:
+        if not d.feature_dims:
+            out[d.name] = (f"tl.load({d.name}_ptr + {_next_chunk(view.tok_offs[d.name])}, "
+                           f"mask={_next_chunk(view.tok_mask[d.name])}, other=0.0)")
+    if kp.role == "bwd_scan":
+        dims = {st.name: st.dims for st in spec.states}
+        for s, x in kp.injected:
+            fm = feature_mask(list(dims[s]), split)
+            chunk = f"(tl.zeros({view.state_block[s]}, tl.int64) + i_n)"  # the tile's shape: a mask of it, no scalar
+            whole = f"({chunk} >= c_lo) & ({chunk} < c_hi)"
+            mask = whole if fm is None else f"({whole} & {fm[0]} if {fm[1]} else {whole})"
+            out[x] = f"tl.load({s}_inj_ptr + {_next_chunk(view.dhist_offs[s])}, mask={mask}, other=0.0)"
+    return out
 
 
 def _scratch_stores(kp) -> tuple:
@@ -215,6 +251,7 @@ def emit_module(plan: Plan) -> str:
             view.dhist_offs[s.name] = _row_major(
                 f"((c_base + i_c) * H + i_h) * tl.cdiv({split}, BLOCK) + pid_s" if partial else "(c_base + i_c) * H + i_h",
                 s.dims)
+        view.prefetch = _prefetches(kp, view, spec, split)
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
