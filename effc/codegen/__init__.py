@@ -1,4 +1,5 @@
 """Kernel plan -> source. One printer per backend; none knows a mechanism, only tile ops."""
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -7,7 +8,46 @@ import jinja2
 # Bump when generated kernels change in a way that can change which tile configuration is fastest
 # (loop structure, what is kept on chip, how loads are issued): tuned configurations recorded under an
 # older version are then ignored, and `effc tune` records new ones.
-CODEGEN_VERSION = 8  # 8: serial loops load vectors and injected terms a chunk ahead; 7: the in-chunk inverse's blocks of one size as one batch; 6: the in-chunk inverse by halves; 5: transposes of matmul results computed as transposed matmuls (passes.transpose_sink); 2: per-block adjoint histories, padded rows masked at overflowing ops, 16-bit dO in softmax bwd; 3: CSE, tf32x3 in-chunk inverse; 4: hoisted solves (prep), deferred merge (out)
+CODEGEN_VERSION = 9  # 9: tile loads at their first reader (chunk-parallel kernels); 8: serial loops load vectors and injected terms a chunk ahead; 7: the in-chunk inverse's blocks of one size as one batch; 6: the in-chunk inverse by halves; 5: transposes of matmul results computed as transposed matmuls (passes.transpose_sink); 2: per-block adjoint histories, padded rows masked at overflowing ops, 16-bit dO in softmax bwd; 3: CSE, tf32x3 in-chunk inverse; 4: hoisted solves (prep), deferred merge (out)
+
+
+_LOAD = re.compile(r"^\s*(v_\w+) = tl\.load\(")
+
+
+def at_first_use(block: str, move: bool = True) -> str:
+    """A block of generated lines with each tile load (`v_x = tl.load(...)`) moved down to just before the first
+    line that reads `v_x`: a tile loaded at the top of a loop body stays live in registers through every line
+    before its use (gated_delta_net's bwd_sums spilled 784 B a thread on sm_90 with its loads at the top of
+    its loop over V, 140 B with each at its first use). Loads only move down, past lines that neither read
+    their value nor define what their address reads, so the block computes the same. `move`: False leaves
+    the block as it is."""
+    if not move:
+        return block
+    out: list[str] = []
+    waiting: list[tuple[str, str]] = []  # (name, load line), in their order, not yet placed
+    indent = lambda line: len(line) - len(line.lstrip())
+    for line in block.split("\n"):
+        m = _LOAD.match(line)
+        if m:
+            waiting.append((m.group(1), line))
+            continue
+        defined = re.match(r"^\s*(\w+)\s*=", line)
+        ended = [w for w in waiting if line.strip() and indent(line) < indent(w[1])]
+        out += [load for _, load in ended]  # their block ends here, unread in it: placed at its end
+        waiting = [w for w in waiting if w not in ended]
+        for name, load in list(waiting):
+            if re.search(rf"\b{name}\b", line) or (  # read here, or what its address reads is redefined
+                    defined is not None and re.search(rf"\b{defined.group(1)}\b", load.split("=", 1)[1])):
+                # inside a nested block: above the line that opened it, at the load's own depth
+                at = len(out)
+                while at > 0 and indent(line) > indent(load) and indent(out[at - 1]) > indent(load):
+                    at -= 1
+                out.insert(at - 1 if indent(line) > indent(load) and at > 0 else at, load)
+            else:
+                continue
+            waiting.remove((name, load))
+        out.append(line)
+    return "\n".join(out + [ld for _, ld in waiting])
 
 
 @lru_cache(maxsize=None)
@@ -15,6 +55,7 @@ def template(module_file: str, name: str) -> jinja2.Template:
     """The Jinja template `name` beside the module `module_file` (pass `__file__`), loaded once."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(module_file).parent),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["at_first_use"] = at_first_use
     return env.get_template(name)
 
 

@@ -255,5 +255,5 @@ def emit_module(plan: Plan) -> str:
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
-                              split=split, summary=summary,
+                              split=split, summary=summary, serial_roles=SERIAL_ROLES,
                               helpers=helper_source(op for kp in plan.kernels for op in kp.ops))
