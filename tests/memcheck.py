@@ -84,7 +84,9 @@ def checked_memory(races: bool = False):
         if state["spans"] is None:
             return
         starts, ends, names = state["spans"]
-        keep = np.broadcast_to(mask.data, ptrs.data.shape)
+        # a mask the interpreter holds as integers (a vector & a 0-d flag gives int32 there) selects by its
+        # truth, not as indices
+        keep = np.broadcast_to(mask.data.astype(bool), ptrs.data.shape)
         p = ptrs.data[keep].astype(np.uint64).ravel()
         if p.size == 0:
             return
