@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (see ../shared/device/README.md). Writes logs under $OUT.
-#   scripts/gpu.sh setup          # once per machine: wheels carried in .device/wheels-{a,c} (TileLang: b and d)
+#   scripts/gpu.sh setup          # once per machine: wheels carried in .device/wheels-{a,c} (TileLang: b and d, or
+#                                 # .device/tlbundle.tar.xz from scripts/tilelang_bundle.sh beside a and c)
 #   scripts/gpu.sh test [FILE] [PYTEST ARGS]  # GPU test suite (bf16 accuracy), or one file of it
 #   scripts/gpu.sh bench [SPECS SHAPES PEERS]  # effc bench with the peers; env BACKWARD=1, BACKENDS=triton,tilelang, PLOT=path.png, KV_HEADS=1,
 #                                               DIMS=64,96,128,192 (head dims: several add the time-per-FLOP table)
@@ -16,6 +17,8 @@ case "${1:-}" in
     for w in .device/wheels-a .device/wheels-c .device/wheels-b .device/wheels-d; do
       [ -d "$w" ] && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $w/*.whl
     done
+    # TileLang with its native dependencies in one archive (scripts/tilelang_bundle.sh), carried instead of b and d
+    [ -f .device/tlbundle.tar.xz ] && mkdir -p /tmp/site && tar xJf .device/tlbundle.tar.xz -C /tmp/site
     python3 -c "import torch, triton, fla, lark, typer; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" ;;
   test)
     shift; where=tests/gpu; [[ "${1:-}" == tests/* ]] && { where=$1; shift; }  # a file or test id: only it
