@@ -37,3 +37,9 @@ def test_a_load_unread_in_its_loop_body_stays_in_it():
 
 def test_move_false_leaves_the_block():
     assert at_first_use(BLOCK, move=False) == BLOCK
+
+
+def test_a_load_read_in_an_else_branch_goes_above_the_if():
+    block = "    v_q = tl.load(q)\n    if A:\n        x = 1\n    else:\n        y = v_q\n    z = 2"
+    assert at_first_use(block).split("\n") == [
+        "    v_q = tl.load(q)", "    if A:", "        x = 1", "    else:", "        y = v_q", "    z = 2"]

@@ -12,6 +12,7 @@ CODEGEN_VERSION = 9  # 9: tile loads at their first reader (chunk-parallel kerne
 
 
 _LOAD = re.compile(r"^\s*(v_\w+) = tl\.load\(")
+_CONTINUED = ("else", "elif")  # lines that continue the compound statement above them
 
 
 def at_first_use(block: str, move: bool = True) -> str:
@@ -38,11 +39,12 @@ def at_first_use(block: str, move: bool = True) -> str:
         for name, load in list(waiting):
             if re.search(rf"\b{name}\b", line) or (  # read here, or what its address reads is redefined
                     defined is not None and re.search(rf"\b{defined.group(1)}\b", load.split("=", 1)[1])):
-                # inside a nested block: above the line that opened it, at the load's own depth
                 at = len(out)
-                while at > 0 and indent(line) > indent(load) and indent(out[at - 1]) > indent(load):
+                if indent(line) > indent(load):  # inside a nested block: above the statement that opened it
+                    while at > 1 and (indent(out[at - 1]) > indent(load) or out[at - 1].lstrip().startswith(_CONTINUED)):
+                        at -= 1
                     at -= 1
-                out.insert(at - 1 if indent(line) > indent(load) and at > 0 else at, load)
+                out.insert(at, load)
             else:
                 continue
             waiting.remove((name, load))
