@@ -411,7 +411,7 @@ def _token_write(sched: SoftmaxSchedule, kp) -> list[str]:
     return (["ties = tl.zeros([BM], tl.int32)", "r_bit = tl.arange(0, BN)",
              "n_union = tl.sum(tl.zeros([BN], tl.int32), 0)",
              "n_row = tl.zeros([BM], tl.int32)",
-             "t_row = (qbos + r_M) * (H // GROUP) + i_h // GROUP  # the query's row of the group's lists",
+             f"t_row = {sel_row('qbos + r_M')}  # the query's row of the group's lists",
              "for kb in range(b_lo, b_hi):  # the choice written"] + _indent(body) + count
             + ["if INDICES:", "    tl.store(tcnt_ptr + t_row, tl.minimum(n_row, KTOP), mask=qv)"])
 

@@ -353,7 +353,7 @@ def token_bits(block: str) -> str:
     """The offset of the words holding key block `block`'s chosen tokens for the query rows r_M, in `tmask`
     [tokens, H / GROUP, NKB, NW] (a choice of key tokens, passes.select: one bit a key, NW 32-bit words a block,
     one row per key/value head group)."""
-    return f"(((qbos + r_M) * (H // GROUP) + i_h // GROUP) * NKB + {block}) * NW"
+    return f"({sel_row('qbos + r_M')} * NKB + {block}) * NW"
 
 
 def _token_chosen(block: str) -> list[str]:
