@@ -90,6 +90,7 @@ class _KernelView:
     hoisted_store: dict[str, str] = field(default_factory=dict)
     # a serial loop's loads issued a chunk ahead (_prefetches): name -> the load of the next chunk's tile
     prefetch: dict[str, str] = field(default_factory=dict)
+    prefetch_order: tuple[str, str] = ("", "")  # the loop's first chunk, and the chunk after i_c in its order
 
 
 def kernel_name(spec_name: str, kernel: str) -> str:
@@ -252,6 +253,9 @@ def emit_module(plan: Plan) -> str:
                 f"((c_base + i_c) * H + i_h) * tl.cdiv({split}, BLOCK) + pid_s" if partial else "(c_base + i_c) * H + i_h",
                 s.dims)
         view.prefetch = _prefetches(kp, view, spec, split)
+        # the adjoint scan runs right to left, the walk left to right; a reverse state's the other way
+        left_to_right = (kp.role == "bwd_scan") == bool(kp.reverse)
+        view.prefetch_order = ("c_lo", "i_c + 1") if left_to_right else ("c_hi - 1", "i_c - 1")
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
