@@ -4,6 +4,8 @@ change that moves live tiles around (spills cost far more than the recomputation
 
     python scripts/ptxas_report.py delta_net mlstm [--chunk 64] [--kernels bwd] [--dim 192 --block 32 --fwd-warps 8]
     python scripts/ptxas_report.py softmax_attn forgetting_transformer     (the softmax family: model tiles)
+    python scripts/ptxas_report.py gated_delta_net --late-loads    (loads at their first reader: the module a launch
+                                                                    takes a spilling kernel from, runtime.launch.spill_free)
 """
 import argparse
 import json
@@ -12,6 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -37,7 +40,7 @@ def ptxas_usage(ptx: str) -> dict:
 
 
 def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8, dim: int | None = None,
-           block: int | None = None, fwd_warps: int = 4) -> dict:
+           block: int | None = None, fwd_warps: int = 4, late_loads: bool = False) -> dict:
     op = effc.load(spec)
     rows = {}
     if hasattr(op, "sched"):  # the softmax family: its kernels at the model's tiles (--chunk, --bwd-warps unused)
@@ -47,6 +50,8 @@ def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8, dim: int
                 rows[kernel] = {"warps": k.metadata.num_warps, **ptxas_usage(k.asm["ptx"])}
         return rows
     op = getattr(op, "linear", op)
+    if late_loads:
+        op = SimpleNamespace(module=op.late_module, spec=op.spec, comp=op.comp, name=op.name)
     for kp in op.comp.plan.kernels:
         if not kp.name.startswith(only):
             continue
@@ -66,9 +71,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=None, help="every feature dim's size (default 128; any size, padded)")
     ap.add_argument("--block", type=int, default=None, help="the split dim's block (default: 64, or the padded dim)")
     ap.add_argument("--fwd-warps", type=int, default=4, help="warps of the forward kernels")
+    ap.add_argument("--late-loads", action="store_true", help="each chunk-parallel kernel's loads at their first reader")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
-    out = {s: report(s, args.chunk, args.kernels, args.bwd_warps, args.dim, args.block, args.fwd_warps)
+    out = {s: report(s, args.chunk, args.kernels, args.bwd_warps, args.dim, args.block, args.fwd_warps, args.late_loads)
            for s in args.specs}
     if args.json:
         print(json.dumps(out))

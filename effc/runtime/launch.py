@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..codegen.triton.emit import SERIAL_ROLES
 from ..errors import BackwardRefused, ResourceError
 from ..ir.nodes import Spec
 from ..passes.plan import Plan
@@ -112,15 +113,45 @@ def launch_fitting(fn, grid: tuple, args: dict, options: dict) -> None:
             stages -= 1
 
 
+def spill_free(fn, late, grid: tuple, args: dict, options: dict):
+    """`fn`, or its twin in the module with loads at their first reader (`late()`, codegen.at_first_use) where
+    `fn`'s compiled form spills registers. A load at the top of a chunk's work is in flight while the work
+    before its reader runs, but holds its tile in registers all that time; where that pushes a program past
+    255 registers a thread, the spills cost more than the later load waits (H100, gated_delta_net at 2x8192:
+    bwd_sums 1.144 -> 1.084 ms with late loads, spilling 784 -> 140 B a thread; every kernel that did not
+    spill was slower with late loads, e.g. bwd_chunks_g_after 0.509 -> 0.596, mlstm_sig's bwd_chunks_i_after
+    0.175 -> 0.254). Decided once per compiled form from what ptxas reported (Triton's `n_spills`); a form
+    that does not fit the GPU is left to launch_fitting."""
+    from triton.runtime.errors import OutOfResources
+
+    if interpreting():
+        return fn
+    key = _fit_key(fn, args, options)
+    if key not in _SPILL_FREE:
+        try:
+            compiled = fn.warmup(grid=grid, **args, **options)
+            compiled._init_handles()
+            spills = compiled.n_spills
+        except OutOfResources:
+            spills = 0
+        _SPILL_FREE[key] = getattr(late(), fn.__name__) if spills else fn
+    return _SPILL_FREE[key]
+
+
+_SPILL_FREE: dict = {}
+
+
 FACTORED, ANCHORED = 0, 2  # DECAY_MODE of the two launches of a kernel with factored decays
 SERIAL_STAGES = 2  # Launcher._serial_options
 
 
 class Launcher:
-    def __init__(self, spec: Spec, plan: Plan, module, parts=None):
+    def __init__(self, spec: Spec, plan: Plan, module, parts=None, late_module=None):
         """`parts` (runtime.dim_parts.PartMap): `spec` is a split spec whose token tensors are slices of the
-        caller's; outputs and gradients are then allocated as the caller's tensors and returned by its names."""
+        caller's; outputs and gradients are then allocated as the caller's tensors and returned by its names.
+        `late_module()`: the module with loads at their first reader, for kernels that spill (spill_free)."""
         self.spec, self.plan, self.module, self.parts = spec, plan, module, parts
+        self.late_module = late_module
 
     def _caller_tensors(self, decls, lay: Layout, make) -> tuple[dict, dict]:
         """(per declaration of `decls`, its tensor; per caller tensor, the whole): `make(feature sizes)` allocates
@@ -150,13 +181,18 @@ class Launcher:
         if on_meta(values):
             return
         fn = self._fn(kp.name)
+        late = self.late_module is not None and kp.role not in SERIAL_ROLES
+
+        def run(args: dict) -> None:
+            launch_fitting(spill_free(fn, self.late_module, grid, args, options) if late else fn, grid, args, options)
+
         if "DECAY_MODE" not in kp.arg_names:
-            launch_fitting(fn, grid, kp.call(values), options)
+            run(kp.call(values))
             return
         device = next(v for v in values.values() if torch.is_tensor(v)).device
         flags = torch.zeros(math.prod(grid), dtype=torch.int32, device=device)
         for mode in (FACTORED, ANCHORED):
-            launch_fitting(fn, grid, kp.call({**values, "decay_flag_ptr": flags, "DECAY_MODE": mode}), options)
+            run(kp.call({**values, "decay_flag_ptr": flags, "DECAY_MODE": mode}))
 
     @staticmethod
     def _options(cfg: TileConfig) -> dict:

@@ -44,6 +44,7 @@ class AttentionOp(Tuned):
         self.interface: Spec = parts.caller if parts is not None else self.spec  # what the call's arguments follow
         self.name = self.spec.name
         self._modules: dict = {}  # per Triton mode (runtime.cache.op_module)
+        self._late_modules: dict = {}
         self.last_config: TileConfig | None = None
         # sympy is slow: tiling choices (Tuned.config) and param defaults are memoised per call shape
         self._configs: dict[tuple, TileConfig] = {}
@@ -62,6 +63,15 @@ class AttentionOp(Tuned):
         # the Triton module always loads: the backward runs on Triton for every backend
         module, self.source_path = op_module(self._modules, self.name, lambda: self.comp.source("triton"))
         return module
+
+    @property
+    def late_module(self):
+        """The same kernels with each chunk-parallel kernel's loads at their first reader: a launch takes a kernel
+        from it where the module's own compiles to spills (runtime.launch.spill_free)."""
+        from ..codegen.triton import emit_module
+        from ..compiler.driver import checked_source
+        source = lambda: checked_source(emit_module(self.comp.plan, late_loads=True), self.name, "triton")
+        return op_module(self._late_modules, self.name, source)[0]
 
     # -- parameters ---------------------------------------------------------------------------
     def param_values(self, dims: dict[str, int], given: dict) -> dict[str, float]:

@@ -220,7 +220,7 @@ def linear_torch_ops(op) -> TorchOps:
     n_out, n_state = len(caller.outputs), len(caller.states)
 
     def launcher() -> Launcher:
-        return Launcher(spec, op.comp.plan, op.module, parts)
+        return Launcher(spec, op.comp.plan, op.module, parts, late_module=lambda: op.late_module)
 
     def forward_launcher():
         """The forward runs on the op's backend; the backward always on Triton (it reads the same history)."""

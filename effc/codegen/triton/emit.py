@@ -193,7 +193,10 @@ def _check_scan_decay(plan: Plan, kp) -> None:
                                       f"state {s.name} ({s.decay}) in its body, which does not compute it")
 
 
-def emit_module(plan: Plan) -> str:
+def emit_module(plan: Plan, late_loads: bool = False) -> str:
+    """The Triton module of a linear spec's plan. `late_loads`: each chunk-parallel kernel's tile loads at their
+    first reader (codegen.at_first_use) instead of at the top of the chunk's work: fewer registers live, later
+    loads; the module a launch uses for a kernel whose compiled form spills (runtime.launch.spill_free)."""
     spec = plan.spec
     split = plan.split_dim
     views = []
@@ -259,5 +262,5 @@ def emit_module(plan: Plan) -> str:
         views.append(view)
     summary = (f"kernels: {', '.join(k.name for k in plan.kernels)}; split dim: {split or '-'}")
     return template(__file__, "kernels.py.j2").render(version=__version__, spec=spec, kernels=views, dims=spec.dims,
-                              split=split, summary=summary, serial_roles=SERIAL_ROLES,
+                              split=split, summary=summary, serial_roles=SERIAL_ROLES, late_loads=late_loads,
                               helpers=helper_source(op for kp in plan.kernels for op in kp.ops))
