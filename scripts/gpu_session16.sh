@@ -36,8 +36,11 @@ or key_heads_walked or (gradients and (moba or nsa or infllm or topp or dsa))" >
       for t in . _ab2; do echo "== $t mlstm_sig"; profile $t mlstm_sig | grep -v "^  -" | tail -20; done ;;
     peers) bash scripts/gpu_session15.sh peers ;;
     spill)
+      timeout 240 bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "test_bf16_gradients and not \
+every_partition and (gated_delta_net or mlstm_sig or gla or rwkv7)" > $OUT/spill_check.log 2>&1 &
       for t in . _ab2; do for s in gated_delta_net mlstm_sig; do { profile $t $s > /dev/null & }; done; done
       (CHUNK=64 profile . gated_delta_net > /dev/null) & wait
+      grep -E "relative error|passed|failed|Error" $OUT/spill_check.log | cut -c1-160
       for t in . _ab2; do for s in gated_delta_net mlstm_sig; do
         echo "== $t $s"; profile $t $s | tee $OUT/spill_${s}_$(basename $t).log | grep -v "^  -" | tail -16
       done; done

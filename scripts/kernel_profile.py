@@ -68,6 +68,9 @@ def main(spec: str, shapes: list[str]) -> None:
 
         for label, fn in (("forward", lambda: op(*xs, **options)), ("forward+backward", fwd_bwd)):
             _print_table(f"{spec} {shape} D={D} {label}", kernel_table(fn), getattr(op, "last_config", None))
+        from effc.runtime import launch
+        late = sorted({f.__name__ for key, f in getattr(launch, "_SPILL_FREE", {}).items() if id(f) != key[0]})
+        print(f"  from the late-loads module (spilled with loads first): {', '.join(late) or 'none'}", flush=True)
 
 
 if __name__ == "__main__":
