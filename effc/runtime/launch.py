@@ -130,8 +130,10 @@ def spill_free(fn, late, grid: tuple, args: dict, options: dict):
     if key not in _SPILL_FREE:
         try:
             compiled = fn.warmup(grid=grid, **args, **options)
-            compiled._init_handles()
-            spills = compiled.n_spills
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled  # Triton's async compile
+            if compiled is not None:  # None: a JIT cache hook took the compile
+                compiled._init_handles()
+            spills = getattr(compiled, "n_spills", 0)
         except OutOfResources:
             spills = 0
         _SPILL_FREE[key] = getattr(late(), fn.__name__) if spills else fn
