@@ -97,7 +97,7 @@ def main():
                 kernel[(n,)](a, x, scratch, C, num_warps=4)
                 torch.cuda.synchronize()
             except Exception as e:  # the squaring's [C, C] products outgrow shared memory at C = 128
-                print(f"C={C} {name}: {type(e).__name__}: {str(e)[:120]}")
+                print(f"C={C} {name}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")  # the cause: last
                 continue
             err = ((x.double() - ref).abs().max() / ref.abs().max()).item()
             ms = triton.testing.do_bench(lambda: kernel[(n,)](a, x, scratch, C, num_warps=4))
