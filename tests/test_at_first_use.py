@@ -77,6 +77,8 @@ class _Compiled:
         if self.n_spills is None:
             from triton.runtime.errors import OutOfResources
             raise OutOfResources(300000, 232448, "shared memory")
+        if self.n_spills == "broken":
+            raise TypeError("a Triton whose warmup takes other arguments")
 
 
 class _Kernel:
@@ -102,11 +104,13 @@ def test_a_kernel_that_spills_runs_from_the_late_module_decided_once_per_compile
     twin = _Kernel("k_kernel", 0)
     late = lambda: types.SimpleNamespace(k_kernel=twin)
     spilling, fitting, too_big = _Kernel("k_kernel", 96), _Kernel("k_kernel", 0), _Kernel("k_kernel", None)
+    broken = _Kernel("k_kernel", "broken")
     args = {"x_ptr": torch.zeros(2), "C": 32}
     for _ in range(2):
         assert launch.spill_free(spilling, late, (1,), args, {"num_warps": 8}) is twin
         assert launch.spill_free(fitting, late, (1,), args, {"num_warps": 8}) is fitting
         assert launch.spill_free(too_big, late, (1,), args, {"num_warps": 8}) is too_big  # launch_fitting's case
+        assert launch.spill_free(broken, late, (1,), args, {"num_warps": 8}) is broken  # the launch raises it
     assert spilling.compiles == fitting.compiles == 1
     assert launch.spill_free(spilling, late, (1,), {**args, "C": 64}, {"num_warps": 8}) is twin
     assert spilling.compiles == 2  # another compiled form: decided again

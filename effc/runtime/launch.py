@@ -121,9 +121,7 @@ def spill_free(fn, late, grid: tuple, args: dict, options: dict):
     bwd_sums 1.144 -> 1.084 ms with late loads, spilling 784 -> 140 B a thread; every kernel that did not
     spill was slower with late loads, e.g. bwd_chunks_g_after 0.509 -> 0.596, mlstm_sig's bwd_chunks_i_after
     0.175 -> 0.254). Decided once per compiled form from what ptxas reported (Triton's `n_spills`); a form
-    that does not fit the GPU is left to launch_fitting."""
-    from triton.runtime.errors import OutOfResources
-
+    that does not fit the GPU, or fails to compile, is left to the launch (launch_fitting)."""
     if interpreting():
         return fn
     key = _fit_key(fn, args, options)
@@ -134,7 +132,7 @@ def spill_free(fn, late, grid: tuple, args: dict, options: dict):
             if compiled is not None:  # None: a JIT cache hook took the compile
                 compiled._init_handles()
             spills = getattr(compiled, "n_spills", 0)
-        except OutOfResources:
+        except Exception:  # noqa: BLE001 - OutOfResources or a compile error: the launch meets it again
             spills = 0
         _SPILL_FREE[key] = getattr(late(), fn.__name__) if spills else fn
     return _SPILL_FREE[key]
