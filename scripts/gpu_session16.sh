@@ -6,7 +6,7 @@
 #            loads at their first reader) and _ab/ (before the session's four changes)
 #   peers:   gpu_session15.sh's (fla beside the gated delta rules, forward and backward)
 #   spill:   loads at their first reader only in kernels that spill (runtime.launch.spill_free): gated_delta_net
-#            from the tree and _ab2/, mlstm_sig, gated_delta_net at chunk 64, then fla beside gated_delta_net
+#            from the tree and _ab2/ (MLSTM=1: mlstm_sig too), at chunk 64, then fla beside it (PEERS_LIMIT)
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz and the _ab, _ab2 trees):
 #   bash scripts/gpu_session16.sh [PART]...
 . "$(dirname "$0")/gpu_env.sh"
@@ -36,16 +36,16 @@ or key_heads_walked or (gradients and (moba or nsa or infllm or topp or dsa))" >
       for t in . _ab2; do echo "== $t mlstm_sig"; profile $t mlstm_sig | grep -v "^  -" | tail -20; done ;;
     peers) bash scripts/gpu_session15.sh peers ;;
     spill)
-      timeout 200 bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "test_bf16_gradients and not \
+      timeout 150 bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "test_bf16_gradients and not \
 every_partition and (gated_delta_net or mlstm_sig)" > $OUT/spill_check.log 2>&1 &
-      for r in ". gated_delta_net" ". mlstm_sig" "_ab2 gated_delta_net"; do { profile $r > /dev/null & }; done
+      for r in ". gated_delta_net" "_ab2 gated_delta_net" ${MLSTM:+". mlstm_sig"}; do { profile $r > /dev/null & }; done
       (CHUNK=64 profile . gated_delta_net > /dev/null) & wait
       grep -E "relative error|passed|failed|Error" $OUT/spill_check.log | cut -c1-160
-      for r in ". gated_delta_net" "_ab2 gated_delta_net" ". mlstm_sig"; do
+      for r in ". gated_delta_net" "_ab2 gated_delta_net" ${MLSTM:+". mlstm_sig"}; do
         echo "== $r"; profile $r | tee "$OUT/spill_${r/ /_}.log" | grep -v "^  -" | tail -17
       done
       echo "== . gated_delta_net chunk 64"; CHUNK=64 profile . gated_delta_net | tee $OUT/gdn_c64.log | tail -17
-      SPECS=gated_delta_net PEER_TIMEOUT=120 LIMIT=170 bash scripts/gpu_session15.sh peers ;;
+      SPECS=gated_delta_net PEER_TIMEOUT=90 LIMIT=${PEERS_LIMIT:-170} bash scripts/gpu_session15.sh peers ;;
   esac
 done
 true
