@@ -703,7 +703,8 @@ def emit_softmax_module(plan: SoftmaxPlan, more_views: dict | None = None) -> st
                               keyseq_pos="its index" if ks is None or ks.pos is None else
                               f"{ks.pos[0]} * {ks.dim.lower()} + {ks.pos[1]}",
                               leaf_dims=sorted({str(d) for x in sched.leaves for d in _feats(sched, x)}),
-                              helpers=helper_source(spec.prefix.ops + spec.score.ops + spec.merge.ops))
+                              helpers=helper_source(spec.prefix.ops + spec.score.ops + spec.merge.ops),
+                              sel_row=sel_row)
 
 
 def _grad_heads(kv: KernelView, outer: str) -> str:
