@@ -45,7 +45,7 @@ every_partition and (gated_delta_net or mlstm_sig)" > $OUT/spill_check.log 2>&1 
         echo "== $r"; profile $r | tee "$OUT/spill_${r/ /_}.log" | grep -v "^  -" | tail -17
       done
       echo "== . gated_delta_net chunk 64"; CHUNK=64 profile . gated_delta_net | tee $OUT/gdn_c64.log | tail -17
-      SPECS=gated_delta_net PEER_TIMEOUT=90 LIMIT=${PEERS_LIMIT:-170} bash scripts/gpu_session15.sh peers ;;
+      [ "${PEERS_LIMIT:-170}" = 0 ] || SPECS=gated_delta_net PEER_TIMEOUT=90 LIMIT=${PEERS_LIMIT:-170} bash scripts/gpu_session15.sh peers ;;
   esac
 done
 true
