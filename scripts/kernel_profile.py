@@ -1,7 +1,7 @@
 """Where a spec's forward and forward+backward time goes, kernel by kernel (torch.profiler CUDA times).
 
 usage: python scripts/kernel_profile.py SPEC [BxT ...]     (bf16, H=16; env DIMS=60,64 every feature dim, one
-       profile each (default 128); CHUNK=32 / BLOCK=128 force the chunk / the split dim's block: BLOCK=128 runs
+       profile each (default 128); CHUNK=32 / BLOCK=128 force the chunk / the split dim's block (WARPS=4 the forward's warps): BLOCK=128 runs
        one program per head with no partial gradients; PARTITION=block|loop|cut|cut_each the backward's
        gradient kernels, passes.partition; WALK_BLOCK=32 forces the block of a general transition's walk and
        adjoint scan, at most BLOCK; WALK_CHUNK=64 the coarse walk's chunk; KV_HEADS=1 the key-side inputs' heads,
@@ -46,7 +46,8 @@ def _profile_decode(op, spec: str, shape: str, B: int, T: int, D: int) -> None:
 
 def main(spec: str, shapes: list[str]) -> None:
     options = {knob: int(os.environ[env]) for knob, env in (("chunk", "CHUNK"), ("block", "BLOCK"),
-                                                            ("walk_block", "WALK_BLOCK"), ("walk_chunk", "WALK_CHUNK"))
+                                                            ("walk_block", "WALK_BLOCK"), ("walk_chunk", "WALK_CHUNK"),
+                                                            ("num_warps", "WARPS"))
                if env in os.environ}
     if os.environ.get("PARTITION"):
         options["partition"] = os.environ["PARTITION"]
