@@ -124,7 +124,7 @@ def spill_free(fn, late, grid: tuple, args: dict, options: dict):
     that does not fit the GPU, or fails to compile, is left to the launch (launch_fitting)."""
     if interpreting():
         return fn
-    key = _fit_key(fn, args, options)
+    key = _compiled_form(fn, args, options)
     if key not in _SPILL_FREE:
         try:
             compiled = fn.warmup(grid=grid, **args, **options)
@@ -139,6 +139,18 @@ def spill_free(fn, late, grid: tuple, args: dict, options: dict):
 
 
 _SPILL_FREE: dict = {}
+_CONSTEXPRS: dict = {}  # id(fn) -> its constexpr arguments' names
+
+
+def _compiled_form(fn, args: dict, options: dict) -> tuple:
+    """A cheap key of the compiled form a launch of `fn` gets, for a choice made once per form: its options and
+    constexprs (DOT_DTYPE among them, so the inputs' dtype too). It runs at every launch of a chunk-parallel
+    kernel: a few microseconds, against _fit_key's twelve."""
+    names = _CONSTEXPRS.get(id(fn))
+    if names is None:
+        arg_names = getattr(fn, "arg_names", ())
+        names = _CONSTEXPRS[id(fn)] = tuple(arg_names[i] for i in getattr(fn, "constexprs", ()) if i < len(arg_names))
+    return (id(fn), *options.values(), *(args.get(n) for n in names))
 
 
 FACTORED, ANCHORED = 0, 2  # DECAY_MODE of the two launches of a kernel with factored decays
