@@ -42,6 +42,19 @@ def _block(scratch, row0, col0, n: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _merge_pairs(scratch, n: tl.constexpr, C: tl.constexpr):
+    """One level of the merge: each pair of inverted n-row diagonal blocks gets its block below, -X22 L21 X11."""
+    for p in tl.static_range(C // (2 * n)):
+        top, bottom = 2 * p * n, 2 * p * n + n
+        x11 = tl.load(_block(scratch, top, top, n, C))
+        l21 = tl.load(_block(scratch, bottom, top, n, C))
+        x22 = tl.load(_block(scratch, bottom, bottom, n, C))
+        x21 = -tl.dot(tl.dot(x22, l21, input_precision=FP32_PRECISION), x11, input_precision=FP32_PRECISION)
+        tl.debug_barrier()
+        tl.store(_block(scratch, bottom, top, n, C), x21)
+
+
+@triton.jit
 def _one_at_a_time(a, r_C, C: tl.constexpr, scratch):
     """By halves through the scratch tile as codegen version 6 did: one diagonal block, then one pair, at a time."""
     tl.store(scratch + r_C[:, None] * C + r_C[None, :], tl.where(r_C[:, None] > r_C[None, :], a, 0.0))
@@ -54,15 +67,7 @@ def _one_at_a_time(a, r_C, C: tl.constexpr, scratch):
         tl.store(at, inverse)
     tl.debug_barrier()
     for level in tl.static_range(4, C.bit_length() - 1):
-        n: tl.constexpr = 1 << level
-        for p in tl.static_range(C // (2 * n)):
-            top, bottom = 2 * p * n, 2 * p * n + n
-            x11 = tl.load(_block(scratch, top, top, n, C))
-            l21 = tl.load(_block(scratch, bottom, top, n, C))
-            x22 = tl.load(_block(scratch, bottom, bottom, n, C))
-            x21 = -tl.dot(tl.dot(x22, l21, input_precision=FP32_PRECISION), x11, input_precision=FP32_PRECISION)
-            tl.debug_barrier()
-            tl.store(_block(scratch, bottom, top, n, C), x21)
+        _merge_pairs(scratch, 1 << level, C)
         tl.debug_barrier()
     return tl.load(scratch + r_C[:, None] * C + r_C[None, :])
 
