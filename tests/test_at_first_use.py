@@ -122,3 +122,18 @@ def test_the_interpreter_never_compiles_for_the_spill_check(monkeypatch):
     monkeypatch.setattr(launch, "interpreting", lambda: True)
     k = _Kernel("k_kernel", 96)
     assert launch.spill_free(k, lambda: None, (1,), {"C": 32}, {}) is k and k.compiles == 0
+
+
+def test_every_linear_spec_has_a_late_twin_with_the_same_kernels_and_signatures():
+    """spill_free takes a kernel from the twin by name on the GPU only: a twin missing a kernel, or one whose
+    arguments differ, would fail there and nowhere in the CPU suite."""
+    import effc
+
+    for name in effc.library_names():
+        op = getattr(effc.load(name), "linear", effc.load(name))
+        if not hasattr(op, "late_module"):
+            continue  # the softmax family: no chunk-parallel linear kernels
+        early, late = op.module, op.late_module
+        for kp in op.comp.plan.kernels:
+            fn = f"{op.name}_{kp.name}_kernel"
+            assert getattr(late, fn).arg_names == getattr(early, fn).arg_names, (name, kp.name)
