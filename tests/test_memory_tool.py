@@ -214,3 +214,22 @@ def test_the_adjoint_history_lives_until_its_last_reader(name, partition, monkey
     order = plan.gradient_kernels(partition)
     last = max(i for i, kp in enumerate(order) if kp.states)
     assert [held[kp.name] for kp in order] == [i <= last for i in range(len(order))]
+
+
+def test_top_names_the_largest_buffers_live_at_the_peak_and_the_line_that_made_them():
+    """gated_delta_net at 2x4096: the output and the state history are live at the peak; the list is sorted,
+    holds at most `top` buffers, adds up to no more than the peak, and each names a runtime line."""
+    op = effc.load("gated_delta_net")
+    m = training_memory(op, 2, 4096, 16, D128(op), top=4)
+    assert len(m.at_peak) == 4 and [b.mib for b in m.at_peak] == sorted((b.mib for b in m.at_peak), reverse=True)
+    assert sum(b.mib for b in m.at_peak) <= m.peak_mib + 1e-6
+    assert all(b.where.startswith("runtime/") and ":" in b.where for b in m.at_peak), m.at_peak
+    assert (2, 4096, 16, 128) in {b.shape for b in m.at_peak}  # the output o (or a gradient of its shape)
+    assert training_memory(op, 2, 4096, 16, D128(op)).at_peak == ()  # not asked: no stack walks
+
+
+def test_the_cli_lists_the_buffers_at_the_peak():
+    result = CliRunner().invoke(app, ["memory", "delta_net", "--shape", "1,2048,4", "--top", "2"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "MiB  " in line and "(runtime/" in line]
+    assert len(lines) == 2 * sum("peak" in line for line in result.output.splitlines()), result.output

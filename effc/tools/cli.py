@@ -323,7 +323,8 @@ def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
            chunk: int = typer.Option(None, help="chunk size (default: the model's)"),
            walk_chunk: int = typer.Option(None, help="chunk of a coarse walk, refined in chunks of --chunk "
                                                      "(linear family; default: none)"),
-           kv_heads: int = typer.Option(None, help="heads of the key inputs (grouped-query attention; default H)")):
+           kv_heads: int = typer.Option(None, help="heads of the key inputs (grouped-query attention; default H)"),
+           top: int = typer.Option(0, help="list the N largest buffers live at the peak, with the line that made each")):
     """The memory of one training step (forward + backward) on a GPU at a shape, without one: the peak beyond
     the inputs (the bench's measure) and what the forward keeps, per gradient partition."""
     import torch
@@ -346,7 +347,7 @@ def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
         for p in choices:
             tag = f"partition {p}{' (default)' if p == getattr(plan, 'partition', None) else ''}: " if p else ""
             try:
-                m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), kv_heads=kv_heads,
+                m = training_memory(op, B, T, H, sizes, getattr(torch, dtype), kv_heads=kv_heads, top=max(0, top),
                                     **({"partition": p} if p else {}), **knobs)
             except ArgumentError as e:  # a partition this call cannot take (e.g. too few heads a group)
                 if p is None or len(choices) == 1:
@@ -354,6 +355,8 @@ def memory(spec: str = typer.Argument(..., help=SPEC_HELP),
                 typer.echo(f"  {tag}not for this call: {str(e).splitlines()[0]}")
                 continue
             typer.echo(f"  {tag}{m}")
+            for b in m.at_peak:
+                typer.echo(f"    {b}")
     except (SpecError, CodegenError, ArgumentError, NotImplementedError) as e:
         _fail(e)
 
