@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The 2026-12-07d session's GPU calls (benchmarks/NEXT_GPU_RUN.md, its first item):
+#   solve:  the in-chunk inverse in exact fp32 (CUDA cores) against tf32x3 (_ab/ = the tree before): bf16
+#           gradients of the specs with a solve, the inverse alone, gated_delta_net's kernels at chunk 32 and 64
+#   warps:  gpu_session17.sh's (chunk 64 at 4 warps against 8)
+#   peers:  gpu_session17.sh's (fla beside gated_delta_net and delta_net at issue 21's shapes; carry tlbundle)
+# usage (device machine; carry .device/wheels-a, wheels-c and the _ab tree): bash scripts/gpu_session18.sh [PART]...
+. "$(dirname "$0")/gpu_env.sh"
+profile() {  # TREE SPEC [CHUNK]: the kernel table of SPEC at 2x8192 from TREE's effc, with TREE's own cache
+  (cd $1 && PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $1) \
+    env ${3:+CHUNK=$3} timeout ${PROFILE_LIMIT:-150} python3 $OLDPWD/scripts/kernel_profile.py $2 2x8192 2>&1 | grep -v Warn)
+}
+runs=(". gated_delta_net 32" "_ab gated_delta_net 32" ". gated_delta_net 64" "_ab gated_delta_net 64")
+for part in ${@:-solve}; do
+  case $part in
+    solve)
+      for r in "${runs[@]}"; do { profile $r > /dev/null & }; done
+      timeout 240 bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "test_bf16_gradients and not \
+every_partition and (gated_delta_net or delta_net or hdla or rwkv7)" > $OUT/solve_check.log 2>&1
+      grep -E "relative error|passed|failed|Error" $OUT/solve_check.log | cut -c1-160 | tail -12
+      wait
+      for t in . _ab; do echo "== $t inverse"; (cd $t && PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $t) \
+        timeout 60 python3 $OLDPWD/scripts/inverse_ab.py 4096 32 64 2>&1 | grep -v Warn | tee -a $OUT/inverse_ab.log); done
+      for r in "${runs[@]}"; do
+        echo "== $r"; profile $r | tee -a "$OUT/solve_profiles.log" | grep -v "^  -" | tail -17
+      done ;;
+    warps|peers) bash scripts/gpu_session17.sh $part ;;
+  esac
+done
+true
