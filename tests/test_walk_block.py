@@ -140,21 +140,21 @@ def test_model_narrows_the_walk_only_when_its_programs_leave_the_gpu_idle():
     # 1 x 16 heads x 2 blocks of 64 = 32 walk programs for 264 slots: narrower blocks, as narrow as runs right
     # (mlstm's C=64: Triton 3.6 miscompiles narrow serial kernels there, on the H200 at 32 too: tiling's
     # NARROW_FAULT_MIN_BLOCK)
-    long_delta = _choice("gated_delta_net", 1, 32768)
+    long_delta = _choice("gated_delta_net", 1, 32768, chunk=32)
     assert (long_delta.chunk, long_delta.block, long_delta.walk_block) == (32, 64, 16)
     assert any("walk and adjoint scan in blocks of 16" in r and "32 programs" in r for r in long_delta.reasons)
     long_mlstm = _choice("mlstm", 1, 32768)
     assert (long_mlstm.chunk, long_mlstm.block, long_mlstm.serial_block) == (64, 64, 64)
     # 8 x 16 x 2 = 256 programs: one wave already, a narrower block would need two
-    short = _choice("gated_delta_net", 8, 2048)
+    short = _choice("gated_delta_net", 8, 2048, chunk=32)
     assert short.walk_block == short.block == 64
     assert any("would need more waves" in r for r in short.reasons)
     # a segmentable walk: its segments fill the GPU, the serial kernels keep the block
     gla = _choice("gla", 1, 32768)
     assert gla.walk_block == 0 and gla.serial_block == gla.block and gla.segments > 1
     # the block given narrower: the walk's never wider
-    assert _choice("gated_delta_net", 1, 32768, block=32).walk_block == 16
-    assert _choice("gated_delta_net", 1, 32768, block=16).walk_block == 16
+    assert _choice("gated_delta_net", 1, 32768, block=32, chunk=32).walk_block == 16
+    assert _choice("gated_delta_net", 1, 32768, block=16, chunk=32).walk_block == 16
 
 
 def test_walk_block_knob_errors():

@@ -15,8 +15,9 @@ resource model evaluated on those symbolic tile sizes:
   because the allocator reuses the buffers of operands that are not live together (gla at C=64,
   BLOCK=64 measures exactly its largest matmul's 32768 B).
 - registers per thread ~ live fp32 values of a program (`TilingSpace.live_fp32`) / (32 x warps),
-  against 255. Past that ptxas spills: AOT for sm_90, every gla config over it spilled (C=64 at
-  4 warps: 1184 B of spill stores); those under it spilled at most 248 B.
+  against 255 with tiling.LATE_LOADS_MARGIN (a kernel that spills runs with its loads late). Past that
+  ptxas spills: AOT for sm_90, every gla config over it spilled (C=64 at 4 warps: 1184 B of spill
+  stores); those under it spilled at most 248 B.
 
 The softmax family (passes.softmax) has the same knobs on its forward kernel: C is the query block BM,
 block the key block BN, P always 1 (one walk per query block); a stage holds one key block's
@@ -40,7 +41,7 @@ from ..passes.legality import Legality
 from ..passes.softmax import SoftmaxSchedule, choose_softmax_tiles, softmax_tiling_space, visible_blocks
 from .tiling import (
     BLOCK,
-    MAX_REGISTERS,
+    LIVE_PER_THREAD_LIMIT,
     PROGRAMS_PER_SM,
     Problem,
     TileConfig,
@@ -126,7 +127,7 @@ class Resources:
     registers: int  # per thread
     what: str = "input tiles per chunk"  # what one stage holds (TilingSpace.staged)
 
-    def over(self, num_warps: int, num_stages: int, smem_limit: int, max_registers: int = MAX_REGISTERS) -> list[str]:
+    def over(self, num_warps: int, num_stages: int, smem_limit: int, max_registers: int = LIVE_PER_THREAD_LIMIT) -> list[str]:
         """Why the configuration does not fit, one reason per exceeded limit."""
         why = []
         if self.shared > smem_limit:
@@ -283,7 +284,7 @@ def _softmax_grid(spec: Spec, problem: Problem, default: Candidate, blocks) -> l
 
 
 def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2,
-                 smem_limit: int = H100_SHARED_BYTES, max_registers: int = MAX_REGISTERS,
+                 smem_limit: int = H100_SHARED_BYTES, max_registers: int = LIVE_PER_THREAD_LIMIT,
                  chunks=CHUNKS, warps=WARPS, stages=None, faulty: dict | None = None,
                  merge_modes: tuple[bool, ...] = (False, True)) -> SearchSpace:
     """All configurations worth compiling for `problem`, and the pruned ones with the reason. `legality` is

@@ -23,6 +23,8 @@ MAX_REGISTERS = 255  # per thread on NVIDIA GPUs since Kepler
 PREFIX_TILE = (64, 16, 4, 1)
 BLOCK = sympy.Symbol("BLOCK", positive=True, integer=True)  # block of the split dim
 SEGMENTS = sympy.Symbol("P", positive=True, integer=True)
+LATE_LOADS_MARGIN = 1.1  # _warps: what loads at their first reader take off the live-value estimate
+LIVE_PER_THREAD_LIMIT = int(MAX_REGISTERS * LATE_LOADS_MARGIN)  # the most live values a config's warps may hold
 PROGRAMS_PER_SM = 2  # 4-warp programs near 255 registers: two fit an SM's register file
 SUMMARY_COST = 0.5  # a summary chunk step costs about half a walk chunk step (no q, no output)
 FOLD_COST = 0.25  # folding one earlier segment's summary (two state-sized loads) vs a walk chunk step
@@ -263,11 +265,18 @@ def _segments(legality: Legality, programs: int, n_chunks: int, slots: int,
 def _warps(live: int) -> tuple[int, str]:
     """4 warps while a program's live fp32 values fit 4 warps' registers (fewer threads, less shuffling: the
     H100 at D=128 ran 4 faster than 8), 8 when they do not: past 255 a thread spills, and at padded head
-    dims (D=192 in 256-wide tiles) 8 warps beat 4 (gla 2.89 vs 4.10 ms forward at 2x4096 on the H200;
-    retention at D=128, 256 per thread, 1.54 vs 1.70 ms forward+backward)."""
+    dims (D=192 in 256-wide tiles) 8 warps beat 4 (gla 2.89 vs 4.10 ms forward at 2x4096 on the H200).
+    The estimate counts every input tile live at once, which a kernel that spills does not keep (it runs with
+    its loads at their first reader, runtime.launch.spill_free), so up to LATE_LOADS_MARGIN past the register
+    file 4 warps still run: two 4-warp programs share an SM where one 8-warp program above 128 registers runs
+    alone (H100, 2x8192, D=128, chunk 64, estimate ~256: gated_delta_net's forward 0.81 ms at 4 warps against
+    1.09 at 8, delta_net's 0.66 against 0.95)."""
     per_thread = live // 128
     if per_thread <= MAX_REGISTERS:
         return 4, f"4 warps, ~{per_thread} live fp32 values per thread (at most {MAX_REGISTERS} fit)"
+    if per_thread <= LIVE_PER_THREAD_LIMIT:
+        return 4, (f"4 warps, ~{per_thread} live fp32 values per thread: past {MAX_REGISTERS}, where a kernel "
+                   "that spills takes its loads at their first reader")
     return 8, f"8 warps: ~{per_thread} live fp32 values per thread at 4 would spill, ~{live // 256} at 8"
 
 
