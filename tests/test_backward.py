@@ -282,9 +282,11 @@ def test_gradients_one_kernel_writes_whole_are_stored_in_the_input_dtype():
     kernel with the split dim V in blocks: k and beta get one partial gradient per V block from their
     per-block kernels (fp32, summed), g parts from three kernels; q (its kernel loops over the blocks) and
     v (it has V) are written whole, stored bf16 by their kernel with no conversion pass; one block: all
-    single-writer gradients whole; grouped heads sum over the group (fp32)."""
+    single-writer gradients whole; grouped heads sum over the group (fp32). At chunk 32, where dg's terms go to
+    three kernels (at the library's 64 they stay in their own)."""
     from effc.runtime.launch import direct_grads, make_layout
-    op = effc.load("gated_delta_net_l2")
+    text = (effc.library.LIBRARY_DIR / "gated_delta_net_l2.attn").read_text()
+    op = effc.loads(text.replace("  input k: [B, T, H, K]\n", "  input k: [B, T, H, K]\n  chunk 32\n", 1))
     plan = op.comp.plan
     assert plan.split_dim == "V"
     # the mix the model once chose: q's kernel looping, k's and beta's one program per block
