@@ -271,6 +271,18 @@ def test_choose_more_warps_when_the_live_values_do_not_fit_four():
     """)
 
 
+def test_choose_keeps_four_warps_just_past_the_register_file():
+    """Within LATE_LOADS_MARGIN of 255 (the estimate counts every input tile live at once; a kernel that spills
+    runs with its loads late) 4 warps stay: gated_delta_net at chunk 64, D=128, ~257 a thread."""
+    from effc.policy.tiling import LIVE_PER_THREAD_LIMIT
+    op = effc.load("gated_delta_net")
+    cfg = choose(op.spec, op.comp.legality, Problem(2, 8192, 16, KV128), chunk=64)
+    assert cfg.num_warps == 4 and 255 < 257 <= LIVE_PER_THREAD_LIMIT
+    assert "4 warps, ~257 live fp32 values per thread: past 255, where a kernel that spills takes its loads at " \
+           "their first reader" in cfg.reasons
+    assert choose(op.spec, op.comp.legality, Problem(2, 8192, 16, KV128), chunk=128).num_warps == 8  # ~514
+
+
 def test_choose_rejects_a_violated_constraint():
     spec = typed(GATED)
     with pytest.raises(SpecError, match=r"BLOCK <= PadTo\(V\) fails for C=16, K=48, V=40, BLOCK=128: BLOCK is at most V"):
