@@ -15,9 +15,9 @@ resource model evaluated on those symbolic tile sizes:
   because the allocator reuses the buffers of operands that are not live together (gla at C=64,
   BLOCK=64 measures exactly its largest matmul's 32768 B).
 - registers per thread ~ live fp32 values of a program (`TilingSpace.live_fp32`) / (32 x warps),
-  against 255 with tiling.LATE_LOADS_MARGIN (a kernel that spills runs with its loads late). Past that
-  ptxas spills: AOT for sm_90, every gla config over it spilled (C=64 at 4 warps: 1184 B of spill
-  stores); those under it spilled at most 248 B.
+  against 255 (a chunked scan's with tiling.LATE_LOADS_MARGIN: a kernel that spills runs with its
+  loads late). Past that ptxas spills: AOT for sm_90, every gla config over it spilled (C=64 at 4
+  warps: 1184 B of spill stores); those under it spilled at most 248 B.
 
 The softmax family (passes.softmax) has the same knobs on its forward kernel: C is the query block BM,
 block the key block BN, P always 1 (one walk per query block); a stage holds one key block's
@@ -42,6 +42,7 @@ from ..passes.softmax import SoftmaxSchedule, choose_softmax_tiles, softmax_tili
 from .tiling import (
     BLOCK,
     LIVE_PER_THREAD_LIMIT,
+    MAX_REGISTERS,
     PROGRAMS_PER_SM,
     Problem,
     TileConfig,
@@ -127,7 +128,7 @@ class Resources:
     registers: int  # per thread
     what: str = "input tiles per chunk"  # what one stage holds (TilingSpace.staged)
 
-    def over(self, num_warps: int, num_stages: int, smem_limit: int, max_registers: int = LIVE_PER_THREAD_LIMIT) -> list[str]:
+    def over(self, num_warps: int, num_stages: int, smem_limit: int, max_registers: int = MAX_REGISTERS) -> list[str]:
         """Why the configuration does not fit, one reason per exceeded limit."""
         why = []
         if self.shared > smem_limit:
@@ -284,7 +285,7 @@ def _softmax_grid(spec: Spec, problem: Problem, default: Candidate, blocks) -> l
 
 
 def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2,
-                 smem_limit: int = H100_SHARED_BYTES, max_registers: int = LIVE_PER_THREAD_LIMIT,
+                 smem_limit: int = H100_SHARED_BYTES, max_registers: int | None = None,
                  chunks=CHUNKS, warps=WARPS, stages=None, faulty: dict | None = None,
                  merge_modes: tuple[bool, ...] = (False, True)) -> SearchSpace:
     """All configurations worth compiling for `problem`, and the pruned ones with the reason. `legality` is
@@ -302,10 +303,13 @@ def search_space(spec: Spec, legality, problem: Problem, *, dtype_bytes: int = 2
     if isinstance(legality, SoftmaxSchedule):
         space, grid = softmax_tiling_space(legality), _softmax_grid(spec, problem, default, chunks)
         stages = stages or SOFTMAX_STAGES
+        max_registers = max_registers or MAX_REGISTERS
     else:
         space, grid = tiling_space(spec, legality), _scan_grid(spec, legality, problem, default, chunks,
                                                                      merge_modes)
         stages = stages or STAGES
+        # a chunked scan's kernel that spills runs with its loads late (tiling.LATE_LOADS_MARGIN)
+        max_registers = max_registers or LIVE_PER_THREAD_LIMIT
     keep: list[Candidate] = []
     pruned: list[Pruned] = []
     over_model = ""
