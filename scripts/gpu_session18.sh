@@ -27,8 +27,6 @@ every_partition and (gated_delta_net or delta_net or hdla or rwkv7)" > $OUT/solv
       for r in "${runs[@]}"; do
         echo "== $r"; profile $r | tee -a "$OUT/solve_profiles.log" | grep -v "^  -" | tail -17
       done ;;
-    variants)  # _exp/variants.py (not committed): hand-written prep and out kernels against the generated ones
-      for c in 32 64; do timeout 150 python3 _exp/variants.py $c 2>&1 | grep -v Warn | tee -a $OUT/variants.log | tail -6; done ;;
     check)
       for w in "" 8; do { env ${w:+WARPS=$w} timeout 150 python3 scripts/kernel_profile.py retention 2x8192 > /dev/null 2>&1 & }; done
       timeout 240 bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "test_bf16_gradients and not \
