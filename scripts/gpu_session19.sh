@@ -2,6 +2,8 @@
 # The 2026-12-07e session's GPU calls (benchmarks/NEXT_GPU_RUN.md, its first item):
 #   gap:    delta_net's and gated_delta_net's training step as the bench times it against the sum of its kernels,
 #           the host time to issue it and the compiled forms chosen per step (scripts/step_gap.py)
+#   common: the cut_common partition (passes.partition) against cut: bf16 gradients of every partition, then the
+#           kernel tables of the delta rules and the mLSTMs at 2x8192 with each
 #   peers:  the peers beside the specs that now run their forward at 4 warps, at 2x8192 (SPECS, SHAPES override)
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session19.sh [PART]...
 . "$(dirname "$0")/gpu_env.sh"
@@ -11,6 +13,18 @@ for part in ${@:-gap}; do
       for s in delta_net gated_delta_net; do
         timeout 200 python3 scripts/step_gap.py $s 2x8192 2>&1 | grep -v Warn | tee -a $OUT/step_gap.log
       done ;;
+    common)
+      specs="gated_delta_net delta_net mlstm_sig mlstm"
+      for s in $specs; do for p in cut cut_common; do
+        { PARTITION=$p timeout 200 python3 scripts/kernel_profile.py $s 2x8192 > /dev/null 2>&1 & }; done; done
+      timeout 300 bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "every_partition and (gated_delta_net \
+or delta_net_l2 or mlstm_sig)" > $OUT/common_check.log 2>&1
+      grep -E "cut_common|passed|failed|Error" $OUT/common_check.log | cut -c1-160 | tail -24
+      wait
+      for s in $specs; do for p in cut cut_common; do
+        echo "== $s $p"; PARTITION=$p timeout 120 python3 scripts/kernel_profile.py $s 2x8192 2>&1 | grep -v Warn \
+          | tee -a $OUT/common_profiles.log | grep -v "^  -" | sed -n '/forward+backward/,$p' | head -14
+      done; done ;;
     peers)
       BACKWARD=1 PEER_TIMEOUT=${PEER_TIMEOUT:-240} timeout ${LIMIT:-500} bash scripts/gpu.sh bench \
         ${SPECS:-retention,simple_gla,mlstm_sig} ${SHAPES:-2x8192} 1 2>&1 | grep -v Warn | tail -30 ;;

@@ -38,17 +38,46 @@ spec rank_one_delta {
 }
 """
 
+# a gated delta rule nobody wrote a kernel for: the gate scales the keys' writing strength, the values unscaled
+GATED_HIDDEN = """
+spec scaled_gated_delta {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K] unitnorm
+  input v: [B, T, H, V]
+  input g: [B, T, H] logdecay
+  input a: [B, T, H] unit
+  output o: [B, T, H, V]
+  state S: [K, V]
+  chunk 16
+  intra {
+    b = cumsum(g)
+    d = exp(causal(b[:, None] - b[None, :], -inf))
+    ka = k * a[:, None]
+    t = unit_lower_inv((ka @ k.T) * d)
+    w = t @ (ka * exp(b)[:, None])
+    u = t @ v
+  }
+  merge {
+    o = (q * exp(b)[:, None]) @ S + ((q @ k.T) * d) @ (u - w @ S)
+  }
+  inter {
+    bl = last(b)
+    S = S * exp(bl) + (k * exp(bl - b)[:, None]).T @ (u - w @ S)
+  }
+}
+"""
+
 
 def _kernels(plan, partition):
     return [k.name for k in plan.gradient_kernels(partition)]
 
 
-def test_the_delta_rule_has_four_partitions_and_the_cut_shares_its_sums():
+def test_the_delta_rule_has_five_partitions_and_the_cut_shares_its_sums():
     """Each partition launches its own gradient kernels; the cut's one sums kernel computes what the q, k and
     beta kernels each recomputed per block (dO S^T, dw = -dv_new S^T, ...) and writes it for their after-parts,
     which read only what they need; v's gradient (it has V) is written in the loop."""
     plan = effc.load("delta_net").comp.plan
-    assert [c.name for c in plan.partitions] == ["block", "loop", "cut", "cut_each"]
+    assert [c.name for c in plan.partitions] == ["block", "loop", "cut", "cut_each", "cut_common"]
     assert _kernels(plan, "block") == ["bwd_chunks_q", "bwd_chunks_k", "bwd_chunks_beta"]
     assert _kernels(plan, "cut") == ["bwd_sums", "bwd_chunks_q_after", "bwd_chunks_k_after", "bwd_chunks_beta_after"]
     sums = plan.kernel("bwd_sums")
@@ -63,7 +92,7 @@ def test_the_delta_rule_has_four_partitions_and_the_cut_shares_its_sums():
         assert not any("V" in map(str, op.type.shape) for op in after.ops)
     # a [K, C] sum crosses as its transpose (rows are tokens)
     assert {d.dims[3:] for d in sums.stores} <= {("K",), ("C",), ()} and any(n.endswith("_st") for n in written)
-    assert plan.partition in ("block", "loop", "cut", "cut_each")
+    assert plan.partition in ("block", "loop", "cut", "cut_each", "cut_common")
     text = str(plan)
     assert "gradient partition cut" in text and "<- default" in text
 
@@ -105,6 +134,29 @@ def test_cut_each_gives_each_cut_kernel_its_own_sums_and_stores_a_sum_once():
     assert all(len(ops) < len(plan.kernel("bwd_sums").ops) for ops in (plan.kernel(n).ops for n in stored))
     assert [d.name for d, _ in plan.kernel("bwd_sums_q").grads + plan.kernel("bwd_sums_k").grads
             + plan.kernel("bwd_sums_beta").grads] == ["v"]
+
+
+@pytest.mark.parametrize("name", ["gated_delta_net", GATED_HIDDEN])
+def test_cut_common_computes_the_after_parts_shared_work_once(name):
+    """cut_common: what the k, beta (and g) after parts each computed from the sums with matmuls (the adjoint
+    of the in-chunk inverse, t^T dA t^T, and t^T dw) is computed once in bwd_common, written per token and read
+    back; the after parts keep no matmul that another after part repeats."""
+    op = effc.loads(name) if "spec " in name else effc.load(name)
+    plan = op.comp.plan
+    names = _kernels(plan, "cut_common")
+    cut = _kernels(plan, "cut")
+    assert names[:2] == [cut[0], "bwd_common"] and [n.removesuffix("_common") for n in names[2:]] == cut[1:]
+    common = plan.kernel("bwd_common")
+    written = {d.name for d in common.stores}
+    assert written and {d.name for d in common.hoisted_loads if d.role == "scratch"} <= {
+        d.name for d in plan.kernel("bwd_sums").stores}
+    assert any(op.kind == "unit_lower_inv" for op in plan.kernel("prep").ops)
+    afters = [plan.kernel(n) for n in names if "_after" in n]
+    assert any(written & {d.name for d in k.hoisted_loads} for k in afters)
+    matmuls = [(op.kind, op.args) for k in afters for op in k.ops if op.kind == "matmul"]
+    assert len(matmuls) == len(set(matmuls)), "an after part repeats another's matmul"
+    mm = lambda partition: sum(op.kind == "matmul" for n in _kernels(plan, partition) for op in plan.kernel(n).ops)
+    assert mm("cut_common") < mm("cut")
 
 
 def test_the_default_partition_is_the_fewest_kernels_within_the_models_error():
@@ -150,11 +202,11 @@ def test_a_spec_with_no_split_dim_has_no_partitions():
 def test_the_partition_knob_is_checked():
     op = effc.load("delta_net")
     xs = [torch.randn(1, 16, 1, 16) for _ in range(3)] + [torch.rand(1, 16, 1)]
-    with pytest.raises(ArgumentError, match=r"partition='blocks'.*'block', 'loop', 'cut', 'cut_each'"):
+    with pytest.raises(ArgumentError, match=r"partition='blocks'.*'block', 'loop', 'cut', 'cut_each', 'cut_common'"):
         op(*xs, partition="blocks")
 
 
-@pytest.mark.parametrize("name", ["delta_net", "gated_delta_net_l2", "mlstm_sig", HIDDEN])
+@pytest.mark.parametrize("name", ["delta_net", "gated_delta_net_l2", "mlstm_sig", "rwkv7", HIDDEN, GATED_HIDDEN])
 def test_every_partition_matches_the_oracle(name):
     """Each partition's gradients over packed sequences (an empty one among them), V in two blocks, T not a
     multiple of the chunk, initial-state and final-state cotangents, against autograd through the oracle."""

@@ -13,6 +13,9 @@ needs of the chunk. Over the split dim (V) such a kernel can run three ways (pas
   live. Sums that several gradients read (the delta rule's `dw`, `dv_new`) are computed once, not per kernel.
 - **cut_each**: as cut, but each cut kernel's sums in a kernel of its own (`bwd_sums_<x>`, before its
   after part), holding only the tiles those sums need; a sum an earlier one stored is read, not recomputed.
+- **cut_common**: as cut, and what several after parts compute with matmul work (the delta rule's adjoint of
+  its in-chunk inverse, `t^T dA t^T`, in each of k's, g's and beta's) is computed once, by a `bwd_common` kernel
+  between the sums and the after parts that writes it per token; each after part reads it back.
 
 Each schedule is a partition of the gradient kernels; the plan keeps every partition that differs
 (`Plan.partitions`), the generated module holds all their kernels, and the call picks one (the knob
@@ -24,13 +27,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from collections import Counter
+
+from ..ir import ops as O
 from ..ir.nodes import C, Op, Spec, TileType, dim, names_read
 from .block_loop import BlockLoop, loop_over_blocks
 from .fusion import Fused, FusedKernel, needed
 from .kernel_cost import FEATURE, RELATIVE_ERROR, SPLIT_BLOCK, Cost, kernel_cost, size, typical_sizes
 from .transpose_sink import sink_transposes
 
-PARTITIONS = ("block", "loop", "cut", "cut_each")
+PARTITIONS = ("block", "loop", "cut", "cut_each", "cut_common")
 # the shape the default partition is chosen at (the bench's standard 2x8192, H=16, D=128)
 TOKENS, HEADS = 2 * 8192, 16
 
@@ -144,6 +150,8 @@ def partition_gradients(spec: Spec, fused: Fused, backward, split: str | None, h
                                                                                  split, hoisted_types)))
         if chosen and (shared or len(chosen) > 1):  # with one cut kernel, its own sums kernel is the shared one
             variants[name] = made(chosen)
+    if "cut" in variants and (common := _with_common(variants["cut"], alltypes)):
+        variants["cut_common"] = common
     costs = {name: _costs(spec, ks, alltypes, split, hoisted_types) for name, ks in variants.items()}
     # keep each distinct partition once (a spec whose kernels cannot loop has one)
     choices, seen = [], set()
@@ -198,6 +206,78 @@ def _after_kernel(k: FusedKernel, c: _Cut, forms: dict, types: dict, split: str)
     used = {a for op in ops for a in op.args if isinstance(a, str)} | set(groots)
     return FusedKernel(f"{k.name}_after", k.stages, ops, groots, tuple(mine), loop=True,
                        scratch_loads=tuple((n, t) for n, t in reads.items() if n in used))
+
+
+# ops whose work a kernel would rather read through memory than repeat: the rest (elementwise ops, masks,
+# reductions, layout) is recomputed where it is read
+_HEAVY = frozenset(("matmul",) + O.SOLVES + O.DECAY)
+
+
+def _common_values(afters: list[FusedKernel]) -> tuple[dict[str, Op], tuple[str, ...]]:
+    """The values two or more after parts compute with heavy work among the ops making them, at the frontier
+    where an op computed once reads them (or an after part's gradient is one): (ops by name, frontier). A
+    frontier value that is a cheap op of other frontier values and of cheap ones is recomputed from them where
+    read, not written too (the delta rule's `-strict(...) * d` beside `-strict(...)`)."""
+    made: dict[str, Op] = {}
+    count: Counter = Counter()
+    for k in afters:
+        for op in k.ops:
+            made.setdefault(op.out, op)
+            count[op.out] += 1
+    heavy: dict[str, bool] = {}
+
+    def is_heavy(n: str) -> bool:
+        if n not in heavy:
+            op = made[n]
+            heavy[n] = op.kind in _HEAVY or any(is_heavy(a) for a in op.args if isinstance(a, str) and a in made)
+        return heavy[n]
+
+    common = {n for n in made if count[n] > 1 and is_heavy(n)}
+    roots = {g for k in afters for g in k.roots}
+    frontier = [n for n in made if n in common and (n in roots or any(
+        n in op.args for k in afters for op in k.ops if op.out not in common))]
+    for n in list(frontier):
+        op = made[n]
+        if op.kind not in _HEAVY and all(a in frontier or a not in common for a in op.args if isinstance(a, str)):
+            frontier.remove(n)
+    return made, tuple(frontier)
+
+
+def _with_common(cut: list[FusedKernel], types: dict) -> list[FusedKernel] | None:
+    """The cut partition with the after parts' common values (`_common_values`) computed once, in a
+    `bwd_common` kernel after the sums, and read back by the after parts; None where they share none, or one
+    cannot cross kernels as a per-token tile."""
+    afters = [k for k in cut if k.name.endswith("_after")]
+    made, frontier = _common_values(afters)
+    forms = {n: _stored_form(n, types[n]) for n in frontier}
+    if not frontier or any(f is None for f in forms.values()):
+        return None
+    ops = _topological(made, frontier)
+    read = names_read(ops) - {op.out for op in ops}
+    loads = {n: t for k in afters for n, t in k.scratch_loads if n in read}
+    for n in frontier:
+        if (make := forms[n][2]) is not None:
+            made[make.out] = make
+    stores = tuple((forms[n][0], forms[n][1]) for n in frontier)
+    common = FusedKernel("bwd_common", afters[0].stages, _topological(made, [s for s, _ in stores]),
+                         tuple(s for s, _ in stores), loop=True, scratch_stores=stores,
+                         scratch_loads=tuple(loads.items()))
+    out = []
+    for k in cut:
+        if k in afters:
+            mine = {op.out: op for op in k.ops if op.out not in frontier}
+            for n in frontier:
+                if (back := forms[n][3]) is not None:
+                    mine[n] = back
+            kops = needed(_topological(mine, k.roots), k.roots)
+            if kops != k.ops:  # a kernel of its own: the cut partition launches the one computing it all
+                used = names_read(kops) | set(k.roots)
+                k = replace(k, name=f"{k.name}_common", ops=kops,
+                            scratch_loads=tuple((n, t) for n, t in k.scratch_loads + stores if n in used))
+        out.append(k)
+        if k.name == "bwd_sums":
+            out.append(common)
+    return out
 
 
 def _default(choices: list[PartitionChoice]) -> PartitionChoice:
