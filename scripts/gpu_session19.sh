@@ -4,6 +4,7 @@
 #           the host time to issue it and the compiled forms chosen per step (scripts/step_gap.py)
 #   common: the cut_common partition (passes.partition) against cut: bf16 gradients of every partition, then the
 #           kernel tables of the delta rules and the mLSTMs at 2x8192 with each
+#   fla:    fla's kernels for the gated delta rule and the delta rule at 2x8192 (scripts/peer_profile.py)
 #   peers:  the peers beside the specs that now run their forward at 4 warps, at 2x8192 (SPECS, SHAPES override)
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session19.sh [PART]...
 . "$(dirname "$0")/gpu_env.sh"
@@ -25,6 +26,10 @@ or delta_net_l2 or mlstm_sig)" > $OUT/common_check.log 2>&1
         echo "== $s $p"; PARTITION=$p timeout 120 python3 scripts/kernel_profile.py $s 2x8192 2>&1 | grep -v Warn \
           | tee -a $OUT/common_profiles.log | grep -v "^  -" | sed -n '/forward+backward/,$p' | head -14
       done; done ;;
+    fla)
+      for s in gated_delta_net delta_net; do
+        timeout 280 python3 scripts/peer_profile.py $s 2x8192 2>&1 | grep -v Warn | tee -a $OUT/fla_profiles.log
+      done ;;
     peers)
       BACKWARD=1 PEER_TIMEOUT=${PEER_TIMEOUT:-240} timeout ${LIMIT:-500} bash scripts/gpu.sh bench \
         ${SPECS:-retention,simple_gla,mlstm_sig} ${SHAPES:-2x8192} 1 2>&1 | grep -v Warn | tail -30 ;;
