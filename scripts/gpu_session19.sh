@@ -11,11 +11,11 @@
 for part in ${@:-gap}; do
   case $part in
     gap)
-      for s in delta_net gated_delta_net; do
+      for s in ${GAP_SPECS:-delta_net gated_delta_net}; do
         timeout 200 python3 scripts/step_gap.py $s 2x8192 2>&1 | grep -v Warn | tee -a $OUT/step_gap.log
       done ;;
     common)
-      specs="gated_delta_net delta_net mlstm_sig mlstm"
+      specs=${SPECS:-"gated_delta_net delta_net mlstm_sig"}
       for s in $specs; do for p in cut cut_common; do
         { PARTITION=$p timeout 200 python3 scripts/kernel_profile.py $s 2x8192 > /dev/null 2>&1 & }; done; done
       timeout 300 bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "every_partition and (gated_delta_net \
