@@ -5,6 +5,9 @@
 #   common: the cut_common partition (passes.partition) against cut: bf16 gradients of every partition, then the
 #           kernel tables of the delta rules and the mLSTMs at 2x8192 with each
 #   fla:    fla's kernels for the gated delta rule and the delta rule at 2x8192 (scripts/peer_profile.py)
+#   parts:  the delta rules' kernels with K=128 as two parts of 64 against one tile (scripts/parts_experiment.py)
+#   final:  the bf16 gradients of the mLSTMs' partitions, fla and mlstm_kernels beside the delta rules and mlstm_sig
+#           at 2x8192 (the default partition now cut_common), then the parts experiment
 #   peers:  the peers beside the specs that now run their forward at 4 warps, at 2x8192 (SPECS, SHAPES override)
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session19.sh [PART]...
 . "$(dirname "$0")/gpu_env.sh"
@@ -30,6 +33,23 @@ or delta_net_l2 or mlstm_sig)" > $OUT/common_check.log 2>&1
       for s in gated_delta_net delta_net; do
         timeout 280 python3 scripts/peer_profile.py $s 2x8192 2>&1 | grep -v Warn | tee -a $OUT/fla_profiles.log
       done ;;
+    parts)
+      for s in gated_delta_net delta_net; do
+        { timeout 200 python3 scripts/parts_experiment.py $s 2x8192 > /dev/null 2>&1 & }; done; wait
+      for s in gated_delta_net delta_net; do
+        echo "== $s K as 64 + 64"; timeout 100 python3 scripts/parts_experiment.py $s 2x8192 2>&1 | grep -v Warn \
+          | tee -a $OUT/parts.log | grep -v "^  -"
+      done ;;
+    final)
+      for s in gated_delta_net delta_net; do
+        { timeout 200 python3 scripts/parts_experiment.py $s 2x8192 > /dev/null 2>&1 & }; done
+      timeout 170 bash scripts/gpu.sh test tests/gpu/test_bf16_grads.py -k "every_partition and mlstm" \
+        > $OUT/mlstm_check.log 2>&1
+      grep -E "cut_common|passed|failed|Error" $OUT/mlstm_check.log | cut -c1-160 | tail -12
+      wait
+      BACKWARD=1 PEER_TIMEOUT=200 timeout 290 bash scripts/gpu.sh bench gated_delta_net,delta_net,mlstm_sig 2x8192 1 \
+        2>&1 | grep -v Warn | tail -12
+      bash "$0" parts ;;
     peers)
       BACKWARD=1 PEER_TIMEOUT=${PEER_TIMEOUT:-240} timeout ${LIMIT:-500} bash scripts/gpu.sh bench \
         ${SPECS:-retention,simple_gla,mlstm_sig} ${SHAPES:-2x8192} 1 2>&1 | grep -v Warn | tail -30 ;;

@@ -74,7 +74,8 @@ def main(spec: str, shapes: list[str]) -> None:
             _print_table(f"{spec} {shape} D={D} {label}", kernel_table(fn), getattr(op, "last_config", None))
         from effc.runtime import launch
         late = sorted({f.__name__ for key, f in getattr(launch, "_SPILL_FREE", {}).items() if id(f) != key[0]})
-        print(f"  from the late-loads module (spilled with loads first): {', '.join(late) or 'none'}", flush=True)
+        print(f"  from the late-loads module (spilled with loads first): {', '.join(late) or 'none'}; "
+              f"dim {getattr(op, 'last_dim_parts', '') or 'no parts'}", flush=True)
 
 
 if __name__ == "__main__":
