@@ -8,6 +8,8 @@
 #   parts:  the delta rules' kernels with K=128 as two parts of 64 against one tile (scripts/parts_experiment.py)
 #   final:  the bf16 gradients of the mLSTMs' partitions, fla and mlstm_kernels beside the delta rules and mlstm_sig
 #           at 2x8192 (the default partition now cut_common), then the parts experiment
+#   backward: the backward's structure changed from outside (scripts/backward_experiments.py: whole_scan,
+#           bwd_warps4) against the tree's, the delta rules at 2x8192
 #   peers:  the peers beside the specs that now run their forward at 4 warps, at 2x8192 (SPECS, SHAPES override)
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session19.sh [PART]...
 . "$(dirname "$0")/gpu_env.sh"
@@ -50,6 +52,16 @@ or delta_net_l2 or mlstm_sig)" > $OUT/common_check.log 2>&1
       BACKWARD=1 PEER_TIMEOUT=200 timeout 290 bash scripts/gpu.sh bench gated_delta_net,delta_net,mlstm_sig 2x8192 1 \
         2>&1 | grep -v Warn | tail -12
       bash "$0" parts ;;
+    backward)
+      runs=(". gated_delta_net" ". delta_net" "whole_scan gated_delta_net" "whole_scan delta_net"
+            "bwd_warps4 gated_delta_net" "bwd_warps4 delta_net")
+      profile() {  # EXPERIMENT SPEC: "." is the tree as it is
+        if [ "$1" = . ]; then timeout 150 python3 scripts/kernel_profile.py $2 2x8192
+        else timeout 150 python3 scripts/backward_experiments.py $1 $2 2x8192; fi 2>&1 | grep -v Warn; }
+      for r in "${runs[@]}"; do { profile $r > /dev/null & }; done; wait
+      for r in "${runs[@]}"; do
+        echo "== $r"; profile $r | tee -a $OUT/backward.log | grep -v "^  -" | sed -n '/forward+backward/,$p' | head -16
+      done ;;
     peers)
       BACKWARD=1 PEER_TIMEOUT=${PEER_TIMEOUT:-240} timeout ${LIMIT:-500} bash scripts/gpu.sh bench \
         ${SPECS:-retention,simple_gla,mlstm_sig} ${SHAPES:-2x8192} 1 2>&1 | grep -v Warn | tail -30 ;;
