@@ -30,7 +30,9 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
     n_split = -(-split_size // block) if plan.split_dim else 1
     whole = plan.whole_grads(n_split=n_split)  # default: the split dim 128 wide in blocks of 64
     bf16 = ({f"{d.name}_ptr" for d in kp.loads + kp.stores + kp.hoisted_loads}
-            | {f"{o.name}_grad_ptr" for o in op.spec.outputs} | {f"{x}_dx_ptr" for x in whole})
+            | {f"{o.name}_grad_ptr" for o in op.spec.outputs} | {f"{x}_dx_ptr" for x in whole}
+            # a matrix state's history and its adjoint's are kept in the operand dtype (runtime.checks.history_dtype)
+            | {f"{s.name}_{h}_ptr" for s in op.spec.states if len(s.dims) >= 2 for h in ("hist", "dhist", "coarse")})
     offsets = ("cu_ptr", "chunk_off_ptr", "coarse_off_ptr", "decay_flag_ptr")
     sig = {n: ("*bf16" if n in bf16 else "*i32" if n in offsets else "*fp32"
                if n.endswith("_ptr") else "fp32" if n.startswith("p_") else "i32") for n in fn.arg_names}
