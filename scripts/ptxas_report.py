@@ -23,6 +23,8 @@ import triton  # noqa: E402
 
 import effc  # noqa: E402
 from effc.codegen.triton.aot import SOFTMAX_KERNELS, compile_sm90, compile_softmax_sm90  # noqa: E402
+from effc.codegen.triton.emit import SERIAL_ROLES  # noqa: E402
+from effc.runtime.launch import SERIAL_STAGES  # noqa: E402
 
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
@@ -52,13 +54,19 @@ def report(spec: str, chunk: int | None, only: str, bwd_warps: int = 8, dim: int
     op = getattr(op, "linear", op)
     if late_loads:
         op = SimpleNamespace(module=op.late_module, spec=op.spec, comp=op.comp, name=op.name)
-    for kp in op.comp.plan.kernels:
+    plan = op.comp.plan
+    for kp in plan.kernels:
         if not kp.name.startswith(only):
             continue
         warps = bwd_warps if kp.name.startswith("bwd") else fwd_warps  # runtime.launch: see policy.triton_faults
-        k = compile_sm90(op, kp, chunk=chunk, num_warps=warps, num_stages=1, block=block,
-                         dims={d: dim for d in op.spec.dims} if dim else None)
-        rows[kp.name] = {"warps": warps, **ptxas_usage(k.asm["ptx"])}
+        # a walk with an out kernel runs with merge deferred (FUSE_MERGE off) or fused, as the tiling model says
+        for fuse_merge in ((False, True) if kp.role == "walk" and plan.deferrable else (True,)):
+            # the serial kernels run with SERIAL_STAGES, so the next chunk's loads overlap this one's work
+            stages = SERIAL_STAGES if kp.role in SERIAL_ROLES else 1
+            k = compile_sm90(op, kp, chunk=chunk, num_warps=warps, num_stages=stages, block=block, fuse_merge=fuse_merge,
+                             dims={d: dim for d in op.spec.dims} if dim else None)
+            name = kp.name + ("+merge" if kp.role == "walk" and plan.deferrable and fuse_merge else "")
+            rows[name] = {"warps": warps, **ptxas_usage(k.asm["ptx"])}
     return rows
 
 
