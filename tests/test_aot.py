@@ -244,6 +244,13 @@ def test_ptxas_report_reads_registers_and_spills():
     for r in rows.values():
         assert r["warps"] == 8 and 32 <= r["registers"] <= 255, r
         assert r["spill_stores"] >= 0 and r["spill_loads"] >= 0
+    # a walk with an out kernel: as the runtime runs it with merge deferred, and with merge fused
+    out = subprocess.run([sys.executable, script, "retention", "--kernels", "walk", "--json"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["retention"]
+    assert set(rows) == {"walk", "walk+merge"}
+    assert rows["walk"]["registers"] <= rows["walk+merge"]["registers"], rows  # merge adds the output's work
     # the softmax family: its kernels at the model's tiles
     out = subprocess.run([sys.executable, script, "softmax_attn", "--kernels", "bwd_dkv", "--json"],
                          capture_output=True, text=True, env=env, timeout=600)
