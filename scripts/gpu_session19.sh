@@ -10,8 +10,10 @@
 #           at 2x8192 (the default partition now cut_common), then the parts experiment
 #   backward: the backward's structure changed from outside (scripts/backward_experiments.py: whole_scan,
 #           bwd_warps4) against the tree's, the delta rules at 2x8192
-#   tokens: branch walk-tokens (the walk writing u - w S for out; `mkdir _tokens && git archive walk-tokens effc |
-#           tar x -C _tokens` first, carried as an untracked folder) against the tree, the delta rules' forward
+#   branches: the experiment branches against the tree, the delta rules' kernels at 2x8192: walk-tokens (the walk
+#           writing u - w S for out) and scale-placement (a row scale moved to the smaller matmul tile); first
+#           `for b in walk-tokens:_tokens scale-placement:_scale; do mkdir -p ${b#*:} && git archive ${b%:*} effc |
+#           tar x -C ${b#*:}; done` (untracked folders, carried with the tree)
 #   peers:  the peers beside the specs that now run their forward at 4 warps, at 2x8192 (SPECS, SHAPES override)
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session19.sh [PART]...
 . "$(dirname "$0")/gpu_env.sh"
@@ -64,14 +66,16 @@ or delta_net_l2 or mlstm_sig)" > $OUT/common_check.log 2>&1
       for r in "${runs[@]}"; do
         echo "== $r"; profile $r | tee -a $OUT/backward.log | grep -v "^  -" | sed -n '/forward+backward/,$p' | head -16
       done ;;
-    tokens)
-      for t in . _tokens; do for s in gated_delta_net delta_net; do
+    branches)  # each experiment branch's tree (BRANCHES, default: the two this session left) against this one
+      for b in ${BRANCHES:-_tokens _scale}; do [ -d $b ] || echo "no $b/: make it first (see the usage)"; done
+      trees=(. $(for b in ${BRANCHES:-_tokens _scale}; do [ -d $b ] && echo $b; done))
+      for t in "${trees[@]}"; do for s in gated_delta_net delta_net; do
         { (cd $t && PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $t) timeout 150 \
             python3 $OLDPWD/scripts/kernel_profile.py $s 2x8192 > /dev/null 2>&1) & }; done; done; wait
-      for t in . _tokens; do for s in gated_delta_net delta_net; do
+      for t in "${trees[@]}"; do for s in gated_delta_net delta_net; do
         echo "== $t $s"; (cd $t && PYTHONPATH=/tmp/site:$PWD EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $t) timeout 100 \
-          python3 $OLDPWD/scripts/kernel_profile.py $s 2x8192 2>&1 | grep -v Warn | tee -a $OUT/tokens.log \
-          | grep -v "^  -" | head -6)
+          python3 $OLDPWD/scripts/kernel_profile.py $s 2x8192 2>&1 | grep -v Warn | tee -a $OUT/branches.log \
+          | grep -v "^  -" | head -20)
       done; done ;;
     peers)
       BACKWARD=1 PEER_TIMEOUT=${PEER_TIMEOUT:-240} timeout ${LIMIT:-500} bash scripts/gpu.sh bench \
