@@ -25,9 +25,8 @@ those estimated within the model's error of it, the one launching the fewest ker
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 from collections import Counter
+from dataclasses import dataclass, replace
 
 from ..ir import ops as O
 from ..ir.nodes import C, Op, Spec, TileType, dim, names_read
