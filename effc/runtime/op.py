@@ -105,8 +105,8 @@ class AttentionOp(Tuned):
         general transition, at most `block`), walk_chunk (the serial walk's chunk length, a multiple of `chunk`:
         the walk updates the state in chunks of walk_chunk, then each is walked again in chunks of `chunk`, in
         parallel, for the outputs) override the tiling model's or `effc tune`'s choice.
-        partition: how the backward's gradient kernels run (passes.partition: 'block', 'loop', 'cut' or
-        'cut_each', those the spec's plan lists); None: the plan's default.
+        partition: how the backward's gradient kernels run (passes.partition: 'block', 'loop', 'cut',
+        'cut_each' or 'cut_common', those the spec's plan lists); None: the plan's default.
         pos_offset: the position (`pos`) of every sequence's first token, for a spec that reads `pos` run on a
         later piece of its sequences (context parallel, decoding); 0 by default.
         dim_parts: run a feature dim that is not a power of two (96, 192) as two power-of-two parts (64 + 32)
