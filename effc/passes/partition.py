@@ -237,9 +237,9 @@ def _common_values(afters: list[FusedKernel]) -> tuple[dict[str, Op], tuple[str,
         return heavy[n]
 
     common = {n for n in made if count[n] > 1 and is_heavy(n)}
-    roots = {g for k in afters for g in k.roots}
-    frontier = [n for n in made if n in common and (n in roots or any(
-        n in op.args for k in afters for op in k.ops if op.out not in common))]
+    read_outside = {a for k in afters for op in k.ops if op.out not in common for a in op.args} | {
+        g for k in afters for g in k.roots}
+    frontier = [n for n in made if n in common and n in read_outside]
     for n in list(frontier):
         op = made[n]
         if op.kind not in _HEAVY and all(a in frontier or a not in common for a in op.args if isinstance(a, str)):
