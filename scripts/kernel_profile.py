@@ -2,8 +2,8 @@
 
 usage: python scripts/kernel_profile.py SPEC [BxT ...] (bf16, H=16; env DIMS=60,64 every feature dim, one profile
        each (default 128); CHUNK=32 / BLOCK=128 force the chunk / the split dim's block (WARPS=4 the forward's
-       warps): BLOCK=128 runs one program per head with no partial gradients; PARTITION=block|loop|cut|cut_each
-       the backward's gradient kernels, passes.partition; WALK_BLOCK=32 forces the block of a general
+       warps): BLOCK=128 runs one program per head with no partial gradients; PARTITION=block|loop|cut|cut_each|
+       cut_common the backward's gradient kernels, passes.partition; WALK_BLOCK=32 forces the block of a general
        transition's walk and adjoint scan, at most BLOCK; WALK_CHUNK=64 the coarse walk's chunk; KV_HEADS=1 the
        key-side inputs' heads, for a spec with key heads; DEFER_MERGE=1 / 0 merge in the out kernel / in the
        walk; DECODE=1 profiles one decoding step of B requests against a cache of T tokens, op.decode, instead of
