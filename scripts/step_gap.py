@@ -1,11 +1,14 @@
 """Where a training step's time goes beyond its kernels: the bench's own step timing (peers.time_training_step)
 against the sum of the step's kernel times (torch.profiler), the host time to issue one step, and the
-compiled-form choices (runtime.launch.spill_free) made per step once warm.
+compiled-form choices (runtime.launch.spill_free) made per step once warm; with --cprofile, then where the host
+time goes (cProfile of 10 warm steps: a step whose host time exceeds its kernels' is launch bound).
 
-usage: python scripts/step_gap.py SPEC [BxT] (bf16, H=16, D=128)
+usage: python scripts/step_gap.py SPEC [BxT] [--cprofile] (bf16, H=16, D=128)
 """
 from __future__ import annotations
 
+import cProfile
+import pstats
 import statistics
 import sys
 import time
@@ -19,7 +22,7 @@ from effc.tools.peers import time_training_step
 from kernel_profile import kernel_table
 
 
-def main(spec: str, shape: str) -> None:
+def main(spec: str, shape: str, host_profile: bool = False) -> None:
     B, T = map(int, shape.split("x"))
     op = effc.load(spec)
     xs = random_inputs(op.spec, B, T, 16, {d: 128 for d in op.spec.dims}, torch.bfloat16, "cuda")
@@ -45,7 +48,17 @@ def main(spec: str, shape: str) -> None:
           f"{len(launch._SPILL_FREE)} after 25 more steps; config {op.last_config}", flush=True)
     for name, t, n in rows[:14]:
         print(f"  {t:8.3f} ms  x{n:<3d} {name[:90]}", flush=True)
+    if host_profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(28)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "2x8192")
+    args = [a for a in sys.argv[1:] if a != "--cprofile"]
+    main(args[0], args[1] if len(args) > 1 else "2x8192", "--cprofile" in sys.argv)
