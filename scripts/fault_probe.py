@@ -3,7 +3,8 @@ launch, so an illegal memory access is reported at the launch that caused it (na
 instead of at some later call. Run each probe in a fresh process: a fault loses the CUDA context.
 
 usage: python scripts/fault_probe.py SPEC BxTxH [knob=value ...]     (D=128; e.g. partition=cut segments=1)
-       bwd_warps=N: the gradient kernels' warps, past policy.triton_faults.backward_warps; dim=N: D
+       bwd_warps=N: the gradient kernels' warps, past policy.triton_faults.backward_warps; dim=N: D;
+       refused=run: run a backward that policy.triton_faults.backward_fault refuses on this GPU
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def probe_knobs(args: list[str]) -> tuple[dict, int]:
     if "bwd_warps" in kw:
         warps = kw.pop("bwd_warps")
         launch.backward_warps = lambda num_warps, kernels, device: warps
+    if kw.pop("refused", None) == "run":
+        launch.backward_fault = lambda *a: None
     return kw, kw.pop("dim", 128)
 
 

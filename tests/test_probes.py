@@ -24,5 +24,5 @@ def test_grad_probe_prints_each_gradient_beside_the_reference():
 
 
 def test_fault_probe_runs_forward_and_backward():
-    out = _run("fault_probe.py", "linear_attn", "1x40x1", "dim=16", "partition=loop")
+    out = _run("fault_probe.py", "linear_attn", "1x40x1", "dim=16", "partition=loop", "refused=run")
     assert "forward ok" in out and "backward ok" in out, out
