@@ -4,8 +4,11 @@
 #   probe:  mesanet's and log_linear_attn's backwards, refused on sm_90 since they faulted (policy.triton_faults),
 #           run past the refusal in each gradient partition made since (scripts/fault_probe.py refused=run), each in
 #           its own process in the background of the parts after it (a fault loses only that process's context)
+#   branches: as there, with a third tree, `_serial/` (branch serial-tokens: the walk's tokens plus the adjoint
+#           scan writing `k dS` for the gradient kernels): `git archive serial-tokens effc | tar x -C _serial`
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session20.sh [PART]...
 . "$(dirname "$0")/gpu_env.sh"
+export BRANCHES=${BRANCHES:-_tokens _scale _serial}
 for part in "$@"; do
   case $part in
     probe)
