@@ -6,6 +6,8 @@
 #           its own process in the background of the parts after it (a fault loses only that process's context)
 #   backward: as there (whole_scan, bwd_warps4 beside the tree), plus whole_scan in `_serial/`: with the scan
 #           keeping the cotangents' terms, what it writes is `k dS + A^T dO` (fla's dv2), not `k dS` alone
+#   trees:  the tree, `_tokens/`, `_scale/` and `_serial/` (each made by `git archive BRANCH effc | tar x -C DIR`),
+#           the delta rules' kernel tables at 2x8192, and `_serial/` with whole_scan: the one call of a short budget
 #   branches: as there, with a third tree, `_serial/` (branch serial-tokens: the walk's tokens plus the adjoint
 #           scan writing `k dS` for the gradient kernels): `git archive serial-tokens effc | tar x -C _serial`
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session20.sh [PART]...
@@ -18,17 +20,23 @@ for part in "$@"; do
         { timeout 240 python3 scripts/fault_probe.py $s 2x2048x16 refused=run partition=$p 2>&1 | grep -v Warn \
             | tail -3 | sed "s/^/$s $p: /" >> $OUT/refused_probe.log; } &
       done; done ;;
-    backward)
-      runs=(". . gated_delta_net" ". . delta_net" ". whole_scan gated_delta_net" ". whole_scan delta_net"
-            ". bwd_warps4 gated_delta_net" ". bwd_warps4 delta_net" "_serial whole_scan gated_delta_net"
-            "_serial whole_scan delta_net")
-      profile() {  # TREE EXPERIMENT SPEC: "." is the tree as it is
+    backward|trees)  # TREE EXPERIMENT SPEC per run: "." is the tree as it is / no experiment
+      if [ $part = backward ]; then
+        runs=(". . gated_delta_net" ". . delta_net" ". whole_scan gated_delta_net" ". whole_scan delta_net"
+              ". bwd_warps4 gated_delta_net" ". bwd_warps4 delta_net" "_serial whole_scan gated_delta_net"
+              "_serial whole_scan delta_net")
+      else  # the experiment trees beside this one, and serial-tokens with the whole scan: one call
+        runs=(". . gated_delta_net" ". . delta_net" "_tokens . gated_delta_net" "_tokens . delta_net"
+              "_scale . gated_delta_net" "_scale . delta_net" "_serial . gated_delta_net" "_serial . delta_net"
+              "_serial whole_scan gated_delta_net")
+      fi
+      profile() {
         (cd $1 && export PYTHONPATH=/tmp/site:$PWD && if [ "$2" = . ]; then
           EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $PWD) timeout 150 python3 $OLDPWD/scripts/kernel_profile.py $3 2x8192
         else timeout 150 python3 $OLDPWD/scripts/backward_experiments.py $2 $3 2x8192; fi 2>&1 | grep -v Warn); }
       for r in "${runs[@]}"; do { profile $r > /dev/null & }; done; wait
       for r in "${runs[@]}"; do
-        echo "== $r"; profile $r | tee -a $OUT/backward.log | grep -v "^  -" | sed -n '/forward+backward/,$p' | head -16
+        echo "== $r"; profile $r | tee -a $OUT/$part.log | grep -v "^  -\|^  from" | sed 's/ (config.*//' | cut -c1-90 | head -24
       done ;;
     *) bash "$(dirname "$0")/gpu_session19.sh" $part ;;
   esac
