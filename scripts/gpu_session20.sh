@@ -3,7 +3,9 @@
 # scripts/gpu_session19.sh runs as there, plus:
 #   probe:  mesanet's and log_linear_attn's backwards, refused on sm_90 since they faulted (policy.triton_faults),
 #           run past the refusal in each gradient partition made since (scripts/fault_probe.py refused=run), each in
-#           its own process in the background of the parts after it (a fault loses only that process's context)
+#           its own process in the background of the parts after it (a fault loses only that process's context);
+#           and the delta rules' gradients with the serial kernels 32 wide at chunk 64 (`walk32` in trees times
+#           them), which faulted for delta_net_l2 when first tried (policy.tiling.NARROW_FAULT_CHUNK)
 #   backward: as there (whole_scan, bwd_warps4 beside the tree), plus whole_scan in `_serial/`: with the scan
 #           keeping the cotangents' terms, what it writes is `k dS + A^T dO` (fla's dv2), not `k dS` alone
 #   trees:  the tree, `_tokens/`, `_scale/` and `_serial/` (each made by `git archive BRANCH effc | tar x -C DIR`),
@@ -16,10 +18,14 @@ export BRANCHES=${BRANCHES:-_tokens _scale _serial}
 for part in "$@"; do
   case $part in
     probe)
-      for s in mesanet log_linear_attn; do for p in cut cut_common loop; do
+      for s in mesanet log_linear_attn; do for p in cut_common loop; do
         { timeout 240 python3 scripts/fault_probe.py $s 2x2048x16 refused=run partition=$p 2>&1 | grep -v Warn \
             | tail -3 | sed "s/^/$s $p: /" >> $OUT/refused_probe.log; } &
-      done; done ;;
+      done; done
+      for s in gated_delta_net delta_net; do  # the serial kernels 32 wide at chunk 64: right now? (they faulted)
+        { timeout 240 python3 scripts/grad_probe.py $s 2x2048x16 walk_block=32 2>&1 | grep -v Warn | tail -8 \
+            | sed "s/^/$s walk_block=32: /" >> $OUT/refused_probe.log; } &
+      done ;;
     backward|trees)  # TREE EXPERIMENT SPEC per run: "." is the tree as it is / no experiment
       if [ $part = backward ]; then
         runs=(". . gated_delta_net" ". . delta_net" ". whole_scan gated_delta_net" ". whole_scan delta_net"
@@ -28,11 +34,13 @@ for part in "$@"; do
       else  # the experiment trees beside this one, and serial-tokens with the whole scan: one call
         runs=(". . gated_delta_net" ". . delta_net" "_tokens . gated_delta_net" "_tokens . delta_net"
               "_scale . gated_delta_net" "_scale . delta_net" "_serial . gated_delta_net" "_serial . delta_net"
-              "_serial whole_scan gated_delta_net")
+              "_serial whole_scan gated_delta_net" ". walk32 gated_delta_net" ". walk32 delta_net")
       fi
       profile() {
-        (cd $1 && export PYTHONPATH=/tmp/site:$PWD && if [ "$2" = . ]; then
-          EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $PWD) timeout 150 python3 $OLDPWD/scripts/kernel_profile.py $3 2x8192
+        (cd $1 && export PYTHONPATH=/tmp/site:$PWD && if [ "$2" = . ] || [ "$2" = walk32 ]; then
+          wb=(); [ "$2" = walk32 ] && wb=(WALK_BLOCK=32)
+          env ${wb[@]+"${wb[@]}"} EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $PWD) timeout 150 \
+            python3 $OLDPWD/scripts/kernel_profile.py $3 2x8192
         else timeout 150 python3 $OLDPWD/scripts/backward_experiments.py $2 $3 2x8192; fi 2>&1 | grep -v Warn); }
       for r in "${runs[@]}"; do { profile $r > /dev/null & }; done; wait
       for r in "${runs[@]}"; do
