@@ -8,8 +8,9 @@
 #           them), which faulted for delta_net_l2 when first tried (policy.tiling.NARROW_FAULT_CHUNK)
 #   backward: as there (whole_scan, bwd_warps4 beside the tree), plus whole_scan in `_serial/`: with the scan
 #           keeping the cotangents' terms, what it writes is `k dS + A^T dO` (fla's dv2), not `k dS` alone
-#   trees:  the tree, `_serial/` and `_scale/` (each made by `git archive BRANCH effc | tar x -C DIR`),
-#           the delta rules' kernel tables at 2x8192, and `_serial/` with whole_scan: the one call of a short budget
+#   trees:  the tree, `_combo/` (branch combo: serial-tokens on scale-placement), `_serial/` and `_scale/` (each
+#           made by `git archive BRANCH effc | tar x -C DIR`), the delta rules' kernel tables at 2x8192, and
+#           `_combo/` with whole_scan: the one call of a short budget
 #   branches: as there, with a third tree, `_serial/` (branch serial-tokens: the walk's tokens plus the adjoint
 #           scan writing `k dS` for the gradient kernels): `git archive serial-tokens effc | tar x -C _serial`
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session20.sh [PART]...
@@ -32,9 +33,9 @@ for part in "$@"; do
               ". bwd_warps4 gated_delta_net" ". bwd_warps4 delta_net" "_serial whole_scan gated_delta_net"
               "_serial whole_scan delta_net")
       else  # the experiment trees beside this one, and serial-tokens with the whole scan: one call
-        # (_serial holds walk-tokens' change too: its forward table is walk-tokens')
-        runs=(". . gated_delta_net" ". . delta_net" "_serial . gated_delta_net" "_serial . delta_net"
-              "_scale . gated_delta_net" "_scale . delta_net" "_serial whole_scan gated_delta_net"
+        # (_serial holds walk-tokens' change too: its forward table is walk-tokens'; _combo is both branches)
+        runs=(". . gated_delta_net" ". . delta_net" "_combo . gated_delta_net" "_combo . delta_net"
+              "_scale . gated_delta_net" "_serial . gated_delta_net" "_combo whole_scan gated_delta_net"
               ". walk32 gated_delta_net")
       fi
       profile() {
