@@ -27,8 +27,11 @@ for part in "$@"; do
         { timeout 240 python3 scripts/grad_probe.py $s 2x2048x16 walk_block=32 2>&1 | grep -v Warn | tail -8 \
             | sed "s/^/$s walk_block=32: /" >> $OUT/refused_probe.log; } &
       done ;;
-    backward|trees)  # TREE EXPERIMENT SPEC per run: "." is the tree as it is / no experiment
-      if [ $part = backward ]; then
+    backward|trees|short)  # TREE EXPERIMENT SPEC per run: "." is the tree as it is / no experiment
+      if [ $part = short ]; then  # trees' gated_delta_net rows alone, for a budget of one short call
+        runs=(". . gated_delta_net" "_combo . gated_delta_net" "_serial . gated_delta_net" "_scale . gated_delta_net"
+              ". walk32 gated_delta_net")
+      elif [ $part = backward ]; then
         runs=(". . gated_delta_net" ". . delta_net" ". whole_scan gated_delta_net" ". whole_scan delta_net"
               ". bwd_warps4 gated_delta_net" ". bwd_warps4 delta_net" "_serial whole_scan gated_delta_net"
               "_serial whole_scan delta_net")
