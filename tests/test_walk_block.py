@@ -145,6 +145,10 @@ def test_model_narrows_the_walk_only_when_its_programs_leave_the_gpu_idle():
     assert any("walk and adjoint scan in blocks of 16" in r and "32 programs" in r for r in long_delta.reasons)
     long_mlstm = _choice("mlstm", 1, 32768)
     assert (long_mlstm.chunk, long_mlstm.block, long_mlstm.serial_block) == (64, 64, 64)
+    # at C=64 a plan whose states all have the split dim narrows to 32, no further (Triton's narrow-block
+    # miscompile); mlstm's above holds states without it (n: [K], m: []), which faulted at 32
+    assert _choice("gated_delta_net", 2, 8192).serial_block == 32
+    assert _choice("gated_delta_net", 1, 32768).serial_block == 32
     # 8 x 16 x 2 = 256 programs: one wave already, a narrower block would need two
     short = _choice("gated_delta_net", 8, 2048, chunk=32)
     assert short.walk_block == short.block == 64

@@ -35,10 +35,13 @@ SERIAL_STEP_FIXED = 1.0
 # Triton 3.6 miscompiles the walk at C >= 64 with a block of the split dim under 32 on Hopper
 # (policy.search.compiler_fault): no config goes narrower there
 NARROW_FAULT_CHUNK, NARROW_FAULT_MIN_BLOCK = 64, 32
-# and mlstm's backward at C=64 with serial kernels 32 wide faulted too (an illegal memory access at 2x2048,
-# H=16, D=128 on the H200; 64 ran): the model does not narrow them there (a given walk_block=32 may, and
-# effc tune remembers a fault)
-MODEL_SERIAL_FLOOR_AT_NARROW_FAULT_CHUNK = 64
+# and mlstm's backward at C=64 with serial kernels 32 wide faulted (an illegal memory access at 2x2048, H=16,
+# D=128 on the H200, 2026-12-03; 64 ran). What sets it apart from the delta rules, whose gradients at 32 wide
+# matched as closely as the bf16 reference's (H100, 2026-12-07, 2x2048, with initial states) and whose training
+# step ran 3-5% faster there (gated_delta_net 2x8192: the walk 0.352 -> 0.289 ms, the adjoint scan 0.437 ->
+# 0.331): states without the split dim (mlstm's n: [K], m: []), whose per-block adjoints the scan lays out by its
+# own blocks (runtime.launch._regroup). Plans holding such a state keep the serial kernels in the main block at
+# C >= 64 (a given walk_block=32 may, and effc tune remembers a fault).
 
 
 @dataclass(frozen=True)
@@ -280,10 +283,15 @@ def _warps(live: int) -> tuple[int, str]:
     return 8, f"8 warps: ~{per_thread} live fp32 values per thread at 4 would spill, ~{live // 256} at 8"
 
 
-def walk_block_floor(chunk: int) -> int:
-    """The narrowest block the model gives the serial kernels at chunk `chunk`: 16 (tl.dot's minimum), 64
-    where Triton miscompiled narrower ones (NARROW_FAULT_CHUNK)."""
-    return MODEL_SERIAL_FLOOR_AT_NARROW_FAULT_CHUNK if chunk >= NARROW_FAULT_CHUNK else 16
+def walk_block_floor(spec: Spec, split: str, chunk: int, block: int) -> int:
+    """The narrowest block the model gives the serial kernels at chunk `chunk`: 16 (tl.dot's minimum), at
+    C >= NARROW_FAULT_CHUNK 32 (Triton's miscompile of narrower ones), and there `block` itself for a plan holding
+    a state without the split dim (mlstm's fault at 32, see above)."""
+    if chunk < NARROW_FAULT_CHUNK:
+        return 16
+    if any(split not in s.dims for s in spec.states):
+        return block
+    return min(block, NARROW_FAULT_MIN_BLOCK)
 
 
 def _walk_block(split_size: int, block: int, rows: int, slots: int, floor: int) -> tuple[int, str]:
@@ -418,7 +426,8 @@ def _choose_walk_block(spec: Spec, legality: Legality, space: TilingSpace, value
         if fixed:  # nothing chosen: the walk runs in the block, as it always has (no reason printed)
             return 0, ""
         return _walk_block(problem.size(space.split_dim), block, problem.B * problem.H,
-                           problem.sm_count * PROGRAMS_PER_SM, min(block, walk_block_floor(chunk)))
+                           problem.sm_count * PROGRAMS_PER_SM,
+                           min(block, walk_block_floor(spec, space.split_dim, chunk, block)))
     if walk_block == block:
         return (0 if fixed else block), ""
     if fixed:
