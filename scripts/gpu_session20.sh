@@ -4,8 +4,8 @@
 #   probe:  mesanet's and log_linear_attn's backwards, refused on sm_90 since they faulted (policy.triton_faults),
 #           run past the refusal in each gradient partition made since (scripts/fault_probe.py refused=run), each in
 #           its own process in the background of the parts after it (a fault loses only that process's context);
-#           and the delta rules' gradients with the serial kernels 32 wide at chunk 64 (`walk32` in trees times
-#           them), which faulted for delta_net_l2 when first tried (policy.tiling.NARROW_FAULT_CHUNK)
+#           and the _l2 delta rules' gradients at 2x8192, where their serial kernels run 32 wide at chunk 64 (the
+#           model's since the sixth 2026-12-07 session; delta_net_l2 faulted there on 2026-11-23's codegen)
 #   backward: as there (whole_scan, bwd_warps4 beside the tree), plus whole_scan in `_serial/`: with the scan
 #           keeping the cotangents' terms, what it writes is `k dS + A^T dO` (fla's dv2), not `k dS` alone
 #   trees:  the tree, `_combo/` (branch combo: serial-tokens on scale-placement), `_serial/` and `_scale/` (each
@@ -23,14 +23,13 @@ for part in "$@"; do
         { timeout 240 python3 scripts/fault_probe.py $s 2x2048x16 refused=run partition=$p 2>&1 | grep -v Warn \
             | tail -3 | sed "s/^/$s $p: /" >> $OUT/refused_probe.log; } &
       done; done
-      for s in gated_delta_net delta_net; do  # the serial kernels 32 wide at chunk 64: right now? (they faulted)
-        { timeout 240 python3 scripts/grad_probe.py $s 2x2048x16 walk_block=32 2>&1 | grep -v Warn | tail -8 \
-            | sed "s/^/$s walk_block=32: /" >> $OUT/refused_probe.log; } &
+      for s in gated_delta_net_l2 delta_net_l2; do  # the serial kernels 32 wide at chunk 64, the model's at 2x8192
+        { timeout 240 python3 scripts/grad_probe.py $s 2x8192x16 2>&1 | grep -v Warn | tail -8 \
+            | sed "s/^/$s: /" >> $OUT/refused_probe.log; } &
       done ;;
     backward|trees|short)  # TREE EXPERIMENT SPEC per run: "." is the tree as it is / no experiment
       if [ $part = short ]; then  # trees' gated_delta_net rows alone, for a budget of one short call
-        runs=(". . gated_delta_net" "_combo . gated_delta_net" "_serial . gated_delta_net" "_scale . gated_delta_net"
-              ". walk32 gated_delta_net")
+        runs=(". . gated_delta_net" "_combo . gated_delta_net" "_serial . gated_delta_net" "_scale . gated_delta_net")
       elif [ $part = backward ]; then
         runs=(". . gated_delta_net" ". . delta_net" ". whole_scan gated_delta_net" ". whole_scan delta_net"
               ". bwd_warps4 gated_delta_net" ". bwd_warps4 delta_net" "_serial whole_scan gated_delta_net"
@@ -38,8 +37,7 @@ for part in "$@"; do
       else  # the experiment trees beside this one, and serial-tokens with the whole scan: one call
         # (_serial holds walk-tokens' change too: its forward table is walk-tokens'; _combo is both branches)
         runs=(". . gated_delta_net" ". . delta_net" "_combo . gated_delta_net" "_combo . delta_net"
-              "_scale . gated_delta_net" "_serial . gated_delta_net" "_combo whole_scan gated_delta_net"
-              ". walk32 gated_delta_net")
+              "_scale . gated_delta_net" "_serial . gated_delta_net" "_combo whole_scan gated_delta_net")
       fi
       profile() {
         (cd $1 && export PYTHONPATH=/tmp/site:$PWD && if [ "$2" = . ] || [ "$2" = walk32 ]; then
