@@ -8,7 +8,8 @@
 #           model's since the sixth 2026-12-07 session; delta_net_l2 faulted there on 2026-11-23's codegen)
 #   backward: as there (whole_scan, bwd_warps4 beside the tree), plus whole_scan in `_serial/`: with the scan
 #           keeping the cotangents' terms, what it writes is `k dS + A^T dO` (fla's dv2), not `k dS` alone
-#   trees:  the tree, `_combo/` (branch combo: serial-tokens on scale-placement), `_serial/` and `_scale/` (each
+#   trees:  the tree, `_combo/` (branch combo: serial-tokens on scale-placement), `_serial/`, `_scale/` and
+#           `_scalars/` (serial-scalars: the gates' cumsum from prep, `last` of it one load) (each
 #           made by `git archive BRANCH effc | tar x -C DIR`), the delta rules' kernel tables at 2x8192, and
 #           `_combo/` with whole_scan: the one call of a short budget
 #   branches: as there, with a third tree, `_serial/` (branch serial-tokens: the walk's tokens plus the adjoint
@@ -29,7 +30,8 @@ for part in "$@"; do
       done ;;
     backward|trees|short)  # TREE EXPERIMENT SPEC per run: "." is the tree as it is / no experiment
       if [ $part = short ]; then  # trees' gated_delta_net rows alone, for a budget of one short call
-        runs=(". . gated_delta_net" "_combo . gated_delta_net" "_serial . gated_delta_net" "_scale . gated_delta_net")
+        runs=(". . gated_delta_net" "_combo . gated_delta_net" "_serial . gated_delta_net" "_scale . gated_delta_net"
+              "_scalars . gated_delta_net")
       elif [ $part = backward ]; then
         runs=(". . gated_delta_net" ". . delta_net" ". whole_scan gated_delta_net" ". whole_scan delta_net"
               ". bwd_warps4 gated_delta_net" ". bwd_warps4 delta_net" "_serial whole_scan gated_delta_net"
@@ -37,7 +39,8 @@ for part in "$@"; do
       else  # the experiment trees beside this one, and serial-tokens with the whole scan: one call
         # (_serial holds walk-tokens' change too: its forward table is walk-tokens'; _combo is both branches)
         runs=(". . gated_delta_net" ". . delta_net" "_combo . gated_delta_net" "_combo . delta_net"
-              "_scale . gated_delta_net" "_serial . gated_delta_net" "_combo whole_scan gated_delta_net")
+              "_scale . gated_delta_net" "_serial . gated_delta_net" "_combo whole_scan gated_delta_net"
+              "_scalars . gated_delta_net")
       fi
       profile() {
         (cd $1 && export PYTHONPATH=/tmp/site:$PWD && if [ "$2" = . ] || [ "$2" = walk32 ]; then
