@@ -312,7 +312,9 @@ def _walk_block(split_size: int, block: int, rows: int, slots: int, floor: int) 
         if programs >= slots:
             why = f"{programs} walk programs fill {slots} slots"
         elif block // 2 < floor:
-            why = f"{programs} walk programs for {slots} slots, but no block narrower than {floor} runs right"
+            why = (f"{programs} walk programs for {slots} slots, but no block narrower than {floor} runs right"
+                   + (" for a plan with a state without the split dim (one faulted at 32 on sm_90)" if floor > NARROW_FAULT_MIN_BLOCK
+                      else ""))
         else:
             why = f"{programs} walk programs for {slots} slots; a narrower block would need more waves"
         return block, f"walk and adjoint scan in blocks of {block} too: {why}"
