@@ -269,7 +269,7 @@ def _walk_blocks(spec: Spec, legality: Legality, split: str | None, split_size: 
     if _fixed_walk_block(spec, legality, split):
         return (0,)
     model, _ = _walk_block(split_size, block, problem.B * problem.H, problem.sm_count * PROGRAMS_PER_SM,
-                           min(block, walk_block_floor(spec, split, chunk, block)))
+                           walk_block_floor(spec, split, chunk, block))
     extra = {default.walk_block} if (chunk, block) == (default.chunk, default.block) else set()
     return (model,) + tuple(sorted((set(_pow2_upto(16, block)) | extra) - {model}, reverse=True))
 

@@ -284,9 +284,9 @@ def _warps(live: int) -> tuple[int, str]:
 
 
 def walk_block_floor(spec: Spec, split: str, chunk: int, block: int) -> int:
-    """The narrowest block the model gives the serial kernels at chunk `chunk`: 16 (tl.dot's minimum), at
-    C >= NARROW_FAULT_CHUNK 32 (Triton's miscompile of narrower ones), and there `block` itself for a plan holding
-    a state without the split dim (mlstm's fault at 32, see above)."""
+    """The narrowest block (at most `block`) the model gives the serial kernels at chunk `chunk`: 16 (tl.dot's
+    minimum), at C >= NARROW_FAULT_CHUNK 32 (Triton's miscompile of narrower ones), and there `block` itself for
+    a plan holding a state without the split dim (mlstm's fault at 32, see above)."""
     if chunk < NARROW_FAULT_CHUNK:
         return 16
     if any(split not in s.dims for s in spec.states):
@@ -312,9 +312,9 @@ def _walk_block(split_size: int, block: int, rows: int, slots: int, floor: int) 
         if programs >= slots:
             why = f"{programs} walk programs fill {slots} slots"
         elif block // 2 < floor:
+            held = floor > NARROW_FAULT_MIN_BLOCK  # walk_block_floor: a state without the split dim
             why = (f"{programs} walk programs for {slots} slots, but no block narrower than {floor} runs right"
-                   + (" for a plan with a state without the split dim (one faulted at 32 on sm_90)" if floor > NARROW_FAULT_MIN_BLOCK
-                      else ""))
+                   + (" for a plan with a state without the split dim (one faulted at 32 on sm_90)" if held else ""))
         else:
             why = f"{programs} walk programs for {slots} slots; a narrower block would need more waves"
         return block, f"walk and adjoint scan in blocks of {block} too: {why}"
@@ -428,8 +428,7 @@ def _choose_walk_block(spec: Spec, legality: Legality, space: TilingSpace, value
         if fixed:  # nothing chosen: the walk runs in the block, as it always has (no reason printed)
             return 0, ""
         return _walk_block(problem.size(space.split_dim), block, problem.B * problem.H,
-                           problem.sm_count * PROGRAMS_PER_SM,
-                           min(block, walk_block_floor(spec, space.split_dim, chunk, block)))
+                           problem.sm_count * PROGRAMS_PER_SM, walk_block_floor(spec, space.split_dim, chunk, block))
     if walk_block == block:
         return (0 if fixed else block), ""
     if fixed:
