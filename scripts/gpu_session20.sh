@@ -43,10 +43,8 @@ for part in "$@"; do
               "_scalars . gated_delta_net")
       fi
       profile() {
-        (cd $1 && export PYTHONPATH=/tmp/site:$PWD && if [ "$2" = . ] || [ "$2" = walk32 ]; then
-          wb=(); [ "$2" = walk32 ] && wb=(WALK_BLOCK=32)
-          env ${wb[@]+"${wb[@]}"} EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $PWD) timeout 150 \
-            python3 $OLDPWD/scripts/kernel_profile.py $3 2x8192
+        (cd $1 && export PYTHONPATH=/tmp/site:$PWD && if [ "$2" = . ]; then
+          EFFC_CACHE_DIR=/tmp/effc-cache-$(basename $PWD) timeout 150 python3 $OLDPWD/scripts/kernel_profile.py $3 2x8192
         else timeout 150 python3 $OLDPWD/scripts/backward_experiments.py $2 $3 2x8192; fi 2>&1 | grep -v Warn); }
       for r in "${runs[@]}"; do { profile $r > /dev/null & }; done; wait
       for r in "${runs[@]}"; do
