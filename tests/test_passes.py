@@ -558,9 +558,9 @@ def test_plan_loads_only_what_each_kernel_reads():
             _9 : [C] = sub(bl, b)
             _10 : [C] = exp(_9)
             _11 : [C, 1] = expand(_10, [:, None])
-            _12 : [C, K] = mul(k, _11)
-            _13 : [K, C] = transpose(_12)
-            _14 : [K, V] = matmul(_13, v)
+            _14_a : [K, C] = transpose(k)
+            _14_q : [C, V] = mul(v, _11)
+            _14 : [K, V] = matmul(_14_a, _14_q)
             _next_S : [K, V] = add(_8, _14)
           kernel walk  grid=(cdiv(V, BLOCK), B*H, P)
             per chunk: load q, k, v, g; store o
@@ -568,17 +568,17 @@ def test_plan_loads_only_what_each_kernel_reads():
             b : [C] = cumsum(g)
             _2 : [C] = exp(b)
             _3 : [C, 1] = expand(_2, [:, None])
-            _4 : [C, K] = mul(q, _3)
-            o : [C, V] = matmul(_4, S)
+            o_m : [C, V] = matmul(q, S)
+            o : [C, V] = mul(o_m, _3)
             bl : [] = last(b)
             _7 : [] = exp(bl)
             _8 : [K, V] = mul(S, _7)
             _9 : [C] = sub(bl, b)
             _10 : [C] = exp(_9)
             _11 : [C, 1] = expand(_10, [:, None])
-            _12 : [C, K] = mul(k, _11)
-            _13 : [K, C] = transpose(_12)
-            _14 : [K, V] = matmul(_13, v)
+            _14_a : [K, C] = transpose(k)
+            _14_q : [C, V] = mul(v, _11)
+            _14 : [K, V] = matmul(_14_a, _14_q)
             _next_S : [K, V] = add(_8, _14)
           kernel out  grid=(cdiv(V, BLOCK), B*H, chunks)
             per chunk: load q, g; store o
@@ -586,8 +586,8 @@ def test_plan_loads_only_what_each_kernel_reads():
             b : [C] = cumsum(g)
             _2 : [C] = exp(b)
             _3 : [C, 1] = expand(_2, [:, None])
-            _4 : [C, K] = mul(q, _3)
-            o : [C, V] = matmul(_4, S)
+            o_m : [C, V] = matmul(q, S)
+            o : [C, V] = mul(o_m, _3)
     """)
 
 
@@ -615,8 +615,9 @@ def test_emit_module_key_lines_and_valid_python():
         "v__seed__next_S = v_dS",
         "r_V = pid_s * BLOCK + tl.arange(0, BLOCK)",  # V is split
         "v_b = tl.cumsum(v_g, axis=0)",
-        # contracting K: padded columns selected to 0 on both operands (the carried state's may hold anything)
-        "v_o = tl.dot((tl.where(m_K[None, :], v__4, 0.0) if (K_P != K) else v__4).to(DOT_DTYPE), "
+        # contracting K: the carried state's padded rows selected to 0 (they may hold anything; a loaded tile's
+        # padded columns load as 0), q unscaled (passes.scale_placement scales the [C, V] product by exp(b))
+        "v_o_m = tl.dot(v_q.to(DOT_DTYPE), "
         "(tl.where(m_K[:, None], v_S, 0.0) if (K_P != K) else v_S).to(DOT_DTYPE), input_precision=PRECISION)",
         "for seg in tl.range(0, pid_p):  # fold the summaries of earlier segments",
         "v_S = v_S * tl.load(S_segd_ptr + seg_offs, " + SMASK + ") + tl.load(S_segw_ptr + seg_offs, " + SMASK + ")",

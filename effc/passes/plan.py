@@ -14,7 +14,9 @@ from .block_loop import BlockLoop, loop_over_blocks
 from .decay_dot import per_channel
 from .fusion import Fused, needed, seed_gradients
 from .kernel_plan import Kernel, KernelArg, kernel_args
+from .kernel_cost import typical_sizes
 from .legality import Legality
+from .scale_placement import place_scalings
 from .shapes import value_types
 from .transpose_sink import sink_transposes
 
@@ -301,6 +303,7 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
             leaves += tuple((x, tiles[s]) for s, x in injected)
         types = {**value_types(spec), **dict(leaves)}
         ops = sink_transposes(fk.ops, types)
+        ops = place_scalings(ops, {**types, **{op.out: op.type for op in ops}}, typical_sizes(spec, split))
         if split and gradient:
             loop = loop_over_blocks(ops, {**types, **{op.out: op.type for op in ops}}, split) if fk.loop else None
             if fk.loop and loop is None:
