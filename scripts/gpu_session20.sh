@@ -29,7 +29,8 @@ for part in "$@"; do
             | sed "s/^/$s: /" >> $OUT/refused_probe.log; } &
       done ;;
     backward|trees|short)  # TREE EXPERIMENT SPEC per run: "." is the tree as it is / no experiment
-      if [ $part = short ]; then  # trees' gated_delta_net rows alone, for a budget of one short call
+      if [ -n "${RUNS:-}" ]; then IFS=';' read -ra runs <<< "$RUNS"  # e.g. RUNS=". . gated_delta_net;_scalars . gated_delta_net"
+      elif [ $part = short ]; then  # trees' gated_delta_net rows alone, for a budget of one short call
         runs=(". . gated_delta_net" "_combo . gated_delta_net" "_serial . gated_delta_net" "_scale . gated_delta_net"
               "_scalars . gated_delta_net")
       elif [ $part = backward ]; then
