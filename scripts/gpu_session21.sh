@@ -6,7 +6,8 @@
 #           mesanet's other partitions (cut, cut_each, block; loop faulted on 2026-12-07), each a gradient check
 #           against the oracle in its own process (a fault loses only that process's context)
 #   scalars: gated_delta_net's kernel table at 2x8192, the tree and `_scalars/` (branch serial-scalars rebased
-#           on main: `git archive serial-scalars effc | tar x -C _scalars`)
+#           on main: `git archive serial-scalars effc | tar x -C _scalars`), and both delta rules' in `_narrow/`
+#           (tiles only tl.dot reads loaded in their storage dtype: TritonPrinter.dot_operands)
 # usage (device machine; carry .device/wheels-a, wheels-c, tlbundle.tar.xz): bash scripts/gpu_session21.sh [PART]...
 . "$(dirname "$0")/gpu_env.sh"
 for part in "$@"; do
@@ -17,7 +18,7 @@ for part in "$@"; do
       for p in cut cut_each block; do { probe mesanet 2x2048x16 partition=$p >> $OUT/probe2.log; } & done
       wait; echo "== refused backwards at the tiles that fit"; cat $OUT/probe2.log ;;
     scalars)
-      RUNS=". . gated_delta_net;_scalars . gated_delta_net" bash "$(dirname "$0")/gpu_session20.sh" trees ;;
+      RUNS=". . gated_delta_net;_scalars . gated_delta_net;_narrow . gated_delta_net;. . delta_net;_narrow . delta_net" bash "$(dirname "$0")/gpu_session20.sh" trees ;;
     *) bash "$(dirname "$0")/gpu_session20.sh" $part ;;
   esac
 done
