@@ -748,3 +748,40 @@ def test_loop_over_blocks_splits_a_gradient_kernel_around_the_sums_over_v():
     # a max over V is not a sum: this kernel would not loop
     rowmax = Op("_m", "rowmax", ("_seed_o",), TileType((C,)))
     assert loop_over_blocks(kp.ops + (rowmax,), {**kp.types(plan.spec), "_m": rowmax.type}, "V") is None
+
+
+# the same with a per-token gate: the walk's decays read its cumulative sum, a scan across the chunk's rows
+SOLVED_GATED = edit(SOLVED, "input v: [B, T, H, V]", "input v: [B, T, H, V]\n  input g: [B, T, H] logdecay").replace(
+    "inter { S = S + k.T @ (v - w @ S) }",
+    "inter { S = S * exp(last(cumsum(g))) + (k * exp(last(cumsum(g)) - cumsum(g))[:, None]).T @ (v - w @ S) }")
+
+
+def test_hoist_writes_a_gate_cumsum_beside_the_solve_and_last_reads_one_row():
+    """Where prep runs anyway, it writes the state-free [C] cumulative sums too: the serial kernels load them a
+    chunk ahead and read the chunk's last value with one load, not a reduction across the program's warps."""
+    op = effc.loads(SOLVED_GATED)
+    hoisted = dict(op.comp.fused.hoisted)
+    scans = [n for n in hoisted if hoisted[n].rank == 1]
+    assert len(scans) == 1 and {"t", "w"} <= set(hoisted)
+    plan = op.comp.plan
+    for name in ("walk", "bwd_scan"):
+        kernel = plan.kernel(name)
+        assert not any(o.kind == "cumsum" for o in kernel.ops), name
+        assert scans[0] in {d.name for d in kernel.hoisted_loads}, name
+    source = op.comp.source("triton")
+    walk = source[source.index("def " + op.spec.name + "_walk_kernel"):]
+    walk = walk[:walk.index("@triton.jit")]
+    assert f"nx_{scans[0]} = tl.load(" in walk and "n_valid - 1)" in walk and "tl.sum(tl.where((r_C == n_valid" not in walk
+    dims = {"K": 16, "V": 32}
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 45, 2, dims, seed=2)]
+    with torch.no_grad():
+        xs[1].mul_(0.25)
+    cu = torch.tensor([0, 13, 45], dtype=torch.int32)
+    out, _ = op(*xs, cu_seqlens=cu)
+    ref, _ = op.reference(*xs, cu_seqlens=cu)
+    assert max_err(out, ref) < 1e-4
+    d_o = torch.randn_like(out)
+    grads = torch.autograd.grad(out, xs, d_o)
+    ref_grads = torch.autograd.grad(ref, xs, d_o)
+    for g, r in zip(grads, ref_grads):
+        assert max_err(g, r) < 1e-3 * max(1.0, r.abs().max().item())

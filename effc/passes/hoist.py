@@ -62,6 +62,17 @@ def hoisted_values(spec: Spec, forward: tuple[Op, ...], others=()) -> tuple[Op, 
     return tuple(op for op in forward if op.out in solved and op.out in read and _per_token(op.type))
 
 
+def row_scans(spec: Spec, forward: tuple[Op, ...], moved: set[str]) -> tuple[Op, ...]:
+    """The state-free cumulative sums of a per-token vector ([C]: the delta rules' `b = cumsum(g)`) that prep
+    writes beside the hoisted values: a scan across the chunk's rows crosses the warps of a program (shared
+    memory and a barrier), and the serial kernels would run it every step; read back, the chunk's last value is
+    one load (codegen.triton.printer: `last` of a loaded row vector), not a reduction. Only with prep running
+    anyway: a kernel of its own for them would cost the segmentable specs a launch and a pass over the gates."""
+    stateful = depends(forward, {s.name for s in spec.states})
+    return tuple(op for op in forward if op.kind == "cumsum" and op.out not in moved | stateful
+                 and op.type is not None and op.type.rank == 1 and op.type.shape[0] == C)
+
+
 def hoist(spec: Spec, fused: Fused) -> Fused:
     """Fused kernels -> the same kernels reading the hoisted values, after a `prep` kernel that writes them."""
     if spec.reverse_states:  # two walks share the state-free work; hoisting it is not implemented for them
@@ -70,6 +81,7 @@ def hoist(spec: Spec, fused: Fused) -> Fused:
     moved = hoisted_values(spec, forward, [k.ops for k in fused.kernels if k.name.startswith("bwd")])
     if not moved:
         return fused
+    moved += row_scans(spec, forward, {op.out for op in moved})
     names = tuple(op.out for op in moved)
     prep = FusedKernel("prep", ("intra",), needed(forward, names), names)
     kernels = [prep]

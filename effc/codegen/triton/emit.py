@@ -167,6 +167,10 @@ def _prefetches(kp, view, spec, split: str | None) -> dict[str, str]:
         if not d.feature_dims:
             out[d.name] = (f"tl.load({d.name}_ptr + {_next_chunk(view.tok_offs[d.name])}, "
                            f"mask={_next_chunk(view.tok_mask[d.name])}, other=0.0)")
+    for d in kp.hoisted_loads:  # prep's row vectors (the gates' cumulative sums): chunk-padded, a chunk's rows all
+        if not d.feature_dims:
+            whole = "((tl.zeros([C], tl.int64) + i_n) >= c_lo) & ((tl.zeros([C], tl.int64) + i_n) < c_hi)"
+            out[d.name] = f"tl.load({d.name}_ptr + {_next_chunk(view.hoisted_offs[d.name])}, mask={whole}, other=0.0)"
     if kp.role == "bwd_scan":
         dims = {st.name: st.dims for st in spec.states}
         for s, x in kp.injected:
@@ -204,6 +208,8 @@ def emit_module(plan: Plan, late_loads: bool = False) -> str:
         if kp.role == "bwd_scan":
             _check_scan_decay(plan, kp)
         printer = TritonPrinter(spec, kp.types(spec), split)
+        printer.row_pointers = {d.name: f"{d.name}_ptr + ((c_base + i_c) * H + i_h) * C + {{row}}"
+                                for d in kp.hoisted_loads if not d.feature_dims}
         rows = caller_rows(spec)  # the caller's inputs and outputs; the kernels' own scratch is dense
         toks = {d.name: _token_offsets(d, f"HX_{d.name}", split=split, rows=rows) for d in kp.loads}
         toks.update({d.name: _token_offsets(d, split=split, rows=rows if d in spec.outputs else None)

@@ -194,6 +194,8 @@ class TritonPrinter:
         self.dims = set(spec.dims) | {"H"}
         self.features = set(spec.dims)
         self.split = split
+        # [C] tiles this kernel loads from a per-token buffer: name -> the pointer of one of its rows (`{row}`)
+        self.row_pointers: dict[str, str] = {}
 
     # -- padded feature columns -----------------------------------------------------------------
     # A feature dim that is not a power of two >= 16 is a tile of its padded size (tiling.padded), masked past
@@ -274,6 +276,8 @@ class TritonPrinter:
             mask = "tv" + ("[:, None]" if self.types[op.args[0]].rank == 2 else "")
             return f"tl.cumsum(tl.where({mask}, {a[0]}, 0.0), axis=0, reverse=True)"
         if k == "last":
+            if op.args[0] in self.row_pointers:  # a loaded row vector: one load, no reduction across the warps
+                return f"tl.load({self.row_pointers[op.args[0]].format(row='n_valid - 1')}).to(tl.float32)"
             sel = "(r_C == n_valid - 1)" + ("[:, None]" if self.types[op.args[0]].rank == 2 else "")
             return f"tl.sum(tl.where({sel}, {a[0]}, 0.0), axis=0)"
         if k in O.REDUCTIONS:
