@@ -8,7 +8,7 @@ import jinja2
 # Bump when generated kernels change in a way that can change which tile configuration is fastest
 # (loop structure, what is kept on chip, how loads are issued): tuned configurations recorded under an
 # older version are then ignored, and `effc tune` records new ones.
-CODEGEN_VERSION = 11  # 11: the in-chunk inverse in exact fp32 (ieee), not tf32x3; 10: loads at their first reader only in kernels that spill without (runtime.launch.spill_free); 9: tile loads at their first reader (chunk-parallel kernels); 8: serial loops load vectors and injected terms a chunk ahead; 7: the in-chunk inverse's blocks of one size as one batch; 6: the in-chunk inverse by halves; 5: transposes of matmul results computed as transposed matmuls (passes.transpose_sink); 2: per-block adjoint histories, padded rows masked at overflowing ops, 16-bit dO in softmax bwd; 3: CSE, tf32x3 in-chunk inverse; 4: hoisted solves (prep), deferred merge (out)
+CODEGEN_VERSION = 12  # 12: the walk loads dot-only tiles as stored, the serial kernels the gates' cumsum from prep; 11: the in-chunk inverse in exact fp32 (ieee), not tf32x3; 10: loads at their first reader only in kernels that spill without (runtime.launch.spill_free); 9: tile loads at their first reader (chunk-parallel kernels); 8: serial loops load vectors and injected terms a chunk ahead; 7: the in-chunk inverse's blocks of one size as one batch; 6: the in-chunk inverse by halves; 5: transposes of matmul results computed as transposed matmuls (passes.transpose_sink); 2: per-block adjoint histories, padded rows masked at overflowing ops, 16-bit dO in softmax bwd; 3: CSE, tf32x3 in-chunk inverse; 4: hoisted solves (prep), deferred merge (out)
 
 
 _LOAD = re.compile(r"^\s*(v_\w+) = tl\.load\(")
