@@ -29,6 +29,10 @@ accumulators (fla-org/flash-linear-attention#640, #984, #988). effc meets it in 
   faults there too (an illegal memory access), and log_linear_attn's, no longer narrowed to 32-wide blocks,
   asked 278528 bytes of shared memory for bwd_chunks_k_loop. So the refusal holds on sm_90 whatever the
   Triton version, while the other holds (4 warps, 32-wide blocks) end at 3.7.1.
+  Run past the refusal again on 2026-12-07 (H100, Triton 3.6.0, 2x2048x16, D=128, scripts/grad_probe.py
+  refused=run): mesanet faults in every partition it has (block, loop, cut, cut_each); log_linear_attn's
+  kernels ask more shared memory than the GPU has at block 64 (286720 bytes, bwd_sums), and at block 32,
+  where they fit (168 KB at most, compiled for sm_90 on the CPU), its cut_common partition faults.
   Spills do not tell them apart (ptxas on the CPU, scripts/ptxas_report.py): mesanet's bwd_inject spills
   16.4 KB a thread at 4 warps and 4.8 KB at 8, zeros' bwd_chunks_s_loop 12.4 KB and 4.9 KB, and zeros is
   right at 8 warps where mesanet faults.
