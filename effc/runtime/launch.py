@@ -308,10 +308,11 @@ class Launcher:
         return bufs
 
     def forward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, init: dict, store_final: bool,
-                store_history: bool, outputs: bool = True):
+                store_history: bool, outputs: bool = True, keep_prep: bool = False):
         """Returns (outputs, final states, state history). Outputs are (B, T, H, ...) in the first input's dtype;
         `outputs=False` with merge deferred skips the out kernel (the backward recomputing the history). With a
-        coarse walk (TileConfig.walk_chunk) the history is the coarse walk's."""
+        coarse walk (TileConfig.walk_chunk) the history is the coarse walk's. `keep_prep`: the history also
+        holds prep's values by their names, for the backward to read instead of running prep again."""
         if cfg.serial_chunk != cfg.chunk:
             coarse_cfg = replace(cfg, chunk=cfg.walk_chunk, walk_chunk=0, defer_merge=True)
             coarse_lay = lay.rechunked(cfg.walk_chunk)
@@ -356,7 +357,8 @@ class Launcher:
             values = {**self._values(cfg, lay, dtype, pvals, 1, 1, dummy), **self._loads(out_kernel, xs, hoisted),
                       **{f"{o.name}_ptr": outs[o.name] for o in out_kernel.stores}, **self._buffers("hist", hist)}
             self._launch(out_kernel, (n_split, n_bh, max_chunks), values, self._options(cfg))
-        return whole_outs, (finals if store_final else {}), (hist if store_history else {})
+        kept = ({**hist, **hoisted} if keep_prep else hist) if store_history else {}
+        return whole_outs, (finals if store_final else {}), kept
 
     def _outputs(self, lay: Layout, first: torch.Tensor) -> tuple[dict, dict]:
         """The outputs a walk or out kernel writes, (B, T, H, ...) in the first input's dtype (`_caller_tensors`)."""
@@ -479,9 +481,10 @@ class Launcher:
         return GradientBuffers(groups, allocate)
 
     def backward(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict, hist: dict, d_outs: dict,
-                 d_finals: dict):
+                 d_finals: dict, hoisted: dict | None = None):
         """The reverse scan of the state adjoints, then every chunk's input gradients in parallel.
-        Returns (gradients of the inputs, gradients of the initial states), fp32."""
+        `hoisted`: prep's values the forward kept (else prep runs again). Returns (gradients of the inputs,
+        gradients of the initial states), fp32."""
         spec, split = self.spec, self.plan.split_dim
         first = xs[spec.inputs[0].name]
         device = first.device
@@ -494,7 +497,8 @@ class Launcher:
         scan_cfg = self._serial(cfg)
         n_scan = self._n_split(scan_cfg, lay)  # the scan's blocks (TileConfig.walk_block)
         _, max_chunks = lay.chunks(cfg.chunk)
-        hoisted = self.prep(cfg, lay, xs, pvals)  # recomputed, so nothing more is held from the forward
+        if hoisted is None:  # recomputed: nothing more is held from the forward
+            hoisted = self.prep(cfg, lay, xs, pvals)
         if cfg.serial_chunk != cfg.chunk:  # the forward kept a coarse walk's history: the fine one, re-walked
             _, hist = self.refine(cfg, lay, xs, pvals, hist, fuse_merge=False, store_history=True, hoisted=hoisted)
         dinit = {s.name: torch.empty(((n_scan,) if split not in s.dims else ()) + (n_bh,) + self._state_shape(lay, s),

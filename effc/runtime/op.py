@@ -23,6 +23,7 @@ from .checks import (
     decode_inputs,
     describe,
     history_dtype,
+    operand_dtype,
     param_values,
     rebuild,
     state_list,
@@ -190,13 +191,21 @@ class AttentionOp(Tuned):
                 int(bool(output_final_state)), int(keep), 1)
         return ints, tuple(pvals[p.name] for p in self.spec.params)
 
-    def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[bool, str]:
+    def _history(self, save_states, tensors, n_seq, longest, H, dims, cfg) -> tuple[int, str]:
+        """What the forward keeps for the backward (policy.tiling.history_policy: 0, 1 or 2) and why."""
         chunks = n_seq * math.ceil(longest / cfg.serial_chunk)  # the walk's history (a coarse walk's)
         history = sum(chunks * H * math.prod(dims[n] for n in s.dims) * history_dtype(s, tensors[0].dtype).itemsize
                       for s in self.interface.states)  # as stored: matrix states in the operand dtype
-        keep, why = history_policy(history, sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors))
+        prep = 0
+        if self.parts is None and cfg.serial_chunk == cfg.chunk and self.backend != "tilelang":
+            # prep's per-token buffers (runtime.launch._chunk_tiles): [C, d] tiles in the operand dtype, rows fp32
+            sizes = {**dims, "C": cfg.chunk}
+            prep = sum(chunks * cfg.chunk * H * math.prod(sizes[n] for n in d.feature_dims)
+                       * (operand_dtype(tensors[0].dtype).itemsize if d.feature_dims else 4)
+                       for d in self.comp.plan.hoisted)
+        keep, why = history_policy(history, sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors), prep)
         if save_states is not None:
-            return save_states, f"{'kept' if save_states else 'recomputed'} as asked (save_states={save_states})"
+            return int(save_states), f"{'kept' if save_states else 'recomputed'} as asked (save_states={save_states})"
         return keep, why
 
     # -- decoding ---------------------------------------------------------------------------------

@@ -20,15 +20,15 @@ import torch
 
 from ..passes.partition import PARTITIONS
 from ..policy.tiling import TileConfig
-from .checks import check_cu_seqlens, history_dtype
+from .checks import check_cu_seqlens, history_dtype, operand_dtype
 from .launch import Launcher, make_layout
 
 # ints passed to the linear family's ops: the tile configuration, then flags
 _CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", "partition", "walk_block",
         "walk_chunk")
 # partition: an index into passes.partition.PARTITIONS, -1 for the plan's default
-# store the final states; keep the history for the backward; the outputs are wanted (not when the backward
-# recomputes the history alone)
+# store the final states; keep for the backward the history (1) or the history and prep's values (2,
+# policy.tiling.kept_policy); the outputs are wanted (not when the backward recomputes the history alone)
 _FLAGS = slice(len(_CFG), len(_CFG) + 3)
 # then the position of each sequence's first token (`pos_offset`: specs reading `pos` over a later piece)
 _POS = len(_CFG) + 3
@@ -218,6 +218,9 @@ def linear_torch_ops(op) -> TorchOps:
     parts (runtime.dim_parts) the kernels are the split spec's, reading and writing slices of them."""
     spec, caller, parts = op.spec, op.interface, op.parts
     n_out, n_state = len(caller.outputs), len(caller.states)
+    # prep's values kept from the forward (store_history 2) follow the history; the caller's whole tensors
+    # only (with dims in parts the backward recomputes them)
+    hoisted = () if parts is not None else op.comp.plan.hoisted
 
     def launcher() -> Launcher:
         return Launcher(spec, op.comp.plan, op.module, parts, late_module=lambda: op.late_module)
@@ -259,8 +262,9 @@ def linear_torch_ops(op) -> TorchOps:
         dense_parts = parts is not None and not isinstance(run, Launcher)  # TileLang's kernels take dense tensors
         if dense_parts:
             named = {n: x.contiguous() for n, x in named.items()}
+        keep = {"keep_prep": True} if store_history == 2 and hoisted and cfg.serial_chunk == cfg.chunk else {}
         outs, finals, hist = run.forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history),
-                                         outputs=bool(outputs))
+                                         outputs=bool(outputs), **(keep if isinstance(run, Launcher) else {}))
         if dense_parts:  # its outputs are the parts' own tensors (Launcher returns the caller's)
             outs = parts.join(spec.outputs, outs)
         if parts is not None:
@@ -269,7 +273,7 @@ def linear_torch_ops(op) -> TorchOps:
         def empty():  # a distinct tensor each: custom-op outputs must not alias
             return xs[0].new_empty(0, dtype=torch.float32)
         return ([outs[o.name] for o in caller.outputs] + [finals.get(s.name, empty()) for s in caller.states]
-                + [hist.get(s.name, empty()) for s in spec.states])
+                + [hist.get(s.name, empty()) for s in spec.states] + [hist.get(d.name, empty()) for d in hoisted])
 
     def fake_fwd(xs, init, cu, ints, params):
         cfg, (store_final, store_history, _) = _config(ints), ints[_FLAGS]
@@ -287,7 +291,13 @@ def linear_torch_ops(op) -> TorchOps:
                     for s in spec.states]
         else:
             hist = [x0.new_empty(0, **f32) for _ in spec.states]
-        return outs + finals + hist
+        prep = [x0.new_empty(0, **f32) for _ in hoisted]
+        if store_history == 2 and cfg.serial_chunk == cfg.chunk and op.backend != "tilelang":
+            chunks = B * -(-T // cfg.chunk) if cu is None else torch.library.get_ctx().new_dynamic_size()
+            sizes = {**dims, "C": cfg.chunk}
+            prep = [x0.new_empty((chunks * cfg.chunk, H) + tuple(sizes[n] for n in d.feature_dims),
+                                 dtype=operand_dtype(x0.dtype) if d.feature_dims else torch.float32) for d in hoisted]
+        return outs + finals + hist + prep
 
     def run_bwd(xs, hist, cu, d_outs, d_finals, ints, params):
         cfg = _config(ints)
@@ -299,8 +309,10 @@ def linear_torch_ops(op) -> TorchOps:
         d_fin = {s.name: g.float().contiguous() for s, g in zip(caller.states, d_finals) if g.numel()}
         if parts is not None:
             d_out, d_fin = parts.views(spec.outputs, d_out, dims), parts.cut_states(d_fin, dims)
-        grads, dinit = launcher().backward(cfg, lay, named, pvals, dict(zip((s.name for s in spec.states), hist)),
-                                           d_out, d_fin)
+        states, prep = hist[:len(spec.states)], hist[len(spec.states):]
+        kept_prep = {d.name: x for d, x in zip(hoisted, prep) if x.numel()} if len(prep) == len(hoisted) else {}
+        grads, dinit = launcher().backward(cfg, lay, named, pvals, dict(zip((s.name for s in spec.states), states)),
+                                           d_out, d_fin, hoisted=kept_prep if len(kept_prep) == len(hoisted) else None)
         if parts is not None:
             dinit = parts.join(spec.states, dinit)
         return [grads[d.name].to(x.dtype) for d, x in zip(caller.inputs, xs)] + [dinit[s.name] for s in caller.states]
