@@ -42,3 +42,21 @@ def test_the_backward_reads_the_kept_prep_values(monkeypatch):
     assert (runs_kept, runs_again) == (1, 2)
     for a, b in zip(kept, again):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_kept_prep_values_of_packed_sequences_match_the_reference(monkeypatch):
+    """Varlen, an empty sequence among them: prep's buffers are laid out by each sequence's chunks."""
+    monkeypatch.setattr("effc.runtime.op.history_policy", lambda h, i, p=0: (2 if p else 1, "kept, forced"))
+    op = effc.load("gated_delta_net")
+    op._configs.clear()
+    dims = {d: 32 for d in op.spec.dims}
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 150, 2, dims, torch.float32, "cpu", seed=5)]
+    cu = torch.tensor([0, 70, 70, 150], dtype=torch.int32)
+    o = op(*xs, cu_seqlens=cu)[0]
+    assert op.last_history_reason == "kept, forced"
+    g = torch.randn_like(o)
+    got = torch.autograd.grad(o, xs, g)
+    ref = op.reference(*xs, cu_seqlens=cu)
+    want = torch.autograd.grad(ref[0] if isinstance(ref, tuple) else ref, xs, g)
+    for name, a, b in zip([d.name for d in op.spec.inputs], got, want):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max()), name
