@@ -449,9 +449,14 @@ def test_hoisted_spec_runs_against_its_oracle():
     # with the backward, the solve moves too (the adjoint of t @ k reads t): only prep inverts
     assert [n for n, _ in op.comp.fused.hoisted] == ["t", "w"]
     assert [k.name for k in op.comp.plan.kernels if any(o.kind == "unit_lower_inv" for o in k.ops)] == ["prep"]
-    dims = {"K": 16, "V": 32}
-    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 45, 2, dims, seed=1)]
-    # k scaled down: the spec has no normalisation, and a well-conditioned (I + strict(k k^T)) keeps it fp32-testable
+    _packed_matches_oracle(op, seed=1)
+
+
+def _packed_matches_oracle(op, seed: int) -> None:
+    """Two packed sequences (T not a multiple of C), K=16, V=32: the output and every gradient against the
+    oracle. k scaled down: the solved specs have no normalisation, and a well-conditioned (I + strict(k k^T))
+    keeps them fp32-testable."""
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 45, 2, {"K": 16, "V": 32}, seed=seed)]
     with torch.no_grad():
         xs[1].mul_(0.25)
     cu = torch.tensor([0, 13, 45], dtype=torch.int32)
@@ -461,8 +466,8 @@ def test_hoisted_spec_runs_against_its_oracle():
     d_o = torch.randn_like(out)
     got = torch.autograd.grad(out, xs, d_o)
     want = torch.autograd.grad(ref, xs, d_o.double())
-    for name, a, b in zip("qkv", got, want):
-        assert max_err(a, b) < 1e-4, name
+    for d, a, b in zip(op.spec.inputs, got, want):
+        assert max_err(a, b) < 1e-4 * max(1.0, b.abs().max().item()), d.name
 
 
 def test_split_reverse_scan_leaves_the_scan_only_what_reads_the_carried_adjoint():
@@ -772,16 +777,4 @@ def test_hoist_writes_a_gate_cumsum_beside_the_solve_and_last_reads_one_row():
     walk = source[source.index("def " + op.spec.name + "_walk_kernel"):]
     walk = walk[:walk.index("@triton.jit")]
     assert f"nx_{scans[0]} = tl.load(" in walk and "n_valid - 1)" in walk and "tl.sum(tl.where((r_C == n_valid" not in walk
-    dims = {"K": 16, "V": 32}
-    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 45, 2, dims, seed=2)]
-    with torch.no_grad():
-        xs[1].mul_(0.25)
-    cu = torch.tensor([0, 13, 45], dtype=torch.int32)
-    out, _ = op(*xs, cu_seqlens=cu)
-    ref, _ = op.reference(*xs, cu_seqlens=cu)
-    assert max_err(out, ref) < 1e-4
-    d_o = torch.randn_like(out)
-    grads = torch.autograd.grad(out, xs, d_o)
-    ref_grads = torch.autograd.grad(ref, xs, d_o)
-    for g, r in zip(grads, ref_grads):
-        assert max_err(g, r) < 1e-3 * max(1.0, r.abs().max().item())
+    _packed_matches_oracle(op, seed=2)
