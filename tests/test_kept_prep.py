@@ -60,3 +60,19 @@ def test_kept_prep_values_of_packed_sequences_match_the_reference(monkeypatch):
     want = torch.autograd.grad(ref[0] if isinstance(ref, tuple) else ref, xs, g)
     for name, a, b in zip([d.name for d in op.spec.inputs], got, want):
         assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max()), name
+
+
+def test_dims_in_parts_run_prep_again(monkeypatch):
+    """With K in parts (48 = 32 + 16) the split spec's kernels have prep values of their own names: the
+    forward keeps none of them and the backward runs prep again, rather than reading an empty set."""
+    op = effc.load("delta_net")
+    dims = {d: 48 for d in op.spec.dims}
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 1, 40, 1, dims, torch.float32, "cpu", seed=2)]
+    o = op(*xs)[0]
+    assert op.last_dim_parts != "no parts"
+    g = torch.randn_like(o)
+    got = torch.autograd.grad(o, xs, g)
+    ref = op.reference(*xs)
+    want = torch.autograd.grad(ref[0] if isinstance(ref, tuple) else ref, xs, g)
+    for d, a, b in zip(op.spec.inputs, got, want):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max()), d.name

@@ -310,9 +310,10 @@ def linear_torch_ops(op) -> TorchOps:
         if parts is not None:
             d_out, d_fin = parts.views(spec.outputs, d_out, dims), parts.cut_states(d_fin, dims)
         states, prep = hist[:len(spec.states)], hist[len(spec.states):]
-        kept_prep = {d.name: x for d, x in zip(hoisted, prep) if x.numel()} if len(prep) == len(hoisted) else {}
+        kept_prep = {d.name: x for d, x in zip(hoisted, prep) if x.numel()}
         grads, dinit = launcher().backward(cfg, lay, named, pvals, dict(zip((s.name for s in spec.states), states)),
-                                           d_out, d_fin, hoisted=kept_prep if len(kept_prep) == len(hoisted) else None)
+                                           d_out, d_fin, hoisted=kept_prep if hoisted and len(kept_prep) == len(hoisted)
+                                           else None)  # else prep runs again
         if parts is not None:
             dinit = parts.join(spec.states, dinit)
         return [grads[d.name].to(x.dtype) for d, x in zip(caller.inputs, xs)] + [dinit[s.name] for s in caller.states]
