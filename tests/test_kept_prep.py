@@ -76,3 +76,13 @@ def test_dims_in_parts_run_prep_again(monkeypatch):
     want = torch.autograd.grad(ref[0] if isinstance(ref, tuple) else ref, xs, g)
     for d, a, b in zip(op.spec.inputs, got, want):
         assert (a - b).abs().max() <= 1e-4 * max(1.0, b.abs().max()), d.name
+
+
+def test_save_states_keeps_the_states_and_prep_as_the_budget_allows():
+    op = effc.load("gated_delta_net")
+    xs = [x.requires_grad_() for x in random_inputs(op.spec, 2, 100, 2, {d: 64 for d in op.spec.dims},
+                                                     torch.float32, "cpu", seed=3)]
+    op(*xs, save_states=True)
+    assert op.last_history_reason.endswith("with prep's values")
+    op(*xs, save_states=False)
+    assert op.last_history_reason == "recomputed as asked (save_states=False)"

@@ -204,8 +204,10 @@ class AttentionOp(Tuned):
                        * (operand_dtype(tensors[0].dtype).itemsize if d.feature_dims else 4)
                        for d in self.comp.plan.hoisted)
         keep, why = history_policy(history, sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors), prep)
-        if save_states is not None:
-            return int(save_states), f"{'kept' if save_states else 'recomputed'} as asked (save_states={save_states})"
+        if save_states is not None:  # the states as asked; prep's values as the budget allows
+            keep = max(keep, 1) if save_states else 0
+            return keep, (f"{'kept' if save_states else 'recomputed'} as asked (save_states={save_states})"
+                          + (", with prep's values" if keep == 2 else ""))
         return keep, why
 
     # -- decoding ---------------------------------------------------------------------------------
