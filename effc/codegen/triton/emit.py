@@ -156,6 +156,12 @@ def _next_chunk(expr: str) -> str:
     return re.sub(r"\b(tok|tv|i_c)\b", lambda m: _NEXT[m.group(1)], expr)
 
 
+def _in_segment(shape: str) -> str:
+    """A mask of a tile of `shape` (a Triton shape list): whether chunk i_n lies in the program's segment."""
+    chunk = f"(tl.zeros({shape}, tl.int64) + i_n)"  # the tile's shape: a mask of it, no scalar
+    return f"({chunk} >= c_lo) & ({chunk} < c_hi)"
+
+
 def _prefetches(kp, view, spec, split: str | None) -> dict[str, str]:
     """The loads a serial loop (walk, summary, adjoint scan) issues one chunk ahead, so that the chunk's work
     does not wait on them: Triton's pipeliner carries the tiles that feed a dot over iterations, but leaves a
@@ -171,14 +177,13 @@ def _prefetches(kp, view, spec, split: str | None) -> dict[str, str]:
                            f"mask={_next_chunk(view.tok_mask[d.name])}, other=0.0)")
     for d in kp.hoisted_loads:  # prep's row vectors (the gates' cumulative sums): chunk-padded, a chunk's rows all
         if not d.feature_dims:
-            whole = "((tl.zeros([C], tl.int64) + i_n) >= c_lo) & ((tl.zeros([C], tl.int64) + i_n) < c_hi)"
-            out[d.name] = f"tl.load({d.name}_ptr + {_next_chunk(view.hoisted_offs[d.name])}, mask={whole}, other=0.0)"
+            out[d.name] = (f"tl.load({d.name}_ptr + {_next_chunk(view.hoisted_offs[d.name])}, "
+                           f"mask={_in_segment('[C]')}, other=0.0)")
     if kp.role == "bwd_scan":
         dims = {st.name: st.dims for st in spec.states}
         for s, x in kp.injected:
             fm = feature_mask(list(dims[s]), split)
-            chunk = f"(tl.zeros({view.state_block[s]}, tl.int64) + i_n)"  # the tile's shape: a mask of it, no scalar
-            whole = f"({chunk} >= c_lo) & ({chunk} < c_hi)"
+            whole = _in_segment(view.state_block[s])
             mask = whole if fm is None else f"({whole} & {fm[0]} if {fm[1]} else {whole})"
             out[x] = f"tl.load({s}_inj_ptr + {_next_chunk(view.dhist_offs[s])}, mask={mask}, other=0.0)"
     return out
