@@ -55,6 +55,14 @@ def operand_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.bfloat16, torch.float16) and not interpreting() else torch.float32
 
 
+def chunk_tile_row(decl, chunk: int, dims: dict[str, int], dtype: torch.dtype) -> tuple[tuple[int, ...], torch.dtype]:
+    """A token's row of a per-token buffer of tiles `decl` (prep's hoisted values, the cut's sums): its shape
+    (the feature dims, `C` the chunk) and dtype: [C, d] tiles feed matmuls, the operand dtype; [C] rows fp32."""
+    sizes = {**dims, "C": chunk}
+    return (tuple(sizes[n] for n in decl.feature_dims),
+            operand_dtype(dtype) if decl.feature_dims else torch.float32)
+
+
 def history_dtype(state, dtype: torch.dtype) -> torch.dtype:
     """Per-chunk states: matrix states are matmul operands (operand_dtype); vector and scalar states
     (normalisers, log-space stabilisers that enter exp) are small and precision-critical: fp32."""

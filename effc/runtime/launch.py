@@ -17,7 +17,7 @@ from ..passes.plan import Plan
 from ..policy.tiling import TileConfig, padded, split_blocks
 from ..policy.triton_faults import backward_fault, backward_warps
 from .backward_buffers import GradientBuffers, last_readers, release_after
-from .checks import history_dtype, interpreting, kernel_cu_seqlens, on_meta, operand_dtype
+from .checks import chunk_tile_row, history_dtype, interpreting, kernel_cu_seqlens, on_meta
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
@@ -284,11 +284,10 @@ class Launcher:
     @staticmethod
     def _chunk_tiles(d, cfg: TileConfig, lay: Layout, first: torch.Tensor) -> torch.Tensor:
         """A per-token buffer of tiles `d` (prep's hoisted values, the cut's sums), chunk-padded: (chunks * C, H,
-        d's feature dims). [C, d] tiles feed matmuls: the operand dtype; [C] rows: fp32."""
+        checks.chunk_tile_row)."""
         total_chunks, _ = lay.chunks(cfg.chunk)
-        sizes = {**lay.dims, "C": cfg.chunk}
-        return torch.empty((total_chunks * cfg.chunk, lay.H) + tuple(sizes[n] for n in d.feature_dims),
-                           dtype=operand_dtype(first.dtype) if d.feature_dims else torch.float32, device=first.device)
+        row, dtype = chunk_tile_row(d, cfg.chunk, lay.dims, first.dtype)
+        return torch.empty((total_chunks * cfg.chunk, lay.H) + row, dtype=dtype, device=first.device)
 
     def prep(self, cfg: TileConfig, lay: Layout, xs: dict, pvals: dict) -> dict:
         """Run the prep kernel, if the plan has one (passes.hoist): the hoisted values of every chunk, each in

@@ -20,17 +20,17 @@ from .checks import (
     check_inputs,
     check_knobs,
     check_state,
+    chunk_tile_row,
     decode_inputs,
     describe,
     history_dtype,
-    operand_dtype,
     param_values,
     rebuild,
     state_list,
 )
 from .dim_parts import choose_parts
 from .oracle import evaluate
-from .torch_op import call_lengths, host_parts, host_plan, linear_torch_ops, live
+from .torch_op import call_lengths, host_parts, host_plan, keepable_prep, linear_torch_ops, live
 
 
 class AttentionOp(Tuned):
@@ -196,13 +196,8 @@ class AttentionOp(Tuned):
         chunks = n_seq * math.ceil(longest / cfg.serial_chunk)  # the walk's history (a coarse walk's)
         history = sum(chunks * H * math.prod(dims[n] for n in s.dims) * history_dtype(s, tensors[0].dtype).itemsize
                       for s in self.interface.states)  # as stored: matrix states in the operand dtype
-        prep = 0
-        if self.parts is None and cfg.serial_chunk == cfg.chunk and self.backend != "tilelang":
-            # prep's per-token buffers (runtime.launch._chunk_tiles): [C, d] tiles in the operand dtype, rows fp32
-            sizes = {**dims, "C": cfg.chunk}
-            prep = sum(chunks * cfg.chunk * H * math.prod(sizes[n] for n in d.feature_dims)
-                       * (operand_dtype(tensors[0].dtype).itemsize if d.feature_dims else 4)
-                       for d in self.comp.plan.hoisted)
+        rows = [chunk_tile_row(d, cfg.chunk, dims, tensors[0].dtype) for d in keepable_prep(self, cfg)]
+        prep = sum(chunks * cfg.chunk * H * math.prod(row) * dtype.itemsize for row, dtype in rows)
         keep, why = history_policy(history, sum(math.prod(t.shape) * t.dtype.itemsize for t in tensors), prep)
         if save_states is not None:  # the states as asked; prep's values as the budget allows
             keep = max(keep, 1) if save_states else 0

@@ -20,7 +20,7 @@ import torch
 
 from ..passes.partition import PARTITIONS
 from ..policy.tiling import TileConfig
-from .checks import check_cu_seqlens, history_dtype, operand_dtype
+from .checks import check_cu_seqlens, chunk_tile_row, history_dtype
 from .launch import Launcher, make_layout
 
 # ints passed to the linear family's ops: the tile configuration, then flags
@@ -28,7 +28,7 @@ _CFG = ("chunk", "block", "segments", "num_warps", "num_stages", "defer_merge", 
         "walk_chunk")
 # partition: an index into passes.partition.PARTITIONS, -1 for the plan's default
 # store the final states; keep for the backward the history (1) or the history and prep's values (2,
-# policy.tiling.kept_policy); the outputs are wanted (not when the backward recomputes the history alone)
+# policy.tiling.history_policy); the outputs are wanted (not when the backward recomputes the history alone)
 _FLAGS = slice(len(_CFG), len(_CFG) + 3)
 # then the position of each sequence's first token (`pos_offset`: specs reading `pos` over a later piece)
 _POS = len(_CFG) + 3
@@ -213,6 +213,15 @@ def _config(ints) -> TileConfig:
                       walk_chunk=walk_chunk)
 
 
+def keepable_prep(op, cfg: TileConfig) -> tuple:
+    """Prep's values a forward of `op` at `cfg` can keep for its backward (runtime.launch.Launcher.forward's
+    keep_prep): none with dims in parts (the kernels' are the split spec's), with a coarse walk (prep runs at
+    both lengths) or on TileLang (its forward writes none)."""
+    if op.parts is not None or cfg.serial_chunk != cfg.chunk or op.backend == "tilelang":
+        return ()
+    return op.comp.plan.hoisted
+
+
 def linear_torch_ops(op) -> TorchOps:
     """The custom ops of an AttentionOp. They take and return the caller's tensors (`op.interface`); with dims in
     parts (runtime.dim_parts) the kernels are the split spec's, reading and writing slices of them."""
@@ -262,9 +271,9 @@ def linear_torch_ops(op) -> TorchOps:
         dense_parts = parts is not None and not isinstance(run, Launcher)  # TileLang's kernels take dense tensors
         if dense_parts:
             named = {n: x.contiguous() for n, x in named.items()}
-        keep = {"keep_prep": True} if store_history == 2 and hoisted and cfg.serial_chunk == cfg.chunk else {}
+        keep = {"keep_prep": True} if store_history == 2 and keepable_prep(op, cfg) else {}  # a Launcher's forward
         outs, finals, hist = run.forward(cfg, lay, named, pvals, inits, bool(store_final), bool(store_history),
-                                         outputs=bool(outputs), **(keep if isinstance(run, Launcher) else {}))
+                                         outputs=bool(outputs), **keep)
         if dense_parts:  # its outputs are the parts' own tensors (Launcher returns the caller's)
             outs = parts.join(spec.outputs, outs)
         if parts is not None:
@@ -292,11 +301,10 @@ def linear_torch_ops(op) -> TorchOps:
         else:
             hist = [x0.new_empty(0, **f32) for _ in spec.states]
         prep = [x0.new_empty(0, **f32) for _ in hoisted]
-        if store_history == 2 and cfg.serial_chunk == cfg.chunk and op.backend != "tilelang":
+        if store_history == 2 and keepable_prep(op, cfg):
             chunks = B * -(-T // cfg.chunk) if cu is None else torch.library.get_ctx().new_dynamic_size()
-            sizes = {**dims, "C": cfg.chunk}
-            prep = [x0.new_empty((chunks * cfg.chunk, H) + tuple(sizes[n] for n in d.feature_dims),
-                                 dtype=operand_dtype(x0.dtype) if d.feature_dims else torch.float32) for d in hoisted]
+            rows = [chunk_tile_row(d, cfg.chunk, dims, x0.dtype) for d in hoisted]
+            prep = [x0.new_empty((chunks * cfg.chunk, H) + row, dtype=dtype) for row, dtype in rows]
         return outs + finals + hist + prep
 
     def run_bwd(xs, hist, cu, d_outs, d_finals, ints, params):

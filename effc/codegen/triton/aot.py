@@ -29,7 +29,7 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
     block = block or (min(64, padded(split_size)) if plan.split_dim else 1)
     n_split = -(-split_size // block) if plan.split_dim else 1
     whole = plan.whole_grads(n_split=n_split)  # default: the split dim 128 wide in blocks of 64
-    # per-token scratch as runtime.launch._chunk_tiles makes it: [C, d] tiles in the operand dtype, [C] rows fp32
+    # per-token scratch as the launcher makes it (runtime.checks.chunk_tile_row): [C, d] tiles bf16, [C] rows fp32
     bf16 = ({f"{d.name}_ptr" for d in kp.loads} | {f"{d.name}_ptr" for d in kp.stores + kp.hoisted_loads if d.feature_dims}
             | {f"{o.name}_grad_ptr" for o in op.spec.outputs} | {f"{x}_dx_ptr" for x in whole}
             # a matrix state's history and its adjoint's are kept in the operand dtype (runtime.checks.history_dtype)
