@@ -10,26 +10,34 @@ outside the package (nothing here is a knob of effc):
   ptxas (sm_90, gated_delta_net, chunk 64): bwd_inject 166 -> 223 registers, no spill at either; the after
   kernels mostly spill at 4.
 
-usage: python scripts/backward_experiments.py EXPERIMENT SPEC [BxT ...] (a cache of its own: the modules differ)
+usage: python scripts/backward_experiments.py EXPERIMENT SPEC [BxT ...] (a cache of its own: the modules differ);
+scripts/fault_probe.py takes the same experiments (`experiment=NAME`)
 """
 import os
 import sys
 import tempfile
 
-os.environ["EFFC_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"effc-cache-{sys.argv[1]}")
+import effc.compiler.pipeline as pipeline
+import effc.runtime.launch as launch
 
-import effc.compiler.pipeline as pipeline  # noqa: E402
-import effc.runtime.launch as launch  # noqa: E402
-from kernel_profile import main  # noqa: E402
+EXPERIMENTS = {
+    "whole_scan": lambda: setattr(pipeline, "split_reverse_scan", lambda spec, fused: fused),
+    "serial_stages3": lambda: setattr(launch, "SERIAL_STAGES", 3),
+    "bwd_warps4": lambda: setattr(launch, "backward_warps", lambda num_warps, kernel, device: 4),
+}
 
-if sys.argv[1] == "whole_scan":
-    pipeline.split_reverse_scan = lambda spec, fused: fused
-elif sys.argv[1] == "serial_stages3":
-    launch.SERIAL_STAGES = 3
-elif sys.argv[1] == "bwd_warps4":
-    launch.backward_warps = lambda num_warps, kernel, device: 4
-else:
-    sys.exit(f"unknown experiment {sys.argv[1]!r}: whole_scan, serial_stages3 or bwd_warps4")
+
+def apply(name: str) -> None:
+    """Change effc as experiment `name` says, with a kernel cache of its own: the cache's key is the spec, not
+    the compiler, so a changed pipeline would otherwise load the tree's modules."""
+    if name not in EXPERIMENTS:
+        sys.exit(f"unknown experiment {name!r}: {', '.join(EXPERIMENTS)}")
+    os.environ["EFFC_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"effc-cache-{name}")
+    EXPERIMENTS[name]()
+
 
 if __name__ == "__main__":
+    from kernel_profile import main  # this folder: scripts/
+
+    apply(sys.argv[1])
     main(sys.argv[2], sys.argv[3:] or ["2x8192"])

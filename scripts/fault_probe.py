@@ -5,7 +5,7 @@ instead of at some later call. Run each probe in a fresh process: a fault loses 
 usage: python scripts/fault_probe.py SPEC BxTxH [knob=value ...]     (D=128; e.g. partition=cut segments=1)
        bwd_warps=N: the gradient kernels' warps, past policy.triton_faults.backward_warps; dim=N: D;
        refused=run: run a backward that policy.triton_faults.backward_fault refuses on this GPU;
-       whole_scan=1: the adjoint scan unsplit (no bwd_inject), as scripts/backward_experiments.py whole_scan;
+       experiment=NAME: one of scripts/backward_experiments.py's (whole_scan: the adjoint scan unsplit);
        serial_stages=N: the serial kernels' pipeline stages (runtime.launch.SERIAL_STAGES, 2), where a fault may be
        Triton's pipeliner's
 """
@@ -46,13 +46,9 @@ def probe_knobs(args: list[str]) -> tuple[dict, int]:
         launch.backward_fault = lambda *a: None
     if "serial_stages" in kw:
         launch.SERIAL_STAGES = kw.pop("serial_stages")
-    if kw.pop("whole_scan", 0):  # a module of its own: the cache's key is the spec, not the pipeline
-        import os
-        import tempfile
-
-        import effc.compiler.pipeline as pipeline
-        pipeline.split_reverse_scan = lambda spec, fused: fused
-        os.environ["EFFC_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "effc-cache-whole_scan")
+    if "experiment" in kw:
+        from backward_experiments import apply  # this folder: scripts/
+        apply(kw.pop("experiment"))
     return kw, kw.pop("dim", 128)
 
 

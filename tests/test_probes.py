@@ -29,14 +29,14 @@ def test_fault_probe_runs_forward_and_backward():
 
 
 def test_fault_probe_runs_the_unsplit_adjoint_scan_from_a_cache_of_its_own():
-    """whole_scan=1 takes the adjoint scan without bwd_inject (scripts/backward_experiments.py), so its module
+    """experiment=whole_scan takes the adjoint scan without bwd_inject (scripts/backward_experiments.py), so its module
     must not come from the cache the tree's own (split) module sits in."""
     import shutil
     import tempfile
 
     cache = Path(tempfile.gettempdir()) / "effc-cache-whole_scan"
     shutil.rmtree(cache, ignore_errors=True)
-    out = _run("fault_probe.py", "delta_net", "1x40x1", "dim=16", "whole_scan=1")
+    out = _run("fault_probe.py", "delta_net", "1x40x1", "dim=16", "experiment=whole_scan")
     assert "backward ok" in out, out
     modules = list((cache / "kernels").glob("effc_gen_delta_net_*.py"))
     assert modules and all("bwd_inject" not in m.read_text() for m in modules), modules
