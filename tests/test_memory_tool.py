@@ -13,18 +13,24 @@ from effc.tools.memory import training_memory
 D128 = lambda op: {d: 128 for d in op.spec.dims}  # noqa: E731
 
 
-@pytest.mark.parametrize("name, chunk, measured", [
-    ("gated_delta_net", 32, 1012),  # docs/benchmarks.md, H100, fifth 2026-12-06 session (buffer lifetimes)
-    ("gated_delta_net_l2", 32, 1012),
-    ("delta_net", 32, 1011),
-    ("mlstm_sig", None, 683),  # fourth 2026-12-06 session
+# dv, which the adjoint scan hands on to bwd_sums (passes.hand_on) since those measurements: [T, H, V] in bf16,
+# live at bwd_sums, the peak at chunk 32 (at the delta rules' chunk 64 the peak is elsewhere and unchanged)
+HANDED_DV = 2 * 8192 * 16 * 128 * 2 / 2 ** 20
+
+
+@pytest.mark.parametrize("name, chunk, measured, added", [
+    ("gated_delta_net", 32, 1012, HANDED_DV),  # docs/benchmarks.md, H100, fifth 2026-12-06 session (buffer lifetimes)
+    ("gated_delta_net_l2", 32, 1012, HANDED_DV),
+    ("delta_net", 32, 1011, HANDED_DV),
+    ("mlstm_sig", None, 683, 0),  # fourth 2026-12-06 session
+    ("gated_delta_net", None, 870, 0),  # H100, eighth 2026-12-07 session
 ])
-def test_the_dry_run_matches_the_h100(name, chunk, measured):
+def test_the_dry_run_matches_the_h100(name, chunk, measured, added):
     """The default partition's peak, as the runtime is now, against `effc bench --backward`'s measure (the
-    delta rules measured at chunk 32, their spec's chunk then)."""
+    delta rules measured at chunk 32, their spec's chunk then), plus what the runtime added since (`added`)."""
     op = effc.load(name)
     m = training_memory(op, 2, 8192, 16, D128(op), **({"chunk": chunk} if chunk else {}))
-    assert abs(m.peak_mib - measured) <= 0.01 * measured, m
+    assert abs(m.peak_mib - measured - added) <= 0.01 * measured, m
 
 
 def test_the_history_gets_no_zero_cotangent(monkeypatch):
@@ -145,9 +151,9 @@ def test_a_hybrids_cotangent_gradient_is_one_copy_in_the_input_dtype():
 
 
 def test_the_backward_holds_a_buffer_only_while_a_kernel_needs_it(monkeypatch):
-    """gated_delta_net's cut at 2x8192 in bf16 at chunk 32: bwd_sums alone reads the adjoint history (256 MiB) and the
-    hoisted w and u (64 MiB each); the kernels after it run without them, each making the gradient it writes
-    (64 MiB) as it starts, and the cut's sums go after their last reader."""
+    """gated_delta_net's cut at 2x8192 in bf16 at chunk 32: bwd_sums alone reads the adjoint history (256 MiB), the
+    hoisted w and u and the scan's dv (64 MiB each); the kernels after it run without them, each making the
+    gradient it writes (64 MiB) as it starts, and the cut's sums go after their last reader."""
     live = {}
     launch = Launcher._launch
 
@@ -158,7 +164,7 @@ def test_the_backward_holds_a_buffer_only_while_a_kernel_needs_it(monkeypatch):
     op = effc.load("gated_delta_net")
     m = training_memory(op, 2, 8192, 16, D128(op), chunk=32, partition="cut")
     assert m.peak_mib == pytest.approx(live["bwd_sums"], abs=0.01)
-    assert live["bwd_chunks_q_after"] == pytest.approx(live["bwd_sums"] - 256 - 2 * 64 + 64, abs=0.01)
+    assert live["bwd_chunks_q_after"] == pytest.approx(live["bwd_sums"] - 256 - 3 * 64 + 64, abs=0.01)
     assert live["bwd_chunks_k_after"] == pytest.approx(live["bwd_chunks_q_after"] + 64, abs=0.01)
     reads = {kp.name: {d.name for d in kp.hoisted_loads} for kp in op.comp.plan.gradient_kernels("cut")}
     freed = reads["bwd_chunks_g_after"] - reads["bwd_chunks_beta_after"]

@@ -18,9 +18,11 @@ from effc.passes.fusion import depends, fuse, live_ops, needed
 from effc.passes.autodiff import Adjoints
 from effc.passes.block_loop import loop_over_blocks
 from effc.passes.grad_terms import place_gradient_terms, split_terms
+from effc.passes.hand_on import hand_on
 from effc.passes.hoist import hoist
 from effc.passes.legality import analyze
 from effc.passes.plan import plan
+from effc.passes.reverse_scan import split_reverse_scan
 from effc.policy.tiling import Problem, choose, tiling_space
 from effc.compiler import compile_text
 from effc.runtime.verify import max_err, random_inputs, random_state
@@ -470,35 +472,42 @@ def _packed_matches_oracle(op, seed: int) -> None:
         assert max_err(a, b) < 1e-4 * max(1.0, b.abs().max().item()), d.name
 
 
+def _split_scan(text: str):
+    """The fused kernels up to passes.reverse_scan (before hand_on and partition)."""
+    c = compile_text(text)
+    split = c.legality.split_dims[0]
+    fused = place_gradient_terms(c.typed, fuse(c.typed, c.legality, c.backward), c.backward, split)
+    return split_reverse_scan(c.typed, hoist(c.typed, fused), split)
+
+
 def test_split_reverse_scan_leaves_the_scan_only_what_reads_the_carried_adjoint():
-    """dS entering a chunk = dS - w^T (k dS + causal(q k^T)^T dO) + q^T dO: the sum is pushed out through the
-    matmul by w^T, and what reads no carried adjoint (-w^T causal(q k^T)^T dO + q^T dO) goes to bwd_inject,
-    computed for every chunk at once; the scan adds it."""
-    fused = compile_text(SOLVED).fused
-    assert fused.injected == (("_d27", "_inj_d27"),)
+    """dS entering a chunk = dS - w^T dv + q^T dO with dv = k dS + causal(q k^T)^T dO: dv is a per-token sum whose
+    free part is a matmul, so the cut is made there: bwd_inject writes causal(q k^T)^T dO per token for every
+    chunk at once, the scan forms dv whole (w^T dv one matmul) and keeps q^T dO (one matmul of loaded tiles
+    is not worth a state-sized write after the per-token one)."""
+    fused = _split_scan(SOLVED)
+    assert fused.injected == ()
+    assert [n for n, _ in fused.handed] == ["_inj_d9"]
     golden(textwrap.dedent("\n".join(str(k) for k in fused.kernels if k.name in ("bwd_inject", "bwd_scan"))), """
-          kernel bwd_inject [inter + merge] -> _inj_d27
+          kernel bwd_inject [inter + merge] -> _inj_d9; writes _inj_d9
             _1 : [K, C] = transpose(k)
             _7 : [C, C] = matmul(q, _1)
             _8 : [C, C] = causal(_7)
             _d7 : [C, C] = transpose(_8)
             _d8 : [C, V] = matmul(_d7, _seed_o)
-            _d13 : [K, C] = transpose(w)
-            _d19 : [K, C] = transpose(q)
-            _d26 : [K, V] = matmul(_d19, _seed_o)
-            _rs1 : [C, V] = neg(_d8)
-            _rs3 : [K, V] = matmul(_d13, _rs1)
-            _rs5 : [K, V] = add(_rs3, _d26)
-            _inj_d27 : [K, V] = copy(_rs5)
+            _inj_d9 : [C, V] = copy(_d8)
           kernel bwd_scan [inter + merge] -> _d27
+            _d13 : [K, C] = transpose(w)
             _1 : [K, C] = transpose(k)
             _d3 : [C, K] = transpose(_1)
             _d4 : [C, V] = matmul(_d3, _seed__next_S)
-            _d13 : [K, C] = transpose(w)
-            _rs0 : [C, V] = neg(_d4)
-            _rs2 : [K, V] = matmul(_d13, _rs0)
-            _rs4 : [K, V] = add(_seed__next_S, _rs2)
-            _d27 : [K, V] = add(_rs4, _inj_d27)
+            _d9 : [C, V] = add(_d4, _inj_d9)
+            _d10 : [C, V] = neg(_d9)
+            _d14 : [K, V] = matmul(_d13, _d10)
+            _d15 : [K, V] = add(_seed__next_S, _d14)
+            _d19 : [K, C] = transpose(q)
+            _d26 : [K, V] = matmul(_d19, _seed_o)
+            _d27 : [K, V] = add(_d15, _d26)
     """)
     # a segmentable spec's scan runs each chunk twice (passes.reverse_scan): one matmul (q^T dO) stays in it,
     # mLSTM's output recomputed for the normaliser's adjoint goes out
@@ -778,3 +787,49 @@ def test_hoist_writes_a_gate_cumsum_beside_the_solve_and_last_reads_one_row():
     walk = walk[:walk.index("@triton.jit")]
     assert f"nx_{scans[0]} = tl.load(" in walk and "n_valid - 1)" in walk and "tl.sum(tl.where((r_C == n_valid" not in walk
     _packed_matches_oracle(op, seed=2)
+
+
+def test_hand_on_gives_the_gradient_kernels_the_scans_dv():
+    """The scan forms dv = k dS + causal(q k^T)^T dO whole (the per-token cut); each gradient kernel forming it
+    too (as grad_terms' `_t4`, dv's own gradient, and under `-dv` in dk's terms) reads it instead: k dS and
+    causal(q k^T)^T dO leave them, and -dv is recomputed from it, not written too."""
+    fused = hand_on(_split_scan(SOLVED), "V")
+    assert [n for n, _ in fused.handed] == ["_inj_d9", "_d9"]
+    scan = next(k for k in fused.kernels if k.name == "bwd_scan")
+    assert [n for n, _ in scan.scratch_stores] == ["_d9"]
+    for k in fused.kernels:
+        if k.name.startswith("bwd_chunks_"):
+            made = {op.out for op in k.ops}
+            assert not made & {"_d4", "_d8", "_d9", "_t4"}, k.name
+    golden(textwrap.dedent(str(next(k for k in fused.kernels if k.name == "bwd_chunks_k"))), """
+          kernel bwd_chunks_k [inter + merge + intra] -> _d44, _d9; dk += _d44; dv += _d9
+            _1 : [K, C] = transpose(k)
+            _9 : [C, V] = matmul(w, S)
+            _10 : [C, V] = sub(v, _9)
+            _d1 : [V, C] = transpose(_10)
+            _d2 : [K, C] = matmul(_seed__next_S, _d1)
+            _d3 : [C, K] = transpose(_1)
+            _d6 : [C, C] = matmul(_seed_o, _d1)
+            _d10 : [C, V] = neg(_d9)
+            _d11 : [V, K] = transpose(S)
+            _d12 : [C, K] = matmul(_d10, _d11)
+            _d16 : [C, C] = causal(_d6, 0.0)
+            _d19 : [K, C] = transpose(q)
+            _d20 : [K, C] = matmul(_d19, _d16)
+            _d21 : [K, C] = add(_d2, _d20)
+            _d29 : [C, C] = matmul(_d12, _1)
+            _d30 : [C, C] = transpose(t)
+            _d31 : [C, K] = matmul(_d30, _d12)
+            _d33 : [C, C] = matmul(_d30, _d29)
+            _d34 : [C, C] = matmul(_d33, _d30)
+            _d35 : [C, C] = strict(_d34, 0.0)
+            _d36 : [C, C] = neg(_d35)
+            _d38 : [C, K] = matmul(_d36, _d3)
+            _d39 : [C, K] = add(_d31, _d38)
+            _d41 : [K, C] = matmul(_1, _d36)
+            _d42 : [K, C] = add(_d21, _d41)
+            _d43 : [C, K] = transpose(_d42)
+            _d44 : [C, K] = add(_d39, _d43)
+    """)
+    # the oracle: forward and every gradient over packed sequences, the scan handing dv on
+    _packed_matches_oracle(effc.loads(SOLVED), seed=2)

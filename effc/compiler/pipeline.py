@@ -15,6 +15,7 @@ from ..passes.branches import PerBranch
 from ..passes.decay_dot import factor_decays
 from ..passes.fusion import fuse
 from ..passes.grad_terms import place_gradient_terms
+from ..passes.hand_on import hand_on
 from ..passes.hoist import hoist
 from ..passes.hybrid import split_hybrid
 from ..passes.legality import analyze
@@ -60,8 +61,8 @@ def _linear_fused(c):
     fused = fuse(c.typed, c.legality, c.backward)
     split = c.legality.split_dims[0] if c.legality.split_dims else None
     fused = place_gradient_terms(c.typed, fused, c.backward, split)
-    fused = split_reverse_scan(c.typed, hoist(c.typed, fused))
-    return partition_gradients(c.typed, fused, c.backward, split, dict(fused.hoisted))
+    fused = hand_on(split_reverse_scan(c.typed, hoist(c.typed, fused), split), split)
+    return partition_gradients(c.typed, fused, c.backward, split, dict(fused.hoisted + fused.handed))
 
 
 def _per_branch(c, stage: str) -> PerBranch:
@@ -136,7 +137,7 @@ PIPELINE: tuple[Pass, ...] = (
          "passes.softmax)", lambda c: c.rules.legality(c)),
     Pass("backward", "the derived backward (passes.autodiff; passes.softmax_bwd)", lambda c: c.rules.backward(c)),
     Pass("fused", "stages fused into kernels, gradient terms placed, state-free work hoisted, the gradient "
-         "kernels partitioned (passes.fusion, grad_terms, hoist, reverse_scan, partition)", lambda c: c.rules.fused(c)),
+         "kernels partitioned (passes.fusion, grad_terms, hoist, reverse_scan, hand_on, partition)", lambda c: c.rules.fused(c)),
     Pass("plan", "the kernel plan both code generators read (passes.plan, passes.softmax_plan)",
          lambda c: c.rules.plan(c)),
 )

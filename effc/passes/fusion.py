@@ -55,11 +55,15 @@ class Fused:
     kernels: tuple[FusedKernel, ...]
     hoisted: tuple[tuple[str, TileType], ...] = ()  # values the prep kernel writes and the others read (passes.hoist)
     injected: tuple[tuple[str, str], ...] = ()  # (state adjoint root, the bwd_inject value the scan adds to it)
+    # per-token values a backward kernel writes (its `scratch_stores`) and later ones read instead of computing
+    # them (passes.reverse_scan's per-token injections, passes.hand_on)
+    handed: tuple[tuple[str, TileType], ...] = ()
     partitions: tuple = ()  # the gradient kernels' schedules (passes.partition.PartitionChoice), each with its cost
     partition: str | None = None  # the one the model estimates fastest: the default
 
     def __str__(self) -> str:
         moved = f"\n  hoisted: {', '.join(f'{n}{t}' for n, t in self.hoisted)}" if self.hoisted else ""
+        moved += f"\n  handed on: {', '.join(f'{n}{t}' for n, t in self.handed)}" if self.handed else ""
         parts = "".join(f"\n  partition {c}" + (" (default)" if c.name == self.partition else "")
                         for c in self.partitions)
         return "fused:" + moved + parts + "\n" + "\n".join(str(k) for k in self.kernels)
@@ -79,6 +83,24 @@ def needed(ops: tuple[Op, ...], roots: tuple[str, ...]) -> tuple[Op, ...]:
             keep.append(op)
             need.update(a for a in op.args if isinstance(a, str))
     return tuple(reversed(keep))
+
+
+def topological(ops_by_name: dict[str, Op], roots) -> tuple[Op, ...]:
+    """The ops making `roots` out of `ops_by_name`, each after the ops it reads."""
+    order, seen = [], set()
+
+    def visit(name):
+        if name in seen or name not in ops_by_name:
+            return
+        seen.add(name)
+        for a in ops_by_name[name].args:
+            if isinstance(a, str):
+                visit(a)
+        order.append(ops_by_name[name])
+
+    for r in roots:
+        visit(r)
+    return tuple(order)
 
 
 def depends(ops: tuple[Op, ...], sources: set[str]) -> set[str]:

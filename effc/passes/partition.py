@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from ..ir import ops as O
 from ..ir.nodes import C, Op, Spec, TileType, dim, names_read
 from .block_loop import BlockLoop, loop_over_blocks
-from .fusion import Fused, FusedKernel, needed
+from .fusion import Fused, FusedKernel, needed, topological
 from .kernel_cost import FEATURE, RELATIVE_ERROR, SPLIT_BLOCK, Cost, kernel_cost, size, typical_sizes
 from .transpose_sink import sink_transposes
 
@@ -54,23 +54,6 @@ class PartitionChoice:
 
     def __str__(self) -> str:
         return f"{self.name} ~{self.us:.0f} us: " + "; ".join(f"{k} {c}" for k, c in self.costs)
-
-
-def _topological(ops_by_name: dict[str, Op], roots) -> tuple[Op, ...]:
-    order, seen = [], set()
-
-    def visit(name):
-        if name in seen or name not in ops_by_name:
-            return
-        seen.add(name)
-        for a in ops_by_name[name].args:
-            if isinstance(a, str):
-                visit(a)
-        order.append(ops_by_name[name])
-
-    for r in roots:
-        visit(r)
-    return tuple(order)
 
 
 def _has(t: TileType, d: str) -> bool:
@@ -189,7 +172,7 @@ def _sums_kernel(name: str, cuts: list[_Cut], forms: dict, done: set, types: dic
     roots = tuple(name for name, _ in scratch) + tuple(g for _, g in v_grads)
     if not roots:
         return None
-    return FusedKernel(name, ("inter", "merge", "intra"), _topological(by_name, roots), roots, v_grads, loop=True,
+    return FusedKernel(name, ("inter", "merge", "intra"), topological(by_name, roots), roots, v_grads, loop=True,
                        scratch_stores=scratch)
 
 
@@ -206,7 +189,7 @@ def _after_kernel(k: FusedKernel, c: _Cut, forms: dict, types: dict, split: str)
         if back is not None:
             made_here[s] = back
     groots = tuple(g for _, g in mine)
-    ops = needed(_topological(made_here, groots), groots)
+    ops = needed(topological(made_here, groots), groots)
     used = {a for op in ops for a in op.args if isinstance(a, str)} | set(groots)
     return FusedKernel(f"{k.name}_after", k.stages, ops, groots, tuple(mine), loop=True,
                        scratch_loads=tuple((n, t) for n, t in reads.items() if n in used))
@@ -256,14 +239,14 @@ def _with_common(cut: list[FusedKernel], types: dict) -> list[FusedKernel] | Non
     forms = {n: _stored_form(n, types[n]) for n in frontier}
     if not frontier or any(f is None for f in forms.values()):
         return None
-    ops = _topological(made, frontier)
+    ops = topological(made, frontier)
     read = names_read(ops) - {op.out for op in ops}
     loads = {n: t for k in afters for n, t in k.scratch_loads if n in read}
     for n in frontier:
         if (make := forms[n][2]) is not None:
             made[make.out] = make
     stores = tuple((forms[n][0], forms[n][1]) for n in frontier)
-    common = FusedKernel("bwd_common", afters[0].stages, _topological(made, [s for s, _ in stores]),
+    common = FusedKernel("bwd_common", afters[0].stages, topological(made, [s for s, _ in stores]),
                          tuple(s for s, _ in stores), loop=True, scratch_stores=stores,
                          scratch_loads=tuple(loads.items()))
     out = []
@@ -273,7 +256,7 @@ def _with_common(cut: list[FusedKernel], types: dict) -> list[FusedKernel] | Non
             for n in frontier:
                 if (back := forms[n][3]) is not None:
                     mine[n] = back
-            kops = needed(_topological(mine, k.roots), k.roots)
+            kops = needed(topological(mine, k.roots), k.roots)
             if kops != k.ops:  # a kernel of its own: the cut partition launches the one computing it all
                 used = names_read(kops) | set(k.roots)
                 k = replace(k, name=f"{k.name}_common", ops=kops,

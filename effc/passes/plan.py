@@ -260,6 +260,9 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     # hoisted values live in (tokens, heads, d) scratch, d being the tile's second axis (a feature dim or C)
     hoisted = {n: TensorDecl(n, "hoisted", ("B", "T", "H") + tuple(str(d) for d in t.shape[1:]))
                for n, t in fused.hoisted}
+    # per-token values one backward kernel writes and later ones read (passes.reverse_scan, passes.hand_on)
+    handed = {n: TensorDecl(n, "handed", ("B", "T", "H") + tuple(str(d) for d in t.shape[1:]))
+              for n, t in fused.handed}
     # the reverse scan's injected sums, by state (passes.reverse_scan)
     state_of = {g: s for s, g in (backward.state_grads if backward else ()) if g is not None}
     injected = tuple((state_of[root], x) for root, x in fused.injected)
@@ -268,6 +271,8 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     for fk in fused.kernels:
         loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
         reads = tuple(hoisted[n] for n in _used(fk.ops, list(hoisted))) if fk.name != "prep" else ()
+        made = {op.out for op in fk.ops}
+        reads += tuple(handed[n] for n in _used(fk.ops, list(handed)) if n not in made)
         reads += tuple(_scratch(n, t) for n, t in fk.scratch_loads)
         rename = backward.forward_name if backward and fk.name.startswith("bwd") else str
         states = tuple(StatePlan(s.name, s.dims, next_state_name(s.name),
@@ -284,7 +289,8 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         segs = {"walk": "P", "summary": "P-1", "bwd_scan": "P" if legality.segmentable else "1"}.get(role, "chunks")
         params = _used(fk.ops, [p.name for p in spec.params])
         grads = state_grads = ()
-        leaves = tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads) + fk.scratch_loads
+        leaves = (tuple((n, t) for n, t in fused.hoisted if hoisted[n] in reads)
+                  + tuple((n, t) for n, t in fused.handed if handed[n] in reads) + fk.scratch_loads)
         loop = None
         if fk.name == "prep":
             states = ()

@@ -425,8 +425,11 @@ class Launcher:
         # like the adjoint history (matrix states in the operand dtype: the largest buffer of the backward);
         # the scan adds them into the fp32 adjoint it carries
         inj = {s: torch.empty_like(dhist[s]) for s, _ in scan.injected}
-        if inj:
-            kp = self.plan.kernel("bwd_inject")
+        kp = next((k for k in self.plan.kernels if k.role == "bwd_inject"), None)
+        # what it writes per token instead (a per-token value's free part), and what the scan hands on
+        per_token = {d.name: self._chunk_tiles(d, cfg, lay, first) for d in kp.stores} if kp else {}
+        handed = {d.name: self._chunk_tiles(d, cfg, lay, first) for d in scan.stores}
+        if kp is not None:
             # every chunk in parallel, in the chunk-parallel kernels' block (the scan's narrow one would
             # recompute the chunk's [C, C] products once per narrow block: 0.84 ms of gated_delta_net's step at
             # 2x8192 on the H100, against 0.25 for the out kernel of the same grid), unless a state without the
@@ -435,7 +438,8 @@ class Launcher:
             whole = all(split in self.spec.decl(s).feature_dims for s in inj)
             icfg = replace(cfg, block=inject_block) if split and whole else cfg
             values = {**self._values(icfg, lay, first.dtype, pvals, 1, 1, dummy), **self._loads(kp, xs, hoisted),
-                      **d_o, **self._buffers("hist", hist), **self._buffers("inj", inj)}
+                      **d_o, **self._buffers("hist", hist), **self._buffers("inj", inj),
+                      **{f"{n}_ptr": x for n, x in per_token.items()}}
             self._launch(kp, (self._n_split(icfg, lay), n_bh, max_chunks), values,
                          {**self._options(icfg), **bwd_warps(kp)})
         # a diagonal transition's reverse scan runs in the forward's segments: the summaries of segments 1..P-1
@@ -443,8 +447,8 @@ class Launcher:
         P, per_seg = self._segments(cfg, max_chunks) if self.plan.segmentable else (1, max_chunks)
         segw = {s.name: torch.empty((n_bh, P) + blocks[s.name] + self._state_shape(lay, s), **f32) if P > 1 else dummy
                 for s in scan.states}
-        values = {**self._values(cfg, lay, first.dtype, pvals, per_seg, P, dummy), **self._loads(scan, xs, hoisted),
-                  **d_o, **self._buffers("hist", hist), **self._buffers("dhist", dhist),
+        values = {**self._values(cfg, lay, first.dtype, pvals, per_seg, P, dummy),
+                  **self._loads(scan, xs, {**hoisted, **per_token}), **{f"{n}_ptr": x for n, x in handed.items()}, **d_o, **self._buffers("hist", hist), **self._buffers("dhist", dhist),
                   **self._buffers("dfinal", {s.name: d_finals.get(s.name, dummy) for s in scan.states}),
                   **self._buffers("dinit", dinit), **self._buffers("segw", segw),
                   **self._buffers("segd", {s: torch.empty_like(w) if P > 1 else dummy for s, w in segw.items()}),
@@ -453,6 +457,7 @@ class Launcher:
         if P > 1:
             self._launch(scan, (n_split, n_bh, P - 1), {**values, "SUMMARY": True}, options)
         self._launch(scan, (n_split, n_bh, P), {**values, "SUMMARY": False}, options)
+        hoisted.update(handed)  # read by the gradient kernels, each freed after its last reader
 
     def _gradient_buffers(self, lay: Layout, xs: dict, lead: tuple, has_grad: set, direct: set, slots: dict,
                           seeded: dict) -> GradientBuffers:

@@ -179,6 +179,12 @@ def _prefetches(kp, view, spec, split: str | None) -> dict[str, str]:
         if not d.feature_dims:
             out[d.name] = (f"tl.load({d.name}_ptr + {_next_chunk(view.hoisted_offs[d.name])}, "
                            f"mask={_in_segment('[C]')}, other=0.0)")
+        elif kp.role == "bwd_scan" and d.role == "handed":  # bwd_inject's per-token terms, added like the above
+            axes = [f if f in spec.dims else None for f in d.feature_dims]
+            shape = "[C, " + ", ".join("BLOCK" if f == split else f"{f}_P" if f else "C" for f in axes) + "]"
+            whole, fm = _in_segment(shape), feature_mask([None] + axes, split)
+            mask = whole if fm is None else f"({whole} & {fm[0]} if {fm[1]} else {whole})"
+            out[d.name] = f"tl.load({d.name}_ptr + {_next_chunk(view.hoisted_offs[d.name])}, mask={mask}, other=0.0)"
     if kp.role == "bwd_scan":
         dims = {st.name: st.dims for st in spec.states}
         for s, x in kp.injected:
@@ -206,8 +212,9 @@ def _narrow_loads(kp, printer: TritonPrinter) -> set[str]:
 
 
 def _scratch_stores(kp) -> tuple:
-    """The per-token tiles a kernel writes for later kernels: prep's hoisted values, a gradient kernel's sums."""
-    return kp.stores if kp.role in ("prep", "bwd_chunks") else ()
+    """The per-token tiles a kernel writes for later kernels: prep's hoisted values, a gradient kernel's sums,
+    the free parts bwd_inject writes per token and the values the adjoint scan hands on."""
+    return kp.stores if kp.role in ("prep", "bwd_chunks", "bwd_inject", "bwd_scan") else ()
 
 
 def _check_scan_decay(plan: Plan, kp) -> None:

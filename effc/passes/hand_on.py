@@ -1,0 +1,104 @@
+"""Handing on: the adjoint scan writes the per-token values that the gradient kernels would compute again.
+
+The scan forms, chunk by chunk, values that every gradient kernel recomputes from the stored adjoint history:
+for the delta rules `dv = kn dS' + causal(qn kn^T)^T dO` (whole in the scan since passes.reverse_scan cuts
+it there), two matmuls and the loads of k, q and the adjoint in each block of V of `bwd_sums`. A value the
+scan holds whole (a [C, d] tile, d the split dim: each of the scan's blocks forms its own columns) that a
+gradient kernel computes with matmul work is written by the scan, per token in the matmul operand dtype, and
+read by the gradient kernels instead of computed (as fla's `dhu` hands `dv` to its later kernels), also where
+a gradient kernel forms the same sum under a name of its own. A value that is a cheap op of handed ones
+(`-dv` beside `dv`) is recomputed where read, not written too.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..ir import ops as O
+from ..ir.nodes import C, Op, TileType, names_read
+from .fusion import Fused, FusedKernel, needed
+
+# ops a reader would rather load the result of than repeat (elementwise ops, masks and layout are recomputed)
+_HEAVY = frozenset(("matmul",) + O.SOLVES + O.DECAY)
+
+
+def _whole_per_token(t: TileType | None, split: str | None) -> bool:
+    return (t is not None and t.rank == 2 and t.shape[0] == C and not str(t.shape[1]).isdigit()
+            and (split is None or str(t.shape[1]) == split))
+
+
+def _heavy_cone(name: str, defs: dict[str, Op], memo: dict[str, bool]) -> bool:
+    """Does computing `name` from the kernel's loads take a heavy op?"""
+    if name not in memo:
+        op = defs.get(name)
+        memo[name] = op is not None and (op.kind in _HEAVY or any(
+            _heavy_cone(a, defs, memo) for a in op.args if isinstance(a, str)))
+    return memo[name]
+
+
+def _loads_for(k: FusedKernel, offered: dict[str, TileType]) -> tuple[tuple[Op, ...], set[str]]:
+    """Kernel `k` reading what it can of `offered` instead of computing it: (its ops, the values it loads)."""
+    defs = {op.out: op for op in k.ops}
+    memo: dict[str, bool] = {}
+    dropped = {n for n in offered if n in defs and _heavy_cone(n, defs, memo)}
+
+    def plan(dropped: set[str]) -> tuple[tuple[Op, ...], set[str]]:
+        ops = needed(tuple(op for op in k.ops if op.out not in dropped), k.roots)
+        return ops, (names_read(ops) | set(k.roots)) & dropped
+
+    ops, loaded = plan(dropped)
+    for op in reversed(k.ops):  # the latest first: `-dv` is recomputed from `dv`, not the other way round
+        if op.out in loaded and op.kind not in _HEAVY and all(
+                a in loaded or a not in dropped for a in op.args if isinstance(a, str) and a != op.out):
+            ops, loaded = plan(dropped - {op.out})
+            dropped = dropped - {op.out}
+    return ops, loaded
+
+
+def _same_values(scan: FusedKernel, inject: FusedKernel | None, offered: dict) -> dict[tuple, str]:
+    """The offered values by what they compute, (kind, arguments), a bwd_inject term read as the value it
+    copies: a gradient kernel that forms the same sum under a name of its own (passes.grad_terms' `_t<n>`)
+    reads the scan's."""
+    copies = {op.out: op.args[0] for op in (inject.ops if inject else ()) if op.kind == "copy"}
+    key = lambda op: (op.kind, tuple(copies.get(a, a) if isinstance(a, str) else a for a in op.args))
+    return {key(op): op.out for op in scan.ops if op.out in offered}
+
+
+def _renamed(k: FusedKernel, same: dict[tuple, str]) -> FusedKernel:
+    """Kernel `k` with each value that computes what an offered one does under the offered one's name."""
+    names = {op.out: same[key] for op in k.ops if (key := (op.kind, op.args)) in same and same[key] != op.out}
+    if not names:
+        return k
+    r = lambda a: names.get(a, a) if isinstance(a, str) else a
+    ops, made = [], set()
+    for op in k.ops:  # a kernel forming the value under both names keeps one
+        if r(op.out) not in made:
+            made.add(r(op.out))
+            ops.append(Op(r(op.out), op.kind, tuple(r(a) for a in op.args), op.type))
+    ops = tuple(ops)
+    return replace(k, ops=ops, roots=tuple(map(r, k.roots)), grads=tuple((x, r(g)) for x, g in k.grads))
+
+
+def hand_on(fused: Fused, split: str | None) -> Fused:
+    """Fused kernels -> the same with the adjoint scan writing the per-token values the gradient kernels
+    read instead of computing (module docstring); unchanged without one scan (the bidirectional specs' two)."""
+    scans = [k for k in fused.kernels if k.name.startswith("bwd_scan")]
+    if len(scans) != 1:
+        return fused
+    scan = scans[0]
+    offered = {op.out: op.type for op in scan.ops if _whole_per_token(op.type, split)}
+    same = _same_values(scan, next((k for k in fused.kernels if k.name == "bwd_inject"), None), offered)
+    handed: dict[str, TileType] = {}
+    kernels = []
+    for k in fused.kernels:
+        if k.name.startswith("bwd_chunks_") and offered:
+            k = _renamed(k, same)
+            ops, loaded = _loads_for(k, offered)
+            if loaded:
+                handed.update({n: offered[n] for n in sorted(loaded, key=list(offered).index)})
+                k = replace(k, ops=ops)
+        kernels.append(k)
+    if not handed:
+        return fused
+    kernels = [replace(k, scratch_stores=k.scratch_stores + tuple(handed.items())) if k is scan else k
+               for k in kernels]
+    return replace(fused, kernels=tuple(kernels), handed=fused.handed + tuple(handed.items()))
