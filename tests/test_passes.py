@@ -789,14 +789,25 @@ def test_hoist_writes_a_gate_cumsum_beside_the_solve_and_last_reads_one_row():
     _packed_matches_oracle(op, seed=2)
 
 
-def test_hand_on_gives_the_gradient_kernels_the_scans_dv():
-    """The scan forms dv = k dS + causal(q k^T)^T dO whole (the per-token cut); each gradient kernel forming it
+def test_hand_on_gives_later_kernels_what_the_serial_kernels_form():
+    """The walk forms v - w S (`_10`) for the state update; the out kernel reads it instead of w, v and a matmul.
+    The scan forms dv = k dS + causal(q k^T)^T dO whole (the per-token cut); each gradient kernel forming it
     too (as grad_terms' `_t4`, dv's own gradient, and under `-dv` in dk's terms) reads it instead: k dS and
     causal(q k^T)^T dO leave them, and -dv is recomputed from it, not written too."""
     fused = hand_on(_split_scan(SOLVED), "V")
-    assert [n for n, _ in fused.handed] == ["_inj_d9", "_d9"]
-    scan = next(k for k in fused.kernels if k.name == "bwd_scan")
-    assert [n for n, _ in scan.scratch_stores] == ["_d9"]
+    assert [n for n, _ in fused.handed] == ["_inj_d9", "_10", "_d9"]
+    kernel = {k.name: k for k in fused.kernels}
+    assert [n for n, _ in kernel["walk"].scratch_stores] == ["_10"]
+    golden(textwrap.dedent(str(kernel["out"])), """
+          kernel out [intra + merge] -> o
+            _1 : [K, C] = transpose(k)
+            _5 : [C, V] = matmul(q, S)
+            _7 : [C, C] = matmul(q, _1)
+            _8 : [C, C] = causal(_7)
+            _11 : [C, V] = matmul(_8, _10)
+            o : [C, V] = add(_5, _11)
+    """)
+    assert [n for n, _ in kernel["bwd_scan"].scratch_stores] == ["_d9"]
     for k in fused.kernels:
         if k.name.startswith("bwd_chunks_"):
             made = {op.out for op in k.ops}

@@ -1,13 +1,14 @@
-"""Handing on: the adjoint scan writes the per-token values that the gradient kernels would compute again.
+"""Handing on: a serial kernel writes the per-token values that the kernels after it would compute again.
 
-The scan forms, chunk by chunk, values that every gradient kernel recomputes from the stored adjoint history:
-for the delta rules `dv = kn dS' + causal(qn kn^T)^T dO` (whole in the scan since passes.reverse_scan cuts
-it there), two matmuls and the loads of k, q and the adjoint in each block of V of `bwd_sums`. A value the
-scan holds whole (a [C, d] tile, d the split dim: each of the scan's blocks forms its own columns) that a
-gradient kernel computes with matmul work is written by the scan, per token in the matmul operand dtype, and
-read by the gradient kernels instead of computed (as fla's `dhu` hands `dv` to its later kernels), also where
-a gradient kernel forms the same sum under a name of its own. A value that is a cheap op of handed ones
-(`-dv` beside `dv`) is recomputed where read, not written too.
+The walk forms the delta rules' `v - w S` to update the state, and the out kernel formed it again from the
+walk's history (a matmul and the loads of w and u); the adjoint scan forms `dv = kn dS' + causal(qn kn^T)^T dO`
+(whole there since passes.reverse_scan cuts it), and every block of V of `bwd_sums` formed it again (two
+matmuls and the loads of k, q and the adjoint). A value a serial kernel holds whole (a [C, d] tile, d the
+split dim: each of its blocks forms its own columns) that a later kernel computes with matmul work is written
+by the serial kernel, per token in the matmul operand dtype, and read instead of computed, as fla's `fwd_h`
+hands `v_new` to `chunk_fwd_o` and its `dhu` hands `dv` on. A gradient kernel forming the same sum under a
+name of its own reads it too; a value that is a cheap op of handed ones (`-dv` beside `dv`) is recomputed
+where read, not written too.
 """
 from __future__ import annotations
 
@@ -78,20 +79,13 @@ def _renamed(k: FusedKernel, same: dict[tuple, str]) -> FusedKernel:
     return replace(k, ops=ops, roots=tuple(map(r, k.roots)), grads=tuple((x, r(g)) for x, g in k.grads))
 
 
-def hand_on(fused: Fused, split: str | None) -> Fused:
-    """Fused kernels -> the same with the adjoint scan writing the per-token values the gradient kernels
-    read instead of computing (module docstring); unchanged without one scan (the bidirectional specs' two)."""
-    scans = [k for k in fused.kernels if k.name.startswith("bwd_scan")]
-    if len(scans) != 1:
-        return fused
-    scan = scans[0]
-    offered = {op.out: op.type for op in scan.ops if _whole_per_token(op.type, split)}
-    same = _same_values(scan, next((k for k in fused.kernels if k.name == "bwd_inject"), None), offered)
+def _hand(fused: Fused, writer: FusedKernel, offered: dict[str, TileType], reads, same=None) -> Fused:
+    """`writer` writing what the kernels `reads` picks would compute of `offered`, and they reading it."""
     handed: dict[str, TileType] = {}
     kernels = []
     for k in fused.kernels:
-        if k.name.startswith("bwd_chunks_") and offered:
-            k = _renamed(k, same)
+        if reads(k):
+            k = _renamed(k, same) if same else k
             ops, loaded = _loads_for(k, offered)
             if loaded:
                 handed.update({n: offered[n] for n in sorted(loaded, key=list(offered).index)})
@@ -99,6 +93,26 @@ def hand_on(fused: Fused, split: str | None) -> Fused:
         kernels.append(k)
     if not handed:
         return fused
-    kernels = [replace(k, scratch_stores=k.scratch_stores + tuple(handed.items())) if k is scan else k
+    kernels = [replace(k, scratch_stores=k.scratch_stores + tuple(handed.items())) if k.name == writer.name else k
                for k in kernels]
     return replace(fused, kernels=tuple(kernels), handed=fused.handed + tuple(handed.items()))
+
+
+def hand_on(fused: Fused, split: str | None) -> Fused:
+    """Fused kernels -> the same with the serial kernels writing the per-token values later kernels read
+    instead of computing (module docstring): the walk for the out kernel (the state update's values only: the
+    walk skips merge where out runs), the adjoint scan for the gradient kernels. Unchanged for the
+    bidirectional specs (two walks, two scans)."""
+    by_name = {k.name: k for k in fused.kernels}
+    walk, out = by_name.get("walk"), by_name.get("out")
+    if walk is not None and out is not None and "walk_rev" not in by_name:
+        nexts = tuple(r for r in walk.roots if r not in out.roots)
+        offered = {op.out: op.type for op in needed(walk.ops, nexts) if _whole_per_token(op.type, split)}
+        fused = _hand(fused, walk, offered, lambda k: k.name == "out")
+    scans = [k for k in fused.kernels if k.name.startswith("bwd_scan")]
+    if len(scans) == 1:
+        scan = scans[0]
+        offered = {op.out: op.type for op in scan.ops if _whole_per_token(op.type, split)}
+        same = _same_values(scan, next((k for k in fused.kernels if k.name == "bwd_inject"), None), offered)
+        fused = _hand(fused, scan, offered, lambda k: k.name.startswith("bwd_chunks_"), same)
+    return fused

@@ -42,6 +42,7 @@ class KernelPlan(Kernel):
     leaf_types: tuple = ()  # types of values the kernel reads but no op defines (the backward's seeds)
     hoisted_loads: tuple[TensorDecl, ...] = ()  # values the prep kernel wrote, read per chunk (passes.hoist)
     injected: tuple[tuple[str, str], ...] = ()  # (state, value): bwd_inject writes it per chunk, bwd_scan adds it
+    hands: tuple[TensorDecl, ...] = ()  # per-token values a serial kernel writes for later kernels (passes.hand_on)
     block_loop: BlockLoop | None = None  # a gradient kernel with one program per chunk, looping over the split blocks
     reverse: bool = False  # carries reverse states: a walk right to left, an adjoint scan left to right
     read_states: tuple[StatePlan, ...] = ()  # a scan of one direction: the other's states, read from the history
@@ -69,9 +70,10 @@ class KernelPlan(Kernel):
 
     def __str__(self) -> str:
         loads = [d.name for d in self.loads] + [f"{d.name} ({d.role})" for d in self.hoisted_loads]
+        stores = ([d.name + (" (scratch)" if self.backward else "") for d in self.stores]
+                  + [f"{d.name} (handed on)" for d in self.hands])
         lines = [f"  kernel {self.name}  grid={self.grid}",
-                 f"    per chunk: load {', '.join(loads) or '-'}; "
-                 f"store {', '.join(d.name + (' (scratch)' if self.backward else '') for d in self.stores) or '-'}",
+                 f"    per chunk: load {', '.join(loads) or '-'}; store {', '.join(stores) or '-'}",
                  f"    {self._state_access()}"]
         lines += [f"    {print_op(op)}" for op in self.ops]
         return "\n".join(lines)
@@ -224,11 +226,13 @@ _FLAGS = {"walk": ("HAS_INIT", "STORE_FINAL", "STORE_HISTORY"), "summary": ("HAS
 
 
 def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, grads, injected,
-          merge_flag: bool, read_states=(), decays: bool = False, solves: bool = False) -> tuple[KernelArg, ...]:
+          merge_flag: bool, read_states=(), decays: bool = False, solves: bool = False,
+          hand_on: bool = False) -> tuple[KernelArg, ...]:
     """A kernel's signature (codegen/triton/kernels.py.j2 reads these names; runtime.launch supplies them):
     its tensors, the spec parameters it reads, the call's layout, then the constexprs. A walk with merge
     optional also runs as the fine walk of a coarse one (TileConfig.walk_chunk): each segment a coarse chunk,
-    started from the coarse walk's state entering it (`<s>_coarse_ptr`, FROM_COARSE)."""
+    started from the coarse walk's state entering it (`<s>_coarse_ptr`, FROM_COARSE). `hand_on`: a walk that
+    writes per-token values for the out kernel (passes.hand_on) does so when HAND_ON (the out kernel runs)."""
     backward = role.startswith("bwd")
     coarse = merge_flag and role == "walk"
     tensors = ([f"{d.name}_ptr" for d in loads + hoisted_loads]
@@ -251,6 +255,7 @@ def _args(spec: Spec, role: str, loads, hoisted_loads, stores, states, params, g
             + kernel_args("tile", ("C", "BLOCK")) + kernel_args("option", ("IS_VARLEN", "DOT_DTYPE", "PRECISION")
                                                                 + (("DECAY_MODE",) if decays else ()))
             + kernel_args("flag", _FLAGS.get(role, ()) + (("FUSE_MERGE",) if merge_flag else ())
+                          + (("HAND_ON",) if hand_on else ())
                           + (("FROM_COARSE",) if coarse else ())))
 
 
@@ -281,8 +286,10 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
         if fk.carries is not None:  # one direction's walk or scan (passes.fusion._fuse_bidirectional)
             read_states = tuple(s for s in states if s.name not in fk.carries and s.name in _used(fk.ops, [s.name]))
             states = tuple(s for s in states if s.name in fk.carries)
+        serial = fk.name in ("walk", "bwd_scan")  # what they write for later kernels is handed on (passes.hand_on)
+        hands = tuple(_scratch(n, t) for n, t in fk.scratch_stores) if serial else ()
         stores = (tuple(hoisted.values()) if fk.name == "prep" else
-                  tuple(_scratch(n, t) for n, t in fk.scratch_stores) if fk.scratch_stores else
+                  tuple(_scratch(n, t) for n, t in fk.scratch_stores) if fk.scratch_stores and not serial else
                   tuple(o for o in spec.outputs if o.name in fk.roots) if fk.name in ("walk", "out") else ())
         gradient = fk.name.startswith("bwd_chunks") or bool(fk.partitions)  # passes.partition adds bwd_sums
         role = "bwd_chunks" if gradient else fk.name.removesuffix("_rev")
@@ -317,15 +324,16 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
                                    "blocks, but its ops cannot")
         grid = f"({f'cdiv({split}, BLOCK)' if split and fk.name != 'prep' and not loop else '1'}, B*H, {segs})"
         inject = injected if fk.name in ("bwd_scan", "bwd_inject") else ()
-        args = _args(spec, role, loads, reads, stores, states, params, grads, inject,
+        args = _args(spec, role, loads, reads, stores + hands, states, params, grads, inject,
                      merge_flag=fk.name == "walk" and any(k.name == "out" for k in fused.kernels)
                      and not spec.reverse_states, read_states=read_states,
                      decays=any(per_channel(op, types) for op in ops),
-                     solves=any(op.kind in O.SOLVES for op in ops))
+                     solves=any(op.kind in O.SOLVES for op in ops), hand_on=role == "walk" and bool(hands))
         kernels.append(KernelPlan(name=fk.name, role=role, loads=loads, stores=stores, grid=grid, args=args, ops=ops,
                                   states=states, params=params, grads=grads, state_grads=state_grads,
                                   leaf_types=leaves, hoisted_loads=reads, injected=inject, block_loop=loop,
-                                  reverse=fk.reverse, read_states=read_states, partitions=fk.partitions))
+                                  reverse=fk.reverse, read_states=read_states, partitions=fk.partitions,
+                                  hands=hands))
     return Plan(spec, split, tuple(kernels), seed_gradients(spec, backward) if backward else (),
                 fused.partitions, fused.partition)
 

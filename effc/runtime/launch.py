@@ -340,6 +340,9 @@ class Launcher:
         n_split = self._n_split(cfg, lay)
         walk_cfg = self._serial(cfg)
         hoisted = self.prep(cfg, lay, xs, pvals)
+        # what the walk hands on to the out kernel (passes.hand_on), written only where that runs
+        handed = {d.name: self._chunk_tiles(d, cfg, lay, first) for kp in self.plan.kernels if kp.role == "walk"
+                  for d in kp.hands} if out_kernel is not None else {}
         for kp in self.plan.kernels:
             if kp.backward or kp.role in ("prep", "out") or (kp.role == "summary" and P == 1):
                 continue
@@ -349,11 +352,13 @@ class Launcher:
                       **self._buffers("final", finals), **self._buffers("hist", hist),
                       **self._buffers("segw", segw), **self._buffers("segd", segd),
                       "HAS_INIT": bool(init), "STORE_FINAL": store_final, "STORE_HISTORY": write_history,
-                      "FUSE_MERGE": not cfg.defer_merge, **self._not_coarse(dummy)}
+                      "FUSE_MERGE": not cfg.defer_merge, **self._not_coarse(dummy),
+                      **{f"{d.name}_ptr": handed.get(d.name, dummy) for d in kp.hands}, "HAND_ON": bool(handed)}
             grid = (self._n_split(walk_cfg, lay), n_bh, P if kp.role == "walk" else P - 1)
             self._launch(kp, grid, values, self._serial_options(cfg))
         if out_kernel is not None:
-            values = {**self._values(cfg, lay, dtype, pvals, 1, 1, dummy), **self._loads(out_kernel, xs, hoisted),
+            values = {**self._values(cfg, lay, dtype, pvals, 1, 1, dummy),
+                      **self._loads(out_kernel, xs, {**hoisted, **handed}),
                       **{f"{o.name}_ptr": outs[o.name] for o in out_kernel.stores}, **self._buffers("hist", hist)}
             self._launch(out_kernel, (n_split, n_bh, max_chunks), values, self._options(cfg))
         kept = ({**hist, **hoisted} if keep_prep else hist) if store_history else {}
@@ -399,7 +404,8 @@ class Launcher:
                   **{f"{s.name}_{b}_ptr": dummy for s in spec.states for b in ("init", "final", "segw", "segd")},
                   **self._buffers("hist", hist), **self._buffers("coarse", coarse),
                   "coarse_off_ptr": coarse_off if coarse_off is not None else dummy, "FROM_COARSE": True,
-                  "HAS_INIT": False, "STORE_FINAL": False, "STORE_HISTORY": store_history, "FUSE_MERGE": fuse_merge}
+                  "HAS_INIT": False, "STORE_FINAL": False, "STORE_HISTORY": store_history, "FUSE_MERGE": fuse_merge,
+                  **{f"{d.name}_ptr": dummy for d in kp.hands}, "HAND_ON": False}
         self._launch(kp, (self._n_split(cfg, lay), lay.n_seq * lay.H, P), values, self._serial_options(cfg))
         return whole_outs, (hist if store_history else {})
 
@@ -428,7 +434,7 @@ class Launcher:
         kp = next((k for k in self.plan.kernels if k.role == "bwd_inject"), None)
         # what it writes per token instead (a per-token value's free part), and what the scan hands on
         per_token = {d.name: self._chunk_tiles(d, cfg, lay, first) for d in kp.stores} if kp else {}
-        handed = {d.name: self._chunk_tiles(d, cfg, lay, first) for d in scan.stores}
+        handed = {d.name: self._chunk_tiles(d, cfg, lay, first) for d in scan.hands}
         if kp is not None:
             # every chunk in parallel, in the chunk-parallel kernels' block (the scan's narrow one would
             # recompute the chunk's [C, C] products once per narrow block: 0.84 ms of gated_delta_net's step at

@@ -213,8 +213,8 @@ def _narrow_loads(kp, printer: TritonPrinter) -> set[str]:
 
 def _scratch_stores(kp) -> tuple:
     """The per-token tiles a kernel writes for later kernels: prep's hoisted values, a gradient kernel's sums,
-    the free parts bwd_inject writes per token and the values the adjoint scan hands on."""
-    return kp.stores if kp.role in ("prep", "bwd_chunks", "bwd_inject", "bwd_scan") else ()
+    the free parts bwd_inject writes per token and the values a serial kernel hands on (passes.hand_on)."""
+    return (kp.stores if kp.role in ("prep", "bwd_chunks", "bwd_inject") else ()) + kp.hands
 
 
 def _check_scan_decay(plan: Plan, kp) -> None:
