@@ -21,7 +21,7 @@ import effc.compiler.pipeline as pipeline
 import effc.runtime.launch as launch
 
 EXPERIMENTS = {
-    "whole_scan": lambda: setattr(pipeline, "split_reverse_scan", lambda spec, fused: fused),
+    "whole_scan": lambda: setattr(pipeline, "split_reverse_scan", lambda spec, fused, split=None: fused),
     "serial_stages3": lambda: setattr(launch, "SERIAL_STAGES", 3),
     "bwd_warps4": lambda: setattr(launch, "backward_warps", lambda num_warps, kernel, device: 4),
 }

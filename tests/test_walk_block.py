@@ -104,8 +104,9 @@ def test_narrow_walk_block_matches_wide_and_oracle(name, V, monkeypatch):
     # per-block terms are laid out by the scan's blocks)
     injected = {s for kp in op.comp.plan.kernels if kp.role == "bwd_scan" for s, _ in kp.injected}
     inject = parallel if all("V" in op.spec.decl(s).feature_dims for s in injected) else serial
+    injects = any(kp.role == "bwd_inject" for kp in op.comp.plan.kernels)  # state-sized or per-token terms
     assert {r: n for r, n in grids if r in ("walk", "bwd_scan", "bwd_inject", "out")} == {
-        "walk": serial, "bwd_scan": serial, "out": parallel, **({"bwd_inject": inject} if injected else {})}, grids
+        "walk": serial, "bwd_scan": serial, "out": parallel, **({"bwd_inject": inject} if injects else {})}, grids
     assert {n for r, n in grids if r == "bwd_chunks"} <= {1, parallel}  # 1: a kernel looping over the blocks
     wide = outputs_and_grads(op, xs, s0, d_o, d_s, chunk=16, block=32, walk_block=32)
     assert op.last_config.serial_block == 32
