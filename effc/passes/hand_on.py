@@ -48,8 +48,8 @@ def _loads_for(k: FusedKernel, offered: dict[str, TileType]) -> tuple[tuple[Op, 
 
     ops, loaded = plan(dropped)
     for op in reversed(k.ops):  # the latest first: `-dv` is recomputed from `dv`, not the other way round
-        if op.out in loaded and op.kind not in _HEAVY and all(
-                a in loaded or a not in dropped for a in op.args if isinstance(a, str) and a != op.out):
+        if op.out in loaded and op.kind not in _HEAVY and all(  # from loaded values and cheap ones alone
+                a in loaded or not _heavy_cone(a, defs, memo) for a in op.args if isinstance(a, str)):
             ops, loaded = plan(dropped - {op.out})
             dropped = dropped - {op.out}
     return ops, loaded
