@@ -89,7 +89,8 @@ def test_compile_writes_the_module_and_explains(tmp_path):
 
 @pytest.mark.parametrize("name, says", [
     ("infllm_v2", "row partition heads: fwd_rows, bwd_dq_rows, bwd_dkv_rows: rows (query token"),
-    ("swax", "tiling for B=2 T=8192 H=16")])
+    ("swax", "tiling for B=2 T=8192 H=16"),
+    ("delta_net", "handed on: _inj_d9 by bwd_inject, _16 by walk, _d9 by bwd_scan (per token")])
 def test_compile_explains_row_partitions_and_hybrids(name, says, tmp_path):
     """A spec whose walks have row partitions (a select stage) and a hybrid: both crashed in the explanation
     (a gradient partition's cost read off a row partition; a hybrid's schedule taken for its softmax's)."""

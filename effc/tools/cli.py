@@ -195,6 +195,10 @@ def _explain(comp, B: int, T: int, H: int, given: dict) -> str:
     if getattr(comp.fused, "hoisted", ()):
         lines.append(f"hoisted: {', '.join(n for n, _ in comp.fused.hoisted)} (state-free, from an in-chunk solve): "
                      "the prep kernel computes them for every chunk in parallel; the walk and the backward load them")
+    if getattr(comp.fused, "handed", ()):
+        writers = {n: k.name for k in comp.fused.kernels for n, _ in getattr(k, "scratch_stores", ())}
+        lines.append("handed on: " + ", ".join(f"{n} by {writers.get(n, '?')}" for n, _ in comp.fused.handed)
+                     + " (per token, read by the kernels after it instead of computed again)")
     lines.append(f"tiling for B={B} T={T} H={H} {sizes}: {cfg}")
     return "\n".join(lines)
 
