@@ -844,3 +844,40 @@ def test_hand_on_gives_later_kernels_what_the_serial_kernels_form():
     """)
     # the oracle: forward and every gradient over packed sequences, the scan handing dv on
     _packed_matches_oracle(effc.loads(SOLVED), seed=2)
+
+
+NORMED = """
+spec normed {
+  input q: [B, T, H, K]
+  input k: [B, T, H, K]
+  input v: [B, T, H, V]
+  output o: [B, T, H, V]
+  state S: [K, V]
+  state z: [K]
+  chunk 16
+  intra { A = causal(q @ k.T) }
+  merge {
+    den = rowsum(A) + rowsum(q * z[None, :])
+    o = (A @ v + q @ S) / (abs(den) + 1.0)[:, None]
+  }
+  inter {
+    S = S + k.T @ v
+    z = z + colsum(k)
+  }
+}
+"""
+
+
+def test_read_outputs_gives_the_backward_the_output_it_recomputed():
+    """A normalised output's adjoint reads the output (d den = -rowsum(dO * o) / den): the gradient kernels and
+    bwd_inject load `o`, which autograd keeps, instead of forming A v + q S again (two matmuls and the loads
+    of v and S per block of V)."""
+    op = effc.loads(NORMED)
+    fused = op.comp.fused
+    assert fused.outputs_read == ("o",)
+    readers = [k for k in op.comp.plan.kernels if any(d.name == "o" for d in k.loads)]
+    assert readers and all(k.backward for k in readers)
+    for k in readers:
+        made = {o.out for o in k.ops}
+        assert "o" not in made and not any(o.kind == "matmul" and "v" in o.args for o in k.ops), k.name
+    _packed_matches_oracle(op, seed=4)

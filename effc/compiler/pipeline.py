@@ -15,7 +15,7 @@ from ..passes.branches import PerBranch
 from ..passes.decay_dot import factor_decays
 from ..passes.fusion import fuse
 from ..passes.grad_terms import place_gradient_terms
-from ..passes.hand_on import hand_on
+from ..passes.hand_on import hand_on, read_outputs
 from ..passes.hoist import hoist
 from ..passes.hybrid import split_hybrid
 from ..passes.legality import analyze
@@ -23,7 +23,7 @@ from ..passes.lower import lower
 from ..passes.partition import partition_gradients
 from ..passes.plan import plan
 from ..passes.reverse_scan import split_reverse_scan
-from ..passes.shapes import infer_shapes
+from ..passes.shapes import infer_shapes, value_types
 from ..passes.softmax import analyze_softmax, infer_softmax_shapes, softmax_value_types
 from ..passes.softmax_bwd import differentiate_softmax
 from ..passes.softmax_plan import HybridPlan, HybridSchedule, softmax_plan
@@ -62,6 +62,8 @@ def _linear_fused(c):
     split = c.legality.split_dims[0] if c.legality.split_dims else None
     fused = place_gradient_terms(c.typed, fused, c.backward, split)
     fused = hand_on(split_reverse_scan(c.typed, hoist(c.typed, fused), split), split)
+    types = value_types(c.typed)
+    fused = read_outputs(fused, {o.name: types[o.name] for o in c.typed.outputs if o.name in types})
     return partition_gradients(c.typed, fused, c.backward, split, dict(fused.hoisted + fused.handed))
 
 

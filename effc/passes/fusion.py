@@ -58,6 +58,7 @@ class Fused:
     # per-token values a backward kernel writes (its `scratch_stores`) and later ones read instead of computing
     # them (passes.reverse_scan's per-token injections, passes.hand_on)
     handed: tuple[tuple[str, TileType], ...] = ()
+    outputs_read: tuple[str, ...] = ()  # the op's outputs the backward's kernels load (passes.hand_on.read_outputs)
     partitions: tuple = ()  # the gradient kernels' schedules (passes.partition.PartitionChoice), each with its cost
     partition: str | None = None  # the one the model estimates fastest: the default
 

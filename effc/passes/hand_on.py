@@ -98,6 +98,25 @@ def _hand(fused: Fused, writer: FusedKernel, offered: dict[str, TileType], reads
     return replace(fused, kernels=tuple(kernels), handed=fused.handed + tuple(handed.items()))
 
 
+def read_outputs(fused: Fused, outputs: dict[str, TileType]) -> Fused:
+    """The chunk-parallel backward kernels reading the op's outputs (`outputs`, name -> tile type), which the
+    backward holds (autograd keeps them), where they would compute them again with matmul work (mLSTM's
+    normaliser adjoint reads `o`: `P v` and `q C` in bwd_inject and in each block of bwd_sums). Lists the
+    outputs read in `Fused.outputs_read`."""
+    read: set[str] = set()
+    kernels = []
+    for k in fused.kernels:
+        if k.name == "bwd_inject" or k.name.startswith("bwd_chunks_"):
+            ops, loaded = _loads_for(k, outputs)
+            if loaded:
+                read |= loaded
+                k = replace(k, ops=ops)
+        kernels.append(k)
+    if not read:
+        return fused
+    return replace(fused, kernels=tuple(kernels), outputs_read=tuple(n for n in outputs if n in read))
+
+
 def hand_on(fused: Fused, split: str | None) -> Fused:
     """Fused kernels -> the same with the serial kernels writing the per-token values later kernels read
     instead of computing (module docstring): the walk for the out kernel (the state update's values only: the

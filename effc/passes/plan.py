@@ -274,9 +274,12 @@ def plan(spec: Spec, legality: Legality, fused: Fused, backward=None) -> Plan:
     tiles = {s.name: s.tile for s in spec.states}
     kernels = []
     for fk in fused.kernels:
-        loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
-        reads = tuple(hoisted[n] for n in _used(fk.ops, list(hoisted))) if fk.name != "prep" else ()
         made = {op.out for op in fk.ops}
+        loads = tuple(d for d in spec.inputs if d.name in _used(fk.ops, [d.name]))
+        if fk.name.startswith("bwd"):  # the op's outputs, which the backward holds (passes.hand_on.read_outputs)
+            loads += tuple(o for o in spec.outputs if o.name in fused.outputs_read and o.name in _used(fk.ops, [o.name])
+                           and o.name not in made)
+        reads = tuple(hoisted[n] for n in _used(fk.ops, list(hoisted))) if fk.name != "prep" else ()
         reads += tuple(handed[n] for n in _used(fk.ops, list(handed)) if n not in made)
         reads += tuple(_scratch(n, t) for n, t in fk.scratch_loads)
         rename = backward.forward_name if backward and fk.name.startswith("bwd") else str

@@ -229,7 +229,8 @@ class Launcher:
                 "n_bh": lay.n_seq * lay.H, "cu_ptr": lay.cu if lay.cu is not None else dummy,
                 "chunk_off_ptr": lay.chunk_off if lay.chunk_off is not None else dummy, "POS0": lay.pos0,
                 # each feature dim's real size and its padded tile size (codegen masks the columns past the real one)
-                "H": lay.H, **{f"HX_{x}": h for x, h in lay.heads.items()}, **lay.dims,
+                "H": lay.H, **{f"HX_{x}": h for x, h in lay.heads.items()},
+                **{f"HX_{o.name}": lay.H for o in self.spec.outputs}, **lay.dims,  # the backward may load outputs
                 **{f"{n}_P": padded(v) for n, v in lay.dims.items()},
                 "C": cfg.chunk, "BLOCK": cfg.block if self.plan.split_dim else 1, "IS_VARLEN": lay.cu is not None,
                 "DOT_DTYPE": getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),

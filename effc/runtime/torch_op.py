@@ -230,6 +230,8 @@ def linear_torch_ops(op) -> TorchOps:
     # prep's values kept from the forward (store_history 2) follow the history; the caller's whole tensors
     # only (with dims in parts the backward recomputes them)
     hoisted = () if parts is not None else op.comp.plan.hoisted
+    # the backward's kernels read the outputs (passes.hand_on.read_outputs): autograd keeps them for it
+    n_read = n_out if op.comp.fused.outputs_read else 0
 
     def launcher() -> Launcher:
         return Launcher(spec, op.comp.plan, op.module, parts, late_module=lambda: op.late_module)
@@ -317,9 +319,14 @@ def linear_torch_ops(op) -> TorchOps:
         d_fin = {s.name: g.float().contiguous() for s, g in zip(caller.states, d_finals) if g.numel()}
         if parts is not None:
             d_out, d_fin = parts.views(spec.outputs, d_out, dims), parts.cut_states(d_fin, dims)
+        outs = {o.name: x.contiguous() for o, x in zip(caller.outputs, hist[:n_read])}
+        if parts is not None and outs:
+            outs = parts.views(spec.outputs, outs, dims)
+        hist = hist[n_read:]
         states, prep = hist[:len(spec.states)], hist[len(spec.states):]
         kept_prep = {d.name: x for d, x in zip(hoisted, prep) if x.numel()}
-        grads, dinit = launcher().backward(cfg, lay, named, pvals, dict(zip((s.name for s in spec.states), states)),
+        grads, dinit = launcher().backward(cfg, lay, {**named, **outs}, pvals,
+                                           dict(zip((s.name for s in spec.states), states)),
                                            d_out, d_fin, hoisted=kept_prep if hoisted and len(kept_prep) == len(hoisted)
                                            else None)  # else prep runs again
         if parts is not None:
@@ -335,13 +342,12 @@ def linear_torch_ops(op) -> TorchOps:
                    for s in caller.states])
 
     def kept(output, ints):
-        return output[n_out + n_state:] if ints[_FLAGS][1] else []
+        return list(output[:n_read]) + (list(output[n_out + n_state:]) if ints[_FLAGS][1] else [])
 
     def grads_of(saved: Saved, grads, fwd, bwd):
         xs, ints, params = saved.xs, saved.ints, saved.params
-        if saved.kept:
-            hist = saved.kept
-        else:  # recompute the per-chunk states: one more forward walk, keeping only the history
+        outs, hist = saved.kept[:n_read], saved.kept[n_read:]
+        if not hist:  # recompute the per-chunk states: one more forward walk, keeping only the history
             hist = fwd(xs, saved.init, saved.cu, ints[:len(_CFG)] + [0, 1, 0] + ints[_POS:], params)[n_out + n_state:]
         dims = dims_of(xs)
         B, T, H = xs[0].shape[:3]
@@ -356,7 +362,7 @@ def linear_torch_ops(op) -> TorchOps:
                         for s, g in zip(caller.states, d_finals)]
         else:
             d_finals = [xs[0].new_empty(0, dtype=torch.float32) for _ in caller.states]
-        res = bwd(xs, hist, saved.cu, d_outs, d_finals, ints, params)
+        res = bwd(xs, list(outs) + list(hist), saved.cu, d_outs, d_finals, ints, params)
         return res[:len(xs)], res[len(xs):]
 
     return register(source_key(op, "linear"), Family(run_fwd, fake_fwd, run_bwd, fake_bwd, kept, grads_of))
