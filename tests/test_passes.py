@@ -846,26 +846,12 @@ def test_hand_on_gives_later_kernels_what_the_serial_kernels_form():
     _packed_matches_oracle(effc.loads(SOLVED), seed=2)
 
 
-NORMED = """
-spec normed {
-  input q: [B, T, H, K]
-  input k: [B, T, H, K]
-  input v: [B, T, H, V]
-  output o: [B, T, H, V]
-  state S: [K, V]
-  state z: [K]
-  chunk 16
-  intra { A = causal(q @ k.T) }
-  merge {
-    den = rowsum(A) + rowsum(q * z[None, :])
-    o = (A @ v + q @ S) / (abs(den) + 1.0)[:, None]
-  }
-  inter {
-    S = S + k.T @ v
-    z = z + colsum(k)
-  }
-}
-"""
+# a normalised output: the backward's adjoint of the normaliser reads the output
+NORMED = edit(edit(LA, "param gamma = 0.9", "state z: [K]"), "merge { o = q @ S }\n  inter { S = S * gamma + k.T @ v }",
+              "intra { A = causal(q @ k.T) }\n"
+              "  merge {\n    den = rowsum(A) + rowsum(q * z[None, :])\n"
+              "    o = (A @ v + q @ S) / (abs(den) + 1.0)[:, None]\n  }\n"
+              "  inter {\n    S = S + k.T @ v\n    z = z + colsum(k)\n  }")
 
 
 def test_read_outputs_gives_the_backward_the_output_it_recomputed():
