@@ -47,6 +47,10 @@ OTHER = ("matmul", "transpose", "last", "expand", "copy")
 DECAY = ("decay_dot", "decay_mm", "decay_mm_t")
 INTERNAL = ("unlast", "total", "gtz", "sign", "ge", "bcast", "scatter") + DECAY
 
+# ops whose work a kernel would rather read through memory than repeat (passes.partition's common values,
+# passes.hand_on's handed ones): the rest (elementwise ops, masks, reductions, layout) is recomputed where read
+HEAVY = frozenset(("matmul",) + SOLVES + DECAY)
+
 # comparisons and boolean logic give 1.0 / 0.0 tiles (`ge` is also made by the autodiff pass)
 COMPARE = ("lt", "le", "gt", "ge", "eq", "ne")
 LOGIC = ("and", "or", "not")

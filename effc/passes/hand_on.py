@@ -15,23 +15,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from ..ir import ops as O
-from ..ir.nodes import C, Op, TileType, names_read
+from ..ir.nodes import Op, TileType, names_read
 from .fusion import Fused, FusedKernel, needed
-
-# ops a reader would rather load the result of than repeat (elementwise ops, masks and layout are recomputed)
-_HEAVY = frozenset(("matmul",) + O.SOLVES + O.DECAY)
-
-
-def _whole_per_token(t: TileType | None, split: str | None) -> bool:
-    return (t is not None and t.rank == 2 and t.shape[0] == C and not str(t.shape[1]).isdigit()
-            and (split is None or str(t.shape[1]) == split))
-
+from .reverse_scan import whole_per_token
 
 def _heavy_cone(name: str, defs: dict[str, Op], memo: dict[str, bool]) -> bool:
     """Does computing `name` from the kernel's loads take a heavy op?"""
     if name not in memo:
         op = defs.get(name)
-        memo[name] = op is not None and (op.kind in _HEAVY or any(
+        memo[name] = op is not None and (op.kind in O.HEAVY or any(
             _heavy_cone(a, defs, memo) for a in op.args if isinstance(a, str)))
     return memo[name]
 
@@ -48,7 +40,7 @@ def _loads_for(k: FusedKernel, offered: dict[str, TileType]) -> tuple[tuple[Op, 
 
     ops, loaded = plan(dropped)
     for op in reversed(k.ops):  # the latest first: `-dv` is recomputed from `dv`, not the other way round
-        if op.out in loaded and op.kind not in _HEAVY and all(  # from loaded values and cheap ones alone
+        if op.out in loaded and op.kind not in O.HEAVY and all(  # from loaded values and cheap ones alone
                 a in loaded or not _heavy_cone(a, defs, memo) for a in op.args if isinstance(a, str)):
             ops, loaded = plan(dropped - {op.out})
             dropped = dropped - {op.out}
@@ -126,12 +118,12 @@ def hand_on(fused: Fused, split: str | None) -> Fused:
     walk, out = by_name.get("walk"), by_name.get("out")
     if walk is not None and out is not None and "walk_rev" not in by_name:
         nexts = tuple(r for r in walk.roots if r not in out.roots)
-        offered = {op.out: op.type for op in needed(walk.ops, nexts) if _whole_per_token(op.type, split)}
+        offered = {op.out: op.type for op in needed(walk.ops, nexts) if whole_per_token(op.type, split)}
         fused = _hand(fused, walk, offered, lambda k: k.name == "out")
     scans = [k for k in fused.kernels if k.name.startswith("bwd_scan")]
     if len(scans) == 1:
         scan = scans[0]
-        offered = {op.out: op.type for op in scan.ops if _whole_per_token(op.type, split)}
+        offered = {op.out: op.type for op in scan.ops if whole_per_token(op.type, split)}
         same = _same_values(scan, next((k for k in fused.kernels if k.name == "bwd_inject"), None), offered)
         fused = _hand(fused, scan, offered, lambda k: k.name.startswith("bwd_chunks_"), same)
     return fused

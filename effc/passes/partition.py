@@ -195,11 +195,6 @@ def _after_kernel(k: FusedKernel, c: _Cut, forms: dict, types: dict, split: str)
                        scratch_loads=tuple((n, t) for n, t in reads.items() if n in used))
 
 
-# ops whose work a kernel would rather read through memory than repeat: the rest (elementwise ops, masks,
-# reductions, layout) is recomputed where it is read
-_HEAVY = frozenset(("matmul",) + O.SOLVES + O.DECAY)
-
-
 def _common_values(afters: list[FusedKernel]) -> tuple[dict[str, Op], tuple[str, ...]]:
     """The values two or more after parts compute with heavy work among the ops making them, at the frontier
     where an op computed once reads them (or an after part's gradient is one): (ops by name, frontier). A
@@ -216,7 +211,7 @@ def _common_values(afters: list[FusedKernel]) -> tuple[dict[str, Op], tuple[str,
     def is_heavy(n: str) -> bool:
         if n not in heavy:
             op = made[n]
-            heavy[n] = op.kind in _HEAVY or any(is_heavy(a) for a in op.args if isinstance(a, str) and a in made)
+            heavy[n] = op.kind in O.HEAVY or any(is_heavy(a) for a in op.args if isinstance(a, str) and a in made)
         return heavy[n]
 
     common = {n for n in made if count[n] > 1 and is_heavy(n)}
@@ -225,7 +220,7 @@ def _common_values(afters: list[FusedKernel]) -> tuple[dict[str, Op], tuple[str,
     frontier = [n for n in made if n in common and n in read_outside]
     for n in list(frontier):
         op = made[n]
-        if op.kind not in _HEAVY and all(a in frontier or a not in common for a in op.args if isinstance(a, str)):
+        if op.kind not in O.HEAVY and all(a in frontier or a not in common for a in op.args if isinstance(a, str)):
             frontier.remove(n)
     return made, tuple(frontier)
 

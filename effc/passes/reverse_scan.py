@@ -89,12 +89,18 @@ def injection_name(root: str) -> str:
     return f"_inj{root}"
 
 
+def whole_per_token(t: TileType | None, split: str | None) -> bool:
+    """A [C, d] tile (d the split dim, or any named dim without one): each of a serial kernel's blocks holds
+    its own columns whole, so it can be written per token (a per-token cut here, passes.hand_on)."""
+    return (t is not None and t.rank == 2 and t.shape[0] == C and not str(t.shape[1]).isdigit()
+            and (split is None or str(t.shape[1]) == split))
+
+
 def _per_token_cut(split: str | None):
-    """Is a value of type `t` whose free part computes `free_ops` cut per token? A [C, d] tile (d the split
-    dim, whole in each of the scan's blocks) whose free part does matmul work."""
+    """Is a value of type `t` whose free part computes `free_ops` cut per token? A whole per-token tile whose
+    free part does matmul work."""
     def cut(t: TileType, free_ops) -> bool:
-        return (t.rank == 2 and t.shape[0] == C and (split is None or str(t.shape[1]) == split)
-                and any(op.kind == "matmul" for op in free_ops))
+        return whole_per_token(t, split) and any(op.kind == "matmul" for op in free_ops)
     return cut
 
 
