@@ -455,7 +455,8 @@ class Launcher:
         segw = {s.name: torch.empty((n_bh, P) + blocks[s.name] + self._state_shape(lay, s), **f32) if P > 1 else dummy
                 for s in scan.states}
         values = {**self._values(cfg, lay, first.dtype, pvals, per_seg, P, dummy),
-                  **self._loads(scan, xs, {**hoisted, **per_token}), **{f"{n}_ptr": x for n, x in handed.items()}, **d_o, **self._buffers("hist", hist), **self._buffers("dhist", dhist),
+                  **self._loads(scan, xs, {**hoisted, **per_token}), **{f"{n}_ptr": x for n, x in handed.items()},
+                  **d_o, **self._buffers("hist", hist), **self._buffers("dhist", dhist),
                   **self._buffers("dfinal", {s.name: d_finals.get(s.name, dummy) for s in scan.states}),
                   **self._buffers("dinit", dinit), **self._buffers("segw", segw),
                   **self._buffers("segd", {s: torch.empty_like(w) if P > 1 else dummy for s, w in segw.items()}),

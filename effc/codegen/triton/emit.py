@@ -182,17 +182,21 @@ def _prefetches(kp, view, spec, split: str | None) -> dict[str, str]:
         elif kp.role == "bwd_scan" and d.role == "handed":  # bwd_inject's per-token terms, added like the above
             axes = [f if f in spec.dims else None for f in d.feature_dims]
             shape = "[C, " + ", ".join("BLOCK" if f == split else f"{f}_P" if f else "C" for f in axes) + "]"
-            whole, fm = _in_segment(shape), feature_mask([None] + axes, split)
-            mask = whole if fm is None else f"({whole} & {fm[0]} if {fm[1]} else {whole})"
+            mask = _in_segment_masked(shape, [None] + axes, split)
             out[d.name] = f"tl.load({d.name}_ptr + {_next_chunk(view.hoisted_offs[d.name])}, mask={mask}, other=0.0)"
     if kp.role == "bwd_scan":
         dims = {st.name: st.dims for st in spec.states}
         for s, x in kp.injected:
-            fm = feature_mask(list(dims[s]), split)
-            whole = _in_segment(view.state_block[s])
-            mask = whole if fm is None else f"({whole} & {fm[0]} if {fm[1]} else {whole})"
+            mask = _in_segment_masked(view.state_block[s], list(dims[s]), split)
             out[x] = f"tl.load({s}_inj_ptr + {_next_chunk(view.dhist_offs[s])}, mask={mask}, other=0.0)"
     return out
+
+
+def _in_segment_masked(shape: str, axes, split: str | None) -> str:
+    """`_in_segment` of a tile of `shape` whose `axes` (feature dim names; None for others) may be padded: also
+    its real columns where a dim is padded (constexpr-conditional, as `_masks`)."""
+    whole, fm = _in_segment(shape), feature_mask(axes, split)
+    return whole if fm is None else f"({whole} & {fm[0]} if {fm[1]} else {whole})"
 
 
 # the kernels whose dot-only tiles load in their storage dtype (H100, bf16, 2x8192, D=128, one call beside the
