@@ -122,6 +122,11 @@ def backward_fault(states, dims: dict[str, int], split_dim: str | None, block: i
     None. `dims`: the call's feature dim sizes; the split dim is held `block` columns at a time."""
     if device.type != "cuda" or not hopper(device.index or 0):
         return None
+    return sm90_backward_fault(states, dims, split_dim, block)
+
+
+def sm90_backward_fault(states, dims: dict[str, int], split_dim: str | None, block: int) -> str | None:
+    """backward_fault's reason on sm_90, whatever GPU this process has (the AOT checks compile for sm_90)."""
     where = (f"on this GPU (sm_90; Triton {triton_version()}): its gradient kernels fault there (an illegal "
              "memory access at every tile config tried, with Triton 3.6.0 and 3.7.1; policy/triton_faults.py). "
              "The forward runs; a GPU other than sm_90 may run the backward (not tried)")
