@@ -53,7 +53,10 @@ def ptx_only():
     The empty binaries go to a cache of their own, removed after, so that no full compile finds them."""
     from triton import knobs
 
-    def stop_at_ptx(backend, stages, options, language, capability):
+    def stop_at_ptx(*args):
+        if not args:  # Triton >= 3.8 first asks the hook for a cache key of its own: (key, hash)
+            return "ptx_only", "ptx_only"
+        stages = args[1]  # (backend, stages, options, language, capability)
         stages["cubin"] = lambda src, metadata: b""
 
     saved = knobs.runtime.add_stages_inspection_hook, knobs.cache.dir
