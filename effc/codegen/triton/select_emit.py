@@ -53,13 +53,15 @@ def _pool(sched: SoftmaxSchedule, kp) -> KernelView:
             lines.append(f"pooled = tl.sum(tl.where({valid}, lk_{p.leaf}, 0.0), 0) / n_tok")
         else:
             lines.append(f"pooled = tl.max(tl.where({valid}, lk_{p.leaf}, {_NEG}), 0)")
-        lead = f"i_h % (H // HX_{p.leaf}) == 0"
+        # the group's first query head writes it: a branch on the program's head, not a mask (Triton 3.9's
+        # interpreter holds a vector mask `&` a scalar flag as int32, which its store refuses)
+        lines.append(f"if i_h % (H // HX_{p.leaf}) == 0:")
         if feats:
             f = feats[0]
-            lines.append(f"tl.store({p.out}_pool_ptr + ({pool_row(p.leaf)} * NKB + pid) * {f} + r_{f}, pooled, "
-                         f"mask=m_{f} & ({lead}))")
+            lines.append(f"    tl.store({p.out}_pool_ptr + ({pool_row(p.leaf)} * NKB + pid) * {f} + r_{f}, pooled, "
+                         f"mask=m_{f})")
         else:
-            lines.append(f"tl.store({p.out}_pool_ptr + {pool_row(p.leaf)} * NKB + pid, pooled, mask={lead})")
+            lines.append(f"    tl.store({p.out}_pool_ptr + {pool_row(p.leaf)} * NKB + pid, pooled)")
     kv.pre_lines = lines
     return kv
 
