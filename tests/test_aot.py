@@ -62,7 +62,8 @@ def compile_spec(spec, results):
                 "wgmma": "wgmma" in ptx, "mma": "mma.sync" in ptx or "wgmma" in ptx, "shared": shared,
                 "matmuls": any(o.kind == "matmul" for o in kp.ops), "wide": wide,
                 "solves": any(o.kind == "unit_lower_inv" for o in kp.ops),
-                "linear_dots": len(linear_dot_operands(k.asm["ttgir"]))}
+                "linear_dots": len(linear_dot_operands(k.asm["ttgir"])),
+                "fp_fusion": k.metadata.enable_fp_fusion}
 
 
 results = {}
@@ -232,6 +233,7 @@ def test_library_kernels_compile_for_sm90(name, tmp_path):
                  for k in op.comp.plan.kernels if "DECAY_MODE" in k.arg_names}
     assert set(results) == expected and any(".walk" in k for k in expected)
     for kernel, r in results.items():
+        assert r["fp_fusion"], f"{kernel}: compiled without FMA contraction (codegen.FP_FUSION: Triton 3.10's default)"
         if not r["matmuls"]:  # e.g. a gradient that is the output's cotangent itself (swax's softmax branch)
             continue
         assert r["mma"], f"{kernel}: no tensor-core instruction in the PTX"

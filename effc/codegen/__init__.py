@@ -9,7 +9,9 @@ import jinja2
 # (loop structure, what is kept on chip, how loads are issued): tuned configurations recorded under an
 # older version are then ignored, and `effc tune` records new ones.
 CODEGEN_VERSION = 15  # 15: bwd_inject writes per-token terms, the adjoint scan hands dv on to the gradient kernels, the walk v - w S to out, the backward loads the outputs it formed again; 14: a chunk-parallel kernel's one chunk under an if, not a one-trip loop; 13: the serial loops store the state first, chunk counters in 32 bits; 12: the walk loads dot-only tiles as stored, the serial kernels the gates' cumsum from prep; 11: the in-chunk inverse in exact fp32 (ieee), not tf32x3; 10: loads at their first reader only in kernels that spill without (runtime.launch.spill_free); 9: tile loads at their first reader (chunk-parallel kernels); 8: serial loops load vectors and injected terms a chunk ahead; 7: the in-chunk inverse's blocks of one size as one batch; 6: the in-chunk inverse by halves; 5: transposes of matmul results computed as transposed matmuls (passes.transpose_sink); 2: per-block adjoint histories, padded rows masked at overflowing ops, 16-bit dO in softmax bwd; 3: CSE, tf32x3 in-chunk inverse; 4: hoisted solves (prep), deferred merge (out)
-
+# FMA contraction asked for by name in every Triton compile and launch: Triton 3.9 warns at each compile that
+# leaves it to the default, which Triton 3.10 turns off (slower kernels, numerics unlike those measured)
+FP_FUSION = {"enable_fp_fusion": True}
 
 _LOAD = re.compile(r"^\s*(v_\w+) = tl\.load\(")
 _CONTINUED = ("else", "elif")  # lines that continue the compound statement above them

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..codegen import FP_FUSION
 from ..codegen.triton.emit import SERIAL_ROLES
 from ..errors import BackwardRefused, ResourceError
 from ..ir.nodes import Spec
@@ -208,7 +209,7 @@ class Launcher:
 
     @staticmethod
     def _options(cfg: TileConfig) -> dict:
-        return {} if interpreting() else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return {} if interpreting() else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **FP_FUSION)
 
     @staticmethod
     def _serial_options(cfg: TileConfig) -> dict:

@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..codegen import FP_FUSION
 from ..compiler import Compilation
 from ..errors import ArgumentError
 from ..ir.nodes import Spec, dim
@@ -69,7 +70,7 @@ def _query_blocks(longest: int, queries: tuple[int, int], bm: int) -> int:
 
 
 _DOT_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages") + tuple(FP_FUSION)
 # visible_pairs: every query row counted up to this many, evenly spaced rows beyond; this many mask
 # elements evaluated at a time
 EXACT_PAIR_ROWS = 4096
@@ -233,7 +234,7 @@ class SoftmaxOp(Tuned):
                     IS_VARLEN=cu is not None, DOT_DTYPE=getattr(tl, "float32" if interp else _DOT_DTYPES[dtype]),
                     PRECISION="ieee" if (interp or dtype == torch.float32) else "tf32", SAVE=save, DECODE=False)
         if not interp:
-            meta.update(num_warps=cfg_k[2], num_stages=cfg_k[3])
+            meta.update(num_warps=cfg_k[2], num_stages=cfg_k[3], **FP_FUSION)
         return meta
 
     def _launch(self, kernel: str, cfg_k, grid0: int, n_bh: int, named: dict, meta: dict):

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
+from .. import FP_FUSION
+
 
 def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_stages: int = 2,
                  fuse_merge: bool = True, summary: bool = False, dims: dict | None = None,
@@ -84,7 +86,7 @@ def _compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int):
     # of loads and stores then match the GPU's
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if str(sig[n]).startswith("*")}
     return triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=aligned),
-                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+                          target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages, **FP_FUSION))
 
 
 SOFTMAX_KERNELS = ("fwd", "bwd_pre", "bwd_dq", "bwd_dkv")
