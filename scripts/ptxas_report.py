@@ -19,14 +19,14 @@ from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
+from triton.backends.nvidia.compiler import get_ptxas  # noqa: E402
 
 import effc  # noqa: E402
 from effc.codegen.triton.aot import SOFTMAX_KERNELS, compile_sm90, compile_softmax_sm90  # noqa: E402
 from effc.codegen.triton.emit import SERIAL_ROLES  # noqa: E402
 from effc.runtime.launch import SERIAL_STAGES  # noqa: E402
 
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+PTXAS = get_ptxas(90).path  # the ptxas Triton itself runs for sm_90 (Triton 3.9: its CUDA 13 one)
 
 
 def ptxas_usage(ptx: str) -> dict:
