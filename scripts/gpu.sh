@@ -7,7 +7,7 @@
 #                                               DIMS=64,96,128,192 (head dims: several add the time-per-FLOP table)
 #   scripts/gpu.sh decode [SPECS SHAPES]   # decoding steps against a KV cache (effc bench --decode); env KV_HEADS, D
 #   scripts/gpu.sh tune-check [ARGS]  # effc tune acceptance from cold caches (scripts/tune_check.py --help)
-# env TRITON_SITE=DIR puts a Triton unpacked in DIR ahead of the machine's (scripts/gpu_triton37.sh)
+# env TRITON_SITE=DIR puts a Triton unpacked in DIR ahead of the machine's (scripts/gpu_triton.sh)
 set -uo pipefail
 export PYTHONPATH=${TRITON_SITE:+$TRITON_SITE:}/tmp/site:$PWD PYTHONUNBUFFERED=1 EFFC_CACHE_DIR=${EFFC_CACHE_DIR:-/tmp/effc-cache}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -25,7 +25,7 @@ accumulators (fla-org/flash-linear-attention#640, #984, #988). effc meets it in 
   mesanet's [K, K] Gram state, which no block narrows, and log_linear_attn's 16 level states (65536
   elements at block 32, where zeros' three [128, 128] states, 49152, run right). `backward_fault` refuses
   those backwards there with the reason, instead of a fault that loses the process's CUDA context.
-  Triton 3.7.1 does not fix it (2026-12-06, H100, carried by scripts/gpu_triton37.sh): mesanet's backward
+  Triton 3.7.1 does not fix it (2026-12-06, H100, carried by scripts/gpu_triton.sh): mesanet's backward
   faults there too (an illegal memory access), and log_linear_attn's, no longer narrowed to 32-wide blocks,
   asked 278528 bytes of shared memory for bwd_chunks_k_loop. So the refusal holds on sm_90 whatever the
   Triton version, while the other holds (4 warps, 32-wide blocks) end at 3.7.1.
