@@ -17,7 +17,7 @@ for v in $versions; do
   if [ ! -x "$venv/bin/python" ]; then
     python3 -m venv "$venv"
     { "$venv/bin/pip" install -q torch==2.13.0
-      "$venv/bin/pip" install -q -e ".[test,tilelang]" "triton==$v" --config-settings editable_mode=compat
+      "$venv/bin/pip" install -q -e ".[test,tilelang,bench]" "triton==$v" --config-settings editable_mode=compat
     } 2>&1 | grep -v "^WARNING: Location"  # a local index's notices
   fi
   EFFC_CACHE_DIR=/tmp/triton-range/cache-$v "$venv/bin/python" -m pytest -q -n auto -p no:cacheprovider "${args[@]}" \
