@@ -109,3 +109,21 @@ def test_a_refused_backward_raises_before_any_launch(monkeypatch):
     assert issubclass(BackwardRefused, NotImplementedError)  # what a caller of an unlowered feature catches
     with pytest.raises(BackwardRefused, match="mesanet: the reason"):
         (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+
+@pytest.mark.parametrize("version,warns", [("3.5.1", True), ("3.6.0", False), ("3.9.0+git1234", False),
+                                           ("3.10.0", True)])
+def test_a_triton_outside_the_tested_range_warns_once(monkeypatch, version, warns):
+    import warnings
+
+    monkeypatch.setattr(triton_faults.triton, "__version__", version)
+    triton_faults.warn_untested_triton.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        effc.load("retention")
+        effc.load("softmax_attn")
+    triton_faults.warn_untested_triton.cache_clear()
+    said = [str(w.message) for w in caught if "effc is tested with Triton" in str(w.message)]
+    assert len(said) == (1 if warns else 0), said
+    if warns:
+        assert f"this is Triton {version}" in said[0] and "3.6 to 3.9" in said[0]

@@ -40,6 +40,7 @@ accumulators (fla-org/flash-linear-attention#640, #984, #988). effc meets it in 
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import torch
@@ -65,6 +66,21 @@ def hopper_dot_miscompile(device_index: int) -> bool:
 
 def triton_version() -> str:
     return ".".join(triton.__version__.split("+")[0].split(".")[:3])
+
+
+TESTED_TRITON = ((3, 6), (3, 9))  # the README's range: the CPU suite runs on each (scripts/triton_range.sh)
+
+
+@lru_cache(maxsize=None)
+def warn_untested_triton() -> None:
+    """Warn once per process where the installed Triton is outside the range effc is tested with: not an
+    error (a newer one may well run), but its generated kernels and the holds above were never checked there."""
+    version = tuple(int(p) for p in triton_version().split(".")[:2] if p.isdigit())
+    low, high = TESTED_TRITON
+    if not low <= version <= high:
+        warnings.warn(f"effc is tested with Triton {low[0]}.{low[1]} to {high[0]}.{high[1]}; this is Triton "
+                      f"{triton_version()}: its kernels may fail to compile or miscompile (README: Install)",
+                      RuntimeWarning, stacklevel=3)
 
 
 # dots in one gradient kernel above which an affected GPU runs the backward at 4 warps: between the longest

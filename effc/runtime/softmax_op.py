@@ -21,6 +21,7 @@ from ..passes.softmax import (SoftmaxTiles, choose_softmax_tiles, copies_heads, 
                               key_split, visible_blocks)
 from ..passes.softmax_plan import dkv_groups_heads, split_slot
 from ..policy.tiling import PREFIX_TILE, Problem, padded, stored_width
+from ..policy.triton_faults import warn_untested_triton
 from ..policy.tuning import Tuned
 from . import softmax_decode, softmax_oracle
 from .cache import op_module
@@ -80,6 +81,8 @@ PAIR_CHUNK_ELEMENTS = 1 << 22
 def make_op(comp, backend: str = "triton"):
     """The op for a compilation: SoftmaxOp for the softmax family, HybridOp for a spec with a state and a
     score stage, BranchedOp for a spec with branches, AttentionOp otherwise."""
+    if backend in ("triton", "auto"):
+        warn_untested_triton()
     family = comp.ir.family
     if family == "branched":
         backend = "triton" if backend == "auto" else backend
