@@ -81,8 +81,7 @@ PAIR_CHUNK_ELEMENTS = 1 << 22
 def make_op(comp, backend: str = "triton"):
     """The op for a compilation: SoftmaxOp for the softmax family, HybridOp for a spec with a state and a
     score stage, BranchedOp for a spec with branches, AttentionOp otherwise."""
-    if backend in ("triton", "auto"):
-        warn_untested_triton()
+    warn_untested_triton()  # every backend launches Triton kernels (TileLang's ops their backward)
     family = comp.ir.family
     if family == "branched":
         backend = "triton" if backend == "auto" else backend
