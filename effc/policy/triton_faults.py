@@ -60,12 +60,16 @@ def hopper(device_index: int) -> bool:
 @lru_cache(maxsize=None)
 def hopper_dot_miscompile(device_index: int) -> bool:
     """Does this GPU with the installed Triton miscompile chained dots (see the module doc)?"""
-    version = tuple(int(p) for p in triton_version().split(".") if p.isdigit())
-    return hopper(device_index) and version < (3, 7, 1)
+    return hopper(device_index) and triton_release() < (3, 7, 1)
 
 
 def triton_version() -> str:
     return ".".join(triton.__version__.split("+")[0].split(".")[:3])
+
+
+def triton_release() -> tuple[int, ...]:
+    """The installed Triton's version as numbers, for comparisons: (3, 7, 1)."""
+    return tuple(int(p) for p in triton_version().split(".") if p.isdigit())
 
 
 TESTED_TRITON = ((3, 6), (3, 9))  # the README's range: the CPU suite runs on each (scripts/triton_range.sh)
@@ -75,9 +79,8 @@ TESTED_TRITON = ((3, 6), (3, 9))  # the README's range: the CPU suite runs on ea
 def warn_untested_triton() -> None:
     """Warn once per process where the installed Triton is outside the range effc is tested with: not an
     error (a newer one may well run), but its generated kernels and the holds above were never checked there."""
-    version = tuple(int(p) for p in triton_version().split(".")[:2] if p.isdigit())
     low, high = TESTED_TRITON
-    if not low <= version <= high:
+    if not low <= triton_release()[:2] <= high:
         warnings.warn(f"effc is tested with Triton {low[0]}.{low[1]} to {high[0]}.{high[1]}; this is Triton "
                       f"{triton_version()}: its kernels may fail to compile or miscompile (README: Install)",
                       RuntimeWarning, stacklevel=3)
