@@ -10,13 +10,12 @@ import sys
 import pytest
 
 import effc
-from effc.policy.triton_faults import sm90_backward_fault
+from effc.codegen.triton.aot import sm90_refuses_backward
 
 SCRIPT = r"""
 import contextlib, json, sys
 import effc
-from effc.codegen.triton.aot import compile_sm90, linear_dot_operands, ptx_only
-from effc.policy.triton_faults import sm90_backward_fault
+from effc.codegen.triton.aot import compile_sm90, linear_dot_operands, ptx_only, sm90_refuses_backward
 from effc.runtime.launch import SERIAL_STAGES
 
 SERIAL = ("walk", "summary", "bwd_scan")  # the launcher runs the chunk loops at SERIAL_STAGES
@@ -24,11 +23,11 @@ SERIAL = ("walk", "summary", "bwd_scan")  # the launcher runs the chunk loops at
 
 
 # the kernels sm_90 runs: the gradient kernels of the default partition (or every one), none where sm_90
-# refuses the backward (policy.triton_faults, at the compile's 128-wide dims in blocks of 64)
+# refuses the backward (policy.triton_faults)
 def compiled_kernels(op, every_partition):
     plan = op.comp.plan
     default = set(plan.gradient_kernels())
-    refused = sm90_backward_fault(op.spec.states, {d: 128 for d in op.spec.dims}, plan.split_dim, 64)
+    refused = sm90_refuses_backward(op)
     return [k for k in plan.kernels if not (refused and k.backward)
             and (every_partition or k.role != "bwd_chunks" or k in default)]
 
@@ -221,8 +220,7 @@ def test_library_kernels_compile_for_sm90(name, tmp_path):
     names = [name]
     results = _compile_in_subprocesses(SCRIPT % ((ANCHORED, FINE, EVERY_PARTITION, ASSEMBLED),), names, tmp_path)
     ops = [getattr(effc.load(n), "linear", None) or effc.load(n) for n in names]
-    refused = {op.name for op in ops if sm90_backward_fault(op.spec.states, {d: 128 for d in op.spec.dims},
-                                                             op.comp.plan.split_dim, 64)}
+    refused = {op.name for op in ops if sm90_refuses_backward(op)}
     expected = {f"{op.name}.{k.name}" for op in ops for k in op.comp.plan.kernels
                 if not (op.name in refused and k.backward)
                 and (op.name in EVERY_PARTITION or k.role != "bwd_chunks" or k in op.comp.plan.gradient_kernels())}

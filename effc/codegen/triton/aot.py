@@ -24,11 +24,10 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
     `dims`: feature dim sizes (default 128 each); any size, padded tiles as at run time (the split dim in
     blocks of 64, or of its padded size when smaller)."""
     from ...policy.tiling import padded
-    dims = {d: 128 for d in op.spec.dims} | (dims or {})
+    dims, block = _sizes(op, dims, block)
     fn = getattr(op.module, f"{op.name}_{kp.name}_kernel")
     plan = op.comp.plan
     split_size = dims[plan.split_dim] if plan.split_dim else 0
-    block = block or (min(64, padded(split_size)) if plan.split_dim else 1)
     n_split = -(-split_size // block) if plan.split_dim else 1
     whole = plan.whole_grads(n_split=n_split)  # default: the split dim 128 wide in blocks of 64
     # per-token scratch as the launcher makes it (runtime.checks.chunk_tile_row): [C, d] tiles bf16, [C] rows fp32
@@ -46,6 +45,21 @@ def compile_sm90(op, kp, *, chunk: int | None = None, num_warps: int = 4, num_st
                  **{f"{d}_P": padded(v) for d, v in dims.items()},
                  **{f"HX_{d.name}": 16 for d in op.spec.inputs})
     return _compile(fn, sig, const, num_warps, num_stages)
+
+
+def _sizes(op, dims: dict | None, block: int | None) -> tuple[dict, int]:
+    """compile_sm90's feature dim sizes (128 unless given) and split block (64, or the padded split dim)."""
+    from ...policy.tiling import padded
+    dims = {d: 128 for d in op.spec.dims} | (dims or {})
+    split = op.comp.plan.split_dim
+    return dims, block or (min(64, padded(dims[split])) if split else 1)
+
+
+def sm90_refuses_backward(op, dims: dict | None = None, block: int | None = None) -> str | None:
+    """Why sm_90 runs none of `op`'s gradient kernels at compile_sm90's sizes (policy.triton_faults), or None."""
+    from ...policy.triton_faults import sm90_backward_fault
+    dims, block = _sizes(op, dims, block)
+    return sm90_backward_fault(op.spec.states, dims, op.comp.plan.split_dim, block)
 
 
 @contextmanager
